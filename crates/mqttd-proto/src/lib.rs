@@ -1,0 +1,48 @@
+//! The protocol core of mqttd: an MQTT 3.1, 3.1.1 and 5.0 codec and the per-connection state
+//! machines of both roles, with no I/O.
+//!
+//! # Design
+//!
+//! Nothing in this crate touches a socket, a runtime or a clock. Like `quinn-proto`, it is a
+//! deterministic state machine: the caller feeds it packets and the current time, and polls it
+//! for packets to send, events to act on and the next instant it wants to be woken at. TCP, TLS,
+//! WebSocket and QUIC transports are thin drivers around it, and the same code runs under
+//! property tests, fuzzers and a simulated clock.
+//!
+//! - [`codec`] encodes and decodes packets. [`codec::PacketReader`] cuts a byte stream into
+//!   packets and refuses a packet whose declared size exceeds the maximum packet size as soon as
+//!   the fixed header is read. Every [`codec::DecodeError`] names the rule that was broken and
+//!   the [`ReasonCode`] that answers it.
+//! - [`types`] holds the protocol values as newtypes: a [`TopicName`] never contains a
+//!   wildcard, a [`TopicFilter`] always has well-placed ones, a [`PacketId`] is never zero.
+//! - [`server`] is the broker's side of one connection: CONNECT validation, keep alive, QoS 1
+//!   and 2 flows in both directions, flow control, topic aliases, will delay, enhanced
+//!   authentication. It reports decisions it cannot make alone (authentication, routing,
+//!   durability) as events and waits for the broker's answer.
+//! - [`client`] is the client's side, used by `mqttd pub`, `mqttd sub`, `mqttd bench` and
+//!   bridges.
+//! - [`session`] is the state that outlives a connection (in-flight messages, queued messages,
+//!   the QoS 2 packet identifiers awaiting release) and can be stored and resumed.
+//!
+//! # Persist, then acknowledge
+//!
+//! The server state machine never acknowledges an inbound QoS 1 or QoS 2 PUBLISH by itself: it
+//! emits the message and sends PUBACK or PUBREC only when the broker calls back after storing it
+//! durably (or deciding that no durable copy is needed). A durable store plugs in at that point
+//! without changing the protocol code.
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+pub mod codec;
+pub mod packet;
+pub mod reason;
+pub mod types;
+
+pub use packet::*;
+pub use reason::{ReasonCode, ReasonContext};
+pub use types::{
+    ClientId, MqttStr, PacketId, ProtocolVersion, QoS, StringError, TopicFilter, TopicName,
+};
