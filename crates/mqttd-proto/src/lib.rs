@@ -36,10 +36,19 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+mod alias;
 pub mod codec;
+mod flow;
+pub mod message;
 pub mod packet;
 pub mod reason;
+pub mod server;
+pub mod session;
 pub mod types;
+
+pub use alias::AliasError;
+pub use flow::{InboundPublish, Violation};
+pub use message::{Delivery, Message, MessageProperties};
 
 pub use packet::*;
 pub use reason::{ReasonCode, ReasonContext};

@@ -1,0 +1,166 @@
+//! Topic aliases, which live per connection and are never persisted [MQTT-3.3.2-7].
+
+use std::collections::HashMap;
+use std::num::NonZeroU16;
+
+use crate::types::TopicName;
+
+/// Why an incoming topic alias was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AliasError {
+    /// The alias is above the maximum this side announced [MQTT-3.3.2-9].
+    #[error("topic alias {alias} exceeds the maximum {max}")]
+    OutOfRange {
+        /// The alias received.
+        alias: u16,
+        /// The maximum announced.
+        max: u16,
+    },
+    /// An empty topic names an alias that was never set on this connection.
+    #[error("topic alias {0} used before it was set")]
+    Unknown(u16),
+}
+
+/// Aliases the peer assigned for the topics it sends us.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InboundAliases {
+    max: u16,
+    topics: HashMap<u16, TopicName>,
+}
+
+impl InboundAliases {
+    pub(crate) fn new(max: u16) -> Self {
+        Self {
+            max,
+            topics: HashMap::new(),
+        }
+    }
+
+    /// Resolves a PUBLISH's topic: sets the alias when a topic comes with it, looks it up when
+    /// the topic is empty.
+    pub(crate) fn resolve(
+        &mut self,
+        topic: TopicName,
+        alias: Option<NonZeroU16>,
+    ) -> Result<TopicName, AliasError> {
+        let Some(alias) = alias else {
+            return Ok(topic);
+        };
+        let alias = alias.get();
+        if alias > self.max {
+            return Err(AliasError::OutOfRange {
+                alias,
+                max: self.max,
+            });
+        }
+        if topic.is_empty() {
+            return self
+                .topics
+                .get(&alias)
+                .cloned()
+                .ok_or(AliasError::Unknown(alias));
+        }
+        self.topics.insert(alias, topic.clone());
+        Ok(topic)
+    }
+}
+
+/// Aliases this side assigns for the topics it sends, up to the peer's maximum.
+///
+/// Aliases are handed out to topics in the order they are first sent; once all are used, the
+/// alias assigned longest ago is reassigned, so a set of hot topics up to the maximum keeps its
+/// aliases for good.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OutboundAliases {
+    max: u16,
+    by_topic: HashMap<TopicName, NonZeroU16>,
+    /// Topic of each alias, indexed by alias - 1.
+    by_alias: Vec<TopicName>,
+    next_victim: usize,
+}
+
+/// How to send a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AliasUse {
+    /// No alias: send the topic.
+    None,
+    /// Send the topic and set this alias for it.
+    Set(NonZeroU16),
+    /// Send an empty topic and this alias.
+    Use(NonZeroU16),
+}
+
+impl OutboundAliases {
+    pub(crate) fn new(max: u16) -> Self {
+        Self {
+            max,
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn lookup(&mut self, topic: &TopicName) -> AliasUse {
+        if self.max == 0 {
+            return AliasUse::None;
+        }
+        if let Some(alias) = self.by_topic.get(topic) {
+            return AliasUse::Use(*alias);
+        }
+        let index = if self.by_alias.len() < usize::from(self.max) {
+            self.by_alias.push(topic.clone());
+            self.by_alias.len() - 1
+        } else {
+            let index = self.next_victim;
+            self.next_victim = (self.next_victim + 1) % usize::from(self.max);
+            if let Some(old) = self.by_alias.get_mut(index) {
+                let old = std::mem::replace(old, topic.clone());
+                self.by_topic.remove(&old);
+            }
+            index
+        };
+        let Some(alias) = u16::try_from(index + 1).ok().and_then(NonZeroU16::new) else {
+            return AliasUse::None;
+        };
+        self.by_topic.insert(topic.clone(), alias);
+        AliasUse::Set(alias)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> TopicName {
+        TopicName::try_from(s).unwrap()
+    }
+
+    #[test]
+    fn outbound_assigns_then_reuses_then_recycles() {
+        let mut a = OutboundAliases::new(2);
+        let one = NonZeroU16::new(1).unwrap();
+        let two = NonZeroU16::new(2).unwrap();
+        assert_eq!(a.lookup(&t("a")), AliasUse::Set(one));
+        assert_eq!(a.lookup(&t("a")), AliasUse::Use(one));
+        assert_eq!(a.lookup(&t("b")), AliasUse::Set(two));
+        assert_eq!(a.lookup(&t("c")), AliasUse::Set(one));
+        assert_eq!(a.lookup(&t("a")), AliasUse::Set(two));
+        assert_eq!(a.lookup(&t("c")), AliasUse::Use(one));
+        assert_eq!(OutboundAliases::new(0).lookup(&t("a")), AliasUse::None);
+    }
+
+    #[test]
+    fn inbound_sets_resolves_and_bounds() {
+        let mut a = InboundAliases::new(3);
+        let alias = NonZeroU16::new(3);
+        assert_eq!(
+            a.resolve(TopicName::empty(), alias),
+            Err(AliasError::Unknown(3))
+        );
+        assert_eq!(a.resolve(t("x"), alias).unwrap(), t("x"));
+        assert_eq!(a.resolve(TopicName::empty(), alias).unwrap(), t("x"));
+        assert_eq!(
+            a.resolve(t("y"), NonZeroU16::new(4)),
+            Err(AliasError::OutOfRange { alias: 4, max: 3 })
+        );
+    }
+}
