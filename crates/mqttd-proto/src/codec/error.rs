@@ -75,7 +75,8 @@ pub enum DecodeError {
     /// SUBSCRIBE or UNSUBSCRIBE without any topic filter [MQTT-3.8.3-2, MQTT-3.10.3-2].
     #[error("{0:?} without topic filters")]
     NoTopicFilters(PacketType),
-    /// Retain handling 3 [MQTT-3.8.3-5].
+    /// Retain handling 3, which MQTT 5.0 section 3.8.3.1 makes a protocol error (unlike the
+    /// reserved bits of the options byte, whose rule [MQTT-3.8.3-5] makes the packet malformed).
     #[error("invalid retain handling 3")]
     InvalidRetainHandling,
     /// A property identifier that does not exist [MQTT-2.2.2].
@@ -147,6 +148,7 @@ impl DecodeError {
             | Self::InvalidPropertyValue(_)
             | Self::MissingTopic
             | Self::NoTopicFilters(_)
+            | Self::InvalidRetainHandling
             | Self::ExpectedConnect => ReasonCode::ProtocolError,
             Self::InConnect { error, .. } => error.reason_code(),
             _ => ReasonCode::MalformedPacket,
