@@ -37,6 +37,7 @@
 )]
 
 mod alias;
+pub mod client;
 pub mod codec;
 mod flow;
 pub mod message;

@@ -394,6 +394,29 @@ impl Session {
         self.will.take().map(|w| Message::from_will(w.will, now))
     }
 
+    /// Replaces the client identifier (the server assigned one).
+    pub(crate) fn set_client_id(&mut self, client_id: ClientId) {
+        self.client_id = client_id;
+    }
+
+    /// The peer kept no session state for us, so no flow in flight is known to it any more
+    /// [MQTT-3.2.2-5]. Messages it never acknowledged go back to the front of the queue, in
+    /// order, to be sent as new publications; those it already received (PUBREC) are done;
+    /// incoming QoS 2 state is dropped.
+    pub(crate) fn reset_in_flight(&mut self) {
+        let order = self.outbound.resume_order();
+        for id in order.into_iter().rev() {
+            let Some(entry) = self.outbound.in_flight.remove(&id) else {
+                continue;
+            };
+            if entry.state == OutboundState::PublishSent {
+                self.outbound.queued_bytes += entry.delivery.message.weight();
+                self.outbound.queue.push_front(entry.delivery);
+            }
+        }
+        self.inbound_qos2.clear();
+    }
+
     /// Whether a will is waiting for its delay.
     pub fn has_pending_will(&self) -> bool {
         self.will.is_some()
