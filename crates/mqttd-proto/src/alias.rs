@@ -99,6 +99,25 @@ impl OutboundAliases {
         }
     }
 
+    /// What [`Self::lookup`] would answer for `topic`, without assigning anything.
+    pub(crate) fn peek(&self, topic: &TopicName) -> AliasUse {
+        if self.max == 0 {
+            return AliasUse::None;
+        }
+        if let Some(alias) = self.by_topic.get(topic) {
+            return AliasUse::Use(*alias);
+        }
+        let index = if self.by_alias.len() < usize::from(self.max) {
+            self.by_alias.len()
+        } else {
+            self.next_victim
+        };
+        u16::try_from(index + 1)
+            .ok()
+            .and_then(NonZeroU16::new)
+            .map_or(AliasUse::None, AliasUse::Set)
+    }
+
     pub(crate) fn lookup(&mut self, topic: &TopicName) -> AliasUse {
         if self.max == 0 {
             return AliasUse::None;
@@ -139,6 +158,16 @@ mod tests {
         let mut a = OutboundAliases::new(2);
         let one = NonZeroU16::new(1).unwrap();
         let two = NonZeroU16::new(2).unwrap();
+        let mut check = |topic: &str| {
+            let peeked = a.peek(&t(topic));
+            let used = a.lookup(&t(topic));
+            assert_eq!(peeked, used, "{topic}");
+            used
+        };
+        for topic in ["a", "a", "b", "c", "a", "c", "b"] {
+            check(topic);
+        }
+        let mut a = OutboundAliases::new(2);
         assert_eq!(a.lookup(&t("a")), AliasUse::Set(one));
         assert_eq!(a.lookup(&t("a")), AliasUse::Use(one));
         assert_eq!(a.lookup(&t("b")), AliasUse::Set(two));

@@ -112,6 +112,9 @@ pub(crate) struct Flows {
     outbound_aliases: OutboundAliases,
     /// Incoming QoS 1 and 2 messages handed on and not yet acknowledged by our side.
     awaiting_local_ack: HashMap<PacketId, QoS>,
+    /// Flows of the session, in their original order, not yet resent on this connection
+    /// because the peer's receive maximum did not allow it yet.
+    unsent: VecDeque<PacketId>,
     pub(crate) events: VecDeque<FlowEvent>,
 }
 
@@ -130,32 +133,45 @@ impl Flows {
             local,
             peer,
             awaiting_local_ack: HashMap::new(),
+            unsent: VecDeque::new(),
             events: VecDeque::new(),
         }
     }
 
-    /// Resends every flow the session had in flight, then sends what the window allows from
-    /// the queue [MQTT-4.4.0-1].
+    /// Resends the flows the session had in flight, in their original order [MQTT-4.4.0-1],
+    /// then sends from the queue. Both count against the peer's receive maximum of this
+    /// connection [MQTT-3.3.4-9]: flows beyond it are resent as acknowledgements free the
+    /// window, before anything new.
     pub(crate) fn resume(&mut self, now: Instant, out: &mut VecDeque<Packet>) {
-        for id in self.session.outbound.resume_order() {
-            let Some(entry) = self.session.outbound.get(id) else {
-                continue;
-            };
-            match entry.state {
-                OutboundState::PublishSent => {
-                    let delivery = entry.delivery.clone();
-                    let _ = self.send_publish(now, Some(id), &delivery, true, out);
-                }
-                OutboundState::ReleaseSent => {
-                    out.push_back(Packet::PubRel(PubResponse::success(id)))
-                }
-            }
-        }
+        self.unsent = self.session.outbound.resume_order().into();
         self.pump(now, out);
     }
 
+    fn resend(&mut self, now: Instant, id: PacketId, out: &mut VecDeque<Packet>) {
+        let Some(entry) = self.session.outbound.get(id) else {
+            return;
+        };
+        match entry.state {
+            OutboundState::PublishSent => {
+                let delivery = entry.delivery.clone();
+                let _ = self.send_publish(now, Some(id), &delivery, true, out);
+            }
+            OutboundState::ReleaseSent => out.push_back(Packet::PubRel(PubResponse::success(id))),
+        }
+    }
+
+    /// Whether the peer's receive maximum allows one more QoS 1 or 2 message on this
+    /// connection; flows not yet resent on it do not count.
     fn window_open(&self) -> bool {
-        self.session.outbound.in_flight_len() < usize::from(self.peer.receive_maximum)
+        let sent = self.session.outbound.in_flight_len() - self.unsent.len();
+        sent < usize::from(self.peer.receive_maximum)
+    }
+
+    /// The peer answered flow `id`: it is no longer waiting to be resent.
+    fn answered(&mut self, id: PacketId) {
+        if !self.unsent.is_empty() {
+            self.unsent.retain(|u| *u != id);
+        }
     }
 
     /// Sends a message now if the window allows, else queues it.
@@ -172,7 +188,8 @@ impl Flows {
         if delivery.qos == QoS::AtMostOnce {
             return self.send_publish(now, None, &delivery, false, out);
         }
-        if !self.session.outbound.queue_is_empty() || !self.window_open() {
+        if !self.session.outbound.queue_is_empty() || !self.unsent.is_empty() || !self.window_open()
+        {
             return self.session.enqueue(now, delivery);
         }
         self.start(now, delivery, out)
@@ -189,9 +206,13 @@ impl Flows {
         }
     }
 
-    /// Moves queued messages into the window.
+    /// Moves flows awaiting their resend, then queued messages, into the window.
     pub(crate) fn pump(&mut self, now: Instant, out: &mut VecDeque<Packet>) {
         while self.window_open() {
+            if let Some(id) = self.unsent.pop_front() {
+                self.resend(now, id, out);
+                continue;
+            }
             let Some(delivery) = self
                 .session
                 .outbound
@@ -231,15 +252,21 @@ impl Flows {
         }
     }
 
-    /// Whether the message fits the peer's maximum packet size without a topic alias (an
-    /// alias can only shorten later sends of the same topic).
+    /// Whether the message, sent now, fits the peer's maximum packet size [MQTT-3.1.2-24]:
+    /// sized exactly as [`Self::send_publish`] will send it, packet identifier and topic alias
+    /// included.
     fn fits(&self, now: Instant, delivery: &Delivery) -> bool {
         // No packet can be larger than the largest remaining length; skip the sizing then.
         if u64::from(self.peer.maximum_packet_size) > u64::from(MAX_REMAINING_LENGTH) + 4 {
             return true;
         }
-        let probe = self.publish_packet(now, PacketId::new(1), delivery, false);
-        Packet::Publish(probe).encoded_len(self.version) as u64 + 3
+        let packet_id = (delivery.qos != QoS::AtMostOnce).then_some(PacketId::MIN);
+        let mut probe = self.publish_packet(now, packet_id, delivery, false);
+        if self.version.is_v5() {
+            let alias = self.outbound_aliases.peek(&probe.topic);
+            apply_alias(&mut probe, alias);
+        }
+        Packet::Publish(probe).encoded_len(self.version) as u64
             <= u64::from(self.peer.maximum_packet_size)
     }
 
@@ -257,14 +284,8 @@ impl Flows {
             return Enqueued::TooLarge;
         }
         if self.version.is_v5() {
-            match self.outbound_aliases.lookup(&publish.topic) {
-                AliasUse::None => {}
-                AliasUse::Set(alias) => publish.properties.topic_alias = Some(alias),
-                AliasUse::Use(alias) => {
-                    publish.properties.topic_alias = Some(alias);
-                    publish.topic = TopicName::empty();
-                }
-            }
+            let alias = self.outbound_aliases.lookup(&publish.topic);
+            apply_alias(&mut publish, alias);
         }
         out.push_back(Packet::Publish(publish));
         Enqueued::Sent
@@ -273,6 +294,7 @@ impl Flows {
     /// Handles PUBACK.
     pub(crate) fn on_puback(&mut self, now: Instant, ack: PubResponse, out: &mut VecDeque<Packet>) {
         if let Ok(delivery) = self.session.outbound.puback(ack.packet_id) {
+            self.answered(ack.packet_id);
             self.events.push_back(FlowEvent::Completed {
                 packet_id: ack.packet_id,
                 reason: ack.reason,
@@ -287,10 +309,12 @@ impl Flows {
         let id = rec.packet_id;
         match self.session.outbound.pubrec(id, rec.reason.is_error()) {
             Ok(Received::Release) => {
+                self.answered(id);
                 self.events.push_back(FlowEvent::Released { packet_id: id });
                 out.push_back(Packet::PubRel(PubResponse::success(id)));
             }
             Ok(Received::Refused(delivery)) => {
+                self.answered(id);
                 self.events.push_back(FlowEvent::Completed {
                     packet_id: id,
                     reason: rec.reason,
@@ -314,6 +338,7 @@ impl Flows {
         out: &mut VecDeque<Packet>,
     ) {
         if let Ok(delivery) = self.session.outbound.pubcomp(comp.packet_id) {
+            self.answered(comp.packet_id);
             self.events.push_back(FlowEvent::Completed {
                 packet_id: comp.packet_id,
                 reason: comp.reason,
@@ -417,6 +442,18 @@ impl Flows {
             out.push_back(Packet::PubComp(PubResponse::success(id)));
         } else {
             out.push_back(Packet::PubComp(self.not_found(id)));
+        }
+    }
+}
+
+/// Names a PUBLISH's topic as `alias` says.
+fn apply_alias(publish: &mut Publish, alias: AliasUse) {
+    match alias {
+        AliasUse::None => {}
+        AliasUse::Set(alias) => publish.properties.topic_alias = Some(alias),
+        AliasUse::Use(alias) => {
+            publish.properties.topic_alias = Some(alias);
+            publish.topic = TopicName::empty();
         }
     }
 }

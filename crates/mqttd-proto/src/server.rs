@@ -404,22 +404,28 @@ impl ServerConnection {
             && (version == ProtocolVersion::V3_1 || !connect.clean_start && !version.is_v5())
         {
             // [MQTT-3.1.3-8]: a 3.1.1 client with an empty id must ask for a clean session.
-            return self
-                .reject(now, ReasonCode::ClientIdentifierNotValid)
-                .unwrap_or(());
+            return self.refuse_connect(now, ReasonCode::ClientIdentifierNotValid);
         }
         let props = &connect.properties;
         if props.authentication_data.is_some() && props.authentication_method.is_none() {
-            return self.reject(now, ReasonCode::ProtocolError).unwrap_or(());
+            return self.refuse_connect(now, ReasonCode::ProtocolError);
+        }
+        if let Some(will) = &connect.will {
+            if will.qos > config.maximum_qos {
+                // [MQTT-3.2.2-12]
+                return self.refuse_connect(now, ReasonCode::QoSNotSupported);
+            }
+            if will.retain && !config.retain_available {
+                // [MQTT-3.2.2-13]
+                return self.refuse_connect(now, ReasonCode::RetainNotSupported);
+            }
         }
         let mut keep_alive = connect.keep_alive;
         if config.max_keepalive > 0 && (keep_alive > config.max_keepalive || keep_alive == 0) {
             if !version.is_v5() && keep_alive > config.max_keepalive {
                 // MQTT 3 cannot tell the client to use another keep alive; refuse as
                 // Mosquitto does rather than disconnect it later.
-                return self
-                    .reject(now, ReasonCode::ClientIdentifierNotValid)
-                    .unwrap_or(());
+                return self.refuse_connect(now, ReasonCode::ClientIdentifierNotValid);
             }
             if version.is_v5() {
                 keep_alive = config.max_keepalive;
@@ -451,6 +457,13 @@ impl ServerConnection {
             keep_alive,
             early: VecDeque::new(),
         }));
+    }
+
+    /// Refuses a CONNECT the broker never saw: CONNACK with `reason`, then close. (`reject`
+    /// only answers a CONNECT that reached the broker.)
+    fn refuse_connect(&mut self, now: Instant, reason: ReasonCode) {
+        self.send_connack_error(reason);
+        self.close(now, reason, false, false);
     }
 
     fn on_handshake_auth(&mut self, now: Instant, auth: Auth) {
@@ -651,6 +664,10 @@ impl ServerConnection {
         };
         let out = &mut self.transmits;
         match packet {
+            Packet::Publish(publish) if !publish.properties.subscription_identifiers.is_empty() => {
+                // [MQTT-3.3.4-6]: only the server sends subscription identifiers.
+                return self.close(now, ReasonCode::ProtocolError, true, true);
+            }
             Packet::Publish(publish) => match e.flows.on_publish(now, publish, out) {
                 Ok(Some(p)) => self.events.push_back(Event::Publish(p)),
                 Ok(None) => {}
