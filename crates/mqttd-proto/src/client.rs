@@ -15,7 +15,7 @@
 //! packet size and topic alias maximum, sends PINGREQ when the connection has been idle for the
 //! keep alive, and reports what happened as [`Event`]s.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -239,6 +239,9 @@ pub struct ClientConnection {
     /// SUBSCRIBE and UNSUBSCRIBE identifiers awaiting their answer.
     pending_control: HashSet<PacketId>,
     next_control_id: PacketId,
+    /// Messages reported to the application and not yet acknowledged when the connection
+    /// closed: the application may still call [`Self::ack`] for them.
+    unacked_at_close: HashMap<PacketId, QoS>,
 }
 
 impl ClientConnection {
@@ -263,6 +266,7 @@ impl ClientConnection {
             events: VecDeque::new(),
             pending_control: HashSet::new(),
             next_control_id: PacketId::MIN,
+            unacked_at_close: HashMap::new(),
         }
     }
 
@@ -589,14 +593,33 @@ impl ClientConnection {
     }
 
     /// Acknowledges an incoming QoS 1 or 2 message (when `auto_ack` is off).
+    ///
+    /// After the connection closed (and before the session is taken) nothing is sent, but a
+    /// QoS 2 message is recorded in the session as received, so that the server's
+    /// retransmission on the next connection is answered with PUBREC and not reported a second
+    /// time [MQTT-4.3.3-9].
     pub fn ack(&mut self, packet_id: PacketId, reason: ReasonCode) -> Result<(), ClientError> {
-        let State::Connected(e) = &mut self.state else {
-            return Err(ClientError::NotConnected);
-        };
-        let reason = if e.flows.version.is_v5() && reason.valid_for(ReasonContext::PubAckRec) {
+        let v5 = self.config.version.is_v5();
+        let reason = if v5 && reason.valid_for(ReasonContext::PubAckRec) {
             reason
         } else {
             ReasonCode::Success
+        };
+        let e = match &mut self.state {
+            State::Connected(e) => e,
+            State::Closed {
+                session: Some(session),
+            } => {
+                let qos = self
+                    .unacked_at_close
+                    .remove(&packet_id)
+                    .ok_or(ClientError::UnknownPacketId(packet_id))?;
+                if qos == QoS::ExactlyOnce && !reason.is_error() {
+                    session.inbound_qos2.insert(packet_id);
+                }
+                return Ok(());
+            }
+            _ => return Err(ClientError::NotConnected),
         };
         if e.flows.ack_inbound(packet_id, reason, &mut self.transmits) {
             Ok(())
@@ -680,7 +703,9 @@ impl ClientConnection {
                     self.transmits
                         .push_back(Packet::Disconnect(Disconnect::new(reason)));
                 }
-                let mut session = e.flows.session;
+                let mut flows = e.flows;
+                self.unacked_at_close = flows.take_unacked();
+                let mut session = flows.session;
                 session.disconnected(now, None);
                 Some(Box::new(session))
             }

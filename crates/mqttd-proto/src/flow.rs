@@ -406,6 +406,12 @@ impl Flows {
         }))
     }
 
+    /// Incoming QoS 1 and 2 messages handed on and not yet acknowledged by our side, taken
+    /// when the connection closes.
+    pub(crate) fn take_unacked(&mut self) -> HashMap<PacketId, QoS> {
+        std::mem::take(&mut self.awaiting_local_ack)
+    }
+
     /// Acknowledges an incoming message once our side has made it safe: PUBACK for QoS 1,
     /// PUBREC for QoS 2. Returns false if no message awaits acknowledgement under `id`.
     pub(crate) fn ack_inbound(

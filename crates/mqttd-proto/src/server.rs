@@ -21,7 +21,7 @@
 //! Only MQTT packets reach this machine, so transport-level keep-alives (QUIC PINGs) never count
 //! as client activity.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::num::{NonZeroU16, NonZeroU32};
 use std::time::{Duration, Instant};
 
@@ -244,6 +244,9 @@ pub struct ServerConnection {
     state: State,
     transmits: VecDeque<Packet>,
     events: VecDeque<Event>,
+    /// Messages handed to the broker and not yet acknowledged when the connection closed: the
+    /// broker still owns them and may still call [`Self::publish_ack`].
+    unacked_at_close: HashMap<PacketId, QoS>,
 }
 
 impl ServerConnection {
@@ -256,6 +259,7 @@ impl ServerConnection {
             state: State::AwaitingConnect { deadline },
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            unacked_at_close: HashMap::new(),
         }
     }
 
@@ -761,15 +765,33 @@ impl ServerConnection {
 
     /// Acknowledges a QoS 1 or 2 message from the client once it is safe (routed and durable
     /// wherever it must be): PUBACK or PUBREC with `reason`.
+    ///
+    /// Call it even if the connection closed in the meantime, before taking the session: nothing
+    /// is sent then, but a QoS 2 message is recorded in the session as received, so that the
+    /// client's retransmission on its next connection is answered with PUBREC instead of being
+    /// delivered a second time [MQTT-4.3.3-9].
     pub fn publish_ack(&mut self, id: PacketId, reason: ReasonCode) -> Result<(), StateError> {
-        let State::Connected(e) = &mut self.state else {
-            return Err(StateError::NotConnected);
-        };
-        let v5 = e.flows.version.is_v5();
+        let v5 = self.version.is_some_and(ProtocolVersion::is_v5);
         let reason = if v5 && reason.valid_for(ReasonContext::PubAckRec) {
             reason
         } else {
             ReasonCode::Success
+        };
+        let e = match &mut self.state {
+            State::Connected(e) => e,
+            State::Closed {
+                session: Some(session),
+            } => {
+                let qos = self
+                    .unacked_at_close
+                    .remove(&id)
+                    .ok_or(StateError::UnknownPacketId(id))?;
+                if qos == QoS::ExactlyOnce && !reason.is_error() {
+                    session.inbound_qos2.insert(id);
+                }
+                return Ok(());
+            }
+            _ => return Err(StateError::NotConnected),
         };
         if e.flows.ack_inbound(id, reason, &mut self.transmits) {
             Ok(())
@@ -869,7 +891,10 @@ impl ServerConnection {
         let previous = std::mem::replace(&mut self.state, State::Closed { session: None });
         let session = match previous {
             State::Connected(e) => {
-                let Established { flows, will, .. } = *e;
+                let Established {
+                    mut flows, will, ..
+                } = *e;
+                self.unacked_at_close = flows.take_unacked();
                 if send_disconnect && flows.version.is_v5() {
                     let reason = if reason.valid_for(ReasonContext::Disconnect) {
                         reason
