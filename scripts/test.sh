@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The project's one test command; CI runs it through .ci/run on a fresh clone.
+#
+# It installs what it needs, then checks formatting, runs clippy with warnings denied, the test
+# suite (doc tests, then cargo nextest), rustdoc with warnings denied, checks that the protocol
+# core depends on no async runtime, and runs every fuzz target in fuzz/fuzz_targets/.
+#
+# Environment:
+#   FUZZ_SECONDS  seconds each fuzz target runs (default 60; 0 skips fuzzing)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+started=$SECONDS
+section_started=$SECONDS
+section() {
+    if [[ -n "${current_section:-}" ]]; then
+        printf '    (%s: %ds)\n' "$current_section" $((SECONDS - section_started))
+    fi
+    current_section="$1"
+    section_started=$SECONDS
+    printf '\n==> %s\n' "$1"
+}
+fail() {
+    printf '\nFAILED: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# Tools. Everything a check needs is installed here, idempotently, so that the script works on
+# a fresh machine. Add new requirements in this section, with the helper for their registry.
+# ---------------------------------------------------------------------------------------------
+
+# need_cargo_tool BINARY CRATE: installs CRATE from crates.io unless BINARY is on the PATH.
+need_cargo_tool() {
+    if ! command -v "$1" >/dev/null 2>&1; then
+        echo "installing $2"
+        cargo install "$2" --locked
+    fi
+}
+
+# need_apt PACKAGE...: installs the Debian packages that are not installed yet.
+need_apt() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        echo "installing ${missing[*]}"
+        if [[ -z "${apt_updated:-}" ]]; then
+            apt-get update -qq
+            apt_updated=1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    fi
+}
+
+section "tools"
+for component in cargo-fmt cargo-clippy; do
+    command -v "$component" >/dev/null 2>&1 ||
+        fail "$component is missing from the Rust toolchain"
+done
+need_cargo_tool cargo-nextest cargo-nextest
+if ((FUZZ_SECONDS > 0)); then
+    need_cargo_tool cargo-fuzz cargo-fuzz
+fi
+# System packages (need_apt ...), Python packages (pip install ...) and npm packages
+# (npm ci in their directory) that later checks need go here.
+cargo --version
+cargo nextest --version | sed -n 1p
+
+# ---------------------------------------------------------------------------------------------
+# Static checks
+# ---------------------------------------------------------------------------------------------
+
+section "cargo fmt --check"
+cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
+
+section "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+section "mqttd-proto depends on no async runtime"
+# The protocol core is sans-IO: no runtime may creep in, even through a dependency.
+proto_deps=$(cargo tree -p mqttd-proto -e normal --target all --prefix none)
+if grep -Eq '^tokio([- ]|$)' <<<"$proto_deps"; then
+    cargo tree -p mqttd-proto -e normal --target all -i tokio || true
+    fail "mqttd-proto depends on tokio"
+fi
+echo "ok: no tokio among $(sort -u <<<"$proto_deps" | wc -l) normal dependencies"
+
+# ---------------------------------------------------------------------------------------------
+# Tests and docs
+# ---------------------------------------------------------------------------------------------
+
+# Doc tests first, so that the run's closing test summary is nextest's.
+section "doc tests"
+cargo test --doc --workspace
+
+section "cargo nextest run"
+cargo nextest run --workspace
+
+section "cargo doc -D warnings"
+RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing: every target in fuzz/fuzz_targets/ for FUZZ_SECONDS, starting from its seeds in
+# fuzz/corpus/<target>/. New inputs go to a scratch directory, so the committed corpus only
+# changes on purpose.
+# ---------------------------------------------------------------------------------------------
+
+if ((FUZZ_SECONDS > 0)); then
+    section "fuzz targets: build"
+    # cargo fuzz needs nightly features; without a nightly toolchain, RUSTC_BOOTSTRAP lets the
+    # stable compiler accept them.
+    if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+        fuzz=(cargo +nightly fuzz)
+    else
+        fuzz=(env RUSTC_BOOTSTRAP=1 cargo fuzz)
+    fi
+    echo "using: ${fuzz[*]}"
+    # Debug assertions turn integer overflow into a crash the fuzzer reports.
+    "${fuzz[@]}" build --debug-assertions
+
+    scratch=$(mktemp -d)
+    trap 'rm -rf "$scratch"' EXIT
+    for file in fuzz/fuzz_targets/*.rs; do
+        target=$(basename "$file" .rs)
+        section "fuzz $target for ${FUZZ_SECONDS}s"
+        corpus=("$scratch/$target")
+        mkdir -p "${corpus[0]}"
+        if [[ -d "fuzz/corpus/$target" ]]; then
+            corpus+=("fuzz/corpus/$target")
+        fi
+        log="$scratch/$target.log"
+        if ! "${fuzz[@]}" run --debug-assertions "$target" "${corpus[@]}" -- \
+            -max_total_time="$FUZZ_SECONDS" -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
+            grep -m1 -A4 'panicked at' "$log" || true
+            echo "..."
+            tail -n 40 "$log"
+            echo "crash inputs (reproduce with: cargo fuzz run $target <file>):"
+            ls -1 "fuzz/artifacts/$target" 2>/dev/null || true
+            fail "fuzz target $target crashed"
+        fi
+        grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|Done )' "$log" || true
+    done
+fi
+
+section "done"
+printf 'all checks passed in %ds\n' $((SECONDS - started))
