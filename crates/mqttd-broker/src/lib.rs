@@ -1,6 +1,251 @@
 //! The mqttd broker as a library.
+//!
+//! The `mqttd` binary is a thin user of this crate; a Rust program can embed the same broker,
+//! with [`Hooks`] for authentication, authorization and message interception that see which
+//! transport each client came over.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), mqttd_broker::StartError> {
+//! let mut config = mqttd_broker::Config::default();
+//! config.listen = vec!["tcp://127.0.0.1:0".into()];
+//! let broker = mqttd_broker::Broker::builder(config).start().await?;
+//! println!("listening on {:?}", broker.local_addrs());
+//! broker.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Design
+//!
+//! Each connection is a task driving the sans-IO state machine of `mqttd-proto`
+//! (`connection`). Shared state lives in `broker`: a persistent subscription trie published
+//! through an atomic pointer, so routing never takes a global lock; a registry of sessions,
+//! each behind its own small lock; retained messages in a persistent trie of their own. A
+//! message is shared as one `Arc<Message>` by every session it is routed to. Sessions outlive
+//! connections: when a client goes away the broker keeps its session, queues messages for it
+//! within its bounds, and runs its will-delay and expiry timers.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod access;
 pub mod auth;
+
+mod broker;
+pub mod config;
+mod connection;
+pub mod hooks;
+mod http;
+mod listener;
+pub mod metrics;
+pub mod retained;
+mod sys;
 pub mod topic_tree;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+pub use access::{AccessControl, AccessError};
+pub use config::{Config, ConfigError, Listener, ListenerKind};
+pub use hooks::{
+    Action, ClientInfo, ConnectAttempt, Hooks, Intercept, NoHooks, Peer, Transport, Verdict,
+};
+pub use metrics::Metrics;
+
+use broker::Inner;
+use listener::Admission;
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The password or ACL file could not be loaded.
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    /// The data directory is unusable.
+    #[error("data directory: {0}")]
+    DataDir(#[from] std::io::Error),
+    /// A listener could not bind.
+    #[error("cannot listen on {url}: {source}")]
+    Bind {
+        /// The listener.
+        url: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Configures a broker before it starts.
+pub struct BrokerBuilder {
+    config: Config,
+    hooks: Arc<dyn Hooks>,
+}
+
+impl BrokerBuilder {
+    /// Installs hooks.
+    pub fn hooks(mut self, hooks: impl Hooks) -> Self {
+        self.hooks = Arc::new(hooks);
+        self
+    }
+
+    /// Loads the access files, binds every listener and starts serving.
+    pub async fn start(self) -> Result<Broker, StartError> {
+        let listeners = self.config.listeners()?;
+        let access = AccessControl::load(&self.config)?;
+        let max_connections = self.config.max_connections;
+        let secret = load_or_create_secret(&self.config.data_dir.join(SCRAM_SECRET_FILE))?;
+        let scram = auth::ScramServer::new(secret);
+        let inner = Arc::new(Inner::new(self.config, self.hooks, access, scram));
+        let admission = Arc::new(Admission::new(max_connections));
+        let mut bound = Vec::new();
+        for listener in listeners {
+            let socket =
+                TcpListener::bind(listener.addr)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        url: listener.url.clone(),
+                        source,
+                    })?;
+            let addr = socket.local_addr().map_err(|source| StartError::Bind {
+                url: listener.url.clone(),
+                source,
+            })?;
+            tracing::info!(listener = %listener.url, %addr, "listening");
+            let name: Arc<str> = Arc::from(listener.url.as_str());
+            match listener.kind {
+                ListenerKind::Tcp => {
+                    inner.tasks.spawn(listener::run_tcp(
+                        inner.clone(),
+                        admission.clone(),
+                        socket,
+                        name,
+                    ));
+                }
+                ListenerKind::Http => {
+                    inner.tasks.spawn(http::run(inner.clone(), socket));
+                }
+            }
+            bound.push((listener, addr));
+        }
+        inner.tasks.spawn(sys::run(inner.clone()));
+        Ok(Broker { inner, bound })
+    }
+}
+
+/// File in the data directory holding the secret that SCRAM derives fake salts from, so that
+/// answers for unknown users stay the same across restarts.
+const SCRAM_SECRET_FILE: &str = "scram-secret";
+
+fn load_or_create_secret(path: &std::path::Path) -> std::io::Result<[u8; 32]> {
+    if let Ok(bytes) = std::fs::read(path) {
+        if let Ok(secret) = <[u8; 32]>::try_from(bytes.as_slice()) {
+            return Ok(secret);
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(std::io::Error::other)?;
+    write_private(path, &secret)?;
+    Ok(secret)
+}
+
+#[cfg(unix)]
+fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, data)
+}
+
+/// A running broker.
+pub struct Broker {
+    inner: Arc<Inner>,
+    bound: Vec<(Listener, SocketAddr)>,
+}
+
+impl Broker {
+    /// A builder for a broker with `config`.
+    pub fn builder(config: Config) -> BrokerBuilder {
+        BrokerBuilder {
+            config,
+            hooks: Arc::new(NoHooks),
+        }
+    }
+
+    /// Each listener with the address it is bound to (useful with port 0).
+    pub fn local_addrs(&self) -> &[(Listener, SocketAddr)] {
+        &self.bound
+    }
+
+    /// The address of the first listener of `kind`.
+    pub fn addr(&self, kind: ListenerKind) -> Option<SocketAddr> {
+        self.bound
+            .iter()
+            .find(|(l, _)| l.kind == kind)
+            .map(|(_, a)| *a)
+    }
+
+    /// The broker's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        self.inner.refresh_gauges();
+        &self.inner.metrics
+    }
+
+    /// Reloads the password and ACL files (what SIGHUP does). On error the old rules stay.
+    pub fn reload_access(&self) -> Result<(), AccessError> {
+        let access = AccessControl::load(&self.inner.config)?;
+        self.inner.auth.store(Arc::new(access));
+        Ok(())
+    }
+
+    /// Waits until [`Broker::shutdown`] is called from elsewhere.
+    pub async fn closed(&self) {
+        self.inner.shutdown.cancelled().await;
+    }
+
+    /// Stops accepting connections, sends DISCONNECT 0x8B to MQTT 5 clients, flushes what is
+    /// pending and waits (up to 10 s) for every connection to close.
+    pub async fn shutdown(self) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after 10 s; exiting anyway");
+        }
+    }
+
+    /// A handle that can trigger shutdown from another task.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.inner.shutdown.clone())
+    }
+}
+
+/// Triggers a broker's shutdown.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle(tokio_util::sync::CancellationToken);
+
+impl ShutdownHandle {
+    /// Starts the shutdown; [`Broker::shutdown`] completes it.
+    pub fn trigger(&self) {
+        self.0.cancel();
+    }
+}

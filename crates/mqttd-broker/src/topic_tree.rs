@@ -222,7 +222,7 @@ impl<K: Clone + Hash + Eq + Ord, V: Clone> TopicTree<K, V> {
 
     /// Calls `f` for every subscription whose filter matches `topic`. A `+` or `#` in the first
     /// level does not match a topic that starts with `$` [MQTT-4.7.2-1].
-    pub fn for_each_match(&self, topic: &TopicName, mut f: impl FnMut(Match<'_, K, V>)) {
+    pub fn for_each_match<'a>(&'a self, topic: &TopicName, mut f: impl FnMut(Match<'a, K, V>)) {
         let system = topic.is_system();
         let mut levels = topic.levels();
         walk(&self.root, &mut levels, system, true, &mut f);

@@ -1,9 +1,227 @@
-//! The `mqttd` command: the broker and its client tools.
+//! `mqttd`: the broker and its tools.
 
-fn main() {
-    eprintln!(
-        "mqttd {}: the broker is not built yet; see the README",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use mqttd_broker::{Broker, Config};
+use tracing::{info, warn};
+
+/// MQTT broker with MQTT over QUIC.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker (the default).
+    Serve(ServeArgs),
+    /// Add or update a user in a password file (like mosquitto_passwd).
+    Passwd(PasswdArgs),
+}
+
+#[derive(Debug, Args, Default)]
+struct ServeArgs {
+    /// Listener URL (tcp://HOST:PORT, http://HOST:PORT); repeatable. Given any, they replace the
+    /// default listeners.
+    #[arg(long = "listen", value_name = "URL")]
+    listen: Vec<String>,
+    /// Directory for persistent data.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Allow clients without a user name, on every listener.
+    #[arg(long)]
+    allow_anonymous: bool,
+    /// Password file (see `mqttd passwd`).
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// ACL file in Mosquitto's syntax.
+    #[arg(long, value_name = "FILE")]
+    acl_file: Option<PathBuf>,
+    /// Largest keep alive clients may use, in seconds.
+    #[arg(long, value_name = "SECS")]
+    max_keepalive: Option<u16>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, clap::ValueEnum)]
+enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct PasswdArgs {
+    /// The password file; created if missing.
+    file: PathBuf,
+    /// The user to add or update.
+    user: String,
+    /// The password (read from standard input if omitted).
+    #[arg(long, short = 'p')]
+    password: Option<String>,
+    /// Remove the user instead.
+    #[arg(long, short = 'D')]
+    delete: bool,
+}
+
+/// The listeners of a bare `mqttd`: loopback only.
+const DEFAULT_LISTENERS: &[&str] = &["tcp://127.0.0.1:1883"];
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Passwd(args)) => passwd(args),
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(cli.serve),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if !args.listen.is_empty() {
+        config.listen = args.listen.clone();
+    }
+    if config.listen.is_empty() {
+        config.listen = DEFAULT_LISTENERS.iter().map(|s| (*s).to_owned()).collect();
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if args.allow_anonymous {
+        config.allow_anonymous = Some(true);
+    }
+    if let Some(f) = &args.password_file {
+        config.password_file = Some(f.clone());
+    }
+    if let Some(f) = &args.acl_file {
+        config.acl_file = Some(f.clone());
+    }
+    if let Some(k) = args.max_keepalive {
+        config.max_keepalive = k;
+    }
+    Ok(config)
+}
+
+/// Raises the open-file soft limit to the hard limit: every connection is a descriptor.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => info!(limit, "open-file limit"),
+        Err(error) => warn!(%error, "could not raise the open-file limit"),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let config = load_config(&args)?;
+    raise_fd_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("cannot create data directory {}", config.data_dir.display())
+        })?;
+        if !config.anonymous_allowed() && config.password_file.is_none() {
+            warn!("anonymous access is off and no password file is set: no client can connect");
+        }
+        let broker = Broker::builder(config).start().await?;
+        // One line per listener on standard output, with the bound port, for scripts and tests
+        // that ask for port 0.
+        for (listener, addr) in broker.local_addrs() {
+            let scheme = listener.url.split("://").next().unwrap_or("tcp");
+            println!("mqttd listening on {scheme}://{addr}");
+        }
+        run_until_signal(&broker).await;
+        info!("shutting down");
+        broker.shutdown().await;
+        info!("stopped");
+        Ok(())
+    })
+}
+
+#[cfg(unix)]
+async fn run_until_signal(broker: &Broker) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        warn!("cannot install signal handlers");
+        broker.closed().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = broker.closed() => return,
+            _ = hup.recv() => match broker.reload_access() {
+                Ok(()) => info!("reloaded password and ACL files"),
+                Err(error) => warn!(%error, "reload failed; keeping the previous rules"),
+            },
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn run_until_signal(broker: &Broker) {
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = broker.closed() => {}
+    }
+}
+
+fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
+    use mqttd_broker::auth::{Iterations, PasswordFile};
+    let mut file = if args.file.exists() {
+        PasswordFile::load(&args.file)?
+    } else {
+        PasswordFile::new()
+    };
+    if args.delete {
+        if !file.remove(&args.user) {
+            anyhow::bail!("no user {:?} in {}", args.user, args.file.display());
+        }
+    } else {
+        let password = match args.password {
+            Some(p) => p,
+            None => {
+                eprint!("Password for {}: ", args.user);
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                line.trim_end_matches(['\r', '\n']).to_owned()
+            }
+        };
+        file.set_password(&args.user, password.as_bytes(), Iterations::DEFAULT)?;
+    }
+    file.save(&args.file)?;
+    Ok(())
 }

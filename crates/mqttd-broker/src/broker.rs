@@ -1,0 +1,543 @@
+//! State shared by every connection: the subscription index, the session registry, retained
+//! messages, and routing.
+//!
+//! Routing a message reads a snapshot of the subscription trie (no lock) and hands a
+//! [`Delivery`] to each matching session's [`SessionHandle`]. A handle's own mutex guards only
+//! that session: while its client is connected, deliveries go to the connection's mailbox;
+//! while it is offline, they are queued in the stored [`Session`] with its bounds.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use mqttd_proto::server::ServerConfig;
+use mqttd_proto::session::{Session, SessionEvent};
+use mqttd_proto::{ClientId, Delivery, Message, QoS, ReasonCode, SubscriptionOptions, TopicFilter};
+
+use crate::access::AccessControl;
+use crate::auth::ScramServer;
+use crate::config::{Config, OfflineQos0};
+use crate::hooks::{Action, ClientInfo, ConnectAttempt, Hooks, Verdict};
+use crate::metrics::Metrics;
+use crate::retained::RetainedStore;
+use crate::topic_tree::{Match, TopicTree};
+
+/// How long a connecting client waits for the connection it takes over to hand its session on.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A subscription as stored in the trie.
+#[derive(Debug, Clone)]
+pub(crate) struct Subscriber {
+    pub(crate) handle: Arc<SessionHandle>,
+    pub(crate) options: SubscriptionOptions,
+    pub(crate) id: Option<NonZeroU32>,
+}
+
+pub(crate) type Tree = TopicTree<u64, Subscriber>;
+
+/// A request from another task to a connection's task.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// Another connection claims the session: disconnect with 0x8E and hand the session over.
+    Takeover(oneshot::Sender<Option<Session>>),
+}
+
+/// Where a session's messages go right now.
+#[derive(Debug)]
+pub(crate) enum Slot {
+    /// Its client is connected.
+    Online {
+        mailbox: mpsc::UnboundedSender<Delivery>,
+        control: mpsc::UnboundedSender<Control>,
+    },
+    /// Moving between connections; deliveries wait here.
+    Transferring { buffer: Vec<Delivery> },
+    /// No client is connected; the broker holds the session and runs its timers.
+    Offline {
+        session: Box<Session>,
+        generation: u64,
+    },
+    /// The session is over.
+    Ended,
+}
+
+/// One session in the registry.
+#[derive(Debug)]
+pub(crate) struct SessionHandle {
+    pub(crate) key: u64,
+    pub(crate) client_id: ClientId,
+    pub(crate) slot: Mutex<Slot>,
+    /// The session's subscriptions, so they can be removed from the trie when it ends.
+    pub(crate) subscriptions:
+        Mutex<HashMap<TopicFilter, (SubscriptionOptions, Option<NonZeroU32>)>>,
+}
+
+impl SessionHandle {
+    /// Hands a message to the session wherever it is.
+    pub(crate) fn deliver(&self, now: Instant, delivery: Delivery, offline_qos0: OfflineQos0) {
+        let mut slot = self.slot.lock();
+        match &mut *slot {
+            Slot::Online { mailbox, .. } => {
+                // A closed mailbox means the connection is finishing; it moves its session to
+                // Offline under this lock, so the message is only lost for a clean session.
+                let _ = mailbox.send(delivery);
+            }
+            Slot::Transferring { buffer } => buffer.push(delivery),
+            Slot::Offline { session, .. } => {
+                if delivery.qos != QoS::AtMostOnce || offline_qos0 == OfflineQos0::Queue {
+                    let _ = session.enqueue(now, delivery);
+                }
+            }
+            Slot::Ended => {}
+        }
+    }
+}
+
+/// The session a connection gets.
+pub(crate) struct Acquired {
+    pub(crate) handle: Arc<SessionHandle>,
+    pub(crate) session: Session,
+    pub(crate) present: bool,
+}
+
+/// The shared broker state.
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(crate) server_config: ServerConfig,
+    subscriptions: ArcSwap<Tree>,
+    subscription_writer: Mutex<()>,
+    sessions: DashMap<ClientId, Arc<SessionHandle>>,
+    pub(crate) retained: RetainedStore,
+    pub(crate) hooks: Arc<dyn Hooks>,
+    pub(crate) auth: ArcSwap<AccessControl>,
+    pub(crate) scram: ScramServer,
+    pub(crate) metrics: Metrics,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) started: Instant,
+    next_key: AtomicU64,
+    next_generation: AtomicU64,
+    id_seed: u64,
+}
+
+impl Inner {
+    pub(crate) fn new(
+        config: Config,
+        hooks: Arc<dyn Hooks>,
+        auth: AccessControl,
+        scram: ScramServer,
+    ) -> Self {
+        let server_config = config.server_config();
+        Self {
+            config,
+            server_config,
+            subscriptions: ArcSwap::from_pointee(Tree::new()),
+            subscription_writer: Mutex::new(()),
+            sessions: DashMap::new(),
+            retained: RetainedStore::new(),
+            hooks,
+            auth: ArcSwap::from_pointee(auth),
+            scram,
+            metrics: Metrics::default(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            started: Instant::now(),
+            next_key: AtomicU64::new(1),
+            next_generation: AtomicU64::new(1),
+            id_seed: std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish(),
+        }
+    }
+
+    /// Authenticates a CONNECT: the hooks first, then the built-in rules.
+    pub(crate) fn authenticate(&self, attempt: &ConnectAttempt<'_>) -> Result<(), ReasonCode> {
+        match self.hooks.authenticate(attempt) {
+            Verdict::Allow => Ok(()),
+            Verdict::Deny(reason) => Err(reason),
+            Verdict::Defer => self.auth.load().authenticate(attempt),
+        }
+    }
+
+    /// Authorizes a topic action: the hooks first, then the ACL.
+    pub(crate) fn authorize(&self, client: &ClientInfo, action: Action, topic: &str) -> bool {
+        match self.hooks.authorize(client, action, topic) {
+            Verdict::Allow => true,
+            Verdict::Deny(_) => false,
+            Verdict::Defer => self.auth.load().authorize(client, action, topic),
+        }
+    }
+
+    /// A client identifier for a client that sent an empty one.
+    pub(crate) fn assign_client_id(&self) -> ClientId {
+        let n = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(self.id_seed ^ n);
+        ClientId::try_from(format!("mqttd-{:016x}{:08x}", h.finish(), n as u32)).unwrap_or_default()
+    }
+
+    /// Brings the gauges that are cheaper to read than to maintain up to date.
+    pub(crate) fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        m.sessions.set(self.sessions.len() as i64);
+        m.subscriptions.set(self.subscriptions.load().len() as i64);
+        m.retained_messages.set(self.retained.len() as i64);
+    }
+
+    fn new_handle(&self, client_id: &ClientId, slot: Slot) -> Arc<SessionHandle> {
+        Arc::new(SessionHandle {
+            key: self.next_key.fetch_add(1, Ordering::Relaxed),
+            client_id: client_id.clone(),
+            slot: Mutex::new(slot),
+            subscriptions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Finds or creates the session for a connecting client, taking it over from another
+    /// connection if needed. On clean start an existing session ends (and its will is
+    /// published).
+    pub(crate) async fn acquire_session(
+        &self,
+        now: Instant,
+        client_id: &ClientId,
+        clean_start: bool,
+        expiry: u32,
+        mailbox: mpsc::UnboundedSender<Delivery>,
+        control: mpsc::UnboundedSender<Control>,
+    ) -> Acquired {
+        let online = || Slot::Online {
+            mailbox: mailbox.clone(),
+            control: control.clone(),
+        };
+        let fresh = || Session::new(client_id.clone(), expiry, self.config.queue_limits());
+        for _ in 0..100 {
+            let existing = match self.sessions.entry(client_id.clone()) {
+                dashmap::mapref::entry::Entry::Vacant(v) => {
+                    let handle = self.new_handle(client_id, online());
+                    v.insert(handle.clone());
+                    return Acquired {
+                        handle,
+                        session: fresh(),
+                        present: false,
+                    };
+                }
+                dashmap::mapref::entry::Entry::Occupied(o) => o.get().clone(),
+            };
+            enum Taken {
+                Now(Box<Session>),
+                Later(oneshot::Receiver<Option<Session>>),
+                Busy,
+                Gone,
+            }
+            let taken = {
+                let mut slot = existing.slot.lock();
+                match std::mem::replace(&mut *slot, Slot::Transferring { buffer: Vec::new() }) {
+                    Slot::Online { control, .. } => {
+                        let (tx, rx) = oneshot::channel();
+                        let _ = control.send(Control::Takeover(tx));
+                        Taken::Later(rx)
+                    }
+                    Slot::Offline { session, .. } => Taken::Now(session),
+                    busy @ Slot::Transferring { .. } => {
+                        *slot = busy;
+                        Taken::Busy
+                    }
+                    Slot::Ended => {
+                        *slot = Slot::Ended;
+                        Taken::Gone
+                    }
+                }
+            };
+            let old = match taken {
+                Taken::Now(session) => Some(*session),
+                Taken::Later(rx) => {
+                    self.metrics.takeovers.inc();
+                    tokio::time::timeout(TAKEOVER_TIMEOUT, rx)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .flatten()
+                }
+                Taken::Busy => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                Taken::Gone => {
+                    self.sessions
+                        .remove_if(client_id, |_, h| Arc::ptr_eq(h, &existing));
+                    continue;
+                }
+            };
+            let Some(mut old) = old else {
+                // The old connection vanished without its session: start afresh.
+                self.end_session(now, &existing, None);
+                continue;
+            };
+            // A will whose delay is zero is due now that the old connection closed.
+            if let Some(SessionEvent::WillDue(will)) = old.handle_timeout(now) {
+                self.publish_will(now, will);
+            }
+            if clean_start {
+                self.end_session(now, &existing, Some(old));
+                continue;
+            }
+            let mut slot = existing.slot.lock();
+            if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, online()) {
+                for d in buffer {
+                    let _ = old.enqueue(now, d);
+                }
+            }
+            drop(slot);
+            old.set_expiry_interval(expiry);
+            return Acquired {
+                handle: existing,
+                session: old,
+                present: true,
+            };
+        }
+        // Persistent contention for one client id: give this client a session of its own that
+        // is not registered, rather than block it forever.
+        Acquired {
+            handle: self.new_handle(client_id, online()),
+            session: fresh(),
+            present: false,
+        }
+    }
+
+    /// Ends a session: publishes its pending will, removes its subscriptions and forgets it.
+    pub(crate) fn end_session(
+        &self,
+        now: Instant,
+        handle: &Arc<SessionHandle>,
+        session: Option<Session>,
+    ) {
+        *handle.slot.lock() = Slot::Ended;
+        self.sessions
+            .remove_if(&handle.client_id, |_, h| Arc::ptr_eq(h, handle));
+        let filters: Vec<TopicFilter> = handle
+            .subscriptions
+            .lock()
+            .drain()
+            .map(|(f, _)| f)
+            .collect();
+        self.unsubscribe_all(handle.key, &filters);
+        if let Some(will) = session.and_then(|mut s| s.end(now)) {
+            self.publish_will(now, will);
+        }
+    }
+
+    /// Stores a session whose connection closed, and runs its timers.
+    pub(crate) fn park_session(
+        self: &Arc<Self>,
+        now: Instant,
+        handle: &Arc<SessionHandle>,
+        session: Session,
+    ) {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let mut session = session;
+        {
+            let mut slot = handle.slot.lock();
+            // Messages routed while the connection was closing waited in the slot.
+            if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, Slot::Ended) {
+                for d in buffer {
+                    if d.qos != QoS::AtMostOnce || self.config.offline_qos0 == OfflineQos0::Queue {
+                        let _ = session.enqueue(now, d);
+                    }
+                }
+            }
+            *slot = Slot::Offline {
+                session: Box::new(session),
+                generation,
+            };
+        }
+        if let Some(next) = self.run_session_timers(now, handle, generation) {
+            let inner = self.clone();
+            let handle = handle.clone();
+            self.tasks.spawn(async move {
+                let mut due = next;
+                loop {
+                    let deadline =
+                        tokio::time::Instant::now() + due.saturating_duration_since(Instant::now());
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(deadline) => {}
+                        _ = inner.shutdown.cancelled() => return,
+                    }
+                    match inner.run_session_timers(Instant::now(), &handle, generation) {
+                        Some(next) => due = next,
+                        None => return,
+                    }
+                }
+            });
+        }
+    }
+
+    /// Fires a parked session's due timers; returns when to look again, if ever.
+    fn run_session_timers(
+        &self,
+        now: Instant,
+        handle: &Arc<SessionHandle>,
+        generation: u64,
+    ) -> Option<Instant> {
+        loop {
+            let mut slot = handle.slot.lock();
+            let Slot::Offline {
+                session,
+                generation: g,
+            } = &mut *slot
+            else {
+                return None;
+            };
+            if *g != generation {
+                return None;
+            }
+            match session.handle_timeout(now) {
+                Some(SessionEvent::WillDue(will)) => {
+                    drop(slot);
+                    self.publish_will(now, will);
+                }
+                Some(SessionEvent::Expired { will }) => {
+                    drop(slot);
+                    self.end_session(now, handle, None);
+                    if let Some(will) = will {
+                        self.publish_will(now, will);
+                    }
+                    return None;
+                }
+                None => return session.poll_timeout(),
+            }
+        }
+    }
+
+    fn publish_will(&self, now: Instant, will: Message) {
+        self.metrics.wills.inc();
+        let will = Arc::new(will);
+        if will.retain && self.config.retain_available {
+            self.retained.set(will.clone());
+        }
+        self.route(now, &will, None);
+    }
+
+    /// Adds subscriptions to the trie in one snapshot; returns, per subscription, whether it
+    /// already existed.
+    pub(crate) fn subscribe(&self, subs: &[(TopicFilter, Subscriber)]) -> Vec<bool> {
+        let _writer = self.subscription_writer.lock();
+        let mut tree = Tree::clone(&self.subscriptions.load());
+        let existed = subs
+            .iter()
+            .map(|(filter, sub)| tree.insert(filter, sub.handle.key, sub.clone()).is_some())
+            .collect();
+        self.subscriptions.store(Arc::new(tree));
+        existed
+    }
+
+    /// Removes subscriptions from the trie in one snapshot; returns which existed.
+    pub(crate) fn unsubscribe_all(&self, key: u64, filters: &[TopicFilter]) -> Vec<bool> {
+        if filters.is_empty() {
+            return Vec::new();
+        }
+        let _writer = self.subscription_writer.lock();
+        let mut tree = Tree::clone(&self.subscriptions.load());
+        let existed = filters
+            .iter()
+            .map(|f| tree.remove(f, &key).is_some())
+            .collect();
+        self.subscriptions.store(Arc::new(tree));
+        existed
+    }
+
+    /// Routes a message to every matching subscription. Returns how many sessions it was
+    /// handed to. `from` is the publishing session, for No Local.
+    pub(crate) fn route(&self, now: Instant, message: &Arc<Message>, from: Option<u64>) -> usize {
+        let tree = self.subscriptions.load();
+        let mut direct: SmallVec<[(u64, &Subscriber); 16]> = SmallVec::new();
+        let mut shared: SmallVec<[&Subscriber; 4]> = SmallVec::new();
+        tree.for_each_match(&message.topic, |m| match m {
+            Match::Direct(key, sub) => {
+                if sub.options.no_local && Some(*key) == from {
+                    return;
+                }
+                direct.push((*key, sub));
+            }
+            Match::Shared { members, .. } => {
+                let chosen = members.pick(|_, s| !matches!(*s.handle.slot.lock(), Slot::Ended));
+                if let Some((_, sub)) = chosen {
+                    shared.push(sub);
+                }
+            }
+        });
+        // Overlapping subscriptions of one session yield one copy at the highest QoS, carrying
+        // every matching subscription identifier [MQTT-3.3.4-2, MQTT-3.3.4-3].
+        direct.sort_unstable_by_key(|(k, _)| *k);
+        let mut count = 0;
+        let mut i = 0;
+        while i < direct.len() {
+            let (key, first) = direct[i];
+            let mut qos = first.options.qos;
+            let mut retain_as_published = first.options.retain_as_published;
+            let mut ids: Vec<NonZeroU32> = first.id.into_iter().collect();
+            let mut j = i + 1;
+            while j < direct.len() && direct[j].0 == key {
+                let s = direct[j].1;
+                qos = qos.max(s.options.qos);
+                retain_as_published |= s.options.retain_as_published;
+                ids.extend(s.id);
+                j += 1;
+            }
+            self.hand_over(now, message, first, qos, retain_as_published, ids);
+            count += 1;
+            i = j;
+        }
+        for sub in shared {
+            let ids = sub.id.into_iter().collect();
+            self.hand_over(
+                now,
+                message,
+                sub,
+                sub.options.qos,
+                sub.options.retain_as_published,
+                ids,
+            );
+            count += 1;
+        }
+        self.metrics.routed.inc_by(count as u64);
+        count
+    }
+
+    fn hand_over(
+        &self,
+        now: Instant,
+        message: &Arc<Message>,
+        sub: &Subscriber,
+        qos: QoS,
+        retain_as_published: bool,
+        subscription_ids: Vec<NonZeroU32>,
+    ) {
+        let delivery = Delivery {
+            message: message.clone(),
+            qos: qos.min(message.qos),
+            retain: retain_as_published && message.retain,
+            subscription_ids,
+        };
+        sub.handle.deliver(now, delivery, self.config.offline_qos0);
+    }
+
+    /// Reason code for a SUBACK granting `qos`.
+    pub(crate) fn granted(qos: QoS) -> ReasonCode {
+        match qos {
+            QoS::AtMostOnce => ReasonCode::Success,
+            QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+            QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+        }
+    }
+}

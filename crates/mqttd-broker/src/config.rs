@@ -1,0 +1,308 @@
+//! Broker settings, read from TOML. Where a setting means what a Mosquitto setting means, it has
+//! Mosquitto's name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mqttd_proto::server::ServerConfig;
+use mqttd_proto::session::{QueueLimits, NEVER_EXPIRES};
+use mqttd_proto::QoS;
+use serde::Deserialize;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has an unknown key.
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A listener URL is not understood.
+    #[error("invalid listener {url:?}: {reason}")]
+    Listener {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// A listener's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// MQTT over TCP (`tcp://` or `mqtt://`).
+    Tcp,
+    /// The HTTP endpoint for metrics, health and administration (`http://`).
+    Http,
+}
+
+/// Where and how to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// Protocol.
+    pub kind: ListenerKind,
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// The URL as written, used as the listener's name in logs and hooks.
+    pub url: String,
+}
+
+impl Listener {
+    /// Parses `tcp://HOST:PORT`, `mqtt://HOST:PORT` or `http://HOST:PORT`.
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        let err = |reason| ConfigError::Listener {
+            url: url.to_owned(),
+            reason,
+        };
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| err("expected SCHEME://HOST:PORT"))?;
+        let kind = match scheme {
+            "tcp" | "mqtt" => ListenerKind::Tcp,
+            "http" => ListenerKind::Http,
+            _ => return Err(err("unsupported scheme (tcp, mqtt, http)")),
+        };
+        let rest = rest.trim_end_matches('/');
+        let addr = rest
+            .parse()
+            .or_else(|_| rest.replace("localhost", "127.0.0.1").parse())
+            .map_err(|_| err("expected an IP address and port"))?;
+        Ok(Self {
+            kind,
+            addr,
+            url: url.to_owned(),
+        })
+    }
+
+    /// Whether only this machine can reach the listener.
+    pub fn is_loopback(&self) -> bool {
+        self.addr.ip().is_loopback()
+    }
+}
+
+/// What happens to a QoS 0 message for a client that is offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OfflineQos0 {
+    /// Dropped (Mosquitto's default, `queue_qos0_messages false`).
+    #[default]
+    Drop,
+    /// Queued like QoS 1 and 2 messages.
+    Queue,
+}
+
+/// The broker's settings. Every field has a default; the README documents each key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listener URLs (`tcp://127.0.0.1:1883`, `http://127.0.0.1:8081`).
+    pub listen: Vec<String>,
+    /// Directory for persistent data.
+    pub data_dir: PathBuf,
+    /// Allow clients without a user name. Unset: allowed only when every MQTT listener is on
+    /// a loopback address and no password file is set (Mosquitto 2's local-only default).
+    pub allow_anonymous: Option<bool>,
+    /// Password file (`mqttd passwd`).
+    pub password_file: Option<PathBuf>,
+    /// ACL file in Mosquitto's syntax.
+    pub acl_file: Option<PathBuf>,
+    /// Largest keep alive in seconds; 0 for no limit.
+    pub max_keepalive: u16,
+    /// Messages queued per session beyond those in flight.
+    pub max_queued_messages: usize,
+    /// Bytes queued per session; 0 for no limit.
+    pub max_queued_bytes: usize,
+    /// QoS 1 and 2 messages in flight towards each client.
+    pub max_inflight_messages: u16,
+    /// Largest packet accepted, in bytes.
+    pub max_packet_size: u32,
+    /// QoS 1 and 2 messages a client may have unacknowledged towards the broker.
+    pub receive_maximum: u16,
+    /// Topic aliases a client may use towards the broker.
+    pub topic_alias_maximum: u16,
+    /// Highest QoS the broker accepts (0, 1 or 2).
+    pub max_qos: u8,
+    /// Whether retained messages are supported.
+    pub retain_available: bool,
+    /// Simultaneous client connections; 0 for no limit.
+    pub max_connections: usize,
+    /// New connections per second accepted from one IP address; 0 for no limit.
+    pub max_connection_rate: u32,
+    /// Seconds from connection to CONNECT (and CONNACK).
+    pub connect_timeout: u64,
+    /// Longest topic name or filter, in bytes.
+    pub max_topic_length: usize,
+    /// Most levels in a topic name or filter.
+    pub max_topic_levels: usize,
+    /// Most subscriptions one client may hold; 0 for no limit.
+    pub max_subscriptions: usize,
+    /// Session expiry, in seconds, of 3.1.1 clients connecting with clean session 0; unset for
+    /// never (Mosquitto's `persistent_client_expiration`).
+    pub persistent_client_expiration: Option<u32>,
+    /// Largest session expiry interval granted, in seconds; unset for no limit.
+    pub max_session_expiry: Option<u32>,
+    /// QoS 0 messages for offline clients.
+    pub offline_qos0: OfflineQos0,
+    /// Seconds between `$SYS` updates; 0 disables them (`sys_interval`).
+    pub sys_interval: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            data_dir: PathBuf::from("mqttd-data"),
+            allow_anonymous: None,
+            password_file: None,
+            acl_file: None,
+            max_keepalive: 0,
+            max_queued_messages: 1000,
+            max_queued_bytes: 0,
+            max_inflight_messages: 64,
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 1024,
+            topic_alias_maximum: 64,
+            max_qos: 2,
+            retain_available: true,
+            max_connections: 0,
+            max_connection_rate: 0,
+            connect_timeout: 10,
+            max_topic_length: 65_535,
+            max_topic_levels: 128,
+            max_subscriptions: 0,
+            persistent_client_expiration: None,
+            max_session_expiry: None,
+            offline_qos0: OfflineQos0::Drop,
+            sys_interval: 10,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Self, Box<toml::de::Error>> {
+        toml::from_str(text).map_err(Box::new)
+    }
+
+    /// The listeners, parsed.
+    pub fn listeners(&self) -> Result<Vec<Listener>, ConfigError> {
+        self.listen.iter().map(|u| Listener::parse(u)).collect()
+    }
+
+    /// Whether clients without credentials may connect: as configured, else only when every
+    /// MQTT listener is on a loopback address and no password file is set.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous.unwrap_or_else(|| {
+            self.password_file.is_none()
+                && self
+                    .listeners()
+                    .map(|ls| {
+                        ls.iter()
+                            .filter(|l| l.kind != ListenerKind::Http)
+                            .all(Listener::is_loopback)
+                    })
+                    .unwrap_or(false)
+        })
+    }
+
+    /// The protocol state machine's settings.
+    pub fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            max_packet_size: self.max_packet_size,
+            receive_maximum: self.receive_maximum.max(1),
+            max_inflight_messages: self.max_inflight_messages.max(1),
+            topic_alias_maximum: self.topic_alias_maximum,
+            maximum_qos: QoS::from_bits(self.max_qos.min(2)).unwrap_or(QoS::ExactlyOnce),
+            retain_available: self.retain_available,
+            wildcard_subscription_available: true,
+            subscription_identifiers_available: true,
+            shared_subscription_available: true,
+            max_keepalive: self.max_keepalive,
+            max_session_expiry: self.max_session_expiry.unwrap_or(NEVER_EXPIRES),
+            v3_session_expiry: self.persistent_client_expiration.unwrap_or(NEVER_EXPIRES),
+            connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
+        }
+    }
+
+    /// Per-session queue bounds.
+    pub fn queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            max_messages: self.max_queued_messages,
+            max_bytes: self.max_queued_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mosquitto_names_parse_and_unknown_keys_fail() {
+        let c = Config::parse(
+            "listen = ['tcp://0.0.0.0:1883']\nmax_keepalive = 60\nmax_queued_messages = 5\nallow_anonymous = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_keepalive, 60);
+        assert_eq!(c.max_queued_messages, 5);
+        assert!(c.anonymous_allowed());
+        assert!(Config::parse("max_keepalvie = 60").is_err());
+    }
+
+    #[test]
+    fn anonymous_defaults_to_loopback_only() {
+        let mut c = Config {
+            listen: vec!["tcp://127.0.0.1:1883".into()],
+            ..Config::default()
+        };
+        assert!(c.anonymous_allowed());
+        c.password_file = Some("pw".into());
+        assert!(
+            !c.anonymous_allowed(),
+            "a password file means credentials are wanted"
+        );
+        c.password_file = None;
+        c.listen.push("tcp://0.0.0.0:1884".into());
+        assert!(!c.anonymous_allowed());
+        c.allow_anonymous = Some(true);
+        assert!(c.anonymous_allowed());
+    }
+
+    #[test]
+    fn listener_urls() {
+        let l = Listener::parse("tcp://127.0.0.1:1883").unwrap();
+        assert_eq!(l.kind, ListenerKind::Tcp);
+        assert!(l.is_loopback());
+        assert!(Listener::parse("udp://1.2.3.4:1").is_err());
+        assert!(Listener::parse("tcp://nohost").is_err());
+        assert_eq!(
+            Listener::parse("http://[::1]:8081").unwrap().kind,
+            ListenerKind::Http
+        );
+    }
+}

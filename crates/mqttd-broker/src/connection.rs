@@ -1,0 +1,630 @@
+//! The driver of one client connection: a task that moves bytes between a transport and the
+//! protocol state machine, and carries out what the machine asks of the broker.
+//!
+//! The task waits, in priority order, for shutdown, control requests (takeover), room to
+//! write, bytes to read, messages routed to its session, and the machine's next timer. Reading
+//! pauses while too much output is waiting, so a client that does not read cannot make the
+//! broker buffer without bound; QoS 0 messages for such a client are dropped, QoS 1 and 2
+//! messages wait in its session's bounded queue.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn, Instrument};
+
+use mqttd_proto::codec::PacketReader;
+use mqttd_proto::server::{Accept, ConnectRequest, Event, ServerConnection};
+use mqttd_proto::session::Session;
+use mqttd_proto::{
+    Delivery, InboundPublish, Message, MqttStr, ProtocolVersion, QoS, ReasonCode, Subscribe,
+    Unsubscribe,
+};
+
+use crate::auth::scram::MECHANISM;
+use crate::auth::ScramServerFirstSent;
+use crate::broker::{Control, Inner, SessionHandle, Slot, Subscriber};
+use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer};
+
+/// Output waiting beyond this many bytes pauses reading and drops QoS 0 deliveries.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// Deliveries taken from the mailbox before output is written.
+const MAILBOX_BATCH: usize = 256;
+/// Bytes read at a time.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Runs a connection to completion.
+pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: Peer)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let span = tracing::info_span!(
+        "conn",
+        peer = %peer.addr,
+        listener = %peer.listener,
+        transport = %peer.transport,
+        client_id = tracing::field::Empty,
+    );
+    inner.metrics.connections_open.inc();
+    let mut task = Connection::new(inner.clone(), peer);
+    task.run(stream).instrument(span).await;
+    inner.metrics.connections_open.dec();
+}
+
+struct Connection {
+    inner: Arc<Inner>,
+    peer: Peer,
+    conn: ServerConnection,
+    reader: PacketReader,
+    wbuf: BytesMut,
+    mailbox_tx: mpsc::UnboundedSender<Delivery>,
+    mailbox_rx: mpsc::UnboundedReceiver<Delivery>,
+    control_tx: mpsc::UnboundedSender<Control>,
+    control_rx: mpsc::UnboundedReceiver<Control>,
+    handle: Option<Arc<SessionHandle>>,
+    client: Option<ClientInfo>,
+    takeover_reply: Option<oneshot::Sender<Option<Session>>>,
+    check_receive_acl: bool,
+    /// A SCRAM exchange waiting for the client's final message.
+    scram: Option<PendingScram>,
+    /// The identity SCRAM established, which stands in for the user name.
+    scram_user: Option<MqttStr>,
+    /// A session acquired for a connection that closed before CONNACK.
+    unaccepted: Option<Session>,
+}
+
+/// A SCRAM exchange in progress: at CONNECT (with the request to finish) or a re-authentication.
+struct PendingScram {
+    state: ScramServerFirstSent,
+    connect: Option<ConnectRequest>,
+}
+
+impl Connection {
+    fn new(inner: Arc<Inner>, peer: Peer) -> Self {
+        let conn = ServerConnection::new(inner.server_config.clone(), Instant::now());
+        let reader = PacketReader::new(conn.max_packet_size());
+        let (mailbox_tx, mailbox_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let check_receive_acl = inner.auth.load().acl.is_some();
+        Self {
+            inner,
+            peer,
+            conn,
+            reader,
+            wbuf: BytesMut::new(),
+            mailbox_tx,
+            mailbox_rx,
+            control_tx,
+            control_rx,
+            handle: None,
+            client: None,
+            takeover_reply: None,
+            check_receive_acl,
+            scram: None,
+            scram_user: None,
+            unaccepted: None,
+        }
+    }
+
+    async fn run<S>(&mut self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut rbuf = BytesMut::new();
+        let shutdown = self.inner.shutdown.clone();
+        let mut shutting_down = false;
+        loop {
+            self.flush_transmits();
+            self.process_events().await;
+            self.flush_transmits();
+            if self.conn.is_closed() {
+                break;
+            }
+            let deadline = self
+                .conn
+                .poll_timeout()
+                .map(|t| tokio::time::Instant::now() + t.saturating_duration_since(Instant::now()));
+            let writing = !self.wbuf.is_empty();
+            let reading = self.wbuf.len() < WRITE_HIGH_WATER;
+            let connected = self.conn.is_connected();
+            if rbuf.capacity() - rbuf.len() < 512 {
+                rbuf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    self.conn.disconnect(Instant::now(), ReasonCode::ServerShuttingDown);
+                }
+                Some(control) = self.control_rx.recv() => match control {
+                    Control::Takeover(reply) => {
+                        self.takeover_reply = Some(reply);
+                        self.conn.disconnect(Instant::now(), ReasonCode::SessionTakenOver);
+                    }
+                },
+                res = wr.write_buf(&mut self.wbuf), if writing => match res {
+                    Ok(0) | Err(_) => self.conn.connection_lost(Instant::now()),
+                    Ok(n) => {
+                        self.inner.metrics.bytes_sent.inc_by(n as u64);
+                        if self.wbuf.is_empty() && wr.flush().await.is_err() {
+                            self.conn.connection_lost(Instant::now());
+                        }
+                    }
+                },
+                res = rd.read_buf(&mut rbuf), if reading => match res {
+                    Ok(0) | Err(_) => self.conn.connection_lost(Instant::now()),
+                    Ok(n) => {
+                        self.inner.metrics.bytes_received.inc_by(n as u64);
+                        self.decode(&mut rbuf);
+                        if rbuf.is_empty() && rbuf.capacity() > 4 * READ_CHUNK {
+                            // Give back a buffer a large packet grew.
+                            rbuf = BytesMut::new();
+                        }
+                    }
+                },
+                Some(delivery) = self.mailbox_rx.recv(), if connected => {
+                    self.deliver(delivery);
+                    for _ in 0..MAILBOX_BATCH {
+                        match self.mailbox_rx.try_recv() {
+                            Ok(d) => self.deliver(d),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.conn.handle_timeout(Instant::now());
+                }
+            }
+        }
+        // Send what is left (CONNACK refusal, DISCONNECT), briefly.
+        if !self.wbuf.is_empty() {
+            let flush = async {
+                let _ = wr.write_all(&self.wbuf).await;
+                let _ = wr.flush().await;
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
+        }
+        let _ = wr.shutdown().await;
+        self.hand_off_session();
+    }
+
+    fn flush_transmits(&mut self) {
+        let Some(version) = self.conn.version() else {
+            return;
+        };
+        while let Some(packet) = self.conn.poll_transmit() {
+            if matches!(packet, mqttd_proto::Packet::Publish(_)) {
+                self.inner.metrics.messages_sent.inc();
+            }
+            if let Err(e) = packet.encode(version, &mut self.wbuf) {
+                warn!(error = %e, "dropping a packet that cannot be encoded");
+            }
+        }
+    }
+
+    fn decode(&mut self, rbuf: &mut BytesMut) {
+        loop {
+            match self.reader.read(rbuf, self.conn.version()) {
+                Ok(Some(packet)) => {
+                    self.conn.handle_packet(Instant::now(), packet);
+                    if self.conn.is_closed() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(error) => {
+                    self.inner.metrics.protocol_errors.inc();
+                    debug!(%error, "malformed packet");
+                    self.conn.handle_decode_error(Instant::now(), &error);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, delivery: Delivery) {
+        if delivery.qos == QoS::AtMostOnce && self.wbuf.len() >= WRITE_HIGH_WATER {
+            self.inner.metrics.messages_dropped.inc();
+            return;
+        }
+        if self.check_receive_acl {
+            if let Some(client) = &self.client {
+                if !self
+                    .inner
+                    .authorize(client, Action::Receive, &delivery.message.topic)
+                {
+                    return;
+                }
+            }
+        }
+        let outcome = self.conn.deliver(Instant::now(), delivery);
+        if !matches!(
+            outcome,
+            mqttd_proto::session::Enqueued::Sent | mqttd_proto::session::Enqueued::Queued
+        ) {
+            self.inner.metrics.messages_dropped.inc();
+        }
+    }
+
+    async fn process_events(&mut self) {
+        while let Some(event) = self.conn.poll_event() {
+            match event {
+                Event::Connect(request) => self.on_connect(request).await,
+                Event::AuthContinue { data } => self.on_auth_continue(data).await,
+                Event::ReAuthenticate { data } => self.on_reauthenticate(data),
+                Event::Publish(publish) => self.on_publish(publish),
+                Event::Subscribe(subscribe) => self.on_subscribe(subscribe),
+                Event::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
+                Event::Delivered { .. }
+                | Event::Released { .. }
+                | Event::InboundReleased { .. } => {}
+                Event::Closed { reason, by_client } => {
+                    if let Some(client) = &self.client {
+                        self.inner.metrics.clients_connected.dec();
+                        info!(%reason, by_client, "client disconnected");
+                        self.inner.hooks.on_disconnected(client, reason);
+                    } else {
+                        debug!(%reason, "connection closed before CONNACK");
+                    }
+                    if reason.is_error() && !by_client {
+                        self.inner.metrics.protocol_errors.inc();
+                    }
+                }
+            }
+            self.flush_transmits();
+        }
+    }
+
+    async fn on_connect(&mut self, request: ConnectRequest) {
+        let now = Instant::now();
+        let connect = &request.connect;
+        if let Some(method) = &connect.properties.authentication_method {
+            let data = connect
+                .properties
+                .authentication_data
+                .clone()
+                .unwrap_or_default();
+            match self.start_scram(method, &data) {
+                Ok((state, server_first)) => {
+                    self.scram = Some(PendingScram {
+                        state,
+                        connect: Some(request),
+                    });
+                    let _ = self.conn.auth_continue(Some(server_first.into()));
+                }
+                Err(reason) => self.refuse(now, reason),
+            }
+            return;
+        }
+        let attempt = ConnectAttempt {
+            client_id: &connect.client_id,
+            username: connect.username.as_ref(),
+            password: connect.password.as_ref(),
+            version: connect.protocol,
+            peer: &self.peer,
+        };
+        if let Err(reason) = self.inner.authenticate(&attempt) {
+            info!(%reason, username = ?connect.username, "authentication failed");
+            return self.refuse(now, reason);
+        }
+        self.finish_connect(request, None).await;
+    }
+
+    fn refuse(&mut self, now: Instant, reason: ReasonCode) {
+        self.inner.metrics.auth_failures.inc();
+        let _ = self.conn.reject(now, reason);
+    }
+
+    /// Starts SCRAM-SHA-256, the enhanced authentication method the broker offers, against the
+    /// password file.
+    fn start_scram(
+        &self,
+        method: &MqttStr,
+        client_first: &[u8],
+    ) -> Result<(ScramServerFirstSent, Vec<u8>), ReasonCode> {
+        let access = self.inner.auth.load();
+        let Some(passwords) = access
+            .passwords
+            .as_ref()
+            .filter(|_| method.as_str() == MECHANISM)
+        else {
+            return Err(ReasonCode::BadAuthenticationMethod);
+        };
+        self.inner
+            .scram
+            .start(client_first, |user| {
+                passwords.scram_credentials(user).cloned()
+            })
+            .map_err(|e| e.reason_code())
+    }
+
+    async fn on_auth_continue(&mut self, data: Option<bytes::Bytes>) {
+        let now = Instant::now();
+        let Some(pending) = self.scram.take() else {
+            return self.refuse(now, ReasonCode::ProtocolError);
+        };
+        let user = MqttStr::try_from(pending.state.username()).ok();
+        match pending.state.finish(data.as_deref().unwrap_or_default()) {
+            Ok(server_final) => {
+                self.scram_user = user;
+                match pending.connect {
+                    Some(request) => {
+                        self.finish_connect(request, Some(server_final.into()))
+                            .await
+                    }
+                    None => {
+                        if let (Some(client), Some(user)) = (&mut self.client, &self.scram_user) {
+                            client.username = Some(user.clone());
+                        }
+                        let _ = self.conn.reauth_success(Some(server_final.into()));
+                    }
+                }
+            }
+            Err(error) => {
+                info!(%error, "SCRAM authentication failed");
+                self.refuse(now, error.reason_code());
+            }
+        }
+    }
+
+    fn on_reauthenticate(&mut self, data: Option<bytes::Bytes>) {
+        let now = Instant::now();
+        let method = MqttStr::from_static(MECHANISM).unwrap_or_default();
+        match self.start_scram(&method, data.as_deref().unwrap_or_default()) {
+            Ok((state, server_first)) => {
+                self.scram = Some(PendingScram {
+                    state,
+                    connect: None,
+                });
+                let _ = self.conn.auth_continue(Some(server_first.into()));
+            }
+            Err(reason) => self.refuse(now, reason),
+        }
+    }
+
+    /// Completes an authenticated CONNECT: the session, then CONNACK.
+    async fn finish_connect(&mut self, request: ConnectRequest, auth_data: Option<bytes::Bytes>) {
+        let now = Instant::now();
+        let connect = &request.connect;
+        let assigned = connect
+            .client_id
+            .is_empty()
+            .then(|| self.inner.assign_client_id());
+        let client_id = assigned
+            .clone()
+            .unwrap_or_else(|| connect.client_id.clone());
+        tracing::Span::current().record("client_id", client_id.as_str());
+        let acquired = self
+            .inner
+            .acquire_session(
+                now,
+                &client_id,
+                connect.clean_start,
+                request.session_expiry_interval,
+                self.mailbox_tx.clone(),
+                self.control_tx.clone(),
+            )
+            .await;
+        let client = ClientInfo {
+            client_id,
+            username: self.scram_user.clone().or_else(|| connect.username.clone()),
+            version: connect.protocol,
+            peer: self.peer.clone(),
+        };
+        self.handle = Some(acquired.handle);
+        if self.conn.is_closed() {
+            // The client left while the session was being acquired: keep the session.
+            debug!("connection closed during CONNECT");
+            self.unaccepted = Some(acquired.session);
+            return;
+        }
+        let mut accept = Accept::new(acquired.session, acquired.present);
+        accept.assigned_client_id = assigned.filter(|_| connect.protocol == ProtocolVersion::V5);
+        accept.authentication_data = auth_data;
+        if let Err(error) = self.conn.accept(Instant::now(), accept) {
+            warn!(%error, "CONNECT could not be accepted");
+            return;
+        }
+        info!(version = %client.version, session_present = acquired.present, keep_alive = request.keep_alive, "client connected");
+        self.inner.metrics.clients_connected.inc();
+        self.inner.hooks.on_connected(&client);
+        self.client = Some(client);
+    }
+
+    fn on_publish(&mut self, publish: InboundPublish) {
+        let now = Instant::now();
+        self.inner.metrics.messages_received.inc();
+        let InboundPublish {
+            mut message,
+            packet_id,
+            ..
+        } = publish;
+        let reason = match self.admit(&mut message) {
+            Ok(()) => {
+                let message = Arc::new(message);
+                if message.retain {
+                    self.inner.retained.set(message.clone());
+                }
+                let key = self.handle.as_ref().map(|h| h.key);
+                if self.inner.route(now, &message, key) == 0 {
+                    ReasonCode::NoMatchingSubscribers
+                } else {
+                    ReasonCode::Success
+                }
+            }
+            Err(reason) => {
+                self.inner.metrics.messages_dropped.inc();
+                debug!(%reason, topic = %message.topic, "publish refused");
+                reason
+            }
+        };
+        if let Some(id) = packet_id {
+            let _ = self.conn.publish_ack(id, reason);
+        }
+    }
+
+    /// Checks a published message against limits, ACL and hooks.
+    fn admit(&self, message: &mut Message) -> Result<(), ReasonCode> {
+        let config = &self.inner.config;
+        let topic = message.topic.as_str();
+        if topic.len() > config.max_topic_length
+            || topic.split('/').count() > config.max_topic_levels
+        {
+            return Err(ReasonCode::TopicNameInvalid);
+        }
+        let Some(client) = &self.client else {
+            return Err(ReasonCode::NotAuthorized);
+        };
+        if !self.inner.authorize(client, Action::Publish, topic) {
+            return Err(ReasonCode::NotAuthorized);
+        }
+        match self.inner.hooks.on_publish(client, message) {
+            Intercept::Continue => Ok(()),
+            Intercept::Drop(reason) => Err(reason),
+        }
+    }
+
+    fn on_subscribe(&mut self, subscribe: Subscribe) {
+        let (Some(handle), Some(client)) = (self.handle.clone(), self.client.as_ref()) else {
+            return;
+        };
+        let config = &self.inner.config;
+        let max_qos = self.inner.server_config.maximum_qos;
+        let id = subscribe.properties.subscription_identifier;
+        let mut reasons = Vec::with_capacity(subscribe.filters.len());
+        let mut adds = Vec::new();
+        for sub in &subscribe.filters {
+            let filter = &sub.filter;
+            let text = filter.as_str();
+            let reason = if text.len() > config.max_topic_length
+                || filter.pattern().split('/').count() > config.max_topic_levels
+            {
+                ReasonCode::TopicFilterInvalid
+            } else if config.max_subscriptions > 0
+                && handle.subscriptions.lock().len() + adds.len() >= config.max_subscriptions
+                && !handle.subscriptions.lock().contains_key(filter)
+            {
+                ReasonCode::QuotaExceeded
+            } else if !self.inner.authorize(client, Action::Subscribe, text) {
+                ReasonCode::NotAuthorized
+            } else {
+                let mut options = sub.options;
+                options.qos = options.qos.min(max_qos);
+                adds.push((
+                    filter.clone(),
+                    Subscriber {
+                        handle: handle.clone(),
+                        options,
+                        id,
+                    },
+                ));
+                Inner::granted(options.qos)
+            };
+            reasons.push(reason);
+        }
+        let existed = self.inner.subscribe(&adds);
+        let now = Instant::now();
+        let mut retained = Vec::new();
+        {
+            let mut subs = handle.subscriptions.lock();
+            for ((filter, sub), existed) in adds.iter().zip(existed) {
+                subs.insert(filter.clone(), (sub.options, sub.id));
+                use mqttd_proto::RetainHandling::*;
+                let send = match sub.options.retain_handling {
+                    SendAtSubscribe => true,
+                    SendIfNew => !existed,
+                    DoNotSend => false,
+                };
+                // Shared subscriptions get no retained messages [MQTT-3.8.4-?; 4.8.2].
+                if send && filter.share().is_none() {
+                    for message in self.inner.retained.matching(filter, now) {
+                        retained.push(Delivery {
+                            qos: message.qos.min(sub.options.qos),
+                            retain: true,
+                            subscription_ids: sub.id.into_iter().collect(),
+                            message,
+                        });
+                    }
+                }
+            }
+        }
+        let _ = self.conn.subscribe_ack(subscribe.packet_id, reasons);
+        for delivery in retained {
+            self.deliver(delivery);
+        }
+    }
+
+    fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let Some(handle) = self.handle.clone() else {
+            return;
+        };
+        let existed = self.inner.unsubscribe_all(handle.key, &unsubscribe.filters);
+        {
+            let mut subs = handle.subscriptions.lock();
+            for f in &unsubscribe.filters {
+                subs.remove(f);
+            }
+        }
+        let reasons = existed
+            .into_iter()
+            .map(|e| {
+                if e {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::NoSubscriptionExisted
+                }
+            })
+            .collect();
+        let _ = self.conn.unsubscribe_ack(unsubscribe.packet_id, reasons);
+    }
+
+    /// Moves the session to where it lives next: the connection that took it over, the
+    /// broker's store of offline sessions, or nowhere if it ended.
+    fn hand_off_session(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut session = self.conn.take_session().or_else(|| self.unaccepted.take());
+        let drain = |session: &mut Option<Session>, rx: &mut mpsc::UnboundedReceiver<Delivery>| {
+            while let Ok(d) = rx.try_recv() {
+                if let Some(s) = session.as_mut() {
+                    let _ = s.enqueue(now, d);
+                }
+            }
+        };
+        if self.takeover_reply.is_none() {
+            let mut slot = handle.slot.lock();
+            let ours = matches!(&*slot, Slot::Online { mailbox, .. } if mailbox.same_channel(&self.mailbox_tx));
+            if ours {
+                drain(&mut session, &mut self.mailbox_rx);
+                *slot = Slot::Transferring { buffer: Vec::new() };
+                drop(slot);
+                match session {
+                    Some(s) if s.expiry_interval() > 0 => self.inner.park_session(now, &handle, s),
+                    s => self.inner.end_session(now, &handle, s),
+                }
+                return;
+            }
+            drop(slot);
+            // Another connection is taking the session over; its request is waiting.
+            if let Ok(Control::Takeover(reply)) = self.control_rx.try_recv() {
+                self.takeover_reply = Some(reply);
+            }
+        }
+        drain(&mut session, &mut self.mailbox_rx);
+        if let Some(reply) = self.takeover_reply.take() {
+            let _ = reply.send(session);
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

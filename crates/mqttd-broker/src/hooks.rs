@@ -1,0 +1,158 @@
+//! Extension points for programs that embed the broker: authentication, authorization and
+//! message interception, each told which transport the client came over.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mqttd_proto::{ClientId, Message, MqttStr, ProtocolVersion, ReasonCode};
+
+/// The transport a client connected over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// Plain TCP.
+    Tcp,
+    /// TLS over TCP.
+    Tls,
+    /// WebSocket.
+    WebSocket,
+    /// WebSocket over TLS.
+    WebSocketTls,
+    /// MQTT over QUIC.
+    Quic,
+}
+
+impl Transport {
+    /// The lower-case name used in logs, metrics and configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+            Self::WebSocket => "ws",
+            Self::WebSocketTls => "wss",
+            Self::Quic => "quic",
+        }
+    }
+
+    /// Whether the transport encrypts.
+    pub fn is_secure(self) -> bool {
+        matches!(self, Self::Tls | Self::WebSocketTls | Self::Quic)
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a connection came from.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Transport.
+    pub transport: Transport,
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// Name of the listener that accepted it.
+    pub listener: Arc<str>,
+}
+
+/// A connected client, as hooks see it.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    /// Client identifier (the assigned one, if the server assigned it).
+    pub client_id: ClientId,
+    /// User name from CONNECT.
+    pub username: Option<MqttStr>,
+    /// Protocol version.
+    pub version: ProtocolVersion,
+    /// Where it came from.
+    pub peer: Peer,
+}
+
+/// A CONNECT to authenticate.
+#[derive(Debug)]
+pub struct ConnectAttempt<'a> {
+    /// Client identifier as sent (may be empty).
+    pub client_id: &'a ClientId,
+    /// User name.
+    pub username: Option<&'a MqttStr>,
+    /// Password. Never log it.
+    pub password: Option<&'a Bytes>,
+    /// Protocol version.
+    pub version: ProtocolVersion,
+    /// Where it came from.
+    pub peer: &'a Peer,
+}
+
+/// A hook's answer to an authentication or authorization question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Allow; skip the built-in checks.
+    Allow,
+    /// Refuse with this reason code.
+    Deny(ReasonCode),
+    /// No opinion: let the built-in checks decide (password file, `allow_anonymous`, ACL).
+    Defer,
+}
+
+/// What a client wants to do with a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Publish to a topic name.
+    Publish,
+    /// Subscribe to a topic filter.
+    Subscribe,
+    /// Receive a message on a topic name.
+    Receive,
+}
+
+/// What to do with a message a client published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intercept {
+    /// Route it as it is (possibly changed in place).
+    Continue,
+    /// Drop it; the publisher still gets its acknowledgement with this reason code
+    /// (MQTT 5 only; 3.1.1 clients get a plain acknowledgement).
+    Drop(ReasonCode),
+}
+
+/// Callbacks into an embedding program. Every method has a default that defers to the
+/// broker's built-in behaviour, so an implementation overrides only what it needs. They run on
+/// the connection's task: keep them quick.
+pub trait Hooks: Send + Sync + 'static {
+    /// Decides whether a CONNECT with user name and password may proceed.
+    fn authenticate(&self, attempt: &ConnectAttempt<'_>) -> Verdict {
+        let _ = attempt;
+        Verdict::Defer
+    }
+
+    /// Decides whether `client` may perform `action` on `topic`.
+    fn authorize(&self, client: &ClientInfo, action: Action, topic: &str) -> Verdict {
+        let _ = (client, action, topic);
+        Verdict::Defer
+    }
+
+    /// Sees, and may change or drop, every message a client publishes before it is routed.
+    fn on_publish(&self, client: &ClientInfo, message: &mut Message) -> Intercept {
+        let _ = (client, message);
+        Intercept::Continue
+    }
+
+    /// A client completed CONNECT.
+    fn on_connected(&self, client: &ClientInfo) {
+        let _ = client;
+    }
+
+    /// A client's connection closed.
+    fn on_disconnected(&self, client: &ClientInfo, reason: ReasonCode) {
+        let _ = (client, reason);
+    }
+}
+
+/// Hooks that defer everything to the built-in behaviour.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHooks;
+
+impl Hooks for NoHooks {}

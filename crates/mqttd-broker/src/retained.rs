@@ -1,0 +1,224 @@
+//! Retained messages, one per topic, in a persistent trie.
+//!
+//! Readers (a new subscription looking for retained messages) take a snapshot without locking;
+//! writers (a PUBLISH with RETAIN set) are serialised among themselves and publish a new
+//! snapshot. Routing of ordinary messages never touches this store.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use imbl::HashMap;
+use parking_lot::Mutex;
+
+use mqttd_proto::{Message, TopicFilter, TopicName};
+
+#[derive(Debug, Clone, Default)]
+struct Node {
+    children: HashMap<Arc<str>, Arc<Self>>,
+    message: Option<Arc<Message>>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.message.is_none()
+    }
+}
+
+/// The retained-message store.
+#[derive(Debug, Default)]
+pub struct RetainedStore {
+    root: ArcSwap<Node>,
+    writer: Mutex<usize>,
+}
+
+impl RetainedStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of retained messages.
+    pub fn len(&self) -> usize {
+        *self.writer.lock()
+    }
+
+    /// Whether no message is retained.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stores `message` as the retained message of its topic; an empty payload deletes the
+    /// topic's retained message [MQTT-3.3.1-6, MQTT-3.3.1-7].
+    pub fn set(&self, message: Arc<Message>) {
+        let mut count = self.writer.lock();
+        let levels: Vec<&str> = message.topic.levels().collect();
+        let value = (!message.payload.is_empty()).then(|| message.clone());
+        let root = self.root.load_full();
+        let mut delta = 0isize;
+        let new_root = set(&root, &levels, value, &mut delta).unwrap_or_default();
+        self.root.store(Arc::new(new_root));
+        *count = count.saturating_add_signed(delta);
+    }
+
+    /// The retained message of exactly `topic`.
+    pub fn get(&self, topic: &TopicName) -> Option<Arc<Message>> {
+        let root = self.root.load();
+        let mut node: &Node = &root;
+        for level in topic.levels() {
+            node = node.children.get(level)?;
+        }
+        node.message.clone()
+    }
+
+    /// Every retained message whose topic matches `filter` and has not expired at `now`.
+    pub fn matching(&self, filter: &TopicFilter, now: Instant) -> Vec<Arc<Message>> {
+        let root = self.root.load();
+        let levels: Vec<&str> = filter.pattern().split('/').collect();
+        let mut out = Vec::new();
+        collect(&root, &levels, true, &mut out);
+        out.retain(|m| !m.is_expired(now));
+        out
+    }
+
+    /// Every retained message, for persistence and administration.
+    pub fn all(&self) -> Vec<Arc<Message>> {
+        let root = self.root.load();
+        let mut out = Vec::new();
+        descendants(&root, &mut out);
+        out
+    }
+}
+
+/// Returns the new node, `None` if it became empty.
+fn set(
+    node: &Node,
+    levels: &[&str],
+    value: Option<Arc<Message>>,
+    delta: &mut isize,
+) -> Option<Node> {
+    let mut node = node.clone();
+    match levels.split_first() {
+        None => {
+            let had = node.message.is_some();
+            node.message = value;
+            *delta += isize::from(node.message.is_some()) - isize::from(had);
+        }
+        Some((first, rest)) => {
+            let empty = Node::default();
+            let child = node.children.get(*first).map_or(&empty, |c| &**c);
+            match set(child, rest, value, delta) {
+                Some(c) => node.children.insert(Arc::from(*first), Arc::new(c)),
+                None => node.children.remove(*first),
+            };
+        }
+    }
+    Some(node).filter(|n| !n.is_empty())
+}
+
+fn descendants(node: &Node, out: &mut Vec<Arc<Message>>) {
+    if let Some(m) = &node.message {
+        out.push(m.clone());
+    }
+    for child in node.children.values() {
+        descendants(child, out);
+    }
+}
+
+fn collect(node: &Node, levels: &[&str], first: bool, out: &mut Vec<Arc<Message>>) {
+    let Some((level, rest)) = levels.split_first() else {
+        if let Some(m) = &node.message {
+            out.push(m.clone());
+        }
+        return;
+    };
+    // A wildcard in the first level does not match topics starting with '$' [MQTT-4.7.2-1].
+    let visible = |name: &str| !(first && name.starts_with('$'));
+    match *level {
+        "#" => {
+            if let Some(m) = &node.message {
+                out.push(m.clone());
+            }
+            for (name, child) in node.children.iter() {
+                if visible(name) {
+                    descendants(child, out);
+                }
+            }
+        }
+        "+" => {
+            for (name, child) in node.children.iter() {
+                if visible(name) {
+                    collect(child, rest, false, out);
+                }
+            }
+        }
+        exact => {
+            if let Some(child) = node.children.get(exact) {
+                collect(child, rest, false, out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqttd_proto::QoS;
+
+    fn msg(topic: &str, payload: &str) -> Arc<Message> {
+        Arc::new(Message::new(
+            TopicName::try_from(topic).unwrap(),
+            payload.as_bytes().to_vec(),
+            QoS::AtMostOnce,
+            true,
+        ))
+    }
+
+    fn topics(store: &RetainedStore, filter: &str) -> Vec<String> {
+        let f = TopicFilter::try_from(filter).unwrap();
+        let mut t: Vec<_> = store
+            .matching(&f, Instant::now())
+            .iter()
+            .map(|m| m.topic.to_string())
+            .collect();
+        t.sort();
+        t
+    }
+
+    #[test]
+    fn set_replace_delete_and_match() {
+        let s = RetainedStore::new();
+        for t in ["a", "a/b", "a/c", "a/b/c", "$SYS/x", "/x"] {
+            s.set(msg(t, "1"));
+        }
+        assert_eq!(s.len(), 6);
+        assert_eq!(topics(&s, "a/#"), ["a", "a/b", "a/b/c", "a/c"]);
+        assert_eq!(topics(&s, "a/+"), ["a/b", "a/c"]);
+        assert_eq!(topics(&s, "#"), ["/x", "a", "a/b", "a/b/c", "a/c"]);
+        assert_eq!(topics(&s, "+/x"), ["/x"]);
+        assert_eq!(topics(&s, "$SYS/#"), ["$SYS/x"]);
+        s.set(msg("a/b", "2"));
+        assert_eq!(s.len(), 6);
+        assert_eq!(
+            &s.get(&TopicName::try_from("a/b").unwrap()).unwrap().payload[..],
+            b"2"
+        );
+        s.set(msg("a/b", ""));
+        s.set(msg("nothing/here", ""));
+        assert_eq!(s.len(), 5);
+        assert_eq!(topics(&s, "a/+"), ["a/c"]);
+        assert_eq!(topics(&s, "a/b/c"), ["a/b/c"]);
+    }
+
+    #[test]
+    fn expired_messages_are_not_returned() {
+        let s = RetainedStore::new();
+        let now = Instant::now();
+        let mut m = (*msg("t", "x")).clone();
+        m.expires_at = Some(now);
+        s.set(Arc::new(m));
+        assert!(s
+            .matching(&TopicFilter::try_from("t").unwrap(), now)
+            .is_empty());
+    }
+}

@@ -1,0 +1,350 @@
+//! An async MQTT client: a tokio task driving `mqttd-proto`'s client state machine over any
+//! byte stream. `mqttd pub`, `mqttd sub`, `mqttd bench` and the broker's integration tests use
+//! it.
+//!
+//! [`connect`] returns once CONNACK arrives, with a [`Client`] handle for commands and an
+//! [`Events`] stream of everything the server sends. Answers to SUBSCRIBE and UNSUBSCRIBE are
+//! returned by the calls that sent them; every other event goes to the stream.
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use mqttd_proto::client::{ClientConfig, ClientConnection, ClientError, Event};
+use mqttd_proto::codec::PacketReader;
+use mqttd_proto::session::{Enqueued, Session};
+use mqttd_proto::{
+    ConnAck, Message, PacketId, QoS, ReasonCode, SubAck, SubscribeProperties, Subscription,
+    SubscriptionOptions, TopicFilter, UnsubAck,
+};
+
+/// Why a connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The transport could not be established.
+    #[error("cannot connect: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server refused the connection.
+    #[error("connection refused: {}", .0.reason)]
+    Refused(Box<ConnAck>),
+    /// The connection closed before CONNACK.
+    #[error("connection closed before CONNACK: {0}")]
+    Closed(ReasonCode),
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The connection is gone.
+    #[error("the connection is closed")]
+    Closed,
+    /// The state machine refused the request.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+enum Command {
+    Publish(Arc<Message>, oneshot::Sender<Result<Enqueued, ClientError>>),
+    Subscribe(
+        Vec<Subscription>,
+        SubscribeProperties,
+        oneshot::Sender<Result<SubAck, ClientError>>,
+    ),
+    Unsubscribe(
+        Vec<TopicFilter>,
+        oneshot::Sender<Result<UnsubAck, ClientError>>,
+    ),
+    Ack(PacketId, ReasonCode),
+    Disconnect(ReasonCode, Option<u32>, oneshot::Sender<Option<Session>>),
+}
+
+/// A handle to a connection; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// Everything the server sends that is not the answer to a call: messages, delivery
+/// confirmations, and finally [`Event::Closed`].
+pub struct Events {
+    rx: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the connection task has ended.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// The next message, skipping other events; `None` when the connection is gone.
+    pub async fn next_message(&mut self) -> Option<mqttd_proto::InboundPublish> {
+        loop {
+            match self.rx.recv().await? {
+                Event::Publish(p) => return Some(p),
+                Event::Closed { .. } => return None,
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Client {
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .map_err(|_| RequestError::Closed)?;
+        rx.await.map_err(|_| RequestError::Closed)
+    }
+
+    /// Publishes a message; returns once the state machine took it (sent or queued). For QoS 1
+    /// and 2, completion arrives later as [`Event::Delivered`].
+    pub async fn publish(&self, message: Message) -> Result<Enqueued, RequestError> {
+        Ok(self
+            .request(|tx| Command::Publish(Arc::new(message), tx))
+            .await??)
+    }
+
+    /// Subscribes and waits for SUBACK.
+    pub async fn subscribe(
+        &self,
+        filters: Vec<Subscription>,
+        properties: SubscribeProperties,
+    ) -> Result<SubAck, RequestError> {
+        Ok(self
+            .request(|tx| Command::Subscribe(filters, properties, tx))
+            .await??)
+    }
+
+    /// Subscribes to one filter at `qos` and waits for SUBACK.
+    pub async fn subscribe_one(
+        &self,
+        filter: TopicFilter,
+        qos: QoS,
+    ) -> Result<SubAck, RequestError> {
+        let options = SubscriptionOptions {
+            qos,
+            ..SubscriptionOptions::default()
+        };
+        self.subscribe(
+            vec![Subscription { filter, options }],
+            SubscribeProperties::default(),
+        )
+        .await
+    }
+
+    /// Unsubscribes and waits for UNSUBACK.
+    pub async fn unsubscribe(&self, filters: Vec<TopicFilter>) -> Result<UnsubAck, RequestError> {
+        Ok(self
+            .request(|tx| Command::Unsubscribe(filters, tx))
+            .await??)
+    }
+
+    /// Acknowledges a message (when `auto_ack` is off).
+    pub fn ack(&self, packet_id: PacketId, reason: ReasonCode) -> Result<(), RequestError> {
+        self.commands
+            .send(Command::Ack(packet_id, reason))
+            .map_err(|_| RequestError::Closed)
+    }
+
+    /// Sends DISCONNECT, closes the connection and returns the session to resume later.
+    pub async fn disconnect(
+        &self,
+        reason: ReasonCode,
+        session_expiry: Option<u32>,
+    ) -> Result<Option<Session>, RequestError> {
+        self.request(|tx| Command::Disconnect(reason, session_expiry, tx))
+            .await
+    }
+}
+
+/// Connects over TCP.
+pub async fn connect_tcp(
+    addr: SocketAddr,
+    config: ClientConfig,
+    session: Option<Session>,
+) -> Result<(Client, Events, ConnAck), ConnectError> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    connect(stream, config, session).await
+}
+
+/// Runs the MQTT handshake over `stream` and spawns the connection's task.
+pub async fn connect<S>(
+    stream: S,
+    config: ClientConfig,
+    session: Option<Session>,
+) -> Result<(Client, Events, ConnAck), ConnectError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let conn = ClientConnection::new(config, session, Instant::now());
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (event_tx, mut event_rx) = mpsc::unbounded_channel();
+    tokio::spawn(Driver::new(conn, command_rx, event_tx).run(stream));
+    loop {
+        match event_rx.recv().await {
+            Some(Event::Connected(ack)) => {
+                return Ok((Client { commands }, Events { rx: event_rx }, ack));
+            }
+            Some(Event::Rejected(ack)) => return Err(ConnectError::Refused(Box::new(ack))),
+            Some(Event::Closed { reason, .. }) => return Err(ConnectError::Closed(reason)),
+            Some(_) => {}
+            None => return Err(ConnectError::Closed(ReasonCode::UnspecifiedError)),
+        }
+    }
+}
+
+struct Driver {
+    conn: ClientConnection,
+    reader: PacketReader,
+    commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<Event>,
+    pending_sub: HashMap<PacketId, oneshot::Sender<Result<SubAck, ClientError>>>,
+    pending_unsub: HashMap<PacketId, oneshot::Sender<Result<UnsubAck, ClientError>>>,
+    disconnect_reply: Option<oneshot::Sender<Option<Session>>>,
+}
+
+impl Driver {
+    fn new(
+        conn: ClientConnection,
+        commands: mpsc::UnboundedReceiver<Command>,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Self {
+        let reader = PacketReader::new(conn.max_packet_size());
+        Self {
+            conn,
+            reader,
+            commands,
+            events,
+            pending_sub: HashMap::new(),
+            pending_unsub: HashMap::new(),
+            disconnect_reply: None,
+        }
+    }
+
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(mut self, stream: S) {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut rbuf = BytesMut::with_capacity(16 * 1024);
+        let mut wbuf = BytesMut::new();
+        loop {
+            let now = Instant::now();
+            while let Some(packet) = self.conn.poll_transmit(now) {
+                let _ = packet.encode(self.conn.version(), &mut wbuf);
+            }
+            self.dispatch_events();
+            if self.conn.is_closed() {
+                let _ = wr.write_all(&wbuf).await;
+                let _ = wr.shutdown().await;
+                break;
+            }
+            let deadline = self
+                .conn
+                .poll_timeout()
+                .map(|t| tokio::time::Instant::now() + t.saturating_duration_since(Instant::now()));
+            tokio::select! {
+                biased;
+                res = wr.write_buf(&mut wbuf), if !wbuf.is_empty() => {
+                    if !matches!(res, Ok(n) if n > 0) {
+                        self.conn.connection_lost(Instant::now());
+                    }
+                }
+                Some(command) = self.commands.recv() => self.command(command),
+                res = rd.read_buf(&mut rbuf) => match res {
+                    Ok(0) | Err(_) => self.conn.connection_lost(Instant::now()),
+                    Ok(_) => loop {
+                        match self.reader.read(&mut rbuf, Some(self.conn.version())) {
+                            Ok(Some(packet)) => self.conn.handle_packet(Instant::now(), packet),
+                            Ok(None) => break,
+                            Err(e) => {
+                                self.conn.handle_decode_error(Instant::now(), &e);
+                                break;
+                            }
+                        }
+                    },
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.conn.handle_timeout(Instant::now());
+                }
+            }
+        }
+        self.dispatch_events();
+        if let Some(reply) = self.disconnect_reply.take() {
+            let _ = reply.send(self.conn.take_session());
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        let now = Instant::now();
+        match command {
+            Command::Publish(message, reply) => {
+                let _ = reply.send(self.conn.publish(now, message));
+            }
+            Command::Subscribe(filters, properties, reply) => {
+                match self.conn.subscribe(filters, properties) {
+                    Ok(id) => {
+                        self.pending_sub.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Unsubscribe(filters, reply) => match self.conn.unsubscribe(filters) {
+                Ok(id) => {
+                    self.pending_unsub.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Ack(id, reason) => {
+                let _ = self.conn.ack(id, reason);
+            }
+            Command::Disconnect(reason, expiry, reply) => {
+                self.disconnect_reply = Some(reply);
+                self.conn.disconnect(now, reason, expiry);
+            }
+        }
+    }
+
+    fn dispatch_events(&mut self) {
+        while let Some(event) = self.conn.poll_event() {
+            match event {
+                Event::SubAck(ack) => {
+                    if let Some(reply) = self.pending_sub.remove(&ack.packet_id) {
+                        let _ = reply.send(Ok(ack));
+                    }
+                }
+                Event::UnsubAck(ack) => {
+                    if let Some(reply) = self.pending_unsub.remove(&ack.packet_id) {
+                        let _ = reply.send(Ok(ack));
+                    }
+                }
+                other => {
+                    let _ = self.events.send(other);
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
