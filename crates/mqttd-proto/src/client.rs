@@ -26,7 +26,7 @@ use crate::codec::DecodeError;
 use crate::flow::{FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits};
 use crate::message::{Delivery, Message};
 use crate::packet::*;
-use crate::reason::{ReasonCode, ReasonContext};
+use crate::reason::{puback_reason, ReasonCode, ReasonContext};
 use crate::session::{Enqueued, QueueLimits, Session};
 use crate::types::{ClientId, MqttStr, PacketId, ProtocolVersion, QoS, TopicFilter};
 
@@ -600,11 +600,7 @@ impl ClientConnection {
     /// time [MQTT-4.3.3-9].
     pub fn ack(&mut self, packet_id: PacketId, reason: ReasonCode) -> Result<(), ClientError> {
         let v5 = self.config.version.is_v5();
-        let reason = if v5 && reason.valid_for(ReasonContext::PubAckRec) {
-            reason
-        } else {
-            ReasonCode::Success
-        };
+        let reason = puback_reason(v5, reason);
         let e = match &mut self.state {
             State::Connected(e) => e,
             State::Closed {

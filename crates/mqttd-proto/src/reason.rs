@@ -267,6 +267,20 @@ impl ReasonCode {
     }
 }
 
+/// The reason code to put in a PUBACK or PUBREC: MQTT 3 has none; an MQTT 5 code that these
+/// packets may not carry becomes 0x80 if it reports a failure, 0x00 otherwise.
+pub(crate) fn puback_reason(v5: bool, reason: ReasonCode) -> ReasonCode {
+    match (
+        v5,
+        reason.valid_for(ReasonContext::PubAckRec),
+        reason.is_error(),
+    ) {
+        (false, _, _) | (true, false, false) => ReasonCode::Success,
+        (true, true, _) => reason,
+        (true, false, true) => ReasonCode::UnspecifiedError,
+    }
+}
+
 impl fmt::Display for ReasonCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} (0x{:02X})", self.name(), self.as_u8())

@@ -31,7 +31,7 @@ use crate::codec::DecodeError;
 use crate::flow::{FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits, Violation};
 use crate::message::Delivery;
 use crate::packet::*;
-use crate::reason::{ReasonCode, ReasonContext};
+use crate::reason::{puback_reason, ReasonCode, ReasonContext};
 use crate::session::{Enqueued, Session, NEVER_EXPIRES};
 use crate::types::{ClientId, MqttStr, PacketId, ProtocolVersion, QoS};
 
@@ -772,11 +772,7 @@ impl ServerConnection {
     /// delivered a second time [MQTT-4.3.3-9].
     pub fn publish_ack(&mut self, id: PacketId, reason: ReasonCode) -> Result<(), StateError> {
         let v5 = self.version.is_some_and(ProtocolVersion::is_v5);
-        let reason = if v5 && reason.valid_for(ReasonContext::PubAckRec) {
-            reason
-        } else {
-            ReasonCode::Success
-        };
+        let reason = puback_reason(v5, reason);
         let e = match &mut self.state {
             State::Connected(e) => e,
             State::Closed {

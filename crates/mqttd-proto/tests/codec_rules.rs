@@ -907,11 +907,12 @@ fn auth_with_remaining_length_0_is_success() {
 }
 
 #[test]
-fn payload_not_utf8_is_payload_format_invalid() {
-    // The codec leaves payloads alone; a receiver that checks them against the payload
-    // format indicator reports this error.
-    assert_eq!(
-        DecodeError::PayloadNotUtf8.reason_code(),
-        ReasonCode::PayloadFormatInvalid
-    );
+fn non_minimal_variable_integers_are_malformed() {
+    // PINGREQ whose remaining length 0 is written in two bytes [MQTT-1.5.5-1].
+    let mut buf = BytesMut::from(&[0xC0, 0x80, 0x00][..]);
+    let err = PacketReader::new(1024)
+        .read(&mut buf, Some(V5))
+        .unwrap_err();
+    assert_eq!(err, DecodeError::MalformedVariableInteger);
+    assert_eq!(err.reason_code(), ReasonCode::MalformedPacket);
 }

@@ -20,8 +20,9 @@ pub enum DecodeError {
         /// The low nibble received.
         flags: u8,
     },
-    /// A variable byte integer used more than four bytes [MQTT-1.5.5-1].
-    #[error("variable byte integer longer than four bytes")]
+    /// A variable byte integer used more than four bytes, or more than it needed
+    /// [MQTT-1.5.5-1].
+    #[error("variable byte integer longer than four bytes or not in its shortest form")]
     MalformedVariableInteger,
     /// The packet is larger than the receiver's maximum packet size [MQTT-3.2.2-15].
     #[error("packet of {size} bytes exceeds the maximum packet size {max}")]
@@ -111,9 +112,6 @@ pub enum DecodeError {
     /// The first packet on a connection is not CONNECT [MQTT-3.1.0-1].
     #[error("first packet is not CONNECT")]
     ExpectedConnect,
-    /// A payload marked as UTF-8 is not valid UTF-8 [MQTT-3.3.2-4].
-    #[error("payload format indicator says UTF-8, payload is not")]
-    PayloadNotUtf8,
     /// An error inside a CONNECT whose protocol level was already read: the answer must be a
     /// CONNACK in that version's format.
     #[error("in CONNECT for MQTT {version}: {error}")]
@@ -142,7 +140,6 @@ impl DecodeError {
                 field: "client identifier",
                 ..
             } => ReasonCode::ClientIdentifierNotValid,
-            Self::PayloadNotUtf8 => ReasonCode::PayloadFormatInvalid,
             Self::PropertyNotAllowed { .. }
             | Self::DuplicateProperty(_)
             | Self::InvalidPropertyValue(_)

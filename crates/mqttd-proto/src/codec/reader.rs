@@ -7,6 +7,9 @@ use super::error::DecodeError;
 use crate::packet::{Packet, PacketType};
 use crate::types::ProtocolVersion;
 
+/// The most the reader reserves ahead of bytes actually received.
+const RESERVE_STEP: usize = 64 * 1024;
+
 /// Splits a byte stream (TCP, TLS, WebSocket or one QUIC stream) into packets.
 ///
 /// Each packet body is copied out of the read buffer into an allocation of its own before it is
@@ -58,7 +61,9 @@ impl PacketReader {
         }
         let len = header.packet_len();
         if buf.len() < len {
-            buf.reserve(len - buf.len());
+            // Grow towards the declared size in steps, so a peer cannot make us allocate a
+            // whole maximum-size packet by sending only its fixed header.
+            buf.reserve((len - buf.len()).min(RESERVE_STEP));
             return Ok(None);
         }
         let frame = buf.split_to(len);

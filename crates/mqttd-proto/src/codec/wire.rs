@@ -108,6 +108,11 @@ pub fn decode_varint(buf: &[u8]) -> Result<Option<(u32, usize)>, DecodeError> {
     for (i, &byte) in buf.iter().enumerate().take(4) {
         value |= u32::from(byte & 0x7F) << (7 * i);
         if byte & 0x80 == 0 {
+            // The shortest encoding is required [MQTT-1.5.5-1]: a trailing zero byte after a
+            // continuation adds nothing.
+            if byte == 0 && i > 0 {
+                return Err(DecodeError::MalformedVariableInteger);
+            }
             return Ok(Some((value, i + 1)));
         }
     }
