@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use mqttd_proto::server::ServerConfig;
-use mqttd_proto::session::{Session, SessionEvent};
+use mqttd_proto::session::{OutboundState, Session, SessionEvent};
 use mqttd_proto::{ClientId, Delivery, Message, QoS, ReasonCode, SubscriptionOptions, TopicFilter};
 
 use crate::access::AccessControl;
@@ -42,6 +42,8 @@ pub(crate) struct Subscriber {
     pub(crate) handle: Arc<SessionHandle>,
     pub(crate) options: SubscriptionOptions,
     pub(crate) id: Option<NonZeroU32>,
+    /// For a shared subscription, its filter, so that a message can move to another member.
+    pub(crate) shared: Option<TopicFilter>,
 }
 
 pub(crate) type Tree = TopicTree<u64, Subscriber>;
@@ -332,8 +334,38 @@ impl Inner {
             .map(|(f, _)| f)
             .collect();
         self.unsubscribe_all(handle.key, &filters);
-        if let Some(will) = session.and_then(|mut s| s.end(now)) {
+        let Some(mut session) = session else { return };
+        // Messages this session got through a shared subscription and never acknowledged go
+        // to another member of the group.
+        let unacknowledged: Vec<Delivery> = session
+            .in_flight()
+            .filter(|(_, f)| f.state == OutboundState::PublishSent)
+            .map(|(_, f)| f.delivery.clone())
+            .chain(session.queued().cloned())
+            .filter(|d| d.shared.is_some())
+            .collect();
+        for delivery in unacknowledged {
+            self.reroute_shared(now, delivery, handle.key);
+        }
+        if let Some(will) = session.end(now) {
             self.publish_will(now, will);
+        }
+    }
+
+    /// Hands a shared-subscription message to another member of its group, if one is left.
+    fn reroute_shared(&self, now: Instant, mut delivery: Delivery, from: u64) {
+        let Some(filter) = delivery.shared.clone() else {
+            return;
+        };
+        let tree = self.subscriptions.load();
+        let Some(group) = tree.shared_group(&filter) else {
+            return;
+        };
+        let chosen = group.pick(|k, s| *k != from && !matches!(*s.handle.slot.lock(), Slot::Ended));
+        if let Some((_, sub)) = chosen {
+            delivery.qos = delivery.message.qos.min(sub.options.qos);
+            delivery.retain = false;
+            sub.handle.deliver(now, delivery, self.config.offline_qos0);
         }
     }
 
@@ -494,42 +526,42 @@ impl Inner {
                 ids.extend(s.id);
                 j += 1;
             }
-            self.hand_over(now, message, first, qos, retain_as_published, ids);
+            let options = SubscriptionOptions {
+                qos,
+                retain_as_published,
+                ..first.options
+            };
+            let delivery = Self::delivery(message, &options, ids, None);
+            first
+                .handle
+                .deliver(now, delivery, self.config.offline_qos0);
             count += 1;
             i = j;
         }
         for sub in shared {
             let ids = sub.id.into_iter().collect();
-            self.hand_over(
-                now,
-                message,
-                sub,
-                sub.options.qos,
-                sub.options.retain_as_published,
-                ids,
-            );
+            let delivery = Self::delivery(message, &sub.options, ids, sub.shared.clone());
+            sub.handle.deliver(now, delivery, self.config.offline_qos0);
             count += 1;
         }
         self.metrics.routed.inc_by(count as u64);
         count
     }
 
-    fn hand_over(
-        &self,
-        now: Instant,
+    /// The delivery of `message` through a subscription with these options.
+    fn delivery(
         message: &Arc<Message>,
-        sub: &Subscriber,
-        qos: QoS,
-        retain_as_published: bool,
+        options: &SubscriptionOptions,
         subscription_ids: Vec<NonZeroU32>,
-    ) {
-        let delivery = Delivery {
+        shared: Option<TopicFilter>,
+    ) -> Delivery {
+        Delivery {
             message: message.clone(),
-            qos: qos.min(message.qos),
-            retain: retain_as_published && message.retain,
+            qos: options.qos.min(message.qos),
+            retain: options.retain_as_published && message.retain,
             subscription_ids,
-        };
-        sub.handle.deliver(now, delivery, self.config.offline_qos0);
+            shared,
+        }
     }
 
     /// Reason code for a SUBACK granting `qos`.

@@ -513,14 +513,14 @@ impl Connection {
             } else {
                 let mut options = sub.options;
                 options.qos = options.qos.min(max_qos);
-                adds.push((
-                    filter.clone(),
-                    Subscriber {
-                        handle: handle.clone(),
-                        options,
-                        id,
-                    },
-                ));
+                let shared = filter.share().is_some().then(|| filter.clone());
+                let subscriber = Subscriber {
+                    handle: handle.clone(),
+                    options,
+                    id,
+                    shared,
+                };
+                adds.push((filter.clone(), subscriber));
                 Inner::granted(options.qos)
             };
             reasons.push(reason);
@@ -545,6 +545,7 @@ impl Connection {
                             qos: message.qos.min(sub.options.qos),
                             retain: true,
                             subscription_ids: sub.id.into_iter().collect(),
+                            shared: None,
                             message,
                         });
                     }

@@ -201,8 +201,7 @@ impl<K: Clone + Hash + Eq + Ord, V: Clone> TopicTree<K, V> {
         Some(old)
     }
 
-    /// `key`'s subscription to `filter`, if any.
-    pub fn get(&self, filter: &TopicFilter, key: &K) -> Option<&V> {
+    fn node(&self, filter: &TopicFilter) -> Option<&Node<K, V>> {
         let mut node: &Node<K, V> = &self.root;
         for level in filter.pattern().split('/') {
             node = match step(level) {
@@ -211,6 +210,18 @@ impl<K: Clone + Hash + Eq + Ord, V: Clone> TopicTree<K, V> {
                 Step::Hash => node.hash.as_ref()?,
             };
         }
+        Some(node)
+    }
+
+    /// The members of the shared subscription group `filter` (`$share/{group}/...`).
+    pub fn shared_group(&self, filter: &TopicFilter) -> Option<&SharedGroup<K, V>> {
+        let (group, _) = filter.share()?;
+        self.node(filter)?.shared.get(group).map(|g| &**g)
+    }
+
+    /// `key`'s subscription to `filter`, if any.
+    pub fn get(&self, filter: &TopicFilter, key: &K) -> Option<&V> {
+        let node = self.node(filter)?;
         match filter.share() {
             Some((group, _)) => {
                 let g = node.shared.get(group)?;

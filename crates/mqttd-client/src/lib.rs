@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -22,8 +22,8 @@ use mqttd_proto::client::{ClientConfig, ClientConnection, ClientError, Event};
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::session::{Enqueued, Session};
 use mqttd_proto::{
-    ConnAck, Message, PacketId, QoS, ReasonCode, SubAck, SubscribeProperties, Subscription,
-    SubscriptionOptions, TopicFilter, UnsubAck,
+    ConnAck, Message, MqttStr, PacketId, QoS, ReasonCode, SubAck, SubscribeProperties,
+    Subscription, SubscriptionOptions, TopicFilter, UnsubAck,
 };
 
 /// Why a connection attempt failed.
@@ -39,7 +39,27 @@ pub enum ConnectError {
     /// The connection closed before CONNACK.
     #[error("connection closed before CONNACK: {0}")]
     Closed(ReasonCode),
+    /// The authenticator failed.
+    #[error(transparent)]
+    Auth(#[from] AuthFailed),
 }
+
+/// An enhanced-authentication method on the client's side (MQTT 5 AUTH exchanges).
+pub trait Authenticator: Send + 'static {
+    /// The authentication method name sent in CONNECT and AUTH.
+    fn method(&self) -> &str;
+    /// The initial data, for CONNECT or a re-authentication.
+    fn start(&mut self) -> Result<Option<Bytes>, AuthFailed>;
+    /// Answers a challenge from the server.
+    fn challenge(&mut self, data: Option<Bytes>) -> Result<Option<Bytes>, AuthFailed>;
+    /// Checks the server's final data (CONNACK or AUTH success).
+    fn finish(&mut self, data: Option<Bytes>) -> Result<(), AuthFailed>;
+}
+
+/// An authenticator gave up: the server's data was wrong or could not be answered.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("authentication failed: {0}")]
+pub struct AuthFailed(pub String);
 
 /// Why a request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -66,6 +86,7 @@ enum Command {
     ),
     Ack(PacketId, ReasonCode),
     Disconnect(ReasonCode, Option<u32>, oneshot::Sender<Option<Session>>),
+    Reauthenticate,
 }
 
 /// A handle to a connection; cheap to clone.
@@ -160,6 +181,14 @@ impl Client {
             .map_err(|_| RequestError::Closed)
     }
 
+    /// Starts a re-authentication with the connection's authenticator; success arrives as
+    /// [`Event::ReAuthenticated`], failure closes the connection.
+    pub fn reauthenticate(&self) -> Result<(), RequestError> {
+        self.commands
+            .send(Command::Reauthenticate)
+            .map_err(|_| RequestError::Closed)
+    }
+
     /// Sends DISCONNECT, closes the connection and returns the session to resume later.
     pub async fn disconnect(
         &self,
@@ -191,10 +220,30 @@ pub async fn connect<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    connect_with_auth(stream, config, session, None).await
+}
+
+/// As [`connect`], authenticating with an enhanced-authentication method.
+pub async fn connect_with_auth<S>(
+    stream: S,
+    mut config: ClientConfig,
+    session: Option<Session>,
+    mut authenticator: Option<Box<dyn Authenticator>>,
+) -> Result<(Client, Events, ConnAck), ConnectError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    if let Some(auth) = authenticator.as_mut() {
+        let method = MqttStr::try_from(auth.method())
+            .map_err(|e| AuthFailed(format!("method name: {e}")))?;
+        config.authentication = Some((method, auth.start()?));
+    }
     let conn = ClientConnection::new(config, session, Instant::now());
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (event_tx, mut event_rx) = mpsc::unbounded_channel();
-    tokio::spawn(Driver::new(conn, command_rx, event_tx).run(stream));
+    let mut driver = Driver::new(conn, command_rx, event_tx);
+    driver.authenticator = authenticator;
+    tokio::spawn(driver.run(stream));
     loop {
         match event_rx.recv().await {
             Some(Event::Connected(ack)) => {
@@ -216,6 +265,7 @@ struct Driver {
     pending_sub: HashMap<PacketId, oneshot::Sender<Result<SubAck, ClientError>>>,
     pending_unsub: HashMap<PacketId, oneshot::Sender<Result<UnsubAck, ClientError>>>,
     disconnect_reply: Option<oneshot::Sender<Option<Session>>>,
+    authenticator: Option<Box<dyn Authenticator>>,
 }
 
 impl Driver {
@@ -233,6 +283,7 @@ impl Driver {
             pending_sub: HashMap::new(),
             pending_unsub: HashMap::new(),
             disconnect_reply: None,
+            authenticator: None,
         }
     }
 
@@ -241,11 +292,12 @@ impl Driver {
         let mut rbuf = BytesMut::with_capacity(16 * 1024);
         let mut wbuf = BytesMut::new();
         loop {
+            // Events first: answering one (an AUTH challenge) can queue packets.
+            self.dispatch_events();
             let now = Instant::now();
             while let Some(packet) = self.conn.poll_transmit(now) {
                 let _ = packet.encode(self.conn.version(), &mut wbuf);
             }
-            self.dispatch_events();
             if self.conn.is_closed() {
                 let _ = wr.write_all(&wbuf).await;
                 let _ = wr.shutdown().await;
@@ -318,7 +370,19 @@ impl Driver {
                 self.disconnect_reply = Some(reply);
                 self.conn.disconnect(now, reason, expiry);
             }
+            Command::Reauthenticate => {
+                let Some(Ok(data)) = self.authenticator.as_mut().map(|a| a.start()) else {
+                    return self.auth_failed(now);
+                };
+                if self.conn.reauthenticate(data).is_err() {
+                    self.auth_failed(now);
+                }
+            }
         }
+    }
+
+    fn auth_failed(&mut self, now: Instant) {
+        self.conn.disconnect(now, ReasonCode::NotAuthorized, None);
     }
 
     fn dispatch_events(&mut self) {
@@ -332,6 +396,39 @@ impl Driver {
                 Event::UnsubAck(ack) => {
                     if let Some(reply) = self.pending_unsub.remove(&ack.packet_id) {
                         let _ = reply.send(Ok(ack));
+                    }
+                }
+                Event::AuthChallenge { data } => {
+                    let answer = match self.authenticator.as_mut() {
+                        Some(auth) => auth.challenge(data),
+                        None => Err(AuthFailed("no authenticator".into())),
+                    };
+                    match answer {
+                        Ok(data) => {
+                            let _ = self.conn.auth_continue(data);
+                        }
+                        Err(_) => self.auth_failed(Instant::now()),
+                    }
+                }
+                Event::Connected(ack) if self.authenticator.is_some() => {
+                    let data = ack.properties.authentication_data.clone();
+                    if let Some(auth) = self.authenticator.as_mut() {
+                        if auth.finish(data).is_err() {
+                            self.auth_failed(Instant::now());
+                            continue;
+                        }
+                    }
+                    let _ = self.events.send(Event::Connected(ack));
+                }
+                Event::ReAuthenticated { data } => {
+                    let ok = self
+                        .authenticator
+                        .as_mut()
+                        .is_some_and(|a| a.finish(data.clone()).is_ok());
+                    if ok {
+                        let _ = self.events.send(Event::ReAuthenticated { data });
+                    } else {
+                        self.auth_failed(Instant::now());
                     }
                 }
                 other => {

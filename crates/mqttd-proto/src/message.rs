@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::packet::{Publish, PublishProperties, UserProperty, Will};
-use crate::types::{MqttStr, QoS, TopicName};
+use crate::types::{MqttStr, QoS, TopicFilter, TopicName};
 
 /// An application message: what a publisher sent, independent of the hop it travels on.
 ///
@@ -156,6 +156,9 @@ pub struct Delivery {
     pub retain: bool,
     /// Identifiers of the matching subscriptions.
     pub subscription_ids: Vec<NonZeroU32>,
+    /// The shared subscription (`$share/...`) this session was chosen from, if any: when the
+    /// session ends before acknowledging the message, the broker gives it to another member.
+    pub shared: Option<TopicFilter>,
 }
 
 impl Delivery {
@@ -166,6 +169,7 @@ impl Delivery {
             retain: message.retain,
             message,
             subscription_ids: Vec::new(),
+            shared: None,
         }
     }
 }

@@ -605,6 +605,7 @@ impl Broker {
                         retain: message.retain
                             && matching.iter().any(|s| s.options.retain_as_published),
                         subscription_ids: matching.iter().filter_map(|s| s.id).collect(),
+                        shared: None,
                     },
                 ))
             })

@@ -1,0 +1,389 @@
+//! The broker embedded in a Rust program: hooks, enhanced authentication, shared-subscription
+//! hand-over, access reload and graceful shutdown, exercised through real TCP connections.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqttd_broker::auth::{Iterations, PasswordFile, ScramClient, ScramClientFinalSent};
+use mqttd_broker::{
+    Action, Broker, ClientInfo, Config, ConnectAttempt, Hooks, Intercept, ListenerKind, Transport,
+    Verdict,
+};
+use mqttd_client::{connect_tcp, connect_with_auth, AuthFailed, Authenticator, Client, Events};
+use mqttd_proto::client::{ClientConfig, Event};
+use mqttd_proto::{ClientId, Message, QoS, ReasonCode, TopicFilter, TopicName};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn start(
+    mut config: Config,
+    hooks: Option<RecordingHooks>,
+) -> (Broker, SocketAddr, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    config.listen = vec!["tcp://127.0.0.1:0".into()];
+    config.data_dir = dir.path().join("data");
+    let builder = Broker::builder(config);
+    let builder = match hooks {
+        Some(h) => builder.hooks(h),
+        None => builder,
+    };
+    let broker = builder.start().await.unwrap();
+    let addr = broker.addr(ListenerKind::Tcp).unwrap();
+    (broker, addr, dir)
+}
+
+fn config(id: &str) -> ClientConfig {
+    ClientConfig::new(ClientId::try_from(id).unwrap())
+}
+
+async fn client(addr: SocketAddr, id: &str) -> (Client, Events) {
+    let (c, e, _) = connect_tcp(addr, config(id), None).await.unwrap();
+    (c, e)
+}
+
+fn msg(topic: &str, payload: &str, qos: QoS) -> Message {
+    Message::new(
+        TopicName::try_from(topic).unwrap(),
+        payload.as_bytes().to_vec(),
+        qos,
+        false,
+    )
+}
+
+fn filter(f: &str) -> TopicFilter {
+    TopicFilter::try_from(f).unwrap()
+}
+
+async fn next_payload(events: &mut Events) -> String {
+    let p = timeout(WAIT, events.next_message())
+        .await
+        .expect("message in time")
+        .expect("open");
+    String::from_utf8(p.message.payload.to_vec()).unwrap()
+}
+
+#[derive(Clone, Default)]
+struct RecordingHooks {
+    seen: Arc<Mutex<Vec<(String, Transport)>>>,
+}
+
+impl Hooks for RecordingHooks {
+    fn authenticate(&self, attempt: &ConnectAttempt<'_>) -> Verdict {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((attempt.client_id.to_string(), attempt.peer.transport));
+        if attempt.client_id.as_str() == "banned" {
+            Verdict::Deny(ReasonCode::Banned)
+        } else {
+            Verdict::Defer
+        }
+    }
+
+    fn authorize(&self, client: &ClientInfo, action: Action, topic: &str) -> Verdict {
+        if action == Action::Publish && topic.starts_with("secret/") {
+            return Verdict::Deny(ReasonCode::NotAuthorized);
+        }
+        let _ = client;
+        Verdict::Defer
+    }
+
+    fn on_publish(&self, client: &ClientInfo, message: &mut Message) -> Intercept {
+        if message.topic.as_str() == "rewrite" {
+            message.payload =
+                Bytes::from(format!("{}@{}", client.client_id, client.peer.transport));
+        }
+        if message.topic.as_str() == "drop" {
+            return Intercept::Drop(ReasonCode::ImplementationSpecificError);
+        }
+        Intercept::Continue
+    }
+}
+
+#[tokio::test]
+async fn hooks_see_the_transport_and_can_refuse_rewrite_and_drop() {
+    let hooks = RecordingHooks::default();
+    let (broker, addr, _dir) = start(Config::default(), Some(hooks.clone())).await;
+    let (sub, mut events) = client(addr, "watcher").await;
+    sub.subscribe_one(filter("#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (publisher, mut pub_events) = client(addr, "writer").await;
+
+    let _ = publisher
+        .publish(msg("secret/x", "no", QoS::AtLeastOnce))
+        .await
+        .unwrap();
+    let _ = publisher
+        .publish(msg("drop", "no", QoS::AtLeastOnce))
+        .await
+        .unwrap();
+    let _ = publisher
+        .publish(msg("rewrite", "original", QoS::AtLeastOnce))
+        .await
+        .unwrap();
+    assert_eq!(next_payload(&mut events).await, "writer@tcp");
+
+    let mut reasons = Vec::new();
+    while reasons.len() < 3 {
+        if let Event::Delivered { reason, .. } =
+            timeout(WAIT, pub_events.recv()).await.unwrap().unwrap()
+        {
+            reasons.push(reason);
+        }
+    }
+    assert_eq!(
+        reasons,
+        [
+            ReasonCode::NotAuthorized,
+            ReasonCode::ImplementationSpecificError,
+            ReasonCode::Success
+        ]
+    );
+
+    let refused = connect_tcp(addr, config("banned"), None).await;
+    match refused {
+        Err(mqttd_client::ConnectError::Refused(ack)) => assert_eq!(ack.reason, ReasonCode::Banned),
+        other => panic!("expected a refusal, got {:?}", other.map(|r| r.2)),
+    }
+    let seen = hooks.seen.lock().unwrap().clone();
+    assert!(
+        seen.contains(&("writer".to_owned(), Transport::Tcp)),
+        "{seen:?}"
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_sends_server_shutting_down_to_mqtt5_clients() {
+    let (broker, addr, _dir) = start(Config::default(), None).await;
+    let (_c, mut events) = client(addr, "v5").await;
+    let shutdown = tokio::spawn(broker.shutdown());
+    let closed = loop {
+        match timeout(WAIT, events.recv()).await.unwrap() {
+            Some(Event::Closed { reason, by_server }) => break (reason, by_server),
+            Some(_) => {}
+            None => panic!("connection ended without a Closed event"),
+        }
+    };
+    assert_eq!(closed, (ReasonCode::ServerShuttingDown, true));
+    timeout(Duration::from_secs(12), shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "listener closed after shutdown"
+    );
+}
+
+/// SCRAM-SHA-256 on the client side, driven by the broker's own client state machine.
+struct Scram {
+    user: String,
+    password: String,
+    first: Option<ScramClient>,
+    last: Option<ScramClientFinalSent>,
+}
+
+impl Scram {
+    fn new(user: &str, password: &str) -> Self {
+        Self {
+            user: user.into(),
+            password: password.into(),
+            first: None,
+            last: None,
+        }
+    }
+}
+
+impl Authenticator for Scram {
+    fn method(&self) -> &str {
+        "SCRAM-SHA-256"
+    }
+
+    fn start(&mut self) -> Result<Option<Bytes>, AuthFailed> {
+        let (state, first) = ScramClient::new(&self.user, self.password.as_bytes())
+            .map_err(|e| AuthFailed(e.to_string()))?;
+        self.first = Some(state);
+        Ok(Some(first.into()))
+    }
+
+    fn challenge(&mut self, data: Option<Bytes>) -> Result<Option<Bytes>, AuthFailed> {
+        let state = self
+            .first
+            .take()
+            .ok_or_else(|| AuthFailed("unexpected challenge".into()))?;
+        let (next, reply) = state
+            .handle_server_first(data.as_deref().unwrap_or_default())
+            .map_err(|e| AuthFailed(e.to_string()))?;
+        self.last = Some(next);
+        Ok(Some(reply.into()))
+    }
+
+    fn finish(&mut self, data: Option<Bytes>) -> Result<(), AuthFailed> {
+        let state = self
+            .last
+            .take()
+            .ok_or_else(|| AuthFailed("no exchange".into()))?;
+        state
+            .verify_server_final(data.as_deref().unwrap_or_default())
+            .map_err(|e| AuthFailed(e.to_string()))
+    }
+}
+
+fn password_file(dir: &std::path::Path, user: &str, password: &str) -> std::path::PathBuf {
+    let path = dir.join("passwords");
+    let mut file = if path.exists() {
+        PasswordFile::load(&path).unwrap()
+    } else {
+        PasswordFile::new()
+    };
+    file.set_password(user, password.as_bytes(), Iterations::MIN)
+        .unwrap();
+    file.save(&path).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn scram_sha_256_connect_reauthenticate_and_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        password_file: Some(password_file(dir.path(), "alice", "wonderland")),
+        ..Config::default()
+    };
+    let (broker, addr, _data) = start(config, None).await;
+
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let auth = Box::new(Scram::new("alice", "wonderland"));
+    let (c, mut events, ack) = connect_with_auth(stream, config_v5("scram"), None, Some(auth))
+        .await
+        .unwrap();
+    assert_eq!(ack.reason, ReasonCode::Success);
+    assert_eq!(
+        ack.properties.authentication_method.as_deref(),
+        Some("SCRAM-SHA-256")
+    );
+
+    // Re-authentication while the connection keeps working.
+    c.subscribe_one(filter("t"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    c.reauthenticate().unwrap();
+    loop {
+        match timeout(WAIT, events.recv()).await.unwrap().unwrap() {
+            Event::ReAuthenticated { .. } => break,
+            Event::Closed { reason, .. } => panic!("closed during re-authentication: {reason}"),
+            _ => {}
+        }
+    }
+    let _ = c
+        .publish(msg("t", "after reauth", QoS::AtLeastOnce))
+        .await
+        .unwrap();
+    assert_eq!(next_payload(&mut events).await, "after reauth");
+
+    // A wrong password is refused with 0x86, and so is an unknown user.
+    for (user, password) in [("alice", "looking-glass"), ("mallory", "x")] {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let auth = Box::new(Scram::new(user, password));
+        match connect_with_auth(stream, config_v5("bad"), None, Some(auth)).await {
+            Err(mqttd_client::ConnectError::Refused(ack)) => {
+                assert_eq!(ack.reason, ReasonCode::BadUserNameOrPassword, "{user}")
+            }
+            other => panic!("{user}: expected refusal, got {:?}", other.map(|r| r.2)),
+        }
+    }
+    // Plain user name and password against the same file.
+    let mut plain = config_v5("plain");
+    plain.username = Some("alice".try_into().unwrap());
+    plain.password = Some(Bytes::from_static(b"wonderland"));
+    connect_tcp(addr, plain.clone(), None).await.unwrap();
+    plain.password = Some(Bytes::from_static(b"nope"));
+    assert!(connect_tcp(addr, plain, None).await.is_err());
+    broker.shutdown().await;
+}
+
+fn config_v5(id: &str) -> ClientConfig {
+    config(id)
+}
+
+#[tokio::test]
+async fn reloading_access_applies_a_changed_password_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = password_file(dir.path(), "bob", "one");
+    let broker_config = Config {
+        password_file: Some(path.clone()),
+        ..Config::default()
+    };
+    let (broker, addr, _data) = start(broker_config, None).await;
+    let mut cfg = config("bob");
+    cfg.username = Some("bob".try_into().unwrap());
+    cfg.password = Some(Bytes::from_static(b"two"));
+    assert!(connect_tcp(addr, cfg.clone(), None).await.is_err());
+    password_file(dir.path(), "bob", "two");
+    assert!(
+        connect_tcp(addr, cfg.clone(), None).await.is_err(),
+        "not before the reload"
+    );
+    broker.reload_access().unwrap();
+    connect_tcp(addr, cfg, None).await.unwrap();
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn shared_subscription_messages_move_to_another_member_when_a_session_ends() {
+    let (broker, addr, _dir) = start(Config::default(), None).await;
+    let mut slow_cfg = config("slow");
+    slow_cfg.auto_ack = false;
+    let (slow, mut slow_events, _) = connect_tcp(addr, slow_cfg, None).await.unwrap();
+    slow.subscribe_one(filter("$share/g/jobs"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (publisher, _pe) = client(addr, "producer").await;
+    // With one member, the job goes to the slow member, which never acknowledges it.
+    let _ = publisher
+        .publish(msg("jobs", "job-1", QoS::AtLeastOnce))
+        .await
+        .unwrap();
+    assert_eq!(next_payload(&mut slow_events).await, "job-1");
+    let (fast, mut fast_events) = client(addr, "fast").await;
+    fast.subscribe_one(filter("$share/g/jobs"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // The slow member's clean session ends: its unacknowledged job goes to the other member.
+    slow.disconnect(ReasonCode::Success, None).await.unwrap();
+    assert_eq!(next_payload(&mut fast_events).await, "job-1");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_retained_messages_for_shared_subscriptions_but_for_plain_ones() {
+    let (broker, addr, _dir) = start(Config::default(), None).await;
+    let (publisher, _pe) = client(addr, "p").await;
+    let mut retained = msg("r/t", "kept", QoS::AtLeastOnce);
+    retained.retain = true;
+    let _ = publisher.publish(retained).await.unwrap();
+    let (c, mut events) = client(addr, "s").await;
+    c.subscribe_one(filter("$share/g/r/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    c.subscribe_one(filter("r/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let first = timeout(WAIT, events.next_message()).await.unwrap().unwrap();
+    assert!(
+        first.message.retain,
+        "delivered because of the plain subscription, RETAIN set"
+    );
+    assert!(
+        timeout(Duration::from_millis(300), events.next_message())
+            .await
+            .is_err(),
+        "exactly one copy: none for the shared subscription"
+    );
+    broker.shutdown().await;
+}
