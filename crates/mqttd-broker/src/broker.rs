@@ -31,6 +31,7 @@ use crate::config::{Config, OfflineQos0};
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Hooks, Verdict};
 use crate::metrics::Metrics;
 use crate::retained::RetainedStore;
+use crate::storage::{SessionRecord, Storage};
 use crate::topic_tree::{Match, TopicTree};
 
 /// How long a connecting client waits for the connection it takes over to hand its session on.
@@ -124,6 +125,7 @@ pub(crate) struct Inner {
     pub(crate) hooks: Arc<dyn Hooks>,
     pub(crate) auth: ArcSwap<AccessControl>,
     pub(crate) scram: ScramServer,
+    pub(crate) storage: Arc<dyn Storage>,
     pub(crate) metrics: Metrics,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
@@ -139,6 +141,7 @@ impl Inner {
         hooks: Arc<dyn Hooks>,
         auth: AccessControl,
         scram: ScramServer,
+        storage: Arc<dyn Storage>,
     ) -> Self {
         let server_config = config.server_config();
         Self {
@@ -151,6 +154,7 @@ impl Inner {
             hooks,
             auth: ArcSwap::from_pointee(auth),
             scram,
+            storage,
             metrics: Metrics::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -334,6 +338,7 @@ impl Inner {
             .map(|(f, _)| f)
             .collect();
         self.unsubscribe_all(handle.key, &filters);
+        self.storage.remove_session(&handle.client_id);
         let Some(mut session) = session else { return };
         // Messages this session got through a shared subscription and never acknowledged go
         // to another member of the group.
@@ -455,9 +460,72 @@ impl Inner {
         self.metrics.wills.inc();
         let will = Arc::new(will);
         if will.retain && self.config.retain_available {
-            self.retained.set(will.clone());
+            self.retain(&will);
         }
         self.route(now, &will, None);
+    }
+
+    /// Stores a retained message (an empty payload deletes), in memory and in storage.
+    pub(crate) fn retain(&self, message: &Arc<Message>) {
+        self.retained.set(message.clone());
+        self.storage.retain(message);
+    }
+
+    /// Records a persistent session and its subscriptions in storage.
+    pub(crate) fn save_session(&self, handle: &SessionHandle, expiry_interval: u32) {
+        if expiry_interval == 0 {
+            return;
+        }
+        let subscriptions = handle
+            .subscriptions
+            .lock()
+            .iter()
+            .map(|(f, (options, id))| (f.clone(), *options, *id))
+            .collect();
+        let record = SessionRecord {
+            client_id: handle.client_id.clone(),
+            expiry_interval,
+            subscriptions,
+        };
+        self.storage.save_session(&record);
+    }
+
+    /// Restores the sessions storage kept: offline, with their subscriptions, their expiry
+    /// counting from now.
+    pub(crate) fn restore_sessions(self: &Arc<Self>, now: Instant, records: Vec<SessionRecord>) {
+        for record in records {
+            let session = Session::new(
+                record.client_id.clone(),
+                record.expiry_interval,
+                self.config.queue_limits(),
+            );
+            let handle = self.new_handle(&record.client_id, Slot::Ended);
+            let subs: Vec<(TopicFilter, Subscriber)> = record
+                .subscriptions
+                .into_iter()
+                .map(|(filter, options, id)| {
+                    let shared = filter.share().is_some().then(|| filter.clone());
+                    (
+                        filter,
+                        Subscriber {
+                            handle: handle.clone(),
+                            options,
+                            id,
+                            shared,
+                        },
+                    )
+                })
+                .collect();
+            self.subscribe(&subs);
+            {
+                let mut own = handle.subscriptions.lock();
+                for (filter, sub) in subs {
+                    own.insert(filter, (sub.options, sub.id));
+                }
+            }
+            self.sessions.insert(record.client_id, handle.clone());
+            self.park_session(now, &handle, session);
+        }
     }
 
     /// Adds subscriptions to the trie in one snapshot; returns, per subscription, whether it

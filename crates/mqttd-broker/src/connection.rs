@@ -255,7 +255,7 @@ impl Connection {
                 Event::Connect(request) => self.on_connect(request).await,
                 Event::AuthContinue { data } => self.on_auth_continue(data).await,
                 Event::ReAuthenticate { data } => self.on_reauthenticate(data),
-                Event::Publish(publish) => self.on_publish(publish),
+                Event::Publish(publish) => self.on_publish(publish).await,
                 Event::Subscribe(subscribe) => self.on_subscribe(subscribe),
                 Event::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
                 Event::Delivered { .. }
@@ -431,10 +431,11 @@ impl Connection {
         info!(version = %client.version, session_present = acquired.present, keep_alive = request.keep_alive, "client connected");
         self.inner.metrics.clients_connected.inc();
         self.inner.hooks.on_connected(&client);
+        self.save_session();
         self.client = Some(client);
     }
 
-    fn on_publish(&mut self, publish: InboundPublish) {
+    async fn on_publish(&mut self, publish: InboundPublish) {
         let now = Instant::now();
         self.inner.metrics.messages_received.inc();
         let InboundPublish {
@@ -446,10 +447,21 @@ impl Connection {
             Ok(()) => {
                 let message = Arc::new(message);
                 if message.retain {
-                    self.inner.retained.set(message.clone());
+                    self.inner.retain(&message);
                 }
                 let key = self.handle.as_ref().map(|h| h.key);
-                if self.inner.route(now, &message, key) == 0 {
+                let routed = self.inner.route(now, &message, key);
+                // Persist, then acknowledge: what the message changed must be durable first.
+                let durable = packet_id.is_some() && self.inner.storage.is_durable();
+                if durable && (routed > 0 || message.retain) {
+                    if let Err(error) = self.inner.storage.sync().await {
+                        warn!(%error, "storage sync failed; message not acknowledged");
+                        self.conn
+                            .disconnect(Instant::now(), ReasonCode::UnspecifiedError);
+                        return;
+                    }
+                }
+                if routed == 0 {
                     ReasonCode::NoMatchingSubscribers
                 } else {
                     ReasonCode::Success
@@ -553,6 +565,7 @@ impl Connection {
             }
         }
         let _ = self.conn.subscribe_ack(subscribe.packet_id, reasons);
+        self.save_session();
         for delivery in retained {
             self.deliver(delivery);
         }
@@ -580,6 +593,14 @@ impl Connection {
             })
             .collect();
         let _ = self.conn.unsubscribe_ack(unsubscribe.packet_id, reasons);
+        self.save_session();
+    }
+
+    /// Records the session in storage if it is persistent.
+    fn save_session(&self) {
+        if let (Some(handle), Some(session)) = (&self.handle, self.conn.session()) {
+            self.inner.save_session(handle, session.expiry_interval());
+        }
     }
 
     /// Moves the session to where it lives next: the connection that took it over, the
@@ -605,7 +626,11 @@ impl Connection {
                 *slot = Slot::Transferring { buffer: Vec::new() };
                 drop(slot);
                 match session {
-                    Some(s) if s.expiry_interval() > 0 => self.inner.park_session(now, &handle, s),
+                    Some(s) if s.expiry_interval() > 0 => {
+                        // DISCONNECT may have changed the expiry.
+                        self.inner.save_session(&handle, s.expiry_interval());
+                        self.inner.park_session(now, &handle, s);
+                    }
                     s => self.inner.end_session(now, &handle, s),
                 }
                 return;

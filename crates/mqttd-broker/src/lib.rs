@@ -37,6 +37,7 @@ mod http;
 mod listener;
 pub mod metrics;
 pub mod retained;
+pub mod storage;
 mod sys;
 pub mod topic_tree;
 
@@ -52,6 +53,7 @@ pub use hooks::{
     Action, ClientInfo, ConnectAttempt, Hooks, Intercept, NoHooks, Peer, Transport, Verdict,
 };
 pub use metrics::Metrics;
+pub use storage::{MemoryStorage, Storage};
 
 use broker::Inner;
 use listener::Admission;
@@ -69,6 +71,9 @@ pub enum StartError {
     /// The data directory is unusable.
     #[error("data directory: {0}")]
     DataDir(#[from] std::io::Error),
+    /// Stored state could not be recovered.
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
     /// A listener could not bind.
     #[error("cannot listen on {url}: {source}")]
     Bind {
@@ -83,6 +88,7 @@ pub enum StartError {
 pub struct BrokerBuilder {
     config: Config,
     hooks: Arc<dyn Hooks>,
+    storage: Arc<dyn Storage>,
 }
 
 impl BrokerBuilder {
@@ -92,14 +98,31 @@ impl BrokerBuilder {
         self
     }
 
-    /// Loads the access files, binds every listener and starts serving.
+    /// Uses `storage` for durable state (in memory only by default).
+    pub fn storage(mut self, storage: impl Storage) -> Self {
+        self.storage = Arc::new(storage);
+        self
+    }
+
+    /// Loads the access files, recovers stored state, binds every listener and starts serving.
     pub async fn start(self) -> Result<Broker, StartError> {
         let listeners = self.config.listeners()?;
         let access = AccessControl::load(&self.config)?;
         let max_connections = self.config.max_connections;
         let secret = load_or_create_secret(&self.config.data_dir.join(SCRAM_SECRET_FILE))?;
         let scram = auth::ScramServer::new(secret);
-        let inner = Arc::new(Inner::new(self.config, self.hooks, access, scram));
+        let recovered = self.storage.recover()?;
+        let inner = Arc::new(Inner::new(
+            self.config,
+            self.hooks,
+            access,
+            scram,
+            self.storage,
+        ));
+        for message in recovered.retained {
+            inner.retained.set(message);
+        }
+        inner.restore_sessions(std::time::Instant::now(), recovered.sessions);
         let admission = Arc::new(Admission::new(max_connections));
         let mut bound = Vec::new();
         for listener in listeners {
@@ -186,6 +209,7 @@ impl Broker {
         BrokerBuilder {
             config,
             hooks: Arc::new(NoHooks),
+            storage: Arc::new(MemoryStorage),
         }
     }
 

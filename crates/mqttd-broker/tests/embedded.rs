@@ -387,3 +387,142 @@ async fn no_retained_messages_for_shared_subscriptions_but_for_plain_ones() {
     );
     broker.shutdown().await;
 }
+
+/// Storage that records what the broker tells it, recovers a given state, and holds `sync`
+/// until the test releases it.
+#[derive(Clone)]
+struct TestStorage {
+    recovered_retained: Vec<Arc<Message>>,
+    recovered_sessions: Vec<mqttd_broker::storage::SessionRecord>,
+    log: Arc<Mutex<Vec<String>>>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl mqttd_broker::Storage for TestStorage {
+    fn recover(
+        &self,
+    ) -> Result<mqttd_broker::storage::Recovered, mqttd_broker::storage::StorageError> {
+        Ok(mqttd_broker::storage::Recovered {
+            retained: self.recovered_retained.clone(),
+            sessions: self.recovered_sessions.clone(),
+        })
+    }
+
+    fn retain(&self, message: &Arc<Message>) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("retain {}", message.topic));
+    }
+
+    fn save_session(&self, record: &mqttd_broker::storage::SessionRecord) {
+        let filters: Vec<_> = record
+            .subscriptions
+            .iter()
+            .map(|s| s.0.to_string())
+            .collect();
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("save {} {:?}", record.client_id, filters));
+    }
+
+    fn remove_session(&self, client_id: &ClientId) {
+        self.log.lock().unwrap().push(format!("remove {client_id}"));
+    }
+
+    fn sync(&self) -> mqttd_broker::storage::SyncFuture {
+        let gate = self.gate.clone();
+        let log = self.log.clone();
+        Box::pin(async move {
+            let permit = gate.acquire().await.unwrap();
+            permit.forget();
+            log.lock().unwrap().push("sync".into());
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() {
+    let mut retained = Message::new(
+        TopicName::try_from("kept/t").unwrap(),
+        b"old".to_vec(),
+        QoS::AtLeastOnce,
+        true,
+    );
+    retained.retain = true;
+    let storage = TestStorage {
+        recovered_retained: vec![Arc::new(retained)],
+        recovered_sessions: vec![mqttd_broker::storage::SessionRecord {
+            client_id: ClientId::try_from("sleeper").unwrap(),
+            expiry_interval: 3600,
+            subscriptions: vec![(
+                filter("news/#"),
+                mqttd_proto::SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..Default::default()
+                },
+                None,
+            )],
+        }],
+        log: Arc::default(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let broker_config = Config {
+        listen: vec!["tcp://127.0.0.1:0".into()],
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let broker = Broker::builder(broker_config)
+        .storage(storage.clone())
+        .start()
+        .await
+        .unwrap();
+    let addr = broker.addr(ListenerKind::Tcp).unwrap();
+
+    // The recovered retained message is there for a new subscriber.
+    let (watcher, mut watcher_events) = client(addr, "watcher").await;
+    watcher
+        .subscribe_one(filter("kept/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(next_payload(&mut watcher_events).await, "old");
+
+    // A QoS 1 message routed to the recovered session is not acknowledged before sync.
+    let (publisher, mut pub_events) = client(addr, "writer").await;
+    let _ = publisher
+        .publish(msg("news/1", "queued", QoS::AtLeastOnce))
+        .await
+        .unwrap();
+    let early = timeout(Duration::from_millis(300), pub_events.recv()).await;
+    assert!(
+        early.is_err(),
+        "PUBACK before the storage synced: {early:?}"
+    );
+    storage.gate.add_permits(1);
+    match timeout(WAIT, pub_events.recv()).await.unwrap().unwrap() {
+        Event::Delivered { reason, .. } => assert_eq!(reason, ReasonCode::Success),
+        other => panic!("expected the PUBACK, got {other:?}"),
+    }
+
+    // The recovered session resumes with its subscription and the queued message.
+    let mut cfg = config("sleeper");
+    cfg.clean_start = false;
+    cfg.session_expiry_interval = 3600;
+    let (_sleeper, mut sleeper_events, ack) = connect_tcp(addr, cfg, None).await.unwrap();
+    assert!(ack.session_present);
+    assert_eq!(next_payload(&mut sleeper_events).await, "queued");
+
+    // Retained changes reach the storage.
+    storage.gate.add_permits(10);
+    let mut r = msg("kept/t", "", QoS::AtLeastOnce);
+    r.retain = true;
+    let _ = publisher.publish(r).await.unwrap();
+    timeout(WAIT, pub_events.recv()).await.unwrap().unwrap();
+    let log = storage.log.lock().unwrap().clone();
+    assert!(log.contains(&"retain kept/t".to_owned()), "{log:?}");
+    assert!(log.iter().any(|l| l.starts_with("save sleeper")), "{log:?}");
+    broker.shutdown().await;
+}
