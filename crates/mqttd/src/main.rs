@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+mod tools;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use mqttd_broker::{Broker, Config};
@@ -23,6 +25,10 @@ enum Command {
     Serve(ServeArgs),
     /// Add or update a user in a password file (like mosquitto_passwd).
     Passwd(PasswdArgs),
+    /// Publish a message (like mosquitto_pub).
+    Pub(tools::PubArgs),
+    /// Subscribe and print messages (like mosquitto_sub).
+    Sub(tools::SubArgs),
 }
 
 #[derive(Debug, Args, Default)]
@@ -83,8 +89,17 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Passwd(args)) => passwd(args),
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Pub(args)) => client_tool(tools::publish(args)),
+        Some(Command::Sub(args)) => client_tool(tools::subscribe(args)),
         None => serve(cli.serve),
     }
+}
+
+fn client_tool(task: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(task)
 }
 
 fn init_logging(format: LogFormat) {
