@@ -75,6 +75,7 @@ pub enum RequestError {
 
 enum Command {
     Publish(Arc<Message>, oneshot::Sender<Result<Enqueued, ClientError>>),
+    PublishNoReply(Arc<Message>),
     Subscribe(
         Vec<Subscription>,
         SubscribeProperties,
@@ -92,7 +93,7 @@ enum Command {
 /// A handle to a connection; cheap to clone.
 #[derive(Clone)]
 pub struct Client {
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::Sender<Command>,
 }
 
 /// Everything the server sends that is not the answer to a call: messages, delivery
@@ -127,6 +128,7 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(make(tx))
+            .await
             .map_err(|_| RequestError::Closed)?;
         rx.await.map_err(|_| RequestError::Closed)
     }
@@ -137,6 +139,15 @@ impl Client {
         Ok(self
             .request(|tx| Command::Publish(Arc::new(message), tx))
             .await??)
+    }
+
+    /// Publishes a message without waiting for the state machine's verdict; waits only while
+    /// the connection's output is backed up. For load generators.
+    pub async fn publish_nowait(&self, message: Arc<Message>) -> Result<(), RequestError> {
+        self.commands
+            .send(Command::PublishNoReply(message))
+            .await
+            .map_err(|_| RequestError::Closed)
     }
 
     /// Subscribes and waits for SUBACK.
@@ -175,17 +186,19 @@ impl Client {
     }
 
     /// Acknowledges a message (when `auto_ack` is off).
-    pub fn ack(&self, packet_id: PacketId, reason: ReasonCode) -> Result<(), RequestError> {
+    pub async fn ack(&self, packet_id: PacketId, reason: ReasonCode) -> Result<(), RequestError> {
         self.commands
             .send(Command::Ack(packet_id, reason))
+            .await
             .map_err(|_| RequestError::Closed)
     }
 
     /// Starts a re-authentication with the connection's authenticator; success arrives as
     /// [`Event::ReAuthenticated`], failure closes the connection.
-    pub fn reauthenticate(&self) -> Result<(), RequestError> {
+    pub async fn reauthenticate(&self) -> Result<(), RequestError> {
         self.commands
             .send(Command::Reauthenticate)
+            .await
             .map_err(|_| RequestError::Closed)
     }
 
@@ -239,7 +252,7 @@ where
         config.authentication = Some((method, auth.start()?));
     }
     let conn = ClientConnection::new(config, session, Instant::now());
-    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (event_tx, mut event_rx) = mpsc::unbounded_channel();
     let mut driver = Driver::new(conn, command_rx, event_tx);
     driver.authenticator = authenticator;
@@ -257,10 +270,15 @@ where
     }
 }
 
+/// Commands waiting for the connection task; senders wait beyond this.
+const COMMAND_QUEUE: usize = 1024;
+/// Output waiting beyond this many bytes stops the task taking commands.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+
 struct Driver {
     conn: ClientConnection,
     reader: PacketReader,
-    commands: mpsc::UnboundedReceiver<Command>,
+    commands: mpsc::Receiver<Command>,
     events: mpsc::UnboundedSender<Event>,
     pending_sub: HashMap<PacketId, oneshot::Sender<Result<SubAck, ClientError>>>,
     pending_unsub: HashMap<PacketId, oneshot::Sender<Result<UnsubAck, ClientError>>>,
@@ -271,7 +289,7 @@ struct Driver {
 impl Driver {
     fn new(
         conn: ClientConnection,
-        commands: mpsc::UnboundedReceiver<Command>,
+        commands: mpsc::Receiver<Command>,
         events: mpsc::UnboundedSender<Event>,
     ) -> Self {
         let reader = PacketReader::new(conn.max_packet_size());
@@ -314,7 +332,9 @@ impl Driver {
                         self.conn.connection_lost(Instant::now());
                     }
                 }
-                Some(command) = self.commands.recv() => self.command(command),
+                Some(command) = self.commands.recv(), if wbuf.len() < WRITE_HIGH_WATER => {
+                    self.command(command);
+                }
                 res = rd.read_buf(&mut rbuf) => match res {
                     Ok(0) | Err(_) => self.conn.connection_lost(Instant::now()),
                     Ok(_) => loop {
@@ -344,6 +364,9 @@ impl Driver {
         match command {
             Command::Publish(message, reply) => {
                 let _ = reply.send(self.conn.publish(now, message));
+            }
+            Command::PublishNoReply(message) => {
+                let _ = self.conn.publish(now, message);
             }
             Command::Subscribe(filters, properties, reply) => {
                 match self.conn.subscribe(filters, properties) {

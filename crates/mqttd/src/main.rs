@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+mod bench;
 mod tools;
 
 use anyhow::Context;
@@ -29,6 +30,8 @@ enum Command {
     Pub(tools::PubArgs),
     /// Subscribe and print messages (like mosquitto_sub).
     Sub(tools::SubArgs),
+    /// Generate load and measure throughput and latency (like emqtt-bench).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Args, Default)]
@@ -91,6 +94,12 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Pub(args)) => client_tool(tools::publish(args)),
         Some(Command::Sub(args)) => client_tool(tools::subscribe(args)),
+        Some(Command::Bench(args)) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(bench::run(args))
+        }
         None => serve(cli.serve),
     }
 }
@@ -166,6 +175,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if !config.anonymous_allowed() && config.password_file.is_none() {
             warn!("anonymous access is off and no password file is set: no client can connect");
         }
+        // Before anything is announced, so that a SIGTERM sent as soon as the "listening" line
+        // is read still shuts down gracefully instead of killing the process.
+        let signals = Signals::install();
         let broker = Broker::builder(config).start().await?;
         // One line per listener on standard output, with the bound port, for scripts and tests
         // that ask for port 0.
@@ -173,7 +185,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let scheme = listener.url.split("://").next().unwrap_or("tcp");
             println!("mqttd listening on {scheme}://{addr}");
         }
-        run_until_signal(&broker).await;
+        signals.wait(&broker).await;
         info!("shutting down");
         broker.shutdown().await;
         info!("stopped");
@@ -181,18 +193,44 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The signal handlers: SIGTERM and SIGINT stop the broker, SIGHUP reloads the access files.
 #[cfg(unix)]
-async fn run_until_signal(broker: &Broker) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        warn!("cannot install signal handlers");
-        broker.closed().await;
-        return;
-    };
+struct Signals(Option<[tokio::signal::unix::Signal; 3]>);
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Self(Some([term, int, hup])),
+            _ => {
+                warn!("cannot install signal handlers");
+                Self(None)
+            }
+        }
+    }
+
+    /// Runs until a stop signal or until the broker is shut down from elsewhere.
+    async fn wait(self, broker: &Broker) {
+        let Some([term, int, hup]) = self.0 else {
+            broker.closed().await;
+            return;
+        };
+        run_until_signal(broker, term, int, hup).await;
+    }
+}
+
+#[cfg(unix)]
+async fn run_until_signal(
+    broker: &Broker,
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    mut hup: tokio::signal::unix::Signal,
+) {
     loop {
         tokio::select! {
             _ = term.recv() => return,
@@ -207,10 +245,19 @@ async fn run_until_signal(broker: &Broker) {
 }
 
 #[cfg(not(unix))]
-async fn run_until_signal(broker: &Broker) {
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = broker.closed() => {}
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> Self {
+        Self
+    }
+
+    async fn wait(self, broker: &Broker) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = broker.closed() => {}
+        }
     }
 }
 
