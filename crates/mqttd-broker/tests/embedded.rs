@@ -272,7 +272,7 @@ async fn scram_sha_256_connect_reauthenticate_and_refuse() {
     c.subscribe_one(filter("t"), QoS::AtLeastOnce)
         .await
         .unwrap();
-    c.reauthenticate().unwrap();
+    c.reauthenticate().await.unwrap();
     loop {
         match timeout(WAIT, events.recv()).await.unwrap().unwrap() {
             Event::ReAuthenticated { .. } => break,
