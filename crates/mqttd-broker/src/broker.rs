@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,12 @@ pub(crate) struct SessionHandle {
     /// The session's subscriptions, so they can be removed from the trie when it ends.
     pub(crate) subscriptions:
         Mutex<HashMap<TopicFilter, (SubscriptionOptions, Option<NonZeroU32>)>>,
+    /// Set while the connection's output is backed up: QoS 0 messages for it are dropped
+    /// before they are even queued, so a client that does not read costs the others little.
+    pub(crate) congested: AtomicBool,
+    /// Set while the session's queue is full: any further message would be dropped by the
+    /// queue, so it is dropped before the hand-over.
+    pub(crate) saturated: AtomicBool,
 }
 
 impl SessionHandle {
@@ -207,6 +213,8 @@ impl Inner {
             client_id: client_id.clone(),
             slot: Mutex::new(slot),
             subscriptions: Mutex::new(HashMap::new()),
+            congested: AtomicBool::new(false),
+            saturated: AtomicBool::new(false),
         })
     }
 
@@ -290,13 +298,19 @@ impl Inner {
                 self.end_session(now, &existing, None);
                 continue;
             };
+            // After the wait above, `now` may predate the old connection's close.
+            let now = Instant::now();
+            // A session whose expiry interval is zero ended with its connection (MQTT 5.0
+            // 3.1.2.11.2; a 3.1.1 clean session): one taken over from a connection that has just
+            // closed, by DISCONNECT or by this takeover, is not resumed. Ending it publishes
+            // its will.
+            if clean_start || old.expiry_interval() == 0 {
+                self.end_session(now, &existing, Some(old));
+                continue;
+            }
             // A will whose delay is zero is due now that the old connection closed.
             if let Some(SessionEvent::WillDue(will)) = old.handle_timeout(now) {
                 self.publish_will(now, will);
-            }
-            if clean_start {
-                self.end_session(now, &existing, Some(old));
-                continue;
             }
             let mut slot = existing.slot.lock();
             if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, online()) {
@@ -599,21 +613,46 @@ impl Inner {
                 retain_as_published,
                 ..first.options
             };
-            let delivery = Self::delivery(message, &options, ids, None);
-            first
-                .handle
-                .deliver(now, delivery, self.config.offline_qos0);
+            self.offer(now, &first.handle, message, &options, ids, None);
             count += 1;
             i = j;
         }
         for sub in shared {
             let ids = sub.id.into_iter().collect();
-            let delivery = Self::delivery(message, &sub.options, ids, sub.shared.clone());
-            sub.handle.deliver(now, delivery, self.config.offline_qos0);
+            self.offer(
+                now,
+                &sub.handle,
+                message,
+                &sub.options,
+                ids,
+                sub.shared.clone(),
+            );
             count += 1;
         }
         self.metrics.routed.inc_by(count as u64);
         count
+    }
+
+    /// Hands `message` to a session through a subscription with `options`, unless its queue
+    /// is full or it is a QoS 0 delivery to a congested connection: those are dropped here.
+    fn offer(
+        &self,
+        now: Instant,
+        handle: &SessionHandle,
+        message: &Arc<Message>,
+        options: &SubscriptionOptions,
+        subscription_ids: Vec<NonZeroU32>,
+        shared: Option<TopicFilter>,
+    ) {
+        let qos0 = options.qos.min(message.qos) == QoS::AtMostOnce;
+        if qos0 && handle.congested.load(Ordering::Relaxed)
+            || handle.saturated.load(Ordering::Relaxed)
+        {
+            self.metrics.messages_dropped.inc();
+            return;
+        }
+        let delivery = Self::delivery(message, options, subscription_ids, shared);
+        handle.deliver(now, delivery, self.config.offline_qos0);
     }
 
     /// The delivery of `message` through a subscription with these options.

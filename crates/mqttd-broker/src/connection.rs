@@ -129,6 +129,14 @@ impl Connection {
                 .map(|t| tokio::time::Instant::now() + t.saturating_duration_since(Instant::now()));
             let writing = !self.wbuf.is_empty();
             let reading = self.wbuf.len() < WRITE_HIGH_WATER;
+            if let Some(handle) = &self.handle {
+                let saturated = self
+                    .conn
+                    .session()
+                    .is_some_and(|s| s.queued().len() >= s.limits().max_messages);
+                update_flag(&handle.congested, !reading);
+                update_flag(&handle.saturated, saturated);
+            }
             let connected = self.conn.is_connected();
             if rbuf.capacity() - rbuf.len() < 512 {
                 rbuf.reserve(READ_CHUNK);
@@ -141,6 +149,11 @@ impl Connection {
                 }
                 Some(control) = self.control_rx.recv() => match control {
                     Control::Takeover(reply) => {
+                        // What the client sent before the new connection came counts first:
+                        // a DISCONNECT already here cancels the will and may end the session.
+                        if reading {
+                            self.read_available(&mut rd, &mut rbuf).await;
+                        }
                         self.takeover_reply = Some(reply);
                         self.conn.disconnect(Instant::now(), ReasonCode::SessionTakenOver);
                     }
@@ -201,6 +214,26 @@ impl Connection {
             }
             if let Err(e) = packet.encode(version, &mut self.wbuf) {
                 warn!(error = %e, "dropping a packet that cannot be encoded");
+            }
+        }
+    }
+
+    /// Reads and decodes what the transport already holds, without waiting for more.
+    async fn read_available<R: AsyncRead + Unpin>(&mut self, rd: &mut R, rbuf: &mut BytesMut) {
+        for _ in 0..16 {
+            if self.conn.is_closed() {
+                return;
+            }
+            if rbuf.capacity() - rbuf.len() < 512 {
+                rbuf.reserve(READ_CHUNK);
+            }
+            // A zero timeout polls the read once: ready data is taken, nothing is waited for.
+            match tokio::time::timeout(std::time::Duration::ZERO, rd.read_buf(rbuf)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    self.inner.metrics.bytes_received.inc_by(n as u64);
+                    self.decode(rbuf);
+                }
+                _ => return,
             }
         }
     }
@@ -645,6 +678,14 @@ impl Connection {
         if let Some(reply) = self.takeover_reply.take() {
             let _ = reply.send(session);
         }
+    }
+}
+
+/// Stores `value` only if it changed, so an unchanged flag costs other cores no cache traffic.
+fn update_flag(flag: &std::sync::atomic::AtomicBool, value: bool) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if flag.load(Relaxed) != value {
+        flag.store(value, Relaxed);
     }
 }
 

@@ -332,9 +332,11 @@ impl Driver {
                         self.conn.connection_lost(Instant::now());
                     }
                 }
-                Some(command) = self.commands.recv(), if wbuf.len() < WRITE_HIGH_WATER => {
-                    self.command(command);
-                }
+                command = self.commands.recv(), if wbuf.len() < WRITE_HIGH_WATER => match command {
+                    Some(command) => self.command(command),
+                    // Every handle is gone: nobody can use the connection any more.
+                    None => self.conn.disconnect(Instant::now(), ReasonCode::Success, None),
+                },
                 res = rd.read_buf(&mut rbuf) => match res {
                     Ok(0) | Err(_) => self.conn.connection_lost(Instant::now()),
                     Ok(_) => loop {

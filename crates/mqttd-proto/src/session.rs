@@ -315,7 +315,7 @@ impl Session {
     }
 
     /// Messages queued behind the in-flight window, oldest first.
-    pub fn queued(&self) -> impl Iterator<Item = &Delivery> {
+    pub fn queued(&self) -> impl ExactSizeIterator<Item = &Delivery> {
         self.outbound.queue.iter()
     }
 

@@ -205,6 +205,10 @@ fn decode_connect_rest(r: &mut Reader, protocol: ProtocolVersion) -> Result<Conn
     } else {
         None
     };
+    // Checked here so that the error carries the version and is answered with a CONNACK.
+    if !r.is_empty() {
+        return Err(DecodeError::TrailingBytes(r.remaining()));
+    }
     Ok(Connect {
         protocol,
         clean_start,
