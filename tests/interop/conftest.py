@@ -1,0 +1,156 @@
+"""Fixtures: a fresh mqttd per test, and clients of three kinds connected to it.
+
+* `broker`: starts `mqttd --listen tcp://127.0.0.1:0` with a temporary data directory, reads
+  the bound port from its standard output, and at teardown sends SIGTERM and asserts that it
+  exits with status 0 within 5 s (graceful shutdown is a feature). Mark a test with
+  `@pytest.mark.broker_args("--max-keepalive", "10")` or
+  `@pytest.mark.broker_config("max_packet_size = 1000")` to start it differently.
+* `client(...)`: a connected paho-mqtt client (MQTT 3.1.1 or 5.0) wrapped in `PahoClient`,
+  which turns paho's callbacks into blocking calls with timeouts.
+* `raw(...)`: an `mqttraw.RawClient` socket, optionally already connected.
+
+The broker's log (stderr) is kept in the test's temporary directory and printed when a test
+fails.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import mqttraw
+from pahoclient import PahoClient
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def mqttd_bin() -> str:
+    return os.environ.get("MQTTD_BIN") or str(REPO / "target" / "debug" / "mqttd")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "broker_args(*args): extra mqttd command-line arguments")
+    config.addinivalue_line("markers", "broker_config(toml): mqttd configuration file contents")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+# --- the broker ----------------------------------------------------------------------------
+
+class Broker:
+    """One mqttd process."""
+
+    def __init__(self, workdir: Path, args=(), config: str | None = None):
+        self.workdir = workdir
+        self.log_path = workdir / "mqttd.log"
+        cmd = [mqttd_bin(), "--listen", "tcp://127.0.0.1:0", "--data-dir",
+               str(workdir / "data"), "--allow-anonymous"]
+        if config is not None:
+            path = workdir / "mqttd.toml"
+            path.write_text(config)
+            cmd += ["--config", str(path)]
+        cmd += list(args)
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log)
+        self.port = self._read_port()
+
+    def _read_port(self) -> int:
+        deadline = time.monotonic() + 15
+        line = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
+            if ready:
+                line = self.proc.stdout.readline()
+                text = line.decode().strip()
+                prefix = "mqttd listening on tcp://127.0.0.1:"
+                if text.startswith(prefix):
+                    return int(text[len(prefix):])
+            if self.proc.poll() is not None:
+                break
+        self.proc.kill()
+        raise RuntimeError(f"mqttd did not report its port (last line {line!r}):\n{self.logs()}")
+
+    def logs(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int | None:
+        """SIGTERM, then the exit status within 5 s (None if it had to be killed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = None
+        self.proc.stdout.close()
+        self.log.close()
+        return code
+
+
+@pytest.fixture
+def broker(request, tmp_path):
+    args = [a for m in request.node.iter_markers("broker_args") for a in m.args]
+    configs = [m.args[0] for m in request.node.iter_markers("broker_config")]
+    b = Broker(tmp_path, args, "\n".join(configs) if configs else None)
+    yield b
+    code = b.stop()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        print(f"--- mqttd log ---\n{b.logs()[-20000:]}")
+    assert code == 0, f"mqttd did not exit 0 within 5 s of SIGTERM (status {code}):\n{b.logs()[-5000:]}"
+
+
+@pytest.fixture
+def client(broker):
+    """`client(client_id="", version=5, clean=True, ...)` -> a connected PahoClient."""
+    made = []
+
+    def make(client_id: str | None = None, version: int = 5, *, connect: bool = True,
+             manual_ack: bool = False, port: int | None = None, **connect_args) -> PahoClient:
+        if client_id is None:
+            client_id = f"c-{uuid.uuid4().hex[:12]}"
+        c = PahoClient(port or broker.port, client_id, version, manual_ack)
+        made.append(c)
+        if connect:
+            c.connect(**connect_args)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+@pytest.fixture
+def raw(broker):
+    """`raw(version=5, client_id=None, connect=True, **connect_kwargs)` -> a RawClient."""
+    made = []
+
+    def make(client_id: str | None = None, version: int = 5, *, connect: bool = True,
+             **connect_kwargs) -> mqttraw.RawClient:
+        r = mqttraw.RawClient(broker.port, version)
+        made.append(r)
+        if connect:
+            if client_id is None:
+                client_id = f"r-{uuid.uuid4().hex[:12]}"
+            r.connack = r.connect(client_id, **connect_kwargs)
+            assert r.connack.reason == 0, f"connection refused: {r.connack!r}"
+        return r
+
+    yield make
+    for r in made:
+        r.close()

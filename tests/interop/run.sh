@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Real-client interoperability tests: paho-mqtt and the Mosquitto command-line clients against
+# a freshly started mqttd per test.
+#
+#   tests/interop/run.sh                 # everything
+#   tests/interop/run.sh -k retained -x  # arguments go to pytest
+#   MQTTD_BIN=/path/to/mqttd tests/interop/run.sh   # test that binary instead of building
+#
+# Installs what is missing: Debian's mosquitto-clients (apt-get), and paho-mqtt >= 2 and pytest
+# in a virtualenv at target/interop-venv (or, failing that, with pip --user).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+venv="$root/target/interop-venv"
+py_requirements=("paho-mqtt>=2,<3" "pytest>=8")
+
+log() { echo "interop: $*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        log "need root for: $*"; return 1
+    fi
+}
+
+apt_install() {
+    # Try without refreshing the package lists first; refresh only if that fails.
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1 || {
+        as_root apt-get update -q >/dev/null
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
+    }
+}
+
+# --- Mosquitto clients ---------------------------------------------------------------------
+if ! command -v mosquitto_sub >/dev/null || ! command -v mosquitto_pub >/dev/null; then
+    log "installing mosquitto-clients"
+    apt_install mosquitto-clients
+fi
+
+# --- Python packages -----------------------------------------------------------------------
+have_packages() {
+    "$1" - <<'EOF' 2>/dev/null
+import paho.mqtt, pytest
+assert int(paho.mqtt.__version__.split(".")[0]) >= 2
+EOF
+}
+
+python=""
+if [ -x "$venv/bin/python" ] && have_packages "$venv/bin/python"; then
+    python="$venv/bin/python"
+else
+    sys_python="$(command -v python3)"
+    if [ ! -x "$venv/bin/python" ]; then
+        rm -rf "$venv"
+        if ! "$sys_python" -m venv "$venv" >/dev/null 2>&1; then
+            # Debian's python3 needs python3-venv for ensurepip.
+            rm -rf "$venv"
+            log "installing python3-venv"
+            apt_install python3-venv || true
+            "$sys_python" -m venv "$venv" >/dev/null 2>&1 || rm -rf "$venv"
+        fi
+    fi
+    if [ -x "$venv/bin/python" ]; then
+        log "installing ${py_requirements[*]} into $venv"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check "${py_requirements[@]}"
+        python="$venv/bin/python"
+    else
+        log "no virtualenv; installing ${py_requirements[*]} with pip --user"
+        "$sys_python" -m pip install -q --user "${py_requirements[@]}" 2>/dev/null ||
+            "$sys_python" -m pip install -q --user --break-system-packages "${py_requirements[@]}"
+        python="$sys_python"
+    fi
+    have_packages "$python" || { log "paho-mqtt >= 2 and pytest are still missing"; exit 1; }
+fi
+
+# --- the broker ----------------------------------------------------------------------------
+if [ -z "${MQTTD_BIN:-}" ]; then
+    (cd "$root" && cargo build -q -p mqttd)
+    MQTTD_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/mqttd"
+fi
+[ -x "$MQTTD_BIN" ] || { log "no broker binary at $MQTTD_BIN"; exit 1; }
+export MQTTD_BIN
+log "testing $MQTTD_BIN"
+
+cd "$here"
+exec "$python" -m pytest -p no:cacheprovider "$@"

@@ -1,0 +1,164 @@
+"""Will messages: published when a client vanishes, not when it says goodbye; MQTT 5's will
+delay and DISCONNECT with reason 0x04."""
+
+import time
+
+import mqttraw
+from pahoclient import BOTH_VERSIONS, V5, persistent, props
+
+WILL_TOPIC = "will/status"
+
+
+def watcher(client, version=V5):
+    w = client(version=version)
+    w.subscribe("will/#", 2)
+    return w
+
+
+@BOTH_VERSIONS
+def test_will_is_published_when_the_connection_drops(client, version):
+    w = watcher(client, version)
+    victim = client(version=version, will=(WILL_TOPIC, b"offline", 1, False, None))
+    victim.subscribe("something/else", 0)
+
+    victim.kill()
+
+    m = w.recv()
+    assert (m.topic, m.payload, m.qos) == (WILL_TOPIC, b"offline", 1)
+
+
+@BOTH_VERSIONS
+def test_will_is_not_published_on_normal_disconnect(client, version):
+    w = watcher(client, version)
+    polite = client(version=version, will=(WILL_TOPIC, b"offline", 1, False, None))
+
+    polite.disconnect()
+
+    # Nothing could fence this: the will would come from the broker itself. Give it time.
+    w.assert_no_message(1.0)
+
+
+@BOTH_VERSIONS
+def test_retained_will_is_kept_for_later_subscribers(client, version):
+    w = watcher(client, version)
+    victim = client(version=version, will=(WILL_TOPIC, b"offline", 1, True, None))
+    victim.kill()
+    assert w.recv().payload == b"offline"  # published, so retained by now
+
+    late = client(version=version)
+    late.subscribe(WILL_TOPIC, 1)
+    m = late.recv()
+    assert (m.payload, m.retain) == (b"offline", True)
+
+
+def test_disconnect_with_will_message_publishes_the_will(client):
+    w = watcher(client)
+    c = client(version=V5, will=(WILL_TOPIC, b"asked for", 1, False, None))
+
+    c.disconnect(reason=0x04)  # Disconnect with Will Message
+
+    m = w.recv()
+    assert (m.topic, m.payload) == (WILL_TOPIC, b"asked for")
+
+
+def test_will_properties_are_passed_on(client):
+    w = watcher(client)
+    will_props = props("WILLMESSAGE", ContentType="text/plain", UserProperty=[("why", "crash")],
+                       ResponseTopic="will/ask", CorrelationData=b"\x01\x02")
+    victim = client(version=V5, will=(WILL_TOPIC, b"bye", 1, False, will_props))
+    victim.kill()
+
+    m = w.recv()
+    assert m.prop("ContentType") == "text/plain"
+    assert m.prop("UserProperty") == [("why", "crash")]
+    assert m.prop("ResponseTopic") == "will/ask"
+    assert m.prop("CorrelationData") == b"\x01\x02"
+
+
+def persistent_with_delayed_will(client, client_id, delay, expiry):
+    return client(client_id, version=V5, clean=True,
+                  properties=props("CONNECT", SessionExpiryInterval=expiry),
+                  will=(WILL_TOPIC, b"late", 1, False,
+                        props("WILLMESSAGE", WillDelayInterval=delay)))
+
+
+def test_will_delay_postpones_the_will(client):
+    w = watcher(client)
+    persistent_with_delayed_will(client, "delayed", delay=2, expiry=60).kill()
+    gone = time.monotonic()
+
+    w.assert_no_message(1.0)
+    m = w.recv(5)
+    elapsed = time.monotonic() - gone
+
+    assert m.payload == b"late"
+    assert 1.8 <= elapsed <= 4.0, elapsed
+
+
+def test_will_is_not_published_if_the_client_reconnects_within_the_delay(client):
+    w = watcher(client)
+    persistent_with_delayed_will(client, "comes-back", delay=2, expiry=60).kill()
+
+    back = client("comes-back", version=V5, clean=False,
+                  properties=props("CONNECT", SessionExpiryInterval=60))
+    assert back.session_present
+
+    # [MQTT-3.1.3-9]: a new connection to the session before the delay cancels the will.
+    w.assert_no_message(3.0)
+
+
+def test_will_is_published_when_the_session_ends_before_the_delay(client):
+    w = watcher(client)
+    persistent_with_delayed_will(client, "short-session", delay=60, expiry=1).kill()
+    gone = time.monotonic()
+
+    # The will goes out when the delay passes or the session ends, whichever is first.
+    m = w.recv(5)
+    assert m.payload == b"late"
+    assert 0.8 <= time.monotonic() - gone <= 3.5
+
+
+def test_will_delay_with_normal_disconnect_sends_nothing(client):
+    w = watcher(client)
+    persistent_with_delayed_will(client, "polite-delayed", delay=1, expiry=2).disconnect()
+    w.assert_no_message(3.5)
+
+
+@BOTH_VERSIONS
+def test_will_is_published_when_the_session_is_taken_over(client, version):
+    w = watcher(client, version)
+    client("will-taken", version=version, will=(WILL_TOPIC, b"replaced", 1, False, None))
+
+    client("will-taken", version=version)
+
+    # The old connection was closed by the broker, not by a DISCONNECT: its will goes out.
+    assert w.recv().payload == b"replaced"
+
+
+@BOTH_VERSIONS
+def test_will_is_published_when_a_persistent_session_is_taken_over(client, version):
+    w = watcher(client, version)
+    client("will-resumed", version=version, will=(WILL_TOPIC, b"replaced", 1, False, None),
+           **persistent(version))
+
+    taker = client("will-resumed", version=version, **persistent(version))
+
+    assert taker.session_present
+    # The broker closed the old connection: its will (no delay) goes out [MQTT-3.1.4-3], even
+    # though the new connection resumes the session.
+    assert w.recv().payload == b"replaced"
+
+
+@BOTH_VERSIONS
+def test_disconnect_then_immediate_reconnect_publishes_no_will(client, raw, version):
+    w = watcher(client, version)
+    session = {"SessionExpiryInterval": 3600} if version == V5 else None
+    for i in range(20):  # the reconnect races the DISCONNECT inside the broker
+        a = raw(f"quick-{i}", version=version, clean=False, props=session,
+                will=mqttraw.Will(WILL_TOPIC, b"should not be sent"))
+        a.send(mqttraw.disconnect(version=version))
+        b = raw(f"quick-{i}", version=version, clean=False, props=session)
+        assert b.connack.session_present
+        a.close()
+        b.close()
+    w.assert_no_message(0.5)
