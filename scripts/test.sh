@@ -68,7 +68,8 @@ if ((FUZZ_SECONDS > 0)); then
     need_cargo_tool cargo-fuzz cargo-fuzz
 fi
 # System packages (need_apt ...), Python packages (pip install ...) and npm packages
-# (npm ci in their directory) that later checks need go here.
+# (npm ci in their directory) that later checks need go here. The interoperability suite
+# installs its own (mosquitto-clients, and paho-mqtt and pytest in target/interop-venv).
 cargo --version
 cargo nextest --version | sed -n 1p
 
@@ -107,6 +108,11 @@ cargo nextest run --release -p mqttd --test stalled_subscriber --run-ignored ign
 
 section "cargo nextest run"
 cargo nextest run --workspace
+
+section "interoperability with real clients (paho-mqtt, mosquitto-clients)"
+# Installs Debian's mosquitto-clients and the Python packages it needs, builds the broker and
+# runs the suite against a fresh broker per test.
+bash tests/interop/run.sh
 
 section "cargo doc -D warnings"
 RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps
