@@ -3,6 +3,8 @@
 //! A target treats its input as the bytes a peer sent on one connection and cuts them into
 //! packets with [`PacketReader`], exactly as a transport does.
 
+pub mod session;
+
 use bytes::BytesMut;
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::{Packet, ProtocolVersion};

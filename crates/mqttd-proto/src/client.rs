@@ -26,7 +26,7 @@ use crate::codec::DecodeError;
 use crate::flow::{FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits};
 use crate::message::{Delivery, Message};
 use crate::packet::*;
-use crate::reason::{puback_reason, ReasonCode, ReasonContext};
+use crate::reason::{puback_reason, reason_for, ReasonCode, ReasonContext};
 use crate::session::{Enqueued, QueueLimits, Session};
 use crate::types::{ClientId, MqttStr, PacketId, ProtocolVersion, QoS, TopicFilter};
 
@@ -43,7 +43,7 @@ pub struct ClientConfig {
     pub keep_alive: u16,
     /// User name.
     pub username: Option<MqttStr>,
-    /// Password.
+    /// Password; before MQTT 5 it is only sent with a user name [MQTT-3.1.2-22].
     pub password: Option<Bytes>,
     /// Will message.
     pub will: Option<Will>,
@@ -118,6 +118,12 @@ impl ClientConfig {
                 w.properties = WillProperties::default();
             }
         }
+        // Before 5.0 a password needs a user name [MQTT-3.1.2-22]; without one it is left out,
+        // as Mosquitto's client library does, rather than sending a malformed CONNECT.
+        let password = self
+            .password
+            .clone()
+            .filter(|_| v5 || self.username.is_some());
         Connect {
             protocol: self.version,
             clean_start: self.clean_start,
@@ -125,7 +131,7 @@ impl ClientConfig {
             client_id: self.client_id.clone(),
             will,
             username: self.username.clone(),
-            password: self.password.clone(),
+            password,
             properties,
         }
     }
@@ -151,7 +157,9 @@ pub enum Event {
     },
     /// A message from the server.
     Publish(InboundPublish),
-    /// A QoS 1 or 2 message finished: PUBACK, PUBCOMP, or a PUBREC refusing it.
+    /// A QoS 1 or 2 message finished: PUBACK, PUBCOMP, or a PUBREC refusing it; or, with 0x95,
+    /// it was discarded because it no longer fits the server's maximum packet size when due
+    /// for resending on a new connection [MQTT-3.1.2-25].
     Delivered {
         /// Its identifier, now free.
         packet_id: PacketId,
@@ -434,6 +442,8 @@ impl ClientConnection {
             receive_maximum: p.receive_maximum.map_or(u16::MAX, NonZeroU16::get),
             maximum_packet_size: p.maximum_packet_size.map_or(u32::MAX, NonZeroU32::get),
             topic_alias_maximum: p.topic_alias_maximum.unwrap_or(0),
+            maximum_qos: p.maximum_qos.unwrap_or(QoS::ExactlyOnce),
+            retain_available: p.retain_available.unwrap_or(true),
         };
         let mut flows = Flows::new(self.config.version, session, local, peer);
         flows.resume(now, &mut self.transmits);
@@ -474,11 +484,13 @@ impl ClientConnection {
             Packet::PubRel(rel) => e.flows.on_pubrel(rel, out),
             Packet::PubComp(comp) => e.flows.on_pubcomp(now, comp, out),
             Packet::SubAck(ack) => {
+                e.flows.session.outbound.reserved.remove(&ack.packet_id);
                 if self.pending_control.remove(&ack.packet_id) {
                     self.events.push_back(Event::SubAck(ack));
                 }
             }
             Packet::UnsubAck(ack) => {
+                e.flows.session.outbound.reserved.remove(&ack.packet_id);
                 if self.pending_control.remove(&ack.packet_id) {
                     self.events.push_back(Event::UnsubAck(ack));
                 }
@@ -512,7 +524,9 @@ impl ClientConnection {
     }
 
     /// Publishes a message: sent now if the server's receive window allows, else queued
-    /// (also before CONNACK, to be sent once connected).
+    /// (also before CONNACK, to be sent once connected). A message queued before CONNACK goes
+    /// at most at the server's maximum QoS, and without RETAIN if the server has no retained
+    /// messages [MQTT-3.2.2-11, MQTT-3.2.2-14].
     pub fn publish(
         &mut self,
         now: Instant,
@@ -547,6 +561,12 @@ impl ClientConnection {
             if !self.pending_control.contains(&id) && !in_flight(id, &self.state) {
                 self.next_control_id = id.next();
                 self.pending_control.insert(id);
+                // Publications share the identifier space [MQTT-2.2.1-3].
+                if let State::Connected(e) = &mut self.state {
+                    e.flows.session.outbound.reserved.insert(id);
+                } else if let State::Connecting(h) | State::Authenticating(h) = &mut self.state {
+                    h.session.outbound.reserved.insert(id);
+                }
                 return Ok(id);
             }
             id = id.next();
@@ -660,12 +680,16 @@ impl ClientConnection {
     }
 
     /// Disconnects: DISCONNECT with `reason` (0x00 discards the will, 0x04 asks the server to
-    /// publish it) and, for MQTT 5, an optional new session expiry interval.
+    /// publish it; a code DISCONNECT may not carry is sent as 0x80 or 0x00) and, for MQTT 5, an
+    /// optional new session expiry interval. A non-zero one is ignored when CONNECT asked for
+    /// none, which the server would take as a protocol error [MQTT-3.14.2-2].
     pub fn disconnect(&mut self, now: Instant, reason: ReasonCode, session_expiry: Option<u32>) {
         if self.is_closed() {
             return;
         }
-        let mut d = Disconnect::new(reason);
+        let session_expiry =
+            session_expiry.filter(|e| *e == 0 || self.config.session_expiry_interval != 0);
+        let mut d = Disconnect::new(reason_for(ReasonContext::Disconnect, reason));
         if self.config.version.is_v5() {
             d.properties.session_expiry_interval = session_expiry;
         }
@@ -688,7 +712,7 @@ impl ClientConnection {
 
     fn close(&mut self, now: Instant, reason: ReasonCode, send_disconnect: bool, by_server: bool) {
         let previous = std::mem::replace(&mut self.state, State::Closed { session: None });
-        let session = match previous {
+        let mut session = match previous {
             State::Connected(e) => {
                 if send_disconnect && e.flows.version.is_v5() {
                     let reason = if reason.valid_for(ReasonContext::Disconnect) {
@@ -708,6 +732,10 @@ impl ClientConnection {
             State::Connecting(h) | State::Authenticating(h) => Some(Box::new(h.session)),
             State::Closed { session } => session,
         };
+        if let Some(s) = &mut session {
+            // SUBSCRIBE and UNSUBSCRIBE do not outlive the connection.
+            s.outbound.reserved.clear();
+        }
         self.state = State::Closed { session };
         self.pending_control.clear();
         self.events.push_back(Event::Closed { reason, by_server });

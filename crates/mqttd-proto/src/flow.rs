@@ -84,12 +84,17 @@ pub(crate) struct PeerLimits {
     pub(crate) receive_maximum: u16,
     pub(crate) maximum_packet_size: u32,
     pub(crate) topic_alias_maximum: u16,
+    /// The highest QoS the peer accepts [MQTT-3.2.2-11].
+    pub(crate) maximum_qos: QoS,
+    /// Whether the peer accepts RETAIN [MQTT-3.2.2-14].
+    pub(crate) retain_available: bool,
 }
 
 /// Something the flows report to the role's state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum FlowEvent {
-    /// An outgoing QoS 1 or 2 message finished (PUBACK, PUBCOMP or a refusing PUBREC).
+    /// An outgoing QoS 1 or 2 message finished (PUBACK, PUBCOMP or a refusing PUBREC), or
+    /// was discarded as too large for the peer when it was due for resending (0x95).
     Completed {
         packet_id: PacketId,
         reason: ReasonCode,
@@ -154,7 +159,19 @@ impl Flows {
         match entry.state {
             OutboundState::PublishSent => {
                 let delivery = entry.delivery.clone();
-                let _ = self.send_publish(now, Some(id), &delivery, true, out);
+                if self.fits(now, &delivery) {
+                    let _ = self.send_publish(now, Some(id), &delivery, true, out);
+                } else if let Ok(delivery) = self.session.outbound.remove(id) {
+                    // This connection's peer takes smaller packets than the one the message
+                    // was first sent to: discard it as if its flow were complete
+                    // [MQTT-3.1.2-25].
+                    self.session.drops.too_large += 1;
+                    self.events.push_back(FlowEvent::Completed {
+                        packet_id: id,
+                        reason: ReasonCode::PacketTooLarge,
+                        delivery,
+                    });
+                }
             }
             OutboundState::ReleaseSent => out.push_back(Packet::PubRel(PubResponse::success(id))),
         }
@@ -185,6 +202,7 @@ impl Flows {
             self.session.drops.expired += 1;
             return Enqueued::Expired;
         }
+        let delivery = self.within_peer_limits(delivery);
         if delivery.qos == QoS::AtMostOnce {
             return self.send_publish(now, None, &delivery, false, out);
         }
@@ -193,6 +211,15 @@ impl Flows {
             return self.session.enqueue(now, delivery);
         }
         self.start(now, delivery, out)
+    }
+
+    /// A new message as the peer accepts it: messages queued before its limits were known (a
+    /// client's publications before CONNACK, or from an earlier connection) go at most at its
+    /// maximum QoS, and without RETAIN if it has no retained messages.
+    fn within_peer_limits(&self, mut delivery: Delivery) -> Delivery {
+        delivery.qos = delivery.qos.min(self.peer.maximum_qos);
+        delivery.retain &= self.peer.retain_available;
+        delivery
     }
 
     fn start(&mut self, now: Instant, delivery: Delivery, out: &mut VecDeque<Packet>) -> Enqueued {
@@ -220,6 +247,7 @@ impl Flows {
             else {
                 break;
             };
+            let delivery = self.within_peer_limits(delivery);
             if delivery.qos == QoS::AtMostOnce {
                 let _ = self.send_publish(now, None, &delivery, false, out);
             } else {

@@ -281,6 +281,18 @@ pub(crate) fn puback_reason(v5: bool, reason: ReasonCode) -> ReasonCode {
     }
 }
 
+/// `reason` if `context` allows it; otherwise 0x80 for a failure and 0x00 for anything else,
+/// so that a caller's stray code never makes a packet the peer must refuse as malformed.
+pub(crate) fn reason_for(context: ReasonContext, reason: ReasonCode) -> ReasonCode {
+    if reason.valid_for(context) {
+        reason
+    } else if reason.is_error() {
+        ReasonCode::UnspecifiedError
+    } else {
+        ReasonCode::Success
+    }
+}
+
 impl fmt::Display for ReasonCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} (0x{:02X})", self.name(), self.as_u8())

@@ -31,7 +31,7 @@ use crate::codec::DecodeError;
 use crate::flow::{FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits, Violation};
 use crate::message::Delivery;
 use crate::packet::*;
-use crate::reason::{puback_reason, ReasonCode, ReasonContext};
+use crate::reason::{puback_reason, reason_for, ReasonCode, ReasonContext};
 use crate::session::{Enqueued, Session, NEVER_EXPIRES};
 use crate::types::{ClientId, MqttStr, PacketId, ProtocolVersion, QoS};
 
@@ -157,7 +157,9 @@ pub enum Event {
     Subscribe(Subscribe),
     /// Answer with [`ServerConnection::unsubscribe_ack`].
     Unsubscribe(Unsubscribe),
-    /// A message to the client finished its flow: PUBACK, PUBCOMP, or a PUBREC refusing it.
+    /// A message to the client finished its flow: PUBACK, PUBCOMP, or a PUBREC refusing it;
+    /// or, with 0x95, it was discarded because it no longer fits the client's maximum packet
+    /// size when due for resending on a new connection [MQTT-3.1.2-25].
     Delivered {
         /// Its identifier, now free.
         packet_id: PacketId,
@@ -201,6 +203,10 @@ pub enum StateError {
     /// No re-authentication is in progress.
     #[error("no re-authentication in progress")]
     NotReauthenticating,
+    /// The client's CONNECT named no authentication method (MQTT 3 has none), so no AUTH may
+    /// be sent to it.
+    #[error("the client did not ask for enhanced authentication")]
+    NoAuthenticationMethod,
 }
 
 /// A CONNECT being decided on.
@@ -491,9 +497,17 @@ impl ServerConnection {
     }
 
     /// Sends an AUTH packet continuing enhanced authentication: during CONNECT, or during a
-    /// re-authentication the client started.
+    /// re-authentication the client started. Only a client whose CONNECT named an
+    /// authentication method gets AUTH.
     pub fn auth_continue(&mut self, data: Option<Bytes>) -> Result<(), StateError> {
         match std::mem::replace(&mut self.state, State::Closed { session: None }) {
+            State::Connecting(h)
+                if !h.connect.protocol.is_v5()
+                    || h.connect.properties.authentication_method.is_none() =>
+            {
+                self.state = State::Connecting(h);
+                Err(StateError::NoAuthenticationMethod)
+            }
             State::Connecting(h) => {
                 let method = h.connect.properties.authentication_method.clone();
                 self.state = State::Authenticating(h);
@@ -610,6 +624,9 @@ impl ServerConnection {
                 .max(1),
             maximum_packet_size: cp.maximum_packet_size.map_or(u32::MAX, NonZeroU32::get),
             topic_alias_maximum: cp.topic_alias_maximum.unwrap_or(0),
+            // Clients announce no such limits.
+            maximum_qos: QoS::ExactlyOnce,
+            retain_available: true,
         };
         let mut flows = Flows::new(version, session, local, peer);
         flows.resume(now, &mut self.transmits);
@@ -796,7 +813,8 @@ impl ServerConnection {
         }
     }
 
-    /// Answers a SUBSCRIBE with one reason code per filter.
+    /// Answers a SUBSCRIBE with one reason code per filter. A code SUBACK may not carry is
+    /// sent as 0x80 if it reports a failure, 0x00 otherwise.
     pub fn subscribe_ack(
         &mut self,
         packet_id: PacketId,
@@ -805,6 +823,10 @@ impl ServerConnection {
         if !self.is_connected() {
             return Err(StateError::NotConnected);
         }
+        let reasons = reasons
+            .into_iter()
+            .map(|r| reason_for(ReasonContext::SubAck, r))
+            .collect();
         self.transmits.push_back(Packet::SubAck(SubAck {
             packet_id,
             properties: AckProperties::default(),
@@ -813,7 +835,8 @@ impl ServerConnection {
         Ok(())
     }
 
-    /// Answers an UNSUBSCRIBE with one reason code per filter (ignored by MQTT 3).
+    /// Answers an UNSUBSCRIBE with one reason code per filter (ignored by MQTT 3); a code
+    /// UNSUBACK may not carry is sent as 0x80 if it reports a failure, 0x00 otherwise.
     pub fn unsubscribe_ack(
         &mut self,
         packet_id: PacketId,
@@ -824,6 +847,9 @@ impl ServerConnection {
         }
         let reasons = if self.version.is_some_and(ProtocolVersion::is_v5) {
             reasons
+                .into_iter()
+                .map(|r| reason_for(ReasonContext::UnsubAck, r))
+                .collect()
         } else {
             Vec::new()
         };

@@ -113,6 +113,9 @@ pub(crate) struct Outbound {
     in_flight: BTreeMap<PacketId, InFlight>,
     queue: VecDeque<Delivery>,
     queued_bytes: usize,
+    /// Identifiers the connection holds for other packets (a client's SUBSCRIBE and
+    /// UNSUBSCRIBE awaiting their answer), which a new flow must not take [MQTT-2.2.1-3].
+    pub(crate) reserved: BTreeSet<PacketId>,
 }
 
 impl Outbound {
@@ -124,7 +127,7 @@ impl Outbound {
     pub(crate) fn start(&mut self, delivery: Delivery) -> Option<PacketId> {
         let mut id = self.next_id.unwrap_or(PacketId::MIN);
         for _ in 0..=u16::MAX {
-            if !self.in_flight.contains_key(&id) {
+            if !self.in_flight.contains_key(&id) && !self.reserved.contains(&id) {
                 self.next_id = Some(id.next());
                 let seq = self.next_seq;
                 self.next_seq += 1;
@@ -180,7 +183,7 @@ impl Outbound {
         self.remove(id)
     }
 
-    fn remove(&mut self, id: PacketId) -> Result<Delivery, FlowError> {
+    pub(crate) fn remove(&mut self, id: PacketId) -> Result<Delivery, FlowError> {
         self.in_flight
             .remove(&id)
             .map(|e| e.delivery)
