@@ -6,7 +6,7 @@
 //! that session: while its client is connected, deliveries go to the connection's mailbox;
 //! while it is offline, they are queued in the stored [`Session`] with its bounds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,21 +49,51 @@ pub(crate) struct Subscriber {
 
 pub(crate) type Tree = TopicTree<u64, Subscriber>;
 
-/// A request from another task to a connection's task.
-#[derive(Debug)]
-pub(crate) enum Control {
+/// A connection's inbox: messages routed to its session, and a takeover request from another
+/// connection. It allocates nothing until something arrives, so an idle connection pays only
+/// for the struct itself.
+#[derive(Debug, Default)]
+pub(crate) struct Mailbox {
+    inbox: Mutex<Inbox>,
+    notify: Notify,
+}
+
+/// What waits in a [`Mailbox`].
+#[derive(Debug, Default)]
+pub(crate) struct Inbox {
+    /// Messages for the session, oldest first.
+    pub(crate) deliveries: VecDeque<Delivery>,
     /// Another connection claims the session: disconnect with 0x8E and hand the session over.
-    Takeover(oneshot::Sender<Option<Session>>),
+    pub(crate) takeover: Option<oneshot::Sender<Option<Session>>>,
+}
+
+impl Mailbox {
+    fn push(&self, delivery: Delivery) {
+        self.inbox.lock().deliveries.push_back(delivery);
+        self.notify.notify_one();
+    }
+
+    fn take_over(&self, reply: oneshot::Sender<Option<Session>>) {
+        self.inbox.lock().takeover = Some(reply);
+        self.notify.notify_one();
+    }
+
+    /// Everything waiting, leaving the mailbox empty.
+    pub(crate) fn take(&self) -> Inbox {
+        std::mem::take(&mut *self.inbox.lock())
+    }
+
+    /// Resolves when something arrived since the last call.
+    pub(crate) async fn wait(&self) {
+        self.notify.notified().await;
+    }
 }
 
 /// Where a session's messages go right now.
 #[derive(Debug)]
 pub(crate) enum Slot {
     /// Its client is connected.
-    Online {
-        mailbox: mpsc::UnboundedSender<Delivery>,
-        control: mpsc::UnboundedSender<Control>,
-    },
+    Online { mailbox: Arc<Mailbox> },
     /// Moving between connections; deliveries wait here.
     Transferring { buffer: Vec<Delivery> },
     /// No client is connected; the broker holds the session and runs its timers.
@@ -97,11 +127,7 @@ impl SessionHandle {
     pub(crate) fn deliver(&self, now: Instant, delivery: Delivery, offline_qos0: OfflineQos0) {
         let mut slot = self.slot.lock();
         match &mut *slot {
-            Slot::Online { mailbox, .. } => {
-                // A closed mailbox means the connection is finishing; it moves its session to
-                // Offline under this lock, so the message is only lost for a clean session.
-                let _ = mailbox.send(delivery);
-            }
+            Slot::Online { mailbox } => mailbox.push(delivery),
             Slot::Transferring { buffer } => buffer.push(delivery),
             Slot::Offline { session, .. } => {
                 if delivery.qos != QoS::AtMostOnce || offline_qos0 == OfflineQos0::Queue {
@@ -227,12 +253,10 @@ impl Inner {
         client_id: &ClientId,
         clean_start: bool,
         expiry: u32,
-        mailbox: mpsc::UnboundedSender<Delivery>,
-        control: mpsc::UnboundedSender<Control>,
+        mailbox: &Arc<Mailbox>,
     ) -> Acquired {
         let online = || Slot::Online {
             mailbox: mailbox.clone(),
-            control: control.clone(),
         };
         let fresh = || Session::new(client_id.clone(), expiry, self.config.queue_limits());
         for _ in 0..100 {
@@ -257,9 +281,9 @@ impl Inner {
             let taken = {
                 let mut slot = existing.slot.lock();
                 match std::mem::replace(&mut *slot, Slot::Transferring { buffer: Vec::new() }) {
-                    Slot::Online { control, .. } => {
+                    Slot::Online { mailbox } => {
                         let (tx, rx) = oneshot::channel();
-                        let _ = control.send(Control::Takeover(tx));
+                        mailbox.take_over(tx);
                         Taken::Later(rx)
                     }
                     Slot::Offline { session, .. } => Taken::Now(session),

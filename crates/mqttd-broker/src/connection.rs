@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{debug, info, warn, Instrument};
 
 use mqttd_proto::codec::PacketReader;
@@ -25,15 +25,15 @@ use mqttd_proto::{
 
 use crate::auth::scram::MECHANISM;
 use crate::auth::ScramServerFirstSent;
-use crate::broker::{Control, Inner, SessionHandle, Slot, Subscriber};
+use crate::broker::{Inner, Mailbox, SessionHandle, Slot, Subscriber};
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer};
 
 /// Output waiting beyond this many bytes pauses reading and drops QoS 0 deliveries.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
-/// Deliveries taken from the mailbox before output is written.
-const MAILBOX_BATCH: usize = 256;
-/// Bytes read at a time.
-const READ_CHUNK: usize = 8 * 1024;
+/// Smallest read buffer: what an idle connection holds while it waits.
+const MIN_READ: usize = 256;
+/// Largest read buffer a busy connection grows to.
+const MAX_READ: usize = 64 * 1024;
 
 /// Runs a connection to completion.
 pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: Peer)
@@ -59,20 +59,30 @@ struct Connection {
     conn: ServerConnection,
     reader: PacketReader,
     wbuf: BytesMut,
-    mailbox_tx: mpsc::UnboundedSender<Delivery>,
-    mailbox_rx: mpsc::UnboundedReceiver<Delivery>,
-    control_tx: mpsc::UnboundedSender<Control>,
-    control_rx: mpsc::UnboundedReceiver<Control>,
+    mailbox: Arc<Mailbox>,
     handle: Option<Arc<SessionHandle>>,
-    client: Option<ClientInfo>,
+    client: Option<Box<ClientInfo>>,
     takeover_reply: Option<oneshot::Sender<Option<Session>>>,
     check_receive_acl: bool,
     /// A SCRAM exchange waiting for the client's final message.
-    scram: Option<PendingScram>,
+    scram: Option<Box<PendingScram>>,
     /// The identity SCRAM established, which stands in for the user name.
     scram_user: Option<MqttStr>,
     /// A session acquired for a connection that closed before CONNACK.
-    unaccepted: Option<Session>,
+    unaccepted: Option<Box<Session>>,
+}
+
+/// Work on an event that has to wait for something.
+enum Waiting {
+    /// Authenticate, then acquire the session.
+    Connect(ConnectRequest),
+    /// The client's answer in a SCRAM exchange.
+    AuthContinue(Option<bytes::Bytes>),
+    /// Acknowledge a message once storage has synced.
+    Sync {
+        packet_id: mqttd_proto::PacketId,
+        reason: ReasonCode,
+    },
 }
 
 /// A SCRAM exchange in progress: at CONNECT (with the request to finish) or a re-authentication.
@@ -85,8 +95,6 @@ impl Connection {
     fn new(inner: Arc<Inner>, peer: Peer) -> Self {
         let conn = ServerConnection::new(inner.server_config.clone(), Instant::now());
         let reader = PacketReader::new(conn.max_packet_size());
-        let (mailbox_tx, mailbox_rx) = mpsc::unbounded_channel();
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
         let check_receive_acl = inner.auth.load().acl.is_some();
         Self {
             inner,
@@ -94,10 +102,7 @@ impl Connection {
             conn,
             reader,
             wbuf: BytesMut::new(),
-            mailbox_tx,
-            mailbox_rx,
-            control_tx,
-            control_rx,
+            mailbox: Arc::default(),
             handle: None,
             client: None,
             takeover_reply: None,
@@ -114,7 +119,9 @@ impl Connection {
     {
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut rbuf = BytesMut::new();
+        let mut read_size = MIN_READ;
         let shutdown = self.inner.shutdown.clone();
+        let mailbox = self.mailbox.clone();
         let mut shutting_down = false;
         loop {
             self.flush_transmits();
@@ -137,33 +144,41 @@ impl Connection {
                 update_flag(&handle.congested, !reading);
                 update_flag(&handle.saturated, saturated);
             }
-            let connected = self.conn.is_connected();
-            if rbuf.capacity() - rbuf.len() < 512 {
-                rbuf.reserve(READ_CHUNK);
+            if rbuf.capacity() - rbuf.len() < MIN_READ {
+                rbuf.reserve(read_size);
             }
+            let spare = rbuf.capacity() - rbuf.len();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !shutting_down => {
                     shutting_down = true;
                     self.conn.disconnect(Instant::now(), ReasonCode::ServerShuttingDown);
                 }
-                Some(control) = self.control_rx.recv() => match control {
-                    Control::Takeover(reply) => {
+                _ = mailbox.wait() => {
+                    let inbox = self.mailbox.take();
+                    if let Some(reply) = inbox.takeover {
                         // What the client sent before the new connection came counts first:
                         // a DISCONNECT already here cancels the will and may end the session.
                         if reading {
-                            self.read_available(&mut rd, &mut rbuf).await;
+                            Box::pin(self.read_available(&mut rd, &mut rbuf)).await;
                         }
                         self.takeover_reply = Some(reply);
                         self.conn.disconnect(Instant::now(), ReasonCode::SessionTakenOver);
                     }
-                },
+                    for delivery in inbox.deliveries {
+                        self.deliver(delivery);
+                    }
+                }
                 res = wr.write_buf(&mut self.wbuf), if writing => match res {
                     Ok(0) | Err(_) => self.conn.connection_lost(Instant::now()),
                     Ok(n) => {
                         self.inner.metrics.bytes_sent.inc_by(n as u64);
-                        if self.wbuf.is_empty() && wr.flush().await.is_err() {
-                            self.conn.connection_lost(Instant::now());
+                        if self.wbuf.is_empty() {
+                            // Hold no output buffer while there is nothing to send.
+                            self.wbuf = BytesMut::new();
+                            if wr.flush().await.is_err() {
+                                self.conn.connection_lost(Instant::now());
+                            }
                         }
                     }
                 },
@@ -172,21 +187,16 @@ impl Connection {
                     Ok(n) => {
                         self.inner.metrics.bytes_received.inc_by(n as u64);
                         self.decode(&mut rbuf);
-                        if rbuf.is_empty() && rbuf.capacity() > 4 * READ_CHUNK {
-                            // Give back a buffer a large packet grew.
+                        if n == spare {
+                            // A busy connection: read more at a time.
+                            read_size = (read_size * 2).min(MAX_READ);
+                        } else if rbuf.is_empty() && n * 4 < spare {
+                            // A quiet one: hold no buffer between packets.
                             rbuf = BytesMut::new();
+                            read_size = MIN_READ;
                         }
                     }
                 },
-                Some(delivery) = self.mailbox_rx.recv(), if connected => {
-                    self.deliver(delivery);
-                    for _ in 0..MAILBOX_BATCH {
-                        match self.mailbox_rx.try_recv() {
-                            Ok(d) => self.deliver(d),
-                            Err(_) => break,
-                        }
-                    }
-                }
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     self.conn.handle_timeout(Instant::now());
                 }
@@ -198,7 +208,11 @@ impl Connection {
                 let _ = wr.write_all(&self.wbuf).await;
                 let _ = wr.flush().await;
             };
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
+            let _ = Box::pin(tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                flush,
+            ))
+            .await;
         }
         let _ = wr.shutdown().await;
         self.hand_off_session();
@@ -224,8 +238,8 @@ impl Connection {
             if self.conn.is_closed() {
                 return;
             }
-            if rbuf.capacity() - rbuf.len() < 512 {
-                rbuf.reserve(READ_CHUNK);
+            if rbuf.capacity() - rbuf.len() < MIN_READ {
+                rbuf.reserve(16 * MIN_READ);
             }
             // A zero timeout polls the read once: ready data is taken, nothing is waited for.
             match tokio::time::timeout(std::time::Duration::ZERO, rd.read_buf(rbuf)).await {
@@ -282,13 +296,43 @@ impl Connection {
         }
     }
 
+    /// Handles the machine's events; those that must wait (CONNECT, authentication, a storage
+    /// sync) run boxed, so that the future every connection's task holds stays small.
     async fn process_events(&mut self) {
+        while let Some(waiting) = self.process_ready_events() {
+            Box::pin(self.complete(waiting)).await;
+            self.flush_transmits();
+        }
+    }
+
+    async fn complete(&mut self, waiting: Waiting) {
+        match waiting {
+            Waiting::Connect(request) => self.on_connect(request).await,
+            Waiting::AuthContinue(data) => self.on_auth_continue(data).await,
+            Waiting::Sync { packet_id, reason } => {
+                if let Err(error) = self.inner.storage.sync().await {
+                    warn!(%error, "storage sync failed; message not acknowledged");
+                    self.conn
+                        .disconnect(Instant::now(), ReasonCode::UnspecifiedError);
+                    return;
+                }
+                let _ = self.conn.publish_ack(packet_id, reason);
+            }
+        }
+    }
+
+    /// Handles events until one needs to wait, which it returns.
+    fn process_ready_events(&mut self) -> Option<Waiting> {
         while let Some(event) = self.conn.poll_event() {
             match event {
-                Event::Connect(request) => self.on_connect(request).await,
-                Event::AuthContinue { data } => self.on_auth_continue(data).await,
+                Event::Connect(request) => return Some(Waiting::Connect(request)),
+                Event::AuthContinue { data } => return Some(Waiting::AuthContinue(data)),
                 Event::ReAuthenticate { data } => self.on_reauthenticate(data),
-                Event::Publish(publish) => self.on_publish(publish).await,
+                Event::Publish(publish) => {
+                    if let Some(waiting) = self.on_publish(publish) {
+                        return Some(waiting);
+                    }
+                }
                 Event::Subscribe(subscribe) => self.on_subscribe(subscribe),
                 Event::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
                 Event::Delivered { .. }
@@ -309,6 +353,7 @@ impl Connection {
             }
             self.flush_transmits();
         }
+        None
     }
 
     async fn on_connect(&mut self, request: ConnectRequest) {
@@ -322,10 +367,10 @@ impl Connection {
                 .unwrap_or_default();
             match self.start_scram(method, &data) {
                 Ok((state, server_first)) => {
-                    self.scram = Some(PendingScram {
+                    self.scram = Some(Box::new(PendingScram {
                         state,
                         connect: Some(request),
-                    });
+                    }));
                     let _ = self.conn.auth_continue(Some(server_first.into()));
                 }
                 Err(reason) => self.refuse(now, reason),
@@ -408,10 +453,10 @@ impl Connection {
         let method = MqttStr::from_static(MECHANISM).unwrap_or_default();
         match self.start_scram(&method, data.as_deref().unwrap_or_default()) {
             Ok((state, server_first)) => {
-                self.scram = Some(PendingScram {
+                self.scram = Some(Box::new(PendingScram {
                     state,
                     connect: None,
-                });
+                }));
                 let _ = self.conn.auth_continue(Some(server_first.into()));
             }
             Err(reason) => self.refuse(now, reason),
@@ -437,8 +482,7 @@ impl Connection {
                 &client_id,
                 connect.clean_start,
                 request.session_expiry_interval,
-                self.mailbox_tx.clone(),
-                self.control_tx.clone(),
+                &self.mailbox,
             )
             .await;
         let client = ClientInfo {
@@ -451,7 +495,7 @@ impl Connection {
         if self.conn.is_closed() {
             // The client left while the session was being acquired: keep the session.
             debug!("connection closed during CONNECT");
-            self.unaccepted = Some(acquired.session);
+            self.unaccepted = Some(Box::new(acquired.session));
             return;
         }
         let mut accept = Accept::new(acquired.session, acquired.present);
@@ -465,10 +509,12 @@ impl Connection {
         self.inner.metrics.clients_connected.inc();
         self.inner.hooks.on_connected(&client);
         self.save_session();
-        self.client = Some(client);
+        self.client = Some(Box::new(client));
     }
 
-    async fn on_publish(&mut self, publish: InboundPublish) {
+    /// Routes a message and acknowledges it, unless storage must sync first: then the
+    /// acknowledgement waits (persist, then acknowledge).
+    fn on_publish(&mut self, publish: InboundPublish) -> Option<Waiting> {
         let now = Instant::now();
         self.inner.metrics.messages_received.inc();
         let InboundPublish {
@@ -484,21 +530,17 @@ impl Connection {
                 }
                 let key = self.handle.as_ref().map(|h| h.key);
                 let routed = self.inner.route(now, &message, key);
-                // Persist, then acknowledge: what the message changed must be durable first.
-                let durable = packet_id.is_some() && self.inner.storage.is_durable();
-                if durable && (routed > 0 || message.retain) {
-                    if let Err(error) = self.inner.storage.sync().await {
-                        warn!(%error, "storage sync failed; message not acknowledged");
-                        self.conn
-                            .disconnect(Instant::now(), ReasonCode::UnspecifiedError);
-                        return;
-                    }
-                }
-                if routed == 0 {
+                let reason = if routed == 0 {
                     ReasonCode::NoMatchingSubscribers
                 } else {
                     ReasonCode::Success
+                };
+                // Persist, then acknowledge: what the message changed must be durable first.
+                let durable = self.inner.storage.is_durable() && (routed > 0 || message.retain);
+                if let (Some(packet_id), true) = (packet_id, durable) {
+                    return Some(Waiting::Sync { packet_id, reason });
                 }
+                reason
             }
             Err(reason) => {
                 self.inner.metrics.messages_dropped.inc();
@@ -509,6 +551,7 @@ impl Connection {
         if let Some(id) = packet_id {
             let _ = self.conn.publish_ack(id, reason);
         }
+        None
     }
 
     /// Checks a published message against limits, ACL and hooks.
@@ -643,9 +686,17 @@ impl Connection {
             return;
         };
         let now = Instant::now();
-        let mut session = self.conn.take_session().or_else(|| self.unaccepted.take());
-        let drain = |session: &mut Option<Session>, rx: &mut mpsc::UnboundedReceiver<Delivery>| {
-            while let Ok(d) = rx.try_recv() {
+        let mut session = self
+            .conn
+            .take_session()
+            .or_else(|| self.unaccepted.take().map(|s| *s));
+        let mailbox = self.mailbox.clone();
+        let drain = |session: &mut Option<Session>, takeover: &mut Option<_>| {
+            let inbox = mailbox.take();
+            if let Some(reply) = inbox.takeover {
+                *takeover = Some(reply);
+            }
+            for d in inbox.deliveries {
                 if let Some(s) = session.as_mut() {
                     let _ = s.enqueue(now, d);
                 }
@@ -653,9 +704,10 @@ impl Connection {
         };
         if self.takeover_reply.is_none() {
             let mut slot = handle.slot.lock();
-            let ours = matches!(&*slot, Slot::Online { mailbox, .. } if mailbox.same_channel(&self.mailbox_tx));
+            let ours =
+                matches!(&*slot, Slot::Online { mailbox } if Arc::ptr_eq(mailbox, &self.mailbox));
             if ours {
-                drain(&mut session, &mut self.mailbox_rx);
+                drain(&mut session, &mut self.takeover_reply);
                 *slot = Slot::Transferring { buffer: Vec::new() };
                 drop(slot);
                 match session {
@@ -668,13 +720,9 @@ impl Connection {
                 }
                 return;
             }
-            drop(slot);
-            // Another connection is taking the session over; its request is waiting.
-            if let Ok(Control::Takeover(reply)) = self.control_rx.try_recv() {
-                self.takeover_reply = Some(reply);
-            }
+            // Another connection is taking the session over; its request is in the mailbox.
         }
-        drain(&mut session, &mut self.mailbox_rx);
+        drain(&mut session, &mut self.takeover_reply);
         if let Some(reply) = self.takeover_reply.take() {
             let _ = reply.send(session);
         }
