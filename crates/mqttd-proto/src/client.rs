@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::codec::DecodeError;
-use crate::flow::{FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits};
+use crate::flow::{ack_after_close, FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits};
 use crate::message::{Delivery, Message};
 use crate::packet::*;
 use crate::reason::{puback_reason, reason_for, ReasonCode, ReasonContext};
@@ -626,14 +626,9 @@ impl ClientConnection {
             State::Closed {
                 session: Some(session),
             } => {
-                let qos = self
-                    .unacked_at_close
-                    .remove(&packet_id)
-                    .ok_or(ClientError::UnknownPacketId(packet_id))?;
-                if qos == QoS::ExactlyOnce && !reason.is_error() {
-                    session.inbound_qos2.insert(packet_id);
-                }
-                return Ok(());
+                return ack_after_close(&mut self.unacked_at_close, session, packet_id, reason)
+                    .then_some(())
+                    .ok_or(ClientError::UnknownPacketId(packet_id));
             }
             _ => return Err(ClientError::NotConnected),
         };

@@ -491,3 +491,23 @@ fn apply_alias(publish: &mut Publish, alias: AliasUse) {
         }
     }
 }
+
+/// Acknowledges, after its connection closed, a message that was handed on before it did:
+/// nothing can be sent, but a QoS 2 message accepted with `reason` is recorded in the session
+/// as received, so the peer's retransmission on its next connection is answered with PUBREC
+/// and not handed on a second time [MQTT-4.3.3-9]. Returns false if nothing awaited an
+/// acknowledgement under `id`.
+pub(crate) fn ack_after_close(
+    unacked: &mut HashMap<PacketId, QoS>,
+    session: &mut Session,
+    id: PacketId,
+    reason: ReasonCode,
+) -> bool {
+    let Some(qos) = unacked.remove(&id) else {
+        return false;
+    };
+    if qos == QoS::ExactlyOnce && !reason.is_error() {
+        session.inbound_qos2.insert(id);
+    }
+    true
+}

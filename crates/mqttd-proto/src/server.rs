@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::codec::DecodeError;
-use crate::flow::{FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits, Violation};
+use crate::flow::{
+    ack_after_close, FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits, Violation,
+};
 use crate::message::Delivery;
 use crate::packet::*;
 use crate::reason::{puback_reason, reason_for, ReasonCode, ReasonContext};
@@ -795,14 +797,9 @@ impl ServerConnection {
             State::Closed {
                 session: Some(session),
             } => {
-                let qos = self
-                    .unacked_at_close
-                    .remove(&id)
-                    .ok_or(StateError::UnknownPacketId(id))?;
-                if qos == QoS::ExactlyOnce && !reason.is_error() {
-                    session.inbound_qos2.insert(id);
-                }
-                return Ok(());
+                return ack_after_close(&mut self.unacked_at_close, session, id, reason)
+                    .then_some(())
+                    .ok_or(StateError::UnknownPacketId(id));
             }
             _ => return Err(StateError::NotConnected),
         };
