@@ -4,10 +4,16 @@
   the bound port from its standard output, and at teardown sends SIGTERM and asserts that it
   exits with status 0 within 5 s (graceful shutdown is a feature). Mark a test with
   `@pytest.mark.broker_args("--max-keepalive", "10")` or
-  `@pytest.mark.broker_config("max_packet_size = 1000")` to start it differently.
+  `@pytest.mark.broker_config("max_packet_size = 1000")` to start it differently. It runs with
+  `--allow-anonymous` unless marked `@pytest.mark.allow_anonymous(False)`;
+  `@pytest.mark.password_file({"user": "password"}, tool="mqttd")` and
+  `@pytest.mark.acl_file("...")` give it a password file (made with `mqttd passwd` or
+  `mosquitto_passwd`) and an ACL file, at `broker.password_file` and `broker.acl_file`.
+  `broker.reload()` sends SIGHUP and waits for the outcome.
 * `client(...)`: a connected paho-mqtt client (MQTT 3.1.1 or 5.0) wrapped in `PahoClient`,
   which turns paho's callbacks into blocking calls with timeouts.
 * `raw(...)`: an `mqttraw.RawClient` socket, optionally already connected.
+* `mosquitto_sub(...)`: a `clitools.MosquittoSub` running in the background.
 
 The broker's log (stderr) is kept in the test's temporary directory and printed when a test
 fails.
@@ -15,10 +21,10 @@ fails.
 
 from __future__ import annotations
 
-import os
 import select
 import signal
 import subprocess
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -26,18 +32,17 @@ from pathlib import Path
 import pytest
 
 import mqttraw
-from pahoclient import PahoClient
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def mqttd_bin() -> str:
-    return os.environ.get("MQTTD_BIN") or str(REPO / "target" / "debug" / "mqttd")
+from clitools import MosquittoSub, mqttd_bin, write_password_file
+from pahoclient import TIMEOUT, PahoClient
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "broker_args(*args): extra mqttd command-line arguments")
     config.addinivalue_line("markers", "broker_config(toml): mqttd configuration file contents")
+    config.addinivalue_line("markers", "allow_anonymous(bool): pass --allow-anonymous (default)")
+    config.addinivalue_line(
+        "markers", "password_file(users, tool='mqttd'): a password file for the broker")
+    config.addinivalue_line("markers", "acl_file(text): an ACL file for the broker")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -52,11 +57,21 @@ def pytest_runtest_makereport(item, call):
 class Broker:
     """One mqttd process."""
 
-    def __init__(self, workdir: Path, args=(), config: str | None = None):
+    def __init__(self, workdir: Path, args=(), config: str | None = None, *,
+                 allow_anonymous: bool = True, password_file: Path | None = None,
+                 acl_file: Path | None = None):
         self.workdir = workdir
         self.log_path = workdir / "mqttd.log"
+        self.password_file = password_file
+        self.acl_file = acl_file
         cmd = [mqttd_bin(), "--listen", "tcp://127.0.0.1:0", "--data-dir",
-               str(workdir / "data"), "--allow-anonymous"]
+               str(workdir / "data")]
+        if allow_anonymous:
+            cmd.append("--allow-anonymous")
+        if password_file is not None:
+            cmd += ["--password-file", str(password_file)]
+        if acl_file is not None:
+            cmd += ["--acl-file", str(acl_file)]
         if config is not None:
             path = workdir / "mqttd.toml"
             path.write_text(config)
@@ -87,6 +102,27 @@ class Broker:
             self.log.flush()
         return self.log_path.read_text(errors="replace")
 
+    RELOADED = "reloaded password and ACL files"
+    RELOAD_FAILED = "reload failed; keeping the previous rules"
+
+    def reload(self) -> bool:
+        """Sends SIGHUP and waits until the broker logs the outcome: True if it reloaded the
+        password and ACL files, False if it kept the previous rules."""
+        def outcomes():
+            log = self.logs()
+            return log.count(self.RELOADED), log.count(self.RELOAD_FAILED)
+
+        before = outcomes()
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            after = outcomes()
+            if after != before:
+                return after[0] > before[0]
+            assert self.proc.poll() is None, f"mqttd exited after SIGHUP:\n{self.logs()[-5000:]}"
+            time.sleep(0.02)
+        raise AssertionError(f"mqttd logged no reload within {TIMEOUT} s of SIGHUP")
+
     def stop(self) -> int | None:
         """SIGTERM, then the exit status within 5 s (None if it had to be killed)."""
         if self.proc.poll() is None:
@@ -106,7 +142,17 @@ class Broker:
 def broker(request, tmp_path):
     args = [a for m in request.node.iter_markers("broker_args") for a in m.args]
     configs = [m.args[0] for m in request.node.iter_markers("broker_config")]
-    b = Broker(tmp_path, args, "\n".join(configs) if configs else None)
+    anonymous = request.node.get_closest_marker("allow_anonymous")
+    password_file = acl_file = None
+    if (m := request.node.get_closest_marker("password_file")) is not None:
+        password_file = tmp_path / "passwords"
+        write_password_file(password_file, *m.args, **m.kwargs)
+    if (m := request.node.get_closest_marker("acl_file")) is not None:
+        acl_file = tmp_path / "acl"
+        acl_file.write_text(textwrap.dedent(m.args[0]))
+    b = Broker(tmp_path, args, "\n".join(configs) if configs else None,
+               allow_anonymous=anonymous.args[0] if anonymous else True,
+               password_file=password_file, acl_file=acl_file)
     yield b
     code = b.stop()
     failed = getattr(request.node, "rep_call", None)
@@ -154,3 +200,18 @@ def raw(broker):
     yield make
     for r in made:
         r.close()
+
+
+@pytest.fixture
+def mosquitto_sub(broker):
+    """`mosquitto_sub(*args)` -> a MosquittoSub against the broker, killed at teardown."""
+    made = []
+
+    def make(*args):
+        s = MosquittoSub(broker.port, *args)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.kill()

@@ -211,6 +211,18 @@ def pingreq() -> bytes:
     return packet(PINGREQ, 0, b"")
 
 
+def auth(reason: int, *, method: str | None = None, data: bytes | None = None,
+         props: dict | None = None) -> bytes:
+    """AUTH (section 3.15): a reason code (0x00 success, 0x18 continue, 0x19 re-authenticate)
+    and properties, of which `method` and `data` are Authentication Method and Data."""
+    props = dict(props or {})
+    if method is not None:
+        props["AuthenticationMethod"] = method
+    if data is not None:
+        props["AuthenticationData"] = data
+    return packet(AUTH, 0, bytes([reason]) + properties(props))
+
+
 def disconnect(*, version: int = V5, reason: int = 0, props: dict | None = None) -> bytes:
     body = b""
     if version == V5 and (reason or props):
@@ -409,6 +421,17 @@ class RawClient:
         p = self.recv(timeout)
         assert p.type == ptype, f"expected {TYPE_NAMES[ptype]}, got {p!r}"
         return p
+
+    def expect_among(self, ptype: int, timeout: float = 5.0) -> tuple[Packet, list[Packet]]:
+        """Waits for a packet of type `ptype`; returns it and the packets that came before it
+        (say, PUBLISHes that arrive while an AUTH exchange is under way)."""
+        deadline = time.monotonic() + timeout
+        before = []
+        while True:
+            p = self.recv(max(deadline - time.monotonic(), 0.001))
+            if p.type == ptype:
+                return p, before
+            before.append(p)
 
     def expect_silence(self, seconds: float) -> None:
         """Asserts that no packet arrives for `seconds` (and the connection stays open)."""

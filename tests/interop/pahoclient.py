@@ -122,8 +122,11 @@ class PahoClient:
     # operations
 
     def connect(self, clean: bool = True, keepalive: int = 60, properties=None, will=None,
-                expect_success: bool = True):
-        """Connects and waits for CONNACK; returns (reason code, session present, properties)."""
+                expect_success: bool = True, username: str | None = None,
+                password: str | None = None):
+        """Connects and waits for CONNACK; returns (reason code, session present, properties).
+        In 3.1.1 paho reports a refusal's return code as the MQTT 5 reason code with the same
+        meaning (4 as 0x86 "Bad user name or password", 5 as 0x87 "Not authorized")."""
         if self.version == 5:
             self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                  protocol=mqtt.MQTTv5, manual_ack=self.manual_ack,
@@ -138,6 +141,8 @@ class PahoClient:
         self.c.on_subscribe = self._on_ack
         self.c.on_unsubscribe = self._on_ack
         self.c.on_publish = self._on_publish
+        if username is not None:
+            self.c.username_pw_set(username, password)
         if will is not None:
             topic, payload, qos, retain, will_props = will
             self.c.will_set(topic, payload, qos, retain, will_props)

@@ -6,8 +6,9 @@
 #   tests/interop/run.sh -k retained -x  # arguments go to pytest
 #   MQTTD_BIN=/path/to/mqttd tests/interop/run.sh   # test that binary instead of building
 #
-# Installs what is missing: Debian's mosquitto-clients (apt-get), and paho-mqtt >= 2 and pytest
-# in a virtualenv at target/interop-venv (or, failing that, with pip --user).
+# Installs what is missing: Debian's mosquitto-clients and mosquitto (for mosquitto_passwd) with
+# apt-get, and paho-mqtt >= 2 and pytest in a virtualenv at target/interop-venv (or, failing
+# that, with pip --user).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -35,6 +36,11 @@ apt_install() {
 if ! command -v mosquitto_sub >/dev/null || ! command -v mosquitto_pub >/dev/null; then
     log "installing mosquitto-clients"
     apt_install mosquitto-clients
+fi
+# mosquitto_passwd (password files in Mosquitto's format) comes with the broker package.
+if ! command -v mosquitto_passwd >/dev/null; then
+    log "installing mosquitto (for mosquitto_passwd)"
+    apt_install mosquitto
 fi
 
 # --- Python packages -----------------------------------------------------------------------

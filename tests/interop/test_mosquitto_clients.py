@@ -1,78 +1,10 @@
 """The Mosquitto command-line clients against mqttd: what an operator tries first."""
 
-import queue
-import subprocess
-import threading
-
 import pytest
 
-from pahoclient import TIMEOUT
+from clitools import MosquittoSub, mosquitto_pub
 
 VERSIONS = pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
-
-
-class MosquittoSub:
-    """`mosquitto_sub -d` in the background; its lines are read by a thread into a queue, so
-    the test can wait for "received SUBACK" before publishing."""
-
-    def __init__(self, port, *args):
-        cmd = ["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-d",
-               "-F", "MSG %t|%q|%r|%p", "-W", "20", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.put(line.decode(errors="replace").rstrip("\n"))
-        self.lines.put(None)
-
-    def wait_for(self, text: str) -> str:
-        seen = []
-        while True:
-            try:
-                line = self.lines.get(timeout=TIMEOUT)
-            except queue.Empty:
-                raise AssertionError(f"mosquitto_sub never printed {text!r}; got {seen}") from None
-            if line is None:
-                raise AssertionError(f"mosquitto_sub exited before {text!r}; got {seen}")
-            seen.append(line)
-            if text in line:
-                return line
-
-    def messages(self, n: int) -> list[str]:
-        return [self.wait_for("MSG ")[len("MSG "):] for _ in range(n)]
-
-    def finish(self) -> int:
-        try:
-            return self.proc.wait(TIMEOUT)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture
-def mosquitto_sub(broker):
-    made = []
-
-    def make(*args):
-        s = MosquittoSub(broker.port, *args)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait()
-
-
-def mosquitto_pub(port, *args):
-    result = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), *args],
-                            capture_output=True, timeout=TIMEOUT)
-    assert result.returncode == 0, result
-    return result
 
 
 @VERSIONS

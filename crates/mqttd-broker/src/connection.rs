@@ -425,6 +425,7 @@ impl Connection {
             return self.refuse(now, ReasonCode::ProtocolError);
         };
         let user = MqttStr::try_from(pending.state.username()).ok();
+        let reauthenticating = pending.connect.is_none();
         match pending.state.finish(data.as_deref().unwrap_or_default()) {
             Ok(server_final) => {
                 self.scram_user = user;
@@ -443,7 +444,16 @@ impl Connection {
             }
             Err(error) => {
                 info!(%error, "SCRAM authentication failed");
-                self.refuse(now, error.reason_code());
+                let reason = match error.reason_code() {
+                    // A failed re-authentication is refused with DISCONNECT, which has no 0x86
+                    // (it would go out as 0x80 Unspecified error): the client is no longer
+                    // authorized, so say that.
+                    ReasonCode::BadUserNameOrPassword if reauthenticating => {
+                        ReasonCode::NotAuthorized
+                    }
+                    reason => reason,
+                };
+                self.refuse(now, reason);
             }
         }
     }
@@ -475,22 +485,34 @@ impl Connection {
             .clone()
             .unwrap_or_else(|| connect.client_id.clone());
         tracing::Span::current().record("client_id", client_id.as_str());
-        let acquired = self
-            .inner
-            .acquire_session(
-                now,
-                &client_id,
-                connect.clean_start,
-                request.session_expiry_interval,
-                &self.mailbox,
-            )
-            .await;
         let client = ClientInfo {
             client_id,
             username: self.scram_user.clone().or_else(|| connect.username.clone()),
             version: connect.protocol,
             peer: self.peer.clone(),
         };
+        // The will is published on the client's behalf: refuse the CONNECT (as Mosquitto does)
+        // rather than let it reach a topic the client may not publish to. Checked before the
+        // session is touched, so a refused client cannot take over an existing one.
+        if let Some(will) = &connect.will {
+            if !self
+                .inner
+                .authorize(&client, Action::Publish, will.topic.as_str())
+            {
+                info!(topic = %will.topic.as_str(), "will topic not authorized");
+                return self.refuse(now, ReasonCode::NotAuthorized);
+            }
+        }
+        let acquired = self
+            .inner
+            .acquire_session(
+                now,
+                &client.client_id,
+                connect.clean_start,
+                request.session_expiry_interval,
+                &self.mailbox,
+            )
+            .await;
         self.handle = Some(acquired.handle);
         if self.conn.is_closed() {
             // The client left while the session was being acquired: keep the session.
