@@ -313,12 +313,20 @@ impl ServerConnection {
 
     /// The next packet to send.
     pub fn poll_transmit(&mut self) -> Option<Packet> {
-        self.transmits.pop_front()
+        let packet = self.transmits.pop_front();
+        if packet.is_none() {
+            release_if_empty(&mut self.transmits);
+        }
+        packet
     }
 
     /// The next event for the broker.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if event.is_none() {
+            release_if_empty(&mut self.events);
+        }
+        event
     }
 
     /// When [`Self::handle_timeout`] must next be called.
@@ -968,4 +976,12 @@ fn auth_packet(reason: ReasonCode, method: Option<MqttStr>, data: Option<Bytes>)
             ..AuthProperties::default()
         },
     })
+}
+
+/// Frees an emptied queue's buffer: an idle connection then holds none, which matters when a
+/// broker holds many thousands of them. A busy one reallocates once per burst.
+fn release_if_empty<T>(queue: &mut VecDeque<T>) {
+    if queue.is_empty() && queue.capacity() > 0 {
+        *queue = VecDeque::new();
+    }
 }

@@ -433,7 +433,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             progress.println(format!("client error: {error:#}"));
         }
     }
-    let measured_until = Instant::now().max(until);
+    // Publishers stop at `until`; what follows is the drain, which is not part of the window
+    // the rates are computed over.
+    let measured_until = until;
     if publishers.is_empty() && !subscribers.is_empty() {
         tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
     } else if !subscribers.is_empty() {
