@@ -165,8 +165,9 @@ impl Connection {
                         self.takeover_reply = Some(reply);
                         self.conn.disconnect(Instant::now(), ReasonCode::SessionTakenOver);
                     }
+                    let now = Instant::now();
                     for delivery in inbox.deliveries {
-                        self.deliver(delivery);
+                        self.deliver(now, delivery);
                     }
                 }
                 res = wr.write_buf(&mut self.wbuf), if writing => match res {
@@ -253,10 +254,12 @@ impl Connection {
     }
 
     fn decode(&mut self, rbuf: &mut BytesMut) {
+        // One clock reading per batch of packets: they arrived together.
+        let now = Instant::now();
         loop {
             match self.reader.read(rbuf, self.conn.version()) {
                 Ok(Some(packet)) => {
-                    self.conn.handle_packet(Instant::now(), packet);
+                    self.conn.handle_packet(now, packet);
                     if self.conn.is_closed() {
                         return;
                     }
@@ -265,14 +268,14 @@ impl Connection {
                 Err(error) => {
                     self.inner.metrics.protocol_errors.inc();
                     debug!(%error, "malformed packet");
-                    self.conn.handle_decode_error(Instant::now(), &error);
+                    self.conn.handle_decode_error(now, &error);
                     return;
                 }
             }
         }
     }
 
-    fn deliver(&mut self, delivery: Delivery) {
+    fn deliver(&mut self, now: Instant, delivery: Delivery) {
         if delivery.qos == QoS::AtMostOnce && self.wbuf.len() >= WRITE_HIGH_WATER {
             self.inner.metrics.messages_dropped.inc();
             return;
@@ -287,7 +290,7 @@ impl Connection {
                 }
             }
         }
-        let outcome = self.conn.deliver(Instant::now(), delivery);
+        let outcome = self.conn.deliver(now, delivery);
         if !matches!(
             outcome,
             mqttd_proto::session::Enqueued::Sent | mqttd_proto::session::Enqueued::Queued
@@ -665,7 +668,7 @@ impl Connection {
         let _ = self.conn.subscribe_ack(subscribe.packet_id, reasons);
         self.save_session();
         for delivery in retained {
-            self.deliver(delivery);
+            self.deliver(now, delivery);
         }
     }
 
