@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use mqttd_proto::server::ServerConfig;
-use mqttd_proto::session::{OutboundState, Session, SessionEvent};
+use mqttd_proto::session::{Enqueued, OutboundState, Session, SessionEvent};
 use mqttd_proto::{ClientId, Delivery, Message, QoS, ReasonCode, SubscriptionOptions, TopicFilter};
 
 use crate::access::AccessControl;
@@ -68,9 +68,16 @@ pub(crate) struct Inbox {
 }
 
 impl Mailbox {
-    fn push(&self, delivery: Delivery) {
-        self.inbox.lock().deliveries.push_back(delivery);
+    /// Queues a delivery unless `limit` are already waiting; returns whether it was queued.
+    fn push(&self, delivery: Delivery, limit: usize) -> bool {
+        let mut inbox = self.inbox.lock();
+        if inbox.deliveries.len() >= limit {
+            return false;
+        }
+        inbox.deliveries.push_back(delivery);
+        drop(inbox);
         self.notify.notify_one();
+        true
     }
 
     fn take_over(&self, reply: oneshot::Sender<Option<Session>>) {
@@ -123,18 +130,28 @@ pub(crate) struct SessionHandle {
 }
 
 impl SessionHandle {
-    /// Hands a message to the session wherever it is.
-    pub(crate) fn deliver(&self, now: Instant, delivery: Delivery, offline_qos0: OfflineQos0) {
+    /// Hands a message to the session wherever it is. Returns false if it was dropped.
+    ///
+    /// What waits for a connection's task, or for a session moving between connections, is
+    /// bounded like the session's own queue (plus its in-flight window): a task that falls
+    /// behind cannot make the broker hold more than the session itself would.
+    pub(crate) fn deliver(&self, now: Instant, delivery: Delivery, config: &Config) -> bool {
+        let limit = config.max_queued_messages.max(1) + usize::from(config.max_inflight_messages);
         let mut slot = self.slot.lock();
         match &mut *slot {
-            Slot::Online { mailbox } => mailbox.push(delivery),
-            Slot::Transferring { buffer } => buffer.push(delivery),
+            Slot::Online { mailbox } => mailbox.push(delivery, limit),
+            Slot::Transferring { buffer } if buffer.len() < limit => {
+                buffer.push(delivery);
+                true
+            }
+            Slot::Transferring { .. } | Slot::Ended => false,
             Slot::Offline { session, .. } => {
-                if delivery.qos != QoS::AtMostOnce || offline_qos0 == OfflineQos0::Queue {
-                    let _ = session.enqueue(now, delivery);
+                if delivery.qos != QoS::AtMostOnce || config.offline_qos0 == OfflineQos0::Queue {
+                    matches!(session.enqueue(now, delivery), Enqueued::Queued)
+                } else {
+                    false
                 }
             }
-            Slot::Ended => {}
         }
     }
 }
@@ -408,7 +425,9 @@ impl Inner {
         if let Some((_, sub)) = chosen {
             delivery.qos = delivery.message.qos.min(sub.options.qos);
             delivery.retain = false;
-            sub.handle.deliver(now, delivery, self.config.offline_qos0);
+            if !sub.handle.deliver(now, delivery, &self.config) {
+                self.metrics.messages_dropped.inc();
+            }
         }
     }
 
@@ -676,7 +695,9 @@ impl Inner {
             return;
         }
         let delivery = Self::delivery(message, options, subscription_ids, shared);
-        handle.deliver(now, delivery, self.config.offline_qos0);
+        if !handle.deliver(now, delivery, &self.config) {
+            self.metrics.messages_dropped.inc();
+        }
     }
 
     /// The delivery of `message` through a subscription with these options.
@@ -702,5 +723,52 @@ impl Inner {
             QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
             QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqttd_proto::TopicName;
+
+    fn delivery(qos: QoS) -> Delivery {
+        let topic = TopicName::try_from("t").unwrap();
+        Delivery::new(Arc::new(Message::new(topic, b"x".to_vec(), qos, false)))
+    }
+
+    #[test]
+    fn what_waits_for_a_connection_or_a_takeover_is_bounded() {
+        let config = Config {
+            max_queued_messages: 3,
+            max_inflight_messages: 2,
+            ..Config::default()
+        };
+        let mailbox = Arc::new(Mailbox::default());
+        let handle = SessionHandle {
+            key: 1,
+            client_id: ClientId::try_from("c").unwrap(),
+            slot: Mutex::new(Slot::Online {
+                mailbox: mailbox.clone(),
+            }),
+            subscriptions: Mutex::new(HashMap::new()),
+            congested: AtomicBool::new(false),
+            saturated: AtomicBool::new(false),
+        };
+        let now = Instant::now();
+        let accepted = (0..10)
+            .filter(|_| handle.deliver(now, delivery(QoS::AtLeastOnce), &config))
+            .count();
+        assert_eq!(accepted, 5, "queue limit plus in-flight window");
+        assert_eq!(mailbox.take().deliveries.len(), 5);
+        assert!(
+            handle.deliver(now, delivery(QoS::AtLeastOnce), &config),
+            "room again once taken"
+        );
+
+        *handle.slot.lock() = Slot::Transferring { buffer: Vec::new() };
+        let accepted = (0..10)
+            .filter(|_| handle.deliver(now, delivery(QoS::AtMostOnce), &config))
+            .count();
+        assert_eq!(accepted, 5);
     }
 }

@@ -56,42 +56,34 @@ impl Message {
     /// Takes the message out of a received PUBLISH whose topic has already been resolved.
     pub(crate) fn from_publish(publish: Publish, now: Instant) -> Self {
         let p = publish.properties;
+        let properties = MessageProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            content_type: p.content_type,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+        };
         Self {
-            topic: publish.topic,
-            payload: publish.payload,
-            qos: publish.qos,
-            retain: publish.retain,
-            expires_at: p
-                .message_expiry_interval
-                .map(|s| now + Duration::from_secs(s.into())),
-            properties: MessageProperties {
-                payload_format_indicator: p.payload_format_indicator,
-                content_type: p.content_type,
-                response_topic: p.response_topic,
-                correlation_data: p.correlation_data,
-                user_properties: p.user_properties,
-            },
+            properties,
+            expires_at: expiry(now, p.message_expiry_interval),
+            ..Self::new(publish.topic, publish.payload, publish.qos, publish.retain)
         }
     }
 
     /// The message a will turns into when it is published at `now`.
     pub fn from_will(will: Will, now: Instant) -> Self {
         let p = will.properties;
+        let properties = MessageProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            content_type: p.content_type,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+        };
         Self {
-            topic: will.topic,
-            payload: will.payload,
-            qos: will.qos,
-            retain: will.retain,
-            expires_at: p
-                .message_expiry_interval
-                .map(|s| now + Duration::from_secs(s.into())),
-            properties: MessageProperties {
-                payload_format_indicator: p.payload_format_indicator,
-                content_type: p.content_type,
-                response_topic: p.response_topic,
-                correlation_data: p.correlation_data,
-                user_properties: p.user_properties,
-            },
+            properties,
+            expires_at: expiry(now, p.message_expiry_interval),
+            ..Self::new(will.topic, will.payload, will.qos, will.retain)
         }
     }
 
@@ -142,6 +134,11 @@ impl Message {
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>()
     }
+}
+
+/// When a message with a message expiry interval of `secs` received at `now` expires.
+fn expiry(now: Instant, secs: Option<u32>) -> Option<Instant> {
+    secs.map(|s| now + Duration::from_secs(s.into()))
 }
 
 /// A message on its way to one session: the shared message plus what this subscriber's

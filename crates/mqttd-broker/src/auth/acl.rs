@@ -57,10 +57,9 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::location;
+use super::{FileError, FileKind};
 
 /// What a client wants to do with a topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -380,40 +379,10 @@ fn compile(topic: &str, pattern: bool) -> Result<Box<[Level]>, AclLineError> {
 }
 
 /// Why an ACL file could not be loaded or parsed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AclFileError {
-    /// The file could not be read (or is not UTF-8).
-    #[error("cannot read ACL file {}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// A line is not valid.
-    #[error("{}: {error}", location(path.as_deref(), *line))]
-    Line {
-        /// The file, if the text came from one.
-        path: Option<PathBuf>,
-        /// The 1-based line number.
-        line: usize,
-        /// What is wrong with it.
-        error: AclLineError,
-    },
-}
+pub type AclFileError = FileError<AclLineError>;
 
-impl AclFileError {
-    fn with_path(self, file: &Path) -> Self {
-        match self {
-            Self::Line { line, error, .. } => Self::Line {
-                path: Some(file.to_owned()),
-                line,
-                error,
-            },
-            other => other,
-        }
-    }
+impl FileKind for AclLineError {
+    const NAME: &'static str = "ACL file";
 }
 
 /// What is wrong with one line of an ACL file.

@@ -23,7 +23,7 @@ pub mod acl;
 pub mod password;
 pub mod scram;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use acl::{Access, AclFile, AclFileError, AclLineError, AclSubject};
 pub use password::{
@@ -33,6 +33,51 @@ pub use scram::{
     Iterations, IterationsError, ScramClient, ScramClientFinalSent, ScramCredentials, ScramError,
     ScramServer, ScramServerFirstSent,
 };
+
+/// The kind of line-oriented file a [`FileError`] is about.
+pub trait FileKind: std::error::Error + 'static {
+    /// How the file is called in messages.
+    const NAME: &'static str;
+}
+
+/// Why a line-oriented file (password file, ACL file) could not be loaded or parsed; `E` says
+/// what is wrong with a line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FileError<E: FileKind> {
+    /// The file could not be read (or is not UTF-8).
+    #[error("cannot read {} {}: {source}", E::NAME, path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A line is not valid.
+    #[error("{}: {error}", location(path.as_deref(), *line))]
+    Line {
+        /// The file, if the text came from one.
+        path: Option<PathBuf>,
+        /// The 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        error: E,
+    },
+}
+
+impl<E: FileKind> FileError<E> {
+    /// Names `file` as the source of a line error found while parsing its text.
+    fn with_path(self, file: &Path) -> Self {
+        match self {
+            Self::Line { line, error, .. } => Self::Line {
+                path: Some(file.to_owned()),
+                line,
+                error,
+            },
+            other => other,
+        }
+    }
+}
 
 /// `path:line`, or `line N` for text that did not come from a file: where a parse error is.
 fn location(path: Option<&Path>, line: usize) -> String {

@@ -32,8 +32,8 @@ use base64::Engine as _;
 use sha2::{Digest, Sha512};
 use subtle::ConstantTimeEq;
 
-use super::location;
 use super::scram::{Iterations, IterationsError, ScramCredentials};
+use super::{FileError, FileKind};
 
 const SCRAM_PREFIX: &str = "$scram-sha-256$";
 const PBKDF2_SHA512_PREFIX: &str = "$7$";
@@ -523,40 +523,10 @@ fn sync_dir(dir: &Path) {
 }
 
 /// Why a password file could not be loaded or parsed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PasswordFileError {
-    /// The file could not be read (or is not UTF-8).
-    #[error("cannot read password file {}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// A line is not a valid entry.
-    #[error("{}: {error}", location(path.as_deref(), *line))]
-    Line {
-        /// The file, if the text came from one.
-        path: Option<PathBuf>,
-        /// The 1-based line number.
-        line: usize,
-        /// What is wrong with it.
-        error: PasswordLineError,
-    },
-}
+pub type PasswordFileError = FileError<PasswordLineError>;
 
-impl PasswordFileError {
-    fn with_path(self, file: &Path) -> Self {
-        match self {
-            Self::Line { line, error, .. } => Self::Line {
-                path: Some(file.to_owned()),
-                line,
-                error,
-            },
-            other => other,
-        }
-    }
+impl FileKind for PasswordLineError {
+    const NAME: &'static str = "password file";
 }
 
 /// What is wrong with one line of a password file.
