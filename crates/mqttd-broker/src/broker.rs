@@ -11,7 +11,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -31,7 +31,8 @@ use crate::config::{Config, OfflineQos0};
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Hooks, Verdict};
 use crate::metrics::Metrics;
 use crate::retained::RetainedStore;
-use crate::storage::{SessionRecord, Storage};
+use crate::storage::record::{self, Clock};
+use crate::storage::{Recovered, SessionRecord, Storage, StoredDelivery, StoredWill};
 use crate::topic_tree::{Match, TopicTree};
 
 /// How long a connecting client waits for the connection it takes over to hand its session on.
@@ -69,11 +70,19 @@ pub(crate) struct Inbox {
 
 impl Mailbox {
     /// Queues a delivery unless `limit` are already waiting; returns whether it was queued.
-    fn push(&self, delivery: Delivery, limit: usize) -> bool {
+    /// `admit` runs first, under the mailbox's lock, so that what it records happens before
+    /// the connection can see the delivery.
+    fn push(
+        &self,
+        mut delivery: Delivery,
+        limit: usize,
+        admit: impl FnOnce(&mut Delivery),
+    ) -> bool {
         let mut inbox = self.inbox.lock();
         if inbox.deliveries.len() >= limit {
             return false;
         }
+        admit(&mut delivery);
         inbox.deliveries.push_back(delivery);
         drop(inbox);
         self.notify.notify_one();
@@ -107,6 +116,8 @@ pub(crate) enum Slot {
     Offline {
         session: Box<Session>,
         generation: u64,
+        /// When its connection ended.
+        since: SystemTime,
     },
     /// The session is over.
     Ended,
@@ -127,6 +138,12 @@ pub(crate) struct SessionHandle {
     /// Set while the session's queue is full: any further message would be dropped by the
     /// queue, so it is dropped before the hand-over.
     pub(crate) saturated: AtomicBool,
+    /// Whether the session outlives its connection: its QoS 1 and 2 messages are stored.
+    pub(crate) persistent: AtomicBool,
+    /// Whether storage holds a record of this session, to forget when it ends.
+    pub(crate) stored: AtomicBool,
+    /// Whether storage holds messages or QoS 2 state of this session.
+    pub(crate) stored_messages: AtomicBool,
 }
 
 impl SessionHandle {
@@ -135,24 +152,58 @@ impl SessionHandle {
     /// What waits for a connection's task, or for a session moving between connections, is
     /// bounded like the session's own queue (plus its in-flight window): a task that falls
     /// behind cannot make the broker hold more than the session itself would.
-    pub(crate) fn deliver(&self, now: Instant, delivery: Delivery, config: &Config) -> bool {
+    ///
+    /// A QoS 1 or 2 message for a persistent session is stored, under a new sequence number,
+    /// before anyone can act on it; storing happens under the session's lock, so it is
+    /// recorded before any acknowledgement that removes it.
+    pub(crate) fn deliver(&self, now: Instant, mut delivery: Delivery, inner: &Inner) -> bool {
+        let config = &inner.config;
         let limit = config.max_queued_messages.max(1) + usize::from(config.max_inflight_messages);
+        let persist = delivery.qos != QoS::AtMostOnce && self.persistent.load(Ordering::Relaxed);
+        let store = |d: &mut Delivery| {
+            if persist {
+                d.store_seq = Some(inner.next_seq.fetch_add(1, Ordering::Relaxed));
+                inner.storage.store_delivery(&self.client_id, d);
+                update_flag(&self.stored_messages, true);
+            } else {
+                d.store_seq = None;
+            }
+        };
         let mut slot = self.slot.lock();
         match &mut *slot {
-            Slot::Online { mailbox } => mailbox.push(delivery, limit),
+            Slot::Online { mailbox } => mailbox.push(delivery, limit, store),
             Slot::Transferring { buffer } if buffer.len() < limit => {
+                store(&mut delivery);
                 buffer.push(delivery);
                 true
             }
             Slot::Transferring { .. } | Slot::Ended => false,
             Slot::Offline { session, .. } => {
-                if delivery.qos != QoS::AtMostOnce || config.offline_qos0 == OfflineQos0::Queue {
-                    matches!(session.enqueue(now, delivery), Enqueued::Queued)
-                } else {
-                    false
+                if delivery.qos == QoS::AtMostOnce && config.offline_qos0 != OfflineQos0::Queue {
+                    return false;
                 }
+                // The sequence number goes with the message into the queue; it is stored
+                // only if the queue took it.
+                store_seq_only(&mut delivery, persist, &inner.next_seq);
+                let queued = matches!(session.enqueue(now, delivery.clone()), Enqueued::Queued);
+                if queued && persist {
+                    inner.storage.store_delivery(&self.client_id, &delivery);
+                    update_flag(&self.stored_messages, true);
+                }
+                queued
             }
         }
+    }
+}
+
+fn store_seq_only(delivery: &mut Delivery, persist: bool, next: &AtomicU64) {
+    delivery.store_seq = persist.then(|| next.fetch_add(1, Ordering::Relaxed));
+}
+
+/// Stores `value` only if it changed, so an unchanged flag costs other cores no cache traffic.
+pub(crate) fn update_flag(flag: &AtomicBool, value: bool) {
+    if flag.load(Ordering::Relaxed) != value {
+        flag.store(value, Ordering::Relaxed);
     }
 }
 
@@ -181,6 +232,10 @@ pub(crate) struct Inner {
     pub(crate) started: Instant,
     next_key: AtomicU64,
     next_generation: AtomicU64,
+    /// The next [`Delivery::store_seq`].
+    pub(crate) next_seq: AtomicU64,
+    /// Whether acknowledgements wait for storage (see [`Storage::is_durable`]).
+    pub(crate) durable: bool,
     id_seed: u64,
 }
 
@@ -193,6 +248,7 @@ impl Inner {
         storage: Arc<dyn Storage>,
     ) -> Self {
         let server_config = config.server_config();
+        let durable = storage.is_durable();
         Self {
             config,
             server_config,
@@ -210,6 +266,8 @@ impl Inner {
             started: Instant::now(),
             next_key: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
+            next_seq: AtomicU64::new(1),
+            durable,
             id_seed: std::collections::hash_map::RandomState::new()
                 .build_hasher()
                 .finish(),
@@ -258,7 +316,39 @@ impl Inner {
             subscriptions: Mutex::new(HashMap::new()),
             congested: AtomicBool::new(false),
             saturated: AtomicBool::new(false),
+            persistent: AtomicBool::new(false),
+            stored: AtomicBool::new(false),
+            stored_messages: AtomicBool::new(false),
         })
+    }
+
+    /// Removes what storage holds of a session.
+    fn forget_stored(&self, handle: &SessionHandle) {
+        if handle.stored.swap(false, Ordering::Relaxed) {
+            self.storage.remove_session(&handle.client_id);
+        }
+        if handle.stored_messages.swap(false, Ordering::Relaxed) {
+            self.storage.remove_messages(&handle.client_id);
+        }
+    }
+
+    /// A stored delivery that will not be delivered after all: forget it.
+    pub(crate) fn discard(&self, client_id: &ClientId, delivery: &Delivery) {
+        if delivery.store_seq.is_some() {
+            self.storage.delivery_done(client_id, delivery);
+        }
+    }
+
+    /// Queues in `session` what waited for it while it moved; stored messages the queue
+    /// cannot take are forgotten.
+    fn enqueue_all(&self, now: Instant, session: &mut Session, waiting: Vec<Delivery>) {
+        for d in waiting {
+            let offline_drop =
+                d.qos == QoS::AtMostOnce && self.config.offline_qos0 != OfflineQos0::Queue;
+            if offline_drop || session.enqueue(now, d.clone()) != Enqueued::Queued {
+                self.discard(session.client_id(), &d);
+            }
+        }
     }
 
     /// Finds or creates the session for a connecting client, taking it over from another
@@ -356,7 +446,9 @@ impl Inner {
             let mut slot = existing.slot.lock();
             if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, online()) {
                 for d in buffer {
-                    let _ = old.enqueue(now, d);
+                    if old.enqueue(now, d.clone()) != Enqueued::Queued {
+                        self.discard(client_id, &d);
+                    }
                 }
             }
             drop(slot);
@@ -393,7 +485,7 @@ impl Inner {
             .map(|(f, _)| f)
             .collect();
         self.unsubscribe_all(handle.key, &filters);
-        self.storage.remove_session(&handle.client_id);
+        self.forget_stored(handle);
         let Some(mut session) = session else { return };
         // Messages this session got through a shared subscription and never acknowledged go
         // to another member of the group.
@@ -425,36 +517,54 @@ impl Inner {
         if let Some((_, sub)) = chosen {
             delivery.qos = delivery.message.qos.min(sub.options.qos);
             delivery.retain = false;
-            if !sub.handle.deliver(now, delivery, &self.config) {
+            delivery.store_seq = None;
+            if !sub.handle.deliver(now, delivery, self) {
                 self.metrics.messages_dropped.inc();
             }
         }
     }
 
-    /// Stores a session whose connection closed, and runs its timers.
+    /// Stores a session whose connection closed at `since`, and runs its timers.
     pub(crate) fn park_session(
         self: &Arc<Self>,
         now: Instant,
         handle: &Arc<SessionHandle>,
         session: Session,
+        since: SystemTime,
     ) {
+        let generation = self.hold_session(now, handle, session, since);
+        self.start_session_timers(now, handle, generation);
+    }
+
+    /// Puts a session whose connection closed in its slot; returns its generation.
+    fn hold_session(
+        &self,
+        now: Instant,
+        handle: &Arc<SessionHandle>,
+        mut session: Session,
+        since: SystemTime,
+    ) -> u64 {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let mut session = session;
-        {
-            let mut slot = handle.slot.lock();
-            // Messages routed while the connection was closing waited in the slot.
-            if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, Slot::Ended) {
-                for d in buffer {
-                    if d.qos != QoS::AtMostOnce || self.config.offline_qos0 == OfflineQos0::Queue {
-                        let _ = session.enqueue(now, d);
-                    }
-                }
-            }
-            *slot = Slot::Offline {
-                session: Box::new(session),
-                generation,
-            };
+        let mut slot = handle.slot.lock();
+        // Messages routed while the connection was closing waited in the slot.
+        if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, Slot::Ended) {
+            self.enqueue_all(now, &mut session, buffer);
         }
+        *slot = Slot::Offline {
+            session: Box::new(session),
+            generation,
+            since,
+        };
+        generation
+    }
+
+    /// Runs an offline session's timers now and whenever they are due.
+    fn start_session_timers(
+        self: &Arc<Self>,
+        now: Instant,
+        handle: &Arc<SessionHandle>,
+        generation: u64,
+    ) {
         if let Some(next) = self.run_session_timers(now, handle, generation) {
             let inner = self.clone();
             let handle = handle.clone();
@@ -488,6 +598,7 @@ impl Inner {
             let Slot::Offline {
                 session,
                 generation: g,
+                since,
             } = &mut *slot
             else {
                 return None;
@@ -497,7 +608,12 @@ impl Inner {
             }
             match session.handle_timeout(now) {
                 Some(SessionEvent::WillDue(will)) => {
+                    let expiry = session.expiry_interval();
+                    let since = *since;
                     drop(slot);
+                    // Stored without its will first, so that a restart does not publish it
+                    // twice.
+                    self.save_session(handle, expiry, None, Some(since));
                     self.publish_will(now, will);
                 }
                 Some(SessionEvent::Expired { will }) => {
@@ -528,11 +644,20 @@ impl Inner {
         self.storage.retain(message);
     }
 
-    /// Records a persistent session and its subscriptions in storage.
-    pub(crate) fn save_session(&self, handle: &SessionHandle, expiry_interval: u32) {
-        if expiry_interval == 0 {
+    /// Records a session in storage: a persistent one with its subscriptions, or one that
+    /// ends with its connection only while it has a will to publish if the broker crashes.
+    pub(crate) fn save_session(
+        &self,
+        handle: &SessionHandle,
+        expiry_interval: u32,
+        will: Option<StoredWill>,
+        disconnected_at: Option<SystemTime>,
+    ) {
+        if expiry_interval == 0 && will.is_none() {
+            self.forget_stored(handle);
             return;
         }
+        update_flag(&handle.stored, true);
         let subscriptions = handle
             .subscriptions
             .lock()
@@ -543,20 +668,58 @@ impl Inner {
             client_id: handle.client_id.clone(),
             expiry_interval,
             subscriptions,
+            will,
+            disconnected_at,
         };
         self.storage.save_session(&record);
     }
 
-    /// Restores the sessions storage kept: offline, with their subscriptions, their expiry
-    /// counting from now.
-    pub(crate) fn restore_sessions(self: &Arc<Self>, now: Instant, records: Vec<SessionRecord>) {
-        for record in records {
-            let session = Session::new(
+    /// Restores what storage kept: sessions go offline with their subscriptions, messages and
+    /// QoS 2 state; a connection the broker lost when it stopped counts as lost then, so will
+    /// delays and session expiry run from that moment. Timers start only once every session
+    /// is back, so that a will reaches the sessions restored after its own.
+    pub(crate) fn restore_sessions(self: &Arc<Self>, recovered: Recovered) {
+        let clock = Clock::now();
+        let now = clock.instant;
+        self.next_seq
+            .fetch_max(recovered.next_seq.max(1), Ordering::Relaxed);
+        let mut held = Vec::with_capacity(recovered.sessions.len());
+        for stored in recovered.sessions {
+            let record = stored.record;
+            let mut session = Session::new(
                 record.client_id.clone(),
                 record.expiry_interval,
                 self.config.queue_limits(),
             );
             let handle = self.new_handle(&record.client_id, Slot::Ended);
+            handle.stored.store(true, Ordering::Relaxed);
+            handle.stored_messages.store(true, Ordering::Relaxed);
+            handle
+                .persistent
+                .store(record.expiry_interval > 0, Ordering::Relaxed);
+            for StoredDelivery { delivery, flow } in stored.deliveries {
+                match flow {
+                    Some((packet_id, state)) => {
+                        session.restore_in_flight(packet_id, delivery, state)
+                    }
+                    None => {
+                        if session.enqueue(now, delivery.clone()) != Enqueued::Queued {
+                            self.discard(&record.client_id, &delivery);
+                        }
+                    }
+                }
+            }
+            for packet_id in stored.pending_releases {
+                session.restore_pending_release(packet_id);
+            }
+            let since = record
+                .disconnected_at
+                .or(recovered.crashed_at)
+                .unwrap_or(clock.system);
+            session.disconnected(
+                clock.to_instant(record::millis(since)),
+                record.will.map(|w| (w.will, w.delay)),
+            );
             let subs: Vec<(TopicFilter, Subscriber)> = record
                 .subscriptions
                 .into_iter()
@@ -581,7 +744,17 @@ impl Inner {
                 }
             }
             self.sessions.insert(record.client_id, handle.clone());
-            self.park_session(now, &handle, session);
+            held.push((handle, session, since));
+        }
+        let held: Vec<_> = held
+            .into_iter()
+            .map(|(handle, session, since)| {
+                let generation = self.hold_session(now, &handle, session, since);
+                (handle, generation)
+            })
+            .collect();
+        for (handle, generation) in held {
+            self.start_session_timers(now, &handle, generation);
         }
     }
 
@@ -695,7 +868,7 @@ impl Inner {
             return;
         }
         let delivery = Self::delivery(message, options, subscription_ids, shared);
-        if !handle.deliver(now, delivery, &self.config) {
+        if !handle.deliver(now, delivery, self) {
             self.metrics.messages_dropped.inc();
         }
     }
@@ -713,6 +886,7 @@ impl Inner {
             retain: options.retain_as_published && message.retain,
             subscription_ids,
             shared,
+            store_seq: None,
         }
     }
 
@@ -743,31 +917,34 @@ mod tests {
             max_inflight_messages: 2,
             ..Config::default()
         };
+        let inner = Inner::new(
+            config,
+            Arc::new(crate::hooks::NoHooks),
+            AccessControl::default(),
+            ScramServer::new([0; 32]),
+            Arc::new(crate::storage::MemoryStorage::default()),
+        );
         let mailbox = Arc::new(Mailbox::default());
-        let handle = SessionHandle {
-            key: 1,
-            client_id: ClientId::try_from("c").unwrap(),
-            slot: Mutex::new(Slot::Online {
+        let handle = inner.new_handle(
+            &ClientId::try_from("c").unwrap(),
+            Slot::Online {
                 mailbox: mailbox.clone(),
-            }),
-            subscriptions: Mutex::new(HashMap::new()),
-            congested: AtomicBool::new(false),
-            saturated: AtomicBool::new(false),
-        };
+            },
+        );
         let now = Instant::now();
         let accepted = (0..10)
-            .filter(|_| handle.deliver(now, delivery(QoS::AtLeastOnce), &config))
+            .filter(|_| handle.deliver(now, delivery(QoS::AtLeastOnce), &inner))
             .count();
         assert_eq!(accepted, 5, "queue limit plus in-flight window");
         assert_eq!(mailbox.take().deliveries.len(), 5);
         assert!(
-            handle.deliver(now, delivery(QoS::AtLeastOnce), &config),
+            handle.deliver(now, delivery(QoS::AtLeastOnce), &inner),
             "room again once taken"
         );
 
         *handle.slot.lock() = Slot::Transferring { buffer: Vec::new() };
         let accepted = (0..10)
-            .filter(|_| handle.deliver(now, delivery(QoS::AtMostOnce), &config))
+            .filter(|_| handle.deliver(now, delivery(QoS::AtMostOnce), &inner))
             .count();
         assert_eq!(accepted, 5);
     }

@@ -10,6 +10,8 @@ use mqttd_proto::session::{QueueLimits, NEVER_EXPIRES};
 use mqttd_proto::QoS;
 use serde::Deserialize;
 
+use crate::storage::Durability;
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -158,6 +160,14 @@ pub struct Config {
     pub offline_qos0: OfflineQos0,
     /// Seconds between `$SYS` updates; 0 disables them (`sys_interval`).
     pub sys_interval: u64,
+    /// Keep persistent sessions, their messages and retained messages in a store in
+    /// `data_dir`, so that they survive a restart or a crash.
+    pub persistence: bool,
+    /// When an acknowledgement may leave: see [`Durability`].
+    pub durability: Durability,
+    /// Milliseconds: the longest `durability = "batch"` waits for an fsync, and
+    /// `durability = "none"` for any write.
+    pub sync_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -170,7 +180,7 @@ impl Default for Config {
             acl_file: None,
             max_keepalive: 0,
             max_queued_messages: 1000,
-            max_queued_bytes: 0,
+            max_queued_bytes: 64 * 1024 * 1024,
             max_inflight_messages: 64,
             max_packet_size: 1024 * 1024,
             receive_maximum: 1024,
@@ -187,6 +197,9 @@ impl Default for Config {
             max_session_expiry: None,
             offline_qos0: OfflineQos0::Drop,
             sys_interval: 10,
+            persistence: true,
+            durability: Durability::Sync,
+            sync_interval_ms: 100,
         }
     }
 }

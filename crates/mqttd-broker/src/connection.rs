@@ -6,18 +6,25 @@
 //! pauses while too much output is waiting, so a client that does not read cannot make the
 //! broker buffer without bound; QoS 0 messages for such a client are dropped, QoS 1 and 2
 //! messages wait in its session's bounded queue.
+//!
+//! Persist, then acknowledge: a packet that depends on a change to durable state (PUBACK after
+//! a message was stored, SUBACK after a subscription was, PUBREL after a QoS 2 state change, a
+//! PUBLISH of a stored message) is encoded at once but written only when the storage's
+//! watermark passes the change. Meanwhile the connection goes on reading, so many messages
+//! share one sync.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn, Instrument};
 
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::server::{Accept, ConnectRequest, Event, ServerConnection};
-use mqttd_proto::session::Session;
+use mqttd_proto::session::{Enqueued, OutboundState, Session};
 use mqttd_proto::{
     Delivery, InboundPublish, Message, MqttStr, ProtocolVersion, QoS, ReasonCode, Subscribe,
     Unsubscribe,
@@ -25,8 +32,9 @@ use mqttd_proto::{
 
 use crate::auth::scram::MECHANISM;
 use crate::auth::ScramServerFirstSent;
-use crate::broker::{Inner, Mailbox, SessionHandle, Slot, Subscriber};
+use crate::broker::{update_flag, Inner, Mailbox, SessionHandle, Slot, Subscriber};
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer};
+use crate::storage::{StoredWill, Watermark};
 
 /// Output waiting beyond this many bytes pauses reading and drops QoS 0 deliveries.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
@@ -70,6 +78,40 @@ struct Connection {
     scram_user: Option<MqttStr>,
     /// A session acquired for a connection that closed before CONNACK.
     unaccepted: Option<Box<Session>>,
+    /// The client's will, kept with its session record in storage.
+    will: Option<Box<StoredWill>>,
+    /// The number of the latest storage change that output must wait for.
+    needs: u64,
+    /// Output waiting for storage; created the first time some does.
+    gate: Option<Box<Gate>>,
+}
+
+/// Output held back until storage is durable up to a change.
+struct Gate {
+    watermark: watch::Receiver<Watermark>,
+    /// From which stream offset output waits for which change, oldest first.
+    holds: VecDeque<(u64, u64)>,
+    /// Stream offset of the first byte in the write buffer.
+    base: u64,
+}
+
+impl Gate {
+    /// Releases what the watermark now covers; false if storage failed.
+    fn release(&mut self) -> bool {
+        let w = *self.watermark.borrow_and_update();
+        while self.holds.front().is_some_and(|&(_, t)| t <= w.durable) {
+            self.holds.pop_front();
+        }
+        !w.failed || self.holds.is_empty()
+    }
+
+    /// How much of a write buffer of `len` bytes may be written.
+    fn writable(&self, len: usize) -> usize {
+        match self.holds.front() {
+            Some(&(offset, _)) => (offset.saturating_sub(self.base) as usize).min(len),
+            None => len,
+        }
+    }
 }
 
 /// Work on an event that has to wait for something.
@@ -78,11 +120,6 @@ enum Waiting {
     Connect(ConnectRequest),
     /// The client's answer in a SCRAM exchange.
     AuthContinue(Option<bytes::Bytes>),
-    /// Acknowledge a message once storage has synced.
-    Sync {
-        packet_id: mqttd_proto::PacketId,
-        reason: ReasonCode,
-    },
 }
 
 /// A SCRAM exchange in progress: at CONNECT (with the request to finish) or a re-authentication.
@@ -110,7 +147,28 @@ impl Connection {
             scram: None,
             scram_user: None,
             unaccepted: None,
+            will: None,
+            needs: 0,
+            gate: None,
         }
+    }
+
+    /// Output produced from now on waits until storage is durable up to its latest change.
+    fn wrote(&mut self) {
+        if self.inner.durable {
+            self.needs = self.inner.storage.written();
+        }
+    }
+
+    fn client_id(&self) -> Option<&mqttd_proto::ClientId> {
+        self.handle.as_ref().map(|h| &h.client_id)
+    }
+
+    /// Bytes of the write buffer that may go out now.
+    fn writable(&self) -> usize {
+        self.gate
+            .as_ref()
+            .map_or(self.wbuf.len(), |g| g.writable(self.wbuf.len()))
     }
 
     async fn run<S>(&mut self, stream: S)
@@ -124,7 +182,7 @@ impl Connection {
         let mailbox = self.mailbox.clone();
         let mut shutting_down = false;
         loop {
-            self.flush_transmits();
+            // Events first: what they record in storage decides which output must wait.
             self.process_events().await;
             self.flush_transmits();
             if self.conn.is_closed() {
@@ -134,7 +192,9 @@ impl Connection {
                 .conn
                 .poll_timeout()
                 .map(|t| tokio::time::Instant::now() + t.saturating_duration_since(Instant::now()));
-            let writing = !self.wbuf.is_empty();
+            let writable = self.writable();
+            let writing = writable > 0;
+            let holding = self.gate.as_ref().is_some_and(|g| !g.holds.is_empty());
             let reading = self.wbuf.len() < WRITE_HIGH_WATER;
             if let Some(handle) = &self.handle {
                 let saturated = self
@@ -144,6 +204,7 @@ impl Connection {
                 update_flag(&handle.congested, !reading);
                 update_flag(&handle.saturated, saturated);
             }
+            let mut gate = self.gate.take();
             if rbuf.capacity() - rbuf.len() < MIN_READ {
                 rbuf.reserve(read_size);
             }
@@ -170,10 +231,14 @@ impl Connection {
                         self.deliver(now, delivery);
                     }
                 }
-                res = wr.write_buf(&mut self.wbuf), if writing => match res {
+                res = wr.write(&self.wbuf[..writable]), if writing => match res {
                     Ok(0) | Err(_) => self.conn.connection_lost(Instant::now()),
                     Ok(n) => {
                         self.inner.metrics.bytes_sent.inc_by(n as u64);
+                        bytes::Buf::advance(&mut self.wbuf, n);
+                        if let Some(gate) = &mut gate {
+                            gate.base += n as u64;
+                        }
                         if self.wbuf.is_empty() {
                             // Hold no output buffer while there is nothing to send.
                             self.wbuf = BytesMut::new();
@@ -198,15 +263,35 @@ impl Connection {
                         }
                     }
                 },
+                _ = durable(&mut gate), if holding => {
+                    if let Some(g) = &mut gate {
+                        if !g.release() {
+                            warn!("storage failed; closing the connection");
+                            self.conn.disconnect(Instant::now(), ReasonCode::UnspecifiedError);
+                        }
+                    }
+                }
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     self.conn.handle_timeout(Instant::now());
                 }
             }
+            if self.gate.is_none() {
+                self.gate = gate;
+            }
         }
-        // Send what is left (CONNACK refusal, DISCONNECT), briefly.
+        // Send what is left (CONNACK refusal, DISCONNECT), briefly; what waits for storage goes
+        // once it is durable.
         if !self.wbuf.is_empty() {
             let flush = async {
-                let _ = wr.write_all(&self.wbuf).await;
+                if let Some(gate) = &mut self.gate {
+                    while !gate.holds.is_empty() {
+                        if gate.watermark.changed().await.is_err() || !gate.release() {
+                            break;
+                        }
+                    }
+                }
+                let writable = self.writable();
+                let _ = wr.write_all(&self.wbuf[..writable]).await;
                 let _ = wr.flush().await;
             };
             let _ = Box::pin(tokio::time::timeout(
@@ -223,6 +308,7 @@ impl Connection {
         let Some(version) = self.conn.version() else {
             return;
         };
+        let start = self.wbuf.len();
         while let Some(packet) = self.conn.poll_transmit() {
             if matches!(packet, mqttd_proto::Packet::Publish(_)) {
                 self.inner.metrics.messages_sent.inc();
@@ -230,6 +316,23 @@ impl Connection {
             if let Err(e) = packet.encode(version, &mut self.wbuf) {
                 warn!(error = %e, "dropping a packet that cannot be encoded");
             }
+        }
+        if self.needs == 0 || self.wbuf.len() == start {
+            return;
+        }
+        let gate = self.gate.get_or_insert_with(|| {
+            Box::new(Gate {
+                watermark: self.inner.storage.watermark(),
+                holds: VecDeque::new(),
+                base: 0,
+            })
+        });
+        if gate.watermark.borrow().durable >= self.needs {
+            return;
+        }
+        // Everything encoded now was produced after the change: it all waits.
+        if gate.holds.back().is_none_or(|&(_, t)| t < self.needs) {
+            gate.holds.push_back((gate.base + start as u64, self.needs));
         }
     }
 
@@ -286,16 +389,29 @@ impl Connection {
                     .inner
                     .authorize(client, Action::Receive, &delivery.message.topic)
                 {
+                    self.discard(&delivery);
                     return;
                 }
             }
         }
+        if delivery.store_seq.is_some() {
+            // Stored by whoever routed it: sending it waits until that is durable.
+            self.wrote();
+        }
+        let stored = delivery.store_seq.is_some().then(|| delivery.clone());
         let outcome = self.conn.deliver(now, delivery);
-        if !matches!(
-            outcome,
-            mqttd_proto::session::Enqueued::Sent | mqttd_proto::session::Enqueued::Queued
-        ) {
+        if !matches!(outcome, Enqueued::Sent | Enqueued::Queued) {
             self.inner.metrics.messages_dropped.inc();
+            if let Some(d) = stored {
+                self.discard(&d);
+            }
+        }
+    }
+
+    /// Forgets a stored delivery that will not be delivered.
+    fn discard(&self, delivery: &Delivery) {
+        if let Some(handle) = &self.handle {
+            self.inner.discard(&handle.client_id, delivery);
         }
     }
 
@@ -304,7 +420,6 @@ impl Connection {
     async fn process_events(&mut self) {
         while let Some(waiting) = self.process_ready_events() {
             Box::pin(self.complete(waiting)).await;
-            self.flush_transmits();
         }
     }
 
@@ -312,15 +427,6 @@ impl Connection {
         match waiting {
             Waiting::Connect(request) => self.on_connect(request).await,
             Waiting::AuthContinue(data) => self.on_auth_continue(data).await,
-            Waiting::Sync { packet_id, reason } => {
-                if let Err(error) = self.inner.storage.sync().await {
-                    warn!(%error, "storage sync failed; message not acknowledged");
-                    self.conn
-                        .disconnect(Instant::now(), ReasonCode::UnspecifiedError);
-                    return;
-                }
-                let _ = self.conn.publish_ack(packet_id, reason);
-            }
         }
     }
 
@@ -331,16 +437,27 @@ impl Connection {
                 Event::Connect(request) => return Some(Waiting::Connect(request)),
                 Event::AuthContinue { data } => return Some(Waiting::AuthContinue(data)),
                 Event::ReAuthenticate { data } => self.on_reauthenticate(data),
-                Event::Publish(publish) => {
-                    if let Some(waiting) = self.on_publish(publish) {
-                        return Some(waiting);
-                    }
-                }
+                Event::Publish(publish) => self.on_publish(publish),
                 Event::Subscribe(subscribe) => self.on_subscribe(subscribe),
                 Event::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
-                Event::Delivered { .. }
-                | Event::Released { .. }
-                | Event::InboundReleased { .. } => {}
+                Event::Delivered { delivery, .. } => self.discard(&delivery),
+                Event::Sent {
+                    packet_id,
+                    store_seq,
+                } => self.flow_moved(store_seq, packet_id, OutboundState::PublishSent),
+                Event::Released {
+                    packet_id,
+                    store_seq: Some(store_seq),
+                } => self.flow_moved(store_seq, packet_id, OutboundState::ReleaseSent),
+                Event::Released { .. } => {}
+                Event::InboundReleased { packet_id } => {
+                    if self.persistent() {
+                        if let Some(id) = self.client_id() {
+                            self.inner.storage.pending_release(id, packet_id, false);
+                            self.wrote();
+                        }
+                    }
+                }
                 Event::Closed { reason, by_client } => {
                     if let Some(client) = &self.client {
                         self.inner.metrics.clients_connected.dec();
@@ -354,7 +471,6 @@ impl Connection {
                     }
                 }
             }
-            self.flush_transmits();
         }
         None
     }
@@ -533,13 +649,22 @@ impl Connection {
         info!(version = %client.version, session_present = acquired.present, keep_alive = request.keep_alive, "client connected");
         self.inner.metrics.clients_connected.inc();
         self.inner.hooks.on_connected(&client);
+        if let Some(handle) = &self.handle {
+            update_flag(&handle.persistent, request.session_expiry_interval > 0);
+        }
+        // Kept in storage with the session, so that it is published even if the broker
+        // crashes while the client is connected.
+        self.will = request.connect.will.clone().map(|will| {
+            let delay = will.properties.will_delay_interval.unwrap_or(0);
+            Box::new(StoredWill { will, delay })
+        });
         self.save_session();
         self.client = Some(Box::new(client));
     }
 
-    /// Routes a message and acknowledges it, unless storage must sync first: then the
-    /// acknowledgement waits (persist, then acknowledge).
-    fn on_publish(&mut self, publish: InboundPublish) -> Option<Waiting> {
+    /// Routes a message and acknowledges it; if that stored anything, the acknowledgement
+    /// waits in the output until it is durable (persist, then acknowledge).
+    fn on_publish(&mut self, publish: InboundPublish) {
         let now = Instant::now();
         self.inner.metrics.messages_received.inc();
         let InboundPublish {
@@ -550,22 +675,34 @@ impl Connection {
         let reason = match self.admit(&mut message) {
             Ok(()) => {
                 let message = Arc::new(message);
+                // One atomic write for everything this publication changes.
+                let batch = self.inner.durable && message.qos != QoS::AtMostOnce;
+                if batch {
+                    self.inner.storage.begin_batch();
+                }
+                let before = self.inner.storage.written();
                 if message.retain {
                     self.inner.retain(&message);
                 }
                 let key = self.handle.as_ref().map(|h| h.key);
                 let routed = self.inner.route(now, &message, key);
-                let reason = if routed == 0 {
+                if message.qos == QoS::ExactlyOnce && self.persistent() {
+                    if let (Some(handle), Some(packet_id)) = (&self.handle, packet_id) {
+                        self.inner
+                            .storage
+                            .pending_release(&handle.client_id, packet_id, true);
+                        update_flag(&handle.stored_messages, true);
+                    }
+                }
+                let recorded = batch && self.inner.storage.commit_batch();
+                if recorded || self.inner.storage.written() != before {
+                    self.wrote();
+                }
+                if routed == 0 {
                     ReasonCode::NoMatchingSubscribers
                 } else {
                     ReasonCode::Success
-                };
-                // Persist, then acknowledge: what the message changed must be durable first.
-                let durable = self.inner.storage.is_durable() && (routed > 0 || message.retain);
-                if let (Some(packet_id), true) = (packet_id, durable) {
-                    return Some(Waiting::Sync { packet_id, reason });
                 }
-                reason
             }
             Err(reason) => {
                 self.inner.metrics.messages_dropped.inc();
@@ -576,7 +713,26 @@ impl Connection {
         if let Some(id) = packet_id {
             let _ = self.conn.publish_ack(id, reason);
         }
-        None
+    }
+
+    /// Whether the session outlives the connection.
+    fn persistent(&self) -> bool {
+        self.conn.session().is_some_and(|s| s.expiry_interval() > 0)
+    }
+
+    /// Records where a stored QoS 2 message's flow stands.
+    fn flow_moved(
+        &mut self,
+        store_seq: u64,
+        packet_id: mqttd_proto::PacketId,
+        state: OutboundState,
+    ) {
+        if let Some(id) = self.client_id() {
+            self.inner
+                .storage
+                .delivery_flow(id, store_seq, packet_id, state);
+            self.wrote();
+        }
     }
 
     /// Checks a published message against limits, ACL and hooks.
@@ -659,6 +815,7 @@ impl Connection {
                             retain: true,
                             subscription_ids: sub.id.into_iter().collect(),
                             shared: None,
+                            store_seq: None,
                             message,
                         });
                     }
@@ -697,10 +854,17 @@ impl Connection {
         self.save_session();
     }
 
-    /// Records the session in storage if it is persistent.
-    fn save_session(&self) {
+    /// Records the session in storage if it is persistent or has a will; what the client
+    /// is told next waits until that is durable.
+    fn save_session(&mut self) {
         if let (Some(handle), Some(session)) = (&self.handle, self.conn.session()) {
-            self.inner.save_session(handle, session.expiry_interval());
+            let will = self.will.as_deref().cloned();
+            let before = self.inner.storage.written();
+            self.inner
+                .save_session(handle, session.expiry_interval(), will, None);
+            if self.inner.storage.written() != before {
+                self.wrote();
+            }
         }
     }
 
@@ -722,8 +886,11 @@ impl Connection {
                 *takeover = Some(reply);
             }
             for d in inbox.deliveries {
-                if let Some(s) = session.as_mut() {
-                    let _ = s.enqueue(now, d);
+                let queued = session
+                    .as_mut()
+                    .is_some_and(|s| s.enqueue(now, d.clone()) == Enqueued::Queued);
+                if !queued {
+                    self.inner.discard(&handle.client_id, &d);
                 }
             }
         };
@@ -737,9 +904,16 @@ impl Connection {
                 drop(slot);
                 match session {
                     Some(s) if s.expiry_interval() > 0 => {
-                        // DISCONNECT may have changed the expiry.
-                        self.inner.save_session(&handle, s.expiry_interval());
-                        self.inner.park_session(now, &handle, s);
+                        // DISCONNECT may have changed the expiry; the will, if any, now waits
+                        // for its delay.
+                        let since = SystemTime::now();
+                        let will = s.pending_will().map(|(will, due)| StoredWill {
+                            will: will.clone(),
+                            delay: due.saturating_duration_since(now).as_secs_f64().ceil() as u32,
+                        });
+                        self.inner
+                            .save_session(&handle, s.expiry_interval(), will, Some(since));
+                        self.inner.park_session(now, &handle, s, since);
                     }
                     s => self.inner.end_session(now, &handle, s),
                 }
@@ -754,11 +928,15 @@ impl Connection {
     }
 }
 
-/// Stores `value` only if it changed, so an unchanged flag costs other cores no cache traffic.
-fn update_flag(flag: &std::sync::atomic::AtomicBool, value: bool) {
-    use std::sync::atomic::Ordering::Relaxed;
-    if flag.load(Relaxed) != value {
-        flag.store(value, Relaxed);
+/// Resolves when the watermark moves.
+async fn durable(gate: &mut Option<Box<Gate>>) {
+    match gate {
+        Some(g) => {
+            if g.watermark.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -53,7 +53,7 @@ pub use hooks::{
     Action, ClientInfo, ConnectAttempt, Hooks, Intercept, NoHooks, Peer, Transport, Verdict,
 };
 pub use metrics::Metrics;
-pub use storage::{MemoryStorage, Storage};
+pub use storage::{DiskStorage, Durability, MemoryStorage, Storage};
 
 use broker::Inner;
 use listener::Admission;
@@ -88,7 +88,7 @@ pub enum StartError {
 pub struct BrokerBuilder {
     config: Config,
     hooks: Arc<dyn Hooks>,
-    storage: Arc<dyn Storage>,
+    storage: Option<Arc<dyn Storage>>,
 }
 
 impl BrokerBuilder {
@@ -98,9 +98,10 @@ impl BrokerBuilder {
         self
     }
 
-    /// Uses `storage` for durable state (in memory only by default).
+    /// Uses `storage` for durable state. By default the broker opens a [`DiskStorage`] in
+    /// `data_dir/store` when `persistence` is on, and keeps state in memory only otherwise.
     pub fn storage(mut self, storage: impl Storage) -> Self {
-        self.storage = Arc::new(storage);
+        self.storage = Some(Arc::new(storage));
         self
     }
 
@@ -111,18 +112,21 @@ impl BrokerBuilder {
         let max_connections = self.config.max_connections;
         let secret = load_or_create_secret(&self.config.data_dir.join(SCRAM_SECRET_FILE))?;
         let scram = auth::ScramServer::new(secret);
-        let recovered = self.storage.recover()?;
-        let inner = Arc::new(Inner::new(
-            self.config,
-            self.hooks,
-            access,
-            scram,
-            self.storage,
-        ));
-        for message in recovered.retained {
+        let storage: Arc<dyn Storage> = match self.storage {
+            Some(storage) => storage,
+            None if self.config.persistence => Arc::new(DiskStorage::open(
+                self.config.data_dir.join(STORE_DIR),
+                self.config.durability,
+                Duration::from_millis(self.config.sync_interval_ms.max(1)),
+            )?),
+            None => Arc::new(MemoryStorage::default()),
+        };
+        let mut recovered = storage.recover()?;
+        let inner = Arc::new(Inner::new(self.config, self.hooks, access, scram, storage));
+        for message in std::mem::take(&mut recovered.retained) {
             inner.retained.set(message);
         }
-        inner.restore_sessions(std::time::Instant::now(), recovered.sessions);
+        inner.restore_sessions(recovered);
         let admission = Arc::new(Admission::new(max_connections));
         let mut bound = Vec::new();
         for listener in listeners {
@@ -158,6 +162,9 @@ impl BrokerBuilder {
         Ok(Broker { inner, bound })
     }
 }
+
+/// Directory in the data directory holding the store.
+const STORE_DIR: &str = "store";
 
 /// File in the data directory holding the secret that SCRAM derives fake salts from, so that
 /// answers for unknown users stay the same across restarts.
@@ -209,7 +216,7 @@ impl Broker {
         BrokerBuilder {
             config,
             hooks: Arc::new(NoHooks),
-            storage: Arc::new(MemoryStorage),
+            storage: None,
         }
     }
 
@@ -255,6 +262,7 @@ impl Broker {
         {
             tracing::warn!("connections still open after 10 s; exiting anyway");
         }
+        self.inner.storage.close();
     }
 
     /// A handle that can trigger shutdown from another task.

@@ -388,14 +388,29 @@ async fn no_retained_messages_for_shared_subscriptions_but_for_plain_ones() {
     broker.shutdown().await;
 }
 
-/// Storage that records what the broker tells it, recovers a given state, and holds `sync`
-/// until the test releases it.
+/// Storage that records what the broker tells it, recovers a given state, and makes changes
+/// durable only when the test releases them.
 #[derive(Clone)]
 struct TestStorage {
     recovered_retained: Vec<Arc<Message>>,
-    recovered_sessions: Vec<mqttd_broker::storage::SessionRecord>,
+    recovered_sessions: Vec<mqttd_broker::storage::StoredSession>,
     log: Arc<Mutex<Vec<String>>>,
-    gate: Arc<tokio::sync::Semaphore>,
+    written: Arc<std::sync::atomic::AtomicU64>,
+    watermark: Arc<tokio::sync::watch::Sender<mqttd_broker::storage::Watermark>>,
+}
+
+impl TestStorage {
+    fn note(&self, line: String) {
+        self.log.lock().unwrap().push(line);
+        self.written
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Makes everything recorded so far durable.
+    fn release(&self) {
+        let durable = self.written.load(std::sync::atomic::Ordering::SeqCst);
+        self.watermark.send_modify(|w| w.durable = durable);
+    }
 }
 
 impl mqttd_broker::Storage for TestStorage {
@@ -405,14 +420,13 @@ impl mqttd_broker::Storage for TestStorage {
         Ok(mqttd_broker::storage::Recovered {
             retained: self.recovered_retained.clone(),
             sessions: self.recovered_sessions.clone(),
+            crashed_at: None,
+            next_seq: 1,
         })
     }
 
     fn retain(&self, message: &Arc<Message>) {
-        self.log
-            .lock()
-            .unwrap()
-            .push(format!("retain {}", message.topic));
+        self.note(format!("retain {}", message.topic));
     }
 
     fn save_session(&self, record: &mqttd_broker::storage::SessionRecord) {
@@ -421,25 +435,52 @@ impl mqttd_broker::Storage for TestStorage {
             .iter()
             .map(|s| s.0.to_string())
             .collect();
-        self.log
-            .lock()
-            .unwrap()
-            .push(format!("save {} {:?}", record.client_id, filters));
+        self.note(format!("save {} {:?}", record.client_id, filters));
     }
 
     fn remove_session(&self, client_id: &ClientId) {
-        self.log.lock().unwrap().push(format!("remove {client_id}"));
+        self.note(format!("remove {client_id}"));
     }
 
-    fn sync(&self) -> mqttd_broker::storage::SyncFuture {
-        let gate = self.gate.clone();
-        let log = self.log.clone();
-        Box::pin(async move {
-            let permit = gate.acquire().await.unwrap();
-            permit.forget();
-            log.lock().unwrap().push("sync".into());
-            Ok(())
-        })
+    fn remove_messages(&self, client_id: &ClientId) {
+        self.note(format!("remove messages {client_id}"));
+    }
+
+    fn store_delivery(&self, client_id: &ClientId, delivery: &mqttd_proto::Delivery) {
+        self.note(format!("store {client_id} {}", delivery.message.topic));
+    }
+
+    fn delivery_flow(
+        &self,
+        client_id: &ClientId,
+        store_seq: u64,
+        packet_id: mqttd_proto::PacketId,
+        state: mqttd_proto::session::OutboundState,
+    ) {
+        self.note(format!(
+            "flow {client_id} {store_seq} {packet_id} {state:?}"
+        ));
+    }
+
+    fn delivery_done(&self, client_id: &ClientId, delivery: &mqttd_proto::Delivery) {
+        self.note(format!("done {client_id} {:?}", delivery.store_seq));
+    }
+
+    fn pending_release(
+        &self,
+        client_id: &ClientId,
+        packet_id: mqttd_proto::PacketId,
+        pending: bool,
+    ) {
+        self.note(format!("inbound {client_id} {packet_id} {pending}"));
+    }
+
+    fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn watermark(&self) -> tokio::sync::watch::Receiver<mqttd_broker::storage::Watermark> {
+        self.watermark.subscribe()
     }
 }
 
@@ -454,20 +495,27 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
     retained.retain = true;
     let storage = TestStorage {
         recovered_retained: vec![Arc::new(retained)],
-        recovered_sessions: vec![mqttd_broker::storage::SessionRecord {
-            client_id: ClientId::try_from("sleeper").unwrap(),
-            expiry_interval: 3600,
-            subscriptions: vec![(
-                filter("news/#"),
-                mqttd_proto::SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..Default::default()
-                },
-                None,
-            )],
+        recovered_sessions: vec![mqttd_broker::storage::StoredSession {
+            record: mqttd_broker::storage::SessionRecord {
+                client_id: ClientId::try_from("sleeper").unwrap(),
+                expiry_interval: 3600,
+                subscriptions: vec![(
+                    filter("news/#"),
+                    mqttd_proto::SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        ..Default::default()
+                    },
+                    None,
+                )],
+                will: None,
+                disconnected_at: None,
+            },
+            deliveries: Vec::new(),
+            pending_releases: Vec::new(),
         }],
         log: Arc::default(),
-        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        written: Arc::default(),
+        watermark: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
     };
     let dir = tempfile::tempdir().unwrap();
     let broker_config = Config {
@@ -490,7 +538,8 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
         .unwrap();
     assert_eq!(next_payload(&mut watcher_events).await, "old");
 
-    // A QoS 1 message routed to the recovered session is not acknowledged before sync.
+    // A QoS 1 message routed to the recovered session is stored, and not acknowledged before
+    // that is durable.
     let (publisher, mut pub_events) = client(addr, "writer").await;
     let _ = publisher
         .publish(msg("news/1", "queued", QoS::AtLeastOnce))
@@ -501,13 +550,37 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
         early.is_err(),
         "PUBACK before the storage synced: {early:?}"
     );
-    storage.gate.add_permits(1);
+    storage.release();
     match timeout(WAIT, pub_events.recv()).await.unwrap().unwrap() {
         Event::Delivered { reason, .. } => assert_eq!(reason, ReasonCode::Success),
         other => panic!("expected the PUBACK, got {other:?}"),
     }
 
-    // The recovered session resumes with its subscription and the queued message.
+    // Retained changes reach the storage, and are acknowledged once durable.
+    let mut r = msg("kept/t", "", QoS::AtLeastOnce);
+    r.retain = true;
+    let _ = publisher.publish(r).await.unwrap();
+    let early = timeout(Duration::from_millis(300), pub_events.recv()).await;
+    assert!(
+        early.is_err(),
+        "PUBACK before the retained message was durable"
+    );
+    storage.release();
+    timeout(WAIT, pub_events.recv()).await.unwrap().unwrap();
+    let log = storage.log.lock().unwrap().clone();
+    assert!(log.contains(&"retain kept/t".to_owned()), "{log:?}");
+    assert!(log.contains(&"store sleeper news/1".to_owned()), "{log:?}");
+    // The recovered session resumes with its subscription and the queued message, which goes
+    // out once storage has made the resumption durable.
+    let releaser = {
+        let storage = storage.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                storage.release();
+            }
+        })
+    };
     let mut cfg = config("sleeper");
     cfg.clean_start = false;
     cfg.session_expiry_interval = 3600;
@@ -515,14 +588,8 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
     assert!(ack.session_present);
     assert_eq!(next_payload(&mut sleeper_events).await, "queued");
 
-    // Retained changes reach the storage.
-    storage.gate.add_permits(10);
-    let mut r = msg("kept/t", "", QoS::AtLeastOnce);
-    r.retain = true;
-    let _ = publisher.publish(r).await.unwrap();
-    timeout(WAIT, pub_events.recv()).await.unwrap().unwrap();
+    releaser.abort();
     let log = storage.log.lock().unwrap().clone();
-    assert!(log.contains(&"retain kept/t".to_owned()), "{log:?}");
     assert!(log.iter().any(|l| l.starts_with("save sleeper")), "{log:?}");
     broker.shutdown().await;
 }

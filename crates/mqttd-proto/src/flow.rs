@@ -100,8 +100,14 @@ pub(crate) enum FlowEvent {
         reason: ReasonCode,
         delivery: Delivery,
     },
+    /// A stored QoS 2 message went out under `packet_id`, which must be recorded with it
+    /// before the PUBLISH leaves, so that a restarted broker resends it under the same one.
+    Sent { packet_id: PacketId, store_seq: u64 },
     /// An outgoing QoS 2 message was received by the peer; PUBREL sent.
-    Released { packet_id: PacketId },
+    Released {
+        packet_id: PacketId,
+        store_seq: Option<u64>,
+    },
     /// An incoming QoS 2 message was released by PUBREL; PUBCOMP sent.
     InboundReleased { packet_id: PacketId },
 }
@@ -228,7 +234,15 @@ impl Flows {
             return Enqueued::TooLarge;
         }
         match self.session.outbound.start(delivery.clone()) {
-            Some(id) => self.send_publish(now, Some(id), &delivery, false, out),
+            Some(id) => {
+                if let (QoS::ExactlyOnce, Some(store_seq)) = (delivery.qos, delivery.store_seq) {
+                    self.events.push_back(FlowEvent::Sent {
+                        packet_id: id,
+                        store_seq,
+                    });
+                }
+                self.send_publish(now, Some(id), &delivery, false, out)
+            }
             None => self.session.enqueue(now, delivery),
         }
     }
@@ -338,7 +352,15 @@ impl Flows {
         match self.session.outbound.pubrec(id, rec.reason.is_error()) {
             Ok(Received::Release) => {
                 self.answered(id);
-                self.events.push_back(FlowEvent::Released { packet_id: id });
+                let store_seq = self
+                    .session
+                    .outbound
+                    .get(id)
+                    .and_then(|f| f.delivery.store_seq);
+                self.events.push_back(FlowEvent::Released {
+                    packet_id: id,
+                    store_seq,
+                });
                 out.push_back(Packet::PubRel(PubResponse::success(id)));
             }
             Ok(Received::Refused(delivery)) => {

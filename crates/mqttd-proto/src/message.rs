@@ -156,6 +156,10 @@ pub struct Delivery {
     /// The shared subscription (`$share/...`) this session was chosen from, if any: when the
     /// session ends before acknowledging the message, the broker gives it to another member.
     pub shared: Option<TopicFilter>,
+    /// Where the broker's durable store keeps this delivery: its sequence number among the
+    /// stored messages, or `None` if it is not stored. The state machines only carry it, so
+    /// that every step of the delivery's flow can name its stored record.
+    pub store_seq: Option<u64>,
 }
 
 impl Delivery {
@@ -167,6 +171,7 @@ impl Delivery {
             message,
             subscription_ids: Vec::new(),
             shared: None,
+            store_seq: None,
         }
     }
 }

@@ -170,10 +170,21 @@ pub enum Event {
         /// The message.
         delivery: Delivery,
     },
+    /// A stored QoS 2 message went out under `packet_id` (see [`Delivery::store_seq`]). Record
+    /// the pairing durably before the PUBLISH leaves: a restarted broker must resend the
+    /// message under the same identifier, or the client would take it for a new one.
+    Sent {
+        /// Its identifier.
+        packet_id: PacketId,
+        /// Its [`Delivery::store_seq`].
+        store_seq: u64,
+    },
     /// A QoS 2 message to the client reached PUBREC; PUBREL was sent.
     Released {
         /// Its identifier.
         packet_id: PacketId,
+        /// Its [`Delivery::store_seq`].
+        store_seq: Option<u64>,
     },
     /// A QoS 2 message from the client was released by PUBREL; PUBCOMP was sent.
     InboundReleased {
@@ -960,7 +971,20 @@ impl ServerConnection {
                     reason,
                     delivery,
                 },
-                FlowEvent::Released { packet_id } => Event::Released { packet_id },
+                FlowEvent::Sent {
+                    packet_id,
+                    store_seq,
+                } => Event::Sent {
+                    packet_id,
+                    store_seq,
+                },
+                FlowEvent::Released {
+                    packet_id,
+                    store_seq,
+                } => Event::Released {
+                    packet_id,
+                    store_seq,
+                },
                 FlowEvent::InboundReleased { packet_id } => Event::InboundReleased { packet_id },
             });
         }

@@ -351,8 +351,9 @@ impl Session {
     }
 
     /// Records that the connection closed at `now`, with the will to publish after `delay`
-    /// (`None` when the client disconnected normally). Starts the expiry clock.
-    pub(crate) fn disconnected(&mut self, now: Instant, will: Option<(Will, u32)>) {
+    /// (`None` when the client disconnected normally). Starts the expiry clock. A broker that
+    /// restores a session from storage calls it with the time the connection was lost.
+    pub fn disconnected(&mut self, now: Instant, will: Option<(Will, u32)>) {
         self.will = will.map(|(will, delay)| PendingWill {
             will,
             due: now + Duration::from_secs(delay.into()),
@@ -423,5 +424,37 @@ impl Session {
     /// Whether a will is waiting for its delay.
     pub fn has_pending_will(&self) -> bool {
         self.will.is_some()
+    }
+
+    /// The will waiting for its delay, and when it is due.
+    pub fn pending_will(&self) -> Option<(&Will, Instant)> {
+        self.will.as_ref().map(|w| (&w.will, w.due))
+    }
+
+    /// Puts back a message that was in flight when the session was stored, under the packet
+    /// identifier it went out with, to be resumed on the next connection. Flows resume in
+    /// the order they are restored.
+    pub fn restore_in_flight(
+        &mut self,
+        packet_id: PacketId,
+        delivery: Delivery,
+        state: OutboundState,
+    ) {
+        let seq = self.outbound.next_seq;
+        self.outbound.next_seq += 1;
+        self.outbound.in_flight.insert(
+            packet_id,
+            InFlight {
+                delivery,
+                state,
+                seq,
+            },
+        );
+    }
+
+    /// Puts back the identifier of an incoming QoS 2 message that awaited PUBREL when the
+    /// session was stored, so that its resend is still recognised as a duplicate.
+    pub fn restore_pending_release(&mut self, packet_id: PacketId) {
+        self.inbound_qos2.insert(packet_id);
     }
 }

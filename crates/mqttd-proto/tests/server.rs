@@ -23,7 +23,9 @@ use mqttd_proto::codec::PacketReader;
 use mqttd_proto::server::{
     Accept, ConnectRequest, Event, ServerConfig, ServerConnection, StateError,
 };
-use mqttd_proto::session::{Enqueued, QueueLimits, Session, SessionEvent, NEVER_EXPIRES};
+use mqttd_proto::session::{
+    Enqueued, OutboundState, QueueLimits, Session, SessionEvent, NEVER_EXPIRES,
+};
 use mqttd_proto::{
     ConnAck, Disconnect, DisconnectProperties, Message, Packet, PacketId, ProtocolVersion, Publish,
     QoS, ReasonCode as R, TopicName,
@@ -1442,7 +1444,13 @@ fn qos2_to_the_client_runs_pubrec_pubrel_pubcomp() {
     conn.send(now, pubrec(1));
     let out = conn.out(now);
     assert_eq!(out.raw(), vec![vec![0x62, 2, 0, 1]]);
-    assert_eq!(out.events, vec![Event::Released { packet_id: pid(1) }]);
+    assert_eq!(
+        out.events,
+        vec![Event::Released {
+            packet_id: pid(1),
+            store_seq: None
+        }]
+    );
     // The message still holds its slot until PUBCOMP.
     assert_eq!(conn.server.session().unwrap().queued().count(), 1);
 
@@ -2497,4 +2505,84 @@ fn takeover_sends_0x8e_and_publishes_the_will() {
     let out = conn.out(now);
     assert!(out.packets.is_empty());
     assert_eq!(out.events, vec![closed(R::SessionTakenOver, false)]);
+}
+
+/// What a durable broker relies on: a stored QoS 2 message reports the packet identifier it
+/// went out under before it leaves, PUBREC names the stored message, and a session rebuilt
+/// from storage resumes each flow under its old identifier and state.
+#[test]
+fn stored_qos2_flows_report_their_identifiers_and_resume_after_a_restore() {
+    let clock = Clock::new();
+    let connect = || {
+        ConnectBuilder::v5("c")
+            .clean_start(false)
+            .session_expiry(300)
+    };
+    let (mut conn, _) = Conn::open_with(clock, config(), clock.t0(), connect(), None);
+    let now = clock.at(1);
+    let stored = |payload: &str, seq: u64| {
+        let mut d = delivery("t", Q2, payload);
+        d.store_seq = Some(seq);
+        d
+    };
+    conn.deliver_all(
+        now,
+        vec![
+            (stored("a", 7), Enqueued::Sent),
+            (delivery("t", Q2, "not stored"), Enqueued::Sent),
+            (stored("b", 9), Enqueued::Sent),
+        ],
+    );
+    let out = conn.out(now);
+    assert_eq!(out.publishes().len(), 3);
+    assert_eq!(
+        out.events,
+        vec![
+            Event::Sent {
+                packet_id: pid(1),
+                store_seq: 7
+            },
+            Event::Sent {
+                packet_id: pid(3),
+                store_seq: 9
+            },
+        ],
+        "only stored messages are reported, each with the identifier it went out under"
+    );
+    conn.send(now, pubrec(3));
+    assert_eq!(
+        conn.out(now).events,
+        vec![Event::Released {
+            packet_id: pid(3),
+            store_seq: Some(9)
+        }]
+    );
+
+    // The broker restarts: the session is rebuilt from what it stored.
+    let mut session = Session::new(client_id("c"), 300, QueueLimits::default());
+    session.restore_in_flight(pid(1), stored("a", 7), OutboundState::PublishSent);
+    session.restore_in_flight(pid(3), stored("b", 9), OutboundState::ReleaseSent);
+    session.restore_pending_release(pid(5));
+    session.disconnected(clock.at(2), None);
+    let (mut conn, out) = Conn::open_with(clock, config(), clock.at(3), connect(), Some(session));
+    assert!(conn.connack().session_present);
+    let resent = out.publishes();
+    assert_eq!(resent.len(), 1, "{:?}", out.packets);
+    assert_eq!(resent[0].packet_id, Some(pid(1)));
+    assert!(resent[0].dup, "a resent PUBLISH has DUP set");
+    assert!(
+        out.packets
+            .iter()
+            .any(|p| matches!(p, Packet::PubRel(r) if r.packet_id == pid(3))),
+        "a released flow resumes with PUBREL: {:?}",
+        out.packets
+    );
+    // The incoming QoS 2 identifier still awaits PUBREL: its resend is a duplicate.
+    conn.send(clock.at(3), Packet::Publish(publish("in", Q2, 5, "again")));
+    let out = conn.out(clock.at(3));
+    assert!(
+        out.events.iter().all(|e| !matches!(e, Event::Publish(_))),
+        "a duplicate QoS 2 PUBLISH is not delivered again: {:?}",
+        out.events
+    );
 }

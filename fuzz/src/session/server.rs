@@ -689,7 +689,7 @@ impl<'s> Harness<'s> {
                 }
             }
             Event::InboundReleased { .. } => self.stats.qos2_received += 1,
-            Event::Released { .. } => {}
+            Event::Released { .. } | Event::Sent { .. } => {}
             Event::Closed { reason, by_client } => {
                 if reason == ReasonCode::KeepAliveTimeout && self.in_timer {
                     // [MQTT-3.1.2-22]: one and a half times the keep alive without a packet.

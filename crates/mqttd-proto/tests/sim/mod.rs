@@ -395,6 +395,7 @@ impl Broker {
             }
             server::Event::Delivered { .. }
             | server::Event::Released { .. }
+            | server::Event::Sent { .. }
             | server::Event::InboundReleased { .. } => {}
             server::Event::Closed { reason, by_client } => {
                 let session = self.conns[i].conn.take_session();
@@ -606,6 +607,7 @@ impl Broker {
                             && matching.iter().any(|s| s.options.retain_as_published),
                         subscription_ids: matching.iter().filter_map(|s| s.id).collect(),
                         shared: None,
+                        store_seq: None,
                     },
                 ))
             })

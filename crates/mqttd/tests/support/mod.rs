@@ -6,25 +6,33 @@
 //! parses the bound ports from the lines it prints. It reads the process's resident memory from
 //! `/proc` and scrapes its metrics. Stopping it (explicitly with [`Broker::stop`], or on drop)
 //! sends SIGTERM and asserts that the broker exits with status 0 within
-//! [`SHUTDOWN_TIMEOUT`]: graceful shutdown is a feature, and every test checks it.
+//! [`SHUTDOWN_TIMEOUT`]: graceful shutdown is a feature, and every test checks it. For the
+//! durability tests it can also be killed with SIGKILL ([`Broker::kill`]) and started again on
+//! the same data directory ([`Broker::restart`]), and [`SessionClient`] is a client that keeps
+//! its session across a connection the broker's crash cut, to resume it afterwards.
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+use mqttd_proto::client::{ClientConfig, ClientConnection, ClientError, Event};
 use mqttd_proto::codec::{DecodeError, PacketReader};
+use mqttd_proto::session::{Enqueued, Session};
 use mqttd_proto::{
-    ClientId, Connect, ConnectProperties, Packet, PacketId, ProtocolVersion, QoS,
-    SubscribeProperties, Subscription, SubscriptionOptions, TopicFilter,
+    ClientId, ConnAck, Connect, ConnectProperties, Message, Packet, PacketId, ProtocolVersion, QoS,
+    ReasonCode, SubAck, SubscribeProperties, Subscription, SubscriptionOptions, TopicFilter,
 };
 
 /// How long the broker may take to exit after SIGTERM.
@@ -33,6 +41,11 @@ pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running `mqttd` process.
+///
+/// It owns a temporary directory holding the configuration file, the data directory and one
+/// log file per run, which outlives the process: the process can be killed ([`Broker::kill`])
+/// or shut down ([`Broker::shutdown`]) and started again on the same data
+/// ([`Broker::restart`]).
 pub(crate) struct Broker {
     child: Option<Child>,
     pid: u32,
@@ -41,18 +54,76 @@ pub(crate) struct Broker {
     /// The HTTP listener (`/metrics`, `/health`).
     pub(crate) http: SocketAddr,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    /// Holds `mqttd.toml`, `data/` and the logs.
+    root: PathBuf,
+    /// Runs started so far; names each run's log file.
+    runs: u32,
+    /// Removed on drop.
+    temp: Option<tempfile::TempDir>,
+}
+
+/// The broker exited before printing its listeners.
+#[derive(Debug)]
+pub(crate) struct StartFailure {
+    /// How it exited.
+    pub(crate) status: ExitStatus,
+    /// Everything it wrote to standard error.
+    pub(crate) stderr: String,
+}
+
+impl std::fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "mqttd exited at startup: {}\n--- stderr ---\n{}\n---",
+            self.status, self.stderr
+        )
+    }
 }
 
 impl Broker {
     /// Starts `mqttd` with `config` (TOML) as its configuration file, anonymous access, and
-    /// listeners on ephemeral loopback ports. Logs go to a file, shown when a test fails;
-    /// `MQTTD_TEST_LOG` sets their filter (default `warn`).
+    /// listeners on ephemeral loopback ports, in a temporary directory removed on drop. Logs go
+    /// to a file, shown when a test fails; `MQTTD_TEST_LOG` sets their filter (default `warn`).
     pub(crate) fn start(config: &str) -> Self {
         let dir = tempfile::tempdir().expect("create a temporary directory");
-        let config_path = dir.path().join("mqttd.toml");
-        std::fs::write(&config_path, config).expect("write the configuration");
-        let log = dir.path().join("mqttd.log");
+        let mut broker = Self::prepare(config, dir.path());
+        broker.temp = Some(dir);
+        broker.restart();
+        broker
+    }
+
+    /// A broker that is not running yet, with its configuration written.
+    fn prepare(config: &str, dir: &Path) -> Self {
+        std::fs::write(dir.join("mqttd.toml"), config).expect("write the configuration");
+        Self {
+            child: None,
+            pid: 0,
+            mqtt: unspecified(),
+            http: unspecified(),
+            log: dir.join("mqttd-0.log"),
+            root: dir.to_owned(),
+            runs: 0,
+            temp: None,
+        }
+    }
+
+    /// Starts the broker again on the same directory, after [`Self::kill`] or
+    /// [`Self::shutdown`] (or for the first time). Panics if it does not come up.
+    pub(crate) fn restart(&mut self) {
+        if let Err(failure) = self.try_restart() {
+            panic!("{failure}");
+        }
+    }
+
+    /// As [`Self::restart`], but returns how the broker exited if it exits before printing
+    /// its listeners. Panics if it neither listens nor exits within the startup timeout.
+    pub(crate) fn try_restart(&mut self) -> Result<(), StartFailure> {
+        assert!(self.child.is_none(), "the broker is still running");
+        self.runs += 1;
+        self.log = self.root.join(format!("mqttd-{}.log", self.runs));
+        self.mqtt = unspecified();
+        self.http = unspecified();
         let filter = std::env::var("MQTTD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
         let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
             .args([
@@ -62,17 +133,17 @@ impl Broker {
                 "http://127.0.0.1:0",
             ])
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(self.data_dir())
             .arg("--config")
-            .arg(&config_path)
+            .arg(self.root.join("mqttd.toml"))
             .arg("--allow-anonymous")
             .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(File::create(&log).expect("create the log file"))
+            .stderr(File::create(&self.log).expect("create the log file"))
             .spawn()
             .expect("spawn mqttd");
-        let pid = child.id();
+        self.pid = child.id();
         // Read the listening lines on a thread, which then keeps draining standard output so
         // the broker can never block on a full pipe.
         let stdout = child.stdout.take().expect("piped stdout");
@@ -83,22 +154,35 @@ impl Broker {
                 let _ = tx.send(line);
             }
         });
-        let mut broker = Self {
-            child: Some(child),
-            pid,
-            mqtt: unspecified(),
-            http: unspecified(),
-            log,
-            _dir: dir,
-        };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while broker.mqtt.port() == 0 || broker.http.port() == 0 {
+        while self.mqtt.port() == 0 || self.http.port() == 0 {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = rx.recv_timeout(left) else {
-                panic!(
-                    "mqttd did not print its listeners in time\n{}",
-                    broker.log_tail()
-                );
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Standard output closed: the process is exiting.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if let Some(status) = wait_timeout(&mut child, left) {
+                        return Err(StartFailure {
+                            status,
+                            stderr: self.log_text(),
+                        });
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "mqttd closed its standard output without exiting\n{}",
+                        self.log_tail()
+                    );
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "mqttd did not print its listeners in time\n{}",
+                        self.log_tail()
+                    );
+                }
             };
             let Some(url) = line.strip_prefix("mqttd listening on ") else {
                 continue;
@@ -106,12 +190,39 @@ impl Broker {
             let (scheme, addr) = url.split_once("://").expect("URL with a scheme");
             let addr = addr.parse().expect("listening address");
             match scheme {
-                "tcp" => broker.mqtt = addr,
-                "http" => broker.http = addr,
+                "tcp" => self.mqtt = addr,
+                "http" => self.http = addr,
                 other => panic!("unexpected listener scheme {other}"),
             }
         }
-        broker
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The data directory (`--data-dir`).
+    pub(crate) fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    /// Kills the broker with SIGKILL, as a crash would, and waits until it is gone.
+    pub(crate) fn kill(&mut self) {
+        let mut child = self.child.take().expect("the broker is running");
+        let Some(status) = signal_and_wait(&mut child, "KILL", SHUTDOWN_TIMEOUT) else {
+            panic!("mqttd survived SIGKILL for {SHUTDOWN_TIMEOUT:?}");
+        };
+        // Had it exited on its own before the signal, the test would not be testing a crash.
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "mqttd was not killed by SIGKILL: {status}\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// Sends SIGTERM and asserts that the broker exits with status 0 within
+    /// [`SHUTDOWN_TIMEOUT`]; [`Self::restart`] can start it again.
+    pub(crate) fn shutdown(&mut self) {
+        self.terminate();
     }
 
     /// The process id.
@@ -212,9 +323,14 @@ impl Broker {
         );
     }
 
+    /// The log of the current (or last) run, whole.
+    pub(crate) fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The end of the broker's log, for failure messages.
     pub(crate) fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let log = self.log_text();
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(40)..].join("\n");
         format!("--- mqttd log (last 40 lines) ---\n{tail}\n---")
@@ -248,6 +364,11 @@ fn signal_and_wait(child: &mut Child, signal: &str, timeout: Duration) -> Option
         .status()
         .expect("run kill");
     assert!(sent.success(), "kill -{signal} failed");
+    wait_timeout(child, timeout)
+}
+
+/// Waits up to `timeout` for the process to exit.
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().expect("wait for mqttd") {
@@ -456,5 +577,218 @@ impl RawConn {
                 }
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A client that survives the broker's crash
+// ---------------------------------------------------------------------------------------------
+
+/// How long [`SessionClient::connect`] waits for CONNACK.
+const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An MQTT client driven in the test's own task: `mqttd-proto`'s client state machine over a
+/// TCP connection, with the session kept when the connection is lost.
+///
+/// `mqttd_client` hands a session back only after a DISCONNECT it sent; when the broker dies
+/// the session goes with the connection task. A durable client (one that stores its session,
+/// as MQTT expects of a QoS 2 receiver) keeps it: the identifiers of QoS 2 messages it
+/// acknowledged with PUBREC, so that the broker's retransmission is not taken for a new
+/// message, and its own publications in flight, to resend them. [`SessionClient::into_session`]
+/// returns it after the connection closed, for [`SessionClient::connect`] to resume.
+pub(crate) struct SessionClient {
+    conn: ClientConnection,
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    reader: PacketReader,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// Events read while waiting for something else.
+    stash: std::collections::VecDeque<Event>,
+}
+
+impl SessionClient {
+    /// Connects and waits for a successful CONNACK; `session` (with `config.clean_start`
+    /// false) resumes an earlier connection's session.
+    pub(crate) async fn connect(
+        addr: SocketAddr,
+        config: ClientConfig,
+        session: Option<Session>,
+    ) -> Result<(Self, ConnAck), String> {
+        let client_id = config.client_id.clone();
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("{client_id:?}: connect: {e}"))?;
+        stream.set_nodelay(true).expect("set TCP_NODELAY");
+        let (rd, wr) = stream.into_split();
+        let conn = ClientConnection::new(config, session, Instant::now());
+        let reader = PacketReader::new(conn.max_packet_size());
+        let mut client = Self {
+            conn,
+            rd,
+            wr,
+            reader,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            wbuf: BytesMut::new(),
+            stash: std::collections::VecDeque::new(),
+        };
+        let deadline = tokio::time::Instant::now() + CONNACK_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match client.next_event(left).await {
+                Some(Event::Connected(ack)) => return Ok((client, ack)),
+                Some(Event::Rejected(ack)) => {
+                    return Err(format!("{client_id:?}: refused: {ack:?}"))
+                }
+                Some(Event::Closed { reason, .. }) => {
+                    return Err(format!("{client_id:?}: closed before CONNACK: {reason:?}"))
+                }
+                Some(_) => {}
+                None => {
+                    return Err(format!(
+                        "{client_id:?}: no CONNACK within {CONNACK_TIMEOUT:?}"
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Publishes a message: sent, or queued behind the broker's receive window; an error once
+    /// the connection is closed.
+    pub(crate) fn publish(&mut self, message: Message) -> Result<Enqueued, ClientError> {
+        self.conn
+            .publish(Instant::now(), std::sync::Arc::new(message))
+    }
+
+    /// Subscribes to one filter and waits for SUBACK; other events are kept for
+    /// [`Self::next_event`].
+    pub(crate) async fn subscribe_one(&mut self, filter: &str, qos: QoS) -> SubAck {
+        let subscription = Subscription {
+            filter: TopicFilter::try_from(filter).expect("valid filter"),
+            options: SubscriptionOptions {
+                qos,
+                ..SubscriptionOptions::default()
+            },
+        };
+        let id = self
+            .conn
+            .subscribe(vec![subscription], SubscribeProperties::default())
+            .expect("subscribe on an open connection");
+        let deadline = tokio::time::Instant::now() + CONNACK_TIMEOUT;
+        let mut held = std::collections::VecDeque::new();
+        let ack = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_event(left).await {
+                Some(Event::SubAck(ack)) if ack.packet_id == id => break ack,
+                Some(Event::Closed { reason, .. }) => {
+                    panic!("connection closed before SUBACK for {filter}: {reason:?}")
+                }
+                Some(other) => held.push_back(other),
+                None => panic!("no SUBACK for {filter} within {CONNACK_TIMEOUT:?}"),
+            }
+        };
+        held.append(&mut self.stash);
+        self.stash = held;
+        ack
+    }
+
+    /// Acknowledges an incoming message (configurations with `auto_ack` off). After the
+    /// connection closed nothing is sent, but a QoS 2 message is recorded in the session as
+    /// received, so that its retransmission on the next connection is not reported again.
+    pub(crate) fn ack(&mut self, packet_id: PacketId) {
+        self.conn
+            .ack(packet_id, ReasonCode::Success)
+            .expect("acknowledge a message that awaits it");
+    }
+
+    /// The next event, reading and writing as needed; `None` if nothing happened within
+    /// `timeout`, or if the connection is closed and every event was taken.
+    pub(crate) async fn next_event(&mut self, timeout: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(event) = self.stash.pop_front().or_else(|| self.conn.poll_event()) {
+                return Some(event);
+            }
+            let now = Instant::now();
+            while let Some(packet) = self.conn.poll_transmit(now) {
+                packet
+                    .encode(self.conn.version(), &mut self.wbuf)
+                    .expect("encodable packet");
+            }
+            if self.conn.is_closed() {
+                // A DISCONNECT may be waiting; the broker may be gone, so the result does not
+                // matter.
+                if !self.wbuf.is_empty() {
+                    let _ = self.wr.write_all(&self.wbuf).await;
+                    self.wbuf.clear();
+                }
+                let _ = self.wr.shutdown().await;
+                return None;
+            }
+            let timer = self
+                .conn
+                .poll_timeout()
+                .map(|t| tokio::time::Instant::now() + t.saturating_duration_since(now));
+            let wake = timer.map_or(deadline, |t| t.min(deadline));
+            tokio::select! {
+                biased;
+                res = self.wr.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => {
+                    if !matches!(res, Ok(n) if n > 0) {
+                        self.conn.connection_lost(Instant::now());
+                    }
+                }
+                res = self.rd.read_buf(&mut self.rbuf) => match res {
+                    Ok(0) | Err(_) => self.conn.connection_lost(Instant::now()),
+                    Ok(_) => loop {
+                        match self.reader.read(&mut self.rbuf, Some(self.conn.version())) {
+                            Ok(Some(packet)) => self.conn.handle_packet(Instant::now(), packet),
+                            Ok(None) => break,
+                            Err(e) => {
+                                self.conn.handle_decode_error(Instant::now(), &e);
+                                break;
+                            }
+                        }
+                    },
+                },
+                () = tokio::time::sleep_until(wake) => {
+                    if timer.is_some_and(|t| t <= tokio::time::Instant::now()) {
+                        self.conn.handle_timeout(Instant::now());
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return self.conn.poll_event();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the connection is over.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+
+    /// The session as it stands: the client's publications in flight and queued.
+    pub(crate) fn session(&self) -> &Session {
+        self.conn.session().expect("the session was not taken")
+    }
+
+    /// Sends DISCONNECT (normal: the will is discarded, the session kept) and closes the
+    /// connection; returns the events not yet taken.
+    pub(crate) async fn disconnect(&mut self) -> Vec<Event> {
+        self.conn
+            .disconnect(Instant::now(), ReasonCode::Success, None);
+        let mut events = Vec::new();
+        while let Some(event) = self.next_event(Duration::ZERO).await {
+            events.push(event);
+        }
+        events
+    }
+
+    /// The session to resume, once the connection is closed (lost, or [`Self::disconnect`]).
+    pub(crate) fn into_session(mut self) -> Session {
+        assert!(self.conn.is_closed(), "the connection is still open");
+        self.conn
+            .take_session()
+            .expect("the session of a closed connection")
     }
 }

@@ -1,0 +1,814 @@
+//! [`DiskStorage`]: the broker's state in an embedded log-structured store (fjall) in the data
+//! directory, made durable by one committer thread in groups.
+//!
+//! Recording a change is a write into the store's memory table and journal buffer; nothing
+//! waits for the disk. The committer thread loops: it takes the number of the latest change,
+//! makes the journal durable (`fdatasync` for [`Durability::Sync`], a write to the operating
+//! system for [`Durability::Batch`]), and publishes that number as the watermark. Changes
+//! that arrive during one sync ride on the next, so a single sync covers the changes of every
+//! connection that made one meanwhile (group commit).
+//!
+//! Layout, one keyspace each: `sessions` (client id → record), `deliveries` (client id, 0,
+//! sequence → message), `flows` (same key → QoS 2 packet identifier and state), `inbound`
+//! (client id, 0, packet identifier → nothing), `retained` (topic → message), and `meta`
+//! (`alive`: the last time the broker was known to run; `clean`: it shut down cleanly).
+//! Client identifiers cannot contain U+0000, so `client id, 0` is a prefix no other client
+//! shares.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use mqttd_proto::session::OutboundState;
+use mqttd_proto::{ClientId, Delivery, Message, MqttStr, PacketId, QoS};
+
+use super::record::{self, Clock};
+use super::{
+    Durability, Recovered, SessionRecord, Storage, StorageError, StoredDelivery, StoredSession,
+    Watermark,
+};
+
+/// How often the committer records that the broker is alive, so that after a crash the
+/// sessions that were connected count their will delay and expiry from about then.
+const ALIVE_EVERY: Duration = Duration::from_secs(1);
+
+const ALIVE: &[u8] = b"alive";
+const CLEAN: &[u8] = b"clean";
+/// Written beside the store at a clean shutdown: how many records of each kind it holds, so
+/// that the next start can tell whether any went missing.
+const MANIFEST: &str = "clean-shutdown";
+
+/// The broker's state on disk.
+pub struct DiskStorage {
+    shared: Arc<Shared>,
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Shared {
+    path: PathBuf,
+    db: Database,
+    sessions: Keyspace,
+    deliveries: Keyspace,
+    flows: Keyspace,
+    inbound: Keyspace,
+    retained: Keyspace,
+    meta: Keyspace,
+    durability: Durability,
+    interval: Duration,
+    written: AtomicU64,
+    /// Numbers reserved by batches still being recorded.
+    open_batches: Mutex<std::collections::BTreeSet<u64>>,
+    /// Bytes the engine cut from its journals while opening: damaged or incomplete writes.
+    journal_cut: u64,
+    watermark: watch::Sender<Watermark>,
+    /// Set when a change arrives; the committer sleeps on `wake` while it is clear.
+    pending: Mutex<bool>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+impl std::fmt::Debug for DiskStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskStorage")
+            .field("path", &self.shared.path)
+            .field("durability", &self.shared.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+fn engine(path: &Path, e: fjall::Error) -> StorageError {
+    match e {
+        fjall::Error::Io(io) => StorageError::Io(std::io::Error::new(
+            io.kind(),
+            format!("{}: {io}", path.display()),
+        )),
+        other => StorageError::Corrupt(format!(
+            "{}: {other} (the store cannot be opened; move the directory aside to start \
+             empty, or restore it from a backup)",
+            path.display()
+        )),
+    }
+}
+
+impl DiskStorage {
+    /// Opens (or creates) the store at `path`. `interval` bounds how long
+    /// [`Durability::Batch`] waits for an fsync and [`Durability::None`] for any write.
+    pub fn open(
+        path: impl Into<PathBuf>,
+        durability: Durability,
+        interval: Duration,
+    ) -> Result<Self, StorageError> {
+        let path = path.into();
+        std::fs::create_dir_all(&path).map_err(|e| {
+            StorageError::Io(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
+            ))
+        })?;
+        let journals_before = journal_bytes(&path);
+        // A damaged file can make the engine panic rather than fail; either way, say which
+        // store it was.
+        let opened = std::panic::catch_unwind(|| {
+            Database::builder(&path)
+                .manual_journal_persist(true)
+                .worker_threads(1)
+                .cache_size(4 * 1024 * 1024)
+                .max_journaling_size(64 * 1024 * 1024)
+                .open()
+        });
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => return Err(engine(&path, e)),
+            Err(_) => {
+                return Err(StorageError::Corrupt(format!(
+                    "{}: the store is damaged and cannot be opened; move the directory aside \
+                     to start empty, or restore it from a backup",
+                    path.display()
+                )))
+            }
+        };
+        // Memory tables are flushed to disk at these sizes: they bound the memory the store
+        // holds beyond its 4 MiB block cache.
+        let ks = |name: &str, memtable: u64| {
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(memtable)
+            })
+            .map_err(|e| engine(&path, e))
+        };
+        const MIB: u64 = 1024 * 1024;
+        let journal_cut = journals_before.saturating_sub(journal_bytes(&path));
+        let shared = Arc::new(Shared {
+            sessions: ks("sessions", 2 * MIB)?,
+            deliveries: ks("deliveries", 16 * MIB)?,
+            flows: ks("flows", 2 * MIB)?,
+            inbound: ks("inbound", 2 * MIB)?,
+            retained: ks("retained", 2 * MIB)?,
+            meta: ks("meta", MIB)?,
+            db,
+            path,
+            durability,
+            interval,
+            written: AtomicU64::new(0),
+            open_batches: Mutex::default(),
+            journal_cut,
+            watermark: watch::Sender::new(Watermark::default()),
+            pending: Mutex::new(false),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let committer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("mqttd-storage".into())
+                .spawn(move || shared.commit_loop())?
+        };
+        Ok(Self {
+            shared,
+            committer: Mutex::new(Some(committer)),
+        })
+    }
+
+    /// Where the store lives.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn disk_space(&self) -> u64 {
+        self.shared.db.disk_space().unwrap_or(0)
+    }
+}
+
+/// Total size of the journal files in a store directory.
+fn journal_bytes(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "jnl"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Record counts per keyspace, as the manifest holds them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    sessions: u64,
+    deliveries: u64,
+    retained: u64,
+}
+
+impl Counts {
+    fn parse(text: &str) -> Option<Self> {
+        let mut c = Self::default();
+        for line in text.lines() {
+            let (k, v) = line.split_once('=')?;
+            let v = v.trim().parse().ok()?;
+            match k.trim() {
+                "sessions" => c.sessions = v,
+                "messages" => c.deliveries = v,
+                "retained" => c.retained = v,
+                _ => {}
+            }
+        }
+        Some(c)
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "sessions = {}\nmessages = {}\nretained = {}\n",
+            self.sessions, self.deliveries, self.retained
+        )
+    }
+}
+
+/// Where a recording operation writes.
+enum Sink<'a> {
+    Direct,
+    Batch(&'a mut fjall::OwnedWriteBatch),
+}
+
+impl Sink<'_> {
+    fn insert(&mut self, ks: &Keyspace, key: Vec<u8>, value: Vec<u8>) -> Result<(), fjall::Error> {
+        match self {
+            Self::Direct => ks.insert(key, value),
+            Self::Batch(b) => {
+                b.insert(ks, key, value);
+                Ok(())
+            }
+        }
+    }
+
+    fn remove(&mut self, ks: &Keyspace, key: Vec<u8>) -> Result<(), fjall::Error> {
+        match self {
+            Self::Direct => ks.remove(key),
+            Self::Batch(b) => {
+                b.remove(ks, key);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A batch being recorded on this thread.
+struct OpenBatch {
+    store: usize,
+    ticket: u64,
+    batch: fjall::OwnedWriteBatch,
+    len: usize,
+    depth: usize,
+}
+
+thread_local! {
+    static BATCH: std::cell::RefCell<Option<OpenBatch>> = const { std::cell::RefCell::new(None) };
+}
+
+fn session_prefix(client_id: &ClientId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(client_id.as_str().len() + 9);
+    key.extend_from_slice(client_id.as_str().as_bytes());
+    key.push(0);
+    key
+}
+
+fn seq_key(client_id: &ClientId, seq: u64) -> Vec<u8> {
+    let mut key = session_prefix(client_id);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn pid_key(client_id: &ClientId, packet_id: PacketId) -> Vec<u8> {
+    let mut key = session_prefix(client_id);
+    key.extend_from_slice(&packet_id.get().to_be_bytes());
+    key
+}
+
+/// Splits a `client id, 0, suffix` key.
+fn split_key(key: &[u8]) -> Option<(ClientId, &[u8])> {
+    let zero = key.iter().position(|b| *b == 0)?;
+    let (id, rest) = key.split_at(zero);
+    let id = MqttStr::from_bytes(bytes::Bytes::copy_from_slice(id)).ok()?;
+    Some((ClientId::new(id).ok()?, rest.get(1..)?))
+}
+
+impl Shared {
+    fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// Runs one recording operation: into this thread's open batch, or straight into the
+    /// store. A failure stops the watermark for good.
+    fn record(&self, op: impl FnOnce(&mut Sink<'_>) -> Result<(), fjall::Error>) {
+        let mut op = Some(op);
+        let batched = BATCH.with_borrow_mut(|open| match (open, op.take()) {
+            (Some(open), Some(op)) if open.store == self.id() => {
+                open.len += 1;
+                Ok(op(&mut Sink::Batch(&mut open.batch)))
+            }
+            (_, op) => Err(op),
+        });
+        let result = match batched {
+            Ok(result) => result,
+            Err(Some(op)) => op(&mut Sink::Direct).map(|()| {
+                self.written.fetch_add(1, Ordering::Release);
+            }),
+            Err(None) => Ok(()),
+        };
+        match result {
+            Ok(()) => self.wake_committer(),
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    fn fail(&self, e: &fjall::Error) {
+        error!(path = %self.path.display(), error = %e, "storage write failed; nothing more will be acknowledged");
+        self.watermark.send_modify(|w| w.failed = true);
+    }
+
+    fn wake_committer(&self) {
+        if self.durability != Durability::None {
+            let mut pending = self.pending.lock();
+            if !*pending {
+                *pending = true;
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// The latest change number that is safe to declare durable once synced: every change
+    /// before the oldest batch still open.
+    fn committable(&self) -> u64 {
+        let open = self.open_batches.lock();
+        let written = self.written.load(Ordering::Acquire);
+        open.first().map_or(written, |t| written.min(t - 1))
+    }
+
+    fn commit_loop(&self) {
+        let mut last_alive = Instant::now() - ALIVE_EVERY;
+        let mut last_fsync = Instant::now();
+        loop {
+            {
+                let mut pending = self.pending.lock();
+                if !*pending && !self.stop.load(Ordering::Acquire) {
+                    let wait = match self.durability {
+                        Durability::Sync | Durability::Batch => ALIVE_EVERY,
+                        Durability::None => self.interval.min(ALIVE_EVERY),
+                    };
+                    self.wake.wait_for(&mut pending, wait);
+                }
+                *pending = false;
+            }
+            let stopping = self.stop.load(Ordering::Acquire);
+            let now = Instant::now();
+            if now.duration_since(last_alive) >= ALIVE_EVERY && !stopping {
+                last_alive = now;
+                let stamp = record::millis(SystemTime::now()).to_be_bytes();
+                if let Err(e) = self.meta.insert(ALIVE, stamp.to_vec()) {
+                    warn!(error = %e, "cannot record the broker's heartbeat");
+                }
+            }
+            let target = self.committable();
+            let fsync = match self.durability {
+                Durability::Sync => true,
+                Durability::Batch | Durability::None => {
+                    stopping || now.duration_since(last_fsync) >= self.interval
+                }
+            };
+            let mode = if fsync {
+                PersistMode::SyncData
+            } else {
+                PersistMode::Buffer
+            };
+            let result = self.db.persist(mode);
+            if fsync {
+                last_fsync = now;
+            }
+            match result {
+                Ok(()) => {
+                    if self.watermark.borrow().durable < target {
+                        self.watermark.send_modify(|w| w.durable = target);
+                    }
+                }
+                Err(e) => {
+                    error!(path = %self.path.display(), error = %e, "storage sync failed; nothing more will be acknowledged");
+                    self.watermark.send_modify(|w| w.failed = true);
+                    return;
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Moves everything into the store's tables (so the journal holds nothing the next start
+    /// must replay) and records how many records each kind has.
+    fn write_manifest(&self) -> Result<(), StorageError> {
+        let e = |e| engine(&self.path, e);
+        for ks in [
+            &self.sessions,
+            &self.deliveries,
+            &self.flows,
+            &self.inbound,
+            &self.retained,
+            &self.meta,
+        ] {
+            ks.rotate_memtable_and_wait().map_err(e)?;
+        }
+        self.db.persist(PersistMode::SyncAll).map_err(e)?;
+        let counts = Counts {
+            sessions: self.sessions.len().map_err(e)? as u64,
+            deliveries: self.deliveries.len().map_err(e)? as u64,
+            retained: self.retained.len().map_err(e)? as u64,
+        };
+        let tmp = self.path.join(format!("{MANIFEST}.tmp"));
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(counts.render().as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, self.path.join(MANIFEST))?;
+        std::fs::File::open(&self.path)?.sync_all()?;
+        Ok(())
+    }
+
+    fn remove_prefix(
+        &self,
+        w: &mut Sink<'_>,
+        ks: &Keyspace,
+        prefix: &[u8],
+    ) -> Result<(), fjall::Error> {
+        let keys: Vec<_> = ks
+            .prefix(prefix)
+            .map(fjall::Guard::key)
+            .collect::<Result<_, _>>()?;
+        for key in keys {
+            w.remove(ks, key.to_vec())?;
+        }
+        Ok(())
+    }
+
+    /// Reads every record of one keyspace; damaged ones are counted, reported and removed.
+    fn scan<T>(
+        &self,
+        ks: &Keyspace,
+        what: &str,
+        mut read: impl FnMut(&[u8], &[u8]) -> Option<T>,
+    ) -> Result<Vec<T>, StorageError> {
+        let mut out = Vec::new();
+        let mut damaged = Vec::new();
+        for guard in ks.iter() {
+            let (key, value) = guard.into_inner().map_err(|e| engine(&self.path, e))?;
+            match read(&key, &value) {
+                Some(v) => out.push(v),
+                None => damaged.push(key),
+            }
+        }
+        if !damaged.is_empty() {
+            warn!(
+                path = %self.path.display(),
+                count = damaged.len(),
+                "dropped {} damaged {what} record(s) from the store",
+                damaged.len()
+            );
+            for key in damaged {
+                ks.remove(key).map_err(|e| engine(&self.path, e))?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Storage for DiskStorage {
+    fn recover(&self) -> Result<Recovered, StorageError> {
+        let s = &*self.shared;
+        let started = Instant::now();
+        let clock = Clock::now();
+        let meta = |key| {
+            s.meta
+                .get(key)
+                .map_err(|e| engine(&s.path, e))
+                .map(|v| v.map(|v| v.to_vec()))
+        };
+        let clean = meta(CLEAN)?.is_some();
+        let alive = meta(ALIVE)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(|b| record::system_time(u64::from_be_bytes(b)));
+        if clean {
+            s.meta.remove(CLEAN).map_err(|e| engine(&s.path, e))?;
+        }
+        if s.journal_cut > 0 {
+            warn!(
+                path = %s.path.display(),
+                bytes = s.journal_cut,
+                "the store's journal ended in {} byte(s) of damaged or incomplete data, which \
+                 were dropped: changes recorded there are lost",
+                s.journal_cut
+            );
+        }
+        let manifest_path = s.path.join(MANIFEST);
+        let expected = std::fs::read_to_string(&manifest_path)
+            .ok()
+            .map(|text| Counts::parse(&text));
+
+        let retained = s.scan(&s.retained, "retained message", |_, v| {
+            record::decode_message(v, &clock).ok().map(Arc::new)
+        })?;
+        let records = s.scan(&s.sessions, "session", |k, v| {
+            let id =
+                ClientId::new(MqttStr::from_bytes(bytes::Bytes::copy_from_slice(k)).ok()?).ok()?;
+            record::decode_session(v, id).ok()
+        })?;
+        let mut sessions: HashMap<ClientId, StoredSession> = records
+            .into_iter()
+            .map(|record| {
+                (
+                    record.client_id.clone(),
+                    StoredSession {
+                        record,
+                        deliveries: Vec::new(),
+                        pending_releases: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+
+        let flows = s.scan(&s.flows, "flow", |k, v| {
+            let (id, seq) = split_key(k)?;
+            let seq = u64::from_be_bytes(seq.try_into().ok()?);
+            Some(((id, seq), record::decode_flow(v).ok()?))
+        })?;
+        let flows: HashMap<(ClientId, u64), _> = flows.into_iter().collect();
+        let mut orphans = Vec::new();
+        let mut next_seq = 1;
+        let deliveries = s.scan(&s.deliveries, "message", |k, v| {
+            let (id, seq) = split_key(k)?;
+            let seq = u64::from_be_bytes(seq.try_into().ok()?);
+            Some((
+                k.to_vec(),
+                id,
+                record::decode_delivery(v, seq, &clock).ok()?,
+            ))
+        })?;
+        let mut expired = 0usize;
+        for (key, id, delivery) in deliveries {
+            let seq = delivery.store_seq.unwrap_or(0);
+            next_seq = next_seq.max(seq + 1);
+            let Some(session) = sessions.get_mut(&id) else {
+                orphans.push(key);
+                continue;
+            };
+            if delivery.message.is_expired(clock.instant) {
+                expired += 1;
+                orphans.push(key);
+                continue;
+            }
+            let flow = (delivery.qos == QoS::ExactlyOnce)
+                .then(|| flows.get(&(id.clone(), seq)).copied())
+                .flatten();
+            session.deliveries.push(StoredDelivery { delivery, flow });
+        }
+        let inbound = s.scan(&s.inbound, "QoS 2 state", |k, _| {
+            let (id, pid) = split_key(k)?;
+            let pid = PacketId::new(u16::from_be_bytes(pid.try_into().ok()?))?;
+            Some((id, pid))
+        })?;
+        for (id, pid) in inbound {
+            match sessions.get_mut(&id) {
+                Some(session) => session.pending_releases.push(pid),
+                None => orphans.push(pid_key(&id, pid)),
+            }
+        }
+        // What a crash left behind of a session's removal, and expired messages.
+        for key in &orphans {
+            for ks in [&s.deliveries, &s.flows, &s.inbound] {
+                ks.remove(key.as_slice()).map_err(|e| engine(&s.path, e))?;
+            }
+        }
+        let sessions: Vec<StoredSession> = sessions.into_values().collect();
+        let messages: usize = sessions.iter().map(|s| s.deliveries.len()).sum();
+        let found = Counts {
+            sessions: sessions.len() as u64,
+            deliveries: (messages + expired) as u64,
+            retained: retained.len() as u64,
+        };
+        match expected {
+            Some(Some(expected)) if expected != found => warn!(
+                path = %s.path.display(),
+                "the store is damaged: it held {} session(s), {} message(s) and {} retained \
+                 message(s) at the last clean shutdown, and {} session(s), {} message(s) and \
+                 {} retained message(s) could be recovered; the rest was dropped",
+                expected.sessions,
+                expected.deliveries,
+                expected.retained,
+                found.sessions,
+                found.deliveries,
+                found.retained,
+            ),
+            Some(None) => warn!(
+                path = %manifest_path.display(),
+                "the clean-shutdown manifest is damaged; cannot check the store for lost records"
+            ),
+            _ => {}
+        }
+        // From now on a crash must not be checked against these counts.
+        if expected.is_some() {
+            std::fs::remove_file(&manifest_path)?;
+        }
+        info!(
+            path = %s.path.display(),
+            sessions = sessions.len(),
+            messages,
+            retained = retained.len(),
+            expired,
+            clean_shutdown = clean,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovered stored state"
+        );
+        Ok(Recovered {
+            retained,
+            sessions,
+            crashed_at: if clean { None } else { alive },
+            next_seq,
+        })
+    }
+
+    fn retain(&self, message: &Arc<Message>) {
+        let s = &*self.shared;
+        let key = message.topic.as_str().as_bytes().to_vec();
+        if message.payload.is_empty() {
+            s.record(|w| w.remove(&s.retained, key));
+        } else {
+            let value = record::encode_message(message, &Clock::now());
+            s.record(|w| w.insert(&s.retained, key, value.to_vec()));
+        }
+    }
+
+    fn save_session(&self, record: &SessionRecord) {
+        let s = &*self.shared;
+        let value = record::encode_session(record);
+        let key = record.client_id.as_str().as_bytes().to_vec();
+        s.record(|w| w.insert(&s.sessions, key, value.to_vec()));
+    }
+
+    fn remove_session(&self, client_id: &ClientId) {
+        let s = &*self.shared;
+        s.record(|w| w.remove(&s.sessions, client_id.as_str().as_bytes().to_vec()));
+    }
+
+    fn remove_messages(&self, client_id: &ClientId) {
+        let s = &*self.shared;
+        let prefix = session_prefix(client_id);
+        s.record(|w| {
+            s.remove_prefix(w, &s.deliveries, &prefix)?;
+            s.remove_prefix(w, &s.flows, &prefix)?;
+            s.remove_prefix(w, &s.inbound, &prefix)
+        });
+    }
+
+    fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery) {
+        let Some(seq) = delivery.store_seq else {
+            return;
+        };
+        let s = &*self.shared;
+        let value = record::encode_delivery(delivery, &Clock::now());
+        s.record(|w| w.insert(&s.deliveries, seq_key(client_id, seq), value.to_vec()));
+    }
+
+    fn delivery_flow(
+        &self,
+        client_id: &ClientId,
+        store_seq: u64,
+        packet_id: PacketId,
+        state: OutboundState,
+    ) {
+        let s = &*self.shared;
+        let value = record::encode_flow(packet_id, state);
+        s.record(|w| w.insert(&s.flows, seq_key(client_id, store_seq), value.to_vec()));
+    }
+
+    fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery) {
+        let Some(seq) = delivery.store_seq else {
+            return;
+        };
+        let s = &*self.shared;
+        let key = seq_key(client_id, seq);
+        s.record(|w| {
+            if delivery.qos == QoS::ExactlyOnce {
+                w.remove(&s.flows, key.clone())?;
+            }
+            w.remove(&s.deliveries, key)
+        });
+    }
+
+    fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) {
+        let s = &*self.shared;
+        let key = pid_key(client_id, packet_id);
+        if pending {
+            s.record(|w| w.insert(&s.inbound, key, Vec::new()));
+        } else {
+            s.record(|w| w.remove(&s.inbound, key));
+        }
+    }
+
+    fn begin_batch(&self) {
+        let s = &*self.shared;
+        BATCH.with_borrow_mut(|open| {
+            if let Some(open) = open {
+                open.depth += 1;
+                return;
+            }
+            // The batch's number is taken now, before anything in it can be seen, so that
+            // whatever depends on it waits for it; the committer holds its watermark below
+            // it until it is written.
+            let ticket = {
+                let mut batches = s.open_batches.lock();
+                let ticket = s.written.fetch_add(1, Ordering::AcqRel) + 1;
+                batches.insert(ticket);
+                ticket
+            };
+            *open = Some(OpenBatch {
+                store: s.id(),
+                ticket,
+                batch: s.db.batch(),
+                len: 0,
+                depth: 0,
+            });
+        });
+    }
+
+    fn commit_batch(&self) -> bool {
+        let s = &*self.shared;
+        let Some(open) = BATCH.with_borrow_mut(|open| match open {
+            Some(o) if o.depth > 0 => {
+                o.depth -= 1;
+                None
+            }
+            _ => open.take(),
+        }) else {
+            return false;
+        };
+        let recorded = open.len > 0;
+        if recorded {
+            if let Err(e) = open.batch.commit() {
+                s.fail(&e);
+            }
+        }
+        s.open_batches.lock().remove(&open.ticket);
+        s.wake_committer();
+        recorded
+    }
+
+    fn written(&self) -> u64 {
+        self.shared.written.load(Ordering::Acquire)
+    }
+
+    fn watermark(&self) -> watch::Receiver<Watermark> {
+        self.shared.watermark.subscribe()
+    }
+
+    fn is_durable(&self) -> bool {
+        self.shared.durability != Durability::None
+    }
+
+    fn close(&self) {
+        let s = &*self.shared;
+        if let Err(e) = s.meta.insert(CLEAN, vec![1]) {
+            warn!(error = %e, "cannot mark the store as cleanly closed");
+        }
+        s.stop.store(true, Ordering::Release);
+        {
+            let mut pending = s.pending.lock();
+            *pending = true;
+            s.wake.notify_one();
+        }
+        if let Some(committer) = self.committer.lock().take() {
+            let _ = committer.join();
+        }
+        if let Err(e) = s.write_manifest() {
+            warn!(path = %s.path.display(), error = %e, "cannot write the clean-shutdown manifest");
+        }
+    }
+}
+
+impl Drop for DiskStorage {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        {
+            let mut pending = self.shared.pending.lock();
+            *pending = true;
+            self.shared.wake.notify_one();
+        }
+        if let Some(committer) = self.committer.get_mut().take() {
+            let _ = committer.join();
+        }
+    }
+}

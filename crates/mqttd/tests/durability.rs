@@ -1,0 +1,1117 @@
+//! Durable sessions: what the broker acknowledged survives `kill -9`.
+//!
+//! Each test runs the real binary on a data directory, kills it with SIGKILL (no shutdown
+//! code runs, as in a crash) and starts it again on the same directory. What users rely on:
+//!
+//! - every QoS 1 or QoS 2 message the broker acknowledged (PUBACK, PUBREC) to a publisher
+//!   reaches every persistent session it matches, whether that session's client was offline
+//!   at the crash or online with the message in flight; QoS 2 exactly once, QoS 1 at least
+//!   once. A message published but not yet acknowledged at the crash may or may not arrive;
+//! - a resumed session is reported (session present) and keeps its subscriptions, MQTT 5 and
+//!   3.1.1 alike; retained messages, and their removal, survive;
+//! - the will of a client that was connected at the crash is published after the restart,
+//!   once its will delay has passed, and not for a client that came back in time;
+//! - a damaged store (a file truncated, or bytes flipped) either stops the broker with a
+//!   message naming the path, or is reported in the log; the broker never silently starts
+//!   with less than it had.
+//!
+//! Clients whose session must outlive a connection the crash cut are
+//! [`support::SessionClient`]s: a durable client keeps the identifiers of the QoS 2 messages
+//! it acknowledged, which is what lets the broker's retransmission after the restart be
+//! recognised as one, and its own messages in flight, to resend them.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use mqttd_client::{connect_tcp, Client, Events};
+use mqttd_proto::client::{ClientConfig, Event};
+use mqttd_proto::session::{Enqueued, OutboundState, Session};
+use mqttd_proto::{
+    ClientId, Message, PacketId, ProtocolVersion, QoS, ReasonCode, TopicFilter, TopicName, Will,
+    WillProperties,
+};
+
+use support::{Broker, SessionClient};
+
+/// Sync durability (the default, stated so that these tests keep testing it), and a session
+/// queue large enough that nothing acknowledged is dropped for a full queue.
+const CONFIG: &str = "durability = \"sync\"\nmax_queued_messages = 100000\n";
+/// Session expiry of every persistent session, in seconds.
+const EXPIRY: u32 = 3600;
+/// How long a round of traffic may take to reach its crash point.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the subscribers have, after the last restart, to receive what they miss.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a client task may take to notice the broker is gone.
+const TASK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the other tests wait for a message.
+const TEN_S: Duration = Duration::from_secs(10);
+/// How long the damaged-store test waits for another message before it counts the rest lost.
+const IDLE: Duration = Duration::from_secs(3);
+/// Messages each publisher keeps unacknowledged: enough that every crash cuts flows in the
+/// middle, below the broker's receive maximum (1024).
+const WINDOW: usize = 100;
+
+/// A client configuration for a session that outlives its connections: MQTT 5 with a session
+/// expiry (or 3.1.1 with clean session 0), clean start only when there is nothing to resume.
+fn persistent(id: &str, version: ProtocolVersion, clean_start: bool) -> ClientConfig {
+    let mut config = ClientConfig::new(ClientId::try_from(id).expect("client id"));
+    config.version = version;
+    config.clean_start = clean_start;
+    config.session_expiry_interval = EXPIRY;
+    config
+}
+
+fn topic(name: &str) -> TopicName {
+    TopicName::try_from(name).expect("topic name")
+}
+
+fn filter(name: &str) -> TopicFilter {
+    TopicFilter::try_from(name).expect("topic filter")
+}
+
+/// Connects a [`SessionClient`], resuming `session` if there is one, and checks that the
+/// broker says it resumed it (and that a new session is new).
+async fn resume(
+    broker: &Broker,
+    id: &str,
+    session: Option<Session>,
+    auto_ack: bool,
+) -> SessionClient {
+    let resuming = session.is_some();
+    let mut config = persistent(id, ProtocolVersion::V5, !resuming);
+    config.auto_ack = auto_ack;
+    let (client, ack) = SessionClient::connect(broker.mqtt, config, session)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", broker.log_tail()));
+    assert_eq!(
+        ack.session_present, resuming,
+        "{id}: session present in CONNACK (resuming: {resuming})"
+    );
+    client
+}
+
+// ---------------------------------------------------------------------------------------------
+// QoS 1 and QoS 2 traffic across crashes
+// ---------------------------------------------------------------------------------------------
+
+/// A publisher, across its connections.
+struct Publisher {
+    id: &'static str,
+    topic: &'static str,
+    qos: QoS,
+    /// Its payloads are `{prefix}-{n}`, every one different.
+    prefix: &'static str,
+    /// The next `n`.
+    next: u64,
+    session: Option<Session>,
+    /// Payloads the broker acknowledged: PUBACK for QoS 1, PUBREC for QoS 2.
+    acked: Arc<Mutex<HashSet<Bytes>>>,
+}
+
+/// One report of a message to a subscriber, for the failure message if it comes twice.
+#[derive(Debug)]
+#[allow(dead_code)] // Read through `Debug`.
+struct Receipt {
+    /// Which of the subscriber's connections it came on (1 is the first).
+    connection: usize,
+    packet_id: Option<PacketId>,
+    dup: bool,
+}
+
+/// Every payload a subscriber was given, with each time it was.
+type Receipts = Arc<Mutex<HashMap<Bytes, Vec<Receipt>>>>;
+
+/// A subscriber, across its connections.
+struct Subscriber {
+    id: &'static str,
+    filter: &'static str,
+    qos: QoS,
+    session: Option<Session>,
+    /// Connections so far.
+    connections: usize,
+    /// Each payload reported to the application, with each time it was.
+    received: Receipts,
+    /// Messages that came at a QoS other than the subscription's.
+    wrong_qos: Arc<Mutex<Vec<String>>>,
+}
+
+/// What the clients do while a round runs.
+#[derive(Debug, Clone, Copy)]
+enum Subscribers {
+    /// Not connected: the broker queues for them.
+    Offline,
+    /// Connected and receiving, acknowledging each message at once.
+    Online,
+    /// Connected and receiving, acknowledging in batches of this many (or after 50 ms of
+    /// quiet), so that the crash finds messages received and not yet acknowledged.
+    OnlineLateAcks(usize),
+}
+
+/// Whether a completed flow means the broker acknowledged the message. A PUBCOMP saying
+/// "packet identifier not found" follows a PUBREC, so it counts for QoS 2.
+fn acknowledged(qos: QoS, reason: ReasonCode) -> bool {
+    !reason.is_error()
+        || (qos == QoS::ExactlyOnce && reason == ReasonCode::PacketIdentifierNotFound)
+}
+
+/// Publishes numbered messages, keeping [`WINDOW`] of them unacknowledged, until the
+/// connection closes (the broker was killed). With `more` false, publishes nothing new and
+/// disconnects once every flow in flight completed, or when `stop` is set. Returns the session
+/// and the next number.
+async fn run_publisher(
+    mut client: SessionClient,
+    p: (&'static str, QoS, &'static str, u64),
+    acked: Arc<Mutex<HashSet<Bytes>>>,
+    total: Arc<AtomicUsize>,
+    more: bool,
+    stop: Arc<AtomicBool>,
+) -> (Session, u64) {
+    let (topic_name, qos, prefix, mut next) = p;
+    let topic = topic(topic_name);
+    let outstanding =
+        |c: &SessionClient| c.session().in_flight().count() + c.session().queued().len();
+    let record = |payload: Bytes| {
+        if acked.lock().expect("lock").insert(payload) {
+            total.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    loop {
+        while more && !client.is_closed() && outstanding(&client) < WINDOW {
+            let payload = Bytes::from(format!("{prefix}-{next}"));
+            match client.publish(Message::new(topic.clone(), payload, qos, false)) {
+                Ok(Enqueued::Sent | Enqueued::Queued) => next += 1,
+                Ok(other) => panic!("{prefix}-{next}: publish: {other:?}"),
+                Err(_) => break,
+            }
+        }
+        if !client.is_closed()
+            && ((!more && outstanding(&client) == 0) || stop.load(Ordering::Relaxed))
+        {
+            for event in client.disconnect().await {
+                if let Event::Delivered {
+                    reason, delivery, ..
+                } = event
+                {
+                    if acknowledged(qos, reason) {
+                        record(delivery.message.payload.clone());
+                    }
+                }
+            }
+        }
+        match client.next_event(Duration::from_millis(50)).await {
+            Some(Event::Delivered {
+                reason, delivery, ..
+            }) if acknowledged(qos, reason) => record(delivery.message.payload.clone()),
+            None if client.is_closed() => break,
+            _ => {}
+        }
+    }
+    // PUBREC came, PUBCOMP did not: acknowledged as well.
+    for (_, flow) in client.session().in_flight() {
+        if flow.state == OutboundState::ReleaseSent {
+            record(flow.delivery.message.payload.clone());
+        }
+    }
+    (client.into_session(), next)
+}
+
+/// Receives until the connection closes, or until `stop` is set (then disconnects). Records
+/// each message as it is reported, and acknowledges it at once or, with `late_acks`, in
+/// batches. Messages reported and not yet acknowledged when the connection is lost are
+/// acknowledged afterwards, into the session, as a durable client does: a QoS 2 message's
+/// retransmission is then answered without being reported again.
+async fn run_subscriber(
+    mut client: SessionClient,
+    connection: usize,
+    expected_qos: QoS,
+    received: Receipts,
+    wrong_qos: Arc<Mutex<Vec<String>>>,
+    late_acks: Option<usize>,
+    stop: Arc<AtomicBool>,
+) -> Session {
+    let mut unacked = Vec::new();
+    let record = |event: Event, unacked: &mut Vec<_>| {
+        let Event::Publish(p) = event else {
+            return;
+        };
+        let payload = p.message.payload.clone();
+        if p.message.qos != expected_qos {
+            wrong_qos
+                .lock()
+                .expect("lock")
+                .push(format!("{payload:?} at {:?}", p.message.qos));
+        }
+        received
+            .lock()
+            .expect("lock")
+            .entry(payload)
+            .or_default()
+            .push(Receipt {
+                connection,
+                packet_id: p.packet_id,
+                dup: p.dup,
+            });
+        if late_acks.is_some() {
+            unacked.extend(p.packet_id);
+        }
+    };
+    loop {
+        if stop.load(Ordering::Relaxed) && !client.is_closed() {
+            while let Some(event) = client.next_event(Duration::ZERO).await {
+                record(event, &mut unacked);
+            }
+            for id in unacked.drain(..) {
+                client.ack(id);
+            }
+            for event in client.disconnect().await {
+                record(event, &mut unacked);
+            }
+        }
+        match client.next_event(Duration::from_millis(50)).await {
+            Some(event) => record(event, &mut unacked),
+            None if client.is_closed() => break,
+            // 50 ms of quiet: acknowledge the batch so far.
+            None => unacked.drain(..).for_each(|id| client.ack(id)),
+        }
+        if late_acks.is_some_and(|n| unacked.len() >= n) {
+            unacked.drain(..).for_each(|id| client.ack(id));
+        }
+    }
+    for id in unacked {
+        client.ack(id);
+    }
+    client.into_session()
+}
+
+/// Waits for a client task, which must end soon after its connection closed.
+async fn join<T>(task: tokio::task::JoinHandle<T>, what: &str) -> T {
+    tokio::time::timeout(TASK_TIMEOUT, task)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still running {TASK_TIMEOUT:?} after the crash"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// Connects the subscribers (creating their sessions and subscriptions the first time) and
+/// starts their tasks.
+async fn start_subscribers(
+    broker: &Broker,
+    subscribers: &mut [Subscriber],
+    late_acks: Option<usize>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Session>> {
+    let mut tasks = Vec::new();
+    for s in subscribers.iter_mut() {
+        let first = s.session.is_none();
+        let mut client = resume(broker, s.id, s.session.take(), late_acks.is_none()).await;
+        s.connections += 1;
+        if first {
+            let ack = client.subscribe_one(s.filter, s.qos).await;
+            assert!(
+                ack.reasons.iter().all(|r| !r.is_error()),
+                "{}: SUBACK {:?}",
+                s.id,
+                ack.reasons
+            );
+        }
+        tasks.push(tokio::spawn(run_subscriber(
+            client,
+            s.connections,
+            s.qos,
+            s.received.clone(),
+            s.wrong_qos.clone(),
+            late_acks,
+            stop.clone(),
+        )));
+    }
+    tasks
+}
+
+/// Resumes the publishers and starts their tasks.
+async fn start_publishers(
+    broker: &Broker,
+    publishers: &mut [Publisher],
+    total: &Arc<AtomicUsize>,
+    more: bool,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(Session, u64)>> {
+    let mut tasks = Vec::new();
+    for p in publishers.iter_mut() {
+        let client = resume(broker, p.id, p.session.take(), true).await;
+        tasks.push(tokio::spawn(run_publisher(
+            client,
+            (p.topic, p.qos, p.prefix, p.next),
+            p.acked.clone(),
+            total.clone(),
+            more,
+            stop.clone(),
+        )));
+    }
+    tasks
+}
+
+/// The payloads in `acked` that `received` lacks, sorted.
+fn missing<T>(acked: &HashSet<Bytes>, received: &HashMap<Bytes, T>) -> Vec<Bytes> {
+    let mut missing: Vec<Bytes> = acked
+        .iter()
+        .filter(|p| !received.contains_key(*p))
+        .cloned()
+        .collect();
+    missing.sort();
+    missing
+}
+
+/// Publishers send numbered QoS 1 (to `dur/q1`) and QoS 2 (to `dur/q2`) messages as fast as
+/// the broker acknowledges them; a subscriber to `dur/#` at QoS 1 and one to `dur/q2` at QoS 2
+/// hold persistent sessions. The broker is killed mid-stream once 200, 1,000 and 3,000
+/// messages were acknowledged in all: the first time with the subscribers receiving, the
+/// second with them offline, the third with them receiving and acknowledging late (and
+/// catching up on what was queued meanwhile). After each restart every client resumes its
+/// session. After the last one, every acknowledged message must arrive, QoS 2 ones never twice
+/// over the whole test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_and_qos2_survive_kill_9() {
+    let mut broker = Broker::start(CONFIG);
+    let rounds = [
+        (200, Subscribers::Online),
+        (1_000, Subscribers::Offline),
+        (3_000, Subscribers::OnlineLateAcks(32)),
+    ];
+    let mut publishers = [
+        Publisher {
+            id: "pub-q1",
+            topic: "dur/q1",
+            qos: QoS::AtLeastOnce,
+            prefix: "q1",
+            next: 0,
+            session: None,
+            acked: Arc::default(),
+        },
+        Publisher {
+            id: "pub-q2",
+            topic: "dur/q2",
+            qos: QoS::ExactlyOnce,
+            prefix: "q2",
+            next: 0,
+            session: None,
+            acked: Arc::default(),
+        },
+    ];
+    let mut subscribers = [
+        Subscriber {
+            id: "sub-all",
+            filter: "dur/#",
+            qos: QoS::AtLeastOnce,
+            session: None,
+            connections: 0,
+            received: Arc::default(),
+            wrong_qos: Arc::default(),
+        },
+        Subscriber {
+            id: "sub-q2",
+            filter: "dur/q2",
+            qos: QoS::ExactlyOnce,
+            session: None,
+            connections: 0,
+            received: Arc::default(),
+            wrong_qos: Arc::default(),
+        },
+    ];
+    let total = Arc::new(AtomicUsize::new(0));
+    let never = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+
+    for (round, (crash_at, mode)) in rounds.into_iter().enumerate() {
+        let late_acks = match mode {
+            Subscribers::Offline => None,
+            Subscribers::Online => Some(None),
+            Subscribers::OnlineLateAcks(n) => Some(Some(n)),
+        };
+        let sub_tasks = match late_acks {
+            Some(late) => start_subscribers(&broker, &mut subscribers, late, &never).await,
+            None => Vec::new(),
+        };
+        let pub_tasks = start_publishers(&broker, &mut publishers, &total, true, &never).await;
+        let deadline = Instant::now() + ROUND_TIMEOUT;
+        while total.load(Ordering::Relaxed) < crash_at {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: only {} of {crash_at} messages acknowledged after {ROUND_TIMEOUT:?}\n{}",
+                total.load(Ordering::Relaxed),
+                broker.log_tail()
+            );
+            broker.assert_running();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        broker.kill();
+        let mut cut = 0;
+        for (p, task) in publishers.iter_mut().zip(pub_tasks) {
+            let (session, next) = join(task, p.id).await;
+            cut += session.in_flight().count();
+            p.session = Some(session);
+            p.next = next;
+        }
+        for (s, task) in subscribers.iter_mut().zip(sub_tasks) {
+            s.session = Some(join(task, s.id).await);
+        }
+        eprintln!(
+            "round {round} ({mode:?}): killed at {} acknowledged, {cut} publications in flight, {:?} into the test",
+            total.load(Ordering::Relaxed),
+            started.elapsed()
+        );
+        broker.restart();
+    }
+
+    // The last restart: everyone resumes; the publishers finish their flows and publish
+    // nothing new.
+    let stop_subscribers = Arc::new(AtomicBool::new(false));
+    let stop_publishers = Arc::new(AtomicBool::new(false));
+    let sub_tasks = start_subscribers(&broker, &mut subscribers, None, &stop_subscribers).await;
+    let pub_tasks =
+        start_publishers(&broker, &mut publishers, &total, false, &stop_publishers).await;
+    let publishing = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        for task in pub_tasks {
+            task.await.expect("publisher task");
+        }
+    })
+    .await;
+    if publishing.is_err() {
+        // Flows the broker does not complete leave their messages unacknowledged, which the
+        // checks below allow; the broker must still deliver everything it acknowledged.
+        eprintln!("publishers' flows still open after {DRAIN_TIMEOUT:?}");
+        stop_publishers.store(true, Ordering::Relaxed);
+    }
+    let acked_q1 = publishers[0].acked.lock().expect("lock").clone();
+    let acked_q2 = publishers[1].acked.lock().expect("lock").clone();
+    let acked_all: HashSet<Bytes> = acked_q1.union(&acked_q2).cloned().collect();
+    let expected = [&acked_all, &acked_q2];
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let done = subscribers.iter().zip(expected).all(|(s, acked)| {
+            let received = s.received.lock().expect("lock");
+            missing(acked, &received).is_empty()
+        });
+        if done || Instant::now() >= deadline {
+            break;
+        }
+        broker.assert_running();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Anything still on its way (a duplicate, say) arrives within this.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_subscribers.store(true, Ordering::Relaxed);
+    for task in sub_tasks {
+        tokio::time::timeout(TASK_TIMEOUT, task)
+            .await
+            .expect("subscriber task ends after stop")
+            .expect("subscriber task");
+    }
+    eprintln!(
+        "acknowledged: {} QoS 1, {} QoS 2 (published {} and {}); {:?} in all",
+        acked_q1.len(),
+        acked_q2.len(),
+        publishers[0].next,
+        publishers[1].next,
+        started.elapsed()
+    );
+
+    let mut failures = Vec::new();
+    for (s, acked) in subscribers.iter().zip(expected) {
+        let received = s.received.lock().expect("lock");
+        let lost = missing(acked, &received);
+        if !lost.is_empty() {
+            failures.push(format!(
+                "{} lost {} of {} acknowledged messages, e.g. {:?}",
+                s.id,
+                lost.len(),
+                acked.len(),
+                &lost[..lost.len().min(10)]
+            ));
+        }
+        // Nothing that no publisher sent.
+        let invented: Vec<&Bytes> = received
+            .keys()
+            .filter(|payload| {
+                !publishers.iter().any(|p| {
+                    std::str::from_utf8(payload)
+                        .ok()
+                        .and_then(|t| t.strip_prefix(p.prefix)?.strip_prefix('-')?.parse().ok())
+                        .is_some_and(|n: u64| n < p.next)
+                        && (s.filter == "dur/#" || p.topic == s.filter)
+                })
+            })
+            .take(10)
+            .collect();
+        if !invented.is_empty() {
+            failures.push(format!(
+                "{} received messages never published: {invented:?}",
+                s.id
+            ));
+        }
+        let wrong_qos = s.wrong_qos.lock().expect("lock");
+        if !wrong_qos.is_empty() {
+            failures.push(format!(
+                "{} (subscribed at {:?}) received {} messages at another QoS, e.g. {:?}",
+                s.id,
+                s.qos,
+                wrong_qos.len(),
+                &wrong_qos[..wrong_qos.len().min(5)]
+            ));
+        }
+        if s.qos == QoS::ExactlyOnce {
+            let twice: BTreeMap<&Bytes, &Vec<Receipt>> =
+                received.iter().filter(|(_, r)| r.len() > 1).collect();
+            if !twice.is_empty() {
+                failures.push(format!(
+                    "{} received {} QoS 2 messages more than once: {:?}",
+                    s.id,
+                    twice.len(),
+                    twice.iter().take(10).collect::<Vec<_>>()
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{}\n{}",
+        failures.join("\n"),
+        broker.log_tail()
+    );
+    broker.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retained messages, sessions, wills
+// ---------------------------------------------------------------------------------------------
+
+/// Connects with the async client library.
+async fn connect(broker: &Broker, config: ClientConfig) -> (Client, Events, bool) {
+    let id = config.client_id.clone();
+    let (client, events, ack) = connect_tcp(broker.mqtt, config, None)
+        .await
+        .unwrap_or_else(|e| panic!("{id:?}: {e}\n{}", broker.log_tail()));
+    (client, events, ack.session_present)
+}
+
+/// Subscribes to one filter; the broker must grant it.
+async fn subscribe(client: &Client, name: &str, qos: QoS) {
+    let ack = client
+        .subscribe_one(filter(name), qos)
+        .await
+        .expect("subscribe");
+    assert!(
+        ack.reasons.iter().all(|r| !r.is_error()),
+        "SUBACK for {name}: {:?}",
+        ack.reasons
+    );
+}
+
+/// Publishes `messages` at once (QoS 1 or 2) and waits until the broker acknowledged every one.
+async fn publish_acknowledged(client: &Client, events: &mut Events, messages: Vec<Message>) {
+    let mut waiting: HashMap<(String, Bytes), usize> = HashMap::new();
+    for message in messages {
+        assert_ne!(
+            message.qos,
+            QoS::AtMostOnce,
+            "only QoS 1 and 2 are acknowledged"
+        );
+        *waiting
+            .entry((message.topic.to_string(), message.payload.clone()))
+            .or_default() += 1;
+        let outcome = client.publish(message).await.expect("publish");
+        assert!(
+            matches!(outcome, Enqueued::Sent | Enqueued::Queued),
+            "{outcome:?}"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + ROUND_TIMEOUT;
+    while !waiting.is_empty() {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} messages unacknowledged", waiting.len()))
+            .expect("publisher connection open");
+        match event {
+            Event::Delivered {
+                reason, delivery, ..
+            } => {
+                assert!(!reason.is_error(), "publish refused: {reason:?}");
+                let key = (
+                    delivery.message.topic.to_string(),
+                    delivery.message.payload.clone(),
+                );
+                if let Some(n) = waiting.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        waiting.remove(&key);
+                    }
+                }
+            }
+            Event::Closed { reason, .. } => panic!("publisher connection closed: {reason:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Messages received until `done` holds for them and then `quiet` passes without another;
+/// or until `idle` passes without a message before that, or `timeout` in all.
+async fn collect(
+    events: &mut Events,
+    timeout: Duration,
+    idle: Duration,
+    quiet: Duration,
+    done: impl Fn(&[Message]) -> bool,
+) -> Vec<Message> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut messages = Vec::new();
+    loop {
+        let gap = if done(&messages) { quiet } else { idle };
+        let wait = deadline.min(tokio::time::Instant::now() + gap);
+        match tokio::time::timeout_at(wait, events.next_message()).await {
+            Ok(Some(p)) => messages.push(p.message),
+            Ok(None) | Err(_) => return messages,
+        }
+    }
+}
+
+/// Retained messages as a subscriber to `ret/#` sees them: topic to payload, with RETAIN set.
+fn retained(messages: &[Message]) -> BTreeMap<String, Bytes> {
+    messages
+        .iter()
+        .map(|m| {
+            assert!(m.retain, "{} arrived without RETAIN", m.topic);
+            (m.topic.to_string(), m.payload.clone())
+        })
+        .collect()
+}
+
+/// Retained messages (set, replaced, and cleared, each acknowledged) and persistent sessions
+/// (an MQTT 5 and a 3.1.1 one connected at the crash, an MQTT 5 one offline with a message
+/// queued) survive `kill -9`: a new subscriber gets the retained messages as they stood, the
+/// resumed sessions are reported as present and still hold their subscriptions and queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_and_sessions_survive_kill_9() {
+    let mut broker = Broker::start(CONFIG);
+    let sessions = [
+        ("online-v5", ProtocolVersion::V5),
+        ("online-v311", ProtocolVersion::V3_1_1),
+        ("offline-v5", ProtocolVersion::V5),
+    ];
+    let mut connected = Vec::new();
+    for (id, version) in sessions {
+        // 3.1.1 has no clean start with a session expiry: clean session 0 is what persists.
+        let clean_start = version == ProtocolVersion::V5;
+        let (client, events, present) =
+            connect(&broker, persistent(id, version, clean_start)).await;
+        assert!(!present, "{id}: a session present on a fresh broker");
+        subscribe(&client, "news/#", QoS::AtLeastOnce).await;
+        connected.push((id, client, events));
+    }
+    let (_, offline, _) = connected.pop().expect("three clients");
+    offline
+        .disconnect(ReasonCode::Success, None)
+        .await
+        .expect("disconnect");
+
+    let (publisher, mut pub_events, _) = connect(
+        &broker,
+        ClientConfig::new(ClientId::try_from("publisher").expect("id")),
+    )
+    .await;
+    let message = |t: &str, payload: &'static str, retain: bool| {
+        Message::new(topic(t), payload.as_bytes(), QoS::AtLeastOnce, retain)
+    };
+    publish_acknowledged(
+        &publisher,
+        &mut pub_events,
+        vec![
+            message("ret/a", "old-a", true),
+            message("ret/a", "kept-a", true),
+            message("ret/b", "kept-b", true),
+            message("ret/gone", "old", true),
+            message("ret/gone", "", true),
+            message("news/1", "first", false),
+        ],
+    )
+    .await;
+    // The connected sessions have it; the offline one has it queued.
+    for (id, _, events) in &mut connected {
+        let got = collect(events, TEN_S, TEN_S, Duration::ZERO, |m| {
+            m.iter().any(|m| m.payload == "first")
+        })
+        .await;
+        assert!(
+            got.iter().any(|m| m.payload == "first"),
+            "{id}: got {got:?}"
+        );
+    }
+
+    broker.kill();
+    drop(connected);
+    broker.restart();
+
+    let (fresh, mut fresh_events, _) = connect(
+        &broker,
+        ClientConfig::new(ClientId::try_from("fresh").expect("id")),
+    )
+    .await;
+    subscribe(&fresh, "ret/#", QoS::AtLeastOnce).await;
+    let got = collect(
+        &mut fresh_events,
+        TEN_S,
+        TEN_S,
+        Duration::from_millis(500),
+        |m| m.len() >= 2,
+    )
+    .await;
+    let expected: BTreeMap<String, Bytes> = [
+        ("ret/a".to_owned(), Bytes::from("kept-a")),
+        ("ret/b".to_owned(), Bytes::from("kept-b")),
+    ]
+    .into();
+    assert_eq!(retained(&got), expected, "retained messages after kill -9");
+    assert_eq!(got.len(), 2, "retained messages after kill -9: {got:?}");
+
+    let mut resumed = Vec::new();
+    for (id, version) in sessions {
+        let (client, events, present) = connect(&broker, persistent(id, version, false)).await;
+        assert!(present, "{id}: session present after kill -9 and restart");
+        resumed.push((id, client, events));
+    }
+    let (publisher, mut pub_events, _) = connect(
+        &broker,
+        ClientConfig::new(ClientId::try_from("publisher-2").expect("id")),
+    )
+    .await;
+    publish_acknowledged(
+        &publisher,
+        &mut pub_events,
+        vec![message("news/2", "second", false)],
+    )
+    .await;
+    for (id, _, events) in &mut resumed {
+        let got = collect(events, TEN_S, TEN_S, Duration::ZERO, |m| {
+            m.iter().any(|m| m.payload == "second")
+        })
+        .await;
+        let payloads: HashSet<&Bytes> = got.iter().map(|m| &m.payload).collect();
+        // Its subscription survived.
+        assert!(
+            payloads.contains(&Bytes::from("second")),
+            "{id}: no message through its subscription after the restart; got {got:?}\n{}",
+            broker.log_tail()
+        );
+        // What was queued for it survived.
+        if *id == "offline-v5" {
+            assert!(
+                payloads.contains(&Bytes::from("first")),
+                "{id}: lost the message queued while it was offline; got {got:?}\n{}",
+                broker.log_tail()
+            );
+        }
+    }
+    for (_, client, _) in resumed {
+        client
+            .disconnect(ReasonCode::Success, None)
+            .await
+            .expect("disconnect");
+    }
+    broker.stop();
+}
+
+/// A will with a delay, at QoS 1.
+fn delayed_will(name: &str, payload: &'static str, delay: u32) -> Will {
+    Will {
+        topic: topic(name),
+        payload: Bytes::from(payload),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: WillProperties {
+            will_delay_interval: Some(delay),
+            ..WillProperties::default()
+        },
+    }
+}
+
+/// Client A (session expiry 60 s, will delay 1 s) and client C (will delay 30 s) are connected
+/// when the broker is killed; B holds a persistent subscription to their will topics. After
+/// the restart C comes back at once, A never does: B gets A's will within a few seconds, and
+/// not C's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_of_connected_client_fires_after_crash() {
+    let mut broker = Broker::start(CONFIG);
+    let (b, _b_events, _) = connect(&broker, persistent("b", ProtocolVersion::V5, true)).await;
+    subscribe(&b, "will/#", QoS::AtLeastOnce).await;
+    let mut a_config = persistent("a", ProtocolVersion::V5, true);
+    a_config.session_expiry_interval = 60;
+    a_config.will = Some(delayed_will("will/a", "a is gone", 1));
+    let (_a, _a_events, _) = connect(&broker, a_config).await;
+    let mut c_config = persistent("c", ProtocolVersion::V5, true);
+    c_config.session_expiry_interval = 60;
+    c_config.will = Some(delayed_will("will/c", "c is gone", 30));
+    let (_c, _c_events, _) = connect(&broker, c_config.clone()).await;
+
+    broker.kill();
+    broker.restart();
+
+    c_config.clean_start = false;
+    let (c, _c_events, present) = connect(&broker, c_config).await;
+    assert!(present, "c: session present after kill -9 and restart");
+    let (_b, mut b_events, present) =
+        connect(&broker, persistent("b", ProtocolVersion::V5, false)).await;
+    assert!(present, "b: session present after kill -9 and restart");
+    let got = collect(&mut b_events, TEN_S, TEN_S, Duration::from_secs(2), |m| {
+        m.iter().any(|m| m.topic.as_str() == "will/a")
+    })
+    .await;
+    assert!(
+        got.iter()
+            .any(|m| m.topic.as_str() == "will/a" && m.payload == "a is gone"),
+        "a's will (delay 1 s) not published within 10 s of the restart; b got {got:?}\n{}",
+        broker.log_tail()
+    );
+    assert!(
+        !got.iter().any(|m| m.topic.as_str() == "will/c"),
+        "c's will published although c resumed its session within its will delay: {got:?}"
+    );
+    c.disconnect(ReasonCode::Success, None)
+        .await
+        .expect("disconnect");
+    broker.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Damaged store
+// ---------------------------------------------------------------------------------------------
+
+/// Messages queued for the offline session before the damage.
+const QUEUED: usize = 2_000;
+/// Retained messages before the damage.
+const RETAINED: usize = 50;
+
+fn queued_payload(i: usize) -> Bytes {
+    Bytes::from(format!("{i:05}-{}", "q".repeat(500)))
+}
+
+fn retained_payload(i: usize) -> Bytes {
+    Bytes::from(format!("retained {i}"))
+}
+
+/// The store file holding the most data, under `dir` recursively, with the length of its
+/// data: up to its last non-zero byte, since an engine may preallocate files (fjall does its
+/// journals) and damage to the zeros beyond the data would test nothing.
+fn fullest_file(dir: &Path) -> Option<(PathBuf, u64)> {
+    let mut best: Option<(PathBuf, u64)> = None;
+    for entry in std::fs::read_dir(dir).ok()? {
+        let entry = entry.expect("directory entry");
+        let meta = entry.metadata().expect("file metadata");
+        let candidate = if meta.is_dir() {
+            fullest_file(&entry.path())
+        } else if meta.is_file() {
+            let bytes = std::fs::read(entry.path()).expect("read a store file");
+            let len = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+            Some((entry.path(), len as u64))
+        } else {
+            None
+        };
+        if let Some((path, len)) = candidate {
+            if best.as_ref().is_none_or(|(_, l)| len > *l) {
+                best = Some((path, len));
+            }
+        }
+    }
+    best
+}
+
+/// Cuts the file to half its data.
+fn truncate_to_half(path: &Path, data_len: u64) {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open the store file");
+    file.set_len(data_len / 2).expect("truncate the store file");
+}
+
+/// Inverts 16 bytes in the middle of the file's data.
+fn flip_16_bytes(path: &Path, data_len: u64) {
+    let mut bytes = std::fs::read(path).expect("read the store file");
+    let middle = usize::try_from(data_len / 2).expect("file size");
+    for b in &mut bytes[middle..middle + 16] {
+        *b ^= 0xff;
+    }
+    std::fs::write(path, bytes).expect("write the store file");
+}
+
+/// The first warning or error in `log` about damage: one naming the store, or saying it found
+/// something damaged or dropped something.
+fn damage_report<'a>(log: &'a str, store: &Path) -> Option<&'a str> {
+    const WORDS: [&str; 6] = [
+        "damage", "corrupt", "truncat", "dropped", "checksum", "lost",
+    ];
+    let store = store.to_string_lossy();
+    log.lines().find(|line| {
+        let lower = line.to_lowercase();
+        (line.contains("WARN") || line.contains("ERROR"))
+            && (line.contains(&*store) || WORDS.iter().any(|w| lower.contains(w)))
+    })
+}
+
+/// Fills a store (a persistent session with [`QUEUED`] messages queued while its client is
+/// away, [`RETAINED`] retained messages), shuts the broker down gracefully, damages the
+/// store file holding the most data with `damage`, and starts the broker again. Acceptable: it exits
+/// with an error naming a path in the store (not a panic); or it starts and logs a warning or
+/// error about the damage; or it starts without one and everything is still there. Not
+/// acceptable: starting silently with less.
+async fn damaged_store_is_reported(damage: fn(&Path, u64), what: &str) {
+    let mut broker = Broker::start(CONFIG);
+    let sub_config = || persistent("offline-sub", ProtocolVersion::V5, false);
+    let (sub, _, _) = connect(&broker, sub_config()).await;
+    subscribe(&sub, "bulk/#", QoS::AtLeastOnce).await;
+    sub.disconnect(ReasonCode::Success, None)
+        .await
+        .expect("disconnect");
+    let (publisher, mut pub_events, _) = connect(
+        &broker,
+        ClientConfig::new(ClientId::try_from("filler").expect("id")),
+    )
+    .await;
+    let mut messages: Vec<Message> = (0..QUEUED)
+        .map(|i| Message::new(topic("bulk/q"), queued_payload(i), QoS::AtLeastOnce, false))
+        .collect();
+    messages.extend((0..RETAINED).map(|i| {
+        Message::new(
+            topic(&format!("keep/{i}")),
+            retained_payload(i),
+            QoS::AtLeastOnce,
+            true,
+        )
+    }));
+    publish_acknowledged(&publisher, &mut pub_events, messages).await;
+    publisher
+        .disconnect(ReasonCode::Success, None)
+        .await
+        .expect("disconnect");
+    broker.shutdown();
+
+    let store = broker.data_dir().join("store");
+    let (file, len) = fullest_file(&store).unwrap_or_else(|| {
+        panic!(
+            "no file under {} after a graceful shutdown",
+            store.display()
+        )
+    });
+    // The queued payloads alone are 1 MB.
+    assert!(
+        len >= 64 * 1024,
+        "{}: {len} bytes of data, the most of any file in the store",
+        file.display()
+    );
+    damage(&file, len);
+    eprintln!("{what}: {} ({len} bytes of data)", file.display());
+
+    match broker.try_restart() {
+        Err(failure) => {
+            assert!(!failure.status.success(), "{failure}");
+            assert!(
+                !failure.stderr.contains("panicked"),
+                "a panic is not a clear message about the {what} store file {}\n{failure}",
+                file.display()
+            );
+            assert!(
+                failure.stderr.contains(&*store.to_string_lossy()),
+                "the startup error names no path under {} ({what}: {})\n{failure}",
+                store.display(),
+                file.display()
+            );
+            eprintln!("refused to start, as allowed:\n{}", failure.stderr);
+        }
+        Ok(()) => {
+            let log = broker.log_text();
+            if let Some(line) = damage_report(&log, &store) {
+                eprintln!("started and reported the damage, as allowed: {line}");
+            } else {
+                // Silence is only acceptable if nothing was lost.
+                let lost = lost_data(&broker).await;
+                assert!(
+                    lost.is_empty(),
+                    "mqttd started on a store with a {what} file ({}) without a word, and lost \
+                     data:\n{}\n{}",
+                    file.display(),
+                    lost.join("\n"),
+                    broker.log_tail()
+                );
+                eprintln!("started without a warning, and nothing was lost");
+            }
+            broker.stop();
+        }
+    }
+}
+
+/// What the restarted broker lacks of what [`damaged_store_is_reported`] stored.
+async fn lost_data(broker: &Broker) -> Vec<String> {
+    let mut lost = Vec::new();
+    let (sub, mut events, present) = connect(
+        broker,
+        persistent("offline-sub", ProtocolVersion::V5, false),
+    )
+    .await;
+    if !present {
+        lost.push("the persistent session (session present = 0)".to_owned());
+    }
+    let got = collect(&mut events, ROUND_TIMEOUT, IDLE, Duration::ZERO, |m| {
+        m.iter().map(|m| &m.payload).collect::<HashSet<_>>().len() >= QUEUED
+    })
+    .await;
+    let payloads: HashSet<&Bytes> = got.iter().map(|m| &m.payload).collect();
+    let queued_lost = (0..QUEUED)
+        .filter(|i| !payloads.contains(&queued_payload(*i)))
+        .count();
+    if queued_lost > 0 {
+        lost.push(format!("{queued_lost} of {QUEUED} queued messages"));
+    }
+    let _ = sub.disconnect(ReasonCode::Success, None).await;
+    let (fresh, mut events, _) = connect(
+        broker,
+        ClientConfig::new(ClientId::try_from("checker").expect("id")),
+    )
+    .await;
+    subscribe(&fresh, "keep/#", QoS::AtLeastOnce).await;
+    let got = collect(
+        &mut events,
+        ROUND_TIMEOUT,
+        IDLE,
+        Duration::from_millis(300),
+        |m| m.len() >= RETAINED,
+    )
+    .await;
+    let retained_lost = (0..RETAINED)
+        .filter(|i| {
+            !got.iter().any(|m| {
+                m.topic.as_str() == format!("keep/{i}") && m.payload == retained_payload(*i)
+            })
+        })
+        .count();
+    if retained_lost > 0 {
+        lost.push(format!("{retained_lost} of {RETAINED} retained messages"));
+    }
+    let _ = fresh.disconnect(ReasonCode::Success, None).await;
+    lost
+}
+
+/// The store file holding the most data cut to half its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_store_is_reported_truncated() {
+    damaged_store_is_reported(truncate_to_half, "truncated").await;
+}
+
+/// 16 bytes inverted in the middle of the data of the store file holding the most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_store_is_reported_flipped_bytes() {
+    damaged_store_is_reported(flip_16_bytes, "corrupted").await;
+}
