@@ -556,6 +556,25 @@ mod tests {
         assert_eq!(back, record);
     }
 
+    proptest::proptest! {
+        /// Whatever is on disk, with or without a valid checksum, reading it returns an error
+        /// or a value, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let clock = Clock::now();
+            let id = ClientId::try_from("c").unwrap();
+            let mut sealed = BytesMut::new();
+            sealed.extend_from_slice(&body);
+            let sealed = seal(sealed);
+            for value in [&body[..], &sealed[..]] {
+                let _ = decode_message(value, &clock);
+                let _ = decode_delivery(value, 1, &clock);
+                let _ = decode_flow(value);
+                let _ = decode_session(value, id.clone());
+            }
+        }
+    }
+
     #[test]
     fn damage_is_detected_not_misread() {
         let clock = Clock::now();
