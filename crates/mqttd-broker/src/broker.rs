@@ -66,6 +66,9 @@ pub(crate) struct Inbox {
     pub(crate) deliveries: VecDeque<Delivery>,
     /// Another connection claims the session: disconnect with 0x8E and hand the session over.
     pub(crate) takeover: Option<oneshot::Sender<Option<Session>>>,
+    /// The storage change the stored deliveries here depend on: they are sent only once it
+    /// is durable.
+    pub(crate) ticket: u64,
 }
 
 impl Mailbox {
@@ -76,13 +79,14 @@ impl Mailbox {
         &self,
         mut delivery: Delivery,
         limit: usize,
-        admit: impl FnOnce(&mut Delivery),
+        admit: impl FnOnce(&mut Delivery) -> u64,
     ) -> bool {
         let mut inbox = self.inbox.lock();
         if inbox.deliveries.len() >= limit {
             return false;
         }
-        admit(&mut delivery);
+        let ticket = admit(&mut delivery);
+        inbox.ticket = inbox.ticket.max(ticket);
         inbox.deliveries.push_back(delivery);
         drop(inbox);
         self.notify.notify_one();
@@ -165,8 +169,10 @@ impl SessionHandle {
                 d.store_seq = Some(inner.next_seq.fetch_add(1, Ordering::Relaxed));
                 inner.storage.store_delivery(&self.client_id, d);
                 update_flag(&self.stored_messages, true);
+                inner.storage.ticket()
             } else {
                 d.store_seq = None;
+                0
             }
         };
         let mut slot = self.slot.lock();

@@ -155,8 +155,13 @@ impl Connection {
 
     /// Output produced from now on waits until storage is durable up to its latest change.
     fn wrote(&mut self) {
-        if self.inner.durable {
-            self.needs = self.inner.storage.written();
+        self.depends_on(self.inner.storage.ticket());
+    }
+
+    /// Output produced from now on waits until storage is durable up to change `ticket`.
+    fn depends_on(&mut self, ticket: u64) {
+        if self.inner.durable && ticket > self.needs {
+            self.needs = ticket;
         }
     }
 
@@ -227,6 +232,7 @@ impl Connection {
                         self.conn.disconnect(Instant::now(), ReasonCode::SessionTakenOver);
                     }
                     let now = Instant::now();
+                    self.depends_on(inbox.ticket);
                     for delivery in inbox.deliveries {
                         self.deliver(now, delivery);
                     }
@@ -393,10 +399,6 @@ impl Connection {
                     return;
                 }
             }
-        }
-        if delivery.store_seq.is_some() {
-            // Stored by whoever routed it: sending it waits until that is durable.
-            self.wrote();
         }
         let stored = delivery.store_seq.is_some().then(|| delivery.clone());
         let outcome = self.conn.deliver(now, delivery);

@@ -269,6 +269,8 @@ struct OpenBatch {
 
 thread_local! {
     static BATCH: std::cell::RefCell<Option<OpenBatch>> = const { std::cell::RefCell::new(None) };
+    /// The store and number of the change this thread recorded last.
+    static LAST: std::cell::Cell<(usize, u64)> = const { std::cell::Cell::new((0, 0)) };
 }
 
 fn session_prefix(client_id: &ClientId) -> Vec<u8> {
@@ -317,7 +319,8 @@ impl Shared {
         let result = match batched {
             Ok(result) => result,
             Err(Some(op)) => op(&mut Sink::Direct).map(|()| {
-                self.written.fetch_add(1, Ordering::Release);
+                let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
+                LAST.set((self.id(), ticket));
             }),
             Err(None) => Ok(()),
         };
@@ -763,8 +766,21 @@ impl Storage for DiskStorage {
             }
         }
         s.open_batches.lock().remove(&open.ticket);
+        LAST.set((s.id(), open.ticket));
         s.wake_committer();
         recorded
+    }
+
+    fn ticket(&self) -> u64 {
+        let s = &*self.shared;
+        let id = s.id();
+        BATCH
+            .with_borrow(|open| open.as_ref().filter(|o| o.store == id).map(|o| o.ticket))
+            .or_else(|| {
+                let (store, ticket) = LAST.get();
+                (store == id).then_some(ticket)
+            })
+            .unwrap_or_else(|| self.written())
     }
 
     fn written(&self) -> u64 {

@@ -188,6 +188,12 @@ pub trait Storage: Send + Sync + 'static {
     /// The number of the latest change recorded.
     fn written(&self) -> u64;
 
+    /// The number of the change this thread recorded last (or of its open batch): what
+    /// output that depends on it waits for. Never more than [`Storage::written`].
+    fn ticket(&self) -> u64 {
+        self.written()
+    }
+
     /// Follows how far changes are durable.
     fn watermark(&self) -> watch::Receiver<Watermark>;
 
