@@ -549,7 +549,7 @@ impl Storage for DiskStorage {
             let seq = u64::from_be_bytes(seq.try_into().ok()?);
             Some(((id, seq), record::decode_flow(v).ok()?))
         })?;
-        let flows: HashMap<(ClientId, u64), _> = flows.into_iter().collect();
+        let mut flows: HashMap<(ClientId, u64), _> = flows.into_iter().collect();
         let mut orphans = Vec::new();
         let mut next_seq = 1;
         let deliveries = s.scan(&s.deliveries, "message", |k, v| {
@@ -574,9 +574,7 @@ impl Storage for DiskStorage {
                 orphans.push(key);
                 continue;
             }
-            let flow = (delivery.qos == QoS::ExactlyOnce)
-                .then(|| flows.get(&(id.clone(), seq)).copied())
-                .flatten();
+            let flow = flows.remove(&(id.clone(), seq));
             session.deliveries.push(StoredDelivery { delivery, flow });
         }
         let inbound = s.scan(&s.inbound, "QoS 2 state", |k, _| {
@@ -590,6 +588,8 @@ impl Storage for DiskStorage {
                 None => orphans.push(pid_key(&id, pid)),
             }
         }
+        // Flows whose message is gone (finished just before a crash).
+        orphans.extend(flows.into_keys().map(|(id, seq)| seq_key(&id, seq)));
         // What a crash left behind of a session's removal, and expired messages.
         for key in &orphans {
             for ks in [&s.deliveries, &s.flows, &s.inbound] {
@@ -704,11 +704,15 @@ impl Storage for DiskStorage {
         };
         let s = &*self.shared;
         let key = seq_key(client_id, seq);
+        // The message goes first: a crash between the two writes must not leave it without
+        // the packet identifier it was sent under, or it would be sent again as a new message.
+        // A flow left without its message is removed at the next start.
         s.record(|w| {
+            w.remove(&s.deliveries, key.clone())?;
             if delivery.qos == QoS::ExactlyOnce {
-                w.remove(&s.flows, key.clone())?;
+                w.remove(&s.flows, key)?;
             }
-            w.remove(&s.deliveries, key)
+            Ok(())
         });
     }
 
