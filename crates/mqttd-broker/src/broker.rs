@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -80,17 +80,17 @@ impl Mailbox {
         mut delivery: Delivery,
         limit: usize,
         admit: impl FnOnce(&mut Delivery) -> u64,
-    ) -> bool {
+    ) -> Result<(), Delivery> {
         let mut inbox = self.inbox.lock();
         if inbox.deliveries.len() >= limit {
-            return false;
+            return Err(delivery);
         }
         let ticket = admit(&mut delivery);
         inbox.ticket = inbox.ticket.max(ticket);
         inbox.deliveries.push_back(delivery);
         drop(inbox);
         self.notify.notify_one();
-        true
+        Ok(())
     }
 
     fn take_over(&self, reply: oneshot::Sender<Option<Session>>) {
@@ -142,6 +142,17 @@ pub(crate) struct SessionHandle {
     /// Set while the session's queue is full: any further message would be dropped by the
     /// queue, so it is dropped before the hand-over.
     pub(crate) saturated: AtomicBool,
+    /// Set when a publisher gave up waiting for room in this session's full queue: further
+    /// messages are dropped at once, until the queue has room again.
+    pub(crate) stalled: AtomicBool,
+    /// Signalled when the full queue of an online session has room again.
+    pub(crate) room: Notify,
+    /// How many more messages the connection's session can take (queue and in-flight
+    /// window), as of the connection's last look: what its mailbox may hold.
+    pub(crate) capacity: AtomicUsize,
+    /// Counts the times the connection found more room than before: a publisher waiting for
+    /// room gives up only on a session that makes no progress.
+    pub(crate) progress: AtomicU64,
     /// Whether the session outlives its connection: its QoS 1 and 2 messages are stored.
     pub(crate) persistent: AtomicBool,
     /// Whether storage holds a record of this session, to forget when it ends.
@@ -160,7 +171,13 @@ impl SessionHandle {
     /// A QoS 1 or 2 message for a persistent session is stored, under a new sequence number,
     /// before anyone can act on it; storing happens under the session's lock, so it is
     /// recorded before any acknowledgement that removes it.
-    pub(crate) fn deliver(&self, now: Instant, mut delivery: Delivery, inner: &Inner) -> bool {
+    pub(crate) fn deliver(&self, now: Instant, delivery: Delivery, inner: &Inner) -> bool {
+        matches!(self.hand_over(now, delivery, inner), Handed::Taken)
+    }
+
+    /// As [`SessionHandle::deliver`], but a delivery that finds its connection's mailbox
+    /// full comes back, to wait for room.
+    pub(crate) fn hand_over(&self, now: Instant, mut delivery: Delivery, inner: &Inner) -> Handed {
         let config = &inner.config;
         let limit = config.max_queued_messages.max(1) + usize::from(config.max_inflight_messages);
         let persist = delivery.qos != QoS::AtMostOnce && self.persistent.load(Ordering::Relaxed);
@@ -168,7 +185,7 @@ impl SessionHandle {
             if persist {
                 d.store_seq = Some(inner.next_seq.fetch_add(1, Ordering::Relaxed));
                 inner.storage.store_delivery(&self.client_id, d);
-                update_flag(&self.stored_messages, true);
+                let _ = update_flag(&self.stored_messages, true);
                 inner.storage.ticket()
             } else {
                 d.store_seq = None;
@@ -177,16 +194,22 @@ impl SessionHandle {
         };
         let mut slot = self.slot.lock();
         match &mut *slot {
-            Slot::Online { mailbox } => mailbox.push(delivery, limit, store),
+            Slot::Online { mailbox } => {
+                let limit = limit.min(self.capacity.load(Ordering::Relaxed));
+                match mailbox.push(delivery, limit, store) {
+                    Ok(()) => Handed::Taken,
+                    Err(d) => Handed::Full(d),
+                }
+            }
             Slot::Transferring { buffer } if buffer.len() < limit => {
                 store(&mut delivery);
                 buffer.push(delivery);
-                true
+                Handed::Taken
             }
-            Slot::Transferring { .. } | Slot::Ended => false,
+            Slot::Transferring { .. } | Slot::Ended => Handed::Dropped,
             Slot::Offline { session, .. } => {
                 if delivery.qos == QoS::AtMostOnce && config.offline_qos0 != OfflineQos0::Queue {
-                    return false;
+                    return Handed::Dropped;
                 }
                 // The sequence number goes with the message into the queue; it is stored
                 // only if the queue took it.
@@ -194,9 +217,13 @@ impl SessionHandle {
                 let queued = matches!(session.enqueue(now, delivery.clone()), Enqueued::Queued);
                 if queued && persist {
                     inner.storage.store_delivery(&self.client_id, &delivery);
-                    update_flag(&self.stored_messages, true);
+                    let _ = update_flag(&self.stored_messages, true);
                 }
-                queued
+                if queued {
+                    Handed::Taken
+                } else {
+                    Handed::Dropped
+                }
             }
         }
     }
@@ -207,11 +234,38 @@ fn store_seq_only(delivery: &mut Delivery, persist: bool, next: &AtomicU64) {
 }
 
 /// Stores `value` only if it changed, so an unchanged flag costs other cores no cache traffic.
-pub(crate) fn update_flag(flag: &AtomicBool, value: bool) {
-    if flag.load(Ordering::Relaxed) != value {
+/// Returns whether it changed.
+pub(crate) fn update_flag(flag: &AtomicBool, value: bool) -> bool {
+    let changed = flag.load(Ordering::Relaxed) != value;
+    if changed {
         flag.store(value, Ordering::Relaxed);
     }
+    changed
 }
+
+impl SessionHandle {
+    /// Records whether the session's queue is full; when it has room again, publishers
+    /// waiting for it are woken.
+    pub(crate) fn set_saturated(&self, saturated: bool) {
+        if update_flag(&self.saturated, saturated) && !saturated {
+            update_flag(&self.stalled, false);
+            self.room.notify_waiters();
+        }
+    }
+}
+
+/// What became of a delivery handed to a session.
+pub(crate) enum Handed {
+    /// The session has it.
+    Taken,
+    /// The connection's mailbox is full: here it is back.
+    Full(Delivery),
+    /// Dropped.
+    Dropped,
+}
+
+/// Deliveries waiting for room in their sessions' queues.
+pub(crate) type Blocked = SmallVec<[(Arc<SessionHandle>, Delivery); 1]>;
 
 /// The session a connection gets.
 pub(crate) struct Acquired {
@@ -322,6 +376,10 @@ impl Inner {
             subscriptions: Mutex::new(HashMap::new()),
             congested: AtomicBool::new(false),
             saturated: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
+            room: Notify::new(),
+            capacity: AtomicUsize::new(usize::MAX),
+            progress: AtomicU64::new(0),
             persistent: AtomicBool::new(false),
             stored: AtomicBool::new(false),
             stored_messages: AtomicBool::new(false),
@@ -663,7 +721,7 @@ impl Inner {
             self.forget_stored(handle);
             return;
         }
-        update_flag(&handle.stored, true);
+        let _ = update_flag(&handle.stored, true);
         let subscriptions = handle
             .subscriptions
             .lock()
@@ -795,6 +853,22 @@ impl Inner {
     /// Routes a message to every matching subscription. Returns how many sessions it was
     /// handed to. `from` is the publishing session, for No Local.
     pub(crate) fn route(&self, now: Instant, message: &Arc<Message>, from: Option<u64>) -> usize {
+        let mut blocked = Blocked::new();
+        let count = self.route_or_block(now, message, from, &mut blocked);
+        self.metrics.messages_dropped.inc_by(blocked.len() as u64);
+        count
+    }
+
+    /// Routes like [`Inner::route`], except that a QoS 1 or 2 delivery to an online session
+    /// whose queue is full is handed back in `blocked` rather than dropped: the publisher
+    /// waits for room (see [`Inner::retry_blocked`]) before it acknowledges.
+    pub(crate) fn route_or_block(
+        &self,
+        now: Instant,
+        message: &Arc<Message>,
+        from: Option<u64>,
+        blocked: &mut Blocked,
+    ) -> usize {
         let tree = self.subscriptions.load();
         let mut direct: SmallVec<[(u64, &Subscriber); 16]> = SmallVec::new();
         let mut shared: SmallVec<[&Subscriber; 4]> = SmallVec::new();
@@ -835,20 +909,19 @@ impl Inner {
                 retain_as_published,
                 ..first.options
             };
-            self.offer(now, &first.handle, message, &options, ids, None);
+            let handle = &first.handle;
+            if let Some(d) = self.offer(now, handle, message, &options, ids, None) {
+                blocked.push((handle.clone(), d));
+            }
             count += 1;
             i = j;
         }
         for sub in shared {
             let ids = sub.id.into_iter().collect();
-            self.offer(
-                now,
-                &sub.handle,
-                message,
-                &sub.options,
-                ids,
-                sub.shared.clone(),
-            );
+            let shared = sub.shared.clone();
+            if let Some(d) = self.offer(now, &sub.handle, message, &sub.options, ids, shared) {
+                blocked.push((sub.handle.clone(), d));
+            }
             count += 1;
         }
         self.metrics.routed.inc_by(count as u64);
@@ -857,6 +930,8 @@ impl Inner {
 
     /// Hands `message` to a session through a subscription with `options`, unless its queue
     /// is full or it is a QoS 0 delivery to a congested connection: those are dropped here.
+    /// A QoS 1 or 2 delivery to an online session whose queue is full is handed back instead,
+    /// unless a publisher already gave up waiting for that session.
     fn offer(
         &self,
         now: Instant,
@@ -865,18 +940,56 @@ impl Inner {
         options: &SubscriptionOptions,
         subscription_ids: Vec<NonZeroU32>,
         shared: Option<TopicFilter>,
-    ) {
+    ) -> Option<Delivery> {
         let qos0 = options.qos.min(message.qos) == QoS::AtMostOnce;
-        if qos0 && handle.congested.load(Ordering::Relaxed)
-            || handle.saturated.load(Ordering::Relaxed)
-        {
+        if qos0 && handle.congested.load(Ordering::Relaxed) {
             self.metrics.messages_dropped.inc();
-            return;
+            return None;
+        }
+        if handle.saturated.load(Ordering::Relaxed) {
+            if !qos0 && !handle.stalled.load(Ordering::Relaxed) {
+                return Some(Self::delivery(message, options, subscription_ids, shared));
+            }
+            self.metrics.messages_dropped.inc();
+            return None;
         }
         let delivery = Self::delivery(message, options, subscription_ids, shared);
-        if !handle.deliver(now, delivery, self) {
-            self.metrics.messages_dropped.inc();
+        match handle.hand_over(now, delivery, self) {
+            Handed::Taken => None,
+            Handed::Full(d) if !qos0 && !handle.stalled.load(Ordering::Relaxed) => Some(d),
+            Handed::Full(_) | Handed::Dropped => {
+                self.metrics.messages_dropped.inc();
+                None
+            }
         }
+    }
+
+    /// Tries again to hand over deliveries that found their session's queue full. Those that
+    /// still find it full wait on, until `give_up`: then they are dropped and the session is
+    /// marked stalled, so that one client that stopped reading holds up its publishers once,
+    /// not for every message.
+    pub(crate) fn retry_blocked(&self, now: Instant, blocked: &mut Blocked, give_up: bool) {
+        let mut waiting = Blocked::new();
+        for (handle, delivery) in blocked.drain(..) {
+            let stalled = handle.stalled.load(Ordering::Relaxed);
+            let full = handle.saturated.load(Ordering::Relaxed) && !stalled;
+            let outcome = if full {
+                Handed::Full(delivery)
+            } else {
+                handle.hand_over(now, delivery, self)
+            };
+            match outcome {
+                Handed::Taken => {}
+                Handed::Full(d) if !give_up && !stalled => waiting.push((handle, d)),
+                Handed::Full(_) | Handed::Dropped => {
+                    if give_up {
+                        let _ = update_flag(&handle.stalled, true);
+                    }
+                    self.metrics.messages_dropped.inc();
+                }
+            }
+        }
+        *blocked = waiting;
     }
 
     /// The delivery of `message` through a subscription with these options.

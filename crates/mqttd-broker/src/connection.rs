@@ -32,7 +32,7 @@ use mqttd_proto::{
 
 use crate::auth::scram::MECHANISM;
 use crate::auth::ScramServerFirstSent;
-use crate::broker::{update_flag, Inner, Mailbox, SessionHandle, Slot, Subscriber};
+use crate::broker::{update_flag, Blocked, Inner, Mailbox, SessionHandle, Slot, Subscriber};
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer};
 use crate::storage::{StoredWill, Watermark};
 
@@ -42,6 +42,11 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 const MIN_READ: usize = 256;
 /// Largest read buffer a busy connection grows to.
 const MAX_READ: usize = 64 * 1024;
+/// How long a QoS 1 publication waits for room in a full subscriber queue that makes no
+/// progress before the message is dropped for that subscriber. Meanwhile the publisher is not
+/// read from, so a subscriber that is slow but reading sets the pace instead of losing
+/// messages, while one that stopped reading holds its publishers up only this long.
+const BACKPRESSURE_WAIT: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// Runs a connection to completion.
 pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: Peer)
@@ -84,6 +89,21 @@ struct Connection {
     needs: u64,
     /// Output waiting for storage; created the first time some does.
     gate: Option<Box<Gate>>,
+    /// A publication waiting for room in full subscriber queues before it is acknowledged.
+    blocked: Option<Box<BlockedPublish>>,
+}
+
+struct BlockedPublish {
+    packet_id: mqttd_proto::PacketId,
+    reason: ReasonCode,
+    deliveries: Blocked,
+    /// When the sessions waited for last made progress.
+    since: Instant,
+    /// Their progress counters, summed, as of `since`.
+    progress: u64,
+    /// Publications that arrived meanwhile (already read with it): they are routed after it,
+    /// in order.
+    later: VecDeque<InboundPublish>,
 }
 
 /// Output held back until storage is durable up to a change.
@@ -150,6 +170,33 @@ impl Connection {
             will: None,
             needs: 0,
             gate: None,
+            blocked: None,
+        }
+    }
+
+    /// Hands over what waited for room; acknowledges the publication once nothing waits.
+    fn retry_blocked(&mut self, now: Instant) {
+        let Some(b) = &mut self.blocked else {
+            return;
+        };
+        let progress = progress_of(&b.deliveries);
+        if progress != b.progress {
+            b.progress = progress;
+            b.since = now;
+        }
+        let give_up = now.saturating_duration_since(b.since) >= BACKPRESSURE_WAIT;
+        let before = self.inner.storage.written();
+        self.inner.retry_blocked(now, &mut b.deliveries, give_up);
+        let done = b.deliveries.is_empty().then_some((b.packet_id, b.reason));
+        if self.inner.storage.written() != before {
+            self.wrote();
+        }
+        if let Some((packet_id, reason)) = done {
+            let later = self.blocked.take().map(|b| b.later).unwrap_or_default();
+            let _ = self.conn.publish_ack(packet_id, reason);
+            for publish in later {
+                self.on_publish(publish);
+            }
         }
     }
 
@@ -202,13 +249,35 @@ impl Connection {
             let holding = self.gate.as_ref().is_some_and(|g| !g.holds.is_empty());
             let reading = self.wbuf.len() < WRITE_HIGH_WATER;
             if let Some(handle) = &self.handle {
-                let saturated = self
-                    .conn
-                    .session()
-                    .is_some_and(|s| s.queued().len() >= s.limits().max_messages);
-                update_flag(&handle.congested, !reading);
-                update_flag(&handle.saturated, saturated);
+                let (saturated, capacity) = self.conn.session().map_or((false, 0), |s| {
+                    let limits = s.limits();
+                    let queued = s.queued().len();
+                    let window = usize::from(self.inner.config.max_inflight_messages);
+                    let used = queued + s.in_flight_len().min(window);
+                    (
+                        queued >= limits.max_messages,
+                        (limits.max_messages + window).saturating_sub(used),
+                    )
+                });
+                let _ = update_flag(&handle.congested, !reading);
+                handle.set_saturated(saturated);
+                let before = handle.capacity.load(std::sync::atomic::Ordering::Relaxed);
+                if before != capacity {
+                    handle
+                        .capacity
+                        .store(capacity, std::sync::atomic::Ordering::Relaxed);
+                    if capacity > before {
+                        handle
+                            .progress
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
             }
+            let blocked_on = self
+                .blocked
+                .as_ref()
+                .and_then(|b| b.deliveries.first().map(|(h, _)| h.clone()));
+            let reading = reading && blocked_on.is_none();
             let mut gate = self.gate.take();
             if rbuf.capacity() - rbuf.len() < MIN_READ {
                 rbuf.reserve(read_size);
@@ -276,6 +345,9 @@ impl Connection {
                             self.conn.disconnect(Instant::now(), ReasonCode::UnspecifiedError);
                         }
                     }
+                }
+                _ = wait_for_room(blocked_on.as_deref()), if blocked_on.is_some() => {
+                    self.retry_blocked(Instant::now());
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     self.conn.handle_timeout(Instant::now());
@@ -667,6 +739,10 @@ impl Connection {
     /// Routes a message and acknowledges it; if that stored anything, the acknowledgement
     /// waits in the output until it is durable (persist, then acknowledge).
     fn on_publish(&mut self, publish: InboundPublish) {
+        if let Some(b) = &mut self.blocked {
+            b.later.push_back(publish);
+            return;
+        }
         let now = Instant::now();
         self.inner.metrics.messages_received.inc();
         let InboundPublish {
@@ -674,6 +750,7 @@ impl Connection {
             packet_id,
             ..
         } = publish;
+        let mut blocked = Blocked::new();
         let reason = match self.admit(&mut message) {
             Ok(()) => {
                 let message = Arc::new(message);
@@ -687,13 +764,17 @@ impl Connection {
                     self.inner.retain(&message);
                 }
                 let key = self.handle.as_ref().map(|h| h.key);
-                let routed = self.inner.route(now, &message, key);
+                let routed = if message.qos == QoS::AtLeastOnce {
+                    self.inner.route_or_block(now, &message, key, &mut blocked)
+                } else {
+                    self.inner.route(now, &message, key)
+                };
                 if message.qos == QoS::ExactlyOnce && self.persistent() {
                     if let (Some(handle), Some(packet_id)) = (&self.handle, packet_id) {
                         self.inner
                             .storage
                             .pending_release(&handle.client_id, packet_id, true);
-                        update_flag(&handle.stored_messages, true);
+                        let _ = update_flag(&handle.stored_messages, true);
                     }
                 }
                 let recorded = batch && self.inner.storage.commit_batch();
@@ -713,7 +794,23 @@ impl Connection {
             }
         };
         if let Some(id) = packet_id {
-            let _ = self.conn.publish_ack(id, reason);
+            if blocked.is_empty() {
+                let _ = self.conn.publish_ack(id, reason);
+            } else {
+                self.blocked = Some(Box::new(BlockedPublish {
+                    packet_id: id,
+                    reason,
+                    progress: progress_of(&blocked),
+                    deliveries: blocked,
+                    since: now,
+                    later: VecDeque::new(),
+                }));
+            }
+        } else {
+            self.inner
+                .metrics
+                .messages_dropped
+                .inc_by(blocked.len() as u64);
         }
     }
 
@@ -876,6 +973,12 @@ impl Connection {
         let Some(handle) = self.handle.take() else {
             return;
         };
+        // Publishers waiting for room in this session's queue stop waiting for this
+        // connection: the queue now fills offline, under the offline rules.
+        handle.set_saturated(false);
+        handle
+            .capacity
+            .store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
         let now = Instant::now();
         let mut session = self
             .conn
@@ -927,6 +1030,25 @@ impl Connection {
         if let Some(reply) = self.takeover_reply.take() {
             let _ = reply.send(session);
         }
+    }
+}
+
+fn progress_of(blocked: &Blocked) -> u64 {
+    blocked
+        .iter()
+        .map(|(h, _)| h.progress.load(std::sync::atomic::Ordering::Relaxed))
+        .fold(0, u64::wrapping_add)
+}
+
+/// Resolves when `handle`'s queue may have room: when it says so, or after a short while,
+/// whichever comes first.
+async fn wait_for_room(handle: Option<&SessionHandle>) {
+    match handle {
+        Some(h) => {
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(2), h.room.notified()).await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -593,3 +593,67 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
     assert!(log.iter().any(|l| l.starts_with("save sleeper")), "{log:?}");
     broker.shutdown().await;
 }
+
+/// QoS 1 publishers faster than their subscriber are slowed down, not acknowledged and then
+/// dropped: with a subscriber queue of 20 messages, every acknowledged message of 4 × 2,000
+/// published as fast as the client library sends arrives, and the broker counts no drop.
+#[tokio::test]
+async fn qos1_publishers_wait_for_a_slow_subscriber_instead_of_losing_messages() {
+    let (broker, addr, _dir) = start(
+        Config {
+            max_queued_messages: 20,
+            max_inflight_messages: 5,
+            ..Config::default()
+        },
+        None,
+    )
+    .await;
+    let mut sub_config = config("slow");
+    sub_config.receive_maximum = 5;
+    let (sub, mut sub_events, _) = connect_tcp(addr, sub_config, None).await.unwrap();
+    sub.subscribe_one(filter("fan/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+
+    const PUBLISHERS: usize = 4;
+    const EACH: usize = 2_000;
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let (publisher, mut events) = client(addr, &format!("fast-{p}")).await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let m = msg(&format!("fan/{p}"), &format!("{p}-{i}"), QoS::AtLeastOnce);
+                publisher.publish_nowait(Arc::new(m)).await.unwrap();
+            }
+            let mut acked = 0;
+            while acked < EACH {
+                match timeout(Duration::from_secs(30), events.recv()).await {
+                    Ok(Some(Event::Delivered { reason, .. })) => {
+                        assert!(!reason.is_error(), "{reason}");
+                        acked += 1;
+                    }
+                    Ok(Some(_)) => {}
+                    other => panic!("publisher {p}: {acked} of {EACH} acknowledged: {other:?}"),
+                }
+            }
+            publisher
+        }));
+    }
+    let mut received = std::collections::HashSet::new();
+    while received.len() < PUBLISHERS * EACH {
+        let m = timeout(Duration::from_secs(30), sub_events.next_message())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {} received", received.len(), PUBLISHERS * EACH))
+            .expect("open");
+        received.insert(m.message.payload.clone());
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let dropped = broker.metrics().messages_dropped.get();
+    assert_eq!(
+        dropped, 0,
+        "messages dropped for a subscriber that was reading"
+    );
+    broker.shutdown().await;
+}

@@ -312,6 +312,11 @@ impl Session {
         self.limits
     }
 
+    /// How many messages are in flight.
+    pub fn in_flight_len(&self) -> usize {
+        self.outbound.in_flight_len()
+    }
+
     /// Messages in flight, in identifier order.
     pub fn in_flight(&self) -> impl Iterator<Item = (PacketId, &InFlight)> {
         self.outbound.in_flight.iter().map(|(id, e)| (*id, e))

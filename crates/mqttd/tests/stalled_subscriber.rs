@@ -63,7 +63,7 @@ const SETTLE: Duration = Duration::from_millis(300);
 const WINDOW_LEN: Duration = Duration::from_millis(1200);
 /// Windows per condition; the conditions alternate (alone, stalled, alone, stalled, ...) so
 /// that drift in the machine's speed affects both alike.
-const WINDOWS: usize = 3;
+const WINDOWS: usize = 5;
 /// The fast subscriber's rate with a stalled subscriber present, as a fraction of the
 /// baseline.
 const MIN_RATE_RATIO: f64 = 0.9;
