@@ -113,9 +113,37 @@ struct Gate {
     holds: VecDeque<(u64, u64)>,
     /// Stream offset of the first byte in the write buffer.
     base: u64,
+    /// Messages routed to this session that wait for their storage change to be durable
+    /// before the session takes them: (change, messages), in arrival order.
+    awaiting: VecDeque<(u64, VecDeque<Delivery>)>,
+    /// Messages in `awaiting`.
+    awaiting_len: usize,
 }
 
 impl Gate {
+    fn new(watermark: watch::Receiver<Watermark>) -> Box<Self> {
+        Box::new(Self {
+            watermark,
+            holds: VecDeque::new(),
+            base: 0,
+            awaiting: VecDeque::new(),
+            awaiting_len: 0,
+        })
+    }
+
+    /// The messages whose changes are now durable, oldest first.
+    fn durable_deliveries(&mut self) -> Vec<Delivery> {
+        let durable = self.watermark.borrow().durable;
+        let mut out = Vec::new();
+        while self.awaiting.front().is_some_and(|(t, _)| *t <= durable) {
+            if let Some((_, batch)) = self.awaiting.pop_front() {
+                self.awaiting_len -= batch.len();
+                out.extend(batch);
+            }
+        }
+        out
+    }
+
     /// Releases what the watermark now covers; false if storage failed.
     fn release(&mut self) -> bool {
         let w = *self.watermark.borrow_and_update();
@@ -247,13 +275,15 @@ impl Connection {
             let writable = self.writable();
             let writing = writable > 0;
             let holding = self.gate.as_ref().is_some_and(|g| !g.holds.is_empty());
+            let awaiting = self.gate.as_ref().is_some_and(|g| g.awaiting_len > 0);
             let reading = self.wbuf.len() < WRITE_HIGH_WATER;
             if let Some(handle) = &self.handle {
                 let (saturated, capacity) = self.conn.session().map_or((false, 0), |s| {
                     let limits = s.limits();
                     let queued = s.queued().len();
                     let window = usize::from(self.inner.config.max_inflight_messages);
-                    let used = queued + s.in_flight_len().min(window);
+                    let awaiting = self.gate.as_ref().map_or(0, |g| g.awaiting_len);
+                    let used = queued + s.in_flight_len().min(window) + awaiting;
                     (
                         queued >= limits.max_messages,
                         (limits.max_messages + window).saturating_sub(used),
@@ -301,9 +331,21 @@ impl Connection {
                         self.conn.disconnect(Instant::now(), ReasonCode::SessionTakenOver);
                     }
                     let now = Instant::now();
-                    self.depends_on(inbox.ticket);
-                    for delivery in inbox.deliveries {
-                        self.deliver(now, delivery);
+                    // Stored messages enter the session once they are durable, so that what
+                    // the session sends later never waits for newer changes.
+                    let waits = self.inner.durable
+                        && (inbox.ticket > 0 || gate.as_ref().is_some_and(|g| g.awaiting_len > 0));
+                    if waits {
+                        let g = gate.get_or_insert_with(|| Gate::new(self.inner.storage.watermark()));
+                        g.awaiting_len += inbox.deliveries.len();
+                        g.awaiting.push_back((inbox.ticket, inbox.deliveries));
+                        for delivery in g.durable_deliveries() {
+                            self.deliver(now, delivery);
+                        }
+                    } else {
+                        for delivery in inbox.deliveries {
+                            self.deliver(now, delivery);
+                        }
                     }
                 }
                 res = wr.write(&self.wbuf[..writable]), if writing => match res {
@@ -338,11 +380,15 @@ impl Connection {
                         }
                     }
                 },
-                _ = durable(&mut gate), if holding => {
+                _ = durable(&mut gate), if holding || awaiting => {
                     if let Some(g) = &mut gate {
                         if !g.release() {
                             warn!("storage failed; closing the connection");
                             self.conn.disconnect(Instant::now(), ReasonCode::UnspecifiedError);
+                        }
+                        let now = Instant::now();
+                        for delivery in g.durable_deliveries() {
+                            self.deliver(now, delivery);
                         }
                     }
                 }
@@ -398,13 +444,9 @@ impl Connection {
         if self.needs == 0 || self.wbuf.len() == start {
             return;
         }
-        let gate = self.gate.get_or_insert_with(|| {
-            Box::new(Gate {
-                watermark: self.inner.storage.watermark(),
-                holds: VecDeque::new(),
-                base: 0,
-            })
-        });
+        let gate = self
+            .gate
+            .get_or_insert_with(|| Gate::new(self.inner.storage.watermark()));
         if gate.watermark.borrow().durable >= self.needs {
             return;
         }
@@ -984,6 +1026,25 @@ impl Connection {
             .conn
             .take_session()
             .or_else(|| self.unaccepted.take().map(|s| *s));
+        // Stored messages that waited for their changes to be durable go first, in order.
+        for d in self
+            .gate
+            .as_mut()
+            .map(|g| {
+                g.awaiting_len = 0;
+                std::mem::take(&mut g.awaiting)
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|(_, batch)| batch)
+        {
+            let queued = session
+                .as_mut()
+                .is_some_and(|s| s.enqueue(now, d.clone()) == Enqueued::Queued);
+            if !queued {
+                self.inner.discard(&handle.client_id, &d);
+            }
+        }
         let mailbox = self.mailbox.clone();
         let drain = |session: &mut Option<Session>, takeover: &mut Option<_>| {
             let inbox = mailbox.take();
