@@ -44,6 +44,8 @@ const CLEAN: &[u8] = b"clean";
 /// Written beside the store at a clean shutdown: how many records of each kind it holds, so
 /// that the next start can tell whether any went missing.
 const MANIFEST: &str = "clean-shutdown";
+/// The longest shutdown waits for the manifest.
+const MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The broker's state on disk.
 pub struct DiskStorage {
@@ -118,7 +120,6 @@ impl DiskStorage {
         let opened = std::panic::catch_unwind(|| {
             Database::builder(&path)
                 .manual_journal_persist(true)
-                .worker_threads(1)
                 .cache_size(4 * 1024 * 1024)
                 .max_journaling_size(64 * 1024 * 1024)
                 .open()
@@ -813,8 +814,25 @@ impl Storage for DiskStorage {
         if let Some(committer) = self.committer.lock().take() {
             let _ = committer.join();
         }
-        if let Err(e) = s.write_manifest() {
-            warn!(path = %s.path.display(), error = %e, "cannot write the clean-shutdown manifest");
+        // Everything is durable by now; the manifest only lets the next start check for
+        // damage. Shutdown does not wait for it for ever.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = self.shared.clone();
+        let _ = std::thread::Builder::new()
+            .name("mqttd-storage-close".into())
+            .spawn(move || {
+                let _ = tx.send(shared.write_manifest());
+            });
+        match rx.recv_timeout(MANIFEST_TIMEOUT) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(path = %s.path.display(), error = %e, "cannot write the clean-shutdown manifest");
+            }
+            Err(_) => warn!(
+                path = %s.path.display(),
+                "the store did not finish compacting its memory tables in time; the next start \
+                 replays its journal and cannot check for lost records"
+            ),
         }
     }
 }
