@@ -51,6 +51,7 @@ PORT_RUMQTTD=18832
 PORT_RUMQTTD_V5=18842
 PORT_RMQTT=18833
 PORT_RMQTT_RPC=18843
+PORT_RMQTT_INTERNAL=18853
 PORT_MQTTD=18834
 # Source addresses for the memory test, so that 19,000 connections need no more than
 # ~2,400 ephemeral ports each.
@@ -247,7 +248,9 @@ listener.tcp.external.max_inflight = $MAX_INFLIGHT
 listener.tcp.external.max_mqueue_len = $MAX_QUEUED
 listener.tcp.external.mqueue_rate_limit = "4294967295,1s"
 listener.tcp.external.max_packet_size = "1MB"
+# rmqtt requires the internal listener's address even when it is off.
 listener.tcp.internal.enable = false
+listener.tcp.internal.addr = "127.0.0.1:$PORT_RMQTT_INTERNAL"
 EOF
 mkdir -p "$RUN/conf/rmqtt-plugins"
 
