@@ -378,7 +378,21 @@ fn missing<T>(acked: &HashSet<Bytes>, received: &HashMap<Bytes, T>) -> Vec<Bytes
 /// over the whole test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_and_qos2_survive_kill_9() {
-    let mut broker = Broker::start(CONFIG);
+    qos1_and_qos2_survive_kill_9_with(CONFIG).await;
+}
+
+/// `durability = "batch"` acknowledges once a change is written to the operating system, not
+/// synced: a crash of the broker alone (kill -9) must still lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_and_qos2_survive_kill_9_with_batch_durability() {
+    qos1_and_qos2_survive_kill_9_with(
+        "durability = \"batch\"\nsync_interval_ms = 1000\nmax_queued_messages = 100000\n",
+    )
+    .await;
+}
+
+async fn qos1_and_qos2_survive_kill_9_with(config: &str) {
+    let mut broker = Broker::start(config);
     let rounds = [
         (200, Subscribers::Online),
         (1_000, Subscribers::Offline),
