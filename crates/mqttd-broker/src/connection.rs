@@ -144,13 +144,17 @@ impl Gate {
         out
     }
 
-    /// Releases what the watermark now covers; false if storage failed.
+    /// Releases the output the watermark now covers; false if storage failed while something
+    /// still waits for it.
     fn release(&mut self) -> bool {
         let w = *self.watermark.borrow_and_update();
         while self.holds.front().is_some_and(|&(_, t)| t <= w.durable) {
             self.holds.pop_front();
         }
-        !w.failed || self.holds.is_empty()
+        // Output or messages that wait for a change storage will never make durable would
+        // wait for ever: the connection must close instead.
+        let stuck = self.awaiting.front().is_some_and(|(t, _)| *t > w.durable);
+        !w.failed || (self.holds.is_empty() && !stuck)
     }
 
     /// How much of a write buffer of `len` bytes may be written.
