@@ -100,40 +100,11 @@ fi
 
 # --- what is shared with bench/compare.sh ---------------------------------------------------
 
-# Helpers are taken from bench/compare.sh by name, not copied, so that both scripts start,
-# stop and measure brokers the same way. `name:alias` defines one under another name.
-import_from_compare() {
-    local spec name alias body
-    for spec in "$@"; do
-        name=${spec%%:*}
-        alias=${spec#*:}
-        body=$(awk -v n="$name" '
-            !inside && index($0, n "() {") == 1 {
-                print
-                if ($0 !~ /\{[[:space:]]*$/) exit  # a one-line function
-                inside = 1
-                next
-            }
-            inside { print; if ($0 == "}") exit }' "$ROOT/bench/compare.sh")
-        if [[ -z $body ]]; then
-            echo "bench/compare.sh has no function $name" >&2
-            exit 1
-        fi
-        eval "$alias${body#"$name"}"
-    done
-}
-import_from_compare log apt_install start_broker:compare_start_broker stop_broker rss_kb hwm_kb \
-    cpu_ticks children_cpu_s machine_ticks wait_quiet json_meta run_traffic version_of
-# What those functions expect to find.
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+# What those functions read that this script does not otherwise set.
 # shellcheck disable=SC2034
-{
-    APT_UPDATED=0
-    QUIET_BUSY=0
-    BROKER_PID=
-    BENCH_PID=
-    CLK_TCK=$(getconf CLK_TCK)
-    LATENCY_DURATION=0
-}
+LATENCY_DURATION=0
 
 port_of() {
     case $1 in
@@ -145,7 +116,7 @@ port_of() {
 # Every run starts on an empty data directory.
 start_broker() {
     rm -rf "$RUN/mqttd-data"
-    compare_start_broker "$@"
+    launch_broker "$@"
 }
 
 cleanup() {

@@ -9,9 +9,10 @@ bench/report.py; sizes come from du: *allocated* is the blocks in use (du --bloc
 """
 
 import json
-import statistics
 import sys
 from pathlib import Path
+
+from stats import med, spread
 
 NAMES = {"mosquitto": "Mosquitto", "mqttd": "mqttd"}
 BROKERS = ["mosquitto", "mqttd"]
@@ -42,16 +43,6 @@ def load(results: Path):
     for path in sorted((results / "runs").glob("restart.*.result.json")):
         restarts.append(json.loads(path.read_text()))
     return machine, traffic, restarts
-
-
-def med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def spread(values):
-    values = [v for v in values if v is not None]
-    return (min(values), max(values)) if values else (None, None)
 
 
 def k(v):

@@ -9,9 +9,10 @@ window (--duration): the bench's own *_per_sec fields also divide by the drain t
 """
 
 import json
-import statistics
 import sys
 from pathlib import Path
+
+from stats import med, spread
 
 import matplotlib
 
@@ -41,16 +42,6 @@ def load(results: Path):
             meta["summary"] = None
         runs.append(meta)
     return machine, runs
-
-
-def med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def spread(values):
-    values = [v for v in values if v is not None]
-    return (min(values), max(values)) if values else (None, None)
 
 
 def fmt_int(v):
