@@ -121,7 +121,9 @@ struct Gate {
 }
 
 impl Gate {
-    fn new(watermark: watch::Receiver<Watermark>) -> Box<Self> {
+    fn new(mut watermark: watch::Receiver<Watermark>) -> Box<Self> {
+        // Looked at once even if it never moves again: storage may already have failed.
+        watermark.mark_changed();
         Box::new(Self {
             watermark,
             holds: VecDeque::new(),
@@ -388,6 +390,13 @@ impl Connection {
                     if let Some(g) = &mut gate {
                         if !g.release() {
                             warn!("storage failed; closing the connection");
+                            // What waits acknowledges changes that will never be durable: it
+                            // never goes out, and the DISCONNECT saying why goes instead.
+                            if let Some(&(offset, _)) = g.holds.front() {
+                                self.wbuf.truncate(offset.saturating_sub(g.base) as usize);
+                            }
+                            g.holds.clear();
+                            self.needs = 0;
                             self.conn.disconnect(Instant::now(), ReasonCode::UnspecifiedError);
                         }
                         let now = Instant::now();

@@ -11,6 +11,9 @@
 //! packet that was not held back has been written to the socket; only a short wait for the
 //! loopback delivery remains. Every test then releases the watermark and sees the packet arrive,
 //! so none can pass because the packet was never produced.
+//!
+//! When storage fails, nothing more that depends on it is acknowledged: connections waiting for
+//! it close with DISCONNECT 0x80, and the rest of the broker goes on.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -82,6 +85,12 @@ impl HeldStorage {
         self.0
             .watermark
             .send_modify(|w| w.durable = w.durable.max(written));
+    }
+
+    /// The storage fails: nothing recorded after the watermark will ever be durable.
+    fn fail(&self) {
+        self.0.held.store(true, Ordering::SeqCst);
+        self.0.watermark.send_modify(|w| w.failed = true);
     }
 
     /// How many changes were recorded: pass it to [`HeldStorage::saw`] to look only at later
@@ -533,5 +542,117 @@ async fn a_stored_message_is_published_only_once_durable() {
         |p| matches!(p, Packet::Publish(m) if m.payload == "stored" && m.qos == QoS::AtLeastOnce),
     )
     .await;
+    broker.shutdown().await;
+}
+
+/// The next packets are a DISCONNECT with 0x80, then the end of the connection: nothing that
+/// waited for the failed storage goes out.
+async fn expect_closed_for_failure(raw: &mut Raw) {
+    match raw.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::UnspecifiedError),
+        other => panic!("{}: expected DISCONNECT 0x80, got {other:?}", raw.id),
+    }
+    if let Some(p) = raw.recv().await {
+        panic!("{}: expected the connection to end, got {p:?}", raw.id);
+    }
+}
+
+/// What a connection already had acknowledged and delivered stands, and a connection with
+/// nothing waiting for storage keeps working.
+async fn expect_unaffected(addr: SocketAddr, idle: &mut Raw) {
+    idle.send(Packet::PingReq).await;
+    match idle.recv().await {
+        Some(Packet::PingResp) => {}
+        other => panic!("idle: expected PINGRESP, got {other:?}"),
+    }
+    // Between clean sessions nothing needs storage: still acknowledged and delivered. The
+    // retained message made durable before the failure reaches a new subscriber.
+    let mut watcher = Raw::connect(addr, "watcher", false).await;
+    watcher.subscribe(1, "c/#", QoS::AtLeastOnce).await;
+    expect_suback(&mut watcher, 1).await;
+    match watcher.recv().await {
+        Some(Packet::Publish(p)) => assert!(p.retain && p.payload == "kept", "{p:?}"),
+        other => panic!("watcher: expected the retained message, got {other:?}"),
+    }
+    let mut clean = Raw::connect(addr, "clean", false).await;
+    clean
+        .publish(Some(1), "c/x", "live", QoS::AtLeastOnce)
+        .await;
+    match clean.recv().await {
+        Some(p) if is_puback(1, ReasonCode::Success)(&p) => {}
+        other => panic!("clean: expected PUBACK, got {other:?}"),
+    }
+    match watcher.recv().await {
+        Some(Packet::Publish(p)) => assert!(!p.retain && p.payload == "live", "{p:?}"),
+        other => panic!("watcher: expected the new message, got {other:?}"),
+    }
+}
+
+/// Connects "sub" (persistent, subscribed to `t`, which it will wait for), "idle" (persistent,
+/// nothing waiting) and "pub"; sets a retained message and delivers one stored message before
+/// anything fails.
+async fn before_failure(addr: SocketAddr) -> (Raw, Raw, Raw) {
+    let mut sub = Raw::connect(addr, "sub", true).await;
+    sub.subscribe(1, "t", QoS::AtLeastOnce).await;
+    expect_suback(&mut sub, 1).await;
+    let mut idle = Raw::connect(addr, "idle", true).await;
+    idle.subscribe(1, "u", QoS::AtLeastOnce).await;
+    expect_suback(&mut idle, 1).await;
+    let mut publisher = Raw::connect(addr, "pub", false).await;
+    publisher
+        .publish_retained(Some(1), "c/kept", "kept", QoS::AtLeastOnce, true)
+        .await;
+    publisher
+        .publish(Some(2), "t", "before", QoS::AtLeastOnce)
+        .await;
+    for id in [1, 2] {
+        match publisher.recv().await {
+            Some(Packet::PubAck(a)) if a.packet_id == pid(id) && !a.reason.is_error() => {}
+            other => panic!("pub: expected PUBACK {id}, got {other:?}"),
+        }
+    }
+    match sub.recv().await {
+        Some(Packet::Publish(p)) if p.payload == "before" => {
+            sub.send(Packet::PubAck(PubResponse::success(p.packet_id.unwrap())))
+                .await;
+        }
+        other => panic!("sub: expected the first message, got {other:?}"),
+    }
+    (sub, idle, publisher)
+}
+
+#[tokio::test]
+async fn a_storage_failure_closes_connections_that_wait_for_it_and_acknowledges_nothing_more() {
+    let (broker, addr, storage, _dir) = start().await;
+    let (mut sub, mut idle, mut publisher) = before_failure(addr).await;
+
+    // The failure comes while a publication waits for storage.
+    storage.hold();
+    let mark = storage.mark();
+    publisher
+        .publish(Some(3), "t", "after", QoS::AtLeastOnce)
+        .await;
+    storage.saw(mark, |l| l == "store sub t").await;
+    storage.fail();
+    expect_closed_for_failure(&mut publisher).await;
+    expect_closed_for_failure(&mut sub).await;
+    expect_unaffected(addr, &mut idle).await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn after_a_storage_failure_a_publication_that_needs_storage_closes_the_connection() {
+    let (broker, addr, storage, _dir) = start().await;
+    let (mut sub, mut idle, _publisher) = before_failure(addr).await;
+
+    // The storage fails while nothing waits for it; a publisher that comes later needs it.
+    storage.fail();
+    let mut late = Raw::connect(addr, "late", false).await;
+    let mark = storage.mark();
+    late.publish(Some(1), "t", "after", QoS::AtLeastOnce).await;
+    storage.saw(mark, |l| l == "store sub t").await;
+    expect_closed_for_failure(&mut late).await;
+    expect_closed_for_failure(&mut sub).await;
+    expect_unaffected(addr, &mut idle).await;
     broker.shutdown().await;
 }
