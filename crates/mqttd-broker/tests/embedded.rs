@@ -58,6 +58,20 @@ fn filter(f: &str) -> TopicFilter {
     TopicFilter::try_from(f).unwrap()
 }
 
+/// Fails unless the broker answered the CONNECT with a CONNACK refusing it with `reason`: an
+/// I/O error or a connection closed for another reason is not the refusal being tested.
+fn assert_refused(
+    result: Result<(Client, Events, mqttd_proto::ConnAck), mqttd_client::ConnectError>,
+    reason: ReasonCode,
+    what: &str,
+) {
+    match result {
+        Err(mqttd_client::ConnectError::Refused(ack)) => assert_eq!(ack.reason, reason, "{what}"),
+        Err(other) => panic!("{what}: expected a refusal with {reason}, got {other}"),
+        Ok((_, _, ack)) => panic!("{what}: expected a refusal with {reason}, accepted: {ack:?}"),
+    }
+}
+
 async fn next_payload(events: &mut Events) -> String {
     let p = timeout(WAIT, events.next_message())
         .await
@@ -175,10 +189,14 @@ async fn shutdown_sends_server_shutting_down_to_mqtt5_clients() {
         .await
         .unwrap()
         .unwrap();
-    assert!(
-        TcpStream::connect(addr).await.is_err(),
-        "listener closed after shutdown"
-    );
+    match TcpStream::connect(addr).await {
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "listener closed after shutdown: {e}"
+        ),
+        Ok(_) => panic!("listener still accepting after shutdown"),
+    }
 }
 
 /// SCRAM-SHA-256 on the client side, driven by the broker's own client state machine.
@@ -303,7 +321,11 @@ async fn scram_sha_256_connect_reauthenticate_and_refuse() {
     plain.password = Some(Bytes::from_static(b"wonderland"));
     connect_tcp(addr, plain.clone(), None).await.unwrap();
     plain.password = Some(Bytes::from_static(b"nope"));
-    assert!(connect_tcp(addr, plain, None).await.is_err());
+    assert_refused(
+        connect_tcp(addr, plain, None).await,
+        ReasonCode::BadUserNameOrPassword,
+        "plain login with a wrong password",
+    );
     broker.shutdown().await;
 }
 
@@ -323,11 +345,16 @@ async fn reloading_access_applies_a_changed_password_file() {
     let mut cfg = config("bob");
     cfg.username = Some("bob".try_into().unwrap());
     cfg.password = Some(Bytes::from_static(b"two"));
-    assert!(connect_tcp(addr, cfg.clone(), None).await.is_err());
+    assert_refused(
+        connect_tcp(addr, cfg.clone(), None).await,
+        ReasonCode::BadUserNameOrPassword,
+        "the new password before it is in the file",
+    );
     password_file(dir.path(), "bob", "two");
-    assert!(
-        connect_tcp(addr, cfg.clone(), None).await.is_err(),
-        "not before the reload"
+    assert_refused(
+        connect_tcp(addr, cfg.clone(), None).await,
+        ReasonCode::BadUserNameOrPassword,
+        "the new password in the file, not before the reload",
     );
     broker.reload_access().unwrap();
     connect_tcp(addr, cfg, None).await.unwrap();
@@ -566,7 +593,10 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
         "PUBACK before the retained message was durable"
     );
     storage.release();
-    timeout(WAIT, pub_events.recv()).await.unwrap().unwrap();
+    match timeout(WAIT, pub_events.recv()).await.unwrap().unwrap() {
+        Event::Delivered { reason, .. } => assert_eq!(reason, ReasonCode::Success),
+        other => panic!("expected the PUBACK of the retained message, got {other:?}"),
+    }
     let log = storage.log.lock().unwrap().clone();
     assert!(log.contains(&"retain kept/t".to_owned()), "{log:?}");
     assert!(log.contains(&"store sleeper news/1".to_owned()), "{log:?}");
