@@ -17,7 +17,11 @@ use mqttd_proto::{ClientId, Message, QoS, ReasonCode, TopicFilter, TopicName};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-const WAIT: Duration = Duration::from_secs(5);
+/// Upper bound for anything that must happen; only a hang reaches it.
+const WAIT: Duration = Duration::from_secs(30);
+/// After a fence proved the broker handled a packet, how long an answer it wrote (instead of
+/// holding it back) gets to reach the client.
+const SETTLE: Duration = Duration::from_millis(200);
 
 async fn start(
     mut config: Config,
@@ -69,6 +73,23 @@ fn assert_refused(
         Err(mqttd_client::ConnectError::Refused(ack)) => assert_eq!(ack.reason, reason, "{what}"),
         Err(other) => panic!("{what}: expected a refusal with {reason}, got {other}"),
         Ok((_, _, ack)) => panic!("{what}: expected a refusal with {reason}, accepted: {ack:?}"),
+    }
+}
+
+/// The next PUBACK (or other end of a publication) a publisher gets: its payload and reason.
+async fn next_delivered(events: &mut Events) -> (String, ReasonCode) {
+    loop {
+        match timeout(WAIT, events.recv()).await.expect("event in time") {
+            Some(Event::Delivered {
+                reason, delivery, ..
+            }) => {
+                let payload = String::from_utf8(delivery.message.payload.to_vec()).unwrap();
+                return (payload, reason);
+            }
+            Some(Event::Closed { reason, .. }) => panic!("closed: {reason}"),
+            Some(_) => {}
+            None => panic!("connection ended"),
+        }
     }
 }
 
@@ -185,10 +206,7 @@ async fn shutdown_sends_server_shutting_down_to_mqtt5_clients() {
         }
     };
     assert_eq!(closed, (ReasonCode::ServerShuttingDown, true));
-    timeout(Duration::from_secs(12), shutdown)
-        .await
-        .unwrap()
-        .unwrap();
+    timeout(WAIT, shutdown).await.unwrap().unwrap();
     match TcpStream::connect(addr).await {
         Err(e) => assert_eq!(
             e.kind(),
@@ -390,10 +408,15 @@ async fn shared_subscription_messages_move_to_another_member_when_a_session_ends
 #[tokio::test]
 async fn no_retained_messages_for_shared_subscriptions_but_for_plain_ones() {
     let (broker, addr, _dir) = start(Config::default(), None).await;
-    let (publisher, _pe) = client(addr, "p").await;
+    let (publisher, mut pub_events) = client(addr, "p").await;
     let mut retained = msg("r/t", "kept", QoS::AtLeastOnce);
     retained.retain = true;
     let _ = publisher.publish(retained).await.unwrap();
+    // Acknowledged: the retained message is set before anyone subscribes.
+    assert_eq!(
+        next_delivered(&mut pub_events).await,
+        ("kept".to_owned(), ReasonCode::NoMatchingSubscribers)
+    );
     let (c, mut events) = client(addr, "s").await;
     c.subscribe_one(filter("$share/g/r/#"), QoS::AtLeastOnce)
         .await
@@ -406,11 +429,24 @@ async fn no_retained_messages_for_shared_subscriptions_but_for_plain_ones() {
         first.message.retain,
         "delivered because of the plain subscription, RETAIN set"
     );
+    // A marker published now reaches the session after any retained copy its subscriptions
+    // produced: everything before it is all there is.
+    let _ = publisher
+        .publish(msg("r/end", "end", QoS::AtLeastOnce))
+        .await
+        .unwrap();
+    let mut before_marker = Vec::new();
+    loop {
+        let m = timeout(WAIT, events.next_message()).await.unwrap().unwrap();
+        if m.message.payload == "end" {
+            assert!(!m.message.retain);
+            break;
+        }
+        before_marker.push(m.message.payload);
+    }
     assert!(
-        timeout(Duration::from_millis(300), events.next_message())
-            .await
-            .is_err(),
-        "exactly one copy: none for the shared subscription"
+        before_marker.is_empty(),
+        "exactly one copy: none for the shared subscription, got {before_marker:?} as well"
     );
     broker.shutdown().await;
 }
@@ -428,9 +464,30 @@ struct TestStorage {
 
 impl TestStorage {
     fn note(&self, line: String) {
-        self.log.lock().unwrap().push(line);
+        // Counted before it is visible, so that a release after seeing it covers it.
         self.written
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.log.lock().unwrap().push(line);
+    }
+
+    /// How many changes were recorded so far.
+    fn mark(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Waits until the broker recorded `line`, as change number `from` or later.
+    async fn saw(&self, from: usize, line: &str) {
+        let seen = timeout(WAIT, async {
+            while !self.log.lock().unwrap()[from..].iter().any(|l| l == line) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(
+            seen.is_ok(),
+            "{line:?} not recorded: {:?}",
+            self.log.lock().unwrap()
+        );
     }
 
     /// Makes everything recorded so far durable.
@@ -572,30 +629,49 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
         .publish(msg("news/1", "queued", QoS::AtLeastOnce))
         .await
         .unwrap();
-    let early = timeout(Duration::from_millis(300), pub_events.recv()).await;
+    storage.saw(0, "store sleeper news/1").await;
+    // Fence: once the next publication is stored too, the connection has read past the first
+    // one, and so has written its PUBACK unless that waits for storage.
+    let _ = publisher
+        .publish(msg("news/fence", "fence 1", QoS::AtLeastOnce))
+        .await
+        .unwrap();
+    storage.saw(0, "store sleeper news/fence").await;
+    let early = timeout(SETTLE, pub_events.recv()).await;
     assert!(
         early.is_err(),
         "PUBACK before the storage synced: {early:?}"
     );
     storage.release();
-    match timeout(WAIT, pub_events.recv()).await.unwrap().unwrap() {
-        Event::Delivered { reason, .. } => assert_eq!(reason, ReasonCode::Success),
-        other => panic!("expected the PUBACK, got {other:?}"),
+    for expected in ["queued", "fence 1"] {
+        assert_eq!(
+            next_delivered(&mut pub_events).await,
+            (expected.to_owned(), ReasonCode::Success)
+        );
     }
 
     // Retained changes reach the storage, and are acknowledged once durable.
+    let mark = storage.mark();
     let mut r = msg("kept/t", "", QoS::AtLeastOnce);
     r.retain = true;
     let _ = publisher.publish(r).await.unwrap();
-    let early = timeout(Duration::from_millis(300), pub_events.recv()).await;
+    storage.saw(mark, "retain kept/t").await;
+    let _ = publisher
+        .publish(msg("news/fence", "fence 2", QoS::AtLeastOnce))
+        .await
+        .unwrap();
+    storage.saw(mark, "store sleeper news/fence").await;
+    let early = timeout(SETTLE, pub_events.recv()).await;
     assert!(
         early.is_err(),
-        "PUBACK before the retained message was durable"
+        "PUBACK before the retained message was durable: {early:?}"
     );
     storage.release();
-    match timeout(WAIT, pub_events.recv()).await.unwrap().unwrap() {
-        Event::Delivered { reason, .. } => assert_eq!(reason, ReasonCode::Success),
-        other => panic!("expected the PUBACK of the retained message, got {other:?}"),
+    for expected in ["", "fence 2"] {
+        assert_eq!(
+            next_delivered(&mut pub_events).await,
+            (expected.to_owned(), ReasonCode::Success)
+        );
     }
     let log = storage.log.lock().unwrap().clone();
     assert!(log.contains(&"retain kept/t".to_owned()), "{log:?}");
@@ -616,7 +692,9 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
     cfg.session_expiry_interval = 3600;
     let (_sleeper, mut sleeper_events, ack) = connect_tcp(addr, cfg, None).await.unwrap();
     assert!(ack.session_present);
-    assert_eq!(next_payload(&mut sleeper_events).await, "queued");
+    for expected in ["queued", "fence 1", "fence 2"] {
+        assert_eq!(next_payload(&mut sleeper_events).await, expected);
+    }
 
     releaser.abort();
     let log = storage.log.lock().unwrap().clone();
@@ -657,7 +735,7 @@ async fn qos1_publishers_wait_for_a_slow_subscriber_instead_of_losing_messages()
             }
             let mut acked = 0;
             while acked < EACH {
-                match timeout(Duration::from_secs(30), events.recv()).await {
+                match timeout(WAIT, events.recv()).await {
                     Ok(Some(Event::Delivered { reason, .. })) => {
                         assert!(!reason.is_error(), "{reason}");
                         acked += 1;
@@ -671,7 +749,7 @@ async fn qos1_publishers_wait_for_a_slow_subscriber_instead_of_losing_messages()
     }
     let mut received = std::collections::HashSet::new();
     while received.len() < PUBLISHERS * EACH {
-        let m = timeout(Duration::from_secs(30), sub_events.next_message())
+        let m = timeout(WAIT, sub_events.next_message())
             .await
             .unwrap_or_else(|_| panic!("{} of {} received", received.len(), PUBLISHERS * EACH))
             .expect("open");
