@@ -118,6 +118,9 @@ struct Gate {
     awaiting: VecDeque<(u64, VecDeque<Delivery>)>,
     /// Messages in `awaiting`.
     awaiting_len: usize,
+    /// Stream offset just past a CONNACK that was held: until output passes it, the client
+    /// has not been told it is connected.
+    connack_end: Option<u64>,
 }
 
 impl Gate {
@@ -130,6 +133,7 @@ impl Gate {
             base: 0,
             awaiting: VecDeque::new(),
             awaiting_len: 0,
+            connack_end: None,
         })
     }
 
@@ -392,12 +396,18 @@ impl Connection {
                             warn!("storage failed; closing the connection");
                             // What waits acknowledges changes that will never be durable: it
                             // never goes out, and the DISCONNECT saying why goes instead.
-                            if let Some(&(offset, _)) = g.holds.front() {
+                            let cut = g.holds.front().map(|&(offset, _)| offset);
+                            if let Some(offset) = cut {
                                 self.wbuf.truncate(offset.saturating_sub(g.base) as usize);
                             }
                             g.holds.clear();
                             self.needs = 0;
-                            self.conn.disconnect(Instant::now(), ReasonCode::UnspecifiedError);
+                            if cut.zip(g.connack_end).is_some_and(|(cut, end)| end > cut) {
+                                // Nothing may precede CONNACK, not even DISCONNECT.
+                                self.conn.connection_lost(Instant::now());
+                            } else {
+                                self.conn.disconnect(Instant::now(), ReasonCode::UnspecifiedError);
+                            }
                         }
                         let now = Instant::now();
                         for delivery in g.durable_deliveries() {
@@ -446,12 +456,16 @@ impl Connection {
             return;
         };
         let start = self.wbuf.len();
+        let mut connack_end = None;
         while let Some(packet) = self.conn.poll_transmit() {
             if matches!(packet, mqttd_proto::Packet::Publish(_)) {
                 self.inner.metrics.messages_sent.inc();
             }
             if let Err(e) = packet.encode(version, &mut self.wbuf) {
                 warn!(error = %e, "dropping a packet that cannot be encoded");
+            }
+            if matches!(packet, mqttd_proto::Packet::ConnAck(_)) {
+                connack_end = Some(self.wbuf.len());
             }
         }
         if self.needs == 0 || self.wbuf.len() == start {
@@ -466,6 +480,9 @@ impl Connection {
         // Everything encoded now was produced after the change: it all waits.
         if gate.holds.back().is_none_or(|&(_, t)| t < self.needs) {
             gate.holds.push_back((gate.base + start as u64, self.needs));
+        }
+        if let Some(end) = connack_end {
+            gate.connack_end = Some(gate.base + end as u64);
         }
     }
 

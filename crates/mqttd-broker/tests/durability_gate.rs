@@ -656,3 +656,26 @@ async fn after_a_storage_failure_a_publication_that_needs_storage_closes_the_con
     expect_unaffected(addr, &mut idle).await;
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_storage_failure_before_connack_closes_without_any_packet() {
+    let (broker, addr, storage, _dir) = start().await;
+    let mut idle = Raw::connect(addr, "idle", true).await;
+
+    storage.hold();
+    let mark = storage.mark();
+    let mut late = Raw::start_connect(addr, "late", true).await;
+    storage.saw(mark, |l| l == "save late []").await;
+    storage.fail();
+    // CONNACK waited for the session to be durable and never will be; nothing may go out
+    // before a CONNACK, not even a DISCONNECT [MQTT-3.2.0-1].
+    if let Some(p) = late.recv().await {
+        panic!("late: expected the connection to end without a packet, got {p:?}");
+    }
+    idle.send(Packet::PingReq).await;
+    match idle.recv().await {
+        Some(Packet::PingResp) => {}
+        other => panic!("idle: expected PINGRESP, got {other:?}"),
+    }
+    broker.shutdown().await;
+}
