@@ -136,8 +136,10 @@ pub(crate) struct SessionHandle {
     /// The session's subscriptions, so they can be removed from the trie when it ends.
     pub(crate) subscriptions:
         Mutex<HashMap<TopicFilter, (SubscriptionOptions, Option<NonZeroU32>)>>,
-    /// Set while the connection's output is backed up: QoS 0 messages for it are dropped
-    /// before they are even queued, so a client that does not read costs the others little.
+    /// Set while the connection's output is backed up: publishers of QoS 0 messages for it
+    /// wait (as for a full queue) until it drains, or drop them once it is stalled, so that a
+    /// client that reads slowly sets the pace and one that does not read costs the others
+    /// little.
     pub(crate) congested: AtomicBool,
     /// Set while the session's queue is full: any further message would be dropped by the
     /// queue, so it is dropped before the hand-over.
@@ -145,7 +147,8 @@ pub(crate) struct SessionHandle {
     /// Set when a publisher gave up waiting for room in this session's full queue: further
     /// messages are dropped at once, until the queue has room again.
     pub(crate) stalled: AtomicBool,
-    /// Signalled when the full queue of an online session has room again.
+    /// Signalled when the full queue of an online session has room again, or its
+    /// connection's output drained.
     pub(crate) room: Notify,
     /// How many more messages the connection's session can take (queue and in-flight
     /// window), as of the connection's last look: what its mailbox may hold.
@@ -249,6 +252,30 @@ impl SessionHandle {
     pub(crate) fn set_saturated(&self, saturated: bool) {
         if update_flag(&self.saturated, saturated) && !saturated {
             update_flag(&self.stalled, false);
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Records that the connection wrote to its client: a session marked stalled is not
+    /// stalled any more, and publishers waiting for its backed-up output see it move.
+    pub(crate) fn wrote(&self, backed_up: bool) {
+        if backed_up {
+            self.progress.fetch_add(1, Ordering::Relaxed);
+        }
+        // Stalled means no progress at all. Were it to last until the output drains, the
+        // publishers it no longer holds back could take the CPU the connection needs to drain
+        // it, and the broker would read at full speed only to drop.
+        if update_flag(&self.stalled, false) {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Records whether the connection's output is backed up; when it drains, publishers
+    /// waiting to hand it QoS 0 messages are woken.
+    pub(crate) fn set_congested(&self, congested: bool) {
+        if update_flag(&self.congested, congested) && !congested {
+            update_flag(&self.stalled, false);
+            self.progress.fetch_add(1, Ordering::Relaxed);
             self.room.notify_waiters();
         }
     }
@@ -928,10 +955,11 @@ impl Inner {
         count
     }
 
-    /// Hands `message` to a session through a subscription with `options`, unless its queue
-    /// is full or it is a QoS 0 delivery to a congested connection: those are dropped here.
-    /// A QoS 1 or 2 delivery to an online session whose queue is full is handed back instead,
-    /// unless a publisher already gave up waiting for that session.
+    /// Hands `message` to a session through a subscription with `options`, or hands it back
+    /// for the publisher to wait with: a delivery to an online session whose queue is full,
+    /// and a QoS 0 delivery to a connection whose output is backed up, wait for room unless a
+    /// publisher already gave up waiting for that session (it is stalled); then they are
+    /// dropped here, as is QoS 0 for a full queue.
     fn offer(
         &self,
         now: Instant,
@@ -943,6 +971,10 @@ impl Inner {
     ) -> Option<Delivery> {
         let qos0 = options.qos.min(message.qos) == QoS::AtMostOnce;
         if qos0 && handle.congested.load(Ordering::Relaxed) {
+            // Slowing the publisher down costs less than reading what will be dropped.
+            if !handle.stalled.load(Ordering::Relaxed) {
+                return Some(Self::delivery(message, options, subscription_ids, shared));
+            }
             self.metrics.messages_dropped.inc();
             return None;
         }
@@ -956,7 +988,7 @@ impl Inner {
         let delivery = Self::delivery(message, options, subscription_ids, shared);
         match handle.hand_over(now, delivery, self) {
             Handed::Taken => None,
-            Handed::Full(d) if !qos0 && !handle.stalled.load(Ordering::Relaxed) => Some(d),
+            Handed::Full(d) if !handle.stalled.load(Ordering::Relaxed) => Some(d),
             Handed::Full(_) | Handed::Dropped => {
                 self.metrics.messages_dropped.inc();
                 None
@@ -972,9 +1004,13 @@ impl Inner {
         let mut waiting = Blocked::new();
         for (handle, delivery) in blocked.drain(..) {
             let stalled = handle.stalled.load(Ordering::Relaxed);
-            let full = handle.saturated.load(Ordering::Relaxed) && !stalled;
+            let backed_up =
+                delivery.qos == QoS::AtMostOnce && handle.congested.load(Ordering::Relaxed);
+            let full = (handle.saturated.load(Ordering::Relaxed) || backed_up) && !stalled;
             let outcome = if full {
                 Handed::Full(delivery)
+            } else if backed_up {
+                Handed::Dropped
             } else {
                 handle.hand_over(now, delivery, self)
             };
