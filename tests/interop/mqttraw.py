@@ -440,6 +440,28 @@ class RawClient:
                 return p, before
             before.append(p)
 
+    def until_publish(self, topic: str, payload: bytes, timeout: float = TIMEOUT) -> list[Packet]:
+        """Packets received before the PUBLISH of `payload` on `topic`: a marker the test sent
+        after what it checks, through a subscription of this client at QoS 1 or 2, so that it
+        waits in the same queue as the messages before it. A QoS 1 marker is acknowledged."""
+        deadline = time.monotonic() + timeout
+        before = []
+        while True:
+            p = self.recv(max(deadline - time.monotonic(), 0.001))
+            if p.type == PUBLISH and (p.topic, p.payload) == (topic, payload):
+                if p.qos == 1:
+                    self.puback(p.packet_id)
+                return before
+            before.append(p)
+
+    def ping_fence(self) -> list[Packet]:
+        """Sends PINGREQ; returns the packets that came before the PINGRESP. The broker answers
+        once it has read the PINGREQ, so anything it had already decided to send (say, messages
+        it held when the receive maximum was not yet reached) comes first."""
+        self.send(pingreq())
+        p, before = self.expect_among(PINGRESP)
+        return before
+
     def expect_silence(self, seconds: float) -> None:
         """Asserts that no packet arrives for `seconds` (and the connection stays open)."""
         try:

@@ -127,7 +127,7 @@ def test_second_connection_with_same_id_takes_over(client, version):
     assert second.session_present  # it took the live session over, subscription included
     client(version=version).publish("takeover/t", b"to the new one", 1)
     assert second.recv().payload == b"to the new one"
-    first.assert_no_message(0.2)
+    assert first.messages.empty()  # closed before the message was published
 
 
 def test_takeover_of_a_raw_v5_connection_sends_disconnect_0x8e(raw):
@@ -191,7 +191,7 @@ def test_first_packet_not_connect_closes_the_connection(raw, client, first):
     r.send(first)
     # [MQTT-3.1.0-1]: nothing in reply, and nothing published.
     assert r.expect_closed() == []
-    watcher.assert_no_message(0.2)
+    assert watcher.collect_until_marker(client(version=V5)) == []
 
 
 def test_second_connect_is_a_protocol_error(raw):

@@ -141,18 +141,23 @@ def test_unacknowledged_qos1_is_redelivered_with_dup_on_reconnect(client, raw, v
     # Same packet identifier, DUP set [MQTT-4.4.0-1, MQTT-3.3.1-1].
     assert (again.payload, again.packet_id, again.dup) == (b"ack me", first.packet_id, True)
     r2.puback(again.packet_id)
-    r2.expect_silence(0.3)
+    # A marker through the same subscription: the next PUBLISH, so no third copy came first.
+    pub.publish("redeliver/t", b"marker", 1)
+    assert r2.until_publish("redeliver/t", b"marker") == []
 
     r2.close()
     r3 = raw_persistent(raw, "redeliver", version)
-    r3.expect_silence(0.3)  # acknowledged: never again
+    pub.publish("redeliver/t", b"marker 2", 1)
+    # Acknowledged: never again. A redelivery would come at reconnect, before anything new.
+    assert r3.until_publish("redeliver/t", b"marker 2") == []
 
 
 @BOTH_VERSIONS
 def test_qos2_flow_resumes_with_pubrel_after_reconnect(client, raw, version):
     r = raw_persistent(raw, "qos2-resume", version)
     r.subscribe([("q2/t", 2)])
-    client(version=version).publish("q2/t", b"exactly once", 2)
+    pub = client(version=version)
+    pub.publish("q2/t", b"exactly once", 2)
     p = r.expect(PUBLISH)
     assert p.qos == 2
     r.send(mqttraw.pubrec(p.packet_id, version=version))
@@ -164,7 +169,8 @@ def test_qos2_flow_resumes_with_pubrel_after_reconnect(client, raw, version):
     rel = r2.expect(PUBREL)
     assert rel.packet_id == p.packet_id
     r2.send(mqttraw.pubcomp(p.packet_id, version=version))
-    r2.expect_silence(0.3)
+    pub.publish("q2/t", b"marker", 1)
+    assert r2.until_publish("q2/t", b"marker") == []
 
 
 def test_paho_manual_ack_gets_redelivery_after_reconnect(client):
@@ -183,14 +189,15 @@ def test_paho_manual_ack_gets_redelivery_after_reconnect(client):
     m = back.recv()
     assert m.payload == b"m2"
     back.ack(m.mid)
-    back.assert_no_message(0.3)
+    assert back.collect_until_marker(pub, topic="manual/t") == []  # m1 was acknowledged
 
 
 @BOTH_VERSIONS
 def test_takeover_hands_unacknowledged_messages_to_the_new_connection(client, raw, version):
     old = raw_persistent(raw, "handover", version)
     old.subscribe([("handover/t", 1)])
-    client(version=version).publish("handover/t", b"in flight", 1)
+    pub = client(version=version)
+    pub.publish("handover/t", b"in flight", 1)
     p = old.expect(PUBLISH)  # never acknowledged by the old connection
 
     new = raw_persistent(raw, "handover", version)
@@ -198,7 +205,8 @@ def test_takeover_hands_unacknowledged_messages_to_the_new_connection(client, ra
     again = new.expect(PUBLISH)
     assert (again.payload, again.packet_id, again.dup) == (b"in flight", p.packet_id, True)
     new.puback(again.packet_id)
-    new.expect_silence(0.3)
+    pub.publish("handover/t", b"marker", 1)
+    assert new.until_publish("handover/t", b"marker") == []  # handed over once
 
 
 def test_queued_messages_respect_receive_maximum_on_reconnect(client, raw):
@@ -214,9 +222,11 @@ def test_queued_messages_respect_receive_maximum_on_reconnect(client, raw):
     for i in range(3):
         p = r2.expect(PUBLISH)
         assert p.payload == str(i).encode()
-        r2.expect_silence(0.2)  # one in flight at a time
+        # One in flight at a time: the broker holds the rest until the PUBACK.
+        assert r2.ping_fence() == []
         r2.puback(p.packet_id)
-    r2.expect_silence(0.2)
+    pub.publish("slow/t", b"marker", 1)
+    assert r2.until_publish("slow/t", b"marker") == []
 
 
 def test_retained_messages_respect_receive_maximum(client, raw):
@@ -230,9 +240,11 @@ def test_retained_messages_respect_receive_maximum(client, raw):
         p = r.expect(PUBLISH)
         assert p.retain
         got.append(p.payload)
-        r.expect_silence(0.2)
+        assert r.ping_fence() == []  # one in flight at a time
         r.puback(p.packet_id)
     assert sorted(got) == [b"0", b"1", b"2"]
+    pub.publish("slowret/0", b"marker", 1)
+    assert r.until_publish("slowret/0", b"marker") == []
 
 
 def test_session_expiry_set_to_zero_at_disconnect_holds_for_an_immediate_reconnect(raw):
