@@ -386,8 +386,8 @@ def test_json_log_lines_carry_the_documented_fields(broker, raw):
     # Every line about the connection names the peer address, the listener, the transport
     # and the client identifier.
     about = [rec for rec in records if rec.get("span", {}).get("peer") == peer]
-    assert [rec["fields"]["message"] for rec in about] == ["client connected",
-                                                           "client disconnected"], about
+    messages = [rec["fields"]["message"] for rec in about]
+    assert {"client connected", "client disconnected"} <= set(messages), about
     for rec in about:
         assert rec["span"]["listener"] == "tcp://127.0.0.1:0"
         assert rec["span"]["transport"] == "tcp"
