@@ -282,14 +282,17 @@ def test_offline_qos0(client, version, setting, kept):
     pub.publish("oq/t", b"a", 0)
     pub.publish("oq/t", b"b", 1)
     pub.publish("oq/t", b"c", 0)
+    # Its PUBACK proves the broker has routed "c" (same connection, in order) while the
+    # subscriber was still offline.
+    pub.publish("oq/t", b"d", 1)
 
     back = client("oq0", version=version, **persistent(version))
     assert back.session_present
     got = [(m.payload, m.qos) for m in back.collect_until_marker(pub)]
     if kept:  # queued like QoS 1 and 2 messages, in order, still at QoS 0
-        assert got == [(b"a", 0), (b"b", 1), (b"c", 0)]
+        assert got == [(b"a", 0), (b"b", 1), (b"c", 0), (b"d", 1)]
     else:
-        assert got == [(b"b", 1)]
+        assert got == [(b"b", 1), (b"d", 1)]
 
 
 @pytest.mark.broker_config("persistent_client_expiration = 1")
