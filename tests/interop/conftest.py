@@ -2,7 +2,7 @@
 
 * `broker`: starts `mqttd --listen tcp://127.0.0.1:0` with a temporary data directory, reads
   the bound port from its standard output, and at teardown sends SIGTERM and asserts that it
-  exits with status 0 within 5 s (graceful shutdown is a feature). Mark a test with
+  exits with status 0 (graceful shutdown is a feature) before `TIMEOUT`. Mark a test with
   `@pytest.mark.broker_args("--max-keepalive", "10")` or
   `@pytest.mark.broker_config("max_packet_size = 1000")` to start it differently. It runs with
   `--allow-anonymous` unless marked `@pytest.mark.allow_anonymous(False)`;
@@ -82,7 +82,7 @@ class Broker:
         self.port = self._read_port()
 
     def _read_port(self) -> int:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + TIMEOUT
         line = b""
         while time.monotonic() < deadline:
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
@@ -123,12 +123,13 @@ class Broker:
             time.sleep(0.02)
         raise AssertionError(f"mqttd logged no reload within {TIMEOUT} s of SIGHUP")
 
-    def stop(self) -> int | None:
-        """SIGTERM, then the exit status within 5 s (None if it had to be killed)."""
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """`sig` (SIGTERM unless told), then the exit status (None if the broker had not exited
+        within `TIMEOUT` s and had to be killed)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         try:
-            code = self.proc.wait(5)
+            code = self.proc.wait(TIMEOUT)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -158,7 +159,8 @@ def broker(request, tmp_path):
     failed = getattr(request.node, "rep_call", None)
     if failed is not None and failed.failed:
         print(f"--- mqttd log ---\n{b.logs()[-20000:]}")
-    assert code == 0, f"mqttd did not exit 0 within 5 s of SIGTERM (status {code}):\n{b.logs()[-5000:]}"
+    assert code == 0, (f"mqttd did not exit 0 within {TIMEOUT} s of SIGTERM (status {code}):\n"
+                       f"{b.logs()[-5000:]}")
 
 
 @pytest.fixture

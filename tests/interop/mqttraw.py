@@ -29,6 +29,9 @@ TYPE_NAMES = {
 
 V311, V5 = 4, 5
 
+# Seconds to wait for a packet: an upper bound that only a hang reaches.
+TIMEOUT = 30.0
+
 # Properties (section 2.2.2.2): identifier -> (name, wire type). Names are paho's.
 PROPERTIES = {
     0x01: ("PayloadFormatIndicator", "byte"),
@@ -363,9 +366,13 @@ class Closed(Exception):
 class RawClient:
     """A blocking socket that sends encoded packets and reads decoded ones."""
 
-    def __init__(self, port: int, version: int = V5, host: str = "127.0.0.1"):
+    def __init__(self, port: int, version: int = V5, host: str = "127.0.0.1",
+                 source: str | None = None):
+        """Connects the socket (from address `source` if given, say another loopback
+        address)."""
         self.version = version
-        self.sock = socket.create_connection((host, port), timeout=5)
+        self.sock = socket.create_connection(
+            (host, port), timeout=TIMEOUT, source_address=(source, 0) if source else None)
         self.buf = b""
         self.next_id = 1
 
@@ -397,7 +404,7 @@ class RawClient:
             raise Closed("connection closed by the broker")
         self.buf += chunk
 
-    def recv(self, timeout: float = 5.0) -> Packet:
+    def recv(self, timeout: float = TIMEOUT) -> Packet:
         """The next packet; TimeoutError if none in `timeout` s, Closed on EOF."""
         deadline = time.monotonic() + timeout
         while True:
@@ -417,12 +424,12 @@ class RawClient:
                         break
             self._fill(deadline)
 
-    def expect(self, ptype: int, timeout: float = 5.0) -> Packet:
+    def expect(self, ptype: int, timeout: float = TIMEOUT) -> Packet:
         p = self.recv(timeout)
         assert p.type == ptype, f"expected {TYPE_NAMES[ptype]}, got {p!r}"
         return p
 
-    def expect_among(self, ptype: int, timeout: float = 5.0) -> tuple[Packet, list[Packet]]:
+    def expect_among(self, ptype: int, timeout: float = TIMEOUT) -> tuple[Packet, list[Packet]]:
         """Waits for a packet of type `ptype`; returns it and the packets that came before it
         (say, PUBLISHes that arrive while an AUTH exchange is under way)."""
         deadline = time.monotonic() + timeout
@@ -433,6 +440,28 @@ class RawClient:
                 return p, before
             before.append(p)
 
+    def until_publish(self, topic: str, payload: bytes, timeout: float = TIMEOUT) -> list[Packet]:
+        """Packets received before the PUBLISH of `payload` on `topic`: a marker the test sent
+        after what it checks, through a subscription of this client at QoS 1 or 2, so that it
+        waits in the same queue as the messages before it. A QoS 1 marker is acknowledged."""
+        deadline = time.monotonic() + timeout
+        before = []
+        while True:
+            p = self.recv(max(deadline - time.monotonic(), 0.001))
+            if p.type == PUBLISH and (p.topic, p.payload) == (topic, payload):
+                if p.qos == 1:
+                    self.puback(p.packet_id)
+                return before
+            before.append(p)
+
+    def ping_fence(self) -> list[Packet]:
+        """Sends PINGREQ; returns the packets that came before the PINGRESP. The broker answers
+        once it has read the PINGREQ, so anything it had already decided to send (say, messages
+        it held when the receive maximum was not yet reached) comes first."""
+        self.send(pingreq())
+        p, before = self.expect_among(PINGRESP)
+        return before
+
     def expect_silence(self, seconds: float) -> None:
         """Asserts that no packet arrives for `seconds` (and the connection stays open)."""
         try:
@@ -441,7 +470,7 @@ class RawClient:
             return
         raise AssertionError(f"expected nothing for {seconds} s, got {p!r}")
 
-    def expect_closed(self, timeout: float = 5.0) -> list[Packet]:
+    def expect_closed(self, timeout: float = TIMEOUT) -> list[Packet]:
         """Reads until the broker closes the connection; returns the packets read before."""
         packets = []
         deadline = time.monotonic() + timeout

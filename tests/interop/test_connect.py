@@ -58,14 +58,18 @@ def test_v5_assigned_identifier_can_resume_its_session(client):
 def test_silent_client_is_disconnected_after_one_and_a_half_keepalives(client, raw, version):
     watcher = client(version=5)
     watcher.subscribe("ka/will", 1)
-    silent = raw(version=version, keepalive=1, will=mqttraw.Will("ka/will", b"timed out", 1))
-    connected = time.monotonic()
+    silent = raw(version=version, connect=False)
+    sent = time.monotonic()  # the CONNECT, the client's last packet, leaves after this
+    silent.send(mqttraw.connect("silent", version=version, keepalive=1,
+                                will=mqttraw.Will("ka/will", b"timed out", 1)))
+    assert silent.expect(CONNACK).reason == 0
 
-    packets = silent.expect_closed(timeout=5)
-    elapsed = time.monotonic() - connected
+    packets = silent.expect_closed()
+    elapsed = time.monotonic() - sent
 
-    # [MQTT-3.1.2-24]: within one and a half keep alive periods, not much earlier.
-    assert 1.4 <= elapsed <= 3.0, elapsed
+    # [MQTT-3.1.2-24]: after one and a half keep alive periods of silence, not (much) earlier.
+    # How much later depends on the machine's load: only a hang reaches the timeout.
+    assert elapsed >= 1.4, elapsed
     if version == V5:
         assert [(p.type, p.reason) for p in packets] == [(DISCONNECT, 0x8D)]  # Keep Alive timeout
     else:
@@ -74,9 +78,11 @@ def test_silent_client_is_disconnected_after_one_and_a_half_keepalives(client, r
 
 
 def test_pings_keep_a_quiet_client_connected(raw):
-    r = raw(version=V5, keepalive=1)
-    for _ in range(5):  # 3 s, twice the 1.5 s limit
-        time.sleep(0.6)
+    r = raw(version=V5, keepalive=2)
+    start = time.monotonic()
+    # Twice the 3 s limit, a ping every half second: 2.5 s of slack for a slow machine.
+    while time.monotonic() - start < 6:
+        time.sleep(0.5)
         r.send(mqttraw.pingreq())
         assert r.expect(PINGRESP).type == PINGRESP
 
@@ -103,11 +109,12 @@ def test_max_keepalive_for_v311_clients(raw):
 
 @pytest.mark.broker_args("--max-keepalive", "1")
 def test_server_keep_alive_is_enforced(raw):
-    r = raw(version=V5, keepalive=60)
-    assert r.connack.properties.get("ServerKeepAlive") == 1
-    start = time.monotonic()
-    packets = r.expect_closed(timeout=5)
-    assert 1.4 <= time.monotonic() - start <= 3.0
+    r = raw(version=V5, connect=False)
+    sent = time.monotonic()
+    r.send(mqttraw.connect("server-ka", keepalive=60))
+    assert r.expect(CONNACK).properties.get("ServerKeepAlive") == 1
+    packets = r.expect_closed()
+    assert time.monotonic() - sent >= 1.4  # one and a half Server Keep Alive periods
     assert [(p.type, p.reason) for p in packets] == [(DISCONNECT, 0x8D)]
 
 
@@ -127,7 +134,7 @@ def test_second_connection_with_same_id_takes_over(client, version):
     assert second.session_present  # it took the live session over, subscription included
     client(version=version).publish("takeover/t", b"to the new one", 1)
     assert second.recv().payload == b"to the new one"
-    first.assert_no_message(0.2)
+    assert first.messages.empty()  # closed before the message was published
 
 
 def test_takeover_of_a_raw_v5_connection_sends_disconnect_0x8e(raw):
@@ -191,7 +198,7 @@ def test_first_packet_not_connect_closes_the_connection(raw, client, first):
     r.send(first)
     # [MQTT-3.1.0-1]: nothing in reply, and nothing published.
     assert r.expect_closed() == []
-    watcher.assert_no_message(0.2)
+    assert watcher.collect_until_marker(client(version=V5)) == []
 
 
 def test_second_connect_is_a_protocol_error(raw):
@@ -202,7 +209,7 @@ def test_second_connect_is_a_protocol_error(raw):
 
 @pytest.mark.broker_config("connect_timeout = 1")
 def test_connect_timeout_is_configurable(raw):
+    start = time.monotonic()  # before the TCP connection, so before the broker accepts it
     r = raw(connect=False)
-    start = time.monotonic()
-    assert r.expect_closed(timeout=5) == []
-    assert 0.8 <= time.monotonic() - start <= 3.0
+    assert r.expect_closed() == []
+    assert time.monotonic() - start >= 0.8  # not before the timeout; later only if slow

@@ -5,7 +5,7 @@ import time
 
 import mqttraw
 from mqttraw import PUBLISH, PUBREL, V5
-from pahoclient import BOTH_VERSIONS, persistent, props
+from pahoclient import BOTH_VERSIONS, persistent, props, wait_until
 
 
 @BOTH_VERSIONS
@@ -74,9 +74,13 @@ def test_v5_session_with_zero_expiry_ends_at_disconnect(client):
 def test_v5_session_expires_after_its_interval(client):
     first = client("expiring", version=V5, **persistent(V5, expiry=1))
     first.subscribe("exp/t", 1)
-    first.disconnect()
     pub = client(version=V5)
-    time.sleep(2)
+    gone = time.monotonic()
+    first.disconnect()
+    # The session (and so its subscription: PUBACK 0x10, no matching subscribers) ends one
+    # second after the broker read the DISCONNECT, so not within a second of `gone`.
+    wait_until(lambda: pub.publish("exp/t", b"queued", 1).value == 0x10, interval=0.1)
+    assert time.monotonic() - gone >= 1.0
     pub.publish("exp/t", b"after expiry", 1)
 
     again = client("expiring", version=V5, **persistent(V5, expiry=1))
@@ -98,17 +102,19 @@ def test_v5_message_expiry_drops_stale_queued_messages_and_reduces_the_rest(clie
     sub.subscribe("mexp/#", 1)
     sub.disconnect()
     pub = client(version=V5)
+    published = time.monotonic()
     pub.publish("mexp/short", b"stale", 1, properties=props("PUBLISH", MessageExpiryInterval=1))
     pub.publish("mexp/long", b"fresh", 1, properties=props("PUBLISH", MessageExpiryInterval=30))
     pub.publish("mexp/none", b"forever", 1)
-    time.sleep(2)
+    time.sleep(2)  # the broker held them at least this long
 
     back = client("msg-expiry", version=V5, **persistent(V5))
     received = back.collect_until_marker(pub)
+    held = time.monotonic() - published  # at most this long
 
     assert [m.payload for m in received] == [b"fresh", b"forever"]
     # What is left of the interval, not the original [MQTT-3.3.2-6].
-    assert 1 <= received[0].prop("MessageExpiryInterval") <= 28
+    assert 30 - held - 1 <= received[0].prop("MessageExpiryInterval") <= 28
     assert received[1].prop("MessageExpiryInterval") is None
 
 
@@ -116,8 +122,11 @@ def test_v5_message_expiry_is_passed_on_to_online_subscribers(client):
     sub = client(version=V5)
     sub.subscribe("mexp/online", 1)
     pub = client(version=V5)
+    published = time.monotonic()
     pub.publish("mexp/online", b"x", 1, properties=props("PUBLISH", MessageExpiryInterval=60))
-    assert 59 <= sub.recv().prop("MessageExpiryInterval") <= 60
+    interval = sub.recv().prop("MessageExpiryInterval")
+    held = time.monotonic() - published  # the broker held it at most this long
+    assert 60 - held - 1 <= interval <= 60
 
 
 def raw_persistent(raw, client_id, version, **kwargs):
@@ -141,18 +150,23 @@ def test_unacknowledged_qos1_is_redelivered_with_dup_on_reconnect(client, raw, v
     # Same packet identifier, DUP set [MQTT-4.4.0-1, MQTT-3.3.1-1].
     assert (again.payload, again.packet_id, again.dup) == (b"ack me", first.packet_id, True)
     r2.puback(again.packet_id)
-    r2.expect_silence(0.3)
+    # A marker through the same subscription: the next PUBLISH, so no third copy came first.
+    pub.publish("redeliver/t", b"marker", 1)
+    assert r2.until_publish("redeliver/t", b"marker") == []
 
     r2.close()
     r3 = raw_persistent(raw, "redeliver", version)
-    r3.expect_silence(0.3)  # acknowledged: never again
+    pub.publish("redeliver/t", b"marker 2", 1)
+    # Acknowledged: never again. A redelivery would come at reconnect, before anything new.
+    assert r3.until_publish("redeliver/t", b"marker 2") == []
 
 
 @BOTH_VERSIONS
 def test_qos2_flow_resumes_with_pubrel_after_reconnect(client, raw, version):
     r = raw_persistent(raw, "qos2-resume", version)
     r.subscribe([("q2/t", 2)])
-    client(version=version).publish("q2/t", b"exactly once", 2)
+    pub = client(version=version)
+    pub.publish("q2/t", b"exactly once", 2)
     p = r.expect(PUBLISH)
     assert p.qos == 2
     r.send(mqttraw.pubrec(p.packet_id, version=version))
@@ -164,7 +178,8 @@ def test_qos2_flow_resumes_with_pubrel_after_reconnect(client, raw, version):
     rel = r2.expect(PUBREL)
     assert rel.packet_id == p.packet_id
     r2.send(mqttraw.pubcomp(p.packet_id, version=version))
-    r2.expect_silence(0.3)
+    pub.publish("q2/t", b"marker", 1)
+    assert r2.until_publish("q2/t", b"marker") == []
 
 
 def test_paho_manual_ack_gets_redelivery_after_reconnect(client):
@@ -183,14 +198,15 @@ def test_paho_manual_ack_gets_redelivery_after_reconnect(client):
     m = back.recv()
     assert m.payload == b"m2"
     back.ack(m.mid)
-    back.assert_no_message(0.3)
+    assert back.collect_until_marker(pub, topic="manual/t") == []  # m1 was acknowledged
 
 
 @BOTH_VERSIONS
 def test_takeover_hands_unacknowledged_messages_to_the_new_connection(client, raw, version):
     old = raw_persistent(raw, "handover", version)
     old.subscribe([("handover/t", 1)])
-    client(version=version).publish("handover/t", b"in flight", 1)
+    pub = client(version=version)
+    pub.publish("handover/t", b"in flight", 1)
     p = old.expect(PUBLISH)  # never acknowledged by the old connection
 
     new = raw_persistent(raw, "handover", version)
@@ -198,7 +214,8 @@ def test_takeover_hands_unacknowledged_messages_to_the_new_connection(client, ra
     again = new.expect(PUBLISH)
     assert (again.payload, again.packet_id, again.dup) == (b"in flight", p.packet_id, True)
     new.puback(again.packet_id)
-    new.expect_silence(0.3)
+    pub.publish("handover/t", b"marker", 1)
+    assert new.until_publish("handover/t", b"marker") == []  # handed over once
 
 
 def test_queued_messages_respect_receive_maximum_on_reconnect(client, raw):
@@ -214,9 +231,11 @@ def test_queued_messages_respect_receive_maximum_on_reconnect(client, raw):
     for i in range(3):
         p = r2.expect(PUBLISH)
         assert p.payload == str(i).encode()
-        r2.expect_silence(0.2)  # one in flight at a time
+        # One in flight at a time: the broker holds the rest until the PUBACK.
+        assert r2.ping_fence() == []
         r2.puback(p.packet_id)
-    r2.expect_silence(0.2)
+    pub.publish("slow/t", b"marker", 1)
+    assert r2.until_publish("slow/t", b"marker") == []
 
 
 def test_retained_messages_respect_receive_maximum(client, raw):
@@ -230,9 +249,11 @@ def test_retained_messages_respect_receive_maximum(client, raw):
         p = r.expect(PUBLISH)
         assert p.retain
         got.append(p.payload)
-        r.expect_silence(0.2)
+        assert r.ping_fence() == []  # one in flight at a time
         r.puback(p.packet_id)
     assert sorted(got) == [b"0", b"1", b"2"]
+    pub.publish("slowret/0", b"marker", 1)
+    assert r.until_publish("slowret/0", b"marker") == []
 
 
 def test_session_expiry_set_to_zero_at_disconnect_holds_for_an_immediate_reconnect(raw):

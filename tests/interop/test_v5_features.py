@@ -210,8 +210,7 @@ def test_packet_above_the_brokers_maximum_gets_disconnect_0x95(client):
     c.publish("mps/big", b"x" * 2000, 1, wait=False)
 
     assert c.wait_disconnected().value == 0x95  # Packet too large
-    assert [m.topic for m in watcher.recv_n(1)] == ["mps/ok"]
-    watcher.assert_no_message(0.2)
+    assert [m.topic for m in watcher.collect_until_marker(client(version=V5))] == ["mps/ok"]
 
 
 @pytest.mark.broker_config("max_packet_size = 1000")
@@ -233,12 +232,14 @@ def test_receive_maximum_limits_unacknowledged_messages(client, raw):
 
     first = [r.expect(PUBLISH), r.expect(PUBLISH)]
     assert [p.payload for p in first] == [b"0", b"1"]
-    r.expect_silence(0.5)  # two in flight: nothing more until one is acknowledged
+    # Two in flight: nothing more until one is acknowledged. The broker held all five when it
+    # sent these; one that ignored the window would have sent more before reading the ping.
+    assert r.ping_fence() == []
 
     r.puback(first[0].packet_id)
     third = r.expect(PUBLISH)
     assert third.payload == b"2"
-    r.expect_silence(0.3)
+    assert r.ping_fence() == []
 
     r.puback(first[1].packet_id)
     r.puback(third.packet_id)
