@@ -1,4 +1,5 @@
-//! Topic aliases, which live per connection and are never persisted [MQTT-3.3.2-7].
+//! Topic aliases, which live per stream of a connection (one table each way per stream) and are
+//! never persisted [MQTT-3.3.2-7].
 
 use std::collections::HashMap;
 use std::num::NonZeroU16;

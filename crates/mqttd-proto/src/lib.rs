@@ -54,5 +54,6 @@ pub use message::{Delivery, Message, MessageProperties};
 pub use packet::*;
 pub use reason::{ReasonCode, ReasonContext};
 pub use types::{
-    ClientId, MqttStr, PacketId, ProtocolVersion, QoS, StringError, TopicFilter, TopicName,
+    ClientId, MqttStr, PacketId, ProtocolVersion, QoS, StreamId, StringError, TopicFilter,
+    TopicName,
 };
