@@ -49,15 +49,6 @@ pub enum Violation {
     /// RETAIN set though we announced retain is not available [MQTT-3.2.2-14].
     #[error("retain not supported")]
     RetainNotSupported,
-    /// A packet that is not allowed in the current state.
-    #[error("{0}")]
-    Protocol(&'static str),
-    /// The peer's keep alive ran out.
-    #[error("keep alive timeout")]
-    KeepAliveTimeout,
-    /// The peer closed the network connection.
-    #[error("connection lost")]
-    ConnectionLost,
 }
 
 impl Violation {
@@ -65,12 +56,10 @@ impl Violation {
     pub fn reason_code(&self) -> ReasonCode {
         match self {
             Self::TopicAlias(AliasError::OutOfRange { .. }) => ReasonCode::TopicAliasInvalid,
-            Self::TopicAlias(_) | Self::Protocol(_) => ReasonCode::ProtocolError,
+            Self::TopicAlias(_) => ReasonCode::ProtocolError,
             Self::ReceiveMaximumExceeded(_) => ReasonCode::ReceiveMaximumExceeded,
             Self::QoSNotSupported(_) => ReasonCode::QoSNotSupported,
             Self::RetainNotSupported => ReasonCode::RetainNotSupported,
-            Self::KeepAliveTimeout => ReasonCode::KeepAliveTimeout,
-            Self::ConnectionLost => ReasonCode::UnspecifiedError,
         }
     }
 }
