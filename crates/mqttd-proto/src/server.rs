@@ -151,8 +151,10 @@ impl Accept {
     }
 }
 
-/// Something the broker must act on.
+/// Something the broker must act on. New kinds of events may be added: ignore those you do
+/// not know.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A client sent CONNECT.
     Connect(ConnectRequest),
