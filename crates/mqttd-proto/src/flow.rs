@@ -12,7 +12,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::alias::{AliasError, AliasUse, InboundAliases, OutboundAliases};
+use crate::alias::{AliasError, AliasUse, InboundAliases, OutboundAliases, PerStream};
 use crate::message::{Delivery, Message};
 use crate::packet::{AckProperties, Packet, PubResponse, Publish, MAX_REMAINING_LENGTH};
 use crate::reason::ReasonCode;
@@ -118,9 +118,9 @@ pub(crate) struct Flows {
     local: LocalLimits,
     peer: PeerLimits,
     /// The peer's topic aliases, per stream.
-    inbound_aliases: HashMap<StreamId, InboundAliases>,
+    inbound_aliases: PerStream<InboundAliases>,
     /// Our topic aliases, per stream.
-    outbound_aliases: HashMap<StreamId, OutboundAliases>,
+    outbound_aliases: PerStream<OutboundAliases>,
     /// Incoming QoS 1 and 2 messages handed on and not yet acknowledged by our side, with the
     /// stream the acknowledgement goes on.
     awaiting_local_ack: HashMap<PacketId, (QoS, StreamId)>,
@@ -146,8 +146,8 @@ impl Flows {
         Self {
             version,
             session,
-            inbound_aliases: HashMap::new(),
-            outbound_aliases: HashMap::new(),
+            inbound_aliases: PerStream::new(local.topic_alias_maximum, InboundAliases::new),
+            outbound_aliases: PerStream::new(peer.topic_alias_maximum, OutboundAliases::new),
             local,
             peer,
             awaiting_local_ack: HashMap::new(),
@@ -209,8 +209,8 @@ impl Flows {
             return;
         }
         self.streams.remove(&stream);
-        self.inbound_aliases.remove(&stream);
-        self.outbound_aliases.remove(&stream);
+        self.inbound_aliases.remove(stream);
+        self.outbound_aliases.remove(stream);
         for (_, ack_stream) in self.awaiting_local_ack.values_mut() {
             if *ack_stream == stream {
                 *ack_stream = StreamId::CONTROL;
@@ -415,7 +415,7 @@ impl Flows {
         let packet_id = (delivery.qos != QoS::AtMostOnce).then_some(PacketId::MIN);
         let mut probe = self.publish_packet(now, packet_id, delivery, false);
         if self.version.is_v5() {
-            let alias = match self.outbound_aliases.get(&stream) {
+            let alias = match self.outbound_aliases.get(stream) {
                 Some(aliases) => aliases.peek(&probe.topic),
                 None => OutboundAliases::new(self.peer.topic_alias_maximum).peek(&probe.topic),
             };
@@ -440,12 +440,7 @@ impl Flows {
             return Enqueued::TooLarge;
         }
         if self.version.is_v5() {
-            let max = self.peer.topic_alias_maximum;
-            let alias = self
-                .outbound_aliases
-                .entry(stream)
-                .or_insert_with(|| OutboundAliases::new(max))
-                .lookup(&publish.topic);
+            let alias = self.outbound_aliases.get_mut(stream).lookup(&publish.topic);
             apply_alias(&mut publish, alias);
         }
         out.push_back((stream, Packet::Publish(publish)));
@@ -555,11 +550,9 @@ impl Flows {
         }
         let alias = publish.properties.topic_alias.take();
         if alias.is_some() {
-            let max = self.local.topic_alias_maximum;
             publish.topic = self
                 .inbound_aliases
-                .entry(stream)
-                .or_insert_with(|| InboundAliases::new(max))
+                .get_mut(stream)
                 .resolve(publish.topic, alias)?;
         }
         let packet_id = publish.packet_id;
