@@ -44,6 +44,7 @@ pub enum ConfigError {
 
 /// A listener's protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ListenerKind {
     /// MQTT over TCP (`tcp://` or `mqtt://`).
     Tcp,
@@ -107,8 +108,13 @@ pub enum OfflineQos0 {
 }
 
 /// The broker's settings. Every field has a default; the README documents each key.
+///
+/// Settings will be added, so other crates cannot build it field by field: start from
+/// [`Config::default`] (or [`Config::parse`], [`Config::load`]) and assign the fields to
+/// change.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct Config {
     /// Listener URLs (`tcp://127.0.0.1:1883`, `http://127.0.0.1:8081`).
     pub listen: Vec<String>,

@@ -622,14 +622,13 @@ impl Connection {
                     store_seq: Some(store_seq),
                 } => self.flow_moved(store_seq, packet_id, OutboundState::ReleaseSent),
                 Event::Released { .. } => {}
-                Event::InboundReleased { packet_id } => {
-                    if self.persistent() {
-                        if let Some(id) = self.client_id() {
-                            self.inner.storage.pending_release(id, packet_id, false);
-                            self.wrote();
-                        }
+                Event::InboundReleased { packet_id } if self.persistent() => {
+                    if let Some(id) = self.client_id() {
+                        self.inner.storage.pending_release(id, packet_id, false);
+                        self.wrote();
                     }
                 }
+                Event::InboundReleased { .. } => {}
                 Event::Closed { reason, by_client } => {
                     if let Some(client) = &self.client {
                         self.inner.metrics.clients_connected.dec();
@@ -642,6 +641,8 @@ impl Connection {
                         self.inner.metrics.protocol_errors.inc();
                     }
                 }
+                // Kinds of events added to the protocol core later.
+                _ => {}
             }
         }
         None

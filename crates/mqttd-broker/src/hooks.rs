@@ -10,6 +10,7 @@ use mqttd_proto::{ClientId, Message, MqttStr, ProtocolVersion, ReasonCode};
 
 /// The transport a client connected over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Transport {
     /// Plain TCP.
     Tcp,

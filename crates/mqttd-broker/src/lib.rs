@@ -45,8 +45,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-
 pub use access::{AccessControl, AccessError};
 pub use config::{Config, ConfigError, Listener, ListenerKind};
 pub use hooks::{
@@ -56,7 +54,7 @@ pub use metrics::Metrics;
 pub use storage::{DiskStorage, Durability, MemoryStorage, Storage};
 
 use broker::Inner;
-use listener::Admission;
+use listener::{Admission, BoundListener};
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -130,32 +128,14 @@ impl BrokerBuilder {
         let admission = Arc::new(Admission::new(max_connections));
         let mut bound = Vec::new();
         for listener in listeners {
-            let socket =
-                TcpListener::bind(listener.addr)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        url: listener.url.clone(),
-                        source,
-                    })?;
-            let addr = socket.local_addr().map_err(|source| StartError::Bind {
+            let bind_error = |source| StartError::Bind {
                 url: listener.url.clone(),
                 source,
-            })?;
+            };
+            let socket = BoundListener::bind(&listener).await.map_err(bind_error)?;
+            let addr = socket.local_addr().map_err(bind_error)?;
             tracing::info!(listener = %listener.url, %addr, "listening");
-            let name: Arc<str> = Arc::from(listener.url.as_str());
-            match listener.kind {
-                ListenerKind::Tcp => {
-                    inner.tasks.spawn(listener::run_tcp(
-                        inner.clone(),
-                        admission.clone(),
-                        socket,
-                        name,
-                    ));
-                }
-                ListenerKind::Http => {
-                    inner.tasks.spawn(http::run(inner.clone(), socket));
-                }
-            }
+            socket.spawn(&inner, &admission, Arc::from(listener.url.as_str()));
             bound.push((listener, addr));
         }
         inner.tasks.spawn(sys::run(inner.clone()));

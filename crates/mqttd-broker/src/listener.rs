@@ -1,5 +1,7 @@
-//! Accepting connections: connection limits, per-address rate limits, TCP_NODELAY.
+//! Accepting connections: binding each listener by its kind, connection limits, per-address
+//! rate limits, TCP_NODELAY.
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,8 +12,52 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::broker::Inner;
+use crate::config::{Listener, ListenerKind};
 use crate::connection;
 use crate::hooks::{Peer, Transport};
+use crate::http;
+
+/// A listener bound to its address: each kind binds the socket its protocol needs (a TCP
+/// listener for MQTT over TCP and for HTTP; a UDP socket for QUIC, when it comes), and then
+/// runs its own accept loop.
+#[derive(Debug)]
+pub(crate) enum BoundListener {
+    /// MQTT over TCP.
+    Tcp(TcpListener),
+    /// The HTTP endpoint.
+    Http(TcpListener),
+}
+
+impl BoundListener {
+    /// Binds `listener`'s address as its kind requires.
+    pub(crate) async fn bind(listener: &Listener) -> io::Result<Self> {
+        match listener.kind {
+            ListenerKind::Tcp => TcpListener::bind(listener.addr).await.map(Self::Tcp),
+            ListenerKind::Http => TcpListener::bind(listener.addr).await.map(Self::Http),
+        }
+    }
+
+    /// The address actually bound (the chosen port when the configuration said 0).
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Self::Tcp(socket) | Self::Http(socket) => socket.local_addr(),
+        }
+    }
+
+    /// Starts the listener's accept loop as a broker task, which ends at shutdown.
+    pub(crate) fn spawn(self, inner: &Arc<Inner>, admission: &Arc<Admission>, name: Arc<str>) {
+        match self {
+            Self::Tcp(socket) => {
+                inner
+                    .tasks
+                    .spawn(run_tcp(inner.clone(), admission.clone(), socket, name));
+            }
+            Self::Http(socket) => {
+                inner.tasks.spawn(http::run(inner.clone(), socket));
+            }
+        }
+    }
+}
 
 /// Counts new connections per source address in one-second windows.
 #[derive(Debug, Default)]
@@ -56,7 +102,7 @@ impl Admission {
 }
 
 /// Accepts MQTT over TCP until shutdown.
-pub(crate) async fn run_tcp(
+async fn run_tcp(
     inner: Arc<Inner>,
     admission: Arc<Admission>,
     listener: TcpListener,

@@ -287,10 +287,8 @@ fn password_file(dir: &std::path::Path, user: &str, password: &str) -> std::path
 #[tokio::test]
 async fn scram_sha_256_connect_reauthenticate_and_refuse() {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        password_file: Some(password_file(dir.path(), "alice", "wonderland")),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.password_file = Some(password_file(dir.path(), "alice", "wonderland"));
     let (broker, addr, _data) = start(config, None).await;
 
     let stream = TcpStream::connect(addr).await.unwrap();
@@ -355,10 +353,8 @@ fn config_v5(id: &str) -> ClientConfig {
 async fn reloading_access_applies_a_changed_password_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = password_file(dir.path(), "bob", "one");
-    let broker_config = Config {
-        password_file: Some(path.clone()),
-        ..Config::default()
-    };
+    let mut broker_config = Config::default();
+    broker_config.password_file = Some(path.clone());
     let (broker, addr, _data) = start(broker_config, None).await;
     let mut cfg = config("bob");
     cfg.username = Some("bob".try_into().unwrap());
@@ -602,11 +598,9 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
         watermark: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
     };
     let dir = tempfile::tempdir().unwrap();
-    let broker_config = Config {
-        listen: vec!["tcp://127.0.0.1:0".into()],
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
+    let mut broker_config = Config::default();
+    broker_config.listen = vec!["tcp://127.0.0.1:0".into()];
+    broker_config.data_dir = dir.path().to_owned();
     let broker = Broker::builder(broker_config)
         .storage(storage.clone())
         .start()
@@ -714,15 +708,10 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
 /// that to be polled (a ticker measures it); otherwise the run only reports the drops.
 #[tokio::test]
 async fn qos1_publishers_wait_for_a_slow_subscriber_instead_of_losing_messages() {
-    let (broker, addr, _dir) = start(
-        Config {
-            max_queued_messages: 20,
-            max_inflight_messages: 5,
-            ..Config::default()
-        },
-        None,
-    )
-    .await;
+    let mut broker_config = Config::default();
+    broker_config.max_queued_messages = 20;
+    broker_config.max_inflight_messages = 5;
+    let (broker, addr, _dir) = start(broker_config, None).await;
     let mut sub_config = config("slow");
     sub_config.receive_maximum = 5;
     let (sub, mut sub_events, _) = connect_tcp(addr, sub_config, None).await.unwrap();

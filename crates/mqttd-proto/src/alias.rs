@@ -1,9 +1,10 @@
-//! Topic aliases, which live per connection and are never persisted [MQTT-3.3.2-7].
+//! Topic aliases, which live per stream of a connection (one table each way per stream) and are
+//! never persisted [MQTT-3.3.2-7].
 
 use std::collections::HashMap;
 use std::num::NonZeroU16;
 
-use crate::types::TopicName;
+use crate::types::{StreamId, TopicName};
 
 /// Why an incoming topic alias was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -20,6 +21,54 @@ pub enum AliasError {
     /// An empty topic names an alias that was never set on this connection.
     #[error("topic alias {0} used before it was set")]
     Unknown(u16),
+}
+
+/// One alias table per stream of a connection: the control stream's held inline (all a
+/// one-stream connection ever uses), a data stream's made when the stream first needs it and
+/// dropped when the stream is lost.
+#[derive(Debug, Clone)]
+pub(crate) struct PerStream<T> {
+    max: u16,
+    make: fn(u16) -> T,
+    control: T,
+    data: HashMap<StreamId, T>,
+}
+
+impl<T> PerStream<T> {
+    /// Tables of up to `max` aliases, each made by `make(max)`.
+    pub(crate) fn new(max: u16, make: fn(u16) -> T) -> Self {
+        Self {
+            max,
+            make,
+            control: make(max),
+            data: HashMap::new(),
+        }
+    }
+
+    /// The table of `stream`, if it has one yet.
+    pub(crate) fn get(&self, stream: StreamId) -> Option<&T> {
+        if stream.is_control() {
+            Some(&self.control)
+        } else {
+            self.data.get(&stream)
+        }
+    }
+
+    /// The table of `stream`, made empty if it has none yet.
+    pub(crate) fn get_mut(&mut self, stream: StreamId) -> &mut T {
+        if stream.is_control() {
+            return &mut self.control;
+        }
+        let (max, make) = (self.max, self.make);
+        self.data.entry(stream).or_insert_with(|| make(max))
+    }
+
+    /// Forgets the table of a lost data stream.
+    pub(crate) fn remove(&mut self, stream: StreamId) {
+        if !stream.is_control() {
+            self.data.remove(&stream);
+        }
+    }
 }
 
 /// Aliases the peer assigned for the topics it sends us.

@@ -23,12 +23,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::codec::DecodeError;
-use crate::flow::{ack_after_close, FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits};
+use crate::flow::{
+    ack_after_close, FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits, Transmits,
+};
 use crate::message::{Delivery, Message};
 use crate::packet::*;
 use crate::reason::{puback_reason, reason_for, ReasonCode, ReasonContext};
 use crate::session::{Enqueued, QueueLimits, Session};
-use crate::types::{ClientId, MqttStr, PacketId, ProtocolVersion, QoS, TopicFilter};
+use crate::types::{ClientId, MqttStr, PacketId, ProtocolVersion, QoS, StreamId, TopicFilter};
 
 /// How the client connects.
 #[derive(Debug, Clone)]
@@ -242,7 +244,7 @@ enum State {
 pub struct ClientConnection {
     config: ClientConfig,
     state: State,
-    transmits: VecDeque<Packet>,
+    transmits: Transmits,
     events: VecDeque<Event>,
     /// SUBSCRIBE and UNSUBSCRIBE identifiers awaiting their answer.
     pending_control: HashSet<PacketId>,
@@ -265,7 +267,10 @@ impl ClientConnection {
             ),
         };
         let mut transmits = VecDeque::new();
-        transmits.push_back(Packet::Connect(Box::new(config.connect_packet())));
+        transmits.push_back((
+            StreamId::CONTROL,
+            Packet::Connect(Box::new(config.connect_packet())),
+        ));
         let deadline = now + config.connect_timeout;
         Self {
             config,
@@ -307,13 +312,32 @@ impl ClientConnection {
         self.config.max_packet_size
     }
 
-    /// The next packet to send; `now` feeds the keep alive's idle clock.
+    /// The next packet to send, whatever its stream; `now` feeds the keep alive's idle clock.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Packet> {
-        let packet = self.transmits.pop_front()?;
+        self.poll_transmit_tagged(now).map(|(_, packet)| packet)
+    }
+
+    /// The next packet to send and the stream it goes on: acknowledgements go on the stream
+    /// of the packet they answer, everything the client starts on the control stream.
+    pub fn poll_transmit_tagged(&mut self, now: Instant) -> Option<(StreamId, Packet)> {
+        let transmit = self.transmits.pop_front()?;
         if let State::Connected(e) = &mut self.state {
             e.last_sent = now;
         }
-        Some(packet)
+        Some(transmit)
+    }
+
+    /// A data stream ended while the connection lives on: acknowledgements owed on it go on
+    /// the control stream, flows sent on it are resent there, its topic aliases are forgotten.
+    /// Losing the control stream loses the connection.
+    pub fn stream_lost(&mut self, now: Instant, stream: StreamId) {
+        if stream.is_control() {
+            return self.connection_lost(now);
+        }
+        if let State::Connected(e) = &mut self.state {
+            e.flows.stream_lost(now, stream, &mut self.transmits);
+            self.drain_flow_events();
+        }
     }
 
     /// The next event.
@@ -348,7 +372,8 @@ impl ClientConnection {
         match &mut self.state {
             State::Connected(e) if e.ping_sent.is_none() => {
                 e.ping_sent = Some(now);
-                self.transmits.push_back(Packet::PingReq);
+                self.transmits
+                    .push_back((StreamId::CONTROL, Packet::PingReq));
             }
             State::Connected(_) => self.close(now, ReasonCode::KeepAliveTimeout, true, false),
             _ => self.close(now, ReasonCode::MaximumConnectTime, false, false),
@@ -369,8 +394,13 @@ impl ClientConnection {
         }
     }
 
-    /// Handles one packet from the server.
+    /// Handles one packet from the server, on the control stream.
     pub fn handle_packet(&mut self, now: Instant, packet: Packet) {
+        self.handle_packet_on(now, StreamId::CONTROL, packet);
+    }
+
+    /// Handles one packet the server sent on `stream`.
+    pub fn handle_packet_on(&mut self, now: Instant, stream: StreamId, packet: Packet) {
         match &mut self.state {
             State::Connecting(_) | State::Authenticating(_) => match packet {
                 Packet::ConnAck(ack) => self.on_connack(now, ack),
@@ -380,7 +410,7 @@ impl ClientConnection {
             State::Connected(e) => {
                 e.last_received = now;
                 e.ping_sent = None;
-                self.on_established_packet(now, packet);
+                self.on_established_packet(now, stream, packet);
             }
             State::Closed { .. } => {}
         }
@@ -461,13 +491,14 @@ impl ClientConnection {
         self.drain_flow_events();
     }
 
-    fn on_established_packet(&mut self, now: Instant, packet: Packet) {
+    fn on_established_packet(&mut self, now: Instant, stream: StreamId, packet: Packet) {
         let State::Connected(e) = &mut self.state else {
             return;
         };
+        e.flows.note_stream(stream);
         let out = &mut self.transmits;
         match packet {
-            Packet::Publish(publish) => match e.flows.on_publish(now, publish, out) {
+            Packet::Publish(publish) => match e.flows.on_publish(now, stream, publish, out) {
                 Ok(Some(p)) => {
                     if self.config.auto_ack {
                         if let Some(id) = p.packet_id {
@@ -480,8 +511,8 @@ impl ClientConnection {
                 Err(v) => return self.close(now, v.reason_code(), true, false),
             },
             Packet::PubAck(ack) => e.flows.on_puback(now, ack, out),
-            Packet::PubRec(rec) => e.flows.on_pubrec(now, rec, out),
-            Packet::PubRel(rel) => e.flows.on_pubrel(rel, out),
+            Packet::PubRec(rec) => e.flows.on_pubrec(now, stream, rec, out),
+            Packet::PubRel(rel) => e.flows.on_pubrel(stream, rel, out),
             Packet::PubComp(comp) => e.flows.on_pubcomp(now, comp, out),
             Packet::SubAck(ack) => {
                 e.flows.session.outbound.reserved.remove(&ack.packet_id);
@@ -542,7 +573,8 @@ impl ClientConnection {
                 if delivery.retain && !e.server_retain_available {
                     return Err(ClientError::RetainNotSupported);
                 }
-                e.flows.deliver(now, delivery, &mut self.transmits)
+                e.flows
+                    .deliver(now, StreamId::CONTROL, delivery, &mut self.transmits)
             }
             State::Closed { .. } => return Err(ClientError::Closed),
         };
@@ -587,11 +619,12 @@ impl ClientConnection {
             return Err(ClientError::NoTopicFilters);
         }
         let packet_id = self.control_id()?;
-        self.transmits.push_back(Packet::Subscribe(Subscribe {
-            packet_id,
-            properties,
-            filters,
-        }));
+        self.transmits
+            .push_back(control(Packet::Subscribe(Subscribe {
+                packet_id,
+                properties,
+                filters,
+            })));
         Ok(packet_id)
     }
 
@@ -604,11 +637,12 @@ impl ClientConnection {
             return Err(ClientError::NoTopicFilters);
         }
         let packet_id = self.control_id()?;
-        self.transmits.push_back(Packet::Unsubscribe(Unsubscribe {
-            packet_id,
-            user_properties: Vec::new(),
-            filters,
-        }));
+        self.transmits
+            .push_back(control(Packet::Unsubscribe(Unsubscribe {
+                packet_id,
+                user_properties: Vec::new(),
+                filters,
+            })));
         Ok(packet_id)
     }
 
@@ -664,14 +698,14 @@ impl ClientConnection {
 
     fn send_auth(&mut self, reason: ReasonCode, data: Option<Bytes>) {
         let method = self.config.authentication.as_ref().map(|(m, _)| m.clone());
-        self.transmits.push_back(Packet::Auth(Auth {
+        self.transmits.push_back(control(Packet::Auth(Auth {
             reason,
             properties: AuthProperties {
                 authentication_method: method,
                 authentication_data: data,
                 ..AuthProperties::default()
             },
-        }));
+        })));
     }
 
     /// Disconnects: DISCONNECT with `reason` (0x00 discards the will, 0x04 asks the server to
@@ -693,7 +727,7 @@ impl ClientConnection {
                 e.flows.session.set_expiry_interval(expiry);
             }
         }
-        self.transmits.push_back(Packet::Disconnect(d));
+        self.transmits.push_back(control(Packet::Disconnect(d)));
         self.close(now, reason, false, false);
     }
 
@@ -716,7 +750,7 @@ impl ClientConnection {
                         ReasonCode::UnspecifiedError
                     };
                     self.transmits
-                        .push_back(Packet::Disconnect(Disconnect::new(reason)));
+                        .push_back(control(Packet::Disconnect(Disconnect::new(reason))));
                 }
                 let mut flows = e.flows;
                 self.unacked_at_close = flows.take_unacked();
@@ -755,4 +789,9 @@ impl ClientConnection {
             }
         }
     }
+}
+
+/// A packet for the control stream.
+fn control(packet: Packet) -> (StreamId, Packet) {
+    (StreamId::CONTROL, packet)
 }

@@ -1,17 +1,23 @@
 //! Message flows on an established connection, shared by both roles: QoS 1 and QoS 2 in both
-//! directions, receive maximum both ways, maximum packet size, topic aliases both ways.
+//! directions, receive maximum both ways, maximum packet size, topic aliases both ways, and the
+//! stream each packet of a flow travels on.
+//!
+//! Stream rules (MQTT over QUIC, multi-stream): an acknowledgement goes on the stream of the
+//! packet it answers; a PUBREL goes on the stream its PUBLISH went; topic aliases are per
+//! stream; packet identifiers are per session, whatever the stream. When a data stream is lost,
+//! what was owed on it moves to the control stream.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::alias::{AliasError, AliasUse, InboundAliases, OutboundAliases};
+use crate::alias::{AliasError, AliasUse, InboundAliases, OutboundAliases, PerStream};
 use crate::message::{Delivery, Message};
 use crate::packet::{AckProperties, Packet, PubResponse, Publish, MAX_REMAINING_LENGTH};
 use crate::reason::ReasonCode;
 use crate::session::{Enqueued, FlowError, OutboundState, Received, Session};
-use crate::types::{PacketId, ProtocolVersion, QoS, TopicName};
+use crate::types::{PacketId, ProtocolVersion, QoS, StreamId, TopicName};
 
 /// A message received from the peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,15 +49,6 @@ pub enum Violation {
     /// RETAIN set though we announced retain is not available [MQTT-3.2.2-14].
     #[error("retain not supported")]
     RetainNotSupported,
-    /// A packet that is not allowed in the current state.
-    #[error("{0}")]
-    Protocol(&'static str),
-    /// The peer's keep alive ran out.
-    #[error("keep alive timeout")]
-    KeepAliveTimeout,
-    /// The peer closed the network connection.
-    #[error("connection lost")]
-    ConnectionLost,
 }
 
 impl Violation {
@@ -59,15 +56,16 @@ impl Violation {
     pub fn reason_code(&self) -> ReasonCode {
         match self {
             Self::TopicAlias(AliasError::OutOfRange { .. }) => ReasonCode::TopicAliasInvalid,
-            Self::TopicAlias(_) | Self::Protocol(_) => ReasonCode::ProtocolError,
+            Self::TopicAlias(_) => ReasonCode::ProtocolError,
             Self::ReceiveMaximumExceeded(_) => ReasonCode::ReceiveMaximumExceeded,
             Self::QoSNotSupported(_) => ReasonCode::QoSNotSupported,
             Self::RetainNotSupported => ReasonCode::RetainNotSupported,
-            Self::KeepAliveTimeout => ReasonCode::KeepAliveTimeout,
-            Self::ConnectionLost => ReasonCode::UnspecifiedError,
         }
     }
 }
+
+/// Packets to send, each with the stream it goes on.
+pub(crate) type Transmits = VecDeque<(StreamId, Packet)>;
 
 /// Limits this side announced to the peer and now enforces on what it receives.
 #[derive(Debug, Clone, Copy)]
@@ -119,10 +117,19 @@ pub(crate) struct Flows {
     pub(crate) session: Session,
     local: LocalLimits,
     peer: PeerLimits,
-    inbound_aliases: InboundAliases,
-    outbound_aliases: OutboundAliases,
-    /// Incoming QoS 1 and 2 messages handed on and not yet acknowledged by our side.
-    awaiting_local_ack: HashMap<PacketId, QoS>,
+    /// The peer's topic aliases, per stream.
+    inbound_aliases: PerStream<InboundAliases>,
+    /// Our topic aliases, per stream.
+    outbound_aliases: PerStream<OutboundAliases>,
+    /// Incoming QoS 1 and 2 messages handed on and not yet acknowledged by our side, with the
+    /// stream the acknowledgement goes on.
+    awaiting_local_ack: HashMap<PacketId, (QoS, StreamId)>,
+    /// Data streams that carried a packet and were not lost since: the streams a message may
+    /// be sent on besides the control stream.
+    streams: HashSet<StreamId>,
+    /// The stream of each outgoing flow that is not on the control stream: its PUBREL (and a
+    /// resend after the stream is lost) follows it.
+    flow_streams: HashMap<PacketId, StreamId>,
     /// Flows of the session, in their original order, not yet resent on this connection
     /// because the peer's receive maximum did not allow it yet.
     unsent: VecDeque<PacketId>,
@@ -139,11 +146,13 @@ impl Flows {
         Self {
             version,
             session,
-            inbound_aliases: InboundAliases::new(local.topic_alias_maximum),
-            outbound_aliases: OutboundAliases::new(peer.topic_alias_maximum),
+            inbound_aliases: PerStream::new(local.topic_alias_maximum, InboundAliases::new),
+            outbound_aliases: PerStream::new(peer.topic_alias_maximum, OutboundAliases::new),
             local,
             peer,
             awaiting_local_ack: HashMap::new(),
+            streams: HashSet::new(),
+            flow_streams: HashMap::new(),
             unsent: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -153,21 +162,105 @@ impl Flows {
     /// then sends from the queue. Both count against the peer's receive maximum of this
     /// connection [MQTT-3.3.4-9]: flows beyond it are resent as acknowledgements free the
     /// window, before anything new.
-    pub(crate) fn resume(&mut self, now: Instant, out: &mut VecDeque<Packet>) {
+    pub(crate) fn resume(&mut self, now: Instant, out: &mut Transmits) {
         self.unsent = self.session.outbound.resume_order().into();
         self.pump(now, out);
     }
 
-    fn resend(&mut self, now: Instant, id: PacketId, out: &mut VecDeque<Packet>) {
+    /// Records that a packet arrived on `stream`: messages may be sent on it from now on.
+    pub(crate) fn note_stream(&mut self, stream: StreamId) {
+        if !stream.is_control() {
+            self.streams.insert(stream);
+        }
+    }
+
+    /// The stream a message for `stream` goes on: the control stream if `stream` is not one
+    /// this connection knows, or was lost.
+    fn live(&self, stream: StreamId) -> StreamId {
+        if stream.is_control() || self.streams.contains(&stream) {
+            stream
+        } else {
+            StreamId::CONTROL
+        }
+    }
+
+    /// The stream the packets of outgoing flow `id` go on.
+    fn flow_stream(&self, id: PacketId) -> StreamId {
+        self.flow_streams
+            .get(&id)
+            .copied()
+            .unwrap_or(StreamId::CONTROL)
+    }
+
+    /// Outgoing flow `id` is over.
+    fn forget_flow(&mut self, id: PacketId) {
+        if !self.flow_streams.is_empty() {
+            self.flow_streams.remove(&id);
+        }
+    }
+
+    /// A data stream ended: what was owed on it moves to the control stream. Acknowledgements
+    /// not yet sent go on the control stream; outgoing flows sent on the stream continue there,
+    /// resent (PUBLISH with DUP, or PUBREL) since the peer may never have read them; queued
+    /// messages for the stream go on the control stream; its topic aliases are forgotten.
+    /// QoS 0 messages not yet sent on it are dropped (at most once).
+    pub(crate) fn stream_lost(&mut self, now: Instant, stream: StreamId, out: &mut Transmits) {
+        if stream.is_control() {
+            return;
+        }
+        self.streams.remove(&stream);
+        self.inbound_aliases.remove(stream);
+        self.outbound_aliases.remove(stream);
+        for (_, ack_stream) in self.awaiting_local_ack.values_mut() {
+            if *ack_stream == stream {
+                *ack_stream = StreamId::CONTROL;
+            }
+        }
+        self.session.outbound.move_queued(stream, StreamId::CONTROL);
+        let moved: HashSet<PacketId> = self
+            .flow_streams
+            .iter()
+            .filter(|(_, s)| **s == stream)
+            .map(|(id, _)| *id)
+            .collect();
+        self.flow_streams.retain(|_, s| *s != stream);
+        // Packets not yet taken by the driver: answers move to the control stream; PUBLISH
+        // and PUBREL of a flow are resent below (their topic aliases were the lost stream's).
+        out.retain_mut(|(s, packet)| {
+            if *s != stream {
+                return true;
+            }
+            match packet {
+                Packet::Publish(_) => false,
+                Packet::PubRel(rel) if moved.contains(&rel.packet_id) => false,
+                _ => {
+                    *s = StreamId::CONTROL;
+                    true
+                }
+            }
+        });
+        if moved.is_empty() {
+            return;
+        }
+        for id in self.session.outbound.resume_order() {
+            if moved.contains(&id) {
+                self.resend(now, id, out);
+            }
+        }
+    }
+
+    fn resend(&mut self, now: Instant, id: PacketId, out: &mut Transmits) {
         let Some(entry) = self.session.outbound.get(id) else {
             return;
         };
+        let stream = self.flow_stream(id);
         match entry.state {
             OutboundState::PublishSent => {
                 let delivery = entry.delivery.clone();
-                if self.fits(now, &delivery) {
-                    let _ = self.send_publish(now, Some(id), &delivery, true, out);
+                if self.fits(now, stream, &delivery) {
+                    let _ = self.send_publish(now, stream, Some(id), &delivery, true, out);
                 } else if let Ok(delivery) = self.session.outbound.remove(id) {
+                    self.forget_flow(id);
                     // This connection's peer takes smaller packets than the one the message
                     // was first sent to: discard it as if its flow were complete
                     // [MQTT-3.1.2-25].
@@ -179,7 +272,9 @@ impl Flows {
                     });
                 }
             }
-            OutboundState::ReleaseSent => out.push_back(Packet::PubRel(PubResponse::success(id))),
+            OutboundState::ReleaseSent => {
+                out.push_back((stream, Packet::PubRel(PubResponse::success(id))));
+            }
         }
     }
 
@@ -197,26 +292,29 @@ impl Flows {
         }
     }
 
-    /// Sends a message now if the window allows, else queues it.
+    /// Sends a message on `stream` (the control stream if that one is unknown or lost) now if
+    /// the window allows, else queues it.
     pub(crate) fn deliver(
         &mut self,
         now: Instant,
+        stream: StreamId,
         delivery: Delivery,
-        out: &mut VecDeque<Packet>,
+        out: &mut Transmits,
     ) -> Enqueued {
         if delivery.message.is_expired(now) {
             self.session.drops.expired += 1;
             return Enqueued::Expired;
         }
+        let stream = self.live(stream);
         let delivery = self.within_peer_limits(delivery);
         if delivery.qos == QoS::AtMostOnce {
-            return self.send_publish(now, None, &delivery, false, out);
+            return self.send_publish(now, stream, None, &delivery, false, out);
         }
         if !self.session.outbound.queue_is_empty() || !self.unsent.is_empty() || !self.window_open()
         {
-            return self.session.enqueue(now, delivery);
+            return self.session.enqueue_on(now, stream, delivery);
         }
-        self.start(now, delivery, out)
+        self.start(now, stream, delivery, out)
     }
 
     /// A new message as the peer accepts it: messages queued before its limits were known (a
@@ -228,44 +326,56 @@ impl Flows {
         delivery
     }
 
-    fn start(&mut self, now: Instant, delivery: Delivery, out: &mut VecDeque<Packet>) -> Enqueued {
-        if !self.fits(now, &delivery) {
+    fn start(
+        &mut self,
+        now: Instant,
+        stream: StreamId,
+        delivery: Delivery,
+        out: &mut Transmits,
+    ) -> Enqueued {
+        if !self.fits(now, stream, &delivery) {
             self.session.drops.too_large += 1;
             return Enqueued::TooLarge;
         }
         match self.session.outbound.start(delivery.clone()) {
             Some(id) => {
+                if stream.is_control() {
+                    self.forget_flow(id);
+                } else {
+                    self.flow_streams.insert(id, stream);
+                }
                 if let (QoS::ExactlyOnce, Some(store_seq)) = (delivery.qos, delivery.store_seq) {
                     self.events.push_back(FlowEvent::Sent {
                         packet_id: id,
                         store_seq,
                     });
                 }
-                self.send_publish(now, Some(id), &delivery, false, out)
+                self.send_publish(now, stream, Some(id), &delivery, false, out)
             }
-            None => self.session.enqueue(now, delivery),
+            None => self.session.enqueue_on(now, stream, delivery),
         }
     }
 
     /// Moves flows awaiting their resend, then queued messages, into the window.
-    pub(crate) fn pump(&mut self, now: Instant, out: &mut VecDeque<Packet>) {
+    pub(crate) fn pump(&mut self, now: Instant, out: &mut Transmits) {
         while self.window_open() {
             if let Some(id) = self.unsent.pop_front() {
                 self.resend(now, id, out);
                 continue;
             }
-            let Some(delivery) = self
+            let Some((delivery, stream)) = self
                 .session
                 .outbound
                 .pop(now, &mut self.session.drops.expired)
             else {
                 break;
             };
+            let stream = self.live(stream);
             let delivery = self.within_peer_limits(delivery);
             if delivery.qos == QoS::AtMostOnce {
-                let _ = self.send_publish(now, None, &delivery, false, out);
+                let _ = self.send_publish(now, stream, None, &delivery, false, out);
             } else {
-                let _ = self.start(now, delivery, out);
+                let _ = self.start(now, stream, delivery, out);
             }
         }
     }
@@ -294,10 +404,10 @@ impl Flows {
         }
     }
 
-    /// Whether the message, sent now, fits the peer's maximum packet size [MQTT-3.1.2-24]:
-    /// sized exactly as [`Self::send_publish`] will send it, packet identifier and topic alias
-    /// included.
-    fn fits(&self, now: Instant, delivery: &Delivery) -> bool {
+    /// Whether the message, sent now on `stream`, fits the peer's maximum packet size
+    /// [MQTT-3.1.2-24]: sized exactly as [`Self::send_publish`] will send it, packet identifier
+    /// and topic alias included.
+    fn fits(&self, now: Instant, stream: StreamId, delivery: &Delivery) -> bool {
         // No packet can be larger than the largest remaining length; skip the sizing then.
         if u64::from(self.peer.maximum_packet_size) > u64::from(MAX_REMAINING_LENGTH) + 4 {
             return true;
@@ -305,7 +415,10 @@ impl Flows {
         let packet_id = (delivery.qos != QoS::AtMostOnce).then_some(PacketId::MIN);
         let mut probe = self.publish_packet(now, packet_id, delivery, false);
         if self.version.is_v5() {
-            let alias = self.outbound_aliases.peek(&probe.topic);
+            let alias = match self.outbound_aliases.get(stream) {
+                Some(aliases) => aliases.peek(&probe.topic),
+                None => OutboundAliases::new(self.peer.topic_alias_maximum).peek(&probe.topic),
+            };
             apply_alias(&mut probe, alias);
         }
         Packet::Publish(probe).encoded_len(self.version) as u64
@@ -315,28 +428,30 @@ impl Flows {
     fn send_publish(
         &mut self,
         now: Instant,
+        stream: StreamId,
         packet_id: Option<PacketId>,
         delivery: &Delivery,
         dup: bool,
-        out: &mut VecDeque<Packet>,
+        out: &mut Transmits,
     ) -> Enqueued {
         let mut publish = self.publish_packet(now, packet_id, delivery, dup);
-        if packet_id.is_none() && !self.fits(now, delivery) {
+        if packet_id.is_none() && !self.fits(now, stream, delivery) {
             self.session.drops.too_large += 1;
             return Enqueued::TooLarge;
         }
         if self.version.is_v5() {
-            let alias = self.outbound_aliases.lookup(&publish.topic);
+            let alias = self.outbound_aliases.get_mut(stream).lookup(&publish.topic);
             apply_alias(&mut publish, alias);
         }
-        out.push_back(Packet::Publish(publish));
+        out.push_back((stream, Packet::Publish(publish)));
         Enqueued::Sent
     }
 
     /// Handles PUBACK.
-    pub(crate) fn on_puback(&mut self, now: Instant, ack: PubResponse, out: &mut VecDeque<Packet>) {
+    pub(crate) fn on_puback(&mut self, now: Instant, ack: PubResponse, out: &mut Transmits) {
         if let Ok(delivery) = self.session.outbound.puback(ack.packet_id) {
             self.answered(ack.packet_id);
+            self.forget_flow(ack.packet_id);
             self.events.push_back(FlowEvent::Completed {
                 packet_id: ack.packet_id,
                 reason: ack.reason,
@@ -346,8 +461,15 @@ impl Flows {
         }
     }
 
-    /// Handles PUBREC: PUBREL, or the end of a refused flow.
-    pub(crate) fn on_pubrec(&mut self, now: Instant, rec: PubResponse, out: &mut VecDeque<Packet>) {
+    /// Handles PUBREC received on `stream`: PUBREL on the stream the PUBLISH went, or the end
+    /// of a refused flow.
+    pub(crate) fn on_pubrec(
+        &mut self,
+        now: Instant,
+        stream: StreamId,
+        rec: PubResponse,
+        out: &mut Transmits,
+    ) {
         let id = rec.packet_id;
         match self.session.outbound.pubrec(id, rec.reason.is_error()) {
             Ok(Received::Release) => {
@@ -361,10 +483,14 @@ impl Flows {
                     packet_id: id,
                     store_seq,
                 });
-                out.push_back(Packet::PubRel(PubResponse::success(id)));
+                out.push_back((
+                    self.flow_stream(id),
+                    Packet::PubRel(PubResponse::success(id)),
+                ));
             }
             Ok(Received::Refused(delivery)) => {
                 self.answered(id);
+                self.forget_flow(id);
                 self.events.push_back(FlowEvent::Completed {
                     packet_id: id,
                     reason: rec.reason,
@@ -374,21 +500,17 @@ impl Flows {
             }
             // A PUBREC for a flow we no longer know: answer so the peer can finish its side.
             Err(FlowError::UnknownPacketId(_)) if !rec.reason.is_error() => {
-                out.push_back(Packet::PubRel(self.not_found(id)));
+                out.push_back((stream, Packet::PubRel(self.not_found(id))));
             }
             Err(_) => {}
         }
     }
 
     /// Handles PUBCOMP.
-    pub(crate) fn on_pubcomp(
-        &mut self,
-        now: Instant,
-        comp: PubResponse,
-        out: &mut VecDeque<Packet>,
-    ) {
+    pub(crate) fn on_pubcomp(&mut self, now: Instant, comp: PubResponse, out: &mut Transmits) {
         if let Ok(delivery) = self.session.outbound.pubcomp(comp.packet_id) {
             self.answered(comp.packet_id);
+            self.forget_flow(comp.packet_id);
             self.events.push_back(FlowEvent::Completed {
                 packet_id: comp.packet_id,
                 reason: comp.reason,
@@ -411,13 +533,14 @@ impl Flows {
         }
     }
 
-    /// Handles an incoming PUBLISH. Returns the message to hand on, or `None` for a duplicate
-    /// that was already answered.
+    /// Handles a PUBLISH received on `stream`, whose acknowledgement goes back on it. Returns
+    /// the message to hand on, or `None` for a duplicate that was already answered.
     pub(crate) fn on_publish(
         &mut self,
         now: Instant,
+        stream: StreamId,
         mut publish: Publish,
-        out: &mut VecDeque<Packet>,
+        out: &mut Transmits,
     ) -> Result<Option<InboundPublish>, Violation> {
         if publish.qos > self.local.maximum_qos {
             return Err(Violation::QoSNotSupported(publish.qos));
@@ -426,7 +549,12 @@ impl Flows {
             return Err(Violation::RetainNotSupported);
         }
         let alias = publish.properties.topic_alias.take();
-        publish.topic = self.inbound_aliases.resolve(publish.topic, alias)?;
+        if alias.is_some() {
+            publish.topic = self
+                .inbound_aliases
+                .get_mut(stream)
+                .resolve(publish.topic, alias)?;
+        }
         let packet_id = publish.packet_id;
         if let Some(id) = packet_id {
             if self.awaiting_local_ack.contains_key(&id) {
@@ -435,7 +563,7 @@ impl Flows {
                 return Ok(None);
             }
             if publish.qos == QoS::ExactlyOnce && self.session.inbound_qos2.contains(&id) {
-                out.push_back(Packet::PubRec(PubResponse::success(id)));
+                out.push_back((stream, Packet::PubRec(PubResponse::success(id))));
                 return Ok(None);
             }
             let unacked = self.awaiting_local_ack.len() + self.session.inbound_qos2.len();
@@ -444,7 +572,7 @@ impl Flows {
                     self.local.receive_maximum,
                 ));
             }
-            self.awaiting_local_ack.insert(id, publish.qos);
+            self.awaiting_local_ack.insert(id, (publish.qos, stream));
         }
         let dup = publish.dup;
         let subscription_ids = std::mem::take(&mut publish.properties.subscription_identifiers);
@@ -460,17 +588,21 @@ impl Flows {
     /// when the connection closes.
     pub(crate) fn take_unacked(&mut self) -> HashMap<PacketId, QoS> {
         std::mem::take(&mut self.awaiting_local_ack)
+            .into_iter()
+            .map(|(id, (qos, _))| (id, qos))
+            .collect()
     }
 
     /// Acknowledges an incoming message once our side has made it safe: PUBACK for QoS 1,
-    /// PUBREC for QoS 2. Returns false if no message awaits acknowledgement under `id`.
+    /// PUBREC for QoS 2, on the stream the message came on. Returns false if no message awaits
+    /// acknowledgement under `id`.
     pub(crate) fn ack_inbound(
         &mut self,
         id: PacketId,
         reason: ReasonCode,
-        out: &mut VecDeque<Packet>,
+        out: &mut Transmits,
     ) -> bool {
-        let Some(qos) = self.awaiting_local_ack.remove(&id) else {
+        let Some((qos, stream)) = self.awaiting_local_ack.remove(&id) else {
             return false;
         };
         let response = PubResponse {
@@ -482,22 +614,23 @@ impl Flows {
             if !reason.is_error() {
                 self.session.inbound_qos2.insert(id);
             }
-            out.push_back(Packet::PubRec(response));
+            out.push_back((stream, Packet::PubRec(response)));
         } else {
-            out.push_back(Packet::PubAck(response));
+            out.push_back((stream, Packet::PubAck(response)));
         }
         true
     }
 
-    /// Handles PUBREL: always answered with PUBCOMP, "not found" if the identifier is unknown.
-    pub(crate) fn on_pubrel(&mut self, rel: PubResponse, out: &mut VecDeque<Packet>) {
+    /// Handles PUBREL received on `stream`: always answered there with PUBCOMP, "not found" if
+    /// the identifier is unknown.
+    pub(crate) fn on_pubrel(&mut self, stream: StreamId, rel: PubResponse, out: &mut Transmits) {
         let id = rel.packet_id;
         if self.session.inbound_qos2.remove(&id) {
             self.events
                 .push_back(FlowEvent::InboundReleased { packet_id: id });
-            out.push_back(Packet::PubComp(PubResponse::success(id)));
+            out.push_back((stream, Packet::PubComp(PubResponse::success(id))));
         } else {
-            out.push_back(Packet::PubComp(self.not_found(id)));
+            out.push_back((stream, Packet::PubComp(self.not_found(id))));
         }
     }
 }

@@ -24,6 +24,31 @@
 //! - [`session`] is the state that outlives a connection (in-flight messages, queued messages,
 //!   the QoS 2 packet identifiers awaiting release) and can be stored and resumed.
 //!
+//! # Streams
+//!
+//! MQTT over QUIC in multi-stream mode carries one connection on a control stream plus data
+//! streams. Every packet in and out, every event and every delivery has a [`StreamId`], an
+//! opaque identity the driver chooses per stream of the connection; byte-stream transports use
+//! [`StreamId::CONTROL`] for everything, through the calls without a stream
+//! ([`server::ServerConnection::handle_packet`], `poll_transmit`, `poll_event`, `deliver`),
+//! which behave exactly as before streams existed. A multi-stream driver uses the `_on` and
+//! `_tagged` variants, and the machines apply these rules:
+//!
+//! - An acknowledgement goes back on the stream of the packet it answers: PUBACK and PUBREC on
+//!   the PUBLISH's stream, PUBCOMP on the PUBREL's, SUBACK and UNSUBACK on the request's,
+//!   PINGRESP on the PINGREQ's. A PUBREL goes on the stream its PUBLISH went.
+//! - Messages for a subscription go on the stream the SUBSCRIBE came on: the broker learns it
+//!   from the stream of the `Subscribe` event and passes it to `deliver_on`. Streams the client
+//!   has not used, or that were lost, fall back to the control stream.
+//! - Topic aliases are per stream, both ways: the same alias names different topics on two
+//!   streams, and an alias set on one stream is unknown on another.
+//! - Packet identifiers belong to the session, whatever the stream.
+//! - A lost data stream is not a lost connection (`stream_lost`): acknowledgements owed on it
+//!   move to the control stream, and outgoing QoS 1 and 2 flows sent on it are resent and
+//!   continue there. Losing the control stream loses the connection.
+//! - Stream hints belong to one connection and are never persisted: a resumed session sends
+//!   everything on the control stream.
+//!
 //! # Persist, then acknowledge
 //!
 //! The server state machine never acknowledges an inbound QoS 1 or QoS 2 PUBLISH by itself: it
@@ -54,5 +79,6 @@ pub use message::{Delivery, Message, MessageProperties};
 pub use packet::*;
 pub use reason::{ReasonCode, ReasonContext};
 pub use types::{
-    ClientId, MqttStr, PacketId, ProtocolVersion, QoS, StringError, TopicFilter, TopicName,
+    ClientId, MqttStr, PacketId, ProtocolVersion, QoS, StreamId, StringError, TopicFilter,
+    TopicName,
 };

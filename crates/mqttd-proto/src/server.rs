@@ -18,6 +18,19 @@
 //! [`ServerConnection::poll_transmit`]; the driver encodes them with
 //! [`ServerConnection::version`].
 //!
+//! # Streams
+//!
+//! A byte-stream driver (TCP, TLS, WebSocket) uses the calls above, which all act on
+//! [`StreamId::CONTROL`]. A multi-stream QUIC driver names the stream of each packet with
+//! [`ServerConnection::handle_packet_on`], takes transmits with their stream from
+//! [`ServerConnection::poll_transmit_tagged`] and events with the stream of the packet that
+//! caused them from [`ServerConnection::poll_event_tagged`], delivers a subscription's messages
+//! on the stream the SUBSCRIBE came on with [`ServerConnection::deliver_on`], and reports a data
+//! stream that ended with [`ServerConnection::stream_lost`]. The machine then answers each
+//! PUBLISH, PUBREL, SUBSCRIBE, UNSUBSCRIBE and PINGREQ on the stream it came on, sends each
+//! PUBREL on the stream of its PUBLISH, keeps topic aliases per stream, and moves whatever was
+//! owed on a lost stream to the control stream. Packet identifiers stay per session.
+//!
 //! Only MQTT packets reach this machine, so transport-level keep-alives (QUIC PINGs) never count
 //! as client activity.
 
@@ -29,13 +42,14 @@ use bytes::Bytes;
 
 use crate::codec::DecodeError;
 use crate::flow::{
-    ack_after_close, FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits, Violation,
+    ack_after_close, FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits, Transmits,
+    Violation,
 };
 use crate::message::Delivery;
 use crate::packet::*;
 use crate::reason::{puback_reason, reason_for, ReasonCode, ReasonContext};
 use crate::session::{Enqueued, Session, NEVER_EXPIRES};
-use crate::types::{ClientId, MqttStr, PacketId, ProtocolVersion, QoS};
+use crate::types::{ClientId, MqttStr, PacketId, ProtocolVersion, QoS, StreamId};
 
 /// Packets a client may pipeline behind CONNECT before the broker has accepted it.
 const MAX_EARLY_PACKETS: usize = 64;
@@ -137,8 +151,10 @@ impl Accept {
     }
 }
 
-/// Something the broker must act on.
+/// Something the broker must act on. New kinds of events may be added: ignore those you do
+/// not know.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A client sent CONNECT.
     Connect(ConnectRequest),
@@ -229,8 +245,11 @@ struct Handshake {
     connect: Box<Connect>,
     session_expiry: u32,
     keep_alive: u16,
-    /// Packets the client sent after CONNECT, replayed once it is accepted.
-    early: VecDeque<Packet>,
+    /// Packets the client sent after CONNECT, with their stream, replayed once it is accepted.
+    early: VecDeque<(StreamId, Packet)>,
+    /// Streams of early packets that were lost before the CONNECT was decided on, to be
+    /// reported lost once those packets are replayed.
+    lost: Vec<StreamId>,
 }
 
 /// An accepted connection.
@@ -244,6 +263,9 @@ struct Established {
     reauthenticating: bool,
     /// Session expiry granted in CONNECT; zero forbids a non-zero value at DISCONNECT.
     connect_session_expiry: u32,
+    /// SUBSCRIBE and UNSUBSCRIBE received on a data stream and not yet answered: the stream
+    /// their SUBACK or UNSUBACK goes on (the control stream for those not listed).
+    pending_acks: HashMap<PacketId, StreamId>,
 }
 
 #[derive(Debug)]
@@ -261,8 +283,8 @@ pub struct ServerConnection {
     config: ServerConfig,
     version: Option<ProtocolVersion>,
     state: State,
-    transmits: VecDeque<Packet>,
-    events: VecDeque<Event>,
+    transmits: Transmits,
+    events: VecDeque<(StreamId, Event)>,
     /// Messages handed to the broker and not yet acknowledged when the connection closed: the
     /// broker still owns them and may still call [`Self::publish_ack`].
     unacked_at_close: HashMap<PacketId, QoS>,
@@ -322,17 +344,30 @@ impl ServerConnection {
         }
     }
 
-    /// The next packet to send.
+    /// The next packet to send, whatever its stream: for drivers with one stream.
     pub fn poll_transmit(&mut self) -> Option<Packet> {
-        let packet = self.transmits.pop_front();
-        if packet.is_none() {
+        self.poll_transmit_tagged().map(|(_, packet)| packet)
+    }
+
+    /// The next packet to send and the stream it goes on.
+    pub fn poll_transmit_tagged(&mut self) -> Option<(StreamId, Packet)> {
+        let transmit = self.transmits.pop_front();
+        if transmit.is_none() {
             release_if_empty(&mut self.transmits);
         }
-        packet
+        transmit
     }
 
     /// The next event for the broker.
     pub fn poll_event(&mut self) -> Option<Event> {
+        self.poll_event_tagged().map(|(_, event)| event)
+    }
+
+    /// The next event for the broker, with the stream of the packet that caused it
+    /// ([`StreamId::CONTROL`] for events caused by timers or broker calls). For
+    /// [`Event::Subscribe`] it is the stream to deliver that subscription's messages on
+    /// (see [`Self::deliver_on`]); the hint belongs to this connection and must not be stored.
+    pub fn poll_event_tagged(&mut self) -> Option<(StreamId, Event)> {
         let event = self.events.pop_front();
         if event.is_none() {
             release_if_empty(&mut self.events);
@@ -362,6 +397,31 @@ impl ServerConnection {
         match self.state {
             State::Connected(_) => self.close(now, ReasonCode::KeepAliveTimeout, true, true),
             _ => self.close(now, ReasonCode::MaximumConnectTime, false, false),
+        }
+    }
+
+    /// A data stream ended (reset, stopped or finished) while the connection lives on; not a
+    /// lost connection. Acknowledgements owed on it (PUBACK, PUBREC, PUBCOMP, SUBACK, UNSUBACK)
+    /// go on the control stream; outgoing QoS 1 and 2 flows sent on it are resent on the
+    /// control stream (PUBLISH with DUP, or PUBREL) and continue there; later deliveries for
+    /// subscriptions made on it go on the control stream; its topic aliases are forgotten.
+    /// Losing the control stream loses the connection.
+    pub fn stream_lost(&mut self, now: Instant, stream: StreamId) {
+        if stream.is_control() {
+            return self.connection_lost(now);
+        }
+        match &mut self.state {
+            State::Connected(e) => {
+                e.flows.stream_lost(now, stream, &mut self.transmits);
+                e.pending_acks.retain(|_, s| *s != stream);
+                self.drain_flow_events(StreamId::CONTROL);
+            }
+            State::Connecting(h) | State::Authenticating(h)
+                if h.early.iter().any(|(s, _)| *s == stream) && !h.lost.contains(&stream) =>
+            {
+                h.lost.push(stream);
+            }
+            _ => {}
         }
     }
 
@@ -401,8 +461,13 @@ impl ServerConnection {
         }
     }
 
-    /// Handles one packet from the client.
+    /// Handles one packet from the client, on the control stream.
     pub fn handle_packet(&mut self, now: Instant, packet: Packet) {
+        self.handle_packet_on(now, StreamId::CONTROL, packet);
+    }
+
+    /// Handles one packet the client sent on `stream`.
+    pub fn handle_packet_on(&mut self, now: Instant, stream: StreamId, packet: Packet) {
         match &mut self.state {
             State::AwaitingConnect { .. } => match packet {
                 Packet::Connect(connect) => self.on_connect(now, connect),
@@ -415,13 +480,13 @@ impl ServerConnection {
                     if h.early.len() >= MAX_EARLY_PACKETS {
                         self.close(now, ReasonCode::QuotaExceeded, false, false);
                     } else {
-                        h.early.push_back(other);
+                        h.early.push_back((stream, other));
                     }
                 }
             },
             State::Connected(e) => {
                 e.last_received = now;
-                self.on_established_packet(now, packet);
+                self.on_established_packet(now, stream, packet);
             }
             State::Closed { .. } => {}
         }
@@ -476,17 +541,21 @@ impl ServerConnection {
             State::AwaitingConnect { deadline } => *deadline,
             _ => now + config.connect_timeout,
         };
-        self.events.push_back(Event::Connect(ConnectRequest {
-            connect: connect.clone(),
-            session_expiry_interval: session_expiry,
-            keep_alive,
-        }));
+        self.events.push_back((
+            StreamId::CONTROL,
+            Event::Connect(ConnectRequest {
+                connect: connect.clone(),
+                session_expiry_interval: session_expiry,
+                keep_alive,
+            }),
+        ));
         self.state = State::Connecting(Box::new(Handshake {
             deadline,
             connect,
             session_expiry,
             keep_alive,
             early: VecDeque::new(),
+            lost: Vec::new(),
         }));
     }
 
@@ -512,9 +581,12 @@ impl ServerConnection {
             return;
         };
         self.state = State::Connecting(h);
-        self.events.push_back(Event::AuthContinue {
-            data: auth.properties.authentication_data,
-        });
+        self.events.push_back((
+            StreamId::CONTROL,
+            Event::AuthContinue {
+                data: auth.properties.authentication_data,
+            },
+        ));
     }
 
     /// Sends an AUTH packet continuing enhanced authentication: during CONNECT, or during a
@@ -532,21 +604,21 @@ impl ServerConnection {
             State::Connecting(h) => {
                 let method = h.connect.properties.authentication_method.clone();
                 self.state = State::Authenticating(h);
-                self.transmits.push_back(auth_packet(
+                self.transmits.push_back(control(auth_packet(
                     ReasonCode::ContinueAuthentication,
                     method,
                     data,
-                ));
+                )));
                 Ok(())
             }
             State::Connected(e) if e.reauthenticating => {
                 let method = e.auth_method.clone();
                 self.state = State::Connected(e);
-                self.transmits.push_back(auth_packet(
+                self.transmits.push_back(control(auth_packet(
                     ReasonCode::ContinueAuthentication,
                     method,
                     data,
-                ));
+                )));
                 Ok(())
             }
             other => {
@@ -567,7 +639,7 @@ impl ServerConnection {
         e.reauthenticating = false;
         let method = e.auth_method.clone();
         self.transmits
-            .push_back(auth_packet(ReasonCode::Success, method, data));
+            .push_back(control(auth_packet(ReasonCode::Success, method, data)));
         Ok(())
     }
 
@@ -585,6 +657,7 @@ impl ServerConnection {
             session_expiry,
             keep_alive,
             early,
+            lost,
             ..
         } = *h;
         let version = connect.protocol;
@@ -622,11 +695,11 @@ impl ServerConnection {
                 props.authentication_data = accept.authentication_data;
             }
         }
-        self.transmits.push_back(Packet::ConnAck(ConnAck {
+        self.transmits.push_back(control(Packet::ConnAck(ConnAck {
             session_present: accept.session_present,
             reason: ReasonCode::Success,
             properties: props,
-        }));
+        })));
 
         let client_receive_maximum = cp.receive_maximum.map_or(u16::MAX, NonZeroU16::get);
         let local = LocalLimits {
@@ -660,13 +733,17 @@ impl ServerConnection {
             auth_method: connect.properties.authentication_method,
             reauthenticating: false,
             connect_session_expiry: session_expiry,
+            pending_acks: HashMap::new(),
         }));
-        self.drain_flow_events();
-        for packet in early {
+        self.drain_flow_events(StreamId::CONTROL);
+        for (stream, packet) in early {
             if self.is_closed() {
                 break;
             }
-            self.handle_packet(now, packet);
+            self.handle_packet_on(now, stream, packet);
+        }
+        for stream in lost {
+            self.stream_lost(now, stream);
         }
         Ok(())
     }
@@ -693,31 +770,32 @@ impl ServerConnection {
         } else {
             ReasonCode::UnspecifiedError
         };
-        self.transmits.push_back(Packet::ConnAck(ConnAck {
+        self.transmits.push_back(control(Packet::ConnAck(ConnAck {
             session_present: false,
             reason,
             properties: ConnAckProperties::default(),
-        }));
+        })));
     }
 
-    fn on_established_packet(&mut self, now: Instant, packet: Packet) {
+    fn on_established_packet(&mut self, now: Instant, stream: StreamId, packet: Packet) {
         let State::Connected(e) = &mut self.state else {
             return;
         };
+        e.flows.note_stream(stream);
         let out = &mut self.transmits;
         match packet {
             Packet::Publish(publish) if !publish.properties.subscription_identifiers.is_empty() => {
                 // [MQTT-3.3.4-6]: only the server sends subscription identifiers.
                 return self.close(now, ReasonCode::ProtocolError, true, true);
             }
-            Packet::Publish(publish) => match e.flows.on_publish(now, publish, out) {
-                Ok(Some(p)) => self.events.push_back(Event::Publish(p)),
+            Packet::Publish(publish) => match e.flows.on_publish(now, stream, publish, out) {
+                Ok(Some(p)) => self.events.push_back((stream, Event::Publish(p))),
                 Ok(None) => {}
                 Err(v) => return self.violation(now, &v),
             },
             Packet::PubAck(ack) => e.flows.on_puback(now, ack, out),
-            Packet::PubRec(rec) => e.flows.on_pubrec(now, rec, out),
-            Packet::PubRel(rel) => e.flows.on_pubrel(rel, out),
+            Packet::PubRec(rec) => e.flows.on_pubrec(now, stream, rec, out),
+            Packet::PubRel(rel) => e.flows.on_pubrel(stream, rel, out),
             Packet::PubComp(comp) => e.flows.on_pubcomp(now, comp, out),
             Packet::Subscribe(sub) => {
                 if sub
@@ -738,12 +816,20 @@ impl ServerConnection {
                         true,
                     );
                 }
-                self.events.push_back(Event::Subscribe(sub));
+                if !stream.is_control() {
+                    e.pending_acks.insert(sub.packet_id, stream);
+                }
+                self.events.push_back((stream, Event::Subscribe(sub)));
             }
-            Packet::Unsubscribe(unsub) => self.events.push_back(Event::Unsubscribe(unsub)),
-            Packet::PingReq => out.push_back(Packet::PingResp),
+            Packet::Unsubscribe(unsub) => {
+                if !stream.is_control() {
+                    e.pending_acks.insert(unsub.packet_id, stream);
+                }
+                self.events.push_back((stream, Event::Unsubscribe(unsub)));
+            }
+            Packet::PingReq => out.push_back((stream, Packet::PingResp)),
             Packet::Disconnect(d) => return self.on_disconnect(now, d),
-            Packet::Auth(auth) => return self.on_reauth(now, auth),
+            Packet::Auth(auth) => return self.on_reauth(now, stream, auth),
             Packet::Connect(_)
             | Packet::ConnAck(_)
             | Packet::SubAck(_)
@@ -753,7 +839,7 @@ impl ServerConnection {
                 return self.close(now, ReasonCode::ProtocolError, true, true);
             }
         }
-        self.drain_flow_events();
+        self.drain_flow_events(stream);
     }
 
     fn violation(&mut self, now: Instant, v: &Violation) {
@@ -777,7 +863,7 @@ impl ServerConnection {
         self.close_inner(now, d.reason, false, publish_will, true);
     }
 
-    fn on_reauth(&mut self, now: Instant, auth: Auth) {
+    fn on_reauth(&mut self, now: Instant, stream: StreamId, auth: Auth) {
         let State::Connected(e) = &mut self.state else {
             return;
         };
@@ -794,10 +880,12 @@ impl ServerConnection {
         }
         let data = auth.properties.authentication_data;
         if e.reauthenticating {
-            self.events.push_back(Event::AuthContinue { data });
+            self.events
+                .push_back((stream, Event::AuthContinue { data }));
         } else {
             e.reauthenticating = true;
-            self.events.push_back(Event::ReAuthenticate { data });
+            self.events
+                .push_back((stream, Event::ReAuthenticate { data }));
         }
     }
 
@@ -829,38 +917,38 @@ impl ServerConnection {
         }
     }
 
-    /// Answers a SUBSCRIBE with one reason code per filter. A code SUBACK may not carry is
-    /// sent as 0x80 if it reports a failure, 0x00 otherwise.
+    /// Answers a SUBSCRIBE with one reason code per filter, on the stream the SUBSCRIBE came
+    /// on. A code SUBACK may not carry is sent as 0x80 if it reports a failure, 0x00 otherwise.
     pub fn subscribe_ack(
         &mut self,
         packet_id: PacketId,
         reasons: Vec<ReasonCode>,
     ) -> Result<(), StateError> {
-        if !self.is_connected() {
-            return Err(StateError::NotConnected);
-        }
+        let stream = self.ack_stream(packet_id)?;
         let reasons = reasons
             .into_iter()
             .map(|r| reason_for(ReasonContext::SubAck, r))
             .collect();
-        self.transmits.push_back(Packet::SubAck(SubAck {
-            packet_id,
-            properties: AckProperties::default(),
-            reasons,
-        }));
+        self.transmits.push_back((
+            stream,
+            Packet::SubAck(SubAck {
+                packet_id,
+                properties: AckProperties::default(),
+                reasons,
+            }),
+        ));
         Ok(())
     }
 
-    /// Answers an UNSUBSCRIBE with one reason code per filter (ignored by MQTT 3); a code
-    /// UNSUBACK may not carry is sent as 0x80 if it reports a failure, 0x00 otherwise.
+    /// Answers an UNSUBSCRIBE with one reason code per filter (ignored by MQTT 3), on the
+    /// stream the UNSUBSCRIBE came on; a code UNSUBACK may not carry is sent as 0x80 if it
+    /// reports a failure, 0x00 otherwise.
     pub fn unsubscribe_ack(
         &mut self,
         packet_id: PacketId,
         reasons: Vec<ReasonCode>,
     ) -> Result<(), StateError> {
-        if !self.is_connected() {
-            return Err(StateError::NotConnected);
-        }
+        let stream = self.ack_stream(packet_id)?;
         let reasons = if self.version.is_some_and(ProtocolVersion::is_v5) {
             reasons
                 .into_iter()
@@ -869,23 +957,46 @@ impl ServerConnection {
         } else {
             Vec::new()
         };
-        self.transmits.push_back(Packet::UnsubAck(UnsubAck {
-            packet_id,
-            properties: AckProperties::default(),
-            reasons,
-        }));
+        self.transmits.push_back((
+            stream,
+            Packet::UnsubAck(UnsubAck {
+                packet_id,
+                properties: AckProperties::default(),
+                reasons,
+            }),
+        ));
         Ok(())
     }
 
-    /// Hands a message to the client: sent now if its receive window allows, else queued.
-    /// After the connection closed, the message is queued in the session until it is taken.
+    /// The stream that owes the answer to SUBSCRIBE or UNSUBSCRIBE `packet_id`, now answered.
+    fn ack_stream(&mut self, packet_id: PacketId) -> Result<StreamId, StateError> {
+        let State::Connected(e) = &mut self.state else {
+            return Err(StateError::NotConnected);
+        };
+        Ok(e.pending_acks
+            .remove(&packet_id)
+            .unwrap_or(StreamId::CONTROL))
+    }
+
+    /// Hands a message to the client on the control stream: sent now if its receive window
+    /// allows, else queued. After the connection closed, the message is queued in the session
+    /// until it is taken.
     pub fn deliver(&mut self, now: Instant, delivery: Delivery) -> Enqueued {
+        self.deliver_on(now, StreamId::CONTROL, delivery)
+    }
+
+    /// Hands a message to the client on `stream`, the stream its subscription was made on (see
+    /// [`Self::poll_event_tagged`]): as [`Self::deliver`], but sent on `stream` if the client
+    /// has sent a packet on it and it was not lost since, else on the control stream. A flow
+    /// keeps its stream for its PUBREL; a session resumed by a later connection sends
+    /// everything on the control stream.
+    pub fn deliver_on(&mut self, now: Instant, stream: StreamId, delivery: Delivery) -> Enqueued {
         let outcome = match &mut self.state {
-            State::Connected(e) => e.flows.deliver(now, delivery, &mut self.transmits),
+            State::Connected(e) => e.flows.deliver(now, stream, delivery, &mut self.transmits),
             State::Closed { session: Some(s) } => s.enqueue(now, delivery),
             _ => Enqueued::NotConnected,
         };
-        self.drain_flow_events();
+        self.drain_flow_events(StreamId::CONTROL);
         outcome
     }
 
@@ -940,7 +1051,7 @@ impl ServerConnection {
                         ReasonCode::UnspecifiedError
                     };
                     self.transmits
-                        .push_back(Packet::Disconnect(Disconnect::new(reason)));
+                        .push_back(control(Packet::Disconnect(Disconnect::new(reason))));
                 }
                 let mut session = flows.session;
                 let will = will.filter(|_| publish_will).map(|w| {
@@ -953,15 +1064,17 @@ impl ServerConnection {
             _ => None,
         };
         self.state = State::Closed { session };
-        self.events.push_back(Event::Closed { reason, by_client });
+        self.events
+            .push_back((StreamId::CONTROL, Event::Closed { reason, by_client }));
     }
 
-    fn drain_flow_events(&mut self) {
+    /// Passes on what the flows reported, as caused by a packet on `stream`.
+    fn drain_flow_events(&mut self, stream: StreamId) {
         let State::Connected(e) = &mut self.state else {
             return;
         };
         while let Some(event) = e.flows.events.pop_front() {
-            self.events.push_back(match event {
+            let event = match event {
                 FlowEvent::Completed {
                     packet_id,
                     reason,
@@ -986,9 +1099,15 @@ impl ServerConnection {
                     store_seq,
                 },
                 FlowEvent::InboundReleased { packet_id } => Event::InboundReleased { packet_id },
-            });
+            };
+            self.events.push_back((stream, event));
         }
     }
+}
+
+/// A packet for the control stream.
+fn control(packet: Packet) -> (StreamId, Packet) {
+    (StreamId::CONTROL, packet)
 }
 
 fn auth_packet(reason: ReasonCode, method: Option<MqttStr>, data: Option<Bytes>) -> Packet {

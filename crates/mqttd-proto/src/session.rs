@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::message::{Delivery, Message};
 use crate::packet::Will;
-use crate::types::{ClientId, PacketId, QoS};
+use crate::types::{ClientId, PacketId, QoS, StreamId};
 
 /// A session expiry interval that means "never expires".
 pub const NEVER_EXPIRES: u32 = u32::MAX;
@@ -111,7 +111,9 @@ pub(crate) struct Outbound {
     next_id: Option<PacketId>,
     next_seq: u64,
     in_flight: BTreeMap<PacketId, InFlight>,
-    queue: VecDeque<Delivery>,
+    /// Queued messages with the stream their subscription asked for: a hint of the current
+    /// connection, reset to the control stream when the session is resumed.
+    queue: VecDeque<(Delivery, StreamId)>,
     queued_bytes: usize,
     /// Identifiers the connection holds for other packets (a client's SUBSCRIBE and
     /// UNSUBSCRIBE awaiting their answer), which a new flow must not take [MQTT-2.2.1-3].
@@ -201,29 +203,43 @@ impl Outbound {
         self.in_flight.get(&id)
     }
 
-    pub(crate) fn push(&mut self, delivery: Delivery, limits: QueueLimits) -> Enqueued {
+    pub(crate) fn push(
+        &mut self,
+        delivery: Delivery,
+        stream: StreamId,
+        limits: QueueLimits,
+    ) -> Enqueued {
         let weight = delivery.message.weight();
         let over_bytes = limits.max_bytes > 0 && self.queued_bytes + weight > limits.max_bytes;
         if self.queue.len() >= limits.max_messages || over_bytes {
             return Enqueued::QueueFull;
         }
         self.queued_bytes += weight;
-        self.queue.push_back(delivery);
+        self.queue.push_back((delivery, stream));
         Enqueued::Queued
     }
 
     /// The next queued message that has not expired; expired ones are dropped on the way and
     /// counted in `expired`.
-    pub(crate) fn pop(&mut self, now: Instant, expired: &mut u64) -> Option<Delivery> {
-        while let Some(d) = self.queue.pop_front() {
+    pub(crate) fn pop(&mut self, now: Instant, expired: &mut u64) -> Option<(Delivery, StreamId)> {
+        while let Some((d, stream)) = self.queue.pop_front() {
             self.queued_bytes = self.queued_bytes.saturating_sub(d.message.weight());
             if d.message.is_expired(now) {
                 *expired += 1;
                 continue;
             }
-            return Some(d);
+            return Some((d, stream));
         }
         None
+    }
+
+    /// Queued messages bound for `from` go to `to` instead.
+    pub(crate) fn move_queued(&mut self, from: StreamId, to: StreamId) {
+        for (_, stream) in &mut self.queue {
+            if *stream == from {
+                *stream = to;
+            }
+        }
     }
 
     pub(crate) fn queue_is_empty(&self) -> bool {
@@ -324,7 +340,7 @@ impl Session {
 
     /// Messages queued behind the in-flight window, oldest first.
     pub fn queued(&self) -> impl ExactSizeIterator<Item = &Delivery> {
-        self.outbound.queue.iter()
+        self.outbound.queue.iter().map(|(d, _)| d)
     }
 
     /// Bytes held by queued messages.
@@ -344,11 +360,21 @@ impl Session {
 
     /// Queues a message for a client that is not connected.
     pub fn enqueue(&mut self, now: Instant, delivery: Delivery) -> Enqueued {
+        self.enqueue_on(now, StreamId::CONTROL, delivery)
+    }
+
+    /// Queues a message to be sent on `stream` of the current connection.
+    pub(crate) fn enqueue_on(
+        &mut self,
+        now: Instant,
+        stream: StreamId,
+        delivery: Delivery,
+    ) -> Enqueued {
         if delivery.message.is_expired(now) {
             self.drops.expired += 1;
             return Enqueued::Expired;
         }
-        let outcome = self.outbound.push(delivery, self.limits);
+        let outcome = self.outbound.push(delivery, stream, self.limits);
         if outcome == Enqueued::QueueFull {
             self.drops.queue_full += 1;
         }
@@ -368,10 +394,14 @@ impl Session {
     }
 
     /// Records that a client resumed the session: a pending will is cancelled
-    /// [MQTT-3.1.3-9] and the expiry clock stops.
+    /// [MQTT-3.1.3-9] and the expiry clock stops. Stream hints belonged to the previous
+    /// connection: everything queued now goes on the control stream.
     pub(crate) fn resumed(&mut self) {
         self.will = None;
         self.expires_at = None;
+        for (_, stream) in &mut self.outbound.queue {
+            *stream = StreamId::CONTROL;
+        }
     }
 
     /// When this session's next timer is due: a delayed will or its expiry.
@@ -420,7 +450,9 @@ impl Session {
             };
             if entry.state == OutboundState::PublishSent {
                 self.outbound.queued_bytes += entry.delivery.message.weight();
-                self.outbound.queue.push_front(entry.delivery);
+                self.outbound
+                    .queue
+                    .push_front((entry.delivery, StreamId::CONTROL));
             }
         }
         self.inbound_qos2.clear();

@@ -113,6 +113,45 @@ impl fmt::Display for PacketId {
     }
 }
 
+/// Which stream of a connection a packet travels on.
+///
+/// An opaque, connection-scoped identity chosen by the transport driver. Byte-stream transports
+/// (TCP, TLS, WebSocket, a single QUIC stream) carry everything on [`StreamId::CONTROL`]. MQTT
+/// over QUIC in multi-stream mode carries the connection on a control stream plus data streams;
+/// a driver that maps the control stream to `CONTROL` and every data stream to its own value
+/// gets the stream rules of the protocol core (acknowledgements on the stream of the packet
+/// they answer, deliveries on the stream of their subscription, topic aliases per stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct StreamId(u64);
+
+impl StreamId {
+    /// The control stream: CONNECT, CONNACK, PING, DISCONNECT and AUTH travel on it, and
+    /// everything owed to a stream that was lost moves to it.
+    pub const CONTROL: Self = Self(0);
+
+    /// A stream the driver numbers `value` (a QUIC driver may use the QUIC stream id, whose
+    /// first client stream, 0, is the control stream).
+    pub const fn new(value: u64) -> Self {
+        Self(value)
+    }
+
+    /// The driver's number for this stream.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// Whether this is the control stream.
+    pub const fn is_control(self) -> bool {
+        self.0 == Self::CONTROL.0
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Why a string was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -711,6 +711,8 @@ impl<'s> Harness<'s> {
                 m.close = Some((reason, by_client));
                 m.request = None;
             }
+            // A new kind of event must be taught to this model of the broker.
+            other => panic!("unhandled server event {other:?}"),
         }
     }
 

@@ -416,6 +416,8 @@ impl Broker {
                     },
                 ));
             }
+            // A new kind of event must be taught to the simulated broker.
+            other => panic!("unhandled server event {other:?}"),
         }
     }
 
