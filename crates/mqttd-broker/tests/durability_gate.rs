@@ -176,11 +176,9 @@ impl Storage for HeldStorage {
 async fn start() -> (Broker, SocketAddr, HeldStorage, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let storage = HeldStorage::new();
-    let config = Config {
-        listen: vec!["tcp://127.0.0.1:0".into()],
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.listen = vec!["tcp://127.0.0.1:0".into()];
+    config.data_dir = dir.path().to_owned();
     let broker = Broker::builder(config)
         .storage(storage.clone())
         .start()
