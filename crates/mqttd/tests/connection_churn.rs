@@ -30,7 +30,7 @@ use mqttd_proto::{
     TopicFilter, TopicName, Will, WillProperties,
 };
 
-use support::{encode, subscribe_packet, Broker, RawConn, Received};
+use support::{encode, subscribe_packet, within, Broker, RawConn, Received};
 
 const CYCLES: usize = 20_000;
 const WARM_UP: usize = 500;
@@ -285,14 +285,23 @@ async fn connection_churn_leaves_nothing_behind() {
 
     // The watcher counts wills.
     let config = ClientConfig::new(ClientId::try_from("churn-watcher").expect("id"));
-    let (watcher, mut wills, _) = connect_tcp(addr, config, None).await.expect("watcher");
-    watcher
-        .subscribe_one(
+    let (watcher, mut wills, _) = within(
+        Duration::from_secs(30),
+        "the watcher's CONNECT",
+        connect_tcp(addr, config, None),
+    )
+    .await
+    .expect("watcher");
+    within(
+        Duration::from_secs(30),
+        "the watcher's SUBSCRIBE",
+        watcher.subscribe_one(
             TopicFilter::try_from(WILL_TOPICS).expect("filter"),
             QoS::AtLeastOnce,
-        )
-        .await
-        .expect("watcher SUBACK");
+        ),
+    )
+    .await
+    .expect("watcher SUBACK");
     let expected_wills = (0..CYCLES)
         .filter(|n| Cycle::new(*n).publishes_will())
         .count();
@@ -336,7 +345,9 @@ async fn connection_churn_leaves_nothing_behind() {
     let end_rss = broker.rss();
     broker.assert_running();
 
-    let wills_received = will_counter.await.expect("will counter");
+    let wills_received = within(Duration::from_secs(60), "the will counter", will_counter)
+        .await
+        .expect("will counter");
     eprintln!(
         "{CYCLES} cycles in {churn_time:.1?} ({:.0}/s); broker RSS {:.1} MiB after {WARM_UP} cycles, \
          {:.1} MiB at the end ({:+.2} MiB); {} wills",
@@ -369,10 +380,13 @@ async fn connection_churn_leaves_nothing_behind() {
     );
 
     // With the watcher gone too, nothing at all is left.
-    watcher
-        .disconnect(ReasonCode::Success, None)
-        .await
-        .expect("watcher DISCONNECT");
+    within(
+        Duration::from_secs(30),
+        "the watcher's DISCONNECT",
+        watcher.disconnect(ReasonCode::Success, None),
+    )
+    .await
+    .expect("watcher DISCONNECT");
     let empty = |m: &support::Metrics| {
         [
             "mqttd_connections_open",

@@ -31,7 +31,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use support::{connect_packet, encode, Broker, RawConn, Received};
+use support::{connect_packet, encode, within, Broker, RawConn, Received};
 
 use ProtocolVersion::{V3_1, V3_1_1, V5};
 
@@ -797,7 +797,13 @@ async fn malformed_input_storm_closes_offenders_and_spares_the_witness() {
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let witness = tokio::spawn(witness(addr, ready_tx, stop.clone()));
-    ready_rx.await.expect("witness ready");
+    within(
+        Duration::from_secs(30),
+        "the witness's connections",
+        ready_rx,
+    )
+    .await
+    .expect("witness ready");
     // Let the witness settle before the storm.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -861,16 +867,23 @@ async fn malformed_input_storm_closes_offenders_and_spares_the_witness() {
         round += 1;
         broker.assert_running();
     }
-    let mut failures = Vec::new();
-    while let Some(joined) = jobs.join_next().await {
-        let (name, result) = joined.expect("storm task");
-        if let Err(e) = result {
-            failures.push(format!("{name}: {e}"));
+    // Each connection has deadlines of its own; this one only catches a helper that hangs.
+    let failures = within(Duration::from_secs(120), "the storm's connections", async {
+        let mut failures = Vec::new();
+        while let Some(joined) = jobs.join_next().await {
+            let (name, result) = joined.expect("storm task");
+            if let Err(e) = result {
+                failures.push(format!("{name}: {e}"));
+            }
         }
-    }
+        failures
+    })
+    .await;
     let storm = storm_start.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let witness = witness.await.expect("witness task");
+    let witness = within(Duration::from_secs(60), "the witness's end", witness)
+        .await
+        .expect("witness task");
     broker.assert_running();
 
     eprintln!(

@@ -40,7 +40,7 @@ use tokio::sync::Semaphore;
 
 use mqttd_proto::{Packet, PacketId, ProtocolVersion, Publish, PublishProperties, QoS, TopicName};
 
-use support::{encode, subscribe_packet, Broker, RawConn, Received};
+use support::{encode, subscribe_packet, within, Broker, RawConn, Received};
 
 const TOPIC: &str = "bench/t";
 const PAYLOAD: usize = 64;
@@ -472,9 +472,15 @@ fn run(qos: QoS) -> Report {
             stop.clone(),
         ));
         // Wait for the subscription before publishing.
-        while broker.metrics().get("mqttd_subscriptions") < 1.0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let metrics = broker
+            .wait_for_metrics(Duration::from_secs(30), |m| {
+                m.get("mqttd_subscriptions") >= 1.0
+            })
+            .await;
+        assert!(
+            metrics.get("mqttd_subscriptions") >= 1.0,
+            "the fast subscriber's subscription within 30 s"
+        );
         let publisher = tokio::spawn(publisher(
             addr,
             qos,
@@ -524,8 +530,12 @@ fn run(qos: QoS) -> Report {
         }
 
         stop.store(true, Ordering::Relaxed);
-        publisher.await.expect("publisher task");
-        fast.await.expect("fast subscriber task");
+        within(Duration::from_secs(60), "the publisher's end", publisher)
+            .await
+            .expect("publisher task");
+        within(Duration::from_secs(60), "the fast subscriber's end", fast)
+            .await
+            .expect("fast subscriber task");
         broker.assert_running();
         Report {
             qos,

@@ -431,6 +431,24 @@ impl Metrics {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Deadlines
+// ---------------------------------------------------------------------------------------------
+
+/// Awaits `future` for at most `limit`; panics naming `what` if it takes longer. Every wait in
+/// the tests goes through a deadline like this one, generous enough that only a hang reaches
+/// it, so that a stuck helper fails with its name instead of hanging the run.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    what: &str,
+    future: impl std::future::Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: not done within {limit:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Raw MQTT
 // ---------------------------------------------------------------------------------------------
 
