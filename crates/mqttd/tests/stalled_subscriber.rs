@@ -54,8 +54,13 @@ const BATCH: usize = 16;
 /// 1024 (the publisher's unacknowledged QoS 1 messages). The broker never has a reason to drop
 /// or queue a message for the fast subscriber, so it must receive every one.
 const IN_FLIGHT: usize = 8 * BATCH;
-/// Messages per measured phase.
+/// Messages per measured phase, at least.
 const PHASE_MESSAGES: u64 = 30_000;
+/// Broker CPU time per measured phase, at least: `/proc` counts it in ticks of 10 ms, so a
+/// phase is 20 ticks or more, whatever the build's speed. A phase goes on, [`PHASE_STEP`]
+/// messages at a time, until it has both this and [`PHASE_MESSAGES`].
+const PHASE_CPU: Duration = Duration::from_millis(200);
+const PHASE_STEP: u64 = 5_000;
 /// Measured phases per condition; they alternate (alone, stalled, alone, stalled, ...) so
 /// that whatever else the machine does affects both conditions alike.
 const PHASES: usize = 4;
@@ -76,14 +81,16 @@ const RSS_MARGIN: u64 = 32 * 1024 * 1024;
 const MIN_PUBLISHED_WHILE_STALLED: u64 = 48 * 1024 * 1024;
 /// The broker's CPU time per delivered message with a stalled subscriber present, at most, as
 /// a multiple of that without one. Routing each message to a second subscriber and dropping it
-/// there measures 1.03-1.06x in a debug build, idle or with both cores busy (phases of 30,000
-/// messages are 0.18-0.42 s of broker CPU time, 18-42 ticks of 10 ms); a broker that kept
-/// retrying writes to the stalled socket, copied its backlog around, or woke its task for
-/// every dropped message would cost several times more.
+/// there measures 0.94-1.10x in a debug build, idle or with both cores busy, and 0.95-1.08x in
+/// a release build; a broker that kept retrying writes to the stalled socket, copied its
+/// backlog around, or woke its task for every dropped message would cost several times more
+/// (30 us of extra work per dropped message makes 3.7x in a debug build).
 const MAX_CPU_RATIO: f64 = 2.0;
-/// Only a hang takes this long: a phase takes about a second on an idle machine and a few with
-/// both cores busy. A broker whose delivery waited on the stalled subscriber would never end
-/// one (the stalled client's keep alive is off, so the broker has no reason to drop it).
+/// How long the fast subscriber may take to receive one batch of messages (a step of a phase
+/// or of a fill): a fraction of a second on an idle machine, a few with both cores busy; only
+/// a hang takes this long. A broker whose delivery waited on the stalled subscriber would
+/// never end one (the stalled client's keep alive is off, so the broker has no reason to drop
+/// it).
 const PHASE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Runs the variants one at a time, so that one's clients do not compete with the other's
@@ -386,14 +393,20 @@ struct Condition {
 }
 
 impl Condition {
-    /// Measures one phase: [`PHASE_MESSAGES`] delivered to the fast subscriber.
+    /// Measures one phase: at least [`PHASE_MESSAGES`] delivered to the fast subscriber and
+    /// [`PHASE_CPU`] used by the broker.
     async fn phase(&mut self, traffic: &mut Traffic<'_>, peak_rss: &mut u64, what: &str) {
         let cpu_before = traffic.broker.cpu_time();
-        traffic.deliver(PHASE_MESSAGES, peak_rss, what).await;
-        let cpu = traffic.broker.cpu_time() - cpu_before;
+        let mut messages = 0;
+        let mut cpu = Duration::ZERO;
+        while messages < PHASE_MESSAGES || cpu < PHASE_CPU {
+            traffic.deliver(PHASE_STEP, peak_rss, what).await;
+            messages += PHASE_STEP;
+            cpu = traffic.broker.cpu_time() - cpu_before;
+        }
         self.cpu += cpu;
-        self.messages += PHASE_MESSAGES;
-        self.phases.push(cpu / PHASE_MESSAGES as u32);
+        self.messages += messages;
+        self.phases.push(cpu / messages as u32);
     }
 
     fn cpu_per_message(&self) -> Duration {
