@@ -71,8 +71,8 @@ const STORM_DEADLINE: Duration = Duration::from_secs(180);
 const CONCURRENCY: usize = 48;
 /// The broker's CPU time during the storm, at most, per offending connection and per witness
 /// message (the witness runs throughout, so its share grows with the storm's length). A debug
-/// build measures 0.07-0.11 ms per connection or witness message, idle or with both cores
-/// busy, a tenth of the bound or less; a broker that spun on a half-closed connection, polled
+/// build measures 0.07-0.15 ms per connection or witness message, idle or with both cores
+/// busy, a sixth of the bound or less; a broker that spun on a half-closed connection, polled
 /// idle ones, or re-parsed a trickled CONNECT from its start for every byte would spend many
 /// times that.
 const MAX_CPU_PER_CONNECTION: Duration = Duration::from_millis(1);
