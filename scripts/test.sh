@@ -101,11 +101,6 @@ echo "ok: no tokio among $(sort -u <<<"$proto_deps" | wc -l) normal dependencies
 section "doc tests"
 cargo test --doc --workspace
 
-section "rate comparisons against an optimised broker"
-# The stalled-subscriber rate checks compare throughputs; a debug build of the broker spends
-# its time elsewhere, so they run here against a release build.
-cargo nextest run --release -p mqttd --test stalled_subscriber --run-ignored ignored-only
-
 section "cargo nextest run"
 cargo nextest run --workspace
 

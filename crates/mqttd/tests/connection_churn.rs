@@ -6,13 +6,19 @@
 //! some ask the broker to assign their client identifier, some keep their session for a
 //! second after disconnecting, some take over another connection's session, and some vanish
 //! without DISCONNECT (a FIN or a reset). A watcher subscribed to the wills checks that
-//! exactly the wills of clients that vanished are published.
+//! exactly the wills of clients that vanished are published: once the broker has settled, the
+//! test publishes an end marker to the wills' topics, and the wills received before it are
+//! all there are.
 //!
 //! What users rely on: after the clients are gone, `/metrics` reports no connection, no client,
 //! no session and no subscription left, and the broker's resident memory is back within 8 MiB
 //! of what it was after a warm-up of 500 cycles. The allocator and the runtime reach their
 //! working size during the warm-up; a leak of 512 bytes per cycle would add 9.5 MiB over the
 //! 19,500 cycles that follow.
+//!
+//! Nothing here depends on the machine's speed: the checks are counts, and the broker's memory
+//! after a fixed number of cycles; every wait ends as soon as its condition holds, and its
+//! deadline only catches a hang.
 
 mod support;
 
@@ -30,7 +36,7 @@ use mqttd_proto::{
     TopicFilter, TopicName, Will, WillProperties,
 };
 
-use support::{encode, subscribe_packet, Broker, RawConn, Received};
+use support::{encode, subscribe_packet, within, Broker, RawConn, Received};
 
 const CYCLES: usize = 20_000;
 const WARM_UP: usize = 500;
@@ -43,9 +49,18 @@ const RSS_MARGIN: u64 = 8 * 1024 * 1024;
 /// Sessions kept after disconnect expire after this many seconds.
 const SESSION_EXPIRY: u32 = 1;
 /// How long the broker may take to settle after the last cycle: closing connections, expiring
-/// the last kept sessions, publishing the last wills.
-const SETTLE: Duration = Duration::from_secs(SESSION_EXPIRY as u64 + 9);
+/// the last kept sessions, publishing the last wills. It takes about a second; the bound is
+/// that of a hang (the wait ends as soon as the broker has settled).
+const SETTLE: Duration = Duration::from_secs(60);
+/// How long any one step of a client may take: only a hang takes this long.
+const STEP: Duration = Duration::from_secs(30);
+/// How long a whole cycle may take.
+const CYCLE_DEADLINE: Duration = Duration::from_secs(60);
 const WILL_TOPICS: &str = "churn/will/#";
+/// Published by the test, under [`WILL_TOPICS`], once the broker has settled: its arrival at
+/// the watcher proves that every will published before it has arrived too, so that a will
+/// too many is seen without waiting for a quiet moment.
+const END_MARKER: &str = "churn/will/end";
 
 /// What one cycle does, chosen from its number so that every run is the same.
 #[derive(Debug, Clone, Copy)]
@@ -152,7 +167,7 @@ impl Cycle {
                 .publish(message)
                 .await
                 .map_err(|e| format!("publish: {e}"))?;
-            match tokio::time::timeout(Duration::from_secs(10), events.next_message()).await {
+            match tokio::time::timeout(STEP, events.next_message()).await {
                 Ok(Some(p)) if &p.message.payload[..] == b"echo" => {}
                 other => return Err(format!("expected the echo, got {other:?}")),
             }
@@ -186,7 +201,7 @@ impl Cycle {
         conn.send(&encode(self.version, &self.connect_packet(client_id)))
             .await
             .map_err(|e| format!("send CONNECT: {e}"))?;
-        match conn.recv(Duration::from_secs(10)).await {
+        match conn.recv(STEP).await {
             Received::Packet(p) if matches!(&*p, Packet::ConnAck(a) if !a.reason.is_error()) => {
                 Ok(conn)
             }
@@ -205,7 +220,7 @@ impl Cycle {
             ))
             .await
             .map_err(|e| format!("send SUBSCRIBE: {e}"))?;
-            match conn.recv(Duration::from_secs(10)).await {
+            match conn.recv(STEP).await {
                 Received::Packet(p) if matches!(*p, Packet::SubAck(_)) => {}
                 other => return Err(format!("expected SUBACK, got {other:?}")),
             }
@@ -226,7 +241,7 @@ impl Cycle {
         let id = self.client_id();
         let mut first = self.raw_connect(addr, &id).await?;
         let mut second = self.raw_connect(addr, &id).await?;
-        let packets = first.until_closed(Duration::from_secs(10)).await?;
+        let packets = first.until_closed(STEP).await?;
         let expected: &[Packet] = if self.version.is_v5() {
             &[Packet::Disconnect(mqttd_proto::Disconnect::new(
                 ReasonCode::SessionTakenOver,
@@ -244,7 +259,7 @@ impl Cycle {
             ))
             .await
             .map_err(|e| format!("send DISCONNECT: {e}"))?;
-        second.until_closed(Duration::from_secs(10)).await.map(drop)
+        second.until_closed(STEP).await.map(drop)
     }
 }
 
@@ -256,12 +271,14 @@ async fn run_cycles(addr: std::net::SocketAddr, range: std::ops::Range<usize>) -
         let permit = permits.clone().acquire_owned().await.expect("semaphore");
         let cycle = Cycle::new(n);
         jobs.spawn(async move {
-            let result = tokio::time::timeout(Duration::from_secs(30), cycle.run(addr)).await;
+            let result = tokio::time::timeout(CYCLE_DEADLINE, cycle.run(addr)).await;
             drop(permit);
             match result {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(format!("{cycle:?}: {e}")),
-                Err(_) => Some(format!("{cycle:?}: did not finish within 30 s")),
+                Err(_) => Some(format!(
+                    "{cycle:?}: did not finish within {CYCLE_DEADLINE:?}"
+                )),
             }
         });
     }
@@ -285,30 +302,41 @@ async fn connection_churn_leaves_nothing_behind() {
 
     // The watcher counts wills.
     let config = ClientConfig::new(ClientId::try_from("churn-watcher").expect("id"));
-    let (watcher, mut wills, _) = connect_tcp(addr, config, None).await.expect("watcher");
-    watcher
-        .subscribe_one(
+    let (watcher, mut wills, _) = within(
+        STEP,
+        "the watcher's CONNECT",
+        connect_tcp(addr, config, None),
+    )
+    .await
+    .expect("watcher");
+    within(
+        STEP,
+        "the watcher's SUBSCRIBE",
+        watcher.subscribe_one(
             TopicFilter::try_from(WILL_TOPICS).expect("filter"),
             QoS::AtLeastOnce,
-        )
-        .await
-        .expect("watcher SUBACK");
+        ),
+    )
+    .await
+    .expect("watcher SUBACK");
     let expected_wills = (0..CYCLES)
         .filter(|n| Cycle::new(*n).publishes_will())
         .count();
+    // Collects the wills until the end marker. Each wait is bounded by the time the churn may
+    // take: no will arrives while the warm-up's memory is measured and the rest starts.
     let will_counter = tokio::spawn(async move {
         let mut topics = Vec::new();
-        while topics.len() < expected_wills {
-            match tokio::time::timeout(Duration::from_secs(30), wills.next_message()).await {
+        loop {
+            match tokio::time::timeout(SETTLE, wills.next_message()).await {
+                Ok(Some(p)) if p.message.topic.as_str() == END_MARKER => break,
                 Ok(Some(p)) => topics.push(p.message.topic.to_string()),
-                _ => break,
+                Ok(None) => panic!("the watcher's connection closed"),
+                Err(_) => panic!(
+                    "the watcher received no will within {SETTLE:?}, after {} wills of the \
+                     {expected_wills} expected, and no end marker",
+                    topics.len()
+                ),
             }
-        }
-        // Anything beyond the expected wills would be an error; give it a moment to show.
-        if let Ok(Some(p)) =
-            tokio::time::timeout(Duration::from_millis(500), wills.next_message()).await
-        {
-            topics.push(p.message.topic.to_string());
         }
         topics
     });
@@ -336,7 +364,36 @@ async fn connection_churn_leaves_nothing_behind() {
     let end_rss = broker.rss();
     broker.assert_running();
 
-    let wills_received = will_counter.await.expect("will counter");
+    // Every will has been published by now (the vanished clients' connections are closed);
+    // the end marker is routed after them.
+    let marker_config = ClientConfig::new(ClientId::try_from("churn-marker").expect("id"));
+    let (marker, _marker_events, _) = within(
+        STEP,
+        "the marker client's CONNECT",
+        connect_tcp(addr, marker_config, None),
+    )
+    .await
+    .expect("marker client");
+    let end = Message::new(
+        TopicName::try_from(END_MARKER).expect("topic"),
+        &b"end"[..],
+        QoS::AtLeastOnce,
+        false,
+    );
+    // Sent, or queued behind the receive window: either way it is on its way.
+    let _enqueued = within(STEP, "the end marker's PUBLISH", marker.publish(end))
+        .await
+        .expect("end marker");
+    let wills_received = within(SETTLE, "the will counter", will_counter)
+        .await
+        .expect("will counter");
+    within(
+        STEP,
+        "the marker client's DISCONNECT",
+        marker.disconnect(ReasonCode::Success, None),
+    )
+    .await
+    .expect("marker DISCONNECT");
     eprintln!(
         "{CYCLES} cycles in {churn_time:.1?} ({:.0}/s); broker RSS {:.1} MiB after {WARM_UP} cycles, \
          {:.1} MiB at the end ({:+.2} MiB); {} wills",
@@ -369,10 +426,13 @@ async fn connection_churn_leaves_nothing_behind() {
     );
 
     // With the watcher gone too, nothing at all is left.
-    watcher
-        .disconnect(ReasonCode::Success, None)
-        .await
-        .expect("watcher DISCONNECT");
+    within(
+        STEP,
+        "the watcher's DISCONNECT",
+        watcher.disconnect(ReasonCode::Success, None),
+    )
+    .await
+    .expect("watcher DISCONNECT");
     let empty = |m: &support::Metrics| {
         [
             "mqttd_connections_open",
@@ -383,7 +443,7 @@ async fn connection_churn_leaves_nothing_behind() {
         .iter()
         .all(|name| m.get(name) == 0.0)
     };
-    let metrics = broker.wait_for_metrics(Duration::from_secs(5), empty).await;
+    let metrics = broker.wait_for_metrics(SETTLE, empty).await;
     assert!(
         empty(&metrics),
         "left behind after every client is gone: {metrics:?}"

@@ -35,10 +35,13 @@ use mqttd_proto::{
     ReasonCode, SubAck, SubscribeProperties, Subscription, SubscriptionOptions, TopicFilter,
 };
 
-/// How long the broker may take to exit after SIGTERM.
-pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the broker may take to print its listening lines.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the broker may take to exit after SIGTERM. It takes milliseconds; the bound is
+/// that of a hang, on a debug build and a machine whose cores are busy with other work.
+pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the broker may take to print its listening lines (a hang bound, as above).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a raw connection's handshake and an HTTP scrape may take (a hang bound).
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running `mqttd` process.
 ///
@@ -385,7 +388,7 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(STEP_TIMEOUT))
         .expect("set a read timeout");
     write!(
         stream,
@@ -427,6 +430,24 @@ impl Metrics {
                 self.0.keys().collect::<Vec<_>>()
             ),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deadlines
+// ---------------------------------------------------------------------------------------------
+
+/// Awaits `future` for at most `limit`; panics naming `what` if it takes longer. Every wait in
+/// the tests goes through a deadline like this one, generous enough that only a hang reaches
+/// it, so that a stuck helper fails with its name instead of hanging the run.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    what: &str,
+    future: impl std::future::Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: not done within {limit:?}"),
     }
 }
 
@@ -520,7 +541,7 @@ impl RawConn {
         conn.send(&encode(version, &connect_packet(version, client_id)))
             .await
             .expect("send CONNECT");
-        match conn.recv(Duration::from_secs(10)).await {
+        match conn.recv(STEP_TIMEOUT).await {
             Received::Packet(p) if matches!(&*p, Packet::ConnAck(ack) if !ack.reason.is_error()) => {
                 conn
             }
@@ -585,7 +606,7 @@ impl RawConn {
 // ---------------------------------------------------------------------------------------------
 
 /// How long [`SessionClient::connect`] waits for CONNACK.
-const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An MQTT client driven in the test's own task: `mqttd-proto`'s client state machine over a
 /// TCP connection, with the session kept when the connection is lost.
