@@ -224,9 +224,6 @@ def test_max_topic_levels_refuses_deeper_names_and_filters(client, version):
         ("tv/b/c/d", b"four levels")]
 
 
-@pytest.mark.xfail(strict=True, reason="the broker checks max_topic_length and max_topic_levels "
-                   "on PUBLISH and SUBSCRIBE only: a will topic beyond them is accepted at "
-                   "CONNECT and published")
 @pytest.mark.broker_config("max_topic_length = 64\nmax_topic_levels = 4")
 @pytest.mark.parametrize("topic", ["wl/" + "x" * 62, "wl/b/c/d/e"], ids=["length", "levels"])
 def test_topic_limits_apply_to_will_topics(raw, topic):

@@ -787,6 +787,10 @@ impl Connection {
         // rather than let it reach a topic the client may not publish to. Checked before the
         // session is touched, so a refused client cannot take over an existing one.
         if let Some(will) = &connect.will {
+            if !self.topic_within_limits(will.topic.as_str()) {
+                info!(topic = %will.topic.as_str(), "will topic beyond the topic limits");
+                return self.refuse(now, ReasonCode::TopicNameInvalid);
+            }
             if !self
                 .inner
                 .authorize(&client, Action::Publish, will.topic.as_str())
@@ -930,13 +934,17 @@ impl Connection {
         }
     }
 
+    /// Whether a topic name is within `max_topic_length` and `max_topic_levels`.
+    fn topic_within_limits(&self, topic: &str) -> bool {
+        let config = &self.inner.config;
+        topic.len() <= config.max_topic_length
+            && topic.split('/').count() <= config.max_topic_levels
+    }
+
     /// Checks a published message against limits, ACL and hooks.
     fn admit(&self, message: &mut Message) -> Result<(), ReasonCode> {
-        let config = &self.inner.config;
         let topic = message.topic.as_str();
-        if topic.len() > config.max_topic_length
-            || topic.split('/').count() > config.max_topic_levels
-        {
+        if !self.topic_within_limits(topic) {
             return Err(ReasonCode::TopicNameInvalid);
         }
         let Some(client) = &self.client else {
