@@ -18,7 +18,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use tokio::sync::{oneshot, Notify};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use mqttd_proto::server::ServerConfig;
@@ -122,6 +122,9 @@ pub(crate) enum Slot {
         generation: u64,
         /// When its connection ended.
         since: SystemTime,
+        /// Stops the session's timer task when the session leaves this slot (a client
+        /// resumes it, or it ends), so that a reconnect leaves no sleeping task behind.
+        _timers: DropGuard,
     },
     /// The session is over.
     Ended,
@@ -262,6 +265,30 @@ pub(crate) enum Handed {
     Full(Delivery),
     /// Dropped.
     Dropped,
+}
+
+/// A session just parked offline: what its timer task needs.
+struct Parked {
+    generation: u64,
+    /// Cancelled when the session leaves its offline slot.
+    cancel: CancellationToken,
+}
+
+/// Counts a running session-timer task in [`Metrics::session_timers`] for as long as it lives,
+/// however it ends.
+struct TimerGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl TimerGauge {
+    fn start(metrics: &Metrics) -> Self {
+        metrics.session_timers.inc();
+        Self(metrics.session_timers.clone())
+    }
+}
+
+impl Drop for TimerGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Deliveries waiting for room in their sessions' queues.
@@ -596,19 +623,20 @@ impl Inner {
         session: Session,
         since: SystemTime,
     ) {
-        let generation = self.hold_session(now, handle, session, since);
-        self.start_session_timers(now, handle, generation);
+        let parked = self.hold_session(now, handle, session, since);
+        self.start_session_timers(now, handle, parked);
     }
 
-    /// Puts a session whose connection closed in its slot; returns its generation.
+    /// Puts a session whose connection closed in its slot; returns what its timers need.
     fn hold_session(
         &self,
         now: Instant,
         handle: &Arc<SessionHandle>,
         mut session: Session,
         since: SystemTime,
-    ) -> u64 {
+    ) -> Parked {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let cancel = CancellationToken::new();
         let mut slot = handle.slot.lock();
         // Messages routed while the connection was closing waited in the slot.
         if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, Slot::Ended) {
@@ -618,27 +646,33 @@ impl Inner {
             session: Box::new(session),
             generation,
             since,
+            _timers: cancel.clone().drop_guard(),
         };
-        generation
+        Parked { generation, cancel }
     }
 
-    /// Runs an offline session's timers now and whenever they are due.
+    /// Runs an offline session's timers now and whenever they are due, in a task that ends
+    /// when the session leaves the offline slot it was parked in.
     fn start_session_timers(
         self: &Arc<Self>,
         now: Instant,
         handle: &Arc<SessionHandle>,
-        generation: u64,
+        parked: Parked,
     ) {
+        let Parked { generation, cancel } = parked;
         if let Some(next) = self.run_session_timers(now, handle, generation) {
             let inner = self.clone();
             let handle = handle.clone();
+            let running = TimerGauge::start(&self.metrics);
             self.tasks.spawn(async move {
+                let _running = running;
                 let mut due = next;
                 loop {
                     let deadline =
                         tokio::time::Instant::now() + due.saturating_duration_since(Instant::now());
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => {}
+                        _ = cancel.cancelled() => return,
                         _ = inner.shutdown.cancelled() => return,
                     }
                     match inner.run_session_timers(Instant::now(), &handle, generation) {
@@ -663,6 +697,7 @@ impl Inner {
                 session,
                 generation: g,
                 since,
+                ..
             } = &mut *slot
             else {
                 return None;
@@ -813,12 +848,12 @@ impl Inner {
         let held: Vec<_> = held
             .into_iter()
             .map(|(handle, session, since)| {
-                let generation = self.hold_session(now, &handle, session, since);
-                (handle, generation)
+                let parked = self.hold_session(now, &handle, session, since);
+                (handle, parked)
             })
             .collect();
-        for (handle, generation) in held {
-            self.start_session_timers(now, &handle, generation);
+        for (handle, parked) in held {
+            self.start_session_timers(now, &handle, parked);
         }
     }
 
@@ -1027,6 +1062,47 @@ mod tests {
     fn delivery(qos: QoS) -> Delivery {
         let topic = TopicName::try_from("t").unwrap();
         Delivery::new(Arc::new(Message::new(topic, b"x".to_vec(), qos, false)))
+    }
+
+    fn inner(config: Config) -> Arc<Inner> {
+        Arc::new(Inner::new(
+            config,
+            Arc::new(crate::hooks::NoHooks),
+            AccessControl::default(),
+            ScramServer::new([0; 32]),
+            Arc::new(crate::storage::MemoryStorage::default()),
+        ))
+    }
+
+    /// A client with a long session expiry that reconnects again and again leaves one timer
+    /// task behind, the one of its current offline spell, not one per reconnect.
+    #[tokio::test]
+    async fn reconnects_leave_at_most_one_session_timer_task() {
+        let inner = inner(Config::default());
+        let id = ClientId::try_from("mobile").unwrap();
+        let mailbox = Arc::new(Mailbox::default());
+        for round in 0..200 {
+            let now = Instant::now();
+            let acquired = inner.acquire_session(now, &id, false, 3600, &mailbox).await;
+            assert_eq!(acquired.present, round > 0);
+            let mut session = acquired.session;
+            session.disconnected(now, None);
+            inner.park_session(now, &acquired.handle, session, SystemTime::now());
+        }
+        // Cancelled tasks end the next time they run.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while inner.metrics.session_timers.get() > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(inner.metrics.session_timers.get(), 1);
+        // Once the session ends, its last timer goes too.
+        let now = Instant::now();
+        let acquired = inner.acquire_session(now, &id, true, 0, &mailbox).await;
+        inner.end_session(now, &acquired.handle, Some(acquired.session));
+        while inner.metrics.session_timers.get() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(inner.metrics.session_timers.get(), 0);
     }
 
     #[test]
