@@ -76,7 +76,6 @@ struct Connection {
     handle: Option<Arc<SessionHandle>>,
     client: Option<Box<ClientInfo>>,
     takeover_reply: Option<oneshot::Sender<Option<Session>>>,
-    check_receive_acl: bool,
     /// A SCRAM exchange waiting for the client's final message.
     scram: Option<Box<PendingScram>>,
     /// The identity SCRAM established, which stands in for the user name.
@@ -184,7 +183,6 @@ impl Connection {
     fn new(inner: Arc<Inner>, peer: Peer) -> Self {
         let conn = ServerConnection::new(inner.server_config.clone(), Instant::now());
         let reader = PacketReader::new(conn.max_packet_size());
-        let check_receive_acl = inner.auth.load().acl.is_some();
         Self {
             inner,
             peer,
@@ -195,7 +193,6 @@ impl Connection {
             handle: None,
             client: None,
             takeover_reply: None,
-            check_receive_acl,
             scram: None,
             scram_user: None,
             unaccepted: None,
@@ -507,15 +504,15 @@ impl Connection {
             self.inner.metrics.messages_dropped.inc();
             return;
         }
-        if self.check_receive_acl {
-            if let Some(client) = &self.client {
-                if !self
-                    .inner
-                    .authorize(client, Action::Receive, &delivery.message.topic)
-                {
-                    self.discard(&delivery);
-                    return;
-                }
+        // Asked of the hooks for every message, and of the ACL as loaded now (it may have
+        // been reloaded since the client connected).
+        if let Some(client) = &self.client {
+            if !self
+                .inner
+                .authorize(client, Action::Receive, &delivery.message.topic)
+            {
+                self.discard(&delivery);
+                return;
             }
         }
         let stored = delivery.store_seq.is_some().then(|| delivery.clone());
