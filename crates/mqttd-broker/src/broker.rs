@@ -211,13 +211,10 @@ impl SessionHandle {
             }
             Slot::Transferring { .. } | Slot::Ended => Handed::Dropped,
             Slot::Offline { session, .. } => {
-                if delivery.qos == QoS::AtMostOnce && config.offline_qos0 != OfflineQos0::Queue {
-                    return Handed::Dropped;
-                }
                 // The sequence number goes with the message into the queue; it is stored
                 // only if the queue took it.
                 store_seq_only(&mut delivery, persist, &inner.next_seq);
-                let queued = matches!(session.enqueue(now, delivery.clone()), Enqueued::Queued);
+                let queued = inner.enqueue(now, session, &delivery, Headed::Offline);
                 if queued && persist {
                     inner.storage.store_delivery(&self.client_id, &delivery);
                     let _ = update_flag(&self.stored_messages, true);
@@ -265,6 +262,17 @@ pub(crate) enum Handed {
     Full(Delivery),
     /// Dropped.
     Dropped,
+}
+
+/// Where a session whose queue takes deliveries that waited for it is headed; decides what
+/// happens to QoS 0 messages (see [`Inner::enqueue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Headed {
+    /// To a connection (a client resumes it or takes it over), or to its end, where its
+    /// queued shared-subscription messages go to other members of their groups.
+    Online,
+    /// Offline, held by the broker.
+    Offline,
 }
 
 /// A session just parked offline: what its timer task needs.
@@ -430,14 +438,44 @@ impl Inner {
         }
     }
 
-    /// Queues in `session` what waited for it while it moved; stored messages the queue
-    /// cannot take are forgotten.
-    fn enqueue_all(&self, now: Instant, session: &mut Session, waiting: Vec<Delivery>) {
+    /// Queues `delivery` in `session`, which no connection serves right now, headed where
+    /// `headed` says. The one policy for every path that fills such a queue: a QoS 0 message
+    /// enters the queue of an offline session only with `offline_qos0 = "queue"`, and the
+    /// session's bounds apply. Returns whether it was queued.
+    pub(crate) fn enqueue(
+        &self,
+        now: Instant,
+        session: &mut Session,
+        delivery: &Delivery,
+        headed: Headed,
+    ) -> bool {
+        let offline_drop = headed == Headed::Offline
+            && delivery.qos == QoS::AtMostOnce
+            && self.config.offline_qos0 != OfflineQos0::Queue;
+        !offline_drop
+            && matches!(
+                session.enqueue(now, delivery.clone()),
+                Enqueued::Queued | Enqueued::Sent
+            )
+    }
+
+    /// Queues in `session` what waited for it, in order, with [`Inner::enqueue`]; what it
+    /// does not take (all of it without a session) is dropped, and forgotten if stored.
+    pub(crate) fn enqueue_all(
+        &self,
+        now: Instant,
+        client_id: &ClientId,
+        mut session: Option<&mut Session>,
+        waiting: impl IntoIterator<Item = Delivery>,
+        headed: Headed,
+    ) {
         for d in waiting {
-            let offline_drop =
-                d.qos == QoS::AtMostOnce && self.config.offline_qos0 != OfflineQos0::Queue;
-            if offline_drop || session.enqueue(now, d.clone()) != Enqueued::Queued {
-                self.discard(session.client_id(), &d);
+            let queued = session
+                .as_deref_mut()
+                .is_some_and(|s| self.enqueue(now, s, &d, headed));
+            if !queued {
+                self.metrics.messages_dropped.inc();
+                self.discard(client_id, &d);
             }
         }
     }
@@ -536,11 +574,7 @@ impl Inner {
             }
             let mut slot = existing.slot.lock();
             if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, online()) {
-                for d in buffer {
-                    if old.enqueue(now, d.clone()) != Enqueued::Queued {
-                        self.discard(client_id, &d);
-                    }
-                }
+                self.enqueue_all(now, client_id, Some(&mut old), buffer, Headed::Online);
             }
             drop(slot);
             old.set_expiry_interval(expiry);
@@ -640,7 +674,13 @@ impl Inner {
         let mut slot = handle.slot.lock();
         // Messages routed while the connection was closing waited in the slot.
         if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, Slot::Ended) {
-            self.enqueue_all(now, &mut session, buffer);
+            self.enqueue_all(
+                now,
+                &handle.client_id,
+                Some(&mut session),
+                buffer,
+                Headed::Offline,
+            );
         }
         *slot = Slot::Offline {
             session: Box::new(session),
@@ -801,11 +841,13 @@ impl Inner {
                     Some((packet_id, state)) => {
                         session.restore_in_flight(packet_id, delivery, state)
                     }
-                    None => {
-                        if session.enqueue(now, delivery.clone()) != Enqueued::Queued {
-                            self.discard(&record.client_id, &delivery);
-                        }
-                    }
+                    None => self.enqueue_all(
+                        now,
+                        &record.client_id,
+                        Some(&mut session),
+                        [delivery],
+                        Headed::Offline,
+                    ),
                 }
             }
             for packet_id in stored.pending_releases {
@@ -1103,6 +1145,49 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         assert_eq!(inner.metrics.session_timers.get(), 0);
+    }
+
+    /// What an offline session's queue holds after a QoS 0 and a QoS 1 message were routed to
+    /// it, and after the same arrived while its connection was closing.
+    async fn offline_queue(offline_qos0: OfflineQos0) -> (Vec<QoS>, Vec<QoS>) {
+        let inner = inner(Config {
+            offline_qos0,
+            ..Config::default()
+        });
+        let id = ClientId::try_from("c").unwrap();
+        let mailbox = Arc::new(Mailbox::default());
+        let now = Instant::now();
+        let acquired = inner.acquire_session(now, &id, true, 3600, &mailbox).await;
+        let handle = acquired.handle;
+        // Closing: deliveries wait in the slot until the session is parked.
+        *handle.slot.lock() = Slot::Transferring { buffer: Vec::new() };
+        assert!(handle.deliver(now, delivery(QoS::AtMostOnce), &inner));
+        assert!(handle.deliver(now, delivery(QoS::AtLeastOnce), &inner));
+        inner.park_session(now, &handle, acquired.session, SystemTime::now());
+        let queued = |handle: &SessionHandle| match &*handle.slot.lock() {
+            Slot::Offline { session, .. } => session.queued().map(|d| d.qos).collect::<Vec<_>>(),
+            other => panic!("not offline: {other:?}"),
+        };
+        let closing = queued(&handle);
+        // Offline: routed straight into the parked session.
+        let id = ClientId::try_from("d").unwrap();
+        let acquired = inner.acquire_session(now, &id, true, 3600, &mailbox).await;
+        let handle = acquired.handle;
+        inner.park_session(now, &handle, acquired.session, SystemTime::now());
+        let _ = handle.deliver(now, delivery(QoS::AtMostOnce), &inner);
+        let _ = handle.deliver(now, delivery(QoS::AtLeastOnce), &inner);
+        (closing, queued(&handle))
+    }
+
+    #[tokio::test]
+    async fn offline_sessions_queue_qos0_only_if_offline_qos0_is_queue() {
+        let qos1 = vec![QoS::AtLeastOnce];
+        assert_eq!(offline_queue(OfflineQos0::Drop).await, (qos1.clone(), qos1));
+        let both = vec![QoS::AtMostOnce, QoS::AtLeastOnce];
+        assert_eq!(
+            offline_queue(OfflineQos0::Queue).await,
+            (both.clone(), both)
+        );
     }
 
     #[test]

@@ -32,7 +32,9 @@ use mqttd_proto::{
 
 use crate::auth::scram::MECHANISM;
 use crate::auth::ScramServerFirstSent;
-use crate::broker::{update_flag, Blocked, Inner, Mailbox, SessionHandle, Slot, Subscriber};
+use crate::broker::{
+    update_flag, Blocked, Headed, Inner, Mailbox, SessionHandle, Slot, Subscriber,
+};
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer};
 use crate::storage::{StoredWill, Watermark};
 
@@ -1027,8 +1029,9 @@ impl Connection {
             .conn
             .take_session()
             .or_else(|| self.unaccepted.take().map(|s| *s));
-        // Stored messages that waited for their changes to be durable go first, in order.
-        for d in self
+        // Stored messages that waited for their changes to be durable go first, in order;
+        // they enter the session's queue once it is known where the session goes next.
+        let mut waiting: Vec<Delivery> = self
             .gate
             .as_mut()
             .map(|g| {
@@ -1038,39 +1041,28 @@ impl Connection {
             .unwrap_or_default()
             .into_iter()
             .flat_map(|(_, batch)| batch)
-        {
-            let queued = session
-                .as_mut()
-                .is_some_and(|s| s.enqueue(now, d.clone()) == Enqueued::Queued);
-            if !queued {
-                self.inner.discard(&handle.client_id, &d);
-            }
-        }
+            .collect();
         let mailbox = self.mailbox.clone();
-        let drain = |session: &mut Option<Session>, takeover: &mut Option<_>| {
+        let drain = |waiting: &mut Vec<Delivery>, takeover: &mut Option<_>| {
             let inbox = mailbox.take();
             if let Some(reply) = inbox.takeover {
                 *takeover = Some(reply);
             }
-            for d in inbox.deliveries {
-                let queued = session
-                    .as_mut()
-                    .is_some_and(|s| s.enqueue(now, d.clone()) == Enqueued::Queued);
-                if !queued {
-                    self.inner.discard(&handle.client_id, &d);
-                }
-            }
+            waiting.extend(inbox.deliveries);
         };
+        let id = handle.client_id.clone();
         if self.takeover_reply.is_none() {
             let mut slot = handle.slot.lock();
             let ours =
                 matches!(&*slot, Slot::Online { mailbox } if Arc::ptr_eq(mailbox, &self.mailbox));
             if ours {
-                drain(&mut session, &mut self.takeover_reply);
+                drain(&mut waiting, &mut self.takeover_reply);
                 *slot = Slot::Transferring { buffer: Vec::new() };
                 drop(slot);
                 match session {
-                    Some(s) if s.expiry_interval() > 0 => {
+                    Some(mut s) if s.expiry_interval() > 0 => {
+                        self.inner
+                            .enqueue_all(now, &id, Some(&mut s), waiting, Headed::Offline);
                         // DISCONNECT may have changed the expiry; the will, if any, now waits
                         // for its delay.
                         let since = SystemTime::now();
@@ -1082,13 +1074,19 @@ impl Connection {
                             .save_session(&handle, s.expiry_interval(), will, Some(since));
                         self.inner.park_session(now, &handle, s, since);
                     }
-                    s => self.inner.end_session(now, &handle, s),
+                    mut s => {
+                        self.inner
+                            .enqueue_all(now, &id, s.as_mut(), waiting, Headed::Online);
+                        self.inner.end_session(now, &handle, s)
+                    }
                 }
                 return;
             }
             // Another connection is taking the session over; its request is in the mailbox.
         }
-        drain(&mut session, &mut self.takeover_reply);
+        drain(&mut waiting, &mut self.takeover_reply);
+        self.inner
+            .enqueue_all(now, &id, session.as_mut(), waiting, Headed::Online);
         if let Some(reply) = self.takeover_reply.take() {
             let _ = reply.send(session);
         }
@@ -1130,5 +1128,70 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::AccessControl;
+    use crate::auth::ScramServer;
+    use crate::config::{Config, OfflineQos0};
+    use crate::hooks::{NoHooks, Transport};
+    use mqttd_proto::{ClientId, TopicName};
+
+    fn delivery(qos: QoS) -> Delivery {
+        let topic = TopicName::try_from("t").unwrap();
+        Delivery::new(Arc::new(Message::new(topic, b"x".to_vec(), qos, false)))
+    }
+
+    /// The QoS of what a persistent session's queue holds once its connection closed with
+    /// a QoS 0 and a QoS 1 message still in its mailbox.
+    async fn parked_after_close(offline_qos0: OfflineQos0) -> Vec<QoS> {
+        let config = Config {
+            offline_qos0,
+            ..Config::default()
+        };
+        let inner = Arc::new(Inner::new(
+            config,
+            Arc::new(NoHooks),
+            AccessControl::default(),
+            ScramServer::new([0; 32]),
+            Arc::new(crate::storage::MemoryStorage::default()),
+        ));
+        let peer = Peer {
+            transport: Transport::Tcp,
+            addr: ([127, 0, 0, 1], 1883).into(),
+            listener: Arc::from("test"),
+        };
+        let mut conn = Connection::new(inner.clone(), peer);
+        let now = Instant::now();
+        let id = ClientId::try_from("c").unwrap();
+        let acquired = inner
+            .acquire_session(now, &id, true, 3600, &conn.mailbox)
+            .await;
+        let handle = acquired.handle.clone();
+        conn.handle = Some(acquired.handle);
+        conn.unaccepted = Some(Box::new(acquired.session));
+        assert!(handle.deliver(now, delivery(QoS::AtMostOnce), &inner));
+        assert!(handle.deliver(now, delivery(QoS::AtLeastOnce), &inner));
+        conn.hand_off_session();
+        let slot = handle.slot.lock();
+        let Slot::Offline { session, .. } = &*slot else {
+            panic!("the session is not parked: {slot:?}");
+        };
+        session.queued().map(|d| d.qos).collect()
+    }
+
+    #[tokio::test]
+    async fn closing_parks_qos0_only_if_offline_qos0_is_queue() {
+        assert_eq!(
+            parked_after_close(OfflineQos0::Drop).await,
+            [QoS::AtLeastOnce]
+        );
+        assert_eq!(
+            parked_after_close(OfflineQos0::Queue).await,
+            [QoS::AtMostOnce, QoS::AtLeastOnce]
+        );
     }
 }
