@@ -14,6 +14,7 @@
 //! share one sync.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -27,7 +28,7 @@ use mqttd_proto::server::{Accept, ConnectRequest, Event, ServerConnection};
 use mqttd_proto::session::{Enqueued, OutboundState, Session};
 use mqttd_proto::{
     Delivery, InboundPublish, Message, MqttStr, ProtocolVersion, QoS, ReasonCode, Subscribe,
-    Unsubscribe,
+    SubscriptionOptions, Unsubscribe,
 };
 
 use crate::auth::scram::MECHANISM;
@@ -36,6 +37,7 @@ use crate::broker::{
     update_flag, Blocked, Headed, Inner, Mailbox, SessionHandle, Slot, Subscriber,
 };
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer};
+use crate::retained::RetainedCursor;
 use crate::storage::{StoredWill, Watermark};
 
 /// Output waiting beyond this many bytes pauses reading and drops QoS 0 deliveries.
@@ -92,6 +94,43 @@ struct Connection {
     gate: Option<Box<Gate>>,
     /// A publication waiting for room in full subscriber queues before it is acknowledged.
     blocked: Option<Box<BlockedPublish>>,
+    /// Retained messages for new subscriptions still to send, at the pace the client reads.
+    retained: Option<Box<RetainedFeed>>,
+}
+
+/// Retained messages being sent for new subscriptions, from snapshots of the store, as the
+/// client makes room for them. Messages routed to the session meanwhile wait behind them, so
+/// that a retained message never arrives after a newer one on its topic.
+struct RetainedFeed {
+    /// One per subscription that asked for retained messages, in order, followed by the
+    /// messages routed meanwhile.
+    cursors: VecDeque<(RetainedCursor, SubscriptionOptions, Option<NonZeroU32>)>,
+    /// The next one, taken from a cursor but not yet sent for lack of room.
+    next: Option<Delivery>,
+    /// Messages routed to the session meanwhile, in arrival order.
+    deferred: VecDeque<Delivery>,
+}
+
+impl RetainedFeed {
+    fn next(&mut self, now: Instant) -> Option<Delivery> {
+        if let Some(d) = self.next.take() {
+            return Some(d);
+        }
+        while let Some((cursor, options, id)) = self.cursors.front_mut() {
+            if let Some(message) = cursor.next(now) {
+                return Some(Delivery {
+                    qos: message.qos.min(options.qos),
+                    retain: true,
+                    subscription_ids: id.iter().copied().collect(),
+                    shared: None,
+                    store_seq: None,
+                    message,
+                });
+            }
+            self.cursors.pop_front();
+        }
+        None
+    }
 }
 
 struct BlockedPublish {
@@ -202,6 +241,7 @@ impl Connection {
             needs: 0,
             gate: None,
             blocked: None,
+            retained: None,
         }
     }
 
@@ -267,6 +307,7 @@ impl Connection {
         loop {
             // Events first: what they record in storage decides which output must wait.
             self.process_events().await;
+            self.feed_retained(Instant::now());
             self.flush_transmits();
             if self.conn.is_closed() {
                 break;
@@ -283,10 +324,15 @@ impl Connection {
             if let Some(handle) = &self.handle {
                 let (saturated, capacity) = self.conn.session().map_or((false, 0), |s| {
                     let limits = s.limits();
-                    let queued = s.queued().len();
                     let window = usize::from(self.inner.config.max_inflight_messages);
                     let awaiting = self.gate.as_ref().map_or(0, |g| g.awaiting_len);
-                    let used = queued + s.in_flight_len().min(window) + awaiting;
+                    // While retained messages are being sent, routed ones wait behind them:
+                    // that queue is the one that must have room.
+                    let (queued, in_flight) = match &self.retained {
+                        Some(feed) => (feed.deferred.len(), 0),
+                        None => (s.queued().len(), s.in_flight_len().min(window)),
+                    };
+                    let used = queued + in_flight + awaiting;
                     (
                         queued >= limits.max_messages,
                         (limits.max_messages + window).saturating_sub(used),
@@ -501,7 +547,48 @@ impl Connection {
         }
     }
 
+    /// Hands a routed message to the session, after the retained messages still being sent.
     fn deliver(&mut self, now: Instant, delivery: Delivery) {
+        match &mut self.retained {
+            Some(feed) => feed.deferred.push_back(delivery),
+            None => self.deliver_now(now, delivery),
+        }
+    }
+
+    /// Sends retained messages for new subscriptions while the client keeps up: until the
+    /// output reaches its high-water mark or the session's queue is full. The loop comes back
+    /// here when the client has read or acknowledged something. What was routed meanwhile
+    /// follows at the same pace, and then the feed ends.
+    fn feed_retained(&mut self, now: Instant) {
+        let Some(mut feed) = self.retained.take() else {
+            return;
+        };
+        while !self.conn.is_closed() {
+            // Encoded now, so that the output's size says how far the client is behind.
+            self.flush_transmits();
+            if self.wbuf.len() >= WRITE_HIGH_WATER {
+                self.retained = Some(feed);
+                return;
+            }
+            let Some(delivery) = feed.next(now).or_else(|| feed.deferred.pop_front()) else {
+                break;
+            };
+            let room = self.conn.session().is_some_and(|s| {
+                let limits = s.limits();
+                s.queued().len() < limits.max_messages
+                    && (limits.max_bytes == 0
+                        || s.queued_bytes() + delivery.message.weight() <= limits.max_bytes)
+            });
+            if !room {
+                feed.next = Some(delivery);
+                self.retained = Some(feed);
+                return;
+            }
+            self.deliver_now(now, delivery);
+        }
+    }
+
+    fn deliver_now(&mut self, now: Instant, delivery: Delivery) {
         if delivery.qos == QoS::AtMostOnce && self.wbuf.len() >= WRITE_HIGH_WATER {
             self.inner.metrics.messages_dropped.inc();
             return;
@@ -953,23 +1040,26 @@ impl Connection {
                 };
                 // Shared subscriptions get no retained messages [MQTT-3.8.4-?; 4.8.2].
                 if send && filter.share().is_none() {
-                    for message in self.inner.retained.matching(filter, now) {
-                        retained.push(Delivery {
-                            qos: message.qos.min(sub.options.qos),
-                            retain: true,
-                            subscription_ids: sub.id.into_iter().collect(),
-                            shared: None,
-                            store_seq: None,
-                            message,
-                        });
-                    }
+                    retained.push((filter.clone(), sub.options, sub.id));
                 }
             }
         }
         let _ = self.conn.subscribe_ack(subscribe.packet_id, reasons);
         self.save_session();
-        for delivery in retained {
-            self.deliver(now, delivery);
+        if !retained.is_empty() {
+            // Snapshots of the store, read as the client makes room.
+            let feed = self.retained.get_or_insert_with(|| {
+                Box::new(RetainedFeed {
+                    cursors: VecDeque::new(),
+                    next: None,
+                    deferred: VecDeque::new(),
+                })
+            });
+            for (filter, options, id) in retained {
+                feed.cursors
+                    .push_back((self.inner.retained.cursor(&filter), options, id));
+            }
+            self.feed_retained(now);
         }
     }
 
@@ -1041,6 +1131,12 @@ impl Connection {
             .unwrap_or_default()
             .into_iter()
             .flat_map(|(_, batch)| batch)
+            .chain(
+                self.retained
+                    .take()
+                    .into_iter()
+                    .flat_map(|f| f.next.into_iter().chain(f.deferred)),
+            )
             .collect();
         let mailbox = self.mailbox.clone();
         let drain = |waiting: &mut Vec<Delivery>, takeover: &mut Option<_>| {
