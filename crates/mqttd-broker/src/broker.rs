@@ -18,7 +18,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use tokio::sync::{oneshot, Notify};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use mqttd_proto::server::ServerConfig;
@@ -122,6 +122,9 @@ pub(crate) enum Slot {
         generation: u64,
         /// When its connection ended.
         since: SystemTime,
+        /// Stops the session's timer task when the session leaves this slot (a client
+        /// resumes it, or it ends), so that a reconnect leaves no sleeping task behind.
+        _timers: DropGuard,
     },
     /// The session is over.
     Ended,
@@ -211,13 +214,10 @@ impl SessionHandle {
             }
             Slot::Transferring { .. } | Slot::Ended => Handed::Dropped,
             Slot::Offline { session, .. } => {
-                if delivery.qos == QoS::AtMostOnce && config.offline_qos0 != OfflineQos0::Queue {
-                    return Handed::Dropped;
-                }
                 // The sequence number goes with the message into the queue; it is stored
                 // only if the queue took it.
                 store_seq_only(&mut delivery, persist, &inner.next_seq);
-                let queued = matches!(session.enqueue(now, delivery.clone()), Enqueued::Queued);
+                let queued = inner.enqueue(now, session, &delivery, Headed::Offline);
                 if queued && persist {
                     inner.storage.store_delivery(&self.client_id, &delivery);
                     let _ = update_flag(&self.stored_messages, true);
@@ -289,6 +289,41 @@ pub(crate) enum Handed {
     Full(Delivery),
     /// Dropped.
     Dropped,
+}
+
+/// Where a session whose queue takes deliveries that waited for it is headed; decides what
+/// happens to QoS 0 messages (see [`Inner::enqueue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Headed {
+    /// To a connection (a client resumes it or takes it over), or to its end, where its
+    /// queued shared-subscription messages go to other members of their groups.
+    Online,
+    /// Offline, held by the broker.
+    Offline,
+}
+
+/// A session just parked offline: what its timer task needs.
+struct Parked {
+    generation: u64,
+    /// Cancelled when the session leaves its offline slot.
+    cancel: CancellationToken,
+}
+
+/// Counts a running session-timer task in [`Metrics::session_timers`] for as long as it lives,
+/// however it ends.
+struct TimerGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl TimerGauge {
+    fn start(metrics: &Metrics) -> Self {
+        metrics.session_timers.inc();
+        Self(metrics.session_timers.clone())
+    }
+}
+
+impl Drop for TimerGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Deliveries waiting for room in their sessions' queues.
@@ -430,14 +465,44 @@ impl Inner {
         }
     }
 
-    /// Queues in `session` what waited for it while it moved; stored messages the queue
-    /// cannot take are forgotten.
-    fn enqueue_all(&self, now: Instant, session: &mut Session, waiting: Vec<Delivery>) {
+    /// Queues `delivery` in `session`, which no connection serves right now, headed where
+    /// `headed` says. The one policy for every path that fills such a queue: a QoS 0 message
+    /// enters the queue of an offline session only with `offline_qos0 = "queue"`, and the
+    /// session's bounds apply. Returns whether it was queued.
+    pub(crate) fn enqueue(
+        &self,
+        now: Instant,
+        session: &mut Session,
+        delivery: &Delivery,
+        headed: Headed,
+    ) -> bool {
+        let offline_drop = headed == Headed::Offline
+            && delivery.qos == QoS::AtMostOnce
+            && self.config.offline_qos0 != OfflineQos0::Queue;
+        !offline_drop
+            && matches!(
+                session.enqueue(now, delivery.clone()),
+                Enqueued::Queued | Enqueued::Sent
+            )
+    }
+
+    /// Queues in `session` what waited for it, in order, with [`Inner::enqueue`]; what it
+    /// does not take (all of it without a session) is dropped, and forgotten if stored.
+    pub(crate) fn enqueue_all(
+        &self,
+        now: Instant,
+        client_id: &ClientId,
+        mut session: Option<&mut Session>,
+        waiting: impl IntoIterator<Item = Delivery>,
+        headed: Headed,
+    ) {
         for d in waiting {
-            let offline_drop =
-                d.qos == QoS::AtMostOnce && self.config.offline_qos0 != OfflineQos0::Queue;
-            if offline_drop || session.enqueue(now, d.clone()) != Enqueued::Queued {
-                self.discard(session.client_id(), &d);
+            let queued = session
+                .as_deref_mut()
+                .is_some_and(|s| self.enqueue(now, s, &d, headed));
+            if !queued {
+                self.metrics.messages_dropped.inc();
+                self.discard(client_id, &d);
             }
         }
     }
@@ -536,11 +601,7 @@ impl Inner {
             }
             let mut slot = existing.slot.lock();
             if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, online()) {
-                for d in buffer {
-                    if old.enqueue(now, d.clone()) != Enqueued::Queued {
-                        self.discard(client_id, &d);
-                    }
-                }
+                self.enqueue_all(now, client_id, Some(&mut old), buffer, Headed::Online);
             }
             drop(slot);
             old.set_expiry_interval(expiry);
@@ -623,49 +684,62 @@ impl Inner {
         session: Session,
         since: SystemTime,
     ) {
-        let generation = self.hold_session(now, handle, session, since);
-        self.start_session_timers(now, handle, generation);
+        let parked = self.hold_session(now, handle, session, since);
+        self.start_session_timers(now, handle, parked);
     }
 
-    /// Puts a session whose connection closed in its slot; returns its generation.
+    /// Puts a session whose connection closed in its slot; returns what its timers need.
     fn hold_session(
         &self,
         now: Instant,
         handle: &Arc<SessionHandle>,
         mut session: Session,
         since: SystemTime,
-    ) -> u64 {
+    ) -> Parked {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let cancel = CancellationToken::new();
         let mut slot = handle.slot.lock();
         // Messages routed while the connection was closing waited in the slot.
         if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, Slot::Ended) {
-            self.enqueue_all(now, &mut session, buffer);
+            self.enqueue_all(
+                now,
+                &handle.client_id,
+                Some(&mut session),
+                buffer,
+                Headed::Offline,
+            );
         }
         *slot = Slot::Offline {
             session: Box::new(session),
             generation,
             since,
+            _timers: cancel.clone().drop_guard(),
         };
-        generation
+        Parked { generation, cancel }
     }
 
-    /// Runs an offline session's timers now and whenever they are due.
+    /// Runs an offline session's timers now and whenever they are due, in a task that ends
+    /// when the session leaves the offline slot it was parked in.
     fn start_session_timers(
         self: &Arc<Self>,
         now: Instant,
         handle: &Arc<SessionHandle>,
-        generation: u64,
+        parked: Parked,
     ) {
+        let Parked { generation, cancel } = parked;
         if let Some(next) = self.run_session_timers(now, handle, generation) {
             let inner = self.clone();
             let handle = handle.clone();
+            let running = TimerGauge::start(&self.metrics);
             self.tasks.spawn(async move {
+                let _running = running;
                 let mut due = next;
                 loop {
                     let deadline =
                         tokio::time::Instant::now() + due.saturating_duration_since(Instant::now());
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => {}
+                        _ = cancel.cancelled() => return,
                         _ = inner.shutdown.cancelled() => return,
                     }
                     match inner.run_session_timers(Instant::now(), &handle, generation) {
@@ -690,6 +764,7 @@ impl Inner {
                 session,
                 generation: g,
                 since,
+                ..
             } = &mut *slot
             else {
                 return None;
@@ -793,11 +868,13 @@ impl Inner {
                     Some((packet_id, state)) => {
                         session.restore_in_flight(packet_id, delivery, state)
                     }
-                    None => {
-                        if session.enqueue(now, delivery.clone()) != Enqueued::Queued {
-                            self.discard(&record.client_id, &delivery);
-                        }
-                    }
+                    None => self.enqueue_all(
+                        now,
+                        &record.client_id,
+                        Some(&mut session),
+                        [delivery],
+                        Headed::Offline,
+                    ),
                 }
             }
             for packet_id in stored.pending_releases {
@@ -840,12 +917,12 @@ impl Inner {
         let held: Vec<_> = held
             .into_iter()
             .map(|(handle, session, since)| {
-                let generation = self.hold_session(now, &handle, session, since);
-                (handle, generation)
+                let parked = self.hold_session(now, &handle, session, since);
+                (handle, parked)
             })
             .collect();
-        for (handle, generation) in held {
-            self.start_session_timers(now, &handle, generation);
+        for (handle, parked) in held {
+            self.start_session_timers(now, &handle, parked);
         }
     }
 
@@ -1063,6 +1140,90 @@ mod tests {
     fn delivery(qos: QoS) -> Delivery {
         let topic = TopicName::try_from("t").unwrap();
         Delivery::new(Arc::new(Message::new(topic, b"x".to_vec(), qos, false)))
+    }
+
+    fn inner(config: Config) -> Arc<Inner> {
+        Arc::new(Inner::new(
+            config,
+            Arc::new(crate::hooks::NoHooks),
+            AccessControl::default(),
+            ScramServer::new([0; 32]),
+            Arc::new(crate::storage::MemoryStorage::default()),
+        ))
+    }
+
+    /// A client with a long session expiry that reconnects again and again leaves one timer
+    /// task behind, the one of its current offline spell, not one per reconnect.
+    #[tokio::test]
+    async fn reconnects_leave_at_most_one_session_timer_task() {
+        let inner = inner(Config::default());
+        let id = ClientId::try_from("mobile").unwrap();
+        let mailbox = Arc::new(Mailbox::default());
+        for round in 0..200 {
+            let now = Instant::now();
+            let acquired = inner.acquire_session(now, &id, false, 3600, &mailbox).await;
+            assert_eq!(acquired.present, round > 0);
+            let mut session = acquired.session;
+            session.disconnected(now, None);
+            inner.park_session(now, &acquired.handle, session, SystemTime::now());
+        }
+        // Cancelled tasks end the next time they run.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while inner.metrics.session_timers.get() > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(inner.metrics.session_timers.get(), 1);
+        // Once the session ends, its last timer goes too.
+        let now = Instant::now();
+        let acquired = inner.acquire_session(now, &id, true, 0, &mailbox).await;
+        inner.end_session(now, &acquired.handle, Some(acquired.session));
+        while inner.metrics.session_timers.get() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(inner.metrics.session_timers.get(), 0);
+    }
+
+    /// What an offline session's queue holds after a QoS 0 and a QoS 1 message were routed to
+    /// it, and after the same arrived while its connection was closing.
+    async fn offline_queue(offline_qos0: OfflineQos0) -> (Vec<QoS>, Vec<QoS>) {
+        let inner = inner(Config {
+            offline_qos0,
+            ..Config::default()
+        });
+        let id = ClientId::try_from("c").unwrap();
+        let mailbox = Arc::new(Mailbox::default());
+        let now = Instant::now();
+        let acquired = inner.acquire_session(now, &id, true, 3600, &mailbox).await;
+        let handle = acquired.handle;
+        // Closing: deliveries wait in the slot until the session is parked.
+        *handle.slot.lock() = Slot::Transferring { buffer: Vec::new() };
+        assert!(handle.deliver(now, delivery(QoS::AtMostOnce), &inner));
+        assert!(handle.deliver(now, delivery(QoS::AtLeastOnce), &inner));
+        inner.park_session(now, &handle, acquired.session, SystemTime::now());
+        let queued = |handle: &SessionHandle| match &*handle.slot.lock() {
+            Slot::Offline { session, .. } => session.queued().map(|d| d.qos).collect::<Vec<_>>(),
+            other => panic!("not offline: {other:?}"),
+        };
+        let closing = queued(&handle);
+        // Offline: routed straight into the parked session.
+        let id = ClientId::try_from("d").unwrap();
+        let acquired = inner.acquire_session(now, &id, true, 3600, &mailbox).await;
+        let handle = acquired.handle;
+        inner.park_session(now, &handle, acquired.session, SystemTime::now());
+        let _ = handle.deliver(now, delivery(QoS::AtMostOnce), &inner);
+        let _ = handle.deliver(now, delivery(QoS::AtLeastOnce), &inner);
+        (closing, queued(&handle))
+    }
+
+    #[tokio::test]
+    async fn offline_sessions_queue_qos0_only_if_offline_qos0_is_queue() {
+        let qos1 = vec![QoS::AtLeastOnce];
+        assert_eq!(offline_queue(OfflineQos0::Drop).await, (qos1.clone(), qos1));
+        let both = vec![QoS::AtMostOnce, QoS::AtLeastOnce];
+        assert_eq!(
+            offline_queue(OfflineQos0::Queue).await,
+            (both.clone(), both)
+        );
     }
 
     #[test]

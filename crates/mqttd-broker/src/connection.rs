@@ -18,6 +18,7 @@
 //! share one sync.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -31,13 +32,16 @@ use mqttd_proto::server::{Accept, ConnectRequest, Event, ServerConnection};
 use mqttd_proto::session::{Enqueued, OutboundState, Session};
 use mqttd_proto::{
     Delivery, InboundPublish, Message, MqttStr, ProtocolVersion, QoS, ReasonCode, Subscribe,
-    Unsubscribe,
+    SubscriptionOptions, Unsubscribe,
 };
 
 use crate::auth::scram::MECHANISM;
 use crate::auth::ScramServerFirstSent;
-use crate::broker::{update_flag, Blocked, Inner, Mailbox, SessionHandle, Slot, Subscriber};
+use crate::broker::{
+    update_flag, Blocked, Headed, Inner, Mailbox, SessionHandle, Slot, Subscriber,
+};
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer};
+use crate::retained::RetainedCursor;
 use crate::storage::{StoredWill, Watermark};
 
 /// Output waiting beyond this many bytes pauses reading and makes publishers of QoS 0
@@ -87,7 +91,6 @@ struct Connection {
     handle: Option<Arc<SessionHandle>>,
     client: Option<Box<ClientInfo>>,
     takeover_reply: Option<oneshot::Sender<Option<Session>>>,
-    check_receive_acl: bool,
     /// A SCRAM exchange waiting for the client's final message.
     scram: Option<Box<PendingScram>>,
     /// The identity SCRAM established, which stands in for the user name.
@@ -103,6 +106,43 @@ struct Connection {
     /// A publication waiting for room in subscriber queues or output before it is
     /// acknowledged and the publisher is read from again.
     blocked: Option<Box<BlockedPublish>>,
+    /// Retained messages for new subscriptions still to send, at the pace the client reads.
+    retained: Option<Box<RetainedFeed>>,
+}
+
+/// Retained messages being sent for new subscriptions, from snapshots of the store, as the
+/// client makes room for them. Messages routed to the session meanwhile wait behind them, so
+/// that a retained message never arrives after a newer one on its topic.
+struct RetainedFeed {
+    /// One per subscription that asked for retained messages, in order, followed by the
+    /// messages routed meanwhile.
+    cursors: VecDeque<(RetainedCursor, SubscriptionOptions, Option<NonZeroU32>)>,
+    /// The next one, taken from a cursor but not yet sent for lack of room.
+    next: Option<Delivery>,
+    /// Messages routed to the session meanwhile, in arrival order.
+    deferred: VecDeque<Delivery>,
+}
+
+impl RetainedFeed {
+    fn next(&mut self, now: Instant) -> Option<Delivery> {
+        if let Some(d) = self.next.take() {
+            return Some(d);
+        }
+        while let Some((cursor, options, id)) = self.cursors.front_mut() {
+            if let Some(message) = cursor.next(now) {
+                return Some(Delivery {
+                    qos: message.qos.min(options.qos),
+                    retain: true,
+                    subscription_ids: id.iter().copied().collect(),
+                    shared: None,
+                    store_seq: None,
+                    message,
+                });
+            }
+            self.cursors.pop_front();
+        }
+        None
+    }
 }
 
 /// A publication waiting for room in subscriber queues or output, with the publisher's
@@ -205,7 +245,6 @@ impl Connection {
     fn new(inner: Arc<Inner>, peer: Peer) -> Self {
         let conn = ServerConnection::new(inner.server_config.clone(), Instant::now());
         let reader = PacketReader::new(conn.max_packet_size());
-        let check_receive_acl = inner.auth.load().acl.is_some();
         Self {
             inner,
             peer,
@@ -216,7 +255,6 @@ impl Connection {
             handle: None,
             client: None,
             takeover_reply: None,
-            check_receive_acl,
             scram: None,
             scram_user: None,
             unaccepted: None,
@@ -224,6 +262,7 @@ impl Connection {
             needs: 0,
             gate: None,
             blocked: None,
+            retained: None,
         }
     }
 
@@ -291,6 +330,7 @@ impl Connection {
         loop {
             // Events first: what they record in storage decides which output must wait.
             self.process_events().await;
+            self.feed_retained(Instant::now());
             self.flush_transmits();
             if self.conn.is_closed() {
                 break;
@@ -307,10 +347,15 @@ impl Connection {
             if let Some(handle) = &self.handle {
                 let (saturated, capacity) = self.conn.session().map_or((false, 0), |s| {
                     let limits = s.limits();
-                    let queued = s.queued().len();
                     let window = usize::from(self.inner.config.max_inflight_messages);
                     let awaiting = self.gate.as_ref().map_or(0, |g| g.awaiting_len);
-                    let used = queued + s.in_flight_len().min(window) + awaiting;
+                    // While retained messages are being sent, routed ones wait behind them:
+                    // that queue is the one that must have room.
+                    let (queued, in_flight) = match &self.retained {
+                        Some(feed) => (feed.deferred.len(), 0),
+                        None => (s.queued().len(), s.in_flight_len().min(window)),
+                    };
+                    let used = queued + in_flight + awaiting;
                     (
                         queued >= limits.max_messages,
                         (limits.max_messages + window).saturating_sub(used),
@@ -554,20 +599,61 @@ impl Connection {
         }
     }
 
+    /// Hands a routed message to the session, after the retained messages still being sent.
     fn deliver(&mut self, now: Instant, delivery: Delivery) {
+        match &mut self.retained {
+            Some(feed) => feed.deferred.push_back(delivery),
+            None => self.deliver_now(now, delivery),
+        }
+    }
+
+    /// Sends retained messages for new subscriptions while the client keeps up: until the
+    /// output reaches its high-water mark or the session's queue is full. The loop comes back
+    /// here when the client has read or acknowledged something. What was routed meanwhile
+    /// follows at the same pace, and then the feed ends.
+    fn feed_retained(&mut self, now: Instant) {
+        let Some(mut feed) = self.retained.take() else {
+            return;
+        };
+        while !self.conn.is_closed() {
+            // Encoded now, so that the output's size says how far the client is behind.
+            self.flush_transmits();
+            if self.wbuf.len() >= WRITE_HIGH_WATER {
+                self.retained = Some(feed);
+                return;
+            }
+            let Some(delivery) = feed.next(now).or_else(|| feed.deferred.pop_front()) else {
+                break;
+            };
+            let room = self.conn.session().is_some_and(|s| {
+                let limits = s.limits();
+                s.queued().len() < limits.max_messages
+                    && (limits.max_bytes == 0
+                        || s.queued_bytes() + delivery.message.weight() <= limits.max_bytes)
+            });
+            if !room {
+                feed.next = Some(delivery);
+                self.retained = Some(feed);
+                return;
+            }
+            self.deliver_now(now, delivery);
+        }
+    }
+
+    fn deliver_now(&mut self, now: Instant, delivery: Delivery) {
         if delivery.qos == QoS::AtMostOnce && self.wbuf.len() >= QOS0_DROP_AT {
             self.inner.metrics.messages_dropped.inc();
             return;
         }
-        if self.check_receive_acl {
-            if let Some(client) = &self.client {
-                if !self
-                    .inner
-                    .authorize(client, Action::Receive, &delivery.message.topic)
-                {
-                    self.discard(&delivery);
-                    return;
-                }
+        // Asked of the hooks for every message, and of the ACL as loaded now (it may have
+        // been reloaded since the client connected).
+        if let Some(client) = &self.client {
+            if !self
+                .inner
+                .authorize(client, Action::Receive, &delivery.message.topic)
+            {
+                self.discard(&delivery);
+                return;
             }
         }
         let stored = delivery.store_seq.is_some().then(|| delivery.clone());
@@ -1012,23 +1098,26 @@ impl Connection {
                 };
                 // Shared subscriptions get no retained messages [MQTT-3.8.4-?; 4.8.2].
                 if send && filter.share().is_none() {
-                    for message in self.inner.retained.matching(filter, now) {
-                        retained.push(Delivery {
-                            qos: message.qos.min(sub.options.qos),
-                            retain: true,
-                            subscription_ids: sub.id.into_iter().collect(),
-                            shared: None,
-                            store_seq: None,
-                            message,
-                        });
-                    }
+                    retained.push((filter.clone(), sub.options, sub.id));
                 }
             }
         }
         let _ = self.conn.subscribe_ack(subscribe.packet_id, reasons);
         self.save_session();
-        for delivery in retained {
-            self.deliver(now, delivery);
+        if !retained.is_empty() {
+            // Snapshots of the store, read as the client makes room.
+            let feed = self.retained.get_or_insert_with(|| {
+                Box::new(RetainedFeed {
+                    cursors: VecDeque::new(),
+                    next: None,
+                    deferred: VecDeque::new(),
+                })
+            });
+            for (filter, options, id) in retained {
+                feed.cursors
+                    .push_back((self.inner.retained.cursor(&filter), options, id));
+            }
+            self.feed_retained(now);
         }
     }
 
@@ -1089,8 +1178,9 @@ impl Connection {
             .conn
             .take_session()
             .or_else(|| self.unaccepted.take().map(|s| *s));
-        // Stored messages that waited for their changes to be durable go first, in order.
-        for d in self
+        // Stored messages that waited for their changes to be durable go first, in order;
+        // they enter the session's queue once it is known where the session goes next.
+        let mut waiting: Vec<Delivery> = self
             .gate
             .as_mut()
             .map(|g| {
@@ -1100,39 +1190,34 @@ impl Connection {
             .unwrap_or_default()
             .into_iter()
             .flat_map(|(_, batch)| batch)
-        {
-            let queued = session
-                .as_mut()
-                .is_some_and(|s| s.enqueue(now, d.clone()) == Enqueued::Queued);
-            if !queued {
-                self.inner.discard(&handle.client_id, &d);
-            }
-        }
+            .chain(
+                self.retained
+                    .take()
+                    .into_iter()
+                    .flat_map(|f| f.next.into_iter().chain(f.deferred)),
+            )
+            .collect();
         let mailbox = self.mailbox.clone();
-        let drain = |session: &mut Option<Session>, takeover: &mut Option<_>| {
+        let drain = |waiting: &mut Vec<Delivery>, takeover: &mut Option<_>| {
             let inbox = mailbox.take();
             if let Some(reply) = inbox.takeover {
                 *takeover = Some(reply);
             }
-            for d in inbox.deliveries {
-                let queued = session
-                    .as_mut()
-                    .is_some_and(|s| s.enqueue(now, d.clone()) == Enqueued::Queued);
-                if !queued {
-                    self.inner.discard(&handle.client_id, &d);
-                }
-            }
+            waiting.extend(inbox.deliveries);
         };
+        let id = handle.client_id.clone();
         if self.takeover_reply.is_none() {
             let mut slot = handle.slot.lock();
             let ours =
                 matches!(&*slot, Slot::Online { mailbox } if Arc::ptr_eq(mailbox, &self.mailbox));
             if ours {
-                drain(&mut session, &mut self.takeover_reply);
+                drain(&mut waiting, &mut self.takeover_reply);
                 *slot = Slot::Transferring { buffer: Vec::new() };
                 drop(slot);
                 match session {
-                    Some(s) if s.expiry_interval() > 0 => {
+                    Some(mut s) if s.expiry_interval() > 0 => {
+                        self.inner
+                            .enqueue_all(now, &id, Some(&mut s), waiting, Headed::Offline);
                         // DISCONNECT may have changed the expiry; the will, if any, now waits
                         // for its delay.
                         let since = SystemTime::now();
@@ -1144,13 +1229,19 @@ impl Connection {
                             .save_session(&handle, s.expiry_interval(), will, Some(since));
                         self.inner.park_session(now, &handle, s, since);
                     }
-                    s => self.inner.end_session(now, &handle, s),
+                    mut s => {
+                        self.inner
+                            .enqueue_all(now, &id, s.as_mut(), waiting, Headed::Online);
+                        self.inner.end_session(now, &handle, s)
+                    }
                 }
                 return;
             }
             // Another connection is taking the session over; its request is in the mailbox.
         }
-        drain(&mut session, &mut self.takeover_reply);
+        drain(&mut waiting, &mut self.takeover_reply);
+        self.inner
+            .enqueue_all(now, &id, session.as_mut(), waiting, Headed::Online);
         if let Some(reply) = self.takeover_reply.take() {
             let _ = reply.send(session);
         }
@@ -1192,5 +1283,70 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::AccessControl;
+    use crate::auth::ScramServer;
+    use crate::config::{Config, OfflineQos0};
+    use crate::hooks::{NoHooks, Transport};
+    use mqttd_proto::{ClientId, TopicName};
+
+    fn delivery(qos: QoS) -> Delivery {
+        let topic = TopicName::try_from("t").unwrap();
+        Delivery::new(Arc::new(Message::new(topic, b"x".to_vec(), qos, false)))
+    }
+
+    /// The QoS of what a persistent session's queue holds once its connection closed with
+    /// a QoS 0 and a QoS 1 message still in its mailbox.
+    async fn parked_after_close(offline_qos0: OfflineQos0) -> Vec<QoS> {
+        let config = Config {
+            offline_qos0,
+            ..Config::default()
+        };
+        let inner = Arc::new(Inner::new(
+            config,
+            Arc::new(NoHooks),
+            AccessControl::default(),
+            ScramServer::new([0; 32]),
+            Arc::new(crate::storage::MemoryStorage::default()),
+        ));
+        let peer = Peer {
+            transport: Transport::Tcp,
+            addr: ([127, 0, 0, 1], 1883).into(),
+            listener: Arc::from("test"),
+        };
+        let mut conn = Connection::new(inner.clone(), peer);
+        let now = Instant::now();
+        let id = ClientId::try_from("c").unwrap();
+        let acquired = inner
+            .acquire_session(now, &id, true, 3600, &conn.mailbox)
+            .await;
+        let handle = acquired.handle.clone();
+        conn.handle = Some(acquired.handle);
+        conn.unaccepted = Some(Box::new(acquired.session));
+        assert!(handle.deliver(now, delivery(QoS::AtMostOnce), &inner));
+        assert!(handle.deliver(now, delivery(QoS::AtLeastOnce), &inner));
+        conn.hand_off_session();
+        let slot = handle.slot.lock();
+        let Slot::Offline { session, .. } = &*slot else {
+            panic!("the session is not parked: {slot:?}");
+        };
+        session.queued().map(|d| d.qos).collect()
+    }
+
+    #[tokio::test]
+    async fn closing_parks_qos0_only_if_offline_qos0_is_queue() {
+        assert_eq!(
+            parked_after_close(OfflineQos0::Drop).await,
+            [QoS::AtLeastOnce]
+        );
+        assert_eq!(
+            parked_after_close(OfflineQos0::Queue).await,
+            [QoS::AtMostOnce, QoS::AtLeastOnce]
+        );
     }
 }

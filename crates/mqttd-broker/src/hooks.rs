@@ -129,7 +129,9 @@ pub trait Hooks: Send + Sync + 'static {
         Verdict::Defer
     }
 
-    /// Decides whether `client` may perform `action` on `topic`.
+    /// Decides whether `client` may perform `action` on `topic`. [`Action::Receive`] is asked
+    /// for every message about to be sent to a client, routed or retained, whether or not an
+    /// ACL file is configured: answer it quickly.
     fn authorize(&self, client: &ClientInfo, action: Action, topic: &str) -> Verdict {
         let _ = (client, action, topic);
         Verdict::Defer

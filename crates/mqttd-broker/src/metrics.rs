@@ -44,6 +44,9 @@ pub struct Metrics {
     pub subscriptions: Gauge,
     /// Retained messages held.
     pub retained_messages: Gauge,
+    /// Timer tasks of offline sessions (will delay, session expiry) running now: at most one
+    /// per offline session.
+    pub session_timers: Gauge,
 }
 
 impl Default for Metrics {
@@ -74,6 +77,7 @@ impl Default for Metrics {
             sessions: Gauge = "Sessions held",
             subscriptions: Gauge = "Subscriptions held",
             retained_messages: Gauge = "Retained messages held",
+            session_timers: Gauge = "Timer tasks of offline sessions running",
         }
     }
 }

@@ -81,12 +81,126 @@ impl RetainedStore {
         out
     }
 
+    /// The retained messages whose topics match `filter`, in the store as it is now, produced
+    /// one at a time: later changes to the store do not affect it, and it holds no lock and
+    /// copies nothing up front, so a subscription matching many messages can be served at
+    /// the pace its client reads.
+    pub fn cursor(&self, filter: &TopicFilter) -> RetainedCursor {
+        RetainedCursor {
+            levels: filter.pattern().split('/').map(Box::from).collect(),
+            stack: vec![Step::Node {
+                node: self.root.load_full(),
+                at: Some(0),
+            }],
+        }
+    }
+
     /// Every retained message, for persistence and administration.
     pub fn all(&self) -> Vec<Arc<Message>> {
         let root = self.root.load();
         let mut out = Vec::new();
         descendants(&root, &mut out);
         out
+    }
+}
+
+type Children = <HashMap<Arc<str>, Arc<Node>> as IntoIterator>::IntoIter;
+
+/// Work left in a [`RetainedCursor`]'s walk of the trie.
+enum Step {
+    /// A node reached by the first `at` levels of the filter, or, with `at` `None`, below a
+    /// multi-level wildcard.
+    Node { node: Arc<Node>, at: Option<usize> },
+    /// The children of a node not yet visited; the first level of the topic skips names
+    /// starting with '$' under a wildcard [MQTT-4.7.2-1].
+    Children {
+        children: Children,
+        at: Option<usize>,
+        skip_dollar: bool,
+    },
+}
+
+/// The retained messages matching a filter in a snapshot of the store (see
+/// [`RetainedStore::cursor`]). What it holds is the walk's path: a few trie nodes, not the
+/// messages.
+pub struct RetainedCursor {
+    levels: Vec<Box<str>>,
+    stack: Vec<Step>,
+}
+
+impl std::fmt::Debug for RetainedCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetainedCursor")
+            .field("levels", &self.levels)
+            .field("pending_steps", &self.stack.len())
+            .finish()
+    }
+}
+
+impl RetainedCursor {
+    /// The next matching message that has not expired at `now`; `None` once all were given.
+    pub fn next(&mut self, now: Instant) -> Option<Arc<Message>> {
+        while let Some(step) = self.stack.pop() {
+            let found = match step {
+                Step::Children {
+                    mut children,
+                    at,
+                    skip_dollar,
+                } => {
+                    let next = children.find(|(name, _)| !(skip_dollar && name.starts_with('$')));
+                    if let Some((_, node)) = next {
+                        self.stack.push(Step::Children {
+                            children,
+                            at,
+                            skip_dollar,
+                        });
+                        self.stack.push(Step::Node { node, at });
+                    }
+                    None
+                }
+                Step::Node { node, at: None } => {
+                    self.push_children(&node, None, false);
+                    node.message.clone()
+                }
+                Step::Node { node, at: Some(i) } => {
+                    let first = i == 0;
+                    match self.levels.get(i).map(|l| &**l) {
+                        None => node.message.clone(),
+                        Some("#") => {
+                            self.push_children(&node, None, first);
+                            node.message.clone()
+                        }
+                        Some("+") => {
+                            self.push_children(&node, Some(i + 1), first);
+                            None
+                        }
+                        Some(exact) => {
+                            if let Some(child) = node.children.get(exact) {
+                                self.stack.push(Step::Node {
+                                    node: child.clone(),
+                                    at: Some(i + 1),
+                                });
+                            }
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(m) = found.filter(|m| !m.is_expired(now)) {
+                return Some(m);
+            }
+        }
+        None
+    }
+
+    fn push_children(&mut self, node: &Node, at: Option<usize>, skip_dollar: bool) {
+        if !node.children.is_empty() {
+            self.stack.push(Step::Children {
+                children: node.children.clone().into_iter(),
+                at,
+                skip_dollar,
+            });
+        }
     }
 }
 
@@ -208,6 +322,31 @@ mod tests {
         assert_eq!(s.len(), 5);
         assert_eq!(topics(&s, "a/+"), ["a/c"]);
         assert_eq!(topics(&s, "a/b/c"), ["a/b/c"]);
+    }
+
+    #[test]
+    fn a_cursor_gives_what_matching_gives_from_its_snapshot() {
+        let s = RetainedStore::new();
+        for t in ["a", "a/b", "a/c", "a/b/c", "$SYS/x", "/x", "b/b"] {
+            s.set(msg(t, "1"));
+        }
+        for filter in [
+            "#", "a/#", "a/+", "+/x", "$SYS/#", "+/b", "a/b/c", "+/+/+", "none",
+        ] {
+            let f = TopicFilter::try_from(filter).unwrap();
+            let mut cursor = s.cursor(&f);
+            // Changes after the cursor was made do not show.
+            s.set(msg("a/new", "1"));
+            s.set(msg("a/new", ""));
+            s.set(msg("b/b", ""));
+            let mut got = Vec::new();
+            while let Some(m) = cursor.next(Instant::now()) {
+                got.push(m.topic.to_string());
+            }
+            s.set(msg("b/b", "1"));
+            got.sort();
+            assert_eq!(got, topics(&s, filter), "{filter}");
+        }
     }
 
     #[test]
