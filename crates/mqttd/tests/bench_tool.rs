@@ -255,3 +255,47 @@ fn offline_persistent_session_is_filled_then_drained_on_resume() {
     );
     broker.stop();
 }
+
+#[test]
+fn raw_mode_counts_are_consistent() {
+    let broker = Broker::start("");
+    let pid = broker.pid().to_string();
+    // A fixed number of messages: 2 x 500 x 71 bytes is far below what the broker buffers for
+    // a subscriber, so it has no reason to drop any, and both subscribers get them all.
+    let s = bench(
+        &broker,
+        &[
+            "raw",
+            "--count",
+            "2",
+            "--subscribers",
+            "2",
+            "--messages",
+            "500",
+            "--expect",
+            "2000",
+            "--broker-pid",
+            &pid,
+        ],
+    );
+    assert_eq!(num(&s, "connected"), 4.0, "{s}");
+    assert_eq!(num(&s, "sent"), 1000.0, "{s}");
+    assert_eq!(num(&s, "received"), 2000.0, "{s}");
+    assert_eq!(num(&s, "dropped"), 0.0, "{s}");
+    assert_eq!(num(&s, "errors"), 0.0, "{s}");
+    assert!(num(&s, "broker_cpu_secs") >= 0.0, "{s}");
+
+    // As fast as TCP takes them, for one second: whatever the machine's speed, each
+    // publisher sends something, and nothing arrives that was not sent.
+    let s = bench_raw(
+        &broker,
+        &["raw", "--count", "2", "--duration", "1", "--drain", "1"],
+    );
+    let (sent, received, dropped) = (num(&s, "sent"), num(&s, "received"), num(&s, "dropped"));
+    assert!(sent >= 2.0, "{s}");
+    assert!(received <= sent, "one subscriber: {s}");
+    assert_eq!(received + dropped, sent, "{s}");
+    assert_eq!(num(&s, "errors"), 0.0, "{s}");
+    assert!(s["broker_cpu_secs"].is_null(), "no --broker-pid: {s}");
+    broker.stop();
+}
