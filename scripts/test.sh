@@ -3,7 +3,8 @@
 #
 # It installs what it needs, then checks formatting, runs clippy with warnings denied, the test
 # suite (doc tests, then cargo nextest), rustdoc with warnings denied, checks that the protocol
-# core depends on no async runtime, and runs every fuzz target in fuzz/fuzz_targets/.
+# core depends on no async runtime, replays the fuzz corpus and checks the fuzz seeds, and runs
+# every fuzz target in fuzz/fuzz_targets/.
 #
 # Environment:
 #   FUZZ_SECONDS  seconds each fuzz target runs (default 60; 0 skips fuzzing)
@@ -111,6 +112,26 @@ bash tests/interop/run.sh
 
 section "cargo doc -D warnings"
 RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps
+
+# ---------------------------------------------------------------------------------------------
+# Fuzz corpus and seeds, on every run (FUZZ_SECONDS=0 included): the stable toolchain replays
+# every committed input of every target through the code the target runs (fuzz/tests/corpus.rs),
+# and the seed programs check that their seeds still get where they mean to.
+# ---------------------------------------------------------------------------------------------
+
+section "fuzz corpus replay and seed checks"
+cargo test --manifest-path fuzz/Cargo.toml
+seeds=$(mktemp -d)
+cargo run -q --manifest-path fuzz/Cargo.toml --example session_seeds -- "$seeds/session" |
+    tail -n 1
+# The session seeds are deterministic: the committed ones must be what the program writes.
+for seed in "$seeds"/session/*; do
+    cmp -s "$seed" "fuzz/corpus/session/$(basename "$seed")" ||
+        fail "fuzz/corpus/session/$(basename "$seed") is stale: rerun the session_seeds example"
+done
+cargo run -q --manifest-path fuzz/Cargo.toml --example store_record_seeds -- "$seeds/store_record" |
+    tail -n 1
+rm -rf "$seeds"
 
 # ---------------------------------------------------------------------------------------------
 # Fuzzing: every target in fuzz/fuzz_targets/ for FUZZ_SECONDS, starting from its seeds in

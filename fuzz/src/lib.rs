@@ -1,13 +1,45 @@
-//! Helpers shared by the fuzz targets in `fuzz_targets/`.
+//! The fuzz targets' code, and helpers they share.
 //!
-//! A target treats its input as the bytes a peer sent on one connection and cuts them into
-//! packets with [`PacketReader`], exactly as a transport does.
+//! Each target in `fuzz_targets/` only hands its input to a function here
+//! ([`decode_packet`], [`store_record`], [`session::run`]), so that the corpus replay test
+//! (`tests/corpus.rs`) runs every committed input through exactly what the fuzzer runs.
+//!
+//! A packet target treats its input as the bytes a peer sent on one connection and cuts them
+//! into packets with [`PacketReader`], exactly as a transport does.
 
 pub mod session;
 
 use bytes::BytesMut;
+use mqttd_broker::storage::fuzzing::decode_stored_records;
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::{Packet, ProtocolVersion};
+
+/// The `decode_packet` target: `data` as a connection's stream, read before CONNECT and
+/// after a CONNECT of each version; every packet read must encode back to itself.
+pub fn decode_packet(data: &[u8]) {
+    for version in READER_VERSIONS {
+        for_each_packet(data, version, assert_roundtrip);
+    }
+}
+
+/// The `store_record` target: `data` as a value read from the durable store, as it is and
+/// behind a valid header (so that the decoders past the checksum are reached too); whatever
+/// decodes must encode back to the same bytes and record. Returns the kinds of record `data`
+/// itself is valid as.
+pub fn store_record(data: &[u8]) -> Vec<&'static str> {
+    let kinds = decode_stored_records(data);
+    decode_stored_records(&seal_record(data));
+    kinds
+}
+
+/// `body` behind the header of a stored value: the format version and a valid checksum.
+pub fn seal_record(body: &[u8]) -> Vec<u8> {
+    let mut sealed = Vec::with_capacity(body.len() + 5);
+    sealed.push(1);
+    sealed.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    sealed.extend_from_slice(body);
+    sealed
+}
 
 /// The packet size limit the targets read with: far above what a fuzz input holds, so that
 /// every input is decoded rather than refused for its size.

@@ -19,6 +19,16 @@
 //! mqttd bench sub --client-id-prefix q --session-expiry 3600 --qos 1 --topic 'bench/#' \
 //!     --duration 600 --expect 100000
 //! ```
+//!
+//! `raw` measures the broker rather than the clients: its publishers are plain TCP sockets that
+//! write pre-encoded QoS 0 PUBLISH packets in 64 KiB writes as fast as TCP takes them, faster
+//! than a broker can route them, and its subscribers read 64 KiB at a time and count the
+//! packets from their fixed headers. With `--broker-pid`, every scenario also reports the
+//! broker's CPU time over the measured window and the messages delivered per CPU-second:
+//!
+//! ```sh
+//! mqttd bench raw --count 4 --subscribers 1 --duration 5 --broker-pid "$(pidof mqttd)"
+//! ```
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,9 +42,14 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use mqttd_client::{connect_tcp, Client, Events};
 use mqttd_proto::client::{ClientConfig, Event};
-use mqttd_proto::{ClientId, Message, ProtocolVersion, QoS, ReasonCode, TopicFilter, TopicName};
+use mqttd_proto::codec::PacketReader;
+use mqttd_proto::{
+    ClientId, Connect, ConnectProperties, Disconnect, Message, Packet, PacketId, ProtocolVersion,
+    Publish, PublishProperties, QoS, ReasonCode, Subscribe, SubscribeProperties, Subscription,
+    SubscriptionOptions, TopicFilter, TopicName,
+};
 use serde::Serialize;
-use tokio::net::lookup_host;
+use tokio::net::{lookup_host, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +69,11 @@ pub(crate) enum Scenario {
     Fanout,
     /// `--count` publisher/subscriber pairs, each pair on its own topic.
     Pairs,
+    /// `--count` raw publishers, each to its own topic, and `--subscribers` raw subscribers to
+    /// the wildcard over them: plain TCP sockets writing pre-encoded QoS 0 PUBLISH packets in
+    /// 64 KiB writes as fast as TCP takes them, and reading 64 KiB at a time. The clock starts
+    /// once every client is connected.
+    Raw,
 }
 
 /// Which clients `--session-expiry`, `--clean-start` and `--no-clean` apply to.
@@ -174,6 +194,13 @@ pub(crate) struct BenchArgs {
     /// 127.0.0.x addresses).
     #[arg(long, value_delimiter = ',')]
     bind: Vec<std::net::IpAddr>,
+    /// Raw subscribers (`raw` only; 0 for none).
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+    /// The broker's process id (on the same machine): report its CPU time over the measured
+    /// window and the messages delivered per broker CPU-second.
+    #[arg(long, value_name = "PID")]
+    broker_pid: Option<u32>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -216,6 +243,15 @@ struct Summary {
     /// Seconds from the first connection attempt to the `--expect`-th message received; null
     /// when it was not reached or not asked for.
     expect_reached_secs: Option<f64>,
+    /// Raw subscribers (`raw` only).
+    subscribers: Option<usize>,
+    /// Messages the broker took from the publishers but did not deliver to a subscriber by
+    /// the end of the drain: `sent` times `subscribers`, less `received` (`raw` only).
+    dropped: Option<u64>,
+    /// The broker's CPU time over the measured window (with `--broker-pid`).
+    broker_cpu_secs: Option<f64>,
+    /// Messages received during the measured window per broker CPU-second.
+    received_per_broker_cpu_sec: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -392,7 +428,11 @@ impl Bench {
             .fetch_max(epoch().elapsed().as_nanos() as u64, Ordering::Relaxed);
         let drain = Duration::from_secs_f64(self.args.drain);
         if self.qos == QoS::AtMostOnce {
-            tokio::time::sleep(drain).await;
+            // Nothing to wait for but the subscribers, which may already have it all.
+            tokio::select! {
+                _ = tokio::time::sleep(drain) => {}
+                _ = self.expect_done.cancelled() => {}
+            }
         } else {
             // Every permit back: everything sent is acknowledged.
             let _ = tokio::time::timeout(drain, window.acquire_many(PUBLISH_WINDOW)).await;
@@ -478,12 +518,16 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let qos = QoS::from_bits(args.qos).context("QoS must be 0, 1 or 2")?;
     let has_publishers = matches!(
         args.scenario,
-        Scenario::Pub | Scenario::Fanin | Scenario::Fanout | Scenario::Pairs
+        Scenario::Pub | Scenario::Fanin | Scenario::Fanout | Scenario::Pairs | Scenario::Raw
     );
-    let has_subscribers = matches!(
-        args.scenario,
-        Scenario::Sub | Scenario::Fanin | Scenario::Fanout | Scenario::Pairs
-    );
+    let has_subscribers = match args.scenario {
+        Scenario::Sub | Scenario::Fanin | Scenario::Fanout | Scenario::Pairs => true,
+        Scenario::Raw => args.subscribers > 0,
+        Scenario::Conn | Scenario::Pub => false,
+    };
+    if args.scenario == Scenario::Raw && qos != QoS::AtMostOnce {
+        bail!("raw publishes QoS 0 only");
+    }
     if args.messages.is_some() && !has_publishers {
         bail!("--messages needs a scenario with publishers");
     }
@@ -521,6 +565,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         expect_done: CancellationToken::new(),
         args,
     });
+    if bench.args.scenario == Scenario::Raw {
+        return run_raw(bench).await;
+    }
     let count = bench.args.count.max(1);
     let measure = Duration::from_secs_f64(bench.args.duration);
     let setup_started = Instant::now();
@@ -528,21 +575,15 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Subscribers first, so that nothing published is missed.
     let subscribers: Vec<(usize, String)> = match bench.args.scenario {
         Scenario::Sub => (0..count).map(|i| (i, bench.topic(i))).collect(),
-        Scenario::Fanin => vec![(
-            0,
-            bench
-                .topic(0)
-                .rsplit_once('/')
-                .map_or("#".into(), |(p, _)| format!("{p}/#")),
-        )],
+        Scenario::Fanin => vec![(0, wildcard(&bench.topic(0)))],
         Scenario::Fanout => (0..count).map(|i| (i, bench.topic(0))).collect(),
         Scenario::Pairs => (0..count).map(|i| (i, bench.topic(i))).collect(),
-        Scenario::Conn | Scenario::Pub => Vec::new(),
+        Scenario::Conn | Scenario::Pub | Scenario::Raw => Vec::new(),
     };
     let publishers: Vec<usize> = match bench.args.scenario {
         Scenario::Pub | Scenario::Fanin | Scenario::Pairs => (0..count).collect(),
         Scenario::Fanout => vec![0],
-        Scenario::Conn | Scenario::Sub => Vec::new(),
+        Scenario::Conn | Scenario::Sub | Scenario::Raw => Vec::new(),
     };
     let ready = Arc::new(Semaphore::new(0));
     let progress = progress_bar(&bench);
@@ -584,6 +625,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let pid = bench.args.broker_pid;
+    let cpu_before = pid.map(process_cpu_secs).transpose()?;
     let start = Instant::now();
     let until = start + measure;
     let rate = bench.per_publisher_rate(publishers.len());
@@ -621,6 +664,10 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             progress.println(format!("client error: {error:#}"));
         }
     }
+    let cpu = match (pid, cpu_before) {
+        (Some(pid), Some(before)) => Some(process_cpu_secs(pid)? - before),
+        _ => None,
+    };
     // Publishers stop at `until` (or after `--messages`); what follows is the drain, which is
     // not part of the window the rates are computed over.
     let mut measured_until = until;
@@ -705,6 +752,12 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         errors: c.errors.load(Ordering::Relaxed),
         session_present: c.session_present.load(Ordering::Relaxed),
         expect_reached_secs: reached.map(|t| t.duration_since(setup_started).as_secs_f64()),
+        subscribers: None,
+        dropped: None,
+        broker_cpu_secs: cpu,
+        received_per_broker_cpu_sec: cpu
+            .filter(|&secs| secs > 0.0)
+            .map(|secs| received as f64 / secs),
     };
     if bench.args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -753,6 +806,15 @@ fn print_summary(s: &Summary) {
     if let Some(secs) = s.expect_reached_secs {
         println!("all expected  after {secs:.3} s");
     }
+    if let (Some(subscribers), Some(dropped)) = (s.subscribers, s.dropped) {
+        println!("subscribers   {subscribers}, dropped {dropped}");
+    }
+    if let Some(cpu) = s.broker_cpu_secs {
+        println!(
+            "broker CPU    {cpu:.2} s ({:.0} msg received per CPU-second)",
+            s.received_per_broker_cpu_sec.unwrap_or(0.0)
+        );
+    }
     println!("errors        {}", s.errors);
 }
 
@@ -770,4 +832,456 @@ mod tests {
         assert!(t <= epoch().elapsed());
         assert_eq!(sent_at(b"short"), None);
     }
+
+    /// Raw subscribers count PUBLISH packets from their fixed headers, however the stream is
+    /// cut into reads.
+    #[test]
+    fn publish_counter_counts_across_any_split() {
+        let v5 = ProtocolVersion::V5;
+        let publish = |payload_len: usize| {
+            Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: TopicName::try_from("bench/1").unwrap(),
+                packet_id: None,
+                properties: PublishProperties::default(),
+                payload: vec![0x30; payload_len].into(),
+            })
+        };
+        let mut stream = BytesMut::new();
+        // A small one, one with a two-byte remaining length, one with a three-byte one, and
+        // a packet of another type between them.
+        for packet in [
+            publish(0),
+            publish(200),
+            Packet::Disconnect(Disconnect::new(ReasonCode::Success)),
+            publish(20_000),
+            publish(64),
+        ] {
+            stream.extend_from_slice(&encode(&packet, v5).unwrap());
+        }
+        for split in 0..=stream.len() {
+            let (a, b) = stream.split_at(split);
+            let mut counter = PublishCounter::default();
+            let n = counter.feed(a).unwrap() + counter.feed(b).unwrap();
+            assert_eq!(n, 4, "split at {split}");
+        }
+        let mut counter = PublishCounter::default();
+        let n: u64 = stream.iter().map(|b| counter.feed(&[*b]).unwrap()).sum();
+        assert_eq!(n, 4, "byte by byte");
+        assert!(PublishCounter::default()
+            .feed(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01])
+            .is_err());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw mode: plain TCP sockets, no client state machine after CONNACK.
+// ---------------------------------------------------------------------------------------------
+
+/// What raw publishers write at a time, and raw subscribers read.
+const RAW_CHUNK: usize = 64 * 1024;
+
+/// How long a raw client waits for CONNACK or SUBACK.
+const RAW_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Counts the PUBLISH packets in an MQTT byte stream read in pieces of any size, from their
+/// fixed headers alone.
+#[derive(Debug, Default)]
+struct PublishCounter {
+    /// The fixed header read so far: packet type byte and remaining length bytes.
+    header: Vec<u8>,
+    /// Bytes of the current packet's body still to skip.
+    skip: usize,
+}
+
+impl PublishCounter {
+    /// Reads the next piece of the stream; returns how many PUBLISH packets it completed
+    /// the header of.
+    fn feed(&mut self, mut data: &[u8]) -> anyhow::Result<u64> {
+        let mut publishes = 0;
+        loop {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = data.get(n..).unwrap_or_default();
+            }
+            let Some((&byte, rest)) = data.split_first() else {
+                return Ok(publishes);
+            };
+            data = rest;
+            self.header.push(byte);
+            if self.header.len() == 1 || byte & 0x80 != 0 {
+                if self.header.len() >= 5 {
+                    bail!("malformed remaining length in the broker's stream");
+                }
+                continue;
+            }
+            let (first, length) = self.header.split_first().unwrap_or((&0, &[]));
+            if first >> 4 == 3 {
+                publishes += 1;
+            }
+            self.skip = length
+                .iter()
+                .rev()
+                .fold(0, |n, b| (n << 7) | usize::from(b & 0x7f));
+            self.header.clear();
+        }
+    }
+}
+
+/// Writes all of `bytes`.
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> anyhow::Result<()> {
+    while !bytes.is_empty() {
+        let n = write_some(stream, bytes).await?;
+        bytes = bytes.get(n..).unwrap_or_default();
+    }
+    Ok(())
+}
+
+/// Writes what the socket takes of `bytes` (at least one byte). Cancel safe.
+async fn write_some(stream: &TcpStream, bytes: &[u8]) -> anyhow::Result<usize> {
+    loop {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(0) => bail!("connection closed"),
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Reads what is there into `buf` (at least one byte); 0 means the connection closed.
+/// Cancel safe.
+async fn read_some(stream: &TcpStream, buf: &mut [u8]) -> anyhow::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn encode(packet: &Packet, version: ProtocolVersion) -> anyhow::Result<BytesMut> {
+    let mut buf = BytesMut::with_capacity(packet.encoded_len(version));
+    packet.encode(version, &mut buf)?;
+    Ok(buf)
+}
+
+/// The CPU time, user and system, that process `pid` has used so far, in seconds.
+fn process_cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read the CPU time of process {pid}"))?;
+    // The command name, in parentheses, may hold spaces; utime and stime are the 14th and
+    // 15th fields, the 12th and 13th after it.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let mut fields = after_name.split_whitespace().skip(11);
+    let mut ticks = || -> anyhow::Result<u64> {
+        Ok(fields
+            .next()
+            .context("short /proc/PID/stat")?
+            .parse::<u64>()?)
+    };
+    let total = ticks()? + ticks()?;
+    // /proc counts in USER_HZ, which Linux fixes at 100 for user space.
+    Ok(total as f64 / 100.0)
+}
+
+impl Bench {
+    /// Opens a plain TCP connection and completes CONNECT/CONNACK; returns what the broker
+    /// sent after CONNACK.
+    async fn raw_connect(&self, role: Role, index: usize) -> anyhow::Result<(TcpStream, BytesMut)> {
+        let stream = TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        let connect = Packet::Connect(Box::new(Connect {
+            protocol: self.version,
+            clean_start: true,
+            // No keep alive: a raw client sends nothing but its messages.
+            keep_alive: 0,
+            client_id: ClientId::try_from(self.client_id(role, index).as_str())?,
+            will: None,
+            username: None,
+            password: None,
+            properties: ConnectProperties::default(),
+        }));
+        write_all(&stream, &encode(&connect, self.version)?).await?;
+        let (packet, rest) = self.raw_read_packet(&stream, BytesMut::new()).await?;
+        match packet {
+            Packet::ConnAck(ack) if !ack.reason.is_error() => {}
+            other => bail!("the broker refused the connection: {other:?}"),
+        }
+        self.counters.connected.fetch_add(1, Ordering::Relaxed);
+        Ok((stream, rest))
+    }
+
+    /// Reads one whole packet; returns it with the bytes read after it.
+    async fn raw_read_packet(
+        &self,
+        stream: &TcpStream,
+        mut buf: BytesMut,
+    ) -> anyhow::Result<(Packet, BytesMut)> {
+        let mut reader = PacketReader::new(u32::MAX);
+        let mut chunk = vec![0; 4096];
+        tokio::time::timeout(RAW_HANDSHAKE_TIMEOUT, async {
+            loop {
+                if let Some(packet) = reader.read(&mut buf, Some(self.version))? {
+                    return Ok((packet, buf));
+                }
+                let n = read_some(stream, &mut chunk).await?;
+                if n == 0 {
+                    bail!("the broker closed the connection");
+                }
+                buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            }
+        })
+        .await
+        .context("no answer from the broker")?
+    }
+
+    /// Connects, subscribes to `filter` and counts the PUBLISH packets that arrive until
+    /// `stop`. Adds a permit to `ready` once subscribed.
+    async fn raw_subscriber(
+        self: Arc<Self>,
+        index: usize,
+        filter: String,
+        ready: Arc<Semaphore>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let (stream, rest) = self.raw_connect(Role::Sub, index).await?;
+        let subscribe = Packet::Subscribe(Subscribe {
+            packet_id: PacketId::MIN,
+            properties: SubscribeProperties::default(),
+            filters: vec![Subscription {
+                filter: TopicFilter::try_from(filter)?,
+                options: SubscriptionOptions::default(),
+            }],
+        });
+        write_all(&stream, &encode(&subscribe, self.version)?).await?;
+        let (packet, rest) = self.raw_read_packet(&stream, rest).await?;
+        match packet {
+            Packet::SubAck(ack) if !ack.reasons.iter().any(|r| r.is_error()) => {}
+            other => bail!("subscription refused: {other:?}"),
+        }
+        ready.add_permits(1);
+        let mut counter = PublishCounter::default();
+        self.raw_received(counter.feed(&rest)?);
+        let mut buf = vec![0; RAW_CHUNK];
+        loop {
+            let n = tokio::select! {
+                n = read_some(&stream, &mut buf) => n?,
+                _ = stop.cancelled() => break,
+            };
+            if n == 0 {
+                bail!("the broker closed the connection");
+            }
+            self.raw_received(counter.feed(buf.get(..n).unwrap_or_default())?);
+        }
+        let disconnect = Packet::Disconnect(Disconnect::new(ReasonCode::Success));
+        let _ = write_all(&stream, &encode(&disconnect, self.version)?).await;
+        Ok(())
+    }
+
+    fn raw_received(&self, n: u64) {
+        let before = self.counters.received.fetch_add(n, Ordering::Relaxed);
+        if self
+            .args
+            .expect
+            .is_some_and(|e| before < e && e <= before + n)
+        {
+            let _ = self.expect_reached.set(Instant::now());
+            self.expect_done.cancel();
+        }
+    }
+
+    /// Writes pre-encoded QoS 0 PUBLISH packets to `stream` in [`RAW_CHUNK`] writes as fast
+    /// as it takes them, until `until` (after at least one write) or `--messages`; then
+    /// completes the packet in progress and disconnects. Counts whole packets written.
+    async fn raw_publisher(
+        self: Arc<Self>,
+        index: usize,
+        stream: TcpStream,
+        until: Instant,
+    ) -> anyhow::Result<()> {
+        let publish = Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: TopicName::try_from(self.topic(index))?,
+            packet_id: None,
+            properties: PublishProperties::default(),
+            payload: vec![b'x'; self.args.size].into(),
+        });
+        let packet = encode(&publish, self.version)?;
+        let packet_len = packet.len() as u64;
+        let mut batch = Vec::with_capacity(RAW_CHUNK.max(packet.len()));
+        while batch.is_empty() || batch.len() + packet.len() <= RAW_CHUNK {
+            batch.extend_from_slice(&packet);
+        }
+        let batch_len = batch.len() as u64;
+        let limit = self
+            .args
+            .messages
+            .map_or(u64::MAX, |n| n.saturating_mul(packet_len));
+        let deadline = tokio::time::Instant::from_std(until);
+        let mut written: u64 = 0;
+        while written < limit {
+            let offset = (written % batch_len) as usize;
+            let end = (offset as u64 + (limit - written)).min(batch_len) as usize;
+            let chunk = batch.get(offset..end).unwrap_or_default();
+            let n = tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(deadline), if written > 0 => break,
+                n = write_some(&stream, chunk) => n?,
+            };
+            let whole_before = written / packet_len;
+            written += n as u64;
+            self.counters
+                .sent
+                .fetch_add(written / packet_len - whole_before, Ordering::Relaxed);
+        }
+        self.publishing_ended
+            .fetch_max(epoch().elapsed().as_nanos() as u64, Ordering::Relaxed);
+        // Finish the packet in progress and disconnect, so that the stream stays well-formed;
+        // a broker too far behind to take that within the drain gets a cut stream instead, and
+        // the packet is not counted.
+        let partial = (written % packet_len) as usize;
+        let finish = async {
+            if partial > 0 {
+                write_all(&stream, packet.get(partial..).unwrap_or_default()).await?;
+                self.counters.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            let disconnect = Packet::Disconnect(Disconnect::new(ReasonCode::Success));
+            write_all(&stream, &encode(&disconnect, self.version)?).await
+        };
+        let drain = Duration::from_secs_f64(self.args.drain);
+        match tokio::time::timeout(drain, finish).await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// The raw scenario: subscribers first, then every publisher connected, then the clock starts.
+async fn run_raw(bench: Arc<Bench>) -> anyhow::Result<()> {
+    let setup_started = Instant::now();
+    let count = bench.args.count.max(1);
+    let filter = wildcard(&bench.topic(0));
+    let ready = Arc::new(Semaphore::new(0));
+    let stop = CancellationToken::new();
+    let mut subscribers = tokio::task::JoinSet::new();
+    for i in 0..bench.args.subscribers {
+        let task = bench
+            .clone()
+            .raw_subscriber(i, filter.clone(), ready.clone(), stop.clone());
+        subscribers.spawn(task);
+    }
+    let subscribed = ready.acquire_many(bench.args.subscribers as u32);
+    tokio::select! {
+        permits = subscribed => permits?.forget(),
+        Some(result) = subscribers.join_next() => match result? {
+            Err(error) => return Err(error.context("a raw subscriber failed")),
+            Ok(()) => bail!("a raw subscriber ended before subscribing"),
+        },
+    }
+    let mut streams = Vec::with_capacity(count);
+    for i in 0..count {
+        streams.push(bench.raw_connect(Role::Pub, i).await?.0);
+    }
+    let pid = bench.args.broker_pid;
+    let cpu_before = pid.map(process_cpu_secs).transpose()?;
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(bench.args.duration);
+    let mut publishers = tokio::task::JoinSet::new();
+    for (i, stream) in streams.into_iter().enumerate() {
+        publishers.spawn(bench.clone().raw_publisher(i, stream, until));
+    }
+    while let Some(result) = publishers.join_next().await {
+        if let Ok(Err(error)) = result {
+            bench.counters.errors.fetch_add(1, Ordering::Relaxed);
+            eprintln!("raw publisher error: {error:#}");
+        }
+    }
+    let ended = bench.publishing_ended.load(Ordering::Relaxed);
+    let measured_until = if ended > 0 {
+        until.min(epoch() + Duration::from_nanos(ended))
+    } else {
+        until
+    };
+    let received_in_window = bench.counters.received.load(Ordering::Relaxed);
+    let cpu = match (pid, cpu_before) {
+        (Some(pid), Some(before)) => Some(process_cpu_secs(pid)? - before),
+        _ => None,
+    };
+    if bench.args.subscribers > 0 {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs_f64(bench.args.drain)) => {}
+            _ = bench.expect_done.cancelled() => {}
+        }
+    }
+    stop.cancel();
+    while let Some(result) = subscribers.join_next().await {
+        if let Ok(Err(error)) = result {
+            bench.counters.errors.fetch_add(1, Ordering::Relaxed);
+            eprintln!("raw subscriber error: {error:#}");
+        }
+    }
+    let elapsed = measured_until
+        .saturating_duration_since(start)
+        .as_secs_f64()
+        .max(1e-9);
+    let c = &bench.counters;
+    let (sent, received) = (
+        c.sent.load(Ordering::Relaxed),
+        c.received.load(Ordering::Relaxed),
+    );
+    let connected = c.connected.load(Ordering::Relaxed);
+    let summary = Summary {
+        scenario: bench.args.scenario,
+        clients: count,
+        qos: 0,
+        payload_bytes: bench.args.size,
+        duration_secs: elapsed,
+        connected,
+        connect_per_sec: connected as f64
+            / start
+                .duration_since(setup_started)
+                .as_secs_f64()
+                .max(elapsed.min(1.0)),
+        sent,
+        sent_per_sec: sent as f64 / elapsed,
+        acked: 0,
+        received,
+        // What arrived while the publishers wrote, not during the drain.
+        received_per_sec: received_in_window as f64 / elapsed,
+        latency_ms: None,
+        errors: c.errors.load(Ordering::Relaxed),
+        session_present: 0,
+        expect_reached_secs: bench
+            .expect_reached
+            .get()
+            .map(|t| t.duration_since(setup_started).as_secs_f64()),
+        subscribers: Some(bench.args.subscribers),
+        dropped: Some((sent * bench.args.subscribers as u64).saturating_sub(received)),
+        broker_cpu_secs: cpu,
+        received_per_broker_cpu_sec: cpu
+            .filter(|&secs| secs > 0.0)
+            .map(|secs| received_in_window as f64 / secs),
+    };
+    if bench.args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(())
+}
+
+/// The wildcard filter over `topic`'s siblings: `a/b/3` gives `a/b/#`.
+fn wildcard(topic: &str) -> String {
+    topic
+        .rsplit_once('/')
+        .map_or("#".into(), |(p, _)| format!("{p}/#"))
 }

@@ -1117,29 +1117,183 @@ mod tests {
         assert!(!debug.contains("stored_key"), "{debug}");
     }
 
+    /// The RFC user's client keys, derived once.
+    fn pencil_keys() -> &'static ClientKeys {
+        static KEYS: std::sync::LazyLock<ClientKeys> = std::sync::LazyLock::new(|| {
+            let salt = BASE64.decode(RFC_SALT).unwrap();
+            ClientKeys::derive(b"pencil", &salt, Iterations::new(4096).unwrap())
+        });
+        &KEYS
+    }
+
+    /// The proof the RFC user's client computes for client-final `without_proof`, in an
+    /// exchange that began with `client_first_bare` and `server_first`.
+    fn proof_for(client_first_bare: &str, server_first: &[u8], without_proof: &str) -> [u8; 32] {
+        let server_first = std::str::from_utf8(server_first).unwrap();
+        let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
+        let keys = pencil_keys();
+        xor(
+            &keys.client_key,
+            &hmac(&keys.stored_key, &[auth_message.as_bytes()]),
+        )
+    }
+
+    /// A server that has answered the RFC user's client-first with `client_nonce` and
+    /// `server_nonce`; also returns client-first-bare and server-first.
+    fn started(client_nonce: &str, server_nonce: &str) -> (ScramServerFirstSent, String, Vec<u8>) {
+        let bare = format!("n=user,r={client_nonce}");
+        let (state, server_first) = server()
+            .start_with_nonce(
+                format!("n,,{bare}").as_bytes(),
+                |_| Some(pencil()),
+                server_nonce,
+            )
+            .unwrap();
+        (state, bare, server_first)
+    }
+
+    /// Printable nonce characters (RFC 5802: any printable ASCII but the comma).
+    const NONCE: &str = "[!-+--~]{1,24}";
+
     proptest! {
         #[test]
-        fn server_parser_never_panics(first in proptest::collection::vec(any::<u8>(), 0..128),
-                                      last in proptest::collection::vec(any::<u8>(), 0..128)) {
+        fn arbitrary_client_final_is_rejected(
+            first in proptest::collection::vec(any::<u8>(), 0..128),
+            last in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
             let s = server();
-            let _ = s.start(&first, |_| None);
+            // Client-first from anyone: whatever it starts, no proof is known for it.
+            if let Ok((state, _)) = s.start(&first, |_| Some(pencil())) {
+                prop_assert!(state.finish(RFC_CLIENT_FINAL.as_bytes()).is_err());
+            }
             let (state, _) = s
                 .start_with_nonce(b"n,,n=user,r=abc", |_| Some(pencil()), "xyz")
                 .unwrap();
-            let _ = state.finish(&last);
+            let err = state.finish(&last).unwrap_err();
+            prop_assert!(
+                matches!(
+                    err,
+                    ScramError::Malformed(_)
+                        | ScramError::ChannelBindingMismatch
+                        | ScramError::NonceMismatch
+                        | ScramError::MandatoryExtension
+                        | ScramError::InvalidProof
+                ),
+                "{:?}: {err:?}",
+                String::from_utf8_lossy(&last)
+            );
         }
 
         #[test]
-        fn server_parser_never_panics_on_near_valid_input(
+        fn near_valid_messages_are_rejected(
             prefix in "[nyp]?,?(a=[a-z=,]{0,4})?,?(n=[a-z=2CD,]{0,6})?,?(r=[!-~]{0,6})?",
             last in "(c=[a-zA-Z0-9+/=]{0,8})?,?(r=abcxyz)?,?(p=[a-zA-Z0-9+/=]{0,48})?",
         ) {
             let s = server();
-            let _ = s.start(prefix.as_bytes(), |_| Some(pencil()));
+            if let Ok((state, _)) = s.start(prefix.as_bytes(), |_| Some(pencil())) {
+                // A client-final from another exchange proves nothing in this one.
+                prop_assert!(state.finish(RFC_CLIENT_FINAL.as_bytes()).is_err());
+            }
             let (state, _) = s
                 .start_with_nonce(b"n,,n=user,r=abc", |_| Some(pencil()), "xyz")
                 .unwrap();
-            let _ = state.finish(last.as_bytes());
+            let err = state.finish(last.as_bytes()).unwrap_err();
+            // A proof that decodes to 32 bytes after the right binding and nonce is wrong;
+            // anything else is refused before the proof is checked.
+            let wrong_proof = last
+                .strip_prefix("c=biws,r=abcxyz,p=")
+                .is_some_and(|p| BASE64.decode(p).is_ok_and(|p| p.len() == 32));
+            if wrong_proof {
+                prop_assert!(matches!(err, ScramError::InvalidProof), "{last:?}: {err:?}");
+            } else {
+                prop_assert!(
+                    matches!(
+                        err,
+                        ScramError::Malformed(_)
+                            | ScramError::ChannelBindingMismatch
+                            | ScramError::NonceMismatch
+                    ),
+                    "{last:?}: {err:?}"
+                );
+            }
+        }
+
+        /// A valid exchange is accepted, and each single change to its client-final is
+        /// refused for what it is, even with a proof computed over the changed message.
+        #[test]
+        fn tampered_client_final_is_rejected(
+            client_nonce in NONCE,
+            server_nonce in NONCE,
+            bit in 0..256usize,
+            nonce_edit in (any::<prop::sample::Index>(), "[!-+--~]"),
+            binding in prop_oneof![
+                Just(b"y,,".to_vec()),
+                Just(b"p=tls-unique,,".to_vec()),
+                Just(b"n,a=user,".to_vec()),
+                Just(b"n,,n=user".to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..16),
+            ],
+            cut in 0..44usize,
+        ) {
+            let client_final = |nonce: &str, gs2: &[u8], bare: &str, server_first: &[u8]| {
+                let without_proof = format!("c={},r={nonce}", BASE64.encode(gs2));
+                let proof = proof_for(bare, server_first, &without_proof);
+                (without_proof, proof)
+            };
+            let nonce = format!("{client_nonce}{server_nonce}");
+
+            // The valid one: accepted, and server-final carries the server's signature.
+            let (state, bare, server_first) = started(&client_nonce, &server_nonce);
+            let (without_proof, proof) = client_final(&nonce, b"n,,", &bare, &server_first);
+            let server_final = state
+                .finish(format!("{without_proof},p={}", BASE64.encode(proof)).as_bytes())
+                .unwrap();
+            let auth_message =
+                format!("{bare},{},{without_proof}", std::str::from_utf8(&server_first).unwrap());
+            let signature = hmac(&pencil_keys().server_key, &[auth_message.as_bytes()]);
+            prop_assert_eq!(server_final, format!("v={}", BASE64.encode(signature)).into_bytes());
+
+            // One bit of the proof flipped.
+            let mut flipped = proof;
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            let (state, ..) = started(&client_nonce, &server_nonce);
+            let err = state
+                .finish(format!("{without_proof},p={}", BASE64.encode(flipped)).as_bytes())
+                .unwrap_err();
+            prop_assert!(matches!(err, ScramError::InvalidProof), "{err:?}");
+
+            // The proof truncated.
+            let encoded = BASE64.encode(proof);
+            let (state, ..) = started(&client_nonce, &server_nonce);
+            let err = state
+                .finish(format!("{without_proof},p={}", &encoded[..cut]).as_bytes())
+                .unwrap_err();
+            prop_assert!(matches!(err, ScramError::Malformed("client proof")), "{err:?}");
+
+            // A wrong nonce: one character changed, the server's part dropped, or extended.
+            let (index, replacement) = nonce_edit;
+            let at = index.index(nonce.len());
+            let mut changed = nonce.clone();
+            changed.replace_range(at..=at, &replacement);
+            let wrong_nonces = [changed, client_nonce.clone(), format!("{nonce}x")];
+            for wrong in wrong_nonces.iter().filter(|n| **n != nonce) {
+                let (state, bare, server_first) = started(&client_nonce, &server_nonce);
+                let (without_proof, proof) = client_final(wrong, b"n,,", &bare, &server_first);
+                let err = state
+                    .finish(format!("{without_proof},p={}", BASE64.encode(proof)).as_bytes())
+                    .unwrap_err();
+                prop_assert!(matches!(err, ScramError::NonceMismatch), "{wrong:?}: {err:?}");
+            }
+
+            // A channel binding other than the GS2 header client-first sent.
+            if binding != b"n,," {
+                let (state, bare, server_first) = started(&client_nonce, &server_nonce);
+                let (without_proof, proof) = client_final(&nonce, &binding, &bare, &server_first);
+                let err = state
+                    .finish(format!("{without_proof},p={}", BASE64.encode(proof)).as_bytes())
+                    .unwrap_err();
+                prop_assert!(matches!(err, ScramError::ChannelBindingMismatch), "{err:?}");
+            }
         }
 
         #[test]

@@ -31,45 +31,73 @@ pub use disk::DiskStorage;
 pub use record::RecordError;
 
 /// Entry points for the fuzz targets (`fuzz/`), which feed arbitrary bytes to the decoders
-/// of stored records. Not part of the API.
+/// of stored records, and the encoders their seeds are written with. Not part of the API.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing {
-    use super::record::{self, Clock};
+    use bytes::Bytes;
+    use mqttd_proto::session::OutboundState;
+    use mqttd_proto::{Delivery, Message, PacketId};
 
-    /// Decodes `data` as every kind of stored record. Whatever a value decodes to must encode
-    /// back to bytes that decode to the same value.
-    pub fn decode_stored_records(data: &[u8]) {
+    use super::record::{self, Clock};
+    use super::SessionRecord;
+
+    /// Decodes `data` as every kind of stored record and returns the kinds it is valid as
+    /// (`"delivery"`, `"session"`, `"message"`, `"flow"`). Whatever a value decodes to must be
+    /// encoded back to exactly these bytes, which decode to an equal record (every field,
+    /// expiry times included).
+    pub fn decode_stored_records(data: &[u8]) -> Vec<&'static str> {
+        let mut kinds = Vec::new();
         let clock = Clock::now();
         let id = mqttd_proto::ClientId::try_from("fuzz").unwrap_or_default();
         if let Ok(d) = record::decode_delivery(data, 1, &clock) {
-            let again = record::decode_delivery(&record::encode_delivery(&d, &clock), 1, &clock);
-            assert_eq!(
-                again
-                    .map(|a| (a.qos, a.retain, a.subscription_ids, a.shared))
-                    .ok(),
-                Some((d.qos, d.retain, d.subscription_ids, d.shared))
-            );
+            let encoded = record::encode_delivery(&d, &clock);
+            assert_eq!(encoded, data, "delivery {d:?} re-encodes differently");
+            assert_eq!(record::decode_delivery(&encoded, 1, &clock), Ok(d));
+            kinds.push("delivery");
         }
         if let Ok(s) = record::decode_session(data, id.clone()) {
-            assert_eq!(
-                record::decode_session(&record::encode_session(&s), id).ok(),
-                Some(s)
-            );
+            let encoded = record::encode_session(&s);
+            assert_eq!(encoded, data, "session {s:?} re-encodes differently");
+            assert_eq!(record::decode_session(&encoded, id), Ok(s));
+            kinds.push("session");
         }
         if let Ok(m) = record::decode_message(data, &clock) {
-            let again = record::decode_message(&record::encode_message(&m, &clock), &clock);
-            assert_eq!(
-                again.map(|a| (a.topic, a.payload, a.properties)).ok(),
-                Some((m.topic, m.payload, m.properties))
-            );
+            let encoded = record::encode_message(&m, &clock);
+            assert_eq!(encoded, data, "message {m:?} re-encodes differently");
+            assert_eq!(record::decode_message(&encoded, &clock), Ok(m));
+            kinds.push("message");
         }
         if let Ok((id, state)) = record::decode_flow(data) {
+            let encoded = record::encode_flow(id, state);
             assert_eq!(
-                record::decode_flow(&record::encode_flow(id, state)).ok(),
-                Some((id, state))
+                encoded, data,
+                "flow {id:?} {state:?} re-encodes differently"
             );
+            assert_eq!(record::decode_flow(&encoded), Ok((id, state)));
+            kinds.push("flow");
         }
+        kinds
+    }
+
+    /// A retained message as the store keeps it.
+    pub fn encode_message(message: &Message) -> Bytes {
+        record::encode_message(message, &Clock::now())
+    }
+
+    /// A message stored for a session.
+    pub fn encode_delivery(delivery: &Delivery) -> Bytes {
+        record::encode_delivery(delivery, &Clock::now())
+    }
+
+    /// A session's record.
+    pub fn encode_session(session: &SessionRecord) -> Bytes {
+        record::encode_session(session)
+    }
+
+    /// Where a stored QoS 2 message's flow stands.
+    pub fn encode_flow(packet_id: PacketId, state: OutboundState) -> Bytes {
+        record::encode_flow(packet_id, state)
     }
 }
 
