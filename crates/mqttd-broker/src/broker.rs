@@ -586,7 +586,7 @@ impl Inner {
                 continue;
             };
             // After the wait above, `now` may predate the old connection's close.
-            let now = Instant::now();
+            let now = now.max(Instant::now());
             // A session whose expiry interval is zero ended with its connection (MQTT 5.0
             // 3.1.2.11.2; a 3.1.1 clean session): one taken over from a connection that has just
             // closed, by DISCONNECT or by this takeover, is not resumed. Ending it publishes
@@ -595,9 +595,19 @@ impl Inner {
                 self.end_session(now, &existing, Some(old));
                 continue;
             }
-            // A will whose delay is zero is due now that the old connection closed.
-            if let Some(SessionEvent::WillDue(will)) = old.handle_timeout(now) {
-                self.publish_will(now, will);
+            match old.handle_timeout(now) {
+                // A will whose delay is zero is due now that the old connection closed.
+                Some(SessionEvent::WillDue(will)) => self.publish_will(now, will),
+                // Expired before its timer ran (the broker was busy): it is over, its will is
+                // due, and the client starts afresh.
+                Some(SessionEvent::Expired { will }) => {
+                    if let Some(will) = will {
+                        self.publish_will(now, will);
+                    }
+                    self.end_session(now, &existing, Some(old));
+                    continue;
+                }
+                None => {}
             }
             let mut slot = existing.slot.lock();
             if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, online()) {
@@ -1181,6 +1191,43 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         assert_eq!(inner.metrics.session_timers.get(), 0);
+    }
+
+    /// A client that comes back after its session expired, before the expiry timer ran,
+    /// gets a new session: nothing of the old one is resumed.
+    #[tokio::test]
+    async fn an_expired_session_is_not_resumed_even_before_its_timer_ran() {
+        let inner = inner(Config::default());
+        let id = ClientId::try_from("late").unwrap();
+        let mailbox = Arc::new(Mailbox::default());
+        let start = Instant::now();
+        let acquired = inner.acquire_session(start, &id, true, 1, &mailbox).await;
+        let mut session = acquired.session;
+        session.disconnected(start, None);
+        assert_eq!(
+            session.enqueue(start, delivery(QoS::AtLeastOnce)),
+            Enqueued::Queued
+        );
+        inner.park_session(start, &acquired.handle, session, SystemTime::now());
+        // Two seconds later by the clock passed in; the timer task, on the real clock, has
+        // not run yet.
+        let later = start + Duration::from_secs(2);
+        let acquired = inner.acquire_session(later, &id, false, 1, &mailbox).await;
+        assert!(!acquired.present, "an expired session was resumed");
+        assert_eq!(acquired.session.queued().len(), 0);
+        // Within its expiry it is resumed, with what it queued.
+        let acquired2 = {
+            let mut session = acquired.session;
+            session.disconnected(later, None);
+            assert_eq!(
+                session.enqueue(later, delivery(QoS::AtLeastOnce)),
+                Enqueued::Queued
+            );
+            inner.park_session(later, &acquired.handle, session, SystemTime::now());
+            inner.acquire_session(later, &id, false, 1, &mailbox).await
+        };
+        assert!(acquired2.present);
+        assert_eq!(acquired2.session.queued().len(), 1);
     }
 
     /// What an offline session's queue holds after a QoS 0 and a QoS 1 message were routed to
