@@ -180,11 +180,6 @@ impl DiskStorage {
     pub fn path(&self) -> &Path {
         &self.shared.path
     }
-
-    /// Bytes the store takes on disk.
-    pub fn disk_space(&self) -> u64 {
-        self.shared.db.disk_space().unwrap_or(0)
-    }
 }
 
 /// Total size of the journal files in a store directory.
