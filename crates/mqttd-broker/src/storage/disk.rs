@@ -47,6 +47,30 @@ const MANIFEST: &str = "clean-shutdown";
 /// The longest shutdown waits for the manifest.
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How the committer makes the journal durable and reads the time: the store and the real
+/// clock, or in unit tests a stand-in that counts, holds back or fails its syncs and moves
+/// time by hand, so that what the watermark may claim can be checked sync by sync.
+trait SyncStep: Send + Sync + 'static {
+    /// Writes the journal to the operating system, and with [`PersistMode::SyncData`] to
+    /// stable storage; returns once it is there.
+    fn persist(&self, db: &Database, mode: PersistMode) -> Result<(), fjall::Error>;
+    /// The time the committer goes by.
+    fn now(&self) -> Instant;
+}
+
+/// The real sync step: the store's own persist, the system's clock.
+struct EngineSync;
+
+impl SyncStep for EngineSync {
+    fn persist(&self, db: &Database, mode: PersistMode) -> Result<(), fjall::Error> {
+        db.persist(mode)
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
 /// The broker's state on disk.
 pub struct DiskStorage {
     shared: Arc<Shared>,
@@ -64,6 +88,7 @@ struct Shared {
     meta: Keyspace,
     durability: Durability,
     interval: Duration,
+    sync_step: Box<dyn SyncStep>,
     written: AtomicU64,
     /// Numbers reserved by batches still being recorded.
     open_batches: Mutex<std::collections::BTreeSet<u64>>,
@@ -107,7 +132,15 @@ impl DiskStorage {
         durability: Durability,
         interval: Duration,
     ) -> Result<Self, StorageError> {
-        let path = path.into();
+        Self::open_with(path.into(), durability, interval, Box::new(EngineSync))
+    }
+
+    fn open_with(
+        path: PathBuf,
+        durability: Durability,
+        interval: Duration,
+        sync_step: Box<dyn SyncStep>,
+    ) -> Result<Self, StorageError> {
         std::fs::create_dir_all(&path).map_err(|e| {
             StorageError::Io(std::io::Error::new(
                 e.kind(),
@@ -156,6 +189,7 @@ impl DiskStorage {
             path,
             durability,
             interval,
+            sync_step,
             written: AtomicU64::new(0),
             open_batches: Mutex::default(),
             journal_cut,
@@ -349,23 +383,38 @@ impl Shared {
         open.first().map_or(written, |t| written.min(t - 1))
     }
 
+    /// How long the committer sleeps when nothing new arrives: until the next heartbeat, or,
+    /// with writes of [`Durability::Batch`] not yet synced, until their fsync is due, so that
+    /// a crash of the machine loses at most `interval` even when the traffic stops.
+    fn idle_wait(&self, now: Instant, last_fsync: Instant, unsynced: bool) -> Duration {
+        match self.durability {
+            Durability::Sync => ALIVE_EVERY,
+            Durability::Batch if unsynced => self
+                .interval
+                .saturating_sub(now.duration_since(last_fsync))
+                .min(ALIVE_EVERY),
+            Durability::Batch => ALIVE_EVERY,
+            Durability::None => self.interval.min(ALIVE_EVERY),
+        }
+    }
+
     fn commit_loop(&self) {
-        let mut last_alive = Instant::now() - ALIVE_EVERY;
-        let mut last_fsync = Instant::now();
+        let start = self.sync_step.now();
+        let mut last_alive = start.checked_sub(ALIVE_EVERY).unwrap_or(start);
+        let mut last_fsync = start;
+        // Whether a write to the operating system awaits its fsync.
+        let mut unsynced = false;
         loop {
             {
                 let mut pending = self.pending.lock();
                 if !*pending && !self.stop.load(Ordering::Acquire) {
-                    let wait = match self.durability {
-                        Durability::Sync | Durability::Batch => ALIVE_EVERY,
-                        Durability::None => self.interval.min(ALIVE_EVERY),
-                    };
+                    let wait = self.idle_wait(self.sync_step.now(), last_fsync, unsynced);
                     self.wake.wait_for(&mut pending, wait);
                 }
                 *pending = false;
             }
             let stopping = self.stop.load(Ordering::Acquire);
-            let now = Instant::now();
+            let now = self.sync_step.now();
             if now.duration_since(last_alive) >= ALIVE_EVERY && !stopping {
                 last_alive = now;
                 let stamp = record::millis(SystemTime::now()).to_be_bytes();
@@ -385,10 +434,12 @@ impl Shared {
             } else {
                 PersistMode::Buffer
             };
-            let result = self.db.persist(mode);
+            // The watermark moves only once this returned: what it claims is on disk.
+            let result = self.sync_step.persist(&self.db, mode);
             if fsync {
                 last_fsync = now;
             }
+            unsynced = !fsync;
             match result {
                 Ok(()) => {
                     if self.watermark.borrow().durable < target {
@@ -845,3 +896,6 @@ impl Drop for DiskStorage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
