@@ -22,6 +22,8 @@ use tokio::sync::watch;
 use mqttd_proto::session::OutboundState;
 use mqttd_proto::{ClientId, Delivery, Message, PacketId, SubscriptionOptions, TopicFilter, Will};
 
+#[cfg(test)]
+mod crash_points;
 mod disk;
 pub(crate) mod record;
 

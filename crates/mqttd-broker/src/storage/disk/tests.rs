@@ -135,6 +135,7 @@ fn open(dir: &Path, durability: Durability, interval: Duration) -> (Fixture, Arc
         durability,
         interval,
         Box::new(Scripted(script.clone())),
+        None,
     )
     .expect("open the store");
     (
