@@ -853,23 +853,34 @@ fn delayed_will(name: &str, payload: &'static str, delay: u32) -> Will {
     }
 }
 
-/// Client A (session expiry 60 s, will delay 1 s) and client C (will delay 30 s) are connected
-/// when the broker is killed; B holds a persistent subscription to their will topics. After
-/// the restart C comes back at once, A never does: B gets A's will within a few seconds, and
-/// not C's.
+/// Will delay of C, which comes back in time, in seconds: long enough that C surely reconnects
+/// within it after the restart, even on a slow machine.
+const C_WILL_DELAY: u32 = 8;
+/// Will delay of D, which never comes back: longer than C's, so that D's will arriving proves
+/// C's would have arrived before it had the broker not cancelled it.
+const D_WILL_DELAY: u32 = C_WILL_DELAY + 2;
+
+/// Clients A (will delay 1 s), C and D (will delays [`C_WILL_DELAY`] and [`D_WILL_DELAY`]),
+/// with session expiry 60 s, are connected when the broker is killed; B holds a persistent
+/// subscription to their will topics. After the restart C comes back at once, A and D never
+/// do: B gets A's will, then D's, and not C's. The wills reach B's session in the order they
+/// are published, and C's (counting from the same crash) would be published before D's, so
+/// D's will is the fence: once it arrived, C's would have too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn will_of_connected_client_fires_after_crash() {
     let mut broker = Broker::start(CONFIG);
     let (b, _b_events, _) = connect(&broker, persistent("b", ProtocolVersion::V5, true)).await;
     subscribe(&b, "will/#", QoS::AtLeastOnce).await;
-    let mut a_config = persistent("a", ProtocolVersion::V5, true);
-    a_config.session_expiry_interval = 60;
-    a_config.will = Some(delayed_will("will/a", "a is gone", 1));
-    let (_a, _a_events, _) = connect(&broker, a_config).await;
-    let mut c_config = persistent("c", ProtocolVersion::V5, true);
-    c_config.session_expiry_interval = 60;
-    c_config.will = Some(delayed_will("will/c", "c is gone", 30));
+    let with_will = |id: &str, payload: &'static str, delay: u32| {
+        let mut config = persistent(id, ProtocolVersion::V5, true);
+        config.session_expiry_interval = 60;
+        config.will = Some(delayed_will(&format!("will/{id}"), payload, delay));
+        config
+    };
+    let (_a, _a_events, _) = connect(&broker, with_will("a", "a is gone", 1)).await;
+    let mut c_config = with_will("c", "c is gone", C_WILL_DELAY);
     let (_c, _c_events, _) = connect(&broker, c_config.clone()).await;
+    let (_d, _d_events, _) = connect(&broker, with_will("d", "d is gone", D_WILL_DELAY)).await;
 
     broker.kill();
     broker.restart();
@@ -880,19 +891,27 @@ async fn will_of_connected_client_fires_after_crash() {
     let (_b, mut b_events, present) =
         connect(&broker, persistent("b", ProtocolVersion::V5, false)).await;
     assert!(present, "b: session present after kill -9 and restart");
-    let got = collect(&mut b_events, TEN_S, TEN_S, Duration::from_secs(2), |m| {
-        m.iter().any(|m| m.topic.as_str() == "will/a")
+    // Only a hang reaches this: D's will is due D_WILL_DELAY after the crash.
+    let wait = Duration::from_secs(u64::from(D_WILL_DELAY) + 60);
+    let got = collect(&mut b_events, wait, wait, Duration::ZERO, |m| {
+        m.iter().any(|m| m.topic.as_str() == "will/d")
     })
     .await;
+    let wills: Vec<(&str, &Bytes)> = got.iter().map(|m| (m.topic.as_str(), &m.payload)).collect();
     assert!(
-        got.iter()
-            .any(|m| m.topic.as_str() == "will/a" && m.payload == "a is gone"),
-        "a's will (delay 1 s) not published within 10 s of the restart; b got {got:?}\n{}",
+        wills.contains(&("will/d", &Bytes::from("d is gone"))),
+        "d's will (delay {D_WILL_DELAY} s) not published within {wait:?} of the restart; b got \
+         {wills:?}\n{}",
         broker.log_tail()
     );
     assert!(
-        !got.iter().any(|m| m.topic.as_str() == "will/c"),
-        "c's will published although c resumed its session within its will delay: {got:?}"
+        wills.contains(&("will/a", &Bytes::from("a is gone"))),
+        "a's will (delay 1 s) not published before d's; b got {wills:?}\n{}",
+        broker.log_tail()
+    );
+    assert!(
+        !wills.iter().any(|(t, _)| *t == "will/c"),
+        "c's will published although c resumed its session within its will delay: {wills:?}"
     );
     c.disconnect(ReasonCode::Success, None)
         .await
