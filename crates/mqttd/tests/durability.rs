@@ -386,6 +386,12 @@ async fn qos1_and_qos2_survive_kill_9() {
 
 /// `durability = "batch"` acknowledges once a change is written to the operating system, not
 /// synced: a crash of the broker alone (kill -9) must still lose nothing.
+///
+/// kill -9 cannot tell an fsync from a plain write, so this test and the one above catch the
+/// same failures. That under "sync" the watermark passes a change only once the fsync covering
+/// it returned, and that "batch" fsyncs every `sync_interval`, is checked sync by sync in the
+/// storage's unit tests (`mqttd-broker/src/storage/disk/tests.rs`); what a power cut at any
+/// write leaves is checked in `mqttd-broker/src/storage/crash_points.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_and_qos2_survive_kill_9_with_batch_durability() {
     qos1_and_qos2_survive_kill_9_with(
