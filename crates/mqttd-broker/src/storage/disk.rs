@@ -47,6 +47,95 @@ const MANIFEST: &str = "clean-shutdown";
 /// The longest shutdown waits for the manifest.
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How the committer makes the journal durable and reads the time: the store and the real
+/// clock, or in unit tests a stand-in that counts, holds back or fails its syncs and moves
+/// time by hand, so that what the watermark may claim can be checked sync by sync.
+trait SyncStep: Send + Sync + 'static {
+    /// Writes the journal to the operating system, and with [`PersistMode::SyncData`] to
+    /// stable storage; returns once it is there.
+    fn persist(&self, db: &Database, mode: PersistMode) -> Result<(), fjall::Error>;
+    /// The time the committer goes by.
+    fn now(&self) -> Instant;
+}
+
+/// The real sync step: the store's own persist, the system's clock.
+struct EngineSync;
+
+impl SyncStep for EngineSync {
+    fn persist(&self, db: &Database, mode: PersistMode) -> Result<(), fjall::Error> {
+        db.persist(mode)
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A simulated power cut, for the crash-point tests: the first `writes` writes of data reach
+/// the store and nothing after them does, as if the machine lost power right there. The
+/// watermark never passes a change that lost a write, so nothing that depends on one is
+/// acknowledged.
+#[derive(Debug)]
+pub(crate) struct PowerCut {
+    /// Writes that still reach the store.
+    left: AtomicU64,
+    /// Writes attempted: where a cut can fall.
+    writes: AtomicU64,
+    /// A write was lost.
+    cut: AtomicBool,
+    /// The lowest change number assigned after the cut; `u64::MAX` before it.
+    first_lost: AtomicU64,
+}
+
+impl PowerCut {
+    /// A cut after `writes` writes (`u64::MAX`: never, to count a run's writes).
+    #[cfg(test)]
+    pub(crate) fn after(writes: u64) -> Arc<Self> {
+        Arc::new(Self {
+            left: AtomicU64::new(writes),
+            writes: AtomicU64::new(0),
+            cut: AtomicBool::new(false),
+            first_lost: AtomicU64::new(u64::MAX),
+        })
+    }
+
+    /// Whether a write was lost.
+    pub(crate) fn happened(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+
+    /// Writes attempted so far.
+    #[cfg(test)]
+    pub(crate) fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Acquire)
+    }
+
+    /// Takes one write: whether it reaches the store.
+    fn write(&self) -> bool {
+        self.writes.fetch_add(1, Ordering::AcqRel);
+        let kept = self
+            .left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| l.checked_sub(1))
+            .is_ok();
+        if !kept {
+            self.cut.store(true, Ordering::Release);
+        }
+        kept
+    }
+
+    /// A change numbered `ticket` or later is being recorded: after the cut, it counts as
+    /// lost.
+    fn recorded(&self, ticket: u64) {
+        if self.happened() {
+            self.first_lost.fetch_min(ticket, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Gives each store its own number for the thread-local batch state, even at an address a
+/// dropped store had.
+static NEXT_STORE_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
 /// The broker's state on disk.
 pub struct DiskStorage {
     shared: Arc<Shared>,
@@ -54,6 +143,7 @@ pub struct DiskStorage {
 }
 
 struct Shared {
+    id: usize,
     path: PathBuf,
     db: Database,
     sessions: Keyspace,
@@ -64,6 +154,8 @@ struct Shared {
     meta: Keyspace,
     durability: Durability,
     interval: Duration,
+    sync_step: Box<dyn SyncStep>,
+    power_cut: Option<Arc<PowerCut>>,
     written: AtomicU64,
     /// Numbers reserved by batches still being recorded.
     open_batches: Mutex<std::collections::BTreeSet<u64>>,
@@ -107,7 +199,39 @@ impl DiskStorage {
         durability: Durability,
         interval: Duration,
     ) -> Result<Self, StorageError> {
-        let path = path.into();
+        Self::open_with(
+            path.into(),
+            durability,
+            interval,
+            Box::new(EngineSync),
+            None,
+        )
+    }
+
+    /// Opens the store with a simulated power cut.
+    #[cfg(test)]
+    pub(crate) fn open_with_power_cut(
+        path: PathBuf,
+        durability: Durability,
+        interval: Duration,
+        power_cut: Arc<PowerCut>,
+    ) -> Result<Self, StorageError> {
+        Self::open_with(
+            path,
+            durability,
+            interval,
+            Box::new(EngineSync),
+            Some(power_cut),
+        )
+    }
+
+    fn open_with(
+        path: PathBuf,
+        durability: Durability,
+        interval: Duration,
+        sync_step: Box<dyn SyncStep>,
+        power_cut: Option<Arc<PowerCut>>,
+    ) -> Result<Self, StorageError> {
         std::fs::create_dir_all(&path).map_err(|e| {
             StorageError::Io(std::io::Error::new(
                 e.kind(),
@@ -156,6 +280,9 @@ impl DiskStorage {
             path,
             durability,
             interval,
+            sync_step,
+            power_cut,
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             written: AtomicU64::new(0),
             open_batches: Mutex::default(),
             journal_cut,
@@ -176,14 +303,19 @@ impl DiskStorage {
         })
     }
 
+    /// After a simulated power cut: declares the store failed, so that connections stop
+    /// waiting for changes it will never make durable and the broker shuts down at once.
+    #[cfg(test)]
+    pub(crate) fn power_off(&self) {
+        if self.shared.powered() {
+            return;
+        }
+        self.shared.watermark.send_modify(|w| w.failed = true);
+    }
+
     /// Where the store lives.
     pub fn path(&self) -> &Path {
         &self.shared.path
-    }
-
-    /// Bytes the store takes on disk.
-    pub fn disk_space(&self) -> u64 {
-        self.shared.db.disk_space().unwrap_or(0)
     }
 }
 
@@ -233,14 +365,15 @@ impl Counts {
 
 /// Where a recording operation writes.
 enum Sink<'a> {
-    Direct,
+    Direct(&'a Shared),
     Batch(&'a mut fjall::OwnedWriteBatch),
 }
 
 impl Sink<'_> {
     fn insert(&mut self, ks: &Keyspace, key: Vec<u8>, value: Vec<u8>) -> Result<(), fjall::Error> {
         match self {
-            Self::Direct => ks.insert(key, value),
+            Self::Direct(s) if !s.write() => Ok(()),
+            Self::Direct(_) => ks.insert(key, value),
             Self::Batch(b) => {
                 b.insert(ks, key, value);
                 Ok(())
@@ -250,7 +383,8 @@ impl Sink<'_> {
 
     fn remove(&mut self, ks: &Keyspace, key: Vec<u8>) -> Result<(), fjall::Error> {
         match self {
-            Self::Direct => ks.remove(key),
+            Self::Direct(s) if !s.write() => Ok(()),
+            Self::Direct(_) => ks.remove(key),
             Self::Batch(b) => {
                 b.remove(ks, key);
                 Ok(())
@@ -303,7 +437,24 @@ fn split_key(key: &[u8]) -> Option<(ClientId, &[u8])> {
 
 impl Shared {
     fn id(&self) -> usize {
-        std::ptr::from_ref(self) as usize
+        self.id
+    }
+
+    /// Takes one write of data: false if a simulated power cut lost it.
+    fn write(&self) -> bool {
+        self.power_cut.as_ref().is_none_or(|c| c.write())
+    }
+
+    /// Whether the (simulated) power is still on: otherwise nothing at all is written.
+    fn powered(&self) -> bool {
+        self.power_cut.as_ref().is_none_or(|c| !c.happened())
+    }
+
+    /// Change `ticket` was recorded.
+    fn recorded(&self, ticket: u64) {
+        if let Some(c) = &self.power_cut {
+            c.recorded(ticket);
+        }
     }
 
     /// Runs one recording operation: into this thread's open batch, or straight into the
@@ -319,7 +470,9 @@ impl Shared {
         });
         let result = match batched {
             Ok(result) => result,
-            Err(Some(op)) => op(&mut Sink::Direct).map(|()| {
+            Err(Some(op)) => op(&mut Sink::Direct(self)).map(|()| {
+                // Before the number is taken, so that the committer never sees it unmarked.
+                self.recorded(self.written.load(Ordering::Acquire) + 1);
                 let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
                 LAST.set((self.id(), ticket));
             }),
@@ -354,24 +507,39 @@ impl Shared {
         open.first().map_or(written, |t| written.min(t - 1))
     }
 
+    /// How long the committer sleeps when nothing new arrives: until the next heartbeat, or,
+    /// with writes of [`Durability::Batch`] not yet synced, until their fsync is due, so that
+    /// a crash of the machine loses at most `interval` even when the traffic stops.
+    fn idle_wait(&self, now: Instant, last_fsync: Instant, unsynced: bool) -> Duration {
+        match self.durability {
+            Durability::Sync => ALIVE_EVERY,
+            Durability::Batch if unsynced => self
+                .interval
+                .saturating_sub(now.duration_since(last_fsync))
+                .min(ALIVE_EVERY),
+            Durability::Batch => ALIVE_EVERY,
+            Durability::None => self.interval.min(ALIVE_EVERY),
+        }
+    }
+
     fn commit_loop(&self) {
-        let mut last_alive = Instant::now() - ALIVE_EVERY;
-        let mut last_fsync = Instant::now();
+        let start = self.sync_step.now();
+        let mut last_alive = start.checked_sub(ALIVE_EVERY).unwrap_or(start);
+        let mut last_fsync = start;
+        // Whether a write to the operating system awaits its fsync.
+        let mut unsynced = false;
         loop {
             {
                 let mut pending = self.pending.lock();
                 if !*pending && !self.stop.load(Ordering::Acquire) {
-                    let wait = match self.durability {
-                        Durability::Sync | Durability::Batch => ALIVE_EVERY,
-                        Durability::None => self.interval.min(ALIVE_EVERY),
-                    };
+                    let wait = self.idle_wait(self.sync_step.now(), last_fsync, unsynced);
                     self.wake.wait_for(&mut pending, wait);
                 }
                 *pending = false;
             }
             let stopping = self.stop.load(Ordering::Acquire);
-            let now = Instant::now();
-            if now.duration_since(last_alive) >= ALIVE_EVERY && !stopping {
+            let now = self.sync_step.now();
+            if now.duration_since(last_alive) >= ALIVE_EVERY && !stopping && self.powered() {
                 last_alive = now;
                 let stamp = record::millis(SystemTime::now()).to_be_bytes();
                 if let Err(e) = self.meta.insert(ALIVE, stamp.to_vec()) {
@@ -379,6 +547,10 @@ impl Shared {
                 }
             }
             let target = self.committable();
+            // Never past a change a simulated power cut lost.
+            let target = self.power_cut.as_ref().map_or(target, |c| {
+                target.min(c.first_lost.load(Ordering::Acquire).saturating_sub(1))
+            });
             let fsync = match self.durability {
                 Durability::Sync => true,
                 Durability::Batch | Durability::None => {
@@ -390,10 +562,12 @@ impl Shared {
             } else {
                 PersistMode::Buffer
             };
-            let result = self.db.persist(mode);
+            // The watermark moves only once this returned: what it claims is on disk.
+            let result = self.sync_step.persist(&self.db, mode);
             if fsync {
                 last_fsync = now;
             }
+            unsynced = !fsync;
             match result {
                 Ok(()) => {
                     if self.watermark.borrow().durable < target {
@@ -765,11 +939,12 @@ impl Storage for DiskStorage {
             return false;
         };
         let recorded = open.len > 0;
-        if recorded {
+        if recorded && s.write() {
             if let Err(e) = open.batch.commit() {
                 s.fail(&e);
             }
         }
+        s.recorded(open.ticket);
         s.open_batches.lock().remove(&open.ticket);
         LAST.set((s.id(), open.ticket));
         s.wake_committer();
@@ -802,6 +977,9 @@ impl Storage for DiskStorage {
 
     fn close(&self) {
         let s = &*self.shared;
+        if !s.powered() {
+            return;
+        }
         if let Err(e) = s.meta.insert(CLEAN, vec![1]) {
             warn!(error = %e, "cannot mark the store as cleanly closed");
         }
@@ -850,3 +1028,6 @@ impl Drop for DiskStorage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -13,9 +13,7 @@
 //! [`MemoryStorage`] keeps nothing beyond the broker's own memory; [`DiskStorage`] keeps an
 //! embedded store in the data directory.
 
-use std::future::Future;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -24,6 +22,8 @@ use tokio::sync::watch;
 use mqttd_proto::session::OutboundState;
 use mqttd_proto::{ClientId, Delivery, Message, PacketId, SubscriptionOptions, TopicFilter, Will};
 
+#[cfg(test)]
+mod crash_points;
 mod disk;
 pub(crate) mod record;
 
@@ -201,9 +201,6 @@ pub struct Watermark {
     pub failed: bool,
 }
 
-/// A future that resolves once earlier changes are durable.
-pub type SyncFuture = Pin<Box<dyn Future<Output = Result<(), StorageError>> + Send>>;
-
 /// Durable storage for the broker's state. Calls record changes in the order they are made;
 /// none is durable until the [`Storage::watermark`] passes its number, so an implementation
 /// batches the changes of many connections into one write (group commit). Recording calls do
@@ -267,23 +264,6 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Follows how far changes are durable.
     fn watermark(&self) -> watch::Receiver<Watermark>;
-
-    /// Resolves once every change recorded before the call is durable.
-    fn sync(&self) -> SyncFuture {
-        let target = self.written();
-        let mut rx = self.watermark();
-        Box::pin(async move {
-            let w = *rx
-                .wait_for(|w| w.durable >= target || w.failed)
-                .await
-                .map_err(|_| StorageError::Engine("storage closed".into()))?;
-            if w.durable >= target {
-                Ok(())
-            } else {
-                Err(StorageError::Engine("storage failed".into()))
-            }
-        })
-    }
 
     /// Whether connections must wait for the watermark; false when nothing is kept or
     /// acknowledgements do not wait (`durability = "none"`).

@@ -1,0 +1,334 @@
+//! The committer, sync by sync: a scripted [`SyncStep`] holds each sync until the test lets it
+//! return (or fails it), and moves the committer's clock by hand, so that what the watermark
+//! may claim is checked at moments the test chooses, with no timing involved.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::*;
+use crate::storage::{SessionRecord, Storage};
+
+/// Upper bound on waiting for the committer: only a hang reaches it.
+const HANG: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct State {
+    /// Syncs begun.
+    entered: usize,
+    /// Syncs allowed to return (by number, from 1).
+    released: usize,
+    /// Every sync returns at once.
+    open: bool,
+    /// The sync (by number) that fails.
+    fail: Option<usize>,
+    /// Each sync: whether it was an fsync, and the committer's clock when it began.
+    calls: Vec<(bool, Instant)>,
+    now: Instant,
+}
+
+/// A [`SyncStep`] driven by the test.
+struct Script {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+struct Scripted(Arc<Script>);
+
+impl SyncStep for Scripted {
+    fn persist(&self, db: &Database, mode: PersistMode) -> Result<(), fjall::Error> {
+        let script = &*self.0;
+        let mut state = script.state.lock();
+        state.entered += 1;
+        let me = state.entered;
+        let now = state.now;
+        state.calls.push((mode == PersistMode::SyncData, now));
+        script.changed.notify_all();
+        while !state.open && state.released < me {
+            script.changed.wait(&mut state);
+        }
+        let fail = state.fail == Some(me);
+        drop(state);
+        if fail {
+            return Err(fjall::Error::Io(std::io::Error::other(
+                "injected sync failure",
+            )));
+        }
+        db.persist(mode)
+    }
+
+    fn now(&self) -> Instant {
+        self.0.state.lock().now
+    }
+}
+
+impl Script {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                entered: 0,
+                released: 0,
+                open: false,
+                fail: None,
+                calls: Vec::new(),
+                now: Instant::now(),
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// Waits until sync number `n` began (and, unless released, is held).
+    fn entered(&self, n: usize) {
+        let deadline = Instant::now() + HANG;
+        let mut state = self.state.lock();
+        while state.entered < n {
+            assert!(
+                !self.changed.wait_until(&mut state, deadline).timed_out(),
+                "sync {n} never began"
+            );
+        }
+    }
+
+    /// Lets sync number `n` (and those before it) return.
+    fn release(&self, n: usize) {
+        self.state.lock().released = n;
+        self.changed.notify_all();
+    }
+
+    /// Lets every sync through, so that the committer can stop.
+    fn open(&self) {
+        self.state.lock().open = true;
+        self.changed.notify_all();
+    }
+
+    fn advance(&self, by: Duration) {
+        self.state.lock().now += by;
+    }
+}
+
+/// A store under a script. Dropping it (a failed assertion too) lets every sync through
+/// first, so that the committer can stop.
+struct Fixture {
+    storage: Option<DiskStorage>,
+    script: Arc<Script>,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = DiskStorage;
+
+    fn deref(&self) -> &DiskStorage {
+        self.storage.as_ref().expect("open until dropped")
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.script.open();
+        drop(self.storage.take());
+    }
+}
+
+fn open(dir: &Path, durability: Durability, interval: Duration) -> (Fixture, Arc<Script>) {
+    let script = Script::new();
+    let storage = DiskStorage::open_with(
+        dir.to_path_buf(),
+        durability,
+        interval,
+        Box::new(Scripted(script.clone())),
+        None,
+    )
+    .expect("open the store");
+    (
+        Fixture {
+            storage: Some(storage),
+            script: script.clone(),
+        },
+        script,
+    )
+}
+
+/// Records one change.
+fn change(storage: &DiskStorage, n: usize) {
+    storage.save_session(&SessionRecord {
+        client_id: ClientId::try_from(format!("client-{n}").as_str()).expect("client id"),
+        expiry_interval: 60,
+        subscriptions: Vec::new(),
+        will: None,
+        disconnected_at: None,
+    });
+}
+
+fn watermark(storage: &DiskStorage) -> Watermark {
+    *storage.shared.watermark.borrow()
+}
+
+/// Waits until `done` holds for the watermark.
+fn wait_for(storage: &DiskStorage, what: &str, done: impl Fn(Watermark) -> bool) {
+    let deadline = Instant::now() + HANG;
+    while !done(watermark(storage)) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: watermark {:?}",
+            watermark(storage)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Under `durability = "sync"` the watermark covers a change only once an fsync that began
+/// after the change returned: not while that fsync runs, and not through an fsync that began
+/// before the change.
+#[test]
+fn sync_watermark_passes_a_change_only_after_the_fsync_covering_it_returned() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (storage, script) = open(dir.path(), Durability::Sync, Duration::from_millis(100));
+
+    // Sync 1 began before any change: it covers none of the changes made while it runs.
+    script.entered(1);
+    for n in 1..=3 {
+        change(&storage, n);
+    }
+    assert_eq!(storage.written(), 3);
+    assert_eq!(
+        watermark(&storage).durable,
+        0,
+        "during a sync that began before"
+    );
+    script.release(1);
+    // Sync 2 began after changes 1 to 3 (they woke the committer); sync 1 has returned.
+    script.entered(2);
+    assert_eq!(
+        watermark(&storage).durable,
+        0,
+        "after a sync that began before the changes"
+    );
+    assert!(script.state.lock().calls.iter().all(|(fsync, _)| *fsync));
+    change(&storage, 4);
+    assert_eq!(
+        watermark(&storage).durable,
+        0,
+        "while the fsync covering changes 1 to 3 runs"
+    );
+    script.release(2);
+    script.entered(3);
+    assert_eq!(
+        watermark(&storage),
+        Watermark {
+            durable: 3,
+            failed: false
+        },
+        "after the fsync that began after changes 1 to 3 and before change 4"
+    );
+    script.release(3);
+    wait_for(&storage, "change 4 synced", |w| w.durable == 4);
+    script.open();
+}
+
+/// A failed sync stops the watermark where it stood, marks it failed, and nothing afterwards
+/// moves it again.
+#[test]
+fn a_failed_sync_stops_the_watermark_for_good() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (storage, script) = open(dir.path(), Durability::Sync, Duration::from_millis(100));
+    script.state.lock().fail = Some(3);
+
+    script.entered(1);
+    change(&storage, 1);
+    script.release(1);
+    script.entered(2);
+    change(&storage, 2);
+    script.release(2);
+    // Sync 3 covers change 2 and fails.
+    script.entered(3);
+    assert_eq!(watermark(&storage).durable, 1);
+    script.release(3);
+    wait_for(&storage, "the failure reported", |w| w.failed);
+    assert_eq!(watermark(&storage).durable, 1, "change 2 was never synced");
+    // The committer stops: later changes are never declared durable.
+    let deadline = Instant::now() + HANG;
+    while !storage
+        .committer
+        .lock()
+        .as_ref()
+        .is_some_and(std::thread::JoinHandle::is_finished)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the committer runs on after a failed sync"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    change(&storage, 3);
+    assert_eq!(
+        watermark(&storage),
+        Watermark {
+            durable: 1,
+            failed: true
+        }
+    );
+    assert_eq!(script.state.lock().entered, 3, "no sync after the failure");
+    script.open();
+}
+
+/// Under `durability = "batch"` a commit writes to the operating system, and is an fsync as
+/// soon as `interval` passed since the last one: the committer's clock advances 40 ms between
+/// commits, and every commit at or past 100 ms since the last fsync must be one.
+#[test]
+fn batch_durability_fsyncs_at_least_every_interval() {
+    const INTERVAL: Duration = Duration::from_millis(100);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (storage, script) = open(dir.path(), Durability::Batch, INTERVAL);
+    let start = script.state.lock().now;
+    for n in 1..=12 {
+        script.entered(n);
+        script.advance(Duration::from_millis(40));
+        change(&storage, n);
+        script.release(n);
+    }
+    script.entered(13);
+    let calls = script.state.lock().calls.clone();
+    script.open();
+
+    let mut last_fsync = start;
+    let mut fsyncs = 0;
+    for (i, (fsync, at)) in calls.iter().enumerate() {
+        let since = at.duration_since(last_fsync);
+        assert_eq!(
+            *fsync,
+            since >= INTERVAL,
+            "commit {i}: {since:?} after the last fsync; commits: {:?}",
+            calls
+                .iter()
+                .map(|(f, at)| (*f, at.duration_since(start)))
+                .collect::<Vec<_>>()
+        );
+        if *fsync {
+            last_fsync = *at;
+            fsyncs += 1;
+        }
+    }
+    assert!(fsyncs >= 3, "{fsyncs} fsyncs over {} commits", calls.len());
+    // Writes to the operating system count for the watermark under "batch".
+    wait_for(&storage, "batch watermark", |w| w.durable >= 12);
+}
+
+/// With nothing new to write, the committer under `durability = "batch"` sleeps only until the
+/// fsync of what it wrote is due, not until its next heartbeat.
+#[test]
+fn batch_committer_wakes_for_the_fsync_that_is_due() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (storage, script) = open(dir.path(), Durability::Batch, Duration::from_millis(100));
+    script.open();
+    let s = &*storage.shared;
+    let t = Instant::now();
+    let ms = Duration::from_millis;
+    assert_eq!(s.idle_wait(t + ms(30), t, true), ms(70));
+    assert_eq!(s.idle_wait(t + ms(150), t, true), Duration::ZERO);
+    assert_eq!(s.idle_wait(t + ms(30), t, false), ALIVE_EVERY);
+    drop(storage);
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (storage, script) = open(dir.path(), Durability::Sync, Duration::from_millis(100));
+    script.open();
+    assert_eq!(storage.shared.idle_wait(t, t, true), ALIVE_EVERY);
+}
