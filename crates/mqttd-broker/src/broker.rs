@@ -276,7 +276,10 @@ impl SessionHandle {
         if update_flag(&self.congested, congested) && !congested {
             update_flag(&self.stalled, false);
             self.progress.fetch_add(1, Ordering::Relaxed);
-            self.room.notify_waiters();
+            // One publisher at a time, in the order they started to wait: the first one
+            // woken usually fills the output again, and waking them all would have the rest
+            // find it backed up and go back to sleep.
+            self.room.notify_one();
         }
     }
 }

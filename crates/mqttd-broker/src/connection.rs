@@ -47,6 +47,8 @@ use crate::storage::{StoredWill, Watermark};
 /// Output waiting beyond this many bytes pauses reading and makes publishers of QoS 0
 /// messages for this client wait (see `SessionHandle::congested`).
 const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// Publishers held back by this client's output resume once it is below this many bytes.
+const WRITE_LOW_WATER: usize = 64 * 1024;
 /// Output waiting beyond this many bytes drops QoS 0 deliveries: what the mailbox held when
 /// the publishers started to wait lands between the two marks.
 const QOS0_DROP_AT: usize = 4 * WRITE_HIGH_WATER;
@@ -361,7 +363,14 @@ impl Connection {
                         (limits.max_messages + window).saturating_sub(used),
                     )
                 });
-                handle.set_congested(!reading);
+                // Hysteresis: publishers woken when the output drains have room for a good
+                // batch each before it backs up again, instead of a few messages per wake-up.
+                let limit = if handle.congested.load(std::sync::atomic::Ordering::Relaxed) {
+                    WRITE_LOW_WATER
+                } else {
+                    WRITE_HIGH_WATER
+                };
+                handle.set_congested(self.wbuf.len() >= limit);
                 handle.set_saturated(saturated);
                 let before = handle.capacity.load(std::sync::atomic::Ordering::Relaxed);
                 if before != capacity {

@@ -143,9 +143,24 @@ impl Publishers {
     }
 }
 
+/// Pins every thread of process `pid` to CPU `cpu` (threads it starts later inherit it).
+fn pin(pid: u32, cpu: u32) {
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run taskset (util-linux)");
+    assert!(status.success(), "taskset failed for pid {pid}");
+}
+
 #[test]
 fn qos0_fan_in_overload_delivers_what_it_reads() {
     let broker = Broker::start("");
+    // One core for the broker, the other for this load generator: the broker's CPU time per
+    // message then measures its work, not how much of it ran in parallel on both cores (which
+    // costs more per message, with publishers or without).
+    pin(broker.pid(), 0);
+    pin(std::process::id(), 1);
     let packet = publish_packet();
     let chunk: Arc<Vec<u8>> = Arc::new(packet.repeat(64 * 1024 / packet.len()));
     let sub = Subscriber::start(broker.mqtt, packet.len());
