@@ -20,6 +20,7 @@ use std::time::{Instant, SystemTime};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use mqttd_proto::codec::PacketReader;
@@ -47,6 +48,14 @@ const MAX_READ: usize = 64 * 1024;
 /// read from, so a subscriber that is slow but reading sets the pace instead of losing
 /// messages, while one that stopped reading holds its publishers up only this long.
 const BACKPRESSURE_WAIT: std::time::Duration = std::time::Duration::from_millis(25);
+/// How long, after the broker ended a connection (DISCONNECT, a refusing CONNACK, a timeout),
+/// it goes on reading and discarding what the client still sends, unless the client closes
+/// its end first. Closing a socket with unread input makes the kernel reset the connection,
+/// which fails the client's writes and can discard the answer it has not read yet; reading
+/// until the client has seen the close lets it learn why.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+/// The buffer input is discarded through while lingering: all a lingering connection holds.
+const LINGER_BUF: usize = 2048;
 
 /// Runs a connection to completion.
 pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: Peer)
@@ -62,8 +71,25 @@ where
     );
     inner.metrics.connections_open.inc();
     let mut task = Connection::new(inner.clone(), peer);
-    task.run(stream).instrument(span).await;
+    let rest = task.run(stream).instrument(span).await;
+    // Nothing of the connection but its socket stays while it lingers.
+    drop(task);
+    if let Some(stream) = rest {
+        linger(stream, &inner.shutdown).await;
+    }
     inner.metrics.connections_open.dec();
+}
+
+/// Reads and discards the client's input after the broker ended the connection and shut down
+/// its side, until the client closes its end, [`LINGER`] passes, or the broker shuts down.
+async fn linger<S: AsyncRead + Unpin>(mut stream: S, shutdown: &CancellationToken) {
+    let mut buf = vec![0; LINGER_BUF];
+    let discard = async { while let Ok(1..) = stream.read(&mut buf).await {} };
+    tokio::select! {
+        _ = discard => {}
+        _ = tokio::time::sleep(LINGER) => {}
+        _ = shutdown.cancelled() => {}
+    }
 }
 
 struct Connection {
@@ -91,6 +117,8 @@ struct Connection {
     gate: Option<Box<Gate>>,
     /// A publication waiting for room in full subscriber queues before it is acknowledged.
     blocked: Option<Box<BlockedPublish>>,
+    /// Whether the client ended the connection (DISCONNECT, or its transport closed).
+    closed_by_client: bool,
 }
 
 struct BlockedPublish {
@@ -203,6 +231,7 @@ impl Connection {
             needs: 0,
             gate: None,
             blocked: None,
+            closed_by_client: false,
         }
     }
 
@@ -255,7 +284,9 @@ impl Connection {
             .map_or(self.wbuf.len(), |g| g.writable(self.wbuf.len()))
     }
 
-    async fn run<S>(&mut self, stream: S)
+    /// Drives the connection until it closes; returns the stream, its writing side shut down,
+    /// if the broker ended the connection, for the caller to [`linger`] on.
+    async fn run<S>(&mut self, stream: S) -> Option<S>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin,
     {
@@ -430,6 +461,7 @@ impl Connection {
         }
         let _ = wr.shutdown().await;
         self.hand_off_session();
+        (!self.closed_by_client).then(|| rd.unsplit(wr))
     }
 
     fn flush_transmits(&mut self) {
@@ -579,6 +611,7 @@ impl Connection {
                     }
                 }
                 Event::Closed { reason, by_client } => {
+                    self.closed_by_client = by_client;
                     if let Some(client) = &self.client {
                         self.inner.metrics.clients_connected.dec();
                         info!(%reason, by_client, "client disconnected");
