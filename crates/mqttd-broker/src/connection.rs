@@ -649,18 +649,70 @@ impl Connection {
             }
             return;
         }
-        let attempt = ConnectAttempt {
-            client_id: &connect.client_id,
-            username: connect.username.as_ref(),
-            password: connect.password.as_ref(),
-            version: connect.protocol,
-            peer: &self.peer,
+        let verdict = if connect.username.is_some() && self.inner.auth.load().passwords.is_some() {
+            match self.authenticate_blocking(connect).await {
+                Some(verdict) => verdict,
+                None => return,
+            }
+        } else {
+            self.inner.authenticate(&ConnectAttempt {
+                client_id: &connect.client_id,
+                username: connect.username.as_ref(),
+                password: connect.password.as_ref(),
+                version: connect.protocol,
+                peer: &self.peer,
+            })
         };
-        if let Err(reason) = self.inner.authenticate(&attempt) {
+        if let Err(reason) = verdict {
             info!(%reason, username = ?connect.username, "authentication failed");
             return self.refuse(now, reason);
         }
         self.finish_connect(request, None).await;
+    }
+
+    /// Authenticates a CONNECT whose password is checked against the password file: costly
+    /// work, done off the runtime's worker threads with a bounded number at once (see
+    /// [`crate::auth`]). The wait for a turn ends at the CONNECT deadline or at shutdown, with
+    /// a refusal; then `None`.
+    async fn authenticate_blocking(
+        &mut self,
+        connect: &mqttd_proto::Connect,
+    ) -> Option<Result<(), ReasonCode>> {
+        let inner = self.inner.clone();
+        let peer = self.peer.clone();
+        let client_id = connect.client_id.clone();
+        let username = connect.username.clone();
+        let password = connect.password.clone();
+        let version = connect.protocol;
+        let verify = crate::auth::verify_blocking(move || {
+            inner.authenticate(&ConnectAttempt {
+                client_id: &client_id,
+                username: username.as_ref(),
+                password: password.as_ref(),
+                version,
+                peer: &peer,
+            })
+        });
+        let deadline = self
+            .conn
+            .poll_timeout()
+            .map(|t| tokio::time::Instant::now() + t.saturating_duration_since(Instant::now()));
+        let reason = tokio::select! {
+            verdict = verify => match verdict {
+                Some(verdict) => return Some(verdict),
+                None => {
+                    warn!("authentication failed unexpectedly");
+                    ReasonCode::UnspecifiedError
+                }
+            },
+            _ = sleep_until(deadline) => {
+                info!("no turn to check the password before the CONNECT deadline");
+                ReasonCode::ServerBusy
+            }
+            _ = self.inner.shutdown.cancelled() => ReasonCode::ServerUnavailable,
+        };
+        let _ = self.conn.reject(Instant::now(), reason);
+        None
     }
 
     fn refuse(&mut self, now: Instant, reason: ReasonCode) {
