@@ -25,6 +25,7 @@ use std::time::{Instant, SystemTime};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use mqttd_proto::codec::PacketReader;
@@ -64,6 +65,14 @@ const MAX_READ: usize = 64 * 1024;
 /// a stopped one (at 25 ms, four raw publishers on a loaded two-core machine made the broker
 /// drop 98% for a subscriber that was reading).
 const BACKPRESSURE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long, after the broker ended a connection (DISCONNECT, a refusing CONNACK, a timeout),
+/// it goes on reading and discarding what the client still sends, unless the client closes
+/// its end first. Closing a socket with unread input makes the kernel reset the connection,
+/// which fails the client's writes and can discard the answer it has not read yet; reading
+/// until the client has seen the close lets it learn why.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+/// The buffer input is discarded through while lingering: all a lingering connection holds.
+const LINGER_BUF: usize = 2048;
 
 /// Runs a connection to completion.
 pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: Peer)
@@ -79,8 +88,25 @@ where
     );
     inner.metrics.connections_open.inc();
     let mut task = Connection::new(inner.clone(), peer);
-    task.run(stream).instrument(span).await;
+    let rest = task.run(stream).instrument(span).await;
+    // Nothing of the connection but its socket stays while it lingers.
+    drop(task);
+    if let Some(stream) = rest {
+        linger(stream, &inner.shutdown).await;
+    }
     inner.metrics.connections_open.dec();
+}
+
+/// Reads and discards the client's input after the broker ended the connection and shut down
+/// its side, until the client closes its end, [`LINGER`] passes, or the broker shuts down.
+async fn linger<S: AsyncRead + Unpin>(mut stream: S, shutdown: &CancellationToken) {
+    let mut buf = vec![0; LINGER_BUF];
+    let discard = async { while let Ok(1..) = stream.read(&mut buf).await {} };
+    tokio::select! {
+        _ = discard => {}
+        _ = tokio::time::sleep(LINGER) => {}
+        _ = shutdown.cancelled() => {}
+    }
 }
 
 struct Connection {
@@ -110,6 +136,8 @@ struct Connection {
     blocked: Option<Box<BlockedPublish>>,
     /// Retained messages for new subscriptions still to send, at the pace the client reads.
     retained: Option<Box<RetainedFeed>>,
+    /// Whether the client ended the connection (DISCONNECT, or its transport closed).
+    closed_by_client: bool,
 }
 
 /// Retained messages being sent for new subscriptions, from snapshots of the store, as the
@@ -265,6 +293,7 @@ impl Connection {
             gate: None,
             blocked: None,
             retained: None,
+            closed_by_client: false,
         }
     }
 
@@ -319,7 +348,9 @@ impl Connection {
             .map_or(self.wbuf.len(), |g| g.writable(self.wbuf.len()))
     }
 
-    async fn run<S>(&mut self, stream: S)
+    /// Drives the connection until it closes; returns the stream, its writing side shut down,
+    /// if the broker ended the connection, for the caller to [`linger`] on.
+    async fn run<S>(&mut self, stream: S) -> Option<S>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin,
     {
@@ -529,6 +560,7 @@ impl Connection {
         }
         let _ = wr.shutdown().await;
         self.hand_off_session();
+        (!self.closed_by_client).then(|| rd.unsplit(wr))
     }
 
     fn flush_transmits(&mut self) {
@@ -725,6 +757,7 @@ impl Connection {
                 }
                 Event::InboundReleased { .. } => {}
                 Event::Closed { reason, by_client } => {
+                    self.closed_by_client = by_client;
                     if let Some(client) = &self.client {
                         self.inner.metrics.clients_connected.dec();
                         info!(%reason, by_client, "client disconnected");
@@ -764,18 +797,70 @@ impl Connection {
             }
             return;
         }
-        let attempt = ConnectAttempt {
-            client_id: &connect.client_id,
-            username: connect.username.as_ref(),
-            password: connect.password.as_ref(),
-            version: connect.protocol,
-            peer: &self.peer,
+        let verdict = if connect.username.is_some() && self.inner.auth.load().passwords.is_some() {
+            match self.authenticate_blocking(connect).await {
+                Some(verdict) => verdict,
+                None => return,
+            }
+        } else {
+            self.inner.authenticate(&ConnectAttempt {
+                client_id: &connect.client_id,
+                username: connect.username.as_ref(),
+                password: connect.password.as_ref(),
+                version: connect.protocol,
+                peer: &self.peer,
+            })
         };
-        if let Err(reason) = self.inner.authenticate(&attempt) {
+        if let Err(reason) = verdict {
             info!(%reason, username = ?connect.username, "authentication failed");
             return self.refuse(now, reason);
         }
         self.finish_connect(request, None).await;
+    }
+
+    /// Authenticates a CONNECT whose password is checked against the password file: costly
+    /// work, done off the runtime's worker threads with a bounded number at once (see
+    /// [`crate::auth`]). The wait for a turn ends at the CONNECT deadline or at shutdown, with
+    /// a refusal; then `None`.
+    async fn authenticate_blocking(
+        &mut self,
+        connect: &mqttd_proto::Connect,
+    ) -> Option<Result<(), ReasonCode>> {
+        let inner = self.inner.clone();
+        let peer = self.peer.clone();
+        let client_id = connect.client_id.clone();
+        let username = connect.username.clone();
+        let password = connect.password.clone();
+        let version = connect.protocol;
+        let verify = crate::auth::verify_blocking(move || {
+            inner.authenticate(&ConnectAttempt {
+                client_id: &client_id,
+                username: username.as_ref(),
+                password: password.as_ref(),
+                version,
+                peer: &peer,
+            })
+        });
+        let deadline = self
+            .conn
+            .poll_timeout()
+            .map(|t| tokio::time::Instant::now() + t.saturating_duration_since(Instant::now()));
+        let reason = tokio::select! {
+            verdict = verify => match verdict {
+                Some(verdict) => return Some(verdict),
+                None => {
+                    warn!("authentication failed unexpectedly");
+                    ReasonCode::UnspecifiedError
+                }
+            },
+            _ = sleep_until(deadline) => {
+                info!("no turn to check the password before the CONNECT deadline");
+                ReasonCode::ServerBusy
+            }
+            _ = self.inner.shutdown.cancelled() => ReasonCode::ServerUnavailable,
+        };
+        let _ = self.conn.reject(Instant::now(), reason);
+        None
     }
 
     fn refuse(&mut self, now: Instant, reason: ReasonCode) {

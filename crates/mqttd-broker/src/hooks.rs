@@ -121,7 +121,9 @@ pub enum Intercept {
 
 /// Callbacks into an embedding program. Every method has a default that defers to the
 /// broker's built-in behaviour, so an implementation overrides only what it needs. They run on
-/// the connection's task: keep them quick.
+/// the connection's task, keep them quick; except `authenticate` for a CONNECT with a user
+/// name while a password file is configured, which runs with the password check on the
+/// blocking pool (a bounded number at once), so it may take a while.
 pub trait Hooks: Send + Sync + 'static {
     /// Decides whether a CONNECT with user name and password may proceed.
     fn authenticate(&self, attempt: &ConnectAttempt<'_>) -> Verdict {

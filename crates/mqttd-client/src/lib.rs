@@ -5,6 +5,16 @@
 //! [`connect`] returns once CONNACK arrives, with a [`Client`] handle for commands and an
 //! [`Events`] stream of everything the server sends. Answers to SUBSCRIBE and UNSUBSCRIBE are
 //! returned by the calls that sent them; every other event goes to the stream.
+//!
+//! The stream is bounded ([`EVENT_QUEUE`] events): while the application leaves it full, the
+//! connection's task stops reading from the socket, so a server that sends faster than the
+//! application consumes fills the TCP window and then its own queues instead of the client's
+//! memory. Nothing is dropped: QoS 1 and 2 messages are acknowledged as they are read, so the
+//! server keeps the rest until the application catches up. Meanwhile the task still sends
+//! (publications, acknowledgements the application makes, PINGREQ) but does not time the
+//! server out for a missing PINGRESP, which may be among the unread input; an application
+//! that stays behind for more than about one and a half keep alive intervals may be
+//! disconnected by a server that times it out.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -97,15 +107,26 @@ pub struct Client {
 }
 
 /// Everything the server sends that is not the answer to a call: messages, delivery
-/// confirmations, and finally [`Event::Closed`].
+/// confirmations, and finally [`Event::Closed`]. At most [`EVENT_QUEUE`] events wait here;
+/// while they do, the connection stops reading from the server.
 pub struct Events {
-    rx: mpsc::UnboundedReceiver<Event>,
+    rx: mpsc::Receiver<Event>,
 }
 
 impl Events {
     /// The next event; `None` once the connection task has ended.
     pub async fn recv(&mut self) -> Option<Event> {
         self.rx.recv().await
+    }
+
+    /// The next event if one is waiting, without waiting for one.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+
+    /// How many events wait to be received (at most [`EVENT_QUEUE`]).
+    pub fn queued(&self) -> usize {
+        self.rx.len()
     }
 
     /// The next message, skipping other events; `None` when the connection is gone.
@@ -253,7 +274,7 @@ where
     }
     let conn = ClientConnection::new(config, session, Instant::now());
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (event_tx, mut event_rx) = mpsc::unbounded_channel();
+    let (event_tx, mut event_rx) = mpsc::channel(EVENT_QUEUE);
     let mut driver = Driver::new(conn, command_rx, event_tx);
     driver.authenticator = authenticator;
     tokio::spawn(driver.run(stream));
@@ -272,6 +293,8 @@ where
 
 /// Commands waiting for the connection task; senders wait beyond this.
 const COMMAND_QUEUE: usize = 1024;
+/// Events waiting for the application; beyond this the connection stops reading.
+pub const EVENT_QUEUE: usize = 1024;
 /// Output waiting beyond this many bytes stops the task taking commands.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 
@@ -279,7 +302,9 @@ struct Driver {
     conn: ClientConnection,
     reader: PacketReader,
     commands: mpsc::Receiver<Command>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
+    /// An event the full stream could not take; nothing is read or reported until it goes.
+    stalled: Option<Event>,
     pending_sub: HashMap<PacketId, oneshot::Sender<Result<SubAck, ClientError>>>,
     pending_unsub: HashMap<PacketId, oneshot::Sender<Result<UnsubAck, ClientError>>>,
     disconnect_reply: Option<oneshot::Sender<Option<Session>>>,
@@ -290,7 +315,7 @@ impl Driver {
     fn new(
         conn: ClientConnection,
         commands: mpsc::Receiver<Command>,
-        events: mpsc::UnboundedSender<Event>,
+        events: mpsc::Sender<Event>,
     ) -> Self {
         let reader = PacketReader::new(conn.max_packet_size());
         Self {
@@ -298,6 +323,7 @@ impl Driver {
             reader,
             commands,
             events,
+            stalled: None,
             pending_sub: HashMap::new(),
             pending_unsub: HashMap::new(),
             disconnect_reply: None,
@@ -309,6 +335,8 @@ impl Driver {
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut rbuf = BytesMut::with_capacity(16 * 1024);
         let mut wbuf = BytesMut::new();
+        // Waits for room in the stream without borrowing `self`.
+        let events = self.events.clone();
         loop {
             // Events first: answering one (an AUTH challenge) can queue packets.
             self.dispatch_events();
@@ -325,8 +353,16 @@ impl Driver {
                 .conn
                 .poll_timeout()
                 .map(|t| tokio::time::Instant::now() + t.saturating_duration_since(Instant::now()));
+            // While the application is behind, the server's input waits in the socket.
+            let reading = self.stalled.is_none();
             tokio::select! {
                 biased;
+                permit = events.reserve(), if !reading => {
+                    let event = self.stalled.take();
+                    if let (Ok(permit), Some(event)) = (permit, event) {
+                        permit.send(event);
+                    }
+                }
                 res = wr.write_buf(&mut wbuf), if !wbuf.is_empty() => {
                     if !matches!(res, Ok(n) if n > 0) {
                         self.conn.connection_lost(Instant::now());
@@ -337,7 +373,7 @@ impl Driver {
                     // Every handle is gone: nobody can use the connection any more.
                     None => self.conn.disconnect(Instant::now(), ReasonCode::Success, None),
                 },
-                res = rd.read_buf(&mut rbuf) => match res {
+                res = rd.read_buf(&mut rbuf), if reading => match res {
                     Ok(0) | Err(_) => self.conn.connection_lost(Instant::now()),
                     Ok(_) => loop {
                         match self.reader.read(&mut rbuf, Some(self.conn.version())) {
@@ -350,14 +386,26 @@ impl Driver {
                         }
                     },
                 },
-                _ = sleep_until(deadline), if deadline.is_some() => {
+                // A PINGRESP may be among the unread input: no timeouts while not reading.
+                _ = sleep_until(deadline), if deadline.is_some() && reading => {
                     self.conn.handle_timeout(Instant::now());
                 }
             }
         }
-        self.dispatch_events();
+        // The transport closes and a DISCONNECT call returns now; the last events
+        // ([`Event::Closed`] among them) then wait for room rather than be lost.
+        drop((rd, wr));
         if let Some(reply) = self.disconnect_reply.take() {
             let _ = reply.send(self.conn.take_session());
+        }
+        loop {
+            if let Some(event) = self.stalled.take() {
+                let _ = self.events.send(event).await;
+            }
+            self.dispatch_events();
+            if self.stalled.is_none() {
+                return;
+            }
         }
     }
 
@@ -410,8 +458,20 @@ impl Driver {
         self.conn.disconnect(now, ReasonCode::NotAuthorized, None);
     }
 
+    /// Hands an event to the application, or holds it (and stops reading) if the stream is
+    /// full.
+    fn emit(&mut self, event: Event) {
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
+            self.stalled = Some(event);
+        }
+    }
+
+    /// Handles the state machine's events until one waits for room in the stream.
     fn dispatch_events(&mut self) {
-        while let Some(event) = self.conn.poll_event() {
+        while self.stalled.is_none() {
+            let Some(event) = self.conn.poll_event() else {
+                return;
+            };
             match event {
                 Event::SubAck(ack) => {
                     if let Some(reply) = self.pending_sub.remove(&ack.packet_id) {
@@ -443,7 +503,7 @@ impl Driver {
                             continue;
                         }
                     }
-                    let _ = self.events.send(Event::Connected(ack));
+                    self.emit(Event::Connected(ack));
                 }
                 Event::ReAuthenticated { data } => {
                     let ok = self
@@ -451,14 +511,12 @@ impl Driver {
                         .as_mut()
                         .is_some_and(|a| a.finish(data.clone()).is_ok());
                     if ok {
-                        let _ = self.events.send(Event::ReAuthenticated { data });
+                        self.emit(Event::ReAuthenticated { data });
                     } else {
                         self.auth_failed(Instant::now());
                     }
                 }
-                other => {
-                    let _ = self.events.send(other);
-                }
+                other => self.emit(other),
             }
         }
     }

@@ -444,14 +444,13 @@ impl ServerConnection {
                 if let Some(version) = error.connect_version() {
                     self.version = Some(version);
                     self.send_connack_error(reason);
-                } else if matches!(error, DecodeError::UnsupportedProtocolLevel(level) if *level > 5)
-                {
-                    self.version = Some(ProtocolVersion::V5);
-                    self.send_connack_error(reason);
                 } else if matches!(
                     error,
                     DecodeError::UnsupportedProtocolLevel(_) | DecodeError::InvalidProtocolName
                 ) {
+                    // Whatever the level, higher or lower: a client whose version the server
+                    // does not speak gets the 3.1.1 return code 0x01 [MQTT-3.1.2-2], a format
+                    // every version can read (as Mosquitto answers).
                     self.version = Some(ProtocolVersion::V3_1_1);
                     self.send_connack_error(reason);
                 }

@@ -643,10 +643,9 @@ fn empty_client_id_needs_clean_session_in_mqtt311_and_is_refused_in_mqtt31() {
 #[test]
 fn unsupported_protocol_level_is_answered_in_a_format_the_client_can_read() {
     for (name, level, version, answer) in [
-        // A level above 5: an MQTT 5 style CONNACK with 0x84.
-        ("MQTT", 6, V5, vec![0x20, 3, 0, 0x84, 0]),
-        ("MQTT", 0xFF, V5, vec![0x20, 3, 0, 0x84, 0]),
-        // Older or unknown: the 3.1.1 return code 0x01 [MQTT-3.1.2-2].
+        // Higher, older or unknown: the 3.1.1 return code 0x01 [MQTT-3.1.2-2].
+        ("MQTT", 6, V3_1_1, vec![0x20, 2, 0, 0x01]),
+        ("MQTT", 0xFF, V3_1_1, vec![0x20, 2, 0, 0x01]),
         ("MQTT", 3, V3_1_1, vec![0x20, 2, 0, 0x01]),
         ("MQIsdp", 4, V3_1_1, vec![0x20, 2, 0, 0x01]),
         ("MQTX", 4, V3_1_1, vec![0x20, 2, 0, 0x01]),

@@ -144,29 +144,39 @@ pub(crate) async fn publish(args: PubArgs) -> anyhow::Result<()> {
     let topic = TopicName::try_from(args.topic.as_str()).context("topic")?;
     let qos = qos(args.qos)?;
     let (client, mut events) = args.connect.connect().await?;
+    let mut done = 0;
     for _ in 0..args.repeat {
         let message = Message::new(topic.clone(), payload.clone(), qos, args.retain);
         match client.publish(message).await? {
             Enqueued::Sent | Enqueued::Queued => {}
             other => bail!("message not sent: {other:?}"),
         }
+        // Confirmations taken as they come: the client stops reading while they wait.
+        while let Some(event) = events.try_recv() {
+            done += confirmed(Some(event))?;
+        }
     }
     if qos != QoS::AtMostOnce {
-        let mut done = 0;
         while done < args.repeat {
-            match events.recv().await {
-                Some(Event::Delivered { reason, .. }) if reason.is_error() => {
-                    bail!("the broker refused the message: {reason}")
-                }
-                Some(Event::Delivered { .. }) => done += 1,
-                Some(Event::Closed { reason, .. }) => bail!("connection closed: {reason}"),
-                Some(_) => {}
-                None => bail!("connection closed"),
-            }
+            done += confirmed(events.recv().await)?;
         }
     }
     client.disconnect(ReasonCode::Success, None).await?;
     Ok(())
+}
+
+/// 1 for a successful delivery confirmation, 0 for another event; an error for a refusal or
+/// the end of the connection.
+fn confirmed(event: Option<Event>) -> anyhow::Result<u32> {
+    match event {
+        Some(Event::Delivered { reason, .. }) if reason.is_error() => {
+            bail!("the broker refused the message: {reason}")
+        }
+        Some(Event::Delivered { .. }) => Ok(1),
+        Some(Event::Closed { reason, .. }) => bail!("connection closed: {reason}"),
+        Some(_) => Ok(0),
+        None => bail!("connection closed"),
+    }
 }
 
 pub(crate) async fn subscribe(args: SubArgs) -> anyhow::Result<()> {

@@ -221,7 +221,7 @@ fn connect_cases() -> Vec<Case> {
         before(
             "protocol level 6",
             connect("MQTT", 6, 0x02, &cid),
-            ConnAck(V5, Some(UnsupportedProtocolVersion)),
+            ConnAck(V3_1_1, Some(UnsupportedProtocolVersion)),
         ),
         before(
             "protocol level 3 named MQTT",

@@ -18,12 +18,21 @@
 //! Secrets are compared in constant time, an unknown user costs about as much as a known one
 //! and fails the same way, and errors map onto MQTT reason codes
 //! ([`ScramError::reason_code`]).
+//!
+//! Checking a plain password costs milliseconds of CPU (PBKDF2 with thousands of iterations),
+//! which would stall every connection sharing a runtime worker thread with a flood of CONNECTs
+//! carrying wrong passwords. The broker therefore runs those checks on the runtime's
+//! blocking pool, at most [`verification_limit`] at once; further CONNECTs
+//! wait for a turn.
 
 pub mod acl;
 pub mod password;
 pub mod scram;
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use tokio::sync::Semaphore;
 
 pub use acl::{Access, AclFile, AclFileError, AclLineError, AclSubject};
 pub use password::{
@@ -85,4 +94,34 @@ fn location(path: Option<&Path>, line: usize) -> String {
         Some(path) => format!("{}:{line}", path.display()),
         None => format!("line {line}"),
     }
+}
+
+/// The most password verifications that run at once in this process: one per CPU, so that a
+/// flood of CONNECTs with wrong passwords costs at most the CPUs' time, never a queue of
+/// threads.
+pub fn verification_limit() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Turns to run a verification, shared by every broker in the process (they share the CPUs).
+fn verification_turns() -> &'static Semaphore {
+    static TURNS: OnceLock<Semaphore> = OnceLock::new();
+    TURNS.get_or_init(|| Semaphore::new(verification_limit()))
+}
+
+/// Runs `verify` on the runtime's blocking pool once fewer than [`verification_limit`]
+/// verifications run; waits for a turn meanwhile. `None` if it panicked. The turn is held by
+/// the work itself, so a caller that stops waiting (its connection timed out) cannot let more
+/// verifications run than the limit.
+pub(crate) async fn verify_blocking<T: Send + 'static>(
+    verify: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    // The semaphore is never closed.
+    let turn = verification_turns().acquire().await.ok()?;
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        verify()
+    })
+    .await
+    .ok()
 }
