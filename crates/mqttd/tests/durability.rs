@@ -13,7 +13,8 @@
 //!   once its will delay has passed, and not for a client that came back in time;
 //! - a damaged store (a file truncated, or bytes flipped) either stops the broker with a
 //!   message naming the path, or is reported in the log; the broker never silently starts
-//!   with less than it had.
+//!   with less than it had, and a store without damage (after a graceful shutdown or a
+//!   `kill -9`) is not reported as damaged.
 //!
 //! Clients whose session must outlive a connection the crash cut are
 //! [`support::SessionClient`]s: a durable client keeps the identifiers of the QoS 2 messages
@@ -1014,17 +1015,17 @@ fn retained_payload(i: usize) -> Bytes {
     Bytes::from(format!("retained {i}"))
 }
 
-/// The store file holding the most data, under `dir` recursively, with the length of its
-/// data: up to its last non-zero byte, since an engine may preallocate files (fjall does its
-/// journals) and damage to the zeros beyond the data would test nothing.
-fn fullest_file(dir: &Path) -> Option<(PathBuf, u64)> {
+/// The largest of the files under `dir` (recursively) that `pick` accepts, with the length of
+/// its data: up to its last non-zero byte, since the engine preallocates its journals (64 MiB of
+/// zeros) and damage to the zeros beyond the data would test nothing.
+fn fullest_file(dir: &Path, pick: &dyn Fn(&Path) -> bool) -> Option<(PathBuf, u64)> {
     let mut best: Option<(PathBuf, u64)> = None;
     for entry in std::fs::read_dir(dir).ok()? {
         let entry = entry.expect("directory entry");
         let meta = entry.metadata().expect("file metadata");
         let candidate = if meta.is_dir() {
-            fullest_file(&entry.path())
-        } else if meta.is_file() {
+            fullest_file(&entry.path(), pick)
+        } else if meta.is_file() && pick(&entry.path()) {
             let bytes = std::fs::read(entry.path()).expect("read a store file");
             let len = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
             Some((entry.path(), len as u64))
@@ -1038,6 +1039,17 @@ fn fullest_file(dir: &Path) -> Option<(PathBuf, u64)> {
         }
     }
     best
+}
+
+/// Whether `path` is one of the engine's journal files.
+fn is_journal(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "jnl")
+}
+
+/// Whether `path` is a table file of the engine: a file under `keyspaces/.../tables/`.
+fn is_table(path: &Path) -> bool {
+    path.parent()
+        .is_some_and(|p| p.file_name().is_some_and(|n| n == "tables"))
 }
 
 /// Cuts the file to half its data.
@@ -1059,6 +1071,45 @@ fn flip_16_bytes(path: &Path, data_len: u64) {
     std::fs::write(path, bytes).expect("write the store file");
 }
 
+/// The engine's journal ends each change with an end marker: tag 3, an 8-byte checksum and
+/// the trailer `FJL` 3; the next change starts with tag 1.
+fn is_end_marker(w: &[u8]) -> bool {
+    w.len() == 13 && w[0] == 3 && &w[9..] == b"FJL\x03"
+}
+
+/// Breaks the start of the change nearest the middle of a journal's data (its tag byte made
+/// invalid), leaving every complete change after it intact: the engine, which stops reading a
+/// journal at the first entry it cannot decode, drops them all.
+fn break_change_start(path: &Path, data_len: u64) {
+    let mut bytes = std::fs::read(path).expect("read the journal");
+    let middle = usize::try_from(data_len / 2).expect("file size");
+    let start = bytes[..middle]
+        .windows(13)
+        .rposition(is_end_marker)
+        .map(|i| i + 13)
+        .expect("an end marker in the first half of the journal");
+    assert_eq!(bytes[start], 1, "a change starts after an end marker");
+    bytes[start] = 0xee;
+    std::fs::write(path, bytes).expect("write the journal");
+}
+
+/// Inverts 16 bytes inside a stored message payload near the middle of a journal's data: every
+/// length and marker stays intact, only the change's checksum no longer matches.
+fn flip_payload_bytes(path: &Path, data_len: u64) {
+    let mut bytes = std::fs::read(path).expect("read the journal");
+    let middle = usize::try_from(data_len / 2).expect("file size");
+    let needle = "q".repeat(64);
+    let at = bytes[middle..]
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .map(|i| middle + i)
+        .expect("a queued payload in the second half of the journal");
+    for b in &mut bytes[at + 16..at + 32] {
+        *b ^= 0xff;
+    }
+    std::fs::write(path, bytes).expect("write the journal");
+}
+
 /// The first warning or error in `log` about damage: one naming the store, or saying it found
 /// something damaged or dropped something.
 fn damage_report<'a>(log: &'a str, store: &Path) -> Option<&'a str> {
@@ -1073,22 +1124,29 @@ fn damage_report<'a>(log: &'a str, store: &Path) -> Option<&'a str> {
     })
 }
 
-/// Fills a store (a persistent session with [`QUEUED`] messages queued while its client is
-/// away, [`RETAINED`] retained messages), shuts the broker down gracefully, damages the
-/// store file holding the most data with `damage`, and starts the broker again. Acceptable: it exits
-/// with an error naming a path in the store (not a panic); or it starts and logs a warning or
-/// error about the damage; or it starts without one and everything is still there. Not
-/// acceptable: starting silently with less.
-async fn damaged_store_is_reported(damage: fn(&Path, u64), what: &str) {
-    let mut broker = Broker::start(CONFIG);
+/// How the broker met a store: each of these is acceptable for some damage, and each test says
+/// which one its damage must give, so that none passes by taking whichever branch happens.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// It exited at startup with an error naming a path in the store (not a panic).
+    Refused,
+    /// It started and warned about the damage, and something was indeed lost.
+    Reported,
+    /// It started without a word, and nothing was lost.
+    Intact,
+}
+
+/// Fills a store: a persistent session with [`QUEUED`] messages queued while its client is
+/// away, and [`RETAINED`] retained messages, all acknowledged.
+async fn fill_store(broker: &Broker) {
     let sub_config = || persistent("offline-sub", ProtocolVersion::V5, false);
-    let (sub, _, _) = connect(&broker, sub_config()).await;
+    let (sub, _, _) = connect(broker, sub_config()).await;
     subscribe(&sub, "bulk/#", QoS::AtLeastOnce).await;
     sub.disconnect(ReasonCode::Success, None)
         .await
         .expect("disconnect");
     let (publisher, mut pub_events, _) = connect(
-        &broker,
+        broker,
         ClientConfig::new(ClientId::try_from("filler").expect("id")),
     )
     .await;
@@ -1108,63 +1166,85 @@ async fn damaged_store_is_reported(damage: fn(&Path, u64), what: &str) {
         .disconnect(ReasonCode::Success, None)
         .await
         .expect("disconnect");
-    broker.shutdown();
+}
 
+/// Starts the broker again on its store and tells how it met it, checking what each outcome
+/// requires: a refusal names a path in the store, a warning is about lost data that is really
+/// lost, silence means nothing was lost.
+async fn restart_on(broker: &mut Broker, what: &str) -> Outcome {
     let store = broker.data_dir().join("store");
-    let (file, len) = fullest_file(&store).unwrap_or_else(|| {
-        panic!(
-            "no file under {} after a graceful shutdown",
-            store.display()
-        )
-    });
-    // The queued payloads alone are 1 MB.
-    assert!(
-        len >= 64 * 1024,
-        "{}: {len} bytes of data, the most of any file in the store",
-        file.display()
-    );
-    damage(&file, len);
-    eprintln!("{what}: {} ({len} bytes of data)", file.display());
-
     match broker.try_restart() {
         Err(failure) => {
             assert!(!failure.status.success(), "{failure}");
             assert!(
                 !failure.stderr.contains("panicked"),
-                "a panic is not a clear message about the {what} store file {}\n{failure}",
-                file.display()
+                "a panic is not a clear message about the {what} store\n{failure}"
             );
             assert!(
                 failure.stderr.contains(&*store.to_string_lossy()),
-                "the startup error names no path under {} ({what}: {})\n{failure}",
-                store.display(),
-                file.display()
+                "the startup error names no path under {} ({what})\n{failure}",
+                store.display()
             );
-            eprintln!("refused to start, as allowed:\n{}", failure.stderr);
+            eprintln!("{what}: refused to start:\n{}", failure.stderr);
+            Outcome::Refused
         }
         Ok(()) => {
             let log = broker.log_text();
-            if let Some(line) = damage_report(&log, &store) {
-                eprintln!("started and reported the damage, as allowed: {line}");
-            } else {
-                // Silence is only acceptable if nothing was lost.
-                let lost = lost_data(&broker).await;
-                assert!(
-                    lost.is_empty(),
-                    "mqttd started on a store with a {what} file ({}) without a word, and lost \
-                     data:\n{}\n{}",
-                    file.display(),
+            let report = damage_report(&log, &store).map(str::to_owned);
+            let lost = lost_data(broker).await;
+            let outcome = match (&report, lost.is_empty()) {
+                (Some(line), false) => {
+                    eprintln!("{what}: reported: {line}\nlost: {}", lost.join("; "));
+                    Outcome::Reported
+                }
+                (None, true) => Outcome::Intact,
+                (Some(line), true) => panic!(
+                    "{what}: a warning about damage, but nothing was lost: {line}\n{}",
+                    broker.log_tail()
+                ),
+                (None, false) => panic!(
+                    "{what}: mqttd started without a word and lost data:\n{}\n{}",
                     lost.join("\n"),
                     broker.log_tail()
-                );
-                eprintln!("started without a warning, and nothing was lost");
-            }
-            broker.stop();
+                ),
+            };
+            broker.shutdown();
+            outcome
         }
     }
 }
 
-/// What the restarted broker lacks of what [`damaged_store_is_reported`] stored.
+/// Fills a store, stops the broker (`kill -9` if `crash`, a graceful shutdown otherwise),
+/// applies `damage` to the file with the most data of those `pick` accepts, and tells how the
+/// broker met the store after that.
+async fn damage_and_restart(
+    crash: bool,
+    pick: &dyn Fn(&Path) -> bool,
+    damage: fn(&Path, u64),
+    what: &str,
+) -> Outcome {
+    let mut broker = Broker::start(CONFIG);
+    fill_store(&broker).await;
+    if crash {
+        broker.kill();
+    } else {
+        broker.shutdown();
+    }
+    let store = broker.data_dir().join("store");
+    let (file, len) = fullest_file(&store, pick)
+        .unwrap_or_else(|| panic!("no such file under {}", store.display()));
+    // The queued payloads alone are 1 MB, most of it in one file.
+    assert!(
+        len >= 64 * 1024,
+        "{}: {len} bytes of data, the most of any such file in the store",
+        file.display()
+    );
+    damage(&file, len);
+    eprintln!("{what}: {} ({len} bytes of data)", file.display());
+    restart_on(&mut broker, what).await
+}
+
+/// What the restarted broker lacks of what [`fill_store`] stored.
 async fn lost_data(broker: &Broker) -> Vec<String> {
     let mut lost = Vec::new();
     let (sub, mut events, present) = connect(
@@ -1220,14 +1300,70 @@ async fn lost_data(broker: &Broker) -> Vec<String> {
     lost
 }
 
-/// The store file holding the most data cut to half its data.
+/// After a graceful shutdown, a restart finds everything and says nothing of damage: the
+/// engine's preallocated journal space it cuts at the start is not damage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damaged_store_is_reported_truncated() {
-    damaged_store_is_reported(truncate_to_half, "truncated").await;
+async fn clean_restart_reports_no_damage() {
+    let mut broker = Broker::start(CONFIG);
+    fill_store(&broker).await;
+    broker.shutdown();
+    assert_eq!(
+        restart_on(&mut broker, "clean restart").await,
+        Outcome::Intact
+    );
 }
 
-/// 16 bytes inverted in the middle of the data of the store file holding the most.
+/// After `kill -9`, a restart replays the journal, finds everything and says nothing of
+/// damage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damaged_store_is_reported_flipped_bytes() {
-    damaged_store_is_reported(flip_16_bytes, "corrupted").await;
+async fn kill_9_restart_reports_no_damage() {
+    let mut broker = Broker::start(CONFIG);
+    fill_store(&broker).await;
+    broker.kill();
+    assert_eq!(
+        restart_on(&mut broker, "restart after kill -9").await,
+        Outcome::Intact
+    );
+}
+
+/// The largest table file cut to half its data, after a graceful shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_store_is_reported_truncated_table() {
+    let outcome = damage_and_restart(false, &is_table, truncate_to_half, "truncated table").await;
+    assert_eq!(outcome, Outcome::Refused);
+}
+
+/// 16 bytes inverted in the middle of the data of the largest table file, after a graceful
+/// shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_store_is_reported_flipped_table() {
+    let outcome = damage_and_restart(false, &is_table, flip_16_bytes, "corrupted table").await;
+    assert_eq!(outcome, Outcome::Refused);
+}
+
+/// After `kill -9` (everything is in the journal), a change in the middle of the journal made
+/// unreadable: the engine drops it and every change after it, and the broker warns that the
+/// journal was damaged and changes were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_store_is_reported_broken_journal() {
+    let outcome = damage_and_restart(true, &is_journal, break_change_start, "broken journal").await;
+    assert_eq!(outcome, Outcome::Reported);
+}
+
+/// After `kill -9`, 16 bytes inverted inside a message in the journal: the change's checksum
+/// fails and the store is not opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_store_is_reported_flipped_journal() {
+    let outcome =
+        damage_and_restart(true, &is_journal, flip_payload_bytes, "corrupted journal").await;
+    assert_eq!(outcome, Outcome::Refused);
+}
+
+/// After a graceful shutdown, the journal cut to half its data: everything it held is in the
+/// tables by then, so nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_store_is_reported_truncated_journal() {
+    let outcome =
+        damage_and_restart(false, &is_journal, truncate_to_half, "truncated journal").await;
+    assert_eq!(outcome, Outcome::Intact);
 }

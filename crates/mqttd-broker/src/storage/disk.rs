@@ -159,7 +159,7 @@ struct Shared {
     written: AtomicU64,
     /// Numbers reserved by batches still being recorded.
     open_batches: Mutex<std::collections::BTreeSet<u64>>,
-    /// Bytes the engine cut from its journals while opening: damaged or incomplete writes.
+    /// Bytes of complete changes the engine cut from its journals while opening: damage.
     journal_cut: u64,
     watermark: watch::Sender<Watermark>,
     /// Set when a change arrives; the committer sleeps on `wake` while it is clear.
@@ -238,7 +238,7 @@ impl DiskStorage {
                 format!("{}: {e}", path.display()),
             ))
         })?;
-        let journals_before = journal_bytes(&path);
+        let journals_before = journal_ends(&path);
         // A damaged file can make the engine panic rather than fail; either way, say which
         // store it was.
         let opened = std::panic::catch_unwind(|| {
@@ -268,7 +268,15 @@ impl DiskStorage {
             .map_err(|e| engine(&path, e))
         };
         const MIB: u64 = 1024 * 1024;
-        let journal_cut = journals_before.saturating_sub(journal_bytes(&path));
+        let (journal_cut, journal_tail) = journal_cuts(&journals_before);
+        if journal_tail > 0 {
+            info!(
+                path = %path.display(),
+                bytes = journal_tail,
+                "the store's journal ended in a change that was still being written when the \
+                 broker stopped; its {journal_tail} byte(s) were dropped"
+            );
+        }
         let shared = Arc::new(Shared {
             sessions: ks("sessions", 2 * MIB)?,
             deliveries: ks("deliveries", 16 * MIB)?,
@@ -319,16 +327,198 @@ impl DiskStorage {
     }
 }
 
-/// Total size of the journal files in a store directory.
-fn journal_bytes(path: &Path) -> u64 {
+/// The engine's journal files (`*.jnl` in the store directory) and where their data ends.
+///
+/// The engine preallocates each new journal file (64 MiB of zeros) and, when it opens the
+/// store, cuts every journal file at the end of its last valid change: the zeros, an incomplete
+/// change (what a crash leaves while a change is being written), and anything from the first
+/// damaged byte on. Only the last is lost data; the file's length says nothing about it.
+fn journal_ends(path: &Path) -> Vec<(PathBuf, JournalEnd)> {
     std::fs::read_dir(path)
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "jnl"))
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
+        .filter_map(|p| {
+            let end = journal_end(&p).ok()?;
+            Some((p, end))
+        })
+        .collect()
+}
+
+/// Where a journal file's data ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct JournalEnd {
+    /// Just past the last complete change (its end marker).
+    complete: u64,
+    /// Just past the last byte that is not zero.
+    data: u64,
+}
+
+/// The engine ends each change with an end marker: tag 3, an 8-byte checksum and the trailer
+/// `FJL` 3 (fjall 3 `journal/entry.rs`; the trailer lets it tell a complete marker from one
+/// cut short).
+const END_MARKER_LEN: usize = 13;
+const END_TAG: u8 = 3;
+const END_TRAILER: &[u8] = b"FJL\x03";
+
+fn is_end_marker(w: &[u8]) -> bool {
+    w.first() == Some(&END_TAG) && w.get(9..) == Some(END_TRAILER)
+}
+
+/// Finds where `file`'s data and its last complete change end, reading back from its end (the
+/// preallocated zeros are skipped a chunk at a time). A message payload that happens to hold an
+/// end marker can only move `complete` later, which errs towards a report; damage to the last
+/// change's own end marker makes that change look incomplete, and it is logged as a dropped tail.
+fn journal_end(file: &Path) -> std::io::Result<JournalEnd> {
+    use std::io::{Read, Seek, SeekFrom};
+    const CHUNK: u64 = 1024 * 1024;
+    // A marker across a chunk boundary is seen whole in the later chunk's read.
+    const OVERLAP: u64 = END_MARKER_LEN as u64 - 1;
+    let mut f = std::fs::File::open(file)?;
+    let len = f.metadata()?.len();
+    let mut data = None;
+    let mut pos = len;
+    let mut buf = Vec::new();
+    while pos > 0 {
+        let start = pos.saturating_sub(CHUNK);
+        let end = pos.saturating_add(OVERLAP).min(len);
+        buf.resize(usize::try_from(end - start).unwrap_or(0), 0);
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut buf)?;
+        if data.is_none() {
+            data = buf
+                .iter()
+                .rposition(|b| *b != 0)
+                .map(|i| start + i as u64 + 1);
+        }
+        if let Some(data) = data {
+            let limit = usize::try_from(data.min(end) - start).unwrap_or(0);
+            let marker = buf
+                .get(..limit)
+                .and_then(|b| b.windows(END_MARKER_LEN).rposition(is_end_marker));
+            if let Some(i) = marker {
+                return Ok(JournalEnd {
+                    complete: start + (i + END_MARKER_LEN) as u64,
+                    data,
+                });
+            }
+        }
+        pos = start;
+    }
+    Ok(JournalEnd {
+        complete: 0,
+        data: data.unwrap_or(0),
+    })
+}
+
+/// After the engine opened the store: how many bytes of complete changes it cut from the
+/// journals measured `before` (lost data), and how many of an incomplete change at their end
+/// (a write a crash interrupted). A journal the engine removed had been moved into the tables.
+fn journal_cuts(before: &[(PathBuf, JournalEnd)]) -> (u64, u64) {
+    let mut cut = 0u64;
+    let mut tail = 0u64;
+    for (file, end) in before {
+        let Ok(meta) = std::fs::metadata(file) else {
+            continue;
+        };
+        let kept = meta.len();
+        cut = cut.saturating_add(end.complete.saturating_sub(kept));
+        tail = tail.saturating_add(end.data.saturating_sub(kept.max(end.complete)));
+    }
+    (cut, tail)
+}
+
+#[cfg(test)]
+mod journal_end_tests {
+    use super::*;
+
+    /// An end marker with checksum `c`.
+    fn marker(c: u8) -> Vec<u8> {
+        let mut m = vec![END_TAG];
+        m.extend_from_slice(&[c; 8]);
+        m.extend_from_slice(END_TRAILER);
+        m
+    }
+
+    fn end_of(bytes: &[u8]) -> JournalEnd {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = dir.path().join("0.jnl");
+        std::fs::write(&file, bytes).expect("write a journal");
+        journal_end(&file).expect("read the journal")
+    }
+
+    /// A change (start, an item, the end marker), `len` bytes before its marker.
+    fn change(len: usize) -> Vec<u8> {
+        let mut c = vec![1u8];
+        c.resize(len, 7);
+        c.extend(marker(9));
+        c
+    }
+
+    #[test]
+    fn complete_changes_then_preallocated_zeros() {
+        let mut j = change(100);
+        j.extend(change(5000));
+        let complete = j.len() as u64;
+        j.resize(3 * 1024 * 1024 + 17, 0);
+        assert_eq!(
+            end_of(&j),
+            JournalEnd {
+                complete,
+                data: complete
+            }
+        );
+    }
+
+    #[test]
+    fn incomplete_change_at_the_end() {
+        let mut j = change(100);
+        let complete = j.len() as u64;
+        j.extend([1u8, 5, 5, 5]);
+        let data = j.len() as u64;
+        j.resize(2 * 1024 * 1024, 0);
+        assert_eq!(end_of(&j), JournalEnd { complete, data });
+    }
+
+    /// Markers that straddle a chunk boundary (chunks are counted back from the file's end),
+    /// and one whose data reaches into the last chunk.
+    #[test]
+    fn marker_across_chunk_boundaries() {
+        const CHUNK: usize = 1024 * 1024;
+        for cut in 1..END_MARKER_LEN {
+            let total = 3 * CHUNK;
+            // The marker's first `cut` bytes end exactly at the boundary `CHUNK` from the end.
+            let marker_at = total - CHUNK - cut;
+            let mut j = change(marker_at);
+            assert_eq!(j.len(), marker_at + END_MARKER_LEN);
+            let complete = j.len() as u64;
+            j.resize(total, 0);
+            assert_eq!(
+                end_of(&j),
+                JournalEnd {
+                    complete,
+                    data: complete
+                },
+                "marker split {cut}/{}",
+                END_MARKER_LEN - cut
+            );
+        }
+    }
+
+    #[test]
+    fn empty_and_markerless_files() {
+        assert_eq!(end_of(&[]), JournalEnd::default());
+        assert_eq!(end_of(&[0; 4096]), JournalEnd::default());
+        assert_eq!(
+            end_of(&[1, 2, 3, 0, 0]),
+            JournalEnd {
+                complete: 0,
+                data: 3
+            }
+        );
+    }
 }
 
 /// Record counts per keyspace, as the manifest holds them.
@@ -687,8 +877,8 @@ impl Storage for DiskStorage {
             warn!(
                 path = %s.path.display(),
                 bytes = s.journal_cut,
-                "the store's journal ended in {} byte(s) of damaged or incomplete data, which \
-                 were dropped: changes recorded there are lost",
+                "the store's journal was damaged: {} byte(s) of complete changes after the \
+                 damage were dropped, and the changes recorded there are lost",
                 s.journal_cut
             );
         }
