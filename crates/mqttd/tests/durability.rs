@@ -1132,6 +1132,8 @@ enum Outcome {
     Refused,
     /// It started and warned about the damage, and something was indeed lost.
     Reported,
+    /// It started and warned about the damage, saying that nothing was lost, and nothing was.
+    ReportedNothingLost,
     /// It started without a word, and nothing was lost.
     Intact,
 }
@@ -1170,7 +1172,7 @@ async fn fill_store(broker: &Broker) {
 
 /// Starts the broker again on its store and tells how it met it, checking what each outcome
 /// requires: a refusal names a path in the store, a warning is about lost data that is really
-/// lost, silence means nothing was lost.
+/// lost (or says that nothing was, and nothing was), silence means nothing was lost.
 async fn restart_on(broker: &mut Broker, what: &str) -> Outcome {
     let store = broker.data_dir().join("store");
     match broker.try_restart() {
@@ -1198,6 +1200,10 @@ async fn restart_on(broker: &mut Broker, what: &str) -> Outcome {
                     Outcome::Reported
                 }
                 (None, true) => Outcome::Intact,
+                (Some(line), true) if line.contains("nothing is lost") => {
+                    eprintln!("{what}: reported, nothing lost: {line}");
+                    Outcome::ReportedNothingLost
+                }
                 (Some(line), true) => panic!(
                     "{what}: a warning about damage, but nothing was lost: {line}\n{}",
                     broker.log_tail()
@@ -1348,6 +1354,22 @@ async fn damaged_store_is_reported_flipped_table() {
 async fn damaged_store_is_reported_broken_journal() {
     let outcome = damage_and_restart(true, &is_journal, break_change_start, "broken journal").await;
     assert_eq!(outcome, Outcome::Reported);
+}
+
+/// After a graceful shutdown, a change in the middle of the journal made unreadable: the
+/// engine drops it and every change after it, but the tables hold them all since the shutdown;
+/// the broker warns about the damage and, having found every record the shutdown counted, says
+/// that nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_store_is_reported_broken_journal_after_shutdown() {
+    let outcome = damage_and_restart(
+        false,
+        &is_journal,
+        break_change_start,
+        "broken journal after a graceful shutdown",
+    )
+    .await;
+    assert_eq!(outcome, Outcome::ReportedNothingLost);
 }
 
 /// After `kill -9`, 16 bytes inverted inside a message in the journal: the change's checksum

@@ -873,15 +873,6 @@ impl Storage for DiskStorage {
         if clean {
             s.meta.remove(CLEAN).map_err(|e| engine(&s.path, e))?;
         }
-        if s.journal_cut > 0 {
-            warn!(
-                path = %s.path.display(),
-                bytes = s.journal_cut,
-                "the store's journal was damaged: {} byte(s) of complete changes after the \
-                 damage were dropped, and the changes recorded there are lost",
-                s.journal_cut
-            );
-        }
         let manifest_path = s.path.join(MANIFEST);
         let expected = std::fs::read_to_string(&manifest_path)
             .ok()
@@ -986,6 +977,29 @@ impl Storage for DiskStorage {
                 "the clean-shutdown manifest is damaged; cannot check the store for lost records"
             ),
             _ => {}
+        }
+        if s.journal_cut > 0 {
+            // A clean shutdown moves every change into the tables: if they still hold every
+            // record it counted, the damaged part of the journal held nothing the store needs.
+            if expected == Some(Some(found)) {
+                warn!(
+                    path = %s.path.display(),
+                    bytes = s.journal_cut,
+                    "the store's journal was damaged: {} byte(s) of complete changes after the \
+                     damage were dropped; the last shutdown was clean and had moved them into \
+                     the store's tables, and every record it counted was recovered, so nothing \
+                     is lost",
+                    s.journal_cut
+                );
+            } else {
+                warn!(
+                    path = %s.path.display(),
+                    bytes = s.journal_cut,
+                    "the store's journal was damaged: {} byte(s) of complete changes after the \
+                     damage were dropped, and the changes recorded there are lost",
+                    s.journal_cut
+                );
+            }
         }
         // From now on a crash must not be checked against these counts.
         if expected.is_some() {
