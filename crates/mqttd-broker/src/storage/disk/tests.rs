@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::*;
-use crate::storage::{SessionRecord, Storage};
+use crate::storage::{SessionRecord, Storage, Ticket};
 
 /// Upper bound on waiting for the committer: only a hang reaches it.
 const HANG: Duration = Duration::from_secs(30);
@@ -147,15 +147,20 @@ fn open(dir: &Path, durability: Durability, interval: Duration) -> (Fixture, Arc
     )
 }
 
-/// Records one change.
-fn change(storage: &DiskStorage, n: usize) {
-    storage.save_session(&SessionRecord {
+/// A session record for `client-{n}`.
+fn session(n: usize) -> SessionRecord {
+    SessionRecord {
         client_id: ClientId::try_from(format!("client-{n}").as_str()).expect("client id"),
         expiry_interval: 60,
         subscriptions: Vec::new(),
         will: None,
         disconnected_at: None,
-    });
+    }
+}
+
+/// Records one change.
+fn change(storage: &DiskStorage, n: usize) -> Ticket {
+    storage.save_session(&session(n))
 }
 
 fn watermark(storage: &DiskStorage) -> Watermark {
@@ -185,10 +190,8 @@ fn sync_watermark_passes_a_change_only_after_the_fsync_covering_it_returned() {
 
     // Sync 1 began before any change: it covers none of the changes made while it runs.
     script.entered(1);
-    for n in 1..=3 {
-        change(&storage, n);
-    }
-    assert_eq!(storage.written(), 3);
+    let tickets: Vec<Ticket> = (1..=3).map(|n| change(&storage, n)).collect();
+    assert_eq!(tickets, [1, 2, 3].map(Ticket::new));
     assert_eq!(
         watermark(&storage).durable,
         0,
@@ -203,7 +206,7 @@ fn sync_watermark_passes_a_change_only_after_the_fsync_covering_it_returned() {
         "after a sync that began before the changes"
     );
     assert!(script.state.lock().calls.iter().all(|(fsync, _)| *fsync));
-    change(&storage, 4);
+    let _ = change(&storage, 4);
     assert_eq!(
         watermark(&storage).durable,
         0,
@@ -233,10 +236,10 @@ fn a_failed_sync_stops_the_watermark_for_good() {
     script.state.lock().fail = Some(3);
 
     script.entered(1);
-    change(&storage, 1);
+    let _ = change(&storage, 1);
     script.release(1);
     script.entered(2);
-    change(&storage, 2);
+    let _ = change(&storage, 2);
     script.release(2);
     // Sync 3 covers change 2 and fails.
     script.entered(3);
@@ -258,7 +261,7 @@ fn a_failed_sync_stops_the_watermark_for_good() {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    change(&storage, 3);
+    let _ = change(&storage, 3);
     assert_eq!(
         watermark(&storage),
         Watermark {
@@ -282,7 +285,7 @@ fn batch_durability_fsyncs_at_least_every_interval() {
     for n in 1..=12 {
         script.entered(n);
         script.advance(Duration::from_millis(40));
-        change(&storage, n);
+        let _ = change(&storage, n);
         script.release(n);
     }
     script.entered(13);
