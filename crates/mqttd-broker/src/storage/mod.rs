@@ -581,3 +581,101 @@ impl Storage for MemoryStorage {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// A storage without batches that numbers its changes.
+    #[derive(Default)]
+    struct Numbered {
+        written: AtomicU64,
+        watermark: watch::Sender<Watermark>,
+    }
+
+    impl Numbered {
+        fn next(&self) -> Ticket {
+            Ticket::new(self.written.fetch_add(1, Ordering::AcqRel) + 1)
+        }
+    }
+
+    impl Storage for Numbered {
+        fn recover(&self) -> Result<Recovered, StorageError> {
+            Ok(Recovered::default())
+        }
+        fn retain(&self, _: &Arc<Message>) -> Ticket {
+            self.next()
+        }
+        fn save_session(&self, _: &SessionRecord) -> Ticket {
+            self.next()
+        }
+        fn remove_session(&self, _: &ClientId) -> Ticket {
+            self.next()
+        }
+        fn remove_messages(&self, _: &ClientId) -> Ticket {
+            self.next()
+        }
+        fn store_delivery(&self, _: &ClientId, _: &Delivery) -> Ticket {
+            self.next()
+        }
+        fn delivery_flow(&self, _: &ClientId, _: u64, _: PacketId, _: OutboundState) -> Ticket {
+            self.next()
+        }
+        fn delivery_done(&self, _: &ClientId, _: &Delivery) -> Ticket {
+            self.next()
+        }
+        fn pending_release(&self, _: &ClientId, _: PacketId, _: bool) -> Ticket {
+            self.next()
+        }
+        fn watermark(&self) -> watch::Receiver<Watermark> {
+            self.watermark.subscribe()
+        }
+    }
+
+    fn client() -> ClientId {
+        ClientId::try_from("c").unwrap_or_default()
+    }
+
+    #[test]
+    fn tickets_order_and_merge() {
+        assert!(Ticket::NONE.is_none());
+        assert!(Ticket::NONE < Ticket::new(1));
+        let mut t = Ticket::NONE;
+        t.merge(Ticket::new(3));
+        t.merge(Ticket::new(2));
+        assert_eq!(t, Ticket::new(3));
+        let w = Watermark {
+            durable: 2,
+            failed: false,
+        };
+        assert!(w.covers(Ticket::NONE) && w.covers(Ticket::new(2)));
+        assert!(!w.covers(Ticket::new(3)));
+    }
+
+    /// Without batches in the storage, a batch records each change at once, and its commit
+    /// returns the ticket that covers all of them.
+    #[test]
+    fn a_batch_without_storage_batches_records_at_once_and_covers_all() {
+        let storage = Numbered::default();
+        let pid = PacketId::MIN;
+        let mut batch = Batch::new(&storage);
+        assert_eq!(batch.ticket(), Ticket::NONE);
+        let first = batch.pending_release(&client(), pid, true);
+        let second = batch.remove_session(&client());
+        assert_eq!((first, second), (Ticket::new(1), Ticket::new(2)));
+        assert_eq!(
+            storage.written.load(Ordering::Acquire),
+            2,
+            "written at once"
+        );
+        assert_eq!(batch.commit(), Ticket::new(2));
+        assert_eq!(Batch::direct(&storage).commit(), Ticket::NONE);
+        // Memory storage keeps nothing: nothing to wait for.
+        let memory = MemoryStorage::default();
+        let mut batch = Batch::new(&memory);
+        assert_eq!(batch.remove_messages(&client()), Ticket::NONE);
+        assert_eq!(batch.commit(), Ticket::NONE);
+    }
+}
