@@ -375,8 +375,15 @@ pub trait StorageBatch {
 /// by the compiler: a batch stays open only while one thread runs straight through.
 ///
 /// ```compile_fail
-/// fn spawnable<T: Send>() {}
-/// spawnable::<mqttd_broker::storage::Batch<'static>>();
+/// # use mqttd_broker::Storage;
+/// async fn publish(storage: &'static dyn Storage) {
+///     let batch = storage.batch();
+///     tokio::task::yield_now().await; // a batch held across an await ...
+///     let _ = batch.commit();
+/// }
+/// fn serve(storage: &'static dyn Storage) {
+///     tokio::spawn(publish(storage)); // ... is refused here: the future is not `Send`
+/// }
 /// ```
 #[must_use = "an atomic batch writes nothing until it is committed"]
 pub struct Batch<'a> {
