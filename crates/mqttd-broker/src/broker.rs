@@ -32,7 +32,9 @@ use crate::hooks::{Action, ClientInfo, ConnectAttempt, Hooks, Verdict};
 use crate::metrics::Metrics;
 use crate::retained::RetainedStore;
 use crate::storage::record::{self, Clock};
-use crate::storage::{Recovered, SessionRecord, Storage, StoredDelivery, StoredWill};
+use crate::storage::{
+    Batch, Recovered, SessionRecord, Storage, StoredDelivery, StoredWill, Ticket,
+};
 use crate::topic_tree::{Match, TopicTree};
 
 /// How long a connecting client waits for the connection it takes over to hand its session on.
@@ -68,7 +70,7 @@ pub(crate) struct Inbox {
     pub(crate) takeover: Option<oneshot::Sender<Option<Session>>>,
     /// The storage change the stored deliveries here depend on: they are sent only once it
     /// is durable.
-    pub(crate) ticket: u64,
+    pub(crate) ticket: Ticket,
 }
 
 impl Mailbox {
@@ -79,14 +81,14 @@ impl Mailbox {
         &self,
         mut delivery: Delivery,
         limit: usize,
-        admit: impl FnOnce(&mut Delivery) -> u64,
+        admit: impl FnOnce(&mut Delivery) -> Ticket,
     ) -> Result<(), Delivery> {
         let mut inbox = self.inbox.lock();
         if inbox.deliveries.len() >= limit {
             return Err(delivery);
         }
         let ticket = admit(&mut delivery);
-        inbox.ticket = inbox.ticket.max(ticket);
+        inbox.ticket.merge(ticket);
         inbox.deliveries.push_back(delivery);
         drop(inbox);
         self.notify.notify_one();
@@ -178,24 +180,39 @@ impl SessionHandle {
     /// before anyone can act on it; storing happens under the session's lock, so it is
     /// recorded before any acknowledgement that removes it.
     pub(crate) fn deliver(&self, now: Instant, delivery: Delivery, inner: &Inner) -> bool {
-        matches!(self.hand_over(now, delivery, inner), Handed::Taken)
+        let mut batch = Batch::direct(&*inner.storage);
+        let taken = matches!(
+            self.hand_over(now, delivery, inner, &mut batch),
+            Handed::Taken
+        );
+        // The session waits for its stored copy itself (see `Mailbox::push`); nothing else
+        // does.
+        let _ = batch.commit();
+        taken
     }
 
     /// As [`SessionHandle::deliver`], but a delivery that finds its connection's mailbox
-    /// full comes back, to wait for room.
-    pub(crate) fn hand_over(&self, now: Instant, mut delivery: Delivery, inner: &Inner) -> Handed {
+    /// full comes back, to wait for room. The copy is stored through `batch`, whose ticket
+    /// then covers it.
+    pub(crate) fn hand_over(
+        &self,
+        now: Instant,
+        mut delivery: Delivery,
+        inner: &Inner,
+        batch: &mut Batch<'_>,
+    ) -> Handed {
         let config = &inner.config;
         let limit = config.max_queued_messages.max(1) + usize::from(config.max_inflight_messages);
         let persist = delivery.qos != QoS::AtMostOnce && self.persistent.load(Ordering::Relaxed);
-        let store = |d: &mut Delivery| {
+        let mut store = |d: &mut Delivery| {
             if persist {
                 d.store_seq = Some(inner.next_seq.fetch_add(1, Ordering::Relaxed));
-                inner.storage.store_delivery(&self.client_id, d);
+                let ticket = batch.store_delivery(&self.client_id, d);
                 let _ = update_flag(&self.stored_messages, true);
-                inner.storage.ticket()
+                ticket
             } else {
                 d.store_seq = None;
-                0
+                Ticket::NONE
             }
         };
         let mut slot = self.slot.lock();
@@ -208,7 +225,8 @@ impl SessionHandle {
                 }
             }
             Slot::Transferring { buffer } if buffer.len() < limit => {
-                store(&mut delivery);
+                // The batch's ticket covers the copy.
+                let _ = store(&mut delivery);
                 buffer.push(delivery);
                 Handed::Taken
             }
@@ -219,7 +237,8 @@ impl SessionHandle {
                 store_seq_only(&mut delivery, persist, &inner.next_seq);
                 let queued = inner.enqueue(now, session, &delivery, Headed::Offline);
                 if queued && persist {
-                    inner.storage.store_delivery(&self.client_id, &delivery);
+                    // The batch's ticket covers it.
+                    let _ = batch.store_delivery(&self.client_id, &delivery);
                     let _ = update_flag(&self.stored_messages, true);
                 }
                 if queued {
@@ -452,19 +471,23 @@ impl Inner {
     }
 
     /// Removes what storage holds of a session.
-    fn forget_stored(&self, handle: &SessionHandle) {
+    fn forget_stored(&self, handle: &SessionHandle) -> Ticket {
+        let mut ticket = Ticket::NONE;
         if handle.stored.swap(false, Ordering::Relaxed) {
-            self.storage.remove_session(&handle.client_id);
+            ticket.merge(self.storage.remove_session(&handle.client_id));
         }
         if handle.stored_messages.swap(false, Ordering::Relaxed) {
-            self.storage.remove_messages(&handle.client_id);
+            ticket.merge(self.storage.remove_messages(&handle.client_id));
         }
+        ticket
     }
 
     /// A stored delivery that will not be delivered after all: forget it.
-    pub(crate) fn discard(&self, client_id: &ClientId, delivery: &Delivery) {
+    pub(crate) fn discard(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
         if delivery.store_seq.is_some() {
-            self.storage.delivery_done(client_id, delivery);
+            self.storage.delivery_done(client_id, delivery)
+        } else {
+            Ticket::NONE
         }
     }
 
@@ -505,7 +528,8 @@ impl Inner {
                 .is_some_and(|s| self.enqueue(now, s, &d, headed));
             if !queued {
                 self.metrics.messages_dropped.inc();
-                self.discard(client_id, &d);
+                // Nothing is sent that depends on forgetting a dropped message.
+                let _ = self.discard(client_id, &d);
             }
         }
     }
@@ -650,7 +674,9 @@ impl Inner {
             .map(|(f, _)| f)
             .collect();
         self.unsubscribe_all(handle.key, &filters);
-        self.forget_stored(handle);
+        // Nothing this session's client is sent depends on it any more; a client that
+        // starts afresh under its identifier waits for its own, later changes.
+        let _ = self.forget_stored(handle);
         let Some(mut session) = session else { return };
         // Messages this session got through a shared subscription and never acknowledged go
         // to another member of the group.
@@ -792,7 +818,8 @@ impl Inner {
                     drop(slot);
                     // Stored without its will first, so that a restart does not publish it
                     // twice.
-                    self.save_session(handle, expiry, None, Some(since));
+                    // Nothing waits for the record of a session without a connection.
+                    let _ = self.save_session(handle, expiry, None, Some(since));
                     self.publish_will(now, will);
                 }
                 Some(SessionEvent::Expired { will }) => {
@@ -811,30 +838,36 @@ impl Inner {
     fn publish_will(&self, now: Instant, will: Message) {
         self.metrics.wills.inc();
         let will = Arc::new(will);
+        let mut batch = Batch::direct(&*self.storage);
         if will.retain && self.config.retain_available {
-            self.retain(&will);
+            self.retain(&will, &mut batch);
         }
-        self.route(now, &will, None);
+        self.route_in(now, &will, None, &mut batch);
+        // Nobody acknowledges a will: nothing waits for what publishing it stored, but the
+        // sessions that got stored copies, which wait for their own.
+        let _ = batch.commit();
     }
 
-    /// Stores a retained message (an empty payload deletes), in memory and in storage.
-    pub(crate) fn retain(&self, message: &Arc<Message>) {
+    /// Stores a retained message (an empty payload deletes), in memory and, through `batch`,
+    /// in storage.
+    pub(crate) fn retain(&self, message: &Arc<Message>, batch: &mut Batch<'_>) {
         self.retained.set(message.clone());
-        self.storage.retain(message);
+        // The batch's ticket covers it.
+        let _ = batch.retain(message);
     }
 
     /// Records a session in storage: a persistent one with its subscriptions, or one that
     /// ends with its connection only while it has a will to publish if the broker crashes.
+    /// Returns the ticket of what it recorded.
     pub(crate) fn save_session(
         &self,
         handle: &SessionHandle,
         expiry_interval: u32,
         will: Option<StoredWill>,
         disconnected_at: Option<SystemTime>,
-    ) {
+    ) -> Ticket {
         if expiry_interval == 0 && will.is_none() {
-            self.forget_stored(handle);
-            return;
+            return self.forget_stored(handle);
         }
         let _ = update_flag(&handle.stored, true);
         let subscriptions = handle
@@ -850,7 +883,7 @@ impl Inner {
             will,
             disconnected_at,
         };
-        self.storage.save_session(&record);
+        self.storage.save_session(&record)
     }
 
     /// Restores what storage kept: sessions go offline with their subscriptions, messages and
@@ -968,10 +1001,26 @@ impl Inner {
     }
 
     /// Routes a message to every matching subscription. Returns how many sessions it was
-    /// handed to. `from` is the publishing session, for No Local.
+    /// handed to. `from` is the publishing session, for No Local. For a publication that
+    /// nobody acknowledges: the stored copies are recorded on their own, and only the
+    /// sessions that get them wait for them.
     pub(crate) fn route(&self, now: Instant, message: &Arc<Message>, from: Option<u64>) -> usize {
+        let mut batch = Batch::direct(&*self.storage);
+        let count = self.route_in(now, message, from, &mut batch);
+        let _ = batch.commit();
+        count
+    }
+
+    /// As [`Inner::route`], storing copies through `batch`.
+    pub(crate) fn route_in(
+        &self,
+        now: Instant,
+        message: &Arc<Message>,
+        from: Option<u64>,
+        batch: &mut Batch<'_>,
+    ) -> usize {
         let mut blocked = Blocked::new();
-        let count = self.route_or_block(now, message, from, &mut blocked);
+        let count = self.route_or_block(now, message, from, &mut blocked, batch);
         self.metrics.messages_dropped.inc_by(blocked.len() as u64);
         count
     }
@@ -985,6 +1034,7 @@ impl Inner {
         message: &Arc<Message>,
         from: Option<u64>,
         blocked: &mut Blocked,
+        batch: &mut Batch<'_>,
     ) -> usize {
         let tree = self.subscriptions.load();
         let mut direct: SmallVec<[(u64, &Subscriber); 16]> = SmallVec::new();
@@ -1027,7 +1077,7 @@ impl Inner {
                 ..first.options
             };
             let handle = &first.handle;
-            if let Some(d) = self.offer(now, handle, message, &options, ids, None) {
+            if let Some(d) = self.offer(now, handle, message, &options, ids, None, batch) {
                 blocked.push((handle.clone(), d));
             }
             count += 1;
@@ -1036,7 +1086,8 @@ impl Inner {
         for sub in shared {
             let ids = sub.id.into_iter().collect();
             let shared = sub.shared.clone();
-            if let Some(d) = self.offer(now, &sub.handle, message, &sub.options, ids, shared) {
+            if let Some(d) = self.offer(now, &sub.handle, message, &sub.options, ids, shared, batch)
+            {
                 blocked.push((sub.handle.clone(), d));
             }
             count += 1;
@@ -1050,6 +1101,7 @@ impl Inner {
     /// and a QoS 0 delivery to a connection whose output is backed up, wait for room unless a
     /// publisher already gave up waiting for that session (it is stalled); then they are
     /// dropped here, as is QoS 0 for a full queue.
+    #[allow(clippy::too_many_arguments)]
     fn offer(
         &self,
         now: Instant,
@@ -1058,6 +1110,7 @@ impl Inner {
         options: &SubscriptionOptions,
         subscription_ids: Vec<NonZeroU32>,
         shared: Option<TopicFilter>,
+        batch: &mut Batch<'_>,
     ) -> Option<Delivery> {
         let qos0 = options.qos.min(message.qos) == QoS::AtMostOnce;
         if qos0 && handle.congested.load(Ordering::Relaxed) {
@@ -1076,7 +1129,7 @@ impl Inner {
             return None;
         }
         let delivery = Self::delivery(message, options, subscription_ids, shared);
-        match handle.hand_over(now, delivery, self) {
+        match handle.hand_over(now, delivery, self, batch) {
             Handed::Taken => None,
             Handed::Full(d) if !handle.stalled.load(Ordering::Relaxed) => Some(d),
             Handed::Full(_) | Handed::Dropped => {
@@ -1089,8 +1142,14 @@ impl Inner {
     /// Tries again to hand over deliveries that found their session's queue full. Those that
     /// still find it full wait on, until `give_up`: then they are dropped and the session is
     /// marked stalled, so that one client that stopped reading holds up its publishers once,
-    /// not for every message.
-    pub(crate) fn retry_blocked(&self, now: Instant, blocked: &mut Blocked, give_up: bool) {
+    /// not for every message. Copies are stored through `batch`.
+    pub(crate) fn retry_blocked(
+        &self,
+        now: Instant,
+        blocked: &mut Blocked,
+        give_up: bool,
+        batch: &mut Batch<'_>,
+    ) {
         let mut waiting = Blocked::new();
         for (handle, delivery) in blocked.drain(..) {
             let stalled = handle.stalled.load(Ordering::Relaxed);
@@ -1102,7 +1161,7 @@ impl Inner {
             } else if backed_up {
                 Handed::Dropped
             } else {
-                handle.hand_over(now, delivery, self)
+                handle.hand_over(now, delivery, self, batch)
             };
             match outcome {
                 Handed::Taken => {}

@@ -43,7 +43,7 @@ use crate::broker::{
 };
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer};
 use crate::retained::RetainedCursor;
-use crate::storage::{StoredWill, Watermark};
+use crate::storage::{Batch, StoredWill, Ticket, Watermark};
 
 /// Output waiting beyond this many bytes pauses reading and makes publishers of QoS 0
 /// messages for this client wait (see `SessionHandle::congested`).
@@ -127,8 +127,8 @@ struct Connection {
     unaccepted: Option<Box<Session>>,
     /// The client's will, kept with its session record in storage.
     will: Option<Box<StoredWill>>,
-    /// The number of the latest storage change that output must wait for.
-    needs: u64,
+    /// The latest storage change that output must wait for.
+    needs: Ticket,
     /// Output waiting for storage; created the first time some does.
     gate: Option<Box<Gate>>,
     /// A publication waiting for room in subscriber queues or output before it is
@@ -195,12 +195,12 @@ struct BlockedPublish {
 struct Gate {
     watermark: watch::Receiver<Watermark>,
     /// From which stream offset output waits for which change, oldest first.
-    holds: VecDeque<(u64, u64)>,
+    holds: VecDeque<(u64, Ticket)>,
     /// Stream offset of the first byte in the write buffer.
     base: u64,
     /// Messages routed to this session that wait for their storage change to be durable
     /// before the session takes them: (change, messages), in arrival order.
-    awaiting: VecDeque<(u64, VecDeque<Delivery>)>,
+    awaiting: VecDeque<(Ticket, VecDeque<Delivery>)>,
     /// Messages in `awaiting`.
     awaiting_len: usize,
     /// Stream offset just past a CONNACK that was held: until output passes it, the client
@@ -224,9 +224,13 @@ impl Gate {
 
     /// The messages whose changes are now durable, oldest first.
     fn durable_deliveries(&mut self) -> Vec<Delivery> {
-        let durable = self.watermark.borrow().durable;
+        let watermark = *self.watermark.borrow();
         let mut out = Vec::new();
-        while self.awaiting.front().is_some_and(|(t, _)| *t <= durable) {
+        while self
+            .awaiting
+            .front()
+            .is_some_and(|(t, _)| watermark.covers(*t))
+        {
             if let Some((_, batch)) = self.awaiting.pop_front() {
                 self.awaiting_len -= batch.len();
                 out.extend(batch);
@@ -239,12 +243,12 @@ impl Gate {
     /// still waits for it.
     fn release(&mut self) -> bool {
         let w = *self.watermark.borrow_and_update();
-        while self.holds.front().is_some_and(|&(_, t)| t <= w.durable) {
+        while self.holds.front().is_some_and(|&(_, t)| w.covers(t)) {
             self.holds.pop_front();
         }
         // Output or messages that wait for a change storage will never make durable would
         // wait for ever: the connection must close instead.
-        let stuck = self.awaiting.front().is_some_and(|(t, _)| *t > w.durable);
+        let stuck = self.awaiting.front().is_some_and(|(t, _)| !w.covers(*t));
         !w.failed || (self.holds.is_empty() && !stuck)
     }
 
@@ -289,7 +293,7 @@ impl Connection {
             scram_user: None,
             unaccepted: None,
             will: None,
-            needs: 0,
+            needs: Ticket::NONE,
             gate: None,
             blocked: None,
             retained: None,
@@ -308,12 +312,12 @@ impl Connection {
             b.since = now;
         }
         let give_up = now.saturating_duration_since(b.since) >= BACKPRESSURE_WAIT;
-        let before = self.inner.storage.written();
-        self.inner.retry_blocked(now, &mut b.deliveries, give_up);
+        let mut batch = Batch::direct(&*self.inner.storage);
+        self.inner
+            .retry_blocked(now, &mut b.deliveries, give_up, &mut batch);
         let done = b.deliveries.is_empty().then_some((b.packet_id, b.reason));
-        if self.inner.storage.written() != before {
-            self.wrote();
-        }
+        let ticket = batch.commit();
+        self.depends_on(ticket);
         if let Some((packet_id, reason)) = done {
             let later = self.blocked.take().map(|b| b.later).unwrap_or_default();
             if let Some(packet_id) = packet_id {
@@ -325,15 +329,11 @@ impl Connection {
         }
     }
 
-    /// Output produced from now on waits until storage is durable up to its latest change.
-    fn wrote(&mut self) {
-        self.depends_on(self.inner.storage.ticket());
-    }
-
-    /// Output produced from now on waits until storage is durable up to change `ticket`.
-    fn depends_on(&mut self, ticket: u64) {
-        if self.inner.durable && ticket > self.needs {
-            self.needs = ticket;
+    /// Output produced from now on waits until storage has made the change `ticket` stands
+    /// for durable.
+    fn depends_on(&mut self, ticket: Ticket) {
+        if self.inner.durable {
+            self.needs.merge(ticket);
         }
     }
 
@@ -452,7 +452,7 @@ impl Connection {
                     // Stored messages enter the session once they are durable, so that what
                     // the session sends later never waits for newer changes.
                     let waits = self.inner.durable
-                        && (inbox.ticket > 0 || gate.as_ref().is_some_and(|g| g.awaiting_len > 0));
+                        && (!inbox.ticket.is_none() || gate.as_ref().is_some_and(|g| g.awaiting_len > 0));
                     if waits {
                         let g = gate.get_or_insert_with(|| Gate::new(self.inner.storage.watermark()));
                         g.awaiting_len += inbox.deliveries.len();
@@ -512,7 +512,7 @@ impl Connection {
                                 self.wbuf.truncate(offset.saturating_sub(g.base) as usize);
                             }
                             g.holds.clear();
-                            self.needs = 0;
+                            self.needs = Ticket::NONE;
                             if cut.zip(g.connack_end).is_some_and(|(cut, end)| end > cut) {
                                 // Nothing may precede CONNACK, not even DISCONNECT.
                                 self.conn.connection_lost(Instant::now());
@@ -580,13 +580,13 @@ impl Connection {
                 connack_end = Some(self.wbuf.len());
             }
         }
-        if self.needs == 0 || self.wbuf.len() == start {
+        if self.needs.is_none() || self.wbuf.len() == start {
             return;
         }
         let gate = self
             .gate
             .get_or_insert_with(|| Gate::new(self.inner.storage.watermark()));
-        if gate.watermark.borrow().durable >= self.needs {
+        if gate.watermark.borrow().covers(self.needs) {
             return;
         }
         // Everything encoded now was produced after the change: it all waits.
@@ -710,7 +710,9 @@ impl Connection {
     /// Forgets a stored delivery that will not be delivered.
     fn discard(&self, delivery: &Delivery) {
         if let Some(handle) = &self.handle {
-            self.inner.discard(&handle.client_id, delivery);
+            // Nothing is sent that depends on forgetting it: the client acknowledged the
+            // message, or never gets it.
+            let _ = self.inner.discard(&handle.client_id, delivery);
         }
     }
 
@@ -751,8 +753,8 @@ impl Connection {
                 Event::Released { .. } => {}
                 Event::InboundReleased { packet_id } if self.persistent() => {
                     if let Some(id) = self.client_id() {
-                        self.inner.storage.pending_release(id, packet_id, false);
-                        self.wrote();
+                        let ticket = self.inner.storage.pending_release(id, packet_id, false);
+                        self.depends_on(ticket);
                     }
                 }
                 Event::InboundReleased { .. } => {}
@@ -1037,35 +1039,34 @@ impl Connection {
         let reason = match self.admit(&mut message) {
             Ok(()) => {
                 let message = Arc::new(message);
-                // One atomic write for everything this publication changes.
-                let batch = self.inner.durable && message.qos != QoS::AtMostOnce;
-                if batch {
-                    self.inner.storage.begin_batch();
-                }
-                let before = self.inner.storage.written();
+                // One atomic write for everything this publication changes; nothing to wait
+                // for after a QoS 0 one but a retained message, written on its own.
+                let inner = &*self.inner;
+                let mut batch = if inner.durable && message.qos != QoS::AtMostOnce {
+                    inner.storage.batch()
+                } else {
+                    Batch::direct(&*inner.storage)
+                };
                 if message.retain {
-                    self.inner.retain(&message);
+                    inner.retain(&message, &mut batch);
                 }
                 let key = self.handle.as_ref().map(|h| h.key);
                 // QoS 0 and 1 publishers wait for subscribers that are behind; QoS 2 ones do
                 // not yet, because the atomic batch has to cover all copies at once.
                 let routed = if message.qos == QoS::ExactlyOnce {
-                    self.inner.route(now, &message, key)
+                    inner.route_in(now, &message, key, &mut batch)
                 } else {
-                    self.inner.route_or_block(now, &message, key, &mut blocked)
+                    inner.route_or_block(now, &message, key, &mut blocked, &mut batch)
                 };
                 if message.qos == QoS::ExactlyOnce && self.persistent() {
                     if let (Some(handle), Some(packet_id)) = (&self.handle, packet_id) {
-                        self.inner
-                            .storage
-                            .pending_release(&handle.client_id, packet_id, true);
+                        // The batch's ticket covers it.
+                        let _ = batch.pending_release(&handle.client_id, packet_id, true);
                         let _ = update_flag(&handle.stored_messages, true);
                     }
                 }
-                let recorded = batch && self.inner.storage.commit_batch();
-                if recorded || self.inner.storage.written() != before {
-                    self.wrote();
-                }
+                let ticket = batch.commit();
+                self.depends_on(ticket);
                 if routed == 0 {
                     ReasonCode::NoMatchingSubscribers
                 } else {
@@ -1107,10 +1108,11 @@ impl Connection {
         state: OutboundState,
     ) {
         if let Some(id) = self.client_id() {
-            self.inner
+            let ticket = self
+                .inner
                 .storage
                 .delivery_flow(id, store_seq, packet_id, state);
-            self.wrote();
+            self.depends_on(ticket);
         }
     }
 
@@ -1245,12 +1247,10 @@ impl Connection {
     fn save_session(&mut self) {
         if let (Some(handle), Some(session)) = (&self.handle, self.conn.session()) {
             let will = self.will.as_deref().cloned();
-            let before = self.inner.storage.written();
-            self.inner
+            let ticket = self
+                .inner
                 .save_session(handle, session.expiry_interval(), will, None);
-            if self.inner.storage.written() != before {
-                self.wrote();
-            }
+            self.depends_on(ticket);
         }
     }
 
@@ -1319,8 +1319,13 @@ impl Connection {
                             will: will.clone(),
                             delay: due.saturating_duration_since(now).as_secs_f64().ceil() as u32,
                         });
-                        self.inner
-                            .save_session(&handle, s.expiry_interval(), will, Some(since));
+                        // The connection is gone: nothing it sends waits for the record.
+                        let _ = self.inner.save_session(
+                            &handle,
+                            s.expiry_interval(),
+                            will,
+                            Some(since),
+                        );
                         self.inner.park_session(now, &handle, s, since);
                     }
                     mut s => {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use mqttd_broker::storage::{Recovered, SessionRecord, StorageError, Watermark};
+use mqttd_broker::storage::{Recovered, SessionRecord, StorageError, Ticket, Watermark};
 use mqttd_broker::{Broker, Config, ListenerKind, Storage};
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::session::OutboundState;
@@ -62,7 +62,7 @@ impl HeldStorage {
         }))
     }
 
-    fn note(&self, line: String) {
+    fn note(&self, line: String) -> Ticket {
         // Counted before it is visible, so that a release after seeing it covers it.
         let written = self.0.written.fetch_add(1, Ordering::SeqCst) + 1;
         self.0.log.send_modify(|log| log.push(line));
@@ -71,6 +71,7 @@ impl HeldStorage {
                 .watermark
                 .send_modify(|w| w.durable = w.durable.max(written));
         }
+        Ticket::new(written)
     }
 
     /// From now on, nothing more becomes durable until [`HeldStorage::release`].
@@ -123,45 +124,47 @@ impl Storage for HeldStorage {
         })
     }
 
-    fn retain(&self, message: &Arc<Message>) {
-        self.note(format!("retain {}", message.topic));
+    fn retain(&self, message: &Arc<Message>) -> Ticket {
+        self.note(format!("retain {}", message.topic))
     }
 
-    fn save_session(&self, record: &SessionRecord) {
+    fn save_session(&self, record: &SessionRecord) -> Ticket {
         let filters: Vec<_> = record
             .subscriptions
             .iter()
             .map(|s| s.0.to_string())
             .collect();
-        self.note(format!("save {} {:?}", record.client_id, filters));
+        self.note(format!("save {} {:?}", record.client_id, filters))
     }
 
-    fn remove_session(&self, client_id: &ClientId) {
-        self.note(format!("remove {client_id}"));
+    fn remove_session(&self, client_id: &ClientId) -> Ticket {
+        self.note(format!("remove {client_id}"))
     }
 
-    fn remove_messages(&self, client_id: &ClientId) {
-        self.note(format!("remove messages {client_id}"));
+    fn remove_messages(&self, client_id: &ClientId) -> Ticket {
+        self.note(format!("remove messages {client_id}"))
     }
 
-    fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery) {
-        self.note(format!("store {client_id} {}", delivery.message.topic));
+    fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
+        self.note(format!("store {client_id} {}", delivery.message.topic))
     }
 
-    fn delivery_flow(&self, client_id: &ClientId, _: u64, packet_id: PacketId, s: OutboundState) {
-        self.note(format!("flow {client_id} {packet_id} {s:?}"));
+    fn delivery_flow(
+        &self,
+        client_id: &ClientId,
+        _: u64,
+        packet_id: PacketId,
+        s: OutboundState,
+    ) -> Ticket {
+        self.note(format!("flow {client_id} {packet_id} {s:?}"))
     }
 
-    fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery) {
-        self.note(format!("done {client_id} {:?}", delivery.store_seq));
+    fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
+        self.note(format!("done {client_id} {:?}", delivery.store_seq))
     }
 
-    fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) {
-        self.note(format!("inbound {client_id} {packet_id} {pending}"));
-    }
-
-    fn written(&self) -> u64 {
-        self.0.written.load(Ordering::SeqCst)
+    fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) -> Ticket {
+        self.note(format!("inbound {client_id} {packet_id} {pending}"))
     }
 
     fn watermark(&self) -> watch::Receiver<Watermark> {

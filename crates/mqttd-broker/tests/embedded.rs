@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mqttd_broker::auth::{Iterations, PasswordFile, ScramClient, ScramClientFinalSent};
+use mqttd_broker::storage::Ticket;
 use mqttd_broker::{
     Action, Broker, ClientInfo, Config, ConnectAttempt, Hooks, Intercept, ListenerKind, Transport,
     Verdict,
@@ -459,11 +460,14 @@ struct TestStorage {
 }
 
 impl TestStorage {
-    fn note(&self, line: String) {
+    fn note(&self, line: String) -> Ticket {
         // Counted before it is visible, so that a release after seeing it covers it.
-        self.written
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let written = self
+            .written
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
         self.log.lock().unwrap().push(line);
+        Ticket::new(written)
     }
 
     /// How many changes were recorded so far.
@@ -505,29 +509,29 @@ impl mqttd_broker::Storage for TestStorage {
         })
     }
 
-    fn retain(&self, message: &Arc<Message>) {
-        self.note(format!("retain {}", message.topic));
+    fn retain(&self, message: &Arc<Message>) -> Ticket {
+        self.note(format!("retain {}", message.topic))
     }
 
-    fn save_session(&self, record: &mqttd_broker::storage::SessionRecord) {
+    fn save_session(&self, record: &mqttd_broker::storage::SessionRecord) -> Ticket {
         let filters: Vec<_> = record
             .subscriptions
             .iter()
             .map(|s| s.0.to_string())
             .collect();
-        self.note(format!("save {} {:?}", record.client_id, filters));
+        self.note(format!("save {} {:?}", record.client_id, filters))
     }
 
-    fn remove_session(&self, client_id: &ClientId) {
-        self.note(format!("remove {client_id}"));
+    fn remove_session(&self, client_id: &ClientId) -> Ticket {
+        self.note(format!("remove {client_id}"))
     }
 
-    fn remove_messages(&self, client_id: &ClientId) {
-        self.note(format!("remove messages {client_id}"));
+    fn remove_messages(&self, client_id: &ClientId) -> Ticket {
+        self.note(format!("remove messages {client_id}"))
     }
 
-    fn store_delivery(&self, client_id: &ClientId, delivery: &mqttd_proto::Delivery) {
-        self.note(format!("store {client_id} {}", delivery.message.topic));
+    fn store_delivery(&self, client_id: &ClientId, delivery: &mqttd_proto::Delivery) -> Ticket {
+        self.note(format!("store {client_id} {}", delivery.message.topic))
     }
 
     fn delivery_flow(
@@ -536,14 +540,14 @@ impl mqttd_broker::Storage for TestStorage {
         store_seq: u64,
         packet_id: mqttd_proto::PacketId,
         state: mqttd_proto::session::OutboundState,
-    ) {
+    ) -> Ticket {
         self.note(format!(
             "flow {client_id} {store_seq} {packet_id} {state:?}"
-        ));
+        ))
     }
 
-    fn delivery_done(&self, client_id: &ClientId, delivery: &mqttd_proto::Delivery) {
-        self.note(format!("done {client_id} {:?}", delivery.store_seq));
+    fn delivery_done(&self, client_id: &ClientId, delivery: &mqttd_proto::Delivery) -> Ticket {
+        self.note(format!("done {client_id} {:?}", delivery.store_seq))
     }
 
     fn pending_release(
@@ -551,12 +555,8 @@ impl mqttd_broker::Storage for TestStorage {
         client_id: &ClientId,
         packet_id: mqttd_proto::PacketId,
         pending: bool,
-    ) {
-        self.note(format!("inbound {client_id} {packet_id} {pending}"));
-    }
-
-    fn written(&self) -> u64 {
-        self.written.load(std::sync::atomic::Ordering::SeqCst)
+    ) -> Ticket {
+        self.note(format!("inbound {client_id} {packet_id} {pending}"))
     }
 
     fn watermark(&self) -> tokio::sync::watch::Receiver<mqttd_broker::storage::Watermark> {

@@ -29,7 +29,9 @@ use mqttd_proto::{ClientId, Delivery, Message, PacketId, QoS, ReasonCode, TopicF
 use tokio::sync::watch;
 
 use super::disk::PowerCut;
-use super::{DiskStorage, Durability, Recovered, SessionRecord, Storage, Watermark};
+use super::{
+    DiskStorage, Durability, Recovered, SessionRecord, Storage, StorageBatch, Ticket, Watermark,
+};
 use crate::{Broker, Config, ListenerKind};
 
 /// Upper bound on any wait: only a hang reaches it.
@@ -45,41 +47,32 @@ impl Storage for Shared {
     fn recover(&self) -> Result<Recovered, super::StorageError> {
         self.0.recover()
     }
-    fn retain(&self, message: &Arc<Message>) {
-        self.0.retain(message);
+    fn retain(&self, message: &Arc<Message>) -> Ticket {
+        self.0.retain(message)
     }
-    fn save_session(&self, record: &SessionRecord) {
-        self.0.save_session(record);
+    fn save_session(&self, record: &SessionRecord) -> Ticket {
+        self.0.save_session(record)
     }
-    fn remove_session(&self, client_id: &ClientId) {
-        self.0.remove_session(client_id);
+    fn remove_session(&self, client_id: &ClientId) -> Ticket {
+        self.0.remove_session(client_id)
     }
-    fn remove_messages(&self, client_id: &ClientId) {
-        self.0.remove_messages(client_id);
+    fn remove_messages(&self, client_id: &ClientId) -> Ticket {
+        self.0.remove_messages(client_id)
     }
-    fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery) {
-        self.0.store_delivery(client_id, delivery);
+    fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
+        self.0.store_delivery(client_id, delivery)
     }
-    fn delivery_flow(&self, c: &ClientId, seq: u64, p: PacketId, s: OutboundState) {
-        self.0.delivery_flow(c, seq, p, s);
+    fn delivery_flow(&self, c: &ClientId, seq: u64, p: PacketId, s: OutboundState) -> Ticket {
+        self.0.delivery_flow(c, seq, p, s)
     }
-    fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery) {
-        self.0.delivery_done(client_id, delivery);
+    fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
+        self.0.delivery_done(client_id, delivery)
     }
-    fn pending_release(&self, c: &ClientId, p: PacketId, pending: bool) {
-        self.0.pending_release(c, p, pending);
+    fn pending_release(&self, c: &ClientId, p: PacketId, pending: bool) -> Ticket {
+        self.0.pending_release(c, p, pending)
     }
-    fn begin_batch(&self) {
-        self.0.begin_batch();
-    }
-    fn commit_batch(&self) -> bool {
-        self.0.commit_batch()
-    }
-    fn written(&self) -> u64 {
-        self.0.written()
-    }
-    fn ticket(&self) -> u64 {
-        self.0.ticket()
+    fn open_batch(&self) -> Option<Box<dyn StorageBatch + '_>> {
+        self.0.open_batch()
     }
     fn watermark(&self) -> watch::Receiver<Watermark> {
         self.0.watermark()

@@ -31,8 +31,8 @@ use mqttd_proto::{ClientId, Delivery, Message, MqttStr, PacketId, QoS};
 
 use super::record::{self, Clock};
 use super::{
-    Durability, Recovered, SessionRecord, Storage, StorageError, StoredDelivery, StoredSession,
-    Watermark,
+    Durability, Recovered, SessionRecord, Storage, StorageBatch, StorageError, StoredDelivery,
+    StoredSession, Ticket, Watermark,
 };
 
 /// How often the committer records that the broker is alive, so that after a crash the
@@ -132,10 +132,6 @@ impl PowerCut {
     }
 }
 
-/// Gives each store its own number for the thread-local batch state, even at an address a
-/// dropped store had.
-static NEXT_STORE_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
-
 /// The broker's state on disk.
 pub struct DiskStorage {
     shared: Arc<Shared>,
@@ -143,7 +139,6 @@ pub struct DiskStorage {
 }
 
 struct Shared {
-    id: usize,
     path: PathBuf,
     db: Database,
     sessions: Keyspace,
@@ -156,6 +151,7 @@ struct Shared {
     interval: Duration,
     sync_step: Box<dyn SyncStep>,
     power_cut: Option<Arc<PowerCut>>,
+    /// The number of the latest change recorded (or batch opened): the latest ticket.
     written: AtomicU64,
     /// Numbers reserved by batches still being recorded.
     open_batches: Mutex<std::collections::BTreeSet<u64>>,
@@ -290,7 +286,6 @@ impl DiskStorage {
             interval,
             sync_step,
             power_cut,
-            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             written: AtomicU64::new(0),
             open_batches: Mutex::default(),
             journal_cut,
@@ -583,19 +578,132 @@ impl Sink<'_> {
     }
 }
 
-/// A batch being recorded on this thread.
-struct OpenBatch {
-    store: usize,
-    ticket: u64,
-    batch: fjall::OwnedWriteBatch,
-    len: usize,
-    depth: usize,
+/// One change, as the recording calls describe it.
+enum Change<'a> {
+    Retain(&'a Arc<Message>),
+    SaveSession(&'a SessionRecord),
+    RemoveSession(&'a ClientId),
+    RemoveMessages(&'a ClientId),
+    StoreDelivery(&'a ClientId, u64, &'a Delivery),
+    DeliveryFlow(&'a ClientId, u64, PacketId, OutboundState),
+    DeliveryDone(&'a ClientId, u64, QoS),
+    PendingRelease(&'a ClientId, PacketId, bool),
 }
 
-thread_local! {
-    static BATCH: std::cell::RefCell<Option<OpenBatch>> = const { std::cell::RefCell::new(None) };
-    /// The store and number of the change this thread recorded last.
-    static LAST: std::cell::Cell<(usize, u64)> = const { std::cell::Cell::new((0, 0)) };
+impl<'a> Change<'a> {
+    /// Storing a delivery; nothing for one without a sequence number (not stored).
+    fn store_delivery(client_id: &'a ClientId, delivery: &'a Delivery) -> Option<Self> {
+        let seq = delivery.store_seq?;
+        Some(Self::StoreDelivery(client_id, seq, delivery))
+    }
+
+    /// Forgetting a delivery; nothing for one without a sequence number (not stored).
+    fn delivery_done(client_id: &'a ClientId, delivery: &'a Delivery) -> Option<Self> {
+        let seq = delivery.store_seq?;
+        Some(Self::DeliveryDone(client_id, seq, delivery.qos))
+    }
+}
+
+/// A batch of changes written in one atomic write (see [`StorageBatch`]). Its ticket is
+/// taken when it opens and held in `open_batches` until it is committed or dropped, so that
+/// the watermark never covers it before its write.
+struct DiskBatch<'a> {
+    shared: &'a Shared,
+    ticket: u64,
+    /// `None` once committed.
+    batch: Option<fjall::OwnedWriteBatch>,
+    /// Changes recorded.
+    len: usize,
+}
+
+impl DiskBatch<'_> {
+    fn record(&mut self, change: Change<'_>) {
+        let Some(batch) = &mut self.batch else {
+            return;
+        };
+        self.len += 1;
+        if let Err(e) = self.shared.apply(&mut Sink::Batch(batch), change) {
+            self.shared.fail(&e);
+        }
+    }
+}
+
+impl StorageBatch for DiskBatch<'_> {
+    fn retain(&mut self, message: &Arc<Message>) {
+        self.record(Change::Retain(message));
+    }
+
+    fn save_session(&mut self, record: &SessionRecord) {
+        self.record(Change::SaveSession(record));
+    }
+
+    fn remove_session(&mut self, client_id: &ClientId) {
+        self.record(Change::RemoveSession(client_id));
+    }
+
+    fn remove_messages(&mut self, client_id: &ClientId) {
+        self.record(Change::RemoveMessages(client_id));
+    }
+
+    fn store_delivery(&mut self, client_id: &ClientId, delivery: &Delivery) {
+        if let Some(change) = Change::store_delivery(client_id, delivery) {
+            self.record(change);
+        }
+    }
+
+    fn delivery_flow(
+        &mut self,
+        client_id: &ClientId,
+        store_seq: u64,
+        packet_id: PacketId,
+        state: OutboundState,
+    ) {
+        self.record(Change::DeliveryFlow(client_id, store_seq, packet_id, state));
+    }
+
+    fn delivery_done(&mut self, client_id: &ClientId, delivery: &Delivery) {
+        if let Some(change) = Change::delivery_done(client_id, delivery) {
+            self.record(change);
+        }
+    }
+
+    fn pending_release(&mut self, client_id: &ClientId, packet_id: PacketId, pending: bool) {
+        self.record(Change::PendingRelease(client_id, packet_id, pending));
+    }
+
+    fn ticket(&self) -> Ticket {
+        Ticket::new(self.ticket)
+    }
+
+    fn commit(mut self: Box<Self>) -> Ticket {
+        let s = self.shared;
+        let recorded = self.len > 0;
+        if let Some(batch) = self.batch.take() {
+            if recorded && s.write() {
+                if let Err(e) = batch.commit() {
+                    s.fail(&e);
+                }
+            }
+        }
+        let ticket = self.ticket();
+        // Dropping releases the ticket to the committer.
+        drop(self);
+        if recorded {
+            ticket
+        } else {
+            Ticket::NONE
+        }
+    }
+}
+
+impl Drop for DiskBatch<'_> {
+    /// Committed or discarded, the batch no longer holds the watermark back.
+    fn drop(&mut self) {
+        let s = self.shared;
+        s.recorded(self.ticket);
+        s.open_batches.lock().remove(&self.ticket);
+        s.wake_committer();
+    }
 }
 
 fn session_prefix(client_id: &ClientId) -> Vec<u8> {
@@ -626,10 +734,6 @@ fn split_key(key: &[u8]) -> Option<(ClientId, &[u8])> {
 }
 
 impl Shared {
-    fn id(&self) -> usize {
-        self.id
-    }
-
     /// Takes one write of data: false if a simulated power cut lost it.
     fn write(&self) -> bool {
         self.power_cut.as_ref().is_none_or(|c| c.write())
@@ -647,30 +751,75 @@ impl Shared {
         }
     }
 
-    /// Runs one recording operation: into this thread's open batch, or straight into the
-    /// store. A failure stops the watermark for good.
-    fn record(&self, op: impl FnOnce(&mut Sink<'_>) -> Result<(), fjall::Error>) {
-        let mut op = Some(op);
-        let batched = BATCH.with_borrow_mut(|open| match (open, op.take()) {
-            (Some(open), Some(op)) if open.store == self.id() => {
-                open.len += 1;
-                Ok(op(&mut Sink::Batch(&mut open.batch)))
-            }
-            (_, op) => Err(op),
-        });
-        let result = match batched {
-            Ok(result) => result,
-            Err(Some(op)) => op(&mut Sink::Direct(self)).map(|()| {
-                // Before the number is taken, so that the committer never sees it unmarked.
-                self.recorded(self.written.load(Ordering::Acquire) + 1);
-                let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
-                LAST.set((self.id(), ticket));
-            }),
-            Err(None) => Ok(()),
-        };
+    /// Records one change straight into the store and returns its ticket. A failure stops
+    /// the watermark for good; the change still gets its ticket, so that what depends on it
+    /// waits, and learns that the storage failed.
+    fn record(&self, change: Change<'_>) -> Ticket {
+        let result = self.apply(&mut Sink::Direct(self), change);
+        // Before the number is taken, so that the committer never sees it unmarked.
+        self.recorded(self.written.load(Ordering::Acquire) + 1);
+        let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
         match result {
             Ok(()) => self.wake_committer(),
             Err(e) => self.fail(&e),
+        }
+        Ticket::new(ticket)
+    }
+
+    /// Writes one change into `w`.
+    fn apply(&self, w: &mut Sink<'_>, change: Change<'_>) -> Result<(), fjall::Error> {
+        match change {
+            Change::Retain(message) => {
+                let key = message.topic.as_str().as_bytes().to_vec();
+                if message.payload.is_empty() {
+                    w.remove(&self.retained, key)
+                } else {
+                    let value = record::encode_message(message, &Clock::now());
+                    w.insert(&self.retained, key, value.to_vec())
+                }
+            }
+            Change::SaveSession(record) => {
+                let value = record::encode_session(record);
+                let key = record.client_id.as_str().as_bytes().to_vec();
+                w.insert(&self.sessions, key, value.to_vec())
+            }
+            Change::RemoveSession(client_id) => {
+                w.remove(&self.sessions, client_id.as_str().as_bytes().to_vec())
+            }
+            Change::RemoveMessages(client_id) => {
+                let prefix = session_prefix(client_id);
+                self.remove_prefix(w, &self.deliveries, &prefix)?;
+                self.remove_prefix(w, &self.flows, &prefix)?;
+                self.remove_prefix(w, &self.inbound, &prefix)
+            }
+            Change::StoreDelivery(client_id, seq, delivery) => {
+                let value = record::encode_delivery(delivery, &Clock::now());
+                w.insert(&self.deliveries, seq_key(client_id, seq), value.to_vec())
+            }
+            Change::DeliveryFlow(client_id, seq, packet_id, state) => {
+                let value = record::encode_flow(packet_id, state);
+                w.insert(&self.flows, seq_key(client_id, seq), value.to_vec())
+            }
+            Change::DeliveryDone(client_id, seq, qos) => {
+                let key = seq_key(client_id, seq);
+                // The message goes first: a crash between the two writes must not leave it
+                // without the packet identifier it was sent under, or it would be sent again
+                // as a new message. A flow left without its message is removed at the next
+                // start.
+                w.remove(&self.deliveries, key.clone())?;
+                if qos == QoS::ExactlyOnce {
+                    w.remove(&self.flows, key)?;
+                }
+                Ok(())
+            }
+            Change::PendingRelease(client_id, packet_id, pending) => {
+                let key = pid_key(client_id, packet_id);
+                if pending {
+                    w.insert(&self.inbound, key, Vec::new())
+                } else {
+                    w.remove(&self.inbound, key)
+                }
+            }
         }
     }
 
@@ -1023,46 +1172,25 @@ impl Storage for DiskStorage {
         })
     }
 
-    fn retain(&self, message: &Arc<Message>) {
-        let s = &*self.shared;
-        let key = message.topic.as_str().as_bytes().to_vec();
-        if message.payload.is_empty() {
-            s.record(|w| w.remove(&s.retained, key));
-        } else {
-            let value = record::encode_message(message, &Clock::now());
-            s.record(|w| w.insert(&s.retained, key, value.to_vec()));
-        }
+    fn retain(&self, message: &Arc<Message>) -> Ticket {
+        self.shared.record(Change::Retain(message))
     }
 
-    fn save_session(&self, record: &SessionRecord) {
-        let s = &*self.shared;
-        let value = record::encode_session(record);
-        let key = record.client_id.as_str().as_bytes().to_vec();
-        s.record(|w| w.insert(&s.sessions, key, value.to_vec()));
+    fn save_session(&self, record: &SessionRecord) -> Ticket {
+        self.shared.record(Change::SaveSession(record))
     }
 
-    fn remove_session(&self, client_id: &ClientId) {
-        let s = &*self.shared;
-        s.record(|w| w.remove(&s.sessions, client_id.as_str().as_bytes().to_vec()));
+    fn remove_session(&self, client_id: &ClientId) -> Ticket {
+        self.shared.record(Change::RemoveSession(client_id))
     }
 
-    fn remove_messages(&self, client_id: &ClientId) {
-        let s = &*self.shared;
-        let prefix = session_prefix(client_id);
-        s.record(|w| {
-            s.remove_prefix(w, &s.deliveries, &prefix)?;
-            s.remove_prefix(w, &s.flows, &prefix)?;
-            s.remove_prefix(w, &s.inbound, &prefix)
-        });
+    fn remove_messages(&self, client_id: &ClientId) -> Ticket {
+        self.shared.record(Change::RemoveMessages(client_id))
     }
 
-    fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery) {
-        let Some(seq) = delivery.store_seq else {
-            return;
-        };
-        let s = &*self.shared;
-        let value = record::encode_delivery(delivery, &Clock::now());
-        s.record(|w| w.insert(&s.deliveries, seq_key(client_id, seq), value.to_vec()));
+    fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
+        Change::store_delivery(client_id, delivery)
+            .map_or(Ticket::NONE, |change| self.shared.record(change))
     }
 
     fn delivery_flow(
@@ -1071,104 +1199,38 @@ impl Storage for DiskStorage {
         store_seq: u64,
         packet_id: PacketId,
         state: OutboundState,
-    ) {
-        let s = &*self.shared;
-        let value = record::encode_flow(packet_id, state);
-        s.record(|w| w.insert(&s.flows, seq_key(client_id, store_seq), value.to_vec()));
+    ) -> Ticket {
+        self.shared
+            .record(Change::DeliveryFlow(client_id, store_seq, packet_id, state))
     }
 
-    fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery) {
-        let Some(seq) = delivery.store_seq else {
-            return;
+    fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
+        Change::delivery_done(client_id, delivery)
+            .map_or(Ticket::NONE, |change| self.shared.record(change))
+    }
+
+    fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) -> Ticket {
+        self.shared
+            .record(Change::PendingRelease(client_id, packet_id, pending))
+    }
+
+    fn open_batch(&self) -> Option<Box<dyn StorageBatch + '_>> {
+        let s = &*self.shared;
+        // The batch's number is taken now, before anything in it can be seen, so that
+        // whatever depends on it waits for it; the committer holds its watermark below it
+        // until it is written.
+        let ticket = {
+            let mut batches = s.open_batches.lock();
+            let ticket = s.written.fetch_add(1, Ordering::AcqRel) + 1;
+            batches.insert(ticket);
+            ticket
         };
-        let s = &*self.shared;
-        let key = seq_key(client_id, seq);
-        // The message goes first: a crash between the two writes must not leave it without
-        // the packet identifier it was sent under, or it would be sent again as a new message.
-        // A flow left without its message is removed at the next start.
-        s.record(|w| {
-            w.remove(&s.deliveries, key.clone())?;
-            if delivery.qos == QoS::ExactlyOnce {
-                w.remove(&s.flows, key)?;
-            }
-            Ok(())
-        });
-    }
-
-    fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) {
-        let s = &*self.shared;
-        let key = pid_key(client_id, packet_id);
-        if pending {
-            s.record(|w| w.insert(&s.inbound, key, Vec::new()));
-        } else {
-            s.record(|w| w.remove(&s.inbound, key));
-        }
-    }
-
-    fn begin_batch(&self) {
-        let s = &*self.shared;
-        BATCH.with_borrow_mut(|open| {
-            if let Some(open) = open {
-                open.depth += 1;
-                return;
-            }
-            // The batch's number is taken now, before anything in it can be seen, so that
-            // whatever depends on it waits for it; the committer holds its watermark below
-            // it until it is written.
-            let ticket = {
-                let mut batches = s.open_batches.lock();
-                let ticket = s.written.fetch_add(1, Ordering::AcqRel) + 1;
-                batches.insert(ticket);
-                ticket
-            };
-            *open = Some(OpenBatch {
-                store: s.id(),
-                ticket,
-                batch: s.db.batch(),
-                len: 0,
-                depth: 0,
-            });
-        });
-    }
-
-    fn commit_batch(&self) -> bool {
-        let s = &*self.shared;
-        let Some(open) = BATCH.with_borrow_mut(|open| match open {
-            Some(o) if o.depth > 0 => {
-                o.depth -= 1;
-                None
-            }
-            _ => open.take(),
-        }) else {
-            return false;
-        };
-        let recorded = open.len > 0;
-        if recorded && s.write() {
-            if let Err(e) = open.batch.commit() {
-                s.fail(&e);
-            }
-        }
-        s.recorded(open.ticket);
-        s.open_batches.lock().remove(&open.ticket);
-        LAST.set((s.id(), open.ticket));
-        s.wake_committer();
-        recorded
-    }
-
-    fn ticket(&self) -> u64 {
-        let s = &*self.shared;
-        let id = s.id();
-        BATCH
-            .with_borrow(|open| open.as_ref().filter(|o| o.store == id).map(|o| o.ticket))
-            .or_else(|| {
-                let (store, ticket) = LAST.get();
-                (store == id).then_some(ticket)
-            })
-            .unwrap_or_else(|| self.written())
-    }
-
-    fn written(&self) -> u64 {
-        self.shared.written.load(Ordering::Acquire)
+        Some(Box::new(DiskBatch {
+            shared: s,
+            ticket,
+            batch: Some(s.db.batch()),
+            len: 0,
+        }))
     }
 
     fn watermark(&self) -> watch::Receiver<Watermark> {

@@ -3,16 +3,23 @@
 //! The broker keeps its working state in memory and tells a [`Storage`] about every change that
 //! must survive a crash: persistent sessions and their subscriptions and wills, every QoS 1
 //! and 2 message routed to one of them and where its flow stands, incoming QoS 2 identifiers
-//! awaiting PUBREL, and retained messages. Each change is numbered ([`Storage::written`]);
-//! the storage makes changes durable in groups and publishes how far it got
+//! awaiting PUBREL, and retained messages. The call that records a change returns its
+//! [`Ticket`]; the storage makes changes durable in groups and publishes how far it got
 //! ([`Storage::watermark`]). A connection holds back any packet that depends on a change
 //! (PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK, CONNACK, a PUBLISH of a stored message) until
-//! the watermark passes it: persist, then acknowledge, without blocking the connection's
-//! reading meanwhile.
+//! the watermark passes the ticket it was handed: persist, then acknowledge, without
+//! blocking the connection's reading meanwhile.
+//!
+//! Changes that must stand or fall together (everything one publication changes) go through
+//! a [`Batch`]: a guard that collects them and writes them in one atomic write when it is
+//! committed. A batch cannot be sent to another thread, so a task that holds one across an
+//! `.await` does not compile as a spawned task: nothing can slip in between recording a
+//! change and handing its ticket to the output that waits for it.
 //!
 //! [`MemoryStorage`] keeps nothing beyond the broker's own memory; [`DiskStorage`] keeps an
 //! embedded store in the data directory.
 
+use std::marker::PhantomData;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -192,39 +199,83 @@ pub struct Recovered {
     pub next_seq: u64,
 }
 
+/// The number of a recorded change: output that depends on the change waits until the
+/// [`Watermark`] covers it. Numbers grow in the order changes are recorded, across threads,
+/// so the later of two tickets covers both; [`Ticket::NONE`] is covered from the start.
+#[must_use = "output that depends on a recorded change must wait for its ticket"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Ticket(u64);
+
+impl Ticket {
+    /// Nothing to wait for: no change was recorded, or none that needs to be durable.
+    pub const NONE: Self = Self(0);
+
+    /// The ticket of change number `number` (numbers start at 1): for implementations of
+    /// [`Storage`], which number their changes.
+    pub const fn new(number: u64) -> Self {
+        Self(number)
+    }
+
+    /// The change's number; 0 for [`Ticket::NONE`].
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// Whether there is nothing to wait for.
+    pub const fn is_none(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Makes this ticket cover `other` too: what waits for it then waits for both.
+    pub fn merge(&mut self, other: Self) {
+        *self = (*self).max(other);
+    }
+}
+
 /// How far changes are durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Watermark {
-    /// Every change numbered up to this is durable.
+    /// Every change numbered up to this is durable: the highest [`Ticket::get`] made durable.
     pub durable: u64,
     /// The storage failed: changes after `durable` never will be.
     pub failed: bool,
 }
 
-/// Durable storage for the broker's state. Calls record changes in the order they are made;
-/// none is durable until the [`Storage::watermark`] passes its number, so an implementation
-/// batches the changes of many connections into one write (group commit). Recording calls do
-/// not block on I/O.
+impl Watermark {
+    /// Whether the change `ticket` stands for is durable.
+    pub fn covers(&self, ticket: Ticket) -> bool {
+        ticket.0 <= self.durable
+    }
+}
+
+/// Durable storage for the broker's state. Calls record changes in the order they are made
+/// and return each change's [`Ticket`]; none is durable until the [`Storage::watermark`]
+/// covers its ticket, so an implementation batches the changes of many connections into one
+/// write (group commit). Recording calls do not block on I/O.
+///
+/// Tickets number changes in the order they are recorded, across all threads: a later
+/// change never gets a lower ticket, and the watermark covers a ticket only once every
+/// change with a lower one is durable too.
 pub trait Storage: Send + Sync + 'static {
     /// Reads what was stored, once, at startup.
     fn recover(&self) -> Result<Recovered, StorageError>;
 
     /// A retained message was set; an empty payload deletes the topic's retained message.
-    fn retain(&self, message: &Arc<Message>);
+    fn retain(&self, message: &Arc<Message>) -> Ticket;
 
     /// A session was created or resumed, its subscriptions or will changed, or its
     /// connection ended.
-    fn save_session(&self, record: &SessionRecord);
+    fn save_session(&self, record: &SessionRecord) -> Ticket;
 
     /// A session ended, or no longer needs a record: forget its record.
-    fn remove_session(&self, client_id: &ClientId);
+    fn remove_session(&self, client_id: &ClientId) -> Ticket;
 
     /// A session ended: forget its messages and QoS 2 state.
-    fn remove_messages(&self, client_id: &ClientId);
+    fn remove_messages(&self, client_id: &ClientId) -> Ticket;
 
     /// A QoS 1 or 2 message was routed to a stored session, under its
-    /// [`Delivery::store_seq`].
-    fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery);
+    /// [`Delivery::store_seq`] (without one, nothing is recorded: [`Ticket::NONE`]).
+    fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket;
 
     /// A stored QoS 2 message's flow moved on: sent under `packet_id`, or released.
     fn delivery_flow(
@@ -233,33 +284,19 @@ pub trait Storage: Send + Sync + 'static {
         store_seq: u64,
         packet_id: PacketId,
         state: OutboundState,
-    );
+    ) -> Ticket;
 
-    /// A stored message's flow finished, or the message was dropped.
-    fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery);
+    /// A stored message's flow finished, or the message was dropped (without a
+    /// [`Delivery::store_seq`], nothing is recorded: [`Ticket::NONE`]).
+    fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket;
 
     /// An incoming QoS 2 identifier now awaits PUBREL (`pending`), or was released.
-    fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool);
+    fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) -> Ticket;
 
-    /// Groups what this thread records until [`Storage::commit_batch`] into one atomic
-    /// write: after a crash, all of it is there or none. The broker brackets the handling of
-    /// one QoS 1 or 2 publication with it (no await in between), so that the copies routed to
-    /// every persistent session and the publisher's QoS 2 state stand or fall together.
-    /// Batches nest; only the outermost one writes.
-    fn begin_batch(&self) {}
-
-    /// Writes the batch [`Storage::begin_batch`] opened; returns whether it held anything.
-    fn commit_batch(&self) -> bool {
-        false
-    }
-
-    /// The number of the latest change recorded.
-    fn written(&self) -> u64;
-
-    /// The number of the change this thread recorded last (or of its open batch): what
-    /// output that depends on it waits for. Never more than [`Storage::written`].
-    fn ticket(&self) -> u64 {
-        self.written()
+    /// Opens an atomic batch, if this storage has them: see [`Batch`], which the broker
+    /// uses instead. Without them (the default), a [`Batch`] records each change on its own.
+    fn open_batch(&self) -> Option<Box<dyn StorageBatch + '_>> {
+        None
     }
 
     /// Follows how far changes are durable.
@@ -275,6 +312,229 @@ pub trait Storage: Send + Sync + 'static {
     fn close(&self) {}
 }
 
+impl dyn Storage {
+    /// Opens a batch: what is recorded through it is written in one atomic write when it is
+    /// committed (see [`Batch`]).
+    pub fn batch(&self) -> Batch<'_> {
+        Batch::new(self)
+    }
+}
+
+/// A storage's own atomic batch, as [`Storage::open_batch`] returns it; the broker records
+/// through the [`Batch`] guard around it. The batch takes its ticket when it is opened,
+/// before anything recorded in it can be seen, and the watermark stays below that ticket
+/// until the batch is committed or dropped. Dropping a batch without committing it discards
+/// what it holds: nothing of it is written, and its ticket no longer holds the watermark
+/// back.
+pub trait StorageBatch {
+    /// As [`Storage::retain`].
+    fn retain(&mut self, message: &Arc<Message>);
+    /// As [`Storage::save_session`].
+    fn save_session(&mut self, record: &SessionRecord);
+    /// As [`Storage::remove_session`].
+    fn remove_session(&mut self, client_id: &ClientId);
+    /// As [`Storage::remove_messages`].
+    fn remove_messages(&mut self, client_id: &ClientId);
+    /// As [`Storage::store_delivery`].
+    fn store_delivery(&mut self, client_id: &ClientId, delivery: &Delivery);
+    /// As [`Storage::delivery_flow`].
+    fn delivery_flow(
+        &mut self,
+        client_id: &ClientId,
+        store_seq: u64,
+        packet_id: PacketId,
+        state: OutboundState,
+    );
+    /// As [`Storage::delivery_done`].
+    fn delivery_done(&mut self, client_id: &ClientId, delivery: &Delivery);
+    /// As [`Storage::pending_release`].
+    fn pending_release(&mut self, client_id: &ClientId, packet_id: PacketId, pending: bool);
+    /// The ticket that covers everything recorded in the batch, taken when it was opened.
+    fn ticket(&self) -> Ticket;
+    /// Writes everything recorded in one atomic write: after a crash, all of it is there or
+    /// none. Returns the batch's ticket, or [`Ticket::NONE`] if it held nothing.
+    fn commit(self: Box<Self>) -> Ticket;
+}
+
+/// Changes recorded together, as a guard: open one with `storage.batch()` (on a `dyn Storage`),
+/// pass it to whatever records, and [`Batch::commit`] it. The broker brackets the handling of
+/// one QoS 1 or 2 publication with a batch, so that the copies routed to every persistent
+/// session and the publisher's QoS 2 state stand or fall together.
+///
+/// - An atomic batch ([`Batch::new`], on a storage with [`Storage::open_batch`]) writes
+///   nothing until it is committed, then everything in one write. Dropped without a commit,
+///   it discards what it holds.
+/// - A direct batch ([`Batch::direct`], or [`Batch::new`] on a storage without batches)
+///   records each change at once; it only collects their tickets.
+///
+/// Every recording call returns the ticket that covers its change (for an atomic batch, the
+/// batch's), and [`Batch::commit`] the one that covers all of them: the caller hands it to
+/// the output that must wait. A batch is neither `Send` nor `Sync`: every task the broker
+/// spawns must be `Send`, so a task that held a batch across an `.await` would not compile.
+/// That is the rule "no await between recording a change and handing over its ticket" kept
+/// by the compiler: a batch stays open only while one thread runs straight through.
+///
+/// ```compile_fail
+/// # use mqttd_broker::Storage;
+/// async fn publish(storage: &'static dyn Storage) {
+///     let batch = storage.batch();
+///     tokio::task::yield_now().await; // a batch held across an await ...
+///     let _ = batch.commit();
+/// }
+/// fn serve(storage: &'static dyn Storage) {
+///     tokio::spawn(publish(storage)); // ... is refused here: the future is not `Send`
+/// }
+/// ```
+#[must_use = "an atomic batch writes nothing until it is committed"]
+pub struct Batch<'a> {
+    storage: &'a dyn Storage,
+    /// The storage's atomic batch; `None`: changes are recorded one by one.
+    atomic: Option<Box<dyn StorageBatch + 'a>>,
+    /// Without an atomic batch, the ticket that covers every change recorded so far.
+    ticket: Ticket,
+    /// Keeps the batch on the thread that opened it (see above).
+    _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("atomic", &self.atomic.is_some())
+            .field("ticket", &self.ticket())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Batch<'a> {
+    /// An atomic batch, if `storage` has them; otherwise a direct one.
+    pub fn new(storage: &'a dyn Storage) -> Self {
+        Self {
+            storage,
+            atomic: storage.open_batch(),
+            ticket: Ticket::NONE,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// A batch that records each change at once and collects their tickets: for changes
+    /// that need not stand or fall together, recorded by code that may also run in an
+    /// atomic batch.
+    pub fn direct(storage: &'a dyn Storage) -> Self {
+        Self {
+            storage,
+            atomic: None,
+            ticket: Ticket::NONE,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// Records one change: into the atomic batch, or straight into the storage.
+    fn record(
+        &mut self,
+        direct: impl FnOnce(&dyn Storage) -> Ticket,
+        batched: impl FnOnce(&mut dyn StorageBatch),
+    ) -> Ticket {
+        match &mut self.atomic {
+            Some(batch) => {
+                batched(batch.as_mut());
+                batch.ticket()
+            }
+            None => {
+                let ticket = direct(self.storage);
+                self.ticket.merge(ticket);
+                ticket
+            }
+        }
+    }
+
+    /// See [`Storage::retain`].
+    pub fn retain(&mut self, message: &Arc<Message>) -> Ticket {
+        self.record(|s| s.retain(message), |b| b.retain(message))
+    }
+
+    /// See [`Storage::save_session`].
+    pub fn save_session(&mut self, record: &SessionRecord) -> Ticket {
+        self.record(|s| s.save_session(record), |b| b.save_session(record))
+    }
+
+    /// See [`Storage::remove_session`].
+    pub fn remove_session(&mut self, client_id: &ClientId) -> Ticket {
+        self.record(
+            |s| s.remove_session(client_id),
+            |b| b.remove_session(client_id),
+        )
+    }
+
+    /// See [`Storage::remove_messages`].
+    pub fn remove_messages(&mut self, client_id: &ClientId) -> Ticket {
+        self.record(
+            |s| s.remove_messages(client_id),
+            |b| b.remove_messages(client_id),
+        )
+    }
+
+    /// See [`Storage::store_delivery`].
+    pub fn store_delivery(&mut self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
+        self.record(
+            |s| s.store_delivery(client_id, delivery),
+            |b| b.store_delivery(client_id, delivery),
+        )
+    }
+
+    /// See [`Storage::delivery_flow`].
+    pub fn delivery_flow(
+        &mut self,
+        client_id: &ClientId,
+        store_seq: u64,
+        packet_id: PacketId,
+        state: OutboundState,
+    ) -> Ticket {
+        self.record(
+            |s| s.delivery_flow(client_id, store_seq, packet_id, state),
+            |b| b.delivery_flow(client_id, store_seq, packet_id, state),
+        )
+    }
+
+    /// See [`Storage::delivery_done`].
+    pub fn delivery_done(&mut self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
+        self.record(
+            |s| s.delivery_done(client_id, delivery),
+            |b| b.delivery_done(client_id, delivery),
+        )
+    }
+
+    /// See [`Storage::pending_release`].
+    pub fn pending_release(
+        &mut self,
+        client_id: &ClientId,
+        packet_id: PacketId,
+        pending: bool,
+    ) -> Ticket {
+        self.record(
+            |s| s.pending_release(client_id, packet_id, pending),
+            |b| b.pending_release(client_id, packet_id, pending),
+        )
+    }
+
+    /// The ticket that covers everything recorded so far (an atomic batch's own, whether or
+    /// not it holds anything yet).
+    pub fn ticket(&self) -> Ticket {
+        match &self.atomic {
+            Some(batch) => batch.ticket(),
+            None => self.ticket,
+        }
+    }
+
+    /// Writes what an atomic batch holds, in one atomic write. Returns the ticket that covers
+    /// every change recorded through the batch, or [`Ticket::NONE`] if there was none.
+    pub fn commit(mut self) -> Ticket {
+        match self.atomic.take() {
+            Some(batch) => batch.commit(),
+            None => self.ticket,
+        }
+    }
+}
+
 /// Storage in memory only: the broker's own state is all there is.
 #[derive(Debug, Default)]
 pub struct MemoryStorage {
@@ -286,24 +546,36 @@ impl Storage for MemoryStorage {
         Ok(Recovered::default())
     }
 
-    fn retain(&self, _message: &Arc<Message>) {}
+    fn retain(&self, _message: &Arc<Message>) -> Ticket {
+        Ticket::NONE
+    }
 
-    fn save_session(&self, _record: &SessionRecord) {}
+    fn save_session(&self, _record: &SessionRecord) -> Ticket {
+        Ticket::NONE
+    }
 
-    fn remove_session(&self, _client_id: &ClientId) {}
+    fn remove_session(&self, _client_id: &ClientId) -> Ticket {
+        Ticket::NONE
+    }
 
-    fn remove_messages(&self, _client_id: &ClientId) {}
+    fn remove_messages(&self, _client_id: &ClientId) -> Ticket {
+        Ticket::NONE
+    }
 
-    fn store_delivery(&self, _client_id: &ClientId, _delivery: &Delivery) {}
+    fn store_delivery(&self, _client_id: &ClientId, _delivery: &Delivery) -> Ticket {
+        Ticket::NONE
+    }
 
-    fn delivery_flow(&self, _: &ClientId, _: u64, _: PacketId, _: OutboundState) {}
+    fn delivery_flow(&self, _: &ClientId, _: u64, _: PacketId, _: OutboundState) -> Ticket {
+        Ticket::NONE
+    }
 
-    fn delivery_done(&self, _client_id: &ClientId, _delivery: &Delivery) {}
+    fn delivery_done(&self, _client_id: &ClientId, _delivery: &Delivery) -> Ticket {
+        Ticket::NONE
+    }
 
-    fn pending_release(&self, _: &ClientId, _: PacketId, _: bool) {}
-
-    fn written(&self) -> u64 {
-        0
+    fn pending_release(&self, _: &ClientId, _: PacketId, _: bool) -> Ticket {
+        Ticket::NONE
     }
 
     fn watermark(&self) -> watch::Receiver<Watermark> {
@@ -314,5 +586,103 @@ impl Storage for MemoryStorage {
 
     fn is_durable(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// A storage without batches that numbers its changes.
+    #[derive(Default)]
+    struct Numbered {
+        written: AtomicU64,
+        watermark: watch::Sender<Watermark>,
+    }
+
+    impl Numbered {
+        fn next(&self) -> Ticket {
+            Ticket::new(self.written.fetch_add(1, Ordering::AcqRel) + 1)
+        }
+    }
+
+    impl Storage for Numbered {
+        fn recover(&self) -> Result<Recovered, StorageError> {
+            Ok(Recovered::default())
+        }
+        fn retain(&self, _: &Arc<Message>) -> Ticket {
+            self.next()
+        }
+        fn save_session(&self, _: &SessionRecord) -> Ticket {
+            self.next()
+        }
+        fn remove_session(&self, _: &ClientId) -> Ticket {
+            self.next()
+        }
+        fn remove_messages(&self, _: &ClientId) -> Ticket {
+            self.next()
+        }
+        fn store_delivery(&self, _: &ClientId, _: &Delivery) -> Ticket {
+            self.next()
+        }
+        fn delivery_flow(&self, _: &ClientId, _: u64, _: PacketId, _: OutboundState) -> Ticket {
+            self.next()
+        }
+        fn delivery_done(&self, _: &ClientId, _: &Delivery) -> Ticket {
+            self.next()
+        }
+        fn pending_release(&self, _: &ClientId, _: PacketId, _: bool) -> Ticket {
+            self.next()
+        }
+        fn watermark(&self) -> watch::Receiver<Watermark> {
+            self.watermark.subscribe()
+        }
+    }
+
+    fn client() -> ClientId {
+        ClientId::try_from("c").unwrap_or_default()
+    }
+
+    #[test]
+    fn tickets_order_and_merge() {
+        assert!(Ticket::NONE.is_none());
+        assert!(Ticket::NONE < Ticket::new(1));
+        let mut t = Ticket::NONE;
+        t.merge(Ticket::new(3));
+        t.merge(Ticket::new(2));
+        assert_eq!(t, Ticket::new(3));
+        let w = Watermark {
+            durable: 2,
+            failed: false,
+        };
+        assert!(w.covers(Ticket::NONE) && w.covers(Ticket::new(2)));
+        assert!(!w.covers(Ticket::new(3)));
+    }
+
+    /// Without batches in the storage, a batch records each change at once, and its commit
+    /// returns the ticket that covers all of them.
+    #[test]
+    fn a_batch_without_storage_batches_records_at_once_and_covers_all() {
+        let storage = Numbered::default();
+        let pid = PacketId::MIN;
+        let mut batch = Batch::new(&storage);
+        assert_eq!(batch.ticket(), Ticket::NONE);
+        let first = batch.pending_release(&client(), pid, true);
+        let second = batch.remove_session(&client());
+        assert_eq!((first, second), (Ticket::new(1), Ticket::new(2)));
+        assert_eq!(
+            storage.written.load(Ordering::Acquire),
+            2,
+            "written at once"
+        );
+        assert_eq!(batch.commit(), Ticket::new(2));
+        assert_eq!(Batch::direct(&storage).commit(), Ticket::NONE);
+        // Memory storage keeps nothing: nothing to wait for.
+        let memory = MemoryStorage::default();
+        let mut batch = Batch::new(&memory);
+        assert_eq!(batch.remove_messages(&client()), Ticket::NONE);
+        assert_eq!(batch.commit(), Ticket::NONE);
     }
 }

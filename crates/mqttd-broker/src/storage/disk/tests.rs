@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::*;
-use crate::storage::{SessionRecord, Storage};
+use crate::storage::{Batch, SessionRecord, Storage, Ticket};
 
 /// Upper bound on waiting for the committer: only a hang reaches it.
 const HANG: Duration = Duration::from_secs(30);
@@ -147,15 +147,39 @@ fn open(dir: &Path, durability: Durability, interval: Duration) -> (Fixture, Arc
     )
 }
 
-/// Records one change.
-fn change(storage: &DiskStorage, n: usize) {
-    storage.save_session(&SessionRecord {
+/// A session record for `client-{n}`.
+fn session(n: usize) -> SessionRecord {
+    SessionRecord {
         client_id: ClientId::try_from(format!("client-{n}").as_str()).expect("client id"),
         expiry_interval: 60,
         subscriptions: Vec::new(),
         will: None,
         disconnected_at: None,
-    });
+    }
+}
+
+/// Records one change.
+fn change(storage: &DiskStorage, n: usize) -> Ticket {
+    storage.save_session(&session(n))
+}
+
+/// Opens the store at `dir` again and reads what it holds: which sessions, and which
+/// incoming QoS 2 identifiers each awaits.
+fn reopened(dir: &Path) -> Vec<(String, Vec<u16>)> {
+    let storage = DiskStorage::open(dir, Durability::Sync, Duration::from_millis(100))
+        .expect("open the store again");
+    let mut sessions: Vec<_> = storage
+        .recover()
+        .expect("recover")
+        .sessions
+        .into_iter()
+        .map(|s| {
+            let pending = s.pending_releases.iter().map(|p| p.get()).collect();
+            (s.record.client_id.as_str().to_owned(), pending)
+        })
+        .collect();
+    sessions.sort();
+    sessions
 }
 
 fn watermark(storage: &DiskStorage) -> Watermark {
@@ -185,10 +209,8 @@ fn sync_watermark_passes_a_change_only_after_the_fsync_covering_it_returned() {
 
     // Sync 1 began before any change: it covers none of the changes made while it runs.
     script.entered(1);
-    for n in 1..=3 {
-        change(&storage, n);
-    }
-    assert_eq!(storage.written(), 3);
+    let tickets: Vec<Ticket> = (1..=3).map(|n| change(&storage, n)).collect();
+    assert_eq!(tickets, [1, 2, 3].map(Ticket::new));
     assert_eq!(
         watermark(&storage).durable,
         0,
@@ -203,7 +225,7 @@ fn sync_watermark_passes_a_change_only_after_the_fsync_covering_it_returned() {
         "after a sync that began before the changes"
     );
     assert!(script.state.lock().calls.iter().all(|(fsync, _)| *fsync));
-    change(&storage, 4);
+    let _ = change(&storage, 4);
     assert_eq!(
         watermark(&storage).durable,
         0,
@@ -233,10 +255,10 @@ fn a_failed_sync_stops_the_watermark_for_good() {
     script.state.lock().fail = Some(3);
 
     script.entered(1);
-    change(&storage, 1);
+    let _ = change(&storage, 1);
     script.release(1);
     script.entered(2);
-    change(&storage, 2);
+    let _ = change(&storage, 2);
     script.release(2);
     // Sync 3 covers change 2 and fails.
     script.entered(3);
@@ -258,7 +280,7 @@ fn a_failed_sync_stops_the_watermark_for_good() {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    change(&storage, 3);
+    let _ = change(&storage, 3);
     assert_eq!(
         watermark(&storage),
         Watermark {
@@ -282,7 +304,7 @@ fn batch_durability_fsyncs_at_least_every_interval() {
     for n in 1..=12 {
         script.entered(n);
         script.advance(Duration::from_millis(40));
-        change(&storage, n);
+        let _ = change(&storage, n);
         script.release(n);
     }
     script.entered(13);
@@ -331,4 +353,123 @@ fn batch_committer_wakes_for_the_fsync_that_is_due() {
     let (storage, script) = open(dir.path(), Durability::Sync, Duration::from_millis(100));
     script.open();
     assert_eq!(storage.shared.idle_wait(t, t, true), ALIVE_EVERY);
+}
+
+/// Every change recorded through an atomic batch gets the batch's ticket, which was taken when
+/// the batch opened: the watermark does not cover it, nor any later change, until the batch
+/// is committed, and once it covers it, every change of the batch is in the store.
+#[test]
+fn a_batch_ticket_covers_all_its_writes() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (storage, script) = open(dir.path(), Durability::Sync, Duration::from_millis(100));
+    script.entered(1);
+    let mut batch = Batch::new(&*storage);
+    let opened = batch.ticket();
+    let pid = PacketId::new(7).expect("packet id");
+    let recorded = [
+        batch.save_session(&session(1)),
+        batch.save_session(&session(2)),
+        batch.pending_release(&session(1).client_id, pid, true),
+    ];
+    assert_eq!(
+        recorded, [opened; 3],
+        "every change gets the batch's ticket"
+    );
+    let later = change(&storage, 3);
+    assert!(later > opened, "{later:?} recorded after the batch opened");
+    // Sync 2 began after the later change and returned by the time sync 3 begins.
+    script.release(1);
+    script.entered(2);
+    script.release(2);
+    script.entered(3);
+    assert!(
+        !watermark(&storage).covers(opened),
+        "a batch still open is not durable: {:?}",
+        watermark(&storage)
+    );
+    assert!(
+        !watermark(&storage).covers(later),
+        "nor what was recorded after it opened"
+    );
+    assert_eq!(batch.commit(), opened);
+    script.open();
+    wait_for(&storage, "the batch synced", |w| w.covers(later));
+    drop(storage);
+    assert_eq!(
+        reopened(dir.path()),
+        [
+            ("client-1".to_owned(), vec![7]),
+            ("client-2".to_owned(), vec![]),
+            ("client-3".to_owned(), vec![]),
+        ]
+    );
+}
+
+/// A batch dropped without a commit writes nothing, and no longer holds the watermark back.
+#[test]
+fn a_discarded_batch_writes_nothing() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (storage, script) = open(dir.path(), Durability::Sync, Duration::from_millis(100));
+    script.open();
+    let mut batch = Batch::new(&*storage);
+    let discarded = batch.save_session(&session(1));
+    drop(batch);
+    let kept = change(&storage, 2);
+    assert!(kept > discarded);
+    wait_for(&storage, "the change after the dropped batch", |w| {
+        w.covers(kept)
+    });
+    // A batch that recorded nothing has nothing to wait for.
+    assert_eq!(Batch::new(&*storage).commit(), Ticket::NONE);
+    drop(storage);
+    assert_eq!(reopened(dir.path()), [("client-2".to_owned(), vec![])]);
+}
+
+/// Tickets grow in the order changes are recorded, across threads: each thread sees its own
+/// strictly increasing, no two changes (or batches) share one, and they number every change
+/// from 1 without a gap.
+#[test]
+fn tickets_are_monotonic_across_threads() {
+    const THREADS: usize = 4;
+    const EACH: usize = 50;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (storage, script) = open(dir.path(), Durability::Sync, Duration::from_millis(100));
+    script.open();
+    let storage: &DiskStorage = &storage;
+    let mut all: Vec<Ticket> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0..EACH {
+                        let n = t * EACH + i;
+                        mine.push(if i % 5 == 0 {
+                            let mut batch = Batch::new(storage);
+                            let _ = batch.save_session(&session(n));
+                            batch.commit()
+                        } else {
+                            change(storage, n)
+                        });
+                    }
+                    mine
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| {
+                let mine = t.join().expect("recording thread");
+                assert!(
+                    mine.windows(2).all(|w| w[0] < w[1]),
+                    "one thread's tickets: {mine:?}"
+                );
+                mine
+            })
+            .collect()
+    });
+    all.sort();
+    let expected: Vec<Ticket> = (1..=(THREADS * EACH) as u64).map(Ticket::new).collect();
+    assert_eq!(all, expected);
+    let last = Ticket::new((THREADS * EACH) as u64);
+    wait_for(storage, "every change synced", |w| w.covers(last));
 }
