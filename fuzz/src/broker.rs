@@ -972,16 +972,15 @@ impl Harness {
             .map(|(f, q)| (f, *q))
             .collect();
         let Some(most) = matching.iter().map(|(_, q)| *q).max() else {
-            let held = format!(
-                "{:?}",
-                s.filters
-                    .keys()
-                    .chain(conn.filters.keys())
-                    .collect::<Vec<_>>()
-            );
+            let held: std::collections::BTreeSet<String> = s
+                .filters
+                .keys()
+                .chain(conn.filters.keys())
+                .map(|f| f.as_str().to_owned())
+                .collect();
             drop(matching);
             self.fail(format!(
-                "client {slot}: PUBLISH on {topic:?} matches no filter of its session {held}: {what}"
+                "client {slot}: PUBLISH on {topic:?} matches no filter of its session {held:?}: {what}"
             ));
         };
         if publish.qos > most {
