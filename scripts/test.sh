@@ -131,6 +131,11 @@ for seed in "$seeds"/session/*; do
 done
 cargo run -q --manifest-path fuzz/Cargo.toml --example store_record_seeds -- "$seeds/store_record" |
     tail -n 1
+cargo run -q --manifest-path fuzz/Cargo.toml --example broker_seeds -- "$seeds/broker" | tail -n 1
+for seed in "$seeds"/broker/*; do
+    cmp -s "$seed" "fuzz/corpus/broker/$(basename "$seed")" ||
+        fail "fuzz/corpus/broker/$(basename "$seed") is stale: rerun the broker_seeds example"
+done
 rm -rf "$seeds"
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 //! The fuzz targets' code, and helpers they share.
 //!
 //! Each target in `fuzz_targets/` only hands its input to a function here
-//! ([`decode_packet`], [`store_record`], [`session::run`]), so that the corpus replay test
+//! ([`decode_packet`], [`store_record`], [`session::run`], [`broker::run`]), so that the corpus replay test
 //! (`tests/corpus.rs`) runs every committed input through exactly what the fuzzer runs.
 //!
 //! A packet target treats its input as the bytes a peer sent on one connection and cuts them
 //! into packets with [`PacketReader`], exactly as a transport does.
 
+pub mod broker;
 pub mod session;
 
 use bytes::BytesMut;

@@ -11,6 +11,9 @@ use mqttd_fuzz::session::{run, Input};
 fn runner(target: &str) -> Option<fn(&[u8])> {
     Some(match target {
         "decode_packet" => mqttd_fuzz::decode_packet,
+        "broker" => |data| {
+            mqttd_fuzz::broker::run(data);
+        },
         "store_record" => |data| {
             mqttd_fuzz::store_record(data);
         },

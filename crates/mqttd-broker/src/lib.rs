@@ -32,6 +32,9 @@ pub mod auth;
 mod broker;
 pub mod config;
 mod connection;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hooks;
 mod http;
 mod listener;

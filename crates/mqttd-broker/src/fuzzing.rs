@@ -1,0 +1,101 @@
+//! An in-memory broker for the `broker` fuzz target (`fuzz/`): the real shared state and the
+//! real connection tasks ([`crate::connection`]), with `tokio::io::duplex` streams standing in
+//! for sockets, so that a fuzz input can play several clients against the broker without a
+//! network. Not part of the API.
+//!
+//! Meant for a current-thread runtime with paused time: connection tasks run only while the
+//! harness waits, and the broker's tokio timers (lingering, takeover waits, back-pressure
+//! retries) advance as soon as everything is idle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::DuplexStream;
+
+use crate::access::AccessControl;
+use crate::auth::ScramServer;
+use crate::broker::Inner;
+use crate::config::Config;
+use crate::hooks::{NoHooks, Peer, Transport};
+use crate::metrics::Metrics;
+use crate::storage::MemoryStorage;
+
+/// Bytes each direction of an in-memory connection holds: far more than a fuzz input sends or
+/// receives, so that neither side ever waits for the other to read.
+pub const STREAM_BUFFER: usize = 1 << 20;
+
+/// A configuration with small limits, so that a short input reaches them: few messages in
+/// flight per client, a small receive maximum and few topic aliases. Anonymous access, no
+/// persistence.
+pub fn small_config() -> Config {
+    Config {
+        allow_anonymous: Some(true),
+        max_inflight_messages: 4,
+        receive_maximum: 4,
+        topic_alias_maximum: 2,
+        max_packet_size: 4096,
+        max_topic_levels: 8,
+        persistence: false,
+        ..Config::default()
+    }
+}
+
+/// A broker with in-memory storage, no listeners and no `$SYS` publisher.
+pub struct FuzzBroker {
+    inner: Arc<Inner>,
+    opened: u16,
+}
+
+impl FuzzBroker {
+    /// A broker with `config`, anonymous clients allowed.
+    pub fn new(config: Config) -> Self {
+        let access = AccessControl {
+            anonymous: true,
+            ..AccessControl::default()
+        };
+        let inner = Inner::new(
+            config,
+            Arc::new(NoHooks),
+            access,
+            ScramServer::new([0; 32]),
+            Arc::new(MemoryStorage::default()),
+        );
+        Self {
+            inner: Arc::new(inner),
+            opened: 0,
+        }
+    }
+
+    /// Opens a connection: spawns the broker's connection task on the current runtime with
+    /// one end of an in-memory stream and returns the other end, the client's.
+    pub fn connect(&mut self) -> DuplexStream {
+        let (client, server) = tokio::io::duplex(STREAM_BUFFER);
+        self.opened = self.opened.wrapping_add(1);
+        let peer = Peer {
+            transport: Transport::Tcp,
+            addr: ([127, 0, 0, 1], self.opened).into(),
+            listener: Arc::from("fuzz"),
+        };
+        self.inner
+            .tasks
+            .spawn(crate::connection::serve(self.inner.clone(), server, peer));
+        client
+    }
+
+    /// The broker's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Shuts the broker down as [`crate::Broker::shutdown`] does and waits up to `limit` for
+    /// every connection and session timer task to end; whether they all did.
+    pub async fn shutdown(&self, limit: Duration) -> bool {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        let done = tokio::time::timeout(limit, self.inner.tasks.wait())
+            .await
+            .is_ok();
+        self.inner.storage.close();
+        done
+    }
+}
