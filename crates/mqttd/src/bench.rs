@@ -759,12 +759,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .filter(|&secs| secs > 0.0)
             .map(|secs| received as f64 / secs),
     };
-    if bench.args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        print_summary(&summary);
-    }
-    Ok(())
+    report(&bench, &summary)
 }
 
 fn progress_bar(bench: &Bench) -> ProgressBar {
@@ -777,6 +772,16 @@ fn progress_bar(bench: &Bench) -> ProgressBar {
             .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     bar
+}
+
+/// Prints the summary as JSON or as text, as asked.
+fn report(bench: &Bench, summary: &Summary) -> anyhow::Result<()> {
+    if bench.args.json {
+        println!("{}", serde_json::to_string_pretty(summary)?);
+    } else {
+        print_summary(summary);
+    }
+    Ok(())
 }
 
 fn print_summary(s: &Summary) {
@@ -1271,12 +1276,7 @@ async fn run_raw(bench: Arc<Bench>) -> anyhow::Result<()> {
             .filter(|&secs| secs > 0.0)
             .map(|secs| received_in_window as f64 / secs),
     };
-    if bench.args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        print_summary(&summary);
-    }
-    Ok(())
+    report(&bench, &summary)
 }
 
 /// The wildcard filter over `topic`'s siblings: `a/b/3` gives `a/b/#`.
