@@ -16,7 +16,7 @@ use std::time::Duration;
 use mqttd_proto::{Packet, ProtocolVersion, ReasonCode};
 use tokio::io::AsyncWriteExt;
 
-use support::{Broker, RawConn};
+use support::{varint, Broker, RawConn};
 
 /// Rounds of each case.
 const ROUNDS: usize = 50;
@@ -27,19 +27,6 @@ const BURST: usize = 4 * 1024 * 1024;
 const WAIT: Duration = Duration::from_secs(30);
 
 const CONFIG: &str = "persistence = false\nreceive_maximum = 10\nmax_packet_size = 4096\n";
-
-fn varint(mut n: usize) -> Vec<u8> {
-    let mut v = Vec::new();
-    loop {
-        let byte = (n % 128) as u8;
-        n /= 128;
-        if n == 0 {
-            v.push(byte);
-            return v;
-        }
-        v.push(byte | 0x80);
-    }
-}
 
 /// An MQTT 5 QoS 2 PUBLISH to `t` with no properties and a 16-byte payload.
 fn publish_qos2(packet_id: u16) -> Vec<u8> {

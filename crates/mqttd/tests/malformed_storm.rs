@@ -42,7 +42,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 
-use support::{connect_packet, encode, within, Broker, RawConn, Received};
+use support::{connect_packet, encode, varint, within, Broker, RawConn, Received};
 
 use ProtocolVersion::{V3_1, V3_1_1, V5};
 
@@ -85,19 +85,6 @@ const RSS_MARGIN: u64 = 64 * 1024 * 1024;
 // ---------------------------------------------------------------------------------------------
 // Byte builders
 // ---------------------------------------------------------------------------------------------
-
-fn varint(mut n: usize) -> Vec<u8> {
-    let mut v = Vec::new();
-    loop {
-        let byte = (n % 128) as u8;
-        n /= 128;
-        if n == 0 {
-            v.push(byte);
-            return v;
-        }
-        v.push(byte | 0x80);
-    }
-}
 
 /// A packet: first byte, remaining length, body.
 fn frame(first_byte: u8, body: &[u8]) -> Vec<u8> {

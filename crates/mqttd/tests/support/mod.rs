@@ -462,6 +462,20 @@ pub(crate) fn encode(version: ProtocolVersion, packet: &Packet) -> Vec<u8> {
     buf.to_vec()
 }
 
+/// MQTT's variable byte integer, for tests that build packets by hand.
+pub(crate) fn varint(mut n: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    loop {
+        let byte = (n % 128) as u8;
+        n /= 128;
+        if n == 0 {
+            v.push(byte);
+            return v;
+        }
+        v.push(byte | 0x80);
+    }
+}
+
 /// A clean-start CONNECT with keep alive 60 and no will.
 pub(crate) fn connect_packet(version: ProtocolVersion, client_id: &str) -> Packet {
     Packet::Connect(Box::new(Connect {
