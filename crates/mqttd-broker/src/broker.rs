@@ -364,7 +364,7 @@ pub(crate) struct Inner {
     pub(crate) server_config: ServerConfig,
     subscriptions: ArcSwap<Tree>,
     subscription_writer: Mutex<()>,
-    sessions: DashMap<ClientId, Arc<SessionHandle>>,
+    pub(crate) sessions: DashMap<ClientId, Arc<SessionHandle>>,
     pub(crate) retained: RetainedStore,
     pub(crate) hooks: Arc<dyn Hooks>,
     pub(crate) auth: ArcSwap<AccessControl>,
@@ -407,7 +407,7 @@ impl Inner {
             metrics: Metrics::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            started: Instant::now(),
+            started: crate::clock::now(),
             next_key: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
             next_seq: AtomicU64::new(1),
@@ -613,7 +613,7 @@ impl Inner {
                 continue;
             };
             // After the wait above, `now` may predate the old connection's close.
-            let now = now.max(Instant::now());
+            let now = now.max(crate::clock::now());
             // A session whose expiry interval is zero ended with its connection (MQTT 5.0
             // 3.1.2.11.2; a 3.1.1 clean session): one taken over from a connection that has just
             // closed, by DISCONNECT or by this takeover, is not resumed. Ending it publishes
@@ -774,14 +774,12 @@ impl Inner {
                 let _running = running;
                 let mut due = next;
                 loop {
-                    let deadline =
-                        tokio::time::Instant::now() + due.saturating_duration_since(Instant::now());
                     tokio::select! {
-                        _ = tokio::time::sleep_until(deadline) => {}
+                        _ = tokio::time::sleep_until(due.into()) => {}
                         _ = cancel.cancelled() => return,
                         _ = inner.shutdown.cancelled() => return,
                     }
-                    match inner.run_session_timers(Instant::now(), &handle, generation) {
+                    match inner.run_session_timers(crate::clock::now(), &handle, generation) {
                         Some(next) => due = next,
                         None => return,
                     }

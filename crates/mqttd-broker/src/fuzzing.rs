@@ -1,5 +1,5 @@
 //! An in-memory broker for the `broker` fuzz target (`fuzz/`): the real shared state and the
-//! real connection tasks ([`crate::connection`]), with `tokio::io::duplex` streams standing in
+//! real connection tasks ([`crate::drivers::stream`] around [`crate::core`]), with `tokio::io::duplex` streams standing in
 //! for sockets, so that a fuzz input can play several clients against the broker without a
 //! network. Not part of the API.
 //!
@@ -76,9 +76,11 @@ impl FuzzBroker {
             addr: ([127, 0, 0, 1], self.opened).into(),
             listener: Arc::from("fuzz"),
         };
-        self.inner
-            .tasks
-            .spawn(crate::connection::serve(self.inner.clone(), server, peer));
+        self.inner.tasks.spawn(crate::drivers::stream::serve(
+            self.inner.clone(),
+            server,
+            peer,
+        ));
         client
     }
 

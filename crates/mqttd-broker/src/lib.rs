@@ -16,8 +16,10 @@
 //!
 //! # Design
 //!
-//! Each connection is a task driving the sans-IO state machine of `mqttd-proto`
-//! (`connection`). Shared state lives in `broker`: a persistent subscription trie published
+//! Each connection is a sans-IO machine, `core::ConnectionCore` (the protocol core of
+//! `mqttd-proto` plus authentication, sessions, routing, the persist-then-acknowledge gate and
+//! back-pressure, with time passed in), run by a thin async driver per transport (`drivers`).
+//! Shared state lives in `broker`: a persistent subscription trie published
 //! through an atomic pointer, so routing never takes a global lock; a registry of sessions,
 //! each behind its own small lock; retained messages in a persistent trie of their own. A
 //! message is shared as one `Arc<Message>` by every session it is routed to. Sessions outlive
@@ -31,7 +33,18 @@ pub mod auth;
 
 mod broker;
 pub mod config;
-mod connection;
+/// The broker's clock.
+pub(crate) mod clock {
+    use std::time::Instant;
+
+    /// Now, by tokio's clock, so that tests with paused time move it; the same as
+    /// `Instant::now()` otherwise.
+    pub(crate) fn now() -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+mod core;
+mod drivers;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -40,6 +53,8 @@ mod http;
 mod listener;
 pub mod metrics;
 pub mod retained;
+#[cfg(test)]
+mod sim;
 pub mod storage;
 mod sys;
 pub mod topic_tree;

@@ -13,7 +13,6 @@ use tracing::{debug, warn};
 
 use crate::broker::Inner;
 use crate::config::{Listener, ListenerKind};
-use crate::connection;
 use crate::hooks::{Peer, Transport};
 use crate::http;
 
@@ -133,7 +132,7 @@ async fn run_tcp(
         };
         let inner2 = inner.clone();
         inner.tasks.spawn(async move {
-            connection::serve(inner2, stream, peer).await;
+            crate::drivers::stream::serve(inner2, stream, peer).await;
             drop(permit);
         });
     }

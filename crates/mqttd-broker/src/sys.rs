@@ -2,7 +2,7 @@
 //! `sys_interval` seconds.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mqttd_proto::{Message, QoS, TopicName};
 
@@ -84,5 +84,5 @@ fn publish(inner: &Inner, topic: &str, value: String) {
         true,
     ));
     inner.retained.set(message.clone());
-    inner.route(Instant::now(), &message, None);
+    inner.route(crate::clock::now(), &message, None);
 }

@@ -1,0 +1,1355 @@
+//! The broker's per-connection machine: everything a connection decides, with no I/O, no
+//! async runtime and no clock (time is passed in).
+//!
+//! [`ConnectionCore`] wraps the protocol core's [`ServerConnection`] and carries out what it
+//! asks of the broker: authentication (passwords, SCRAM, hooks), sessions, ACLs, routing,
+//! retained messages, the persist-then-acknowledge rule and back-pressure. A driver
+//! ([`crate::drivers`]) moves bytes and wake-ups in and out:
+//!
+//! ```text
+//!  driver                          ConnectionCore                      broker state (Inner)
+//!  bytes on stream s ──────────▶ handle_input(now, s, ..)  ──route──▶  topic trie, sessions,
+//!  mailbox woke      ──────────▶ handle_inbox(now, ..)     ──store──▶  storage (tickets)
+//!  watermark moved   ──────────▶ handle_watermark(now, w)
+//!  room / timer      ──────────▶ retry_blocked / handle_timeout(now)
+//!  process(now); then:
+//!  ◀── poll_request(): CheckPassword, AcquireSession  (answered later: authenticated(),
+//!                                                      session_acquired())
+//!  ◀── output(s).writable() bytes; wrote(s, n)
+//!  ◀── wants_read(s), poll_timeout(), blocked_on(), waits_for_storage()
+//! ```
+//!
+//! Routing and recording changes in storage are synchronous, non-blocking calls on the
+//! broker's shared state: recording returns a [`Ticket`], and output that depends on it waits
+//! in the stream's [`Output`] until the watermark the driver passes in covers it. Only what has
+//! to wait for something else (a password check on the blocking pool, a session another
+//! connection must hand over) is a [`Request`].
+//!
+//! # Streams
+//!
+//! Packets, output and back-pressure are per stream ([`StreamId`]): a byte-stream transport
+//! uses [`StreamId::CONTROL`] only; MQTT over QUIC in multi-stream mode adds data streams. A
+//! publication that waits for room in its subscribers' queues pauses reading of its own stream
+//! only, and held output of one stream never holds another's. Deliveries go on the stream
+//! where their subscription was made (a hint kept by this connection, never stored).
+//!
+//! # Back-pressure
+//!
+//! Reading of a stream pauses while its output holds [`WRITE_HIGH_WATER`] bytes, so a client
+//! that does not read cannot make the broker buffer without bound. Publishers feeding a
+//! backed-up client pause too: a QoS 0 or 1 publication that finds a subscriber's output
+//! backed up or its queue full waits, with its stream's reading paused, until there is room,
+//! so that under overload the broker reads no faster than it can deliver. A subscriber that
+//! makes no progress at all for [`BACKPRESSURE_WAIT`] is marked stalled; from then on what is
+//! routed to it is dropped (and counted) until it reads again.
+
+mod feed;
+mod output;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use mqttd_proto::codec::PacketReader;
+use mqttd_proto::server::{Accept, ConnectRequest, Event, ServerConnection};
+use mqttd_proto::session::{Enqueued, OutboundState, Session};
+use mqttd_proto::{
+    ClientId, Delivery, InboundPublish, Message, MqttStr, Packet, PacketId, ProtocolVersion, QoS,
+    ReasonCode, StreamId, Subscribe, TopicFilter, Unsubscribe,
+};
+
+use crate::auth::scram::MECHANISM;
+use crate::auth::ScramServerFirstSent;
+use crate::broker::{
+    update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, SessionHandle, Slot, Subscriber,
+};
+use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer};
+use crate::storage::{Batch, StoredWill, Ticket, Watermark};
+
+use feed::{BlockedPublish, RetainedFeed};
+pub(crate) use output::Output;
+use output::Outputs;
+
+/// Output waiting beyond this many bytes pauses reading and makes publishers of QoS 0
+/// messages for this client wait (see `SessionHandle::congested`).
+pub(crate) const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// Publishers held back by this client's output resume once it is below this many bytes.
+const WRITE_LOW_WATER: usize = 64 * 1024;
+/// Output waiting beyond this many bytes drops QoS 0 deliveries: what the mailbox held when
+/// the publishers started to wait lands between the two marks.
+const QOS0_DROP_AT: usize = 4 * WRITE_HIGH_WATER;
+/// How long a publication waits for room in a subscriber queue or output that makes no
+/// progress before the message is dropped for that subscriber (which is then marked stalled).
+/// Meanwhile the publisher's stream is not read from, so a subscriber that is slow but reading
+/// sets the pace instead of losing messages, while one that stopped reading holds its
+/// publishers up only this long. Long enough that a reader starved of CPU on a busy machine is
+/// not taken for a stopped one (at 25 ms, four raw publishers on a loaded two-core machine made
+/// the broker drop 98% for a subscriber that was reading).
+pub(crate) const BACKPRESSURE_WAIT: Duration = Duration::from_millis(250);
+/// How often a waiting publication looks again for room, besides being woken when there is.
+const RETRY_INTERVAL: Duration = Duration::from_millis(2);
+
+/// Something the core needs from outside before it can go on; the driver answers it with
+/// the call each variant names. Until then the core reads nothing more.
+#[derive(Debug)]
+pub(crate) enum Request {
+    /// Check a CONNECT's user name and password against the password file: costly work, to
+    /// be run off the async workers with a bounded number at once (see [`crate::auth`]).
+    /// Answer with [`ConnectionCore::authenticated`], or [`ConnectionCore::abandon`] if no
+    /// answer can be had.
+    CheckPassword(Box<PasswordCheck>),
+    /// Find or create the session, taking it over from another connection if need be (see
+    /// [`Inner::acquire_session`]). Answer with [`ConnectionCore::session_acquired`].
+    AcquireSession(Box<SessionRequest>),
+}
+
+/// The credentials of a CONNECT whose password must be checked.
+#[derive(Debug, Clone)]
+pub(crate) struct PasswordCheck {
+    client_id: ClientId,
+    username: Option<MqttStr>,
+    password: Option<Bytes>,
+    version: ProtocolVersion,
+    peer: Peer,
+}
+
+impl PasswordCheck {
+    /// Runs the check: blocking work.
+    pub(crate) fn verify(&self, inner: &Inner) -> Result<(), ReasonCode> {
+        inner.authenticate(&ConnectAttempt {
+            client_id: &self.client_id,
+            username: self.username.as_ref(),
+            password: self.password.as_ref(),
+            version: self.version,
+            peer: &self.peer,
+        })
+    }
+}
+
+/// The session a CONNECT asks for.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionRequest {
+    pub(crate) client_id: ClientId,
+    pub(crate) clean_start: bool,
+    pub(crate) expiry: u32,
+}
+
+/// What the core waits for after it made a [`Request`].
+enum Waiting {
+    /// The password check of this CONNECT.
+    Password(ConnectRequest),
+    /// The session for this CONNECT.
+    Session(Box<Connecting>),
+}
+
+/// An authenticated CONNECT waiting for its session.
+struct Connecting {
+    request: ConnectRequest,
+    client: ClientInfo,
+    /// The identifier the broker assigned, for CONNACK.
+    assigned: Option<ClientId>,
+    /// The server's final SCRAM message, for CONNACK.
+    auth_data: Option<Bytes>,
+}
+
+/// A SCRAM exchange in progress: at CONNECT (with the request to finish) or a re-authentication.
+struct PendingScram {
+    state: ScramServerFirstSent,
+    connect: Option<ConnectRequest>,
+}
+
+/// Stored messages routed to this session that wait for their change to be durable before the
+/// session takes them, so that what the session sends later never waits for newer changes.
+#[derive(Default)]
+struct Awaiting {
+    /// (change, messages), in arrival order.
+    batches: VecDeque<(Ticket, VecDeque<Delivery>)>,
+    /// Messages in `batches`.
+    len: usize,
+}
+
+/// One client connection's broker-side logic. See the module documentation.
+pub(crate) struct ConnectionCore {
+    inner: Arc<Inner>,
+    /// Boxed, as everything an idle connection holds but rarely reads: its size is paid per
+    /// connection.
+    peer: Box<Peer>,
+    conn: ServerConnection,
+    reader: PacketReader,
+    outputs: Outputs,
+    mailbox: Arc<Mailbox>,
+    handle: Option<Arc<SessionHandle>>,
+    client: Option<Box<ClientInfo>>,
+    takeover_reply: Option<oneshot::Sender<Option<Session>>>,
+    /// A request for the driver, not yet taken.
+    request: Option<Request>,
+    /// What the core waits for: events are left unprocessed until it comes.
+    waiting: Option<Waiting>,
+    /// A SCRAM exchange waiting for the client's final message.
+    scram: Option<Box<PendingScram>>,
+    /// The identity SCRAM established, which stands in for the user name.
+    scram_user: Option<Box<MqttStr>>,
+    /// A session acquired for a connection that closed before CONNACK.
+    unaccepted: Option<Box<Session>>,
+    /// The client's will, kept with its session record in storage.
+    will: Option<Box<StoredWill>>,
+    /// The latest storage change that output must wait for.
+    needs: Ticket,
+    /// The latest watermark the driver passed in.
+    watermark: Watermark,
+    awaiting: Option<Box<Awaiting>>,
+    /// Publications waiting for room in subscriber queues or output before they are
+    /// acknowledged and their stream is read from again; at most one per stream.
+    blocked: Vec<BlockedPublish>,
+    /// Retained messages for new subscriptions still to send, at the pace the client reads.
+    retained: Option<Box<RetainedFeed>>,
+    /// Subscriptions made on data streams, whose messages go on those streams.
+    hints: Vec<(TopicFilter, StreamId)>,
+    /// Whether the client ended the connection (DISCONNECT, or its transport closed).
+    closed_by_client: bool,
+}
+
+impl ConnectionCore {
+    /// A connection from `peer` that has sent nothing yet; `watermark` is the storage's.
+    pub(crate) fn new(inner: Arc<Inner>, peer: Peer, now: Instant, watermark: Watermark) -> Self {
+        let conn = ServerConnection::new(inner.server_config.clone(), now);
+        let reader = PacketReader::new(conn.max_packet_size());
+        Self {
+            inner,
+            peer: Box::new(peer),
+            conn,
+            reader,
+            outputs: Outputs::default(),
+            mailbox: Arc::default(),
+            handle: None,
+            client: None,
+            takeover_reply: None,
+            request: None,
+            waiting: None,
+            scram: None,
+            scram_user: None,
+            unaccepted: None,
+            will: None,
+            needs: Ticket::NONE,
+            watermark,
+            awaiting: None,
+            blocked: Vec::new(),
+            retained: None,
+            hints: Vec::new(),
+            closed_by_client: false,
+        }
+    }
+
+    // ---- What the driver looks at ----------------------------------------------------------
+
+    /// The inbox routed messages and takeover requests arrive in; the driver waits on it and
+    /// passes what it holds to [`Self::handle_inbox`].
+    pub(crate) fn mailbox(&self) -> &Arc<Mailbox> {
+        &self.mailbox
+    }
+
+    /// Whether the connection is over: the driver sends what is left and then calls
+    /// [`Self::finish`].
+    pub(crate) fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+
+    /// The next request for the driver.
+    pub(crate) fn poll_request(&mut self) -> Option<Request> {
+        self.request.take()
+    }
+
+    // Used by the simulation now, and by the multi-stream QUIC driver.
+    #[cfg_attr(not(test), allow(dead_code))]
+    /// Whether the core waits for the answer to a request.
+    pub(crate) fn is_waiting(&self) -> bool {
+        self.waiting.is_some()
+    }
+
+    /// The output of `stream`: what may be written is [`Output::writable`]; report what was
+    /// with [`Self::wrote`].
+    pub(crate) fn output(&self, stream: StreamId) -> Option<&Output> {
+        self.outputs.get(stream)
+    }
+
+    // Used by the simulation now, and by the multi-stream QUIC driver.
+    #[cfg_attr(not(test), allow(dead_code))]
+    /// Streams with output that may be written now.
+    pub(crate) fn writable_streams(&self) -> impl Iterator<Item = StreamId> + '_ {
+        self.outputs
+            .iter()
+            .filter(|(_, o)| !o.writable().is_empty())
+            .map(|(s, _)| s)
+    }
+
+    /// Whether the driver should read from `stream` now: not while its output is backed up,
+    /// a publication from it waits for room, or a request is outstanding.
+    pub(crate) fn wants_read(&self, stream: StreamId) -> bool {
+        !self.conn.is_closed()
+            && self.waiting.is_none()
+            && self
+                .outputs
+                .get(stream)
+                .is_none_or(|o| o.buf.len() < WRITE_HIGH_WATER)
+            && !self.blocked.iter().any(|b| b.stream == stream)
+    }
+
+    /// When [`Self::handle_timeout`] must next be called.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        let retry = self.blocked.iter().map(|b| b.tried + RETRY_INTERVAL).min();
+        match (self.conn.poll_timeout(), retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A session whose room the first waiting publication waits for: the driver waits for
+    /// its `room` to be signalled, then calls [`Self::retry_blocked`].
+    pub(crate) fn blocked_on(&self) -> Option<Arc<SessionHandle>> {
+        self.blocked
+            .first()
+            .and_then(|b| b.deliveries.first().map(|(h, _)| h.clone()))
+    }
+
+    /// Whether something waits for the storage's watermark to move: the driver passes each
+    /// new one to [`Self::handle_watermark`].
+    pub(crate) fn waits_for_storage(&self) -> bool {
+        self.outputs.iter().any(|(_, o)| o.holding()) || self.awaiting.is_some()
+    }
+
+    // ---- Inputs ------------------------------------------------------------------------------
+
+    /// Decodes and handles the packets `input` holds from `stream`, leaving a partial packet
+    /// in it.
+    pub(crate) fn handle_input(&mut self, now: Instant, stream: StreamId, input: &mut BytesMut) {
+        loop {
+            match self.reader.read(input, self.conn.version()) {
+                Ok(Some(packet)) => {
+                    self.handle_packet(now, stream, packet);
+                    if self.conn.is_closed() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(error) => {
+                    // Counted in `protocol_errors` once, with the close it causes.
+                    debug!(%error, %stream, "malformed packet");
+                    self.conn.handle_decode_error(now, &error);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles one decoded packet from `stream`.
+    pub(crate) fn handle_packet(&mut self, now: Instant, stream: StreamId, packet: Packet) {
+        self.conn.handle_packet_on(now, stream, packet);
+    }
+
+    /// The driver read `n` bytes.
+    pub(crate) fn received(&self, n: usize) {
+        self.inner.metrics.bytes_received.inc_by(n as u64);
+    }
+
+    /// The transport took `n` bytes of `stream`'s writable output.
+    pub(crate) fn wrote(&mut self, stream: StreamId, n: usize) {
+        self.inner.metrics.bytes_sent.inc_by(n as u64);
+        self.outputs.get_mut(stream).advance(n);
+        if let Some(handle) = &self.handle {
+            handle.wrote(!self.wants_read(stream));
+        }
+    }
+
+    // Used by the simulation now, and by the multi-stream QUIC driver.
+    #[cfg_attr(not(test), allow(dead_code))]
+    /// A data stream ended while the connection lives on (see
+    /// [`ServerConnection::stream_lost`]); losing the control stream loses the connection.
+    pub(crate) fn stream_lost(&mut self, now: Instant, stream: StreamId) {
+        self.conn.stream_lost(now, stream);
+        if stream.is_control() {
+            return;
+        }
+        self.outputs.remove(stream);
+        self.hints.retain(|(_, s)| *s != stream);
+        // Its waiting publications were read: they are still routed, and their
+        // acknowledgements go on the control stream.
+        for b in &mut self.blocked {
+            if b.stream == stream {
+                b.stream = StreamId::CONTROL;
+            }
+        }
+    }
+
+    /// The transport failed or the client closed it.
+    pub(crate) fn connection_lost(&mut self, now: Instant) {
+        self.conn.connection_lost(now);
+    }
+
+    /// The broker is shutting down: DISCONNECT 0x8B.
+    pub(crate) fn shutdown(&mut self, now: Instant) {
+        self.conn.disconnect(now, ReasonCode::ServerShuttingDown);
+    }
+
+    /// Runs timers due at `now`: the protocol core's, and the next look for room of waiting
+    /// publications.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        self.conn.handle_timeout(now);
+        if self.blocked.iter().any(|b| now >= b.tried + RETRY_INTERVAL) {
+            self.retry_blocked(now);
+        }
+    }
+
+    /// What the mailbox held: messages routed to the session, and perhaps another
+    /// connection's request for the session.
+    pub(crate) fn handle_inbox(&mut self, now: Instant, inbox: Inbox) {
+        if !inbox.deliveries.is_empty() {
+            // Publishers waiting for room in the mailbox see it move.
+            if let Some(handle) = &self.handle {
+                handle.progress.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(reply) = inbox.takeover {
+            self.takeover_reply = Some(reply);
+            self.conn.disconnect(now, ReasonCode::SessionTakenOver);
+        }
+        // Stored messages enter the session once they are durable, so that what the session
+        // sends later never waits for newer changes.
+        let waits = self.inner.durable && (!inbox.ticket.is_none() || self.awaiting.is_some());
+        if waits {
+            let awaiting = self.awaiting.get_or_insert_with(Box::default);
+            awaiting.len += inbox.deliveries.len();
+            awaiting.batches.push_back((inbox.ticket, inbox.deliveries));
+            self.deliver_durable(now);
+        } else {
+            for delivery in inbox.deliveries {
+                self.deliver(now, delivery);
+            }
+        }
+    }
+
+    /// The storage's watermark moved to `watermark`: held output and stored messages it
+    /// covers are released. If storage failed while something waits for it, the connection
+    /// closes: what waits acknowledges changes that will never be durable, so it never goes
+    /// out, and the DISCONNECT saying why goes instead.
+    pub(crate) fn handle_watermark(&mut self, now: Instant, watermark: Watermark) {
+        self.watermark = watermark;
+        let mut holding = false;
+        for output in self.outputs.iter_mut() {
+            output.release(watermark);
+            holding |= output.holding();
+        }
+        let stuck = self.awaiting.as_ref().is_some_and(|a| {
+            a.batches
+                .front()
+                .is_some_and(|(t, _)| !watermark.covers(*t))
+        });
+        if watermark.failed && (holding || stuck) {
+            warn!("storage failed; closing the connection");
+            let mut connack_cut = false;
+            for output in self.outputs.iter_mut() {
+                connack_cut |= output.cut_held();
+            }
+            self.needs = Ticket::NONE;
+            if connack_cut {
+                // Nothing may precede CONNACK, not even DISCONNECT.
+                self.conn.connection_lost(now);
+            } else {
+                self.conn.disconnect(now, ReasonCode::UnspecifiedError);
+            }
+        }
+        self.deliver_durable(now);
+    }
+
+    /// Releases held output the watermark covers, and nothing else: for the last output of a
+    /// connection that closed.
+    pub(crate) fn release_output(&mut self, watermark: Watermark) {
+        self.watermark = watermark;
+        for output in self.outputs.iter_mut() {
+            output.release(watermark);
+        }
+    }
+
+    /// The answer to [`Request::CheckPassword`].
+    pub(crate) fn authenticated(&mut self, now: Instant, verdict: Result<(), ReasonCode>) {
+        let Some(Waiting::Password(request)) = self.waiting.take() else {
+            return;
+        };
+        match verdict {
+            Ok(()) => self.finish_connect(now, request, None),
+            Err(reason) => {
+                info!(%reason, username = ?request.connect.username, "authentication failed");
+                self.refuse(now, reason);
+            }
+        }
+    }
+
+    /// No answer can be had to the outstanding request (no turn before the CONNECT deadline,
+    /// shutdown): the CONNECT is refused with `reason`.
+    pub(crate) fn abandon(&mut self, now: Instant, reason: ReasonCode) {
+        if self.waiting.take().is_some() {
+            let _ = self.conn.reject(now, reason);
+        }
+    }
+
+    /// The answer to [`Request::AcquireSession`]: CONNACK follows.
+    pub(crate) fn session_acquired(&mut self, now: Instant, acquired: Acquired) {
+        let Some(Waiting::Session(connecting)) = self.waiting.take() else {
+            // Not asked for: hand it straight back to the broker.
+            self.handle = Some(acquired.handle);
+            self.unaccepted = Some(Box::new(acquired.session));
+            return;
+        };
+        let Connecting {
+            request,
+            client,
+            assigned,
+            auth_data,
+        } = *connecting;
+        self.handle = Some(acquired.handle);
+        if self.conn.is_closed() {
+            // The client left while the session was being acquired: keep the session.
+            debug!("connection closed during CONNECT");
+            self.unaccepted = Some(Box::new(acquired.session));
+            return;
+        }
+        let mut accept = Accept::new(acquired.session, acquired.present);
+        accept.assigned_client_id = assigned.filter(|_| client.version == ProtocolVersion::V5);
+        accept.authentication_data = auth_data;
+        if let Err(error) = self.conn.accept(now, accept) {
+            warn!(%error, "CONNECT could not be accepted");
+            return;
+        }
+        info!(version = %client.version, session_present = acquired.present, keep_alive = request.keep_alive, "client connected");
+        self.inner.metrics.clients_connected.inc();
+        self.inner.hooks.on_connected(&client);
+        if let Some(handle) = &self.handle {
+            update_flag(&handle.persistent, request.session_expiry_interval > 0);
+        }
+        // Kept in storage with the session, so that it is published even if the broker
+        // crashes while the client is connected.
+        self.will = request.connect.will.clone().map(|will| {
+            let delay = will.properties.will_delay_interval.unwrap_or(0);
+            Box::new(StoredWill { will, delay })
+        });
+        self.save_session();
+        self.client = Some(Box::new(client));
+    }
+
+    /// Tries again to hand over what waits for room; acknowledges each publication once
+    /// nothing of it waits, and goes on with the publications read after it.
+    pub(crate) fn retry_blocked(&mut self, now: Instant) {
+        let mut done = Vec::new();
+        let mut batch = Batch::direct(&*self.inner.storage);
+        let mut i = 0;
+        while let Some(b) = self.blocked.get_mut(i) {
+            let progress = feed::progress_of(&b.deliveries);
+            if progress != b.progress {
+                b.progress = progress;
+                b.since = now;
+            }
+            b.tried = now;
+            let give_up = now.saturating_duration_since(b.since) >= BACKPRESSURE_WAIT;
+            self.inner
+                .retry_blocked(now, &mut b.deliveries, give_up, &mut batch);
+            if b.deliveries.is_empty() {
+                done.push(self.blocked.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let ticket = batch.commit();
+        self.depends_on(ticket);
+        for b in done {
+            if let Some(packet_id) = b.packet_id {
+                let _ = self.conn.publish_ack(packet_id, b.reason);
+            }
+            for publish in b.later {
+                self.on_publish(now, b.stream, publish);
+            }
+        }
+    }
+
+    /// Does what the inputs made due: handles the protocol core's events (stopping at one
+    /// that needs a [`Request`]), sends retained messages while the client keeps up, encodes
+    /// what is to be sent into the streams' outputs, and tells publishers how much room this
+    /// session has. Call it after every input, before looking at the outputs.
+    pub(crate) fn process(&mut self, now: Instant) {
+        self.process_events(now);
+        self.feed_retained(now);
+        self.flush_transmits();
+        self.update_pressure();
+    }
+
+    /// Moves the session to where it lives next, once the connection is over: the
+    /// connection that took it over, the broker's store of offline sessions, or nowhere if it
+    /// ended. Returns whether the client ended the connection (then there is nothing to
+    /// linger for).
+    pub(crate) fn finish(&mut self, now: Instant) -> bool {
+        self.hand_off_session(now);
+        self.closed_by_client
+    }
+
+    // ---- The machine -------------------------------------------------------------------------
+
+    /// Output produced from now on waits until storage has made the change `ticket` stands
+    /// for durable.
+    fn depends_on(&mut self, ticket: Ticket) {
+        if self.inner.durable {
+            self.needs.merge(ticket);
+        }
+    }
+
+    fn client_id(&self) -> Option<&ClientId> {
+        self.handle.as_ref().map(|h| &h.client_id)
+    }
+
+    /// Tells publishers how much this session can take: whether its queue is full, whether
+    /// its output is backed up (with hysteresis: publishers woken when the output drains have
+    /// room for a good batch each before it backs up again), and how many messages its
+    /// mailbox may hold.
+    fn update_pressure(&mut self) {
+        let Some(handle) = &self.handle else {
+            return;
+        };
+        let (saturated, capacity) = self.conn.session().map_or((false, 0), |s| {
+            let limits = s.limits();
+            let window = usize::from(self.inner.config.max_inflight_messages);
+            let awaiting = self.awaiting.as_ref().map_or(0, |a| a.len);
+            // While retained messages are being sent, routed ones wait behind them: that
+            // queue is the one that must have room.
+            let (queued, in_flight) = match &self.retained {
+                Some(feed) => (feed.deferred.len(), 0),
+                None => (s.queued().len(), s.in_flight_len().min(window)),
+            };
+            let used = queued + in_flight + awaiting;
+            (
+                queued >= limits.max_messages,
+                (limits.max_messages + window).saturating_sub(used),
+            )
+        });
+        let limit = if handle.congested.load(Ordering::Relaxed) {
+            WRITE_LOW_WATER
+        } else {
+            WRITE_HIGH_WATER
+        };
+        handle.set_congested(self.outputs.len() >= limit);
+        handle.set_saturated(saturated);
+        let before = handle.capacity.load(Ordering::Relaxed);
+        if before != capacity {
+            handle.capacity.store(capacity, Ordering::Relaxed);
+            if capacity > before {
+                handle.progress.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Encodes what the protocol core has to send into the outputs of its streams; what was
+    /// produced after a change that is not durable yet waits for it.
+    fn flush_transmits(&mut self) {
+        let Some(version) = self.conn.version() else {
+            return;
+        };
+        // Per stream written to: where this round's output starts, and where a CONNACK ends.
+        let mut touched: Vec<(StreamId, usize, Option<usize>)> = Vec::new();
+        while let Some((stream, packet)) = self.conn.poll_transmit_tagged() {
+            let output = self.outputs.get_mut(stream);
+            let at = match touched.iter().position(|(s, ..)| *s == stream) {
+                Some(at) => at,
+                None => {
+                    touched.push((stream, output.buf.len(), None));
+                    touched.len() - 1
+                }
+            };
+            if matches!(packet, Packet::Publish(_)) {
+                self.inner.metrics.messages_sent.inc();
+            }
+            if let Err(e) = packet.encode(version, &mut output.buf) {
+                warn!(error = %e, "dropping a packet that cannot be encoded");
+            }
+            if matches!(packet, Packet::ConnAck(_)) {
+                if let Some(t) = touched.get_mut(at) {
+                    t.2 = Some(output.buf.len());
+                }
+            }
+        }
+        if self.needs.is_none() || self.watermark.covers(self.needs) {
+            return;
+        }
+        // Everything encoded now was produced after the change: it all waits.
+        for (stream, start, connack_end) in touched {
+            let output = self.outputs.get_mut(stream);
+            if output.buf.len() > start {
+                output.hold(start, self.needs, connack_end);
+            }
+        }
+    }
+
+    /// Hands the session the stored messages whose changes are now durable, oldest first.
+    fn deliver_durable(&mut self, now: Instant) {
+        let watermark = self.watermark;
+        let mut ready = Vec::new();
+        if let Some(awaiting) = &mut self.awaiting {
+            while awaiting
+                .batches
+                .front()
+                .is_some_and(|(t, _)| watermark.covers(*t))
+            {
+                if let Some((_, batch)) = awaiting.batches.pop_front() {
+                    awaiting.len -= batch.len();
+                    ready.extend(batch);
+                }
+            }
+            if awaiting.batches.is_empty() {
+                self.awaiting = None;
+            }
+        }
+        for delivery in ready {
+            self.deliver(now, delivery);
+        }
+    }
+
+    /// Hands a routed message to the session, after the retained messages still being sent.
+    fn deliver(&mut self, now: Instant, delivery: Delivery) {
+        match &mut self.retained {
+            Some(feed) => feed.deferred.push_back(delivery),
+            None => self.deliver_now(now, delivery),
+        }
+    }
+
+    /// Sends retained messages for new subscriptions while the client keeps up: until the
+    /// output reaches its high-water mark or the session's queue is full. The core comes back
+    /// here when the client has read or acknowledged something. What was routed meanwhile
+    /// follows at the same pace, and then the feed ends.
+    fn feed_retained(&mut self, now: Instant) {
+        let Some(mut feed) = self.retained.take() else {
+            return;
+        };
+        while !self.conn.is_closed() {
+            // Encoded now, so that the output's size says how far the client is behind.
+            self.flush_transmits();
+            if self.outputs.len() >= WRITE_HIGH_WATER {
+                self.retained = Some(feed);
+                return;
+            }
+            let Some(delivery) = feed.next(now).or_else(|| feed.deferred.pop_front()) else {
+                break;
+            };
+            let room = self.conn.session().is_some_and(|s| {
+                let limits = s.limits();
+                s.queued().len() < limits.max_messages
+                    && (limits.max_bytes == 0
+                        || s.queued_bytes() + delivery.message.weight() <= limits.max_bytes)
+            });
+            if !room {
+                feed.next = Some(delivery);
+                self.retained = Some(feed);
+                return;
+            }
+            self.deliver_now(now, delivery);
+        }
+    }
+
+    /// The stream a delivery goes on: that of the data stream its subscription was made on,
+    /// if any, else the control stream.
+    fn stream_for(&self, delivery: &Delivery) -> StreamId {
+        if self.hints.is_empty() {
+            return StreamId::CONTROL;
+        }
+        let found = match &delivery.shared {
+            Some(shared) => self.hints.iter().find(|(f, _)| f == shared),
+            None => self
+                .hints
+                .iter()
+                .find(|(f, _)| f.share().is_none() && f.matches(&delivery.message.topic)),
+        };
+        found.map_or(StreamId::CONTROL, |(_, s)| *s)
+    }
+
+    fn deliver_now(&mut self, now: Instant, delivery: Delivery) {
+        if delivery.qos == QoS::AtMostOnce && self.outputs.len() >= QOS0_DROP_AT {
+            self.inner.metrics.messages_dropped.inc();
+            return;
+        }
+        // Asked of the hooks for every message, and of the ACL as loaded now (it may have
+        // been reloaded since the client connected).
+        if let Some(client) = &self.client {
+            if !self
+                .inner
+                .authorize(client, Action::Receive, &delivery.message.topic)
+            {
+                self.discard(&delivery);
+                return;
+            }
+        }
+        let stream = self.stream_for(&delivery);
+        let stored = delivery.store_seq.is_some().then(|| delivery.clone());
+        let outcome = self.conn.deliver_on(now, stream, delivery);
+        if !matches!(outcome, Enqueued::Sent | Enqueued::Queued) {
+            self.inner.metrics.messages_dropped.inc();
+            if let Some(d) = stored {
+                self.discard(&d);
+            }
+        }
+    }
+
+    /// Forgets a stored delivery that will not be delivered.
+    fn discard(&self, delivery: &Delivery) {
+        if let Some(handle) = &self.handle {
+            // Nothing is sent that depends on forgetting it: the client acknowledged the
+            // message, or never gets it.
+            let _ = self.inner.discard(&handle.client_id, delivery);
+        }
+    }
+
+    /// Handles the protocol core's events until one needs a request.
+    fn process_events(&mut self, now: Instant) {
+        while self.waiting.is_none() {
+            let Some((stream, event)) = self.conn.poll_event_tagged() else {
+                return;
+            };
+            match event {
+                Event::Connect(request) => self.on_connect(now, request),
+                Event::AuthContinue { data } => self.on_auth_continue(now, data),
+                Event::ReAuthenticate { data } => self.on_reauthenticate(now, data),
+                Event::Publish(publish) => self.on_publish(now, stream, publish),
+                Event::Subscribe(subscribe) => self.on_subscribe(now, stream, subscribe),
+                Event::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
+                Event::Delivered { delivery, .. } => self.discard(&delivery),
+                Event::Sent {
+                    packet_id,
+                    store_seq,
+                } => self.flow_moved(store_seq, packet_id, OutboundState::PublishSent),
+                Event::Released {
+                    packet_id,
+                    store_seq: Some(store_seq),
+                } => self.flow_moved(store_seq, packet_id, OutboundState::ReleaseSent),
+                Event::Released { .. } => {}
+                Event::InboundReleased { packet_id } if self.persistent() => {
+                    if let Some(id) = self.client_id() {
+                        let ticket = self.inner.storage.pending_release(id, packet_id, false);
+                        self.depends_on(ticket);
+                    }
+                }
+                Event::InboundReleased { .. } => {}
+                Event::Closed { reason, by_client } => {
+                    self.closed_by_client = by_client;
+                    if let Some(client) = &self.client {
+                        self.inner.metrics.clients_connected.dec();
+                        info!(%reason, by_client, "client disconnected");
+                        self.inner.hooks.on_disconnected(client, reason);
+                    } else {
+                        debug!(%reason, "connection closed before CONNACK");
+                    }
+                    if reason.is_error() && !by_client {
+                        self.inner.metrics.protocol_errors.inc();
+                    }
+                }
+                // Kinds of events added to the protocol core later.
+                _ => {}
+            }
+        }
+    }
+
+    fn on_connect(&mut self, now: Instant, request: ConnectRequest) {
+        let connect = &request.connect;
+        if let Some(method) = &connect.properties.authentication_method {
+            let data = connect
+                .properties
+                .authentication_data
+                .clone()
+                .unwrap_or_default();
+            match self.start_scram(method, &data) {
+                Ok((state, server_first)) => {
+                    self.scram = Some(Box::new(PendingScram {
+                        state,
+                        connect: Some(request),
+                    }));
+                    let _ = self.conn.auth_continue(Some(server_first.into()));
+                }
+                Err(reason) => self.refuse(now, reason),
+            }
+            return;
+        }
+        if connect.username.is_some() && self.inner.auth.load().passwords.is_some() {
+            self.request = Some(Request::CheckPassword(Box::new(PasswordCheck {
+                client_id: connect.client_id.clone(),
+                username: connect.username.clone(),
+                password: connect.password.clone(),
+                version: connect.protocol,
+                peer: (*self.peer).clone(),
+            })));
+            self.waiting = Some(Waiting::Password(request));
+            return;
+        }
+        let verdict = self.inner.authenticate(&ConnectAttempt {
+            client_id: &connect.client_id,
+            username: connect.username.as_ref(),
+            password: connect.password.as_ref(),
+            version: connect.protocol,
+            peer: &self.peer,
+        });
+        match verdict {
+            Ok(()) => self.finish_connect(now, request, None),
+            Err(reason) => {
+                info!(%reason, username = ?connect.username, "authentication failed");
+                self.refuse(now, reason);
+            }
+        }
+    }
+
+    fn refuse(&mut self, now: Instant, reason: ReasonCode) {
+        self.inner.metrics.auth_failures.inc();
+        let _ = self.conn.reject(now, reason);
+    }
+
+    /// Starts SCRAM-SHA-256, the enhanced authentication method the broker offers, against the
+    /// password file.
+    fn start_scram(
+        &self,
+        method: &MqttStr,
+        client_first: &[u8],
+    ) -> Result<(ScramServerFirstSent, Vec<u8>), ReasonCode> {
+        let access = self.inner.auth.load();
+        let Some(passwords) = access
+            .passwords
+            .as_ref()
+            .filter(|_| method.as_str() == MECHANISM)
+        else {
+            return Err(ReasonCode::BadAuthenticationMethod);
+        };
+        self.inner
+            .scram
+            .start(client_first, |user| {
+                passwords.scram_credentials(user).cloned()
+            })
+            .map_err(|e| e.reason_code())
+    }
+
+    fn on_auth_continue(&mut self, now: Instant, data: Option<Bytes>) {
+        let Some(pending) = self.scram.take() else {
+            return self.refuse(now, ReasonCode::ProtocolError);
+        };
+        let user = MqttStr::try_from(pending.state.username()).ok();
+        let reauthenticating = pending.connect.is_none();
+        match pending.state.finish(data.as_deref().unwrap_or_default()) {
+            Ok(server_final) => {
+                self.scram_user = user.map(Box::new);
+                match pending.connect {
+                    Some(request) => self.finish_connect(now, request, Some(server_final.into())),
+                    None => {
+                        if let (Some(client), Some(user)) = (&mut self.client, &self.scram_user) {
+                            client.username = Some(MqttStr::clone(user));
+                        }
+                        let _ = self.conn.reauth_success(Some(server_final.into()));
+                    }
+                }
+            }
+            Err(error) => {
+                info!(%error, "SCRAM authentication failed");
+                let reason = match error.reason_code() {
+                    // A failed re-authentication is refused with DISCONNECT, which has no 0x86
+                    // (it would go out as 0x80 Unspecified error): the client is no longer
+                    // authorized, so say that.
+                    ReasonCode::BadUserNameOrPassword if reauthenticating => {
+                        ReasonCode::NotAuthorized
+                    }
+                    reason => reason,
+                };
+                self.refuse(now, reason);
+            }
+        }
+    }
+
+    fn on_reauthenticate(&mut self, now: Instant, data: Option<Bytes>) {
+        let method = MqttStr::from_static(MECHANISM).unwrap_or_default();
+        match self.start_scram(&method, data.as_deref().unwrap_or_default()) {
+            Ok((state, server_first)) => {
+                self.scram = Some(Box::new(PendingScram {
+                    state,
+                    connect: None,
+                }));
+                let _ = self.conn.auth_continue(Some(server_first.into()));
+            }
+            Err(reason) => self.refuse(now, reason),
+        }
+    }
+
+    /// Goes on with an authenticated CONNECT: checks its will, then asks for the session.
+    fn finish_connect(&mut self, now: Instant, request: ConnectRequest, auth_data: Option<Bytes>) {
+        let connect = &request.connect;
+        let assigned = connect
+            .client_id
+            .is_empty()
+            .then(|| self.inner.assign_client_id());
+        let client_id = assigned
+            .clone()
+            .unwrap_or_else(|| connect.client_id.clone());
+        tracing::Span::current().record("client_id", client_id.as_str());
+        let client = ClientInfo {
+            client_id,
+            username: self
+                .scram_user
+                .as_deref()
+                .cloned()
+                .or_else(|| connect.username.clone()),
+            version: connect.protocol,
+            peer: (*self.peer).clone(),
+        };
+        // The will is published on the client's behalf: refuse the CONNECT (as Mosquitto does)
+        // rather than let it reach a topic the client may not publish to. Checked before the
+        // session is touched, so a refused client cannot take over an existing one.
+        if let Some(will) = &connect.will {
+            if !self.topic_within_limits(will.topic.as_str()) {
+                info!(topic = %will.topic.as_str(), "will topic beyond the topic limits");
+                return self.refuse(now, ReasonCode::TopicNameInvalid);
+            }
+            if !self
+                .inner
+                .authorize(&client, Action::Publish, will.topic.as_str())
+            {
+                info!(topic = %will.topic.as_str(), "will topic not authorized");
+                return self.refuse(now, ReasonCode::NotAuthorized);
+            }
+        }
+        self.request = Some(Request::AcquireSession(Box::new(SessionRequest {
+            client_id: client.client_id.clone(),
+            clean_start: connect.clean_start,
+            expiry: request.session_expiry_interval,
+        })));
+        self.waiting = Some(Waiting::Session(Box::new(Connecting {
+            request,
+            client,
+            assigned,
+            auth_data,
+        })));
+    }
+
+    /// Routes a message and acknowledges it; if that stored anything, the acknowledgement
+    /// waits in the output until it is durable (persist, then acknowledge).
+    fn on_publish(&mut self, now: Instant, stream: StreamId, publish: InboundPublish) {
+        if let Some(b) = self.blocked.iter_mut().find(|b| b.stream == stream) {
+            b.later.push_back(publish);
+            return;
+        }
+        self.inner.metrics.messages_received.inc();
+        let InboundPublish {
+            mut message,
+            packet_id,
+            ..
+        } = publish;
+        let mut blocked = Blocked::new();
+        let reason = match self.admit(&mut message) {
+            Ok(()) => {
+                let message = Arc::new(message);
+                // One atomic write for everything this publication changes; nothing to wait
+                // for after a QoS 0 one but a retained message, written on its own.
+                let inner = &*self.inner;
+                let mut batch = if inner.durable && message.qos != QoS::AtMostOnce {
+                    inner.storage.batch()
+                } else {
+                    Batch::direct(&*inner.storage)
+                };
+                if message.retain {
+                    inner.retain(&message, &mut batch);
+                }
+                let key = self.handle.as_ref().map(|h| h.key);
+                // QoS 0 and 1 publishers wait for subscribers that are behind; QoS 2 ones do
+                // not yet, because the atomic batch has to cover all copies at once.
+                let routed = if message.qos == QoS::ExactlyOnce {
+                    inner.route_in(now, &message, key, &mut batch)
+                } else {
+                    inner.route_or_block(now, &message, key, &mut blocked, &mut batch)
+                };
+                if message.qos == QoS::ExactlyOnce && self.persistent() {
+                    if let (Some(handle), Some(packet_id)) = (&self.handle, packet_id) {
+                        // The batch's ticket covers it.
+                        let _ = batch.pending_release(&handle.client_id, packet_id, true);
+                        let _ = update_flag(&handle.stored_messages, true);
+                    }
+                }
+                let ticket = batch.commit();
+                self.depends_on(ticket);
+                if routed == 0 {
+                    ReasonCode::NoMatchingSubscribers
+                } else {
+                    ReasonCode::Success
+                }
+            }
+            Err(reason) => {
+                self.inner.metrics.messages_dropped.inc();
+                debug!(%reason, topic = %message.topic, "publish refused");
+                reason
+            }
+        };
+        if blocked.is_empty() {
+            if let Some(id) = packet_id {
+                let _ = self.conn.publish_ack(id, reason);
+            }
+        } else {
+            self.blocked.push(BlockedPublish {
+                stream,
+                packet_id,
+                reason,
+                progress: feed::progress_of(&blocked),
+                deliveries: blocked,
+                since: now,
+                tried: now,
+                later: VecDeque::new(),
+            });
+        }
+    }
+
+    /// Whether the session outlives the connection.
+    fn persistent(&self) -> bool {
+        self.conn.session().is_some_and(|s| s.expiry_interval() > 0)
+    }
+
+    /// Records where a stored QoS 2 message's flow stands.
+    fn flow_moved(&mut self, store_seq: u64, packet_id: PacketId, state: OutboundState) {
+        if let Some(id) = self.client_id() {
+            let ticket = self
+                .inner
+                .storage
+                .delivery_flow(id, store_seq, packet_id, state);
+            self.depends_on(ticket);
+        }
+    }
+
+    /// Whether a topic name is within `max_topic_length` and `max_topic_levels`.
+    fn topic_within_limits(&self, topic: &str) -> bool {
+        let config = &self.inner.config;
+        topic.len() <= config.max_topic_length
+            && topic.split('/').count() <= config.max_topic_levels
+    }
+
+    /// Checks a published message against limits, ACL and hooks.
+    fn admit(&self, message: &mut Message) -> Result<(), ReasonCode> {
+        let topic = message.topic.as_str();
+        if !self.topic_within_limits(topic) {
+            return Err(ReasonCode::TopicNameInvalid);
+        }
+        let Some(client) = &self.client else {
+            return Err(ReasonCode::NotAuthorized);
+        };
+        if !self.inner.authorize(client, Action::Publish, topic) {
+            return Err(ReasonCode::NotAuthorized);
+        }
+        match self.inner.hooks.on_publish(client, message) {
+            Intercept::Continue => Ok(()),
+            Intercept::Drop(reason) => Err(reason),
+        }
+    }
+
+    /// Remembers which stream a subscription's messages go on: a data stream's, or the
+    /// control stream (no hint).
+    fn hint(&mut self, filter: &TopicFilter, stream: StreamId) {
+        self.hints.retain(|(f, _)| f != filter);
+        if !stream.is_control() {
+            self.hints.push((filter.clone(), stream));
+        }
+    }
+
+    fn on_subscribe(&mut self, now: Instant, stream: StreamId, subscribe: Subscribe) {
+        let (Some(handle), Some(client)) = (self.handle.clone(), self.client.as_ref()) else {
+            return;
+        };
+        let config = &self.inner.config;
+        let max_qos = self.inner.server_config.maximum_qos;
+        let id = subscribe.properties.subscription_identifier;
+        let mut reasons = Vec::with_capacity(subscribe.filters.len());
+        let mut adds = Vec::new();
+        for sub in &subscribe.filters {
+            let filter = &sub.filter;
+            let text = filter.as_str();
+            let reason = if text.len() > config.max_topic_length
+                || filter.pattern().split('/').count() > config.max_topic_levels
+            {
+                ReasonCode::TopicFilterInvalid
+            } else if config.max_subscriptions > 0
+                && handle.subscriptions.lock().len() + adds.len() >= config.max_subscriptions
+                && !handle.subscriptions.lock().contains_key(filter)
+            {
+                ReasonCode::QuotaExceeded
+            } else if !self.inner.authorize(client, Action::Subscribe, text) {
+                ReasonCode::NotAuthorized
+            } else {
+                let mut options = sub.options;
+                options.qos = options.qos.min(max_qos);
+                let shared = filter.share().is_some().then(|| filter.clone());
+                let subscriber = Subscriber {
+                    handle: handle.clone(),
+                    options,
+                    id,
+                    shared,
+                };
+                adds.push((filter.clone(), subscriber));
+                Inner::granted(options.qos)
+            };
+            reasons.push(reason);
+        }
+        for (filter, _) in &adds {
+            self.hint(filter, stream);
+        }
+        let existed = self.inner.subscribe(&adds);
+        let mut retained = Vec::new();
+        {
+            let mut subs = handle.subscriptions.lock();
+            for ((filter, sub), existed) in adds.iter().zip(existed) {
+                subs.insert(filter.clone(), (sub.options, sub.id));
+                use mqttd_proto::RetainHandling::*;
+                let send = match sub.options.retain_handling {
+                    SendAtSubscribe => true,
+                    SendIfNew => !existed,
+                    DoNotSend => false,
+                };
+                // Shared subscriptions get no retained messages [MQTT-3.8.4-?; 4.8.2].
+                if send && filter.share().is_none() {
+                    retained.push((filter.clone(), sub.options, sub.id));
+                }
+            }
+        }
+        let _ = self.conn.subscribe_ack(subscribe.packet_id, reasons);
+        self.save_session();
+        if !retained.is_empty() {
+            // Snapshots of the store, read as the client makes room.
+            let feed = self.retained.get_or_insert_with(Box::default);
+            for (filter, options, id) in retained {
+                feed.cursors
+                    .push_back((self.inner.retained.cursor(&filter), options, id));
+            }
+            self.feed_retained(now);
+        }
+    }
+
+    fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let Some(handle) = self.handle.clone() else {
+            return;
+        };
+        let existed = self.inner.unsubscribe_all(handle.key, &unsubscribe.filters);
+        {
+            let mut subs = handle.subscriptions.lock();
+            for f in &unsubscribe.filters {
+                subs.remove(f);
+            }
+        }
+        for f in &unsubscribe.filters {
+            self.hint(f, StreamId::CONTROL);
+        }
+        let reasons = existed
+            .into_iter()
+            .map(|e| {
+                if e {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::NoSubscriptionExisted
+                }
+            })
+            .collect();
+        let _ = self.conn.unsubscribe_ack(unsubscribe.packet_id, reasons);
+        self.save_session();
+    }
+
+    /// Records the session in storage if it is persistent or has a will; what the client
+    /// is told next waits until that is durable.
+    fn save_session(&mut self) {
+        if let (Some(handle), Some(session)) = (&self.handle, self.conn.session()) {
+            let will = self.will.as_deref().cloned();
+            let ticket = self
+                .inner
+                .save_session(handle, session.expiry_interval(), will, None);
+            self.depends_on(ticket);
+        }
+    }
+
+    /// See [`Self::finish`].
+    fn hand_off_session(&mut self, now: Instant) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        // Publishers waiting for room in this session's queue stop waiting for this
+        // connection: the queue now fills offline, under the offline rules.
+        handle.set_saturated(false);
+        handle.set_congested(false);
+        handle.capacity.store(usize::MAX, Ordering::Relaxed);
+        let mut session = self
+            .conn
+            .take_session()
+            .or_else(|| self.unaccepted.take().map(|s| *s));
+        // Stored messages that waited for their changes to be durable go first, in order;
+        // they enter the session's queue once it is known where the session goes next.
+        let mut waiting: Vec<Delivery> = self
+            .awaiting
+            .take()
+            .map(|a| a.batches)
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|(_, batch)| batch)
+            .chain(
+                self.retained
+                    .take()
+                    .into_iter()
+                    .flat_map(|f| f.next.into_iter().chain(f.deferred)),
+            )
+            .collect();
+        let mailbox = self.mailbox.clone();
+        let drain = |waiting: &mut Vec<Delivery>, takeover: &mut Option<_>| {
+            let inbox = mailbox.take();
+            if let Some(reply) = inbox.takeover {
+                *takeover = Some(reply);
+            }
+            waiting.extend(inbox.deliveries);
+        };
+        let id = handle.client_id.clone();
+        if self.takeover_reply.is_none() {
+            let mut slot = handle.slot.lock();
+            let ours =
+                matches!(&*slot, Slot::Online { mailbox } if Arc::ptr_eq(mailbox, &self.mailbox));
+            if ours {
+                drain(&mut waiting, &mut self.takeover_reply);
+                *slot = Slot::Transferring { buffer: Vec::new() };
+                drop(slot);
+                match session {
+                    Some(mut s) if s.expiry_interval() > 0 => {
+                        self.inner
+                            .enqueue_all(now, &id, Some(&mut s), waiting, Headed::Offline);
+                        // DISCONNECT may have changed the expiry; the will, if any, now waits
+                        // for its delay.
+                        let since = SystemTime::now();
+                        let will = s.pending_will().map(|(will, due)| StoredWill {
+                            will: will.clone(),
+                            delay: due.saturating_duration_since(now).as_secs_f64().ceil() as u32,
+                        });
+                        // The connection is gone: nothing it sends waits for the record.
+                        let _ = self.inner.save_session(
+                            &handle,
+                            s.expiry_interval(),
+                            will,
+                            Some(since),
+                        );
+                        self.inner.park_session(now, &handle, s, since);
+                    }
+                    mut s => {
+                        self.inner
+                            .enqueue_all(now, &id, s.as_mut(), waiting, Headed::Online);
+                        self.inner.end_session(now, &handle, s)
+                    }
+                }
+                return;
+            }
+            // Another connection is taking the session over; its request is in the mailbox.
+        }
+        drain(&mut waiting, &mut self.takeover_reply);
+        self.inner
+            .enqueue_all(now, &id, session.as_mut(), waiting, Headed::Online);
+        if let Some(reply) = self.takeover_reply.take() {
+            let _ = reply.send(session);
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Unit tests of the connection core, driven by hand: packets in, bytes out, time passed in.
+
+use super::*;
+use crate::access::AccessControl;
+use crate::auth::ScramServer;
+use crate::config::{Config, OfflineQos0};
+use crate::hooks::{NoHooks, Transport};
+use crate::storage::MemoryStorage;
+use mqttd_proto::TopicName;
+
+fn delivery(qos: QoS) -> Delivery {
+    let topic = TopicName::try_from("t").unwrap();
+    Delivery::new(Arc::new(Message::new(topic, b"x".to_vec(), qos, false)))
+}
+
+fn peer() -> Peer {
+    Peer {
+        transport: Transport::Tcp,
+        addr: ([127, 0, 0, 1], 1883).into(),
+        listener: Arc::from("test"),
+    }
+}
+
+fn inner_with(config: Config) -> Arc<Inner> {
+    Arc::new(Inner::new(
+        config,
+        Arc::new(NoHooks),
+        AccessControl {
+            anonymous: true,
+            ..AccessControl::default()
+        },
+        ScramServer::new([0; 32]),
+        Arc::new(MemoryStorage::default()),
+    ))
+}
+
+/// The QoS of what a persistent session's queue holds once its connection closed with
+/// a QoS 0 and a QoS 1 message still in its mailbox.
+async fn parked_after_close(offline_qos0: OfflineQos0) -> Vec<QoS> {
+    let inner = inner_with(Config {
+        offline_qos0,
+        ..Config::default()
+    });
+    let now = Instant::now();
+    let mut core = ConnectionCore::new(inner.clone(), peer(), now, Watermark::default());
+    let id = ClientId::try_from("c").unwrap();
+    let acquired = inner
+        .acquire_session(now, &id, true, 3600, core.mailbox())
+        .await;
+    let handle = acquired.handle.clone();
+    // Acquired for a connection that closed before CONNACK.
+    core.session_acquired(now, acquired);
+    assert!(handle.deliver(now, delivery(QoS::AtMostOnce), &inner));
+    assert!(handle.deliver(now, delivery(QoS::AtLeastOnce), &inner));
+    core.finish(now);
+    let slot = handle.slot.lock();
+    let Slot::Offline { session, .. } = &*slot else {
+        panic!("the session is not parked: {slot:?}");
+    };
+    session.queued().map(|d| d.qos).collect()
+}
+
+#[tokio::test]
+async fn closing_parks_qos0_only_if_offline_qos0_is_queue() {
+    assert_eq!(
+        parked_after_close(OfflineQos0::Drop).await,
+        [QoS::AtLeastOnce]
+    );
+    assert_eq!(
+        parked_after_close(OfflineQos0::Queue).await,
+        [QoS::AtMostOnce, QoS::AtLeastOnce]
+    );
+}
+
+/// What every connection holds, idle or not, is paid per connection: the core and the
+/// byte-stream driver's future stay within what the connection task took before the core
+/// was split out (1,480 bytes for the future on this toolchain, debug build), so that memory
+/// per idle connection does not grow.
+#[test]
+fn an_idle_connection_holds_no_more_than_before() {
+    fn future_size<F: std::future::Future>(_: &F) -> usize {
+        size_of::<F>()
+    }
+    let core = size_of::<ConnectionCore>();
+    assert!(core <= 512, "ConnectionCore is {core} bytes");
+    let (stream, _client) = tokio::io::duplex(16);
+    let serve = crate::drivers::stream::serve(inner_with(Config::default()), stream, peer());
+    let size = future_size(&serve);
+    assert!(size <= 1480, "the connection future is {size} bytes");
+}
+
+fn connect_packet(client_id: &str) -> Packet {
+    Packet::Connect(Box::new(mqttd_proto::Connect {
+        protocol: ProtocolVersion::V5,
+        clean_start: true,
+        keep_alive: 30,
+        client_id: ClientId::try_from(client_id).unwrap(),
+        will: None,
+        username: None,
+        password: None,
+        properties: mqttd_proto::ConnectProperties::default(),
+    }))
+}
+
+/// The packets in `stream`'s writable output, taken as the transport would.
+fn written(core: &mut ConnectionCore, stream: StreamId) -> Vec<Packet> {
+    let Some(output) = core.output(stream) else {
+        return Vec::new();
+    };
+    let mut bytes = BytesMut::from(output.writable());
+    let n = bytes.len();
+    core.wrote(stream, n);
+    let mut reader = PacketReader::new(1 << 20);
+    let mut packets = Vec::new();
+    while let Some(p) = reader.read(&mut bytes, Some(ProtocolVersion::V5)).unwrap() {
+        packets.push(p);
+    }
+    packets
+}
+
+#[tokio::test]
+async fn connack_waits_for_the_session_and_nothing_is_read_meanwhile() {
+    let inner = inner_with(Config::default());
+    let now = Instant::now();
+    let mut core = ConnectionCore::new(inner.clone(), peer(), now, Watermark::default());
+    core.handle_packet(now, StreamId::CONTROL, connect_packet("c"));
+    core.process(now);
+    let Some(Request::AcquireSession(request)) = core.poll_request() else {
+        panic!("CONNECT asks for the session");
+    };
+    assert_eq!(request.client_id.as_str(), "c");
+    assert!(core.is_waiting());
+    assert!(
+        !core.wants_read(StreamId::CONTROL),
+        "nothing is read until it comes"
+    );
+    assert!(
+        written(&mut core, StreamId::CONTROL).is_empty(),
+        "no CONNACK yet"
+    );
+
+    let acquired = inner
+        .acquire_session(now, &request.client_id, true, 0, core.mailbox())
+        .await;
+    core.session_acquired(now, acquired);
+    core.process(now);
+    assert!(core.wants_read(StreamId::CONTROL));
+    let out = written(&mut core, StreamId::CONTROL);
+    assert!(
+        matches!(&out[..], [Packet::ConnAck(ack)] if ack.reason == ReasonCode::Success),
+        "{out:?}"
+    );
+    assert_eq!(inner.metrics.clients_connected.get(), 1);
+}
+
+#[tokio::test]
+async fn a_malformed_packet_closes_the_connection_and_counts() {
+    let inner = inner_with(Config::default());
+    let now = Instant::now();
+    let mut core = ConnectionCore::new(inner.clone(), peer(), now, Watermark::default());
+    // A packet type that does not exist (0), with a valid length.
+    let mut input = BytesMut::from(&[0x00u8, 0x00][..]);
+    core.handle_input(now, StreamId::CONTROL, &mut input);
+    core.process(now);
+    assert!(core.is_closed());
+    assert_eq!(inner.metrics.protocol_errors.get(), 1);
+    assert!(!core.finish(now), "the broker ended it: linger");
+}
+
+#[tokio::test]
+async fn the_keep_alive_deadline_is_the_core_timeout_and_closes() {
+    let inner = inner_with(Config::default());
+    let start = Instant::now();
+    let mut core = ConnectionCore::new(inner.clone(), peer(), start, Watermark::default());
+    core.handle_packet(start, StreamId::CONTROL, connect_packet("k"));
+    core.process(start);
+    let Some(Request::AcquireSession(request)) = core.poll_request() else {
+        panic!("CONNECT asks for the session");
+    };
+    let acquired = inner
+        .acquire_session(start, &request.client_id, true, 0, core.mailbox())
+        .await;
+    core.session_acquired(start, acquired);
+    core.process(start);
+    let _ = written(&mut core, StreamId::CONTROL);
+    // 1.5 x the 30 s keep alive.
+    let due = core.poll_timeout().unwrap();
+    assert_eq!(due - start, Duration::from_secs(45));
+    core.handle_timeout(due - Duration::from_millis(1));
+    assert!(!core.is_closed());
+    core.handle_timeout(due);
+    core.process(due);
+    assert!(core.is_closed());
+    let out = written(&mut core, StreamId::CONTROL);
+    assert!(
+        matches!(&out[..], [Packet::Disconnect(d)] if d.reason == ReasonCode::KeepAliveTimeout),
+        "{out:?}"
+    );
+}

@@ -1,0 +1,231 @@
+//! The driver of a connection over one byte stream (TCP now; TLS, WebSocket and single-stream
+//! QUIC carry the same): it moves bytes and wake-ups between the transport and the
+//! connection's [`ConnectionCore`], and answers the core's requests. Every decision is the
+//! core's.
+//!
+//! # Select order
+//!
+//! Each turn, the driver first answers the core's requests (a password check, the session),
+//! then lets it [`ConnectionCore::process`], and then waits for the first of, in this order:
+//!
+//! 1. shutdown of the broker (once);
+//! 2. the mailbox: messages routed to the session, a takeover request;
+//! 3. room to write output the core allows out;
+//! 4. bytes to read, while the core wants them;
+//! 5. the storage's watermark, while something waits for it;
+//! 6. room in the queue a waiting publication is blocked on;
+//! 7. the core's next timer.
+//!
+//! Earlier arms win when several are ready: what arrives for the session is handed to it
+//! before more is read, and output goes out before more input adds to it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, Instrument};
+
+use mqttd_proto::StreamId;
+
+use super::{answer, durable, now, sleep_until, wait_for_room};
+use crate::broker::Inner;
+use crate::core::ConnectionCore;
+use crate::hooks::Peer;
+use crate::storage::Watermark;
+
+/// Smallest read buffer: what an idle connection holds while it waits.
+const MIN_READ: usize = 256;
+/// Largest read buffer a busy connection grows to.
+const MAX_READ: usize = 64 * 1024;
+/// How long, after the broker ended a connection (DISCONNECT, a refusing CONNACK, a timeout),
+/// it goes on reading and discarding what the client still sends, unless the client closes
+/// its end first. Closing a socket with unread input makes the kernel reset the connection,
+/// which fails the client's writes and can discard the answer it has not read yet; reading
+/// until the client has seen the close lets it learn why.
+const LINGER: Duration = Duration::from_secs(1);
+/// The buffer input is discarded through while lingering: all a lingering connection holds.
+const LINGER_BUF: usize = 2048;
+/// How long a closed connection may take to send what it has left.
+const LAST_WORDS: Duration = Duration::from_secs(1);
+
+/// Everything travels on the one stream.
+const STREAM: StreamId = StreamId::CONTROL;
+
+/// Runs a connection over `stream` to completion.
+pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: Peer)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let span = tracing::info_span!(
+        "conn",
+        peer = %peer.addr,
+        listener = %peer.listener,
+        transport = %peer.transport,
+        client_id = tracing::field::Empty,
+    );
+    inner.metrics.connections_open.inc();
+    let watermark = *inner.storage.watermark().borrow();
+    let mut core = ConnectionCore::new(inner.clone(), peer, now(), watermark);
+    let rest = run(&inner, &mut core, stream).instrument(span).await;
+    // Nothing of the connection but its socket stays while it lingers.
+    drop(core);
+    if let Some(stream) = rest {
+        linger(stream, &inner.shutdown).await;
+    }
+    inner.metrics.connections_open.dec();
+}
+
+/// Reads and discards the client's input after the broker ended the connection and shut down
+/// its side, until the client closes its end, [`LINGER`] passes, or the broker shuts down.
+async fn linger<S: AsyncRead + Unpin>(mut stream: S, shutdown: &CancellationToken) {
+    let mut buf = vec![0; LINGER_BUF];
+    let discard = async { while let Ok(1..) = stream.read(&mut buf).await {} };
+    tokio::select! {
+        _ = discard => {}
+        _ = tokio::time::sleep(LINGER) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// Drives the connection until it closes; returns the stream, its writing side shut down,
+/// if the broker ended the connection, for the caller to [`linger`] on.
+async fn run<S>(inner: &Arc<Inner>, core: &mut ConnectionCore, stream: S) -> Option<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut rbuf = BytesMut::new();
+    let mut read_size = MIN_READ;
+    let shutdown = inner.shutdown.clone();
+    let mailbox = core.mailbox().clone();
+    let mut watermark: Option<watch::Receiver<Watermark>> = None;
+    let mut shutting_down = false;
+    loop {
+        core.process(now());
+        if let Some(request) = core.poll_request() {
+            Box::pin(answer(inner, core, request)).await;
+            continue;
+        }
+        if core.is_closed() {
+            break;
+        }
+        let deadline = core.poll_timeout();
+        let reading = core.wants_read(STREAM);
+        let waits_for_storage = core.waits_for_storage();
+        if waits_for_storage && watermark.is_none() {
+            let mut rx = inner.storage.watermark();
+            // Looked at once even if it never moves again: storage may have failed.
+            rx.mark_changed();
+            watermark = Some(rx);
+        }
+        let blocked_on = core.blocked_on();
+        if rbuf.capacity() - rbuf.len() < MIN_READ {
+            rbuf.reserve(read_size);
+        }
+        let spare = rbuf.capacity() - rbuf.len();
+        let writable = core.output(STREAM).map_or(&[][..], |o| o.writable());
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                core.shutdown(now());
+            }
+            _ = mailbox.wait() => {
+                let inbox = mailbox.take();
+                if inbox.takeover.is_some() && reading {
+                    // What the client sent before the new connection came counts first: a
+                    // DISCONNECT already here cancels the will and may end the session.
+                    Box::pin(read_available(core, &mut rd, &mut rbuf)).await;
+                }
+                core.handle_inbox(now(), inbox);
+            }
+            res = wr.write(writable), if !writable.is_empty() => match res {
+                Ok(0) | Err(_) => core.connection_lost(now()),
+                Ok(n) => {
+                    core.wrote(STREAM, n);
+                    if core.output(STREAM).is_none_or(|o| o.buf.is_empty())
+                        && wr.flush().await.is_err()
+                    {
+                        core.connection_lost(now());
+                    }
+                }
+            },
+            res = rd.read_buf(&mut rbuf), if reading => match res {
+                Ok(0) | Err(_) => core.connection_lost(now()),
+                Ok(n) => {
+                    core.received(n);
+                    core.handle_input(now(), STREAM, &mut rbuf);
+                    if n == spare {
+                        // A busy connection: read more at a time.
+                        read_size = (read_size * 2).min(MAX_READ);
+                    } else if rbuf.is_empty() && n * 4 < spare {
+                        // A quiet one: hold no buffer between packets.
+                        rbuf = BytesMut::new();
+                        read_size = MIN_READ;
+                    }
+                }
+            },
+            w = durable(&mut watermark), if waits_for_storage => core.handle_watermark(now(), w),
+            _ = wait_for_room(blocked_on.as_deref()), if blocked_on.is_some() => {
+                core.retry_blocked(now());
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => core.handle_timeout(now()),
+        }
+    }
+    // Send what is left (CONNACK refusal, DISCONNECT), briefly; what waits for storage goes
+    // once it is durable.
+    if core.output(STREAM).is_some_and(|o| !o.buf.is_empty()) {
+        let last_words = async {
+            while core.output(STREAM).is_some_and(|o| o.holding()) {
+                let rx = watermark.get_or_insert_with(|| inner.storage.watermark());
+                if rx.changed().await.is_err() {
+                    break;
+                }
+                let w = *rx.borrow_and_update();
+                core.release_output(w);
+                if w.failed {
+                    break;
+                }
+            }
+            let writable = core.output(STREAM).map_or(&[][..], |o| o.writable());
+            let _ = wr.write_all(writable).await;
+            let _ = wr.flush().await;
+        };
+        if tokio::time::timeout(LAST_WORDS, Box::pin(last_words))
+            .await
+            .is_err()
+        {
+            info!("the client did not take the connection's last output in time");
+        }
+    }
+    let _ = wr.shutdown().await;
+    let by_client = core.finish(now());
+    (!by_client).then(|| rd.unsplit(wr))
+}
+
+/// Reads and handles what the transport already holds, without waiting for more.
+async fn read_available<R: AsyncRead + Unpin>(
+    core: &mut ConnectionCore,
+    rd: &mut R,
+    rbuf: &mut BytesMut,
+) {
+    for _ in 0..16 {
+        if core.is_closed() {
+            return;
+        }
+        if rbuf.capacity() - rbuf.len() < MIN_READ {
+            rbuf.reserve(16 * MIN_READ);
+        }
+        // A zero timeout polls the read once: ready data is taken, nothing is waited for.
+        match tokio::time::timeout(Duration::ZERO, rd.read_buf(rbuf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                core.received(n);
+                core.handle_input(now(), STREAM, rbuf);
+            }
+            _ => return,
+        }
+    }
+}
