@@ -534,6 +534,39 @@ impl Inner {
         }
     }
 
+    /// Answers a connection core's [`crate::core::Request::AcquireSession`].
+    pub(crate) async fn acquire(
+        &self,
+        now: Instant,
+        request: &crate::core::SessionRequest,
+        mailbox: &Arc<Mailbox>,
+    ) -> Acquired {
+        self.acquire_session(
+            now,
+            &request.client_id,
+            request.clean_start,
+            request.expiry,
+            mailbox,
+        )
+        .await
+    }
+
+    /// Shared state for unit tests: `config` with anonymous access allowed, on `storage`.
+    #[cfg(test)]
+    pub(crate) fn for_tests(config: Config, storage: Arc<dyn Storage>) -> Arc<Self> {
+        let access = AccessControl {
+            anonymous: true,
+            ..AccessControl::default()
+        };
+        Arc::new(Self::new(
+            config,
+            Arc::new(crate::hooks::NoHooks),
+            access,
+            ScramServer::new([0; 32]),
+            storage,
+        ))
+    }
+
     /// Finds or creates the session for a connecting client, taking it over from another
     /// connection if needed. On clean start an existing session ends (and its will is
     /// published).

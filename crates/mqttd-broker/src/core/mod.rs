@@ -361,9 +361,12 @@ impl ConnectionCore {
     /// The transport took `n` bytes of `stream`'s writable output.
     pub(crate) fn wrote(&mut self, stream: StreamId, n: usize) {
         self.inner.metrics.bytes_sent.inc_by(n as u64);
+        // Whether the stream was backed up when the transport took this: then publishers
+        // waiting for this client see it move.
+        let backed_up = !self.wants_read(stream);
         self.outputs.get_mut(stream).advance(n);
         if let Some(handle) = &self.handle {
-            handle.wrote(!self.wants_read(stream));
+            handle.wrote(backed_up);
         }
     }
 

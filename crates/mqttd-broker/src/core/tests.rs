@@ -1,10 +1,8 @@
 //! Unit tests of the connection core, driven by hand: packets in, bytes out, time passed in.
 
 use super::*;
-use crate::access::AccessControl;
-use crate::auth::ScramServer;
 use crate::config::{Config, OfflineQos0};
-use crate::hooks::{NoHooks, Transport};
+use crate::hooks::Transport;
 use crate::storage::MemoryStorage;
 use mqttd_proto::TopicName;
 
@@ -22,16 +20,7 @@ fn peer() -> Peer {
 }
 
 fn inner_with(config: Config) -> Arc<Inner> {
-    Arc::new(Inner::new(
-        config,
-        Arc::new(NoHooks),
-        AccessControl {
-            anonymous: true,
-            ..AccessControl::default()
-        },
-        ScramServer::new([0; 32]),
-        Arc::new(MemoryStorage::default()),
-    ))
+    Inner::for_tests(config, Arc::new(MemoryStorage::default()))
 }
 
 /// The QoS of what a persistent session's queue holds once its connection closed with
@@ -118,16 +107,26 @@ fn written(core: &mut ConnectionCore, stream: StreamId) -> Vec<Packet> {
     packets
 }
 
-#[tokio::test]
-async fn connack_waits_for_the_session_and_nothing_is_read_meanwhile() {
-    let inner = inner_with(Config::default());
-    let now = Instant::now();
+/// A core that received a clean MQTT 5 CONNECT from `client_id` and asks for its session.
+fn connecting(
+    inner: &Arc<Inner>,
+    now: Instant,
+    client_id: &str,
+) -> (ConnectionCore, SessionRequest) {
     let mut core = ConnectionCore::new(inner.clone(), peer(), now, Watermark::default());
-    core.handle_packet(now, StreamId::CONTROL, connect_packet("c"));
+    core.handle_packet(now, StreamId::CONTROL, connect_packet(client_id));
     core.process(now);
     let Some(Request::AcquireSession(request)) = core.poll_request() else {
         panic!("CONNECT asks for the session");
     };
+    (core, *request)
+}
+
+#[tokio::test]
+async fn connack_waits_for_the_session_and_nothing_is_read_meanwhile() {
+    let inner = inner_with(Config::default());
+    let now = Instant::now();
+    let (mut core, request) = connecting(&inner, now, "c");
     assert_eq!(request.client_id.as_str(), "c");
     assert!(core.is_waiting());
     assert!(
@@ -139,9 +138,7 @@ async fn connack_waits_for_the_session_and_nothing_is_read_meanwhile() {
         "no CONNACK yet"
     );
 
-    let acquired = inner
-        .acquire_session(now, &request.client_id, true, 0, core.mailbox())
-        .await;
+    let acquired = inner.acquire(now, &request, core.mailbox()).await;
     core.session_acquired(now, acquired);
     core.process(now);
     assert!(core.wants_read(StreamId::CONTROL));
@@ -171,15 +168,8 @@ async fn a_malformed_packet_closes_the_connection_and_counts() {
 async fn the_keep_alive_deadline_is_the_core_timeout_and_closes() {
     let inner = inner_with(Config::default());
     let start = Instant::now();
-    let mut core = ConnectionCore::new(inner.clone(), peer(), start, Watermark::default());
-    core.handle_packet(start, StreamId::CONTROL, connect_packet("k"));
-    core.process(start);
-    let Some(Request::AcquireSession(request)) = core.poll_request() else {
-        panic!("CONNECT asks for the session");
-    };
-    let acquired = inner
-        .acquire_session(start, &request.client_id, true, 0, core.mailbox())
-        .await;
+    let (mut core, request) = connecting(&inner, start, "k");
+    let acquired = inner.acquire(start, &request, core.mailbox()).await;
     core.session_acquired(start, acquired);
     core.process(start);
     let _ = written(&mut core, StreamId::CONTROL);

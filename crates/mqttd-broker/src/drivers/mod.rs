@@ -49,15 +49,7 @@ pub(crate) async fn answer(inner: &Arc<Inner>, core: &mut ConnectionCore, reques
         }
         Request::AcquireSession(request) => {
             let mailbox = core.mailbox().clone();
-            let acquired = inner
-                .acquire_session(
-                    now(),
-                    &request.client_id,
-                    request.clean_start,
-                    request.expiry,
-                    &mailbox,
-                )
-                .await;
+            let acquired = inner.acquire(now(), &request, &mailbox).await;
             core.session_acquired(now(), acquired);
         }
     }

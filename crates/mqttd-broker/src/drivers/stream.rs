@@ -180,7 +180,12 @@ where
     if core.output(STREAM).is_some_and(|o| !o.buf.is_empty()) {
         let last_words = async {
             while core.output(STREAM).is_some_and(|o| o.holding()) {
-                let rx = watermark.get_or_insert_with(|| inner.storage.watermark());
+                let rx = watermark.get_or_insert_with(|| {
+                    let mut rx = inner.storage.watermark();
+                    // The core may not have seen the latest watermark yet.
+                    rx.mark_changed();
+                    rx
+                });
                 if rx.changed().await.is_err() {
                     break;
                 }

@@ -36,12 +36,10 @@ use mqttd_proto::client::{ClientConfig, ClientConnection, Event as ClientEvent};
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::{ClientId, Packet, StreamId};
 
-use crate::access::AccessControl;
-use crate::auth::ScramServer;
 use crate::broker::{Acquired, Inner};
 use crate::config::Config;
 use crate::core::{ConnectionCore, Request};
-use crate::hooks::{NoHooks, Peer, Transport};
+use crate::hooks::{Peer, Transport};
 use crate::storage::Watermark;
 
 pub(crate) use storage::SimStorage;
@@ -72,6 +70,27 @@ struct Link {
     acquiring: Option<JoinHandle<Acquired>>,
     /// The last watermark the core was given.
     watermark: Watermark,
+}
+
+impl Link {
+    /// Passes in what woke the connection: its mailbox (unless it waits for a request) and a
+    /// watermark it has not seen. Whether anything did.
+    fn wake(&mut self, t: Instant, watermark: Watermark) -> bool {
+        let mut moved = false;
+        if !self.core.is_waiting() {
+            let inbox = self.core.mailbox().take();
+            if !inbox.deliveries.is_empty() || inbox.takeover.is_some() {
+                self.core.handle_inbox(t, inbox);
+                moved = true;
+            }
+        }
+        if self.core.waits_for_storage() && watermark != self.watermark {
+            self.watermark = watermark;
+            self.core.handle_watermark(t, watermark);
+            moved = true;
+        }
+        moved
+    }
 }
 
 /// One simulated client.
@@ -112,18 +131,9 @@ impl Sim {
     /// A broker with `config` (anonymous access allowed) on a simulated storage.
     pub(crate) fn new(config: Config) -> Self {
         let storage = Arc::new(SimStorage::default());
-        let inner = Inner::new(
-            config,
-            Arc::new(NoHooks),
-            AccessControl {
-                anonymous: true,
-                ..AccessControl::default()
-            },
-            ScramServer::new([0; 32]),
-            storage.clone(),
-        );
+        let inner = Inner::for_tests(config, storage.clone());
         Self {
-            inner: Arc::new(inner),
+            inner,
             storage,
             clients: Vec::new(),
             auto_durable: true,
@@ -307,17 +317,7 @@ impl Sim {
         // Connections the client gave up on: the broker goes on with them alone.
         let mut kept = Vec::new();
         for mut old in std::mem::take(&mut client.abandoned) {
-            if !old.core.is_waiting() {
-                let inbox = old.core.mailbox().take();
-                if !inbox.deliveries.is_empty() || inbox.takeover.is_some() {
-                    old.core.handle_inbox(t, inbox);
-                    moved = true;
-                }
-            }
-            if old.core.waits_for_storage() && watermark != old.watermark {
-                old.watermark = watermark;
-                old.core.handle_watermark(t, watermark);
-            }
+            moved |= old.wake(t, watermark);
             old.core.process(t);
             let streams: Vec<StreamId> = old.core.writable_streams().collect();
             for stream in streams {
@@ -364,18 +364,7 @@ impl Sim {
                 moved = true;
             }
         }
-        if !link.core.is_waiting() {
-            let inbox = link.core.mailbox().take();
-            if !inbox.deliveries.is_empty() || inbox.takeover.is_some() {
-                link.core.handle_inbox(t, inbox);
-                moved = true;
-            }
-        }
-        if link.core.waits_for_storage() && watermark != link.watermark {
-            link.watermark = watermark;
-            link.core.handle_watermark(t, watermark);
-            moved = true;
-        }
+        moved |= link.wake(t, watermark);
         if link.core.blocked_on().is_some() {
             // Publishers look for room at every pass: the room signal is the driver's.
             link.core.retry_blocked(t);
@@ -392,15 +381,7 @@ impl Sim {
                     let mailbox = link.core.mailbox().clone();
                     let inner = inner.clone();
                     link.acquiring = Some(tokio::spawn(async move {
-                        inner
-                            .acquire_session(
-                                now(),
-                                &request.client_id,
-                                request.clean_start,
-                                request.expiry,
-                                &mailbox,
-                            )
-                            .await
+                        inner.acquire(now(), &request, &mailbox).await
                     }));
                 }
             }

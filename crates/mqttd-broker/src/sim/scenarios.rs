@@ -137,8 +137,8 @@ async fn qos2_is_delivered_exactly_once_in_order_across_a_takeover() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn acknowledgements_and_stored_messages_wait_until_durable() {
+/// A persistent subscriber to `t` at QoS 1 and a persistent publisher, both connected.
+async fn persistent_pair() -> (Sim, ClientRef, ClientRef) {
     let mut sim = Sim::new(config());
     let sub = sim.client(persistent("sub"));
     let publisher = sim.client(persistent("pub"));
@@ -146,6 +146,12 @@ async fn acknowledgements_and_stored_messages_wait_until_durable() {
     sim.connect(publisher);
     subscribe(&mut sim, sub, "t", QoS::AtLeastOnce);
     sim.drive().await;
+    (sim, sub, publisher)
+}
+
+#[tokio::test(start_paused = true)]
+async fn acknowledgements_and_stored_messages_wait_until_durable() {
+    let (mut sim, sub, publisher) = persistent_pair().await;
     assert_eq!(connected(&mut sim, sub), 1);
 
     sim.auto_durable = false;
@@ -172,13 +178,7 @@ async fn acknowledgements_and_stored_messages_wait_until_durable() {
 
 #[tokio::test(start_paused = true)]
 async fn a_storage_failure_closes_the_waiting_connection_without_acknowledging() {
-    let mut sim = Sim::new(config());
-    let sub = sim.client(persistent("sub"));
-    let publisher = sim.client(persistent("pub"));
-    sim.connect(sub);
-    sim.connect(publisher);
-    subscribe(&mut sim, sub, "t", QoS::AtLeastOnce);
-    sim.drive().await;
+    let (mut sim, _sub, publisher) = persistent_pair().await;
     sim.auto_durable = false;
     publish(&mut sim, publisher, "t", "lost", QoS::AtLeastOnce);
     sim.drive().await;
