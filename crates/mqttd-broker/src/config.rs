@@ -48,12 +48,31 @@ pub enum ConfigError {
 pub enum ListenerKind {
     /// MQTT over TCP (`tcp://` or `mqtt://`).
     Tcp,
+    /// MQTT over TLS (`tls://`, `mqtts://` or `ssl://`), with the certificates of [`TlsConfig`].
+    Tls,
+    /// MQTT over WebSocket (`ws://`), on the listener's path (`/mqtt` unless the URL names one).
+    Ws,
+    /// MQTT over WebSocket over TLS (`wss://`).
+    Wss,
     /// The HTTP endpoint for metrics, health and administration (`http://`).
     Http,
 }
 
+impl ListenerKind {
+    /// Whether this kind carries MQTT (every kind but the HTTP endpoint).
+    pub fn is_mqtt(self) -> bool {
+        !matches!(self, Self::Http)
+    }
+
+    /// Whether this kind needs the TLS certificates.
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Tls | Self::Wss)
+    }
+}
+
 /// Where and how to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Listener {
     /// Protocol.
     pub kind: ListenerKind,
@@ -61,10 +80,20 @@ pub struct Listener {
     pub addr: SocketAddr,
     /// The URL as written, used as the listener's name in logs and hooks.
     pub url: String,
+    /// The HTTP path WebSocket clients connect to (`/mqtt` by default); `None` for other kinds.
+    pub path: Option<String>,
+    /// Expect a PROXY protocol (v1 or v2) header before anything else on each connection and
+    /// take the client's address from it (`?proxy_protocol=true`; TCP and TLS listeners).
+    pub proxy_protocol: bool,
+    /// Take the client's address from `X-Forwarded-For` (`?trust_proxy=true`; WebSocket
+    /// listeners behind a reverse proxy).
+    pub trust_proxy: bool,
 }
 
 impl Listener {
-    /// Parses `tcp://HOST:PORT`, `mqtt://HOST:PORT` or `http://HOST:PORT`.
+    /// Parses `SCHEME://HOST:PORT[/PATH][?OPTION=true&...]`: schemes `tcp`/`mqtt`,
+    /// `tls`/`mqtts`/`ssl`, `ws`, `wss` and `http`; options `proxy_protocol` (TCP, TLS) and
+    /// `trust_proxy` (WS, WSS); a path only for WS and WSS.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         let err = |reason| ConfigError::Listener {
             url: url.to_owned(),
@@ -75,18 +104,57 @@ impl Listener {
             .ok_or_else(|| err("expected SCHEME://HOST:PORT"))?;
         let kind = match scheme {
             "tcp" | "mqtt" => ListenerKind::Tcp,
+            "tls" | "mqtts" | "ssl" => ListenerKind::Tls,
+            "ws" => ListenerKind::Ws,
+            "wss" => ListenerKind::Wss,
             "http" => ListenerKind::Http,
-            _ => return Err(err("unsupported scheme (tcp, mqtt, http)")),
+            _ => {
+                return Err(err(
+                    "unsupported scheme (tcp, mqtt, tls, mqtts, ws, wss, http)",
+                ))
+            }
         };
-        let rest = rest.trim_end_matches('/');
-        let addr = rest
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (host_port, path) = match rest.split_once('/') {
+            Some((hp, p)) => (hp, Some(format!("/{}", p.trim_end_matches('/')))),
+            None => (rest, None),
+        };
+        let path = path.filter(|p| p != "/");
+        let websocket = matches!(kind, ListenerKind::Ws | ListenerKind::Wss);
+        if path.is_some() && !websocket {
+            return Err(err("only ws:// and wss:// listeners have a path"));
+        }
+        let path = websocket.then(|| path.unwrap_or_else(|| "/mqtt".to_owned()));
+        let mut proxy_protocol = false;
+        let mut trust_proxy = false;
+        for option in query.split('&').filter(|o| !o.is_empty()) {
+            let (key, value) = option.split_once('=').unwrap_or((option, "true"));
+            let value = match value {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => return Err(err("listener options take true or false")),
+            };
+            match key {
+                "proxy_protocol" if matches!(kind, ListenerKind::Tcp | ListenerKind::Tls) => {
+                    proxy_protocol = value;
+                }
+                "trust_proxy" if websocket => trust_proxy = value,
+                "proxy_protocol" => return Err(err("proxy_protocol is for tcp:// and tls://")),
+                "trust_proxy" => return Err(err("trust_proxy is for ws:// and wss://")),
+                _ => return Err(err("unknown listener option (proxy_protocol, trust_proxy)")),
+            }
+        }
+        let addr = host_port
             .parse()
-            .or_else(|_| rest.replace("localhost", "127.0.0.1").parse())
+            .or_else(|_| host_port.replace("localhost", "127.0.0.1").parse())
             .map_err(|_| err("expected an IP address and port"))?;
         Ok(Self {
             kind,
             addr,
             url: url.to_owned(),
+            path,
+            proxy_protocol,
+            trust_proxy,
         })
     }
 
@@ -94,6 +162,44 @@ impl Listener {
     pub fn is_loopback(&self) -> bool {
         self.addr.ip().is_loopback()
     }
+}
+
+/// The certificates of the TLS-based listeners (TLS, WSS, and QUIC when it lands): the
+/// `[tls]` table. Without `cert_file`, the broker generates a local CA and a server
+/// certificate under `<data_dir>/tls/` on first start and uses those.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's certificate first (Mosquitto's `certfile`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate (`keyfile`).
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates that client certificates are verified against (`cafile`); when
+    /// set, clients may present a certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Refuse clients without a valid certificate (`require_certificate`); needs `ca_file`.
+    pub require_client_cert: bool,
+    /// Use the client certificate's subject CN (else its first DNS or e-mail SAN) as the user
+    /// name, which the ACL then applies to (`use_identity_as_username`).
+    pub use_identity_as_username: bool,
+    /// Further certificates chosen by the name the client asks for (SNI).
+    pub sni: Vec<SniCertificate>,
+    /// Host names to put in the generated server certificate besides `localhost`,
+    /// `127.0.0.1` and `::1`.
+    pub hostnames: Vec<String>,
+}
+
+/// A certificate served to clients that ask for `host` by SNI.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertificate {
+    /// The host name (exact match).
+    pub host: String,
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
 }
 
 /// What happens to a QoS 0 message for a client that is offline.
@@ -116,8 +222,11 @@ pub enum OfflineQos0 {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Config {
-    /// Listener URLs (`tcp://127.0.0.1:1883`, `http://127.0.0.1:8081`).
+    /// Listener URLs (`tcp://127.0.0.1:1883`, `tls://127.0.0.1:8883`, `ws://127.0.0.1:8083`,
+    /// `wss://127.0.0.1:8084`, `http://127.0.0.1:8081`).
     pub listen: Vec<String>,
+    /// Certificates of the TLS-based listeners.
+    pub tls: TlsConfig,
     /// Directory for persistent data.
     pub data_dir: PathBuf,
     /// Allow clients without a user name. Unset: allowed only when every MQTT listener is on
@@ -180,6 +289,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: Vec::new(),
+            tls: TlsConfig::default(),
             data_dir: PathBuf::from("mqttd-data"),
             allow_anonymous: None,
             password_file: None,
@@ -323,5 +433,33 @@ mod tests {
             Listener::parse("http://[::1]:8081").unwrap().kind,
             ListenerKind::Http
         );
+    }
+
+    #[test]
+    fn listener_kinds_paths_and_options() {
+        let tls = Listener::parse("mqtts://127.0.0.1:8883?proxy_protocol=true").unwrap();
+        assert_eq!(tls.kind, ListenerKind::Tls);
+        assert!(tls.proxy_protocol && !tls.trust_proxy && tls.path.is_none());
+        let ws = Listener::parse("ws://0.0.0.0:8083").unwrap();
+        assert_eq!(
+            (ws.kind, ws.path.as_deref()),
+            (ListenerKind::Ws, Some("/mqtt"))
+        );
+        let wss = Listener::parse("wss://[::1]:8084/broker/?trust_proxy=1").unwrap();
+        assert_eq!(wss.kind, ListenerKind::Wss);
+        assert_eq!(wss.path.as_deref(), Some("/broker"));
+        assert!(wss.trust_proxy);
+        for bad in [
+            "tcp://127.0.0.1:1883/mqtt",
+            "ws://127.0.0.1:8083?proxy_protocol=true",
+            "tcp://127.0.0.1:1883?trust_proxy=true",
+            "tcp://127.0.0.1:1883?proxy_protocol=maybe",
+            "tls://127.0.0.1:8883?colour=blue",
+        ] {
+            assert!(
+                matches!(Listener::parse(bad), Err(ConfigError::Listener { .. })),
+                "{bad}"
+            );
+        }
     }
 }

@@ -33,6 +33,10 @@ impl BoundListener {
         match listener.kind {
             ListenerKind::Tcp => TcpListener::bind(listener.addr).await.map(Self::Tcp),
             ListenerKind::Http => TcpListener::bind(listener.addr).await.map(Self::Http),
+            ListenerKind::Tls | ListenerKind::Ws | ListenerKind::Wss => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this listener kind is not served yet",
+            )),
         }
     }
 
