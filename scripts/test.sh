@@ -94,6 +94,14 @@ if grep -Eq '^tokio([- ]|$)' <<<"$proto_deps"; then
 fi
 echo "ok: no tokio among $(sort -u <<<"$proto_deps" | wc -l) normal dependencies"
 
+section "the broker's connection core has no runtime and no clock"
+# crates/mqttd-broker/src/core/ is sans-IO too: time is passed in, the driver does the waiting.
+if grep -rnE 'tokio|Instant::now|SystemTime::now|std::net|std::thread' \
+    --include='*.rs' --exclude=tests.rs crates/mqttd-broker/src/core/; then
+    fail "crates/mqttd-broker/src/core/ uses a runtime, a clock, sockets or threads"
+fi
+echo "ok: crates/mqttd-broker/src/core/ is sans-IO"
+
 # ---------------------------------------------------------------------------------------------
 # Tests and docs
 # ---------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ pub(crate) struct Inbox {
     /// Messages for the session, oldest first.
     pub(crate) deliveries: VecDeque<Delivery>,
     /// Another connection claims the session: disconnect with 0x8E and hand the session over.
-    pub(crate) takeover: Option<oneshot::Sender<Option<Session>>>,
+    pub(crate) takeover: Option<SessionReply>,
     /// The storage change the stored deliveries here depend on: they are sent only once it
     /// is durable.
     pub(crate) ticket: Ticket,
@@ -95,7 +95,7 @@ impl Mailbox {
         Ok(())
     }
 
-    fn take_over(&self, reply: oneshot::Sender<Option<Session>>) {
+    fn take_over(&self, reply: SessionReply) {
         self.inbox.lock().takeover = Some(reply);
         self.notify.notify_one();
     }
@@ -108,6 +108,18 @@ impl Mailbox {
     /// Resolves when something arrived since the last call.
     pub(crate) async fn wait(&self) {
         self.notify.notified().await;
+    }
+}
+
+/// Where a connection that is taken over hands its session: to the connection taking it over,
+/// which waits for it (`None` if the session ended with the old connection).
+#[derive(Debug)]
+pub(crate) struct SessionReply(oneshot::Sender<Option<Session>>);
+
+impl SessionReply {
+    /// Hands the session over; if the new connection stopped waiting, it is dropped.
+    pub(crate) fn send(self, session: Option<Session>) {
+        let _ = self.0.send(session);
     }
 }
 
@@ -606,7 +618,7 @@ impl Inner {
                 match std::mem::replace(&mut *slot, Slot::Transferring { buffer: Vec::new() }) {
                     Slot::Online { mailbox } => {
                         let (tx, rx) = oneshot::channel();
-                        mailbox.take_over(tx);
+                        mailbox.take_over(SessionReply(tx));
                         Taken::Later(rx)
                     }
                     Slot::Offline { session, .. } => Taken::Now(session),

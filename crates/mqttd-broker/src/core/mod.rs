@@ -54,7 +54,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use mqttd_proto::codec::PacketReader;
@@ -68,7 +67,8 @@ use mqttd_proto::{
 use crate::auth::scram::MECHANISM;
 use crate::auth::ScramServerFirstSent;
 use crate::broker::{
-    update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, SessionHandle, Slot, Subscriber,
+    update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, SessionHandle, SessionReply,
+    Slot, Subscriber,
 };
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer};
 use crate::storage::{Batch, StoredWill, Ticket, Watermark};
@@ -187,7 +187,7 @@ pub(crate) struct ConnectionCore {
     mailbox: Arc<Mailbox>,
     handle: Option<Arc<SessionHandle>>,
     client: Option<Box<ClientInfo>>,
-    takeover_reply: Option<oneshot::Sender<Option<Session>>>,
+    takeover_reply: Option<SessionReply>,
     /// A request for the driver, not yet taken.
     request: Option<Request>,
     /// What the core waits for: events are left unprocessed until it comes.
@@ -592,10 +592,10 @@ impl ConnectionCore {
 
     /// Moves the session to where it lives next, once the connection is over: the
     /// connection that took it over, the broker's store of offline sessions, or nowhere if it
-    /// ended. Returns whether the client ended the connection (then there is nothing to
-    /// linger for).
-    pub(crate) fn finish(&mut self, now: Instant) -> bool {
-        self.hand_off_session(now);
+    /// ended. `wall` is the wall-clock time, recorded with a parked session. Returns whether
+    /// the client ended the connection (then there is nothing to linger for).
+    pub(crate) fn finish(&mut self, now: Instant, wall: SystemTime) -> bool {
+        self.hand_off_session(now, wall);
         self.closed_by_client
     }
 
@@ -1272,7 +1272,7 @@ impl ConnectionCore {
     }
 
     /// See [`Self::finish`].
-    fn hand_off_session(&mut self, now: Instant) {
+    fn hand_off_session(&mut self, now: Instant, wall: SystemTime) {
         let Some(handle) = self.handle.take() else {
             return;
         };
@@ -1324,7 +1324,7 @@ impl ConnectionCore {
                             .enqueue_all(now, &id, Some(&mut s), waiting, Headed::Offline);
                         // DISCONNECT may have changed the expiry; the will, if any, now waits
                         // for its delay.
-                        let since = SystemTime::now();
+                        let since = wall;
                         let will = s.pending_will().map(|(will, due)| StoredWill {
                             will: will.clone(),
                             delay: due.saturating_duration_since(now).as_secs_f64().ceil() as u32,
@@ -1352,7 +1352,7 @@ impl ConnectionCore {
         self.inner
             .enqueue_all(now, &id, session.as_mut(), waiting, Headed::Online);
         if let Some(reply) = self.takeover_reply.take() {
-            let _ = reply.send(session);
+            reply.send(session);
         }
     }
 }

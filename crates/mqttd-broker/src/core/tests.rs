@@ -41,7 +41,7 @@ async fn parked_after_close(offline_qos0: OfflineQos0) -> Vec<QoS> {
     core.session_acquired(now, acquired);
     assert!(handle.deliver(now, delivery(QoS::AtMostOnce), &inner));
     assert!(handle.deliver(now, delivery(QoS::AtLeastOnce), &inner));
-    core.finish(now);
+    core.finish(now, SystemTime::UNIX_EPOCH);
     let slot = handle.slot.lock();
     let Slot::Offline { session, .. } = &*slot else {
         panic!("the session is not parked: {slot:?}");
@@ -161,7 +161,10 @@ async fn a_malformed_packet_closes_the_connection_and_counts() {
     core.process(now);
     assert!(core.is_closed());
     assert_eq!(inner.metrics.protocol_errors.get(), 1);
-    assert!(!core.finish(now), "the broker ended it: linger");
+    assert!(
+        !core.finish(now, SystemTime::UNIX_EPOCH),
+        "the broker ended it: linger"
+    );
 }
 
 #[tokio::test]

@@ -207,7 +207,7 @@ where
         }
     }
     let _ = wr.shutdown().await;
-    let by_client = core.finish(now());
+    let by_client = core.finish(now(), std::time::SystemTime::now());
     (!by_client).then(|| rd.unsplit(wr))
 }
 

@@ -453,7 +453,7 @@ impl Sim {
     /// Hands the session of a closed connection on.
     fn close_link(link: &mut Link, t: Instant) {
         link.core.process(t);
-        link.core.finish(t);
+        link.core.finish(t, wall(t));
     }
 
     fn collect_events(client: &mut Client) -> bool {
@@ -464,6 +464,14 @@ impl Sim {
         }
         moved
     }
+}
+
+/// The wall-clock time at `t`: the epoch plus the virtual time since the test started, so
+/// that nothing reads the system clock.
+fn wall(t: Instant) -> std::time::SystemTime {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| t);
+    std::time::SystemTime::UNIX_EPOCH + t.saturating_duration_since(start)
 }
 
 /// A client identifier.
