@@ -16,169 +16,29 @@
 //! it close with DISCONNECT 0x80, and the rest of the broker goes on.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use mqttd_broker::storage::{Recovered, SessionRecord, StorageError, Ticket, Watermark};
-use mqttd_broker::{Broker, Config, ListenerKind, Storage};
+use mqttd_broker::{Broker, Config, ListenerKind};
 use mqttd_proto::codec::PacketReader;
-use mqttd_proto::session::OutboundState;
 use mqttd_proto::{
-    ClientId, Connect, ConnectProperties, Delivery, Message, Packet, PacketId, ProtocolVersion,
-    PubResponse, Publish, PublishProperties, QoS, ReasonCode, Subscribe, SubscribeProperties,
-    Subscription, SubscriptionOptions, TopicFilter, TopicName,
+    ClientId, Connect, ConnectProperties, Packet, PacketId, ProtocolVersion, PubResponse, Publish,
+    PublishProperties, QoS, ReasonCode, Subscribe, SubscribeProperties, Subscription,
+    SubscriptionOptions, TopicFilter, TopicName,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::timeout;
 
-/// Upper bound for anything that must happen; only a hang reaches it.
-const WAIT: Duration = Duration::from_secs(30);
+mod common;
+use common::{RecordingStorage, WAIT};
+
 /// After the fence, how long a packet that was written (not held) gets to cross the loopback.
 const SETTLE: Duration = Duration::from_millis(200);
 
-/// Storage that records every change as a line, makes changes durable at once unless the test
-/// holds the watermark, and lets the test wait until it saw a given change.
-#[derive(Clone)]
-struct HeldStorage(Arc<Shared>);
-
-struct Shared {
-    log: watch::Sender<Vec<String>>,
-    written: AtomicU64,
-    held: AtomicBool,
-    watermark: watch::Sender<Watermark>,
-}
-
-impl HeldStorage {
-    fn new() -> Self {
-        Self(Arc::new(Shared {
-            log: watch::Sender::new(Vec::new()),
-            written: AtomicU64::new(0),
-            held: AtomicBool::new(false),
-            watermark: watch::Sender::new(Watermark::default()),
-        }))
-    }
-
-    fn note(&self, line: String) -> Ticket {
-        // Counted before it is visible, so that a release after seeing it covers it.
-        let written = self.0.written.fetch_add(1, Ordering::SeqCst) + 1;
-        self.0.log.send_modify(|log| log.push(line));
-        if !self.0.held.load(Ordering::SeqCst) {
-            self.0
-                .watermark
-                .send_modify(|w| w.durable = w.durable.max(written));
-        }
-        Ticket::new(written)
-    }
-
-    /// From now on, nothing more becomes durable until [`HeldStorage::release`].
-    fn hold(&self) {
-        self.0.held.store(true, Ordering::SeqCst);
-    }
-
-    /// Makes everything recorded so far durable, and what follows durable at once.
-    fn release(&self) {
-        self.0.held.store(false, Ordering::SeqCst);
-        let written = self.0.written.load(Ordering::SeqCst);
-        self.0
-            .watermark
-            .send_modify(|w| w.durable = w.durable.max(written));
-    }
-
-    /// The storage fails: nothing recorded after the watermark will ever be durable.
-    fn fail(&self) {
-        self.0.held.store(true, Ordering::SeqCst);
-        self.0.watermark.send_modify(|w| w.failed = true);
-    }
-
-    /// How many changes were recorded: pass it to [`HeldStorage::saw`] to look only at later
-    /// ones.
-    fn mark(&self) -> usize {
-        self.0.log.borrow().len()
-    }
-
-    /// Waits until a change recorded after `mark` matches.
-    async fn saw(&self, mark: usize, what: impl Fn(&str) -> bool) {
-        let mut rx = self.0.log.subscribe();
-        let found = timeout(
-            WAIT,
-            rx.wait_for(|log| log.iter().skip(mark).any(|l| what(l))),
-        )
-        .await;
-        assert!(
-            matches!(found, Ok(Ok(_))),
-            "expected change not recorded: {:?}",
-            &self.0.log.borrow()[mark..]
-        );
-    }
-}
-
-impl Storage for HeldStorage {
-    fn recover(&self) -> Result<Recovered, StorageError> {
-        Ok(Recovered {
-            next_seq: 1,
-            ..Recovered::default()
-        })
-    }
-
-    fn retain(&self, message: &Arc<Message>) -> Ticket {
-        self.note(format!("retain {}", message.topic))
-    }
-
-    fn save_session(&self, record: &SessionRecord) -> Ticket {
-        let filters: Vec<_> = record
-            .subscriptions
-            .iter()
-            .map(|s| s.0.to_string())
-            .collect();
-        self.note(format!("save {} {:?}", record.client_id, filters))
-    }
-
-    fn remove_session(&self, client_id: &ClientId) -> Ticket {
-        self.note(format!("remove {client_id}"))
-    }
-
-    fn remove_messages(&self, client_id: &ClientId) -> Ticket {
-        self.note(format!("remove messages {client_id}"))
-    }
-
-    fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
-        self.note(format!("store {client_id} {}", delivery.message.topic))
-    }
-
-    fn delivery_flow(
-        &self,
-        client_id: &ClientId,
-        _: u64,
-        packet_id: PacketId,
-        s: OutboundState,
-    ) -> Ticket {
-        self.note(format!("flow {client_id} {packet_id} {s:?}"))
-    }
-
-    fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
-        self.note(format!("done {client_id} {:?}", delivery.store_seq))
-    }
-
-    fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) -> Ticket {
-        self.note(format!("inbound {client_id} {packet_id} {pending}"))
-    }
-
-    fn watermark(&self) -> watch::Receiver<Watermark> {
-        self.0.watermark.subscribe()
-    }
-
-    fn is_durable(&self) -> bool {
-        true
-    }
-}
-
-async fn start() -> (Broker, SocketAddr, HeldStorage, tempfile::TempDir) {
+async fn start() -> (Broker, SocketAddr, RecordingStorage, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let storage = HeldStorage::new();
+    let storage = RecordingStorage::new();
     let mut config = Config::default();
     config.listen = vec!["tcp://127.0.0.1:0".into()];
     config.data_dir = dir.path().to_owned();
@@ -316,7 +176,7 @@ impl Raw {
     /// its answers was not held back: sends a SUBSCRIBE (a change of the persistent session)
     /// and waits until the storage saw it. Returns the SUBSCRIBE's packet identifier; its
     /// SUBACK waits for the storage like the rest.
-    async fn fence(&mut self, storage: &HeldStorage) -> u16 {
+    async fn fence(&mut self, storage: &RecordingStorage) -> u16 {
         self.fences += 1;
         let id = 1000 + self.fences;
         let filter = format!("fence/{}/{}", self.id, self.fences);

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mqttd_broker::auth::{Iterations, PasswordFile, ScramClient, ScramClientFinalSent};
-use mqttd_broker::storage::Ticket;
 use mqttd_broker::{
     Action, Broker, ClientInfo, Config, ConnectAttempt, Hooks, Intercept, ListenerKind, Transport,
     Verdict,
@@ -18,8 +17,9 @@ use mqttd_proto::{ClientId, Message, QoS, ReasonCode, TopicFilter, TopicName};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-/// Upper bound for anything that must happen; only a hang reaches it.
-const WAIT: Duration = Duration::from_secs(30);
+mod common;
+use common::{next_payload, RecordingStorage, WAIT};
+
 /// After a fence proved the broker handled a packet, how long an answer it wrote (instead of
 /// holding it back) gets to reach the client.
 const SETTLE: Duration = Duration::from_millis(200);
@@ -92,14 +92,6 @@ async fn next_delivered(events: &mut Events) -> (String, ReasonCode) {
             None => panic!("connection ended"),
         }
     }
-}
-
-async fn next_payload(events: &mut Events) -> String {
-    let p = timeout(WAIT, events.next_message())
-        .await
-        .expect("message in time")
-        .expect("open");
-    String::from_utf8(p.message.payload.to_vec()).unwrap()
 }
 
 #[derive(Clone, Default)]
@@ -448,122 +440,6 @@ async fn no_retained_messages_for_shared_subscriptions_but_for_plain_ones() {
     broker.shutdown().await;
 }
 
-/// Storage that records what the broker tells it, recovers a given state, and makes changes
-/// durable only when the test releases them.
-#[derive(Clone)]
-struct TestStorage {
-    recovered_retained: Vec<Arc<Message>>,
-    recovered_sessions: Vec<mqttd_broker::storage::StoredSession>,
-    log: Arc<Mutex<Vec<String>>>,
-    written: Arc<std::sync::atomic::AtomicU64>,
-    watermark: Arc<tokio::sync::watch::Sender<mqttd_broker::storage::Watermark>>,
-}
-
-impl TestStorage {
-    fn note(&self, line: String) -> Ticket {
-        // Counted before it is visible, so that a release after seeing it covers it.
-        let written = self
-            .written
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            + 1;
-        self.log.lock().unwrap().push(line);
-        Ticket::new(written)
-    }
-
-    /// How many changes were recorded so far.
-    fn mark(&self) -> usize {
-        self.log.lock().unwrap().len()
-    }
-
-    /// Waits until the broker recorded `line`, as change number `from` or later.
-    async fn saw(&self, from: usize, line: &str) {
-        let seen = timeout(WAIT, async {
-            while !self.log.lock().unwrap()[from..].iter().any(|l| l == line) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-        assert!(
-            seen.is_ok(),
-            "{line:?} not recorded: {:?}",
-            self.log.lock().unwrap()
-        );
-    }
-
-    /// Makes everything recorded so far durable.
-    fn release(&self) {
-        let durable = self.written.load(std::sync::atomic::Ordering::SeqCst);
-        self.watermark.send_modify(|w| w.durable = durable);
-    }
-}
-
-impl mqttd_broker::Storage for TestStorage {
-    fn recover(
-        &self,
-    ) -> Result<mqttd_broker::storage::Recovered, mqttd_broker::storage::StorageError> {
-        Ok(mqttd_broker::storage::Recovered {
-            retained: self.recovered_retained.clone(),
-            sessions: self.recovered_sessions.clone(),
-            crashed_at: None,
-            next_seq: 1,
-        })
-    }
-
-    fn retain(&self, message: &Arc<Message>) -> Ticket {
-        self.note(format!("retain {}", message.topic))
-    }
-
-    fn save_session(&self, record: &mqttd_broker::storage::SessionRecord) -> Ticket {
-        let filters: Vec<_> = record
-            .subscriptions
-            .iter()
-            .map(|s| s.0.to_string())
-            .collect();
-        self.note(format!("save {} {:?}", record.client_id, filters))
-    }
-
-    fn remove_session(&self, client_id: &ClientId) -> Ticket {
-        self.note(format!("remove {client_id}"))
-    }
-
-    fn remove_messages(&self, client_id: &ClientId) -> Ticket {
-        self.note(format!("remove messages {client_id}"))
-    }
-
-    fn store_delivery(&self, client_id: &ClientId, delivery: &mqttd_proto::Delivery) -> Ticket {
-        self.note(format!("store {client_id} {}", delivery.message.topic))
-    }
-
-    fn delivery_flow(
-        &self,
-        client_id: &ClientId,
-        store_seq: u64,
-        packet_id: mqttd_proto::PacketId,
-        state: mqttd_proto::session::OutboundState,
-    ) -> Ticket {
-        self.note(format!(
-            "flow {client_id} {store_seq} {packet_id} {state:?}"
-        ))
-    }
-
-    fn delivery_done(&self, client_id: &ClientId, delivery: &mqttd_proto::Delivery) -> Ticket {
-        self.note(format!("done {client_id} {:?}", delivery.store_seq))
-    }
-
-    fn pending_release(
-        &self,
-        client_id: &ClientId,
-        packet_id: mqttd_proto::PacketId,
-        pending: bool,
-    ) -> Ticket {
-        self.note(format!("inbound {client_id} {packet_id} {pending}"))
-    }
-
-    fn watermark(&self) -> tokio::sync::watch::Receiver<mqttd_broker::storage::Watermark> {
-        self.watermark.subscribe()
-    }
-}
-
 #[tokio::test]
 async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() {
     let mut retained = Message::new(
@@ -573,9 +449,9 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
         true,
     );
     retained.retain = true;
-    let storage = TestStorage {
-        recovered_retained: vec![Arc::new(retained)],
-        recovered_sessions: vec![mqttd_broker::storage::StoredSession {
+    let storage = RecordingStorage::recovering(
+        vec![Arc::new(retained)],
+        vec![mqttd_broker::storage::StoredSession {
             record: mqttd_broker::storage::SessionRecord {
                 client_id: ClientId::try_from("sleeper").unwrap(),
                 expiry_interval: 3600,
@@ -593,10 +469,9 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
             deliveries: Vec::new(),
             pending_releases: Vec::new(),
         }],
-        log: Arc::default(),
-        written: Arc::default(),
-        watermark: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
-    };
+    );
+    // Nothing is durable until the test says so.
+    storage.hold();
     let dir = tempfile::tempdir().unwrap();
     let mut broker_config = Config::default();
     broker_config.listen = vec!["tcp://127.0.0.1:0".into()];
@@ -623,20 +498,20 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
         .publish(msg("news/1", "queued", QoS::AtLeastOnce))
         .await
         .unwrap();
-    storage.saw(0, "store sleeper news/1").await;
+    storage.saw(0, |l| l == "store sleeper news/1").await;
     // Fence: once the next publication is stored too, the connection has read past the first
     // one, and so has written its PUBACK unless that waits for storage.
     let _ = publisher
         .publish(msg("news/fence", "fence 1", QoS::AtLeastOnce))
         .await
         .unwrap();
-    storage.saw(0, "store sleeper news/fence").await;
+    storage.saw(0, |l| l == "store sleeper news/fence").await;
     let early = timeout(SETTLE, pub_events.recv()).await;
     assert!(
         early.is_err(),
         "PUBACK before the storage synced: {early:?}"
     );
-    storage.release();
+    storage.sync_held();
     for expected in ["queued", "fence 1"] {
         assert_eq!(
             next_delivered(&mut pub_events).await,
@@ -649,25 +524,25 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
     let mut r = msg("kept/t", "", QoS::AtLeastOnce);
     r.retain = true;
     let _ = publisher.publish(r).await.unwrap();
-    storage.saw(mark, "retain kept/t").await;
+    storage.saw(mark, |l| l == "retain kept/t").await;
     let _ = publisher
         .publish(msg("news/fence", "fence 2", QoS::AtLeastOnce))
         .await
         .unwrap();
-    storage.saw(mark, "store sleeper news/fence").await;
+    storage.saw(mark, |l| l == "store sleeper news/fence").await;
     let early = timeout(SETTLE, pub_events.recv()).await;
     assert!(
         early.is_err(),
         "PUBACK before the retained message was durable: {early:?}"
     );
-    storage.release();
+    storage.sync_held();
     for expected in ["", "fence 2"] {
         assert_eq!(
             next_delivered(&mut pub_events).await,
             (expected.to_owned(), ReasonCode::Success)
         );
     }
-    let log = storage.log.lock().unwrap().clone();
+    let log = storage.log();
     assert!(log.contains(&"retain kept/t".to_owned()), "{log:?}");
     assert!(log.contains(&"store sleeper news/1".to_owned()), "{log:?}");
     // The recovered session resumes with its subscription and the queued message, which goes
@@ -677,7 +552,7 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                storage.release();
+                storage.sync_held();
             }
         })
     };
@@ -691,7 +566,7 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
     }
 
     releaser.abort();
-    let log = storage.log.lock().unwrap().clone();
+    let log = storage.log();
     assert!(log.iter().any(|l| l.starts_with("save sleeper")), "{log:?}");
     broker.shutdown().await;
 }

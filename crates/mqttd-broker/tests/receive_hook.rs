@@ -3,15 +3,14 @@
 //! routed, before it is sent.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use mqttd_broker::{Action, Broker, ClientInfo, Config, Hooks, ListenerKind, Verdict};
-use mqttd_client::{connect_tcp, Events};
+use mqttd_client::connect_tcp;
 use mqttd_proto::client::ClientConfig;
 use mqttd_proto::{ClientId, Message, QoS, ReasonCode, TopicFilter, TopicName};
-use tokio::time::timeout;
 
-const WAIT: Duration = Duration::from_secs(30);
+mod common;
+use common::next_payload;
 
 /// Refuses `reader` anything under `private/`; records every receive question.
 #[derive(Clone, Default)]
@@ -43,14 +42,6 @@ fn msg(topic: &str, payload: &str, retain: bool) -> Message {
         QoS::AtLeastOnce,
         retain,
     )
-}
-
-async fn next_payload(events: &mut Events) -> String {
-    let p = timeout(WAIT, events.next_message())
-        .await
-        .expect("message in time")
-        .expect("open");
-    String::from_utf8(p.message.payload.to_vec()).unwrap()
 }
 
 #[tokio::test]
