@@ -200,8 +200,13 @@ pub(crate) struct ConnectionCore {
     unaccepted: Option<Box<Session>>,
     /// The client's will, kept with its session record in storage.
     will: Option<Box<StoredWill>>,
-    /// The latest storage change that output must wait for.
+    /// The latest storage change that output on every stream must wait for.
     needs: Ticket,
+    /// The latest change that only output on one data stream must wait for: one caused by a
+    /// packet from that stream, which its answer goes back on. Output on the control stream
+    /// never waits for these, so a data stream's held acknowledgement does not hold PINGRESP,
+    /// DISCONNECT or AUTH.
+    stream_needs: Vec<(StreamId, Ticket)>,
     /// The latest watermark the driver passed in.
     watermark: Watermark,
     awaiting: Option<Box<Awaiting>>,
@@ -238,6 +243,7 @@ impl ConnectionCore {
             unaccepted: None,
             will: None,
             needs: Ticket::NONE,
+            stream_needs: Vec::new(),
             watermark,
             awaiting: None,
             blocked: Vec::new(),
@@ -460,6 +466,7 @@ impl ConnectionCore {
                 connack_cut |= output.cut_held();
             }
             self.needs = Ticket::NONE;
+            self.stream_needs.clear();
             if connack_cut {
                 // Nothing may precede CONNACK, not even DISCONNECT.
                 self.conn.connection_lost(now);
@@ -541,7 +548,7 @@ impl ConnectionCore {
             let delay = will.properties.will_delay_interval.unwrap_or(0);
             Box::new(StoredWill { will, delay })
         });
-        self.save_session();
+        self.save_session(StreamId::CONTROL);
         self.client = Some(Box::new(client));
     }
 
@@ -604,9 +611,32 @@ impl ConnectionCore {
     /// Output produced from now on waits until storage has made the change `ticket` stands
     /// for durable.
     fn depends_on(&mut self, ticket: Ticket) {
-        if self.inner.durable {
-            self.needs.merge(ticket);
+        self.depends_on_for(StreamId::CONTROL, ticket);
+    }
+
+    /// Output on `stream` produced from now on waits until storage has made the change
+    /// `ticket` stands for durable; for the control stream, output on every stream does.
+    fn depends_on_for(&mut self, stream: StreamId, ticket: Ticket) {
+        if !self.inner.durable || ticket.is_none() {
+            return;
         }
+        if stream.is_control() {
+            self.needs.merge(ticket);
+            return;
+        }
+        match self.stream_needs.iter_mut().find(|(s, _)| *s == stream) {
+            Some((_, t)) => t.merge(ticket),
+            None => self.stream_needs.push((stream, ticket)),
+        }
+    }
+
+    /// The latest change output on `stream` must wait for.
+    fn needs_of(&self, stream: StreamId) -> Ticket {
+        let mut needs = self.needs;
+        if let Some((_, t)) = self.stream_needs.iter().find(|(s, _)| *s == stream) {
+            needs.merge(*t);
+        }
+        needs
     }
 
     fn client_id(&self) -> Option<&ClientId> {
@@ -682,14 +712,16 @@ impl ConnectionCore {
                 }
             }
         }
-        if self.needs.is_none() || self.watermark.covers(self.needs) {
-            return;
-        }
-        // Everything encoded now was produced after the change: it all waits.
+        // Everything encoded now on a stream was produced after the changes that stream's
+        // output depends on: it all waits for them.
         for (stream, start, connack_end) in touched {
+            let needs = self.needs_of(stream);
+            if needs.is_none() || self.watermark.covers(needs) {
+                continue;
+            }
             let output = self.outputs.get_mut(stream);
             if output.buf.len() > start {
-                output.hold(start, self.needs, connack_end);
+                output.hold(start, needs, connack_end);
             }
         }
     }
@@ -823,7 +855,7 @@ impl ConnectionCore {
                 Event::ReAuthenticate { data } => self.on_reauthenticate(now, data),
                 Event::Publish(publish) => self.on_publish(now, stream, publish),
                 Event::Subscribe(subscribe) => self.on_subscribe(now, stream, subscribe),
-                Event::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
+                Event::Unsubscribe(unsubscribe) => self.on_unsubscribe(stream, unsubscribe),
                 Event::Delivered { delivery, .. } => self.discard(&delivery),
                 Event::Sent {
                     packet_id,
@@ -837,7 +869,8 @@ impl ConnectionCore {
                 Event::InboundReleased { packet_id } if self.persistent() => {
                     if let Some(id) = self.client_id() {
                         let ticket = self.inner.storage.pending_release(id, packet_id, false);
-                        self.depends_on(ticket);
+                        // PUBCOMP goes on the stream of the PUBREL.
+                        self.depends_on_for(stream, ticket);
                     }
                 }
                 Event::InboundReleased { .. } => {}
@@ -1078,7 +1111,7 @@ impl ConnectionCore {
                     }
                 }
                 let ticket = batch.commit();
-                self.depends_on(ticket);
+                self.depends_on_for(stream, ticket);
                 if routed == 0 {
                     ReasonCode::NoMatchingSubscribers
                 } else {
@@ -1219,7 +1252,7 @@ impl ConnectionCore {
             }
         }
         let _ = self.conn.subscribe_ack(subscribe.packet_id, reasons);
-        self.save_session();
+        self.save_session(stream);
         if !retained.is_empty() {
             // Snapshots of the store, read as the client makes room.
             let feed = self.retained.get_or_insert_with(Box::default);
@@ -1231,7 +1264,7 @@ impl ConnectionCore {
         }
     }
 
-    fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+    fn on_unsubscribe(&mut self, stream: StreamId, unsubscribe: Unsubscribe) {
         let Some(handle) = self.handle.clone() else {
             return;
         };
@@ -1256,18 +1289,18 @@ impl ConnectionCore {
             })
             .collect();
         let _ = self.conn.unsubscribe_ack(unsubscribe.packet_id, reasons);
-        self.save_session();
+        self.save_session(stream);
     }
 
     /// Records the session in storage if it is persistent or has a will; what the client
-    /// is told next waits until that is durable.
-    fn save_session(&mut self) {
+    /// is told next on `stream` waits until that is durable.
+    fn save_session(&mut self, stream: StreamId) {
         if let (Some(handle), Some(session)) = (&self.handle, self.conn.session()) {
             let will = self.will.as_deref().cloned();
             let ticket = self
                 .inner
                 .save_session(handle, session.expiry_interval(), will, None);
-            self.depends_on(ticket);
+            self.depends_on_for(stream, ticket);
         }
     }
 

@@ -457,3 +457,41 @@ async fn a_publication_waiting_for_room_pauses_its_stream_only() {
     assert_eq!(pings[0].0, StreamId::CONTROL);
     assert!(sim.core(m).unwrap().blocked_on().is_some(), "still waiting");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_acknowledgement_waiting_for_storage_holds_its_own_stream_only() {
+    let mut sim = Sim::new(config());
+    let m = multi_stream(&mut sim, "m");
+    sim.connect(m);
+    sim.drive().await;
+    sim.auto_durable = false;
+    // A retained QoS 1 publication on a data stream: its PUBACK waits for the retained
+    // message to be durable.
+    let retained = Message::new(
+        TopicName::try_from("r").unwrap(),
+        b"x".to_vec(),
+        QoS::AtLeastOnce,
+        true,
+    );
+    let _ = sim.get(m).conn.publish(now(), Arc::new(retained)).unwrap();
+    sim.drive().await;
+    assert_eq!(sim.storage.pending(), ["retain r"]);
+    assert!(packets(&mut sim, m, PacketType::PubAck).is_empty());
+    // The control stream is not held by it.
+    sim.send_raw(m, StreamId::CONTROL, &Packet::PingReq);
+    sim.drive().await;
+    let pings = packets(&mut sim, m, PacketType::PingResp);
+    assert_eq!(
+        pings.len(),
+        1,
+        "PINGRESP while the data stream's PUBACK waits"
+    );
+    assert!(packets(&mut sim, m, PacketType::PubAck).is_empty());
+    sim.storage.make_durable();
+    sim.drive().await;
+    let acks: Vec<StreamId> = packets(&mut sim, m, PacketType::PubAck)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(acks, [PUB_STREAM]);
+}
