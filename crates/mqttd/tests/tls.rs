@@ -662,10 +662,10 @@ async fn slow_handshakes_are_closed_by_connect_timeout() {
                     return started.elapsed();
                 }
                 let mut buf = [0u8; 64];
-                match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await
-                {
-                    Ok(Ok(0) | Err(_)) => return started.elapsed(),
-                    _ => {}
+                let read =
+                    tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await;
+                if let Ok(Ok(0) | Err(_)) = read {
+                    return started.elapsed();
                 }
             }
             panic!("the trickling client was not closed within 200 bytes");
@@ -785,8 +785,7 @@ async fn startup_errors_name_the_listener_and_the_file() {
     let mut broker = Broker::configured("", &[&url]);
     let failure = broker
         .try_restart()
-        .err()
-        .expect("the broker started on a taken port");
+        .expect_err("the broker started on a taken port");
     assert!(failure.stderr.contains(&url), "no listener in {failure}");
 }
 
