@@ -309,50 +309,55 @@ async fn generated_ca_serves_tls_and_is_reused() {
     assert!(!log.contains("ERROR"), "{log}");
 }
 
+/// Whether Mosquitto's clients are installed; says so when they are not.
+fn have_mosquitto_clients() -> bool {
+    let have = |tool: &str| Command::new(tool).arg("--help").output().is_ok();
+    if have("mosquitto_pub") && have("mosquitto_sub") {
+        return true;
+    }
+    eprintln!(
+        "SKIPPED: mosquitto_pub/mosquitto_sub not installed (apt-get install mosquitto-clients)"
+    );
+    false
+}
+
+/// Runs a Mosquitto client to completion off the runtime's workers.
+async fn run_tool(mut cmd: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().expect("run a mosquitto client"))
+        .await
+        .expect("mosquitto client task")
+}
+
 /// `mosquitto_pub` and `mosquitto_sub` with `--cafile <data_dir>/tls/ca.pem`.
 #[tokio::test]
 async fn mosquitto_clients_trust_the_generated_ca() {
-    let have = |tool: &str| Command::new(tool).arg("--help").output().is_ok();
-    if !have("mosquitto_pub") || !have("mosquitto_sub") {
-        eprintln!("SKIPPED: mosquitto_pub/mosquitto_sub not installed (apt-get install mosquitto-clients)");
+    if !have_mosquitto_clients() {
         return;
     }
     let broker = Broker::start_with("", &[TLS_LISTENER]);
     let ca = broker.data_dir().join("tls").join("ca.pem");
     let port = broker.tls.port().to_string();
-    let common = |tool: &str| {
-        let mut cmd = Command::new(tool);
+    let tool = |name: &str, args: &[&str]| {
+        let mut cmd = Command::new(name);
         cmd.args(["-h", "localhost", "-p", &port, "-V", "mqttv311", "--cafile"])
-            .arg(&ca);
+            .arg(&ca)
+            .args(["-t", "mosq/tls"])
+            .args(args);
         cmd
     };
     // A retained message, so that the subscriber gets it whenever it subscribes.
-    let published = tokio::task::spawn_blocking({
-        let mut cmd = common("mosquitto_pub");
-        move || {
-            cmd.args(["-t", "mosq/tls", "-m", "hello over tls", "-q", "1", "-r"])
-                .output()
-                .expect("run mosquitto_pub")
-        }
-    })
-    .await
-    .expect("mosquitto_pub task");
+    let published = run_tool(tool(
+        "mosquitto_pub",
+        &["-m", "hello over tls", "-q", "1", "-r"],
+    ))
+    .await;
     assert!(
         published.status.success(),
         "mosquitto_pub: {}\n{}",
         String::from_utf8_lossy(&published.stderr),
         broker.log_tail()
     );
-    let received = tokio::task::spawn_blocking({
-        let mut cmd = common("mosquitto_sub");
-        move || {
-            cmd.args(["-t", "mosq/tls", "-C", "1", "-W", "30"])
-                .output()
-                .expect("run mosquitto_sub")
-        }
-    })
-    .await
-    .expect("mosquitto_sub task");
+    let received = run_tool(tool("mosquitto_sub", &["-C", "1", "-W", "30"])).await;
     assert!(
         received.status.success(),
         "mosquitto_sub: {}\n{}",
@@ -362,6 +367,69 @@ async fn mosquitto_clients_trust_the_generated_ca() {
     assert_eq!(
         String::from_utf8_lossy(&received.stdout).trim(),
         "hello over tls"
+    );
+}
+
+/// Mosquitto's clients with a client certificate (OpenSSL on the client side): with
+/// `--cert`/`--key` the certificate's CN is the user name the ACL grants a topic to; without
+/// them the handshake is refused.
+#[tokio::test]
+async fn mosquitto_clients_with_a_client_certificate() {
+    if !have_mosquitto_clients() {
+        return;
+    }
+    let clients_ca = TestCa::new("test clients CA");
+    let mut broker = Broker::configured("", &[TLS_LISTENER]);
+    let root = broker.root().to_owned();
+    let ca_file = write(&root.join("clients-ca.pem"), &clients_ca.pem);
+    let acl = write(
+        &root.join("acl"),
+        "user device-9\ntopic readwrite fleet/device-9/#\n",
+    );
+    write(
+        &root.join("mqttd.toml"),
+        &format!(
+            "acl_file = {acl:?}\n[tls]\nca_file = {ca_file:?}\nrequire_client_cert = true\n\
+             use_identity_as_username = true\n"
+        ),
+    );
+    broker.restart();
+    let device = clients_ca.client("device-9");
+    let cert = write(&root.join("device-9.pem"), &device.cert);
+    let key = write(&root.join("device-9-key.pem"), &device.key);
+    let server_ca = broker.data_dir().join("tls").join("ca.pem");
+    let port = broker.tls.port().to_string();
+    let tool = |name: &str, with_cert: bool, args: &[&str]| {
+        let mut cmd = Command::new(name);
+        cmd.args(["-h", "localhost", "-p", &port, "-V", "mqttv311", "--cafile"])
+            .arg(&server_ca)
+            .args(["-t", "fleet/device-9/state", "-q", "1"])
+            .args(args);
+        if with_cert {
+            cmd.arg("--cert").arg(&cert).arg("--key").arg(&key);
+        }
+        cmd
+    };
+    let published = run_tool(tool("mosquitto_pub", true, &["-m", "online", "-r"])).await;
+    assert!(
+        published.status.success(),
+        "mosquitto_pub with a certificate: {}\n{}",
+        String::from_utf8_lossy(&published.stderr),
+        broker.log_tail()
+    );
+    let received = run_tool(tool("mosquitto_sub", true, &["-C", "1", "-W", "30"])).await;
+    assert!(
+        received.status.success(),
+        "mosquitto_sub with a certificate: {}\n{}",
+        String::from_utf8_lossy(&received.stderr),
+        broker.log_tail()
+    );
+    assert_eq!(String::from_utf8_lossy(&received.stdout).trim(), "online");
+
+    let refused = run_tool(tool("mosquitto_pub", false, &["-m", "anonymous"])).await;
+    assert!(
+        !refused.status.success(),
+        "mosquitto_pub without a certificate got in"
     );
 }
 
