@@ -71,6 +71,8 @@ fi
 # System packages (need_apt ...), Python packages (pip install ...) and npm packages
 # (npm ci in their directory) that later checks need go here. The interoperability suite
 # installs its own (mosquitto-clients, and paho-mqtt and pytest in target/interop-venv).
+# The Rust TLS tests run mosquitto_pub/mosquitto_sub against the generated CA.
+need_apt mosquitto-clients
 cargo --version
 cargo nextest --version | sed -n 1p
 

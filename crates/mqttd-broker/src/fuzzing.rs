@@ -71,11 +71,11 @@ impl FuzzBroker {
     pub fn connect(&mut self) -> DuplexStream {
         let (client, server) = tokio::io::duplex(STREAM_BUFFER);
         self.opened = self.opened.wrapping_add(1);
-        let peer = Peer {
-            transport: Transport::Tcp,
-            addr: ([127, 0, 0, 1], self.opened).into(),
-            listener: Arc::from("fuzz"),
-        };
+        let peer = Peer::new(
+            Transport::Tcp,
+            ([127, 0, 0, 1], self.opened).into(),
+            Arc::from("fuzz"),
+        );
         self.inner.tasks.spawn(crate::drivers::stream::serve(
             self.inner.clone(),
             server,

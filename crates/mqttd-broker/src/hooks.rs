@@ -36,7 +36,7 @@ impl Transport {
         }
     }
 
-    /// Whether the transport encrypts.
+    /// Whether the transport encrypts (and so may carry a verified client certificate).
     pub fn is_secure(self) -> bool {
         matches!(self, Self::Tls | Self::WebSocketTls | Self::Quic)
     }
@@ -57,6 +57,23 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// Name of the listener that accepted it.
     pub listener: Arc<str>,
+    /// The identity in the client's TLS certificate, verified against `tls.ca_file`: its
+    /// subject CN, else its first DNS or e-mail subject alternative name. `None` without a
+    /// verified client certificate (or one that names nobody), and on transports without TLS.
+    /// With `tls.use_identity_as_username` it is the client's user name.
+    pub tls_identity: Option<Arc<str>>,
+}
+
+impl Peer {
+    /// A peer without a client certificate.
+    pub fn new(transport: Transport, addr: SocketAddr, listener: Arc<str>) -> Self {
+        Self {
+            transport,
+            addr,
+            listener,
+            tls_identity: None,
+        }
+    }
 }
 
 /// A connected client, as hooks see it.
@@ -64,7 +81,8 @@ pub struct Peer {
 pub struct ClientInfo {
     /// Client identifier (the assigned one, if the server assigned it).
     pub client_id: ClientId,
-    /// User name from CONNECT.
+    /// User name: from CONNECT, from SCRAM, or the client certificate's identity with
+    /// `tls.use_identity_as_username`.
     pub username: Option<MqttStr>,
     /// Protocol version.
     pub version: ProtocolVersion,

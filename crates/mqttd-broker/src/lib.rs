@@ -19,6 +19,9 @@
 //! Each connection is a sans-IO machine, `core::ConnectionCore` (the protocol core of
 //! `mqttd-proto` plus authentication, sessions, routing, the persist-then-acknowledge gate and
 //! back-pressure, with time passed in), run by a thin async driver per transport (`drivers`).
+//! TLS is a layer under the driver: the listener completes the handshake (rustls, behind an
+//! atomic pointer that SIGHUP swaps) in the connection's task and hands the driver the
+//! encrypted stream, with the client certificate's identity in the connection's [`Peer`].
 //! Shared state lives in `broker`: a persistent subscription trie published
 //! through an atomic pointer, so routing never takes a global lock; a registry of sessions,
 //! each behind its own small lock; retained messages in a persistent trie of their own. A
@@ -57,6 +60,7 @@ pub mod retained;
 mod sim;
 pub mod storage;
 mod sys;
+mod tls;
 pub mod topic_tree;
 
 use std::net::SocketAddr;
@@ -70,9 +74,11 @@ pub use hooks::{
 };
 pub use metrics::Metrics;
 pub use storage::{DiskStorage, Durability, MemoryStorage, Storage};
+pub use tls::TlsError;
 
 use broker::Inner;
 use listener::{Admission, BoundListener};
+use tls::TlsAcceptor;
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +103,14 @@ pub enum StartError {
         url: String,
         /// Why.
         source: std::io::Error,
+    },
+    /// The certificates of the TLS-based listeners could not be loaded or generated.
+    #[error("cannot serve {url}: {source}")]
+    Tls {
+        /// The first TLS-based listener (they share the certificates).
+        url: String,
+        /// Why, naming the file.
+        source: TlsError,
     },
 }
 
@@ -125,6 +139,17 @@ impl BrokerBuilder {
     pub async fn start(self) -> Result<Broker, StartError> {
         let listeners = self.config.listeners()?;
         let access = AccessControl::load(&self.config)?;
+        let tls = match listeners.iter().find(|l| l.kind.uses_tls()) {
+            Some(first) => Some(
+                TlsAcceptor::load(&self.config.tls, &self.config.data_dir).map_err(|source| {
+                    StartError::Tls {
+                        url: first.url.clone(),
+                        source,
+                    }
+                })?,
+            ),
+            None => None,
+        };
         let max_connections = self.config.max_connections;
         let secret = load_or_create_secret(&self.config.data_dir.join(SCRAM_SECRET_FILE))?;
         let scram = auth::ScramServer::new(secret);
@@ -150,14 +175,16 @@ impl BrokerBuilder {
                 url: listener.url.clone(),
                 source,
             };
-            let socket = BoundListener::bind(&listener).await.map_err(bind_error)?;
+            let socket = BoundListener::bind(&listener, tls.as_ref())
+                .await
+                .map_err(bind_error)?;
             let addr = socket.local_addr().map_err(bind_error)?;
             tracing::info!(listener = %listener.url, %addr, "listening");
             socket.spawn(&inner, &admission, Arc::from(listener.url.as_str()));
             bound.push((listener, addr));
         }
         inner.tasks.spawn(sys::run(inner.clone()));
-        Ok(Broker { inner, bound })
+        Ok(Broker { inner, bound, tls })
     }
 }
 
@@ -206,6 +233,8 @@ fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
 pub struct Broker {
     inner: Arc<Inner>,
     bound: Vec<(Listener, SocketAddr)>,
+    /// The TLS side of the TLS-based listeners, if any is configured.
+    tls: Option<TlsAcceptor>,
 }
 
 impl Broker {
@@ -242,6 +271,21 @@ impl Broker {
         let access = AccessControl::load(&self.inner.config)?;
         self.inner.auth.store(Arc::new(access));
         Ok(())
+    }
+
+    /// Whether a TLS-based listener is serving (and so [`Broker::reload_tls`] has work to do).
+    pub fn has_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Reads the TLS certificates, keys and client CA files again (what SIGHUP does): new
+    /// connections get them, connections that are up keep theirs. On error the previous ones
+    /// stay. Does nothing without a TLS-based listener.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Waits until [`Broker::shutdown`] is called from elsewhere.

@@ -1,5 +1,5 @@
 //! Accepting connections: binding each listener by its kind, connection limits, per-address
-//! rate limits, TCP_NODELAY.
+//! rate limits, TCP_NODELAY, and the TLS handshake under the connection's deadline.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -7,14 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::broker::Inner;
 use crate::config::{Listener, ListenerKind};
 use crate::hooks::{Peer, Transport};
 use crate::http;
+use crate::tls::TlsAcceptor;
 
 /// A listener bound to its address: each kind binds the socket its protocol needs (a TCP
 /// listener for MQTT over TCP and for HTTP; a UDP socket for QUIC, when it comes), and then
@@ -23,17 +25,27 @@ use crate::http;
 pub(crate) enum BoundListener {
     /// MQTT over TCP.
     Tcp(TcpListener),
+    /// MQTT over TLS over TCP.
+    Tls(TcpListener, TlsAcceptor),
     /// The HTTP endpoint.
     Http(TcpListener),
 }
 
 impl BoundListener {
-    /// Binds `listener`'s address as its kind requires.
-    pub(crate) async fn bind(listener: &Listener) -> io::Result<Self> {
+    /// Binds `listener`'s address as its kind requires; `tls` is the broker's TLS acceptor,
+    /// which every TLS-based listener shares (there is one when such a listener is configured).
+    pub(crate) async fn bind(listener: &Listener, tls: Option<&TlsAcceptor>) -> io::Result<Self> {
         match listener.kind {
             ListenerKind::Tcp => TcpListener::bind(listener.addr).await.map(Self::Tcp),
+            ListenerKind::Tls => {
+                let acceptor = tls.cloned().ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "no TLS certificates loaded")
+                })?;
+                let socket = TcpListener::bind(listener.addr).await?;
+                Ok(Self::Tls(socket, acceptor))
+            }
             ListenerKind::Http => TcpListener::bind(listener.addr).await.map(Self::Http),
-            ListenerKind::Tls | ListenerKind::Ws | ListenerKind::Wss => Err(io::Error::new(
+            ListenerKind::Ws | ListenerKind::Wss => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "this listener kind is not served yet",
             )),
@@ -43,7 +55,7 @@ impl BoundListener {
     /// The address actually bound (the chosen port when the configuration said 0).
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
-            Self::Tcp(socket) | Self::Http(socket) => socket.local_addr(),
+            Self::Tcp(socket) | Self::Tls(socket, _) | Self::Http(socket) => socket.local_addr(),
         }
     }
 
@@ -51,9 +63,22 @@ impl BoundListener {
     pub(crate) fn spawn(self, inner: &Arc<Inner>, admission: &Arc<Admission>, name: Arc<str>) {
         match self {
             Self::Tcp(socket) => {
-                inner
-                    .tasks
-                    .spawn(run_tcp(inner.clone(), admission.clone(), socket, name));
+                inner.tasks.spawn(run_tcp(
+                    inner.clone(),
+                    admission.clone(),
+                    socket,
+                    name,
+                    None,
+                ));
+            }
+            Self::Tls(socket, acceptor) => {
+                inner.tasks.spawn(run_tcp(
+                    inner.clone(),
+                    admission.clone(),
+                    socket,
+                    name,
+                    Some(acceptor),
+                ));
             }
             Self::Http(socket) => {
                 inner.tasks.spawn(http::run(inner.clone(), socket));
@@ -104,12 +129,14 @@ impl Admission {
     }
 }
 
-/// Accepts MQTT over TCP until shutdown.
+/// Accepts MQTT over TCP, or over TLS with `tls`, until shutdown. The TLS handshake runs in
+/// the connection's task, so a slow client holds up no one else.
 async fn run_tcp(
     inner: Arc<Inner>,
     admission: Arc<Admission>,
     listener: TcpListener,
     name: Arc<str>,
+    tls: Option<TlsAcceptor>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -129,16 +156,65 @@ async fn run_tcp(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let peer = Peer {
-            transport: Transport::Tcp,
-            addr,
-            listener: name.clone(),
-        };
         let inner2 = inner.clone();
-        inner.tasks.spawn(async move {
-            crate::drivers::stream::serve(inner2, stream, peer).await;
-            drop(permit);
-        });
+        match &tls {
+            None => {
+                let peer = Peer::new(Transport::Tcp, addr, name.clone());
+                inner.tasks.spawn(async move {
+                    crate::drivers::stream::serve(inner2, stream, peer).await;
+                    drop(permit);
+                });
+            }
+            Some(acceptor) => {
+                let peer = Peer::new(Transport::Tls, addr, name.clone());
+                let acceptor = acceptor.clone();
+                inner.tasks.spawn(async move {
+                    if let Some((stream, peer)) =
+                        tls_handshake(&inner2, &acceptor, stream, peer).await
+                    {
+                        crate::drivers::stream::serve(inner2, stream, peer).await;
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+/// Runs the server side of a TLS handshake within `connect_timeout`, and records the client
+/// certificate's identity in `peer`. `None` if the handshake failed, the client was too slow,
+/// or the broker is shutting down; the stream is then dropped (closed).
+///
+/// For WebSocket over TLS, the WebSocket handshake follows on the returned stream.
+pub(crate) async fn tls_handshake<S>(
+    inner: &Inner,
+    acceptor: &TlsAcceptor,
+    stream: S,
+    mut peer: Peer,
+) -> Option<(tokio_rustls::server::TlsStream<S>, Peer)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = Duration::from_secs(inner.config.connect_timeout.max(1));
+    let accepted = tokio::select! {
+        accepted = tokio::time::timeout(deadline, acceptor.accept(stream)) => accepted,
+        _ = inner.shutdown.cancelled() => return None,
+    };
+    match accepted {
+        Ok(Ok(accepted)) => {
+            peer.tls_identity = accepted.identity;
+            Some((accepted.stream, peer))
+        }
+        Ok(Err(error)) => {
+            inner.metrics.tls_handshake_failures.inc();
+            info!(peer = %peer.addr, listener = %peer.listener, %error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            inner.metrics.tls_handshake_timeouts.inc();
+            info!(peer = %peer.addr, listener = %peer.listener, "TLS handshake not done within connect_timeout");
+            None
+        }
     }
 }
 

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub protocol_errors: Counter,
     /// Failed authentications.
     pub auth_failures: Counter,
+    /// TLS handshakes that failed (a certificate refused, not TLS at all, the client gave up).
+    pub tls_handshake_failures: Counter,
+    /// TLS handshakes not done within `connect_timeout`.
+    pub tls_handshake_timeouts: Counter,
     /// Sessions held, connected or not.
     pub sessions: Gauge,
     /// Subscriptions held.
@@ -74,6 +78,8 @@ impl Default for Metrics {
             takeovers: Counter = "Sessions taken over",
             protocol_errors: Counter = "Connections closed for protocol errors",
             auth_failures: Counter = "Failed authentications",
+            tls_handshake_failures: Counter = "TLS handshakes that failed",
+            tls_handshake_timeouts: Counter = "TLS handshakes not done within connect_timeout",
             sessions: Gauge = "Sessions held",
             subscriptions: Gauge = "Subscriptions held",
             retained_messages: Gauge = "Retained messages held",

@@ -36,8 +36,8 @@ enum Command {
 
 #[derive(Debug, Args, Default)]
 struct ServeArgs {
-    /// Listener URL (tcp://HOST:PORT, http://HOST:PORT); repeatable. Given any, they replace the
-    /// default listeners.
+    /// Listener URL (tcp://HOST:PORT, tls://HOST:PORT, http://HOST:PORT); repeatable. Given
+    /// any, they replace the default listeners.
     #[arg(long = "listen", value_name = "URL")]
     listen: Vec<String>,
     /// Directory for persistent data.
@@ -84,8 +84,9 @@ struct PasswdArgs {
     delete: bool,
 }
 
-/// The listeners of a bare `mqttd`: loopback only.
-const DEFAULT_LISTENERS: &[&str] = &["tcp://127.0.0.1:1883"];
+/// The listeners of a bare `mqttd`: loopback only. The TLS one uses the local CA and server
+/// certificate generated under `<data_dir>/tls/` on first start.
+const DEFAULT_LISTENERS: &[&str] = &["tcp://127.0.0.1:1883", "tls://127.0.0.1:8883"];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -193,7 +194,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// The signal handlers: SIGTERM and SIGINT stop the broker, SIGHUP reloads the access files.
+/// The signal handlers: SIGTERM and SIGINT stop the broker, SIGHUP reloads the access files and
+/// the TLS certificates.
 #[cfg(unix)]
 struct Signals(Option<[tokio::signal::unix::Signal; 3]>);
 
@@ -236,10 +238,22 @@ async fn run_until_signal(
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = broker.closed() => return,
-            _ = hup.recv() => match broker.reload_access() {
-                Ok(()) => info!("reloaded password and ACL files"),
-                Err(error) => warn!(%error, "reload failed; keeping the previous rules"),
-            },
+            _ = hup.recv() => reload(broker),
+        }
+    }
+}
+
+/// What SIGHUP does: each part that fails keeps what it had.
+#[cfg(unix)]
+fn reload(broker: &Broker) {
+    match broker.reload_access() {
+        Ok(()) => info!("reloaded password and ACL files"),
+        Err(error) => warn!(%error, "reload failed; keeping the previous rules"),
+    }
+    if broker.has_tls() {
+        match broker.reload_tls() {
+            Ok(()) => info!("reloaded TLS certificates"),
+            Err(error) => warn!(%error, "TLS reload failed; keeping the previous certificates"),
         }
     }
 }

@@ -70,7 +70,7 @@ use crate::broker::{
     update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, SessionHandle, SessionReply,
     Slot, Subscriber,
 };
-use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer};
+use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer, Verdict};
 use crate::storage::{Batch, StoredWill, Ticket, Watermark};
 
 use feed::{BlockedPublish, RetainedFeed};
@@ -157,6 +157,16 @@ struct Connecting {
     assigned: Option<ClientId>,
     /// The server's final SCRAM message, for CONNACK.
     auth_data: Option<Bytes>,
+}
+
+/// The user a client certificate names, with `tls.use_identity_as_username`.
+enum CertificateUser {
+    /// The certificate's identity.
+    Named(MqttStr),
+    /// No certificate (or one that names nobody): an anonymous client.
+    Anonymous,
+    /// An identity that is no valid MQTT string: refused.
+    Invalid,
 }
 
 /// A SCRAM exchange in progress: at CONNECT (with the request to finish) or a re-authentication.
@@ -894,6 +904,9 @@ impl ConnectionCore {
     }
 
     fn on_connect(&mut self, now: Instant, request: ConnectRequest) {
+        if let Some(identity) = self.certificate_username() {
+            return self.connect_with_certificate(now, request, identity);
+        }
         let connect = &request.connect;
         if let Some(method) = &connect.properties.authentication_method {
             let data = connect
@@ -935,6 +948,69 @@ impl ConnectionCore {
             Ok(()) => self.finish_connect(now, request, None),
             Err(reason) => {
                 info!(%reason, username = ?connect.username, "authentication failed");
+                self.refuse(now, reason);
+            }
+        }
+    }
+
+    /// With `tls.use_identity_as_username`, on a transport with TLS: the user name the client
+    /// certificate gives (`None` without one), which replaces the CONNECT's. `None` otherwise.
+    fn certificate_username(&self) -> Option<CertificateUser> {
+        if !(self.inner.config.tls.use_identity_as_username && self.peer.transport.is_secure()) {
+            return None;
+        }
+        Some(match &self.peer.tls_identity {
+            Some(identity) => match MqttStr::try_from(&**identity) {
+                Ok(user) => CertificateUser::Named(user),
+                Err(_) => CertificateUser::Invalid,
+            },
+            None => CertificateUser::Anonymous,
+        })
+    }
+
+    /// Authenticates a CONNECT by its client certificate (Mosquitto's
+    /// `use_identity_as_username`): the verified certificate is the credential, so the
+    /// CONNECT's user name and password are ignored and no password is checked; the hooks
+    /// still have their say. A client without a certificate has no user name: it is anonymous.
+    fn connect_with_certificate(
+        &mut self,
+        now: Instant,
+        request: ConnectRequest,
+        identity: CertificateUser,
+    ) {
+        let connect = &request.connect;
+        let verdict = match (&identity, &connect.properties.authentication_method) {
+            (CertificateUser::Invalid, _) => {
+                info!(identity = ?self.peer.tls_identity, "certificate identity is not a valid user name");
+                Err(ReasonCode::NotAuthorized)
+            }
+            // The certificate is the credential; no second method on top of it.
+            (_, Some(_)) => Err(ReasonCode::BadAuthenticationMethod),
+            (CertificateUser::Named(user), None) => {
+                let attempt = ConnectAttempt {
+                    client_id: &connect.client_id,
+                    username: Some(user),
+                    password: None,
+                    version: connect.protocol,
+                    peer: &self.peer,
+                };
+                match self.inner.hooks.authenticate(&attempt) {
+                    Verdict::Allow | Verdict::Defer => Ok(()),
+                    Verdict::Deny(reason) => Err(reason),
+                }
+            }
+            (CertificateUser::Anonymous, None) => self.inner.authenticate(&ConnectAttempt {
+                client_id: &connect.client_id,
+                username: None,
+                password: None,
+                version: connect.protocol,
+                peer: &self.peer,
+            }),
+        };
+        match verdict {
+            Ok(()) => self.finish_connect(now, request, None),
+            Err(reason) => {
+                info!(%reason, identity = ?self.peer.tls_identity, "authentication by certificate failed");
                 self.refuse(now, reason);
             }
         }
@@ -1004,6 +1080,10 @@ impl ConnectionCore {
     }
 
     fn on_reauthenticate(&mut self, now: Instant, data: Option<Bytes>) {
+        if self.certificate_username().is_some() {
+            // The certificate names the user; SCRAM must not rename it.
+            return self.refuse(now, ReasonCode::BadAuthenticationMethod);
+        }
         let method = MqttStr::from_static(MECHANISM).unwrap_or_default();
         match self.start_scram(&method, data.as_deref().unwrap_or_default()) {
             Ok((state, server_first)) => {
@@ -1028,13 +1108,18 @@ impl ConnectionCore {
             .clone()
             .unwrap_or_else(|| connect.client_id.clone());
         tracing::Span::current().record("client_id", client_id.as_str());
-        let client = ClientInfo {
-            client_id,
-            username: self
+        let username = match self.certificate_username() {
+            Some(CertificateUser::Named(user)) => Some(user),
+            Some(CertificateUser::Anonymous | CertificateUser::Invalid) => None,
+            None => self
                 .scram_user
                 .as_deref()
                 .cloned()
                 .or_else(|| connect.username.clone()),
+        };
+        let client = ClientInfo {
+            client_id,
+            username,
             version: connect.protocol,
             peer: (*self.peer).clone(),
         };

@@ -12,11 +12,11 @@ fn delivery(qos: QoS) -> Delivery {
 }
 
 fn peer() -> Peer {
-    Peer {
-        transport: Transport::Tcp,
-        addr: ([127, 0, 0, 1], 1883).into(),
-        listener: Arc::from("test"),
-    }
+    Peer::new(
+        Transport::Tcp,
+        ([127, 0, 0, 1], 1883).into(),
+        Arc::from("test"),
+    )
 }
 
 fn inner_with(config: Config) -> Arc<Inner> {
@@ -188,5 +188,105 @@ async fn the_keep_alive_deadline_is_the_core_timeout_and_closes() {
     assert!(
         matches!(&out[..], [Packet::Disconnect(d)] if d.reason == ReasonCode::KeepAliveTimeout),
         "{out:?}"
+    );
+}
+
+/// The user name a core that received `connect` from `peer` goes on with, under `config`.
+fn username_after_connect(config: Config, peer: Peer, connect: Packet) -> Option<MqttStr> {
+    let inner = inner_with(config);
+    let now = Instant::now();
+    let mut core = ConnectionCore::new(inner, peer, now, Watermark::default());
+    core.handle_packet(now, StreamId::CONTROL, connect);
+    core.process(now);
+    assert!(
+        matches!(core.poll_request(), Some(Request::AcquireSession(_))),
+        "CONNECT goes on to ask for its session, without a password check"
+    );
+    let Some(Waiting::Session(connecting)) = &core.waiting else {
+        panic!("not waiting for the session");
+    };
+    connecting.client.username.clone()
+}
+
+fn connect_as(user: &str) -> Packet {
+    let mut packet = connect_packet("c");
+    if let Packet::Connect(connect) = &mut packet {
+        connect.username = Some(MqttStr::try_from(user).unwrap());
+    }
+    packet
+}
+
+fn tls_peer(identity: Option<&str>) -> Peer {
+    let mut peer = Peer::new(
+        Transport::Tls,
+        ([127, 0, 0, 1], 8883).into(),
+        Arc::from("tls"),
+    );
+    peer.tls_identity = identity.map(Arc::from);
+    peer
+}
+
+fn identity_as_username() -> Config {
+    let mut config = Config {
+        allow_anonymous: Some(true),
+        ..Config::default()
+    };
+    config.tls.use_identity_as_username = true;
+    config
+}
+
+#[test]
+fn the_certificate_identity_replaces_the_connect_user_name() {
+    let user = username_after_connect(
+        identity_as_username(),
+        tls_peer(Some("device-1")),
+        connect_as("admin"),
+    );
+    assert_eq!(user.as_deref(), Some("device-1"));
+}
+
+#[test]
+fn without_a_certificate_the_client_has_no_user_name() {
+    let user = username_after_connect(identity_as_username(), tls_peer(None), connect_as("admin"));
+    assert_eq!(user, None);
+}
+
+#[test]
+fn the_identity_counts_only_when_configured_and_on_tls() {
+    let tcp = username_after_connect(identity_as_username(), peer(), connect_as("admin"));
+    assert_eq!(
+        tcp.as_deref(),
+        Some("admin"),
+        "plain TCP keeps the CONNECT's user name"
+    );
+    let off = Config {
+        allow_anonymous: Some(true),
+        ..Config::default()
+    };
+    let kept = username_after_connect(off, tls_peer(Some("device-1")), connect_as("admin"));
+    assert_eq!(
+        kept.as_deref(),
+        Some("admin"),
+        "without use_identity_as_username"
+    );
+}
+
+#[test]
+fn a_certificate_client_cannot_add_scram_on_top() {
+    let inner = inner_with(identity_as_username());
+    let now = Instant::now();
+    let mut core =
+        ConnectionCore::new(inner, tls_peer(Some("device-1")), now, Watermark::default());
+    let mut packet = connect_packet("c");
+    if let Packet::Connect(connect) = &mut packet {
+        connect.properties.authentication_method = Some(MqttStr::try_from(MECHANISM).unwrap());
+    }
+    core.handle_packet(now, StreamId::CONTROL, packet);
+    core.process(now);
+    assert!(core.poll_request().is_none());
+    let packets = written(&mut core, StreamId::CONTROL);
+    assert!(
+        matches!(&packets[..], [Packet::ConnAck(ack)] if ack.reason == ReasonCode::BadAuthenticationMethod),
+        "{packets:?}"
     );
 }

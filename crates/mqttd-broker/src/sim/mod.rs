@@ -168,11 +168,11 @@ impl Sim {
     pub(crate) fn connect(&mut self, c: ClientRef) {
         let port = self.next_port;
         self.next_port += 1;
-        let peer = Peer {
-            transport: Transport::Tcp,
-            addr: ([127, 0, 0, 1], port).into(),
-            listener: Arc::from("sim"),
-        };
+        let peer = Peer::new(
+            Transport::Tcp,
+            ([127, 0, 0, 1], port).into(),
+            Arc::from("sim"),
+        );
         let watermark = self.storage.watermark_now();
         let core = ConnectionCore::new(self.inner.clone(), peer, now(), watermark);
         let client = &mut self.clients[c.0];

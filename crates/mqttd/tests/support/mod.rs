@@ -56,6 +56,11 @@ pub(crate) struct Broker {
     pub(crate) mqtt: SocketAddr,
     /// The HTTP listener (`/metrics`, `/health`).
     pub(crate) http: SocketAddr,
+    /// The MQTT over TLS listener, when [`Broker::start_with`] asked for one (unspecified
+    /// otherwise).
+    pub(crate) tls: SocketAddr,
+    /// Listeners besides the TCP and HTTP ones (`--listen` URLs).
+    extra_listeners: Vec<String>,
     log: PathBuf,
     /// Holds `mqttd.toml`, `data/` and the logs.
     root: PathBuf,
@@ -89,11 +94,29 @@ impl Broker {
     /// listeners on ephemeral loopback ports, in a temporary directory removed on drop. Logs go
     /// to a file, shown when a test fails; `MQTTD_TEST_LOG` sets their filter (default `warn`).
     pub(crate) fn start(config: &str) -> Self {
+        Self::start_with(config, &[])
+    }
+
+    /// As [`Self::start`], with further listeners (`tls://127.0.0.1:0`).
+    pub(crate) fn start_with(config: &str, listeners: &[&str]) -> Self {
+        let mut broker = Self::configured(config, listeners);
+        broker.restart();
+        broker
+    }
+
+    /// A broker configured as [`Self::start_with`] would, not started yet: write files into
+    /// [`Self::root`] first, then [`Self::restart`] (or [`Self::try_restart`]).
+    pub(crate) fn configured(config: &str, listeners: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("create a temporary directory");
         let mut broker = Self::prepare(config, dir.path());
         broker.temp = Some(dir);
-        broker.restart();
+        broker.extra_listeners = listeners.iter().map(|l| (*l).to_owned()).collect();
         broker
+    }
+
+    /// The temporary directory holding the configuration, the data directory and the logs.
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
     }
 
     /// A broker that is not running yet, with its configuration written.
@@ -104,6 +127,8 @@ impl Broker {
             pid: 0,
             mqtt: unspecified(),
             http: unspecified(),
+            tls: unspecified(),
+            extra_listeners: Vec::new(),
             log: dir.join("mqttd-0.log"),
             root: dir.to_owned(),
             runs: 0,
@@ -127,6 +152,8 @@ impl Broker {
         self.log = self.root.join(format!("mqttd-{}.log", self.runs));
         self.mqtt = unspecified();
         self.http = unspecified();
+        self.tls = unspecified();
+        let wants_tls = self.extra_listeners.iter().any(|l| l.starts_with("tls://"));
         let filter = std::env::var("MQTTD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
         let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
             .args([
@@ -135,6 +162,11 @@ impl Broker {
                 "--listen",
                 "http://127.0.0.1:0",
             ])
+            .args(
+                self.extra_listeners
+                    .iter()
+                    .flat_map(|l| ["--listen", l.as_str()]),
+            )
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--config")
@@ -158,7 +190,8 @@ impl Broker {
             }
         });
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while self.mqtt.port() == 0 || self.http.port() == 0 {
+        while self.mqtt.port() == 0 || self.http.port() == 0 || (wants_tls && self.tls.port() == 0)
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
                 Ok(line) => line,
@@ -195,6 +228,7 @@ impl Broker {
             match scheme {
                 "tcp" => self.mqtt = addr,
                 "http" => self.http = addr,
+                "tls" => self.tls = addr,
                 other => panic!("unexpected listener scheme {other}"),
             }
         }
@@ -220,6 +254,16 @@ impl Broker {
             "mqttd was not killed by SIGKILL: {status}\n{}",
             self.log_tail()
         );
+    }
+
+    /// Sends SIGHUP (reload the access files and the TLS certificates).
+    pub(crate) fn hangup(&self) {
+        let sent = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -HUP failed");
     }
 
     /// Sends SIGTERM and asserts that the broker exits with status 0 within
