@@ -160,8 +160,10 @@ async fn run_tcp(
         match &tls {
             None => {
                 let peer = Peer::new(Transport::Tcp, addr, name.clone());
+                // Built outside the task's own future, which then holds only what it needs.
+                let connection = crate::drivers::stream::serve(inner2, stream, peer);
                 inner.tasks.spawn(async move {
-                    crate::drivers::stream::serve(inner2, stream, peer).await;
+                    connection.await;
                     drop(permit);
                 });
             }

@@ -55,7 +55,16 @@ const LAST_WORDS: Duration = Duration::from_secs(1);
 const STREAM: StreamId = StreamId::CONTROL;
 
 /// Runs a connection over `stream` to completion.
-pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: Peer)
+///
+/// The connection's core is built here, before the future exists, and boxed: an async fn
+/// keeps its arguments twice (as captured and as locals), so the future carries a pointer to
+/// the core instead of the core and the `Peer` it was built from. Every byte of it is paid
+/// per idle connection.
+pub(crate) fn serve<S>(
+    inner: Arc<Inner>,
+    stream: S,
+    peer: Peer,
+) -> impl std::future::Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -68,7 +77,14 @@ where
     );
     inner.metrics.connections_open.inc();
     let watermark = *inner.storage.watermark().borrow();
-    let mut core = ConnectionCore::new(inner.clone(), peer, now(), watermark);
+    let core = Box::new(ConnectionCore::new(inner.clone(), peer, now(), watermark));
+    drive(inner, stream, core, span)
+}
+
+async fn drive<S>(inner: Arc<Inner>, stream: S, mut core: Box<ConnectionCore>, span: tracing::Span)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let rest = run(&inner, &mut core, stream).instrument(span).await;
     // Nothing of the connection but its socket stays while it lingers.
     drop(core);
