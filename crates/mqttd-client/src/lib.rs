@@ -15,6 +15,9 @@
 //! server out for a missing PINGRESP, which may be among the unread input; an application
 //! that stays behind for more than about one and a half keep alive intervals may be
 //! disconnected by a server that times it out.
+//!
+//! [`transport`] opens the byte stream: TCP, TLS (cargo feature `tls`), WebSocket (cargo
+//! feature `ws`) or both; [`connect_to`] opens one and connects over it.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -31,6 +34,10 @@ use tokio::sync::{mpsc, oneshot};
 use mqttd_proto::client::{ClientConfig, ClientConnection, ClientError, Event};
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::session::{Enqueued, Session};
+pub mod transport;
+
+pub use transport::{Connector, Endpoint, ServerUrl, TlsOptions, Transport, TransportError};
+
 use mqttd_proto::{
     ConnAck, Message, MqttStr, PacketId, QoS, ReasonCode, SubAck, SubscribeProperties,
     Subscription, SubscriptionOptions, TopicFilter, UnsubAck,
@@ -52,6 +59,9 @@ pub enum ConnectError {
     /// The authenticator failed.
     #[error(transparent)]
     Auth(#[from] AuthFailed),
+    /// The transport (TCP, TLS, WebSocket) could not be set up.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
 }
 
 /// An enhanced-authentication method on the client's side (MQTT 5 AUTH exchanges).
@@ -242,6 +252,16 @@ pub async fn connect_tcp(
 ) -> Result<(Client, Events, ConnAck), ConnectError> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
+    connect(stream, config, session).await
+}
+
+/// Opens a stream with `connector` (TCP, TLS, WebSocket) and connects over it.
+pub async fn connect_to(
+    connector: &Connector,
+    config: ClientConfig,
+    session: Option<Session>,
+) -> Result<(Client, Events, ConnAck), ConnectError> {
+    let stream = connector.open().await?;
     connect(stream, config, session).await
 }
 
