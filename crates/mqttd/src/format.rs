@@ -325,7 +325,7 @@ fn json_string(s: &str) -> Vec<u8> {
     v
 }
 
-/// `%j` (payload as a string, or an array of bytes when not printable) and `%J` (payload as
+/// `%j` (payload as a string, or an array of bytes when not UTF-8) and `%J` (payload as
 /// JSON), in mosquitto_sub's field order.
 fn json(out: &mut Vec<u8>, m: &Received<'_>, escaped: bool) {
     let message = &m.publish.message;
@@ -368,19 +368,22 @@ fn json(out: &mut Vec<u8>, m: &Received<'_>, escaped: bool) {
     match raw {
         Some(json) => out.extend_from_slice(json),
         None if payload.is_empty() => out.extend_from_slice(b"null"),
-        None if payload.iter().all(|b| (0x20..0x7f).contains(b)) => {
-            json_str(out, &String::from_utf8_lossy(payload));
-        }
-        None => {
-            out.push(b'[');
-            for (n, b) in payload.iter().enumerate() {
-                if n > 0 {
-                    out.push(b',');
+        // Text as a string, as Debian's mosquitto_sub 2.0.11 prints every payload (later
+        // versions print an array for anything but printable ASCII); bytes that are not
+        // UTF-8 as an array of numbers, as those later versions do, so the output stays JSON.
+        None => match std::str::from_utf8(payload) {
+            Ok(text) => json_str(out, text),
+            Err(_) => {
+                out.push(b'[');
+                for (n, b) in payload.iter().enumerate() {
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    let _ = write!(out, "{b}");
                 }
-                let _ = write!(out, "{b}");
+                out.push(b']');
             }
-            out.push(b']');
-        }
+        },
     }
     out.push(b'}');
 }

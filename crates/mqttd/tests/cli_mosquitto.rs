@@ -381,11 +381,8 @@ fn tcp_round_trip_prints_formats_as_mosquitto_sub() {
     assert_eq!(sub.line(), "fmt/l|new|1|0|3|1");
     assert_eq!(sub.exit_code(), Some(0), "{}", b.mosquitto.log());
 
-    // -v prints the topic; an empty retained message prints "(null)".
-    let out = mqttd(&["pub", "-h", "127.0.0.1", "-p", tcp, "-t", "v/e", "-n", "-r"]);
-    assert_status(&out, 0);
-    let out = mqttd(&[
-        "sub",
+    // -v prints the topic; an empty message prints "(null)".
+    let sub = Sub::mqttd(&[
         "-h",
         "127.0.0.1",
         "-p",
@@ -395,9 +392,13 @@ fn tcp_round_trip_prints_formats_as_mosquitto_sub() {
         "-v",
         "-C",
         "1",
+        "-d",
     ]);
+    sub.wait_subscribed();
+    let out = mqttd(&["pub", "-h", "127.0.0.1", "-p", tcp, "-t", "v/e", "-n"]);
     assert_status(&out, 0);
-    assert_eq!(text(&out.stdout), "v/e (null)\n");
+    assert_eq!(sub.line(), "v/e (null)");
+    assert_eq!(sub.exit_code(), Some(0));
     // -N: no newline.
     let out = mqttd(&[
         "sub",
@@ -454,7 +455,7 @@ fn json_output_matches_mosquitto_sub() {
         assert_status(&mqttd(&args), 0);
     };
     publish("mqttv311", "json/plain", &["-m", "say \"hi\" \\o/"]);
-    publish("mqttv311", "json/binary", &["-m", "tab\there"]);
+    publish("mqttv311", "json/tab", &["-m", "tab\there"]);
     publish(
         "mqttv5",
         "json/props",
@@ -474,7 +475,7 @@ fn json_output_matches_mosquitto_sub() {
     );
     for (topic, version) in [
         ("json/plain", "mqttv311"),
-        ("json/binary", "mqttv311"),
+        ("json/tab", "mqttv311"),
         ("json/props", "mqttv5"),
     ] {
         for format in ["%j", "%J"] {
@@ -757,7 +758,7 @@ fn websocket_round_trips() {
 }
 
 #[test]
-fn refused_connections_exit_with_their_own_status() {
+fn unreachable_brokers_and_refused_connections_exit_3_and_5() {
     need_mosquitto!();
     // Nothing listens on a port just released.
     let [closed] = free_ports::<1>();
@@ -786,37 +787,27 @@ fn refused_connections_exit_with_their_own_status() {
         .arg(&passwd)
         .args(["alice", "wonderland"]));
     assert_status(&made, 0);
-    let acl = dir.path().join("acl");
-    std::fs::write(&acl, "user alice\ntopic readwrite allowed/#\n").unwrap();
     let [port] = free_ports::<1>();
     let config = format!(
-        "allow_anonymous false\npassword_file {}\nacl_file {}\nlistener {port} 127.0.0.1\n",
-        passwd.display(),
-        acl.display()
+        "allow_anonymous false\npassword_file {}\nlistener {port} 127.0.0.1\n",
+        passwd.display()
     );
     let _mosquitto = Mosquitto::start(dir.path(), &config, &[port]);
     let port = port.to_string();
-    let base = ["-h", "127.0.0.1", "-p", port.as_str()];
+    let base = [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port.as_str(),
+        "-t",
+        "a/b",
+        "-m",
+        "m",
+        "-u",
+        "alice",
+    ];
     for version in ["mqttv5", "mqttv311"] {
-        let out = mqttd(
-            &[
-                &["pub"][..],
-                &base,
-                &[
-                    "-V",
-                    version,
-                    "-u",
-                    "alice",
-                    "-P",
-                    "wrong",
-                    "-t",
-                    "allowed/x",
-                    "-m",
-                    "m",
-                ],
-            ]
-            .concat(),
-        );
+        let out = mqttd(&[&["pub"][..], &base, &["-V", version, "-P", "wrong"]].concat());
         assert_status(&out, 5);
         assert!(
             text(&out.stderr).contains("refused the connection"),
@@ -828,69 +819,88 @@ fn refused_connections_exit_with_their_own_status() {
             &[
                 &["pub"][..],
                 &base,
-                &[
-                    "-V",
-                    version,
-                    "-u",
-                    "alice",
-                    "--password",
-                    "wonderland",
-                    "-t",
-                    "allowed/x",
-                    "-m",
-                    "m",
-                ],
-            ]
-            .concat(),
-        );
-        assert_status(&out, 0);
-        let out = mqttd(
-            &[
-                &["sub"][..],
-                &base,
-                &[
-                    "-V",
-                    version,
-                    "-u",
-                    "alice",
-                    "-P",
-                    "wonderland",
-                    "-t",
-                    "secret/#",
-                    "-E",
-                ],
-            ]
-            .concat(),
-        );
-        assert_status(&out, 6);
-        assert!(
-            text(&out.stderr).contains("refused"),
-            "{}",
-            text(&out.stderr)
-        );
-        let out = mqttd(
-            &[
-                &["sub"][..],
-                &base,
-                &[
-                    "-V",
-                    version,
-                    "-u",
-                    "alice",
-                    "-P",
-                    "wonderland",
-                    "-t",
-                    "allowed/#",
-                    "-E",
-                ],
+                &["-V", version, "--password", "wonderland"],
             ]
             .concat(),
         );
         assert_status(&out, 0);
     }
     // The credentials in a URL.
-    let url = format!("mqtt://alice:wonderland@127.0.0.1:{port}/allowed/url");
+    let url = format!("mqtt://alice:wonderland@127.0.0.1:{port}/a/url");
     assert_status(&mqttd(&["pub", "-L", &url, "-m", "m"]), 0);
+    let url = format!("mqtt://alice:wrong@127.0.0.1:{port}/a/url");
+    assert_status(&mqttd(&["pub", "-L", &url, "-m", "m"]), 5);
+}
+
+/// Mosquitto's dynamic security plugin, which (unlike its acl_file) refuses subscriptions in
+/// SUBACK.
+fn dynsec_plugin() -> Option<PathBuf> {
+    let dirs = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+        "/usr/local/lib",
+    ];
+    dirs.iter()
+        .map(|d| Path::new(d).join("mosquitto_dynamic_security.so"))
+        .find(|p| p.is_file())
+}
+
+#[test]
+fn refused_subscriptions_exit_6() {
+    need_mosquitto!();
+    let Some(plugin) = dynsec_plugin() else {
+        eprintln!("SKIPPED: no mosquitto_dynamic_security.so in Debian's mosquitto package");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let dynsec = dir.path().join("dynsec.json");
+    // Anonymous clients may subscribe to allowed/# only.
+    std::fs::write(
+        &dynsec,
+        r#"{
+  "defaultACLAccess": {"publishClientSend": true, "publishClientReceive": true,
+                       "subscribe": false, "unsubscribe": true},
+  "clients": [],
+  "groups": [{"groupname": "anon", "roles": [{"rolename": "reader"}], "clients": []}],
+  "roles": [{"rolename": "reader", "acls": [
+    {"acltype": "subscribePattern", "topic": "allowed/#", "priority": 0, "allow": true}]}],
+  "anonymousGroup": "anon"
+}"#,
+    )
+    .unwrap();
+    let [port] = free_ports::<1>();
+    let config = format!(
+        "allow_anonymous true\nplugin {}\nplugin_opt_config_file {}\nlistener {port} 127.0.0.1\n",
+        plugin.display(),
+        dynsec.display()
+    );
+    let _mosquitto = Mosquitto::start(dir.path(), &config, &[port]);
+    let port = port.to_string();
+    let base = ["sub", "-h", "127.0.0.1", "-p", port.as_str(), "-E"];
+    for version in ["mqttv5", "mqttv311"] {
+        let out = mqttd(&[&base[..], &["-V", version, "-t", "secret/#"]].concat());
+        assert_status(&out, 6);
+        assert!(
+            text(&out.stderr).contains("refused every subscription"),
+            "{}",
+            text(&out.stderr)
+        );
+        // One refusal among several is a warning; the others go on.
+        let out = mqttd(
+            &[
+                &base[..],
+                &["-V", version, "-t", "secret/#", "-t", "allowed/#"],
+            ]
+            .concat(),
+        );
+        assert_status(&out, 0);
+        assert!(
+            text(&out.stderr).contains("Warning: subscription to secret/# refused"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[test]
