@@ -123,8 +123,8 @@ pub(crate) struct BenchArgs {
     /// Transport: tcp, tls, ws or wss (WebSocket path /mqtt; -L for another).
     #[arg(long, default_value = "tcp")]
     transport: String,
-    /// Broker URL (mqtt://, mqtts://, ws:// or wss://HOST[:PORT][/PATH]), instead of --host,
-    /// --port and --transport.
+    /// Broker URL (mqtt://, mqtts://, ws:// or wss://HOST:PORT/PATH; port and path optional),
+    /// instead of --host, --port and --transport.
     #[arg(short = 'L', long = "url", value_name = "URL", conflicts_with_all = ["port", "transport"])]
     url: Option<String>,
     /// PEM file of the CA certificates that sign the broker's certificate (TLS transports;

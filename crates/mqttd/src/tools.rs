@@ -105,7 +105,8 @@ pub(crate) struct ConnectArgs {
     /// Broker port [default: 1883; 8883 with TLS; 8083 for ws://, 8084 for wss://].
     #[arg(short, long)]
     port: Option<u16>,
-    /// Broker URL: mqtt:// mqtts:// ws:// or wss://, then [USER[:PASSWORD]@]HOST[:PORT][/PATH].
+    /// Broker URL: mqtt:// mqtts:// ws:// or wss://, then USER:PASSWORD@HOST:PORT/PATH where
+    /// all but the host are optional.
     /// For mqtt(s):// the path is the topic; for ws(s):// it is the WebSocket path [default:
     /// /mqtt].
     #[arg(short = 'L', long = "url", value_name = "URL", conflicts_with_all = ["host", "port"])]

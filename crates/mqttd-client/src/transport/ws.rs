@@ -61,15 +61,14 @@ async fn run_pump(ws: WebSocketStream<Box<dyn ByteStream>>, pipe: DuplexStream) 
     };
     let inbound = async move {
         while let Some(Ok(message)) = frames.next().await {
-            match message {
-                Message::Binary(data) => {
-                    if to_app.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
+            let data = match message {
+                Message::Binary(data) => data,
                 Message::Close(_) => break,
                 // Pings are answered by tungstenite; MQTT has no use for text frames.
-                _ => {}
+                _ => continue,
+            };
+            if to_app.write_all(&data).await.is_err() {
+                break;
             }
         }
         let _ = to_app.shutdown().await;
