@@ -1005,3 +1005,102 @@ fn bench_runs_over_tls_and_websocket() {
         );
     }
 }
+
+#[test]
+fn mqtt5_properties_and_wills_reach_subscribers() {
+    need_mosquitto!();
+    let b = OpenBroker::start();
+    let tcp = b.tcp.as_str();
+    let host = ["-h", "127.0.0.1", "-p", tcp];
+    let sub = Sub::mqttd(
+        &[
+            &host[..],
+            &["-t", "p/#", "-C", "1", "-d", "-F", "%t|%E|%R|%D|%C|%P|%F"],
+        ]
+        .concat(),
+    );
+    sub.wait_subscribed();
+    let properties = [
+        "-D",
+        "publish",
+        "message-expiry-interval",
+        "60",
+        "-D",
+        "publish",
+        "response-topic",
+        "reply/here",
+        "-D",
+        "publish",
+        "correlation-data",
+        "req-1",
+        "-D",
+        "publish",
+        "content-type",
+        "text/plain",
+        "-D",
+        "publish",
+        "user-property",
+        "a",
+        "1",
+        "-D",
+        "publish",
+        "user-property",
+        "b",
+        "2",
+        "-D",
+        "publish",
+        "payload-format-indicator",
+        "1",
+        "-D",
+        "connect",
+        "session-expiry-interval",
+        "10",
+    ];
+    let out = mqttd(
+        &[
+            &["pub"][..],
+            &host,
+            &["-t", "p/x", "-m", "m", "-q", "1"],
+            &properties,
+        ]
+        .concat(),
+    );
+    assert_status(&out, 0);
+    let line = sub.line();
+    let fields: Vec<&str> = line.split('|').collect();
+    assert_eq!(fields.len(), 7, "{line}");
+    // What is left of the expiry interval when it arrives: at most what was sent.
+    let expiry: u32 = fields[1].parse().unwrap();
+    assert!((1..=60).contains(&expiry), "{line}");
+    assert_eq!(
+        [fields[0], fields[2], fields[3], fields[4], fields[5], fields[6]],
+        ["p/x", "reply/here", "req-1", "text/plain", "a:1 b:2", "1"],
+        "{line}"
+    );
+    assert_eq!(sub.exit_code(), Some(0));
+
+    // A client that vanishes without DISCONNECT leaves its will.
+    let watcher = Sub::mqttd(&[&host[..], &["-t", "will/#", "-C", "1", "-d", "-v"]].concat());
+    watcher.wait_subscribed();
+    let mut doomed = Sub::mqttd(
+        &[
+            &host[..],
+            &[
+                "-t",
+                "nothing",
+                "-d",
+                "--will-topic",
+                "will/t",
+                "--will-payload",
+                "gone",
+                "--will-qos",
+                "1",
+            ],
+        ]
+        .concat(),
+    );
+    doomed.wait_subscribed();
+    doomed.child.kill().unwrap();
+    assert_eq!(watcher.line(), "will/t gone");
+    assert_eq!(watcher.exit_code(), Some(0));
+}
