@@ -553,6 +553,16 @@ fn connect_failure(error: ConnectError, target: &Target) -> Failure {
             )
         }
         ConnectError::Auth(e) => fail(Status::Refused, e),
+        ConnectError::Lost(e) => match TlsError::from_io_error(&e) {
+            Some(tls) => transport_failure(TransportError::Tls(tls)),
+            None => fail(
+                Status::Unreachable,
+                anyhow!(
+                    "{}: the connection failed before CONNACK: {e}",
+                    target.endpoint
+                ),
+            ),
+        },
         ConnectError::Closed(reason) => fail(
             Status::Unreachable,
             anyhow!(

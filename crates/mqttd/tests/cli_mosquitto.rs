@@ -83,6 +83,13 @@ impl Pki {
         self.dir.join(format!("{name}-ca.pem"))
     }
 
+    /// A client certificate for `name`; returns (cert, key) files.
+    fn client(&self, file: &str, name: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        self.sign(file, params)
+    }
+
     /// A server certificate for `dns_name` (only), expired if asked; returns (cert, key) files.
     fn server(&self, file: &str, dns_name: &str, expired: bool) -> (PathBuf, PathBuf) {
         let mut params = CertificateParams::new(vec![dns_name.to_owned()]).unwrap();
@@ -91,6 +98,10 @@ impl Pki {
             params.not_before = rcgen::date_time_ymd(2000, 1, 1);
             params.not_after = rcgen::date_time_ymd(2001, 1, 1);
         }
+        self.sign(file, params)
+    }
+
+    fn sign(&self, file: &str, params: CertificateParams) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
         let (cert_file, key_file) = (
@@ -286,10 +297,15 @@ struct OpenBroker {
     tcp: String,
     tls: String,
     tls_expired: String,
+    /// TLS that requires a client certificate signed by the good CA.
+    tls_mutual: String,
     ws: String,
     wss: String,
     ca: String,
     other_ca: String,
+    /// Client certificate and key signed by the good CA, and by the other one.
+    client: [String; 2],
+    rogue: [String; 2],
 }
 
 impl OpenBroker {
@@ -299,7 +315,11 @@ impl OpenBroker {
         let other = Pki::new(dir.path(), "other");
         let (cert, key) = pki.server("server", "localhost", false);
         let (old_cert, old_key) = pki.server("expired", "localhost", true);
-        let [tcp, tls, tls_expired, ws, wss] = free_ports::<5>();
+        let client = pki.client("client", "alice");
+        let rogue = other.client("rogue", "mallory");
+        let [tcp, tls, tls_expired, tls_mutual, ws, wss] = free_ports::<6>();
+        let good_ca = pki.ca_file("good");
+        let good_ca = good_ca.display();
         let (cert, key, old_cert, old_key) = (
             cert.display(),
             key.display(),
@@ -311,15 +331,24 @@ impl OpenBroker {
              listener {tcp} 127.0.0.1\n\
              listener {tls} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n\
              listener {tls_expired} 127.0.0.1\ncertfile {old_cert}\nkeyfile {old_key}\n\
+             listener {tls_mutual} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n\
+             cafile {good_ca}\nrequire_certificate true\n\
              listener {ws} 127.0.0.1\nprotocol websockets\n\
              listener {wss} 127.0.0.1\nprotocol websockets\ncertfile {cert}\nkeyfile {key}\n"
         );
-        let mosquitto = Mosquitto::start(dir.path(), &config, &[tcp, tls, tls_expired, ws, wss]);
+        let mosquitto = Mosquitto::start(
+            dir.path(),
+            &config,
+            &[tcp, tls, tls_expired, tls_mutual, ws, wss],
+        );
         Self {
             mosquitto,
             tcp: tcp.to_string(),
             tls: tls.to_string(),
             tls_expired: tls_expired.to_string(),
+            tls_mutual: tls_mutual.to_string(),
+            client: [0, 1].map(|i| [&client.0, &client.1][i].display().to_string()),
+            rogue: [0, 1].map(|i| [&rogue.0, &rogue.1][i].display().to_string()),
             ws: ws.to_string(),
             wss: wss.to_string(),
             ca: pki.ca_file("good").display().to_string(),
@@ -692,6 +721,28 @@ fn tls_round_trip_and_certificate_failures() {
         text(&out.stderr).contains("expired"),
         "{}",
         text(&out.stderr)
+    );
+    // A client certificate the broker requires: ours is signed by its CA ...
+    let [cert, key] = &b.client;
+    let mutual = ["--cert", cert.as_str(), "--key", key.as_str()];
+    assert_status(&publish("localhost", &b.tls_mutual, ca, &mutual), 0);
+    // ... a certificate from another CA, or none, is refused by the broker with an alert
+    // (which TLS 1.3 delivers after the client's side of the handshake, before CONNACK).
+    let [cert, key] = &b.rogue;
+    let rogue = ["--cert", cert.as_str(), "--key", key.as_str()];
+    for extra in [&rogue[..], &[]] {
+        let out = publish("localhost", &b.tls_mutual, ca, extra);
+        let code = out.status.code();
+        assert!(
+            code == Some(4) && text(&out.stderr).contains("refused the handshake"),
+            "{code:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // --cert without --key is a usage error.
+    assert_status(
+        &publish("localhost", tls, ca, &["--cert", cert.as_str()]),
+        2,
     );
     // A CA file that does not exist is a usage error.
     let out = publish("localhost", tls, "/nonexistent/ca.pem", &[]);

@@ -285,18 +285,28 @@ impl TlsError {
         }
     }
 
-    /// Classifies the error tokio-rustls reports: rustls' own error wrapped in an I/O error.
-    fn from_io(error: &std::io::Error) -> Self {
-        match error
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>())
-        {
-            Some(rustls::Error::InvalidCertificate(e)) => Self::Certificate {
+    /// The TLS error inside an I/O error from a TLS stream, if there is one (for example the
+    /// alert by which a TLS 1.3 server refuses a client certificate after the handshake).
+    pub fn from_io_error(error: &std::io::Error) -> Option<Self> {
+        let inner = error.get_ref()?.downcast_ref::<rustls::Error>()?;
+        Some(Self::from_rustls(inner))
+    }
+
+    fn from_rustls(error: &rustls::Error) -> Self {
+        match error {
+            rustls::Error::InvalidCertificate(e) => Self::Certificate {
                 check: CertCheck::of(e),
                 detail: describe(e),
             },
-            Some(rustls::Error::AlertReceived(alert)) => Self::Alert(format!("{alert:?}")),
-            Some(other) => Self::Handshake(other.to_string()),
+            rustls::Error::AlertReceived(alert) => Self::Alert(format!("{alert:?}")),
+            other => Self::Handshake(other.to_string()),
+        }
+    }
+
+    /// Classifies the error tokio-rustls reports: rustls' own error wrapped in an I/O error.
+    fn from_io(error: &std::io::Error) -> Self {
+        match Self::from_io_error(error) {
+            Some(e) => e,
             None if error.kind() == std::io::ErrorKind::UnexpectedEof => {
                 Self::Handshake("the server closed the connection during the handshake".into())
             }
