@@ -1,7 +1,9 @@
 //! `mqttd pub` and `mqttd sub` against Debian's Mosquitto broker: round trips over TCP, TLS,
-//! WebSocket and WebSocket over TLS, `-F` output compared with `mosquitto_sub`'s own, and the
-//! exit status of each failure (refused connection, unknown CA, host name mismatch, expired
-//! certificate, bad password, subscription denied by an ACL, usage errors, `-W`).
+//! WebSocket and WebSocket over TLS, `-F` output compared with `mosquitto_sub`'s own, MQTT 5
+//! properties and wills, `mqttd bench` over TLS and WebSocket, and the exit status of each
+//! failure (refused connection, unknown CA, host name mismatch, expired certificate, client
+//! certificate refused, bad password, subscription refused by Mosquitto's dynamic security
+//! plugin, usage errors, `-W`).
 //!
 //! Each test starts its own `mosquitto` on ports found by binding port 0, with certificates
 //! made by rcgen in a temporary directory. Without a `mosquitto` binary (Debian's `mosquitto`
