@@ -20,6 +20,9 @@
 //!     --duration 600 --expect 100000
 //! ```
 //!
+//! Clients connect over TCP by default, or over TLS, WebSocket or WebSocket over TLS with
+//! `--transport` or `-L URL` (`raw` and `--bind` are TCP only).
+//!
 //! `raw` measures the broker rather than the clients: its publishers are plain TCP sockets that
 //! write pre-encoded QoS 0 PUBLISH packets in 64 KiB writes as fast as TCP takes them, faster
 //! than a broker can route them, and its subscribers read 64 KiB at a time and count the
