@@ -640,6 +640,9 @@ pub(crate) struct SubArgs {
     /// Exit with status 27 after this many seconds from connecting.
     #[arg(short = 'W', long, value_name = "SECS")]
     timeout: Option<u64>,
+    /// Do not print messages whose topic matches this filter; repeatable.
+    #[arg(short = 'T', long = "filter-out", value_name = "FILTER")]
+    filter_out: Vec<String>,
     /// Do not print retained ("stale") messages.
     #[arg(short = 'R', long = "no-retained")]
     no_retained: bool,
@@ -848,6 +851,11 @@ pub(crate) async fn subscribe(args: SubArgs) -> Outcome {
             Ok(Subscription { filter, options })
         })
         .collect::<Outcome<Vec<_>>>()?;
+    let hidden = args
+        .filter_out
+        .iter()
+        .map(|t| TopicFilter::try_from(t.as_str()).map_err(|e| usage(format!("-T {t:?}: {e}"))))
+        .collect::<Outcome<Vec<_>>>()?;
     let format = args.format.as_deref().map(Format::parse);
     let config = c.config(&target, &props)?;
     let (client, mut events, _ack) = c.connect(&target, config).await?;
@@ -927,7 +935,9 @@ pub(crate) async fn subscribe(args: SubArgs) -> Outcome {
                 publish.message.topic,
                 publish.message.payload.len()
             ));
-            if args.no_retained && publish.message.retain {
+            if args.no_retained && publish.message.retain
+                || hidden.iter().any(|f| f.matches(&publish.message.topic))
+            {
                 continue;
             }
             line.clear();

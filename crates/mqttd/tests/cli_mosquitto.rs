@@ -577,6 +577,42 @@ fn sub_options_r_e_and_w() {
         ]),
         0,
     );
+    // -T hides what it matches.
+    let sub = Sub::mqttd(&[
+        "-h",
+        "127.0.0.1",
+        "-p",
+        tcp,
+        "-t",
+        "t/#",
+        "-T",
+        "t/hidden/#",
+        "-C",
+        "1",
+        "-v",
+        "-d",
+    ]);
+    sub.wait_subscribed();
+    for topic in ["t/hidden/x", "t/shown"] {
+        assert_status(
+            &mqttd(&[
+                "pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                tcp,
+                "-t",
+                topic,
+                "-m",
+                "m",
+                "-q",
+                "1",
+            ]),
+            0,
+        );
+    }
+    assert_eq!(sub.line(), "t/shown m");
+    assert_eq!(sub.exit_code(), Some(0));
     // -R hides the retained message; the live one is printed.
     let sub = Sub::mqttd(&[
         "-h",
