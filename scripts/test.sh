@@ -68,6 +68,9 @@ need_cargo_tool cargo-nextest cargo-nextest
 if ((FUZZ_SECONDS > 0)); then
     need_cargo_tool cargo-fuzz cargo-fuzz
 fi
+# Debian's Mosquitto broker and clients: `mqttd pub`/`mqttd sub` are tested against them
+# (crates/mqttd/tests/cli_mosquitto.rs), and mosquitto_passwd writes password files.
+need_apt mosquitto mosquitto-clients
 # System packages (need_apt ...), Python packages (pip install ...) and npm packages
 # (npm ci in their directory) that later checks need go here. The interoperability suite
 # installs its own (mosquitto-clients, and paho-mqtt and pytest in target/interop-venv).

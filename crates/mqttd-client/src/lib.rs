@@ -15,6 +15,9 @@
 //! server out for a missing PINGRESP, which may be among the unread input; an application
 //! that stays behind for more than about one and a half keep alive intervals may be
 //! disconnected by a server that times it out.
+//!
+//! [`transport`] opens the byte stream: TCP, TLS (cargo feature `tls`), WebSocket (cargo
+//! feature `ws`) or both; [`connect_to`] opens one and connects over it.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -31,6 +34,10 @@ use tokio::sync::{mpsc, oneshot};
 use mqttd_proto::client::{ClientConfig, ClientConnection, ClientError, Event};
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::session::{Enqueued, Session};
+pub mod transport;
+
+pub use transport::{Connector, Endpoint, ServerUrl, TlsOptions, Transport, TransportError};
+
 use mqttd_proto::{
     ConnAck, Message, MqttStr, PacketId, QoS, ReasonCode, SubAck, SubscribeProperties,
     Subscription, SubscriptionOptions, TopicFilter, UnsubAck,
@@ -52,6 +59,13 @@ pub enum ConnectError {
     /// The authenticator failed.
     #[error(transparent)]
     Auth(#[from] AuthFailed),
+    /// The transport (TCP, TLS, WebSocket) could not be set up.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The transport failed after it was set up, before CONNACK. With TLS 1.3 this is where a
+    /// server's refusal of the client certificate shows.
+    #[error("the connection failed before CONNACK: {0}")]
+    Lost(std::io::Error),
 }
 
 /// An enhanced-authentication method on the client's side (MQTT 5 AUTH exchanges).
@@ -245,6 +259,16 @@ pub async fn connect_tcp(
     connect(stream, config, session).await
 }
 
+/// Opens a stream with `connector` (TCP, TLS, WebSocket) and connects over it.
+pub async fn connect_to(
+    connector: &Connector,
+    config: ClientConfig,
+    session: Option<Session>,
+) -> Result<(Client, Events, ConnAck), ConnectError> {
+    let stream = connector.open().await?;
+    connect(stream, config, session).await
+}
+
 /// Runs the MQTT handshake over `stream` and spawns the connection's task.
 pub async fn connect<S>(
     stream: S,
@@ -277,6 +301,8 @@ where
     let (event_tx, mut event_rx) = mpsc::channel(EVENT_QUEUE);
     let mut driver = Driver::new(conn, command_rx, event_tx);
     driver.authenticator = authenticator;
+    let (error_tx, mut error_rx) = oneshot::channel();
+    driver.transport_error = Some(error_tx);
     tokio::spawn(driver.run(stream));
     loop {
         match event_rx.recv().await {
@@ -284,7 +310,13 @@ where
                 return Ok((Client { commands }, Events { rx: event_rx }, ack));
             }
             Some(Event::Rejected(ack)) => return Err(ConnectError::Refused(Box::new(ack))),
-            Some(Event::Closed { reason, .. }) => return Err(ConnectError::Closed(reason)),
+            // The driver hands over the transport's error before it reports the end.
+            Some(Event::Closed { reason, .. }) => {
+                return Err(match error_rx.try_recv() {
+                    Ok(error) => ConnectError::Lost(error),
+                    Err(_) => ConnectError::Closed(reason),
+                });
+            }
             Some(_) => {}
             None => return Err(ConnectError::Closed(ReasonCode::UnspecifiedError)),
         }
@@ -309,6 +341,8 @@ struct Driver {
     pending_unsub: HashMap<PacketId, oneshot::Sender<Result<UnsubAck, ClientError>>>,
     disconnect_reply: Option<oneshot::Sender<Option<Session>>>,
     authenticator: Option<Box<dyn Authenticator>>,
+    /// Takes the first transport error, for [`connect`] to report a failure before CONNACK.
+    transport_error: Option<oneshot::Sender<std::io::Error>>,
 }
 
 impl Driver {
@@ -328,6 +362,7 @@ impl Driver {
             pending_unsub: HashMap::new(),
             disconnect_reply: None,
             authenticator: None,
+            transport_error: None,
         }
     }
 
@@ -363,18 +398,19 @@ impl Driver {
                         permit.send(event);
                     }
                 }
-                res = wr.write_buf(&mut wbuf), if !wbuf.is_empty() => {
-                    if !matches!(res, Ok(n) if n > 0) {
-                        self.conn.connection_lost(Instant::now());
-                    }
-                }
+                res = wr.write_buf(&mut wbuf), if !wbuf.is_empty() => match res {
+                    Ok(n) if n > 0 => {}
+                    Ok(_) => self.conn.connection_lost(Instant::now()),
+                    Err(e) => self.transport_failed(e),
+                },
                 command = self.commands.recv(), if wbuf.len() < WRITE_HIGH_WATER => match command {
                     Some(command) => self.command(command),
                     // Every handle is gone: nobody can use the connection any more.
                     None => self.conn.disconnect(Instant::now(), ReasonCode::Success, None),
                 },
                 res = rd.read_buf(&mut rbuf), if reading => match res {
-                    Ok(0) | Err(_) => self.conn.connection_lost(Instant::now()),
+                    Ok(0) => self.conn.connection_lost(Instant::now()),
+                    Err(e) => self.transport_failed(e),
                     Ok(_) => loop {
                         match self.reader.read(&mut rbuf, Some(self.conn.version())) {
                             Ok(Some(packet)) => self.conn.handle_packet(Instant::now(), packet),
@@ -452,6 +488,13 @@ impl Driver {
                 }
             }
         }
+    }
+
+    fn transport_failed(&mut self, error: std::io::Error) {
+        if let Some(tx) = self.transport_error.take() {
+            let _ = tx.send(error);
+        }
+        self.conn.connection_lost(Instant::now());
     }
 
     fn auth_failed(&mut self, now: Instant) {

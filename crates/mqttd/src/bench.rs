@@ -20,6 +20,9 @@
 //!     --duration 600 --expect 100000
 //! ```
 //!
+//! Clients connect over TCP by default, or over TLS, WebSocket or WebSocket over TLS with
+//! `--transport` or `-L URL` (`raw` and `--bind` are TCP only).
+//!
 //! `raw` measures the broker rather than the clients: its publishers are plain TCP sockets that
 //! write pre-encoded QoS 0 PUBLISH packets in 64 KiB writes as fast as TCP takes them, faster
 //! than a broker can route them, and its subscribers read 64 KiB at a time and count the
@@ -40,7 +43,7 @@ use bytes::{BufMut, BytesMut};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use mqttd_client::{connect_tcp, Client, Events};
+use mqttd_client::{connect_tcp, Client, Connector, Endpoint, Events, ServerUrl, Transport};
 use mqttd_proto::client::{ClientConfig, Event};
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::{
@@ -117,12 +120,24 @@ pub(crate) struct BenchArgs {
     /// Broker host.
     #[arg(short = 'H', long, default_value = "127.0.0.1")]
     host: String,
-    /// Broker port.
-    #[arg(short, long, default_value_t = 1883)]
-    port: u16,
-    /// Transport (only TCP so far).
+    /// Broker port [default: 1883; 8883 for tls, 8083 for ws, 8084 for wss].
+    #[arg(short, long)]
+    port: Option<u16>,
+    /// Transport: tcp, tls, ws or wss (WebSocket path /mqtt; -L for another).
     #[arg(long, default_value = "tcp")]
     transport: String,
+    /// Broker URL (mqtt://, mqtts://, ws:// or wss://HOST:PORT/PATH; port and path optional),
+    /// instead of --host, --port and --transport.
+    #[arg(short = 'L', long = "url", value_name = "URL", conflicts_with_all = ["port", "transport"])]
+    url: Option<String>,
+    /// PEM file of the CA certificates that sign the broker's certificate (TLS transports;
+    /// default: the system's CAs).
+    #[arg(long, value_name = "FILE")]
+    cafile: Option<std::path::PathBuf>,
+    /// Do not check that the broker's certificate names the host (the chain is still
+    /// verified).
+    #[arg(long)]
+    insecure: bool,
     /// Number of clients (publishers, subscribers, pairs or connections, by scenario).
     #[arg(short, long, default_value_t = 1)]
     count: usize,
@@ -281,6 +296,8 @@ fn sent_at(payload: &[u8]) -> Option<Duration> {
 struct Bench {
     args: BenchArgs,
     addr: SocketAddr,
+    /// TLS and WebSocket transports; `None` for plain TCP (to `addr`).
+    connector: Option<Connector>,
     version: ProtocolVersion,
     qos: QoS,
     counters: Counters,
@@ -341,8 +358,10 @@ impl Bench {
         config.queue_limits.max_messages = 100_000;
         (config.clean_start, config.session_expiry_interval) = self.session_options(role);
         let resuming = !config.clean_start;
-        let (client, events, ack) = match self.args.bind.get(index % self.args.bind.len().max(1)) {
-            Some(ip) => {
+        let bind = self.args.bind.get(index % self.args.bind.len().max(1));
+        let (client, events, ack) = match (&self.connector, bind) {
+            (Some(connector), _) => mqttd_client::connect_to(connector, config, None).await?,
+            (None, Some(ip)) => {
                 let socket = match ip {
                     std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
                     std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -352,7 +371,7 @@ impl Bench {
                 stream.set_nodelay(true)?;
                 mqttd_client::connect(stream, config, None).await?
             }
-            None => connect_tcp(self.addr, config, None).await?,
+            (None, None) => connect_tcp(self.addr, config, None).await?,
         };
         self.counters.connected.fetch_add(1, Ordering::Relaxed);
         if self.args.require_session && resuming && !ack.session_present {
@@ -502,13 +521,32 @@ impl Bench {
 }
 
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.transport != "tcp" {
-        bail!("transport {:?} is not available yet (tcp)", args.transport);
-    }
-    let addr = lookup_host((args.host.as_str(), args.port))
+    let mut endpoint = match &args.url {
+        Some(url) => url.parse::<ServerUrl>()?.endpoint,
+        None => {
+            let transport = match args.transport.as_str() {
+                "tcp" | "mqtt" => Transport::Tcp,
+                "tls" | "mqtts" => Transport::Tls,
+                "ws" => Transport::Ws,
+                "wss" => Transport::Wss,
+                other => bail!("unknown transport {other:?} (tcp, tls, ws or wss)"),
+            };
+            let port = args.port.unwrap_or(transport.default_port());
+            Endpoint::new(transport, args.host.clone(), port)
+        }
+    };
+    endpoint.tls.ca_file.clone_from(&args.cafile);
+    endpoint.tls.insecure = args.insecure;
+    let connector = match endpoint.transport {
+        Transport::Tcp => None,
+        _ if args.scenario == Scenario::Raw => bail!("raw runs over plain TCP only"),
+        _ if !args.bind.is_empty() => bail!("--bind works with plain TCP only"),
+        _ => Some(Connector::new(endpoint.clone())?),
+    };
+    let addr = lookup_host((endpoint.host.as_str(), endpoint.port))
         .await?
         .next()
-        .with_context(|| format!("cannot resolve {}", args.host))?;
+        .with_context(|| format!("cannot resolve {}", endpoint.host))?;
     let version = match args.protocol.as_str() {
         "5" => ProtocolVersion::V5,
         "311" => ProtocolVersion::V3_1_1,
@@ -554,6 +592,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = epoch();
     let bench = Arc::new(Bench {
         addr,
+        connector,
         version,
         qos,
         counters: Counters::default(),

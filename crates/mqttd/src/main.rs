@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 mod bench;
+mod format;
 mod tools;
 
 use anyhow::Context;
@@ -26,9 +27,11 @@ enum Command {
     Serve(ServeArgs),
     /// Add or update a user in a password file (like mosquitto_passwd).
     Passwd(PasswdArgs),
-    /// Publish a message (like mosquitto_pub).
+    /// Publish a message (like mosquitto_pub; -h is the host, --help the help).
+    #[command(disable_help_flag = true, after_help = tools::EXIT_STATUS_HELP)]
     Pub(tools::PubArgs),
-    /// Subscribe and print messages (like mosquitto_sub).
+    /// Subscribe and print messages (like mosquitto_sub; -h is the host, --help the help).
+    #[command(disable_help_flag = true, after_help = tools::EXIT_STATUS_HELP)]
     Sub(tools::SubArgs),
     /// Generate load and measure throughput and latency (like emqtt-bench).
     Bench(bench::BenchArgs),
@@ -105,11 +108,21 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn client_tool(task: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+/// Runs `mqttd pub` or `mqttd sub` and exits with its status (see `tools::Status`).
+fn client_tool(
+    task: impl std::future::Future<Output = Result<(), tools::Failure>>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(task)
+    let outcome = runtime.block_on(task);
+    // The connection tasks go now, not after the exit below.
+    drop(runtime);
+    if let Err(failure) = outcome {
+        eprintln!("Error: {:#}", failure.error);
+        std::process::exit(failure.status as i32);
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

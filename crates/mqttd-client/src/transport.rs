@@ -1,0 +1,493 @@
+//! Byte streams to a server: TCP, TLS, WebSocket and WebSocket over TLS.
+//!
+//! An [`Endpoint`] says where the server is and how to reach it; a [`Connector`] is an endpoint
+//! whose TLS configuration (CA file, client certificate) has been loaded, so that its mistakes
+//! show before the first connection and a load generator loads the files once. Every transport
+//! ends as a [`ByteStream`], so [`crate::connect`] runs the same MQTT session over each.
+//!
+//! TLS (cargo feature `tls`) is rustls with the ring provider. WebSocket (cargo feature `ws`) is
+//! tokio-tungstenite with the `mqtt` subprotocol, one MQTT write per binary frame; its frames
+//! are turned back into a byte stream by a small pump task that ends when either side
+//! closes.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{lookup_host, TcpStream};
+
+#[cfg(feature = "tls")]
+mod tls;
+#[cfg(feature = "ws")]
+mod ws;
+
+#[cfg(feature = "tls")]
+pub use tls::CertCheck;
+
+/// A byte stream that can carry an MQTT connection.
+pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> ByteStream for T {}
+
+/// How the bytes travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Transport {
+    /// Plain TCP (`mqtt://`, port 1883).
+    Tcp,
+    /// TLS over TCP (`mqtts://`, port 8883).
+    Tls,
+    /// WebSocket (`ws://`, port 8083).
+    Ws,
+    /// WebSocket over TLS (`wss://`, port 8084).
+    Wss,
+}
+
+impl Transport {
+    /// The port a URL of this kind means when it names none.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Self::Tcp => 1883,
+            Self::Tls => 8883,
+            Self::Ws => 8083,
+            Self::Wss => 8084,
+        }
+    }
+
+    /// Whether the stream is encrypted.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Self::Tls | Self::Wss)
+    }
+
+    /// Whether MQTT travels in WebSocket frames.
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Self::Ws | Self::Wss)
+    }
+
+    /// The URL scheme.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Self::Tcp => "mqtt",
+            Self::Tls => "mqtts",
+            Self::Ws => "ws",
+            Self::Wss => "wss",
+        }
+    }
+
+    /// The same transport with TLS added (TCP becomes TLS, WebSocket becomes secure WebSocket).
+    pub fn with_tls(self) -> Self {
+        match self {
+            Self::Tcp | Self::Tls => Self::Tls,
+            Self::Ws | Self::Wss => Self::Wss,
+        }
+    }
+}
+
+/// The WebSocket path used when a URL names none.
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
+
+/// Certificates and checks for a TLS connection.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct TlsOptions {
+    /// PEM file of the CA certificates to trust; the system's store when unset.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the client's certificate chain (with [`TlsOptions::key_file`]).
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the client's private key.
+    pub key_file: Option<PathBuf>,
+    /// Accept a certificate issued for another host name. The chain is still verified (as
+    /// Mosquitto's `--insecure`): this only skips the host name check.
+    pub insecure: bool,
+}
+
+impl TlsOptions {
+    /// Whether any option asks for TLS.
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+}
+
+/// Where a server is and how to reach it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Endpoint {
+    /// The transport.
+    pub transport: Transport,
+    /// Host name or IP address; also the TLS server name.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// WebSocket path (WebSocket transports only).
+    pub path: String,
+    /// TLS settings (TLS transports only).
+    pub tls: TlsOptions,
+    /// Time allowed for the transport's set-up: TCP connect, TLS and WebSocket handshakes.
+    pub timeout: Duration,
+}
+
+impl Endpoint {
+    /// `host:port` over `transport`, on the default WebSocket path, trusting the system's CAs.
+    pub fn new(transport: Transport, host: impl Into<String>, port: u16) -> Self {
+        Self {
+            transport,
+            host: host.into(),
+            port,
+            path: DEFAULT_WS_PATH.to_owned(),
+            tls: TlsOptions::default(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The WebSocket URL (`ws://host:port/path`), for the handshake and for messages.
+    pub fn ws_url(&self) -> String {
+        let scheme = if self.transport.is_tls() { "wss" } else { "ws" };
+        format!(
+            "{scheme}://{}:{}{}",
+            url_host(&self.host),
+            self.port,
+            self.path
+        )
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.transport.is_websocket() {
+            f.write_str(&self.ws_url())
+        } else {
+            let scheme = self.transport.scheme();
+            write!(f, "{scheme}://{}:{}", url_host(&self.host), self.port)
+        }
+    }
+}
+
+/// An IPv6 literal goes in brackets in a URL.
+fn url_host(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+/// A server URL as `mosquitto_pub -L` takes it, extended with WebSocket schemes:
+/// `mqtt://`, `mqtts://`, `ws://`, `wss://`, then `[user[:password]@]host[:port][/path]`.
+///
+/// For `mqtt://` and `mqtts://` the path is a topic (as Mosquitto reads it); for `ws://` and
+/// `wss://` it is the WebSocket path (default [`DEFAULT_WS_PATH`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerUrl {
+    /// The server.
+    pub endpoint: Endpoint,
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// Topic (MQTT schemes only).
+    pub topic: Option<String>,
+}
+
+/// A URL [`ServerUrl`] cannot read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid URL {url:?}: {reason}")]
+pub struct UrlError {
+    url: String,
+    reason: &'static str,
+}
+
+impl FromStr for ServerUrl {
+    type Err = UrlError;
+
+    fn from_str(url: &str) -> Result<Self, UrlError> {
+        let fail = |reason| UrlError {
+            url: url.to_owned(),
+            reason,
+        };
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| fail("expected mqtt://, mqtts://, ws:// or wss://"))?;
+        let transport = match scheme.to_ascii_lowercase().as_str() {
+            "mqtt" | "tcp" => Transport::Tcp,
+            "mqtts" | "ssl" | "tls" => Transport::Tls,
+            "ws" => Transport::Ws,
+            "wss" => Transport::Wss,
+            _ => return Err(fail("unknown scheme (mqtt, mqtts, ws or wss)")),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        // The password may contain '@'; the host may not.
+        let (userinfo, hostport) = match authority.rfind('@') {
+            Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
+            None => (None, authority),
+        };
+        let (username, password) = match userinfo {
+            None => (None, None),
+            Some(info) => match info.split_once(':') {
+                Some((u, p)) => (Some(u.to_owned()), Some(p.to_owned())),
+                None => (Some(info.to_owned()), None),
+            },
+        };
+        let (host, port) = split_host_port(hostport).ok_or_else(|| fail("bad host or port"))?;
+        if host.is_empty() {
+            return Err(fail("no host"));
+        }
+        let port = port.unwrap_or_else(|| transport.default_port());
+        let mut endpoint = Endpoint::new(transport, host, port);
+        let mut topic = None;
+        if transport.is_websocket() {
+            if !path.is_empty() {
+                endpoint.path = path.to_owned();
+            }
+        } else if let Some(t) = path.strip_prefix('/').filter(|t| !t.is_empty()) {
+            topic = Some(t.to_owned());
+        }
+        Ok(Self {
+            endpoint,
+            username,
+            password,
+            topic,
+        })
+    }
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return match after {
+            "" => Some((host, None)),
+            _ => Some((host, Some(after.strip_prefix(':')?.parse().ok()?))),
+        };
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) => Some((host, Some(port.parse().ok()?))),
+        None => Some((s, None)),
+    }
+}
+
+/// Why a transport could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The host name did not resolve.
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// No address of the host accepted a TCP connection (refused, unreachable, ...).
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The last address tried.
+        addr: SocketAddr,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The set-up took longer than [`Endpoint::timeout`].
+    #[error("no connection to {endpoint} within {timeout:?}")]
+    Timeout {
+        /// The endpoint, as a URL.
+        endpoint: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The TLS configuration could not be built: a file is missing or is not PEM, or the
+    /// host is not a valid server name.
+    #[error("TLS set-up: {0}")]
+    TlsConfig(String),
+    /// The TLS handshake failed.
+    #[cfg(feature = "tls")]
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The WebSocket upgrade failed.
+    #[error("WebSocket handshake with {url} failed: {reason}")]
+    WebSocket {
+        /// The WebSocket URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The transport needs a cargo feature this build lacks.
+    #[error("{transport} needs mqttd-client's cargo feature `{feature}`")]
+    Unsupported {
+        /// The transport.
+        transport: &'static str,
+        /// The feature.
+        feature: &'static str,
+    },
+}
+
+#[cfg(feature = "tls")]
+pub use tls::TlsError;
+
+/// An [`Endpoint`] ready to open connections: its TLS files are loaded.
+#[derive(Clone)]
+pub struct Connector {
+    endpoint: Endpoint,
+    #[cfg(feature = "tls")]
+    tls: Option<tls::Tls>,
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// Loads the endpoint's TLS files (for TLS transports) and checks that this build supports
+    /// its transport.
+    pub fn new(endpoint: Endpoint) -> Result<Self, TransportError> {
+        #[cfg(not(feature = "tls"))]
+        if endpoint.transport.is_tls() {
+            return Err(TransportError::Unsupported {
+                transport: "TLS",
+                feature: "tls",
+            });
+        }
+        #[cfg(not(feature = "ws"))]
+        if endpoint.transport.is_websocket() {
+            return Err(TransportError::Unsupported {
+                transport: "WebSocket",
+                feature: "ws",
+            });
+        }
+        #[cfg(feature = "tls")]
+        let tls = match endpoint.transport.is_tls() {
+            true => Some(tls::Tls::new(&endpoint.host, &endpoint.tls)?),
+            false => None,
+        };
+        Ok(Self {
+            endpoint,
+            #[cfg(feature = "tls")]
+            tls,
+        })
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Opens a stream: TCP connect, then the TLS and WebSocket handshakes the transport needs,
+    /// within [`Endpoint::timeout`].
+    pub async fn open(&self) -> Result<Box<dyn ByteStream>, TransportError> {
+        let timeout = self.endpoint.timeout;
+        match tokio::time::timeout(timeout, self.open_now()).await {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::Timeout {
+                endpoint: self.endpoint.to_string(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn open_now(&self) -> Result<Box<dyn ByteStream>, TransportError> {
+        let tcp = tcp_connect(&self.endpoint.host, self.endpoint.port).await?;
+        #[cfg(feature = "tls")]
+        let stream: Box<dyn ByteStream> = match &self.tls {
+            Some(tls) => Box::new(tls.handshake(tcp).await?),
+            None => Box::new(tcp),
+        };
+        #[cfg(not(feature = "tls"))]
+        let stream: Box<dyn ByteStream> = Box::new(tcp);
+        #[cfg(feature = "ws")]
+        if self.endpoint.transport.is_websocket() {
+            return Ok(Box::new(
+                ws::upgrade(stream, &self.endpoint.ws_url()).await?,
+            ));
+        }
+        Ok(stream)
+    }
+}
+
+/// Connects to the first address of `host` that accepts.
+async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, TransportError> {
+    let addrs = lookup_host((host, port))
+        .await
+        .map_err(|source| TransportError::Resolve {
+            host: host.to_owned(),
+            source,
+        })?;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                // Small MQTT packets (acknowledgements) must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Err(source) => last = Some(TransportError::Connect { addr, source }),
+        }
+    }
+    Err(last.unwrap_or_else(|| TransportError::Resolve {
+        host: host.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> ServerUrl {
+        url.parse().unwrap()
+    }
+
+    #[test]
+    fn urls_as_mosquitto_reads_them() {
+        let u = parse("mqtt://alice:s3cr@t@broker.example:1884/a/b");
+        assert_eq!(u.endpoint.transport, Transport::Tcp);
+        assert_eq!(u.endpoint.host, "broker.example");
+        assert_eq!(u.endpoint.port, 1884);
+        assert_eq!(u.username.as_deref(), Some("alice"));
+        assert_eq!(u.password.as_deref(), Some("s3cr@t"));
+        assert_eq!(u.topic.as_deref(), Some("a/b"));
+
+        let u = parse("mqtts://host");
+        assert_eq!(
+            (u.endpoint.transport, u.endpoint.port),
+            (Transport::Tls, 8883)
+        );
+        assert_eq!(u.topic, None);
+        assert_eq!(u.username, None);
+    }
+
+    #[test]
+    fn websocket_urls_keep_their_path() {
+        let u = parse("ws://h");
+        assert_eq!((u.endpoint.port, u.endpoint.path.as_str()), (8083, "/mqtt"));
+        assert_eq!(u.endpoint.ws_url(), "ws://h:8083/mqtt");
+        let u = parse("wss://bob@[::1]:9000/custom/path");
+        assert_eq!(u.endpoint.transport, Transport::Wss);
+        assert_eq!((u.endpoint.host.as_str(), u.endpoint.port), ("::1", 9000));
+        assert_eq!(u.endpoint.path, "/custom/path");
+        assert_eq!(u.endpoint.ws_url(), "wss://[::1]:9000/custom/path");
+        assert_eq!(u.topic, None);
+        assert_eq!(u.username.as_deref(), Some("bob"));
+    }
+
+    #[test]
+    fn bad_urls_are_refused() {
+        for url in [
+            "broker:1883",
+            "http://h",
+            "mqtt://",
+            "mqtt://h:port",
+            "mqtt://[::1",
+        ] {
+            assert!(url.parse::<ServerUrl>().is_err(), "{url}");
+        }
+    }
+}
