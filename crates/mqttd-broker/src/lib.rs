@@ -58,6 +58,7 @@ mod sim;
 pub mod storage;
 mod sys;
 pub mod topic_tree;
+mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,28 +1,33 @@
 //! Accepting connections: binding each listener by its kind, connection limits, per-address
-//! rate limits, TCP_NODELAY.
+//! rate limits, TCP_NODELAY, and what a connection goes through before MQTT (a PROXY header, a
+//! WebSocket upgrade), in the connection's own task under its CONNECT deadline.
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use crate::broker::Inner;
 use crate::config::{Listener, ListenerKind};
+use crate::drivers::now;
+use crate::drivers::stream::serve_since;
 use crate::hooks::{Peer, Transport};
 use crate::http;
+use crate::transport::{accept_websocket, read_proxy_header, ProxiedAddr};
 
 /// A listener bound to its address: each kind binds the socket its protocol needs (a TCP
-/// listener for MQTT over TCP and for HTTP; a UDP socket for QUIC, when it comes), and then
-/// runs its own accept loop.
+/// listener for MQTT over TCP or WebSocket and for HTTP; a UDP socket for QUIC, when it
+/// comes), and then runs its own accept loop.
 #[derive(Debug)]
 pub(crate) enum BoundListener {
-    /// MQTT over TCP.
-    Tcp(TcpListener),
+    /// MQTT over TCP, or over WebSocket on TCP: the listener's kind and options say which.
+    Tcp(TcpListener, Arc<Listener>),
     /// The HTTP endpoint.
     Http(TcpListener),
 }
@@ -31,9 +36,12 @@ impl BoundListener {
     /// Binds `listener`'s address as its kind requires.
     pub(crate) async fn bind(listener: &Listener) -> io::Result<Self> {
         match listener.kind {
-            ListenerKind::Tcp => TcpListener::bind(listener.addr).await.map(Self::Tcp),
+            ListenerKind::Tcp | ListenerKind::Ws => {
+                let socket = TcpListener::bind(listener.addr).await?;
+                Ok(Self::Tcp(socket, Arc::new(listener.clone())))
+            }
             ListenerKind::Http => TcpListener::bind(listener.addr).await.map(Self::Http),
-            ListenerKind::Tls | ListenerKind::Ws | ListenerKind::Wss => Err(io::Error::new(
+            ListenerKind::Tls | ListenerKind::Wss => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "this listener kind is not served yet",
             )),
@@ -43,17 +51,21 @@ impl BoundListener {
     /// The address actually bound (the chosen port when the configuration said 0).
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
-            Self::Tcp(socket) | Self::Http(socket) => socket.local_addr(),
+            Self::Tcp(socket, _) | Self::Http(socket) => socket.local_addr(),
         }
     }
 
     /// Starts the listener's accept loop as a broker task, which ends at shutdown.
     pub(crate) fn spawn(self, inner: &Arc<Inner>, admission: &Arc<Admission>, name: Arc<str>) {
         match self {
-            Self::Tcp(socket) => {
-                inner
-                    .tasks
-                    .spawn(run_tcp(inner.clone(), admission.clone(), socket, name));
+            Self::Tcp(socket, listener) => {
+                inner.tasks.spawn(run_tcp(
+                    inner.clone(),
+                    admission.clone(),
+                    socket,
+                    listener,
+                    name,
+                ));
             }
             Self::Http(socket) => {
                 inner.tasks.spawn(http::run(inner.clone(), socket));
@@ -104,17 +116,21 @@ impl Admission {
     }
 }
 
-/// Accepts MQTT over TCP until shutdown.
+/// Accepts connections for an MQTT listener on TCP (plain or WebSocket) until shutdown.
 async fn run_tcp(
     inner: Arc<Inner>,
     admission: Arc<Admission>,
-    listener: TcpListener,
+    socket: TcpListener,
+    listener: Arc<Listener>,
     name: Arc<str>,
 ) {
+    // Behind a proxy, the socket's address is the proxy's: the rate limit waits for the
+    // client's, which the connection's task learns.
+    let proxied = listener.proxy_protocol || listener.trust_proxy;
     loop {
         let accepted = tokio::select! {
             _ = inner.shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
+            accepted = socket.accept() => accepted,
         };
         let (stream, addr) = match accepted {
             Ok(pair) => pair,
@@ -125,34 +141,137 @@ async fn run_tcp(
                 continue;
             }
         };
-        let Some(permit) = admit(&inner, &admission, addr) else {
+        let Some(permit) = admit(&inner, &admission, addr, !proxied) else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let peer = Peer {
-            transport: Transport::Tcp,
+        let connection = Connection {
+            inner: inner.clone(),
+            admission: admission.clone(),
+            listener: listener.clone(),
+            name: name.clone(),
             addr,
-            listener: name.clone(),
+            accepted: now(),
         };
-        let inner2 = inner.clone();
         inner.tasks.spawn(async move {
-            crate::drivers::stream::serve(inner2, stream, peer).await;
+            connection.open(stream).await;
             drop(permit);
         });
     }
 }
 
+/// A connection accepted on an MQTT listener, before MQTT starts.
+struct Connection {
+    inner: Arc<Inner>,
+    admission: Arc<Admission>,
+    listener: Arc<Listener>,
+    name: Arc<str>,
+    /// The socket's remote address.
+    addr: SocketAddr,
+    /// When it was accepted: what comes before MQTT counts against the CONNECT timeout.
+    accepted: Instant,
+}
+
+impl Connection {
+    /// Runs what the listener puts before MQTT, then MQTT.
+    async fn open(self, stream: TcpStream) {
+        match self.listener.kind {
+            ListenerKind::Ws => {
+                let upgrade = accept_websocket(stream, &self.listener);
+                let Some((ws, upgraded)) = self.handshake("WebSocket upgrade", upgrade).await
+                else {
+                    return;
+                };
+                let addr = match upgraded.forwarded_for {
+                    // X-Forwarded-For names no port.
+                    Some(ip) => SocketAddr::new(ip, 0),
+                    None => self.addr,
+                };
+                // Boxed, as below: a TCP connection's task is not sized for this one's.
+                Box::pin(self.serve(ws, Transport::WebSocket, addr)).await;
+            }
+            _ if self.listener.proxy_protocol => {
+                let header = read_proxy_header(stream);
+                let Some((stream, proxied)) = self.handshake("PROXY header", header).await else {
+                    return;
+                };
+                let addr = match proxied {
+                    ProxiedAddr::Client(addr) => addr,
+                    ProxiedAddr::Local => self.addr,
+                };
+                Box::pin(self.serve(stream, Transport::Tcp, addr)).await;
+            }
+            _ => {
+                let addr = self.addr;
+                self.serve(stream, Transport::Tcp, addr).await;
+            }
+        }
+    }
+
+    /// Runs `step` until the CONNECT deadline or shutdown; `None` (the connection is to be
+    /// dropped) if it failed or did not end in time.
+    async fn handshake<T, E: std::fmt::Display>(
+        &self,
+        what: &'static str,
+        step: impl Future<Output = Result<T, E>>,
+    ) -> Option<T> {
+        let deadline = self.accepted + self.inner.server_config.connect_timeout;
+        tokio::select! {
+            result = tokio::time::timeout_at(deadline.into(), step) => match result {
+                Ok(Ok(done)) => Some(done),
+                Ok(Err(error)) => {
+                    debug!(peer = %self.addr, listener = %self.name, %error, "{what} failed");
+                    None
+                }
+                Err(_) => {
+                    debug!(peer = %self.addr, listener = %self.name, "{what} not done in time");
+                    None
+                }
+            },
+            _ = self.inner.shutdown.cancelled() => None,
+        }
+    }
+
+    /// Serves MQTT on `stream` for the client at `addr`; first applies the rate limit that
+    /// the accept loop left to the connection because it is proxied.
+    async fn serve<S>(self, stream: S, transport: Transport, addr: SocketAddr)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let proxied = self.listener.proxy_protocol || self.listener.trust_proxy;
+        if proxied && !rate_allows(&self.inner, &self.admission, addr) {
+            return;
+        }
+        let peer = Peer {
+            transport,
+            addr,
+            listener: self.name,
+        };
+        serve_since(self.inner, stream, peer, self.accepted).await;
+    }
+}
+
+/// Whether a new connection from `addr` stays within `max_connection_rate`; counts a refusal.
+fn rate_allows(inner: &Inner, admission: &Admission, addr: SocketAddr) -> bool {
+    let allowed = admission
+        .rate
+        .allow(addr.ip(), Instant::now(), inner.config.max_connection_rate);
+    if !allowed {
+        debug!(peer = %addr, "connection rate limit exceeded");
+        inner.metrics.connections_refused.inc();
+    }
+    allowed
+}
+
+/// Admits a connection from `addr` within the connection limit and, if `check_rate`, the
+/// per-address rate limit: its permit (if there is a limit), or `None` to drop it.
 fn admit(
     inner: &Inner,
     admission: &Admission,
     addr: SocketAddr,
-) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
-    if !admission
-        .rate
-        .allow(addr.ip(), Instant::now(), inner.config.max_connection_rate)
-    {
-        debug!(peer = %addr, "connection rate limit exceeded");
-        inner.metrics.connections_refused.inc();
+    check_rate: bool,
+) -> Option<Option<OwnedSemaphorePermit>> {
+    if check_rate && !rate_allows(inner, admission, addr) {
         return None;
     }
     let permit = match &admission.connections {

@@ -36,8 +36,9 @@ enum Command {
 
 #[derive(Debug, Args, Default)]
 struct ServeArgs {
-    /// Listener URL (tcp://HOST:PORT, http://HOST:PORT); repeatable. Given any, they replace the
-    /// default listeners.
+    /// Listener URL (tcp://HOST:PORT, ws://HOST:PORT[/PATH], http://HOST:PORT, with options such
+    /// as ?proxy_protocol=true or ?trust_proxy=true); repeatable. Given any, they replace the
+    /// default listeners (tcp://127.0.0.1:1883 and ws://127.0.0.1:8083/mqtt).
     #[arg(long = "listen", value_name = "URL")]
     listen: Vec<String>,
     /// Directory for persistent data.
@@ -85,7 +86,7 @@ struct PasswdArgs {
 }
 
 /// The listeners of a bare `mqttd`: loopback only.
-const DEFAULT_LISTENERS: &[&str] = &["tcp://127.0.0.1:1883"];
+const DEFAULT_LISTENERS: &[&str] = &["tcp://127.0.0.1:1883", "ws://127.0.0.1:8083"];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -1,5 +1,5 @@
-//! The driver of a connection over one byte stream (TCP now; TLS, WebSocket and single-stream
-//! QUIC carry the same): it moves bytes and wake-ups between the transport and the
+//! The driver of a connection over one byte stream (TCP and WebSocket now; TLS and
+//! single-stream QUIC carry the same): it moves bytes and wake-ups between the transport and the
 //! connection's [`ConnectionCore`], and answers the core's requests. Every decision is the
 //! core's.
 //!
@@ -20,7 +20,7 @@
 //! before more is read, and output goes out before more input adds to it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -55,7 +55,19 @@ const LAST_WORDS: Duration = Duration::from_secs(1);
 const STREAM: StreamId = StreamId::CONTROL;
 
 /// Runs a connection over `stream` to completion.
+// The listeners start theirs with `serve_since`; the fuzz targets and the core's tests here.
+#[cfg_attr(not(any(test, feature = "fuzzing")), allow(dead_code))]
 pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: Peer)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    serve_since(inner, stream, peer, now()).await;
+}
+
+/// Runs a connection over `stream`, accepted at `accepted`, to completion: the CONNECT
+/// deadline counts from `accepted`, so that what came before MQTT on the connection (a PROXY
+/// header, a WebSocket upgrade) took part of it.
+pub(crate) async fn serve_since<S>(inner: Arc<Inner>, stream: S, peer: Peer, accepted: Instant)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -68,7 +80,7 @@ where
     );
     inner.metrics.connections_open.inc();
     let watermark = *inner.storage.watermark().borrow();
-    let mut core = ConnectionCore::new(inner.clone(), peer, now(), watermark);
+    let mut core = ConnectionCore::new(inner.clone(), peer, accepted, watermark);
     let rest = run(&inner, &mut core, stream).instrument(span).await;
     // Nothing of the connection but its socket stays while it lingers.
     drop(core);
