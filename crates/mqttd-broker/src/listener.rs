@@ -145,13 +145,28 @@ async fn run_tcp(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let accepted = now();
+        if listener.kind == ListenerKind::Tcp && !listener.proxy_protocol {
+            // Nothing comes before MQTT: the task is the driver's alone, as small as it gets.
+            let peer = Peer {
+                transport: Transport::Tcp,
+                addr,
+                listener: name.clone(),
+            };
+            let inner2 = inner.clone();
+            inner.tasks.spawn(async move {
+                serve_since(inner2, stream, peer, accepted).await;
+                drop(permit);
+            });
+            continue;
+        }
         let connection = Connection {
             inner: inner.clone(),
             admission: admission.clone(),
             listener: listener.clone(),
             name: name.clone(),
             addr,
-            accepted: now(),
+            accepted,
         };
         inner.tasks.spawn(async move {
             connection.open(stream).await;
@@ -160,7 +175,8 @@ async fn run_tcp(
     }
 }
 
-/// A connection accepted on an MQTT listener, before MQTT starts.
+/// A connection accepted on an MQTT listener where something comes before MQTT (a WebSocket
+/// upgrade, a PROXY header).
 struct Connection {
     inner: Arc<Inner>,
     admission: Arc<Admission>,
@@ -173,11 +189,13 @@ struct Connection {
 }
 
 impl Connection {
-    /// Runs what the listener puts before MQTT, then MQTT.
+    /// Runs what the listener puts before MQTT (a WebSocket upgrade, a PROXY header), then
+    /// MQTT. The handshake's future is boxed, so that the task does not keep its room while
+    /// the connection lives.
     async fn open(self, stream: TcpStream) {
         match self.listener.kind {
             ListenerKind::Ws => {
-                let upgrade = accept_websocket(stream, &self.listener);
+                let upgrade = Box::pin(accept_websocket(stream, &self.listener));
                 let Some((ws, upgraded)) = self.handshake("WebSocket upgrade", upgrade).await
                 else {
                     return;
@@ -187,11 +205,10 @@ impl Connection {
                     Some(ip) => SocketAddr::new(ip, 0),
                     None => self.addr,
                 };
-                // Boxed, as below: a TCP connection's task is not sized for this one's.
-                Box::pin(self.serve(ws, Transport::WebSocket, addr)).await;
+                self.serve(ws, Transport::WebSocket, addr).await;
             }
-            _ if self.listener.proxy_protocol => {
-                let header = read_proxy_header(stream);
+            _ => {
+                let header = Box::pin(read_proxy_header(stream));
                 let Some((stream, proxied)) = self.handshake("PROXY header", header).await else {
                     return;
                 };
@@ -199,10 +216,6 @@ impl Connection {
                     ProxiedAddr::Client(addr) => addr,
                     ProxiedAddr::Local => self.addr,
                 };
-                Box::pin(self.serve(stream, Transport::Tcp, addr)).await;
-            }
-            _ => {
-                let addr = self.addr;
                 self.serve(stream, Transport::Tcp, addr).await;
             }
         }

@@ -19,6 +19,7 @@
 //! Earlier arms win when several are ready: what arrives for the session is handed to it
 //! before more is read, and output goes out before more input adds to it.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,11 +58,12 @@ const STREAM: StreamId = StreamId::CONTROL;
 /// Runs a connection over `stream` to completion.
 // The listeners start theirs with `serve_since`; the fuzz targets and the core's tests here.
 #[cfg_attr(not(any(test, feature = "fuzzing")), allow(dead_code))]
-pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: Peer)
+pub(crate) fn serve<S>(inner: Arc<Inner>, stream: S, peer: Peer) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    serve_since(inner, stream, peer, now()).await;
+    // Not an async fn: the future is `serve_since`'s, not one more that holds it.
+    serve_since(inner, stream, peer, now())
 }
 
 /// Runs a connection over `stream`, accepted at `accepted`, to completion: the CONNECT

@@ -701,6 +701,14 @@ fn data_header(len: usize) -> ([u8; 10], usize) {
 #[derive(Debug)]
 pub(crate) struct WsStream<S> {
     inner: Prefixed<S>,
+    /// Boxed: the driver's future holds its stream in several of its states, and its split
+    /// halves share it; the WebSocket state (about 900 bytes) is then paid once.
+    st: Box<State>,
+}
+
+/// The WebSocket side of a [`WsStream`].
+#[derive(Debug)]
+struct State {
     rx: Decoder,
     /// The client's frames ended (a close frame, an error, the end of the stream).
     rx_done: bool,
@@ -721,63 +729,10 @@ pub(crate) struct WsStream<S> {
     close_sent: bool,
 }
 
-impl<S> WsStream<S> {
-    fn new(inner: Prefixed<S>) -> Self {
-        Self {
-            inner,
-            rx: Decoder::new(),
-            rx_done: false,
-            failed: None,
-            tx_header: [0; 10],
-            tx_header_len: 0,
-            tx_header_pos: 0,
-            tx_remaining: 0,
-            sending: None,
-            close: None,
-            close_sent: false,
-        }
-    }
-
+impl State {
     /// Whether no data frame is half written, so that a control frame may go.
     fn at_frame_boundary(&self) -> bool {
         self.tx_header_pos == self.tx_header_len && self.tx_remaining == 0
-    }
-}
-
-impl<S: AsyncWrite + Unpin> WsStream<S> {
-    /// Writes the pending control frames (a pong, then a close) if no data frame is half
-    /// written. Ready once there is nothing it can send now.
-    fn poll_control(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            if !self.at_frame_boundary() {
-                return Poll::Ready(Ok(()));
-            }
-            let Some(control) = &mut self.sending else {
-                if self.close_sent {
-                    self.rx.pong = None;
-                    return Poll::Ready(Ok(()));
-                }
-                self.sending = self
-                    .rx
-                    .pong
-                    .take()
-                    .or_else(|| self.rx.close.take())
-                    .or_else(|| self.close.take());
-                if self.sending.is_none() {
-                    return Poll::Ready(Ok(()));
-                }
-                continue;
-            };
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, control.unsent()))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            control.pos += n;
-            if control.unsent().is_empty() {
-                self.close_sent |= control.is_close();
-                self.sending = None;
-            }
-        }
     }
 
     /// Whether a control frame waits to go.
@@ -789,6 +744,64 @@ impl<S: AsyncWrite + Unpin> WsStream<S> {
     }
 }
 
+impl<S> WsStream<S> {
+    fn new(inner: Prefixed<S>) -> Self {
+        Self {
+            inner,
+            st: Box::new(State {
+                rx: Decoder::new(),
+                rx_done: false,
+                failed: None,
+                tx_header: [0; 10],
+                tx_header_len: 0,
+                tx_header_pos: 0,
+                tx_remaining: 0,
+                sending: None,
+                close: None,
+                close_sent: false,
+            }),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> WsStream<S> {
+    /// Writes the pending control frames (a pong, then a close) if no data frame is half
+    /// written. Ready once there is nothing it can send now.
+    fn poll_control(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if !self.st.at_frame_boundary() {
+                return Poll::Ready(Ok(()));
+            }
+            let Some(control) = &mut self.st.sending else {
+                if self.st.close_sent {
+                    self.st.rx.pong = None;
+                    return Poll::Ready(Ok(()));
+                }
+                self.st.sending = self
+                    .st
+                    .rx
+                    .pong
+                    .take()
+                    .or_else(|| self.st.rx.close.take())
+                    .or_else(|| self.st.close.take());
+                if self.st.sending.is_none() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            };
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, control.unsent()))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            control.pos += n;
+            if control.unsent().is_empty() {
+                self.st.close_sent |= control.is_close();
+                self.st.sending = None;
+            }
+        }
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -796,43 +809,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(error) = this.failed.take() {
+        if let Some(error) = this.st.failed.take() {
             return Poll::Ready(Err(frame_error(error)));
         }
         // Pongs go out even while the driver only reads.
-        if this.control_pending() && this.poll_control(cx)?.is_ready() {
+        if this.st.control_pending() && this.poll_control(cx)?.is_ready() {
             let _ = Pin::new(&mut this.inner).poll_flush(cx)?;
         }
         loop {
-            if this.rx_done || buf.remaining() == 0 {
+            if this.st.rx_done || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
             let start = buf.filled().len();
             ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
             let end = buf.filled().len();
             if end == start {
-                this.rx_done = true;
+                this.st.rx_done = true;
                 return Poll::Ready(Ok(()));
             }
             let (kept, result) = match buf.filled_mut().get_mut(start..end) {
-                Some(received) => this.rx.decode(received),
+                Some(received) => this.st.rx.decode(received),
                 None => (0, Ok(())),
             };
             buf.set_filled(start + kept);
             if let Err(error) = result {
-                this.rx_done = true;
-                this.close = Some(Control::close(error.close_code()));
+                this.st.rx_done = true;
+                this.st.close = Some(Control::close(error.close_code()));
                 // The error is the news; a failed write of the close frame adds nothing.
                 let _ = this.poll_control(cx);
                 if kept == 0 {
                     return Poll::Ready(Err(frame_error(error)));
                 }
                 // The payload before the bad frame goes on first; the error with the next read.
-                this.failed = Some(error);
+                this.st.failed = Some(error);
                 return Poll::Ready(Ok(()));
             }
-            this.rx_done = this.rx.is_closed();
-            if this.control_pending() && this.poll_control(cx)?.is_ready() {
+            this.st.rx_done = this.st.rx.is_closed();
+            if this.st.control_pending() && this.poll_control(cx)?.is_ready() {
                 let _ = Pin::new(&mut this.inner).poll_flush(cx)?;
             }
             if kept > 0 {
@@ -854,38 +867,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
             return Poll::Ready(Ok(0));
         }
         ready!(this.poll_control(cx))?;
-        if this.close_sent {
+        if this.st.close_sent {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         loop {
-            if this.at_frame_boundary() {
+            if this.st.at_frame_boundary() {
                 let len = buf.len().min(MAX_OUT_FRAME);
                 let (header, header_len) = data_header(len);
-                this.tx_header = header;
-                this.tx_header_len = header_len;
-                this.tx_header_pos = 0;
-                this.tx_remaining = len;
+                this.st.tx_header = header;
+                this.st.tx_header_len = header_len;
+                this.st.tx_header_pos = 0;
+                this.st.tx_remaining = len;
             }
             let payload = buf
-                .get(..this.tx_remaining.min(buf.len()))
+                .get(..this.st.tx_remaining.min(buf.len()))
                 .unwrap_or_default();
             let header = this
+                .st
                 .tx_header
-                .get(this.tx_header_pos..this.tx_header_len)
+                .get(this.st.tx_header_pos..this.st.tx_header_len)
                 .unwrap_or_default();
             if header.is_empty() {
                 let n = ready!(Pin::new(&mut this.inner).poll_write(cx, payload))?;
-                this.tx_remaining -= n.min(this.tx_remaining);
+                this.st.tx_remaining -= n.min(this.st.tx_remaining);
                 return Poll::Ready(Ok(n));
             }
             let bufs = [IoSlice::new(header), IoSlice::new(payload)];
             let n = match Pin::new(&mut this.inner).poll_write_vectored(cx, &bufs) {
                 Poll::Ready(result) => result?,
                 Poll::Pending => {
-                    if this.tx_header_pos == 0 {
+                    if this.st.tx_header_pos == 0 {
                         // Nothing of this frame went out: the next write plans it afresh.
-                        this.tx_header_len = 0;
-                        this.tx_remaining = 0;
+                        this.st.tx_header_len = 0;
+                        this.st.tx_remaining = 0;
                     }
                     return Poll::Pending;
                 }
@@ -894,9 +908,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
                 return Poll::Ready(Ok(0));
             }
             let of_header = n.min(header.len());
-            this.tx_header_pos += of_header;
+            this.st.tx_header_pos += of_header;
             let of_payload = n - of_header;
-            this.tx_remaining -= of_payload.min(this.tx_remaining);
+            this.st.tx_remaining -= of_payload.min(this.st.tx_remaining);
             if of_payload > 0 {
                 return Poll::Ready(Ok(of_payload));
             }
@@ -911,11 +925,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let closing = this.sending.is_some_and(|c| c.is_close())
-            || this.rx.close.is_some()
-            || this.close.is_some();
-        if !this.close_sent && !closing {
-            this.close = Some(Control::close(CLOSE_NORMAL));
+        let closing = this.st.sending.is_some_and(|c| c.is_close())
+            || this.st.rx.close.is_some()
+            || this.st.close.is_some();
+        if !this.st.close_sent && !closing {
+            this.st.close = Some(Control::close(CLOSE_NORMAL));
         }
         // A half-written data frame cannot be completed here: the close frame is skipped.
         ready!(this.poll_control(cx))?;

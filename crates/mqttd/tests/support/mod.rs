@@ -1,8 +1,8 @@
 //! What the integration tests share: the real `mqttd` binary run as a child process, and a raw
 //! MQTT connection for the bytes and behaviours no well-behaved client produces.
 //!
-//! [`Broker::start`] runs the binary on ephemeral ports (one MQTT listener, one HTTP listener for
-//! `/metrics`) with a configuration file and data directory in a temporary directory, and
+//! [`Broker::start`] runs the binary on ephemeral ports (MQTT over TCP, MQTT over WebSocket, and
+//! an HTTP listener for `/metrics`) with a configuration file and data directory in a temporary directory, and
 //! parses the bound ports from the lines it prints. It reads the process's resident memory from
 //! `/proc` and scrapes its metrics. Stopping it (explicitly with [`Broker::stop`], or on drop)
 //! sends SIGTERM and asserts that the broker exits with status 0 within
@@ -54,6 +54,8 @@ pub(crate) struct Broker {
     pid: u32,
     /// The MQTT over TCP listener.
     pub(crate) mqtt: SocketAddr,
+    /// The MQTT over WebSocket listener (path `/mqtt`).
+    pub(crate) ws: SocketAddr,
     /// The HTTP listener (`/metrics`, `/health`).
     pub(crate) http: SocketAddr,
     log: PathBuf,
@@ -103,6 +105,7 @@ impl Broker {
             child: None,
             pid: 0,
             mqtt: unspecified(),
+            ws: unspecified(),
             http: unspecified(),
             log: dir.join("mqttd-0.log"),
             root: dir.to_owned(),
@@ -126,12 +129,15 @@ impl Broker {
         self.runs += 1;
         self.log = self.root.join(format!("mqttd-{}.log", self.runs));
         self.mqtt = unspecified();
+        self.ws = unspecified();
         self.http = unspecified();
         let filter = std::env::var("MQTTD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
         let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
             .args([
                 "--listen",
                 "tcp://127.0.0.1:0",
+                "--listen",
+                "ws://127.0.0.1:0",
                 "--listen",
                 "http://127.0.0.1:0",
             ])
@@ -158,7 +164,7 @@ impl Broker {
             }
         });
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while self.mqtt.port() == 0 || self.http.port() == 0 {
+        while self.mqtt.port() == 0 || self.ws.port() == 0 || self.http.port() == 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
                 Ok(line) => line,
@@ -194,6 +200,7 @@ impl Broker {
             let addr = addr.parse().expect("listening address");
             match scheme {
                 "tcp" => self.mqtt = addr,
+                "ws" => self.ws = addr,
                 "http" => self.http = addr,
                 other => panic!("unexpected listener scheme {other}"),
             }
