@@ -205,6 +205,12 @@ impl Connection {
                     Some(ip) => SocketAddr::new(ip, 0),
                     None => self.addr,
                 };
+                debug!(
+                    peer = %self.addr,
+                    client = %addr,
+                    subprotocol = upgraded.subprotocol.unwrap_or("none"),
+                    "WebSocket upgraded"
+                );
                 self.serve(ws, Transport::WebSocket, addr).await;
             }
             _ => {

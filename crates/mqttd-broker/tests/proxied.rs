@@ -275,3 +275,41 @@ async fn the_rate_limit_counts_the_clients_behind_the_proxy() {
     assert_eq!(seen.0.lock().unwrap().len(), 3);
     broker.shutdown().await;
 }
+
+/// Sockets that send nothing, or only the start of a PROXY header, are closed at the CONNECT
+/// deadline; a client behind the proxy is served meanwhile.
+#[tokio::test]
+async fn a_header_that_does_not_come_is_cut_at_the_connect_deadline() {
+    let (broker, seen, _dir) = start(&["tcp://127.0.0.1:0?proxy_protocol=true"], |c| {
+        c.connect_timeout = 1;
+    })
+    .await;
+    let addr = broker.addr(ListenerKind::Tcp).unwrap();
+    let mut silent = Vec::new();
+    for i in 0..10 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        if i % 2 == 1 {
+            s.write_all(b"PROXY TCP4 192.0.2.").await.unwrap();
+        }
+        silent.push(s);
+    }
+    assert!(
+        connect_with_prefix(
+            addr,
+            b"PROXY TCP4 192.0.2.9 127.0.0.1 9 1883\r\n",
+            "witness"
+        )
+        .await
+    );
+    let mut closed = 0;
+    for mut s in silent {
+        let mut buf = [0u8; 8];
+        // The deadline is 1 s; the bound only catches a broker that never closes.
+        if let Ok(Ok(0) | Err(_)) = timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 10);
+    assert_eq!(seen.0.lock().unwrap().len(), 1);
+    broker.shutdown().await;
+}
