@@ -4,13 +4,14 @@
 //! in the connection's task and under its CONNECT deadline, and refuse a connection that
 //! does not start with a valid one.
 //!
-//! This module finds where the header ends without trusting anything but its framing (the v1
-//! line's CRLF within 107 bytes, the v2 length field within [`V2_MAX`]), and hands exactly
-//! those bytes to the `ppp` crate to parse. Bytes read past the header stay in front of the
-//! stream ([`Prefixed`]).
+//! The header is found by its framing alone (the v1 line's CRLF within 107 bytes, the v2
+//! length field within [`V2_MAX`]) and then parsed from exactly those bytes, by slices and
+//! `get`, never by indexing on what the peer sent. Bytes read past the header stay in front of
+//! the stream ([`Prefixed`]). The specification:
+//! <https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt>.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -59,10 +60,10 @@ pub(crate) enum ProxyHeaderError {
     TooLong(usize),
     /// A version 1 header that does not parse.
     #[error("invalid PROXY v1 header: {0}")]
-    V1(ppp::v1::BinaryParseError),
+    V1(&'static str),
     /// A version 2 header that does not parse.
     #[error("invalid PROXY v2 header: {0}")]
-    V2(ppp::v2::ParseError),
+    V2(&'static str),
 }
 
 /// Reads the PROXY header at the start of `stream`: whom it names, and the stream positioned
@@ -123,23 +124,124 @@ fn agrees(buf: &[u8], signature: &[u8]) -> bool {
 /// Parses one complete header, exactly as [`header_len`] delimited it.
 fn parse(header: &[u8]) -> Result<ProxiedAddr, ProxyHeaderError> {
     if header.starts_with(V2_SIGNATURE) {
-        use ppp::v2::{Addresses, Command, Header};
-        let header = Header::try_from(header).map_err(ProxyHeaderError::V2)?;
-        if header.command == Command::Local {
-            return Ok(ProxiedAddr::Local);
-        }
-        return Ok(match header.addresses {
-            Addresses::IPv4(a) => ProxiedAddr::Client((a.source_address, a.source_port).into()),
-            Addresses::IPv6(a) => ProxiedAddr::Client((a.source_address, a.source_port).into()),
-            Addresses::Unspecified | Addresses::Unix(_) => ProxiedAddr::Local,
-        });
+        parse_v2(header).map_err(ProxyHeaderError::V2)
+    } else {
+        parse_v1(header).map_err(ProxyHeaderError::V1)
     }
-    use ppp::v1::{Addresses, Header};
-    let header = Header::try_from(header).map_err(ProxyHeaderError::V1)?;
-    Ok(match header.addresses {
-        Addresses::Tcp4(a) => ProxiedAddr::Client((a.source_address, a.source_port).into()),
-        Addresses::Tcp6(a) => ProxiedAddr::Client((a.source_address, a.source_port).into()),
-        Addresses::Unknown => ProxiedAddr::Local,
+}
+
+/// `PROXY TCP4|TCP6 SRC DST SPORT DPORT\r\n`, or `PROXY UNKNOWN[ ...]\r\n`.
+fn parse_v1(header: &[u8]) -> Result<ProxiedAddr, &'static str> {
+    let line = header
+        .strip_suffix(b"\r\n")
+        .and_then(|l| std::str::from_utf8(l).ok())
+        .ok_or("not an ASCII line ending in CRLF")?;
+    let mut fields = line.split(' ');
+    if fields.next() != Some("PROXY") {
+        return Err("no PROXY prefix");
+    }
+    let protocol = fields.next().ok_or("no protocol")?;
+    if protocol == "UNKNOWN" {
+        // The rest, if any, is to be ignored.
+        return Ok(ProxiedAddr::Local);
+    }
+    let (Some(src), Some(_dst), Some(sport), Some(dport), None) = (
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+    ) else {
+        return Err("expected four address fields");
+    };
+    let ip: IpAddr = match protocol {
+        "TCP4" => src
+            .parse::<Ipv4Addr>()
+            .map_err(|_| "bad IPv4 source")?
+            .into(),
+        "TCP6" => src
+            .parse::<Ipv6Addr>()
+            .map_err(|_| "bad IPv6 source")?
+            .into(),
+        _ => return Err("unknown protocol"),
+    };
+    let port = parse_port(sport).ok_or("bad source port")?;
+    parse_port(dport).ok_or("bad destination port")?;
+    Ok(ProxiedAddr::Client(SocketAddr::new(ip, port)))
+}
+
+/// A port in decimal, without leading zeros.
+fn parse_port(text: &str) -> Option<u16> {
+    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    if !digits || (text.len() > 1 && text.starts_with('0')) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// The binary header: signature, version and command, family and transport, length,
+/// addresses, TLVs (ignored).
+fn parse_v2(header: &[u8]) -> Result<ProxiedAddr, &'static str> {
+    let fixed = header.get(..V2_FIXED).ok_or("shorter than 16 bytes")?;
+    let (Some(&version_command), Some(&family_transport)) = (fixed.get(12), fixed.get(13)) else {
+        return Err("shorter than 16 bytes");
+    };
+    if version_command >> 4 != 2 {
+        return Err("not version 2");
+    }
+    let proxy = match version_command & 0x0f {
+        0x0 => false,
+        0x1 => true,
+        _ => return Err("unknown command"),
+    };
+    if family_transport & 0x0f > 2 {
+        return Err("unknown transport");
+    }
+    let addresses = header.get(V2_FIXED..).unwrap_or_default();
+    let short = "addresses shorter than their family";
+    let client = match family_transport >> 4 {
+        // AF_INET: source, destination, source port, destination port.
+        0x1 => {
+            let src: [u8; 4] = addresses
+                .get(0..4)
+                .ok_or(short)?
+                .try_into()
+                .map_err(|_| short)?;
+            let port: [u8; 2] = addresses
+                .get(8..10)
+                .ok_or(short)?
+                .try_into()
+                .map_err(|_| short)?;
+            Some(SocketAddr::new(
+                Ipv4Addr::from(src).into(),
+                u16::from_be_bytes(port),
+            ))
+        }
+        // AF_INET6.
+        0x2 => {
+            let src: [u8; 16] = addresses
+                .get(0..16)
+                .ok_or(short)?
+                .try_into()
+                .map_err(|_| short)?;
+            let port: [u8; 2] = addresses
+                .get(32..34)
+                .ok_or(short)?
+                .try_into()
+                .map_err(|_| short)?;
+            Some(SocketAddr::new(
+                Ipv6Addr::from(src).into(),
+                u16::from_be_bytes(port),
+            ))
+        }
+        // AF_UNSPEC, AF_UNIX: no IP address to take.
+        0x0 | 0x3 => None,
+        _ => return Err("unknown address family"),
+    };
+    // A LOCAL header comes from the proxy itself: its addresses, if any, are to be ignored.
+    Ok(match client {
+        Some(addr) if proxy => ProxiedAddr::Client(addr),
+        _ => ProxiedAddr::Local,
     })
 }
 
@@ -218,6 +320,14 @@ mod tests {
         local[12] = 0x20;
         assert_eq!(parse(&local).unwrap(), ProxiedAddr::Local);
         assert_eq!(parse(&v2(1, 0x00, &[], &[])).unwrap(), ProxiedAddr::Local);
+        // A UNIX socket has no IP address to take.
+        assert_eq!(
+            parse(&v2(1, 0x31, &[0; 216], &[])).unwrap(),
+            ProxiedAddr::Local
+        );
+        // An unknown family or transport is refused.
+        assert!(parse(&v2(1, 0x41, &[0; 12], &[])).is_err());
+        assert!(parse(&v2(1, 0x13, &[0; 12], &[])).is_err());
     }
 
     #[test]
@@ -265,6 +375,11 @@ mod tests {
             b"PROXY TCP4 ::1 ::1 1 1\r\n",
             b"PROXY TCP5 1.2.3.4 5.6.7.8 1 1\r\n",
             b"PROXY \r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",
+            b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n\r\n",
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
