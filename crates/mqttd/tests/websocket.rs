@@ -492,3 +492,27 @@ async fn an_idle_websocket_connection_costs_at_most_twice_a_tcp_one() {
     drop((warm_tcp, warm_ws, tcp, ws_conns));
     broker.stop();
 }
+
+/// At shutdown an MQTT 5 client over WebSocket gets DISCONNECT 0x8B, then a close frame.
+#[tokio::test]
+async fn shutdown_sends_disconnect_then_a_close_frame() {
+    let broker = Broker::start("");
+    let v5 = ProtocolVersion::V5;
+    let mut ws = WsConn::upgraded(broker.ws).await;
+    ws.frame(
+        BINARY,
+        true,
+        &encode(v5, &connect_packet(v5, "until-the-end")),
+    )
+    .await;
+    assert!(matches!(ws.packet().await, Packet::ConnAck(_)));
+    // Blocks until the broker has exited; what it sent waits in the socket.
+    broker.stop();
+    match ws.packet().await {
+        Packet::Disconnect(d) => assert_eq!(d.reason, ReasonCode::ServerShuttingDown),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    let close = ws.next_frame().await.expect("a close frame");
+    assert_eq!(close, (true, CLOSE, 1000u16.to_be_bytes().to_vec()));
+    assert_eq!(ws.next_frame().await, None);
+}
