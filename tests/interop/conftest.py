@@ -1,7 +1,8 @@
 """Fixtures: a fresh mqttd per test, and clients of three kinds connected to it.
 
-* `broker`: starts `mqttd --listen tcp://127.0.0.1:0` with a temporary data directory, reads
-  the bound port from its standard output, and at teardown sends SIGTERM and asserts that it
+* `broker`: starts `mqttd --listen tcp://127.0.0.1:0 --listen ws://127.0.0.1:0` with a temporary
+  data directory, reads the bound ports (`broker.port`, `broker.ws_port`) from its standard
+  output, and at teardown sends SIGTERM and asserts that it
   exits with status 0 (graceful shutdown is a feature) before `TIMEOUT`. Mark a test with
   `@pytest.mark.broker_args("--max-keepalive", "10")` or
   `@pytest.mark.broker_config("max_packet_size = 1000")` to start it differently. It runs with
@@ -11,7 +12,8 @@
   `mosquitto_passwd`) and an ACL file, at `broker.password_file` and `broker.acl_file`.
   `broker.reload()` sends SIGHUP and waits for the outcome.
 * `client(...)`: a connected paho-mqtt client (MQTT 3.1.1 or 5.0) wrapped in `PahoClient`,
-  which turns paho's callbacks into blocking calls with timeouts.
+  which turns paho's callbacks into blocking calls with timeouts; `client(ws=True)` connects
+  over WebSocket (path `/mqtt`).
 * `raw(...)`: an `mqttraw.RawClient` socket, optionally already connected.
 * `mosquitto_sub(...)`: a `clitools.MosquittoSub` running in the background.
 
@@ -64,8 +66,8 @@ class Broker:
         self.log_path = workdir / "mqttd.log"
         self.password_file = password_file
         self.acl_file = acl_file
-        cmd = [mqttd_bin(), "--listen", "tcp://127.0.0.1:0", "--data-dir",
-               str(workdir / "data")]
+        cmd = [mqttd_bin(), "--listen", "tcp://127.0.0.1:0", "--listen", "ws://127.0.0.1:0",
+               "--data-dir", str(workdir / "data")]
         if allow_anonymous:
             cmd.append("--allow-anonymous")
         if password_file is not None:
@@ -78,20 +80,29 @@ class Broker:
             cmd += ["--config", str(path)]
         cmd += list(args)
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log)
-        self.port = self._read_port()
+        # Unbuffered: a buffered readline would take several listening lines at once, which
+        # select() would then not see.
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, bufsize=0)
+        ports = self._read_ports()
+        self.port = ports["tcp"]
+        self.ws_port = ports["ws"]
 
-    def _read_port(self) -> int:
+    def _read_ports(self) -> dict[str, int]:
+        """The port of each listener, by scheme, from the lines the broker prints."""
         deadline = time.monotonic() + TIMEOUT
         line = b""
+        ports = {}
         while time.monotonic() < deadline:
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
             if ready:
                 line = self.proc.stdout.readline()
                 text = line.decode().strip()
-                prefix = "mqttd listening on tcp://127.0.0.1:"
+                prefix = "mqttd listening on "
                 if text.startswith(prefix):
-                    return int(text[len(prefix):])
+                    scheme, addr = text[len(prefix):].split("://", 1)
+                    ports[scheme] = int(addr.rsplit(":", 1)[1])
+                    if "tcp" in ports and "ws" in ports:
+                        return ports
             if self.proc.poll() is not None:
                 break
         self.proc.kill()
@@ -169,10 +180,13 @@ def client(broker):
     made = []
 
     def make(client_id: str | None = None, version: int = 5, *, connect: bool = True,
-             manual_ack: bool = False, port: int | None = None, **connect_args) -> PahoClient:
+             manual_ack: bool = False, port: int | None = None, ws: bool = False,
+             **connect_args) -> PahoClient:
         if client_id is None:
             client_id = f"c-{uuid.uuid4().hex[:12]}"
-        c = PahoClient(port or broker.port, client_id, version, manual_ack)
+        default_port = broker.ws_port if ws else broker.port
+        c = PahoClient(port or default_port, client_id, version, manual_ack,
+                       transport="websockets" if ws else "tcp")
         made.append(c)
         if connect:
             c.connect(**connect_args)

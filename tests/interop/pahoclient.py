@@ -68,8 +68,11 @@ class PahoClient:
     the tests that check aliases use QoS 1 only.
     """
 
-    def __init__(self, port: int, client_id: str = "", version: int = 5, manual_ack=False):
+    def __init__(self, port: int, client_id: str = "", version: int = 5, manual_ack=False,
+                 transport: str = "tcp"):
         self.port = port
+        # "tcp", or "websockets" for MQTT over WebSocket on the path /mqtt.
+        self.transport = transport
         self.client_id = client_id
         self.version = version
         self.manual_ack = manual_ack
@@ -132,11 +135,14 @@ class PahoClient:
         if self.version == 5:
             self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                  protocol=mqtt.MQTTv5, manual_ack=self.manual_ack,
-                                 reconnect_on_failure=False)
+                                 reconnect_on_failure=False, transport=self.transport)
         else:
             self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                  protocol=mqtt.MQTTv311, clean_session=clean,
-                                 manual_ack=self.manual_ack, reconnect_on_failure=False)
+                                 manual_ack=self.manual_ack, reconnect_on_failure=False,
+                                 transport=self.transport)
+        if self.transport == "websockets":
+            self.c.ws_set_options(path="/mqtt")
         self.c.on_connect = self._on_connect
         self.c.on_disconnect = self._on_disconnect
         self.c.on_message = self._on_message

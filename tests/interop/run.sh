@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Real-client interoperability tests: paho-mqtt and the Mosquitto command-line clients against
-# a freshly started mqttd per test.
+# Real-client interoperability tests: paho-mqtt, the Mosquitto command-line clients and MQTT.js
+# (Node, over WebSocket) against a freshly started mqttd per test.
 #
 #   tests/interop/run.sh                 # everything
 #   tests/interop/run.sh -k retained -x  # arguments go to pytest
 #   MQTTD_BIN=/path/to/mqttd tests/interop/run.sh   # test that binary instead of building
 #
 # Installs what is missing: Debian's mosquitto-clients and mosquitto (for mosquitto_passwd) with
-# apt-get, and paho-mqtt >= 2 and pytest in a virtualenv at target/interop-venv (or, failing
-# that, with pip --user).
+# apt-get, paho-mqtt >= 2 and pytest in a virtualenv at target/interop-venv (or, failing
+# that, with pip --user), Debian's nodejs and npm with apt-get, and MQTT.js with `npm ci` from
+# tests/interop/mqttjs/package-lock.json.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -77,6 +78,16 @@ else
         python="$sys_python"
     fi
     have_packages "$python" || { log "paho-mqtt >= 2 and pytest are still missing"; exit 1; }
+fi
+
+# --- MQTT.js ---------------------------------------------------------------------------------
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    log "installing nodejs and npm"
+    apt_install nodejs npm
+fi
+if [ ! -d "$here/mqttjs/node_modules/mqtt" ]; then
+    log "installing MQTT.js (npm ci in tests/interop/mqttjs)"
+    (cd "$here/mqttjs" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
 # --- the broker ----------------------------------------------------------------------------

@@ -62,6 +62,7 @@ pub mod storage;
 mod sys;
 mod tls;
 pub mod topic_tree;
+mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,6 +1,9 @@
 //! Accepting connections: binding each listener by its kind, connection limits, per-address
-//! rate limits, TCP_NODELAY, and the TLS handshake under the connection's deadline.
+//! rate limits, TCP_NODELAY, and what a connection goes through before MQTT (a PROXY header, a
+//! TLS handshake, a WebSocket upgrade), in the connection's own task under its CONNECT
+//! deadline.
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -8,76 +11,68 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::broker::Inner;
 use crate::config::{Listener, ListenerKind};
+use crate::drivers::now;
+use crate::drivers::stream::serve_since;
 use crate::hooks::{Peer, Transport};
 use crate::http;
 use crate::tls::TlsAcceptor;
+use crate::transport::prefixed::Prefixed;
+use crate::transport::{accept_websocket, read_proxy_header, ProxiedAddr};
 
 /// A listener bound to its address: each kind binds the socket its protocol needs (a TCP
-/// listener for MQTT over TCP and for HTTP; a UDP socket for QUIC, when it comes), and then
-/// runs its own accept loop.
+/// listener for MQTT over TCP or WebSocket and for HTTP; a UDP socket for QUIC, when it
+/// comes), and then runs its own accept loop.
 #[derive(Debug)]
 pub(crate) enum BoundListener {
-    /// MQTT over TCP.
-    Tcp(TcpListener),
-    /// MQTT over TLS over TCP.
-    Tls(TcpListener, TlsAcceptor),
+    /// MQTT over TCP, TLS, WebSocket or WebSocket over TLS: the listener's kind and options
+    /// say which; TLS-based kinds carry the broker's TLS acceptor.
+    Tcp(TcpListener, Arc<Listener>, Option<TlsAcceptor>),
     /// The HTTP endpoint.
     Http(TcpListener),
 }
 
 impl BoundListener {
-    /// Binds `listener`'s address as its kind requires; `tls` is the broker's TLS acceptor,
-    /// which every TLS-based listener shares (there is one when such a listener is configured).
+    /// Binds `listener`'s address as its kind requires.
     pub(crate) async fn bind(listener: &Listener, tls: Option<&TlsAcceptor>) -> io::Result<Self> {
+        let acceptor = match listener.kind {
+            ListenerKind::Tls | ListenerKind::Wss => Some(tls.cloned().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "no TLS certificates loaded")
+            })?),
+            _ => None,
+        };
         match listener.kind {
-            ListenerKind::Tcp => TcpListener::bind(listener.addr).await.map(Self::Tcp),
-            ListenerKind::Tls => {
-                let acceptor = tls.cloned().ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "no TLS certificates loaded")
-                })?;
-                let socket = TcpListener::bind(listener.addr).await?;
-                Ok(Self::Tls(socket, acceptor))
-            }
             ListenerKind::Http => TcpListener::bind(listener.addr).await.map(Self::Http),
-            ListenerKind::Ws | ListenerKind::Wss => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "this listener kind is not served yet",
-            )),
+            _ => {
+                let socket = TcpListener::bind(listener.addr).await?;
+                Ok(Self::Tcp(socket, Arc::new(listener.clone()), acceptor))
+            }
         }
     }
 
     /// The address actually bound (the chosen port when the configuration said 0).
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
-            Self::Tcp(socket) | Self::Tls(socket, _) | Self::Http(socket) => socket.local_addr(),
+            Self::Tcp(socket, ..) | Self::Http(socket) => socket.local_addr(),
         }
     }
 
     /// Starts the listener's accept loop as a broker task, which ends at shutdown.
     pub(crate) fn spawn(self, inner: &Arc<Inner>, admission: &Arc<Admission>, name: Arc<str>) {
         match self {
-            Self::Tcp(socket) => {
+            Self::Tcp(socket, listener, tls) => {
                 inner.tasks.spawn(run_tcp(
                     inner.clone(),
                     admission.clone(),
                     socket,
+                    listener,
                     name,
-                    None,
-                ));
-            }
-            Self::Tls(socket, acceptor) => {
-                inner.tasks.spawn(run_tcp(
-                    inner.clone(),
-                    admission.clone(),
-                    socket,
-                    name,
-                    Some(acceptor),
+                    tls,
                 ));
             }
             Self::Http(socket) => {
@@ -129,19 +124,23 @@ impl Admission {
     }
 }
 
-/// Accepts MQTT over TCP, or over TLS with `tls`, until shutdown. The TLS handshake runs in
-/// the connection's task, so a slow client holds up no one else.
+/// Accepts connections for an MQTT listener on TCP (plain, TLS, WebSocket, WebSocket over
+/// TLS) until shutdown.
 async fn run_tcp(
     inner: Arc<Inner>,
     admission: Arc<Admission>,
-    listener: TcpListener,
+    socket: TcpListener,
+    listener: Arc<Listener>,
     name: Arc<str>,
     tls: Option<TlsAcceptor>,
 ) {
+    // Behind a proxy, the socket's address is the proxy's: the rate limit waits for the
+    // client's, which the connection's task learns.
+    let proxied = listener.proxy_protocol || listener.trust_proxy;
     loop {
         let accepted = tokio::select! {
             _ = inner.shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
+            accepted = socket.accept() => accepted,
         };
         let (stream, addr) = match accepted {
             Ok(pair) => pair,
@@ -152,85 +151,235 @@ async fn run_tcp(
                 continue;
             }
         };
-        let Some(permit) = admit(&inner, &admission, addr) else {
+        let Some(permit) = admit(&inner, &admission, addr, !proxied) else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let inner2 = inner.clone();
-        match &tls {
-            None => {
-                let peer = Peer::new(Transport::Tcp, addr, name.clone());
-                // Built outside the task's own future, which then holds only what it needs.
-                let connection = crate::drivers::stream::serve(inner2, stream, peer);
-                inner.tasks.spawn(async move {
-                    connection.await;
-                    drop(permit);
-                });
-            }
-            Some(acceptor) => {
-                let peer = Peer::new(Transport::Tls, addr, name.clone());
-                let acceptor = acceptor.clone();
-                inner.tasks.spawn(async move {
-                    if let Some((stream, peer)) =
-                        tls_handshake(&inner2, &acceptor, stream, peer).await
-                    {
-                        crate::drivers::stream::serve(inner2, stream, peer).await;
-                    }
-                    drop(permit);
-                });
-            }
+        let accepted = now();
+        if listener.kind == ListenerKind::Tcp && !listener.proxy_protocol {
+            // Nothing comes before MQTT: the task is the driver's alone, as small as it gets,
+            // built outside the task's own future.
+            let peer = Peer::new(Transport::Tcp, addr, name.clone());
+            let connection = serve_since(inner.clone(), stream, peer, accepted);
+            inner.tasks.spawn(async move {
+                connection.await;
+                drop(permit);
+            });
+            continue;
         }
+        let connection = Connection {
+            inner: inner.clone(),
+            admission: admission.clone(),
+            listener: listener.clone(),
+            name: name.clone(),
+            addr,
+            accepted,
+            tls: tls.clone(),
+        };
+        inner.tasks.spawn(async move {
+            connection.open(stream).await;
+            drop(permit);
+        });
     }
 }
 
-/// Runs the server side of a TLS handshake within `connect_timeout`, and records the client
-/// certificate's identity in `peer`. `None` if the handshake failed, the client was too slow,
-/// or the broker is shutting down; the stream is then dropped (closed).
-///
-/// For WebSocket over TLS, the WebSocket handshake follows on the returned stream.
-pub(crate) async fn tls_handshake<S>(
-    inner: &Inner,
-    acceptor: &TlsAcceptor,
-    stream: S,
-    mut peer: Peer,
-) -> Option<(tokio_rustls::server::TlsStream<S>, Peer)>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let deadline = Duration::from_secs(inner.config.connect_timeout.max(1));
-    let accepted = tokio::select! {
-        accepted = tokio::time::timeout(deadline, acceptor.accept(stream)) => accepted,
-        _ = inner.shutdown.cancelled() => return None,
-    };
-    match accepted {
-        Ok(Ok(accepted)) => {
-            peer.tls_identity = accepted.identity;
-            Some((accepted.stream, peer))
+/// A connection accepted on an MQTT listener where something comes before MQTT (a PROXY
+/// header, a TLS handshake, a WebSocket upgrade).
+struct Connection {
+    inner: Arc<Inner>,
+    admission: Arc<Admission>,
+    listener: Arc<Listener>,
+    name: Arc<str>,
+    /// The socket's remote address.
+    addr: SocketAddr,
+    /// When it was accepted: what comes before MQTT counts against the CONNECT timeout.
+    accepted: Instant,
+    /// The TLS acceptor of a TLS-based listener.
+    tls: Option<TlsAcceptor>,
+}
+
+impl Connection {
+    /// Runs what the listener puts before MQTT (a WebSocket upgrade, a PROXY header), then
+    /// MQTT. The handshake's future is boxed, so that the task does not keep its room while
+    /// the connection lives.
+    async fn open(self, stream: TcpStream) {
+        match self.listener.kind {
+            ListenerKind::Ws => {
+                let upgrade = Box::pin(accept_websocket(stream, &self.listener));
+                let Some((ws, upgraded)) = self.handshake("WebSocket upgrade", upgrade).await
+                else {
+                    return;
+                };
+                let addr = self.forwarded(upgraded.forwarded_for, upgraded.subprotocol);
+                self.serve(ws, Transport::WebSocket, addr, None).await;
+            }
+            ListenerKind::Wss => {
+                let Some((tls, identity)) = self.tls_handshake(stream).await else {
+                    return;
+                };
+                let upgrade = Box::pin(accept_websocket(tls, &self.listener));
+                let Some((ws, upgraded)) = self.handshake("WebSocket upgrade", upgrade).await
+                else {
+                    return;
+                };
+                let addr = self.forwarded(upgraded.forwarded_for, upgraded.subprotocol);
+                self.serve(ws, Transport::WebSocketTls, addr, identity)
+                    .await;
+            }
+            ListenerKind::Tls if self.listener.proxy_protocol => {
+                let Some((stream, addr)) = self.proxy_header(stream).await else {
+                    return;
+                };
+                let Some((tls, identity)) = self.tls_handshake(stream).await else {
+                    return;
+                };
+                self.serve(tls, Transport::Tls, addr, identity).await;
+            }
+            ListenerKind::Tls => {
+                let Some((tls, identity)) = self.tls_handshake(stream).await else {
+                    return;
+                };
+                let addr = self.addr;
+                self.serve(tls, Transport::Tls, addr, identity).await;
+            }
+            _ => {
+                let Some((stream, addr)) = self.proxy_header(stream).await else {
+                    return;
+                };
+                self.serve(stream, Transport::Tcp, addr, None).await;
+            }
         }
-        Ok(Err(error)) => {
-            inner.metrics.tls_handshake_failures.inc();
-            info!(peer = %peer.addr, listener = %peer.listener, %error, "TLS handshake failed");
-            None
+    }
+
+    /// The client's address after a WebSocket upgrade: `X-Forwarded-For`'s when the listener
+    /// trusts it (see `accept_websocket`), else the socket's.
+    fn forwarded(&self, forwarded_for: Option<IpAddr>, subprotocol: Option<&str>) -> SocketAddr {
+        let addr = match forwarded_for {
+            // X-Forwarded-For names no port.
+            Some(ip) => SocketAddr::new(ip, 0),
+            None => self.addr,
+        };
+        debug!(
+            peer = %self.addr,
+            client = %addr,
+            subprotocol = subprotocol.unwrap_or("none"),
+            "WebSocket upgraded"
+        );
+        addr
+    }
+
+    /// Reads the PROXY header: the stream after it and the client's address.
+    async fn proxy_header(&self, stream: TcpStream) -> Option<(Prefixed<TcpStream>, SocketAddr)> {
+        let header = Box::pin(read_proxy_header(stream));
+        let (stream, proxied) = self.handshake("PROXY header", header).await?;
+        let addr = match proxied {
+            ProxiedAddr::Client(addr) => addr,
+            ProxiedAddr::Local => self.addr,
+        };
+        Some((stream, addr))
+    }
+
+    /// Runs the server side of a TLS handshake before the CONNECT deadline: the TLS stream
+    /// and the client certificate's identity, or `None` (counted and logged) if it failed or
+    /// did not end in time.
+    async fn tls_handshake<S>(
+        &self,
+        stream: S,
+    ) -> Option<(tokio_rustls::server::TlsStream<S>, Option<Arc<str>>)>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let acceptor = self.tls.as_ref()?;
+        let deadline = self.accepted + self.inner.server_config.connect_timeout;
+        let handshake = Box::pin(tokio::time::timeout_at(
+            deadline.into(),
+            acceptor.accept(stream),
+        ));
+        let accepted = tokio::select! {
+            accepted = handshake => accepted,
+            _ = self.inner.shutdown.cancelled() => return None,
+        };
+        match accepted {
+            Ok(Ok(accepted)) => Some((accepted.stream, accepted.identity)),
+            Ok(Err(error)) => {
+                self.inner.metrics.tls_handshake_failures.inc();
+                info!(peer = %self.addr, listener = %self.name, %error, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                self.inner.metrics.tls_handshake_timeouts.inc();
+                info!(peer = %self.addr, listener = %self.name, "TLS handshake not done within connect_timeout");
+                None
+            }
         }
-        Err(_) => {
-            inner.metrics.tls_handshake_timeouts.inc();
-            info!(peer = %peer.addr, listener = %peer.listener, "TLS handshake not done within connect_timeout");
-            None
+    }
+
+    /// Runs `step` until the CONNECT deadline or shutdown; `None` (the connection is to be
+    /// dropped) if it failed or did not end in time.
+    async fn handshake<T, E: std::fmt::Display>(
+        &self,
+        what: &'static str,
+        step: impl Future<Output = Result<T, E>>,
+    ) -> Option<T> {
+        let deadline = self.accepted + self.inner.server_config.connect_timeout;
+        tokio::select! {
+            result = tokio::time::timeout_at(deadline.into(), step) => match result {
+                Ok(Ok(done)) => Some(done),
+                Ok(Err(error)) => {
+                    debug!(peer = %self.addr, listener = %self.name, %error, "{what} failed");
+                    None
+                }
+                Err(_) => {
+                    debug!(peer = %self.addr, listener = %self.name, "{what} not done in time");
+                    None
+                }
+            },
+            _ = self.inner.shutdown.cancelled() => None,
         }
+    }
+
+    /// Serves MQTT on `stream` for the client at `addr`; first applies the rate limit that
+    /// the accept loop left to the connection because it is proxied.
+    async fn serve<S>(
+        self,
+        stream: S,
+        transport: Transport,
+        addr: SocketAddr,
+        identity: Option<Arc<str>>,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let proxied = self.listener.proxy_protocol || self.listener.trust_proxy;
+        if proxied && !rate_allows(&self.inner, &self.admission, addr) {
+            return;
+        }
+        let mut peer = Peer::new(transport, addr, self.name);
+        peer.tls_identity = identity;
+        serve_since(self.inner, stream, peer, self.accepted).await;
     }
 }
 
+/// Whether a new connection from `addr` stays within `max_connection_rate`; counts a refusal.
+fn rate_allows(inner: &Inner, admission: &Admission, addr: SocketAddr) -> bool {
+    let allowed = admission
+        .rate
+        .allow(addr.ip(), Instant::now(), inner.config.max_connection_rate);
+    if !allowed {
+        debug!(peer = %addr, "connection rate limit exceeded");
+        inner.metrics.connections_refused.inc();
+    }
+    allowed
+}
+
+/// Admits a connection from `addr` within the connection limit and, if `check_rate`, the
+/// per-address rate limit: its permit (if there is a limit), or `None` to drop it.
 fn admit(
     inner: &Inner,
     admission: &Admission,
     addr: SocketAddr,
-) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
-    if !admission
-        .rate
-        .allow(addr.ip(), Instant::now(), inner.config.max_connection_rate)
-    {
-        debug!(peer = %addr, "connection rate limit exceeded");
-        inner.metrics.connections_refused.inc();
+    check_rate: bool,
+) -> Option<Option<OwnedSemaphorePermit>> {
+    if check_rate && !rate_allows(inner, admission, addr) {
         return None;
     }
     let permit = match &admission.connections {

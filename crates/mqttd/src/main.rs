@@ -39,8 +39,11 @@ enum Command {
 
 #[derive(Debug, Args, Default)]
 struct ServeArgs {
-    /// Listener URL (tcp://HOST:PORT, tls://HOST:PORT, http://HOST:PORT); repeatable. Given
-    /// any, they replace the default listeners.
+    /// Listener URL (tcp://HOST:PORT, tls://HOST:PORT, ws://HOST:PORT[/PATH],
+    /// wss://HOST:PORT[/PATH], http://HOST:PORT, with options such as ?proxy_protocol=true or
+    /// ?trust_proxy=true); repeatable. Given any, they replace the default listeners
+    /// (tcp://127.0.0.1:1883, tls://127.0.0.1:8883, ws://127.0.0.1:8083/mqtt,
+    /// wss://127.0.0.1:8084/mqtt).
     #[arg(long = "listen", value_name = "URL")]
     listen: Vec<String>,
     /// Directory for persistent data.
@@ -87,9 +90,14 @@ struct PasswdArgs {
     delete: bool,
 }
 
-/// The listeners of a bare `mqttd`: loopback only. The TLS one uses the local CA and server
-/// certificate generated under `<data_dir>/tls/` on first start.
-const DEFAULT_LISTENERS: &[&str] = &["tcp://127.0.0.1:1883", "tls://127.0.0.1:8883"];
+/// The listeners of a bare `mqttd`: loopback only. The TLS-based ones use the local CA and
+/// server certificate generated under `<data_dir>/tls/` on first start.
+const DEFAULT_LISTENERS: &[&str] = &[
+    "tcp://127.0.0.1:1883",
+    "tls://127.0.0.1:8883",
+    "ws://127.0.0.1:8083",
+    "wss://127.0.0.1:8084",
+];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -313,4 +321,21 @@ fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
     }
     file.save(&args.file)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqttd_broker::ListenerKind;
+
+    #[test]
+    fn bare_mqttd_serves_tcp_and_websocket_on_loopback_only() {
+        let config = load_config(&ServeArgs::default()).unwrap();
+        let listeners = config.listeners().unwrap();
+        let kinds: Vec<_> = listeners.iter().map(|l| (l.kind, l.addr.port())).collect();
+        assert_eq!(kinds, [(ListenerKind::Tcp, 1883), (ListenerKind::Ws, 8083)]);
+        assert!(listeners.iter().all(|l| l.is_loopback()));
+        assert_eq!(listeners[1].path.as_deref(), Some("/mqtt"));
+        assert!(config.anonymous_allowed());
+    }
 }

@@ -969,3 +969,65 @@ async fn a_pending_handshake_holds_little() {
     );
     drop(held);
 }
+
+/// `mqttd pub` and `mqttd sub` reach the broker's own TLS-based listeners, `mqtts://` and
+/// `wss://`, trusting the generated CA: a retained message published over one transport is
+/// read over the other, and a client trusting no CA is refused with the TLS exit status.
+#[tokio::test]
+async fn mqttd_clients_over_mqtts_and_wss_trusting_the_generated_ca() {
+    let mut broker = Broker::start_with("", &[TLS_LISTENER, "wss://127.0.0.1:0"]);
+    let ca = broker.data_dir().join("tls").join("ca.pem");
+    let mqtts = format!("mqtts://localhost:{}", broker.tls.port());
+    let wss = format!("wss://localhost:{}/mqtt", broker.wss.port());
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mqttd"))
+            .args(args)
+            .output()
+            .expect("run mqttd")
+    };
+    let ca_arg = ca.to_str().expect("UTF-8 path");
+
+    // Published over WSS, read over TLS, and the other way round.
+    for (publish_on, read_on, payload) in [(&wss, &mqtts, "via wss"), (&mqtts, &wss, "via tls")] {
+        let topic = format!("cli/{}", payload.replace(' ', "-"));
+        let published = cli(&[
+            "pub", "-L", publish_on, "--cafile", ca_arg, "-t", &topic, "-m", payload, "-r", "-q",
+            "1",
+        ]);
+        assert!(
+            published.status.success(),
+            "pub over {publish_on}: {}",
+            String::from_utf8_lossy(&published.stderr)
+        );
+        let read = cli(&[
+            "sub", "-L", read_on, "--cafile", ca_arg, "-t", &topic, "-C", "1", "-W", "30", "-v",
+        ]);
+        assert!(
+            read.status.success(),
+            "sub over {read_on}: {}",
+            String::from_utf8_lossy(&read.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&read.stdout),
+            format!("{topic} {payload}\n")
+        );
+    }
+
+    // Without the CA the client refuses the broker's certificate: exit status 4 (TLS).
+    let untrusting = tempfile::tempdir().expect("temporary directory");
+    let other_ca = untrusting.path().join("other-ca.pem");
+    std::fs::write(&other_ca, TestCa::new("another CA").pem).expect("write CA");
+    let refused = cli(&[
+        "pub",
+        "-L",
+        &wss,
+        "--cafile",
+        other_ca.to_str().expect("UTF-8 path"),
+        "-t",
+        "x",
+        "-m",
+        "x",
+    ]);
+    assert_eq!(refused.status.code(), Some(4), "{:?}", refused);
+    broker.shutdown();
+}

@@ -1,5 +1,5 @@
-//! The driver of a connection over one byte stream (TCP now; TLS, WebSocket and single-stream
-//! QUIC carry the same): it moves bytes and wake-ups between the transport and the
+//! The driver of a connection over one byte stream (TCP and WebSocket now; TLS and
+//! single-stream QUIC carry the same): it moves bytes and wake-ups between the transport and the
 //! connection's [`ConnectionCore`], and answers the core's requests. Every decision is the
 //! core's.
 //!
@@ -19,8 +19,9 @@
 //! Earlier arms win when several are ready: what arrives for the session is handed to it
 //! before more is read, and output goes out before more input adds to it.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -55,16 +56,33 @@ const LAST_WORDS: Duration = Duration::from_secs(1);
 const STREAM: StreamId = StreamId::CONTROL;
 
 /// Runs a connection over `stream` to completion.
+// The listeners start theirs with `serve_since`; the fuzz targets and the core's tests here.
+#[cfg_attr(not(any(test, feature = "fuzzing")), allow(dead_code))]
+pub(crate) fn serve<S>(
+    inner: Arc<Inner>,
+    stream: S,
+    peer: Peer,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    serve_since(inner, stream, peer, now())
+}
+
+/// Runs a connection over `stream`, accepted at `accepted`, to completion: the CONNECT
+/// deadline counts from `accepted`, so that what came before MQTT on the connection (a PROXY
+/// header, a TLS handshake, a WebSocket upgrade) took part of it.
 ///
 /// The connection's core is built here, before the future exists, and boxed: an async fn
 /// keeps its arguments twice (as captured and as locals), so the future carries a pointer to
 /// the core instead of the core and the `Peer` it was built from. Every byte of it is paid
 /// per idle connection.
-pub(crate) fn serve<S>(
+pub(crate) fn serve_since<S>(
     inner: Arc<Inner>,
     stream: S,
     peer: Peer,
-) -> impl std::future::Future<Output = ()> + Send + 'static
+    accepted: Instant,
+) -> impl Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -77,7 +95,12 @@ where
     );
     inner.metrics.connections_open.inc();
     let watermark = *inner.storage.watermark().borrow();
-    let core = Box::new(ConnectionCore::new(inner.clone(), peer, now(), watermark));
+    let core = Box::new(ConnectionCore::new(
+        inner.clone(),
+        peer,
+        accepted,
+        watermark,
+    ));
     drive(inner, stream, core, span)
 }
 

@@ -7,7 +7,7 @@
 //! One crypto provider serves the whole broker: *ring*, with TLS 1.3 and 1.2.
 //!
 //! The handshake runs in the connection's own task, under the connection's deadline (see
-//! [`crate::listener::tls_handshake`]): the accept loop never waits for a client.
+//! `listener.rs`, `Connection::tls_handshake`): the accept loop never waits for a client.
 
 mod generate;
 mod identity;

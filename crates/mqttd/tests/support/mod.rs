@@ -1,8 +1,8 @@
 //! What the integration tests share: the real `mqttd` binary run as a child process, and a raw
 //! MQTT connection for the bytes and behaviours no well-behaved client produces.
 //!
-//! [`Broker::start`] runs the binary on ephemeral ports (one MQTT listener, one HTTP listener for
-//! `/metrics`) with a configuration file and data directory in a temporary directory, and
+//! [`Broker::start`] runs the binary on ephemeral ports (MQTT over TCP, MQTT over WebSocket, and
+//! an HTTP listener for `/metrics`) with a configuration file and data directory in a temporary directory, and
 //! parses the bound ports from the lines it prints. It reads the process's resident memory from
 //! `/proc` and scrapes its metrics. Stopping it (explicitly with [`Broker::stop`], or on drop)
 //! sends SIGTERM and asserts that the broker exits with status 0 within
@@ -54,11 +54,16 @@ pub(crate) struct Broker {
     pid: u32,
     /// The MQTT over TCP listener.
     pub(crate) mqtt: SocketAddr,
+    /// The MQTT over WebSocket listener (path `/mqtt`).
+    pub(crate) ws: SocketAddr,
     /// The HTTP listener (`/metrics`, `/health`).
     pub(crate) http: SocketAddr,
     /// The MQTT over TLS listener, when [`Broker::start_with`] asked for one (unspecified
     /// otherwise).
     pub(crate) tls: SocketAddr,
+    /// The MQTT over WebSocket over TLS listener, when [`Broker::start_with`] asked for one
+    /// (unspecified otherwise).
+    pub(crate) wss: SocketAddr,
     /// Listeners besides the TCP and HTTP ones (`--listen` URLs).
     extra_listeners: Vec<String>,
     log: PathBuf,
@@ -126,8 +131,10 @@ impl Broker {
             child: None,
             pid: 0,
             mqtt: unspecified(),
+            ws: unspecified(),
             http: unspecified(),
             tls: unspecified(),
+            wss: unspecified(),
             extra_listeners: Vec::new(),
             log: dir.join("mqttd-0.log"),
             root: dir.to_owned(),
@@ -151,14 +158,19 @@ impl Broker {
         self.runs += 1;
         self.log = self.root.join(format!("mqttd-{}.log", self.runs));
         self.mqtt = unspecified();
+        self.ws = unspecified();
         self.http = unspecified();
         self.tls = unspecified();
+        self.wss = unspecified();
         let wants_tls = self.extra_listeners.iter().any(|l| l.starts_with("tls://"));
+        let wants_wss = self.extra_listeners.iter().any(|l| l.starts_with("wss://"));
         let filter = std::env::var("MQTTD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
         let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
             .args([
                 "--listen",
                 "tcp://127.0.0.1:0",
+                "--listen",
+                "ws://127.0.0.1:0",
                 "--listen",
                 "http://127.0.0.1:0",
             ])
@@ -190,7 +202,11 @@ impl Broker {
             }
         });
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while self.mqtt.port() == 0 || self.http.port() == 0 || (wants_tls && self.tls.port() == 0)
+        while self.mqtt.port() == 0
+            || self.ws.port() == 0
+            || self.http.port() == 0
+            || (wants_tls && self.tls.port() == 0)
+            || (wants_wss && self.wss.port() == 0)
         {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
@@ -227,8 +243,10 @@ impl Broker {
             let addr = addr.parse().expect("listening address");
             match scheme {
                 "tcp" => self.mqtt = addr,
+                "ws" => self.ws = addr,
                 "http" => self.http = addr,
                 "tls" => self.tls = addr,
+                "wss" => self.wss = addr,
                 other => panic!("unexpected listener scheme {other}"),
             }
         }
