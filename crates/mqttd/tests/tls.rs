@@ -696,12 +696,13 @@ async fn sighup_reloads_certificates_and_keeps_connections() {
     assert_eq!(next_payload(&mut old_events).await, "still up");
 }
 
-/// Sockets that send nothing, and one that trickles a ClientHello a byte at a time, are closed
-/// once `connect_timeout` has passed since they connected, while a client that completed its
-/// handshake meanwhile keeps working.
+/// 500 sockets that send nothing, and 100 that trickle a ClientHello a byte at a time, are
+/// closed once `connect_timeout` has passed since they connected, while a client that
+/// completed its handshake meanwhile keeps working.
 #[tokio::test]
 async fn slow_handshakes_are_closed_by_connect_timeout() {
-    const SILENT: usize = 5;
+    const SILENT: usize = 500;
+    const TRICKLING: usize = 100;
     let broker = Broker::start_with("connect_timeout = 1\n", &[TLS_LISTENER]);
     let ca = std::fs::read_to_string(broker.data_dir().join("tls").join("ca.pem")).expect("ca.pem");
     let tls = client_tls(&ca, None);
@@ -720,25 +721,29 @@ async fn slow_handshakes_are_closed_by_connect_timeout() {
     .expect("client connection")
     .write_tls(&mut hello)
     .expect("ClientHello");
-    let trickler = tokio::spawn({
-        let addr = broker.tls;
-        async move {
-            let mut stream = TcpStream::connect(addr).await.expect("connect");
-            let started = Instant::now();
-            for byte in hello.iter().take(200) {
-                if stream.write_all(&[*byte]).await.is_err() {
-                    return started.elapsed();
+    let tricklers: Vec<_> = (0..TRICKLING)
+        .map(|_| {
+            let addr = broker.tls;
+            let hello = hello.clone();
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(addr).await.expect("connect");
+                let started = Instant::now();
+                for byte in hello.iter().take(200) {
+                    if stream.write_all(&[*byte]).await.is_err() {
+                        return started.elapsed();
+                    }
+                    let mut buf = [0u8; 64];
+                    let read =
+                        tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf))
+                            .await;
+                    if let Ok(Ok(0) | Err(_)) = read {
+                        return started.elapsed();
+                    }
                 }
-                let mut buf = [0u8; 64];
-                let read =
-                    tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await;
-                if let Ok(Ok(0) | Err(_)) = read {
-                    return started.elapsed();
-                }
-            }
-            panic!("the trickling client was not closed within 200 bytes");
-        }
-    });
+                panic!("a trickling client was not closed within 200 bytes");
+            })
+        })
+        .collect();
 
     // A witness completes its handshake while the others are pending, and works.
     let (witness, mut events) = mqtt_over_tls(broker.tls, &tls, mqtt_config("witness", None))
@@ -767,22 +772,24 @@ async fn slow_handshakes_are_closed_by_connect_timeout() {
         "closed before connect_timeout: {:?}",
         started.elapsed()
     );
-    let trickled_for = within(STEP, "the trickler closed", trickler)
-        .await
-        .expect("trickler task");
-    assert!(
-        trickled_for >= Duration::from_secs(1),
-        "trickler closed after {trickled_for:?}"
-    );
+    for trickler in tricklers {
+        let trickled_for = within(STEP, "a trickler closed", trickler)
+            .await
+            .expect("trickler task");
+        assert!(
+            trickled_for >= Duration::from_secs(1),
+            "trickler closed after {trickled_for:?}"
+        );
+    }
 
     let metrics = broker
         .wait_for_metrics(STEP, |m| {
-            m.get("mqttd_tls_handshake_timeouts_total") >= (SILENT + 1) as f64
+            m.get("mqttd_tls_handshake_timeouts_total") >= (SILENT + TRICKLING) as f64
         })
         .await;
     assert_eq!(
         metrics.get("mqttd_tls_handshake_timeouts_total"),
-        (SILENT + 1) as f64
+        (SILENT + TRICKLING) as f64
     );
     assert_eq!(
         publish_acked(&witness, &mut events, "witness/b", "two").await,

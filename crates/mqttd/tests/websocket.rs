@@ -350,8 +350,8 @@ async fn a_text_frame_closes_the_connection() {
 #[tokio::test]
 async fn slow_upgrades_are_closed_at_the_connect_deadline() {
     let broker = Broker::start("connect_timeout = 1\n");
-    const SILENT: usize = 20;
-    const TRICKLING: usize = 20;
+    const SILENT: usize = 500;
+    const TRICKLING: usize = 100;
     let mut silent = Vec::new();
     for _ in 0..SILENT {
         silent.push(TcpStream::connect(broker.ws).await.unwrap());
