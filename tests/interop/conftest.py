@@ -1,7 +1,8 @@
 """Fixtures: a fresh mqttd per test, and clients of three kinds connected to it.
 
-* `broker`: starts `mqttd --listen tcp://127.0.0.1:0 --listen ws://127.0.0.1:0` with a temporary
-  data directory, reads the bound ports (`broker.port`, `broker.ws_port`) from its standard
+* `broker`: starts `mqttd` with `tcp://`, `ws://`, `tls://` and `wss://` listeners on port 0 and
+  a temporary data directory, reads the bound ports (`broker.port`, `broker.ws_port`,
+  `broker.tls_port`, `broker.wss_port`; TLS clients trust `broker.ca_file`) from its standard
   output, and at teardown sends SIGTERM and asserts that it
   exits with status 0 (graceful shutdown is a feature) before `TIMEOUT`. Mark a test with
   `@pytest.mark.broker_args("--max-keepalive", "10")` or
@@ -67,6 +68,7 @@ class Broker:
         self.password_file = password_file
         self.acl_file = acl_file
         cmd = [mqttd_bin(), "--listen", "tcp://127.0.0.1:0", "--listen", "ws://127.0.0.1:0",
+               "--listen", "tls://127.0.0.1:0", "--listen", "wss://127.0.0.1:0",
                "--data-dir", str(workdir / "data")]
         if allow_anonymous:
             cmd.append("--allow-anonymous")
@@ -86,6 +88,10 @@ class Broker:
         ports = self._read_ports()
         self.port = ports["tcp"]
         self.ws_port = ports["ws"]
+        self.tls_port = ports["tls"]
+        self.wss_port = ports["wss"]
+        # The local CA the broker generated for its TLS-based listeners.
+        self.ca_file = str(workdir / "data" / "tls" / "ca.pem")
 
     def _read_ports(self) -> dict[str, int]:
         """The port of each listener, by scheme, from the lines the broker prints."""
@@ -101,7 +107,7 @@ class Broker:
                 if text.startswith(prefix):
                     scheme, addr = text[len(prefix):].split("://", 1)
                     ports[scheme] = int(addr.rsplit(":", 1)[1])
-                    if "tcp" in ports and "ws" in ports:
+                    if all(k in ports for k in ("tcp", "ws", "tls", "wss")):
                         return ports
             if self.proc.poll() is not None:
                 break
@@ -181,12 +187,14 @@ def client(broker):
 
     def make(client_id: str | None = None, version: int = 5, *, connect: bool = True,
              manual_ack: bool = False, port: int | None = None, ws: bool = False,
-             **connect_args) -> PahoClient:
+             tls: bool = False, **connect_args) -> PahoClient:
         if client_id is None:
             client_id = f"c-{uuid.uuid4().hex[:12]}"
-        default_port = broker.ws_port if ws else broker.port
+        default_port = {(False, False): broker.port, (True, False): broker.ws_port,
+                        (False, True): broker.tls_port, (True, True): broker.wss_port}[(ws, tls)]
         c = PahoClient(port or default_port, client_id, version, manual_ack,
-                       transport="websockets" if ws else "tcp")
+                       transport="websockets" if ws else "tcp",
+                       ca_file=broker.ca_file if tls else None)
         made.append(c)
         if connect:
             c.connect(**connect_args)

@@ -69,8 +69,10 @@ class PahoClient:
     """
 
     def __init__(self, port: int, client_id: str = "", version: int = 5, manual_ack=False,
-                 transport: str = "tcp"):
+                 transport: str = "tcp", ca_file: str | None = None):
         self.port = port
+        # A CA file turns TLS on (MQTT over TLS, or WebSocket over TLS), trusting that CA.
+        self.ca_file = ca_file
         # "tcp", or "websockets" for MQTT over WebSocket on the path /mqtt.
         self.transport = transport
         self.client_id = client_id
@@ -143,6 +145,8 @@ class PahoClient:
                                  transport=self.transport)
         if self.transport == "websockets":
             self.c.ws_set_options(path="/mqtt")
+        if self.ca_file is not None:
+            self.c.tls_set(ca_certs=self.ca_file)
         self.c.on_connect = self._on_connect
         self.c.on_disconnect = self._on_disconnect
         self.c.on_message = self._on_message

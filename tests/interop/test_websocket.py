@@ -1,5 +1,7 @@
-"""MQTT over WebSocket with real clients: paho-mqtt's websockets transport (path `/mqtt`) and
-MQTT.js on Node, against the broker's ws:// listener, and across to TCP clients."""
+"""MQTT over WebSocket and TLS with real clients: paho-mqtt (TCP, TLS, and its websockets
+transport on the path `/mqtt`, plain and over TLS) and MQTT.js on Node, against the broker's
+ws://, wss:// and tls:// listeners (TLS clients trust the CA the broker generated), and across
+to TCP clients."""
 
 import json
 import os
@@ -65,13 +67,16 @@ def test_max_packet_size_applies_over_websocket(client):
     assert c.wait_disconnected().value == 0x95  # Packet too large
 
 
-def run_mqttjs(broker, version: int) -> dict:
+def run_mqttjs(broker, version: int, tls: bool = False) -> dict:
     node = shutil.which("node")
     assert node, "Node.js is missing: tests/interop/run.sh installs it"
     assert (MQTTJS / "node_modules" / "mqtt").is_dir(), (
         "MQTT.js is missing: tests/interop/run.sh runs `npm ci` in tests/interop/mqttjs")
-    url = f"ws://127.0.0.1:{broker.ws_port}/mqtt"
-    done = subprocess.run([node, str(MQTTJS / "pubsub.js"), url, str(version)],
+    if tls:
+        args = [f"wss://localhost:{broker.wss_port}/mqtt", str(version), broker.ca_file]
+    else:
+        args = [f"ws://127.0.0.1:{broker.ws_port}/mqtt", str(version)]
+    done = subprocess.run([node, str(MQTTJS / "pubsub.js"), *args],
                           capture_output=True, text=True, timeout=2 * TIMEOUT)
     assert done.returncode == 0, f"MQTT.js failed:\n{done.stdout}\n{done.stderr}"
     return json.loads(done.stdout)
@@ -89,3 +94,46 @@ def test_mqttjs_over_websocket_publishes_and_subscribes(broker, client, version)
         {"topic": "mqttjs/echo", "payload": f"hello from MQTT.js v{version}", "qos": 1}]
     (m,) = tcp_sub.recv_n(1)
     assert (m.topic, m.payload, m.qos) == ("mqttjs/out", bytes([7]) * 100_000, 1)
+
+
+@pytest.mark.parametrize("version", [4, 5], ids=["v311", "v5"])
+def test_mqttjs_over_websocket_over_tls(broker, client, version):
+    tcp_sub = client()
+    assert tcp_sub.subscribe("mqttjs/out", 1) == [1]
+
+    result = run_mqttjs(broker, version, tls=True)
+
+    assert result["received"] == [
+        {"topic": "mqttjs/echo", "payload": f"hello from MQTT.js v{version}", "qos": 1}]
+    (m,) = tcp_sub.recv_n(1)
+    assert (m.topic, m.payload, m.qos) == ("mqttjs/out", bytes([7]) * 100_000, 1)
+
+
+@BOTH_VERSIONS
+@pytest.mark.parametrize("ws", [False, True], ids=["tls", "wss"])
+def test_paho_over_tls_and_websocket_over_tls(client, version, ws):
+    sub = client(version=version, ws=ws, tls=True)
+    assert sub.subscribe("secure/t", 2) == [2]
+    tcp_sub = client(version=version)
+    assert tcp_sub.subscribe("secure/t", 1) == [1]
+    pub = client(version=version, ws=ws, tls=True)
+    pub.publish("secure/t", b"over tls", 2)
+
+    received = sub.collect_until_marker(pub)
+
+    assert [(m.topic, m.payload, m.qos) for m in received] == [("secure/t", b"over tls", 2)]
+    (m,) = tcp_sub.recv_n(1)
+    assert (m.topic, m.payload) == ("secure/t", b"over tls")
+
+
+@BOTH_VERSIONS
+@pytest.mark.broker_config("max_packet_size = 2097152")
+def test_one_mebibyte_payload_over_websocket_over_tls(client, version):
+    payload = os.urandom(1024 * 1024)
+    wss_sub = client(version=version, ws=True, tls=True)
+    assert wss_sub.subscribe("bigtls/t", 1) == [1]
+    pub = client(version=version, ws=True, tls=True)
+    pub.publish("bigtls/t", payload, 1)
+
+    (m,) = wss_sub.recv_n(1)
+    assert (m.topic, len(m.payload), m.payload == payload) == ("bigtls/t", len(payload), True)

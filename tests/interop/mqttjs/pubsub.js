@@ -3,13 +3,16 @@
 // Prints what it received as JSON and exits 0; prints why and exits 1 on any failure or after
 // 20 s.
 //
-//   node pubsub.js ws://127.0.0.1:8083/mqtt [3|4|5]
+//   node pubsub.js ws://127.0.0.1:8083/mqtt [3|4|5] [CA-FILE]
+//
+// With a CA file (for wss:// URLs), the broker's certificate must be signed by that CA.
 'use strict';
 
 const mqtt = require('mqtt');
 
 const url = process.argv[2];
 const protocolVersion = Number(process.argv[3] || 5);
+const caFile = process.argv[4];
 
 function fail(why) {
   console.error(`MQTT.js: ${why}`);
@@ -24,6 +27,7 @@ const client = mqtt.connect(url, {
   clientId: `mqttjs-v${protocolVersion}-${process.pid}`,
   reconnectPeriod: 0,
   connectTimeout: 10000,
+  ...(caFile ? { ca: require('fs').readFileSync(caFile), rejectUnauthorized: true } : {}),
 });
 const received = [];
 
