@@ -203,52 +203,65 @@ impl Connection {
     /// MQTT. The handshake's future is boxed, so that the task does not keep its room while
     /// the connection lives.
     async fn open(self, stream: TcpStream) {
+        // Each kind's steps run in a future of their own, boxed: the task holds only the one
+        // its listener needs, not room for the largest (TLS and WebSocket state together).
         match self.listener.kind {
-            ListenerKind::Ws => {
-                let upgrade = Box::pin(accept_websocket(stream, &self.listener));
-                let Some((ws, upgraded)) = self.handshake("WebSocket upgrade", upgrade).await
-                else {
-                    return;
-                };
-                let addr = self.forwarded(upgraded.forwarded_for, upgraded.subprotocol);
-                self.serve(ws, Transport::WebSocket, addr, None).await;
-            }
-            ListenerKind::Wss => {
-                let Some((tls, identity)) = self.tls_handshake(stream).await else {
-                    return;
-                };
-                let upgrade = Box::pin(accept_websocket(tls, &self.listener));
-                let Some((ws, upgraded)) = self.handshake("WebSocket upgrade", upgrade).await
-                else {
-                    return;
-                };
-                let addr = self.forwarded(upgraded.forwarded_for, upgraded.subprotocol);
-                self.serve(ws, Transport::WebSocketTls, addr, identity)
-                    .await;
-            }
-            ListenerKind::Tls if self.listener.proxy_protocol => {
-                let Some((stream, addr)) = self.proxy_header(stream).await else {
-                    return;
-                };
-                let Some((tls, identity)) = self.tls_handshake(stream).await else {
-                    return;
-                };
-                self.serve(tls, Transport::Tls, addr, identity).await;
-            }
-            ListenerKind::Tls => {
-                let Some((tls, identity)) = self.tls_handshake(stream).await else {
-                    return;
-                };
-                let addr = self.addr;
-                self.serve(tls, Transport::Tls, addr, identity).await;
-            }
-            _ => {
-                let Some((stream, addr)) = self.proxy_header(stream).await else {
-                    return;
-                };
-                self.serve(stream, Transport::Tcp, addr, None).await;
-            }
+            ListenerKind::Ws => Box::pin(self.open_ws(stream)).await,
+            ListenerKind::Wss => Box::pin(self.open_wss(stream)).await,
+            ListenerKind::Tls => Box::pin(self.open_tls(stream)).await,
+            _ => Box::pin(self.open_proxied(stream)).await,
         }
+    }
+
+    /// A WebSocket upgrade, then MQTT.
+    async fn open_ws(self, stream: TcpStream) {
+        let upgrade = Box::pin(accept_websocket(stream, &self.listener));
+        let Some((ws, upgraded)) = self.handshake("WebSocket upgrade", upgrade).await else {
+            return;
+        };
+        let addr = self.forwarded(upgraded.forwarded_for, upgraded.subprotocol);
+        self.serve(ws, Transport::WebSocket, addr, None).await;
+    }
+
+    /// A TLS handshake, a WebSocket upgrade, then MQTT.
+    async fn open_wss(self, stream: TcpStream) {
+        let Some((tls, identity)) = self.tls_handshake(stream).await else {
+            return;
+        };
+        let upgrade = Box::pin(accept_websocket(tls, &self.listener));
+        let Some((ws, upgraded)) = self.handshake("WebSocket upgrade", upgrade).await else {
+            return;
+        };
+        let addr = self.forwarded(upgraded.forwarded_for, upgraded.subprotocol);
+        self.serve(ws, Transport::WebSocketTls, addr, identity)
+            .await;
+    }
+
+    /// A PROXY header if the listener expects one, a TLS handshake, then MQTT.
+    async fn open_tls(self, stream: TcpStream) {
+        if self.listener.proxy_protocol {
+            let Some((stream, addr)) = self.proxy_header(stream).await else {
+                return;
+            };
+            let Some((tls, identity)) = self.tls_handshake(stream).await else {
+                return;
+            };
+            self.serve(tls, Transport::Tls, addr, identity).await;
+        } else {
+            let Some((tls, identity)) = self.tls_handshake(stream).await else {
+                return;
+            };
+            let addr = self.addr;
+            self.serve(tls, Transport::Tls, addr, identity).await;
+        }
+    }
+
+    /// A PROXY header, then MQTT over TCP.
+    async fn open_proxied(self, stream: TcpStream) {
+        let Some((stream, addr)) = self.proxy_header(stream).await else {
+            return;
+        };
+        self.serve(stream, Transport::Tcp, addr, None).await;
     }
 
     /// The client's address after a WebSocket upgrade: `X-Forwarded-For`'s when the listener
