@@ -329,13 +329,22 @@ mod tests {
     use mqttd_broker::ListenerKind;
 
     #[test]
-    fn bare_mqttd_serves_tcp_and_websocket_on_loopback_only() {
+    fn bare_mqttd_serves_tcp_tls_websocket_and_wss_on_loopback_only() {
         let config = load_config(&ServeArgs::default()).unwrap();
         let listeners = config.listeners().unwrap();
         let kinds: Vec<_> = listeners.iter().map(|l| (l.kind, l.addr.port())).collect();
-        assert_eq!(kinds, [(ListenerKind::Tcp, 1883), (ListenerKind::Ws, 8083)]);
+        assert_eq!(
+            kinds,
+            [
+                (ListenerKind::Tcp, 1883),
+                (ListenerKind::Tls, 8883),
+                (ListenerKind::Ws, 8083),
+                (ListenerKind::Wss, 8084)
+            ]
+        );
         assert!(listeners.iter().all(|l| l.is_loopback()));
-        assert_eq!(listeners[1].path.as_deref(), Some("/mqtt"));
+        assert_eq!(listeners[2].path.as_deref(), Some("/mqtt"));
+        assert_eq!(listeners[3].path.as_deref(), Some("/mqtt"));
         assert!(config.anonymous_allowed());
     }
 }
