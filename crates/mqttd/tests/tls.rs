@@ -379,21 +379,10 @@ async fn mosquitto_clients_with_a_client_certificate() {
         return;
     }
     let clients_ca = TestCa::new("test clients CA");
-    let mut broker = Broker::configured("", &[TLS_LISTENER]);
-    let root = broker.root().to_owned();
-    let ca_file = write(&root.join("clients-ca.pem"), &clients_ca.pem);
-    let acl = write(
-        &root.join("acl"),
+    let (broker, root) = mutual_tls_broker(
+        &clients_ca,
         "user device-9\ntopic readwrite fleet/device-9/#\n",
     );
-    write(
-        &root.join("mqttd.toml"),
-        &format!(
-            "acl_file = {acl:?}\n[tls]\nca_file = {ca_file:?}\nrequire_client_cert = true\n\
-             use_identity_as_username = true\n"
-        ),
-    );
-    broker.restart();
     let device = clients_ca.client("device-9");
     let cert = write(&root.join("device-9.pem"), &device.cert);
     let key = write(&root.join("device-9-key.pem"), &device.key);
@@ -433,19 +422,13 @@ async fn mosquitto_clients_with_a_client_certificate() {
     );
 }
 
-/// Mutual TLS: with `require_client_cert` and `use_identity_as_username`, the client
-/// certificate's CN is the user name the ACL applies to, whatever CONNECT says; a client
-/// without a certificate, or with one from another CA, does not get in.
-#[tokio::test]
-async fn client_certificate_identity_is_the_user_name() {
-    let clients_ca = TestCa::new("test clients CA");
+/// A broker with a TLS listener that requires client certificates signed by `clients_ca`,
+/// takes their identity as the user name, and applies `acl`; and its root directory.
+fn mutual_tls_broker(clients_ca: &TestCa, acl: &str) -> (Broker, PathBuf) {
     let mut broker = Broker::configured("", &[TLS_LISTENER]);
     let root = broker.root().to_owned();
     let ca_file = write(&root.join("clients-ca.pem"), &clients_ca.pem);
-    let acl = write(
-        &root.join("acl"),
-        "user device-1\ntopic readwrite devices/device-1/#\n\nuser admin\ntopic readwrite #\n",
-    );
+    let acl = write(&root.join("acl"), acl);
     write(
         &root.join("mqttd.toml"),
         &format!(
@@ -454,6 +437,19 @@ async fn client_certificate_identity_is_the_user_name() {
         ),
     );
     broker.restart();
+    (broker, root)
+}
+
+/// Mutual TLS: with `require_client_cert` and `use_identity_as_username`, the client
+/// certificate's CN is the user name the ACL applies to, whatever CONNECT says; a client
+/// without a certificate, or with one from another CA, does not get in.
+#[tokio::test]
+async fn client_certificate_identity_is_the_user_name() {
+    let clients_ca = TestCa::new("test clients CA");
+    let (broker, root) = mutual_tls_broker(
+        &clients_ca,
+        "user device-1\ntopic readwrite devices/device-1/#\n\nuser admin\ntopic readwrite #\n",
+    );
     let server_ca =
         std::fs::read_to_string(broker.data_dir().join("tls").join("ca.pem")).expect("ca.pem");
 
