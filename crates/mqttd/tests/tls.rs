@@ -446,7 +446,7 @@ fn mutual_tls_broker(clients_ca: &TestCa, acl: &str) -> (Broker, PathBuf) {
 #[tokio::test]
 async fn client_certificate_identity_is_the_user_name() {
     let clients_ca = TestCa::new("test clients CA");
-    let (broker, root) = mutual_tls_broker(
+    let (broker, _) = mutual_tls_broker(
         &clients_ca,
         "user device-1\ntopic readwrite devices/device-1/#\n\nuser admin\ntopic readwrite #\n",
     );
