@@ -100,7 +100,7 @@ for round in $(seq "$ROUNDS"); do
         stop_broker
         jq -c --arg b $broker --argjson r "$round" \
             '{broker:$b, scenario:"tls-connect", round:$r, connect_per_sec, connected, broker_cpu_secs,
-              cpu_us_per_connection:(broker_cpu_secs * 1000000 / connected | floor)}' \
+              cpu_us_per_connection:(.broker_cpu_secs * 1000000 / .connected | floor)}' \
             <<<"$out" | tee -a "$results"
         transports=(tls)
         [[ $broker == mqttd ]] && transports=(tcp tls ws)
