@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use mqttd_broker::fuzzing::{small_config, FuzzBroker};
-use mqttd_proto::codec::PacketReader;
+use mqttd_proto::codec::{DecodeError, PacketReader};
 use mqttd_proto::{
     ClientId, Connect, ConnectProperties, Disconnect, DisconnectProperties, Packet, PacketId,
     ProtocolVersion, PubResponse, Publish, PublishProperties, QoS, ReasonCode, RetainHandling,
@@ -620,7 +620,16 @@ impl Harness {
                 Ok(None) => return,
                 Err(e) => {
                     conn.malformed = true;
-                    conn.refusal_version = e.connect_version();
+                    // The broker answers a broken CONNECT in its version; a first packet of a
+                    // protocol level or name it does not speak, in 3.1.1's format (return code
+                    // 0x01), which every version can read [MQTT-3.1.2-2].
+                    let unknown_level = matches!(
+                        e,
+                        DecodeError::UnsupportedProtocolLevel(_) | DecodeError::InvalidProtocolName
+                    );
+                    conn.refusal_version = e.connect_version().or_else(|| {
+                        (unknown_level && conn.connect.is_none()).then_some(ProtocolVersion::V3_1_1)
+                    });
                     conn.sent.clear();
                     self.stats.malformed += 1;
                     self.log.push(format!("client {slot}: malformed: {e}"));
