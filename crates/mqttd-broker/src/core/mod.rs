@@ -397,6 +397,12 @@ impl ConnectionCore {
         }
         self.outputs.remove(stream);
         self.hints.retain(|(_, s)| *s != stream);
+        // What was owed on it now goes on the control stream, and still waits for the changes
+        // it acknowledges; the entry goes, so that streams that come and go leave nothing.
+        if let Some(at) = self.stream_needs.iter().position(|(s, _)| *s == stream) {
+            let (_, ticket) = self.stream_needs.swap_remove(at);
+            self.needs.merge(ticket);
+        }
         // Its waiting publications were read: they are still routed, and their
         // acknowledgements go on the control stream.
         for b in &mut self.blocked {
