@@ -14,6 +14,16 @@
 //! allocates packet identifiers, obeys the server's receive maximum, maximum QoS, maximum
 //! packet size and topic alias maximum, sends PINGREQ when the connection has been idle for the
 //! keep alive, and reports what happened as [`Event`]s.
+//!
+//! Streams (MQTT over QUIC in multi-stream mode): everything travels on
+//! [`StreamId::CONTROL`] unless the application names a data stream. The driver opens data
+//! streams and announces them with [`ClientConnection::stream_opened`]; then
+//! [`ClientConnection::publish_on`], [`ClientConnection::subscribe_on`] and
+//! [`ClientConnection::unsubscribe_on`] send on them. Acknowledgements go on the stream of the
+//! packet they answer, a QoS 2 flow's PUBREL on the stream of its PUBLISH, topic aliases are
+//! per stream, packet identifiers per session; CONNECT, PINGREQ, DISCONNECT and AUTH always go
+//! on the control stream. A data stream that is not open (yet, or any more) means the control
+//! stream, and what is queued before CONNACK goes on the control stream.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::{NonZeroU16, NonZeroU32};
@@ -252,6 +262,8 @@ pub struct ClientConnection {
     /// Messages reported to the application and not yet acknowledged when the connection
     /// closed: the application may still call [`Self::ack`] for them.
     unacked_at_close: HashMap<PacketId, QoS>,
+    /// Data streams opened before CONNACK, made known to the flows once connected.
+    opened_early: HashSet<StreamId>,
 }
 
 impl ClientConnection {
@@ -280,6 +292,7 @@ impl ClientConnection {
             pending_control: HashSet::new(),
             next_control_id: PacketId::MIN,
             unacked_at_close: HashMap::new(),
+            opened_early: HashSet::new(),
         }
     }
 
@@ -327,6 +340,31 @@ impl ClientConnection {
         Some(transmit)
     }
 
+    /// The driver opened data stream `stream`: publications and subscriptions for it may go
+    /// on it from now on. (A stream the server opens is known once a packet arrives on it.)
+    /// The control stream is always open.
+    pub fn stream_opened(&mut self, stream: StreamId) {
+        if stream.is_control() {
+            return;
+        }
+        match &mut self.state {
+            State::Connected(e) => e.flows.note_stream(stream),
+            State::Connecting(_) | State::Authenticating(_) => {
+                self.opened_early.insert(stream);
+            }
+            State::Closed { .. } => {}
+        }
+    }
+
+    /// The stream a packet the application starts for `stream` goes on: `stream` if it is
+    /// open, else the control stream.
+    fn live(&self, stream: StreamId) -> StreamId {
+        match &self.state {
+            State::Connected(e) => e.flows.live(stream),
+            _ => StreamId::CONTROL,
+        }
+    }
+
     /// A data stream ended while the connection lives on: acknowledgements owed on it go on
     /// the control stream, flows sent on it are resent there, its topic aliases are forgotten.
     /// Losing the control stream loses the connection.
@@ -334,6 +372,7 @@ impl ClientConnection {
         if stream.is_control() {
             return self.connection_lost(now);
         }
+        self.opened_early.remove(&stream);
         if let State::Connected(e) = &mut self.state {
             e.flows.stream_lost(now, stream, &mut self.transmits);
             self.drain_flow_events();
@@ -476,6 +515,9 @@ impl ClientConnection {
             retain_available: p.retain_available.unwrap_or(true),
         };
         let mut flows = Flows::new(self.config.version, session, local, peer);
+        for stream in self.opened_early.drain() {
+            flows.note_stream(stream);
+        }
         flows.resume(now, &mut self.transmits);
         self.state = State::Connected(Box::new(Established {
             flows,
@@ -563,6 +605,18 @@ impl ClientConnection {
         now: Instant,
         message: Arc<Message>,
     ) -> Result<Enqueued, ClientError> {
+        self.publish_on(now, StreamId::CONTROL, message)
+    }
+
+    /// As [`Self::publish`], on `stream` if it is open (else on the control stream). A message
+    /// queued behind the server's receive window keeps its stream; one queued before CONNACK
+    /// goes on the control stream.
+    pub fn publish_on(
+        &mut self,
+        now: Instant,
+        stream: StreamId,
+        message: Arc<Message>,
+    ) -> Result<Enqueued, ClientError> {
         let delivery = Delivery::new(message);
         let outcome = match &mut self.state {
             State::Connecting(h) | State::Authenticating(h) => h.session.enqueue(now, delivery),
@@ -573,8 +627,7 @@ impl ClientConnection {
                 if delivery.retain && !e.server_retain_available {
                     return Err(ClientError::RetainNotSupported);
                 }
-                e.flows
-                    .deliver(now, StreamId::CONTROL, delivery, &mut self.transmits)
+                e.flows.deliver(now, stream, delivery, &mut self.transmits)
             }
             State::Closed { .. } => return Err(ClientError::Closed),
         };
@@ -612,6 +665,17 @@ impl ClientConnection {
         filters: Vec<Subscription>,
         properties: SubscribeProperties,
     ) -> Result<PacketId, ClientError> {
+        self.subscribe_on(StreamId::CONTROL, filters, properties)
+    }
+
+    /// As [`Self::subscribe`], on `stream` if it is open (else on the control stream): the
+    /// server answers on it and delivers the subscription's messages on it.
+    pub fn subscribe_on(
+        &mut self,
+        stream: StreamId,
+        filters: Vec<Subscription>,
+        properties: SubscribeProperties,
+    ) -> Result<PacketId, ClientError> {
         if self.is_closed() {
             return Err(ClientError::Closed);
         }
@@ -619,17 +683,29 @@ impl ClientConnection {
             return Err(ClientError::NoTopicFilters);
         }
         let packet_id = self.control_id()?;
-        self.transmits
-            .push_back(control(Packet::Subscribe(Subscribe {
+        let stream = self.live(stream);
+        self.transmits.push_back((
+            stream,
+            Packet::Subscribe(Subscribe {
                 packet_id,
                 properties,
                 filters,
-            })));
+            }),
+        ));
         Ok(packet_id)
     }
 
     /// Sends UNSUBSCRIBE; the answer arrives as [`Event::UnsubAck`].
     pub fn unsubscribe(&mut self, filters: Vec<TopicFilter>) -> Result<PacketId, ClientError> {
+        self.unsubscribe_on(StreamId::CONTROL, filters)
+    }
+
+    /// As [`Self::unsubscribe`], on `stream` if it is open (else on the control stream).
+    pub fn unsubscribe_on(
+        &mut self,
+        stream: StreamId,
+        filters: Vec<TopicFilter>,
+    ) -> Result<PacketId, ClientError> {
         if self.is_closed() {
             return Err(ClientError::Closed);
         }
@@ -637,12 +713,15 @@ impl ClientConnection {
             return Err(ClientError::NoTopicFilters);
         }
         let packet_id = self.control_id()?;
-        self.transmits
-            .push_back(control(Packet::Unsubscribe(Unsubscribe {
+        let stream = self.live(stream);
+        self.transmits.push_back((
+            stream,
+            Packet::Unsubscribe(Unsubscribe {
                 packet_id,
                 user_properties: Vec::new(),
                 filters,
-            })));
+            }),
+        ));
         Ok(packet_id)
     }
 

@@ -176,7 +176,7 @@ impl Flows {
 
     /// The stream a message for `stream` goes on: the control stream if `stream` is not one
     /// this connection knows, or was lost.
-    fn live(&self, stream: StreamId) -> StreamId {
+    pub(crate) fn live(&self, stream: StreamId) -> StreamId {
         if stream.is_control() || self.streams.contains(&stream) {
             stream
         } else {

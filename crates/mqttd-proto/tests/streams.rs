@@ -685,3 +685,202 @@ fn client_acknowledges_on_the_stream_of_the_server_packet() {
     client.handle_packet_on(now, S2, pubrel(3));
     assert_eq!(client.poll_transmit_tagged(now), Some((S2, pubcomp(3))));
 }
+
+/// A v5 client connected (CONNECT taken) to a server with a topic alias maximum of 10 and
+/// `receive_maximum`, with data streams `S1` and `S2` opened.
+fn client_on_streams(receive_maximum: u16) -> (Clock, ClientConnection) {
+    let clock = Clock::new();
+    let now = clock.t0();
+    let mut client = ClientConnection::new(ClientConfig::new(client_id("c")), None, now);
+    assert!(matches!(
+        client.poll_transmit_tagged(now),
+        Some((CONTROL, Packet::Connect(_)))
+    ));
+    // One opened before CONNACK, one after: both are usable once connected.
+    client.stream_opened(S1);
+    let mut properties = ConnAckProperties::default();
+    properties.topic_alias_maximum = Some(10);
+    properties.receive_maximum = std::num::NonZeroU16::new(receive_maximum);
+    client.handle_packet(
+        now,
+        Packet::ConnAck(ConnAck {
+            session_present: false,
+            reason: R::Success,
+            properties,
+        }),
+    );
+    client.stream_opened(S2);
+    assert!(matches!(
+        client.poll_event(),
+        Some(ClientEvent::Connected(_))
+    ));
+    (clock, client)
+}
+
+fn client_out(client: &mut ClientConnection, now: Instant) -> Vec<(StreamId, Packet)> {
+    std::iter::from_fn(|| client.poll_transmit_tagged(now)).collect()
+}
+
+#[test]
+fn client_publishes_on_the_stream_it_names_and_ids_are_per_session() {
+    let (clock, mut client) = client_on_streams(100);
+    let now = clock.t0();
+    client.publish_on(now, S1, message("a", Q1, "1")).unwrap();
+    client.publish_on(now, S2, message("b", Q1, "2")).unwrap();
+    client.publish_on(now, S2, message("c", Q0, "3")).unwrap();
+    client.publish(now, message("d", Q1, "4")).unwrap();
+    let out = client_out(&mut client, now);
+    let sent = publishes(&out);
+    assert_eq!(streams(&out), vec![S1, S2, S2, CONTROL]);
+    let ids: Vec<_> = sent.iter().filter_map(|(_, p)| p.packet_id).collect();
+    assert_eq!(ids, vec![pid(1), pid(2), pid(3)], "one identifier space");
+    // The acknowledgements arrive on the streams of the publications.
+    client.handle_packet_on(now, S1, puback(1));
+    client.handle_packet_on(now, S2, puback(2));
+    client.handle_packet(now, puback(3));
+    let done = std::iter::from_fn(|| client.poll_event())
+        .filter(|e| {
+            matches!(
+                e,
+                ClientEvent::Delivered {
+                    reason: R::Success,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(done, 3);
+}
+
+#[test]
+fn client_publication_for_an_unopened_stream_goes_on_the_control_stream() {
+    let (clock, mut client) = client_on_streams(100);
+    let now = clock.t0();
+    client
+        .publish_on(now, StreamId::new(12), message("a", Q1, "1"))
+        .unwrap();
+    assert_eq!(streams(&client_out(&mut client, now)), vec![CONTROL]);
+}
+
+#[test]
+fn client_subscribes_on_a_data_stream_and_the_answer_comes_back_on_it() {
+    let (clock, mut client) = client_on_streams(100);
+    let now = clock.t0();
+    let sub = vec![mqttd_proto::Subscription {
+        filter: filter("t/#"),
+        options: mqttd_proto::SubscriptionOptions::default(),
+    }];
+    let id = client
+        .subscribe_on(S2, sub, mqttd_proto::SubscribeProperties::default())
+        .unwrap();
+    let out = client_out(&mut client, now);
+    assert!(
+        matches!(out.as_slice(), [(S2, Packet::Subscribe(s))] if s.packet_id == id),
+        "{out:?}"
+    );
+    client.handle_packet_on(
+        now,
+        S2,
+        Packet::SubAck(mqttd_proto::SubAck {
+            packet_id: id,
+            properties: Default::default(),
+            reasons: vec![R::Success],
+        }),
+    );
+    assert!(matches!(client.poll_event(), Some(ClientEvent::SubAck(a)) if a.packet_id == id));
+    let id = client.unsubscribe_on(S2, vec![filter("t/#")]).unwrap();
+    let out = client_out(&mut client, now);
+    assert!(
+        matches!(out.as_slice(), [(S2, Packet::Unsubscribe(u))] if u.packet_id == id),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn client_qos2_pubrel_follows_its_publish_stream() {
+    let (clock, mut client) = client_on_streams(100);
+    let now = clock.t0();
+    client.publish_on(now, S1, message("a", Q2, "1")).unwrap();
+    assert_eq!(streams(&client_out(&mut client, now)), vec![S1]);
+    // Even a PUBREC that arrives on another stream gets its PUBREL on the flow's stream.
+    client.handle_packet_on(now, S2, pubrec(1));
+    assert_eq!(client_out(&mut client, now), vec![(S1, pubrel(1))]);
+    client.handle_packet_on(now, S1, pubcomp(1));
+    assert!(std::iter::from_fn(|| client.poll_event()).any(|e| matches!(
+        e,
+        ClientEvent::Delivered {
+            reason: R::Success,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn client_topic_aliases_are_per_stream() {
+    let (clock, mut client) = client_on_streams(100);
+    let now = clock.t0();
+    for stream in [S1, S1, S2, S2] {
+        client
+            .publish_on(now, stream, message("long/topic", Q0, "x"))
+            .unwrap();
+    }
+    let out = client_out(&mut client, now);
+    let sent: Vec<(StreamId, bool, Option<u16>)> = publishes(&out)
+        .into_iter()
+        .map(|(s, p)| {
+            (
+                s,
+                p.topic.is_empty(),
+                p.properties.topic_alias.map(std::num::NonZeroU16::get),
+            )
+        })
+        .collect();
+    // Each stream sets the alias with the full topic first, then uses the alias alone.
+    assert_eq!(
+        sent,
+        vec![
+            (S1, false, Some(1)),
+            (S1, true, Some(1)),
+            (S2, false, Some(1)),
+            (S2, true, Some(1)),
+        ]
+    );
+}
+
+#[test]
+fn client_resends_a_lost_streams_flows_on_the_control_stream() {
+    let (clock, mut client) = client_on_streams(100);
+    let now = clock.t0();
+    client.publish_on(now, S1, message("a", Q1, "1")).unwrap();
+    client.publish_on(now, S2, message("b", Q1, "2")).unwrap();
+    client_out(&mut client, now);
+    client.stream_lost(now, S1);
+    let out = client_out(&mut client, now);
+    let resent = publishes(&out);
+    assert_eq!(resent.len(), 1, "{out:?}");
+    assert_eq!(resent[0].0, CONTROL);
+    assert!(resent[0].1.dup);
+    assert_eq!(resent[0].1.packet_id, Some(pid(1)));
+    // The stream is gone: what is meant for it now goes on the control stream.
+    client.publish_on(now, S1, message("c", Q0, "3")).unwrap();
+    assert_eq!(streams(&client_out(&mut client, now)), vec![CONTROL]);
+}
+
+#[test]
+fn client_control_packets_stay_on_the_control_stream() {
+    let (clock, mut client) = client_on_streams(100);
+    client.handle_packet_on(clock.t0(), S1, Packet::Publish(publish("t", Q0, 0, "a")));
+    // After a keep alive of idleness: PINGREQ on the control stream.
+    let due = client.poll_timeout().unwrap();
+    client.handle_timeout(due);
+    assert_eq!(
+        client_out(&mut client, due),
+        vec![(CONTROL, Packet::PingReq)]
+    );
+    client.disconnect(due, R::Success, None);
+    let out = client_out(&mut client, due);
+    assert!(
+        matches!(out.as_slice(), [(CONTROL, Packet::Disconnect(_))]),
+        "{out:?}"
+    );
+}
