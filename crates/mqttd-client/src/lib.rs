@@ -17,14 +17,24 @@
 //! disconnected by a server that times it out.
 //!
 //! [`transport`] opens the byte stream: TCP, TLS (cargo feature `tls`), WebSocket (cargo
-//! feature `ws`) or both; [`connect_to`] opens one and connects over it.
+//! feature `ws`) or both, or QUIC (cargo feature `quic`); [`connect_to`] opens one and connects
+//! over it.
+//!
+//! The connection's task drives one stream, or with multi-stream QUIC a control stream and
+//! data streams (opened after CONNACK): each stream has its own packet reader and output
+//! buffer, and the protocol core says which stream each packet goes on. A PUBLISH goes on the
+//! data stream its topic hashes to, a SUBSCRIBE or UNSUBSCRIBE on the one of its first filter;
+//! a data stream that fails hands what it owed to the control stream.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -36,11 +46,15 @@ use mqttd_proto::codec::PacketReader;
 use mqttd_proto::session::{Enqueued, Session};
 pub mod transport;
 
-pub use transport::{Connector, Endpoint, ServerUrl, TlsOptions, Transport, TransportError};
+#[cfg(feature = "quic")]
+pub use transport::{QuicInfo, ZeroRtt};
+pub use transport::{
+    Connector, Endpoint, QuicOptions, ServerUrl, TlsOptions, Transport, TransportError,
+};
 
 use mqttd_proto::{
-    ConnAck, Message, MqttStr, PacketId, QoS, ReasonCode, SubAck, SubscribeProperties,
-    Subscription, SubscriptionOptions, TopicFilter, UnsubAck,
+    ConnAck, Message, MqttStr, Packet, PacketId, ProtocolVersion, QoS, ReasonCode, StreamId,
+    SubAck, SubscribeProperties, Subscription, SubscriptionOptions, TopicFilter, UnsubAck,
 };
 
 /// Why a connection attempt failed.
@@ -118,6 +132,8 @@ enum Command {
 #[derive(Clone)]
 pub struct Client {
     commands: mpsc::Sender<Command>,
+    #[cfg(feature = "quic")]
+    quic: Option<Arc<QuicInfo>>,
 }
 
 /// Everything the server sends that is not the answer to a call: messages, delivery
@@ -156,6 +172,13 @@ impl Events {
 }
 
 impl Client {
+    /// What the QUIC transport says about the connection (whether 0-RTT was accepted);
+    /// `None` for other transports.
+    #[cfg(feature = "quic")]
+    pub fn quic(&self) -> Option<&QuicInfo> {
+        self.quic.as_deref()
+    }
+
     async fn request<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
@@ -265,6 +288,11 @@ pub async fn connect_to(
     config: ClientConfig,
     session: Option<Session>,
 ) -> Result<(Client, Events, ConnAck), ConnectError> {
+    #[cfg(feature = "quic")]
+    if let Some(opened) = connector.open_quic().await {
+        let links = Links::quic(opened?, connector.endpoint().quic.data_streams);
+        return connect_links(links, config, session, None).await;
+    }
     let stream = connector.open().await?;
     connect(stream, config, session).await
 }
@@ -284,36 +312,52 @@ where
 /// As [`connect`], authenticating with an enhanced-authentication method.
 pub async fn connect_with_auth<S>(
     stream: S,
-    mut config: ClientConfig,
+    config: ClientConfig,
     session: Option<Session>,
-    mut authenticator: Option<Box<dyn Authenticator>>,
+    authenticator: Option<Box<dyn Authenticator>>,
 ) -> Result<(Client, Events, ConnAck), ConnectError>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    connect_links(Links::single(stream), config, session, authenticator).await
+}
+
+async fn connect_links(
+    links: Links,
+    mut config: ClientConfig,
+    session: Option<Session>,
+    mut authenticator: Option<Box<dyn Authenticator>>,
+) -> Result<(Client, Events, ConnAck), ConnectError> {
     if let Some(auth) = authenticator.as_mut() {
         let method = MqttStr::try_from(auth.method())
             .map_err(|e| AuthFailed(format!("method name: {e}")))?;
         config.authentication = Some((method, auth.start()?));
     }
     let conn = ClientConnection::new(config, session, Instant::now());
+    #[cfg(feature = "quic")]
+    let quic = links.quic.as_ref().map(|q| q.info.clone());
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (event_tx, mut event_rx) = mpsc::channel(EVENT_QUEUE);
     let mut driver = Driver::new(conn, command_rx, event_tx);
     driver.authenticator = authenticator;
     let (error_tx, mut error_rx) = oneshot::channel();
     driver.transport_error = Some(error_tx);
-    tokio::spawn(driver.run(stream));
+    tokio::spawn(driver.run(links));
     loop {
         match event_rx.recv().await {
             Some(Event::Connected(ack)) => {
-                return Ok((Client { commands }, Events { rx: event_rx }, ack));
+                let client = Client {
+                    commands,
+                    #[cfg(feature = "quic")]
+                    quic,
+                };
+                return Ok((client, Events { rx: event_rx }, ack));
             }
             Some(Event::Rejected(ack)) => return Err(ConnectError::Refused(Box::new(ack))),
             // The driver hands over the transport's error before it reports the end.
             Some(Event::Closed { reason, .. }) => {
                 return Err(match error_rx.try_recv() {
-                    Ok(error) => ConnectError::Lost(error),
+                    Ok(error) => lost(error),
                     Err(_) => ConnectError::Closed(reason),
                 });
             }
@@ -323,16 +367,278 @@ where
     }
 }
 
+/// A transport failure before CONNACK: the transport's own error if it carries one (a QUIC
+/// handshake that failed or timed out after 0-RTT data went out), else the I/O error.
+fn lost(error: std::io::Error) -> ConnectError {
+    if error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<TransportError>())
+    {
+        if let Some(Ok(transport)) = error.into_inner().map(|e| e.downcast::<TransportError>()) {
+            return ConnectError::Transport(*transport);
+        }
+        return ConnectError::Closed(ReasonCode::UnspecifiedError);
+    }
+    ConnectError::Lost(error)
+}
+
 /// Commands waiting for the connection task; senders wait beyond this.
 const COMMAND_QUEUE: usize = 1024;
 /// Events waiting for the application; beyond this the connection stops reading.
 pub const EVENT_QUEUE: usize = 1024;
 /// Output waiting beyond this many bytes stops the task taking commands.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// The longest the streams' shutdown may wait for the server to receive the last bytes.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
+
+/// The reading side of one stream: its input buffer and packet reader.
+struct Input {
+    stream: StreamId,
+    rd: Box<dyn AsyncRead + Send + Unpin>,
+    rbuf: BytesMut,
+    reader: PacketReader,
+    /// False once input ended or failed.
+    open: bool,
+}
+
+/// The writing side of one stream: its output buffer.
+struct Output {
+    stream: StreamId,
+    wr: Box<dyn AsyncWrite + Send + Unpin>,
+    wbuf: BytesMut,
+    /// False once output failed; its packets go on the control stream.
+    open: bool,
+}
+
+/// The reading sides, the control stream's first; read in turn, so that none starves the
+/// others.
+struct Inputs {
+    links: Vec<Input>,
+    next: usize,
+}
+
+/// The writing sides, in the same order as the reading sides.
+struct Outputs {
+    links: Vec<Output>,
+    next: usize,
+}
+
+/// The streams of a connection: the control stream, then data streams (multi-stream QUIC).
+struct Links {
+    input: Inputs,
+    output: Outputs,
+    /// The readers' limit: the client's maximum packet size.
+    max_packet_size: u32,
+    #[cfg(feature = "quic")]
+    quic: Option<QuicLinks>,
+}
+
+/// The QUIC connection behind the links.
+#[cfg(feature = "quic")]
+struct QuicLinks {
+    conn: noq::Connection,
+    info: Arc<QuicInfo>,
+    /// Data streams to open once connected; 0 after they were.
+    to_open: u16,
+    /// The data streams that are open, for the topic hash to pick from.
+    data: Vec<StreamId>,
+}
+
+impl Links {
+    fn single<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(stream: S) -> Self {
+        let (rd, wr) = tokio::io::split(stream);
+        let mut links = Self {
+            input: Inputs {
+                links: Vec::new(),
+                next: 0,
+            },
+            output: Outputs {
+                links: Vec::new(),
+                next: 0,
+            },
+            max_packet_size: 0,
+            #[cfg(feature = "quic")]
+            quic: None,
+        };
+        links.push(StreamId::CONTROL, Box::new(rd), Box::new(wr));
+        links
+    }
+
+    #[cfg(feature = "quic")]
+    fn quic(opened: transport::QuicConnection, data_streams: u16) -> Self {
+        let mut links = Self::single(opened.control);
+        links.quic = Some(QuicLinks {
+            conn: opened.conn,
+            info: opened.info,
+            to_open: data_streams,
+            data: Vec::new(),
+        });
+        links
+    }
+
+    fn push(
+        &mut self,
+        stream: StreamId,
+        rd: Box<dyn AsyncRead + Send + Unpin>,
+        wr: Box<dyn AsyncWrite + Send + Unpin>,
+    ) {
+        self.input.links.push(Input {
+            stream,
+            rd,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            reader: PacketReader::new(self.max_packet_size),
+            open: true,
+        });
+        self.output.links.push(Output {
+            stream,
+            wr,
+            wbuf: BytesMut::new(),
+            open: true,
+        });
+    }
+
+    /// Sets the packet readers' limit (the client's maximum packet size).
+    fn set_max_packet_size(&mut self, max: u32) {
+        self.max_packet_size = max;
+        for link in &mut self.input.links {
+            link.reader = PacketReader::new(max);
+        }
+    }
+
+    /// The stream a PUBLISH on `topic` (or a SUBSCRIBE whose first filter is `topic`) goes on.
+    fn stream_for(&self, topic: &str) -> StreamId {
+        #[cfg(feature = "quic")]
+        if let Some(q) = &self.quic {
+            if !q.data.is_empty() {
+                let i = fnv1a(topic.as_bytes()) % q.data.len() as u64;
+                return q.data.get(i as usize).copied().unwrap_or(StreamId::CONTROL);
+            }
+        }
+        let _ = topic;
+        StreamId::CONTROL
+    }
+
+    /// Stream `i` is gone both ways; its unwritten output is dropped (the protocol core
+    /// resends what matters on the control stream).
+    fn lose(&mut self, i: usize) -> Option<StreamId> {
+        let input = self.input.links.get_mut(i)?;
+        input.open = false;
+        let stream = input.stream;
+        if let Some(output) = self.output.links.get_mut(i) {
+            output.open = false;
+            output.wbuf = BytesMut::new();
+        }
+        #[cfg(feature = "quic")]
+        if let Some(q) = &mut self.quic {
+            q.data.retain(|s| *s != stream);
+        }
+        Some(stream)
+    }
+
+    /// Writes what is left, data streams before the control stream (whose DISCONNECT comes
+    /// last), then shuts the streams down: a QUIC stream's shutdown waits until the server
+    /// has received everything, at most [`CLOSE_LINGER`] in all. Then the QUIC connection
+    /// closes.
+    async fn close(&mut self) {
+        for link in self.output.links.iter_mut().rev().filter(|l| l.open) {
+            let _ = link.wr.write_all(&link.wbuf).await;
+            link.wbuf.clear();
+        }
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            for link in self.output.links.iter_mut().rev().filter(|l| l.open) {
+                let _ = link.wr.shutdown().await;
+            }
+        })
+        .await;
+        #[cfg(feature = "quic")]
+        if let Some(q) = &self.quic {
+            transport::quic_close(&q.conn);
+        }
+        self.input.links.clear();
+        self.output.links.clear();
+    }
+}
+
+impl Inputs {
+    /// Reads into one stream's input buffer: that stream's index and the read's result.
+    /// Cancel-safe: a read either completed in the poll that returned it or did not happen.
+    async fn read(&mut self) -> (usize, std::io::Result<usize>) {
+        std::future::poll_fn(|cx| {
+            let n = self.links.len();
+            for k in 0..n {
+                let i = (self.next + k) % n;
+                let Some(link) = self.links.get_mut(i).filter(|l| l.open) else {
+                    continue;
+                };
+                if let Poll::Ready(result) = pin!(link.rd.read_buf(&mut link.rbuf)).poll(cx) {
+                    self.next = (i + 1) % n;
+                    return Poll::Ready((i, result));
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl Outputs {
+    /// Encodes `packet` into the output of `stream` (of the control stream if that one is
+    /// gone).
+    fn queue(&mut self, stream: StreamId, packet: &Packet, version: ProtocolVersion) {
+        let i = self
+            .links
+            .iter()
+            .position(|l| l.stream == stream && l.open)
+            .unwrap_or(0);
+        if let Some(link) = self.links.get_mut(i) {
+            let _ = packet.encode(version, &mut link.wbuf);
+        }
+    }
+
+    /// Bytes waiting to be written, over all streams.
+    fn backlog(&self) -> usize {
+        self.links.iter().map(|l| l.wbuf.len()).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.links.iter().all(|l| !l.open || l.wbuf.is_empty())
+    }
+
+    /// Writes some output of one stream: that stream's index and the write's result.
+    /// Cancel-safe like [`Inputs::read`].
+    async fn write(&mut self) -> (usize, std::io::Result<usize>) {
+        std::future::poll_fn(|cx| {
+            let n = self.links.len();
+            for k in 0..n {
+                let i = (self.next + k) % n;
+                let Some(link) = self
+                    .links
+                    .get_mut(i)
+                    .filter(|l| l.open && !l.wbuf.is_empty())
+                else {
+                    continue;
+                };
+                if let Poll::Ready(result) = pin!(link.wr.write_buf(&mut link.wbuf)).poll(cx) {
+                    self.next = (i + 1) % n;
+                    return Poll::Ready((i, result));
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// FNV-1a: a stable hash, so that a topic keeps its stream from run to run.
+#[cfg(feature = "quic")]
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
 
 struct Driver {
     conn: ClientConnection,
-    reader: PacketReader,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
     /// An event the full stream could not take; nothing is read or reported until it goes.
@@ -351,10 +657,8 @@ impl Driver {
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<Event>,
     ) -> Self {
-        let reader = PacketReader::new(conn.max_packet_size());
         Self {
             conn,
-            reader,
             commands,
             events,
             stalled: None,
@@ -366,22 +670,22 @@ impl Driver {
         }
     }
 
-    async fn run<S: AsyncRead + AsyncWrite + Unpin>(mut self, stream: S) {
-        let (mut rd, mut wr) = tokio::io::split(stream);
-        let mut rbuf = BytesMut::with_capacity(16 * 1024);
-        let mut wbuf = BytesMut::new();
+    async fn run(mut self, mut links: Links) {
+        links.set_max_packet_size(self.conn.max_packet_size());
         // Waits for room in the stream without borrowing `self`.
         let events = self.events.clone();
         loop {
             // Events first: answering one (an AUTH challenge) can queue packets.
             self.dispatch_events();
+            #[cfg(feature = "quic")]
+            self.open_data_streams(&mut links).await;
             let now = Instant::now();
-            while let Some(packet) = self.conn.poll_transmit(now) {
-                let _ = packet.encode(self.conn.version(), &mut wbuf);
+            let version = self.conn.version();
+            while let Some((stream, packet)) = self.conn.poll_transmit_tagged(now) {
+                links.output.queue(stream, &packet, version);
             }
             if self.conn.is_closed() {
-                let _ = wr.write_all(&wbuf).await;
-                let _ = wr.shutdown().await;
+                links.close().await;
                 break;
             }
             let deadline = self
@@ -390,6 +694,8 @@ impl Driver {
                 .map(|t| tokio::time::Instant::now() + t.saturating_duration_since(Instant::now()));
             // While the application is behind, the server's input waits in the socket.
             let reading = self.stalled.is_none();
+            let writing = !links.output.is_empty();
+            let backlog = links.output.backlog();
             tokio::select! {
                 biased;
                 permit = events.reserve(), if !reading => {
@@ -398,29 +704,20 @@ impl Driver {
                         permit.send(event);
                     }
                 }
-                res = wr.write_buf(&mut wbuf), if !wbuf.is_empty() => match res {
+                (i, res) = links.output.write(), if writing => match res {
                     Ok(n) if n > 0 => {}
-                    Ok(_) => self.conn.connection_lost(Instant::now()),
-                    Err(e) => self.transport_failed(e),
+                    Ok(_) => self.link_failed(&mut links, i, None),
+                    Err(e) => self.link_failed(&mut links, i, Some(e)),
                 },
-                command = self.commands.recv(), if wbuf.len() < WRITE_HIGH_WATER => match command {
-                    Some(command) => self.command(command),
+                command = self.commands.recv(), if backlog < WRITE_HIGH_WATER => match command {
+                    Some(command) => self.command(&links, command),
                     // Every handle is gone: nobody can use the connection any more.
                     None => self.conn.disconnect(Instant::now(), ReasonCode::Success, None),
                 },
-                res = rd.read_buf(&mut rbuf), if reading => match res {
-                    Ok(0) => self.conn.connection_lost(Instant::now()),
-                    Err(e) => self.transport_failed(e),
-                    Ok(_) => loop {
-                        match self.reader.read(&mut rbuf, Some(self.conn.version())) {
-                            Ok(Some(packet)) => self.conn.handle_packet(Instant::now(), packet),
-                            Ok(None) => break,
-                            Err(e) => {
-                                self.conn.handle_decode_error(Instant::now(), &e);
-                                break;
-                            }
-                        }
-                    },
+                (i, res) = links.input.read(), if reading => match res {
+                    Ok(0) => self.link_failed(&mut links, i, None),
+                    Err(e) => self.link_failed(&mut links, i, Some(e)),
+                    Ok(_) => self.decode(&mut links, i),
                 },
                 // A PINGRESP may be among the unread input: no timeouts while not reading.
                 _ = sleep_until(deadline), if deadline.is_some() && reading => {
@@ -428,9 +725,9 @@ impl Driver {
                 }
             }
         }
-        // The transport closes and a DISCONNECT call returns now; the last events
+        // The transport is closed and a DISCONNECT call returns now; the last events
         // ([`Event::Closed`] among them) then wait for room rather than be lost.
-        drop((rd, wr));
+        drop(links);
         if let Some(reply) = self.disconnect_reply.take() {
             let _ = reply.send(self.conn.take_session());
         }
@@ -445,17 +742,95 @@ impl Driver {
         }
     }
 
-    fn command(&mut self, command: Command) {
+    /// Hands the complete packets in stream `i`'s input to the state machine.
+    fn decode(&mut self, links: &mut Links, i: usize) {
+        let Some(link) = links.input.links.get_mut(i) else {
+            return;
+        };
+        loop {
+            match link.reader.read(&mut link.rbuf, Some(self.conn.version())) {
+                Ok(Some(packet)) => self.conn.handle_packet_on(Instant::now(), link.stream, packet),
+                Ok(None) => break,
+                Err(e) => {
+                    self.conn.handle_decode_error(Instant::now(), &e);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Stream `i` ended (`None`) or failed: the control stream's end is the connection's; a
+    /// data stream's hands what it owed to the control stream.
+    fn link_failed(&mut self, links: &mut Links, i: usize, error: Option<std::io::Error>) {
+        if i == 0 {
+            match error {
+                Some(e) => self.transport_failed(e),
+                None => self.conn.connection_lost(Instant::now()),
+            }
+            return;
+        }
+        if let Some(stream) = links.lose(i) {
+            tracing::debug!(%stream, ?error, "data stream lost");
+            self.conn.stream_lost(Instant::now(), stream);
+        }
+    }
+
+    /// Once connected, opens the data streams of multi-stream QUIC; a server that allows
+    /// fewer gets fewer (the rest of the traffic stays on the streams that opened).
+    #[cfg(feature = "quic")]
+    async fn open_data_streams(&mut self, links: &mut Links) {
+        /// How long to wait for the server's stream credit.
+        const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+        let Some(q) = &mut links.quic else {
+            return;
+        };
+        if q.to_open == 0 || !self.conn.is_connected() {
+            return;
+        }
+        let wanted = std::mem::take(&mut q.to_open);
+        let conn = q.conn.clone();
+        for n in 1..=wanted {
+            let opened = tokio::time::timeout(OPEN_TIMEOUT, transport::open_data_stream(&conn));
+            match opened.await {
+                Ok(Ok((send, recv))) => {
+                    let stream = StreamId::new(u64::from(n));
+                    links.push(stream, Box::new(recv), Box::new(send));
+                    if let Some(q) = &mut links.quic {
+                        q.data.push(stream);
+                    }
+                    self.conn.stream_opened(stream);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(opened = n - 1, wanted, "cannot open a QUIC data stream: {e}");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        opened = n - 1,
+                        wanted,
+                        "the server allows no more QUIC streams"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, links: &Links, command: Command) {
         let now = Instant::now();
         match command {
             Command::Publish(message, reply) => {
-                let _ = reply.send(self.conn.publish(now, message));
+                let stream = links.stream_for(message.topic.as_str());
+                let _ = reply.send(self.conn.publish_on(now, stream, message));
             }
             Command::PublishNoReply(message) => {
-                let _ = self.conn.publish(now, message);
+                let stream = links.stream_for(message.topic.as_str());
+                let _ = self.conn.publish_on(now, stream, message);
             }
             Command::Subscribe(filters, properties, reply) => {
-                match self.conn.subscribe(filters, properties) {
+                let first = filters.first().map_or("", |s| s.filter.as_str());
+                let stream = links.stream_for(first);
+                match self.conn.subscribe_on(stream, filters, properties) {
                     Ok(id) => {
                         self.pending_sub.insert(id, reply);
                     }
@@ -464,7 +839,10 @@ impl Driver {
                     }
                 }
             }
-            Command::Unsubscribe(filters, reply) => match self.conn.unsubscribe(filters) {
+            Command::Unsubscribe(filters, reply) => match self
+                .conn
+                .unsubscribe_on(links.stream_for(filters.first().map_or("", |f| f.as_str())), filters)
+            {
                 Ok(id) => {
                     self.pending_unsub.insert(id, reply);
                 }

@@ -1,4 +1,4 @@
-//! Byte streams to a server: TCP, TLS, WebSocket and WebSocket over TLS.
+//! Byte streams to a server: TCP, TLS, WebSocket, WebSocket over TLS and QUIC.
 //!
 //! An [`Endpoint`] says where the server is and how to reach it; a [`Connector`] is an endpoint
 //! whose TLS configuration (CA file, client certificate) has been loaded, so that its mistakes
@@ -9,6 +9,11 @@
 //! tokio-tungstenite with the `mqtt` subprotocol, one MQTT write per binary frame; its frames
 //! are turned back into a byte stream by a small pump task that ends when either side
 //! closes.
+//!
+//! QUIC (cargo feature `quic`) is noq with rustls (TLS 1.3 only, ALPN `mqtt`), CUBIC
+//! congestion control and 0-RTT resumption from the connector's session tickets. In
+//! single-stream mode the first bidirectional stream is the byte stream; in multi-stream mode
+//! ([`QuicOptions::data_streams`]) [`crate::connect_to`] adds data streams after CONNACK.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -21,9 +26,15 @@ use tokio::net::{lookup_host, TcpStream};
 
 #[cfg(feature = "tls")]
 mod tls;
+#[cfg(feature = "quic")]
+mod quic;
 #[cfg(feature = "ws")]
 mod ws;
 
+#[cfg(feature = "quic")]
+pub use quic::{QuicInfo, QuicStream, ZeroRtt, ALPN as QUIC_ALPN, HANDSHAKE_TIMEOUT};
+#[cfg(feature = "quic")]
+pub(crate) use quic::{close as quic_close, open_data_stream, QuicConnection};
 #[cfg(feature = "tls")]
 pub use tls::CertCheck;
 
@@ -44,6 +55,8 @@ pub enum Transport {
     Ws,
     /// WebSocket over TLS (`wss://`, port 8084).
     Wss,
+    /// MQTT over QUIC (`quic://`, UDP port 14567), TLS 1.3 with ALPN `mqtt`.
+    Quic,
 }
 
 impl Transport {
@@ -54,12 +67,13 @@ impl Transport {
             Self::Tls => 8883,
             Self::Ws => 8083,
             Self::Wss => 8084,
+            Self::Quic => 14567,
         }
     }
 
-    /// Whether the stream is encrypted.
+    /// Whether the stream is encrypted (QUIC always is).
     pub fn is_tls(self) -> bool {
-        matches!(self, Self::Tls | Self::Wss)
+        matches!(self, Self::Tls | Self::Wss | Self::Quic)
     }
 
     /// Whether MQTT travels in WebSocket frames.
@@ -74,14 +88,17 @@ impl Transport {
             Self::Tls => "mqtts",
             Self::Ws => "ws",
             Self::Wss => "wss",
+            Self::Quic => "quic",
         }
     }
 
-    /// The same transport with TLS added (TCP becomes TLS, WebSocket becomes secure WebSocket).
+    /// The same transport with TLS added (TCP becomes TLS, WebSocket becomes secure WebSocket;
+    /// QUIC has it already).
     pub fn with_tls(self) -> Self {
         match self {
             Self::Tcp | Self::Tls => Self::Tls,
             Self::Ws | Self::Wss => Self::Wss,
+            Self::Quic => Self::Quic,
         }
     }
 }
@@ -111,6 +128,18 @@ impl TlsOptions {
     }
 }
 
+/// How MQTT uses a QUIC connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QuicOptions {
+    /// Data streams besides the control stream; 0 carries everything on the first stream
+    /// (single-stream mode). With N > 0 (multi-stream mode, EMQX's semantics) the control
+    /// stream carries CONNECT/CONNACK, PING, DISCONNECT and AUTH; each PUBLISH goes on the
+    /// data stream its topic hashes to, each SUBSCRIBE and UNSUBSCRIBE on the one its first
+    /// filter hashes to, and the server answers and delivers on the stream of the request.
+    pub data_streams: u16,
+}
+
 /// Where a server is and how to reach it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -123,9 +152,13 @@ pub struct Endpoint {
     pub port: u16,
     /// WebSocket path (WebSocket transports only).
     pub path: String,
-    /// TLS settings (TLS transports only).
+    /// TLS settings (TLS transports and QUIC).
     pub tls: TlsOptions,
-    /// Time allowed for the transport's set-up: TCP connect, TLS and WebSocket handshakes.
+    /// QUIC settings (QUIC only).
+    pub quic: QuicOptions,
+    /// Time allowed for the transport's set-up: TCP connect, TLS, QUIC and WebSocket
+    /// handshakes. A QUIC handshake gets at most `HANDSHAKE_TIMEOUT` (10 s) of it: a host
+    /// where nothing listens on UDP does not answer at all.
     pub timeout: Duration,
 }
 
@@ -138,6 +171,7 @@ impl Endpoint {
             port,
             path: DEFAULT_WS_PATH.to_owned(),
             tls: TlsOptions::default(),
+            quic: QuicOptions::default(),
             timeout: Duration::from_secs(30),
         }
     }
@@ -174,11 +208,12 @@ fn url_host(host: &str) -> String {
     }
 }
 
-/// A server URL as `mosquitto_pub -L` takes it, extended with WebSocket schemes:
-/// `mqtt://`, `mqtts://`, `ws://`, `wss://`, then `[user[:password]@]host[:port][/path]`.
+/// A server URL as `mosquitto_pub -L` takes it, extended with WebSocket and QUIC schemes:
+/// `mqtt://`, `mqtts://`, `ws://`, `wss://`, `quic://`, then
+/// `[user[:password]@]host[:port][/path]`.
 ///
-/// For `mqtt://` and `mqtts://` the path is a topic (as Mosquitto reads it); for `ws://` and
-/// `wss://` it is the WebSocket path (default [`DEFAULT_WS_PATH`]).
+/// For `mqtt://`, `mqtts://` and `quic://` the path is a topic (as Mosquitto reads it); for
+/// `ws://` and `wss://` it is the WebSocket path (default [`DEFAULT_WS_PATH`]).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServerUrl {
@@ -188,7 +223,7 @@ pub struct ServerUrl {
     pub username: Option<String>,
     /// Password.
     pub password: Option<String>,
-    /// Topic (MQTT schemes only).
+    /// Topic (MQTT and QUIC schemes only).
     pub topic: Option<String>,
 }
 
@@ -210,13 +245,14 @@ impl FromStr for ServerUrl {
         };
         let (scheme, rest) = url
             .split_once("://")
-            .ok_or_else(|| fail("expected mqtt://, mqtts://, ws:// or wss://"))?;
+            .ok_or_else(|| fail("expected mqtt://, mqtts://, ws://, wss:// or quic://"))?;
         let transport = match scheme.to_ascii_lowercase().as_str() {
             "mqtt" | "tcp" => Transport::Tcp,
             "mqtts" | "ssl" | "tls" => Transport::Tls,
             "ws" => Transport::Ws,
             "wss" => Transport::Wss,
-            _ => return Err(fail("unknown scheme (mqtt, mqtts, ws or wss)")),
+            "quic" => Transport::Quic,
+            _ => return Err(fail("unknown scheme (mqtt, mqtts, ws, wss or quic)")),
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => rest.split_at(i),
@@ -316,6 +352,10 @@ pub enum TransportError {
         /// Why.
         reason: String,
     },
+    /// The QUIC connection failed for a reason other than TLS (the server closed or reset it,
+    /// a protocol violation, no usable address).
+    #[error("QUIC: {0}")]
+    Quic(String),
     /// The transport needs a cargo feature this build lacks.
     #[error("{transport} needs mqttd-client's cargo feature `{feature}`")]
     Unsupported {
@@ -335,6 +375,9 @@ pub struct Connector {
     endpoint: Endpoint,
     #[cfg(feature = "tls")]
     tls: Option<tls::Tls>,
+    /// Sockets, TLS configuration and session tickets, shared by the connector's clones.
+    #[cfg(feature = "quic")]
+    quic: Option<std::sync::Arc<quic::Quic>>,
 }
 
 impl fmt::Debug for Connector {
@@ -356,6 +399,13 @@ impl Connector {
                 feature: "tls",
             });
         }
+        #[cfg(not(feature = "quic"))]
+        if endpoint.transport == Transport::Quic {
+            return Err(TransportError::Unsupported {
+                transport: "QUIC",
+                feature: "quic",
+            });
+        }
         #[cfg(not(feature = "ws"))]
         if endpoint.transport.is_websocket() {
             return Err(TransportError::Unsupported {
@@ -364,15 +414,33 @@ impl Connector {
             });
         }
         #[cfg(feature = "tls")]
-        let tls = match endpoint.transport.is_tls() {
-            true => Some(tls::Tls::new(&endpoint.host, &endpoint.tls)?),
-            false => None,
+        let tls = match endpoint.transport {
+            Transport::Tls | Transport::Wss => Some(tls::Tls::new(&endpoint.host, &endpoint.tls)?),
+            _ => None,
+        };
+        #[cfg(feature = "quic")]
+        let quic = match endpoint.transport {
+            Transport::Quic => Some(std::sync::Arc::new(quic::Quic::new(
+                &endpoint.host,
+                &endpoint.tls,
+            )?)),
+            _ => None,
         };
         Ok(Self {
             endpoint,
             #[cfg(feature = "tls")]
             tls,
+            #[cfg(feature = "quic")]
+            quic,
         })
+    }
+
+    /// Connects over QUIC and opens the control stream (the handshake bounded by
+    /// `HANDSHAKE_TIMEOUT`, or 0-RTT with a cached session ticket).
+    #[cfg(feature = "quic")]
+    pub(crate) async fn open_quic(&self) -> Option<Result<QuicConnection, TransportError>> {
+        let quic = self.quic.as_ref()?;
+        Some(quic.connect(&self.endpoint).await)
     }
 
     /// The endpoint.
@@ -381,8 +449,13 @@ impl Connector {
     }
 
     /// Opens a stream: TCP connect, then the TLS and WebSocket handshakes the transport needs,
-    /// within [`Endpoint::timeout`].
+    /// within [`Endpoint::timeout`]. For QUIC: the connection's first bidirectional stream
+    /// (single-stream mode; [`crate::connect_to`] also does multi-stream mode).
     pub async fn open(&self) -> Result<Box<dyn ByteStream>, TransportError> {
+        #[cfg(feature = "quic")]
+        if let Some(quic) = self.open_quic().await {
+            return Ok(Box::new(quic?.control));
+        }
         let timeout = self.endpoint.timeout;
         match tokio::time::timeout(timeout, self.open_now()).await {
             Ok(result) => result,
@@ -476,6 +549,23 @@ mod tests {
         assert_eq!(u.endpoint.ws_url(), "wss://[::1]:9000/custom/path");
         assert_eq!(u.topic, None);
         assert_eq!(u.username.as_deref(), Some("bob"));
+    }
+
+    #[test]
+    fn quic_urls() {
+        let u = parse("quic://broker.example/a/b");
+        assert_eq!(u.endpoint.transport, Transport::Quic);
+        assert_eq!(u.endpoint.port, 14567);
+        assert_eq!(u.topic.as_deref(), Some("a/b"));
+        assert_eq!(u.endpoint.to_string(), "quic://broker.example:14567");
+        let u = parse("QUIC://u:p@[::1]:4433");
+        assert_eq!((u.endpoint.host.as_str(), u.endpoint.port), ("::1", 4433));
+        assert_eq!(u.endpoint.to_string(), "quic://[::1]:4433");
+        assert_eq!(u.password.as_deref(), Some("p"));
+        assert!(Transport::Quic.is_tls());
+        assert!(!Transport::Quic.is_websocket());
+        assert_eq!(Transport::Quic.with_tls(), Transport::Quic);
+        assert_eq!(u.endpoint.quic.data_streams, 0);
     }
 
     #[test]

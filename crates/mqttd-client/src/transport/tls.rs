@@ -34,48 +34,11 @@ pub(super) struct Tls {
 
 impl Tls {
     pub(super) fn new(host: &str, options: &TlsOptions) -> Result<Self, TransportError> {
-        let config_err = TransportError::TlsConfig;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let roots = Arc::new(load_roots(options.ca_file.as_deref())?);
-        let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-            .build()
-            .map_err(|e| config_err(format!("certificate verifier: {e}")))?;
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| config_err(e.to_string()))?;
-        let builder = if options.insecure {
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyHostName {
-                    inner: verifier,
-                    provider,
-                }))
-        } else {
-            builder.with_webpki_verifier(verifier)
-        };
-        let config = match (&options.cert_file, &options.key_file) {
-            (Some(cert), Some(key)) => {
-                let chain = CertificateDer::pem_file_iter(cert)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| config_err(format!("{}: {e}", cert.display())))?;
-                let key = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| config_err(format!("{}: {e}", key.display())))?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| config_err(format!("client certificate: {e}")))?
-            }
-            (None, None) => builder.with_no_client_auth(),
-            _ => {
-                return Err(config_err(
-                    "a client certificate needs both a certificate and a key file".into(),
-                ))
-            }
-        };
-        let server_name = ServerName::try_from(host.to_owned())
-            .map_err(|_| config_err(format!("{host:?} is not a valid TLS server name")))?;
+        let versions = rustls::DEFAULT_VERSIONS;
+        let config = client_config(options, versions, verifier(options)?)?;
         Ok(Self {
             connector: TlsConnector::from(Arc::new(config)),
-            server_name,
+            server_name: server_name(host)?,
         })
     }
 
@@ -88,6 +51,63 @@ impl Tls {
             .await
             .map_err(|e| TransportError::Tls(TlsError::from_io(&e)))
     }
+}
+
+/// The check of the server's certificate `options` ask for: the chain against the CA file
+/// (or the system's CAs), and the host name unless `insecure`.
+pub(super) fn verifier(
+    options: &TlsOptions,
+) -> Result<Arc<dyn ServerCertVerifier>, TransportError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = Arc::new(load_roots(options.ca_file.as_deref())?);
+    let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| TransportError::TlsConfig(format!("certificate verifier: {e}")))?;
+    Ok(match options.insecure {
+        true => Arc::new(AnyHostName {
+            inner: verifier,
+            provider,
+        }),
+        false => verifier,
+    })
+}
+
+/// A client configuration with the ring provider, `versions`, `verifier` and the client
+/// certificate `options` name.
+pub(super) fn client_config(
+    options: &TlsOptions,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<rustls::ClientConfig, TransportError> {
+    let config_err = TransportError::TlsConfig;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| config_err(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    match (&options.cert_file, &options.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| config_err(format!("{}: {e}", cert.display())))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| config_err(format!("{}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| config_err(format!("client certificate: {e}")))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(config_err(
+            "a client certificate needs both a certificate and a key file".into(),
+        )),
+    }
+}
+
+/// `host` as the TLS server name to present and check.
+pub(super) fn server_name(host: &str) -> Result<ServerName<'static>, TransportError> {
+    ServerName::try_from(host.to_owned())
+        .map_err(|_| TransportError::TlsConfig(format!("{host:?} is not a valid TLS server name")))
 }
 
 /// The CA certificates in `file`, or in the system's bundle.
@@ -219,7 +239,7 @@ pub enum CertCheck {
 }
 
 impl CertCheck {
-    fn of(error: &CertificateError) -> Self {
+    pub(super) fn of(error: &CertificateError) -> Self {
         match error {
             CertificateError::UnknownIssuer => Self::UnknownIssuer,
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
@@ -292,7 +312,7 @@ impl TlsError {
         Some(Self::from_rustls(inner))
     }
 
-    fn from_rustls(error: &rustls::Error) -> Self {
+    pub(super) fn from_rustls(error: &rustls::Error) -> Self {
         match error {
             rustls::Error::InvalidCertificate(e) => Self::Certificate {
                 check: CertCheck::of(e),
