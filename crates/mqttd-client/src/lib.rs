@@ -46,11 +46,11 @@ use mqttd_proto::codec::PacketReader;
 use mqttd_proto::session::{Enqueued, Session};
 pub mod transport;
 
-#[cfg(feature = "quic")]
-pub use transport::{QuicInfo, ZeroRtt};
 pub use transport::{
     Connector, Endpoint, QuicOptions, ServerUrl, TlsOptions, Transport, TransportError,
 };
+#[cfg(feature = "quic")]
+pub use transport::{QuicInfo, ZeroRtt};
 
 use mqttd_proto::{
     ConnAck, Message, MqttStr, Packet, PacketId, ProtocolVersion, QoS, ReasonCode, StreamId,
@@ -749,7 +749,9 @@ impl Driver {
         };
         loop {
             match link.reader.read(&mut link.rbuf, Some(self.conn.version())) {
-                Ok(Some(packet)) => self.conn.handle_packet_on(Instant::now(), link.stream, packet),
+                Ok(Some(packet)) => self
+                    .conn
+                    .handle_packet_on(Instant::now(), link.stream, packet),
                 Ok(None) => break,
                 Err(e) => {
                     self.conn.handle_decode_error(Instant::now(), &e);
@@ -801,7 +803,11 @@ impl Driver {
                     self.conn.stream_opened(stream);
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(opened = n - 1, wanted, "cannot open a QUIC data stream: {e}");
+                    tracing::warn!(
+                        opened = n - 1,
+                        wanted,
+                        "cannot open a QUIC data stream: {e}"
+                    );
                     break;
                 }
                 Err(_) => {
@@ -839,10 +845,10 @@ impl Driver {
                     }
                 }
             }
-            Command::Unsubscribe(filters, reply) => match self
-                .conn
-                .unsubscribe_on(links.stream_for(filters.first().map_or("", |f| f.as_str())), filters)
-            {
+            Command::Unsubscribe(filters, reply) => match self.conn.unsubscribe_on(
+                links.stream_for(filters.first().map_or("", |f| f.as_str())),
+                filters,
+            ) {
                 Ok(id) => {
                     self.pending_unsub.insert(id, reply);
                 }

@@ -24,17 +24,17 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{lookup_host, TcpStream};
 
-#[cfg(feature = "tls")]
-mod tls;
 #[cfg(feature = "quic")]
 mod quic;
+#[cfg(feature = "tls")]
+mod tls;
 #[cfg(feature = "ws")]
 mod ws;
 
 #[cfg(feature = "quic")]
-pub use quic::{QuicInfo, QuicStream, ZeroRtt, ALPN as QUIC_ALPN, HANDSHAKE_TIMEOUT};
-#[cfg(feature = "quic")]
 pub(crate) use quic::{close as quic_close, open_data_stream, QuicConnection};
+#[cfg(feature = "quic")]
+pub use quic::{QuicInfo, QuicStream, ZeroRtt, ALPN as QUIC_ALPN, HANDSHAKE_TIMEOUT};
 #[cfg(feature = "tls")]
 pub use tls::CertCheck;
 

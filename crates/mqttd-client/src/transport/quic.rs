@@ -148,8 +148,8 @@ impl Quic {
         if let Some(endpoint) = &endpoints[slot] {
             return Ok(endpoint.clone());
         }
-        let endpoint =
-            noq::Endpoint::client(bind).map_err(|source| TransportError::Connect { addr, source })?;
+        let endpoint = noq::Endpoint::client(bind)
+            .map_err(|source| TransportError::Connect { addr, source })?;
         endpoints[slot] = Some(endpoint.clone());
         Ok(endpoint)
     }
@@ -279,7 +279,9 @@ fn classify(error: &ConnectionError, checks: &CheckRecorder) -> TransportError {
         // Our side refused the server's certificate.
         ConnectionError::TransportError(e) => match alert(e.code) {
             Some(alert) if is_certificate_alert(alert) => {
-                let (check, detail) = checks.last().unwrap_or((CertCheck::Other, e.reason.clone()));
+                let (check, detail) = checks
+                    .last()
+                    .unwrap_or((CertCheck::Other, e.reason.clone()));
                 TransportError::Tls(TlsError::Certificate { check, detail })
             }
             Some(_) => TransportError::Tls(TlsError::Handshake(e.reason.clone())),
@@ -500,7 +502,8 @@ struct Pending {
     info: Arc<QuicInfo>,
 }
 
-type OpenBi = Pin<Box<dyn Future<Output = Result<(SendStream, RecvStream), ConnectionError>> + Send>>;
+type OpenBi =
+    Pin<Box<dyn Future<Output = Result<(SendStream, RecvStream), ConnectionError>> + Send>>;
 
 struct Reopening {
     open: OpenBi,
