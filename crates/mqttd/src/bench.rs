@@ -20,8 +20,10 @@
 //!     --duration 600 --expect 100000
 //! ```
 //!
-//! Clients connect over TCP by default, or over TLS, WebSocket or WebSocket over TLS with
-//! `--transport` or `-L URL` (`raw` and `--bind` are TCP only).
+//! Clients connect over TCP by default, or over TLS, WebSocket, WebSocket over TLS or QUIC
+//! with `--transport` or `-L URL` (`raw` and `--bind` are TCP only). QUIC clients share one
+//! UDP socket and one session-ticket cache, so every connection after the first sends CONNECT
+//! as 0-RTT data; `--quic-streams N` uses multi-stream mode.
 //!
 //! `raw` measures the broker rather than the clients: its publishers are plain TCP sockets that
 //! write pre-encoded QoS 0 PUBLISH packets in 64 KiB writes as fast as TCP takes them, faster
@@ -120,14 +122,14 @@ pub(crate) struct BenchArgs {
     /// Broker host.
     #[arg(short = 'H', long, default_value = "127.0.0.1")]
     host: String,
-    /// Broker port [default: 1883; 8883 for tls, 8083 for ws, 8084 for wss].
+    /// Broker port [default: 1883; 8883 for tls, 8083 for ws, 8084 for wss, 14567 for quic].
     #[arg(short, long)]
     port: Option<u16>,
-    /// Transport: tcp, tls, ws or wss (WebSocket path /mqtt; -L for another).
+    /// Transport: tcp, tls, ws, wss or quic (WebSocket path /mqtt; -L for another).
     #[arg(long, default_value = "tcp")]
     transport: String,
-    /// Broker URL (mqtt://, mqtts://, ws:// or wss://HOST:PORT/PATH; port and path optional),
-    /// instead of --host, --port and --transport.
+    /// Broker URL (mqtt://, mqtts://, ws://, wss:// or quic://HOST:PORT/PATH; port and path
+    /// optional), instead of --host, --port and --transport.
     #[arg(short = 'L', long = "url", value_name = "URL", conflicts_with_all = ["port", "transport"])]
     url: Option<String>,
     /// PEM file of the CA certificates that sign the broker's certificate (TLS transports;
@@ -138,6 +140,10 @@ pub(crate) struct BenchArgs {
     /// verified).
     #[arg(long)]
     insecure: bool,
+    /// QUIC: data streams besides the control stream (multi-stream mode); 0 carries
+    /// everything on one stream.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    quic_streams: u16,
     /// Number of clients (publishers, subscribers, pairs or connections, by scenario).
     #[arg(short, long, default_value_t = 1)]
     count: usize,
@@ -529,7 +535,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "tls" | "mqtts" => Transport::Tls,
                 "ws" => Transport::Ws,
                 "wss" => Transport::Wss,
-                other => bail!("unknown transport {other:?} (tcp, tls, ws or wss)"),
+                "quic" => Transport::Quic,
+                other => bail!("unknown transport {other:?} (tcp, tls, ws, wss or quic)"),
             };
             let port = args.port.unwrap_or(transport.default_port());
             Endpoint::new(transport, args.host.clone(), port)
@@ -537,6 +544,10 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     endpoint.tls.ca_file.clone_from(&args.cafile);
     endpoint.tls.insecure = args.insecure;
+    if args.quic_streams > 0 && endpoint.transport != Transport::Quic {
+        bail!("--quic-streams needs the quic transport");
+    }
+    endpoint.quic.data_streams = args.quic_streams;
     let connector = match endpoint.transport {
         Transport::Tcp => None,
         _ if args.scenario == Scenario::Raw => bail!("raw runs over plain TCP only"),

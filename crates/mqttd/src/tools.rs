@@ -1,5 +1,5 @@
 //! `mqttd pub` and `mqttd sub`: command-line clients that take `mosquitto_pub` and
-//! `mosquitto_sub`'s flags, over TCP, TLS, WebSocket or WebSocket over TLS.
+//! `mosquitto_sub`'s flags, over TCP, TLS, WebSocket, WebSocket over TLS or QUIC.
 //!
 //! Every failure maps to one [`Status`], so that scripts can tell a broker that is down from a
 //! certificate that does not verify, a password the broker refused, or a subscription an ACL
@@ -16,7 +16,7 @@ use clap::Args;
 use mqttd_client::transport::TlsError;
 use mqttd_client::{
     connect_to, Client, ConnectError, Connector, Endpoint, Events, ServerUrl, TlsOptions,
-    Transport, TransportError,
+    Transport, TransportError, ZeroRtt,
 };
 use mqttd_proto::client::{ClientConfig, Event};
 use mqttd_proto::session::Enqueued;
@@ -102,13 +102,14 @@ pub(crate) struct ConnectArgs {
     /// Broker host [default: localhost].
     #[arg(short = 'h', long, short_alias = 'H', value_name = "HOST")]
     host: Option<String>,
-    /// Broker port [default: 1883; 8883 with TLS; 8083 for ws://, 8084 for wss://].
+    /// Broker port [default: 1883; 8883 with TLS; 8083 for ws://, 8084 for wss://, 14567 for
+    /// quic://].
     #[arg(short, long)]
     port: Option<u16>,
-    /// Broker URL: mqtt:// mqtts:// ws:// or wss://, then USER:PASSWORD@HOST:PORT/PATH where
-    /// all but the host are optional.
-    /// For mqtt(s):// the path is the topic; for ws(s):// it is the WebSocket path [default:
-    /// /mqtt].
+    /// Broker URL: mqtt:// mqtts:// ws:// wss:// or quic://, then USER:PASSWORD@HOST:PORT/PATH
+    /// where all but the host are optional.
+    /// For mqtt(s):// and quic:// the path is the topic; for ws(s):// it is the WebSocket path
+    /// [default: /mqtt].
     #[arg(short = 'L', long = "url", value_name = "URL", conflicts_with_all = ["host", "port"])]
     url: Option<String>,
     /// Client identifier [default: the broker assigns one].
@@ -194,6 +195,15 @@ pub(crate) struct ConnectArgs {
     /// verified).
     #[arg(long)]
     insecure: bool,
+    /// QUIC (quic:// URLs): data streams besides the control stream. Each topic's messages
+    /// and each subscription go on the data stream the topic (filter) hashes to; 0 carries
+    /// everything on one stream.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    quic_streams: u16,
+    /// Seconds allowed to reach the broker: TCP connect, TLS, QUIC (at most 10) and WebSocket
+    /// handshakes.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    connect_timeout: u64,
 }
 
 /// The broker and credentials from the flags and the URL.
@@ -403,6 +413,11 @@ impl ConnectArgs {
             target.endpoint.transport = target.endpoint.transport.with_tls();
         }
         target.endpoint.tls = tls;
+        if self.quic_streams > 0 && target.endpoint.transport != Transport::Quic {
+            return Err(usage("--quic-streams needs a quic:// URL"));
+        }
+        target.endpoint.quic.data_streams = self.quic_streams;
+        target.endpoint.timeout = Duration::from_secs(self.connect_timeout.max(1));
         if self.username.is_some() {
             target.username.clone_from(&self.username);
         }
@@ -508,6 +523,17 @@ impl ConnectArgs {
                 None => String::new(),
             }
         ));
+        if let Some(quic) = client.quic() {
+            self.debug(format_args!(
+                "QUIC 0-RTT: {}",
+                match quic.zero_rtt() {
+                    ZeroRtt::Accepted => "accepted (CONNECT went in the first flight)",
+                    ZeroRtt::Rejected => "rejected (CONNECT sent again after the handshake)",
+                    ZeroRtt::Pending => "pending",
+                    _ => "not attempted (no session ticket)",
+                }
+            ));
+        }
         Ok((client, events, ack))
     }
 }
