@@ -698,9 +698,11 @@ fn client_on_streams(receive_maximum: u16) -> (Clock, ClientConnection) {
     ));
     // One opened before CONNACK, one after: both are usable once connected.
     client.stream_opened(S1);
-    let mut properties = ConnAckProperties::default();
-    properties.topic_alias_maximum = Some(10);
-    properties.receive_maximum = std::num::NonZeroU16::new(receive_maximum);
+    let properties = ConnAckProperties {
+        topic_alias_maximum: Some(10),
+        receive_maximum: std::num::NonZeroU16::new(receive_maximum),
+        ..ConnAckProperties::default()
+    };
     client.handle_packet(
         now,
         Packet::ConnAck(ConnAck {
@@ -717,6 +719,11 @@ fn client_on_streams(receive_maximum: u16) -> (Clock, ClientConnection) {
     (clock, client)
 }
 
+/// Checks that a publication went out at once.
+fn sent(result: Result<Enqueued, mqttd_proto::client::ClientError>) {
+    assert_eq!(result, Ok(Enqueued::Sent));
+}
+
 fn client_out(client: &mut ClientConnection, now: Instant) -> Vec<(StreamId, Packet)> {
     std::iter::from_fn(|| client.poll_transmit_tagged(now)).collect()
 }
@@ -725,10 +732,10 @@ fn client_out(client: &mut ClientConnection, now: Instant) -> Vec<(StreamId, Pac
 fn client_publishes_on_the_stream_it_names_and_ids_are_per_session() {
     let (clock, mut client) = client_on_streams(100);
     let now = clock.t0();
-    client.publish_on(now, S1, message("a", Q1, "1")).unwrap();
-    client.publish_on(now, S2, message("b", Q1, "2")).unwrap();
-    client.publish_on(now, S2, message("c", Q0, "3")).unwrap();
-    client.publish(now, message("d", Q1, "4")).unwrap();
+    sent(client.publish_on(now, S1, message("a", Q1, "1")));
+    sent(client.publish_on(now, S2, message("b", Q1, "2")));
+    sent(client.publish_on(now, S2, message("c", Q0, "3")));
+    sent(client.publish(now, message("d", Q1, "4")));
     let out = client_out(&mut client, now);
     let sent = publishes(&out);
     assert_eq!(streams(&out), vec![S1, S2, S2, CONTROL]);
@@ -756,9 +763,7 @@ fn client_publishes_on_the_stream_it_names_and_ids_are_per_session() {
 fn client_publication_for_an_unopened_stream_goes_on_the_control_stream() {
     let (clock, mut client) = client_on_streams(100);
     let now = clock.t0();
-    client
-        .publish_on(now, StreamId::new(12), message("a", Q1, "1"))
-        .unwrap();
+    sent(client.publish_on(now, StreamId::new(12), message("a", Q1, "1")));
     assert_eq!(streams(&client_out(&mut client, now)), vec![CONTROL]);
 }
 
@@ -800,7 +805,7 @@ fn client_subscribes_on_a_data_stream_and_the_answer_comes_back_on_it() {
 fn client_qos2_pubrel_follows_its_publish_stream() {
     let (clock, mut client) = client_on_streams(100);
     let now = clock.t0();
-    client.publish_on(now, S1, message("a", Q2, "1")).unwrap();
+    sent(client.publish_on(now, S1, message("a", Q2, "1")));
     assert_eq!(streams(&client_out(&mut client, now)), vec![S1]);
     // Even a PUBREC that arrives on another stream gets its PUBREL on the flow's stream.
     client.handle_packet_on(now, S2, pubrec(1));
@@ -820,9 +825,7 @@ fn client_topic_aliases_are_per_stream() {
     let (clock, mut client) = client_on_streams(100);
     let now = clock.t0();
     for stream in [S1, S1, S2, S2] {
-        client
-            .publish_on(now, stream, message("long/topic", Q0, "x"))
-            .unwrap();
+        sent(client.publish_on(now, stream, message("long/topic", Q0, "x")));
     }
     let out = client_out(&mut client, now);
     let sent: Vec<(StreamId, bool, Option<u16>)> = publishes(&out)
@@ -851,8 +854,8 @@ fn client_topic_aliases_are_per_stream() {
 fn client_resends_a_lost_streams_flows_on_the_control_stream() {
     let (clock, mut client) = client_on_streams(100);
     let now = clock.t0();
-    client.publish_on(now, S1, message("a", Q1, "1")).unwrap();
-    client.publish_on(now, S2, message("b", Q1, "2")).unwrap();
+    sent(client.publish_on(now, S1, message("a", Q1, "1")));
+    sent(client.publish_on(now, S2, message("b", Q1, "2")));
     client_out(&mut client, now);
     client.stream_lost(now, S1);
     let out = client_out(&mut client, now);
@@ -862,7 +865,7 @@ fn client_resends_a_lost_streams_flows_on_the_control_stream() {
     assert!(resent[0].1.dup);
     assert_eq!(resent[0].1.packet_id, Some(pid(1)));
     // The stream is gone: what is meant for it now goes on the control stream.
-    client.publish_on(now, S1, message("c", Q0, "3")).unwrap();
+    sent(client.publish_on(now, S1, message("c", Q0, "3")));
     assert_eq!(streams(&client_out(&mut client, now)), vec![CONTROL]);
 }
 
