@@ -36,7 +36,9 @@ use mqttd_proto::codec::PacketReader;
 use mqttd_proto::session::{Enqueued, Session};
 pub mod transport;
 
-pub use transport::{Connector, Endpoint, ServerUrl, TlsOptions, Transport, TransportError};
+pub use transport::{
+    Connector, Endpoint, ServerUrl, TlsOptions, TlsVersion, Transport, TransportError,
+};
 
 use mqttd_proto::{
     ConnAck, Message, MqttStr, PacketId, QoS, ReasonCode, SubAck, SubscribeProperties,

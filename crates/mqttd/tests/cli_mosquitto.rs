@@ -1,6 +1,8 @@
 //! `mqttd pub` and `mqttd sub` against Debian's Mosquitto broker: round trips over TCP, TLS,
 //! WebSocket and WebSocket over TLS, `-F` output compared with `mosquitto_sub`'s own, MQTT 5
-//! properties and wills, `mqttd bench` over TLS and WebSocket, and the exit status of each
+//! properties and wills, `--capath` and `--tls-version`, `sub -U`, `--retained-only` and
+//! `--remove-retained` (checked with `mosquitto_sub`), `mqttd bench` over TLS and WebSocket,
+//! and the exit status of each
 //! failure (refused connection, unknown CA, host name mismatch, expired certificate, client
 //! certificate refused, bad password, subscription refused by Mosquitto's dynamic security
 //! plugin, usage errors, `-W`).
@@ -271,6 +273,21 @@ impl Sub {
 
     #[track_caller]
     fn exit_code(mut self) -> Option<i32> {
+        self.wait()
+    }
+
+    /// Waits for the subscriber to exit: its status and the lines it printed that were not
+    /// read yet.
+    #[track_caller]
+    fn finish(mut self) -> (Option<i32>, Vec<String>) {
+        let code = self.wait();
+        // The pipe closed with the process: the reader stops after the last line.
+        let rest = std::iter::from_fn(|| self.stdout.recv_timeout(LIMIT).ok()).collect();
+        (code, rest)
+    }
+
+    #[track_caller]
+    fn wait(&mut self) -> Option<i32> {
         let deadline = Instant::now() + LIMIT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -301,6 +318,8 @@ struct OpenBroker {
     tls_mutual: String,
     ws: String,
     wss: String,
+    /// TLS 1.3 only (Mosquitto's `tls_version` is the minimum).
+    tls13: String,
     ca: String,
     other_ca: String,
     /// Client certificate and key signed by the good CA, and by the other one.
@@ -317,7 +336,7 @@ impl OpenBroker {
         let (old_cert, old_key) = pki.server("expired", "localhost", true);
         let client = pki.client("client", "alice");
         let rogue = other.client("rogue", "mallory");
-        let [tcp, tls, tls_expired, tls_mutual, ws, wss] = free_ports::<6>();
+        let [tcp, tls, tls_expired, tls_mutual, ws, wss, tls13] = free_ports::<7>();
         let good_ca = pki.ca_file("good");
         let good_ca = good_ca.display();
         let (cert, key, old_cert, old_key) = (
@@ -334,12 +353,13 @@ impl OpenBroker {
              listener {tls_mutual} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n\
              cafile {good_ca}\nrequire_certificate true\n\
              listener {ws} 127.0.0.1\nprotocol websockets\n\
-             listener {wss} 127.0.0.1\nprotocol websockets\ncertfile {cert}\nkeyfile {key}\n"
+             listener {wss} 127.0.0.1\nprotocol websockets\ncertfile {cert}\nkeyfile {key}\n\
+             listener {tls13} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\ntls_version tlsv1.3\n"
         );
         let mosquitto = Mosquitto::start(
             dir.path(),
             &config,
-            &[tcp, tls, tls_expired, tls_mutual, ws, wss],
+            &[tcp, tls, tls_expired, tls_mutual, ws, wss, tls13],
         );
         Self {
             mosquitto,
@@ -351,10 +371,42 @@ impl OpenBroker {
             rogue: [0, 1].map(|i| [&rogue.0, &rogue.1][i].display().to_string()),
             ws: ws.to_string(),
             wss: wss.to_string(),
+            tls13: tls13.to_string(),
             ca: pki.ca_file("good").display().to_string(),
             other_ca: other.ca_file("other").display().to_string(),
             _dir: dir,
         }
+    }
+
+    /// `-h 127.0.0.1 -p PORT` of the plain TCP listener.
+    fn tcp_args(&self) -> [&str; 4] {
+        ["-h", "127.0.0.1", "-p", &self.tcp]
+    }
+
+    /// Runs `mqttd TOOL` against the plain TCP listener with `args`.
+    fn mqttd(&self, tool: &str, args: &[&str]) -> Output {
+        mqttd(&[&[tool][..], &self.tcp_args(), args].concat())
+    }
+
+    /// Publishes `message` to `topic` over TCP with `extra` flags; it must succeed.
+    #[track_caller]
+    fn publish(&self, topic: &str, message: &str, extra: &[&str]) {
+        let out = self.mqttd("pub", &[&["-t", topic, "-m", message][..], extra].concat());
+        assert_status(&out, 0);
+    }
+
+    /// A background `mqttd sub` on the plain TCP listener with `args`.
+    fn sub(&self, args: &[&str]) -> Sub {
+        Sub::mqttd(&[&self.tcp_args()[..], args].concat())
+    }
+
+    /// A background `mosquitto_sub` on the plain TCP listener with `args`.
+    fn mosquitto_sub(&self, args: &[&str]) -> Sub {
+        Sub::spawn(
+            Command::new("mosquitto_sub")
+                .args(self.tcp_args())
+                .args(args),
+        )
     }
 }
 
@@ -1190,4 +1242,169 @@ fn mqtt5_properties_and_wills_reach_subscribers() {
     doomed.child.kill().unwrap();
     assert_eq!(watcher.line(), "will/t gone");
     assert_eq!(watcher.exit_code(), Some(0));
+}
+
+#[test]
+fn sub_retained_only_and_remove_retained() {
+    need_mosquitto!();
+    let b = OpenBroker::start();
+    for (topic, message) in [("keep/a", "1"), ("keep/b", "2"), ("keep/c/x", "3")] {
+        b.publish(topic, message, &["-r"]);
+    }
+    // --retained-only prints what is retained, and exits at the first live message without
+    // printing it.
+    let sub = b.sub(&["-t", "keep/#", "-v", "--retained-only", "-d"]);
+    sub.wait_subscribed();
+    b.publish("keep/live", "now", &[]);
+    let (code, mut lines) = sub.finish();
+    assert_eq!(code, Some(0));
+    lines.sort();
+    assert_eq!(lines, ["keep/a 1", "keep/b 2", "keep/c/x 3"]);
+
+    // --remove-retained --retained-only clears the tree but what -T hides, and exits at the
+    // first live message: the broker's echo of its own first removal.
+    let out = b.mqttd(
+        "sub",
+        &[
+            "-t",
+            "keep/#",
+            "-T",
+            "keep/c/#",
+            "-v",
+            "--remove-retained",
+            "--retained-only",
+        ],
+    );
+    assert_status(&out, 0);
+    let mut printed: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    printed.sort_unstable();
+    assert_eq!(printed, ["keep/a 1", "keep/b 2"]);
+    // What Mosquitto still keeps, as mosquitto_sub sees it: the spared message only.
+    let theirs = b.mosquitto_sub(&["-t", "keep/#", "-v", "--retained-only"]);
+    assert_eq!(theirs.line(), "keep/c/x 3");
+    b.publish("keep/live", "now", &[]);
+    assert_eq!(theirs.finish(), (Some(0), vec![]));
+
+    // With -R, --remove-retained still clears what it does not print; the broker's echo of
+    // the removal is live, so it is printed.
+    let sub = b.sub(&[
+        "-t",
+        "keep/#",
+        "-R",
+        "--remove-retained",
+        "-v",
+        "-C",
+        "2",
+        "-d",
+    ]);
+    sub.wait_subscribed();
+    b.publish("keep/live", "now", &[]);
+    let (code, mut lines) = sub.finish();
+    assert_eq!(code, Some(0));
+    lines.sort();
+    assert_eq!(lines, ["keep/c/x (null)", "keep/live now"]);
+    // Nothing is left but a marker retained now.
+    b.publish("keep/marker", "m", &["-r"]);
+    let theirs = b.mosquitto_sub(&["-t", "keep/#", "-v", "--retained-only"]);
+    assert_eq!(theirs.line(), "keep/marker m");
+    b.publish("keep/live", "now", &[]);
+    assert_eq!(theirs.finish(), (Some(0), vec![]));
+
+    // -R and --retained-only contradict each other.
+    assert_status(
+        &b.mqttd("sub", &["-t", "keep/#", "-R", "--retained-only"]),
+        2,
+    );
+}
+
+#[test]
+fn sub_unsubscribes_from_a_kept_session() {
+    need_mosquitto!();
+    let b = OpenBroker::start();
+    let session = ["-i", "kept", "-c", "-q", "1"];
+    assert_status(
+        &b.mqttd(
+            "sub",
+            &[&session[..], &["-t", "u/a", "-t", "u/b", "-E"]].concat(),
+        ),
+        0,
+    );
+    // -U alone: no SUBSCRIBE, one UNSUBSCRIBE, and -E exits after its UNSUBACK.
+    let out = b.mqttd("sub", &[&session[..], &["-U", "u/a", "-E", "-d"]].concat());
+    assert_status(&out, 0);
+    let debug = text(&out.stderr);
+    assert!(debug.contains("received UNSUBACK"), "{debug}");
+    assert!(!debug.contains("sending SUBSCRIBE"), "{debug}");
+    // Published while the session is offline, u/a first: only u/b is still subscribed.
+    b.publish("u/a", "gone", &["-q", "1"]);
+    b.publish("u/b", "kept", &["-q", "1"]);
+    let out = b.mqttd(
+        "sub",
+        &[&session[..], &["-U", "u/none", "-v", "-C", "1"]].concat(),
+    );
+    assert_status(&out, 0);
+    assert_eq!(text(&out.stdout), "u/b kept\n");
+    // Neither -t nor -U: nothing to do.
+    assert_status(&b.mqttd("sub", &["-E"]), 2);
+}
+
+#[test]
+fn capath_and_tls_version() {
+    need_mosquitto!();
+    let b = OpenBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (trusted, foreign, empty) = (
+        dir.path().join("trusted"),
+        dir.path().join("foreign"),
+        dir.path().join("empty"),
+    );
+    for d in [&trusted, &foreign, &empty] {
+        std::fs::create_dir(d).unwrap();
+    }
+    // Any file names, other CAs and files that are not certificates beside the right one.
+    std::fs::copy(&b.ca, trusted.join("ours.crt")).unwrap();
+    std::fs::copy(&b.other_ca, trusted.join("b-other.pem")).unwrap();
+    std::fs::write(trusted.join("README"), "not a certificate\n").unwrap();
+    std::fs::copy(&b.other_ca, foreign.join("other.pem")).unwrap();
+    std::fs::write(empty.join("README"), "not a certificate\n").unwrap();
+
+    let publish = |port: &str, extra: &[&str]| {
+        let args = [
+            &["pub", "-h", "localhost", "-p", port, "-t", "x", "-m", "y"][..],
+            extra,
+        ];
+        mqttd(&args.concat())
+    };
+    let path = |d: &Path| d.display().to_string();
+    // --capath alone turns TLS on.
+    assert_status(&publish(&b.tls, &["--capath", &path(&trusted)]), 0);
+    let out = publish(&b.tls, &["--capath", &path(&foreign)]);
+    assert_status(&out, 4);
+    assert!(
+        text(&out.stderr).contains("unknown CA"),
+        "{}",
+        text(&out.stderr)
+    );
+    // With --cafile, both are trusted.
+    let both = ["--capath", &path(&foreign), "--cafile", &b.ca];
+    assert_status(&publish(&b.tls, &both), 0);
+    for unusable in [path(&empty), path(&dir.path().join("missing"))] {
+        assert_status(&publish(&b.tls, &["--capath", &unusable]), 2);
+    }
+
+    // Mosquitto's tls_version is a minimum: the TLS 1.3 listener refuses a client pinned to
+    // TLS 1.2, which the other listener accepts.
+    let ca = ["--cafile", b.ca.as_str()];
+    for (port, version, status) in [
+        (&b.tls13, "tlsv1.3", 0),
+        (&b.tls13, "tlsv1.2", 4),
+        (&b.tls, "tlsv1.2", 0),
+        (&b.tls, "tlsv1.3", 0),
+        (&b.tls, "tlsv1.1", 2),
+        (&b.tls, "sslv3", 2),
+    ] {
+        let out = publish(port, &[&ca[..], &["--tls-version", version]].concat());
+        assert_status(&out, status);
+    }
+    assert_status(&publish(&b.tls13, &ca), 0);
 }

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::{TlsOptions, TransportError};
+use super::{TlsOptions, TlsVersion, TransportError};
 
 /// Where the system keeps its CA bundle, by distribution; `SSL_CERT_FILE` comes first.
 const SYSTEM_CA_FILES: &[&str] = &[
@@ -36,12 +36,20 @@ impl Tls {
     pub(super) fn new(host: &str, options: &TlsOptions) -> Result<Self, TransportError> {
         let config_err = TransportError::TlsConfig;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let roots = Arc::new(load_roots(options.ca_file.as_deref())?);
+        let roots = Arc::new(load_roots(
+            options.ca_file.as_deref(),
+            options.ca_path.as_deref(),
+        )?);
         let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| config_err(format!("certificate verifier: {e}")))?;
+        let versions: &[&rustls::SupportedProtocolVersion] = match options.version {
+            None => rustls::DEFAULT_VERSIONS,
+            Some(TlsVersion::Tls12) => &[&rustls::version::TLS12],
+            Some(TlsVersion::Tls13) => &[&rustls::version::TLS13],
+        };
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .map_err(|e| config_err(e.to_string()))?;
         let builder = if options.insecure {
             builder
@@ -90,8 +98,51 @@ impl Tls {
     }
 }
 
+/// The CA certificates in `file` and in the PEM files of directory `dir`; without either,
+/// those of the system's bundle.
+fn load_roots(file: Option<&Path>, dir: Option<&Path>) -> Result<RootCertStore, TransportError> {
+    let Some(dir) = dir else {
+        return load_file(file);
+    };
+    let mut roots = match file {
+        Some(_) => load_file(file)?,
+        None => RootCertStore::empty(),
+    };
+    load_dir(dir, &mut roots)?;
+    Ok(roots)
+}
+
+/// Adds the CA certificates of every PEM file in `dir` (as `openssl rehash` directories and
+/// `/etc/ssl/certs` hold them); other files, and certificates webpki cannot use, are skipped.
+/// A directory without a usable CA certificate is an error.
+fn load_dir(dir: &Path, roots: &mut RootCertStore) -> Result<(), TransportError> {
+    let fail = |e: &dyn fmt::Display| TransportError::TlsConfig(format!("{}: {e}", dir.display()));
+    let mut files = std::fs::read_dir(dir)
+        .map_err(|e| fail(&e))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(&e))?;
+    // The same certificates in the same order on every run.
+    files.sort();
+    let mut added = 0;
+    for path in files.iter().filter(|p| p.is_file()) {
+        let Ok(certs) = CertificateDer::pem_file_iter(path) else {
+            continue;
+        };
+        for cert in certs.flatten() {
+            if roots.add(cert).is_ok() {
+                added += 1;
+            }
+        }
+    }
+    if added == 0 {
+        return Err(fail(&"no CA certificate in the directory's PEM files"));
+    }
+    Ok(())
+}
+
 /// The CA certificates in `file`, or in the system's bundle.
-fn load_roots(file: Option<&Path>) -> Result<RootCertStore, TransportError> {
+fn load_file(file: Option<&Path>) -> Result<RootCertStore, TransportError> {
     let system;
     let path = match file {
         Some(path) => path,
