@@ -1041,23 +1041,8 @@ async fn subscribe_all(
         ));
     }
     let subscribed = client.subscribe(filters.clone(), props.subscribe.clone());
-    let ack = match until(deadline, subscribed).await {
-        Some(ack) => ack.or_status(Status::Failed)?,
-        None => {
-            return Err(fail(
-                Status::Timeout,
-                anyhow!("timed out waiting for SUBACK"),
-            ))
-        }
-    };
-    c.debug(format_args!(
-        "received SUBACK ({})",
-        ack.reasons
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
+    let ack = before(deadline, "SUBACK", subscribed).await?;
+    c.debug(format_args!("received SUBACK ({})", listed(&ack.reasons)));
     let mut refused = 0;
     for (s, reason) in filters.iter().zip(&ack.reasons) {
         if reason.is_error() {
@@ -1085,24 +1070,33 @@ async fn unsubscribe_all(
     for filter in &filters {
         c.debug(format_args!("sending UNSUBSCRIBE (Topic: {filter})"));
     }
-    let ack = match until(deadline, client.unsubscribe(filters)).await {
-        Some(ack) => ack.or_status(Status::Failed)?,
-        None => {
-            return Err(fail(
-                Status::Timeout,
-                anyhow!("timed out waiting for UNSUBACK"),
-            ))
-        }
-    };
-    c.debug(format_args!(
-        "received UNSUBACK ({})",
-        ack.reasons
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
+    let ack = before(deadline, "UNSUBACK", client.unsubscribe(filters)).await?;
+    c.debug(format_args!("received UNSUBACK ({})", listed(&ack.reasons)));
     Ok(())
+}
+
+/// The answer to a request, or the -W timeout failure once `deadline` passed.
+async fn before<T, E: Into<anyhow::Error>>(
+    deadline: Option<tokio::time::Instant>,
+    answer: &str,
+    request: impl std::future::Future<Output = Result<T, E>>,
+) -> Outcome<T> {
+    match until(deadline, request).await {
+        Some(answer) => answer.or_status(Status::Failed),
+        None => Err(fail(
+            Status::Timeout,
+            anyhow!("timed out waiting for {answer}"),
+        )),
+    }
+}
+
+/// Reason codes as `-d` prints them.
+fn listed(reasons: &[ReasonCode]) -> String {
+    reasons
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One message as mosquitto_sub prints it: -F, -v, or the payload alone (an empty payload
