@@ -83,16 +83,18 @@ pub struct Listener {
     /// The HTTP path WebSocket clients connect to (`/mqtt` by default); `None` for other kinds.
     pub path: Option<String>,
     /// Expect a PROXY protocol (v1 or v2) header before anything else on each connection and
-    /// take the client's address from it (`?proxy_protocol=true`; TCP and TLS listeners).
+    /// take the client's address from it (`?proxy_protocol=true`; TCP, TLS, WS and WSS
+    /// listeners; on WSS the header comes before TLS).
     pub proxy_protocol: bool,
-    /// Take the client's address from `X-Forwarded-For` (`?trust_proxy=true`; WebSocket
-    /// listeners behind a reverse proxy).
+    /// Take the client's address from the upgrade request's `Forwarded` (RFC 7239) or
+    /// `X-Forwarded-For` header (`?trust_proxy=true`; WebSocket listeners behind a reverse
+    /// proxy). It wins over a PROXY header's address, being nearer the client.
     pub trust_proxy: bool,
 }
 
 impl Listener {
     /// Parses `SCHEME://HOST:PORT[/PATH][?OPTION=true&...]`: schemes `tcp`/`mqtt`,
-    /// `tls`/`mqtts`/`ssl`, `ws`, `wss` and `http`; options `proxy_protocol` (TCP, TLS) and
+    /// `tls`/`mqtts`/`ssl`, `ws`, `wss` and `http`; options `proxy_protocol` (all but HTTP) and
     /// `trust_proxy` (WS, WSS); a path only for WS and WSS.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         let err = |reason| ConfigError::Listener {
@@ -135,11 +137,23 @@ impl Listener {
                 _ => return Err(err("listener options take true or false")),
             };
             match key {
-                "proxy_protocol" if matches!(kind, ListenerKind::Tcp | ListenerKind::Tls) => {
+                "proxy_protocol"
+                    if matches!(
+                        kind,
+                        ListenerKind::Tcp
+                            | ListenerKind::Tls
+                            | ListenerKind::Ws
+                            | ListenerKind::Wss
+                    ) =>
+                {
                     proxy_protocol = value;
                 }
                 "trust_proxy" if websocket => trust_proxy = value,
-                "proxy_protocol" => return Err(err("proxy_protocol is for tcp:// and tls://")),
+                "proxy_protocol" => {
+                    return Err(err(
+                        "proxy_protocol is for tcp://, tls://, ws:// and wss://",
+                    ))
+                }
                 "trust_proxy" => return Err(err("trust_proxy is for ws:// and wss://")),
                 _ => return Err(err("unknown listener option (proxy_protocol, trust_proxy)")),
             }
@@ -448,10 +462,14 @@ mod tests {
         let wss = Listener::parse("wss://[::1]:8084/broker/?trust_proxy=1").unwrap();
         assert_eq!(wss.kind, ListenerKind::Wss);
         assert_eq!(wss.path.as_deref(), Some("/broker"));
-        assert!(wss.trust_proxy);
+        assert!(wss.trust_proxy && !wss.proxy_protocol);
+        let ws = Listener::parse("ws://127.0.0.1:8083?proxy_protocol=true&trust_proxy").unwrap();
+        assert!(ws.proxy_protocol && ws.trust_proxy);
+        let wss = Listener::parse("wss://127.0.0.1:8084?proxy_protocol=true").unwrap();
+        assert!(wss.proxy_protocol && !wss.trust_proxy);
         for bad in [
             "tcp://127.0.0.1:1883/mqtt",
-            "ws://127.0.0.1:8083?proxy_protocol=true",
+            "http://127.0.0.1:8081?proxy_protocol=true",
             "tcp://127.0.0.1:1883?trust_proxy=true",
             "tcp://127.0.0.1:1883?proxy_protocol=maybe",
             "tls://127.0.0.1:8883?colour=blue",

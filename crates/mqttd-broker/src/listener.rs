@@ -213,18 +213,52 @@ impl Connection {
         }
     }
 
-    /// A WebSocket upgrade, then MQTT.
+    /// A PROXY header if the listener expects one, a WebSocket upgrade, then MQTT.
     async fn open_ws(self, stream: TcpStream) {
+        if self.listener.proxy_protocol {
+            let Some((stream, addr)) = self.proxy_header(stream).await else {
+                return;
+            };
+            self.ws(stream, addr).await;
+        } else {
+            let addr = self.addr;
+            self.ws(stream, addr).await;
+        }
+    }
+
+    /// A PROXY header if the listener expects one, a TLS handshake, a WebSocket upgrade,
+    /// then MQTT.
+    async fn open_wss(self, stream: TcpStream) {
+        if self.listener.proxy_protocol {
+            let Some((stream, addr)) = self.proxy_header(stream).await else {
+                return;
+            };
+            self.wss(stream, addr).await;
+        } else {
+            let addr = self.addr;
+            self.wss(stream, addr).await;
+        }
+    }
+
+    /// A WebSocket upgrade on `stream` from `addr` (the socket's or the PROXY header's), then
+    /// MQTT.
+    async fn ws<S>(self, stream: S, addr: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let upgrade = Box::pin(accept_websocket(stream, &self.listener));
         let Some((ws, upgraded)) = self.handshake("WebSocket upgrade", upgrade).await else {
             return;
         };
-        let addr = self.forwarded(upgraded.forwarded_for, upgraded.subprotocol);
+        let addr = self.forwarded(addr, upgraded.forwarded_for, upgraded.subprotocol);
         self.serve(ws, Transport::WebSocket, addr, None).await;
     }
 
-    /// A TLS handshake, a WebSocket upgrade, then MQTT.
-    async fn open_wss(self, stream: TcpStream) {
+    /// A TLS handshake and a WebSocket upgrade on `stream` from `addr`, then MQTT.
+    async fn wss<S>(self, stream: S, addr: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let Some((tls, identity)) = self.tls_handshake(stream).await else {
             return;
         };
@@ -232,7 +266,7 @@ impl Connection {
         let Some((ws, upgraded)) = self.handshake("WebSocket upgrade", upgrade).await else {
             return;
         };
-        let addr = self.forwarded(upgraded.forwarded_for, upgraded.subprotocol);
+        let addr = self.forwarded(addr, upgraded.forwarded_for, upgraded.subprotocol);
         self.serve(ws, Transport::WebSocketTls, addr, identity)
             .await;
     }
@@ -264,13 +298,19 @@ impl Connection {
         self.serve(stream, Transport::Tcp, addr, None).await;
     }
 
-    /// The client's address after a WebSocket upgrade: `X-Forwarded-For`'s when the listener
-    /// trusts it (see `accept_websocket`), else the socket's.
-    fn forwarded(&self, forwarded_for: Option<IpAddr>, subprotocol: Option<&str>) -> SocketAddr {
+    /// The client's address after a WebSocket upgrade: `Forwarded`'s or `X-Forwarded-For`'s
+    /// when the listener trusts them (see `accept_websocket`), else `addr` (the socket's or
+    /// the PROXY header's).
+    fn forwarded(
+        &self,
+        addr: SocketAddr,
+        forwarded_for: Option<IpAddr>,
+        subprotocol: Option<&str>,
+    ) -> SocketAddr {
         let addr = match forwarded_for {
-            // X-Forwarded-For names no port.
+            // The headers' ports are dropped: X-Forwarded-For names none.
             Some(ip) => SocketAddr::new(ip, 0),
-            None => self.addr,
+            None => addr,
         };
         debug!(
             peer = %self.addr,

@@ -1,7 +1,7 @@
 //! Clients behind a proxy: the address the broker gives a client (as hooks see it in
-//! [`Peer::addr`]) comes from the PROXY protocol header on TCP listeners with
-//! `proxy_protocol`, and from `X-Forwarded-For` on WebSocket listeners with `trust_proxy`;
-//! from the socket otherwise. A connection without a valid header is closed, alone.
+//! [`Peer::addr`]) comes from the PROXY protocol header on listeners with `proxy_protocol`
+//! (TCP, TLS, WS, WSS), and from `Forwarded` or `X-Forwarded-For` on WebSocket listeners
+//! with `trust_proxy`; from the socket otherwise. A connection without a valid header is closed, alone.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -11,9 +11,12 @@ use bytes::BytesMut;
 use mqttd_broker::{Broker, ClientInfo, Config, Hooks, ListenerKind, Transport};
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::{ClientId, Connect, ConnectProperties, Packet, ProtocolVersion};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
 
 /// Upper bound for anything that must happen; only a hang reaches it.
 const WAIT: Duration = Duration::from_secs(30);
@@ -193,17 +196,39 @@ async fn a_connection_without_a_valid_header_is_closed_alone() {
 
 /// Opens a WebSocket connection with `extra` header lines and connects `id` over it.
 async fn ws_connect(addr: SocketAddr, extra: &str, id: &str) -> bool {
+    ws_connect_over(TcpStream::connect(addr).await.unwrap(), extra, id).await
+}
+
+/// Sends `prefix` on a new TCP connection, then opens a WebSocket connection over it with
+/// `extra` header lines and connects `id`.
+async fn ws_connect_with_prefix(addr: SocketAddr, prefix: &[u8], extra: &str, id: &str) -> bool {
     let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(prefix).await.unwrap();
+    ws_connect_over(s, extra, id).await
+}
+
+/// Upgrades `s` to WebSocket with `extra` header lines and connects `id` over it; `false` if
+/// the broker closes first.
+async fn ws_connect_over<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    extra: &str,
+    id: &str,
+) -> bool {
     let request = format!(
         "GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n{extra}\r\n"
     );
-    s.write_all(request.as_bytes()).await.unwrap();
+    // A refused connection may be closed before all of it is written.
+    let _ = s.write_all(request.as_bytes()).await;
     let mut head = BytesMut::new();
     let end = loop {
         if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
             break end + 4;
         }
-        assert!(timeout(WAIT, s.read_buf(&mut head)).await.unwrap().unwrap() > 0);
+        match timeout(WAIT, s.read_buf(&mut head)).await {
+            Ok(Ok(0) | Err(_)) => return false,
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("neither an upgrade nor a close"),
+        }
     };
     assert!(head.starts_with(b"HTTP/1.1 101 "));
     // One binary frame, masked with zeros (XOR with 0 leaves the payload as it is).
@@ -223,8 +248,42 @@ async fn ws_connect(addr: SocketAddr, extra: &str, id: &str) -> bool {
     connack(&mut s, rest).await
 }
 
+/// A TLS client that trusts the CA the broker generated under `dir`.
+fn tls_connector(dir: &tempfile::TempDir) -> TlsConnector {
+    let ca = dir.path().join("data/tls/ca.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// Sends `prefix` on a new TCP connection, then TLS, WebSocket and a CONNECT for `id` with
+/// `extra` header lines in the upgrade; whether it was accepted.
+async fn wss_connect_with_prefix(
+    tls: &TlsConnector,
+    addr: SocketAddr,
+    prefix: &[u8],
+    extra: &str,
+    id: &str,
+) -> bool {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(prefix).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    match timeout(WAIT, tls.connect(name, s)).await.unwrap() {
+        Ok(stream) => ws_connect_over(stream, extra, id).await,
+        Err(_) => false,
+    }
+}
+
 #[tokio::test]
-async fn x_forwarded_for_is_honoured_only_with_trust_proxy() {
+async fn forwarding_headers_are_honoured_only_with_trust_proxy() {
     let (broker, seen, _dir) = start(
         &[
             "ws://127.0.0.1:0/mqtt?trust_proxy=true",
@@ -236,17 +295,34 @@ async fn x_forwarded_for_is_honoured_only_with_trust_proxy() {
     let trusted = broker.local_addrs()[0].1;
     let untrusted = broker.local_addrs()[1].1;
     let xff = "X-Forwarded-For: 203.0.113.5, 10.1.1.1\r\n";
+    let forwarded = "Forwarded: for=\"[2001:db8::5]:4711\";proto=http, for=10.1.1.1\r\n";
 
     assert!(ws_connect(trusted, xff, "trusted").await);
+    assert!(ws_connect(trusted, forwarded, "trusted-rfc7239").await);
     assert!(ws_connect(untrusted, xff, "untrusted").await);
+    assert!(ws_connect(untrusted, forwarded, "untrusted-rfc7239").await);
     assert!(ws_connect(trusted, "", "trusted-direct").await);
     assert!(ws_connect(trusted, "X-Forwarded-For: nonsense\r\n", "trusted-garbled").await);
+    let garbled = "Forwarded: for=2001:db8::5\r\n";
+    assert!(ws_connect(trusted, garbled, "trusted-garbled-rfc7239").await);
+    assert!(ws_connect(trusted, "Forwarded: for=_hidden\r\n", "trusted-hidden").await);
 
     assert_eq!(
         seen.addr_of("trusted").unwrap().ip(),
         "203.0.113.5".parse::<std::net::IpAddr>().unwrap()
     );
-    for direct in ["untrusted", "trusted-direct", "trusted-garbled"] {
+    assert_eq!(
+        seen.addr_of("trusted-rfc7239").unwrap().ip(),
+        "2001:db8::5".parse::<std::net::IpAddr>().unwrap()
+    );
+    for direct in [
+        "untrusted",
+        "untrusted-rfc7239",
+        "trusted-direct",
+        "trusted-garbled",
+        "trusted-garbled-rfc7239",
+        "trusted-hidden",
+    ] {
         let a = seen.addr_of(direct).unwrap();
         assert!(a.ip().is_loopback(), "{direct}: {a}");
     }
@@ -256,6 +332,65 @@ async fn x_forwarded_for_is_honoured_only_with_trust_proxy() {
         .unwrap()
         .iter()
         .all(|(_, _, t)| *t == Transport::WebSocket));
+    broker.shutdown().await;
+}
+
+/// On WebSocket listeners with `proxy_protocol` the header comes first (before TLS on WSS)
+/// and names the client, unless a trusted `Forwarded`/`X-Forwarded-For` names one nearer
+/// to it; a connection without a valid header is closed.
+#[tokio::test]
+async fn proxy_protocol_headers_on_websocket_listeners() {
+    let (broker, seen, dir) = start(
+        &[
+            "ws://127.0.0.1:0/mqtt?proxy_protocol=true",
+            "wss://127.0.0.1:0/mqtt?proxy_protocol=true&trust_proxy=true",
+        ],
+        |_| {},
+    )
+    .await;
+    let ws = broker.local_addrs()[0].1;
+    let wss = broker.local_addrs()[1].1;
+    let tls = tls_connector(&dir);
+    let v1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 1883\r\n";
+    let forwarded = "Forwarded: for=198.51.100.3\r\n";
+
+    assert!(ws_connect_with_prefix(ws, v1, "", "ws").await);
+    // Not trusted on this listener: the PROXY header's address stands.
+    assert!(ws_connect_with_prefix(ws, v1, forwarded, "ws-forwarded").await);
+    assert!(ws_connect_with_prefix(ws, &v2_header(1, [198, 51, 100, 9], 40000), "", "ws-v2").await);
+    assert!(wss_connect_with_prefix(&tls, wss, v1, "", "wss").await);
+    assert!(wss_connect_with_prefix(&tls, wss, v1, forwarded, "wss-forwarded").await);
+    assert!(wss_connect_with_prefix(&tls, wss, b"PROXY UNKNOWN\r\n", "", "wss-unknown").await);
+
+    // Without a valid header, or with the upgrade request where the header should be.
+    assert!(!ws_connect_with_prefix(ws, b"", "", "ws-none").await);
+    let bad = b"PROXY TCP4 999.0.2.7 127.0.0.1 51000 1883\r\n";
+    assert!(!ws_connect_with_prefix(ws, bad, "", "ws-bad").await);
+    assert!(!wss_connect_with_prefix(&tls, wss, b"", "", "wss-none").await);
+    assert!(!wss_connect_with_prefix(&tls, wss, bad, "", "wss-bad").await);
+
+    let client = "192.0.2.7:51000".parse().unwrap();
+    assert_eq!(seen.addr_of("ws"), Some(client));
+    assert_eq!(seen.addr_of("ws-forwarded"), Some(client));
+    assert_eq!(
+        seen.addr_of("ws-v2"),
+        Some("198.51.100.9:40000".parse().unwrap())
+    );
+    assert_eq!(seen.addr_of("wss"), Some(client));
+    assert_eq!(
+        seen.addr_of("wss-forwarded"),
+        Some("198.51.100.3:0".parse().unwrap())
+    );
+    assert!(seen.addr_of("wss-unknown").unwrap().ip().is_loopback());
+    let all = seen.0.lock().unwrap().clone();
+    assert_eq!(all.len(), 6, "{all:?}");
+    for (id, _, transport) in &all {
+        let expected = match id.starts_with("wss") {
+            true => Transport::WebSocketTls,
+            false => Transport::WebSocket,
+        };
+        assert_eq!(*transport, expected, "{id}");
+    }
     broker.shutdown().await;
 }
 

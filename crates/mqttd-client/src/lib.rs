@@ -47,7 +47,7 @@ use mqttd_proto::session::{Enqueued, Session};
 pub mod transport;
 
 pub use transport::{
-    Connector, Endpoint, QuicOptions, ServerUrl, TlsOptions, Transport, TransportError,
+    Connector, Endpoint, QuicOptions, ServerUrl, TlsOptions, TlsVersion, Transport, TransportError,
 };
 #[cfg(feature = "quic")]
 pub use transport::{QuicInfo, ZeroRtt};

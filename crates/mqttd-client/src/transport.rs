@@ -110,12 +110,19 @@ pub const DEFAULT_WS_PATH: &str = "/mqtt";
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct TlsOptions {
-    /// PEM file of the CA certificates to trust; the system's store when unset.
+    /// PEM file of the CA certificates to trust; the system's store when neither this nor
+    /// [`TlsOptions::ca_path`] is set.
     pub ca_file: Option<PathBuf>,
     /// PEM file of the client's certificate chain (with [`TlsOptions::key_file`]).
     pub cert_file: Option<PathBuf>,
     /// PEM file of the client's private key.
     pub key_file: Option<PathBuf>,
+    /// A directory whose PEM files hold CA certificates to trust (Mosquitto's `--capath`):
+    /// every certificate in every file, whatever the file's name; with
+    /// [`TlsOptions::ca_file`], both are trusted.
+    pub ca_path: Option<PathBuf>,
+    /// The one TLS version to speak; 1.3 or 1.2 as the server prefers when unset.
+    pub version: Option<TlsVersion>,
     /// Accept a certificate issued for another host name. The chain is still verified (as
     /// Mosquitto's `--insecure`): this only skips the host name check.
     pub insecure: bool,
@@ -124,7 +131,34 @@ pub struct TlsOptions {
 impl TlsOptions {
     /// Whether any option asks for TLS.
     pub fn is_set(&self) -> bool {
-        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+        self.ca_file.is_some()
+            || self.ca_path.is_some()
+            || self.cert_file.is_some()
+            || self.key_file.is_some()
+    }
+}
+
+/// A TLS protocol version a client can be pinned to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsVersion {
+    /// TLS 1.2.
+    Tls12,
+    /// TLS 1.3.
+    Tls13,
+}
+
+impl FromStr for TlsVersion {
+    type Err = String;
+
+    /// Mosquitto's names: `tlsv1.2`, `tlsv1.3`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tlsv1.2" => Ok(Self::Tls12),
+            "tlsv1.3" => Ok(Self::Tls13),
+            "tlsv1.1" | "tlsv1" => Err(format!("{s} is not supported (tlsv1.2 or tlsv1.3)")),
+            _ => Err(format!("unknown TLS version {s:?} (tlsv1.2 or tlsv1.3)")),
+        }
     }
 }
 

@@ -237,9 +237,48 @@ struct Counters {
     acked: AtomicU64,
     received: AtomicU64,
     connected: AtomicU64,
+    /// When the first connection attempt started.
+    first_connect: OnceLock<Instant>,
+    /// When the last CONNACK arrived, in nanoseconds since `epoch()`.
+    last_connack: AtomicU64,
     /// Connections whose CONNACK said the broker had a session for them.
     session_present: AtomicU64,
     errors: AtomicU64,
+}
+
+impl Counters {
+    /// A connection attempt starts (the TCP connect, before any TLS or WebSocket handshake).
+    fn connect_started(&self) {
+        let _ = self.first_connect.set(Instant::now());
+    }
+
+    /// A connection's CONNACK arrived.
+    fn connack_received(&self) {
+        self.connected.fetch_add(1, Ordering::Relaxed);
+        self.last_connack
+            .fetch_max(epoch().elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Connections per second over the setup: from the first connection attempt to the last
+    /// CONNACK.
+    fn connect_per_sec(&self) -> f64 {
+        let Some(&first) = self.first_connect.get() else {
+            return 0.0;
+        };
+        let last = epoch() + Duration::from_nanos(self.last_connack.load(Ordering::Relaxed));
+        connect_rate(
+            self.connected.load(Ordering::Relaxed),
+            last.saturating_duration_since(first),
+        )
+    }
+}
+
+/// `connected` connections set up in `setup`, per second; 0 when nothing was measured.
+fn connect_rate(connected: u64, setup: Duration) -> f64 {
+    if setup.is_zero() {
+        return 0.0;
+    }
+    connected as f64 / setup.as_secs_f64()
 }
 
 /// The final summary.
@@ -357,6 +396,7 @@ impl Bench {
         if let Some(gate) = &self.connect_gate {
             gate.acquire().await?.forget();
         }
+        self.counters.connect_started();
         let name = self.client_id(role, index);
         let mut config = ClientConfig::new(ClientId::try_from(name.as_str())?);
         config.version = self.version;
@@ -379,7 +419,7 @@ impl Bench {
             }
             (None, None) => connect_tcp(self.addr, config, None).await?,
         };
-        self.counters.connected.fetch_add(1, Ordering::Relaxed);
+        self.counters.connack_received();
         if self.args.require_session && resuming && !ack.session_present {
             bail!("the broker has no session for {name}");
         }
@@ -788,11 +828,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         payload_bytes: bench.args.size.max(8),
         duration_secs: elapsed,
         connected,
-        connect_per_sec: connected as f64
-            / start
-                .duration_since(setup_started)
-                .as_secs_f64()
-                .max(elapsed.min(1.0)),
+        connect_per_sec: c.connect_per_sec(),
         sent,
         sent_per_sec: sent as f64 / elapsed,
         acked: c.acked.load(Ordering::Relaxed),
@@ -877,6 +913,31 @@ fn print_summary(s: &Summary) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The handshake rate is the connections over the real setup time, however short.
+    #[test]
+    fn connect_rate_is_over_the_real_setup_time() {
+        assert_eq!(connect_rate(5_000, Duration::from_millis(250)), 20_000.0);
+        assert_eq!(connect_rate(5_000, Duration::from_secs(2)), 2_500.0);
+        assert_eq!(connect_rate(1, Duration::from_micros(500)), 2_000.0);
+        assert_eq!(connect_rate(0, Duration::from_secs(1)), 0.0);
+        assert_eq!(connect_rate(10, Duration::ZERO), 0.0);
+
+        let counters = Counters::default();
+        assert_eq!(counters.connect_per_sec(), 0.0, "nothing connected yet");
+        counters.connect_started();
+        std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..100 {
+            counters.connack_received();
+        }
+        let started = *counters.first_connect.get().unwrap();
+        let setup = started.elapsed();
+        let rate = counters.connect_per_sec();
+        // Over at least the 20 ms slept (less the nanosecond rounding) and at most what has
+        // passed since.
+        assert!(rate <= 100.0 / 0.019, "{rate}");
+        assert!(rate >= 100.0 / setup.as_secs_f64(), "{rate}");
+    }
 
     #[test]
     fn stamp_round_trips() {
@@ -1050,6 +1111,7 @@ impl Bench {
     /// Opens a plain TCP connection and completes CONNECT/CONNACK; returns what the broker
     /// sent after CONNACK.
     async fn raw_connect(&self, role: Role, index: usize) -> anyhow::Result<(TcpStream, BytesMut)> {
+        self.counters.connect_started();
         let stream = TcpStream::connect(self.addr).await?;
         stream.set_nodelay(true)?;
         let connect = Packet::Connect(Box::new(Connect {
@@ -1069,7 +1131,7 @@ impl Bench {
             Packet::ConnAck(ack) if !ack.reason.is_error() => {}
             other => bail!("the broker refused the connection: {other:?}"),
         }
-        self.counters.connected.fetch_add(1, Ordering::Relaxed);
+        self.counters.connack_received();
         Ok((stream, rest))
     }
 
@@ -1301,11 +1363,7 @@ async fn run_raw(bench: Arc<Bench>) -> anyhow::Result<()> {
         payload_bytes: bench.args.size,
         duration_secs: elapsed,
         connected,
-        connect_per_sec: connected as f64
-            / start
-                .duration_since(setup_started)
-                .as_secs_f64()
-                .max(elapsed.min(1.0)),
+        connect_per_sec: c.connect_per_sec(),
         sent,
         sent_per_sec: sent as f64 / elapsed,
         acked: 0,

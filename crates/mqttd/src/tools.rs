@@ -16,7 +16,7 @@ use clap::Args;
 use mqttd_client::transport::TlsError;
 use mqttd_client::{
     connect_to, Client, ConnectError, Connector, Endpoint, Events, ServerUrl, TlsOptions,
-    Transport, TransportError, ZeroRtt,
+    TlsVersion, Transport, TransportError, ZeroRtt,
 };
 use mqttd_proto::client::{ClientConfig, Event};
 use mqttd_proto::session::Enqueued;
@@ -185,6 +185,14 @@ pub(crate) struct ConnectArgs {
     /// PEM file of the CA certificates that sign the broker's certificate; enables TLS.
     #[arg(long, value_name = "FILE")]
     cafile: Option<PathBuf>,
+    /// Directory of PEM files of CA certificates to trust (every certificate in every file;
+    /// with --cafile, both); enables TLS.
+    #[arg(long, value_name = "DIR")]
+    capath: Option<PathBuf>,
+    /// The TLS version to speak: tlsv1.3 or tlsv1.2 [default: either, as the broker
+    /// prefers].
+    #[arg(long, value_name = "VERSION")]
+    tls_version: Option<TlsVersion>,
     /// PEM file of the client certificate (with --key); enables TLS.
     #[arg(long, value_name = "FILE", requires = "key")]
     cert: Option<PathBuf>,
@@ -379,6 +387,8 @@ impl ConnectArgs {
     fn target(&self) -> Outcome<Target> {
         let mut tls = TlsOptions::default();
         tls.ca_file.clone_from(&self.cafile);
+        tls.ca_path.clone_from(&self.capath);
+        tls.version = self.tls_version;
         tls.cert_file.clone_from(&self.cert);
         tls.key_file.clone_from(&self.key);
         tls.insecure = self.insecure;
@@ -547,7 +557,7 @@ fn transport_failure(error: TransportError) -> Failure {
     let hint = match &error {
         TransportError::Tls(TlsError::Certificate { check, .. }) => match check {
             mqttd_client::transport::CertCheck::UnknownIssuer => {
-                " (is --cafile the CA that signed the broker's certificate?)"
+                " (is --cafile or --capath the CA that signed the broker's certificate?)"
             }
             mqttd_client::transport::CertCheck::NameMismatch => {
                 " (connect with the name in the certificate; --insecure skips this check)"
@@ -672,9 +682,22 @@ pub(crate) struct SubArgs {
     /// Do not print retained ("stale") messages.
     #[arg(short = 'R', long = "no-retained")]
     no_retained: bool,
-    /// Exit once the broker acknowledged the subscriptions.
+    /// Exit once the broker acknowledged the subscriptions (and the unsubscriptions).
     #[arg(short = 'E', long = "exit-after-sub")]
     exit_after_sub: bool,
+    /// Unsubscribe from this filter once subscribed; repeatable, and possible without -t.
+    /// With -c it ends a subscription the session kept. A wildcard subscription cannot be
+    /// narrowed: only a filter subscribed as written goes.
+    #[arg(short = 'U', long = "unsubscribe", value_name = "FILTER")]
+    unsubscribe: Vec<String>,
+    /// For each retained message received (and not hidden by -T, even if -R hides it),
+    /// publish an empty retained message to its topic (QoS 1), which clears it.
+    #[arg(long)]
+    remove_retained: bool,
+    /// Print only retained messages; exit at the first message that is not retained. With
+    /// --remove-retained: clear every retained message under the filters, then exit.
+    #[arg(long, conflicts_with = "no_retained")]
+    retained_only: bool,
     /// Do not print a newline after each message.
     #[arg(short = 'N', long = "no-newline")]
     no_newline: bool,
@@ -860,8 +883,10 @@ pub(crate) async fn subscribe(args: SubArgs) -> Outcome {
     let props = Properties::parse(&c.property, &["connect", "subscribe", "will", "disconnect"])?;
     let mut topics = args.topic.clone();
     topics.extend(target.topic.clone());
-    if topics.is_empty() {
-        return Err(usage("no topic: give -t FILTER (or a topic in the -L URL)"));
+    if topics.is_empty() && args.unsubscribe.is_empty() {
+        return Err(usage(
+            "no topic: give -t FILTER (or a topic in the -L URL) or -U FILTER",
+        ));
     }
     let options = SubscriptionOptions {
         qos: qos(args.qos),
@@ -877,6 +902,11 @@ pub(crate) async fn subscribe(args: SubArgs) -> Outcome {
             Ok(Subscription { filter, options })
         })
         .collect::<Outcome<Vec<_>>>()?;
+    let unsubscribe = args
+        .unsubscribe
+        .iter()
+        .map(|t| TopicFilter::try_from(t.as_str()).map_err(|e| usage(format!("-U {t:?}: {e}"))))
+        .collect::<Outcome<Vec<_>>>()?;
     let hidden = args
         .filter_out
         .iter()
@@ -889,47 +919,17 @@ pub(crate) async fn subscribe(args: SubArgs) -> Outcome {
     let deadline = args
         .timeout
         .map(|secs| tokio::time::Instant::now() + Duration::from_secs(secs));
-    for s in &filters {
-        c.debug(format_args!(
-            "sending SUBSCRIBE (Topic: {}, QoS: {})",
-            s.filter, s.options.qos as u8
-        ));
+    if !filters.is_empty() {
+        subscribe_all(c, &client, filters, &props, deadline).await?;
     }
-    let subscribed = client.subscribe(filters.clone(), props.subscribe.clone());
-    let ack = match until(deadline, subscribed).await {
-        Some(ack) => ack.or_status(Status::Failed)?,
-        None => {
-            return Err(fail(
-                Status::Timeout,
-                anyhow!("timed out waiting for SUBACK"),
-            ))
-        }
-    };
-    c.debug(format_args!(
-        "received SUBACK ({})",
-        ack.reasons
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    let mut refused = 0;
-    for (s, reason) in filters.iter().zip(&ack.reasons) {
-        if reason.is_error() {
-            refused += 1;
-            eprintln!("Warning: subscription to {} refused: {reason}", s.filter);
-        }
-    }
-    if refused == filters.len() {
-        let _ = client.disconnect(ReasonCode::Success, None).await;
-        return Err(fail(
-            Status::SubscribeRefused,
-            anyhow!("the broker refused every subscription"),
-        ));
+    if !unsubscribe.is_empty() {
+        unsubscribe_all(c, &client, unsubscribe, deadline).await?;
     }
     let mut stdout = std::io::stdout().lock();
     let mut received = 0u64;
     let mut line = Vec::new();
+    // --remove-retained: empty retained messages sent, and those the broker acknowledged.
+    let (mut removals, mut removed) = (0u64, 0u64);
     let finished = if args.exit_after_sub {
         Ok(())
     } else {
@@ -950,20 +950,48 @@ pub(crate) async fn subscribe(args: SubArgs) -> Outcome {
                         anyhow!("the connection closed: {reason}"),
                     ))
                 }
+                Some(Event::Delivered { reason, .. }) => {
+                    removal_acked(&mut removed, reason);
+                    continue;
+                }
                 Some(_) => continue,
                 None => break Err(fail(Status::Failed, anyhow!("the connection closed"))),
             };
+            let message = &publish.message;
             c.debug(format_args!(
                 "received PUBLISH (q{}, r{}, m{}, '{}', ... ({} bytes))",
-                publish.message.qos as u8,
-                u8::from(publish.message.retain),
+                message.qos as u8,
+                u8::from(message.retain),
                 publish.packet_id.map_or(0, |id| id.get()),
-                publish.message.topic,
-                publish.message.payload.len()
+                message.topic,
+                message.payload.len()
             ));
-            if args.no_retained && publish.message.retain
-                || hidden.iter().any(|f| f.matches(&publish.message.topic))
-            {
+            // mosquitto_sub's order: --retained-only ends at a live message, -T hides (and
+            // spares from --remove-retained), --remove-retained clears, -R hides.
+            if args.retained_only && !message.retain {
+                break Ok(());
+            }
+            if hidden.iter().any(|f| f.matches(&message.topic)) {
+                continue;
+            }
+            if args.remove_retained && message.retain {
+                let clear =
+                    Message::new(message.topic.clone(), Bytes::new(), QoS::AtLeastOnce, true);
+                c.debug(format_args!(
+                    "sending PUBLISH (q1, r1, '{}', ... (0 bytes))",
+                    message.topic
+                ));
+                match client.publish(clear).await.or_status(Status::Failed)? {
+                    Enqueued::Sent | Enqueued::Queued => removals += 1,
+                    other => {
+                        break Err(fail(
+                            Status::Failed,
+                            anyhow!("cannot clear {}: {other:?}", message.topic),
+                        ))
+                    }
+                }
+            }
+            if args.no_retained && message.retain {
                 continue;
             }
             line.clear();
@@ -975,12 +1003,126 @@ pub(crate) async fn subscribe(args: SubArgs) -> Outcome {
             received += 1;
         }
     };
+    // As mosquitto_sub, wait for the broker to take the last removal before leaving.
+    let finished = match finished {
+        Ok(()) => wait_for_removals(&mut events, removals, removed, deadline).await,
+        failed => failed,
+    };
     c.debug("sending DISCONNECT");
     // The verdict is already made; a broker that goes away first changes nothing.
     let _ = client
         .disconnect(ReasonCode::Success, props.disconnect_expiry)
         .await;
     finished
+}
+
+/// Counts the acknowledgement of an empty retained message sent by --remove-retained.
+fn removal_acked(removed: &mut u64, reason: ReasonCode) {
+    *removed += 1;
+    if reason.is_error() {
+        eprintln!("Warning: the broker refused to clear a retained message: {reason}");
+    }
+}
+
+/// Waits until the broker acknowledged all `removals` (of which `removed` already were).
+async fn wait_for_removals(
+    events: &mut Events,
+    removals: u64,
+    mut removed: u64,
+    deadline: Option<tokio::time::Instant>,
+) -> Outcome {
+    while removed < removals {
+        match until(deadline, events.recv()).await {
+            Some(Some(Event::Delivered { reason, .. })) => removal_acked(&mut removed, reason),
+            Some(Some(Event::Closed { .. }) | None) => {
+                return Err(fail(
+                    Status::Failed,
+                    anyhow!("the connection closed before the retained messages were cleared"),
+                ))
+            }
+            Some(Some(_)) => {}
+            None => {
+                return Err(fail(
+                    Status::Timeout,
+                    anyhow!("timed out waiting for the retained messages to be cleared"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Subscribes to `filters` and reports what SUBACK says; fails if it refused them all.
+async fn subscribe_all(
+    c: &ConnectArgs,
+    client: &Client,
+    filters: Vec<Subscription>,
+    props: &Properties,
+    deadline: Option<tokio::time::Instant>,
+) -> Outcome {
+    for s in &filters {
+        c.debug(format_args!(
+            "sending SUBSCRIBE (Topic: {}, QoS: {})",
+            s.filter, s.options.qos as u8
+        ));
+    }
+    let subscribed = client.subscribe(filters.clone(), props.subscribe.clone());
+    let ack = before(deadline, "SUBACK", subscribed).await?;
+    c.debug(format_args!("received SUBACK ({})", listed(&ack.reasons)));
+    let mut refused = 0;
+    for (s, reason) in filters.iter().zip(&ack.reasons) {
+        if reason.is_error() {
+            refused += 1;
+            eprintln!("Warning: subscription to {} refused: {reason}", s.filter);
+        }
+    }
+    if refused == filters.len() {
+        let _ = client.disconnect(ReasonCode::Success, None).await;
+        return Err(fail(
+            Status::SubscribeRefused,
+            anyhow!("the broker refused every subscription"),
+        ));
+    }
+    Ok(())
+}
+
+/// Unsubscribes from `filters` (mosquitto_sub -U) and waits for UNSUBACK.
+async fn unsubscribe_all(
+    c: &ConnectArgs,
+    client: &Client,
+    filters: Vec<TopicFilter>,
+    deadline: Option<tokio::time::Instant>,
+) -> Outcome {
+    for filter in &filters {
+        c.debug(format_args!("sending UNSUBSCRIBE (Topic: {filter})"));
+    }
+    let ack = before(deadline, "UNSUBACK", client.unsubscribe(filters)).await?;
+    c.debug(format_args!("received UNSUBACK ({})", listed(&ack.reasons)));
+    Ok(())
+}
+
+/// The answer to a request, or the -W timeout failure once `deadline` passed.
+async fn before<T, E: Into<anyhow::Error>>(
+    deadline: Option<tokio::time::Instant>,
+    answer: &str,
+    request: impl std::future::Future<Output = Result<T, E>>,
+) -> Outcome<T> {
+    match until(deadline, request).await {
+        Some(answer) => answer.or_status(Status::Failed),
+        None => Err(fail(
+            Status::Timeout,
+            anyhow!("timed out waiting for {answer}"),
+        )),
+    }
+}
+
+/// Reason codes as `-d` prints them.
+fn listed(reasons: &[ReasonCode]) -> String {
+    reasons
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One message as mosquitto_sub prints it: -F, -v, or the payload alone (an empty payload

@@ -1,6 +1,8 @@
 //! `mqttd pub` and `mqttd sub` against Debian's Mosquitto broker: round trips over TCP, TLS,
 //! WebSocket and WebSocket over TLS, `-F` output compared with `mosquitto_sub`'s own, MQTT 5
-//! properties and wills, `mqttd bench` over TLS and WebSocket, and the exit status of each
+//! properties and wills, `--capath` and `--tls-version`, `sub -U`, `--retained-only` and
+//! `--remove-retained` (checked with `mosquitto_sub`), `mqttd bench` over TLS and WebSocket,
+//! and the exit status of each
 //! failure (refused connection, unknown CA, host name mismatch, expired certificate, client
 //! certificate refused, bad password, subscription refused by Mosquitto's dynamic security
 //! plugin, usage errors, `-W`).
@@ -204,6 +206,14 @@ fn assert_status(out: &Output, code: i32) {
     );
 }
 
+/// Asserts the exit status of `out` and that its standard error says `needle`.
+#[track_caller]
+fn assert_error(out: &Output, code: i32, needle: &str) {
+    assert_status(out, code);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(needle), "{stderr}");
+}
+
 /// A background `mqttd sub` (or `mosquitto_sub`) whose lines are read as they come.
 struct Sub {
     child: Child,
@@ -271,6 +281,21 @@ impl Sub {
 
     #[track_caller]
     fn exit_code(mut self) -> Option<i32> {
+        self.wait()
+    }
+
+    /// Waits for the subscriber to exit: its status and the lines it printed that were not
+    /// read yet.
+    #[track_caller]
+    fn finish(mut self) -> (Option<i32>, Vec<String>) {
+        let code = self.wait();
+        // The pipe closed with the process: the reader stops after the last line.
+        let rest = std::iter::from_fn(|| self.stdout.recv_timeout(LIMIT).ok()).collect();
+        (code, rest)
+    }
+
+    #[track_caller]
+    fn wait(&mut self) -> Option<i32> {
         let deadline = Instant::now() + LIMIT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -301,6 +326,8 @@ struct OpenBroker {
     tls_mutual: String,
     ws: String,
     wss: String,
+    /// TLS 1.3 only (Mosquitto's `tls_version` is the minimum).
+    tls13: String,
     ca: String,
     other_ca: String,
     /// Client certificate and key signed by the good CA, and by the other one.
@@ -317,7 +344,7 @@ impl OpenBroker {
         let (old_cert, old_key) = pki.server("expired", "localhost", true);
         let client = pki.client("client", "alice");
         let rogue = other.client("rogue", "mallory");
-        let [tcp, tls, tls_expired, tls_mutual, ws, wss] = free_ports::<6>();
+        let [tcp, tls, tls_expired, tls_mutual, ws, wss, tls13] = free_ports::<7>();
         let good_ca = pki.ca_file("good");
         let good_ca = good_ca.display();
         let (cert, key, old_cert, old_key) = (
@@ -334,12 +361,13 @@ impl OpenBroker {
              listener {tls_mutual} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n\
              cafile {good_ca}\nrequire_certificate true\n\
              listener {ws} 127.0.0.1\nprotocol websockets\n\
-             listener {wss} 127.0.0.1\nprotocol websockets\ncertfile {cert}\nkeyfile {key}\n"
+             listener {wss} 127.0.0.1\nprotocol websockets\ncertfile {cert}\nkeyfile {key}\n\
+             listener {tls13} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\ntls_version tlsv1.3\n"
         );
         let mosquitto = Mosquitto::start(
             dir.path(),
             &config,
-            &[tcp, tls, tls_expired, tls_mutual, ws, wss],
+            &[tcp, tls, tls_expired, tls_mutual, ws, wss, tls13],
         );
         Self {
             mosquitto,
@@ -351,10 +379,42 @@ impl OpenBroker {
             rogue: [0, 1].map(|i| [&rogue.0, &rogue.1][i].display().to_string()),
             ws: ws.to_string(),
             wss: wss.to_string(),
+            tls13: tls13.to_string(),
             ca: pki.ca_file("good").display().to_string(),
             other_ca: other.ca_file("other").display().to_string(),
             _dir: dir,
         }
+    }
+
+    /// `-h 127.0.0.1 -p PORT` of the plain TCP listener.
+    fn tcp_args(&self) -> [&str; 4] {
+        ["-h", "127.0.0.1", "-p", &self.tcp]
+    }
+
+    /// Runs `mqttd TOOL` against the plain TCP listener with `args`.
+    fn mqttd(&self, tool: &str, args: &[&str]) -> Output {
+        mqttd(&[&[tool][..], &self.tcp_args(), args].concat())
+    }
+
+    /// Publishes `message` to `topic` over TCP with `extra` flags; it must succeed.
+    #[track_caller]
+    fn publish(&self, topic: &str, message: &str, extra: &[&str]) {
+        let out = self.mqttd("pub", &[&["-t", topic, "-m", message][..], extra].concat());
+        assert_status(&out, 0);
+    }
+
+    /// A background `mqttd sub` on the plain TCP listener with `args`.
+    fn sub(&self, args: &[&str]) -> Sub {
+        Sub::mqttd(&[&self.tcp_args()[..], args].concat())
+    }
+
+    /// A background `mosquitto_sub` on the plain TCP listener with `args`.
+    fn mosquitto_sub(&self, args: &[&str]) -> Sub {
+        Sub::spawn(
+            Command::new("mosquitto_sub")
+                .args(self.tcp_args())
+                .args(args),
+        )
     }
 }
 
@@ -362,26 +422,20 @@ impl OpenBroker {
 fn tcp_round_trip_prints_formats_as_mosquitto_sub() {
     need_mosquitto!();
     let b = OpenBroker::start();
-    let tcp = b.tcp.as_str();
     // The old -H still names the host.
-    let out = mqttd(&[
-        "pub",
+    let old_host = [
         "-H",
         "127.0.0.1",
         "-p",
-        tcp,
+        &b.tcp,
         "-t",
         "fmt/r",
         "-m",
         "old",
         "-r",
-    ]);
-    assert_status(&out, 0);
-    let sub = Sub::mqttd(&[
-        "-h",
-        "127.0.0.1",
-        "-p",
-        tcp,
+    ];
+    assert_status(&mqttd(&[&["pub"][..], &old_host].concat()), 0);
+    let sub = b.sub(&[
         "-t",
         "fmt/#",
         "-q",
@@ -393,54 +447,18 @@ fn tcp_round_trip_prints_formats_as_mosquitto_sub() {
     ]);
     // The retained message arrives after SUBACK: the subscription is in place.
     assert_eq!(sub.line(), "fmt/r|old|0|1|3|0");
-    let out = mqttd(&[
-        "pub",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        tcp,
-        "-t",
-        "fmt/l",
-        "-m",
-        "new",
-        "-q",
-        "1",
-    ]);
-    assert_status(&out, 0);
+    b.publish("fmt/l", "new", &["-q", "1"]);
     assert_eq!(sub.line(), "fmt/l|new|1|0|3|1");
     assert_eq!(sub.exit_code(), Some(0), "{}", b.mosquitto.log());
 
     // -v prints the topic; an empty message prints "(null)".
-    let sub = Sub::mqttd(&[
-        "-h",
-        "127.0.0.1",
-        "-p",
-        tcp,
-        "-t",
-        "v/e",
-        "-v",
-        "-C",
-        "1",
-        "-d",
-    ]);
+    let sub = b.sub(&["-t", "v/e", "-v", "-C", "1", "-d"]);
     sub.wait_subscribed();
-    let out = mqttd(&["pub", "-h", "127.0.0.1", "-p", tcp, "-t", "v/e", "-n"]);
-    assert_status(&out, 0);
+    assert_status(&b.mqttd("pub", &["-t", "v/e", "-n"]), 0);
     assert_eq!(sub.line(), "v/e (null)");
     assert_eq!(sub.exit_code(), Some(0));
     // -N: no newline.
-    let out = mqttd(&[
-        "sub",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        tcp,
-        "-t",
-        "fmt/r",
-        "-N",
-        "-C",
-        "1",
-    ]);
+    let out = b.mqttd("sub", &["-t", "fmt/r", "-N", "-C", "1"]);
     assert_status(&out, 0);
     assert_eq!(text(&out.stdout), "old");
 }
@@ -466,65 +484,39 @@ fn without_tst(json: &str) -> String {
 fn json_output_matches_mosquitto_sub() {
     need_mosquitto!();
     let b = OpenBroker::start();
-    let tcp = b.tcp.as_str();
-    let publish = |version: &str, topic: &str, extra: &[&str]| {
-        let mut args = vec![
-            "pub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            tcp,
-            "-V",
-            version,
-            "-r",
-            "-t",
+    let retain = |version: &str, topic: &str, message: &str, extra: &[&str]| {
+        b.publish(
             topic,
-        ];
-        args.extend_from_slice(extra);
-        assert_status(&mqttd(&args), 0);
+            message,
+            &[&["-V", version, "-r"][..], extra].concat(),
+        );
     };
-    publish("mqttv311", "json/plain", &["-m", "say \"hi\" \\o/"]);
-    publish("mqttv311", "json/tab", &["-m", "tab\there"]);
-    publish(
-        "mqttv5",
-        "json/props",
-        &[
-            "-m",
-            "{\"a\":1}",
-            "-D",
-            "publish",
-            "content-type",
-            "application/json",
-            "-D",
-            "publish",
-            "user-property",
-            "k",
-            "v",
-        ],
-    );
+    retain("mqttv311", "json/plain", "say \"hi\" \\o/", &[]);
+    retain("mqttv311", "json/tab", "tab\there", &[]);
+    let properties = [
+        "-D",
+        "publish",
+        "content-type",
+        "application/json",
+        "-D",
+        "publish",
+        "user-property",
+        "k",
+        "v",
+    ];
+    retain("mqttv5", "json/props", "{\"a\":1}", &properties);
     for (topic, version) in [
         ("json/plain", "mqttv311"),
         ("json/tab", "mqttv311"),
         ("json/props", "mqttv5"),
     ] {
         for format in ["%j", "%J"] {
-            let common = [
-                "-h",
-                "127.0.0.1",
-                "-p",
-                tcp,
-                "-t",
-                topic,
-                "-C",
-                "1",
-                "-V",
-                version,
-                "-F",
-                format,
-            ];
-            let ours = mqttd(&[&["sub"][..], &common].concat());
+            let common = ["-t", topic, "-C", "1", "-V", version, "-F", format];
+            let ours = b.mqttd("sub", &common);
             assert_status(&ours, 0);
-            let theirs = run(Command::new("mosquitto_sub").args(common));
+            let theirs = run(Command::new("mosquitto_sub")
+                .args(b.tcp_args())
+                .args(common));
             assert_status(&theirs, 0);
             if text(&theirs.stdout).trim().is_empty() {
                 // %J of a payload that is not JSON: both print an error and an empty line.
@@ -538,19 +530,7 @@ fn json_output_matches_mosquitto_sub() {
             );
         }
     }
-    let out = mqttd(&[
-        "sub",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        tcp,
-        "-t",
-        "json/props",
-        "-C",
-        "1",
-        "-F",
-        "%C|%P|%x",
-    ]);
+    let out = b.mqttd("sub", &["-t", "json/props", "-C", "1", "-F", "%C|%P|%x"]);
     assert_status(&out, 0);
     assert_eq!(text(&out.stdout), "application/json|k:v|7b2261223a317d\n");
 }
@@ -559,122 +539,34 @@ fn json_output_matches_mosquitto_sub() {
 fn sub_options_r_e_and_w() {
     need_mosquitto!();
     let b = OpenBroker::start();
-    let tcp = b.tcp.as_str();
-    assert_status(
-        &mqttd(&[
-            "pub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            tcp,
-            "-t",
-            "r/old",
-            "-m",
-            "stale",
-            "-r",
-        ]),
-        0,
-    );
+    b.publish("r/old", "stale", &["-r"]);
     // -T hides what it matches.
-    let sub = Sub::mqttd(&[
-        "-h",
-        "127.0.0.1",
-        "-p",
-        tcp,
-        "-t",
-        "t/#",
-        "-T",
-        "t/hidden/#",
-        "-C",
-        "1",
-        "-v",
-        "-d",
-    ]);
+    let sub = b.sub(&["-t", "t/#", "-T", "t/hidden/#", "-C", "1", "-v", "-d"]);
     sub.wait_subscribed();
     for topic in ["t/hidden/x", "t/shown"] {
-        assert_status(
-            &mqttd(&[
-                "pub",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                tcp,
-                "-t",
-                topic,
-                "-m",
-                "m",
-                "-q",
-                "1",
-            ]),
-            0,
-        );
+        b.publish(topic, "m", &["-q", "1"]);
     }
     assert_eq!(sub.line(), "t/shown m");
     assert_eq!(sub.exit_code(), Some(0));
     // -R hides the retained message; the live one is printed.
-    let sub = Sub::mqttd(&[
-        "-h",
-        "127.0.0.1",
-        "-p",
-        tcp,
-        "-t",
-        "r/#",
-        "-R",
-        "-C",
-        "1",
-        "-v",
-        "-d",
-    ]);
+    let sub = b.sub(&["-t", "r/#", "-R", "-C", "1", "-v", "-d"]);
     sub.wait_subscribed();
-    assert_status(
-        &mqttd(&[
-            "pub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            tcp,
-            "-t",
-            "r/new",
-            "-m",
-            "fresh",
-        ]),
-        0,
-    );
+    b.publish("r/new", "fresh", &[]);
     assert_eq!(sub.line(), "r/new fresh");
     assert_eq!(sub.exit_code(), Some(0));
     // -E exits once subscribed.
-    let out = mqttd(&["sub", "-h", "127.0.0.1", "-p", tcp, "-t", "e/#", "-E"]);
+    let out = b.mqttd("sub", &["-t", "e/#", "-E"]);
     assert_status(&out, 0);
     assert!(out.stdout.is_empty());
     // -W: Mosquitto's status 27 when the time runs out.
-    let out = mqttd(&[
-        "sub",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        tcp,
-        "-t",
-        "quiet/#",
-        "-W",
-        "1",
-    ]);
-    assert_status(&out, 27);
+    assert_status(&b.mqttd("sub", &["-t", "quiet/#", "-W", "1"]), 27);
     // -l: one message per line of standard input, blank lines skipped.
-    let sub = Sub::mqttd(&["-h", "127.0.0.1", "-p", tcp, "-t", "lines", "-C", "2", "-d"]);
+    let sub = b.sub(&["-t", "lines", "-C", "2", "-d"]);
     sub.wait_subscribed();
     let mut publisher = Command::new(env!("CARGO_BIN_EXE_mqttd"))
-        .args([
-            "pub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            tcp,
-            "-t",
-            "lines",
-            "-l",
-            "-q",
-            "1",
-        ])
+        .arg("pub")
+        .args(b.tcp_args())
+        .args(["-t", "lines", "-l", "-q", "1"])
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
@@ -727,37 +619,17 @@ fn tls_round_trip_and_certificate_failures() {
     };
     // A CA that did not sign the broker's certificate.
     let out = publish("localhost", tls, &b.other_ca, &[]);
-    assert_status(&out, 4);
-    assert!(
-        text(&out.stderr).contains("unknown CA"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_error(&out, 4, "unknown CA");
     // The certificate names localhost, not 127.0.0.1.
     let out = publish("127.0.0.1", tls, ca, &[]);
-    assert_status(&out, 4);
-    assert!(
-        text(&out.stderr).contains("host name mismatch"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_error(&out, 4, "host name mismatch");
     // --insecure skips the name check only ...
     assert_status(&publish("127.0.0.1", tls, ca, &["--insecure"]), 0);
     // ... not the chain.
     let out = publish("127.0.0.1", tls, &b.other_ca, &["--insecure"]);
-    assert_status(&out, 4);
-    assert!(
-        text(&out.stderr).contains("unknown CA"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_error(&out, 4, "unknown CA");
     let out = publish("localhost", &b.tls_expired, ca, &[]);
-    assert_status(&out, 4);
-    assert!(
-        text(&out.stderr).contains("expired"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_error(&out, 4, "expired");
     // A client certificate the broker requires: ours is signed by its CA ...
     let [cert, key] = &b.client;
     let mutual = ["--cert", cert.as_str(), "--key", key.as_str()];
@@ -816,20 +688,7 @@ fn websocket_round_trips() {
         args.extend_from_slice(tls);
         assert_status(&mqttd(&args), 0);
         assert_eq!(sub.line(), "ws/a over websocket");
-        assert_status(
-            &mqttd(&[
-                "pub",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &b.tcp,
-                "-t",
-                "ws/b",
-                "-m",
-                "over tcp",
-            ]),
-            0,
-        );
+        b.publish("ws/b", "over tcp", &[]);
         assert_eq!(sub.line(), "ws/b over tcp");
         assert_eq!(sub.exit_code(), Some(0), "{url}: {}", b.mosquitto.log());
     }
@@ -860,12 +719,7 @@ fn unreachable_brokers_and_refused_connections_exit_3_and_5() {
         "-m",
         "b",
     ]);
-    assert_status(&out, 3);
-    assert!(
-        text(&out.stderr).contains("cannot connect"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_error(&out, 3, "cannot connect");
 
     let dir = tempfile::tempdir().unwrap();
     let passwd = dir.path().join("passwd");
@@ -895,12 +749,7 @@ fn unreachable_brokers_and_refused_connections_exit_3_and_5() {
     ];
     for version in ["mqttv5", "mqttv311"] {
         let out = mqttd(&[&["pub"][..], &base, &["-V", version, "-P", "wrong"]].concat());
-        assert_status(&out, 5);
-        assert!(
-            text(&out.stderr).contains("refused the connection"),
-            "{}",
-            text(&out.stderr)
-        );
+        assert_error(&out, 5, "refused the connection");
         // The old --password spelling still works.
         let out = mqttd(
             &[
@@ -967,12 +816,7 @@ fn refused_subscriptions_exit_6() {
     let base = ["sub", "-h", "127.0.0.1", "-p", port.as_str(), "-E"];
     for version in ["mqttv5", "mqttv311"] {
         let out = mqttd(&[&base[..], &["-V", version, "-t", "secret/#"]].concat());
-        assert_status(&out, 6);
-        assert!(
-            text(&out.stderr).contains("refused every subscription"),
-            "{}",
-            text(&out.stderr)
-        );
+        assert_error(&out, 6, "refused every subscription");
         // One refusal among several is a warning; the others go on.
         let out = mqttd(
             &[
@@ -981,12 +825,7 @@ fn refused_subscriptions_exit_6() {
             ]
             .concat(),
         );
-        assert_status(&out, 0);
-        assert!(
-            text(&out.stderr).contains("Warning: subscription to secret/# refused"),
-            "{}",
-            text(&out.stderr)
-        );
+        assert_error(&out, 0, "Warning: subscription to secret/# refused");
     }
 }
 
@@ -1097,15 +936,7 @@ fn bench_runs_over_tls_and_websocket() {
 fn mqtt5_properties_and_wills_reach_subscribers() {
     need_mosquitto!();
     let b = OpenBroker::start();
-    let tcp = b.tcp.as_str();
-    let host = ["-h", "127.0.0.1", "-p", tcp];
-    let sub = Sub::mqttd(
-        &[
-            &host[..],
-            &["-t", "p/#", "-C", "1", "-d", "-F", "%t|%E|%R|%D|%C|%P|%F"],
-        ]
-        .concat(),
-    );
+    let sub = b.sub(&["-t", "p/#", "-C", "1", "-d", "-F", "%t|%E|%R|%D|%C|%P|%F"]);
     sub.wait_subscribed();
     let properties = [
         "-D",
@@ -1143,16 +974,7 @@ fn mqtt5_properties_and_wills_reach_subscribers() {
         "session-expiry-interval",
         "10",
     ];
-    let out = mqttd(
-        &[
-            &["pub"][..],
-            &host,
-            &["-t", "p/x", "-m", "m", "-q", "1"],
-            &properties,
-        ]
-        .concat(),
-    );
-    assert_status(&out, 0);
+    b.publish("p/x", "m", &[&["-q", "1"][..], &properties].concat());
     let line = sub.line();
     let fields: Vec<&str> = line.split('|').collect();
     assert_eq!(fields.len(), 7, "{line}");
@@ -1167,27 +989,181 @@ fn mqtt5_properties_and_wills_reach_subscribers() {
     assert_eq!(sub.exit_code(), Some(0));
 
     // A client that vanishes without DISCONNECT leaves its will.
-    let watcher = Sub::mqttd(&[&host[..], &["-t", "will/#", "-C", "1", "-d", "-v"]].concat());
+    let watcher = b.sub(&["-t", "will/#", "-C", "1", "-d", "-v"]);
     watcher.wait_subscribed();
-    let mut doomed = Sub::mqttd(
-        &[
-            &host[..],
-            &[
-                "-t",
-                "nothing",
-                "-d",
-                "--will-topic",
-                "will/t",
-                "--will-payload",
-                "gone",
-                "--will-qos",
-                "1",
-            ],
-        ]
-        .concat(),
-    );
+    let mut doomed = b.sub(&[
+        "-t",
+        "nothing",
+        "-d",
+        "--will-topic",
+        "will/t",
+        "--will-payload",
+        "gone",
+        "--will-qos",
+        "1",
+    ]);
     doomed.wait_subscribed();
     doomed.child.kill().unwrap();
     assert_eq!(watcher.line(), "will/t gone");
     assert_eq!(watcher.exit_code(), Some(0));
+}
+
+#[test]
+fn sub_retained_only_and_remove_retained() {
+    need_mosquitto!();
+    let b = OpenBroker::start();
+    for (topic, message) in [("keep/a", "1"), ("keep/b", "2"), ("keep/c/x", "3")] {
+        b.publish(topic, message, &["-r"]);
+    }
+    // --retained-only prints what is retained, and exits at the first live message without
+    // printing it.
+    let sub = b.sub(&["-t", "keep/#", "-v", "--retained-only", "-d"]);
+    sub.wait_subscribed();
+    b.publish("keep/live", "now", &[]);
+    let (code, mut lines) = sub.finish();
+    assert_eq!(code, Some(0));
+    lines.sort();
+    assert_eq!(lines, ["keep/a 1", "keep/b 2", "keep/c/x 3"]);
+
+    // --remove-retained --retained-only clears the tree but what -T hides, and exits at the
+    // first live message: the broker's echo of its own first removal.
+    let out = b.mqttd(
+        "sub",
+        &[
+            "-t",
+            "keep/#",
+            "-T",
+            "keep/c/#",
+            "-v",
+            "--remove-retained",
+            "--retained-only",
+        ],
+    );
+    assert_status(&out, 0);
+    let mut printed: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    printed.sort_unstable();
+    assert_eq!(printed, ["keep/a 1", "keep/b 2"]);
+    // What Mosquitto still keeps, as mosquitto_sub sees it: the spared message only.
+    let theirs = b.mosquitto_sub(&["-t", "keep/#", "-v", "--retained-only"]);
+    assert_eq!(theirs.line(), "keep/c/x 3");
+    b.publish("keep/live", "now", &[]);
+    assert_eq!(theirs.finish(), (Some(0), vec![]));
+
+    // With -R, --remove-retained still clears what it does not print; the broker's echo of
+    // the removal is live, so it is printed.
+    let sub = b.sub(&[
+        "-t",
+        "keep/#",
+        "-R",
+        "--remove-retained",
+        "-v",
+        "-C",
+        "2",
+        "-d",
+    ]);
+    sub.wait_subscribed();
+    b.publish("keep/live", "now", &[]);
+    let (code, mut lines) = sub.finish();
+    assert_eq!(code, Some(0));
+    lines.sort();
+    assert_eq!(lines, ["keep/c/x (null)", "keep/live now"]);
+    // Nothing is left but a marker retained now.
+    b.publish("keep/marker", "m", &["-r"]);
+    let theirs = b.mosquitto_sub(&["-t", "keep/#", "-v", "--retained-only"]);
+    assert_eq!(theirs.line(), "keep/marker m");
+    b.publish("keep/live", "now", &[]);
+    assert_eq!(theirs.finish(), (Some(0), vec![]));
+
+    // -R and --retained-only contradict each other.
+    assert_status(
+        &b.mqttd("sub", &["-t", "keep/#", "-R", "--retained-only"]),
+        2,
+    );
+}
+
+#[test]
+fn sub_unsubscribes_from_a_kept_session() {
+    need_mosquitto!();
+    let b = OpenBroker::start();
+    let session = ["-i", "kept", "-c", "-q", "1"];
+    assert_status(
+        &b.mqttd(
+            "sub",
+            &[&session[..], &["-t", "u/a", "-t", "u/b", "-E"]].concat(),
+        ),
+        0,
+    );
+    // -U alone: no SUBSCRIBE, one UNSUBSCRIBE, and -E exits after its UNSUBACK.
+    let out = b.mqttd("sub", &[&session[..], &["-U", "u/a", "-E", "-d"]].concat());
+    assert_status(&out, 0);
+    let debug = text(&out.stderr);
+    assert!(debug.contains("received UNSUBACK"), "{debug}");
+    assert!(!debug.contains("sending SUBSCRIBE"), "{debug}");
+    // Published while the session is offline, u/a first: only u/b is still subscribed.
+    b.publish("u/a", "gone", &["-q", "1"]);
+    b.publish("u/b", "kept", &["-q", "1"]);
+    let out = b.mqttd(
+        "sub",
+        &[&session[..], &["-U", "u/none", "-v", "-C", "1"]].concat(),
+    );
+    assert_status(&out, 0);
+    assert_eq!(text(&out.stdout), "u/b kept\n");
+    // Neither -t nor -U: nothing to do.
+    assert_status(&b.mqttd("sub", &["-E"]), 2);
+}
+
+#[test]
+fn capath_and_tls_version() {
+    need_mosquitto!();
+    let b = OpenBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (trusted, foreign, empty) = (
+        dir.path().join("trusted"),
+        dir.path().join("foreign"),
+        dir.path().join("empty"),
+    );
+    for d in [&trusted, &foreign, &empty] {
+        std::fs::create_dir(d).unwrap();
+    }
+    // Any file names, other CAs and files that are not certificates beside the right one.
+    std::fs::copy(&b.ca, trusted.join("ours.crt")).unwrap();
+    std::fs::copy(&b.other_ca, trusted.join("b-other.pem")).unwrap();
+    std::fs::write(trusted.join("README"), "not a certificate\n").unwrap();
+    std::fs::copy(&b.other_ca, foreign.join("other.pem")).unwrap();
+    std::fs::write(empty.join("README"), "not a certificate\n").unwrap();
+
+    let publish = |port: &str, extra: &[&str]| {
+        let args = [
+            &["pub", "-h", "localhost", "-p", port, "-t", "x", "-m", "y"][..],
+            extra,
+        ];
+        mqttd(&args.concat())
+    };
+    let path = |d: &Path| d.display().to_string();
+    // --capath alone turns TLS on.
+    assert_status(&publish(&b.tls, &["--capath", &path(&trusted)]), 0);
+    let out = publish(&b.tls, &["--capath", &path(&foreign)]);
+    assert_error(&out, 4, "unknown CA");
+    // With --cafile, both are trusted.
+    let both = ["--capath", &path(&foreign), "--cafile", &b.ca];
+    assert_status(&publish(&b.tls, &both), 0);
+    for unusable in [path(&empty), path(&dir.path().join("missing"))] {
+        assert_status(&publish(&b.tls, &["--capath", &unusable]), 2);
+    }
+
+    // Mosquitto's tls_version is a minimum: the TLS 1.3 listener refuses a client pinned to
+    // TLS 1.2, which the other listener accepts.
+    let ca = ["--cafile", b.ca.as_str()];
+    for (port, version, status) in [
+        (&b.tls13, "tlsv1.3", 0),
+        (&b.tls13, "tlsv1.2", 4),
+        (&b.tls, "tlsv1.2", 0),
+        (&b.tls, "tlsv1.3", 0),
+        (&b.tls, "tlsv1.1", 2),
+        (&b.tls, "sslv3", 2),
+    ] {
+        let out = publish(port, &[&ca[..], &["--tls-version", version]].concat());
+        assert_status(&out, status);
+    }
+    assert_status(&publish(&b.tls13, &ca), 0);
 }

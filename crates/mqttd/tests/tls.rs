@@ -235,6 +235,73 @@ async fn served_certificate(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>) -
     chain[0].as_ref().to_vec()
 }
 
+/// Publishes `payload` to `to` at QoS 1, which the broker must accept, and reads it back on
+/// `events` (the client is subscribed to it).
+async fn round_trip(client: &Client, events: &mut Events, to: &str, payload: &str) {
+    assert_eq!(
+        publish_acked(client, events, to, payload).await,
+        ReasonCode::Success
+    );
+    assert_eq!(next_payload(events).await, payload);
+}
+
+/// Publishes `payload` to `to` at QoS 1 from `publisher`, which the broker must accept, and
+/// reads it on `subscriber`'s events.
+async fn relay(
+    publisher: &Client,
+    publisher_events: &mut Events,
+    subscriber: &mut Events,
+    to: &str,
+    payload: &str,
+) {
+    assert_eq!(
+        publish_acked(publisher, publisher_events, to, payload).await,
+        ReasonCode::Success
+    );
+    assert_eq!(next_payload(subscriber).await, payload);
+}
+
+/// Waits until the broker's counter `name` reaches `value`, and checks it did not pass it.
+async fn expect_metric(broker: &Broker, name: &str, value: f64) {
+    let metrics = broker
+        .wait_for_metrics(STEP, |m| m.get(name) >= value)
+        .await;
+    assert_eq!(metrics.get(name), value, "{name}");
+}
+
+/// The CA the broker generated under its data directory, PEM.
+fn generated_ca(broker: &Broker) -> String {
+    std::fs::read_to_string(broker.data_dir().join("tls").join("ca.pem")).expect("ca.pem")
+}
+
+/// The bytes of a real ClientHello for `localhost` from `tls`.
+fn client_hello(tls: &Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let mut hello = Vec::new();
+    rustls::ClientConnection::new(
+        tls.clone(),
+        ServerName::try_from("localhost").expect("name"),
+    )
+    .expect("client connection")
+    .write_tls(&mut hello)
+    .expect("ClientHello");
+    hello
+}
+
+/// A broker whose TLS listener serves `leaf`; and the certificate and key files, which the
+/// test may rewrite before a SIGHUP.
+fn broker_serving(leaf: &Leaf) -> (Broker, PathBuf, PathBuf) {
+    let mut broker = Broker::configured("", &[TLS_LISTENER]);
+    let root = broker.root().to_owned();
+    let cert = write(&root.join("server.pem"), &leaf.cert);
+    let key = write(&root.join("server-key.pem"), &leaf.key);
+    write(
+        &root.join("mqttd.toml"),
+        &format!("[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n"),
+    );
+    broker.restart();
+    (broker, cert, key)
+}
+
 fn der_of(pem: &str) -> Vec<u8> {
     CertificateDer::from_pem_slice(pem.as_bytes())
         .expect("certificate PEM")
@@ -275,11 +342,7 @@ async fn generated_ca_serves_tls_and_is_reused() {
     let (publ, mut pub_events) = mqtt_over_tls(broker.tls, &trusted, mqtt_config("pub", None))
         .await
         .expect("publisher over TLS");
-    assert_eq!(
-        publish_acked(&publ, &mut pub_events, "tls/a", "over tls").await,
-        ReasonCode::Success
-    );
-    assert_eq!(next_payload(&mut sub_events).await, "over tls");
+    relay(&publ, &mut pub_events, &mut sub_events, "tls/a", "over tls").await;
 
     // By IP address too: the certificate names 127.0.0.1.
     let by_ip = tls_connect(broker.tls, &trusted, "127.0.0.1").await;
@@ -291,10 +354,7 @@ async fn generated_ca_serves_tls_and_is_reused() {
         refused.is_err(),
         "a client trusting another CA must refuse the broker"
     );
-    let metrics = broker
-        .wait_for_metrics(STEP, |m| m.get("mqttd_tls_handshake_failures_total") >= 1.0)
-        .await;
-    assert_eq!(metrics.get("mqttd_tls_handshake_failures_total"), 1.0);
+    expect_metric(&broker, "mqttd_tls_handshake_failures_total", 1.0).await;
 
     drop((sub, publ));
     broker.shutdown();
@@ -319,6 +379,17 @@ fn have_mosquitto_clients() -> bool {
         "SKIPPED: mosquitto_pub/mosquitto_sub not installed (apt-get install mosquitto-clients)"
     );
     false
+}
+
+/// Asserts that the client `what` succeeded, showing its error and the broker's log otherwise.
+#[track_caller]
+fn assert_ran(out: &std::process::Output, what: &str, broker: &Broker) {
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        broker.log_tail()
+    );
 }
 
 /// Runs a Mosquitto client to completion off the runtime's workers.
@@ -351,19 +422,9 @@ async fn mosquitto_clients_trust_the_generated_ca() {
         &["-m", "hello over tls", "-q", "1", "-r"],
     ))
     .await;
-    assert!(
-        published.status.success(),
-        "mosquitto_pub: {}\n{}",
-        String::from_utf8_lossy(&published.stderr),
-        broker.log_tail()
-    );
+    assert_ran(&published, "mosquitto_pub", &broker);
     let received = run_tool(tool("mosquitto_sub", &["-C", "1", "-W", "30"])).await;
-    assert!(
-        received.status.success(),
-        "mosquitto_sub: {}\n{}",
-        String::from_utf8_lossy(&received.stderr),
-        broker.log_tail()
-    );
+    assert_ran(&received, "mosquitto_sub", &broker);
     assert_eq!(
         String::from_utf8_lossy(&received.stdout).trim(),
         "hello over tls"
@@ -400,19 +461,9 @@ async fn mosquitto_clients_with_a_client_certificate() {
         cmd
     };
     let published = run_tool(tool("mosquitto_pub", true, &["-m", "online", "-r"])).await;
-    assert!(
-        published.status.success(),
-        "mosquitto_pub with a certificate: {}\n{}",
-        String::from_utf8_lossy(&published.stderr),
-        broker.log_tail()
-    );
+    assert_ran(&published, "mosquitto_pub with a certificate", &broker);
     let received = run_tool(tool("mosquitto_sub", true, &["-C", "1", "-W", "30"])).await;
-    assert!(
-        received.status.success(),
-        "mosquitto_sub with a certificate: {}\n{}",
-        String::from_utf8_lossy(&received.stderr),
-        broker.log_tail()
-    );
+    assert_ran(&received, "mosquitto_sub with a certificate", &broker);
     assert_eq!(String::from_utf8_lossy(&received.stdout).trim(), "online");
 
     let refused = run_tool(tool("mosquitto_pub", false, &["-m", "anonymous"])).await;
@@ -450,8 +501,7 @@ async fn client_certificate_identity_is_the_user_name() {
         &clients_ca,
         "user device-1\ntopic readwrite devices/device-1/#\n\nuser admin\ntopic readwrite #\n",
     );
-    let server_ca =
-        std::fs::read_to_string(broker.data_dir().join("tls").join("ca.pem")).expect("ca.pem");
+    let server_ca = generated_ca(&broker);
 
     // The CONNECT claims to be admin; the certificate says device-1, and device-1 it is.
     let device = clients_ca.client("device-1");
@@ -469,11 +519,7 @@ async fn client_certificate_identity_is_the_user_name() {
         .await
         .expect("SUBACK");
     assert_eq!(refused.reasons, vec![ReasonCode::NotAuthorized]);
-    assert_eq!(
-        publish_acked(&client, &mut events, "devices/device-1/temp", "21.5").await,
-        ReasonCode::Success
-    );
-    assert_eq!(next_payload(&mut events).await, "21.5");
+    round_trip(&client, &mut events, "devices/device-1/temp", "21.5").await;
     assert_eq!(
         publish_acked(&client, &mut events, "elsewhere/temp", "no").await,
         ReasonCode::NotAuthorized
@@ -494,17 +540,10 @@ async fn client_certificate_identity_is_the_user_name() {
     )
     .await;
     assert!(outcome.is_err(), "a certificate from another CA got in");
-    let metrics = broker
-        .wait_for_metrics(STEP, |m| m.get("mqttd_tls_handshake_failures_total") >= 2.0)
-        .await;
-    assert_eq!(metrics.get("mqttd_tls_handshake_failures_total"), 2.0);
+    expect_metric(&broker, "mqttd_tls_handshake_failures_total", 2.0).await;
 
     // device-1 is still connected and working.
-    assert_eq!(
-        publish_acked(&client, &mut events, "devices/device-1/temp", "22").await,
-        ReasonCode::Success
-    );
-    assert_eq!(next_payload(&mut events).await, "22");
+    round_trip(&client, &mut events, "devices/device-1/temp", "22").await;
 }
 
 /// Without `require_client_cert`, a client without a certificate gets in with no user name (so
@@ -526,8 +565,7 @@ async fn optional_client_certificate_leaves_others_anonymous() {
         ),
     );
     broker.restart();
-    let server_ca =
-        std::fs::read_to_string(broker.data_dir().join("tls").join("ca.pem")).expect("ca.pem");
+    let server_ca = generated_ca(&broker);
 
     let (anon, _events) = mqtt_over_tls(
         broker.tls,
@@ -574,15 +612,7 @@ async fn expired_server_certificate_is_refused_by_the_client() {
         ExtendedKeyUsagePurpose::ServerAuth,
         Some((2020, 2021)),
     );
-    let mut broker = Broker::configured("", &[TLS_LISTENER]);
-    let root = broker.root().to_owned();
-    let cert = write(&root.join("server.pem"), &expired.cert);
-    let key = write(&root.join("server-key.pem"), &expired.key);
-    write(
-        &root.join("mqttd.toml"),
-        &format!("[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n"),
-    );
-    broker.restart();
+    let (broker, _, _) = broker_serving(&expired);
     let error = tls_connect(broker.tls, &client_tls(&ca.pem, None), "localhost")
         .await
         .expect_err("an expired certificate must be refused");
@@ -603,15 +633,7 @@ async fn expired_server_certificate_is_refused_by_the_client() {
 async fn sighup_reloads_certificates_and_keeps_connections() {
     let ca = TestCa::new("test server CA");
     let first = ca.server("server-1");
-    let mut broker = Broker::configured("", &[TLS_LISTENER]);
-    let root = broker.root().to_owned();
-    let cert = write(&root.join("server.pem"), &first.cert);
-    let key = write(&root.join("server-key.pem"), &first.key);
-    write(
-        &root.join("mqttd.toml"),
-        &format!("[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n"),
-    );
-    broker.restart();
+    let (broker, cert, key) = broker_serving(&first);
     let tls = client_tls(&ca.pem, None);
     assert_eq!(
         served_certificate(broker.tls, &tls).await,
@@ -646,16 +668,15 @@ async fn sighup_reloads_certificates_and_keeps_connections() {
     let (new, mut new_events) = mqtt_over_tls(broker.tls, &tls, mqtt_config("new", None))
         .await
         .expect("connection after the reload");
-    assert_eq!(
-        publish_acked(&new, &mut new_events, "reload/a", "after reload").await,
-        ReasonCode::Success
-    );
-    assert_eq!(next_payload(&mut old_events).await, "after reload");
-    assert_eq!(
-        publish_acked(&old, &mut old_events, "reload/b", "from the old one").await,
-        ReasonCode::Success
-    );
-    assert_eq!(next_payload(&mut old_events).await, "from the old one");
+    relay(
+        &new,
+        &mut new_events,
+        &mut old_events,
+        "reload/a",
+        "after reload",
+    )
+    .await;
+    round_trip(&old, &mut old_events, "reload/b", "from the old one").await;
 
     // A broken key: the reload fails, names the file, and the certificate in use stays.
     write(
@@ -685,11 +706,7 @@ async fn sighup_reloads_certificates_and_keeps_connections() {
         served_certificate(broker.tls, &tls).await,
         der_of(&second.cert)
     );
-    assert_eq!(
-        publish_acked(&old, &mut old_events, "reload/c", "still up").await,
-        ReasonCode::Success
-    );
-    assert_eq!(next_payload(&mut old_events).await, "still up");
+    round_trip(&old, &mut old_events, "reload/c", "still up").await;
 }
 
 /// 500 sockets that send nothing, and 100 that trickle a ClientHello a byte at a time, are
@@ -700,7 +717,7 @@ async fn slow_handshakes_are_closed_by_connect_timeout() {
     const SILENT: usize = 500;
     const TRICKLING: usize = 100;
     let broker = Broker::start_with("connect_timeout = 1\n", &[TLS_LISTENER]);
-    let ca = std::fs::read_to_string(broker.data_dir().join("tls").join("ca.pem")).expect("ca.pem");
+    let ca = generated_ca(&broker);
     let tls = client_tls(&ca, None);
 
     let started = Instant::now();
@@ -709,14 +726,7 @@ async fn slow_handshakes_are_closed_by_connect_timeout() {
         silent.push(TcpStream::connect(broker.tls).await.expect("connect"));
     }
     // The first bytes of a real ClientHello, sent one every 100 ms: 3 s for 30 bytes.
-    let mut hello = Vec::new();
-    rustls::ClientConnection::new(
-        tls.clone(),
-        ServerName::try_from("localhost").expect("name"),
-    )
-    .expect("client connection")
-    .write_tls(&mut hello)
-    .expect("ClientHello");
+    let hello = client_hello(&tls);
     let tricklers: Vec<_> = (0..TRICKLING)
         .map(|_| {
             let addr = broker.tls;
@@ -751,11 +761,7 @@ async fn slow_handshakes_are_closed_by_connect_timeout() {
         .subscribe_one(filter("witness/#"), QoS::AtLeastOnce)
         .await
         .expect("SUBACK");
-    assert_eq!(
-        publish_acked(&witness, &mut events, "witness/a", "one").await,
-        ReasonCode::Success
-    );
-    assert_eq!(next_payload(&mut events).await, "one");
+    round_trip(&witness, &mut events, "witness/a", "one").await;
 
     for (i, mut socket) in silent.into_iter().enumerate() {
         let mut buf = [0u8; 64];
@@ -782,20 +788,13 @@ async fn slow_handshakes_are_closed_by_connect_timeout() {
         );
     }
 
-    let metrics = broker
-        .wait_for_metrics(STEP, |m| {
-            m.get("mqttd_tls_handshake_timeouts_total") >= (SILENT + TRICKLING) as f64
-        })
-        .await;
-    assert_eq!(
-        metrics.get("mqttd_tls_handshake_timeouts_total"),
-        (SILENT + TRICKLING) as f64
-    );
-    assert_eq!(
-        publish_acked(&witness, &mut events, "witness/b", "two").await,
-        ReasonCode::Success
-    );
-    assert_eq!(next_payload(&mut events).await, "two");
+    expect_metric(
+        &broker,
+        "mqttd_tls_handshake_timeouts_total",
+        (SILENT + TRICKLING) as f64,
+    )
+    .await;
+    round_trip(&witness, &mut events, "witness/b", "two").await;
 }
 
 /// Startup fails, naming the listener and the file, for a key that does not match the
@@ -880,11 +879,8 @@ async fn plain_mqtt_on_the_tls_port_is_refused() {
         "plain MQTT on the TLS port: {:?}",
         outcome.map(|_| ())
     );
-    let metrics = broker
-        .wait_for_metrics(STEP, |m| m.get("mqttd_tls_handshake_failures_total") >= 1.0)
-        .await;
-    assert_eq!(metrics.get("mqttd_tls_handshake_failures_total"), 1.0);
-    let ca = std::fs::read_to_string(broker.data_dir().join("tls").join("ca.pem")).expect("ca.pem");
+    expect_metric(&broker, "mqttd_tls_handshake_failures_total", 1.0).await;
+    let ca = generated_ca(&broker);
     let (client, _events) =
         mqtt_over_tls(broker.tls, &client_tls(&ca, None), mqtt_config("ok", None))
             .await
@@ -902,16 +898,9 @@ async fn a_pending_handshake_holds_little() {
     const PENDING: usize = 1000;
     const PER_HANDSHAKE: u64 = 32 * 1024;
     let broker = Broker::start_with("connect_timeout = 120\n", &[TLS_LISTENER]);
-    let ca = std::fs::read_to_string(broker.data_dir().join("tls").join("ca.pem")).expect("ca.pem");
+    let ca = generated_ca(&broker);
     let tls = client_tls(&ca, None);
-    let mut hello = Vec::new();
-    rustls::ClientConnection::new(
-        tls.clone(),
-        ServerName::try_from("localhost").expect("name"),
-    )
-    .expect("client connection")
-    .write_tls(&mut hello)
-    .expect("ClientHello");
+    let hello = client_hello(&tls);
     // The record header and the start of the ClientHello: rustls must buffer it and wait.
     let partial = &hello[..hello.len() / 2];
 
@@ -925,49 +914,17 @@ async fn a_pending_handshake_holds_little() {
         .await
         .expect("SUBACK");
     let mut held = Vec::new();
-    let round = |n: usize| {
-        let mut opened = Vec::new();
-        for _ in 0..n {
-            opened.push(TcpStream::connect(broker.tls));
-        }
-        opened
-    };
-    for connecting in round(WARM_UP) {
-        let mut socket = connecting.await.expect("connect");
-        socket
-            .write_all(partial)
-            .await
-            .expect("partial ClientHello");
-        held.push(socket);
-    }
-    assert_eq!(
-        publish_acked(&witness, &mut events, "fence/1", "1").await,
-        ReasonCode::Success
-    );
-    assert_eq!(next_payload(&mut events).await, "1");
+    hold_pending(broker.tls, partial, WARM_UP, &mut held).await;
+    round_trip(&witness, &mut events, "fence/1", "1").await;
     let before = broker.rss();
-    for connecting in round(PENDING) {
-        let mut socket = connecting.await.expect("connect");
-        socket
-            .write_all(partial)
-            .await
-            .expect("partial ClientHello");
-        held.push(socket);
-    }
-    assert_eq!(
-        publish_acked(&witness, &mut events, "fence/2", "2").await,
-        ReasonCode::Success
-    );
-    assert_eq!(next_payload(&mut events).await, "2");
-    let metrics = broker
-        .wait_for_metrics(STEP, |m| {
-            m.get("mqttd_connections_accepted_total") >= (WARM_UP + PENDING + 1) as f64
-        })
-        .await;
-    assert_eq!(
-        metrics.get("mqttd_connections_accepted_total"),
-        (WARM_UP + PENDING + 1) as f64
-    );
+    hold_pending(broker.tls, partial, PENDING, &mut held).await;
+    round_trip(&witness, &mut events, "fence/2", "2").await;
+    expect_metric(
+        &broker,
+        "mqttd_connections_accepted_total",
+        (WARM_UP + PENDING + 1) as f64,
+    )
+    .await;
     let after = broker.rss();
     let per = after.saturating_sub(before) / PENDING as u64;
     assert!(
@@ -975,6 +932,18 @@ async fn a_pending_handshake_holds_little() {
         "{per} bytes per pending handshake ({before} -> {after} bytes resident)"
     );
     drop(held);
+}
+
+/// Opens `n` connections to `addr` that each send `partial` and wait; keeps them in `held`.
+async fn hold_pending(addr: SocketAddr, partial: &[u8], n: usize, held: &mut Vec<TcpStream>) {
+    for _ in 0..n {
+        let mut socket = TcpStream::connect(addr).await.expect("connect");
+        socket
+            .write_all(partial)
+            .await
+            .expect("partial ClientHello");
+        held.push(socket);
+    }
 }
 
 /// `mqttd pub` and `mqttd sub` reach the broker's own TLS-based listeners, `mqtts://` and
@@ -1047,7 +1016,7 @@ async fn mqttd_clients_over_mqtts_and_wss_trusting_the_generated_ca() {
 async fn an_idle_tls_connection_costs_at_most_twice_a_tcp_one() {
     const N: usize = 400;
     let broker = Broker::start_with("", &[TLS_LISTENER]);
-    let ca = std::fs::read_to_string(broker.data_dir().join("tls").join("ca.pem")).expect("ca.pem");
+    let ca = generated_ca(&broker);
     let tls = client_tls(&ca, None);
     let tcp_client = |i: usize| {
         let addr = broker.mqtt;

@@ -7,8 +7,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use mqttd_proto::client::{ClientConfig, Event as ClientEvent};
 use mqttd_proto::{
-    Message, Packet, PacketType, QoS, ReasonCode, StreamId, SubscribeProperties, Subscription,
-    SubscriptionOptions, TopicFilter, TopicName, Will, WillProperties,
+    Message, Packet, PacketId, PacketType, Publish, PublishProperties, QoS, ReasonCode, StreamId,
+    SubscribeProperties, Subscription, SubscriptionOptions, TopicFilter, TopicName, Will,
+    WillProperties,
 };
 
 use super::{id, now, ClientRef, Sim, SOCKET_BUFFER};
@@ -494,4 +495,123 @@ async fn an_acknowledgement_waiting_for_storage_holds_its_own_stream_only() {
         .map(|(s, _)| s)
         .collect();
     assert_eq!(acks, [PUB_STREAM]);
+}
+
+/// A QoS 1 or 2 publication read on a data stream waits for storage; the stream is lost (at
+/// both ends) before the watermark covers the change, and the acknowledgement held on it goes
+/// with it. The client resends the publication on the control stream, as a multi-stream
+/// client does with what it sent on a lost stream: the acknowledgement goes on the control
+/// stream, once, and only once the lost stream's change is durable. For QoS 2 the broker
+/// knows the packet identifier and answers the resend at once, with nothing new to store: the
+/// control stream waits for the lost stream's change (`ConnectionCore::stream_lost` merges
+/// it into the control stream's), else the PUBREC would come first.
+async fn ack_owed_on_a_lost_stream(qos: QoS, ack: PacketType) {
+    let mut sim = Sim::new(config());
+    let m = multi_stream(&mut sim, "m");
+    sim.connect(m);
+    sim.drive().await;
+    sim.auto_durable = false;
+    // Retained, so that its acknowledgement waits for the retained message to be durable.
+    let retained = Message::new(TopicName::try_from("r").unwrap(), b"x".to_vec(), qos, true);
+    let _ = sim.get(m).conn.publish(now(), Arc::new(retained)).unwrap();
+    sim.drive().await;
+    assert_eq!(sim.storage.pending(), ["retain r"]);
+    assert!(packets(&mut sim, m, ack).is_empty());
+
+    let t = now();
+    sim.get(m).conn.stream_lost(t, PUB_STREAM);
+    sim.lose_stream(m, PUB_STREAM);
+    // The sim's client routes by packet kind, so its own machine did not see the PUBLISH go
+    // on the lost stream: the resend (the client's first packet identifier) is written here.
+    let resent = Publish {
+        dup: true,
+        qos,
+        retain: true,
+        topic: TopicName::try_from("r").unwrap(),
+        packet_id: Some(PacketId::MIN),
+        properties: PublishProperties::default(),
+        payload: Bytes::from_static(b"x"),
+    };
+    sim.send_raw(m, StreamId::CONTROL, &Packet::Publish(resent));
+    // Time passes: still no acknowledgement.
+    sim.advance(Duration::from_secs(5)).await;
+    assert!(
+        packets(&mut sim, m, ack).is_empty(),
+        "{ack:?} before the change it acknowledges is durable"
+    );
+
+    sim.storage.make_durable();
+    sim.advance(Duration::from_secs(5)).await;
+    let acks: Vec<StreamId> = packets(&mut sim, m, ack)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(
+        acks,
+        [StreamId::CONTROL],
+        "one {ack:?}, on the control stream"
+    );
+    let delivered = sim
+        .get(m)
+        .events
+        .iter()
+        .filter(|e| matches!(e, ClientEvent::Delivered { reason, .. } if !reason.is_error()))
+        .count();
+    assert_eq!(delivered, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_puback_owed_on_a_lost_stream_still_waits_for_storage() {
+    ack_owed_on_a_lost_stream(QoS::AtLeastOnce, PacketType::PubAck).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pubrec_owed_on_a_lost_stream_still_waits_for_storage() {
+    ack_owed_on_a_lost_stream(QoS::ExactlyOnce, PacketType::PubRec).await;
+}
+
+/// The data stream is lost after its PUBLISH was read but before the core acted on it (data
+/// and a stream reset arriving together): the change is recorded for the lost stream, whose
+/// output is gone, while the PUBACK the protocol core moved to the control stream is not held
+/// by it.
+#[tokio::test(start_paused = true)]
+#[ignore = "not yet: a change recorded for a stream already lost holds nothing, so its PUBACK \
+            goes out on the control stream before it is durable (ConnectionCore::depends_on_for \
+            should count a lost stream's changes as the control stream's)"]
+async fn a_stream_lost_before_its_publication_is_processed_still_waits_for_storage() {
+    let mut sim = Sim::new(config());
+    let m = multi_stream(&mut sim, "m");
+    sim.connect(m);
+    sim.drive().await;
+    sim.auto_durable = false;
+    let retained = Message::new(
+        TopicName::try_from("r").unwrap(),
+        b"x".to_vec(),
+        QoS::AtLeastOnce,
+        true,
+    );
+    let t = now();
+    let _ = sim.get(m).conn.publish(t, Arc::new(retained)).unwrap();
+    let (_, packet) = sim
+        .get(m)
+        .conn
+        .poll_transmit_tagged(t)
+        .expect("the PUBLISH");
+    let link = sim.clients[m.0].link.as_mut().expect("connected");
+    link.core.handle_packet(t, PUB_STREAM, packet);
+    sim.get(m).conn.stream_lost(t, PUB_STREAM);
+    sim.lose_stream(m, PUB_STREAM);
+    sim.advance(Duration::from_secs(5)).await;
+    assert_eq!(sim.storage.pending(), ["retain r"]);
+    assert!(
+        packets(&mut sim, m, PacketType::PubAck).is_empty(),
+        "a PUBACK before the change it acknowledges is durable"
+    );
+    sim.storage.make_durable();
+    sim.advance(Duration::from_secs(5)).await;
+    let acks: Vec<StreamId> = packets(&mut sim, m, PacketType::PubAck)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(acks, [StreamId::CONTROL]);
 }

@@ -71,8 +71,8 @@ const CLOSE_UNSUPPORTED_DATA: u16 = 1003;
 pub(crate) struct Upgraded {
     /// The subprotocol chosen among the client's offers; `None` if it offered none.
     pub(crate) subprotocol: Option<&'static str>,
-    /// The client's address from `X-Forwarded-For` (its first address), when the listener
-    /// trusts its proxy and the header names a valid address.
+    /// The client's address from `Forwarded` (RFC 7239) or `X-Forwarded-For`, when the
+    /// listener trusts its proxy and a header names a valid address (see [`client_address`]).
     pub(crate) forwarded_for: Option<IpAddr>,
 }
 
@@ -145,7 +145,7 @@ impl Refusal {
 }
 
 /// Reads a WebSocket upgrade request from `stream` for `listener` (its path, whether it
-/// trusts `X-Forwarded-For`), answers it, and returns the connection as a byte stream with
+/// trusts `Forwarded` and `X-Forwarded-For`), answers it, and returns the connection as a byte stream with
 /// what the upgrade agreed. A refused request gets its HTTP error before the error returns.
 ///
 /// Generic over the stream so that `wss://` runs it over a TLS stream. The caller bounds it
@@ -262,7 +262,7 @@ fn check_request(
         }
     };
     let forwarded_for = if trust_proxy {
-        forwarded_for(headers)
+        client_address(headers)
     } else {
         None
     };
@@ -302,6 +302,112 @@ fn tokens<'h>(
 /// Whether a header named `name` lists `token` (ASCII case-insensitive).
 fn has_token(headers: &[httparse::Header<'_>], name: &'static str, token: &str) -> bool {
     tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The client's address as a trusted proxy reports it: the `for=` of the first element of
+/// `Forwarded` (RFC 7239), else the first address of `X-Forwarded-For`; `None` when neither
+/// names one, and the socket's address stands. Ports are dropped, as X-Forwarded-For has none.
+fn client_address(headers: &[httparse::Header<'_>]) -> Option<IpAddr> {
+    forwarded(headers).or_else(|| forwarded_for(headers))
+}
+
+/// The node of the `for=` parameter of the first (client-most) element of the first
+/// `Forwarded` header (RFC 7239, 4 and 6): an IPv4 address or a bracketed IPv6 one, with or
+/// without a port, quoted or not. `unknown`, an obfuscated identifier (`_hidden`), a
+/// parameter given twice, an unterminated quote or anything else gives `None`.
+fn forwarded(headers: &[httparse::Header<'_>]) -> Option<IpAddr> {
+    let value = values(headers, "forwarded").next()?;
+    let parsed = forwarded_for_param(value).and_then(|node| parse_node(&node));
+    if parsed.is_none() {
+        debug!(value = %String::from_utf8_lossy(value), "Forwarded without a client address");
+    }
+    parsed
+}
+
+/// The unquoted value of the only `for` parameter of the first element of a `Forwarded` value.
+fn forwarded_for_param(value: &[u8]) -> Option<String> {
+    // The pairs of the first element: split at `;` up to the first `,`, outside quotes.
+    let mut pairs = Vec::new();
+    let (mut start, mut end) = (0, value.len());
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, &b) in value.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b';' if !quoted => {
+                pairs.push(value.get(start..i)?);
+                start = i + 1;
+            }
+            b',' if !quoted => {
+                end = i;
+                break;
+            }
+            _ => {}
+        }
+    }
+    if quoted {
+        return None;
+    }
+    pairs.push(value.get(start..end)?);
+    let mut found = None;
+    for pair in pairs.into_iter().map(<[u8]>::trim_ascii) {
+        if pair.is_empty() {
+            continue;
+        }
+        let eq = pair.iter().position(|&b| b == b'=')?;
+        let (name, rest) = pair.split_at(eq);
+        if !name.trim_ascii().eq_ignore_ascii_case(b"for") {
+            continue;
+        }
+        if found.is_some() {
+            // RFC 7239, 4: a parameter must not occur twice in an element.
+            return None;
+        }
+        found = Some(unquote(rest.get(1..)?.trim_ascii())?);
+    }
+    found
+}
+
+/// A token as it is, or a quoted string without its quotes and escapes.
+fn unquote(value: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(value).ok()?;
+    let Some(inner) = text.strip_prefix('"') else {
+        return Some(text.to_owned());
+    };
+    let inner = inner.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        out.push(if c == '\\' { chars.next()? } else { c });
+    }
+    Some(out)
+}
+
+/// An RFC 7239 node naming an address: `IPv4[:port]` or `[IPv6][:port]`, the port digits or
+/// obfuscated (`_x`). `unknown` and obfuscated nodes name none.
+fn parse_node(node: &str) -> Option<IpAddr> {
+    let (ip, port) = match node.strip_prefix('[') {
+        Some(v6) => {
+            let (ip, rest) = v6.split_once(']')?;
+            (IpAddr::V6(ip.parse().ok()?), rest)
+        }
+        None => {
+            let (ip, rest) = node.split_at(node.find(':').unwrap_or(node.len()));
+            (IpAddr::V4(ip.parse().ok()?), rest)
+        }
+    };
+    let port_ok = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(obfuscated) if obfuscated.starts_with('_') => {
+            obfuscated.len() > 1
+                && obfuscated
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        }
+        Some(digits) => digits.parse::<u16>().is_ok() && digits.bytes().all(|b| b.is_ascii_digit()),
+    };
+    port_ok.then_some(ip)
 }
 
 /// The first address of the first `X-Forwarded-For` header: the client, as the first proxy

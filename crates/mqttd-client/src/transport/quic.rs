@@ -37,7 +37,7 @@ use tokio::net::lookup_host;
 use tokio::task::JoinSet;
 
 use super::tls::{self, CertCheck, TlsError};
-use super::{Endpoint, TlsOptions, TransportError};
+use super::{Endpoint, TlsOptions, TlsVersion, TransportError};
 
 /// The ALPN protocol of MQTT over QUIC.
 pub const ALPN: &[u8] = b"mqtt";
@@ -110,6 +110,11 @@ pub(super) struct Quic {
 impl Quic {
     pub(super) fn new(host: &str, options: &TlsOptions) -> Result<Self, TransportError> {
         tls::server_name(host)?;
+        if options.version == Some(TlsVersion::Tls12) {
+            return Err(TransportError::TlsConfig(
+                "QUIC runs on TLS 1.3 only: --tls-version tlsv1.2 cannot apply".into(),
+            ));
+        }
         let checks = Arc::new(CheckRecorder {
             inner: tls::verifier(options)?,
             last: Mutex::new(None),

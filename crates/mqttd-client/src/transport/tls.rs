@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::{TlsOptions, TransportError};
+use super::{TlsOptions, TlsVersion, TransportError};
 
 /// Where the system keeps its CA bundle, by distribution; `SSL_CERT_FILE` comes first.
 const SYSTEM_CA_FILES: &[&str] = &[
@@ -34,7 +34,11 @@ pub(super) struct Tls {
 
 impl Tls {
     pub(super) fn new(host: &str, options: &TlsOptions) -> Result<Self, TransportError> {
-        let versions = rustls::DEFAULT_VERSIONS;
+        let versions: &[&rustls::SupportedProtocolVersion] = match options.version {
+            None => rustls::DEFAULT_VERSIONS,
+            Some(TlsVersion::Tls12) => &[&rustls::version::TLS12],
+            Some(TlsVersion::Tls13) => &[&rustls::version::TLS13],
+        };
         let config = client_config(options, versions, verifier(options)?)?;
         Ok(Self {
             connector: TlsConnector::from(Arc::new(config)),
@@ -54,12 +58,15 @@ impl Tls {
 }
 
 /// The check of the server's certificate `options` ask for: the chain against the CA file
-/// (or the system's CAs), and the host name unless `insecure`.
+/// and directory (or the system's CAs), and the host name unless `insecure`.
 pub(super) fn verifier(
     options: &TlsOptions,
 ) -> Result<Arc<dyn ServerCertVerifier>, TransportError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = Arc::new(load_roots(options.ca_file.as_deref())?);
+    let roots = Arc::new(load_roots(
+        options.ca_file.as_deref(),
+        options.ca_path.as_deref(),
+    )?);
     let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| TransportError::TlsConfig(format!("certificate verifier: {e}")))?;
@@ -110,8 +117,51 @@ pub(super) fn server_name(host: &str) -> Result<ServerName<'static>, TransportEr
         .map_err(|_| TransportError::TlsConfig(format!("{host:?} is not a valid TLS server name")))
 }
 
+/// The CA certificates in `file` and in the PEM files of directory `dir`; without either,
+/// those of the system's bundle.
+fn load_roots(file: Option<&Path>, dir: Option<&Path>) -> Result<RootCertStore, TransportError> {
+    let Some(dir) = dir else {
+        return load_file(file);
+    };
+    let mut roots = match file {
+        Some(_) => load_file(file)?,
+        None => RootCertStore::empty(),
+    };
+    load_dir(dir, &mut roots)?;
+    Ok(roots)
+}
+
+/// Adds the CA certificates of every PEM file in `dir` (as `openssl rehash` directories and
+/// `/etc/ssl/certs` hold them); other files, and certificates webpki cannot use, are skipped.
+/// A directory without a usable CA certificate is an error.
+fn load_dir(dir: &Path, roots: &mut RootCertStore) -> Result<(), TransportError> {
+    let fail = |e: &dyn fmt::Display| TransportError::TlsConfig(format!("{}: {e}", dir.display()));
+    let mut files = std::fs::read_dir(dir)
+        .map_err(|e| fail(&e))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(&e))?;
+    // The same certificates in the same order on every run.
+    files.sort();
+    let mut added = 0;
+    for path in files.iter().filter(|p| p.is_file()) {
+        let Ok(certs) = CertificateDer::pem_file_iter(path) else {
+            continue;
+        };
+        for cert in certs.flatten() {
+            if roots.add(cert).is_ok() {
+                added += 1;
+            }
+        }
+    }
+    if added == 0 {
+        return Err(fail(&"no CA certificate in the directory's PEM files"));
+    }
+    Ok(())
+}
+
 /// The CA certificates in `file`, or in the system's bundle.
-fn load_roots(file: Option<&Path>) -> Result<RootCertStore, TransportError> {
+fn load_file(file: Option<&Path>) -> Result<RootCertStore, TransportError> {
     let system;
     let path = match file {
         Some(path) => path,

@@ -333,6 +333,75 @@ fn forwarded_for_is_read_only_when_the_proxy_is_trusted() {
     }
 }
 
+#[test]
+fn forwarded_names_the_client_only_when_the_proxy_is_trusted() {
+    let ip = |req: &[u8], trust| check(req, trust).unwrap().unwrap().2.forwarded_for;
+    let req = request(
+        "/mqtt",
+        "Forwarded: for=192.0.2.60;proto=http;by=203.0.113.43\r\n",
+    );
+    assert_eq!(ip(&req, true), Some("192.0.2.60".parse().unwrap()));
+    assert_eq!(ip(&req, false), None);
+    // RFC 7239's examples and the forms around them; the first element is the client-most.
+    for (value, expected) in [
+        ("for=192.0.2.43", Some("192.0.2.43")),
+        ("For=\"192.0.2.43:47011\"", Some("192.0.2.43")),
+        ("for=\"[2001:db8:cafe::17]\"", Some("2001:db8:cafe::17")),
+        (
+            "for=\"[2001:db8:cafe::17]:4711\"",
+            Some("2001:db8:cafe::17"),
+        ),
+        ("for=192.0.2.43, for=198.51.100.17", Some("192.0.2.43")),
+        (
+            "for=192.0.2.43,for=\"[2001:db8:cafe::17]\"",
+            Some("192.0.2.43"),
+        ),
+        (
+            "proto=https; by=10.0.0.1 ; for=192.0.2.43",
+            Some("192.0.2.43"),
+        ),
+        ("by=\"a;b,c\";for=192.0.2.43", Some("192.0.2.43")),
+        ("for=\"192.0.2.43:_port-1\"", Some("192.0.2.43")),
+        ("for=\"\\192.0.2.43\"", Some("192.0.2.43")),
+        // Obfuscated, unknown, or in a later element only: no address.
+        ("for=_hidden, for=198.51.100.17", None),
+        ("for=unknown", None),
+        ("for=\"_SEVKISEK\"", None),
+        ("by=10.0.0.1, for=198.51.100.17", None),
+        // Malformed: ignored, the socket's address stands.
+        ("for=2001:db8:cafe::17", None),
+        ("for=\"[2001:db8:cafe::17\"", None),
+        ("for=\"192.0.2.43", None),
+        ("for=192.0.2.43:99999", None),
+        ("for=192.0.2.43:", None),
+        ("for=192.0.2.43:_", None),
+        ("for=192.0.2.43;for=198.51.100.17", None),
+        ("for", None),
+        ("for=", None),
+        ("for=999.0.2.43", None),
+        ("", None),
+    ] {
+        let req = request("/mqtt", &format!("Forwarded: {value}\r\n"));
+        assert_eq!(
+            ip(&req, true),
+            expected.map(|e| e.parse().unwrap()),
+            "{value}"
+        );
+    }
+    // Forwarded first; X-Forwarded-For when Forwarded names no client.
+    let both = "Forwarded: for=192.0.2.1\r\nX-Forwarded-For: 198.51.100.2\r\n";
+    assert_eq!(
+        ip(&request("/mqtt", both), true),
+        Some("192.0.2.1".parse().unwrap())
+    );
+    let hidden = "Forwarded: for=_hidden\r\nX-Forwarded-For: 198.51.100.2\r\n";
+    assert_eq!(
+        ip(&request("/mqtt", hidden), true),
+        Some("198.51.100.2".parse().unwrap())
+    );
+    assert_eq!(ip(&request("/mqtt", both), false), None);
+}
+
 // ---- The stream -----------------------------------------------------------------------------
 
 fn pair() -> (WsStream<DuplexStream>, DuplexStream) {
