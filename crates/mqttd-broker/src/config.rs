@@ -238,6 +238,10 @@ pub struct QuicConfig {
     /// a stateless Retry first (which costs it a round trip and the broker no state); 0 to
     /// always Retry.
     pub retry_above_handshakes: usize,
+    /// Serve HTTP/3 on the QUIC listeners' ports besides MQTT (ALPN `h3` next to `mqtt`):
+    /// `GET /health` and `GET /metrics`, the HTTP endpoint's pages, public like them. Each
+    /// client may then open the three unidirectional streams HTTP/3 needs.
+    pub http3: bool,
 }
 
 impl Default for QuicConfig {
@@ -252,6 +256,7 @@ impl Default for QuicConfig {
             stream_recv_window_default: 256 * 1024,
             conn_flow_control_window: 2 * 1024 * 1024,
             retry_above_handshakes: 256,
+            http3: true,
         }
     }
 }
@@ -483,6 +488,8 @@ mod tests {
         assert_eq!(c.quic.congestion_control, CongestionControl::NewReno);
         assert_eq!(c.quic.retry_above_handshakes, 256);
         assert!(Config::parse("[quic]\ncongestion_control = 'bbr'").is_err());
+        assert!(c.quic.http3);
+        assert!(!Config::parse("[quic]\nhttp3 = false").unwrap().quic.http3);
     }
 
     #[test]

@@ -53,8 +53,6 @@ mod drivers;
 pub mod fuzzing;
 pub mod hooks;
 mod http;
-// Served by the QUIC listener's `h3` ALPN arm, which lands with the QUIC listener.
-#[cfg_attr(not(test), allow(dead_code))]
 mod http3;
 mod listener;
 pub mod metrics;

@@ -566,7 +566,9 @@ async fn a_session_made_over_tcp_resumes_over_quic() {
 
 #[tokio::test]
 async fn a_client_offering_another_alpn_fails_the_handshake() {
-    let s = start(Config::default()).await;
+    let mut config = Config::default();
+    config.quic.http3 = false;
+    let s = start(config).await;
     for alpn in [&b"h3"[..], b"mqtt-ish"] {
         let endpoint = s.endpoint(alpn, None);
         let result = dial(&endpoint, s.quic).await;
@@ -575,6 +577,38 @@ async fn a_client_offering_another_alpn_fails_the_handshake() {
     // An MQTT client still gets in.
     let conn = s.connect().await;
     control(&conn, "after").await;
+    s.broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn http3_is_offered_on_the_same_port_unless_disabled() {
+    let s = start(Config::default()).await;
+    let endpoint = s.endpoint(b"h3", None);
+    let conn = dial(&endpoint, s.quic).await.unwrap();
+    // The HTTP/3 server opens its control stream (type 0x00) at once.
+    let mut control = timeout(WAIT, conn.accept_uni()).await.unwrap().unwrap();
+    let mut kind = [0u8; 1];
+    timeout(WAIT, control.read_exact(&mut kind))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kind, [0x00]);
+    s.broker.shutdown().await;
+}
+
+/// The endpoint lets every client open the three unidirectional streams HTTP/3 needs; an MQTT
+/// client has no use for them, and the broker stops any it opens.
+#[tokio::test]
+async fn an_mqtt_clients_unidirectional_streams_are_stopped() {
+    let s = start(Config::default()).await;
+    let conn = s.connect().await;
+    let mut ctl = control(&conn, "uni").await;
+    let mut stream = conn.open_uni().await.unwrap();
+    let _ = stream.write_all(b"not for anyone").await;
+    let stopped = timeout(WAIT, stream.stopped()).await.unwrap().unwrap();
+    assert_eq!(stopped, Some(VarInt::from_u32(0x82)));
+    // The MQTT connection goes on.
+    ping(&mut ctl).await;
     s.broker.shutdown().await;
 }
 

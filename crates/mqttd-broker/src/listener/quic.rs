@@ -9,7 +9,8 @@
 //! refused attempt is answered with CONNECTION_REFUSED.
 //!
 //! In the connection's own task, the handshake runs until the client's ALPN is known; the
-//! negotiated ALPN picks the protocol (`mqtt`; `h3` joins on the same port later). Then, unless
+//! negotiated ALPN picks the protocol: `mqtt`, or `h3` (unless `quic.http3 = false`), which
+//! `crate::http3` serves once the handshake is complete. For MQTT then, unless
 //! client certificates are verified (`tls.ca_file`), the connection is served at once, 0-RTT:
 //! CONNECT and what follows may come as early data, which cannot be replayed because session
 //! tickets are single-use (see [`TlsAcceptor::quic_server_config`]). The handshake must still
@@ -41,16 +42,23 @@ use crate::tls::TlsAcceptor;
 /// The ALPN identifier of MQTT over QUIC.
 const ALPN_MQTT: &[u8] = b"mqtt";
 /// The ALPN identifier of HTTP/3.
-const ALPN_H3: &[u8] = b"h3";
-/// The ALPN identifiers the endpoint offers. TODO(h3): add [`ALPN_H3`] with HTTP/3 on the same
-/// port; [`open`] already dispatches on it.
-const ALPN: &[&[u8]] = &[ALPN_MQTT];
+const ALPN_H3: &[u8] = crate::http3::ALPN;
+/// The ALPN identifiers the endpoint offers, MQTT first.
+fn alpn(config: &Config) -> &'static [&'static [u8]] {
+    if config.quic.http3 {
+        &[ALPN_MQTT, ALPN_H3]
+    } else {
+        &[ALPN_MQTT]
+    }
+}
 /// The longest MQTT keep alive there is, for the idle timeout when the broker sets no limit.
 const LONGEST_KEEP_ALIVE: u64 = u16::MAX as u64;
 /// Session tickets kept for resumption and 0-RTT without a connection limit.
 const SESSION_CACHE: usize = 16 * 1024;
 /// How long, at shutdown, the endpoint waits for its connections' closes to be sent.
 const DRAIN: Duration = Duration::from_secs(2);
+/// The QUIC application error code of a unidirectional stream an MQTT client opens.
+const NO_UNI_STREAMS: u32 = 0x82;
 /// The QUIC application error code of a connection refused for its ALPN.
 const WRONG_PROTOCOL: u32 = 0x82;
 
@@ -62,6 +70,8 @@ pub(crate) struct QuicListener {
     /// The server configuration without its crypto, which reloads replace.
     base: ServerConfig,
     sessions: Arc<dyn StoresServerSessions>,
+    /// The ALPN identifiers offered.
+    alpn: &'static [&'static [u8]],
 }
 
 impl std::fmt::Debug for QuicListener {
@@ -84,7 +94,8 @@ impl QuicListener {
             n => n,
         };
         let sessions = TlsAcceptor::session_cache(size);
-        let crypto = quic_crypto(tls, &sessions)?;
+        let alpn = alpn(config);
+        let crypto = quic_crypto(tls, &sessions, alpn)?;
         let mut base = ServerConfig::with_crypto(crypto);
         base.transport_config(Arc::new(transport(config)?));
         let endpoint = Endpoint::server(base.clone(), listener.addr)?;
@@ -94,6 +105,7 @@ impl QuicListener {
             tls: tls.clone(),
             base,
             sessions,
+            alpn,
         })
     }
 
@@ -161,7 +173,7 @@ impl QuicListener {
 
     /// New certificates (SIGHUP): new connections get them.
     fn reload(&self, name: &str) {
-        match quic_crypto(&self.tls, &self.sessions) {
+        match quic_crypto(&self.tls, &self.sessions, self.alpn) {
             Ok(crypto) => {
                 let mut config = self.base.clone();
                 config.crypto = crypto;
@@ -177,9 +189,10 @@ impl QuicListener {
 fn quic_crypto(
     tls: &TlsAcceptor,
     sessions: &Arc<dyn StoresServerSessions>,
+    alpn: &[&[u8]],
 ) -> io::Result<Arc<QuicServerConfig>> {
     let rustls = tls
-        .quic_server_config(ALPN, sessions.clone())
+        .quic_server_config(alpn, sessions.clone())
         .map_err(io::Error::other)?;
     let crypto = QuicServerConfig::try_from(rustls).map_err(io::Error::other)?;
     Ok(Arc::new(crypto))
@@ -190,7 +203,14 @@ fn transport(config: &Config) -> io::Result<TransportConfig> {
     let quic = &config.quic;
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(quic.peer_bidi_stream_count));
-    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // MQTT clients open none; HTTP/3 clients need three and check the transport parameters
+    // for them before they know the ALPN. An MQTT connection gets no more (`refuse_uni`).
+    let uni = if quic.http3 {
+        crate::http3::MIN_UNI_STREAMS
+    } else {
+        0
+    };
+    t.max_concurrent_uni_streams(VarInt::from_u32(uni));
     let idle = match quic.idle_timeout {
         // The MQTT keep alive decides when an idle client is gone: QUIC must not cut a client
         // that keeps to it (the broker allows 1.5 times the keep alive).
@@ -269,6 +289,17 @@ fn watch_handshake(
     }
 }
 
+/// Stops each unidirectional stream an MQTT client opens (it may, when the endpoint allows them
+/// for HTTP/3), so that none holds a receive window of data nobody reads; and lowers the limit
+/// to none. Never returns.
+async fn refuse_uni(conn: Connection) {
+    conn.set_max_concurrent_uni_streams(VarInt::from_u32(0));
+    while let Ok(mut stream) = conn.accept_uni().await {
+        let _ = stream.stop(VarInt::from_u32(NO_UNI_STREAMS));
+    }
+    std::future::pending::<()>().await;
+}
+
 /// Counts a handshake in progress while it lives.
 struct InProgress(Arc<AtomicUsize>);
 
@@ -323,10 +354,8 @@ impl Handshake {
         };
         match alpn.as_deref() {
             Some(ALPN_MQTT) => {}
-            Some(ALPN_H3) => {
-                // TODO(h3): hand the connection to the HTTP/3 server.
-                return self.refuse(connecting, "HTTP/3 is not served yet");
-            }
+            // Offered only with `quic.http3`.
+            Some(ALPN_H3) => return self.http3(connecting, deadline).await,
             _ => return self.refuse(connecting, "no MQTT ALPN"),
         }
         let (conn, identity) = if self.tls.verifies_clients() {
@@ -357,10 +386,37 @@ impl Handshake {
         peer.tls_identity = identity;
         let serve =
             crate::drivers::quic::serve(self.inner.clone(), conn.clone(), peer, self.accepted);
+        let refuse = refuse_uni(conn.clone());
         let watchdog = watch_handshake(self.inner, self.addr, conn, deadline, self.count);
         // Served from 0-RTT on, the handshake still has to end in time: the watchdog closes
         // the connection otherwise, which the driver sees as the connection lost.
-        tokio::join!(serve, watchdog);
+        tokio::join!(
+            async {
+                // `refuse` never ends: the connection's life is the driver's.
+                tokio::select! {
+                    () = serve => {}
+                    () = refuse => {}
+                }
+            },
+            watchdog
+        );
+    }
+
+    /// Completes the handshake of a connection that chose HTTP/3, by the deadline, and serves
+    /// it. No 0-RTT: a probe gains nothing from it.
+    async fn http3(self, connecting: Connecting, deadline: Instant) {
+        let done = tokio::select! {
+            done = tokio::time::timeout_at(deadline.into(), connecting) => done,
+            _ = self.inner.shutdown.cancelled() => return,
+        };
+        let conn = match done {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(error)) => return self.failed(&error),
+            Err(_) => return self.failed(&"not done within connect_timeout"),
+        };
+        drop(self.count);
+        debug!(peer = %self.addr, listener = %self.name, "HTTP/3 connection open");
+        crate::http3::serve(conn, self.inner).await;
     }
 
     /// The identity in the client's verified certificate.
