@@ -1,10 +1,8 @@
-//! HTTP/3 over noq on loopback: the h3 client over the same adapter, and ngtcp2's `gtlsclient`
-//! when it is installed (Debian's `ngtcp2-client`).
+//! HTTP/3 over noq on loopback, with the h3 crate's client over the same adapter. ngtcp2's
+//! client checks the real listener in `crates/mqttd/tests/http3.rs`.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::http::{header, Method, Request, StatusCode};
 use bytes::{Buf, Bytes};
@@ -268,82 +266,4 @@ async fn a_connection_gets_max_requests_answers_then_goaway() {
     // The server closes the connection, at the latest CLOSE_GRACE after its last answer.
     let closed = timeout(CLOSE_GRACE * 5, conn.closed()).await;
     assert!(closed.is_ok(), "the connection is still open");
-}
-
-/// The path of ngtcp2's example HTTP/3 client over GnuTLS, if it is installed.
-fn gtlsclient() -> Option<&'static str> {
-    let path = "/usr/bin/gtlsclient";
-    if std::path::Path::new(path).exists() {
-        Some(path)
-    } else {
-        eprintln!("skipped: gtlsclient not installed (apt-get install ngtcp2-client)");
-        None
-    }
-}
-
-/// Runs `gtlsclient` for `https://ADDR/name` with `options` and checks that it exits with
-/// success; returns the body it saved and its log (stderr).
-pub(crate) async fn run_gtlsclient(
-    binary: &str,
-    addr: SocketAddr,
-    name: &str,
-    options: &[&str],
-) -> (String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("https://{}:{}/{name}", addr.ip(), addr.port());
-    let run = tokio::process::Command::new(binary)
-        .args(options)
-        .args([
-            "--exit-on-all-streams-close",
-            "--timeout=10s",
-            "--no-quic-dump",
-            "--no-http-dump",
-            &format!("--download={}", dir.path().display()),
-            &addr.ip().to_string(),
-            &addr.port().to_string(),
-            &url,
-        ])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = timeout(Duration::from_secs(30), run)
-        .await
-        .expect("gtlsclient did not exit")
-        .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "gtlsclient failed: {}\n{log}", output.status);
-    let body = std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
-    (body, log)
-}
-
-#[tokio::test]
-async fn ngtcp2_client_fetches_health_and_metrics() {
-    let Some(binary) = gtlsclient() else { return };
-    let server = Server::start().await;
-    let (body, log) = run_gtlsclient(binary, server.addr(), "health", &[]).await;
-    assert_eq!(body, "ok\n", "{log}");
-    assert!(log.contains("[:status: 200]"), "{log}");
-    let (body, log) = run_gtlsclient(binary, server.addr(), "metrics", &[]).await;
-    assert!(body.ends_with("# EOF\n"), "{log}");
-}
-
-/// The client moves to a new local address (a new UDP port on loopback, with path
-/// validation) and updates its keys before it sends the request, so that the answer comes on
-/// the new path under the new keys.
-#[tokio::test]
-async fn ngtcp2_client_migrates_and_updates_keys_before_its_request() {
-    let Some(binary) = gtlsclient() else { return };
-    let server = Server::start().await;
-    let options = [
-        "--change-local-addr=50ms",
-        "--key-update=100ms",
-        "--delay-stream=300ms",
-    ];
-    let (body, log) = run_gtlsclient(binary, server.addr(), "health", &options).await;
-    assert_eq!(body, "ok\n", "{log}");
-    // The client's timers fire in deadline order: the move and the key update come first.
-    let at = |event: &str| log.find(event).unwrap_or_else(|| panic!("no {event:?} in\n{log}"));
-    let request = at("submit request headers");
-    assert!(at("Local address is now") < request, "{log}");
-    assert!(at("Initiate key update") < request, "{log}");
 }
