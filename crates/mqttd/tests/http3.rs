@@ -96,9 +96,7 @@ fn fetch_ok(binary: &PathBuf, addr: SocketAddr, name: &str, options: &[&str]) ->
 
 /// The metric families a scrape declares.
 fn families(text: &str) -> BTreeSet<&str> {
-    text.lines()
-        .filter(|l| l.starts_with("# TYPE "))
-        .collect()
+    text.lines().filter(|l| l.starts_with("# TYPE ")).collect()
 }
 
 #[test]
@@ -107,10 +105,17 @@ fn health_and_metrics_over_http3_match_the_http_endpoint() {
     let broker = Broker::start_with("", &[QUIC_LISTENER]);
 
     let health = fetch_ok(&binary, broker.quic, "health", &[]);
-    assert_eq!(health.body, http_get(broker.http, "/health"), "{}", health.log);
+    assert_eq!(
+        health.body,
+        http_get(broker.http, "/health"),
+        "{}",
+        health.log
+    );
     assert!(health.log.contains("[:status: 200]"), "{}", health.log);
     assert!(
-        health.log.contains("[content-type: text/plain; charset=utf-8]"),
+        health
+            .log
+            .contains("[content-type: text/plain; charset=utf-8]"),
         "{}",
         health.log
     );
@@ -175,6 +180,10 @@ fn http3_can_be_turned_off() {
         fetched.log
     );
     // TLS's no_application_protocol alert (120) as a QUIC CRYPTO_ERROR: 0x100 + 120.
-    assert!(fetched.log.contains("CRYPTO_ERROR(0x178)"), "{}", fetched.log);
+    assert!(
+        fetched.log.contains("CRYPTO_ERROR(0x178)"),
+        "{}",
+        fetched.log
+    );
     broker.stop();
 }

@@ -83,9 +83,11 @@ impl From<InvalidId> for StreamErrorIncoming {
 /// or a QUIC-level reason that HTTP/3 has no name for.
 fn connection_error(e: noq::ConnectionError) -> ConnectionErrorIncoming {
     match e {
-        noq::ConnectionError::ApplicationClosed(close) => ConnectionErrorIncoming::ApplicationClose {
-            error_code: close.error_code.into_inner(),
-        },
+        noq::ConnectionError::ApplicationClosed(close) => {
+            ConnectionErrorIncoming::ApplicationClose {
+                error_code: close.error_code.into_inner(),
+            }
+        }
         noq::ConnectionError::TimedOut => ConnectionErrorIncoming::Timeout,
         other => ConnectionErrorIncoming::Undefined(Arc::new(other)),
     }

@@ -132,8 +132,11 @@ async fn run(conn: &noq::Connection, inner: &Arc<Inner>) -> Result<End, Connecti
     };
     if end != End::ClientDone {
         // Tell the client which requests will be answered (all it has made), so that it
-        // retries none of them and makes no more.
-        h3.shutdown(1).await?;
+        // retries none of them and makes no more. A client that has let the control stream's
+        // window fill gets no GOAWAY.
+        if let Ok(sent) = timeout(CLOSE_GRACE, h3.shutdown(1)).await {
+            sent?;
+        }
     }
     while requests.join_next().await.is_some() {}
     // The client closes once it has its answers; if it does not, close anyway.

@@ -95,7 +95,7 @@ impl Server {
             .with_no_client_auth();
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let config = noq::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
-        let mut endpoint = noq::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let endpoint = noq::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(config);
         endpoint
             .connect(self.addr(), "localhost")
@@ -225,11 +225,15 @@ async fn other_paths_methods_and_large_bodies_are_refused() {
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert!(missing.body.is_empty());
 
-    let post = request(&mut send, Method::POST, "/health", b"x").await.unwrap();
+    let post = request(&mut send, Method::POST, "/health", b"x")
+        .await
+        .unwrap();
     assert_eq!(post.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(post.header(header::ALLOW), ALLOW);
 
-    let head = request(&mut send, Method::HEAD, "/health", b"").await.unwrap();
+    let head = request(&mut send, Method::HEAD, "/health", b"")
+        .await
+        .unwrap();
     assert_eq!(head.status, StatusCode::OK);
     assert_eq!(head.header(header::CONTENT_LENGTH), "3");
     assert!(head.body.is_empty());

@@ -169,7 +169,10 @@ impl Broker {
         self.quic = unspecified();
         let wants_tls = self.extra_listeners.iter().any(|l| l.starts_with("tls://"));
         let wants_wss = self.extra_listeners.iter().any(|l| l.starts_with("wss://"));
-        let wants_quic = self.extra_listeners.iter().any(|l| l.starts_with("quic://"));
+        let wants_quic = self
+            .extra_listeners
+            .iter()
+            .any(|l| l.starts_with("quic://"));
         let filter = std::env::var("MQTTD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
         let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
             .args([
