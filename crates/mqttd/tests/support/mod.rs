@@ -64,6 +64,8 @@ pub(crate) struct Broker {
     /// The MQTT over WebSocket over TLS listener, when [`Broker::start_with`] asked for one
     /// (unspecified otherwise).
     pub(crate) wss: SocketAddr,
+    /// The QUIC listener (UDP), if one was asked for.
+    pub(crate) quic: SocketAddr,
     /// Listeners besides the TCP and HTTP ones (`--listen` URLs).
     extra_listeners: Vec<String>,
     log: PathBuf,
@@ -135,6 +137,7 @@ impl Broker {
             http: unspecified(),
             tls: unspecified(),
             wss: unspecified(),
+            quic: unspecified(),
             extra_listeners: Vec::new(),
             log: dir.join("mqttd-0.log"),
             root: dir.to_owned(),
@@ -162,8 +165,13 @@ impl Broker {
         self.http = unspecified();
         self.tls = unspecified();
         self.wss = unspecified();
+        self.quic = unspecified();
         let wants_tls = self.extra_listeners.iter().any(|l| l.starts_with("tls://"));
         let wants_wss = self.extra_listeners.iter().any(|l| l.starts_with("wss://"));
+        let wants_quic = self
+            .extra_listeners
+            .iter()
+            .any(|l| l.starts_with("quic://"));
         let filter = std::env::var("MQTTD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
         let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
             .args([
@@ -207,6 +215,7 @@ impl Broker {
             || self.http.port() == 0
             || (wants_tls && self.tls.port() == 0)
             || (wants_wss && self.wss.port() == 0)
+            || (wants_quic && self.quic.port() == 0)
         {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
@@ -247,6 +256,7 @@ impl Broker {
                 "http" => self.http = addr,
                 "tls" => self.tls = addr,
                 "wss" => self.wss = addr,
+                "quic" => self.quic = addr,
                 other => panic!("unexpected listener scheme {other}"),
             }
         }
