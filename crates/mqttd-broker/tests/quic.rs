@@ -587,9 +587,8 @@ async fn connect_may_come_as_0rtt_early_data() {
     control(&first, "first").await;
     first.close(VarInt::from_u32(0), b"");
     let connecting = endpoint.connect(s.quic, "localhost").unwrap();
-    let (conn, accepted) = match connecting.into_0rtt() {
-        Ok(pair) => pair,
-        Err(_) => panic!("no 0-RTT offered with the ticket"),
+    let Ok((conn, accepted)) = connecting.into_0rtt() else {
+        panic!("no 0-RTT offered with the ticket");
     };
     let mut ctl = Raw::open(&conn).await;
     ctl.send(&connect_packet("early", true, 0)).await;

@@ -206,7 +206,7 @@ async fn a_malformed_packet_on_a_data_stream_resets_that_stream_only() {
     let mut core = connected(&inner, now, "c").await;
     let (bad, good) = (StreamId::new(4), StreamId::new(8));
     // SUBSCRIBE on the good data stream: its SUBACK goes there.
-    let subscribe = Packet::Subscribe(mqttd_proto::Subscribe {
+    let subscribe = Packet::Subscribe(Subscribe {
         packet_id: PacketId::new(1).unwrap(),
         properties: mqttd_proto::SubscribeProperties::default(),
         filters: vec![mqttd_proto::Subscription {

@@ -17,7 +17,6 @@
 //! which the core times from the same instant. SIGHUP's certificate reload gives the endpoint
 //! a new server configuration; connections that are up keep theirs.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -244,27 +243,23 @@ fn alpn_of(
 
 /// Closes `conn` unless its handshake completes by `deadline`; either way then stops counting
 /// it among the handshakes in progress.
-fn watch_handshake(
+async fn watch_handshake(
     inner: Arc<Inner>,
     addr: SocketAddr,
     conn: Connection,
     deadline: Instant,
     count: InProgress,
-) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        let done = tokio::time::timeout_at(deadline.into(), conn.authenticated()).await;
-        drop(count);
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                debug!(peer = %addr, %error, "QUIC connection ended in its handshake")
-            }
-            Err(_) => {
-                inner.metrics.quic_handshake_failures.inc();
-                info!(peer = %addr, "QUIC handshake not done within connect_timeout");
-                let code = mqttd_proto::ReasonCode::MaximumConnectTime.as_u8();
-                conn.close(VarInt::from(code), b"handshake not done in time");
-            }
+) {
+    let done = tokio::time::timeout_at(deadline.into(), conn.authenticated()).await;
+    drop(count);
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => debug!(peer = %addr, %error, "QUIC connection ended in its handshake"),
+        Err(_) => {
+            inner.metrics.quic_handshake_failures.inc();
+            info!(peer = %addr, "QUIC handshake not done within connect_timeout");
+            let code = mqttd_proto::ReasonCode::MaximumConnectTime.as_u8();
+            conn.close(VarInt::from(code), b"handshake not done in time");
         }
     }
 }
