@@ -622,7 +622,7 @@ async fn connect_may_come_as_0rtt_early_data() {
     first.close(VarInt::from_u32(0), b"");
     let connecting = endpoint.connect(s.quic, "localhost").unwrap();
     let Ok((conn, accepted)) = connecting.into_0rtt() else {
-        panic!("no 0-RTT offered with the ticket")
+        panic!("no 0-RTT offered with the ticket");
     };
     let mut ctl = Raw::open(&conn).await;
     ctl.send(&connect_packet("early", true, 0)).await;

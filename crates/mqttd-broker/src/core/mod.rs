@@ -232,7 +232,10 @@ pub(crate) struct ConnectionCore {
     /// Why the connection closed, once it has.
     close_reason: Option<ReasonCode>,
     /// Data streams to reset, for the driver to take with [`Self::poll_reset`].
-    resets: Vec<(StreamId, ReasonCode)>,
+    // One pointer in every core instead of a `Vec`'s three words: resets are rare, and the
+    // core's size is paid per connection (see the size test in `tests.rs`).
+    #[allow(clippy::box_collection)]
+    resets: Option<Box<Vec<(StreamId, ReasonCode)>>>,
 }
 
 impl ConnectionCore {
@@ -265,7 +268,7 @@ impl ConnectionCore {
             hints: Vec::new(),
             closed_by_client: false,
             close_reason: None,
-            resets: Vec::new(),
+            resets: None,
         }
     }
 
@@ -295,10 +298,11 @@ impl ConnectionCore {
     /// RESET_STREAM) with the reason as its error code: one that carried a malformed packet.
     /// The core already treats it as lost (see [`Self::stream_lost`]).
     pub(crate) fn poll_reset(&mut self) -> Option<(StreamId, ReasonCode)> {
-        let reset = self.resets.pop();
-        if self.resets.is_empty() {
+        let resets = self.resets.as_mut()?;
+        let reset = resets.pop();
+        if resets.is_empty() {
             // Hold no allocation once they are taken.
-            self.resets = Vec::new();
+            self.resets = None;
         }
         reset
     }
@@ -391,7 +395,9 @@ impl ConnectionCore {
                     info!(%error, %stream, "malformed packet on a data stream; resetting it");
                     self.inner.metrics.protocol_errors.inc();
                     input.clear();
-                    self.resets.push((stream, error.reason_code()));
+                    self.resets
+                        .get_or_insert_with(Box::default)
+                        .push((stream, error.reason_code()));
                     self.stream_lost(now, stream);
                     return;
                 }

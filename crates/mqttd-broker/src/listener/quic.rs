@@ -274,9 +274,7 @@ async fn watch_handshake(
     drop(count);
     match done {
         Ok(Ok(())) => {}
-        Ok(Err(error)) => {
-            debug!(peer = %addr, %error, "QUIC connection ended in its handshake")
-        }
+        Ok(Err(error)) => debug!(peer = %addr, %error, "QUIC connection ended in its handshake"),
         Err(_) => {
             inner.metrics.quic_handshake_failures.inc();
             info!(peer = %addr, "QUIC handshake not done within connect_timeout");

@@ -64,8 +64,7 @@ pub(crate) struct Broker {
     /// The MQTT over WebSocket over TLS listener, when [`Broker::start_with`] asked for one
     /// (unspecified otherwise).
     pub(crate) wss: SocketAddr,
-    /// The MQTT over QUIC listener (UDP; HTTP/3 on the same port), when [`Broker::start_with`]
-    /// asked for one (unspecified otherwise).
+    /// The QUIC listener (UDP), if one was asked for.
     pub(crate) quic: SocketAddr,
     /// Listeners besides the TCP and HTTP ones (`--listen` URLs).
     extra_listeners: Vec<String>,
