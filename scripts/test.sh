@@ -76,6 +76,9 @@ need_apt mosquitto mosquitto-clients
 # installs its own (mosquitto-clients, and paho-mqtt and pytest in target/interop-venv).
 # The Rust TLS tests run mosquitto_pub/mosquitto_sub against the generated CA.
 need_apt mosquitto-clients
+# ngtcp2's example HTTP/3 client (gtlsclient) fetches /health and /metrics from the QUIC
+# listener, moving address and updating keys (crates/mqttd/tests/http3.rs).
+need_apt ngtcp2-client
 cargo --version
 cargo nextest --version | sed -n 1p
 

@@ -54,6 +54,9 @@ pub enum ListenerKind {
     Ws,
     /// MQTT over WebSocket over TLS (`wss://`).
     Wss,
+    /// MQTT over QUIC (`quic://`, UDP), single- or multi-stream as EMQX has it, with the
+    /// certificates of [`TlsConfig`] and the settings of [`QuicConfig`].
+    Quic,
     /// The HTTP endpoint for metrics, health and administration (`http://`).
     Http,
 }
@@ -66,7 +69,7 @@ impl ListenerKind {
 
     /// Whether this kind needs the TLS certificates.
     pub fn uses_tls(self) -> bool {
-        matches!(self, Self::Tls | Self::Wss)
+        matches!(self, Self::Tls | Self::Wss | Self::Quic)
     }
 }
 
@@ -94,8 +97,8 @@ pub struct Listener {
 
 impl Listener {
     /// Parses `SCHEME://HOST:PORT[/PATH][?OPTION=true&...]`: schemes `tcp`/`mqtt`,
-    /// `tls`/`mqtts`/`ssl`, `ws`, `wss` and `http`; options `proxy_protocol` (all but HTTP) and
-    /// `trust_proxy` (WS, WSS); a path only for WS and WSS.
+    /// `tls`/`mqtts`/`ssl`, `ws`, `wss`, `quic` and `http`; options `proxy_protocol` (TCP, TLS,
+    /// WS, WSS) and `trust_proxy` (WS, WSS); a path only for WS and WSS.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         let err = |reason| ConfigError::Listener {
             url: url.to_owned(),
@@ -109,10 +112,11 @@ impl Listener {
             "tls" | "mqtts" | "ssl" => ListenerKind::Tls,
             "ws" => ListenerKind::Ws,
             "wss" => ListenerKind::Wss,
+            "quic" => ListenerKind::Quic,
             "http" => ListenerKind::Http,
             _ => {
                 return Err(err(
-                    "unsupported scheme (tcp, mqtt, tls, mqtts, ws, wss, http)",
+                    "unsupported scheme (tcp, mqtt, tls, mqtts, ws, wss, quic, http)",
                 ))
             }
         };
@@ -178,7 +182,7 @@ impl Listener {
     }
 }
 
-/// The certificates of the TLS-based listeners (TLS, WSS, and QUIC when it lands): the
+/// The certificates of the TLS-based listeners (TLS, WSS and QUIC): the
 /// `[tls]` table. Without `cert_file`, the broker generates a local CA and a server
 /// certificate under `<data_dir>/tls/` on first start and uses those.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -216,6 +220,73 @@ pub struct SniCertificate {
     pub key_file: PathBuf,
 }
 
+/// The QUIC listeners' transport settings: the `[quic]` table. Where a setting means what an
+/// EMQX QUIC listener setting means, it has EMQX's name. Durations are in seconds unless the
+/// name says `_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct QuicConfig {
+    /// Seconds without any packet after which QUIC closes the connection; 0 (the default)
+    /// means 1.5 times the longest MQTT keep alive the broker allows (`max_keepalive`, or
+    /// 65,535 s without a limit), so that the MQTT keep alive, not QUIC, decides when an idle
+    /// client is gone. The client's own idle timeout applies too: QUIC uses the smaller.
+    pub idle_timeout: u64,
+    /// Seconds between QUIC PINGs the broker sends on an idle connection; 0 (the default) for
+    /// none: MQTT's PINGREQ keeps a connection alive.
+    pub keep_alive_interval: u64,
+    /// Seconds the QUIC handshake may take; it is cut at `connect_timeout` in any case.
+    pub handshake_idle_timeout: u64,
+    /// Bidirectional streams a client may have open at once: the control stream and its data
+    /// streams. Clients may open no unidirectional streams.
+    pub peer_bidi_stream_count: u32,
+    /// The RTT assumed before one is measured, in milliseconds.
+    pub initial_rtt_ms: u64,
+    /// The congestion controller.
+    pub congestion_control: CongestionControl,
+    /// Bytes a client may send on one stream ahead of the broker reading them.
+    pub stream_recv_window_default: u32,
+    /// Bytes a client may send on all streams of a connection ahead of the broker reading them.
+    pub conn_flow_control_window: u32,
+    /// Handshakes in progress above which a client whose address is not yet validated is sent
+    /// a stateless Retry first (which costs it a round trip and the broker no state); 0 to
+    /// always Retry.
+    pub retry_above_handshakes: usize,
+    /// Serve HTTP/3 on the QUIC listeners' ports besides MQTT (ALPN `h3` next to `mqtt`):
+    /// `GET /health` and `GET /metrics`, the HTTP endpoint's pages, public like them. Each
+    /// client may then open the three unidirectional streams HTTP/3 needs.
+    pub http3: bool,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: 0,
+            keep_alive_interval: 0,
+            handshake_idle_timeout: 10,
+            peer_bidi_stream_count: 16,
+            initial_rtt_ms: 333,
+            congestion_control: CongestionControl::Cubic,
+            stream_recv_window_default: 256 * 1024,
+            conn_flow_control_window: 2 * 1024 * 1024,
+            retry_above_handshakes: 256,
+            http3: true,
+        }
+    }
+}
+
+/// A QUIC congestion controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum CongestionControl {
+    /// CUBIC (RFC 9438), the default.
+    #[default]
+    Cubic,
+    /// NewReno (RFC 9002).
+    NewReno,
+}
+
 /// What happens to a QoS 0 message for a client that is offline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -241,6 +312,8 @@ pub struct Config {
     pub listen: Vec<String>,
     /// Certificates of the TLS-based listeners.
     pub tls: TlsConfig,
+    /// Transport settings of the QUIC listeners.
+    pub quic: QuicConfig,
     /// Directory for persistent data.
     pub data_dir: PathBuf,
     /// Allow clients without a user name. Unset: allowed only when every MQTT listener is on
@@ -304,6 +377,7 @@ impl Default for Config {
         Self {
             listen: Vec::new(),
             tls: TlsConfig::default(),
+            quic: QuicConfig::default(),
             data_dir: PathBuf::from("mqttd-data"),
             allow_anonymous: None,
             password_file: None,
@@ -418,6 +492,21 @@ mod tests {
     }
 
     #[test]
+    fn the_quic_table_has_emqx_names() {
+        let c = Config::parse(
+            "[quic]\nidle_timeout = 120\npeer_bidi_stream_count = 4\ncongestion_control = 'newreno'\n",
+        )
+        .unwrap();
+        assert_eq!(c.quic.idle_timeout, 120);
+        assert_eq!(c.quic.peer_bidi_stream_count, 4);
+        assert_eq!(c.quic.congestion_control, CongestionControl::NewReno);
+        assert_eq!(c.quic.retry_above_handshakes, 256);
+        assert!(Config::parse("[quic]\ncongestion_control = 'bbr'").is_err());
+        assert!(c.quic.http3);
+        assert!(!Config::parse("[quic]\nhttp3 = false").unwrap().quic.http3);
+    }
+
+    #[test]
     fn anonymous_defaults_to_loopback_only() {
         let mut c = Config {
             listen: vec!["tcp://127.0.0.1:1883".into()],
@@ -459,6 +548,12 @@ mod tests {
             (ws.kind, ws.path.as_deref()),
             (ListenerKind::Ws, Some("/mqtt"))
         );
+        let quic = Listener::parse("quic://127.0.0.1:14567").unwrap();
+        assert_eq!(
+            (quic.kind, quic.path.as_deref()),
+            (ListenerKind::Quic, None)
+        );
+        assert!(quic.kind.uses_tls() && quic.kind.is_mqtt());
         let wss = Listener::parse("wss://[::1]:8084/broker/?trust_proxy=1").unwrap();
         assert_eq!(wss.kind, ListenerKind::Wss);
         assert_eq!(wss.path.as_deref(), Some("/broker"));
@@ -473,6 +568,8 @@ mod tests {
             "tcp://127.0.0.1:1883?trust_proxy=true",
             "tcp://127.0.0.1:1883?proxy_protocol=maybe",
             "tls://127.0.0.1:8883?colour=blue",
+            "quic://127.0.0.1:14567/mqtt",
+            "quic://127.0.0.1:14567?proxy_protocol=true",
         ] {
             assert!(
                 matches!(Listener::parse(bad), Err(ConfigError::Listener { .. })),

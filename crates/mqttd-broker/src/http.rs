@@ -1,15 +1,86 @@
 //! The HTTP endpoint: Prometheus metrics and a health check.
+//!
+//! What each path answers is computed here, in [`Page::reply`], for both transports that serve
+//! it: this endpoint over HTTP/1.1 and the QUIC listener over HTTP/3 (`http3`).
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::broker::Inner;
+
+/// The content type of `/metrics`.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of `/health`.
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// A page the endpoint serves, by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Page {
+    /// `/health`: 200 `ok`, or 503 while the broker shuts down.
+    Health,
+    /// `/metrics`: the OpenMetrics text of [`crate::Metrics`].
+    Metrics,
+}
+
+/// A page's answer: status, content type and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) content_type: &'static str,
+    pub(crate) body: String,
+}
+
+impl Page {
+    /// The page at `path`, if any.
+    pub(crate) fn at(path: &str) -> Option<Self> {
+        match path {
+            "/health" => Some(Self::Health),
+            "/metrics" => Some(Self::Metrics),
+            _ => None,
+        }
+    }
+
+    /// The answer to a GET of this page now.
+    pub(crate) fn reply(self, inner: &Inner) -> Reply {
+        match self {
+            Self::Health if inner.shutdown.is_cancelled() => Reply {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                content_type: TEXT,
+                body: "shutting down\n".to_owned(),
+            },
+            Self::Health => Reply {
+                status: StatusCode::OK,
+                content_type: TEXT,
+                body: "ok\n".to_owned(),
+            },
+            Self::Metrics => {
+                inner.refresh_gauges();
+                Reply {
+                    status: StatusCode::OK,
+                    content_type: OPENMETRICS,
+                    body: inner.metrics.render(),
+                }
+            }
+        }
+    }
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> axum::response::Response {
+        (
+            self.status,
+            [(header::CONTENT_TYPE, self.content_type)],
+            self.body,
+        )
+            .into_response()
+    }
+}
 
 /// Serves HTTP until shutdown.
 pub(crate) async fn run(inner: Arc<Inner>, listener: TcpListener) {
@@ -24,24 +95,10 @@ pub(crate) async fn run(inner: Arc<Inner>, listener: TcpListener) {
     }
 }
 
-async fn metrics(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
-    inner.refresh_gauges();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        inner.metrics.render(),
-    )
+async fn metrics(State(inner): State<Arc<Inner>>) -> Reply {
+    Page::Metrics.reply(&inner)
 }
 
-async fn health(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
-    if inner.shutdown.is_cancelled() {
-        (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "shutting down\n",
-        )
-    } else {
-        (axum::http::StatusCode::OK, "ok\n")
-    }
+async fn health(State(inner): State<Arc<Inner>>) -> Reply {
+    Page::Health.reply(&inner)
 }

@@ -53,6 +53,7 @@ mod drivers;
 pub mod fuzzing;
 pub mod hooks;
 mod http;
+mod http3;
 mod listener;
 pub mod metrics;
 pub mod retained;
@@ -69,7 +70,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use access::{AccessControl, AccessError};
-pub use config::{Config, ConfigError, Listener, ListenerKind};
+pub use config::{Config, ConfigError, CongestionControl, Listener, ListenerKind, QuicConfig};
 pub use hooks::{
     Action, ClientInfo, ConnectAttempt, Hooks, Intercept, NoHooks, Peer, Transport, Verdict,
 };
@@ -176,7 +177,7 @@ impl BrokerBuilder {
                 url: listener.url.clone(),
                 source,
             };
-            let socket = BoundListener::bind(&listener, tls.as_ref())
+            let socket = BoundListener::bind(&listener, &inner.config, tls.as_ref())
                 .await
                 .map_err(bind_error)?;
             let addr = socket.local_addr().map_err(bind_error)?;

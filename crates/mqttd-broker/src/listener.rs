@@ -1,7 +1,9 @@
 //! Accepting connections: binding each listener by its kind, connection limits, per-address
 //! rate limits, TCP_NODELAY, and what a connection goes through before MQTT (a PROXY header, a
 //! TLS handshake, a WebSocket upgrade), in the connection's own task under its CONNECT
-//! deadline.
+//! deadline. QUIC listeners have their endpoint and accept loop in [`quic`].
+
+mod quic;
 
 use std::future::Future;
 use std::io;
@@ -16,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::broker::Inner;
-use crate::config::{Listener, ListenerKind};
+use crate::config::{Config, Listener, ListenerKind};
 use crate::drivers::now;
 use crate::drivers::stream::serve_since;
 use crate::hooks::{Peer, Transport};
@@ -26,8 +28,8 @@ use crate::transport::prefixed::Prefixed;
 use crate::transport::{accept_websocket, read_proxy_header, ProxiedAddr};
 
 /// A listener bound to its address: each kind binds the socket its protocol needs (a TCP
-/// listener for MQTT over TCP or WebSocket and for HTTP; a UDP socket for QUIC, when it
-/// comes), and then runs its own accept loop.
+/// listener for MQTT over TCP or WebSocket and for HTTP; a QUIC endpoint on a UDP socket), and
+/// then runs its own accept loop.
 #[derive(Debug)]
 pub(crate) enum BoundListener {
     /// MQTT over TCP, TLS, WebSocket or WebSocket over TLS: the listener's kind and options
@@ -35,20 +37,29 @@ pub(crate) enum BoundListener {
     Tcp(TcpListener, Arc<Listener>, Option<TlsAcceptor>),
     /// The HTTP endpoint.
     Http(TcpListener),
+    /// MQTT over QUIC.
+    Quic(Box<quic::QuicListener>),
 }
 
 impl BoundListener {
     /// Binds `listener`'s address as its kind requires.
-    pub(crate) async fn bind(listener: &Listener, tls: Option<&TlsAcceptor>) -> io::Result<Self> {
-        let acceptor = match listener.kind {
-            ListenerKind::Tls | ListenerKind::Wss => Some(tls.cloned().ok_or_else(|| {
+    pub(crate) async fn bind(
+        listener: &Listener,
+        config: &Config,
+        tls: Option<&TlsAcceptor>,
+    ) -> io::Result<Self> {
+        let acceptor = match listener.kind.uses_tls() {
+            true => Some(tls.cloned().ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidInput, "no TLS certificates loaded")
             })?),
-            _ => None,
+            false => None,
         };
-        match listener.kind {
-            ListenerKind::Http => TcpListener::bind(listener.addr).await.map(Self::Http),
-            _ => {
+        match (listener.kind, acceptor) {
+            (ListenerKind::Http, _) => TcpListener::bind(listener.addr).await.map(Self::Http),
+            (ListenerKind::Quic, Some(tls)) => {
+                quic::QuicListener::bind(listener, config, &tls).map(|q| Self::Quic(Box::new(q)))
+            }
+            (_, acceptor) => {
                 let socket = TcpListener::bind(listener.addr).await?;
                 Ok(Self::Tcp(socket, Arc::new(listener.clone()), acceptor))
             }
@@ -59,6 +70,7 @@ impl BoundListener {
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
             Self::Tcp(socket, ..) | Self::Http(socket) => socket.local_addr(),
+            Self::Quic(quic) => quic.local_addr(),
         }
     }
 
@@ -77,6 +89,11 @@ impl BoundListener {
             }
             Self::Http(socket) => {
                 inner.tasks.spawn(http::run(inner.clone(), socket));
+            }
+            Self::Quic(quic) => {
+                inner
+                    .tasks
+                    .spawn(quic.run(inner.clone(), admission.clone(), name));
             }
         }
     }

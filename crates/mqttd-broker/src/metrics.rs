@@ -42,6 +42,21 @@ pub struct Metrics {
     pub tls_handshake_failures: Counter,
     /// TLS handshakes not done within `connect_timeout`.
     pub tls_handshake_timeouts: Counter,
+    /// QUIC connections open now (handshake done or 0-RTT accepted, MQTT not yet over).
+    pub quic_connections: Gauge,
+    /// QUIC handshakes that reached MQTT (ALPN `mqtt`).
+    pub quic_handshakes: Counter,
+    /// QUIC handshakes that failed or did not end within `connect_timeout`.
+    pub quic_handshake_failures: Counter,
+    /// Stateless Retries sent to clients whose address was not validated while many
+    /// handshakes were in progress.
+    pub quic_retries: Counter,
+    /// QUIC packets sent, counted when each connection ends.
+    pub quic_sent_packets: Counter,
+    /// QUIC packets lost (and so retransmitted as needed), counted when each connection ends.
+    pub quic_lost_packets: Counter,
+    /// QUIC data streams the broker reset for a malformed packet.
+    pub quic_stream_resets: Counter,
     /// Sessions held, connected or not.
     pub sessions: Gauge,
     /// Subscriptions held.
@@ -80,6 +95,13 @@ impl Default for Metrics {
             auth_failures: Counter = "Failed authentications",
             tls_handshake_failures: Counter = "TLS handshakes that failed",
             tls_handshake_timeouts: Counter = "TLS handshakes not done within connect_timeout",
+            quic_connections: Gauge = "QUIC connections open now",
+            quic_handshakes: Counter = "QUIC handshakes that reached MQTT",
+            quic_handshake_failures: Counter = "QUIC handshakes that failed or timed out",
+            quic_retries: Counter = "QUIC stateless Retries sent",
+            quic_sent_packets: Counter = "QUIC packets sent, counted at disconnect",
+            quic_lost_packets: Counter = "QUIC packets lost, counted at disconnect",
+            quic_stream_resets: Counter = "QUIC data streams reset for a malformed packet",
             sessions: Gauge = "Sessions held",
             subscriptions: Gauge = "Subscriptions held",
             retained_messages: Gauge = "Retained messages held",

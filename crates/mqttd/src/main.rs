@@ -43,7 +43,7 @@ struct ServeArgs {
     /// wss://HOST:PORT[/PATH], http://HOST:PORT, with options such as ?proxy_protocol=true or
     /// ?trust_proxy=true); repeatable. Given any, they replace the default listeners
     /// (tcp://127.0.0.1:1883, tls://127.0.0.1:8883, ws://127.0.0.1:8083/mqtt,
-    /// wss://127.0.0.1:8084/mqtt).
+    /// wss://127.0.0.1:8084/mqtt, quic://127.0.0.1:14567).
     #[arg(long = "listen", value_name = "URL")]
     listen: Vec<String>,
     /// Directory for persistent data.
@@ -97,6 +97,7 @@ const DEFAULT_LISTENERS: &[&str] = &[
     "tls://127.0.0.1:8883",
     "ws://127.0.0.1:8083",
     "wss://127.0.0.1:8084",
+    "quic://127.0.0.1:14567",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -329,7 +330,7 @@ mod tests {
     use mqttd_broker::ListenerKind;
 
     #[test]
-    fn bare_mqttd_serves_tcp_tls_websocket_and_wss_on_loopback_only() {
+    fn bare_mqttd_serves_tcp_tls_websocket_wss_and_quic_on_loopback_only() {
         let config = load_config(&ServeArgs::default()).unwrap();
         let listeners = config.listeners().unwrap();
         let kinds: Vec<_> = listeners.iter().map(|l| (l.kind, l.addr.port())).collect();
@@ -339,7 +340,8 @@ mod tests {
                 (ListenerKind::Tcp, 1883),
                 (ListenerKind::Tls, 8883),
                 (ListenerKind::Ws, 8083),
-                (ListenerKind::Wss, 8084)
+                (ListenerKind::Wss, 8084),
+                (ListenerKind::Quic, 14567)
             ]
         );
         assert!(listeners.iter().all(|l| l.is_loopback()));

@@ -83,7 +83,7 @@ struct Cycle {
 
 impl Cycle {
     fn new(n: usize) -> Self {
-        let version = if n % 2 == 0 {
+        let version = if n.is_multiple_of(2) {
             ProtocolVersion::V5
         } else {
             ProtocolVersion::V3_1_1
@@ -93,7 +93,7 @@ impl Cycle {
         Self {
             n,
             version,
-            subscribe: n % 3 == 0,
+            subscribe: n.is_multiple_of(3),
             // A taken-over session's will is published (its connection ended without
             // DISCONNECT); keep takeover cycles free of wills so the count stays simple.
             will: n % 4 < 2 && !takeover,

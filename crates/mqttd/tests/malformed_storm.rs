@@ -637,7 +637,11 @@ async fn garbage_after_connect(
     n: usize,
 ) -> Result<(), String> {
     let mut rng = XorShift(seed);
-    let version = if rng.next() % 2 == 0 { V5 } else { V3_1_1 };
+    let version = if rng.next().is_multiple_of(2) {
+        V5
+    } else {
+        V3_1_1
+    };
     let bytes = rng.bytes(512);
     let mut conn = RawConn::connected(addr, version, &format!("garbage-{n}")).await;
     let _ = conn.send(&bytes).await;

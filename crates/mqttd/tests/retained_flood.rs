@@ -30,7 +30,7 @@ const WAIT: Duration = Duration::from_secs(60);
 const VERSION: ProtocolVersion = ProtocolVersion::V5;
 
 fn qos_of(i: usize) -> QoS {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         QoS::AtMostOnce
     } else {
         QoS::AtLeastOnce

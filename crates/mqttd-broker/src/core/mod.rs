@@ -229,6 +229,13 @@ pub(crate) struct ConnectionCore {
     hints: Vec<(TopicFilter, StreamId)>,
     /// Whether the client ended the connection (DISCONNECT, or its transport closed).
     closed_by_client: bool,
+    /// Why the connection closed, once it has.
+    close_reason: Option<ReasonCode>,
+    /// Data streams to reset, for the driver to take with [`Self::poll_reset`].
+    // One pointer in every core instead of a `Vec`'s three words: resets are rare, and the
+    // core's size is paid per connection (see the size test in `tests.rs`).
+    #[allow(clippy::box_collection)]
+    resets: Option<Box<Vec<(StreamId, ReasonCode)>>>,
 }
 
 impl ConnectionCore {
@@ -260,6 +267,8 @@ impl ConnectionCore {
             retained: None,
             hints: Vec::new(),
             closed_by_client: false,
+            close_reason: None,
+            resets: None,
         }
     }
 
@@ -280,6 +289,30 @@ impl ConnectionCore {
     /// The next request for the driver.
     pub(crate) fn poll_request(&mut self) -> Option<Request> {
         self.request.take()
+    }
+
+    // Used by the multi-stream QUIC driver and the tests; a byte-stream connection has no
+    // data stream to reset.
+    #[cfg_attr(not(test), allow(dead_code))]
+    /// The next data stream the driver must reset in both directions (QUIC STOP_SENDING and
+    /// RESET_STREAM) with the reason as its error code: one that carried a malformed packet.
+    /// The core already treats it as lost (see [`Self::stream_lost`]).
+    pub(crate) fn poll_reset(&mut self) -> Option<(StreamId, ReasonCode)> {
+        let resets = self.resets.as_mut()?;
+        let reset = resets.pop();
+        if resets.is_empty() {
+            // Hold no allocation once they are taken.
+            self.resets = None;
+        }
+        reset
+    }
+
+    // Used by the multi-stream QUIC driver and the tests.
+    #[cfg_attr(not(test), allow(dead_code))]
+    /// Why the connection closed (the reason of the DISCONNECT or refusing CONNACK, or of the
+    /// close without one), once [`Self::is_closed`].
+    pub(crate) fn close_reason(&self) -> Option<ReasonCode> {
+        self.close_reason
     }
 
     // Used by the simulation now, and by the multi-stream QUIC driver.
@@ -306,10 +339,12 @@ impl ConnectionCore {
     }
 
     /// Whether the driver should read from `stream` now: not while its output is backed up,
-    /// a publication from it waits for room, or a request is outstanding.
+    /// a publication from it waits for room, or a request is outstanding; a data stream not
+    /// before CONNACK (what a client sends on one meanwhile waits in its transport).
     pub(crate) fn wants_read(&self, stream: StreamId) -> bool {
         !self.conn.is_closed()
             && self.waiting.is_none()
+            && (stream.is_control() || self.conn.is_connected())
             && self
                 .outputs
                 .get(stream)
@@ -354,6 +389,18 @@ impl ConnectionCore {
                     }
                 }
                 Ok(None) => return,
+                Err(error) if !stream.is_control() && self.conn.is_connected() => {
+                    // Only this stream is at fault: it is reset, and the connection and its
+                    // other streams go on. Counted once, here.
+                    info!(%error, %stream, "malformed packet on a data stream; resetting it");
+                    self.inner.metrics.protocol_errors.inc();
+                    input.clear();
+                    self.resets
+                        .get_or_insert_with(Box::default)
+                        .push((stream, error.reason_code()));
+                    self.stream_lost(now, stream);
+                    return;
+                }
                 Err(error) => {
                     // Counted in `protocol_errors` once, with the close it causes.
                     debug!(%error, %stream, "malformed packet");
@@ -892,6 +939,7 @@ impl ConnectionCore {
                 Event::InboundReleased { .. } => {}
                 Event::Closed { reason, by_client } => {
                     self.closed_by_client = by_client;
+                    self.close_reason = Some(reason);
                     if let Some(client) = &self.client {
                         self.inner.metrics.clients_connected.dec();
                         info!(%reason, by_client, "client disconnected");

@@ -170,6 +170,96 @@ async fn a_malformed_packet_closes_the_connection_and_counts() {
     );
 }
 
+/// A core that accepted a clean CONNECT from `client_id` and sent its CONNACK.
+async fn connected(inner: &Arc<Inner>, now: Instant, client_id: &str) -> ConnectionCore {
+    let (mut core, request) = connecting(inner, now, client_id);
+    let acquired = inner.acquire(now, &request, core.mailbox()).await;
+    core.session_acquired(now, acquired);
+    core.process(now);
+    let _ = written(&mut core, StreamId::CONTROL);
+    core
+}
+
+#[tokio::test]
+async fn a_data_stream_is_read_only_after_connack() {
+    let inner = inner_with(Config::default());
+    let now = Instant::now();
+    let data = StreamId::new(4);
+    let mut core = ConnectionCore::new(inner.clone(), peer(), now, Watermark::default());
+    assert!(core.wants_read(StreamId::CONTROL));
+    assert!(!core.wants_read(data), "nothing but CONNECT before CONNACK");
+    core.handle_packet(now, StreamId::CONTROL, connect_packet("c"));
+    core.process(now);
+    let Some(Request::AcquireSession(request)) = core.poll_request() else {
+        panic!("CONNECT asks for the session");
+    };
+    let acquired = inner.acquire(now, &request, core.mailbox()).await;
+    core.session_acquired(now, acquired);
+    core.process(now);
+    assert!(core.wants_read(data));
+}
+
+#[tokio::test]
+async fn a_malformed_packet_on_a_data_stream_resets_that_stream_only() {
+    let inner = inner_with(Config::default());
+    let now = Instant::now();
+    let mut core = connected(&inner, now, "c").await;
+    let (bad, good) = (StreamId::new(4), StreamId::new(8));
+    // SUBSCRIBE on the good data stream: its SUBACK goes there.
+    let subscribe = Packet::Subscribe(Subscribe {
+        packet_id: PacketId::new(1).unwrap(),
+        properties: mqttd_proto::SubscribeProperties::default(),
+        filters: vec![mqttd_proto::Subscription {
+            filter: TopicFilter::try_from("t").unwrap(),
+            options: mqttd_proto::SubscriptionOptions::default(),
+        }],
+    });
+    core.handle_packet(now, good, subscribe);
+    core.process(now);
+    assert!(matches!(&written(&mut core, good)[..], [Packet::SubAck(_)]));
+    // A packet type that does not exist (0), on the other data stream, after a partial one.
+    let mut input = BytesMut::from(&[0x00u8, 0x00, 0x30][..]);
+    core.handle_input(now, bad, &mut input);
+    core.process(now);
+    assert!(input.is_empty(), "what the reset stream held is dropped");
+    assert_eq!(
+        core.poll_reset(),
+        Some((bad, ReasonCode::MalformedPacket)),
+        "the driver is told to reset it with the reason as its code"
+    );
+    assert_eq!(core.poll_reset(), None);
+    assert!(!core.is_closed(), "the connection goes on");
+    assert!(core.output(bad).is_none(), "the stream is forgotten");
+    assert_eq!(inner.metrics.protocol_errors.get(), 1);
+    // The control stream and the other data stream go on.
+    core.handle_packet(now, StreamId::CONTROL, Packet::PingReq);
+    core.process(now);
+    assert!(matches!(
+        &written(&mut core, StreamId::CONTROL)[..],
+        [Packet::PingResp]
+    ));
+    core.handle_inbox(
+        now,
+        Inbox {
+            deliveries: VecDeque::from([delivery(QoS::AtMostOnce)]),
+            ..Inbox::default()
+        },
+    );
+    core.process(now);
+    assert!(matches!(
+        &written(&mut core, good)[..],
+        [Packet::Publish(_)]
+    ));
+    // A malformed packet on the control stream still closes the connection.
+    let mut input = BytesMut::from(&[0x00u8, 0x00][..]);
+    core.handle_input(now, StreamId::CONTROL, &mut input);
+    core.process(now);
+    assert!(core.is_closed());
+    assert_eq!(core.poll_reset(), None);
+    assert_eq!(core.close_reason(), Some(ReasonCode::MalformedPacket));
+    assert_eq!(inner.metrics.protocol_errors.get(), 2);
+}
+
 #[tokio::test]
 async fn the_keep_alive_deadline_is_the_core_timeout_and_closes() {
     let inner = inner_with(Config::default());

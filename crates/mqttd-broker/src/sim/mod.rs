@@ -210,6 +210,16 @@ impl Sim {
         }
     }
 
+    /// Sends `bytes` from `c` on `stream` as they are: malformed input.
+    pub(crate) fn send_bytes(&mut self, c: ClientRef, stream: StreamId, bytes: &[u8]) {
+        if let Some(link) = &mut self.clients[c.0].link {
+            link.to_server
+                .entry(stream)
+                .or_default()
+                .extend_from_slice(bytes);
+        }
+    }
+
     /// A data stream of `c`'s connection ends: what was in flight on it is lost, and the
     /// broker learns (the client side learns through its own `stream_lost`).
     pub(crate) fn lose_stream(&mut self, c: ClientRef, stream: StreamId) {
@@ -386,6 +396,13 @@ impl Sim {
                 }
             }
             link.core.process(t);
+        }
+        // Streams the broker resets: what is in flight on them is lost, and the client learns.
+        while let Some((stream, _)) = link.core.poll_reset() {
+            link.to_server.remove(&stream);
+            link.to_client.remove(&stream);
+            client.conn.stream_lost(t, stream);
+            moved = true;
         }
         // The broker writes what it may.
         let streams: Vec<StreamId> = link.core.writable_streams().collect();

@@ -425,6 +425,39 @@ async fn answers_and_deliveries_go_on_the_stream_they_belong_to() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_malformed_packet_resets_its_data_stream_and_what_was_owed_on_it_moves() {
+    let mut sim = Sim::new(config());
+    let m = multi_stream(&mut sim, "m");
+    let p = sim.client(ClientConfig::new(id("p")));
+    sim.connect(m);
+    sim.connect(p);
+    subscribe(&mut sim, m, "a/#", QoS::AtLeastOnce);
+    sim.drive().await;
+    // A QoS 1 delivery on the subscription's stream that the client has not read yet.
+    sim.get(m).reading = false;
+    publish(&mut sim, p, "a/1", "a1", QoS::AtLeastOnce);
+    sim.drive().await;
+    // Packet type 0 does not exist.
+    sim.send_bytes(m, SUB_STREAM, &[0x00, 0x00]);
+    sim.drive().await;
+    assert!(sim.is_linked(m), "the connection goes on");
+    assert_eq!(sim.inner.metrics.protocol_errors.get(), 1);
+    sim.get(m).reading = true;
+    publish(&mut sim, p, "a/2", "a2", QoS::AtLeastOnce);
+    sim.drive().await;
+    let streams: Vec<StreamId> = packets(&mut sim, m, PacketType::Publish)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(
+        streams,
+        [StreamId::CONTROL, StreamId::CONTROL],
+        "the unread delivery is resent on the control stream, and later ones follow it"
+    );
+    assert_eq!(received(&mut sim, m), ["a1", "a2"], "each exactly once");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_publication_waiting_for_room_pauses_its_stream_only() {
     let mut sim = Sim::new(config());
     let stalled = sim.client(ClientConfig::new(id("stalled")));

@@ -1,5 +1,7 @@
-//! TLS for the TLS-based listeners (`tls://` now; `wss://` runs its WebSocket handshake on the
-//! same [`TlsAcceptor`]): the rustls server configuration built from the `[tls]` table, the
+//! TLS for the TLS-based listeners (`tls://`; `wss://` runs its WebSocket handshake on the
+//! same [`TlsAcceptor`]; `quic://` takes a TLS 1.3 configuration of the same certificates from
+//! it, [`TlsAcceptor::quic_server_config`]): the rustls server configuration built from the
+//! `[tls]` table, the
 //! certificate chosen by SNI, client certificates verified against `tls.ca_file` and the
 //! identity they carry, reloading (SIGHUP) without touching the connections that are up, and
 //! the local CA generated when no certificate is configured ([`generate`]).
@@ -21,10 +23,14 @@ use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{
+    ClientHello, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions,
+    WebPkiClientVerifier,
+};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use tracing::warn;
 
 use crate::config::TlsConfig;
@@ -109,6 +115,9 @@ struct Shared {
     config: ArcSwap<ServerConfig>,
     sources: Sources,
     provider: Arc<CryptoProvider>,
+    /// Counts successful reloads, so that listeners holding a configuration of their own
+    /// (QUIC endpoints) rebuild it.
+    reloads: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for TlsAcceptor {
@@ -125,20 +134,76 @@ impl TlsAcceptor {
     pub(crate) fn load(tls: &TlsConfig, data_dir: &Path) -> Result<Self, TlsError> {
         let sources = Sources::resolve(tls, data_dir)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = sources.server_config(&provider)?;
+        let config = sources.server_config(&provider, rustls::DEFAULT_VERSIONS)?;
         Ok(Self(Arc::new(Shared {
             config: ArcSwap::from_pointee(config),
             sources,
             provider,
+            reloads: watch::Sender::new(0),
         })))
     }
 
     /// Reads every certificate, key and CA file again and uses them for new handshakes. On
     /// error nothing changes.
     pub(crate) fn reload(&self) -> Result<(), TlsError> {
-        let config = self.0.sources.server_config(&self.0.provider)?;
+        let config = self
+            .0
+            .sources
+            .server_config(&self.0.provider, rustls::DEFAULT_VERSIONS)?;
         self.0.config.store(Arc::new(config));
+        self.0.reloads.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Changes after each successful [`Self::reload`]: a QUIC endpoint then builds a new
+    /// configuration with [`Self::quic_server_config`].
+    pub(crate) fn reloads(&self) -> watch::Receiver<u64> {
+        self.0.reloads.subscribe()
+    }
+
+    /// A rustls configuration for QUIC from the files as they are now: the same certificates,
+    /// SNI and client-certificate rules as the TLS listeners, TLS 1.3 only (QUIC requires it),
+    /// the ALPN identifiers `alpn`, and 0-RTT accepted (`max_early_data_size = u32::MAX`, the
+    /// only non-zero value QUIC allows).
+    ///
+    /// Session tickets are stateful: the ticket is a key into `sessions` (share one cache
+    /// across reloads, sized to the connection limit), never an encrypted self-contained
+    /// session, and rustls takes it out of the cache when it is used. So a ticket resumes
+    /// once, and a replayed 0-RTT first flight finds its ticket gone and gets a full
+    /// handshake, without its early data.
+    pub(crate) fn quic_server_config(
+        &self,
+        alpn: &[&[u8]],
+        sessions: Arc<dyn StoresServerSessions>,
+    ) -> Result<ServerConfig, TlsError> {
+        let mut config = self
+            .0
+            .sources
+            .server_config(&self.0.provider, &[&rustls::version::TLS13])?;
+        config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        config.max_early_data_size = u32::MAX;
+        config.session_storage = sessions;
+        Ok(config)
+    }
+
+    /// A session cache for [`Self::quic_server_config`] holding up to `size` tickets.
+    pub(crate) fn session_cache(size: usize) -> Arc<dyn StoresServerSessions> {
+        ServerSessionMemoryCache::new(size.max(1))
+    }
+
+    /// Whether clients may present certificates (`tls.ca_file` is set): then a QUIC connection
+    /// waits for the handshake to end (the client's certificate verified) before MQTT, instead
+    /// of reading 0-RTT data.
+    pub(crate) fn verifies_clients(&self) -> bool {
+        self.0.sources.client_ca.is_some()
+    }
+
+    /// The identity in a client certificate chain rustls verified (see
+    /// [`crate::hooks::Peer::tls_identity`]); `None` without a client CA.
+    pub(crate) fn identity_of(&self, chain: &[CertificateDer<'_>]) -> Option<Arc<str>> {
+        self.verifies_clients()
+            .then(|| chain.first().and_then(identity::of_certificate))
+            .flatten()
     }
 
     /// Runs the server side of the handshake over `stream`. It sets no deadline: the caller
@@ -214,15 +279,19 @@ impl Sources {
         })
     }
 
-    /// A server configuration from the files as they are now.
-    fn server_config(&self, provider: &Arc<CryptoProvider>) -> Result<ServerConfig, TlsError> {
+    /// A server configuration from the files as they are now, for protocol `versions`.
+    fn server_config(
+        &self,
+        provider: &Arc<CryptoProvider>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Result<ServerConfig, TlsError> {
         let default = load_certified_key(&self.cert, &self.key, provider)?;
         let mut by_name = HashMap::with_capacity(self.sni.len());
         for (host, cert, key) in &self.sni {
             by_name.insert(host.clone(), load_certified_key(cert, key, provider)?);
         }
         let builder = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+            .with_protocol_versions(versions)
             .map_err(|_| TlsError::Settings("the crypto provider lacks TLS 1.2 or 1.3"))?;
         let builder = match &self.client_ca {
             Some(path) => {

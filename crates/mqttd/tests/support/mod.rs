@@ -167,12 +167,12 @@ impl Broker {
         self.tls = unspecified();
         self.wss = unspecified();
         self.quic = unspecified();
+        let wants_tls = self.extra_listeners.iter().any(|l| l.starts_with("tls://"));
+        let wants_wss = self.extra_listeners.iter().any(|l| l.starts_with("wss://"));
         let wants_quic = self
             .extra_listeners
             .iter()
             .any(|l| l.starts_with("quic://"));
-        let wants_tls = self.extra_listeners.iter().any(|l| l.starts_with("tls://"));
-        let wants_wss = self.extra_listeners.iter().any(|l| l.starts_with("wss://"));
         let filter = std::env::var("MQTTD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
         let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
             .args([
@@ -458,7 +458,7 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 }
 
 /// A plain HTTP/1.1 GET; returns the body.
-fn http_get(addr: SocketAddr, path: &str) -> String {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
     stream
         .set_read_timeout(Some(STEP_TIMEOUT))

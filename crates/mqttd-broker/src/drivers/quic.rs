@@ -1,0 +1,437 @@
+//! The driver of an MQTT-over-QUIC connection, single- or multi-stream as EMQX has it: one
+//! task per connection, around the same [`ConnectionCore`] as every other transport. It moves
+//! bytes between the core and the connection's streams, and every decision is the core's.
+//!
+//! # Streams
+//!
+//! The first bidirectional stream the client opens is the control stream
+//! ([`StreamId::CONTROL`]): CONNECT, CONNACK, PINGREQ, DISCONNECT and AUTH travel on it. Every
+//! further bidirectional stream is a data stream, numbered by its QUIC stream id: the core
+//! answers a packet on the stream it came on and delivers a subscription's messages on the
+//! stream SUBSCRIBE came on. A client that opens one stream only is in single-stream mode; it
+//! needs nothing else. Each stream has its own read buffer (none while idle) and is read only
+//! while the core [`wants_read`](ConnectionCore::wants_read) it: data streams not before
+//! CONNACK (what the client sent on them waits in QUIC's flow control until then), and a stream
+//! whose output or publication is backed up not until it moves. The streams' outputs are
+//! written independently, so a data stream the client does not read (flow control exhausted)
+//! never delays another stream, the control stream's PINGRESP least of all; the control stream
+//! also has a higher QUIC send priority.
+//!
+//! A data stream the client finishes, resets or stops is lost ([`ConnectionCore::stream_lost`]:
+//! what was owed on it moves to the control stream); a malformed packet on a data stream makes
+//! the core reset that stream alone ([`ConnectionCore::poll_reset`]): STOP_SENDING and
+//! RESET_STREAM, while the connection and its other streams go on. Losing the control stream,
+//! or the connection, loses the connection. Clients may open no unidirectional streams.
+//!
+//! # Select order
+//!
+//! Each turn, the driver answers the core's requests, lets it
+//! [`process`](ConnectionCore::process), resets the streams it asks to, and then waits for the
+//! first of, in this order (as [`super::stream`] does):
+//!
+//! 1. shutdown of the broker (once);
+//! 2. the mailbox: messages routed to the session, a takeover request;
+//! 3. room to write on any stream with output the core allows out, the control stream first;
+//! 4. bytes (or the end) on any stream the core wants read, taken in turn across streams;
+//! 5. a new stream from the client (or the end of the connection);
+//! 6. the storage's watermark, while something waits for it;
+//! 7. room in the queue a waiting publication is blocked on;
+//! 8. the core's next timer.
+//!
+//! # Error codes
+//!
+//! A stream reset and the connection close carry the MQTT reason code byte as their QUIC
+//! application error code: `0x00` normal (the client's DISCONNECT, or its close), `0x81`
+//! malformed packet, `0x82` protocol error, `0x87` not authorized, `0x88` the CONNECT did not
+//! come in time, `0x8B` server shutting down, `0x8D` keep alive timeout, `0x8E` session taken
+//! over, and so on: the reason of the DISCONNECT or refusing CONNACK the broker sent on the
+//! control stream just before, which it finishes and lets the client acknowledge first (for at
+//! most [`LAST_WORDS`]), so that the client learns why even if it misses the close.
+
+use std::future::poll_fn;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use noq::{Connection, PathId, RecvStream, SendStream, VarInt};
+use tokio::sync::watch;
+use tracing::{debug, info, Instrument};
+
+use mqttd_proto::{ReasonCode, StreamId};
+
+use super::{answer, durable, now, sleep_until, wait_for_room};
+use crate::broker::Inner;
+use crate::core::ConnectionCore;
+use crate::hooks::Peer;
+use crate::storage::Watermark;
+
+/// Smallest read buffer: what an idle stream holds while it waits (see `stream.rs`).
+const MIN_READ: usize = 256;
+/// Largest read buffer a busy stream grows to.
+const MAX_READ: usize = 64 * 1024;
+/// How long a closed connection may take to send what it has left on the control stream and
+/// have the client acknowledge it, before the connection is closed anyway.
+pub(crate) const LAST_WORDS: Duration = Duration::from_secs(1);
+/// The control stream's QUIC send priority; data streams have 0.
+const CONTROL_PRIORITY: i32 = 1;
+
+/// One client stream and what the driver holds for it.
+struct Stream {
+    id: StreamId,
+    send: SendStream,
+    recv: RecvStream,
+    /// Read, not yet decoded: a partial packet. Empty and unallocated while idle.
+    rbuf: BytesMut,
+    read_size: usize,
+}
+
+impl Stream {
+    fn new(id: StreamId, send: SendStream, recv: RecvStream) -> Self {
+        Self {
+            id,
+            send,
+            recv,
+            rbuf: BytesMut::new(),
+            read_size: MIN_READ,
+        }
+    }
+
+    /// Grows or drops the read buffer after a read of `n` bytes into `spare` free bytes.
+    fn after_read(&mut self, n: usize, spare: usize) {
+        if n == spare {
+            // A busy stream: read more at a time.
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        } else if self.rbuf.is_empty() && n * 4 < spare {
+            // A quiet one: hold no buffer between packets.
+            self.rbuf = BytesMut::new();
+            self.read_size = MIN_READ;
+        }
+    }
+
+    /// Resets both directions with `code` (STOP_SENDING, RESET_STREAM).
+    fn reset(&mut self, code: VarInt) {
+        // Fails only if the direction is already closed, which is what is wanted.
+        let _ = self.send.reset(code);
+        let _ = self.recv.stop(code);
+    }
+}
+
+/// What happened on the streams.
+enum Io {
+    /// The stream took `n` bytes of its writable output, or failed.
+    Wrote(StreamId, Result<usize, noq::WriteError>),
+    /// `n` bytes arrived (0: the client finished the stream), from `spare` free bytes; or
+    /// the stream failed (reset by the client, or the connection is gone).
+    Read(StreamId, std::io::Result<usize>, usize),
+}
+
+/// The streams of a connection: the control stream first, once the client opened it.
+#[derive(Default)]
+struct Streams {
+    list: Vec<Stream>,
+    /// Where the next look for input starts, so that a busy stream cannot starve the others.
+    next_read: usize,
+}
+
+impl Streams {
+    fn get_mut(&mut self, id: StreamId) -> Option<&mut Stream> {
+        self.list.iter_mut().find(|s| s.id == id)
+    }
+
+    /// Forgets `id`; dropping its halves finishes what is still open of it.
+    fn remove(&mut self, id: StreamId) -> Option<Stream> {
+        let at = self.list.iter().position(|s| s.id == id)?;
+        Some(self.list.remove(at))
+    }
+
+    /// Writes what the core allows out, control stream first, then reads from the streams
+    /// the core wants read, starting after the last one read; the first that is ready.
+    fn poll_io(&mut self, cx: &mut Context<'_>, core: &ConnectionCore) -> Poll<Io> {
+        for s in &mut self.list {
+            let writable = core.output(s.id).map_or(&[][..], |o| o.writable());
+            if writable.is_empty() {
+                continue;
+            }
+            if let Poll::Ready(res) = Pin::new(&mut s.send).poll_write(cx, writable) {
+                return Poll::Ready(Io::Wrote(s.id, res));
+            }
+        }
+        let len = self.list.len();
+        for i in 0..len {
+            let at = (self.next_read + i) % len;
+            let Some(s) = self.list.get_mut(at) else {
+                continue;
+            };
+            if !core.wants_read(s.id) {
+                continue;
+            }
+            if s.rbuf.capacity() - s.rbuf.len() < MIN_READ {
+                s.rbuf.reserve(s.read_size);
+            }
+            let spare = s.rbuf.capacity() - s.rbuf.len();
+            if let Poll::Ready(res) =
+                tokio_util::io::poll_read_buf(Pin::new(&mut s.recv), cx, &mut s.rbuf)
+            {
+                self.next_read = at + 1;
+                return Poll::Ready(Io::Read(s.id, res, spare));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Runs an MQTT connection over the QUIC connection `conn`, accepted at `accepted` (the CONNECT
+/// deadline counts from then, so the handshake took part of it), to completion. The core is
+/// built before the future and boxed, as `stream::serve_since` does.
+pub(crate) fn serve(
+    inner: Arc<Inner>,
+    conn: Connection,
+    peer: Peer,
+    accepted: Instant,
+) -> impl Future<Output = ()> + Send + 'static {
+    let span = tracing::info_span!(
+        "conn",
+        peer = %peer.addr,
+        listener = %peer.listener,
+        transport = %peer.transport,
+        client_id = tracing::field::Empty,
+    );
+    inner.metrics.connections_open.inc();
+    inner.metrics.quic_connections.inc();
+    let watermark = *inner.storage.watermark().borrow();
+    let core = Box::new(ConnectionCore::new(
+        inner.clone(),
+        peer,
+        accepted,
+        watermark,
+    ));
+    drive(inner, conn, core, span)
+}
+
+async fn drive(
+    inner: Arc<Inner>,
+    conn: Connection,
+    mut core: Box<ConnectionCore>,
+    span: tracing::Span,
+) {
+    run(&inner, &mut core, &conn).instrument(span.clone()).await;
+    drop(core);
+    span.in_scope(|| log_stats(&inner, &conn));
+    inner.metrics.quic_connections.dec();
+    inner.metrics.connections_open.dec();
+}
+
+/// Logs the connection's QUIC statistics and adds them to the broker's counters.
+fn log_stats(inner: &Inner, conn: &Connection) {
+    let stats = conn.stats();
+    let path = conn.path_stats(PathId::ZERO);
+    inner.metrics.quic_sent_packets.inc_by(stats.sent_packets);
+    inner.metrics.quic_lost_packets.inc_by(stats.lost_packets);
+    info!(
+        rtt_ms = path.as_ref().map_or(0, |p| p.rtt.as_millis() as u64),
+        cwnd = path.as_ref().map_or(0, |p| p.cwnd),
+        mtu = path.as_ref().map_or(0, |p| p.current_mtu),
+        congestion_events = path.as_ref().map_or(0, |p| p.congestion_events),
+        sent_packets = stats.sent_packets,
+        lost_packets = stats.lost_packets,
+        lost_bytes = stats.lost_bytes,
+        // Each new path the client was seen on is validated with a challenge: migrations
+        // and NAT rebindings.
+        path_challenges = stats.frame_tx.path_challenge,
+        "QUIC connection statistics"
+    );
+}
+
+/// Drives the connection until the core closes it, then sends the last words and closes the
+/// QUIC connection with the reason code.
+async fn run(inner: &Arc<Inner>, core: &mut ConnectionCore, conn: &Connection) {
+    let mut streams = Streams::default();
+    let shutdown = inner.shutdown.clone();
+    let mailbox = core.mailbox().clone();
+    let mut watermark: Option<watch::Receiver<Watermark>> = None;
+    let mut shutting_down = false;
+    loop {
+        core.process(now());
+        if let Some(request) = core.poll_request() {
+            Box::pin(answer(inner, core, request)).await;
+            continue;
+        }
+        while let Some((id, reason)) = core.poll_reset() {
+            if let Some(mut stream) = streams.remove(id) {
+                stream.reset(VarInt::from(reason.as_u8()));
+                inner.metrics.quic_stream_resets.inc();
+            }
+        }
+        if core.is_closed() {
+            break;
+        }
+        let deadline = core.poll_timeout();
+        let waits_for_storage = core.waits_for_storage();
+        if waits_for_storage && watermark.is_none() {
+            let mut rx = inner.storage.watermark();
+            // Looked at once even if it never moves again: storage may have failed.
+            rx.mark_changed();
+            watermark = Some(rx);
+        }
+        let blocked_on = core.blocked_on();
+        let core_now = &*core;
+        let io = poll_fn(|cx| streams.poll_io(cx, core_now));
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                core.shutdown(now());
+            }
+            _ = mailbox.wait() => {
+                let inbox = mailbox.take();
+                if inbox.takeover.is_some() {
+                    // What the client sent before the new connection came counts first: a
+                    // DISCONNECT already here cancels the will and may end the session.
+                    read_available(core, &mut streams);
+                }
+                core.handle_inbox(now(), inbox);
+            }
+            io = io => handle_io(core, &mut streams, conn, io),
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let id = if streams.list.is_empty() {
+                        // Errors only if the stream is already closed; then reading tells.
+                        let _ = send.set_priority(CONTROL_PRIORITY);
+                        StreamId::CONTROL
+                    } else {
+                        StreamId::new(u64::from(send.id()))
+                    };
+                    debug!(stream = %id, "stream opened");
+                    streams.list.push(Stream::new(id, send, recv));
+                }
+                Err(error) => {
+                    debug!(%error, "connection lost");
+                    core.connection_lost(now());
+                }
+            },
+            w = durable(&mut watermark), if waits_for_storage => core.handle_watermark(now(), w),
+            _ = wait_for_room(blocked_on.as_deref()), if blocked_on.is_some() => {
+                core.retry_blocked(now());
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => core.handle_timeout(now()),
+        }
+    }
+    last_words(inner, core, &mut streams, &mut watermark).await;
+    let reason = core.close_reason().unwrap_or(ReasonCode::Success);
+    let by_client = core.finish(now(), std::time::SystemTime::now());
+    let code = if by_client { 0 } else { reason.as_u8() };
+    conn.close(VarInt::from(code), reason.to_string().as_bytes());
+}
+
+/// Hands what happened on a stream to the core.
+fn handle_io(core: &mut ConnectionCore, streams: &mut Streams, conn: &Connection, io: Io) {
+    match io {
+        Io::Wrote(id, Ok(n)) => core.wrote(id, n),
+        Io::Wrote(id, Err(error)) => {
+            debug!(stream = %id, %error, "stream write failed");
+            lose(core, streams, conn, id);
+        }
+        Io::Read(id, Ok(0), spare) if spare > 0 => {
+            debug!(stream = %id, "stream finished by the client");
+            lose(core, streams, conn, id);
+        }
+        Io::Read(id, Ok(n), spare) => {
+            core.received(n);
+            if let Some(s) = streams.get_mut(id) {
+                core.handle_input(now(), id, &mut s.rbuf);
+                s.after_read(n, spare);
+            }
+        }
+        Io::Read(id, Err(error), _) => {
+            debug!(stream = %id, %error, "stream read failed");
+            lose(core, streams, conn, id);
+        }
+    }
+}
+
+/// Stream `id` ended: a data stream is lost while the connection lives on; the control stream,
+/// or any stream once the connection is gone, loses the connection.
+fn lose(core: &mut ConnectionCore, streams: &mut Streams, conn: &Connection, id: StreamId) {
+    if id.is_control() || conn.close_reason().is_some() {
+        core.connection_lost(now());
+    } else {
+        streams.remove(id);
+        core.stream_lost(now(), id);
+    }
+}
+
+/// Reads and handles what the control stream already holds, without waiting for more.
+fn read_available(core: &mut ConnectionCore, streams: &mut Streams) {
+    let Some(control) = streams.get_mut(StreamId::CONTROL) else {
+        return;
+    };
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    for _ in 0..16 {
+        if !core.wants_read(StreamId::CONTROL) {
+            return;
+        }
+        if control.rbuf.capacity() - control.rbuf.len() < MIN_READ {
+            control.rbuf.reserve(16 * MIN_READ);
+        }
+        let read =
+            tokio_util::io::poll_read_buf(Pin::new(&mut control.recv), &mut cx, &mut control.rbuf);
+        match read {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                core.received(n);
+                core.handle_input(now(), StreamId::CONTROL, &mut control.rbuf);
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Sends what is left on the control stream (a refusing CONNACK, DISCONNECT), once what it
+/// waits for is durable, finishes the stream and waits until the client has it; all within
+/// [`LAST_WORDS`].
+async fn last_words(
+    inner: &Inner,
+    core: &mut ConnectionCore,
+    streams: &mut Streams,
+    watermark: &mut Option<watch::Receiver<Watermark>>,
+) {
+    let Some(control) = streams.get_mut(StreamId::CONTROL) else {
+        return;
+    };
+    let words = async {
+        while core.output(StreamId::CONTROL).is_some_and(|o| o.holding()) {
+            let rx = watermark.get_or_insert_with(|| {
+                let mut rx = inner.storage.watermark();
+                // The core may not have seen the latest watermark yet.
+                rx.mark_changed();
+                rx
+            });
+            if rx.changed().await.is_err() {
+                break;
+            }
+            let w = *rx.borrow_and_update();
+            core.release_output(w);
+            if w.failed {
+                break;
+            }
+        }
+        let writable = core
+            .output(StreamId::CONTROL)
+            .map_or(&[][..], |o| o.writable());
+        if control.send.write_all(writable).await.is_err() {
+            return;
+        }
+        if control.send.finish().is_ok() {
+            // Resolves once the client acknowledged all of it (or stopped the stream).
+            let _ = control.send.stopped().await;
+        }
+    };
+    if tokio::time::timeout(LAST_WORDS, Box::pin(words))
+        .await
+        .is_err()
+    {
+        info!("the client did not take the connection's last output in time");
+    }
+}
