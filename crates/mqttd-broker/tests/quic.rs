@@ -637,3 +637,33 @@ async fn connect_may_come_as_0rtt_early_data() {
     ping(&mut ctl).await;
     s.broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn unvalidated_clients_get_a_retry_above_the_handshake_threshold() {
+    let mut config = Config::default();
+    config.quic.retry_above_handshakes = 0;
+    let s = start(config).await;
+    // noq's client answers the Retry by itself: the connection comes up a round trip later.
+    let conn = s.connect().await;
+    control(&conn, "retried").await;
+    assert_eq!(s.metric("mqttd_quic_retries_total"), 1);
+    s.broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_are_refused() {
+    let mut config = Config::default();
+    config.max_connections = 1;
+    let s = start(config).await;
+    let first = s.connect().await;
+    // Held: dropping the control stream would end the connection.
+    let _ctl = control(&first, "first").await;
+    let endpoint = s.endpoint(b"mqtt", None);
+    let refused = dial(&endpoint, s.quic).await;
+    assert!(
+        matches!(refused, Err(noq::ConnectionError::ConnectionClosed(_))),
+        "{refused:?}"
+    );
+    assert_eq!(s.metric("mqttd_connections_refused_total"), 1);
+    s.broker.shutdown().await;
+}
