@@ -645,6 +645,8 @@ class Probe:
         self.target = target
         self.sent_bytes = 0
         self.received: list[bytes] = []
+        self.times: list[float] = []
+        self.started = 0.0
         self.transport: asyncio.DatagramTransport | None = None
         self._wake = asyncio.Event()
 
@@ -656,6 +658,8 @@ class Probe:
 
     def _datagram(self, data: bytes, addr) -> None:
         self.received.append(data)
+        # When each came, in seconds since the first was sent (for failure messages).
+        self.times.append(round(asyncio.get_running_loop().time() - self.started, 3))
         self._wake.set()
 
     @property
@@ -663,6 +667,8 @@ class Probe:
         return sum(len(d) for d in self.received)
 
     def send(self, data: bytes) -> None:
+        if not self.sent_bytes:
+            self.started = asyncio.get_running_loop().time()
         self.sent_bytes += len(data)
         self.transport.sendto(data, self.target)
 
