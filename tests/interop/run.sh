@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Real-client interoperability tests: paho-mqtt, the Mosquitto command-line clients and MQTT.js
-# (Node, over WebSocket) against a freshly started mqttd per test.
+# Real-client interoperability tests: paho-mqtt, the Mosquitto command-line clients, MQTT.js
+# (Node, over WebSocket) and aioquic (MQTT over QUIC) against a freshly started mqttd per test.
 #
 #   tests/interop/run.sh                 # everything
 #   tests/interop/run.sh -k retained -x  # arguments go to pytest
 #   MQTTD_BIN=/path/to/mqttd tests/interop/run.sh   # test that binary instead of building
 #
 # Installs what is missing: Debian's mosquitto-clients and mosquitto (for mosquitto_passwd) with
-# apt-get, paho-mqtt >= 2, pytest, pytest-timeout and aioquic (MQTT over QUIC) in a virtualenv at target/interop-venv (or, failing
-# that, with pip --user), Debian's nodejs and npm with apt-get, and MQTT.js with `npm ci` from
-# tests/interop/mqttjs/package-lock.json.
+# apt-get, paho-mqtt >= 2, pytest, pytest-timeout and aioquic 1.x in a virtualenv at
+# target/interop-venv (or, failing that, with pip --user), Debian's nodejs and npm with apt-get,
+# and MQTT.js with `npm ci` from tests/interop/mqttjs/package-lock.json.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -181,17 +181,46 @@ async def test_messages_go_to_the_stream_of_their_subscription(broker):
     c, control = await qconnect(broker)
     d1, d2 = c.stream(), c.stream()
     await d1.subscribe([("a/#", 1)])
-    await d2.subscribe([("b/#", 1)])
+    await d2.subscribe([("b/#", 2)])  # QoS 2: PUBREC, PUBREL and PUBCOMP on d2 too
     await control.subscribe([("c/#", 1)])
     pub, ps = await qconnect(broker)
-    for topic in ("a/1", "b/1", "c/1", "a/2", "b/2", "c/2", "a/end", "b/end", "c/end"):
-        await ps.publish(topic, topic.encode(), 1)
-    for stream, prefix in ((d1, "a"), (d2, "b"), (control, "c")):
-        before = await stream.until_publish(f"{prefix}/end", f"{prefix}/end".encode())
-        assert [p.topic for p in before] == [f"{prefix}/1", f"{prefix}/2"], (stream, before)
-        for p in before:
-            stream.puback(p.packet_id)
+    for topic in ("a/1", "b/1", "c/1", "a/2", "b/2", "c/2"):
+        await ps.publish(topic, topic.encode(), 2)
+    for stream, prefix, qos in ((d1, "a", 1), (d2, "b", 2), (control, "c", 1)):
+        got = [await stream.receive_publish() for _ in range(2)]
+        assert [(p.topic, p.qos) for p in got] == [(f"{prefix}/1", qos), (f"{prefix}/2", qos)]
+    # Nothing more anywhere: the control stream's PINGRESP comes after anything the broker
+    # had for it, and a PINGREQ on each data stream fences that stream.
     assert await control.ping_fence() == []
+    for d in (d1, d2):
+        assert await d.ping_fence() == [], d
+
+
+@pytest.mark.parametrize("version", [mqttraw.V311, mqttraw.V5])
+@aio
+async def test_the_control_stream_carries_the_connection(broker, version):
+    """CONNECT/CONNACK, PINGREQ/PINGRESP and DISCONNECT on the control stream while data
+    streams are open; PUBLISH and SUBSCRIBE are allowed on it too. A DISCONNECT there ends
+    the connection normally: no will."""
+    watcher, ws = await qconnect(broker)
+    await ws.subscribe([("ctl/#", 1)])
+    c, control = await qconnect(broker, version=version, will=Will("ctl/will", b"w", qos=1))
+    d1 = c.stream()
+    await d1.subscribe([("ctl/data", 1)])
+    assert await control.ping_fence() == []
+    await control.subscribe([("ctl/control", 1)])
+    await control.publish("ctl/control", b"c", 1)
+    assert (await control.receive_publish()).payload == b"c"
+    await control.publish("ctl/data", b"d", 1)
+    assert (await d1.receive_publish()).payload == b"d"
+    control.disconnect()
+    closed = await c.wait_closed()
+    assert closed.error_code == 0, closed
+    await ws.publish("ctl/end", b"end", 1)
+    before = await ws.until_publish("ctl/end", b"end")
+    assert [p.topic for p in before] == ["ctl/control", "ctl/data"], before
+    for p in before:
+        ws.puback(p.packet_id)
 
 
 @aio
