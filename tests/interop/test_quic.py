@@ -716,3 +716,32 @@ async def test_unidirectional_streams_are_not_allowed(broker):
     c.transmit()
     closed = await c.wait_closed()
     assert closed.error_code == STREAM_LIMIT_ERROR, closed
+
+
+# --- the end of a connection -----------------------------------------------------------------------
+
+@aio
+async def test_takeover_closes_the_old_connection_with_0x8e(broker):
+    client_id = cid()
+    old, old_control = await qconnect(broker, client_id)
+    d1 = old.stream()
+    await d1.subscribe([("takeover/t", 1)])
+    new, new_control = await qconnect(broker, client_id)
+    p = await old_control.expect(mqttraw.DISCONNECT)
+    assert p.reason == 0x8E, p
+    closed = await old.wait_closed()
+    assert closed.error_code == 0x8E, closed
+    assert await new_control.ping_fence() == []
+
+
+@aio
+async def test_shutdown_sends_disconnect_0x8b_then_closes(broker):
+    c, control = await qconnect(broker)
+    d1 = c.stream()
+    await d1.subscribe([("shutdown/t", 1)])
+    code = await asyncio.to_thread(broker.stop)
+    assert code == 0, "graceful shutdown"
+    p = await control.expect(mqttraw.DISCONNECT)
+    assert p.reason == 0x8B, p
+    closed = await c.wait_closed()
+    assert closed.error_code == 0x8B, closed
