@@ -286,6 +286,7 @@ async def test_a_malformed_packet_on_a_data_stream_resets_only_that_stream(broke
     d3 = c.stream()
     assert (await d3.publish("mal/x", b"x", 1)).type == PUBACK
     assert await until_metric(broker, "mqttd_quic_stream_resets_total", lambda v: v >= 1) == 1
+    assert metric(broker, "mqttd_protocol_errors_total") == 1
 
 
 @aio
@@ -341,6 +342,28 @@ async def test_deliveries_of_a_reset_stream_move_to_the_control_stream(broker):
     assert await control.ping_fence() == []
     assert d1.pending() == []
     assert c.terminated is None
+
+
+@pytest.mark.parametrize("how", ["reset", "finish"])
+@aio
+async def test_unacknowledged_messages_of_a_lost_stream_are_redelivered_on_the_control_stream(
+        broker, how):
+    c, control = await qconnect(broker)
+    d1 = c.stream()
+    await d1.subscribe([("owed/#", 1)])
+    pub, ps = await qconnect(broker)
+    await ps.publish("owed/1", b"1", 1)
+    first = await d1.expect(PUBLISH)  # never acknowledged on d1
+    if how == "reset":
+        d1.reset()
+    else:
+        d1.finish()
+    await ps.publish("owed/end", b"end", 1)
+    before = await control.until_publish("owed/end", b"end")
+    assert [(p.topic, p.packet_id, p.dup) for p in before] == [
+        ("owed/1", first.packet_id, True)], before
+    control.puback(first.packet_id)
+    assert await control.ping_fence() == []
 
 
 @aio
