@@ -332,6 +332,8 @@ async def test_deliveries_of_a_reset_stream_move_to_the_control_stream(broker):
     await control.publish("moved/1", b"1", 1)
     p = await d1.receive_publish()
     assert p.topic == "moved/1"
+    # The broker has the PUBACK before the reset, which would otherwise abandon it unsent.
+    assert await d1.ping_fence() == []
     d1.reset()
     pub, ps = await qconnect(broker)
     await ps.publish("moved/2", b"2", 1)
