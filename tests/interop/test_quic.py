@@ -21,9 +21,9 @@ import pytest
 
 import mqttraw
 import quicclient
-from mqttraw import CONNACK, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC, SUBACK, UNSUBACK, Will
+from mqttraw import CONNACK, PUBACK, PUBCOMP, PUBLISH, SUBACK, UNSUBACK, Will
 from quicclient import (STREAM_LIMIT_ERROR, ConnectionClosed, Probe, QuicClient, Relay,
-                        StreamReset, connected, first_flight)
+                        connected, first_flight)
 
 pytestmark = [
     pytest.mark.broker_listeners("quic://127.0.0.1:0", "http://127.0.0.1:0"),
