@@ -11,6 +11,9 @@
   `@pytest.mark.password_file({"user": "password"}, tool="mqttd")` and
   `@pytest.mark.acl_file("...")` give it a password file (made with `mqttd passwd` or
   `mosquitto_passwd`) and an ACL file, at `broker.password_file` and `broker.acl_file`.
+  `@pytest.mark.broker_listeners("quic://127.0.0.1:0", "http://127.0.0.1:0")` adds listeners;
+  `broker.ports` has every bound port by scheme, and `broker.metrics()` reads `/metrics` from
+  an `http://` listener.
   `broker.reload()` sends SIGHUP and waits for the outcome.
 * `client(...)`: a connected paho-mqtt client (MQTT 3.1.1 or 5.0) wrapped in `PahoClient`,
   which turns paho's callbacks into blocking calls with timeouts; `client(ws=True)` connects
@@ -29,6 +32,7 @@ import signal
 import subprocess
 import textwrap
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -46,6 +50,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "password_file(users, tool='mqttd'): a password file for the broker")
     config.addinivalue_line("markers", "acl_file(text): an ACL file for the broker")
+    config.addinivalue_line("markers", "broker_listeners(*urls): extra listeners (port 0)")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -62,14 +67,18 @@ class Broker:
 
     def __init__(self, workdir: Path, args=(), config: str | None = None, *,
                  allow_anonymous: bool = True, password_file: Path | None = None,
-                 acl_file: Path | None = None):
+                 acl_file: Path | None = None, listeners=()):
         self.workdir = workdir
         self.log_path = workdir / "mqttd.log"
         self.password_file = password_file
         self.acl_file = acl_file
-        cmd = [mqttd_bin(), "--listen", "tcp://127.0.0.1:0", "--listen", "ws://127.0.0.1:0",
-               "--listen", "tls://127.0.0.1:0", "--listen", "wss://127.0.0.1:0",
-               "--data-dir", str(workdir / "data")]
+        urls = ["tcp://127.0.0.1:0", "ws://127.0.0.1:0", "tls://127.0.0.1:0",
+                "wss://127.0.0.1:0", *listeners]
+        self.schemes = {url.split("://", 1)[0] for url in urls}
+        cmd = [mqttd_bin()]
+        for url in urls:
+            cmd += ["--listen", url]
+        cmd += ["--data-dir", str(workdir / "data")]
         if allow_anonymous:
             cmd.append("--allow-anonymous")
         if password_file is not None:
@@ -85,7 +94,7 @@ class Broker:
         # Unbuffered: a buffered readline would take several listening lines at once, which
         # select() would then not see.
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, bufsize=0)
-        ports = self._read_ports()
+        ports = self.ports = self._read_ports()
         self.port = ports["tcp"]
         self.ws_port = ports["ws"]
         self.tls_port = ports["tls"]
@@ -107,12 +116,24 @@ class Broker:
                 if text.startswith(prefix):
                     scheme, addr = text[len(prefix):].split("://", 1)
                     ports[scheme] = int(addr.rsplit(":", 1)[1])
-                    if all(k in ports for k in ("tcp", "ws", "tls", "wss")):
+                    if all(k in ports for k in self.schemes):
                         return ports
             if self.proc.poll() is not None:
                 break
         self.proc.kill()
         raise RuntimeError(f"mqttd did not report its port (last line {line!r}):\n{self.logs()}")
+
+    def metrics(self) -> dict[str, float]:
+        """The broker's metrics (Prometheus text from the `http://` listener), by name."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['http']}/metrics",
+                                    timeout=TIMEOUT) as r:
+            text = r.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
 
     def logs(self) -> str:
         if not self.log.closed:
@@ -168,9 +189,10 @@ def broker(request, tmp_path):
     if (m := request.node.get_closest_marker("acl_file")) is not None:
         acl_file = tmp_path / "acl"
         acl_file.write_text(textwrap.dedent(m.args[0]))
+    listeners = [u for m in request.node.iter_markers("broker_listeners") for u in m.args]
     b = Broker(tmp_path, args, "\n".join(configs) if configs else None,
                allow_anonymous=anonymous.args[0] if anonymous else True,
-               password_file=password_file, acl_file=acl_file)
+               password_file=password_file, acl_file=acl_file, listeners=listeners)
     yield b
     code = b.stop()
     failed = getattr(request.node, "rep_call", None)

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# Real-client interoperability tests: paho-mqtt, the Mosquitto command-line clients and MQTT.js
-# (Node, over WebSocket) against a freshly started mqttd per test.
+# Real-client interoperability tests: paho-mqtt, the Mosquitto command-line clients, MQTT.js
+# (Node, over WebSocket) and aioquic (MQTT over QUIC) against a freshly started mqttd per test.
 #
 #   tests/interop/run.sh                 # everything
 #   tests/interop/run.sh -k retained -x  # arguments go to pytest
 #   MQTTD_BIN=/path/to/mqttd tests/interop/run.sh   # test that binary instead of building
 #
 # Installs what is missing: Debian's mosquitto-clients and mosquitto (for mosquitto_passwd) with
-# apt-get, paho-mqtt >= 2 and pytest in a virtualenv at target/interop-venv (or, failing
-# that, with pip --user), Debian's nodejs and npm with apt-get, and MQTT.js with `npm ci` from
-# tests/interop/mqttjs/package-lock.json.
+# apt-get, paho-mqtt >= 2, pytest, pytest-timeout and aioquic 1.x in a virtualenv at
+# target/interop-venv (or, failing that, with pip --user), Debian's nodejs and npm with apt-get,
+# and MQTT.js with `npm ci` from tests/interop/mqttjs/package-lock.json.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 venv="$root/target/interop-venv"
-py_requirements=("paho-mqtt>=2,<3" "pytest>=8")
+py_requirements=("paho-mqtt>=2,<3" "pytest>=8" "pytest-timeout>=2" "aioquic>=1.2,<2")
 
 log() { echo "interop: $*" >&2; }
 
@@ -47,8 +47,9 @@ fi
 # --- Python packages -----------------------------------------------------------------------
 have_packages() {
     "$1" - <<'EOF' 2>/dev/null
-import paho.mqtt, pytest
+import paho.mqtt, pytest, pytest_timeout, aioquic
 assert int(paho.mqtt.__version__.split(".")[0]) >= 2
+assert (1, 2) <= tuple(int(x) for x in aioquic.__version__.split(".")[:2]) < (2, 0)
 EOF
 }
 
@@ -77,7 +78,7 @@ else
             "$sys_python" -m pip install -q --user --break-system-packages "${py_requirements[@]}"
         python="$sys_python"
     fi
-    have_packages "$python" || { log "paho-mqtt >= 2 and pytest are still missing"; exit 1; }
+    have_packages "$python" || { log "paho-mqtt >= 2, pytest, pytest-timeout or aioquic are still missing"; exit 1; }
 fi
 
 # --- MQTT.js ---------------------------------------------------------------------------------
