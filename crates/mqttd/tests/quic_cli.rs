@@ -7,7 +7,7 @@
 //! Against the broker's QUIC listener (`--listen quic://127.0.0.1:0`, trusting the generated
 //! CA): QoS 0/1/2, a 1 MiB payload, nine topics over three data streams, QUIC and TCP clients
 //! meeting both ways, a wrong CA giving the TLS exit status, and `mqttd bench` with data
-//! streams. These are ignored until the broker has its QUIC listener.
+//! streams.
 
 use std::net::UdpSocket;
 use std::process::{Command, Output};
@@ -136,7 +136,6 @@ fn retained_round_trip(url: &str, read_url: &str, ca: &str, topics: &[String], e
 }
 
 #[test]
-#[ignore = "needs the broker's QUIC listener"]
 fn pub_and_sub_over_quic_at_every_qos() {
     let (mut broker, url, ca) = quic_broker();
     let ca = ca.to_str().unwrap();
@@ -156,7 +155,6 @@ fn pub_and_sub_over_quic_at_every_qos() {
 }
 
 #[test]
-#[ignore = "needs the broker's QUIC listener"]
 fn a_one_mib_payload_over_quic() {
     let (mut broker, url, ca) = quic_broker();
     let ca = ca.to_str().unwrap();
@@ -193,7 +191,6 @@ fn a_one_mib_payload_over_quic() {
 }
 
 #[test]
-#[ignore = "needs the broker's QUIC listener"]
 fn several_topics_over_three_data_streams_all_arrive() {
     let (mut broker, url, ca) = quic_broker();
     let topics: Vec<String> = (0..9).map(|i| format!("multi/{i}")).collect();
@@ -203,7 +200,6 @@ fn several_topics_over_three_data_streams_all_arrive() {
 }
 
 #[test]
-#[ignore = "needs the broker's QUIC listener"]
 fn quic_and_tcp_clients_meet() {
     let (mut broker, quic, ca) = quic_broker();
     let tcp = format!("mqtt://127.0.0.1:{}", broker.mqtt.port());
@@ -245,7 +241,6 @@ fn quic_and_tcp_clients_meet() {
 }
 
 #[test]
-#[ignore = "needs the broker's QUIC listener"]
 fn a_wrong_ca_is_the_tls_exit_status() {
     let (mut broker, url, _) = quic_broker();
     let dir = tempfile::tempdir().unwrap();
@@ -272,7 +267,6 @@ fn a_wrong_ca_is_the_tls_exit_status() {
 }
 
 #[test]
-#[ignore = "needs the broker's QUIC listener"]
 fn bench_over_quic_with_data_streams_reconnects_with_0rtt() {
     let (mut broker, url, ca) = quic_broker();
     let out = mqttd(&[
