@@ -667,3 +667,26 @@ async fn connections_beyond_max_connections_are_refused() {
     assert_eq!(s.metric("mqttd_connections_refused_total"), 1);
     s.broker.shutdown().await;
 }
+
+/// A client with MQTT keep alive 60 may stay silent for up to 90 s (1.5 times it): the QUIC
+/// idle timeout must not end the connection sooner. The client here sends nothing at all for
+/// 70 s, no QUIC pings either, and its own idle timeout is longer, so only the broker's could
+/// end it. Real time: the stack's timers and real UDP do not mix with a paused clock.
+#[tokio::test]
+async fn a_client_silent_for_70_seconds_with_keep_alive_60_stays_connected() {
+    let s = start(Config::default()).await;
+    let mut transport = TransportConfig::default();
+    transport.max_idle_timeout(Some(Duration::from_secs(120).try_into().unwrap()));
+    transport.keep_alive_interval(None);
+    let endpoint = s.endpoint(b"mqtt", Some(transport));
+    let conn = dial(&endpoint, s.quic).await.unwrap();
+    let mut ctl = control(&conn, "silent").await;
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    assert!(
+        conn.close_reason().is_none(),
+        "closed while silent: {:?}",
+        conn.close_reason()
+    );
+    ping(&mut ctl).await;
+    s.broker.shutdown().await;
+}

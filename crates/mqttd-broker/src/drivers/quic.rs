@@ -42,11 +42,12 @@
 //!
 //! A stream reset and the connection close carry the MQTT reason code byte as their QUIC
 //! application error code: `0x00` normal (the client's DISCONNECT, or its close), `0x81`
-//! malformed packet, `0x82` protocol error, `0x87` not authorized, `0x88` the CONNECT did not
-//! come in time, `0x8B` server shutting down, `0x8D` keep alive timeout, `0x8E` session taken
-//! over, and so on: the reason of the DISCONNECT or refusing CONNACK the broker sent on the
-//! control stream just before, which it finishes and lets the client acknowledge first (for at
-//! most [`LAST_WORDS`]), so that the client learns why even if it misses the close.
+//! malformed packet, `0x82` protocol error, `0x87` not authorized, `0xA0` the handshake or
+//! the CONNECT did not come within `connect_timeout`, `0x8B` server shutting down, `0x8D`
+//! keep alive timeout, `0x8E` session taken over, and so on: the reason of the DISCONNECT or
+//! refusing CONNACK the broker sent on the control stream just before, which it finishes and
+//! lets the client acknowledge first (for at most [`LAST_WORDS`]), so that the client learns
+//! why even if it misses the close.
 
 use std::future::poll_fn;
 use std::future::Future;
