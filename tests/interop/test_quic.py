@@ -731,8 +731,9 @@ async def test_opening_streams_beyond_the_limit_is_a_stream_limit_error(broker):
     assert closed.error_code == STREAM_LIMIT_ERROR, closed
 
 
+@pytest.mark.broker_config("[quic]\nhttp3 = false")
 @aio
-async def test_unidirectional_streams_are_not_allowed(broker):
+async def test_unidirectional_streams_are_not_allowed_without_http3(broker):
     c, control = await qconnect(broker)
     assert c.conn._remote_max_streams_uni == 0
     c.conn._remote_max_streams_uni = 1  # make aioquic open one anyway
@@ -741,6 +742,25 @@ async def test_unidirectional_streams_are_not_allowed(broker):
     c.transmit()
     closed = await c.wait_closed()
     assert closed.error_code == STREAM_LIMIT_ERROR, closed
+
+
+@aio
+async def test_an_mqtt_clients_unidirectional_stream_is_stopped(broker):
+    # With HTTP/3 on the port (the default) every client may open the three unidirectional
+    # streams HTTP/3 needs; an MQTT connection stops any it gets with 0x82 and lives on.
+    c, control = await qconnect(broker)
+    assert c.conn._remote_max_streams_uni == 3
+    uni = c.conn.get_next_available_stream_id(is_unidirectional=True)
+    s = c.streams[uni] = quicclient.Stream(c, uni)
+    c.conn.send_stream_data(uni, mqttraw.pingreq())
+    c.transmit()
+    async with asyncio.timeout(10):
+        while s.stop_code is None:
+            s._wake.clear()
+            await s._wake.wait()
+    assert s.stop_code == 0x82, s.stop_code
+    assert c.terminated is None
+    assert await control.ping_fence() == []
 
 
 # --- the end of a connection -----------------------------------------------------------------------
