@@ -11,6 +11,7 @@
 
 mod generate;
 mod identity;
+mod stream;
 
 use std::collections::HashMap;
 use std::io;
@@ -30,6 +31,7 @@ use tracing::warn;
 use crate::config::TlsConfig;
 
 pub(crate) use generate::TLS_DIR;
+pub(crate) use stream::TlsStream;
 
 /// Why the TLS certificates could not be loaded (at startup, or on reload). Each variant names
 /// the file at fault.
@@ -91,7 +93,7 @@ pub enum TlsError {
 #[derive(Debug)]
 pub(crate) struct Accepted<S> {
     /// The encrypted stream, ready for MQTT (or for a WebSocket upgrade).
-    pub(crate) stream: tokio_rustls::server::TlsStream<S>,
+    pub(crate) stream: TlsStream<S>,
     /// The identity in the client's certificate, verified against `tls.ca_file` (see
     /// [`crate::hooks::Peer::tls_identity`]).
     pub(crate) identity: Option<Arc<str>>,
@@ -148,13 +150,11 @@ impl TlsAcceptor {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.0.config.load_full());
-        let stream = acceptor.accept(stream).await?;
+        let stream = TlsStream::accept(self.0.config.load_full(), stream).await?;
         // Only certificates rustls verified against `ca_file` get this far.
         let identity = match self.0.sources.client_ca {
             Some(_) => stream
-                .get_ref()
-                .1
+                .connection()
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .and_then(identity::of_certificate),
