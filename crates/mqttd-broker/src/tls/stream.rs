@@ -104,14 +104,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
         want: Want<'_>,
     ) -> io::Result<Stop> {
         if let Some(error) = &self.tls.failed {
-            return Err(tls_error(error.clone()));
+            return Err(tls_error((**error).clone()));
         }
         match self.tls.process(out, want) {
             Ok(stop) => Ok(stop),
             Err(Failure::Tls(error)) => {
                 self.tls.encode_alert();
                 let _ = self.poll_send(cx);
-                self.tls.failed = Some(error.clone());
+                self.tls.failed = Some(Box::new(error.clone()));
                 Err(tls_error(error))
             }
             Err(Failure::Io(error)) => Err(error),
@@ -309,8 +309,9 @@ struct Tls {
     eof: bool,
     /// close_notify is queued: nothing more is written.
     closing: bool,
-    /// rustls failed the connection with this; every later call fails with it.
-    failed: Option<rustls::Error>,
+    /// rustls failed the connection with this; every later call fails with it. Boxed: it is
+    /// rare, and its room would count for every connection.
+    failed: Option<Box<rustls::Error>>,
 }
 
 /// What [`Tls::process`] does once the handshake is done.
@@ -532,4 +533,227 @@ fn encrypted_len(len: usize) -> usize {
 
 fn tls_error(error: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    type Client = tokio_rustls::client::TlsStream<DuplexStream>;
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// A server configuration with a self-signed certificate for `localhost`, and a client
+    /// configuration trusting it, speaking `versions`.
+    fn configs(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = CertificateDer::from(certified.cert.der().to_vec());
+        let key = PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
+        let server = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// A handshake over a pipe of `capacity` bytes: the server's stream and the client's.
+    async fn pair(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        capacity: usize,
+    ) -> (TlsStream<DuplexStream>, Client) {
+        let (server_config, client_config) = configs(versions);
+        let (server_end, client_end) = tokio::io::duplex(capacity);
+        let client = tokio::spawn(async move {
+            tokio_rustls::TlsConnector::from(client_config)
+                .connect(ServerName::try_from("localhost").unwrap(), client_end)
+                .await
+                .unwrap()
+        });
+        let server = TlsStream::accept(server_config, server_end).await.unwrap();
+        (server, client.await.unwrap())
+    }
+
+    /// Polls a read once: `None` if it would wait.
+    async fn poll_read_once<S: AsyncRead + Unpin>(stream: &mut S) -> Option<io::Result<usize>> {
+        let mut byte = [0u8; 1];
+        std::future::poll_fn(|cx| {
+            let mut buf = ReadBuf::new(&mut byte);
+            Poll::Ready(match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+                Poll::Ready(result) => Some(result.map(|()| buf.filled().len())),
+                Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    fn assert_holds_nothing<S>(stream: &TlsStream<S>) {
+        let tls = &stream.tls;
+        assert_eq!(
+            (
+                tls.incoming.capacity(),
+                tls.outgoing.capacity(),
+                tls.plaintext.capacity()
+            ),
+            (0, 0, 0),
+            "buffers of a quiet connection"
+        );
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn the_stream_is_the_socket_and_one_pointer() {
+        assert_eq!(
+            size_of::<TlsStream<tokio::net::TcpStream>>(),
+            size_of::<tokio::net::TcpStream>() + size_of::<usize>()
+        );
+    }
+
+    #[tokio::test]
+    async fn data_crosses_both_ways_through_a_narrow_pipe_in_tls_1_3_and_1_2() {
+        for versions in [
+            &[&rustls::version::TLS13][..],
+            &[&rustls::version::TLS12][..],
+        ] {
+            // A pipe narrower than a record: reads and writes stop mid-record.
+            let (mut server, mut client) = pair(versions, 1000).await;
+            let up = pattern(200_000, 1);
+            let down = pattern(150_000, 2);
+            let sent = up.clone();
+            let client = tokio::spawn(async move {
+                client.write_all(&sent).await.unwrap();
+                client.flush().await.unwrap();
+                let mut received = vec![0; 150_000];
+                client.read_exact(&mut received).await.unwrap();
+                (client, received)
+            });
+            let mut received = vec![0; up.len()];
+            server.read_exact(&mut received).await.unwrap();
+            assert!(received == up, "client to server");
+            server.write_all(&down).await.unwrap();
+            server.flush().await.unwrap();
+            let (_client, received) = client.await.unwrap();
+            assert!(received == down, "server to client");
+            assert_eq!(poll_read_once(&mut server).await.map(|r| r.unwrap()), None);
+            assert_holds_nothing(&server);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_holds_no_buffers() {
+        let (mut server, mut client) = pair(&[&rustls::version::TLS13], 64 * 1024).await;
+        // Before anything was read: what came after the handshake (the client's tickets
+        // acknowledgement, nothing else) leaves nothing behind once the read would wait.
+        assert!(poll_read_once(&mut server).await.is_none());
+        assert_holds_nothing(&server);
+        client.write_all(b"ping").await.unwrap();
+        client.flush().await.unwrap();
+        let mut ping = [0u8; 4];
+        server.read_exact(&mut ping).await.unwrap();
+        server.write_all(b"pong").await.unwrap();
+        server.flush().await.unwrap();
+        let mut pong = [0u8; 4];
+        client.read_exact(&mut pong).await.unwrap();
+        assert_eq!((&ping, &pong), (b"ping", b"pong"));
+        assert!(poll_read_once(&mut server).await.is_none());
+        assert_holds_nothing(&server);
+    }
+
+    #[tokio::test]
+    async fn key_updates_from_the_client_are_answered() {
+        let (mut server, mut client) = pair(&[&rustls::version::TLS13], 64 * 1024).await;
+        for round in 0..3u8 {
+            // The client asks for new keys both ways; the server answers before its data.
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client.write_all(&[round; 100]).await.unwrap();
+            client.flush().await.unwrap();
+            let mut up = [0u8; 100];
+            server.read_exact(&mut up).await.unwrap();
+            assert_eq!(up, [round; 100]);
+            server.write_all(&[round + 10; 100]).await.unwrap();
+            server.flush().await.unwrap();
+            let mut down = [0u8; 100];
+            client.read_exact(&mut down).await.unwrap();
+            assert_eq!(down, [round + 10; 100]);
+        }
+    }
+
+    #[tokio::test]
+    async fn close_notify_ends_the_stream_both_ways() {
+        let (mut server, mut client) = pair(&[&rustls::version::TLS13], 64 * 1024).await;
+        client.write_all(b"last words").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, b"last words");
+        // Half-closed: the server may still write, then closes its side.
+        server.write_all(b"reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut received = Vec::new();
+        client.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, b"reply");
+        assert!(server.write_all(b"more").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_connection_cut_without_close_notify_is_an_error() {
+        let (mut server, client) = pair(&[&rustls::version::TLS13], 64 * 1024).await;
+        drop(client);
+        let mut received = Vec::new();
+        let error = server.read_to_end(&mut received).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn what_is_not_tls_fails_the_handshake_with_an_alert() {
+        let (server_config, _) = configs(&[&rustls::version::TLS13]);
+        let (server_end, mut client_end) = tokio::io::duplex(64 * 1024);
+        // An MQTT CONNECT where a ClientHello should be.
+        client_end
+            .write_all(b"\x10\x10\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x00")
+            .await
+            .unwrap();
+        let error = TlsStream::accept(server_config, server_end)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        let mut alert = Vec::new();
+        client_end.read_to_end(&mut alert).await.unwrap();
+        // A plaintext fatal alert record.
+        assert_eq!(alert.first(), Some(&21), "{alert:?}");
+    }
+
+    #[tokio::test]
+    async fn a_vectored_write_gathers_small_slices() {
+        let (mut server, mut client) = pair(&[&rustls::version::TLS13], 64 * 1024).await;
+        let slices = [IoSlice::new(b"head"), IoSlice::new(b"er and payload")];
+        let n = std::future::poll_fn(|cx| Pin::new(&mut server).poll_write_vectored(cx, &slices))
+            .await
+            .unwrap();
+        // Both slices at once: a WebSocket frame's header does not travel in a record alone.
+        assert_eq!(n, 18);
+        server.flush().await.unwrap();
+        let mut received = [0u8; 18];
+        client.read_exact(&mut received).await.unwrap();
+        assert_eq!(&received, b"header and payload");
+    }
 }
