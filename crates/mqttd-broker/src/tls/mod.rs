@@ -6,6 +6,10 @@
 //!
 //! One crypto provider serves the whole broker: *ring*, with TLS 1.3 and 1.2.
 //!
+//! Connections run on [`TlsStream`]: rustls' unbuffered API with buffers the stream releases
+//! when the connection goes quiet, so that an idle TLS connection holds rustls' state and keys
+//! and no buffers (see `stream.rs`).
+//!
 //! The handshake runs in the connection's own task, under the connection's deadline (see
 //! `listener.rs`, `Connection::tls_handshake`): the accept loop never waits for a client.
 

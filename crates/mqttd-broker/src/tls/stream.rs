@@ -1,8 +1,8 @@
-//! The server side of a TLS connection over a byte stream, on rustls's unbuffered API
+//! The server side of a TLS connection over a byte stream, on rustls' unbuffered API
 //! ([`UnbufferedServerConnection`]) with buffers this module owns, so that a connection with
 //! nothing to read or write holds none.
 //!
-//! rustls's buffered `ServerConnection` (what tokio-rustls wraps) keeps a read buffer of at
+//! rustls' buffered `ServerConnection` (what tokio-rustls wraps) keeps a read buffer of at
 //! least 4 KiB for the connection's whole life, and tokio-rustls keeps that connection inline
 //! in its stream, which every future holding the stream then carries. Here the stream is the
 //! socket and one pointer: rustls' state is boxed, and the three buffers (ciphertext received
@@ -77,7 +77,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
             // The server's flight goes out before more of the client's is awaited.
             ready!(self.poll_send(cx))?;
             match stop {
-                Stop::Traffic(_) => return Poll::Ready(Ok(())),
+                // Done only once the client's flight is verified too (rustls may allow writing
+                // before, with half-RTT data, which the broker does not enable).
+                Stop::Traffic(_) if !self.tls.conn.is_handshaking() => return Poll::Ready(Ok(())),
+                Stop::Traffic(_) => {}
                 Stop::Closed => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
