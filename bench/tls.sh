@@ -50,9 +50,9 @@ wait_port "$P_TLS"
 kill %1; wait %1 2>/dev/null || true
 CA=$RUN/certs/tls/ca.pem
 
-P_TCP=$(free_port); P_TLS=$(free_port); P_WS=$(free_port); P_MOSQ=$(free_port)
+P_TCP=$(free_port); P_TLS=$(free_port); P_WS=$(free_port); P_WSS=$(free_port); P_MOSQ=$(free_port)
 cat >"$RUN/mqttd.toml" <<CONF
-listen = ["tcp://127.0.0.1:$P_TCP", "tls://127.0.0.1:$P_TLS", "ws://127.0.0.1:$P_WS"]
+listen = ["tcp://127.0.0.1:$P_TCP", "tls://127.0.0.1:$P_TLS", "ws://127.0.0.1:$P_WS", "wss://127.0.0.1:$P_WSS"]
 data_dir = "$RUN/certs"
 allow_anonymous = true
 max_queued_messages = 1000
@@ -103,12 +103,13 @@ for round in $(seq "$ROUNDS"); do
               cpu_us_per_connection:(.broker_cpu_secs * 1000000 / .connected | floor)}' \
             <<<"$out" | tee -a "$results"
         transports=(tls)
-        [[ $broker == mqttd ]] && transports=(tcp tls ws)
+        [[ $broker == mqttd ]] && transports=(tcp tls ws wss)
         for t in "${transports[@]}"; do
             case $t in
                 tcp) args=(--port "$P_TCP") ;;
                 tls) args=("${tls[@]}") ;;
                 ws) args=(--transport ws --port "$P_WS") ;;
+                wss) args=(--transport wss --cafile "$CA" -H localhost --port "$P_WSS") ;;
             esac
             start_broker $broker
             sleep 0.5
@@ -145,6 +146,7 @@ for scenario, key, label in [
     ("idle-memory-tls", "bytes_per_connection", "memory per idle TLS connection, bytes"),
     ("idle-memory-tcp", "bytes_per_connection", "memory per idle TCP connection, bytes"),
     ("idle-memory-ws", "bytes_per_connection", "memory per idle WebSocket connection, bytes"),
+    ("idle-memory-wss", "bytes_per_connection", "memory per idle WebSocket-over-TLS connection, bytes"),
 ]:
     m, q = med("mosquitto", scenario, key), med("mqttd", scenario, key)
     f = lambda x: "-" if x is None else f"{x:,.0f}"

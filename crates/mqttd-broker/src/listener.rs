@@ -23,7 +23,7 @@ use crate::drivers::now;
 use crate::drivers::stream::serve_since;
 use crate::hooks::{Peer, Transport};
 use crate::http;
-use crate::tls::TlsAcceptor;
+use crate::tls::{TlsAcceptor, TlsStream};
 use crate::transport::prefixed::Prefixed;
 use crate::transport::{accept_websocket, read_proxy_header, ProxiedAddr};
 
@@ -352,10 +352,7 @@ impl Connection {
     /// Runs the server side of a TLS handshake before the CONNECT deadline: the TLS stream
     /// and the client certificate's identity, or `None` (counted and logged) if it failed or
     /// did not end in time.
-    async fn tls_handshake<S>(
-        &self,
-        stream: S,
-    ) -> Option<(tokio_rustls::server::TlsStream<S>, Option<Arc<str>>)>
+    async fn tls_handshake<S>(&self, stream: S) -> Option<(TlsStream<S>, Option<Arc<str>>)>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
