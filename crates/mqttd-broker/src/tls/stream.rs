@@ -35,6 +35,8 @@ const MAX_READ: usize = 16 * 1024 + 2 * 1024 + 5;
 /// How much received ciphertext may wait for the rest of its record: a handshake message of
 /// the largest size rustls accepts, in records, and one more record.
 const MAX_INCOMING: usize = 0xffff + 2 * MAX_READ;
+/// Spare room a partial record's buffer may keep while the connection waits.
+const SHRINK_SLACK: usize = 256;
 /// How much plaintext one write encrypts at most.
 const MAX_WRITE: usize = 64 * 1024;
 /// Up to how many bytes a vectored write gathers from small slices into one record.
@@ -148,11 +150,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
         incoming.reserve(size);
         let polled = poll_read_buf(Pin::new(&mut self.io), cx, incoming);
         if polled.is_pending() {
-            *incoming = if incoming.is_empty() {
-                BytesMut::new()
-            } else {
-                BytesMut::from(&incoming[..])
-            };
+            if incoming.is_empty() {
+                *incoming = BytesMut::new();
+            } else if incoming.capacity() > 2 * incoming.len() + SHRINK_SLACK {
+                // Shrunk only while mostly empty: a record trickled in a byte at a time is
+                // then copied at most once per read of `size`, not once per byte.
+                *incoming = BytesMut::from(&incoming[..]);
+            }
         }
         polled
     }
