@@ -22,7 +22,37 @@ use mqttd_proto::ReasonCode;
 use crate::broker::{Inner, SessionHandle};
 pub(crate) use crate::clock::now;
 use crate::core::{ConnectionCore, Request};
+use crate::hooks::Peer;
 use crate::storage::Watermark;
+
+/// A new connection's core, boxed, and its tracing span: what every driver starts with.
+///
+/// The core is built before the connection's future exists, and boxed: an async fn keeps its
+/// arguments twice (as captured and as locals), so the future carries a pointer to the core
+/// instead of the core and the `Peer` it was built from. Every byte of it is paid per idle
+/// connection. Counts the connection in `connections_open`; the driver counts it out.
+pub(crate) fn open(
+    inner: &Arc<Inner>,
+    peer: Peer,
+    accepted: Instant,
+) -> (Box<ConnectionCore>, tracing::Span) {
+    let span = tracing::info_span!(
+        "conn",
+        peer = %peer.addr,
+        listener = %peer.listener,
+        transport = %peer.transport,
+        client_id = tracing::field::Empty,
+    );
+    inner.metrics.connections_open.inc();
+    let watermark = *inner.storage.watermark().borrow();
+    let core = Box::new(ConnectionCore::new(
+        inner.clone(),
+        peer,
+        accepted,
+        watermark,
+    ));
+    (core, span)
+}
 
 /// Answers one of the core's requests; the core reads nothing more meanwhile.
 pub(crate) async fn answer(inner: &Arc<Inner>, core: &mut ConnectionCore, request: Request) {

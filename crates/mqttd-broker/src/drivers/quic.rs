@@ -193,22 +193,8 @@ pub(crate) fn serve(
     peer: Peer,
     accepted: Instant,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let span = tracing::info_span!(
-        "conn",
-        peer = %peer.addr,
-        listener = %peer.listener,
-        transport = %peer.transport,
-        client_id = tracing::field::Empty,
-    );
-    inner.metrics.connections_open.inc();
+    let (core, span) = super::open(&inner, peer, accepted);
     inner.metrics.quic_connections.inc();
-    let watermark = *inner.storage.watermark().borrow();
-    let core = Box::new(ConnectionCore::new(
-        inner.clone(),
-        peer,
-        accepted,
-        watermark,
-    ));
     drive(inner, conn, core, span)
 }
 

@@ -72,11 +72,7 @@ where
 /// Runs a connection over `stream`, accepted at `accepted`, to completion: the CONNECT
 /// deadline counts from `accepted`, so that what came before MQTT on the connection (a PROXY
 /// header, a TLS handshake, a WebSocket upgrade) took part of it.
-///
-/// The connection's core is built here, before the future exists, and boxed: an async fn
-/// keeps its arguments twice (as captured and as locals), so the future carries a pointer to
-/// the core instead of the core and the `Peer` it was built from. Every byte of it is paid
-/// per idle connection.
+/// The core is built and boxed before the future exists ([`super::open`]).
 pub(crate) fn serve_since<S>(
     inner: Arc<Inner>,
     stream: S,
@@ -86,21 +82,7 @@ pub(crate) fn serve_since<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let span = tracing::info_span!(
-        "conn",
-        peer = %peer.addr,
-        listener = %peer.listener,
-        transport = %peer.transport,
-        client_id = tracing::field::Empty,
-    );
-    inner.metrics.connections_open.inc();
-    let watermark = *inner.storage.watermark().borrow();
-    let core = Box::new(ConnectionCore::new(
-        inner.clone(),
-        peer,
-        accepted,
-        watermark,
-    ));
+    let (core, span) = super::open(&inner, peer, accepted);
     drive(inner, stream, core, span)
 }
 
