@@ -399,7 +399,8 @@ impl ConnectionCore {
                 Err(error) if !stream.is_control() && self.conn.is_connected() => {
                     // Only this stream is at fault: it is reset, and the connection and its
                     // other streams go on. Counted once, here.
-                    info!(%error, %stream, "malformed packet on a data stream; resetting it");
+                    // debug, not info: a client may repeat this on new streams without end.
+                    debug!(%error, %stream, "malformed packet on a data stream; resetting it");
                     self.inner.metrics.protocol_errors.inc();
                     input.clear();
                     self.resets
