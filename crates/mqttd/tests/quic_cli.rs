@@ -293,3 +293,30 @@ fn bench_over_quic_with_data_streams_reconnects_with_0rtt() {
     assert!(summary["received"].as_u64() > Some(0), "{summary}");
     broker.shutdown();
 }
+
+#[test]
+fn bench_conn_over_quic_spreads_clients_over_sockets_with_bounded_handshakes() {
+    let (mut broker, url, ca) = quic_broker();
+    let out = mqttd(&[
+        "bench",
+        "-L",
+        &url,
+        "--cafile",
+        ca.to_str().unwrap(),
+        "--quic-sockets",
+        "4",
+        "--max-handshakes",
+        "8",
+        "--json",
+        "conn",
+        "--count",
+        "100",
+        "--duration",
+        "1",
+    ]);
+    ok(&out, "bench");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(summary["connected"].as_u64(), Some(100), "{summary}");
+    assert_eq!(summary["errors"].as_u64(), Some(0), "{summary}");
+    broker.shutdown();
+}

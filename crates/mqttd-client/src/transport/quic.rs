@@ -1,8 +1,9 @@
 //! MQTT over QUIC (`quic://`): noq with rustls (TLS 1.3, ring, ALPN `mqtt`) and CUBIC.
 //!
 //! A [`Quic`] belongs to one [`super::Connector`] and is shared by its clones: the UDP socket
-//! (one noq endpoint per address family, bound on first use), the TLS configuration and with it
-//! the session-ticket cache. A second connection through the same connector resumes the TLS
+//! (one noq endpoint per address family, bound on first use; or several, taken in turn, with
+//! [`super::QuicOptions::sockets`]), the TLS configuration and with it the session-ticket
+//! cache. A second connection through the same connector resumes the TLS
 //! session and sends its first bytes (CONNECT) as 0-RTT early data.
 //!
 //! The first bidirectional stream carries the MQTT connection ([`QuicStream`], a byte stream);
@@ -22,7 +23,7 @@ use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -52,6 +53,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// QUIC PINGs keep an idle connection alive below common server idle timeouts (30 s), whatever
 /// the MQTT keep alive.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The receive and send buffers asked of each UDP socket: a server's first flight is a few
+/// datagrams per connection, and a burst of handshakes through one socket overflows the
+/// kernel's default (208 KiB). The kernel caps it at `net.core.rmem_max` / `wmem_max`.
+const SOCKET_BUFFER: usize = 2 << 20;
 
 /// What happened to the 0-RTT data of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -100,15 +106,22 @@ pub(super) struct Quic {
     config: noq::ClientConfig,
     checks: Arc<CheckRecorder>,
     server_name: String,
-    /// IPv4 and IPv6 endpoints, bound when first needed (binding needs the runtime).
-    endpoints: Mutex<[Option<noq::Endpoint>; 2]>,
+    /// IPv4 and IPv6 endpoints for each socket, bound when first needed (binding needs the
+    /// runtime).
+    endpoints: Mutex<Vec<[Option<noq::Endpoint>; 2]>>,
+    /// Which socket the next connection takes.
+    next: AtomicUsize,
     /// The address the last handshake succeeded with: later connections go straight there,
     /// with 0-RTT, instead of racing every address of the host.
     last_good: Mutex<Option<SocketAddr>>,
 }
 
 impl Quic {
-    pub(super) fn new(host: &str, options: &TlsOptions) -> Result<Self, TransportError> {
+    pub(super) fn new(
+        host: &str,
+        options: &TlsOptions,
+        sockets: u16,
+    ) -> Result<Self, TransportError> {
         tls::server_name(host)?;
         if options.version == Some(TlsVersion::Tls12) {
             return Err(TransportError::TlsConfig(
@@ -138,24 +151,27 @@ impl Quic {
             config,
             checks,
             server_name: host.to_owned(),
-            endpoints: Mutex::new([None, None]),
+            endpoints: Mutex::new(vec![[None, None]; usize::from(sockets.max(1))]),
+            next: AtomicUsize::new(0),
             last_good: Mutex::new(None),
         })
     }
 
-    /// The endpoint for `addr`'s family.
+    /// The endpoint for `addr`'s family, on the next socket in turn.
     fn endpoint(&self, addr: SocketAddr) -> Result<noq::Endpoint, TransportError> {
-        let (slot, bind) = match addr {
+        let (family, bind) = match addr {
             SocketAddr::V4(_) => (0, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
             SocketAddr::V6(_) => (1, SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))),
         };
         let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(endpoint) = &endpoints[slot] {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+        let slot = &mut endpoints[turn][family];
+        if let Some(endpoint) = slot {
             return Ok(endpoint.clone());
         }
-        let endpoint = noq::Endpoint::client(bind)
-            .map_err(|source| TransportError::Connect { addr, source })?;
-        endpoints[slot] = Some(endpoint.clone());
+        let endpoint =
+            bind_endpoint(bind).map_err(|source| TransportError::Connect { addr, source })?;
+        *slot = Some(endpoint.clone());
         Ok(endpoint)
     }
 
@@ -656,6 +672,25 @@ impl AsyncWrite for QuicStream {
         ready!(self.poll_settle(cx))?;
         Pin::new(&mut self.send).poll_shutdown(cx)
     }
+}
+
+/// A client endpoint on a UDP socket bound to `bind`, with [`SOCKET_BUFFER`]s.
+fn bind_endpoint(bind: SocketAddr) -> io::Result<noq::Endpoint> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Best effort: the kernel may cap them, and the defaults still work.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&bind.into())?;
+    noq::Endpoint::new(
+        noq::EndpointConfig::default(),
+        None,
+        socket.into(),
+        Arc::new(noq::TokioRuntime),
+    )
 }
 
 #[cfg(test)]
