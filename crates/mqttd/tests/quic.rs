@@ -12,7 +12,7 @@ mod support;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use noq::crypto::rustls::QuicClientConfig;
 use noq::Endpoint;
@@ -26,8 +26,10 @@ use mqttd_client::{
 use mqttd_proto::client::ClientConfig;
 use mqttd_proto::{ClientId, QoS, ReasonCode};
 
-use support::client::{filter, mqtt_config, publish_acked, round_trip};
-use support::pki::{broker_serving, client_cert_broker, write, TestCa};
+use support::client::{filter, mqtt_config, round_trip};
+use support::pki::{
+    assert_is_device_1, broker_serving, client_cert_broker, write, TestCa, DEVICE_ACL,
+};
 use support::{within, Broker};
 
 /// How long any one step may take: only a hang takes this long.
@@ -119,18 +121,17 @@ async fn sighup_gives_quic_connections_the_new_certificate() {
     write(&cert, &second.cert);
     broker.hangup();
     let trusting_second = endpoint(second_ca.pem.as_bytes());
-    let deadline = Instant::now() + STEP;
-    let (new, mut new_events, _new_conn) = loop {
-        if let Ok(connected) = mqtt_over_quic(&trusting_second, broker.quic, "new").await {
-            break connected;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new certificate is not served over QUIC after SIGHUP\n{}",
-            broker.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (new, mut new_events, _new_conn) = broker
+        .eventually(
+            STEP,
+            "the new certificate served over QUIC after SIGHUP",
+            || async {
+                mqtt_over_quic(&trusting_second, broker.quic, "new")
+                    .await
+                    .ok()
+            },
+        )
+        .await;
     echo(&new, &mut new_events, "after/new").await;
     // The connection from before the reload keeps working.
     echo(&old, &mut old_events, "after/old").await;
@@ -161,18 +162,11 @@ async fn the_disconnect_log_line_carries_the_connections_quic_statistics() {
         .expect("DISCONNECT");
 
     let is_stats = |r: &serde_json::Value| r["fields"]["message"] == "QUIC connection statistics";
-    let deadline = Instant::now() + STEP;
-    let record = loop {
-        if let Some(record) = broker.log_records().into_iter().find(is_stats) {
-            break record;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no statistics logged at disconnect\n{}",
-            broker.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let record = broker
+        .eventually(STEP, "the statistics logged at disconnect", || async {
+            broker.log_records().into_iter().find(is_stats)
+        })
+        .await;
     assert_eq!(record["level"], "INFO", "{record}");
     assert_eq!(record["span"]["client_id"], "stats", "{record}");
     assert_eq!(record["span"]["transport"], "quic", "{record}");
@@ -228,12 +222,7 @@ async fn quic_client(
 #[tokio::test]
 async fn quic_client_certificate_identity_is_the_user_name() {
     let clients_ca = TestCa::new("test clients CA");
-    let (broker, root) = client_cert_broker(
-        &clients_ca,
-        "user device-1\ntopic readwrite devices/device-1/#\n\nuser admin\ntopic readwrite #\n",
-        QUIC_LISTENER,
-        true,
-    );
+    let (broker, root) = client_cert_broker(&clients_ca, DEVICE_ACL, QUIC_LISTENER, true);
     let server_ca = broker.data_dir().join("tls/ca.pem");
 
     // The CONNECT claims to be admin; the certificate says device-1, and device-1 it is.
@@ -246,55 +235,32 @@ async fn quic_client_certificate_identity_is_the_user_name() {
     )
     .await
     .expect("device-1 connects with its certificate");
-    let granted = client
-        .subscribe_one(filter("devices/device-1/#"), QoS::AtLeastOnce)
-        .await
-        .expect("SUBACK");
-    assert_eq!(granted.reasons, vec![ReasonCode::GrantedQoS1]);
-    let refused = client
-        .subscribe_one(filter("devices/device-2/#"), QoS::AtLeastOnce)
-        .await
-        .expect("SUBACK");
-    assert_eq!(refused.reasons, vec![ReasonCode::NotAuthorized]);
-    round_trip(&client, &mut events, "devices/device-1/temp", "21.5").await;
-    assert_eq!(
-        publish_acked(&client, &mut events, "elsewhere/temp", "no").await,
-        ReasonCode::NotAuthorized
-    );
+    assert_is_device_1(&client, &mut events).await;
 
-    // No certificate: the broker closes the connection with a TLS alert (certificate
-    // required), which the client sees once it uses the connection, as over TLS.
-    let anonymous = quic_client(&broker, &server_ca, None, mqtt_config("anon", None)).await;
-    assert!(
-        matches!(
-            anonymous,
-            Err(ConnectError::Transport(TransportError::Tls(
-                TlsError::Alert(_)
-            )))
-        ),
-        "a client without a certificate: {:?}",
-        anonymous.err()
-    );
+    // No certificate, or one from another CA: the broker closes the connection with a TLS
+    // alert, which the client sees once it uses the connection, as over TLS.
     let forged = TestCa::new("test clients CA")
         .client("device-1")
         .write_to(&root, "forged");
-    let forged = quic_client(
-        &broker,
-        &server_ca,
-        Some(&forged),
-        mqtt_config("forged", Some("admin")),
-    )
-    .await;
-    assert!(
-        matches!(
-            forged,
-            Err(ConnectError::Transport(TransportError::Tls(
-                TlsError::Alert(_)
-            )))
-        ),
-        "a certificate from another CA: {:?}",
-        forged.err()
-    );
+    for (what, identity) in [("no certificate", None), ("another CA's", Some(&forged))] {
+        let refused = quic_client(
+            &broker,
+            &server_ca,
+            identity,
+            mqtt_config("refused", Some("admin")),
+        )
+        .await;
+        assert!(
+            matches!(
+                refused,
+                Err(ConnectError::Transport(TransportError::Tls(
+                    TlsError::Alert(_)
+                )))
+            ),
+            "{what}: {:?}",
+            refused.err()
+        );
+    }
     let failures = broker
         .wait_for_metrics(STEP, |m| {
             m.get("mqttd_quic_handshake_failures_total") >= 2.0

@@ -28,7 +28,9 @@ use mqttd_proto::client::ClientConfig;
 use mqttd_proto::{QoS, ReasonCode};
 
 use support::client::{filter, mqtt_config, next_payload, publish_acked, round_trip};
-use support::pki::{broker_serving, client_cert_broker, write, Leaf, TestCa};
+use support::pki::{
+    assert_is_device_1, broker_serving, client_cert_broker, write, Leaf, TestCa, DEVICE_ACL,
+};
 use support::{within, Broker};
 
 /// How long any one step may take: only a hang takes this long.
@@ -329,12 +331,7 @@ async fn mosquitto_clients_with_a_client_certificate() {
 #[tokio::test]
 async fn client_certificate_identity_is_the_user_name() {
     let clients_ca = TestCa::new("test clients CA");
-    let (broker, _) = client_cert_broker(
-        &clients_ca,
-        "user device-1\ntopic readwrite devices/device-1/#\n\nuser admin\ntopic readwrite #\n",
-        TLS_LISTENER,
-        true,
-    );
+    let (broker, _) = client_cert_broker(&clients_ca, DEVICE_ACL, TLS_LISTENER, true);
     let server_ca = generated_ca(&broker);
 
     // The CONNECT claims to be admin; the certificate says device-1, and device-1 it is.
@@ -343,21 +340,7 @@ async fn client_certificate_identity_is_the_user_name() {
     let (client, mut events) = mqtt_over_tls(broker.tls, &tls, mqtt_config("d1", Some("admin")))
         .await
         .expect("device-1 connects with its certificate");
-    let granted = client
-        .subscribe_one(filter("devices/device-1/#"), QoS::AtLeastOnce)
-        .await
-        .expect("SUBACK");
-    assert_eq!(granted.reasons, vec![ReasonCode::GrantedQoS1]);
-    let refused = client
-        .subscribe_one(filter("devices/device-2/#"), QoS::AtLeastOnce)
-        .await
-        .expect("SUBACK");
-    assert_eq!(refused.reasons, vec![ReasonCode::NotAuthorized]);
-    round_trip(&client, &mut events, "devices/device-1/temp", "21.5").await;
-    assert_eq!(
-        publish_acked(&client, &mut events, "elsewhere/temp", "no").await,
-        ReasonCode::NotAuthorized
-    );
+    assert_is_device_1(&client, &mut events).await;
 
     // No certificate: refused in the handshake (in TLS 1.3 the client learns it on its first
     // read, so the refusal may come as the MQTT connection failing).

@@ -388,6 +388,31 @@ impl Broker {
         }
     }
 
+    /// Tries `attempt` every 50 ms until it gives a value, for at most `timeout`; panics
+    /// saying what did not happen, with the end of the log, if it never does.
+    pub(crate) async fn eventually<T, F>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut attempt: impl FnMut() -> F,
+    ) -> T
+    where
+        F: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(value) = attempt().await {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {timeout:?}\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends SIGTERM and asserts that the broker exits with status 0 within
     /// [`SHUTDOWN_TIMEOUT`].
     pub(crate) fn stop(mut self) {

@@ -9,6 +9,10 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose,
 };
 
+use mqttd_client::{Client, Events};
+use mqttd_proto::{QoS, ReasonCode};
+
+use super::client::{filter, publish_acked, round_trip};
 use super::Broker;
 
 /// A CA made for a test.
@@ -139,4 +143,28 @@ pub(crate) fn client_cert_broker(
     );
     broker.restart();
     (broker, root)
+}
+
+/// An ACL for [`client_cert_broker`]: device-1 may use `devices/device-1/#`, admin everything.
+pub(crate) const DEVICE_ACL: &str =
+    "user device-1\ntopic readwrite devices/device-1/#\n\nuser admin\ntopic readwrite #\n";
+
+/// Checks that the broker takes `client` for device-1 under [`DEVICE_ACL`], whatever user name
+/// its CONNECT gave: its own topics are granted both ways, the others refused.
+pub(crate) async fn assert_is_device_1(client: &Client, events: &mut Events) {
+    let granted = client
+        .subscribe_one(filter("devices/device-1/#"), QoS::AtLeastOnce)
+        .await
+        .expect("SUBACK");
+    assert_eq!(granted.reasons, vec![ReasonCode::GrantedQoS1]);
+    let refused = client
+        .subscribe_one(filter("devices/device-2/#"), QoS::AtLeastOnce)
+        .await
+        .expect("SUBACK");
+    assert_eq!(refused.reasons, vec![ReasonCode::NotAuthorized]);
+    round_trip(client, events, "devices/device-1/temp", "21.5").await;
+    assert_eq!(
+        publish_acked(client, events, "elsewhere/temp", "no").await,
+        ReasonCode::NotAuthorized
+    );
 }
