@@ -15,6 +15,11 @@
 //! above never notices. Reading waits until the handshake has settled, which costs nothing:
 //! the server's answer cannot arrive earlier.
 //!
+//! A client certificate ([`TlsOptions::cert_file`]) is presented as over TLS. In TLS 1.3 the
+//! server checks it only after the client's handshake is complete, so a server that refuses it
+//! closes the connection with a TLS alert while the control stream is in use; the stream's
+//! error is then [`TransportError::Tls`], as over TLS.
+//!
 //! QUIC has no RST: a host where nothing listens stays silent. The handshake is bounded by
 //! [`HANDSHAKE_TIMEOUT`] (and the endpoint's own set-up limit), which then reads as
 //! [`TransportError::Timeout`].
@@ -309,18 +314,45 @@ fn classify(error: &ConnectionError, checks: &CheckRecorder) -> TransportError {
             None => TransportError::Quic(e.to_string()),
         },
         // The server aborted the handshake (it wants a client certificate, or no common ALPN).
-        ConnectionError::ConnectionClosed(close) => match alert(close.error_code) {
-            Some(alert) => {
-                let reason = String::from_utf8_lossy(&close.reason);
-                let detail = match reason.is_empty() {
-                    true => format!("{alert:?}"),
-                    false => format!("{alert:?} ({reason})"),
-                };
-                TransportError::Tls(TlsError::Alert(detail))
-            }
+        ConnectionError::ConnectionClosed(close) => match server_alert(close) {
+            Some(tls) => TransportError::Tls(tls),
             None => TransportError::Quic(error.to_string()),
         },
         other => TransportError::Quic(other.to_string()),
+    }
+}
+
+/// The TLS alert by which the server closed the connection, if it closed it with one.
+fn server_alert(close: &noq::ConnectionClose) -> Option<TlsError> {
+    let alert = alert(close.error_code)?;
+    let reason = String::from_utf8_lossy(&close.reason);
+    Some(TlsError::Alert(match reason.is_empty() {
+        true => format!("{alert:?}"),
+        false => format!("{alert:?} ({reason})"),
+    }))
+}
+
+/// A stream's I/O error, as the transport's own error if the server closed the connection
+/// with a TLS alert. In TLS 1.3 the client's handshake is complete before the server has
+/// checked the client's certificate, so a server that refuses it (none, or one from another
+/// CA) says so on the first read or write of a stream, as it does over TLS.
+fn with_alert(error: io::Error) -> io::Error {
+    let lost = error.get_ref().and_then(|e| {
+        match (
+            e.downcast_ref::<noq::ReadError>(),
+            e.downcast_ref::<noq::WriteError>(),
+        ) {
+            (Some(noq::ReadError::ConnectionLost(lost)), _)
+            | (_, Some(noq::WriteError::ConnectionLost(lost))) => Some(lost),
+            _ => None,
+        }
+    });
+    let Some(ConnectionError::ConnectionClosed(close)) = lost else {
+        return error;
+    };
+    match server_alert(close) {
+        Some(tls) => io_error(error.kind(), TransportError::Tls(tls)),
+        None => error,
     }
 }
 
@@ -629,7 +661,7 @@ impl AsyncRead for QuicStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         ready!(self.poll_settle(cx))?;
-        AsyncRead::poll_read(Pin::new(&mut self.recv), cx, buf)
+        AsyncRead::poll_read(Pin::new(&mut self.recv), cx, buf).map_err(with_alert)
     }
 }
 
@@ -643,7 +675,9 @@ impl AsyncWrite for QuicStream {
         match this.poll_settle(cx) {
             Poll::Ready(result) => {
                 result?;
-                Pin::new(&mut this.send).poll_write(cx, buf)
+                Pin::new(&mut this.send)
+                    .poll_write(cx, buf)
+                    .map_err(with_alert)
             }
             Poll::Pending => {
                 let Early::Pending(p) = &mut this.early else {
@@ -657,7 +691,7 @@ impl AsyncWrite for QuicStream {
                     // The refusal is seen here before the handshake's verdict; the verdict
                     // (whose waker is registered) leads to the replay.
                     Err(e) if is_zero_rtt_rejected(&e) => Poll::Pending,
-                    Err(e) => Poll::Ready(Err(e)),
+                    Err(e) => Poll::Ready(Err(with_alert(e))),
                 }
             }
         }
