@@ -32,7 +32,9 @@
 //! dropped, as if lost, until room frees up.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The smallest datagram that may carry a client's Initial (RFC 9000 §14.1), and below which a
@@ -49,6 +51,9 @@ const KNOWN_CIDS: usize = 2;
 const MAX_COALESCED: usize = 4;
 /// How often expired entries are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Buckets of [`Presence`]: many more than the addresses usually tracked at once, so that a
+/// validated address seldom shares one.
+const PRESENCE_BUCKETS: usize = 4096;
 
 /// The header form bit: set for a long header (RFC 8999 §5.1).
 const LONG_HEADER: u8 = 0x80;
@@ -144,6 +149,8 @@ pub(crate) struct Guard {
     capacity: usize,
     /// When expired entries are swept out next.
     next_sweep: Option<Instant>,
+    /// The tracked addresses' buckets, for readers without the lock.
+    presence: Arc<Presence>,
 }
 
 /// An address not yet validated.
@@ -225,7 +232,14 @@ impl Guard {
             lifetime,
             capacity: capacity.max(1),
             next_sweep: None,
+            presence: Arc::new(Presence::new()),
         }
+    }
+
+    /// Which addresses may be tracked, read without the guard: what it answers changes only
+    /// under the guard, by the guard's own calls.
+    pub(crate) fn presence(&self) -> Arc<Presence> {
+        self.presence.clone()
     }
 
     /// Addresses tracked.
@@ -346,15 +360,16 @@ impl Guard {
         if entry.phase == Phase::Counting {
             self.counting += 1;
         }
-        if let Some(old) = self.entries.insert(addr, entry) {
-            if old.phase == Phase::Counting {
-                self.counting -= 1;
-            }
+        match self.entries.insert(addr, entry) {
+            Some(old) if old.phase == Phase::Counting => self.counting -= 1,
+            Some(_) => {}
+            None => self.presence.add(addr),
         }
     }
 
     fn remove(&mut self, addr: &SocketAddr) {
         if let Some(old) = self.entries.remove(addr) {
+            self.presence.remove(*addr);
             if old.phase == Phase::Counting {
                 self.counting -= 1;
             }
@@ -362,6 +377,19 @@ impl Guard {
         if self.entries.is_empty() {
             self.next_sweep = None;
         }
+    }
+
+    /// Keeps the entries `keep` accepts.
+    fn retain(&mut self, mut keep: impl FnMut(&Entry) -> bool) {
+        let presence = &self.presence;
+        self.entries.retain(|addr, entry| {
+            let kept = keep(entry);
+            if !kept {
+                presence.remove(*addr);
+            }
+            kept
+        });
+        self.recount();
     }
 
     /// Sweeps out expired entries, at most every [`SWEEP_EVERY`].
@@ -372,9 +400,7 @@ impl Guard {
             _ => {}
         }
         let lifetime = self.lifetime;
-        self.entries
-            .retain(|_, entry| now.saturating_duration_since(entry.since) < lifetime);
-        self.recount();
+        self.retain(|entry| now.saturating_duration_since(entry.since) < lifetime);
         self.next_sweep = (!self.entries.is_empty()).then(|| now + SWEEP_EVERY);
     }
 
@@ -387,9 +413,7 @@ impl Guard {
         self.next_sweep = None;
         self.sweep(now);
         if self.entries.len() >= self.capacity && self.counting > 0 {
-            self.entries
-                .retain(|_, entry| entry.phase == Phase::Limited);
-            self.counting = 0;
+            self.retain(|entry| entry.phase == Phase::Limited);
         }
         self.entries.len() < self.capacity
     }
@@ -400,6 +424,56 @@ impl Guard {
             .values()
             .filter(|entry| entry.phase == Phase::Counting)
             .count();
+    }
+}
+
+/// Which addresses the guard may track, for readers without its lock: a count of tracked
+/// addresses per bucket of their hashes. A bucket at zero means that none of its addresses is
+/// tracked, so that the datagrams of validated connections skip the guard; one above zero
+/// means only that the guard must be asked.
+#[derive(Debug)]
+pub(crate) struct Presence {
+    buckets: Box<[AtomicU32]>,
+}
+
+impl Presence {
+    fn new() -> Self {
+        Self {
+            buckets: (0..PRESENCE_BUCKETS).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+
+    /// Whether the guard may track `addr`: false for certain that it does not.
+    pub(crate) fn may_track(&self, addr: SocketAddr) -> bool {
+        self.bucket(canonical(addr))
+            .is_some_and(|b| b.load(Ordering::Acquire) > 0)
+    }
+
+    fn add(&self, addr: SocketAddr) {
+        if let Some(b) = self.bucket(addr) {
+            b.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    fn remove(&self, addr: SocketAddr) {
+        if let Some(b) = self.bucket(addr) {
+            b.fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    /// The bucket of a canonical address: a multiplicative hash, cheap on every datagram. An
+    /// address made to share a bucket gains nothing but a look at the guard.
+    fn bucket(&self, addr: SocketAddr) -> Option<&AtomicU32> {
+        let ip = match addr.ip() {
+            IpAddr::V4(ip) => u64::from(u32::from(ip)),
+            IpAddr::V6(ip) => {
+                let bits = u128::from(ip);
+                (bits as u64) ^ ((bits >> 64) as u64).rotate_left(29)
+            }
+        };
+        let key = (ip ^ u64::from(addr.port()).rotate_left(40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let index = (key >> 32) as usize % self.buckets.len();
+        self.buckets.get(index)
     }
 }
 
@@ -870,6 +944,36 @@ mod tests {
         // Expired ones make room too.
         assert_eq!(g.received(now + LIFETIME, addr(8), &initial(1200)), Ok(()));
         assert_eq!(g.len(), 1);
+    }
+
+    #[test]
+    fn presence_follows_the_tracked_addresses() {
+        let mut g = Guard::new(VERSIONS, LIFETIME, 2);
+        let presence = g.presence();
+        let now = Instant::now();
+        let mapped = SocketAddr::from((std::net::Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped(), 1));
+        assert!(!presence.may_track(addr(1)));
+        limited(&mut g, now);
+        assert!(presence.may_track(addr(1)) && presence.may_track(mapped));
+        assert!(g.attempt(now, addr(2), false));
+        assert!(g.received(now, addr(3), &initial(1200)).is_err(), "full");
+        g.forget(addr(1));
+        assert!(!presence.may_track(addr(1)));
+        assert!(presence.may_track(addr(2)));
+        assert_eq!(g.received(now, addr(3), &initial(1200)), Ok(()));
+        // Swept out, given up to make room, validated: all leave.
+        assert_eq!(g.received(now + LIFETIME, addr(4), &initial(1200)), Ok(()));
+        assert!(!presence.may_track(addr(2)) && !presence.may_track(addr(3)));
+        assert_eq!(g.received(now + LIFETIME, addr(5), &initial(1200)), Ok(()));
+        assert_eq!(g.received(now + LIFETIME, addr(6), &initial(1200)), Ok(()));
+        assert!(!presence.may_track(addr(4)) && !presence.may_track(addr(5)));
+        assert!(g.attempt(now + LIFETIME, addr(6), true));
+        let total: u32 = presence
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum();
+        assert_eq!(total as usize, g.len());
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //! The wrapper delegates to noq's own tokio socket (noq-udp: GSO, GRO, ECN, the source
 //! address of each datagram), and only filters: each received datagram (each segment of a GRO
 //! batch) is shown to the guard before noq sees it, and each datagram noq sends (each segment
-//! of a GSO batch) is counted against the budget of an address not yet validated. Without
-//! any such address, and for the steady traffic of validated connections, that is an atomic
-//! load and no lock.
+//! of a GSO batch) is counted against the budget of an address not yet validated. For the
+//! traffic of validated connections, that is an atomic load or two (a count of the addresses
+//! tracked, then the bucket of the datagram's address in [`Presence`]) and no lock.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -25,7 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, warn};
 
-use super::guard::{screen, Discard, Guard, Screen};
+use super::guard::{screen, Discard, Guard, Presence, Screen};
 use crate::clock::now;
 use crate::metrics::Metrics;
 
@@ -150,9 +150,12 @@ fn warn_if_short(b: &Buffers) {
 /// accept loop.
 pub(super) struct Guarded {
     guard: Mutex<Guard>,
-    /// Addresses the guard tracks, read without the lock: none, and the datagrams of
-    /// validated connections pass untouched.
+    /// Addresses the guard tracks, read without the lock: with none, datagrams pass
+    /// untouched.
     tracked: AtomicUsize,
+    /// Which addresses the guard may track, read without the lock: the datagrams of validated
+    /// connections pass untouched while others are being validated.
+    presence: Arc<Presence>,
     /// The versions noq supports.
     versions: &'static [u32],
     /// `mqttd_quic_datagrams_dropped_total`, by [`Discard`].
@@ -171,6 +174,7 @@ impl Guarded {
     /// `guard` for an endpoint supporting `versions`, counting its drops in `metrics`.
     pub(super) fn new(guard: Guard, versions: &'static [u32], metrics: &Metrics) -> Self {
         Self {
+            presence: guard.presence(),
             guard: Mutex::new(guard),
             tracked: AtomicUsize::new(0),
             versions,
@@ -189,9 +193,14 @@ impl Guarded {
 
     /// See [`Guard::forget`].
     pub(super) fn forget(&self, addr: SocketAddr) {
-        if self.tracked.load(Ordering::Acquire) > 0 {
+        if self.may_track(addr) {
             self.with(|g| g.forget(addr));
         }
+    }
+
+    /// Whether `addr` may be tracked: false, without the lock, for certain that it is not.
+    fn may_track(&self, addr: SocketAddr) -> bool {
+        self.tracked.load(Ordering::Acquire) > 0 && self.presence.may_track(addr)
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Guard) -> R) -> R {
@@ -216,11 +225,7 @@ impl Guarded {
             let verdict = match screen(datagram, self.versions) {
                 Screen::Discard(why) => Err(why),
                 Screen::Pass => Ok(()),
-                Screen::Tracked
-                    if locked.is_none() && self.tracked.load(Ordering::Acquire) == 0 =>
-                {
-                    Ok(())
-                }
+                Screen::Tracked if locked.is_none() && !self.may_track(from) => Ok(()),
                 Screen::Tracked | Screen::Initial => {
                     let guard = locked.get_or_insert_with(|| self.guard.lock());
                     let now = *at.get_or_insert_with(now);
@@ -355,7 +360,7 @@ impl UdpSender for GuardedSender {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let guarded = &this.guarded;
-        if guarded.tracked.load(Ordering::Acquire) == 0 {
+        if !guarded.may_track(transmit.destination) {
             return this.inner.as_mut().poll_send(transmit, cx);
         }
         let contents = transmit.contents;
@@ -453,6 +458,15 @@ mod tests {
     }
 
     #[test]
+    fn buffers_are_sized_as_asked_within_the_systems_limits() {
+        // 64 KiB is below every Linux default limit (net.core.rmem_max: 208 KiB).
+        let (socket, b) = bind("127.0.0.1:0".parse().unwrap(), 64 * 1024, 0).unwrap();
+        assert!(b.recv >= 64 * 1024, "{b:?}");
+        assert!(b.send > 0 && b.send_wanted == 0, "the kernel's default: {b:?}");
+        assert_ne!(socket.local_addr().unwrap().port(), 0);
+    }
+
+    #[test]
     fn nothing_kept_is_none_and_all_kept_is_untouched() {
         let a = SocketAddr::from(([192, 0, 2, 1], 1));
         let mut storage = [[7u8; 8]; 2];
@@ -462,7 +476,9 @@ mod tests {
         assert_eq!(retain_datagrams(&mut bufs, &mut metas, 2, |_, _| true), 2);
         assert_eq!((metas[0].len, metas[1].len), (8, 5));
         assert_eq!(retain_datagrams(&mut bufs, &mut metas, 2, |_, _| false), 0);
-        // More filled than there are buffers: only the buffers are read.
-        assert_eq!(retain_datagrams(&mut bufs, &mut metas, 9, |_, _| true), 0);
+        assert_eq!((metas[0].len, metas[1].len), (0, 0));
+        // More said filled than there are buffers: only the buffers are read.
+        metas[0].len = 8;
+        assert_eq!(retain_datagrams(&mut bufs, &mut metas, 9, |_, _| true), 1);
     }
 }
