@@ -86,7 +86,7 @@ const VERSIONS: &[u32] = &[
     0xff00_0021,
     0xff00_0022,
 ];
-/// Addresses not yet validated the guard tracks at most (some 2 MiB): beyond that, a new
+/// Addresses not yet validated the guard tracks at most (a few MiB): beyond that, a new
 /// address's Initial is dropped until a handshake ends.
 const GUARD_CAPACITY: usize = 16 * 1024;
 /// How long the guard tracks an address beyond the handshake's time limit: the watchdog closes

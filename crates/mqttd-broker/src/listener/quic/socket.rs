@@ -462,7 +462,10 @@ mod tests {
         // 64 KiB is below every Linux default limit (net.core.rmem_max: 208 KiB).
         let (socket, b) = bind("127.0.0.1:0".parse().unwrap(), 64 * 1024, 0).unwrap();
         assert!(b.recv >= 64 * 1024, "{b:?}");
-        assert!(b.send > 0 && b.send_wanted == 0, "the kernel's default: {b:?}");
+        assert!(
+            b.send > 0 && b.send_wanted == 0,
+            "the kernel's default: {b:?}"
+        );
         assert_ne!(socket.local_addr().unwrap().port(), 0);
     }
 
