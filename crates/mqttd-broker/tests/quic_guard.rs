@@ -2,32 +2,21 @@
 //! header of an unknown version under 1200 bytes gets no Version Negotiation, and a client
 //! address that never answers gets at most three times what it sent (RFC 9000 §5.2.2, §8).
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqttd_broker::{Broker, Config, ListenerKind};
-use noq::crypto::rustls::QuicClientConfig;
-use noq::Endpoint;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use mqttd_broker::Config;
 use tokio::net::UdpSocket;
 use tokio::time::{sleep, timeout};
 
-/// Upper bound for anything that must happen; only a hang reaches it.
-const WAIT: Duration = Duration::from_secs(30);
+use common::quic::{client_endpoint, start};
+use common::WAIT;
+
 /// A version no endpoint supports (RFC 9000 §15 reserves 0x?a?a?a?a).
 const UNKNOWN_VERSION: u32 = 0x1A2A_3A4A;
-
-async fn start(config: Config, dir: &tempfile::TempDir) -> (Broker, SocketAddr) {
-    let mut config = config;
-    config.listen = vec!["quic://127.0.0.1:0".into()];
-    config.data_dir = dir.path().join("data");
-    let broker = Broker::builder(config).start().await.unwrap();
-    let quic = broker.addr(ListenerKind::Quic).unwrap();
-    (broker, quic)
-}
 
 /// A long-header Initial of `version`, zero-padded to `size` bytes.
 fn long_header(version: u32, dcid: &[u8], scid: &[u8], size: usize) -> Vec<u8> {
@@ -41,18 +30,10 @@ fn long_header(version: u32, dcid: &[u8], scid: &[u8], size: usize) -> Vec<u8> {
     p
 }
 
-/// The metric line `name` of the broker's metrics, 0 if absent.
-fn metric(broker: &Broker, name: &str) -> f64 {
-    let text = broker.metrics().render();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn a_short_datagram_of_an_unknown_version_gets_no_version_negotiation() {
-    let dir = tempfile::tempdir().unwrap();
-    let (broker, quic) = start(Config::default(), &dir).await;
+    let setup = start(Config::default()).await;
+    let quic = setup.quic;
     let probe = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let dcid = [1u8; 8];
     probe
@@ -83,18 +64,18 @@ async fn a_short_datagram_of_an_unknown_version_gets_no_version_negotiation() {
         "nothing else"
     );
     let dropped = r#"mqttd_quic_datagrams_dropped_total{reason="short_unknown_version"}"#;
-    assert_eq!(metric(&broker, dropped), 1.0);
-    broker.shutdown().await;
+    assert_eq!(setup.metric(dropped), 1);
+    setup.broker.shutdown().await;
 }
 
 #[tokio::test]
 async fn an_address_that_never_answers_gets_at_most_three_times_what_it_sent() {
-    let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.connect_timeout = 2;
     // Quick retransmissions: several before the handshake's time is up.
     config.quic.initial_rtt_ms = 50;
-    let (broker, quic) = start(config, &dir).await;
+    let setup = start(config).await;
+    let quic = setup.quic;
 
     // The client's first datagram goes to the broker through `upstream`, which is the address
     // the broker answers and which forwards nothing back: the client never answers.
@@ -122,7 +103,7 @@ async fn an_address_that_never_answers_gets_at_most_three_times_what_it_sent() {
         }
     });
 
-    let client = client_endpoint(&dir.path().join("data/tls/ca.pem"));
+    let client = client_endpoint(&setup.ca(), b"mqtt", None);
     let connecting = client
         .connect(relay.local_addr().unwrap(), "localhost")
         .unwrap();
@@ -138,13 +119,9 @@ async fn an_address_that_never_answers_gets_at_most_three_times_what_it_sent() {
 
     // The broker gives the attempt up at connect_timeout; what was on its way has arrived a
     // little later.
-    timeout(WAIT, async {
-        while metric(&broker, "mqttd_quic_handshake_failures_total") < 1.0 {
-            sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap();
+    setup
+        .metric_reaches("mqttd_quic_handshake_failures_total", 1)
+        .await;
     sleep(Duration::from_millis(300)).await;
     let received = received.load(Ordering::SeqCst);
     assert!(
@@ -152,32 +129,9 @@ async fn an_address_that_never_answers_gets_at_most_three_times_what_it_sent() {
         "{received} bytes sent back for {sent}"
     );
     let dropped = r#"mqttd_quic_datagrams_dropped_total{reason="amplification"}"#;
-    assert!(
-        metric(&broker, dropped) >= 1.0,
-        "noq went past 3x, held back"
-    );
+    assert!(setup.metric(dropped) >= 1, "noq went past 3x, held back");
 
     attempt.abort();
     record.abort();
-    broker.shutdown().await;
-}
-
-/// A client endpoint trusting the broker's CA, offering ALPN `mqtt`.
-fn client_endpoint(ca: &std::path::Path) -> Endpoint {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![b"mqtt".to_vec()];
-    let config = noq::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
-    let endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(config);
-    endpoint
+    setup.broker.shutdown().await;
 }
