@@ -256,6 +256,10 @@ pub struct QuicConfig {
     /// `GET /health` and `GET /metrics`, the HTTP endpoint's pages, public like them. Each
     /// client may then open the three unidirectional streams HTTP/3 needs.
     pub http3: bool,
+    /// Seconds between looks at each connection's QUIC statistics, whose growth is then added
+    /// to the `mqttd_quic_*` counters of `/metrics` (and its RTT observed); 0 to look only at
+    /// disconnect. A change of the client's address is noticed at these looks too.
+    pub stats_interval: u64,
 }
 
 impl Default for QuicConfig {
@@ -271,6 +275,7 @@ impl Default for QuicConfig {
             conn_flow_control_window: 2 * 1024 * 1024,
             retry_above_handshakes: 256,
             http3: true,
+            stats_interval: 10,
         }
     }
 }
@@ -504,6 +509,9 @@ mod tests {
         assert!(Config::parse("[quic]\ncongestion_control = 'bbr'").is_err());
         assert!(c.quic.http3);
         assert!(!Config::parse("[quic]\nhttp3 = false").unwrap().quic.http3);
+        assert_eq!(c.quic.stats_interval, 10);
+        let c = Config::parse("[quic]\nstats_interval = 0").unwrap();
+        assert_eq!(c.quic.stats_interval, 0);
     }
 
     #[test]
