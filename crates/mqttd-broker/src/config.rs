@@ -263,6 +263,10 @@ pub struct QuicConfig {
     /// Bytes of send buffer the QUIC listeners' UDP sockets ask for; 0 for the kernel's
     /// default. Capped at `net.core.wmem_max` likewise.
     pub socket_send_buffer: usize,
+    /// Seconds between looks at each connection's QUIC statistics, whose growth is then added
+    /// to the `mqttd_quic_*` counters of `/metrics` (and its RTT observed); 0 to look only at
+    /// disconnect. A change of the client's address is noticed at these looks too.
+    pub stats_interval: u64,
 }
 
 impl Default for QuicConfig {
@@ -280,6 +284,7 @@ impl Default for QuicConfig {
             http3: true,
             socket_recv_buffer: 4 * 1024 * 1024,
             socket_send_buffer: 2 * 1024 * 1024,
+            stats_interval: 10,
         }
     }
 }
@@ -521,6 +526,9 @@ mod tests {
             (c.quic.socket_recv_buffer, c.quic.socket_send_buffer),
             (0, 65536)
         );
+        assert_eq!(c.quic.stats_interval, 10);
+        let c = Config::parse("[quic]\nstats_interval = 0").unwrap();
+        assert_eq!(c.quic.stats_interval, 0);
     }
 
     #[test]

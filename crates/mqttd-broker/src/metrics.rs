@@ -4,10 +4,16 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Counters and gauges the broker updates as it works. Each is a relaxed atomic, cheap enough
-/// for the routing path.
+/// for the routing path; the one histogram, `quic_rtt_seconds`, takes a lock, and is observed
+/// once per QUIC connection every `quic.stats_interval`.
+///
+/// The `quic_*` counters of packets, bytes, losses, congestion and paths grow as each QUIC
+/// connection's driver looks at its statistics (every `quic.stats_interval`, and at
+/// disconnect), by what grew since its last look.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -52,10 +58,33 @@ pub struct Metrics {
     /// Stateless Retries sent to clients whose address was not validated while many
     /// handshakes were in progress.
     pub quic_retries: Counter,
-    /// QUIC packets sent, counted when each connection ends.
+    /// QUIC packets sent: ACK-only packets, MTU probes and the packets that carry again what
+    /// lost ones carried included.
     pub quic_sent_packets: Counter,
-    /// QUIC packets lost (and so retransmitted as needed), counted when each connection ends.
+    /// Bytes of the QUIC packets sent, without UDP and IP headers and without ACK-only
+    /// packets (as lost bytes are counted).
+    pub quic_sent_bytes: Counter,
+    /// QUIC packets declared lost, ACK-only packets and MTU probes included. What a lost
+    /// packet carried that is still needed (stream data, control frames) is sent again in new
+    /// packets, counted in `quic_sent_packets`; noq counts no retransmissions apart.
     pub quic_lost_packets: Counter,
+    /// Bytes of the lost QUIC packets that carried more than ACKs (MTU probes included): the
+    /// closest measure of what had to be retransmitted.
+    pub quic_lost_bytes: Counter,
+    /// Lost QUIC packets that were MTU probes: probes larger than the path allows are lost by
+    /// design, and nothing of theirs is sent again.
+    pub quic_lost_mtu_probes: Counter,
+    /// Congestion events: the congestion controller cut its window for a loss (or an ECN mark).
+    pub quic_congestion_events: Counter,
+    /// PATH_CHALLENGE frames sent: a client seen on a new address is challenged there
+    /// (again if the challenge is lost) before the broker sends it much.
+    pub quic_path_challenges: Counter,
+    /// Changes of a QUIC connection's client address that the broker noticed (it compares at
+    /// each look at the statistics, so two within one `quic.stats_interval` count once).
+    pub quic_path_changes: Counter,
+    /// The smoothed RTT of QUIC connections, observed at each look at their statistics: a
+    /// connection open for a minute counts six times with the default interval.
+    pub quic_rtt_seconds: Histogram,
     /// QUIC data streams the broker reset for a malformed packet.
     pub quic_stream_resets: Counter,
     /// The receive buffer of the QUIC listeners' UDP sockets, in bytes, as the kernel
@@ -81,11 +110,13 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("mqttd");
         macro_rules! register {
-            ($($name:ident: $kind:ty = $help:literal,)*) => {{
-                $(let $name = <$kind>::default();
+            ($($name:ident: $kind:ty = $help:literal $(=> $new:expr)?,)*) => {{
+                $(let $name: $kind = register!(@new $kind $(, $new)?);
                 registry.register(stringify!($name), $help, $name.clone());)*
                 Self { registry, $($name,)* }
             }};
+            (@new $kind:ty) => { <$kind>::default() };
+            (@new $kind:ty, $new:expr) => { $new };
         }
         register! {
             connections_accepted: Counter = "Connections accepted by the listeners",
@@ -108,8 +139,16 @@ impl Default for Metrics {
             quic_handshakes: Counter = "QUIC handshakes that reached MQTT",
             quic_handshake_failures: Counter = "QUIC handshakes that failed or timed out",
             quic_retries: Counter = "QUIC stateless Retries sent",
-            quic_sent_packets: Counter = "QUIC packets sent, counted at disconnect",
-            quic_lost_packets: Counter = "QUIC packets lost, counted at disconnect",
+            quic_sent_packets: Counter = "QUIC packets sent",
+            quic_sent_bytes: Counter = "Bytes of the QUIC packets sent, ACK-only packets not counted",
+            quic_lost_packets: Counter = "QUIC packets declared lost, ACK-only and MTU probes included",
+            quic_lost_bytes: Counter = "Bytes of the lost QUIC packets that carried more than ACKs",
+            quic_lost_mtu_probes: Counter = "Lost QUIC packets that were MTU probes",
+            quic_congestion_events: Counter = "QUIC congestion window reductions",
+            quic_path_challenges: Counter = "QUIC PATH_CHALLENGE frames sent",
+            quic_path_changes: Counter = "QUIC client address changes noticed",
+            quic_rtt_seconds: Histogram = "Smoothed RTT of QUIC connections, seen every stats_interval"
+                => Histogram::new(RTT_BUCKETS),
             quic_stream_resets: Counter = "QUIC data streams reset for a malformed packet",
             sessions: Gauge = "Sessions held",
             subscriptions: Gauge = "Subscriptions held",
@@ -125,6 +164,10 @@ impl Default for Metrics {
 
 /// `mqttd_quic_datagrams_dropped_total`, labelled by `reason`.
 type QuicDropped = Family<[(&'static str, &'static str); 1], Counter>;
+/// The buckets of `quic_rtt_seconds`: from loopback to a satellite link, in seconds.
+const RTT_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
 impl Metrics {
     /// The counter of QUIC datagrams dropped for `reason` (`short_unknown_version`: a long
@@ -159,5 +202,21 @@ mod tests {
         assert!(text.contains("mqttd_messages_received_total 3"), "{text}");
         assert!(text.contains("mqttd_clients_connected 2"), "{text}");
         assert!(text.contains("# EOF"));
+    }
+
+    #[test]
+    fn the_rtt_histogram_has_seconds_buckets() {
+        let m = Metrics::default();
+        m.quic_rtt_seconds.observe(0.003);
+        let text = m.render();
+        assert!(text.contains("mqttd_quic_rtt_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("mqttd_quic_rtt_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mqttd_quic_rtt_seconds_bucket{le=\"0.0025\"} 0"),
+            "{text}"
+        );
     }
 }

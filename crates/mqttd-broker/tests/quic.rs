@@ -354,8 +354,9 @@ async fn a_client_silent_for_70_seconds_with_keep_alive_60_stays_connected() {
 }
 
 /// A path that loses every fourth datagram each way: the broker counts the QUIC packets it
-/// lost (`mqttd_quic_lost_packets_total`, added when each connection ends), and QUIC's
-/// retransmissions still bring every QoS 1 message, in order, with its PUBACK.
+/// lost (`mqttd_quic_lost_packets_total`, and their bytes), and the congestion events they
+/// caused, and QUIC's retransmissions still bring every QoS 1 message, in order, with its
+/// PUBACK.
 #[tokio::test]
 async fn lost_packets_are_counted_and_every_qos1_message_still_arrives() {
     const MESSAGES: usize = 200;
@@ -383,11 +384,50 @@ async fn lost_packets_are_counted_and_every_qos1_message_still_arrives() {
         .disconnect(ReasonCode::Success, None)
         .await
         .unwrap();
-    // The statistics are added as each connection ends.
+    // What grew since the last look is added as each connection ends.
     s.metric_reaches("mqttd_quic_connections", 0).await;
     let lost = s.metric("mqttd_quic_lost_packets_total");
     let sent = s.metric("mqttd_quic_sent_packets_total");
     assert!(lost > 0, "no lost packet counted, of {sent} sent");
     assert!(lost <= sent, "{lost} lost of {sent} sent");
+    let lost_bytes = s.metric("mqttd_quic_lost_bytes_total");
+    let sent_bytes = s.metric("mqttd_quic_sent_bytes_total");
+    assert!(
+        0 < lost_bytes && lost_bytes <= sent_bytes,
+        "{lost_bytes} of {sent_bytes}"
+    );
+    let congestion = s.metric("mqttd_quic_congestion_events_total");
+    assert!(
+        0 < congestion && congestion <= lost,
+        "{congestion} for {lost} lost"
+    );
+    s.broker.shutdown().await;
+}
+
+/// A connection that stays open counts in `/metrics` as it goes: with `stats_interval = 1`,
+/// its packets sent and its RTT show while it is connected, and its disconnect adds only what
+/// grew since (the binary's test compares the totals with the disconnect log line).
+#[tokio::test]
+async fn a_connection_that_stays_open_counts_in_metrics_as_it_goes() {
+    let mut broker_config = Config::default();
+    broker_config.quic.stats_interval = 1;
+    let s = start(broker_config).await;
+    let (client, mut events, _) = s.single_stream(config("live")).await;
+    subscribe(&client, "live", QoS::AtLeastOnce).await;
+    publish(&client, "live", "one", QoS::AtLeastOnce).await;
+    assert_eq!(next_bytes(&mut events).await, "one");
+
+    let sent = s.metric_above("mqttd_quic_sent_packets_total", 0).await;
+    s.metric_above("mqttd_quic_rtt_seconds_count", 0).await;
+    assert!(s.metric("mqttd_quic_sent_bytes_total") > 0);
+    // Still connected: the totals came from a look at a live connection.
+    assert_eq!(s.metric("mqttd_quic_connections"), 1);
+    publish(&client, "live", "two", QoS::AtLeastOnce).await;
+    assert_eq!(next_bytes(&mut events).await, "two");
+
+    client.disconnect(ReasonCode::Success, None).await.unwrap();
+    s.metric_reaches("mqttd_quic_connections", 0).await;
+    assert!(s.metric("mqttd_quic_sent_packets_total") > sent);
+    assert_eq!(s.metric("mqttd_quic_path_changes_total"), 0);
     s.broker.shutdown().await;
 }

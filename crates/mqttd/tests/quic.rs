@@ -1,6 +1,7 @@
 //! MQTT over QUIC against the real binary: it prints its `quic://` listener, serves it with the
 //! CA it generated, and on SIGHUP gives new QUIC connections the new certificate while one made
-//! before keeps working. At disconnect it logs the connection's QUIC statistics. Mutual TLS
+//! before keeps working. It logs a QUIC client's move to a new address, and at disconnect the
+//! connection's QUIC statistics, which `/metrics` adds up as the connection goes. Mutual TLS
 //! over QUIC: a client certificate's identity is the user name, as over TLS, and a client
 //! without one, or with one from another CA, is refused.
 //!
@@ -139,23 +140,42 @@ async fn sighup_gives_quic_connections_the_new_certificate() {
 
 /// When a QUIC connection ends, the broker logs its statistics in the connection's span
 /// (which names the client): round-trip time, congestion window, MTU, congestion events,
-/// packets sent and lost, bytes lost, and the path validations that a client seen on a new
-/// address costs; and adds the packets sent and lost to `/metrics`. Here the client moves to a
-/// new UDP port midway, as after a NAT rebinding, and goes on.
+/// packets and bytes sent and lost, and the path validations that a client seen on a new
+/// address costs. Here the client moves to a new UDP port midway, as after a NAT rebinding,
+/// and goes on: with `stats_interval = 1` the broker notices within a second, while the client
+/// is connected, logs "QUIC path changed" from the old address to the new one, and names the
+/// new one as the span's `peer` from then on. The looks while the client was connected added to
+/// `/metrics` as they went, and the totals are still the connection's own, nothing counted
+/// twice.
 #[tokio::test]
 async fn the_disconnect_log_line_carries_the_connections_quic_statistics() {
-    let mut broker = Broker::configured("", &[QUIC_LISTENER]);
+    let mut broker = Broker::configured("[quic]\nstats_interval = 1\n", &[QUIC_LISTENER]);
     // The connection's span is at info in `drivers`, the statistics in `drivers::quic`.
     broker.log_json("warn,mqttd_broker::drivers=info");
     broker.restart();
     let endpoint = endpoint(&generated_ca(&broker));
+    let before = endpoint.local_addr().expect("the client's address");
     let (client, mut events, _conn) = mqtt_over_quic(&endpoint, broker.quic, "stats")
         .await
         .expect("connected");
     echo(&client, &mut events, "stats/before").await;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a new UDP socket");
+    let after = socket.local_addr().expect("the new address");
     endpoint.rebind(socket).expect("rebind");
     echo(&client, &mut events, "stats/after").await;
+
+    let is_move = |r: &serde_json::Value| r["fields"]["message"] == "QUIC path changed";
+    let moved = broker
+        .eventually(STEP, "the path change logged", || async {
+            broker.log_records().into_iter().find(is_move)
+        })
+        .await;
+    assert_eq!(moved["level"], "INFO", "{moved}");
+    assert_eq!(moved["span"]["client_id"], "stats", "{moved}");
+    assert_eq!(moved["fields"]["from"], before.to_string(), "{moved}");
+    assert_eq!(moved["fields"]["to"], after.to_string(), "{moved}");
+    // Noticed while the client is connected: it goes on.
+    echo(&client, &mut events, "stats/moved").await;
     client
         .disconnect(ReasonCode::Success, None)
         .await
@@ -170,6 +190,7 @@ async fn the_disconnect_log_line_carries_the_connections_quic_statistics() {
     assert_eq!(record["level"], "INFO", "{record}");
     assert_eq!(record["span"]["client_id"], "stats", "{record}");
     assert_eq!(record["span"]["transport"], "quic", "{record}");
+    assert_eq!(record["span"]["peer"], after.to_string(), "{record}");
     let field = |name: &str| {
         record["fields"][name]
             .as_u64()
@@ -183,16 +204,35 @@ async fn the_disconnect_log_line_carries_the_connections_quic_statistics() {
     let lost = field("lost_packets");
     assert!(sent > 0, "{record}");
     assert!(lost <= sent, "{record}");
+    assert!(field("sent_bytes") >= 1200, "{record}");
     assert!(field("lost_bytes") <= 65535 * lost, "{record}");
+    assert!(field("lost_mtu_probes") <= lost, "{record}");
     assert!(field("congestion_events") <= lost, "{record}");
     assert!(
         field("path_challenges") >= 1,
         "the client's new address was not validated: {record}"
     );
-    // The only QUIC connection: the totals are its own.
+    assert_eq!(field("path_changes"), 1, "{record}");
+    // The only QUIC connection: the totals are its own, added over several looks.
     let metrics = broker.metrics();
-    assert_eq!(metrics.get("mqttd_quic_sent_packets_total"), sent as f64);
-    assert_eq!(metrics.get("mqttd_quic_lost_packets_total"), lost as f64);
+    for name in [
+        "sent_packets",
+        "sent_bytes",
+        "lost_packets",
+        "lost_bytes",
+        "lost_mtu_probes",
+        "congestion_events",
+        "path_challenges",
+        "path_changes",
+    ] {
+        let total = metrics.get(&format!("mqttd_quic_{name}_total"));
+        assert_eq!(
+            total,
+            field(name) as f64,
+            "mqttd_quic_{name}_total, {record}"
+        );
+    }
+    assert!(metrics.get("mqttd_quic_rtt_seconds_count") >= 2.0);
 }
 
 /// An MQTT client over QUIC with `mqttd-client`'s transport, trusting `server_ca` and

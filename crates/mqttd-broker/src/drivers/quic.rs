@@ -43,7 +43,8 @@
 //! 5. a new stream from the client (or the end of the connection);
 //! 6. the storage's watermark, while something waits for it;
 //! 7. room in the queue a waiting publication is blocked on;
-//! 8. the core's next timer.
+//! 8. the core's next timer, or the next look at the connection's QUIC statistics
+//!    ([`stats`]), whichever comes first.
 //!
 //! # Error codes
 //!
@@ -65,7 +66,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use noq::{Connection, PathId, RecvStream, SendStream, VarInt};
+use noq::{Connection, RecvStream, SendStream, VarInt};
 use smallvec::SmallVec;
 use tokio::sync::watch;
 use tracing::{debug, info, Instrument};
@@ -78,6 +79,9 @@ use crate::config::Config;
 use crate::core::ConnectionCore;
 use crate::hooks::Peer;
 use crate::storage::Watermark;
+use stats::QuicStats;
+
+mod stats;
 
 /// Smallest read buffer: what an idle stream holds while it waits (see `stream.rs`).
 const MIN_READ: usize = 256;
@@ -333,9 +337,10 @@ pub(crate) fn serve(
     peer: Peer,
     accepted: Instant,
 ) -> impl Future<Output = ()> + Send + 'static {
+    let addr = peer.addr;
     let (core, span) = super::open(&inner, peer, accepted);
     inner.metrics.quic_connections.inc();
-    drive(inner, conn, core, span)
+    drive(inner, conn, core, span, addr)
 }
 
 async fn drive(
@@ -343,45 +348,38 @@ async fn drive(
     conn: Connection,
     mut core: Box<ConnectionCore>,
     span: tracing::Span,
+    addr: std::net::SocketAddr,
 ) {
-    run(&inner, &mut core, &conn).instrument(span.clone()).await;
+    let interval = Duration::from_secs(inner.config.quic.stats_interval);
+    let mut stats = QuicStats::new(&conn, addr, interval, now());
+    run(&inner, &mut core, &conn, &mut stats)
+        .instrument(span.clone())
+        .await;
     drop(core);
-    span.in_scope(|| log_stats(&inner, &conn));
+    span.in_scope(|| stats.finish(&conn, &inner.metrics));
     inner.metrics.quic_connections.dec();
     inner.metrics.connections_open.dec();
 }
 
-/// Logs the connection's QUIC statistics and adds them to the broker's counters.
-fn log_stats(inner: &Inner, conn: &Connection) {
-    let stats = conn.stats();
-    let path = conn.path_stats(PathId::ZERO);
-    inner.metrics.quic_sent_packets.inc_by(stats.sent_packets);
-    inner.metrics.quic_lost_packets.inc_by(stats.lost_packets);
-    info!(
-        rtt_ms = path.as_ref().map_or(0, |p| p.rtt.as_millis() as u64),
-        cwnd = path.as_ref().map_or(0, |p| p.cwnd),
-        mtu = path.as_ref().map_or(0, |p| p.current_mtu),
-        congestion_events = path.as_ref().map_or(0, |p| p.congestion_events),
-        sent_packets = stats.sent_packets,
-        lost_packets = stats.lost_packets,
-        lost_bytes = stats.lost_bytes,
-        // Each new path the client was seen on is validated with a challenge: migrations
-        // and NAT rebindings.
-        path_challenges = stats.frame_tx.path_challenge,
-        "QUIC connection statistics"
-    );
-}
-
 /// Drives the connection until the core closes it, then sends the last words and closes the
-/// QUIC connection with the reason code.
-async fn run(inner: &Arc<Inner>, core: &mut ConnectionCore, conn: &Connection) {
+/// QUIC connection with the reason code. Looks at the connection's QUIC statistics on the way.
+async fn run(
+    inner: &Arc<Inner>,
+    core: &mut ConnectionCore,
+    conn: &Connection,
+    stats: &mut QuicStats,
+) {
     let mut streams = Streams::new(ReadBudget::new(&inner.config));
     let shutdown = inner.shutdown.clone();
     let mailbox = core.mailbox().clone();
     let mut watermark: Option<watch::Receiver<Watermark>> = None;
     let mut shutting_down = false;
     loop {
-        core.process(now());
+        let turn = now();
+        core.process(turn);
+        // Checked every turn, not only when the timer below fires: a busy connection's
+        // streams may win every select.
+        stats.look_if_due(turn, conn, &inner.metrics);
         if let Some(request) = core.poll_request() {
             Box::pin(answer(inner, core, request)).await;
             continue;
@@ -396,6 +394,10 @@ async fn run(inner: &Arc<Inner>, core: &mut ConnectionCore, conn: &Connection) {
             break;
         }
         let deadline = core.poll_timeout();
+        let wake = match (deadline, stats.next_look()) {
+            (Some(d), Some(l)) => Some(d.min(l)),
+            (d, l) => d.or(l),
+        };
         let waits_for_storage = core.waits_for_storage();
         if waits_for_storage && watermark.is_none() {
             let mut rx = inner.storage.watermark();
@@ -443,7 +445,12 @@ async fn run(inner: &Arc<Inner>, core: &mut ConnectionCore, conn: &Connection) {
             _ = wait_for_room(blocked_on.as_deref()), if blocked_on.is_some() => {
                 core.retry_blocked(now());
             }
-            _ = sleep_until(deadline), if deadline.is_some() => core.handle_timeout(now()),
+            _ = sleep_until(wake), if wake.is_some() => {
+                let t = now();
+                if deadline.is_some_and(|d| d <= t) {
+                    core.handle_timeout(t);
+                }
+            }
         }
     }
     last_words(inner, core, &mut streams, &mut watermark).await;

@@ -117,6 +117,21 @@ impl Setup {
             .unwrap_or_else(|| panic!("no {name} in\n{text}"))
     }
 
+    /// Waits until the metric `name` is above `floor`; returns it.
+    pub(crate) async fn metric_above(&self, name: &str, floor: u64) -> u64 {
+        let above = timeout(WAIT, async {
+            loop {
+                let value = self.metric(name);
+                if value > floor {
+                    return value;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        above.unwrap_or_else(|_| panic!("{name} stayed at {}", self.metric(name)))
+    }
+
     /// Waits until the metric `name` is `value`.
     pub(crate) async fn metric_reaches(&self, name: &str, value: u64) {
         let reached = timeout(WAIT, async {
