@@ -12,6 +12,7 @@ use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::{info, warn};
 
@@ -196,12 +197,23 @@ fn write_new(path: &Path, key: &NodeKey) -> io::Result<Written> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?;
-    let mut tmp_name = name.to_owned();
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
+    // A name no other writer uses, in this process or another; one left by a crash is
+    // skipped (and stays, harmless, until removed).
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut attempts = 0;
+    let (tmp, mut file) = loop {
+        attempts += 1;
+        let mut tmp_name = name.to_owned();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        match create_private(&tmp) {
+            Ok(file) => break (tmp, file),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 100 => continue,
+            Err(e) => return Err(e),
+        }
+    };
     let result = (|| {
-        let mut file = create_private(&tmp)?;
         file.write_all(encode(key).as_bytes())?;
         file.sync_all()?;
         match std::fs::hard_link(&tmp, path) {
@@ -291,6 +303,21 @@ mod tests {
         assert_eq!(text.parse::<NodeId>().unwrap(), id);
         assert!("nope".parse::<NodeId>().is_err());
         assert_eq!(NodeId::from_bytes(id.as_bytes()), Some(id));
+    }
+
+    #[test]
+    fn writers_racing_to_create_the_key_agree_on_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(KEY_FILE);
+        let ids: Vec<NodeId> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| NodeKey::load_or_create(&path).unwrap().id()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+        assert_eq!(NodeKey::load_or_create(&path).unwrap().id(), ids[0]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

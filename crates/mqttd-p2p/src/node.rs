@@ -26,7 +26,7 @@ pub struct NodeConfig {
     /// The node's identity.
     pub key: NodeKey,
     /// UDP addresses to bind for direct paths; empty for `0.0.0.0:0` and `[::]:0` (the IPv6
-    /// one only if the system has IPv6).
+    /// one only if the system has IPv6). Unused without `direct_paths`.
     pub bind: Vec<SocketAddr>,
     /// Relays to use; the node stays connected to the one nearest by latency (its home relay)
     /// and reaches peers through any. Empty: direct paths only.

@@ -169,7 +169,7 @@ impl RelayServer {
                         gate,
                     });
                 }
-                Err(e) if config.bind.port() == 0 && attempts < 5 => {
+                Err(e) if config.bind.port() == 0 && attempts < 5 && is_bind_error(&e) => {
                     debug!(error = %e, "relay port taken meanwhile; trying another");
                 }
                 Err(e) => {
@@ -261,6 +261,16 @@ fn server_config(
         quic
     });
     server
+}
+
+/// Whether the server failed because a socket could not be bound (the port was taken).
+fn is_bind_error(e: &relay::SpawnError) -> bool {
+    matches!(
+        e,
+        relay::SpawnError::BindTcpListener { .. }
+            | relay::SpawnError::BindTlsListener { .. }
+            | relay::SpawnError::QuicSpawn { .. }
+    )
 }
 
 /// A port number free on `ip` for both TCP and UDP.
