@@ -127,8 +127,10 @@ impl Node {
     /// What is configured off, so that the node contacts only what `config` names: address
     /// lookup (no DNS or pkarr publishing or resolving: peers' addresses are given or come
     /// through the relays), n0's default relays (`RelayMode::Custom` with `config.relays`
-    /// only, or no relay), port mapping (UPnP, PCP, NAT-PMP), and the captive-portal check
-    /// (which probes `http://RELAY/` on port 80, where an mqttd relay does not listen).
+    /// only, or no relay), port mapping (UPnP, PCP, NAT-PMP), the captive-portal check
+    /// (which probes `http://RELAY/` on port 80, where an mqttd relay does not listen), and
+    /// the public fallback nameservers: relay host names are resolved by the system's
+    /// nameservers only (a relay URL with an IP address needs none).
     pub async fn bind(config: NodeConfig) -> Result<Self, BindError> {
         let relays: Arc<[RelayUrl]> = config.relays.into();
         let relay_mode = match relays.is_empty() {
@@ -142,8 +144,13 @@ impl Node {
         let mut net_report = NetReportConfig::default();
         net_report.captive_portal_check = false;
         // `Minimal` sets only the crypto provider (ring); no address lookup is added.
+        let dns = iroh::dns::DnsResolver::builder()
+            .with_system_defaults()
+            .disable_fallback()
+            .build();
         let mut builder = iroh::Endpoint::builder(presets::Minimal)
             .secret_key(config.key.0)
+            .dns_resolver(dns)
             .alpns(config.alpns)
             .relay_mode(relay_mode)
             .ca_tls_config(ca)
