@@ -623,14 +623,10 @@ async def test_unknown_version_gets_version_negotiation(broker):
     assert QUIC_V1 in versions and UNKNOWN_VERSION not in versions, [hex(v) for v in versions]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "noq-proto 1.4 (Endpoint::handle, PacketDecodeError::UnsupportedVersion) answers every "
-    "long-header packet of an unknown version with Version Negotiation, whatever the size of "
-    "its datagram: a 100-byte one gets a VN; RFC 9000 section 5.2.2: servers MUST drop "
-    "packets of unsupported versions in datagrams under 1200 bytes"))
 @aio
 async def test_a_short_datagram_of_unknown_version_gets_nothing(broker):
-    """Under 1200 bytes a Version Negotiation would amplify: nothing comes back. Fenced by a
+    """Under 1200 bytes a Version Negotiation would amplify: nothing comes back (RFC 9000
+    section 5.2.2; noq answers it, the listener's guard drops it first). Fenced by a
     full-size one sent after it from the same socket, which is answered."""
     p = await probe(broker)
     dcid = bytes(range(1, 9))
@@ -639,6 +635,7 @@ async def test_a_short_datagram_of_unknown_version_gets_nothing(broker):
     await p.wait_datagrams(1)
     await asyncio.sleep(0.2)  # anything else on its way; the count only gets stricter
     assert [parse_version_negotiation(d)[0] for d in p.received] == [b"full-001"]
+    assert metric(broker, 'mqttd_quic_datagrams_dropped_total{reason="short_unknown_version"}') == 1
 
 
 async def unanswered_initial(broker) -> Probe:
@@ -656,28 +653,27 @@ async def unanswered_initial(broker) -> Probe:
     return p
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "noq (like quinn, quinn-rs/quinn#1082) sends a full-MTU datagram whenever any "
-    "anti-amplification budget is left (noq-proto 1.4 Connection::path_congestion_check), so "
-    "an unvalidated client address can get up to 3x + 1199 bytes: here 3822 for 1200 "
-    "(1200 + 222 at once, two 1200-byte PTO retransmissions at 1 s); RFC 9000 section 8 says "
-    "at most 3x"))
 @pytest.mark.broker_config("connect_timeout = 2")
 @aio
 async def test_amplification_limit_before_address_validation(broker):
+    """RFC 9000 section 8: at most 3x. noq alone (like quinn, quinn-rs/quinn#1082) sends a
+    full datagram whenever any budget is left, so 3x + 1199 bytes (here 3822 for 1200: 1200 +
+    222 at once, two 1200-byte PTO retransmissions); the listener's guard drops the datagram
+    that would pass the limit, and counts it."""
     p = await unanswered_initial(broker)
     assert 0 < p.received_bytes <= 3 * p.sent_bytes, (
         f"{p.received_bytes} bytes in {len(p.received)} datagrams "
         f"({[(len(d), p.times[i]) for i, d in enumerate(p.received)]}) "
         f"for {p.sent_bytes} received")
+    assert metric(broker, 'mqttd_quic_datagrams_dropped_total{reason="amplification"}') >= 1
 
 
 @pytest.mark.broker_config("connect_timeout = 2")
 @aio
 async def test_amplification_stays_within_one_datagram_of_the_limit(broker):
-    """What noq does guarantee: it starts no datagram once 3x is reached, so an unvalidated
-    address gets less than 3x plus one datagram (at most 1200 bytes before path MTU
-    discovery, which needs a validated path)."""
+    """What noq guarantees on its own: it starts no datagram once 3x is reached, so an
+    unvalidated address gets less than 3x plus one datagram (at most 1200 bytes before path
+    MTU discovery, which needs a validated path)."""
     p = await unanswered_initial(broker)
     assert all(len(d) <= 1200 for d in p.received), [len(d) for d in p.received]
     assert 0 < p.received_bytes < 3 * p.sent_bytes + 1200, (

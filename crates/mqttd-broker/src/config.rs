@@ -101,8 +101,8 @@ pub struct Listener {
 
 impl Listener {
     /// Parses `SCHEME://HOST:PORT[/PATH][?OPTION=true&...]`: schemes `tcp`/`mqtt`,
-    /// `tls`/`mqtts`/`ssl`, `ws`, `wss`, `quic`, `http` and `relay`; options `proxy_protocol` (TCP, TLS,
-    /// WS, WSS) and `trust_proxy` (WS, WSS); a path only for WS and WSS.
+    /// `tls`/`mqtts`/`ssl`, `ws`, `wss`, `quic`, `http` and `relay`; options `proxy_protocol`
+    /// (TCP, TLS, WS, WSS) and `trust_proxy` (WS, WSS); a path only for WS and WSS.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         let err = |reason| ConfigError::Listener {
             url: url.to_owned(),
@@ -261,6 +261,13 @@ pub struct QuicConfig {
     /// `GET /health` and `GET /metrics`, the HTTP endpoint's pages, public like them. Each
     /// client may then open the three unidirectional streams HTTP/3 needs.
     pub http3: bool,
+    /// Bytes of receive buffer the QUIC listeners' UDP sockets ask for; 0 for the kernel's
+    /// default. The kernel caps it at `net.core.rmem_max` unless the broker has
+    /// CAP_NET_ADMIN; the broker warns once if it gets less.
+    pub socket_recv_buffer: usize,
+    /// Bytes of send buffer the QUIC listeners' UDP sockets ask for; 0 for the kernel's
+    /// default. Capped at `net.core.wmem_max` likewise.
+    pub socket_send_buffer: usize,
 }
 
 impl Default for QuicConfig {
@@ -276,6 +283,8 @@ impl Default for QuicConfig {
             conn_flow_control_window: 2 * 1024 * 1024,
             retry_above_handshakes: 256,
             http3: true,
+            socket_recv_buffer: 4 * 1024 * 1024,
+            socket_send_buffer: 2 * 1024 * 1024,
         }
     }
 }
@@ -547,6 +556,14 @@ mod tests {
         assert!(Config::parse("[quic]\ncongestion_control = 'bbr'").is_err());
         assert!(c.quic.http3);
         assert!(!Config::parse("[quic]\nhttp3 = false").unwrap().quic.http3);
+        assert_eq!(c.quic.socket_recv_buffer, 4 << 20);
+        assert_eq!(c.quic.socket_send_buffer, 2 << 20);
+        let c =
+            Config::parse("[quic]\nsocket_recv_buffer = 0\nsocket_send_buffer = 65536").unwrap();
+        assert_eq!(
+            (c.quic.socket_recv_buffer, c.quic.socket_send_buffer),
+            (0, 65536)
+        );
     }
 
     #[test]

@@ -36,6 +36,17 @@ pub(crate) struct Reply {
     pub(crate) body: String,
 }
 
+impl Reply {
+    /// An answer with `status` and no body.
+    pub(crate) fn empty(status: StatusCode) -> Self {
+        Self {
+            status,
+            content_type: "",
+            body: String::new(),
+        }
+    }
+}
+
 impl Page {
     /// The page at `path`, if any.
     pub(crate) fn at(path: &str) -> Option<Self> {

@@ -179,9 +179,10 @@ impl BrokerBuilder {
                 url: listener.url.clone(),
                 source,
             };
-            let socket = BoundListener::bind(&listener, &inner.config, tls.as_ref())
-                .await
-                .map_err(bind_error)?;
+            let socket =
+                BoundListener::bind(&listener, &inner.config, tls.as_ref(), &inner.metrics)
+                    .await
+                    .map_err(bind_error)?;
             let addr = socket.local_addr().map_err(bind_error)?;
             tracing::info!(listener = %listener.url, %addr, "listening");
             socket.spawn(&inner, &admission, Arc::from(listener.url.as_str()));

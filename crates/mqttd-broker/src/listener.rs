@@ -26,6 +26,7 @@ use crate::drivers::now;
 use crate::drivers::stream::serve_since;
 use crate::hooks::{Peer, Transport};
 use crate::http;
+use crate::metrics::Metrics;
 use crate::tls::{TlsAcceptor, TlsStream};
 use crate::transport::prefixed::Prefixed;
 use crate::transport::{accept_websocket, read_proxy_header, ProxiedAddr};
@@ -53,6 +54,7 @@ impl BoundListener {
         listener: &Listener,
         config: &Config,
         tls: Option<&TlsAcceptor>,
+        metrics: &Metrics,
     ) -> io::Result<Self> {
         let acceptor = match listener.kind.uses_tls() {
             true => Some(tls.cloned().ok_or_else(|| {
@@ -63,7 +65,8 @@ impl BoundListener {
         match (listener.kind, acceptor) {
             (ListenerKind::Http, _) => TcpListener::bind(listener.addr).await.map(Self::Http),
             (ListenerKind::Quic, Some(tls)) => {
-                quic::QuicListener::bind(listener, config, &tls).map(|q| Self::Quic(Box::new(q)))
+                quic::QuicListener::bind(listener, config, &tls, metrics)
+                    .map(|q| Self::Quic(Box::new(q)))
             }
             #[cfg(feature = "p2p")]
             (ListenerKind::Relay, Some(tls)) => relay::RelayListener::bind(listener, config, &tls)

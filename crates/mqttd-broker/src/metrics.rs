@@ -2,6 +2,7 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -57,6 +58,14 @@ pub struct Metrics {
     pub quic_lost_packets: Counter,
     /// QUIC data streams the broker reset for a malformed packet.
     pub quic_stream_resets: Counter,
+    /// The receive buffer of the QUIC listeners' UDP sockets, in bytes, as the kernel
+    /// reports it (the last listener bound).
+    pub quic_socket_recv_buffer_bytes: Gauge,
+    /// The send buffer of the QUIC listeners' UDP sockets, in bytes, as the kernel reports it.
+    pub quic_socket_send_buffer_bytes: Gauge,
+    /// Datagrams the QUIC listeners dropped before noq read them or after noq wrote them, by
+    /// `reason`: see [`Self::quic_datagrams_dropped`].
+    quic_datagrams_dropped: QuicDropped,
     /// Sessions held, connected or not.
     pub sessions: Gauge,
     /// Subscriptions held.
@@ -106,11 +115,28 @@ impl Default for Metrics {
             subscriptions: Gauge = "Subscriptions held",
             retained_messages: Gauge = "Retained messages held",
             session_timers: Gauge = "Timer tasks of offline sessions running",
+            quic_socket_recv_buffer_bytes: Gauge = "QUIC UDP socket receive buffer in bytes",
+            quic_socket_send_buffer_bytes: Gauge = "QUIC UDP socket send buffer in bytes",
+            quic_datagrams_dropped: QuicDropped =
+                "QUIC datagrams dropped by the listener's guard, by reason",
         }
     }
 }
 
+/// `mqttd_quic_datagrams_dropped_total`, labelled by `reason`.
+type QuicDropped = Family<[(&'static str, &'static str); 1], Counter>;
+
 impl Metrics {
+    /// The counter of QUIC datagrams dropped for `reason` (`short_unknown_version`: a long
+    /// header of an unknown version under 1200 bytes, not answered; `amplification`: not sent
+    /// to an address not yet validated, past three times what it sent; `tracking_full`: an
+    /// Initial not taken while too many addresses wait for validation). Created at once, so
+    /// that the metric shows 0 before anything is dropped.
+    pub(crate) fn quic_datagrams_dropped(&self, reason: &'static str) -> Counter {
+        self.quic_datagrams_dropped
+            .get_or_create_owned(&[("reason", reason)])
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();

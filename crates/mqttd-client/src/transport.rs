@@ -172,6 +172,11 @@ pub struct QuicOptions {
     /// data stream its topic hashes to, each SUBSCRIBE and UNSUBSCRIBE on the one its first
     /// filter hashes to, and the server answers and delivers on the stream of the request.
     pub data_streams: u16,
+    /// UDP sockets the connector spreads its connections over, each a QUIC endpoint of its
+    /// own; 0 and 1 both mean one. A load generator that opens thousands of connections at
+    /// once uses several, as that many devices would, so that no one socket's receive buffer
+    /// overflows with the servers' answers.
+    pub sockets: u16,
 }
 
 /// Where a server is and how to reach it.
@@ -457,6 +462,7 @@ impl Connector {
             Transport::Quic => Some(std::sync::Arc::new(quic::Quic::new(
                 &endpoint.host,
                 &endpoint.tls,
+                endpoint.quic.sockets,
             )?)),
             _ => None,
         };

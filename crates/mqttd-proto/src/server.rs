@@ -364,9 +364,11 @@ impl ServerConnection {
     }
 
     /// The next event for the broker, with the stream of the packet that caused it
-    /// ([`StreamId::CONTROL`] for events caused by timers or broker calls). For
-    /// [`Event::Subscribe`] it is the stream to deliver that subscription's messages on
-    /// (see [`Self::deliver_on`]); the hint belongs to this connection and must not be stored.
+    /// ([`StreamId::CONTROL`] for events caused by timers or broker calls, and for those of a
+    /// data stream [lost](Self::stream_lost) since: what the broker does for them counts as
+    /// the control stream's, where their answers now go). For [`Event::Subscribe`] it is the
+    /// stream to deliver that subscription's messages on (see [`Self::deliver_on`]); the hint
+    /// belongs to this connection and must not be stored.
     pub fn poll_event_tagged(&mut self) -> Option<(StreamId, Event)> {
         let event = self.events.pop_front();
         if event.is_none() {
@@ -405,10 +407,16 @@ impl ServerConnection {
     /// go on the control stream; outgoing QoS 1 and 2 flows sent on it are resent on the
     /// control stream (PUBLISH with DUP, or PUBREL) and continue there; later deliveries for
     /// subscriptions made on it go on the control stream; its topic aliases are forgotten.
-    /// Losing the control stream loses the connection.
+    /// Events of its packets not yet taken with [`Self::poll_event_tagged`] are the control
+    /// stream's from now on, so that whatever the broker makes their answers wait for (a
+    /// change to be durable) holds them on the control stream, and no subscription is tied to
+    /// the stream that is gone. Losing the control stream loses the connection.
     pub fn stream_lost(&mut self, now: Instant, stream: StreamId) {
         if stream.is_control() {
             return self.connection_lost(now);
+        }
+        for (s, _) in self.events.iter_mut().filter(|(s, _)| *s == stream) {
+            *s = StreamId::CONTROL;
         }
         match &mut self.state {
             State::Connected(e) => {

@@ -434,10 +434,39 @@ fn a_stream_lost_before_connack_still_gets_its_answers_on_the_control_stream() {
         out.as_slice(),
         [(CONTROL, Packet::ConnAck(_)), (CONTROL, Packet::PingResp)]
     ));
+    // Replayed after CONNACK, and then the control stream's like everything of S1.
     let events: Vec<_> = std::iter::from_fn(|| server.poll_event_tagged()).collect();
-    assert!(matches!(events.as_slice(), [(S1, Event::Publish(_))]));
+    assert!(matches!(events.as_slice(), [(CONTROL, Event::Publish(_))]));
     server.publish_ack(pid(1), R::Success).unwrap();
     assert_eq!(server.poll_transmit_tagged(), Some((CONTROL, puback(1))));
+}
+
+#[test]
+fn events_of_a_lost_stream_not_yet_taken_are_the_control_streams() {
+    let mut c = Conn::connect(10, None);
+    c.on(S1, Packet::Publish(publish("t", Q1, 1, "a")));
+    c.on(S2, Packet::Publish(publish("t", Q1, 2, "b")));
+    c.on(S1, Packet::Subscribe(subscribe(3, &[("x", Q1)])));
+    c.on(S1, Packet::Unsubscribe(unsubscribe(4, &["y"])));
+    // Taken before the stream went: keeps its stream.
+    assert!(matches!(
+        c.server.poll_event_tagged(),
+        Some((S1, Event::Publish(_)))
+    ));
+    let now = c.now();
+    c.server.stream_lost(now, S1);
+    let events = c.events();
+    assert!(
+        matches!(
+            events.as_slice(),
+            [
+                (S2, Event::Publish(_)),
+                (CONTROL, Event::Subscribe(_)),
+                (CONTROL, Event::Unsubscribe(_)),
+            ]
+        ),
+        "{events:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -144,6 +144,10 @@ pub(crate) struct BenchArgs {
     /// everything on one stream.
     #[arg(long, value_name = "N", default_value_t = 0)]
     quic_streams: u16,
+    /// QUIC: UDP sockets to spread the clients over (default: one per 64 clients, at most
+    /// 256), so that a burst of handshakes does not overflow one socket's receive buffer.
+    #[arg(long, value_name = "N")]
+    quic_sockets: Option<u16>,
     /// Number of clients (publishers, subscribers, pairs or connections, by scenario).
     #[arg(short, long, default_value_t = 1)]
     count: usize,
@@ -181,6 +185,11 @@ pub(crate) struct BenchArgs {
     /// New connections per second while setting up; 0 for no limit.
     #[arg(long, default_value_t = 0.0)]
     connect_rate: f64,
+    /// Connections being set up (handshake to CONNACK) at once, at most; 0 for no limit. Like
+    /// a server's listen backlog for TCP, it keeps a burst from outrunning what the broker
+    /// takes, so that `conn` measures how many connections per second it sets up.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    max_handshakes: usize,
     /// Seconds to wait after the publishers stop, for messages in flight. QoS 1 and 2
     /// publishers leave as soon as everything they sent is acknowledged.
     #[arg(long, default_value_t = 1.0)]
@@ -348,6 +357,8 @@ struct Bench {
     counters: Counters,
     latency: Mutex<Histogram<u64>>,
     connect_gate: Option<Arc<Semaphore>>,
+    /// At most `--max-handshakes` connections being set up.
+    handshakes: Option<Semaphore>,
     /// Clean start for the clients the session options apply to.
     clean_start: bool,
     /// When the last publisher sent its last message, in nanoseconds since [`epoch`].
@@ -396,6 +407,10 @@ impl Bench {
         if let Some(gate) = &self.connect_gate {
             gate.acquire().await?.forget();
         }
+        let handshake = match &self.handshakes {
+            Some(limit) => Some(limit.acquire().await?),
+            None => None,
+        };
         self.counters.connect_started();
         let name = self.client_id(role, index);
         let mut config = ClientConfig::new(ClientId::try_from(name.as_str())?);
@@ -420,6 +435,7 @@ impl Bench {
             (None, None) => connect_tcp(self.addr, config, None).await?,
         };
         self.counters.connack_received();
+        drop(handshake);
         if self.args.require_session && resuming && !ack.session_present {
             bail!("the broker has no session for {name}");
         }
@@ -588,6 +604,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--quic-streams needs the quic transport");
     }
     endpoint.quic.data_streams = args.quic_streams;
+    endpoint.quic.sockets = args
+        .quic_sockets
+        .unwrap_or_else(|| u16::try_from(args.count.div_ceil(64).clamp(1, 256)).unwrap_or(256));
     let connector = match endpoint.transport {
         Transport::Tcp => None,
         _ if args.scenario == Scenario::Raw => bail!("raw runs over plain TCP only"),
@@ -649,6 +668,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         counters: Counters::default(),
         latency: Mutex::new(Histogram::new(3)?),
         connect_gate,
+        handshakes: (args.max_handshakes > 0).then(|| Semaphore::new(args.max_handshakes)),
         clean_start,
         publishing_ended: AtomicU64::new(0),
         expect_reached: OnceLock::new(),

@@ -6,8 +6,8 @@
 //!
 //! Against the broker's QUIC listener (`--listen quic://127.0.0.1:0`, trusting the generated
 //! CA): QoS 0/1/2, a 1 MiB payload, nine topics over three data streams, QUIC and TCP clients
-//! meeting both ways, a wrong CA giving the TLS exit status, and `mqttd bench` with data
-//! streams.
+//! meeting both ways, a wrong CA giving the TLS exit status, a client certificate (`--cert`,
+//! `--key`) whose identity is the user name, and `mqttd bench` with data streams.
 
 use std::net::UdpSocket;
 use std::process::{Command, Output};
@@ -80,6 +80,7 @@ fn quic_streams_need_a_quic_url() {
 
 mod support;
 
+use support::pki::{client_cert_broker, TestCa};
 use support::Broker;
 
 /// A broker with a QUIC listener next to its TCP one (1 MiB payloads allowed), and the
@@ -291,5 +292,114 @@ fn bench_over_quic_with_data_streams_reconnects_with_0rtt() {
     assert_eq!(summary["connected"].as_u64(), Some(8), "{summary}");
     assert_eq!(summary["errors"].as_u64(), Some(0), "{summary}");
     assert!(summary["received"].as_u64() > Some(0), "{summary}");
+    broker.shutdown();
+}
+
+#[test]
+fn bench_conn_over_quic_spreads_clients_over_sockets_with_bounded_handshakes() {
+    let (mut broker, url, ca) = quic_broker();
+    let out = mqttd(&[
+        "bench",
+        "-L",
+        &url,
+        "--cafile",
+        ca.to_str().unwrap(),
+        "--quic-sockets",
+        "4",
+        "--max-handshakes",
+        "8",
+        "--json",
+        "conn",
+        "--count",
+        "100",
+        "--duration",
+        "1",
+    ]);
+    ok(&out, "bench");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(summary["connected"].as_u64(), Some(100), "{summary}");
+    assert_eq!(summary["errors"].as_u64(), Some(0), "{summary}");
+    broker.shutdown();
+}
+
+/// Mutual TLS over QUIC from the command line: `--cert` and `--key` present the client
+/// certificate, whose identity is the user name the ACL applies to; without them, the broker
+/// refuses the handshake, which is the TLS exit status.
+#[test]
+fn pub_and_sub_over_quic_with_a_client_certificate() {
+    let clients_ca = TestCa::new("test clients CA");
+    let (mut broker, root) = client_cert_broker(
+        &clients_ca,
+        "user device-3\ntopic readwrite fleet/device-3/#\n",
+        "quic://127.0.0.1:0",
+        true,
+    );
+    let (cert, key) = clients_ca.client("device-3").write_to(&root, "device-3");
+    let url = format!("quic://localhost:{}", broker.quic.port());
+    let ca = broker.data_dir().join("tls").join("ca.pem");
+    let tls = [
+        "--cafile",
+        ca.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ];
+    let topic = ["-t", "fleet/device-3/state"];
+    let out = mqttd(
+        &[
+            &["pub", "-L", &url, "-m", "online", "-r", "-q", "1"],
+            &topic[..],
+            &tls,
+        ]
+        .concat(),
+    );
+    ok(&out, "pub with a certificate");
+    let out = mqttd(
+        &[
+            &["sub", "-L", &url, "-C", "1", "-W", "30"],
+            &topic[..],
+            &tls,
+        ]
+        .concat(),
+    );
+    ok(&out, "sub with a certificate");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "online\n");
+    // The ACL applies to the certificate's identity.
+    let out = mqttd(
+        &[
+            &[
+                "pub",
+                "-L",
+                &url,
+                "-t",
+                "fleet/device-4/state",
+                "-m",
+                "x",
+                "-q",
+                "1",
+            ],
+            &tls[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = mqttd(
+        &[
+            &["pub", "-L", &url, "-m", "x", "-q", "1"],
+            &topic[..],
+            &tls[..2],
+        ]
+        .concat(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("refused the handshake"), "{stderr}");
     broker.shutdown();
 }

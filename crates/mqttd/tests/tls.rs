@@ -10,15 +10,12 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,9 +24,13 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use mqttd_client::{Client, ConnectError, Events};
-use mqttd_proto::client::{ClientConfig, Event};
-use mqttd_proto::{ClientId, Message, MqttStr, QoS, ReasonCode, TopicFilter, TopicName};
+use mqttd_proto::client::ClientConfig;
+use mqttd_proto::{QoS, ReasonCode};
 
+use support::client::{filter, mqtt_config, next_payload, publish_acked, round_trip};
+use support::pki::{
+    assert_is_device_1, broker_serving, client_cert_broker, write, Leaf, TestCa, DEVICE_ACL,
+};
 use support::{within, Broker};
 
 /// How long any one step may take: only a hang takes this long.
@@ -39,82 +40,6 @@ const TLS_LISTENER: &str = "tls://127.0.0.1:0";
 // ---------------------------------------------------------------------------------------------
 // Certificates and clients
 // ---------------------------------------------------------------------------------------------
-
-/// A CA made for a test.
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-/// A certificate and its key, PEM.
-struct Leaf {
-    cert: String,
-    key: String,
-}
-
-impl TestCa {
-    fn new(name: &str) -> Self {
-        let key = KeyPair::generate().expect("CA key");
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).expect("self-signed CA");
-        Self {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A server certificate for `localhost` and 127.0.0.1 with common name `cn`.
-    fn server(&self, cn: &str) -> Leaf {
-        self.leaf(
-            cn,
-            &["localhost", "127.0.0.1"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-            None,
-        )
-    }
-
-    /// A client certificate with common name `cn`.
-    fn client(&self, cn: &str) -> Leaf {
-        self.leaf(cn, &[], ExtendedKeyUsagePurpose::ClientAuth, None)
-    }
-
-    fn leaf(
-        &self,
-        cn: &str,
-        names: &[&str],
-        usage: ExtendedKeyUsagePurpose,
-        validity: Option<(i32, i32)>,
-    ) -> Leaf {
-        let key = KeyPair::generate().expect("leaf key");
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
-                .expect("leaf parameters");
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![usage];
-        if let Some((from, to)) = validity {
-            params.not_before = rcgen::date_time_ymd(from, 1, 1);
-            params.not_after = rcgen::date_time_ymd(to, 1, 1);
-        }
-        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-}
-
-fn write(path: &Path, text: &str) -> PathBuf {
-    std::fs::write(path, text).expect("write a test file");
-    path.to_owned()
-}
 
 /// A rustls client configuration trusting `ca_pem`, with a client certificate if given.
 fn client_tls(ca_pem: &str, identity: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
@@ -159,12 +84,6 @@ async fn tls_connect(
     .await
 }
 
-fn mqtt_config(client_id: &str, username: Option<&str>) -> ClientConfig {
-    let mut config = ClientConfig::new(ClientId::try_from(client_id).expect("client id"));
-    config.username = username.map(|u| MqttStr::try_from(u).expect("user name"));
-    config
-}
-
 /// A TLS connection, then MQTT CONNECT over it.
 async fn mqtt_over_tls(
     addr: SocketAddr,
@@ -180,48 +99,6 @@ async fn mqtt_over_tls(
     }
 }
 
-fn topic(name: &str) -> TopicName {
-    TopicName::try_from(name).expect("topic name")
-}
-
-fn filter(name: &str) -> TopicFilter {
-    TopicFilter::try_from(name).expect("topic filter")
-}
-
-/// Publishes at QoS 1 and returns the broker's PUBACK reason.
-async fn publish_acked(
-    client: &Client,
-    events: &mut Events,
-    to: &str,
-    payload: &str,
-) -> ReasonCode {
-    let _sent_or_queued = client
-        .publish(Message::new(
-            topic(to),
-            payload.as_bytes().to_vec(),
-            QoS::AtLeastOnce,
-            false,
-        ))
-        .await
-        .expect("publish");
-    loop {
-        match within(STEP, "PUBACK", events.recv()).await {
-            Some(Event::Delivered { reason, .. }) => return reason,
-            Some(Event::Closed { reason, .. }) => panic!("closed before PUBACK: {reason:?}"),
-            Some(_) => {}
-            None => panic!("connection task ended before PUBACK"),
-        }
-    }
-}
-
-/// The payload of the next message on `events`.
-async fn next_payload(events: &mut Events) -> String {
-    let message = within(STEP, "a message", events.next_message())
-        .await
-        .expect("a message before the connection closed");
-    String::from_utf8_lossy(&message.message.payload).into_owned()
-}
-
 /// The end-entity certificate the server presents on a new connection.
 async fn served_certificate(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>) -> Vec<u8> {
     let stream = tls_connect(addr, tls, "localhost")
@@ -233,16 +110,6 @@ async fn served_certificate(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>) -
         .peer_certificates()
         .expect("server chain");
     chain[0].as_ref().to_vec()
-}
-
-/// Publishes `payload` to `to` at QoS 1, which the broker must accept, and reads it back on
-/// `events` (the client is subscribed to it).
-async fn round_trip(client: &Client, events: &mut Events, to: &str, payload: &str) {
-    assert_eq!(
-        publish_acked(client, events, to, payload).await,
-        ReasonCode::Success
-    );
-    assert_eq!(next_payload(events).await, payload);
 }
 
 /// Publishes `payload` to `to` at QoS 1 from `publisher`, which the broker must accept, and
@@ -285,21 +152,6 @@ fn client_hello(tls: &Arc<rustls::ClientConfig>) -> Vec<u8> {
     .write_tls(&mut hello)
     .expect("ClientHello");
     hello
-}
-
-/// A broker whose TLS listener serves `leaf`; and the certificate and key files, which the
-/// test may rewrite before a SIGHUP.
-fn broker_serving(leaf: &Leaf) -> (Broker, PathBuf, PathBuf) {
-    let mut broker = Broker::configured("", &[TLS_LISTENER]);
-    let root = broker.root().to_owned();
-    let cert = write(&root.join("server.pem"), &leaf.cert);
-    let key = write(&root.join("server-key.pem"), &leaf.key);
-    write(
-        &root.join("mqttd.toml"),
-        &format!("[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n"),
-    );
-    broker.restart();
-    (broker, cert, key)
 }
 
 fn der_of(pem: &str) -> Vec<u8> {
@@ -440,13 +292,13 @@ async fn mosquitto_clients_with_a_client_certificate() {
         return;
     }
     let clients_ca = TestCa::new("test clients CA");
-    let (broker, root) = mutual_tls_broker(
+    let (broker, root) = client_cert_broker(
         &clients_ca,
         "user device-9\ntopic readwrite fleet/device-9/#\n",
+        TLS_LISTENER,
+        true,
     );
-    let device = clients_ca.client("device-9");
-    let cert = write(&root.join("device-9.pem"), &device.cert);
-    let key = write(&root.join("device-9-key.pem"), &device.key);
+    let (cert, key) = clients_ca.client("device-9").write_to(&root, "device-9");
     let server_ca = broker.data_dir().join("tls").join("ca.pem");
     let port = broker.tls.port().to_string();
     let tool = |name: &str, with_cert: bool, args: &[&str]| {
@@ -473,34 +325,13 @@ async fn mosquitto_clients_with_a_client_certificate() {
     );
 }
 
-/// A broker with a TLS listener that requires client certificates signed by `clients_ca`,
-/// takes their identity as the user name, and applies `acl`; and its root directory.
-fn mutual_tls_broker(clients_ca: &TestCa, acl: &str) -> (Broker, PathBuf) {
-    let mut broker = Broker::configured("", &[TLS_LISTENER]);
-    let root = broker.root().to_owned();
-    let ca_file = write(&root.join("clients-ca.pem"), &clients_ca.pem);
-    let acl = write(&root.join("acl"), acl);
-    write(
-        &root.join("mqttd.toml"),
-        &format!(
-            "acl_file = {acl:?}\n[tls]\nca_file = {ca_file:?}\nrequire_client_cert = true\n\
-             use_identity_as_username = true\n"
-        ),
-    );
-    broker.restart();
-    (broker, root)
-}
-
 /// Mutual TLS: with `require_client_cert` and `use_identity_as_username`, the client
 /// certificate's CN is the user name the ACL applies to, whatever CONNECT says; a client
 /// without a certificate, or with one from another CA, does not get in.
 #[tokio::test]
 async fn client_certificate_identity_is_the_user_name() {
     let clients_ca = TestCa::new("test clients CA");
-    let (broker, _) = mutual_tls_broker(
-        &clients_ca,
-        "user device-1\ntopic readwrite devices/device-1/#\n\nuser admin\ntopic readwrite #\n",
-    );
+    let (broker, _) = client_cert_broker(&clients_ca, DEVICE_ACL, TLS_LISTENER, true);
     let server_ca = generated_ca(&broker);
 
     // The CONNECT claims to be admin; the certificate says device-1, and device-1 it is.
@@ -509,21 +340,7 @@ async fn client_certificate_identity_is_the_user_name() {
     let (client, mut events) = mqtt_over_tls(broker.tls, &tls, mqtt_config("d1", Some("admin")))
         .await
         .expect("device-1 connects with its certificate");
-    let granted = client
-        .subscribe_one(filter("devices/device-1/#"), QoS::AtLeastOnce)
-        .await
-        .expect("SUBACK");
-    assert_eq!(granted.reasons, vec![ReasonCode::GrantedQoS1]);
-    let refused = client
-        .subscribe_one(filter("devices/device-2/#"), QoS::AtLeastOnce)
-        .await
-        .expect("SUBACK");
-    assert_eq!(refused.reasons, vec![ReasonCode::NotAuthorized]);
-    round_trip(&client, &mut events, "devices/device-1/temp", "21.5").await;
-    assert_eq!(
-        publish_acked(&client, &mut events, "elsewhere/temp", "no").await,
-        ReasonCode::NotAuthorized
-    );
+    assert_is_device_1(&client, &mut events).await;
 
     // No certificate: refused in the handshake (in TLS 1.3 the client learns it on its first
     // read, so the refusal may come as the MQTT connection failing).
@@ -551,20 +368,12 @@ async fn client_certificate_identity_is_the_user_name() {
 #[tokio::test]
 async fn optional_client_certificate_leaves_others_anonymous() {
     let clients_ca = TestCa::new("test clients CA");
-    let mut broker = Broker::configured("", &[TLS_LISTENER]);
-    let root = broker.root().to_owned();
-    let ca_file = write(&root.join("clients-ca.pem"), &clients_ca.pem);
-    let acl = write(
-        &root.join("acl"),
+    let (broker, _) = client_cert_broker(
+        &clients_ca,
         "topic read public/#\n\nuser sensor-7\ntopic readwrite sensors/7/#\n",
+        TLS_LISTENER,
+        false,
     );
-    write(
-        &root.join("mqttd.toml"),
-        &format!(
-            "acl_file = {acl:?}\n[tls]\nca_file = {ca_file:?}\nuse_identity_as_username = true\n"
-        ),
-    );
-    broker.restart();
     let server_ca = generated_ca(&broker);
 
     let (anon, _events) = mqtt_over_tls(
@@ -612,7 +421,7 @@ async fn expired_server_certificate_is_refused_by_the_client() {
         ExtendedKeyUsagePurpose::ServerAuth,
         Some((2020, 2021)),
     );
-    let (broker, _, _) = broker_serving(&expired);
+    let (broker, _, _) = broker_serving(&expired, TLS_LISTENER);
     let error = tls_connect(broker.tls, &client_tls(&ca.pem, None), "localhost")
         .await
         .expect_err("an expired certificate must be refused");
@@ -633,7 +442,7 @@ async fn expired_server_certificate_is_refused_by_the_client() {
 async fn sighup_reloads_certificates_and_keeps_connections() {
     let ca = TestCa::new("test server CA");
     let first = ca.server("server-1");
-    let (broker, cert, key) = broker_serving(&first);
+    let (broker, cert, key) = broker_serving(&first, TLS_LISTENER);
     let tls = client_tls(&ca.pem, None);
     assert_eq!(
         served_certificate(broker.tls, &tls).await,

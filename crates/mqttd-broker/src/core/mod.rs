@@ -217,12 +217,6 @@ pub(crate) struct ConnectionCore {
     /// never waits for these, so a data stream's held acknowledgement does not hold PINGRESP,
     /// DISCONNECT or AUTH.
     stream_needs: Vec<(StreamId, Ticket)>,
-    /// Data streams lost since the last [`Self::process`]: packets read from them before they
-    /// were lost may still have events to handle, whose answers now go on the control stream
-    /// and so must wait with it. Emptied once `process` has handled every event, so it stays
-    /// short. Boxed for the same reason as `resets`: streams are rarely lost.
-    #[allow(clippy::box_collection)]
-    just_lost: Option<Box<Vec<StreamId>>>,
     /// The latest watermark the driver passed in.
     watermark: Watermark,
     awaiting: Option<Box<Awaiting>>,
@@ -267,7 +261,6 @@ impl ConnectionCore {
             will: None,
             needs: Ticket::NONE,
             stream_needs: Vec::new(),
-            just_lost: None,
             watermark,
             awaiting: None,
             blocked: Vec::new(),
@@ -452,7 +445,6 @@ impl ConnectionCore {
         }
         self.outputs.remove(stream);
         self.hints.retain(|(_, s)| *s != stream);
-        self.just_lost.get_or_insert_default().push(stream);
         // What was owed on it now goes on the control stream, and still waits for the changes
         // it acknowledges; the entry goes, so that streams that come and go leave nothing.
         if let Some(at) = self.stream_needs.iter().position(|(s, _)| *s == stream) {
@@ -664,10 +656,6 @@ impl ConnectionCore {
     /// session has. Call it after every input, before looking at the outputs.
     pub(crate) fn process(&mut self, now: Instant) {
         self.process_events(now);
-        if self.waiting.is_none() {
-            // Every event is handled: none can name a lost stream any more.
-            self.just_lost = None;
-        }
         self.feed_retained(now);
         self.flush_transmits();
         self.update_pressure();
@@ -696,7 +684,9 @@ impl ConnectionCore {
         if !self.inner.durable || ticket.is_none() {
             return;
         }
-        if stream.is_control() || self.just_lost.as_ref().is_some_and(|l| l.contains(&stream)) {
+        // Events of a stream lost before they were handled come tagged as the control
+        // stream's (`ServerConnection::stream_lost`), and their answers wait here with it.
+        if stream.is_control() {
             self.needs.merge(ticket);
             return;
         }

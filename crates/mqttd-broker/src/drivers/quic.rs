@@ -4,7 +4,7 @@
 //!
 //! # Streams
 //!
-//! The first bidirectional stream the client opens is the control stream
+//! The client's first bidirectional stream, QUIC stream id 0, is the control stream
 //! ([`StreamId::CONTROL`]): CONNECT, CONNACK, PINGREQ, DISCONNECT and AUTH travel on it. Every
 //! further bidirectional stream is a data stream, numbered by its QUIC stream id: the core
 //! answers a packet on the stream it came on and delivers a subscription's messages on the
@@ -16,6 +16,11 @@
 //! written independently, so a data stream the client does not read (flow control exhausted)
 //! never delays another stream, the control stream's PINGRESP least of all; the control stream
 //! also has a higher QUIC send priority.
+//!
+//! What the data streams hold read but not yet decoded (parts of packets) is bounded per
+//! connection by a [`ReadBudget`] of one `max_packet_size`, not per stream: past it, only the
+//! data streams holding the most are read until they finish their packets, and what the client
+//! sends on the others waits in QUIC's flow control. The control stream is always read.
 //!
 //! A data stream the client finishes, resets or stops is lost ([`ConnectionCore::stream_lost`]:
 //! what was owed on it moves to the control stream); a malformed packet on a data stream makes
@@ -31,8 +36,10 @@
 //!
 //! 1. shutdown of the broker (once);
 //! 2. the mailbox: messages routed to the session, a takeover request;
-//! 3. room to write on any stream with output the core allows out, the control stream first;
-//! 4. bytes (or the end) on any stream the core wants read, taken in turn across streams;
+//! 3. room to write on any stream with output the core allows out: the control stream first,
+//!    then the data streams in turn, so that one with much to send cannot starve the others;
+//! 4. bytes (or the end) on any stream the core wants read (a data stream only within the
+//!    read budget), taken in turn across streams;
 //! 5. a new stream from the client (or the end of the connection);
 //! 6. the storage's watermark, while something waits for it;
 //! 7. room in the queue a waiting publication is blocked on;
@@ -49,6 +56,7 @@
 //! lets the client acknowledge first (for at most [`LAST_WORDS`]), so that the client learns
 //! why even if it misses the close.
 
+use std::cmp::Reverse;
 use std::future::poll_fn;
 use std::future::Future;
 use std::pin::Pin;
@@ -58,6 +66,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use noq::{Connection, PathId, RecvStream, SendStream, VarInt};
+use smallvec::SmallVec;
 use tokio::sync::watch;
 use tracing::{debug, info, Instrument};
 
@@ -65,6 +74,7 @@ use mqttd_proto::{ReasonCode, StreamId};
 
 use super::{answer, durable, now, sleep_until, wait_for_room};
 use crate::broker::Inner;
+use crate::config::Config;
 use crate::core::ConnectionCore;
 use crate::hooks::Peer;
 use crate::storage::Watermark;
@@ -112,6 +122,17 @@ impl Stream {
         }
     }
 
+    /// Writes what the core allows out on this stream, if it has any and there is room.
+    fn poll_write(&mut self, cx: &mut Context<'_>, core: &ConnectionCore) -> Poll<Io> {
+        let writable = core.output(self.id).map_or(&[][..], |o| o.writable());
+        if writable.is_empty() {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.send)
+            .poll_write(cx, writable)
+            .map(|res| Io::Wrote(self.id, res))
+    }
+
     /// Resets both directions with `code` (STOP_SENDING, RESET_STREAM).
     fn reset(&mut self, code: VarInt) {
         // Fails only if the direction is already closed, which is what is wanted.
@@ -124,20 +145,86 @@ impl Stream {
 enum Io {
     /// The stream took `n` bytes of its writable output, or failed.
     Wrote(StreamId, Result<usize, noq::WriteError>),
-    /// `n` bytes arrived (0: the client finished the stream), from `spare` free bytes; or
-    /// the stream failed (reset by the client, or the connection is gone).
-    Read(StreamId, std::io::Result<usize>, usize),
+    /// On the stream at this index of [`Streams::list`] (valid until the streams change), `n`
+    /// bytes arrived (0: the client finished the stream), from `spare` free bytes; or the
+    /// stream failed (reset by the client, or the connection is gone).
+    Read(usize, std::io::Result<usize>, usize),
 }
 
+/// How much the data streams of a connection may hold read but not yet decoded (the parts of
+/// packets still arriving) before most of them stop being read: one `max_packet_size`, the
+/// most a byte-stream connection holds, instead of that much per stream.
+///
+/// Past the limit, only the data streams holding the most are read (the earlier opened first
+/// among equals), so they finish their packets and the total falls again. The others are not
+/// all stopped: what the client sent on a stream that is not read stays in QUIC's receive
+/// buffers, up to a stream receive window, and counts against the connection's receive window;
+/// the client needs room in that to send the rest of the packets being read, and PINGREQ on
+/// the control stream. noq grants more of it once an eighth of the window was read, so at
+/// most as many streams wait as leave that much room ([`Self::max_waiting`]).
+#[derive(Debug, Clone, Copy)]
+struct ReadBudget {
+    /// Bytes the data streams may hold, together, before some wait.
+    limit: usize,
+    /// How many data streams may be waiting at once, for whatever reason (the core may hold
+    /// some back itself).
+    max_waiting: usize,
+}
+
+impl ReadBudget {
+    /// The budget under `config`'s `max_packet_size` and QUIC receive windows.
+    fn new(config: &Config) -> Self {
+        Self::with(
+            config.max_packet_size,
+            config.quic.conn_flow_control_window,
+            config.quic.stream_recv_window_default,
+        )
+    }
+
+    fn with(max_packet_size: u32, conn_window: u32, stream_window: u32) -> Self {
+        let room = u64::from(conn_window) - u64::from(conn_window) / 8;
+        let max_waiting = room
+            .checked_div(u64::from(stream_window))
+            .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        Self {
+            limit: usize::try_from(max_packet_size).unwrap_or(usize::MAX),
+            max_waiting,
+        }
+    }
+}
+
+/// A data stream's rank for reading past the read budget: bytes held, then the earlier opened.
+type Rank = (usize, Reverse<usize>);
+
 /// The streams of a connection: the control stream first, once the client opened it.
-#[derive(Default)]
 struct Streams {
     list: Vec<Stream>,
     /// Where the next look for input starts, so that a busy stream cannot starve the others.
     next_read: usize,
+    /// Where the next look for room among the data streams starts, likewise for output.
+    next_write: usize,
+    budget: ReadBudget,
 }
 
 impl Streams {
+    fn new(budget: ReadBudget) -> Self {
+        Self {
+            list: Vec::new(),
+            next_read: 0,
+            next_write: 0,
+            budget,
+        }
+    }
+
+    /// Adds a stream the client opened; the control stream goes first.
+    fn add(&mut self, stream: Stream) {
+        if stream.id.is_control() {
+            self.list.insert(0, stream);
+        } else {
+            self.list.push(stream);
+        }
+    }
+
     fn get_mut(&mut self, id: StreamId) -> Option<&mut Stream> {
         self.list.iter_mut().find(|s| s.id == id)
     }
@@ -148,25 +235,78 @@ impl Streams {
         Some(self.list.remove(at))
     }
 
-    /// Writes what the core allows out, control stream first, then reads from the streams
-    /// the core wants read, starting after the last one read; the first that is ready.
-    fn poll_io(&mut self, cx: &mut Context<'_>, core: &ConnectionCore) -> Poll<Io> {
-        for s in &mut self.list {
-            let writable = core.output(s.id).map_or(&[][..], |o| o.writable());
-            if writable.is_empty() {
+    /// Bytes the data streams hold read but not yet decoded.
+    fn held(&self) -> usize {
+        self.list
+            .iter()
+            .filter(|s| !s.id.is_control())
+            .map(|s| s.rbuf.len())
+            .sum()
+    }
+
+    /// While the data streams hold the budget's limit or more: the lowest [`Rank`] a data stream
+    /// the core wants read must have to be read now (at least one is). `None`: all are read.
+    fn read_cutoff(&self, core: &ConnectionCore) -> Option<Rank> {
+        if self.held() < self.budget.limit {
+            return None;
+        }
+        let mut data = 0;
+        let mut wanted: SmallVec<[Rank; 16]> = SmallVec::new();
+        for (at, s) in self.list.iter().enumerate() {
+            if s.id.is_control() {
                 continue;
             }
-            if let Poll::Ready(res) = Pin::new(&mut s.send).poll_write(cx, writable) {
-                return Poll::Ready(Io::Wrote(s.id, res));
+            data += 1;
+            if core.wants_read(s.id) {
+                wanted.push((s.rbuf.len(), Reverse(at)));
+            }
+        }
+        let held_back = data - wanted.len();
+        let waiting = self
+            .budget
+            .max_waiting
+            .saturating_sub(held_back)
+            .min(wanted.len().saturating_sub(1));
+        if waiting == 0 {
+            return None;
+        }
+        let read = wanted.len() - waiting;
+        // `read` is at least 1 and at most `wanted.len()`.
+        let (_, &mut cutoff, _) = wanted.select_nth_unstable_by(read - 1, |a, b| b.cmp(a));
+        Some(cutoff)
+    }
+
+    /// Writes what the core allows out, the control stream first and then the data streams
+    /// from the one after the last written; else reads from the streams the core wants read
+    /// (data streams within the read budget), from the one after the last read; the first
+    /// that is ready.
+    fn poll_io(&mut self, cx: &mut Context<'_>, core: &ConnectionCore) -> Poll<Io> {
+        if let Some(s) = self.list.first_mut().filter(|s| s.id.is_control()) {
+            if let Poll::Ready(io) = s.poll_write(cx, core) {
+                return Poll::Ready(io);
             }
         }
         let len = self.list.len();
+        for i in 0..len {
+            let at = (self.next_write + i) % len;
+            let Some(s) = self.list.get_mut(at).filter(|s| !s.id.is_control()) else {
+                continue;
+            };
+            if let Poll::Ready(io) = s.poll_write(cx, core) {
+                self.next_write = at + 1;
+                return Poll::Ready(io);
+            }
+        }
+        let cutoff = self.read_cutoff(core);
         for i in 0..len {
             let at = (self.next_read + i) % len;
             let Some(s) = self.list.get_mut(at) else {
                 continue;
             };
             if !core.wants_read(s.id) {
+                continue;
+            }
+            if cutoff.is_some_and(|c| !s.id.is_control() && (s.rbuf.len(), Reverse(at)) < c) {
                 continue;
             }
             if s.rbuf.capacity() - s.rbuf.len() < MIN_READ {
@@ -177,7 +317,7 @@ impl Streams {
                 tokio_util::io::poll_read_buf(Pin::new(&mut s.recv), cx, &mut s.rbuf)
             {
                 self.next_read = at + 1;
-                return Poll::Ready(Io::Read(s.id, res, spare));
+                return Poll::Ready(Io::Read(at, res, spare));
             }
         }
         Poll::Pending
@@ -235,7 +375,7 @@ fn log_stats(inner: &Inner, conn: &Connection) {
 /// Drives the connection until the core closes it, then sends the last words and closes the
 /// QUIC connection with the reason code.
 async fn run(inner: &Arc<Inner>, core: &mut ConnectionCore, conn: &Connection) {
-    let mut streams = Streams::default();
+    let mut streams = Streams::new(ReadBudget::new(&inner.config));
     let shutdown = inner.shutdown.clone();
     let mailbox = core.mailbox().clone();
     let mut watermark: Option<watch::Receiver<Watermark>> = None;
@@ -284,15 +424,15 @@ async fn run(inner: &Arc<Inner>, core: &mut ConnectionCore, conn: &Connection) {
             io = io => handle_io(core, &mut streams, conn, io),
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    let id = if streams.list.is_empty() {
+                    // QUIC stream id 0, the client's first bidirectional stream, is
+                    // `StreamId::CONTROL`.
+                    let id = StreamId::new(u64::from(send.id()));
+                    if id.is_control() {
                         // Errors only if the stream is already closed; then reading tells.
                         let _ = send.set_priority(CONTROL_PRIORITY);
-                        StreamId::CONTROL
-                    } else {
-                        StreamId::new(u64::from(send.id()))
-                    };
+                    }
                     debug!(stream = %id, "stream opened");
-                    streams.list.push(Stream::new(id, send, recv));
+                    streams.add(Stream::new(id, send, recv));
                 }
                 Err(error) => {
                     debug!(%error, "connection lost");
@@ -321,20 +461,27 @@ fn handle_io(core: &mut ConnectionCore, streams: &mut Streams, conn: &Connection
             debug!(stream = %id, %error, "stream write failed");
             lose(core, streams, conn, id);
         }
-        Io::Read(id, Ok(0), spare) if spare > 0 => {
-            debug!(stream = %id, "stream finished by the client");
-            lose(core, streams, conn, id);
-        }
-        Io::Read(id, Ok(n), spare) => {
-            core.received(n);
-            if let Some(s) = streams.get_mut(id) {
-                core.handle_input(now(), id, &mut s.rbuf);
-                s.after_read(n, spare);
+        Io::Read(at, read, spare) => {
+            let Some(s) = streams.list.get_mut(at) else {
+                return;
+            };
+            let id = s.id;
+            match read {
+                // There was room to read into (`poll_io` makes some): the end of the stream.
+                Ok(0) => {
+                    debug!(stream = %id, "stream finished by the client");
+                    lose(core, streams, conn, id);
+                }
+                Ok(n) => {
+                    core.received(n);
+                    core.handle_input(now(), id, &mut s.rbuf);
+                    s.after_read(n, spare);
+                }
+                Err(error) => {
+                    debug!(stream = %id, %error, "stream read failed");
+                    lose(core, streams, conn, id);
+                }
             }
-        }
-        Io::Read(id, Err(error), _) => {
-            debug!(stream = %id, %error, "stream read failed");
-            lose(core, streams, conn, id);
         }
     }
 }
@@ -422,3 +569,6 @@ async fn last_words(
         info!("the client did not take the connection's last output in time");
     }
 }
+
+#[cfg(test)]
+mod tests;

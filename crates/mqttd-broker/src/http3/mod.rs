@@ -164,15 +164,10 @@ async fn answer(resolver: RequestResolver<adapter::Connection, Bytes>, inner: Ar
 /// page, or 404 for another path, or 405 for another method.
 fn route(method: &Method, path: &str, inner: &Inner) -> (Reply, bool) {
     let is_head = method == Method::HEAD;
-    let empty = |status| Reply {
-        status,
-        content_type: "",
-        body: String::new(),
-    };
     let reply = match Page::at(path) {
-        None => empty(StatusCode::NOT_FOUND),
+        None => Reply::empty(StatusCode::NOT_FOUND),
         Some(page) if method == Method::GET || is_head => page.reply(inner),
-        Some(_) => empty(StatusCode::METHOD_NOT_ALLOWED),
+        Some(_) => Reply::empty(StatusCode::METHOD_NOT_ALLOWED),
     };
     (reply, is_head)
 }
@@ -184,11 +179,7 @@ async fn respond(
 ) -> Result<(), StreamError> {
     let (mut reply, is_head) = route(request.method(), request.uri().path(), inner);
     if !read_body(request, stream).await? {
-        reply = Reply {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            content_type: "",
-            body: String::new(),
-        };
+        reply = Reply::empty(StatusCode::PAYLOAD_TOO_LARGE);
         // We have what we need of the request: the client can stop sending (RFC 9114, 4.1).
         stream.stop_sending(Code::H3_NO_ERROR);
     }

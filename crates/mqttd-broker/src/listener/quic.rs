@@ -17,6 +17,15 @@
 //! complete within `connect_timeout` of the first packet, like the first stream and CONNECT,
 //! which the core times from the same instant. SIGHUP's certificate reload gives the endpoint
 //! a new server configuration; connections that are up keep theirs.
+//!
+//! The listener binds its UDP socket itself ([`socket`]: buffers sized by `[quic]`) and puts
+//! a [`guard`] between noq and the socket, for two rules of RFC 9000 that noq 1.4 bends: no
+//! Version Negotiation in answer to a datagram under 1200 bytes, and no more than three times
+//! what an address sent before it is validated. The accept loop tells the guard what noq
+//! decided of each attempt (validated by a token, sent a Retry, refused).
+
+mod guard;
+mod socket;
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,7 +35,10 @@ use std::time::{Duration, Instant};
 
 use noq::congestion::{CubicConfig, NewRenoConfig};
 use noq::crypto::rustls::{HandshakeData, QuicServerConfig};
-use noq::{Connecting, Connection, Endpoint, IdleTimeout, ServerConfig, TransportConfig, VarInt};
+use noq::{
+    Connecting, Connection, Endpoint, EndpointConfig, IdleTimeout, Runtime, ServerConfig,
+    TokioRuntime, TransportConfig, VarInt,
+};
 use rustls::pki_types::CertificateDer;
 use rustls::server::StoresServerSessions;
 use tracing::{debug, info, warn};
@@ -36,7 +48,10 @@ use crate::broker::Inner;
 use crate::config::{Config, CongestionControl, Listener};
 use crate::drivers::now;
 use crate::hooks::{Peer, Transport};
+use crate::metrics::Metrics;
 use crate::tls::TlsAcceptor;
+use guard::Guard;
+use socket::{Guarded, GuardedSocket};
 
 /// The ALPN identifier of MQTT over QUIC.
 const ALPN_MQTT: &[u8] = b"mqtt";
@@ -60,6 +75,23 @@ const DRAIN: Duration = Duration::from_secs(2);
 const NO_UNI_STREAMS: u32 = 0x82;
 /// The QUIC application error code of a connection refused for its ALPN.
 const WRONG_PROTOCOL: u32 = 0x82;
+/// The QUIC versions the endpoint supports: noq's default (version 1 and the drafts laid out
+/// like it), set explicitly so that the guard reads the same list.
+const VERSIONS: &[u32] = &[
+    0x0000_0001,
+    0xff00_001d,
+    0xff00_001e,
+    0xff00_001f,
+    0xff00_0020,
+    0xff00_0021,
+    0xff00_0022,
+];
+/// Addresses not yet validated the guard tracks at most (a few MiB): beyond that, a new
+/// address's Initial is dropped until a handshake ends.
+const GUARD_CAPACITY: usize = 16 * 1024;
+/// How long the guard tracks an address beyond the handshake's time limit: the watchdog closes
+/// a late handshake at the limit, and the close goes under the guard too.
+const GUARD_GRACE: Duration = Duration::from_secs(1);
 
 /// A bound `quic://` listener.
 pub(crate) struct QuicListener {
@@ -71,6 +103,8 @@ pub(crate) struct QuicListener {
     sessions: Arc<dyn StoresServerSessions>,
     /// The ALPN identifiers offered.
     alpn: &'static [&'static [u8]],
+    /// The guard between noq and the socket, told of each connection attempt.
+    guard: Arc<Guarded>,
 }
 
 impl std::fmt::Debug for QuicListener {
@@ -82,11 +116,13 @@ impl std::fmt::Debug for QuicListener {
 }
 
 impl QuicListener {
-    /// Binds `listener`'s UDP address with the certificates of `tls` and the `[quic]` settings.
+    /// Binds `listener`'s UDP address with the certificates of `tls` and the `[quic]` settings;
+    /// the guard counts what it drops in `metrics`.
     pub(crate) fn bind(
         listener: &Listener,
         config: &Config,
         tls: &TlsAcceptor,
+        metrics: &Metrics,
     ) -> io::Result<Self> {
         let size = match config.max_connections {
             0 => SESSION_CACHE,
@@ -97,7 +133,38 @@ impl QuicListener {
         let crypto = quic_crypto(tls, &sessions, alpn)?;
         let mut base = ServerConfig::with_crypto(crypto);
         base.transport_config(Arc::new(transport(config)?));
-        let endpoint = Endpoint::server(base.clone(), listener.addr)?;
+        let (udp, buffers) = socket::bind(
+            listener.addr,
+            config.quic.socket_recv_buffer,
+            config.quic.socket_send_buffer,
+        )?;
+        metrics
+            .quic_socket_recv_buffer_bytes
+            .set(i64::try_from(buffers.recv).unwrap_or(i64::MAX));
+        metrics
+            .quic_socket_send_buffer_bytes
+            .set(i64::try_from(buffers.send).unwrap_or(i64::MAX));
+        info!(
+            listener = %listener.url,
+            recv_buffer = buffers.recv,
+            send_buffer = buffers.send,
+            "QUIC socket bound"
+        );
+        let lifetime = handshake_limit(config) + GUARD_GRACE;
+        let guard = Arc::new(Guarded::new(
+            Guard::new(VERSIONS, lifetime, GUARD_CAPACITY),
+            VERSIONS,
+            metrics,
+        ));
+        let runtime = Arc::new(TokioRuntime);
+        let udp = Box::new(GuardedSocket::new(
+            runtime.wrap_udp_socket(udp)?,
+            guard.clone(),
+        ));
+        let mut endpoint_config = EndpointConfig::default();
+        endpoint_config.supported_versions(VERSIONS.to_vec());
+        let endpoint =
+            Endpoint::new_with_abstract_socket(endpoint_config, Some(base.clone()), udp, runtime)?;
         Ok(Self {
             endpoint,
             listener: Arc::new(listener.clone()),
@@ -105,6 +172,7 @@ impl QuicListener {
             base,
             sessions,
             alpn,
+            guard,
         })
     }
 
@@ -132,17 +200,27 @@ impl QuicListener {
                 },
             };
             let addr = incoming.remote_address();
-            if !incoming.remote_address_validated()
+            let validated = incoming.remote_address_validated();
+            if !validated
                 && incoming.may_retry()
                 && handshakes.load(Ordering::Relaxed) >= retry_above
             {
                 if incoming.retry().is_ok() {
                     inner.metrics.quic_retries.inc();
                 }
+                // A Retry leaves noq no state: nothing more goes to the address for it.
+                self.guard.forget(addr);
+                continue;
+            }
+            // Before noq answers: from here on, what it sends an unvalidated address is
+            // limited.
+            if !self.guard.attempt(addr, validated) {
+                incoming.ignore();
                 continue;
             }
             let Some(permit) = admit(&inner, &admission, addr, true) else {
                 incoming.refuse();
+                self.guard.forget(addr);
                 continue;
             };
             let accepted = now();
@@ -150,6 +228,7 @@ impl QuicListener {
                 Ok(connecting) => connecting,
                 Err(error) => {
                     debug!(peer = %addr, %error, "QUIC connection attempt failed");
+                    self.guard.forget(addr);
                     continue;
                 }
             };
@@ -182,6 +261,16 @@ impl QuicListener {
             Err(error) => warn!(listener = %name, %error, "QUIC certificates not reloaded"),
         }
     }
+}
+
+/// How long a handshake may take: `connect_timeout`, or `quic.handshake_idle_timeout` if
+/// shorter.
+fn handshake_limit(config: &Config) -> Duration {
+    let mut limit = Duration::from_secs(config.connect_timeout.max(1));
+    if config.quic.handshake_idle_timeout > 0 {
+        limit = limit.min(Duration::from_secs(config.quic.handshake_idle_timeout));
+    }
+    limit
 }
 
 /// The rustls configuration of the endpoint, from the files as they are now.
@@ -327,12 +416,7 @@ struct Handshake {
 impl Handshake {
     /// The deadline of the handshake.
     fn deadline(&self) -> Instant {
-        let config = &self.inner.config;
-        let mut limit = self.inner.server_config.connect_timeout;
-        if config.quic.handshake_idle_timeout > 0 {
-            limit = limit.min(Duration::from_secs(config.quic.handshake_idle_timeout));
-        }
-        self.accepted + limit
+        self.accepted + handshake_limit(&self.inner.config)
     }
 
     /// Runs the handshake as far as MQTT needs, then MQTT until the connection ends.

@@ -461,6 +461,12 @@ impl Tls {
                 Err(failure) => break Err(failure),
             }
         };
+        // rustls discards only bytes it was given; `min` keeps a release build from panicking
+        // if it ever did not.
+        debug_assert!(
+            used <= incoming.len(),
+            "rustls discarded more than it was given"
+        );
         incoming.advance(used.min(incoming.len()));
         stopped
     }

@@ -1,11 +1,16 @@
 //! What the broker's integration tests share: a storage that records every change as a line
-//! and makes changes durable when the test says so.
+//! and makes changes durable when the test says so; and, in [`quic`], what the QUIC tests
+//! share.
 
 #![allow(dead_code)]
+
+pub(crate) mod quic;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use mqttd_broker::storage::{
     Recovered, SessionRecord, StorageError, StoredSession, Ticket, Watermark,
@@ -176,11 +181,16 @@ impl Storage for RecordingStorage {
     }
 }
 
-/// The payload of the next message `events` delivers, as text.
-pub(crate) async fn next_payload(events: &mut Events) -> String {
+/// The payload of the next message `events` delivers.
+pub(crate) async fn next_bytes(events: &mut Events) -> Bytes {
     let p = timeout(WAIT, events.next_message())
         .await
         .expect("message in time")
         .expect("open");
-    String::from_utf8(p.message.payload.to_vec()).expect("a text payload")
+    p.message.payload
+}
+
+/// The payload of the next message `events` delivers, as text.
+pub(crate) async fn next_payload(events: &mut Events) -> String {
+    String::from_utf8(next_bytes(events).await.to_vec()).expect("a text payload")
 }

@@ -1,8 +1,9 @@
 //! MQTT over QUIC (`quic://`): noq with rustls (TLS 1.3, ring, ALPN `mqtt`) and CUBIC.
 //!
 //! A [`Quic`] belongs to one [`super::Connector`] and is shared by its clones: the UDP socket
-//! (one noq endpoint per address family, bound on first use), the TLS configuration and with it
-//! the session-ticket cache. A second connection through the same connector resumes the TLS
+//! (one noq endpoint per address family, bound on first use; or several, taken in turn, with
+//! [`super::QuicOptions::sockets`]), the TLS configuration and with it the session-ticket
+//! cache. A second connection through the same connector resumes the TLS
 //! session and sends its first bytes (CONNECT) as 0-RTT early data.
 //!
 //! The first bidirectional stream carries the MQTT connection ([`QuicStream`], a byte stream);
@@ -14,6 +15,11 @@
 //! above never notices. Reading waits until the handshake has settled, which costs nothing:
 //! the server's answer cannot arrive earlier.
 //!
+//! A client certificate ([`TlsOptions::cert_file`]) is presented as over TLS. In TLS 1.3 the
+//! server checks it only after the client's handshake is complete, so a server that refuses it
+//! closes the connection with a TLS alert while the control stream is in use; the stream's
+//! error is then [`TransportError::Tls`], as over TLS.
+//!
 //! QUIC has no RST: a host where nothing listens stays silent. The handshake is bounded by
 //! [`HANDSHAKE_TIMEOUT`] (and the endpoint's own set-up limit), which then reads as
 //! [`TransportError::Timeout`].
@@ -22,7 +28,7 @@ use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -52,6 +58,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// QUIC PINGs keep an idle connection alive below common server idle timeouts (30 s), whatever
 /// the MQTT keep alive.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The receive and send buffers asked of each UDP socket: a server's first flight is a few
+/// datagrams per connection, and a burst of handshakes through one socket overflows the
+/// kernel's default (208 KiB). The kernel caps it at `net.core.rmem_max` / `wmem_max`.
+const SOCKET_BUFFER: usize = 2 << 20;
 
 /// What happened to the 0-RTT data of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -100,15 +111,22 @@ pub(super) struct Quic {
     config: noq::ClientConfig,
     checks: Arc<CheckRecorder>,
     server_name: String,
-    /// IPv4 and IPv6 endpoints, bound when first needed (binding needs the runtime).
-    endpoints: Mutex<[Option<noq::Endpoint>; 2]>,
+    /// IPv4 and IPv6 endpoints for each socket, bound when first needed (binding needs the
+    /// runtime).
+    endpoints: Mutex<Vec<[Option<noq::Endpoint>; 2]>>,
+    /// Which socket the next connection takes.
+    next: AtomicUsize,
     /// The address the last handshake succeeded with: later connections go straight there,
     /// with 0-RTT, instead of racing every address of the host.
     last_good: Mutex<Option<SocketAddr>>,
 }
 
 impl Quic {
-    pub(super) fn new(host: &str, options: &TlsOptions) -> Result<Self, TransportError> {
+    pub(super) fn new(
+        host: &str,
+        options: &TlsOptions,
+        sockets: u16,
+    ) -> Result<Self, TransportError> {
         tls::server_name(host)?;
         if options.version == Some(TlsVersion::Tls12) {
             return Err(TransportError::TlsConfig(
@@ -138,24 +156,27 @@ impl Quic {
             config,
             checks,
             server_name: host.to_owned(),
-            endpoints: Mutex::new([None, None]),
+            endpoints: Mutex::new(vec![[None, None]; usize::from(sockets.max(1))]),
+            next: AtomicUsize::new(0),
             last_good: Mutex::new(None),
         })
     }
 
-    /// The endpoint for `addr`'s family.
+    /// The endpoint for `addr`'s family, on the next socket in turn.
     fn endpoint(&self, addr: SocketAddr) -> Result<noq::Endpoint, TransportError> {
-        let (slot, bind) = match addr {
+        let (family, bind) = match addr {
             SocketAddr::V4(_) => (0, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
             SocketAddr::V6(_) => (1, SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))),
         };
         let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(endpoint) = &endpoints[slot] {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+        let slot = &mut endpoints[turn][family];
+        if let Some(endpoint) = slot {
             return Ok(endpoint.clone());
         }
-        let endpoint = noq::Endpoint::client(bind)
-            .map_err(|source| TransportError::Connect { addr, source })?;
-        endpoints[slot] = Some(endpoint.clone());
+        let endpoint =
+            bind_endpoint(bind).map_err(|source| TransportError::Connect { addr, source })?;
+        *slot = Some(endpoint.clone());
         Ok(endpoint)
     }
 
@@ -293,18 +314,45 @@ fn classify(error: &ConnectionError, checks: &CheckRecorder) -> TransportError {
             None => TransportError::Quic(e.to_string()),
         },
         // The server aborted the handshake (it wants a client certificate, or no common ALPN).
-        ConnectionError::ConnectionClosed(close) => match alert(close.error_code) {
-            Some(alert) => {
-                let reason = String::from_utf8_lossy(&close.reason);
-                let detail = match reason.is_empty() {
-                    true => format!("{alert:?}"),
-                    false => format!("{alert:?} ({reason})"),
-                };
-                TransportError::Tls(TlsError::Alert(detail))
-            }
+        ConnectionError::ConnectionClosed(close) => match server_alert(close) {
+            Some(tls) => TransportError::Tls(tls),
             None => TransportError::Quic(error.to_string()),
         },
         other => TransportError::Quic(other.to_string()),
+    }
+}
+
+/// The TLS alert by which the server closed the connection, if it closed it with one.
+fn server_alert(close: &noq::ConnectionClose) -> Option<TlsError> {
+    let alert = alert(close.error_code)?;
+    let reason = String::from_utf8_lossy(&close.reason);
+    Some(TlsError::Alert(match reason.is_empty() {
+        true => format!("{alert:?}"),
+        false => format!("{alert:?} ({reason})"),
+    }))
+}
+
+/// A stream's I/O error, as the transport's own error if the server closed the connection
+/// with a TLS alert. In TLS 1.3 the client's handshake is complete before the server has
+/// checked the client's certificate, so a server that refuses it (none, or one from another
+/// CA) says so on the first read or write of a stream, as it does over TLS.
+fn with_alert(error: io::Error) -> io::Error {
+    let lost = error.get_ref().and_then(|e| {
+        match (
+            e.downcast_ref::<noq::ReadError>(),
+            e.downcast_ref::<noq::WriteError>(),
+        ) {
+            (Some(noq::ReadError::ConnectionLost(lost)), _)
+            | (_, Some(noq::WriteError::ConnectionLost(lost))) => Some(lost),
+            _ => None,
+        }
+    });
+    let Some(ConnectionError::ConnectionClosed(close)) = lost else {
+        return error;
+    };
+    match server_alert(close) {
+        Some(tls) => io_error(error.kind(), TransportError::Tls(tls)),
+        None => error,
     }
 }
 
@@ -613,7 +661,7 @@ impl AsyncRead for QuicStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         ready!(self.poll_settle(cx))?;
-        AsyncRead::poll_read(Pin::new(&mut self.recv), cx, buf)
+        AsyncRead::poll_read(Pin::new(&mut self.recv), cx, buf).map_err(with_alert)
     }
 }
 
@@ -627,7 +675,9 @@ impl AsyncWrite for QuicStream {
         match this.poll_settle(cx) {
             Poll::Ready(result) => {
                 result?;
-                Pin::new(&mut this.send).poll_write(cx, buf)
+                Pin::new(&mut this.send)
+                    .poll_write(cx, buf)
+                    .map_err(with_alert)
             }
             Poll::Pending => {
                 let Early::Pending(p) = &mut this.early else {
@@ -641,7 +691,7 @@ impl AsyncWrite for QuicStream {
                     // The refusal is seen here before the handshake's verdict; the verdict
                     // (whose waker is registered) leads to the replay.
                     Err(e) if is_zero_rtt_rejected(&e) => Poll::Pending,
-                    Err(e) => Poll::Ready(Err(e)),
+                    Err(e) => Poll::Ready(Err(with_alert(e))),
                 }
             }
         }
@@ -656,6 +706,25 @@ impl AsyncWrite for QuicStream {
         ready!(self.poll_settle(cx))?;
         Pin::new(&mut self.send).poll_shutdown(cx)
     }
+}
+
+/// A client endpoint on a UDP socket bound to `bind`, with [`SOCKET_BUFFER`]s.
+fn bind_endpoint(bind: SocketAddr) -> io::Result<noq::Endpoint> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Best effort: the kernel may cap them, and the defaults still work.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&bind.into())?;
+    noq::Endpoint::new(
+        noq::EndpointConfig::default(),
+        None,
+        socket.into(),
+        Arc::new(noq::TokioRuntime),
+    )
 }
 
 #[cfg(test)]

@@ -12,6 +12,9 @@
 //! its session across a connection the broker's crash cut, to resume it afterwards.
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
+pub(crate) mod client;
+pub(crate) mod pki;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -69,6 +72,9 @@ pub(crate) struct Broker {
     pub(crate) quic: SocketAddr,
     /// Listeners besides the TCP and HTTP ones (`--listen` URLs).
     extra_listeners: Vec<String>,
+    /// JSON log lines with this filter instead of text with `MQTTD_TEST_LOG`'s
+    /// ([`Self::log_json`]).
+    json_log_filter: Option<String>,
     log: PathBuf,
     /// Holds `mqttd.toml`, `data/` and the logs.
     root: PathBuf,
@@ -140,6 +146,7 @@ impl Broker {
             wss: unspecified(),
             quic: unspecified(),
             extra_listeners: Vec::new(),
+            json_log_filter: None,
             log: dir.join("mqttd-0.log"),
             root: dir.to_owned(),
             runs: 0,
@@ -173,7 +180,14 @@ impl Broker {
             .extra_listeners
             .iter()
             .any(|l| l.starts_with("quic://"));
-        let filter = std::env::var("MQTTD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
+        let filter = match &self.json_log_filter {
+            Some(filter) => filter.clone(),
+            None => std::env::var("MQTTD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        };
+        let format = match self.json_log_filter {
+            Some(_) => "json",
+            None => "text",
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
             .args([
                 "--listen",
@@ -193,6 +207,7 @@ impl Broker {
             .arg("--config")
             .arg(self.root.join("mqttd.toml"))
             .arg("--allow-anonymous")
+            .args(["--log-format", format])
             .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -373,6 +388,31 @@ impl Broker {
         }
     }
 
+    /// Tries `attempt` every 50 ms until it gives a value, for at most `timeout`; panics
+    /// saying what did not happen, with the end of the log, if it never does.
+    pub(crate) async fn eventually<T, F>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut attempt: impl FnMut() -> F,
+    ) -> T
+    where
+        F: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(value) = attempt().await {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {timeout:?}\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends SIGTERM and asserts that the broker exits with status 0 within
     /// [`SHUTDOWN_TIMEOUT`].
     pub(crate) fn stop(mut self) {
@@ -397,6 +437,21 @@ impl Broker {
             "mqttd exit status after SIGTERM: {status}\n{}",
             self.log_tail()
         );
+    }
+
+    /// From the next [`Self::restart`] on, logs JSON lines with `filter` (an `EnvFilter`),
+    /// whatever `MQTTD_TEST_LOG` says: for tests that read the log ([`Self::log_records`]).
+    pub(crate) fn log_json(&mut self, filter: &str) {
+        self.json_log_filter = Some(filter.to_owned());
+    }
+
+    /// The records of the current (or last) run's log, with [`Self::log_json`]: each line
+    /// that parses as JSON.
+    pub(crate) fn log_records(&self) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
     }
 
     /// The log of the current (or last) run, whole.
