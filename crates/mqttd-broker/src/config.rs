@@ -59,17 +59,21 @@ pub enum ListenerKind {
     Quic,
     /// The HTTP endpoint for metrics, health and administration (`http://`).
     Http,
+    /// A peer-to-peer relay for mqttd nodes (`relay://`): HTTPS on TCP and QUIC address
+    /// discovery on UDP, same port, with the certificates of [`TlsConfig`] and the admission
+    /// rules of [`RelayConfig`]. Needs the `p2p` feature.
+    Relay,
 }
 
 impl ListenerKind {
-    /// Whether this kind carries MQTT (every kind but the HTTP endpoint).
+    /// Whether this kind carries MQTT (every kind but the HTTP endpoint and the relay).
     pub fn is_mqtt(self) -> bool {
-        !matches!(self, Self::Http)
+        !matches!(self, Self::Http | Self::Relay)
     }
 
     /// Whether this kind needs the TLS certificates.
     pub fn uses_tls(self) -> bool {
-        matches!(self, Self::Tls | Self::Wss | Self::Quic)
+        matches!(self, Self::Tls | Self::Wss | Self::Quic | Self::Relay)
     }
 }
 
@@ -97,8 +101,8 @@ pub struct Listener {
 
 impl Listener {
     /// Parses `SCHEME://HOST:PORT[/PATH][?OPTION=true&...]`: schemes `tcp`/`mqtt`,
-    /// `tls`/`mqtts`/`ssl`, `ws`, `wss`, `quic` and `http`; options `proxy_protocol` (TCP, TLS,
-    /// WS, WSS) and `trust_proxy` (WS, WSS); a path only for WS and WSS.
+    /// `tls`/`mqtts`/`ssl`, `ws`, `wss`, `quic`, `http` and `relay`; options `proxy_protocol`
+    /// (TCP, TLS, WS, WSS) and `trust_proxy` (WS, WSS); a path only for WS and WSS.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         let err = |reason| ConfigError::Listener {
             url: url.to_owned(),
@@ -114,9 +118,10 @@ impl Listener {
             "wss" => ListenerKind::Wss,
             "quic" => ListenerKind::Quic,
             "http" => ListenerKind::Http,
+            "relay" => ListenerKind::Relay,
             _ => {
                 return Err(err(
-                    "unsupported scheme (tcp, mqtt, tls, mqtts, ws, wss, quic, http)",
+                    "unsupported scheme (tcp, mqtt, tls, mqtts, ws, wss, quic, http, relay)",
                 ))
             }
         };
@@ -289,6 +294,41 @@ impl Default for QuicConfig {
     }
 }
 
+/// The `relay://` listeners' admission rules: the `[relay]` table. A relay forwards encrypted
+/// packets between the mqttd nodes connected to it and tells each the address it sees it at
+/// (QUIC address discovery); it reads nothing it forwards.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// Node ids (64 hex digits, as `mqttd id` prints them) allowed to use the relay. Nobody
+    /// else may, unless `allow_any` is set.
+    pub allow: Vec<String>,
+    /// Admit any node (an open relay: its bandwidth is anyone's).
+    pub allow_any: bool,
+    /// Nodes connected at once; 0 for no limit.
+    pub max_clients: usize,
+    /// Bytes per second each node may send through the relay; 0 for no limit.
+    pub client_rate: u32,
+    /// Bytes a node may send at once above `client_rate`; 0 for iroh-relay's default.
+    pub client_burst: u32,
+    /// Serve QUIC address discovery on UDP, same port as HTTPS.
+    pub quic_discovery: bool,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            allow_any: false,
+            max_clients: 1024,
+            client_rate: 0,
+            client_burst: 0,
+            quic_discovery: true,
+        }
+    }
+}
+
 /// A QUIC congestion controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -328,6 +368,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Transport settings of the QUIC listeners.
     pub quic: QuicConfig,
+    /// Admission rules of the relay listeners.
+    pub relay: RelayConfig,
     /// Directory for persistent data.
     pub data_dir: PathBuf,
     /// Allow clients without a user name. Unset: allowed only when every MQTT listener is on
@@ -392,6 +434,7 @@ impl Default for Config {
             listen: Vec::new(),
             tls: TlsConfig::default(),
             quic: QuicConfig::default(),
+            relay: RelayConfig::default(),
             data_dir: PathBuf::from("mqttd-data"),
             allow_anonymous: None,
             password_file: None,
@@ -454,7 +497,7 @@ impl Config {
                     .listeners()
                     .map(|ls| {
                         ls.iter()
-                            .filter(|l| l.kind != ListenerKind::Http)
+                            .filter(|l| l.kind.is_mqtt())
                             .all(Listener::is_loopback)
                     })
                     .unwrap_or(false)
@@ -532,6 +575,17 @@ mod tests {
     }
 
     #[test]
+    fn the_relay_table_defaults_to_nobody_allowed() {
+        let c = Config::parse("").unwrap();
+        assert!(c.relay.allow.is_empty() && !c.relay.allow_any);
+        assert_eq!(c.relay.max_clients, 1024);
+        let c = Config::parse("[relay]\nallow = ['ab']\nclient_rate = 1000000\n").unwrap();
+        assert_eq!(c.relay.allow, ["ab"]);
+        assert_eq!(c.relay.client_rate, 1_000_000);
+        assert!(Config::parse("[relay]\nallow_all = true").is_err());
+    }
+
+    #[test]
     fn anonymous_defaults_to_loopback_only() {
         let mut c = Config {
             listen: vec!["tcp://127.0.0.1:1883".into()],
@@ -579,6 +633,12 @@ mod tests {
             (ListenerKind::Quic, None)
         );
         assert!(quic.kind.uses_tls() && quic.kind.is_mqtt());
+        let relay = Listener::parse("relay://0.0.0.0:4433").unwrap();
+        assert_eq!(
+            (relay.kind, relay.path.as_deref()),
+            (ListenerKind::Relay, None)
+        );
+        assert!(relay.kind.uses_tls() && !relay.kind.is_mqtt());
         let wss = Listener::parse("wss://[::1]:8084/broker/?trust_proxy=1").unwrap();
         assert_eq!(wss.kind, ListenerKind::Wss);
         assert_eq!(wss.path.as_deref(), Some("/broker"));
@@ -595,6 +655,8 @@ mod tests {
             "tls://127.0.0.1:8883?colour=blue",
             "quic://127.0.0.1:14567/mqtt",
             "quic://127.0.0.1:14567?proxy_protocol=true",
+            "relay://127.0.0.1:4433/relay",
+            "relay://127.0.0.1:4433?proxy_protocol=true",
         ] {
             assert!(
                 matches!(Listener::parse(bad), Err(ConfigError::Listener { .. })),

@@ -70,7 +70,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use access::{AccessControl, AccessError};
-pub use config::{Config, ConfigError, CongestionControl, Listener, ListenerKind, QuicConfig};
+pub use config::{
+    Config, ConfigError, CongestionControl, Listener, ListenerKind, QuicConfig, RelayConfig,
+};
 pub use hooks::{
     Action, ClientInfo, ConnectAttempt, Hooks, Intercept, NoHooks, Peer, Transport, Verdict,
 };

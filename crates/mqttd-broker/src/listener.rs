@@ -1,9 +1,12 @@
 //! Accepting connections: binding each listener by its kind, connection limits, per-address
 //! rate limits, TCP_NODELAY, and what a connection goes through before MQTT (a PROXY header, a
 //! TLS handshake, a WebSocket upgrade), in the connection's own task under its CONNECT
-//! deadline. QUIC listeners have their endpoint and accept loop in [`quic`].
+//! deadline. QUIC listeners have their endpoint and accept loop in [`quic`]; relay listeners
+//! (feature `p2p`) are mqttd-p2p's relay server, in `relay`.
 
 mod quic;
+#[cfg(feature = "p2p")]
+mod relay;
 
 use std::future::Future;
 use std::io;
@@ -40,6 +43,9 @@ pub(crate) enum BoundListener {
     Http(TcpListener),
     /// MQTT over QUIC.
     Quic(Box<quic::QuicListener>),
+    /// The peer-to-peer relay.
+    #[cfg(feature = "p2p")]
+    Relay(Box<relay::RelayListener>),
 }
 
 impl BoundListener {
@@ -62,6 +68,15 @@ impl BoundListener {
                 quic::QuicListener::bind(listener, config, &tls, metrics)
                     .map(|q| Self::Quic(Box::new(q)))
             }
+            #[cfg(feature = "p2p")]
+            (ListenerKind::Relay, Some(tls)) => relay::RelayListener::bind(listener, config, &tls)
+                .await
+                .map(|r| Self::Relay(Box::new(r))),
+            #[cfg(not(feature = "p2p"))]
+            (ListenerKind::Relay, _) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "relay:// needs mqttd-broker's p2p feature",
+            )),
             (_, acceptor) => {
                 let socket = TcpListener::bind(listener.addr).await?;
                 Ok(Self::Tcp(socket, Arc::new(listener.clone()), acceptor))
@@ -74,6 +89,8 @@ impl BoundListener {
         match self {
             Self::Tcp(socket, ..) | Self::Http(socket) => socket.local_addr(),
             Self::Quic(quic) => quic.local_addr(),
+            #[cfg(feature = "p2p")]
+            Self::Relay(relay) => Ok(relay.local_addr()),
         }
     }
 
@@ -97,6 +114,10 @@ impl BoundListener {
                 inner
                     .tasks
                     .spawn(quic.run(inner.clone(), admission.clone(), name));
+            }
+            #[cfg(feature = "p2p")]
+            Self::Relay(relay) => {
+                inner.tasks.spawn(relay.run(inner.clone()));
             }
         }
     }

@@ -1,5 +1,6 @@
 //! `mqttd`: the broker and its tools.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 mod bench;
@@ -8,7 +9,8 @@ mod tools;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use mqttd_broker::{Broker, Config};
+use mqttd_broker::{Broker, Config, ListenerKind};
+use mqttd_p2p::NodeKey;
 use tracing::{info, warn};
 
 /// MQTT broker with MQTT over QUIC.
@@ -35,13 +37,26 @@ enum Command {
     Sub(tools::SubArgs),
     /// Generate load and measure throughput and latency (like emqtt-bench).
     Bench(bench::BenchArgs),
+    /// Print this broker's peer-to-peer node id (creating its key, <data_dir>/node.key, on
+    /// first use).
+    Id(IdArgs),
+}
+
+#[derive(Debug, Args)]
+struct IdArgs {
+    /// Directory for persistent data (default: the configuration's `data_dir`).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file, for its `data_dir`.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Default)]
 struct ServeArgs {
     /// Listener URL (tcp://HOST:PORT, tls://HOST:PORT, ws://HOST:PORT[/PATH],
-    /// wss://HOST:PORT[/PATH], http://HOST:PORT, with options such as ?proxy_protocol=true or
-    /// ?trust_proxy=true); repeatable. Given any, they replace the default listeners
+    /// wss://HOST:PORT[/PATH], quic://HOST:PORT, http://HOST:PORT, relay://HOST:PORT, with
+    /// options such as ?proxy_protocol=true or ?trust_proxy=true); repeatable. Given any, they replace the default listeners
     /// (tcp://127.0.0.1:1883, tls://127.0.0.1:8883, ws://127.0.0.1:8083/mqtt,
     /// wss://127.0.0.1:8084/mqtt, quic://127.0.0.1:14567).
     #[arg(long = "listen", value_name = "URL")]
@@ -107,6 +122,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Pub(args)) => client_tool(tools::publish(args)),
         Some(Command::Sub(args)) => client_tool(tools::subscribe(args)),
+        Some(Command::Id(args)) => id(args),
         Some(Command::Bench(args)) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -201,12 +217,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Before anything is announced, so that a SIGTERM sent as soon as the "listening" line
         // is read still shuts down gracefully instead of killing the process.
         let signals = Signals::install();
+        // The peer-to-peer identity exists from the first start on, so that `mqttd id` and
+        // the relays' allow-lists can name this broker before it uses it.
+        let key = NodeKey::load_or_create(&config.data_dir.join(mqttd_p2p::KEY_FILE))?;
+        info!(node_id = %key.id(), "peer-to-peer node id");
+        let hostnames = config.tls.hostnames.clone();
         let broker = Broker::builder(config).start().await?;
         // One line per listener on standard output, with the bound port, for scripts and tests
         // that ask for port 0.
         for (listener, addr) in broker.local_addrs() {
             let scheme = listener.url.split("://").next().unwrap_or("tcp");
             println!("mqttd listening on {scheme}://{addr}");
+            if listener.kind == ListenerKind::Relay {
+                println!("mqttd relay url {}", relay_url(*addr, &hostnames));
+            }
         }
         signals.wait(&broker).await;
         info!("shutting down");
@@ -297,6 +321,48 @@ impl Signals {
     }
 }
 
+/// The URL nodes reach a relay listener bound to `addr` at: its address, or for an
+/// unspecified one the first of `tls.hostnames` (the name in the generated certificate), else
+/// loopback.
+fn relay_url(addr: SocketAddr, hostnames: &[String]) -> String {
+    if !addr.ip().is_unspecified() {
+        return format!("https://{addr}/");
+    }
+    match hostnames.first() {
+        Some(host) if host.parse::<std::net::Ipv6Addr>().is_ok() => {
+            format!("https://[{host}]:{}/", addr.port())
+        }
+        Some(host) => format!("https://{host}:{}/", addr.port()),
+        None => {
+            warn!(
+                %addr,
+                "relay on an unspecified address and no tls.hostnames: its URL names loopback; \
+                 peers elsewhere need the host's name or address instead"
+            );
+            let ip: std::net::IpAddr = match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            format!("https://{}/", SocketAddr::new(ip, addr.port()))
+        }
+    }
+}
+
+/// `mqttd id`: loads (or creates) the node key and prints its id alone on standard output.
+fn id(args: IdArgs) -> anyhow::Result<()> {
+    init_logging(LogFormat::Text);
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    let key = NodeKey::load_or_create(&config.data_dir.join(mqttd_p2p::KEY_FILE))?;
+    println!("{}", key.id());
+    Ok(())
+}
+
 fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
     use mqttd_broker::auth::{Iterations, PasswordFile};
     let mut file = if args.file.exists() {
@@ -327,7 +393,24 @@ fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mqttd_broker::ListenerKind;
+
+    #[test]
+    fn relay_urls_name_the_bound_address_or_the_certificates_host() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            relay_url(at("127.0.0.1:4433"), &[]),
+            "https://127.0.0.1:4433/"
+        );
+        assert_eq!(
+            relay_url(at("0.0.0.0:4433"), &["relay.example".into()]),
+            "https://relay.example:4433/"
+        );
+        assert_eq!(
+            relay_url(at("[::]:4433"), &["::1".into()]),
+            "https://[::1]:4433/"
+        );
+        assert_eq!(relay_url(at("[::]:4433"), &[]), "https://[::1]:4433/");
+    }
 
     #[test]
     fn bare_mqttd_serves_tcp_tls_websocket_wss_and_quic_on_loopback_only() {

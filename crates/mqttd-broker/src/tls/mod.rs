@@ -192,6 +192,20 @@ impl TlsAcceptor {
         Ok(config)
     }
 
+    /// A rustls configuration for the `relay://` listeners: the server certificates (SNI
+    /// included) as they are after each reload, since the resolver asks this acceptor at
+    /// every handshake; TLS 1.3 and 1.2; no client certificates (a relay client proves its
+    /// node key in the relay's own handshake instead).
+    #[cfg(feature = "p2p")]
+    pub(crate) fn relay_server_config(&self) -> Result<ServerConfig, TlsError> {
+        let builder = ServerConfig::builder_with_provider(self.0.provider.clone())
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+            .map_err(|_| TlsError::Settings("the crypto provider lacks TLS 1.2 or 1.3"))?;
+        Ok(builder
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(CurrentCertificate(self.clone()))))
+    }
+
     /// A session cache for [`Self::quic_server_config`] holding up to `size` tickets.
     pub(crate) fn session_cache(size: usize) -> Arc<dyn StoresServerSessions> {
         ServerSessionMemoryCache::new(size.max(1))
@@ -400,6 +414,19 @@ impl ResolvesServerCert for SniResolver {
             _ => None,
         };
         Some(chosen.unwrap_or(&self.default).clone())
+    }
+}
+
+/// The certificate the acceptor's configuration chooses now, for configurations that
+/// outlive reloads.
+#[cfg(feature = "p2p")]
+#[derive(Debug)]
+struct CurrentCertificate(TlsAcceptor);
+
+#[cfg(feature = "p2p")]
+impl ResolvesServerCert for CurrentCertificate {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0 .0.config.load().cert_resolver.resolve(hello)
     }
 }
 

@@ -1,0 +1,410 @@
+//! The node: an iroh endpoint configured to use no public infrastructure, and the
+//! connections it makes and accepts.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use iroh::endpoint::{self, presets, ConnectWithOptsError, ConnectingError, NetReportConfig};
+use iroh::tls::CaTlsConfig;
+use iroh::Watcher;
+use rustls::pki_types::CertificateDer;
+use tracing::debug;
+
+use crate::addr::{NodeAddr, RelayUrl};
+use crate::key::{NodeId, NodeKey};
+use crate::path::{current_paths, PathEvents, PathInfo, PathKind};
+
+pub use iroh::endpoint::{ConnectionError, RecvStream, SendStream};
+
+/// How a node runs. Settings will be added: start from [`NodeConfig::new`] and assign the
+/// fields to change.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// The node's identity.
+    pub key: NodeKey,
+    /// UDP addresses to bind for direct paths; empty for `0.0.0.0:0` and `[::]:0` (the IPv6
+    /// one only if the system has IPv6). Unused without `direct_paths`.
+    pub bind: Vec<SocketAddr>,
+    /// Relays to use; the node stays connected to the one nearest by latency (its home relay)
+    /// and reaches peers through any. Empty: direct paths only.
+    pub relays: Vec<RelayUrl>,
+    /// Extra CA certificates (DER) to trust for relays' HTTPS and QUIC certificates, such
+    /// as a broker's generated local CA (`<data_dir>/tls/ca.pem`).
+    pub relay_roots: Vec<CertificateDer<'static>>,
+    /// Whether relays' certificates may also chain to the Mozilla root store compiled in
+    /// (nothing is fetched); on by default.
+    pub webpki_roots: bool,
+    /// The ALPN protocols this node accepts connections for; empty to accept none (it may
+    /// still connect).
+    pub alpns: Vec<Vec<u8>>,
+    /// Whether to use direct UDP paths at all; without them every connection goes through a
+    /// relay.
+    pub direct_paths: bool,
+}
+
+impl NodeConfig {
+    /// Defaults for a node with `key`: bound on all interfaces, no relays, no ALPNs.
+    pub fn new(key: NodeKey) -> Self {
+        Self {
+            key,
+            bind: Vec::new(),
+            relays: Vec::new(),
+            relay_roots: Vec::new(),
+            webpki_roots: true,
+            alpns: Vec::new(),
+            direct_paths: true,
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// A bind address is unusable.
+    #[error("invalid bind address {addr}: {source}")]
+    Address {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The sockets or the QUIC endpoint could not be made.
+    #[error("cannot start the node: {source}")]
+    Endpoint {
+        /// Why (iroh's error).
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Why a connection could not be made or accepted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The peer has no relay or direct address, and this node has no relay to try.
+    #[error("no address for node {0}: give a relay or a direct address")]
+    NoAddress(NodeId),
+    /// A node cannot connect to itself.
+    #[error("a node cannot connect to itself")]
+    SelfConnect,
+    /// The ALPN is empty.
+    #[error("the ALPN is empty")]
+    InvalidAlpn,
+    /// The node is closed.
+    #[error("the node is closed")]
+    Closed,
+    /// The QUIC handshake failed: the peer is unreachable, refused the ALPN, or is not the
+    /// node it should be.
+    #[error("handshake failed: {source}")]
+    Handshake {
+        /// Why (iroh's error).
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A running node. Cheap to clone; every clone is the same node.
+#[derive(Clone)]
+pub struct Node {
+    endpoint: iroh::Endpoint,
+    relays: Arc<[RelayUrl]>,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.id())
+            .field("relays", &self.relays)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Binds the node's sockets and starts it.
+    ///
+    /// What is configured off, so that the node contacts only what `config` names: address
+    /// lookup (no DNS or pkarr publishing or resolving: peers' addresses are given or come
+    /// through the relays), n0's default relays (`RelayMode::Custom` with `config.relays`
+    /// only, or no relay), port mapping (UPnP, PCP, NAT-PMP), the captive-portal check
+    /// (which probes `http://RELAY/` on port 80, where an mqttd relay does not listen), and
+    /// the public fallback nameservers: relay host names are resolved by the system's
+    /// nameservers only (a relay URL with an IP address needs none).
+    pub async fn bind(config: NodeConfig) -> Result<Self, BindError> {
+        let relays: Arc<[RelayUrl]> = config.relays.into();
+        let relay_mode = match relays.is_empty() {
+            true => iroh::RelayMode::Disabled,
+            false => iroh::RelayMode::Custom(relays.iter().map(RelayUrl::to_config).collect()),
+        };
+        let ca = match config.webpki_roots {
+            true => CaTlsConfig::embedded().with_extra_roots(config.relay_roots),
+            false => CaTlsConfig::custom_roots(config.relay_roots),
+        };
+        let mut net_report = NetReportConfig::default();
+        net_report.captive_portal_check = false;
+        // `Minimal` sets only the crypto provider (ring); no address lookup is added.
+        let dns = iroh::dns::DnsResolver::builder()
+            .with_system_defaults()
+            .disable_fallback()
+            .build();
+        let mut builder = iroh::Endpoint::builder(presets::Minimal)
+            .secret_key(config.key.0)
+            .dns_resolver(dns)
+            .alpns(config.alpns)
+            .relay_mode(relay_mode)
+            .ca_tls_config(ca)
+            .net_report_config(net_report)
+            .portmapper_config(endpoint::PortmapperConfig::Disabled);
+        if !config.direct_paths {
+            builder = builder.clear_ip_transports();
+        } else if !config.bind.is_empty() {
+            builder = builder.clear_ip_transports();
+            for addr in config.bind {
+                builder = builder
+                    .bind_addr(addr)
+                    .map_err(|source| BindError::Address {
+                        addr,
+                        source: Box::new(source),
+                    })?;
+            }
+        }
+        let endpoint = builder.bind().await.map_err(|source| BindError::Endpoint {
+            source: Box::new(source),
+        })?;
+        debug!(node_id = %endpoint.id(), relays = relays.len(), "node bound");
+        Ok(Self { endpoint, relays })
+    }
+
+    /// The node's id.
+    pub fn id(&self) -> NodeId {
+        NodeId(self.endpoint.id())
+    }
+
+    /// The node's address as it knows it now: its home relay (once it has one) and the
+    /// direct addresses it found on its interfaces.
+    pub fn addr(&self) -> NodeAddr {
+        NodeAddr::from_iroh(&self.endpoint.addr())
+    }
+
+    /// The local addresses of the node's UDP sockets (the ports chosen for port 0).
+    pub fn bound_addrs(&self) -> Vec<SocketAddr> {
+        self.endpoint.bound_sockets()
+    }
+
+    /// The relays this node was configured with.
+    pub fn relays(&self) -> &[RelayUrl] {
+        &self.relays
+    }
+
+    /// Waits until the node is connected to a relay (forever without relays, or while every
+    /// relay refuses it: see [`Node::wait_relays`]).
+    pub async fn online(&self) {
+        self.endpoint.online().await
+    }
+
+    /// The state of the connections to the home relays now (empty until one is chosen).
+    pub fn relay_states(&self) -> Vec<RelayState> {
+        to_states(self.endpoint.home_relay_status().get())
+    }
+
+    /// Waits until `done` holds for the state of the home relays, and returns that state;
+    /// `None` if the node is dropped first.
+    pub async fn wait_relays(
+        &self,
+        mut done: impl FnMut(&[RelayState]) -> bool,
+    ) -> Option<Vec<RelayState>> {
+        let mut watcher = self.endpoint.home_relay_status();
+        let mut states = to_states(watcher.get());
+        while !done(&states) {
+            states = to_states(watcher.updated().await.ok()?);
+        }
+        Some(states)
+    }
+
+    /// Connects to `to` for protocol `alpn`. With no relay and no direct address for the
+    /// peer, tries it through this node's relays.
+    pub async fn connect(
+        &self,
+        to: impl Into<NodeAddr>,
+        alpn: &[u8],
+    ) -> Result<Connection, ConnectError> {
+        let to = to.into();
+        let mut addr = to.to_iroh();
+        if addr.is_empty() {
+            if self.relays.is_empty() {
+                return Err(ConnectError::NoAddress(to.id));
+            }
+            addr = addr.with_addrs(
+                self.relays
+                    .iter()
+                    .map(|r| iroh::TransportAddr::Relay(r.0.clone())),
+            );
+        }
+        let connecting = self
+            .endpoint
+            .connect_with_opts(addr, alpn, Default::default())
+            .await
+            .map_err(|e| match e {
+                ConnectWithOptsError::SelfConnect { .. } => ConnectError::SelfConnect,
+                ConnectWithOptsError::InvalidAlpn { .. } => ConnectError::InvalidAlpn,
+                ConnectWithOptsError::EndpointClosed { .. } => ConnectError::Closed,
+                ConnectWithOptsError::NoAddress { .. } => ConnectError::NoAddress(to.id),
+                other => handshake(other),
+            })?;
+        let conn = connecting.await.map_err(connecting_error)?;
+        Ok(Connection { inner: conn })
+    }
+
+    /// The next incoming connection attempt; `None` once the node is closed. Only ALPNs in
+    /// [`NodeConfig::alpns`] get this far.
+    pub async fn accept(&self) -> Option<Incoming> {
+        self.endpoint.accept().await.map(|inner| Incoming { inner })
+    }
+
+    /// Closes every connection (code 0) and the node's sockets, and waits for that to be
+    /// sent.
+    pub async fn close(&self) {
+        self.endpoint.close().await
+    }
+
+    /// The iroh endpoint underneath, for what this crate does not wrap yet.
+    pub fn endpoint(&self) -> &iroh::Endpoint {
+        &self.endpoint
+    }
+}
+
+fn handshake(e: impl std::error::Error + Send + Sync + 'static) -> ConnectError {
+    ConnectError::Handshake {
+        source: Box::new(e),
+    }
+}
+
+fn connecting_error(e: ConnectingError) -> ConnectError {
+    match e {
+        ConnectingError::ConnectionError {
+            source: ConnectionError::LocallyClosed,
+            ..
+        } => ConnectError::Closed,
+        other => handshake(other),
+    }
+}
+
+/// The state of the connection to one home relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayState {
+    /// The relay.
+    pub url: RelayUrl,
+    /// Whether the node is connected and registered with it.
+    pub connected: bool,
+    /// The reason the relay gave for refusing the node, if it did last time (it will keep
+    /// refusing until its access rules change).
+    pub denied: Option<String>,
+    /// The last connection error, if the last attempt failed.
+    pub error: Option<String>,
+}
+
+fn to_states(statuses: Vec<endpoint::RelayStatus>) -> Vec<RelayState> {
+    statuses
+        .into_iter()
+        .map(|s| RelayState {
+            url: RelayUrl(s.url().clone()),
+            connected: s.is_connected(),
+            denied: s.auth_denied_reason().map(str::to_owned),
+            error: s.last_error().map(|e| e.to_string()),
+        })
+        .collect()
+}
+
+/// A connection attempt from a peer, before the handshake.
+#[derive(Debug)]
+pub struct Incoming {
+    inner: endpoint::Incoming,
+}
+
+impl Incoming {
+    /// Where the attempt came from: straight from an address, or through a relay.
+    pub fn path(&self) -> Option<PathKind> {
+        match self.inner.remote_addr() {
+            endpoint::IncomingAddr::Ip(addr) => Some(PathKind::Direct(addr)),
+            endpoint::IncomingAddr::Relay { url, .. } => Some(PathKind::Relayed(RelayUrl(url))),
+            _ => None,
+        }
+    }
+
+    /// Runs the handshake and returns the connection.
+    pub async fn accept(self) -> Result<Connection, ConnectError> {
+        let conn = self.inner.await.map_err(connecting_error)?;
+        Ok(Connection { inner: conn })
+    }
+
+    /// Refuses the attempt (the peer sees the connection refused).
+    pub fn refuse(self) {
+        self.inner.refuse()
+    }
+}
+
+/// A connection to a peer, over whichever of its paths iroh chooses. Cheap to clone; the
+/// connection closes when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    inner: endpoint::Connection,
+}
+
+impl Connection {
+    /// The peer's id, proved by the handshake.
+    pub fn remote_id(&self) -> NodeId {
+        NodeId(self.inner.remote_id())
+    }
+
+    /// The protocol the handshake agreed on.
+    pub fn alpn(&self) -> &[u8] {
+        self.inner.alpn()
+    }
+
+    /// Opens a bidirectional stream. The peer learns of it when the first bytes arrive.
+    pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        self.inner.open_bi().await
+    }
+
+    /// Waits for the peer to open a bidirectional stream.
+    pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        self.inner.accept_bi().await
+    }
+
+    /// The paths open now.
+    pub fn paths(&self) -> Vec<PathInfo> {
+        current_paths(&self.inner)
+    }
+
+    /// The path carrying application data now.
+    pub fn selected_path(&self) -> Option<PathInfo> {
+        self.paths().into_iter().find(|p| p.selected)
+    }
+
+    /// The path events from now on (see [`PathEvents`]).
+    pub fn path_events(&self) -> PathEvents {
+        PathEvents::new(&self.inner)
+    }
+
+    /// The round-trip time of the selected path.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.selected_path().map(|p| p.rtt)
+    }
+
+    /// Closes the connection with an application error `code` and `reason`.
+    pub fn close(&self, code: u32, reason: &[u8]) {
+        self.inner.close(code.into(), reason)
+    }
+
+    /// Waits until the connection is closed, and says why.
+    pub async fn closed(&self) -> ConnectionError {
+        self.inner.closed().await
+    }
+
+    /// The iroh connection underneath.
+    pub fn iroh(&self) -> &endpoint::Connection {
+        &self.inner
+    }
+}

@@ -1,0 +1,230 @@
+//! Nodes and an in-process relay on loopback: connections through the relay only, a
+//! connection that starts relayed and goes direct, and the relay's allow-list.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use mqttd_p2p::{
+    Connection, Node, NodeAddr, NodeConfig, NodeId, NodeKey, PathEvent, PathKind, RelayAccess,
+    RelayServer, RelayServerConfig, RelayUrl,
+};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+const ALPN: &[u8] = b"mqttd-p2p/test";
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A CA and a server certificate it signed for 127.0.0.1, as a broker generates them.
+struct Certs {
+    ca: CertificateDer<'static>,
+    server: rustls::ServerConfig,
+}
+
+fn certs() -> Certs {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    Certs {
+        ca: ca.der().clone(),
+        server,
+    }
+}
+
+async fn relay(certs: &Certs, allowed: &[NodeId]) -> RelayServer {
+    let mut config = RelayServerConfig::new("127.0.0.1:0".parse().unwrap(), certs.server.clone());
+    config.access = RelayAccess::Allow(allowed.iter().copied().collect::<HashSet<_>>());
+    RelayServer::spawn(config).await.unwrap()
+}
+
+fn config(key: NodeKey, relay: &RelayUrl, certs: &Certs, direct: bool) -> NodeConfig {
+    let mut config = NodeConfig::new(key);
+    config.bind = vec!["127.0.0.1:0".parse().unwrap()];
+    config.relays = vec![relay.clone()];
+    config.relay_roots = vec![certs.ca.clone()];
+    config.webpki_roots = false;
+    config.direct_paths = direct;
+    config.alpns = vec![ALPN.to_vec()];
+    config
+}
+
+async fn online(node: &Node) {
+    let states = tokio::time::timeout(LIMIT, node.wait_relays(|s| s.iter().any(|s| s.connected)))
+        .await
+        .unwrap_or_else(|_| panic!("not online: {:?}", node.relay_states()))
+        .unwrap();
+    assert!(states.iter().all(|s| s.denied.is_none()), "{states:?}");
+}
+
+/// Accepts one connection and echoes one stream on it.
+fn echo(node: &Node) -> tokio::task::JoinHandle<Connection> {
+    let node = node.clone();
+    tokio::spawn(async move {
+        let conn = node.accept().await.unwrap().accept().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let data = recv.read_to_end(1 << 20).await.unwrap();
+        send.write_all(&data).await.unwrap();
+        send.finish().unwrap();
+        conn
+    })
+}
+
+async fn round_trip(conn: &Connection, data: &[u8]) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(data).await.unwrap();
+    send.finish().unwrap();
+    let back = tokio::time::timeout(LIMIT, recv.read_to_end(1 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, data);
+}
+
+#[tokio::test]
+async fn two_nodes_without_direct_paths_talk_through_the_relay() {
+    let certs = certs();
+    let (a, b) = (NodeKey::generate(), NodeKey::generate());
+    let server = relay(&certs, &[a.id(), b.id()]).await;
+    let url = server.url();
+    assert_eq!(url.quic_port(), server.local_addr().port());
+    assert_eq!(server.quic_addr(), Some(server.local_addr()));
+    let a = Node::bind(config(a, &url, &certs, false)).await.unwrap();
+    let b = Node::bind(config(b, &url, &certs, false)).await.unwrap();
+    assert!(a.bound_addrs().is_empty(), "{:?}", a.bound_addrs());
+    online(&a).await;
+    online(&b).await;
+    assert_eq!(server.stats().clients, 2);
+
+    let accepted = echo(&a);
+    // Only the id: the dialer tries its own relays.
+    let conn = tokio::time::timeout(LIMIT, b.connect(a.id(), ALPN))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut events = conn.path_events();
+    match events.next().await {
+        Some(PathEvent::Opened(path)) => {
+            assert_eq!(path.kind, PathKind::Relayed(url.clone()));
+        }
+        other => panic!("expected the relayed path, got {other:?}"),
+    }
+    round_trip(&conn, &[3u8; 50_000]).await;
+    let path = conn.selected_path().expect("a selected path");
+    assert_eq!(path.kind, PathKind::Relayed(url.clone()));
+    assert!(conn.paths().iter().all(|p| p.kind.is_relayed()));
+    let accepted = accepted.await.unwrap();
+    assert_eq!(accepted.remote_id(), b.id());
+
+    conn.close(0, b"done");
+    b.close().await;
+    a.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_made_through_the_relay_goes_direct() {
+    let certs = certs();
+    let (a, b) = (NodeKey::generate(), NodeKey::generate());
+    let server = relay(&certs, &[a.id(), b.id()]).await;
+    let url = server.url();
+    let a = Node::bind(config(a, &url, &certs, true)).await.unwrap();
+    let b = Node::bind(config(b, &url, &certs, true)).await.unwrap();
+    online(&a).await;
+    online(&b).await;
+
+    let accepted = echo(&a);
+    // The relay and no direct address: the first path is relayed, then iroh learns a's
+    // addresses through the relay and punches a direct path (trivially, on loopback).
+    let to = NodeAddr::new(a.id()).with_relay(url.clone());
+    let conn = tokio::time::timeout(LIMIT, b.connect(to, ALPN))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut events = conn.path_events();
+    round_trip(&conn, b"through whatever path").await;
+    let mut seen = Vec::new();
+    let direct = tokio::time::timeout(LIMIT, async {
+        while let Some(event) = events.next().await {
+            seen.push(event.clone());
+            if let PathEvent::Selected(path) = event {
+                if path.kind.is_direct() {
+                    return path;
+                }
+            }
+        }
+        panic!("connection closed before a direct path: {seen:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no direct path: {:?}", conn.paths()));
+    let relayed = PathKind::Relayed(url.clone());
+    let saw_relayed = seen
+        .iter()
+        .any(|e| matches!(e, PathEvent::Opened(p) | PathEvent::Selected(p) if p.kind == relayed));
+    assert!(
+        saw_relayed,
+        "no relayed path event before the direct one: {seen:?}"
+    );
+    assert!(direct.rtt < Duration::from_secs(5), "{direct:?}");
+    let _ = accepted.await.unwrap();
+    conn.close(0, b"done");
+    b.close().await;
+    a.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_not_on_the_allow_list_is_refused() {
+    let certs = certs();
+    let allowed = NodeKey::generate();
+    let server = relay(&certs, &[allowed.id()]).await;
+    let url = server.url();
+    let stranger = Node::bind(config(NodeKey::generate(), &url, &certs, false))
+        .await
+        .unwrap();
+    let states = tokio::time::timeout(
+        LIMIT,
+        stranger.wait_relays(|s| s.iter().any(|s| s.denied.is_some())),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("not refused: {:?}", stranger.relay_states()))
+    .unwrap();
+    assert!(states.iter().all(|s| !s.connected), "{states:?}");
+    assert!(server.stats().refused_not_allowed >= 1);
+    assert_eq!(server.stats().clients, 0);
+
+    // The node on the list gets in.
+    let allowed = Node::bind(config(allowed, &url, &certs, false))
+        .await
+        .unwrap();
+    online(&allowed).await;
+    // And any node once the relay admits any (the stranger, which keeps retrying, is gone
+    // first, so that the count below is exact).
+    stranger.close().await;
+    drop(stranger);
+    server.set_access(RelayAccess::Any);
+    let anyone = Node::bind(config(NodeKey::generate(), &url, &certs, false))
+        .await
+        .unwrap();
+    online(&anyone).await;
+    assert_eq!(server.stats().clients, 2);
+    for node in [anyone, allowed] {
+        node.close().await;
+    }
+    server.shutdown().await;
+}
