@@ -14,6 +14,7 @@ fn runner(target: &str) -> Option<fn(&[u8])> {
         "broker" => |data| {
             mqttd_fuzz::broker::run(data);
         },
+        "quic_guard" => mqttd_broker::fuzzing::quic_guard,
         "store_record" => |data| {
             mqttd_fuzz::store_record(data);
         },

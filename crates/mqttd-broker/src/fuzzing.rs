@@ -101,3 +101,62 @@ impl FuzzBroker {
         done
     }
 }
+
+/// Drives the QUIC listener's anti-amplification guard with arbitrary datagrams received from
+/// and sent to a few addresses (IPv4, IPv6 and IPv4-mapped ones), connection attempts, Retries
+/// and the passing of time, read from `data` as a script. The guard sees peer bytes before noq
+/// does: it must never panic, never allow more than a send holds, allow only whole datagrams of
+/// a GSO batch, and never track more addresses than its capacity.
+pub fn quic_guard(data: &[u8]) {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    use std::time::Instant;
+
+    use crate::listener::quic::guard::Guard;
+
+    const CAPACITY: usize = 4;
+    let v4 = |last, port| SocketAddr::from((Ipv4Addr::new(192, 0, 2, last), port));
+    let v6 =
+        |last, port| SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last), port));
+    let addrs: [SocketAddr; 6] = [
+        v4(1, 4433),
+        v4(1, 4434),
+        v4(2, 4433),
+        SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped(), 4433)),
+        v6(1, 4433),
+        v6(2, 9),
+    ];
+    let mut guard = Guard::new(&[1], Duration::from_secs(10), CAPACITY);
+    let mut now = Instant::now();
+    let mut rest = data;
+    while let [op, who, hi, lo, tail @ ..] = rest {
+        let addr = addrs[usize::from(*who) % addrs.len()];
+        let len = (usize::from(*hi) << 8 | usize::from(*lo)).min(tail.len());
+        let (body, next) = tail.split_at(len);
+        match op % 6 {
+            0 => {
+                let _ = guard.received(now, addr, body);
+            }
+            1 => {
+                let _ = guard.attempt(now, addr, op & 0x80 != 0);
+            }
+            2 => guard.forget(addr),
+            3 => {
+                let segment = usize::from(op >> 3) * 50;
+                let segment = (segment > 0).then_some(segment);
+                let allowed = guard.send(now, addr, body, segment);
+                assert!(allowed <= body.len(), "allowed {allowed} of {}", body.len());
+                if let Some(segment) = segment {
+                    assert!(
+                        allowed == body.len() || allowed.is_multiple_of(segment),
+                        "allowed {allowed} of {} is not whole {segment}-byte datagrams",
+                        body.len()
+                    );
+                }
+            }
+            4 => guard.unsend(addr, len),
+            _ => now += Duration::from_millis(u64::from(*lo) * 50),
+        }
+        assert!(guard.len() <= CAPACITY, "{} tracked", guard.len());
+        rest = next;
+    }
+}

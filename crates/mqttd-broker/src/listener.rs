@@ -4,7 +4,7 @@
 //! deadline. QUIC listeners have their endpoint and accept loop in [`quic`]; relay listeners
 //! (feature `p2p`) are mqttd-p2p's relay server, in `relay`.
 
-mod quic;
+pub(crate) mod quic;
 #[cfg(feature = "p2p")]
 mod relay;
 

@@ -24,7 +24,7 @@
 //! what an address sent before it is validated. The accept loop tells the guard what noq
 //! decided of each attempt (validated by a token, sent a Retry, refused).
 
-mod guard;
+pub(crate) mod guard;
 mod socket;
 
 use std::io;
