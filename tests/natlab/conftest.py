@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from natlab import Nat, Observer, Topology, cleanup_leftovers
+from natlab import RELAY_IP, RELAY_IP2, Nat, Observer, Topology, cleanup_leftovers
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -86,7 +86,7 @@ def make_topology(request):
 @pytest.fixture
 def observer():
     """`observer(topo)` -> an `Observer` running on the topology's relay host."""
-    return lambda topo: Observer(topo.relay)
+    return lambda topo: Observer(topo.relay, RELAY_IP, RELAY_IP2)
 
 
 # The lab's own tests first (they check what the others rely on), the rest in file order.

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
 from natlab import RELAY_IP, RELAY_IP2, SITE_PLANS, Nat, Topology, cleanup_leftovers, netns
+from natlab.observer import HANG_TIMEOUT
 from natlab.probe import receive
 
 
@@ -86,17 +88,27 @@ def test_leftovers_of_a_dead_run_are_removed_and_a_live_run_is_left_alone():
     dead.wait()
     stale = f"{netns.PREFIX}{dead.pid}-1-relay"
     live = f"{netns.PREFIX}{os.getppid()}-1-relay"  # pytest's parent is alive
-    for name in (stale, live):
+    # This process's pid, but not made by this process: an earlier run with the same pid.
+    reused = f"{netns.PREFIX}{os.getpid()}-999-relay"
+    for name in (stale, live, reused):
         subprocess.run(["ip", "netns", "add", name], check=True)
     # A program a crashed run left running inside.
     sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "600"])
     try:
-        removed = cleanup_leftovers()
-        assert stale in removed and live not in removed
+        deadline = time.monotonic() + HANG_TIMEOUT
+        while str(sleeper.pid) not in subprocess.run(["ip", "netns", "pids", stale],
+                                                     capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline, "the sleeper never entered its namespace"
+            time.sleep(0.01)
+        with Topology() as mine:  # this run's own namespaces are never leftovers
+            removed = cleanup_leftovers()
+            assert {stale, reused} <= set(removed) and live not in removed
+            assert len(namespaces_with(mine.prefix)) == 6
         assert sleeper.wait(timeout=10) == -9
         assert stale not in netns.list_namespaces()
         assert live in netns.list_namespaces()
     finally:
         sleeper.kill()
         subprocess.run(["ip", "netns", "delete", live])
-        subprocess.run(["ip", "netns", "delete", stale], capture_output=True)
+        for name in (stale, reused):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)

@@ -35,6 +35,8 @@ CLONE_NEWNET = 0x40000000
 TERM_GRACE = 5.0
 
 _LEFTOVER = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
+# Names this process has created and not deleted yet: never leftovers, even for a reused pid.
+_created: set[str] = set()
 
 
 def run_prefix() -> str:
@@ -91,19 +93,22 @@ def delete_namespace(name: str) -> None:
     if not name.startswith(PREFIX):
         raise ValueError(f"refusing to delete {name!r}: not a lab namespace")
     _kill_all_inside(name)
-    subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+    done = subprocess.run(["ip", "netns", "delete", name], capture_output=True, text=True)
+    if done.returncode != 0 and name in list_namespaces():
+        raise RuntimeError(f"ip netns delete {name} failed: {done.stderr.strip()}")
+    _created.discard(name)
 
 
 def cleanup_leftovers() -> list[str]:
     """Deletes namespaces left by lab runs that are gone; returns their names.
 
-    A namespace of this very process counts as a leftover too (a reused pid): it is called
-    before this process creates any.
+    A run is gone when its process is. A namespace named with this process's own pid that this
+    process did not create is a leftover too (the pid was reused).
     """
     removed = []
     for name in list_namespaces():
         match = _LEFTOVER.match(name)
-        if not match:
+        if not match or name in _created:
             continue
         pid = int(match.group(1))
         if pid == os.getpid() or not _pid_alive(pid):
@@ -122,7 +127,12 @@ class Namespace:
         self._processes: list[subprocess.Popen] = []
         self._sockets: list[socket.socket] = []
         _run(["ip", "netns", "add", name])
-        self.ip("link set lo up")
+        _created.add(name)
+        try:
+            self.ip("link set dev lo up")
+        except BaseException:
+            delete_namespace(name)
+            raise
 
     def __repr__(self) -> str:
         return f"Namespace({self.name!r})"
@@ -146,11 +156,12 @@ class Namespace:
     def popen(self, argv, **kwargs) -> subprocess.Popen:
         """Starts a program inside the namespace in its own process group.
 
-        Keyword arguments go to `subprocess.Popen`. The process is terminated when the
+        Keyword arguments go to `subprocess.Popen` (always with a new session, so that teardown
+        can signal the whole group and nothing else). The process is terminated when the
         namespace is deleted (SIGTERM to its group, SIGKILL after `TERM_GRACE` seconds), unless
         it has exited by then; callers that care about its exit status stop it themselves.
         """
-        kwargs.setdefault("start_new_session", True)
+        kwargs["start_new_session"] = True
         process = subprocess.Popen(self.exec_argv(argv), **kwargs)
         self._processes.append(process)
         return process
@@ -226,6 +237,10 @@ class Namespace:
             except subprocess.TimeoutExpired:
                 _signal_group(process, signal.SIGKILL)
                 process.wait()
+        for process in self._processes:
+            for pipe in (process.stdin, process.stdout, process.stderr):
+                if pipe is not None:
+                    pipe.close()
         self._processes.clear()
 
     def delete(self) -> None:

@@ -66,12 +66,10 @@ def serve(address: str, other_address: str) -> None:
 class Observer:
     """The test side: a running observer process and requests to it."""
 
-    def __init__(self, node):
-        """Starts the observer in `node` (the relay), on its two addresses."""
-        from .topology import RELAY_IP, RELAY_IP2  # the package side only
-
+    def __init__(self, node, address: str, other_address: str):
+        """Starts the observer in `node` (the relay host), on two of its addresses."""
         self.node = node
-        self.process = node.popen([sys.executable, __file__, RELAY_IP, RELAY_IP2],
+        self.process = node.popen([sys.executable, __file__, address, other_address],
                                   stdout=subprocess.PIPE, text=True)
         ready, _, _ = select.select([self.process.stdout], [], [], HANG_TIMEOUT)
         line = self.process.stdout.readline() if ready else ""
