@@ -45,7 +45,7 @@ def run_prefix() -> str:
 
 
 def _run(argv, *, input: str | None = None) -> str:
-    done = subprocess.run(argv, input=input, capture_output=True, text=True)
+    done = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
         raise RuntimeError(
             f"{' '.join(argv)} failed with status {done.returncode}: {done.stderr.strip()}")
