@@ -36,6 +36,7 @@ class Behaviour:
 
     @property
     def port_preserved(self) -> bool:
+        """Whether every mapping kept the host's own port."""
         return all(port == self.local[1] for _, port in self.mapped.values())
 
 
@@ -96,6 +97,7 @@ def classify(site, observer: Observer) -> Behaviour:
     elif mapped["primary"] == mapped["other_port"] == mapped["other_address"]:
         mapping = ENDPOINT_INDEPENDENT
     elif mapped["primary"] == mapped["other_port"]:
+        # Random ports coincide once in about 64000 symmetric probes and land here.
         mapping = ADDRESS_DEPENDENT
     else:
         mapping = ADDRESS_AND_PORT_DEPENDENT
