@@ -834,7 +834,11 @@ impl ServerConnection {
                     // What Mosquitto does for its bridges: their own messages do not come
                     // back, and retained ones keep their flag. A shared subscription cannot be
                     // No Local [MQTT-3.8.3-4].
-                    for s in sub.filters.iter_mut().filter(|s| s.filter.share().is_none()) {
+                    for s in sub
+                        .filters
+                        .iter_mut()
+                        .filter(|s| s.filter.share().is_none())
+                    {
                         s.options.no_local = true;
                         s.options.retain_as_published = true;
                     }

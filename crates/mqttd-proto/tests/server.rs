@@ -2423,7 +2423,10 @@ fn a_mosquitto_bridge_subscribes_with_no_local_and_retain_as_published() {
     let plain = sub.filters[0].options;
     assert!(plain.no_local && plain.retain_as_published, "{plain:?}");
     let shared = sub.filters[1].options;
-    assert!(!shared.no_local && !shared.retain_as_published, "{shared:?}");
+    assert!(
+        !shared.no_local && !shared.retain_as_published,
+        "{shared:?}"
+    );
 
     // An ordinary 3.1.1 client's subscriptions have neither.
     let mut conn = Conn::open(config(), ConnectBuilder::v311("client"));

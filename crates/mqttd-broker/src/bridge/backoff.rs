@@ -58,7 +58,11 @@ mod tests {
         let secs: Vec<u64> = waits.iter().map(Duration::as_secs).collect();
         assert_eq!(secs, [1, 2, 4, 8, 10, 10]);
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
-        assert_eq!(b.next(0.0), Duration::from_millis(500), "half the step at least");
+        assert_eq!(
+            b.next(0.0),
+            Duration::from_millis(500),
+            "half the step at least"
+        );
         b.reset();
         assert_eq!(b.next(1.0), Duration::from_secs(1));
         // Many failures neither overflow nor pass the cap.

@@ -204,12 +204,11 @@ impl FromStr for TopicRule {
         }
         let filter = |prefix: &str| {
             let text = format!("{prefix}{pattern}");
-            let filter = TopicFilter::try_from(text.as_str()).map_err(|error| {
-                RuleError::Pattern {
+            let filter =
+                TopicFilter::try_from(text.as_str()).map_err(|error| RuleError::Pattern {
                     pattern: text.clone(),
                     error,
-                }
-            })?;
+                })?;
             if filter.share().is_some() {
                 return Err(RuleError::Shared(text));
             }
@@ -264,12 +263,17 @@ impl BridgeUrl {
         let own = self.client().filter(|u| u.username.is_some());
         match own {
             Some(url) => (
-                url.username.as_deref().and_then(|u| MqttStr::try_from(u).ok()),
+                url.username
+                    .as_deref()
+                    .and_then(|u| MqttStr::try_from(u).ok()),
                 url.password.clone().map(bytes::Bytes::from),
             ),
             None => (
                 bridge.username.clone(),
-                bridge.password.as_ref().map(|p| bytes::Bytes::from(p.0.clone())),
+                bridge
+                    .password
+                    .as_ref()
+                    .map(|p| bytes::Bytes::from(p.0.clone())),
             ),
         }
     }
@@ -304,9 +308,9 @@ impl FromStr for BridgeUrl {
             return Err(format!("invalid scheme {scheme:?}"));
         }
         let client = if CLIENT_SCHEMES.contains(&scheme.as_str()) {
-            let url: ServerUrl = text.parse().map_err(|e: mqttd_client::transport::UrlError| {
-                e.to_string()
-            })?;
+            let url: ServerUrl = text
+                .parse()
+                .map_err(|e: mqttd_client::transport::UrlError| e.to_string())?;
             Some(Box::new(url))
         } else {
             None
@@ -512,7 +516,8 @@ fn hostname() -> String {
 /// Seconds as a duration; an error unless finite and not negative.
 fn seconds(value: Option<f64>, default: f64, key: &str) -> Result<Duration, String> {
     let secs = value.unwrap_or(default);
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{key} = {secs}: not a number of seconds"))
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{key} = {secs}: not a number of seconds"))
 }
 
 impl TryFrom<RawBridge> for Bridge {
@@ -531,7 +536,9 @@ impl TryFrom<RawBridge> for Bridge {
         }
         let written: Vec<String> = raw.url.into_iter().chain(raw.urls).collect();
         if written.is_empty() {
-            return Err(invalid("no URL (url = \"mqtt://HOST:PORT\" or urls = [...])".into()));
+            return Err(invalid(
+                "no URL (url = \"mqtt://HOST:PORT\" or urls = [...])".into(),
+            ));
         }
         let mut urls = Vec::with_capacity(written.len());
         for url in written {
@@ -591,7 +598,10 @@ impl TryFrom<RawBridge> for Bridge {
         tls.insecure = raw.insecure.unwrap_or(false);
         tls.version = raw
             .tls_version
-            .map(|v| v.parse::<TlsVersion>().map_err(|e| invalid(format!("tls_version: {e}"))))
+            .map(|v| {
+                v.parse::<TlsVersion>()
+                    .map_err(|e| invalid(format!("tls_version: {e}")))
+            })
             .transpose()?;
         if tls.cert_file.is_some() != tls.key_file.is_some() {
             return Err(invalid("certfile and keyfile go together".into()));
@@ -785,7 +795,10 @@ mod tests {
         assert!(b.clean_start && !b.try_private);
         assert_eq!(b.protocol, ProtocolVersion::V3_1_1);
         assert_eq!(b.keep_alive, 5);
-        assert_eq!(b.tls.ca_file.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert_eq!(
+            b.tls.ca_file.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
         assert!(b.tls.insecure);
         // The URL's credentials are the URL's (see `BridgeUrl::credentials`).
         assert_eq!(b.username, None);

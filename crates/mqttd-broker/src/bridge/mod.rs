@@ -63,9 +63,7 @@ use crate::broker::Inner;
 use crate::hooks::{Peer, Transport};
 use crate::metrics::BridgeMetrics;
 use backoff::Backoff;
-pub use config::{
-    Bridge, BridgeConfigError, BridgeUrl, Direction, Password, RuleError, TopicRule,
-};
+pub use config::{Bridge, BridgeConfigError, BridgeUrl, Direction, Password, RuleError, TopicRule};
 use relay::{Command, Limits, Relay};
 
 /// A transport for bridge URLs whose scheme `mqttd-client` does not serve (`p2p://`, say),
@@ -163,10 +161,16 @@ pub(crate) async fn run(inner: Arc<Inner>, plan: Plan) {
             };
             match local {
                 Ok((client, events, ack)) => {
-                    match Running::new(&inner, &plan, client, events, &ack).run().await {
+                    match Running::new(&inner, &plan, client, events, &ack)
+                        .run()
+                        .await
+                    {
                         End::Shutdown => return,
                         End::LocalLost(reason) => {
-                            warn!(?reason, "the bridge's local session closed; opening it again");
+                            warn!(
+                                ?reason,
+                                "the bridge's local session closed; opening it again"
+                            );
                         }
                     }
                 }
@@ -628,9 +632,7 @@ fn send_all(client: &Client, mut next: impl FnMut() -> Option<Command>) {
     }
 }
 
-async fn remote_reserve(
-    remote: Option<&Remote>,
-) -> Result<Permit<'_>, mqttd_client::RequestError> {
+async fn remote_reserve(remote: Option<&Remote>) -> Result<Permit<'_>, mqttd_client::RequestError> {
     match remote {
         Some(r) => r.client.reserve().await,
         None => std::future::pending().await,

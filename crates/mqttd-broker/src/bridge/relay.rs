@@ -583,7 +583,11 @@ mod tests {
             ))
         };
         let (sent, released) = (message("s"), message("r"));
-        session.restore_in_flight(pid(1), Delivery::new(sent.clone()), OutboundState::PublishSent);
+        session.restore_in_flight(
+            pid(1),
+            Delivery::new(sent.clone()),
+            OutboundState::PublishSent,
+        );
         session.restore_in_flight(
             pid(2),
             Delivery::new(released.clone()),

@@ -66,11 +66,11 @@ use mqttd_proto::{
 
 use crate::auth::scram::MECHANISM;
 use crate::auth::ScramServerFirstSent;
+use crate::bridge::config::LOCAL_CLIENT_PREFIX;
 use crate::broker::{
     update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, SessionHandle, SessionReply,
     Slot, Subscriber,
 };
-use crate::bridge::config::LOCAL_CLIENT_PREFIX;
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer, Transport, Verdict};
 use crate::storage::{Batch, StoredWill, Ticket, Watermark};
 
