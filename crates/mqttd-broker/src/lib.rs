@@ -71,7 +71,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use access::{AccessControl, AccessError};
-pub use bridge::{Bridge, BridgeConfigError, BridgeTransport, BridgeUrl, Direction, TopicRule};
+pub use bridge::{
+    Bridge, BridgeConfigError, BridgeTransport, BridgeUrl, Direction, OpenStream, TopicRule,
+};
 pub use config::{Config, ConfigError, CongestionControl, Listener, ListenerKind, QuicConfig};
 pub use hooks::{
     Action, ClientInfo, ConnectAttempt, Hooks, Intercept, NoHooks, Peer, Transport, Verdict,

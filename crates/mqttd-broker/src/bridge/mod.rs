@@ -7,7 +7,7 @@
 //! A bridge is a persistent session of this broker, with the client identifier `$bridge/NAME`
 //! (refused to any client) and a session that never expires, subscribed to the local filters
 //! of the outgoing rules. It is an ordinary MQTT 5 connection over an in-memory stream, served
-//! by the same driver and [`crate::core::ConnectionCore`] as a TCP client's, with
+//! by the same driver and connection core as a TCP client's, with
 //! [`Transport::Bridge`] as its transport: a trusted internal identity that needs no password
 //! and that the ACL and the `authorize` hook are not asked about. So the bridge's queue is that
 //! session's: stored in the broker's durable store like any persistent session's, bounded by
@@ -23,7 +23,7 @@
 //! bridge's session, as from a client, and acknowledged to the remote broker once this broker
 //! has them. While the remote broker is away the local session's in-flight window fills and
 //! the rest queues in the session, durably; QoS 0 messages are dropped meanwhile. The
-//! bookkeeping is a sans-IO machine, [`relay::Relay`].
+//! bookkeeping is a sans-IO machine, `relay::Relay`.
 //!
 //! Loops: the bridge's local subscriptions are No Local, so what the bridge publishes here
 //! never goes back out through it (the origin of a message is the session that published it);
@@ -66,17 +66,17 @@ use backoff::Backoff;
 pub use config::{Bridge, BridgeConfigError, BridgeUrl, Direction, Password, RuleError, TopicRule};
 use relay::{Command, Limits, Relay};
 
+/// What [`BridgeTransport::open`] returns: a byte stream to the remote broker, later.
+pub type OpenStream<'a> =
+    Pin<Box<dyn Future<Output = std::io::Result<Box<dyn ByteStream>>> + Send + 'a>>;
+
 /// A transport for bridge URLs whose scheme `mqttd-client` does not serve (`p2p://`, say),
 /// plugged in with [`crate::BrokerBuilder::bridge_transport`]. It opens a byte stream to the
 /// remote broker; the bridge runs MQTT over it.
 pub trait BridgeTransport: Send + Sync + 'static {
     /// Opens a stream to `url` for `bridge`. The bridge gives up on it after
     /// [`Bridge::connect_timeout`].
-    fn open<'a>(
-        &'a self,
-        bridge: &'a Bridge,
-        url: &'a BridgeUrl,
-    ) -> Pin<Box<dyn Future<Output = std::io::Result<Box<dyn ByteStream>>> + Send + 'a>>;
+    fn open<'a>(&'a self, bridge: &'a Bridge, url: &'a BridgeUrl) -> OpenStream<'a>;
 }
 
 /// Plugged transports by scheme.
@@ -85,7 +85,7 @@ pub(crate) type Transports = HashMap<String, Arc<dyn BridgeTransport>>;
 /// How one URL is reached.
 enum Dialer {
     /// By `mqttd-client`, its TLS files loaded.
-    Client(Connector),
+    Client(Box<Connector>),
     /// By a plugged transport.
     Plugged(Arc<dyn BridgeTransport>),
 }
@@ -121,7 +121,9 @@ pub(crate) fn plan(
                 }
                 endpoint.tls = bridge.tls.clone();
                 endpoint.timeout = bridge.connect_timeout;
-                Dialer::Client(Connector::new(endpoint).map_err(|e| format!("{url}: {e}"))?)
+                Dialer::Client(Box::new(
+                    Connector::new(endpoint).map_err(|e| format!("{url}: {e}"))?,
+                ))
             }
             (None, Some(transport)) => Dialer::Plugged(transport.clone()),
             (None, None) => {
@@ -439,7 +441,7 @@ impl<'a> Running<'a> {
                         send_all(&remote.client, || self.relay.poll_remote());
                     }
                 }
-                Wake::Local(Some(Event::Publish(publish))) => self.relay.from_local(publish),
+                Wake::Local(Some(Event::Publish(publish))) => self.relay.local_message(publish),
                 Wake::Local(Some(Event::Delivered {
                     delivery, reason, ..
                 })) => self.relay.local_delivered(&delivery.message, reason),
@@ -451,7 +453,7 @@ impl<'a> Running<'a> {
                     self.close_remote().await;
                     return End::LocalLost(None);
                 }
-                Wake::Remote(Some(Event::Publish(publish))) => self.relay.from_remote(publish),
+                Wake::Remote(Some(Event::Publish(publish))) => self.relay.remote_message(publish),
                 Wake::Remote(Some(Event::Delivered {
                     delivery, reason, ..
                 })) => self.relay.remote_delivered(&delivery.message, reason),

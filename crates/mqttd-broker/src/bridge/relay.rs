@@ -176,7 +176,7 @@ impl Relay {
     }
 
     /// A message from the local session (subscribed to the rules' local filters).
-    pub(crate) fn from_local(&mut self, publish: InboundPublish) {
+    pub(crate) fn local_message(&mut self, publish: InboundPublish) {
         let InboundPublish {
             mut message,
             packet_id,
@@ -296,7 +296,7 @@ impl Relay {
     }
 
     /// A message from the remote broker (subscribed to the rules' remote filters).
-    pub(crate) fn from_remote(&mut self, publish: InboundPublish) {
+    pub(crate) fn remote_message(&mut self, publish: InboundPublish) {
         let InboundPublish {
             mut message,
             packet_id,
@@ -415,7 +415,7 @@ mod tests {
     fn outgoing_messages_are_acknowledged_locally_once_the_remote_broker_has_them() {
         let mut relay = Relay::new(rules(&["s/# out 1 local/ remote/"]), Limits::ALL);
         up(&mut relay);
-        relay.from_local(publish("local/s/1", QoS::ExactlyOnce, 7));
+        relay.local_message(publish("local/s/1", QoS::ExactlyOnce, 7));
         let (local, remote) = drain(&mut relay);
         assert!(local.is_empty(), "nothing acknowledged yet: {local:?}");
         assert_eq!(
@@ -434,9 +434,9 @@ mod tests {
     #[test]
     fn while_the_remote_broker_is_away_qos_1_waits_and_qos_0_is_dropped() {
         let mut relay = Relay::new(rules(&["# out 2"]), Limits::ALL);
-        relay.from_local(publish("a", QoS::AtLeastOnce, 1));
-        relay.from_local(publish("b", QoS::AtMostOnce, 0));
-        relay.from_local(publish("c", QoS::ExactlyOnce, 2));
+        relay.local_message(publish("a", QoS::AtLeastOnce, 1));
+        relay.local_message(publish("b", QoS::AtMostOnce, 0));
+        relay.local_message(publish("c", QoS::ExactlyOnce, 2));
         assert_eq!(drain(&mut relay), (vec![], vec![]));
         assert_eq!(relay.take_counts().dropped, 1);
         assert_eq!(relay.pending_out(), 2);
@@ -457,14 +457,14 @@ mod tests {
     fn a_reconnect_sends_again_only_what_the_resumed_session_does_not_carry() {
         let mut relay = Relay::new(rules(&["# out 1"]), Limits::ALL);
         up(&mut relay);
-        relay.from_local(publish("a", QoS::AtLeastOnce, 1));
-        relay.from_local(publish("b", QoS::AtLeastOnce, 2));
+        relay.local_message(publish("a", QoS::AtLeastOnce, 1));
+        relay.local_message(publish("b", QoS::AtLeastOnce, 2));
         let (_, remote) = drain(&mut relay);
         let Command::Publish(a) = remote[0].clone() else {
             unreachable!()
         };
         relay.remote_down();
-        relay.from_local(publish("c", QoS::AtLeastOnce, 3));
+        relay.local_message(publish("c", QoS::AtLeastOnce, 3));
         // The client's session carries `a` (sent on the old connection); `b` was lost with it.
         let carried = HashSet::from([key(&a)]);
         relay.remote_up(Limits::ALL, &carried);
@@ -490,7 +490,7 @@ mod tests {
         relay.remote_up(limits, &HashSet::new());
         let mut p = publish("a", QoS::ExactlyOnce, 4);
         p.message.retain = true;
-        relay.from_local(p);
+        relay.local_message(p);
         let (local, remote) = drain(&mut relay);
         // Sent at QoS 0, so done at once.
         assert_eq!(local, vec![Command::Ack(pid(4))]);
@@ -504,7 +504,7 @@ mod tests {
     fn incoming_messages_are_acknowledged_remotely_once_the_local_broker_has_them() {
         let mut relay = Relay::new(rules(&["cmd/# in 1 dev/ cloud/"]), Limits::ALL);
         up(&mut relay);
-        relay.from_remote(publish("cloud/cmd/x", QoS::ExactlyOnce, 9));
+        relay.remote_message(publish("cloud/cmd/x", QoS::ExactlyOnce, 9));
         let (local, remote) = drain(&mut relay);
         assert!(remote.is_empty());
         assert_eq!(
@@ -523,7 +523,7 @@ mod tests {
     fn an_acknowledgement_is_owed_only_to_the_connection_the_message_came_on() {
         let mut relay = Relay::new(rules(&["# in 1"]), Limits::ALL);
         up(&mut relay);
-        relay.from_remote(publish("a", QoS::AtLeastOnce, 1));
+        relay.remote_message(publish("a", QoS::AtLeastOnce, 1));
         let (local, _) = drain(&mut relay);
         let Command::Publish(m) = &local[0] else {
             unreachable!()
@@ -540,8 +540,8 @@ mod tests {
     fn messages_no_rule_maps_are_acknowledged_and_dropped() {
         let mut relay = Relay::new(rules(&["a/# out 1", "b/# in 1"]), Limits::ALL);
         up(&mut relay);
-        relay.from_local(publish("b/1", QoS::AtLeastOnce, 1));
-        relay.from_remote(publish("a/1", QoS::AtLeastOnce, 2));
+        relay.local_message(publish("b/1", QoS::AtLeastOnce, 1));
+        relay.remote_message(publish("a/1", QoS::AtLeastOnce, 2));
         assert_eq!(
             drain(&mut relay),
             (vec![Command::Ack(pid(1))], vec![Command::Ack(pid(2))])
@@ -556,8 +556,8 @@ mod tests {
             Limits::ALL,
         );
         up(&mut relay);
-        relay.from_local(publish("a/b", QoS::AtLeastOnce, 1));
-        relay.from_local(publish("a/c", QoS::AtLeastOnce, 2));
+        relay.local_message(publish("a/b", QoS::AtLeastOnce, 1));
+        relay.local_message(publish("a/c", QoS::AtLeastOnce, 2));
         let (local, remote) = drain(&mut relay);
         assert_eq!(
             published(&remote),
