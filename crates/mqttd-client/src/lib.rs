@@ -310,9 +310,39 @@ impl Permit<'_> {
         self.0.send(Command::PublishNoReply(message));
     }
 
+    /// Publishes `message` as [`Permit::publish`] does, with the state machine's verdict to
+    /// await: a message it drops (expired, too large for the server, queue full) never
+    /// completes with [`Event::Delivered`], so a caller that waits for completion looks here.
+    pub fn publish_with_verdict(self, message: Arc<Message>) -> Verdict {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(Command::Publish(message, tx));
+        Verdict(rx)
+    }
+
     /// Acknowledges a message, as [`Client::ack`] does.
     pub fn ack(self, packet_id: PacketId, reason: ReasonCode) {
         self.0.send(Command::Ack(packet_id, reason));
+    }
+}
+
+/// The state machine's verdict on a publication ([`Permit::publish_with_verdict`]): sent,
+/// queued, or why not. Verdicts come in the order the publications were made.
+pub struct Verdict(oneshot::Receiver<Result<Enqueued, ClientError>>);
+
+impl Future for Verdict {
+    type Output = Result<Enqueued, RequestError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|answer| match answer {
+                Ok(Ok(enqueued)) => Ok(enqueued),
+                Ok(Err(error)) => Err(RequestError::Client(error)),
+                Err(_) => Err(RequestError::Closed),
+            })
     }
 }
 

@@ -1,5 +1,5 @@
-//! Bridges (`[[bridge]]`) between real brokers: two `mqttd` processes bridged over TCP and over
-//! QUIC with prefixes both ways, a rule that goes both ways without echoing (MQTT 5 No Local;
+//! Bridges (`[[bridge]]`) between real brokers: two `mqttd` processes bridged over TCP, QUIC
+//! and WebSocket with prefixes both ways, a rule that goes both ways without echoing (MQTT 5 No Local;
 //! MQTT 3.1.1 with the bridge flag), QoS 1 messages published while the remote broker is down
 //! delivered once it is back, messages queued for the remote broker kept across a kill -9 of
 //! the local one, and Mosquitto at either end (Debian's `mosquitto`; skipped without it).
@@ -233,6 +233,17 @@ async fn two_brokers_bridged_over_quic_carry_messages_both_ways_with_prefixes() 
     let extra = format!("cafile = \"{}\"", ca.display());
     let local = Broker::start(&bridge_toml("q", &url, PREFIXED, &extra));
     wait_up(&local, "q", 1.0).await;
+    carries_both_ways(local.mqtt, remote.mqtt).await;
+    local.stop();
+    remote.stop();
+}
+
+#[tokio::test]
+async fn two_brokers_bridged_over_websocket_carry_messages_both_ways_with_prefixes() {
+    let remote = Broker::start("");
+    let url = quoted(&format!("ws://127.0.0.1:{}/mqtt", remote.ws.port()));
+    let local = Broker::start(&bridge_toml("w", &url, PREFIXED, ""));
+    wait_up(&local, "w", 1.0).await;
     carries_both_ways(local.mqtt, remote.mqtt).await;
     local.stop();
     remote.stop();

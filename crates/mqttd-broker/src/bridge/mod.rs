@@ -40,7 +40,7 @@ mod backoff;
 pub mod config;
 mod relay;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -51,12 +51,12 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
 use mqttd_client::transport::ByteStream;
-use mqttd_client::{Client, ConnectError, Connector, Events, Permit};
-use mqttd_proto::client::{ClientConfig, Event};
-use mqttd_proto::session::{Session, NEVER_EXPIRES};
+use mqttd_client::{Client, ConnectError, Connector, Events, Permit, RequestError, Verdict};
+use mqttd_proto::client::{ClientConfig, ClientError, Event};
+use mqttd_proto::session::{Enqueued, Session, NEVER_EXPIRES};
 use mqttd_proto::{
-    ConnAck, ProtocolVersion, QoS, ReasonCode, RetainHandling, SubscribeProperties, Subscription,
-    SubscriptionOptions, TopicFilter,
+    ConnAck, Message, ProtocolVersion, QoS, ReasonCode, RetainHandling, SubscribeProperties,
+    Subscription, SubscriptionOptions, TopicFilter,
 };
 
 use crate::broker::Inner;
@@ -236,6 +236,10 @@ enum Wake {
     RemoteRoom(bool),
     Local(Option<Event>),
     Remote(Option<Event>),
+    /// The local client's verdict on the oldest publication awaiting one.
+    LocalVerdict(Result<Enqueued, RequestError>),
+    /// The remote client's verdict on the oldest publication awaiting one.
+    RemoteVerdict(Result<Enqueued, RequestError>),
     Attempted(Attempted),
     Retry,
     /// A SUBSCRIBE or UNSUBSCRIBE was answered.
@@ -257,8 +261,12 @@ struct Running<'a> {
     local: Client,
     local_events: Events,
     relay: Relay,
+    /// QoS 1 and 2 publications on the local connection awaiting the client's verdict.
+    local_verdicts: Verdicts,
     remote: Option<Remote>,
     remote_events: Option<Events>,
+    /// The same on the remote connection.
+    remote_verdicts: Verdicts,
     /// The remote client's session between connections, so that what was in flight both ways
     /// is resumed (QoS 2 stays exactly once).
     session: Option<Session>,
@@ -292,8 +300,10 @@ impl<'a> Running<'a> {
             local,
             local_events,
             relay: Relay::new(bridge.topics.clone().into(), limits),
+            local_verdicts: VecDeque::new(),
             remote: None,
             remote_events: None,
+            remote_verdicts: VecDeque::new(),
             session: None,
             backoff: Backoff::new(bridge.reconnect_min, bridge.reconnect_max),
             private: bridge.try_private && bridge.protocol == ProtocolVersion::V3_1_1,
@@ -418,6 +428,12 @@ impl<'a> Running<'a> {
                 room = remote_reserve(self.remote.as_ref()), if to_remote => {
                     Wake::RemoteRoom(room.is_ok())
                 }
+                verdict = oldest(&mut self.local_verdicts), if !self.local_verdicts.is_empty() => {
+                    Wake::LocalVerdict(verdict)
+                }
+                verdict = oldest(&mut self.remote_verdicts), if !self.remote_verdicts.is_empty() => {
+                    Wake::RemoteVerdict(verdict)
+                }
                 event = self.local_events.recv() => Wake::Local(event),
                 event = remote_event(self.remote_events.as_mut()), if self.remote_events.is_some() => {
                     Wake::Remote(event)
@@ -434,11 +450,35 @@ impl<'a> Running<'a> {
                     return End::Shutdown;
                 }
                 Wake::LocalRoom(false) => return End::LocalLost(None),
-                Wake::LocalRoom(true) => send_all(&self.local, || self.relay.poll_local()),
+                Wake::LocalRoom(true) => send_all(
+                    &self.local,
+                    || self.relay.poll_local(),
+                    &mut self.local_verdicts,
+                ),
                 // A closed remote connection shows in its events.
                 Wake::RemoteRoom(open) => {
                     if let (true, Some(remote)) = (open, &self.remote) {
-                        send_all(&remote.client, || self.relay.poll_remote());
+                        send_all(
+                            &remote.client,
+                            || self.relay.poll_remote(),
+                            &mut self.remote_verdicts,
+                        );
+                    }
+                }
+                Wake::LocalVerdict(verdict) => {
+                    if let (Some((message, _)), Some(reason)) =
+                        (self.local_verdicts.pop_front(), dropped(verdict))
+                    {
+                        debug!(%reason, topic = %message.topic, "the local client dropped a message");
+                        self.relay.local_delivered(&message, reason);
+                    }
+                }
+                Wake::RemoteVerdict(verdict) => {
+                    if let (Some((message, _)), Some(reason)) =
+                        (self.remote_verdicts.pop_front(), dropped(verdict))
+                    {
+                        debug!(%reason, topic = %message.topic, "the remote client dropped a message");
+                        self.relay.remote_delivered(&message, reason);
                     }
                 }
                 Wake::Local(Some(Event::Publish(publish))) => self.relay.local_message(publish),
@@ -576,6 +616,7 @@ impl<'a> Running<'a> {
             return;
         };
         self.relay.remote_down();
+        self.remote_verdicts.clear();
         self.plan.metrics.up.set(0);
         let url = self.plan.targets[remote.url].url.to_string();
         match why {
@@ -593,6 +634,7 @@ impl<'a> Running<'a> {
     async fn close_remote(&mut self) {
         self.attempt = None;
         self.remote_events = None;
+        self.remote_verdicts.clear();
         if let Some(remote) = self.remote.take() {
             let disconnect = remote.client.disconnect(ReasonCode::Success, None);
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, disconnect).await;
@@ -620,21 +662,56 @@ fn remote_config(bridge: &Bridge, url: &BridgeUrl, private: bool) -> ClientConfi
     config
 }
 
+/// Publications awaiting their client's verdict, oldest first (verdicts come in order).
+type Verdicts = VecDeque<(Arc<Message>, Verdict)>;
+
 /// Sends the commands `next` yields while the connection's queue has room; what finds none
-/// stays queued for the next turn.
-fn send_all(client: &Client, mut next: impl FnMut() -> Option<Command>) {
+/// stays queued for the next turn. QoS 1 and 2 publications join `verdicts`.
+fn send_all(client: &Client, mut next: impl FnMut() -> Option<Command>, verdicts: &mut Verdicts) {
     while let Some(p) = client.try_reserve() {
         let Some(command) = next() else {
             return;
         };
         match command {
-            Command::Publish(message) => p.publish(message),
+            Command::Publish(message) if message.qos == QoS::AtMostOnce => p.publish(message),
+            Command::Publish(message) => {
+                let verdict = p.publish_with_verdict(message.clone());
+                verdicts.push_back((message, verdict));
+            }
             Command::Ack(packet_id) => p.ack(packet_id, ReasonCode::Success),
         }
     }
 }
 
-async fn remote_reserve(remote: Option<&Remote>) -> Result<Permit<'_>, mqttd_client::RequestError> {
+/// The verdict on the oldest publication of `verdicts` (never, if there is none).
+async fn oldest(verdicts: &mut Verdicts) -> Result<Enqueued, RequestError> {
+    match verdicts.front_mut() {
+        Some((_, verdict)) => verdict.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether a client's verdict means it dropped the message, and why: then the message never
+/// completes, and counts as done. `None` also when the connection closed, after which it is
+/// sent again.
+fn dropped(verdict: Result<Enqueued, RequestError>) -> Option<ReasonCode> {
+    match verdict {
+        Ok(Enqueued::Sent | Enqueued::Queued | Enqueued::NotConnected) => None,
+        Ok(Enqueued::QueueFull) => Some(ReasonCode::QuotaExceeded),
+        Ok(Enqueued::Expired) => Some(ReasonCode::UnspecifiedError),
+        Ok(Enqueued::TooLarge) => Some(ReasonCode::PacketTooLarge),
+        Err(RequestError::Client(ClientError::QoSNotSupported(_))) => {
+            Some(ReasonCode::QoSNotSupported)
+        }
+        Err(RequestError::Client(ClientError::RetainNotSupported)) => {
+            Some(ReasonCode::RetainNotSupported)
+        }
+        Err(RequestError::Client(ClientError::NoPacketId)) => Some(ReasonCode::QuotaExceeded),
+        Err(_) => None,
+    }
+}
+
+async fn remote_reserve(remote: Option<&Remote>) -> Result<Permit<'_>, RequestError> {
     match remote {
         Some(r) => r.client.reserve().await,
         None => std::future::pending().await,
@@ -666,7 +743,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 fn report_suback(
     side: &str,
     subscriptions: &[Subscription],
-    ack: Result<mqttd_proto::SubAck, mqttd_client::RequestError>,
+    ack: Result<mqttd_proto::SubAck, RequestError>,
 ) {
     match ack {
         Ok(ack) => {

@@ -13,11 +13,14 @@
 //! ```
 //!
 //! The `Arc` of each message handed to a connection identifies it when that connection reports
-//! it delivered (the client hands the same `Arc` back). Messages for the remote broker that
-//! wait for it to come back are kept here, bounded by the local session's in-flight window:
-//! the local broker sends no more until some are acknowledged.
+//! it delivered (the client hands the same `Arc` back), or when the client's verdict says it
+//! dropped it (expired, too large): then it is done too. Messages for the remote broker that
+//! wait for it to come back, or for room in its receive maximum, are kept here, bounded by the
+//! local session's in-flight window: the local broker sends no more until some are
+//! acknowledged. So the remote client never queues a message of the relay's, where it could
+//! expire unseen.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use mqttd_proto::session::{OutboundState, Session};
@@ -40,6 +43,8 @@ pub(crate) enum Command {
 pub(crate) struct Limits {
     pub(crate) max_qos: QoS,
     pub(crate) retain: bool,
+    /// QoS 1 and 2 messages it takes unacknowledged.
+    pub(crate) receive_maximum: usize,
 }
 
 impl Limits {
@@ -48,6 +53,7 @@ impl Limits {
     pub(crate) const ALL: Self = Self {
         max_qos: QoS::ExactlyOnce,
         retain: true,
+        receive_maximum: u16::MAX as usize,
     };
 
     /// What a CONNACK allows.
@@ -55,6 +61,11 @@ impl Limits {
         Self {
             max_qos: ack.properties.maximum_qos.unwrap_or(QoS::ExactlyOnce),
             retain: ack.properties.retain_available.unwrap_or(true),
+            receive_maximum: usize::from(
+                ack.properties
+                    .receive_maximum
+                    .map_or(u16::MAX, std::num::NonZeroU16::get),
+            ),
         }
     }
 
@@ -90,7 +101,7 @@ struct Outbound {
     message: Arc<Message>,
     /// The local session's identifier to acknowledge.
     local_id: PacketId,
-    /// Whether it was handed to a remote connection (else it waits for one).
+    /// Whether the remote connection's client has it (else it waits in `Relay::waiting`).
     sent: bool,
 }
 
@@ -119,6 +130,10 @@ pub(crate) struct Relay {
     /// Counts remote connections: acknowledgements are owed to the one a message came on.
     generation: u64,
     outbound: HashMap<usize, Outbound>,
+    /// The outbound messages not handed to a remote connection, by arrival.
+    waiting: BTreeMap<u64, usize>,
+    /// The outbound messages the remote connection's client has.
+    in_client: usize,
     next_seq: u64,
     inbound: HashMap<usize, Inbound>,
     to_local: VecDeque<Command>,
@@ -136,6 +151,8 @@ impl Relay {
             remote: None,
             generation: 0,
             outbound: HashMap::new(),
+            waiting: BTreeMap::new(),
+            in_client: 0,
             next_seq: 0,
             inbound: HashMap::new(),
             to_local: VecDeque::new(),
@@ -211,9 +228,8 @@ impl Relay {
                         sent: false,
                     },
                 );
-                if self.remote.is_some() {
-                    self.send_out(k);
-                }
+                self.waiting.insert(seq, k);
+                self.send_waiting();
             }
             // QoS 0 goes now or never.
             id => {
@@ -232,12 +248,23 @@ impl Relay {
         }
     }
 
-    /// Hands the pending message under `k` to the remote connection, fitted to its limits
-    /// (a changed message is a new `Arc`, under a new key).
-    fn send_out(&mut self, k: usize) {
+    /// Hands waiting messages to the remote connection, in order, while its receive maximum
+    /// has room.
+    fn send_waiting(&mut self) {
         let Some(limits) = self.remote else {
             return;
         };
+        while self.in_client < limits.receive_maximum {
+            let Some((_, k)) = self.waiting.pop_first() else {
+                return;
+            };
+            self.send_out(limits, k);
+        }
+    }
+
+    /// Hands the pending message under `k` to the remote connection, fitted to its `limits`
+    /// (a changed message is a new `Arc`, under a new key).
+    fn send_out(&mut self, limits: Limits, k: usize) {
         let Some(mut entry) = self.outbound.remove(&k) else {
             return;
         };
@@ -251,15 +278,22 @@ impl Relay {
         }
         entry.sent = true;
         entry.message = message.clone();
+        self.in_client += 1;
         self.outbound.insert(key(&message), entry);
         self.to_remote.push_back(Command::Publish(message));
     }
 
-    /// The remote broker finished a QoS 1 or 2 message: the local session may forget it.
+    /// The remote broker finished a QoS 1 or 2 message (or, with an error, its client
+    /// dropped it): the local session may forget it.
     pub(crate) fn remote_delivered(&mut self, message: &Arc<Message>, reason: ReasonCode) {
         let Some(entry) = self.outbound.remove(&key(message)) else {
             return;
         };
+        if entry.sent {
+            self.in_client = self.in_client.saturating_sub(1);
+        } else {
+            self.waiting.remove(&entry.seq);
+        }
         if reason.is_error() {
             // Refused (not authorized, quota): sending it again would be refused again.
             self.counts.dropped += 1;
@@ -267,6 +301,7 @@ impl Relay {
             self.counts.out += 1;
         }
         self.to_local.push_back(Command::Ack(entry.local_id));
+        self.send_waiting();
     }
 
     /// A remote connection is up with `limits`; `carried` is what its client resends from the
@@ -274,16 +309,17 @@ impl Relay {
     pub(crate) fn remote_up(&mut self, limits: Limits, carried: &HashSet<usize>) {
         self.remote = Some(limits);
         self.generation += 1;
-        let mut due: Vec<(u64, usize)> = self
-            .outbound
-            .iter()
-            .filter(|(k, _)| !carried.contains(k))
-            .map(|(k, e)| (e.seq, *k))
-            .collect();
-        due.sort_unstable();
-        for (_, k) in due {
-            self.send_out(k);
+        self.waiting.clear();
+        self.in_client = 0;
+        for (k, entry) in &mut self.outbound {
+            entry.sent = carried.contains(k);
+            if entry.sent {
+                self.in_client += 1;
+            } else {
+                self.waiting.insert(entry.seq, *k);
+            }
         }
+        self.send_waiting();
     }
 
     /// The remote connection is gone. Its client's session keeps what it sent; what arrives
@@ -334,8 +370,9 @@ impl Relay {
         }
     }
 
-    /// The local broker finished a message the bridge published: the remote broker may
-    /// forget it, if it is still the connection it came on.
+    /// The local broker finished a message the bridge published (or, with an error, the local
+    /// client dropped it): the remote broker may forget it, if it is still the connection it
+    /// came on.
     pub(crate) fn local_delivered(&mut self, message: &Arc<Message>, reason: ReasonCode) {
         let Some(entry) = self.inbound.remove(&key(message)) else {
             return;
@@ -481,11 +518,39 @@ mod tests {
     }
 
     #[test]
+    fn no_more_than_the_remote_brokers_receive_maximum_is_handed_to_its_client() {
+        let mut relay = Relay::new(rules(&["# out 1"]), Limits::ALL);
+        let limits = Limits {
+            receive_maximum: 2,
+            ..Limits::ALL
+        };
+        relay.remote_up(limits, &HashSet::new());
+        for i in 1..=4 {
+            relay.local_message(publish(&format!("t{i}"), QoS::AtLeastOnce, i));
+        }
+        let (_, remote) = drain(&mut relay);
+        assert_eq!(published(&remote).len(), 2);
+        // The client dropped the first one (its verdict): done, and the third goes.
+        let Command::Publish(first) = &remote[0] else {
+            unreachable!()
+        };
+        relay.remote_delivered(first, ReasonCode::PacketTooLarge);
+        let (local, remote) = drain(&mut relay);
+        assert_eq!(local, vec![Command::Ack(pid(1))]);
+        assert_eq!(
+            published(&remote),
+            vec![("t3".to_owned(), QoS::AtLeastOnce)]
+        );
+        assert_eq!(relay.take_counts().dropped, 1);
+    }
+
+    #[test]
     fn messages_fit_the_remote_brokers_limits() {
         let mut relay = Relay::new(rules(&["# out 2"]), Limits::ALL);
         let limits = Limits {
             max_qos: QoS::AtMostOnce,
             retain: false,
+            ..Limits::ALL
         };
         relay.remote_up(limits, &HashSet::new());
         let mut p = publish("a", QoS::ExactlyOnce, 4);
