@@ -225,6 +225,8 @@ struct Remote {
     client: Client,
     /// Which of the bridge's URLs it is to.
     url: usize,
+    /// Its command queue closed: nothing more is sent on it, and its events say why.
+    closed: bool,
 }
 
 /// What woke a bridge's task.
@@ -416,7 +418,8 @@ impl<'a> Running<'a> {
         loop {
             self.count();
             let to_local = self.relay.has_local();
-            let to_remote = self.relay.has_remote() && self.remote.is_some();
+            let to_remote =
+                self.relay.has_remote() && self.remote.as_ref().is_some_and(|r| !r.closed);
             let waiting = self.remote.is_none() && self.attempt.is_none();
             let retry_at = self.retry_at.filter(|_| waiting);
             // Room in a connection's queue is only looked for here; the commands go below,
@@ -455,14 +458,18 @@ impl<'a> Running<'a> {
                     || self.relay.poll_local(),
                     &mut self.local_verdicts,
                 ),
-                // A closed remote connection shows in its events.
                 Wake::RemoteRoom(open) => {
-                    if let (true, Some(remote)) = (open, &self.remote) {
-                        send_all(
-                            &remote.client,
-                            || self.relay.poll_remote(),
-                            &mut self.remote_verdicts,
-                        );
+                    if let Some(remote) = &mut self.remote {
+                        if open {
+                            send_all(
+                                &remote.client,
+                                || self.relay.poll_remote(),
+                                &mut self.remote_verdicts,
+                            );
+                        } else {
+                            // Its events say why, next.
+                            remote.closed = true;
+                        }
                     }
                 }
                 Wake::LocalVerdict(verdict) => {
@@ -583,7 +590,11 @@ impl<'a> Running<'a> {
                 self.backoff.reset();
                 self.next_url = 0;
                 self.plan.metrics.up.set(1);
-                self.remote = Some(Remote { client, url });
+                self.remote = Some(Remote {
+                    client,
+                    url,
+                    closed: false,
+                });
                 self.remote_events = Some(events);
             }
             Err(ConnectError::Refused(ack))

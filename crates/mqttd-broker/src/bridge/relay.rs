@@ -81,6 +81,12 @@ impl Limits {
     }
 }
 
+/// Commands a side may have waiting before QoS 0 messages for it are dropped. QoS 1 and 2
+/// messages are bounded by the receive maximum each side announced; QoS 0 ones only by this,
+/// so that a side that takes messages slower than the other sends them costs bounded memory
+/// (the broker's own policy for QoS 0 under overload).
+pub(crate) const MAX_WAITING_QOS0: usize = 1024;
+
 /// Counts since the driver last took them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Counts {
@@ -234,12 +240,12 @@ impl Relay {
             // QoS 0 goes now or never.
             id => {
                 match self.remote {
-                    Some(limits) => {
+                    Some(limits) if self.to_remote.len() < MAX_WAITING_QOS0 => {
                         self.counts.out += 1;
                         self.to_remote
                             .push_back(Command::Publish(limits.fit(&message)));
                     }
-                    None => self.counts.dropped += 1,
+                    _ => self.counts.dropped += 1,
                 }
                 if let Some(id) = id {
                     self.to_local.push_back(Command::Ack(id));
@@ -352,6 +358,13 @@ impl Relay {
         message.topic = topic;
         message.qos = message.qos.min(qos);
         let message = self.local.fit(&Arc::new(message));
+        if message.qos == QoS::AtMostOnce && self.to_local.len() >= MAX_WAITING_QOS0 {
+            self.counts.dropped += 1;
+            if let Some(id) = packet_id {
+                self.to_remote.push_back(Command::Ack(id));
+            }
+            return;
+        }
         self.counts.in_ += 1;
         self.to_local.push_back(Command::Publish(message.clone()));
         match packet_id {
@@ -542,6 +555,23 @@ mod tests {
             vec![("t3".to_owned(), QoS::AtLeastOnce)]
         );
         assert_eq!(relay.take_counts().dropped, 1);
+    }
+
+    #[test]
+    fn qos_0_beyond_what_a_slow_side_has_waiting_is_dropped() {
+        let mut relay = Relay::new(rules(&["# both 1"]), Limits::ALL);
+        up(&mut relay);
+        for _ in 0..MAX_WAITING_QOS0 + 10 {
+            relay.local_message(publish("a", QoS::AtMostOnce, 0));
+            relay.remote_message(publish("b", QoS::AtMostOnce, 0));
+        }
+        // QoS 1 is not dropped: it is bounded by the receive maximum instead.
+        relay.local_message(publish("a", QoS::AtLeastOnce, 1));
+        relay.remote_message(publish("b", QoS::AtLeastOnce, 2));
+        let (local, remote) = drain(&mut relay);
+        assert_eq!(local.len(), MAX_WAITING_QOS0 + 1);
+        assert_eq!(remote.len(), MAX_WAITING_QOS0 + 1);
+        assert_eq!(relay.take_counts().dropped, 20);
     }
 
     #[test]
