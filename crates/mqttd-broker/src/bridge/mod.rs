@@ -413,6 +413,19 @@ impl<'a> Running<'a> {
         );
     }
 
+    /// The actor's loop. Each turn it waits for the first of, in this order:
+    ///
+    /// 1. shutdown of the broker: DISCONNECT to the remote broker, and the end;
+    /// 2. room in the local, then the remote connection's command queue, while the relay has
+    ///    commands for it (taken in the select, so that a full queue never stops the rest);
+    /// 3. the local, then the remote client's verdict on its oldest QoS 1 or 2 publication;
+    /// 4. an event of the local connection (a message, a completion, its close), then of the
+    ///    remote one;
+    /// 5. the connection attempt in progress;
+    /// 6. the retry timer, while no connection is up or being made;
+    /// 7. answers to SUBSCRIBE and UNSUBSCRIBE.
+    ///
+    /// What the relay owes each side goes out before more is read from either.
     async fn run(mut self) -> End {
         let shutdown = self.inner.shutdown.clone();
         loop {
