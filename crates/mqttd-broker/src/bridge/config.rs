@@ -461,7 +461,7 @@ pub(crate) fn local_client_id(name: &str) -> ClientId {
 struct RawBridge {
     name: String,
     url: Option<String>,
-    #[serde(default, alias = "addresses")]
+    #[serde(default)]
     urls: Vec<String>,
     #[serde(default, alias = "topic")]
     topics: Vec<String>,
