@@ -28,7 +28,7 @@ use mqttd_proto::{ClientId, Delivery, Message, QoS, ReasonCode, SubscriptionOpti
 use crate::access::AccessControl;
 use crate::auth::ScramServer;
 use crate::config::{Config, OfflineQos0};
-use crate::hooks::{Action, ClientInfo, ConnectAttempt, Hooks, Verdict};
+use crate::hooks::{Action, ClientInfo, ConnectAttempt, Hooks, Transport, Verdict};
 use crate::metrics::Metrics;
 use crate::retained::RetainedStore;
 use crate::storage::record::{self, Clock};
@@ -179,6 +179,9 @@ pub(crate) struct SessionHandle {
     pub(crate) stored: AtomicBool,
     /// Whether storage holds messages or QoS 2 state of this session.
     pub(crate) stored_messages: AtomicBool,
+    /// Messages the connection's session holds (queued, in flight, waiting to be durable),
+    /// as of the connection's last look: what a bridge's metrics report as queued.
+    pub(crate) backlog: AtomicUsize,
 }
 
 impl SessionHandle {
@@ -439,8 +442,12 @@ impl Inner {
         }
     }
 
-    /// Authorizes a topic action: the hooks first, then the ACL.
+    /// Authorizes a topic action: the hooks first, then the ACL. A bridge's own session is
+    /// trusted: it is configured by whoever configures the broker.
     pub(crate) fn authorize(&self, client: &ClientInfo, action: Action, topic: &str) -> bool {
+        if client.peer.transport == Transport::Bridge {
+            return true;
+        }
         match self.hooks.authorize(client, action, topic) {
             Verdict::Allow => true,
             Verdict::Deny(_) => false,
@@ -462,6 +469,26 @@ impl Inner {
         m.sessions.set(self.sessions.len() as i64);
         m.subscriptions.set(self.subscriptions.load().len() as i64);
         m.retained_messages.set(self.retained.len() as i64);
+        for bridge in &self.config.bridge {
+            let held = self.held_by(&bridge.local_client_id());
+            m.bridge(&bridge.name)
+                .queued
+                .set(i64::try_from(held).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Messages the session of `client_id` holds for its client: queued and in flight.
+    fn held_by(&self, client_id: &ClientId) -> usize {
+        let Some(handle) = self.sessions.get(client_id).map(|h| h.clone()) else {
+            return 0;
+        };
+        let slot = handle.slot.lock();
+        match &*slot {
+            Slot::Online { .. } => handle.backlog.load(Ordering::Relaxed),
+            Slot::Offline { session, .. } => session.queued().len() + session.in_flight_len(),
+            Slot::Transferring { buffer } => buffer.len(),
+            Slot::Ended => 0,
+        }
     }
 
     fn new_handle(&self, client_id: &ClientId, slot: Slot) -> Arc<SessionHandle> {
@@ -479,6 +506,7 @@ impl Inner {
             persistent: AtomicBool::new(false),
             stored: AtomicBool::new(false),
             stored_messages: AtomicBool::new(false),
+            backlog: AtomicUsize::new(0),
         })
     }
 

@@ -10,6 +10,7 @@ use mqttd_proto::session::{QueueLimits, NEVER_EXPIRES};
 use mqttd_proto::QoS;
 use serde::Deserialize;
 
+use crate::bridge::Bridge;
 use crate::storage::Durability;
 
 /// Why a configuration could not be used.
@@ -426,6 +427,10 @@ pub struct Config {
     /// Milliseconds: the longest `durability = "batch"` waits for an fsync, and
     /// `durability = "none"` for any write.
     pub sync_interval_ms: u64,
+    /// Bridges to other brokers (`[[bridge]]` tables), read into their types at load; two
+    /// with one name are an error.
+    #[serde(deserialize_with = "crate::bridge::config::unique_names")]
+    pub bridge: Vec<Bridge>,
 }
 
 impl Default for Config {
@@ -461,6 +466,7 @@ impl Default for Config {
             persistence: true,
             durability: Durability::Sync,
             sync_interval_ms: 100,
+            bridge: Vec::new(),
         }
     }
 }

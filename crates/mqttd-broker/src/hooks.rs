@@ -22,6 +22,10 @@ pub enum Transport {
     WebSocketTls,
     /// MQTT over QUIC.
     Quic,
+    /// A bridge's own session in this broker (see [`crate::bridge`]): a trusted internal
+    /// identity, which needs no credentials and which neither the ACL nor
+    /// [`Hooks::authorize`] is asked about.
+    Bridge,
 }
 
 impl Transport {
@@ -33,6 +37,7 @@ impl Transport {
             Self::WebSocket => "ws",
             Self::WebSocketTls => "wss",
             Self::Quic => "quic",
+            Self::Bridge => "bridge",
         }
     }
 

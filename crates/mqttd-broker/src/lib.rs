@@ -33,6 +33,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod bridge;
 
 mod broker;
 pub mod config;
@@ -70,6 +71,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use access::{AccessControl, AccessError};
+pub use bridge::{
+    Bridge, BridgeConfigError, BridgeTransport, BridgeUrl, Direction, OpenStream, TopicRule,
+};
 pub use config::{
     Config, ConfigError, CongestionControl, Listener, ListenerKind, QuicConfig, RelayConfig,
 };
@@ -116,6 +120,15 @@ pub enum StartError {
         /// Why, naming the file.
         source: TlsError,
     },
+    /// A bridge cannot run: its TLS files cannot be loaded, or no transport serves a URL's
+    /// scheme.
+    #[error("bridge {bridge:?}: {reason}")]
+    Bridge {
+        /// The bridge.
+        bridge: String,
+        /// Why, naming the URL.
+        reason: String,
+    },
 }
 
 /// Configures a broker before it starts.
@@ -123,6 +136,7 @@ pub struct BrokerBuilder {
     config: Config,
     hooks: Arc<dyn Hooks>,
     storage: Option<Arc<dyn Storage>>,
+    bridge_transports: bridge::Transports,
 }
 
 impl BrokerBuilder {
@@ -136,6 +150,14 @@ impl BrokerBuilder {
     /// `data_dir/store` when `persistence` is on, and keeps state in memory only otherwise.
     pub fn storage(mut self, storage: impl Storage) -> Self {
         self.storage = Some(Arc::new(storage));
+        self
+    }
+
+    /// Serves bridge URLs of `scheme` (`p2p`, say) with `transport`; `mqtt`, `mqtts`, `ws`,
+    /// `wss` and `quic` are served by `mqttd-client` already.
+    pub fn bridge_transport(mut self, scheme: &str, transport: impl BridgeTransport) -> Self {
+        self.bridge_transports
+            .insert(scheme.to_ascii_lowercase(), Arc::new(transport));
         self
     }
 
@@ -168,6 +190,16 @@ impl BrokerBuilder {
         };
         let mut recovered = storage.recover()?;
         let inner = Arc::new(Inner::new(self.config, self.hooks, access, scram, storage));
+        // Before anything is served: a bridge that cannot run stops the broker.
+        let mut bridges = Vec::with_capacity(inner.config.bridge.len());
+        for b in &inner.config.bridge {
+            let plan = bridge::plan(b, &self.bridge_transports, inner.metrics.bridge(&b.name))
+                .map_err(|reason| StartError::Bridge {
+                    bridge: b.name.clone(),
+                    reason,
+                })?;
+            bridges.push(plan);
+        }
         for message in std::mem::take(&mut recovered.retained) {
             inner.retained.set(message);
         }
@@ -189,6 +221,9 @@ impl BrokerBuilder {
             bound.push((listener, addr));
         }
         inner.tasks.spawn(sys::run(inner.clone()));
+        for plan in bridges {
+            inner.tasks.spawn(bridge::run(inner.clone(), plan));
+        }
         Ok(Broker { inner, bound, tls })
     }
 }
@@ -249,6 +284,7 @@ impl Broker {
             config,
             hooks: Arc::new(NoHooks),
             storage: None,
+            bridge_transports: bridge::Transports::new(),
         }
     }
 

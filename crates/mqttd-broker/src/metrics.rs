@@ -104,6 +104,20 @@ pub struct Metrics {
     /// Timer tasks of offline sessions (will delay, session expiry) running now: at most one
     /// per offline session.
     pub session_timers: Gauge,
+    /// Per bridge (label `bridge`): 1 while connected to its remote broker, else 0.
+    bridge_up: BridgeGauges,
+    /// Per bridge: messages from its remote broker published here.
+    bridge_messages_in: BridgeCounters,
+    /// Per bridge: messages its remote broker took (acknowledged, or sent at QoS 0).
+    bridge_messages_out: BridgeCounters,
+    /// Per bridge: messages it dropped (QoS 0 while the remote broker is away, no rule maps
+    /// them, or a broker refused them).
+    bridge_messages_dropped: BridgeCounters,
+    /// Per bridge: connection attempts after its first.
+    bridge_reconnects: BridgeCounters,
+    /// Per bridge: messages its session holds for the remote broker (queued, and taken but
+    /// not yet acknowledged by the remote broker), as of the last scrape.
+    bridge_queued: BridgeGauges,
 }
 
 impl Default for Metrics {
@@ -158,12 +172,33 @@ impl Default for Metrics {
             quic_socket_send_buffer_bytes: Gauge = "QUIC UDP socket send buffer in bytes",
             quic_datagrams_dropped: QuicDropped =
                 "QUIC datagrams dropped by the listener's guard, by reason",
+            bridge_up: BridgeGauges = "Whether each bridge is connected to its remote broker",
+            bridge_messages_in: BridgeCounters = "Messages each bridge published here from its remote broker",
+            bridge_messages_out: BridgeCounters = "Messages each bridge's remote broker took",
+            bridge_messages_dropped: BridgeCounters = "Messages each bridge dropped",
+            bridge_reconnects: BridgeCounters = "Connection attempts of each bridge after its first",
+            bridge_queued: BridgeGauges = "Messages each bridge's session holds for its remote broker",
         }
     }
 }
 
 /// `mqttd_quic_datagrams_dropped_total`, labelled by `reason`.
 type QuicDropped = Family<[(&'static str, &'static str); 1], Counter>;
+/// Gauges labelled by `bridge`.
+type BridgeGauges = Family<[(&'static str, String); 1], Gauge>;
+/// Counters labelled by `bridge`.
+type BridgeCounters = Family<[(&'static str, String); 1], Counter>;
+
+/// One bridge's metrics: handles into the families of [`Metrics`].
+#[derive(Debug, Clone)]
+pub(crate) struct BridgeMetrics {
+    pub(crate) up: Gauge,
+    pub(crate) messages_in: Counter,
+    pub(crate) messages_out: Counter,
+    pub(crate) messages_dropped: Counter,
+    pub(crate) reconnects: Counter,
+    pub(crate) queued: Gauge,
+}
 /// The buckets of `quic_rtt_seconds`: from loopback to a satellite link, in seconds.
 const RTT_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -178,6 +213,20 @@ impl Metrics {
     pub(crate) fn quic_datagrams_dropped(&self, reason: &'static str) -> Counter {
         self.quic_datagrams_dropped
             .get_or_create_owned(&[("reason", reason)])
+    }
+
+    /// The metrics of the bridge named `name`, created at once so that they show 0 before
+    /// anything happens.
+    pub(crate) fn bridge(&self, name: &str) -> BridgeMetrics {
+        let label = [("bridge", name.to_owned())];
+        BridgeMetrics {
+            up: self.bridge_up.get_or_create_owned(&label),
+            messages_in: self.bridge_messages_in.get_or_create_owned(&label),
+            messages_out: self.bridge_messages_out.get_or_create_owned(&label),
+            messages_dropped: self.bridge_messages_dropped.get_or_create_owned(&label),
+            reconnects: self.bridge_reconnects.get_or_create_owned(&label),
+            queued: self.bridge_queued.get_or_create_owned(&label),
+        }
     }
 
     /// The Prometheus text exposition of every metric.

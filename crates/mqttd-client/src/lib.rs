@@ -141,6 +141,8 @@ pub struct Client {
 /// while they do, the connection stops reading from the server.
 pub struct Events {
     rx: mpsc::Receiver<Event>,
+    /// The session, once the connection is over (unless [`Client::disconnect`] took it).
+    session: oneshot::Receiver<Option<Session>>,
 }
 
 impl Events {
@@ -157,6 +159,15 @@ impl Events {
     /// How many events wait to be received (at most [`EVENT_QUEUE`]).
     pub fn queued(&self) -> usize {
         self.rx.len()
+    }
+
+    /// Once the connection is over ([`Event::Closed`]): its session, to resume with a later
+    /// connection ([`connect`] with clean start off), so that what was in flight both ways is
+    /// sent again and not taken for new. `None` if [`Client::disconnect`] returned it already.
+    /// Waits for the connection's task to end; events not received yet are discarded.
+    pub async fn into_session(self) -> Option<Session> {
+        drop(self.rx);
+        self.session.await.ok().flatten()
     }
 
     /// The next message, skipping other events; `None` when the connection is gone.
@@ -197,6 +208,23 @@ impl Client {
         Ok(self
             .request(|tx| Command::Publish(Arc::new(message), tx))
             .await??)
+    }
+
+    /// Waits for room for one command in the connection's queue. A program that relays between
+    /// connections takes room this way inside a `select!` (it is cancel safe), so that it
+    /// goes on reading events while a connection's queue is full instead of waiting for it.
+    pub async fn reserve(&self) -> Result<Permit<'_>, RequestError> {
+        self.commands
+            .reserve()
+            .await
+            .map(Permit)
+            .map_err(|_| RequestError::Closed)
+    }
+
+    /// Room for one command if there is some now; `None` if the queue is full or the
+    /// connection is closed.
+    pub fn try_reserve(&self) -> Option<Permit<'_>> {
+        self.commands.try_reserve().ok().map(Permit)
     }
 
     /// Publishes a message without waiting for the state machine's verdict; waits only while
@@ -271,6 +299,53 @@ impl Client {
     }
 }
 
+/// Room for one command, taken with [`Client::reserve`]: using it cannot wait.
+pub struct Permit<'a>(mpsc::Permit<'a, Command>);
+
+impl Permit<'_> {
+    /// Publishes `message` as [`Client::publish_nowait`] does. The completion of a QoS 1 or 2
+    /// message, [`Event::Delivered`], carries this very `Arc`, so that the caller can tell
+    /// which of its messages completed.
+    pub fn publish(self, message: Arc<Message>) {
+        self.0.send(Command::PublishNoReply(message));
+    }
+
+    /// Publishes `message` as [`Permit::publish`] does, with the state machine's verdict to
+    /// await: a message it drops (expired, too large for the server, queue full) never
+    /// completes with [`Event::Delivered`], so a caller that waits for completion looks here.
+    pub fn publish_with_verdict(self, message: Arc<Message>) -> Verdict {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(Command::Publish(message, tx));
+        Verdict(rx)
+    }
+
+    /// Acknowledges a message, as [`Client::ack`] does.
+    pub fn ack(self, packet_id: PacketId, reason: ReasonCode) {
+        self.0.send(Command::Ack(packet_id, reason));
+    }
+}
+
+/// The state machine's verdict on a publication ([`Permit::publish_with_verdict`]): sent,
+/// queued, or why not. Verdicts come in the order the publications were made.
+pub struct Verdict(oneshot::Receiver<Result<Enqueued, ClientError>>);
+
+impl Future for Verdict {
+    type Output = Result<Enqueued, RequestError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|answer| match answer {
+                Ok(Ok(enqueued)) => Ok(enqueued),
+                Ok(Err(error)) => Err(RequestError::Client(error)),
+                Err(_) => Err(RequestError::Closed),
+            })
+    }
+}
+
 /// Connects over TCP.
 pub async fn connect_tcp(
     addr: SocketAddr,
@@ -342,6 +417,8 @@ async fn connect_links(
     driver.authenticator = authenticator;
     let (error_tx, mut error_rx) = oneshot::channel();
     driver.transport_error = Some(error_tx);
+    let (session_tx, session) = oneshot::channel();
+    driver.session_reply = Some(session_tx);
     tokio::spawn(driver.run(links));
     loop {
         match event_rx.recv().await {
@@ -351,7 +428,11 @@ async fn connect_links(
                     #[cfg(feature = "quic")]
                     quic,
                 };
-                return Ok((client, Events { rx: event_rx }, ack));
+                let events = Events {
+                    rx: event_rx,
+                    session,
+                };
+                return Ok((client, events, ack));
             }
             Some(Event::Rejected(ack)) => return Err(ConnectError::Refused(Box::new(ack))),
             // The driver hands over the transport's error before it reports the end.
@@ -646,6 +727,8 @@ struct Driver {
     pending_sub: HashMap<PacketId, oneshot::Sender<Result<SubAck, ClientError>>>,
     pending_unsub: HashMap<PacketId, oneshot::Sender<Result<UnsubAck, ClientError>>>,
     disconnect_reply: Option<oneshot::Sender<Option<Session>>>,
+    /// Where the session goes at the end if no DISCONNECT call took it ([`Events::into_session`]).
+    session_reply: Option<oneshot::Sender<Option<Session>>>,
     authenticator: Option<Box<dyn Authenticator>>,
     /// Takes the first transport error, for [`connect`] to report a failure before CONNACK.
     transport_error: Option<oneshot::Sender<std::io::Error>>,
@@ -665,6 +748,7 @@ impl Driver {
             pending_sub: HashMap::new(),
             pending_unsub: HashMap::new(),
             disconnect_reply: None,
+            session_reply: None,
             authenticator: None,
             transport_error: None,
         }
@@ -728,7 +812,7 @@ impl Driver {
         // The transport is closed and a DISCONNECT call returns now; the last events
         // ([`Event::Closed`] among them) then wait for room rather than be lost.
         drop(links);
-        if let Some(reply) = self.disconnect_reply.take() {
+        if let Some(reply) = self.disconnect_reply.take().or(self.session_reply.take()) {
             let _ = reply.send(self.conn.take_session());
         }
         loop {

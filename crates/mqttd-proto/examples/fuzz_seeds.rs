@@ -157,6 +157,7 @@ fn seeds(version: ProtocolVersion) -> Result<Vec<(&'static str, Packet)>, Error>
                 user_properties: users.clone(),
                 authentication_method: Some(s("PLAIN")?),
                 authentication_data: Some(Bytes::from_static(b"token")),
+                bridge: false,
             },
         ),
         ..minimal_connect.clone()

@@ -78,6 +78,11 @@ pub struct ClientConfig {
     pub auto_ack: bool,
     /// Time allowed for CONNACK, authentication included.
     pub connect_timeout: Duration,
+    /// Announce a bridge between brokers as Mosquitto's bridges do (`try_private`): MQTT 3.1
+    /// and 3.1.1 only, with the high bit of the protocol level (see
+    /// [`ConnectProperties::bridge`]). A server that does not know the flag refuses the
+    /// connection with return code 1 (unacceptable protocol version).
+    pub bridge: bool,
 }
 
 impl ClientConfig {
@@ -103,6 +108,7 @@ impl ClientConfig {
             },
             auto_ack: true,
             connect_timeout: Duration::from_secs(30),
+            bridge: false,
         }
     }
 
@@ -123,6 +129,8 @@ impl ClientConfig {
                 properties.authentication_method = Some(method.clone());
                 properties.authentication_data = data.clone();
             }
+        } else {
+            properties.bridge = self.bridge;
         }
         let mut will = self.will.clone();
         if !v5 {

@@ -157,6 +157,13 @@ pub struct ConnectProperties {
     pub user_properties: Vec<UserProperty>,
     pub authentication_method: Option<MqttStr>,
     pub authentication_data: Option<Bytes>,
+    /// Not a property on the wire: Mosquitto's bridge flag (`try_private`), the high bit of
+    /// the protocol level of an MQTT 3.1 or 3.1.1 CONNECT (0x83, 0x84). The server treats such
+    /// a client's subscriptions as No Local and Retain As Published, the MQTT 5 options that
+    /// 3.1.1 cannot express, so that a bridge's own messages do not come back to it. It lives
+    /// here, with what MQTT 5 expresses in CONNECT beyond the fixed fields; always false for
+    /// MQTT 5, which has the options themselves.
+    pub bridge: bool,
 }
 
 /// The will message carried in CONNECT.

@@ -266,6 +266,9 @@ struct Established {
     /// SUBSCRIBE and UNSUBSCRIBE received on a data stream and not yet answered: the stream
     /// their SUBACK or UNSUBACK goes on (the control stream for those not listed).
     pending_acks: HashMap<PacketId, StreamId>,
+    /// A Mosquitto bridge (see [`ConnectProperties::bridge`]): its subscriptions are No Local
+    /// and Retain As Published.
+    bridge: bool,
 }
 
 #[derive(Debug)]
@@ -741,6 +744,7 @@ impl ServerConnection {
             reauthenticating: false,
             connect_session_expiry: session_expiry,
             pending_acks: HashMap::new(),
+            bridge: connect.properties.bridge && !version.is_v5(),
         }));
         self.drain_flow_events(StreamId::CONTROL);
         for (stream, packet) in early {
@@ -804,7 +808,7 @@ impl ServerConnection {
             Packet::PubRec(rec) => e.flows.on_pubrec(now, stream, rec, out),
             Packet::PubRel(rel) => e.flows.on_pubrel(stream, rel, out),
             Packet::PubComp(comp) => e.flows.on_pubcomp(now, comp, out),
-            Packet::Subscribe(sub) => {
+            Packet::Subscribe(mut sub) => {
                 if sub
                     .filters
                     .iter()
@@ -825,6 +829,19 @@ impl ServerConnection {
                 }
                 if !stream.is_control() {
                     e.pending_acks.insert(sub.packet_id, stream);
+                }
+                if e.bridge {
+                    // What Mosquitto does for its bridges: their own messages do not come
+                    // back, and retained ones keep their flag. A shared subscription cannot be
+                    // No Local [MQTT-3.8.3-4].
+                    for s in sub
+                        .filters
+                        .iter_mut()
+                        .filter(|s| s.filter.share().is_none())
+                    {
+                        s.options.no_local = true;
+                        s.options.retain_as_published = true;
+                    }
                 }
                 self.events.push_back((stream, Event::Subscribe(sub)));
             }

@@ -159,6 +159,7 @@ fn connect_properties() -> impl Strategy<Value = ConnectProperties> {
                 user_properties: users,
                 authentication_method: method,
                 authentication_data: data,
+                bridge: false,
             },
         )
 }
@@ -212,6 +213,7 @@ fn connect(version: ProtocolVersion) -> impl Strategy<Value = Packet> {
         option::of(string()),
         option::of(binary(16)),
         v5_only(version, connect_properties()),
+        any::<bool>(),
     )
         .prop_map(
             move |(
@@ -221,12 +223,15 @@ fn connect(version: ProtocolVersion) -> impl Strategy<Value = Packet> {
                 will,
                 username,
                 mut password,
-                properties,
+                mut properties,
+                bridge,
             )| {
                 // Before MQTT 5 a password needs a user name [MQTT-3.1.2-22].
                 if !version.is_v5() && username.is_none() {
                     password = None;
                 }
+                // Mosquitto's bridge flag exists only before MQTT 5.
+                properties.bridge = bridge && !version.is_v5();
                 Packet::Connect(Box::new(Connect {
                     protocol: version,
                     clean_start,

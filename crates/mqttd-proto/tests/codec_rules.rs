@@ -331,6 +331,28 @@ fn valid_connects_of_each_version_decode() {
     assert_eq!(c.protocol, V5);
 }
 
+/// Mosquitto's bridge flag, the high bit of the level of a 3.1 or 3.1.1 CONNECT, decodes into
+/// `properties.bridge` and encodes back into the same byte.
+#[test]
+fn the_bridge_bit_of_the_protocol_level_round_trips() {
+    for (name, level, version) in [("MQIsdp", 0x83, V3_1), ("MQTT", 0x84, V3_1_1)] {
+        let wire = connect(name, level, 0x02, &s(b"c"));
+        let packet = decode(&wire, None);
+        let Packet::Connect(c) = &packet else {
+            panic!("not a CONNECT");
+        };
+        assert_eq!(c.protocol, version);
+        assert!(c.properties.bridge);
+        let mut out = BytesMut::new();
+        packet.encode(version, &mut out).unwrap();
+        assert_eq!(&out[..], &wire[..], "{name} {level:#x}");
+    }
+    let Packet::Connect(c) = decode(&connect("MQTT", 4, 0x02, &s(b"c")), None) else {
+        panic!("not a CONNECT");
+    };
+    assert!(!c.properties.bridge);
+}
+
 #[test]
 fn unknown_protocol_is_refused_before_the_version_is_known() {
     let cases = [

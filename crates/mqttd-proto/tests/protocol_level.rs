@@ -71,12 +71,15 @@ fn unsupported_levels_get_the_mqtt_3_1_1_return_code_1() {
         ("MQTT", 6),
         ("MQTT", 7),
         ("MQTT", 0x7F),
-        ("MQTT", 0x84),
+        // Mosquitto's bridge bit is for 3.1 and 3.1.1 only.
+        ("MQTT", 0x85),
+        ("MQTT", 0x83),
         ("MQTT", 0xFF),
         ("MQIsdp", 0),
         ("MQIsdp", 4),
         ("MQIsdp", 5),
         ("MQIsdp", 6),
+        ("MQIsdp", 0x84),
         ("MQIsdp", 0xFF),
     ];
     for (name, level) in cases {
@@ -106,7 +109,14 @@ fn unsupported_levels_get_the_mqtt_3_1_1_return_code_1() {
 
 #[test]
 fn supported_levels_are_not_refused() {
-    for (name, level) in [("MQIsdp", 3), ("MQTT", 4), ("MQTT", 5)] {
+    // 0x83 and 0x84: a Mosquitto bridge (`try_private`).
+    for (name, level) in [
+        ("MQIsdp", 3),
+        ("MQTT", 4),
+        ("MQTT", 5),
+        ("MQIsdp", 0x83),
+        ("MQTT", 0x84),
+    ] {
         let now = Instant::now();
         let mut server = ServerConnection::new(ServerConfig::default(), now);
         let mut reader = PacketReader::new(server.max_packet_size());
@@ -117,8 +127,12 @@ fn supported_levels_are_not_refused() {
             .expect("a whole packet");
         server.handle_packet(now, packet);
         assert!(!server.is_closed(), "{name} level {level}");
-        assert!(
-            matches!(server.poll_event(), Some(Event::Connect(_))),
+        let Some(Event::Connect(request)) = server.poll_event() else {
+            panic!("{name} level {level}: no CONNECT");
+        };
+        assert_eq!(
+            request.connect.properties.bridge,
+            level & 0x80 != 0,
             "{name} level {level}"
         );
     }

@@ -2404,6 +2404,40 @@ fn no_local_on_a_shared_subscription_is_a_protocol_error() {
     assert_eq!(conn.out(now).events, vec![Event::Subscribe(sub)]);
 }
 
+/// Mosquitto's bridges connect with protocol level 0x84 (`try_private`); their subscriptions
+/// are No Local and Retain As Published, as Mosquitto makes them, except shared ones.
+#[test]
+fn a_mosquitto_bridge_subscribes_with_no_local_and_retain_as_published() {
+    let mut bridge = ConnectBuilder::v311("bridge");
+    bridge.0.properties.bridge = true;
+    let mut conn = Conn::open(config(), bridge);
+    let now = conn.at(1);
+    conn.send(
+        now,
+        Packet::Subscribe(subscribe(1, &[("a/#", Q1), ("$share/g/b", Q1)])),
+    );
+    let out = conn.out(now);
+    let Event::Subscribe(sub) = only_event(&out) else {
+        panic!("not a SUBSCRIBE");
+    };
+    let plain = sub.filters[0].options;
+    assert!(plain.no_local && plain.retain_as_published, "{plain:?}");
+    let shared = sub.filters[1].options;
+    assert!(
+        !shared.no_local && !shared.retain_as_published,
+        "{shared:?}"
+    );
+
+    // An ordinary 3.1.1 client's subscriptions have neither.
+    let mut conn = Conn::open(config(), ConnectBuilder::v311("client"));
+    conn.send(now, Packet::Subscribe(subscribe(1, &[("a/#", Q1)])));
+    let out = conn.out(now);
+    let Event::Subscribe(sub) = only_event(&out) else {
+        panic!("not a SUBSCRIBE");
+    };
+    assert!(!sub.filters[0].options.no_local);
+}
+
 #[test]
 fn subscription_identifier_is_refused_when_not_supported() {
     let config = ServerConfig {

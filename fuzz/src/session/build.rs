@@ -219,6 +219,7 @@ pub fn connect(spec: &ConnectSpec) -> Connect {
             user_properties: user_properties(spec.user_properties),
             authentication_method: method(spec.auth_method),
             authentication_data: data(spec.auth_data),
+            bridge: false,
         },
     }
 }

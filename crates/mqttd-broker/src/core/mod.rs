@@ -66,11 +66,12 @@ use mqttd_proto::{
 
 use crate::auth::scram::MECHANISM;
 use crate::auth::ScramServerFirstSent;
+use crate::bridge::config::LOCAL_CLIENT_PREFIX;
 use crate::broker::{
     update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, SessionHandle, SessionReply,
     Slot, Subscriber,
 };
-use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer, Verdict};
+use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer, Transport, Verdict};
 use crate::storage::{Batch, StoredWill, Ticket, Watermark};
 
 use feed::{BlockedPublish, RetainedFeed};
@@ -717,7 +718,7 @@ impl ConnectionCore {
         let Some(handle) = &self.handle else {
             return;
         };
-        let (saturated, capacity) = self.conn.session().map_or((false, 0), |s| {
+        let (saturated, capacity, backlog) = self.conn.session().map_or((false, 0, 0), |s| {
             let limits = s.limits();
             let window = usize::from(self.inner.config.max_inflight_messages);
             let awaiting = self.awaiting.as_ref().map_or(0, |a| a.len);
@@ -731,8 +732,12 @@ impl ConnectionCore {
             (
                 queued >= limits.max_messages,
                 (limits.max_messages + window).saturating_sub(used),
+                s.queued().len() + s.in_flight_len() + awaiting,
             )
         });
+        if handle.backlog.load(Ordering::Relaxed) != backlog {
+            handle.backlog.store(backlog, Ordering::Relaxed);
+        }
         let limit = if handle.congested.load(Ordering::Relaxed) {
             WRITE_LOW_WATER
         } else {
@@ -961,6 +966,20 @@ impl ConnectionCore {
     }
 
     fn on_connect(&mut self, now: Instant, request: ConnectRequest) {
+        let bridge_id = request
+            .connect
+            .client_id
+            .as_str()
+            .starts_with(LOCAL_CLIENT_PREFIX);
+        if self.peer.transport == Transport::Bridge {
+            // A bridge's own session: trusted, configured with the broker.
+            return self.finish_connect(now, request, None);
+        }
+        if bridge_id {
+            info!(client_id = %request.connect.client_id.as_str(), "client identifier reserved for bridges");
+            let _ = self.conn.reject(now, ReasonCode::ClientIdentifierNotValid);
+            return;
+        }
         if let Some(identity) = self.certificate_username() {
             return self.connect_with_certificate(now, request, identity);
         }

@@ -56,8 +56,8 @@ const LAST_WORDS: Duration = Duration::from_secs(1);
 const STREAM: StreamId = StreamId::CONTROL;
 
 /// Runs a connection over `stream` to completion.
-// The listeners start theirs with `serve_since`; the fuzz targets and the core's tests here.
-#[cfg_attr(not(any(test, feature = "fuzzing")), allow(dead_code))]
+// The listeners start theirs with `serve_since`; bridges, the fuzz targets and the core's
+// tests here.
 pub(crate) fn serve<S>(
     inner: Arc<Inner>,
     stream: S,

@@ -135,20 +135,29 @@ fn topic_filter(r: &mut Reader) -> Result<TopicFilter, DecodeError> {
 fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     let name = r.string("protocol name")?;
     let level = r.u8("protocol level")?;
-    let version = match (name.as_str(), level) {
+    // Mosquitto's bridges set the level's high bit (`try_private`); MQTT 5 has no such level.
+    let bridge = level & BRIDGE_BIT != 0;
+    let version = match (name.as_str(), level & !BRIDGE_BIT) {
         ("MQTT", 4) => ProtocolVersion::V3_1_1,
-        ("MQTT", 5) => ProtocolVersion::V5,
+        ("MQTT", 5) if !bridge => ProtocolVersion::V5,
         ("MQIsdp", 3) => ProtocolVersion::V3_1,
-        ("MQTT" | "MQIsdp", level) => return Err(DecodeError::UnsupportedProtocolLevel(level)),
+        ("MQTT" | "MQIsdp", _) => return Err(DecodeError::UnsupportedProtocolLevel(level)),
         _ => return Err(DecodeError::InvalidProtocolName),
     };
-    decode_connect_rest(r, version).map_err(|error| DecodeError::InConnect {
+    decode_connect_rest(r, version, bridge).map_err(|error| DecodeError::InConnect {
         version,
         error: Box::new(error),
     })
 }
 
-fn decode_connect_rest(r: &mut Reader, protocol: ProtocolVersion) -> Result<Connect, DecodeError> {
+/// The bit of the protocol level that marks a Mosquitto bridge (see [`Connect::bridge`]).
+pub(crate) const BRIDGE_BIT: u8 = 0x80;
+
+fn decode_connect_rest(
+    r: &mut Reader,
+    protocol: ProtocolVersion,
+    bridge: bool,
+) -> Result<Connect, DecodeError> {
     let flags = r.u8("connect flags")?;
     if flags & 0x01 != 0 {
         return Err(DecodeError::ReservedFlag("CONNECT flags"));
@@ -169,7 +178,10 @@ fn decode_connect_rest(r: &mut Reader, protocol: ProtocolVersion) -> Result<Conn
     let properties = if protocol.is_v5() {
         ConnectProperties::decode(r)?
     } else {
-        ConnectProperties::default()
+        ConnectProperties {
+            bridge,
+            ..ConnectProperties::default()
+        }
     };
     let client_id = r.string("client identifier").and_then(|s| {
         ClientId::new(s).map_err(|error| DecodeError::InvalidString {

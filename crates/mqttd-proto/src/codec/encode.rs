@@ -288,7 +288,12 @@ fn connect_len(c: &Connect) -> usize {
 fn write_connect(c: &Connect, buf: &mut impl BufMut) {
     let v5 = c.protocol.is_v5();
     put_binary(buf, c.protocol.protocol_name().as_bytes());
-    buf.put_u8(c.protocol.level());
+    let bridge = if c.properties.bridge && !v5 {
+        super::decode::BRIDGE_BIT
+    } else {
+        0
+    };
+    buf.put_u8(c.protocol.level() | bridge);
     let mut flags = u8::from(c.clean_start) << 1;
     if let Some(w) = &c.will {
         flags |= 0x04 | (w.qos.bits() << 3) | (u8::from(w.retain) << 5);
