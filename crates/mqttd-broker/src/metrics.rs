@@ -95,6 +95,15 @@ pub struct Metrics {
     /// Datagrams the QUIC listeners dropped before noq read them or after noq wrote them, by
     /// `reason`: see [`Self::quic_datagrams_dropped`].
     quic_datagrams_dropped: QuicDropped,
+    /// Connections the `p2p://` listener accepted, by the path they came on: `direct` or
+    /// `relayed` (see [`Self::p2p_connections`]).
+    p2p_connections: P2pAccepted,
+    /// `p2p://` connections serving MQTT now.
+    pub p2p_connections_open: Gauge,
+    /// `p2p://` connections refused after the handshake: the node is not in `p2p.allow`.
+    pub p2p_refused: Counter,
+    /// `p2p://` handshakes that failed or did not end within `connect_timeout`.
+    pub p2p_handshake_failures: Counter,
     /// Sessions held, connected or not.
     pub sessions: Gauge,
     /// Subscriptions held.
@@ -158,12 +167,19 @@ impl Default for Metrics {
             quic_socket_send_buffer_bytes: Gauge = "QUIC UDP socket send buffer in bytes",
             quic_datagrams_dropped: QuicDropped =
                 "QUIC datagrams dropped by the listener's guard, by reason",
+            p2p_connections: P2pAccepted =
+                "Peer-to-peer connections accepted, by path at connect (direct, relayed)",
+            p2p_connections_open: Gauge = "Peer-to-peer MQTT connections open now",
+            p2p_refused: Counter = "Peer-to-peer connections refused by p2p.allow",
+            p2p_handshake_failures: Counter = "Peer-to-peer handshakes that failed or timed out",
         }
     }
 }
 
 /// `mqttd_quic_datagrams_dropped_total`, labelled by `reason`.
 type QuicDropped = Family<[(&'static str, &'static str); 1], Counter>;
+/// `mqttd_p2p_connections_total`, labelled by `path`.
+type P2pAccepted = Family<[(&'static str, &'static str); 1], Counter>;
 /// The buckets of `quic_rtt_seconds`: from loopback to a satellite link, in seconds.
 const RTT_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -178,6 +194,12 @@ impl Metrics {
     pub(crate) fn quic_datagrams_dropped(&self, reason: &'static str) -> Counter {
         self.quic_datagrams_dropped
             .get_or_create_owned(&[("reason", reason)])
+    }
+
+    /// The counter of `p2p://` connections accepted over a `direct` or `relayed` path (the
+    /// path of their first packet: a relayed connection may move to a direct path later).
+    pub(crate) fn p2p_connections(&self, path: &'static str) -> Counter {
+        self.p2p_connections.get_or_create_owned(&[("path", path)])
     }
 
     /// The Prometheus text exposition of every metric.

@@ -20,8 +20,8 @@
 //! The identity lives in `<data-dir>/node.key` ([`NodeKey::load_or_create`]).
 //!
 //! The API keeps iroh's types inside, except the QUIC streams ([`SendStream`],
-//! [`RecvStream`], [`ConnectionError`]), which are noq's, the types the broker's QUIC driver
-//! already reads and writes; [`Node::endpoint`] and [`Connection::iroh`] reach iroh itself.
+//! [`RecvStream`], [`ConnectionError`]) and statistics ([`ConnectionStats`], [`PathStats`]),
+//! which are noq's, the types the broker's QUIC driver already reads and writes; [`Node::endpoint`] and [`Connection::iroh`] reach iroh itself.
 //!
 //! # Example
 //!
@@ -63,8 +63,8 @@ mod relay;
 pub use addr::{NodeAddr, ParseRelayUrlError, RelayUrl};
 pub use key::{KeyError, NodeId, NodeKey, ParseNodeIdError, KEY_FILE};
 pub use node::{
-    BindError, ConnectError, Connection, ConnectionError, Incoming, Node, NodeConfig, RecvStream,
-    RelayState, SendStream,
+    BindError, ConnectError, Connection, ConnectionError, ConnectionStats, Incoming, Node,
+    NodeConfig, PathStats, RecvStream, RelayState, SendStream, StreamLimits,
 };
 pub use path::{PathEvent, PathEvents, PathInfo, PathKind};
 #[cfg(feature = "relay-server")]

@@ -55,8 +55,9 @@ struct IdArgs {
 #[derive(Debug, Args, Default)]
 struct ServeArgs {
     /// Listener URL (tcp://HOST:PORT, tls://HOST:PORT, ws://HOST:PORT[/PATH],
-    /// wss://HOST:PORT[/PATH], quic://HOST:PORT, http://HOST:PORT, relay://HOST:PORT, with
-    /// options such as ?proxy_protocol=true or ?trust_proxy=true); repeatable. Given any, they replace the default listeners
+    /// wss://HOST:PORT[/PATH], quic://HOST:PORT, http://HOST:PORT, relay://HOST:PORT,
+    /// p2p:// or p2p://HOST:PORT, with options such as ?proxy_protocol=true or
+    /// ?trust_proxy=true); repeatable. Given any, they replace the default listeners
     /// (tcp://127.0.0.1:1883, tls://127.0.0.1:8883, ws://127.0.0.1:8083/mqtt,
     /// wss://127.0.0.1:8084/mqtt, quic://127.0.0.1:14567).
     #[arg(long = "listen", value_name = "URL")]
@@ -227,7 +228,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // that ask for port 0.
         for (listener, addr) in broker.local_addrs() {
             let scheme = listener.url.split("://").next().unwrap_or("tcp");
-            println!("mqttd listening on {scheme}://{addr}");
+            match (listener.kind, broker.node()) {
+                // Peers dial the node id; its UDP sockets are for direct paths.
+                (ListenerKind::P2p, Some(node)) => {
+                    println!("mqttd listening on p2p://{}", node.id());
+                    for addr in node.bound_addrs() {
+                        println!("mqttd p2p direct {addr}");
+                    }
+                }
+                _ => println!("mqttd listening on {scheme}://{addr}"),
+            }
             if listener.kind == ListenerKind::Relay {
                 println!("mqttd relay url {}", relay_url(*addr, &hostnames));
             }
