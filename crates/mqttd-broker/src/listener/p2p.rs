@@ -142,6 +142,10 @@ impl P2pListener {
 
     /// Accepts connections until shutdown, then closes the node.
     pub(crate) async fn run(self, inner: Arc<Inner>, admission: Arc<Admission>, name: Arc<str>) {
+        // Both shown from the start, at 0.
+        for path in ["direct", "relayed"] {
+            inner.metrics.p2p_connections(path);
+        }
         loop {
             let incoming = tokio::select! {
                 _ = inner.shutdown.cancelled() => break,
