@@ -104,6 +104,9 @@ pub struct Metrics {
     pub p2p_refused: Counter,
     /// `p2p://` handshakes that failed or did not end within `connect_timeout`.
     pub p2p_handshake_failures: Counter,
+    /// Pings the `p2p://` listener answered (`mqttd p2p ping`), counted when their
+    /// connection ends.
+    pub p2p_pings: Counter,
     /// Sessions held, connected or not.
     pub sessions: Gauge,
     /// Subscriptions held.
@@ -172,6 +175,7 @@ impl Default for Metrics {
             p2p_connections_open: Gauge = "Peer-to-peer MQTT connections open now",
             p2p_refused: Counter = "Peer-to-peer connections refused by p2p.allow",
             p2p_handshake_failures: Counter = "Peer-to-peer handshakes that failed or timed out",
+            p2p_pings: Counter = "Pings the peer-to-peer listener answered",
         }
     }
 }

@@ -19,6 +19,9 @@
 //!
 //! The identity lives in `<data-dir>/node.key` ([`NodeKey::load_or_create`]).
 //!
+//! [`Pinger`] and [`serve_pings`] are a small protocol of their own ([`PING_ALPN`]): a node's
+//! answers to pings, with the round-trip time and the path each came back on.
+//!
 //! The API keeps iroh's types inside, except the QUIC streams ([`SendStream`],
 //! [`RecvStream`], [`ConnectionError`]) and statistics ([`ConnectionStats`], [`PathStats`]),
 //! which are noq's, the types the broker's QUIC driver already reads and writes; [`Node::endpoint`] and [`Connection::iroh`] reach iroh itself.
@@ -57,6 +60,7 @@ mod addr;
 mod key;
 mod node;
 mod path;
+mod ping;
 #[cfg(feature = "relay-server")]
 mod relay;
 
@@ -67,6 +71,7 @@ pub use node::{
     NodeConfig, PathStats, RecvStream, RelayState, SendStream, StreamLimits,
 };
 pub use path::{PathEvent, PathEvents, PathInfo, PathKind};
+pub use ping::{serve_pings, PingError, Pinger, Pong, MAX_PINGS, PING_ALPN, PING_SIZE};
 #[cfg(feature = "relay-server")]
 pub use relay::{
     ClientRate, RelayAccess, RelayServer, RelayServerConfig, RelayServerError, RelayStats,

@@ -2,7 +2,8 @@
 //! id after), a `relay://` listener announcing its URL and stopping on SIGTERM, and MQTT over
 //! the `p2p://` listener with `mqttd pub`, `mqttd sub` and `mqttd bench` (`-L p2p://NODE_ID`):
 //! through the broker's relay alone and at a direct address alone, single- and multi-stream,
-//! the client's node id as its user name for the ACL, and `p2p.allow` refusing a stranger.
+//! the client's node id as its user name for the ACL, and `p2p.allow` refusing a stranger;
+//! `mqttd p2p ping` against the broker's node, through its relay and directly.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -417,4 +418,99 @@ fn bench_over_p2p() {
     assert_eq!(summary["errors"].as_u64(), Some(0), "{summary}");
     assert!(summary["received"].as_u64() > Some(0), "{summary}");
     broker.stop();
+}
+
+/// The lines of `mqttd p2p ping` against the broker's node, reached as `reach` says.
+fn ping(broker: &Broker, reach: &Reach, count: &str) -> (Vec<String>, String) {
+    let id = broker.node_id.clone().unwrap();
+    let mut args = vec![
+        "p2p",
+        "ping",
+        id.as_str(),
+        "--count",
+        count,
+        "--interval",
+        "0.2",
+    ];
+    args.extend(reach.flags.iter().map(String::as_str));
+    let out = mqttd(&args);
+    ok(&out, "ping");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines: Vec<String> = stdout.lines().map(str::to_owned).collect();
+    let summary = lines.pop().expect("a summary line");
+    (lines, summary)
+}
+
+#[test]
+fn p2p_ping_prints_each_ping_and_a_summary() {
+    let broker = p2p_broker("");
+    for (reach, what) in [
+        (Reach::relay(&broker), "relay"),
+        (Reach::direct(&broker), "direct"),
+    ] {
+        let (pings, summary) = ping(&broker, &reach, "3");
+        assert_eq!(pings.len(), 3, "{what}: {pings:?}");
+        for (n, line) in pings.iter().enumerate() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            assert_eq!(fields.len(), 3, "{what}: {line}");
+            assert_eq!(fields[0], format!("seq={}", n + 1), "{what}: {line}");
+            assert!(
+                fields[1] == "path=direct" || fields[1] == "path=relay",
+                "{what}: {line}"
+            );
+            let rtt: f64 = fields[2].strip_prefix("rtt_ms=").unwrap().parse().unwrap();
+            assert!(rtt >= 0.0, "{what}: {line}");
+        }
+        let fields: Vec<&str> = summary.split(' ').collect();
+        assert_eq!(fields[0], "summary", "{what}: {summary}");
+        assert_eq!(fields[1..3], ["sent=3", "received=3"], "{what}: {summary}");
+        assert!(fields[4].starts_with("first_ms="), "{what}: {summary}");
+        let first: u64 = fields[4]["first_ms=".len()..].parse().unwrap();
+        let direct_ms = fields[5].strip_prefix("direct_ms=").expect(&summary);
+        match fields[3] {
+            "direct=yes" => {
+                direct_ms.parse::<u64>().expect(&summary);
+            }
+            "direct=no" => assert_eq!(direct_ms, "-", "{what}: {summary}"),
+            other => panic!("{what}: {other} in {summary}"),
+        }
+        if what == "direct" {
+            // Given only the direct address, there is no other path.
+            assert_eq!(fields[3], "direct=yes", "{summary}");
+            assert!(pings.iter().all(|l| l.contains("path=direct")), "{pings:?}");
+        }
+        assert!(first > 0, "{summary}");
+    }
+    // Counted when the pinging connection ends.
+    let deadline = Instant::now() + WAIT;
+    while broker.metrics().get("mqttd_p2p_pings_total") < 6.0 {
+        assert!(Instant::now() < deadline, "pings not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    broker.stop();
+}
+
+#[test]
+fn p2p_ping_of_a_node_nobody_runs_fails_with_a_summary() {
+    let id = NodeKeyId::new();
+    // A UDP port nobody answers on.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let out = mqttd(&[
+        "p2p",
+        "ping",
+        &id.0,
+        "--peer-addr",
+        &addr,
+        "--count",
+        "1",
+        "--connect-timeout",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout,
+        "summary sent=0 received=0 direct=no first_ms=- direct_ms=-\n"
+    );
 }

@@ -4,7 +4,8 @@
 //!
 //! A connection for ALPN `mqtt` is MQTT over QUIC exactly as on `quic://`: the node's
 //! connections are noq connections, and [`crate::drivers::quic`] serves them, single- or
-//! multi-stream. The peer's node id, which the handshake proved, is the client's identity
+//! multi-stream. A connection for [`PING_ALPN`] gets its pings answered (`mqttd p2p ping`),
+//! at most [`mqttd_p2p::MAX_PINGS`] of them. The peer's node id, which the handshake proved, is the client's identity
 //! ([`Peer::tls_identity`]), and its user name with `p2p.use_node_id_as_username`.
 //!
 //! Admission: the broker's connection limit applies to every attempt, the per-address rate
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use mqttd_p2p::{
     Connection, ConnectionError, ConnectionStats, Incoming, Node, NodeConfig, NodeId, NodeKey,
-    PathKind, PathStats, RecvStream, RelayUrl, SendStream, StreamLimits,
+    PathKind, PathStats, RecvStream, RelayUrl, SendStream, StreamLimits, PING_ALPN,
 };
 use noq::{Path, VarInt};
 use prometheus_client::metrics::gauge::Gauge;
@@ -94,7 +95,7 @@ impl P2pListener {
                 }
             }
         }
-        node.alpns = vec![ALPN_MQTT.to_vec()];
+        node.alpns = vec![ALPN_MQTT.to_vec(), PING_ALPN.to_vec()];
         let quic = &config.quic;
         node.streams = Some(StreamLimits::new(
             quic.peer_bidi_stream_count,
@@ -263,6 +264,15 @@ impl Attempt {
                 let mut peer = Peer::new(Transport::P2p, self.addr, self.name.clone());
                 peer.tls_identity = Some(Arc::from(id.to_string()));
                 crate::drivers::quic::serve(self.inner, P2pConn(conn), peer, accepted).await;
+            }
+            PING_ALPN => {
+                let answered = tokio::select! {
+                    answered = mqttd_p2p::serve_pings(&conn) => answered,
+                    _ = self.inner.shutdown.cancelled() => 0,
+                };
+                self.inner.metrics.p2p_pings.inc_by(answered);
+                debug!(node_id = %id, answered, "pings answered");
+                conn.close(0, b"");
             }
             // The node accepts only the ALPNs it was given.
             _ => conn.close(WRONG_PROTOCOL, b"unknown ALPN"),
