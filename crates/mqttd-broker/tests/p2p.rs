@@ -2,7 +2,8 @@
 //! id and speak MQTT over the connection, as over `quic://`: single-stream through the async
 //! client, multi-stream packet by packet; directly (given the node's address) and through the
 //! broker's own `relay://` listener (given nothing but the relay); the node id as the user
-//! name the ACL applies to; `p2p.allow` refusing a node it does not list.
+//! name the ACL applies to; `p2p.allow` refusing a node it does not list; DISCONNECT at
+//! shutdown.
 
 mod common;
 
@@ -138,8 +139,23 @@ async fn mqtt_over_a_direct_node_connection_single_and_multi_stream() {
     assert_eq!(metric(&broker, "mqttd_p2p_connections_open"), 2);
     assert_eq!(metric(&broker, "mqttd_quic_connections"), 0);
     conn.close(0, b"done");
-    client.close().await;
+
+    // At shutdown, the node's connections get their DISCONNECT before the node closes.
     broker.shutdown().await;
+    loop {
+        match timeout(WAIT, sub_events.recv())
+            .await
+            .expect("closed in time")
+        {
+            Some(Event::Closed { reason, .. }) => {
+                assert_eq!(reason, ReasonCode::ServerShuttingDown);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("no Closed event"),
+        }
+    }
+    client.close().await;
 }
 
 #[tokio::test]

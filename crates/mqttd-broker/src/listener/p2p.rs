@@ -28,7 +28,8 @@ use noq::{Path, VarInt};
 use prometheus_client::metrics::gauge::Gauge;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use tracing::{debug, info};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
 
 use super::{admit, Admission};
 use crate::broker::Inner;
@@ -41,7 +42,8 @@ use crate::tls::generated_ca;
 
 /// The ALPN of MQTT over a node connection, as over QUIC.
 pub(crate) const ALPN_MQTT: &[u8] = b"mqtt";
-/// How long, at shutdown, the node waits for its connections' closes to be sent.
+/// How long, at shutdown, the node waits for its connections to end (each sends its
+/// DISCONNECT first), and then for their closes to be sent.
 const DRAIN: Duration = Duration::from_secs(2);
 /// The QUIC application error code of a node `p2p.allow` does not list: MQTT's not authorized.
 const NOT_ALLOWED: u32 = 0x87;
@@ -88,6 +90,15 @@ impl P2pListener {
         if node.relays.is_empty() {
             if let Some(addr) = own_relay {
                 node.relays = vec![own_relay_url(addr)?];
+                if config.tls.cert_file.is_some() && p2p.relay_cafile.is_none() {
+                    warn!(
+                        listener = %listener.url,
+                        relay = %node.relays[0],
+                        "the node uses the broker's own relay at this URL: its certificate \
+                         (tls.cert_file) must name it and chain to a known root, or set \
+                         p2p.relays and p2p.relay_cafile"
+                    );
+                }
                 // The relay's certificate is the broker's: its generated CA, if it uses that.
                 let ca = generated_ca(&config.data_dir);
                 if config.tls.cert_file.is_none() && ca.exists() {
@@ -141,8 +152,10 @@ impl P2pListener {
             .unwrap_or_else(|| (Ipv4Addr::UNSPECIFIED, 0).into())
     }
 
-    /// Accepts connections until shutdown, then closes the node.
+    /// Accepts connections until shutdown; then waits (at most [`DRAIN`]) for the connections
+    /// to end, each with its DISCONNECT, and closes the node, which closes any left.
     pub(crate) async fn run(self, inner: Arc<Inner>, admission: Arc<Admission>, name: Arc<str>) {
+        let connections = TaskTracker::new();
         // Both shown from the start, at 0.
         for path in ["direct", "relayed"] {
             inner.metrics.p2p_connections(path);
@@ -171,11 +184,13 @@ impl P2pListener {
                 addr,
                 path,
             };
-            inner.tasks.spawn(async move {
+            inner.tasks.spawn(connections.track_future(async move {
                 attempt.open(incoming).await;
                 drop(permit);
-            });
+            }));
         }
+        connections.close();
+        let _ = tokio::time::timeout(DRAIN, connections.wait()).await;
         let _ = tokio::time::timeout(DRAIN, self.node.close()).await;
     }
 }
