@@ -2,9 +2,10 @@
 # The project's one test command; CI runs it through .ci/run on a fresh clone.
 #
 # It installs what it needs, then checks formatting, runs clippy with warnings denied, the test
-# suite (doc tests, then cargo nextest), rustdoc with warnings denied, checks that the protocol
-# core depends on no async runtime, replays the fuzz corpus and checks the fuzz seeds, and runs
-# every fuzz target in fuzz/fuzz_targets/.
+# suite (doc tests, then cargo nextest), the interoperability suite, the NAT lab (as root),
+# rustdoc with warnings denied, checks that the protocol core depends on no async runtime,
+# replays the fuzz corpus and checks the fuzz seeds, and runs every fuzz target in
+# fuzz/fuzz_targets/.
 #
 # Environment:
 #   FUZZ_SECONDS  seconds each fuzz target runs (default 60; 0 skips fuzzing)
@@ -79,6 +80,11 @@ need_apt mosquitto-clients
 # ngtcp2's example HTTP/3 client (gtlsclient) fetches /health and /metrics from the QUIC
 # listener, moving address and updating keys (crates/mqttd/tests/http3.rs).
 need_apt ngtcp2-client
+# The NAT lab (tests/natlab) builds its networks with `ip netns`, veth pairs and nftables. It
+# needs root, like apt-get here; without root it is skipped below.
+if ((EUID == 0)); then
+    need_apt iproute2 nftables
+fi
 cargo --version
 cargo nextest --version | sed -n 1p
 
@@ -125,6 +131,22 @@ section "interoperability with real clients (paho-mqtt, mosquitto-clients)"
 # Installs Debian's mosquitto-clients and the Python packages it needs, builds the broker and
 # runs the suite against a fresh broker per test.
 bash tests/interop/run.sh
+
+natlab_budget=120
+section "NAT lab: router types and plain hole punching in network namespaces (budget ${natlab_budget}s)"
+# Namespaces, veth pairs and nftables routers: each NAT type classified from outside with
+# plain UDP, then a hole punch across all 16 pairs of types (tests/natlab/README.md). CI runs
+# as root, where a lab that cannot be built must fail, not skip: hence NATLAB_REQUIRED=1.
+if ((EUID != 0)); then
+    echo "skipped: the NAT lab needs root (network namespaces and nftables)"
+elif ! ip netns list >/dev/null 2>&1 || ! command -v nft >/dev/null 2>&1; then
+    echo "skipped: the NAT lab needs \`ip netns\` (iproute2) and \`nft\` (nftables)"
+else
+    NATLAB_REQUIRED=1 bash tests/natlab/run.sh
+    if ((SECONDS - section_started > natlab_budget)); then
+        echo "warning: the NAT lab took $((SECONDS - section_started))s, over its ${natlab_budget}s budget"
+    fi
+fi
 
 section "cargo doc -D warnings"
 RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps

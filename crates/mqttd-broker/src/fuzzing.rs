@@ -153,7 +153,7 @@ pub fn quic_guard(data: &[u8]) {
                     );
                 }
             }
-            4 => guard.unsend(addr, len),
+            4 => guard.unsend(addr, body, len),
             _ => now += Duration::from_millis(u64::from(*lo) * 50),
         }
         assert!(guard.len() <= CAPACITY, "{} tracked", guard.len());

@@ -19,6 +19,12 @@
 //! [`Guard::attempt`]). A spoofed source address never sees the ID, so it cannot lift the
 //! limit by sending packets that merely look like a Handshake.
 //!
+//! A client endpoint may run many connections over one address (a gateway, a load generator):
+//! only what the broker sends to the attempts not yet validated is limited, the packets
+//! addressed to the connection IDs their Initials chose. What goes to the address's other
+//! connections, validated already, is not held back (an attempt whose Initial chose an empty
+//! connection ID cannot be told apart, and limits everything sent to its address).
+//!
 //! An address is tracked from its first Initial (a full-size datagram of a supported version)
 //! in two phases. [`Phase::Counting`]: bytes are counted both ways, nothing is limited, until
 //! noq turns the Initial into a connection attempt the accept loop sees (an Initial that
@@ -46,6 +52,10 @@ const AMPLIFICATION_FACTOR: u64 = 3;
 const MAX_CID_LEN: usize = 20;
 /// Connection IDs remembered per address: that of its latest connection attempts.
 const KNOWN_CIDS: usize = 2;
+/// Clients' connection IDs remembered per address: those of its latest Initials. A client
+/// endpoint may run many connections over one address; what goes to the others (validated
+/// long ago) is not held back.
+const KNOWN_CLIENT_CIDS: usize = 4;
 /// Packets read in one datagram: a client coalesces at most Initial, 0-RTT or Handshake, and
 /// 1-RTT.
 const MAX_COALESCED: usize = 4;
@@ -165,6 +175,13 @@ struct Entry {
     phase: Phase,
     /// The connection IDs the broker chose for its attempts, newest first.
     cids: [Cid; KNOWN_CIDS],
+    /// The connection IDs its attempts chose (the Source Connection IDs of their Initials), to
+    /// which the broker addresses their packets, newest first: only those are limited, as
+    /// other connections from the same address were validated already.
+    clients: [Cid; KNOWN_CLIENT_CIDS],
+    /// An attempt chose an empty connection ID: nothing tells its packets from other
+    /// connections', so everything sent to the address is limited.
+    limits_all: bool,
 }
 
 /// Whether an entry limits what is sent.
@@ -184,6 +201,40 @@ impl Entry {
             since,
             phase,
             cids: [Cid::EMPTY; KNOWN_CIDS],
+            clients: [Cid::EMPTY; KNOWN_CLIENT_CIDS],
+            limits_all: false,
+        }
+    }
+
+    /// Remembers the connection ID a client's Initial chose (its Source Connection ID).
+    fn learn_client(&mut self, scid: &[u8]) {
+        match Cid::new(scid) {
+            Some(cid) if !self.clients.contains(&cid) => {
+                self.clients.rotate_right(1);
+                self.clients[0] = cid;
+            }
+            Some(_) => {}
+            None => self.limits_all = true,
+        }
+    }
+
+    /// Whether `contents` (what the broker sends) belongs to one of the tracked attempts: its
+    /// first packet is addressed to a connection ID one of them chose. What belongs to another
+    /// connection on the same address goes unlimited.
+    fn concerns(&self, contents: &[u8], versions: &[u32]) -> bool {
+        if self.limits_all {
+            return true;
+        }
+        let known = |dcid: &[u8]| {
+            self.clients
+                .iter()
+                .any(|cid| !cid.is_empty() && dcid.starts_with(cid.bytes()))
+        };
+        match contents.first() {
+            None => false,
+            Some(first) if first & LONG_HEADER == 0 => known(contents.get(1..).unwrap_or_default()),
+            // A Version Negotiation or a packet of a version the guard cannot read is limited.
+            Some(_) => read_long(contents, versions).is_none_or(|packet| known(packet.dcid)),
         }
     }
 
@@ -262,12 +313,19 @@ impl Guard {
         };
         self.sweep(now);
         let from = canonical(from);
+        let client = match screen {
+            Screen::Initial => read_long(datagram, self.versions).map(|packet| packet.scid),
+            _ => None,
+        };
         if let Some(entry) = self.entries.get_mut(&from) {
             if proves(datagram, entry, self.versions) {
                 self.remove(&from);
             } else if is_long(datagram) {
                 // A short header that proves nothing is no connection's: it does not count.
                 entry.received = entry.received.saturating_add(datagram.len() as u64);
+                if let Some(scid) = client {
+                    entry.learn_client(scid);
+                }
             }
             return Ok(());
         }
@@ -277,7 +335,9 @@ impl Guard {
         if !self.make_room(now) {
             return Err(Discard::TrackingFull);
         }
-        self.insert(from, Entry::new(datagram.len(), now, Phase::Counting));
+        let mut entry = Entry::new(datagram.len(), now, Phase::Counting);
+        entry.learn_client(client.unwrap_or_default());
+        self.insert(from, entry);
         Ok(())
     }
 
@@ -303,7 +363,10 @@ impl Guard {
         if !self.make_room(now) {
             return false;
         }
-        self.insert(from, Entry::new(MIN_INITIAL_DATAGRAM, now, Phase::Limited));
+        // Its Initial's connection ID is unknown: everything sent to the address is limited.
+        let mut entry = Entry::new(MIN_INITIAL_DATAGRAM, now, Phase::Limited);
+        entry.limits_all = true;
+        self.insert(from, entry);
         true
     }
 
@@ -330,6 +393,9 @@ impl Guard {
         let Some(entry) = self.entries.get_mut(&canonical(to)) else {
             return contents.len();
         };
+        if !entry.concerns(contents, self.versions) {
+            return contents.len();
+        }
         let budget = entry.budget();
         let step = segment.filter(|&s| s > 0).unwrap_or(contents.len()).max(1);
         let mut allowed = 0;
@@ -348,11 +414,13 @@ impl Guard {
         allowed
     }
 
-    /// `bytes` counted by [`Self::send`] for `to` did not go after all (the socket was not
+    /// `bytes` of `contents` counted by [`Self::send`] for `to` did not go after all (the socket was not
     /// ready; noq tries again).
-    pub(crate) fn unsend(&mut self, to: SocketAddr, bytes: usize) {
+    pub(crate) fn unsend(&mut self, to: SocketAddr, contents: &[u8], bytes: usize) {
         if let Some(entry) = self.entries.get_mut(&canonical(to)) {
-            entry.sent = entry.sent.saturating_sub(bytes as u64);
+            if entry.concerns(contents, self.versions) {
+                entry.sent = entry.sent.saturating_sub(bytes as u64);
+            }
         }
     }
 
@@ -697,6 +765,12 @@ mod tests {
         p
     }
 
+    /// A short-header datagram of `size` bytes (at least 9) addressed to the client's
+    /// connection ID, that of [`initial`]: what the broker sends the attempt once it has keys.
+    fn to_client(size: usize) -> Vec<u8> {
+        short(&[2; 8], size)
+    }
+
     fn guard() -> Guard {
         Guard::new(VERSIONS, LIFETIME, 16)
     }
@@ -750,17 +824,17 @@ mod tests {
         limited(g, now);
         // 1200 + 222, then retransmissions of 1200: the third one would pass 3600.
         assert_eq!(g.send(now, addr(1), &server_initial(1200), None), 1200);
-        assert_eq!(g.send(now, addr(1), &vec![0x40; 222], None), 222);
+        assert_eq!(g.send(now, addr(1), &to_client(222), None), 222);
         assert_eq!(g.send(now, addr(1), &server_initial(1200), None), 1200);
         assert_eq!(g.send(now, addr(1), &server_initial(1200), None), 0);
         // What still fits goes.
-        assert_eq!(g.send(now, addr(1), &vec![0x40; 978], None), 978);
-        assert_eq!(g.send(now, addr(1), &[0x40], None), 0);
+        assert_eq!(g.send(now, addr(1), &to_client(978), None), 978);
+        assert_eq!(g.send(now, addr(1), &to_client(9), None), 0);
         // More from the client: more budget.
         assert_eq!(g.received(now, addr(1), &initial(1200)), Ok(()));
         assert_eq!(g.send(now, addr(1), &server_initial(1200), None), 1200);
         // Other addresses are not limited.
-        assert_eq!(g.send(now, addr(2), &vec![0x40; 5000], None), 5000);
+        assert_eq!(g.send(now, addr(2), &to_client(5000), None), 5000);
     }
 
     #[test]
@@ -772,7 +846,7 @@ mod tests {
         batch.extend_from_slice(&[0x40; 1200 + 1200 + 500]);
         // 1200, 1200, 1200 and 500 bytes: the last would pass 3600.
         assert_eq!(g.send(now, addr(1), &batch, Some(1200)), 3600);
-        assert_eq!(g.send(now, addr(1), &[0x40; 1], Some(1200)), 0);
+        assert_eq!(g.send(now, addr(1), &to_client(9), Some(1200)), 0);
     }
 
     #[test]
@@ -782,7 +856,7 @@ mod tests {
         limited(g, now);
         assert_eq!(g.send(now, addr(1), &server_initial(1200), None), 1200);
         assert_eq!(g.send(now, addr(1), &server_initial(1200), None), 1200);
-        g.unsend(addr(1), 1200);
+        g.unsend(addr(1), &server_initial(1200), 1200);
         assert_eq!(g.send(now, addr(1), &server_initial(1200), None), 1200);
         assert_eq!(g.send(now, addr(1), &server_initial(1200), None), 1200);
         assert_eq!(g.send(now, addr(1), &server_initial(1200), None), 0);
@@ -799,8 +873,8 @@ mod tests {
         assert_eq!(g.received(now, addr(1), &forged), Ok(()));
         assert_eq!(g.len(), 1);
         let left = 3 * (1200 + forged.len()) - 1200;
-        assert_eq!(g.send(now, addr(1), &vec![0x40; left], None), left);
-        assert_eq!(g.send(now, addr(1), &[0x40; 1], None), 0, "3x reached");
+        assert_eq!(g.send(now, addr(1), &to_client(left), None), left);
+        assert_eq!(g.send(now, addr(1), &to_client(9), None), 0, "3x reached");
         // The client's second flight: an Initial (acknowledgements) coalesced with its
         // Handshake to the broker's connection ID.
         let mut flight = long(TYPE_INITIAL, 1, SERVER_CID, &[2; 8], 60);
@@ -867,7 +941,7 @@ mod tests {
         let now = Instant::now();
         assert!(g.attempt(now, addr(1), false));
         assert_eq!(g.send(now, addr(1), &[0x40; 3600], Some(1200)), 3600);
-        assert_eq!(g.send(now, addr(1), &[0x40; 1], None), 0);
+        assert_eq!(g.send(now, addr(1), &to_client(9), None), 0);
     }
 
     #[test]
@@ -883,11 +957,52 @@ mod tests {
         assert_eq!(g.received(now, addr(1), &short(&[1; 8], 900)), Ok(()));
         assert!(g.attempt(now, addr(1), false));
         let received = 1400 + 1200 + zero_rtt.len();
-        assert_eq!(g.send(now, addr(1), &vec![0x40; 3 * received + 1], None), 0);
+        assert_eq!(g.send(now, addr(1), &to_client(3 * received + 1), None), 0);
         assert_eq!(
-            g.send(now, addr(1), &vec![0x40; 3 * received], None),
+            g.send(now, addr(1), &to_client(3 * received), None),
             3 * received
         );
+    }
+
+    #[test]
+    fn other_connections_on_the_same_address_are_not_held_back() {
+        // A client endpoint runs many connections over one address: a new attempt's limit
+        // leaves what goes to the others (validated long ago) alone.
+        let g = &mut guard();
+        let now = Instant::now();
+        limited(g, now);
+        assert_eq!(g.send(now, addr(1), &to_client(3600), None), 3600);
+        assert_eq!(
+            g.send(now, addr(1), &to_client(9), None),
+            0,
+            "the attempt is held"
+        );
+        assert_eq!(g.send(now, addr(1), &short(&[7; 8], 5000), None), 5000);
+        let other = long(TYPE_HANDSHAKE, 1, &[7; 8], SERVER_CID, 1100);
+        assert_eq!(g.send(now, addr(1), &other, None), other.len());
+        assert_eq!(g.unsend(addr(1), &other, other.len()), ());
+        assert_eq!(
+            g.send(now, addr(1), &to_client(9), None),
+            0,
+            "refunds are the attempt's own"
+        );
+        // A second attempt from the address is held too.
+        let mut second = long(TYPE_INITIAL, 1, &[1; 8], &[3; 8], 1100);
+        second.resize(1200, 0);
+        assert_eq!(g.received(now, addr(1), &second), Ok(()));
+        assert_eq!(g.send(now, addr(1), &short(&[3; 8], 3600), None), 3600);
+        assert_eq!(g.send(now, addr(1), &short(&[3; 8], 9), None), 0);
+    }
+
+    #[test]
+    fn an_attempt_with_an_empty_connection_id_holds_back_everything_to_its_address() {
+        let g = &mut guard();
+        let now = Instant::now();
+        let mut p = long(TYPE_INITIAL, 1, &[1; 8], &[], 1100);
+        p.resize(1200, 0);
+        assert_eq!(g.received(now, addr(1), &p), Ok(()));
+        assert!(g.attempt(now, addr(1), false));
+        assert_eq!(g.send(now, addr(1), &short(&[7; 8], 3601), None), 0);
     }
 
     #[test]
@@ -898,7 +1013,7 @@ mod tests {
         assert_eq!(g.received(now, mapped, &initial(1200)), Ok(()));
         assert!(g.attempt(now, addr(1), false));
         assert_eq!(g.len(), 1);
-        assert_eq!(g.send(now, mapped, &[0x40; 3601], None), 0);
+        assert_eq!(g.send(now, mapped, &to_client(3601), None), 0);
     }
 
     #[test]
@@ -906,9 +1021,9 @@ mod tests {
         let g = &mut guard();
         let now = Instant::now();
         limited(g, now);
-        assert_eq!(g.send(now, addr(1), &[0x40; 3600], None), 3600);
-        assert_eq!(g.send(now + LIFETIME / 2, addr(1), &[0x40; 1], None), 0);
-        assert_eq!(g.send(now + LIFETIME, addr(1), &[0x40; 1], None), 1);
+        assert_eq!(g.send(now, addr(1), &to_client(3600), None), 3600);
+        assert_eq!(g.send(now + LIFETIME / 2, addr(1), &to_client(9), None), 0);
+        assert_eq!(g.send(now + LIFETIME, addr(1), &to_client(9), None), 9);
         assert_eq!(g.len(), 0);
     }
 

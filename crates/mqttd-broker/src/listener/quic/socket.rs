@@ -369,7 +369,7 @@ impl UdpSender for GuardedSender {
         if allowed == contents.len() {
             let sent = this.inner.as_mut().poll_send(transmit, cx);
             if !matches!(sent, Poll::Ready(Ok(()))) {
-                guarded.with(|g| g.unsend(transmit.destination, allowed));
+                guarded.with(|g| g.unsend(transmit.destination, contents, allowed));
             }
             return sent;
         }
@@ -396,7 +396,7 @@ impl UdpSender for GuardedSender {
         match sent {
             Poll::Ready(Ok(())) => guarded.count(Discard::Amplification, dropped),
             // Tried again later, when the budget may be larger.
-            _ => guarded.with(|g| g.unsend(transmit.destination, allowed)),
+            _ => guarded.with(|g| g.unsend(transmit.destination, contents, allowed)),
         }
         sent
     }
