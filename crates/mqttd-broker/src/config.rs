@@ -64,6 +64,11 @@ pub enum ListenerKind {
     /// discovery on UDP, same port, with the certificates of [`TlsConfig`] and the admission
     /// rules of [`RelayConfig`]. Needs the `p2p` feature.
     Relay,
+    /// MQTT over peer-to-peer node connections (`p2p://`, or `p2p://HOST:PORT` for the UDP
+    /// address to bind): the broker's node, `<data_dir>/node.key`, accepts connections for
+    /// ALPN `mqtt` from peers dialing its node id, directly or through the relays of
+    /// [`P2pConfig`], single- or multi-stream as over QUIC. Needs the `p2p` feature.
+    P2p,
 }
 
 impl ListenerKind {
@@ -102,8 +107,10 @@ pub struct Listener {
 
 impl Listener {
     /// Parses `SCHEME://HOST:PORT[/PATH][?OPTION=true&...]`: schemes `tcp`/`mqtt`,
-    /// `tls`/`mqtts`/`ssl`, `ws`, `wss`, `quic`, `http` and `relay`; options `proxy_protocol`
-    /// (TCP, TLS, WS, WSS) and `trust_proxy` (WS, WSS); a path only for WS and WSS.
+    /// `tls`/`mqtts`/`ssl`, `ws`, `wss`, `quic`, `http`, `relay` and `p2p`; options
+    /// `proxy_protocol` (TCP, TLS, WS, WSS) and `trust_proxy` (WS, WSS); a path only for WS
+    /// and WSS. `p2p://` may name no address: its node then binds `p2p.bind` (by default
+    /// every interface, on a port the system picks), as `p2p://0.0.0.0:0` does.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         let err = |reason| ConfigError::Listener {
             url: url.to_owned(),
@@ -112,19 +119,23 @@ impl Listener {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| err("expected SCHEME://HOST:PORT"))?;
-        let kind = match scheme {
-            "tcp" | "mqtt" => ListenerKind::Tcp,
-            "tls" | "mqtts" | "ssl" => ListenerKind::Tls,
-            "ws" => ListenerKind::Ws,
-            "wss" => ListenerKind::Wss,
-            "quic" => ListenerKind::Quic,
-            "http" => ListenerKind::Http,
-            "relay" => ListenerKind::Relay,
-            _ => {
-                return Err(err(
-                    "unsupported scheme (tcp, mqtt, tls, mqtts, ws, wss, quic, http, relay)",
-                ))
-            }
+        let kind =
+            match scheme {
+                "tcp" | "mqtt" => ListenerKind::Tcp,
+                "tls" | "mqtts" | "ssl" => ListenerKind::Tls,
+                "ws" => ListenerKind::Ws,
+                "wss" => ListenerKind::Wss,
+                "quic" => ListenerKind::Quic,
+                "http" => ListenerKind::Http,
+                "relay" => ListenerKind::Relay,
+                "p2p" => ListenerKind::P2p,
+                _ => return Err(err(
+                    "unsupported scheme (tcp, mqtt, tls, mqtts, ws, wss, quic, http, relay, p2p)",
+                )),
+            };
+        let rest = match (kind, rest) {
+            (ListenerKind::P2p, "") => "0.0.0.0:0",
+            _ => rest,
         };
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (host_port, path) = match rest.split_once('/') {
@@ -182,9 +193,10 @@ impl Listener {
         })
     }
 
-    /// Whether only this machine can reach the listener.
+    /// Whether only this machine can reach the listener. Never for `p2p://`: peers reach it
+    /// through relays whatever address it binds.
     pub fn is_loopback(&self) -> bool {
-        self.addr.ip().is_loopback()
+        self.kind != ListenerKind::P2p && self.addr.ip().is_loopback()
     }
 }
 
@@ -330,6 +342,31 @@ impl Default for RelayConfig {
     }
 }
 
+/// The `p2p://` listener's node: the `[p2p]` table. The node's identity is
+/// `<data_dir>/node.key` (`mqttd id` prints its id, which peers dial).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct P2pConfig {
+    /// Relay URLs (`https://HOST:PORT`) the node stays connected to, so that peers that cannot
+    /// reach it directly reach it through them. Empty: the broker's own `relay://` listener
+    /// if it has one, else none (direct connections only).
+    pub relays: Vec<String>,
+    /// PEM CA certificates the relays' certificates are checked against, besides the
+    /// compiled-in Mozilla roots and, for the broker's own relay, its generated CA.
+    pub relay_cafile: Option<PathBuf>,
+    /// UDP addresses the node binds for direct paths when the listener URL names none
+    /// (`p2p://`); empty: every interface (IPv4 and IPv6), on a port the system picks.
+    pub bind: Vec<SocketAddr>,
+    /// Node ids (64 hex digits) that may connect; empty: any node. Others are refused after
+    /// the handshake, with QUIC application error 0x87 (not authorized).
+    pub allow: Vec<String>,
+    /// Use the peer's node id (64 hex digits) as the client's user name, which the ACL then
+    /// applies to, as `tls.use_identity_as_username` does with a client certificate: the
+    /// node's key is the credential, and the CONNECT's user name and password are ignored.
+    pub use_node_id_as_username: bool,
+}
+
 /// A QUIC congestion controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -371,6 +408,8 @@ pub struct Config {
     pub quic: QuicConfig,
     /// Admission rules of the relay listeners.
     pub relay: RelayConfig,
+    /// The peer-to-peer listener's node.
+    pub p2p: P2pConfig,
     /// Directory for persistent data.
     pub data_dir: PathBuf,
     /// Allow clients without a user name. Unset: allowed only when every MQTT listener is on
@@ -440,6 +479,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             quic: QuicConfig::default(),
             relay: RelayConfig::default(),
+            p2p: P2pConfig::default(),
             data_dir: PathBuf::from("mqttd-data"),
             allow_anonymous: None,
             password_file: None,
@@ -589,6 +629,35 @@ mod tests {
         assert_eq!(c.relay.allow, ["ab"]);
         assert_eq!(c.relay.client_rate, 1_000_000);
         assert!(Config::parse("[relay]\nallow_all = true").is_err());
+    }
+
+    #[test]
+    fn the_p2p_table_and_listener() {
+        let c = Config::parse(
+            "listen = ['p2p://']\n[p2p]\nrelays = ['https://relay.example:4433']\n\
+             bind = ['0.0.0.0:7000', '[::]:7000']\nallow = ['ab']\nuse_node_id_as_username = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.p2p.relays, ["https://relay.example:4433"]);
+        assert_eq!(c.p2p.bind.len(), 2);
+        assert_eq!(c.p2p.allow, ["ab"]);
+        assert!(c.p2p.use_node_id_as_username);
+        assert!(Config::parse("[p2p]\nrelay = []").is_err());
+        let l = Listener::parse("p2p://").unwrap();
+        assert_eq!(l.kind, ListenerKind::P2p);
+        assert_eq!(l.addr, "0.0.0.0:0".parse().unwrap());
+        assert!(l.kind.is_mqtt() && !l.kind.uses_tls());
+        let l = Listener::parse("p2p://127.0.0.1:7000").unwrap();
+        assert_eq!(l.addr.port(), 7000);
+        // Reachable through relays, whatever it binds: no anonymous access by default.
+        assert!(!l.is_loopback());
+        let c = Config {
+            listen: vec!["p2p://127.0.0.1:0".into()],
+            ..Config::default()
+        };
+        assert!(!c.anonymous_allowed());
+        assert!(Listener::parse("p2p://127.0.0.1:7000/t").is_err());
+        assert!(Listener::parse("p2p://?proxy_protocol=true").is_err());
     }
 
     #[test]

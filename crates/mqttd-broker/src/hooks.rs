@@ -26,6 +26,9 @@ pub enum Transport {
     /// identity, which needs no credentials and which neither the ACL nor
     /// [`Hooks::authorize`] is asked about.
     Bridge,
+    /// MQTT over a peer-to-peer node connection (`p2p://`): QUIC, dialed by node id, direct or
+    /// through a relay.
+    P2p,
 }
 
 impl Transport {
@@ -38,12 +41,17 @@ impl Transport {
             Self::WebSocketTls => "wss",
             Self::Quic => "quic",
             Self::Bridge => "bridge",
+            Self::P2p => "p2p",
         }
     }
 
-    /// Whether the transport encrypts (and so may carry a verified client certificate).
+    /// Whether the transport encrypts (and so may carry a verified client identity: a
+    /// certificate's, or a peer-to-peer node's id).
     pub fn is_secure(self) -> bool {
-        matches!(self, Self::Tls | Self::WebSocketTls | Self::Quic)
+        matches!(
+            self,
+            Self::Tls | Self::WebSocketTls | Self::Quic | Self::P2p
+        )
     }
 }
 
@@ -58,7 +66,8 @@ impl fmt::Display for Transport {
 pub struct Peer {
     /// Transport.
     pub transport: Transport,
-    /// Remote address.
+    /// Remote address. On `p2p://`, the peer's UDP address if the connection came straight
+    /// from it, else (through a relay) the unspecified address `0.0.0.0:0`.
     pub addr: SocketAddr,
     /// Name of the listener that accepted it.
     pub listener: Arc<str>,
@@ -66,6 +75,10 @@ pub struct Peer {
     /// subject CN, else its first DNS or e-mail subject alternative name. `None` without a
     /// verified client certificate (or one that names nobody), and on transports without TLS.
     /// With `tls.use_identity_as_username` it is the client's user name.
+    ///
+    /// On `p2p://` ([`Transport::P2p`]): the peer's node id, 64 hex digits, which its handshake
+    /// proved (its TLS identity is its Ed25519 key). With `p2p.use_node_id_as_username` it is
+    /// the client's user name.
     pub tls_identity: Option<Arc<str>>,
 }
 
@@ -86,8 +99,9 @@ impl Peer {
 pub struct ClientInfo {
     /// Client identifier (the assigned one, if the server assigned it).
     pub client_id: ClientId,
-    /// User name: from CONNECT, from SCRAM, or the client certificate's identity with
-    /// `tls.use_identity_as_username`.
+    /// User name: from CONNECT, from SCRAM, the client certificate's identity with
+    /// `tls.use_identity_as_username`, or the peer's node id with
+    /// `p2p.use_node_id_as_username`.
     pub username: Option<MqttStr>,
     /// Protocol version.
     pub version: ProtocolVersion,

@@ -75,7 +75,8 @@ pub use bridge::{
     Bridge, BridgeConfigError, BridgeTransport, BridgeUrl, Direction, OpenStream, TopicRule,
 };
 pub use config::{
-    Config, ConfigError, CongestionControl, Listener, ListenerKind, QuicConfig, RelayConfig,
+    Config, ConfigError, CongestionControl, Listener, ListenerKind, P2pConfig, QuicConfig,
+    RelayConfig,
 };
 pub use hooks::{
     Action, ClientInfo, ConnectAttempt, Hooks, Intercept, NoHooks, Peer, Transport, Verdict,
@@ -205,26 +206,69 @@ impl BrokerBuilder {
         }
         inner.restore_sessions(recovered);
         let admission = Arc::new(Admission::new(max_connections));
+        if listeners
+            .iter()
+            .filter(|l| l.kind == ListenerKind::P2p)
+            .count()
+            > 1
+        {
+            return Err(StartError::Config(ConfigError::Listener {
+                url: "p2p://".into(),
+                reason: "one p2p:// listener at most: the broker has one node identity",
+            }));
+        }
+        // Peer-to-peer listeners last, so that they can use the broker's own relay.
+        let mut order: Vec<usize> = (0..listeners.len()).collect();
+        order.sort_by_key(|&i| listeners[i].kind == ListenerKind::P2p);
         let mut bound = Vec::new();
-        for listener in listeners {
+        let mut own_relay = None;
+        #[cfg(feature = "p2p")]
+        let mut node = None;
+        for i in order {
+            let listener = &listeners[i];
             let bind_error = |source| StartError::Bind {
                 url: listener.url.clone(),
                 source,
             };
-            let socket =
-                BoundListener::bind(&listener, &inner.config, tls.as_ref(), &inner.metrics)
-                    .await
-                    .map_err(bind_error)?;
+            let socket = BoundListener::bind(
+                listener,
+                &inner.config,
+                tls.as_ref(),
+                &inner.metrics,
+                own_relay,
+            )
+            .await
+            .map_err(bind_error)?;
             let addr = socket.local_addr().map_err(bind_error)?;
+            if listener.kind == ListenerKind::Relay {
+                own_relay.get_or_insert(addr);
+            }
+            #[cfg(feature = "p2p")]
+            if let Some(n) = socket.node() {
+                tracing::info!(listener = %listener.url, node_id = %n.id(), %addr, "listening");
+                node = Some(n);
+            } else {
+                tracing::info!(listener = %listener.url, %addr, "listening");
+            }
+            #[cfg(not(feature = "p2p"))]
             tracing::info!(listener = %listener.url, %addr, "listening");
             socket.spawn(&inner, &admission, Arc::from(listener.url.as_str()));
-            bound.push((listener, addr));
+            bound.push((i, listener.clone(), addr));
         }
+        // In the configuration's order.
+        bound.sort_by_key(|(i, ..)| *i);
+        let bound = bound.into_iter().map(|(_, l, a)| (l, a)).collect();
         inner.tasks.spawn(sys::run(inner.clone()));
         for plan in bridges {
             inner.tasks.spawn(bridge::run(inner.clone(), plan));
         }
-        Ok(Broker { inner, bound, tls })
+        Ok(Broker {
+            inner,
+            bound,
+            tls,
+            #[cfg(feature = "p2p")]
+            node,
+        })
     }
 }
 
@@ -275,6 +319,9 @@ pub struct Broker {
     bound: Vec<(Listener, SocketAddr)>,
     /// The TLS side of the TLS-based listeners, if any is configured.
     tls: Option<TlsAcceptor>,
+    /// The node of the `p2p://` listener, if there is one.
+    #[cfg(feature = "p2p")]
+    node: Option<mqttd_p2p::Node>,
 }
 
 impl Broker {
@@ -299,6 +346,12 @@ impl Broker {
             .iter()
             .find(|(l, _)| l.kind == kind)
             .map(|(_, a)| *a)
+    }
+
+    /// The node of the `p2p://` listener (its id is the one peers dial), if there is one.
+    #[cfg(feature = "p2p")]
+    pub fn node(&self) -> Option<&mqttd_p2p::Node> {
+        self.node.as_ref()
     }
 
     /// The broker's metrics.

@@ -2,8 +2,11 @@
 //! rate limits, TCP_NODELAY, and what a connection goes through before MQTT (a PROXY header, a
 //! TLS handshake, a WebSocket upgrade), in the connection's own task under its CONNECT
 //! deadline. QUIC listeners have their endpoint and accept loop in [`quic`]; relay listeners
-//! (feature `p2p`) are mqttd-p2p's relay server, in `relay`.
+//! (feature `p2p`) are mqttd-p2p's relay server, in `relay`; peer-to-peer listeners (feature
+//! `p2p`) are a mqttd-p2p node, in `p2p`.
 
+#[cfg(feature = "p2p")]
+mod p2p;
 pub(crate) mod quic;
 #[cfg(feature = "p2p")]
 mod relay;
@@ -46,15 +49,20 @@ pub(crate) enum BoundListener {
     /// The peer-to-peer relay.
     #[cfg(feature = "p2p")]
     Relay(Box<relay::RelayListener>),
+    /// MQTT over peer-to-peer node connections.
+    #[cfg(feature = "p2p")]
+    P2p(Box<p2p::P2pListener>),
 }
 
 impl BoundListener {
-    /// Binds `listener`'s address as its kind requires.
+    /// Binds `listener`'s address as its kind requires. A `p2p://` listener uses the relay
+    /// listener bound at `own_relay` unless `p2p.relays` names others.
     pub(crate) async fn bind(
         listener: &Listener,
         config: &Config,
         tls: Option<&TlsAcceptor>,
         metrics: &Metrics,
+        own_relay: Option<SocketAddr>,
     ) -> io::Result<Self> {
         let acceptor = match listener.kind.uses_tls() {
             true => Some(tls.cloned().ok_or_else(|| {
@@ -77,6 +85,18 @@ impl BoundListener {
                 io::ErrorKind::Unsupported,
                 "relay:// needs mqttd-broker's p2p feature",
             )),
+            #[cfg(feature = "p2p")]
+            (ListenerKind::P2p, _) => p2p::P2pListener::bind(listener, config, own_relay)
+                .await
+                .map(|p| Self::P2p(Box::new(p))),
+            #[cfg(not(feature = "p2p"))]
+            (ListenerKind::P2p, _) => {
+                let _ = own_relay;
+                Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "p2p:// needs mqttd-broker's p2p feature",
+                ))
+            }
             (_, acceptor) => {
                 let socket = TcpListener::bind(listener.addr).await?;
                 Ok(Self::Tcp(socket, Arc::new(listener.clone()), acceptor))
@@ -91,6 +111,17 @@ impl BoundListener {
             Self::Quic(quic) => quic.local_addr(),
             #[cfg(feature = "p2p")]
             Self::Relay(relay) => Ok(relay.local_addr()),
+            #[cfg(feature = "p2p")]
+            Self::P2p(p2p) => Ok(p2p.local_addr()),
+        }
+    }
+
+    /// The node of a `p2p://` listener.
+    #[cfg(feature = "p2p")]
+    pub(crate) fn node(&self) -> Option<mqttd_p2p::Node> {
+        match self {
+            Self::P2p(p2p) => Some(p2p.node().clone()),
+            _ => None,
         }
     }
 
@@ -118,6 +149,12 @@ impl BoundListener {
             #[cfg(feature = "p2p")]
             Self::Relay(relay) => {
                 inner.tasks.spawn(relay.run(inner.clone()));
+            }
+            #[cfg(feature = "p2p")]
+            Self::P2p(p2p) => {
+                inner
+                    .tasks
+                    .spawn(p2p.run(inner.clone(), admission.clone(), name));
             }
         }
     }

@@ -95,6 +95,18 @@ pub struct Metrics {
     /// Datagrams the QUIC listeners dropped before noq read them or after noq wrote them, by
     /// `reason`: see [`Self::quic_datagrams_dropped`].
     quic_datagrams_dropped: QuicDropped,
+    /// Connections the `p2p://` listener accepted, by the path they came on: `direct` or
+    /// `relayed` (see [`Self::p2p_connections`]).
+    p2p_connections: P2pAccepted,
+    /// `p2p://` connections serving MQTT now.
+    pub p2p_connections_open: Gauge,
+    /// `p2p://` connections refused after the handshake: the node is not in `p2p.allow`.
+    pub p2p_refused: Counter,
+    /// `p2p://` handshakes that failed or did not end within `connect_timeout`.
+    pub p2p_handshake_failures: Counter,
+    /// Pings the `p2p://` listener answered (`mqttd p2p ping`), counted when their
+    /// connection ends.
+    pub p2p_pings: Counter,
     /// Sessions held, connected or not.
     pub sessions: Gauge,
     /// Subscriptions held.
@@ -178,6 +190,12 @@ impl Default for Metrics {
             bridge_messages_dropped: BridgeCounters = "Messages each bridge dropped",
             bridge_reconnects: BridgeCounters = "Connection attempts of each bridge after its first",
             bridge_queued: BridgeGauges = "Messages each bridge's session holds for its remote broker",
+            p2p_connections: P2pAccepted =
+                "Peer-to-peer connections accepted, by path at connect (direct, relayed)",
+            p2p_connections_open: Gauge = "Peer-to-peer MQTT connections open now",
+            p2p_refused: Counter = "Peer-to-peer connections refused by p2p.allow",
+            p2p_handshake_failures: Counter = "Peer-to-peer handshakes that failed or timed out",
+            p2p_pings: Counter = "Pings the peer-to-peer listener answered",
         }
     }
 }
@@ -199,6 +217,8 @@ pub(crate) struct BridgeMetrics {
     pub(crate) reconnects: Counter,
     pub(crate) queued: Gauge,
 }
+/// `mqttd_p2p_connections_total`, labelled by `path`.
+type P2pAccepted = Family<[(&'static str, &'static str); 1], Counter>;
 /// The buckets of `quic_rtt_seconds`: from loopback to a satellite link, in seconds.
 const RTT_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -227,6 +247,12 @@ impl Metrics {
             reconnects: self.bridge_reconnects.get_or_create_owned(&label),
             queued: self.bridge_queued.get_or_create_owned(&label),
         }
+    }
+
+    /// The counter of `p2p://` connections accepted over a `direct` or `relayed` path (the
+    /// path of their first packet: a relayed connection may move to a direct path later).
+    pub(crate) fn p2p_connections(&self, path: &'static str) -> Counter {
+        self.p2p_connections.get_or_create_owned(&[("path", path)])
     }
 
     /// The Prometheus text exposition of every metric.

@@ -47,7 +47,8 @@ use mqttd_proto::session::{Enqueued, Session};
 pub mod transport;
 
 pub use transport::{
-    Connector, Endpoint, QuicOptions, ServerUrl, TlsOptions, TlsVersion, Transport, TransportError,
+    Connector, Endpoint, P2pOptions, QuicOptions, ServerUrl, TlsOptions, TlsVersion, Transport,
+    TransportError,
 };
 #[cfg(feature = "quic")]
 pub use transport::{QuicInfo, ZeroRtt};
@@ -517,7 +518,7 @@ struct Links {
 /// The QUIC connection behind the links.
 #[cfg(feature = "quic")]
 struct QuicLinks {
-    conn: noq::Connection,
+    conn: transport::QuicConn,
     info: Arc<QuicInfo>,
     /// Data streams to open once connected; 0 after they were.
     to_open: u16,

@@ -1,4 +1,5 @@
-//! Byte streams to a server: TCP, TLS, WebSocket, WebSocket over TLS and QUIC.
+//! Byte streams to a server: TCP, TLS, WebSocket, WebSocket over TLS, QUIC and peer-to-peer
+//! node connections.
 //!
 //! An [`Endpoint`] says where the server is and how to reach it; a [`Connector`] is an endpoint
 //! whose TLS configuration (CA file, client certificate) has been loaded, so that its mistakes
@@ -14,6 +15,12 @@
 //! congestion control and 0-RTT resumption from the connector's session tickets. In
 //! single-stream mode the first bidirectional stream is the byte stream; in multi-stream mode
 //! ([`QuicOptions::data_streams`]) [`crate::connect_to`] adds data streams after CONNACK.
+//!
+//! Peer-to-peer (cargo feature `p2p`, `p2p://NODE_ID`) is a connection of an mqttd-p2p node
+//! to the broker's node, dialed by its id through relays ([`P2pOptions::relays`]) or at direct
+//! addresses ([`P2pOptions::direct`]), or both; its streams are noq's, so MQTT uses them as
+//! over QUIC, single- or multi-stream. The connector binds its node on first use, with an
+//! ephemeral key unless [`P2pOptions::key_file`] names one.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -24,6 +31,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{lookup_host, TcpStream};
 
+#[cfg(feature = "p2p")]
+mod p2p;
 #[cfg(feature = "quic")]
 mod quic;
 #[cfg(feature = "tls")]
@@ -32,7 +41,7 @@ mod tls;
 mod ws;
 
 #[cfg(feature = "quic")]
-pub(crate) use quic::{close as quic_close, open_data_stream, QuicConnection};
+pub(crate) use quic::{close as quic_close, open_data_stream, QuicConn, QuicConnection};
 #[cfg(feature = "quic")]
 pub use quic::{QuicInfo, QuicStream, ZeroRtt, ALPN as QUIC_ALPN, HANDSHAKE_TIMEOUT};
 #[cfg(feature = "tls")]
@@ -57,6 +66,9 @@ pub enum Transport {
     Wss,
     /// MQTT over QUIC (`quic://`, UDP port 14567), TLS 1.3 with ALPN `mqtt`.
     Quic,
+    /// MQTT over a peer-to-peer node connection (`p2p://NODE_ID`): QUIC with ALPN `mqtt`
+    /// to the broker's node, dialed by its id; no port.
+    P2p,
 }
 
 impl Transport {
@@ -68,12 +80,18 @@ impl Transport {
             Self::Ws => 8083,
             Self::Wss => 8084,
             Self::Quic => 14567,
+            Self::P2p => 0,
         }
     }
 
-    /// Whether the stream is encrypted (QUIC always is).
+    /// Whether the stream is encrypted (QUIC and peer-to-peer always are).
     pub fn is_tls(self) -> bool {
-        matches!(self, Self::Tls | Self::Wss | Self::Quic)
+        matches!(self, Self::Tls | Self::Wss | Self::Quic | Self::P2p)
+    }
+
+    /// Whether MQTT runs over QUIC streams (`quic://` or `p2p://`), single- or multi-stream.
+    pub fn is_quic(self) -> bool {
+        matches!(self, Self::Quic | Self::P2p)
     }
 
     /// Whether MQTT travels in WebSocket frames.
@@ -89,6 +107,7 @@ impl Transport {
             Self::Ws => "ws",
             Self::Wss => "wss",
             Self::Quic => "quic",
+            Self::P2p => "p2p",
         }
     }
 
@@ -99,6 +118,7 @@ impl Transport {
             Self::Tcp | Self::Tls => Self::Tls,
             Self::Ws | Self::Wss => Self::Wss,
             Self::Quic => Self::Quic,
+            Self::P2p => Self::P2p,
         }
     }
 }
@@ -179,22 +199,42 @@ pub struct QuicOptions {
     pub sockets: u16,
 }
 
+/// How to reach a broker's peer-to-peer node (`p2p://NODE_ID`): through relays, at direct
+/// addresses, or both; and the client node's own key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct P2pOptions {
+    /// Relay URLs (`https://HOST:PORT`) the client node uses: the broker's node is dialed
+    /// through the first unless a direct address works first.
+    pub relays: Vec<String>,
+    /// PEM CA certificates the relays' certificates are checked against, besides the
+    /// compiled-in Mozilla roots (a broker's generated `<data_dir>/tls/ca.pem`).
+    pub relay_cafile: Option<PathBuf>,
+    /// UDP addresses the broker's node may be reached at directly.
+    pub direct: Vec<SocketAddr>,
+    /// The client node's key file (created if missing, as `<data_dir>/node.key` is); an
+    /// ephemeral key when unset.
+    pub key_file: Option<PathBuf>,
+}
+
 /// Where a server is and how to reach it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Endpoint {
     /// The transport.
     pub transport: Transport,
-    /// Host name or IP address; also the TLS server name.
+    /// Host name or IP address; also the TLS server name. For `p2p://`, the broker's node id.
     pub host: String,
-    /// Port.
+    /// Port (none for `p2p://`: 0).
     pub port: u16,
     /// WebSocket path (WebSocket transports only).
     pub path: String,
     /// TLS settings (TLS transports and QUIC).
     pub tls: TlsOptions,
-    /// QUIC settings (QUIC only).
+    /// QUIC settings (QUIC and peer-to-peer).
     pub quic: QuicOptions,
+    /// Peer-to-peer settings (`p2p://` only).
+    pub p2p: P2pOptions,
     /// Time allowed for the transport's set-up: TCP connect, TLS, QUIC and WebSocket
     /// handshakes. A QUIC handshake gets at most `HANDSHAKE_TIMEOUT` (10 s) of it: a host
     /// where nothing listens on UDP does not answer at all.
@@ -211,6 +251,7 @@ impl Endpoint {
             path: DEFAULT_WS_PATH.to_owned(),
             tls: TlsOptions::default(),
             quic: QuicOptions::default(),
+            p2p: P2pOptions::default(),
             timeout: Duration::from_secs(30),
         }
     }
@@ -231,6 +272,8 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.transport.is_websocket() {
             f.write_str(&self.ws_url())
+        } else if self.transport == Transport::P2p {
+            write!(f, "p2p://{}", self.host)
         } else {
             let scheme = self.transport.scheme();
             write!(f, "{scheme}://{}:{}", url_host(&self.host), self.port)
@@ -247,12 +290,12 @@ fn url_host(host: &str) -> String {
     }
 }
 
-/// A server URL as `mosquitto_pub -L` takes it, extended with WebSocket and QUIC schemes:
-/// `mqtt://`, `mqtts://`, `ws://`, `wss://`, `quic://`, then
-/// `[user[:password]@]host[:port][/path]`.
+/// A server URL as `mosquitto_pub -L` takes it, extended with WebSocket, QUIC and
+/// peer-to-peer schemes: `mqtt://`, `mqtts://`, `ws://`, `wss://`, `quic://`, then
+/// `[user[:password]@]host[:port][/path]`; or `p2p://[user[:password]@]NODE_ID[/path]`.
 ///
-/// For `mqtt://`, `mqtts://` and `quic://` the path is a topic (as Mosquitto reads it); for
-/// `ws://` and `wss://` it is the WebSocket path (default [`DEFAULT_WS_PATH`]).
+/// For `mqtt://`, `mqtts://`, `quic://` and `p2p://` the path is a topic (as Mosquitto reads
+/// it); for `ws://` and `wss://` it is the WebSocket path (default [`DEFAULT_WS_PATH`]).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServerUrl {
@@ -284,14 +327,15 @@ impl FromStr for ServerUrl {
         };
         let (scheme, rest) = url
             .split_once("://")
-            .ok_or_else(|| fail("expected mqtt://, mqtts://, ws://, wss:// or quic://"))?;
+            .ok_or_else(|| fail("expected mqtt://, mqtts://, ws://, wss://, quic:// or p2p://"))?;
         let transport = match scheme.to_ascii_lowercase().as_str() {
             "mqtt" | "tcp" => Transport::Tcp,
             "mqtts" | "ssl" | "tls" => Transport::Tls,
             "ws" => Transport::Ws,
             "wss" => Transport::Wss,
             "quic" => Transport::Quic,
-            _ => return Err(fail("unknown scheme (mqtt, mqtts, ws, wss or quic)")),
+            "p2p" => Transport::P2p,
+            _ => return Err(fail("unknown scheme (mqtt, mqtts, ws, wss, quic or p2p)")),
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => rest.split_at(i),
@@ -309,9 +353,16 @@ impl FromStr for ServerUrl {
                 None => (Some(info.to_owned()), None),
             },
         };
-        let (host, port) = split_host_port(hostport).ok_or_else(|| fail("bad host or port"))?;
+        let (host, port) = match transport {
+            // A node id has no port.
+            Transport::P2p => (hostport, Some(0)),
+            _ => split_host_port(hostport).ok_or_else(|| fail("bad host or port"))?,
+        };
         if host.is_empty() {
-            return Err(fail("no host"));
+            return Err(fail(match transport {
+                Transport::P2p => "no node id",
+                _ => "no host",
+            }));
         }
         let port = port.unwrap_or_else(|| transport.default_port());
         let mut endpoint = Endpoint::new(transport, host, port);
@@ -395,6 +446,15 @@ pub enum TransportError {
     /// a protocol violation, no usable address).
     #[error("QUIC: {0}")]
     Quic(String),
+    /// The server refused the connection before MQTT began: it closed it with QUIC
+    /// application error 0x87, not authorized (a broker's `p2p.allow` that does not list the
+    /// client's node).
+    #[error("the server refused the connection: {0}")]
+    Refused(String),
+    /// The peer-to-peer settings are unusable: the node id, a relay URL, the relay CA file or
+    /// the key file.
+    #[error("peer-to-peer set-up: {0}")]
+    P2pConfig(String),
     /// The transport needs a cargo feature this build lacks.
     #[error("{transport} needs mqttd-client's cargo feature `{feature}`")]
     Unsupported {
@@ -417,6 +477,9 @@ pub struct Connector {
     /// Sockets, TLS configuration and session tickets, shared by the connector's clones.
     #[cfg(feature = "quic")]
     quic: Option<std::sync::Arc<quic::Quic>>,
+    /// The client node, shared by the connector's clones.
+    #[cfg(feature = "p2p")]
+    p2p: Option<std::sync::Arc<p2p::P2p>>,
 }
 
 impl fmt::Debug for Connector {
@@ -445,6 +508,13 @@ impl Connector {
                 feature: "quic",
             });
         }
+        #[cfg(not(feature = "p2p"))]
+        if endpoint.transport == Transport::P2p {
+            return Err(TransportError::Unsupported {
+                transport: "peer-to-peer",
+                feature: "p2p",
+            });
+        }
         #[cfg(not(feature = "ws"))]
         if endpoint.transport.is_websocket() {
             return Err(TransportError::Unsupported {
@@ -466,21 +536,39 @@ impl Connector {
             )?)),
             _ => None,
         };
+        #[cfg(feature = "p2p")]
+        let p2p = match endpoint.transport {
+            Transport::P2p => Some(std::sync::Arc::new(p2p::P2p::new(&endpoint)?)),
+            _ => None,
+        };
         Ok(Self {
             endpoint,
             #[cfg(feature = "tls")]
             tls,
             #[cfg(feature = "quic")]
             quic,
+            #[cfg(feature = "p2p")]
+            p2p,
         })
     }
 
     /// Connects over QUIC and opens the control stream (the handshake bounded by
-    /// `HANDSHAKE_TIMEOUT`, or 0-RTT with a cached session ticket).
+    /// `HANDSHAKE_TIMEOUT`, or 0-RTT with a cached session ticket); or, peer-to-peer, dials
+    /// the broker's node and opens the control stream.
     #[cfg(feature = "quic")]
     pub(crate) async fn open_quic(&self) -> Option<Result<QuicConnection, TransportError>> {
+        #[cfg(feature = "p2p")]
+        if let Some(p2p) = &self.p2p {
+            return Some(p2p.connect(&self.endpoint).await);
+        }
         let quic = self.quic.as_ref()?;
         Some(quic.connect(&self.endpoint).await)
+    }
+
+    /// The client node's id (`p2p://` only), once it is bound (at the first connection).
+    #[cfg(feature = "p2p")]
+    pub fn node_id(&self) -> Option<String> {
+        self.p2p.as_ref()?.node_id()
     }
 
     /// The endpoint.
@@ -489,8 +577,9 @@ impl Connector {
     }
 
     /// Opens a stream: TCP connect, then the TLS and WebSocket handshakes the transport needs,
-    /// within [`Endpoint::timeout`]. For QUIC: the connection's first bidirectional stream
-    /// (single-stream mode; [`crate::connect_to`] also does multi-stream mode).
+    /// within [`Endpoint::timeout`]. For QUIC and peer-to-peer: the connection's first
+    /// bidirectional stream (single-stream mode; [`crate::connect_to`] also does multi-stream
+    /// mode).
     pub async fn open(&self) -> Result<Box<dyn ByteStream>, TransportError> {
         #[cfg(feature = "quic")]
         if let Some(quic) = self.open_quic().await {
@@ -606,6 +695,19 @@ mod tests {
         assert!(!Transport::Quic.is_websocket());
         assert_eq!(Transport::Quic.with_tls(), Transport::Quic);
         assert_eq!(u.endpoint.quic.data_streams, 0);
+    }
+
+    #[test]
+    fn p2p_urls_name_a_node() {
+        let id = "ae58ff8833241ac82d6ff7611046ed67b5072d142c588d0063e942d9a75502b6";
+        let u = parse(&format!("p2p://alice:pw@{id}/a/b"));
+        assert_eq!(u.endpoint.transport, Transport::P2p);
+        assert_eq!((u.endpoint.host.as_str(), u.endpoint.port), (id, 0));
+        assert_eq!(u.topic.as_deref(), Some("a/b"));
+        assert_eq!(u.username.as_deref(), Some("alice"));
+        assert_eq!(u.endpoint.to_string(), format!("p2p://{id}"));
+        assert!(Transport::P2p.is_quic() && Transport::P2p.is_tls());
+        assert!("p2p:///t".parse::<ServerUrl>().is_err());
     }
 
     #[test]

@@ -19,9 +19,12 @@
 //!
 //! The identity lives in `<data-dir>/node.key` ([`NodeKey::load_or_create`]).
 //!
+//! [`Pinger`] and [`serve_pings`] are a small protocol of their own ([`PING_ALPN`]): a node's
+//! answers to pings, with the round-trip time and the path each came back on.
+//!
 //! The API keeps iroh's types inside, except the QUIC streams ([`SendStream`],
-//! [`RecvStream`], [`ConnectionError`]), which are noq's, the types the broker's QUIC driver
-//! already reads and writes; [`Node::endpoint`] and [`Connection::iroh`] reach iroh itself.
+//! [`RecvStream`], [`ConnectionError`]) and statistics ([`ConnectionStats`], [`PathStats`]),
+//! which are noq's, the types the broker's QUIC driver already reads and writes; [`Node::endpoint`] and [`Connection::iroh`] reach iroh itself.
 //!
 //! # Example
 //!
@@ -57,16 +60,18 @@ mod addr;
 mod key;
 mod node;
 mod path;
+mod ping;
 #[cfg(feature = "relay-server")]
 mod relay;
 
 pub use addr::{NodeAddr, ParseRelayUrlError, RelayUrl};
 pub use key::{KeyError, NodeId, NodeKey, ParseNodeIdError, KEY_FILE};
 pub use node::{
-    BindError, ConnectError, Connection, ConnectionError, Incoming, Node, NodeConfig, RecvStream,
-    RelayState, SendStream,
+    BindError, ConnectError, Connection, ConnectionError, ConnectionStats, Incoming, Node,
+    NodeConfig, PathStats, RecvStream, RelayState, SendStream, StreamLimits,
 };
 pub use path::{PathEvent, PathEvents, PathInfo, PathKind};
+pub use ping::{serve_pings, PingError, Pinger, Pong, MAX_PINGS, PING_ALPN, PING_SIZE};
 #[cfg(feature = "relay-server")]
 pub use relay::{
     ClientRate, RelayAccess, RelayServer, RelayServerConfig, RelayServerError, RelayStats,

@@ -16,7 +16,7 @@ use crate::addr::{NodeAddr, RelayUrl};
 use crate::key::{NodeId, NodeKey};
 use crate::path::{current_paths, PathEvents, PathInfo, PathKind};
 
-pub use iroh::endpoint::{ConnectionError, RecvStream, SendStream};
+pub use iroh::endpoint::{ConnectionError, ConnectionStats, PathStats, RecvStream, SendStream};
 
 /// How a node runs. Settings will be added: start from [`NodeConfig::new`] and assign the
 /// fields to change.
@@ -43,6 +43,48 @@ pub struct NodeConfig {
     /// Whether to use direct UDP paths at all; without them every connection goes through a
     /// relay.
     pub direct_paths: bool,
+    /// Limits on the streams peers open and on what they may send ahead of the reader; iroh's
+    /// defaults when `None`.
+    pub streams: Option<StreamLimits>,
+}
+
+/// What a peer may open on a connection and send ahead of the reader (QUIC flow control).
+/// Start from [`StreamLimits::new`] and assign the fields to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamLimits {
+    /// Bidirectional streams a peer may have open at once.
+    pub max_bidi_streams: u32,
+    /// Unidirectional streams a peer may have open at once.
+    pub max_uni_streams: u32,
+    /// Bytes a peer may send on one stream ahead of the reader.
+    pub stream_receive_window: u32,
+    /// Bytes a peer may send on all streams of a connection ahead of the reader.
+    pub receive_window: u32,
+}
+
+impl StreamLimits {
+    /// `max_bidi_streams` bidirectional streams, no unidirectional ones, and the windows given.
+    pub fn new(max_bidi_streams: u32, stream_receive_window: u32, receive_window: u32) -> Self {
+        Self {
+            max_bidi_streams,
+            max_uni_streams: 0,
+            stream_receive_window,
+            receive_window,
+        }
+    }
+
+    fn to_iroh(self) -> endpoint::QuicTransportConfig {
+        endpoint::QuicTransportConfig::builder()
+            .max_concurrent_bidi_streams(self.max_bidi_streams.into())
+            .max_concurrent_uni_streams(self.max_uni_streams.into())
+            .stream_receive_window(self.stream_receive_window.into())
+            .receive_window(self.receive_window.into())
+            // What the node buffers unacknowledged per connection: bounded like what it
+            // receives.
+            .send_window(u64::from(self.receive_window))
+            .build()
+    }
 }
 
 impl NodeConfig {
@@ -56,6 +98,7 @@ impl NodeConfig {
             webpki_roots: true,
             alpns: Vec::new(),
             direct_paths: true,
+            streams: None,
         }
     }
 }
@@ -156,6 +199,9 @@ impl Node {
             .ca_tls_config(ca)
             .net_report_config(net_report)
             .portmapper_config(endpoint::PortmapperConfig::Disabled);
+        if let Some(limits) = config.streams {
+            builder = builder.transport_config(limits.to_iroh());
+        }
         if !config.direct_paths {
             builder = builder.clear_ip_transports();
         } else if !config.bind.is_empty() {
@@ -391,6 +437,25 @@ impl Connection {
     /// The round-trip time of the selected path.
     pub fn rtt(&self) -> Option<Duration> {
         self.selected_path().map(|p| p.rtt)
+    }
+
+    /// The QUIC statistics of the selected path, and how it reaches the peer.
+    pub fn selected_path_stats(&self) -> Option<(PathKind, PathStats)> {
+        self.inner
+            .paths()
+            .iter()
+            .filter(|p| p.is_selected())
+            .find_map(|p| Some((PathKind::from_transport(p.remote_addr())?, p.stats())))
+    }
+
+    /// The connection's QUIC statistics, over all its paths (closed ones included).
+    pub fn stats(&self) -> ConnectionStats {
+        self.inner.stats()
+    }
+
+    /// Why the connection closed; `None` while it is open.
+    pub fn close_reason(&self) -> Option<ConnectionError> {
+        self.inner.close_reason()
     }
 
     /// Closes the connection with an application error `code` and `reason`.

@@ -34,7 +34,7 @@ impl PathKind {
         matches!(self, Self::Relayed(_))
     }
 
-    fn from_transport(addr: &iroh::TransportAddr) -> Option<Self> {
+    pub(crate) fn from_transport(addr: &iroh::TransportAddr) -> Option<Self> {
         match addr {
             iroh::TransportAddr::Ip(a) => Some(Self::Direct(*a)),
             iroh::TransportAddr::Relay(url) => Some(Self::Relayed(RelayUrl(url.clone()))),

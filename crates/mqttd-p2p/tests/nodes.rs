@@ -1,5 +1,5 @@
 //! Two nodes on loopback, given each other's addresses, connect directly and exchange data;
-//! the identity file is created private and reloaded.
+//! the identity file is created private and reloaded; pings are answered, or time out.
 
 use std::time::Duration;
 
@@ -162,4 +162,53 @@ async fn a_node_bound_with_a_loaded_key_has_its_id() {
     let node = Node::bind(config).await.unwrap();
     assert_eq!(node.id(), id);
     node.close().await;
+}
+
+#[tokio::test]
+async fn pings_are_answered_with_their_path_and_an_unanswered_one_times_out() {
+    use mqttd_p2p::{serve_pings, Pinger, PING_ALPN};
+
+    let server = node(&[PING_ALPN]).await;
+    let client = node(&[]).await;
+    let serving = tokio::spawn({
+        let server = server.clone();
+        async move {
+            let conn = server.accept().await.unwrap().accept().await.unwrap();
+            serve_pings(&conn).await
+        }
+    });
+    let to = NodeAddr::new(server.id()).with_direct(server.bound_addrs());
+    let conn = tokio::time::timeout(LIMIT, client.connect(to.clone(), PING_ALPN))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut pinger = Pinger::open(conn).await.unwrap();
+    for seq in 1..=3 {
+        let pong = pinger.ping(LIMIT).await.unwrap().expect("an answer");
+        assert_eq!(pong.seq, seq);
+        assert!(
+            pong.path.as_ref().is_some_and(|p| p.is_direct()),
+            "{pong:?}"
+        );
+    }
+    pinger.close();
+    assert_eq!(serving.await.unwrap(), 3);
+
+    // A node that reads pings and never answers.
+    let silent = tokio::spawn({
+        let server = server.clone();
+        async move {
+            let conn = server.accept().await.unwrap().accept().await.unwrap();
+            let (_send, mut recv) = conn.accept_bi().await.unwrap();
+            let _ = recv.read_to_end(1024).await;
+            conn.closed().await;
+        }
+    });
+    let conn = client.connect(to, PING_ALPN).await.unwrap();
+    let mut pinger = Pinger::open(conn).await.unwrap();
+    assert_eq!(pinger.ping(Duration::from_millis(200)).await.unwrap(), None);
+    pinger.close();
+    silent.await.unwrap();
+    client.close().await;
+    server.close().await;
 }

@@ -129,7 +129,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "tcp")]
     transport: String,
     /// Broker URL (mqtt://, mqtts://, ws://, wss:// or quic://HOST:PORT/PATH; port and path
-    /// optional), instead of --host, --port and --transport.
+    /// optional; or p2p://NODE_ID, with --relay or --peer-addr), instead of --host, --port
+    /// and --transport.
     #[arg(short = 'L', long = "url", value_name = "URL", conflicts_with_all = ["port", "transport"])]
     url: Option<String>,
     /// PEM file of the CA certificates that sign the broker's certificate (TLS transports;
@@ -140,10 +141,23 @@ pub(crate) struct BenchArgs {
     /// verified).
     #[arg(long)]
     insecure: bool,
-    /// QUIC: data streams besides the control stream (multi-stream mode); 0 carries
+    /// QUIC and p2p: data streams besides the control stream (multi-stream mode); 0 carries
     /// everything on one stream.
     #[arg(long, value_name = "N", default_value_t = 0)]
     quic_streams: u16,
+    /// p2p://: a relay (https://HOST:PORT) the broker's node is reached through; repeatable.
+    /// Every client connects from one node.
+    #[arg(long = "relay", value_name = "URL")]
+    relays: Vec<String>,
+    /// p2p://: PEM CA certificates the relays' certificates are checked against.
+    #[arg(long, value_name = "FILE")]
+    relay_cafile: Option<std::path::PathBuf>,
+    /// p2p://: a UDP address the broker's node may be reached at directly; repeatable.
+    #[arg(long = "peer-addr", value_name = "IP:PORT")]
+    peer_addrs: Vec<SocketAddr>,
+    /// p2p://: the clients' node key file, created if missing [default: a new key].
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<std::path::PathBuf>,
     /// QUIC: UDP sockets to spread the clients over (default: one per 64 clients, at most
     /// 256), so that a burst of handshakes does not overflow one socket's receive buffer.
     #[arg(long, value_name = "N")]
@@ -600,10 +614,21 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     endpoint.tls.ca_file.clone_from(&args.cafile);
     endpoint.tls.insecure = args.insecure;
-    if args.quic_streams > 0 && endpoint.transport != Transport::Quic {
-        bail!("--quic-streams needs the quic transport");
+    if args.quic_streams > 0 && !endpoint.transport.is_quic() {
+        bail!("--quic-streams needs the quic transport or a p2p:// URL");
     }
     endpoint.quic.data_streams = args.quic_streams;
+    let p2p = !args.relays.is_empty()
+        || args.relay_cafile.is_some()
+        || !args.peer_addrs.is_empty()
+        || args.key_file.is_some();
+    if p2p && endpoint.transport != Transport::P2p {
+        bail!("--relay, --relay-cafile, --peer-addr and --key-file need a p2p:// URL");
+    }
+    endpoint.p2p.relays.clone_from(&args.relays);
+    endpoint.p2p.relay_cafile.clone_from(&args.relay_cafile);
+    endpoint.p2p.direct.clone_from(&args.peer_addrs);
+    endpoint.p2p.key_file.clone_from(&args.key_file);
     endpoint.quic.sockets = args
         .quic_sockets
         .unwrap_or_else(|| u16::try_from(args.count.div_ceil(64).clamp(1, 256)).unwrap_or(256));
@@ -613,10 +638,14 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         _ if !args.bind.is_empty() => bail!("--bind works with plain TCP only"),
         _ => Some(Connector::new(endpoint.clone())?),
     };
-    let addr = lookup_host((endpoint.host.as_str(), endpoint.port))
-        .await?
-        .next()
-        .with_context(|| format!("cannot resolve {}", endpoint.host))?;
+    let addr = match endpoint.transport {
+        // A node id is no host name; `addr` serves plain TCP only.
+        Transport::P2p => SocketAddr::from(([0, 0, 0, 0], 0)),
+        _ => lookup_host((endpoint.host.as_str(), endpoint.port))
+            .await?
+            .next()
+            .with_context(|| format!("cannot resolve {}", endpoint.host))?,
+    };
     let version = match args.protocol.as_str() {
         "5" => ProtocolVersion::V5,
         "311" => ProtocolVersion::V3_1_1,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 mod bench;
 mod format;
+mod ping;
 mod tools;
 
 use anyhow::Context;
@@ -40,6 +41,19 @@ enum Command {
     /// Print this broker's peer-to-peer node id (creating its key, <data_dir>/node.key, on
     /// first use).
     Id(IdArgs),
+    /// Peer-to-peer diagnostics.
+    #[command(subcommand)]
+    P2p(P2pCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum P2pCommand {
+    /// Ping a node (any mqttd with a p2p:// listener answers): one line per ping with the
+    /// path (direct or relay) and the round-trip time, then
+    /// `summary sent=N received=M direct=yes|no first_ms=T direct_ms=T` (first_ms: from the
+    /// start to the first answer; direct_ms: to the first direct path, or -). Exit status 0
+    /// if any ping was answered.
+    Ping(ping::PingArgs),
 }
 
 #[derive(Debug, Args)]
@@ -55,8 +69,9 @@ struct IdArgs {
 #[derive(Debug, Args, Default)]
 struct ServeArgs {
     /// Listener URL (tcp://HOST:PORT, tls://HOST:PORT, ws://HOST:PORT[/PATH],
-    /// wss://HOST:PORT[/PATH], quic://HOST:PORT, http://HOST:PORT, relay://HOST:PORT, with
-    /// options such as ?proxy_protocol=true or ?trust_proxy=true); repeatable. Given any, they replace the default listeners
+    /// wss://HOST:PORT[/PATH], quic://HOST:PORT, http://HOST:PORT, relay://HOST:PORT,
+    /// p2p:// or p2p://HOST:PORT, with options such as ?proxy_protocol=true or
+    /// ?trust_proxy=true); repeatable. Given any, they replace the default listeners
     /// (tcp://127.0.0.1:1883, tls://127.0.0.1:8883, ws://127.0.0.1:8083/mqtt,
     /// wss://127.0.0.1:8084/mqtt, quic://127.0.0.1:14567).
     #[arg(long = "listen", value_name = "URL")]
@@ -123,6 +138,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Pub(args)) => client_tool(tools::publish(args)),
         Some(Command::Sub(args)) => client_tool(tools::subscribe(args)),
         Some(Command::Id(args)) => id(args),
+        Some(Command::P2p(P2pCommand::Ping(args))) => p2p_ping(args),
         Some(Command::Bench(args)) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -151,8 +167,13 @@ fn client_tool(
 }
 
 fn init_logging(format: LogFormat) {
+    init_logging_at(format, "info");
+}
+
+/// Logging to standard error at `RUST_LOG`'s level, else at `default`.
+fn init_logging_at(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -227,7 +248,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // that ask for port 0.
         for (listener, addr) in broker.local_addrs() {
             let scheme = listener.url.split("://").next().unwrap_or("tcp");
-            println!("mqttd listening on {scheme}://{addr}");
+            match (listener.kind, broker.node()) {
+                // Peers dial the node id; its UDP sockets are for direct paths.
+                (ListenerKind::P2p, Some(node)) => {
+                    println!("mqttd listening on p2p://{}", node.id());
+                    for addr in node.bound_addrs() {
+                        println!("mqttd p2p direct {addr}");
+                    }
+                }
+                _ => println!("mqttd listening on {scheme}://{addr}"),
+            }
             if listener.kind == ListenerKind::Relay {
                 println!("mqttd relay url {}", relay_url(*addr, &hostnames));
             }
@@ -346,6 +376,21 @@ fn relay_url(addr: SocketAddr, hostnames: &[String]) -> String {
             format!("https://{}/", SocketAddr::new(ip, addr.port()))
         }
     }
+}
+
+/// `mqttd p2p ping`: exits 1 when no ping was answered (or the node could not be reached).
+fn p2p_ping(args: ping::PingArgs) -> anyhow::Result<()> {
+    // Standard output is the report; the log only says what went wrong.
+    init_logging_at(LogFormat::Text, "warn");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let answered = runtime.block_on(ping::run(args))?;
+    drop(runtime);
+    if !answered {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// `mqttd id`: loads (or creates) the node key and prints its id alone on standard output.

@@ -1,5 +1,6 @@
 //! `mqttd pub` and `mqttd sub`: command-line clients that take `mosquitto_pub` and
-//! `mosquitto_sub`'s flags, over TCP, TLS, WebSocket, WebSocket over TLS or QUIC.
+//! `mosquitto_sub`'s flags, over TCP, TLS, WebSocket, WebSocket over TLS, QUIC or a
+//! peer-to-peer node connection (`p2p://NODE_ID`).
 //!
 //! Every failure maps to one [`Status`], so that scripts can tell a broker that is down from a
 //! certificate that does not verify, a password the broker refused, or a subscription an ACL
@@ -107,9 +108,10 @@ pub(crate) struct ConnectArgs {
     #[arg(short, long)]
     port: Option<u16>,
     /// Broker URL: mqtt:// mqtts:// ws:// wss:// or quic://, then USER:PASSWORD@HOST:PORT/PATH
-    /// where all but the host are optional.
-    /// For mqtt(s):// and quic:// the path is the topic; for ws(s):// it is the WebSocket path
-    /// [default: /mqtt].
+    /// where all but the host are optional; or p2p://USER:PASSWORD@NODE_ID/PATH, the broker's
+    /// peer-to-peer node (see --relay and --peer-addr).
+    /// For mqtt(s)://, quic:// and p2p:// the path is the topic; for ws(s):// it is the
+    /// WebSocket path [default: /mqtt].
     #[arg(short = 'L', long = "url", value_name = "URL", conflicts_with_all = ["host", "port"])]
     url: Option<String>,
     /// Client identifier [default: the broker assigns one].
@@ -203,11 +205,26 @@ pub(crate) struct ConnectArgs {
     /// verified).
     #[arg(long)]
     insecure: bool,
-    /// QUIC (quic:// URLs): data streams besides the control stream. Each topic's messages
-    /// and each subscription go on the data stream the topic (filter) hashes to; 0 carries
-    /// everything on one stream.
+    /// QUIC (quic:// and p2p:// URLs): data streams besides the control stream. Each topic's
+    /// messages and each subscription go on the data stream the topic (filter) hashes to; 0
+    /// carries everything on one stream.
     #[arg(long, value_name = "N", default_value_t = 0)]
     quic_streams: u16,
+    /// p2p:// URLs: a relay (https://HOST:PORT) the broker's node is reached through, unless
+    /// a direct address works; repeatable.
+    #[arg(long = "relay", value_name = "URL")]
+    relays: Vec<String>,
+    /// p2p:// URLs: PEM CA certificates the relays' certificates are checked against (a
+    /// broker's generated <data_dir>/tls/ca.pem), besides the compiled-in Mozilla roots.
+    #[arg(long, value_name = "FILE")]
+    relay_cafile: Option<PathBuf>,
+    /// p2p:// URLs: a UDP address the broker's node may be reached at directly; repeatable.
+    #[arg(long = "peer-addr", value_name = "IP:PORT")]
+    peer_addrs: Vec<std::net::SocketAddr>,
+    /// p2p:// URLs: this client's node key file, created if missing [default: a new key each
+    /// run].
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
     /// Seconds allowed to reach the broker: TCP connect, TLS, QUIC (at most 10) and WebSocket
     /// handshakes.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
@@ -423,10 +440,27 @@ impl ConnectArgs {
             target.endpoint.transport = target.endpoint.transport.with_tls();
         }
         target.endpoint.tls = tls;
-        if self.quic_streams > 0 && target.endpoint.transport != Transport::Quic {
-            return Err(usage("--quic-streams needs a quic:// URL"));
+        if self.quic_streams > 0 && !target.endpoint.transport.is_quic() {
+            return Err(usage("--quic-streams needs a quic:// or p2p:// URL"));
         }
         target.endpoint.quic.data_streams = self.quic_streams;
+        let p2p = !self.relays.is_empty()
+            || self.relay_cafile.is_some()
+            || !self.peer_addrs.is_empty()
+            || self.key_file.is_some();
+        if p2p && target.endpoint.transport != Transport::P2p {
+            return Err(usage(
+                "--relay, --relay-cafile, --peer-addr and --key-file need a p2p:// URL",
+            ));
+        }
+        target.endpoint.p2p.relays.clone_from(&self.relays);
+        target
+            .endpoint
+            .p2p
+            .relay_cafile
+            .clone_from(&self.relay_cafile);
+        target.endpoint.p2p.direct.clone_from(&self.peer_addrs);
+        target.endpoint.p2p.key_file.clone_from(&self.key_file);
         target.endpoint.timeout = Duration::from_secs(self.connect_timeout.max(1));
         if self.username.is_some() {
             target.username.clone_from(&self.username);
@@ -533,7 +567,13 @@ impl ConnectArgs {
                 None => String::new(),
             }
         ));
-        if let Some(quic) = client.quic() {
+        if let Some(id) = connector.node_id() {
+            self.debug(format_args!("peer-to-peer node id {id}"));
+        }
+        if let Some(quic) = client
+            .quic()
+            .filter(|_| target.endpoint.transport == Transport::Quic)
+        {
             self.debug(format_args!(
                 "QUIC 0-RTT: {}",
                 match quic.zero_rtt() {
@@ -551,7 +591,10 @@ impl ConnectArgs {
 fn transport_failure(error: TransportError) -> Failure {
     let status = match &error {
         TransportError::Tls(_) => Status::Tls,
-        TransportError::TlsConfig(_) | TransportError::Unsupported { .. } => Status::Usage,
+        TransportError::TlsConfig(_)
+        | TransportError::P2pConfig(_)
+        | TransportError::Unsupported { .. } => Status::Usage,
+        TransportError::Refused(_) => Status::Refused,
         _ => Status::Unreachable,
     };
     let hint = match &error {

@@ -160,7 +160,8 @@ struct Connecting {
     auth_data: Option<Bytes>,
 }
 
-/// The user a client certificate names, with `tls.use_identity_as_username`.
+/// The user a client certificate names, with `tls.use_identity_as_username` (or a peer's node
+/// id, with `p2p.use_node_id_as_username`).
 enum CertificateUser {
     /// The certificate's identity.
     Named(MqttStr),
@@ -1030,9 +1031,15 @@ impl ConnectionCore {
     }
 
     /// With `tls.use_identity_as_username`, on a transport with TLS: the user name the client
-    /// certificate gives (`None` without one), which replaces the CONNECT's. `None` otherwise.
+    /// certificate gives (`None` without one), which replaces the CONNECT's; likewise the
+    /// peer's node id on `p2p://` with `p2p.use_node_id_as_username`. `None` otherwise.
     fn certificate_username(&self) -> Option<CertificateUser> {
-        if !(self.inner.config.tls.use_identity_as_username && self.peer.transport.is_secure()) {
+        let config = &self.inner.config;
+        let enabled = match self.peer.transport {
+            Transport::P2p => config.p2p.use_node_id_as_username,
+            transport => config.tls.use_identity_as_username && transport.is_secure(),
+        };
+        if !enabled {
             return None;
         }
         Some(match &self.peer.tls_identity {

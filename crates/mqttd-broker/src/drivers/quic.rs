@@ -2,6 +2,11 @@
 //! task per connection, around the same [`ConnectionCore`] as every other transport. It moves
 //! bytes between the core and the connection's streams, and every decision is the core's.
 //!
+//! The connection comes from either QUIC endpoint of the broker, both noq underneath: the
+//! `quic://` listener's ([`noq::Connection`]) or the `p2p://` listener's node (an iroh
+//! connection, from `listener::p2p`), whose streams are the same noq streams. [`QuicConn`] is
+//! what the driver needs of either.
+//!
 //! # Streams
 //!
 //! The client's first bidirectional stream, QUIC stream id 0, is the control stream
@@ -60,13 +65,17 @@
 use std::cmp::Reverse;
 use std::future::poll_fn;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use noq::{Connection, RecvStream, SendStream, VarInt};
+use noq::{
+    Connection, ConnectionError, ConnectionStats, Path, PathStats, RecvStream, SendStream, VarInt,
+};
+use prometheus_client::metrics::gauge::Gauge;
 use smallvec::SmallVec;
 use tokio::sync::watch;
 use tracing::{debug, info, Instrument};
@@ -78,10 +87,78 @@ use crate::broker::Inner;
 use crate::config::Config;
 use crate::core::ConnectionCore;
 use crate::hooks::Peer;
+use crate::metrics::Metrics;
 use crate::storage::Watermark;
 use stats::QuicStats;
 
 mod stats;
+
+/// What the driver needs of a QUIC connection: the client's streams, the close, and the
+/// statistics it reports. Implemented by noq's own connection (`quic://`) and by the
+/// peer-to-peer node's (`p2p://`).
+pub(crate) trait QuicConn: Send + Sync + 'static {
+    /// Waits for the client's next bidirectional stream.
+    fn accept_bi(
+        &self,
+    ) -> impl Future<Output = Result<(SendStream, RecvStream), ConnectionError>> + Send + '_;
+
+    /// Closes the connection with an application error `code`.
+    fn close(&self, code: VarInt, reason: &[u8]);
+
+    /// Why the connection closed; `None` while it is open.
+    fn close_reason(&self) -> Option<ConnectionError>;
+
+    /// The connection's statistics over all its paths.
+    fn stats(&self) -> ConnectionStats;
+
+    /// A path to hold, so that its statistics stay readable after it closes (noq's path 0);
+    /// `None` where paths come and go (a node's connection: relayed, then direct).
+    fn first_path(&self) -> Option<Path>;
+
+    /// The statistics of the path carrying data now (`held`, if there is one), and the
+    /// client's address on it if the path goes straight to the client.
+    fn path_sample(&self, held: Option<&Path>) -> (Option<PathStats>, Option<SocketAddr>);
+
+    /// The gauge of such connections open now.
+    fn open_gauge(metrics: &Metrics) -> &Gauge;
+}
+
+impl QuicConn for Connection {
+    fn accept_bi(
+        &self,
+    ) -> impl Future<Output = Result<(SendStream, RecvStream), ConnectionError>> + Send + '_ {
+        Self::accept_bi(self)
+    }
+
+    fn close(&self, code: VarInt, reason: &[u8]) {
+        Self::close(self, code, reason);
+    }
+
+    fn close_reason(&self) -> Option<ConnectionError> {
+        Self::close_reason(self)
+    }
+
+    fn stats(&self) -> ConnectionStats {
+        Self::stats(self)
+    }
+
+    fn first_path(&self) -> Option<Path> {
+        self.path(noq::PathId::ZERO)
+    }
+
+    fn path_sample(&self, held: Option<&Path>) -> (Option<PathStats>, Option<SocketAddr>) {
+        // The broker negotiates no multipath: path 0 moves with the client.
+        let id = held.map_or(noq::PathId::ZERO, Path::id);
+        (
+            self.path_stats(id),
+            held.and_then(|p| p.remote_address().ok()),
+        )
+    }
+
+    fn open_gauge(metrics: &Metrics) -> &Gauge {
+        &metrics.quic_connections
+    }
+}
 
 /// Smallest read buffer: what an idle stream holds while it waits (see `stream.rs`).
 const MIN_READ: usize = 256;
@@ -331,24 +408,24 @@ impl Streams {
 /// Runs an MQTT connection over the QUIC connection `conn`, accepted at `accepted` (the CONNECT
 /// deadline counts from then, so the handshake took part of it), to completion. The core is
 /// built before the future and boxed, as `stream::serve_since` does.
-pub(crate) fn serve(
+pub(crate) fn serve<C: QuicConn>(
     inner: Arc<Inner>,
-    conn: Connection,
+    conn: C,
     peer: Peer,
     accepted: Instant,
 ) -> impl Future<Output = ()> + Send + 'static {
     let addr = peer.addr;
     let (core, span) = super::open(&inner, peer, accepted);
-    inner.metrics.quic_connections.inc();
+    C::open_gauge(&inner.metrics).inc();
     drive(inner, conn, core, span, addr)
 }
 
-async fn drive(
+async fn drive<C: QuicConn>(
     inner: Arc<Inner>,
-    conn: Connection,
+    conn: C,
     mut core: Box<ConnectionCore>,
     span: tracing::Span,
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
 ) {
     let interval = Duration::from_secs(inner.config.quic.stats_interval);
     let mut stats = QuicStats::new(&conn, addr, interval, now());
@@ -357,7 +434,7 @@ async fn drive(
         .await;
     drop(core);
     span.in_scope(|| stats.finish(&conn, &inner.metrics));
-    inner.metrics.quic_connections.dec();
+    C::open_gauge(&inner.metrics).dec();
     inner.metrics.connections_open.dec();
 }
 
@@ -366,7 +443,7 @@ async fn drive(
 async fn run(
     inner: &Arc<Inner>,
     core: &mut ConnectionCore,
-    conn: &Connection,
+    conn: &impl QuicConn,
     stats: &mut QuicStats,
 ) {
     let mut streams = Streams::new(ReadBudget::new(&inner.config));
@@ -461,7 +538,7 @@ async fn run(
 }
 
 /// Hands what happened on a stream to the core.
-fn handle_io(core: &mut ConnectionCore, streams: &mut Streams, conn: &Connection, io: Io) {
+fn handle_io(core: &mut ConnectionCore, streams: &mut Streams, conn: &impl QuicConn, io: Io) {
     match io {
         Io::Wrote(id, Ok(n)) => core.wrote(id, n),
         Io::Wrote(id, Err(error)) => {
@@ -495,7 +572,7 @@ fn handle_io(core: &mut ConnectionCore, streams: &mut Streams, conn: &Connection
 
 /// Stream `id` ended: a data stream is lost while the connection lives on; the control stream,
 /// or any stream once the connection is gone, loses the connection.
-fn lose(core: &mut ConnectionCore, streams: &mut Streams, conn: &Connection, id: StreamId) {
+fn lose(core: &mut ConnectionCore, streams: &mut Streams, conn: &impl QuicConn, id: StreamId) {
     if id.is_control() || conn.close_reason().is_some() {
         core.connection_lost(now());
     } else {

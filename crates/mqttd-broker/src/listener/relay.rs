@@ -9,12 +9,13 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use mqttd_p2p::{
-    ClientRate, NodeId, RelayAccess, RelayServer, RelayServerConfig, RelayServerError,
+    ClientRate, NodeId, NodeKey, RelayAccess, RelayServer, RelayServerConfig, RelayServerError,
+    KEY_FILE,
 };
 use tracing::{info, warn};
 
 use crate::broker::Inner;
-use crate::config::{Config, Listener};
+use crate::config::{Config, Listener, ListenerKind};
 use crate::tls::TlsAcceptor;
 
 /// A bound relay listener.
@@ -35,8 +36,8 @@ impl RelayListener {
         let mut relay = RelayServerConfig::new(listener.addr, tls);
         relay.access = match rules.allow_any {
             true => RelayAccess::Any,
-            false => RelayAccess::Allow(
-                rules
+            false => {
+                let mut allow = rules
                     .allow
                     .iter()
                     .map(|id| {
@@ -44,8 +45,19 @@ impl RelayListener {
                             io::Error::new(io::ErrorKind::InvalidInput, format!("relay.allow: {e}"))
                         })
                     })
-                    .collect::<io::Result<_>>()?,
-            ),
+                    .collect::<io::Result<std::collections::HashSet<_>>>()?;
+                // The broker's own p2p:// node uses its own relay (unless p2p.relays names
+                // others), so the relay admits it.
+                let has_node = config
+                    .listeners()
+                    .is_ok_and(|ls| ls.iter().any(|l| l.kind == ListenerKind::P2p));
+                if has_node {
+                    let key = NodeKey::load_or_create(&config.data_dir.join(KEY_FILE))
+                        .map_err(io::Error::other)?;
+                    allow.insert(key.id());
+                }
+                RelayAccess::Allow(allow)
+            }
         };
         relay.max_clients = rules.max_clients;
         relay.client_rate = NonZeroU32::new(rules.client_rate).map(|rate| {

@@ -39,6 +39,11 @@ const SERVER_DAYS: i64 = 825;
 /// A server certificate closer than this to its end is issued again at startup.
 const RENEW_DAYS: i64 = 30;
 
+/// Where the generated local CA's certificate is (or will be) in `data_dir`.
+pub(crate) fn generated_ca(data_dir: &Path) -> PathBuf {
+    data_dir.join(TLS_DIR).join(CA_CERT)
+}
+
 /// The server certificate and key to use.
 #[derive(Debug)]
 pub(super) struct Generated {

@@ -40,6 +40,8 @@ use tracing::warn;
 
 use crate::config::TlsConfig;
 
+#[cfg(feature = "p2p")]
+pub(crate) use generate::generated_ca;
 pub(crate) use generate::TLS_DIR;
 pub(crate) use stream::TlsStream;
 

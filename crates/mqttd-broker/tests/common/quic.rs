@@ -251,6 +251,11 @@ pub(crate) struct Raw {
 impl Raw {
     pub(crate) async fn open(conn: &Connection) -> Self {
         let (send, recv) = conn.open_bi().await.unwrap();
+        Self::new(send, recv)
+    }
+
+    /// A stream opened elsewhere (a peer-to-peer node's streams are noq's too).
+    pub(crate) fn new(send: SendStream, recv: RecvStream) -> Self {
         Self {
             send,
             recv,

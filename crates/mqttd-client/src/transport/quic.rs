@@ -64,6 +64,10 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// kernel's default (208 KiB). The kernel caps it at `net.core.rmem_max` / `wmem_max`.
 const SOCKET_BUFFER: usize = 2 << 20;
 
+/// The QUIC application error code by which a server refuses a client before MQTT: MQTT's
+/// not authorized.
+const NOT_AUTHORIZED: u32 = 0x87;
+
 /// What happened to the 0-RTT data of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -333,9 +337,10 @@ fn server_alert(close: &noq::ConnectionClose) -> Option<TlsError> {
 }
 
 /// A stream's I/O error, as the transport's own error if the server closed the connection
-/// with a TLS alert. In TLS 1.3 the client's handshake is complete before the server has
-/// checked the client's certificate, so a server that refuses it (none, or one from another
-/// CA) says so on the first read or write of a stream, as it does over TLS.
+/// with a TLS alert, or with the application error 0x87 (not authorized: a peer-to-peer node
+/// the broker does not allow). In TLS 1.3 the client's handshake is complete before the server
+/// has checked the client's certificate, so a server that refuses it (none, or one from
+/// another CA) says so on the first read or write of a stream, as it does over TLS.
 fn with_alert(error: io::Error) -> io::Error {
     let lost = error.get_ref().and_then(|e| {
         match (
@@ -347,8 +352,15 @@ fn with_alert(error: io::Error) -> io::Error {
             _ => None,
         }
     });
-    let Some(ConnectionError::ConnectionClosed(close)) = lost else {
-        return error;
+    let close = match lost {
+        Some(ConnectionError::ConnectionClosed(close)) => close,
+        Some(ConnectionError::ApplicationClosed(close))
+            if u64::from(close.error_code) == u64::from(NOT_AUTHORIZED) =>
+        {
+            let reason = String::from_utf8_lossy(&close.reason).into_owned();
+            return io_error(error.kind(), TransportError::Refused(reason));
+        }
+        _ => return error,
     };
     match server_alert(close) {
         Some(tls) => io_error(error.kind(), TransportError::Tls(tls)),
@@ -444,9 +456,44 @@ impl ServerCertVerifier for CheckRecorder {
     }
 }
 
+/// A QUIC connection MQTT runs over: noq's own (`quic://`) or a peer-to-peer node's
+/// (`p2p://`), whose streams are noq's as well.
+#[derive(Clone)]
+pub(crate) enum QuicConn {
+    /// A `quic://` connection.
+    Noq(noq::Connection),
+    /// A `p2p://` connection, and the node it belongs to: the node's sockets must outlive
+    /// the connection, whoever drops the connector.
+    #[cfg(feature = "p2p")]
+    P2p {
+        /// The connection.
+        conn: mqttd_p2p::Connection,
+        /// Held, not used.
+        _node: mqttd_p2p::Node,
+    },
+}
+
+impl QuicConn {
+    async fn open_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        match self {
+            Self::Noq(conn) => conn.open_bi().await,
+            #[cfg(feature = "p2p")]
+            Self::P2p { conn, .. } => conn.open_bi().await,
+        }
+    }
+
+    fn close(&self, code: u32, reason: &[u8]) {
+        match self {
+            Self::Noq(conn) => conn.close(VarInt::from_u32(code), reason),
+            #[cfg(feature = "p2p")]
+            Self::P2p { conn, .. } => conn.close(code, reason),
+        }
+    }
+}
+
 /// An established (or 0-RTT) QUIC connection and its control stream.
 pub(crate) struct QuicConnection {
-    pub(crate) conn: noq::Connection,
+    pub(crate) conn: QuicConn,
     pub(crate) control: QuicStream,
     pub(crate) info: Arc<QuicInfo>,
 }
@@ -460,7 +507,7 @@ impl QuicConnection {
         info: Arc<QuicInfo>,
     ) -> Self {
         Self {
-            conn,
+            conn: QuicConn::Noq(conn),
             control: QuicStream {
                 send: QuicSend::new(send),
                 recv,
@@ -469,19 +516,33 @@ impl QuicConnection {
             info,
         }
     }
+
+    /// A connection whose handshake is complete, with its control stream (no 0-RTT).
+    #[cfg(feature = "p2p")]
+    pub(crate) fn settled(conn: QuicConn, send: SendStream, recv: RecvStream) -> Self {
+        Self {
+            conn,
+            control: QuicStream {
+                send: QuicSend::new(send),
+                recv,
+                early: Early::Settled,
+            },
+            info: Arc::new(QuicInfo::default()),
+        }
+    }
 }
 
 /// Opens a data stream (after CONNACK: the handshake is over, so no 0-RTT concerns).
 pub(crate) async fn open_data_stream(
-    conn: &noq::Connection,
+    conn: &QuicConn,
 ) -> Result<(QuicSend, RecvStream), ConnectionError> {
     let (send, recv) = conn.open_bi().await?;
     Ok((QuicSend::new(send), recv))
 }
 
 /// Closes the connection once its streams are done: code 0, no reason.
-pub(crate) fn close(conn: &noq::Connection) {
-    conn.close(VarInt::from_u32(0), b"");
+pub(crate) fn close(conn: &QuicConn) {
+    conn.close(0, b"");
 }
 
 /// The sending half of a stream whose shutdown waits until the server has received

@@ -70,6 +70,12 @@ pub(crate) struct Broker {
     /// The MQTT over QUIC listener (UDP), when [`Broker::start_with`] asked for one
     /// (unspecified otherwise).
     pub(crate) quic: SocketAddr,
+    /// The relay's URL, when [`Broker::start_with`] asked for a `relay://` listener.
+    pub(crate) relay_url: Option<String>,
+    /// The node id of the `p2p://` listener, when [`Broker::start_with`] asked for one.
+    pub(crate) node_id: Option<String>,
+    /// The UDP addresses the `p2p://` listener's node bound.
+    pub(crate) node_direct: Vec<SocketAddr>,
     /// Listeners besides the TCP and HTTP ones (`--listen` URLs).
     extra_listeners: Vec<String>,
     /// JSON log lines with this filter instead of text with `MQTTD_TEST_LOG`'s
@@ -145,6 +151,9 @@ impl Broker {
             tls: unspecified(),
             wss: unspecified(),
             quic: unspecified(),
+            relay_url: None,
+            node_id: None,
+            node_direct: Vec::new(),
             extra_listeners: Vec::new(),
             json_log_filter: None,
             log: dir.join("mqttd-0.log"),
@@ -174,6 +183,14 @@ impl Broker {
         self.tls = unspecified();
         self.wss = unspecified();
         self.quic = unspecified();
+        self.relay_url = None;
+        self.node_id = None;
+        self.node_direct.clear();
+        let wants_relay = self
+            .extra_listeners
+            .iter()
+            .any(|l| l.starts_with("relay://"));
+        let wants_p2p = self.extra_listeners.iter().any(|l| l.starts_with("p2p://"));
         let wants_tls = self.extra_listeners.iter().any(|l| l.starts_with("tls://"));
         let wants_wss = self.extra_listeners.iter().any(|l| l.starts_with("wss://"));
         let wants_quic = self
@@ -232,6 +249,8 @@ impl Broker {
             || (wants_tls && self.tls.port() == 0)
             || (wants_wss && self.wss.port() == 0)
             || (wants_quic && self.quic.port() == 0)
+            || (wants_relay && self.relay_url.is_none())
+            || (wants_p2p && (self.node_id.is_none() || self.node_direct.is_empty()))
         {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
@@ -261,10 +280,23 @@ impl Broker {
                     );
                 }
             };
+            if let Some(url) = line.strip_prefix("mqttd relay url ") {
+                self.relay_url = Some(url.to_owned());
+                continue;
+            }
+            if let Some(addr) = line.strip_prefix("mqttd p2p direct ") {
+                self.node_direct
+                    .push(addr.parse().expect("the node's address"));
+                continue;
+            }
             let Some(url) = line.strip_prefix("mqttd listening on ") else {
                 continue;
             };
             let (scheme, addr) = url.split_once("://").expect("URL with a scheme");
+            if scheme == "p2p" {
+                self.node_id = Some(addr.to_owned());
+                continue;
+            }
             let addr = addr.parse().expect("listening address");
             match scheme {
                 "tcp" => self.mqtt = addr,
@@ -273,6 +305,7 @@ impl Broker {
                 "tls" => self.tls = addr,
                 "wss" => self.wss = addr,
                 "quic" => self.quic = addr,
+                "relay" => {}
                 other => panic!("unexpected listener scheme {other}"),
             }
         }

@@ -8,20 +8,27 @@
 //! counts twice.
 //!
 //! RTT, congestion window, MTU, congestion events and lost MTU probes belong to a path. The
-//! broker negotiates no multipath, so a connection has one path, [`PathId::ZERO`], and it
+//! `quic://` listener negotiates no multipath, so a connection has one path,
+//! [`noq::PathId::ZERO`], and it
 //! moves with the client: when the client's address changes (a NAT rebinding, another
 //! network), noq validates the new address with a PATH_CHALLENGE and keeps the path id, with a
 //! new RTT estimate and congestion window unless only the port of an IPv4 address changed. Its
 //! statistics are therefore the current path's. Each look also compares the path's client
 //! address with the one seen before: a change is logged ("QUIC path changed"), recorded as the
 //! `peer` of the connection's span, and counted.
+//!
+//! A `p2p://` connection (iroh's multipath) has a relayed path and, once hole punching works,
+//! a direct one: its statistics are those of the path carrying data at each look
+//! ([`QuicConn::path_sample`]), and its client address is known only on a direct path, so a
+//! move from the relay to a direct path counts as a change from the unspecified address.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use noq::{Connection, ConnectionStats, Path, PathId, PathStats};
+use noq::{ConnectionStats, Path, PathStats};
 use tracing::info;
 
+use super::QuicConn;
 use crate::metrics::Metrics;
 
 /// A connection's counters as of one look; noq's only grow.
@@ -138,13 +145,13 @@ impl QuicStats {
     /// The statistics of `conn`, from a client at `peer`, looked at every `interval` from
     /// `now` (never while it lives if zero).
     pub(super) fn new(
-        conn: &Connection,
+        conn: &impl QuicConn,
         peer: SocketAddr,
         interval: Duration,
         now: Instant,
     ) -> Self {
         Self {
-            path: conn.path(PathId::ZERO),
+            path: conn.first_path(),
             folded: Counts::default(),
             peer,
             path_changes: 0,
@@ -159,7 +166,7 @@ impl QuicStats {
     }
 
     /// Looks at `conn`'s statistics if it is time to, at `now`.
-    pub(super) fn look_if_due(&mut self, now: Instant, conn: &Connection, metrics: &Metrics) {
+    pub(super) fn look_if_due(&mut self, now: Instant, conn: &impl QuicConn, metrics: &Metrics) {
         if self.next_look.is_some_and(|at| at <= now) {
             self.next_look = Some(now + self.interval);
             self.look(conn, metrics);
@@ -167,7 +174,7 @@ impl QuicStats {
     }
 
     /// Looks at `conn`'s statistics a last time, adds what grew to `metrics` and logs them.
-    pub(super) fn finish(mut self, conn: &Connection, metrics: &Metrics) {
+    pub(super) fn finish(mut self, conn: &impl QuicConn, metrics: &Metrics) {
         let sample = self.look(conn, metrics);
         let path = sample.path.as_ref();
         let c = &self.folded;
@@ -191,12 +198,12 @@ impl QuicStats {
 
     /// Reads `conn`'s statistics, folds them into `metrics`, and logs a change of the client's
     /// address (in the connection's span, whose `peer` it updates).
-    fn look(&mut self, conn: &Connection, metrics: &Metrics) -> Sample {
-        let id = self.path.as_ref().map_or(PathId::ZERO, Path::id);
+    fn look(&mut self, conn: &impl QuicConn, metrics: &Metrics) -> Sample {
+        let (path, peer) = conn.path_sample(self.path.as_ref());
         let sample = Sample {
             conn: conn.stats(),
-            path: conn.path_stats(id),
-            peer: self.path.as_ref().and_then(|p| p.remote_address().ok()),
+            path,
+            peer,
         };
         if let Some(PathChange { from, to }) = self.fold(&sample, metrics) {
             info!(%from, %to, "QUIC path changed");

@@ -1,0 +1,307 @@
+//! The `p2p://` listener (feature `p2p`): mqttd-p2p nodes on loopback dial the broker's node
+//! id and speak MQTT over the connection, as over `quic://`: single-stream through the async
+//! client, multi-stream packet by packet; directly (given the node's address) and through the
+//! broker's own `relay://` listener (given nothing but the relay); the node id as the user
+//! name the ACL applies to; `p2p.allow` refusing a node it does not list; DISCONNECT at
+//! shutdown.
+
+mod common;
+
+use std::path::Path;
+
+use mqttd_broker::{Broker, Config, ListenerKind};
+use mqttd_client::{connect, Client, Events};
+use mqttd_p2p::{Connection, ConnectionError, Node, NodeAddr, NodeConfig, NodeKey, RelayUrl};
+use mqttd_proto::client::Event;
+use mqttd_proto::{Message, Packet, QoS, ReasonCode};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tokio::time::timeout;
+
+use common::quic::{config, connect_packet, filter, id, publish_packet, topic, Raw};
+use common::{next_payload, WAIT};
+
+const MQTT: &[u8] = b"mqtt";
+
+/// A broker with `listen` and `config`'s other settings, its data in `dir`.
+async fn start(dir: &Path, listen: &[&str], mut config: Config) -> Broker {
+    config.listen = listen.iter().map(|l| (*l).to_owned()).collect();
+    config.data_dir = dir.join("data");
+    Broker::builder(config).start().await.unwrap()
+}
+
+/// The value of the metric line that starts with `name` (labels included).
+fn metric(broker: &Broker, name: &str) -> u64 {
+    let text = broker.metrics().render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// A client node on loopback with `key`; with `relay`, through it only (no direct paths).
+async fn client_node(key: NodeKey, relay: Option<(&RelayUrl, &Path)>) -> Node {
+    let mut config = NodeConfig::new(key);
+    config.bind = vec!["127.0.0.1:0".parse().unwrap()];
+    if let Some((url, ca)) = relay {
+        config.relays = vec![url.clone()];
+        config.relay_roots = vec![CertificateDer::from_pem_file(ca).unwrap()];
+        config.webpki_roots = false;
+        config.direct_paths = false;
+    }
+    Node::bind(config).await.unwrap()
+}
+
+/// Where the broker's node is: its id and its first UDP socket.
+fn direct_addr(broker: &Broker) -> NodeAddr {
+    let node = broker.node().expect("a p2p listener");
+    NodeAddr::new(node.id()).with_direct(node.bound_addrs())
+}
+
+async fn dial(client: &Node, to: impl Into<NodeAddr>) -> Connection {
+    timeout(WAIT, client.connect(to, MQTT))
+        .await
+        .expect("connected in time")
+        .expect("connected")
+}
+
+/// An MQTT client over the first stream of a new connection to `to`.
+async fn single_stream(
+    client: &Node,
+    to: impl Into<NodeAddr>,
+    client_id: &str,
+) -> (Client, Events, Connection) {
+    let conn = dial(client, to).await;
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let (c, events, _) = connect(tokio::io::join(recv, send), config(client_id), None)
+        .await
+        .unwrap();
+    (c, events, conn)
+}
+
+async fn publish_acked(client: &Client, events: &mut Events, t: &str, payload: &str) -> ReasonCode {
+    let payload = bytes::Bytes::from(payload.to_owned());
+    let message = Message::new(topic(t), payload, QoS::AtLeastOnce, false);
+    let _ = client.publish(message).await.unwrap();
+    loop {
+        match timeout(WAIT, events.recv()).await.expect("an ack in time") {
+            Some(Event::Delivered { reason, .. }) => return reason,
+            Some(Event::Closed { reason, .. }) => panic!("closed: {reason}"),
+            Some(_) => {}
+            None => panic!("connection ended"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn mqtt_over_a_direct_node_connection_single_and_multi_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.allow_anonymous = Some(true);
+    let broker = start(dir.path(), &["p2p://127.0.0.1:0"], config).await;
+    let to = direct_addr(&broker);
+    let listening = broker.addr(ListenerKind::P2p).unwrap();
+    assert!(to.direct.contains(&listening), "{to:?} {listening}");
+    // The node's identity is the broker's key file.
+    let key = NodeKey::load_or_create(&dir.path().join("data/node.key")).unwrap();
+    assert_eq!(key.id(), to.id);
+
+    let client = client_node(NodeKey::generate(), None).await;
+    let (sub, mut sub_events, _sub_conn) = single_stream(&client, to.clone(), "sub").await;
+    sub.subscribe_one(filter("t/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+
+    // Multi-stream, as EMQX has it: CONNECT on the control stream, PUBLISH on a data stream,
+    // whose PUBACK comes back on it.
+    let conn = dial(&client, to.clone()).await;
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut ctl = Raw::new(send, recv);
+    ctl.send(&connect_packet("multi", true, 0)).await;
+    ctl.connack().await;
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut data = Raw::new(send, recv);
+    data.send(&publish_packet(Some(9), "t/multi", b"on a data stream"))
+        .await;
+    match data.expect("PUBACK").await {
+        Packet::PubAck(ack) => {
+            assert_eq!(ack.packet_id, id(9));
+            assert_eq!(ack.reason, ReasonCode::Success);
+        }
+        other => panic!("expected PUBACK on the data stream, got {other:?}"),
+    }
+    assert_eq!(next_payload(&mut sub_events).await, "on a data stream");
+    ctl.ping().await;
+
+    assert_eq!(
+        metric(&broker, "mqttd_p2p_connections_total{path=\"direct\"}"),
+        2
+    );
+    assert_eq!(metric(&broker, "mqttd_p2p_connections_open"), 2);
+    assert_eq!(metric(&broker, "mqttd_quic_connections"), 0);
+    conn.close(0, b"done");
+
+    // At shutdown, the node's connections get their DISCONNECT before the node closes.
+    broker.shutdown().await;
+    loop {
+        match timeout(WAIT, sub_events.recv())
+            .await
+            .expect("closed in time")
+        {
+            Some(Event::Closed { reason, .. }) => {
+                assert_eq!(reason, ReasonCode::ServerShuttingDown);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("no Closed event"),
+        }
+    }
+    client.close().await;
+}
+
+#[tokio::test]
+async fn mqtt_through_the_brokers_own_relay_given_only_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.allow_anonymous = Some(true);
+    config.relay.allow_any = true;
+    let broker = start(
+        dir.path(),
+        &["relay://127.0.0.1:0", "p2p://127.0.0.1:0"],
+        config,
+    )
+    .await;
+    let relay = broker.addr(ListenerKind::Relay).unwrap();
+    let url: RelayUrl = format!("https://{relay}").parse().unwrap();
+    let ca = dir.path().join("data/tls/ca.pem");
+    let id = broker.node().unwrap().id();
+    // The broker's node is at home on its own relay.
+    timeout(
+        WAIT,
+        broker
+            .node()
+            .unwrap()
+            .wait_relays(|s| s.iter().any(|s| s.connected)),
+    )
+    .await
+    .expect("the broker's node online on its relay");
+
+    let a = client_node(NodeKey::generate(), Some((&url, &ca))).await;
+    let b = client_node(NodeKey::generate(), Some((&url, &ca))).await;
+    let (sub, mut sub_events, sub_conn) = single_stream(&a, id, "sub").await;
+    sub.subscribe_one(filter("r"), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let (publisher, mut pub_events, _pub_conn) = single_stream(&b, id, "pub").await;
+    assert_eq!(
+        publish_acked(&publisher, &mut pub_events, "r", "relayed").await,
+        ReasonCode::Success
+    );
+    assert_eq!(next_payload(&mut sub_events).await, "relayed");
+    assert!(sub_conn
+        .selected_path()
+        .is_some_and(|p| p.kind.is_relayed()));
+    assert_eq!(
+        metric(&broker, "mqttd_p2p_connections_total{path=\"relayed\"}"),
+        2
+    );
+    for n in [a, b] {
+        n.close().await;
+    }
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_node_id_is_the_user_name_the_acl_applies_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "pattern readwrite nodes/%u/#\n").unwrap();
+    let mut config = Config::default();
+    config.acl_file = Some(acl);
+    config.allow_anonymous = Some(false);
+    config.p2p.use_node_id_as_username = true;
+    let broker = start(dir.path(), &["p2p://127.0.0.1:0"], config).await;
+    let to = direct_addr(&broker);
+
+    let key = NodeKey::generate();
+    let own = format!("nodes/{}/status", key.id());
+    let other = format!("nodes/{}/status", NodeKey::generate().id());
+    let client = client_node(key, None).await;
+    // No user name or password in CONNECT: the node's key is the credential.
+    let (c, mut events, _conn) = single_stream(&client, to, "device").await;
+    let ack = c
+        .subscribe_one(filter(&format!("{own}/#")), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert!(!ack.reasons[0].is_error(), "{ack:?}");
+    assert_eq!(
+        publish_acked(&c, &mut events, &own, "mine").await,
+        ReasonCode::Success
+    );
+    assert_eq!(next_payload(&mut events).await, "mine");
+    assert_eq!(
+        publish_acked(&c, &mut events, &other, "theirs").await,
+        ReasonCode::NotAuthorized
+    );
+    let ack = c
+        .subscribe_one(filter(&other), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert_eq!(ack.reasons[0], ReasonCode::NotAuthorized);
+    client.close().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_not_in_the_allow_list_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = NodeKey::generate();
+    let mut config = Config::default();
+    config.allow_anonymous = Some(true);
+    config.p2p.allow = vec![allowed.id().to_string()];
+    let broker = start(dir.path(), &["p2p://127.0.0.1:0"], config).await;
+    let to = direct_addr(&broker);
+
+    let stranger = client_node(NodeKey::generate(), None).await;
+    let conn = dial(&stranger, to.clone()).await;
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut ctl = Raw::new(send, recv);
+    ctl.send(&connect_packet("stranger", true, 0)).await;
+    match timeout(WAIT, conn.closed()).await.expect("closed in time") {
+        ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(u64::from(close.error_code), 0x87);
+            assert_eq!(&close.reason[..], b"node not allowed");
+        }
+        other => panic!("expected the broker's close, got {other:?}"),
+    }
+    assert!(ctl.recv().await.is_none(), "no CONNACK for a stranger");
+    assert_eq!(metric(&broker, "mqttd_p2p_refused_total"), 1);
+
+    let friend = client_node(allowed, None).await;
+    let (c, mut events, _conn) = single_stream(&friend, to, "friend").await;
+    let reason = publish_acked(&c, &mut events, "t", "hello").await;
+    assert!(!reason.is_error(), "{reason}");
+    assert_eq!(metric(&broker, "mqttd_p2p_refused_total"), 1);
+    for n in [stranger, friend] {
+        n.close().await;
+    }
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_p2p_listener_or_a_bad_relay_url_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.listen = vec!["p2p://".into(), "p2p://127.0.0.1:0".into()];
+    config.data_dir = dir.path().join("data");
+    assert!(Broker::builder(config).start().await.is_err());
+    let mut config = Config::default();
+    config.listen = vec!["p2p://127.0.0.1:0".into()];
+    config.data_dir = dir.path().join("data");
+    config.p2p.relays = vec!["http://relay.example".into()];
+    let error = Broker::builder(config)
+        .start()
+        .await
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("p2p.relays"), "{error}");
+}
