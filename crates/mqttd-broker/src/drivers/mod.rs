@@ -17,7 +17,7 @@ use std::time::Instant;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use mqttd_proto::ReasonCode;
+use mqttd_proto::{ReasonCode, StreamId};
 
 use crate::broker::{Inner, SessionHandle};
 pub(crate) use crate::clock::now;
@@ -95,6 +95,33 @@ pub(crate) async fn durable(watermark: &mut Option<watch::Receiver<Watermark>>) 
         }
     }
     std::future::pending().await
+}
+
+/// Waits until `stream`'s output holds nothing back for storage (or storage failed),
+/// releasing it watermark by watermark: a driver's last words (CONNACK refusal, DISCONNECT)
+/// go only once what they acknowledge is durable.
+pub(crate) async fn release_held(
+    inner: &Inner,
+    core: &mut ConnectionCore,
+    stream: StreamId,
+    watermark: &mut Option<watch::Receiver<Watermark>>,
+) {
+    while core.output(stream).is_some_and(|o| o.holding()) {
+        let rx = watermark.get_or_insert_with(|| {
+            let mut rx = inner.storage.watermark();
+            // The core may not have seen the latest watermark yet.
+            rx.mark_changed();
+            rx
+        });
+        if rx.changed().await.is_err() {
+            break;
+        }
+        let w = *rx.borrow_and_update();
+        core.release_output(w);
+        if w.failed {
+            break;
+        }
+    }
 }
 
 /// Resolves when `handle`'s queue or output may have room.

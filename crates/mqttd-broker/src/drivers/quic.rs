@@ -619,22 +619,7 @@ async fn last_words(
         return;
     };
     let words = async {
-        while core.output(StreamId::CONTROL).is_some_and(|o| o.holding()) {
-            let rx = watermark.get_or_insert_with(|| {
-                let mut rx = inner.storage.watermark();
-                // The core may not have seen the latest watermark yet.
-                rx.mark_changed();
-                rx
-            });
-            if rx.changed().await.is_err() {
-                break;
-            }
-            let w = *rx.borrow_and_update();
-            core.release_output(w);
-            if w.failed {
-                break;
-            }
-        }
+        super::release_held(inner, core, StreamId::CONTROL, watermark).await;
         let writable = core
             .output(StreamId::CONTROL)
             .map_or(&[][..], |o| o.writable());

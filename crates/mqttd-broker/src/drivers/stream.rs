@@ -200,22 +200,7 @@ where
     // once it is durable.
     if core.output(STREAM).is_some_and(|o| !o.buf.is_empty()) {
         let last_words = async {
-            while core.output(STREAM).is_some_and(|o| o.holding()) {
-                let rx = watermark.get_or_insert_with(|| {
-                    let mut rx = inner.storage.watermark();
-                    // The core may not have seen the latest watermark yet.
-                    rx.mark_changed();
-                    rx
-                });
-                if rx.changed().await.is_err() {
-                    break;
-                }
-                let w = *rx.borrow_and_update();
-                core.release_output(w);
-                if w.failed {
-                    break;
-                }
-            }
+            super::release_held(inner, core, STREAM, &mut watermark).await;
             let writable = core.output(STREAM).map_or(&[][..], |o| o.writable());
             let _ = wr.write_all(writable).await;
             let _ = wr.flush().await;
