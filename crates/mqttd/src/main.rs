@@ -6,6 +6,7 @@ use std::path::PathBuf;
 mod bench;
 mod format;
 mod ping;
+mod swarm;
 mod tools;
 
 use anyhow::Context;
@@ -54,6 +55,9 @@ enum P2pCommand {
     /// start to the first answer; direct_ms: to the first direct path, or -). Exit status 0
     /// if any ping was answered.
     Ping(ping::PingArgs),
+    /// Many traversal attempts at once, for the NAT lab's scale test (see swarm.rs).
+    #[command(subcommand, hide = true)]
+    Swarm(swarm::SwarmCommand),
 }
 
 #[derive(Debug, Args)]
@@ -139,6 +143,11 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Sub(args)) => client_tool(tools::subscribe(args)),
         Some(Command::Id(args)) => id(args),
         Some(Command::P2p(P2pCommand::Ping(args))) => p2p_ping(args),
+        Some(Command::P2p(P2pCommand::Swarm(command))) => {
+            init_logging_at(LogFormat::Text, "warn");
+            raise_fd_limit();
+            tokio::runtime::Runtime::new()?.block_on(swarm::run(command))
+        }
         Some(Command::Bench(args)) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
