@@ -6,16 +6,18 @@
 //! time: every attempt is a connection between a different pair of nodes, so each finds its
 //! own way through the NATs (its own relay coordination and hole punch), and a process with
 //! K nodes and T targets makes K x T attempts. Each attempt pings until the first answer,
-//! then waits for a direct path, until the deadline; the run ends with one line:
+//! then waits for a direct path, until its deadline; `--ramp` spreads the starts over some
+//! seconds (they still overlap). The run ends with one line:
 //!
 //! ```text
-//! swarm attempts=1000 connected=1000 direct=998 relay=2 failed=0 first_p50_ms=412 first_p99_ms=1630 direct_p50_ms=520 direct_p99_ms=1800
+//! swarm attempts=1000 connected=1000 direct=998 relay=2 failed=0 first_p50_ms=412 first_p99_ms=1630 direct_p50_ms=520 direct_p99_ms=1800 peak_in_flight=735 took_ms=9100
 //! ```
 //!
 //! `first` is the time from an attempt's start (its dial) to the first ping answered,
 //! `direct` to its first direct path; `relay` counts the attempts connected only through the
 //! relay at the deadline, `failed` those not connected. The percentiles are over the attempts
-//! that got there (`-` for none).
+//! that got there (`-` for none); `peak_in_flight` is the most attempts under way at once
+//! (started, neither direct nor failed yet), `took_ms` the whole run from the first start.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -87,9 +89,13 @@ pub(crate) struct DialArgs {
     /// Dialing nodes, each of which dials every target once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     per_target: u64,
-    /// Seconds from the start of the attempts until they are judged.
+    /// Seconds from the start of each attempt until it is judged.
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     deadline: f64,
+    /// Seconds over which the attempts' starts are spread evenly (0: all at once). They still
+    /// overlap: the summary's `peak_in_flight` says how many were under way at once.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    ramp: f64,
     #[command(flatten)]
     net: NetArgs,
 }
@@ -171,15 +177,29 @@ async fn dial(args: DialArgs) -> anyhow::Result<()> {
         .with_context(|| format!("ids file {}", args.ids.display()))?;
     anyhow::ensure!(!targets.is_empty(), "no ids in {}", args.ids.display());
     let nodes = bind_all(&args.net, args.per_target, false).await?;
-    let deadline = Instant::now() + Duration::from_secs_f64(args.deadline.max(0.1));
+    let total = nodes.len() * targets.len();
+    let step = Duration::from_secs_f64(args.ramp.max(0.0)) / u32::try_from(total).unwrap_or(1);
+    let limit = Duration::from_secs_f64(args.deadline.max(0.1));
+    let flight = Arc::new(InFlight::default());
+    let start = Instant::now();
     let mut attempts = JoinSet::new();
-    for node in &nodes {
-        for target in &targets {
+    let mut n = 0;
+    for target in &targets {
+        for node in &nodes {
             let mut to = NodeAddr::new(*target);
             if let Some(relay) = node.relays().first() {
                 to = to.with_relay(relay.clone());
             }
-            attempts.spawn(attempt(node.clone(), to, deadline));
+            let (node, flight) = (node.clone(), flight.clone());
+            let at = start + step * n;
+            n += 1;
+            attempts.spawn(async move {
+                tokio::time::sleep_until(at).await;
+                flight.started();
+                let outcome = attempt(node, to, Instant::now() + limit).await;
+                flight.ended();
+                outcome
+            });
         }
     }
     let mut outcomes = Vec::with_capacity(attempts.len());
@@ -189,7 +209,12 @@ async fn dial(args: DialArgs) -> anyhow::Result<()> {
             ..Outcome::default()
         }));
     }
-    println!("{}", summary(&outcomes));
+    println!(
+        "{} peak_in_flight={} took_ms={}",
+        summary(&outcomes),
+        flight.peak.load(Ordering::Relaxed),
+        start.elapsed().as_millis()
+    );
     let mut errors: BTreeMap<&str, usize> = BTreeMap::new();
     for e in outcomes.iter().filter_map(|o| o.error.as_deref()) {
         *errors.entry(e).or_default() += 1;
@@ -199,6 +224,24 @@ async fn dial(args: DialArgs) -> anyhow::Result<()> {
     }
     close_all(nodes).await;
     Ok(())
+}
+
+/// Attempts under way, and the most at once.
+#[derive(Debug, Default)]
+struct InFlight {
+    now: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl InFlight {
+    fn started(&self) {
+        let now = self.now.fetch_add(1, Ordering::AcqRel) + 1;
+        self.peak.fetch_max(now, Ordering::AcqRel);
+    }
+
+    fn ended(&self) {
+        self.now.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// One traversal attempt: dial, ping until answered, then wait for a direct path, all by
