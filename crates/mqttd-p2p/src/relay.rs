@@ -14,6 +14,12 @@
 //! the relay admits any node, if so configured), and the relay serves at most `max_clients`
 //! connections at once. The relay proves each node's id in its handshake before asking.
 //! Each client's sending rate is capped by iroh-relay's own per-client rate limit.
+//!
+//! QUIC address discovery is served here ([`AddressDiscovery`]) rather than by iroh-relay's
+//! own server, which answers a client's first Initial with the whole TLS handshake, up to
+//! QUIC's 3x amplification allowance, to whatever source address the Initial claims. Ours
+//! first answers with a Retry, smaller than the Initial, and shakes hands only with an address
+//! that echoed the Retry's token, so a forged source address gets less than was sent.
 
 use std::collections::HashSet;
 use std::io;
@@ -22,7 +28,9 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use iroh_relay::quic::{ALPN_QUIC_ADDR_DISC, QUIC_ADDR_DISC_CLOSE_CODE, QUIC_ADDR_DISC_CLOSE_REASON};
 use iroh_relay::server::{self as relay, Access, AccessControl, ClientRequest};
+use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::addr::{ParseRelayUrlError, RelayUrl};
@@ -128,6 +136,11 @@ pub struct RelayStats {
     pub refused_not_allowed: u64,
     /// Connections refused so far because `max_clients` were connected.
     pub refused_full: u64,
+    /// QUIC address discovery attempts answered with a Retry (their source address not yet
+    /// validated).
+    pub discovery_retries: u64,
+    /// QUIC address discovery connections made (from validated addresses).
+    pub discovery_connections: u64,
 }
 
 /// A running relay server; dropping it stops it at once, [`RelayServer::shutdown`] stops it
@@ -137,6 +150,7 @@ pub struct RelayServer {
     server: relay::Server,
     https_addr: SocketAddr,
     gate: Arc<Gate>,
+    discovery: Option<AddressDiscovery>,
 }
 
 impl RelayServer {
@@ -159,14 +173,29 @@ impl RelayServer {
                 }
                 _ => config.bind,
             };
+            let discovery = match config.quic_discovery {
+                true => match AddressDiscovery::spawn(bind, config.tls.clone(), gate.clone()) {
+                    Ok(discovery) => Some(discovery),
+                    Err(e @ RelayServerError::Bind { .. })
+                        if config.bind.port() == 0 && attempts < 5 =>
+                    {
+                        debug!(error = %e, "relay port taken meanwhile; trying another");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+                false => None,
+            };
             match relay::Server::spawn(server_config(&config, bind, &gate)).await {
                 Ok(server) => {
                     let https_addr = server.https_addr().unwrap_or(bind);
-                    debug!(%https_addr, quic = ?server.quic_addr(), "relay started");
+                    let quic = discovery.as_ref().map(|d| d.addr);
+                    debug!(%https_addr, ?quic, "relay started");
                     return Ok(Self {
                         server,
                         https_addr,
                         gate,
+                        discovery,
                     });
                 }
                 Err(e) if config.bind.port() == 0 && attempts < 5 && is_bind_error(&e) => {
@@ -188,7 +217,7 @@ impl RelayServer {
 
     /// The address QUIC address discovery is served on, if it is.
     pub fn quic_addr(&self) -> Option<SocketAddr> {
-        self.server.quic_addr()
+        self.discovery.as_ref().map(|d| d.addr)
     }
 
     /// The relay's URL with its bound address (loopback for an unspecified address: use
@@ -225,7 +254,10 @@ impl RelayServer {
     }
 
     /// Stops accepting, closes the clients' connections and waits for the server's tasks.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        if let Some(discovery) = self.discovery.take() {
+            discovery.shutdown().await;
+        }
         if let Err(e) = self.server.shutdown().await {
             warn!(error = %e, "relay server stopped with an error");
         }
@@ -255,12 +287,95 @@ fn server_config(
     relay_config.access = gate.clone();
     let mut server = relay::ServerConfig::default();
     server.relay = Some(relay_config);
-    server.quic = config.quic_discovery.then(|| {
-        let mut quic = relay::QuicConfig::new(bind);
-        quic.server_config = Some(config.tls.clone());
-        quic
-    });
+    // Address discovery is ours (`AddressDiscovery`), not iroh-relay's.
+    server.quic = None;
     server
+}
+
+/// The QUIC address discovery server: a QUIC endpoint for iroh's ALPN that reports to each
+/// client the address it sees it at, and carries nothing else (no streams). Every new client
+/// first gets a Retry: no handshake, and so no more bytes than it sent, goes to an address
+/// that has not proved it receives what is sent to it.
+#[derive(Debug)]
+struct AddressDiscovery {
+    endpoint: noq::Endpoint,
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl AddressDiscovery {
+    fn spawn(
+        bind: SocketAddr,
+        mut tls: rustls::ServerConfig,
+        gate: Arc<Gate>,
+    ) -> Result<Self, RelayServerError> {
+        tls.alpn_protocols = vec![ALPN_QUIC_ADDR_DISC.to_vec()];
+        let crypto = noq::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| {
+            RelayServerError::Spawn {
+                source: Box::new(e),
+            }
+        })?;
+        let mut config = noq::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = noq::TransportConfig::default();
+        transport
+            .max_concurrent_uni_streams(0u8.into())
+            .max_concurrent_bidi_streams(0u8.into())
+            .send_observed_address_reports(true);
+        config.transport_config(Arc::new(transport));
+        let endpoint = noq::Endpoint::server(config, bind)
+            .map_err(|source| RelayServerError::Bind { addr: bind, source })?;
+        let addr = endpoint
+            .local_addr()
+            .map_err(|source| RelayServerError::Bind { addr: bind, source })?;
+        let task = tokio::spawn(serve_discovery(endpoint.clone(), gate));
+        Ok(Self {
+            endpoint,
+            addr,
+            task,
+        })
+    }
+
+    /// Closes the clients' connections and waits (briefly) for that to be sent.
+    async fn shutdown(self) {
+        self.endpoint
+            .close(QUIC_ADDR_DISC_CLOSE_CODE, QUIC_ADDR_DISC_CLOSE_REASON);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle())
+            .await;
+        self.task.abort();
+    }
+}
+
+impl Drop for AddressDiscovery {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Answers address discovery attempts until the endpoint closes.
+async fn serve_discovery(endpoint: noq::Endpoint, gate: Arc<Gate>) {
+    let mut conns = tokio::task::JoinSet::new();
+    while let Some(incoming) = endpoint.accept().await {
+        while conns.try_join_next().is_some() {}
+        if !incoming.remote_address_validated() {
+            if incoming.may_retry() {
+                gate.discovery_retries.fetch_add(1, Ordering::Relaxed);
+                // A Retry is smaller than the Initial that asked for it (at least 1,200
+                // bytes): the only answer an unvalidated address gets.
+                let _ = incoming.retry();
+            } else {
+                // A second Retry would not validate it either.
+                incoming.ignore();
+            }
+            continue;
+        }
+        gate.discovery_connections.fetch_add(1, Ordering::Relaxed);
+        conns.spawn(async move {
+            // The report is sent by QUIC itself; the client closes when it has it.
+            if let Ok(conn) = incoming.await {
+                conn.closed().await;
+            }
+        });
+    }
 }
 
 /// Whether the server failed because a socket could not be bound (the port was taken).
@@ -297,6 +412,8 @@ pub(crate) struct Gate {
     clients: AtomicUsize,
     refused_not_allowed: AtomicU64,
     refused_full: AtomicU64,
+    discovery_retries: AtomicU64,
+    discovery_connections: AtomicU64,
 }
 
 /// Why the gate refused a node.
@@ -323,6 +440,8 @@ impl Gate {
             clients: AtomicUsize::new(0),
             refused_not_allowed: AtomicU64::new(0),
             refused_full: AtomicU64::new(0),
+            discovery_retries: AtomicU64::new(0),
+            discovery_connections: AtomicU64::new(0),
         }
     }
 
@@ -368,6 +487,8 @@ impl Gate {
             clients: self.clients.load(Ordering::Acquire),
             refused_not_allowed: self.refused_not_allowed.load(Ordering::Relaxed),
             refused_full: self.refused_full.load(Ordering::Relaxed),
+            discovery_retries: self.discovery_retries.load(Ordering::Relaxed),
+            discovery_connections: self.discovery_connections.load(Ordering::Relaxed),
         }
     }
 }
@@ -418,7 +539,8 @@ mod tests {
             RelayStats {
                 clients: 1,
                 refused_not_allowed: 1,
-                refused_full: 1
+                refused_full: 1,
+                ..RelayStats::default()
             }
         );
         gate.set_access(RelayAccess::Any);
