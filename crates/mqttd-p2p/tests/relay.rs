@@ -2,11 +2,12 @@
 //! connection that starts relayed and goes direct, and the relay's allow-list.
 
 use std::collections::HashSet;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use mqttd_p2p::{
-    Connection, Node, NodeAddr, NodeConfig, NodeId, NodeKey, PathEvent, PathKind, RelayAccess,
-    RelayServer, RelayServerConfig, RelayUrl,
+    ClientRate, Connection, Node, NodeAddr, NodeConfig, NodeId, NodeKey, PathEvent, PathKind,
+    RelayAccess, RelayServer, RelayServerConfig, RelayUrl,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -224,6 +225,143 @@ async fn a_node_not_on_the_allow_list_is_refused() {
     online(&anyone).await;
     assert_eq!(server.stats().clients, 2);
     for node in [anyone, allowed] {
+        node.close().await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn address_discovery_validates_addresses_with_a_retry_first() {
+    let certs = certs();
+    let key = NodeKey::generate();
+    let server = relay(&certs, &[key.id()]).await;
+    // With direct paths, the node asks the relay for its address over QUIC.
+    let node = Node::bind(config(key, &server.url(), &certs, true))
+        .await
+        .unwrap();
+    online(&node).await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while server.stats().discovery_connections == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no address discovery: {:?}",
+            server.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Each connection came from an address that had echoed a Retry's token.
+    let stats = server.stats();
+    assert!(
+        stats.discovery_retries >= stats.discovery_connections,
+        "{stats:?}"
+    );
+    node.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_over_its_rate_is_throttled_and_the_others_are_not() {
+    const RATE: u32 = 64 * 1024;
+    const BURST: u32 = 64 * 1024;
+    const WINDOW: Duration = Duration::from_secs(3);
+    const MESSAGES: usize = 30;
+    let certs = certs();
+    let keys: Vec<NodeKey> = (0..4).map(|_| NodeKey::generate()).collect();
+    let mut relay_config =
+        RelayServerConfig::new("127.0.0.1:0".parse().unwrap(), certs.server.clone());
+    relay_config.access = RelayAccess::Allow(keys.iter().map(NodeKey::id).collect());
+    let mut rate = ClientRate::new(NonZeroU32::new(RATE).unwrap());
+    rate.burst_bytes = NonZeroU32::new(BURST);
+    relay_config.client_rate = Some(rate);
+    let server = RelayServer::spawn(relay_config).await.unwrap();
+    let url = server.url();
+    let mut nodes = Vec::new();
+    for key in keys {
+        let node = Node::bind(config(key, &url, &certs, false)).await.unwrap();
+        online(&node).await;
+        nodes.push(node);
+    }
+    let (greedy, sink, polite, listener) = (&nodes[0], &nodes[1], &nodes[2], &nodes[3]);
+
+    // The sink counts what arrives in the window from the stream's first byte.
+    let sink_task = {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            let conn = sink.accept().await.unwrap().accept().await.unwrap();
+            let (_send, mut recv) = conn.accept_bi().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = match recv.read(&mut buf).await.unwrap() {
+                Some(n) => n as u64,
+                None => 0,
+            };
+            let start = tokio::time::Instant::now();
+            let until = start + WINDOW;
+            while let Ok(Ok(Some(n))) = tokio::time::timeout_at(until, recv.read(&mut buf)).await {
+                total += n as u64;
+            }
+            (total, start.elapsed(), conn)
+        })
+    };
+    let conn = tokio::time::timeout(LIMIT, greedy.connect(sink.id(), ALPN))
+        .await
+        .unwrap()
+        .unwrap();
+    // Writes as fast as the relay lets it, until the sink stops counting.
+    let flood = tokio::spawn(async move {
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        let chunk = vec![7u8; 16 * 1024];
+        while send.write_all(&chunk).await.is_ok() {}
+        conn
+    });
+
+    // Meanwhile another client's messages all arrive, each answered.
+    let echo_task = {
+        let listener = listener.clone();
+        tokio::spawn(async move {
+            let conn = listener.accept().await.unwrap().accept().await.unwrap();
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let mut message = [0u8; 100];
+            let mut echoed = 0;
+            while recv.read_exact(&mut message).await.is_ok() {
+                send.write_all(&message).await.unwrap();
+                echoed += 1;
+            }
+            (echoed, conn)
+        })
+    };
+    let conn = tokio::time::timeout(LIMIT, polite.connect(listener.id(), ALPN))
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    for n in 0..MESSAGES {
+        let message = [n as u8; 100];
+        send.write_all(&message).await.unwrap();
+        let mut back = [0u8; 100];
+        tokio::time::timeout(LIMIT, recv.read_exact(&mut back))
+            .await
+            .unwrap_or_else(|_| panic!("message {n} not answered while the other client floods"))
+            .unwrap();
+        assert_eq!(back, message);
+    }
+    send.finish().unwrap();
+    let (echoed, _listener_conn) = echo_task.await.unwrap();
+    assert_eq!(echoed, MESSAGES);
+
+    let (received, took, _sink_conn) = sink_task.await.unwrap();
+    // What went through the relay is bounded by rate x time + burst (QUIC's own bytes count
+    // against the limit too, so the application's are fewer); a margin for the first read.
+    let bound = (f64::from(RATE) * took.as_secs_f64() + f64::from(BURST)) * 1.1 + 64.0 * 1024.0;
+    assert!(
+        (received as f64) <= bound,
+        "{received} bytes through the relay in {took:?}, above {bound:.0}"
+    );
+    println!("relay rate limit: {received} bytes in {took:?} (bound {bound:.0})");
+    // And the flood did get through at some rate: it is throttled, not cut off.
+    assert!(received > u64::from(RATE) / 2, "{received} bytes in {took:?}");
+    flood.abort();
+    conn.close(0, b"done");
+    for node in nodes {
         node.close().await;
     }
     server.shutdown().await;
