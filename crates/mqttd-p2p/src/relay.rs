@@ -28,7 +28,9 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use iroh_relay::quic::{ALPN_QUIC_ADDR_DISC, QUIC_ADDR_DISC_CLOSE_CODE, QUIC_ADDR_DISC_CLOSE_REASON};
+use iroh_relay::quic::{
+    ALPN_QUIC_ADDR_DISC, QUIC_ADDR_DISC_CLOSE_CODE, QUIC_ADDR_DISC_CLOSE_REASON,
+};
 use iroh_relay::server::{self as relay, Access, AccessControl, ClientRequest};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};

@@ -358,7 +358,10 @@ async fn a_client_over_its_rate_is_throttled_and_the_others_are_not() {
     );
     println!("relay rate limit: {received} bytes in {took:?} (bound {bound:.0})");
     // And the flood did get through at some rate: it is throttled, not cut off.
-    assert!(received > u64::from(RATE) / 2, "{received} bytes in {took:?}");
+    assert!(
+        received > u64::from(RATE) / 2,
+        "{received} bytes in {took:?}"
+    );
     flood.abort();
     conn.close(0, b"done");
     for node in nodes {
