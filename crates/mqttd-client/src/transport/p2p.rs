@@ -82,10 +82,7 @@ impl P2p {
                 .connect(self.peer.clone(), ALPN)
                 .await
                 .map_err(|e| connect_error(e, endpoint))?;
-            let (send, recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| TransportError::Quic(e.to_string()))?;
+            let (send, recv) = conn.open_bi().await.map_err(open_error)?;
             Ok(QuicConnection::settled(
                 QuicConn::P2p {
                     conn,
@@ -108,6 +105,19 @@ impl P2p {
     #[cfg(test)]
     fn direct(&self) -> &[std::net::SocketAddr] {
         &self.peer.direct
+    }
+}
+
+/// The broker's node may refuse this one (0x87, not authorized: `p2p.allow`) right after the
+/// handshake, before the control stream is opened; later, the stream's I/O error says so.
+fn open_error(error: mqttd_p2p::ConnectionError) -> TransportError {
+    match &error {
+        mqttd_p2p::ConnectionError::ApplicationClosed(close)
+            if u64::from(close.error_code) == u64::from(super::quic::NOT_AUTHORIZED) =>
+        {
+            TransportError::Refused(String::from_utf8_lossy(&close.reason).into_owned())
+        }
+        _ => TransportError::Quic(error.to_string()),
     }
 }
 

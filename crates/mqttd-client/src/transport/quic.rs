@@ -66,7 +66,7 @@ const SOCKET_BUFFER: usize = 2 << 20;
 
 /// The QUIC application error code by which a server refuses a client before MQTT: MQTT's
 /// not authorized.
-const NOT_AUTHORIZED: u32 = 0x87;
+pub(super) const NOT_AUTHORIZED: u32 = 0x87;
 
 /// What happened to the 0-RTT data of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
