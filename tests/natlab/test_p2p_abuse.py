@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import socket
 import struct
-import subprocess
 import time
 
 import pytest
@@ -33,12 +32,14 @@ VICTIM = "192.0.2.200"
 def nft_counters(node, table: str) -> dict[str, int]:
     """Bytes of each named counter of `table` (family inet) in `node`."""
     out = node.run(["nft", "list", "counters", "table", "inet", table]).stdout
-    return {name: int(n) for name, n in re.findall(r"counter (\w+) \{\s*packets \d+ bytes (\d+)", out)}
+    found = re.findall(r"counter (\w+) \{\s*packets \d+ bytes (\d+)", out)
+    return {name: int(n) for name, n in found}
 
 
 def spoofed_initials(count: int, port: int) -> list[bytes]:
     """`count` client Initial datagrams of new connections to the relay's address discovery."""
-    aioquic = pytest.importorskip("aioquic", reason="aioquic (the interop suite's venv) builds the QUIC Initials")
+    aioquic = pytest.importorskip(
+        "aioquic", reason="aioquic (the interoperability suite's virtualenv) builds them")
     from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.connection import QuicConnection
 
@@ -68,16 +69,21 @@ def test_address_discovery_does_not_amplify_toward_forged_sources(make_topology,
     topo = make_topology(Nat.NONE, Nat.NONE)
     relay = mqttd.start_relay(topo.relay, tmp_path / "relay")
     _, port = relay.addr("relay")
+    datagrams = spoofed_initials(20, port)
     # What the relay receives from and sends to the victim's address, at its own interface.
     topo.relay.ns.nft(f"""
 table inet amp {{
     counter from_victim {{}}
     counter to_victim {{}}
-    chain in {{ type filter hook input priority 0; ip saddr {VICTIM} udp dport {port} counter name from_victim; }}
-    chain out {{ type filter hook output priority 0; ip daddr {VICTIM} counter name to_victim; }}
+    chain in {{
+        type filter hook input priority 0;
+        ip saddr {VICTIM} udp dport {port} counter name from_victim;
+    }}
+    chain out {{
+        type filter hook output priority 0; ip daddr {VICTIM} counter name to_victim;
+    }}
 }}
 """)
-    datagrams = spoofed_initials(20, port)
     raw = topo.a.host.ns.call(socket.socket, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     try:
         for n, datagram in enumerate(datagrams):
