@@ -58,20 +58,26 @@
 
 mod addr;
 mod key;
+pub mod nat;
 mod node;
 mod path;
 mod ping;
 #[cfg(feature = "relay-server")]
 mod relay;
+mod retry;
+pub mod traversal;
 
 pub use addr::{NodeAddr, ParseRelayUrlError, RelayUrl};
 pub use key::{KeyError, NodeId, NodeKey, ParseNodeIdError, KEY_FILE};
+pub use nat::NatType;
 pub use node::{
     BindError, ConnectError, Connection, ConnectionError, ConnectionStats, Incoming, Node,
     NodeConfig, PathStats, RecvStream, RelayState, SendStream, StreamLimits,
 };
 pub use path::{PathEvent, PathEvents, PathInfo, PathKind};
 pub use ping::{serve_pings, PingError, Pinger, Pong, MAX_PINGS, PING_ALPN, PING_SIZE};
+pub use retry::Retry;
+pub use traversal::TraversalEvent;
 #[cfg(feature = "relay-server")]
 pub use relay::{
     ClientRate, RelayAccess, RelayServer, RelayServerConfig, RelayServerError, RelayStats,

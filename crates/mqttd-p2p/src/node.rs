@@ -4,17 +4,21 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use iroh::endpoint::{self, presets, ConnectWithOptsError, ConnectingError, NetReportConfig};
 use iroh::tls::CaTlsConfig;
 use iroh::Watcher;
 use rustls::pki_types::CertificateDer;
-use tracing::debug;
+use tokio::sync::watch;
+use tracing::{debug, info};
 
 use crate::addr::{NodeAddr, RelayUrl};
 use crate::key::{NodeId, NodeKey};
+use crate::nat::{classify, local_addrs, MappingReport, NatType};
 use crate::path::{current_paths, PathEvents, PathInfo, PathKind};
+use crate::retry::Retry;
+use crate::traversal::TraversalEvent;
 
 pub use iroh::endpoint::{ConnectionError, ConnectionStats, PathStats, RecvStream, SendStream};
 
@@ -139,6 +143,9 @@ pub enum ConnectError {
     /// The node is closed.
     #[error("the node is closed")]
     Closed,
+    /// No connection within the deadline of [`Node::connect_with_retry`].
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
     /// The QUIC handshake failed: the peer is unreachable, refused the ALPN, or is not the
     /// node it should be.
     #[error("handshake failed: {source}")]
@@ -153,6 +160,46 @@ pub enum ConnectError {
 pub struct Node {
     endpoint: iroh::Endpoint,
     relays: Arc<[RelayUrl]>,
+    nat: Arc<NatWatch>,
+}
+
+/// The NAT type as last classified, and the task that keeps it (stopped with the last clone
+/// of the node).
+struct NatWatch {
+    current: watch::Receiver<NatType>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NatWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Classifies each net report of `endpoint` (bound at `bound`), keeps the type in `current`
+/// and logs each change.
+async fn watch_nat(
+    mut reports: impl Watcher<Value = Option<iroh::unstable_net_report::NetReport>>,
+    bound: Vec<SocketAddr>,
+    id: NodeId,
+    current: watch::Sender<NatType>,
+) {
+    loop {
+        if let Some(report) = reports.get() {
+            let public = report
+                .global_v4
+                .map(SocketAddr::V4)
+                .or(report.global_v6.map(SocketAddr::V6));
+            let mapping = MappingReport::new(public, report.mapping_varies_by_dest());
+            let nat = classify(&mapping, &local_addrs(&bound, public));
+            if current.send_replace(nat) != nat {
+                info!(node_id = %id.short(), nat = %nat, public = ?public, varies = ?mapping.varies_by_destination, "NAT type");
+            }
+        }
+        if reports.updated().await.is_err() {
+            return;
+        }
+    }
 }
 
 impl fmt::Debug for Node {
@@ -219,7 +266,49 @@ impl Node {
             source: Box::new(source),
         })?;
         debug!(node_id = %endpoint.id(), relays = relays.len(), "node bound");
-        Ok(Self { endpoint, relays })
+        let (tx, current) = watch::channel(NatType::Unknown);
+        let task = tokio::spawn(watch_nat(
+            endpoint.net_report(),
+            endpoint.bound_sockets(),
+            NodeId(endpoint.id()),
+            tx,
+        ));
+        Ok(Self {
+            endpoint,
+            relays,
+            nat: Arc::new(NatWatch { current, task }),
+        })
+    }
+
+    /// The NAT type the relays' answers show now ([`NatType::Unknown`] until two relays on
+    /// different addresses answered; see [`crate::nat`]).
+    pub fn nat_type(&self) -> NatType {
+        *self.nat.current.borrow()
+    }
+
+    /// Waits until the NAT type is known (not [`NatType::Unknown`]) and returns it; it never
+    /// is with fewer than two relays, so bound the wait.
+    pub async fn nat_type_known(&self) -> NatType {
+        let mut current = self.nat.current.clone();
+        let known = current.wait_for(|t| *t != NatType::Unknown).await.map(|t| *t);
+        match known {
+            Ok(t) => t,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Reports the traversal of `conn`, begun at `started`, until it closes: logs one line
+    /// per phase (see [`crate::traversal`]) and hands `report` each phase and the bytes each
+    /// kind of path carried. The outcome is direct if a direct path carries the data within
+    /// `window`, else relay only.
+    pub async fn watch_traversal(
+        &self,
+        conn: &Connection,
+        started: Instant,
+        window: Duration,
+        report: impl FnMut(TraversalEvent),
+    ) {
+        crate::traversal::watch(self, conn, started, window, report).await
     }
 
     /// The node's id.
@@ -249,9 +338,12 @@ impl Node {
         self.endpoint.online().await
     }
 
-    /// The state of the connections to the home relays now (empty until one is chosen).
+    /// The state of each configured relay now: whether it is a home relay and connected
+    /// (iroh keeps one connection, to the relay nearest by latency, and moves to another
+    /// when that one stops answering), and its latency in the last net report (`None`: it did
+    /// not answer).
     pub fn relay_states(&self) -> Vec<RelayState> {
-        to_states(self.endpoint.home_relay_status().get())
+        self.to_states(self.endpoint.home_relay_status().get())
     }
 
     /// Waits until `done` holds for the state of the home relays, and returns that state;
@@ -261,11 +353,83 @@ impl Node {
         mut done: impl FnMut(&[RelayState]) -> bool,
     ) -> Option<Vec<RelayState>> {
         let mut watcher = self.endpoint.home_relay_status();
-        let mut states = to_states(watcher.get());
+        let mut states = self.to_states(watcher.get());
         while !done(&states) {
-            states = to_states(watcher.updated().await.ok()?);
+            states = self.to_states(watcher.updated().await.ok()?);
         }
         Some(states)
+    }
+
+    /// The configured relays' states, from the home relays' `statuses` and the last net
+    /// report's latencies.
+    fn to_states(&self, statuses: Vec<endpoint::RelayStatus>) -> Vec<RelayState> {
+        let report = self.endpoint.net_report().get();
+        let latency = |url: &iroh::RelayUrl| {
+            report.as_ref().and_then(|r| {
+                r.relay_latency
+                    .iter()
+                    .filter(|(_, u, _)| *u == url)
+                    .map(|(_, _, l)| l)
+                    .min()
+            })
+        };
+        let mut states: Vec<RelayState> = statuses
+            .into_iter()
+            .map(|s| RelayState {
+                url: RelayUrl(s.url().clone()),
+                home: true,
+                connected: s.is_connected(),
+                denied: s.auth_denied_reason().map(str::to_owned),
+                error: s.last_error().map(|e| e.to_string()),
+                latency: latency(s.url()),
+            })
+            .collect();
+        for relay in self.relays.iter() {
+            if !states.iter().any(|s| s.url == *relay) {
+                states.push(RelayState {
+                    url: relay.clone(),
+                    home: false,
+                    connected: false,
+                    denied: None,
+                    error: None,
+                    latency: latency(&relay.0),
+                });
+            }
+        }
+        states
+    }
+
+    /// Connects to `to` for protocol `alpn` as [`Node::connect`] does, trying again after a
+    /// failed handshake (the peer or its relay not there yet, a path that did not work) with
+    /// `retry`'s backoff until its attempts or its deadline run out; each attempt is bounded by
+    /// what is left of the deadline. Errors that another try cannot mend (no address, a bad
+    /// ALPN, the node closed) return at once. The last error is returned.
+    pub async fn connect_with_retry(
+        &self,
+        to: impl Into<NodeAddr>,
+        alpn: &[u8],
+        retry: &Retry,
+    ) -> Result<Connection, ConnectError> {
+        let to = to.into();
+        let deadline = tokio::time::Instant::now() + retry.deadline;
+        let mut backoff = retry.backoff();
+        loop {
+            let error = match tokio::time::timeout_at(deadline, self.connect(to.clone(), alpn)).await
+            {
+                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Err(error @ ConnectError::Handshake { .. })) => error,
+                Ok(Err(error)) => return Err(error),
+                Err(_) => return Err(ConnectError::Timeout(retry.deadline)),
+            };
+            let attempts = backoff.failures() + 1;
+            let wait = backoff.next(crate::retry::unit());
+            let now = tokio::time::Instant::now();
+            if attempts >= retry.attempts || now + wait >= deadline {
+                return Err(error);
+            }
+            debug!(peer = %to.id.short(), attempts, wait_ms = wait.as_millis() as u64, %error, "connect failed; trying again");
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Connects to `to` for protocol `alpn`. With no relay and no direct address for the
@@ -342,25 +506,18 @@ fn connecting_error(e: ConnectingError) -> ConnectError {
 pub struct RelayState {
     /// The relay.
     pub url: RelayUrl,
-    /// Whether the node is connected and registered with it.
+    /// Whether it is a home relay: one the node stays connected to, and peers reach it at.
+    pub home: bool,
+    /// Whether the node is connected and registered with it (only home relays are watched).
     pub connected: bool,
     /// The reason the relay gave for refusing the node, if it did last time (it will keep
     /// refusing until its access rules change).
     pub denied: Option<String>,
     /// The last connection error, if the last attempt failed.
     pub error: Option<String>,
-}
-
-fn to_states(statuses: Vec<endpoint::RelayStatus>) -> Vec<RelayState> {
-    statuses
-        .into_iter()
-        .map(|s| RelayState {
-            url: RelayUrl(s.url().clone()),
-            connected: s.is_connected(),
-            denied: s.auth_denied_reason().map(str::to_owned),
-            error: s.last_error().map(|e| e.to_string()),
-        })
-        .collect()
+    /// The lowest round-trip time to it in the last net report (QUIC address discovery or
+    /// HTTPS probe); `None` if it did not answer.
+    pub latency: Option<Duration>,
 }
 
 /// A connection attempt from a peer, before the handshake.
