@@ -300,13 +300,13 @@ impl Node {
     /// Reports the traversal of `conn`, begun at `started`, until it closes: logs one line
     /// per phase (see [`crate::traversal`]) and hands `report` each phase and the bytes each
     /// kind of path carried. The outcome is direct if a direct path carries the data within
-    /// `window`, else relay only.
+    /// `window`, else relay only. The watch does not keep the connection open.
     pub async fn watch_traversal(
         &self,
-        conn: &Connection,
+        conn: Connection,
         started: Instant,
         window: Duration,
-        report: impl FnMut(TraversalEvent),
+        report: impl FnMut(TraversalEvent) + Send,
     ) {
         crate::traversal::watch(self, conn, started, window, report).await
     }

@@ -305,10 +305,10 @@ impl Bytes {
 /// [`crate::Node::watch_traversal`].
 pub(crate) async fn watch(
     node: &Node,
-    conn: &Connection,
+    conn: Connection,
     started: Instant,
     window: Duration,
-    mut report: impl FnMut(TraversalEvent),
+    mut report: impl FnMut(TraversalEvent) + Send,
 ) {
     let peer = conn.remote_id();
     let short = peer.short();
@@ -324,6 +324,8 @@ pub(crate) async fn watch(
             machine.handle(now, Observation::PathOpened { direct: true });
         }
     }
+    // Only a weak handle from here on: the watch must not keep the connection open.
+    drop(conn);
     let closed = weak.closed();
     tokio::pin!(closed);
     let mut sample = tokio::time::interval(SAMPLE);

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use mqttd_p2p::{
-    Node, NodeAddr, NodeConfig, NodeId, NodeKey, PathEvent, PathKind, Pinger, RelayUrl, PING_ALPN,
+    Node, NodeAddr, NodeConfig, NodeId, NodeKey, PathEvent, PathKind, Pinger, RelayUrl, Retry,
+    PING_ALPN,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -54,7 +55,8 @@ pub(crate) struct PingArgs {
     /// Seconds to wait for each answer.
     #[arg(long, default_value_t = 5.0, value_name = "SECS")]
     wait: f64,
-    /// Seconds allowed to connect.
+    /// Seconds allowed to connect (a failed attempt is tried again after 200 ms, then twice as
+    /// long each time up to 3 s, with jitter, while they last).
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     connect_timeout: u64,
 }
@@ -104,7 +106,9 @@ async fn pings(
         to = to.with_relay(relay.clone());
     }
     let limit = Duration::from_secs(args.connect_timeout.max(1));
-    let conn = tokio::time::timeout(limit, node.connect(to, PING_ALPN))
+    // A failed handshake is tried again with backoff and jitter within the limit.
+    let retry = Retry::new(limit);
+    let conn = tokio::time::timeout(limit, node.connect_with_retry(to, PING_ALPN, &retry))
         .await
         .map_err(|_| anyhow::anyhow!("no connection to {id} within {limit:?}"))?
         .with_context(|| format!("cannot connect to {id}"))?;

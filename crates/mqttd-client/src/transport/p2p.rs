@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use mqttd_p2p::{ConnectError, Node, NodeAddr, NodeConfig, NodeId, NodeKey, RelayUrl};
+use mqttd_p2p::{ConnectError, Node, NodeAddr, NodeConfig, NodeId, NodeKey, RelayUrl, Retry};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::OnceCell;
@@ -66,7 +66,8 @@ impl P2p {
     }
 
     /// Dials the broker's node and opens the control stream, within the endpoint's time
-    /// limit.
+    /// limit; a failed handshake is tried again with backoff and jitter ([`Retry`]) while
+    /// the limit allows.
     pub(super) async fn connect(
         &self,
         endpoint: &Endpoint,
@@ -79,7 +80,7 @@ impl P2p {
                 .await
                 .map_err(|e| TransportError::Quic(e.to_string()))?;
             let conn = node
-                .connect(self.peer.clone(), ALPN)
+                .connect_with_retry(self.peer.clone(), ALPN, &Retry::new(limit))
                 .await
                 .map_err(|e| connect_error(e, endpoint))?;
             let (send, recv) = conn
