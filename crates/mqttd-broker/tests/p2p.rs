@@ -38,6 +38,23 @@ fn metric(broker: &Broker, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
+/// Waits until the metric `name` reaches `at_least` (the traversal metrics are counted by a
+/// task of each connection), and returns it.
+async fn metric_reaches(broker: &Broker, name: &str, at_least: u64) -> u64 {
+    let reached = async {
+        loop {
+            let value = metric(broker, name);
+            if value >= at_least {
+                return value;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    timeout(WAIT, reached)
+        .await
+        .unwrap_or_else(|_| panic!("{name} below {at_least}: {}", metric(broker, name)))
+}
+
 /// A client node on loopback with `key`; with `relay`, through it only (no direct paths).
 async fn client_node(key: NodeKey, relay: Option<(&RelayUrl, &Path)>) -> Node {
     let mut config = NodeConfig::new(key);
@@ -138,6 +155,31 @@ async fn mqtt_over_a_direct_node_connection_single_and_multi_stream() {
     );
     assert_eq!(metric(&broker, "mqttd_p2p_connections_open"), 2);
     assert_eq!(metric(&broker, "mqttd_quic_connections"), 0);
+    // Traversal: two attempts, both direct from the start; the broker's node has no relay,
+    // so its NAT type is unknown.
+    let nat = "nat=\"unknown\"";
+    assert_eq!(
+        metric(&broker, &format!("mqttd_p2p_traversal_attempts_total{{{nat}}}")),
+        2
+    );
+    let direct = format!("mqttd_p2p_traversals_total{{{nat},outcome=\"direct\"}}");
+    assert_eq!(metric_reaches(&broker, &direct, 2).await, 2);
+    assert_eq!(metric_reaches(&broker, "mqttd_p2p_direct_path_seconds_count", 2).await, 2);
+    assert_eq!(metric(&broker, "mqttd_p2p_first_byte_seconds_count"), 2);
+    metric_reaches(
+        &broker,
+        "mqttd_p2p_path_bytes_total{path=\"direct\",direction=\"received\"}",
+        1,
+    )
+    .await;
+    for outcome in ["relay_only", "failed", "refused"] {
+        let name = format!("mqttd_p2p_traversals_total{{{nat},outcome=\"{outcome}\"}}");
+        assert_eq!(metric(&broker, &name), 0, "{name}");
+    }
+    assert_eq!(
+        metric(&broker, "mqttd_p2p_path_bytes_total{path=\"relay\",direction=\"sent\"}"),
+        0
+    );
     conn.close(0, b"done");
 
     // At shutdown, the node's connections get their DISCONNECT before the node closes.
@@ -204,9 +246,25 @@ async fn mqtt_through_the_brokers_own_relay_given_only_the_relay() {
         metric(&broker, "mqttd_p2p_connections_total{path=\"relayed\"}"),
         2
     );
+    // The clients withhold direct paths: once their connections close, both attempts were
+    // relay only, and the relay carried their bytes.
     for n in [a, b] {
         n.close().await;
     }
+    let nat = "nat=\"unknown\"";
+    let relay_only = format!("mqttd_p2p_traversals_total{{{nat},outcome=\"relay_only\"}}");
+    assert_eq!(metric_reaches(&broker, &relay_only, 2).await, 2);
+    let direct = format!("mqttd_p2p_traversals_total{{{nat},outcome=\"direct\"}}");
+    assert_eq!(metric(&broker, &direct), 0);
+    assert_eq!(metric(&broker, "mqttd_p2p_direct_path_seconds_count"), 0);
+    metric_reaches(
+        &broker,
+        "mqttd_p2p_path_bytes_total{path=\"relay\",direction=\"received\"}",
+        1,
+    )
+    .await;
+    // Its own relay is the broker's node's home relay.
+    metric_reaches(&broker, &format!("mqttd_p2p_relay_up{{relay=\"{url}\"}}"), 1).await;
     broker.shutdown().await;
 }
 

@@ -1,12 +1,13 @@
 //! Nodes and an in-process relay on loopback: connections through the relay only, a
-//! connection that starts relayed and goes direct, and the relay's allow-list.
+//! connection that starts relayed and goes direct, and the relay's allow-list; with two
+//! relays, the NAT type (none on loopback) and the relays' states; connect retries.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use mqttd_p2p::{
-    Connection, Node, NodeAddr, NodeConfig, NodeId, NodeKey, PathEvent, PathKind, RelayAccess,
-    RelayServer, RelayServerConfig, RelayUrl,
+    Connection, NatType, Node, NodeAddr, NodeConfig, NodeId, NodeKey, PathEvent, PathKind,
+    RelayAccess, RelayServer, RelayServerConfig, RelayUrl, Retry,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -14,7 +15,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 const ALPN: &[u8] = b"mqttd-p2p/test";
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// A CA and a server certificate it signed for 127.0.0.1, as a broker generates them.
+/// A CA and a server certificate it signed for 127.0.0.1 (and 127.0.0.2, a second relay's
+/// address), as a broker generates them.
 struct Certs {
     ca: CertificateDer<'static>,
     server: rustls::ServerConfig,
@@ -27,7 +29,8 @@ fn certs() -> Certs {
     let ca = params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(params, ca_key);
     let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+    let names = ["127.0.0.1", "127.0.0.2", "localhost"].map(str::to_owned);
+    let leaf = CertificateParams::new(names.to_vec())
         .unwrap()
         .signed_by(&key, &issuer)
         .unwrap();
@@ -48,7 +51,11 @@ fn certs() -> Certs {
 }
 
 async fn relay(certs: &Certs, allowed: &[NodeId]) -> RelayServer {
-    let mut config = RelayServerConfig::new("127.0.0.1:0".parse().unwrap(), certs.server.clone());
+    relay_at("127.0.0.1:0", certs, allowed).await
+}
+
+async fn relay_at(addr: &str, certs: &Certs, allowed: &[NodeId]) -> RelayServer {
+    let mut config = RelayServerConfig::new(addr.parse().unwrap(), certs.server.clone());
     config.access = RelayAccess::Allow(allowed.iter().copied().collect::<HashSet<_>>());
     RelayServer::spawn(config).await.unwrap()
 }
@@ -227,4 +234,69 @@ async fn a_node_not_on_the_allow_list_is_refused() {
         node.close().await;
     }
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_relays_tell_the_nat_type_and_each_relay_has_a_state() {
+    let certs = certs();
+    let (key, lone) = (NodeKey::generate(), NodeKey::generate());
+    let allowed = [key.id(), lone.id()];
+    let first = relay_at("127.0.0.1:0", &certs, &allowed).await;
+    let second = relay_at("127.0.0.2:0", &certs, &allowed).await;
+    let mut two = config(key, &first.url(), &certs, true);
+    two.relays.push(second.url());
+    let node = Node::bind(two).await.unwrap();
+    // Both relays see the node at its own address: no NAT.
+    let nat = tokio::time::timeout(LIMIT, node.nat_type_known())
+        .await
+        .unwrap_or_else(|_| panic!("no NAT type: {:?}", node.relay_states()));
+    assert_eq!(nat, NatType::None);
+    assert_eq!(node.nat_type(), NatType::None);
+    online(&node).await;
+    let states = node.relay_states();
+    assert_eq!(states.len(), 2, "{states:?}");
+    assert_eq!(states.iter().filter(|s| s.home && s.connected).count(), 1, "{states:?}");
+    assert!(states.iter().all(|s| s.latency.is_some()), "{states:?}");
+
+    // With one relay, nothing can be told.
+    let lone = Node::bind(config(lone, &first.url(), &certs, true)).await.unwrap();
+    online(&lone).await;
+    assert_eq!(lone.nat_type(), NatType::Unknown);
+    for n in [node, lone] {
+        n.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_refused_attempt_is_tried_again() {
+    let certs = certs();
+    let (a, b) = (NodeKey::generate(), NodeKey::generate());
+    let server = relay(&certs, &[a.id(), b.id()]).await;
+    let url = server.url();
+    let a = Node::bind(config(a, &url, &certs, true)).await.unwrap();
+    let b = Node::bind(config(b, &url, &certs, true)).await.unwrap();
+    // b refuses the first two attempts, then accepts.
+    let acceptor = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                b.accept().await.unwrap().refuse();
+            }
+            b.accept().await.unwrap().accept().await.unwrap()
+        })
+    };
+    let to = NodeAddr::new(b.id()).with_direct(b.bound_addrs());
+    let mut once = Retry::new(LIMIT);
+    once.attempts = 1;
+    assert!(a.connect_with_retry(to.clone(), ALPN, &once).await.is_err());
+    let conn = a
+        .connect_with_retry(to, ALPN, &Retry::new(LIMIT))
+        .await
+        .expect("connected on the second attempt");
+    let accepted = tokio::time::timeout(LIMIT, acceptor).await.unwrap().unwrap();
+    assert_eq!(accepted.remote_id(), a.id());
+    drop(conn);
+    for n in [a, b] {
+        n.close().await;
+    }
 }
