@@ -333,6 +333,13 @@ async fn a_node_not_in_the_allow_list_is_refused() {
     }
     assert!(ctl.recv().await.is_none(), "no CONNACK for a stranger");
     assert_eq!(metric(&broker, "mqttd_p2p_refused_total"), 1);
+    assert_eq!(
+        metric(
+            &broker,
+            "mqttd_p2p_traversals_total{nat=\"unknown\",outcome=\"refused\"}"
+        ),
+        1
+    );
 
     let friend = client_node(allowed, None).await;
     let (c, mut events, _conn) = single_stream(&friend, to, "friend").await;
