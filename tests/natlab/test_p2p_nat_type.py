@@ -1,0 +1,61 @@
+"""The NAT type mqttd detects with two relays, behind each of the four router types.
+
+A broker's `p2p://` node names two relays on the relay host's two addresses (`RELAY_IP`,
+`RELAY_IP2`). Each relay tells the node, by QUIC address discovery, the public address its
+packets came from; a symmetric router maps the flow to each relay to a port of its own (the
+mapping depends on the destination), the cone routers keep one mapping for every destination,
+and without a router the relays see the host's own address. The node's verdict is read from
+the metric `mqttd_p2p_nat_type{nat=...}` (1 for the type detected).
+
+A symmetric router picks random ports (`masquerade fully-random`): the two flows get the same
+port only by a coincidence of about one in 28,000, which would read as endpoint-independent.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from natlab import RELAY_IP, RELAY_IP2, Nat, mqttd
+
+EXPECTED = {
+    Nat.NONE: "none",
+    Nat.FULL_CONE: "endpoint_independent",
+    Nat.PORT_RESTRICTED: "endpoint_independent",
+    Nat.SYMMETRIC: "endpoint_dependent",
+}
+# Both relays answer within a net report (a few seconds at most); a debug build is slow.
+DETECT_TIMEOUT = 30.0
+_NAT_TYPE = re.compile(r'^mqttd_p2p_nat_type\{nat="(\w+)"\} 1$', re.M)
+
+
+def detected(broker: mqttd.Mqttd) -> str | None:
+    """The NAT type the broker's node reports now (None before the first look)."""
+    match = _NAT_TYPE.search(broker.metrics())
+    return match.group(1) if match else None
+
+
+@pytest.mark.parametrize("nat", list(Nat), ids=[str(n) for n in Nat])
+def test_two_relays_tell_the_nat_type(make_topology, mqttd_bin, tmp_path, nat):
+    topo = make_topology(nat, Nat.NONE)
+    relays = [mqttd.start_relay(topo.relay, tmp_path / f"relay{n}", ip=ip)
+              for n, ip in enumerate((RELAY_IP, RELAY_IP2))]
+    broker = mqttd.start_broker(topo.a.host, tmp_path / "broker", relays=relays,
+                                listen=("p2p://", "http://127.0.0.1:0"),
+                                log="warn,mqttd_p2p=info")
+    deadline = time.monotonic() + DETECT_TIMEOUT
+    seen = detected(broker)
+    while seen in (None, "unknown") and time.monotonic() < deadline:
+        time.sleep(0.25)
+        seen = detected(broker)
+    assert seen == EXPECTED[nat], (
+        f"behind {nat}: detected {seen}, expected {EXPECTED[nat]}\n{broker.describe()}")
+    # The change was logged, once.
+    assert broker.log().count("NAT type") == 1, broker.describe()
+    # Both relays are known to the node, one of them its home.
+    metrics = broker.metrics()
+    up = re.findall(r'^mqttd_p2p_relay_up\{relay="([^"]+)"\} (\d)$', metrics, re.M)
+    assert sorted(url for url, _ in up) == sorted(r.relay_url for r in relays), metrics
+    assert [v for _, v in up].count("1") == 1, metrics
