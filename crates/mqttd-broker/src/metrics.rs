@@ -4,9 +4,9 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use std::sync::atomic::AtomicU64;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Counters and gauges the broker updates as it works. Each is a relaxed atomic, cheap enough
 /// for the routing path; the one histogram, `quic_rtt_seconds`, takes a lock, and is observed
@@ -314,7 +314,8 @@ impl Metrics {
 
     /// The counter of `p2p://` connection attempts while the node's NAT type is `nat`.
     pub(crate) fn p2p_traversal_attempt(&self, nat: &'static str) -> Counter {
-        self.p2p_traversal_attempts.get_or_create_owned(&[("nat", nat)])
+        self.p2p_traversal_attempts
+            .get_or_create_owned(&[("nat", nat)])
     }
 
     /// The counter of `p2p://` attempts made while the node's NAT type was `nat` that ended

@@ -159,12 +159,18 @@ async fn mqtt_over_a_direct_node_connection_single_and_multi_stream() {
     // so its NAT type is unknown.
     let nat = "nat=\"unknown\"";
     assert_eq!(
-        metric(&broker, &format!("mqttd_p2p_traversal_attempts_total{{{nat}}}")),
+        metric(
+            &broker,
+            &format!("mqttd_p2p_traversal_attempts_total{{{nat}}}")
+        ),
         2
     );
     let direct = format!("mqttd_p2p_traversals_total{{{nat},outcome=\"direct\"}}");
     assert_eq!(metric_reaches(&broker, &direct, 2).await, 2);
-    assert_eq!(metric_reaches(&broker, "mqttd_p2p_direct_path_seconds_count", 2).await, 2);
+    assert_eq!(
+        metric_reaches(&broker, "mqttd_p2p_direct_path_seconds_count", 2).await,
+        2
+    );
     assert_eq!(metric(&broker, "mqttd_p2p_first_byte_seconds_count"), 2);
     metric_reaches(
         &broker,
@@ -177,7 +183,10 @@ async fn mqtt_over_a_direct_node_connection_single_and_multi_stream() {
         assert_eq!(metric(&broker, &name), 0, "{name}");
     }
     assert_eq!(
-        metric(&broker, "mqttd_p2p_path_bytes_total{path=\"relay\",direction=\"sent\"}"),
+        metric(
+            &broker,
+            "mqttd_p2p_path_bytes_total{path=\"relay\",direction=\"sent\"}"
+        ),
         0
     );
     conn.close(0, b"done");
@@ -264,7 +273,12 @@ async fn mqtt_through_the_brokers_own_relay_given_only_the_relay() {
     )
     .await;
     // Its own relay is the broker's node's home relay.
-    metric_reaches(&broker, &format!("mqttd_p2p_relay_up{{relay=\"{url}\"}}"), 1).await;
+    metric_reaches(
+        &broker,
+        &format!("mqttd_p2p_relay_up{{relay=\"{url}\"}}"),
+        1,
+    )
+    .await;
     broker.shutdown().await;
 }
 

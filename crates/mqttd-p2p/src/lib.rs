@@ -76,9 +76,9 @@ pub use node::{
 };
 pub use path::{PathEvent, PathEvents, PathInfo, PathKind};
 pub use ping::{serve_pings, PingError, Pinger, Pong, MAX_PINGS, PING_ALPN, PING_SIZE};
-pub use retry::Retry;
-pub use traversal::TraversalEvent;
 #[cfg(feature = "relay-server")]
 pub use relay::{
     ClientRate, RelayAccess, RelayServer, RelayServerConfig, RelayServerError, RelayStats,
 };
+pub use retry::Retry;
+pub use traversal::TraversalEvent;

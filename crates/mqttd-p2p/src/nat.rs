@@ -153,7 +153,10 @@ mod tests {
     fn one_answer_tells_nothing() {
         let local = [addr("10.0.1.2:4000")];
         assert_eq!(
-            classify(&MappingReport::new(Some(addr("10.0.1.2:4000")), None), &local),
+            classify(
+                &MappingReport::new(Some(addr("10.0.1.2:4000")), None),
+                &local
+            ),
             NatType::Unknown
         );
         assert_eq!(
@@ -178,7 +181,12 @@ mod tests {
         let names: Vec<_> = NatType::ALL.iter().map(|t| t.to_string()).collect();
         assert_eq!(
             names,
-            ["unknown", "none", "endpoint_independent", "endpoint_dependent"]
+            [
+                "unknown",
+                "none",
+                "endpoint_independent",
+                "endpoint_dependent"
+            ]
         );
     }
 }

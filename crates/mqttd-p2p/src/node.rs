@@ -290,7 +290,10 @@ impl Node {
     /// is with fewer than two relays, so bound the wait.
     pub async fn nat_type_known(&self) -> NatType {
         let mut current = self.nat.current.clone();
-        let known = current.wait_for(|t| *t != NatType::Unknown).await.map(|t| *t);
+        let known = current
+            .wait_for(|t| *t != NatType::Unknown)
+            .await
+            .map(|t| *t);
         match known {
             Ok(t) => t,
             Err(_) => std::future::pending().await,
@@ -414,13 +417,13 @@ impl Node {
         let deadline = tokio::time::Instant::now() + retry.deadline;
         let mut backoff = retry.backoff();
         loop {
-            let error = match tokio::time::timeout_at(deadline, self.connect(to.clone(), alpn)).await
-            {
-                Ok(Ok(conn)) => return Ok(conn),
-                Ok(Err(error @ ConnectError::Handshake { .. })) => error,
-                Ok(Err(error)) => return Err(error),
-                Err(_) => return Err(ConnectError::Timeout(retry.deadline)),
-            };
+            let error =
+                match tokio::time::timeout_at(deadline, self.connect(to.clone(), alpn)).await {
+                    Ok(Ok(conn)) => return Ok(conn),
+                    Ok(Err(error @ ConnectError::Handshake { .. })) => error,
+                    Ok(Err(error)) => return Err(error),
+                    Err(_) => return Err(ConnectError::Timeout(retry.deadline)),
+                };
             let attempts = backoff.failures() + 1;
             let wait = backoff.next(crate::retry::unit());
             let now = tokio::time::Instant::now();

@@ -255,11 +255,17 @@ async fn two_relays_tell_the_nat_type_and_each_relay_has_a_state() {
     online(&node).await;
     let states = node.relay_states();
     assert_eq!(states.len(), 2, "{states:?}");
-    assert_eq!(states.iter().filter(|s| s.home && s.connected).count(), 1, "{states:?}");
+    assert_eq!(
+        states.iter().filter(|s| s.home && s.connected).count(),
+        1,
+        "{states:?}"
+    );
     assert!(states.iter().all(|s| s.latency.is_some()), "{states:?}");
 
     // With one relay, nothing can be told.
-    let lone = Node::bind(config(lone, &first.url(), &certs, true)).await.unwrap();
+    let lone = Node::bind(config(lone, &first.url(), &certs, true))
+        .await
+        .unwrap();
     online(&lone).await;
     assert_eq!(lone.nat_type(), NatType::Unknown);
     for n in [node, lone] {
@@ -293,7 +299,10 @@ async fn a_refused_attempt_is_tried_again() {
         .connect_with_retry(to, ALPN, &Retry::new(LIMIT))
         .await
         .expect("connected on the second attempt");
-    let accepted = tokio::time::timeout(LIMIT, acceptor).await.unwrap().unwrap();
+    let accepted = tokio::time::timeout(LIMIT, acceptor)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(accepted.remote_id(), a.id());
     drop(conn);
     for n in [a, b] {

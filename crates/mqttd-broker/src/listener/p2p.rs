@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use mqttd_p2p::{
     Connection, ConnectionError, ConnectionStats, Incoming, NatType, Node, NodeConfig, NodeId,
-    NodeKey, PathKind, PathStats, RecvStream, RelayUrl, SendStream, StreamLimits,
-    TraversalEvent, PING_ALPN,
+    NodeKey, PathKind, PathStats, RecvStream, RelayUrl, SendStream, StreamLimits, TraversalEvent,
+    PING_ALPN,
 };
 use noq::{Path, VarInt};
 use prometheus_client::metrics::gauge::Gauge;
@@ -238,7 +238,9 @@ async fn node_state(node: Node, inner: Arc<Inner>) {
             _ = inner.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        inner.metrics.p2p_set_nat_type(node.nat_type().as_str(), &all);
+        inner
+            .metrics
+            .p2p_set_nat_type(node.nat_type().as_str(), &all);
         for relay in node.relay_states() {
             inner.metrics.p2p_set_relay(
                 &relay.url.to_string(),
@@ -342,7 +344,7 @@ impl Attempt {
                 let conn = P2pConn {
                     conn,
                     started: self.started,
-                    first_byte: Some(self.inner.metrics.p2p_first_byte_seconds.clone()),
+                    first_byte: self.inner.metrics.p2p_first_byte_seconds.clone(),
                     first_seen: AtomicBool::new(false),
                 };
                 crate::drivers::quic::serve(self.inner, conn, peer, accepted).await;
@@ -366,12 +368,7 @@ impl Attempt {
     /// metrics.
     fn watch_traversal(&self, conn: &Connection) {
         let metrics = self.inner.clone();
-        let (node, conn, nat, started) = (
-            self.node.clone(),
-            conn.clone(),
-            self.nat,
-            self.started,
-        );
+        let (node, conn, nat, started) = (self.node.clone(), conn.clone(), self.nat, self.started);
         let bytes = |path, direction| metrics.metrics.p2p_path_bytes(path, direction);
         let (direct_sent, direct_received) = (bytes("direct", "sent"), bytes("direct", "received"));
         let (relay_sent, relay_received) = (bytes("relay", "sent"), bytes("relay", "received"));
@@ -382,7 +379,8 @@ impl Attempt {
                     let m = &metrics.metrics;
                     if step.phase == mqttd_p2p::traversal::Phase::DirectSelected && !direct_timed {
                         direct_timed = true;
-                        m.p2p_direct_path_seconds.observe(step.elapsed.as_secs_f64());
+                        m.p2p_direct_path_seconds
+                            .observe(step.elapsed.as_secs_f64());
                     }
                     match step.outcome {
                         Some(mqttd_p2p::traversal::Outcome::Direct) => {
@@ -426,26 +424,20 @@ struct P2pConn {
     /// When the attempt came.
     started: Instant,
     /// Where the time to the first stream byte goes.
-    first_byte: Option<Histogram>,
+    first_byte: Histogram,
     /// Whether a stream came yet.
     first_seen: AtomicBool,
 }
 
 impl QuicConn for P2pConn {
-    fn accept_bi(
-        &self,
-    ) -> impl std::future::Future<Output = Result<(SendStream, RecvStream), ConnectionError>> + Send + '_
-    {
-        async move {
-            let streams = self.conn.iroh().accept_bi().await?;
-            // A peer's stream is known to the broker with its first bytes.
-            if !self.first_seen.swap(true, Ordering::Relaxed) {
-                if let Some(h) = &self.first_byte {
-                    h.observe(self.started.elapsed().as_secs_f64());
-                }
-            }
-            Ok(streams)
+    async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        let streams = self.conn.iroh().accept_bi().await?;
+        // A peer's stream is known to the broker with its first bytes.
+        if !self.first_seen.swap(true, Ordering::Relaxed) {
+            self.first_byte
+                .observe(self.started.elapsed().as_secs_f64());
         }
+        Ok(streams)
     }
 
     fn close(&self, code: VarInt, reason: &[u8]) {
