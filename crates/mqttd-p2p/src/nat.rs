@@ -80,7 +80,7 @@ impl MappingReport {
 }
 
 /// The NAT type that `report` shows, for a node whose sockets are at `local` (addresses with
-/// the IP of an interface, not unspecified ones: see [`local_addrs`]).
+/// the IP of an interface, not unspecified ones).
 pub fn classify(report: &MappingReport, local: &[SocketAddr]) -> NatType {
     match (report.varies_by_destination, report.public) {
         (Some(true), _) => NatType::EndpointDependent,
