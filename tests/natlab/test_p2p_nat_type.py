@@ -28,6 +28,8 @@ EXPECTED = {
 }
 # Both relays answer within a net report (a few seconds at most); a debug build is slow.
 DETECT_TIMEOUT = 30.0
+# How often the broker copies the NAT type and the relays' states into its metrics, and more.
+STATE_REFRESH = 3.0
 _NAT_TYPE = re.compile(r'^mqttd_p2p_nat_type\{nat="(\w+)"\} 1$', re.M)
 
 
@@ -54,8 +56,14 @@ def test_two_relays_tell_the_nat_type(make_topology, mqttd_bin, tmp_path, nat):
         f"behind {nat}: detected {seen}, expected {EXPECTED[nat]}\n{broker.describe()}")
     # The change was logged, once.
     assert broker.log().count("NAT type") == 1, broker.describe()
-    # Both relays are known to the node, one of them its home.
-    metrics = broker.metrics()
-    up = re.findall(r'^mqttd_p2p_relay_up\{relay="([^"]+)"\} (\d)$', metrics, re.M)
+    # Both relays are known to the node, one of them its home (the metrics are refreshed
+    # every 2 s: the home relay may be connected after the NAT type is known).
+    metrics, up = "", []
+    while time.monotonic() < deadline + STATE_REFRESH:
+        metrics = broker.metrics()
+        up = re.findall(r'^mqttd_p2p_relay_up\{relay="([^"]+)"\} (\d)$', metrics, re.M)
+        if [v for _, v in up].count("1") == 1:
+            break
+        time.sleep(0.25)
     assert sorted(url for url, _ in up) == sorted(r.relay_url for r in relays), metrics
     assert [v for _, v in up].count("1") == 1, metrics
