@@ -39,19 +39,31 @@ def detected(broker: mqttd.Mqttd) -> str | None:
     return match.group(1) if match else None
 
 
-@pytest.mark.parametrize("nat", list(Nat), ids=[str(n) for n in Nat])
-def test_two_relays_tell_the_nat_type(make_topology, mqttd_bin, tmp_path, nat):
-    topo = make_topology(nat, Nat.NONE)
+def start(topo, tmp_path) -> tuple[list[mqttd.Mqttd], mqttd.Mqttd]:
+    """Two relays on the relay host's two addresses, and a broker in site a using both."""
     relays = [mqttd.start_relay(topo.relay, tmp_path / f"relay{n}", ip=ip)
               for n, ip in enumerate((RELAY_IP, RELAY_IP2))]
     broker = mqttd.start_broker(topo.a.host, tmp_path / "broker", relays=relays,
                                 listen=("p2p://", "http://127.0.0.1:0"),
                                 log="warn,mqttd_p2p=info")
-    deadline = time.monotonic() + DETECT_TIMEOUT
+    return relays, broker
+
+
+def wait_detected(broker: mqttd.Mqttd, deadline: float) -> str | None:
+    """The NAT type once it is known (or what it is at the deadline)."""
     seen = detected(broker)
     while seen in (None, "unknown") and time.monotonic() < deadline:
         time.sleep(0.25)
         seen = detected(broker)
+    return seen
+
+
+@pytest.mark.parametrize("nat", list(Nat), ids=[str(n) for n in Nat])
+def test_two_relays_tell_the_nat_type(make_topology, mqttd_bin, tmp_path, nat):
+    topo = make_topology(nat, Nat.NONE)
+    relays, broker = start(topo, tmp_path)
+    deadline = time.monotonic() + DETECT_TIMEOUT
+    seen = wait_detected(broker, deadline)
     assert seen == EXPECTED[nat], (
         f"behind {nat}: detected {seen}, expected {EXPECTED[nat]}\n{broker.describe()}")
     # The change was logged, once.
@@ -67,3 +79,39 @@ def test_two_relays_tell_the_nat_type(make_topology, mqttd_bin, tmp_path, nat):
         time.sleep(0.25)
     assert sorted(url for url, _ in up) == sorted(r.relay_url for r in relays), metrics
     assert [v for _, v in up].count("1") == 1, metrics
+
+
+TRAVERSALS = [
+    # A cone router and no NAT: hole punching works.
+    (Nat.FULL_CONE, Nat.NONE, "direct"),
+    # Symmetric on both sides: no direct path, the relay carries it all.
+    (Nat.SYMMETRIC, Nat.SYMMETRIC, "relay_only"),
+]
+
+
+@pytest.mark.parametrize(("a", "b", "outcome"), TRAVERSALS,
+                         ids=[f"{a}.vs.{b}" for a, b, _ in TRAVERSALS])
+def test_traversal_metrics_carry_the_nat_type(make_topology, mqttd_bin, tmp_path, a, b,
+                                              outcome):
+    topo = make_topology(a, b)
+    relays, broker = start(topo, tmp_path)
+    nat = wait_detected(broker, time.monotonic() + DETECT_TIMEOUT)
+    assert nat == EXPECTED[a], broker.describe()
+    result = mqttd.ping(topo.b.host, broker, relays, count=3, ca_bundle=tmp_path / "ca.pem")
+    assert result.received == 3, f"{result}\n{broker.describe()}"
+    # The ping's connection is closed: its outcome is decided.
+    name = f'mqttd_p2p_traversals_total{{nat="{nat}",outcome="{outcome}"}}'
+    deadline = time.monotonic() + STATE_REFRESH
+    metrics = broker.metrics()
+    while f"{name} 1" not in metrics.splitlines() and time.monotonic() < deadline:
+        time.sleep(0.1)
+        metrics = broker.metrics()
+    assert f"{name} 1" in metrics.splitlines(), f"{name} not 1\n{metrics}"
+    assert f'mqttd_p2p_traversal_attempts_total{{nat="{nat}"}} 1' in metrics.splitlines()
+    # One log line per phase, with the peer's short id.
+    phases = re.findall(r'p2p traversal peer="(\w+)" phase="(\w+)"', broker.log())
+    names = [phase for _, phase in phases]
+    assert names[0] == "connected_relay" and names[-1] == "closed", broker.describe()
+    assert ("direct_selected" in names) == (outcome == "direct"), broker.describe()
+    assert ("stayed_relayed" in names) == (outcome == "relay_only"), broker.describe()
+    assert len({peer for peer, _ in phases}) == 1, broker.describe()

@@ -71,8 +71,8 @@ impl fmt::Debug for RelayUrl {
 }
 
 /// Where a peer may be reached: its id, and any of a relay it is connected to and direct
-/// addresses. With neither, [`Node::connect`] tries the peer through the dialing node's own
-/// relays (peers of one deployment share their relays).
+/// addresses. [`Node::connect`] also tries the peer through the dialing node's own relays
+/// (peers of one deployment share their relays), so neither is needed.
 ///
 /// [`Node::connect`]: crate::Node::connect
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -435,24 +435,23 @@ impl Node {
         }
     }
 
-    /// Connects to `to` for protocol `alpn`. With no relay and no direct address for the
-    /// peer, tries it through this node's relays.
+    /// Connects to `to` for protocol `alpn`, at its relay and direct addresses and through
+    /// each of this node's relays: the peer is at home on one relay only, maybe not the one
+    /// named (peers of one deployment share their relays, and each picks the nearest), and
+    /// iroh sends the first packets to every address it knows until one path works.
     pub async fn connect(
         &self,
         to: impl Into<NodeAddr>,
         alpn: &[u8],
     ) -> Result<Connection, ConnectError> {
         let to = to.into();
-        let mut addr = to.to_iroh();
+        let addr = to.to_iroh().with_addrs(
+            self.relays
+                .iter()
+                .map(|r| iroh::TransportAddr::Relay(r.0.clone())),
+        );
         if addr.is_empty() {
-            if self.relays.is_empty() {
-                return Err(ConnectError::NoAddress(to.id));
-            }
-            addr = addr.with_addrs(
-                self.relays
-                    .iter()
-                    .map(|r| iroh::TransportAddr::Relay(r.0.clone())),
-            );
+            return Err(ConnectError::NoAddress(to.id));
         }
         let connecting = self
             .endpoint
