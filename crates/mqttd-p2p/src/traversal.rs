@@ -334,7 +334,9 @@ pub(crate) async fn watch(
     loop {
         drain(&mut machine, short.as_str(), &mut report);
         let deadline = machine.poll_timeout().map(tokio::time::Instant::from_std);
-        let look_for_candidates = !machine.candidates && !machine.is_direct();
+        // Looked for until the outcome is decided: not for a connection's whole life.
+        let look_for_candidates =
+            !machine.candidates && !machine.is_direct() && machine.outcome().is_none();
         tokio::select! {
             _ = &mut closed => break,
             event = events.next() => {
