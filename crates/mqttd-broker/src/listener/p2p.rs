@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use mqttd_p2p::{
     Connection, ConnectionError, ConnectionStats, Incoming, Node, NodeConfig, NodeId, NodeKey,
-    PathKind, PathStats, RecvStream, RelayUrl, SendStream, StreamLimits, PING_ALPN,
+    PathKind, PathStats, RecvStream, RelayState, RelayUrl, SendStream, StreamLimits, PING_ALPN,
 };
 use noq::{Path, VarInt};
 use prometheus_client::metrics::gauge::Gauge;
@@ -49,6 +49,11 @@ const DRAIN: Duration = Duration::from_secs(2);
 const NOT_ALLOWED: u32 = 0x87;
 /// The QUIC application error code of a connection for an ALPN the broker does not serve.
 const WRONG_PROTOCOL: u32 = 0x82;
+/// How long the start waits for the node to be registered with one of its relays. A relay
+/// drops what peers send to a node it does not know yet, so a peer dialing through it as soon
+/// as the listener is announced would wait for QUIC to resend its first packets (about a
+/// second later); past this bound the broker starts anyway and the node keeps trying.
+const RELAY_WAIT: Duration = Duration::from_secs(5);
 
 /// A bound `p2p://` listener: the node, and who may connect.
 #[derive(Debug)]
@@ -127,6 +132,9 @@ impl P2pListener {
         };
         let relays = node.relays.clone();
         let node = Node::bind(node).await.map_err(io::Error::other)?;
+        if !relays.is_empty() {
+            wait_for_a_relay(&node).await;
+        }
         info!(
             listener = %listener.url,
             node_id = %node.id(),
@@ -192,6 +200,33 @@ impl P2pListener {
         connections.close();
         let _ = tokio::time::timeout(DRAIN, connections.wait()).await;
         let _ = tokio::time::timeout(DRAIN, self.node.close()).await;
+    }
+}
+
+/// Waits (at most [`RELAY_WAIT`]) until the node is connected to one of its relays, or every
+/// relay has refused it; warns if none took it.
+async fn wait_for_a_relay(node: &Node) {
+    let settled = |states: &[RelayState]| {
+        states.iter().any(|s| s.connected)
+            || (!states.is_empty() && states.iter().all(|s| s.denied.is_some()))
+    };
+    let states = tokio::time::timeout(RELAY_WAIT, node.wait_relays(settled))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| node.relay_states());
+    if !states.iter().any(|s| s.connected) {
+        warn!(
+            relays = ?states
+                .iter()
+                .map(|s| format!(
+                    "{}: {}",
+                    s.url,
+                    s.denied.as_deref().or(s.error.as_deref()).unwrap_or("not connected")
+                ))
+                .collect::<Vec<_>>(),
+            "the node is on no relay yet: peers that need one cannot reach it until it is"
+        );
     }
 }
 
