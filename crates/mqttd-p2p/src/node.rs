@@ -10,7 +10,7 @@ use iroh::endpoint::{self, presets, ConnectWithOptsError, ConnectingError, NetRe
 use iroh::tls::CaTlsConfig;
 use iroh::Watcher;
 use rustls::pki_types::CertificateDer;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use crate::addr::{NodeAddr, RelayUrl};
 use crate::key::{NodeId, NodeKey};
@@ -153,6 +153,103 @@ pub enum ConnectError {
 pub struct Node {
     endpoint: iroh::Endpoint,
     relays: Arc<[RelayUrl]>,
+    /// The home-relay watch ([`watch_home_relay`]), stopped when the last clone goes.
+    _watch: Option<Arc<AbortOnDrop>>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The first wait, after losing the home relay, for a new one; doubled (with jitter) while
+/// no relay takes the node, up to [`HOME_RETRY_MAX`]. A measurement waits up to 3 s for a
+/// relay that does not answer (iroh's probe timeout): give it that.
+const HOME_RETRY_MIN: Duration = Duration::from_secs(4);
+/// The longest wait between two searches for a home relay.
+const HOME_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Keeps a node with several relays at home on one that works.
+///
+/// iroh picks the home relay (the one peers reach the node through) from its periodic
+/// measurement of every relay, which runs every 20 to 26 s; when the home relay goes away it
+/// only redials it, so for up to that long nobody can reach the node through the others.
+/// This watch notices the loss at once (the relay connection breaks) and makes iroh measure
+/// again now, by re-inserting the lost relay's configuration (a changed relay map triggers a
+/// new measurement); iroh then moves home to the best relay that answered. While no relay
+/// takes the node it searches again with exponential backoff and jitter.
+async fn watch_home_relay(endpoint: iroh::Endpoint, relays: Arc<[RelayUrl]>) {
+    let lost = |states: &[endpoint::RelayStatus]| {
+        !states.is_empty() && states.iter().all(|s| !s.is_connected())
+    };
+    let mut status = endpoint.home_relay_status();
+    let mut retry = HOME_RETRY_MIN;
+    // Lost means lost after having had one: at the start the home relay is still being dialed.
+    let mut had_home = false;
+    loop {
+        let mut states = status.get();
+        while !(had_home && lost(&states)) {
+            if states.iter().any(|s| s.is_connected()) {
+                had_home = true;
+                retry = HOME_RETRY_MIN;
+            }
+            tokio::select! {
+                update = status.updated() => match update {
+                    Ok(update) => states = update,
+                    Err(_) => return,
+                },
+                _ = endpoint.closed() => return,
+            }
+        }
+        let gone: Vec<String> = states.iter().map(|s| s.url().to_string()).collect();
+        warn!(home = ?gone, relays = relays.len(), "home relay lost; measuring the relays again");
+        for state in &states {
+            if let Some(url) = relays.iter().find(|r| &r.0 == state.url()) {
+                let _ = endpoint
+                    .insert_relay(url.0.clone(), Arc::new(url.to_config()))
+                    .await;
+            }
+        }
+        let wait = jittered(retry);
+        retry = (retry * 2).min(HOME_RETRY_MAX);
+        let found = tokio::select! {
+            found = tokio::time::timeout(wait, async {
+                loop {
+                    match status.updated().await {
+                        Ok(states) if !lost(&states) => return Some(states),
+                        Ok(_) => {}
+                        Err(_) => return None,
+                    }
+                }
+            }) => found,
+            _ = endpoint.closed() => return,
+        };
+        match found {
+            Ok(Some(states)) => {
+                let home: Vec<String> = states
+                    .iter()
+                    .filter(|s| s.is_connected())
+                    .map(|s| s.url().to_string())
+                    .collect();
+                info!(?home, "home relay back");
+            }
+            Ok(None) => return,
+            Err(_) => debug!(?wait, "no relay took the node yet; searching again"),
+        }
+    }
+}
+
+/// `d` plus up to a quarter more, so that nodes that lost the same relay do not all search
+/// again at the same instant.
+fn jittered(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    d + d.mul_f64(f64::from(nanos % 1000) / 4000.0)
 }
 
 impl fmt::Debug for Node {
@@ -219,7 +316,18 @@ impl Node {
             source: Box::new(source),
         })?;
         debug!(node_id = %endpoint.id(), relays = relays.len(), "node bound");
-        Ok(Self { endpoint, relays })
+        // With one relay there is nowhere else to go: iroh redials it.
+        let watch = (relays.len() > 1).then(|| {
+            Arc::new(AbortOnDrop(tokio::spawn(watch_home_relay(
+                endpoint.clone(),
+                relays.clone(),
+            ))))
+        });
+        Ok(Self {
+            endpoint,
+            relays,
+            _watch: watch,
+        })
     }
 
     /// The node's id.
@@ -268,24 +376,24 @@ impl Node {
         Some(states)
     }
 
-    /// Connects to `to` for protocol `alpn`. With no relay and no direct address for the
-    /// peer, tries it through this node's relays.
+    /// Connects to `to` for protocol `alpn`, at its relay and direct addresses and through
+    /// every relay of this node: peers of one deployment share their relays, and the peer is
+    /// at home on one of them, which this node cannot know. iroh sends the first packets on
+    /// every path it knows and keeps the ones that answer, so a relay that is down or does
+    /// not know the peer costs nothing.
     pub async fn connect(
         &self,
         to: impl Into<NodeAddr>,
         alpn: &[u8],
     ) -> Result<Connection, ConnectError> {
         let to = to.into();
-        let mut addr = to.to_iroh();
+        let addr = to.to_iroh().with_addrs(
+            self.relays
+                .iter()
+                .map(|r| iroh::TransportAddr::Relay(r.0.clone())),
+        );
         if addr.is_empty() {
-            if self.relays.is_empty() {
-                return Err(ConnectError::NoAddress(to.id));
-            }
-            addr = addr.with_addrs(
-                self.relays
-                    .iter()
-                    .map(|r| iroh::TransportAddr::Relay(r.0.clone())),
-            );
+            return Err(ConnectError::NoAddress(to.id));
         }
         let connecting = self
             .endpoint

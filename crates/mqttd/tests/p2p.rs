@@ -519,7 +519,11 @@ fn p2p_ping_stopped_by_sigint_prints_the_summary_so_far() {
     let summary = rest.last().expect("a summary line");
     let fields: Vec<&str> = summary.split(' ').collect();
     assert_eq!(fields[0], "summary", "{rest:?}");
-    let received: u64 = fields[2].strip_prefix("received=").unwrap().parse().unwrap();
+    let received: u64 = fields[2]
+        .strip_prefix("received=")
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((2..1000).contains(&received), "{summary}");
     assert_eq!(fields[3], "direct=yes", "{summary}");
     assert!(child.wait().unwrap().success());
