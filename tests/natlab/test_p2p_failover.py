@@ -23,6 +23,8 @@ where it goes direct (port-restricted x port-restricted):
     the connection ends with its relay. The MQTT session does not: the subscriber
     reconnects (`-c`, the same client id) through the other relay and receives every QoS 1
     message published while it was away, nothing lost.
+
+The times go into the table `p2p-failover`, printed at the end of the run.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import time
 
 import pytest
 
-from natlab import RELAY_IP, RELAY_IP2, Nat, mqttd
+from natlab import RELAY_IP, RELAY_IP2, Nat, mqttd, report
 from test_p2p import lines_of, wait_line
 
 # The home-relay watch notices a lost relay at once; iroh's measurement then waits up to 3 s
@@ -146,8 +148,11 @@ def test_killing_the_relay_in_use(make_topology, mqttd_bin, tmp_path, a, b, dire
                              f"{context()}"
     assert new_after < NEW_CONNECTION_BOUND + 5, context()
     assert home_relay(topo, [survivor]) is survivor, context()
-    print(f"{a} x {b}: new connection answered {new_after * 1000:.0f} ms after the kill "
-          f"(first answer {new.first_ms} ms after its start), through {survivor.relay_url}")
+    report.row("p2p-failover", **{
+        "site a": str(a), "site b": str(b), "path": "direct" if direct else "relay",
+        "new connection answered after the kill (ms)": round(new_after * 1000),
+        "established session": "same connection" if direct else "resumed after reconnecting",
+    })
 
     if direct:
         # The same connection and the same subscriber keep working.
