@@ -152,9 +152,15 @@ mod tests {
         let p2p = P2p::new(&endpoint).unwrap();
         assert_eq!(p2p.peer.id, id);
         assert_eq!(p2p.direct(), ["127.0.0.1:7000".parse().unwrap()]);
+        // The relays are the client node's, which dials through every one of them.
+        assert!(p2p.peer.relay.is_none());
         assert_eq!(
-            p2p.peer.relay.as_ref().map(ToString::to_string).as_deref(),
-            Some("https://127.0.0.1:4433/")
+            p2p.config
+                .relays
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["https://127.0.0.1:4433/"]
         );
         assert!(p2p.node_id().is_none(), "bound on first use");
 
