@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from natlab import Nat, mqttd, report
+from natlab import mqttd, report
 from test_holepunch import CELLS, punch_works
 
 FIRST_MESSAGE_BOUND = 1.0  # s, from the issue: the lab adds no delay

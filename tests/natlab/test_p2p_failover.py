@@ -29,7 +29,7 @@ The times go into the table `p2p-failover`, printed at the end of the run.
 
 from __future__ import annotations
 
-import re
+import queue
 import subprocess
 import time
 
@@ -107,6 +107,20 @@ def receive(lines, expected: list[str], seen: list, what: str) -> None:
                   f"{what}: message {message}", seen)
 
 
+def drain(lines, timeout: float = 5.0) -> list[str]:
+    """The lines left in `lines` up to its end (its process has exited)."""
+    out, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        out.append(line)
+    return out
+
+
 @pytest.mark.parametrize(("a", "b", "direct"), CASES)
 def test_killing_the_relay_in_use(make_topology, mqttd_bin, tmp_path, a, b, direct):
     topo = make_topology(a, b)
@@ -170,8 +184,11 @@ def test_killing_the_relay_in_use(make_topology, mqttd_bin, tmp_path, a, b, dire
         during = publisher.send(3)
         sub.kill()
         sub.wait()
+        # Whatever the old connection still delivered (nothing, with iroh 1.4) is not resent.
+        old = drain(sub_out)
         sub, sub_out, _ = subscriber(topo, broker, relays, bundle)
-        receive(sub_out, during, seen, "queued while away, after reconnecting")
+        receive(sub_out, [m for m in during if m not in old], seen,
+                "queued while away, after reconnecting")
         receive(sub_out, publisher.send(3), seen, "after reconnecting")
     assert broker.alive() and survivor.alive(), context()
     sub.kill()
