@@ -11,7 +11,7 @@ use iroh::tls::CaTlsConfig;
 use iroh::Watcher;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::addr::{NodeAddr, RelayUrl};
 use crate::key::{NodeId, NodeKey};
@@ -161,19 +161,15 @@ pub struct Node {
     endpoint: iroh::Endpoint,
     relays: Arc<[RelayUrl]>,
     nat: Arc<NatWatch>,
+    /// The home-relay watch ([`watch_home_relay`]), stopped when the last clone goes.
+    _watch: Option<Arc<AbortOnDrop>>,
 }
 
 /// The NAT type as last classified, and the task that keeps it (stopped with the last clone
 /// of the node).
 struct NatWatch {
     current: watch::Receiver<NatType>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for NatWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: AbortOnDrop,
 }
 
 /// Classifies each net report of `endpoint` (bound at `bound`), keeps the type in `current`
@@ -198,6 +194,91 @@ async fn watch_nat(
         }
         if reports.updated().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The backoff between searches for a home relay while none takes the node: the first wait
+/// is 3 to 6 s (a measurement waits up to 3 s for a relay that does not answer: iroh's probe
+/// timeout), doubling up to 20 to 40 s.
+fn home_backoff() -> mqttd_proto::backoff::Backoff {
+    mqttd_proto::backoff::Backoff::new(Duration::from_secs(6), Duration::from_secs(40))
+}
+
+/// Keeps a node with several relays at home on one that works.
+///
+/// iroh picks the home relay (the one peers reach the node through) from its periodic
+/// measurement of every relay, which runs every 20 to 26 s; when the home relay goes away it
+/// only redials it, so for up to that long nobody can reach the node through the others.
+/// This watch notices the loss at once (the relay connection breaks) and makes iroh measure
+/// again now, by re-inserting the lost relay's configuration (a changed relay map triggers a
+/// new measurement); iroh then moves home to the best relay that answered. While no relay
+/// takes the node it searches again with exponential backoff and jitter.
+async fn watch_home_relay(endpoint: iroh::Endpoint, relays: Arc<[RelayUrl]>) {
+    let lost = |states: &[endpoint::RelayStatus]| {
+        !states.is_empty() && states.iter().all(|s| !s.is_connected())
+    };
+    let mut status = endpoint.home_relay_status();
+    let mut backoff = home_backoff();
+    // Lost means lost after having had one: at the start the home relay is still being dialed.
+    let mut had_home = false;
+    loop {
+        let mut states = status.get();
+        while !(had_home && lost(&states)) {
+            if states.iter().any(|s| s.is_connected()) {
+                had_home = true;
+                backoff.reset();
+            }
+            tokio::select! {
+                update = status.updated() => match update {
+                    Ok(update) => states = update,
+                    Err(_) => return,
+                },
+                _ = endpoint.closed() => return,
+            }
+        }
+        let gone: Vec<String> = states.iter().map(|s| s.url().to_string()).collect();
+        warn!(home = ?gone, relays = relays.len(), "home relay lost; measuring the relays again");
+        for state in &states {
+            if let Some(url) = relays.iter().find(|r| &r.0 == state.url()) {
+                let _ = endpoint
+                    .insert_relay(url.0.clone(), Arc::new(url.to_config()))
+                    .await;
+            }
+        }
+        let wait = backoff.next(crate::retry::unit());
+        let found = tokio::select! {
+            found = tokio::time::timeout(wait, async {
+                loop {
+                    match status.updated().await {
+                        Ok(states) if !lost(&states) => return Some(states),
+                        Ok(_) => {}
+                        Err(_) => return None,
+                    }
+                }
+            }) => found,
+            _ = endpoint.closed() => return,
+        };
+        match found {
+            Ok(Some(states)) => {
+                let home: Vec<String> = states
+                    .iter()
+                    .filter(|s| s.is_connected())
+                    .map(|s| s.url().to_string())
+                    .collect();
+                info!(?home, "home relay back");
+            }
+            Ok(None) => return,
+            Err(_) => debug!(?wait, "no relay took the node yet; searching again"),
         }
     }
 }
@@ -273,10 +354,21 @@ impl Node {
             NodeId(endpoint.id()),
             tx,
         ));
+        // With one relay there is nowhere else to go: iroh redials it.
+        let watch = (relays.len() > 1).then(|| {
+            Arc::new(AbortOnDrop(tokio::spawn(watch_home_relay(
+                endpoint.clone(),
+                relays.clone(),
+            ))))
+        });
         Ok(Self {
             endpoint,
             relays,
-            nat: Arc::new(NatWatch { current, task }),
+            nat: Arc::new(NatWatch {
+                current,
+                _task: AbortOnDrop(task),
+            }),
+            _watch: watch,
         })
     }
 

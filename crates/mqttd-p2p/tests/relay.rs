@@ -1,6 +1,8 @@
 //! Nodes and an in-process relay on loopback: connections through the relay only, a
 //! connection that starts relayed and goes direct, and the relay's allow-list; with two
-//! relays, the NAT type (none on loopback) and the relays' states; connect retries.
+//! relays, the NAT type (none on loopback) and the relays' states, a peer reached through the
+//! one it is at home on whichever the dialer names, and a node that moves home when its relay
+//! goes away; connect retries.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -309,5 +311,98 @@ async fn a_refused_attempt_is_tried_again() {
     drop(conn);
     for n in [a, b] {
         n.close().await;
+
+/// A node that names both relays, without direct paths.
+fn config_two(key: NodeKey, relays: [&RelayUrl; 2], certs: &Certs) -> NodeConfig {
+    let mut config = config(key, relays[0], certs, false);
+    config.relays = relays.iter().map(|r| (*r).clone()).collect();
+    config
+}
+
+/// The relay `node` is at home on, once it is connected to one.
+async fn home(node: &Node) -> RelayUrl {
+    let states = tokio::time::timeout(LIMIT, node.wait_relays(|s| s.iter().any(|s| s.connected)))
+        .await
+        .unwrap_or_else(|_| panic!("not online: {:?}", node.relay_states()))
+        .unwrap();
+    states.into_iter().find(|s| s.connected).unwrap().url
+}
+
+#[tokio::test]
+async fn with_two_relays_a_lost_home_relay_is_replaced_at_once() {
+    let certs = certs();
+    let (a, b, c) = (
+        NodeKey::generate(),
+        NodeKey::generate(),
+        NodeKey::generate(),
+    );
+    let allowed = [a.id(), b.id(), c.id()];
+    let mut servers = vec![relay(&certs, &allowed).await, relay(&certs, &allowed).await];
+    let urls = [servers[0].url(), servers[1].url()];
+    let a = Node::bind(config_two(a, [&urls[0], &urls[1]], &certs))
+        .await
+        .unwrap();
+    let first_home = home(&a).await;
+
+    // A peer dials through every relay it knows, so it reaches `a` whichever is its home, even
+    // when it names the other one first (and `a` only as an id).
+    let other_first = if first_home == urls[0] {
+        [&urls[1], &urls[0]]
+    } else {
+        [&urls[0], &urls[1]]
+    };
+    let b = Node::bind(config_two(b, other_first, &certs))
+        .await
+        .unwrap();
+    let accepted = echo(&a);
+    let conn = tokio::time::timeout(
+        LIMIT,
+        b.connect(
+            NodeAddr::new(a.id()).with_relay(other_first[0].clone()),
+            ALPN,
+        ),
+    )
+    .await
+    .expect("connected in time")
+    .expect("connected through the home relay");
+    round_trip(&conn, b"through the home relay").await;
+    accepted.await.unwrap();
+    b.close().await;
+
+    // The home relay goes away: `a` measures the relays again at once and moves home to the
+    // other, well before iroh's next periodic measurement (20 to 26 s after the last one).
+    let gone = servers.remove(usize::from(first_home != urls[0]));
+    gone.shutdown().await;
+    let other = if first_home == urls[0] {
+        &urls[1]
+    } else {
+        &urls[0]
+    };
+    let moved = tokio::time::timeout(
+        Duration::from_secs(15),
+        a.wait_relays(|s| s.iter().any(|s| s.connected && &s.url == other)),
+    )
+    .await;
+    assert!(moved.is_ok(), "still {:?}", a.relay_states());
+
+    // And a new peer reaches it through the relay that is left.
+    let c = Node::bind(config_two(c, [&urls[0], &urls[1]], &certs))
+        .await
+        .unwrap();
+    let accepted = echo(&a);
+    let conn = tokio::time::timeout(LIMIT, c.connect(a.id(), ALPN))
+        .await
+        .expect("connected in time")
+        .expect("connected through the other relay");
+    round_trip(&conn, b"through the other relay").await;
+    assert_eq!(
+        conn.selected_path().map(|p| p.kind),
+        Some(PathKind::Relayed(other.clone()))
+    );
+    accepted.await.unwrap();
+    c.close().await;
+    a.close().await;
+    for server in servers {
+        server.shutdown().await;
     }
 }

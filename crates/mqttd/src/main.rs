@@ -52,7 +52,7 @@ enum P2pCommand {
     /// path (direct or relay) and the round-trip time, then
     /// `summary sent=N received=M direct=yes|no first_ms=T direct_ms=T` (first_ms: from the
     /// start to the first answer; direct_ms: to the first direct path, or -). Exit status 0
-    /// if any ping was answered.
+    /// if any ping was answered. SIGINT or SIGTERM ends it early, with the summary.
     Ping(ping::PingArgs),
 }
 

@@ -3,7 +3,8 @@
 //! the `p2p://` listener with `mqttd pub`, `mqttd sub` and `mqttd bench` (`-L p2p://NODE_ID`):
 //! through the broker's relay alone and at a direct address alone, single- and multi-stream,
 //! the client's node id as its user name for the ACL, and `p2p.allow` refusing a stranger;
-//! `mqttd p2p ping` against the broker's node, through its relay and directly.
+//! `mqttd p2p ping` against the broker's node, through its relay and directly, and stopped
+//! early by SIGINT with its summary.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -487,6 +488,45 @@ fn p2p_ping_prints_each_ping_and_a_summary() {
         assert!(Instant::now() < deadline, "pings not counted");
         std::thread::sleep(Duration::from_millis(50));
     }
+    broker.stop();
+}
+
+#[test]
+fn p2p_ping_stopped_by_sigint_prints_the_summary_so_far() {
+    let broker = p2p_broker("");
+    let reach = Reach::direct(&broker);
+    let id = broker.node_id.clone().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args(["p2p", "ping", &id, "--count", "1000", "--interval", "0.05"])
+        .args(&reach.flags)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mqttd p2p ping");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Two answers, then Ctrl-C.
+    for _ in 0..2 {
+        let line = lines.next().expect("a ping line").unwrap();
+        assert!(line.contains("path=direct"), "{line}");
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let summary = rest.last().expect("a summary line");
+    let fields: Vec<&str> = summary.split(' ').collect();
+    assert_eq!(fields[0], "summary", "{rest:?}");
+    let received: u64 = fields[2]
+        .strip_prefix("received=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((2..1000).contains(&received), "{summary}");
+    assert_eq!(fields[3], "direct=yes", "{summary}");
+    assert!(child.wait().unwrap().success());
     broker.stop();
 }
 

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use mqttd_p2p::{
     Connection, ConnectionError, ConnectionStats, Incoming, NatType, Node, NodeConfig, NodeId,
-    NodeKey, PathKind, PathStats, RecvStream, RelayUrl, SendStream, StreamLimits, TraversalEvent,
-    PING_ALPN,
+    NodeKey, PathKind, PathStats, RecvStream, RelayState, RelayUrl, SendStream, StreamLimits,
+    TraversalEvent, PING_ALPN,
 };
 use noq::{Path, VarInt};
 use prometheus_client::metrics::gauge::Gauge;
@@ -64,6 +64,11 @@ const WRONG_PROTOCOL: u32 = 0x82;
 pub(crate) const TRAVERSAL_WINDOW: Duration = Duration::from_secs(15);
 /// How often the NAT type and the relays' states are copied into the metrics.
 const STATE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long the start waits for the node to be registered with one of its relays. A relay
+/// drops what peers send to a node it does not know yet, so a peer dialing through it as soon
+/// as the listener is announced would wait for QUIC to resend its first packets (about a
+/// second later); past this bound the broker starts anyway and the node keeps trying.
+const RELAY_WAIT: Duration = Duration::from_secs(5);
 
 /// A bound `p2p://` listener: the node, and who may connect.
 #[derive(Debug)]
@@ -142,6 +147,9 @@ impl P2pListener {
         };
         let relays = node.relays.clone();
         let node = Node::bind(node).await.map_err(io::Error::other)?;
+        if !relays.is_empty() {
+            wait_for_a_relay(&node).await;
+        }
         info!(
             listener = %listener.url,
             node_id = %node.id(),
@@ -248,6 +256,35 @@ async fn node_state(node: Node, inner: Arc<Inner>) {
                 relay.latency.map(|l| l.as_secs_f64()),
             );
         }
+    }
+}
+
+/// Waits (at most [`RELAY_WAIT`]) until the node is connected to one of its relays, or every
+/// relay has refused it; warns if none took it.
+async fn wait_for_a_relay(node: &Node) {
+    let settled = |states: &[RelayState]| {
+        // Relays the node is not at home on are listed too, never denied: only home ones count.
+        states.iter().any(|s| s.connected)
+            || (states.iter().any(|s| s.home)
+                && states.iter().filter(|s| s.home).all(|s| s.denied.is_some()))
+    };
+    let states = tokio::time::timeout(RELAY_WAIT, node.wait_relays(settled))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| node.relay_states());
+    if !states.iter().any(|s| s.connected) {
+        warn!(
+            relays = ?states
+                .iter()
+                .map(|s| format!(
+                    "{}: {}",
+                    s.url,
+                    s.denied.as_deref().or(s.error.as_deref()).unwrap_or("not connected")
+                ))
+                .collect::<Vec<_>>(),
+            "the node is on no relay yet: peers that need one cannot reach it until it is"
+        );
     }
 }
 

@@ -20,7 +20,7 @@ use super::{Endpoint, TransportError};
 
 /// The peer-to-peer side of a connector: the broker's address and the client node.
 pub(super) struct P2p {
-    /// The broker's node: its id, the first relay, its direct addresses.
+    /// The broker's node: its id and its direct addresses.
     peer: NodeAddr,
     /// How to bind the client node.
     config: NodeConfig,
@@ -47,11 +47,9 @@ impl P2p {
         if let Some(file) = &options.relay_cafile {
             config.relay_roots = load_roots(file)?;
         }
-        let mut peer = NodeAddr::new(id).with_direct(options.direct.iter().copied());
-        // Peers of one deployment share their relays: the broker's node is at home on one.
-        if let Some(relay) = relays.first() {
-            peer = peer.with_relay(relay.clone());
-        }
+        // The node dials through each of its relays too: peers of one deployment share their
+        // relays, and the broker's node is at home on one of them.
+        let peer = NodeAddr::new(id).with_direct(options.direct.iter().copied());
         config.relays = relays;
         Ok(Self {
             peer,
@@ -155,9 +153,15 @@ mod tests {
         let p2p = P2p::new(&endpoint).unwrap();
         assert_eq!(p2p.peer.id, id);
         assert_eq!(p2p.direct(), ["127.0.0.1:7000".parse().unwrap()]);
+        // The relays are the client node's, which dials through every one of them.
+        assert!(p2p.peer.relay.is_none());
         assert_eq!(
-            p2p.peer.relay.as_ref().map(ToString::to_string).as_deref(),
-            Some("https://127.0.0.1:4433/")
+            p2p.config
+                .relays
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["https://127.0.0.1:4433/"]
         );
         assert!(p2p.node_id().is_none(), "bound on first use");
 
