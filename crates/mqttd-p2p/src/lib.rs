@@ -64,7 +64,7 @@ mod ping;
 #[cfg(feature = "relay-server")]
 mod relay;
 
-pub use addr::{NodeAddr, ParseRelayUrlError, RelayUrl};
+pub use addr::{NodeAddr, ParseNodeAddrError, ParseRelayUrlError, RelayUrl};
 pub use key::{KeyError, NodeId, NodeKey, ParseNodeIdError, KEY_FILE};
 pub use node::{
     BindError, ConnectError, Connection, ConnectionError, ConnectionStats, Incoming, Node,
