@@ -72,7 +72,8 @@ use std::time::Duration;
 
 pub use access::{AccessControl, AccessError};
 pub use bridge::{
-    Bridge, BridgeConfigError, BridgeTransport, BridgeUrl, Direction, OpenStream, TopicRule,
+    Bridge, BridgeChanges, BridgeConfigError, BridgeTransport, BridgeUrl, Direction, OpenStream,
+    TopicRule,
 };
 pub use config::{
     Config, ConfigError, CongestionControl, Listener, ListenerKind, P2pConfig, QuicConfig,
@@ -191,10 +192,30 @@ impl BrokerBuilder {
         };
         let mut recovered = storage.recover()?;
         let inner = Arc::new(Inner::new(self.config, self.hooks, access, scram, storage));
+        #[allow(unused_mut)] // Without feature p2p.
+        let mut transports = self.bridge_transports;
+        // `p2p://` bridges over the broker's node, unless the program plugged its own in.
+        #[cfg(feature = "p2p")]
+        let p2p_bridges = match transports.contains_key(bridge::p2p::SCHEME) {
+            true => None,
+            false => {
+                let p2p = Arc::new(bridge::p2p::P2pBridges::new(&inner.config).map_err(
+                    |e| StartError::Bridge {
+                        bridge: "[p2p]".into(),
+                        reason: e.to_string(),
+                    },
+                )?);
+                transports.insert(bridge::p2p::SCHEME.into(), p2p.clone());
+                Some(p2p)
+            }
+        };
+        inner.bridges.set_transports(transports);
         // Before anything is served: a bridge that cannot run stops the broker.
         let mut bridges = Vec::with_capacity(inner.config.bridge.len());
         for b in &inner.config.bridge {
-            let plan = bridge::plan(b, &self.bridge_transports, inner.metrics.bridge(&b.name))
+            let plan = inner
+                .bridges
+                .plan(b, inner.metrics.bridge(&b.name))
                 .map_err(|reason| StartError::Bridge {
                     bridge: b.name.clone(),
                     reason,
@@ -224,6 +245,8 @@ impl BrokerBuilder {
         let mut own_relay = None;
         #[cfg(feature = "p2p")]
         let mut node = None;
+        #[cfg(feature = "p2p")]
+        let mut p2p_allow = None;
         for i in order {
             let listener = &listeners[i];
             let bind_error = |source| StartError::Bind {
@@ -244,6 +267,10 @@ impl BrokerBuilder {
                 own_relay.get_or_insert(addr);
             }
             #[cfg(feature = "p2p")]
+            if let Some(allow) = socket.p2p_allow() {
+                p2p_allow = Some(allow);
+            }
+            #[cfg(feature = "p2p")]
             if let Some(n) = socket.node() {
                 tracing::info!(listener = %listener.url, node_id = %n.id(), %addr, "listening");
                 node = Some(n);
@@ -259,8 +286,13 @@ impl BrokerBuilder {
         bound.sort_by_key(|(i, ..)| *i);
         let bound = bound.into_iter().map(|(_, l, a)| (l, a)).collect();
         inner.tasks.spawn(sys::run(inner.clone()));
+        // The bridges dial with the listener's node: one identity, one set of sockets.
+        #[cfg(feature = "p2p")]
+        if let (Some(p2p), Some(node)) = (&p2p_bridges, &node) {
+            p2p.use_node(node.clone());
+        }
         for plan in bridges {
-            inner.tasks.spawn(bridge::run(inner.clone(), plan));
+            inner.bridges.start(&inner, plan);
         }
         Ok(Broker {
             inner,
@@ -268,6 +300,8 @@ impl BrokerBuilder {
             tls,
             #[cfg(feature = "p2p")]
             node,
+            #[cfg(feature = "p2p")]
+            p2p_allow,
         })
     }
 }
@@ -322,6 +356,9 @@ pub struct Broker {
     /// The node of the `p2p://` listener, if there is one.
     #[cfg(feature = "p2p")]
     node: Option<mqttd_p2p::Node>,
+    /// Its allow-list (`p2p.allow`), which a reload replaces.
+    #[cfg(feature = "p2p")]
+    p2p_allow: Option<mqttd_p2p::AllowList>,
 }
 
 impl Broker {
@@ -380,6 +417,42 @@ impl Broker {
             Some(tls) => tls.reload(),
             None => Ok(()),
         }
+    }
+
+    /// Applies the bridges of a reloaded configuration (what SIGHUP does): a bridge no longer
+    /// configured stops (its session stays, with what is queued in it, for when it comes
+    /// back), a new one starts, and one whose settings changed starts again with the new ones;
+    /// the others, and every client connection, are untouched. Every new or changed bridge is
+    /// checked first: if one cannot run, nothing changes and the error names it.
+    pub fn reload_bridges(&self, bridges: &[Bridge]) -> Result<BridgeChanges, StartError> {
+        let mut names = std::collections::HashSet::new();
+        if let Some(twice) = bridges.iter().find(|b| !names.insert(&b.name)) {
+            return Err(StartError::Bridge {
+                bridge: twice.name.clone(),
+                reason: "two bridges have this name".into(),
+            });
+        }
+        self.inner
+            .bridges
+            .reload(&self.inner, bridges)
+            .map_err(|(bridge, reason)| StartError::Bridge { bridge, reason })
+    }
+
+    /// Applies the `[p2p]` settings a reload may change (what SIGHUP does): `allow`, for the
+    /// connections that come next (those up stay), and `use_node_id_as_username`, for the
+    /// CONNECTs that come next. On error (a node id that does not parse) nothing changes.
+    pub fn reload_p2p(&self, p2p: &P2pConfig) -> std::io::Result<()> {
+        #[cfg(feature = "p2p")]
+        {
+            let allowed = listener::p2p::allowed(p2p)?;
+            if let Some(allow) = &self.p2p_allow {
+                allow.set(allowed);
+            }
+        }
+        self.inner
+            .node_id_as_username
+            .store(p2p.use_node_id_as_username, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Waits until [`Broker::shutdown`] is called from elsewhere.

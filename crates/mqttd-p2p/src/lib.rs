@@ -57,6 +57,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod addr;
+mod allow;
 mod key;
 mod node;
 mod path;
@@ -64,6 +65,7 @@ mod ping;
 #[cfg(feature = "relay-server")]
 mod relay;
 
+pub use allow::{AllowList, REFUSED};
 pub use addr::{NodeAddr, ParseNodeAddrError, ParseRelayUrlError, RelayUrl};
 pub use key::{KeyError, NodeId, NodeKey, ParseNodeIdError, KEY_FILE};
 pub use node::{
