@@ -227,7 +227,7 @@ async fn the_node_id_is_the_user_name_the_acl_applies_to() {
     let other = format!("nodes/{}/status", NodeKey::generate().id());
     let client = client_node(key, None).await;
     // No user name or password in CONNECT: the node's key is the credential.
-    let (c, mut events, _conn) = single_stream(&client, to, "device").await;
+    let (c, mut events, _conn) = single_stream(&client, to.clone(), "device").await;
     let ack = c
         .subscribe_one(filter(&format!("{own}/#")), QoS::AtMostOnce)
         .await
@@ -247,6 +247,23 @@ async fn the_node_id_is_the_user_name_the_acl_applies_to() {
         .await
         .unwrap();
     assert_eq!(ack.reasons[0], ReasonCode::NotAuthorized);
+
+    // Reloaded off: the next CONNECT without credentials is anonymous, refused here; the
+    // connection that is up keeps its user name.
+    let mut p2p = mqttd_broker::P2pConfig::default();
+    p2p.use_node_id_as_username = false;
+    broker.reload_p2p(&p2p).unwrap();
+    let conn = dial(&client, to.clone()).await;
+    let (send, recv) = conn.open_bi().await.unwrap();
+    match connect(tokio::io::join(recv, send), common::quic::config("device-2"), None).await {
+        Err(mqttd_client::ConnectError::Refused(ack)) => assert!(ack.reason.is_error()),
+        Err(other) => panic!("expected a refusing CONNACK, got {other}"),
+        Ok(_) => panic!("an anonymous client was let in"),
+    }
+    assert_eq!(
+        publish_acked(&c, &mut events, &own, "mine still").await,
+        ReasonCode::Success
+    );
     client.close().await;
     broker.shutdown().await;
 }
