@@ -19,19 +19,8 @@ py_requirements=("paho-mqtt>=2,<3" "pytest>=8" "pytest-timeout>=2" "aioquic>=1.2
 
 log() { echo "interop: $*" >&2; }
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
-        log "need root for: $*"; return 1
-    fi
-}
-
-apt_install() {
-    # Try without refreshing the package lists first; refresh only if that fails.
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1 || {
-        as_root apt-get update -q >/dev/null
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
-    }
-}
+# shellcheck source=../../scripts/lib/pyenv.sh
+source "$root/scripts/lib/pyenv.sh"
 
 # --- Mosquitto clients ---------------------------------------------------------------------
 if ! command -v mosquitto_sub >/dev/null || ! command -v mosquitto_pub >/dev/null; then
@@ -45,41 +34,11 @@ if ! command -v mosquitto_passwd >/dev/null; then
 fi
 
 # --- Python packages -----------------------------------------------------------------------
-have_packages() {
-    "$1" - <<'EOF' 2>/dev/null
+find_python "$venv" '
 import paho.mqtt, pytest, pytest_timeout, aioquic
 assert int(paho.mqtt.__version__.split(".")[0]) >= 2
 assert (1, 2) <= tuple(int(x) for x in aioquic.__version__.split(".")[:2]) < (2, 0)
-EOF
-}
-
-python=""
-if [ -x "$venv/bin/python" ] && have_packages "$venv/bin/python"; then
-    python="$venv/bin/python"
-else
-    sys_python="$(command -v python3)"
-    if [ ! -x "$venv/bin/python" ]; then
-        rm -rf "$venv"
-        if ! "$sys_python" -m venv "$venv" >/dev/null 2>&1; then
-            # Debian's python3 needs python3-venv for ensurepip.
-            rm -rf "$venv"
-            log "installing python3-venv"
-            apt_install python3-venv || true
-            "$sys_python" -m venv "$venv" >/dev/null 2>&1 || rm -rf "$venv"
-        fi
-    fi
-    if [ -x "$venv/bin/python" ]; then
-        log "installing ${py_requirements[*]} into $venv"
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check "${py_requirements[@]}"
-        python="$venv/bin/python"
-    else
-        log "no virtualenv; installing ${py_requirements[*]} with pip --user"
-        "$sys_python" -m pip install -q --user "${py_requirements[@]}" 2>/dev/null ||
-            "$sys_python" -m pip install -q --user --break-system-packages "${py_requirements[@]}"
-        python="$sys_python"
-    fi
-    have_packages "$python" || { log "paho-mqtt >= 2, pytest, pytest-timeout or aioquic are still missing"; exit 1; }
-fi
+' "${py_requirements[@]}"
 
 # --- MQTT.js ---------------------------------------------------------------------------------
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then

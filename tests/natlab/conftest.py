@@ -9,6 +9,8 @@
   its counters and the full-cone map) and conntrack table first.
 * `observer(topo)`: starts the UDP observer on `topo`'s relay host (stopped with the
   topology).
+* `mqttd_bin` (session): the mqttd binary (`natlab.mqttd.binary()`: `$MQTTD_BIN`, else
+  target/debug/mqttd); skips the test when it is missing, or fails under `NATLAB_REQUIRED=1`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import subprocess
 
 import pytest
 
-from natlab import RELAY_IP, RELAY_IP2, Nat, Observer, Topology, cleanup_leftovers
+from natlab import RELAY_IP, RELAY_IP2, Nat, Observer, Topology, cleanup_leftovers, mqttd
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -87,6 +89,17 @@ def make_topology(request):
 def observer():
     """`observer(topo)` -> an `Observer` running on the topology's relay host."""
     return lambda topo: Observer(topo.relay, RELAY_IP, RELAY_IP2)
+
+
+@pytest.fixture(scope="session")
+def mqttd_bin():
+    """The mqttd binary the tests run (`natlab.mqttd.binary()`)."""
+    try:
+        return mqttd.binary()
+    except mqttd.MissingBinary as err:
+        if os.environ.get("NATLAB_REQUIRED") == "1":
+            pytest.fail(f"NATLAB_REQUIRED=1 but {err}", pytrace=False)
+        pytest.skip(str(err))
 
 
 # The lab's own tests first (they check what the others rely on), the rest in file order.

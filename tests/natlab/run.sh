@@ -18,13 +18,8 @@ py_requirements=("pytest>=8" "pytest-timeout>=2")
 
 log() { echo "natlab: $*" >&2; }
 
-apt_install() {
-    # Try without refreshing the package lists first; refresh only if that fails.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1 || {
-        apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
-    }
-}
+# shellcheck source=../../scripts/lib/pyenv.sh
+source "$root/scripts/lib/pyenv.sh"
 
 # --- ip and nft ------------------------------------------------------------------------------
 # Without root the suite skips itself (conftest.py says why), so only root installs them.
@@ -34,41 +29,12 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 
 # --- Python packages -----------------------------------------------------------------------
-have_packages() {
-    "$1" -c 'import pytest, pytest_timeout' 2>/dev/null
-}
-
 if [ -n "${NATLAB_PYTHON:-}" ]; then
     python="$NATLAB_PYTHON"
-    have_packages "$python" || { log "$python lacks pytest or pytest-timeout"; exit 1; }
-elif [ -x "$venv/bin/python" ] && have_packages "$venv/bin/python"; then
-    python="$venv/bin/python"
+    "$python" -c 'import pytest, pytest_timeout' 2>/dev/null ||
+        { log "$python lacks pytest or pytest-timeout"; exit 1; }
 else
-    sys_python="$(command -v python3)"
-    if [ ! -x "$venv/bin/python" ]; then
-        rm -rf "$venv"
-        mkdir -p "$(dirname "$venv")"
-        if ! "$sys_python" -m venv "$venv" >/dev/null 2>&1; then
-            # Debian's python3 needs python3-venv for ensurepip.
-            rm -rf "$venv"
-            if [ "$(id -u)" -eq 0 ]; then
-                log "installing python3-venv"
-                apt_install python3-venv || true
-            fi
-            "$sys_python" -m venv "$venv" >/dev/null 2>&1 || rm -rf "$venv"
-        fi
-    fi
-    if [ -x "$venv/bin/python" ]; then
-        log "installing ${py_requirements[*]} into $venv"
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check "${py_requirements[@]}"
-        python="$venv/bin/python"
-    else
-        log "no virtualenv; installing ${py_requirements[*]} with pip --user"
-        "$sys_python" -m pip install -q --user "${py_requirements[@]}" 2>/dev/null ||
-            "$sys_python" -m pip install -q --user --break-system-packages "${py_requirements[@]}"
-        python="$sys_python"
-    fi
-    have_packages "$python" || { log "pytest or pytest-timeout is still missing"; exit 1; }
+    find_python "$venv" 'import pytest, pytest_timeout' "${py_requirements[@]}"
 fi
 
 cd "$here"

@@ -5,8 +5,11 @@
 * `topology`: `Topology(a, b)`, the public segment with the relay and two sites; addresses.
 * `observer`: a UDP observer on the relay (a STUN server in miniature) and its client.
 * `probe`: classifying a router from outside, and a plain UDP hole punch between the sites.
+* `mqttd`: the real mqttd in a lab node: relays, brokers with a `p2p://` listener, client
+  commands (`pub`, `sub`, `p2p ping`) and what they print.
 """
 
+from . import mqttd
 from .nat import EXPECTED_BEHAVIOUR, Nat
 from .netns import Namespace, cleanup_leftovers
 from .observer import Observer
@@ -16,5 +19,5 @@ from .topology import RELAY_IP, RELAY_IP2, SITE_PLANS, Node, Site, Topology
 __all__ = [
     "EXPECTED_BEHAVIOUR", "Nat", "Namespace", "cleanup_leftovers", "Observer", "Behaviour",
     "PunchResult", "classify", "hole_punch", "RELAY_IP", "RELAY_IP2", "SITE_PLANS", "Node",
-    "Site", "Topology",
+    "Site", "Topology", "mqttd",
 ]
