@@ -225,8 +225,6 @@ impl BrokerBuilder {
         for message in std::mem::take(&mut recovered.retained) {
             inner.retained.set(message);
         }
-        inner.restore_sessions(recovered);
-        let admission = Arc::new(Admission::new(max_connections));
         if listeners
             .iter()
             .filter(|l| l.kind == ListenerKind::P2p)
@@ -238,6 +236,24 @@ impl BrokerBuilder {
                 reason: "one p2p:// listener at most: the broker has one node identity",
             }));
         }
+        inner.restore_sessions(recovered);
+        // Bridges before listeners: a message published as soon as the broker listens finds
+        // the bridges' local sessions subscribed (on the first start, when no stored session
+        // has the subscriptions yet). They dial their remote brokers from now on; `p2p://`
+        // ones wait for the listeners below.
+        let subscribed: Vec<_> = bridges
+            .into_iter()
+            .map(|plan| inner.bridges.start(&inner, plan))
+            .collect();
+        for subscribed in subscribed {
+            if tokio::time::timeout(BRIDGE_SUBSCRIBE_TIMEOUT, subscribed)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a bridge's local session is not subscribed yet; serving anyway");
+            }
+        }
+        let admission = Arc::new(Admission::new(max_connections));
         // Peer-to-peer listeners last, so that they can use the broker's own relay.
         let mut order: Vec<usize> = (0..listeners.len()).collect();
         order.sort_by_key(|&i| listeners[i].kind == ListenerKind::P2p);
@@ -249,9 +265,13 @@ impl BrokerBuilder {
         let mut p2p_allow = None;
         for i in order {
             let listener = &listeners[i];
-            let bind_error = |source| StartError::Bind {
-                url: listener.url.clone(),
-                source,
+            let bind_error = |source| {
+                // The bridges started stop with the broker that could not start.
+                inner.shutdown.cancel();
+                StartError::Bind {
+                    url: listener.url.clone(),
+                    source,
+                }
             };
             let socket = BoundListener::bind(
                 listener,
@@ -288,11 +308,8 @@ impl BrokerBuilder {
         inner.tasks.spawn(sys::run(inner.clone()));
         // The bridges dial with the listener's node: one identity, one set of sockets.
         #[cfg(feature = "p2p")]
-        if let (Some(p2p), Some(node)) = (&p2p_bridges, &node) {
-            p2p.use_node(node.clone());
-        }
-        for plan in bridges {
-            inner.bridges.start(&inner, plan);
+        if let Some(p2p) = &p2p_bridges {
+            p2p.listeners_bound(node.clone());
         }
         Ok(Broker {
             inner,
@@ -305,6 +322,10 @@ impl BrokerBuilder {
         })
     }
 }
+
+/// How long the start waits for a bridge's local session to be subscribed (it takes a round
+/// trip on an in-memory stream; the bound is for a broker whose storage is stuck).
+const BRIDGE_SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Directory in the data directory holding the store.
 const STORE_DIR: &str = "store";

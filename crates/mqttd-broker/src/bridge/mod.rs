@@ -216,13 +216,24 @@ impl Bridges {
         self.running.lock().keys().cloned().collect()
     }
 
-    /// Starts the bridge `plan` as a task of the broker.
-    pub(crate) fn start(&self, inner: &Arc<Inner>, plan: Plan) {
-        self.start_after(inner, plan, None);
+    /// Starts the bridge `plan` as a task of the broker. The receiver is told once its local
+    /// session is subscribed to the outgoing rules (dropped if that never happens).
+    pub(crate) fn start(
+        &self,
+        inner: &Arc<Inner>,
+        plan: Plan,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        self.start_after(inner, plan, None)
     }
 
     /// Starts `plan`, once `previous` (the bridge's run with its former settings) has ended.
-    fn start_after(&self, inner: &Arc<Inner>, mut plan: Plan, previous: Option<Handle>) {
+    fn start_after(
+        &self,
+        inner: &Arc<Inner>,
+        mut plan: Plan,
+        previous: Option<Handle>,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        let (ready, subscribed) = tokio::sync::oneshot::channel();
         plan.stop = inner.shutdown.child_token();
         let done = Arc::new(tokio::sync::Notify::new());
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -239,11 +250,12 @@ impl Bridges {
             if let Some(previous) = previous {
                 previous.stopped().await;
             }
-            run(inner2, plan).await;
+            run(inner2, plan, Some(ready)).await;
             ended.store(true, std::sync::atomic::Ordering::Release);
             done.notify_waiters();
         });
         self.running.lock().insert(name, handle);
+        subscribed
     }
 
     /// Applies `wanted`, the bridges of a reloaded configuration: bridges no longer in it
@@ -292,11 +304,11 @@ impl Bridges {
                 Some(previous) => {
                     previous.stop.cancel();
                     changes.restarted.push(name);
-                    self.start_after(inner, plan, Some(previous));
+                    drop(self.start_after(inner, plan, Some(previous)));
                 }
                 None => {
                     changes.added.push(name);
-                    self.start_after(inner, plan, None);
+                    drop(self.start_after(inner, plan, None));
                 }
             }
         }
@@ -324,8 +336,12 @@ const LOCAL_RETRY: Duration = Duration::from_secs(1);
 /// How long a DISCONNECT to the remote broker may take at shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Runs a bridge until the broker shuts down or a reload stops it.
-async fn run(inner: Arc<Inner>, plan: Plan) {
+/// Says that a bridge's local session is subscribed to its outgoing rules.
+type Ready = tokio::sync::oneshot::Sender<()>;
+
+/// Runs a bridge until the broker shuts down or a reload stops it. `ready` is told once the
+/// local session is subscribed to the outgoing rules.
+async fn run(inner: Arc<Inner>, plan: Plan, mut ready: Option<Ready>) {
     let span = tracing::info_span!("bridge", bridge = %plan.bridge.name);
     async move {
         loop {
@@ -335,7 +351,7 @@ async fn run(inner: Arc<Inner>, plan: Plan) {
             };
             match local {
                 Ok((client, events, ack)) => {
-                    match Running::new(&inner, &plan, client, events, &ack)
+                    match Running::new(&inner, &plan, client, events, &ack, ready.take())
                         .run()
                         .await
                     {
@@ -465,6 +481,7 @@ impl<'a> Running<'a> {
         local: Client,
         local_events: Events,
         ack: &ConnAck,
+        ready: Option<Ready>,
     ) -> Self {
         let limits = Limits::of(ack);
         let bridge = &plan.bridge;
@@ -487,13 +504,13 @@ impl<'a> Running<'a> {
             attempted: false,
             requests: JoinSet::new(),
         };
-        running.subscribe_local();
+        running.subscribe_local(ready);
         running
     }
 
     /// Subscribes the local session to the outgoing rules' local filters, and unsubscribes
-    /// it from filters an earlier configuration left in it.
-    fn subscribe_local(&mut self) {
+    /// it from filters an earlier configuration left in it; then tells `ready`.
+    fn subscribe_local(&mut self, ready: Option<Ready>) {
         let bridge = &self.plan.bridge;
         let mut wanted: Vec<(TopicFilter, QoS)> = Vec::new();
         for rule in bridge.topics.iter().filter(|r| r.direction().outgoing()) {
@@ -544,6 +561,9 @@ impl<'a> Running<'a> {
                             .subscribe(subscriptions.clone(), SubscribeProperties::default())
                             .await,
                     );
+                }
+                if let Some(ready) = ready {
+                    let _ = ready.send(());
                 }
             }
             .in_current_span(),

@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 
 use mqttd_p2p::{Connection, Node, NodeAddr, NodeConfig, NodeKey, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::OnceCell;
+use tokio::sync::{watch, OnceCell};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, Instrument};
 
@@ -33,8 +33,10 @@ pub(crate) const SCHEME: &str = "p2p";
 
 /// The `p2p://` bridge transport: one node for every bridge of the broker.
 pub(crate) struct P2pBridges {
-    /// The node, once known: the listener's, or the bridges' own, bound on first use.
-    node: OnceCell<Node>,
+    /// Once the listeners are bound: the `p2p://` listener's node, if there is one.
+    listener: watch::Sender<Option<Option<Node>>>,
+    /// The bridges' own node, bound on first use when there is no listener's.
+    own: OnceCell<Node>,
     /// How to bind the bridges' own node (its key is loaded then).
     config: NodeConfig,
     /// The key file.
@@ -43,8 +45,8 @@ pub(crate) struct P2pBridges {
 
 impl P2pBridges {
     /// The transport for `config`'s bridges. The relays and the relay CA file are read now,
-    /// so that a mistake stops the broker; the node is bound later ([`Self::use_node`] or
-    /// first use), with the key of `<data_dir>/node.key`.
+    /// so that a mistake stops the broker; the node is bound later
+    /// ([`Self::listeners_bound`] or first use), with the key of `<data_dir>/node.key`.
     pub(crate) fn new(config: &Config) -> io::Result<Self> {
         let p2p = &config.p2p;
         let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
@@ -74,19 +76,31 @@ impl P2pBridges {
             node.relay_roots = load_roots(file)?;
         }
         Ok(Self {
-            node: OnceCell::new(),
+            listener: watch::Sender::new(None),
+            own: OnceCell::new(),
             config: node,
             key_file: config.data_dir.join(mqttd_p2p::KEY_FILE),
         })
     }
 
-    /// Dials with `node`, the `p2p://` listener's.
-    pub(crate) fn use_node(&self, node: Node) {
-        let _ = self.node.set(node);
+    /// The listeners are bound: dial with `node`, the `p2p://` listener's, or without one
+    /// with a node of the bridges' own. Until then, dialing waits.
+    pub(crate) fn listeners_bound(&self, node: Option<Node>) {
+        self.listener.send_replace(Some(node));
     }
 
-    async fn node(&self) -> io::Result<&Node> {
-        self.node
+    async fn node(&self) -> io::Result<Node> {
+        let mut bound = self.listener.subscribe();
+        let listener = bound
+            .wait_for(Option::is_some)
+            .await
+            .map_err(io::Error::other)?
+            .clone()
+            .flatten();
+        if let Some(node) = listener {
+            return Ok(node);
+        }
+        self.own
             .get_or_try_init(|| async {
                 let mut config = self.config.clone();
                 config.key = NodeKey::load_or_create(&self.key_file).map_err(io::Error::other)?;
@@ -102,6 +116,7 @@ impl P2pBridges {
                 Ok(node)
             })
             .await
+            .cloned()
     }
 }
 
