@@ -392,6 +392,28 @@ async fn messages_queued_for_the_remote_broker_survive_a_kill_9_of_the_local_one
 }
 
 #[tokio::test]
+async fn a_message_published_as_soon_as_the_broker_listens_is_bridged() {
+    let remote = Broker::start("");
+    let (_r, mut r_sub) = subscriber(remote.mqtt, "r-sub", "remote/first/#").await;
+    let url = quoted(&format!("mqtt://127.0.0.1:{}", remote.mqtt.port()));
+    // A first start: no stored session holds the bridge's subscriptions yet.
+    let local = Broker::start(&bridge_toml(
+        "first",
+        &url,
+        &["first/# out 1 local/ remote/"],
+        "",
+    ));
+    let mut l_pub = client(local.mqtt, "l-pub").await;
+    publish(&mut l_pub, "local/first/0", "at once").await;
+    assert_eq!(
+        next_message(&mut r_sub).await,
+        ("remote/first/0".to_owned(), "at once".to_owned())
+    );
+    local.stop();
+    remote.stop();
+}
+
+#[tokio::test]
 async fn a_bad_topic_rule_stops_the_broker_naming_the_bridge_and_the_rule() {
     let mut broker = Broker::configured(
         &bridge_toml("cloud", "\"mqtt://127.0.0.1:1\"", &["a/# sideways 1"], ""),
