@@ -199,12 +199,12 @@ impl BrokerBuilder {
         let p2p_bridges = match transports.contains_key(bridge::p2p::SCHEME) {
             true => None,
             false => {
-                let p2p = Arc::new(bridge::p2p::P2pBridges::new(&inner.config).map_err(
-                    |e| StartError::Bridge {
+                let p2p = Arc::new(bridge::p2p::P2pBridges::new(&inner.config).map_err(|e| {
+                    StartError::Bridge {
                         bridge: "[p2p]".into(),
                         reason: e.to_string(),
-                    },
-                )?);
+                    }
+                })?);
                 transports.insert(bridge::p2p::SCHEME.into(), p2p.clone());
                 Some(p2p)
             }
@@ -470,9 +470,10 @@ impl Broker {
                 allow.set(allowed);
             }
         }
-        self.inner
-            .node_id_as_username
-            .store(p2p.use_node_id_as_username, std::sync::atomic::Ordering::Relaxed);
+        self.inner.node_id_as_username.store(
+            p2p.use_node_id_as_username,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(())
     }
 

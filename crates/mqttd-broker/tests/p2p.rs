@@ -255,7 +255,13 @@ async fn the_node_id_is_the_user_name_the_acl_applies_to() {
     broker.reload_p2p(&p2p).unwrap();
     let conn = dial(&client, to.clone()).await;
     let (send, recv) = conn.open_bi().await.unwrap();
-    match connect(tokio::io::join(recv, send), common::quic::config("device-2"), None).await {
+    match connect(
+        tokio::io::join(recv, send),
+        common::quic::config("device-2"),
+        None,
+    )
+    .await
+    {
         Err(mqttd_client::ConnectError::Refused(ack)) => assert!(ack.reason.is_error()),
         Err(other) => panic!("expected a refusing CONNACK, got {other}"),
         Ok(_) => panic!("an anonymous client was let in"),

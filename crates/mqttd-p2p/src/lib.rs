@@ -65,8 +65,8 @@ mod ping;
 #[cfg(feature = "relay-server")]
 mod relay;
 
-pub use allow::{AllowList, REFUSED};
 pub use addr::{NodeAddr, ParseNodeAddrError, ParseRelayUrlError, RelayUrl};
+pub use allow::{AllowList, REFUSED};
 pub use key::{KeyError, NodeId, NodeKey, ParseNodeIdError, KEY_FILE};
 pub use node::{
     BindError, ConnectError, Connection, ConnectionError, ConnectionStats, Incoming, Node,

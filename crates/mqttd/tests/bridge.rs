@@ -512,7 +512,10 @@ async fn two_brokers_bridged_over_p2p_carry_qos_1_both_ways_across_a_restart_of_
     wait_up(&local, "p", 1.0).await;
     carries_both_ways(local.mqtt, remote.mqtt).await;
     let direct = "mqttd_p2p_connections_total{path=\"direct\"}";
-    assert!(remote.metrics().get(direct) >= 1.0, "the bridge came over p2p");
+    assert!(
+        remote.metrics().get(direct) >= 1.0,
+        "the bridge came over p2p"
+    );
 
     // Subscribers whose sessions outlive their connections, on either side.
     let (_l, mut l_sub) = keeping_subscriber(local.mqtt, "l-keep", "local/cmd/#").await;
@@ -523,7 +526,12 @@ async fn two_brokers_bridged_over_p2p_carry_qos_1_both_ways_across_a_restart_of_
     // Out: acknowledged by the local broker while the remote one is down.
     let mut l_pub = client(local.mqtt, "l-pub-2").await;
     for i in 0..20 {
-        publish(&mut l_pub, &format!("local/sensors/d{i}"), &format!("down-{i}")).await;
+        publish(
+            &mut l_pub,
+            &format!("local/sensors/d{i}"),
+            &format!("down-{i}"),
+        )
+        .await;
     }
     remote.restart();
     // In: acknowledged by the remote broker before the bridge is back.

@@ -104,9 +104,7 @@ impl P2pBridges {
             .get_or_try_init(|| async {
                 let mut config = self.config.clone();
                 config.key = NodeKey::load_or_create(&self.key_file).map_err(io::Error::other)?;
-                let node = Node::bind(config)
-                    .await
-                    .map_err(io::Error::other)?;
+                let node = Node::bind(config).await.map_err(io::Error::other)?;
                 info!(
                     node_id = %node.id(),
                     bound = ?node.bound_addrs(),
@@ -141,15 +139,15 @@ impl BridgeTransport for P2pBridges {
             let (send, recv) = conn.open_bi().await.map_err(io::Error::other)?;
             let path = conn.selected_path().map(|p| p.kind.to_string());
             info!(node_id = %conn.remote_id(), path, "bridge peer-to-peer connection open");
-            let watch = AbortOnDropHandle::new(tokio::spawn(
-                log_paths(conn.clone()).in_current_span(),
-            ));
+            let watch =
+                AbortOnDropHandle::new(tokio::spawn(log_paths(conn.clone()).in_current_span()));
             Ok(Box::new(P2pStream {
                 send,
                 recv,
                 _conn: conn,
                 _watch: watch,
-            }) as Box<dyn mqttd_client::transport::ByteStream>)
+            })
+                as Box<dyn mqttd_client::transport::ByteStream>)
         })
     }
 }

@@ -69,9 +69,8 @@ pub(crate) fn allowed(config: &crate::config::P2pConfig) -> io::Result<Option<Ha
         .allow
         .iter()
         .map(|id| {
-            id.parse::<NodeId>().map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("p2p.allow: {e}"))
-            })
+            id.parse::<NodeId>()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("p2p.allow: {e}")))
         })
         .collect::<io::Result<HashSet<_>>>()
         .map(Some)
