@@ -263,7 +263,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 println!("mqttd relay url {}", relay_url(*addr, &hostnames));
             }
         }
-        signals.wait(&broker, &args).await;
+        signals.wait(&broker, args).await;
         info!("shutting down");
         broker.shutdown().await;
         info!("stopped");
