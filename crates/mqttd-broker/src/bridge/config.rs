@@ -855,4 +855,22 @@ mod tests {
         assert!("://h".parse::<BridgeUrl>().is_err());
         assert!("1ab://h".parse::<BridgeUrl>().is_err());
     }
+
+    #[test]
+    fn a_bridge_written_the_same_way_has_the_same_fingerprint() {
+        let read = |extra: &str| {
+            let text = format!(
+                "[[bridge]]\nname = \"b\"\nurls = [\"mqtt://h:1\"]\ntopics = [\"a/#\"]\n{extra}"
+            );
+            bridge(&text).unwrap()
+        };
+        assert_eq!(read("").fingerprint(), read("").fingerprint());
+        let base = read("password = \"one\"").fingerprint();
+        assert_ne!(base, read("password = \"two\"").fingerprint());
+        assert_ne!(base, read("").fingerprint());
+        assert_ne!(
+            read("").fingerprint(),
+            read("max_inflight = 3").fingerprint()
+        );
+    }
 }

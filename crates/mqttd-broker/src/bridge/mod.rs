@@ -176,9 +176,8 @@ pub(crate) struct Bridges {
 struct Handle {
     bridge: Arc<Bridge>,
     stop: CancellationToken,
-    /// Ends when the bridge's task has.
-    done: Arc<tokio::sync::Notify>,
-    ended: Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled when the bridge's task has ended.
+    done: CancellationToken,
 }
 
 /// What a reload did to the bridges, by name.
@@ -235,24 +234,21 @@ impl Bridges {
     ) -> tokio::sync::oneshot::Receiver<()> {
         let (ready, subscribed) = tokio::sync::oneshot::channel();
         plan.stop = inner.shutdown.child_token();
-        let done = Arc::new(tokio::sync::Notify::new());
-        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = CancellationToken::new();
         let handle = Handle {
             bridge: plan.bridge.clone(),
             stop: plan.stop.clone(),
             done: done.clone(),
-            ended: ended.clone(),
         };
         let name = plan.bridge.name.clone();
         let inner2 = inner.clone();
         inner.tasks.spawn(async move {
             // A restarted bridge waits until its previous run let its session go.
             if let Some(previous) = previous {
-                previous.stopped().await;
+                previous.done.cancelled().await;
             }
+            let _done = done.drop_guard();
             run(inner2, plan, Some(ready)).await;
-            ended.store(true, std::sync::atomic::Ordering::Release);
-            done.notify_waiters();
         });
         self.running.lock().insert(name, handle);
         subscribed
@@ -313,19 +309,6 @@ impl Bridges {
             }
         }
         Ok(changes)
-    }
-}
-
-impl Handle {
-    /// Waits until the bridge's task has ended.
-    async fn stopped(&self) {
-        loop {
-            let notified = self.done.notified();
-            if self.ended.load(std::sync::atomic::Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
     }
 }
 
