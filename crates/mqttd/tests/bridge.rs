@@ -3,7 +3,8 @@
 //! MQTT 3.1.1 with the bridge flag), QoS 1 messages published while the remote broker is down
 //! delivered once it is back, messages queued for the remote broker kept across a kill -9 of
 //! the local one, bridges over peer-to-peer links (`p2p://NODE_ID?addr=...`, both ways, across
-//! a restart of the remote broker), SIGHUP adding, stopping and restarting bridges without
+//! a restart of the remote broker; from a node of the bridges' own or the p2p listener's, with
+//! the broker's identity, which the remote broker's `p2p.allow` names), SIGHUP adding, stopping and restarting bridges without
 //! touching clients, and Mosquitto at either end (Debian's `mosquitto`; skipped without it).
 //!
 //! Every broker listens on ports found by binding port 0; a remote broker that must come back
@@ -508,9 +509,14 @@ async fn two_brokers_bridged_over_p2p_carry_qos_1_both_ways_across_a_restart_of_
         bridge_toml("p", &urls, PREFIXED, ""),
     )
     .unwrap();
+    local.log_json("warn,mqttd_broker::bridge=info");
     local.restart();
     wait_up(&local, "p", 1.0).await;
     carries_both_ways(local.mqtt, remote.mqtt).await;
+    // Without a p2p listener, a node of the bridges' own, with the broker's key.
+    let log = local.log_text();
+    assert!(log.contains("node for bridges bound"), "{log}");
+    assert!(log.contains(&local_id), "{log}");
     let direct = "mqttd_p2p_connections_total{path=\"direct\"}";
     assert!(
         remote.metrics().get(direct) >= 1.0,
@@ -546,6 +552,36 @@ async fn two_brokers_bridged_over_p2p_carry_qos_1_both_ways_across_a_restart_of_
     let in_ = distinct_payloads(&mut l_sub, 20).await;
     assert_eq!(in_, (0..20).map(|i| format!("up-{i}")).collect());
     assert!(remote.metrics().get(direct) >= 1.0);
+    local.stop();
+    remote.stop();
+}
+
+#[tokio::test]
+async fn a_broker_with_a_p2p_listener_bridges_with_the_listeners_node() {
+    let mut local = Broker::configured("", &["p2p://127.0.0.1:0"]);
+    let local_id = node_id(&local.data_dir());
+    let remote = Broker::start_with(
+        &format!("[p2p]\nallow = ['{local_id}']\n"),
+        &["p2p://127.0.0.1:0"],
+    );
+    let url = format!(
+        "p2p://{}?addr={}",
+        remote.node_id.as_ref().unwrap(),
+        remote.node_direct[0]
+    );
+    std::fs::write(
+        local.root().join("mqttd.toml"),
+        bridge_toml("p", &quoted(&url), PREFIXED, ""),
+    )
+    .unwrap();
+    local.log_json("warn,mqttd_broker::bridge=info");
+    local.restart();
+    assert_eq!(local.node_id.as_deref(), Some(local_id.as_str()));
+    wait_up(&local, "p", 1.0).await;
+    carries_both_ways(local.mqtt, remote.mqtt).await;
+    let log = local.log_text();
+    assert!(log.contains("bridge peer-to-peer connection open"), "{log}");
+    assert!(!log.contains("node for bridges bound"), "{log}");
     local.stop();
     remote.stop();
 }
