@@ -587,6 +587,26 @@ async fn a_broker_with_a_p2p_listener_bridges_with_the_listeners_node() {
 }
 
 #[tokio::test]
+async fn a_p2p_url_nobody_answers_falls_back_to_the_next_url() {
+    let remote = Broker::start("");
+    // A node id nobody runs, at an address where nothing listens: the attempt times out.
+    let nobody = node_id(tempfile::tempdir().unwrap().path());
+    let urls = format!(
+        "{}, {}",
+        quoted(&format!(
+            "p2p://{nobody}?addr=127.0.0.1:{}",
+            free_udp_port()
+        )),
+        quoted(&format!("mqtt://127.0.0.1:{}", remote.mqtt.port()))
+    );
+    let local = Broker::start(&bridge_toml("f", &urls, PREFIXED, "connect_timeout = 1"));
+    wait_up(&local, "f", 1.0).await;
+    carries_both_ways(local.mqtt, remote.mqtt).await;
+    local.stop();
+    remote.stop();
+}
+
+#[tokio::test]
 async fn a_p2p_bridge_url_that_names_no_node_stops_the_broker() {
     let mut broker = Broker::configured(
         &bridge_toml("peer", "\"p2p://nobody?addr=127.0.0.1:1\"", &["a/#"], ""),
