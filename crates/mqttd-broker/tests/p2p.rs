@@ -293,7 +293,7 @@ async fn the_node_id_is_the_user_name_the_acl_applies_to() {
     let other = format!("nodes/{}/status", NodeKey::generate().id());
     let client = client_node(key, None).await;
     // No user name or password in CONNECT: the node's key is the credential.
-    let (c, mut events, _conn) = single_stream(&client, to, "device").await;
+    let (c, mut events, _conn) = single_stream(&client, to.clone(), "device").await;
     let ack = c
         .subscribe_one(filter(&format!("{own}/#")), QoS::AtMostOnce)
         .await
@@ -313,6 +313,29 @@ async fn the_node_id_is_the_user_name_the_acl_applies_to() {
         .await
         .unwrap();
     assert_eq!(ack.reasons[0], ReasonCode::NotAuthorized);
+
+    // Reloaded off: the next CONNECT without credentials is anonymous, refused here; the
+    // connection that is up keeps its user name.
+    let mut p2p = mqttd_broker::P2pConfig::default();
+    p2p.use_node_id_as_username = false;
+    broker.reload_p2p(&p2p).unwrap();
+    let conn = dial(&client, to.clone()).await;
+    let (send, recv) = conn.open_bi().await.unwrap();
+    match connect(
+        tokio::io::join(recv, send),
+        common::quic::config("device-2"),
+        None,
+    )
+    .await
+    {
+        Err(mqttd_client::ConnectError::Refused(ack)) => assert!(ack.reason.is_error()),
+        Err(other) => panic!("expected a refusing CONNACK, got {other}"),
+        Ok(_) => panic!("an anonymous client was let in"),
+    }
+    assert_eq!(
+        publish_acked(&c, &mut events, &own, "mine still").await,
+        ReasonCode::Success
+    );
     client.close().await;
     broker.shutdown().await;
 }
@@ -348,12 +371,44 @@ async fn a_node_not_in_the_allow_list_is_refused() {
         ),
         1
     );
+    // Refused by the node's endpoint: the listener never took the connection, so no MQTT
+    // byte of the CONNECT was read.
+    for path in ["direct", "relayed"] {
+        let key = format!("mqttd_p2p_connections_total{{path=\"{path}\"}}");
+        assert_eq!(metric(&broker, &key), 0, "{key}");
+    }
 
-    let friend = client_node(allowed, None).await;
-    let (c, mut events, _conn) = single_stream(&friend, to, "friend").await;
+    let friend = client_node(allowed.clone(), None).await;
+    let (c, mut events, _conn) = single_stream(&friend, to.clone(), "friend").await;
     let reason = publish_acked(&c, &mut events, "t", "hello").await;
     assert!(!reason.is_error(), "{reason}");
     assert_eq!(metric(&broker, "mqttd_p2p_refused_total"), 1);
+
+    // A reload lets the stranger in; the friend's connection stays up through it.
+    let mut p2p = mqttd_broker::P2pConfig::default();
+    p2p.allow = vec![allowed.id().to_string(), stranger.id().to_string()];
+    broker.reload_p2p(&p2p).unwrap();
+    let (s, mut s_events, _s_conn) = single_stream(&stranger, to.clone(), "stranger").await;
+    let reason = publish_acked(&s, &mut s_events, "t", "let in").await;
+    assert!(!reason.is_error(), "{reason}");
+    let reason = publish_acked(&c, &mut events, "t", "still here").await;
+    assert!(!reason.is_error(), "{reason}");
+    // A node id that does not parse changes nothing.
+    p2p.allow = vec!["not-a-node".into()];
+    assert!(broker.reload_p2p(&p2p).is_err());
+    // And a reload that drops the friend refuses its next connection, not the one it has.
+    p2p.allow = vec![stranger.id().to_string()];
+    broker.reload_p2p(&p2p).unwrap();
+    let again = dial(&friend, to).await;
+    match timeout(WAIT, again.closed()).await.expect("closed in time") {
+        ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(u64::from(close.error_code), 0x87)
+        }
+        other => panic!("expected the broker's close, got {other:?}"),
+    }
+    let reason = publish_acked(&c, &mut events, "t", "up still").await;
+    assert!(!reason.is_error(), "{reason}");
+    assert_eq!(metric(&broker, "mqttd_p2p_refused_total"), 2);
     for n in [stranger, friend] {
         n.close().await;
     }

@@ -57,6 +57,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod addr;
+mod allow;
 mod key;
 pub mod nat;
 mod node;
@@ -67,7 +68,8 @@ mod relay;
 mod retry;
 pub mod traversal;
 
-pub use addr::{NodeAddr, ParseRelayUrlError, RelayUrl};
+pub use addr::{NodeAddr, ParseNodeAddrError, ParseRelayUrlError, RelayUrl};
+pub use allow::{AllowList, REFUSED};
 pub use key::{KeyError, NodeId, NodeKey, ParseNodeIdError, KEY_FILE};
 pub use nat::NatType;
 pub use node::{

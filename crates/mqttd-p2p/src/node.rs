@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::addr::{NodeAddr, RelayUrl};
+use crate::allow::{AllowHook, AllowList};
 use crate::key::{NodeId, NodeKey};
 use crate::nat::{classify, local_addrs, MappingReport, NatType};
 use crate::path::{current_paths, PathEvents, PathInfo, PathKind};
@@ -50,6 +51,9 @@ pub struct NodeConfig {
     /// Limits on the streams peers open and on what they may send ahead of the reader; iroh's
     /// defaults when `None`.
     pub streams: Option<StreamLimits>,
+    /// The peers that may connect to this node; any when `None`. Others' connections are
+    /// closed by the endpoint as their handshake completes (see [`AllowList`]).
+    pub allow: Option<AllowList>,
 }
 
 /// What a peer may open on a connection and send ahead of the reader (QUIC flow control).
@@ -103,6 +107,7 @@ impl NodeConfig {
             alpns: Vec::new(),
             direct_paths: true,
             streams: None,
+            allow: None,
         }
     }
 }
@@ -146,6 +151,10 @@ pub enum ConnectError {
     /// No connection within the deadline of [`Node::connect_with_retry`].
     #[error("no connection within {0:?}")]
     Timeout(Duration),
+    /// The peer completed its handshake but is not on this node's [`AllowList`]: its
+    /// connection was closed with [`crate::REFUSED`] (the node logs its id).
+    #[error("the node is not on the allow-list")]
+    Refused,
     /// The QUIC handshake failed: the peer is unreachable, refused the ALPN, or is not the
     /// node it should be.
     #[error("handshake failed: {source}")]
@@ -329,6 +338,9 @@ impl Node {
             .portmapper_config(endpoint::PortmapperConfig::Disabled);
         if let Some(limits) = config.streams {
             builder = builder.transport_config(limits.to_iroh());
+        }
+        if let Some(allow) = config.allow {
+            builder = builder.hooks(AllowHook(allow));
         }
         if !config.direct_paths {
             builder = builder.clear_ip_transports();
@@ -630,9 +642,13 @@ impl Incoming {
         }
     }
 
-    /// Runs the handshake and returns the connection.
+    /// Runs the handshake and returns the connection; [`ConnectError::Refused`] for a peer
+    /// the node's [`AllowList`] does not name.
     pub async fn accept(self) -> Result<Connection, ConnectError> {
-        let conn = self.inner.await.map_err(connecting_error)?;
+        let conn = self.inner.await.map_err(|e| match e {
+            ConnectingError::LocallyRejected { .. } => ConnectError::Refused,
+            e => connecting_error(e),
+        })?;
         Ok(Connection { inner: conn })
     }
 

@@ -311,6 +311,8 @@ async fn a_refused_attempt_is_tried_again() {
     drop(conn);
     for n in [a, b] {
         n.close().await;
+    }
+}
 
 /// A node that names both relays, without direct paths.
 fn config_two(key: NodeKey, relays: [&RelayUrl; 2], certs: &Certs) -> NodeConfig {

@@ -2,9 +2,9 @@
 //! id after), a `relay://` listener announcing its URL and stopping on SIGTERM, and MQTT over
 //! the `p2p://` listener with `mqttd pub`, `mqttd sub` and `mqttd bench` (`-L p2p://NODE_ID`):
 //! through the broker's relay alone and at a direct address alone, single- and multi-stream,
-//! the client's node id as its user name for the ACL, and `p2p.allow` refusing a stranger;
-//! `mqttd p2p ping` against the broker's node, through its relay and directly, and stopped
-//! early by SIGINT with its summary.
+//! the client's node id as its user name for the ACL, and `p2p.allow` refusing a stranger
+//! (and letting it in once SIGHUP reloaded a list that names it); `mqttd p2p ping` against the
+//! broker's node, through its relay and directly, and stopped early by SIGINT with its summary.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -355,6 +355,44 @@ fn a_node_the_allow_list_does_not_name_is_refused() {
     );
     ok(&out, "the allowed node");
     assert_eq!(broker.metrics().get("mqttd_p2p_refused_total"), 1.0);
+    broker.stop();
+}
+
+#[test]
+fn sighup_reloads_the_allow_list() {
+    let keys = tempfile::tempdir().unwrap();
+    let (a, b) = (keys.path().join("a"), keys.path().join("b"));
+    let (id_a, id_b) = (mqttd_id(&a), mqttd_id(&b));
+    let (id_a, id_b) = (id_a.trim(), id_b.trim());
+    let broker = p2p_broker(&format!("[p2p]\nallow = ['{id_a}']\n"));
+    let reach = Reach::direct(&broker);
+    let as_b = |m: &str| {
+        let key = b.join("node.key");
+        reach.run(
+            "pub",
+            "t",
+            &["-m", m, "-q", "1", "--key-file", key.to_str().unwrap()],
+        )
+    };
+    assert_eq!(as_b("refused").status.code(), Some(5));
+    std::fs::write(
+        broker.root().join("mqttd.toml"),
+        format!("[relay]\nallow_any = true\n[p2p]\nallow = ['{id_a}', '{id_b}']\n"),
+    )
+    .unwrap();
+    broker.hangup();
+    // The reload happens when the broker reads the signal: until then b is refused.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = as_b("let in");
+        if out.status.success() {
+            break;
+        }
+        assert_eq!(out.status.code(), Some(5), "{out:?}");
+        assert!(Instant::now() < deadline, "b still refused after SIGHUP");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(broker.metrics().get("mqttd_p2p_refused_total") >= 1.0);
     broker.stop();
 }
 

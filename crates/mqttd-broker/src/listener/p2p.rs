@@ -11,8 +11,11 @@
 //! Admission: the broker's connection limit applies to every attempt, the per-address rate
 //! limit to those that come straight from an address (through a relay the address is the
 //! relay's business). The handshake must end within `connect_timeout`, which CONNECT shares.
-//! A node not in `p2p.allow` (when it lists any) is refused after the handshake, when its id
-//! is known: the connection is closed with the QUIC application error 0x87, not authorized.
+//! A node not in `p2p.allow` (when it lists any) is refused by the node's endpoint as its
+//! handshake completes, the first moment its id is proved (mqttd-p2p's `AllowList` says why
+//! not sooner): the connection is closed with the QUIC application error 0x87, not
+//! authorized, before the listener sees it, so not one MQTT byte is read from it or sent to
+//! it. A reload (SIGHUP) replaces the list for the connections that come next.
 //!
 //! Diagnostics: each admitted attempt counts in `mqttd_p2p_traversal_attempts_total` under the
 //! node's NAT type, and its outcome in `mqttd_p2p_traversals_total` (a direct path within
@@ -29,9 +32,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqttd_p2p::{
-    Connection, ConnectionError, ConnectionStats, Incoming, NatType, Node, NodeConfig, NodeId,
-    NodeKey, PathKind, PathStats, RecvStream, RelayState, RelayUrl, SendStream, StreamLimits,
-    TraversalEvent, PING_ALPN,
+    AllowList, ConnectError, Connection, ConnectionError, ConnectionStats, Incoming, NatType, Node,
+    NodeConfig, NodeId, NodeKey, PathKind, PathStats, RecvStream, RelayState, RelayUrl, SendStream,
+    StreamLimits, TraversalEvent, PING_ALPN,
 };
 use noq::{Path, VarInt};
 use prometheus_client::metrics::gauge::Gauge;
@@ -55,8 +58,6 @@ pub(crate) const ALPN_MQTT: &[u8] = b"mqtt";
 /// How long, at shutdown, the node waits for its connections to end (each sends its
 /// DISCONNECT first), and then for their closes to be sent.
 const DRAIN: Duration = Duration::from_secs(2);
-/// The QUIC application error code of a node `p2p.allow` does not list: MQTT's not authorized.
-const NOT_ALLOWED: u32 = 0x87;
 /// The QUIC application error code of a connection for an ALPN the broker does not serve.
 const WRONG_PROTOCOL: u32 = 0x82;
 /// How long after its first packet a connection has to reach a direct path to count as
@@ -74,8 +75,24 @@ const RELAY_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub(crate) struct P2pListener {
     node: Node,
-    /// The node ids of `p2p.allow`; `None`: any node.
-    allow: Option<Arc<HashSet<NodeId>>>,
+    /// The node ids of `p2p.allow`, which the node's endpoint checks.
+    allow: AllowList,
+}
+
+/// The node ids of `p2p.allow`; `None` (any node) when it is empty.
+pub(crate) fn allowed(config: &crate::config::P2pConfig) -> io::Result<Option<HashSet<NodeId>>> {
+    if config.allow.is_empty() {
+        return Ok(None);
+    }
+    config
+        .allow
+        .iter()
+        .map(|id| {
+            id.parse::<NodeId>()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("p2p.allow: {e}")))
+        })
+        .collect::<io::Result<HashSet<_>>>()
+        .map(Some)
 }
 
 impl P2pListener {
@@ -133,18 +150,9 @@ impl P2pListener {
             quic.stream_recv_window_default,
             quic.conn_flow_control_window,
         ));
-        let allow = match p2p.allow.is_empty() {
-            true => None,
-            false => Some(Arc::new(
-                p2p.allow
-                    .iter()
-                    .map(|id| {
-                        id.parse::<NodeId>()
-                            .map_err(|e| invalid(format!("p2p.allow: {e}")))
-                    })
-                    .collect::<io::Result<HashSet<_>>>()?,
-            )),
-        };
+        let allow = AllowList::any();
+        allow.set(allowed(p2p)?);
+        node.allow = Some(allow.clone());
         let relays = node.relays.clone();
         let node = Node::bind(node).await.map_err(io::Error::other)?;
         if !relays.is_empty() {
@@ -155,7 +163,7 @@ impl P2pListener {
             node_id = %node.id(),
             bound = ?node.bound_addrs(),
             relays = ?relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            allowed = allow.as_ref().map_or(0, |a| a.len()),
+            allowed = allow.len().unwrap_or(0),
             "peer-to-peer node bound"
         );
         Ok(Self { node, allow })
@@ -164,6 +172,11 @@ impl P2pListener {
     /// The node (its id and addresses).
     pub(crate) fn node(&self) -> &Node {
         &self.node
+    }
+
+    /// The allow-list the node checks (a reload replaces its contents).
+    pub(crate) fn allow(&self) -> &AllowList {
+        &self.allow
     }
 
     /// The first UDP address the node bound.
@@ -220,7 +233,6 @@ impl P2pListener {
                 inner: inner.clone(),
                 node: self.node.clone(),
                 name: name.clone(),
-                allow: self.allow.clone(),
                 addr,
                 path,
                 nat,
@@ -304,7 +316,7 @@ fn own_relay_url(addr: SocketAddr) -> io::Result<RelayUrl> {
 }
 
 /// The certificates of a PEM file.
-fn load_roots(file: &std::path::Path) -> io::Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn load_roots(file: &std::path::Path) -> io::Result<Vec<CertificateDer<'static>>> {
     let what = |e: &dyn std::fmt::Display| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -326,7 +338,6 @@ struct Attempt {
     inner: Arc<Inner>,
     node: Node,
     name: Arc<str>,
-    allow: Option<Arc<HashSet<NodeId>>>,
     /// The peer's address if the attempt came straight from it; unspecified through a relay.
     addr: SocketAddr,
     /// The path of the attempt's first packet.
@@ -338,8 +349,8 @@ struct Attempt {
 }
 
 impl Attempt {
-    /// Runs the handshake under the CONNECT deadline, checks the allow-list, and serves the
-    /// connection by its ALPN.
+    /// Runs the handshake under the CONNECT deadline (the node's endpoint checks the
+    /// allow-list as it completes), and serves the connection by its ALPN.
     async fn open(self, incoming: Incoming) {
         let accepted = now();
         let limit = Duration::from_secs(self.inner.config.connect_timeout.max(1));
@@ -349,21 +360,16 @@ impl Attempt {
         };
         let conn = match done {
             Ok(Ok(conn)) => conn,
+            Ok(Err(ConnectError::Refused)) => {
+                self.inner.metrics.p2p_refused.inc();
+                self.inner.metrics.p2p_traversal(self.nat, "refused").inc();
+                info!(peer = %self.addr, listener = %self.name, "peer-to-peer node not in p2p.allow: refused");
+                return;
+            }
             Ok(Err(error)) => return self.failed(&error),
             Err(_) => return self.failed(&"not done within connect_timeout"),
         };
         let id = conn.remote_id();
-        if self
-            .allow
-            .as_ref()
-            .is_some_and(|allow| !allow.contains(&id))
-        {
-            self.inner.metrics.p2p_refused.inc();
-            self.inner.metrics.p2p_traversal(self.nat, "refused").inc();
-            info!(node_id = %id, peer = %self.addr, listener = %self.name, "peer-to-peer node not in p2p.allow: refused");
-            conn.close(NOT_ALLOWED, b"node not allowed");
-            return;
-        }
         let direct = match conn.selected_path().map(|p| p.kind).or(self.path.clone()) {
             Some(kind) => kind.is_direct(),
             None => false,
