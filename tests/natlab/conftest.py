@@ -9,6 +9,8 @@
   its counters and the full-cone map) and conntrack table first.
 * `observer(topo)`: starts the UDP observer on `topo`'s relay host (stopped with the
   topology).
+* Tables that tests fill with `natlab.report.row` are printed at the end of the run and
+  written to `<basetemp>/<table>.md`.
 * `mqttd_bin` (session): the mqttd binary (`natlab.mqttd.binary()`: `$MQTTD_BIN`, else
   target/debug/mqttd); skips the test when it is missing, or fails under `NATLAB_REQUIRED=1`.
 """
@@ -22,7 +24,7 @@ import subprocess
 
 import pytest
 
-from natlab import RELAY_IP, RELAY_IP2, Nat, Observer, Topology, cleanup_leftovers, mqttd
+from natlab import RELAY_IP, RELAY_IP2, Nat, Observer, Topology, cleanup_leftovers, mqttd, report
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -112,3 +114,15 @@ def pytest_collection_modifyitems(items):
         return FIRST.index(name) if name in FIRST else len(FIRST)
 
     items.sort(key=rank)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    tables = report.tables()
+    if not tables:
+        return
+    base = config._tmp_path_factory.getbasetemp()
+    for name, text in tables.items():
+        path = base / f"{name}.md"
+        path.write_text(text)
+        terminalreporter.write_sep("=", f"{name} (also in {path})")
+        terminalreporter.write(text)

@@ -396,6 +396,10 @@ pub(crate) struct Inner {
     /// Whether acknowledgements wait for storage (see [`Storage::is_durable`]).
     pub(crate) durable: bool,
     id_seed: u64,
+    /// The bridges running (a reload changes them).
+    pub(crate) bridges: crate::bridge::Bridges,
+    /// `p2p.use_node_id_as_username`, which a reload changes.
+    pub(crate) node_id_as_username: AtomicBool,
 }
 
 impl Inner {
@@ -408,7 +412,10 @@ impl Inner {
     ) -> Self {
         let server_config = config.server_config();
         let durable = storage.is_durable();
+        let node_id_as_username = config.p2p.use_node_id_as_username.into();
         Self {
+            bridges: crate::bridge::Bridges::default(),
+            node_id_as_username,
             config,
             server_config,
             subscriptions: ArcSwap::from_pointee(Tree::new()),
@@ -469,9 +476,9 @@ impl Inner {
         m.sessions.set(self.sessions.len() as i64);
         m.subscriptions.set(self.subscriptions.load().len() as i64);
         m.retained_messages.set(self.retained.len() as i64);
-        for bridge in &self.config.bridge {
-            let held = self.held_by(&bridge.local_client_id());
-            m.bridge(&bridge.name)
+        for name in self.bridges.names() {
+            let held = self.held_by(&crate::bridge::config::local_client_id(&name));
+            m.bridge(&name)
                 .queued
                 .set(i64::try_from(held).unwrap_or(i64::MAX));
         }

@@ -349,8 +349,9 @@ impl Default for RelayConfig {
 #[non_exhaustive]
 pub struct P2pConfig {
     /// Relay URLs (`https://HOST:PORT`) the node stays connected to, so that peers that cannot
-    /// reach it directly reach it through them. Empty: the broker's own `relay://` listener
-    /// if it has one, else none (direct connections only).
+    /// reach it directly reach it through them: at home on one (the one that answers best),
+    /// moving to another when it is lost; peers dial through all of them. Empty: the broker's
+    /// own `relay://` listener if it has one, else none (direct connections only).
     pub relays: Vec<String>,
     /// PEM CA certificates the relays' certificates are checked against, besides the
     /// compiled-in Mozilla roots and, for the broker's own relay, its generated CA.

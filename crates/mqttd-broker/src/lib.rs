@@ -72,7 +72,8 @@ use std::time::Duration;
 
 pub use access::{AccessControl, AccessError};
 pub use bridge::{
-    Bridge, BridgeConfigError, BridgeTransport, BridgeUrl, Direction, OpenStream, TopicRule,
+    Bridge, BridgeChanges, BridgeConfigError, BridgeTransport, BridgeUrl, Direction, OpenStream,
+    TopicRule,
 };
 pub use config::{
     Config, ConfigError, CongestionControl, Listener, ListenerKind, P2pConfig, QuicConfig,
@@ -191,10 +192,30 @@ impl BrokerBuilder {
         };
         let mut recovered = storage.recover()?;
         let inner = Arc::new(Inner::new(self.config, self.hooks, access, scram, storage));
+        #[allow(unused_mut)] // Without feature p2p.
+        let mut transports = self.bridge_transports;
+        // `p2p://` bridges over the broker's node, unless the program plugged its own in.
+        #[cfg(feature = "p2p")]
+        let p2p_bridges = match transports.contains_key(bridge::p2p::SCHEME) {
+            true => None,
+            false => {
+                let p2p = Arc::new(bridge::p2p::P2pBridges::new(&inner.config).map_err(|e| {
+                    StartError::Bridge {
+                        bridge: "[p2p]".into(),
+                        reason: e.to_string(),
+                    }
+                })?);
+                transports.insert(bridge::p2p::SCHEME.into(), p2p.clone());
+                Some(p2p)
+            }
+        };
+        inner.bridges.set_transports(transports);
         // Before anything is served: a bridge that cannot run stops the broker.
         let mut bridges = Vec::with_capacity(inner.config.bridge.len());
         for b in &inner.config.bridge {
-            let plan = bridge::plan(b, &self.bridge_transports, inner.metrics.bridge(&b.name))
+            let plan = inner
+                .bridges
+                .plan(b, inner.metrics.bridge(&b.name))
                 .map_err(|reason| StartError::Bridge {
                     bridge: b.name.clone(),
                     reason,
@@ -204,8 +225,6 @@ impl BrokerBuilder {
         for message in std::mem::take(&mut recovered.retained) {
             inner.retained.set(message);
         }
-        inner.restore_sessions(recovered);
-        let admission = Arc::new(Admission::new(max_connections));
         if listeners
             .iter()
             .filter(|l| l.kind == ListenerKind::P2p)
@@ -217,6 +236,24 @@ impl BrokerBuilder {
                 reason: "one p2p:// listener at most: the broker has one node identity",
             }));
         }
+        inner.restore_sessions(recovered);
+        // Bridges before listeners: a message published as soon as the broker listens finds
+        // the bridges' local sessions subscribed (on the first start, when no stored session
+        // has the subscriptions yet). They dial their remote brokers from now on; `p2p://`
+        // ones wait for the listeners below.
+        let subscribed: Vec<_> = bridges
+            .into_iter()
+            .map(|plan| inner.bridges.start(&inner, plan))
+            .collect();
+        for subscribed in subscribed {
+            if tokio::time::timeout(BRIDGE_SUBSCRIBE_TIMEOUT, subscribed)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a bridge's local session is not subscribed yet; serving anyway");
+            }
+        }
+        let admission = Arc::new(Admission::new(max_connections));
         // Peer-to-peer listeners last, so that they can use the broker's own relay.
         let mut order: Vec<usize> = (0..listeners.len()).collect();
         order.sort_by_key(|&i| listeners[i].kind == ListenerKind::P2p);
@@ -224,11 +261,17 @@ impl BrokerBuilder {
         let mut own_relay = None;
         #[cfg(feature = "p2p")]
         let mut node = None;
+        #[cfg(feature = "p2p")]
+        let mut p2p_allow = None;
         for i in order {
             let listener = &listeners[i];
-            let bind_error = |source| StartError::Bind {
-                url: listener.url.clone(),
-                source,
+            let bind_error = |source| {
+                // The bridges started stop with the broker that could not start.
+                inner.shutdown.cancel();
+                StartError::Bind {
+                    url: listener.url.clone(),
+                    source,
+                }
             };
             let socket = BoundListener::bind(
                 listener,
@@ -242,6 +285,10 @@ impl BrokerBuilder {
             let addr = socket.local_addr().map_err(bind_error)?;
             if listener.kind == ListenerKind::Relay {
                 own_relay.get_or_insert(addr);
+            }
+            #[cfg(feature = "p2p")]
+            if let Some(allow) = socket.p2p_allow() {
+                p2p_allow = Some(allow);
             }
             #[cfg(feature = "p2p")]
             if let Some(n) = socket.node() {
@@ -259,8 +306,10 @@ impl BrokerBuilder {
         bound.sort_by_key(|(i, ..)| *i);
         let bound = bound.into_iter().map(|(_, l, a)| (l, a)).collect();
         inner.tasks.spawn(sys::run(inner.clone()));
-        for plan in bridges {
-            inner.tasks.spawn(bridge::run(inner.clone(), plan));
+        // The bridges dial with the listener's node: one identity, one set of sockets.
+        #[cfg(feature = "p2p")]
+        if let Some(p2p) = &p2p_bridges {
+            p2p.listeners_bound(node.clone());
         }
         Ok(Broker {
             inner,
@@ -268,9 +317,15 @@ impl BrokerBuilder {
             tls,
             #[cfg(feature = "p2p")]
             node,
+            #[cfg(feature = "p2p")]
+            p2p_allow,
         })
     }
 }
+
+/// How long the start waits for a bridge's local session to be subscribed (it takes a round
+/// trip on an in-memory stream; the bound is for a broker whose storage is stuck).
+const BRIDGE_SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Directory in the data directory holding the store.
 const STORE_DIR: &str = "store";
@@ -322,6 +377,9 @@ pub struct Broker {
     /// The node of the `p2p://` listener, if there is one.
     #[cfg(feature = "p2p")]
     node: Option<mqttd_p2p::Node>,
+    /// Its allow-list (`p2p.allow`), which a reload replaces.
+    #[cfg(feature = "p2p")]
+    p2p_allow: Option<mqttd_p2p::AllowList>,
 }
 
 impl Broker {
@@ -380,6 +438,43 @@ impl Broker {
             Some(tls) => tls.reload(),
             None => Ok(()),
         }
+    }
+
+    /// Applies the bridges of a reloaded configuration (what SIGHUP does): a bridge no longer
+    /// configured stops (its session stays, with what is queued in it, for when it comes
+    /// back), a new one starts, and one whose settings changed starts again with the new ones;
+    /// the others, and every client connection, are untouched. Every new or changed bridge is
+    /// checked first: if one cannot run, nothing changes and the error names it.
+    pub fn reload_bridges(&self, bridges: &[Bridge]) -> Result<BridgeChanges, StartError> {
+        let mut names = std::collections::HashSet::new();
+        if let Some(twice) = bridges.iter().find(|b| !names.insert(&b.name)) {
+            return Err(StartError::Bridge {
+                bridge: twice.name.clone(),
+                reason: "two bridges have this name".into(),
+            });
+        }
+        self.inner
+            .bridges
+            .reload(&self.inner, bridges)
+            .map_err(|(bridge, reason)| StartError::Bridge { bridge, reason })
+    }
+
+    /// Applies the `[p2p]` settings a reload may change (what SIGHUP does): `allow`, for the
+    /// connections that come next (those up stay), and `use_node_id_as_username`, for the
+    /// CONNECTs that come next. On error (a node id that does not parse) nothing changes.
+    pub fn reload_p2p(&self, p2p: &P2pConfig) -> std::io::Result<()> {
+        #[cfg(feature = "p2p")]
+        {
+            let allowed = listener::p2p::allowed(p2p)?;
+            if let Some(allow) = &self.p2p_allow {
+                allow.set(allowed);
+            }
+        }
+        self.inner.node_id_as_username.store(
+            p2p.use_node_id_as_username,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
     }
 
     /// Waits until [`Broker::shutdown`] is called from elsewhere.

@@ -6,7 +6,7 @@
 //! `p2p`) are a mqttd-p2p node, in `p2p`.
 
 #[cfg(feature = "p2p")]
-mod p2p;
+pub(crate) mod p2p;
 pub(crate) mod quic;
 #[cfg(feature = "p2p")]
 mod relay;
@@ -121,6 +121,15 @@ impl BoundListener {
     pub(crate) fn node(&self) -> Option<mqttd_p2p::Node> {
         match self {
             Self::P2p(p2p) => Some(p2p.node().clone()),
+            _ => None,
+        }
+    }
+
+    /// The allow-list of a `p2p://` listener's node.
+    #[cfg(feature = "p2p")]
+    pub(crate) fn p2p_allow(&self) -> Option<mqttd_p2p::AllowList> {
+        match self {
+            Self::P2p(p2p) => Some(p2p.allow().clone()),
             _ => None,
         }
     }

@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Counters and gauges the broker updates as it works. Each is a relaxed atomic, cheap enough
 /// for the routing path; the one histogram, `quic_rtt_seconds`, takes a lock, and is observed
@@ -107,6 +108,28 @@ pub struct Metrics {
     /// Pings the `p2p://` listener answered (`mqttd p2p ping`), counted when their
     /// connection ends.
     pub p2p_pings: Counter,
+    /// Connection attempts the `p2p://` listener admitted, by the node's NAT type (`nat`,
+    /// see [`Self::p2p_traversal`]).
+    p2p_traversal_attempts: P2pByNat,
+    /// How those attempts ended, by NAT type and `outcome`: `direct` (a direct path carried
+    /// the data within the traversal window), `relay_only`, `failed` (the handshake),
+    /// `refused` (`p2p.allow`).
+    p2p_traversals: P2pOutcomes,
+    /// From a `p2p://` MQTT connection's first packet to its first stream's first byte.
+    pub p2p_first_byte_seconds: Histogram,
+    /// From a `p2p://` connection's first packet to a direct path carrying its data.
+    pub p2p_direct_path_seconds: Histogram,
+    /// Bytes `p2p://` connections carried, by `path` (`direct`, `relay`) and `direction`
+    /// (`sent`, `received`): UDP payloads, sampled every 2 s and at path changes.
+    p2p_path_bytes: P2pBytes,
+    /// The node's NAT type: 1 for the type detected now (label `nat`), 0 for the others.
+    p2p_nat_type: P2pNatGauge,
+    /// Per relay of the `p2p://` node (label `relay`): 1 while it is a home relay and
+    /// connected, else 0.
+    p2p_relay_up: P2pRelayGauges,
+    /// Per relay: the round-trip time in the node's last net report, in seconds; 0 if it did
+    /// not answer.
+    p2p_relay_latency_seconds: P2pRelayLatency,
     /// Sessions held, connected or not.
     pub sessions: Gauge,
     /// Subscriptions held.
@@ -196,6 +219,23 @@ impl Default for Metrics {
             p2p_refused: Counter = "Peer-to-peer connections refused by p2p.allow",
             p2p_handshake_failures: Counter = "Peer-to-peer handshakes that failed or timed out",
             p2p_pings: Counter = "Pings the peer-to-peer listener answered",
+            p2p_traversal_attempts: P2pByNat =
+                "Peer-to-peer connection attempts admitted, by the node's NAT type",
+            p2p_traversals: P2pOutcomes =
+                "Peer-to-peer connection attempts by NAT type and outcome (direct, relay_only, failed, refused)",
+            p2p_first_byte_seconds: Histogram =
+                "Time from a peer-to-peer MQTT connection's first packet to its first stream byte"
+                => Histogram::new(TRAVERSAL_BUCKETS),
+            p2p_direct_path_seconds: Histogram =
+                "Time from a peer-to-peer connection's first packet to a direct path carrying its data"
+                => Histogram::new(TRAVERSAL_BUCKETS),
+            p2p_path_bytes: P2pBytes =
+                "Bytes peer-to-peer connections carried, by path (direct, relay) and direction",
+            p2p_nat_type: P2pNatGauge = "The peer-to-peer node's NAT type now (1 for the detected one)",
+            p2p_relay_up: P2pRelayGauges =
+                "Whether each relay is the peer-to-peer node's home relay and connected",
+            p2p_relay_latency_seconds: P2pRelayLatency =
+                "Round-trip time to each relay in the node's last net report",
         }
     }
 }
@@ -219,6 +259,23 @@ pub(crate) struct BridgeMetrics {
 }
 /// `mqttd_p2p_connections_total`, labelled by `path`.
 type P2pAccepted = Family<[(&'static str, &'static str); 1], Counter>;
+/// Counters labelled by `nat`.
+type P2pByNat = Family<[(&'static str, &'static str); 1], Counter>;
+/// Counters labelled by `nat` and `outcome`.
+type P2pOutcomes = Family<[(&'static str, &'static str); 2], Counter>;
+/// Counters labelled by `path` and `direction`.
+type P2pBytes = Family<[(&'static str, &'static str); 2], Counter>;
+/// Gauges labelled by `nat`.
+type P2pNatGauge = Family<[(&'static str, &'static str); 1], Gauge>;
+/// Gauges labelled by `relay`.
+type P2pRelayGauges = Family<[(&'static str, String); 1], Gauge>;
+/// Gauges in seconds labelled by `relay`.
+type P2pRelayLatency = Family<[(&'static str, String); 1], Gauge<f64, AtomicU64>>;
+/// The buckets of the peer-to-peer times (first byte, direct path), in seconds: from
+/// loopback to iroh's second and third hole-punching rounds (every 5 s).
+const TRAVERSAL_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 15.0, 30.0,
+];
 /// The buckets of `quic_rtt_seconds`: from loopback to a satellite link, in seconds.
 const RTT_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -253,6 +310,46 @@ impl Metrics {
     /// path of their first packet: a relayed connection may move to a direct path later).
     pub(crate) fn p2p_connections(&self, path: &'static str) -> Counter {
         self.p2p_connections.get_or_create_owned(&[("path", path)])
+    }
+
+    /// The counter of `p2p://` connection attempts while the node's NAT type is `nat`.
+    pub(crate) fn p2p_traversal_attempt(&self, nat: &'static str) -> Counter {
+        self.p2p_traversal_attempts
+            .get_or_create_owned(&[("nat", nat)])
+    }
+
+    /// The counter of `p2p://` attempts made while the node's NAT type was `nat` that ended
+    /// with `outcome` (`direct`, `relay_only`, `failed`, `refused`).
+    pub(crate) fn p2p_traversal(&self, nat: &'static str, outcome: &'static str) -> Counter {
+        self.p2p_traversals
+            .get_or_create_owned(&[("nat", nat), ("outcome", outcome)])
+    }
+
+    /// The counter of bytes `p2p://` connections carried over `path` (`direct`, `relay`)
+    /// in `direction` (`sent`, `received`).
+    pub(crate) fn p2p_path_bytes(&self, path: &'static str, direction: &'static str) -> Counter {
+        self.p2p_path_bytes
+            .get_or_create_owned(&[("path", path), ("direction", direction)])
+    }
+
+    /// Sets the NAT type gauge: 1 for `nat` among `all`, 0 for the others.
+    pub(crate) fn p2p_set_nat_type(&self, nat: &'static str, all: &[&'static str]) {
+        for &t in all {
+            self.p2p_nat_type
+                .get_or_create_owned(&[("nat", t)])
+                .set(i64::from(t == nat));
+        }
+    }
+
+    /// Sets relay `url`'s gauges: up or not, and its latency (0 if unknown).
+    pub(crate) fn p2p_set_relay(&self, url: &str, up: bool, latency: Option<f64>) {
+        let label = [("relay", url.to_owned())];
+        self.p2p_relay_up
+            .get_or_create_owned(&label)
+            .set(i64::from(up));
+        self.p2p_relay_latency_seconds
+            .get_or_create_owned(&label)
+            .set(latency.unwrap_or(0.0));
     }
 
     /// The Prometheus text exposition of every metric.

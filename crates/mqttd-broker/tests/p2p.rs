@@ -38,6 +38,23 @@ fn metric(broker: &Broker, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
+/// Waits until the metric `name` reaches `at_least` (the traversal metrics are counted by a
+/// task of each connection), and returns it.
+async fn metric_reaches(broker: &Broker, name: &str, at_least: u64) -> u64 {
+    let reached = async {
+        loop {
+            let value = metric(broker, name);
+            if value >= at_least {
+                return value;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    timeout(WAIT, reached)
+        .await
+        .unwrap_or_else(|_| panic!("{name} below {at_least}: {}", metric(broker, name)))
+}
+
 /// A client node on loopback with `key`; with `relay`, through it only (no direct paths).
 async fn client_node(key: NodeKey, relay: Option<(&RelayUrl, &Path)>) -> Node {
     let mut config = NodeConfig::new(key);
@@ -138,6 +155,40 @@ async fn mqtt_over_a_direct_node_connection_single_and_multi_stream() {
     );
     assert_eq!(metric(&broker, "mqttd_p2p_connections_open"), 2);
     assert_eq!(metric(&broker, "mqttd_quic_connections"), 0);
+    // Traversal: two attempts, both direct from the start; the broker's node has no relay,
+    // so its NAT type is unknown.
+    let nat = "nat=\"unknown\"";
+    assert_eq!(
+        metric(
+            &broker,
+            &format!("mqttd_p2p_traversal_attempts_total{{{nat}}}")
+        ),
+        2
+    );
+    let direct = format!("mqttd_p2p_traversals_total{{{nat},outcome=\"direct\"}}");
+    assert_eq!(metric_reaches(&broker, &direct, 2).await, 2);
+    assert_eq!(
+        metric_reaches(&broker, "mqttd_p2p_direct_path_seconds_count", 2).await,
+        2
+    );
+    assert_eq!(metric(&broker, "mqttd_p2p_first_byte_seconds_count"), 2);
+    metric_reaches(
+        &broker,
+        "mqttd_p2p_path_bytes_total{path=\"direct\",direction=\"received\"}",
+        1,
+    )
+    .await;
+    for outcome in ["relay_only", "failed", "refused"] {
+        let name = format!("mqttd_p2p_traversals_total{{{nat},outcome=\"{outcome}\"}}");
+        assert_eq!(metric(&broker, &name), 0, "{name}");
+    }
+    assert_eq!(
+        metric(
+            &broker,
+            "mqttd_p2p_path_bytes_total{path=\"relay\",direction=\"sent\"}"
+        ),
+        0
+    );
     conn.close(0, b"done");
 
     // At shutdown, the node's connections get their DISCONNECT before the node closes.
@@ -174,16 +225,10 @@ async fn mqtt_through_the_brokers_own_relay_given_only_the_relay() {
     let url: RelayUrl = format!("https://{relay}").parse().unwrap();
     let ca = dir.path().join("data/tls/ca.pem");
     let id = broker.node().unwrap().id();
-    // The broker's node is at home on its own relay.
-    timeout(
-        WAIT,
-        broker
-            .node()
-            .unwrap()
-            .wait_relays(|s| s.iter().any(|s| s.connected)),
-    )
-    .await
-    .expect("the broker's node online on its relay");
+    // The start waits until the broker's node is at home on its relay, so that a peer dialing
+    // through the relay at once is not dropped by a relay that does not know the node yet.
+    let states = broker.node().unwrap().relay_states();
+    assert!(states.iter().any(|s| s.connected), "{states:?}");
 
     let a = client_node(NodeKey::generate(), Some((&url, &ca))).await;
     let b = client_node(NodeKey::generate(), Some((&url, &ca))).await;
@@ -204,9 +249,30 @@ async fn mqtt_through_the_brokers_own_relay_given_only_the_relay() {
         metric(&broker, "mqttd_p2p_connections_total{path=\"relayed\"}"),
         2
     );
+    // The clients withhold direct paths: once their connections close, both attempts were
+    // relay only, and the relay carried their bytes.
     for n in [a, b] {
         n.close().await;
     }
+    let nat = "nat=\"unknown\"";
+    let relay_only = format!("mqttd_p2p_traversals_total{{{nat},outcome=\"relay_only\"}}");
+    assert_eq!(metric_reaches(&broker, &relay_only, 2).await, 2);
+    let direct = format!("mqttd_p2p_traversals_total{{{nat},outcome=\"direct\"}}");
+    assert_eq!(metric(&broker, &direct), 0);
+    assert_eq!(metric(&broker, "mqttd_p2p_direct_path_seconds_count"), 0);
+    metric_reaches(
+        &broker,
+        "mqttd_p2p_path_bytes_total{path=\"relay\",direction=\"received\"}",
+        1,
+    )
+    .await;
+    // Its own relay is the broker's node's home relay.
+    metric_reaches(
+        &broker,
+        &format!("mqttd_p2p_relay_up{{relay=\"{url}\"}}"),
+        1,
+    )
+    .await;
     broker.shutdown().await;
 }
 
@@ -227,7 +293,7 @@ async fn the_node_id_is_the_user_name_the_acl_applies_to() {
     let other = format!("nodes/{}/status", NodeKey::generate().id());
     let client = client_node(key, None).await;
     // No user name or password in CONNECT: the node's key is the credential.
-    let (c, mut events, _conn) = single_stream(&client, to, "device").await;
+    let (c, mut events, _conn) = single_stream(&client, to.clone(), "device").await;
     let ack = c
         .subscribe_one(filter(&format!("{own}/#")), QoS::AtMostOnce)
         .await
@@ -247,6 +313,29 @@ async fn the_node_id_is_the_user_name_the_acl_applies_to() {
         .await
         .unwrap();
     assert_eq!(ack.reasons[0], ReasonCode::NotAuthorized);
+
+    // Reloaded off: the next CONNECT without credentials is anonymous, refused here; the
+    // connection that is up keeps its user name.
+    let mut p2p = mqttd_broker::P2pConfig::default();
+    p2p.use_node_id_as_username = false;
+    broker.reload_p2p(&p2p).unwrap();
+    let conn = dial(&client, to.clone()).await;
+    let (send, recv) = conn.open_bi().await.unwrap();
+    match connect(
+        tokio::io::join(recv, send),
+        common::quic::config("device-2"),
+        None,
+    )
+    .await
+    {
+        Err(mqttd_client::ConnectError::Refused(ack)) => assert!(ack.reason.is_error()),
+        Err(other) => panic!("expected a refusing CONNACK, got {other}"),
+        Ok(_) => panic!("an anonymous client was let in"),
+    }
+    assert_eq!(
+        publish_acked(&c, &mut events, &own, "mine still").await,
+        ReasonCode::Success
+    );
     client.close().await;
     broker.shutdown().await;
 }
@@ -275,12 +364,51 @@ async fn a_node_not_in_the_allow_list_is_refused() {
     }
     assert!(ctl.recv().await.is_none(), "no CONNACK for a stranger");
     assert_eq!(metric(&broker, "mqttd_p2p_refused_total"), 1);
+    assert_eq!(
+        metric(
+            &broker,
+            "mqttd_p2p_traversals_total{nat=\"unknown\",outcome=\"refused\"}"
+        ),
+        1
+    );
+    // Refused by the node's endpoint: the listener never took the connection, so no MQTT
+    // byte of the CONNECT was read.
+    for path in ["direct", "relayed"] {
+        let key = format!("mqttd_p2p_connections_total{{path=\"{path}\"}}");
+        assert_eq!(metric(&broker, &key), 0, "{key}");
+    }
 
-    let friend = client_node(allowed, None).await;
-    let (c, mut events, _conn) = single_stream(&friend, to, "friend").await;
+    let friend = client_node(allowed.clone(), None).await;
+    let (c, mut events, _conn) = single_stream(&friend, to.clone(), "friend").await;
     let reason = publish_acked(&c, &mut events, "t", "hello").await;
     assert!(!reason.is_error(), "{reason}");
     assert_eq!(metric(&broker, "mqttd_p2p_refused_total"), 1);
+
+    // A reload lets the stranger in; the friend's connection stays up through it.
+    let mut p2p = mqttd_broker::P2pConfig::default();
+    p2p.allow = vec![allowed.id().to_string(), stranger.id().to_string()];
+    broker.reload_p2p(&p2p).unwrap();
+    let (s, mut s_events, _s_conn) = single_stream(&stranger, to.clone(), "stranger").await;
+    let reason = publish_acked(&s, &mut s_events, "t", "let in").await;
+    assert!(!reason.is_error(), "{reason}");
+    let reason = publish_acked(&c, &mut events, "t", "still here").await;
+    assert!(!reason.is_error(), "{reason}");
+    // A node id that does not parse changes nothing.
+    p2p.allow = vec!["not-a-node".into()];
+    assert!(broker.reload_p2p(&p2p).is_err());
+    // And a reload that drops the friend refuses its next connection, not the one it has.
+    p2p.allow = vec![stranger.id().to_string()];
+    broker.reload_p2p(&p2p).unwrap();
+    let again = dial(&friend, to).await;
+    match timeout(WAIT, again.closed()).await.expect("closed in time") {
+        ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(u64::from(close.error_code), 0x87)
+        }
+        other => panic!("expected the broker's close, got {other:?}"),
+    }
+    let reason = publish_acked(&c, &mut events, "t", "up still").await;
+    assert!(!reason.is_error(), "{reason}");
+    assert_eq!(metric(&broker, "mqttd_p2p_refused_total"), 2);
     for n in [stranger, friend] {
         n.close().await;
     }

@@ -57,15 +57,21 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod addr;
+mod allow;
 mod key;
+pub mod nat;
 mod node;
 mod path;
 mod ping;
 #[cfg(feature = "relay-server")]
 mod relay;
+mod retry;
+pub mod traversal;
 
-pub use addr::{NodeAddr, ParseRelayUrlError, RelayUrl};
+pub use addr::{NodeAddr, ParseNodeAddrError, ParseRelayUrlError, RelayUrl};
+pub use allow::{AllowList, REFUSED};
 pub use key::{KeyError, NodeId, NodeKey, ParseNodeIdError, KEY_FILE};
+pub use nat::NatType;
 pub use node::{
     BindError, ConnectError, Connection, ConnectionError, ConnectionStats, Incoming, Node,
     NodeConfig, PathStats, RecvStream, RelayState, SendStream, StreamLimits,
@@ -76,3 +82,5 @@ pub use ping::{serve_pings, PingError, Pinger, Pong, MAX_PINGS, PING_ALPN, PING_
 pub use relay::{
     ClientRate, RelayAccess, RelayServer, RelayServerConfig, RelayServerError, RelayStats,
 };
+pub use retry::Retry;
+pub use traversal::TraversalEvent;

@@ -4,17 +4,22 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use iroh::endpoint::{self, presets, ConnectWithOptsError, ConnectingError, NetReportConfig};
 use iroh::tls::CaTlsConfig;
 use iroh::Watcher;
 use rustls::pki_types::CertificateDer;
-use tracing::debug;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
 
 use crate::addr::{NodeAddr, RelayUrl};
+use crate::allow::{AllowHook, AllowList};
 use crate::key::{NodeId, NodeKey};
+use crate::nat::{classify, local_addrs, MappingReport, NatType};
 use crate::path::{current_paths, PathEvents, PathInfo, PathKind};
+use crate::retry::Retry;
+use crate::traversal::TraversalEvent;
 
 pub use iroh::endpoint::{ConnectionError, ConnectionStats, PathStats, RecvStream, SendStream};
 
@@ -46,6 +51,9 @@ pub struct NodeConfig {
     /// Limits on the streams peers open and on what they may send ahead of the reader; iroh's
     /// defaults when `None`.
     pub streams: Option<StreamLimits>,
+    /// The peers that may connect to this node; any when `None`. Others' connections are
+    /// closed by the endpoint as their handshake completes (see [`AllowList`]).
+    pub allow: Option<AllowList>,
 }
 
 /// What a peer may open on a connection and send ahead of the reader (QUIC flow control).
@@ -99,6 +107,7 @@ impl NodeConfig {
             alpns: Vec::new(),
             direct_paths: true,
             streams: None,
+            allow: None,
         }
     }
 }
@@ -139,6 +148,13 @@ pub enum ConnectError {
     /// The node is closed.
     #[error("the node is closed")]
     Closed,
+    /// No connection within the deadline of [`Node::connect_with_retry`].
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    /// The peer completed its handshake but is not on this node's [`AllowList`]: its
+    /// connection was closed with [`crate::REFUSED`] (the node logs its id).
+    #[error("the node is not on the allow-list")]
+    Refused,
     /// The QUIC handshake failed: the peer is unreachable, refused the ALPN, or is not the
     /// node it should be.
     #[error("handshake failed: {source}")]
@@ -153,6 +169,127 @@ pub enum ConnectError {
 pub struct Node {
     endpoint: iroh::Endpoint,
     relays: Arc<[RelayUrl]>,
+    nat: Arc<NatWatch>,
+    /// The home-relay watch ([`watch_home_relay`]), stopped when the last clone goes.
+    _watch: Option<Arc<AbortOnDrop>>,
+}
+
+/// The NAT type as last classified, and the task that keeps it (stopped with the last clone
+/// of the node).
+struct NatWatch {
+    current: watch::Receiver<NatType>,
+    _task: AbortOnDrop,
+}
+
+/// Classifies each net report of `endpoint` (bound at `bound`), keeps the type in `current`
+/// and logs each change.
+async fn watch_nat(
+    mut reports: impl Watcher<Value = Option<iroh::unstable_net_report::NetReport>>,
+    bound: Vec<SocketAddr>,
+    id: NodeId,
+    current: watch::Sender<NatType>,
+) {
+    loop {
+        if let Some(report) = reports.get() {
+            let public = report
+                .global_v4
+                .map(SocketAddr::V4)
+                .or(report.global_v6.map(SocketAddr::V6));
+            let mapping = MappingReport::new(public, report.mapping_varies_by_dest());
+            let nat = classify(&mapping, &local_addrs(&bound, public));
+            if current.send_replace(nat) != nat {
+                info!(node_id = %id.short(), nat = %nat, public = ?public, varies = ?mapping.varies_by_destination, "NAT type");
+            }
+        }
+        if reports.updated().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The backoff between searches for a home relay while none takes the node: the first wait
+/// is 3 to 6 s (a measurement waits up to 3 s for a relay that does not answer: iroh's probe
+/// timeout), doubling up to 20 to 40 s.
+fn home_backoff() -> mqttd_proto::backoff::Backoff {
+    mqttd_proto::backoff::Backoff::new(Duration::from_secs(6), Duration::from_secs(40))
+}
+
+/// Keeps a node with several relays at home on one that works.
+///
+/// iroh picks the home relay (the one peers reach the node through) from its periodic
+/// measurement of every relay, which runs every 20 to 26 s; when the home relay goes away it
+/// only redials it, so for up to that long nobody can reach the node through the others.
+/// This watch notices the loss at once (the relay connection breaks) and makes iroh measure
+/// again now, by re-inserting the lost relay's configuration (a changed relay map triggers a
+/// new measurement); iroh then moves home to the best relay that answered. While no relay
+/// takes the node it searches again with exponential backoff and jitter.
+async fn watch_home_relay(endpoint: iroh::Endpoint, relays: Arc<[RelayUrl]>) {
+    let lost = |states: &[endpoint::RelayStatus]| {
+        !states.is_empty() && states.iter().all(|s| !s.is_connected())
+    };
+    let mut status = endpoint.home_relay_status();
+    let mut backoff = home_backoff();
+    // Lost means lost after having had one: at the start the home relay is still being dialed.
+    let mut had_home = false;
+    loop {
+        let mut states = status.get();
+        while !(had_home && lost(&states)) {
+            if states.iter().any(|s| s.is_connected()) {
+                had_home = true;
+                backoff.reset();
+            }
+            tokio::select! {
+                update = status.updated() => match update {
+                    Ok(update) => states = update,
+                    Err(_) => return,
+                },
+                _ = endpoint.closed() => return,
+            }
+        }
+        let gone: Vec<String> = states.iter().map(|s| s.url().to_string()).collect();
+        warn!(home = ?gone, relays = relays.len(), "home relay lost; measuring the relays again");
+        for state in &states {
+            if let Some(url) = relays.iter().find(|r| &r.0 == state.url()) {
+                let _ = endpoint
+                    .insert_relay(url.0.clone(), Arc::new(url.to_config()))
+                    .await;
+            }
+        }
+        let wait = backoff.next(crate::retry::unit());
+        let found = tokio::select! {
+            found = tokio::time::timeout(wait, async {
+                loop {
+                    match status.updated().await {
+                        Ok(states) if !lost(&states) => return Some(states),
+                        Ok(_) => {}
+                        Err(_) => return None,
+                    }
+                }
+            }) => found,
+            _ = endpoint.closed() => return,
+        };
+        match found {
+            Ok(Some(states)) => {
+                let home: Vec<String> = states
+                    .iter()
+                    .filter(|s| s.is_connected())
+                    .map(|s| s.url().to_string())
+                    .collect();
+                info!(?home, "home relay back");
+            }
+            Ok(None) => return,
+            Err(_) => debug!(?wait, "no relay took the node yet; searching again"),
+        }
+    }
 }
 
 impl fmt::Debug for Node {
@@ -202,6 +339,9 @@ impl Node {
         if let Some(limits) = config.streams {
             builder = builder.transport_config(limits.to_iroh());
         }
+        if let Some(allow) = config.allow {
+            builder = builder.hooks(AllowHook(allow));
+        }
         if !config.direct_paths {
             builder = builder.clear_ip_transports();
         } else if !config.bind.is_empty() {
@@ -219,7 +359,63 @@ impl Node {
             source: Box::new(source),
         })?;
         debug!(node_id = %endpoint.id(), relays = relays.len(), "node bound");
-        Ok(Self { endpoint, relays })
+        let (tx, current) = watch::channel(NatType::Unknown);
+        let task = tokio::spawn(watch_nat(
+            endpoint.net_report(),
+            endpoint.bound_sockets(),
+            NodeId(endpoint.id()),
+            tx,
+        ));
+        // With one relay there is nowhere else to go: iroh redials it.
+        let watch = (relays.len() > 1).then(|| {
+            Arc::new(AbortOnDrop(tokio::spawn(watch_home_relay(
+                endpoint.clone(),
+                relays.clone(),
+            ))))
+        });
+        Ok(Self {
+            endpoint,
+            relays,
+            nat: Arc::new(NatWatch {
+                current,
+                _task: AbortOnDrop(task),
+            }),
+            _watch: watch,
+        })
+    }
+
+    /// The NAT type the relays' answers show now ([`NatType::Unknown`] until two relays on
+    /// different addresses answered; see [`crate::nat`]).
+    pub fn nat_type(&self) -> NatType {
+        *self.nat.current.borrow()
+    }
+
+    /// Waits until the NAT type is known (not [`NatType::Unknown`]) and returns it; it never
+    /// is with fewer than two relays, so bound the wait.
+    pub async fn nat_type_known(&self) -> NatType {
+        let mut current = self.nat.current.clone();
+        let known = current
+            .wait_for(|t| *t != NatType::Unknown)
+            .await
+            .map(|t| *t);
+        match known {
+            Ok(t) => t,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Reports the traversal of `conn`, begun at `started`, until it closes: logs one line
+    /// per phase (see [`crate::traversal`]) and hands `report` each phase and the bytes each
+    /// kind of path carried. The outcome is direct if a direct path carries the data within
+    /// `window`, else relay only. The watch does not keep the connection open.
+    pub async fn watch_traversal(
+        &self,
+        conn: Connection,
+        started: Instant,
+        window: Duration,
+        report: impl FnMut(TraversalEvent) + Send,
+    ) {
+        crate::traversal::watch(self, conn, started, window, report).await
     }
 
     /// The node's id.
@@ -249,9 +445,12 @@ impl Node {
         self.endpoint.online().await
     }
 
-    /// The state of the connections to the home relays now (empty until one is chosen).
+    /// The state of each configured relay now: whether it is a home relay and connected
+    /// (iroh keeps one connection, to the relay nearest by latency, and moves to another
+    /// when that one stops answering), and its latency in the last net report (`None`: it did
+    /// not answer).
     pub fn relay_states(&self) -> Vec<RelayState> {
-        to_states(self.endpoint.home_relay_status().get())
+        self.to_states(self.endpoint.home_relay_status().get())
     }
 
     /// Waits until `done` holds for the state of the home relays, and returns that state;
@@ -261,31 +460,102 @@ impl Node {
         mut done: impl FnMut(&[RelayState]) -> bool,
     ) -> Option<Vec<RelayState>> {
         let mut watcher = self.endpoint.home_relay_status();
-        let mut states = to_states(watcher.get());
+        let mut states = self.to_states(watcher.get());
         while !done(&states) {
-            states = to_states(watcher.updated().await.ok()?);
+            states = self.to_states(watcher.updated().await.ok()?);
         }
         Some(states)
     }
 
-    /// Connects to `to` for protocol `alpn`. With no relay and no direct address for the
-    /// peer, tries it through this node's relays.
+    /// The configured relays' states, from the home relays' `statuses` and the last net
+    /// report's latencies.
+    fn to_states(&self, statuses: Vec<endpoint::RelayStatus>) -> Vec<RelayState> {
+        let report = self.endpoint.net_report().get();
+        let latency = |url: &iroh::RelayUrl| {
+            report.as_ref().and_then(|r| {
+                r.relay_latency
+                    .iter()
+                    .filter(|(_, u, _)| *u == url)
+                    .map(|(_, _, l)| l)
+                    .min()
+            })
+        };
+        let mut states: Vec<RelayState> = statuses
+            .into_iter()
+            .map(|s| RelayState {
+                url: RelayUrl(s.url().clone()),
+                home: true,
+                connected: s.is_connected(),
+                denied: s.auth_denied_reason().map(str::to_owned),
+                error: s.last_error().map(|e| e.to_string()),
+                latency: latency(s.url()),
+            })
+            .collect();
+        for relay in self.relays.iter() {
+            if !states.iter().any(|s| s.url == *relay) {
+                states.push(RelayState {
+                    url: relay.clone(),
+                    home: false,
+                    connected: false,
+                    denied: None,
+                    error: None,
+                    latency: latency(&relay.0),
+                });
+            }
+        }
+        states
+    }
+
+    /// Connects to `to` for protocol `alpn` as [`Node::connect`] does, trying again after a
+    /// failed handshake (the peer or its relay not there yet, a path that did not work) with
+    /// `retry`'s backoff until its attempts or its deadline run out; each attempt is bounded by
+    /// what is left of the deadline. Errors that another try cannot mend (no address, a bad
+    /// ALPN, the node closed) return at once. The last error is returned.
+    pub async fn connect_with_retry(
+        &self,
+        to: impl Into<NodeAddr>,
+        alpn: &[u8],
+        retry: &Retry,
+    ) -> Result<Connection, ConnectError> {
+        let to = to.into();
+        let deadline = tokio::time::Instant::now() + retry.deadline;
+        let mut backoff = retry.backoff();
+        loop {
+            let error =
+                match tokio::time::timeout_at(deadline, self.connect(to.clone(), alpn)).await {
+                    Ok(Ok(conn)) => return Ok(conn),
+                    Ok(Err(error @ ConnectError::Handshake { .. })) => error,
+                    Ok(Err(error)) => return Err(error),
+                    Err(_) => return Err(ConnectError::Timeout(retry.deadline)),
+                };
+            let attempts = backoff.failures() + 1;
+            let wait = backoff.next(crate::retry::unit());
+            let now = tokio::time::Instant::now();
+            if attempts >= retry.attempts || now + wait >= deadline {
+                return Err(error);
+            }
+            debug!(peer = %to.id.short(), attempts, wait_ms = wait.as_millis() as u64, %error, "connect failed; trying again");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Connects to `to` for protocol `alpn`, at its relay and direct addresses and through
+    /// each of this node's relays: the peer is at home on one relay only, maybe not the one
+    /// named (peers of one deployment share their relays, and each picks the nearest), and
+    /// iroh sends the first packets to every address it knows until one path works.
     pub async fn connect(
         &self,
         to: impl Into<NodeAddr>,
         alpn: &[u8],
     ) -> Result<Connection, ConnectError> {
         let to = to.into();
-        let mut addr = to.to_iroh();
+        let addr = to.to_iroh().with_addrs(
+            self.relays
+                .iter()
+                .map(|r| iroh::TransportAddr::Relay(r.0.clone())),
+        );
         if addr.is_empty() {
-            if self.relays.is_empty() {
-                return Err(ConnectError::NoAddress(to.id));
-            }
-            addr = addr.with_addrs(
-                self.relays
-                    .iter()
-                    .map(|r| iroh::TransportAddr::Relay(r.0.clone())),
-            );
+            return Err(ConnectError::NoAddress(to.id));
         }
         let connecting = self
             .endpoint
@@ -342,25 +612,18 @@ fn connecting_error(e: ConnectingError) -> ConnectError {
 pub struct RelayState {
     /// The relay.
     pub url: RelayUrl,
-    /// Whether the node is connected and registered with it.
+    /// Whether it is a home relay: one the node stays connected to, and peers reach it at.
+    pub home: bool,
+    /// Whether the node is connected and registered with it (only home relays are watched).
     pub connected: bool,
     /// The reason the relay gave for refusing the node, if it did last time (it will keep
     /// refusing until its access rules change).
     pub denied: Option<String>,
     /// The last connection error, if the last attempt failed.
     pub error: Option<String>,
-}
-
-fn to_states(statuses: Vec<endpoint::RelayStatus>) -> Vec<RelayState> {
-    statuses
-        .into_iter()
-        .map(|s| RelayState {
-            url: RelayUrl(s.url().clone()),
-            connected: s.is_connected(),
-            denied: s.auth_denied_reason().map(str::to_owned),
-            error: s.last_error().map(|e| e.to_string()),
-        })
-        .collect()
+    /// The lowest round-trip time to it in the last net report (QUIC address discovery or
+    /// HTTPS probe); `None` if it did not answer.
+    pub latency: Option<Duration>,
 }
 
 /// A connection attempt from a peer, before the handshake.
@@ -379,9 +642,13 @@ impl Incoming {
         }
     }
 
-    /// Runs the handshake and returns the connection.
+    /// Runs the handshake and returns the connection; [`ConnectError::Refused`] for a peer
+    /// the node's [`AllowList`] does not name.
     pub async fn accept(self) -> Result<Connection, ConnectError> {
-        let conn = self.inner.await.map_err(connecting_error)?;
+        let conn = self.inner.await.map_err(|e| match e {
+            ConnectingError::LocallyRejected { .. } => ConnectError::Refused,
+            e => connecting_error(e),
+        })?;
         Ok(Connection { inner: conn })
     }
 

@@ -1,13 +1,16 @@
 //! Nodes and an in-process relay on loopback: connections through the relay only, a
-//! connection that starts relayed and goes direct, and the relay's allow-list.
+//! connection that starts relayed and goes direct, and the relay's allow-list; with two
+//! relays, the NAT type (none on loopback) and the relays' states, a peer reached through the
+//! one it is at home on whichever the dialer names, and a node that moves home when its relay
+//! goes away; connect retries.
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use mqttd_p2p::{
-    ClientRate, Connection, Node, NodeAddr, NodeConfig, NodeId, NodeKey, PathEvent, PathKind,
-    RelayAccess, RelayServer, RelayServerConfig, RelayUrl,
+    ClientRate, Connection, NatType, Node, NodeAddr, NodeConfig, NodeId, NodeKey, PathEvent,
+    PathKind, RelayAccess, RelayServer, RelayServerConfig, RelayUrl, Retry,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -15,7 +18,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 const ALPN: &[u8] = b"mqttd-p2p/test";
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// A CA and a server certificate it signed for 127.0.0.1, as a broker generates them.
+/// A CA and a server certificate it signed for 127.0.0.1 (and 127.0.0.2, a second relay's
+/// address), as a broker generates them.
 struct Certs {
     ca: CertificateDer<'static>,
     server: rustls::ServerConfig,
@@ -28,7 +32,8 @@ fn certs() -> Certs {
     let ca = params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(params, ca_key);
     let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+    let names = ["127.0.0.1", "127.0.0.2", "localhost"].map(str::to_owned);
+    let leaf = CertificateParams::new(names.to_vec())
         .unwrap()
         .signed_by(&key, &issuer)
         .unwrap();
@@ -49,7 +54,11 @@ fn certs() -> Certs {
 }
 
 async fn relay(certs: &Certs, allowed: &[NodeId]) -> RelayServer {
-    let mut config = RelayServerConfig::new("127.0.0.1:0".parse().unwrap(), certs.server.clone());
+    relay_at("127.0.0.1:0", certs, allowed).await
+}
+
+async fn relay_at(addr: &str, certs: &Certs, allowed: &[NodeId]) -> RelayServer {
+    let mut config = RelayServerConfig::new(addr.parse().unwrap(), certs.server.clone());
     config.access = RelayAccess::Allow(allowed.iter().copied().collect::<HashSet<_>>());
     RelayServer::spawn(config).await.unwrap()
 }
@@ -368,4 +377,175 @@ async fn a_client_over_its_rate_is_throttled_and_the_others_are_not() {
         node.close().await;
     }
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_relays_tell_the_nat_type_and_each_relay_has_a_state() {
+    let certs = certs();
+    let (key, lone) = (NodeKey::generate(), NodeKey::generate());
+    let allowed = [key.id(), lone.id()];
+    let first = relay_at("127.0.0.1:0", &certs, &allowed).await;
+    let second = relay_at("127.0.0.2:0", &certs, &allowed).await;
+    let mut two = config(key, &first.url(), &certs, true);
+    two.relays.push(second.url());
+    let node = Node::bind(two).await.unwrap();
+    // Both relays see the node at its own address: no NAT.
+    let nat = tokio::time::timeout(LIMIT, node.nat_type_known())
+        .await
+        .unwrap_or_else(|_| panic!("no NAT type: {:?}", node.relay_states()));
+    assert_eq!(nat, NatType::None);
+    assert_eq!(node.nat_type(), NatType::None);
+    online(&node).await;
+    let states = node.relay_states();
+    assert_eq!(states.len(), 2, "{states:?}");
+    assert_eq!(
+        states.iter().filter(|s| s.home && s.connected).count(),
+        1,
+        "{states:?}"
+    );
+    assert!(states.iter().all(|s| s.latency.is_some()), "{states:?}");
+
+    // With one relay, nothing can be told.
+    let lone = Node::bind(config(lone, &first.url(), &certs, true))
+        .await
+        .unwrap();
+    online(&lone).await;
+    assert_eq!(lone.nat_type(), NatType::Unknown);
+    for n in [node, lone] {
+        n.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_refused_attempt_is_tried_again() {
+    // Direct paths only, on loopback: no relay needed.
+    let bind = || {
+        let mut config = NodeConfig::new(NodeKey::generate());
+        config.bind = vec!["127.0.0.1:0".parse().unwrap()];
+        config.alpns = vec![ALPN.to_vec()];
+        Node::bind(config)
+    };
+    let (a, b) = (bind().await.unwrap(), bind().await.unwrap());
+    // b refuses the first two attempts, then accepts.
+    let acceptor = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                b.accept().await.unwrap().refuse();
+            }
+            b.accept().await.unwrap().accept().await.unwrap()
+        })
+    };
+    let to = NodeAddr::new(b.id()).with_direct(b.bound_addrs());
+    let mut once = Retry::new(LIMIT);
+    once.attempts = 1;
+    assert!(a.connect_with_retry(to.clone(), ALPN, &once).await.is_err());
+    let conn = a
+        .connect_with_retry(to, ALPN, &Retry::new(LIMIT))
+        .await
+        .expect("connected on the second attempt");
+    let accepted = tokio::time::timeout(LIMIT, acceptor)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(accepted.remote_id(), a.id());
+    drop(conn);
+    for n in [a, b] {
+        n.close().await;
+    }
+}
+
+/// A node that names both relays, without direct paths.
+fn config_two(key: NodeKey, relays: [&RelayUrl; 2], certs: &Certs) -> NodeConfig {
+    let mut config = config(key, relays[0], certs, false);
+    config.relays = relays.iter().map(|r| (*r).clone()).collect();
+    config
+}
+
+/// The relay `node` is at home on, once it is connected to one.
+async fn home(node: &Node) -> RelayUrl {
+    let states = tokio::time::timeout(LIMIT, node.wait_relays(|s| s.iter().any(|s| s.connected)))
+        .await
+        .unwrap_or_else(|_| panic!("not online: {:?}", node.relay_states()))
+        .unwrap();
+    states.into_iter().find(|s| s.connected).unwrap().url
+}
+
+#[tokio::test]
+async fn with_two_relays_a_lost_home_relay_is_replaced_at_once() {
+    let certs = certs();
+    let (a, b, c) = (
+        NodeKey::generate(),
+        NodeKey::generate(),
+        NodeKey::generate(),
+    );
+    let allowed = [a.id(), b.id(), c.id()];
+    let mut servers = vec![relay(&certs, &allowed).await, relay(&certs, &allowed).await];
+    let urls = [servers[0].url(), servers[1].url()];
+    let a = Node::bind(config_two(a, [&urls[0], &urls[1]], &certs))
+        .await
+        .unwrap();
+    let first_home = home(&a).await;
+
+    // A peer dials through every relay it knows, so it reaches `a` whichever is its home, even
+    // when it names the other one first (and `a` only as an id).
+    let other_first = if first_home == urls[0] {
+        [&urls[1], &urls[0]]
+    } else {
+        [&urls[0], &urls[1]]
+    };
+    let b = Node::bind(config_two(b, other_first, &certs))
+        .await
+        .unwrap();
+    let accepted = echo(&a);
+    let conn = tokio::time::timeout(
+        LIMIT,
+        b.connect(
+            NodeAddr::new(a.id()).with_relay(other_first[0].clone()),
+            ALPN,
+        ),
+    )
+    .await
+    .expect("connected in time")
+    .expect("connected through the home relay");
+    round_trip(&conn, b"through the home relay").await;
+    accepted.await.unwrap();
+    b.close().await;
+
+    // The home relay goes away: `a` measures the relays again at once and moves home to the
+    // other, well before iroh's next periodic measurement (20 to 26 s after the last one).
+    let gone = servers.remove(usize::from(first_home != urls[0]));
+    gone.shutdown().await;
+    let other = if first_home == urls[0] {
+        &urls[1]
+    } else {
+        &urls[0]
+    };
+    let moved = tokio::time::timeout(
+        Duration::from_secs(15),
+        a.wait_relays(|s| s.iter().any(|s| s.connected && &s.url == other)),
+    )
+    .await;
+    assert!(moved.is_ok(), "still {:?}", a.relay_states());
+
+    // And a new peer reaches it through the relay that is left.
+    let c = Node::bind(config_two(c, [&urls[0], &urls[1]], &certs))
+        .await
+        .unwrap();
+    let accepted = echo(&a);
+    let conn = tokio::time::timeout(LIMIT, c.connect(a.id(), ALPN))
+        .await
+        .expect("connected in time")
+        .expect("connected through the other relay");
+    round_trip(&conn, b"through the other relay").await;
+    assert_eq!(
+        conn.selected_path().map(|p| p.kind),
+        Some(PathKind::Relayed(other.clone()))
+    );
+    accepted.await.unwrap();
+    c.close().await;
+    a.close().await;
+    for server in servers {
+        server.shutdown().await;
+    }
 }

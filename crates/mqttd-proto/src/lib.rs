@@ -62,6 +62,7 @@
 )]
 
 mod alias;
+pub mod backoff;
 pub mod client;
 pub mod codec;
 mod flow;

@@ -53,7 +53,7 @@ enum P2pCommand {
     /// path (direct or relay) and the round-trip time, then
     /// `summary sent=N received=M direct=yes|no first_ms=T direct_ms=T` (first_ms: from the
     /// start to the first answer; direct_ms: to the first direct path, or -). Exit status 0
-    /// if any ping was answered.
+    /// if any ping was answered. SIGINT or SIGTERM ends it early, with the summary.
     Ping(ping::PingArgs),
     /// Many traversal attempts at once, for the NAT lab's scale test (see swarm.rs).
     #[command(subcommand, hide = true)]
@@ -233,6 +233,7 @@ fn raise_fd_limit() {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let config = load_config(&args)?;
+    let args = &args;
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -271,7 +272,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 println!("mqttd relay url {}", relay_url(*addr, &hostnames));
             }
         }
-        signals.wait(&broker).await;
+        signals.wait(&broker, args).await;
         info!("shutting down");
         broker.shutdown().await;
         info!("stopped");
@@ -301,19 +302,21 @@ impl Signals {
         }
     }
 
-    /// Runs until a stop signal or until the broker is shut down from elsewhere.
-    async fn wait(self, broker: &Broker) {
+    /// Runs until a stop signal or until the broker is shut down from elsewhere; SIGHUP
+    /// reloads what `args` configure.
+    async fn wait(self, broker: &Broker, args: &ServeArgs) {
         let Some([term, int, hup]) = self.0 else {
             broker.closed().await;
             return;
         };
-        run_until_signal(broker, term, int, hup).await;
+        run_until_signal(broker, args, term, int, hup).await;
     }
 }
 
 #[cfg(unix)]
 async fn run_until_signal(
     broker: &Broker,
+    args: &ServeArgs,
     mut term: tokio::signal::unix::Signal,
     mut int: tokio::signal::unix::Signal,
     mut hup: tokio::signal::unix::Signal,
@@ -323,14 +326,16 @@ async fn run_until_signal(
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = broker.closed() => return,
-            _ = hup.recv() => reload(broker),
+            _ = hup.recv() => reload(broker, args),
         }
     }
 }
 
-/// What SIGHUP does: each part that fails keeps what it had.
+/// What SIGHUP does: each part that fails keeps what it had. The configuration file is read
+/// again for the bridges and `[p2p]`'s `allow` and `use_node_id_as_username`; other settings
+/// need a restart.
 #[cfg(unix)]
-fn reload(broker: &Broker) {
+fn reload(broker: &Broker, args: &ServeArgs) {
     match broker.reload_access() {
         Ok(()) => info!("reloaded password and ACL files"),
         Err(error) => warn!(%error, "reload failed; keeping the previous rules"),
@@ -340,6 +345,31 @@ fn reload(broker: &Broker) {
             Ok(()) => info!("reloaded TLS certificates"),
             Err(error) => warn!(%error, "TLS reload failed; keeping the previous certificates"),
         }
+    }
+    let config = match load_config(args) {
+        Ok(config) => config,
+        Err(error) => {
+            warn!(error = %format!("{error:#}"), "cannot read the configuration again; keeping the bridges and [p2p] settings");
+            return;
+        }
+    };
+    match broker.reload_bridges(&config.bridge) {
+        Ok(changes) if changes.is_empty() => info!("bridges unchanged"),
+        Ok(changes) => info!(
+            added = ?changes.added,
+            removed = ?changes.removed,
+            restarted = ?changes.restarted,
+            "reloaded bridges"
+        ),
+        Err(error) => warn!(%error, "bridge reload failed; keeping the bridges as they were"),
+    }
+    match broker.reload_p2p(&config.p2p) {
+        Ok(()) => info!(
+            allowed = config.p2p.allow.len(),
+            use_node_id_as_username = config.p2p.use_node_id_as_username,
+            "reloaded [p2p] allow and use_node_id_as_username"
+        ),
+        Err(error) => warn!(%error, "[p2p] reload failed; keeping the previous settings"),
     }
 }
 
@@ -352,7 +382,7 @@ impl Signals {
         Self
     }
 
-    async fn wait(self, broker: &Broker) {
+    async fn wait(self, broker: &Broker, _args: &ServeArgs) {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = broker.closed() => {}

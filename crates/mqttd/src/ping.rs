@@ -11,7 +11,8 @@
 //!
 //! `first_ms` is the time from the start (before dialing) to the first answer, `direct_ms`
 //! to the first direct path iroh opened (`-` for none). Exit status 0 when any ping was
-//! answered, 1 otherwise.
+//! answered, 1 otherwise. SIGINT or SIGTERM stops the pings early, as Ctrl-C stops ping(8):
+//! the summary still comes, with what was seen so far.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,7 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use mqttd_p2p::{
-    Node, NodeAddr, NodeConfig, NodeId, NodeKey, PathEvent, PathKind, Pinger, RelayUrl, PING_ALPN,
+    Node, NodeAddr, NodeConfig, NodeId, NodeKey, PathEvent, PathKind, Pinger, RelayUrl, Retry,
+    PING_ALPN,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -54,7 +56,8 @@ pub(crate) struct PingArgs {
     /// Seconds to wait for each answer.
     #[arg(long, default_value_t = 5.0, value_name = "SECS")]
     wait: f64,
-    /// Seconds allowed to connect.
+    /// Seconds allowed to connect (a failed attempt is tried again after 200 ms, then twice as
+    /// long each time up to 3 s, with jitter, while they last).
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     connect_timeout: u64,
 }
@@ -73,7 +76,10 @@ pub(crate) async fn run(args: PingArgs) -> anyhow::Result<bool> {
     let start = Instant::now();
     let mut tally = Tally::default();
     let direct_at = Arc::new(Mutex::new(None));
-    let outcome = pings(&args, start, &mut tally, &direct_at).await;
+    let outcome = tokio::select! {
+        outcome = pings(&args, start, &mut tally, &direct_at) => outcome,
+        () = interrupted() => Ok(()),
+    };
     let direct = *direct_at.lock().unwrap_or_else(|e| e.into_inner());
     println!(
         "summary sent={} received={} direct={} first_ms={} direct_ms={}",
@@ -85,6 +91,30 @@ pub(crate) async fn run(args: PingArgs) -> anyhow::Result<bool> {
     );
     outcome?;
     Ok(tally.received > 0)
+}
+
+/// Resolves on SIGINT or SIGTERM (on Ctrl-C elsewhere); never if the handlers cannot be set.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    }
+    #[cfg(not(unix))]
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn millis(d: Option<Duration>) -> String {
@@ -99,12 +129,12 @@ async fn pings(
 ) -> anyhow::Result<()> {
     let id: NodeId = args.node_id.parse()?;
     let node = bind(args).await?;
-    let mut to = NodeAddr::new(id).with_direct(args.peer_addrs.iter().copied());
-    if let Some(relay) = node.relays().first() {
-        to = to.with_relay(relay.clone());
-    }
+    // The node dials through each of its relays too: the peer is at home on one of them.
+    let to = NodeAddr::new(id).with_direct(args.peer_addrs.iter().copied());
     let limit = Duration::from_secs(args.connect_timeout.max(1));
-    let conn = tokio::time::timeout(limit, node.connect(to, PING_ALPN))
+    // A failed handshake is tried again with backoff and jitter within the limit.
+    let retry = Retry::new(limit);
+    let conn = tokio::time::timeout(limit, node.connect_with_retry(to, PING_ALPN, &retry))
         .await
         .map_err(|_| anyhow::anyhow!("no connection to {id} within {limit:?}"))?
         .with_context(|| format!("cannot connect to {id}"))?;

@@ -2,7 +2,10 @@
 //! and WebSocket with prefixes both ways, a rule that goes both ways without echoing (MQTT 5 No Local;
 //! MQTT 3.1.1 with the bridge flag), QoS 1 messages published while the remote broker is down
 //! delivered once it is back, messages queued for the remote broker kept across a kill -9 of
-//! the local one, and Mosquitto at either end (Debian's `mosquitto`; skipped without it).
+//! the local one, bridges over peer-to-peer links (`p2p://NODE_ID?addr=...`, both ways, across
+//! a restart of the remote broker; from a node of the bridges' own or the p2p listener's, with
+//! the broker's identity, which the remote broker's `p2p.allow` names), SIGHUP adding, stopping and restarting bridges without
+//! touching clients, and Mosquitto at either end (Debian's `mosquitto`; skipped without it).
 //!
 //! Every broker listens on ports found by binding port 0; a remote broker that must come back
 //! on the same port gets one found that way. A bridge is ready once a probe message crosses
@@ -390,6 +393,28 @@ async fn messages_queued_for_the_remote_broker_survive_a_kill_9_of_the_local_one
 }
 
 #[tokio::test]
+async fn a_message_published_as_soon_as_the_broker_listens_is_bridged() {
+    let remote = Broker::start("");
+    let (_r, mut r_sub) = subscriber(remote.mqtt, "r-sub", "remote/first/#").await;
+    let url = quoted(&format!("mqtt://127.0.0.1:{}", remote.mqtt.port()));
+    // A first start: no stored session holds the bridge's subscriptions yet.
+    let local = Broker::start(&bridge_toml(
+        "first",
+        &url,
+        &["first/# out 1 local/ remote/"],
+        "",
+    ));
+    let mut l_pub = client(local.mqtt, "l-pub").await;
+    publish(&mut l_pub, "local/first/0", "at once").await;
+    assert_eq!(
+        next_message(&mut r_sub).await,
+        ("remote/first/0".to_owned(), "at once".to_owned())
+    );
+    local.stop();
+    remote.stop();
+}
+
+#[tokio::test]
 async fn a_bad_topic_rule_stops_the_broker_naming_the_bridge_and_the_rule() {
     let mut broker = Broker::configured(
         &bridge_toml("cloud", "\"mqtt://127.0.0.1:1\"", &["a/# sideways 1"], ""),
@@ -414,6 +439,240 @@ async fn a_bad_topic_rule_stops_the_broker_naming_the_bridge_and_the_rule() {
     let failure = broker.try_restart().expect_err("the broker started");
     assert!(failure.stderr.contains("bridge \"cloud\""), "{failure}");
     assert!(failure.stderr.contains("nonexistent.pem"), "{failure}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Over peer-to-peer links (p2p://NODE_ID)
+// ---------------------------------------------------------------------------------------------
+
+/// A free loopback UDP port, released for a broker's node to take.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The node id of the broker whose data directory is `data_dir` (`mqttd id`).
+fn node_id(data_dir: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .arg("id")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("run mqttd id");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A client on `addr` with a session kept for an hour, subscribed to `to` at QoS 1.
+async fn keeping_subscriber(addr: SocketAddr, id: &str, to: &str) -> (Client, Events) {
+    let mut config = mqtt_config(id, None);
+    config.clean_start = false;
+    config.session_expiry_interval = 3600;
+    let (client, events) = client_with(addr, config).await;
+    let ack = within(
+        LIMIT,
+        "SUBACK",
+        client.subscribe_one(filter(to), QoS::AtLeastOnce),
+    )
+    .await
+    .expect("subscribe");
+    assert!(!ack.reasons[0].is_error());
+    (client, events)
+}
+
+#[tokio::test]
+async fn two_brokers_bridged_over_p2p_carry_qos_1_both_ways_across_a_restart_of_the_remote() {
+    // The remote broker comes back on the same ports: its node's UDP port and MQTT's.
+    let (udp, tcp) = (free_udp_port(), free_port());
+    let mut local = Broker::configured("", &[]);
+    // The bridge dials with the local broker's identity, which the remote broker admits.
+    let local_id = node_id(&local.data_dir());
+    let mut remote = Broker::start_with(
+        &format!("[p2p]\nallow = ['{local_id}']\n"),
+        &[
+            &format!("p2p://127.0.0.1:{udp}"),
+            &format!("tcp://127.0.0.1:{tcp}"),
+        ],
+    );
+    let remote_id = remote.node_id.clone().expect("the remote node id");
+    // p2p first; then a URL that refuses, tried after it in each round.
+    let urls = format!(
+        "{}, {}",
+        quoted(&format!("p2p://{remote_id}?addr=127.0.0.1:{udp}")),
+        quoted(&format!("mqtt://127.0.0.1:{}", free_port()))
+    );
+    std::fs::write(
+        local.root().join("mqttd.toml"),
+        bridge_toml("p", &urls, PREFIXED, ""),
+    )
+    .unwrap();
+    local.log_json("warn,mqttd_broker::bridge=info");
+    local.restart();
+    wait_up(&local, "p", 1.0).await;
+    carries_both_ways(local.mqtt, remote.mqtt).await;
+    // Without a p2p listener, a node of the bridges' own, with the broker's key.
+    let log = local.log_text();
+    assert!(log.contains("node for bridges bound"), "{log}");
+    assert!(log.contains(&local_id), "{log}");
+    let direct = "mqttd_p2p_connections_total{path=\"direct\"}";
+    assert!(
+        remote.metrics().get(direct) >= 1.0,
+        "the bridge came over p2p"
+    );
+
+    // Subscribers whose sessions outlive their connections, on either side.
+    let (_l, mut l_sub) = keeping_subscriber(local.mqtt, "l-keep", "local/cmd/#").await;
+    let (r, _) = keeping_subscriber(remote.mqtt, "r-keep", "remote/sensors/#").await;
+    drop(r);
+    remote.shutdown();
+    wait_up(&local, "p", 0.0).await;
+    // Out: acknowledged by the local broker while the remote one is down.
+    let mut l_pub = client(local.mqtt, "l-pub-2").await;
+    for i in 0..20 {
+        publish(
+            &mut l_pub,
+            &format!("local/sensors/d{i}"),
+            &format!("down-{i}"),
+        )
+        .await;
+    }
+    remote.restart();
+    // In: acknowledged by the remote broker before the bridge is back.
+    let mut r_pub = client(remote.mqtt, "r-pub-2").await;
+    for i in 0..20 {
+        publish(&mut r_pub, &format!("remote/cmd/u{i}"), &format!("up-{i}")).await;
+    }
+    wait_up(&local, "p", 1.0).await;
+    let (_r, mut r_sub) = keeping_subscriber(remote.mqtt, "r-keep", "remote/sensors/#").await;
+    let out = distinct_payloads(&mut r_sub, 20).await;
+    assert_eq!(out, (0..20).map(|i| format!("down-{i}")).collect());
+    let in_ = distinct_payloads(&mut l_sub, 20).await;
+    assert_eq!(in_, (0..20).map(|i| format!("up-{i}")).collect());
+    assert!(remote.metrics().get(direct) >= 1.0);
+    local.stop();
+    remote.stop();
+}
+
+#[tokio::test]
+async fn a_broker_with_a_p2p_listener_bridges_with_the_listeners_node() {
+    let mut local = Broker::configured("", &["p2p://127.0.0.1:0"]);
+    let local_id = node_id(&local.data_dir());
+    let remote = Broker::start_with(
+        &format!("[p2p]\nallow = ['{local_id}']\n"),
+        &["p2p://127.0.0.1:0"],
+    );
+    let url = format!(
+        "p2p://{}?addr={}",
+        remote.node_id.as_ref().unwrap(),
+        remote.node_direct[0]
+    );
+    std::fs::write(
+        local.root().join("mqttd.toml"),
+        bridge_toml("p", &quoted(&url), PREFIXED, ""),
+    )
+    .unwrap();
+    local.log_json("warn,mqttd_broker::bridge=info");
+    local.restart();
+    assert_eq!(local.node_id.as_deref(), Some(local_id.as_str()));
+    wait_up(&local, "p", 1.0).await;
+    carries_both_ways(local.mqtt, remote.mqtt).await;
+    let log = local.log_text();
+    assert!(log.contains("bridge peer-to-peer connection open"), "{log}");
+    assert!(!log.contains("node for bridges bound"), "{log}");
+    local.stop();
+    remote.stop();
+}
+
+#[tokio::test]
+async fn a_p2p_url_nobody_answers_falls_back_to_the_next_url() {
+    let remote = Broker::start("");
+    // A node id nobody runs, at an address where nothing listens: the attempt times out.
+    let nobody = node_id(tempfile::tempdir().unwrap().path());
+    let urls = format!(
+        "{}, {}",
+        quoted(&format!(
+            "p2p://{nobody}?addr=127.0.0.1:{}",
+            free_udp_port()
+        )),
+        quoted(&format!("mqtt://127.0.0.1:{}", remote.mqtt.port()))
+    );
+    let local = Broker::start(&bridge_toml("f", &urls, PREFIXED, "connect_timeout = 1"));
+    wait_up(&local, "f", 1.0).await;
+    carries_both_ways(local.mqtt, remote.mqtt).await;
+    local.stop();
+    remote.stop();
+}
+
+#[tokio::test]
+async fn a_p2p_bridge_url_that_names_no_node_stops_the_broker() {
+    let mut broker = Broker::configured(
+        &bridge_toml("peer", "\"p2p://nobody?addr=127.0.0.1:1\"", &["a/#"], ""),
+        &[],
+    );
+    let failure = broker.try_restart().expect_err("the broker started");
+    assert!(failure.stderr.contains("bridge \"peer\""), "{failure}");
+    assert!(failure.stderr.contains("no node id"), "{failure}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reloading bridges (SIGHUP)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sighup_adds_stops_and_restarts_bridges_and_keeps_clients_connected() {
+    let remote = Broker::start("");
+    let url = quoted(&format!("mqtt://127.0.0.1:{}", remote.mqtt.port()));
+    let bridge = |name: &str, rule: &str| bridge_toml(name, &url, &[rule], "");
+    let a = bridge("a", "a/# out 1 local/ remote/");
+    let local = Broker::start(&a);
+    wait_up(&local, "a", 1.0).await;
+    // Connected through every reload below: its PUBACKs come on this one connection.
+    let mut l_pub = client(local.mqtt, "l-pub").await;
+    let (_r, mut r_sub) = subscriber(remote.mqtt, "r-sub", "remote/#").await;
+    ready(&l_pub, "local/a/probe", &mut r_sub).await;
+
+    // a removed, b added.
+    let config = local.root().join("mqttd.toml");
+    std::fs::write(&config, bridge("b", "b/# out 1 local/ remote/")).unwrap();
+    local.hangup();
+    wait_up(&local, "a", 0.0).await;
+    wait_up(&local, "b", 1.0).await;
+    ready(&l_pub, "local/b/probe", &mut r_sub).await;
+    // a's session stays, and keeps what comes for it while a is gone.
+    for i in 0..10 {
+        publish(&mut l_pub, &format!("local/a/q{i}"), &format!("a{i}")).await;
+    }
+
+    // a back; b changed (another rule): restarted with it.
+    let both = format!("{a}\n{}", bridge("b", "c/# out 1 local/ remote/"));
+    std::fs::write(&config, both).unwrap();
+    local.hangup();
+    wait_up(&local, "a", 1.0).await;
+    let got = distinct_payloads(&mut r_sub, 10).await;
+    assert_eq!(got, (0..10).map(|i| format!("a{i}")).collect());
+    ready(&l_pub, "local/c/probe", &mut r_sub).await;
+    publish(&mut l_pub, "local/c/after", "c-after").await;
+    assert_eq!(
+        next_message(&mut r_sub).await,
+        ("remote/c/after".to_owned(), "c-after".to_owned())
+    );
+
+    // A configuration that cannot be used changes nothing.
+    std::fs::write(&config, bridge("x", "a/# sideways 1")).unwrap();
+    local.hangup();
+    publish(&mut l_pub, "local/a/still", "a-still").await;
+    assert_eq!(
+        next_message(&mut r_sub).await,
+        ("remote/a/still".to_owned(), "a-still".to_owned())
+    );
+    let m = local.metrics();
+    assert_eq!(m.get(&bridge_up("a")), 1.0);
+    assert_eq!(m.get(&bridge_up("b")), 1.0);
+    local.stop();
+    remote.stop();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 //! id after), a `relay://` listener announcing its URL and stopping on SIGTERM, and MQTT over
 //! the `p2p://` listener with `mqttd pub`, `mqttd sub` and `mqttd bench` (`-L p2p://NODE_ID`):
 //! through the broker's relay alone and at a direct address alone, single- and multi-stream,
-//! the client's node id as its user name for the ACL, and `p2p.allow` refusing a stranger;
-//! `mqttd p2p ping` against the broker's node, through its relay and directly.
+//! the client's node id as its user name for the ACL, and `p2p.allow` refusing a stranger
+//! (and letting it in once SIGHUP reloaded a list that names it); `mqttd p2p ping` against the
+//! broker's node, through its relay and directly, and stopped early by SIGINT with its summary.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -358,6 +359,44 @@ fn a_node_the_allow_list_does_not_name_is_refused() {
 }
 
 #[test]
+fn sighup_reloads_the_allow_list() {
+    let keys = tempfile::tempdir().unwrap();
+    let (a, b) = (keys.path().join("a"), keys.path().join("b"));
+    let (id_a, id_b) = (mqttd_id(&a), mqttd_id(&b));
+    let (id_a, id_b) = (id_a.trim(), id_b.trim());
+    let broker = p2p_broker(&format!("[p2p]\nallow = ['{id_a}']\n"));
+    let reach = Reach::direct(&broker);
+    let as_b = |m: &str| {
+        let key = b.join("node.key");
+        reach.run(
+            "pub",
+            "t",
+            &["-m", m, "-q", "1", "--key-file", key.to_str().unwrap()],
+        )
+    };
+    assert_eq!(as_b("refused").status.code(), Some(5));
+    std::fs::write(
+        broker.root().join("mqttd.toml"),
+        format!("[relay]\nallow_any = true\n[p2p]\nallow = ['{id_a}', '{id_b}']\n"),
+    )
+    .unwrap();
+    broker.hangup();
+    // The reload happens when the broker reads the signal: until then b is refused.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = as_b("let in");
+        if out.status.success() {
+            break;
+        }
+        assert_eq!(out.status.code(), Some(5), "{out:?}");
+        assert!(Instant::now() < deadline, "b still refused after SIGHUP");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(broker.metrics().get("mqttd_p2p_refused_total") >= 1.0);
+    broker.stop();
+}
+
+#[test]
 fn p2p_flags_need_a_p2p_url_and_a_node_id() {
     let out = mqttd(&[
         "pub",
@@ -487,6 +526,45 @@ fn p2p_ping_prints_each_ping_and_a_summary() {
         assert!(Instant::now() < deadline, "pings not counted");
         std::thread::sleep(Duration::from_millis(50));
     }
+    broker.stop();
+}
+
+#[test]
+fn p2p_ping_stopped_by_sigint_prints_the_summary_so_far() {
+    let broker = p2p_broker("");
+    let reach = Reach::direct(&broker);
+    let id = broker.node_id.clone().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args(["p2p", "ping", &id, "--count", "1000", "--interval", "0.05"])
+        .args(&reach.flags)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mqttd p2p ping");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Two answers, then Ctrl-C.
+    for _ in 0..2 {
+        let line = lines.next().expect("a ping line").unwrap();
+        assert!(line.contains("path=direct"), "{line}");
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let summary = rest.last().expect("a summary line");
+    let fields: Vec<&str> = summary.split(' ').collect();
+    assert_eq!(fields[0], "summary", "{rest:?}");
+    let received: u64 = fields[2]
+        .strip_prefix("received=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((2..1000).contains(&received), "{summary}");
+    assert_eq!(fields[3], "direct=yes", "{summary}");
+    assert!(child.wait().unwrap().success());
     broker.stop();
 }
 

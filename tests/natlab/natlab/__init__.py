@@ -7,9 +7,10 @@
 * `probe`: classifying a router from outside, and a plain UDP hole punch between the sites.
 * `mqttd`: the real mqttd in a lab node: relays, brokers with a `p2p://` listener, client
   commands (`pub`, `sub`, `p2p ping`) and what they print.
+* `report`: tables of numbers a run prints at its end (the P2P matrix).
 """
 
-from . import mqttd
+from . import mqttd, report
 from .nat import EXPECTED_BEHAVIOUR, Nat
 from .netns import Namespace, cleanup_leftovers
 from .observer import Observer
@@ -19,5 +20,5 @@ from .topology import RELAY_IP, RELAY_IP2, SITE_PLANS, Node, Site, Topology
 __all__ = [
     "EXPECTED_BEHAVIOUR", "Nat", "Namespace", "cleanup_leftovers", "Observer", "Behaviour",
     "PunchResult", "classify", "hole_punch", "RELAY_IP", "RELAY_IP2", "SITE_PLANS", "Node",
-    "Site", "Topology", "mqttd",
+    "Site", "Topology", "mqttd", "report",
 ]

@@ -451,3 +451,48 @@ def ping(node, broker, relays=(), *, count: int = 5, interval: float = 0.2,
     started = time.monotonic()
     done = client(node, argv, None, relays, timeout=timeout, check=False, ca_bundle=ca_bundle)
     return parse_ping(done.stdout, done.stderr, done.returncode, time.monotonic() - started)
+
+
+def ping_until(node, broker, relays=(), *, window: float, direct_streak: int | None = 3,
+               interval: float = 0.1, wait: float = 2.0, extra_args: list[str] = (),
+               ca_bundle: Path | None = None) -> PingResult:
+    """Pings for at most `window` seconds, stopping early once `direct_streak` answers in a
+    row came back on a direct path (never, with None); parses what it printed.
+
+    Stopping is SIGINT, after which `mqttd p2p ping` prints its summary with what it saw
+    (`direct_ms` from the path events, not from these lines).
+    """
+    node_id = broker.node_id if isinstance(broker, Mqttd) else broker
+    count = int(window / interval) + 1
+    argv = ["p2p", "ping", node_id, "--count", str(count), "--interval", str(interval),
+            "--wait", str(wait), *extra_args]
+    started = time.monotonic()
+    process = client_popen(node, argv, None, relays, ca_bundle=ca_bundle)
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+    threading.Thread(target=read, daemon=True).start()
+    out, streak, interrupted = [], 0, False
+    # The ping's own connect timeout and waits bound it; this only catches a hang.
+    deadline = started + window + CLIENT_TIMEOUT
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise TimeoutError(f"mqttd p2p ping hung in {node.name}:\n{''.join(out)}")
+        if line is None:
+            break
+        out.append(line)
+        streak = streak + 1 if " path=direct " in line else 0
+        stop = ((direct_streak is not None and streak >= direct_streak)
+                or time.monotonic() - started > window)
+        if stop and not interrupted:
+            os.killpg(process.pid, signal.SIGINT)
+            interrupted = True
+    status = process.wait(timeout=CLIENT_TIMEOUT)
+    stderr = process.stderr.read()
+    return parse_ping("".join(out), stderr, status, time.monotonic() - started)

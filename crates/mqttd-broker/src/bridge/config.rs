@@ -427,6 +427,8 @@ pub struct Bridge {
     /// QoS 1 and 2 messages the bridge takes from the local session at once, not yet
     /// acknowledged by the remote broker.
     pub max_inflight: u16,
+    /// A hash of the table as written, which tells a reload whether the bridge changed.
+    fingerprint: u64,
 }
 
 impl Bridge {
@@ -444,6 +446,11 @@ impl Bridge {
     /// The client identifier of the bridge's session in this broker.
     pub fn local_client_id(&self) -> ClientId {
         local_client_id(&self.name)
+    }
+
+    /// Equal for two bridges written the same way (same keys and values).
+    pub(crate) fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 }
 
@@ -524,6 +531,13 @@ impl TryFrom<RawBridge> for Bridge {
     type Error = BridgeConfigError;
 
     fn try_from(raw: RawBridge) -> Result<Self, BridgeConfigError> {
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            // Passwords included: a new one is a change. The hash is never shown.
+            let mut hasher = std::hash::DefaultHasher::new();
+            format!("{raw:?}").hash(&mut hasher);
+            hasher.finish()
+        };
         let name = raw.name;
         let invalid = |reason: String| BridgeConfigError::Invalid {
             bridge: name.clone(),
@@ -629,6 +643,7 @@ impl TryFrom<RawBridge> for Bridge {
             reconnect_max: reconnect_max.max(Duration::from_millis(10)),
             connect_timeout: connect_timeout.max(Duration::from_millis(100)),
             max_inflight: raw.max_inflight.unwrap_or(64).max(1),
+            fingerprint,
             name,
         })
     }
@@ -839,5 +854,23 @@ mod tests {
         assert!(u.client().is_some());
         assert!("://h".parse::<BridgeUrl>().is_err());
         assert!("1ab://h".parse::<BridgeUrl>().is_err());
+    }
+
+    #[test]
+    fn a_bridge_written_the_same_way_has_the_same_fingerprint() {
+        let read = |extra: &str| {
+            let text = format!(
+                "[[bridge]]\nname = \"b\"\nurls = [\"mqtt://h:1\"]\ntopics = [\"a/#\"]\n{extra}"
+            );
+            bridge(&text).unwrap()
+        };
+        assert_eq!(read("").fingerprint(), read("").fingerprint());
+        let base = read("password = \"one\"").fingerprint();
+        assert_ne!(base, read("password = \"two\"").fingerprint());
+        assert_ne!(base, read("").fingerprint());
+        assert_ne!(
+            read("").fingerprint(),
+            read("max_inflight = 3").fingerprint()
+        );
     }
 }

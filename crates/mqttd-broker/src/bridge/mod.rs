@@ -33,11 +33,14 @@
 //! the flag is asked again without it.
 //!
 //! Transports: `mqtt://`, `mqtts://`, `ws://`, `wss://` and `quic://` are `mqttd-client`'s;
-//! another scheme is served by a [`BridgeTransport`] the embedding program plugs in with
-//! [`crate::BrokerBuilder::bridge_transport`].
+//! `p2p://NODE_ID?relay=URL&addr=IP:PORT` (feature `p2p`) is the broker's own, in `p2p`,
+//! over the broker's peer-to-peer node; another scheme is served by a [`BridgeTransport`] the
+//! embedding program plugs in with [`crate::BrokerBuilder::bridge_transport`].
 
 mod backoff;
 pub mod config;
+#[cfg(feature = "p2p")]
+pub(crate) mod p2p;
 mod relay;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -47,7 +50,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use mqttd_client::transport::ByteStream;
@@ -74,6 +79,13 @@ pub type OpenStream<'a> =
 /// plugged in with [`crate::BrokerBuilder::bridge_transport`]. It opens a byte stream to the
 /// remote broker; the bridge runs MQTT over it.
 pub trait BridgeTransport: Send + Sync + 'static {
+    /// Whether this transport can use `url`, checked at startup (and when the configuration
+    /// is reloaded), so that a URL it cannot read stops the broker; the error says why.
+    fn check(&self, url: &BridgeUrl) -> Result<(), String> {
+        let _ = url;
+        Ok(())
+    }
+
     /// Opens a stream to `url` for `bridge`. The bridge gives up on it after
     /// [`Bridge::connect_timeout`].
     fn open<'a>(&'a self, bridge: &'a Bridge, url: &'a BridgeUrl) -> OpenStream<'a>;
@@ -102,6 +114,9 @@ pub(crate) struct Plan {
     bridge: Arc<Bridge>,
     targets: Arc<[Target]>,
     metrics: BridgeMetrics,
+    /// Stops this bridge alone (a reload that removes or changes it); a child of the
+    /// broker's shutdown.
+    stop: CancellationToken,
 }
 
 /// Prepares `bridge`; the error says why it cannot run.
@@ -125,10 +140,13 @@ pub(crate) fn plan(
                     Connector::new(endpoint).map_err(|e| format!("{url}: {e}"))?,
                 ))
             }
-            (None, Some(transport)) => Dialer::Plugged(transport.clone()),
+            (None, Some(transport)) => {
+                transport.check(url).map_err(|e| format!("{url}: {e}"))?;
+                Dialer::Plugged(transport.clone())
+            }
             (None, None) => {
                 return Err(format!(
-                    "{url}: no transport for {}:// (mqtt, mqtts, ws, wss or quic)",
+                    "{url}: no transport for {}:// (mqtt, mqtts, ws, wss, quic or p2p)",
                     url.scheme()
                 ))
             }
@@ -142,7 +160,156 @@ pub(crate) fn plan(
         bridge: Arc::new(bridge.clone()),
         targets: targets.into(),
         metrics,
+        stop: CancellationToken::new(),
     })
+}
+
+/// The bridges of a running broker, by name, and the transports to plan new ones with, so
+/// that a reload can add, stop and restart bridges.
+#[derive(Default)]
+pub(crate) struct Bridges {
+    transports: Mutex<Transports>,
+    running: Mutex<HashMap<String, Handle>>,
+}
+
+/// A bridge's task.
+struct Handle {
+    bridge: Arc<Bridge>,
+    stop: CancellationToken,
+    /// Cancelled when the bridge's task has ended.
+    done: CancellationToken,
+}
+
+/// What a reload did to the bridges, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BridgeChanges {
+    /// Bridges started.
+    pub added: Vec<String>,
+    /// Bridges stopped; their sessions, and the messages queued in them, stay.
+    pub removed: Vec<String>,
+    /// Bridges whose settings changed: stopped, then started with the new ones.
+    pub restarted: Vec<String>,
+}
+
+impl BridgeChanges {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.restarted.is_empty()
+    }
+}
+
+impl Bridges {
+    /// Keeps `transports` for the bridges a reload adds.
+    pub(crate) fn set_transports(&self, transports: Transports) {
+        *self.transports.lock() = transports;
+    }
+
+    /// Plans `bridge` with the transports kept.
+    pub(crate) fn plan(&self, bridge: &Bridge, metrics: BridgeMetrics) -> Result<Plan, String> {
+        plan(bridge, &self.transports.lock(), metrics)
+    }
+
+    /// The names of the bridges running.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.running.lock().keys().cloned().collect()
+    }
+
+    /// Starts the bridge `plan` as a task of the broker. The receiver is told once its local
+    /// session is subscribed to the outgoing rules (dropped if that never happens).
+    pub(crate) fn start(
+        &self,
+        inner: &Arc<Inner>,
+        plan: Plan,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        self.start_after(inner, plan, None)
+    }
+
+    /// Starts `plan`, once `previous` (the bridge's run with its former settings) has ended.
+    fn start_after(
+        &self,
+        inner: &Arc<Inner>,
+        mut plan: Plan,
+        previous: Option<Handle>,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        let (ready, subscribed) = tokio::sync::oneshot::channel();
+        plan.stop = inner.shutdown.child_token();
+        let done = CancellationToken::new();
+        let handle = Handle {
+            bridge: plan.bridge.clone(),
+            stop: plan.stop.clone(),
+            done: done.clone(),
+        };
+        let name = plan.bridge.name.clone();
+        let inner2 = inner.clone();
+        inner.tasks.spawn(async move {
+            // A restarted bridge waits until its previous run let its session go.
+            if let Some(previous) = previous {
+                previous.done.cancelled().await;
+            }
+            let _done = done.drop_guard();
+            run(inner2, plan, Some(ready)).await;
+        });
+        self.running.lock().insert(name, handle);
+        subscribed
+    }
+
+    /// Applies `wanted`, the bridges of a reloaded configuration: bridges no longer in it
+    /// stop, new ones start, and those whose settings changed start again with the new ones.
+    /// Every new or changed bridge is planned first: if one cannot run, nothing changes.
+    pub(crate) fn reload(
+        &self,
+        inner: &Arc<Inner>,
+        wanted: &[Bridge],
+    ) -> Result<BridgeChanges, (String, String)> {
+        let mut changes = BridgeChanges::default();
+        let mut plans = Vec::new();
+        {
+            let running = self.running.lock();
+            for bridge in wanted {
+                let same = running
+                    .get(&bridge.name)
+                    .is_some_and(|h| h.bridge.fingerprint() == bridge.fingerprint());
+                if same {
+                    continue;
+                }
+                let plan = self
+                    .plan(bridge, inner.metrics.bridge(&bridge.name))
+                    .map_err(|reason| (bridge.name.clone(), reason))?;
+                plans.push(plan);
+            }
+        }
+        let mut running = self.running.lock();
+        let gone: Vec<String> = running
+            .keys()
+            .filter(|name| !wanted.iter().any(|b| &b.name == *name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(handle) = running.remove(&name) {
+                handle.stop.cancel();
+                inner.metrics.bridge(&name).up.set(0);
+                changes.removed.push(name);
+            }
+        }
+        drop(running);
+        for plan in plans {
+            let name = plan.bridge.name.clone();
+            let previous = self.running.lock().remove(&name);
+            match previous {
+                Some(previous) => {
+                    previous.stop.cancel();
+                    changes.restarted.push(name);
+                    drop(self.start_after(inner, plan, Some(previous)));
+                }
+                None => {
+                    changes.added.push(name);
+                    drop(self.start_after(inner, plan, None));
+                }
+            }
+        }
+        Ok(changes)
+    }
 }
 
 /// Bytes each direction of the in-memory stream of a bridge's local session holds.
@@ -152,18 +319,22 @@ const LOCAL_RETRY: Duration = Duration::from_secs(1);
 /// How long a DISCONNECT to the remote broker may take at shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Runs a bridge until the broker shuts down.
-pub(crate) async fn run(inner: Arc<Inner>, plan: Plan) {
+/// Says that a bridge's local session is subscribed to its outgoing rules.
+type Ready = tokio::sync::oneshot::Sender<()>;
+
+/// Runs a bridge until the broker shuts down or a reload stops it. `ready` is told once the
+/// local session is subscribed to the outgoing rules.
+async fn run(inner: Arc<Inner>, plan: Plan, mut ready: Option<Ready>) {
     let span = tracing::info_span!("bridge", bridge = %plan.bridge.name);
     async move {
         loop {
             let local = tokio::select! {
-                _ = inner.shutdown.cancelled() => return,
+                _ = plan.stop.cancelled() => return,
                 local = connect_local(&inner, &plan.bridge) => local,
             };
             match local {
                 Ok((client, events, ack)) => {
-                    match Running::new(&inner, &plan, client, events, &ack)
+                    match Running::new(&inner, &plan, client, events, &ack, ready.take())
                         .run()
                         .await
                     {
@@ -179,7 +350,7 @@ pub(crate) async fn run(inner: Arc<Inner>, plan: Plan) {
                 Err(error) => warn!(%error, "cannot open the bridge's local session"),
             }
             tokio::select! {
-                _ = inner.shutdown.cancelled() => return,
+                _ = plan.stop.cancelled() => return,
                 _ = tokio::time::sleep(LOCAL_RETRY) => {}
             }
         }
@@ -293,6 +464,7 @@ impl<'a> Running<'a> {
         local: Client,
         local_events: Events,
         ack: &ConnAck,
+        ready: Option<Ready>,
     ) -> Self {
         let limits = Limits::of(ack);
         let bridge = &plan.bridge;
@@ -315,13 +487,13 @@ impl<'a> Running<'a> {
             attempted: false,
             requests: JoinSet::new(),
         };
-        running.subscribe_local();
+        running.subscribe_local(ready);
         running
     }
 
     /// Subscribes the local session to the outgoing rules' local filters, and unsubscribes
-    /// it from filters an earlier configuration left in it.
-    fn subscribe_local(&mut self) {
+    /// it from filters an earlier configuration left in it; then tells `ready`.
+    fn subscribe_local(&mut self, ready: Option<Ready>) {
         let bridge = &self.plan.bridge;
         let mut wanted: Vec<(TopicFilter, QoS)> = Vec::new();
         for rule in bridge.topics.iter().filter(|r| r.direction().outgoing()) {
@@ -373,6 +545,9 @@ impl<'a> Running<'a> {
                             .await,
                     );
                 }
+                if let Some(ready) = ready {
+                    let _ = ready.send(());
+                }
             }
             .in_current_span(),
         );
@@ -415,7 +590,8 @@ impl<'a> Running<'a> {
 
     /// The actor's loop. Each turn it waits for the first of, in this order:
     ///
-    /// 1. shutdown of the broker: DISCONNECT to the remote broker, and the end;
+    /// 1. shutdown of the broker, or of this bridge by a reload: DISCONNECT to the remote
+    ///    broker (and to the local session, which stays with its queue), and the end;
     /// 2. room in the local, then the remote connection's command queue, while the relay has
     ///    commands for it (taken in the select, so that a full queue never stops the rest);
     /// 3. the local, then the remote client's verdict on its oldest QoS 1 or 2 publication;
@@ -427,7 +603,7 @@ impl<'a> Running<'a> {
     ///
     /// What the relay owes each side goes out before more is read from either.
     async fn run(mut self) -> End {
-        let shutdown = self.inner.shutdown.clone();
+        let shutdown = self.plan.stop.clone();
         loop {
             self.count();
             let to_local = self.relay.has_local();
@@ -463,6 +639,12 @@ impl<'a> Running<'a> {
             match wake {
                 Wake::Shutdown => {
                     self.close_remote().await;
+                    if !self.inner.shutdown.is_cancelled() {
+                        // Stopped by a reload: the session parks, keeping what it holds.
+                        let disconnect = self.local.disconnect(ReasonCode::Success, None);
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, disconnect).await;
+                        info!("bridge stopped");
+                    }
                     return End::Shutdown;
                 }
                 Wake::LocalRoom(false) => return End::LocalLost(None),

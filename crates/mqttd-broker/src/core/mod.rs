@@ -1036,7 +1036,7 @@ impl ConnectionCore {
     fn certificate_username(&self) -> Option<CertificateUser> {
         let config = &self.inner.config;
         let enabled = match self.peer.transport {
-            Transport::P2p => config.p2p.use_node_id_as_username,
+            Transport::P2p => self.inner.node_id_as_username.load(Ordering::Relaxed),
             transport => config.tls.use_identity_as_username && transport.is_secure(),
         };
         if !enabled {

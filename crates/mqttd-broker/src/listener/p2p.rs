@@ -11,21 +11,34 @@
 //! Admission: the broker's connection limit applies to every attempt, the per-address rate
 //! limit to those that come straight from an address (through a relay the address is the
 //! relay's business). The handshake must end within `connect_timeout`, which CONNECT shares.
-//! A node not in `p2p.allow` (when it lists any) is refused after the handshake, when its id
-//! is known: the connection is closed with the QUIC application error 0x87, not authorized.
+//! A node not in `p2p.allow` (when it lists any) is refused by the node's endpoint as its
+//! handshake completes, the first moment its id is proved (mqttd-p2p's `AllowList` says why
+//! not sooner): the connection is closed with the QUIC application error 0x87, not
+//! authorized, before the listener sees it, so not one MQTT byte is read from it or sent to
+//! it. A reload (SIGHUP) replaces the list for the connections that come next.
+//!
+//! Diagnostics: each admitted attempt counts in `mqttd_p2p_traversal_attempts_total` under the
+//! node's NAT type, and its outcome in `mqttd_p2p_traversals_total` (a direct path within
+//! [`TRAVERSAL_WINDOW`], relay only, a failed handshake, refused); a task per connection
+//! follows its traversal ([`Node::watch_traversal`]: one log line per phase), times the
+//! first direct path and counts the bytes of direct and relayed paths. Another task keeps the
+//! NAT type and each relay's state in the metrics.
 
 use std::collections::HashSet;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mqttd_p2p::{
-    Connection, ConnectionError, ConnectionStats, Incoming, Node, NodeConfig, NodeId, NodeKey,
-    PathKind, PathStats, RecvStream, RelayUrl, SendStream, StreamLimits, PING_ALPN,
+    AllowList, ConnectError, Connection, ConnectionError, ConnectionStats, Incoming, NatType, Node,
+    NodeConfig, NodeId, NodeKey, PathKind, PathStats, RecvStream, RelayState, RelayUrl, SendStream,
+    StreamLimits, TraversalEvent, PING_ALPN,
 };
 use noq::{Path, VarInt};
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio_util::task::TaskTracker;
@@ -45,17 +58,41 @@ pub(crate) const ALPN_MQTT: &[u8] = b"mqtt";
 /// How long, at shutdown, the node waits for its connections to end (each sends its
 /// DISCONNECT first), and then for their closes to be sent.
 const DRAIN: Duration = Duration::from_secs(2);
-/// The QUIC application error code of a node `p2p.allow` does not list: MQTT's not authorized.
-const NOT_ALLOWED: u32 = 0x87;
 /// The QUIC application error code of a connection for an ALPN the broker does not serve.
 const WRONG_PROTOCOL: u32 = 0x82;
+/// How long after its first packet a connection has to reach a direct path to count as
+/// direct: three of iroh's hole-punching rounds (every 5 s).
+pub(crate) const TRAVERSAL_WINDOW: Duration = Duration::from_secs(15);
+/// How often the NAT type and the relays' states are copied into the metrics.
+const STATE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long the start waits for the node to be registered with one of its relays. A relay
+/// drops what peers send to a node it does not know yet, so a peer dialing through it as soon
+/// as the listener is announced would wait for QUIC to resend its first packets (about a
+/// second later); past this bound the broker starts anyway and the node keeps trying.
+const RELAY_WAIT: Duration = Duration::from_secs(5);
 
 /// A bound `p2p://` listener: the node, and who may connect.
 #[derive(Debug)]
 pub(crate) struct P2pListener {
     node: Node,
-    /// The node ids of `p2p.allow`; `None`: any node.
-    allow: Option<Arc<HashSet<NodeId>>>,
+    /// The node ids of `p2p.allow`, which the node's endpoint checks.
+    allow: AllowList,
+}
+
+/// The node ids of `p2p.allow`; `None` (any node) when it is empty.
+pub(crate) fn allowed(config: &crate::config::P2pConfig) -> io::Result<Option<HashSet<NodeId>>> {
+    if config.allow.is_empty() {
+        return Ok(None);
+    }
+    config
+        .allow
+        .iter()
+        .map(|id| {
+            id.parse::<NodeId>()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("p2p.allow: {e}")))
+        })
+        .collect::<io::Result<HashSet<_>>>()
+        .map(Some)
 }
 
 impl P2pListener {
@@ -113,26 +150,20 @@ impl P2pListener {
             quic.stream_recv_window_default,
             quic.conn_flow_control_window,
         ));
-        let allow = match p2p.allow.is_empty() {
-            true => None,
-            false => Some(Arc::new(
-                p2p.allow
-                    .iter()
-                    .map(|id| {
-                        id.parse::<NodeId>()
-                            .map_err(|e| invalid(format!("p2p.allow: {e}")))
-                    })
-                    .collect::<io::Result<HashSet<_>>>()?,
-            )),
-        };
+        let allow = AllowList::any();
+        allow.set(allowed(p2p)?);
+        node.allow = Some(allow.clone());
         let relays = node.relays.clone();
         let node = Node::bind(node).await.map_err(io::Error::other)?;
+        if !relays.is_empty() {
+            wait_for_a_relay(&node).await;
+        }
         info!(
             listener = %listener.url,
             node_id = %node.id(),
             bound = ?node.bound_addrs(),
             relays = ?relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            allowed = allow.as_ref().map_or(0, |a| a.len()),
+            allowed = allow.len().unwrap_or(0),
             "peer-to-peer node bound"
         );
         Ok(Self { node, allow })
@@ -141,6 +172,11 @@ impl P2pListener {
     /// The node (its id and addresses).
     pub(crate) fn node(&self) -> &Node {
         &self.node
+    }
+
+    /// The allow-list the node checks (a reload replaces its contents).
+    pub(crate) fn allow(&self) -> &AllowList {
+        &self.allow
     }
 
     /// The first UDP address the node bound.
@@ -160,6 +196,20 @@ impl P2pListener {
         for path in ["direct", "relayed"] {
             inner.metrics.p2p_connections(path);
         }
+        for nat in NatType::ALL {
+            inner.metrics.p2p_traversal_attempt(nat.as_str());
+            for outcome in ["direct", "relay_only", "failed", "refused"] {
+                inner.metrics.p2p_traversal(nat.as_str(), outcome);
+            }
+        }
+        for path in ["direct", "relay"] {
+            for direction in ["sent", "received"] {
+                inner.metrics.p2p_path_bytes(path, direction);
+            }
+        }
+        inner
+            .tasks
+            .spawn(connections.track_future(node_state(self.node.clone(), inner.clone())));
         loop {
             let incoming = tokio::select! {
                 _ = inner.shutdown.cancelled() => break,
@@ -177,12 +227,16 @@ impl P2pListener {
                 incoming.refuse();
                 continue;
             };
+            let nat = self.node.nat_type().as_str();
+            inner.metrics.p2p_traversal_attempt(nat).inc();
             let attempt = Attempt {
                 inner: inner.clone(),
+                node: self.node.clone(),
                 name: name.clone(),
-                allow: self.allow.clone(),
                 addr,
                 path,
+                nat,
+                started: Instant::now(),
             };
             inner.tasks.spawn(connections.track_future(async move {
                 attempt.open(incoming).await;
@@ -192,6 +246,57 @@ impl P2pListener {
         connections.close();
         let _ = tokio::time::timeout(DRAIN, connections.wait()).await;
         let _ = tokio::time::timeout(DRAIN, self.node.close()).await;
+    }
+}
+
+/// Copies the node's NAT type and its relays' states into the metrics until shutdown.
+async fn node_state(node: Node, inner: Arc<Inner>) {
+    let all = NatType::ALL.map(NatType::as_str);
+    let mut tick = tokio::time::interval(STATE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        inner
+            .metrics
+            .p2p_set_nat_type(node.nat_type().as_str(), &all);
+        for relay in node.relay_states() {
+            inner.metrics.p2p_set_relay(
+                &relay.url.to_string(),
+                relay.home && relay.connected,
+                relay.latency.map(|l| l.as_secs_f64()),
+            );
+        }
+    }
+}
+
+/// Waits (at most [`RELAY_WAIT`]) until the node is connected to one of its relays, or every
+/// relay has refused it; warns if none took it.
+async fn wait_for_a_relay(node: &Node) {
+    let settled = |states: &[RelayState]| {
+        // Relays the node is not at home on are listed too, never denied: only home ones count.
+        states.iter().any(|s| s.connected)
+            || (states.iter().any(|s| s.home)
+                && states.iter().filter(|s| s.home).all(|s| s.denied.is_some()))
+    };
+    let states = tokio::time::timeout(RELAY_WAIT, node.wait_relays(settled))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| node.relay_states());
+    if !states.iter().any(|s| s.connected) {
+        warn!(
+            relays = ?states
+                .iter()
+                .map(|s| format!(
+                    "{}: {}",
+                    s.url,
+                    s.denied.as_deref().or(s.error.as_deref()).unwrap_or("not connected")
+                ))
+                .collect::<Vec<_>>(),
+            "the node is on no relay yet: peers that need one cannot reach it until it is"
+        );
     }
 }
 
@@ -211,7 +316,7 @@ fn own_relay_url(addr: SocketAddr) -> io::Result<RelayUrl> {
 }
 
 /// The certificates of a PEM file.
-fn load_roots(file: &std::path::Path) -> io::Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn load_roots(file: &std::path::Path) -> io::Result<Vec<CertificateDer<'static>>> {
     let what = |e: &dyn std::fmt::Display| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -231,17 +336,21 @@ fn load_roots(file: &std::path::Path) -> io::Result<Vec<CertificateDer<'static>>
 /// A connection attempt the accept loop admitted, in its own task.
 struct Attempt {
     inner: Arc<Inner>,
+    node: Node,
     name: Arc<str>,
-    allow: Option<Arc<HashSet<NodeId>>>,
     /// The peer's address if the attempt came straight from it; unspecified through a relay.
     addr: SocketAddr,
     /// The path of the attempt's first packet.
     path: Option<PathKind>,
+    /// The node's NAT type when the attempt came, its label in the metrics.
+    nat: &'static str,
+    /// When the attempt came.
+    started: Instant,
 }
 
 impl Attempt {
-    /// Runs the handshake under the CONNECT deadline, checks the allow-list, and serves the
-    /// connection by its ALPN.
+    /// Runs the handshake under the CONNECT deadline (the node's endpoint checks the
+    /// allow-list as it completes), and serves the connection by its ALPN.
     async fn open(self, incoming: Incoming) {
         let accepted = now();
         let limit = Duration::from_secs(self.inner.config.connect_timeout.max(1));
@@ -251,21 +360,17 @@ impl Attempt {
         };
         let conn = match done {
             Ok(Ok(conn)) => conn,
+            Ok(Err(ConnectError::Refused)) => {
+                self.inner.metrics.p2p_refused.inc();
+                self.inner.metrics.p2p_traversal(self.nat, "refused").inc();
+                info!(peer = %self.addr, listener = %self.name, "peer-to-peer node not in p2p.allow: refused");
+                return;
+            }
             Ok(Err(error)) => return self.failed(&error),
             Err(_) => return self.failed(&"not done within connect_timeout"),
         };
         let id = conn.remote_id();
-        if self
-            .allow
-            .as_ref()
-            .is_some_and(|allow| !allow.contains(&id))
-        {
-            self.inner.metrics.p2p_refused.inc();
-            info!(node_id = %id, peer = %self.addr, listener = %self.name, "peer-to-peer node not in p2p.allow: refused");
-            conn.close(NOT_ALLOWED, b"node not allowed");
-            return;
-        }
-        let direct = match conn.selected_path().map(|p| p.kind).or(self.path) {
+        let direct = match conn.selected_path().map(|p| p.kind).or(self.path.clone()) {
             Some(kind) => kind.is_direct(),
             None => false,
         };
@@ -274,11 +379,18 @@ impl Attempt {
             .p2p_connections(if direct { "direct" } else { "relayed" })
             .inc();
         debug!(node_id = %id, peer = %self.addr, listener = %self.name, direct, "peer-to-peer connection open");
+        self.watch_traversal(&conn);
         match conn.alpn() {
             ALPN_MQTT => {
                 let mut peer = Peer::new(Transport::P2p, self.addr, self.name.clone());
                 peer.tls_identity = Some(Arc::from(id.to_string()));
-                crate::drivers::quic::serve(self.inner, P2pConn(conn), peer, accepted).await;
+                let conn = P2pConn {
+                    conn,
+                    started: self.started,
+                    first_byte: self.inner.metrics.p2p_first_byte_seconds.clone(),
+                    first_seen: AtomicBool::new(false),
+                };
+                crate::drivers::quic::serve(self.inner, conn, peer, accepted).await;
             }
             PING_ALPN => {
                 let answered = tokio::select! {
@@ -294,34 +406,93 @@ impl Attempt {
         }
     }
 
+    /// Follows the traversal of `conn` in a task of its own, which ends with the connection:
+    /// its outcome, the time to a direct path and the bytes of each kind of path go to the
+    /// metrics.
+    fn watch_traversal(&self, conn: &Connection) {
+        let metrics = self.inner.clone();
+        let (node, conn, nat, started) = (self.node.clone(), conn.clone(), self.nat, self.started);
+        let bytes = |path, direction| metrics.metrics.p2p_path_bytes(path, direction);
+        let (direct_sent, direct_received) = (bytes("direct", "sent"), bytes("direct", "received"));
+        let (relay_sent, relay_received) = (bytes("relay", "sent"), bytes("relay", "received"));
+        let mut direct_timed = false;
+        self.inner.tasks.spawn(async move {
+            node.watch_traversal(conn, started, TRAVERSAL_WINDOW, move |event| match event {
+                TraversalEvent::Step(step) => {
+                    let m = &metrics.metrics;
+                    if step.phase == mqttd_p2p::traversal::Phase::DirectSelected && !direct_timed {
+                        direct_timed = true;
+                        m.p2p_direct_path_seconds
+                            .observe(step.elapsed.as_secs_f64());
+                    }
+                    match step.outcome {
+                        Some(mqttd_p2p::traversal::Outcome::Direct) => {
+                            m.p2p_traversal(nat, "direct").inc();
+                        }
+                        Some(_) => {
+                            m.p2p_traversal(nat, "relay_only").inc();
+                        }
+                        None => {}
+                    }
+                }
+                TraversalEvent::Bytes {
+                    direct,
+                    sent,
+                    received,
+                } => {
+                    let (s, r) = match direct {
+                        true => (&direct_sent, &direct_received),
+                        false => (&relay_sent, &relay_received),
+                    };
+                    s.inc_by(sent);
+                    r.inc_by(received);
+                }
+                _ => {}
+            })
+            .await;
+        });
+    }
+
     /// Counts and logs a failed handshake.
     fn failed(&self, error: &dyn std::fmt::Display) {
         self.inner.metrics.p2p_handshake_failures.inc();
+        self.inner.metrics.p2p_traversal(self.nat, "failed").inc();
         info!(peer = %self.addr, listener = %self.name, %error, "peer-to-peer handshake failed");
     }
 }
 
 /// A node's connection, as the QUIC driver drives it.
-struct P2pConn(Connection);
+struct P2pConn {
+    conn: Connection,
+    /// When the attempt came.
+    started: Instant,
+    /// Where the time to the first stream byte goes.
+    first_byte: Histogram,
+    /// Whether a stream came yet.
+    first_seen: AtomicBool,
+}
 
 impl QuicConn for P2pConn {
-    fn accept_bi(
-        &self,
-    ) -> impl std::future::Future<Output = Result<(SendStream, RecvStream), ConnectionError>> + Send + '_
-    {
-        self.0.iroh().accept_bi()
+    async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        let streams = self.conn.iroh().accept_bi().await?;
+        // A peer's stream is known to the broker with its first bytes.
+        if !self.first_seen.swap(true, Ordering::Relaxed) {
+            self.first_byte
+                .observe(self.started.elapsed().as_secs_f64());
+        }
+        Ok(streams)
     }
 
     fn close(&self, code: VarInt, reason: &[u8]) {
-        self.0.iroh().close(code, reason);
+        self.conn.iroh().close(code, reason);
     }
 
     fn close_reason(&self) -> Option<ConnectionError> {
-        self.0.close_reason()
+        self.conn.close_reason()
     }
 
     fn stats(&self) -> ConnectionStats {
-        self.0.stats()
+        self.conn.stats()
     }
 
     fn first_path(&self) -> Option<Path> {
@@ -329,7 +500,7 @@ impl QuicConn for P2pConn {
     }
 
     fn path_sample(&self, _held: Option<&Path>) -> (Option<PathStats>, Option<SocketAddr>) {
-        match self.0.selected_path_stats() {
+        match self.conn.selected_path_stats() {
             Some((PathKind::Direct(addr), stats)) => (Some(stats), Some(addr)),
             Some((_, stats)) => (Some(stats), None),
             None => (None, None),

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use mqttd_p2p::{ConnectError, Node, NodeAddr, NodeConfig, NodeId, NodeKey, RelayUrl};
+use mqttd_p2p::{ConnectError, Node, NodeAddr, NodeConfig, NodeId, NodeKey, RelayUrl, Retry};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::OnceCell;
@@ -20,7 +20,7 @@ use super::{Endpoint, TransportError};
 
 /// The peer-to-peer side of a connector: the broker's address and the client node.
 pub(super) struct P2p {
-    /// The broker's node: its id, the first relay, its direct addresses.
+    /// The broker's node: its id and its direct addresses.
     peer: NodeAddr,
     /// How to bind the client node.
     config: NodeConfig,
@@ -47,11 +47,9 @@ impl P2p {
         if let Some(file) = &options.relay_cafile {
             config.relay_roots = load_roots(file)?;
         }
-        let mut peer = NodeAddr::new(id).with_direct(options.direct.iter().copied());
-        // Peers of one deployment share their relays: the broker's node is at home on one.
-        if let Some(relay) = relays.first() {
-            peer = peer.with_relay(relay.clone());
-        }
+        // The node dials through each of its relays too: peers of one deployment share their
+        // relays, and the broker's node is at home on one of them.
+        let peer = NodeAddr::new(id).with_direct(options.direct.iter().copied());
         config.relays = relays;
         Ok(Self {
             peer,
@@ -66,7 +64,8 @@ impl P2p {
     }
 
     /// Dials the broker's node and opens the control stream, within the endpoint's time
-    /// limit.
+    /// limit; a failed handshake is tried again with backoff and jitter ([`Retry`]) while
+    /// the limit allows.
     pub(super) async fn connect(
         &self,
         endpoint: &Endpoint,
@@ -79,7 +78,7 @@ impl P2p {
                 .await
                 .map_err(|e| TransportError::Quic(e.to_string()))?;
             let conn = node
-                .connect(self.peer.clone(), ALPN)
+                .connect_with_retry(self.peer.clone(), ALPN, &Retry::new(limit))
                 .await
                 .map_err(|e| connect_error(e, endpoint))?;
             let (send, recv) = conn.open_bi().await.map_err(open_error)?;
@@ -164,9 +163,15 @@ mod tests {
         let p2p = P2p::new(&endpoint).unwrap();
         assert_eq!(p2p.peer.id, id);
         assert_eq!(p2p.direct(), ["127.0.0.1:7000".parse().unwrap()]);
+        // The relays are the client node's, which dials through every one of them.
+        assert!(p2p.peer.relay.is_none());
         assert_eq!(
-            p2p.peer.relay.as_ref().map(ToString::to_string).as_deref(),
-            Some("https://127.0.0.1:4433/")
+            p2p.config
+                .relays
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["https://127.0.0.1:4433/"]
         );
         assert!(p2p.node_id().is_none(), "bound on first use");
 
