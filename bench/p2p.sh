@@ -13,6 +13,7 @@
 #
 #   bench/p2p.sh                 # 3 rounds
 #   bench/p2p.sh --rounds 1 --duration 5
+#   MQTTD_BIN=path/to/mqttd bench/p2p.sh   # that binary, not a fresh release build
 #
 # Prints one line of JSON per run and a table at the end. A measurement tool, not a test: not
 # part of CI. Everything stays on 127.0.0.1.
@@ -37,8 +38,12 @@ while (($#)); do
 done
 
 apt_install jq
-cargo build --release --locked -p mqttd >&2
-MQTTD=${CARGO_TARGET_DIR:-$ROOT/target}/release/mqttd
+if [[ -n ${MQTTD_BIN:-} ]]; then
+    MQTTD=$MQTTD_BIN
+else
+    cargo build --release --locked -p mqttd >&2
+    MQTTD=${CARGO_TARGET_DIR:-$ROOT/target}/release/mqttd
+fi
 RUN=$(mktemp -d /tmp/mqttd-p2p-bench.XXXXXX)
 BROKER_PID=
 trap 'stop_broker; rm -rf "$RUN"' EXIT
