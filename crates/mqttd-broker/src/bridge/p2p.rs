@@ -18,7 +18,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use mqttd_p2p::{Connection, Node, NodeAddr, NodeConfig, NodeKey, RecvStream, SendStream};
+use mqttd_client::transport::QuicStream;
+use mqttd_p2p::{Connection, Node, NodeAddr, NodeConfig, NodeKey};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, OnceCell};
 use tokio_util::task::AbortOnDropHandle;
@@ -142,8 +143,7 @@ impl BridgeTransport for P2pBridges {
             let watch =
                 AbortOnDropHandle::new(tokio::spawn(log_paths(conn.clone()).in_current_span()));
             Ok(Box::new(P2pStream {
-                send,
-                recv,
+                stream: QuicStream::settled(send, recv),
                 _conn: conn,
                 _watch: watch,
             })
@@ -165,10 +165,10 @@ async fn log_paths(conn: Connection) {
     }
 }
 
-/// The bridge's stream on a node connection: the connection lives as long as the stream.
+/// The bridge's stream on a node connection: the connection lives as long as the stream, and
+/// the stream's shutdown waits until the remote has everything (the DISCONNECT included).
 struct P2pStream {
-    send: SendStream,
-    recv: RecvStream,
+    stream: QuicStream,
     _conn: Connection,
     /// The path logger, ended with the stream.
     _watch: AbortOnDropHandle<()>,
@@ -180,7 +180,7 @@ impl AsyncRead for P2pStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        AsyncRead::poll_read(Pin::new(&mut self.recv), cx, buf)
+        AsyncRead::poll_read(Pin::new(&mut self.stream), cx, buf)
     }
 }
 
@@ -190,15 +190,15 @@ impl AsyncWrite for P2pStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+        AsyncWrite::poll_write(Pin::new(&mut self.stream), cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+        AsyncWrite::poll_flush(Pin::new(&mut self.stream), cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.stream), cx)
     }
 }
 

@@ -522,11 +522,7 @@ impl QuicConnection {
     pub(crate) fn settled(conn: QuicConn, send: SendStream, recv: RecvStream) -> Self {
         Self {
             conn,
-            control: QuicStream {
-                send: QuicSend::new(send),
-                recv,
-                early: Early::Settled,
-            },
+            control: QuicStream::settled(send, recv),
             info: Arc::new(QuicInfo::default()),
         }
     }
@@ -646,6 +642,18 @@ fn io_error(kind: io::ErrorKind, error: TransportError) -> io::Error {
 }
 
 impl QuicStream {
+    /// A byte stream on a stream of a connection whose handshake is over (nothing sent early to
+    /// settle), such as one a peer-to-peer node opened. Like every `QuicStream`, its shutdown
+    /// waits until the peer has received everything written, so that closing the connection
+    /// right after does not discard a last packet (a DISCONNECT).
+    pub fn settled(send: SendStream, recv: RecvStream) -> Self {
+        Self {
+            send: QuicSend::new(send),
+            recv,
+            early: Early::Settled,
+        }
+    }
+
     /// Drives the 0-RTT outcome: ready once the stream is settled (accepted, or replayed on a
     /// new stream); an error if the handshake failed or timed out.
     fn poll_settle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
