@@ -383,3 +383,87 @@ fn a_certificate_client_cannot_add_scram_on_top() {
         "{packets:?}"
     );
 }
+
+/// A core that received an MQTT 5 CONNECT from `client_id` asking for a session that lasts
+/// `expiry` seconds: the session it asks for, or the CONNACK that refused it.
+fn connect_with_expiry(
+    inner: &Arc<Inner>,
+    now: Instant,
+    client_id: &str,
+    expiry: u32,
+) -> (ConnectionCore, Result<SessionRequest, ReasonCode>) {
+    let mut core = ConnectionCore::new(inner.clone(), peer(), now, Watermark::default());
+    let Packet::Connect(mut connect) = connect_packet(client_id) else {
+        unreachable!()
+    };
+    connect.clean_start = false;
+    connect.properties.session_expiry_interval = Some(expiry);
+    core.handle_packet(now, StreamId::CONTROL, Packet::Connect(connect));
+    core.process(now);
+    if let Some(Request::AcquireSession(request)) = core.poll_request() {
+        return (core, Ok(*request));
+    }
+    let refusal = written(&mut core, StreamId::CONTROL)
+        .into_iter()
+        .find_map(|p| match p {
+            Packet::ConnAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .expect("CONNACK");
+    (core, Err(refusal))
+}
+
+#[tokio::test]
+async fn persistent_sessions_past_max_sessions_are_refused_with_quota_exceeded() {
+    let inner = inner_with(Config {
+        max_sessions: 2,
+        ..Config::default()
+    });
+    let now = Instant::now();
+    let mut cores = Vec::new();
+    for id in ["a", "b"] {
+        let (mut core, request) = connect_with_expiry(&inner, now, id, 3600);
+        let acquired = inner.acquire(now, &request.unwrap(), core.mailbox()).await;
+        core.session_acquired(now, acquired);
+        cores.push(core);
+    }
+    let (_, refused) = connect_with_expiry(&inner, now, "c", 3600);
+    assert_eq!(refused.err(), Some(ReasonCode::QuotaExceeded));
+    let refusals = || {
+        inner
+            .metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with("mqttd_limit_refusals_total{limit=\"sessions\"}"))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        refusals().as_deref(),
+        Some("mqttd_limit_refusals_total{limit=\"sessions\"} 1")
+    );
+    // A session that ends with its connection takes no place; nor does resuming one held.
+    let (_, clean) = connect_with_expiry(&inner, now, "d", 0);
+    assert!(clean.is_ok());
+    let (_, resumed) = connect_with_expiry(&inner, now, "a", 3600);
+    assert!(resumed.is_ok());
+    // A CONNECT abandoned while it waits for its session gives its place back...
+    let a = ClientId::try_from("a").unwrap();
+    let handle = inner.sessions.get(&a).map(|h| h.clone()).unwrap();
+    inner.end_session(now, &handle, None);
+    assert_eq!(inner.persistent_sessions.held(), 1);
+    let (mut core, request) = connect_with_expiry(&inner, now, "e", 3600);
+    assert!(request.is_ok());
+    assert_eq!(inner.persistent_sessions.held(), 2);
+    core.abandon(now, ReasonCode::ServerBusy);
+    drop(core);
+    assert_eq!(inner.persistent_sessions.held(), 1);
+    // ...and one whose client left before CONNACK keeps it: the session is parked.
+    let (mut core, request) = connect_with_expiry(&inner, now, "f", 3600);
+    core.connection_lost(now);
+    let acquired = inner.acquire(now, &request.unwrap(), core.mailbox()).await;
+    core.session_acquired(now, acquired);
+    core.finish(now, SystemTime::UNIX_EPOCH);
+    assert_eq!(inner.persistent_sessions.held(), 2);
+    let (_, refused) = connect_with_expiry(&inner, now, "g", 3600);
+    assert_eq!(refused.err(), Some(ReasonCode::QuotaExceeded));
+}
