@@ -1157,6 +1157,10 @@ impl Inner {
     /// Adds subscriptions to the trie in one snapshot; returns, per subscription, whether it
     /// already existed.
     pub(crate) fn subscribe(&self, subs: &[(TopicFilter, Subscriber)]) -> Vec<bool> {
+        // A SUBSCRIBE refused whole (past `max_subscriptions`) publishes no new snapshot.
+        if subs.is_empty() {
+            return Vec::new();
+        }
         let _writer = self.subscription_writer.lock();
         let mut tree = Tree::clone(&self.subscriptions.load());
         let existed = subs

@@ -322,9 +322,7 @@ impl Metrics {
     /// not stored past `max_retained_messages` or `max_retained_bytes`), `sessions` (a
     /// CONNECT refused past `max_sessions`).
     pub(crate) fn limit_refused(&self, limit: &'static str) {
-        self.limit_refusals
-            .get_or_create(&[("limit", limit)])
-            .inc();
+        self.limit_refusals.get_or_create(&[("limit", limit)]).inc();
     }
 
     /// The metrics of the bridge named `name`, created at once so that they show 0 before

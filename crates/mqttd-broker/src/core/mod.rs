@@ -581,9 +581,7 @@ impl ConnectionCore {
         let Some(Waiting::Session(connecting)) = self.waiting.take() else {
             // Not asked for: hand it straight back to the broker.
             if acquired.session.expiry_interval() > 0 {
-                self.inner
-                    .persistent_sessions
-                    .count(&acquired.handle, None);
+                self.inner.persistent_sessions.count(&acquired.handle, None);
             }
             self.handle = Some(acquired.handle);
             self.unaccepted = Some(Box::new(acquired.session));
