@@ -1308,6 +1308,8 @@ impl ConnectionCore {
                         // cannot refuse, are delivered without being retained.
                         let v5 = self.conn.version().is_some_and(ProtocolVersion::is_v5);
                         if v5 && message.qos != QoS::AtMostOnce {
+                            inner.metrics.messages_dropped.inc();
+                            // The batch recorded nothing: discarded, it holds nothing back.
                             if let Some(id) = packet_id {
                                 let _ = self.conn.publish_ack(id, ReasonCode::QuotaExceeded);
                             }

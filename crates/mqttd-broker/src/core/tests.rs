@@ -467,3 +467,72 @@ async fn persistent_sessions_past_max_sessions_are_refused_with_quota_exceeded()
     let (_, refused) = connect_with_expiry(&inner, now, "g", 3600);
     assert_eq!(refused.err(), Some(ReasonCode::QuotaExceeded));
 }
+
+fn retained_publish(topic: &str, qos: QoS, id: u16) -> Packet {
+    Packet::Publish(mqttd_proto::Publish {
+        dup: false,
+        qos,
+        retain: true,
+        topic: TopicName::try_from(topic).unwrap(),
+        packet_id: PacketId::new(id),
+        properties: mqttd_proto::PublishProperties::default(),
+        payload: Bytes::from_static(b"x"),
+    })
+}
+
+#[tokio::test]
+async fn past_max_retained_messages_qos0_is_delivered_unretained_and_qos1_refused() {
+    let inner = inner_with(Config {
+        max_retained_messages: 1,
+        persistence: false,
+        ..Config::default()
+    });
+    let now = Instant::now();
+    let mut core = connected(&inner, now, "c").await;
+    let subscribe = Packet::Subscribe(Subscribe {
+        packet_id: PacketId::new(1).unwrap(),
+        properties: mqttd_proto::SubscribeProperties::default(),
+        filters: vec![mqttd_proto::Subscription {
+            filter: TopicFilter::try_from("t/+").unwrap(),
+            options: mqttd_proto::SubscriptionOptions::default(),
+        }],
+    });
+    core.handle_packet(now, StreamId::CONTROL, subscribe);
+    core.process(now);
+    let _ = written(&mut core, StreamId::CONTROL);
+    for (topic, qos, id) in [
+        ("t/a", QoS::AtMostOnce, 0),
+        ("t/b", QoS::AtMostOnce, 0),
+        ("t/c", QoS::AtLeastOnce, 7),
+    ] {
+        core.handle_packet(now, StreamId::CONTROL, retained_publish(topic, qos, id));
+    }
+    core.process(now);
+    // What was routed to the client itself waits in its mailbox.
+    let inbox = core.mailbox().take();
+    core.handle_inbox(now, inbox);
+    core.process(now);
+    let packets = written(&mut core, StreamId::CONTROL);
+    let delivered: Vec<&str> = packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(p.topic.as_str()),
+            _ => None,
+        })
+        .collect();
+    // Both QoS 0 messages are delivered; the QoS 1 one is refused whole.
+    assert_eq!(delivered, ["t/a", "t/b"]);
+    let acks: Vec<ReasonCode> = packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks, [ReasonCode::QuotaExceeded]);
+    assert_eq!(inner.retained.len(), 1);
+    assert!(inner
+        .metrics
+        .render()
+        .contains("mqttd_limit_refusals_total{limit=\"retained_messages\"} 2"));
+}
