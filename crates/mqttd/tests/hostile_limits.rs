@@ -26,8 +26,13 @@
 //! - the witness's round trips have a 99th percentile under [`P99_BOUND`].
 //!
 //! The counts and the memory bound do not depend on the machine. The round-trip bound does:
-//! the witness shares two cores with the hostile client, the broker and whatever else runs,
-//! so each test prints its percentiles (`--nocapture`) to show how far from the bound it is.
+//! the witness shares the cores with the hostile client, the broker and whatever else runs,
+//! so each test prints its percentiles (`--nocapture`), with the witness alone just before the
+//! attack, to tell the broker's delays from the machine's. Measured on a debug build, two
+//! cores shared with 4-6 running compilers: alone, p99 0.4-4 ms; during the attack, p99 4-9 ms
+//! (sessions, retained) and 6-30 ms (subscriptions: the broker's workers are busy decoding
+//! and refusing 3,200 filters per 64 KiB read, and inserting and replacing the 1,000 held),
+//! so the subscriptions case can fail its bound on a loaded machine with a debug build.
 
 mod support;
 
@@ -223,8 +228,12 @@ where
             .expect("witness runtime")
             .block_on(witness(addr, flag, counter))
     });
-    // Let the witness connect and warm up before the baseline.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The witness alone first: its round trips then are what the machine gives it without a
+    // hostile client, printed beside the others (and in a failure) to tell the broker's delays
+    // from the machine's.
+    while rounds.load(Ordering::Relaxed) < MIN_ROUND_TRIPS as u64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let before = broker.rss();
     let sampling = Arc::new(AtomicBool::new(false));
     let sampler = sample_rss(broker.pid(), sampling.clone());
@@ -247,13 +256,12 @@ where
     sampling.store(true, Ordering::Relaxed);
     let peak = sampler.join().expect("sampler");
     let grew = peak.saturating_sub(before);
-    // Only what overlapped the attack (the last one may have ended after it).
+    // Only what overlapped the attack (the last one may have ended after it) is checked.
+    let mut round_trips = witnessed.round_trips;
+    let during = round_trips.split_off((from as usize).min(round_trips.len()));
+    let alone = Witnessed { round_trips }.report(&format!("{case} (witness alone, before)"));
     let witnessed = Witnessed {
-        round_trips: witnessed
-            .round_trips
-            .into_iter()
-            .skip(from as usize)
-            .collect(),
+        round_trips: during,
     };
     eprintln!(
         "{case}: hostile client took {took:?} for {} passes; broker RSS {} KiB before, peak {} KiB (+{} KiB, bound +{} KiB)",
@@ -270,7 +278,8 @@ where
     );
     assert!(
         p99 < P99_BOUND,
-        "{case}: the witness's p99 round trip was {p99:?} (bound {P99_BOUND:?})"
+        "{case}: the witness's p99 round trip was {p99:?} (bound {P99_BOUND:?}); \
+         alone, just before, it was {alone:?}"
     );
     results
 }
@@ -286,40 +295,10 @@ async fn subscribing_to_100000_filters_stops_at_max_subscriptions() {
     let broker = Broker::start(&config(&format!("max_subscriptions = {LIMIT}")));
     let addr = broker.mqtt;
     const PER_PACKET: usize = 100;
-    let passes = under_witness(&broker, "subscriptions", move || async move {
-        let conn = RawConn::connected(addr, V5, "hostile-subscriber").await;
-        let (stream, _) = conn.into_parts();
-        let (mut rd, mut wr) = stream.into_split();
-        let packets = ATTEMPTS / PER_PACKET;
-        let reader = tokio::spawn(async move {
-            let mut reader = PacketReader::new(u32::MAX);
-            let mut buf = bytes::BytesMut::new();
-            let (mut granted, mut refused, mut acks) = (0, 0, 0);
-            while acks < packets {
-                match reader.read(&mut buf, Some(V5)) {
-                    Ok(Some(Packet::SubAck(ack))) => {
-                        acks += 1;
-                        for r in ack.reasons {
-                            match r {
-                                ReasonCode::QuotaExceeded => refused += 1,
-                                r if !r.is_error() => granted += 1,
-                                r => panic!("SUBACK reason {r:?}"),
-                            }
-                        }
-                    }
-                    Ok(Some(other)) => panic!("subscriber got {other:?}"),
-                    Ok(None) => {
-                        let n = within(STEP, "SUBACKs", rd.read_buf(&mut buf))
-                            .await
-                            .expect("read SUBACKs");
-                        assert!(n > 0, "closed after {acks} SUBACKs");
-                    }
-                    Err(e) => panic!("undecodable: {e}"),
-                }
-            }
-            (granted, refused)
-        });
-        for p in 0..packets {
+    // Encoded up front, so that the hostile client costs the machine little besides writing:
+    // what the witness measures is the broker.
+    let subscribes: Vec<u8> = (0..ATTEMPTS / PER_PACKET)
+        .flat_map(|p| {
             let filters = (0..PER_PACKET)
                 .map(|i| Subscription {
                     filter: TopicFilter::try_from(format!("hostile/{}/+/x", p * PER_PACKET + i))
@@ -335,11 +314,56 @@ async fn subscribing_to_100000_filters_stops_at_max_subscriptions() {
                 properties: SubscribeProperties::default(),
                 filters,
             });
-            wr.write_all(&encode(V5, &packet)).await.expect("SUBSCRIBE");
+            encode(V5, &packet)
+        })
+        .collect();
+    let subscribes = Arc::new(subscribes);
+    // One client, one connection: a pass after the first sends the same filters again (the
+    // LIMIT it holds are replaced, the rest refused again).
+    let conn = RawConn::connected(addr, V5, "hostile-subscriber").await;
+    let (stream, _) = conn.into_parts();
+    let halves = Arc::new(tokio::sync::Mutex::new(stream.into_split()));
+    let passes = under_witness(&broker, "subscriptions", move || {
+        let (subscribes, halves) = (subscribes.clone(), halves.clone());
+        async move {
+            let mut guard = halves.lock().await;
+            let (rd, wr) = &mut *guard;
+            let packets = ATTEMPTS / PER_PACKET;
+            let read = async {
+                let mut reader = PacketReader::new(u32::MAX);
+                let mut buf = bytes::BytesMut::new();
+                let (mut granted, mut refused, mut acks) = (0, 0, 0);
+                while acks < packets {
+                    match reader.read(&mut buf, Some(V5)) {
+                        Ok(Some(Packet::SubAck(ack))) => {
+                            acks += 1;
+                            for r in ack.reasons {
+                                match r {
+                                    ReasonCode::QuotaExceeded => refused += 1,
+                                    r if !r.is_error() => granted += 1,
+                                    r => panic!("SUBACK reason {r:?}"),
+                                }
+                            }
+                        }
+                        Ok(Some(other)) => panic!("subscriber got {other:?}"),
+                        Ok(None) => {
+                            let n = within(STEP, "SUBACKs", rd.read_buf(&mut buf))
+                                .await
+                                .expect("read SUBACKs");
+                            assert!(n > 0, "closed after {acks} SUBACKs");
+                        }
+                        Err(e) => panic!("undecodable: {e}"),
+                    }
+                }
+                (granted, refused)
+            };
+            let write = async {
+                for chunk in subscribes.chunks(64 * 1024) {
+                    wr.write_all(chunk).await.expect("SUBSCRIBE");
+                }
+            };
+            tokio::join!(read, write).0
         }
-        let counts = reader.await.expect("SUBACK reader");
-        drop(wr);
-        counts
     })
     .await;
     for counts in &passes {
