@@ -1007,7 +1007,7 @@ impl Inner {
         if will.retain && self.config.retain_available {
             // Past the retained limits a will is still published, only not retained.
             if let Err(refused) = self.retain(&will, &mut batch) {
-                self.metrics.limit_refused(refused.label());
+                self.metrics.limit_refused(refused.label(), 1);
             }
         }
         self.route_in(now, &will, None, &mut batch);

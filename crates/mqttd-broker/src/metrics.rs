@@ -317,12 +317,16 @@ impl Metrics {
             .get_or_create_owned(&[("reason", reason)])
     }
 
-    /// Counts one request refused by the limit `limit`: `subscriptions` (a SUBSCRIBE filter
+    /// Counts `n` requests refused by the limit `limit`: `subscriptions` (a SUBSCRIBE filter
     /// past `max_subscriptions`), `retained_messages` and `retained_bytes` (a retained message
     /// not stored past `max_retained_messages` or `max_retained_bytes`), `sessions` (a
     /// CONNECT refused past `max_sessions`).
-    pub(crate) fn limit_refused(&self, limit: &'static str) {
-        self.limit_refusals.get_or_create(&[("limit", limit)]).inc();
+    pub(crate) fn limit_refused(&self, limit: &'static str, n: u64) {
+        if n > 0 {
+            self.limit_refusals
+                .get_or_create(&[("limit", limit)])
+                .inc_by(n);
+        }
     }
 
     /// The metrics of the bridge named `name`, created at once so that they show 0 before

@@ -1251,7 +1251,7 @@ impl ConnectionCore {
                     max_sessions = self.inner.config.max_sessions,
                     "persistent session refused: max_sessions reached"
                 );
-                self.inner.metrics.limit_refused("sessions");
+                self.inner.metrics.limit_refused("sessions", 1);
                 // MQTT 3.1.1 has no such code: 0x03, server unavailable.
                 let _ = self.conn.reject(now, ReasonCode::QuotaExceeded);
                 return;
@@ -1301,7 +1301,7 @@ impl ConnectionCore {
                 };
                 if message.retain {
                     if let Err(refused) = inner.retain(&message, &mut batch) {
-                        inner.metrics.limit_refused(refused.label());
+                        inner.metrics.limit_refused(refused.label(), 1);
                         debug!(topic = %message.topic, limit = refused.label(), "retained message refused");
                         // An MQTT 5 client is told (PUBACK 0x97) and nothing is done: it may
                         // publish again without the flag. QoS 0, and MQTT 3 whose PUBACK
@@ -1434,7 +1434,6 @@ impl ConnectionCore {
                 && handle.subscriptions.lock().len() + adds.len() >= config.max_subscriptions
                 && !handle.subscriptions.lock().contains_key(filter)
             {
-                self.inner.metrics.limit_refused("subscriptions");
                 ReasonCode::QuotaExceeded
             } else if !self.inner.authorize(client, Action::Subscribe, text) {
                 ReasonCode::NotAuthorized
@@ -1453,6 +1452,14 @@ impl ConnectionCore {
             };
             reasons.push(reason);
         }
+        // Counted once per SUBSCRIBE: a client past its limit may send many.
+        let over = reasons
+            .iter()
+            .filter(|r| **r == ReasonCode::QuotaExceeded)
+            .count();
+        self.inner
+            .metrics
+            .limit_refused("subscriptions", over as u64);
         for (filter, _) in &adds {
             self.hint(filter, stream);
         }
