@@ -30,7 +30,7 @@ use crate::auth::ScramServer;
 use crate::config::{Config, OfflineQos0};
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Hooks, Transport, Verdict};
 use crate::metrics::Metrics;
-use crate::retained::RetainedStore;
+use crate::retained::{RetainLimits, RetainRefused, RetainedStore};
 use crate::storage::record::{self, Clock};
 use crate::storage::{
     Batch, Recovered, SessionRecord, Storage, StoredDelivery, StoredWill, Ticket,
@@ -175,6 +175,8 @@ pub(crate) struct SessionHandle {
     pub(crate) progress: AtomicU64,
     /// Whether the session outlives its connection: its QoS 1 and 2 messages are stored.
     pub(crate) persistent: AtomicBool,
+    /// Whether this session counts against `max_sessions` (see [`SessionCount`]).
+    pub(crate) counted: AtomicBool,
     /// Whether storage holds a record of this session, to forget when it ends.
     pub(crate) stored: AtomicBool,
     /// Whether storage holds messages or QoS 2 state of this session.
@@ -363,6 +365,81 @@ impl Drop for TimerGauge {
     }
 }
 
+/// The persistent sessions held, connected or not, against `max_sessions`.
+///
+/// A session counts from the moment a connection acquires it as persistent (or storage
+/// restores it) until it ends, through the `counted` flag of its handle, so the count is
+/// exact whatever path a session takes. A CONNECT that would add one first takes a
+/// [`SessionPermit`]: taking it is what is refused past the limit, atomically, so that
+/// concurrent CONNECTs cannot together pass it.
+#[derive(Debug)]
+pub(crate) struct SessionCount {
+    held: AtomicUsize,
+    /// 0 for no limit.
+    max: usize,
+}
+
+/// One place under `max_sessions`, taken for a CONNECT that will create a persistent session.
+/// Dropped unused (the CONNECT failed, or the session was counted already), it is given back.
+#[derive(Debug)]
+pub(crate) struct SessionPermit(Option<Arc<SessionCount>>);
+
+impl Drop for SessionPermit {
+    fn drop(&mut self) {
+        if let Some(count) = self.0.take() {
+            count.held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl SessionCount {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            held: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Persistent sessions held now (places taken by permits included).
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// A place for one more persistent session, unless that would pass the limit.
+    pub(crate) fn permit(self: &Arc<Self>) -> Option<SessionPermit> {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (self.max == 0 || n < self.max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(SessionPermit(Some(self.clone())))
+    }
+
+    /// Counts `handle`'s session, with the place `permit` took if it has one; a session
+    /// counted already gives the permit back.
+    pub(crate) fn count(&self, handle: &SessionHandle, permit: Option<SessionPermit>) {
+        if handle.counted.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        match permit {
+            Some(mut permit) => {
+                // Its place is now the session's.
+                permit.0 = None;
+            }
+            None => {
+                self.held.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// `handle`'s session ended: its place is free.
+    fn uncount(&self, handle: &SessionHandle) {
+        if handle.counted.swap(false, Ordering::Relaxed) {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Deliveries waiting for room in their sessions' queues.
 pub(crate) type Blocked = SmallVec<[(Arc<SessionHandle>, Delivery); 1]>;
 
@@ -381,6 +458,8 @@ pub(crate) struct Inner {
     subscription_writer: Mutex<()>,
     pub(crate) sessions: DashMap<ClientId, Arc<SessionHandle>>,
     pub(crate) retained: RetainedStore,
+    /// Persistent sessions held, against `max_sessions`.
+    pub(crate) persistent_sessions: Arc<SessionCount>,
     pub(crate) hooks: Arc<dyn Hooks>,
     pub(crate) auth: ArcSwap<AccessControl>,
     pub(crate) scram: ScramServer,
@@ -413,6 +492,7 @@ impl Inner {
         let server_config = config.server_config();
         let durable = storage.is_durable();
         let node_id_as_username = config.p2p.use_node_id_as_username.into();
+        let persistent_sessions = Arc::new(SessionCount::new(config.max_sessions));
         Self {
             bridges: crate::bridge::Bridges::default(),
             node_id_as_username,
@@ -422,6 +502,7 @@ impl Inner {
             subscription_writer: Mutex::new(()),
             sessions: DashMap::new(),
             retained: RetainedStore::new(),
+            persistent_sessions,
             hooks,
             auth: ArcSwap::from_pointee(auth),
             scram,
@@ -476,6 +557,10 @@ impl Inner {
         m.sessions.set(self.sessions.len() as i64);
         m.subscriptions.set(self.subscriptions.load().len() as i64);
         m.retained_messages.set(self.retained.len() as i64);
+        m.retained_bytes
+            .set(i64::try_from(self.retained.bytes()).unwrap_or(i64::MAX));
+        m.persistent_sessions
+            .set(i64::try_from(self.persistent_sessions.held()).unwrap_or(i64::MAX));
         for name in self.bridges.names() {
             let held = self.held_by(&crate::bridge::config::local_client_id(&name));
             m.bridge(&name)
@@ -511,6 +596,7 @@ impl Inner {
             capacity: AtomicUsize::new(usize::MAX),
             progress: AtomicU64::new(0),
             persistent: AtomicBool::new(false),
+            counted: AtomicBool::new(false),
             stored: AtomicBool::new(false),
             stored_messages: AtomicBool::new(false),
             backlog: AtomicUsize::new(0),
@@ -745,6 +831,7 @@ impl Inner {
         session: Option<Session>,
     ) {
         *handle.slot.lock() = Slot::Ended;
+        self.persistent_sessions.uncount(handle);
         self.sessions
             .remove_if(&handle.client_id, |_, h| Arc::ptr_eq(h, handle));
         let filters: Vec<TopicFilter> = handle
@@ -918,7 +1005,10 @@ impl Inner {
         let will = Arc::new(will);
         let mut batch = Batch::direct(&*self.storage);
         if will.retain && self.config.retain_available {
-            self.retain(&will, &mut batch);
+            // Past the retained limits a will is still published, only not retained.
+            if let Err(refused) = self.retain(&will, &mut batch) {
+                self.metrics.limit_refused(refused.label(), 1);
+            }
         }
         self.route_in(now, &will, None, &mut batch);
         // Nobody acknowledges a will: nothing waits for what publishing it stored, but the
@@ -927,11 +1017,21 @@ impl Inner {
     }
 
     /// Stores a retained message (an empty payload deletes), in memory and, through `batch`,
-    /// in storage.
-    pub(crate) fn retain(&self, message: &Arc<Message>, batch: &mut Batch<'_>) {
-        self.retained.set(message.clone());
+    /// in storage, unless the store would pass `max_retained_messages` or
+    /// `max_retained_bytes`: then nothing is stored and the caller counts the refusal.
+    pub(crate) fn retain(
+        &self,
+        message: &Arc<Message>,
+        batch: &mut Batch<'_>,
+    ) -> Result<(), RetainRefused> {
+        let limits = RetainLimits {
+            max_messages: self.config.max_retained_messages,
+            max_bytes: self.config.max_retained_bytes,
+        };
+        self.retained.set_within(message.clone(), limits)?;
         // The batch's ticket covers it.
         let _ = batch.retain(message);
+        Ok(())
     }
 
     /// Records a session in storage: a persistent one with its subscriptions, or one that
@@ -987,6 +1087,10 @@ impl Inner {
             handle
                 .persistent
                 .store(record.expiry_interval > 0, Ordering::Relaxed);
+            if record.expiry_interval > 0 {
+                // What storage kept is held whatever the limit says now.
+                self.persistent_sessions.count(&handle, None);
+            }
             for StoredDelivery { delivery, flow } in stored.deliveries {
                 match flow {
                     Some((packet_id, state)) => {
@@ -1053,6 +1157,10 @@ impl Inner {
     /// Adds subscriptions to the trie in one snapshot; returns, per subscription, whether it
     /// already existed.
     pub(crate) fn subscribe(&self, subs: &[(TopicFilter, Subscriber)]) -> Vec<bool> {
+        // A SUBSCRIBE refused whole (past `max_subscriptions`) publishes no new snapshot.
+        if subs.is_empty() {
+            return Vec::new();
+        }
         let _writer = self.subscription_writer.lock();
         let mut tree = Tree::clone(&self.subscriptions.load());
         let existed = subs

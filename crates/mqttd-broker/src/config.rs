@@ -391,6 +391,21 @@ pub enum OfflineQos0 {
     Queue,
 }
 
+/// Default `max_subscriptions`: far more than any device or application subscribes to
+/// (gateways and bridges included), while one client's filters stay a few MiB of the trie.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 10_000;
+/// Default `max_retained_messages`: a retained status topic for each of a million devices.
+pub const DEFAULT_MAX_RETAINED_MESSAGES: usize = 1_000_000;
+/// Default `max_retained_bytes` (1 GiB): bounds what the retained store holds whatever the
+/// message sizes, so that a publisher of large retained payloads meets a limit too.
+pub const DEFAULT_MAX_RETAINED_BYTES: usize = 1 << 30;
+/// Default `max_sessions`: persistent sessions, connected or not; a client that creates them
+/// under ever new identifiers and abandons them meets it long before the broker's memory does.
+pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
+/// Default `max_session_expiry`: 7 days. A session asking never to expire (MQTT 5 0xFFFFFFFF,
+/// or a 3.1.1 clean session 0) is kept this long offline, so an abandoned one is reclaimed.
+pub const DEFAULT_MAX_SESSION_EXPIRY: u32 = 7 * 24 * 3600;
+
 /// The broker's settings. Every field has a default; the README documents each key.
 ///
 /// Settings will be added, so other crates cannot build it field by field: start from
@@ -448,12 +463,22 @@ pub struct Config {
     pub max_topic_length: usize,
     /// Most levels in a topic name or filter.
     pub max_topic_levels: usize,
-    /// Most subscriptions one client may hold; 0 for no limit.
+    /// Most subscriptions one client may hold (SUBACK 0x97 beyond); 0 for no limit.
     pub max_subscriptions: usize,
+    /// Most retained messages the broker holds (a new retained topic beyond is refused with
+    /// PUBACK 0x97); 0 for no limit.
+    pub max_retained_messages: usize,
+    /// Most bytes of retained messages (topic, payload and properties) the broker holds;
+    /// 0 for no limit.
+    pub max_retained_bytes: usize,
+    /// Most persistent sessions held, connected or not (a CONNECT that would create one more
+    /// is refused with CONNACK 0x97, 3.1.1: 0x03); 0 for no limit.
+    pub max_sessions: usize,
     /// Session expiry, in seconds, of 3.1.1 clients connecting with clean session 0; unset for
-    /// never (Mosquitto's `persistent_client_expiration`).
+    /// `max_session_expiry` (Mosquitto's `persistent_client_expiration`).
     pub persistent_client_expiration: Option<u32>,
-    /// Largest session expiry interval granted, in seconds; unset for no limit.
+    /// Largest session expiry interval granted, in seconds, to MQTT 5 and 3.1.1 clients alike;
+    /// `4294967295` (or unset) for no limit.
     pub max_session_expiry: Option<u32>,
     /// QoS 0 messages for offline clients.
     pub offline_qos0: OfflineQos0,
@@ -499,9 +524,12 @@ impl Default for Config {
             connect_timeout: 10,
             max_topic_length: 65_535,
             max_topic_levels: 128,
-            max_subscriptions: 0,
+            max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
+            max_retained_messages: DEFAULT_MAX_RETAINED_MESSAGES,
+            max_retained_bytes: DEFAULT_MAX_RETAINED_BYTES,
+            max_sessions: DEFAULT_MAX_SESSIONS,
             persistent_client_expiration: None,
-            max_session_expiry: None,
+            max_session_expiry: Some(DEFAULT_MAX_SESSION_EXPIRY),
             offline_qos0: OfflineQos0::Drop,
             sys_interval: 10,
             persistence: true,
@@ -564,10 +592,19 @@ impl Config {
             subscription_identifiers_available: true,
             shared_subscription_available: true,
             max_keepalive: self.max_keepalive,
-            max_session_expiry: self.max_session_expiry.unwrap_or(NEVER_EXPIRES),
-            v3_session_expiry: self.persistent_client_expiration.unwrap_or(NEVER_EXPIRES),
+            max_session_expiry: self.max_session_expiry(),
+            // A 3.1.1 client cannot be told its session expires: it gets the same cap.
+            v3_session_expiry: self
+                .persistent_client_expiration
+                .unwrap_or(NEVER_EXPIRES)
+                .min(self.max_session_expiry()),
             connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
         }
+    }
+
+    /// The largest session expiry interval granted, in seconds (`NEVER_EXPIRES` for no limit).
+    pub fn max_session_expiry(&self) -> u32 {
+        self.max_session_expiry.unwrap_or(NEVER_EXPIRES)
     }
 
     /// Per-session queue bounds.
@@ -593,6 +630,27 @@ mod tests {
         assert_eq!(c.max_queued_messages, 5);
         assert!(c.anonymous_allowed());
         assert!(Config::parse("max_keepalvie = 60").is_err());
+    }
+
+    #[test]
+    fn limits_have_defaults_and_bound_v3_session_expiry() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.max_subscriptions, 10_000);
+        assert_eq!(c.max_retained_messages, 1_000_000);
+        assert_eq!(c.max_retained_bytes, 1 << 30);
+        assert_eq!(c.max_sessions, 100_000);
+        let s = c.server_config();
+        assert_eq!(s.max_session_expiry, 7 * 24 * 3600);
+        assert_eq!(s.v3_session_expiry, 7 * 24 * 3600);
+        let c = Config::parse(
+            "max_session_expiry = 4294967295\nmax_sessions = 0\nmax_retained_bytes = 0\n",
+        )
+        .unwrap();
+        assert_eq!(c.server_config().v3_session_expiry, NEVER_EXPIRES);
+        assert_eq!((c.max_sessions, c.max_retained_bytes), (0, 0));
+        let c = Config::parse("max_session_expiry = 60\npersistent_client_expiration = 3600\n")
+            .unwrap();
+        assert_eq!(c.server_config().v3_session_expiry, 60);
     }
 
     #[test]

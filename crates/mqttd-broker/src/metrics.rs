@@ -136,6 +136,13 @@ pub struct Metrics {
     pub subscriptions: Gauge,
     /// Retained messages held.
     pub retained_messages: Gauge,
+    /// Bytes of the retained messages held (topic, payload and properties), as counted
+    /// against `max_retained_bytes`.
+    pub retained_bytes: Gauge,
+    /// Persistent sessions held, connected or not, as counted against `max_sessions`.
+    pub persistent_sessions: Gauge,
+    /// Requests refused by a configured limit, by `limit`: see [`Self::limit_refused`].
+    limit_refusals: LimitRefusals,
     /// Timer tasks of offline sessions (will delay, session expiry) running now: at most one
     /// per offline session.
     pub session_timers: Gauge,
@@ -167,7 +174,7 @@ impl Default for Metrics {
             (@new $kind:ty) => { <$kind>::default() };
             (@new $kind:ty, $new:expr) => { $new };
         }
-        register! {
+        let metrics = register! {
             connections_accepted: Counter = "Connections accepted by the listeners",
             connections_refused: Counter = "Connections refused by connection limits",
             connections_open: Gauge = "Connections open now",
@@ -202,6 +209,10 @@ impl Default for Metrics {
             sessions: Gauge = "Sessions held",
             subscriptions: Gauge = "Subscriptions held",
             retained_messages: Gauge = "Retained messages held",
+            retained_bytes: Gauge = "Bytes of the retained messages held",
+            persistent_sessions: Gauge = "Persistent sessions held, connected or not",
+            limit_refusals: LimitRefusals =
+                "Requests refused by a configured limit, by limit (subscriptions, retained_messages, retained_bytes, sessions)",
             session_timers: Gauge = "Timer tasks of offline sessions running",
             quic_socket_recv_buffer_bytes: Gauge = "QUIC UDP socket receive buffer in bytes",
             quic_socket_send_buffer_bytes: Gauge = "QUIC UDP socket send buffer in bytes",
@@ -236,10 +247,17 @@ impl Default for Metrics {
                 "Whether each relay is the peer-to-peer node's home relay and connected",
             p2p_relay_latency_seconds: P2pRelayLatency =
                 "Round-trip time to each relay in the node's last net report",
+        };
+        // Shown as 0 before anything is refused.
+        for limit in LIMITS {
+            let _ = metrics.limit_refusals.get_or_create(&[("limit", limit)]);
         }
+        metrics
     }
 }
 
+/// `mqttd_limit_refusals_total`, labelled by `limit`.
+type LimitRefusals = Family<[(&'static str, &'static str); 1], Counter>;
 /// `mqttd_quic_datagrams_dropped_total`, labelled by `reason`.
 type QuicDropped = Family<[(&'static str, &'static str); 1], Counter>;
 /// Gauges labelled by `bridge`.
@@ -276,6 +294,13 @@ type P2pRelayLatency = Family<[(&'static str, String); 1], Gauge<f64, AtomicU64>
 const TRAVERSAL_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 15.0, 30.0,
 ];
+/// The `limit` labels of `mqttd_limit_refusals_total`.
+const LIMITS: [&str; 4] = [
+    "subscriptions",
+    "retained_messages",
+    "retained_bytes",
+    "sessions",
+];
 /// The buckets of `quic_rtt_seconds`: from loopback to a satellite link, in seconds.
 const RTT_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -290,6 +315,18 @@ impl Metrics {
     pub(crate) fn quic_datagrams_dropped(&self, reason: &'static str) -> Counter {
         self.quic_datagrams_dropped
             .get_or_create_owned(&[("reason", reason)])
+    }
+
+    /// Counts `n` requests refused by the limit `limit`: `subscriptions` (a SUBSCRIBE filter
+    /// past `max_subscriptions`), `retained_messages` and `retained_bytes` (a retained message
+    /// not stored past `max_retained_messages` or `max_retained_bytes`), `sessions` (a
+    /// CONNECT refused past `max_sessions`).
+    pub(crate) fn limit_refused(&self, limit: &'static str, n: u64) {
+        if n > 0 {
+            self.limit_refusals
+                .get_or_create(&[("limit", limit)])
+                .inc_by(n);
+        }
     }
 
     /// The metrics of the bridge named `name`, created at once so that they show 0 before

@@ -25,11 +25,47 @@ impl Node {
     }
 }
 
+/// What the store holds, counted by its writers.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    messages: usize,
+    /// Sum of [`Message::weight`]: topic, payload and properties.
+    bytes: usize,
+}
+
+/// Why a retained message was not stored: the limit it would have passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetainRefused {
+    /// `max_retained_messages`.
+    Messages,
+    /// `max_retained_bytes`.
+    Bytes,
+}
+
+impl RetainRefused {
+    /// The `limit` label of `mqttd_limit_refusals_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Messages => "retained_messages",
+            Self::Bytes => "retained_bytes",
+        }
+    }
+}
+
+/// Bounds of the retained-message store; 0 for no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetainLimits {
+    /// Most messages held.
+    pub max_messages: usize,
+    /// Most bytes ([`Message::weight`]) held.
+    pub max_bytes: usize,
+}
+
 /// The retained-message store.
 #[derive(Debug, Default)]
 pub struct RetainedStore {
     root: ArcSwap<Node>,
-    writer: Mutex<usize>,
+    writer: Mutex<Totals>,
 }
 
 impl RetainedStore {
@@ -40,7 +76,12 @@ impl RetainedStore {
 
     /// Number of retained messages.
     pub fn len(&self) -> usize {
-        *self.writer.lock()
+        self.writer.lock().messages
+    }
+
+    /// Bytes of the retained messages held ([`Message::weight`]).
+    pub fn bytes(&self) -> usize {
+        self.writer.lock().bytes
     }
 
     /// Whether no message is retained.
@@ -50,25 +91,50 @@ impl RetainedStore {
 
     /// Stores `message` as the retained message of its topic; an empty payload deletes the
     /// topic's retained message [MQTT-3.3.1-6, MQTT-3.3.1-7].
+    /// Never refused: for what the broker itself retains (`$SYS`) and what storage restores.
     pub fn set(&self, message: Arc<Message>) {
-        let mut count = self.writer.lock();
-        let levels: Vec<&str> = message.topic.levels().collect();
-        let value = (!message.payload.is_empty()).then(|| message.clone());
+        let _ = self.set_within(message, RetainLimits::default());
+    }
+
+    /// As [`Self::set`], unless the store would then pass `limits` and hold more than it
+    /// does now: a deletion, or a replacement no larger than the message it replaces, is
+    /// always done, so that a store over its limits (lowered by a reload) can shrink.
+    pub fn set_within(
+        &self,
+        message: Arc<Message>,
+        limits: RetainLimits,
+    ) -> Result<(), RetainRefused> {
+        let mut totals = self.writer.lock();
         let root = self.root.load_full();
+        let old = find(&root, &message.topic).map_or(0, |m| m.weight());
+        let new = if message.payload.is_empty() {
+            0
+        } else {
+            message.weight()
+        };
+        let bytes = (totals.bytes + new).saturating_sub(old);
+        if new > 0 {
+            let adds = find(&root, &message.topic).is_none();
+            if adds && limits.max_messages > 0 && totals.messages >= limits.max_messages {
+                return Err(RetainRefused::Messages);
+            }
+            if new > old && limits.max_bytes > 0 && bytes > limits.max_bytes {
+                return Err(RetainRefused::Bytes);
+            }
+        }
+        let levels: Vec<&str> = message.topic.levels().collect();
+        let value = (new > 0).then(|| message.clone());
         let mut delta = 0isize;
         let new_root = set(&root, &levels, value, &mut delta).unwrap_or_default();
         self.root.store(Arc::new(new_root));
-        *count = count.saturating_add_signed(delta);
+        totals.messages = totals.messages.saturating_add_signed(delta);
+        totals.bytes = bytes;
+        Ok(())
     }
 
     /// The retained message of exactly `topic`.
     pub fn get(&self, topic: &TopicName) -> Option<Arc<Message>> {
-        let root = self.root.load();
-        let mut node: &Node = &root;
-        for level in topic.levels() {
-            node = node.children.get(level)?;
-        }
-        node.message.clone()
+        find(&self.root.load(), topic).cloned()
     }
 
     /// Every retained message whose topic matches `filter` and has not expired at `now`.
@@ -202,6 +268,15 @@ impl RetainedCursor {
             });
         }
     }
+}
+
+/// The message retained under exactly `topic` in the trie at `root`.
+fn find<'a>(root: &'a Node, topic: &TopicName) -> Option<&'a Arc<Message>> {
+    let mut node = root;
+    for level in topic.levels() {
+        node = node.children.get(level)?;
+    }
+    node.message.as_ref()
 }
 
 /// Returns the new node, `None` if it became empty.
@@ -347,6 +422,42 @@ mod tests {
             got.sort();
             assert_eq!(got, topics(&s, filter), "{filter}");
         }
+    }
+
+    #[test]
+    fn limits_refuse_growth_but_not_deletion_or_replacement() {
+        let s = RetainedStore::new();
+        let limits = RetainLimits {
+            max_messages: 2,
+            max_bytes: 10,
+        };
+        // Weight: topic plus payload.
+        assert_eq!(s.set_within(msg("a", "1234"), limits), Ok(()));
+        assert_eq!(s.set_within(msg("b", "12"), limits), Ok(()));
+        assert_eq!((s.len(), s.bytes()), (2, 8));
+        assert_eq!(
+            s.set_within(msg("c", "1"), limits),
+            Err(RetainRefused::Messages)
+        );
+        assert_eq!(
+            s.set_within(msg("b", "12345"), limits),
+            Err(RetainRefused::Bytes)
+        );
+        assert_eq!(s.set_within(msg("b", "123"), limits), Ok(()));
+        assert_eq!((s.len(), s.bytes()), (2, 9));
+        assert_eq!(s.set_within(msg("a", ""), limits), Ok(()));
+        assert_eq!((s.len(), s.bytes()), (1, 4));
+        assert_eq!(s.set_within(msg("c", "1"), limits), Ok(()));
+        // Over the limits (as after a reload lowering them): shrinking is still allowed.
+        let tight = RetainLimits {
+            max_messages: 1,
+            max_bytes: 3,
+        };
+        assert_eq!(s.set_within(msg("b", "12"), tight), Ok(()));
+        assert_eq!(s.set_within(msg("c", ""), tight), Ok(()));
+        assert_eq!((s.len(), s.bytes()), (1, 3));
+        s.set(msg("d", "1234567890"));
+        assert_eq!((s.len(), s.bytes()), (2, 14));
     }
 
     #[test]

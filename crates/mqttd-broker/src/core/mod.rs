@@ -68,8 +68,8 @@ use crate::auth::scram::MECHANISM;
 use crate::auth::ScramServerFirstSent;
 use crate::bridge::config::LOCAL_CLIENT_PREFIX;
 use crate::broker::{
-    update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, SessionHandle, SessionReply,
-    Slot, Subscriber,
+    update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, SessionHandle, SessionPermit,
+    SessionReply, Slot, Subscriber,
 };
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer, Transport, Verdict};
 use crate::storage::{Batch, StoredWill, Ticket, Watermark};
@@ -158,6 +158,8 @@ struct Connecting {
     assigned: Option<ClientId>,
     /// The server's final SCRAM message, for CONNACK.
     auth_data: Option<Bytes>,
+    /// The place under `max_sessions` of a persistent session this CONNECT may create.
+    permit: Option<SessionPermit>,
 }
 
 /// The user a client certificate names, with `tls.use_identity_as_username` (or a peer's node
@@ -578,6 +580,9 @@ impl ConnectionCore {
     pub(crate) fn session_acquired(&mut self, now: Instant, acquired: Acquired) {
         let Some(Waiting::Session(connecting)) = self.waiting.take() else {
             // Not asked for: hand it straight back to the broker.
+            if acquired.session.expiry_interval() > 0 {
+                self.inner.persistent_sessions.count(&acquired.handle, None);
+            }
             self.handle = Some(acquired.handle);
             self.unaccepted = Some(Box::new(acquired.session));
             return;
@@ -587,7 +592,14 @@ impl ConnectionCore {
             client,
             assigned,
             auth_data,
+            permit,
         } = *connecting;
+        // Counted from now on, even if the client is gone already: the session outlives it.
+        if acquired.session.expiry_interval() > 0 {
+            self.inner
+                .persistent_sessions
+                .count(&acquired.handle, permit);
+        }
         self.handle = Some(acquired.handle);
         if self.conn.is_closed() {
             // The client left while the session was being acquired: keep the session.
@@ -1222,6 +1234,32 @@ impl ConnectionCore {
                 return self.refuse(now, ReasonCode::NotAuthorized);
             }
         }
+        // A CONNECT that would add a persistent session takes a place under `max_sessions`
+        // first. Resuming or replacing one counted already adds none; a bridge's own session is
+        // configured with the broker and always gets one.
+        let adds_session = request.session_expiry_interval > 0
+            && self.peer.transport != Transport::Bridge
+            && !self
+                .inner
+                .sessions
+                .get(&client.client_id)
+                .is_some_and(|h| h.counted.load(Ordering::Relaxed));
+        let permit = if adds_session {
+            let Some(permit) = self.inner.persistent_sessions.permit() else {
+                // debug: a client creating sessions without end would fill the log.
+                debug!(
+                    max_sessions = self.inner.config.max_sessions,
+                    "persistent session refused: max_sessions reached"
+                );
+                self.inner.metrics.limit_refused("sessions", 1);
+                // MQTT 3.1.1 has no such code: 0x03, server unavailable.
+                let _ = self.conn.reject(now, ReasonCode::QuotaExceeded);
+                return;
+            };
+            Some(permit)
+        } else {
+            None
+        };
         self.request = Some(Request::AcquireSession(Box::new(SessionRequest {
             client_id: client.client_id.clone(),
             clean_start: connect.clean_start,
@@ -1232,6 +1270,7 @@ impl ConnectionCore {
             client,
             assigned,
             auth_data,
+            permit,
         })));
     }
 
@@ -1261,7 +1300,22 @@ impl ConnectionCore {
                     Batch::direct(&*inner.storage)
                 };
                 if message.retain {
-                    inner.retain(&message, &mut batch);
+                    if let Err(refused) = inner.retain(&message, &mut batch) {
+                        inner.metrics.limit_refused(refused.label(), 1);
+                        debug!(topic = %message.topic, limit = refused.label(), "retained message refused");
+                        // An MQTT 5 client is told (PUBACK 0x97) and nothing is done: it may
+                        // publish again without the flag. QoS 0, and MQTT 3 whose PUBACK
+                        // cannot refuse, are delivered without being retained.
+                        let v5 = self.conn.version().is_some_and(ProtocolVersion::is_v5);
+                        if v5 && message.qos != QoS::AtMostOnce {
+                            inner.metrics.messages_dropped.inc();
+                            // The batch recorded nothing: discarded, it holds nothing back.
+                            if let Some(id) = packet_id {
+                                let _ = self.conn.publish_ack(id, ReasonCode::QuotaExceeded);
+                            }
+                            return;
+                        }
+                    }
                 }
                 let key = self.handle.as_ref().map(|h| h.key);
                 // QoS 0 and 1 publishers wait for subscribers that are behind; QoS 2 ones do
@@ -1398,6 +1452,14 @@ impl ConnectionCore {
             };
             reasons.push(reason);
         }
+        // Counted once per SUBSCRIBE: a client past its limit may send many.
+        let over = reasons
+            .iter()
+            .filter(|r| **r == ReasonCode::QuotaExceeded)
+            .count();
+        self.inner
+            .metrics
+            .limit_refused("subscriptions", over as u64);
         for (filter, _) in &adds {
             self.hint(filter, stream);
         }

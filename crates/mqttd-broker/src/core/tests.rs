@@ -383,3 +383,156 @@ fn a_certificate_client_cannot_add_scram_on_top() {
         "{packets:?}"
     );
 }
+
+/// A core that received an MQTT 5 CONNECT from `client_id` asking for a session that lasts
+/// `expiry` seconds: the session it asks for, or the CONNACK that refused it.
+fn connect_with_expiry(
+    inner: &Arc<Inner>,
+    now: Instant,
+    client_id: &str,
+    expiry: u32,
+) -> (ConnectionCore, Result<SessionRequest, ReasonCode>) {
+    let mut core = ConnectionCore::new(inner.clone(), peer(), now, Watermark::default());
+    let Packet::Connect(mut connect) = connect_packet(client_id) else {
+        unreachable!()
+    };
+    connect.clean_start = false;
+    connect.properties.session_expiry_interval = Some(expiry);
+    core.handle_packet(now, StreamId::CONTROL, Packet::Connect(connect));
+    core.process(now);
+    if let Some(Request::AcquireSession(request)) = core.poll_request() {
+        return (core, Ok(*request));
+    }
+    let refusal = written(&mut core, StreamId::CONTROL)
+        .into_iter()
+        .find_map(|p| match p {
+            Packet::ConnAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .expect("CONNACK");
+    (core, Err(refusal))
+}
+
+#[tokio::test]
+async fn persistent_sessions_past_max_sessions_are_refused_with_quota_exceeded() {
+    let inner = inner_with(Config {
+        max_sessions: 2,
+        ..Config::default()
+    });
+    let now = Instant::now();
+    let mut cores = Vec::new();
+    for id in ["a", "b"] {
+        let (mut core, request) = connect_with_expiry(&inner, now, id, 3600);
+        let acquired = inner.acquire(now, &request.unwrap(), core.mailbox()).await;
+        core.session_acquired(now, acquired);
+        cores.push(core);
+    }
+    let (_, refused) = connect_with_expiry(&inner, now, "c", 3600);
+    assert_eq!(refused.err(), Some(ReasonCode::QuotaExceeded));
+    let refusals = || {
+        inner
+            .metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with("mqttd_limit_refusals_total{limit=\"sessions\"}"))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        refusals().as_deref(),
+        Some("mqttd_limit_refusals_total{limit=\"sessions\"} 1")
+    );
+    // A session that ends with its connection takes no place; nor does resuming one held.
+    let (_, clean) = connect_with_expiry(&inner, now, "d", 0);
+    assert!(clean.is_ok());
+    let (_, resumed) = connect_with_expiry(&inner, now, "a", 3600);
+    assert!(resumed.is_ok());
+    // A CONNECT abandoned while it waits for its session gives its place back...
+    let a = ClientId::try_from("a").unwrap();
+    let handle = inner.sessions.get(&a).map(|h| h.clone()).unwrap();
+    inner.end_session(now, &handle, None);
+    assert_eq!(inner.persistent_sessions.held(), 1);
+    let (mut core, request) = connect_with_expiry(&inner, now, "e", 3600);
+    assert!(request.is_ok());
+    assert_eq!(inner.persistent_sessions.held(), 2);
+    core.abandon(now, ReasonCode::ServerBusy);
+    drop(core);
+    assert_eq!(inner.persistent_sessions.held(), 1);
+    // ...and one whose client left before CONNACK keeps it: the session is parked.
+    let (mut core, request) = connect_with_expiry(&inner, now, "f", 3600);
+    core.connection_lost(now);
+    let acquired = inner.acquire(now, &request.unwrap(), core.mailbox()).await;
+    core.session_acquired(now, acquired);
+    core.finish(now, SystemTime::UNIX_EPOCH);
+    assert_eq!(inner.persistent_sessions.held(), 2);
+    let (_, refused) = connect_with_expiry(&inner, now, "g", 3600);
+    assert_eq!(refused.err(), Some(ReasonCode::QuotaExceeded));
+}
+
+fn retained_publish(topic: &str, qos: QoS, id: u16) -> Packet {
+    Packet::Publish(mqttd_proto::Publish {
+        dup: false,
+        qos,
+        retain: true,
+        topic: TopicName::try_from(topic).unwrap(),
+        packet_id: PacketId::new(id),
+        properties: mqttd_proto::PublishProperties::default(),
+        payload: Bytes::from_static(b"x"),
+    })
+}
+
+#[tokio::test]
+async fn past_max_retained_messages_qos0_is_delivered_unretained_and_qos1_refused() {
+    let inner = inner_with(Config {
+        max_retained_messages: 1,
+        persistence: false,
+        ..Config::default()
+    });
+    let now = Instant::now();
+    let mut core = connected(&inner, now, "c").await;
+    let subscribe = Packet::Subscribe(Subscribe {
+        packet_id: PacketId::new(1).unwrap(),
+        properties: mqttd_proto::SubscribeProperties::default(),
+        filters: vec![mqttd_proto::Subscription {
+            filter: TopicFilter::try_from("t/+").unwrap(),
+            options: mqttd_proto::SubscriptionOptions::default(),
+        }],
+    });
+    core.handle_packet(now, StreamId::CONTROL, subscribe);
+    core.process(now);
+    let _ = written(&mut core, StreamId::CONTROL);
+    for (topic, qos, id) in [
+        ("t/a", QoS::AtMostOnce, 0),
+        ("t/b", QoS::AtMostOnce, 0),
+        ("t/c", QoS::AtLeastOnce, 7),
+    ] {
+        core.handle_packet(now, StreamId::CONTROL, retained_publish(topic, qos, id));
+    }
+    core.process(now);
+    // What was routed to the client itself waits in its mailbox.
+    let inbox = core.mailbox().take();
+    core.handle_inbox(now, inbox);
+    core.process(now);
+    let packets = written(&mut core, StreamId::CONTROL);
+    let delivered: Vec<&str> = packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(p.topic.as_str()),
+            _ => None,
+        })
+        .collect();
+    // Both QoS 0 messages are delivered; the QoS 1 one is refused whole.
+    assert_eq!(delivered, ["t/a", "t/b"]);
+    let acks: Vec<ReasonCode> = packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks, [ReasonCode::QuotaExceeded]);
+    assert_eq!(inner.retained.len(), 1);
+    assert!(inner
+        .metrics
+        .render()
+        .contains("mqttd_limit_refusals_total{limit=\"retained_messages\"} 2"));
+}
