@@ -132,7 +132,7 @@ section "interoperability with real clients (paho-mqtt, mosquitto-clients)"
 # runs the suite against a fresh broker per test.
 bash tests/interop/run.sh
 
-natlab_budget=180
+natlab_budget=300
 section "NAT lab: router types, hole punching, and mqttd peer to peer in network namespaces (budget ${natlab_budget}s)"
 # Namespaces, veth pairs and nftables routers: each NAT type classified from outside with
 # plain UDP, a hole punch across all 16 pairs of types, then the real mqttd across the same 16
