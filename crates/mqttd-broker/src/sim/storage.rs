@@ -51,7 +51,9 @@ impl SimStorage {
 
     /// The storage fails: nothing recorded from now on, or not durable yet, will be.
     pub(crate) fn fail(&self) {
-        self.watermark.send_modify(|w| w.failed = true);
+        self.watermark.send_modify(|w| {
+            w.fail();
+        });
     }
 
     /// How far changes are durable.
