@@ -936,19 +936,21 @@ impl Shared {
     /// An operation on the store of `generation` failed: unless that store was replaced
     /// since, the storage is failing until the committer opened it again and a sync went
     /// through. Counted per error (the engine refusing everything after its first error is
-    /// not counted again), logged once per failure episode.
+    /// not counted again; a failure of the engine's own background work counts as the write
+    /// or sync that found it), logged once per failure episode.
     fn fail(&self, generation: u64, op: Op, e: &fjall::Error) {
         if generation != self.generation.load(Ordering::Acquire) {
             return;
         }
-        if !matches!(e, fjall::Error::Poisoned) {
+        let mut news = false;
+        self.watermark.send_modify(|w| news = w.fail());
+        // The engine refuses everything after a failure of its own (a write, or its
+        // background flush running out of room) with `Poisoned`: that is news only once.
+        if news || !matches!(e, fjall::Error::Poisoned) {
             if let Some(errors) = self.errors.get() {
                 errors.get_or_create(&[("op", op.label())]).inc();
             }
         }
-        self.watermark.send_modify(|w| {
-            w.fail();
-        });
         self.reopen.store(true, Ordering::Release);
         if !self.failing.swap(true, Ordering::AcqRel) {
             error!(
