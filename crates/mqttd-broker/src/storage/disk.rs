@@ -1039,10 +1039,13 @@ impl Shared {
             if self.reopen.load(Ordering::Acquire) {
                 let until = Instant::now() + backoff;
                 {
+                    // Failures and new changes wake the committer too: only a stop cuts the
+                    // wait short.
                     let mut pending = self.pending.lock();
-                    while !self.stop.load(Ordering::Acquire)
-                        && !self.wake.wait_until(&mut pending, until).timed_out()
-                    {
+                    while !self.stop.load(Ordering::Acquire) {
+                        if self.wake.wait_until(&mut pending, until).timed_out() {
+                            break;
+                        }
                     }
                 }
                 if self.stop.load(Ordering::Acquire) {
