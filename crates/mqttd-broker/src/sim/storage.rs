@@ -56,6 +56,12 @@ impl SimStorage {
         });
     }
 
+    /// The storage works again: every change recorded so far that is not durable is lost.
+    pub(crate) fn recover(&self) {
+        let last = self.changes.load(Ordering::SeqCst);
+        self.watermark.send_modify(|w| w.recover(last));
+    }
+
     /// How far changes are durable.
     pub(crate) fn watermark_now(&self) -> Watermark {
         *self.watermark.borrow()
