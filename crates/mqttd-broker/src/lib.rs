@@ -181,17 +181,26 @@ impl BrokerBuilder {
         let max_connections = self.config.max_connections;
         let secret = load_or_create_secret(&self.config.data_dir.join(SCRAM_SECRET_FILE))?;
         let scram = auth::ScramServer::new(secret);
+        // The store the broker opens itself counts its failures in the broker's metrics.
+        let mut disk = None;
         let storage: Arc<dyn Storage> = match self.storage {
             Some(storage) => storage,
-            None if self.config.persistence => Arc::new(DiskStorage::open(
-                self.config.data_dir.join(STORE_DIR),
-                self.config.durability,
-                Duration::from_millis(self.config.sync_interval_ms.max(1)),
-            )?),
+            None if self.config.persistence => {
+                let opened = Arc::new(DiskStorage::open(
+                    self.config.data_dir.join(STORE_DIR),
+                    self.config.durability,
+                    Duration::from_millis(self.config.sync_interval_ms.max(1)),
+                )?);
+                disk = Some(opened.clone());
+                opened
+            }
             None => Arc::new(MemoryStorage::default()),
         };
         let mut recovered = storage.recover()?;
         let inner = Arc::new(Inner::new(self.config, self.hooks, access, scram, storage));
+        if let Some(disk) = disk {
+            disk.count_errors(inner.metrics.store_errors.clone());
+        }
         #[allow(unused_mut)] // Without feature p2p.
         let mut transports = self.bridge_transports;
         // `p2p://` bridges over the broker's node, unless the program plugged its own in.

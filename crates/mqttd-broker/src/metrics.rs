@@ -146,6 +146,9 @@ pub struct Metrics {
     /// Timer tasks of offline sessions (will delay, session expiry) running now: at most one
     /// per offline session.
     pub session_timers: Gauge,
+    /// Failed operations of the durable store, by `op`: `write` (recording a change),
+    /// `sync` (making changes durable), `open` (opening the store again after a failure).
+    pub(crate) store_errors: crate::storage::ErrorCounters,
     /// Per bridge (label `bridge`): 1 while connected to its remote broker, else 0.
     bridge_up: BridgeGauges,
     /// Per bridge: messages from its remote broker published here.
@@ -218,6 +221,8 @@ impl Default for Metrics {
             quic_socket_send_buffer_bytes: Gauge = "QUIC UDP socket send buffer in bytes",
             quic_datagrams_dropped: QuicDropped =
                 "QUIC datagrams dropped by the listener's guard, by reason",
+            store_errors: crate::storage::ErrorCounters =
+                "Failed operations of the durable store, by operation (write, sync, open)",
             bridge_up: BridgeGauges = "Whether each bridge is connected to its remote broker",
             bridge_messages_in: BridgeCounters = "Messages each bridge published here from its remote broker",
             bridge_messages_out: BridgeCounters = "Messages each bridge's remote broker took",

@@ -500,6 +500,7 @@ impl ConnectionCore {
         // sends later never waits for newer changes.
         let waits = self.inner.durable && (!inbox.ticket.is_none() || self.awaiting.is_some());
         if waits {
+            self.refresh_watermark();
             let awaiting = self.awaiting.get_or_insert_with(Box::default);
             awaiting.len += inbox.deliveries.len();
             awaiting.batches.push_back((inbox.ticket, inbox.deliveries));
@@ -514,20 +515,32 @@ impl ConnectionCore {
     /// The storage's watermark moved to `watermark`: held output and stored messages it
     /// covers are released. If storage failed while something waits for it, the connection
     /// closes: what waits acknowledges changes that will never be durable, so it never goes
-    /// out, and the DISCONNECT saying why goes instead.
+    /// out, and the DISCONNECT saying why goes instead. The same if the storage failed since
+    /// the last watermark this connection saw (it may have recovered already, and what waits
+    /// may be lost), or if the latest failure lost what the oldest held output waits for.
     pub(crate) fn handle_watermark(&mut self, now: Instant, watermark: Watermark) {
+        let missed_failure = watermark.failures != self.watermark.failures;
         self.watermark = watermark;
+        let lost = |t: &Ticket| watermark.lost(*t) || (missed_failure && !t.is_none());
         let mut holding = false;
+        let mut lost_held = false;
         for output in self.outputs.iter_mut() {
-            output.release(watermark);
+            // After a failure this connection did not see, nothing is released: what waits
+            // may have been lost, and a later watermark may cover its number. Otherwise
+            // release stops at a lost ticket (never covered), which is then the first held.
+            if !missed_failure {
+                output.release(watermark);
+            }
+            lost_held |= output.first_held().is_some_and(|t| lost(&t));
             holding |= output.holding();
         }
-        let stuck = self.awaiting.as_ref().is_some_and(|a| {
-            a.batches
-                .front()
-                .is_some_and(|(t, _)| !watermark.covers(*t))
-        });
-        if watermark.failed && (holding || stuck) {
+        let front = self
+            .awaiting
+            .as_ref()
+            .and_then(|a| a.batches.front().map(|(t, _)| *t));
+        let stuck = front.is_some_and(|t| !watermark.covers(t) || missed_failure);
+        let lost_awaiting = front.is_some_and(|t| lost(&t));
+        if (watermark.failed && (holding || stuck)) || lost_held || lost_awaiting {
             warn!("storage failed; closing the connection");
             let mut connack_cut = false;
             for output in self.outputs.iter_mut() {
@@ -541,8 +554,18 @@ impl ConnectionCore {
             } else {
                 self.conn.disconnect(now, ReasonCode::UnspecifiedError);
             }
+            return;
         }
         self.deliver_durable(now);
+    }
+
+    /// Before something starts waiting for storage: the connection takes the storage's
+    /// latest watermark, so that a failure that came and went while nothing here waited is
+    /// not taken for one it missed while waiting.
+    fn refresh_watermark(&mut self) {
+        if !self.waits_for_storage() {
+            self.watermark = *self.inner.storage.watermark().borrow();
+        }
     }
 
     /// Releases held output the watermark covers, and nothing else: for the last output of a
@@ -800,7 +823,11 @@ impl ConnectionCore {
         // output depends on: it all waits for them.
         for (stream, start, connack_end) in touched {
             let needs = self.needs_of(stream);
-            if needs.is_none() || self.watermark.covers(needs) {
+            if needs.is_none() {
+                continue;
+            }
+            self.refresh_watermark();
+            if self.watermark.covers(needs) {
                 continue;
             }
             let output = self.outputs.get_mut(stream);

@@ -94,6 +94,13 @@ impl Output {
         }
     }
 
+    /// The ticket the oldest held output waits for.
+    pub(crate) fn first_held(&self) -> Option<Ticket> {
+        self.gate
+            .as_ref()
+            .and_then(|g| g.holds.front().map(|&(_, t)| t))
+    }
+
     /// Storage failed: drops what waits for it, which acknowledges changes that will never be
     /// durable. Returns whether a CONNACK was among it (then nothing at all may be sent).
     pub(crate) fn cut_held(&mut self) -> bool {
@@ -182,7 +189,7 @@ mod tests {
     }
 
     fn watermark(durable: u64, failed: bool) -> Watermark {
-        Watermark { durable, failed }
+        Watermark::new(durable, failed)
     }
 
     #[test]

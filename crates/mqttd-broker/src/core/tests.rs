@@ -71,7 +71,8 @@ fn an_idle_connection_holds_no_more_than_before() {
         size_of::<F>()
     }
     let core = size_of::<ConnectionCore>();
-    assert!(core <= 512, "ConnectionCore is {core} bytes");
+    // 512 until the watermark learnt which changes a storage failure lost (16 bytes more).
+    assert!(core <= 528, "ConnectionCore is {core} bytes");
     let (stream, _client) = tokio::io::duplex(16);
     let serve = crate::drivers::stream::serve(inner_with(Config::default()), stream, peer());
     let size = future_size(&serve) + core;

@@ -194,6 +194,40 @@ async fn a_storage_failure_closes_the_waiting_connection_without_acknowledging()
     assert!(!sim.is_linked(publisher));
 }
 
+/// Failures that come and go while a publisher waits, seen only afterwards (the watermark
+/// shows the latest state: the second failure's lost changes, and a durable number above the
+/// first's): the publisher is closed, never acknowledged; a publication after the recovery is
+/// acknowledged.
+#[tokio::test(start_paused = true)]
+async fn a_storage_failure_seen_only_after_recovery_still_refuses_what_it_lost() {
+    let (mut sim, sub, publisher) = persistent_pair().await;
+    sim.auto_durable = false;
+    publish(&mut sim, publisher, "t", "lost", QoS::AtLeastOnce);
+    sim.drive().await;
+    sim.storage.fail();
+    sim.storage.recover();
+    // A change after the recovery is made durable: its number is above the lost one's. Then
+    // a second failure, whose lost changes are all the watermark remembers.
+    let _ = crate::storage::Storage::remove_session(&*sim.storage, &id("other"));
+    sim.storage.make_durable();
+    sim.storage.fail();
+    sim.storage.recover();
+    sim.storage.make_durable();
+    sim.drive().await;
+    assert!(packets(&mut sim, publisher, PacketType::PubAck).is_empty());
+    assert!(!sim.is_linked(publisher), "the waiting publisher is closed");
+    // The storage works again: a new publication to the persistent session is acknowledged.
+    let late = sim.client(ClientConfig::new(id("late")));
+    sim.connect(late);
+    sim.auto_durable = true;
+    publish(&mut sim, late, "t", "after", QoS::AtLeastOnce);
+    sim.drive().await;
+    sim.storage.make_durable();
+    sim.drive().await;
+    assert_eq!(packets(&mut sim, late, PacketType::PubAck).len(), 1);
+    let _ = sub;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_stalled_subscriber_holds_publishers_back_briefly_then_loses_only_its_own() {
     let mut sim = Sim::new(config());

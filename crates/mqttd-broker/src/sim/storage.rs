@@ -51,7 +51,15 @@ impl SimStorage {
 
     /// The storage fails: nothing recorded from now on, or not durable yet, will be.
     pub(crate) fn fail(&self) {
-        self.watermark.send_modify(|w| w.failed = true);
+        self.watermark.send_modify(|w| {
+            w.fail();
+        });
+    }
+
+    /// The storage works again: every change recorded so far that is not durable is lost.
+    pub(crate) fn recover(&self) {
+        let last = self.changes.load(Ordering::SeqCst);
+        self.watermark.send_modify(|w| w.recover(last));
     }
 
     /// How far changes are durable.

@@ -22,9 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use mqttd_proto::session::OutboundState;
 use mqttd_proto::{ClientId, Delivery, Message, MqttStr, PacketId, QoS};
@@ -47,6 +47,38 @@ const MANIFEST: &str = "clean-shutdown";
 /// The longest shutdown waits for the manifest.
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The first wait before the store is opened again after a failure; it doubles up to
+/// [`REOPEN_MAX`] while the store keeps failing.
+const REOPEN_FIRST: Duration = Duration::from_millis(100);
+const REOPEN_MAX: Duration = Duration::from_secs(5);
+
+/// `mqttd_store_errors_total`, labelled by `op`.
+pub(crate) type ErrorCounters = prometheus_client::metrics::family::Family<
+    [(&'static str, &'static str); 1],
+    prometheus_client::metrics::counter::Counter,
+>;
+
+/// What failed, as `mqttd_store_errors_total` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    /// Recording a change (the engine's journal write).
+    Write,
+    /// Making changes durable (write to the operating system, fsync).
+    Sync,
+    /// Opening the store again after a failure.
+    Open,
+}
+
+impl Op {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Write => "write",
+            Self::Sync => "sync",
+            Self::Open => "open",
+        }
+    }
+}
+
 /// How the committer makes the journal durable and reads the time: the store and the real
 /// clock, or in unit tests a stand-in that counts, holds back or fails its syncs and moves
 /// time by hand, so that what the watermark may claim can be checked sync by sync.
@@ -56,6 +88,11 @@ trait SyncStep: Send + Sync + 'static {
     fn persist(&self, db: &Database, mode: PersistMode) -> Result<(), fjall::Error>;
     /// The time the committer goes by.
     fn now(&self) -> Instant;
+    /// Called before each write of a change: an error fails the write, as a full disk does.
+    /// Only tests inject errors here.
+    fn check_write(&self) -> Result<(), fjall::Error> {
+        Ok(())
+    }
 }
 
 /// The real sync step: the store's own persist, the system's clock.
@@ -138,8 +175,9 @@ pub struct DiskStorage {
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-struct Shared {
-    path: PathBuf,
+/// The open store: the engine's handles. It is replaced whole when the store is opened again
+/// after a failure.
+struct Engine {
     db: Database,
     sessions: Keyspace,
     deliveries: Keyspace,
@@ -147,6 +185,67 @@ struct Shared {
     inbound: Keyspace,
     retained: Keyspace,
     meta: Keyspace,
+}
+
+impl Engine {
+    /// Opens the engine on `path` (the caller measured the journals first).
+    fn open(path: &Path) -> Result<Self, StorageError> {
+        // A damaged file can make the engine panic rather than fail; either way, say which
+        // store it was.
+        let opened = std::panic::catch_unwind(|| {
+            Database::builder(path)
+                .manual_journal_persist(true)
+                .cache_size(4 * 1024 * 1024)
+                .max_journaling_size(64 * 1024 * 1024)
+                .open()
+        });
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => return Err(engine(path, e)),
+            Err(_) => {
+                return Err(StorageError::Corrupt(format!(
+                    "{}: the store is damaged and cannot be opened; move the directory aside \
+                     to start empty, or restore it from a backup",
+                    path.display()
+                )))
+            }
+        };
+        // Memory tables are flushed to disk at these sizes: they bound the memory the store
+        // holds beyond its 4 MiB block cache.
+        let ks = |name: &str, memtable: u64| {
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(memtable)
+            })
+            .map_err(|e| engine(path, e))
+        };
+        const MIB: u64 = 1024 * 1024;
+        Ok(Self {
+            sessions: ks("sessions", 2 * MIB)?,
+            deliveries: ks("deliveries", 16 * MIB)?,
+            flows: ks("flows", 2 * MIB)?,
+            inbound: ks("inbound", 2 * MIB)?,
+            retained: ks("retained", 2 * MIB)?,
+            meta: ks("meta", MIB)?,
+            db,
+        })
+    }
+}
+
+struct Shared {
+    path: PathBuf,
+    /// The open store; `None` while it is being opened again after a failure (or could not
+    /// be). Recording holds the read lock from its write until its ticket is taken, so that
+    /// reopening (the write lock) sees every ticket of the old store.
+    engine: RwLock<Option<Engine>>,
+    /// Bumped each time the store is opened again: a failure of an older store's handle (a
+    /// batch opened before) is no news.
+    generation: AtomicU64,
+    /// Inside a failure episode: logged when it begins and when it ends, not per error.
+    failing: AtomicBool,
+    /// Set by a failure: the committer opens the store again.
+    reopen: AtomicBool,
+    /// `mqttd_store_errors_total`, once the broker attached its metrics.
+    errors: std::sync::OnceLock<ErrorCounters>,
     durability: Durability,
     interval: Duration,
     sync_step: Box<dyn SyncStep>,
@@ -235,35 +334,7 @@ impl DiskStorage {
             ))
         })?;
         let journals_before = journal_ends(&path);
-        // A damaged file can make the engine panic rather than fail; either way, say which
-        // store it was.
-        let opened = std::panic::catch_unwind(|| {
-            Database::builder(&path)
-                .manual_journal_persist(true)
-                .cache_size(4 * 1024 * 1024)
-                .max_journaling_size(64 * 1024 * 1024)
-                .open()
-        });
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(e)) => return Err(engine(&path, e)),
-            Err(_) => {
-                return Err(StorageError::Corrupt(format!(
-                    "{}: the store is damaged and cannot be opened; move the directory aside \
-                     to start empty, or restore it from a backup",
-                    path.display()
-                )))
-            }
-        };
-        // Memory tables are flushed to disk at these sizes: they bound the memory the store
-        // holds beyond its 4 MiB block cache.
-        let ks = |name: &str, memtable: u64| {
-            db.keyspace(name, || {
-                KeyspaceCreateOptions::default().max_memtable_size(memtable)
-            })
-            .map_err(|e| engine(&path, e))
-        };
-        const MIB: u64 = 1024 * 1024;
+        let engine_now = Engine::open(&path)?;
         let (journal_cut, journal_tail) = journal_cuts(&journals_before);
         if journal_tail > 0 {
             info!(
@@ -274,13 +345,11 @@ impl DiskStorage {
             );
         }
         let shared = Arc::new(Shared {
-            sessions: ks("sessions", 2 * MIB)?,
-            deliveries: ks("deliveries", 16 * MIB)?,
-            flows: ks("flows", 2 * MIB)?,
-            inbound: ks("inbound", 2 * MIB)?,
-            retained: ks("retained", 2 * MIB)?,
-            meta: ks("meta", MIB)?,
-            db,
+            engine: RwLock::new(Some(engine_now)),
+            generation: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            reopen: AtomicBool::new(false),
+            errors: std::sync::OnceLock::new(),
             path,
             durability,
             interval,
@@ -314,6 +383,11 @@ impl DiskStorage {
             return;
         }
         self.shared.watermark.send_modify(|w| w.failed = true);
+    }
+
+    /// Counts the store's failures in `errors` from now on.
+    pub(crate) fn count_errors(&self, errors: ErrorCounters) {
+        let _ = self.shared.errors.set(errors);
     }
 
     /// Where the store lives.
@@ -610,20 +684,38 @@ impl<'a> Change<'a> {
 struct DiskBatch<'a> {
     shared: &'a Shared,
     ticket: u64,
-    /// `None` once committed.
+    /// `None` once committed, or if the store was not open.
     batch: Option<fjall::OwnedWriteBatch>,
+    /// The store's generation when the batch opened.
+    generation: u64,
+    /// A change could not be recorded (or the store was not open): nothing will be written.
+    failed: bool,
     /// Changes recorded.
     len: usize,
 }
 
 impl DiskBatch<'_> {
     fn record(&mut self, change: Change<'_>) {
+        self.len += 1;
+        if self.failed {
+            return;
+        }
         let Some(batch) = &mut self.batch else {
             return;
         };
-        self.len += 1;
-        if let Err(e) = self.shared.apply(&mut Sink::Batch(batch), change) {
-            self.shared.fail(&e);
+        let s = self.shared;
+        let open = s.engine.read();
+        let result = match open.as_ref() {
+            // A batch of a store since replaced writes nothing: its ticket is lost already.
+            Some(e) if s.generation.load(Ordering::Acquire) == self.generation => {
+                s.apply(e, &mut Sink::Batch(batch), change)
+            }
+            _ => Err(fjall::Error::Poisoned),
+        };
+        drop(open);
+        if let Err(e) = result {
+            self.failed = true;
+            s.fail(self.generation, Op::Write, &e);
         }
     }
 }
@@ -679,9 +771,11 @@ impl StorageBatch for DiskBatch<'_> {
         let s = self.shared;
         let recorded = self.len > 0;
         if let Some(batch) = self.batch.take() {
-            if recorded && s.write() {
-                if let Err(e) = batch.commit() {
-                    s.fail(&e);
+            if recorded && !self.failed && s.write() {
+                // Before the batch releases its ticket (below): the committer must not pass
+                // it before the failure is declared.
+                if let Err(e) = s.sync_step.check_write().and_then(|()| batch.commit()) {
+                    s.fail(self.generation, Op::Write, &e);
                 }
             }
         }
@@ -755,50 +849,66 @@ impl Shared {
     /// the watermark for good; the change still gets its ticket, so that what depends on it
     /// waits, and learns that the storage failed.
     fn record(&self, change: Change<'_>) -> Ticket {
-        let result = self.apply(&mut Sink::Direct(self), change);
+        // Held until the ticket is taken: a store opened again after a failure takes every
+        // ticket so far as lost, so none may be taken for a write into the old one after.
+        let engine = self.engine.read();
+        let generation = self.generation.load(Ordering::Acquire);
+        let result = match engine.as_ref() {
+            Some(e) => self
+                .sync_step
+                .check_write()
+                .and_then(|()| self.apply(e, &mut Sink::Direct(self), change)),
+            // Being opened again, or it could not be: the failure is known already.
+            None => Err(fjall::Error::Poisoned),
+        };
+        // A failure is declared before the ticket is taken, so that no watermark the
+        // committer publishes afterwards covers it.
+        if let Err(e) = &result {
+            self.fail(generation, Op::Write, e);
+        }
         // Before the number is taken, so that the committer never sees it unmarked.
         self.recorded(self.written.load(Ordering::Acquire) + 1);
         let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
-        match result {
-            Ok(()) => self.wake_committer(),
-            Err(e) => self.fail(&e),
+        drop(engine);
+        if result.is_ok() {
+            self.wake_committer();
         }
         Ticket::new(ticket)
     }
 
     /// Writes one change into `w`.
-    fn apply(&self, w: &mut Sink<'_>, change: Change<'_>) -> Result<(), fjall::Error> {
+    fn apply(&self, e: &Engine, w: &mut Sink<'_>, change: Change<'_>) -> Result<(), fjall::Error> {
         match change {
             Change::Retain(message) => {
                 let key = message.topic.as_str().as_bytes().to_vec();
                 if message.payload.is_empty() {
-                    w.remove(&self.retained, key)
+                    w.remove(&e.retained, key)
                 } else {
                     let value = record::encode_message(message, &Clock::now());
-                    w.insert(&self.retained, key, value.to_vec())
+                    w.insert(&e.retained, key, value.to_vec())
                 }
             }
             Change::SaveSession(record) => {
                 let value = record::encode_session(record);
                 let key = record.client_id.as_str().as_bytes().to_vec();
-                w.insert(&self.sessions, key, value.to_vec())
+                w.insert(&e.sessions, key, value.to_vec())
             }
             Change::RemoveSession(client_id) => {
-                w.remove(&self.sessions, client_id.as_str().as_bytes().to_vec())
+                w.remove(&e.sessions, client_id.as_str().as_bytes().to_vec())
             }
             Change::RemoveMessages(client_id) => {
                 let prefix = session_prefix(client_id);
-                self.remove_prefix(w, &self.deliveries, &prefix)?;
-                self.remove_prefix(w, &self.flows, &prefix)?;
-                self.remove_prefix(w, &self.inbound, &prefix)
+                remove_prefix(w, &e.deliveries, &prefix)?;
+                remove_prefix(w, &e.flows, &prefix)?;
+                remove_prefix(w, &e.inbound, &prefix)
             }
             Change::StoreDelivery(client_id, seq, delivery) => {
                 let value = record::encode_delivery(delivery, &Clock::now());
-                w.insert(&self.deliveries, seq_key(client_id, seq), value.to_vec())
+                w.insert(&e.deliveries, seq_key(client_id, seq), value.to_vec())
             }
             Change::DeliveryFlow(client_id, seq, packet_id, state) => {
                 let value = record::encode_flow(packet_id, state);
-                w.insert(&self.flows, seq_key(client_id, seq), value.to_vec())
+                w.insert(&e.flows, seq_key(client_id, seq), value.to_vec())
             }
             Change::DeliveryDone(client_id, seq, qos) => {
                 let key = seq_key(client_id, seq);
@@ -806,26 +916,81 @@ impl Shared {
                 // without the packet identifier it was sent under, or it would be sent again
                 // as a new message. A flow left without its message is removed at the next
                 // start.
-                w.remove(&self.deliveries, key.clone())?;
+                w.remove(&e.deliveries, key.clone())?;
                 if qos == QoS::ExactlyOnce {
-                    w.remove(&self.flows, key)?;
+                    w.remove(&e.flows, key)?;
                 }
                 Ok(())
             }
             Change::PendingRelease(client_id, packet_id, pending) => {
                 let key = pid_key(client_id, packet_id);
                 if pending {
-                    w.insert(&self.inbound, key, Vec::new())
+                    w.insert(&e.inbound, key, Vec::new())
                 } else {
-                    w.remove(&self.inbound, key)
+                    w.remove(&e.inbound, key)
                 }
             }
         }
     }
 
-    fn fail(&self, e: &fjall::Error) {
-        error!(path = %self.path.display(), error = %e, "storage write failed; nothing more will be acknowledged");
-        self.watermark.send_modify(|w| w.failed = true);
+    /// An operation on the store of `generation` failed: unless that store was replaced
+    /// since, the storage is failing until the committer opened it again and a sync went
+    /// through. Counted per error (the engine refusing everything after its first error is
+    /// not counted again; a failure of the engine's own background work counts as the write
+    /// or sync that found it), logged once per failure episode.
+    fn fail(&self, generation: u64, op: Op, e: &fjall::Error) {
+        if generation != self.generation.load(Ordering::Acquire) {
+            return;
+        }
+        let mut news = false;
+        self.watermark.send_modify(|w| news = w.fail());
+        // The engine refuses everything after a failure of its own (a write, or its
+        // background flush running out of room) with `Poisoned`: that is news only once.
+        if news || !matches!(e, fjall::Error::Poisoned) {
+            if let Some(errors) = self.errors.get() {
+                errors.get_or_create(&[("op", op.label())]).inc();
+            }
+        }
+        self.reopen.store(true, Ordering::Release);
+        if !self.failing.swap(true, Ordering::AcqRel) {
+            error!(
+                path = %self.path.display(),
+                op = op.label(),
+                error = %e,
+                "storage failed: what depends on changes not yet durable is not acknowledged \
+                 (those connections close), and the store is opened again until it works"
+            );
+        }
+        let mut pending = self.pending.lock();
+        *pending = true;
+        self.wake.notify_one();
+    }
+
+    /// Opens the store again after a failure: the engine refuses every write after its first
+    /// error. Every change recorded so far that is not durable is lost; what is recorded
+    /// from now on goes to the new store.
+    fn reopen(&self) -> bool {
+        let mut engine = self.engine.write();
+        // The old store goes first: the engine locks its directory.
+        *engine = None;
+        match Engine::open(&self.path) {
+            Ok(opened) => {
+                *engine = Some(opened);
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                self.reopen.store(false, Ordering::Release);
+                // No change is being recorded (the lock): this is the last of the old store.
+                let last = self.written.load(Ordering::Acquire);
+                self.watermark.send_modify(|w| w.recover(last));
+                true
+            }
+            Err(e) => {
+                if let Some(errors) = self.errors.get() {
+                    errors.get_or_create(&[("op", Op::Open.label())]).inc();
+                }
+                debug!(path = %self.path.display(), error = %e, "the store cannot be opened again yet");
+                false
+            }
+        }
     }
 
     fn wake_committer(&self) {
@@ -867,7 +1032,30 @@ impl Shared {
         let mut last_fsync = start;
         // Whether a write to the operating system awaits its fsync.
         let mut unsynced = false;
+        // How long to wait before opening the store again after a failure: doubles while
+        // it keeps failing (opening replays the journal, which costs).
+        let mut backoff = REOPEN_FIRST;
         loop {
+            if self.reopen.load(Ordering::Acquire) {
+                let until = Instant::now() + backoff;
+                {
+                    // Failures and new changes wake the committer too: only a stop cuts the
+                    // wait short.
+                    let mut pending = self.pending.lock();
+                    while !self.stop.load(Ordering::Acquire) {
+                        if self.wake.wait_until(&mut pending, until).timed_out() {
+                            break;
+                        }
+                    }
+                }
+                if self.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                backoff = (backoff * 2).min(REOPEN_MAX);
+                if !self.reopen() {
+                    continue;
+                }
+            }
             {
                 let mut pending = self.pending.lock();
                 if !*pending && !self.stop.load(Ordering::Acquire) {
@@ -881,8 +1069,12 @@ impl Shared {
             if now.duration_since(last_alive) >= ALIVE_EVERY && !stopping && self.powered() {
                 last_alive = now;
                 let stamp = record::millis(SystemTime::now()).to_be_bytes();
-                if let Err(e) = self.meta.insert(ALIVE, stamp.to_vec()) {
-                    warn!(error = %e, "cannot record the broker's heartbeat");
+                let engine = self.engine.read();
+                let generation = self.generation.load(Ordering::Acquire);
+                if let Some(e) = engine.as_ref() {
+                    if let Err(e) = e.meta.insert(ALIVE, stamp.to_vec()) {
+                        self.fail(generation, Op::Write, &e);
+                    }
                 }
             }
             let target = self.committable();
@@ -902,22 +1094,42 @@ impl Shared {
                 PersistMode::Buffer
             };
             // The watermark moves only once this returned: what it claims is on disk.
-            let result = self.sync_step.persist(&self.db, mode);
+            let (generation, result) = {
+                let engine = self.engine.read();
+                let generation = self.generation.load(Ordering::Acquire);
+                let result = match engine.as_ref() {
+                    Some(e) => self.sync_step.persist(&e.db, mode),
+                    None => Err(fjall::Error::Poisoned),
+                };
+                (generation, result)
+            };
             if fsync {
                 last_fsync = now;
             }
             unsynced = !fsync;
             match result {
                 Ok(()) => {
-                    if self.watermark.borrow().durable < target {
-                        self.watermark.send_modify(|w| w.durable = target);
+                    // Not while failing: a change whose write failed may be below `target`.
+                    self.watermark.send_if_modified(|w| {
+                        let moved = !w.failed && w.durable < target;
+                        if moved {
+                            w.durable = target;
+                        }
+                        moved
+                    });
+                    let works = !self.watermark.borrow().failed;
+                    if works && self.failing.swap(false, Ordering::AcqRel) {
+                        let w = *self.watermark.borrow();
+                        info!(
+                            path = %self.path.display(),
+                            failures = w.failures,
+                            lost = w.lost_upto.saturating_sub(w.lost_after),
+                            "storage works again: changes are made durable and acknowledged again"
+                        );
+                        backoff = REOPEN_FIRST;
                     }
                 }
-                Err(e) => {
-                    error!(path = %self.path.display(), error = %e, "storage sync failed; nothing more will be acknowledged");
-                    self.watermark.send_modify(|w| w.failed = true);
-                    return;
-                }
+                Err(e) => self.fail(generation, Op::Sync, &e),
             }
             if stopping {
                 return;
@@ -928,23 +1140,28 @@ impl Shared {
     /// Moves everything into the store's tables (so the journal holds nothing the next start
     /// must replay) and records how many records each kind has.
     fn write_manifest(&self) -> Result<(), StorageError> {
-        let e = |e| engine(&self.path, e);
-        for ks in [
-            &self.sessions,
-            &self.deliveries,
-            &self.flows,
-            &self.inbound,
-            &self.retained,
-            &self.meta,
-        ] {
-            ks.rotate_memtable_and_wait().map_err(e)?;
-        }
-        self.db.persist(PersistMode::SyncAll).map_err(e)?;
-        let counts = Counts {
-            sessions: self.sessions.len().map_err(e)? as u64,
-            deliveries: self.deliveries.len().map_err(e)? as u64,
-            retained: self.retained.len().map_err(e)? as u64,
+        let err = |e| engine(&self.path, e);
+        let open = self.engine.read();
+        let Some(e) = open.as_ref() else {
+            return Err(StorageError::Engine("the store is not open".into()));
         };
+        for ks in [
+            &e.sessions,
+            &e.deliveries,
+            &e.flows,
+            &e.inbound,
+            &e.retained,
+            &e.meta,
+        ] {
+            ks.rotate_memtable_and_wait().map_err(err)?;
+        }
+        e.db.persist(PersistMode::SyncAll).map_err(err)?;
+        let counts = Counts {
+            sessions: e.sessions.len().map_err(err)? as u64,
+            deliveries: e.deliveries.len().map_err(err)? as u64,
+            retained: e.retained.len().map_err(err)? as u64,
+        };
+        drop(open);
         let tmp = self.path.join(format!("{MANIFEST}.tmp"));
         {
             use std::io::Write;
@@ -956,13 +1173,11 @@ impl Shared {
         std::fs::File::open(&self.path)?.sync_all()?;
         Ok(())
     }
+}
 
-    fn remove_prefix(
-        &self,
-        w: &mut Sink<'_>,
-        ks: &Keyspace,
-        prefix: &[u8],
-    ) -> Result<(), fjall::Error> {
+/// Removes every key of `ks` that starts with `prefix`.
+fn remove_prefix(w: &mut Sink<'_>, ks: &Keyspace, prefix: &[u8]) -> Result<(), fjall::Error> {
+    {
         let keys: Vec<_> = ks
             .prefix(prefix)
             .map(fjall::Guard::key)
@@ -972,7 +1187,9 @@ impl Shared {
         }
         Ok(())
     }
+}
 
+impl Shared {
     /// Reads every record of one keyspace; damaged ones are counted, reported and removed.
     fn scan<T>(
         &self,
@@ -1007,12 +1224,16 @@ impl Shared {
 impl Storage for DiskStorage {
     fn recover(&self) -> Result<Recovered, StorageError> {
         let s = &*self.shared;
+        let open = s.engine.read();
+        let Some(e) = open.as_ref() else {
+            return Err(StorageError::Engine("the store is not open".into()));
+        };
         let started = Instant::now();
         let clock = Clock::now();
         let meta = |key| {
-            s.meta
+            e.meta
                 .get(key)
-                .map_err(|e| engine(&s.path, e))
+                .map_err(|err| engine(&s.path, err))
                 .map(|v| v.map(|v| v.to_vec()))
         };
         let clean = meta(CLEAN)?.is_some();
@@ -1020,17 +1241,17 @@ impl Storage for DiskStorage {
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(|b| record::system_time(u64::from_be_bytes(b)));
         if clean {
-            s.meta.remove(CLEAN).map_err(|e| engine(&s.path, e))?;
+            e.meta.remove(CLEAN).map_err(|err| engine(&s.path, err))?;
         }
         let manifest_path = s.path.join(MANIFEST);
         let expected = std::fs::read_to_string(&manifest_path)
             .ok()
             .map(|text| Counts::parse(&text));
 
-        let retained = s.scan(&s.retained, "retained message", |_, v| {
+        let retained = s.scan(&e.retained, "retained message", |_, v| {
             record::decode_message(v, &clock).ok().map(Arc::new)
         })?;
-        let records = s.scan(&s.sessions, "session", |k, v| {
+        let records = s.scan(&e.sessions, "session", |k, v| {
             let id =
                 ClientId::new(MqttStr::from_bytes(bytes::Bytes::copy_from_slice(k)).ok()?).ok()?;
             record::decode_session(v, id).ok()
@@ -1049,7 +1270,7 @@ impl Storage for DiskStorage {
             })
             .collect();
 
-        let flows = s.scan(&s.flows, "flow", |k, v| {
+        let flows = s.scan(&e.flows, "flow", |k, v| {
             let (id, seq) = split_key(k)?;
             let seq = u64::from_be_bytes(seq.try_into().ok()?);
             Some(((id, seq), record::decode_flow(v).ok()?))
@@ -1057,7 +1278,7 @@ impl Storage for DiskStorage {
         let mut flows: HashMap<(ClientId, u64), _> = flows.into_iter().collect();
         let mut orphans = Vec::new();
         let mut next_seq = 1;
-        let deliveries = s.scan(&s.deliveries, "message", |k, v| {
+        let deliveries = s.scan(&e.deliveries, "message", |k, v| {
             let (id, seq) = split_key(k)?;
             let seq = u64::from_be_bytes(seq.try_into().ok()?);
             Some((
@@ -1082,7 +1303,7 @@ impl Storage for DiskStorage {
             let flow = flows.remove(&(id.clone(), seq));
             session.deliveries.push(StoredDelivery { delivery, flow });
         }
-        let inbound = s.scan(&s.inbound, "QoS 2 state", |k, _| {
+        let inbound = s.scan(&e.inbound, "QoS 2 state", |k, _| {
             let (id, pid) = split_key(k)?;
             let pid = PacketId::new(u16::from_be_bytes(pid.try_into().ok()?))?;
             Some((id, pid))
@@ -1097,8 +1318,9 @@ impl Storage for DiskStorage {
         orphans.extend(flows.into_keys().map(|(id, seq)| seq_key(&id, seq)));
         // What a crash left behind of a session's removal, and expired messages.
         for key in &orphans {
-            for ks in [&s.deliveries, &s.flows, &s.inbound] {
-                ks.remove(key.as_slice()).map_err(|e| engine(&s.path, e))?;
+            for ks in [&e.deliveries, &e.flows, &e.inbound] {
+                ks.remove(key.as_slice())
+                    .map_err(|err| engine(&s.path, err))?;
             }
         }
         let sessions: Vec<StoredSession> = sessions.into_values().collect();
@@ -1219,16 +1441,23 @@ impl Storage for DiskStorage {
         // The batch's number is taken now, before anything in it can be seen, so that
         // whatever depends on it waits for it; the committer holds its watermark below it
         // until it is written.
+        // The store's read lock orders the ticket with a reopening, as for a single change.
+        let open = s.engine.read();
+        let generation = s.generation.load(Ordering::Acquire);
         let ticket = {
             let mut batches = s.open_batches.lock();
             let ticket = s.written.fetch_add(1, Ordering::AcqRel) + 1;
             batches.insert(ticket);
             ticket
         };
+        let batch = open.as_ref().map(|e| e.db.batch());
+        drop(open);
         Some(Box::new(DiskBatch {
             shared: s,
             ticket,
-            batch: Some(s.db.batch()),
+            failed: batch.is_none(),
+            batch,
+            generation,
             len: 0,
         }))
     }
@@ -1246,7 +1475,11 @@ impl Storage for DiskStorage {
         if !s.powered() {
             return;
         }
-        if let Err(e) = s.meta.insert(CLEAN, vec![1]) {
+        let marked = match s.engine.read().as_ref() {
+            Some(e) => e.meta.insert(CLEAN, vec![1]),
+            None => Err(fjall::Error::Poisoned),
+        };
+        if let Err(e) = marked {
             warn!(error = %e, "cannot mark the store as cleanly closed");
         }
         s.stop.store(true, Ordering::Release);

@@ -35,6 +35,7 @@ mod disk;
 pub(crate) mod record;
 
 pub use disk::DiskStorage;
+pub(crate) use disk::ErrorCounters;
 pub use record::RecordError;
 
 /// Entry points for the fuzz targets (`fuzz/`), which feed arbitrary bytes to the decoders
@@ -233,18 +234,79 @@ impl Ticket {
 }
 
 /// How far changes are durable.
+///
+/// A storage that fails (a write or an fsync returned an error, the disk is full) sets
+/// `failed` and counts a failure in `failures`; changes recorded from then on, and those not
+/// durable yet, are lost. A storage that recovers by itself (the disk has room again) clears
+/// `failed` and says which changes the failure lost: those numbered after `lost_after` and up
+/// to `lost_upto`. Changes recorded after that are made durable as before. Whatever waited for
+/// a lost change must never go out: its connection closes instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Watermark {
-    /// Every change numbered up to this is durable: the highest [`Ticket::get`] made durable.
+    /// Every change numbered up to this is durable, apart from those the latest failure lost:
+    /// the highest [`Ticket::get`] made durable.
     pub durable: u64,
-    /// The storage failed: changes after `durable` never will be.
+    /// The storage is failing now: changes after `durable` will not be made durable (until it
+    /// recovers, and then only those recorded after `lost_upto`).
     pub failed: bool,
+    /// How many times the storage failed so far: one who waited through a failure without
+    /// seeing it (the watermark only shows the latest state) can tell.
+    pub failures: u64,
+    /// The latest failure lost the changes numbered after this (with the previous one's, if
+    /// nothing was made durable in between) ...
+    pub lost_after: u64,
+    /// ... and up to this (`u64::MAX` while it lasts).
+    pub lost_upto: u64,
 }
 
 impl Watermark {
+    /// Changes up to `durable` are durable; `failed`: the storage failed (and lost every
+    /// change after `durable`).
+    pub const fn new(durable: u64, failed: bool) -> Self {
+        Self {
+            durable,
+            failed,
+            failures: failed as u64,
+            lost_after: if failed { durable } else { 0 },
+            lost_upto: if failed { u64::MAX } else { 0 },
+        }
+    }
+
     /// Whether the change `ticket` stands for is durable.
     pub fn covers(&self, ticket: Ticket) -> bool {
-        ticket.0 <= self.durable
+        ticket.0 <= self.durable && !self.lost(ticket)
+    }
+
+    /// Whether the latest failure lost the change `ticket` stands for: it never will be
+    /// durable.
+    pub fn lost(&self, ticket: Ticket) -> bool {
+        ticket.0 > self.lost_after && ticket.0 <= self.lost_upto
+    }
+
+    /// Marks the storage failed, keeping what is durable: counts the failure, unless the
+    /// storage is failing already. Returns whether it was news.
+    pub fn fail(&mut self) -> bool {
+        if self.failed {
+            return false;
+        }
+        // Nothing was made durable since the previous failure's lost changes: they and this
+        // failure's are one range, so that none of them looks durable.
+        let merge = self.failures > 0 && self.durable <= self.lost_upto;
+        self.failed = true;
+        self.failures += 1;
+        if !merge {
+            self.lost_after = self.durable;
+        }
+        self.lost_upto = u64::MAX;
+        true
+    }
+
+    /// The storage works again: every change numbered up to `last` (the last one recorded
+    /// before it recovered) that was not durable is lost.
+    pub fn recover(&mut self, last: u64) {
+        self.failed = false;
+        self.lost_upto = last.max(self.lost_after);
     }
 }
 
@@ -653,12 +715,23 @@ mod tests {
         t.merge(Ticket::new(3));
         t.merge(Ticket::new(2));
         assert_eq!(t, Ticket::new(3));
-        let w = Watermark {
-            durable: 2,
-            failed: false,
-        };
+        let w = Watermark::new(2, false);
         assert!(w.covers(Ticket::NONE) && w.covers(Ticket::new(2)));
         assert!(!w.covers(Ticket::new(3)));
+        // A failure loses what was not durable; after it, changes are made durable again.
+        let mut w = Watermark::new(2, false);
+        assert!(w.fail() && !w.fail());
+        assert_eq!(w.failures, 1);
+        assert!(w.lost(Ticket::new(3)) && w.lost(Ticket::new(u64::MAX)));
+        w.recover(5);
+        assert!(!w.failed && w.lost(Ticket::new(5)) && !w.lost(Ticket::new(6)));
+        // Failing again before anything new was durable: both failures' changes are lost.
+        let mut again = w;
+        again.durable = 5;
+        assert!(again.fail() && again.lost(Ticket::new(3)) && again.failures == 2);
+        w.durable = 9;
+        assert!(w.covers(Ticket::new(2)) && w.covers(Ticket::NONE));
+        assert!(!w.covers(Ticket::new(4)) && w.covers(Ticket::new(6)));
     }
 
     /// Without batches in the storage, a batch records each change at once, and its commit

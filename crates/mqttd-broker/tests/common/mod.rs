@@ -94,7 +94,9 @@ impl RecordingStorage {
     /// The storage fails: nothing recorded after the watermark will ever be durable.
     pub(crate) fn fail(&self) {
         self.0.held.store(true, Ordering::SeqCst);
-        self.0.watermark.send_modify(|w| w.failed = true);
+        self.0.watermark.send_modify(|w| {
+            w.fail();
+        });
     }
 
     /// How many changes were recorded: pass it to [`Self::saw`] to look only at later ones.

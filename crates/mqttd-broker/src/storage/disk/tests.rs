@@ -235,10 +235,7 @@ fn sync_watermark_passes_a_change_only_after_the_fsync_covering_it_returned() {
     script.entered(3);
     assert_eq!(
         watermark(&storage),
-        Watermark {
-            durable: 3,
-            failed: false
-        },
+        Watermark::new(3, false),
         "after the fsync that began after changes 1 to 3 and before change 4"
     );
     script.release(3);
@@ -246,50 +243,144 @@ fn sync_watermark_passes_a_change_only_after_the_fsync_covering_it_returned() {
     script.open();
 }
 
-/// A failed sync stops the watermark where it stood, marks it failed, and nothing afterwards
-/// moves it again.
+/// A failed sync stops the watermark where it stood and marks it failed; the store is opened
+/// again, the changes that were not durable are declared lost (never covered), and changes
+/// recorded afterwards are made durable again without a restart.
 #[test]
-fn a_failed_sync_stops_the_watermark_for_good() {
+fn a_failed_sync_loses_what_was_not_durable_and_the_store_recovers() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let (storage, script) = open(dir.path(), Durability::Sync, Duration::from_millis(100));
+    let errors = ErrorCounters::default();
+    storage.count_errors(errors.clone());
     script.state.lock().fail = Some(3);
 
     script.entered(1);
     let _ = change(&storage, 1);
     script.release(1);
     script.entered(2);
-    let _ = change(&storage, 2);
+    let lost = change(&storage, 2);
     script.release(2);
     // Sync 3 covers change 2 and fails.
     script.entered(3);
     assert_eq!(watermark(&storage).durable, 1);
     script.release(3);
     wait_for(&storage, "the failure reported", |w| w.failed);
-    assert_eq!(watermark(&storage).durable, 1, "change 2 was never synced");
-    // The committer stops: later changes are never declared durable.
+    let w = watermark(&storage);
+    assert_eq!((w.durable, w.failures), (1, 1), "change 2 was never synced");
+    assert!(w.lost(lost));
+    assert_eq!(errors.get_or_create(&[("op", "sync")]).get(), 1);
+    // The store is opened again; change 2 stays lost, a new change is made durable.
+    wait_for(&storage, "the store opened again", |w| !w.failed);
+    script.open();
+    let fresh = change(&storage, 3);
+    wait_for(&storage, "a change after the failure made durable", |w| {
+        w.covers(fresh)
+    });
+    let w = watermark(&storage);
+    assert!(w.lost(lost) && !w.covers(lost), "{w:?}");
+    assert!(w.covers(Ticket::new(1)), "what was durable stays so: {w:?}");
+    assert_eq!(w.failures, 1);
+    assert_eq!(errors.get_or_create(&[("op", "write")]).get(), 0);
+}
+
+/// A write that fails (as on a full disk) is never declared durable, even though the sync
+/// after it succeeds; the store recovers by itself once writes work again, and only the
+/// changes recorded while it failed are lost.
+#[test]
+fn a_failed_write_is_lost_and_the_store_recovers_when_writes_work_again() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let faults = Arc::new(Faults::default());
+    let storage = DiskStorage::open_with(
+        dir.path().to_path_buf(),
+        Durability::Sync,
+        Duration::from_millis(100),
+        Box::new(Faulty(faults.clone())),
+        None,
+    )
+    .expect("open the store");
+    let errors = ErrorCounters::default();
+    storage.count_errors(errors.clone());
+    let before = change(&storage, 1);
+    wait_for(&storage, "the first change durable", |w| w.covers(before));
+
+    faults.failing.store(true, Ordering::Release);
+    let lost: Vec<Ticket> = (2..=5).map(|n| change(&storage, n)).collect();
+    let w = watermark(&storage);
+    assert!(w.failed, "{w:?}");
+    assert!(lost.iter().all(|t| !w.covers(*t) && w.lost(*t)), "{w:?}");
+    assert!(errors.get_or_create(&[("op", "write")]).get() >= 4);
+    // While writes fail, the store is opened again and again, and nothing is covered.
+    std::thread::sleep(Duration::from_millis(300));
+    let also_lost = change(&storage, 6);
+    let w = watermark(&storage);
+    assert!(
+        !w.covers(also_lost) && lost.iter().all(|t| !w.covers(*t)),
+        "{w:?}"
+    );
+
+    faults.failing.store(false, Ordering::Release);
+    // Once writes work, a change is made durable again (the store was opened again, or is
+    // within REOPEN_MAX).
     let deadline = Instant::now() + HANG;
-    while !storage
-        .committer
-        .lock()
-        .as_ref()
-        .is_some_and(std::thread::JoinHandle::is_finished)
-    {
+    let fresh = loop {
+        let t = change(&storage, 7);
+        let until = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < until && !watermark(&storage).covers(t) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if watermark(&storage).covers(t) {
+            break t;
+        }
         assert!(
             Instant::now() < deadline,
-            "the committer runs on after a failed sync"
+            "never recovered: {:?}",
+            watermark(&storage)
         );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let _ = change(&storage, 3);
-    assert_eq!(
-        watermark(&storage),
-        Watermark {
-            durable: 1,
-            failed: true
-        }
+    };
+    let w = watermark(&storage);
+    assert!(!w.failed && w.covers(before) && w.covers(fresh), "{w:?}");
+    assert!(
+        lost.iter().chain([&also_lost]).all(|t| !w.covers(*t)),
+        "a failed change is never declared durable: {w:?}"
     );
-    assert_eq!(script.state.lock().entered, 3, "no sync after the failure");
-    script.open();
+    // After a restart, the sessions whose record was durable are there.
+    drop(storage);
+    let reopened = DiskStorage::open(dir.path(), Durability::Sync, Duration::from_millis(100))
+        .expect("open the store again");
+    let names: Vec<String> = reopened
+        .recover()
+        .expect("recover")
+        .sessions
+        .into_iter()
+        .map(|s| s.record.client_id.as_str().to_owned())
+        .collect();
+    assert!(names.contains(&"client-1".to_owned()), "{names:?}");
+    assert!(names.contains(&"client-7".to_owned()), "{names:?}");
+}
+
+/// Injected write failures, for [`a_failed_write_is_lost_and_the_store_recovers_when_writes_work_again`].
+#[derive(Default)]
+struct Faults {
+    failing: AtomicBool,
+}
+
+struct Faulty(Arc<Faults>);
+
+impl SyncStep for Faulty {
+    fn persist(&self, db: &Database, mode: PersistMode) -> Result<(), fjall::Error> {
+        db.persist(mode)
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn check_write(&self) -> Result<(), fjall::Error> {
+        if self.0.failing.load(Ordering::Acquire) {
+            return Err(fjall::Error::Io(std::io::Error::from_raw_os_error(28)));
+        }
+        Ok(())
+    }
 }
 
 /// Under `durability = "batch"` a commit writes to the operating system, and is an fsync as
