@@ -95,6 +95,11 @@ impl Mailbox {
         Ok(())
     }
 
+    /// How many deliveries wait.
+    fn len(&self) -> usize {
+        self.inbox.lock().deliveries.len()
+    }
+
     fn take_over(&self, reply: SessionReply) {
         self.inbox.lock().takeover = Some(reply);
         self.notify.notify_one();
@@ -199,7 +204,7 @@ impl SessionHandle {
     pub(crate) fn deliver(&self, now: Instant, delivery: Delivery, inner: &Inner) -> bool {
         let mut batch = Batch::direct(&*inner.storage);
         let taken = matches!(
-            self.hand_over(now, delivery, inner, &mut batch),
+            self.hand_over(now, delivery, inner, &mut batch, false),
             Handed::Taken
         );
         // The session waits for its stored copy itself (see `Mailbox::push`); nothing else
@@ -209,17 +214,18 @@ impl SessionHandle {
     }
 
     /// As [`SessionHandle::deliver`], but a delivery that finds its connection's mailbox
-    /// full comes back, to wait for room. The copy is stored through `batch`, whose ticket
-    /// then covers it.
+    /// full comes back, to wait for room, unless `force`: then the mailbox takes it beyond
+    /// its limit (see [`Inner::route_whole`]). The copy is stored through `batch`, whose
+    /// ticket then covers it.
     pub(crate) fn hand_over(
         &self,
         now: Instant,
         mut delivery: Delivery,
         inner: &Inner,
         batch: &mut Batch<'_>,
+        force: bool,
     ) -> Handed {
-        let config = &inner.config;
-        let limit = config.max_queued_messages.max(1) + usize::from(config.max_inflight_messages);
+        let limit = Self::limit(inner);
         let persist = delivery.qos != QoS::AtMostOnce && self.persistent.load(Ordering::Relaxed);
         let mut store = |d: &mut Delivery| {
             if persist {
@@ -235,7 +241,11 @@ impl SessionHandle {
         let mut slot = self.slot.lock();
         match &mut *slot {
             Slot::Online { mailbox } => {
-                let limit = limit.min(self.capacity.load(Ordering::Relaxed));
+                let limit = if force {
+                    usize::MAX
+                } else {
+                    limit.min(self.capacity.load(Ordering::Relaxed))
+                };
                 match mailbox.push(delivery, limit, store) {
                     Ok(()) => Handed::Taken,
                     Err(d) => Handed::Full(d),
@@ -264,6 +274,36 @@ impl SessionHandle {
                     Handed::Dropped
                 }
             }
+        }
+    }
+}
+
+impl SessionHandle {
+    /// What a connection's mailbox, or a session moving between connections, may hold.
+    fn limit(inner: &Inner) -> usize {
+        let config = &inner.config;
+        config.max_queued_messages.max(1) + usize::from(config.max_inflight_messages)
+    }
+
+    /// Whether a delivery at `qos` would have to wait for room in this session now, as
+    /// [`Inner::offer`] decides: a QoS 1 or 2 one while its queue or its connection's mailbox
+    /// is full, a QoS 0 one while its connection's output is backed up; never for a session
+    /// marked stalled (what is routed to it is dropped) nor for an offline one (its queue's
+    /// own rules apply).
+    pub(crate) fn lacks_room(&self, qos: QoS, inner: &Inner) -> bool {
+        if self.stalled.load(Ordering::Relaxed) {
+            return false;
+        }
+        if qos == QoS::AtMostOnce {
+            return self.congested.load(Ordering::Relaxed);
+        }
+        if self.saturated.load(Ordering::Relaxed) {
+            return true;
+        }
+        let limit = Self::limit(inner).min(self.capacity.load(Ordering::Relaxed));
+        match &*self.slot.lock() {
+            Slot::Online { mailbox } => mailbox.len() >= limit,
+            _ => false,
         }
     }
 }
@@ -442,6 +482,9 @@ impl SessionCount {
 
 /// Deliveries waiting for room in their sessions' queues.
 pub(crate) type Blocked = SmallVec<[(Arc<SessionHandle>, Delivery); 1]>;
+
+/// Sessions a publication waits for room in.
+pub(crate) type Waits = SmallVec<[Arc<SessionHandle>; 1]>;
 
 /// The session a connection gets.
 pub(crate) struct Acquired {
@@ -1222,6 +1265,101 @@ impl Inner {
         blocked: &mut Blocked,
         batch: &mut Batch<'_>,
     ) -> usize {
+        self.route_with(now, message, from, blocked, batch, false)
+    }
+
+    /// Routes a QoS 2 publication whole, through one `batch`: every copy is handed over or
+    /// dropped now, none waits, so that the one atomic write of the batch covers all copies
+    /// and the publisher's PUBREL state together (a crash leaves either all or none, and the
+    /// publisher's retransmission is then answered or routed accordingly). Its publisher
+    /// first waits until [`Inner::lacking_room`] finds no session without room; a session
+    /// that filled up since, by another publisher's message, takes this copy beyond its
+    /// limit, which is thus exceeded by at most one message per racing publisher. Members of
+    /// a shared group with room are preferred. Returns how many sessions it was handed to.
+    pub(crate) fn route_whole(
+        &self,
+        now: Instant,
+        message: &Arc<Message>,
+        from: Option<u64>,
+        batch: &mut Batch<'_>,
+    ) -> usize {
+        let mut blocked = Blocked::new();
+        let count = self.route_with(now, message, from, &mut blocked, batch, true);
+        for (handle, delivery) in blocked {
+            let handed = if delivery.qos == QoS::AtMostOnce {
+                Handed::Dropped
+            } else {
+                handle.hand_over(now, delivery, self, batch, true)
+            };
+            if !matches!(handed, Handed::Taken) {
+                self.metrics.messages_dropped.inc();
+            }
+        }
+        count
+    }
+
+    /// The sessions a publication of `message` would wait for room in now (see
+    /// [`SessionHandle::lacks_room`]): a QoS 2 publisher waits until there are none, then
+    /// routes with [`Inner::route_whole`]. A shared group counts only if none of its members
+    /// has room.
+    pub(crate) fn lacking_room(&self, message: &Message, from: Option<u64>) -> Waits {
+        let tree = self.subscriptions.load();
+        let mut direct: SmallVec<[(u64, &Subscriber); 16]> = SmallVec::new();
+        let mut waits = Waits::new();
+        tree.for_each_match(&message.topic, |m| match m {
+            Match::Direct(key, sub) => {
+                if !(sub.options.no_local && Some(*key) == from) {
+                    direct.push((*key, sub));
+                }
+            }
+            Match::Shared { members, .. } => {
+                let mut lacking = None;
+                let room = members.members().any(|(_, s)| {
+                    let qos = s.options.qos.min(message.qos);
+                    if matches!(*s.handle.slot.lock(), Slot::Ended) {
+                        return false;
+                    }
+                    if s.handle.lacks_room(qos, self) {
+                        lacking.get_or_insert_with(|| s.handle.clone());
+                        return false;
+                    }
+                    true
+                });
+                if let (false, Some(handle)) = (room, lacking) {
+                    waits.push(handle);
+                }
+            }
+        });
+        // One copy per session, at the highest QoS of its matching subscriptions.
+        direct.sort_unstable_by_key(|(k, _)| *k);
+        let mut i = 0;
+        while i < direct.len() {
+            let (key, first) = direct[i];
+            let mut qos = first.options.qos;
+            let mut j = i + 1;
+            while j < direct.len() && direct[j].0 == key {
+                qos = qos.max(direct[j].1.options.qos);
+                j += 1;
+            }
+            if first.handle.lacks_room(qos.min(message.qos), self) {
+                waits.push(first.handle.clone());
+            }
+            i = j;
+        }
+        waits
+    }
+
+    /// Routes like [`Inner::route_or_block`]; with `prefer_room`, a shared group's message
+    /// goes to a member with room if there is one.
+    fn route_with(
+        &self,
+        now: Instant,
+        message: &Arc<Message>,
+        from: Option<u64>,
+        blocked: &mut Blocked,
+        batch: &mut Batch<'_>,
+        prefer_room: bool,
+    ) -> usize {
         let tree = self.subscriptions.load();
         let mut direct: SmallVec<[(u64, &Subscriber); 16]> = SmallVec::new();
         let mut shared: SmallVec<[&Subscriber; 4]> = SmallVec::new();
@@ -1233,7 +1371,14 @@ impl Inner {
                 direct.push((*key, sub));
             }
             Match::Shared { members, .. } => {
-                let chosen = members.pick(|_, s| !matches!(*s.handle.slot.lock(), Slot::Ended));
+                let live = |s: &Subscriber| !matches!(*s.handle.slot.lock(), Slot::Ended);
+                let roomy = |s: &Subscriber| {
+                    live(s) && !s.handle.lacks_room(s.options.qos.min(message.qos), self)
+                };
+                let chosen = prefer_room
+                    .then(|| members.pick(|_, s| roomy(s)))
+                    .flatten()
+                    .or_else(|| members.pick(|_, s| live(s)));
                 if let Some((_, sub)) = chosen {
                     shared.push(sub);
                 }
@@ -1315,7 +1460,7 @@ impl Inner {
             return None;
         }
         let delivery = Self::delivery(message, options, subscription_ids, shared);
-        match handle.hand_over(now, delivery, self, batch) {
+        match handle.hand_over(now, delivery, self, batch, false) {
             Handed::Taken => None,
             Handed::Full(d) if !handle.stalled.load(Ordering::Relaxed) => Some(d),
             Handed::Full(_) | Handed::Dropped => {
@@ -1347,7 +1492,7 @@ impl Inner {
             } else if backed_up {
                 Handed::Dropped
             } else {
-                handle.hand_over(now, delivery, self, batch)
+                handle.hand_over(now, delivery, self, batch, false)
             };
             match outcome {
                 Handed::Taken => {}

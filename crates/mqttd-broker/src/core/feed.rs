@@ -4,11 +4,14 @@
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
-use mqttd_proto::{Delivery, InboundPublish, PacketId, ReasonCode, StreamId, SubscriptionOptions};
+use mqttd_proto::{
+    Delivery, InboundPublish, Message, PacketId, ReasonCode, StreamId, SubscriptionOptions,
+};
 
-use crate::broker::Blocked;
+use crate::broker::{Blocked, SessionHandle, Waits};
 use crate::retained::RetainedCursor;
 
 /// Retained messages being sent for new subscriptions, from snapshots of the store, as the
@@ -55,7 +58,7 @@ pub(super) struct BlockedPublish {
     /// Its packet identifier, to acknowledge once it is handed over; none for QoS 0.
     pub(super) packet_id: Option<PacketId>,
     pub(super) reason: ReasonCode,
-    pub(super) deliveries: Blocked,
+    pub(super) held: Held,
     /// When the sessions waited for last made progress.
     pub(super) since: Instant,
     /// When it last looked for room.
@@ -67,10 +70,41 @@ pub(super) struct BlockedPublish {
     pub(super) later: VecDeque<InboundPublish>,
 }
 
-/// The sum of the progress counters of the sessions `blocked` waits for.
-pub(super) fn progress_of(blocked: &Blocked) -> u64 {
-    blocked
-        .iter()
-        .map(|(h, _)| h.progress.load(Ordering::Relaxed))
-        .fold(0, u64::wrapping_add)
+/// What of a waiting publication waits.
+pub(super) enum Held {
+    /// The copies of a QoS 0 or 1 publication that found their sessions without room; the
+    /// other copies were handed over.
+    Copies(Blocked),
+    /// A QoS 2 publication not routed at all yet, and the sessions it waits for room in: it
+    /// is routed whole once they have room (see `Inner::route_whole`), so that one atomic
+    /// write covers every copy and the PUBREL state, and nothing has been routed should the
+    /// connection end first (the publisher sends it again, unacknowledged).
+    Whole { message: Arc<Message>, waits: Waits },
+}
+
+impl Held {
+    /// Whether nothing waits any more.
+    pub(super) fn is_empty(&self) -> bool {
+        match self {
+            Self::Copies(blocked) => blocked.is_empty(),
+            Self::Whole { waits, .. } => waits.is_empty(),
+        }
+    }
+
+    /// The sessions waited for.
+    pub(super) fn sessions(&self) -> impl Iterator<Item = &Arc<SessionHandle>> {
+        let (copies, whole) = match self {
+            Self::Copies(blocked) => (Some(blocked), None),
+            Self::Whole { waits, .. } => (None, Some(waits)),
+        };
+        let copies = copies.into_iter().flat_map(|b| b.iter().map(|(h, _)| h));
+        copies.chain(whole.into_iter().flat_map(|w| w.iter()))
+    }
+
+    /// The sum of the progress counters of the sessions waited for.
+    pub(super) fn progress(&self) -> u64 {
+        self.sessions()
+            .map(|h| h.progress.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
 }

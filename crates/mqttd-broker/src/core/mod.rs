@@ -39,7 +39,9 @@
 //! that does not read cannot make the broker buffer without bound. Publishers feeding a
 //! backed-up client pause too: a QoS 0 or 1 publication that finds a subscriber's output
 //! backed up or its queue full waits, with its stream's reading paused, until there is room,
-//! so that under overload the broker reads no faster than it can deliver. A subscriber that
+//! so that under overload the broker reads no faster than it can deliver. A QoS 2 publication
+//! waits the same way, but before any of its copies is routed, and is then routed to all in
+//! one atomic write with its PUBREL state (see [`feed::Held`]). A subscriber that
 //! makes no progress at all for [`BACKPRESSURE_WAIT`] is marked stalled; from then on what is
 //! routed to it is dropped (and counted) until it reads again.
 
@@ -69,12 +71,12 @@ use crate::auth::ScramServerFirstSent;
 use crate::bridge::config::LOCAL_CLIENT_PREFIX;
 use crate::broker::{
     update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, SessionHandle, SessionPermit,
-    SessionReply, Slot, Subscriber,
+    SessionReply, Slot, Subscriber, Waits,
 };
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer, Transport, Verdict};
 use crate::storage::{Batch, StoredWill, Ticket, Watermark};
 
-use feed::{BlockedPublish, RetainedFeed};
+use feed::{BlockedPublish, Held, RetainedFeed};
 pub(crate) use output::Output;
 use output::Outputs;
 
@@ -370,7 +372,7 @@ impl ConnectionCore {
     pub(crate) fn blocked_on(&self) -> Option<Arc<SessionHandle>> {
         self.blocked
             .first()
-            .and_then(|b| b.deliveries.first().map(|(h, _)| h.clone()))
+            .and_then(|b| b.held.sessions().next().cloned())
     }
 
     /// Whether something waits for the storage's watermark to move: the driver passes each
@@ -660,16 +662,31 @@ impl ConnectionCore {
         let mut batch = Batch::direct(&*self.inner.storage);
         let mut i = 0;
         while let Some(b) = self.blocked.get_mut(i) {
-            let progress = feed::progress_of(&b.deliveries);
+            let progress = b.held.progress();
             if progress != b.progress {
                 b.progress = progress;
                 b.since = now;
             }
             b.tried = now;
             let give_up = now.saturating_duration_since(b.since) >= BACKPRESSURE_WAIT;
-            self.inner
-                .retry_blocked(now, &mut b.deliveries, give_up, &mut batch);
-            if b.deliveries.is_empty() {
+            match &mut b.held {
+                Held::Copies(deliveries) => {
+                    self.inner
+                        .retry_blocked(now, deliveries, give_up, &mut batch);
+                }
+                Held::Whole { message, waits } => {
+                    let key = self.handle.as_ref().map(|h| h.key);
+                    *waits = self.inner.lacking_room(message, key);
+                    if give_up {
+                        // As for a QoS 1 copy: a session that made no progress at all is
+                        // marked stalled, and this publication's copy for it dropped.
+                        for handle in waits.drain(..) {
+                            let _ = update_flag(&handle.stalled, true);
+                        }
+                    }
+                }
+            }
+            if b.held.is_empty() {
                 done.push(self.blocked.remove(i));
             } else {
                 i += 1;
@@ -677,7 +694,17 @@ impl ConnectionCore {
         }
         let ticket = batch.commit();
         self.depends_on(ticket);
-        for b in done {
+        for mut b in done {
+            if let Held::Whole { message, .. } = &b.held {
+                let message = message.clone();
+                b.reason = self.route_publication(
+                    now,
+                    b.stream,
+                    &message,
+                    b.packet_id,
+                    &mut Blocked::new(),
+                );
+            }
             if let Some(packet_id) = b.packet_id {
                 let _ = self.conn.publish_ack(packet_id, b.reason);
             }
@@ -1302,7 +1329,10 @@ impl ConnectionCore {
     }
 
     /// Routes a message and acknowledges it; if that stored anything, the acknowledgement
-    /// waits in the output until it is durable (persist, then acknowledge).
+    /// waits in the output until it is durable (persist, then acknowledge). A publication
+    /// that finds subscribers without room waits for it, with its stream's reading paused:
+    /// the copies of a QoS 0 or 1 one that found no room, a QoS 2 one whole, before anything
+    /// of it is routed (see [`Held`]).
     fn on_publish(&mut self, now: Instant, stream: StreamId, publish: InboundPublish) {
         if let Some(b) = self.blocked.iter_mut().find(|b| b.stream == stream) {
             b.later.push_back(publish);
@@ -1314,66 +1344,30 @@ impl ConnectionCore {
             packet_id,
             ..
         } = publish;
-        let mut blocked = Blocked::new();
-        let reason = match self.admit(&mut message) {
-            Ok(()) => {
-                let message = Arc::new(message);
-                // One atomic write for everything this publication changes; nothing to wait
-                // for after a QoS 0 one but a retained message, written on its own.
-                let inner = &*self.inner;
-                let mut batch = if inner.durable && message.qos != QoS::AtMostOnce {
-                    inner.storage.batch()
-                } else {
-                    Batch::direct(&*inner.storage)
-                };
-                if message.retain {
-                    if let Err(refused) = inner.retain(&message, &mut batch) {
-                        inner.metrics.limit_refused(refused.label(), 1);
-                        debug!(topic = %message.topic, limit = refused.label(), "retained message refused");
-                        // An MQTT 5 client is told (PUBACK 0x97) and nothing is done: it may
-                        // publish again without the flag. QoS 0, and MQTT 3 whose PUBACK
-                        // cannot refuse, are delivered without being retained.
-                        let v5 = self.conn.version().is_some_and(ProtocolVersion::is_v5);
-                        if v5 && message.qos != QoS::AtMostOnce {
-                            inner.metrics.messages_dropped.inc();
-                            // The batch recorded nothing: discarded, it holds nothing back.
-                            if let Some(id) = packet_id {
-                                let _ = self.conn.publish_ack(id, ReasonCode::QuotaExceeded);
-                            }
-                            return;
-                        }
-                    }
-                }
-                let key = self.handle.as_ref().map(|h| h.key);
-                // QoS 0 and 1 publishers wait for subscribers that are behind; QoS 2 ones do
-                // not yet, because the atomic batch has to cover all copies at once.
-                let routed = if message.qos == QoS::ExactlyOnce {
-                    inner.route_in(now, &message, key, &mut batch)
-                } else {
-                    inner.route_or_block(now, &message, key, &mut blocked, &mut batch)
-                };
-                if message.qos == QoS::ExactlyOnce && self.persistent() {
-                    if let (Some(handle), Some(packet_id)) = (&self.handle, packet_id) {
-                        // The batch's ticket covers it.
-                        let _ = batch.pending_release(&handle.client_id, packet_id, true);
-                        let _ = update_flag(&handle.stored_messages, true);
-                    }
-                }
-                let ticket = batch.commit();
-                self.depends_on_for(stream, ticket);
-                if routed == 0 {
-                    ReasonCode::NoMatchingSubscribers
-                } else {
-                    ReasonCode::Success
-                }
+        if let Err(reason) = self.admit(&mut message) {
+            self.inner.metrics.messages_dropped.inc();
+            debug!(%reason, topic = %message.topic, "publish refused");
+            if let Some(id) = packet_id {
+                let _ = self.conn.publish_ack(id, reason);
             }
-            Err(reason) => {
-                self.inner.metrics.messages_dropped.inc();
-                debug!(%reason, topic = %message.topic, "publish refused");
-                reason
-            }
+            return;
+        }
+        let message = Arc::new(message);
+        let waits = if message.qos == QoS::ExactlyOnce {
+            let key = self.handle.as_ref().map(|h| h.key);
+            self.inner.lacking_room(&message, key)
+        } else {
+            Waits::new()
         };
-        if blocked.is_empty() {
+        let (reason, held) = if waits.is_empty() {
+            let mut blocked = Blocked::new();
+            let reason = self.route_publication(now, stream, &message, packet_id, &mut blocked);
+            (reason, Held::Copies(blocked))
+        } else {
+            // Acknowledged with the reason found when it is routed.
+            (ReasonCode::Success, Held::Whole { message, waits })
+        };
+        if held.is_empty() {
             if let Some(id) = packet_id {
                 let _ = self.conn.publish_ack(id, reason);
             }
@@ -1382,12 +1376,68 @@ impl ConnectionCore {
                 stream,
                 packet_id,
                 reason,
-                progress: feed::progress_of(&blocked),
-                deliveries: blocked,
+                progress: held.progress(),
+                held,
                 since: now,
                 tried: now,
                 later: VecDeque::new(),
             });
+        }
+    }
+
+    /// Routes an admitted message in one atomic write with what else it changes (a retained
+    /// message, a QoS 2 publisher's PUBREL state), which `stream`'s output then waits for.
+    /// QoS 0 and 1 copies that find no room are handed back in `blocked`; a QoS 2 message is
+    /// routed whole. Returns the reason code to acknowledge it with.
+    fn route_publication(
+        &mut self,
+        now: Instant,
+        stream: StreamId,
+        message: &Arc<Message>,
+        packet_id: Option<PacketId>,
+        blocked: &mut Blocked,
+    ) -> ReasonCode {
+        let inner = &*self.inner;
+        // Nothing to wait for after a QoS 0 one but a retained message, written on its own.
+        let mut batch = if inner.durable && message.qos != QoS::AtMostOnce {
+            inner.storage.batch()
+        } else {
+            Batch::direct(&*inner.storage)
+        };
+        if message.retain {
+            if let Err(refused) = inner.retain(message, &mut batch) {
+                inner.metrics.limit_refused(refused.label(), 1);
+                debug!(topic = %message.topic, limit = refused.label(), "retained message refused");
+                // An MQTT 5 client is told (PUBACK or PUBREC 0x97) and nothing is done: it may
+                // publish again without the flag. QoS 0, and MQTT 3 whose acknowledgements
+                // cannot refuse, are delivered without being retained.
+                let v5 = self.conn.version().is_some_and(ProtocolVersion::is_v5);
+                if v5 && message.qos != QoS::AtMostOnce {
+                    inner.metrics.messages_dropped.inc();
+                    // The batch recorded nothing: discarded, it holds nothing back.
+                    return ReasonCode::QuotaExceeded;
+                }
+            }
+        }
+        let key = self.handle.as_ref().map(|h| h.key);
+        let routed = if message.qos == QoS::ExactlyOnce {
+            inner.route_whole(now, message, key, &mut batch)
+        } else {
+            inner.route_or_block(now, message, key, blocked, &mut batch)
+        };
+        if message.qos == QoS::ExactlyOnce && self.persistent() {
+            if let (Some(handle), Some(packet_id)) = (&self.handle, packet_id) {
+                // The batch's ticket covers it.
+                let _ = batch.pending_release(&handle.client_id, packet_id, true);
+                let _ = update_flag(&handle.stored_messages, true);
+            }
+        }
+        let ticket = batch.commit();
+        self.depends_on_for(stream, ticket);
+        if routed == 0 {
+            ReasonCode::NoMatchingSubscribers
+        } else {
+            ReasonCode::Success
         }
     }
 

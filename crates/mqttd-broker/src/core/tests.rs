@@ -537,3 +537,209 @@ async fn past_max_retained_messages_qos0_is_delivered_unretained_and_qos1_refuse
         .render()
         .contains("mqttd_limit_refusals_total{limit=\"retained_messages\"} 2"));
 }
+
+/// A QoS 2 PUBLISH to `t` with `id` as its packet identifier and payload.
+fn publish_qos2(id: u16) -> Packet {
+    Packet::Publish(mqttd_proto::Publish {
+        dup: false,
+        qos: QoS::ExactlyOnce,
+        retain: false,
+        topic: TopicName::try_from("t").unwrap(),
+        packet_id: PacketId::new(id),
+        properties: mqttd_proto::PublishProperties::default(),
+        payload: Bytes::from(id.to_string()),
+    })
+}
+
+/// Subscribes `core`'s client to `t` at `qos`.
+fn subscribe_t(core: &mut ConnectionCore, now: Instant, qos: QoS) {
+    let subscribe = Packet::Subscribe(Subscribe {
+        packet_id: PacketId::new(1).unwrap(),
+        properties: mqttd_proto::SubscribeProperties::default(),
+        filters: vec![mqttd_proto::Subscription {
+            filter: TopicFilter::try_from("t").unwrap(),
+            options: mqttd_proto::SubscriptionOptions {
+                qos,
+                ..mqttd_proto::SubscriptionOptions::default()
+            },
+        }],
+    });
+    core.handle_packet(now, StreamId::CONTROL, subscribe);
+    core.process(now);
+    assert!(matches!(
+        &written(core, StreamId::CONTROL)[..],
+        [Packet::SubAck(_)]
+    ));
+}
+
+/// The packet identifiers of the PUBRECs the publisher was sent.
+fn pubrecs(core: &mut ConnectionCore) -> Vec<u16> {
+    written(core, StreamId::CONTROL)
+        .into_iter()
+        .map(|p| match p {
+            Packet::PubRec(r) if r.reason == ReasonCode::Success => r.packet_id.get(),
+            other => panic!("a publisher gets only PUBRECs here: {other:?}"),
+        })
+        .collect()
+}
+
+/// A subscriber's client reading and acknowledging (QoS 1) all it is sent, until nothing more
+/// comes; returns the payloads, in order.
+fn drain(core: &mut ConnectionCore, now: Instant) -> Vec<String> {
+    let mut payloads = Vec::new();
+    loop {
+        let inbox = core.mailbox().take();
+        core.handle_inbox(now, inbox);
+        core.process(now);
+        let mut got = false;
+        for packet in written(core, StreamId::CONTROL) {
+            let Packet::Publish(p) = packet else {
+                panic!("a subscriber gets only PUBLISH here: {packet:?}");
+            };
+            got = true;
+            payloads.push(String::from_utf8(p.payload.to_vec()).unwrap());
+            if let Some(id) = p.packet_id {
+                let ack = Packet::PubAck(mqttd_proto::PubResponse::success(id));
+                core.handle_packet(now, StreamId::CONTROL, ack);
+            }
+        }
+        core.process(now);
+        if !got {
+            return payloads;
+        }
+    }
+}
+
+/// A broker whose sessions take 2 queued messages and 1 in flight: a connection's mailbox
+/// holds at most 3.
+fn small_queues() -> Arc<Inner> {
+    inner_with(Config {
+        max_queued_messages: 2,
+        max_inflight_messages: 1,
+        ..Config::default()
+    })
+}
+
+/// A QoS 2 publication that finds a subscriber's queue full is held whole, PUBREC and the
+/// publisher's reading with it: not even a subscriber with room gets it until every one has
+/// room; then it is routed once to each, and nothing is dropped.
+#[tokio::test]
+async fn a_qos2_publication_waits_whole_for_room_and_loses_nothing() {
+    let inner = small_queues();
+    let now = Instant::now();
+    let mut slow = connected(&inner, now, "slow").await;
+    subscribe_t(&mut slow, now, QoS::AtLeastOnce);
+    let mut other = connected(&inner, now, "other").await;
+    subscribe_t(&mut other, now, QoS::AtLeastOnce);
+    let mut publisher = connected(&inner, now, "pub").await;
+
+    for id in 1..=4 {
+        publisher.handle_packet(now, StreamId::CONTROL, publish_qos2(id));
+    }
+    publisher.process(now);
+    assert_eq!(pubrecs(&mut publisher), [1, 2, 3], "the fourth waits");
+    assert!(
+        !publisher.wants_read(StreamId::CONTROL),
+        "reading is paused"
+    );
+    assert!(publisher.blocked_on().is_some());
+    assert!(publisher.poll_timeout().is_some(), "it looks again");
+
+    // One subscriber makes room; the other is still full: the fourth still waits, and went
+    // nowhere meanwhile.
+    assert_eq!(drain(&mut other, now), ["1", "2", "3"]);
+    publisher.retry_blocked(now);
+    publisher.process(now);
+    assert!(pubrecs(&mut publisher).is_empty());
+    assert!(
+        other.mailbox().take().deliveries.is_empty(),
+        "nothing routed"
+    );
+
+    // The slow one makes room: the fourth goes to both, once, and is acknowledged.
+    assert_eq!(drain(&mut slow, now), ["1", "2", "3"]);
+    publisher.retry_blocked(now);
+    publisher.process(now);
+    assert_eq!(pubrecs(&mut publisher), [4]);
+    assert!(publisher.wants_read(StreamId::CONTROL));
+    assert_eq!(drain(&mut slow, now), ["4"]);
+    assert_eq!(drain(&mut other, now), ["4"]);
+    assert_eq!(inner.metrics.messages_dropped.get(), 0);
+}
+
+/// What a held QoS 2 publication's stream read meanwhile is routed after it, in order.
+#[tokio::test]
+async fn publications_behind_a_held_qos2_one_follow_it_in_order() {
+    let inner = small_queues();
+    let now = Instant::now();
+    let mut slow = connected(&inner, now, "slow").await;
+    subscribe_t(&mut slow, now, QoS::ExactlyOnce);
+    let mut publisher = connected(&inner, now, "pub").await;
+    for id in 1..=6 {
+        publisher.handle_packet(now, StreamId::CONTROL, publish_qos2(id));
+    }
+    publisher.process(now);
+    assert_eq!(pubrecs(&mut publisher), [1, 2, 3]);
+    let mut received = Vec::new();
+    // Each delivery takes two rounds (PUBLISH, then PUBREL) through a window of one.
+    for _ in 0..20 {
+        // The subscriber's client completes each QoS 2 delivery.
+        let inbox = slow.mailbox().take();
+        slow.handle_inbox(now, inbox);
+        slow.process(now);
+        for packet in written(&mut slow, StreamId::CONTROL) {
+            match packet {
+                Packet::Publish(p) => {
+                    received.push(String::from_utf8(p.payload.to_vec()).unwrap());
+                    let id = p.packet_id.unwrap();
+                    let rec = Packet::PubRec(mqttd_proto::PubResponse::success(id));
+                    slow.handle_packet(now, StreamId::CONTROL, rec);
+                }
+                Packet::PubRel(r) => {
+                    let comp = Packet::PubComp(mqttd_proto::PubResponse::success(r.packet_id));
+                    slow.handle_packet(now, StreamId::CONTROL, comp);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        slow.process(now);
+        publisher.retry_blocked(now);
+        publisher.process(now);
+        let _ = pubrecs(&mut publisher);
+    }
+    assert_eq!(received, ["1", "2", "3", "4", "5", "6"]);
+    assert!(publisher.blocked_on().is_none());
+    assert_eq!(inner.metrics.messages_dropped.get(), 0);
+}
+
+/// A subscriber that makes no progress holds a QoS 2 publisher only for
+/// [`BACKPRESSURE_WAIT`], as for QoS 1: then its copy is dropped and counted, the publication
+/// acknowledged, and the session marked stalled.
+#[tokio::test]
+async fn a_stalled_subscriber_holds_a_qos2_publisher_only_for_the_wait() {
+    let inner = small_queues();
+    let start = Instant::now();
+    let mut stalled = connected(&inner, start, "stalled").await;
+    subscribe_t(&mut stalled, start, QoS::AtLeastOnce);
+    let mut publisher = connected(&inner, start, "pub").await;
+    for id in 1..=4 {
+        publisher.handle_packet(start, StreamId::CONTROL, publish_qos2(id));
+    }
+    publisher.process(start);
+    assert_eq!(pubrecs(&mut publisher), [1, 2, 3]);
+
+    let soon = start + BACKPRESSURE_WAIT / 2;
+    publisher.handle_timeout(soon);
+    publisher.process(soon);
+    assert!(pubrecs(&mut publisher).is_empty(), "still waiting");
+    assert_eq!(inner.metrics.messages_dropped.get(), 0);
+
+    let late = start + BACKPRESSURE_WAIT;
+    publisher.handle_timeout(late);
+    publisher.process(late);
+    assert_eq!(pubrecs(&mut publisher), [4]);
+    assert_eq!(inner.metrics.messages_dropped.get(), 1);
+    let handle = publisher.blocked_on();
+    assert!(handle.is_none(), "nothing waits");
+    assert!(publisher.wants_read(StreamId::CONTROL));
+}
