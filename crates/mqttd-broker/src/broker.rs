@@ -312,6 +312,15 @@ fn store_seq_only(delivery: &mut Delivery, persist: bool, next: &AtomicU64) {
     delivery.store_seq = persist.then(|| next.fetch_add(1, Ordering::Relaxed));
 }
 
+/// A publication's matching direct subscriptions grouped by session (sorted by session key):
+/// a session gets one copy however many of its subscriptions match.
+fn by_session<'a, 'b>(
+    direct: &'b mut [(u64, &'a Subscriber)],
+) -> impl Iterator<Item = &'b [(u64, &'a Subscriber)]> {
+    direct.sort_unstable_by_key(|(k, _)| *k);
+    direct.chunk_by(|a, b| a.0 == b.0)
+}
+
 /// Stores `value` only if it changed, so an unchanged flag costs other cores no cache traffic.
 /// Returns whether it changed.
 pub(crate) fn update_flag(flag: &AtomicBool, value: bool) -> bool {
@@ -1331,20 +1340,16 @@ impl Inner {
             }
         });
         // One copy per session, at the highest QoS of its matching subscriptions.
-        direct.sort_unstable_by_key(|(k, _)| *k);
-        let mut i = 0;
-        while i < direct.len() {
-            let (key, first) = direct[i];
-            let mut qos = first.options.qos;
-            let mut j = i + 1;
-            while j < direct.len() && direct[j].0 == key {
-                qos = qos.max(direct[j].1.options.qos);
-                j += 1;
-            }
+        for group in by_session(&mut direct) {
+            let [(_, first), rest @ ..] = group else {
+                continue;
+            };
+            let qos = rest
+                .iter()
+                .fold(first.options.qos, |q, (_, s)| q.max(s.options.qos));
             if first.handle.lacks_room(qos.min(message.qos), self) {
                 waits.push(first.handle.clone());
             }
-            i = j;
         }
         waits
     }
@@ -1386,21 +1391,18 @@ impl Inner {
         });
         // Overlapping subscriptions of one session yield one copy at the highest QoS, carrying
         // every matching subscription identifier [MQTT-3.3.4-2, MQTT-3.3.4-3].
-        direct.sort_unstable_by_key(|(k, _)| *k);
         let mut count = 0;
-        let mut i = 0;
-        while i < direct.len() {
-            let (key, first) = direct[i];
+        for group in by_session(&mut direct) {
+            let [(_, first), rest @ ..] = group else {
+                continue;
+            };
             let mut qos = first.options.qos;
             let mut retain_as_published = first.options.retain_as_published;
             let mut ids: Vec<NonZeroU32> = first.id.into_iter().collect();
-            let mut j = i + 1;
-            while j < direct.len() && direct[j].0 == key {
-                let s = direct[j].1;
+            for (_, s) in rest {
                 qos = qos.max(s.options.qos);
                 retain_as_published |= s.options.retain_as_published;
                 ids.extend(s.id);
-                j += 1;
             }
             let options = SubscriptionOptions {
                 qos,
@@ -1412,7 +1414,6 @@ impl Inner {
                 blocked.push((handle.clone(), d));
             }
             count += 1;
-            i = j;
         }
         for sub in shared {
             let ids = sub.id.into_iter().collect();

@@ -198,7 +198,7 @@ async fn watch_nat(
             let mapping = MappingReport::new(public, report.mapping_varies_by_dest());
             let nat = classify(&mapping, &local_addrs(&bound, public));
             if current.send_replace(nat) != nat {
-                info!(node_id = %id.short(), nat = %nat, public = ?public, varies = ?mapping.varies_by_destination, "NAT type");
+                info!(node_id = %id.fmt_short(), nat = %nat, public = ?public, varies = ?mapping.varies_by_destination, "NAT type");
             }
         }
         if reports.updated().await.is_err() {
@@ -528,13 +528,12 @@ impl Node {
                     Ok(Err(error)) => return Err(error),
                     Err(_) => return Err(ConnectError::Timeout(retry.deadline)),
                 };
-            let attempts = backoff.failures() + 1;
-            let wait = backoff.next(crate::retry::unit());
-            let now = tokio::time::Instant::now();
-            if attempts >= retry.attempts || now + wait >= deadline {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(wait) = retry.after_failure(&mut backoff, left, crate::retry::unit()) else {
                 return Err(error);
-            }
-            debug!(peer = %to.id.short(), attempts, wait_ms = wait.as_millis() as u64, %error, "connect failed; trying again");
+            };
+            let attempts = backoff.failures();
+            debug!(peer = %to.id.fmt_short(), attempts, wait_ms = wait.as_millis() as u64, %error, "connect failed; trying again");
             tokio::time::sleep(wait).await;
         }
     }

@@ -43,17 +43,30 @@ impl Retry {
         Backoff::new(self.initial, self.max)
     }
 
-    /// The waits between attempts, for `units` of jitter in `[0, 1)` (one per wait): the
-    /// schedule, with no clock and no randomness.
+    /// After a failed attempt: the wait before the next one (`unit` is the jitter, in
+    /// `[0, 1)`), or `None` when the attempts are used up or the wait would not end within
+    /// the `left` of the deadline. [`crate::Node::connect_with_retry`] asks this.
+    pub(crate) fn after_failure(
+        &self,
+        backoff: &mut Backoff,
+        left: Duration,
+        unit: f64,
+    ) -> Option<Duration> {
+        let attempts = backoff.failures() + 1;
+        let wait = backoff.next(unit);
+        (attempts < self.attempts && wait < left).then_some(wait)
+    }
+
+    /// The waits between attempts, for `units` of jitter in `[0, 1)` (one per wait), if every
+    /// attempt failed at once: the schedule, with no clock and no randomness.
     pub fn schedule(&self, units: &[f64]) -> Vec<Duration> {
         let mut backoff = self.backoff();
         let mut left = self.deadline;
         let mut waits = Vec::new();
-        for &unit in units.iter().take(self.attempts.saturating_sub(1) as usize) {
-            let wait = backoff.next(unit);
-            if wait >= left {
+        for &unit in units {
+            let Some(wait) = self.after_failure(&mut backoff, left, unit) else {
                 break;
-            }
+            };
             left -= wait;
             waits.push(wait);
         }

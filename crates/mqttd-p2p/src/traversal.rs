@@ -17,7 +17,6 @@ use futures_util::StreamExt;
 use iroh::endpoint::{self, PathId};
 use tracing::info;
 
-use crate::key::NodeId;
 use crate::node::{Connection, Node};
 
 /// A phase of a connection's traversal.
@@ -266,7 +265,7 @@ const SAMPLE: Duration = Duration::from_secs(2);
 /// How often the peer's direct addresses are looked for until they are known.
 const CANDIDATES_POLL: Duration = Duration::from_millis(200);
 
-/// Bytes seen so far on each path, to report what grew.
+/// Bytes seen so far on each open path, to report what grew.
 #[derive(Default)]
 struct Bytes {
     paths: HashMap<PathId, (bool, u64, u64)>,
@@ -311,7 +310,7 @@ pub(crate) async fn watch(
     mut report: impl FnMut(TraversalEvent) + Send,
 ) {
     let peer = conn.remote_id();
-    let short = peer.short();
+    let short = peer.fmt_short();
     let weak = conn.iroh().weak_handle();
     let mut events = conn.iroh().path_events();
     let mut machine = Traversal::new(started, window);
@@ -353,6 +352,9 @@ pub(crate) async fn watch(
                     ),
                     endpoint::PathEvent::Closed { id, remote_addr, last_stats, .. } => {
                         bytes.record(id, remote_addr.is_ip(), &last_stats, &mut report);
+                        // Counted to its end; a closed path is not listed again, so the
+                        // table holds the open paths only, however often paths change.
+                        bytes.paths.remove(&id);
                     }
                     _ => {}
                 }
@@ -405,15 +407,6 @@ fn drain(machine: &mut Traversal, peer: &str, report: &mut impl FnMut(TraversalE
             "p2p traversal"
         );
         report(TraversalEvent::Step(step));
-    }
-}
-
-impl NodeId {
-    /// The first 10 hex digits of the id, for logs.
-    pub fn short(&self) -> String {
-        let mut s = self.to_string();
-        s.truncate(10);
-        s
     }
 }
 
