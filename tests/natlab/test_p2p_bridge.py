@@ -47,6 +47,7 @@ class Subscriber:
     """`mqttd sub` on the remote broker, its payloads collected by a thread."""
 
     def __init__(self, node, port: int, topic: str):
+        self.node, self.port, self.topic = node, port, topic
         self.process = mqttd.client_popen(
             node, ["sub", "-L", f"mqtt://127.0.0.1:{port}/{topic}", "-q", "1"])
         self.payloads: list[str] = []
@@ -63,6 +64,17 @@ class Subscriber:
         with self.lock:
             return set(self.payloads)
 
+    def subscribed(self, timeout: float) -> None:
+        """Returns once a probe published on the broker itself (under the subscribed filter,
+        `prefix/#`) comes back: the subscription is in place."""
+        probe = self.topic.replace("#", "probe")
+        deadline = time.monotonic() + timeout
+        while "probe" not in self.seen():
+            assert time.monotonic() < deadline, "the subscriber got no probe"
+            mqttd.client(self.node, ["pub", "-L", f"mqtt://127.0.0.1:{self.port}/{probe}",
+                                     "-m", "probe", "-q", "1"])
+            time.sleep(0.2)
+
     def wait_for(self, wanted: set[str], timeout: float) -> set[str]:
         """Waits until every payload of `wanted` arrived; returns those missing."""
         deadline = time.monotonic() + timeout
@@ -74,6 +86,14 @@ class Subscriber:
                 break
             time.sleep(0.1)
         return wanted - self.seen()
+
+
+def publish_acked(node, port: int, topic: str, payload: str) -> bool:
+    """`mqttd pub -q 1` of `payload` to the broker at 127.0.0.1:`port` in `node`: whether the
+    broker acknowledged it (exit status 0)."""
+    done = mqttd.client(node, ["pub", "-L", f"mqtt://127.0.0.1:{port}/{topic}", "-m", payload,
+                               "-q", "1"], check=False, timeout=15)
+    return done.returncode == 0
 
 
 def paths(broker: mqttd.Mqttd) -> list[str]:
@@ -100,13 +120,7 @@ def test_a_p2p_bridge_loses_nothing_while_its_path_moves_and_across_a_kill_9(
                                 listen=("p2p://", "tcp://127.0.0.1:0"))
     _, remote_port = remote.addr("tcp")
     sub = Subscriber(topo.b.host, remote_port, "bridge/#")
-    # Subscribed once a probe published on the remote broker itself comes back.
-    deadline = time.monotonic() + PATH_TIMEOUT
-    while "probe" not in sub.seen():
-        assert time.monotonic() < deadline, "the subscriber got no probe"
-        mqttd.client(topo.b.host, ["pub", "-L", f"mqtt://127.0.0.1:{remote_port}/bridge/probe",
-                                   "-m", "probe", "-q", "1"])
-        time.sleep(0.2)
+    sub.subscribed(PATH_TIMEOUT)
 
     local_dir = tmp_path / "local"
     config = bridge_config(relay, remote)
@@ -122,12 +136,10 @@ def test_a_p2p_bridge_loses_nothing_while_its_path_moves_and_across_a_kill_9(
         nonlocal attempts
         n = str(attempts)
         attempts += 1
-        _, port = local.addr("tcp")
-        done = mqttd.client(topo.a.host, ["pub", "-L", f"mqtt://127.0.0.1:{port}/bridge/n",
-                                          "-m", n, "-q", "1"], check=False, timeout=15)
-        if done.returncode == 0:
+        ok = publish_acked(topo.a.host, local.addr("tcp")[1], "bridge/n", n)
+        if ok:
             acked.add(n)
-        return done.returncode == 0
+        return ok
 
     # The stream starts at once, while the bridge connects through the relay, and goes on
     # until its path is direct, then a few more.

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from natlab import RELAY_IP, RELAY_IP2, Nat, mqttd
-from test_p2p_bridge import LOCAL_LOG, Subscriber
+from test_p2p_bridge import LOCAL_LOG, Subscriber, publish_acked
 from test_p2p_failover import home_relay
 
 BEFORE_KILL = 10
@@ -47,12 +47,7 @@ def test_a_relayed_p2p_bridge_survives_the_death_of_its_relay(make_topology, mqt
                                 listen=("p2p://", "tcp://127.0.0.1:0"))
     _, remote_port = remote.addr("tcp")
     sub = Subscriber(topo.b.host, remote_port, "bridge/#")
-    deadline = time.monotonic() + OPEN_TIMEOUT
-    while "probe" not in sub.seen():
-        assert time.monotonic() < deadline, "the subscriber got no probe"
-        mqttd.client(topo.b.host, ["pub", "-L", f"mqtt://127.0.0.1:{remote_port}/bridge/probe",
-                                   "-m", "probe", "-q", "1"])
-        time.sleep(0.2)
+    sub.subscribed(OPEN_TIMEOUT)
 
     bundle = tmp_path / "relays-ca.pem"
     bundle.write_text("".join(Path(r.ca_file).read_text() for r in relays))
@@ -74,11 +69,10 @@ def test_a_relayed_p2p_bridge_survives_the_death_of_its_relay(make_topology, mqt
         nonlocal attempts
         n = str(attempts)
         attempts += 1
-        done = mqttd.client(topo.a.host, ["pub", "-L", f"mqtt://127.0.0.1:{local_port}/bridge/n",
-                                          "-m", n, "-q", "1"], check=False, timeout=15)
-        if done.returncode == 0:
+        ok = publish_acked(topo.a.host, local_port, "bridge/n", n)
+        if ok:
             acked.add(n)
-        return done.returncode == 0
+        return ok
 
     for _ in range(BEFORE_KILL):
         assert publish_one(), local.describe()

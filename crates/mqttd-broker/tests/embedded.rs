@@ -583,98 +583,15 @@ async fn storage_is_recovered_told_of_changes_and_synced_before_acknowledging() 
 /// that to be polled (a ticker measures it); otherwise the run only reports the drops.
 #[tokio::test]
 async fn qos1_publishers_wait_for_a_slow_subscriber_instead_of_losing_messages() {
-    let mut broker_config = Config::default();
-    broker_config.max_queued_messages = 20;
-    broker_config.max_inflight_messages = 5;
-    let (broker, addr, _dir) = start(broker_config, None).await;
-    let mut sub_config = config("slow");
-    sub_config.receive_maximum = 5;
-    let (sub, mut sub_events, _) = connect_tcp(addr, sub_config, None).await.unwrap();
-    sub.subscribe_one(filter("fan/#"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-
-    let longest_gap = Arc::new(Mutex::new(Duration::ZERO));
-    let ticker = {
-        let longest_gap = longest_gap.clone();
-        tokio::spawn(async move {
-            const TICK: Duration = Duration::from_millis(1);
-            let mut last = tokio::time::Instant::now();
-            loop {
-                tokio::time::sleep(TICK).await;
-                let now = tokio::time::Instant::now();
-                let gap = now.saturating_duration_since(last).saturating_sub(TICK);
-                let mut longest = longest_gap.lock().unwrap();
-                *longest = (*longest).max(gap);
-                drop(longest);
-                last = now;
-            }
-        })
-    };
-
-    const PUBLISHERS: usize = 4;
-    const EACH: usize = 2_000;
-    const TOTAL: u64 = (PUBLISHERS * EACH) as u64;
-    let mut tasks = Vec::new();
-    for p in 0..PUBLISHERS {
-        let (publisher, mut events) = client(addr, &format!("fast-{p}")).await;
-        tasks.push(tokio::spawn(async move {
-            for i in 0..EACH {
-                let m = msg(&format!("fan/{p}"), &format!("{p}-{i}"), QoS::AtLeastOnce);
-                publisher.publish_nowait(Arc::new(m)).await.unwrap();
-            }
-            let mut acked = 0;
-            while acked < EACH {
-                match timeout(WAIT, events.recv()).await {
-                    Ok(Some(Event::Delivered { reason, .. })) => {
-                        assert!(!reason.is_error(), "{reason}");
-                        acked += 1;
-                    }
-                    Ok(Some(_)) => {}
-                    other => panic!("publisher {p}: {acked} of {EACH} acknowledged: {other:?}"),
-                }
-            }
-            publisher
-        }));
-    }
-    // Every message is accounted for once it was received or counted as dropped; the drop
-    // counter moves when the broker drops, so waiting for the sum needs no quiet window.
-    let dropped = || broker.metrics().messages_dropped.get();
-    let mut received = std::collections::HashSet::new();
-    let mut duplicates = 0;
-    timeout(WAIT, async {
-        while received.len() as u64 + dropped() < TOTAL {
-            if let Ok(m) = timeout(Duration::from_millis(50), sub_events.next_message()).await {
-                if !received.insert(m.expect("open").message.payload) {
-                    duplicates += 1;
-                }
-            }
-        }
+    publishers_outpace_a_slow_subscriber(Outpaced {
+        qos: QoS::AtLeastOnce,
+        publishers: 4,
+        each: 2_000,
+        persistent: false,
+        topic: "fan",
+        quiet: Duration::from_millis(5),
     })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "{} received + {} dropped of {TOTAL}: messages lost",
-            received.len(),
-            dropped()
-        )
-    });
-    for t in tasks {
-        t.await.unwrap();
-    }
-    ticker.abort();
-    let longest_gap = *longest_gap.lock().unwrap();
-    let dropped = dropped();
-    assert_eq!(duplicates, 0, "messages delivered twice");
-    assert_eq!(received.len() as u64 + dropped, TOTAL);
-    eprintln!("longest scheduling gap {longest_gap:?}, {dropped} dropped");
-    if longest_gap < Duration::from_millis(5) {
-        assert_eq!(
-            dropped, 0,
-            "messages dropped for a subscriber that was reading"
-        );
-    }
-    broker.shutdown().await;
+    .await;
 }
 
 /// QoS 2 publishers faster than their subscriber wait as QoS 1 ones do: with a persistent
@@ -687,16 +604,55 @@ async fn qos1_publishers_wait_for_a_slow_subscriber_instead_of_losing_messages()
 /// otherwise each message must still be received once or counted as dropped.
 #[tokio::test]
 async fn qos2_publishers_wait_for_a_slow_persistent_subscriber_and_drop_nothing() {
+    publishers_outpace_a_slow_subscriber(Outpaced {
+        qos: QoS::ExactlyOnce,
+        publishers: 2,
+        each: 1_000,
+        persistent: true,
+        topic: "fan2",
+        quiet: Duration::from_millis(125),
+    })
+    .await;
+}
+
+/// The shape of [`publishers_outpace_a_slow_subscriber`]'s run.
+struct Outpaced {
+    qos: QoS,
+    publishers: usize,
+    each: usize,
+    /// A persistent subscriber session (the broker stores its messages before acknowledging).
+    persistent: bool,
+    /// The topic prefix (and the clients' names).
+    topic: &'static str,
+    /// The longest stall of the test's own runtime under which no drop is allowed at all.
+    quiet: Duration,
+}
+
+/// `publishers` clients publish `each` messages of `qos` as fast as the client library sends to
+/// one subscriber that reads with a receive maximum of 5 through a queue of 20: every
+/// publication completes, each message reaches the subscriber once or is counted as dropped,
+/// none twice, and none is dropped unless the test's runtime itself stalled longer than `quiet`
+/// (a ticker measures that).
+async fn publishers_outpace_a_slow_subscriber(run: Outpaced) {
+    let Outpaced {
+        qos,
+        publishers,
+        each,
+        persistent,
+        topic,
+        quiet,
+    } = run;
     let mut broker_config = Config::default();
     broker_config.max_queued_messages = 20;
     broker_config.max_inflight_messages = 5;
-    broker_config.persistence = true;
     let (broker, addr, _dir) = start(broker_config, None).await;
-    let mut sub_config = config("slow-durable");
+    let mut sub_config = config(&format!("{topic}-slow"));
     sub_config.receive_maximum = 5;
-    sub_config.session_expiry_interval = 3600;
+    if persistent {
+        sub_config.session_expiry_interval = 3600;
+    }
     let (sub, mut sub_events, _) = connect_tcp(addr, sub_config, None).await.unwrap();
-    sub.subscribe_one(filter("fan2/#"), QoS::ExactlyOnce)
+    sub.subscribe_one(filter(&format!("{topic}/#")), qos)
         .await
         .unwrap();
 
@@ -718,36 +674,36 @@ async fn qos2_publishers_wait_for_a_slow_persistent_subscriber_and_drop_nothing(
         })
     };
 
-    const PUBLISHERS: usize = 2;
-    const EACH: usize = 1_000;
-    const TOTAL: u64 = (PUBLISHERS * EACH) as u64;
+    let total = (publishers * each) as u64;
     let mut tasks = Vec::new();
-    for p in 0..PUBLISHERS {
-        let (publisher, mut events) = client(addr, &format!("fast2-{p}")).await;
+    for p in 0..publishers {
+        let (publisher, mut events) = client(addr, &format!("{topic}-fast-{p}")).await;
         tasks.push(tokio::spawn(async move {
-            for i in 0..EACH {
-                let m = msg(&format!("fan2/{p}"), &format!("{p}-{i}"), QoS::ExactlyOnce);
+            for i in 0..each {
+                let m = msg(&format!("{topic}/{p}"), &format!("{p}-{i}"), qos);
                 publisher.publish_nowait(Arc::new(m)).await.unwrap();
             }
             let mut completed = 0;
-            while completed < EACH {
+            while completed < each {
                 match timeout(WAIT, events.recv()).await {
                     Ok(Some(Event::Delivered { reason, .. })) => {
                         assert!(!reason.is_error(), "{reason}");
                         completed += 1;
                     }
                     Ok(Some(_)) => {}
-                    other => panic!("publisher {p}: {completed} of {EACH} completed: {other:?}"),
+                    other => panic!("publisher {p}: {completed} of {each} completed: {other:?}"),
                 }
             }
             publisher
         }));
     }
+    // Every message is accounted for once it was received or counted as dropped; the drop
+    // counter moves when the broker drops, so waiting for the sum needs no quiet window.
     let dropped = || broker.metrics().messages_dropped.get();
     let mut received = std::collections::HashSet::new();
     let mut duplicates = 0;
     timeout(WAIT, async {
-        while received.len() as u64 + dropped() < TOTAL {
+        while received.len() as u64 + dropped() < total {
             if let Ok(m) = timeout(Duration::from_millis(50), sub_events.next_message()).await {
                 if !received.insert(m.expect("open").message.payload) {
                     duplicates += 1;
@@ -758,7 +714,7 @@ async fn qos2_publishers_wait_for_a_slow_persistent_subscriber_and_drop_nothing(
     .await
     .unwrap_or_else(|_| {
         panic!(
-            "{} received + {} dropped of {TOTAL}: messages lost",
+            "{} received + {} dropped of {total}: messages lost",
             received.len(),
             dropped()
         )
@@ -770,9 +726,9 @@ async fn qos2_publishers_wait_for_a_slow_persistent_subscriber_and_drop_nothing(
     let longest_gap = *longest_gap.lock().unwrap();
     let dropped = dropped();
     assert_eq!(duplicates, 0, "messages delivered twice");
-    assert_eq!(received.len() as u64 + dropped, TOTAL);
+    assert_eq!(received.len() as u64 + dropped, total);
     eprintln!("longest scheduling gap {longest_gap:?}, {dropped} dropped");
-    if longest_gap < Duration::from_millis(125) {
+    if longest_gap < quiet {
         assert_eq!(
             dropped, 0,
             "messages dropped for a subscriber that was reading"

@@ -41,19 +41,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::{
-    ClientId, Connect, ConnectProperties, Packet, PacketId, ProtocolVersion, PubResponse, Publish,
-    PublishProperties, QoS, ReasonCode, Subscribe, SubscribeProperties, Subscription,
-    SubscriptionOptions, TopicFilter, TopicName,
+    Packet, PacketId, ProtocolVersion, PubResponse, QoS, ReasonCode, Subscribe,
+    SubscribeProperties, Subscription, SubscriptionOptions, TopicFilter,
 };
 
-use support::{encode, subscribe_packet, within, Broker, RawConn, Received};
+use support::{
+    encode, publish_packet, session_connect_packet, subscribe_packet, within, Broker, RawConn,
+    Received,
+};
 
 /// What each hostile client attempts.
 const ATTEMPTS: usize = 100_000;
@@ -77,18 +78,6 @@ const V5: ProtocolVersion = ProtocolVersion::V5;
 
 fn config(limits: &str) -> String {
     format!("persistence = false\nsys_interval = 0\n{limits}\n")
-}
-
-fn publish(topic: &str, payload: Vec<u8>, qos: QoS, retain: bool, id: u16) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain,
-        topic: TopicName::try_from(topic).expect("valid topic"),
-        packet_id: (qos != QoS::AtMostOnce).then(|| PacketId::new(id).expect("non-zero")),
-        properties: PublishProperties::default(),
-        payload: Bytes::from(payload),
-    })
 }
 
 /// What the witness saw.
@@ -144,7 +133,7 @@ async fn witness(
         let started = std::time::Instant::now();
         conn.send(&encode(
             V5,
-            &publish(
+            &publish_packet(
                 "witness/t",
                 n.to_be_bytes().to_vec(),
                 QoS::AtLeastOnce,
@@ -431,7 +420,7 @@ async fn publishing_100000_retained_topics_stops_at_max_retained_messages() {
             let mut payload = format!("{i:06}").into_bytes();
             payload.resize(PAYLOAD, b'.');
             let id = (i % 65_535 + 1) as u16;
-            let packet = publish(
+            let packet = publish_packet(
                 &format!("retained/{i}"),
                 payload,
                 QoS::AtLeastOnce,
@@ -446,7 +435,7 @@ async fn publishing_100000_retained_topics_stops_at_max_retained_messages() {
         }
         let (accepted, refused, mut rd, mut reader, mut buf) = reader.await.expect("PUBACK reader");
         // A replacement past max_retained_bytes is refused too, and the old message stays.
-        let big = publish(
+        let big = publish_packet(
             "retained/0",
             vec![b'x'; MAX_BYTES],
             QoS::AtLeastOnce,
@@ -513,19 +502,7 @@ async fn publishing_100000_retained_topics_stops_at_max_retained_messages() {
 /// A CONNECT asking for a persistent session: MQTT 5 asking never to expire, or MQTT 3.1.1
 /// with clean session 0.
 fn persistent_connect(version: ProtocolVersion, client_id: &str) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: version,
-        clean_start: false,
-        keep_alive: 60,
-        client_id: ClientId::try_from(client_id).expect("valid client id"),
-        will: None,
-        username: None,
-        password: None,
-        properties: ConnectProperties {
-            session_expiry_interval: (version == V5).then_some(u32::MAX),
-            ..ConnectProperties::default()
-        },
-    }))
+    session_connect_packet(version, client_id, (version == V5).then_some(u32::MAX))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

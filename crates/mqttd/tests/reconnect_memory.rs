@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use mqttd_proto::{
-    ClientId, Connect, ConnectProperties, Disconnect, Packet, ProtocolVersion, ReasonCode,
-};
+use mqttd_proto::{Disconnect, Packet, ProtocolVersion, ReasonCode};
 
-use support::{encode, Broker, RawConn, Received};
+use support::{encode, session_connect_packet, Broker, RawConn, Received};
 
 /// Reconnects in all.
 const RECONNECTS: usize = 20_000;
@@ -40,19 +38,7 @@ const WAIT: Duration = Duration::from_secs(30);
 async fn reconnect(addr: SocketAddr, client_id: &str) {
     let version = ProtocolVersion::V5;
     let mut conn = RawConn::open(addr, version).await;
-    let connect = Packet::Connect(Box::new(Connect {
-        protocol: version,
-        clean_start: false,
-        keep_alive: 60,
-        client_id: ClientId::try_from(client_id).expect("valid client id"),
-        will: None,
-        username: None,
-        password: None,
-        properties: ConnectProperties {
-            session_expiry_interval: Some(SESSION_EXPIRY),
-            ..ConnectProperties::default()
-        },
-    }));
+    let connect = session_connect_packet(version, client_id, Some(SESSION_EXPIRY));
     conn.send(&encode(version, &connect))
         .await
         .expect("send CONNECT");

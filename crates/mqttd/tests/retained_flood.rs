@@ -16,11 +16,9 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use mqttd_proto::codec::PacketReader;
-use mqttd_proto::{
-    Packet, PacketId, ProtocolVersion, PubResponse, Publish, PublishProperties, QoS, TopicName,
-};
+use mqttd_proto::{Packet, ProtocolVersion, PubResponse, QoS};
 
-use support::{encode, subscribe_packet, Broker, RawConn, Received};
+use support::{encode, publish_packet, subscribe_packet, Broker, RawConn, Received};
 
 const MESSAGES: usize = 50_000;
 const PAYLOAD: usize = 200;
@@ -35,18 +33,6 @@ fn qos_of(i: usize) -> QoS {
     } else {
         QoS::AtLeastOnce
     }
-}
-
-fn publish(topic: &str, payload: Vec<u8>, qos: QoS, retain: bool, id: u16) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain,
-        topic: TopicName::try_from(topic).expect("valid topic"),
-        packet_id: (qos != QoS::AtMostOnce).then(|| PacketId::new(id).expect("non-zero")),
-        properties: PublishProperties::default(),
-        payload: Bytes::from(payload),
-    })
 }
 
 /// Publishes the retained messages and waits for the broker to acknowledge every QoS 1 one.
@@ -84,7 +70,7 @@ async fn store_retained(addr: std::net::SocketAddr) {
         let mut payload = format!("{i:06}").into_bytes();
         payload.resize(PAYLOAD, b'.');
         let id = (i / 2 % 60_000 + 1) as u16;
-        let packet = publish(&format!("flood/{i}"), payload, qos_of(i), true, id);
+        let packet = publish_packet(&format!("flood/{i}"), payload, qos_of(i), true, id);
         batch.extend(encode(VERSION, &packet));
         if batch.len() > 64 * 1024 || i + 1 == MESSAGES {
             wr.write_all(&batch).await.expect("publish");
@@ -127,7 +113,7 @@ async fn a_late_reader_gets_every_retained_message_and_the_broker_holds_little_m
                 // The subscription exists: a live message published now comes after every
                 // retained one.
                 let mut p = RawConn::connected(addr, VERSION, "marker").await;
-                let marker = publish(
+                let marker = publish_packet(
                     "flood/marker",
                     b"marker".to_vec(),
                     QoS::AtLeastOnce,

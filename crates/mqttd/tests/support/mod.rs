@@ -651,6 +651,40 @@ pub(crate) fn connect_packet(version: ProtocolVersion, client_id: &str) -> Packe
     }))
 }
 
+/// A CONNECT that keeps its session (clean start 0) with keep alive 60 and no will; `expiry`
+/// is its MQTT 5 session expiry interval.
+pub(crate) fn session_connect_packet(
+    version: ProtocolVersion,
+    client_id: &str,
+    expiry: Option<u32>,
+) -> Packet {
+    let Packet::Connect(mut connect) = connect_packet(version, client_id) else {
+        unreachable!("connect_packet makes a CONNECT")
+    };
+    connect.clean_start = false;
+    connect.properties.session_expiry_interval = expiry;
+    Packet::Connect(connect)
+}
+
+/// A PUBLISH of `payload` to `topic`; `id` is its packet identifier unless `qos` is 0.
+pub(crate) fn publish_packet(
+    topic: &str,
+    payload: Vec<u8>,
+    qos: QoS,
+    retain: bool,
+    id: u16,
+) -> Packet {
+    Packet::Publish(mqttd_proto::Publish {
+        dup: false,
+        qos,
+        retain,
+        topic: mqttd_proto::TopicName::try_from(topic).expect("valid topic"),
+        packet_id: (qos != QoS::AtMostOnce).then(|| PacketId::new(id).expect("non-zero")),
+        properties: mqttd_proto::PublishProperties::default(),
+        payload: bytes::Bytes::from(payload),
+    })
+}
+
 /// A SUBSCRIBE for one filter.
 pub(crate) fn subscribe_packet(packet_id: u16, filter: &str, qos: QoS) -> Packet {
     Packet::Subscribe(mqttd_proto::Subscribe {
