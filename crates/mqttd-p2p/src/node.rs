@@ -264,7 +264,7 @@ async fn watch_home_relay(endpoint: iroh::Endpoint, relays: Arc<[RelayUrl]>) {
                     .await;
             }
         }
-        let wait = backoff.next(crate::retry::unit());
+        let wait = backoff.next(mqttd_proto::backoff::random_unit());
         let found = tokio::select! {
             found = tokio::time::timeout(wait, async {
                 loop {
@@ -529,7 +529,9 @@ impl Node {
                     Err(_) => return Err(ConnectError::Timeout(retry.deadline)),
                 };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let Some(wait) = retry.after_failure(&mut backoff, left, crate::retry::unit()) else {
+            let Some(wait) =
+                retry.after_failure(&mut backoff, left, mqttd_proto::backoff::random_unit())
+            else {
                 return Err(error);
             };
             let attempts = backoff.failures();

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use mqttd_proto::backoff::{unit_from_bytes, Backoff};
+use mqttd_proto::backoff::Backoff;
 
 /// How [`crate::Node::connect_with_retry`] tries again. Start from [`Retry::new`] and
 /// assign the fields to change.
@@ -74,15 +74,6 @@ impl Retry {
     }
 }
 
-/// A random number in `[0, 1)`, for the jitter.
-pub(crate) fn unit() -> f64 {
-    let mut bytes = [0u8; 8];
-    match getrandom::fill(&mut bytes) {
-        Ok(()) => unit_from_bytes(bytes),
-        Err(_) => 0.5,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,12 +105,5 @@ mod tests {
         let mut once = Retry::new(Duration::from_secs(60));
         once.attempts = 1;
         assert!(once.schedule(&[1.0; 10]).is_empty());
-    }
-
-    #[test]
-    fn jitter_is_in_range() {
-        for _ in 0..100 {
-            assert!((0.0..1.0).contains(&unit()));
-        }
     }
 }

@@ -3,7 +3,7 @@
 //! Bridges use it between connection rounds, peer-to-peer nodes between connection attempts.
 //!
 //! Pure: the random number of the jitter is passed in ([`unit_from_bytes`] makes one from
-//! random bytes the caller draws).
+//! random bytes the caller draws; with the `os-random` feature, `random_unit` draws them).
 
 use std::time::Duration;
 
@@ -53,6 +53,17 @@ pub fn unit_from_bytes(bytes: [u8; 8]) -> f64 {
     (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// A number in `[0, 1)` from the operating system's random source, for [`Backoff::next`];
+/// 0.5 (no jitter) if the source fails.
+#[cfg(feature = "os-random")]
+pub fn random_unit() -> f64 {
+    let mut bytes = [0u8; 8];
+    match getrandom::fill(&mut bytes) {
+        Ok(()) => unit_from_bytes(bytes),
+        Err(_) => 0.5,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +94,14 @@ mod tests {
         assert_eq!(unit_from_bytes([0; 8]), 0.0);
         let top = unit_from_bytes([0xff; 8]);
         assert!((0.0..1.0).contains(&top), "{top}");
+    }
+
+    #[cfg(feature = "os-random")]
+    #[test]
+    fn random_units_are_in_range() {
+        for _ in 0..1000 {
+            let u = random_unit();
+            assert!((0.0..1.0).contains(&u), "{u}");
+        }
     }
 }

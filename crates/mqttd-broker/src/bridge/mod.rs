@@ -37,7 +37,6 @@
 //! over the broker's peer-to-peer node; another scheme is served by a [`BridgeTransport`] the
 //! embedding program plugs in with [`crate::BrokerBuilder::bridge_transport`].
 
-mod backoff;
 pub mod config;
 #[cfg(feature = "p2p")]
 pub(crate) mod p2p;
@@ -67,8 +66,8 @@ use mqttd_proto::{
 use crate::broker::Inner;
 use crate::hooks::{Peer, Transport};
 use crate::metrics::BridgeMetrics;
-use backoff::Backoff;
 pub use config::{Bridge, BridgeConfigError, BridgeUrl, Direction, Password, RuleError, TopicRule};
+use mqttd_proto::backoff::{random_unit, Backoff};
 use relay::{Command, Limits, Relay};
 
 /// What [`BridgeTransport::open`] returns: a byte stream to the remote broker, later.
@@ -809,7 +808,7 @@ impl<'a> Running<'a> {
                     self.retry_at = Some(now);
                 } else {
                     self.next_url = 0;
-                    self.retry_at = Some(now + self.backoff.next(backoff::unit()));
+                    self.retry_at = Some(now + self.backoff.next(random_unit()));
                 }
             }
         }
@@ -833,7 +832,7 @@ impl<'a> Running<'a> {
         }
         self.session = events.into_session().await;
         self.next_url = 0;
-        self.retry_at = Some(tokio::time::Instant::now() + self.backoff.next(backoff::unit()));
+        self.retry_at = Some(tokio::time::Instant::now() + self.backoff.next(random_unit()));
     }
 
     /// Disconnects from the remote broker, keeping the session there.
