@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use mqttd_proto::session::{OutboundState, Session};
-use mqttd_proto::{ConnAck, InboundPublish, Message, PacketId, QoS, ReasonCode};
+use mqttd_proto::{ConnAck, InboundPublish, Message, PacketId, QoS, ReasonCode, TopicName};
 
 use super::config::TopicRule;
 
@@ -36,6 +36,13 @@ pub(crate) enum Command {
     Publish(Arc<Message>),
     /// Acknowledge the message the connection delivered under this identifier.
     Ack(PacketId),
+}
+
+/// The side of the bridge a message came from.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Local,
+    Remote,
 }
 
 /// What a broker allows, from its CONNACK.
@@ -198,27 +205,48 @@ impl Relay {
         std::mem::take(&mut self.counts)
     }
 
-    /// A message from the local session (subscribed to the rules' local filters).
-    pub(crate) fn local_message(&mut self, publish: InboundPublish) {
+    /// `publish`, from the side `from`, on the topic and at most at the QoS of the first rule
+    /// that carries it across (`map`); with its packet id. A message no rule carries is
+    /// counted as dropped and acknowledged to its side.
+    fn mapped(
+        &mut self,
+        publish: InboundPublish,
+        map: fn(&TopicRule, &TopicName) -> Option<TopicName>,
+        from: Side,
+    ) -> Option<(Message, Option<PacketId>)> {
         let InboundPublish {
             mut message,
             packet_id,
             ..
         } = publish;
-        let mapped = self
+        let Some((qos, topic)) = self
             .rules
             .iter()
-            .find_map(|r| r.to_remote(&message.topic).map(|t| (r.qos(), t)));
-        let Some((qos, topic)) = mapped else {
-            // Left from an older configuration's subscription, say.
+            .find_map(|r| map(r, &message.topic).map(|t| (r.qos(), t)))
+        else {
             self.counts.dropped += 1;
             if let Some(id) = packet_id {
-                self.to_local.push_back(Command::Ack(id));
+                let acks = match from {
+                    Side::Local => &mut self.to_local,
+                    Side::Remote => &mut self.to_remote,
+                };
+                acks.push_back(Command::Ack(id));
             }
-            return;
+            return None;
         };
         message.topic = topic;
         message.qos = message.qos.min(qos);
+        Some((message, packet_id))
+    }
+
+    /// A message from the local session (subscribed to the rules' local filters).
+    pub(crate) fn local_message(&mut self, publish: InboundPublish) {
+        // A message no rule carries out is left from an older configuration's subscription,
+        // say.
+        let Some((message, packet_id)) = self.mapped(publish, TopicRule::to_remote, Side::Local)
+        else {
+            return;
+        };
         let message = Arc::new(message);
         match packet_id {
             Some(local_id) if message.qos != QoS::AtMostOnce => {
@@ -339,24 +367,10 @@ impl Relay {
 
     /// A message from the remote broker (subscribed to the rules' remote filters).
     pub(crate) fn remote_message(&mut self, publish: InboundPublish) {
-        let InboundPublish {
-            mut message,
-            packet_id,
-            ..
-        } = publish;
-        let mapped = self
-            .rules
-            .iter()
-            .find_map(|r| r.to_local(&message.topic).map(|t| (r.qos(), t)));
-        let Some((qos, topic)) = mapped else {
-            self.counts.dropped += 1;
-            if let Some(id) = packet_id {
-                self.to_remote.push_back(Command::Ack(id));
-            }
+        let Some((message, packet_id)) = self.mapped(publish, TopicRule::to_local, Side::Remote)
+        else {
             return;
         };
-        message.topic = topic;
-        message.qos = message.qos.min(qos);
         let message = self.local.fit(&Arc::new(message));
         if message.qos == QoS::AtMostOnce && self.to_local.len() >= MAX_WAITING_QOS0 {
             self.counts.dropped += 1;
