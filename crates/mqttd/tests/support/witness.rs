@@ -151,12 +151,41 @@ pub(crate) async fn under_witness<T, F, Fut>(
     broker: &Broker,
     case: &str,
     rss_margin: u64,
+    hostile: F,
+) -> Vec<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let bounds = Bounds {
+        rss_margin,
+        p99_asserted: true,
+    };
+    under_witness_within(broker, case, bounds, hostile).await
+}
+
+/// What [`under_witness_within`] checks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bounds {
+    /// How much the broker's resident memory may grow over its level before the attack.
+    pub(crate) rss_margin: u64,
+    /// Whether the witness's p99 must be under [`P99_BOUND`]; when not, it is only reported
+    /// (for a case the machine cannot meet it in: say which, and why, where it is used).
+    pub(crate) p99_asserted: bool,
+}
+
+/// As [`under_witness`], with `bounds`.
+pub(crate) async fn under_witness_within<T, F, Fut>(
+    broker: &Broker,
+    case: &str,
+    bounds: Bounds,
     mut hostile: F,
 ) -> Vec<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = T>,
 {
+    let rss_margin = bounds.rss_margin;
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicU64::new(0));
     // On a thread and runtime of its own: what it measures is the broker, not how the test's
@@ -213,12 +242,15 @@ where
         rss_margin / 1024
     );
     let p99 = witnessed.report(case);
+    if !bounds.p99_asserted {
+        eprintln!("{case}: the p99 bound ({P99_BOUND:?}) is reported here, not asserted");
+    }
     assert!(
         grew <= rss_margin,
         "{case}: the broker grew by {grew} bytes (bound {rss_margin})"
     );
     assert!(
-        p99 < P99_BOUND,
+        p99 < P99_BOUND || !bounds.p99_asserted,
         "{case}: the witness's p99 round trip was {p99:?} (bound {P99_BOUND:?}); \
          alone, just before, it was {alone:?}"
     );
