@@ -423,19 +423,16 @@ impl ConnectionCore {
         self.conn.handle_packet_on(now, stream, packet);
     }
 
-    /// Whether, in multi-stream mode (QUIC data streams), a stream's output is backed up.
-    /// The session's signals of progress to the publishers waiting on it (a write, a delivery
-    /// taken from the mailbox, room made by an acknowledgement) then count only when they move
-    /// that output: a client that stopped reading one stream while it uses another would
-    /// otherwise look busy forever, and hold the publishers feeding the stalled stream instead
-    /// of being marked stalled. A single-stream connection is not concerned: its one output is
-    /// the backlog.
+    /// Whether, in multi-stream mode (QUIC data streams), the connection's output holds a
+    /// backlog (what makes publishers of QoS 0 wait, see `update_pressure`). The session's
+    /// signals of progress to the publishers waiting on it (a write, a delivery taken from
+    /// the mailbox, room made by an acknowledgement) then count only when they move a stream
+    /// that holds the backlog: a client that stopped reading one stream while it uses another
+    /// would otherwise look busy forever, and hold the publishers feeding the stalled stream
+    /// instead of being marked stalled. A single-stream connection is not concerned: its one
+    /// output is the backlog.
     fn stream_backed_up(&self) -> bool {
-        self.outputs.iter().nth(1).is_some()
-            && self
-                .outputs
-                .iter()
-                .any(|(_, o)| o.buf.len() >= WRITE_HIGH_WATER)
+        self.outputs.iter().nth(1).is_some() && self.outputs.len() >= WRITE_LOW_WATER
     }
 
     /// The driver read `n` bytes.

@@ -201,7 +201,8 @@ where
     // The witness alone first: its round trips then are what the machine gives it without a
     // hostile client, printed beside the others (and in a failure) to tell the broker's delays
     // from the machine's.
-    while rounds.load(Ordering::Relaxed) < MIN_ROUND_TRIPS as u64 {
+    // A witness that failed (its panic is raised when it is joined below) ends the waits.
+    while rounds.load(Ordering::Relaxed) < MIN_ROUND_TRIPS as u64 && !witness.is_finished() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let before = broker.rss();
@@ -210,7 +211,10 @@ where
     let started = std::time::Instant::now();
     let from = rounds.load(Ordering::Relaxed);
     let mut results = Vec::new();
-    while results.is_empty() || rounds.load(Ordering::Relaxed) - from < MIN_ROUND_TRIPS as u64 {
+    while results.is_empty()
+        || (rounds.load(Ordering::Relaxed) - from < MIN_ROUND_TRIPS as u64
+            && !witness.is_finished())
+    {
         results.push(within(Duration::from_secs(120), case, hostile()).await);
     }
     let took = started.elapsed();
