@@ -200,7 +200,9 @@ async fn idle_and_slowloris(
     // Connected one after the other, so that no SYN waits for room in the accept queue: each
     // socket's clock starts once it is connected, before the broker accepts it.
     for _ in 0..SILENT {
-        let mut stream = TcpStream::connect(broker_addr).await.expect("connect");
+        let mut stream = within(STEP, "connect", TcpStream::connect(broker_addr))
+            .await
+            .expect("connect");
         let since = Instant::now();
         silent.spawn(async move {
             let closed = closed_within(&mut stream, limit + STEP).await;
@@ -209,7 +211,9 @@ async fn idle_and_slowloris(
         });
     }
     for _ in 0..TRICKLING {
-        let stream = TcpStream::connect(broker_addr).await.expect("connect");
+        let stream = within(STEP, "connect", TcpStream::connect(broker_addr))
+            .await
+            .expect("connect");
         let since = Instant::now();
         trickling.spawn(trickle(stream, first.clone(), since));
     }
@@ -220,19 +224,24 @@ async fn idle_and_slowloris(
         match transport {
             Transport::Tcp => break,
             Transport::Tls => {
-                let stream = TcpStream::connect(broker_addr).await.expect("connect");
+                let stream = within(STEP, "connect", TcpStream::connect(broker_addr))
+                    .await
+                    .expect("connect");
                 let since = Instant::now();
-                let stream = tokio_rustls::TlsConnector::from(tls)
-                    .connect(ServerName::try_from("localhost").expect("name"), stream)
+                let handshake = tokio_rustls::TlsConnector::from(tls)
+                    .connect(ServerName::try_from("localhost").expect("name"), stream);
+                let stream = within(STEP, "TLS handshake", handshake)
                     .await
                     .expect("TLS handshake");
                 let bytes = connect_bytes.iter().map(|b| vec![*b]).collect();
                 after_handshake.spawn(trickle(stream, bytes, since));
             }
             Transport::WebSocket => {
-                let mut stream = TcpStream::connect(broker_addr).await.expect("connect");
+                let mut stream = within(STEP, "connect", TcpStream::connect(broker_addr))
+                    .await
+                    .expect("connect");
                 let since = Instant::now();
-                upgrade(&mut stream).await;
+                within(STEP, "WebSocket upgrade", upgrade(&mut stream)).await;
                 let frames = connect_bytes.iter().map(|b| ws_frame(&[*b])).collect();
                 after_handshake.spawn(trickle(stream, frames, since));
             }
