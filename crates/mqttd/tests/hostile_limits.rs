@@ -37,7 +37,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,8 +47,8 @@ use tokio::task::JoinSet;
 
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::{
-    Packet, PacketId, ProtocolVersion, PubResponse, QoS, ReasonCode, Subscribe,
-    SubscribeProperties, Subscription, SubscriptionOptions, TopicFilter,
+    Packet, PacketId, ProtocolVersion, QoS, ReasonCode, Subscribe, SubscribeProperties,
+    Subscription, SubscriptionOptions, TopicFilter,
 };
 
 use support::{
@@ -66,12 +66,6 @@ const LIMIT: usize = 1_000;
 /// size. Without the limits the same clients made a debug build grow by 376 MiB (100,000
 /// subscriptions) and 154 MiB (100,000 offline sessions).
 const RSS_MARGIN: u64 = 24 * 1024 * 1024;
-/// The issue's bound on the witness's 99th percentile round trip.
-const P99_BOUND: Duration = Duration::from_millis(20);
-/// Pause between the witness's round trips, so that it measures rather than loads.
-const WITNESS_PACE: Duration = Duration::from_millis(2);
-/// Round trips the witness makes at least, so that its 99th percentile means something.
-const MIN_ROUND_TRIPS: usize = 300;
 /// A hang bound for any single step.
 const STEP: Duration = Duration::from_secs(30);
 const V5: ProtocolVersion = ProtocolVersion::V5;
@@ -80,198 +74,14 @@ fn config(limits: &str) -> String {
     format!("persistence = false\nsys_interval = 0\n{limits}\n")
 }
 
-/// What the witness saw.
-struct Witnessed {
-    round_trips: Vec<Duration>,
-}
-
-impl Witnessed {
-    fn percentile(&self, p: f64) -> Duration {
-        let mut sorted = self.round_trips.clone();
-        sorted.sort();
-        let at = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-        sorted[at]
-    }
-
-    fn report(&self, case: &str) -> Duration {
-        let p99 = self.percentile(0.99);
-        eprintln!(
-            "{case}: witness {} round trips, p50 {:?}, p99 {:?}, max {:?}",
-            self.round_trips.len(),
-            self.percentile(0.5),
-            p99,
-            self.percentile(1.0),
-        );
-        p99
-    }
-}
-
-/// A client that publishes QoS 1 messages to a topic it subscribes to, one at a time, until
-/// `stop` is set, counting its round trips in `rounds`: each ends when both the PUBACK and the
-/// delivery are in. A message acknowledged and not delivered within [`STEP`] fails the test.
-async fn witness(
-    addr: std::net::SocketAddr,
-    stop: Arc<AtomicBool>,
-    rounds: Arc<AtomicU64>,
-) -> Witnessed {
-    let mut conn = RawConn::connected(addr, V5, "witness").await;
-    conn.send(&encode(
-        V5,
-        &subscribe_packet(1, "witness/t", QoS::AtLeastOnce),
-    ))
-    .await
-    .expect("SUBSCRIBE");
-    match conn.recv(STEP).await {
-        Received::Packet(p) if matches!(*p, Packet::SubAck(_)) => {}
-        other => panic!("witness: expected SUBACK, got {other:?}"),
-    }
-    let mut round_trips = Vec::new();
-    let mut n: u64 = 0;
-    while !stop.load(Ordering::Relaxed) {
-        n += 1;
-        let id = (n % 65_535 + 1) as u16;
-        let started = std::time::Instant::now();
-        conn.send(&encode(
-            V5,
-            &publish_packet(
-                "witness/t",
-                n.to_be_bytes().to_vec(),
-                QoS::AtLeastOnce,
-                false,
-                id,
-            ),
-        ))
-        .await
-        .expect("witness PUBLISH");
-        let (mut acked, mut delivered) = (false, false);
-        while !(acked && delivered) {
-            match conn.recv(STEP).await {
-                Received::Packet(p) => match *p {
-                    Packet::PubAck(ack) if ack.packet_id.get() == id => {
-                        assert!(!ack.reason.is_error(), "witness message {n}: {ack:?}");
-                        acked = true;
-                    }
-                    Packet::Publish(p) => {
-                        assert_eq!(&p.payload[..], n.to_be_bytes(), "witness message order");
-                        if let Some(pid) = p.packet_id {
-                            conn.send(&encode(V5, &Packet::PubAck(PubResponse::success(pid))))
-                                .await
-                                .expect("witness PUBACK");
-                        }
-                        delivered = true;
-                    }
-                    other => panic!("witness: unexpected {other:?}"),
-                },
-                other => panic!(
-                    "witness message {n} (acknowledged: {acked}) not back within {STEP:?}: {other:?}"
-                ),
-            }
-        }
-        round_trips.push(started.elapsed());
-        rounds.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(WITNESS_PACE).await;
-    }
-    Witnessed { round_trips }
-}
-
-/// Samples the broker's resident memory every 50 ms until `stop` is set; returns the peak.
-fn sample_rss(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let read = || {
-            std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find_map(|l| l.strip_prefix("VmRSS:"))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                })
-                .map_or(0, |kib| kib * 1024)
-        };
-        let mut peak = read();
-        while !stop.load(Ordering::Relaxed) {
-            peak = peak.max(read());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        peak.max(read())
-    })
-}
-
-/// Runs the attack `hostile` makes, again and again until the witness has made
-/// [`MIN_ROUND_TRIPS`] meanwhile (each pass attempts the same things, so each must get the
-/// same answers), while the witness and the memory sampler run; checks the memory bound and
-/// the witness's percentile, over round trips that all overlapped the attack. Returns what
-/// each pass returned.
-async fn under_witness<T, F, Fut>(broker: &Broker, case: &str, mut hostile: F) -> Vec<T>
+/// Runs `hostile` under the shared witness ([`support::witness::under_witness`]), with this
+/// file's memory bound.
+async fn under_witness<T, F, Fut>(broker: &Broker, case: &str, hostile: F) -> Vec<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = T>,
 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(AtomicU64::new(0));
-    // On a thread and runtime of its own: what it measures is the broker, not how the test's
-    // runtime schedules it among the hostile client's tasks.
-    let (addr, flag, counter) = (broker.mqtt, stop.clone(), rounds.clone());
-    let witness = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("witness runtime")
-            .block_on(witness(addr, flag, counter))
-    });
-    // The witness alone first: its round trips then are what the machine gives it without a
-    // hostile client, printed beside the others (and in a failure) to tell the broker's delays
-    // from the machine's.
-    while rounds.load(Ordering::Relaxed) < MIN_ROUND_TRIPS as u64 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let before = broker.rss();
-    let sampling = Arc::new(AtomicBool::new(false));
-    let sampler = sample_rss(broker.pid(), sampling.clone());
-    let started = std::time::Instant::now();
-    let from = rounds.load(Ordering::Relaxed);
-    let mut results = Vec::new();
-    while results.is_empty() || rounds.load(Ordering::Relaxed) - from < MIN_ROUND_TRIPS as u64 {
-        results.push(within(Duration::from_secs(120), case, hostile()).await);
-    }
-    let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let witnessed = within(
-        STEP,
-        "witness",
-        tokio::task::spawn_blocking(move || witness.join()),
-    )
-    .await
-    .expect("witness thread")
-    .expect("witness");
-    sampling.store(true, Ordering::Relaxed);
-    let peak = sampler.join().expect("sampler");
-    let grew = peak.saturating_sub(before);
-    // Only what overlapped the attack (the last one may have ended after it) is checked.
-    let mut round_trips = witnessed.round_trips;
-    let during = round_trips.split_off((from as usize).min(round_trips.len()));
-    let alone = Witnessed { round_trips }.report(&format!("{case} (witness alone, before)"));
-    let witnessed = Witnessed {
-        round_trips: during,
-    };
-    eprintln!(
-        "{case}: hostile client took {took:?} for {} passes; broker RSS {} KiB before, peak {} KiB (+{} KiB, bound +{} KiB)",
-        results.len(),
-        before / 1024,
-        peak / 1024,
-        grew / 1024,
-        RSS_MARGIN / 1024
-    );
-    let p99 = witnessed.report(case);
-    assert!(
-        grew <= RSS_MARGIN,
-        "{case}: the broker grew by {grew} bytes (bound {RSS_MARGIN})"
-    );
-    assert!(
-        p99 < P99_BOUND,
-        "{case}: the witness's p99 round trip was {p99:?} (bound {P99_BOUND:?}); \
-         alone, just before, it was {alone:?}"
-    );
-    results
+    support::witness::under_witness(broker, case, RSS_MARGIN, hostile).await
 }
 
 fn refusals(broker: &Broker, limit: &str) -> f64 {

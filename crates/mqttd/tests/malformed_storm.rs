@@ -25,6 +25,13 @@
 //! connections that never complete CONNECT (silence, slowloris, random bytes) go to one with a
 //! connect timeout of 2 s. Each has its own witness. Every deadline is generous,
 //! [`DEADLINE`], and only a hang or a broker that ignores what it must act on reaches it.
+//!
+//! The same rule cases run over TLS, WebSocket and QUIC too, one test per transport, each
+//! offender on a connection of its own (a QUIC connection's first stream), under the shared
+//! witness of the hostile-client tests ([`support::witness`]): each offender must be handled
+//! as over TCP, the broker's memory stays within [`TRANSPORTS_RSS_MARGIN`], and the witness
+//! loses nothing and keeps its p99 round trip under 20 ms (over QUIC reported, not asserted:
+//! see that test).
 
 mod support;
 
@@ -1073,4 +1080,415 @@ async fn malformed_input_storm_closes_offenders_and_spares_the_witness() {
         .await;
     slow.check("connect-timeout broker", cpu[1], during[1])
         .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same rule cases over TLS, WebSocket and QUIC
+// ---------------------------------------------------------------------------------------------
+
+/// Memory the broker may add while the rule cases run over TLS, WebSocket and QUIC, 16
+/// connections at a time. Measured on a debug build: see the test's output.
+const TRANSPORTS_RSS_MARGIN: u64 = 32 * 1024 * 1024;
+/// Rule cases in flight at once over the other transports.
+const TRANSPORTS_CONCURRENCY: usize = 4;
+/// The largest WebSocket frame the cases' bytes go out in: the cases test MQTT's limits, not
+/// the WebSocket layer's.
+const WS_FRAME: usize = 16 * 1024;
+
+/// The transports besides TCP the rule cases run over.
+#[derive(Clone, Copy, Debug)]
+enum Over {
+    Tls,
+    WebSocket,
+    Quic,
+}
+
+/// A byte stream of any transport.
+trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// Where and how the cases reach the broker over each transport.
+#[derive(Clone)]
+struct Transports {
+    tls: std::net::SocketAddr,
+    ws: std::net::SocketAddr,
+    quic: std::net::SocketAddr,
+    tls_config: Arc<rustls::ClientConfig>,
+    quic_endpoint: noq::Endpoint,
+}
+
+impl Transports {
+    /// Reaches `broker`'s TLS, WebSocket and QUIC listeners, trusting its generated CA.
+    fn of(broker: &Broker) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        let ca = std::fs::read(broker.data_dir().join("tls").join("ca.pem")).expect("CA");
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+            roots.add(cert.expect("CA PEM")).expect("add CA");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut quic_tls = tls.clone();
+        quic_tls.alpn_protocols = vec![b"mqtt".to_vec()];
+        let crypto =
+            noq::crypto::rustls::QuicClientConfig::try_from(quic_tls).expect("QUIC config");
+        let endpoint =
+            noq::Endpoint::client("127.0.0.1:0".parse().expect("address")).expect("UDP socket");
+        endpoint.set_default_client_config(noq::ClientConfig::new(Arc::new(crypto)));
+        Self {
+            tls: broker.tls,
+            ws: broker.ws,
+            quic: broker.quic,
+            tls_config: Arc::new(tls),
+            quic_endpoint: endpoint,
+        }
+    }
+}
+
+/// A raw MQTT connection over TLS, WebSocket (binary frames) or QUIC (its first stream).
+struct Wire {
+    stream: Box<dyn Duplex>,
+    /// Whether bytes go in WebSocket frames.
+    ws: bool,
+    /// WebSocket bytes read but not yet deframed.
+    raw: bytes::BytesMut,
+    /// MQTT bytes read but not yet decoded.
+    rbuf: bytes::BytesMut,
+    reader: mqttd_proto::codec::PacketReader,
+    version: ProtocolVersion,
+    /// Whether the broker closed (end of stream, a reset, a WebSocket close frame).
+    closed: bool,
+    /// Keeps a QUIC connection open while its stream is used.
+    _quic: Option<noq::Connection>,
+}
+
+impl Wire {
+    /// Opens a connection over `over`, its handshake done; no MQTT sent.
+    async fn open(to: &Transports, over: Over, version: ProtocolVersion) -> Self {
+        let (stream, ws, quic): (Box<dyn Duplex>, bool, _) = match over {
+            Over::Tls => {
+                let tcp = tokio::net::TcpStream::connect(to.tls)
+                    .await
+                    .expect("connect");
+                let tls = tokio_rustls::TlsConnector::from(to.tls_config.clone())
+                    .connect(
+                        rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+                        tcp,
+                    )
+                    .await
+                    .expect("TLS handshake");
+                (Box::new(tls), false, None)
+            }
+            Over::WebSocket => {
+                let mut tcp = tokio::net::TcpStream::connect(to.ws)
+                    .await
+                    .expect("connect");
+                ws_upgrade(&mut tcp).await;
+                (Box::new(tcp), true, None)
+            }
+            Over::Quic => {
+                let conn = within(
+                    DEADLINE,
+                    "QUIC handshake",
+                    to.quic_endpoint
+                        .connect(to.quic, "localhost")
+                        .expect("QUIC connect"),
+                )
+                .await
+                .expect("QUIC handshake");
+                let (send, recv) = conn.open_bi().await.expect("a stream");
+                (Box::new(tokio::io::join(recv, send)), false, Some(conn))
+            }
+        };
+        Self {
+            stream,
+            ws,
+            raw: bytes::BytesMut::new(),
+            rbuf: bytes::BytesMut::new(),
+            reader: mqttd_proto::codec::PacketReader::new(u32::MAX),
+            version,
+            closed: false,
+            _quic: quic,
+        }
+    }
+
+    /// Opens a connection and completes an MQTT handshake in `version`.
+    async fn connected(to: &Transports, over: Over, version: ProtocolVersion, id: &str) -> Self {
+        let mut wire = Self::open(to, over, version).await;
+        wire.send(&encode(version, &connect_packet(version, id)))
+            .await
+            .expect("CONNECT");
+        match wire.next(DEADLINE).await {
+            Ok(Some(Packet::ConnAck(ack))) if !ack.reason.is_error() => wire,
+            other => panic!("{id} over {over:?}: expected a successful CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Sends `bytes` (in WebSocket frames of at most [`WS_FRAME`]); an error once the broker
+    /// has closed.
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        if self.ws {
+            for chunk in bytes.chunks(WS_FRAME) {
+                self.stream.write_all(&ws_frame(chunk)).await?;
+            }
+        } else {
+            self.stream.write_all(bytes).await?;
+        }
+        self.stream.flush().await
+    }
+
+    /// The next packet; `Ok(None)` once the broker has closed; `Err` if nothing came within
+    /// `timeout` or the bytes do not decode.
+    async fn next(&mut self, timeout: Duration) -> Result<Option<Packet>, String> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.reader.read(&mut self.rbuf, Some(self.version)) {
+                Ok(Some(packet)) => return Ok(Some(packet)),
+                Ok(None) if self.closed => return Ok(None),
+                Ok(None) => {}
+                Err(e) => return Err(format!("undecodable bytes from the broker: {e}")),
+            }
+            let read = self.stream.read_buf(&mut self.raw);
+            match tokio::time::timeout_at(deadline, read).await {
+                Err(_) => return Err(format!("still open after {timeout:?}")),
+                Ok(Ok(0) | Err(_)) => self.closed = true,
+                Ok(Ok(_)) => {}
+            }
+            if self.ws {
+                self.closed |= ws_deframe(&mut self.raw, &mut self.rbuf)?;
+            } else {
+                self.rbuf.extend_from_slice(&self.raw.split());
+            }
+        }
+    }
+
+    /// The packets the broker sends until it closes, within `timeout`.
+    async fn until_closed(&mut self, timeout: Duration) -> Result<Vec<Packet>, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut packets = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Ok(Some(packet)) => packets.push(packet),
+                Ok(None) => return Ok(packets),
+                Err(e) => return Err(format!("{e}; received {packets:?}")),
+            }
+        }
+    }
+}
+
+/// Upgrades `stream` to MQTT over WebSocket.
+async fn ws_upgrade(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(
+            b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n",
+        )
+        .await
+        .expect("upgrade request");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = stream.read(&mut byte).await.expect("upgrade response");
+        assert_eq!(n, 1, "closed during the upgrade: {head:?}");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+}
+
+/// A masked binary WebSocket frame carrying `payload`, as a client sends.
+fn ws_frame(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5A, 0x17, 0xC3, 0x08];
+    let mut frame = vec![0x82];
+    match payload.len() {
+        n @ 0..=125 => frame.push(0x80 | n as u8),
+        n @ 126..=0xFFFF => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Moves the payloads of the complete server frames in `raw` to `mqtt`; whether a close
+/// frame came.
+fn ws_deframe(raw: &mut bytes::BytesMut, mqtt: &mut bytes::BytesMut) -> Result<bool, String> {
+    loop {
+        let Some(&[first, second]) = raw.get(..2) else {
+            return Ok(false);
+        };
+        if second & 0x80 != 0 {
+            return Err("a masked frame from the server".to_owned());
+        }
+        let (len, header) = match second & 0x7F {
+            126 => match raw.get(2..4) {
+                Some(b) => (u16::from_be_bytes([b[0], b[1]]) as usize, 4),
+                None => return Ok(false),
+            },
+            127 => match raw.get(2..10) {
+                Some(b) => (
+                    u64::from_be_bytes(b.try_into().expect("8 bytes")) as usize,
+                    10,
+                ),
+                None => return Ok(false),
+            },
+            n => (n as usize, 2),
+        };
+        if raw.len() < header + len {
+            return Ok(false);
+        }
+        let frame = raw.split_to(header + len);
+        match first & 0x0F {
+            // Binary and continuation frames carry MQTT.
+            0x0 | 0x2 => mqtt.extend_from_slice(&frame[header..]),
+            0x8 => return Ok(true),
+            // Pings and pongs.
+            _ => {}
+        }
+    }
+}
+
+/// Runs one rule case over `over`, as [`run_case`] does over TCP.
+async fn run_case_over(to: &Transports, over: Over, case: &Case, n: usize) -> Result<(), String> {
+    let mut wire = match case.after_connect {
+        Some(v) => Wire::connected(to, over, v, &format!("storm-{n}")).await,
+        None => {
+            let version = match case.expect {
+                Expect::ConnAck(v, _) | Expect::ConnAckOrClose(v) => v,
+                _ => V5,
+            };
+            Wire::open(to, over, version).await
+        }
+    };
+    let _ = wire.send(&case.bytes).await;
+    if case.fin {
+        let _ = wire.stream.shutdown().await;
+    }
+    let packets = wire.until_closed(DEADLINE).await?;
+    let ok = match (case.expect, packets.as_slice()) {
+        (Expect::CloseAny, _) | (Expect::Close | Expect::ConnAckOrClose(_), []) => true,
+        (Expect::ConnAckOrClose(_), [Packet::ConnAck(ack)]) => ack.reason.is_error(),
+        (Expect::ConnAck(_, reason), [Packet::ConnAck(ack)]) => {
+            ack.reason.is_error() && reason.is_none_or(|r| ack.reason == r)
+        }
+        (Expect::Disconnect(reason), [Packet::Disconnect(d)]) => d.reason == reason,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("expected {:?}, got {packets:?}", case.expect))
+    }
+}
+
+/// Every rule case over `over`, each on a connection of its own, while the shared witness
+/// ([`support::witness`]) times its QoS 1 round trips over TCP: each offender is handled as
+/// over TCP, the broker's memory stays within [`TRANSPORTS_RSS_MARGIN`], the witness loses
+/// nothing, and (if `p99_asserted`) its p99 round trip stays under 20 ms.
+async fn malformed_input_over(over: Over, p99_asserted: bool) {
+    let listener = match over {
+        Over::Quic => "quic://127.0.0.1:0",
+        // The WebSocket listener is always there; the generated CA comes with the TLS one.
+        Over::Tls | Over::WebSocket => "tls://127.0.0.1:0",
+    };
+    let broker = Broker::start_with(
+        &format!(
+            "connect_timeout = {PATIENT_CONNECT_TIMEOUT}\nmax_packet_size = {MAX_PACKET_SIZE}\n\
+             persistence = false\nsys_interval = 0\n"
+        ),
+        &[listener],
+    );
+    let to = Transports::of(&broker);
+    let mut cases = connect_cases();
+    cases.extend(established_cases(V5));
+    cases.extend(established_cases(V3_1_1));
+    let cases = Arc::new(cases);
+    let name = format!("malformed input over {over:?}");
+    let bounds = support::witness::Bounds {
+        rss_margin: TRANSPORTS_RSS_MARGIN,
+        p99_asserted,
+    };
+    let passes = support::witness::under_witness_within(&broker, &name, bounds, || {
+        let (to, cases) = (to.clone(), cases.clone());
+        async move {
+            let permits = Arc::new(Semaphore::new(TRANSPORTS_CONCURRENCY));
+            let mut jobs = JoinSet::new();
+            for i in 0..cases.len() {
+                let permit = permits.clone().acquire_owned().await.expect("semaphore");
+                let (to, cases) = (to.clone(), cases.clone());
+                jobs.spawn(async move {
+                    let result = run_case_over(&to, over, &cases[i], i).await;
+                    drop(permit);
+                    result.map_err(|e| format!("{}: {e}", cases[i].name))
+                });
+            }
+            let mut failures = Vec::new();
+            let mut ran = 0;
+            while let Some(joined) = jobs.join_next().await {
+                ran += 1;
+                if let Err(e) = joined.expect("case task") {
+                    failures.push(e);
+                }
+            }
+            (ran, failures)
+        }
+    })
+    .await;
+    eprintln!(
+        "{name}: {} passes of {} cases, {TRANSPORTS_CONCURRENCY} at a time",
+        passes.len(),
+        cases.len()
+    );
+    for (ran, failures) in &passes {
+        assert!(
+            failures.is_empty(),
+            "{name}: {} of {ran} offending connections were not handled as required:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+        assert_eq!(*ran, cases.len());
+    }
+    // Every offender's connection is gone, and the witness's.
+    let metrics = broker
+        .wait_for_metrics(DEADLINE, |m| m.get("mqttd_connections_open") == 0.0)
+        .await;
+    assert_eq!(metrics.get("mqttd_connections_open"), 0.0, "{name}");
+    broker.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_over_tls_closes_offenders_and_spares_the_witness() {
+    malformed_input_over(Over::Tls, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_over_websocket_closes_offenders_and_spares_the_witness() {
+    malformed_input_over(Over::WebSocket, true).await;
+}
+
+/// The witness's p99 is reported, not asserted: on the 2-core machine, debug build, it is
+/// 9-23 ms while the QUIC offenders' handshakes run with the machine at a load of 6-12, and
+/// 50-100 ms at a load of 15 (0.4-1.4 ms alone, just before); see docs/architecture.md.
+/// Counts, memory and the witness's messages are asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_over_quic_closes_offenders_and_spares_the_witness() {
+    malformed_input_over(Over::Quic, false).await;
 }

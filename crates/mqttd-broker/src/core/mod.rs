@@ -423,6 +423,18 @@ impl ConnectionCore {
         self.conn.handle_packet_on(now, stream, packet);
     }
 
+    /// Whether, in multi-stream mode (QUIC data streams), the connection's output holds a
+    /// backlog (what makes publishers of QoS 0 wait, see `update_pressure`). The session's
+    /// signals of progress to the publishers waiting on it (a write, a delivery taken from
+    /// the mailbox, room made by an acknowledgement) then count only when they move a stream
+    /// that holds the backlog: a client that stopped reading one stream while it uses another
+    /// would otherwise look busy forever, and hold the publishers feeding the stalled stream
+    /// instead of being marked stalled. A single-stream connection is not concerned: its one
+    /// output is the backlog.
+    fn stream_backed_up(&self) -> bool {
+        self.outputs.iter().nth(1).is_some() && self.outputs.len() >= WRITE_LOW_WATER
+    }
+
     /// The driver read `n` bytes.
     pub(crate) fn received(&self, n: usize) {
         self.inner.metrics.bytes_received.inc_by(n as u64);
@@ -434,8 +446,15 @@ impl ConnectionCore {
         // Whether the stream was backed up when the transport took this: then publishers
         // waiting for this client see it move.
         let backed_up = !self.wants_read(stream);
+        // Whether this write moves the backlog publishers may be waiting on: with a stream
+        // backed up, a write on another says nothing of it (see `stream_backed_up`).
+        let moves_backlog = !self.stream_backed_up()
+            || self
+                .outputs
+                .get(stream)
+                .is_some_and(|o| o.buf.len() >= WRITE_LOW_WATER);
         self.outputs.get_mut(stream).advance(n);
-        if let Some(handle) = &self.handle {
+        if let Some(handle) = self.handle.as_ref().filter(|_| moves_backlog) {
             handle.wrote(backed_up);
         }
     }
@@ -488,7 +507,7 @@ impl ConnectionCore {
     /// What the mailbox held: messages routed to the session, and perhaps another
     /// connection's request for the session.
     pub(crate) fn handle_inbox(&mut self, now: Instant, inbox: Inbox) {
-        if !inbox.deliveries.is_empty() {
+        if !inbox.deliveries.is_empty() && !self.stream_backed_up() {
             // Publishers waiting for room in the mailbox see it move.
             if let Some(handle) = &self.handle {
                 handle.progress.fetch_add(1, Ordering::Relaxed);
@@ -811,7 +830,7 @@ impl ConnectionCore {
         let before = handle.capacity.load(Ordering::Relaxed);
         if before != capacity {
             handle.capacity.store(capacity, Ordering::Relaxed);
-            if capacity > before {
+            if capacity > before && !self.stream_backed_up() {
                 handle.progress.fetch_add(1, Ordering::Relaxed);
             }
         }

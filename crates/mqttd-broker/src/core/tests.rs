@@ -743,3 +743,79 @@ async fn a_stalled_subscriber_holds_a_qos2_publisher_only_for_the_wait() {
     assert!(handle.is_none(), "nothing waits");
     assert!(publisher.wants_read(StreamId::CONTROL));
 }
+
+/// A delivery of `len` payload bytes to `topic`.
+fn delivery_to(topic: &str, len: usize, qos: QoS) -> Delivery {
+    let topic = TopicName::try_from(topic).unwrap();
+    Delivery::new(Arc::new(Message::new(topic, vec![b'x'; len], qos, false)))
+}
+
+/// A SUBSCRIBE to `filter` on `stream`, answered there.
+fn subscribe_on(core: &mut ConnectionCore, now: Instant, stream: StreamId, filter: &str) {
+    let subscribe = Packet::Subscribe(Subscribe {
+        packet_id: PacketId::new(1).unwrap(),
+        properties: mqttd_proto::SubscribeProperties::default(),
+        filters: vec![mqttd_proto::Subscription {
+            filter: TopicFilter::try_from(filter).unwrap(),
+            options: mqttd_proto::SubscriptionOptions::default(),
+        }],
+    });
+    core.handle_packet(now, stream, subscribe);
+    core.process(now);
+    assert!(matches!(&written(core, stream)[..], [Packet::SubAck(_)]));
+}
+
+/// A QUIC client that stops reading one data stream while it keeps using another: what moves
+/// on the live stream is no progress for the publishers waiting on the stalled one, so a
+/// session marked stalled stays so (what is routed to it is dropped instead of holding its
+/// publishers again after every live write), until the stalled stream itself moves.
+#[tokio::test]
+async fn a_live_data_stream_does_not_make_a_stalled_one_look_busy() {
+    let inner = inner_with(Config::default());
+    let now = Instant::now();
+    let mut core = connected(&inner, now, "c").await;
+    let (stalled, live) = (StreamId::new(4), StreamId::new(8));
+    subscribe_on(&mut core, now, stalled, "stalled");
+    subscribe_on(&mut core, now, live, "live");
+    // The stalled stream's output backs up: nothing of it is written.
+    for _ in 0..3 {
+        core.handle_inbox(
+            now,
+            Inbox {
+                deliveries: VecDeque::from([delivery_to("stalled", 128 * 1024, QoS::AtMostOnce)]),
+                ..Inbox::default()
+            },
+        );
+        core.process(now);
+    }
+    assert!(!core.wants_read(stalled), "backed up");
+    let handle = core.handle.clone().unwrap();
+    assert!(handle.congested.load(Ordering::Relaxed));
+    // A publisher gave up waiting for it.
+    update_flag(&handle.stalled, true);
+    let progress = handle.progress.load(Ordering::Relaxed);
+    // The live stream gets a delivery, which the client reads and acknowledges.
+    core.handle_inbox(
+        now,
+        Inbox {
+            deliveries: VecDeque::from([delivery_to("live", 10, QoS::AtLeastOnce)]),
+            ..Inbox::default()
+        },
+    );
+    core.process(now);
+    let [Packet::Publish(p)] = &written(&mut core, live)[..] else {
+        panic!("the live stream gets its message");
+    };
+    let ack = mqttd_proto::PubResponse::success(p.packet_id.unwrap());
+    core.handle_packet(now, live, Packet::PubAck(ack));
+    core.process(now);
+    assert!(handle.stalled.load(Ordering::Relaxed), "still stalled");
+    assert_eq!(
+        handle.progress.load(Ordering::Relaxed),
+        progress,
+        "no progress"
+    );
+    // The stalled stream moves: it is not stalled any more.
+    let _ = written(&mut core, stalled);
+    assert!(!handle.stalled.load(Ordering::Relaxed));
+}

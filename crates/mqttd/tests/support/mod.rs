@@ -14,6 +14,7 @@
 
 pub(crate) mod client;
 pub(crate) mod pki;
+pub(crate) mod witness;
 
 use std::collections::HashMap;
 use std::fs::File;
