@@ -124,7 +124,10 @@ case $PIN in
     both) PIN_LIST=("" -pinned) ;;
     *) echo "--pin takes off, on or both" >&2; exit 2 ;;
 esac
-if [[ $PIN != off ]]; then apt_install util-linux; fi
+if [[ $PIN != off ]] && ! command -v taskset >/dev/null; then
+    echo "--pin $PIN needs taskset (util-linux)" >&2
+    exit 2
+fi
 # Scenarios that run pinned as well; the others (latency, memory) always run unpinned.
 pinnable() { [[ $1 == fanin0 || $1 == fanout0 || $1 == fanin1 ]]; }
 has_broker() { [[ ",$BROKERS," == *",$1,"* ]]; }
