@@ -343,10 +343,10 @@ impl DiskStorage {
         power_cut: Arc<PowerCut>,
     ) -> Result<Self, StorageError> {
         Self::open_with(
-            path,
+            path.clone(),
             durability,
             interval,
-            Box::new(EngineSync { path: path.clone() }),
+            Box::new(EngineSync { path }),
             Some(power_cut),
         )
     }
