@@ -15,9 +15,12 @@
 #   bench/compare.sh --quick              # 1 round, short runs, small memory test: a smoke test
 #   bench/compare.sh --mqttd-rev HEAD     # benchmark a commit (exported, built on its own)
 #   bench/compare.sh --report-only DIR    # rewrite the doc from earlier results
+#   bench/compare.sh --pin on             # throughput with the broker on core 0, the load
+#                                         # generator on core 1 (default: both, unpinned too)
 #
 # Other options: --rounds N, --duration S, --brokers a,b,..., --scenarios a,b,...
-# (fanin0, fanout0, fanin1, latency, memory), --mem-counts N,N, --no-install, --no-report.
+# (fanin0, fanout0, fanin1, latency, memory), --mem-counts N,N, --pin off|on|both,
+# --broker-cpus LIST, --client-cpus LIST (taskset lists), --no-install, --no-report.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,6 +44,12 @@ INSTALL=1
 REPORT=1
 MQTTD_REV=
 REPORT_ONLY=
+# Throughput scenarios run unpinned (broker and generator share both cores, as a deployment
+# would), pinned (every broker on BROKER_CPUS, the generator on CLIENT_CPUS, so that the
+# figures measure the broker), or both.
+PIN=both
+BROKER_CPUS=0
+CLIENT_CPUS=1
 # MQTT 3.1.1 everywhere: the version every broker here implements most completely.
 PROTOCOL=311
 # mqttd's defaults, written into every broker's configuration.
@@ -59,7 +68,7 @@ PORT_MQTTD=18834
 # ~2,400 ephemeral ports each.
 BIND=127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9
 
-usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
     case $1 in
@@ -73,6 +82,9 @@ while (($#)); do
         --no-install) INSTALL=0 ;;
         --no-report) REPORT=0 ;;
         --report-only) REPORT_ONLY=$2; shift ;;
+        --pin) PIN=$2; shift ;;
+        --broker-cpus) BROKER_CPUS=$2; shift ;;
+        --client-cpus) CLIENT_CPUS=$2; shift ;;
         --quick) ROUNDS=1; DURATION=3; LATENCY_DURATION=3; MEM_COUNTS=1000,2000 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
@@ -106,6 +118,18 @@ fi
 IFS=, read -r -a BROKER_LIST <<<"$BROKERS"
 IFS=, read -r -a SCENARIO_LIST <<<"$SCENARIOS"
 IFS=, read -r -a MEM_COUNT_LIST <<<"$MEM_COUNTS"
+case $PIN in
+    off) PIN_LIST=("") ;;
+    on) PIN_LIST=(-pinned) ;;
+    both) PIN_LIST=("" -pinned) ;;
+    *) echo "--pin takes off, on or both" >&2; exit 2 ;;
+esac
+if [[ $PIN != off ]] && ! command -v taskset >/dev/null; then
+    echo "--pin $PIN needs taskset (util-linux)" >&2
+    exit 2
+fi
+# Scenarios that run pinned as well; the others (latency, memory) always run unpinned.
+pinnable() { [[ $1 == fanin0 || $1 == fanout0 || $1 == fanin1 ]]; }
 has_broker() { [[ ",$BROKERS," == *",$1,"* ]]; }
 
 # --- installation -------------------------------------------------------------------------
@@ -288,10 +312,10 @@ established() { ss -Htn state established "( sport = :$1 )" | wc -l; }
 
 # --- scenarios ----------------------------------------------------------------------------
 
-# The bench arguments of each scenario, without the port.
+# The bench arguments of each scenario, without the port (`-pinned` variants take the same).
 bench_args() {
     local common=(--size 64 -V "$PROTOCOL" --json --quiet)
-    case $1 in
+    case ${1%-pinned} in
         fanin0) echo fanin --count $FAN --qos 0 --duration "$DURATION" --drain "$DRAIN" "${common[@]}" ;;
         fanout0) echo fanout --count $FAN --qos 0 --duration "$DURATION" --drain "$DRAIN" "${common[@]}" ;;
         fanin1) echo fanin --count $FAN --qos 1 --duration "$DURATION" --drain "$DRAIN" "${common[@]}" ;;
@@ -356,6 +380,7 @@ run_memory() {
     echo "  \"rounds\": $ROUNDS, \"duration_s\": $DURATION, \"latency_duration_s\": $LATENCY_DURATION,"
     echo "  \"drain_s\": $DRAIN, \"protocol\": \"$PROTOCOL\", \"connect_rate\": $CONNECT_RATE,"
     echo "  \"skip_rmqtt\": $SKIP_RMQTT,"
+    echo "  \"broker_cpus\": \"$BROKER_CPUS\", \"client_cpus\": \"$CLIENT_CPUS\","
     echo "  \"brokers\": $(printf '%s\n' "${BROKER_LIST[@]}" | jq -R . | jq -s -c .),"
     echo "  \"versions\": {"
     sep=""
@@ -377,9 +402,15 @@ run_memory() {
                 sep=$',\n'
             done
         else
-            printf '%s    "%s": %s' "$sep" "$s" \
-                "$(echo "mqttd bench $(bench_args "$s") --port PORT" | jq -R .)"
-            sep=$',\n'
+            for pin in "${PIN_LIST[@]}"; do
+                if [[ -z $pin ]] || pinnable "$s"; then
+                    prefix=
+                    [[ -z $pin ]] || prefix="taskset -c $CLIENT_CPUS "
+                    printf '%s    "%s%s": %s' "$sep" "$s" "$pin" \
+                        "$(echo "${prefix}mqttd bench $(bench_args "$s") --port PORT" | jq -R .)"
+                    sep=$',\n'
+                fi
+            done
         fi
     done
     echo
@@ -400,11 +431,20 @@ for scenario in "${SCENARIO_LIST[@]}"; do
             done
         done
     else
-        for round in $(seq "$ROUNDS"); do
-            for broker in "${BROKER_LIST[@]}"; do
-                run_traffic "$scenario" "$broker" "$round"
+        for pin in "${PIN_LIST[@]}"; do
+            [[ -z $pin ]] || pinnable "$scenario" || continue
+            if [[ -n $pin ]]; then
+                PIN_BROKER=$BROKER_CPUS PIN_CLIENT=$CLIENT_CPUS
+            else
+                PIN_BROKER= PIN_CLIENT=
+            fi
+            for round in $(seq "$ROUNDS"); do
+                for broker in "${BROKER_LIST[@]}"; do
+                    run_traffic "$scenario$pin" "$broker" "$round"
+                done
             done
         done
+        PIN_BROKER= PIN_CLIENT=
     fi
 done
 

@@ -7,6 +7,9 @@
 APT_UPDATED=0
 QUIET_BUSY=0
 BROKER_PID=
+# taskset CPU lists for the broker and the load generator; empty: not pinned.
+PIN_BROKER=
+PIN_CLIENT=
 # Read by the including scripts' cleanup.
 # shellcheck disable=SC2034
 BENCH_PID=
@@ -31,12 +34,14 @@ launch_broker() {
     local name=$1 tag=$2 port
     port=$(port_of "$name")
     local logf=$RUN/logs/$tag.log
+    local pin=()
+    [[ -z $PIN_BROKER ]] || pin=(taskset -c "$PIN_BROKER")
     case $name in
-        mosquitto) mosquitto -c "$RUN/conf/mosquitto.conf" >"$logf" 2>&1 & ;;
-        rumqttd) "$RUMQTTD" -q -c "$RUN/conf/rumqttd.toml" >"$logf" 2>&1 & ;;
+        mosquitto) "${pin[@]}" mosquitto -c "$RUN/conf/mosquitto.conf" >"$logf" 2>&1 & ;;
+        rumqttd) "${pin[@]}" "$RUMQTTD" -q -c "$RUN/conf/rumqttd.toml" >"$logf" 2>&1 & ;;
         # rmqtt also reads ./rmqtt.toml: start it where there is none.
-        rmqtt) (cd "$RUN/conf" && exec "$RMQTTD" -f "$RUN/conf/rmqtt.toml") >"$logf" 2>&1 & ;;
-        mqttd) RUST_LOG=warn "$MQTTD" --config "$RUN/conf/mqttd.toml" >"$logf" 2>&1 & ;;
+        rmqtt) (cd "$RUN/conf" && exec "${pin[@]}" "$RMQTTD" -f "$RUN/conf/rmqtt.toml") >"$logf" 2>&1 & ;;
+        mqttd) RUST_LOG=warn "${pin[@]}" "$MQTTD" --config "$RUN/conf/mqttd.toml" >"$logf" 2>&1 & ;;
     esac
     BROKER_PID=$!
     for _ in $(seq 300); do
@@ -125,8 +130,10 @@ run_traffic() {
     times >"$RUN/times.before"
     read -r idle0 total0 < <(machine_ticks)
     t0=$(date +%s.%N)
+    local pin=()
+    [[ -z $PIN_CLIENT ]] || pin=(taskset -c "$PIN_CLIENT")
     timeout $((${DURATION%.*} + ${LATENCY_DURATION%.*} + 120)) \
-        "$BENCH_BIN" bench "${args[@]}" --port "$port" \
+        "${pin[@]}" "$BENCH_BIN" bench "${args[@]}" --port "$port" \
         >"$RUN/runs/$tag.json" 2>"$RUN/logs/$tag.bench.err" || status=$?
     t1=$(date +%s.%N)
     read -r idle1 total1 < <(machine_ticks)
@@ -150,6 +157,7 @@ run_traffic() {
         machine_busy "$(awk -v i0="$idle0" -v t0="$total0" -v i1="$idle1" -v t1="$total1" \
             'BEGIN {print 1 - (i1 - i0) / (t1 - t0)}')" \
         rss_before_kb "$rss0" rss_after_kb "$rss1" rss_peak_kb "$hwm" \
+        broker_cpus "\"$PIN_BROKER\"" client_cpus "\"$PIN_CLIENT\"" \
         >"$RUN/runs/$tag.meta.json"
     log "$tag: exit $status, $(jq -c '{sent_per_sec, received_per_sec, latency_ms}' \
         "$RUN/runs/$tag.json" 2>/dev/null || echo 'no summary')"

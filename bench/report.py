@@ -28,6 +28,16 @@ THROUGHPUT = {
     "fanout0": ("Fan-out, QoS 0", "1 publisher → 8 subscribers, as fast as possible"),
     "fanin1": ("Fan-in, QoS 1", "8 publishers (≤ 1,000 unacknowledged each) → 1 subscriber"),
 }
+# The same scenarios with the broker and the load generator pinned to separate cores
+# (compare.sh --pin): these measure the brokers, each on one core.
+PINNED = " Broker pinned to CPU {broker}, load generator to CPU {client} (`taskset`)"
+for _name, (_title, _what) in list(THROUGHPUT.items()):
+    THROUGHPUT[_name + "-pinned"] = (_title + ", pinned", _what + "." + PINNED)
+
+
+def present(runs):
+    """The throughput scenarios the run measured."""
+    return [s for s in THROUGHPUT if any(r["scenario"] == s for r in runs)]
 
 
 def load(results: Path):
@@ -99,6 +109,7 @@ def throughput_stats(machine, runs, scenario, broker):
 
 def throughput_table(machine, runs, scenario, brokers):
     title, what = THROUGHPUT[scenario]
+    what = what.format(broker=machine.get("broker_cpus", "0"), client=machine.get("client_cpus", "1"))
     out = [f"### {title}", "", what + ".", ""]
     out.append(
         "| broker | received msg/s (median) | min – max | sent msg/s | delivered | dropped msg/s "
@@ -220,7 +231,7 @@ def targets(machine, runs, brokers):
     if "mqttd" not in brokers:
         return []
     others = [b for b in brokers if b not in ("mqttd", "mosquitto")]
-    for scenario in THROUGHPUT:
+    for scenario in present(runs):
         mine, _ = throughput_stats(machine, runs, scenario, "mqttd")
         if mine is None:
             continue
@@ -257,8 +268,13 @@ def targets(machine, runs, brokers):
 
 
 def chart_throughput(machine, runs, brokers, path):
-    fig, axes = plt.subplots(1, len(THROUGHPUT), figsize=(13, 4.2))
-    for ax, scenario in zip(axes, THROUGHPUT):
+    scenarios = present(runs)
+    if not scenarios:
+        return
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.4 * len(scenarios), 4.2),
+                             squeeze=False)
+    axes = axes[0]
+    for ax, scenario in zip(axes, scenarios):
         names, rec, lo, hi, sent = [], [], [], [], []
         for b in brokers:
             st, _ = throughput_stats(machine, runs, scenario, b)
@@ -383,9 +399,8 @@ def generated(machine, runs, results: Path, docs: Path):
     out += targets(machine, runs, brokers)
     chart_throughput(machine, runs, brokers, docs / "benchmarks-throughput.png")
     out += ["![Throughput](benchmarks-throughput.png)", ""]
-    for scenario in THROUGHPUT:
-        if any(r["scenario"] == scenario for r in runs):
-            out += throughput_table(machine, runs, scenario, brokers)
+    for scenario in present(runs):
+        out += throughput_table(machine, runs, scenario, brokers)
     if any(r["scenario"] == "latency" for r in runs):
         chart_latency(runs, brokers, docs / "benchmarks-latency.png")
         out += latency_table(machine, runs, brokers)

@@ -245,6 +245,12 @@ pub(crate) struct BenchArgs {
     /// window and the messages delivered per broker CPU-second.
     #[arg(long, value_name = "PID")]
     broker_pid: Option<u32>,
+    /// QoS 0 fan-in and fan-out over plain TCP: use the full client (mqttd-client's state
+    /// machine, one command and one event per message) instead of the lean path, whose
+    /// publishers write pre-encoded PUBLISH packets in batches and whose subscribers parse
+    /// them in place, so that the generator costs less than the broker it measures.
+    #[arg(long)]
+    full_client: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -468,6 +474,9 @@ impl Bench {
         rate: f64,
         until: Instant,
     ) -> anyhow::Result<()> {
+        if rate == 0.0 && self.lean(Role::Pub) {
+            return self.lean_publisher(index, until).await;
+        }
         let (client, mut events, _) = self.connect(Role::Pub, index).await?;
         let topic = TopicName::try_from(self.topic(index))?;
         let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
@@ -544,6 +553,9 @@ impl Bench {
         ready: Arc<Semaphore>,
         stop: CancellationToken,
     ) -> anyhow::Result<()> {
+        if self.lean(Role::Sub) {
+            return self.lean_subscriber(index, filter, ready, stop).await;
+        }
         let (client, mut events, resumed) = self.connect(Role::Sub, index).await?;
         // A resumed session still holds its subscription, and the broker starts sending what it
         // kept for it right after CONNACK: subscribing again would only hide a lost one.
@@ -1039,6 +1051,57 @@ mod tests {
             .feed(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01])
             .is_err());
     }
+
+    /// Lean subscribers find every PUBLISH's payload, in both versions and at every QoS,
+    /// whatever part of the stream has arrived, and take only whole packets.
+    #[test]
+    fn scan_publishes_finds_every_payload_across_any_split() {
+        for version in [ProtocolVersion::V3_1_1, ProtocolVersion::V5] {
+            let publish = |qos: QoS, payload: Vec<u8>| {
+                let mut properties = PublishProperties::default();
+                if version == ProtocolVersion::V5 {
+                    properties.message_expiry_interval = Some(60);
+                }
+                Packet::Publish(Publish {
+                    dup: false,
+                    qos,
+                    retain: false,
+                    topic: TopicName::try_from("bench/1").unwrap(),
+                    packet_id: (qos != QoS::AtMostOnce).then_some(PacketId::MIN),
+                    properties,
+                    payload: payload.into(),
+                })
+            };
+            let mut stream = BytesMut::new();
+            let payloads = [vec![1; 64], vec![2; 300], vec![3; 20_000], vec![]];
+            for (i, payload) in payloads.iter().enumerate() {
+                let qos = if i % 2 == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                stream.extend_from_slice(&encode(&publish(qos, payload.clone()), version).unwrap());
+                let ping = Packet::PingResp;
+                stream.extend_from_slice(&encode(&ping, version).unwrap());
+            }
+            for split in 0..=stream.len() {
+                let mut seen = Vec::new();
+                let head = stream.get(..split).unwrap();
+                let (n1, used) = scan_publishes(head, version, |p| seen.push(p.to_vec())).unwrap();
+                let tail = stream.get(used..).unwrap();
+                let (n2, rest) = scan_publishes(tail, version, |p| seen.push(p.to_vec())).unwrap();
+                assert_eq!(rest, tail.len(), "split at {split}");
+                assert_eq!(n1 + n2, 4, "split at {split}");
+                assert_eq!(seen, payloads, "split at {split}");
+            }
+        }
+        assert!(scan_publishes(
+            &[0x30, 0xff, 0xff, 0xff, 0xff, 0x01],
+            ProtocolVersion::V5,
+            |_| {}
+        )
+        .is_err());
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1161,22 +1224,41 @@ impl Bench {
     /// sent after CONNACK.
     async fn raw_connect(&self, role: Role, index: usize) -> anyhow::Result<(TcpStream, BytesMut)> {
         self.counters.connect_started();
-        let stream = TcpStream::connect(self.addr).await?;
+        let stream = match self.args.bind.get(index % self.args.bind.len().max(1)) {
+            Some(ip) => {
+                let socket = match ip {
+                    std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                socket.bind(SocketAddr::new(*ip, 0))?;
+                socket.connect(self.addr).await?
+            }
+            None => TcpStream::connect(self.addr).await?,
+        };
         stream.set_nodelay(true)?;
+        let (clean_start, expiry) = self.session_options(role);
+        let mut properties = ConnectProperties::default();
+        if self.version == ProtocolVersion::V5 && expiry > 0 {
+            properties.session_expiry_interval = Some(expiry);
+        }
         let connect = Packet::Connect(Box::new(Connect {
             protocol: self.version,
-            clean_start: true,
+            clean_start,
             // No keep alive: a raw client sends nothing but its messages.
             keep_alive: 0,
             client_id: ClientId::try_from(self.client_id(role, index).as_str())?,
             will: None,
             username: None,
             password: None,
-            properties: ConnectProperties::default(),
+            properties,
         }));
         write_all(&stream, &encode(&connect, self.version)?).await?;
         let (packet, rest) = self.raw_read_packet(&stream, BytesMut::new()).await?;
         match packet {
+            // A raw client never pings: a broker that imposes a keep alive would close it.
+            Packet::ConnAck(ack) if ack.properties.server_keep_alive.is_some_and(|k| k > 0) => {
+                bail!("the broker imposes a keep alive; use --full-client")
+            }
             Packet::ConnAck(ack) if !ack.reason.is_error() => {}
             other => bail!("the broker refused the connection: {other:?}"),
         }
@@ -1218,20 +1300,7 @@ impl Bench {
         stop: CancellationToken,
     ) -> anyhow::Result<()> {
         let (stream, rest) = self.raw_connect(Role::Sub, index).await?;
-        let subscribe = Packet::Subscribe(Subscribe {
-            packet_id: PacketId::MIN,
-            properties: SubscribeProperties::default(),
-            filters: vec![Subscription {
-                filter: TopicFilter::try_from(filter)?,
-                options: SubscriptionOptions::default(),
-            }],
-        });
-        write_all(&stream, &encode(&subscribe, self.version)?).await?;
-        let (packet, rest) = self.raw_read_packet(&stream, rest).await?;
-        match packet {
-            Packet::SubAck(ack) if !ack.reasons.iter().any(|r| r.is_error()) => {}
-            other => bail!("subscription refused: {other:?}"),
-        }
+        let rest = self.raw_subscribe(&stream, filter, rest).await?;
         ready.add_permits(1);
         let mut counter = PublishCounter::default();
         self.raw_received(counter.feed(&rest)?);
@@ -1249,6 +1318,29 @@ impl Bench {
         let disconnect = Packet::Disconnect(Disconnect::new(ReasonCode::Success));
         let _ = write_all(&stream, &encode(&disconnect, self.version)?).await;
         Ok(())
+    }
+
+    /// Subscribes to `filter` at QoS 0 and waits for SUBACK; returns what followed it.
+    async fn raw_subscribe(
+        &self,
+        stream: &TcpStream,
+        filter: String,
+        rest: BytesMut,
+    ) -> anyhow::Result<BytesMut> {
+        let subscribe = Packet::Subscribe(Subscribe {
+            packet_id: PacketId::MIN,
+            properties: SubscribeProperties::default(),
+            filters: vec![Subscription {
+                filter: TopicFilter::try_from(filter)?,
+                options: SubscriptionOptions::default(),
+            }],
+        });
+        write_all(stream, &encode(&subscribe, self.version)?).await?;
+        let (packet, rest) = self.raw_read_packet(stream, rest).await?;
+        match packet {
+            Packet::SubAck(ack) if !ack.reasons.iter().any(|r| r.is_error()) => Ok(rest),
+            other => bail!("subscription refused: {other:?}"),
+        }
     }
 
     fn raw_received(&self, n: u64) {
@@ -1441,4 +1533,208 @@ fn wildcard(topic: &str) -> String {
     topic
         .rsplit_once('/')
         .map_or("#".into(), |(p, _)| format!("{p}/#"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lean path: QoS 0 fan-in and fan-out clients cheap enough to measure the broker.
+// ---------------------------------------------------------------------------------------------
+
+/// What a lean publisher writes at a time: about 190 PUBLISH packets of a 64-byte payload,
+/// all stamped with the time of the write.
+const LEAN_BATCH: usize = 16 * 1024;
+
+impl Bench {
+    /// Whether `role`'s clients take the lean path: QoS 0 fan-in or fan-out over plain TCP, a
+    /// clean session, and no `--full-client`. Publishers take it only when unpaced.
+    fn lean(&self, role: Role) -> bool {
+        !self.args.full_client
+            && self.connector.is_none()
+            && self.qos == QoS::AtMostOnce
+            && matches!(self.args.scenario, Scenario::Fanin | Scenario::Fanout)
+            && self.session_options(role).0
+    }
+
+    /// Publishes QoS 0 messages as fast as the connection takes them until `until` (after at
+    /// least one write) or `--messages`: [`LEAN_BATCH`] bytes of pre-encoded PUBLISH packets
+    /// per write, every payload stamped with one clock reading per batch. Counts whole
+    /// packets written, finishes the packet in progress, waits out the drain and disconnects.
+    async fn lean_publisher(self: Arc<Self>, index: usize, until: Instant) -> anyhow::Result<()> {
+        let (stream, _) = self.raw_connect(Role::Pub, index).await?;
+        let size = self.args.size.max(8);
+        let publish = Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: TopicName::try_from(self.topic(index))?,
+            packet_id: None,
+            properties: PublishProperties::default(),
+            payload: vec![b'x'; size].into(),
+        });
+        let packet = encode(&publish, self.version)?;
+        let packet_len = packet.len();
+        // The payload ends the packet; its first eight bytes carry the stamp.
+        let stamp_at = packet_len - size;
+        let per_batch = (LEAN_BATCH / packet_len).max(1);
+        let mut batch = packet.repeat(per_batch);
+        let limit = self.args.messages.unwrap_or(u64::MAX);
+        let deadline = tokio::time::sleep_until(tokio::time::Instant::from_std(until));
+        tokio::pin!(deadline);
+        let (mut sent, mut pos, mut end) = (0u64, 0usize, 0usize);
+        loop {
+            if pos == end {
+                if sent >= limit || (sent > 0 && Instant::now() >= until) {
+                    break;
+                }
+                let now = (epoch().elapsed().as_nanos() as u64).to_be_bytes();
+                let packets = (limit - sent).min(per_batch as u64) as usize;
+                for stamp in batch
+                    .chunks_exact_mut(packet_len)
+                    .take(packets)
+                    .filter_map(|p| p.get_mut(stamp_at..stamp_at + 8))
+                {
+                    stamp.copy_from_slice(&now);
+                }
+                (pos, end) = (0, packets * packet_len);
+            }
+            let chunk = batch.get(pos..end).unwrap_or_default();
+            let n = tokio::select! {
+                biased;
+                _ = &mut deadline, if sent > 0 => break,
+                n = write_some(&stream, chunk) => n?,
+            };
+            let whole = ((pos + n) / packet_len - pos / packet_len) as u64;
+            pos += n;
+            sent += whole;
+            self.counters.sent.fetch_add(whole, Ordering::Relaxed);
+        }
+        self.publishing_ended
+            .fetch_max(epoch().elapsed().as_nanos() as u64, Ordering::Relaxed);
+        // Finish the packet in progress, so that the stream stays well-formed.
+        let partial = pos % packet_len;
+        if partial > 0 {
+            write_all(&stream, packet.get(partial..).unwrap_or_default()).await?;
+            self.counters.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        // Stay connected through the drain, as the full client does.
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs_f64(self.args.drain)) => {}
+            _ = self.expect_done.cancelled() => {}
+        }
+        let disconnect = Packet::Disconnect(Disconnect::new(ReasonCode::Success));
+        let _ = write_all(&stream, &encode(&disconnect, self.version)?).await;
+        Ok(())
+    }
+
+    /// Subscribes to `filter` at QoS 0 and reads until `stop`, [`RAW_CHUNK`] bytes at a time,
+    /// parsing the PUBLISH packets in place: one clock reading per read gives the latency of
+    /// every message in it. Adds a permit to `ready` once subscribed.
+    async fn lean_subscriber(
+        self: Arc<Self>,
+        index: usize,
+        filter: String,
+        ready: Arc<Semaphore>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let (stream, rest) = self.raw_connect(Role::Sub, index).await?;
+        let rest = self.raw_subscribe(&stream, filter, rest).await?;
+        ready.add_permits(1);
+        let mut local = Histogram::<u64>::new(3)?;
+        let mut buf = vec![0; RAW_CHUNK.max(rest.len() * 2)];
+        buf.get_mut(..rest.len())
+            .unwrap_or_default()
+            .copy_from_slice(&rest);
+        let mut filled = rest.len();
+        loop {
+            let now = epoch().elapsed();
+            let data = buf.get(..filled).unwrap_or_default();
+            let (count, consumed) = scan_publishes(data, self.version, |payload| {
+                if let Some(sent) = sent_at(payload) {
+                    let latency = now.saturating_sub(sent);
+                    let _ = local.record(latency.as_micros().max(1) as u64);
+                }
+            })?;
+            self.raw_received(count);
+            buf.copy_within(consumed..filled, 0);
+            filled -= consumed;
+            if filled == buf.len() {
+                // One packet larger than the buffer.
+                buf.resize(buf.len() * 2, 0);
+            }
+            let n = tokio::select! {
+                n = read_some(&stream, buf.get_mut(filled..).unwrap_or_default()) => n?,
+                _ = stop.cancelled() => break,
+            };
+            if n == 0 {
+                bail!("the broker closed the connection");
+            }
+            filled += n;
+        }
+        if let Ok(mut h) = self.latency.lock() {
+            let _ = h.add(&local);
+        }
+        let disconnect = Packet::Disconnect(Disconnect::new(ReasonCode::Success));
+        let _ = write_all(&stream, &encode(&disconnect, self.version)?).await;
+        Ok(())
+    }
+}
+
+/// Finds the whole packets at the start of `data`, calls `on_payload` with the payload of each
+/// PUBLISH among them, and returns how many PUBLISH packets there were and the bytes the whole
+/// packets take. Other packets are skipped.
+fn scan_publishes(
+    data: &[u8],
+    version: ProtocolVersion,
+    mut on_payload: impl FnMut(&[u8]),
+) -> anyhow::Result<(u64, usize)> {
+    let (mut count, mut consumed) = (0, 0);
+    loop {
+        let rest = data.get(consumed..).unwrap_or_default();
+        let Some(&first) = rest.first() else {
+            break;
+        };
+        let Some((length, header)) = varint(rest.get(1..).unwrap_or_default())? else {
+            break;
+        };
+        let Some(body) = rest.get(1 + header..1 + header + length) else {
+            break;
+        };
+        consumed += 1 + header + length;
+        if first >> 4 != 3 {
+            continue;
+        }
+        let topic_len = match body {
+            [a, b, ..] => usize::from(u16::from_be_bytes([*a, *b])),
+            _ => bail!("a PUBLISH packet too short for its topic"),
+        };
+        let mut offset = 2 + topic_len;
+        if (first >> 1) & 3 != 0 {
+            offset += 2;
+        }
+        if version == ProtocolVersion::V5 {
+            let (properties, len) = varint(body.get(offset..).unwrap_or_default())?
+                .context("a PUBLISH packet too short for its properties")?;
+            offset += len + properties;
+        }
+        let payload = body
+            .get(offset..)
+            .context("a PUBLISH packet too short for its header")?;
+        on_payload(payload);
+        count += 1;
+    }
+    Ok((count, consumed))
+}
+
+/// Decodes a variable byte integer: its value and its length, or `None` if `data` ends first.
+fn varint(data: &[u8]) -> anyhow::Result<Option<(usize, usize)>> {
+    let mut value = 0;
+    for (i, &byte) in data.iter().enumerate().take(4) {
+        value |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(Some((value, i + 1)));
+        }
+    }
+    if data.len() >= 4 {
+        bail!("malformed variable byte integer in the broker's stream");
+    }
+    Ok(None)
 }

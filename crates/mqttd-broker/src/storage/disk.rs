@@ -95,12 +95,42 @@ trait SyncStep: Send + Sync + 'static {
     }
 }
 
-/// The real sync step: the store's own persist, the system's clock.
-struct EngineSync;
+/// The real sync step: the store's own flush, an fsync of its active journal, the system's
+/// clock.
+struct EngineSync {
+    /// The store's directory, where the engine keeps its journals.
+    path: PathBuf,
+}
 
 impl SyncStep for EngineSync {
+    /// The engine's own fsync holds its journal lock throughout, so every connection
+    /// recording a change meanwhile would wait milliseconds for it: the journal is written to
+    /// the operating system under the lock, then made durable outside it. What was written
+    /// before is in the active journal, or in an older one, which the engine synced when it
+    /// sealed it.
     fn persist(&self, db: &Database, mode: PersistMode) -> Result<(), fjall::Error> {
-        db.persist(mode)
+        db.persist(PersistMode::Buffer)?;
+        match mode {
+            PersistMode::Buffer => Ok(()),
+            PersistMode::SyncData | PersistMode::SyncAll => {
+                // The engine always has an active journal: none means the store is gone.
+                let journal = active_journal(&self.path).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no journal in the store")
+                })?;
+                let file = match std::fs::File::open(&journal) {
+                    // Sealed and removed since it was listed: the engine synced it when it
+                    // sealed it, and with it every older one.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                    opened => opened?,
+                };
+                if mode == PersistMode::SyncAll {
+                    file.sync_all()?;
+                } else {
+                    file.sync_data()?;
+                }
+                Ok(())
+            }
+        }
     }
 
     fn now(&self) -> Instant {
@@ -294,11 +324,12 @@ impl DiskStorage {
         durability: Durability,
         interval: Duration,
     ) -> Result<Self, StorageError> {
+        let path = path.into();
         Self::open_with(
-            path.into(),
+            path.clone(),
             durability,
             interval,
-            Box::new(EngineSync),
+            Box::new(EngineSync { path: path.clone() }),
             None,
         )
     }
@@ -312,10 +343,10 @@ impl DiskStorage {
         power_cut: Arc<PowerCut>,
     ) -> Result<Self, StorageError> {
         Self::open_with(
-            path,
+            path.clone(),
             durability,
             interval,
-            Box::new(EngineSync),
+            Box::new(EngineSync { path }),
             Some(power_cut),
         )
     }
@@ -416,6 +447,21 @@ fn journal_ends(path: &Path) -> Vec<(PathBuf, JournalEnd)> {
         .collect()
 }
 
+/// The journal the engine writes now: the one with the highest number (`N.jnl`; a new one
+/// is created with the next number when the active one is sealed). `None` if there is none.
+fn active_journal(path: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(path)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let id = name.to_str()?.strip_suffix(".jnl")?.parse::<u64>().ok()?;
+            Some((id, e.path()))
+        })
+        .max_by_key(|(id, _)| *id)
+        .map(|(_, path)| path)
+}
+
 /// Where a journal file's data ends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct JournalEnd {
@@ -502,6 +548,17 @@ fn journal_cuts(before: &[(PathBuf, JournalEnd)]) -> (u64, u64) {
 #[cfg(test)]
 mod journal_end_tests {
     use super::*;
+
+    /// The committer syncs the journal with the highest number, by number, not by name.
+    #[test]
+    fn the_active_journal_is_the_highest_numbered() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(active_journal(dir.path()), None);
+        for name in ["0.jnl", "9.jnl", "10.jnl", "x.jnl", "11.jnl.tmp", "lock"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        assert_eq!(active_journal(dir.path()), Some(dir.path().join("10.jnl")));
+    }
 
     /// An end marker with checksum `c`.
     fn marker(c: u8) -> Vec<u8> {
