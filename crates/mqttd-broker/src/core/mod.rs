@@ -386,15 +386,35 @@ impl ConnectionCore {
     /// Decodes and handles the packets `input` holds from `stream`, leaving a partial packet
     /// in it.
     pub(crate) fn handle_input(&mut self, now: Instant, stream: StreamId, input: &mut BytesMut) {
+        self.handle_input_within(now, stream, input, usize::MAX);
+    }
+
+    /// As [`Self::handle_input`], but stops after the packet that takes what it decoded to
+    /// `budget` bytes or more, so that a driver can let other connections run before it goes
+    /// on. Returns whether it stopped there with bytes left in `input`, which may hold more
+    /// packets; they are to be handled before anything more is read.
+    pub(crate) fn handle_input_within(
+        &mut self,
+        now: Instant,
+        stream: StreamId,
+        input: &mut BytesMut,
+        budget: usize,
+    ) -> bool {
+        let mut decoded = 0;
         loop {
+            let before = input.len();
             match self.reader.read(input, self.conn.version()) {
                 Ok(Some(packet)) => {
                     self.handle_packet(now, stream, packet);
                     if self.conn.is_closed() {
-                        return;
+                        return false;
+                    }
+                    decoded += before - input.len();
+                    if decoded >= budget {
+                        return !input.is_empty();
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => return false,
                 Err(error) if !stream.is_control() && self.conn.is_connected() => {
                     // Only this stream is at fault: it is reset, and the connection and its
                     // other streams go on. Counted once, here.
@@ -406,13 +426,13 @@ impl ConnectionCore {
                         .get_or_insert_with(Box::default)
                         .push((stream, error.reason_code()));
                     self.stream_lost(now, stream);
-                    return;
+                    return false;
                 }
                 Err(error) => {
                     // Counted in `protocol_errors` once, with the close it causes.
                     debug!(%error, %stream, "malformed packet");
                     self.conn.handle_decode_error(now, &error);
-                    return;
+                    return false;
                 }
             }
         }
