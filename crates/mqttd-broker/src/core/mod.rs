@@ -70,8 +70,8 @@ use crate::auth::scram::MECHANISM;
 use crate::auth::ScramServerFirstSent;
 use crate::bridge::config::LOCAL_CLIENT_PREFIX;
 use crate::broker::{
-    update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, SessionHandle, SessionPermit,
-    SessionReply, Slot, Subscriber, Waits,
+    update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, Matches, SessionHandle,
+    SessionPermit, SessionReply, Slot, Subscriber, Waits,
 };
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer, Transport, Verdict};
 use crate::storage::{Batch, StoredWill, Ticket, Watermark};
@@ -722,6 +722,7 @@ impl ConnectionCore {
                     b.stream,
                     &message,
                     b.packet_id,
+                    None,
                     &mut Blocked::new(),
                 );
             }
@@ -1373,15 +1374,24 @@ impl ConnectionCore {
             return;
         }
         let message = Arc::new(message);
-        let waits = if message.qos == QoS::ExactlyOnce {
-            let key = self.handle.as_ref().map(|h| h.key);
-            self.inner.lacking_room(&message, key)
-        } else {
-            Waits::new()
+        // A QoS 2 publication's room check and its routing use the same matches, found once.
+        let tree = (message.qos == QoS::ExactlyOnce).then(|| self.inner.subscriptions());
+        let key = self.handle.as_ref().map(|h| h.key);
+        let matches = tree.as_deref().map(|t| Matches::find(t, &message, key));
+        let waits = match &matches {
+            Some(matches) => self.inner.lacking_room_in(&message, matches),
+            None => Waits::new(),
         };
         let (reason, held) = if waits.is_empty() {
             let mut blocked = Blocked::new();
-            let reason = self.route_publication(now, stream, &message, packet_id, &mut blocked);
+            let reason = self.route_publication(
+                now,
+                stream,
+                &message,
+                packet_id,
+                matches.as_ref(),
+                &mut blocked,
+            );
             (reason, Held::Copies(blocked))
         } else {
             // Acknowledged with the reason found when it is routed.
@@ -1408,13 +1418,15 @@ impl ConnectionCore {
     /// Routes an admitted message in one atomic write with what else it changes (a retained
     /// message, a QoS 2 publisher's PUBREL state), which `stream`'s output then waits for.
     /// QoS 0 and 1 copies that find no room are handed back in `blocked`; a QoS 2 message is
-    /// routed whole. Returns the reason code to acknowledge it with.
+    /// routed whole, to `matches` if its room check just found them. Returns the reason code
+    /// to acknowledge it with.
     fn route_publication(
         &mut self,
         now: Instant,
         stream: StreamId,
         message: &Arc<Message>,
         packet_id: Option<PacketId>,
+        matches: Option<&Matches<'_>>,
         blocked: &mut Blocked,
     ) -> ReasonCode {
         let inner = &*self.inner;
@@ -1441,7 +1453,7 @@ impl ConnectionCore {
         }
         let key = self.handle.as_ref().map(|h| h.key);
         let routed = if message.qos == QoS::ExactlyOnce {
-            inner.route_whole(now, message, key, &mut batch)
+            inner.route_whole(now, message, key, matches, &mut batch)
         } else {
             inner.route_or_block(now, message, key, blocked, &mut batch)
         };
