@@ -35,7 +35,7 @@ use crate::storage::record::{self, Clock};
 use crate::storage::{
     Batch, Recovered, SessionRecord, Storage, StoredDelivery, StoredWill, Ticket,
 };
-use crate::topic_tree::{Match, TopicTree};
+use crate::topic_tree::{Match, SharedGroup, TopicTree};
 
 /// How long a connecting client waits for the connection it takes over to hand its session on.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -312,13 +312,38 @@ fn store_seq_only(delivery: &mut Delivery, persist: bool, next: &AtomicU64) {
     delivery.store_seq = persist.then(|| next.fetch_add(1, Ordering::Relaxed));
 }
 
-/// A publication's matching direct subscriptions grouped by session (sorted by session key):
-/// a session gets one copy however many of its subscriptions match.
-fn by_session<'a, 'b>(
-    direct: &'b mut [(u64, &'a Subscriber)],
-) -> impl Iterator<Item = &'b [(u64, &'a Subscriber)]> {
-    direct.sort_unstable_by_key(|(k, _)| *k);
-    direct.chunk_by(|a, b| a.0 == b.0)
+/// The subscriptions a publication matches in one snapshot of the trie, less the publisher's
+/// own No Local ones. A QoS 2 publication finds them once for both its room check
+/// ([`Inner::lacking_room_in`]) and its routing ([`Inner::route_whole`]).
+pub(crate) struct Matches<'t> {
+    /// Direct subscriptions, sorted by session key.
+    direct: SmallVec<[(u64, &'t Subscriber); 16]>,
+    /// Shared subscription groups: one member of each gets the message.
+    groups: SmallVec<[&'t SharedGroup<u64, Subscriber>; 4]>,
+}
+
+impl<'t> Matches<'t> {
+    /// What `message`, published by session `from`, matches in `tree`.
+    pub(crate) fn find(tree: &'t Tree, message: &Message, from: Option<u64>) -> Self {
+        let mut direct: SmallVec<[(u64, &'t Subscriber); 16]> = SmallVec::new();
+        let mut groups = SmallVec::new();
+        tree.for_each_match(&message.topic, |m| match m {
+            Match::Direct(key, sub) => {
+                if !(sub.options.no_local && Some(*key) == from) {
+                    direct.push((*key, sub));
+                }
+            }
+            Match::Shared { members, .. } => groups.push(members),
+        });
+        direct.sort_unstable_by_key(|(k, _)| *k);
+        Self { direct, groups }
+    }
+
+    /// The direct subscriptions grouped by session: a session gets one copy however many of
+    /// its subscriptions match.
+    fn by_session(&self) -> impl Iterator<Item = &[(u64, &'t Subscriber)]> {
+        self.direct.chunk_by(|a, b| a.0 == b.0)
+    }
 }
 
 /// Stores `value` only if it changed, so an unchanged flag costs other cores no cache traffic.
@@ -1284,16 +1309,21 @@ impl Inner {
     /// first waits until [`Inner::lacking_room`] finds no session without room; a session
     /// that filled up since, by another publisher's message, takes this copy beyond its
     /// limit, which is thus exceeded by at most one message per racing publisher. Members of
-    /// a shared group with room are preferred. Returns how many sessions it was handed to.
+    /// a shared group with room are preferred. `matches` are what its room check found, if
+    /// it was just made; else they are found now. Returns how many sessions it was handed to.
     pub(crate) fn route_whole(
         &self,
         now: Instant,
         message: &Arc<Message>,
         from: Option<u64>,
+        matches: Option<&Matches<'_>>,
         batch: &mut Batch<'_>,
     ) -> usize {
         let mut blocked = Blocked::new();
-        let count = self.route_with(now, message, from, &mut blocked, batch, true);
+        let count = match matches {
+            Some(matches) => self.route_matches(now, message, matches, &mut blocked, batch, true),
+            None => self.route_with(now, message, from, &mut blocked, batch, true),
+        };
         for (handle, delivery) in blocked {
             let handed = if delivery.qos == QoS::AtMostOnce {
                 Handed::Dropped
@@ -1313,34 +1343,37 @@ impl Inner {
     /// has room.
     pub(crate) fn lacking_room(&self, message: &Message, from: Option<u64>) -> Waits {
         let tree = self.subscriptions.load();
-        let mut direct: SmallVec<[(u64, &Subscriber); 16]> = SmallVec::new();
+        let matches = Matches::find(&tree, message, from);
+        self.lacking_room_in(message, &matches)
+    }
+
+    /// A snapshot of the subscription trie, to find a publication's [`Matches`] in.
+    pub(crate) fn subscriptions(&self) -> Arc<Tree> {
+        self.subscriptions.load_full()
+    }
+
+    /// As [`Inner::lacking_room`], among `matches`.
+    pub(crate) fn lacking_room_in(&self, message: &Message, matches: &Matches<'_>) -> Waits {
         let mut waits = Waits::new();
-        tree.for_each_match(&message.topic, |m| match m {
-            Match::Direct(key, sub) => {
-                if !(sub.options.no_local && Some(*key) == from) {
-                    direct.push((*key, sub));
+        for members in &matches.groups {
+            let mut lacking = None;
+            let room = members.members().any(|(_, s)| {
+                let qos = s.options.qos.min(message.qos);
+                if matches!(*s.handle.slot.lock(), Slot::Ended) {
+                    return false;
                 }
-            }
-            Match::Shared { members, .. } => {
-                let mut lacking = None;
-                let room = members.members().any(|(_, s)| {
-                    let qos = s.options.qos.min(message.qos);
-                    if matches!(*s.handle.slot.lock(), Slot::Ended) {
-                        return false;
-                    }
-                    if s.handle.lacks_room(qos, self) {
-                        lacking.get_or_insert_with(|| s.handle.clone());
-                        return false;
-                    }
-                    true
-                });
-                if let (false, Some(handle)) = (room, lacking) {
-                    waits.push(handle);
+                if s.handle.lacks_room(qos, self) {
+                    lacking.get_or_insert_with(|| s.handle.clone());
+                    return false;
                 }
+                true
+            });
+            if let (false, Some(handle)) = (room, lacking) {
+                waits.push(handle);
             }
-        });
+        }
         // One copy per session, at the highest QoS of its matching subscriptions.
-        for group in by_session(&mut direct) {
+        for group in matches.by_session() {
             let [(_, first), rest @ ..] = group else {
                 continue;
             };
@@ -1366,33 +1399,38 @@ impl Inner {
         prefer_room: bool,
     ) -> usize {
         let tree = self.subscriptions.load();
-        let mut direct: SmallVec<[(u64, &Subscriber); 16]> = SmallVec::new();
-        let mut shared: SmallVec<[&Subscriber; 4]> = SmallVec::new();
-        tree.for_each_match(&message.topic, |m| match m {
-            Match::Direct(key, sub) => {
-                if sub.options.no_local && Some(*key) == from {
-                    return;
-                }
-                direct.push((*key, sub));
-            }
-            Match::Shared { members, .. } => {
-                let live = |s: &Subscriber| !matches!(*s.handle.slot.lock(), Slot::Ended);
-                let roomy = |s: &Subscriber| {
-                    live(s) && !s.handle.lacks_room(s.options.qos.min(message.qos), self)
-                };
-                let chosen = prefer_room
+        let matches = Matches::find(&tree, message, from);
+        self.route_matches(now, message, &matches, blocked, batch, prefer_room)
+    }
+
+    /// Routes `message` to `matches`, as [`Inner::route_with`] does.
+    fn route_matches(
+        &self,
+        now: Instant,
+        message: &Arc<Message>,
+        matches: &Matches<'_>,
+        blocked: &mut Blocked,
+        batch: &mut Batch<'_>,
+        prefer_room: bool,
+    ) -> usize {
+        let live = |s: &Subscriber| !matches!(*s.handle.slot.lock(), Slot::Ended);
+        let roomy =
+            |s: &Subscriber| live(s) && !s.handle.lacks_room(s.options.qos.min(message.qos), self);
+        let shared: SmallVec<[&Subscriber; 4]> = matches
+            .groups
+            .iter()
+            .filter_map(|members| {
+                prefer_room
                     .then(|| members.pick(|_, s| roomy(s)))
                     .flatten()
-                    .or_else(|| members.pick(|_, s| live(s)));
-                if let Some((_, sub)) = chosen {
-                    shared.push(sub);
-                }
-            }
-        });
+                    .or_else(|| members.pick(|_, s| live(s)))
+                    .map(|(_, sub)| sub)
+            })
+            .collect();
         // Overlapping subscriptions of one session yield one copy at the highest QoS, carrying
         // every matching subscription identifier [MQTT-3.3.4-2, MQTT-3.3.4-3].
         let mut count = 0;
-        for group in by_session(&mut direct) {
+        for group in matches.by_session() {
             let [(_, first), rest @ ..] = group else {
                 continue;
             };

@@ -5,6 +5,11 @@
 //! through an atomic pointer swap, so routing a message reads a snapshot without taking any
 //! lock, while subscription changes are serialised among themselves.
 //!
+//! A change copies only the nodes on its filter's path. A node's children are a persistent
+//! hash map of shared nodes, so the copy of a level with many siblings (100,000 filters
+//! `a/{n}/#`, say) shares them all, and what it copies grows with the logarithm of their
+//! number, not with it.
+//!
 //! Matching walks the topic's levels once, following the exact child, the `+` child and the
 //! `#` child at each level, so its cost depends on the topic's depth and on how many filters
 //! actually match, not on how many filters exist.
@@ -436,6 +441,29 @@ mod tests {
         // The snapshot taken before is unaffected.
         assert_eq!(matches(&snapshot, "a/b/c"), ["1:2"]);
         assert_eq!(snapshot.get(&filter("a/+/c"), &1), Some(&2));
+    }
+
+    #[test]
+    fn a_change_copies_its_path_and_shares_the_siblings() {
+        let mut t = TopicTree::new();
+        for i in 0..10_000 {
+            t.insert(&filter(&format!("hostile/{i}/+/x")), 1, 0);
+        }
+        let before = t.clone();
+        t.insert(&filter("hostile/new/+/x"), 2, 0);
+        let (old, new) = (
+            &before.root.children["hostile"],
+            &t.root.children["hostile"],
+        );
+        assert!(!Arc::ptr_eq(old, new), "the path is copied");
+        assert_eq!(new.children.len(), old.children.len() + 1);
+        // Every sibling is the same node in both snapshots: none was copied.
+        assert!(old
+            .children
+            .iter()
+            .all(|(level, child)| Arc::ptr_eq(child, &new.children[level])));
+        assert_eq!(matches(&before, "hostile/new/y/x"), Vec::<String>::new());
+        assert_eq!(matches(&t, "hostile/new/y/x"), ["2:0"]);
     }
 
     #[test]

@@ -70,8 +70,8 @@ use crate::auth::scram::MECHANISM;
 use crate::auth::ScramServerFirstSent;
 use crate::bridge::config::LOCAL_CLIENT_PREFIX;
 use crate::broker::{
-    update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, SessionHandle, SessionPermit,
-    SessionReply, Slot, Subscriber, Waits,
+    update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, Matches, SessionHandle,
+    SessionPermit, SessionReply, Slot, Subscriber, Waits,
 };
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer, Transport, Verdict};
 use crate::storage::{Batch, StoredWill, Ticket, Watermark};
@@ -386,15 +386,35 @@ impl ConnectionCore {
     /// Decodes and handles the packets `input` holds from `stream`, leaving a partial packet
     /// in it.
     pub(crate) fn handle_input(&mut self, now: Instant, stream: StreamId, input: &mut BytesMut) {
+        self.handle_input_within(now, stream, input, usize::MAX);
+    }
+
+    /// As [`Self::handle_input`], but stops after the packet that takes what it decoded to
+    /// `budget` bytes or more, so that a driver can let other connections run before it goes
+    /// on. Returns whether it stopped there with bytes left in `input`, which may hold more
+    /// packets; they are to be handled before anything more is read.
+    pub(crate) fn handle_input_within(
+        &mut self,
+        now: Instant,
+        stream: StreamId,
+        input: &mut BytesMut,
+        budget: usize,
+    ) -> bool {
+        let mut decoded = 0;
         loop {
+            let before = input.len();
             match self.reader.read(input, self.conn.version()) {
                 Ok(Some(packet)) => {
                     self.handle_packet(now, stream, packet);
                     if self.conn.is_closed() {
-                        return;
+                        return false;
+                    }
+                    decoded += before - input.len();
+                    if decoded >= budget {
+                        return !input.is_empty();
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => return false,
                 Err(error) if !stream.is_control() && self.conn.is_connected() => {
                     // Only this stream is at fault: it is reset, and the connection and its
                     // other streams go on. Counted once, here.
@@ -406,13 +426,13 @@ impl ConnectionCore {
                         .get_or_insert_with(Box::default)
                         .push((stream, error.reason_code()));
                     self.stream_lost(now, stream);
-                    return;
+                    return false;
                 }
                 Err(error) => {
                     // Counted in `protocol_errors` once, with the close it causes.
                     debug!(%error, %stream, "malformed packet");
                     self.conn.handle_decode_error(now, &error);
-                    return;
+                    return false;
                 }
             }
         }
@@ -721,6 +741,7 @@ impl ConnectionCore {
                     b.stream,
                     &message,
                     b.packet_id,
+                    None,
                     &mut Blocked::new(),
                 );
             }
@@ -1372,15 +1393,24 @@ impl ConnectionCore {
             return;
         }
         let message = Arc::new(message);
-        let waits = if message.qos == QoS::ExactlyOnce {
-            let key = self.handle.as_ref().map(|h| h.key);
-            self.inner.lacking_room(&message, key)
-        } else {
-            Waits::new()
+        // A QoS 2 publication's room check and its routing use the same matches, found once.
+        let tree = (message.qos == QoS::ExactlyOnce).then(|| self.inner.subscriptions());
+        let key = self.handle.as_ref().map(|h| h.key);
+        let matches = tree.as_deref().map(|t| Matches::find(t, &message, key));
+        let waits = match &matches {
+            Some(matches) => self.inner.lacking_room_in(&message, matches),
+            None => Waits::new(),
         };
         let (reason, held) = if waits.is_empty() {
             let mut blocked = Blocked::new();
-            let reason = self.route_publication(now, stream, &message, packet_id, &mut blocked);
+            let reason = self.route_publication(
+                now,
+                stream,
+                &message,
+                packet_id,
+                matches.as_ref(),
+                &mut blocked,
+            );
             (reason, Held::Copies(blocked))
         } else {
             // Acknowledged with the reason found when it is routed.
@@ -1407,13 +1437,15 @@ impl ConnectionCore {
     /// Routes an admitted message in one atomic write with what else it changes (a retained
     /// message, a QoS 2 publisher's PUBREL state), which `stream`'s output then waits for.
     /// QoS 0 and 1 copies that find no room are handed back in `blocked`; a QoS 2 message is
-    /// routed whole. Returns the reason code to acknowledge it with.
+    /// routed whole, to `matches` if its room check just found them. Returns the reason code
+    /// to acknowledge it with.
     fn route_publication(
         &mut self,
         now: Instant,
         stream: StreamId,
         message: &Arc<Message>,
         packet_id: Option<PacketId>,
+        matches: Option<&Matches<'_>>,
         blocked: &mut Blocked,
     ) -> ReasonCode {
         let inner = &*self.inner;
@@ -1440,7 +1472,7 @@ impl ConnectionCore {
         }
         let key = self.handle.as_ref().map(|h| h.key);
         let routed = if message.qos == QoS::ExactlyOnce {
-            inner.route_whole(now, message, key, &mut batch)
+            inner.route_whole(now, message, key, matches, &mut batch)
         } else {
             inner.route_or_block(now, message, key, blocked, &mut batch)
         };

@@ -11,10 +11,11 @@
 //! 1. shutdown of the broker (once);
 //! 2. the mailbox: messages routed to the session, a takeover request;
 //! 3. room to write output the core allows out;
-//! 4. bytes to read, while the core wants them;
-//! 5. the storage's watermark, while something waits for it;
-//! 6. room in the queue a waiting publication is blocked on;
-//! 7. the core's next timer.
+//! 4. the rest of a read the core has not handled yet ([`TURN_INPUT`]), after a yield;
+//! 5. bytes to read, while the core wants them and all read so far is handled;
+//! 6. the storage's watermark, while something waits for it;
+//! 7. room in the queue a waiting publication is blocked on;
+//! 8. the core's next timer.
 //!
 //! Earlier arms win when several are ready: what arrives for the session is handed to it
 //! before more is read, and output goes out before more input adds to it.
@@ -51,6 +52,12 @@ const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BUF: usize = 2048;
 /// How long a closed connection may take to send what it has left.
 const LAST_WORDS: Duration = Duration::from_secs(1);
+
+/// How many bytes of packets the core handles per turn of the driver: the rest of a larger
+/// read waits for the next turn, after the task has yielded to the runtime. A read of up to
+/// [`MAX_READ`] bytes can hold thousands of packets (3,200 filters in SUBSCRIBEs, say), and
+/// handling them in one go would keep other connections on the worker waiting.
+const TURN_INPUT: usize = 8 * 1024;
 
 /// Everything travels on the one stream.
 const STREAM: StreamId = StreamId::CONTROL;
@@ -124,6 +131,8 @@ where
     let mailbox = core.mailbox().clone();
     let mut watermark: Option<watch::Receiver<Watermark>> = None;
     let mut shutting_down = false;
+    // Whether `rbuf` may hold packets the core has not handled yet (see [`TURN_INPUT`]).
+    let mut unhandled = false;
     loop {
         core.process(now());
         if let Some(request) = core.poll_request() {
@@ -143,7 +152,7 @@ where
             watermark = Some(rx);
         }
         let blocked_on = core.blocked_on();
-        if rbuf.capacity() - rbuf.len() < MIN_READ {
+        if !unhandled && rbuf.capacity() - rbuf.len() < MIN_READ {
             rbuf.reserve(read_size);
         }
         let spare = rbuf.capacity() - rbuf.len();
@@ -174,11 +183,14 @@ where
                     }
                 }
             },
-            res = rd.read_buf(&mut rbuf), if reading => match res {
+            _ = yield_turn(), if reading && unhandled => {
+                unhandled = core.handle_input_within(now(), STREAM, &mut rbuf, TURN_INPUT);
+            }
+            res = rd.read_buf(&mut rbuf), if reading && !unhandled => match res {
                 Ok(0) | Err(_) => core.connection_lost(now()),
                 Ok(n) => {
                     core.received(n);
-                    core.handle_input(now(), STREAM, &mut rbuf);
+                    unhandled = core.handle_input_within(now(), STREAM, &mut rbuf, TURN_INPUT);
                     if n == spare {
                         // A busy connection: read more at a time.
                         read_size = (read_size * 2).min(MAX_READ);
@@ -239,4 +251,25 @@ async fn read_available<R: AsyncRead + Unpin>(
             _ => return,
         }
     }
+}
+
+/// Lets the runtime run other tasks before this one goes on: the task wakes itself and is
+/// queued again behind them.
+///
+/// Unlike [`tokio::task::yield_now`], which puts the wake-up aside until the worker next
+/// looks for work, waking at once tells an idle worker that there is work: it wakes, and
+/// while this task keeps its worker busy it is the idle one that waits on the sockets, so
+/// another connection's bytes are handled as they arrive rather than when this worker next
+/// polls for I/O, which on a loaded machine the OS may make wait for many milliseconds.
+async fn yield_turn() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await;
 }
