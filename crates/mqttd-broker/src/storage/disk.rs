@@ -1420,11 +1420,6 @@ impl Shared {
             }
             ks.major_compact()?;
         }
-        // Just compacted, the tables hold no removed message, and the engine's count is
-        // close: it corrects the running count's drift (a message stored twice under one
-        // key counts twice), which would otherwise hold reclaims back.
-        let stored = u64::try_from(e.deliveries.approximate_len()).unwrap_or(u64::MAX);
-        self.live_deliveries.store(stored, Ordering::Relaxed);
         // The engine deletes the journals whose changes are all in tables when a memory
         // table is next sealed, not when the flush ends: seal one more.
         if self.reclaim_interrupted(generation) {
