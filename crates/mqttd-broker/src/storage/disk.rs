@@ -67,6 +67,8 @@ enum Op {
     Sync,
     /// Opening the store again after a failure.
     Open,
+    /// Giving back the disk space of removed messages (see [`Shared::reclaim_loop`]).
+    Reclaim,
 }
 
 impl Op {
@@ -75,9 +77,29 @@ impl Op {
             Self::Write => "write",
             Self::Sync => "sync",
             Self::Open => "open",
+            Self::Reclaim => "reclaim",
         }
     }
 }
+
+/// How often the reclaimer looks at what was removed (see [`Shared::reclaim_loop`]).
+const RECLAIM_CHECK: Duration = Duration::from_secs(1);
+/// Messages removed since the last reclaim before another is worth its cost while messages
+/// keep being removed.
+const RECLAIM_MIN_REMOVED: u64 = 20_000;
+/// Once no message was removed for this long, any removed since the last reclaim are worth
+/// one: otherwise the few left over after a reclaim that ran in the middle of a drain would
+/// keep their space until the next burst of traffic.
+const RECLAIM_QUIET: Duration = Duration::from_secs(3);
+/// A reclaim runs once the messages removed since the last one are at least this many times
+/// those still stored, so that what it rewrites (the live ones) is a small part of what it
+/// frees, and its cost per removed message is bounded.
+const RECLAIM_RATIO: u64 = 4;
+/// The least time between two reclaims, which bounds their cost under a steady stream of
+/// messages passing through.
+const RECLAIM_MIN_INTERVAL: Duration = Duration::from_secs(10);
+/// The longest a reclaim waits for one memory table to be flushed before it gives up.
+const RECLAIM_STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How the committer makes the journal durable and reads the time: the store and the real
 /// clock, or in unit tests a stand-in that counts, holds back or fails its syncs and moves
@@ -203,10 +225,13 @@ impl PowerCut {
 pub struct DiskStorage {
     shared: Arc<Shared>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Gives back the space of removed messages (see `Shared::reclaim_loop`).
+    reclaimer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// The open store: the engine's handles. It is replaced whole when the store is opened again
-/// after a failure.
+/// after a failure. A clone is more handles on the same store (the reclaimer's).
+#[derive(Clone)]
 struct Engine {
     db: Database,
     sessions: Keyspace,
@@ -291,6 +316,19 @@ struct Shared {
     pending: Mutex<bool>,
     wake: Condvar,
     stop: AtomicBool,
+    /// Messages stored now (approximately: counted as they are stored and removed).
+    live_deliveries: AtomicU64,
+    /// Messages removed since the last reclaim.
+    removed_deliveries: AtomicU64,
+    /// Set to stop the reclaimer, which sleeps on `reclaim_wake`.
+    reclaim_stop: Mutex<bool>,
+    reclaim_wake: Condvar,
+    /// Held by the reclaimer while it holds handles of the store, and by [`Shared::reopen`]
+    /// while it replaces the store: the engine locks its directory until its last handle is
+    /// gone, and a reclaim must not start on a store being replaced.
+    reclaim_gate: Mutex<()>,
+    /// Reclaims completed.
+    reclaims: AtomicU64,
 }
 
 impl std::fmt::Debug for DiskStorage {
@@ -393,6 +431,12 @@ impl DiskStorage {
             pending: Mutex::new(false),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            live_deliveries: AtomicU64::new(0),
+            removed_deliveries: AtomicU64::new(0),
+            reclaim_stop: Mutex::new(false),
+            reclaim_wake: Condvar::new(),
+            reclaim_gate: Mutex::new(()),
+            reclaims: AtomicU64::new(0),
         });
         let committer = {
             let shared = shared.clone();
@@ -400,9 +444,16 @@ impl DiskStorage {
                 .name("mqttd-storage".into())
                 .spawn(move || shared.commit_loop())?
         };
+        let reclaimer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("mqttd-storage-reclaim".into())
+                .spawn(move || shared.reclaim_loop())?
+        };
         Ok(Self {
             shared,
             committer: Mutex::new(Some(committer)),
+            reclaimer: Mutex::new(Some(reclaimer)),
         })
     }
 
@@ -955,11 +1006,14 @@ impl Shared {
             }
             Change::RemoveMessages(client_id) => {
                 let prefix = session_prefix(client_id);
-                remove_prefix(w, &e.deliveries, &prefix)?;
+                let removed = remove_prefix(w, &e.deliveries, &prefix)?;
+                self.count_removed(removed);
                 remove_prefix(w, &e.flows, &prefix)?;
-                remove_prefix(w, &e.inbound, &prefix)
+                remove_prefix(w, &e.inbound, &prefix)?;
+                Ok(())
             }
             Change::StoreDelivery(client_id, seq, delivery) => {
+                self.live_deliveries.fetch_add(1, Ordering::Relaxed);
                 let value = record::encode_delivery(delivery, &Clock::now());
                 w.insert(&e.deliveries, seq_key(client_id, seq), value.to_vec())
             }
@@ -974,6 +1028,7 @@ impl Shared {
                 // as a new message. A flow left without its message is removed at the next
                 // start.
                 w.remove(&e.deliveries, key.clone())?;
+                self.count_removed(1);
                 if qos == QoS::ExactlyOnce {
                     w.remove(&e.flows, key)?;
                 }
@@ -1027,6 +1082,9 @@ impl Shared {
     /// error. Every change recorded so far that is not durable is lost; what is recorded
     /// from now on goes to the new store.
     fn reopen(&self) -> bool {
+        // First the reclaimer lets go of the old store (it stops between two steps once it
+        // sees `reopen`); then no recording holds it either.
+        let _gate = self.reclaim_gate.lock();
         let mut engine = self.engine.write();
         // The old store goes first: the engine locks its directory.
         *engine = None;
@@ -1232,15 +1290,220 @@ impl Shared {
     }
 }
 
-/// Removes every key of `ks` that starts with `prefix`.
-fn remove_prefix(w: &mut Sink<'_>, ks: &Keyspace, prefix: &[u8]) -> Result<(), fjall::Error> {
-    {
-        let keys: Vec<_> = ks
-            .prefix(prefix)
-            .map(fjall::Guard::key)
-            .collect::<Result<_, _>>()?;
-        for key in keys {
-            w.remove(ks, key.to_vec())?;
+/// Removes every key of `ks` that starts with `prefix`; returns how many there were.
+fn remove_prefix(w: &mut Sink<'_>, ks: &Keyspace, prefix: &[u8]) -> Result<u64, fjall::Error> {
+    let keys: Vec<_> = ks
+        .prefix(prefix)
+        .map(fjall::Guard::key)
+        .collect::<Result<_, _>>()?;
+    let n = keys.len() as u64;
+    for key in keys {
+        w.remove(ks, key.to_vec())?;
+    }
+    Ok(n)
+}
+
+/// Why a reclaim stopped before its end.
+#[derive(Debug)]
+enum ReclaimStop {
+    /// The store failed or is being opened again, or the broker is stopping: the reclaim
+    /// lets go of the store's handles at once, so that it can be opened again (the engine
+    /// locks its directory while any handle lives) or closed.
+    Interrupted,
+    /// A memory table was not flushed within [`RECLAIM_STEP_TIMEOUT`].
+    FlushTimedOut,
+    /// The engine failed.
+    Engine(fjall::Error),
+}
+
+impl std::fmt::Display for ReclaimStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Interrupted => f.write_str("interrupted"),
+            Self::FlushTimedOut => write!(
+                f,
+                "a memory table was not flushed within {} s",
+                RECLAIM_STEP_TIMEOUT.as_secs()
+            ),
+            Self::Engine(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<fjall::Error> for ReclaimStop {
+    fn from(e: fjall::Error) -> Self {
+        Self::Engine(e)
+    }
+}
+
+impl Shared {
+    /// Counts `n` stored messages removed, for the reclaimer.
+    fn count_removed(&self, n: u64) {
+        let _ = self
+            .live_deliveries
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |live| {
+                Some(live.saturating_sub(n))
+            });
+        self.removed_deliveries.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Whether a reclaim under way must let go of the store: it failed (and is to be opened
+    /// again), was replaced since `generation`, or the broker is stopping.
+    fn reclaim_interrupted(&self, generation: u64) -> bool {
+        self.reopen.load(Ordering::Acquire)
+            || self.generation.load(Ordering::Acquire) != generation
+            || self.stop.load(Ordering::Acquire)
+            || *self.reclaim_stop.lock()
+            || !self.powered()
+    }
+
+    /// Gives back the disk space of removed messages. The engine keeps a removed record as a
+    /// tombstone beside the record it hides until a compaction merges the tables holding
+    /// both, and its background compaction looks at table sizes, not at how much of them is
+    /// dead: a queue that was filled and drained could keep its size on disk indefinitely.
+    /// So once the messages removed since the last reclaim are many (or removals stopped for
+    /// a while), and many times those still stored ([`RECLAIM_MIN_REMOVED`],
+    /// [`RECLAIM_QUIET`], [`RECLAIM_RATIO`], at most every [`RECLAIM_MIN_INTERVAL`]), this
+    /// thread moves every memory table into tables (which
+    /// lets the engine delete the journals they covered) and compacts the message keyspaces
+    /// fully, which drops the tombstones with what they hide. What it rewrites is the live
+    /// records, a fraction of what it frees. Nothing acknowledged is at stake: compaction
+    /// only rewrites tables, and the journal stays the record of changes until they are in a
+    /// table.
+    ///
+    /// The reclaim works on its own handles of the open store, taken under the store's lock
+    /// and used outside it, so that recording changes never waits for it. It does not run
+    /// while the store is failing, and lets go of it between steps when the store fails or
+    /// the broker stops; [`Self::reopen`] waits for that (`reclaim_gate`) before it closes
+    /// the old store, and the next reclaim works on the new one.
+    fn reclaim_loop(&self) {
+        let mut last: Option<Instant> = None;
+        // The removed count last seen, and since when it has not moved.
+        let mut seen = (0, Instant::now());
+        loop {
+            {
+                let mut stop = self.reclaim_stop.lock();
+                if !*stop {
+                    self.reclaim_wake.wait_for(&mut stop, RECLAIM_CHECK);
+                }
+                if *stop {
+                    return;
+                }
+            }
+            let removed = self.removed_deliveries.load(Ordering::Relaxed);
+            let live = self.live_deliveries.load(Ordering::Relaxed);
+            if removed != seen.0 {
+                seen = (removed, Instant::now());
+            }
+            let quiet = seen.1.elapsed() >= RECLAIM_QUIET;
+            let due = (removed >= RECLAIM_MIN_REMOVED || (quiet && removed > 0))
+                && removed >= RECLAIM_RATIO.saturating_mul(live)
+                && last.is_none_or(|t| t.elapsed() >= RECLAIM_MIN_INTERVAL);
+            if !due || self.failing.load(Ordering::Acquire) {
+                continue;
+            }
+            let gate = self.reclaim_gate.lock();
+            let (generation, engine) = {
+                let open = self.engine.read();
+                let generation = self.generation.load(Ordering::Acquire);
+                (generation, open.clone())
+            };
+            let Some(engine) = engine else {
+                continue;
+            };
+            if self.reclaim_interrupted(generation) {
+                continue;
+            }
+            last = Some(Instant::now());
+            self.removed_deliveries
+                .fetch_sub(removed, Ordering::Relaxed);
+            seen.0 = seen.0.saturating_sub(removed);
+            let before = engine.db.disk_space().unwrap_or(0);
+            let started = Instant::now();
+            let result = self.reclaim(&engine, generation);
+            let after = engine.db.disk_space().unwrap_or(0);
+            // The handles go before the gate opens: a reopening may close the store now.
+            drop(engine);
+            drop(gate);
+            match result {
+                Ok(()) => {
+                    self.reclaims.fetch_add(1, Ordering::Relaxed);
+                    info!(
+                    path = %self.path.display(),
+                    removed,
+                    live,
+                    before_bytes = before,
+                    after_bytes = after,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "reclaimed the disk space of removed messages"
+                    );
+                }
+                Err(ReclaimStop::Interrupted) => {
+                    // Not done: the next reclaim, on the store opened again, does it.
+                    self.removed_deliveries
+                        .fetch_add(removed, Ordering::Relaxed);
+                    last = None;
+                }
+                Err(e) => {
+                    if let Some(errors) = self.errors.get() {
+                        errors.get_or_create(&[("op", Op::Reclaim.label())]).inc();
+                    }
+                    warn!(
+                        path = %self.path.display(),
+                        error = %e,
+                        "cannot reclaim the disk space of removed messages; the engine's \
+                         background compaction still will, later"
+                    );
+                }
+            }
+        }
+    }
+
+    /// See [`Self::reclaim_loop`]. `e` is the store of `generation`.
+    fn reclaim(&self, e: &Engine, generation: u64) -> Result<(), ReclaimStop> {
+        for ks in [
+            &e.sessions,
+            &e.deliveries,
+            &e.flows,
+            &e.inbound,
+            &e.retained,
+            &e.meta,
+        ] {
+            self.flush_memtable(ks, generation)?;
+        }
+        for ks in [&e.deliveries, &e.flows, &e.inbound] {
+            if self.reclaim_interrupted(generation) {
+                return Err(ReclaimStop::Interrupted);
+            }
+            ks.major_compact()?;
+        }
+        // The engine deletes the journals whose changes are all in tables when a memory
+        // table is next sealed, not when the flush ends: seal one more.
+        if self.reclaim_interrupted(generation) {
+            return Err(ReclaimStop::Interrupted);
+        }
+        let stamp = record::millis(SystemTime::now()).to_be_bytes();
+        e.meta.insert(ALIVE, stamp.to_vec())?;
+        self.flush_memtable(&e.meta, generation)
+    }
+
+    /// Seals `ks`'s memory table and waits until it is in a table. Unlike the engine's own
+    /// wait, this one ends: a flush that failed (a full disk) leaves its memory table sealed
+    /// for ever.
+    fn flush_memtable(&self, ks: &Keyspace, generation: u64) -> Result<(), ReclaimStop> {
+        if self.reclaim_interrupted(generation) {
+            return Err(ReclaimStop::Interrupted);
+        }
+        ks.rotate_memtable()?;
+        let deadline = Instant::now() + RECLAIM_STEP_TIMEOUT;
+        while ks.sealed_memtable_count() > 0 {
+            if self.reclaim_interrupted(generation) {
+                return Err(ReclaimStop::Interrupted);
+            }
+            if Instant::now() >= deadline {
+                return Err(ReclaimStop::FlushTimedOut);
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         Ok(())
     }
@@ -1382,6 +1645,7 @@ impl Storage for DiskStorage {
         }
         let sessions: Vec<StoredSession> = sessions.into_values().collect();
         let messages: usize = sessions.iter().map(|s| s.deliveries.len()).sum();
+        s.live_deliveries.store(messages as u64, Ordering::Relaxed);
         let found = Counts {
             sessions: sessions.len() as u64,
             deliveries: (messages + expired) as u64,
@@ -1548,6 +1812,7 @@ impl Storage for DiskStorage {
         if let Some(committer) = self.committer.lock().take() {
             let _ = committer.join();
         }
+        self.stop_reclaimer();
         // Everything is durable by now; the manifest only lets the next start check for
         // damage. Shutdown does not wait for it for ever.
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1581,6 +1846,18 @@ impl Drop for DiskStorage {
         }
         if let Some(committer) = self.committer.get_mut().take() {
             let _ = committer.join();
+        }
+        self.stop_reclaimer();
+    }
+}
+
+impl DiskStorage {
+    /// Stops the reclaimer, waiting for a reclaim under way to finish.
+    fn stop_reclaimer(&self) {
+        *self.shared.reclaim_stop.lock() = true;
+        self.shared.reclaim_wake.notify_one();
+        if let Some(reclaimer) = self.reclaimer.lock().take() {
+            let _ = reclaimer.join();
         }
     }
 }
