@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use crate::broker::Inner;
 use crate::config::{Config, Listener, ListenerKind};
 use crate::drivers::now;
-use crate::drivers::stream::serve_since;
+use crate::drivers::stream::{serve_holding, serve_since};
 use crate::hooks::{Peer, Transport};
 use crate::http;
 use crate::metrics::Metrics;
@@ -247,11 +247,10 @@ async fn run_tcp(
             // Nothing comes before MQTT: the task is the driver's alone, as small as it gets,
             // built outside the task's own future.
             let peer = Peer::new(Transport::Tcp, addr, name.clone());
-            let connection = serve_since(inner.clone(), stream, peer, accepted);
-            inner.tasks.spawn(async move {
-                connection.await;
-                drop(permit);
-            });
+            // The permit goes into the driver's future: an `async` block awaiting the
+            // connection would hold its future twice (captured, and being awaited).
+            let connection = serve_holding(inner.clone(), stream, peer, accepted, permit);
+            inner.tasks.spawn(connection);
             continue;
         }
         let connection = Connection {
@@ -262,11 +261,9 @@ async fn run_tcp(
             addr,
             accepted,
             tls: tls.clone(),
+            _permit: permit,
         };
-        inner.tasks.spawn(async move {
-            connection.open(stream).await;
-            drop(permit);
-        });
+        inner.tasks.spawn(connection.open(stream));
     }
 }
 
@@ -283,6 +280,10 @@ struct Connection {
     accepted: Instant,
     /// The TLS acceptor of a TLS-based listener.
     tls: Option<TlsAcceptor>,
+    /// The connection's place under `max_connections`, held as long as the connection (in
+    /// here rather than in an `async` block around [`Self::open`], which would hold the
+    /// connection's future twice).
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Connection {

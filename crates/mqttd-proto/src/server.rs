@@ -258,7 +258,8 @@ struct Established {
     flows: Flows,
     keep_alive: Option<Duration>,
     last_received: Instant,
-    will: Option<Will>,
+    /// Boxed: most clients have none, and every connection pays the inline size.
+    will: Option<Box<Will>>,
     auth_method: Option<MqttStr>,
     reauthenticating: bool,
     /// Session expiry granted in CONNECT; zero forbids a non-zero value at DISCONNECT.
@@ -739,7 +740,7 @@ impl ServerConnection {
             flows,
             keep_alive: (keep_alive > 0).then(|| Duration::from_secs(keep_alive.into())),
             last_received: now,
-            will: connect.will,
+            will: connect.will.map(Box::new),
             auth_method: connect.properties.authentication_method,
             reauthenticating: false,
             connect_session_expiry: session_expiry,
@@ -1080,7 +1081,7 @@ impl ServerConnection {
                 let mut session = flows.session;
                 let will = will.filter(|_| publish_will).map(|w| {
                     let delay = w.properties.will_delay_interval.unwrap_or(0);
-                    (w, delay)
+                    (*w, delay)
                 });
                 session.disconnected(now, will);
                 Some(Box::new(session))

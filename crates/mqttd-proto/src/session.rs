@@ -288,7 +288,8 @@ pub struct Session {
     /// Incoming QoS 2 messages acknowledged with PUBREC and awaiting PUBREL; a PUBLISH that
     /// reuses one of these identifiers is a duplicate and is not delivered again.
     pub(crate) inbound_qos2: BTreeSet<PacketId>,
-    will: Option<PendingWill>,
+    /// Boxed: most sessions have none, and every connection pays the inline size.
+    will: Option<Box<PendingWill>>,
     expires_at: Option<Instant>,
     pub(crate) drops: DropCounters,
 }
@@ -385,9 +386,11 @@ impl Session {
     /// (`None` when the client disconnected normally). Starts the expiry clock. A broker that
     /// restores a session from storage calls it with the time the connection was lost.
     pub fn disconnected(&mut self, now: Instant, will: Option<(Will, u32)>) {
-        self.will = will.map(|(will, delay)| PendingWill {
-            will,
-            due: now + Duration::from_secs(delay.into()),
+        self.will = will.map(|(will, delay)| {
+            Box::new(PendingWill {
+                will,
+                due: now + Duration::from_secs(delay.into()),
+            })
         });
         self.expires_at = (self.expiry_interval != NEVER_EXPIRES)
             .then(|| now + Duration::from_secs(self.expiry_interval.into()));

@@ -238,6 +238,11 @@ pub(crate) struct BenchArgs {
     /// 127.0.0.x addresses).
     #[arg(long, value_delimiter = ',')]
     bind: Vec<std::net::IpAddr>,
+    /// `conn`: subscriptions each connection makes and holds, to `--topic` followed by
+    /// `/N` (N from 0), at `--qos`, up to 100 filters per SUBSCRIBE: what the broker holds per
+    /// subscription.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    subs_per_client: usize,
     /// Raw subscribers (`raw` only; 0 for none).
     #[arg(long, default_value_t = 1)]
     subscribers: usize,
@@ -602,8 +607,42 @@ impl Bench {
 
     async fn holder(self: Arc<Self>, index: usize, until: Instant) -> anyhow::Result<()> {
         let (client, _events, _) = self.connect(Role::Conn, index).await?;
+        self.hold_subscriptions(&client, index).await?;
         tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
         let _ = client.disconnect(ReasonCode::Success, None).await;
+        Ok(())
+    }
+}
+
+impl Bench {
+    /// Makes `--subs-per-client` subscriptions for the `conn` client `index`.
+    async fn hold_subscriptions(&self, client: &Client, index: usize) -> anyhow::Result<()> {
+        /// Filters per SUBSCRIBE: well under any packet size limit.
+        const BATCH: usize = 100;
+        let topic = self.topic(index);
+        let options = SubscriptionOptions {
+            qos: self.qos,
+            ..SubscriptionOptions::default()
+        };
+        let mut next = 0;
+        while next < self.args.subs_per_client {
+            let end = (next + BATCH).min(self.args.subs_per_client);
+            let filters = (next..end)
+                .map(|n| {
+                    Ok(Subscription {
+                        filter: TopicFilter::try_from(format!("{topic}/{n}"))?,
+                        options,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let ack = client
+                .subscribe(filters, SubscribeProperties::default())
+                .await?;
+            if ack.reasons.iter().any(|r| r.is_error()) {
+                bail!("subscription refused: {:?}", ack.reasons);
+            }
+            next = end;
+        }
         Ok(())
     }
 }
@@ -679,6 +718,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.messages.is_some() && !has_publishers {
         bail!("--messages needs a scenario with publishers");
+    }
+    if args.subs_per_client > 0 && args.scenario != Scenario::Conn {
+        bail!("--subs-per-client needs the conn scenario");
     }
     if args.expect.is_some() && !has_subscribers {
         bail!("--expect needs a scenario with subscribers");

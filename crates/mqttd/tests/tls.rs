@@ -818,13 +818,16 @@ async fn mqttd_clients_over_mqtts_and_wss_trusting_the_generated_ca() {
     broker.shutdown();
 }
 
-/// Idle connections over TLS cost at most twice what idle TCP connections do: a connection
+/// Idle connections over TLS cost little more than idle TCP connections do: a connection
 /// with nothing to read or write holds no TLS buffers (rustls' unbuffered API, with buffers
-/// the broker releases), only rustls' state and keys. Measured: about 9.5 KB against 5.5 KB
-/// over TCP (1.7x; 18.8 KB, 3.4x, with tokio-rustls).
+/// the broker releases), only rustls' state and keys. Measured: about 8.5 KB against 3.9 KB
+/// over TCP (debug build; 9.5 KB against 5.5 KB before idle TCP connections got cheaper;
+/// 18.8 KB with tokio-rustls).
 #[tokio::test]
-async fn an_idle_tls_connection_costs_at_most_twice_a_tcp_one() {
+async fn an_idle_tls_connection_costs_little_more_than_a_tcp_one() {
     const N: usize = 400;
+    /// Most bytes an idle TLS connection may hold beyond a TCP one.
+    const TLS_EXTRA: u64 = 5_500;
     let broker = Broker::start_with("", &[TLS_LISTENER]);
     let ca = generated_ca(&broker);
     let tls = client_tls(&ca, None);
@@ -872,9 +875,12 @@ async fn an_idle_tls_connection_costs_at_most_twice_a_tcp_one() {
     let per_tls = with_tls.saturating_sub(with_tcp) / N as u64;
     eprintln!("idle connection: tcp {per_tcp} B, tls {per_tls} B");
     assert!(per_tcp > 0, "{N} TCP connections cost nothing?");
+    // Once twice the TCP figure; since a TCP connection got cheaper (see
+    // `tests/idle_memory.rs`), the bound is on what TLS adds: rustls' connection state and
+    // keys, about 4,500 B in a debug build.
     assert!(
-        per_tls <= 2 * per_tcp,
-        "an idle TLS connection holds {per_tls} B, a TCP one {per_tcp} B"
+        per_tls <= per_tcp + TLS_EXTRA,
+        "an idle TLS connection holds {per_tls} B, a TCP one {per_tcp} B (allowed {TLS_EXTRA} B more)"
     );
     drop((warm, tcp, over_tls));
 }

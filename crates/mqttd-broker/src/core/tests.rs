@@ -80,6 +80,24 @@ fn an_idle_connection_holds_no_more_than_before() {
         size <= 1480,
         "the connection future and its core are {size} bytes"
     );
+    // What the TCP listener spawns, with its connection permit: the driver's future and the
+    // permit, not the future twice (as an `async` block awaiting it would hold it).
+    let (stream, _client) = tokio::io::duplex(16);
+    let permit = Some(Arc::new(()));
+    let now = crate::clock::now();
+    let holding = crate::drivers::stream::serve_holding(
+        inner_with(Config::default()),
+        stream,
+        peer(),
+        now,
+        permit,
+    );
+    let spawned = future_size(&holding);
+    let alone = future_size(&serve);
+    assert!(
+        spawned <= alone + 32,
+        "the spawned connection future is {spawned} bytes, the driver's {alone}"
+    );
 }
 
 fn connect_packet(client_id: &str) -> Packet {

@@ -10,23 +10,33 @@
 //!
 //! 1. shutdown of the broker (once);
 //! 2. the mailbox: messages routed to the session, a takeover request;
-//! 3. room to write output the core allows out;
+//! 3. room to write output the core allows out, then bytes to read, while the core wants
+//!    them and all read so far is handled (one future over the stream, which is not split);
 //! 4. the rest of a read the core has not handled yet ([`TURN_INPUT`]), after a yield;
-//! 5. bytes to read, while the core wants them and all read so far is handled;
-//! 6. the storage's watermark, while something waits for it;
-//! 7. room in the queue a waiting publication is blocked on;
-//! 8. the core's next timer.
+//! 5. the storage's watermark, while something waits for it;
+//! 6. room in the queue a waiting publication is blocked on;
+//! 7. the core's next timer.
 //!
 //! Earlier arms win when several are ready: what arrives for the session is handed to it
 //! before more is read, and output goes out before more input adds to it.
+//!
+//! # What an idle connection holds
+//!
+//! Most connections are idle most of the time, and what each holds then is multiplied by all
+//! of them: the task's future (one select over the arms above), the boxed core, and the
+//! socket. No read buffer: a quiet connection reads into a buffer on the stack, copied out
+//! only when bytes came ([`transfer`]). No split of the stream (an `Arc` and a lock each).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
+use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
@@ -38,7 +48,7 @@ use crate::core::ConnectionCore;
 use crate::hooks::Peer;
 use crate::storage::Watermark;
 
-/// Smallest read buffer: what an idle connection holds while it waits.
+/// Smallest read buffer, and the stack buffer a quiet connection reads into.
 const MIN_READ: usize = 256;
 /// Largest read buffer a busy connection grows to.
 const MAX_READ: usize = 64 * 1024;
@@ -89,21 +99,43 @@ pub(crate) fn serve_since<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (core, span) = super::open(&inner, peer, accepted);
-    drive(inner, stream, core, span)
+    serve_holding(inner, stream, peer, accepted, ())
 }
 
-async fn drive<S>(inner: Arc<Inner>, stream: S, mut core: Box<ConnectionCore>, span: tracing::Span)
+/// As [`serve_since`], holding `guard` (a connection permit) until the connection has ended.
+pub(crate) fn serve_holding<S, G>(
+    inner: Arc<Inner>,
+    stream: S,
+    peer: Peer,
+    accepted: Instant,
+    guard: G,
+) -> impl Future<Output = ()> + Send + 'static
 where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    G: Send + 'static,
+{
+    let (core, span) = super::open(&inner, peer, accepted);
+    drive(inner, stream, core, span, guard)
+}
+
+async fn drive<S, G>(
+    inner: Arc<Inner>,
+    stream: S,
+    mut core: Box<ConnectionCore>,
+    span: tracing::Span,
+    guard: G,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let rest = run(&inner, &mut core, stream).instrument(span).await;
     // Nothing of the connection but its socket stays while it lingers.
     drop(core);
     if let Some(stream) = rest {
-        linger(stream, &inner.shutdown).await;
+        // Boxed: the rare end of a connection need not widen every idle one's future.
+        Box::pin(linger(stream, &inner.shutdown)).await;
     }
     inner.metrics.connections_open.dec();
+    drop(guard);
 }
 
 /// Reads and discards the client's input after the broker ended the connection and shut down
@@ -120,11 +152,10 @@ async fn linger<S: AsyncRead + Unpin>(mut stream: S, shutdown: &CancellationToke
 
 /// Drives the connection until it closes; returns the stream, its writing side shut down,
 /// if the broker ended the connection, for the caller to [`linger`] on.
-async fn run<S>(inner: &Arc<Inner>, core: &mut ConnectionCore, stream: S) -> Option<S>
+async fn run<S>(inner: &Arc<Inner>, core: &mut ConnectionCore, mut stream: S) -> Option<S>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut rbuf = BytesMut::new();
     let mut read_size = MIN_READ;
     let shutdown = inner.shutdown.clone();
@@ -152,10 +183,17 @@ where
             watermark = Some(rx);
         }
         let blocked_on = core.blocked_on();
-        if !unhandled && rbuf.capacity() - rbuf.len() < MIN_READ {
+        // A quiet connection (nothing half read, small reads) holds no buffer while it
+        // waits: `transfer` reads into one on the stack.
+        let quiet = rbuf.is_empty() && read_size == MIN_READ;
+        if !unhandled && !quiet && rbuf.capacity() - rbuf.len() < MIN_READ {
             rbuf.reserve(read_size);
         }
-        let spare = rbuf.capacity() - rbuf.len();
+        let spare = if quiet {
+            MIN_READ
+        } else {
+            rbuf.capacity() - rbuf.len()
+        };
         let writable = core.output(STREAM).map_or(&[][..], |o| o.writable());
         tokio::select! {
             biased;
@@ -168,27 +206,24 @@ where
                 if inbox.takeover.is_some() && reading {
                     // What the client sent before the new connection came counts first: a
                     // DISCONNECT already here cancels the will and may end the session.
-                    Box::pin(read_available(core, &mut rd, &mut rbuf)).await;
+                    Box::pin(read_available(core, &mut stream, &mut rbuf)).await;
                 }
                 core.handle_inbox(now(), inbox);
             }
-            res = wr.write(writable), if !writable.is_empty() => match res {
-                Ok(0) | Err(_) => core.connection_lost(now()),
-                Ok(n) => {
+            io = transfer(&mut stream, writable, &mut rbuf, reading && !unhandled),
+                if (reading && !unhandled) || !writable.is_empty() => match io {
+                Io::Wrote(Ok(0) | Err(_)) | Io::Read(Ok(0) | Err(_)) => {
+                    core.connection_lost(now());
+                }
+                Io::Wrote(Ok(n)) => {
                     core.wrote(STREAM, n);
                     if core.output(STREAM).is_none_or(|o| o.buf.is_empty())
-                        && wr.flush().await.is_err()
+                        && stream.flush().await.is_err()
                     {
                         core.connection_lost(now());
                     }
                 }
-            },
-            _ = yield_turn(), if reading && unhandled => {
-                unhandled = core.handle_input_within(now(), STREAM, &mut rbuf, TURN_INPUT);
-            }
-            res = rd.read_buf(&mut rbuf), if reading && !unhandled => match res {
-                Ok(0) | Err(_) => core.connection_lost(now()),
-                Ok(n) => {
+                Io::Read(Ok(n)) => {
                     core.received(n);
                     unhandled = core.handle_input_within(now(), STREAM, &mut rbuf, TURN_INPUT);
                     if n == spare {
@@ -201,6 +236,9 @@ where
                     }
                 }
             },
+            _ = yield_turn(), if reading && unhandled => {
+                unhandled = core.handle_input_within(now(), STREAM, &mut rbuf, TURN_INPUT);
+            }
             w = durable(&mut watermark), if waits_for_storage => core.handle_watermark(now(), w),
             _ = wait_for_room(blocked_on.as_deref()), if blocked_on.is_some() => {
                 core.retry_blocked(now());
@@ -214,8 +252,8 @@ where
         let last_words = async {
             super::release_held(inner, core, STREAM, &mut watermark).await;
             let writable = core.output(STREAM).map_or(&[][..], |o| o.writable());
-            let _ = wr.write_all(writable).await;
-            let _ = wr.flush().await;
+            let _ = stream.write_all(writable).await;
+            let _ = stream.flush().await;
         };
         if tokio::time::timeout(LAST_WORDS, Box::pin(last_words))
             .await
@@ -224,9 +262,50 @@ where
             info!("the client did not take the connection's last output in time");
         }
     }
-    let _ = wr.shutdown().await;
+    let _ = stream.shutdown().await;
     let by_client = core.finish(now(), std::time::SystemTime::now());
-    (!by_client).then(|| rd.unsplit(wr))
+    (!by_client).then_some(stream)
+}
+
+/// What one turn of [`transfer`] did.
+enum Io {
+    Wrote(std::io::Result<usize>),
+    Read(std::io::Result<usize>),
+}
+
+/// Writes `writable` or, failing that, reads into `rbuf` if `read`, whichever the stream is
+/// ready for first: one future over the whole stream, so that it needs no split. Into an
+/// empty `rbuf` without room, it reads through a buffer on the stack, so that a connection
+/// waiting for input holds none.
+fn transfer<'a, S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &'a mut S,
+    writable: &'a [u8],
+    rbuf: &'a mut BytesMut,
+    read: bool,
+) -> impl Future<Output = Io> + 'a {
+    std::future::poll_fn(move |cx| {
+        if !writable.is_empty() {
+            if let Poll::Ready(res) = Pin::new(&mut *stream).poll_write(cx, writable) {
+                return Poll::Ready(Io::Wrote(res));
+            }
+        }
+        if !read {
+            return Poll::Pending;
+        }
+        if rbuf.capacity() > rbuf.len() {
+            return poll_read_buf(Pin::new(&mut *stream), cx, &mut *rbuf).map(Io::Read);
+        }
+        let mut buf = [0; MIN_READ];
+        let mut on_stack = ReadBuf::new(&mut buf);
+        Pin::new(&mut *stream)
+            .poll_read(cx, &mut on_stack)
+            .map(|res| {
+                Io::Read(res.map(|()| {
+                    rbuf.extend_from_slice(on_stack.filled());
+                    on_stack.filled().len()
+                }))
+            })
+    })
 }
 
 /// Reads and handles what the transport already holds, without waiting for more.
