@@ -181,6 +181,13 @@ else
     echo "skipped: the NAT lab needs root, \`ip netns\` and \`nft\`"
 fi
 
+section "hostile clients against the release broker"
+# The cases whose witness bound is set for a release broker (a debug one spends about ten
+# times the CPU per packet): the debug test binaries, each starting target/release/mqttd.
+cargo build -q --release --locked -p mqttd
+MQTTD_TEST_BINARY="$PWD/target/release/mqttd" cargo nextest run -p mqttd --test hostile_limits \
+    --run-ignored ignored-only --no-fail-fast
+
 section "cargo doc -D warnings"
 RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps
 
