@@ -65,9 +65,15 @@ pub struct StoredKey {
 #[derive(Debug)]
 pub struct KeyStore {
     path: PathBuf,
-    /// The keys as last read, and the file's modification time and length then (`None`: no
-    /// file).
-    cache: Mutex<(Option<(SystemTime, u64)>, Vec<StoredKey>)>,
+    cache: Mutex<KeyCache>,
+}
+
+/// The keys as last read.
+#[derive(Debug, Default)]
+struct KeyCache {
+    /// The file's modification time and length then (`None`: no file).
+    seen: Option<(SystemTime, u64)>,
+    keys: Vec<StoredKey>,
 }
 
 impl KeyStore {
@@ -75,7 +81,7 @@ impl KeyStore {
     pub fn new(data_dir: &Path) -> Self {
         Self {
             path: data_dir.join(KEY_FILE),
-            cache: Mutex::new((None, Vec::new())),
+            cache: Mutex::default(),
         }
     }
 
@@ -147,18 +153,21 @@ impl KeyStore {
         let modified = std::fs::metadata(&self.path)
             .and_then(|m| Ok((m.modified()?, m.len())))
             .ok();
-        if modified != cache.0 || modified.is_none() {
-            match self.read() {
-                Ok(keys) => *cache = (modified, keys),
+        if modified != cache.seen || modified.is_none() {
+            *cache = match self.read() {
+                Ok(keys) => KeyCache {
+                    seen: modified,
+                    keys,
+                },
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the API keys");
-                    *cache = (None, Vec::new());
+                    KeyCache::default()
                 }
-            }
+            };
         }
         // Every stored hash is compared, in constant time, whichever matches.
         let mut found = None;
-        for key in &cache.1 {
+        for key in &cache.keys {
             if bool::from(key.hash.ct_eq(&hash)) {
                 found = Some(key.name.clone());
             }

@@ -344,11 +344,11 @@ async fn yield_turn() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {
         if yielded {
-            return std::task::Poll::Ready(());
+            return Poll::Ready(());
         }
         yielded = true;
         cx.waker().wake_by_ref();
-        std::task::Poll::Pending
+        Poll::Pending
     })
     .await;
 }
