@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
 use mqttd_proto::{Packet, ProtocolVersion, QoS, ReasonCode};
-use support::{encode, subscribe_packet, Broker, RawConn, Received};
+use support::{encode, session_connect_packet, subscribe_packet, Broker, RawConn, Received};
 
 /// A hang bound for one step.
 const STEP: Duration = Duration::from_secs(30);
@@ -306,6 +306,54 @@ async fn a_created_key_lists_shows_and_kicks_real_clients() {
     assert_eq!(kicked.status, 204);
     let packets = v311.until_closed(STEP).await.expect("closed");
     assert!(packets.is_empty(), "{packets:?}");
+    // A persistent session outlives its kicked connection: it stays, offline.
+    let mut keeper = RawConn::open(broker.mqtt, ProtocolVersion::V5).await;
+    keeper
+        .send(&encode(
+            ProtocolVersion::V5,
+            &session_connect_packet(ProtocolVersion::V5, "keeper", Some(3600)),
+        ))
+        .await
+        .unwrap();
+    assert!(
+        matches!(keeper.recv(STEP).await, Received::Packet(p) if matches!(*p, Packet::ConnAck(_)))
+    );
+    let kicked = request(
+        broker.http,
+        localhost(),
+        "DELETE",
+        "/api/v1/clients/keeper",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(kicked.status, 204);
+    keeper.until_closed(STEP).await.expect("closed");
+    let session = broker
+        .eventually(STEP, "the kept session goes offline", || async {
+            let session = get(&broker, "/api/v1/sessions/keeper", &key).await.json();
+            (session["state"] == "offline").then_some(session)
+        })
+        .await;
+    assert_eq!(session["persistent"], true);
+    assert_eq!(session["expiry_interval"], 3600);
+    let offline = get(&broker, "/api/v1/sessions?connected=false", &key)
+        .await
+        .json();
+    assert_eq!(offline["data"][0]["client_id"], "keeper");
+    // Kicking it again: nobody is connected.
+    let again = request(
+        broker.http,
+        localhost(),
+        "DELETE",
+        "/api/v1/clients/keeper",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(again.status, 409);
+    assert_eq!(again.json()["code"], "not_connected");
+
     let unknown = request(
         broker.http,
         localhost(),
