@@ -6,7 +6,7 @@
 //! `/api/v1/openapi.json` is generated from the handlers below (utoipa), so it cannot drift
 //! from them.
 //!
-//! The handlers only read snapshots of the broker's state ([`Inner::session_views`] and
+//! The handlers only read snapshots of the broker's state (`Inner::session_views` and
 //! friends), copied out from under the locks before they are serialized, and act through the
 //! same paths clients do: a kick goes through the connection's mailbox (like a takeover), a
 //! publication through routing.
