@@ -723,6 +723,41 @@ impl Inner {
             _ => Kick::NotConnected,
         }
     }
+
+    /// Ends the session of `client_id` that the broker holds offline, as its expiry would: a
+    /// pending will is published, its subscriptions and queued messages go, storage forgets
+    /// it. A session with a connection is left alone ([`Discard::Connected`]: kick it first).
+    pub(crate) fn discard_session(&self, now: Instant, client_id: &ClientId) -> Discard {
+        let Some(handle) = self.sessions.get(client_id).map(|h| h.clone()) else {
+            return Discard::Unknown;
+        };
+        let session = {
+            let mut slot = handle.slot.lock();
+            match &*slot {
+                Slot::Offline { .. } => {}
+                Slot::Ended => return Discard::Unknown,
+                _ => return Discard::Connected,
+            }
+            // Dropping the offline slot stops the session's timer task.
+            match std::mem::replace(&mut *slot, Slot::Ended) {
+                Slot::Offline { session, .. } => *session,
+                _ => return Discard::Unknown,
+            }
+        };
+        self.end_session(now, &handle, Some(session));
+        Discard::Done
+    }
+}
+
+/// What came of an administrator's request to end an offline session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Discard {
+    /// It ended.
+    Done,
+    /// A connection serves it (or is taking it over).
+    Connected,
+    /// No such session.
+    Unknown,
 }
 
 /// The shared broker state.

@@ -353,6 +353,32 @@ async fn a_created_key_lists_shows_and_kicks_real_clients() {
     .await;
     assert_eq!(again.status, 409);
     assert_eq!(again.json()["code"], "not_connected");
+    // A connected client's session cannot be discarded; an offline one can, and is gone.
+    let refused = request(
+        broker.http,
+        localhost(),
+        "DELETE",
+        "/api/v1/sessions/other",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(refused.status, 409);
+    assert_eq!(refused.json()["code"], "connected");
+    let discarded = request(
+        broker.http,
+        localhost(),
+        "DELETE",
+        "/api/v1/sessions/keeper",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(discarded.status, 204, "{discarded:?}");
+    assert_eq!(
+        get(&broker, "/api/v1/sessions/keeper", &key).await.status,
+        404
+    );
 
     let unknown = request(
         broker.http,

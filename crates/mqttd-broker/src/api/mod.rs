@@ -36,7 +36,7 @@ use mqttd_proto::{ClientId, Message, QoS, TopicFilter, TopicName};
 pub use keys::{KeyError, KeyStore, StoredKey, KEY_FILE};
 pub(crate) use limit::{FailureLimiter, DEFAULT_RATE};
 
-use crate::broker::{Inner, Kick, SessionState, SessionView};
+use crate::broker::{Discard, Inner, Kick, SessionState, SessionView};
 use crate::storage::Batch;
 
 /// The largest page a list returns.
@@ -59,7 +59,10 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
             get(client_subscriptions),
         )
         .route("/v1/sessions", get(list_sessions))
-        .route("/v1/sessions/{client_id}", get(get_session))
+        .route(
+            "/v1/sessions/{client_id}",
+            get(get_session).delete(discard_session),
+        )
         .route("/v1/retained", get(list_retained))
         .route(
             "/v1/retained/{*topic}",
@@ -82,7 +85,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// Stable and machine-readable: `unauthorized`, `rate_limited`, `not_found`,
-    /// `not_connected`, `bad_request`, `refused`.
+    /// `not_connected`, `connected`, `bad_request`, `refused`.
     pub code: String,
     /// For people; may change.
     pub message: String,
@@ -639,6 +642,35 @@ async fn get_session(
     Ok(Json(session_info(&view_of(&inner, &id)?)))
 }
 
+/// Ends a session the broker holds offline, as its expiry would: its will, if one is pending,
+/// is published; its subscriptions and queued messages go.
+#[utoipa::path(
+    delete, path = "/api/v1/sessions/{client_id}", tag = "sessions",
+    params(("client_id" = String, Path, description = "Client identifier")),
+    responses(
+        (status = 204, description = "The session ended"),
+        (status = 404, description = "No such session", body = ErrorBody),
+        (status = 409, description = "A client is connected to it: kick it first", body = ErrorBody),
+    )
+)]
+async fn discard_session(
+    State(inner): State<Arc<Inner>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    match inner.discard_session(crate::clock::now(), &client_id(&id)?) {
+        Discard::Done => {
+            tracing::info!(client_id = %id, "session discarded through the admin API");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Discard::Connected => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "connected",
+            format!("a client is connected to session {id:?}: kick it first"),
+        )),
+        Discard::Unknown => Err(ApiError::not_found(format!("no session {id:?}"))),
+    }
+}
+
 // ---- Retained messages ----------------------------------------------------------------------
 
 /// Filter and page of the retained-message list.
@@ -982,7 +1014,7 @@ async fn publish(
     ),
     paths(
         list_clients, get_client, kick_client, client_subscriptions, list_sessions, get_session,
-        list_retained, get_retained, delete_retained, list_listeners, stats, publish
+        discard_session, list_retained, get_retained, delete_retained, list_listeners, stats, publish
     ),
     components(schemas(ErrorBody, PageMeta)),
     modifiers(&BearerAuth),
