@@ -83,6 +83,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
 
 /// An error, as every failed request is answered.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct ErrorBody {
     /// Stable and machine-readable: `unauthorized`, `rate_limited`, `not_found`,
     /// `not_connected`, `connected`, `bad_request`, `refused`.
@@ -216,6 +217,7 @@ impl ApiState {
 
 /// Where a page is in its list.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct PageMeta {
     /// This page's number, from 1.
     pub page: usize,
@@ -270,6 +272,7 @@ struct ClientQuery {
 
 /// A client in the list: its session, and its connection if it has one.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct ClientSummary {
     /// Client identifier.
     pub client_id: String,
@@ -299,6 +302,7 @@ pub struct ClientSummary {
 
 /// One page of clients.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct ClientList {
     /// The clients, by client id.
     pub data: Vec<ClientSummary>,
@@ -308,6 +312,7 @@ pub struct ClientList {
 
 /// One client in full.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct ClientDetail {
     /// What the list shows.
     #[serde(flatten)]
@@ -336,6 +341,7 @@ pub struct ClientDetail {
 
 /// A subscription.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct SubscriptionInfo {
     /// Topic filter (`$share/GROUP/...` for a shared one).
     pub filter: String,
@@ -551,6 +557,7 @@ struct SessionQuery {
 
 /// A session.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct SessionInfo {
     /// Client identifier.
     pub client_id: String,
@@ -573,6 +580,7 @@ pub struct SessionInfo {
 
 /// One page of sessions.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct SessionList {
     /// The sessions, by client id.
     pub data: Vec<SessionInfo>,
@@ -687,6 +695,7 @@ struct RetainedQuery {
 
 /// A retained message in the list.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct RetainedSummary {
     /// Topic.
     pub topic: String,
@@ -698,6 +707,7 @@ pub struct RetainedSummary {
 
 /// One page of retained messages.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct RetainedList {
     /// The messages, by topic.
     pub data: Vec<RetainedSummary>,
@@ -707,6 +717,7 @@ pub struct RetainedList {
 
 /// A retained message in full.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct RetainedMessage {
     /// Topic.
     pub topic: String,
@@ -830,6 +841,7 @@ async fn delete_retained(
 
 /// A listener.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct ListenerInfo {
     /// The URL as configured (the listener's name in logs and in the client list).
     pub url: String,
@@ -867,6 +879,7 @@ async fn list_listeners(State(inner): State<Arc<Inner>>) -> Json<Vec<ListenerInf
 
 /// The broker's figures (the same as in `/metrics`).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct Stats {
     /// Seconds since the broker started.
     pub uptime_seconds: u64,
@@ -928,6 +941,7 @@ async fn stats(State(inner): State<Arc<Inner>>) -> Json<Stats> {
 
 /// A message to publish.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct PublishRequest {
     /// Topic (no wildcards).
     pub topic: String,
@@ -947,6 +961,7 @@ pub struct PublishRequest {
 
 /// What became of a publication.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
 pub struct PublishResult {
     /// Sessions it was handed to.
     pub routed: usize,
