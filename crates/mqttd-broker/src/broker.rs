@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -59,6 +59,54 @@ pub(crate) type Tree = TopicTree<u64, Subscriber>;
 pub(crate) struct Mailbox {
     inbox: Mutex<Inbox>,
     notify: Notify,
+    /// Who the client is, set once its CONNECT is accepted (for the admin API).
+    pub(crate) conn: std::sync::OnceLock<Box<ConnInfo>>,
+    /// The connection's counters (for the admin API).
+    pub(crate) stats: ConnStats,
+}
+
+/// A connected client as the admin API shows it: what its CONNECT settled.
+#[derive(Debug)]
+pub(crate) struct ConnInfo {
+    pub(crate) client: ClientInfo,
+    /// The keep alive the broker enforces, in seconds.
+    pub(crate) keep_alive: u16,
+    pub(crate) clean_start: bool,
+    /// The session expiry interval granted, in seconds.
+    pub(crate) session_expiry: u32,
+    /// When it was accepted, by the broker's clock (the core has no wall clock).
+    pub(crate) connected_at: Instant,
+}
+
+/// A connection's counters: relaxed atomics its core bumps as it goes, cheap enough to keep
+/// for every connection; the admin API reads them.
+#[derive(Debug, Default)]
+pub(crate) struct ConnStats {
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    /// PUBLISH packets received.
+    pub(crate) messages_in: AtomicU64,
+    /// PUBLISH packets sent.
+    pub(crate) messages_out: AtomicU64,
+    /// Messages in the session's queue, as of the core's last look.
+    pub(crate) queued: AtomicU32,
+    /// Messages sent and not yet acknowledged, as of the core's last look.
+    pub(crate) in_flight: AtomicU32,
+}
+
+impl ConnStats {
+    /// Adds `n` to `counter`.
+    pub(crate) fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Sets a gauge, writing only if it changed (no cache traffic for an unchanged value).
+    pub(crate) fn set(gauge: &AtomicU32, n: usize) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        if gauge.load(Ordering::Relaxed) != n {
+            gauge.store(n, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What waits in a [`Mailbox`].
@@ -71,6 +119,9 @@ pub(crate) struct Inbox {
     /// The storage change the stored deliveries here depend on: they are sent only once it
     /// is durable.
     pub(crate) ticket: Ticket,
+    /// An administrator asked the connection to close: DISCONNECT 0x98 (MQTT 5), a plain
+    /// close otherwise.
+    pub(crate) kick: bool,
 }
 
 impl Mailbox {
@@ -98,6 +149,12 @@ impl Mailbox {
     /// How many deliveries wait.
     fn len(&self) -> usize {
         self.inbox.lock().deliveries.len()
+    }
+
+    /// Asks the connection to close, as an administrative action.
+    fn kick(&self) {
+        self.inbox.lock().kick = true;
+        self.notify.notify_one();
     }
 
     fn take_over(&self, reply: SessionReply) {
@@ -527,6 +584,182 @@ pub(crate) struct Acquired {
     pub(crate) present: bool,
 }
 
+/// Where a session is, as [`Inner::session_view`] saw it.
+#[derive(Debug)]
+pub(crate) enum SessionState {
+    /// A connection serves it; `conn` is set once its CONNECT was accepted.
+    Online(Arc<Mailbox>),
+    /// Moving between connections.
+    Transferring,
+    /// No client is connected; the broker holds it since then.
+    Offline { since: SystemTime },
+}
+
+/// One session at one moment, for the admin API: a copy, so no lock is held while it is
+/// serialized.
+#[derive(Debug)]
+pub(crate) struct SessionView {
+    pub(crate) client_id: ClientId,
+    pub(crate) state: SessionState,
+    /// Whether it outlives its connection.
+    pub(crate) persistent: bool,
+    /// Its expiry interval, while the broker holds it offline.
+    pub(crate) expiry_interval: Option<u32>,
+    pub(crate) queued: usize,
+    pub(crate) in_flight: usize,
+    /// How many subscriptions it has.
+    pub(crate) subscription_count: usize,
+    /// Its subscriptions, sorted by filter (empty unless asked for).
+    pub(crate) subscriptions: Vec<(TopicFilter, SubscriptionOptions, Option<NonZeroU32>)>,
+}
+
+impl SessionView {
+    /// What the connection's CONNECT settled, if a client is connected.
+    pub(crate) fn conn(&self) -> Option<&ConnInfo> {
+        match &self.state {
+            SessionState::Online(mailbox) => mailbox.conn.get().map(|c| &**c),
+            _ => None,
+        }
+    }
+
+    /// The connection's counters, if a client is connected.
+    pub(crate) fn stats(&self) -> Option<&ConnStats> {
+        match &self.state {
+            SessionState::Online(mailbox) if mailbox.conn.get().is_some() => Some(&mailbox.stats),
+            _ => None,
+        }
+    }
+}
+
+/// What came of an administrator's request to disconnect a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kick {
+    /// Its connection was asked to close.
+    Asked,
+    /// The session exists but no accepted connection serves it.
+    NotConnected,
+    /// No such session.
+    Unknown,
+}
+
+impl Inner {
+    /// Every registered session, in no particular order.
+    pub(crate) fn session_views(&self) -> Vec<SessionView> {
+        // The handles first: no session's lock is taken under the registry's.
+        let handles: Vec<Arc<SessionHandle>> =
+            self.sessions.iter().map(|e| e.value().clone()).collect();
+        handles
+            .iter()
+            .filter_map(|h| Self::view(h, false))
+            .collect()
+    }
+
+    /// The session of `client_id`, with its subscriptions.
+    pub(crate) fn session_view(&self, client_id: &ClientId) -> Option<SessionView> {
+        let handle = self.sessions.get(client_id).map(|h| h.clone())?;
+        Self::view(&handle, true)
+    }
+
+    /// The session behind `handle` now (`None` if it ended); its subscriptions if `detailed`,
+    /// else only their number.
+    fn view(handle: &SessionHandle, detailed: bool) -> Option<SessionView> {
+        let (state, expiry_interval, queued, in_flight) = match &*handle.slot.lock() {
+            Slot::Online { mailbox } => {
+                let stats = &mailbox.stats;
+                (
+                    SessionState::Online(mailbox.clone()),
+                    None,
+                    stats.queued.load(Ordering::Relaxed) as usize,
+                    stats.in_flight.load(Ordering::Relaxed) as usize,
+                )
+            }
+            Slot::Transferring { buffer } => (SessionState::Transferring, None, buffer.len(), 0),
+            Slot::Offline { session, since, .. } => (
+                SessionState::Offline { since: *since },
+                Some(session.expiry_interval()),
+                session.queued().len(),
+                session.in_flight_len(),
+            ),
+            Slot::Ended => return None,
+        };
+        let (subscription_count, subscriptions) = {
+            let subs = handle.subscriptions.lock();
+            let mut all: Vec<_> = match detailed {
+                true => subs
+                    .iter()
+                    .map(|(f, (options, id))| (f.clone(), *options, *id))
+                    .collect(),
+                false => Vec::new(),
+            };
+            all.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+            (subs.len(), all)
+        };
+        Some(SessionView {
+            client_id: handle.client_id.clone(),
+            state,
+            persistent: handle.persistent.load(Ordering::Relaxed),
+            expiry_interval,
+            queued,
+            in_flight,
+            subscription_count,
+            subscriptions,
+        })
+    }
+
+    /// Asks the connection serving `client_id` to close as an administrative action:
+    /// DISCONNECT 0x98 for an MQTT 5 client, a plain close for an earlier one. Its session
+    /// then goes where its expiry interval says, as after any DISCONNECT.
+    pub(crate) fn kick(&self, client_id: &ClientId) -> Kick {
+        let Some(handle) = self.sessions.get(client_id).map(|h| h.clone()) else {
+            return Kick::Unknown;
+        };
+        let slot = handle.slot.lock();
+        match &*slot {
+            Slot::Online { mailbox } if mailbox.conn.get().is_some() => {
+                mailbox.kick();
+                Kick::Asked
+            }
+            Slot::Ended => Kick::Unknown,
+            _ => Kick::NotConnected,
+        }
+    }
+
+    /// Ends the session of `client_id` that the broker holds offline, as its expiry would: a
+    /// pending will is published, its subscriptions and queued messages go, storage forgets
+    /// it. A session with a connection is left alone ([`Discard::Connected`]: kick it first).
+    pub(crate) fn discard_session(&self, now: Instant, client_id: &ClientId) -> Discard {
+        let Some(handle) = self.sessions.get(client_id).map(|h| h.clone()) else {
+            return Discard::Unknown;
+        };
+        let session = {
+            let mut slot = handle.slot.lock();
+            match &*slot {
+                Slot::Offline { .. } => {}
+                Slot::Ended => return Discard::Unknown,
+                _ => return Discard::Connected,
+            }
+            // Dropping the offline slot stops the session's timer task.
+            match std::mem::replace(&mut *slot, Slot::Ended) {
+                Slot::Offline { session, .. } => *session,
+                _ => return Discard::Unknown,
+            }
+        };
+        self.end_session(now, &handle, Some(session));
+        Discard::Done
+    }
+}
+
+/// What came of an administrator's request to end an offline session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Discard {
+    /// It ended.
+    Done,
+    /// A connection serves it (or is taking it over).
+    Connected,
+    /// No such session.
+    Unknown,
+}
+
 /// The shared broker state.
 pub(crate) struct Inner {
     pub(crate) config: Config,
@@ -556,6 +789,10 @@ pub(crate) struct Inner {
     pub(crate) bridges: crate::bridge::Bridges,
     /// `p2p.use_node_id_as_username`, which a reload changes.
     pub(crate) node_id_as_username: AtomicBool,
+    /// The admin API's keys and failed-attempt limiter.
+    pub(crate) api: crate::api::ApiState,
+    /// The listeners with their bound addresses, once all are bound.
+    pub(crate) listeners: std::sync::OnceLock<Vec<(crate::config::Listener, std::net::SocketAddr)>>,
 }
 
 impl Inner {
@@ -571,6 +808,8 @@ impl Inner {
         let node_id_as_username = config.p2p.use_node_id_as_username.into();
         let persistent_sessions = Arc::new(SessionCount::new(config.max_sessions));
         Self {
+            api: crate::api::ApiState::new(&config.data_dir),
+            listeners: std::sync::OnceLock::new(),
             bridges: crate::bridge::Bridges::default(),
             node_id_as_username,
             config,

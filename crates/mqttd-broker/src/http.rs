@@ -1,4 +1,4 @@
-//! The HTTP endpoint: Prometheus metrics and a health check.
+//! The HTTP endpoint: Prometheus metrics, a health check, and the admin API (`crate::api`).
 //!
 //! What each path answers is computed here, in [`Page::reply`], for both transports that serve
 //! it: this endpoint over HTTP/1.1 and the QUIC listener over HTTP/3 (`http3`).
@@ -99,7 +99,10 @@ pub(crate) async fn run(inner: Arc<Inner>, listener: TcpListener) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
-        .with_state(inner);
+        .with_state(inner.clone())
+        .nest("/api", crate::api::router(inner));
+    // The API limits failed attempts per source address.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
     if let Err(error) = server.await {
         tracing::warn!(%error, "HTTP endpoint failed");

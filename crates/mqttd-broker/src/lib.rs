@@ -32,6 +32,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod access;
+pub mod api;
 pub mod auth;
 pub mod bridge;
 
@@ -313,7 +314,8 @@ impl BrokerBuilder {
         }
         // In the configuration's order.
         bound.sort_by_key(|(i, ..)| *i);
-        let bound = bound.into_iter().map(|(_, l, a)| (l, a)).collect();
+        let bound: Vec<_> = bound.into_iter().map(|(_, l, a)| (l, a)).collect();
+        let _ = inner.listeners.set(bound.clone());
         inner.tasks.spawn(sys::run(inner.clone()));
         // The bridges dial with the listener's node: one identity, one set of sockets.
         #[cfg(feature = "p2p")]

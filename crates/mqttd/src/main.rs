@@ -11,6 +11,7 @@ mod tools;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use mqttd_broker::api::KeyStore;
 use mqttd_broker::{Broker, Config, ListenerKind};
 use mqttd_p2p::NodeKey;
 use tracing::{info, warn};
@@ -45,6 +46,32 @@ enum Command {
     /// Peer-to-peer diagnostics.
     #[command(subcommand)]
     P2p(P2pCommand),
+    /// Manage the admin API's keys (stored hashed in <data_dir>/api-keys).
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiKeyCommand {
+    /// Create a key named NAME and print it: it is shown this once, only its hash is stored.
+    Create {
+        /// A name for the key (letters, digits, '-', '_', '.').
+        name: String,
+        #[command(flatten)]
+        dir: IdArgs,
+    },
+    /// List the keys' names and creation times.
+    List {
+        #[command(flatten)]
+        dir: IdArgs,
+    },
+    /// Revoke the key named NAME (at once, also for a running broker).
+    Revoke {
+        /// The key's name.
+        name: String,
+        #[command(flatten)]
+        dir: IdArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,7 +104,8 @@ struct ServeArgs {
     /// p2p:// or p2p://HOST:PORT, with options such as ?proxy_protocol=true or
     /// ?trust_proxy=true); repeatable. Given any, they replace the default listeners
     /// (tcp://127.0.0.1:1883, tls://127.0.0.1:8883, ws://127.0.0.1:8083/mqtt,
-    /// wss://127.0.0.1:8084/mqtt, quic://127.0.0.1:14567).
+    /// wss://127.0.0.1:8084/mqtt, quic://127.0.0.1:14567, http://127.0.0.1:18083 for the
+    /// admin API, /health and /metrics).
     #[arg(long = "listen", value_name = "URL")]
     listen: Vec<String>,
     /// Directory for persistent data.
@@ -132,6 +160,8 @@ const DEFAULT_LISTENERS: &[&str] = &[
     "ws://127.0.0.1:8083",
     "wss://127.0.0.1:8084",
     "quic://127.0.0.1:14567",
+    // The admin API (and /health, /metrics) on EMQX's dashboard port.
+    "http://127.0.0.1:18083",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -142,6 +172,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Pub(args)) => client_tool(tools::publish(args)),
         Some(Command::Sub(args)) => client_tool(tools::subscribe(args)),
         Some(Command::Id(args)) => id(args),
+        Some(Command::ApiKey(command)) => api_key(command),
         Some(Command::P2p(P2pCommand::Ping(args))) => p2p_ping(args),
         Some(Command::P2p(P2pCommand::Swarm(command))) => {
             init_logging_at(LogFormat::Text, "warn");
@@ -222,6 +253,70 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// On the first start with an `http://` listener (no key file yet), creates the admin API's
+/// first key, `admin`, and prints it: on standard output, once, never to the log.
+fn first_api_key(config: &Config) -> anyhow::Result<()> {
+    let serves_api = config
+        .listeners()?
+        .iter()
+        .any(|l| l.kind == ListenerKind::Http);
+    let store = KeyStore::new(&config.data_dir);
+    if !serves_api || store.exists() {
+        return Ok(());
+    }
+    let key = store.create("admin")?;
+    println!("mqttd api key admin {key}");
+    println!(
+        "mqttd api key shown once; its hash is stored in {} (more: mqttd api-key create NAME)",
+        store.path().display()
+    );
+    Ok(())
+}
+
+/// `mqttd api-key ...`.
+fn api_key(command: ApiKeyCommand) -> anyhow::Result<()> {
+    let dir = match &command {
+        ApiKeyCommand::Create { dir, .. }
+        | ApiKeyCommand::List { dir }
+        | ApiKeyCommand::Revoke { dir, .. } => dir,
+    };
+    let mut config = match &dir.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &dir.data_dir {
+        config.data_dir = d.clone();
+    }
+    let store = KeyStore::new(&config.data_dir);
+    match command {
+        ApiKeyCommand::Create { name, .. } => {
+            let key = store.create(&name)?;
+            // The key alone on standard output, for scripts; the rest on standard error.
+            println!("{key}");
+            eprintln!(
+                "API key {name:?} created; it is not shown again. Its hash is stored in {}. \
+                 Use it as: Authorization: Bearer KEY",
+                store.path().display()
+            );
+        }
+        ApiKeyCommand::List { .. } => {
+            for key in store.list()? {
+                let created = chrono::DateTime::from_timestamp(key.created as i64, 0)
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default();
+                println!("{} {created}", key.name);
+            }
+        }
+        ApiKeyCommand::Revoke { name, .. } => {
+            if !store.revoke(&name)? {
+                anyhow::bail!("no API key named {name:?}");
+            }
+            eprintln!("API key {name:?} revoked");
+        }
+    }
+    Ok(())
+}
+
 /// Raises the open-file soft limit to the hard limit: every connection is a descriptor.
 fn raise_fd_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
@@ -253,6 +348,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let key = NodeKey::load_or_create(&config.data_dir.join(mqttd_p2p::KEY_FILE))?;
         info!(node_id = %key.id(), "peer-to-peer node id");
         let hostnames = config.tls.hostnames.clone();
+        first_api_key(&config)?;
         let broker = Broker::builder(config).start().await?;
         // One line per listener on standard output, with the bound port, for scripts and tests
         // that ask for port 0.
@@ -497,7 +593,7 @@ mod tests {
     }
 
     #[test]
-    fn bare_mqttd_serves_tcp_tls_websocket_wss_and_quic_on_loopback_only() {
+    fn bare_mqttd_serves_tcp_tls_websocket_wss_quic_and_the_api_on_loopback_only() {
         let config = load_config(&ServeArgs::default()).unwrap();
         let listeners = config.listeners().unwrap();
         let kinds: Vec<_> = listeners.iter().map(|l| (l.kind, l.addr.port())).collect();
@@ -508,7 +604,8 @@ mod tests {
                 (ListenerKind::Tls, 8883),
                 (ListenerKind::Ws, 8083),
                 (ListenerKind::Wss, 8084),
-                (ListenerKind::Quic, 14567)
+                (ListenerKind::Quic, 14567),
+                (ListenerKind::Http, 18083)
             ]
         );
         assert!(listeners.iter().all(|l| l.is_loopback()));

@@ -70,8 +70,8 @@ use crate::auth::scram::MECHANISM;
 use crate::auth::ScramServerFirstSent;
 use crate::bridge::config::LOCAL_CLIENT_PREFIX;
 use crate::broker::{
-    update_flag, Acquired, Blocked, Headed, Inbox, Inner, Mailbox, Matches, SessionHandle,
-    SessionPermit, SessionReply, Slot, Subscriber, Waits,
+    update_flag, Acquired, Blocked, ConnInfo, ConnStats, Headed, Inbox, Inner, Mailbox, Matches,
+    SessionHandle, SessionPermit, SessionReply, Slot, Subscriber, Waits,
 };
 use crate::hooks::{Action, ClientInfo, ConnectAttempt, Intercept, Peer, Transport, Verdict};
 use crate::storage::{Batch, StoredWill, Ticket, Watermark};
@@ -458,11 +458,13 @@ impl ConnectionCore {
     /// The driver read `n` bytes.
     pub(crate) fn received(&self, n: usize) {
         self.inner.metrics.bytes_received.inc_by(n as u64);
+        ConnStats::add(&self.mailbox.stats.bytes_in, n);
     }
 
     /// The transport took `n` bytes of `stream`'s writable output.
     pub(crate) fn wrote(&mut self, stream: StreamId, n: usize) {
         self.inner.metrics.bytes_sent.inc_by(n as u64);
+        ConnStats::add(&self.mailbox.stats.bytes_out, n);
         // Whether the stream was backed up when the transport took this: then publishers
         // waiting for this client see it move.
         let backed_up = !self.wants_read(stream);
@@ -536,6 +538,10 @@ impl ConnectionCore {
         if let Some(reply) = inbox.takeover {
             self.takeover_reply = Some(reply);
             self.conn.disconnect(now, ReasonCode::SessionTakenOver);
+        }
+        if inbox.kick {
+            info!("disconnected by an administrator");
+            self.conn.disconnect(now, ReasonCode::AdministrativeAction);
         }
         // Stored messages enter the session once they are durable, so that what the session
         // sends later never waits for newer changes.
@@ -691,6 +697,13 @@ impl ConnectionCore {
             Box::new(StoredWill { will, delay })
         });
         self.save_session(StreamId::CONTROL);
+        let _ = self.mailbox.conn.set(Box::new(ConnInfo {
+            client: client.clone(),
+            keep_alive: request.keep_alive,
+            clean_start: request.connect.clean_start,
+            session_expiry: request.session_expiry_interval,
+            connected_at: now,
+        }));
         self.client = Some(Box::new(client));
     }
 
@@ -821,6 +834,10 @@ impl ConnectionCore {
         let Some(handle) = &self.handle else {
             return;
         };
+        if let Some(s) = self.conn.session() {
+            ConnStats::set(&self.mailbox.stats.queued, s.queued().len());
+            ConnStats::set(&self.mailbox.stats.in_flight, s.in_flight_len());
+        }
         let (saturated, capacity, backlog) = self.conn.session().map_or((false, 0, 0), |s| {
             let limits = s.limits();
             let window = usize::from(self.inner.config.max_inflight_messages);
@@ -876,6 +893,7 @@ impl ConnectionCore {
             };
             if matches!(packet, Packet::Publish(_)) {
                 self.inner.metrics.messages_sent.inc();
+                ConnStats::add(&self.mailbox.stats.messages_out, 1);
             }
             if let Err(e) = packet.encode(version, &mut output.buf) {
                 warn!(error = %e, "dropping a packet that cannot be encoded");
@@ -1379,6 +1397,7 @@ impl ConnectionCore {
             return;
         }
         self.inner.metrics.messages_received.inc();
+        ConnStats::add(&self.mailbox.stats.messages_in, 1);
         let InboundPublish {
             mut message,
             packet_id,

@@ -837,3 +837,43 @@ async fn a_live_data_stream_does_not_make_a_stalled_one_look_busy() {
     let _ = written(&mut core, stalled);
     assert!(!handle.stalled.load(Ordering::Relaxed));
 }
+
+/// What the admin API reads of a connection, and its kick: the snapshot shows the client as
+/// its CONNECT settled it, with its counters; a kick comes out as DISCONNECT 0x98, and the
+/// clean session is gone once the connection finished.
+#[tokio::test]
+async fn the_admin_view_shows_a_connection_and_a_kick_disconnects_it_with_0x98() {
+    use crate::broker::{Kick, SessionState};
+    let inner = inner_with(Config::default());
+    let now = Instant::now();
+    let id = ClientId::try_from("watched").unwrap();
+    let (mut core, request) = connecting(&inner, now, "watched");
+    let acquired = inner.acquire(now, &request, core.mailbox()).await;
+    // Before CONNACK the session is there, but nobody is connected to kick.
+    assert_eq!(inner.kick(&id), Kick::NotConnected);
+    core.session_acquired(now, acquired);
+    core.process(now);
+    let _ = written(&mut core, StreamId::CONTROL);
+
+    let view = inner.session_view(&id).expect("the session");
+    assert!(matches!(view.state, SessionState::Online(_)));
+    let conn = view.conn().expect("connected");
+    assert_eq!((conn.keep_alive, conn.clean_start), (30, true));
+    assert_eq!(conn.client.peer.transport, Transport::Tcp);
+    let stats = view.stats().expect("counters");
+    assert!(stats.bytes_out.load(Ordering::Relaxed) > 0, "the CONNACK");
+    assert_eq!(inner.session_views().len(), 1);
+
+    assert_eq!(inner.kick(&id), Kick::Asked);
+    core.handle_inbox(now, core.mailbox().take());
+    core.process(now);
+    let out = written(&mut core, StreamId::CONTROL);
+    assert!(
+        matches!(&out[..], [Packet::Disconnect(d)] if d.reason == ReasonCode::AdministrativeAction),
+        "{out:?}"
+    );
+    assert!(core.is_closed());
+    core.finish(now, SystemTime::UNIX_EPOCH);
+    assert!(inner.session_view(&id).is_none());
+    assert_eq!(inner.kick(&id), Kick::Unknown);
+}

@@ -77,6 +77,9 @@ pub(crate) struct Broker {
     pub(crate) node_id: Option<String>,
     /// The UDP addresses the `p2p://` listener's node bound.
     pub(crate) node_direct: Vec<SocketAddr>,
+    /// The admin API key the broker printed on its first start (none if the data directory
+    /// had a key file already).
+    pub(crate) api_key: Option<String>,
     /// Listeners besides the TCP and HTTP ones (`--listen` URLs).
     extra_listeners: Vec<String>,
     /// JSON log lines with this filter instead of text with `MQTTD_TEST_LOG`'s
@@ -155,6 +158,7 @@ impl Broker {
             relay_url: None,
             node_id: None,
             node_direct: Vec::new(),
+            api_key: None,
             extra_listeners: Vec::new(),
             json_log_filter: None,
             log: dir.join("mqttd-0.log"),
@@ -281,6 +285,10 @@ impl Broker {
                     );
                 }
             };
+            if let Some(key) = line.strip_prefix("mqttd api key admin ") {
+                self.api_key = Some(key.to_owned());
+                continue;
+            }
             if let Some(url) = line.strip_prefix("mqttd relay url ") {
                 self.relay_url = Some(url.to_owned());
                 continue;

@@ -1,0 +1,1114 @@
+//! The REST admin API, under `/api/v1/` on the `http://` listener.
+//!
+//! Every path needs an API key (`Authorization: Bearer KEY`, see [`KeyStore`]), loopback
+//! included; failed attempts are limited per source address (`limit.rs`), answered 429 past
+//! the limit. Errors are JSON with a stable `code` ([`ErrorBody`]). The OpenAPI document at
+//! `/api/v1/openapi.json` is generated from the handlers below (utoipa), so it cannot drift
+//! from them.
+//!
+//! The handlers only read snapshots of the broker's state (`Inner::session_views` and
+//! friends), copied out from under the locks before they are serialized, and act through the
+//! same paths clients do: a kick goes through the connection's mailbox (like a takeover), a
+//! publication through routing.
+
+// utoipa's generated code names the query-parameter types by their full path.
+#![allow(unused_qualifications)]
+
+mod keys;
+mod limit;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use mqttd_proto::{ClientId, Message, QoS, TopicFilter, TopicName};
+
+pub use keys::{KeyError, KeyStore, StoredKey, KEY_FILE};
+pub(crate) use limit::{FailureLimiter, DEFAULT_RATE};
+
+use crate::broker::{Discard, Inner, Kick, SessionState, SessionView};
+use crate::storage::Batch;
+
+/// The largest page a list returns.
+const MAX_LIMIT: usize = 1000;
+/// A list's page size when none is asked for.
+const DEFAULT_LIMIT: usize = 100;
+
+/// The API's routes, all behind the key check, relative to `/api` where the HTTP endpoint
+/// nests them.
+pub(crate) fn router(inner: Arc<Inner>) -> Router {
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/clients", get(list_clients))
+        .route(
+            "/v1/clients/{client_id}",
+            get(get_client).delete(kick_client),
+        )
+        .route(
+            "/v1/clients/{client_id}/subscriptions",
+            get(client_subscriptions),
+        )
+        .route("/v1/sessions", get(list_sessions))
+        .route(
+            "/v1/sessions/{client_id}",
+            get(get_session).delete(discard_session),
+        )
+        .route("/v1/retained", get(list_retained))
+        .route(
+            "/v1/retained/{*topic}",
+            get(get_retained).delete(delete_retained),
+        )
+        .route("/v1/listeners", get(list_listeners))
+        .route("/v1/stats", get(stats))
+        .route("/v1/publish", axum::routing::post(publish))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            inner.clone(),
+            authenticate,
+        ))
+        .with_state(inner)
+}
+
+// ---- Errors ---------------------------------------------------------------------------------
+
+/// An error, as every failed request is answered.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct ErrorBody {
+    /// Stable and machine-readable: `unauthorized`, `rate_limited`, `not_found`,
+    /// `not_connected`, `connected`, `bad_request`, `refused`.
+    pub code: String,
+    /// For people; may change.
+    pub message: String,
+}
+
+/// An error with its HTTP status.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            code: self.code.to_owned(),
+            message: self.message,
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        match self.status {
+            StatusCode::UNAUTHORIZED => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                let retry = DEFAULT_RATE.refill.as_secs().max(1).to_string();
+                if let Ok(value) = HeaderValue::from_str(&retry) {
+                    response.headers_mut().insert(header::RETRY_AFTER, value);
+                }
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such API path")
+}
+
+// ---- Authentication -------------------------------------------------------------------------
+
+/// Lets a request through only with a valid key, unless its source failed too often.
+async fn authenticate(
+    State(inner): State<Arc<Inner>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let ip: IpAddr = peer.ip();
+    let now = crate::clock::now();
+    if !inner.api.failures.lock().allows(ip, now) {
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many failed authentication attempts from this address; try again later",
+        )
+        .into_response();
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        // The scheme's name is case-insensitive (RFC 9110, 11.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
+    let Some(presented) = presented else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "an API key is required: Authorization: Bearer KEY (see `mqttd api-key create`)",
+        )
+        .into_response();
+    };
+    match inner.api.keys.verify(presented) {
+        Some(name) => {
+            tracing::debug!(key = %name, method = %request.method(), path = %request.uri().path(), "admin API");
+            next.run(request).await
+        }
+        None => {
+            // The key itself is never logged.
+            tracing::info!(%ip, "admin API: invalid API key");
+            inner.api.failures.lock().failed(ip, now);
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API key")
+                .into_response()
+        }
+    }
+}
+
+/// The API's own state in the broker: the keys and the failed-attempt limiter.
+#[derive(Debug)]
+pub(crate) struct ApiState {
+    pub(crate) keys: KeyStore,
+    pub(crate) failures: parking_lot::Mutex<FailureLimiter>,
+}
+
+impl ApiState {
+    pub(crate) fn new(data_dir: &std::path::Path) -> Self {
+        Self {
+            keys: KeyStore::new(data_dir),
+            failures: parking_lot::Mutex::new(FailureLimiter::new(DEFAULT_RATE)),
+        }
+    }
+}
+
+// ---- Pages ----------------------------------------------------------------------------------
+
+/// Where a page is in its list.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct PageMeta {
+    /// This page's number, from 1.
+    pub page: usize,
+    /// Items per page.
+    pub limit: usize,
+    /// Items in the whole list (after filters).
+    pub count: usize,
+    /// Whether a further page has items.
+    pub has_next: bool,
+}
+
+/// The page of `items` (sorted already) that `page` asks for.
+fn paginate<T>(items: Vec<T>, page: Option<usize>, limit: Option<usize>) -> (Vec<T>, PageMeta) {
+    let limit = limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    let page = page.unwrap_or(1).max(1);
+    let count = items.len();
+    let start = (page - 1).saturating_mul(limit).min(count);
+    let data: Vec<T> = items.into_iter().skip(start).take(limit).collect();
+    let has_next = start + data.len() < count;
+    (
+        data,
+        PageMeta {
+            page,
+            limit,
+            count,
+            has_next,
+        },
+    )
+}
+
+// ---- Clients --------------------------------------------------------------------------------
+
+/// Filters of the client list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ClientQuery {
+    /// Only client ids starting with this.
+    client_id_prefix: Option<String>,
+    /// Only clients with this user name.
+    username: Option<String>,
+    /// Only clients of this listener (its URL, as in `/api/v1/listeners`).
+    listener: Option<String>,
+    /// Only clients over this transport: `tcp`, `tls`, `ws`, `wss`, `quic`, `p2p`, `bridge`.
+    transport: Option<String>,
+    /// Only connected clients (`true`) or only sessions without a connection (`false`).
+    connected: Option<bool>,
+    /// Page number, from 1.
+    page: Option<usize>,
+    /// Items per page (at most 1000; default 100).
+    limit: Option<usize>,
+}
+
+/// A client in the list: its session, and its connection if it has one.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct ClientSummary {
+    /// Client identifier.
+    pub client_id: String,
+    /// Whether a connection serves its session now.
+    pub connected: bool,
+    /// User name (connected clients).
+    pub username: Option<String>,
+    /// The listener's URL (connected clients).
+    pub listener: Option<String>,
+    /// `tcp`, `tls`, `ws`, `wss`, `quic`, `p2p` or `bridge` (connected clients).
+    pub transport: Option<String>,
+    /// The client's address (connected clients).
+    pub peer_addr: Option<String>,
+    /// `3.1`, `3.1.1` or `5.0` (connected clients).
+    pub protocol_version: Option<String>,
+    /// When it connected, in seconds since the Unix epoch (connected clients).
+    pub connected_at: Option<u64>,
+    /// When its connection ended, in seconds since the Unix epoch (sessions held offline).
+    pub disconnected_at: Option<u64>,
+    /// Subscriptions of its session.
+    pub subscriptions: usize,
+    /// Messages queued in its session.
+    pub queued: usize,
+    /// Messages sent and not yet acknowledged.
+    pub in_flight: usize,
+}
+
+/// One page of clients.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct ClientList {
+    /// The clients, by client id.
+    pub data: Vec<ClientSummary>,
+    /// Where this page is.
+    pub meta: PageMeta,
+}
+
+/// One client in full.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct ClientDetail {
+    /// What the list shows.
+    #[serde(flatten)]
+    pub summary: ClientSummary,
+    /// Keep alive the broker enforces, in seconds (connected clients).
+    pub keep_alive: Option<u16>,
+    /// Whether its CONNECT asked for a clean start (connected clients).
+    pub clean_start: Option<bool>,
+    /// Session expiry interval, in seconds.
+    pub session_expiry_interval: Option<u32>,
+    /// Whether its session outlives its connection.
+    pub persistent: bool,
+    /// The identity of its TLS client certificate, or its node id over `p2p://`.
+    pub tls_identity: Option<String>,
+    /// Bytes received on this connection.
+    pub bytes_in: Option<u64>,
+    /// Bytes sent on this connection.
+    pub bytes_out: Option<u64>,
+    /// PUBLISH packets received on this connection.
+    pub messages_in: Option<u64>,
+    /// PUBLISH packets sent on this connection.
+    pub messages_out: Option<u64>,
+    /// Its subscriptions.
+    pub subscription_list: Vec<SubscriptionInfo>,
+}
+
+/// A subscription.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct SubscriptionInfo {
+    /// Topic filter (`$share/GROUP/...` for a shared one).
+    pub filter: String,
+    /// Maximum QoS granted.
+    pub qos: u8,
+    /// No Local.
+    pub no_local: bool,
+    /// Retain As Published.
+    pub retain_as_published: bool,
+    /// Retain Handling (0, 1 or 2).
+    pub retain_handling: u8,
+    /// Subscription identifier, if any.
+    pub subscription_id: Option<u32>,
+}
+
+/// Seconds since the Unix epoch.
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The wall-clock time of `at`, a reading of the broker's clock.
+fn wall(at: Instant) -> SystemTime {
+    let ago = crate::clock::now().saturating_duration_since(at);
+    SystemTime::now().checked_sub(ago).unwrap_or(UNIX_EPOCH)
+}
+
+fn summary(view: &SessionView) -> ClientSummary {
+    let conn = view.conn();
+    ClientSummary {
+        client_id: view.client_id.as_str().to_owned(),
+        connected: conn.is_some(),
+        username: conn.and_then(|c| c.client.username.as_ref().map(|u| u.to_string())),
+        listener: conn.map(|c| c.client.peer.listener.to_string()),
+        transport: conn.map(|c| c.client.peer.transport.as_str().to_owned()),
+        peer_addr: conn.map(|c| c.client.peer.addr.to_string()),
+        protocol_version: conn.map(|c| c.client.version.to_string()),
+        connected_at: conn.map(|c| unix(wall(c.connected_at))),
+        disconnected_at: match view.state {
+            SessionState::Offline { since } => Some(unix(since)),
+            _ => None,
+        },
+        subscriptions: view.subscription_count,
+        queued: view.queued,
+        in_flight: view.in_flight,
+    }
+}
+
+fn subscription_list(view: &SessionView) -> Vec<SubscriptionInfo> {
+    view.subscriptions
+        .iter()
+        .map(|(filter, options, id)| SubscriptionInfo {
+            filter: filter.as_str().to_owned(),
+            qos: options.qos.bits(),
+            no_local: options.no_local,
+            retain_as_published: options.retain_as_published,
+            retain_handling: options.retain_handling as u8,
+            subscription_id: id.map(|i| i.get()),
+        })
+        .collect()
+}
+
+fn detail(view: &SessionView) -> ClientDetail {
+    let conn = view.conn();
+    let stats = view.stats();
+    let load = |f: fn(&crate::broker::ConnStats) -> &std::sync::atomic::AtomicU64| {
+        stats.map(|s| f(s).load(std::sync::atomic::Ordering::Relaxed))
+    };
+    ClientDetail {
+        summary: summary(view),
+        keep_alive: conn.map(|c| c.keep_alive),
+        clean_start: conn.map(|c| c.clean_start),
+        session_expiry_interval: conn.map(|c| c.session_expiry).or(view.expiry_interval),
+        persistent: view.persistent,
+        tls_identity: conn.and_then(|c| c.client.peer.tls_identity.as_deref().map(str::to_owned)),
+        bytes_in: load(|s| &s.bytes_in),
+        bytes_out: load(|s| &s.bytes_out),
+        messages_in: load(|s| &s.messages_in),
+        messages_out: load(|s| &s.messages_out),
+        subscription_list: subscription_list(view),
+    }
+}
+
+fn client_id(raw: &str) -> Result<ClientId, ApiError> {
+    ClientId::try_from(raw).map_err(|_| ApiError::bad_request("invalid client id"))
+}
+
+fn view_of(inner: &Inner, raw: &str) -> Result<SessionView, ApiError> {
+    inner
+        .session_view(&client_id(raw)?)
+        .ok_or_else(|| ApiError::not_found(format!("no client {raw:?}")))
+}
+
+/// Lists clients: every session the broker holds, connected or not.
+#[utoipa::path(
+    get, path = "/api/v1/clients", tag = "clients", params(ClientQuery),
+    responses(
+        (status = 200, description = "A page of clients, by client id", body = ClientList),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+        (status = 429, description = "Too many failed attempts", body = ErrorBody),
+    )
+)]
+async fn list_clients(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<ClientQuery>,
+) -> Json<ClientList> {
+    let mut views: Vec<SessionView> = inner
+        .session_views()
+        .into_iter()
+        .filter(|v| {
+            let conn = v.conn();
+            q.client_id_prefix
+                .as_deref()
+                .is_none_or(|p| v.client_id.as_str().starts_with(p))
+                && q.connected.is_none_or(|c| c == conn.is_some())
+                && q.username.as_deref().is_none_or(|u| {
+                    conn.and_then(|c| c.client.username.as_ref())
+                        .is_some_and(|n| n.as_str() == u)
+                })
+                && q.listener
+                    .as_deref()
+                    .is_none_or(|l| conn.is_some_and(|c| &*c.client.peer.listener == l))
+                && q.transport
+                    .as_deref()
+                    .is_none_or(|t| conn.is_some_and(|c| c.client.peer.transport.as_str() == t))
+        })
+        .collect();
+    views.sort_by(|a, b| a.client_id.as_str().cmp(b.client_id.as_str()));
+    let (page, meta) = paginate(views, q.page, q.limit);
+    Json(ClientList {
+        data: page.iter().map(summary).collect(),
+        meta,
+    })
+}
+
+/// Shows one client: addresses, transport, keep alive, subscriptions, queue, counters.
+#[utoipa::path(
+    get, path = "/api/v1/clients/{client_id}", tag = "clients",
+    params(("client_id" = String, Path, description = "Client identifier")),
+    responses(
+        (status = 200, description = "The client", body = ClientDetail),
+        (status = 404, description = "No such client", body = ErrorBody),
+    )
+)]
+async fn get_client(
+    State(inner): State<Arc<Inner>>,
+    Path(id): Path<String>,
+) -> Result<Json<ClientDetail>, ApiError> {
+    Ok(Json(detail(&view_of(&inner, &id)?)))
+}
+
+/// Disconnects a client (kick): DISCONNECT with reason 0x98 (administrative action) for MQTT
+/// 5, a plain close for 3.1 and 3.1.1. Its session stays if it outlives its connection.
+#[utoipa::path(
+    delete, path = "/api/v1/clients/{client_id}", tag = "clients",
+    params(("client_id" = String, Path, description = "Client identifier")),
+    responses(
+        (status = 204, description = "The connection was asked to close"),
+        (status = 404, description = "No such client", body = ErrorBody),
+        (status = 409, description = "The client is not connected", body = ErrorBody),
+    )
+)]
+async fn kick_client(
+    State(inner): State<Arc<Inner>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    match inner.kick(&client_id(&id)?) {
+        Kick::Asked => {
+            tracing::info!(client_id = %id, "client disconnected through the admin API");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Kick::NotConnected => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_connected",
+            format!("client {id:?} is not connected"),
+        )),
+        Kick::Unknown => Err(ApiError::not_found(format!("no client {id:?}"))),
+    }
+}
+
+/// Lists a client's subscriptions.
+#[utoipa::path(
+    get, path = "/api/v1/clients/{client_id}/subscriptions", tag = "subscriptions",
+    params(("client_id" = String, Path, description = "Client identifier")),
+    responses(
+        (status = 200, description = "Its subscriptions, by filter", body = Vec<SubscriptionInfo>),
+        (status = 404, description = "No such client", body = ErrorBody),
+    )
+)]
+async fn client_subscriptions(
+    State(inner): State<Arc<Inner>>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<SubscriptionInfo>>, ApiError> {
+    Ok(Json(subscription_list(&view_of(&inner, &id)?)))
+}
+
+// ---- Sessions -------------------------------------------------------------------------------
+
+/// Filters of the session list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct SessionQuery {
+    /// Only client ids starting with this.
+    client_id_prefix: Option<String>,
+    /// Only sessions that outlive their connection (`true`) or only those that do not.
+    persistent: Option<bool>,
+    /// Only sessions with a connection (`true`) or only those held offline (`false`).
+    connected: Option<bool>,
+    /// Page number, from 1.
+    page: Option<usize>,
+    /// Items per page (at most 1000; default 100).
+    limit: Option<usize>,
+}
+
+/// A session.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct SessionInfo {
+    /// Client identifier.
+    pub client_id: String,
+    /// `connected`, `connecting` (moving between connections, or CONNECT in progress) or
+    /// `offline`.
+    pub state: String,
+    /// Whether it outlives its connection.
+    pub persistent: bool,
+    /// Session expiry interval, in seconds (offline sessions).
+    pub expiry_interval: Option<u32>,
+    /// When its connection ended, in seconds since the Unix epoch (offline sessions).
+    pub disconnected_at: Option<u64>,
+    /// Subscriptions.
+    pub subscriptions: usize,
+    /// Messages queued.
+    pub queued: usize,
+    /// Messages sent and not yet acknowledged.
+    pub in_flight: usize,
+}
+
+/// One page of sessions.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct SessionList {
+    /// The sessions, by client id.
+    pub data: Vec<SessionInfo>,
+    /// Where this page is.
+    pub meta: PageMeta,
+}
+
+fn session_info(view: &SessionView) -> SessionInfo {
+    let (state, disconnected_at) = match &view.state {
+        SessionState::Online(_) if view.conn().is_some() => ("connected", None),
+        SessionState::Online(_) | SessionState::Transferring => ("connecting", None),
+        SessionState::Offline { since } => ("offline", Some(unix(*since))),
+    };
+    SessionInfo {
+        client_id: view.client_id.as_str().to_owned(),
+        state: state.to_owned(),
+        persistent: view.persistent,
+        expiry_interval: view.expiry_interval,
+        disconnected_at,
+        subscriptions: view.subscription_count,
+        queued: view.queued,
+        in_flight: view.in_flight,
+    }
+}
+
+/// Lists sessions, persistent ones held offline included.
+#[utoipa::path(
+    get, path = "/api/v1/sessions", tag = "sessions", params(SessionQuery),
+    responses((status = 200, description = "A page of sessions, by client id", body = SessionList))
+)]
+async fn list_sessions(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<SessionQuery>,
+) -> Json<SessionList> {
+    let mut views: Vec<SessionView> = inner
+        .session_views()
+        .into_iter()
+        .filter(|v| {
+            q.client_id_prefix
+                .as_deref()
+                .is_none_or(|p| v.client_id.as_str().starts_with(p))
+                && q.persistent.is_none_or(|p| p == v.persistent)
+                && q.connected.is_none_or(|c| c == v.conn().is_some())
+        })
+        .collect();
+    views.sort_by(|a, b| a.client_id.as_str().cmp(b.client_id.as_str()));
+    let (page, meta) = paginate(views, q.page, q.limit);
+    Json(SessionList {
+        data: page.iter().map(session_info).collect(),
+        meta,
+    })
+}
+
+/// Shows one session.
+#[utoipa::path(
+    get, path = "/api/v1/sessions/{client_id}", tag = "sessions",
+    params(("client_id" = String, Path, description = "Client identifier")),
+    responses(
+        (status = 200, description = "The session", body = SessionInfo),
+        (status = 404, description = "No such session", body = ErrorBody),
+    )
+)]
+async fn get_session(
+    State(inner): State<Arc<Inner>>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    Ok(Json(session_info(&view_of(&inner, &id)?)))
+}
+
+/// Ends a session the broker holds offline, as its expiry would: its will, if one is pending,
+/// is published; its subscriptions and queued messages go.
+#[utoipa::path(
+    delete, path = "/api/v1/sessions/{client_id}", tag = "sessions",
+    params(("client_id" = String, Path, description = "Client identifier")),
+    responses(
+        (status = 204, description = "The session ended"),
+        (status = 404, description = "No such session", body = ErrorBody),
+        (status = 409, description = "A client is connected to it: kick it first", body = ErrorBody),
+    )
+)]
+async fn discard_session(
+    State(inner): State<Arc<Inner>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    match inner.discard_session(crate::clock::now(), &client_id(&id)?) {
+        Discard::Done => {
+            tracing::info!(client_id = %id, "session discarded through the admin API");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Discard::Connected => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "connected",
+            format!("a client is connected to session {id:?}: kick it first"),
+        )),
+        Discard::Unknown => Err(ApiError::not_found(format!("no session {id:?}"))),
+    }
+}
+
+// ---- Retained messages ----------------------------------------------------------------------
+
+/// Filter and page of the retained-message list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct RetainedQuery {
+    /// Topic filter the messages match (default `#`: all but `$` topics).
+    filter: Option<String>,
+    /// Page number, from 1.
+    page: Option<usize>,
+    /// Items per page (at most 1000; default 100).
+    limit: Option<usize>,
+}
+
+/// A retained message in the list.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct RetainedSummary {
+    /// Topic.
+    pub topic: String,
+    /// QoS it was published with.
+    pub qos: u8,
+    /// Payload size in bytes.
+    pub payload_bytes: usize,
+}
+
+/// One page of retained messages.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct RetainedList {
+    /// The messages, by topic.
+    pub data: Vec<RetainedSummary>,
+    /// Where this page is.
+    pub meta: PageMeta,
+}
+
+/// A retained message in full.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct RetainedMessage {
+    /// Topic.
+    pub topic: String,
+    /// QoS it was published with.
+    pub qos: u8,
+    /// The payload: as is if it is UTF-8 (`payload_encoding` `plain`), else in base64.
+    pub payload: String,
+    /// `plain` or `base64`.
+    pub payload_encoding: String,
+    /// Content type (MQTT 5), if the publisher set one.
+    pub content_type: Option<String>,
+}
+
+/// Lists retained messages matching a filter.
+#[utoipa::path(
+    get, path = "/api/v1/retained", tag = "retained", params(RetainedQuery),
+    responses(
+        (status = 200, description = "A page of retained messages, by topic", body = RetainedList),
+        (status = 400, description = "Invalid filter", body = ErrorBody),
+    )
+)]
+async fn list_retained(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<RetainedQuery>,
+) -> Result<Json<RetainedList>, ApiError> {
+    let filter = q.filter.as_deref().unwrap_or("#");
+    let filter = TopicFilter::try_from(filter)
+        .map_err(|e| ApiError::bad_request(format!("invalid topic filter: {e}")))?;
+    let mut messages = inner.retained.matching(&filter, crate::clock::now());
+    messages.sort_by(|a, b| a.topic.as_str().cmp(b.topic.as_str()));
+    let (page, meta) = paginate(messages, q.page, q.limit);
+    Ok(Json(RetainedList {
+        data: page
+            .iter()
+            .map(|m| RetainedSummary {
+                topic: m.topic.as_str().to_owned(),
+                qos: m.qos.bits(),
+                payload_bytes: m.payload.len(),
+            })
+            .collect(),
+        meta,
+    }))
+}
+
+fn topic(raw: &str) -> Result<TopicName, ApiError> {
+    TopicName::try_from(raw).map_err(|e| ApiError::bad_request(format!("invalid topic: {e}")))
+}
+
+/// Reads the retained message of a topic.
+#[utoipa::path(
+    get, path = "/api/v1/retained/{topic}", tag = "retained",
+    params(("topic" = String, Path, description = "Topic (its slashes as they are)")),
+    responses(
+        (status = 200, description = "The message", body = RetainedMessage),
+        (status = 404, description = "Nothing retained there", body = ErrorBody),
+    )
+)]
+async fn get_retained(
+    State(inner): State<Arc<Inner>>,
+    Path(raw): Path<String>,
+) -> Result<Json<RetainedMessage>, ApiError> {
+    let name = topic(&raw)?;
+    let message = inner
+        .retained
+        .get(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no retained message on {raw:?}")))?;
+    let (payload, payload_encoding) = match std::str::from_utf8(&message.payload) {
+        Ok(text) => (text.to_owned(), "plain"),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(&message.payload),
+            "base64",
+        ),
+    };
+    Ok(Json(RetainedMessage {
+        topic: message.topic.as_str().to_owned(),
+        qos: message.qos.bits(),
+        payload,
+        payload_encoding: payload_encoding.to_owned(),
+        content_type: message
+            .properties
+            .content_type
+            .as_ref()
+            .map(|c| c.to_string()),
+    }))
+}
+
+/// Deletes the retained message of a topic (as an empty retained PUBLISH would).
+#[utoipa::path(
+    delete, path = "/api/v1/retained/{topic}", tag = "retained",
+    params(("topic" = String, Path, description = "Topic (its slashes as they are)")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "Nothing retained there", body = ErrorBody),
+    )
+)]
+async fn delete_retained(
+    State(inner): State<Arc<Inner>>,
+    Path(raw): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let name = topic(&raw)?;
+    if inner.retained.get(&name).is_none() {
+        return Err(ApiError::not_found(format!(
+            "no retained message on {raw:?}"
+        )));
+    }
+    let empty = Arc::new(Message::new(
+        name,
+        bytes::Bytes::new(),
+        QoS::AtMostOnce,
+        true,
+    ));
+    let mut batch = Batch::direct(&*inner.storage);
+    // Deleting never passes a limit.
+    let _ = inner.retain(&empty, &mut batch);
+    // Nobody waits for the deletion to be durable: a crash may bring the message back.
+    let _ = batch.commit();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- Listeners, stats, publish --------------------------------------------------------------
+
+/// A listener.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct ListenerInfo {
+    /// The URL as configured (the listener's name in logs and in the client list).
+    pub url: String,
+    /// Its scheme: `tcp`, `tls`, `ws`, `wss`, `quic`, `http`, `relay` or `p2p`.
+    pub kind: String,
+    /// The address it is bound to.
+    pub addr: String,
+    /// Clients connected through it now.
+    pub clients: usize,
+}
+
+/// Lists the listeners with their bound addresses.
+#[utoipa::path(
+    get, path = "/api/v1/listeners", tag = "broker",
+    responses((status = 200, description = "The listeners, as configured", body = Vec<ListenerInfo>))
+)]
+async fn list_listeners(State(inner): State<Arc<Inner>>) -> Json<Vec<ListenerInfo>> {
+    let views = inner.session_views();
+    let listeners = inner.listeners.get().map(Vec::as_slice).unwrap_or_default();
+    Json(
+        listeners
+            .iter()
+            .map(|(l, addr)| ListenerInfo {
+                url: l.url.clone(),
+                kind: l.url.split("://").next().unwrap_or_default().to_owned(),
+                addr: addr.to_string(),
+                clients: views
+                    .iter()
+                    .filter(|v| v.conn().is_some_and(|c| *c.client.peer.listener == *l.url))
+                    .count(),
+            })
+            .collect(),
+    )
+}
+
+/// The broker's figures (the same as in `/metrics`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Seconds since the broker started.
+    pub uptime_seconds: u64,
+    /// Network connections open (MQTT listeners).
+    pub connections_open: i64,
+    /// Clients connected (CONNECT accepted).
+    pub clients_connected: i64,
+    /// Sessions held, connected or not.
+    pub sessions: i64,
+    /// Sessions that outlive their connection.
+    pub persistent_sessions: i64,
+    /// Subscriptions.
+    pub subscriptions: i64,
+    /// Retained messages.
+    pub retained_messages: i64,
+    /// Bytes of retained messages.
+    pub retained_bytes: i64,
+    /// PUBLISH packets received.
+    pub messages_received: u64,
+    /// PUBLISH packets sent.
+    pub messages_sent: u64,
+    /// Deliveries routed to sessions.
+    pub messages_routed: u64,
+    /// Deliveries dropped (full queues, expired, refused).
+    pub messages_dropped: u64,
+    /// Bytes received from clients.
+    pub bytes_received: u64,
+    /// Bytes sent to clients.
+    pub bytes_sent: u64,
+}
+
+/// The broker's figures.
+#[utoipa::path(
+    get, path = "/api/v1/stats", tag = "broker",
+    responses((status = 200, description = "Figures from the broker's metrics", body = Stats))
+)]
+async fn stats(State(inner): State<Arc<Inner>>) -> Json<Stats> {
+    inner.refresh_gauges();
+    let m = &inner.metrics;
+    Json(Stats {
+        uptime_seconds: crate::clock::now()
+            .saturating_duration_since(inner.started)
+            .as_secs(),
+        connections_open: m.connections_open.get(),
+        clients_connected: m.clients_connected.get(),
+        sessions: m.sessions.get(),
+        persistent_sessions: m.persistent_sessions.get(),
+        subscriptions: m.subscriptions.get(),
+        retained_messages: m.retained_messages.get(),
+        retained_bytes: m.retained_bytes.get(),
+        messages_received: m.messages_received.get(),
+        messages_sent: m.messages_sent.get(),
+        messages_routed: m.routed.get(),
+        messages_dropped: m.messages_dropped.get(),
+        bytes_received: m.bytes_received.get(),
+        bytes_sent: m.bytes_sent.get(),
+    })
+}
+
+/// A message to publish.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct PublishRequest {
+    /// Topic (no wildcards).
+    pub topic: String,
+    /// Payload, as `payload_encoding` says.
+    #[serde(default)]
+    pub payload: String,
+    /// `plain` (the default: the text as UTF-8) or `base64`.
+    #[serde(default)]
+    pub payload_encoding: Option<String>,
+    /// 0, 1 or 2 (default 0).
+    #[serde(default)]
+    pub qos: u8,
+    /// Whether to retain it.
+    #[serde(default)]
+    pub retain: bool,
+}
+
+/// What became of a publication.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct PublishResult {
+    /// Sessions it was handed to.
+    pub routed: usize,
+}
+
+/// Publishes a message as the broker, to every matching subscription (no ACL applies: the
+/// key's holder is the administrator).
+#[utoipa::path(
+    post, path = "/api/v1/publish", tag = "broker", request_body = PublishRequest,
+    responses(
+        (status = 200, description = "Published", body = PublishResult),
+        (status = 400, description = "Invalid topic, QoS or payload", body = ErrorBody),
+        (status = 422, description = "Refused: past the retained-message limits", body = ErrorBody),
+    )
+)]
+async fn publish(
+    State(inner): State<Arc<Inner>>,
+    body: Result<Json<PublishRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<PublishResult>, ApiError> {
+    let Json(request) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let name = topic(&request.topic)?;
+    let qos =
+        QoS::from_bits(request.qos).ok_or_else(|| ApiError::bad_request("qos is 0, 1 or 2"))?;
+    let payload = match request.payload_encoding.as_deref() {
+        None | Some("plain") => bytes::Bytes::from(request.payload.into_bytes()),
+        Some("base64") => base64::engine::general_purpose::STANDARD
+            .decode(request.payload.as_bytes())
+            .map(bytes::Bytes::from)
+            .map_err(|e| ApiError::bad_request(format!("payload is not base64: {e}")))?,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "payload_encoding {other:?}: use plain or base64"
+            )))
+        }
+    };
+    let message = Arc::new(Message::new(name, payload, qos, request.retain));
+    let now = crate::clock::now();
+    let mut batch = Batch::direct(&*inner.storage);
+    if message.retain && inner.config.retain_available {
+        if let Err(refused) = inner.retain(&message, &mut batch) {
+            inner.metrics.limit_refused(refused.label(), 1);
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "refused",
+                format!("not retained: {}", refused.label()),
+            ));
+        }
+    }
+    inner.metrics.messages_received.inc();
+    let routed = inner.route_in(now, &message, None, &mut batch);
+    // The sessions that got stored copies wait for them themselves.
+    let _ = batch.commit();
+    Ok(Json(PublishResult { routed }))
+}
+
+// ---- OpenAPI --------------------------------------------------------------------------------
+
+/// The API's OpenAPI document, from the handlers' annotations.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "mqttd admin API",
+        version = "1",
+        description = "Administration of an mqttd broker. Every path needs `Authorization: Bearer KEY` (keys: `mqttd api-key create NAME`). Errors are JSON: `{\"code\": ..., \"message\": ...}`."
+    ),
+    paths(
+        list_clients, get_client, kick_client, client_subscriptions, list_sessions, get_session,
+        discard_session, list_retained, get_retained, delete_retained, list_listeners, stats, publish
+    ),
+    components(schemas(ErrorBody, PageMeta)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+/// Declares the bearer-key security scheme the document's `security` names.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document (3.1) of this API.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi_document())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_cover_the_list_once_and_say_whether_more_follow() {
+        let (data, meta) = paginate((0..25).collect(), Some(3), Some(10));
+        assert_eq!(data, (20..25).collect::<Vec<_>>());
+        assert_eq!(
+            (meta.page, meta.limit, meta.count, meta.has_next),
+            (3, 10, 25, false)
+        );
+        let (data, meta) = paginate((0..25).collect::<Vec<i32>>(), None, None);
+        assert_eq!((data.len(), meta.has_next), (25, false));
+        let (data, meta) = paginate((0..25).collect::<Vec<i32>>(), Some(0), Some(0));
+        assert_eq!(
+            (data, meta.page, meta.limit, meta.has_next),
+            (vec![0], 1, 1, true)
+        );
+        let (data, meta) = paginate(
+            (0..5).collect::<Vec<i32>>(),
+            Some(usize::MAX),
+            Some(MAX_LIMIT + 1),
+        );
+        assert_eq!(
+            (data.len(), meta.limit, meta.has_next),
+            (0, MAX_LIMIT, false)
+        );
+    }
+
+    #[test]
+    fn the_document_lists_every_path_with_the_bearer_scheme() {
+        let doc = serde_json::to_value(openapi_document()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for path in [
+            "/api/v1/clients",
+            "/api/v1/clients/{client_id}",
+            "/api/v1/clients/{client_id}/subscriptions",
+            "/api/v1/sessions",
+            "/api/v1/sessions/{client_id}",
+            "/api/v1/retained",
+            "/api/v1/retained/{topic}",
+            "/api/v1/listeners",
+            "/api/v1/stats",
+            "/api/v1/publish",
+        ] {
+            assert!(paths.contains_key(path), "{path} missing");
+        }
+        assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+        assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+    }
+}

@@ -1,0 +1,495 @@
+//! The admin API of the real binary, over HTTP on its `http://` listener: keys (no key, a
+//! wrong key, the limit on failures per source address), `mqttd api-key create`, the client
+//! list, a client's details and its kick (DISCONNECT 0x98 for MQTT 5, a plain close for
+//! 3.1.1), retained messages, publishing, and the OpenAPI document.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpSocket;
+
+use mqttd_proto::{Packet, ProtocolVersion, QoS, ReasonCode};
+use support::{encode, session_connect_packet, subscribe_packet, Broker, RawConn, Received};
+
+/// A hang bound for one step.
+const STEP: Duration = Duration::from_secs(30);
+/// The failures in a row a source may make before it is answered 429 (the broker's default).
+const BURST: usize = 10;
+
+/// An HTTP answer.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.head, self.body))
+    }
+}
+
+/// One HTTP/1.1 request from `from` (a loopback address), with `key` as bearer token.
+async fn request(
+    addr: SocketAddr,
+    from: IpAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+) -> Answer {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(from, 0))
+        .expect("bind the source");
+    let mut stream = tokio::time::timeout(STEP, socket.connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect to the HTTP listener");
+    let mut text = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(key) = key {
+        text.push_str(&format!("Authorization: Bearer {key}\r\n"));
+    }
+    match body {
+        Some(body) => text.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )),
+        None => text.push_str("\r\n"),
+    }
+    stream.write_all(text.as_bytes()).await.expect("send");
+    let mut response = Vec::new();
+    tokio::time::timeout(STEP, stream.read_to_end(&mut response))
+        .await
+        .expect("answer in time")
+        .expect("read the answer");
+    let response = String::from_utf8(response).expect("UTF-8 answer");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    // Bodies here are small and sent whole with a length, or chunked in one chunk.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body.split_once("\r\n")
+            .map(|(_, rest)| rest.rsplit_once("\r\n0\r\n").map_or(rest, |(b, _)| b))
+            .unwrap_or_default()
+            .to_owned()
+    } else {
+        body.to_owned()
+    };
+    Answer {
+        status,
+        head: head.to_owned(),
+        body,
+    }
+}
+
+fn localhost() -> IpAddr {
+    "127.0.0.1".parse().unwrap()
+}
+
+async fn get(broker: &Broker, path: &str, key: &str) -> Answer {
+    request(broker.http, localhost(), "GET", path, Some(key), None).await
+}
+
+#[tokio::test]
+async fn no_key_or_a_wrong_key_is_refused_and_failures_are_limited_per_source() {
+    let broker = Broker::start("");
+    let key = broker
+        .api_key
+        .clone()
+        .expect("the first start printed a key");
+    let http = broker.http;
+    let lo = localhost();
+
+    let answer = request(http, lo, "GET", "/api/v1/clients", None, None).await;
+    assert_eq!(answer.status, 401, "{answer:?}");
+    assert_eq!(answer.json()["code"], "unauthorized");
+    assert!(
+        answer
+            .head
+            .to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{answer:?}"
+    );
+    // Not only the known paths: nothing under /api/ is answered without a key.
+    let answer = request(http, lo, "GET", "/api/v1/nothing", None, None).await;
+    assert_eq!(answer.status, 401);
+    // Health and metrics stay open.
+    assert_eq!(
+        request(http, lo, "GET", "/health", None, None).await.status,
+        200
+    );
+    assert_eq!(
+        request(http, lo, "GET", "/metrics", None, None)
+            .await
+            .status,
+        200
+    );
+
+    // A wrong key: 401 for the first BURST attempts, then 429 (tokens come back every few
+    // seconds, so a slow machine may get a few more 401s first; never fewer).
+    let mut statuses = Vec::new();
+    for _ in 0..BURST * 2 {
+        let answer = request(
+            http,
+            lo,
+            "GET",
+            "/api/v1/clients",
+            Some("mqttd_wrong"),
+            None,
+        )
+        .await;
+        statuses.push(answer.status);
+        if answer.status == 429 {
+            assert_eq!(answer.json()["code"], "rate_limited");
+            assert!(answer.head.to_ascii_lowercase().contains("retry-after:"));
+            break;
+        }
+        assert_eq!(answer.status, 401, "{answer:?}");
+        assert_eq!(answer.json()["code"], "unauthorized");
+    }
+    assert!(
+        statuses.len() > BURST && statuses.last() == Some(&429),
+        "statuses: {statuses:?}"
+    );
+    // Limited, even with the right key, from that address...
+    let answer = request(http, lo, "GET", "/api/v1/clients", Some(&key), None).await;
+    assert_eq!(answer.status, 429);
+    // ... while another address is not concerned.
+    let other: IpAddr = "127.0.0.2".parse().unwrap();
+    let answer = request(http, other, "GET", "/api/v1/clients", Some(&key), None).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    broker.stop();
+}
+
+#[tokio::test]
+async fn a_created_key_lists_shows_and_kicks_real_clients() {
+    let mut broker = Broker::configured("", &[]);
+    // A key created before the first start: then the broker creates none of its own.
+    std::fs::create_dir_all(broker.data_dir()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args(["api-key", "create", "ops", "--data-dir"])
+        .arg(broker.data_dir())
+        .output()
+        .expect("run mqttd api-key create");
+    assert!(out.status.success(), "{out:?}");
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("mqttd_"), "{key}");
+    broker.restart();
+    assert_eq!(broker.api_key, None, "a second key was created");
+
+    // The key file: private, and only hashes in it.
+    let file = broker.data_dir().join("api-keys");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains(&key) && !text.contains(&key["mqttd_".len()..]));
+    assert!(text.contains("ops "));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+
+    let mut v5 = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "kick-me").await;
+    v5.send(&encode(
+        ProtocolVersion::V5,
+        &subscribe_packet(1, "a/#", QoS::AtLeastOnce),
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(v5.recv(STEP).await, Received::Packet(p) if matches!(*p, Packet::SubAck(_))));
+    let mut v311 = RawConn::connected(broker.mqtt, ProtocolVersion::V3_1_1, "kick-old").await;
+    let _bystander = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "other").await;
+
+    // The list, filtered and paginated.
+    let list = get(&broker, "/api/v1/clients?client_id_prefix=kick", &key).await;
+    assert_eq!(list.status, 200, "{list:?}");
+    let list = list.json();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["client_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["kick-me", "kick-old"]);
+    assert_eq!(list["meta"]["count"], 2);
+    let first = &list["data"][0];
+    assert_eq!(first["connected"], true);
+    assert_eq!(first["transport"], "tcp");
+    assert_eq!(first["protocol_version"], "5.0");
+    assert_eq!(first["subscriptions"], 1);
+    assert!(first["peer_addr"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    let page = get(&broker, "/api/v1/clients?limit=1&page=2", &key)
+        .await
+        .json();
+    assert_eq!(page["data"][0]["client_id"], "kick-old");
+    assert_eq!(page["meta"]["has_next"], true);
+    let none = get(&broker, "/api/v1/clients?transport=ws", &key)
+        .await
+        .json();
+    assert_eq!(none["meta"]["count"], 0);
+    let offline = get(&broker, "/api/v1/clients?connected=false", &key)
+        .await
+        .json();
+    assert_eq!(offline["meta"]["count"], 0);
+
+    // One client in full.
+    let client = get(&broker, "/api/v1/clients/kick-me", &key).await;
+    assert_eq!(client.status, 200, "{client:?}");
+    let client = client.json();
+    assert_eq!(client["keep_alive"], 60);
+    assert_eq!(client["clean_start"], true);
+    assert_eq!(client["subscription_list"][0]["filter"], "a/#");
+    assert_eq!(client["subscription_list"][0]["qos"], 1);
+    assert!(client["bytes_in"].as_u64().unwrap() > 0);
+    assert!(client["bytes_out"].as_u64().unwrap() > 0);
+    let subs = get(&broker, "/api/v1/clients/kick-me/subscriptions", &key)
+        .await
+        .json();
+    assert_eq!(subs[0]["filter"], "a/#");
+
+    // Kick the MQTT 5 client: DISCONNECT 0x98, and its session (expiry 0) is gone.
+    let kicked = request(
+        broker.http,
+        localhost(),
+        "DELETE",
+        "/api/v1/clients/kick-me",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(kicked.status, 204, "{kicked:?}");
+    let packets = v5.until_closed(STEP).await.expect("closed");
+    assert!(
+        matches!(packets.as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::AdministrativeAction),
+        "{packets:?}"
+    );
+    broker
+        .eventually(STEP, "the kicked client leaves the list", || async {
+            let list = get(&broker, "/api/v1/clients", &key).await.json();
+            let ids: Vec<String> = list["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["client_id"].as_str().unwrap().to_owned())
+                .collect();
+            (!ids.iter().any(|i| i == "kick-me")).then_some(ids)
+        })
+        .await;
+    let gone = get(&broker, "/api/v1/clients/kick-me", &key).await;
+    assert_eq!(gone.status, 404);
+    assert_eq!(gone.json()["code"], "not_found");
+
+    // An MQTT 3.1.1 client is closed without a DISCONNECT (3.1.1 has none from the server).
+    let kicked = request(
+        broker.http,
+        localhost(),
+        "DELETE",
+        "/api/v1/clients/kick-old",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(kicked.status, 204);
+    let packets = v311.until_closed(STEP).await.expect("closed");
+    assert!(packets.is_empty(), "{packets:?}");
+    // A persistent session outlives its kicked connection: it stays, offline.
+    let mut keeper = RawConn::open(broker.mqtt, ProtocolVersion::V5).await;
+    keeper
+        .send(&encode(
+            ProtocolVersion::V5,
+            &session_connect_packet(ProtocolVersion::V5, "keeper", Some(3600)),
+        ))
+        .await
+        .unwrap();
+    assert!(
+        matches!(keeper.recv(STEP).await, Received::Packet(p) if matches!(*p, Packet::ConnAck(_)))
+    );
+    let kicked = request(
+        broker.http,
+        localhost(),
+        "DELETE",
+        "/api/v1/clients/keeper",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(kicked.status, 204);
+    keeper.until_closed(STEP).await.expect("closed");
+    let session = broker
+        .eventually(STEP, "the kept session goes offline", || async {
+            let session = get(&broker, "/api/v1/sessions/keeper", &key).await.json();
+            (session["state"] == "offline").then_some(session)
+        })
+        .await;
+    assert_eq!(session["persistent"], true);
+    assert_eq!(session["expiry_interval"], 3600);
+    let offline = get(&broker, "/api/v1/sessions?connected=false", &key)
+        .await
+        .json();
+    assert_eq!(offline["data"][0]["client_id"], "keeper");
+    // Kicking it again: nobody is connected.
+    let again = request(
+        broker.http,
+        localhost(),
+        "DELETE",
+        "/api/v1/clients/keeper",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(again.status, 409);
+    assert_eq!(again.json()["code"], "not_connected");
+    // A connected client's session cannot be discarded; an offline one can, and is gone.
+    let refused = request(
+        broker.http,
+        localhost(),
+        "DELETE",
+        "/api/v1/sessions/other",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(refused.status, 409);
+    assert_eq!(refused.json()["code"], "connected");
+    let discarded = request(
+        broker.http,
+        localhost(),
+        "DELETE",
+        "/api/v1/sessions/keeper",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(discarded.status, 204, "{discarded:?}");
+    assert_eq!(
+        get(&broker, "/api/v1/sessions/keeper", &key).await.status,
+        404
+    );
+
+    let unknown = request(
+        broker.http,
+        localhost(),
+        "DELETE",
+        "/api/v1/clients/nobody",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json()["code"], "not_found");
+    broker.stop();
+}
+
+#[tokio::test]
+async fn retained_messages_publishing_listeners_stats_and_the_openapi_document() {
+    let broker = Broker::start("");
+    let key = broker
+        .api_key
+        .clone()
+        .expect("the first start printed a key");
+    let post = |path: &'static str, body: &'static str| {
+        let key = key.clone();
+        let http = broker.http;
+        async move { request(http, localhost(), "POST", path, Some(&key), Some(body)).await }
+    };
+
+    let doc = get(&broker, "/api/v1/openapi.json", &key).await;
+    assert_eq!(doc.status, 200);
+    let doc = doc.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/api/v1/clients",
+        "/api/v1/clients/{client_id}",
+        "/api/v1/retained/{topic}",
+        "/api/v1/publish",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing");
+    }
+
+    // Publish a retained message, read it, list it, delete it.
+    let published = post(
+        "/api/v1/publish",
+        r#"{"topic":"site/1/state","payload":"up","qos":1,"retain":true}"#,
+    )
+    .await;
+    assert_eq!(published.status, 200, "{published:?}");
+    let read = get(&broker, "/api/v1/retained/site/1/state", &key).await;
+    assert_eq!(read.status, 200, "{read:?}");
+    let read = read.json();
+    assert_eq!(
+        (read["payload"].as_str(), read["qos"].as_u64()),
+        (Some("up"), Some(1))
+    );
+    let binary = post(
+        "/api/v1/publish",
+        r#"{"topic":"site/2/raw","payload":"/wA=","payload_encoding":"base64","retain":true}"#,
+    )
+    .await;
+    assert_eq!(binary.status, 200);
+    let raw = get(&broker, "/api/v1/retained/site/2/raw", &key)
+        .await
+        .json();
+    assert_eq!(
+        (raw["payload"].as_str(), raw["payload_encoding"].as_str()),
+        (Some("/wA="), Some("base64"))
+    );
+    let list = get(&broker, "/api/v1/retained?filter=site/%2B/state", &key)
+        .await
+        .json();
+    assert_eq!(list["meta"]["count"], 1);
+    assert_eq!(list["data"][0]["topic"], "site/1/state");
+    let deleted = request(
+        broker.http,
+        localhost(),
+        "DELETE",
+        "/api/v1/retained/site/1/state",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(deleted.status, 204);
+    assert_eq!(
+        get(&broker, "/api/v1/retained/site/1/state", &key)
+            .await
+            .status,
+        404
+    );
+
+    // Bad requests say why, with a code.
+    let bad = post("/api/v1/publish", r#"{"topic":"a/#","payload":"x"}"#).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["code"], "bad_request");
+    let bad = post("/api/v1/publish", "not json").await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["code"], "bad_request");
+
+    let listeners = get(&broker, "/api/v1/listeners", &key).await.json();
+    let kinds: Vec<&str> = listeners
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["tcp", "ws", "http"]);
+    assert_eq!(listeners[0]["addr"], broker.mqtt.to_string());
+
+    let stats = get(&broker, "/api/v1/stats", &key).await.json();
+    // site/2/raw, and the $SYS topics.
+    assert!(stats["retained_messages"].as_u64().unwrap() >= 1);
+    assert!(stats["messages_received"].as_u64().unwrap() >= 2);
+    broker.stop();
+}
