@@ -1,7 +1,8 @@
 """Fixtures: one mqttd for the module, and one headless Chromium driven through chromium-driver.
 
 * `broker`: starts `$MQTTD_BIN` with `tcp://` and `http://` listeners on port 0, anonymous
-  clients allowed, in a fresh data directory; reads the bound ports from its `mqttd listening on`
+  clients allowed, in a fresh data directory, with one bridge (`BRIDGE`) to a remote broker that
+  is not there (port 1), so that the bridges section has a real bridge to show; reads the bound ports from its `mqttd listening on`
   lines and the admin API key it prints on its first start (`mqttd api key admin KEY`).
   `broker.api(method, path)` calls the admin API with that key. At teardown it sends SIGTERM and
   asserts a clean exit.
@@ -33,6 +34,17 @@ TIMEOUT = 30.0
 
 os.environ.setdefault("SE_OFFLINE", "true")
 
+# A bridge whose remote broker never answers: it stays "connecting", reconnecting slowly.
+BRIDGE = "uplink"
+BRIDGE_TOML = f"""
+[[bridge]]
+name = "{BRIDGE}"
+urls = ["mqtt://127.0.0.1:1"]
+topics = ["dash/bridge/# out 1"]
+reconnect_min = 1
+reconnect_max = 5
+"""
+
 
 def mqttd_bin() -> str:
     path = os.environ.get("MQTTD_BIN")
@@ -55,8 +67,10 @@ class Broker:
         self.workdir = workdir
         self.log_path = workdir / "mqttd.log"
         self.log = open(self.log_path, "wb")
+        config = workdir / "mqttd.toml"
+        config.write_text(BRIDGE_TOML)
         cmd = [mqttd_bin(), "--listen", "tcp://127.0.0.1:0", "--listen", "http://127.0.0.1:0",
-               "--data-dir", str(workdir / "data"), "--allow-anonymous"]
+               "--data-dir", str(workdir / "data"), "--allow-anonymous", "--config", str(config)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, bufsize=0)
         self.ports: dict[str, int] = {}
         self.key: str | None = None

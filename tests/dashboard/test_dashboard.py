@@ -16,7 +16,7 @@ from selenium.common.exceptions import (ElementClickInterceptedException,
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import TIMEOUT
+from conftest import BRIDGE, TIMEOUT
 
 KEY_STORAGE = "mqttd.apiKey"
 FLAKY = (NoSuchElementException, StaleElementReferenceException,
@@ -188,8 +188,11 @@ def test_listeners_and_the_network_page(browser, broker, screenshot):
     screenshot("08-listeners")
 
     go(browser, "network")
-    # No bridge configured: the page says so rather than showing anything made up.
-    wait(browser, lambda d: shown(d, "bridges-none"), "the no-bridge note")
+    # The configured bridge, whose remote broker is not there: not connected, retrying.
+    row = wait(browser, lambda d: shown(d, "bridge-row", f'[data-bridge="{BRIDGE}"]'),
+               "the bridge's row")
+    wait(browser, lambda d: "connecting" in row.text and "mqtt://127.0.0.1:1" in row.text,
+         "the bridge's state and remote broker")
     wait(browser, lambda d: "No p2p:// or relay:// listener" in find(d, "p2p-listeners").text,
          "the note that no peer-to-peer listener is configured")
     wait(browser, lambda d: "Handshakes" in find(d, "quic-figures").text, "the QUIC figures")
@@ -208,9 +211,9 @@ def test_dark_mode_and_a_phone_sized_window(browser, broker, screenshot):
             "return getComputedStyle(document.body).backgroundColor")
         channels = [int(c) for c in re.findall(r"\d+", background)[:3]]
         assert max(channels) < 64, f"dark mode background is {background}"
-        wait(browser, lambda d: re.search(r"clients 1\b",
-                                          d.find_element(By.ID, "legend-connections").text),
-             "the connections chart to show the connected client")
+        wait(browser, lambda d: re.search(r"tcp 1\b",
+                                          d.find_element(By.ID, "legend-transports").text),
+             "the transports chart to show the client connected over TCP")
         screenshot("10-overview-dark")
         go(browser, "clients")
         wait(browser, lambda d: "dash-sub-2" in rows(d, "client-row", "data-client-id"),

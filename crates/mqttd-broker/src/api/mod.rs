@@ -921,6 +921,34 @@ pub struct Stats {
     pub quic: QuicStats,
     /// The `p2p://` listener's figures.
     pub p2p: P2pStats,
+    /// The bridges running, by name (none unless `[[bridge]]` tables are configured).
+    pub bridges: Vec<BridgeStats>,
+}
+
+/// A bridge's figures (as `mqttd_bridge_*` in `/metrics`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct BridgeStats {
+    /// Its name (`[[bridge]]` `name`).
+    pub name: String,
+    /// Its session's client id in this broker (`$bridge/NAME`).
+    pub local_client_id: String,
+    /// The remote broker's URLs, tried in order (passwords left out).
+    pub urls: Vec<String>,
+    /// Its topic rules.
+    pub topics: usize,
+    /// Whether it is connected to its remote broker now.
+    pub connected: bool,
+    /// Messages from the remote broker published here.
+    pub messages_in: u64,
+    /// Messages the remote broker took.
+    pub messages_out: u64,
+    /// Messages it dropped.
+    pub messages_dropped: u64,
+    /// Connection attempts after its first.
+    pub reconnects: u64,
+    /// Messages its session holds for the remote broker.
+    pub queued: i64,
 }
 
 /// The QUIC listeners' figures (as `mqttd_quic_*` in `/metrics`).
@@ -1010,6 +1038,28 @@ async fn stats(State(inner): State<Arc<Inner>>) -> Json<Stats> {
             handshake_failures: m.p2p_handshake_failures.get(),
             pings: m.p2p_pings.get(),
         },
+        bridges: inner
+            .bridges
+            .running()
+            .iter()
+            .map(|b| {
+                let bm = m.bridge(&b.name);
+                BridgeStats {
+                    name: b.name.clone(),
+                    local_client_id: crate::bridge::config::local_client_id(&b.name)
+                        .as_str()
+                        .to_owned(),
+                    urls: b.urls.iter().map(ToString::to_string).collect(),
+                    topics: b.topics.len(),
+                    connected: bm.up.get() > 0,
+                    messages_in: bm.messages_in.get(),
+                    messages_out: bm.messages_out.get(),
+                    messages_dropped: bm.messages_dropped.get(),
+                    reconnects: bm.reconnects.get(),
+                    queued: bm.queued.get(),
+                }
+            })
+            .collect(),
     })
 }
 
@@ -1185,7 +1235,13 @@ mod tests {
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
         assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
         let stats = &doc["components"]["schemas"]["Stats"]["properties"];
-        for field in ["clients_by_transport", "messages_dropped", "quic", "p2p"] {
+        for field in [
+            "clients_by_transport",
+            "messages_dropped",
+            "quic",
+            "p2p",
+            "bridges",
+        ] {
             assert!(stats[field].is_object(), "Stats.{field} missing");
         }
     }

@@ -61,6 +61,9 @@ function fmtBytes(n) {
   }
   return `${i === 0 ? n : n.toFixed(1)} ${units[i]}`;
 }
+function plural(n, one, many) {
+  return `${fmtNum(n)} ${n === 1 ? one : many}`;
+}
 function fmtDuration(s) {
   if (s === null || s === undefined) return "–";
   const d = Math.floor(s / 86400);
@@ -84,7 +87,7 @@ function fmtTime(unix) {
 function toast(message, bad = false) {
   const el = h("div", { class: bad ? "toast bad" : "toast", testid: "toast" }, message);
   $("toasts").append(el);
-  setTimeout(() => el.remove(), bad ? 8000 : 4000);
+  setTimeout(() => el.remove(), bad ? 8000 : 3000);
 }
 
 /** Asks the user to confirm in the page's dialog; resolves to true or false. */
@@ -316,7 +319,7 @@ function renderOverview() {
   const outRate = rates((x) => x.messages_sent);
   const dropRate = rates((x) => x.messages_dropped);
   $("figures").replaceChildren(
-    figure("Clients connected", fmtNum(s.clients_connected), `${fmtNum(s.connections_open)} connections open`, "figure-clients"),
+    figure("Clients connected", fmtNum(s.clients_connected), plural(s.connections_open, "connection open", "connections open"), "figure-clients"),
     figure("Sessions", fmtNum(s.sessions), `${fmtNum(s.persistent_sessions)} persistent`, "figure-sessions"),
     figure("Subscriptions", fmtNum(s.subscriptions), null, "figure-subscriptions"),
     figure("Retained", fmtNum(s.retained_messages), fmtBytes(s.retained_bytes), "figure-retained"),
@@ -364,7 +367,8 @@ function drawChart(id, series) {
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
   ctx.clearRect(0, 0, width, height);
 
-  const max = Math.max(1, ...series.flatMap((s) => s.values));
+  // Some room above the highest point, so that a flat line is not drawn on the frame.
+  const max = Math.max(1, ...series.flatMap((s) => s.values)) * 1.15;
   const top = niceCeil(max);
   const left = 44;
   const right = 8;
@@ -405,6 +409,13 @@ function drawChart(id, series) {
     s.values.forEach((v, i) => (i ? ctx.lineTo(x(i), y(v)) : ctx.moveTo(x(i), y(v))));
     ctx.stroke();
     const now = last(s.values);
+    if (now !== null) {
+      // The latest point, visible even before there is a line.
+      ctx.fillStyle = ctx.strokeStyle;
+      ctx.beginPath();
+      ctx.arc(x(s.values.length - 1), y(now), 3, 0, 2 * Math.PI);
+      ctx.fill();
+    }
     legend.push(
       h("span", {}, h("i", { class: `swatch-${color}` }), `${s.name} ${s.rate ? fmtRate(now) : fmtNum(now)}`),
     );
@@ -457,7 +468,7 @@ async function loadClients() {
       h("td", {}, c.transport || "–"),
       h("td", { class: "hide-s mono" }, c.peer_addr || "–"),
       h("td", { class: "hide-s" }, c.protocol_version || "–"),
-      h("td", { class: "hide-s" }, c.connected ? fmtAgo(c.connected_at) : fmtAgo(c.disconnected_at)),
+      h("td", { class: "hide-s nowrap" }, c.connected ? fmtAgo(c.connected_at) : fmtAgo(c.disconnected_at)),
       h("td", { class: "num" }, fmtNum(c.subscriptions)),
       h("td", { class: "num" }, fmtNum(c.queued)),
       h(
@@ -744,10 +755,7 @@ async function loadListeners() {
 // ---- QUIC, peer to peer, bridges -----------------------------------------------------------
 
 async function loadNetwork() {
-  const [listeners, bridges] = await Promise.all([
-    api("listeners"),
-    api(`clients?${new URLSearchParams({ transport: "bridge", limit: "1000" })}`),
-  ]);
+  const listeners = await api("listeners");
   const s = state.stats || (await api("stats"));
   const q = s.quic || {};
   const loss = q.sent_packets ? `${((100 * q.lost_packets) / q.sent_packets).toFixed(2)} % lost` : null;
@@ -801,26 +809,50 @@ async function loadNetwork() {
       : h("p", { class: "muted" }, "No p2p:// or relay:// listener is configured."),
   );
 
+  const bridges = s.bridges || [];
   $("bridges").replaceChildren(
-    bridges.data.length
+    bridges.length
       ? h(
           "div",
           { class: "table-wrap" },
           h(
             "table",
             { testid: "bridges-table" },
-            h("thead", {}, h("tr", {}, h("th", {}, "Bridge session"), h("th", {}, "State"), h("th", { class: "num" }, "Subscriptions"), h("th", { class: "num" }, "Queued"))),
+            h(
+              "thead",
+              {},
+              h(
+                "tr",
+                {},
+                h("th", {}, "Bridge"),
+                h("th", {}, "State"),
+                h("th", {}, "Remote broker"),
+                h("th", { class: "num" }, "In"),
+                h("th", { class: "num" }, "Out"),
+                h("th", { class: "num" }, "Dropped"),
+                h("th", { class: "num" }, "Queued"),
+                h("th", { class: "num" }, "Reconnects"),
+              ),
+            ),
             h(
               "tbody",
               {},
-              bridges.data.map((b) =>
+              bridges.map((b) =>
                 h(
                   "tr",
-                  { testid: "bridge-row" },
-                  h("td", { class: "id" }, b.client_id),
-                  h("td", {}, b.connected ? h("span", { class: "badge ok" }, "running") : h("span", { class: "badge" }, "offline")),
-                  h("td", { class: "num" }, fmtNum(b.subscriptions)),
+                  { testid: "bridge-row", "data-bridge": b.name },
+                  h("td", { class: "id", title: `session ${b.local_client_id}, ${b.topics} topic rules` }, b.name),
+                  h(
+                    "td",
+                    {},
+                    b.connected ? h("span", { class: "badge ok" }, "connected") : h("span", { class: "badge warn" }, "connecting"),
+                  ),
+                  h("td", { class: "mono" }, b.urls.join(", ")),
+                  h("td", { class: "num" }, fmtNum(b.messages_in)),
+                  h("td", { class: "num" }, fmtNum(b.messages_out)),
+                  h("td", { class: "num" }, fmtNum(b.messages_dropped)),
                   h("td", { class: "num" }, fmtNum(b.queued)),
+                  h("td", { class: "num" }, fmtNum(b.reconnects)),
                 ),
               ),
             ),
@@ -829,7 +861,7 @@ async function loadNetwork() {
       : h(
           "p",
           { class: "muted", testid: "bridges-none" },
-          "No bridge is running. Bridges appear here when configured ([[bridge]] in the configuration file): each one's session in this broker, with its subscriptions and queue.",
+          "No bridge is configured. Bridges appear here when the configuration file has [[bridge]] tables: each one's state, remote broker and message counts.",
         ),
   );
 }
