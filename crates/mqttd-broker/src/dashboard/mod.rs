@@ -196,11 +196,7 @@ mod tests {
             assert_eq!(header(&headers, "content-security-policy"), Some(CSP));
             assert!(!body.is_empty());
         }
-        for path in [
-            "/dashboard/index.html",
-            "/dashboard/nothing.js",
-            "/dashboard/",
-        ] {
+        for path in ["/dashboard/index.html", "/dashboard/nothing.js"] {
             let (status, headers, _) = get(path).await;
             assert!(status.contains(" 404 "), "{path}: {status}");
             assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"));
