@@ -2,7 +2,8 @@
 # The project's one test command; CI runs it through .ci/run on a fresh clone.
 #
 # It installs what it needs, then checks formatting, runs clippy with warnings denied, the test
-# suite (doc tests, then cargo nextest), the interoperability suite, the NAT lab (as root, with
+# suite (doc tests, then cargo nextest), the interoperability suite, the dashboard in headless
+# Chromium (screenshots in target/dashboard-screenshots/), the NAT lab (as root, with
 # the mqttd binary those built), rustdoc with warnings denied, checks that the protocol core
 # depends on no async runtime, replays the fuzz corpus and checks the fuzz seeds, and runs every
 # fuzz target in fuzz/fuzz_targets/.
@@ -77,6 +78,9 @@ need_apt mosquitto mosquitto-clients
 # installs its own (mosquitto-clients, and paho-mqtt and pytest in target/interop-venv).
 # The Rust TLS tests run mosquitto_pub/mosquitto_sub against the generated CA.
 need_apt mosquitto-clients
+# The dashboard's browser test (tests/dashboard) drives Debian's headless Chromium through
+# chromium-driver; nothing is downloaded by the browser tooling at test time.
+need_apt chromium chromium-driver
 # ngtcp2's example HTTP/3 client (gtlsclient) fetches /health and /metrics from the QUIC
 # listener, moving address and updating keys (crates/mqttd/tests/http3.rs).
 need_apt ngtcp2-client
@@ -136,6 +140,20 @@ section "interoperability with real clients (paho-mqtt, mosquitto-clients)"
 # Installs Debian's mosquitto-clients and the Python packages it needs, builds the broker and
 # runs the suite against a fresh broker per test.
 bash tests/interop/run.sh
+
+dashboard_budget=180
+section "the dashboard in headless Chromium (budget ${dashboard_budget}s)"
+# Against the debug broker built above: signs in (a wrong key refused), sees a client connected
+# with mosquitto_sub appear and kicks it, deletes a retained message published with
+# mosquitto_pub, looks at every page in light and dark and in a phone-sized window. A screenshot
+# of each page is kept in target/dashboard-screenshots/, the run's artifact. It does not skip: a
+# browser that cannot start fails the run.
+bash tests/dashboard/run.sh
+dashboard_took=$((SECONDS - section_started))
+echo "dashboard: ${dashboard_took}s (budget ${dashboard_budget}s); screenshots in target/dashboard-screenshots/"
+if ((dashboard_took > dashboard_budget)); then
+    echo "warning: the dashboard test took ${dashboard_took}s, over its ${dashboard_budget}s budget"
+fi
 
 natlab_budget=300
 section "NAT lab: router types, hole punching, and mqttd peer to peer in network namespaces (budget ${natlab_budget}s)"

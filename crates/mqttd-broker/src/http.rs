@@ -1,4 +1,5 @@
-//! The HTTP endpoint: Prometheus metrics, a health check, and the admin API (`crate::api`).
+//! The HTTP endpoint: Prometheus metrics, a health check, the admin API (`crate::api`) and
+//! the dashboard that uses it (`crate::dashboard`, at `/`).
 //!
 //! What each path answers is computed here, in [`Page::reply`], for both transports that serve
 //! it: this endpoint over HTTP/1.1 and the QUIC listener over HTTP/3 (`http3`).
@@ -100,7 +101,8 @@ pub(crate) async fn run(inner: Arc<Inner>, listener: TcpListener) {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .with_state(inner.clone())
-        .nest("/api", crate::api::router(inner));
+        .nest("/api", crate::api::router(inner))
+        .merge(crate::dashboard::router());
     // The API limits failed attempts per source address.
     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());

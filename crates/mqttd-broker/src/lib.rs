@@ -38,6 +38,7 @@ pub mod bridge;
 
 mod broker;
 pub mod config;
+mod dashboard;
 /// The broker's clock.
 pub(crate) mod clock {
     use std::time::Instant;

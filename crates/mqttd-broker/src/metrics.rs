@@ -8,6 +8,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+use crate::hooks::Transport;
+
 /// Counters and gauges the broker updates as it works. Each is a relaxed atomic, cheap enough
 /// for the routing path; the one histogram, `quic_rtt_seconds`, takes a lock, and is observed
 /// once per QUIC connection every `quic.stats_interval`.
@@ -26,6 +28,8 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// Clients connected (CONNACK sent) now.
     pub clients_connected: Gauge,
+    /// Clients connected now, by `transport`: see [`Self::clients_by_transport`].
+    clients_by_transport: ByTransport,
     /// PUBLISH packets received from clients.
     pub messages_received: Counter,
     /// PUBLISH packets sent to clients.
@@ -182,6 +186,7 @@ impl Default for Metrics {
             connections_refused: Counter = "Connections refused by connection limits",
             connections_open: Gauge = "Connections open now",
             clients_connected: Gauge = "Clients connected now",
+            clients_by_transport: ByTransport = "Clients connected now, by transport",
             messages_received: Counter = "PUBLISH packets received",
             messages_sent: Counter = "PUBLISH packets sent",
             routed: Counter = "Deliveries handed to sessions",
@@ -253,6 +258,12 @@ impl Default for Metrics {
             p2p_relay_latency_seconds: P2pRelayLatency =
                 "Round-trip time to each relay in the node's last net report",
         };
+        // Shown as 0 before anyone connects.
+        for transport in TRANSPORTS {
+            let _ = metrics
+                .clients_by_transport
+                .get_or_create(&[("transport", transport.as_str())]);
+        }
         // Shown as 0 before anything is refused.
         for limit in LIMITS {
             let _ = metrics.limit_refusals.get_or_create(&[("limit", limit)]);
@@ -261,6 +272,18 @@ impl Default for Metrics {
     }
 }
 
+/// `mqttd_clients_by_transport`, labelled by `transport`.
+type ByTransport = Family<[(&'static str, &'static str); 1], Gauge>;
+/// Every transport, in the order figures list them.
+const TRANSPORTS: [Transport; 7] = [
+    Transport::Tcp,
+    Transport::Tls,
+    Transport::WebSocket,
+    Transport::WebSocketTls,
+    Transport::Quic,
+    Transport::P2p,
+    Transport::Bridge,
+];
 /// `mqttd_limit_refusals_total`, labelled by `limit`.
 type LimitRefusals = Family<[(&'static str, &'static str); 1], Counter>;
 /// `mqttd_quic_datagrams_dropped_total`, labelled by `reason`.
@@ -312,6 +335,21 @@ const RTT_BUCKETS: [f64; 12] = [
 ];
 
 impl Metrics {
+    /// The gauge of clients connected over `transport` (moved with `clients_connected`).
+    pub(crate) fn clients_over(&self, transport: Transport) -> Gauge {
+        self.clients_by_transport
+            .get_or_create_owned(&[("transport", transport.as_str())])
+    }
+
+    /// Clients connected now over each transport (`tcp`, `tls`, `ws`, `wss`, `quic`, `p2p`,
+    /// `bridge`), every transport listed.
+    pub fn clients_by_transport(&self) -> Vec<(&'static str, i64)> {
+        TRANSPORTS
+            .iter()
+            .map(|t| (t.as_str(), self.clients_over(*t).get()))
+            .collect()
+    }
+
     /// The counter of QUIC datagrams dropped for `reason` (`short_unknown_version`: a long
     /// header of an unknown version under 1200 bytes, not answered; `amplification`: not sent
     /// to an address not yet validated, past three times what it sent; `tracking_full`: an

@@ -487,9 +487,21 @@ async fn retained_messages_publishing_listeners_stats_and_the_openapi_document()
     assert_eq!(kinds, ["tcp", "ws", "http"]);
     assert_eq!(listeners[0]["addr"], broker.mqtt.to_string());
 
+    // A client over TCP, counted by transport (it has its CONNACK: it is counted).
+    let _tcp = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "stats-tcp").await;
     let stats = get(&broker, "/api/v1/stats", &key).await.json();
     // site/2/raw, and the $SYS topics.
     assert!(stats["retained_messages"].as_u64().unwrap() >= 1);
     assert!(stats["messages_received"].as_u64().unwrap() >= 2);
+    let by_transport = &stats["clients_by_transport"];
+    assert_eq!(
+        (by_transport["tcp"].as_i64(), by_transport["ws"].as_i64()),
+        (Some(1), Some(0)),
+        "{stats}"
+    );
+    assert_eq!(by_transport.as_object().unwrap().len(), 7, "{stats}");
+    assert_eq!(stats["quic"]["connections"], 0);
+    assert_eq!(stats["p2p"]["connections_open"], 0);
+    assert_eq!(stats["bridges"], serde_json::json!([]));
     broker.stop();
 }

@@ -17,6 +17,7 @@
 mod keys;
 mod limit;
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -877,7 +878,7 @@ async fn list_listeners(State(inner): State<Arc<Inner>>) -> Json<Vec<ListenerInf
     )
 }
 
-/// The broker's figures (the same as in `/metrics`).
+/// The broker's figures (the same as in `/metrics`). Fields may be added.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[non_exhaustive]
 pub struct Stats {
@@ -909,6 +910,83 @@ pub struct Stats {
     pub bytes_received: u64,
     /// Bytes sent to clients.
     pub bytes_sent: u64,
+    /// Connections the listeners accepted.
+    pub connections_accepted: u64,
+    /// Connections refused before CONNECT by the connection limits.
+    pub connections_refused: u64,
+    /// Clients connected now by transport: `tcp`, `tls`, `ws`, `wss`, `quic`, `p2p`,
+    /// `bridge` (every one listed, 0 included).
+    pub clients_by_transport: BTreeMap<String, i64>,
+    /// The QUIC listeners' figures.
+    pub quic: QuicStats,
+    /// The `p2p://` listener's figures.
+    pub p2p: P2pStats,
+    /// The bridges running, by name (none unless `[[bridge]]` tables are configured).
+    pub bridges: Vec<BridgeStats>,
+}
+
+/// A bridge's figures (as `mqttd_bridge_*` in `/metrics`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct BridgeStats {
+    /// Its name (`[[bridge]]` `name`).
+    pub name: String,
+    /// Its session's client id in this broker (`$bridge/NAME`).
+    pub local_client_id: String,
+    /// The remote broker's URLs, tried in order (passwords left out).
+    pub urls: Vec<String>,
+    /// Its topic rules.
+    pub topics: usize,
+    /// Whether it is connected to its remote broker now.
+    pub connected: bool,
+    /// Messages from the remote broker published here.
+    pub messages_in: u64,
+    /// Messages the remote broker took.
+    pub messages_out: u64,
+    /// Messages it dropped.
+    pub messages_dropped: u64,
+    /// Connection attempts after its first.
+    pub reconnects: u64,
+    /// Messages its session holds for the remote broker.
+    pub queued: i64,
+}
+
+/// The QUIC listeners' figures (as `mqttd_quic_*` in `/metrics`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct QuicStats {
+    /// QUIC connections open now.
+    pub connections: i64,
+    /// Handshakes that reached MQTT.
+    pub handshakes: u64,
+    /// Handshakes that failed or timed out.
+    pub handshake_failures: u64,
+    /// Stateless Retries sent.
+    pub retries: u64,
+    /// Packets sent.
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Congestion window reductions.
+    pub congestion_events: u64,
+    /// Client address changes noticed.
+    pub path_changes: u64,
+    /// Data streams reset for a malformed packet.
+    pub stream_resets: u64,
+}
+
+/// The `p2p://` listener's figures (as `mqttd_p2p_*` in `/metrics`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct P2pStats {
+    /// Peer-to-peer MQTT connections open now.
+    pub connections_open: i64,
+    /// Connections refused by `p2p.allow`.
+    pub refused: u64,
+    /// Handshakes that failed or timed out.
+    pub handshake_failures: u64,
+    /// Pings answered.
+    pub pings: u64,
 }
 
 /// The broker's figures.
@@ -936,6 +1014,52 @@ async fn stats(State(inner): State<Arc<Inner>>) -> Json<Stats> {
         messages_dropped: m.messages_dropped.get(),
         bytes_received: m.bytes_received.get(),
         bytes_sent: m.bytes_sent.get(),
+        connections_accepted: m.connections_accepted.get(),
+        connections_refused: m.connections_refused.get(),
+        clients_by_transport: m
+            .clients_by_transport()
+            .into_iter()
+            .map(|(t, n)| (t.to_owned(), n))
+            .collect(),
+        quic: QuicStats {
+            connections: m.quic_connections.get(),
+            handshakes: m.quic_handshakes.get(),
+            handshake_failures: m.quic_handshake_failures.get(),
+            retries: m.quic_retries.get(),
+            sent_packets: m.quic_sent_packets.get(),
+            lost_packets: m.quic_lost_packets.get(),
+            congestion_events: m.quic_congestion_events.get(),
+            path_changes: m.quic_path_changes.get(),
+            stream_resets: m.quic_stream_resets.get(),
+        },
+        p2p: P2pStats {
+            connections_open: m.p2p_connections_open.get(),
+            refused: m.p2p_refused.get(),
+            handshake_failures: m.p2p_handshake_failures.get(),
+            pings: m.p2p_pings.get(),
+        },
+        bridges: inner
+            .bridges
+            .running()
+            .iter()
+            .map(|b| {
+                let bm = m.bridge(&b.name);
+                BridgeStats {
+                    name: b.name.clone(),
+                    local_client_id: crate::bridge::config::local_client_id(&b.name)
+                        .as_str()
+                        .to_owned(),
+                    urls: b.urls.iter().map(ToString::to_string).collect(),
+                    topics: b.topics.len(),
+                    connected: bm.up.get() > 0,
+                    messages_in: bm.messages_in.get(),
+                    messages_out: bm.messages_out.get(),
+                    messages_dropped: bm.messages_dropped.get(),
+                    reconnects: bm.reconnects.get(),
+                    queued: bm.queued.get(),
+                }
+            })
+            .collect(),
     })
 }
 
@@ -1110,5 +1234,15 @@ mod tests {
         }
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
         assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+        let stats = &doc["components"]["schemas"]["Stats"]["properties"];
+        for field in [
+            "clients_by_transport",
+            "messages_dropped",
+            "quic",
+            "p2p",
+            "bridges",
+        ] {
+            assert!(stats[field].is_object(), "Stats.{field} missing");
+        }
     }
 }

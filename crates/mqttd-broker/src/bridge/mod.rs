@@ -214,6 +214,18 @@ impl Bridges {
         self.running.lock().keys().cloned().collect()
     }
 
+    /// The settings of the bridges running, by name.
+    pub(crate) fn running(&self) -> Vec<Arc<Bridge>> {
+        let mut bridges: Vec<Arc<Bridge>> = self
+            .running
+            .lock()
+            .values()
+            .map(|h| h.bridge.clone())
+            .collect();
+        bridges.sort_by(|a, b| a.name.cmp(&b.name));
+        bridges
+    }
+
     /// Starts the bridge `plan` as a task of the broker. The receiver is told once its local
     /// session is subscribed to the outgoing rules (dropped if that never happens).
     pub(crate) fn start(

@@ -686,6 +686,7 @@ impl ConnectionCore {
         }
         info!(version = %client.version, session_present = acquired.present, keep_alive = request.keep_alive, "client connected");
         self.inner.metrics.clients_connected.inc();
+        self.inner.metrics.clients_over(client.peer.transport).inc();
         self.inner.hooks.on_connected(&client);
         if let Some(handle) = &self.handle {
             update_flag(&handle.persistent, request.session_expiry_interval > 0);
@@ -1075,6 +1076,7 @@ impl ConnectionCore {
                     self.close_reason = Some(reason);
                     if let Some(client) = &self.client {
                         self.inner.metrics.clients_connected.dec();
+                        self.inner.metrics.clients_over(client.peer.transport).dec();
                         info!(%reason, by_client, "client disconnected");
                         self.inner.hooks.on_disconnected(client, reason);
                     } else {
