@@ -793,6 +793,8 @@ pub(crate) struct Inner {
     pub(crate) api: crate::api::ApiState,
     /// The listeners with their bound addresses, once all are bound.
     pub(crate) listeners: std::sync::OnceLock<Vec<(crate::config::Listener, std::net::SocketAddr)>>,
+    /// What a reload replaces, once the broker has started.
+    pub(crate) reloader: std::sync::OnceLock<crate::reload::Reloader>,
 }
 
 impl Inner {
@@ -810,6 +812,7 @@ impl Inner {
         Self {
             api: crate::api::ApiState::new(&config.data_dir),
             listeners: std::sync::OnceLock::new(),
+            reloader: std::sync::OnceLock::new(),
             bridges: crate::bridge::Bridges::default(),
             node_id_as_username,
             config,

@@ -97,7 +97,7 @@ struct IdArgs {
     config: Option<PathBuf>,
 }
 
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Clone, Args, Default)]
 struct ServeArgs {
     /// Listener URL (tcp://HOST:PORT, tls://HOST:PORT, ws://HOST:PORT[/PATH],
     /// wss://HOST:PORT[/PATH], quic://HOST:PORT, http://HOST:PORT, relay://HOST:PORT,
@@ -349,7 +349,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         info!(node_id = %key.id(), "peer-to-peer node id");
         let hostnames = config.tls.hostnames.clone();
         first_api_key(&config)?;
-        let broker = Broker::builder(config).start().await?;
+        let reread = args.clone();
+        let broker = Broker::builder(config)
+            .config_source(move || load_config(&reread).map_err(|e| format!("{e:#}")))
+            .start()
+            .await?;
         // One line per listener on standard output, with the bound port, for scripts and tests
         // that ask for port 0.
         for (listener, addr) in broker.local_addrs() {
@@ -368,7 +372,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 println!("mqttd relay url {}", relay_url(*addr, &hostnames));
             }
         }
-        signals.wait(&broker, args).await;
+        signals.wait(&broker).await;
         info!("shutting down");
         broker.shutdown().await;
         info!("stopped");
@@ -376,8 +380,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// The signal handlers: SIGTERM and SIGINT stop the broker, SIGHUP reloads the access files and
-/// the TLS certificates.
+/// The signal handlers: SIGTERM and SIGINT stop the broker, SIGHUP reloads (see
+/// `Broker::reload`).
 #[cfg(unix)]
 struct Signals(Option<[tokio::signal::unix::Signal; 3]>);
 
@@ -399,20 +403,19 @@ impl Signals {
     }
 
     /// Runs until a stop signal or until the broker is shut down from elsewhere; SIGHUP
-    /// reloads what `args` configure.
-    async fn wait(self, broker: &Broker, args: &ServeArgs) {
+    /// reloads.
+    async fn wait(self, broker: &Broker) {
         let Some([term, int, hup]) = self.0 else {
             broker.closed().await;
             return;
         };
-        run_until_signal(broker, args, term, int, hup).await;
+        run_until_signal(broker, term, int, hup).await;
     }
 }
 
 #[cfg(unix)]
 async fn run_until_signal(
     broker: &Broker,
-    args: &ServeArgs,
     mut term: tokio::signal::unix::Signal,
     mut int: tokio::signal::unix::Signal,
     mut hup: tokio::signal::unix::Signal,
@@ -422,50 +425,11 @@ async fn run_until_signal(
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = broker.closed() => return,
-            _ = hup.recv() => reload(broker, args),
+            _ = hup.recv() => {
+                // The broker logs the outcome and what needs a restart.
+                let _ = broker.reload();
+            }
         }
-    }
-}
-
-/// What SIGHUP does: each part that fails keeps what it had. The configuration file is read
-/// again for the bridges and `[p2p]`'s `allow` and `use_node_id_as_username`; other settings
-/// need a restart.
-#[cfg(unix)]
-fn reload(broker: &Broker, args: &ServeArgs) {
-    match broker.reload_access() {
-        Ok(()) => info!("reloaded password and ACL files"),
-        Err(error) => warn!(%error, "reload failed; keeping the previous rules"),
-    }
-    if broker.has_tls() {
-        match broker.reload_tls() {
-            Ok(()) => info!("reloaded TLS certificates"),
-            Err(error) => warn!(%error, "TLS reload failed; keeping the previous certificates"),
-        }
-    }
-    let config = match load_config(args) {
-        Ok(config) => config,
-        Err(error) => {
-            warn!(error = %format!("{error:#}"), "cannot read the configuration again; keeping the bridges and [p2p] settings");
-            return;
-        }
-    };
-    match broker.reload_bridges(&config.bridge) {
-        Ok(changes) if changes.is_empty() => info!("bridges unchanged"),
-        Ok(changes) => info!(
-            added = ?changes.added,
-            removed = ?changes.removed,
-            restarted = ?changes.restarted,
-            "reloaded bridges"
-        ),
-        Err(error) => warn!(%error, "bridge reload failed; keeping the bridges as they were"),
-    }
-    match broker.reload_p2p(&config.p2p) {
-        Ok(()) => info!(
-            allowed = config.p2p.allow.len(),
-            use_node_id_as_username = config.p2p.use_node_id_as_username,
-            "reloaded [p2p] allow and use_node_id_as_username"
-        ),
-        Err(error) => warn!(%error, "[p2p] reload failed; keeping the previous settings"),
     }
 }
 
@@ -478,7 +442,7 @@ impl Signals {
         Self
     }
 
-    async fn wait(self, broker: &Broker, _args: &ServeArgs) {
+    async fn wait(self, broker: &Broker) {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = broker.closed() => {}
