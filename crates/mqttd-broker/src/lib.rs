@@ -35,6 +35,7 @@ pub mod access;
 pub mod api;
 pub mod auth;
 pub mod bridge;
+pub mod check;
 
 mod broker;
 pub mod config;

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 mod bench;
+mod ctl;
 mod format;
 mod ping;
 mod swarm;
@@ -46,6 +47,13 @@ enum Command {
     /// Peer-to-peer diagnostics.
     #[command(subcommand)]
     P2p(P2pCommand),
+    /// Administer a running broker through its admin API (clients, sessions, retained
+    /// messages, listeners, stats, publish, reload).
+    #[command(after_help = ctl::AFTER_HELP)]
+    Ctl(ctl::CtlArgs),
+    /// Validate a configuration and the files it names, without starting: prints "ok" or
+    /// each error; exit status 0 or 1.
+    CheckConfig(CheckConfigArgs),
     /// Manage the admin API's keys (stored hashed in <data_dir>/api-keys).
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
@@ -139,6 +147,15 @@ enum LogFormat {
 }
 
 #[derive(Debug, Args)]
+struct CheckConfigArgs {
+    /// The configuration file (default: as `mqttd` would run, with the options below).
+    file: Option<PathBuf>,
+    /// The options of `mqttd serve`, which lay over the file as they would there.
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Args)]
 struct PasswdArgs {
     /// The password file; created if missing.
     file: PathBuf,
@@ -173,6 +190,8 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Sub(args)) => client_tool(tools::subscribe(args)),
         Some(Command::Id(args)) => id(args),
         Some(Command::ApiKey(command)) => api_key(command),
+        Some(Command::Ctl(args)) => ctl(args),
+        Some(Command::CheckConfig(args)) => check_config(args),
         Some(Command::P2p(P2pCommand::Ping(args))) => p2p_ping(args),
         Some(Command::P2p(P2pCommand::Swarm(command))) => {
             init_logging_at(LogFormat::Text, "warn");
@@ -315,6 +334,47 @@ fn api_key(command: ApiKeyCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `mqttd ctl`: exits with its status (see `ctl::AFTER_HELP`).
+fn ctl(args: ctl::CtlArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let outcome = runtime.block_on(ctl::run(args));
+    drop(runtime);
+    if let Err(failure) = outcome {
+        eprintln!("Error: {}", failure.message);
+        std::process::exit(failure.status);
+    }
+    Ok(())
+}
+
+/// `mqttd check-config`: "ok", or each problem on its own line and exit status 1.
+fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
+    let mut serve = args.serve;
+    if let Some(file) = args.file {
+        serve.config = Some(file);
+    }
+    let name = serve
+        .config
+        .as_ref()
+        .map_or_else(|| "the default configuration".to_owned(), |p| p.display().to_string());
+    let problems = match load_config(&serve) {
+        Ok(config) => mqttd_broker::check::check(&config)
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        Err(error) => vec![format!("{error:#}")],
+    };
+    if problems.is_empty() {
+        println!("ok");
+        return Ok(());
+    }
+    for problem in &problems {
+        eprintln!("{name}: {problem}");
+    }
+    std::process::exit(1);
 }
 
 /// Raises the open-file soft limit to the hard limit: every connection is a descriptor.
