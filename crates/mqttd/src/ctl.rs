@@ -26,7 +26,8 @@ The key, first found: --key, --key-file FILE, $MQTTD_API_KEY, $MQTTD_API_KEY_FIL
 (a file holds the key alone, as `mqttd api-key create NAME > FILE` writes it).
 
 Exit status: 0 done; 1 the API answered with an error (its code and message are printed on
-standard error; 401 means no or a wrong API key); 2 the API could not be asked.";
+standard error, and with --json its JSON on standard output; 401 means no or a wrong API
+key); 2 the API could not be asked.";
 
 /// `mqttd ctl`'s options and command.
 #[derive(Debug, Args)]
@@ -188,6 +189,8 @@ struct PublishArgs {
 pub(crate) struct Failure {
     pub(crate) status: i32,
     pub(crate) message: String,
+    /// The API's answer, if it gave one.
+    body: String,
 }
 
 impl Failure {
@@ -195,6 +198,7 @@ impl Failure {
         Self {
             status: EXIT_NO_ANSWER,
             message: format!("{error:#}"),
+            body: String::new(),
         }
     }
 }
@@ -204,7 +208,12 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
     let api = Api::new(&args).map_err(Failure::no_answer)?;
     let json = args.json;
     let (method, path, body) = request_of(&args.command);
-    let answer = api.send(method, &path, body).await?;
+    let answer = api.send(method, &path, body).await.inspect_err(|failure| {
+        // Scripts get the error's JSON too, on standard output.
+        if json && !failure.body.is_empty() {
+            println!("{}", failure.body);
+        }
+    })?;
     if json {
         if !answer.is_empty() {
             println!("{answer}");
@@ -412,6 +421,7 @@ impl Api {
         Err(Failure {
             status: EXIT_API_ERROR,
             message: line,
+            body: text,
         })
     }
 }
