@@ -99,9 +99,8 @@ pub fn check(config: &Config) -> Vec<Problem> {
 /// directory here, so that the other files (SNI, CA) are still checked.
 fn check_tls(config: &Config) -> Result<(), crate::TlsError> {
     let generated = config.tls.cert_file.is_none() && config.tls.key_file.is_none();
-    let scratch: Option<PathBuf> = generated.then(|| {
-        std::env::temp_dir().join(format!("mqttd-check-config-{}", std::process::id()))
-    });
+    let scratch: Option<PathBuf> = generated
+        .then(|| std::env::temp_dir().join(format!("mqttd-check-config-{}", std::process::id())));
     let data_dir = scratch.as_deref().unwrap_or(&config.data_dir);
     let loaded = crate::tls::TlsAcceptor::load(&config.tls, data_dir).map(drop);
     if let Some(scratch) = &scratch {

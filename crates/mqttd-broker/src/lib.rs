@@ -58,8 +58,8 @@ pub mod hooks;
 mod http;
 mod http3;
 mod listener;
-pub mod reload;
 pub mod metrics;
+pub mod reload;
 pub mod retained;
 #[cfg(test)]
 mod sim;

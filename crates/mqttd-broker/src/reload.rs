@@ -200,7 +200,9 @@ impl Reloader {
                 };
                 report.bridges.extend(named("added", &changes.added));
                 report.bridges.extend(named("removed", &changes.removed));
-                report.bridges.extend(named("restarted", &changes.restarted));
+                report
+                    .bridges
+                    .extend(named("restarted", &changes.restarted));
             }
             Err((bridge, reason)) => {
                 return report.failed("bridges", format!("bridge {bridge:?}: {reason}"))
@@ -284,38 +286,94 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
     check("relay", &running.relay, relay);
     // `allow` and `use_node_id_as_username` are reloaded; the node's other settings are not.
     check("p2p.relays", &running.p2p.relays, &p2p.relays);
-    check("p2p.relay_cafile", &running.p2p.relay_cafile, &p2p.relay_cafile);
+    check(
+        "p2p.relay_cafile",
+        &running.p2p.relay_cafile,
+        &p2p.relay_cafile,
+    );
     check("p2p.bind", &running.p2p.bind, &p2p.bind);
     check("data_dir", &running.data_dir, data_dir);
     check("max_keepalive", &running.max_keepalive, max_keepalive);
-    check("max_queued_messages", &running.max_queued_messages, max_queued_messages);
-    check("max_queued_bytes", &running.max_queued_bytes, max_queued_bytes);
-    check("max_inflight_messages", &running.max_inflight_messages, max_inflight_messages);
+    check(
+        "max_queued_messages",
+        &running.max_queued_messages,
+        max_queued_messages,
+    );
+    check(
+        "max_queued_bytes",
+        &running.max_queued_bytes,
+        max_queued_bytes,
+    );
+    check(
+        "max_inflight_messages",
+        &running.max_inflight_messages,
+        max_inflight_messages,
+    );
     check("max_packet_size", &running.max_packet_size, max_packet_size);
     check("receive_maximum", &running.receive_maximum, receive_maximum);
-    check("topic_alias_maximum", &running.topic_alias_maximum, topic_alias_maximum);
+    check(
+        "topic_alias_maximum",
+        &running.topic_alias_maximum,
+        topic_alias_maximum,
+    );
     check("max_qos", &running.max_qos, max_qos);
-    check("retain_available", &running.retain_available, retain_available);
+    check(
+        "retain_available",
+        &running.retain_available,
+        retain_available,
+    );
     check("max_connections", &running.max_connections, max_connections);
-    check("max_connection_rate", &running.max_connection_rate, max_connection_rate);
+    check(
+        "max_connection_rate",
+        &running.max_connection_rate,
+        max_connection_rate,
+    );
     check("connect_timeout", &running.connect_timeout, connect_timeout);
-    check("max_topic_length", &running.max_topic_length, max_topic_length);
-    check("max_topic_levels", &running.max_topic_levels, max_topic_levels);
-    check("max_subscriptions", &running.max_subscriptions, max_subscriptions);
-    check("max_retained_messages", &running.max_retained_messages, max_retained_messages);
-    check("max_retained_bytes", &running.max_retained_bytes, max_retained_bytes);
+    check(
+        "max_topic_length",
+        &running.max_topic_length,
+        max_topic_length,
+    );
+    check(
+        "max_topic_levels",
+        &running.max_topic_levels,
+        max_topic_levels,
+    );
+    check(
+        "max_subscriptions",
+        &running.max_subscriptions,
+        max_subscriptions,
+    );
+    check(
+        "max_retained_messages",
+        &running.max_retained_messages,
+        max_retained_messages,
+    );
+    check(
+        "max_retained_bytes",
+        &running.max_retained_bytes,
+        max_retained_bytes,
+    );
     check("max_sessions", &running.max_sessions, max_sessions);
     check(
         "persistent_client_expiration",
         &running.persistent_client_expiration,
         persistent_client_expiration,
     );
-    check("max_session_expiry", &running.max_session_expiry, max_session_expiry);
+    check(
+        "max_session_expiry",
+        &running.max_session_expiry,
+        max_session_expiry,
+    );
     check("offline_qos0", &running.offline_qos0, offline_qos0);
     check("sys_interval", &running.sys_interval, sys_interval);
     check("persistence", &running.persistence, persistence);
     check("durability", &running.durability, durability);
-    check("sync_interval_ms", &running.sync_interval_ms, sync_interval_ms);
+    check(
+        "sync_interval_ms",
+        &running.sync_interval_ms,
+        sync_interval_ms,
+    );
     changed
 }
 
@@ -351,6 +409,8 @@ mod tests {
             "reloaded config, access; needs a restart to take effect: listen"
         );
         let failed = ReloadReport::default().failed("access", "bad file".into());
-        assert!(failed.summary().contains("previous configuration stays: access: bad file"));
+        assert!(failed
+            .summary()
+            .contains("previous configuration stays: access: bad file"));
     }
 }

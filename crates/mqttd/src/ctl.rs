@@ -277,9 +277,10 @@ fn request_of(command: &CtlCommand) -> (reqwest::Method, String, Option<Value>) 
         CtlCommand::Sessions(SessionsCommand::Delete { client_id }) => {
             delete(format!("sessions/{}", encode(client_id, false)))
         }
-        CtlCommand::Subscriptions { client_id } => {
-            get(format!("clients/{}/subscriptions", encode(client_id, false)))
-        }
+        CtlCommand::Subscriptions { client_id } => get(format!(
+            "clients/{}/subscriptions",
+            encode(client_id, false)
+        )),
         CtlCommand::Retained(RetainedCommand::List { filter, page }) => get(with_query(
             "retained",
             &[
@@ -351,7 +352,11 @@ impl Api {
         let url = args
             .url
             .clone()
-            .or_else(|| std::env::var("MQTTD_API_URL").ok().filter(|u| !u.is_empty()))
+            .or_else(|| {
+                std::env::var("MQTTD_API_URL")
+                    .ok()
+                    .filter(|u| !u.is_empty())
+            })
             .unwrap_or_else(|| DEFAULT_URL.to_owned());
         let base = url.trim_end_matches('/');
         let base = base.strip_suffix("/api/v1").unwrap_or(base);
@@ -432,7 +437,11 @@ fn key(args: &CtlArgs) -> anyhow::Result<String> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the API key file {}", path.display()))?;
         let key = text.trim();
-        anyhow::ensure!(!key.is_empty(), "the API key file {} is empty", path.display());
+        anyhow::ensure!(
+            !key.is_empty(),
+            "the API key file {} is empty",
+            path.display()
+        );
         Ok(key.to_owned())
     };
     if let Some(key) = &args.key {
@@ -441,7 +450,10 @@ fn key(args: &CtlArgs) -> anyhow::Result<String> {
     if let Some(path) = &args.key_file {
         return from_file(path);
     }
-    if let Some(key) = std::env::var("MQTTD_API_KEY").ok().filter(|k| !k.is_empty()) {
+    if let Some(key) = std::env::var("MQTTD_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+    {
         return Ok(key.trim().to_owned());
     }
     if let Some(path) = std::env::var_os("MQTTD_API_KEY_FILE").filter(|p| !p.is_empty()) {
@@ -529,7 +541,10 @@ fn render(command: &CtlCommand, v: &Value) -> String {
             if v["bridges"].as_array().is_some_and(|b| !b.is_empty()) {
                 out.push_str(&format!("bridges: {}\n", join(&v["bridges"])));
             }
-            match v["restart_needed"].as_array().is_some_and(|r| !r.is_empty()) {
+            match v["restart_needed"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
                 true => out.push_str(&format!(
                     "needs a restart to take effect: {}\n",
                     join(&v["restart_needed"])

@@ -356,23 +356,24 @@ fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
     if let Some(file) = args.file {
         serve.config = Some(file);
     }
-    let name = serve
-        .config
-        .as_ref()
-        .map_or_else(|| "the default configuration".to_owned(), |p| p.display().to_string());
-    let problems = match load_config(&serve) {
+    let name = serve.config.as_ref().map_or_else(
+        || "the default configuration".to_owned(),
+        |p| p.display().to_string(),
+    );
+    let problems: Vec<String> = match load_config(&serve) {
         Ok(config) => mqttd_broker::check::check(&config)
             .iter()
-            .map(ToString::to_string)
+            .map(|problem| format!("{name}: {problem}"))
             .collect(),
-        Err(error) => vec![format!("{error:#}")],
+        // It names the file, and its source is in its message already.
+        Err(error) => vec![error.to_string()],
     };
     if problems.is_empty() {
         println!("ok");
         return Ok(());
     }
     for problem in &problems {
-        eprintln!("{name}: {problem}");
+        eprintln!("{problem}");
     }
     std::process::exit(1);
 }

@@ -122,7 +122,11 @@ async fn ctl_lists_shows_and_kicks_a_connected_client() {
     let shown = ok(ctl(&broker, &key, &["clients", "show", "ctl-one"]));
     assert_eq!(row(&shown, "keep_alive"), ["keep_alive", "60"], "{shown}");
     assert_eq!(row(&shown, "a/#")[1], "1", "{shown}");
-    let shown = json(ctl(&broker, &key, &["clients", "show", "ctl-one", "--json"]));
+    let shown = json(ctl(
+        &broker,
+        &key,
+        &["clients", "show", "ctl-one", "--json"],
+    ));
     assert_eq!(shown["subscription_list"][0]["filter"], "a/#");
     let subs = ok(ctl(&broker, &key, &["subscriptions", "ctl-one"]));
     assert!(subs.starts_with("FILTER"), "{subs}");
@@ -140,7 +144,11 @@ async fn ctl_lists_shows_and_kicks_a_connected_client() {
     // Errors: the API's code and message on standard error, exit status 1.
     let missing = ctl(&broker, &key, &["clients", "show", "nobody"]);
     assert_eq!(missing.status.code(), Some(1));
-    assert!(stderr(&missing).contains("not_found"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("not_found"),
+        "{}",
+        stderr(&missing)
+    );
     let missing = ctl(&broker, &key, &["clients", "show", "nobody", "--json"]);
     assert_eq!(missing.status.code(), Some(1));
     let body: Value = serde_json::from_str(&stdout(&missing)).unwrap();
@@ -158,14 +166,22 @@ async fn ctl_publishes_lists_and_deletes_retained_messages_and_shows_stats_and_l
         &["publish", "ctl/t 1", "hello there", "--retain", "-q", "1"],
     ));
     assert!(published.contains("routed to 0"), "{published}");
-    let list = ok(ctl(&broker, &key, &["retained", "list", "--filter", "ctl/#"]));
+    let list = ok(ctl(
+        &broker,
+        &key,
+        &["retained", "list", "--filter", "ctl/#"],
+    ));
     assert!(list.starts_with("TOPIC"), "{list}");
     assert!(
-        list.lines().any(|l| l.starts_with("ctl/t 1 ")
-            && l.split_whitespace().skip(2).eq(["1", "11"])),
+        list.lines()
+            .any(|l| l.starts_with("ctl/t 1 ") && l.split_whitespace().skip(2).eq(["1", "11"])),
         "{list}"
     );
-    let shown = json(ctl(&broker, &key, &["retained", "show", "ctl/t 1", "--json"]));
+    let shown = json(ctl(
+        &broker,
+        &key,
+        &["retained", "show", "ctl/t 1", "--json"],
+    ));
     assert_eq!(shown["payload"], "hello there");
     assert_eq!(shown["qos"], 1);
 
@@ -237,7 +253,10 @@ fn ctl_says_when_the_key_is_missing_or_wrong_and_takes_it_from_a_file_or_the_env
         &[("MQTTD_API_URL", &url), ("MQTTD_API_KEY_FILE", file)],
     ));
     // Nobody there: exit status 2.
-    let unreachable = mqttd(&["ctl", "--url", "http://127.0.0.1:1", "--key", &key, "stats"], &[]);
+    let unreachable = mqttd(
+        &["ctl", "--url", "http://127.0.0.1:1", "--key", &key, "stats"],
+        &[],
+    );
     assert_eq!(unreachable.status.code(), Some(2));
     assert!(stderr(&unreachable).contains("cannot reach"));
     broker.stop();
@@ -280,7 +299,10 @@ async fn reload_through_the_api_applies_a_new_password_file_and_a_broken_one_cha
     broker.log_json("mqttd_broker=info");
     broker.restart();
     let key = key_of(&broker);
-    assert_eq!(connack(&broker, "c1", "old", "old-secret").await, ReasonCode::Success);
+    assert_eq!(
+        connack(&broker, "c1", "old", "old-secret").await,
+        ReasonCode::Success
+    );
     assert_eq!(
         connack(&broker, "c2", "new", "new-secret").await,
         ReasonCode::BadUserNameOrPassword
@@ -290,27 +312,43 @@ async fn reload_through_the_api_applies_a_new_password_file_and_a_broken_one_cha
     let reloaded = ok(ctl(&broker, &key, &["reload"]));
     assert!(reloaded.contains("access"), "{reloaded}");
     assert!(reloaded.contains("nothing needs a restart"), "{reloaded}");
-    assert_eq!(connack(&broker, "c3", "new", "new-secret").await, ReasonCode::Success);
+    assert_eq!(
+        connack(&broker, "c3", "new", "new-secret").await,
+        ReasonCode::Success
+    );
 
     // A broken password file: an error, and the rules before it stay.
     let good = std::fs::read(&passwords).unwrap();
     write(&passwords, "this is not a password file line\n");
     let failed = ctl(&broker, &key, &["reload"]);
     assert_eq!(failed.status.code(), Some(1), "{}", stdout(&failed));
-    assert!(stderr(&failed).contains("reload_failed"), "{}", stderr(&failed));
+    assert!(
+        stderr(&failed).contains("reload_failed"),
+        "{}",
+        stderr(&failed)
+    );
     assert!(stderr(&failed).contains("access"), "{}", stderr(&failed));
     let failed = ctl(&broker, &key, &["reload", "--json"]);
     assert_eq!(failed.status.code(), Some(1));
     let failed: Value = serde_json::from_str(&stdout(&failed)).unwrap();
     assert_eq!(failed["ok"], false);
     assert_eq!(failed["errors"][0]["part"], "access");
-    assert_eq!(connack(&broker, "c4", "new", "new-secret").await, ReasonCode::Success);
-    assert_eq!(connack(&broker, "c5", "old", "old-secret").await, ReasonCode::Success);
+    assert_eq!(
+        connack(&broker, "c4", "new", "new-secret").await,
+        ReasonCode::Success
+    );
+    assert_eq!(
+        connack(&broker, "c5", "old", "old-secret").await,
+        ReasonCode::Success
+    );
 
     // A broken configuration: nothing changes either, the password file included.
     std::fs::write(&passwords, &good).unwrap();
     passwd(&passwords, "newer", "newer-secret");
-    write(&broker.root().join("mqttd.toml"), &format!("{config}max_keepalive = ["));
+    write(
+        &broker.root().join("mqttd.toml"),
+        &format!("{config}max_keepalive = ["),
+    );
     let failed = ctl(&broker, &key, &["reload"]);
     assert_eq!(failed.status.code(), Some(1));
     assert!(stderr(&failed).contains("config"), "{}", stderr(&failed));
@@ -337,20 +375,26 @@ async fn reload_through_the_api_applies_a_new_password_file_and_a_broken_one_cha
     // SIGHUP does the same, and answers in the log.
     broker.hangup();
     broker
-        .eventually(STEP, "two reload lines name max_queued_messages", || async {
-            let lines = broker
-                .log_records()
-                .into_iter()
-                .filter(|r| {
-                    r["fields"]["message"]
-                        .as_str()
-                        .is_some_and(|m| m.contains("needs a restart to take effect: max_queued_messages"))
-                })
-                .count();
-            (lines >= 2).then_some(lines)
-        })
+        .eventually(
+            STEP,
+            "two reload lines name max_queued_messages",
+            || async {
+                let lines = broker
+                    .log_records()
+                    .into_iter()
+                    .filter(|r| {
+                        r["fields"]["message"].as_str().is_some_and(|m| {
+                            m.contains("needs a restart to take effect: max_queued_messages")
+                        })
+                    })
+                    .count();
+                (lines >= 2).then_some(lines)
+            },
+        )
         .await;
-    assert!(broker.log_text().contains("reload failed, the previous configuration stays"));
+    assert!(broker
+        .log_text()
+        .contains("reload failed, the previous configuration stays"));
     broker.stop();
 }
 
@@ -397,7 +441,10 @@ fn check_config_passes_a_good_configuration_and_names_each_problem_of_broken_one
     // Nothing was written: no data directory, no generated certificates.
     assert!(!dir.join("data").exists());
     // The generated certificates need no files.
-    assert_eq!(ok(check(dir, "listen = ['tls://127.0.0.1:0']\n")).trim(), "ok");
+    assert_eq!(
+        ok(check(dir, "listen = ['tls://127.0.0.1:0']\n")).trim(),
+        "ok"
+    );
 
     let bad_toml = problems(check(dir, "listen = ['tcp://127.0.0.1:0'"));
     assert!(bad_toml.contains("mqttd.toml"), "{bad_toml}");
@@ -411,7 +458,10 @@ fn check_config_passes_a_good_configuration_and_names_each_problem_of_broken_one
     let missing_cert = good.replace(cert.to_str().unwrap(), "/nonexistent/server.pem");
     let missing_cert = problems(check(dir, &missing_cert));
     assert!(missing_cert.contains("tls: "), "{missing_cert}");
-    assert!(missing_cert.contains("/nonexistent/server.pem"), "{missing_cert}");
+    assert!(
+        missing_cert.contains("/nonexistent/server.pem"),
+        "{missing_cert}"
+    );
 
     // A password file that cannot be read (a directory), and a broken ACL: both reported.
     let both = good
