@@ -86,7 +86,7 @@ pub use hooks::{
     Action, ClientInfo, ConnectAttempt, Hooks, Intercept, NoHooks, Peer, Transport, Verdict,
 };
 pub use metrics::Metrics;
-pub use reload::{ConfigSource, ReloadError, ReloadReport};
+pub use reload::{ConfigSource, ReloadError, ReloadHook, ReloadReport};
 pub use storage::{DiskStorage, Durability, MemoryStorage, Storage};
 pub use tls::TlsError;
 
@@ -144,6 +144,7 @@ pub struct BrokerBuilder {
     storage: Option<Arc<dyn Storage>>,
     bridge_transports: bridge::Transports,
     config_source: Option<ConfigSource>,
+    reload_hook: Option<ReloadHook>,
 }
 
 impl BrokerBuilder {
@@ -176,6 +177,16 @@ impl BrokerBuilder {
         source: impl Fn() -> Result<Config, String> + Send + Sync + 'static,
     ) -> Self {
         self.config_source = Some(Arc::new(source));
+        self
+    }
+
+    /// Calls `hook` with the new configuration after each reload that was applied, for what
+    /// the program owns (its log filter, say); it returns the names of the parts it reloaded.
+    pub fn on_reload(
+        mut self,
+        hook: impl Fn(&Config) -> Vec<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.reload_hook = Some(Arc::new(hook));
         self
     }
 
@@ -343,6 +354,7 @@ impl BrokerBuilder {
             #[cfg(feature = "p2p")]
             p2p_allow.clone(),
             self.config_source,
+            self.reload_hook,
         ));
         Ok(Broker {
             inner,
@@ -424,6 +436,7 @@ impl Broker {
             storage: None,
             bridge_transports: bridge::Transports::new(),
             config_source: None,
+            reload_hook: None,
         }
     }
 

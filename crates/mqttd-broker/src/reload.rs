@@ -22,6 +22,10 @@ use crate::tls::TlsAcceptor;
 /// it (command-line flags, say). An error keeps the running configuration.
 pub type ConfigSource = Arc<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
+/// Applies what the program itself owns (its log filter, say) once a reload has been applied;
+/// returns the names of the parts it reloaded. It cannot fail: check in the [`ConfigSource`].
+pub type ReloadHook = Arc<dyn Fn(&Config) -> Vec<String> + Send + Sync>;
+
 /// What a reload did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[non_exhaustive]
@@ -30,7 +34,8 @@ pub struct ReloadReport {
     pub ok: bool,
     /// What was read again and is in force now: `config`, `access` (password and ACL files,
     /// `allow_anonymous`), `tls` (certificates, keys, CA), `bridges`, `p2p` (`allow`,
-    /// `use_node_id_as_username`). The API keys are not listed: they are read again whenever
+    /// `use_node_id_as_username`), and what the program applies itself (`mqttd`: `log_level`).
+    /// The API keys are not listed: they are read again whenever
     /// their file changes.
     pub reloaded: Vec<String>,
     /// Bridges started, stopped or restarted with new settings, as `added NAME`,
@@ -99,6 +104,7 @@ pub(crate) struct Reloader {
     #[cfg(feature = "p2p")]
     p2p_allow: Option<mqttd_p2p::AllowList>,
     source: Option<ConfigSource>,
+    hook: Option<ReloadHook>,
     /// One reload at a time: SIGHUP and the API may ask together.
     running: parking_lot::Mutex<()>,
 }
@@ -118,6 +124,7 @@ impl Reloader {
         tls: Option<TlsAcceptor>,
         #[cfg(feature = "p2p")] p2p_allow: Option<mqttd_p2p::AllowList>,
         source: Option<ConfigSource>,
+        hook: Option<ReloadHook>,
     ) -> Self {
         Self {
             inner: Arc::downgrade(inner),
@@ -125,6 +132,7 @@ impl Reloader {
             #[cfg(feature = "p2p")]
             p2p_allow,
             source,
+            hook,
             running: parking_lot::Mutex::new(()),
         }
     }
@@ -228,6 +236,9 @@ impl Reloader {
             reloaded.retain(|part| *part != "config");
         }
         report.reloaded = reloaded.into_iter().map(str::to_owned).collect();
+        if let Some(hook) = &self.hook {
+            report.reloaded.extend(hook(&config));
+        }
         report.ok = true;
         report
     }
@@ -271,6 +282,7 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
         persistence,
         durability,
         sync_interval_ms,
+        log_level: _,
         bridge: _,
     } = new;
     let mut changed = Vec::new();

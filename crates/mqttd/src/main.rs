@@ -361,10 +361,18 @@ fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
         |p| p.display().to_string(),
     );
     let problems: Vec<String> = match load_config(&serve) {
-        Ok(config) => mqttd_broker::check::check(&config)
-            .iter()
-            .map(|problem| format!("{name}: {problem}"))
-            .collect(),
+        Ok(config) => {
+            let mut problems: Vec<String> = mqttd_broker::check::check(&config)
+                .iter()
+                .map(|problem| format!("{name}: {problem}"))
+                .collect();
+            if let Some(level) = &config.log_level {
+                if let Err(error) = tracing_subscriber::EnvFilter::try_new(level) {
+                    problems.push(format!("{name}: log_level {level:?}: {error}"));
+                }
+            }
+            problems
+        }
         // It names the file, and its source is in its message already.
         Err(error) => vec![error.to_string()],
     };
@@ -386,9 +394,41 @@ fn raise_fd_limit() {
     }
 }
 
+/// The serving broker's log filter, which a reload may change (`log_level`).
+type LogFilter =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// The filter of the broker's log: `RUST_LOG` if set, else the configuration's `log_level`,
+/// else `info`.
+fn log_filter(config: &Config) -> Result<tracing_subscriber::EnvFilter, String> {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        return Ok(filter);
+    }
+    let level = config.log_level.as_deref().unwrap_or("info");
+    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("log_level {level:?}: {e}"))
+}
+
+/// Logging for `mqttd serve`, with a filter that reloads can replace.
+fn init_serve_logging(format: LogFormat, config: &Config) -> anyhow::Result<LogFilter> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(
+        log_filter(config).map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let layer = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry.with(layer).init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
+    }
+    Ok(handle)
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
     let config = load_config(&args)?;
+    let log_filter_handle = init_serve_logging(args.log_format, &config)?;
     let args = &args;
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -412,7 +452,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         first_api_key(&config)?;
         let reread = args.clone();
         let broker = Broker::builder(config)
-            .config_source(move || load_config(&reread).map_err(|e| format!("{e:#}")))
+            .config_source(move || {
+                let config = load_config(&reread).map_err(|e| format!("{e}"))?;
+                // Checked here, so that a bad one fails the whole reload.
+                log_filter(&config)?;
+                Ok(config)
+            })
+            .on_reload(move |config| {
+                if std::env::var_os("RUST_LOG").is_some() {
+                    // RUST_LOG wins over log_level, on reload as at start.
+                    return Vec::new();
+                }
+                match log_filter(config).map(|f| log_filter_handle.reload(f)) {
+                    Ok(Ok(())) => vec!["log_level".to_owned()],
+                    _ => Vec::new(),
+                }
+            })
             .start()
             .await?;
         // One line per listener on standard output, with the bound port, for scripts and tests

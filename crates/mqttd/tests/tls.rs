@@ -494,7 +494,10 @@ async fn sighup_reloads_certificates_and_keeps_connections() {
     );
     broker.hangup();
     let deadline = Instant::now() + STEP;
-    while !broker.log_text().contains("reload failed, the previous configuration stays: tls") {
+    while !broker
+        .log_text()
+        .contains("reload failed, the previous configuration stays: tls")
+    {
         assert!(
             Instant::now() < deadline,
             "no reload failure logged\n{}",
