@@ -5,7 +5,7 @@
 //! steps: first everything is loaded and checked (the configuration, the password and ACL
 //! files, the certificates, the bridges, `[p2p]`'s allow-list), then, only if all of that
 //! worked, applied. So a failed reload keeps the whole previous configuration. Settings that
-//! cannot change while the broker runs (listeners, the data directory, limits, ...) are listed
+//! cannot change while the broker runs (listeners, the data directory, queue sizes, ...) are listed
 //! in the report as needing a restart; their old values stay in force.
 
 use std::sync::{Arc, Weak};
@@ -33,7 +33,8 @@ pub struct ReloadReport {
     /// Whether it was applied. When not, nothing changed.
     pub ok: bool,
     /// What was read again and is in force now: `config`, `access` (password and ACL files,
-    /// `allow_anonymous`), `tls` (certificates, keys, CA), `bridges`, `p2p` (`allow`,
+    /// `allow_anonymous`), `limits` (`max_retained_messages`, `max_retained_bytes`,
+    /// `max_subscriptions`, `max_connection_rate`), `tls` (certificates, keys, CA), `bridges`, `p2p` (`allow`,
     /// `use_node_id_as_username`), and what the program applies itself (`mqttd`: `log_level`).
     /// The API keys are not listed: they are read again whenever
     /// their file changes.
@@ -217,7 +218,10 @@ impl Reloader {
             }
         }
         inner.auth.store(Arc::new(access));
-        let mut reloaded = vec!["config", "access"];
+        inner
+            .limits
+            .store(Arc::new(crate::broker::LiveLimits::of(&config)));
+        let mut reloaded = vec!["config", "access", "limits"];
         if let Some((tls, prepared)) = tls {
             tls.install(prepared);
             reloaded.push("tls");
@@ -233,7 +237,7 @@ impl Reloader {
         );
         reloaded.push("p2p");
         if self.source.is_none() {
-            reloaded.retain(|part| *part != "config");
+            reloaded.retain(|part| *part != "config" && *part != "limits");
         }
         report.reloaded = reloaded.into_iter().map(str::to_owned).collect();
         if let Some(hook) = &self.hook {
@@ -267,13 +271,13 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
         max_qos,
         retain_available,
         max_connections,
-        max_connection_rate,
+        max_connection_rate: _,
         connect_timeout,
         max_topic_length,
         max_topic_levels,
-        max_subscriptions,
-        max_retained_messages,
-        max_retained_bytes,
+        max_subscriptions: _,
+        max_retained_messages: _,
+        max_retained_bytes: _,
         max_sessions,
         persistent_client_expiration,
         max_session_expiry,
@@ -335,11 +339,6 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
         retain_available,
     );
     check("max_connections", &running.max_connections, max_connections);
-    check(
-        "max_connection_rate",
-        &running.max_connection_rate,
-        max_connection_rate,
-    );
     check("connect_timeout", &running.connect_timeout, connect_timeout);
     check(
         "max_topic_length",
@@ -350,21 +349,6 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
         "max_topic_levels",
         &running.max_topic_levels,
         max_topic_levels,
-    );
-    check(
-        "max_subscriptions",
-        &running.max_subscriptions,
-        max_subscriptions,
-    );
-    check(
-        "max_retained_messages",
-        &running.max_retained_messages,
-        max_retained_messages,
-    );
-    check(
-        "max_retained_bytes",
-        &running.max_retained_bytes,
-        max_retained_bytes,
     );
     check("max_sessions", &running.max_sessions, max_sessions);
     check(
@@ -398,7 +382,8 @@ mod tests {
         let running = Config::parse("listen = ['tcp://127.0.0.1:1883']").unwrap();
         let new = Config::parse(
             "listen = ['tcp://127.0.0.1:1884']\nmax_queued_messages = 5\n\
-             password_file = 'p'\nallow_anonymous = true\n[p2p]\nallow = []\n",
+             password_file = 'p'\nallow_anonymous = true\nmax_subscriptions = 3\n\
+             max_retained_messages = 4\nlog_level = 'debug'\n[p2p]\nallow = []\n",
         )
         .unwrap();
         assert_eq!(

@@ -282,6 +282,23 @@ async fn connack(broker: &Broker, client_id: &str, user: &str, password: &str) -
     }
 }
 
+/// The SUBACK reason for one more subscription of `conn`.
+async fn suback(conn: &mut RawConn, id: u16, filter: &str) -> ReasonCode {
+    conn.send(&encode(
+        ProtocolVersion::V5,
+        &subscribe_packet(id, filter, QoS::AtLeastOnce),
+    ))
+    .await
+    .unwrap();
+    match conn.recv(STEP).await {
+        Received::Packet(p) => match *p {
+            Packet::SubAck(ack) => ack.reasons[0],
+            other => panic!("expected SUBACK, got {other:?}"),
+        },
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
 fn passwd(file: &Path, user: &str, password: &str) {
     ok(mqttd(
         &["passwd", file.to_str().unwrap(), user, "-p", password],
@@ -357,16 +374,28 @@ async fn reload_through_the_api_applies_a_new_password_file_and_a_broken_one_cha
         ReasonCode::BadUserNameOrPassword
     );
 
-    // Fixed, with a setting that needs a restart: reloaded, and the answer and the log line
-    // say what waits for the restart.
+    // A session with two subscriptions, before a lower max_subscriptions.
+    let mut subscriber = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "subs").await;
+    assert_eq!(
+        suback(&mut subscriber, 1, "one/#").await,
+        ReasonCode::GrantedQoS1
+    );
+
+    // Fixed, with a limit that applies at once and a setting that needs a restart: reloaded,
+    // and the answer and the log line say what waits for the restart.
     write(
         &broker.root().join("mqttd.toml"),
-        &format!("{config}max_queued_messages = 7\n"),
+        &format!("{config}max_queued_messages = 7\nmax_subscriptions = 1\n"),
     );
     let reloaded = ok(ctl(&broker, &key, &["reload"]));
+    assert!(reloaded.contains("limits"), "{reloaded}");
     assert!(
         reloaded.contains("needs a restart to take effect: max_queued_messages"),
         "{reloaded}"
+    );
+    assert_eq!(
+        suback(&mut subscriber, 2, "two/#").await,
+        ReasonCode::QuotaExceeded
     );
     assert_eq!(
         connack(&broker, "c7", "newer", "newer-secret").await,
