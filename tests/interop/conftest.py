@@ -140,8 +140,8 @@ class Broker:
             self.log.flush()
         return self.log_path.read_text(errors="replace")
 
-    RELOADED = "reloaded password and ACL files"
-    RELOAD_FAILED = "reload failed; keeping the previous rules"
+    RELOADED = "reloaded config, access"
+    RELOAD_FAILED = "reload failed, the previous configuration stays"
 
     def reload(self) -> bool:
         """Sends SIGHUP and waits until the broker logs the outcome: True if it reloaded the

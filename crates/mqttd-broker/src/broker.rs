@@ -793,6 +793,35 @@ pub(crate) struct Inner {
     pub(crate) api: crate::api::ApiState,
     /// The listeners with their bound addresses, once all are bound.
     pub(crate) listeners: std::sync::OnceLock<Vec<(crate::config::Listener, std::net::SocketAddr)>>,
+    /// What a reload replaces, once the broker has started.
+    pub(crate) reloader: std::sync::OnceLock<crate::reload::Reloader>,
+    /// The limits a reload may change; read here, not in `config`.
+    pub(crate) limits: ArcSwap<LiveLimits>,
+}
+
+/// The limits a reload applies at once (the other settings wait for a restart): each is read
+/// where it is checked, for the operations that come next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LiveLimits {
+    /// `max_retained_messages`.
+    pub(crate) max_retained_messages: usize,
+    /// `max_retained_bytes`.
+    pub(crate) max_retained_bytes: usize,
+    /// `max_subscriptions` (per session; 0: none).
+    pub(crate) max_subscriptions: usize,
+    /// `max_connection_rate` (new connections per second and source; 0: none).
+    pub(crate) max_connection_rate: u32,
+}
+
+impl LiveLimits {
+    pub(crate) fn of(config: &Config) -> Self {
+        Self {
+            max_retained_messages: config.max_retained_messages,
+            max_retained_bytes: config.max_retained_bytes,
+            max_subscriptions: config.max_subscriptions,
+            max_connection_rate: config.max_connection_rate,
+        }
+    }
 }
 
 impl Inner {
@@ -810,6 +839,8 @@ impl Inner {
         Self {
             api: crate::api::ApiState::new(&config.data_dir),
             listeners: std::sync::OnceLock::new(),
+            reloader: std::sync::OnceLock::new(),
+            limits: ArcSwap::from_pointee(LiveLimits::of(&config)),
             bridges: crate::bridge::Bridges::default(),
             node_id_as_username,
             config,
@@ -1340,9 +1371,10 @@ impl Inner {
         message: &Arc<Message>,
         batch: &mut Batch<'_>,
     ) -> Result<(), RetainRefused> {
+        let live = self.limits.load();
         let limits = RetainLimits {
-            max_messages: self.config.max_retained_messages,
-            max_bytes: self.config.max_retained_bytes,
+            max_messages: live.max_retained_messages,
+            max_bytes: live.max_retained_bytes,
         };
         self.retained.set_within(message.clone(), limits)?;
         // The batch's ticket covers it.

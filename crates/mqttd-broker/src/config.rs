@@ -492,6 +492,9 @@ pub struct Config {
     /// Milliseconds: the longest `durability = "batch"` waits for an fsync, and
     /// `durability = "none"` for any write.
     pub sync_interval_ms: u64,
+    /// The log's filter (`info`, `debug`, `info,mqttd_broker=debug`: tracing's `EnvFilter`
+    /// syntax) when `RUST_LOG` is not set; the binary applies it at start and on reload.
+    pub log_level: Option<String>,
     /// Bridges to other brokers (`[[bridge]]` tables), read into their types at load; two
     /// with one name are an error.
     #[serde(deserialize_with = "crate::bridge::config::unique_names")]
@@ -535,6 +538,7 @@ impl Default for Config {
             persistence: true,
             durability: Durability::Sync,
             sync_interval_ms: 100,
+            log_level: None,
             bridge: Vec::new(),
         }
     }

@@ -35,6 +35,7 @@ pub mod access;
 pub mod api;
 pub mod auth;
 pub mod bridge;
+pub mod check;
 
 mod broker;
 pub mod config;
@@ -59,6 +60,7 @@ mod http;
 mod http3;
 mod listener;
 pub mod metrics;
+pub mod reload;
 pub mod retained;
 #[cfg(test)]
 mod sim;
@@ -85,6 +87,7 @@ pub use hooks::{
     Action, ClientInfo, ConnectAttempt, Hooks, Intercept, NoHooks, Peer, Transport, Verdict,
 };
 pub use metrics::Metrics;
+pub use reload::{ConfigSource, ReloadError, ReloadHook, ReloadReport};
 pub use storage::{DiskStorage, Durability, MemoryStorage, Storage};
 pub use tls::TlsError;
 
@@ -141,6 +144,8 @@ pub struct BrokerBuilder {
     hooks: Arc<dyn Hooks>,
     storage: Option<Arc<dyn Storage>>,
     bridge_transports: bridge::Transports,
+    config_source: Option<ConfigSource>,
+    reload_hook: Option<ReloadHook>,
 }
 
 impl BrokerBuilder {
@@ -162,6 +167,27 @@ impl BrokerBuilder {
     pub fn bridge_transport(mut self, scheme: &str, transport: impl BridgeTransport) -> Self {
         self.bridge_transports
             .insert(scheme.to_ascii_lowercase(), Arc::new(transport));
+        self
+    }
+
+    /// Reads the configuration again on each reload ([`Broker::reload`], `POST
+    /// /api/v1/reload`). Without it a reload reads the files the starting configuration names
+    /// again, and keeps its settings.
+    pub fn config_source(
+        mut self,
+        source: impl Fn() -> Result<Config, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.config_source = Some(Arc::new(source));
+        self
+    }
+
+    /// Calls `hook` with the new configuration after each reload that was applied, for what
+    /// the program owns (its log filter, say); it returns the names of the parts it reloaded.
+    pub fn on_reload(
+        mut self,
+        hook: impl Fn(&Config) -> Vec<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.reload_hook = Some(Arc::new(hook));
         self
     }
 
@@ -323,6 +349,14 @@ impl BrokerBuilder {
         if let Some(p2p) = &p2p_bridges {
             p2p.listeners_bound(node.clone());
         }
+        let _ = inner.reloader.set(reload::Reloader::new(
+            &inner,
+            tls.clone(),
+            #[cfg(feature = "p2p")]
+            p2p_allow.clone(),
+            self.config_source,
+            self.reload_hook,
+        ));
         Ok(Broker {
             inner,
             bound,
@@ -402,6 +436,8 @@ impl Broker {
             hooks: Arc::new(NoHooks),
             storage: None,
             bridge_transports: bridge::Transports::new(),
+            config_source: None,
+            reload_hook: None,
         }
     }
 
@@ -430,7 +466,19 @@ impl Broker {
         &self.inner.metrics
     }
 
-    /// Reloads the password and ACL files (what SIGHUP does). On error the old rules stay.
+    /// Reloads what can change at runtime (what SIGHUP and `POST /api/v1/reload` do): the
+    /// configuration (through [`BrokerBuilder::config_source`]), the password and ACL files,
+    /// the certificates, the bridges and `[p2p]`'s allow-list. Everything is loaded and
+    /// checked before anything is applied: on error nothing changes. Logs one line with the
+    /// outcome and the settings that need a restart.
+    pub fn reload(&self) -> ReloadReport {
+        match self.inner.reloader.get() {
+            Some(reloader) => reloader.reload(),
+            None => ReloadReport::default(),
+        }
+    }
+
+    /// Reloads the password and ACL files. On error the old rules stay.
     pub fn reload_access(&self) -> Result<(), AccessError> {
         let access = AccessControl::load(&self.inner.config)?;
         self.inner.auth.store(Arc::new(access));

@@ -499,9 +499,11 @@ impl Connection {
 
 /// Whether a new connection from `addr` stays within `max_connection_rate`; counts a refusal.
 fn rate_allows(inner: &Inner, admission: &Admission, addr: SocketAddr) -> bool {
-    let allowed = admission
-        .rate
-        .allow(addr.ip(), Instant::now(), inner.config.max_connection_rate);
+    let allowed = admission.rate.allow(
+        addr.ip(),
+        Instant::now(),
+        inner.limits.load().max_connection_rate,
+    );
     if !allowed {
         debug!(peer = %addr, "connection rate limit exceeded");
         inner.metrics.connections_refused.inc();

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 mod bench;
+mod ctl;
 mod format;
 mod ping;
 mod swarm;
@@ -46,6 +47,13 @@ enum Command {
     /// Peer-to-peer diagnostics.
     #[command(subcommand)]
     P2p(P2pCommand),
+    /// Administer a running broker through its admin API (clients, sessions, retained
+    /// messages, listeners, stats, publish, reload).
+    #[command(after_help = ctl::AFTER_HELP)]
+    Ctl(ctl::CtlArgs),
+    /// Validate a configuration and the files it names, without starting: prints "ok" or
+    /// each error; exit status 0 or 1.
+    CheckConfig(CheckConfigArgs),
     /// Manage the admin API's keys (stored hashed in <data_dir>/api-keys).
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
@@ -97,7 +105,7 @@ struct IdArgs {
     config: Option<PathBuf>,
 }
 
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Clone, Args, Default)]
 struct ServeArgs {
     /// Listener URL (tcp://HOST:PORT, tls://HOST:PORT, ws://HOST:PORT[/PATH],
     /// wss://HOST:PORT[/PATH], quic://HOST:PORT, http://HOST:PORT, relay://HOST:PORT,
@@ -139,6 +147,15 @@ enum LogFormat {
 }
 
 #[derive(Debug, Args)]
+struct CheckConfigArgs {
+    /// The configuration file (default: as `mqttd` would run, with the options below).
+    file: Option<PathBuf>,
+    /// The options of `mqttd serve`, which lay over the file as they would there.
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Args)]
 struct PasswdArgs {
     /// The password file; created if missing.
     file: PathBuf,
@@ -173,6 +190,8 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Sub(args)) => client_tool(tools::subscribe(args)),
         Some(Command::Id(args)) => id(args),
         Some(Command::ApiKey(command)) => api_key(command),
+        Some(Command::Ctl(args)) => ctl(args),
+        Some(Command::CheckConfig(args)) => check_config(args),
         Some(Command::P2p(P2pCommand::Ping(args))) => p2p_ping(args),
         Some(Command::P2p(P2pCommand::Swarm(command))) => {
             init_logging_at(LogFormat::Text, "warn");
@@ -317,6 +336,56 @@ fn api_key(command: ApiKeyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mqttd ctl`: exits with its status (see `ctl::AFTER_HELP`).
+fn ctl(args: ctl::CtlArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let outcome = runtime.block_on(ctl::run(args));
+    drop(runtime);
+    if let Err(failure) = outcome {
+        eprintln!("Error: {}", failure.message);
+        std::process::exit(failure.status);
+    }
+    Ok(())
+}
+
+/// `mqttd check-config`: "ok", or each problem on its own line and exit status 1.
+fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
+    let mut serve = args.serve;
+    if let Some(file) = args.file {
+        serve.config = Some(file);
+    }
+    let name = serve.config.as_ref().map_or_else(
+        || "the default configuration".to_owned(),
+        |p| p.display().to_string(),
+    );
+    let problems: Vec<String> = match load_config(&serve) {
+        Ok(config) => {
+            let mut problems: Vec<String> = mqttd_broker::check::check(&config)
+                .iter()
+                .map(|problem| format!("{name}: {problem}"))
+                .collect();
+            if let Some(level) = &config.log_level {
+                if let Err(error) = tracing_subscriber::EnvFilter::try_new(level) {
+                    problems.push(format!("{name}: log_level {level:?}: {error}"));
+                }
+            }
+            problems
+        }
+        // It names the file, and its source is in its message already.
+        Err(error) => vec![error.to_string()],
+    };
+    if problems.is_empty() {
+        println!("ok");
+        return Ok(());
+    }
+    for problem in &problems {
+        eprintln!("{problem}");
+    }
+    std::process::exit(1);
+}
+
 /// Raises the open-file soft limit to the hard limit: every connection is a descriptor.
 fn raise_fd_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
@@ -325,9 +394,41 @@ fn raise_fd_limit() {
     }
 }
 
+/// The serving broker's log filter, which a reload may change (`log_level`).
+type LogFilter =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// The filter of the broker's log: `RUST_LOG` if set, else the configuration's `log_level`,
+/// else `info`.
+fn log_filter(config: &Config) -> Result<tracing_subscriber::EnvFilter, String> {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        return Ok(filter);
+    }
+    let level = config.log_level.as_deref().unwrap_or("info");
+    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("log_level {level:?}: {e}"))
+}
+
+/// Logging for `mqttd serve`, with a filter that reloads can replace.
+fn init_serve_logging(format: LogFormat, config: &Config) -> anyhow::Result<LogFilter> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(
+        log_filter(config).map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let layer = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry.with(layer).init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
+    }
+    Ok(handle)
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
     let config = load_config(&args)?;
+    let log_filter_handle = init_serve_logging(args.log_format, &config)?;
     let args = &args;
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -349,7 +450,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         info!(node_id = %key.id(), "peer-to-peer node id");
         let hostnames = config.tls.hostnames.clone();
         first_api_key(&config)?;
-        let broker = Broker::builder(config).start().await?;
+        let reread = args.clone();
+        let broker = Broker::builder(config)
+            .config_source(move || {
+                let config = load_config(&reread).map_err(|e| format!("{e}"))?;
+                // Checked here, so that a bad one fails the whole reload.
+                log_filter(&config)?;
+                Ok(config)
+            })
+            .on_reload(move |config| {
+                if std::env::var_os("RUST_LOG").is_some() {
+                    // RUST_LOG wins over log_level, on reload as at start.
+                    return Vec::new();
+                }
+                match log_filter(config).map(|f| log_filter_handle.reload(f)) {
+                    Ok(Ok(())) => vec!["log_level".to_owned()],
+                    _ => Vec::new(),
+                }
+            })
+            .start()
+            .await?;
         // One line per listener on standard output, with the bound port, for scripts and tests
         // that ask for port 0.
         for (listener, addr) in broker.local_addrs() {
@@ -368,7 +488,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 println!("mqttd relay url {}", relay_url(*addr, &hostnames));
             }
         }
-        signals.wait(&broker, args).await;
+        signals.wait(&broker).await;
         info!("shutting down");
         broker.shutdown().await;
         info!("stopped");
@@ -376,8 +496,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// The signal handlers: SIGTERM and SIGINT stop the broker, SIGHUP reloads the access files and
-/// the TLS certificates.
+/// The signal handlers: SIGTERM and SIGINT stop the broker, SIGHUP reloads (see
+/// `Broker::reload`).
 #[cfg(unix)]
 struct Signals(Option<[tokio::signal::unix::Signal; 3]>);
 
@@ -399,20 +519,19 @@ impl Signals {
     }
 
     /// Runs until a stop signal or until the broker is shut down from elsewhere; SIGHUP
-    /// reloads what `args` configure.
-    async fn wait(self, broker: &Broker, args: &ServeArgs) {
+    /// reloads.
+    async fn wait(self, broker: &Broker) {
         let Some([term, int, hup]) = self.0 else {
             broker.closed().await;
             return;
         };
-        run_until_signal(broker, args, term, int, hup).await;
+        run_until_signal(broker, term, int, hup).await;
     }
 }
 
 #[cfg(unix)]
 async fn run_until_signal(
     broker: &Broker,
-    args: &ServeArgs,
     mut term: tokio::signal::unix::Signal,
     mut int: tokio::signal::unix::Signal,
     mut hup: tokio::signal::unix::Signal,
@@ -422,50 +541,11 @@ async fn run_until_signal(
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = broker.closed() => return,
-            _ = hup.recv() => reload(broker, args),
+            _ = hup.recv() => {
+                // The broker logs the outcome and what needs a restart.
+                let _ = broker.reload();
+            }
         }
-    }
-}
-
-/// What SIGHUP does: each part that fails keeps what it had. The configuration file is read
-/// again for the bridges and `[p2p]`'s `allow` and `use_node_id_as_username`; other settings
-/// need a restart.
-#[cfg(unix)]
-fn reload(broker: &Broker, args: &ServeArgs) {
-    match broker.reload_access() {
-        Ok(()) => info!("reloaded password and ACL files"),
-        Err(error) => warn!(%error, "reload failed; keeping the previous rules"),
-    }
-    if broker.has_tls() {
-        match broker.reload_tls() {
-            Ok(()) => info!("reloaded TLS certificates"),
-            Err(error) => warn!(%error, "TLS reload failed; keeping the previous certificates"),
-        }
-    }
-    let config = match load_config(args) {
-        Ok(config) => config,
-        Err(error) => {
-            warn!(error = %format!("{error:#}"), "cannot read the configuration again; keeping the bridges and [p2p] settings");
-            return;
-        }
-    };
-    match broker.reload_bridges(&config.bridge) {
-        Ok(changes) if changes.is_empty() => info!("bridges unchanged"),
-        Ok(changes) => info!(
-            added = ?changes.added,
-            removed = ?changes.removed,
-            restarted = ?changes.restarted,
-            "reloaded bridges"
-        ),
-        Err(error) => warn!(%error, "bridge reload failed; keeping the bridges as they were"),
-    }
-    match broker.reload_p2p(&config.p2p) {
-        Ok(()) => info!(
-            allowed = config.p2p.allow.len(),
-            use_node_id_as_username = config.p2p.use_node_id_as_username,
-            "reloaded [p2p] allow and use_node_id_as_username"
-        ),
-        Err(error) => warn!(%error, "[p2p] reload failed; keeping the previous settings"),
     }
 }
 
@@ -478,7 +558,7 @@ impl Signals {
         Self
     }
 
-    async fn wait(self, broker: &Broker, _args: &ServeArgs) {
+    async fn wait(self, broker: &Broker) {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = broker.closed() => {}

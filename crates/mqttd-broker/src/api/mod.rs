@@ -72,6 +72,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/v1/listeners", get(list_listeners))
         .route("/v1/stats", get(stats))
         .route("/v1/publish", axum::routing::post(publish))
+        .route("/v1/reload", axum::routing::post(reload))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             inner.clone(),
@@ -87,7 +88,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
 #[non_exhaustive]
 pub struct ErrorBody {
     /// Stable and machine-readable: `unauthorized`, `rate_limited`, `not_found`,
-    /// `not_connected`, `connected`, `bad_request`, `refused`.
+    /// `not_connected`, `connected`, `bad_request`, `refused`, `reload_failed`.
     pub code: String,
     /// For people; may change.
     pub message: String,
@@ -1141,6 +1142,58 @@ async fn publish(
     Ok(Json(PublishResult { routed }))
 }
 
+// ---- Reload ---------------------------------------------------------------------------------
+
+/// A reload that failed: an error (`code` `reload_failed`) with the report.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct ReloadFailed {
+    /// `reload_failed`.
+    pub code: String,
+    /// The errors, for people.
+    pub message: String,
+    /// What the reload found; nothing of it was applied.
+    #[serde(flatten)]
+    pub report: crate::ReloadReport,
+}
+
+/// Reloads what can change at runtime, as SIGHUP does: the configuration file, the password
+/// and ACL files, the certificates, the bridges and `[p2p]`'s allow-list. Everything is
+/// checked before anything is applied: a failed reload keeps the previous configuration.
+#[utoipa::path(
+    post, path = "/api/v1/reload", tag = "broker",
+    responses(
+        (status = 200, description = "Reloaded; `restart_needed` lists the changed settings that wait for a restart", body = crate::ReloadReport),
+        (status = 422, description = "Not reloaded: the previous configuration stays", body = ReloadFailed),
+    )
+)]
+async fn reload(State(inner): State<Arc<Inner>>) -> Response {
+    // Reading files and certificates blocks.
+    let done = tokio::task::spawn_blocking(move || match inner.reloader.get() {
+        Some(reloader) => reloader.reload(),
+        None => crate::ReloadReport::default(),
+    })
+    .await;
+    match done {
+        Ok(report) if report.ok => Json(report).into_response(),
+        Ok(report) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(ReloadFailed {
+                code: "reload_failed".into(),
+                message: report.summary(),
+                report,
+            }),
+        )
+            .into_response(),
+        Err(error) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("reload: {error}"),
+        )
+        .into_response(),
+    }
+}
+
 // ---- OpenAPI --------------------------------------------------------------------------------
 
 /// The API's OpenAPI document, from the handlers' annotations.
@@ -1153,7 +1206,8 @@ async fn publish(
     ),
     paths(
         list_clients, get_client, kick_client, client_subscriptions, list_sessions, get_session,
-        discard_session, list_retained, get_retained, delete_retained, list_listeners, stats, publish
+        discard_session, list_retained, get_retained, delete_retained, list_listeners, stats, publish,
+        reload
     ),
     components(schemas(ErrorBody, PageMeta)),
     modifiers(&BearerAuth),
@@ -1229,6 +1283,7 @@ mod tests {
             "/api/v1/listeners",
             "/api/v1/stats",
             "/api/v1/publish",
+            "/api/v1/reload",
         ] {
             assert!(paths.contains_key(path), "{path} missing");
         }

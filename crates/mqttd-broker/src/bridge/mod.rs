@@ -119,6 +119,31 @@ pub(crate) struct Plan {
 }
 
 /// Prepares `bridge`; the error says why it cannot run.
+/// Checks that `bridge` could run: its TLS files load, and each URL's scheme has a transport
+/// (`p2p://` ones are checked when the broker's node exists, at start).
+pub(crate) fn check(bridge: &Bridge) -> Result<(), String> {
+    for url in &bridge.urls {
+        match url.client() {
+            Some(client) => {
+                let mut endpoint = client.endpoint.clone();
+                if bridge.tls.is_set() {
+                    endpoint.transport = endpoint.transport.with_tls();
+                }
+                endpoint.tls = bridge.tls.clone();
+                Connector::new(endpoint).map_err(|e| format!("{url}: {e}"))?;
+            }
+            None if url.scheme() == "p2p" => {}
+            None => {
+                return Err(format!(
+                    "{url}: no transport for {}:// (mqtt, mqtts, ws, wss, quic or p2p)",
+                    url.scheme()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn plan(
     bridge: &Bridge,
     transports: &Transports,

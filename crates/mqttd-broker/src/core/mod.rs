@@ -1572,6 +1572,7 @@ impl ConnectionCore {
         let id = subscribe.properties.subscription_identifier;
         let mut reasons = Vec::with_capacity(subscribe.filters.len());
         let mut adds = Vec::new();
+        let max_subscriptions = self.inner.limits.load().max_subscriptions;
         for sub in &subscribe.filters {
             let filter = &sub.filter;
             let text = filter.as_str();
@@ -1579,8 +1580,8 @@ impl ConnectionCore {
                 || filter.pattern().split('/').count() > config.max_topic_levels
             {
                 ReasonCode::TopicFilterInvalid
-            } else if config.max_subscriptions > 0
-                && handle.subscriptions.lock().len() + adds.len() >= config.max_subscriptions
+            } else if max_subscriptions > 0
+                && handle.subscriptions.lock().len() + adds.len() >= max_subscriptions
                 && !handle.subscriptions.lock().contains_key(filter)
             {
                 ReasonCode::QuotaExceeded

@@ -119,6 +119,9 @@ pub(crate) struct Accepted<S> {
 #[derive(Clone)]
 pub(crate) struct TlsAcceptor(Arc<Shared>);
 
+/// Certificates read for a reload, not in use yet (see [`TlsAcceptor::install`]).
+pub(crate) struct PreparedTls(ServerConfig);
+
 struct Shared {
     config: ArcSwap<ServerConfig>,
     sources: Sources,
@@ -154,13 +157,23 @@ impl TlsAcceptor {
     /// Reads every certificate, key and CA file again and uses them for new handshakes. On
     /// error nothing changes.
     pub(crate) fn reload(&self) -> Result<(), TlsError> {
-        let config = self
-            .0
-            .sources
-            .server_config(&self.0.provider, rustls::DEFAULT_VERSIONS)?;
-        self.0.config.store(Arc::new(config));
-        self.0.reloads.send_modify(|n| *n += 1);
+        let prepared = self.prepare()?;
+        self.install(prepared);
         Ok(())
+    }
+
+    /// Reads every certificate, key and CA file again, without using them yet.
+    pub(crate) fn prepare(&self) -> Result<PreparedTls, TlsError> {
+        self.0
+            .sources
+            .server_config(&self.0.provider, rustls::DEFAULT_VERSIONS)
+            .map(PreparedTls)
+    }
+
+    /// Uses what [`Self::prepare`] read for new handshakes.
+    pub(crate) fn install(&self, prepared: PreparedTls) {
+        self.0.config.store(Arc::new(prepared.0));
+        self.0.reloads.send_modify(|n| *n += 1);
     }
 
     /// Changes after each successful [`Self::reload`]: a QUIC endpoint then builds a new
