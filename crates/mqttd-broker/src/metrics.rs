@@ -24,6 +24,8 @@ pub struct Metrics {
     pub connections_refused: Counter,
     /// Connections open now.
     pub connections_open: Gauge,
+    /// Idle TCP connections parked now, without a task of their own.
+    pub connections_parked: Gauge,
     /// Clients connected (CONNACK sent) now.
     pub clients_connected: Gauge,
     /// PUBLISH packets received from clients.
@@ -181,6 +183,7 @@ impl Default for Metrics {
             connections_accepted: Counter = "Connections accepted by the listeners",
             connections_refused: Counter = "Connections refused by connection limits",
             connections_open: Gauge = "Connections open now",
+            connections_parked: Gauge = "Idle TCP connections parked now, without a task of their own",
             clients_connected: Gauge = "Clients connected now",
             messages_received: Counter = "PUBLISH packets received",
             messages_sent: Counter = "PUBLISH packets sent",

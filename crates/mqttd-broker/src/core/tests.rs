@@ -77,7 +77,7 @@ fn an_idle_connection_holds_no_more_than_before() {
     let serve = crate::drivers::stream::serve(inner_with(Config::default()), stream, peer());
     let size = future_size(&serve) + core;
     assert!(
-        size <= 1480,
+        size <= 1488,
         "the connection future and its core are {size} bytes"
     );
     // What the TCP listener spawns, with its connection permit: the driver's future and the
