@@ -139,7 +139,7 @@ async fn a_parked_subscriber_gets_each_delivery_and_parks_again() {
         // Both idle: the delivery wakes the subscriber from the lot.
         parked(&broker, 2).await;
         let payload = format!("m{round}");
-        publisher
+        let _ = publisher
             .publish(msg("t", &payload, QoS::AtLeastOnce))
             .await
             .unwrap();
@@ -219,7 +219,7 @@ async fn a_parked_session_is_taken_over_with_its_subscriptions() {
         (ReasonCode::SessionTakenOver, true)
     );
     let (publisher, _pub_events) = client(addr, config("pub")).await;
-    publisher
+    let _ = publisher
         .publish(msg("cmd/device", "on", QoS::AtLeastOnce))
         .await
         .unwrap();

@@ -59,8 +59,12 @@ async fn an_idle_tcp_connection_holds_little_memory() {
     let addr = broker.mqtt;
 
     let warm = open(addr, "warm", WARM_UP).await;
+    // Idle connections park (without a task of their own) after a moment: measured parked.
     broker
-        .wait_for_metrics(WAIT, |m| m.get("mqttd_clients_connected") >= WARM_UP as f64)
+        .wait_for_metrics(WAIT, |m| {
+            m.get("mqttd_clients_connected") >= WARM_UP as f64
+                && m.get("mqttd_connections_parked") >= WARM_UP as f64
+        })
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = broker.rss();
@@ -68,12 +72,19 @@ async fn an_idle_tcp_connection_holds_little_memory() {
     let mut idle = open(addr, "idle", CONNECTIONS).await;
     let total = (WARM_UP + CONNECTIONS) as f64;
     let metrics = broker
-        .wait_for_metrics(WAIT, |m| m.get("mqttd_clients_connected") >= total)
+        .wait_for_metrics(WAIT, |m| {
+            m.get("mqttd_clients_connected") >= total && m.get("mqttd_connections_parked") >= total
+        })
         .await;
     assert_eq!(
         metrics.get("mqttd_clients_connected"),
         total,
         "connections held"
+    );
+    assert_eq!(
+        metrics.get("mqttd_connections_parked"),
+        total,
+        "idle connections parked"
     );
     // Held and idle: let the broker finish the handshakes' work.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -837,3 +837,44 @@ async fn a_live_data_stream_does_not_make_a_stalled_one_look_busy() {
     let _ = written(&mut core, stalled);
     assert!(!handle.stalled.load(Ordering::Relaxed));
 }
+
+/// A connection is idle (and may park without a task) only with nothing to do but wait for
+/// input, mail or its timer: not before CONNACK, not with output left, not while a request
+/// is outstanding, and no longer once closed.
+#[tokio::test]
+async fn idle_means_nothing_to_do_but_wait() {
+    let inner = inner_with(Config::default());
+    let now = Instant::now();
+    let (mut core, request) = connecting(&inner, now, "c");
+    assert!(!core.is_idle(), "waiting for its session");
+    let acquired = inner.acquire(now, &request, core.mailbox()).await;
+    core.session_acquired(now, acquired);
+    core.process(now);
+    assert!(!core.is_idle(), "CONNACK not written yet");
+    let _ = written(&mut core, StreamId::CONTROL);
+    assert!(core.is_idle(), "connected, nothing left");
+
+    // A delivery: idle again once it is written, even with its PUBACK still to come.
+    core.handle_inbox(
+        now,
+        Inbox {
+            deliveries: [delivery(QoS::AtLeastOnce)].into(),
+            ..Inbox::default()
+        },
+    );
+    core.process(now);
+    assert!(!core.is_idle(), "a delivery to write");
+    let out = written(&mut core, StreamId::CONTROL);
+    assert!(matches!(&out[..], [Packet::Publish(_)]), "{out:?}");
+    assert!(core.is_idle(), "in flight, waiting for its PUBACK");
+
+    core.handle_packet(now, StreamId::CONTROL, Packet::PingReq);
+    core.process(now);
+    assert!(!core.is_idle(), "PINGRESP to write");
+    let _ = written(&mut core, StreamId::CONTROL);
+    assert!(core.is_idle());
+
+    core.shutdown(now);
+    core.process(now);
+    assert!(!core.is_idle(), "closed");
+}

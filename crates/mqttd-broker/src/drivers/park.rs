@@ -153,6 +153,8 @@ impl ParkingLot {
             .is_ready();
         if readable || !parked.core.mailbox().wake_on_arrival(&waker) {
             parked.core.mailbox().forget_waker();
+            // The socket may keep this waker until the driver reads: it must wake nobody.
+            slot.generation = slot.generation.wrapping_add(1);
             state.free.push(key);
             return Err(parked);
         }

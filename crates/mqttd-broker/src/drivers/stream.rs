@@ -26,6 +26,11 @@
 //! of them: the task's future (one select over the arms above), the boxed core, and the
 //! socket. No read buffer: a quiet connection reads into a buffer on the stack, copied out
 //! only when bytes came ([`transfer`]). No split of the stream (an `Arc` and a lock each).
+//!
+//! A plain TCP connection ([`serve_tcp`]) holds no task either once it has been idle for
+//! [`PARK_AFTER`]: [`run`] returns its stream, and the driver parks the core, the socket, the
+//! span and the permit in its listener's [`ParkingLot`] and ends; the lot spawns it again
+//! ([`resume`]) when something comes for it (see [`park`](super::park)).
 
 use std::future::Future;
 use std::pin::Pin;
