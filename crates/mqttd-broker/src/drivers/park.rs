@@ -38,10 +38,12 @@ use super::stream::resume;
 use crate::broker::Inner;
 use crate::core::ConnectionCore;
 
-/// How long a connection stays idle before its driver parks it: long enough that a
-/// connection exchanging packets every few hundred milliseconds keeps its task, short enough
-/// that connections opened in a burst give theirs back soon.
-pub(crate) const PARK_AFTER: Duration = Duration::from_millis(500);
+/// How long a connection stays idle before its driver parks it. Parking and waking again
+/// cost a task spawn and a few locks (microseconds), so a connection that exchanges packets
+/// more often than this keeps its task. It is short because the memory a burst of new
+/// connections needs is the tasks alive at once: connections arriving at R per second hold
+/// about R x `PARK_AFTER` tasks, and the allocator keeps that peak for reuse.
+pub(crate) const PARK_AFTER: Duration = Duration::from_millis(100);
 
 /// A connection without a task: all it needs to be driven again.
 pub(crate) struct Parked {
