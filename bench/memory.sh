@@ -14,6 +14,7 @@
 #   bench/memory.sh                                  # everything, one round
 #   bench/memory.sh --rounds 3 --transports tcp,tls  # some
 #   bench/memory.sh --count 2000 --sub-clients 1000  # quicker
+#   MQTTD_BIN=/tmp/mqttd-main bench/memory.sh --no-build  # another build of mqttd (a before)
 #
 # Prints one line of JSON per measurement. A measurement tool, not a test: not part of CI. It
 # only ever targets 127.0.0.1.
@@ -43,7 +44,7 @@ while (($#)); do
 done
 
 ((BUILD)) && cargo build --release --locked -p mqttd >&2
-MQTTD=$ROOT/target/release/mqttd
+MQTTD=${MQTTD_BIN:-$ROOT/target/release/mqttd}
 RUN=$(mktemp -d /tmp/mqttd-memory.XXXXXX)
 BROKER_PID=
 BENCH_PID=

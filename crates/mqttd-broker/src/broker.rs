@@ -11,6 +11,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -55,9 +56,12 @@ pub(crate) type Tree = TopicTree<u64, Subscriber>;
 /// A connection's inbox: messages routed to its session, and a takeover request from another
 /// connection. It allocates nothing until something arrives, so an idle connection pays only
 /// for the struct itself.
+///
+/// Arrivals wake the connection's task through `notify`; a connection parked without a task
+/// (see `drivers::park`) registers a [`Waker`] instead, woken once by the next arrival.
 #[derive(Debug, Default)]
 pub(crate) struct Mailbox {
-    inbox: Mutex<Inbox>,
+    slots: Mutex<Slots>,
     notify: Notify,
     /// Who the client is, set once its CONNECT is accepted (for the admin API).
     pub(crate) conn: std::sync::OnceLock<Box<ConnInfo>>,
@@ -109,6 +113,14 @@ impl ConnStats {
     }
 }
 
+/// What a [`Mailbox`]'s lock guards.
+#[derive(Debug, Default)]
+struct Slots {
+    inbox: Inbox,
+    /// The waker of a parked connection, taken by the next arrival.
+    waker: Option<Waker>,
+}
+
 /// What waits in a [`Mailbox`].
 #[derive(Debug, Default)]
 pub(crate) struct Inbox {
@@ -134,21 +146,22 @@ impl Mailbox {
         limit: usize,
         admit: impl FnOnce(&mut Delivery) -> Ticket,
     ) -> Result<(), Delivery> {
-        let mut inbox = self.inbox.lock();
-        if inbox.deliveries.len() >= limit {
+        let mut slots = self.slots.lock();
+        if slots.inbox.deliveries.len() >= limit {
             return Err(delivery);
         }
         let ticket = admit(&mut delivery);
-        inbox.ticket.merge(ticket);
-        inbox.deliveries.push_back(delivery);
-        drop(inbox);
-        self.notify.notify_one();
+        slots.inbox.ticket.merge(ticket);
+        slots.inbox.deliveries.push_back(delivery);
+        let waker = slots.waker.take();
+        drop(slots);
+        self.arrived(waker);
         Ok(())
     }
 
     /// How many deliveries wait.
     fn len(&self) -> usize {
-        self.inbox.lock().deliveries.len()
+        self.slots.lock().inbox.deliveries.len()
     }
 
     /// Asks the connection to close, as an administrative action.
@@ -158,18 +171,46 @@ impl Mailbox {
     }
 
     fn take_over(&self, reply: SessionReply) {
-        self.inbox.lock().takeover = Some(reply);
+        let mut slots = self.slots.lock();
+        slots.inbox.takeover = Some(reply);
+        let waker = slots.waker.take();
+        drop(slots);
+        self.arrived(waker);
+    }
+
+    /// Wakes the connection's task, or the parked connection's `waker`.
+    fn arrived(&self, waker: Option<Waker>) {
         self.notify.notify_one();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// Everything waiting, leaving the mailbox empty.
     pub(crate) fn take(&self) -> Inbox {
-        std::mem::take(&mut *self.inbox.lock())
+        std::mem::take(&mut self.slots.lock().inbox)
     }
 
     /// Resolves when something arrived since the last call.
     pub(crate) async fn wait(&self) {
         self.notify.notified().await;
+    }
+
+    /// Has the next arrival wake `waker` (once), for a connection parked without a task.
+    /// Returns `false`, registering nothing, if something waits already.
+    pub(crate) fn wake_on_arrival(&self, waker: &Waker) -> bool {
+        let mut slots = self.slots.lock();
+        if !slots.inbox.deliveries.is_empty() || slots.inbox.takeover.is_some() {
+            return false;
+        }
+        slots.waker = Some(waker.clone());
+        true
+    }
+
+    /// Forgets the waker [`Self::wake_on_arrival`] registered: the connection has its task
+    /// again.
+    pub(crate) fn forget_waker(&self) {
+        self.slots.lock().waker = None;
     }
 }
 

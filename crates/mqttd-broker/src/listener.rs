@@ -26,7 +26,8 @@ use tracing::{debug, info, warn};
 use crate::broker::Inner;
 use crate::config::{Config, Listener, ListenerKind};
 use crate::drivers::now;
-use crate::drivers::stream::{serve_holding, serve_since};
+use crate::drivers::park::ParkingLot;
+use crate::drivers::stream::{serve_since, serve_tcp};
 use crate::hooks::{Peer, Transport};
 use crate::http;
 use crate::metrics::Metrics;
@@ -224,6 +225,13 @@ async fn run_tcp(
     // Behind a proxy, the socket's address is the proxy's: the rate limit waits for the
     // client's, which the connection's task learns.
     let proxied = listener.proxy_protocol || listener.trust_proxy;
+    // Where this listener's plain TCP connections wait while idle, without a task.
+    let plain = listener.kind == ListenerKind::Tcp && !listener.proxy_protocol;
+    let lot = plain.then(|| {
+        let lot = ParkingLot::new(inner.metrics.connections_parked.clone());
+        inner.tasks.spawn(lot.clone().run(inner.clone()));
+        lot
+    });
     loop {
         let accepted = tokio::select! {
             _ = inner.shutdown.cancelled() => return,
@@ -243,13 +251,13 @@ async fn run_tcp(
         };
         let _ = stream.set_nodelay(true);
         let accepted = now();
-        if listener.kind == ListenerKind::Tcp && !listener.proxy_protocol {
+        if let Some(lot) = &lot {
             // Nothing comes before MQTT: the task is the driver's alone, as small as it gets,
-            // built outside the task's own future.
+            // built outside the task's own future, and it parks while idle.
             let peer = Peer::new(Transport::Tcp, addr, name.clone());
             // The permit goes into the driver's future: an `async` block awaiting the
             // connection would hold its future twice (captured, and being awaited).
-            let connection = serve_holding(inner.clone(), stream, peer, accepted, permit);
+            let connection = serve_tcp(inner.clone(), lot.clone(), stream, peer, accepted, permit);
             inner.tasks.spawn(connection);
             continue;
         }

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub connections_refused: Counter,
     /// Connections open now.
     pub connections_open: Gauge,
+    /// Idle TCP connections parked now, without a task of their own.
+    pub connections_parked: Gauge,
     /// Clients connected (CONNACK sent) now.
     pub clients_connected: Gauge,
     /// Clients connected now, by `transport`: see [`Self::clients_by_transport`].
@@ -185,6 +187,7 @@ impl Default for Metrics {
             connections_accepted: Counter = "Connections accepted by the listeners",
             connections_refused: Counter = "Connections refused by connection limits",
             connections_open: Gauge = "Connections open now",
+            connections_parked: Gauge = "Idle TCP connections parked now, without a task of their own",
             clients_connected: Gauge = "Clients connected now",
             clients_by_transport: ByTransport = "Clients connected now, by transport",
             messages_received: Counter = "PUBLISH packets received",

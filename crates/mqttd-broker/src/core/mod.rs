@@ -381,6 +381,24 @@ impl ConnectionCore {
         self.outputs.iter().any(|(_, o)| o.holding()) || self.awaiting.is_some()
     }
 
+    /// Whether the connection is idle, so that a driver may set it aside without a task of its
+    /// own (see `drivers::park`) until input comes, its mailbox gets something, its timer
+    /// ([`Self::poll_timeout`]) is due, or the broker shuts down; nothing else can move it.
+    /// That is: connected (CONNACK went), no request outstanding or answer awaited, reading
+    /// wanted (not closed, not backed up), no publication waiting for room, nothing waiting
+    /// for storage, no retained messages left to feed, and no output at all, held or not.
+    /// Messages in flight to the client may be: what completes them comes as input.
+    /// Call it after [`Self::process`].
+    pub(crate) fn is_idle(&self) -> bool {
+        self.conn.is_connected()
+            && self.request.is_none()
+            && self.wants_read(StreamId::CONTROL)
+            && self.blocked.is_empty()
+            && self.awaiting.is_none()
+            && self.retained.is_none()
+            && self.outputs.iter().all(|(_, o)| o.buf.is_empty())
+    }
+
     // ---- Inputs ------------------------------------------------------------------------------
 
     /// Decodes and handles the packets `input` holds from `stream`, leaving a partial packet

@@ -8,6 +8,7 @@
 //! [`sleep_until`], and differs only in reading and writing several streams and reporting
 //! the ones that end with `stream_lost`.
 
+pub(crate) mod park;
 pub(crate) mod quic;
 pub(crate) mod stream;
 

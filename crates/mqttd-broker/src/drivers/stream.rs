@@ -26,6 +26,11 @@
 //! of them: the task's future (one select over the arms above), the boxed core, and the
 //! socket. No read buffer: a quiet connection reads into a buffer on the stack, copied out
 //! only when bytes came ([`transfer`]). No split of the stream (an `Arc` and a lock each).
+//!
+//! A plain TCP connection ([`serve_tcp`]) holds no task either once it has been idle for
+//! [`PARK_AFTER`]: [`run`] returns its stream, and the driver parks the core, the socket, the
+//! span and the permit in its listener's [`ParkingLot`] and ends; the lot spawns it again
+//! ([`resume`]) when something comes for it (see [`park`](super::park)).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,13 +40,16 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
 use mqttd_proto::StreamId;
 
+use super::park::{Parked, ParkingLot, PARK_AFTER};
 use super::{answer, durable, now, sleep_until, wait_for_room};
 use crate::broker::Inner;
 use crate::core::ConnectionCore;
@@ -127,15 +135,95 @@ async fn drive<S, G>(
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let rest = run(&inner, &mut core, stream).instrument(span).await;
+    let rest = match run(&inner, &mut core, stream, false).instrument(span).await {
+        Ended::Closed(rest) => rest,
+        // Not asked to park: never idle.
+        Ended::Idle(_) => None,
+    };
     // Nothing of the connection but its socket stays while it lingers.
     drop(core);
+    end(&inner, rest).await;
+    drop(guard);
+}
+
+/// Runs a plain TCP connection, accepted at `accepted` and holding `permit`, to completion;
+/// while it is idle, it waits in `lot` without a task (see [`park`](super::park)).
+pub(crate) fn serve_tcp(
+    inner: Arc<Inner>,
+    lot: Arc<ParkingLot>,
+    stream: TcpStream,
+    peer: Peer,
+    accepted: Instant,
+    permit: Option<OwnedSemaphorePermit>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (core, span) = super::open(&inner, peer, accepted);
+    drive_tcp(
+        inner,
+        lot,
+        Parked {
+            core,
+            stream,
+            span,
+            permit,
+        },
+    )
+}
+
+/// Gives a parked connection its task back: its driver goes on where it parked.
+pub(crate) fn resume(inner: &Arc<Inner>, lot: &Arc<ParkingLot>, parked: Parked) {
+    parked.core.mailbox().forget_waker();
+    inner
+        .tasks
+        .spawn(drive_tcp(inner.clone(), lot.clone(), parked));
+}
+
+/// Drives a TCP connection until it closes or parks.
+async fn drive_tcp(inner: Arc<Inner>, lot: Arc<ParkingLot>, parked: Parked) {
+    let Parked {
+        mut core,
+        mut stream,
+        mut span,
+        mut permit,
+    } = parked;
+    let rest = loop {
+        match run(&inner, &mut core, stream, true)
+            .instrument(span.clone())
+            .await
+        {
+            Ended::Closed(rest) => break rest,
+            Ended::Idle(idle) => {
+                let parked = Parked {
+                    core,
+                    stream: idle,
+                    span,
+                    permit,
+                };
+                match lot.park(parked) {
+                    Ok(()) => return,
+                    // It has something to do already, or the broker is shutting down.
+                    Err(back) => {
+                        core = back.core;
+                        stream = back.stream;
+                        span = back.span;
+                        permit = back.permit;
+                    }
+                }
+            }
+        }
+    };
+    drop(core);
+    end(&inner, rest).await;
+    drop(permit);
+}
+
+/// The end of every connection: lingers on `rest`, the stream of a connection the broker
+/// ended, and counts the connection out.
+async fn end<S: AsyncRead + Unpin>(inner: &Inner, rest: Option<S>) {
     if let Some(stream) = rest {
         // Boxed: the rare end of a connection need not widen every idle one's future.
         Box::pin(linger(stream, &inner.shutdown)).await;
     }
     inner.metrics.connections_open.dec();
-    drop(guard);
 }
 
 /// Reads and discards the client's input after the broker ended the connection and shut down
@@ -150,9 +238,24 @@ async fn linger<S: AsyncRead + Unpin>(mut stream: S, shutdown: &CancellationToke
     }
 }
 
-/// Drives the connection until it closes; returns the stream, its writing side shut down,
-/// if the broker ended the connection, for the caller to [`linger`] on.
-async fn run<S>(inner: &Arc<Inner>, core: &mut ConnectionCore, mut stream: S) -> Option<S>
+/// How [`run`] ended.
+enum Ended<S> {
+    /// The connection closed: its stream, its writing side shut down, if the broker ended
+    /// it, for the caller to [`linger`] on.
+    Closed(Option<S>),
+    /// The connection has been idle for [`PARK_AFTER`] (it was asked to park): its stream,
+    /// with nothing half read; the core holds the rest.
+    Idle(S),
+}
+
+/// Drives the connection until it closes or, if `park`, until it has been idle
+/// ([`ConnectionCore::is_idle`], nothing half read) for [`PARK_AFTER`].
+async fn run<S>(
+    inner: &Arc<Inner>,
+    core: &mut ConnectionCore,
+    mut stream: S,
+    park: bool,
+) -> Ended<S>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
@@ -164,6 +267,8 @@ where
     let mut shutting_down = false;
     // Whether `rbuf` may hold packets the core has not handled yet (see [`TURN_INPUT`]).
     let mut unhandled = false;
+    // Since when the connection has been idle, if it may park.
+    let mut idle_since: Option<Instant> = None;
     loop {
         core.process(now());
         if let Some(request) = core.poll_request() {
@@ -195,6 +300,17 @@ where
             rbuf.capacity() - rbuf.len()
         };
         let writable = core.output(STREAM).map_or(&[][..], |o| o.writable());
+        if park && quiet && !unhandled && !shutting_down && core.is_idle() {
+            if idle_since.is_none() {
+                idle_since = Some(now());
+            }
+        } else {
+            idle_since = None;
+        }
+        let timer = match (deadline, idle_since.map(|t| t + PARK_AFTER)) {
+            (Some(d), Some(p)) => Some(d.min(p)),
+            (d, p) => d.or(p),
+        };
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if !shutting_down => {
@@ -243,8 +359,18 @@ where
             _ = wait_for_room(blocked_on.as_deref()), if blocked_on.is_some() => {
                 core.retry_blocked(now());
             }
-            _ = sleep_until(deadline), if deadline.is_some() => core.handle_timeout(now()),
+            _ = sleep_until(timer), if timer.is_some() => {
+                let now = now();
+                if idle_since.is_some_and(|t| now >= t + PARK_AFTER) {
+                    return Ended::Idle(stream);
+                }
+                core.handle_timeout(now);
+                // Not activity: the idle time goes on.
+                continue;
+            }
         }
+        // Anything else that woke the connection was activity.
+        idle_since = None;
     }
     // Send what is left (CONNACK refusal, DISCONNECT), briefly; what waits for storage goes
     // once it is durable.
@@ -264,7 +390,7 @@ where
     }
     let _ = stream.shutdown().await;
     let by_client = core.finish(now(), std::time::SystemTime::now());
-    (!by_client).then_some(stream)
+    Ended::Closed((!by_client).then_some(stream))
 }
 
 /// What one turn of [`transfer`] did.
