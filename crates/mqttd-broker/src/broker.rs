@@ -166,8 +166,11 @@ impl Mailbox {
 
     /// Asks the connection to close, as an administrative action.
     fn kick(&self) {
-        self.inbox.lock().kick = true;
-        self.notify.notify_one();
+        let mut slots = self.slots.lock();
+        slots.inbox.kick = true;
+        let waker = slots.waker.take();
+        drop(slots);
+        self.arrived(waker);
     }
 
     fn take_over(&self, reply: SessionReply) {
@@ -200,7 +203,7 @@ impl Mailbox {
     /// Returns `false`, registering nothing, if something waits already.
     pub(crate) fn wake_on_arrival(&self, waker: &Waker) -> bool {
         let mut slots = self.slots.lock();
-        if !slots.inbox.deliveries.is_empty() || slots.inbox.takeover.is_some() {
+        if !slots.inbox.deliveries.is_empty() || slots.inbox.takeover.is_some() || slots.inbox.kick {
             return false;
         }
         slots.waker = Some(waker.clone());
