@@ -7,10 +7,12 @@
 //!   `dist/systemd/mqttd.toml` (ports set to 0), print the admin key, serve `mqttd api-key`
 //!   keys made with the configuration's data directory, reload on SIGHUP and stop on the
 //!   unit's `KillSignal` within its `TimeoutStopSec`.
+//! - `dist/grafana/mqttd.json` and the metric list of `docs/operations.md`: every metric name
+//!   they use is one a running broker exports, and the list names every family it exports.
 
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -19,7 +21,10 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
-use support::broker_binary;
+use mqttd_proto::{Packet, ProtocolVersion, QoS};
+use support::{
+    broker_binary, encode, http_get, publish_packet, subscribe_packet, Broker, RawConn, Received,
+};
 
 /// A hang bound for one step, never a performance verdict.
 const STEP: Duration = Duration::from_secs(30);
@@ -440,4 +445,233 @@ fn the_units_command_lines_start_reload_and_stop_the_broker_with_the_sample_conf
         "stopped with {status}:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metric names: the Grafana dashboard and docs/operations.md
+// ---------------------------------------------------------------------------------------------
+
+/// Counter families that exist only once something happened, so that a fresh broker may not
+/// show them; each still has to be registered in `crates/mqttd-broker/src/metrics.rs` under this
+/// name (without the `mqttd_` prefix).
+const SHOWN_ONCE_USED: &[&str] = &[
+    // The first failed write, sync, open or reclaim of the store creates its label.
+    "store_errors",
+    // The first traversal attempt that ends creates its (nat, outcome) label.
+    "p2p_traversals",
+];
+
+/// What `/metrics` exports: family name to its type, from the `# TYPE` lines.
+fn families(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let (name, kind) = l.split_once(' ')?;
+            Some((name.to_owned(), kind.to_owned()))
+        })
+        .collect()
+}
+
+/// The names a query uses for a family: counters with `_total`, histograms with `_bucket`,
+/// `_sum` and `_count` (and their bare name, as people speak of them).
+fn query_names(name: &str, kind: &str) -> Vec<String> {
+    match kind {
+        "counter" => vec![format!("{name}_total")],
+        "histogram" => ["", "_bucket", "_sum", "_count"]
+            .iter()
+            .map(|s| format!("{name}{s}"))
+            .collect(),
+        _ => vec![name.to_owned()],
+    }
+}
+
+/// Every `mqttd_...` identifier in `text` (not prefixes such as `mqttd_quic_*`).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("mqttd_") {
+        let start = i + at;
+        let word_start = start == 0 || {
+            let b = bytes[start - 1];
+            !(b.is_ascii_alphanumeric() || b == b'_')
+        };
+        let end = text[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(text.len(), |n| start + n);
+        // `mqttd_quic_*` names a group, not a metric.
+        if word_start && !text[start..end].ends_with('_') {
+            names.insert(text[start..end].to_owned());
+        }
+        i = end;
+    }
+    names
+}
+
+/// Every string under a key named `key`, anywhere in `value`.
+fn strings_under<'a>(value: &'a serde_json::Value, key: &str, out: &mut Vec<&'a str>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match v {
+                    serde_json::Value::String(s) if k == key => out.push(s),
+                    _ => strings_under(v, key, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for v in items {
+                strings_under(v, key, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `docs/operations.md`'s `## Metrics` section.
+fn metrics_section(doc: &str) -> &str {
+    let start = doc
+        .find("\n## Metrics\n")
+        .expect("a \"## Metrics\" section");
+    let rest = &doc[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |n| n + 3);
+    &rest[..end]
+}
+
+/// A broker with every kind of figure in use: QUIC, a relay and a p2p node using it, a bridge
+/// (to nowhere), a subscription, a retained publication and a delivery.
+async fn busy_broker() -> (Broker, String) {
+    let config = "[relay]\nallow_any = true\n\
+                  [[bridge]]\nname = \"up\"\nurls = [\"mqtt://127.0.0.1:9\"]\ntopics = [\"out/#\"]\n\
+                  reconnect_min = 0.05\nreconnect_max = 0.5\n";
+    let broker = Broker::start_with(
+        config,
+        &[
+            "quic://127.0.0.1:0",
+            "relay://127.0.0.1:0",
+            "p2p://127.0.0.1:0",
+        ],
+    );
+    let mut sub = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "dash-sub").await;
+    sub.send(&encode(
+        ProtocolVersion::V5,
+        &subscribe_packet(1, "dash/#", QoS::AtMostOnce),
+    ))
+    .await
+    .expect("send SUBSCRIBE");
+    assert!(matches!(sub.recv(STEP).await, Received::Packet(p) if matches!(*p, Packet::SubAck(_))));
+    let mut publisher = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "dash-pub").await;
+    publisher
+        .send(&encode(
+            ProtocolVersion::V5,
+            &publish_packet("dash/1", b"x".to_vec(), QoS::AtMostOnce, true, 0),
+        ))
+        .await
+        .expect("send PUBLISH");
+    assert!(
+        matches!(sub.recv(STEP).await, Received::Packet(p) if matches!(*p, Packet::Publish(_)))
+    );
+    // The p2p node reports its NAT type and relay on its first look at its state.
+    let http = broker.http;
+    let text = broker
+        .eventually(STEP, "the p2p relay's gauges", || async move {
+            let text = tokio::task::spawn_blocking(move || http_get(http, "/metrics"))
+                .await
+                .expect("scrape");
+            text.contains("mqttd_p2p_relay_up").then_some(text)
+        })
+        .await;
+    drop((sub, publisher));
+    (broker, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_metric_list_use_only_exported_metrics() {
+    let (broker, text) = busy_broker().await;
+    let exported = families(&text);
+    assert!(
+        exported.contains_key("mqttd_clients_by_transport"),
+        "{exported:?}"
+    );
+    let source = read("crates/mqttd-broker/src/metrics.rs");
+    let mut known: BTreeMap<String, String> = BTreeMap::new();
+    for (name, kind) in &exported {
+        for q in query_names(name, kind) {
+            known.insert(q, name.clone());
+        }
+    }
+    for stem in SHOWN_ONCE_USED {
+        assert!(
+            source.contains(&format!("            {stem}: ")),
+            "{stem} is not registered in metrics.rs"
+        );
+        // A counter either way (it may show already, when something used it early).
+        let name = format!("mqttd_{stem}");
+        known.insert(format!("{name}_total"), name);
+    }
+
+    // The dashboard: importable JSON, a Prometheus data source variable used by every panel,
+    // and only names that exist.
+    let dashboard_text = read("dist/grafana/mqttd.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&dashboard_text).expect("the dashboard is JSON");
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating.list");
+    assert!(
+        variables.iter().any(|v| v["type"] == "datasource"
+            && v["query"] == "prometheus"
+            && v["name"] == "datasource"),
+        "a Prometheus data source variable named datasource"
+    );
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut exprs = Vec::new();
+    for panel in panels.iter().filter(|p| p["type"] != "row") {
+        assert_eq!(
+            panel["datasource"]["uid"], "${datasource}",
+            "panel {} uses the data source variable",
+            panel["title"]
+        );
+        let before = exprs.len();
+        strings_under(panel, "expr", &mut exprs);
+        assert!(exprs.len() > before, "panel {} has a query", panel["title"]);
+    }
+    // Every name anywhere in it: queries, variables, descriptions.
+    let used = metric_names(&dashboard_text);
+    let unknown: Vec<_> = used.iter().filter(|n| !known.contains_key(*n)).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard queries metrics the broker does not export: {unknown:?}\nexported: {:?}",
+        known.keys().collect::<Vec<_>>()
+    );
+    for wanted in [
+        "mqttd_clients_by_transport",
+        "mqttd_messages_received_total",
+        "mqttd_messages_sent_total",
+        "mqttd_messages_dropped_total",
+        "mqttd_store_errors_total",
+    ] {
+        assert!(used.contains(wanted), "the dashboard shows {wanted}");
+    }
+
+    // docs/operations.md's metric list: every family named (as queried), nothing else.
+    let doc = read("docs/operations.md");
+    let listed = metric_names(metrics_section(&doc));
+    let stale: Vec<_> = listed.iter().filter(|n| !known.contains_key(*n)).collect();
+    assert!(
+        stale.is_empty(),
+        "docs/operations.md lists metrics the broker does not export: {stale:?}"
+    );
+    let families_listed: BTreeSet<&String> = listed.iter().filter_map(|n| known.get(n)).collect();
+    let missing: Vec<_> = known
+        .values()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|f| !families_listed.contains(f))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/operations.md's \"## Metrics\" does not list: {missing:?}"
+    );
+    broker.stop();
 }
