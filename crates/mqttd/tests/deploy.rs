@@ -9,6 +9,8 @@
 //!   unit's `KillSignal` within its `TimeoutStopSec`.
 //! - `dist/grafana/mqttd.json` and the metric list of `docs/operations.md`: every metric name
 //!   they use is one a running broker exports, and the list names every family it exports.
+//! - The `## Tuning` table of `docs/operations.md`: each key exists and its default is the
+//!   broker's.
 
 mod support;
 
@@ -528,11 +530,12 @@ fn strings_under<'a>(value: &'a serde_json::Value, key: &str, out: &mut Vec<&'a 
     }
 }
 
-/// `docs/operations.md`'s `## Metrics` section.
-fn metrics_section(doc: &str) -> &str {
+/// The section `## {name}` of `doc`.
+fn section<'a>(doc: &'a str, name: &str) -> &'a str {
+    let heading = format!("\n## {name}\n");
     let start = doc
-        .find("\n## Metrics\n")
-        .expect("a \"## Metrics\" section");
+        .find(&heading)
+        .unwrap_or_else(|| panic!("a \"## {name}\" section"));
     let rest = &doc[start + 1..];
     let end = rest[3..].find("\n## ").map_or(rest.len(), |n| n + 3);
     &rest[..end]
@@ -656,7 +659,7 @@ async fn the_dashboard_and_the_metric_list_use_only_exported_metrics() {
 
     // docs/operations.md's metric list: every family named (as queried), nothing else.
     let doc = read("docs/operations.md");
-    let listed = metric_names(metrics_section(&doc));
+    let listed = metric_names(section(&doc, "Metrics"));
     let stale: Vec<_> = listed.iter().filter(|n| !known.contains_key(*n)).collect();
     assert!(
         stale.is_empty(),
@@ -674,4 +677,38 @@ async fn the_dashboard_and_the_metric_list_use_only_exported_metrics() {
         "docs/operations.md's \"## Metrics\" does not list: {missing:?}"
     );
     broker.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tuning table of docs/operations.md
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn the_tuning_table_gives_the_brokers_defaults() {
+    let doc = read("docs/operations.md");
+    let default = format!("{:?}", mqttd_broker::Config::default());
+    let mut rows = 0;
+    for line in section(&doc, "Tuning")
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+    {
+        let cells: Vec<&str> = line.split(" | ").collect();
+        let key = cells[0].trim_start_matches("| ").trim_matches('`');
+        let value = cells.get(1).expect("a default");
+        assert!(
+            value.starts_with('`') && value.ends_with('`'),
+            "{key}: the default should be one TOML value in backquotes: {value}"
+        );
+        let value = value.trim_matches('`');
+        // Unknown keys are errors: a renamed key fails here.
+        let config = mqttd_broker::Config::parse(&format!("{key} = {value}"))
+            .unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
+        assert_eq!(
+            format!("{config:?}"),
+            default,
+            "{key}: the default is not {value}"
+        );
+        rows += 1;
+    }
+    assert!(rows >= 10, "the tuning table was not found");
 }
