@@ -628,6 +628,9 @@ async fn the_dashboard_and_the_metric_list_use_only_exported_metrics() {
         "a Prometheus data source variable named datasource"
     );
     let panels = dashboard["panels"].as_array().expect("panels");
+    // Grafana keys panels by id: a repeated one hides a panel on import.
+    let ids: BTreeSet<u64> = panels.iter().filter_map(|p| p["id"].as_u64()).collect();
+    assert_eq!(ids.len(), panels.len(), "every panel has its own id");
     let mut exprs = Vec::new();
     for panel in panels.iter().filter(|p| p["type"] != "row") {
         assert_eq!(
