@@ -84,6 +84,10 @@ need_apt chromium chromium-driver
 # ngtcp2's example HTTP/3 client (gtlsclient) fetches /health and /metrics from the QUIC
 # listener, moving address and updating keys (crates/mqttd/tests/http3.rs).
 need_apt ngtcp2-client
+# systemd-analyze verifies dist/systemd/mqttd.service (crates/mqttd/tests/deploy.rs, part of
+# the nextest run, about 2 s); with it installed, the test fails rather than skip.
+need_apt systemd
+export MQTTD_REQUIRE_SYSTEMD_ANALYZE=1
 # The NAT lab (tests/natlab) builds its networks with `ip netns`, veth pairs and nftables. It
 # needs root, like apt-get here; without root it is skipped below.
 if ((EUID == 0)); then
