@@ -14,6 +14,7 @@
 //! `#` child at each level, so its cost depends on the topic's depth and on how many filters
 //! actually match, not on how many filters exist.
 
+use std::borrow::Borrow;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,14 +22,114 @@ use std::sync::Arc;
 use imbl::{HashMap, OrdMap, Vector};
 use mqttd_proto::{TopicFilter, TopicName};
 
+/// Entries a [`SmallMap`] holds in a vector before it becomes a hash map.
+const FEW: usize = 8;
+
+/// A map that is a vector while it holds at most [`FEW`] entries, and a persistent hash map
+/// beyond. Most nodes have one child or one subscriber, and the hash map's smallest node has
+/// room for 16 entries (about 1 KB for the broker's subscribers): a vector keeps a filter's
+/// cost near its own size. Cloning a small map copies its few entries; a large one shares
+/// its nodes, so path copies stay cheap at levels with many siblings.
+#[derive(Debug, Clone)]
+enum SmallMap<K: Clone + Hash + Eq, V: Clone> {
+    Few(Vec<(K, V)>),
+    Many(HashMap<K, V>),
+}
+
+impl<K: Clone + Hash + Eq, V: Clone> Default for SmallMap<K, V> {
+    fn default() -> Self {
+        Self::Few(Vec::new())
+    }
+}
+
+impl<K: Clone + Hash + Eq, V: Clone> SmallMap<K, V> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Few(entries) => entries.len(),
+            Self::Many(map) => map.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+    {
+        match self {
+            Self::Few(entries) => entries
+                .iter()
+                .find(|(k, _)| k.borrow() == key)
+                .map(|(_, v)| v),
+            Self::Many(map) => map.get(key),
+        }
+    }
+
+    /// Adds or replaces `key`'s value (an existing entry keeps its key); returns the old value.
+    fn insert(&mut self, key: K, value: V) -> Option<V> {
+        let entries = match self {
+            Self::Many(map) => return map.insert(key, value),
+            Self::Few(entries) => entries,
+        };
+        if let Some((_, slot)) = entries.iter_mut().find(|(k, _)| *k == key) {
+            return Some(std::mem::replace(slot, value));
+        }
+        if entries.len() < FEW {
+            // Exactly one more: a node's map is copied on every change below it, so spare
+            // capacity would be paid for by every node.
+            entries.reserve_exact(1);
+            entries.push((key, value));
+        } else {
+            let mut map: HashMap<K, V> = entries.drain(..).collect();
+            map.insert(key, value);
+            *self = Self::Many(map);
+        }
+        None
+    }
+
+    fn remove<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
+        match self {
+            Self::Few(entries) => {
+                let i = entries.iter().position(|(k, _)| k.borrow() == key)?;
+                let (_, value) = entries.swap_remove(i);
+                entries.shrink_to_fit();
+                Some(value)
+            }
+            Self::Many(map) => {
+                let value = map.remove(key)?;
+                // Back to a vector well below the threshold, so that a map hovering around
+                // it does not convert on every change.
+                if map.len() <= FEW / 2 {
+                    let entries = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                    *self = Self::Few(entries);
+                }
+                Some(value)
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        let (few, many) = match self {
+            Self::Few(entries) => (Some(entries.iter().map(|(k, v)| (k, v))), None),
+            Self::Many(map) => (None, Some(map.iter())),
+        };
+        few.into_iter().flatten().chain(many.into_iter().flatten())
+    }
+}
+
 /// One node of the trie.
 #[derive(Debug)]
 struct Node<K: Clone + Hash + Eq + Ord, V: Clone> {
-    children: HashMap<Arc<str>, Arc<Self>>,
+    children: SmallMap<Arc<str>, Arc<Self>>,
     plus: Option<Arc<Self>>,
     hash: Option<Arc<Self>>,
     /// Non-shared subscriptions whose filter ends at this node.
-    direct: HashMap<K, V>,
+    direct: SmallMap<K, V>,
     /// Shared subscriptions whose filter ends at this node, by share name.
     shared: OrdMap<Arc<str>, Arc<SharedGroup<K, V>>>,
 }
@@ -48,10 +149,10 @@ impl<K: Clone + Hash + Eq + Ord, V: Clone> Clone for Node<K, V> {
 impl<K: Clone + Hash + Eq + Ord, V: Clone> Default for Node<K, V> {
     fn default() -> Self {
         Self {
-            children: HashMap::new(),
+            children: SmallMap::default(),
             plus: None,
             hash: None,
-            direct: HashMap::new(),
+            direct: SmallMap::default(),
             shared: OrdMap::new(),
         }
     }
@@ -452,8 +553,8 @@ mod tests {
         let before = t.clone();
         t.insert(&filter("hostile/new/+/x"), 2, 0);
         let (old, new) = (
-            &before.root.children["hostile"],
-            &t.root.children["hostile"],
+            before.root.children.get("hostile").unwrap(),
+            t.root.children.get("hostile").unwrap(),
         );
         assert!(!Arc::ptr_eq(old, new), "the path is copied");
         assert_eq!(new.children.len(), old.children.len() + 1);
@@ -461,9 +562,55 @@ mod tests {
         assert!(old
             .children
             .iter()
-            .all(|(level, child)| Arc::ptr_eq(child, &new.children[level])));
+            .all(|(level, child)| Arc::ptr_eq(child, new.children.get(level).unwrap())));
         assert_eq!(matches(&before, "hostile/new/y/x"), Vec::<String>::new());
         assert_eq!(matches(&t, "hostile/new/y/x"), ["2:0"]);
+    }
+
+    #[test]
+    fn a_small_map_becomes_a_hash_map_and_back() {
+        let mut m = SmallMap::default();
+        for i in 0..20u32 {
+            assert_eq!(m.insert(i, i), None);
+            assert_eq!(matches!(m, SmallMap::Few(_)), i < FEW as u32, "after {i}");
+        }
+        assert_eq!(m.insert(3, 33), Some(3));
+        assert_eq!(m.len(), 20);
+        let mut seen: Vec<u32> = m.iter().map(|(k, _)| *k).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..20).collect::<Vec<_>>());
+        for i in 0..20u32 {
+            assert_eq!(m.get(&i), Some(&if i == 3 { 33 } else { i }));
+        }
+        for i in 0..20u32 {
+            assert_eq!(m.remove(&i), Some(if i == 3 { 33 } else { i }));
+            assert_eq!(m.remove(&i), None);
+            assert_eq!(m.get(&i), None);
+            let left = 19 - i as usize;
+            assert_eq!(m.len(), left);
+            if left <= FEW / 2 {
+                assert!(matches!(m, SmallMap::Few(_)), "{left} left");
+            }
+        }
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn many_subscribers_of_one_filter_and_many_siblings() {
+        let mut t = TopicTree::new();
+        for k in 0..50u32 {
+            t.insert(&filter("many/+"), k, 1);
+            t.insert(&filter(&format!("many/{k}")), k, 2);
+        }
+        let snapshot = t.clone();
+        assert_eq!(matches(&t, "many/7").len(), 51);
+        for k in 0..50u32 {
+            assert_eq!(t.remove(&filter("many/+"), &k), Some(1));
+            assert_eq!(t.remove(&filter(&format!("many/{k}")), &k), Some(2));
+            assert_eq!(t.len(), 2 * (49 - k as usize));
+        }
+        assert!(t.root.is_empty());
+        assert_eq!(matches(&snapshot, "many/49").len(), 51);
     }
 
     #[test]
