@@ -1,0 +1,399 @@
+//! Raft's RPCs between nodes over QUIC (noq) with mutual TLS.
+//!
+//! Every node holds a certificate signed by the cluster's CA, with its name as a DNS name. A
+//! node accepts a connection only from a peer presenting a certificate from that CA (TLS 1.3
+//! client authentication), and dials a peer expecting its name in the peer's certificate. The
+//! ALPN is [`ALPN`], distinct from MQTT's, so that a cluster listener never talks MQTT and an
+//! MQTT listener never talks Raft.
+//!
+//! One connection per peer, reused; one bidirectional stream per RPC: the request (a tag byte
+//! and the JSON of openraft's request), the sender's FIN, then the answer (the JSON of
+//! openraft's result) and the receiver's FIN. Streams are independent, so a slow snapshot chunk
+//! never holds up a heartbeat.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::state::NodeId;
+use crate::{Member, Raft, TypeConfig};
+
+/// The ALPN of the cluster protocol.
+pub const ALPN: &[u8] = b"mqttd-cluster/1";
+
+/// The largest request or answer read (a batch of entries, a snapshot chunk).
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// How long dialing a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+const TAG_APPEND: u8 = 1;
+const TAG_VOTE: u8 = 2;
+const TAG_SNAPSHOT: u8 = 3;
+
+/// Why the cluster's TLS configuration cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A PEM file cannot be read or holds nothing usable.
+    #[error("{what}: {reason}")]
+    Pem {
+        /// Which file (CA, certificate or key) and its path.
+        what: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// rustls refused the certificates or the key.
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The CA cannot verify client certificates.
+    #[error("the cluster CA cannot verify peers: {0}")]
+    Verifier(String),
+    /// noq refused the rustls configuration.
+    #[error("QUIC: {0}")]
+    Quic(String),
+}
+
+/// The QUIC configurations of a node: as a server (peers must present a certificate from the
+/// CA) and as a client (with its own certificate, expecting the peer's name).
+#[derive(Clone)]
+pub struct Tls {
+    server: noq::ServerConfig,
+    client: noq::ClientConfig,
+}
+
+impl Tls {
+    /// Reads the CA, the node's certificate chain and its key from PEM files.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| TlsError::Pem {
+                what: format!("{what} {}", path.display()),
+                reason: e.to_string(),
+            })
+        };
+        Self::from_pem(
+            &read("CA", ca)?,
+            &read("certificate", cert)?,
+            &read("key", key)?,
+        )
+    }
+
+    /// Builds the configurations from PEM text.
+    pub fn from_pem(ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Self, TlsError> {
+        let pem = |what: &str, reason: String| TlsError::Pem {
+            what: what.to_owned(),
+            reason,
+        };
+        let certs = |what: &str, bytes: &[u8]| {
+            let certs = CertificateDer::pem_slice_iter(bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem(what, e.to_string()))?;
+            if certs.is_empty() {
+                return Err(pem(what, "no certificate".into()));
+            }
+            Ok(certs)
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs("CA", ca)? {
+            roots.add(c)?;
+        }
+        let roots = Arc::new(roots);
+        let chain = certs("certificate", cert)?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| pem("key", e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)?;
+        client.alpn_protocols = vec![ALPN.to_vec()];
+
+        let quic = |e: noq::crypto::rustls::NoInitialCipherSuite| TlsError::Quic(e.to_string());
+        let server = noq::ServerConfig::with_crypto(Arc::new(
+            noq::crypto::rustls::QuicServerConfig::try_from(server).map_err(quic)?,
+        ));
+        let client = noq::ClientConfig::new(Arc::new(
+            noq::crypto::rustls::QuicClientConfig::try_from(client).map_err(quic)?,
+        ));
+        Ok(Self { server, client })
+    }
+}
+
+/// Binds the cluster endpoint: it accepts peers and dials them.
+pub(crate) fn bind(tls: &Tls, listen: SocketAddr) -> io::Result<noq::Endpoint> {
+    let mut transport = noq::TransportConfig::default();
+    // Peers keep their links alive between heartbeats; an idle link means a dead peer.
+    transport
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .max_idle_timeout(noq::IdleTimeout::try_from(Duration::from_secs(10)).ok());
+    let transport = Arc::new(transport);
+    let mut server = tls.server.clone();
+    server.transport_config(transport.clone());
+    let endpoint = noq::Endpoint::server(server, listen)?;
+    let mut client = tls.client.clone();
+    client.transport_config(transport);
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// Accepts peers until `stop`, answering their RPCs with `raft`. The tasks it spawns are in
+/// `tasks`.
+pub(crate) async fn serve(
+    endpoint: noq::Endpoint,
+    raft: Raft,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            incoming = endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { break };
+        let raft = raft.clone();
+        let stop = stop.clone();
+        let inner = tasks.clone();
+        tasks.spawn(async move {
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cluster handshake failed");
+                    return;
+                }
+            };
+            loop {
+                let (send, recv) = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    stream = conn.accept_bi() => match stream {
+                        Ok(s) => s,
+                        Err(_) => break,
+                    },
+                };
+                inner.spawn(answer(raft.clone(), send, recv));
+            }
+        });
+    }
+}
+
+/// Answers one RPC.
+async fn answer(raft: Raft, mut send: noq::SendStream, mut recv: noq::RecvStream) {
+    let Ok(request) = recv.read_to_end(MAX_MESSAGE).await else {
+        return;
+    };
+    let Some((&tag, body)) = request.split_first() else {
+        return;
+    };
+    let reply = match tag {
+        TAG_APPEND => match serde_json::from_slice::<AppendEntriesRequest<TypeConfig>>(body) {
+            Ok(req) => serde_json::to_vec(&raft.append_entries(req).await),
+            Err(e) => Err(e),
+        },
+        TAG_VOTE => match serde_json::from_slice::<VoteRequest<NodeId>>(body) {
+            Ok(req) => serde_json::to_vec(&raft.vote(req).await),
+            Err(e) => Err(e),
+        },
+        TAG_SNAPSHOT => match serde_json::from_slice::<InstallSnapshotRequest<TypeConfig>>(body) {
+            Ok(req) => serde_json::to_vec(&raft.install_snapshot(req).await),
+            Err(e) => Err(e),
+        },
+        _ => {
+            // Not a request of this protocol version: say nothing, the peer's call fails.
+            let _ = send.reset(noq::VarInt::from_u32(1));
+            return;
+        }
+    };
+    match reply {
+        Ok(bytes) => {
+            if send.write_all(&bytes).await.is_ok() {
+                let _ = send.finish();
+                // Wait until the peer has it: dropping the stream earlier may lose the end.
+                let _ = send.stopped().await;
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "undecodable cluster request");
+            let _ = send.reset(noq::VarInt::from_u32(2));
+        }
+    }
+}
+
+/// openraft's factory of peer clients.
+#[derive(Clone)]
+pub struct Network {
+    endpoint: noq::Endpoint,
+}
+
+impl Network {
+    pub(crate) fn new(endpoint: noq::Endpoint) -> Self {
+        Self { endpoint }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Peer {
+        Peer {
+            endpoint: self.endpoint.clone(),
+            target,
+            member: node.clone(),
+            conn: None,
+        }
+    }
+}
+
+/// The link to one peer, as openraft uses it.
+pub struct Peer {
+    endpoint: noq::Endpoint,
+    target: NodeId,
+    member: Member,
+    conn: Option<noq::Connection>,
+}
+
+/// A failure below Raft: the peer could not be reached, or the link failed mid-call.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("cannot reach {0}")]
+    Unreachable(String),
+    #[error("link to {0} failed: {1}")]
+    Failed(String, String),
+}
+
+impl Peer {
+    async fn connection(&mut self) -> Result<noq::Connection, LinkError> {
+        if let Some(conn) = &self.conn {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        let unreachable = |why: String| LinkError::Unreachable(format!("{}: {why}", self.member));
+        let addr = tokio::net::lookup_host(&self.member.addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .next()
+            .ok_or_else(|| unreachable("no address".into()))?;
+        let connecting = self
+            .endpoint
+            .connect(addr, &self.member.name)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| unreachable("handshake timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// One RPC: the request out, the answer back.
+    async fn call<Req, Resp, E>(
+        &mut self,
+        tag: u8,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let peer = self.member.to_string();
+        let failed = |why: String| LinkError::Failed(peer.clone(), why);
+        let mut body = vec![tag];
+        serde_json::to_writer(&mut body, req)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let exchange = async {
+            let conn = self.connection().await?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(e.to_string()))?;
+            send.write_all(&body)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            send.finish().map_err(|e| failed(e.to_string()))?;
+            recv.read_to_end(MAX_MESSAGE)
+                .await
+                .map_err(|e| failed(e.to_string()))
+        };
+        let answer = match tokio::time::timeout(option.hard_ttl(), exchange).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e @ LinkError::Unreachable(_))) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Ok(Err(e)) => {
+                // The link may be broken: dial again next time.
+                self.conn = None;
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+            Err(_) => {
+                let e = failed("timed out".into());
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&answer)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.member.clone(),
+                e,
+            ))
+        })
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.call(TAG_APPEND, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(TAG_SNAPSHOT, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.call(TAG_VOTE, &rpc, &option).await
+    }
+}

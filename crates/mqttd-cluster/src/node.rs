@@ -1,0 +1,233 @@
+//! A cluster node: the store, Raft, and the QUIC listener that answers peers.
+//!
+//! [`ClusterNode::start`] opens the store (the state is back from disk before Raft runs),
+//! binds the endpoint and starts Raft and the accept loop; [`ClusterNode::shutdown`] stops
+//! Raft, then the accept loop and every stream it spawned, then closes the endpoint.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ClusterConfig;
+use crate::network::{self, Network, Tls, TlsError};
+use crate::state::{Command, NodeId, Outcome};
+use crate::store::{self, OpenError, StateReader};
+use crate::{Member, Raft};
+
+/// What a node needs to start.
+#[non_exhaustive]
+pub struct NodeOptions {
+    /// Its Raft id.
+    pub id: NodeId,
+    /// Its name and the address peers dial (its `addr` may name port 0 until bound; see
+    /// [`ClusterNode::member`]).
+    pub member: Member,
+    /// Where the QUIC endpoint binds.
+    pub listen: SocketAddr,
+    /// The store's directory.
+    pub data_dir: PathBuf,
+    /// Its certificates.
+    pub tls: Tls,
+    /// Raft's timing and snapshot policy.
+    pub raft: openraft::Config,
+}
+
+impl NodeOptions {
+    /// Options with openraft's timing made for real networks and busy machines: heartbeats
+    /// every 250 ms, elections after 1.5-3 s of silence.
+    pub fn new(id: NodeId, name: &str, listen: SocketAddr, data_dir: PathBuf, tls: Tls) -> Self {
+        let raft = openraft::Config {
+            cluster_name: "mqttd".into(),
+            heartbeat_interval: 250,
+            election_timeout_min: 1500,
+            election_timeout_max: 3000,
+            ..Default::default()
+        };
+        Self {
+            id,
+            member: Member {
+                name: name.to_owned(),
+                addr: listen.to_string(),
+            },
+            listen,
+            data_dir,
+            tls,
+            raft,
+        }
+    }
+
+    /// Options from the `[cluster]` section; `broker_data_dir` is the broker's store.
+    pub fn from_config(
+        config: &ClusterConfig,
+        broker_data_dir: &std::path::Path,
+    ) -> Result<Self, NodeError> {
+        let tls = Tls::load(&config.ca, &config.cert, &config.key)?;
+        let mut options = Self::new(
+            config.node_id,
+            &config.name,
+            config.listen,
+            config.data_dir(broker_data_dir),
+            tls,
+        );
+        options.member = config.member();
+        Ok(options)
+    }
+}
+
+/// Why a node cannot start or a request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] OpenError),
+    /// The certificates are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The endpoint cannot bind.
+    #[error("cannot bind the cluster listener on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// openraft refused the configuration.
+    #[error("Raft configuration: {0}")]
+    Config(Box<openraft::ConfigError>),
+    /// This node is not the leader; `leader` is, if known.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader, if this node knows one.
+        leader: Option<(NodeId, Member)>,
+    },
+    /// Raft failed (it stopped, or a membership change was refused).
+    #[error("Raft: {0}")]
+    Raft(String),
+}
+
+/// A running cluster node.
+pub struct ClusterNode {
+    id: NodeId,
+    member: Member,
+    raft: Raft,
+    state: StateReader,
+    endpoint: noq::Endpoint,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl ClusterNode {
+    /// Opens the store, binds the endpoint and starts Raft.
+    pub async fn start(options: NodeOptions) -> Result<Self, NodeError> {
+        let (log, sm) = store::open(&options.data_dir)?;
+        let state = sm.reader();
+        let endpoint =
+            network::bind(&options.tls, options.listen).map_err(|source| NodeError::Bind {
+                addr: options.listen,
+                source,
+            })?;
+        let mut member = options.member;
+        if let Ok(local) = endpoint.local_addr() {
+            // A listener on port 0 advertises the port it got.
+            if member.addr == options.listen.to_string() {
+                member.addr = local.to_string();
+            }
+        }
+        let config = Arc::new(
+            options
+                .raft
+                .validate()
+                .map_err(|e| NodeError::Config(Box::new(e)))?,
+        );
+        let raft = Raft::new(options.id, config, Network::new(endpoint.clone()), log, sm)
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(network::serve(
+            endpoint.clone(),
+            raft.clone(),
+            stop.clone(),
+            tasks.clone(),
+        ));
+        Ok(Self {
+            id: options.id,
+            member,
+            raft,
+            state,
+            endpoint,
+            stop,
+            tasks,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// This node as peers reach it.
+    pub fn member(&self) -> &Member {
+        &self.member
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The Raft handle (metrics, membership changes).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The state as applied on this node.
+    pub fn state(&self) -> &StateReader {
+        &self.state
+    }
+
+    /// The leader this node knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Makes a new cluster of `members` (this node among them). Done once, on one node, when
+    /// the cluster is first set up; a cluster already initialized refuses it.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, Member>) -> Result<(), NodeError> {
+        self.raft.initialize(members).await.map_err(
+            |e: RaftError<NodeId, InitializeError<NodeId, Member>>| NodeError::Raft(e.to_string()),
+        )
+    }
+
+    /// Proposes a command and waits until it is committed and applied here. Only the leader
+    /// accepts proposals.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, NodeError> {
+        match self.raft.client_write(command).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(NodeError::NotLeader {
+                    leader: f.leader_id.zip(f.leader_node),
+                })
+            }
+            Err(e) => Err(NodeError::Raft(e.to_string())),
+        }
+    }
+
+    /// Stops Raft, the listener and its streams, and closes the endpoint.
+    pub async fn shutdown(self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "Raft did not stop cleanly");
+        }
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.endpoint.close(noq::VarInt::from_u32(0), b"shutdown");
+        self.endpoint.wait_idle().await;
+    }
+}
