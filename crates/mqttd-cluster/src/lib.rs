@@ -30,6 +30,9 @@ mod node;
 pub mod state;
 pub mod store;
 
+/// The Raft engine, for its request, metrics and membership types.
+pub use openraft;
+
 pub use node::{ClusterNode, NodeError, NodeOptions};
 pub use state::{ClusterState, Command, NodeId, Outcome, Rejection};
 

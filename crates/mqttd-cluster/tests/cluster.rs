@@ -1,0 +1,365 @@
+//! A 3-node cluster in one process, over real QUIC on loopback with mutual TLS: election,
+//! replication, session fencing, the leader shut down, a node restarted from its store.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mqttd_cluster::network::{Tls, ALPN};
+use mqttd_cluster::openraft::error::RaftError;
+use mqttd_cluster::openraft::raft::{VoteRequest, VoteResponse};
+use mqttd_cluster::openraft::Vote;
+use mqttd_cluster::state::Retained;
+use mqttd_cluster::{
+    ClusterNode, Command, Member, NodeError, NodeId, NodeOptions, Outcome, Rejection,
+};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Generous: the CI machine has 2 busy cores and elections take 1.5-3 s of silence.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl Ca {
+    fn new() -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `name`: (cert PEM, key PEM).
+    fn leaf(&self, name: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::DnsName(name.try_into().unwrap())];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Writes the CA and `name`'s certificate and key into `dir`, as an operator would.
+    fn files(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let (cert, key) = self.leaf(name);
+        let paths = (
+            dir.join("ca.pem"),
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&paths.0, &self.pem).unwrap();
+        std::fs::write(&paths.1, cert).unwrap();
+        std::fs::write(&paths.2, key).unwrap();
+        paths
+    }
+}
+
+fn name(id: NodeId) -> String {
+    format!("node-{id}")
+}
+
+fn options(ca: &Ca, dir: &Path, id: NodeId, listen: SocketAddr) -> NodeOptions {
+    let (ca, cert, key) = ca.files(dir, &name(id));
+    let tls = Tls::load(&ca, &cert, &key).unwrap();
+    NodeOptions::new(id, &name(id), listen, dir.join(name(id)), tls)
+}
+
+/// Polls `check` until it holds; panics naming `what` after [`PATIENCE`].
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Retries an async step until it succeeds; panics naming `what` after [`PATIENCE`].
+async fn retry<T, E: std::fmt::Debug, F: Future<Output = Result<T, E>>>(
+    what: &str,
+    mut step: impl FnMut() -> F,
+) -> T {
+    let start = Instant::now();
+    loop {
+        match step().await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(start.elapsed() < PATIENCE, "{what}: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The leader all running nodes agree on.
+fn agreed_leader(nodes: &BTreeMap<NodeId, ClusterNode>) -> Option<NodeId> {
+    let mut leaders = nodes.values().map(ClusterNode::leader);
+    let first = leaders.next()??;
+    leaders.all(|l| l == Some(first)).then_some(first)
+}
+
+/// Proposes `command` on whichever node leads, retrying while leadership moves.
+async fn propose(nodes: &BTreeMap<NodeId, ClusterNode>, command: Command) -> Outcome {
+    retry("a proposal", || {
+        let command = command.clone();
+        async move {
+            let leader = agreed_leader(nodes).ok_or(NodeError::NotLeader { leader: None })?;
+            nodes[&leader].propose(command).await
+        }
+    })
+    .await
+}
+
+fn claim(client_id: &str, node: NodeId) -> Command {
+    Command::ClaimSession {
+        client_id: client_id.into(),
+        node,
+        expires_at_ms: None,
+    }
+}
+
+fn epoch_of(node: &ClusterNode, client_id: &str) -> Option<(NodeId, u64)> {
+    node.state()
+        .read(|s| s.session(client_id).map(|o| (o.owner, o.epoch)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let node = ClusterNode::start(options(&ca, dir.path(), id, any))
+            .await
+            .unwrap();
+        nodes.insert(id, node);
+    }
+    let members: BTreeMap<NodeId, Member> = nodes
+        .iter()
+        .map(|(id, n)| (*id, n.member().clone()))
+        .collect();
+    let addrs: BTreeMap<NodeId, SocketAddr> = nodes
+        .iter()
+        .map(|(id, n)| (*id, n.local_addr().unwrap()))
+        .collect();
+    nodes[&1].initialize(members).await.unwrap();
+
+    // A leader is elected and every node knows it.
+    eventually("a leader all nodes agree on", || {
+        agreed_leader(&nodes).is_some()
+    })
+    .await;
+
+    // Commands replicate to all.
+    for id in 1..=3 {
+        let up = Command::NodeUp {
+            node: id,
+            name: name(id),
+            incarnation: 1,
+        };
+        assert_eq!(propose(&nodes, up).await, Outcome::Done);
+    }
+    let Outcome::Claimed {
+        epoch: first,
+        previous: None,
+    } = propose(&nodes, claim("c1", 1)).await
+    else {
+        panic!("the first claim creates the session");
+    };
+    let retained = Retained {
+        payload: b"on".to_vec(),
+        qos: 1,
+    };
+    let set = Command::SetRetained {
+        topic: "lights/1".into(),
+        message: retained.clone(),
+    };
+    assert_eq!(propose(&nodes, set).await, Outcome::Done);
+    eventually("the first commands on every node", || {
+        nodes.values().all(|n| {
+            n.state().read(|s| {
+                s.nodes().len() == 3
+                    && s.session("c1").map(|o| o.epoch) == Some(first)
+                    && s.retained("lights/1") == Some(&retained)
+            })
+        })
+    })
+    .await;
+
+    // A claim by another node bumps the epoch; the old owner is fenced off.
+    let Outcome::Claimed {
+        epoch: second,
+        previous,
+    } = propose(&nodes, claim("c1", 2)).await
+    else {
+        panic!("a claim of an existing session");
+    };
+    assert!(second > first);
+    assert_eq!(previous, Some((1, first)));
+    let stale = Command::DropSession {
+        client_id: "c1".into(),
+        node: 1,
+        epoch: first,
+    };
+    assert_eq!(
+        propose(&nodes, stale).await,
+        Outcome::Rejected(Rejection::StaleEpoch {
+            given: first,
+            current: second,
+            owner: 2
+        })
+    );
+    eventually("the claim on every node", || {
+        nodes
+            .values()
+            .all(|n| epoch_of(n, "c1") == Some((2, second)))
+    })
+    .await;
+
+    // The leader goes; the two others elect a new one and keep the state.
+    let old = agreed_leader(&nodes).unwrap();
+    nodes.remove(&old).unwrap().shutdown().await;
+    eventually("a new leader among the survivors", || {
+        agreed_leader(&nodes).is_some_and(|l| l != old)
+    })
+    .await;
+    let new = agreed_leader(&nodes).unwrap();
+    assert_eq!(epoch_of(&nodes[&new], "c1"), Some((2, second)));
+    assert_eq!(
+        nodes[&new]
+            .state()
+            .read(|s| s.retained("lights/1").cloned()),
+        Some(retained.clone())
+    );
+    let Outcome::Claimed { epoch: third, .. } = propose(&nodes, claim("c2", 3)).await else {
+        panic!("a claim after the failover");
+    };
+    assert!(third > second, "epochs keep growing across leaders");
+    let delete = Command::DeleteRetained {
+        topic: "lights/1".into(),
+    };
+    assert_eq!(propose(&nodes, delete).await, Outcome::Done);
+
+    // The old leader comes back on its address, with its state read from its own store...
+    let restarted = retry("restarting the old leader", || {
+        ClusterNode::start(options(&ca, dir.path(), old, addrs[&old]))
+    })
+    .await;
+    assert_eq!(
+        epoch_of(&restarted, "c1"),
+        Some((2, second)),
+        "the committed state is back from the store before any peer speaks"
+    );
+    nodes.insert(old, restarted);
+    // ...and catches up with what was committed while it was away.
+    eventually("the restarted node catching up", || {
+        let n = &nodes[&old];
+        epoch_of(n, "c2") == Some((3, third))
+            && n.state().read(|s| s.retained("lights/1").is_none())
+    })
+    .await;
+    eventually("all three agreeing on the leader", || {
+        agreed_leader(&nodes).is_some()
+    })
+    .await;
+    let all: Vec<_> = nodes
+        .values()
+        .map(|n| n.state().read(|s| s.clone()))
+        .collect();
+    assert!(
+        all.windows(2).all(|w| w[0] == w[1]),
+        "all nodes hold the same state"
+    );
+
+    for (_, node) in nodes {
+        node.shutdown().await;
+    }
+}
+
+/// A client with a certificate from another CA, or with none, cannot talk to a node; one with
+/// a certificate from the cluster's CA gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_peers_with_a_certificate_from_the_cluster_ca_get_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let node = ClusterNode::start(options(&ca, dir.path(), 1, "127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let addr = node.local_addr().unwrap();
+    let stranger = Ca::new();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_der = CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap();
+    roots.add(ca_der).unwrap();
+    let roots = Arc::new(roots);
+
+    let builder = || {
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots.clone())
+    };
+    let (cert, key) = stranger.leaf("node-9");
+    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let foreign = builder().with_client_auth_cert(chain, key).unwrap();
+    let anonymous = builder().with_no_client_auth();
+    let (cert, key) = ca.leaf("node-8");
+    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let member = builder().with_client_auth_cert(chain, key).unwrap();
+
+    // A vote request from a node 9 nobody knows: a client with a cluster certificate gets an
+    // answer, the others not even a connection.
+    let vote = VoteRequest::<NodeId>::new(Vote::new(1, 9), None);
+    let mut request = vec![2];
+    serde_json::to_writer(&mut request, &vote).unwrap();
+    for (what, mut config, admitted) in [
+        ("a foreign certificate", foreign, false),
+        ("no certificate", anonymous, false),
+        ("a certificate from the cluster CA", member, true),
+    ] {
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = noq::crypto::rustls::QuicClientConfig::try_from(config).unwrap();
+        let endpoint = noq::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(noq::ClientConfig::new(Arc::new(quic)));
+        // In TLS 1.3 the client finishes first: the refusal shows on the first stream at the
+        // latest.
+        let refused = async {
+            let conn = endpoint.connect(addr, "node-1").unwrap().await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(&request).await?;
+            send.finish()?;
+            let answer = recv.read_to_end(64 * 1024).await?;
+            let vote: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
+                serde_json::from_slice(&answer)?;
+            Ok::<_, Box<dyn std::error::Error>>(vote)
+        };
+        let outcome = tokio::time::timeout(PATIENCE, refused).await.unwrap();
+        match outcome {
+            Ok(vote) => {
+                assert!(admitted, "{what} was let in");
+                // Raft answers a vote from anyone with a certificate (the candidate counts
+                // only its members' votes); what matters here is that the answer came.
+                assert!(vote.is_ok(), "{vote:?}");
+            }
+            Err(e) => assert!(!admitted, "{what} was refused: {e}"),
+        }
+        endpoint.close(noq::VarInt::from_u32(0), b"");
+    }
+    node.shutdown().await;
+}
