@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use tokio_util::sync::CancellationToken;
@@ -18,6 +19,9 @@ use crate::network::{self, Network, Tls, TlsError};
 use crate::state::{Command, NodeId, Outcome};
 use crate::store::{self, OpenError, StateReader};
 use crate::{Member, Raft};
+
+/// How long a node shutting down waits for its peers to hear of it.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What a node needs to start.
 #[non_exhaustive]
@@ -228,6 +232,8 @@ impl ClusterNode {
         self.tasks.close();
         self.tasks.wait().await;
         self.endpoint.close(noq::VarInt::from_u32(0), b"shutdown");
-        self.endpoint.wait_idle().await;
+        // Lets live peers learn of the close; links to dead peers would wait out their idle
+        // timeout, so the wait is bounded.
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
     }
 }

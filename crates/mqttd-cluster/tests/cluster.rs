@@ -74,13 +74,15 @@ fn options(ca: &Ca, dir: &Path, id: NodeId, listen: SocketAddr) -> NodeOptions {
     NodeOptions::new(id, &name(id), listen, dir.join(name(id)), tls)
 }
 
-/// Polls `check` until it holds; panics naming `what` after [`PATIENCE`].
+/// Polls `check` until it holds; panics naming `what` after [`PATIENCE`]. Prints how long it
+/// took (`--nocapture`).
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {
         assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    eprintln!("{what}: {:.2} s", start.elapsed().as_secs_f64());
 }
 
 /// Retries an async step until it succeeds; panics naming `what` after [`PATIENCE`].
@@ -228,7 +230,9 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
 
     // The leader goes; the two others elect a new one and keep the state.
     let old = agreed_leader(&nodes).unwrap();
+    let start = Instant::now();
     nodes.remove(&old).unwrap().shutdown().await;
+    eprintln!("shutdown: {:.2} s", start.elapsed().as_secs_f64());
     eventually("a new leader among the survivors", || {
         agreed_leader(&nodes).is_some_and(|l| l != old)
     })
@@ -241,20 +245,27 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
             .read(|s| s.retained("lights/1").cloned()),
         Some(retained.clone())
     );
+    let start = Instant::now();
     let Outcome::Claimed { epoch: third, .. } = propose(&nodes, claim("c2", 3)).await else {
         panic!("a claim after the failover");
     };
     assert!(third > second, "epochs keep growing across leaders");
+    eprintln!(
+        "first proposal to the new leader: {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
     let delete = Command::DeleteRetained {
         topic: "lights/1".into(),
     };
     assert_eq!(propose(&nodes, delete).await, Outcome::Done);
 
     // The old leader comes back on its address, with its state read from its own store...
+    let start = Instant::now();
     let restarted = retry("restarting the old leader", || {
         ClusterNode::start(options(&ca, dir.path(), old, addrs[&old]))
     })
     .await;
+    eprintln!("restart: {:.2} s", start.elapsed().as_secs_f64());
     assert_eq!(
         epoch_of(&restarted, "c1"),
         Some((2, second)),
@@ -281,8 +292,13 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
         "all nodes hold the same state"
     );
 
-    for (_, node) in nodes {
+    for (id, node) in nodes {
+        let start = Instant::now();
         node.shutdown().await;
+        eprintln!(
+            "node {id} shut down: {:.2} s",
+            start.elapsed().as_secs_f64()
+        );
     }
 }
 
