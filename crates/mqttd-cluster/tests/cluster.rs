@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use mqttd_cluster::network::{Tls, ALPN};
 use mqttd_cluster::openraft::error::RaftError;
 use mqttd_cluster::openraft::raft::{VoteRequest, VoteResponse};
-use mqttd_cluster::openraft::Vote;
+use mqttd_cluster::openraft::{SnapshotPolicy, Vote};
 use mqttd_cluster::state::Retained;
 use mqttd_cluster::{
     ClusterNode, Command, Member, NodeError, NodeId, NodeOptions, Outcome, Rejection,
@@ -378,4 +378,82 @@ async fn only_peers_with_a_certificate_from_the_cluster_ca_get_in() {
         endpoint.close(noq::VarInt::from_u32(0), b"");
     }
     node.shutdown().await;
+}
+
+/// A follower away while the others took a snapshot and purged their logs gets the snapshot
+/// over the network (openraft's chunked InstallSnapshot over our streams), and keeps it across
+/// its own restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_purged_log_gets_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let snapshotting = |id, listen| {
+        let mut o = options(&ca, dir.path(), id, listen);
+        o.raft.snapshot_policy = SnapshotPolicy::LogsSinceLast(20);
+        o.raft.max_in_snapshot_log_to_keep = 0;
+        o.raft.purge_batch_size = 1;
+        o
+    };
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        nodes.insert(id, ClusterNode::start(snapshotting(id, any)).await.unwrap());
+    }
+    let members: BTreeMap<NodeId, Member> = nodes
+        .iter()
+        .map(|(id, n)| (*id, n.member().clone()))
+        .collect();
+    nodes[&1].initialize(members).await.unwrap();
+    eventually("a leader", || agreed_leader(&nodes).is_some()).await;
+    let leader = agreed_leader(&nodes).unwrap();
+    let away = *nodes.keys().find(|id| **id != leader).unwrap();
+    let addr = nodes[&away].local_addr().unwrap();
+    nodes.remove(&away).unwrap().shutdown().await;
+
+    for i in 0..60 {
+        let set = Command::SetRetained {
+            topic: format!("t/{i}"),
+            message: Retained {
+                payload: vec![1; 100],
+                qos: 0,
+            },
+        };
+        assert_eq!(propose(&nodes, set).await, Outcome::Done);
+    }
+    eventually("a snapshot and a purged log on the leader", || {
+        let m = nodes[&leader].raft().metrics().borrow().clone();
+        m.snapshot.is_some_and(|s| s.index >= 20) && m.purged.is_some_and(|p| p.index >= 20)
+    })
+    .await;
+
+    let back = retry("restarting the follower", || {
+        ClusterNode::start(snapshotting(away, addr))
+    })
+    .await;
+    nodes.insert(away, back);
+    eventually("the follower holding all 60 retained messages", || {
+        nodes[&away].state().read(|s| s.retained_count()) == 60
+    })
+    .await;
+    let snapshot = nodes[&away].raft().metrics().borrow().snapshot;
+    assert!(
+        snapshot.is_some_and(|s| s.index >= 20),
+        "caught up by a snapshot: {snapshot:?}"
+    );
+
+    // Restarted once more, it has the installed snapshot (and what followed) from its store.
+    let addr = nodes[&away].local_addr().unwrap();
+    nodes.remove(&away).unwrap().shutdown().await;
+    let again = retry("restarting it again", || {
+        ClusterNode::start(snapshotting(away, addr))
+    })
+    .await;
+    assert!(
+        again.state().read(|s| s.retained_count()) >= 20,
+        "the installed snapshot is on disk"
+    );
+    nodes.insert(away, again);
+    for (_, node) in nodes {
+        node.shutdown().await;
+    }
 }
