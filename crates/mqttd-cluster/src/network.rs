@@ -9,7 +9,8 @@
 //! One connection per peer, reused; one bidirectional stream per RPC: the request (a tag byte
 //! and the JSON of openraft's request), the sender's FIN, then the answer (the JSON of
 //! openraft's result) and the receiver's FIN. Streams are independent, so a slow snapshot chunk
-//! never holds up a heartbeat.
+//! never holds up a heartbeat. The same links carry proposals that a follower forwards to the
+//! leader.
 
 use std::io;
 use std::net::SocketAddr;
@@ -18,7 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -28,11 +30,11 @@ use openraft::raft::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::state::NodeId;
+use crate::state::{Command, NodeId, Outcome};
 use crate::{Member, Raft, TypeConfig};
 
 /// The ALPN of the cluster protocol.
@@ -47,6 +49,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const TAG_APPEND: u8 = 1;
 const TAG_VOTE: u8 = 2;
 const TAG_SNAPSHOT: u8 = 3;
+const TAG_PROPOSE: u8 = 4;
+
+/// Why a proposal forwarded to the leader was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum Forwarded {
+    /// The peer is not (or no longer) the leader; it names the leader it knows.
+    #[error("the peer is not the leader (leader: {0:?})")]
+    NotLeader(Option<(NodeId, Member)>),
+    /// The link or Raft failed; the proposal may or may not have been committed.
+    #[error("{0}")]
+    Failed(String),
+}
 
 /// Why the cluster's TLS configuration cannot be built.
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +241,10 @@ async fn answer(raft: Raft, mut send: noq::SendStream, mut recv: noq::RecvStream
             Ok(req) => serde_json::to_vec(&raft.install_snapshot(req).await),
             Err(e) => Err(e),
         },
+        TAG_PROPOSE => match serde_json::from_slice::<Command>(body) {
+            Ok(command) => serde_json::to_vec(&propose_here(&raft, command).await),
+            Err(e) => Err(e),
+        },
         _ => {
             // Not a request of this protocol version: say nothing, the peer's call fails.
             let _ = send.reset(noq::VarInt::from_u32(1));
@@ -247,6 +266,17 @@ async fn answer(raft: Raft, mut send: noq::SendStream, mut recv: noq::RecvStream
     }
 }
 
+/// Proposes `command` on this node's Raft (it must lead).
+pub(crate) async fn propose_here(raft: &Raft, command: Command) -> Result<Outcome, Forwarded> {
+    match raft.client_write(command).await {
+        Ok(response) => Ok(response.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(Forwarded::NotLeader(f.leader_id.zip(f.leader_node)))
+        }
+        Err(e) => Err(Forwarded::Failed(e.to_string())),
+    }
+}
+
 /// openraft's factory of peer clients.
 #[derive(Clone)]
 pub struct Network {
@@ -257,18 +287,23 @@ impl Network {
     pub(crate) fn new(endpoint: noq::Endpoint) -> Self {
         Self { endpoint }
     }
+
+    /// A link to `target`, dialled at its first use.
+    pub(crate) fn peer(&self, target: NodeId, member: Member) -> Peer {
+        Peer {
+            endpoint: self.endpoint.clone(),
+            target,
+            member,
+            conn: None,
+        }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> Peer {
-        Peer {
-            endpoint: self.endpoint.clone(),
-            target,
-            member: node.clone(),
-            conn: None,
-        }
+        self.peer(target, node.clone())
     }
 }
 
@@ -314,6 +349,48 @@ impl Peer {
         Ok(conn)
     }
 
+    /// One stream: `body` out, the answer back, within `ttl`.
+    async fn exchange(&mut self, body: &[u8], ttl: Duration) -> Result<Vec<u8>, LinkError> {
+        let peer = self.member.to_string();
+        let failed = |why: String| LinkError::Failed(peer.clone(), why);
+        let exchange = async {
+            let conn = self.connection().await?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(e.to_string()))?;
+            send.write_all(body)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            send.finish().map_err(|e| failed(e.to_string()))?;
+            recv.read_to_end(MAX_MESSAGE)
+                .await
+                .map_err(|e| failed(e.to_string()))
+        };
+        match tokio::time::timeout(ttl, exchange).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => {
+                // The link may be broken: dial again next time.
+                self.conn = None;
+                Err(e)
+            }
+            Err(_) => Err(failed("timed out".into())),
+        }
+    }
+
+    /// Forwards a proposal to this peer, the leader as far as the caller knows.
+    pub(crate) async fn propose(
+        &mut self,
+        command: &Command,
+        ttl: Duration,
+    ) -> Result<Outcome, Forwarded> {
+        let mut body = vec![TAG_PROPOSE];
+        serde_json::to_writer(&mut body, command).map_err(|e| Forwarded::Failed(e.to_string()))?;
+        let answer = self
+            .exchange(&body, ttl)
+            .await
+            .map_err(|e| Forwarded::Failed(e.to_string()))?;
+        serde_json::from_slice::<Result<Outcome, Forwarded>>(&answer)
+            .map_err(|e| Forwarded::Failed(e.to_string()))?
+    }
+
     /// One RPC: the request out, the answer back.
     async fn call<Req, Resp, E>(
         &mut self,
@@ -326,36 +403,15 @@ impl Peer {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let peer = self.member.to_string();
-        let failed = |why: String| LinkError::Failed(peer.clone(), why);
         let mut body = vec![tag];
         serde_json::to_writer(&mut body, req)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let exchange = async {
-            let conn = self.connection().await?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(e.to_string()))?;
-            send.write_all(&body)
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-            send.finish().map_err(|e| failed(e.to_string()))?;
-            recv.read_to_end(MAX_MESSAGE)
-                .await
-                .map_err(|e| failed(e.to_string()))
-        };
-        let answer = match tokio::time::timeout(option.hard_ttl(), exchange).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e @ LinkError::Unreachable(_))) => {
+        let answer = match self.exchange(&body, option.hard_ttl()).await {
+            Ok(answer) => answer,
+            Err(e @ LinkError::Unreachable(_)) => {
                 return Err(RPCError::Unreachable(Unreachable::new(&e)))
             }
-            Ok(Err(e)) => {
-                // The link may be broken: dial again next time.
-                self.conn = None;
-                return Err(RPCError::Network(NetworkError::new(&e)));
-            }
-            Err(_) => {
-                let e = failed("timed out".into());
-                return Err(RPCError::Network(NetworkError::new(&e)));
-            }
+            Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
         };
         let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&answer)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;

@@ -10,18 +10,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{InitializeError, RaftError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ClusterConfig;
-use crate::network::{self, Network, Tls, TlsError};
+use crate::network::{self, Forwarded, Network, Peer, Tls, TlsError};
 use crate::state::{Command, NodeId, Outcome};
 use crate::store::{self, OpenError, StateReader};
 use crate::{Member, Raft};
 
 /// How long a node shutting down waits for its peers to hear of it.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a proposal forwarded to the leader may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a node needs to start.
 #[non_exhaustive]
@@ -110,6 +113,9 @@ pub enum NodeError {
         /// The leader, if this node knows one.
         leader: Option<(NodeId, Member)>,
     },
+    /// A proposal forwarded to the leader failed on the way; it may have been committed.
+    #[error("forwarding to the leader: {0}")]
+    Forward(String),
     /// Raft failed (it stopped, or a membership change was refused).
     #[error("Raft: {0}")]
     Raft(String),
@@ -122,6 +128,9 @@ pub struct ClusterNode {
     raft: Raft,
     state: StateReader,
     endpoint: noq::Endpoint,
+    network: Network,
+    /// The link to the leader that proposals are forwarded on.
+    leader_link: tokio::sync::Mutex<Option<(NodeId, Peer)>>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -149,7 +158,8 @@ impl ClusterNode {
                 .validate()
                 .map_err(|e| NodeError::Config(Box::new(e)))?,
         );
-        let raft = Raft::new(options.id, config, Network::new(endpoint.clone()), log, sm)
+        let network = Network::new(endpoint.clone());
+        let raft = Raft::new(options.id, config, network.clone(), log, sm)
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         let stop = CancellationToken::new();
@@ -166,6 +176,8 @@ impl ClusterNode {
             raft,
             state,
             endpoint,
+            network,
+            leader_link: tokio::sync::Mutex::new(None),
             stop,
             tasks,
         })
@@ -209,17 +221,30 @@ impl ClusterNode {
         )
     }
 
-    /// Proposes a command and waits until it is committed and applied here. Only the leader
-    /// accepts proposals.
+    /// Proposes a command and waits until the leader has committed and applied it: here if
+    /// this node leads, else forwarded to the leader it knows (once; if leadership moved
+    /// meanwhile, `NotLeader` names the new leader and the caller may try again). The
+    /// outcome is the leader's; this node applies the entry when it learns of the commit.
     pub async fn propose(&self, command: Command) -> Result<Outcome, NodeError> {
-        match self.raft.client_write(command).await {
-            Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(NodeError::NotLeader {
-                    leader: f.leader_id.zip(f.leader_node),
-                })
+        let leader = match network::propose_here(&self.raft, command.clone()).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(Forwarded::NotLeader(Some(leader))) if leader.0 != self.id => leader,
+            Err(Forwarded::NotLeader(leader)) => return Err(NodeError::NotLeader { leader }),
+            Err(Forwarded::Failed(e)) => return Err(NodeError::Raft(e)),
+        };
+        let mut link = self.leader_link.lock().await;
+        let peer = match &mut *link {
+            Some((id, peer)) if *id == leader.0 => peer,
+            slot => {
+                &mut slot
+                    .insert((leader.0, self.network.peer(leader.0, leader.1)))
+                    .1
             }
-            Err(e) => Err(NodeError::Raft(e.to_string())),
+        };
+        match peer.propose(&command, FORWARD_TIMEOUT).await {
+            Ok(outcome) => Ok(outcome),
+            Err(Forwarded::NotLeader(leader)) => Err(NodeError::NotLeader { leader }),
+            Err(Forwarded::Failed(e)) => Err(NodeError::Forward(e)),
         }
     }
 

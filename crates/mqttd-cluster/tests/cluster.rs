@@ -198,6 +198,23 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
     })
     .await;
 
+    // A follower forwards a proposal to the leader and gets the leader's outcome.
+    let leader = agreed_leader(&nodes).unwrap();
+    let follower = nodes.keys().copied().find(|id| *id != leader).unwrap();
+    let Outcome::Claimed { epoch, .. } = nodes[&follower]
+        .propose(claim("via-follower", follower))
+        .await
+        .unwrap()
+    else {
+        panic!("a claim forwarded by a follower");
+    };
+    eventually("the forwarded claim on every node", || {
+        nodes
+            .values()
+            .all(|n| epoch_of(n, "via-follower") == Some((follower, epoch)))
+    })
+    .await;
+
     // A claim by another node bumps the epoch; the old owner is fenced off.
     let Outcome::Claimed {
         epoch: second,
