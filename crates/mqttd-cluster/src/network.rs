@@ -205,6 +205,7 @@ pub(crate) async fn serve(
                     return;
                 }
             };
+            let names: Arc<[String]> = peer_names(&conn).into();
             loop {
                 let (send, recv) = tokio::select! {
                     biased;
@@ -214,36 +215,92 @@ pub(crate) async fn serve(
                         Err(_) => break,
                     },
                 };
-                inner.spawn(answer(raft.clone(), send, recv));
+                inner.spawn(answer(raft.clone(), names.clone(), send, recv));
             }
         });
     }
 }
 
-/// Answers one RPC.
-async fn answer(raft: Raft, mut send: noq::SendStream, mut recv: noq::RecvStream) {
+/// The DNS names in the certificate a peer presented (verified by rustls against the CA).
+fn peer_names(conn: &noq::Connection) -> Vec<String> {
+    let Some(identity) = conn.peer_identity() else {
+        return Vec::new();
+    };
+    let Ok(chain) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
+        return Vec::new();
+    };
+    let Some(Ok((_, cert))) = chain
+        .first()
+        .map(|c| x509_parser::parse_x509_certificate(c))
+    else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(s) => Some(s.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether a peer whose certificate carries `names` may speak for node `claimed`: a node in
+/// this node's membership must present a certificate with its member name. A node not (yet)
+/// in it may speak: a new node learns the membership from the leader's first request.
+fn may_speak_for(raft: &Raft, names: &[String], claimed: Option<NodeId>) -> bool {
+    let Some(id) = claimed else { return true };
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow();
+    match metrics.membership_config.membership().get_node(&id) {
+        Some(member) => names.iter().any(|n| n.eq_ignore_ascii_case(&member.name)),
+        None => true,
+    }
+}
+
+/// Answers one RPC from a peer whose certificate carries `names`.
+async fn answer(
+    raft: Raft,
+    names: Arc<[String]>,
+    mut send: noq::SendStream,
+    mut recv: noq::RecvStream,
+) {
     let Ok(request) = recv.read_to_end(MAX_MESSAGE).await else {
         return;
     };
     let Some((&tag, body)) = request.split_first() else {
         return;
     };
+    let impostor = |claimed: Option<NodeId>| {
+        let refused = !may_speak_for(&raft, &names, claimed);
+        if refused {
+            tracing::warn!(?claimed, names = ?names, "a peer spoke for a node its certificate does not name");
+        }
+        refused
+    };
     let reply = match tag {
         TAG_APPEND => match serde_json::from_slice::<AppendEntriesRequest<TypeConfig>>(body) {
-            Ok(req) => serde_json::to_vec(&raft.append_entries(req).await),
-            Err(e) => Err(e),
+            Ok(req) if impostor(req.vote.leader_id().voted_for()) => Err(None),
+            Ok(req) => serde_json::to_vec(&raft.append_entries(req).await).map_err(Some),
+            Err(e) => Err(Some(e)),
         },
         TAG_VOTE => match serde_json::from_slice::<VoteRequest<NodeId>>(body) {
-            Ok(req) => serde_json::to_vec(&raft.vote(req).await),
-            Err(e) => Err(e),
+            Ok(req) if impostor(req.vote.leader_id().voted_for()) => Err(None),
+            Ok(req) => serde_json::to_vec(&raft.vote(req).await).map_err(Some),
+            Err(e) => Err(Some(e)),
         },
         TAG_SNAPSHOT => match serde_json::from_slice::<InstallSnapshotRequest<TypeConfig>>(body) {
-            Ok(req) => serde_json::to_vec(&raft.install_snapshot(req).await),
-            Err(e) => Err(e),
+            Ok(req) if impostor(req.vote.leader_id().voted_for()) => Err(None),
+            Ok(req) => serde_json::to_vec(&raft.install_snapshot(req).await).map_err(Some),
+            Err(e) => Err(Some(e)),
         },
+        // Any node of the cluster may propose.
         TAG_PROPOSE => match serde_json::from_slice::<Command>(body) {
-            Ok(command) => serde_json::to_vec(&propose_here(&raft, command).await),
-            Err(e) => Err(e),
+            Ok(command) => serde_json::to_vec(&propose_here(&raft, command).await).map_err(Some),
+            Err(e) => Err(Some(e)),
         },
         _ => {
             // Not a request of this protocol version: say nothing, the peer's call fails.
@@ -259,9 +316,12 @@ async fn answer(raft: Raft, mut send: noq::SendStream, mut recv: noq::RecvStream
                 let _ = send.stopped().await;
             }
         }
-        Err(e) => {
+        Err(Some(e)) => {
             tracing::debug!(error = %e, "undecodable cluster request");
             let _ = send.reset(noq::VarInt::from_u32(2));
+        }
+        Err(None) => {
+            let _ = send.reset(noq::VarInt::from_u32(3));
         }
     }
 }

@@ -248,7 +248,10 @@ impl ClusterNode {
         }
     }
 
-    /// Stops Raft, the listener and its streams, and closes the endpoint.
+    /// Stops Raft, the listener and its streams, and closes the endpoint. The UDP socket is
+    /// released once every connection has drained, which for a link to a peer that stopped
+    /// answering can take up to the idle timeout (10 s): a node started again in the same
+    /// process on the same address may have to retry its bind.
     pub async fn shutdown(self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "Raft did not stop cleanly");
