@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mqttd_cluster::config::ClusterConfig;
 use mqttd_cluster::network::{Tls, ALPN};
 use mqttd_cluster::openraft::error::RaftError;
 use mqttd_cluster::openraft::raft::{VoteRequest, VoteResponse};
@@ -509,4 +510,49 @@ async fn a_follower_behind_the_purged_log_gets_a_snapshot() {
     for (_, node) in nodes {
         node.shutdown().await;
     }
+}
+
+/// A node started from a `[cluster]` section (paths to the CA, certificate and key; the store
+/// beside the broker's) runs alone as a cluster of one; a missing key file is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_starts_from_its_cluster_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (ca_path, cert, key) = ca.files(dir.path(), "solo");
+    let text = format!(
+        "[cluster]\nnode_id = 5\nname = \"solo\"\nlisten = \"127.0.0.1:0\"\n\
+         ca = {ca_path:?}\ncert = {cert:?}\nkey = {key:?}\n"
+    );
+    let config = ClusterConfig::parse(&text).unwrap();
+    let broker_store = dir.path().join("store");
+    let node = ClusterNode::start(NodeOptions::from_config(&config, &broker_store).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        broker_store.join("cluster").is_dir(),
+        "the store beside the broker's"
+    );
+    assert_ne!(
+        node.member().addr,
+        "127.0.0.1:0",
+        "the bound port is advertised"
+    );
+    node.initialize(BTreeMap::from([(5, node.member().clone())]))
+        .await
+        .unwrap();
+    eventually("the single node leading", || node.leader() == Some(5)).await;
+    let up = Command::NodeUp {
+        node: 5,
+        name: "solo".into(),
+        incarnation: 1,
+    };
+    assert_eq!(node.propose(up).await.unwrap(), Outcome::Done);
+    assert_eq!(node.state().read(|s| s.nodes().len()), 1);
+    node.shutdown().await;
+
+    let missing = ClusterConfig::parse(&text.replace("solo.key", "gone.key")).unwrap();
+    let Err(e) = NodeOptions::from_config(&missing, &broker_store) else {
+        panic!("a missing key file is refused");
+    };
+    assert!(e.to_string().contains("gone.key"), "{e}");
 }
