@@ -124,6 +124,7 @@ pub enum NodeError {
 /// A running cluster node.
 pub struct ClusterNode {
     id: NodeId,
+    incarnation: u64,
     member: Member,
     raft: Raft,
     state: StateReader,
@@ -139,6 +140,7 @@ impl ClusterNode {
     /// Opens the store, binds the endpoint and starts Raft.
     pub async fn start(options: NodeOptions) -> Result<Self, NodeError> {
         let (log, sm) = store::open(&options.data_dir)?;
+        let incarnation = log.incarnation();
         let state = sm.reader();
         let endpoint =
             network::bind(&options.tls, options.listen).map_err(|source| NodeError::Bind {
@@ -172,6 +174,7 @@ impl ClusterNode {
         ));
         Ok(Self {
             id: options.id,
+            incarnation,
             member,
             raft,
             state,
@@ -186,6 +189,12 @@ impl ClusterNode {
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// This life of the node: bumped in its store at every start, for `Command::NodeUp` and
+    /// for tagging what it streams to peers.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     /// This node as peers reach it.

@@ -4,8 +4,9 @@
 //! with two keyspaces:
 //! - `log`: the Raft log, key = index (u64 big-endian, so that keys sort as indexes),
 //!   value = the entry (JSON);
-//! - `meta`: `vote`, `committed`, `last_purged` (JSON), and the latest snapshot as
-//!   `snapshot_meta` (JSON) and `snapshot_data` (the state's bytes), written in one batch.
+//! - `meta`: `vote`, `committed`, `last_purged` (JSON), the latest snapshot as
+//!   `snapshot_meta` (JSON) and `snapshot_data` (the state's bytes), written in one batch, and
+//!   the node's `incarnation`, bumped at every open.
 //!
 //! The state machine itself lives in memory. It is rebuilt on open from the latest snapshot,
 //! and openraft applies the committed entries after it again (it reads `committed` back for
@@ -37,6 +38,7 @@ const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 const SNAPSHOT_META: &str = "snapshot_meta";
 const SNAPSHOT_DATA: &str = "snapshot_data";
+const INCARNATION: &str = "incarnation";
 
 /// An error opening the store.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,14 @@ pub enum OpenError {
         path: PathBuf,
         /// fjall's error.
         source: fjall::Error,
+    },
+    /// The incarnation cannot be read or written.
+    #[error("cannot bump the node's incarnation in {path}: {reason}")]
+    Incarnation {
+        /// The store's directory.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
     },
     /// The stored snapshot cannot be read.
     #[error("the cluster store in {path} holds a snapshot that cannot be read: {reason}")]
@@ -115,6 +125,17 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
         .keyspace("meta", KeyspaceCreateOptions::default)
         .map_err(engine)?;
     let disk = Arc::new(Disk { db, log, meta });
+    let incarnation = disk
+        .get::<u64>(INCARNATION)
+        .and_then(|last| {
+            let next = last.unwrap_or(0).saturating_add(1);
+            disk.put(INCARNATION, &next, Some(PersistMode::SyncAll))?;
+            Ok(next)
+        })
+        .map_err(|e| OpenError::Incarnation {
+            path: dir.to_owned(),
+            reason: e.to_string(),
+        })?;
     let snapshot_err = |reason: String| OpenError::Snapshot {
         path: dir.to_owned(),
         reason,
@@ -134,7 +155,10 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
         (Err(e), _) => return Err(snapshot_err(e.to_string())),
         (_, Err(e)) => return Err(snapshot_err(e.to_string())),
     }
-    let log_store = LogStore { disk: disk.clone() };
+    let log_store = LogStore {
+        disk: disk.clone(),
+        incarnation,
+    };
     let sm = StateMachine {
         disk,
         applied: Arc::new(RwLock::new(applied)),
@@ -146,9 +170,16 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
 #[derive(Clone)]
 pub struct LogStore {
     disk: Arc<Disk>,
+    incarnation: u64,
 }
 
 impl LogStore {
+    /// This life of the node: one more than at the previous open of the store (1 at the
+    /// first), synced before the store is used.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
     fn last_purged(&self) -> StoreResult<Option<LogId<NodeId>>> {
         self.disk.get::<LogId<NodeId>>(LAST_PURGED)
     }
@@ -515,6 +546,7 @@ mod tests {
         )]);
         {
             let (mut log, mut sm) = open(dir.path()).unwrap();
+            assert_eq!(log.incarnation(), 1);
             append(
                 &log,
                 &[
@@ -550,6 +582,7 @@ mod tests {
             log.purge(log_id(1, 1)).await.unwrap();
         }
         let (mut log, mut sm) = open(dir.path()).unwrap();
+        assert_eq!(log.incarnation(), 2, "one more than at the first open");
         assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
         assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 3)));
         let state = log.get_log_state().await.unwrap();

@@ -173,7 +173,7 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
         let up = Command::NodeUp {
             node: id,
             name: name(id),
-            incarnation: 1,
+            incarnation: nodes[&id].incarnation(),
         };
         assert_eq!(propose(&nodes, up).await, Outcome::Done);
     }
@@ -294,26 +294,53 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
         Some((2, second)),
         "the committed state is back from the store before any peer speaks"
     );
+    assert_eq!(restarted.incarnation(), 2, "a new life");
+    let up = Command::NodeUp {
+        node: old,
+        name: name(old),
+        incarnation: restarted.incarnation(),
+    };
+    // It proposes its new life through the leader, once it knows who leads.
+    // (A forward that failed on the way may have been committed: then the retry is stale.)
+    let outcome = retry("the restarted node's NodeUp", || {
+        restarted.propose(up.clone())
+    })
+    .await;
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Done
+                | Outcome::Rejected(Rejection::StaleIncarnation {
+                    given: 2,
+                    current: 2
+                })
+        ),
+        "{outcome:?}"
+    );
     nodes.insert(old, restarted);
     // ...and catches up with what was committed while it was away.
     eventually("the restarted node catching up", || {
         let n = &nodes[&old];
         epoch_of(n, "c2") == Some((3, third))
-            && n.state().read(|s| s.retained("lights/1").is_none())
+            && n.state().read(|s| {
+                s.retained("lights/1").is_none()
+                    && s.nodes().get(&old).map(|r| r.incarnation) == Some(2)
+            })
     })
     .await;
     eventually("all three agreeing on the leader", || {
         agreed_leader(&nodes).is_some()
     })
     .await;
-    let all: Vec<_> = nodes
-        .values()
-        .map(|n| n.state().read(|s| s.clone()))
-        .collect();
-    assert!(
-        all.windows(2).all(|w| w[0] == w[1]),
-        "all nodes hold the same state"
-    );
+    // A follower learns of the last commit at the next heartbeat: poll.
+    eventually("all nodes holding the same state", || {
+        let all: Vec<_> = nodes
+            .values()
+            .map(|n| n.state().read(|s| s.clone()))
+            .collect();
+        all.windows(2).all(|w| w[0] == w[1])
+    })
+    .await;
 
     for (id, node) in nodes {
         let start = Instant::now();
@@ -344,6 +371,17 @@ async fn only_peers_with_a_certificate_from_the_cluster_ca_get_in() {
     node.initialize(BTreeMap::from([(1, node.member().clone()), (2, node_2)]))
         .await
         .unwrap();
+    eventually("the membership in the node's metrics", || {
+        let metrics = node.raft().metrics();
+        let known = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&2)
+            .is_some();
+        known
+    })
+    .await;
     let stranger = Ca::new();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
