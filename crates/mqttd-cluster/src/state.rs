@@ -498,3 +498,82 @@ mod tests {
         assert_eq!(back.session("c1").map(|o| o.epoch), Some(2));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn command() -> impl Strategy<Value = Command> {
+        let id = prop::sample::select(vec!["a", "b", "c"]).prop_map(String::from);
+        let node = 1u64..4;
+        let epoch = 0u64..12;
+        let at = prop::option::of(0u64..100);
+        prop_oneof![
+            (id.clone(), node.clone(), at.clone()).prop_map(|(client_id, node, expires_at_ms)| {
+                Command::ClaimSession {
+                    client_id,
+                    node,
+                    expires_at_ms,
+                }
+            }),
+            (id.clone(), node.clone(), epoch.clone(), at).prop_map(
+                |(client_id, node, epoch, expires_at_ms)| Command::SetSessionExpiry {
+                    client_id,
+                    node,
+                    epoch,
+                    expires_at_ms,
+                }
+            ),
+            (id, node.clone(), epoch).prop_map(|(client_id, node, epoch)| {
+                Command::DropSession {
+                    client_id,
+                    node,
+                    epoch,
+                }
+            }),
+            (0u64..100).prop_map(|now_ms| Command::ExpireSessions { now_ms }),
+            (node, 0u64..5).prop_map(|(node, incarnation)| Command::NodeUp {
+                node,
+                name: format!("n{node}"),
+                incarnation,
+            }),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the history: a rejected command changes nothing, a session command is
+        /// accepted only from the owner with the current epoch, every claim hands out an epoch
+        /// above all before it, and the state survives a snapshot round trip.
+        #[test]
+        fn fencing_holds_for_any_history(commands in prop::collection::vec(command(), 1..60)) {
+            let mut s = ClusterState::default();
+            let mut highest = 0;
+            for c in commands {
+                let before = s.clone();
+                let owner = match &c {
+                    Command::SetSessionExpiry { client_id, .. }
+                    | Command::DropSession { client_id, .. } => {
+                        before.session(client_id).map(|o| (o.owner, o.epoch))
+                    }
+                    _ => None,
+                };
+                let outcome = s.apply(c.clone());
+                match (&c, &outcome) {
+                    (_, Outcome::Rejected(_)) => prop_assert_eq!(&s, &before),
+                    (Command::SetSessionExpiry { node, epoch, .. }, Outcome::Done)
+                    | (Command::DropSession { node, epoch, .. }, Outcome::Done) => {
+                        prop_assert_eq!(owner, Some((*node, *epoch)));
+                    }
+                    (Command::ClaimSession { .. }, Outcome::Claimed { epoch, .. }) => {
+                        prop_assert!(*epoch > highest);
+                        highest = *epoch;
+                    }
+                    _ => {}
+                }
+            }
+            prop_assert_eq!(ClusterState::from_bytes(&s.to_bytes().unwrap()).unwrap(), s);
+        }
+    }
+}
