@@ -4,13 +4,14 @@
 //! binds the endpoint and starts Raft and the accept loop; [`ClusterNode::shutdown`] stops
 //! Raft, then the accept loop and every stream it spawned, then closes the endpoint.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{InitializeError, RaftError};
+use openraft::ChangeMembers;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -121,6 +122,19 @@ pub enum NodeError {
     Raft(String),
 }
 
+fn membership_error(
+    e: RaftError<NodeId, openraft::error::ClientWriteError<NodeId, Member>>,
+) -> NodeError {
+    match e {
+        RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f)) => {
+            NodeError::NotLeader {
+                leader: f.leader_id.zip(f.leader_node),
+            }
+        }
+        e => NodeError::Raft(e.to_string()),
+    }
+}
+
 /// A running cluster node.
 pub struct ClusterNode {
     id: NodeId,
@@ -228,6 +242,42 @@ impl ClusterNode {
         self.raft.initialize(members).await.map_err(
             |e: RaftError<NodeId, InitializeError<NodeId, Member>>| NodeError::Raft(e.to_string()),
         )
+    }
+
+    /// Adds `id` as a voter: first as a learner, caught up with the log (blocking until it
+    /// is), then promoted. Only on the leader.
+    pub async fn add_member(&self, id: NodeId, member: Member) -> Result<(), NodeError> {
+        self.raft
+            .add_learner(id, member, true)
+            .await
+            .map_err(membership_error)?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(membership_error)?;
+        Ok(())
+    }
+
+    /// Removes `id` from the cluster: it no longer votes nor receives the log. Only on the
+    /// leader.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), NodeError> {
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(membership_error)?;
+        Ok(())
+    }
+
+    /// The voters of the membership this node knows.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        let metrics = self.raft.metrics();
+        let voters = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters
     }
 
     /// Proposes a command and waits until the leader has committed and applied it: here if

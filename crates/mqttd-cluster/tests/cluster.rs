@@ -1,7 +1,7 @@
 //! A 3-node cluster in one process, over real QUIC on loopback with mutual TLS: election,
 //! replication, session fencing, the leader shut down, a node restarted from its store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -593,4 +593,64 @@ async fn a_node_starts_from_its_cluster_section() {
         panic!("a missing key file is refused");
     };
     assert!(e.to_string().contains("gone.key"), "{e}");
+}
+
+/// A cluster started as one node grows to three (each new node a learner first, then a
+/// voter), replicates to the newcomers, and shrinks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_and_leave() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let node = ClusterNode::start(options(&ca, dir.path(), id, any))
+            .await
+            .unwrap();
+        nodes.insert(id, node);
+    }
+    let first = &nodes[&1];
+    first
+        .initialize(BTreeMap::from([(1, first.member().clone())]))
+        .await
+        .unwrap();
+    eventually("node 1 leading alone", || first.leader() == Some(1)).await;
+    first.propose(claim("early", 1)).await.unwrap();
+    for id in [2, 3] {
+        let member = nodes[&id].member().clone();
+        retry("adding a member", || first.add_member(id, member.clone())).await;
+    }
+    assert_eq!(first.voters(), BTreeSet::from([1, 2, 3]));
+    eventually("the newcomers holding what came before them", || {
+        nodes.values().all(|n| epoch_of(n, "early") == Some((1, 1)))
+    })
+    .await;
+    eventually("all three agreeing on the leader", || {
+        agreed_leader(&nodes).is_some()
+    })
+    .await;
+
+    let leader = agreed_leader(&nodes).unwrap();
+    let leaving = *nodes.keys().find(|id| **id != leader).unwrap();
+    retry("removing a member", || {
+        nodes[&leader].remove_member(leaving)
+    })
+    .await;
+    eventually(
+        "the smaller membership everywhere but on the one that left",
+        || {
+            nodes
+                .iter()
+                .filter(|(id, _)| **id != leaving)
+                .all(|(_, n)| !n.voters().contains(&leaving) && n.voters().len() == 2)
+        },
+    )
+    .await;
+    nodes.remove(&leaving).unwrap().shutdown().await;
+    // Two voters of two: the cluster still commits.
+    let outcome = propose(&nodes, claim("late", leader)).await;
+    assert!(matches!(outcome, Outcome::Claimed { .. }), "{outcome:?}");
+    for (_, node) in nodes {
+        node.shutdown().await;
+    }
 }
