@@ -43,6 +43,9 @@ pub const ALPN: &[u8] = b"mqttd-cluster/1";
 /// The largest request or answer read (a batch of entries, a snapshot chunk).
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// The requests a peer may have open at once on its link.
+const MAX_STREAMS: u32 = 16;
+
 /// How long dialing a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -168,7 +171,11 @@ pub(crate) fn bind(tls: &Tls, listen: SocketAddr) -> io::Result<noq::Endpoint> {
     // Peers keep their links alive between heartbeats; an idle link means a dead peer.
     transport
         .keep_alive_interval(Some(Duration::from_secs(2)))
-        .max_idle_timeout(noq::IdleTimeout::try_from(Duration::from_secs(10)).ok());
+        .max_idle_timeout(noq::IdleTimeout::try_from(Duration::from_secs(10)).ok())
+        // Openraft keeps one request in flight per peer and kind; the cap bounds what a peer
+        // can make a node hold (streams x MAX_MESSAGE). No unidirectional streams are used.
+        .max_concurrent_bidi_streams(noq::VarInt::from_u32(MAX_STREAMS))
+        .max_concurrent_uni_streams(noq::VarInt::from_u32(0));
     let transport = Arc::new(transport);
     let mut server = tls.server.clone();
     server.transport_config(transport.clone());
@@ -198,7 +205,12 @@ pub(crate) async fn serve(
         let stop = stop.clone();
         let inner = tasks.clone();
         tasks.spawn(async move {
-            let conn = match incoming.await {
+            let handshake = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                handshake = incoming => handshake,
+            };
+            let conn = match handshake {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::debug!(error = %e, "cluster handshake failed");

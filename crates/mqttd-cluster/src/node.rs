@@ -316,9 +316,10 @@ impl ClusterNode {
             tracing::warn!(error = %e, "Raft did not stop cleanly");
         }
         self.stop.cancel();
+        // Closing the endpoint ends the streams still being answered.
+        self.endpoint.close(noq::VarInt::from_u32(0), b"shutdown");
         self.tasks.close();
         self.tasks.wait().await;
-        self.endpoint.close(noq::VarInt::from_u32(0), b"shutdown");
         // Lets live peers learn of the close; links to dead peers would wait out their idle
         // timeout, so the wait is bounded.
         let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
