@@ -404,10 +404,17 @@ impl Peer {
             }
         }
         let unreachable = |why: String| LinkError::Unreachable(format!("{}: {why}", self.member));
-        let addr = tokio::net::lookup_host(&self.member.addr)
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.member.addr)
             .await
             .map_err(|e| unreachable(e.to_string()))?
-            .next()
+            .collect();
+        // A name may resolve to both families: take one the endpoint's socket can reach.
+        let v4 = self.endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
+        let addr = addrs
+            .iter()
+            .find(|a| a.is_ipv4() == v4)
+            .or(addrs.first())
+            .copied()
             .ok_or_else(|| unreachable("no address".into()))?;
         let connecting = self
             .endpoint
