@@ -13,7 +13,9 @@
 //! - [`network`]: Raft's RPCs between nodes over QUIC (noq) with mutual TLS: every node has a
 //!   certificate from the cluster's CA and accepts only peers with one; ALPN `mqttd-cluster/1`.
 //!
-//! [`ClusterNode`] puts them together: a node that listens, runs Raft and proposes commands.
+//! [`ClusterNode`] puts them together: a node that listens, runs Raft and proposes commands
+//! (on any node: a follower forwards them to the leader), and on the leader adds and removes
+//! members.
 //! [`config`] holds the `[cluster]` section. The broker does not use the crate yet (see
 //! `docs/cluster.md` for what comes next).
 
