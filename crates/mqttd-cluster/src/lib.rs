@@ -1,0 +1,70 @@
+//! Clustering for mqttd: several nodes as one broker.
+//!
+//! The cluster's shared state (its nodes and their incarnations, who owns each persistent
+//! session and under which epoch, the retained messages) is replicated with Raft, by
+//! [openraft](https://docs.rs/openraft) 0.9: no home-made consensus. The crate has three rooms:
+//!
+//! - [`state`]: the state machine proper, sans-IO: [`Command`]s in, [`Outcome`]s out, and the
+//!   session fencing (a claim bumps the session's epoch; a command with another epoch is
+//!   rejected). Deterministic, so that every node computes the same state.
+//! - [`store`]: openraft's log store and state machine on fjall, in a directory of its own
+//!   beside the broker's store: the log, the vote, the committed index and the latest snapshot
+//!   survive a restart.
+//! - [`network`]: Raft's RPCs between nodes over QUIC (noq) with mutual TLS: every node has a
+//!   certificate from the cluster's CA and accepts only peers with one; ALPN `mqttd-cluster/1`.
+//!
+//! [`ClusterNode`] puts them together: a node that listens, runs Raft and proposes commands
+//! (on any node: a follower forwards them to the leader), and on the leader adds and removes
+//! members.
+//! [`config`] holds the `[cluster]` section. The broker does not use the crate yet (see
+//! `docs/cluster.md` for what comes next).
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::fmt;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+pub mod config;
+pub mod network;
+mod node;
+pub mod state;
+pub mod store;
+
+/// The Raft engine, for its request, metrics and membership types.
+pub use openraft;
+
+pub use node::{ClusterNode, NodeError, NodeOptions};
+pub use state::{ClusterState, Command, NodeId, Outcome, Rejection};
+
+/// A cluster member as Raft's membership records it: where to reach it and the name its
+/// certificate must carry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The node's name (a DNS name in its certificate).
+    pub name: String,
+    /// The node's cluster listener, `host:port`.
+    pub addr: String,
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// openraft's types for the cluster state.
+    pub TypeConfig:
+        D = Command,
+        R = Outcome,
+        NodeId = NodeId,
+        Node = Member,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The Raft handle of a node.
+pub type Raft = openraft::Raft<TypeConfig>;

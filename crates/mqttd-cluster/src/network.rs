@@ -1,0 +1,534 @@
+//! Raft's RPCs between nodes over QUIC (noq) with mutual TLS.
+//!
+//! Every node holds a certificate signed by the cluster's CA, with its name as a DNS name. A
+//! node accepts a connection only from a peer presenting a certificate from that CA (TLS 1.3
+//! client authentication), and dials a peer expecting its name in the peer's certificate. The
+//! ALPN is [`ALPN`], distinct from MQTT's, so that a cluster listener never talks MQTT and an
+//! MQTT listener never talks Raft.
+//!
+//! One connection per peer, reused; one bidirectional stream per RPC: the request (a tag byte
+//! and the JSON of openraft's request), the sender's FIN, then the answer (the JSON of
+//! openraft's result) and the receiver's FIN. Streams are independent, so a slow snapshot chunk
+//! never holds up a heartbeat. The same links carry proposals that a follower forwards to the
+//! leader.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{
+    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::state::{Command, NodeId, Outcome};
+use crate::{Member, Raft, TypeConfig};
+
+/// The ALPN of the cluster protocol.
+pub const ALPN: &[u8] = b"mqttd-cluster/1";
+
+/// The largest request or answer read (a batch of entries, a snapshot chunk).
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// The requests a peer may have open at once on its link.
+const MAX_STREAMS: u32 = 16;
+
+/// How long dialing a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+const TAG_APPEND: u8 = 1;
+const TAG_VOTE: u8 = 2;
+const TAG_SNAPSHOT: u8 = 3;
+const TAG_PROPOSE: u8 = 4;
+
+/// Why a proposal forwarded to the leader was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum Forwarded {
+    /// The peer is not (or no longer) the leader; it names the leader it knows.
+    #[error("the peer is not the leader (leader: {0:?})")]
+    NotLeader(Option<(NodeId, Member)>),
+    /// The link or Raft failed; the proposal may or may not have been committed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Why the cluster's TLS configuration cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A PEM file cannot be read or holds nothing usable.
+    #[error("{what}: {reason}")]
+    Pem {
+        /// Which file (CA, certificate or key) and its path.
+        what: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// rustls refused the certificates or the key.
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The CA cannot verify client certificates.
+    #[error("the cluster CA cannot verify peers: {0}")]
+    Verifier(String),
+    /// noq refused the rustls configuration.
+    #[error("QUIC: {0}")]
+    Quic(String),
+}
+
+/// The QUIC configurations of a node: as a server (peers must present a certificate from the
+/// CA) and as a client (with its own certificate, expecting the peer's name).
+#[derive(Clone)]
+pub struct Tls {
+    server: noq::ServerConfig,
+    client: noq::ClientConfig,
+}
+
+impl Tls {
+    /// Reads the CA, the node's certificate chain and its key from PEM files.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| TlsError::Pem {
+                what: format!("{what} {}", path.display()),
+                reason: e.to_string(),
+            })
+        };
+        Self::from_pem(
+            &read("CA", ca)?,
+            &read("certificate", cert)?,
+            &read("key", key)?,
+        )
+    }
+
+    /// Builds the configurations from PEM text.
+    pub fn from_pem(ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Self, TlsError> {
+        let pem = |what: &str, reason: String| TlsError::Pem {
+            what: what.to_owned(),
+            reason,
+        };
+        let certs = |what: &str, bytes: &[u8]| {
+            let certs = CertificateDer::pem_slice_iter(bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem(what, e.to_string()))?;
+            if certs.is_empty() {
+                return Err(pem(what, "no certificate".into()));
+            }
+            Ok(certs)
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs("CA", ca)? {
+            roots.add(c)?;
+        }
+        let roots = Arc::new(roots);
+        let chain = certs("certificate", cert)?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| pem("key", e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)?;
+        client.alpn_protocols = vec![ALPN.to_vec()];
+
+        let quic = |e: noq::crypto::rustls::NoInitialCipherSuite| TlsError::Quic(e.to_string());
+        let server = noq::ServerConfig::with_crypto(Arc::new(
+            noq::crypto::rustls::QuicServerConfig::try_from(server).map_err(quic)?,
+        ));
+        let client = noq::ClientConfig::new(Arc::new(
+            noq::crypto::rustls::QuicClientConfig::try_from(client).map_err(quic)?,
+        ));
+        Ok(Self { server, client })
+    }
+}
+
+/// Binds the cluster endpoint: it accepts peers and dials them.
+pub(crate) fn bind(tls: &Tls, listen: SocketAddr) -> io::Result<noq::Endpoint> {
+    let mut transport = noq::TransportConfig::default();
+    // Peers keep their links alive between heartbeats; an idle link means a dead peer.
+    transport
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .max_idle_timeout(noq::IdleTimeout::try_from(Duration::from_secs(10)).ok())
+        // Openraft keeps one request in flight per peer and kind; the cap bounds what a peer
+        // can make a node hold (streams x MAX_MESSAGE). No unidirectional streams are used.
+        .max_concurrent_bidi_streams(noq::VarInt::from_u32(MAX_STREAMS))
+        .max_concurrent_uni_streams(noq::VarInt::from_u32(0));
+    let transport = Arc::new(transport);
+    let mut server = tls.server.clone();
+    server.transport_config(transport.clone());
+    let endpoint = noq::Endpoint::server(server, listen)?;
+    let mut client = tls.client.clone();
+    client.transport_config(transport);
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// Accepts peers until `stop`, answering their RPCs with `raft`. The tasks it spawns are in
+/// `tasks`.
+pub(crate) async fn serve(
+    endpoint: noq::Endpoint,
+    raft: Raft,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            incoming = endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { break };
+        let raft = raft.clone();
+        let stop = stop.clone();
+        let inner = tasks.clone();
+        tasks.spawn(async move {
+            let handshake = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                handshake = incoming => handshake,
+            };
+            let conn = match handshake {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cluster handshake failed");
+                    return;
+                }
+            };
+            let names: Arc<[String]> = peer_names(&conn).into();
+            loop {
+                let (send, recv) = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    stream = conn.accept_bi() => match stream {
+                        Ok(s) => s,
+                        Err(_) => break,
+                    },
+                };
+                inner.spawn(answer(raft.clone(), names.clone(), send, recv));
+            }
+        });
+    }
+}
+
+/// The DNS names in the certificate a peer presented (verified by rustls against the CA).
+fn peer_names(conn: &noq::Connection) -> Vec<String> {
+    let Some(identity) = conn.peer_identity() else {
+        return Vec::new();
+    };
+    let Ok(chain) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
+        return Vec::new();
+    };
+    let Some(Ok((_, cert))) = chain
+        .first()
+        .map(|c| x509_parser::parse_x509_certificate(c))
+    else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(s) => Some(s.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether a peer whose certificate carries `names` may speak for node `claimed`: a node in
+/// this node's membership must present a certificate with its member name. A node not (yet)
+/// in it may speak: a new node learns the membership from the leader's first request.
+fn may_speak_for(raft: &Raft, names: &[String], claimed: Option<NodeId>) -> bool {
+    let Some(id) = claimed else { return true };
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow();
+    match metrics.membership_config.membership().get_node(&id) {
+        Some(member) => names.iter().any(|n| n.eq_ignore_ascii_case(&member.name)),
+        None => true,
+    }
+}
+
+/// Answers one RPC from a peer whose certificate carries `names`.
+async fn answer(
+    raft: Raft,
+    names: Arc<[String]>,
+    mut send: noq::SendStream,
+    mut recv: noq::RecvStream,
+) {
+    let Ok(request) = recv.read_to_end(MAX_MESSAGE).await else {
+        return;
+    };
+    let Some((&tag, body)) = request.split_first() else {
+        return;
+    };
+    let impostor = |claimed: Option<NodeId>| {
+        let refused = !may_speak_for(&raft, &names, claimed);
+        if refused {
+            tracing::warn!(?claimed, names = ?names, "a peer spoke for a node its certificate does not name");
+        }
+        refused
+    };
+    let reply = match tag {
+        TAG_APPEND => match serde_json::from_slice::<AppendEntriesRequest<TypeConfig>>(body) {
+            Ok(req) if impostor(req.vote.leader_id().voted_for()) => Err(None),
+            Ok(req) => serde_json::to_vec(&raft.append_entries(req).await).map_err(Some),
+            Err(e) => Err(Some(e)),
+        },
+        TAG_VOTE => match serde_json::from_slice::<VoteRequest<NodeId>>(body) {
+            Ok(req) if impostor(req.vote.leader_id().voted_for()) => Err(None),
+            Ok(req) => serde_json::to_vec(&raft.vote(req).await).map_err(Some),
+            Err(e) => Err(Some(e)),
+        },
+        TAG_SNAPSHOT => match serde_json::from_slice::<InstallSnapshotRequest<TypeConfig>>(body) {
+            Ok(req) if impostor(req.vote.leader_id().voted_for()) => Err(None),
+            Ok(req) => serde_json::to_vec(&raft.install_snapshot(req).await).map_err(Some),
+            Err(e) => Err(Some(e)),
+        },
+        // Any node of the cluster may propose.
+        TAG_PROPOSE => match serde_json::from_slice::<Command>(body) {
+            Ok(command) => serde_json::to_vec(&propose_here(&raft, command).await).map_err(Some),
+            Err(e) => Err(Some(e)),
+        },
+        _ => {
+            // Not a request of this protocol version: say nothing, the peer's call fails.
+            let _ = send.reset(noq::VarInt::from_u32(1));
+            return;
+        }
+    };
+    match reply {
+        Ok(bytes) => {
+            if send.write_all(&bytes).await.is_ok() {
+                let _ = send.finish();
+                // Wait until the peer has it: dropping the stream earlier may lose the end.
+                let _ = send.stopped().await;
+            }
+        }
+        Err(Some(e)) => {
+            tracing::debug!(error = %e, "undecodable cluster request");
+            let _ = send.reset(noq::VarInt::from_u32(2));
+        }
+        Err(None) => {
+            let _ = send.reset(noq::VarInt::from_u32(3));
+        }
+    }
+}
+
+/// Proposes `command` on this node's Raft (it must lead).
+pub(crate) async fn propose_here(raft: &Raft, command: Command) -> Result<Outcome, Forwarded> {
+    match raft.client_write(command).await {
+        Ok(response) => Ok(response.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(Forwarded::NotLeader(f.leader_id.zip(f.leader_node)))
+        }
+        Err(e) => Err(Forwarded::Failed(e.to_string())),
+    }
+}
+
+/// openraft's factory of peer clients.
+#[derive(Clone)]
+pub struct Network {
+    endpoint: noq::Endpoint,
+}
+
+impl Network {
+    pub(crate) fn new(endpoint: noq::Endpoint) -> Self {
+        Self { endpoint }
+    }
+
+    /// A link to `target`, dialled at its first use.
+    pub(crate) fn peer(&self, target: NodeId, member: Member) -> Peer {
+        Peer {
+            endpoint: self.endpoint.clone(),
+            target,
+            member,
+            conn: None,
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Peer {
+        self.peer(target, node.clone())
+    }
+}
+
+/// The link to one peer, as openraft uses it.
+pub struct Peer {
+    endpoint: noq::Endpoint,
+    target: NodeId,
+    member: Member,
+    conn: Option<noq::Connection>,
+}
+
+/// A failure below Raft: the peer could not be reached, or the link failed mid-call.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("cannot reach {0}")]
+    Unreachable(String),
+    #[error("link to {0} failed: {1}")]
+    Failed(String, String),
+}
+
+impl Peer {
+    async fn connection(&mut self) -> Result<noq::Connection, LinkError> {
+        if let Some(conn) = &self.conn {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        let unreachable = |why: String| LinkError::Unreachable(format!("{}: {why}", self.member));
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.member.addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .collect();
+        // A name may resolve to both families: take one the endpoint's socket can reach.
+        let v4 = self.endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
+        let addr = addrs
+            .iter()
+            .find(|a| a.is_ipv4() == v4)
+            .or(addrs.first())
+            .copied()
+            .ok_or_else(|| unreachable("no address".into()))?;
+        let connecting = self
+            .endpoint
+            .connect(addr, &self.member.name)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| unreachable("handshake timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// One stream: `body` out, the answer back, within `ttl`.
+    async fn exchange(&mut self, body: &[u8], ttl: Duration) -> Result<Vec<u8>, LinkError> {
+        let peer = self.member.to_string();
+        let failed = |why: String| LinkError::Failed(peer.clone(), why);
+        let exchange = async {
+            let conn = self.connection().await?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(e.to_string()))?;
+            send.write_all(body)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            send.finish().map_err(|e| failed(e.to_string()))?;
+            recv.read_to_end(MAX_MESSAGE)
+                .await
+                .map_err(|e| failed(e.to_string()))
+        };
+        match tokio::time::timeout(ttl, exchange).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => {
+                // The link may be broken: dial again next time.
+                self.conn = None;
+                Err(e)
+            }
+            Err(_) => Err(failed("timed out".into())),
+        }
+    }
+
+    /// Forwards a proposal to this peer, the leader as far as the caller knows.
+    pub(crate) async fn propose(
+        &mut self,
+        command: &Command,
+        ttl: Duration,
+    ) -> Result<Outcome, Forwarded> {
+        let mut body = vec![TAG_PROPOSE];
+        serde_json::to_writer(&mut body, command).map_err(|e| Forwarded::Failed(e.to_string()))?;
+        let answer = self
+            .exchange(&body, ttl)
+            .await
+            .map_err(|e| Forwarded::Failed(e.to_string()))?;
+        serde_json::from_slice::<Result<Outcome, Forwarded>>(&answer)
+            .map_err(|e| Forwarded::Failed(e.to_string()))?
+    }
+
+    /// One RPC: the request out, the answer back.
+    async fn call<Req, Resp, E>(
+        &mut self,
+        tag: u8,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let mut body = vec![tag];
+        serde_json::to_writer(&mut body, req)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let answer = match self.exchange(&body, option.hard_ttl()).await {
+            Ok(answer) => answer,
+            Err(e @ LinkError::Unreachable(_)) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&answer)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.member.clone(),
+                e,
+            ))
+        })
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.call(TAG_APPEND, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(TAG_SNAPSHOT, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.call(TAG_VOTE, &rpc, &option).await
+    }
+}

@@ -1,0 +1,327 @@
+//! A cluster node: the store, Raft, and the QUIC listener that answers peers.
+//!
+//! [`ClusterNode::start`] opens the store (the state is back from disk before Raft runs),
+//! binds the endpoint and starts Raft and the accept loop; [`ClusterNode::shutdown`] stops
+//! Raft, then the accept loop and every stream it spawned, then closes the endpoint.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{InitializeError, RaftError};
+use openraft::ChangeMembers;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ClusterConfig;
+use crate::network::{self, Forwarded, Network, Peer, Tls, TlsError};
+use crate::state::{Command, NodeId, Outcome};
+use crate::store::{self, OpenError, StateReader};
+use crate::{Member, Raft};
+
+/// How long a node shutting down waits for its peers to hear of it.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a proposal forwarded to the leader may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a node needs to start.
+#[non_exhaustive]
+pub struct NodeOptions {
+    /// Its Raft id.
+    pub id: NodeId,
+    /// Its name and the address peers dial (its `addr` may name port 0 until bound; see
+    /// [`ClusterNode::member`]).
+    pub member: Member,
+    /// Where the QUIC endpoint binds.
+    pub listen: SocketAddr,
+    /// The store's directory.
+    pub data_dir: PathBuf,
+    /// Its certificates.
+    pub tls: Tls,
+    /// Raft's timing and snapshot policy.
+    pub raft: openraft::Config,
+}
+
+impl NodeOptions {
+    /// Options with openraft's timing made for real networks and busy machines: heartbeats
+    /// every 250 ms, elections after 1.5-3 s of silence.
+    pub fn new(id: NodeId, name: &str, listen: SocketAddr, data_dir: PathBuf, tls: Tls) -> Self {
+        let raft = openraft::Config {
+            cluster_name: "mqttd".into(),
+            heartbeat_interval: 250,
+            election_timeout_min: 1500,
+            election_timeout_max: 3000,
+            ..Default::default()
+        };
+        Self {
+            id,
+            member: Member {
+                name: name.to_owned(),
+                addr: listen.to_string(),
+            },
+            listen,
+            data_dir,
+            tls,
+            raft,
+        }
+    }
+
+    /// Options from the `[cluster]` section; `broker_data_dir` is the broker's store.
+    pub fn from_config(
+        config: &ClusterConfig,
+        broker_data_dir: &std::path::Path,
+    ) -> Result<Self, NodeError> {
+        let tls = Tls::load(&config.ca, &config.cert, &config.key)?;
+        let mut options = Self::new(
+            config.node_id,
+            &config.name,
+            config.listen,
+            config.data_dir(broker_data_dir),
+            tls,
+        );
+        options.member = config.member();
+        Ok(options)
+    }
+}
+
+/// Why a node cannot start or a request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] OpenError),
+    /// The certificates are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The endpoint cannot bind.
+    #[error("cannot bind the cluster listener on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// openraft refused the configuration.
+    #[error("Raft configuration: {0}")]
+    Config(Box<openraft::ConfigError>),
+    /// This node is not the leader; `leader` is, if known.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader, if this node knows one.
+        leader: Option<(NodeId, Member)>,
+    },
+    /// A proposal forwarded to the leader failed on the way; it may have been committed.
+    #[error("forwarding to the leader: {0}")]
+    Forward(String),
+    /// Raft failed (it stopped, or a membership change was refused).
+    #[error("Raft: {0}")]
+    Raft(String),
+}
+
+fn membership_error(
+    e: RaftError<NodeId, openraft::error::ClientWriteError<NodeId, Member>>,
+) -> NodeError {
+    match e {
+        RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f)) => {
+            NodeError::NotLeader {
+                leader: f.leader_id.zip(f.leader_node),
+            }
+        }
+        e => NodeError::Raft(e.to_string()),
+    }
+}
+
+/// A running cluster node.
+pub struct ClusterNode {
+    id: NodeId,
+    incarnation: u64,
+    member: Member,
+    raft: Raft,
+    state: StateReader,
+    endpoint: noq::Endpoint,
+    network: Network,
+    /// The link to the leader that proposals are forwarded on.
+    leader_link: tokio::sync::Mutex<Option<(NodeId, Peer)>>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl ClusterNode {
+    /// Opens the store, binds the endpoint and starts Raft.
+    pub async fn start(options: NodeOptions) -> Result<Self, NodeError> {
+        let (log, sm) = store::open(&options.data_dir)?;
+        let incarnation = log.incarnation();
+        let state = sm.reader();
+        let endpoint =
+            network::bind(&options.tls, options.listen).map_err(|source| NodeError::Bind {
+                addr: options.listen,
+                source,
+            })?;
+        let mut member = options.member;
+        if let Ok(local) = endpoint.local_addr() {
+            // A listener on port 0 advertises the port it got.
+            if member.addr == options.listen.to_string() {
+                member.addr = local.to_string();
+            }
+        }
+        let config = Arc::new(
+            options
+                .raft
+                .validate()
+                .map_err(|e| NodeError::Config(Box::new(e)))?,
+        );
+        let network = Network::new(endpoint.clone());
+        let raft = Raft::new(options.id, config, network.clone(), log, sm)
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(network::serve(
+            endpoint.clone(),
+            raft.clone(),
+            stop.clone(),
+            tasks.clone(),
+        ));
+        Ok(Self {
+            id: options.id,
+            incarnation,
+            member,
+            raft,
+            state,
+            endpoint,
+            network,
+            leader_link: tokio::sync::Mutex::new(None),
+            stop,
+            tasks,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// This life of the node: bumped in its store at every start, for `Command::NodeUp` and
+    /// for tagging what it streams to peers.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// This node as peers reach it.
+    pub fn member(&self) -> &Member {
+        &self.member
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The Raft handle (metrics, membership changes).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The state as applied on this node.
+    pub fn state(&self) -> &StateReader {
+        &self.state
+    }
+
+    /// The leader this node knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Makes a new cluster of `members` (this node among them). Done once, on one node, when
+    /// the cluster is first set up; a cluster already initialized refuses it.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, Member>) -> Result<(), NodeError> {
+        self.raft.initialize(members).await.map_err(
+            |e: RaftError<NodeId, InitializeError<NodeId, Member>>| NodeError::Raft(e.to_string()),
+        )
+    }
+
+    /// Adds `id` as a voter: first as a learner, caught up with the log (blocking until it
+    /// is), then promoted. Only on the leader.
+    pub async fn add_member(&self, id: NodeId, member: Member) -> Result<(), NodeError> {
+        self.raft
+            .add_learner(id, member, true)
+            .await
+            .map_err(membership_error)?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(membership_error)?;
+        Ok(())
+    }
+
+    /// Removes `id` from the cluster: it no longer votes nor receives the log. Only on the
+    /// leader.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), NodeError> {
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(membership_error)?;
+        Ok(())
+    }
+
+    /// The voters of the membership this node knows.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        let metrics = self.raft.metrics();
+        let voters = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters
+    }
+
+    /// Proposes a command and waits until the leader has committed and applied it: here if
+    /// this node leads, else forwarded to the leader it knows (once; if leadership moved
+    /// meanwhile, `NotLeader` names the new leader and the caller may try again). The
+    /// outcome is the leader's; this node applies the entry when it learns of the commit.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, NodeError> {
+        let leader = match network::propose_here(&self.raft, command.clone()).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(Forwarded::NotLeader(Some(leader))) if leader.0 != self.id => leader,
+            Err(Forwarded::NotLeader(leader)) => return Err(NodeError::NotLeader { leader }),
+            Err(Forwarded::Failed(e)) => return Err(NodeError::Raft(e)),
+        };
+        let mut link = self.leader_link.lock().await;
+        let peer = match &mut *link {
+            Some((id, peer)) if *id == leader.0 => peer,
+            slot => {
+                &mut slot
+                    .insert((leader.0, self.network.peer(leader.0, leader.1)))
+                    .1
+            }
+        };
+        match peer.propose(&command, FORWARD_TIMEOUT).await {
+            Ok(outcome) => Ok(outcome),
+            Err(Forwarded::NotLeader(leader)) => Err(NodeError::NotLeader { leader }),
+            Err(Forwarded::Failed(e)) => Err(NodeError::Forward(e)),
+        }
+    }
+
+    /// Stops Raft, the listener and its streams, and closes the endpoint. The UDP socket is
+    /// released once every connection has drained, which for a link to a peer that stopped
+    /// answering can take up to the idle timeout (10 s): a node started again in the same
+    /// process on the same address may have to retry its bind.
+    pub async fn shutdown(self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "Raft did not stop cleanly");
+        }
+        self.stop.cancel();
+        // Closing the endpoint ends the streams still being answered.
+        self.endpoint.close(noq::VarInt::from_u32(0), b"shutdown");
+        self.tasks.close();
+        self.tasks.wait().await;
+        // Lets live peers learn of the close; links to dead peers would wait out their idle
+        // timeout, so the wait is bounded.
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
+    }
+}
