@@ -203,7 +203,8 @@ impl Mailbox {
     /// Returns `false`, registering nothing, if something waits already.
     pub(crate) fn wake_on_arrival(&self, waker: &Waker) -> bool {
         let mut slots = self.slots.lock();
-        if !slots.inbox.deliveries.is_empty() || slots.inbox.takeover.is_some() || slots.inbox.kick {
+        if !slots.inbox.deliveries.is_empty() || slots.inbox.takeover.is_some() || slots.inbox.kick
+        {
             return false;
         }
         slots.waker = Some(waker.clone());
@@ -696,6 +697,13 @@ impl Inner {
             .iter()
             .filter_map(|h| Self::view(h, false))
             .collect()
+    }
+
+    /// Every registered session with its subscriptions, in no particular order.
+    pub(crate) fn detailed_session_views(&self) -> Vec<SessionView> {
+        let handles: Vec<Arc<SessionHandle>> =
+            self.sessions.iter().map(|e| e.value().clone()).collect();
+        handles.iter().filter_map(|h| Self::view(h, true)).collect()
     }
 
     /// The session of `client_id`, with its subscriptions.

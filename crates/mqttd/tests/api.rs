@@ -261,6 +261,59 @@ async fn a_created_key_lists_shows_and_kicks_real_clients() {
         .json();
     assert_eq!(subs[0]["filter"], "a/#");
 
+    // Every session's subscriptions, filtered and paginated.
+    let mut bystander_sub = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "sub-b").await;
+    bystander_sub
+        .send(&encode(
+            ProtocolVersion::V5,
+            &subscribe_packet(1, "a/b", QoS::AtMostOnce),
+        ))
+        .await
+        .unwrap();
+    assert!(
+        matches!(bystander_sub.recv(STEP).await, Received::Packet(p) if matches!(*p, Packet::SubAck(_)))
+    );
+    let all = get(&broker, "/api/v1/subscriptions", &key).await;
+    assert_eq!(all.status, 200, "{all:?}");
+    let all = all.json();
+    assert_eq!(all["meta"]["count"], 2, "{all}");
+    assert_eq!(all["data"][0]["client_id"], "kick-me");
+    assert_eq!(all["data"][0]["filter"], "a/#");
+    assert_eq!(all["data"][0]["qos"], 1);
+    assert_eq!(all["data"][0]["connected"], true);
+    assert_eq!(all["data"][1]["client_id"], "sub-b");
+    let by_topic = get(&broker, "/api/v1/subscriptions?topic=a/b", &key)
+        .await
+        .json();
+    assert_eq!(by_topic["meta"]["count"], 2, "{by_topic}");
+    let by_topic = get(&broker, "/api/v1/subscriptions?topic=a/c", &key)
+        .await
+        .json();
+    assert_eq!(by_topic["meta"]["count"], 1, "{by_topic}");
+    assert_eq!(by_topic["data"][0]["client_id"], "kick-me");
+    let by_filter = get(&broker, "/api/v1/subscriptions?filter=a/b", &key)
+        .await
+        .json();
+    assert_eq!(by_filter["meta"]["count"], 1, "{by_filter}");
+    assert_eq!(by_filter["data"][0]["client_id"], "sub-b");
+    let by_client = get(&broker, "/api/v1/subscriptions?client_id=sub-b", &key)
+        .await
+        .json();
+    assert_eq!(by_client["data"][0]["filter"], "a/b");
+    assert_eq!(by_client["meta"]["count"], 1);
+    let unknown = get(&broker, "/api/v1/subscriptions?client_id=nobody", &key)
+        .await
+        .json();
+    assert_eq!(unknown["meta"]["count"], 0);
+    let page = get(&broker, "/api/v1/subscriptions?limit=1&page=2", &key)
+        .await
+        .json();
+    assert_eq!(page["data"][0]["client_id"], "sub-b");
+    assert_eq!(page["meta"]["has_next"], false);
+    let bad = get(&broker, "/api/v1/subscriptions?topic=a/%23", &key).await;
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert_eq!(bad.json()["code"], "bad_request");
+
     // Kick the MQTT 5 client: DISCONNECT 0x98, and its session (expiry 0) is gone.
     let kicked = request(
         broker.http,

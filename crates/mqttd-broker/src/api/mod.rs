@@ -59,6 +59,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
             "/v1/clients/{client_id}/subscriptions",
             get(client_subscriptions),
         )
+        .route("/v1/subscriptions", get(list_subscriptions))
         .route("/v1/sessions", get(list_sessions))
         .route(
             "/v1/sessions/{client_id}",
@@ -537,6 +538,96 @@ async fn client_subscriptions(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<SubscriptionInfo>>, ApiError> {
     Ok(Json(subscription_list(&view_of(&inner, &id)?)))
+}
+
+// ---- Subscriptions --------------------------------------------------------------------------
+
+/// Filters of the subscription list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct SubscriptionQuery {
+    /// Only subscriptions with exactly this filter (`$share/GROUP/...` for a shared one).
+    filter: Option<String>,
+    /// Only subscriptions whose filter matches this topic name (as routing would match it).
+    topic: Option<String>,
+    /// Only the subscriptions of this client.
+    client_id: Option<String>,
+    /// Page number, from 1.
+    page: Option<usize>,
+    /// Items per page (at most 1000; default 100).
+    limit: Option<usize>,
+}
+
+/// A subscription with the client that holds it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct SubscriptionEntry {
+    /// Client identifier of the session that holds it.
+    pub client_id: String,
+    /// Whether a connection serves that session now.
+    pub connected: bool,
+    /// The subscription.
+    #[serde(flatten)]
+    pub subscription: SubscriptionInfo,
+}
+
+/// One page of subscriptions.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct SubscriptionList {
+    /// The subscriptions, by client id then filter.
+    pub data: Vec<SubscriptionEntry>,
+    /// Where this page is.
+    pub meta: PageMeta,
+}
+
+/// Lists the subscriptions of every session, connected or not.
+#[utoipa::path(
+    get, path = "/api/v1/subscriptions", tag = "subscriptions", params(SubscriptionQuery),
+    responses(
+        (status = 200, description = "A page of subscriptions, by client id then filter", body = SubscriptionList),
+        (status = 400, description = "Invalid filter, topic or client id", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+async fn list_subscriptions(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<SubscriptionQuery>,
+) -> Result<Json<SubscriptionList>, ApiError> {
+    let filter = q
+        .filter
+        .as_deref()
+        .map(TopicFilter::try_from)
+        .transpose()
+        .map_err(|e| ApiError::bad_request(format!("invalid topic filter: {e}")))?;
+    let topic_name = q.topic.as_deref().map(topic).transpose()?;
+    let client = q.client_id.as_deref().map(client_id).transpose()?;
+    let mut views: Vec<SessionView> = match &client {
+        Some(id) => inner.session_view(id).into_iter().collect(),
+        None => inner.detailed_session_views(),
+    };
+    views.sort_by(|a, b| a.client_id.as_str().cmp(b.client_id.as_str()));
+    let entries: Vec<SubscriptionEntry> = views
+        .iter()
+        .flat_map(|view| {
+            let connected = view.conn().is_some();
+            let id = view.client_id.as_str();
+            subscription_list(view)
+                .into_iter()
+                .zip(view.subscriptions.iter())
+                .filter(|(_, (f, _, _))| {
+                    filter.as_ref().is_none_or(|want| want == f)
+                        && topic_name.as_ref().is_none_or(|t| f.matches(t))
+                })
+                .map(move |(subscription, _)| SubscriptionEntry {
+                    client_id: id.to_owned(),
+                    connected,
+                    subscription,
+                })
+        })
+        .collect();
+    let (data, meta) = paginate(entries, q.page, q.limit);
+    Ok(Json(SubscriptionList { data, meta }))
 }
 
 // ---- Sessions -------------------------------------------------------------------------------
@@ -1205,7 +1296,7 @@ async fn reload(State(inner): State<Arc<Inner>>) -> Response {
         description = "Administration of an mqttd broker. Every path needs `Authorization: Bearer KEY` (keys: `mqttd api-key create NAME`). Errors are JSON: `{\"code\": ..., \"message\": ...}`."
     ),
     paths(
-        list_clients, get_client, kick_client, client_subscriptions, list_sessions, get_session,
+        list_clients, get_client, kick_client, client_subscriptions, list_subscriptions, list_sessions, get_session,
         discard_session, list_retained, get_retained, delete_retained, list_listeners, stats, publish,
         reload
     ),
@@ -1276,6 +1367,7 @@ mod tests {
             "/api/v1/clients",
             "/api/v1/clients/{client_id}",
             "/api/v1/clients/{client_id}/subscriptions",
+            "/api/v1/subscriptions",
             "/api/v1/sessions",
             "/api/v1/sessions/{client_id}",
             "/api/v1/retained",
