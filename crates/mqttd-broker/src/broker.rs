@@ -839,6 +839,9 @@ pub(crate) struct Inner {
     id_seed: u64,
     /// The bridges running (a reload changes them).
     pub(crate) bridges: crate::bridge::Bridges,
+    /// The peer-to-peer links open now, for the admin API.
+    #[cfg(feature = "p2p")]
+    pub(crate) peers: Arc<crate::peers::PeerLinks>,
     /// `p2p.use_node_id_as_username`, which a reload changes.
     pub(crate) node_id_as_username: AtomicBool,
     /// The admin API's keys and failed-attempt limiter.
@@ -894,6 +897,8 @@ impl Inner {
             reloader: std::sync::OnceLock::new(),
             limits: ArcSwap::from_pointee(LiveLimits::of(&config)),
             bridges: crate::bridge::Bridges::default(),
+            #[cfg(feature = "p2p")]
+            peers: Arc::default(),
             node_id_as_username,
             config,
             server_config,

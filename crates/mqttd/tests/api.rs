@@ -558,3 +558,206 @@ async fn retained_messages_publishing_listeners_stats_and_the_openapi_document()
     assert_eq!(stats["bridges"], serde_json::json!([]));
     broker.stop();
 }
+
+/// A loopback port nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn post(addr: SocketAddr, path: &str, key: &str, body: &str) -> Answer {
+    request(addr, localhost(), "POST", path, Some(key), Some(body)).await
+}
+
+/// The bridge named `name` in `/api/v1/bridges`.
+fn bridge_named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .expect("a list of bridges")
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no bridge {name}: {list}"))
+}
+
+const BRIDGE_PASSWORD: &str = "bridge-pw-never-shown-7f3a";
+
+#[tokio::test]
+async fn bridges_show_their_state_traffic_and_last_error() {
+    let remote = Broker::start("");
+    let remote_key = remote.api_key.clone().expect("a key");
+    let config = format!(
+        "[[bridge]]\nname = \"up\"\nurls = [\"mqtt://127.0.0.1:{}\"]\n\
+         topics = ['out/# out 1', 'in/# in 1']\nusername = \"bridge\"\npassword = \"{BRIDGE_PASSWORD}\"\n\
+         reconnect_min = 0.05\nreconnect_max = 0.5\n\n\
+         [[bridge]]\nname = \"down\"\nurls = [\"mqtt://127.0.0.1:{}\"]\ntopics = ['x/# out 0']\n\
+         reconnect_min = 0.05\nreconnect_max = 0.5\n",
+        remote.mqtt.port(),
+        closed_port()
+    );
+    let local = Broker::start(&config);
+    let key = local.api_key.clone().expect("a key");
+
+    let up = local
+        .eventually(STEP, "bridge up connects", || async {
+            let list = get(&local, "/api/v1/bridges", &key).await.json();
+            let up = bridge_named(&list, "up").clone();
+            (up["state"] == "connected").then_some(up)
+        })
+        .await;
+    assert_eq!(up["transport"], "mqtt");
+    assert_eq!(up["local_client_id"], "$bridge/up");
+    assert_eq!(
+        up["remote"],
+        format!("mqtt://127.0.0.1:{}", remote.mqtt.port())
+    );
+    assert_eq!(up["protocol_version"], "5.0");
+    assert_eq!(up["topics"][0], "out/# out 1");
+    assert!(up["since"].as_u64().unwrap() > 0);
+
+    // Messages out: published here, taken by the remote broker.
+    let answer = post(
+        local.http,
+        "/api/v1/publish",
+        &key,
+        r#"{"topic":"out/a","payload":"1","qos":1}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    // Messages in: published on the remote broker (again until the bridge's subscription
+    // there is in place).
+    let up = local
+        .eventually(STEP, "messages cross both ways", || async {
+            post(
+                remote.http,
+                "/api/v1/publish",
+                &remote_key,
+                r#"{"topic":"in/a","payload":"1","qos":1}"#,
+            )
+            .await;
+            let list = get(&local, "/api/v1/bridges", &key).await.json();
+            let up = bridge_named(&list, "up").clone();
+            (up["messages_out"].as_u64() >= Some(1) && up["messages_in"].as_u64() >= Some(1))
+                .then_some(up)
+        })
+        .await;
+    assert_eq!(up["messages_dropped"], 0);
+    assert_eq!(up["last_error"], Value::Null);
+
+    // The bridge to nowhere backs off and says why.
+    let down = local
+        .eventually(STEP, "bridge down fails", || async {
+            let list = get(&local, "/api/v1/bridges", &key).await.json();
+            let down = bridge_named(&list, "down").clone();
+            down["last_error"].is_string().then_some(down)
+        })
+        .await;
+    assert!(
+        ["connecting", "backing_off"].contains(&down["state"].as_str().unwrap()),
+        "{down}"
+    );
+    assert_eq!(down["messages_out"], 0);
+    assert!(down["last_error_at"].as_u64().unwrap() > 0);
+
+    let body = get(&local, "/api/v1/bridges", &key).await.body;
+    assert!(!body.contains(BRIDGE_PASSWORD), "{body}");
+    let unauthorized = request(
+        local.http,
+        localhost(),
+        "GET",
+        "/api/v1/bridges",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(unauthorized.status, 401);
+    assert_eq!(unauthorized.json()["code"], "unauthorized");
+    local.stop();
+    remote.stop();
+}
+
+#[tokio::test]
+async fn p2p_peers_show_each_link_its_path_and_round_trip_time() {
+    let broker = Broker::start_with(
+        "[relay]\nallow_any = true\n",
+        &["relay://127.0.0.1:0", "p2p://127.0.0.1:0"],
+    );
+    let key = broker.api_key.clone().expect("a key");
+    let empty = get(&broker, "/api/v1/p2p/peers", &key).await;
+    assert_eq!(empty.status, 200, "{empty:?}");
+    assert_eq!(empty.json(), serde_json::json!([]));
+
+    // A subscriber that stays, at the node's direct address alone.
+    let url = format!("p2p://{}/p/#", broker.node_id.as_ref().unwrap());
+    let port = broker.node_direct[0].port();
+    let mut sub = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args([
+            "sub",
+            "-L",
+            &url,
+            "--peer-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["-C", "1", "-W", "120", "-i", "p2p-sub"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run mqttd sub");
+    let peer = broker
+        .eventually(STEP, "the subscriber's link is listed", || async {
+            let list = get(&broker, "/api/v1/p2p/peers", &key).await.json();
+            list.as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["role"] == "client" && p["path"].is_string())
+                .cloned()
+        })
+        .await;
+    assert_eq!(peer["direction"], "inbound");
+    assert_eq!(peer["state"], "open");
+    assert_eq!(peer["path"], "direct", "{peer}");
+    assert!(
+        peer["remote"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{peer}"
+    );
+    assert!(peer["rtt_ms"].as_f64().unwrap() >= 0.0);
+    assert!(peer["cwnd"].as_u64().unwrap() > 0);
+    assert!(peer["sent_packets"].as_u64().unwrap() > 0);
+    assert!(peer["connected_at"].as_u64().unwrap() > 0);
+    let node_id = peer["node_id"].as_str().unwrap();
+    assert_eq!(node_id.len(), 64, "{peer}");
+    assert_ne!(Some(node_id), broker.node_id.as_deref());
+    assert!(peer["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["selected"] == true && p["kind"] == "direct"));
+    // The same client in the client list, over p2p.
+    let client = get(&broker, "/api/v1/clients/p2p-sub", &key).await.json();
+    assert_eq!(client["transport"], "p2p");
+    assert_eq!(client["tls_identity"], node_id);
+
+    // One message, and the subscriber leaves cleanly.
+    post(
+        broker.http,
+        "/api/v1/publish",
+        &key,
+        r#"{"topic":"p/x","payload":"bye","qos":1}"#,
+    )
+    .await;
+    let status = tokio::time::timeout(STEP, sub.wait())
+        .await
+        .expect("the subscriber ends")
+        .unwrap();
+    assert!(status.success());
+    broker
+        .eventually(STEP, "the link leaves the list", || async {
+            let list = get(&broker, "/api/v1/p2p/peers", &key).await.json();
+            list.as_array().unwrap().is_empty().then_some(())
+        })
+        .await;
+    broker.stop();
+}

@@ -72,6 +72,8 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         )
         .route("/v1/listeners", get(list_listeners))
         .route("/v1/stats", get(stats))
+        .route("/v1/bridges", get(list_bridges))
+        .route("/v1/p2p/peers", get(list_peers))
         .route("/v1/publish", axum::routing::post(publish))
         .route("/v1/reload", axum::routing::post(reload))
         .fallback(not_found)
@@ -1155,6 +1157,237 @@ async fn stats(State(inner): State<Arc<Inner>>) -> Json<Stats> {
     })
 }
 
+/// A bridge: its settings, where its remote connection stands and what it carried.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct BridgeInfo {
+    /// Its name (`[[bridge]]` `name`).
+    pub name: String,
+    /// Its session's client id in this broker (`$bridge/NAME`).
+    pub local_client_id: String,
+    /// The remote broker's URLs, tried in order (passwords left out).
+    pub urls: Vec<String>,
+    /// The URL connected to, or being tried or last tried (passwords left out).
+    pub remote: Option<String>,
+    /// That URL's transport: `mqtt`, `mqtts`, `ws`, `wss`, `quic` or `p2p` (the first URL's
+    /// before any attempt).
+    pub transport: String,
+    /// `3.1.1` or `5.0`, towards the remote broker.
+    pub protocol_version: String,
+    /// `connecting`, `connected`, `backing_off` (waiting after a failure) or `stopped`.
+    pub state: String,
+    /// When it entered that state, in seconds since the Unix epoch.
+    pub since: Option<u64>,
+    /// When it tries again, while backing off, in seconds since the Unix epoch.
+    pub retry_at: Option<u64>,
+    /// Its topic rules, as written (`PATTERN DIRECTION QOS LOCAL REMOTE`).
+    pub topics: Vec<String>,
+    /// Messages from the remote broker published here.
+    pub messages_in: u64,
+    /// Messages the remote broker took.
+    pub messages_out: u64,
+    /// Messages it dropped.
+    pub messages_dropped: u64,
+    /// Messages its session holds for the remote broker.
+    pub queued: i64,
+    /// Connection attempts after its first.
+    pub reconnects: u64,
+    /// The last failure: a connection refused or failed, or lost.
+    pub last_error: Option<String>,
+    /// When it happened, in seconds since the Unix epoch.
+    pub last_error_at: Option<u64>,
+}
+
+/// Lists the configured bridges, by name, with their state.
+#[utoipa::path(
+    get, path = "/api/v1/bridges", tag = "bridges",
+    responses(
+        (status = 200, description = "The bridges running, by name", body = Vec<BridgeInfo>),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+async fn list_bridges(State(inner): State<Arc<Inner>>) -> Json<Vec<BridgeInfo>> {
+    let m = &inner.metrics;
+    Json(
+        inner
+            .bridges
+            .statuses()
+            .into_iter()
+            .map(|(b, status)| {
+                let bm = m.bridge(&b.name);
+                let transport = status
+                    .url
+                    .as_deref()
+                    .and_then(|u| u.split_once("://"))
+                    .map(|(scheme, _)| scheme.to_owned())
+                    .or_else(|| b.urls.first().map(|u| u.scheme().to_owned()))
+                    .unwrap_or_default();
+                BridgeInfo {
+                    name: b.name.clone(),
+                    local_client_id: b.local_client_id().as_str().to_owned(),
+                    urls: b.urls.iter().map(ToString::to_string).collect(),
+                    remote: status.url.clone(),
+                    transport,
+                    protocol_version: b.protocol.to_string(),
+                    state: status.state.as_str().to_owned(),
+                    since: status.since.map(unix),
+                    retry_at: status.retry_at.map(unix),
+                    topics: b.topics.iter().map(|t| t.as_str().to_owned()).collect(),
+                    messages_in: bm.messages_in.get(),
+                    messages_out: bm.messages_out.get(),
+                    messages_dropped: bm.messages_dropped.get(),
+                    queued: bm.queued.get(),
+                    reconnects: bm.reconnects.get(),
+                    last_error: status.last_error.clone(),
+                    last_error_at: status.last_error_at.map(unix),
+                }
+            })
+            .collect(),
+    )
+}
+
+/// One network path of a peer-to-peer link.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct PeerPath {
+    /// `direct` (straight to the peer's UDP address) or `relayed` (through a relay server).
+    pub kind: String,
+    /// The peer's UDP address (direct), or the relay's URL (relayed).
+    pub remote: String,
+    /// Smoothed round-trip time in milliseconds (QUIC's initial estimate until a sample).
+    pub rtt_ms: f64,
+    /// Whether it carries the application data now.
+    pub selected: bool,
+}
+
+/// A peer-to-peer link: a node connection to the `p2p://` listener, or of a `p2p://` bridge.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct PeerInfo {
+    /// The peer's node id (its public key), proved by the handshake.
+    pub node_id: String,
+    /// `client` (MQTT over the `p2p://` listener), `ping` (a peer's pings) or `bridge` (a
+    /// `p2p://` bridge of this broker).
+    pub role: String,
+    /// `inbound` (the peer dialed) or `outbound` (this broker dialed).
+    pub direction: String,
+    /// The listener's URL (inbound) or the bridge's name (outbound).
+    pub name: String,
+    /// `open`, or `closed` while its task winds down.
+    pub state: String,
+    /// The selected path's kind: `direct` or `relayed` (none before one is selected).
+    pub path: Option<String>,
+    /// The selected path's remote end: the peer's current UDP address, or the relay's URL.
+    pub remote: Option<String>,
+    /// The selected path's smoothed round-trip time, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// The selected path's congestion window, in bytes.
+    pub cwnd: Option<u64>,
+    /// QUIC packets sent on the selected path.
+    pub path_sent_packets: Option<u64>,
+    /// QUIC packets lost on the selected path.
+    pub path_lost_packets: Option<u64>,
+    /// UDP datagrams received on the selected path.
+    pub path_received_datagrams: Option<u64>,
+    /// QUIC packets sent on the whole connection, every path included.
+    pub sent_packets: u64,
+    /// QUIC packets lost on the whole connection.
+    pub lost_packets: u64,
+    /// UDP datagrams received on the whole connection.
+    pub received_datagrams: u64,
+    /// Every path open now (iroh keeps a relayed one as a backup of a direct one).
+    pub paths: Vec<PeerPath>,
+    /// When the link's handshake completed, in seconds since the Unix epoch.
+    pub connected_at: u64,
+}
+
+#[cfg(feature = "p2p")]
+fn path_parts(kind: &mqttd_p2p::PathKind) -> (String, String) {
+    match kind {
+        mqttd_p2p::PathKind::Direct(addr) => ("direct".into(), addr.to_string()),
+        mqttd_p2p::PathKind::Relayed(url) => ("relayed".into(), url.to_string()),
+        // A transport this broker does not configure.
+        other => ("other".into(), other.to_string()),
+    }
+}
+
+#[cfg(feature = "p2p")]
+fn peer_infos(inner: &Inner) -> Vec<PeerInfo> {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    inner
+        .peers
+        .snapshot()
+        .into_iter()
+        .map(|link| {
+            let conn = &link.conn;
+            let paths = conn.paths();
+            let selected = conn.selected_path_stats();
+            let (path, remote) = match &selected {
+                Some((kind, _)) => {
+                    let (k, r) = path_parts(kind);
+                    (Some(k), Some(r))
+                }
+                None => (None, None),
+            };
+            let stats = conn.stats();
+            PeerInfo {
+                node_id: conn.remote_id().to_string(),
+                role: link.role.as_str().to_owned(),
+                direction: link.role.direction().to_owned(),
+                name: link.name.to_string(),
+                state: if conn.close_reason().is_some() {
+                    "closed"
+                } else {
+                    "open"
+                }
+                .to_owned(),
+                path,
+                remote,
+                rtt_ms: selected.as_ref().map(|(_, s)| ms(s.rtt)),
+                cwnd: selected.as_ref().map(|(_, s)| s.cwnd),
+                path_sent_packets: selected.as_ref().map(|(_, s)| s.sent_packets),
+                path_lost_packets: selected.as_ref().map(|(_, s)| s.lost_packets),
+                path_received_datagrams: selected.as_ref().map(|(_, s)| s.udp_rx.datagrams),
+                sent_packets: stats.sent_packets,
+                lost_packets: stats.lost_packets,
+                received_datagrams: stats.udp_rx.datagrams,
+                paths: paths
+                    .iter()
+                    .map(|p| {
+                        let (kind, remote) = path_parts(&p.kind);
+                        PeerPath {
+                            kind,
+                            remote,
+                            rtt_ms: ms(p.rtt),
+                            selected: p.selected,
+                        }
+                    })
+                    .collect(),
+                connected_at: unix(link.since),
+            }
+        })
+        .collect()
+}
+
+/// Lists the peer-to-peer links open now: node id, direct or relayed, round-trip time.
+#[utoipa::path(
+    get, path = "/api/v1/p2p/peers", tag = "p2p",
+    responses(
+        (status = 200, description = "The links open now, oldest first (empty without a `p2p://` listener or bridge)", body = Vec<PeerInfo>),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+async fn list_peers(State(inner): State<Arc<Inner>>) -> Json<Vec<PeerInfo>> {
+    #[cfg(feature = "p2p")]
+    let peers = peer_infos(&inner);
+    #[cfg(not(feature = "p2p"))]
+    let peers = {
+        let _ = inner;
+        Vec::new()
+    };
+    Json(peers)
+}
+
 /// A message to publish.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[non_exhaustive]
@@ -1297,7 +1530,7 @@ async fn reload(State(inner): State<Arc<Inner>>) -> Response {
     ),
     paths(
         list_clients, get_client, kick_client, client_subscriptions, list_subscriptions, list_sessions, get_session,
-        discard_session, list_retained, get_retained, delete_retained, list_listeners, stats, publish,
+        discard_session, list_retained, get_retained, delete_retained, list_listeners, stats, list_bridges, list_peers, publish,
         reload
     ),
     components(schemas(ErrorBody, PageMeta)),
@@ -1374,6 +1607,8 @@ mod tests {
             "/api/v1/retained/{topic}",
             "/api/v1/listeners",
             "/api/v1/stats",
+            "/api/v1/bridges",
+            "/api/v1/p2p/peers",
             "/api/v1/publish",
             "/api/v1/reload",
         ] {

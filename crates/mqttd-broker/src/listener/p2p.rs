@@ -380,6 +380,14 @@ impl Attempt {
             .inc();
         debug!(node_id = %id, peer = %self.addr, listener = %self.name, direct, "peer-to-peer connection open");
         self.watch_traversal(&conn);
+        let role = match conn.alpn() {
+            ALPN_MQTT => Some(crate::peers::Role::Client),
+            PING_ALPN => Some(crate::peers::Role::Ping),
+            _ => None,
+        };
+        // In the admin API's list until this connection's task ends.
+        let _registered =
+            role.map(|role| self.inner.peers.register(&conn, role, self.name.clone()));
         match conn.alpn() {
             ALPN_MQTT => {
                 let mut peer = Peer::new(Transport::P2p, self.addr, self.name.clone());
