@@ -584,7 +584,7 @@ fn bridge_named<'a>(list: &'a Value, name: &str) -> &'a Value {
 const BRIDGE_PASSWORD: &str = "bridge-pw-never-shown-7f3a";
 
 #[tokio::test]
-async fn bridges_show_their_state_traffic_and_last_error() {
+async fn bridges_show_their_state_traffic_and_last_error_and_the_config_hides_passwords() {
     let remote = Broker::start("");
     let remote_key = remote.api_key.clone().expect("a key");
     let config = format!(
@@ -662,6 +662,23 @@ async fn bridges_show_their_state_traffic_and_last_error() {
 
     let body = get(&local, "/api/v1/bridges", &key).await.body;
     assert!(!body.contains(BRIDGE_PASSWORD), "{body}");
+
+    // The configuration: every setting, the bridge's password redacted.
+    let config = get(&local, "/api/v1/config", &key).await;
+    assert_eq!(config.status, 200, "{config:?}");
+    assert!(!config.body.contains(BRIDGE_PASSWORD), "{}", config.body);
+    let config = config.json();
+    let bridges = &config["config"]["bridge"];
+    assert_eq!(bridges[0]["name"], "up");
+    assert_eq!(bridges[0]["username"], "bridge");
+    assert_eq!(bridges[0]["password"], "***");
+    assert_eq!(bridges[1]["password"], Value::Null);
+    assert_eq!(config["config"]["max_qos"], 2);
+    assert_eq!(config["config"]["durability"], "sync");
+    assert!(config["config"]["quic"]["idle_timeout"].is_u64());
+    assert_eq!(config["restart_needed"], serde_json::json!([]));
+    let unauthorized = request(local.http, localhost(), "GET", "/api/v1/config", None, None).await;
+    assert_eq!(unauthorized.status, 401);
     let unauthorized = request(
         local.http,
         localhost(),
@@ -735,10 +752,21 @@ async fn p2p_peers_show_each_link_its_path_and_round_trip_time() {
         .unwrap()
         .iter()
         .any(|p| p["selected"] == true && p["kind"] == "direct"));
-    // The same client in the client list, over p2p.
+    // The same client in the client list, over p2p, with its path.
     let client = get(&broker, "/api/v1/clients/p2p-sub", &key).await.json();
     assert_eq!(client["transport"], "p2p");
     assert_eq!(client["tls_identity"], node_id);
+    assert!(
+        client["quic"]["rtt_ms"].as_f64().unwrap() >= 0.0,
+        "{client}"
+    );
+    assert!(
+        client["quic"]["remote_addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{client}"
+    );
 
     // One message, and the subscriber leaves cleanly.
     post(
@@ -759,5 +787,78 @@ async fn p2p_peers_show_each_link_its_path_and_round_trip_time() {
             list.as_array().unwrap().is_empty().then_some(())
         })
         .await;
+    broker.stop();
+}
+
+#[tokio::test]
+async fn a_quic_client_shows_its_path_and_every_client_its_queue_and_counters() {
+    let broker = Broker::start_with("", &["quic://127.0.0.1:0"]);
+    let key = broker.api_key.clone().expect("a key");
+    let ca = broker.data_dir().join("tls").join("ca.pem");
+    let url = format!("quic://localhost:{}", broker.quic.port());
+    let mut sub = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args(["sub", "-L", &url, "--cafile"])
+        .arg(&ca)
+        .args([
+            "-t", "q/#", "-q", "1", "-C", "1", "-W", "120", "-i", "quic-sub",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run mqttd sub");
+    let client = broker
+        .eventually(STEP, "the QUIC client is subscribed", || async {
+            let client = get(&broker, "/api/v1/clients/quic-sub", &key).await;
+            (client.status == 200 && client.json()["subscriptions"] == 1).then(|| client.json())
+        })
+        .await;
+    assert_eq!(client["transport"], "quic");
+    let quic = &client["quic"];
+    assert!(quic["rtt_ms"].as_f64().unwrap() >= 0.0, "{client}");
+    assert!(quic["cwnd"].as_u64().unwrap() > 0, "{client}");
+    assert!(quic["sent_packets"].as_u64().unwrap() > 0, "{client}");
+    assert!(quic["received_datagrams"].as_u64().unwrap() > 0, "{client}");
+    assert!(quic["lost_packets"].is_u64(), "{client}");
+    assert_eq!(quic["remote_addr"], client["peer_addr"], "{client}");
+    // Queue, in flight and counters are there for every transport.
+    for field in [
+        "queued",
+        "in_flight",
+        "bytes_in",
+        "bytes_out",
+        "messages_in",
+        "messages_out",
+    ] {
+        assert!(client[field].is_u64(), "{field}: {client}");
+    }
+    let tcp = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "tcp-client").await;
+    let tcp_detail = get(&broker, "/api/v1/clients/tcp-client", &key)
+        .await
+        .json();
+    assert_eq!(tcp_detail["quic"], Value::Null);
+    for field in [
+        "queued",
+        "in_flight",
+        "bytes_in",
+        "bytes_out",
+        "messages_in",
+    ] {
+        assert!(tcp_detail[field].is_u64(), "{field}: {tcp_detail}");
+    }
+    drop(tcp);
+    post(
+        broker.http,
+        "/api/v1/publish",
+        &key,
+        r#"{"topic":"q/x","payload":"bye","qos":1}"#,
+    )
+    .await;
+    let status = tokio::time::timeout(STEP, sub.wait())
+        .await
+        .expect("the subscriber ends")
+        .unwrap();
+    assert!(status.success());
     broker.stop();
 }

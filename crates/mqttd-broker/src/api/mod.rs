@@ -74,6 +74,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/bridges", get(list_bridges))
         .route("/v1/p2p/peers", get(list_peers))
+        .route("/v1/config", get(get_config))
         .route("/v1/publish", axum::routing::post(publish))
         .route("/v1/reload", axum::routing::post(reload))
         .fallback(not_found)
@@ -91,7 +92,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
 #[non_exhaustive]
 pub struct ErrorBody {
     /// Stable and machine-readable: `unauthorized`, `rate_limited`, `not_found`,
-    /// `not_connected`, `connected`, `bad_request`, `refused`, `reload_failed`.
+    /// `not_connected`, `connected`, `bad_request`, `refused`, `reload_failed`, `internal`.
     pub code: String,
     /// For people; may change.
     pub message: String,
@@ -342,6 +343,31 @@ pub struct ClientDetail {
     pub messages_out: Option<u64>,
     /// Its subscriptions.
     pub subscription_list: Vec<SubscriptionInfo>,
+    /// The path of a QUIC or `p2p://` client's connection, read now.
+    pub quic: Option<QuicPath>,
+}
+
+/// A QUIC connection's path, from its QUIC statistics.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct QuicPath {
+    /// Smoothed round-trip time, in milliseconds.
+    pub rtt_ms: f64,
+    /// Congestion window, in bytes.
+    pub cwnd: u64,
+    /// Congestion events.
+    pub congestion_events: u64,
+    /// QUIC packets sent.
+    pub sent_packets: u64,
+    /// QUIC packets declared lost.
+    pub lost_packets: u64,
+    /// UDP datagrams received.
+    pub received_datagrams: u64,
+    /// The client's address now, after any migration (`peer_addr` is the one it came from);
+    /// none for a `p2p://` client relayed now.
+    pub remote_addr: Option<String>,
+    /// The relay's URL, for a `p2p://` client relayed now.
+    pub relay: Option<String>,
 }
 
 /// A subscription.
@@ -426,6 +452,16 @@ fn detail(view: &SessionView) -> ClientDetail {
         messages_in: load(|s| &s.messages_in),
         messages_out: load(|s| &s.messages_out),
         subscription_list: subscription_list(view),
+        quic: view.path().map(|p| QuicPath {
+            rtt_ms: p.rtt.as_secs_f64() * 1000.0,
+            cwnd: p.cwnd,
+            congestion_events: p.congestion_events,
+            sent_packets: p.sent_packets,
+            lost_packets: p.lost_packets,
+            received_datagrams: p.received_datagrams,
+            remote_addr: p.remote.map(|a| a.to_string()),
+            relay: p.relay,
+        }),
     }
 }
 
@@ -1388,6 +1424,43 @@ async fn list_peers(State(inner): State<Arc<Inner>>) -> Json<Vec<PeerInfo>> {
     Json(peers)
 }
 
+/// The running configuration, secrets left out.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct ConfigView {
+    /// Every setting as last loaded (at start or by the last successful reload), defaults
+    /// filled in, in the configuration file's keys. Bridge passwords show as `"***"`; URLs
+    /// without theirs. Files (TLS keys, password file) are named, their contents never shown.
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+    /// Settings changed by a reload that take effect only after a restart (the values in
+    /// `config` are the new ones).
+    pub restart_needed: Vec<String>,
+}
+
+/// Shows the running configuration, secrets redacted.
+#[utoipa::path(
+    get, path = "/api/v1/config", tag = "broker",
+    responses(
+        (status = 200, description = "The configuration, secrets redacted", body = ConfigView),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+async fn get_config(State(inner): State<Arc<Inner>>) -> Result<Json<ConfigView>, ApiError> {
+    let loaded = inner.loaded_config.load_full();
+    let config = serde_json::to_value(&*loaded).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("configuration: {e}"),
+        )
+    })?;
+    Ok(Json(ConfigView {
+        config,
+        restart_needed: crate::reload::restart_needed(&inner.config, &loaded),
+    }))
+}
+
 /// A message to publish.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[non_exhaustive]
@@ -1530,7 +1603,7 @@ async fn reload(State(inner): State<Arc<Inner>>) -> Response {
     ),
     paths(
         list_clients, get_client, kick_client, client_subscriptions, list_subscriptions, list_sessions, get_session,
-        discard_session, list_retained, get_retained, delete_retained, list_listeners, stats, list_bridges, list_peers, publish,
+        discard_session, list_retained, get_retained, delete_retained, list_listeners, stats, list_bridges, list_peers, get_config, publish,
         reload
     ),
     components(schemas(ErrorBody, PageMeta)),
@@ -1609,6 +1682,7 @@ mod tests {
             "/api/v1/stats",
             "/api/v1/bridges",
             "/api/v1/p2p/peers",
+            "/api/v1/config",
             "/api/v1/publish",
             "/api/v1/reload",
         ] {

@@ -518,4 +518,17 @@ impl QuicConn for P2pConn {
     fn open_gauge(metrics: &Metrics) -> &Gauge {
         &metrics.p2p_connections_open
     }
+
+    fn probe(&self) -> crate::broker::PathProbe {
+        let weak = self.conn.downgrade();
+        crate::broker::PathProbe(Box::new(move || {
+            let (kind, stats) = weak.upgrade()?.selected_path_stats()?;
+            let (remote, relay) = match kind {
+                PathKind::Direct(addr) => (Some(addr), None),
+                PathKind::Relayed(url) => (None, Some(url.to_string())),
+                _ => (None, None),
+            };
+            Some(crate::drivers::quic::path_view(&stats, remote, relay))
+        }))
+    }
 }
