@@ -8,6 +8,7 @@ polls for a condition (TIMEOUT), none is a fixed sleep."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -258,12 +259,33 @@ def test_listeners_and_the_network_page(browser, broker, screenshot):
          "the bridge's last error")
     status, body = broker.api("GET", "bridges")
     assert status == 200 and body[0]["name"] == BRIDGE and body[0]["transport"] == "mqtt", body
-    # No p2p:// listener: no peer links.
+    # The p2p:// listener, and no peer link until a node connects.
+    wait(browser, lambda d: shown(d, "p2p-listener-row"), "the p2p:// listener's row")
     wait(browser, lambda d: shown(d, "peers-none"), "the note that no peer link is open")
-    wait(browser, lambda d: "No p2p:// or relay:// listener" in find(d, "p2p-listeners").text,
-         "the note that no peer-to-peer listener is configured")
     wait(browser, lambda d: "Handshakes" in find(d, "quic-figures").text, "the QUIC figures")
-    screenshot("09-quic-p2p-bridges")
+    # A subscriber over a peer-to-peer link, at the node's direct address: a direct link.
+    sub = subprocess.Popen(
+        [os.environ["MQTTD_BIN"], "sub", "-L", f"p2p://{broker.node_id}/dash/p2p",
+         "--peer-addr", broker.node_direct, "-i", "dash-p2p", "-C", "1", "-W", "120"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        peer = css("peer-row", '[data-path="direct"]')
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, peer), "the direct peer link")
+        wait(browser, lambda d: "127.0.0.1:" in d.find_element(By.CSS_SELECTOR, peer).text
+             and " ms" in d.find_element(By.CSS_SELECTOR, peer).text,
+             "the link's address and round-trip time")
+        status, links = broker.api("GET", "p2p/peers")
+        assert status == 200 and links[0]["path"] == "direct", links
+        screenshot("09-quic-p2p-bridges")
+        # One message, and the subscriber leaves cleanly: the link goes.
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+                        "-t", "dash/p2p", "-m", "bye"], check=True, timeout=TIMEOUT)
+        sub.wait(TIMEOUT)
+        wait(browser, lambda d: shown(d, "peers-none"), "the link to leave the list")
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.wait()
     browser.execute_script("arguments[0].scrollIntoView()", find(browser, "bridges"))
     screenshot("09b-bridges")
 
