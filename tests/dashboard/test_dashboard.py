@@ -277,7 +277,9 @@ def test_listeners_and_the_network_page(browser, broker, screenshot):
         status, links = broker.api("GET", "p2p/peers")
         assert status == 200 and links[0]["path"] == "direct", links
         screenshot("09-quic-p2p-bridges")
-        # One message, and the subscriber leaves cleanly: the link goes.
+        # One message once it is subscribed, and the subscriber leaves cleanly: the link goes.
+        wait(browser, lambda d: broker.api("GET", "clients/dash-p2p")[1].get("subscriptions") == 1,
+             "dash-p2p's subscription")
         subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
                         "-t", "dash/p2p", "-m", "bye"], check=True, timeout=TIMEOUT)
         sub.wait(TIMEOUT)
