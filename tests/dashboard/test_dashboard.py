@@ -277,6 +277,17 @@ def test_listeners_and_the_network_page(browser, broker, screenshot):
         status, links = broker.api("GET", "p2p/peers")
         assert status == 200 and links[0]["path"] == "direct", links
         screenshot("09-quic-p2p-bridges")
+        # The same client's details: its path now, from its QUIC statistics.
+        go(browser, "clients")
+        row = css("client-row", '[data-client-id="dash-p2p"]')
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), "dash-p2p in the table")
+        click(browser, row, "dash-p2p's row")
+        wait(browser, lambda d: shown(d, "client-detail-fields"), "its details")
+        wait(browser, lambda d: "Round trip" in (text := find(d, "client-detail-fields").text)
+             and "Path now" in text and "127.0.0.1:" in text, "its path and round-trip time")
+        screenshot("09c-p2p-client-path")
+        click(browser, css("client-detail") + " button", "the details' close button")
+        go(browser, "network")
         # One message once it is subscribed, and the subscriber leaves cleanly: the link goes.
         wait(browser, lambda d: broker.api("GET", "clients/dash-p2p")[1].get("subscriptions") == 1,
              "dash-p2p's subscription")

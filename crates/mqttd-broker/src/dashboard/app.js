@@ -561,6 +561,16 @@ async function showClient(id, report) {
     ["In flight", fmtNum(c.in_flight)],
     ["Bytes in / out", c.bytes_in === null || c.bytes_in === undefined ? null : `${fmtBytes(c.bytes_in)} / ${fmtBytes(c.bytes_out)}`],
     ["Messages in / out", c.messages_in === null || c.messages_in === undefined ? null : `${fmtNum(c.messages_in)} / ${fmtNum(c.messages_out)}`],
+    // A QUIC or p2p:// client's path, read from its QUIC statistics now.
+    ...(c.quic
+      ? [
+          ["Path now", c.quic.remote_addr || (c.quic.relay ? `relayed via ${c.quic.relay}` : null)],
+          ["Round trip", `${c.quic.rtt_ms.toFixed(1)} ms`],
+          ["Congestion window", fmtBytes(c.quic.cwnd)],
+          ["Packets sent / lost", `${fmtNum(c.quic.sent_packets)} / ${fmtNum(c.quic.lost_packets)}`],
+          ["Datagrams received", fmtNum(c.quic.received_datagrams)],
+        ]
+      : []),
   ].filter(([, v]) => v !== null && v !== undefined);
   const subs = c.subscription_list || [];
   panel.replaceChildren(
