@@ -1,7 +1,10 @@
 //! The admin API of the real binary, over HTTP on its `http://` listener: keys (no key, a
 //! wrong key, the limit on failures per source address), `mqttd api-key create`, the client
 //! list, a client's details and its kick (DISCONNECT 0x98 for MQTT 5, a plain close for
-//! 3.1.1), retained messages, publishing, and the OpenAPI document.
+//! 3.1.1), all subscriptions filtered by filter, topic or client, bridges (state, traffic, last
+//! error), peer-to-peer links (direct, address, round trip; a p2p bridge's both ends), a QUIC
+//! client's path, the configuration with passwords redacted, retained messages, publishing,
+//! and the OpenAPI document.
 
 mod support;
 
@@ -861,4 +864,47 @@ async fn a_quic_client_shows_its_path_and_every_client_its_queue_and_counters() 
         .unwrap();
     assert!(status.success());
     broker.stop();
+}
+
+#[tokio::test]
+async fn a_p2p_bridge_is_an_outbound_peer_link_and_an_inbound_one_on_the_remote() {
+    let remote = Broker::start_with("", &["p2p://127.0.0.1:0"]);
+    let remote_key = remote.api_key.clone().expect("a key");
+    let remote_id = remote.node_id.clone().expect("the remote node id");
+    let port = remote.node_direct[0].port();
+    let config = format!(
+        "[[bridge]]\nname = \"peer\"\nurls = [\"p2p://{remote_id}?addr=127.0.0.1:{port}\"]\n\
+         topics = ['x/# out 1']\nreconnect_min = 0.05\nreconnect_max = 0.5\n"
+    );
+    let local = Broker::start(&config);
+    let key = local.api_key.clone().expect("a key");
+    let bridge = local
+        .eventually(STEP, "the p2p bridge connects", || async {
+            let list = get(&local, "/api/v1/bridges", &key).await.json();
+            let b = bridge_named(&list, "peer").clone();
+            (b["state"] == "connected").then_some(b)
+        })
+        .await;
+    assert_eq!(bridge["transport"], "p2p");
+    let links = local
+        .eventually(STEP, "the bridge's link is listed", || async {
+            let links = get(&local, "/api/v1/p2p/peers", &key).await.json();
+            (links.as_array().unwrap().len() == 1 && links[0]["path"].is_string()).then_some(links)
+        })
+        .await;
+    assert_eq!(links[0]["role"], "bridge");
+    assert_eq!(links[0]["direction"], "outbound");
+    assert_eq!(links[0]["name"], "peer");
+    assert_eq!(links[0]["node_id"], remote_id.as_str());
+    assert_eq!(links[0]["path"], "direct", "{links}");
+    let theirs = remote
+        .eventually(STEP, "the remote lists the link", || async {
+            let links = get(&remote, "/api/v1/p2p/peers", &remote_key).await.json();
+            (links.as_array().unwrap().len() == 1).then_some(links)
+        })
+        .await;
+    assert_eq!(theirs[0]["role"], "client");
+    assert_eq!(theirs[0]["direction"], "inbound");
+    local.stop();
+    remote.stop();
 }

@@ -1,4 +1,5 @@
-//! `mqttd ctl` against the real binary (clients, retained messages, publish, stats,
+//! `mqttd ctl` against the real binary (clients, subscriptions, bridges, peers, the
+//! configuration, retained messages, publish, stats,
 //! listeners, keys), reload through the admin API (a new password file takes effect, a broken
 //! one keeps the old rules), and `mqttd check-config` on good and broken configurations.
 
