@@ -1,6 +1,7 @@
 """Fixtures: one mqttd for the module, and one headless Chromium driven through chromium-driver.
 
-* `broker`: starts `$MQTTD_BIN` with `tcp://` and `http://` listeners on port 0, anonymous
+* `broker`: starts `$MQTTD_BIN` with `tcp://`, `http://` and `p2p://` listeners on port 0
+  (the node's id and direct address in `broker.node_id`, `broker.node_direct`), anonymous
   clients allowed, in a fresh data directory, with one bridge (`BRIDGE`) to a remote broker that
   is not there (port 1), so that the bridges section has a real bridge to show; reads the bound ports from its `mqttd listening on`
   lines and the admin API key it prints on its first start (`mqttd api key admin KEY`).
@@ -70,10 +71,14 @@ class Broker:
         config = workdir / "mqttd.toml"
         config.write_text(BRIDGE_TOML)
         cmd = [mqttd_bin(), "--listen", "tcp://127.0.0.1:0", "--listen", "http://127.0.0.1:0",
+               "--listen", "p2p://127.0.0.1:0",
                "--data-dir", str(workdir / "data"), "--allow-anonymous", "--config", str(config)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, bufsize=0)
         self.ports: dict[str, int] = {}
         self.key: str | None = None
+        # The p2p:// listener's node id and its direct address.
+        self.node_id: str | None = None
+        self.node_direct: str | None = None
         self._read_startup()
         self.port = self.ports["tcp"]
         self.http = f"http://127.0.0.1:{self.ports['http']}"
@@ -86,12 +91,17 @@ class Broker:
             if ready:
                 line = self.proc.stdout.readline()
                 text = line.decode().strip()
-                if text.startswith("mqttd listening on "):
+                if text.startswith("mqttd listening on p2p://"):
+                    self.node_id = text[len("mqttd listening on p2p://"):]
+                elif text.startswith("mqttd p2p direct "):
+                    self.node_direct = text[len("mqttd p2p direct "):]
+                elif text.startswith("mqttd listening on "):
                     scheme, addr = text[len("mqttd listening on "):].split("://", 1)
                     self.ports[scheme] = int(addr.rsplit(":", 1)[1])
                 elif text.startswith("mqttd api key admin "):
                     self.key = text.split()[-1]
-                if self.key and {"tcp", "http"} <= self.ports.keys():
+                if (self.key and {"tcp", "http"} <= self.ports.keys() and self.node_id
+                        and self.node_direct):
                     return
             if self.proc.poll() is not None:
                 break

@@ -1,12 +1,16 @@
 """The dashboard in headless Chromium against a real broker: sign in (a wrong key refused), a
-client connected with mosquitto_sub shown and kicked, a retained message published with
-mosquitto_pub shown and deleted, the other pages, dark mode and a phone-sized window. Each
+client connected with mosquitto_sub shown and kicked, the client list's pages (more sessions
+than a page holds), a retained message published with mosquitto_pub shown and deleted, the
+other pages (bridges with their state and last error, peer-to-peer links), dark mode and a
+phone-sized window. Each
 page is kept as a screenshot. The tests run in order on one broker and one browser; every wait
 polls for a condition (TIMEOUT), none is a fixed sleep."""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import subprocess
 import urllib.request
 
@@ -152,6 +156,59 @@ def test_a_connected_client_appears_and_is_kicked(browser, broker, screenshot):
             sub.wait()
 
 
+def persistent_session(port: int, client_id: str):
+    """Leaves a session held offline: an MQTT 3.1.1 CONNECT without clean session, then
+    DISCONNECT."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        cid = client_id.encode()
+        body = b"\x00\x04MQTT\x04\x00\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+        s.sendall(bytes([0x10, len(body)]) + body)
+        ack = b""
+        while len(ack) < 4:
+            chunk = s.recv(4 - len(ack))
+            assert chunk, "the broker closed before CONNACK"
+            ack += chunk
+        assert ack[:2] == b"\x20\x02" and ack[3] == 0, ack
+        s.sendall(b"\xe0\x00")
+
+
+def test_the_client_list_has_pages_when_one_does_not_hold_it(browser, broker, screenshot):
+    ids = [f"dash-page-{i:02d}" for i in range(55)]
+    for client_id in ids:
+        persistent_session(broker.port, client_id)
+    try:
+        go(browser, "clients")
+        search = find(browser, "clients-search")
+        search.clear()
+        search.send_keys("dash-page-")
+        wait(browser, lambda d: shown(d, "clients-pager"), "the page controls")
+        wait(browser, lambda d: find(d, "clients-page").text == "page 1 of 2", "page 1 of 2")
+        assert len(rows(browser, "client-row", "data-client-id")) == 50
+        assert find(browser, "clients-prev").get_attribute("disabled") is not None
+        click(browser, css("clients-next"), "the next page button")
+        wait(browser, lambda d: find(d, "clients-page").text == "page 2 of 2", "page 2 of 2")
+        wait(browser, lambda d: rows(d, "client-row", "data-client-id") == ids[50:],
+             "the last five sessions on page 2")
+        assert find(browser, "clients-next").get_attribute("disabled") is not None
+        screenshot("05b-clients-page-2")
+        click(browser, css("clients-prev"), "the previous page button")
+        wait(browser, lambda d: find(d, "clients-page").text == "page 1 of 2", "back on page 1")
+        search.clear()
+        search.send_keys("dash-page-5")
+        wait(browser, lambda d: not shown_or_none(d, "clients-pager"),
+             "no page controls for one page")
+    finally:
+        for client_id in ids:
+            broker.api("DELETE", f"sessions/{client_id}")
+        find(browser, "clients-search").clear()
+
+
+def shown_or_none(driver, testid: str):
+    """The element if it is displayed, else None (never raises for a missing one)."""
+    found = driver.find_elements(By.CSS_SELECTOR, css(testid))
+    return found[0] if found and found[0].is_displayed() else None
+
+
 def test_a_retained_message_is_shown_and_deleted(browser, broker, screenshot):
     topic = "dash/retained/one"
     payload = "hello from the dashboard test"
@@ -188,15 +245,62 @@ def test_listeners_and_the_network_page(browser, broker, screenshot):
     screenshot("08-listeners")
 
     go(browser, "network")
-    # The configured bridge, whose remote broker is not there: not connected, retrying.
-    row = wait(browser, lambda d: shown(d, "bridge-row", f'[data-bridge="{BRIDGE}"]'),
-               "the bridge's row")
-    wait(browser, lambda d: "connecting" in row.text and "mqtt://127.0.0.1:1" in row.text,
+    # The configured bridge, whose remote broker is not there: not connected, retrying, with
+    # the reason, from /api/v1/bridges.
+    bridge = css("bridge-row", f'[data-bridge="{BRIDGE}"]')
+    wait(browser, lambda d: shown(d, "bridge-row", f'[data-bridge="{BRIDGE}"]'),
+         "the bridge's row")
+    wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, bridge).get_attribute("data-state")
+         in ("connecting", "backing_off")
+         and "mqtt://127.0.0.1:1" in d.find_element(By.CSS_SELECTOR, bridge).text,
          "the bridge's state and remote broker")
-    wait(browser, lambda d: "No p2p:// or relay:// listener" in find(d, "p2p-listeners").text,
-         "the note that no peer-to-peer listener is configured")
+    wait(browser, lambda d: "127.0.0.1:1" in d.find_element(
+        By.CSS_SELECTOR, bridge + " " + css("bridge-error")).text,
+         "the bridge's last error")
+    status, body = broker.api("GET", "bridges")
+    assert status == 200 and body[0]["name"] == BRIDGE and body[0]["transport"] == "mqtt", body
+    # The p2p:// listener, and no peer link until a node connects.
+    wait(browser, lambda d: shown(d, "p2p-listener-row"), "the p2p:// listener's row")
+    wait(browser, lambda d: shown(d, "peers-none"), "the note that no peer link is open")
     wait(browser, lambda d: "Handshakes" in find(d, "quic-figures").text, "the QUIC figures")
-    screenshot("09-quic-p2p-bridges")
+    # A subscriber over a peer-to-peer link, at the node's direct address: a direct link.
+    sub = subprocess.Popen(
+        [os.environ["MQTTD_BIN"], "sub", "-L", f"p2p://{broker.node_id}/dash/p2p",
+         "--peer-addr", broker.node_direct, "-i", "dash-p2p", "-C", "1", "-W", "120"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        peer = css("peer-row", '[data-path="direct"]')
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, peer), "the direct peer link")
+        wait(browser, lambda d: "127.0.0.1:" in d.find_element(By.CSS_SELECTOR, peer).text
+             and " ms" in d.find_element(By.CSS_SELECTOR, peer).text,
+             "the link's address and round-trip time")
+        status, links = broker.api("GET", "p2p/peers")
+        assert status == 200 and links[0]["path"] == "direct", links
+        screenshot("09-quic-p2p-bridges")
+        # The same client's details: its path now, from its QUIC statistics.
+        go(browser, "clients")
+        row = css("client-row", '[data-client-id="dash-p2p"]')
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), "dash-p2p in the table")
+        click(browser, row, "dash-p2p's row")
+        wait(browser, lambda d: shown(d, "client-detail-fields"), "its details")
+        wait(browser, lambda d: "Round trip" in (text := find(d, "client-detail-fields").text)
+             and "Path now" in text and "127.0.0.1:" in text, "its path and round-trip time")
+        screenshot("09c-p2p-client-path")
+        click(browser, css("client-detail") + " button", "the details' close button")
+        go(browser, "network")
+        # One message once it is subscribed, and the subscriber leaves cleanly: the link goes.
+        wait(browser, lambda d: broker.api("GET", "clients/dash-p2p")[1].get("subscriptions") == 1,
+             "dash-p2p's subscription")
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+                        "-t", "dash/p2p", "-m", "bye"], check=True, timeout=TIMEOUT)
+        sub.wait(TIMEOUT)
+        wait(browser, lambda d: shown(d, "peers-none"), "the link to leave the list")
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.wait()
+    browser.execute_script("arguments[0].scrollIntoView()", find(browser, "bridges"))
+    screenshot("09b-bridges")
 
 
 def test_dark_mode_and_a_phone_sized_window(browser, broker, screenshot):

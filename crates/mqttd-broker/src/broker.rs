@@ -67,6 +67,39 @@ pub(crate) struct Mailbox {
     pub(crate) conn: std::sync::OnceLock<Box<ConnInfo>>,
     /// The connection's counters (for the admin API).
     pub(crate) stats: ConnStats,
+    /// Reads a QUIC connection's path figures when asked (for the admin API).
+    pub(crate) path: std::sync::OnceLock<PathProbe>,
+}
+
+/// The path of a QUIC connection (or a node's) as the admin API shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct QuicPathView {
+    /// Smoothed round-trip time.
+    pub(crate) rtt: Duration,
+    /// Congestion window, in bytes.
+    pub(crate) cwnd: u64,
+    /// Congestion events.
+    pub(crate) congestion_events: u64,
+    /// QUIC packets sent.
+    pub(crate) sent_packets: u64,
+    /// QUIC packets declared lost.
+    pub(crate) lost_packets: u64,
+    /// UDP datagrams received.
+    pub(crate) received_datagrams: u64,
+    /// The client's address on the path now (after any migration); `None` through a relay.
+    pub(crate) remote: Option<std::net::SocketAddr>,
+    /// The relay's URL, for a node's connection relayed now.
+    pub(crate) relay: Option<String>,
+}
+
+/// Reads a connection's path figures on demand. It holds the connection weakly: it never
+/// keeps one open, and gives `None` once it closed.
+pub(crate) struct PathProbe(pub(crate) Box<dyn Fn() -> Option<QuicPathView> + Send + Sync>);
+
+impl std::fmt::Debug for PathProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PathProbe")
+    }
 }
 
 /// A connected client as the admin API shows it: what its CONNECT settled.
@@ -667,6 +700,17 @@ impl SessionView {
         }
     }
 
+    /// The QUIC path figures of its connection, read now, if a QUIC or node client is
+    /// connected.
+    pub(crate) fn path(&self) -> Option<QuicPathView> {
+        match &self.state {
+            SessionState::Online(mailbox) if mailbox.conn.get().is_some() => {
+                mailbox.path.get().and_then(|probe| (probe.0)())
+            }
+            _ => None,
+        }
+    }
+
     /// The connection's counters, if a client is connected.
     pub(crate) fn stats(&self) -> Option<&ConnStats> {
         match &self.state {
@@ -697,6 +741,13 @@ impl Inner {
             .iter()
             .filter_map(|h| Self::view(h, false))
             .collect()
+    }
+
+    /// Every registered session with its subscriptions, in no particular order.
+    pub(crate) fn detailed_session_views(&self) -> Vec<SessionView> {
+        let handles: Vec<Arc<SessionHandle>> =
+            self.sessions.iter().map(|e| e.value().clone()).collect();
+        handles.iter().filter_map(|h| Self::view(h, true)).collect()
     }
 
     /// The session of `client_id`, with its subscriptions.
@@ -832,6 +883,9 @@ pub(crate) struct Inner {
     id_seed: u64,
     /// The bridges running (a reload changes them).
     pub(crate) bridges: crate::bridge::Bridges,
+    /// The peer-to-peer links open now, for the admin API.
+    #[cfg(feature = "p2p")]
+    pub(crate) peers: Arc<crate::peers::PeerLinks>,
     /// `p2p.use_node_id_as_username`, which a reload changes.
     pub(crate) node_id_as_username: AtomicBool,
     /// The admin API's keys and failed-attempt limiter.
@@ -842,6 +896,9 @@ pub(crate) struct Inner {
     pub(crate) reloader: std::sync::OnceLock<crate::reload::Reloader>,
     /// The limits a reload may change; read here, not in `config`.
     pub(crate) limits: ArcSwap<LiveLimits>,
+    /// The configuration as last loaded: at start, then by each successful reload (`config`
+    /// stays the one the broker started with, which settings that need a restart follow).
+    pub(crate) loaded_config: ArcSwap<Config>,
 }
 
 /// The limits a reload applies at once (the other settings wait for a restart): each is read
@@ -886,7 +943,10 @@ impl Inner {
             listeners: std::sync::OnceLock::new(),
             reloader: std::sync::OnceLock::new(),
             limits: ArcSwap::from_pointee(LiveLimits::of(&config)),
+            loaded_config: ArcSwap::from_pointee(config.clone()),
             bridges: crate::bridge::Bridges::default(),
+            #[cfg(feature = "p2p")]
+            peers: Arc::default(),
             node_id_as_username,
             config,
             server_config,

@@ -87,7 +87,7 @@ pub fn check(config: &Config) -> Vec<Problem> {
         if let Err(error) = crate::listener::p2p::allowed(&config.p2p) {
             problem("p2p", error.to_string());
         }
-        if let Err(error) = crate::bridge::p2p::P2pBridges::new(config) {
+        if let Err(error) = crate::bridge::p2p::P2pBridges::new(config, Default::default()) {
             problem("p2p", error.to_string());
         }
     }

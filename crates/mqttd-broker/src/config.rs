@@ -8,7 +8,7 @@ use std::time::Duration;
 use mqttd_proto::server::ServerConfig;
 use mqttd_proto::session::{QueueLimits, NEVER_EXPIRES};
 use mqttd_proto::QoS;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bridge::Bridge;
 use crate::storage::Durability;
@@ -203,7 +203,7 @@ impl Listener {
 /// The certificates of the TLS-based listeners (TLS, WSS and QUIC): the
 /// `[tls]` table. Without `cert_file`, the broker generates a local CA and a server
 /// certificate under `<data_dir>/tls/` on first start and uses those.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct TlsConfig {
@@ -227,7 +227,7 @@ pub struct TlsConfig {
 }
 
 /// A certificate served to clients that ask for `host` by SNI.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SniCertificate {
     /// The host name (exact match).
@@ -241,7 +241,7 @@ pub struct SniCertificate {
 /// The QUIC listeners' transport settings: the `[quic]` table. Where a setting means what an
 /// EMQX QUIC listener setting means, it has EMQX's name. Durations are in seconds unless the
 /// name says `_ms`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct QuicConfig {
@@ -310,7 +310,7 @@ impl Default for QuicConfig {
 /// The `relay://` listeners' admission rules: the `[relay]` table. A relay forwards encrypted
 /// packets between the mqttd nodes connected to it and tells each the address it sees it at
 /// (QUIC address discovery); it reads nothing it forwards.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RelayConfig {
@@ -344,7 +344,7 @@ impl Default for RelayConfig {
 
 /// The `p2p://` listener's node: the `[p2p]` table. The node's identity is
 /// `<data_dir>/node.key` (`mqttd id` prints its id, which peers dial).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct P2pConfig {
@@ -369,7 +369,7 @@ pub struct P2pConfig {
 }
 
 /// A QUIC congestion controller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum CongestionControl {
@@ -381,7 +381,7 @@ pub enum CongestionControl {
 }
 
 /// What happens to a QoS 0 message for a client that is offline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OfflineQos0 {
     /// Dropped (Mosquitto's default, `queue_qos0_messages false`).
@@ -411,7 +411,7 @@ pub const DEFAULT_MAX_SESSION_EXPIRY: u32 = 7 * 24 * 3600;
 /// Settings will be added, so other crates cannot build it field by field: start from
 /// [`Config::default`] (or [`Config::parse`], [`Config::load`]) and assign the fields to
 /// change.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Config {
@@ -488,6 +488,7 @@ pub struct Config {
     /// `data_dir`, so that they survive a restart or a crash.
     pub persistence: bool,
     /// When an acknowledgement may leave: see [`Durability`].
+    #[serde(serialize_with = "serialize_durability")]
     pub durability: Durability,
     /// Milliseconds: the longest `durability = "batch"` waits for an fsync, and
     /// `durability = "none"` for any write.
@@ -497,7 +498,10 @@ pub struct Config {
     pub log_level: Option<String>,
     /// Bridges to other brokers (`[[bridge]]` tables), read into their types at load; two
     /// with one name are an error.
-    #[serde(deserialize_with = "crate::bridge::config::unique_names")]
+    #[serde(
+        deserialize_with = "crate::bridge::config::unique_names",
+        serialize_with = "crate::bridge::config::serialize_redacted"
+    )]
     pub bridge: Vec<Bridge>,
 }
 
@@ -618,6 +622,11 @@ impl Config {
             max_bytes: self.max_queued_bytes,
         }
     }
+}
+
+/// `durability` as written in the file (`Durability` lives in storage, which serializes nothing).
+fn serialize_durability<S: serde::Serializer>(d: &Durability, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{d:?}").to_lowercase())
 }
 
 #[cfg(test)]

@@ -60,6 +60,8 @@ mod http;
 mod http3;
 mod listener;
 pub mod metrics;
+#[cfg(feature = "p2p")]
+mod peers;
 pub mod reload;
 pub mod retained;
 #[cfg(test)]
@@ -236,12 +238,14 @@ impl BrokerBuilder {
         let p2p_bridges = match transports.contains_key(bridge::p2p::SCHEME) {
             true => None,
             false => {
-                let p2p = Arc::new(bridge::p2p::P2pBridges::new(&inner.config).map_err(|e| {
-                    StartError::Bridge {
-                        bridge: "[p2p]".into(),
-                        reason: e.to_string(),
-                    }
-                })?);
+                let p2p = Arc::new(
+                    bridge::p2p::P2pBridges::new(&inner.config, inner.peers.clone()).map_err(
+                        |e| StartError::Bridge {
+                            bridge: "[p2p]".into(),
+                            reason: e.to_string(),
+                        },
+                    )?,
+                );
                 transports.insert(bridge::p2p::SCHEME.into(), p2p.clone());
                 Some(p2p)
             }

@@ -243,13 +243,14 @@ impl Reloader {
         if let Some(hook) = &self.hook {
             report.reloaded.extend(hook(&config));
         }
+        inner.loaded_config.store(Arc::new(config));
         report.ok = true;
         report
     }
 }
 
 /// The settings that differ between `running` and `new` and that a reload cannot apply.
-fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
+pub(crate) fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
     // No `..`: a new setting must be sorted into reloadable or not here to compile.
     let Config {
         listen,

@@ -74,7 +74,7 @@ pub use key::{KeyError, NodeId, NodeKey, ParseNodeIdError, KEY_FILE};
 pub use nat::NatType;
 pub use node::{
     BindError, ConnectError, Connection, ConnectionError, ConnectionStats, Incoming, Node,
-    NodeConfig, PathStats, RecvStream, RelayState, SendStream, StreamLimits,
+    NodeConfig, PathStats, RecvStream, RelayState, SendStream, StreamLimits, WeakConnection,
 };
 pub use path::{PathEvent, PathEvents, PathInfo, PathKind};
 pub use ping::{serve_pings, PingError, Pinger, Pong, MAX_PINGS, PING_ALPN, PING_SIZE};

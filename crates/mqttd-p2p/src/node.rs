@@ -740,4 +740,20 @@ impl Connection {
     pub fn iroh(&self) -> &endpoint::Connection {
         &self.inner
     }
+
+    /// A handle that does not keep the connection open.
+    pub fn downgrade(&self) -> WeakConnection {
+        WeakConnection(self.inner.weak_handle())
+    }
+}
+
+/// A [`Connection`] that does not keep it open (from [`Connection::downgrade`]).
+#[derive(Debug, Clone)]
+pub struct WeakConnection(endpoint::WeakConnectionHandle);
+
+impl WeakConnection {
+    /// The connection, while it is open somewhere else.
+    pub fn upgrade(&self) -> Option<Connection> {
+        self.0.upgrade().map(|inner| Connection { inner })
+    }
 }

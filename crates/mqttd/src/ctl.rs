@@ -57,10 +57,22 @@ enum CtlCommand {
     /// Sessions, those held offline included.
     #[command(subcommand)]
     Sessions(SessionsCommand),
-    /// A client's subscriptions.
+    /// Subscriptions: every session's, or those a filter, a topic or a client selects.
+    /// With a client id alone, that client's subscriptions (as before the flags existed).
     Subscriptions {
-        /// Client identifier.
-        client_id: String,
+        /// Client identifier: that client's subscriptions.
+        client_id: Option<String>,
+        /// Only subscriptions with exactly this filter.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Only subscriptions whose filter matches this topic name.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only the subscriptions of this client.
+        #[arg(long, conflicts_with = "client_id")]
+        client: Option<String>,
+        #[command(flatten)]
+        page: Page,
     },
     /// Retained messages.
     #[command(subcommand)]
@@ -69,6 +81,12 @@ enum CtlCommand {
     Listeners,
     /// The broker's figures.
     Stats,
+    /// The bridges: state, remote broker, messages each way, last error.
+    Bridges,
+    /// The peer-to-peer links: node id, direct or relayed, address, round-trip time.
+    Peers,
+    /// The running configuration, secrets redacted (a table of settings; --json for all).
+    Config,
     /// Publish a message as the broker (no ACL applies).
     Publish(PublishArgs),
     /// Reload what can change at runtime, as SIGHUP does; prints what was reloaded and what
@@ -277,9 +295,34 @@ fn request_of(command: &CtlCommand) -> (reqwest::Method, String, Option<Value>) 
         CtlCommand::Sessions(SessionsCommand::Delete { client_id }) => {
             delete(format!("sessions/{}", encode(client_id, false)))
         }
-        CtlCommand::Subscriptions { client_id } => get(format!(
+        CtlCommand::Subscriptions {
+            client_id: Some(client_id),
+            filter: None,
+            topic: None,
+            client: None,
+            page: Page {
+                page: None,
+                limit: None,
+            },
+        } => get(format!(
             "clients/{}/subscriptions",
             encode(client_id, false)
+        )),
+        CtlCommand::Subscriptions {
+            client_id,
+            filter,
+            topic,
+            client,
+            page,
+        } => get(with_query(
+            "subscriptions",
+            &[
+                ("filter", filter.clone()),
+                ("topic", topic.clone()),
+                ("client_id", client.clone().or_else(|| client_id.clone())),
+                ("page", page.page.map(|p| p.to_string())),
+                ("limit", page.limit.map(|l| l.to_string())),
+            ],
         )),
         CtlCommand::Retained(RetainedCommand::List { filter, page }) => get(with_query(
             "retained",
@@ -297,6 +340,9 @@ fn request_of(command: &CtlCommand) -> (reqwest::Method, String, Option<Value>) 
         }
         CtlCommand::Listeners => get("listeners".into()),
         CtlCommand::Stats => get("stats".into()),
+        CtlCommand::Bridges => get("bridges".into()),
+        CtlCommand::Peers => get("p2p/peers".into()),
+        CtlCommand::Config => get("config".into()),
         CtlCommand::Publish(p) => (
             Method::POST,
             "publish".into(),
@@ -514,7 +560,64 @@ fn render(command: &CtlCommand, v: &Value) -> String {
         CtlCommand::Sessions(SessionsCommand::Delete { client_id }) => {
             format!("session {client_id:?} ended\n")
         }
-        CtlCommand::Subscriptions { .. } => subscriptions(v),
+        // One client's, from its own endpoint: a bare list.
+        CtlCommand::Subscriptions { .. } if v.is_array() => subscriptions(v),
+        CtlCommand::Subscriptions { .. } => page(
+            v,
+            &[
+                ("CLIENT ID", "client_id"),
+                ("FILTER", "filter"),
+                ("QOS", "qos"),
+                ("CONNECTED", "connected"),
+                ("NO LOCAL", "no_local"),
+                ("RAP", "retain_as_published"),
+                ("RH", "retain_handling"),
+                ("ID", "subscription_id"),
+            ],
+        ),
+        CtlCommand::Bridges => table(
+            v.as_array().map(Vec::as_slice).unwrap_or_default(),
+            &[
+                ("NAME", "name"),
+                ("STATE", "state"),
+                ("TRANSPORT", "transport"),
+                ("REMOTE", "remote"),
+                ("IN", "messages_in"),
+                ("OUT", "messages_out"),
+                ("DROPPED", "messages_dropped"),
+                ("QUEUED", "queued"),
+                ("RECONNECTS", "reconnects"),
+                ("LAST ERROR", "last_error"),
+            ],
+        ),
+        CtlCommand::Peers => table(
+            v.as_array().map(Vec::as_slice).unwrap_or_default(),
+            &[
+                ("NODE ID", "node_id"),
+                ("ROLE", "role"),
+                ("NAME", "name"),
+                ("PATH", "path"),
+                ("REMOTE", "remote"),
+                ("RTT MS", "rtt_ms"),
+                ("LOST", "lost_packets"),
+                ("SINCE", "connected_at"),
+            ],
+        ),
+        CtlCommand::Config => {
+            let mut lines = Vec::new();
+            flatten("", &v["config"], &mut lines);
+            let mut out = aligned(&lines);
+            if v["restart_needed"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                out.push_str(&format!(
+                    "(changed by a reload, waiting for a restart: {})\n",
+                    join(&v["restart_needed"])
+                ));
+            }
+            out
+        }
         CtlCommand::Retained(RetainedCommand::List { .. }) => page(
             v,
             &[
@@ -585,6 +688,28 @@ fn subscriptions(v: &Value) -> String {
             ("ID", "subscription_id"),
         ],
     )
+}
+
+/// A configuration's settings as `key value` lines, nested tables as dotted keys
+/// (`quic.idle_timeout`), arrays of tables by index (`bridge.0.name`).
+fn flatten(prefix: &str, v: &Value, lines: &mut Vec<Vec<String>>) {
+    let key = |name: &str| match prefix.is_empty() {
+        true => name.to_owned(),
+        false => format!("{prefix}.{name}"),
+    };
+    match v {
+        Value::Object(map) => {
+            for (name, value) in map {
+                flatten(&key(name), value, lines);
+            }
+        }
+        Value::Array(items) if items.iter().any(Value::is_object) => {
+            for (i, item) in items.iter().enumerate() {
+                flatten(&key(&i.to_string()), item, lines);
+            }
+        }
+        other => lines.push(vec![prefix.to_owned(), cell(other)]),
+    }
 }
 
 /// Rows under a header, each column as wide as its widest cell.
@@ -682,6 +807,24 @@ mod tests {
             "CLIENT ID  CONNECTED  USERNAME\n\
              a          true       -\n\
              longer-id  false      bob\n"
+        );
+    }
+
+    #[test]
+    fn a_configuration_flattens_into_dotted_keys() {
+        let mut lines = Vec::new();
+        flatten(
+            "",
+            &json!({"max_qos": 2, "quic": {"http3": true}, "bridge": [{"name": "b", "password": "***"}], "listen": ["tcp://x"]}),
+            &mut lines,
+        );
+        let text = aligned(&lines);
+        assert!(text.contains("quic.http3"), "{text}");
+        assert!(text.contains("bridge.0.password  ***"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.split_whitespace().eq(["listen", "tcp://x"])),
+            "{text}"
         );
     }
 

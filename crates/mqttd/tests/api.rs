@@ -1,7 +1,10 @@
 //! The admin API of the real binary, over HTTP on its `http://` listener: keys (no key, a
 //! wrong key, the limit on failures per source address), `mqttd api-key create`, the client
 //! list, a client's details and its kick (DISCONNECT 0x98 for MQTT 5, a plain close for
-//! 3.1.1), retained messages, publishing, and the OpenAPI document.
+//! 3.1.1), all subscriptions filtered by filter, topic or client, bridges (state, traffic, last
+//! error), peer-to-peer links (direct, address, round trip; a p2p bridge's both ends), a QUIC
+//! client's path, the configuration with passwords redacted, retained messages, publishing,
+//! and the OpenAPI document.
 
 mod support;
 
@@ -261,6 +264,59 @@ async fn a_created_key_lists_shows_and_kicks_real_clients() {
         .json();
     assert_eq!(subs[0]["filter"], "a/#");
 
+    // Every session's subscriptions, filtered and paginated.
+    let mut bystander_sub = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "sub-b").await;
+    bystander_sub
+        .send(&encode(
+            ProtocolVersion::V5,
+            &subscribe_packet(1, "a/b", QoS::AtMostOnce),
+        ))
+        .await
+        .unwrap();
+    assert!(
+        matches!(bystander_sub.recv(STEP).await, Received::Packet(p) if matches!(*p, Packet::SubAck(_)))
+    );
+    let all = get(&broker, "/api/v1/subscriptions", &key).await;
+    assert_eq!(all.status, 200, "{all:?}");
+    let all = all.json();
+    assert_eq!(all["meta"]["count"], 2, "{all}");
+    assert_eq!(all["data"][0]["client_id"], "kick-me");
+    assert_eq!(all["data"][0]["filter"], "a/#");
+    assert_eq!(all["data"][0]["qos"], 1);
+    assert_eq!(all["data"][0]["connected"], true);
+    assert_eq!(all["data"][1]["client_id"], "sub-b");
+    let by_topic = get(&broker, "/api/v1/subscriptions?topic=a/b", &key)
+        .await
+        .json();
+    assert_eq!(by_topic["meta"]["count"], 2, "{by_topic}");
+    let by_topic = get(&broker, "/api/v1/subscriptions?topic=a/c", &key)
+        .await
+        .json();
+    assert_eq!(by_topic["meta"]["count"], 1, "{by_topic}");
+    assert_eq!(by_topic["data"][0]["client_id"], "kick-me");
+    let by_filter = get(&broker, "/api/v1/subscriptions?filter=a/b", &key)
+        .await
+        .json();
+    assert_eq!(by_filter["meta"]["count"], 1, "{by_filter}");
+    assert_eq!(by_filter["data"][0]["client_id"], "sub-b");
+    let by_client = get(&broker, "/api/v1/subscriptions?client_id=sub-b", &key)
+        .await
+        .json();
+    assert_eq!(by_client["data"][0]["filter"], "a/b");
+    assert_eq!(by_client["meta"]["count"], 1);
+    let unknown = get(&broker, "/api/v1/subscriptions?client_id=nobody", &key)
+        .await
+        .json();
+    assert_eq!(unknown["meta"]["count"], 0);
+    let page = get(&broker, "/api/v1/subscriptions?limit=1&page=2", &key)
+        .await
+        .json();
+    assert_eq!(page["data"][0]["client_id"], "sub-b");
+    assert_eq!(page["meta"]["has_next"], false);
+    let bad = get(&broker, "/api/v1/subscriptions?topic=a/%23", &key).await;
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert_eq!(bad.json()["code"], "bad_request");
+
     // Kick the MQTT 5 client: DISCONNECT 0x98, and its session (expiry 0) is gone.
     let kicked = request(
         broker.http,
@@ -504,4 +560,351 @@ async fn retained_messages_publishing_listeners_stats_and_the_openapi_document()
     assert_eq!(stats["p2p"]["connections_open"], 0);
     assert_eq!(stats["bridges"], serde_json::json!([]));
     broker.stop();
+}
+
+/// A loopback port nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn post(addr: SocketAddr, path: &str, key: &str, body: &str) -> Answer {
+    request(addr, localhost(), "POST", path, Some(key), Some(body)).await
+}
+
+/// The bridge named `name` in `/api/v1/bridges`.
+fn bridge_named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .expect("a list of bridges")
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no bridge {name}: {list}"))
+}
+
+const BRIDGE_PASSWORD: &str = "bridge-pw-never-shown-7f3a";
+
+#[tokio::test]
+async fn bridges_show_their_state_traffic_and_last_error_and_the_config_hides_passwords() {
+    let remote = Broker::start("");
+    let remote_key = remote.api_key.clone().expect("a key");
+    let config = format!(
+        "[[bridge]]\nname = \"up\"\nurls = [\"mqtt://127.0.0.1:{}\"]\n\
+         topics = ['out/# out 1', 'in/# in 1']\nusername = \"bridge\"\npassword = \"{BRIDGE_PASSWORD}\"\n\
+         reconnect_min = 0.05\nreconnect_max = 0.5\n\n\
+         [[bridge]]\nname = \"down\"\nurls = [\"mqtt://127.0.0.1:{}\"]\ntopics = ['x/# out 0']\n\
+         reconnect_min = 0.05\nreconnect_max = 0.5\n",
+        remote.mqtt.port(),
+        closed_port()
+    );
+    let local = Broker::start(&config);
+    let key = local.api_key.clone().expect("a key");
+
+    let up = local
+        .eventually(STEP, "bridge up connects", || async {
+            let list = get(&local, "/api/v1/bridges", &key).await.json();
+            let up = bridge_named(&list, "up").clone();
+            (up["state"] == "connected").then_some(up)
+        })
+        .await;
+    assert_eq!(up["transport"], "mqtt");
+    assert_eq!(up["local_client_id"], "$bridge/up");
+    assert_eq!(
+        up["remote"],
+        format!("mqtt://127.0.0.1:{}", remote.mqtt.port())
+    );
+    assert_eq!(up["protocol_version"], "5.0");
+    assert_eq!(up["topics"][0], "out/# out 1");
+    assert!(up["since"].as_u64().unwrap() > 0);
+
+    // Messages out: published here, taken by the remote broker.
+    let answer = post(
+        local.http,
+        "/api/v1/publish",
+        &key,
+        r#"{"topic":"out/a","payload":"1","qos":1}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    // Messages in: published on the remote broker (again until the bridge's subscription
+    // there is in place).
+    let up = local
+        .eventually(STEP, "messages cross both ways", || async {
+            post(
+                remote.http,
+                "/api/v1/publish",
+                &remote_key,
+                r#"{"topic":"in/a","payload":"1","qos":1}"#,
+            )
+            .await;
+            let list = get(&local, "/api/v1/bridges", &key).await.json();
+            let up = bridge_named(&list, "up").clone();
+            (up["messages_out"].as_u64() >= Some(1) && up["messages_in"].as_u64() >= Some(1))
+                .then_some(up)
+        })
+        .await;
+    assert_eq!(up["messages_dropped"], 0);
+    assert_eq!(up["last_error"], Value::Null);
+
+    // The bridge to nowhere backs off and says why.
+    let down = local
+        .eventually(STEP, "bridge down fails", || async {
+            let list = get(&local, "/api/v1/bridges", &key).await.json();
+            let down = bridge_named(&list, "down").clone();
+            down["last_error"].is_string().then_some(down)
+        })
+        .await;
+    assert!(
+        ["connecting", "backing_off"].contains(&down["state"].as_str().unwrap()),
+        "{down}"
+    );
+    assert_eq!(down["messages_out"], 0);
+    assert!(down["last_error_at"].as_u64().unwrap() > 0);
+
+    let body = get(&local, "/api/v1/bridges", &key).await.body;
+    assert!(!body.contains(BRIDGE_PASSWORD), "{body}");
+
+    // The configuration: every setting, the bridge's password redacted.
+    let config = get(&local, "/api/v1/config", &key).await;
+    assert_eq!(config.status, 200, "{config:?}");
+    assert!(!config.body.contains(BRIDGE_PASSWORD), "{}", config.body);
+    let config = config.json();
+    let bridges = &config["config"]["bridge"];
+    assert_eq!(bridges[0]["name"], "up");
+    assert_eq!(bridges[0]["username"], "bridge");
+    assert_eq!(bridges[0]["password"], "***");
+    assert_eq!(bridges[1]["password"], Value::Null);
+    assert_eq!(config["config"]["max_qos"], 2);
+    assert_eq!(config["config"]["durability"], "sync");
+    assert!(config["config"]["quic"]["idle_timeout"].is_u64());
+    assert_eq!(config["restart_needed"], serde_json::json!([]));
+    let unauthorized = request(local.http, localhost(), "GET", "/api/v1/config", None, None).await;
+    assert_eq!(unauthorized.status, 401);
+    let unauthorized = request(
+        local.http,
+        localhost(),
+        "GET",
+        "/api/v1/bridges",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(unauthorized.status, 401);
+    assert_eq!(unauthorized.json()["code"], "unauthorized");
+    local.stop();
+    remote.stop();
+}
+
+#[tokio::test]
+async fn p2p_peers_show_each_link_its_path_and_round_trip_time() {
+    let broker = Broker::start_with(
+        "[relay]\nallow_any = true\n",
+        &["relay://127.0.0.1:0", "p2p://127.0.0.1:0"],
+    );
+    let key = broker.api_key.clone().expect("a key");
+    let empty = get(&broker, "/api/v1/p2p/peers", &key).await;
+    assert_eq!(empty.status, 200, "{empty:?}");
+    assert_eq!(empty.json(), serde_json::json!([]));
+
+    // A subscriber that stays, at the node's direct address alone.
+    let url = format!("p2p://{}/p/#", broker.node_id.as_ref().unwrap());
+    let port = broker.node_direct[0].port();
+    let mut sub = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args([
+            "sub",
+            "-L",
+            &url,
+            "--peer-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["-C", "1", "-W", "120", "-i", "p2p-sub"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run mqttd sub");
+    let peer = broker
+        .eventually(STEP, "the subscriber's link is listed", || async {
+            let list = get(&broker, "/api/v1/p2p/peers", &key).await.json();
+            list.as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["role"] == "client" && p["path"].is_string())
+                .cloned()
+        })
+        .await;
+    assert_eq!(peer["direction"], "inbound");
+    assert_eq!(peer["state"], "open");
+    assert_eq!(peer["path"], "direct", "{peer}");
+    assert!(
+        peer["remote"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{peer}"
+    );
+    assert!(peer["rtt_ms"].as_f64().unwrap() >= 0.0);
+    assert!(peer["cwnd"].as_u64().unwrap() > 0);
+    assert!(peer["sent_packets"].as_u64().unwrap() > 0);
+    assert!(peer["connected_at"].as_u64().unwrap() > 0);
+    let node_id = peer["node_id"].as_str().unwrap();
+    assert_eq!(node_id.len(), 64, "{peer}");
+    assert_ne!(Some(node_id), broker.node_id.as_deref());
+    assert!(peer["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["selected"] == true && p["kind"] == "direct"));
+    // The same client in the client list, over p2p, with its path.
+    let client = get(&broker, "/api/v1/clients/p2p-sub", &key).await.json();
+    assert_eq!(client["transport"], "p2p");
+    assert_eq!(client["tls_identity"], node_id);
+    assert!(
+        client["quic"]["rtt_ms"].as_f64().unwrap() >= 0.0,
+        "{client}"
+    );
+    assert!(
+        client["quic"]["remote_addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{client}"
+    );
+
+    // One message, and the subscriber leaves cleanly.
+    post(
+        broker.http,
+        "/api/v1/publish",
+        &key,
+        r#"{"topic":"p/x","payload":"bye","qos":1}"#,
+    )
+    .await;
+    let status = tokio::time::timeout(STEP, sub.wait())
+        .await
+        .expect("the subscriber ends")
+        .unwrap();
+    assert!(status.success());
+    broker
+        .eventually(STEP, "the link leaves the list", || async {
+            let list = get(&broker, "/api/v1/p2p/peers", &key).await.json();
+            list.as_array().unwrap().is_empty().then_some(())
+        })
+        .await;
+    broker.stop();
+}
+
+#[tokio::test]
+async fn a_quic_client_shows_its_path_and_every_client_its_queue_and_counters() {
+    let broker = Broker::start_with("", &["quic://127.0.0.1:0"]);
+    let key = broker.api_key.clone().expect("a key");
+    let ca = broker.data_dir().join("tls").join("ca.pem");
+    let url = format!("quic://localhost:{}", broker.quic.port());
+    let mut sub = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args(["sub", "-L", &url, "--cafile"])
+        .arg(&ca)
+        .args([
+            "-t", "q/#", "-q", "1", "-C", "1", "-W", "120", "-i", "quic-sub",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run mqttd sub");
+    let client = broker
+        .eventually(STEP, "the QUIC client is subscribed", || async {
+            let client = get(&broker, "/api/v1/clients/quic-sub", &key).await;
+            (client.status == 200 && client.json()["subscriptions"] == 1).then(|| client.json())
+        })
+        .await;
+    assert_eq!(client["transport"], "quic");
+    let quic = &client["quic"];
+    assert!(quic["rtt_ms"].as_f64().unwrap() >= 0.0, "{client}");
+    assert!(quic["cwnd"].as_u64().unwrap() > 0, "{client}");
+    assert!(quic["sent_packets"].as_u64().unwrap() > 0, "{client}");
+    assert!(quic["received_datagrams"].as_u64().unwrap() > 0, "{client}");
+    assert!(quic["lost_packets"].is_u64(), "{client}");
+    assert_eq!(quic["remote_addr"], client["peer_addr"], "{client}");
+    // Queue, in flight and counters are there for every transport.
+    for field in [
+        "queued",
+        "in_flight",
+        "bytes_in",
+        "bytes_out",
+        "messages_in",
+        "messages_out",
+    ] {
+        assert!(client[field].is_u64(), "{field}: {client}");
+    }
+    let tcp = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "tcp-client").await;
+    let tcp_detail = get(&broker, "/api/v1/clients/tcp-client", &key)
+        .await
+        .json();
+    assert_eq!(tcp_detail["quic"], Value::Null);
+    for field in [
+        "queued",
+        "in_flight",
+        "bytes_in",
+        "bytes_out",
+        "messages_in",
+    ] {
+        assert!(tcp_detail[field].is_u64(), "{field}: {tcp_detail}");
+    }
+    drop(tcp);
+    post(
+        broker.http,
+        "/api/v1/publish",
+        &key,
+        r#"{"topic":"q/x","payload":"bye","qos":1}"#,
+    )
+    .await;
+    let status = tokio::time::timeout(STEP, sub.wait())
+        .await
+        .expect("the subscriber ends")
+        .unwrap();
+    assert!(status.success());
+    broker.stop();
+}
+
+#[tokio::test]
+async fn a_p2p_bridge_is_an_outbound_peer_link_and_an_inbound_one_on_the_remote() {
+    let remote = Broker::start_with("", &["p2p://127.0.0.1:0"]);
+    let remote_key = remote.api_key.clone().expect("a key");
+    let remote_id = remote.node_id.clone().expect("the remote node id");
+    let port = remote.node_direct[0].port();
+    let config = format!(
+        "[[bridge]]\nname = \"peer\"\nurls = [\"p2p://{remote_id}?addr=127.0.0.1:{port}\"]\n\
+         topics = ['x/# out 1']\nreconnect_min = 0.05\nreconnect_max = 0.5\n"
+    );
+    let local = Broker::start(&config);
+    let key = local.api_key.clone().expect("a key");
+    let bridge = local
+        .eventually(STEP, "the p2p bridge connects", || async {
+            let list = get(&local, "/api/v1/bridges", &key).await.json();
+            let b = bridge_named(&list, "peer").clone();
+            (b["state"] == "connected").then_some(b)
+        })
+        .await;
+    assert_eq!(bridge["transport"], "p2p");
+    let links = local
+        .eventually(STEP, "the bridge's link is listed", || async {
+            let links = get(&local, "/api/v1/p2p/peers", &key).await.json();
+            (links.as_array().unwrap().len() == 1 && links[0]["path"].is_string()).then_some(links)
+        })
+        .await;
+    assert_eq!(links[0]["role"], "bridge");
+    assert_eq!(links[0]["direction"], "outbound");
+    assert_eq!(links[0]["name"], "peer");
+    assert_eq!(links[0]["node_id"], remote_id.as_str());
+    assert_eq!(links[0]["path"], "direct", "{links}");
+    let theirs = remote
+        .eventually(STEP, "the remote lists the link", || async {
+            let links = get(&remote, "/api/v1/p2p/peers", &remote_key).await.json();
+            (links.as_array().unwrap().len() == 1).then_some(links)
+        })
+        .await;
+    assert_eq!(theirs[0]["role"], "client");
+    assert_eq!(theirs[0]["direction"], "inbound");
+    local.stop();
+    remote.stop();
 }

@@ -1,4 +1,5 @@
-//! `mqttd ctl` against the real binary (clients, retained messages, publish, stats,
+//! `mqttd ctl` against the real binary (clients, subscriptions, bridges, peers, the
+//! configuration, retained messages, publish, stats,
 //! listeners, keys), reload through the admin API (a new password file takes effect, a broken
 //! one keeps the old rules), and `mqttd check-config` on good and broken configurations.
 
@@ -153,6 +154,96 @@ async fn ctl_lists_shows_and_kicks_a_connected_client() {
     assert_eq!(missing.status.code(), Some(1));
     let body: Value = serde_json::from_str(&stdout(&missing)).unwrap();
     assert_eq!(body["code"], "not_found");
+    broker.stop();
+}
+
+#[tokio::test]
+async fn ctl_lists_subscriptions_bridges_peers_and_the_configuration() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let config = format!(
+        "[[bridge]]\nname = \"nowhere\"\nurls = [\"mqtt://127.0.0.1:{port}\"]\n\
+         topics = ['x/# out 0']\npassword = \"ctl-secret-4b1d\"\n\
+         reconnect_min = 0.05\nreconnect_max = 0.5\n"
+    );
+    let broker = Broker::start(&config);
+    let key = key_of(&broker);
+    let mut one = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "sub-one").await;
+    let mut two = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "sub-two").await;
+    for (conn, filter) in [(&mut one, "s/+/t"), (&mut two, "s/1/t")] {
+        conn.send(&encode(
+            ProtocolVersion::V5,
+            &subscribe_packet(1, filter, QoS::AtLeastOnce),
+        ))
+        .await
+        .unwrap();
+        assert!(
+            matches!(conn.recv(STEP).await, Received::Packet(p) if matches!(*p, Packet::SubAck(_)))
+        );
+    }
+
+    // Every subscription (the bridge's own session included), then selected ones.
+    let all = ok(ctl(&broker, &key, &["subscriptions"]));
+    assert!(all.starts_with("CLIENT ID"), "{all}");
+    assert_eq!(row(&all, "sub-one")[1], "s/+/t", "{all}");
+    assert_eq!(row(&all, "sub-two")[1], "s/1/t", "{all}");
+    let by_topic = json(ctl(
+        &broker,
+        &key,
+        &["subscriptions", "--topic", "s/2/t", "--json"],
+    ));
+    assert_eq!(by_topic["meta"]["count"], 1, "{by_topic}");
+    assert_eq!(by_topic["data"][0]["client_id"], "sub-one");
+    let by_filter = ok(ctl(&broker, &key, &["subscriptions", "--filter", "s/1/t"]));
+    assert_eq!(by_filter.lines().count(), 2, "{by_filter}");
+    assert_eq!(row(&by_filter, "sub-two")[1], "s/1/t");
+    let by_client = json(ctl(
+        &broker,
+        &key,
+        &["subscriptions", "--client", "sub-one", "--json"],
+    ));
+    assert_eq!(by_client["data"][0]["filter"], "s/+/t");
+    assert_eq!(by_client["meta"]["count"], 1);
+    let bad = ctl(&broker, &key, &["subscriptions", "--topic", "s/#"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("bad_request"), "{}", stderr(&bad));
+
+    // The bridge to nowhere, once it has failed.
+    let bridges = broker
+        .eventually(STEP, "the bridge fails", || async {
+            let list = json(ctl(&broker, &key, &["bridges", "--json"]));
+            list[0]["last_error"].is_string().then_some(list)
+        })
+        .await;
+    assert_eq!(bridges[0]["name"], "nowhere");
+    let table = ok(ctl(&broker, &key, &["bridges"]));
+    assert!(table.starts_with("NAME"), "{table}");
+    let cols = row(&table, "nowhere");
+    assert!(["connecting", "backing_off"].contains(&cols[1]), "{table}");
+    assert_eq!(cols[2], "mqtt", "{table}");
+    assert!(!table.contains("ctl-secret-4b1d"), "{table}");
+
+    // No p2p listener: no links, a header alone.
+    let peers = ok(ctl(&broker, &key, &["peers"]));
+    assert_eq!(peers.lines().count(), 1, "{peers}");
+    assert!(peers.starts_with("NODE ID"), "{peers}");
+    assert_eq!(
+        json(ctl(&broker, &key, &["peers", "--json"])),
+        serde_json::json!([])
+    );
+
+    // The configuration: dotted keys, the password redacted either way.
+    let config = ok(ctl(&broker, &key, &["config"]));
+    assert_eq!(row(&config, "max_qos"), ["max_qos", "2"], "{config}");
+    assert_eq!(
+        row(&config, "bridge.0.password"),
+        ["bridge.0.password", "***"],
+        "{config}"
+    );
+    assert!(!config.contains("ctl-secret-4b1d"), "{config}");
+    let config = ok(ctl(&broker, &key, &["config", "--json"]));
+    assert!(!config.contains("ctl-secret-4b1d"), "{config}");
     broker.stop();
 }
 

@@ -59,6 +59,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
             "/v1/clients/{client_id}/subscriptions",
             get(client_subscriptions),
         )
+        .route("/v1/subscriptions", get(list_subscriptions))
         .route("/v1/sessions", get(list_sessions))
         .route(
             "/v1/sessions/{client_id}",
@@ -71,6 +72,9 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         )
         .route("/v1/listeners", get(list_listeners))
         .route("/v1/stats", get(stats))
+        .route("/v1/bridges", get(list_bridges))
+        .route("/v1/p2p/peers", get(list_peers))
+        .route("/v1/config", get(get_config))
         .route("/v1/publish", axum::routing::post(publish))
         .route("/v1/reload", axum::routing::post(reload))
         .fallback(not_found)
@@ -88,7 +92,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
 #[non_exhaustive]
 pub struct ErrorBody {
     /// Stable and machine-readable: `unauthorized`, `rate_limited`, `not_found`,
-    /// `not_connected`, `connected`, `bad_request`, `refused`, `reload_failed`.
+    /// `not_connected`, `connected`, `bad_request`, `refused`, `reload_failed`, `internal`.
     pub code: String,
     /// For people; may change.
     pub message: String,
@@ -339,6 +343,31 @@ pub struct ClientDetail {
     pub messages_out: Option<u64>,
     /// Its subscriptions.
     pub subscription_list: Vec<SubscriptionInfo>,
+    /// The path of a QUIC or `p2p://` client's connection, read now.
+    pub quic: Option<QuicPath>,
+}
+
+/// A QUIC connection's path, from its QUIC statistics.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct QuicPath {
+    /// Smoothed round-trip time, in milliseconds.
+    pub rtt_ms: f64,
+    /// Congestion window, in bytes.
+    pub cwnd: u64,
+    /// Congestion events.
+    pub congestion_events: u64,
+    /// QUIC packets sent.
+    pub sent_packets: u64,
+    /// QUIC packets declared lost.
+    pub lost_packets: u64,
+    /// UDP datagrams received.
+    pub received_datagrams: u64,
+    /// The client's address now, after any migration (`peer_addr` is the one it came from);
+    /// none for a `p2p://` client relayed now.
+    pub remote_addr: Option<String>,
+    /// The relay's URL, for a `p2p://` client relayed now.
+    pub relay: Option<String>,
 }
 
 /// A subscription.
@@ -423,6 +452,16 @@ fn detail(view: &SessionView) -> ClientDetail {
         messages_in: load(|s| &s.messages_in),
         messages_out: load(|s| &s.messages_out),
         subscription_list: subscription_list(view),
+        quic: view.path().map(|p| QuicPath {
+            rtt_ms: p.rtt.as_secs_f64() * 1000.0,
+            cwnd: p.cwnd,
+            congestion_events: p.congestion_events,
+            sent_packets: p.sent_packets,
+            lost_packets: p.lost_packets,
+            received_datagrams: p.received_datagrams,
+            remote_addr: p.remote.map(|a| a.to_string()),
+            relay: p.relay,
+        }),
     }
 }
 
@@ -537,6 +576,96 @@ async fn client_subscriptions(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<SubscriptionInfo>>, ApiError> {
     Ok(Json(subscription_list(&view_of(&inner, &id)?)))
+}
+
+// ---- Subscriptions --------------------------------------------------------------------------
+
+/// Filters of the subscription list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct SubscriptionQuery {
+    /// Only subscriptions with exactly this filter (`$share/GROUP/...` for a shared one).
+    filter: Option<String>,
+    /// Only subscriptions whose filter matches this topic name (as routing would match it).
+    topic: Option<String>,
+    /// Only the subscriptions of this client.
+    client_id: Option<String>,
+    /// Page number, from 1.
+    page: Option<usize>,
+    /// Items per page (at most 1000; default 100).
+    limit: Option<usize>,
+}
+
+/// A subscription with the client that holds it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct SubscriptionEntry {
+    /// Client identifier of the session that holds it.
+    pub client_id: String,
+    /// Whether a connection serves that session now.
+    pub connected: bool,
+    /// The subscription.
+    #[serde(flatten)]
+    pub subscription: SubscriptionInfo,
+}
+
+/// One page of subscriptions.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct SubscriptionList {
+    /// The subscriptions, by client id then filter.
+    pub data: Vec<SubscriptionEntry>,
+    /// Where this page is.
+    pub meta: PageMeta,
+}
+
+/// Lists the subscriptions of every session, connected or not.
+#[utoipa::path(
+    get, path = "/api/v1/subscriptions", tag = "subscriptions", params(SubscriptionQuery),
+    responses(
+        (status = 200, description = "A page of subscriptions, by client id then filter", body = SubscriptionList),
+        (status = 400, description = "Invalid filter, topic or client id", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+async fn list_subscriptions(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<SubscriptionQuery>,
+) -> Result<Json<SubscriptionList>, ApiError> {
+    let filter = q
+        .filter
+        .as_deref()
+        .map(TopicFilter::try_from)
+        .transpose()
+        .map_err(|e| ApiError::bad_request(format!("invalid topic filter: {e}")))?;
+    let topic_name = q.topic.as_deref().map(topic).transpose()?;
+    let client = q.client_id.as_deref().map(client_id).transpose()?;
+    let mut views: Vec<SessionView> = match &client {
+        Some(id) => inner.session_view(id).into_iter().collect(),
+        None => inner.detailed_session_views(),
+    };
+    views.sort_by(|a, b| a.client_id.as_str().cmp(b.client_id.as_str()));
+    let entries: Vec<SubscriptionEntry> = views
+        .iter()
+        .flat_map(|view| {
+            let connected = view.conn().is_some();
+            let id = view.client_id.as_str();
+            subscription_list(view)
+                .into_iter()
+                .zip(view.subscriptions.iter())
+                .filter(|(_, (f, _, _))| {
+                    filter.as_ref().is_none_or(|want| want == f)
+                        && topic_name.as_ref().is_none_or(|t| f.matches(t))
+                })
+                .map(move |(subscription, _)| SubscriptionEntry {
+                    client_id: id.to_owned(),
+                    connected,
+                    subscription,
+                })
+        })
+        .collect();
+    let (data, meta) = paginate(entries, q.page, q.limit);
+    Ok(Json(SubscriptionList { data, meta }))
 }
 
 // ---- Sessions -------------------------------------------------------------------------------
@@ -1064,6 +1193,274 @@ async fn stats(State(inner): State<Arc<Inner>>) -> Json<Stats> {
     })
 }
 
+/// A bridge: its settings, where its remote connection stands and what it carried.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct BridgeInfo {
+    /// Its name (`[[bridge]]` `name`).
+    pub name: String,
+    /// Its session's client id in this broker (`$bridge/NAME`).
+    pub local_client_id: String,
+    /// The remote broker's URLs, tried in order (passwords left out).
+    pub urls: Vec<String>,
+    /// The URL connected to, or being tried or last tried (passwords left out).
+    pub remote: Option<String>,
+    /// That URL's transport: `mqtt`, `mqtts`, `ws`, `wss`, `quic` or `p2p` (the first URL's
+    /// before any attempt).
+    pub transport: String,
+    /// `3.1.1` or `5.0`, towards the remote broker.
+    pub protocol_version: String,
+    /// `connecting`, `connected`, `backing_off` (waiting after a failure) or `stopped`.
+    pub state: String,
+    /// When it entered that state, in seconds since the Unix epoch.
+    pub since: Option<u64>,
+    /// When it tries again, while backing off, in seconds since the Unix epoch.
+    pub retry_at: Option<u64>,
+    /// Its topic rules, as written (`PATTERN DIRECTION QOS LOCAL REMOTE`).
+    pub topics: Vec<String>,
+    /// Messages from the remote broker published here.
+    pub messages_in: u64,
+    /// Messages the remote broker took.
+    pub messages_out: u64,
+    /// Messages it dropped.
+    pub messages_dropped: u64,
+    /// Messages its session holds for the remote broker.
+    pub queued: i64,
+    /// Connection attempts after its first.
+    pub reconnects: u64,
+    /// The last failure: a connection refused or failed, or lost.
+    pub last_error: Option<String>,
+    /// When it happened, in seconds since the Unix epoch.
+    pub last_error_at: Option<u64>,
+}
+
+/// Lists the configured bridges, by name, with their state.
+#[utoipa::path(
+    get, path = "/api/v1/bridges", tag = "bridges",
+    responses(
+        (status = 200, description = "The bridges running, by name", body = Vec<BridgeInfo>),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+async fn list_bridges(State(inner): State<Arc<Inner>>) -> Json<Vec<BridgeInfo>> {
+    let m = &inner.metrics;
+    Json(
+        inner
+            .bridges
+            .statuses()
+            .into_iter()
+            .map(|(b, status)| {
+                let bm = m.bridge(&b.name);
+                let transport = status
+                    .url
+                    .as_deref()
+                    .and_then(|u| u.split_once("://"))
+                    .map(|(scheme, _)| scheme.to_owned())
+                    .or_else(|| b.urls.first().map(|u| u.scheme().to_owned()))
+                    .unwrap_or_default();
+                BridgeInfo {
+                    name: b.name.clone(),
+                    local_client_id: b.local_client_id().as_str().to_owned(),
+                    urls: b.urls.iter().map(ToString::to_string).collect(),
+                    remote: status.url.clone(),
+                    transport,
+                    protocol_version: b.protocol.to_string(),
+                    state: status.state.as_str().to_owned(),
+                    since: status.since.map(unix),
+                    retry_at: status.retry_at.map(unix),
+                    topics: b.topics.iter().map(|t| t.as_str().to_owned()).collect(),
+                    messages_in: bm.messages_in.get(),
+                    messages_out: bm.messages_out.get(),
+                    messages_dropped: bm.messages_dropped.get(),
+                    queued: bm.queued.get(),
+                    reconnects: bm.reconnects.get(),
+                    last_error: status.last_error.clone(),
+                    last_error_at: status.last_error_at.map(unix),
+                }
+            })
+            .collect(),
+    )
+}
+
+/// One network path of a peer-to-peer link.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct PeerPath {
+    /// `direct` (straight to the peer's UDP address) or `relayed` (through a relay server).
+    pub kind: String,
+    /// The peer's UDP address (direct), or the relay's URL (relayed).
+    pub remote: String,
+    /// Smoothed round-trip time in milliseconds (QUIC's initial estimate until a sample).
+    pub rtt_ms: f64,
+    /// Whether it carries the application data now.
+    pub selected: bool,
+}
+
+/// A peer-to-peer link: a node connection to the `p2p://` listener, or of a `p2p://` bridge.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct PeerInfo {
+    /// The peer's node id (its public key), proved by the handshake.
+    pub node_id: String,
+    /// `client` (MQTT over the `p2p://` listener), `ping` (a peer's pings) or `bridge` (a
+    /// `p2p://` bridge of this broker).
+    pub role: String,
+    /// `inbound` (the peer dialed) or `outbound` (this broker dialed).
+    pub direction: String,
+    /// The listener's URL (inbound) or the bridge's name (outbound).
+    pub name: String,
+    /// `open`, or `closed` while its task winds down.
+    pub state: String,
+    /// The selected path's kind: `direct` or `relayed` (none before one is selected).
+    pub path: Option<String>,
+    /// The selected path's remote end: the peer's current UDP address, or the relay's URL.
+    pub remote: Option<String>,
+    /// The selected path's smoothed round-trip time, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// The selected path's congestion window, in bytes.
+    pub cwnd: Option<u64>,
+    /// QUIC packets sent on the selected path.
+    pub path_sent_packets: Option<u64>,
+    /// QUIC packets lost on the selected path.
+    pub path_lost_packets: Option<u64>,
+    /// UDP datagrams received on the selected path.
+    pub path_received_datagrams: Option<u64>,
+    /// QUIC packets sent on the whole connection, every path included.
+    pub sent_packets: u64,
+    /// QUIC packets lost on the whole connection.
+    pub lost_packets: u64,
+    /// UDP datagrams received on the whole connection.
+    pub received_datagrams: u64,
+    /// Every path open now (iroh keeps a relayed one as a backup of a direct one).
+    pub paths: Vec<PeerPath>,
+    /// When the link's handshake completed, in seconds since the Unix epoch.
+    pub connected_at: u64,
+}
+
+#[cfg(feature = "p2p")]
+fn path_parts(kind: &mqttd_p2p::PathKind) -> (String, String) {
+    match kind {
+        mqttd_p2p::PathKind::Direct(addr) => ("direct".into(), addr.to_string()),
+        mqttd_p2p::PathKind::Relayed(url) => ("relayed".into(), url.to_string()),
+        // A transport this broker does not configure.
+        other => ("other".into(), other.to_string()),
+    }
+}
+
+#[cfg(feature = "p2p")]
+fn peer_infos(inner: &Inner) -> Vec<PeerInfo> {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    inner
+        .peers
+        .snapshot()
+        .into_iter()
+        .map(|link| {
+            let conn = &link.conn;
+            let paths = conn.paths();
+            let selected = conn.selected_path_stats();
+            let (path, remote) = match &selected {
+                Some((kind, _)) => {
+                    let (k, r) = path_parts(kind);
+                    (Some(k), Some(r))
+                }
+                None => (None, None),
+            };
+            let stats = conn.stats();
+            PeerInfo {
+                node_id: conn.remote_id().to_string(),
+                role: link.role.as_str().to_owned(),
+                direction: link.role.direction().to_owned(),
+                name: link.name.to_string(),
+                state: if conn.close_reason().is_some() {
+                    "closed"
+                } else {
+                    "open"
+                }
+                .to_owned(),
+                path,
+                remote,
+                rtt_ms: selected.as_ref().map(|(_, s)| ms(s.rtt)),
+                cwnd: selected.as_ref().map(|(_, s)| s.cwnd),
+                path_sent_packets: selected.as_ref().map(|(_, s)| s.sent_packets),
+                path_lost_packets: selected.as_ref().map(|(_, s)| s.lost_packets),
+                path_received_datagrams: selected.as_ref().map(|(_, s)| s.udp_rx.datagrams),
+                sent_packets: stats.sent_packets,
+                lost_packets: stats.lost_packets,
+                received_datagrams: stats.udp_rx.datagrams,
+                paths: paths
+                    .iter()
+                    .map(|p| {
+                        let (kind, remote) = path_parts(&p.kind);
+                        PeerPath {
+                            kind,
+                            remote,
+                            rtt_ms: ms(p.rtt),
+                            selected: p.selected,
+                        }
+                    })
+                    .collect(),
+                connected_at: unix(link.since),
+            }
+        })
+        .collect()
+}
+
+/// Lists the peer-to-peer links open now: node id, direct or relayed, round-trip time.
+#[utoipa::path(
+    get, path = "/api/v1/p2p/peers", tag = "p2p",
+    responses(
+        (status = 200, description = "The links open now, oldest first (empty without a `p2p://` listener or bridge)", body = Vec<PeerInfo>),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+async fn list_peers(State(inner): State<Arc<Inner>>) -> Json<Vec<PeerInfo>> {
+    #[cfg(feature = "p2p")]
+    let peers = peer_infos(&inner);
+    #[cfg(not(feature = "p2p"))]
+    let peers = {
+        let _ = inner;
+        Vec::new()
+    };
+    Json(peers)
+}
+
+/// The running configuration, secrets left out.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct ConfigView {
+    /// Every setting as last loaded (at start or by the last successful reload), defaults
+    /// filled in, in the configuration file's keys. Bridge passwords show as `"***"`; URLs
+    /// without theirs. Files (TLS keys, password file) are named, their contents never shown.
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+    /// Settings changed by a reload that take effect only after a restart (the values in
+    /// `config` are the new ones).
+    pub restart_needed: Vec<String>,
+}
+
+/// Shows the running configuration, secrets redacted.
+#[utoipa::path(
+    get, path = "/api/v1/config", tag = "broker",
+    responses(
+        (status = 200, description = "The configuration, secrets redacted", body = ConfigView),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+async fn get_config(State(inner): State<Arc<Inner>>) -> Result<Json<ConfigView>, ApiError> {
+    let loaded = inner.loaded_config.load_full();
+    let config = serde_json::to_value(&*loaded).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("configuration: {e}"),
+        )
+    })?;
+    Ok(Json(ConfigView {
+        config,
+        restart_needed: crate::reload::restart_needed(&inner.config, &loaded),
+    }))
+}
+
 /// A message to publish.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[non_exhaustive]
@@ -1205,8 +1602,8 @@ async fn reload(State(inner): State<Arc<Inner>>) -> Response {
         description = "Administration of an mqttd broker. Every path needs `Authorization: Bearer KEY` (keys: `mqttd api-key create NAME`). Errors are JSON: `{\"code\": ..., \"message\": ...}`."
     ),
     paths(
-        list_clients, get_client, kick_client, client_subscriptions, list_sessions, get_session,
-        discard_session, list_retained, get_retained, delete_retained, list_listeners, stats, publish,
+        list_clients, get_client, kick_client, client_subscriptions, list_subscriptions, list_sessions, get_session,
+        discard_session, list_retained, get_retained, delete_retained, list_listeners, stats, list_bridges, list_peers, get_config, publish,
         reload
     ),
     components(schemas(ErrorBody, PageMeta)),
@@ -1276,12 +1673,16 @@ mod tests {
             "/api/v1/clients",
             "/api/v1/clients/{client_id}",
             "/api/v1/clients/{client_id}/subscriptions",
+            "/api/v1/subscriptions",
             "/api/v1/sessions",
             "/api/v1/sessions/{client_id}",
             "/api/v1/retained",
             "/api/v1/retained/{topic}",
             "/api/v1/listeners",
             "/api/v1/stats",
+            "/api/v1/bridges",
+            "/api/v1/p2p/peers",
+            "/api/v1/config",
             "/api/v1/publish",
             "/api/v1/reload",
         ] {

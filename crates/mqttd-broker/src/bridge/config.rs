@@ -662,6 +662,44 @@ pub(crate) fn unique_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Bridge
     Ok(bridges)
 }
 
+/// The bridges as the admin API shows them: every setting, the password never (`"***"` when
+/// one is set; URLs are shown without theirs).
+pub(crate) fn serialize_redacted<S: serde::Serializer>(
+    bridges: &[Bridge],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(bridges.len()))?;
+    for b in bridges {
+        let tls = &b.tls;
+        seq.serialize_element(&serde_json::json!({
+            "name": b.name,
+            "urls": b.urls.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "topics": b.topics.iter().map(TopicRule::as_str).collect::<Vec<_>>(),
+            "client_id": b.client_id.as_str(),
+            "username": b.username.as_ref().map(ToString::to_string),
+            "password": b.password.as_ref().map(|_| "***"),
+            "protocol": b.protocol.to_string(),
+            "clean_start": b.clean_start,
+            "session_expiry": b.session_expiry,
+            "keep_alive": b.keep_alive,
+            "try_private": b.try_private,
+            "tls": {
+                "ca_file": tls.ca_file,
+                "ca_path": tls.ca_path,
+                "cert_file": tls.cert_file,
+                "key_file": tls.key_file,
+                "insecure": tls.insecure,
+            },
+            "reconnect_min": b.reconnect_min.as_secs_f64(),
+            "reconnect_max": b.reconnect_max.as_secs_f64(),
+            "connect_timeout": b.connect_timeout.as_secs_f64(),
+            "max_inflight": b.max_inflight,
+        }))?;
+    }
+    seq.end()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

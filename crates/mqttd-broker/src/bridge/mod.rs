@@ -113,6 +113,8 @@ pub(crate) struct Plan {
     bridge: Arc<Bridge>,
     targets: Arc<[Target]>,
     metrics: BridgeMetrics,
+    /// What the bridge is doing, for the admin API.
+    status: Arc<Mutex<Status>>,
     /// Stops this bridge alone (a reload that removes or changes it); a child of the
     /// broker's shutdown.
     stop: CancellationToken,
@@ -184,6 +186,7 @@ pub(crate) fn plan(
         bridge: Arc::new(bridge.clone()),
         targets: targets.into(),
         metrics,
+        status: Arc::default(),
         stop: CancellationToken::new(),
     })
 }
@@ -199,6 +202,7 @@ pub(crate) struct Bridges {
 /// A bridge's task.
 struct Handle {
     bridge: Arc<Bridge>,
+    status: Arc<Mutex<Status>>,
     stop: CancellationToken,
     /// Cancelled when the bridge's task has ended.
     done: CancellationToken,
@@ -251,6 +255,18 @@ impl Bridges {
         bridges
     }
 
+    /// The bridges running, by name, each with what it is doing now.
+    pub(crate) fn statuses(&self) -> Vec<(Arc<Bridge>, Status)> {
+        let mut bridges: Vec<(Arc<Bridge>, Status)> = self
+            .running
+            .lock()
+            .values()
+            .map(|h| (h.bridge.clone(), h.status.lock().clone()))
+            .collect();
+        bridges.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        bridges
+    }
+
     /// Starts the bridge `plan` as a task of the broker. The receiver is told once its local
     /// session is subscribed to the outgoing rules (dropped if that never happens).
     pub(crate) fn start(
@@ -273,6 +289,7 @@ impl Bridges {
         let done = CancellationToken::new();
         let handle = Handle {
             bridge: plan.bridge.clone(),
+            status: plan.status.clone(),
             stop: plan.stop.clone(),
             done: done.clone(),
         };
@@ -348,6 +365,79 @@ impl Bridges {
     }
 }
 
+/// Where a bridge's connection to its remote broker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum State {
+    /// Opening its session in this broker, or connecting to a remote URL.
+    #[default]
+    Connecting,
+    /// Connected to the remote broker.
+    Connected,
+    /// Waiting before the next round of attempts, after a failure.
+    BackingOff,
+    /// Stopped: the broker shuts down or a reload removed it.
+    Stopped,
+}
+
+impl State {
+    /// The name the admin API shows.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::BackingOff => "backing_off",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// What a bridge is doing, kept up to date by its task for the admin API.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Status {
+    /// Where its remote connection stands.
+    pub(crate) state: State,
+    /// The URL connected to or being tried (passwords left out).
+    pub(crate) url: Option<String>,
+    /// When `state` was entered.
+    pub(crate) since: Option<std::time::SystemTime>,
+    /// When the next round of attempts starts, while backing off.
+    pub(crate) retry_at: Option<std::time::SystemTime>,
+    /// The last failure: a refused or failed connection, or a lost one.
+    pub(crate) last_error: Option<String>,
+    /// When it happened.
+    pub(crate) last_error_at: Option<std::time::SystemTime>,
+}
+
+impl Plan {
+    /// Records that the bridge entered `state`, at `url` (kept if `None`).
+    fn enter(&self, state: State, url: Option<String>) {
+        let mut status = self.status.lock();
+        if status.state != state {
+            status.since = Some(std::time::SystemTime::now());
+        }
+        status.state = state;
+        if url.is_some() {
+            status.url = url;
+        }
+        status.retry_at = None;
+    }
+
+    /// Records a failure, and the wait before the next round if one is due.
+    fn failed(&self, error: String, wait: Option<Duration>) {
+        let now = std::time::SystemTime::now();
+        let mut status = self.status.lock();
+        status.last_error = Some(error);
+        status.last_error_at = Some(now);
+        if let Some(wait) = wait {
+            if status.state != State::BackingOff {
+                status.since = Some(now);
+            }
+            status.state = State::BackingOff;
+            status.retry_at = now.checked_add(wait);
+        }
+    }
+}
+
 /// Bytes each direction of the in-memory stream of a bridge's local session holds.
 const LOCAL_BUFFER: usize = 256 * 1024;
 /// How long the bridge waits before it opens its local session again, should it close.
@@ -374,8 +464,16 @@ async fn run(inner: Arc<Inner>, plan: Plan, mut ready: Option<Ready>) {
                         .run()
                         .await
                     {
-                        End::Shutdown => return,
+                        End::Shutdown => {
+                            plan.enter(State::Stopped, None);
+                            return;
+                        }
                         End::LocalLost(reason) => {
+                            plan.failed(
+                                format!("the bridge's local session closed ({reason:?})"),
+                                None,
+                            );
+                            plan.enter(State::Connecting, None);
                             warn!(
                                 ?reason,
                                 "the bridge's local session closed; opening it again"
@@ -383,7 +481,10 @@ async fn run(inner: Arc<Inner>, plan: Plan, mut ready: Option<Ready>) {
                         }
                     }
                 }
-                Err(error) => warn!(%error, "cannot open the bridge's local session"),
+                Err(error) => {
+                    warn!(%error, "cannot open the bridge's local session");
+                    plan.failed(format!("cannot open the local session: {error}"), None);
+                }
             }
             tokio::select! {
                 _ = plan.stop.cancelled() => return,
@@ -772,6 +873,8 @@ impl<'a> Running<'a> {
         let bridge = self.plan.bridge.clone();
         let targets = self.plan.targets.clone();
         let config = remote_config(&bridge, &targets[url].url, self.private);
+        self.plan
+            .enter(State::Connecting, Some(targets[url].url.to_string()));
         // A copy: an attempt that fails consumes what it is given.
         let session = self.session.clone();
         self.attempt = Some(Box::pin(async move {
@@ -821,6 +924,7 @@ impl<'a> Running<'a> {
                 self.backoff.reset();
                 self.next_url = 0;
                 self.plan.metrics.up.set(1);
+                self.plan.enter(State::Connected, Some(shown));
                 self.remote = Some(Remote {
                     client,
                     url,
@@ -841,11 +945,15 @@ impl<'a> Running<'a> {
                 warn!(url = %shown, %error, "bridge cannot connect");
                 self.next_url = url + 1;
                 let now = tokio::time::Instant::now();
+                let error = format!("{shown}: {error}");
                 if self.next_url < self.plan.targets.len() {
                     self.retry_at = Some(now);
+                    self.plan.failed(error, None);
                 } else {
                     self.next_url = 0;
-                    self.retry_at = Some(now + self.backoff.next(random_unit()));
+                    let wait = self.backoff.next(random_unit());
+                    self.retry_at = Some(now + wait);
+                    self.plan.failed(error, Some(wait));
                 }
             }
         }
@@ -861,15 +969,26 @@ impl<'a> Running<'a> {
         self.remote_verdicts.clear();
         self.plan.metrics.up.set(0);
         let url = self.plan.targets[remote.url].url.to_string();
-        match why {
+        let error = match why {
             Some((reason, by_server)) => {
                 warn!(url = %url, %reason, by_server, "bridge disconnected");
+                let by = if by_server {
+                    "the remote broker"
+                } else {
+                    "the bridge"
+                };
+                format!("{url}: disconnected by {by}: {reason}")
             }
-            None => warn!(url = %url, "bridge disconnected"),
-        }
+            None => {
+                warn!(url = %url, "bridge disconnected");
+                format!("{url}: connection lost")
+            }
+        };
         self.session = events.into_session().await;
         self.next_url = 0;
-        self.retry_at = Some(tokio::time::Instant::now() + self.backoff.next(random_unit()));
+        let wait = self.backoff.next(random_unit());
+        self.retry_at = Some(tokio::time::Instant::now() + wait);
+        self.plan.failed(error, Some(wait));
     }
 
     /// Disconnects from the remote broker, keeping the session there.

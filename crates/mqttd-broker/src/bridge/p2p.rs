@@ -16,6 +16,7 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use mqttd_client::transport::QuicStream;
@@ -28,6 +29,7 @@ use tracing::{debug, info, Instrument};
 use super::{Bridge, BridgeTransport, BridgeUrl, OpenStream};
 use crate::config::Config;
 use crate::listener::p2p::{load_roots, ALPN_MQTT};
+use crate::peers::{PeerLinks, Registered, Role};
 
 /// The scheme this transport serves.
 pub(crate) const SCHEME: &str = "p2p";
@@ -42,13 +44,15 @@ pub(crate) struct P2pBridges {
     config: NodeConfig,
     /// The key file.
     key_file: std::path::PathBuf,
+    /// Where the bridges' links are registered for the admin API.
+    links: Arc<PeerLinks>,
 }
 
 impl P2pBridges {
     /// The transport for `config`'s bridges. The relays and the relay CA file are read now,
     /// so that a mistake stops the broker; the node is bound later
     /// ([`Self::listeners_bound`] or first use), with the key of `<data_dir>/node.key`.
-    pub(crate) fn new(config: &Config) -> io::Result<Self> {
+    pub(crate) fn new(config: &Config, links: Arc<PeerLinks>) -> io::Result<Self> {
         let p2p = &config.p2p;
         let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
         // Replaced by the key file's when the node is bound.
@@ -81,6 +85,7 @@ impl P2pBridges {
             own: OnceCell::new(),
             config: node,
             key_file: config.data_dir.join(mqttd_p2p::KEY_FILE),
+            links,
         })
     }
 
@@ -129,7 +134,7 @@ impl BridgeTransport for P2pBridges {
         node_addr(url).map(drop)
     }
 
-    fn open<'a>(&'a self, _bridge: &'a Bridge, url: &'a BridgeUrl) -> OpenStream<'a> {
+    fn open<'a>(&'a self, bridge: &'a Bridge, url: &'a BridgeUrl) -> OpenStream<'a> {
         Box::pin(async move {
             let to = node_addr(url).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let node = self.node().await?;
@@ -142,8 +147,12 @@ impl BridgeTransport for P2pBridges {
             info!(node_id = %conn.remote_id(), path, "bridge peer-to-peer connection open");
             let watch =
                 AbortOnDropHandle::new(tokio::spawn(log_paths(conn.clone()).in_current_span()));
+            let registered =
+                self.links
+                    .register(&conn, Role::Bridge, Arc::from(bridge.name.as_str()));
             Ok(Box::new(P2pStream {
                 stream: QuicStream::settled(send, recv),
+                _registered: registered,
                 _conn: conn,
                 _watch: watch,
             })
@@ -169,6 +178,8 @@ async fn log_paths(conn: Connection) {
 /// the stream's shutdown waits until the remote has everything (the DISCONNECT included).
 struct P2pStream {
     stream: QuicStream,
+    /// The link in the admin API's list, while the stream lasts.
+    _registered: Registered,
     _conn: Connection,
     /// The path logger, ended with the stream.
     _watch: AbortOnDropHandle<()>,

@@ -17,6 +17,7 @@ const state = {
   pollTimer: null,
   listTimer: null,
   selectedClient: null,
+  clientsPage: 1,
   selectedTopic: null,
   seenTransports: new Set(),
 };
@@ -442,8 +443,10 @@ window.addEventListener("resize", () => {
 
 let searchDebounce = null;
 
+const CLIENTS_PER_PAGE = 50;
+
 async function loadClients() {
-  const params = new URLSearchParams({ limit: "200" });
+  const params = new URLSearchParams({ limit: String(CLIENTS_PER_PAGE), page: String(state.clientsPage) });
   const prefix = $("clients-search").value.trim();
   if (prefix) params.set("client_id_prefix", prefix);
   if ($("clients-connected").checked) params.set("connected", "true");
@@ -495,8 +498,18 @@ async function loadClients() {
   );
   $("clients-body").replaceChildren(...rows);
   $("clients-empty").hidden = rows.length > 0;
-  const more = list.meta.has_next ? ` (first ${list.data.length} shown)` : "";
-  $("clients-count").textContent = `${fmtNum(list.meta.count)} ${list.meta.count === 1 ? "client" : "clients"}${more}`;
+  const pages = Math.max(1, Math.ceil(list.meta.count / list.meta.limit));
+  if (state.clientsPage > pages) {
+    // The list shrank under this page: show its last one.
+    state.clientsPage = pages;
+    return loadClients();
+  }
+  $("clients-pager").hidden = pages <= 1;
+  $("clients-page").textContent = `page ${fmtNum(list.meta.page)} of ${fmtNum(pages)}`;
+  $("clients-prev").disabled = list.meta.page <= 1;
+  $("clients-next").disabled = !list.meta.has_next;
+  const shown = pages > 1 ? ` (${fmtNum(list.data.length)} on this page)` : "";
+  $("clients-count").textContent = `${fmtNum(list.meta.count)} ${list.meta.count === 1 ? "client" : "clients"}${shown}`;
   if (state.selectedClient) await showClient(state.selectedClient, false);
 }
 
@@ -548,6 +561,16 @@ async function showClient(id, report) {
     ["In flight", fmtNum(c.in_flight)],
     ["Bytes in / out", c.bytes_in === null || c.bytes_in === undefined ? null : `${fmtBytes(c.bytes_in)} / ${fmtBytes(c.bytes_out)}`],
     ["Messages in / out", c.messages_in === null || c.messages_in === undefined ? null : `${fmtNum(c.messages_in)} / ${fmtNum(c.messages_out)}`],
+    // A QUIC or p2p:// client's path, read from its QUIC statistics now.
+    ...(c.quic
+      ? [
+          ["Path now", c.quic.remote_addr || (c.quic.relay ? `relayed via ${c.quic.relay}` : null)],
+          ["Round trip", `${c.quic.rtt_ms.toFixed(1)} ms`],
+          ["Congestion window", fmtBytes(c.quic.cwnd)],
+          ["Packets sent / lost", `${fmtNum(c.quic.sent_packets)} / ${fmtNum(c.quic.lost_packets)}`],
+          ["Datagrams received", fmtNum(c.quic.received_datagrams)],
+        ]
+      : []),
   ].filter(([, v]) => v !== null && v !== undefined);
   const subs = c.subscription_list || [];
   panel.replaceChildren(
@@ -809,7 +832,65 @@ async function loadNetwork() {
       : h("p", { class: "muted" }, "No p2p:// or relay:// listener is configured."),
   );
 
-  const bridges = s.bridges || [];
+  const [bridges, links] = await Promise.all([api("bridges"), api("p2p/peers")]);
+  $("peers").replaceChildren(
+    links.length
+      ? h(
+          "div",
+          { class: "table-wrap" },
+          h(
+            "table",
+            { testid: "peers-table" },
+            h(
+              "thead",
+              {},
+              h(
+                "tr",
+                {},
+                h("th", {}, "Node id"),
+                h("th", {}, "Role"),
+                h("th", {}, "Path"),
+                h("th", { class: "hide-s" }, "Remote"),
+                h("th", { class: "num" }, "RTT"),
+                h("th", { class: "num hide-s" }, "Lost"),
+                h("th", { class: "hide-s" }, "Since"),
+              ),
+            ),
+            h(
+              "tbody",
+              {},
+              links.map((p) =>
+                h(
+                  "tr",
+                  { testid: "peer-row", "data-node-id": p.node_id, "data-path": p.path || "" },
+                  h("td", { class: "id mono", title: p.node_id }, `${p.node_id.slice(0, 12)}…`),
+                  h("td", { title: `${p.direction}, ${p.name}` }, p.role),
+                  h(
+                    "td",
+                    {},
+                    p.path === "direct"
+                      ? h("span", { class: "badge ok" }, "direct")
+                      : p.path === "relayed"
+                        ? h("span", { class: "badge warn" }, "relayed")
+                        : h("span", { class: "badge" }, "no path yet"),
+                  ),
+                  h("td", { class: "mono hide-s wrap-any" }, p.remote || "–"),
+                  h("td", { class: "num" }, p.rtt_ms == null ? "–" : `${p.rtt_ms.toFixed(1)} ms`),
+                  h("td", { class: "num hide-s" }, fmtNum(p.lost_packets)),
+                  h("td", { class: "hide-s nowrap" }, fmtAgo(p.connected_at)),
+                ),
+              ),
+            ),
+          ),
+        )
+      : h("p", { class: "muted", testid: "peers-none" }, "No peer-to-peer link is open."),
+  );
+
+  const stateBadge = (b) => {
+    const label = b.state.replace("_", " ");
+    const kind = b.state === "connected" ? "ok" : b.state === "stopped" ? "bad" : "warn";
+    return h("span", { class: `badge ${kind}`, testid: "bridge-state" }, label);
+  };
   $("bridges").replaceChildren(
     bridges.length
       ? h(
@@ -826,12 +907,14 @@ async function loadNetwork() {
                 {},
                 h("th", {}, "Bridge"),
                 h("th", {}, "State"),
+                h("th", { class: "hide-s" }, "Transport"),
                 h("th", {}, "Remote broker"),
                 h("th", { class: "num" }, "In"),
                 h("th", { class: "num" }, "Out"),
-                h("th", { class: "num" }, "Dropped"),
-                h("th", { class: "num" }, "Queued"),
-                h("th", { class: "num" }, "Reconnects"),
+                h("th", { class: "num hide-s" }, "Dropped"),
+                h("th", { class: "num hide-s" }, "Queued"),
+                h("th", { class: "num hide-s" }, "Reconnects"),
+                h("th", { class: "hide-s hide-m" }, "Last error"),
               ),
             ),
             h(
@@ -840,19 +923,25 @@ async function loadNetwork() {
               bridges.map((b) =>
                 h(
                   "tr",
-                  { testid: "bridge-row", "data-bridge": b.name },
-                  h("td", { class: "id", title: `session ${b.local_client_id}, ${b.topics} topic rules` }, b.name),
+                  { testid: "bridge-row", "data-bridge": b.name, "data-state": b.state },
+                  h("td", { class: "id", title: `session ${b.local_client_id}, topics: ${b.topics.join("; ")}` }, b.name),
                   h(
                     "td",
-                    {},
-                    b.connected ? h("span", { class: "badge ok" }, "connected") : h("span", { class: "badge warn" }, "connecting"),
+                    { class: "nowrap", title: b.retry_at ? `next attempt ${fmtTime(b.retry_at)}` : null },
+                    stateBadge(b),
                   ),
-                  h("td", { class: "mono" }, b.urls.join(", ")),
+                  h("td", { class: "hide-s" }, b.transport),
+                  h("td", { class: "mono" }, b.remote || b.urls.join(", ")),
                   h("td", { class: "num" }, fmtNum(b.messages_in)),
                   h("td", { class: "num" }, fmtNum(b.messages_out)),
-                  h("td", { class: "num" }, fmtNum(b.messages_dropped)),
-                  h("td", { class: "num" }, fmtNum(b.queued)),
-                  h("td", { class: "num" }, fmtNum(b.reconnects)),
+                  h("td", { class: "num hide-s" }, fmtNum(b.messages_dropped)),
+                  h("td", { class: "num hide-s" }, fmtNum(b.queued)),
+                  h("td", { class: "num hide-s" }, fmtNum(b.reconnects)),
+                  h(
+                    "td",
+                    { class: "hide-s hide-m wrap-any", testid: "bridge-error", title: b.last_error_at ? fmtTime(b.last_error_at) : null },
+                    b.last_error || "–",
+                  ),
                 ),
               ),
             ),
@@ -872,9 +961,21 @@ $("login-form").addEventListener("submit", signIn);
 $("logout").addEventListener("click", () => signOut(null));
 $("clients-search").addEventListener("input", () => {
   clearTimeout(searchDebounce);
+  state.clientsPage = 1;
   searchDebounce = setTimeout(refreshPage, 250);
 });
-$("clients-connected").addEventListener("change", refreshPage);
+$("clients-connected").addEventListener("change", () => {
+  state.clientsPage = 1;
+  refreshPage();
+});
+$("clients-prev").addEventListener("click", () => {
+  state.clientsPage = Math.max(1, state.clientsPage - 1);
+  refreshPage();
+});
+$("clients-next").addEventListener("click", () => {
+  state.clientsPage += 1;
+  refreshPage();
+});
 $("retained-form").addEventListener("submit", (e) => {
   e.preventDefault();
   closeRetained();

@@ -121,6 +121,27 @@ pub(crate) trait QuicConn: Send + Sync + 'static {
 
     /// The gauge of such connections open now.
     fn open_gauge(metrics: &Metrics) -> &Gauge;
+
+    /// What the admin API reads of the connection's path when asked.
+    fn probe(&self) -> crate::broker::PathProbe;
+}
+
+/// The admin API's view of a path's statistics.
+pub(crate) fn path_view(
+    stats: &PathStats,
+    remote: Option<SocketAddr>,
+    relay: Option<String>,
+) -> crate::broker::QuicPathView {
+    crate::broker::QuicPathView {
+        rtt: stats.rtt,
+        cwnd: stats.cwnd,
+        congestion_events: stats.congestion_events,
+        sent_packets: stats.sent_packets,
+        lost_packets: stats.lost_packets,
+        received_datagrams: stats.udp_rx.datagrams,
+        remote,
+        relay,
+    }
 }
 
 impl QuicConn for Connection {
@@ -157,6 +178,19 @@ impl QuicConn for Connection {
 
     fn open_gauge(metrics: &Metrics) -> &Gauge {
         &metrics.quic_connections
+    }
+
+    fn probe(&self) -> crate::broker::PathProbe {
+        let weak = self.weak_handle();
+        crate::broker::PathProbe(Box::new(move || {
+            let conn = weak.upgrade()?;
+            // The broker negotiates no multipath: path 0 moves with the client.
+            let stats = conn.path_stats(noq::PathId::ZERO)?;
+            let remote = conn
+                .path(noq::PathId::ZERO)
+                .and_then(|p| p.remote_address().ok());
+            Some(path_view(&stats, remote, None))
+        }))
     }
 }
 
@@ -429,6 +463,7 @@ async fn drive<C: QuicConn>(
 ) {
     let interval = Duration::from_secs(inner.config.quic.stats_interval);
     let mut stats = QuicStats::new(&conn, addr, interval, now());
+    let _ = core.mailbox().path.set(conn.probe());
     run(&inner, &mut core, &conn, &mut stats)
         .instrument(span.clone())
         .await;

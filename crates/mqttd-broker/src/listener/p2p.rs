@@ -380,6 +380,14 @@ impl Attempt {
             .inc();
         debug!(node_id = %id, peer = %self.addr, listener = %self.name, direct, "peer-to-peer connection open");
         self.watch_traversal(&conn);
+        let role = match conn.alpn() {
+            ALPN_MQTT => Some(crate::peers::Role::Client),
+            PING_ALPN => Some(crate::peers::Role::Ping),
+            _ => None,
+        };
+        // In the admin API's list until this connection's task ends.
+        let _registered =
+            role.map(|role| self.inner.peers.register(&conn, role, self.name.clone()));
         match conn.alpn() {
             ALPN_MQTT => {
                 let mut peer = Peer::new(Transport::P2p, self.addr, self.name.clone());
@@ -509,5 +517,18 @@ impl QuicConn for P2pConn {
 
     fn open_gauge(metrics: &Metrics) -> &Gauge {
         &metrics.p2p_connections_open
+    }
+
+    fn probe(&self) -> crate::broker::PathProbe {
+        let weak = self.conn.downgrade();
+        crate::broker::PathProbe(Box::new(move || {
+            let (kind, stats) = weak.upgrade()?.selected_path_stats()?;
+            let (remote, relay) = match kind {
+                PathKind::Direct(addr) => (Some(addr), None),
+                PathKind::Relayed(url) => (None, Some(url.to_string())),
+                _ => (None, None),
+            };
+            Some(crate::drivers::quic::path_view(&stats, remote, relay))
+        }))
     }
 }
