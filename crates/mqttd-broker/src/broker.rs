@@ -203,7 +203,8 @@ impl Mailbox {
     /// Returns `false`, registering nothing, if something waits already.
     pub(crate) fn wake_on_arrival(&self, waker: &Waker) -> bool {
         let mut slots = self.slots.lock();
-        if !slots.inbox.deliveries.is_empty() || slots.inbox.takeover.is_some() || slots.inbox.kick {
+        if !slots.inbox.deliveries.is_empty() || slots.inbox.takeover.is_some() || slots.inbox.kick
+        {
             return false;
         }
         slots.waker = Some(waker.clone());

@@ -47,6 +47,13 @@
 
 mod feed;
 mod output;
+/// Frees an empty vector's buffer.
+fn release_vec<T>(v: &mut Vec<T>) {
+    if v.is_empty() && v.capacity() > 0 {
+        *v = Vec::new();
+    }
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -397,6 +404,17 @@ impl ConnectionCore {
             && self.awaiting.is_none()
             && self.retained.is_none()
             && self.outputs.iter().all(|(_, o)| o.buf.is_empty())
+    }
+
+    /// Gives back the memory of empty buffers, queues and tables, for an idle connection
+    /// about to wait a while (a parked one): it then holds its state and nothing more.
+    /// Changes nothing else.
+    pub(crate) fn compact(&mut self) {
+        self.conn.compact();
+        self.outputs.compact();
+        release_vec(&mut self.stream_needs);
+        release_vec(&mut self.blocked);
+        release_vec(&mut self.hints);
     }
 
     // ---- Inputs ------------------------------------------------------------------------------

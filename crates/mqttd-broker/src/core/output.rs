@@ -128,6 +128,18 @@ pub(crate) struct Outputs {
 }
 
 impl Outputs {
+    /// Frees the buffers of outputs with nothing to send (see [`ConnectionCore::compact`]).
+    ///
+    /// [`ConnectionCore::compact`]: super::ConnectionCore::compact
+    pub(crate) fn compact(&mut self) {
+        for output in std::iter::once(&mut self.control).chain(self.data.iter_mut().map(|(_, o)| o))
+        {
+            if output.buf.is_empty() && output.buf.capacity() > 0 {
+                output.buf = BytesMut::new();
+            }
+        }
+    }
+
     /// The output of `stream`, created if new.
     pub(crate) fn get_mut(&mut self, stream: StreamId) -> &mut Output {
         if stream.is_control() {
