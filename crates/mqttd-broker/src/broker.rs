@@ -72,7 +72,9 @@ pub(crate) struct Mailbox {
 /// A connected client as the admin API shows it: what its CONNECT settled.
 #[derive(Debug)]
 pub(crate) struct ConnInfo {
-    pub(crate) client: ClientInfo,
+    /// Shared with the connection's core, which holds the same (until a re-authentication
+    /// changes its user name).
+    pub(crate) client: Arc<ClientInfo>,
     /// The keep alive the broker enforces, in seconds.
     pub(crate) keep_alive: u16,
     pub(crate) clean_start: bool,

@@ -159,6 +159,31 @@ enum Waiting {
     Session(Box<Connecting>),
 }
 
+/// Who a connection is with.
+enum Who {
+    /// Boxed, as everything an idle connection holds but rarely reads: its size is paid per
+    /// connection.
+    Peer(Box<Peer>),
+    /// The accepted client, shared with the mailbox's [`ConnInfo`]: one copy per connection.
+    Client(Arc<ClientInfo>),
+}
+
+impl Who {
+    fn peer(&self) -> &Peer {
+        match self {
+            Self::Peer(peer) => peer,
+            Self::Client(client) => &client.peer,
+        }
+    }
+
+    fn client(&self) -> Option<&ClientInfo> {
+        match self {
+            Self::Peer(_) => None,
+            Self::Client(client) => Some(client),
+        }
+    }
+}
+
 /// An authenticated CONNECT waiting for its session.
 struct Connecting {
     request: ConnectRequest,
@@ -201,15 +226,14 @@ struct Awaiting {
 /// One client connection's broker-side logic. See the module documentation.
 pub(crate) struct ConnectionCore {
     inner: Arc<Inner>,
-    /// Boxed, as everything an idle connection holds but rarely reads: its size is paid per
-    /// connection.
-    peer: Box<Peer>,
+    /// Who is connected: the peer until CONNECT is accepted, then the client (which holds
+    /// the peer, so it is kept once).
+    who: Who,
     conn: ServerConnection,
     reader: PacketReader,
     outputs: Outputs,
     mailbox: Arc<Mailbox>,
     handle: Option<Arc<SessionHandle>>,
-    client: Option<Box<ClientInfo>>,
     takeover_reply: Option<SessionReply>,
     /// A request for the driver, not yet taken.
     request: Option<Request>,
@@ -258,13 +282,12 @@ impl ConnectionCore {
         let reader = PacketReader::new(conn.max_packet_size());
         Self {
             inner,
-            peer: Box::new(peer),
+            who: Who::Peer(Box::new(peer)),
             conn,
             reader,
             outputs: Outputs::default(),
             mailbox: Arc::default(),
             handle: None,
-            client: None,
             takeover_reply: None,
             request: None,
             waiting: None,
@@ -734,6 +757,7 @@ impl ConnectionCore {
             Box::new(StoredWill { will, delay })
         });
         self.save_session(StreamId::CONTROL);
+        let client = Arc::new(client);
         let _ = self.mailbox.conn.set(Box::new(ConnInfo {
             client: client.clone(),
             keep_alive: request.keep_alive,
@@ -741,7 +765,7 @@ impl ConnectionCore {
             session_expiry: request.session_expiry_interval,
             connected_at: now,
         }));
-        self.client = Some(Box::new(client));
+        self.who = Who::Client(client);
     }
 
     /// Tries again to hand over what waits for room; acknowledges each publication once
@@ -1047,7 +1071,7 @@ impl ConnectionCore {
         }
         // Asked of the hooks for every message, and of the ACL as loaded now (it may have
         // been reloaded since the client connected).
-        if let Some(client) = &self.client {
+        if let Who::Client(client) = &self.who {
             if !self
                 .inner
                 .authorize(client, Action::Receive, &delivery.message.topic)
@@ -1110,7 +1134,7 @@ impl ConnectionCore {
                 Event::Closed { reason, by_client } => {
                     self.closed_by_client = by_client;
                     self.close_reason = Some(reason);
-                    if let Some(client) = &self.client {
+                    if let Who::Client(client) = &self.who {
                         self.inner.metrics.clients_connected.dec();
                         self.inner.metrics.clients_over(client.peer.transport).dec();
                         info!(%reason, by_client, "client disconnected");
@@ -1134,7 +1158,7 @@ impl ConnectionCore {
             .client_id
             .as_str()
             .starts_with(LOCAL_CLIENT_PREFIX);
-        if self.peer.transport == Transport::Bridge {
+        if self.who.peer().transport == Transport::Bridge {
             // A bridge's own session: trusted, configured with the broker.
             return self.finish_connect(now, request, None);
         }
@@ -1171,7 +1195,7 @@ impl ConnectionCore {
                 username: connect.username.clone(),
                 password: connect.password.clone(),
                 version: connect.protocol,
-                peer: (*self.peer).clone(),
+                peer: self.who.peer().clone(),
             })));
             self.waiting = Some(Waiting::Password(request));
             return;
@@ -1181,7 +1205,7 @@ impl ConnectionCore {
             username: connect.username.as_ref(),
             password: connect.password.as_ref(),
             version: connect.protocol,
-            peer: &self.peer,
+            peer: self.who.peer(),
         });
         match verdict {
             Ok(()) => self.finish_connect(now, request, None),
@@ -1197,14 +1221,14 @@ impl ConnectionCore {
     /// peer's node id on `p2p://` with `p2p.use_node_id_as_username`. `None` otherwise.
     fn certificate_username(&self) -> Option<CertificateUser> {
         let config = &self.inner.config;
-        let enabled = match self.peer.transport {
+        let enabled = match self.who.peer().transport {
             Transport::P2p => self.inner.node_id_as_username.load(Ordering::Relaxed),
             transport => config.tls.use_identity_as_username && transport.is_secure(),
         };
         if !enabled {
             return None;
         }
-        Some(match &self.peer.tls_identity {
+        Some(match &self.who.peer().tls_identity {
             Some(identity) => match MqttStr::try_from(&**identity) {
                 Ok(user) => CertificateUser::Named(user),
                 Err(_) => CertificateUser::Invalid,
@@ -1226,7 +1250,7 @@ impl ConnectionCore {
         let connect = &request.connect;
         let verdict = match (&identity, &connect.properties.authentication_method) {
             (CertificateUser::Invalid, _) => {
-                info!(identity = ?self.peer.tls_identity, "certificate identity is not a valid user name");
+                info!(identity = ?self.who.peer().tls_identity, "certificate identity is not a valid user name");
                 Err(ReasonCode::NotAuthorized)
             }
             // The certificate is the credential; no second method on top of it.
@@ -1237,7 +1261,7 @@ impl ConnectionCore {
                     username: Some(user),
                     password: None,
                     version: connect.protocol,
-                    peer: &self.peer,
+                    peer: self.who.peer(),
                 };
                 match self.inner.hooks.authenticate(&attempt) {
                     Verdict::Allow | Verdict::Defer => Ok(()),
@@ -1249,13 +1273,13 @@ impl ConnectionCore {
                 username: None,
                 password: None,
                 version: connect.protocol,
-                peer: &self.peer,
+                peer: self.who.peer(),
             }),
         };
         match verdict {
             Ok(()) => self.finish_connect(now, request, None),
             Err(reason) => {
-                info!(%reason, identity = ?self.peer.tls_identity, "authentication by certificate failed");
+                info!(%reason, identity = ?self.who.peer().tls_identity, "authentication by certificate failed");
                 self.refuse(now, reason);
             }
         }
@@ -1301,8 +1325,9 @@ impl ConnectionCore {
                 match pending.connect {
                     Some(request) => self.finish_connect(now, request, Some(server_final.into())),
                     None => {
-                        if let (Some(client), Some(user)) = (&mut self.client, &self.scram_user) {
-                            client.username = Some(MqttStr::clone(user));
+                        if let (Who::Client(client), Some(user)) = (&mut self.who, &self.scram_user)
+                        {
+                            Arc::make_mut(client).username = Some(MqttStr::clone(user));
                         }
                         let _ = self.conn.reauth_success(Some(server_final.into()));
                     }
@@ -1366,7 +1391,7 @@ impl ConnectionCore {
             client_id,
             username,
             version: connect.protocol,
-            peer: (*self.peer).clone(),
+            peer: self.who.peer().clone(),
         };
         // The will is published on the client's behalf: refuse the CONNECT (as Mosquitto does)
         // rather than let it reach a topic the client may not publish to. Checked before the
@@ -1388,7 +1413,7 @@ impl ConnectionCore {
         // first. Resuming or replacing one counted already adds none; a bridge's own session is
         // configured with the broker and always gets one.
         let adds_session = request.session_expiry_interval > 0
-            && self.peer.transport != Transport::Bridge
+            && self.who.peer().transport != Transport::Bridge
             && !self
                 .inner
                 .sessions
@@ -1578,7 +1603,7 @@ impl ConnectionCore {
         if !self.topic_within_limits(topic) {
             return Err(ReasonCode::TopicNameInvalid);
         }
-        let Some(client) = &self.client else {
+        let Who::Client(client) = &self.who else {
             return Err(ReasonCode::NotAuthorized);
         };
         if !self.inner.authorize(client, Action::Publish, topic) {
@@ -1600,7 +1625,7 @@ impl ConnectionCore {
     }
 
     fn on_subscribe(&mut self, now: Instant, stream: StreamId, subscribe: Subscribe) {
-        let (Some(handle), Some(client)) = (self.handle.clone(), self.client.as_ref()) else {
+        let (Some(handle), Some(client)) = (self.handle.clone(), self.who.client()) else {
             return;
         };
         let config = &self.inner.config;
