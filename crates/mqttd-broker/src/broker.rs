@@ -810,7 +810,7 @@ pub(crate) enum Discard {
 /// The shared broker state.
 pub(crate) struct Inner {
     pub(crate) config: Config,
-    pub(crate) server_config: ServerConfig,
+    pub(crate) server_config: Arc<ServerConfig>,
     subscriptions: ArcSwap<Tree>,
     subscription_writer: Mutex<()>,
     pub(crate) sessions: DashMap<ClientId, Arc<SessionHandle>>,
@@ -891,7 +891,7 @@ impl Inner {
             bridges: crate::bridge::Bridges::default(),
             node_id_as_username,
             config,
-            server_config,
+            server_config: Arc::new(server_config),
             subscriptions: ArcSwap::from_pointee(Tree::new()),
             subscription_writer: Mutex::new(()),
             sessions: DashMap::new(),

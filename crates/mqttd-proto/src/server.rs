@@ -36,6 +36,7 @@
 
 use std::collections::VecDeque;
 use std::num::{NonZeroU16, NonZeroU32};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -285,7 +286,8 @@ enum State {
 /// The server's state machine for one client connection.
 #[derive(Debug)]
 pub struct ServerConnection {
-    config: ServerConfig,
+    /// Shared: a broker's connections all have the same, and each would pay its size.
+    config: Arc<ServerConfig>,
     version: Option<ProtocolVersion>,
     state: State,
     transmits: Transmits,
@@ -296,8 +298,10 @@ pub struct ServerConnection {
 }
 
 impl ServerConnection {
-    /// A connection whose transport was just established at `now`.
-    pub fn new(config: ServerConfig, now: Instant) -> Self {
+    /// A connection whose transport was just established at `now`. Pass an
+    /// `Arc<ServerConfig>` to share one configuration between connections.
+    pub fn new(config: impl Into<Arc<ServerConfig>>, now: Instant) -> Self {
+        let config = config.into();
         let deadline = now + config.connect_timeout;
         Self {
             config,

@@ -47,13 +47,7 @@
 
 mod feed;
 mod output;
-/// Frees an empty vector's buffer.
-fn release_vec<T>(v: &mut Vec<T>) {
-    if v.is_empty() && v.capacity() > 0 {
-        *v = Vec::new();
-    }
-}
-
+mod sparse;
 #[cfg(test)]
 mod tests;
 
@@ -86,6 +80,7 @@ use crate::storage::{Batch, StoredWill, Ticket, Watermark};
 use feed::{BlockedPublish, Held, RetainedFeed};
 pub(crate) use output::Output;
 use output::Outputs;
+use sparse::SparseVec;
 
 /// Output waiting beyond this many bytes pauses reading and makes publishers of QoS 0
 /// messages for this client wait (see `SessionHandle::congested`).
@@ -253,17 +248,17 @@ pub(crate) struct ConnectionCore {
     /// packet from that stream, which its answer goes back on. Output on the control stream
     /// never waits for these, so a data stream's held acknowledgement does not hold PINGRESP,
     /// DISCONNECT or AUTH.
-    stream_needs: Vec<(StreamId, Ticket)>,
+    stream_needs: SparseVec<(StreamId, Ticket)>,
     /// The latest watermark the driver passed in.
     watermark: Watermark,
     awaiting: Option<Box<Awaiting>>,
     /// Publications waiting for room in subscriber queues or output before they are
     /// acknowledged and their stream is read from again; at most one per stream.
-    blocked: Vec<BlockedPublish>,
+    blocked: SparseVec<BlockedPublish>,
     /// Retained messages for new subscriptions still to send, at the pace the client reads.
     retained: Option<Box<RetainedFeed>>,
     /// Subscriptions made on data streams, whose messages go on those streams.
-    hints: Vec<(TopicFilter, StreamId)>,
+    hints: SparseVec<(TopicFilter, StreamId)>,
     /// Whether the client ended the connection (DISCONNECT, or its transport closed).
     closed_by_client: bool,
     /// Why the connection closed, once it has.
@@ -296,12 +291,12 @@ impl ConnectionCore {
             unaccepted: None,
             will: None,
             needs: Ticket::NONE,
-            stream_needs: Vec::new(),
+            stream_needs: SparseVec::new(),
             watermark,
             awaiting: None,
-            blocked: Vec::new(),
+            blocked: SparseVec::new(),
             retained: None,
-            hints: Vec::new(),
+            hints: SparseVec::new(),
             closed_by_client: false,
             close_reason: None,
             resets: None,
@@ -435,9 +430,9 @@ impl ConnectionCore {
     pub(crate) fn compact(&mut self) {
         self.conn.compact();
         self.outputs.compact();
-        release_vec(&mut self.stream_needs);
-        release_vec(&mut self.blocked);
-        release_vec(&mut self.hints);
+        self.stream_needs.release_if_empty();
+        self.blocked.release_if_empty();
+        self.hints.release_if_empty();
     }
 
     // ---- Inputs ------------------------------------------------------------------------------
@@ -554,12 +549,13 @@ impl ConnectionCore {
         // What was owed on it now goes on the control stream, and still waits for the changes
         // it acknowledges; the entry goes, so that streams that come and go leave nothing.
         if let Some(at) = self.stream_needs.iter().position(|(s, _)| *s == stream) {
-            let (_, ticket) = self.stream_needs.swap_remove(at);
-            self.needs.merge(ticket);
+            if let Some((_, ticket)) = self.stream_needs.swap_remove(at) {
+                self.needs.merge(ticket);
+            }
         }
         // Its waiting publications were read: they are still routed, and their
         // acknowledgements go on the control stream.
-        for b in &mut self.blocked {
+        for b in self.blocked.iter_mut() {
             if b.stream == stream {
                 b.stream = StreamId::CONTROL;
             }
@@ -800,7 +796,7 @@ impl ConnectionCore {
                 }
             }
             if b.held.is_empty() {
-                done.push(self.blocked.remove(i));
+                done.extend(self.blocked.remove(i));
             } else {
                 i += 1;
             }

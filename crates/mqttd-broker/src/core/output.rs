@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use bytes::BytesMut;
 use mqttd_proto::StreamId;
 
+use super::sparse::SparseVec;
 use crate::storage::{Ticket, Watermark};
 
 /// One stream's output: encoded packets, and the changes parts of them wait for.
@@ -124,7 +125,8 @@ impl Output {
 #[derive(Debug, Default)]
 pub(crate) struct Outputs {
     control: Output,
-    data: Vec<(StreamId, Output)>,
+    /// Data streams' (multi-stream QUIC only).
+    data: SparseVec<(StreamId, Output)>,
 }
 
 impl Outputs {
@@ -138,6 +140,7 @@ impl Outputs {
                 output.buf = BytesMut::new();
             }
         }
+        self.data.release_if_empty();
     }
 
     /// The output of `stream`, created if new.
