@@ -154,6 +154,32 @@ enum Waiting {
     Session(Box<Connecting>),
 }
 
+/// What a connection's core holds only for moments of its life (CONNECT, a SCRAM exchange, a
+/// takeover): boxed together, so that an established connection pays one pointer for it.
+#[derive(Default)]
+struct Rare {
+    /// A request for the driver, not yet taken.
+    request: Option<Request>,
+    /// What the core waits for: events are left unprocessed until it comes.
+    waiting: Option<Waiting>,
+    /// A SCRAM exchange waiting for the client's final message.
+    scram: Option<Box<PendingScram>>,
+    /// A session acquired for a connection that closed before CONNACK.
+    unaccepted: Option<Box<Session>>,
+    /// Where to hand the session when another connection takes it over.
+    takeover_reply: Option<SessionReply>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.request.is_none()
+            && self.waiting.is_none()
+            && self.scram.is_none()
+            && self.unaccepted.is_none()
+            && self.takeover_reply.is_none()
+    }
+}
+
 /// Who a connection is with.
 enum Who {
     /// Boxed, as everything an idle connection holds but rarely reads: its size is paid per
@@ -229,17 +255,11 @@ pub(crate) struct ConnectionCore {
     outputs: Outputs,
     mailbox: Arc<Mailbox>,
     handle: Option<Arc<SessionHandle>>,
-    takeover_reply: Option<SessionReply>,
-    /// A request for the driver, not yet taken.
-    request: Option<Request>,
-    /// What the core waits for: events are left unprocessed until it comes.
-    waiting: Option<Waiting>,
-    /// A SCRAM exchange waiting for the client's final message.
-    scram: Option<Box<PendingScram>>,
+    /// What the core holds only while the connection is set up, re-authenticated or taken
+    /// over; `None` the rest of the time.
+    rare: Option<Box<Rare>>,
     /// The identity SCRAM established, which stands in for the user name.
     scram_user: Option<Box<MqttStr>>,
-    /// A session acquired for a connection that closed before CONNACK.
-    unaccepted: Option<Box<Session>>,
     /// The client's will, kept with its session record in storage.
     will: Option<Box<StoredWill>>,
     /// The latest storage change that output on every stream must wait for.
@@ -283,12 +303,8 @@ impl ConnectionCore {
             outputs: Outputs::default(),
             mailbox: Arc::default(),
             handle: None,
-            takeover_reply: None,
-            request: None,
-            waiting: None,
-            scram: None,
+            rare: None,
             scram_user: None,
-            unaccepted: None,
             will: None,
             needs: Ticket::NONE,
             stream_needs: SparseVec::new(),
@@ -319,7 +335,7 @@ impl ConnectionCore {
 
     /// The next request for the driver.
     pub(crate) fn poll_request(&mut self) -> Option<Request> {
-        self.request.take()
+        self.rare.as_mut().and_then(|r| r.request.take())
     }
 
     // Used by the multi-stream QUIC driver and the tests; a byte-stream connection has no
@@ -350,7 +366,7 @@ impl ConnectionCore {
     #[cfg_attr(not(test), allow(dead_code))]
     /// Whether the core waits for the answer to a request.
     pub(crate) fn is_waiting(&self) -> bool {
-        self.waiting.is_some()
+        self.rare.as_ref().is_some_and(|r| r.waiting.is_some())
     }
 
     /// The output of `stream`: what may be written is [`Output::writable`]; report what was
@@ -374,7 +390,7 @@ impl ConnectionCore {
     /// before CONNACK (what a client sends on one meanwhile waits in its transport).
     pub(crate) fn wants_read(&self, stream: StreamId) -> bool {
         !self.conn.is_closed()
-            && self.waiting.is_none()
+            && !self.is_waiting()
             && (stream.is_control() || self.conn.is_connected())
             && self
                 .outputs
@@ -416,7 +432,7 @@ impl ConnectionCore {
     /// Call it after [`Self::process`].
     pub(crate) fn is_idle(&self) -> bool {
         self.conn.is_connected()
-            && self.request.is_none()
+            && self.rare.as_ref().is_none_or(|r| r.request.is_none())
             && self.wants_read(StreamId::CONTROL)
             && self.blocked.is_empty()
             && self.awaiting.is_none()
@@ -428,11 +444,24 @@ impl ConnectionCore {
     /// about to wait a while (a parked one): it then holds its state and nothing more.
     /// Changes nothing else.
     pub(crate) fn compact(&mut self) {
+        if self.rare.as_ref().is_some_and(|r| r.is_empty()) {
+            self.rare = None;
+        }
         self.conn.compact();
         self.outputs.compact();
         self.stream_needs.release_if_empty();
         self.blocked.release_if_empty();
         self.hints.release_if_empty();
+    }
+
+    /// The rarely used state, made if there is none.
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_default()
+    }
+
+    /// What the core waits for, taken.
+    fn take_waiting(&mut self) -> Option<Waiting> {
+        self.rare.as_mut()?.waiting.take()
     }
 
     // ---- Inputs ------------------------------------------------------------------------------
@@ -591,7 +620,7 @@ impl ConnectionCore {
             }
         }
         if let Some(reply) = inbox.takeover {
-            self.takeover_reply = Some(reply);
+            self.rare().takeover_reply = Some(reply);
             self.conn.disconnect(now, ReasonCode::SessionTakenOver);
         }
         if inbox.kick {
@@ -681,7 +710,7 @@ impl ConnectionCore {
 
     /// The answer to [`Request::CheckPassword`].
     pub(crate) fn authenticated(&mut self, now: Instant, verdict: Result<(), ReasonCode>) {
-        let Some(Waiting::Password(request)) = self.waiting.take() else {
+        let Some(Waiting::Password(request)) = self.take_waiting() else {
             return;
         };
         match verdict {
@@ -696,20 +725,20 @@ impl ConnectionCore {
     /// No answer can be had to the outstanding request (no turn before the CONNECT deadline,
     /// shutdown): the CONNECT is refused with `reason`.
     pub(crate) fn abandon(&mut self, now: Instant, reason: ReasonCode) {
-        if self.waiting.take().is_some() {
+        if self.take_waiting().is_some() {
             let _ = self.conn.reject(now, reason);
         }
     }
 
     /// The answer to [`Request::AcquireSession`]: CONNACK follows.
     pub(crate) fn session_acquired(&mut self, now: Instant, acquired: Acquired) {
-        let Some(Waiting::Session(connecting)) = self.waiting.take() else {
+        let Some(Waiting::Session(connecting)) = self.take_waiting() else {
             // Not asked for: hand it straight back to the broker.
             if acquired.session.expiry_interval() > 0 {
                 self.inner.persistent_sessions.count(&acquired.handle, None);
             }
             self.handle = Some(acquired.handle);
-            self.unaccepted = Some(Box::new(acquired.session));
+            self.rare().unaccepted = Some(Box::new(acquired.session));
             return;
         };
         let Connecting {
@@ -729,7 +758,7 @@ impl ConnectionCore {
         if self.conn.is_closed() {
             // The client left while the session was being acquired: keep the session.
             debug!("connection closed during CONNECT");
-            self.unaccepted = Some(Box::new(acquired.session));
+            self.rare().unaccepted = Some(Box::new(acquired.session));
             return;
         }
         let mut accept = Accept::new(acquired.session, acquired.present);
@@ -1098,7 +1127,7 @@ impl ConnectionCore {
 
     /// Handles the protocol core's events until one needs a request.
     fn process_events(&mut self, now: Instant) {
-        while self.waiting.is_none() {
+        while !self.is_waiting() {
             let Some((stream, event)) = self.conn.poll_event_tagged() else {
                 return;
             };
@@ -1175,7 +1204,7 @@ impl ConnectionCore {
                 .unwrap_or_default();
             match self.start_scram(method, &data) {
                 Ok((state, server_first)) => {
-                    self.scram = Some(Box::new(PendingScram {
+                    self.rare().scram = Some(Box::new(PendingScram {
                         state,
                         connect: Some(request),
                     }));
@@ -1186,14 +1215,14 @@ impl ConnectionCore {
             return;
         }
         if connect.username.is_some() && self.inner.auth.load().passwords.is_some() {
-            self.request = Some(Request::CheckPassword(Box::new(PasswordCheck {
+            self.rare().request = Some(Request::CheckPassword(Box::new(PasswordCheck {
                 client_id: connect.client_id.clone(),
                 username: connect.username.clone(),
                 password: connect.password.clone(),
                 version: connect.protocol,
                 peer: self.who.peer().clone(),
             })));
-            self.waiting = Some(Waiting::Password(request));
+            self.rare().waiting = Some(Waiting::Password(request));
             return;
         }
         let verdict = self.inner.authenticate(&ConnectAttempt {
@@ -1310,7 +1339,7 @@ impl ConnectionCore {
     }
 
     fn on_auth_continue(&mut self, now: Instant, data: Option<Bytes>) {
-        let Some(pending) = self.scram.take() else {
+        let Some(pending) = self.rare.as_mut().and_then(|r| r.scram.take()) else {
             return self.refuse(now, ReasonCode::ProtocolError);
         };
         let user = MqttStr::try_from(pending.state.username()).ok();
@@ -1353,7 +1382,7 @@ impl ConnectionCore {
         let method = MqttStr::from_static(MECHANISM).unwrap_or_default();
         match self.start_scram(&method, data.as_deref().unwrap_or_default()) {
             Ok((state, server_first)) => {
-                self.scram = Some(Box::new(PendingScram {
+                self.rare().scram = Some(Box::new(PendingScram {
                     state,
                     connect: None,
                 }));
@@ -1431,12 +1460,12 @@ impl ConnectionCore {
         } else {
             None
         };
-        self.request = Some(Request::AcquireSession(Box::new(SessionRequest {
+        self.rare().request = Some(Request::AcquireSession(Box::new(SessionRequest {
             client_id: client.client_id.clone(),
             clean_start: connect.clean_start,
             expiry: request.session_expiry_interval,
         })));
-        self.waiting = Some(Waiting::Session(Box::new(Connecting {
+        self.rare().waiting = Some(Waiting::Session(Box::new(Connecting {
             request,
             client,
             assigned,
@@ -1754,7 +1783,7 @@ impl ConnectionCore {
         let mut session = self
             .conn
             .take_session()
-            .or_else(|| self.unaccepted.take().map(|s| *s));
+            .or_else(|| self.rare.as_mut()?.unaccepted.take().map(|s| *s));
         // Stored messages that waited for their changes to be durable go first, in order;
         // they enter the session's queue once it is known where the session goes next.
         let mut waiting: Vec<Delivery> = self
@@ -1780,12 +1809,16 @@ impl ConnectionCore {
             waiting.extend(inbox.deliveries);
         };
         let id = handle.client_id.clone();
-        if self.takeover_reply.is_none() {
+        if self
+            .rare
+            .as_ref()
+            .is_none_or(|r| r.takeover_reply.is_none())
+        {
             let mut slot = handle.slot.lock();
             let ours =
                 matches!(&*slot, Slot::Online { mailbox } if Arc::ptr_eq(mailbox, &self.mailbox));
             if ours {
-                drain(&mut waiting, &mut self.takeover_reply);
+                drain(&mut waiting, &mut self.rare().takeover_reply);
                 *slot = Slot::Transferring { buffer: Vec::new() };
                 drop(slot);
                 match session {
@@ -1818,10 +1851,10 @@ impl ConnectionCore {
             }
             // Another connection is taking the session over; its request is in the mailbox.
         }
-        drain(&mut waiting, &mut self.takeover_reply);
+        drain(&mut waiting, &mut self.rare().takeover_reply);
         self.inner
             .enqueue_all(now, &id, session.as_mut(), waiting, Headed::Online);
-        if let Some(reply) = self.takeover_reply.take() {
+        if let Some(reply) = self.rare.as_mut().and_then(|r| r.takeover_reply.take()) {
             reply.send(session);
         }
     }
