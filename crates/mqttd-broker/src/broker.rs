@@ -105,7 +105,9 @@ impl std::fmt::Debug for PathProbe {
 /// A connected client as the admin API shows it: what its CONNECT settled.
 #[derive(Debug)]
 pub(crate) struct ConnInfo {
-    pub(crate) client: ClientInfo,
+    /// Shared with the connection's core, which holds the same (until a re-authentication
+    /// changes its user name).
+    pub(crate) client: Arc<ClientInfo>,
     /// The keep alive the broker enforces, in seconds.
     pub(crate) keep_alive: u16,
     pub(crate) clean_start: bool,
@@ -859,7 +861,7 @@ pub(crate) enum Discard {
 /// The shared broker state.
 pub(crate) struct Inner {
     pub(crate) config: Config,
-    pub(crate) server_config: ServerConfig,
+    pub(crate) server_config: Arc<ServerConfig>,
     subscriptions: ArcSwap<Tree>,
     subscription_writer: Mutex<()>,
     pub(crate) sessions: DashMap<ClientId, Arc<SessionHandle>>,
@@ -949,7 +951,7 @@ impl Inner {
             peers: Arc::default(),
             node_id_as_username,
             config,
-            server_config,
+            server_config: Arc::new(server_config),
             subscriptions: ArcSwap::from_pointee(Tree::new()),
             subscription_writer: Mutex::new(()),
             sessions: DashMap::new(),

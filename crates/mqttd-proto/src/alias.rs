@@ -1,7 +1,7 @@
 //! Topic aliases, which live per stream of a connection (one table each way per stream) and are
 //! never persisted [MQTT-3.3.2-7].
 
-use std::collections::HashMap;
+use crate::sparse::SparseMap;
 use std::num::NonZeroU16;
 
 use crate::types::{StreamId, TopicName};
@@ -31,7 +31,7 @@ pub(crate) struct PerStream<T> {
     max: u16,
     make: fn(u16) -> T,
     control: T,
-    data: HashMap<StreamId, T>,
+    data: SparseMap<StreamId, T>,
 }
 
 impl<T> PerStream<T> {
@@ -41,7 +41,7 @@ impl<T> PerStream<T> {
             max,
             make,
             control: make(max),
-            data: HashMap::new(),
+            data: SparseMap::new(),
         }
     }
 
@@ -60,7 +60,19 @@ impl<T> PerStream<T> {
             return &mut self.control;
         }
         let (max, make) = (self.max, self.make);
-        self.data.entry(stream).or_insert_with(|| make(max))
+        self.data.get_or_insert_with(stream, || make(max))
+    }
+
+    /// Gives back the memory of empty tables.
+    pub(crate) fn release_if_empty(&mut self)
+    where
+        T: Release,
+    {
+        self.control.release_if_empty();
+        for table in self.data.values_mut() {
+            table.release_if_empty();
+        }
+        self.data.release_if_empty();
     }
 
     /// Forgets the table of a lost data stream.
@@ -71,18 +83,39 @@ impl<T> PerStream<T> {
     }
 }
 
+/// An alias table that can give back its memory while it is empty.
+pub(crate) trait Release {
+    /// Frees what the table holds if it holds no alias.
+    fn release_if_empty(&mut self);
+}
+
+impl Release for InboundAliases {
+    fn release_if_empty(&mut self) {
+        self.topics.release_if_empty();
+    }
+}
+
+impl Release for OutboundAliases {
+    fn release_if_empty(&mut self) {
+        self.by_topic.release_if_empty();
+        if self.by_alias.is_empty() {
+            self.by_alias = Vec::new();
+        }
+    }
+}
+
 /// Aliases the peer assigned for the topics it sends us.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct InboundAliases {
     max: u16,
-    topics: HashMap<u16, TopicName>,
+    topics: SparseMap<u16, TopicName>,
 }
 
 impl InboundAliases {
     pub(crate) fn new(max: u16) -> Self {
         Self {
             max,
-            topics: HashMap::new(),
+            topics: SparseMap::new(),
         }
     }
 
@@ -123,7 +156,7 @@ impl InboundAliases {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct OutboundAliases {
     max: u16,
-    by_topic: HashMap<TopicName, NonZeroU16>,
+    by_topic: SparseMap<TopicName, NonZeroU16>,
     /// Topic of each alias, indexed by alias - 1.
     by_alias: Vec<TopicName>,
     next_victim: usize,

@@ -25,7 +25,7 @@
 //! on the control stream. A data stream that is not open (yet, or any more) means the control
 //! stream, and what is queued before CONNACK goes on the control stream.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +40,7 @@ use crate::message::{Delivery, Message};
 use crate::packet::*;
 use crate::reason::{puback_reason, reason_for, ReasonCode, ReasonContext};
 use crate::session::{Enqueued, QueueLimits, Session};
+use crate::sparse::SparseMap;
 use crate::types::{ClientId, MqttStr, PacketId, ProtocolVersion, QoS, StreamId, TopicFilter};
 
 /// How the client connects.
@@ -269,7 +270,7 @@ pub struct ClientConnection {
     next_control_id: PacketId,
     /// Messages reported to the application and not yet acknowledged when the connection
     /// closed: the application may still call [`Self::ack`] for them.
-    unacked_at_close: HashMap<PacketId, QoS>,
+    unacked_at_close: SparseMap<PacketId, QoS>,
     /// Data streams opened before CONNACK, made known to the flows once connected.
     opened_early: HashSet<StreamId>,
 }
@@ -299,7 +300,7 @@ impl ClientConnection {
             events: VecDeque::new(),
             pending_control: HashSet::new(),
             next_control_id: PacketId::MIN,
-            unacked_at_close: HashMap::new(),
+            unacked_at_close: SparseMap::new(),
             opened_early: HashSet::new(),
         }
     }

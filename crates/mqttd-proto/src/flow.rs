@@ -7,7 +7,9 @@
 //! stream; packet identifiers are per session, whatever the stream. When a data stream is lost,
 //! what was owed on it moves to the control stream.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
+
+use crate::sparse::{SparseMap, SparseSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
@@ -123,13 +125,13 @@ pub(crate) struct Flows {
     outbound_aliases: PerStream<OutboundAliases>,
     /// Incoming QoS 1 and 2 messages handed on and not yet acknowledged by our side, with the
     /// stream the acknowledgement goes on.
-    awaiting_local_ack: HashMap<PacketId, (QoS, StreamId)>,
+    awaiting_local_ack: SparseMap<PacketId, (QoS, StreamId)>,
     /// Data streams that carried a packet and were not lost since: the streams a message may
     /// be sent on besides the control stream.
-    streams: HashSet<StreamId>,
+    streams: SparseSet<StreamId>,
     /// The stream of each outgoing flow that is not on the control stream: its PUBREL (and a
     /// resend after the stream is lost) follows it.
-    flow_streams: HashMap<PacketId, StreamId>,
+    flow_streams: SparseMap<PacketId, StreamId>,
     /// Flows of the session, in their original order, not yet resent on this connection
     /// because the peer's receive maximum did not allow it yet.
     unsent: VecDeque<PacketId>,
@@ -150,9 +152,9 @@ impl Flows {
             outbound_aliases: PerStream::new(peer.topic_alias_maximum, OutboundAliases::new),
             local,
             peer,
-            awaiting_local_ack: HashMap::new(),
-            streams: HashSet::new(),
-            flow_streams: HashMap::new(),
+            awaiting_local_ack: SparseMap::new(),
+            streams: SparseSet::new(),
+            flow_streams: SparseMap::new(),
             unsent: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -165,6 +167,18 @@ impl Flows {
     pub(crate) fn resume(&mut self, now: Instant, out: &mut Transmits) {
         self.unsent = self.session.outbound.resume_order().into();
         self.pump(now, out);
+    }
+
+    /// Gives back the memory of empty queues and tables (see `ServerConnection::compact`).
+    pub(crate) fn compact(&mut self) {
+        self.inbound_aliases.release_if_empty();
+        self.outbound_aliases.release_if_empty();
+        self.awaiting_local_ack.release_if_empty();
+        self.streams.release_if_empty();
+        self.flow_streams.release_if_empty();
+        release_if_empty(&mut self.unsent);
+        release_if_empty(&mut self.events);
+        self.session.outbound.release_if_empty();
     }
 
     /// Records that a packet arrived on `stream`: messages may be sent on it from now on.
@@ -586,9 +600,9 @@ impl Flows {
 
     /// Incoming QoS 1 and 2 messages handed on and not yet acknowledged by our side, taken
     /// when the connection closes.
-    pub(crate) fn take_unacked(&mut self) -> HashMap<PacketId, QoS> {
-        std::mem::take(&mut self.awaiting_local_ack)
-            .into_iter()
+    pub(crate) fn take_unacked(&mut self) -> SparseMap<PacketId, QoS> {
+        self.awaiting_local_ack
+            .take()
             .map(|(id, (qos, _))| (id, qos))
             .collect()
     }
@@ -653,7 +667,7 @@ fn apply_alias(publish: &mut Publish, alias: AliasUse) {
 /// and not handed on a second time [MQTT-4.3.3-9]. Returns false if nothing awaited an
 /// acknowledgement under `id`.
 pub(crate) fn ack_after_close(
-    unacked: &mut HashMap<PacketId, QoS>,
+    unacked: &mut SparseMap<PacketId, QoS>,
     session: &mut Session,
     id: PacketId,
     reason: ReasonCode,
@@ -665,4 +679,11 @@ pub(crate) fn ack_after_close(
         session.inbound_qos2.insert(id);
     }
     true
+}
+
+/// Frees an emptied queue's buffer.
+fn release_if_empty<T>(queue: &mut VecDeque<T>) {
+    if queue.is_empty() && queue.capacity() > 0 {
+        *queue = VecDeque::new();
+    }
 }

@@ -71,6 +71,7 @@ pub mod packet;
 pub mod reason;
 pub mod server;
 pub mod session;
+mod sparse;
 pub mod types;
 
 pub use alias::AliasError;

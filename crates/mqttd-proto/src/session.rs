@@ -242,6 +242,13 @@ impl Outbound {
         }
     }
 
+    /// Frees the queue's buffer if it is empty.
+    pub(crate) fn release_if_empty(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > 0 {
+            self.queue = VecDeque::new();
+        }
+    }
+
     pub(crate) fn queue_is_empty(&self) -> bool {
         self.queue.is_empty()
     }

@@ -47,6 +47,7 @@
 
 mod feed;
 mod output;
+mod sparse;
 #[cfg(test)]
 mod tests;
 
@@ -79,6 +80,7 @@ use crate::storage::{Batch, StoredWill, Ticket, Watermark};
 use feed::{BlockedPublish, Held, RetainedFeed};
 pub(crate) use output::Output;
 use output::Outputs;
+use sparse::SparseVec;
 
 /// Output waiting beyond this many bytes pauses reading and makes publishers of QoS 0
 /// messages for this client wait (see `SessionHandle::congested`).
@@ -152,6 +154,57 @@ enum Waiting {
     Session(Box<Connecting>),
 }
 
+/// What a connection's core holds only for moments of its life (CONNECT, a SCRAM exchange, a
+/// takeover): boxed together, so that an established connection pays one pointer for it.
+#[derive(Default)]
+struct Rare {
+    /// A request for the driver, not yet taken.
+    request: Option<Request>,
+    /// What the core waits for: events are left unprocessed until it comes.
+    waiting: Option<Waiting>,
+    /// A SCRAM exchange waiting for the client's final message.
+    scram: Option<Box<PendingScram>>,
+    /// A session acquired for a connection that closed before CONNACK.
+    unaccepted: Option<Box<Session>>,
+    /// Where to hand the session when another connection takes it over.
+    takeover_reply: Option<SessionReply>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.request.is_none()
+            && self.waiting.is_none()
+            && self.scram.is_none()
+            && self.unaccepted.is_none()
+            && self.takeover_reply.is_none()
+    }
+}
+
+/// Who a connection is with.
+enum Who {
+    /// Boxed, as everything an idle connection holds but rarely reads: its size is paid per
+    /// connection.
+    Peer(Box<Peer>),
+    /// The accepted client, shared with the mailbox's [`ConnInfo`]: one copy per connection.
+    Client(Arc<ClientInfo>),
+}
+
+impl Who {
+    fn peer(&self) -> &Peer {
+        match self {
+            Self::Peer(peer) => peer,
+            Self::Client(client) => &client.peer,
+        }
+    }
+
+    fn client(&self) -> Option<&ClientInfo> {
+        match self {
+            Self::Peer(_) => None,
+            Self::Client(client) => Some(client),
+        }
+    }
+}
+
 /// An authenticated CONNECT waiting for its session.
 struct Connecting {
     request: ConnectRequest,
@@ -194,26 +247,19 @@ struct Awaiting {
 /// One client connection's broker-side logic. See the module documentation.
 pub(crate) struct ConnectionCore {
     inner: Arc<Inner>,
-    /// Boxed, as everything an idle connection holds but rarely reads: its size is paid per
-    /// connection.
-    peer: Box<Peer>,
+    /// Who is connected: the peer until CONNECT is accepted, then the client (which holds
+    /// the peer, so it is kept once).
+    who: Who,
     conn: ServerConnection,
     reader: PacketReader,
     outputs: Outputs,
     mailbox: Arc<Mailbox>,
     handle: Option<Arc<SessionHandle>>,
-    client: Option<Box<ClientInfo>>,
-    takeover_reply: Option<SessionReply>,
-    /// A request for the driver, not yet taken.
-    request: Option<Request>,
-    /// What the core waits for: events are left unprocessed until it comes.
-    waiting: Option<Waiting>,
-    /// A SCRAM exchange waiting for the client's final message.
-    scram: Option<Box<PendingScram>>,
+    /// What the core holds only while the connection is set up, re-authenticated or taken
+    /// over; `None` the rest of the time.
+    rare: Option<Box<Rare>>,
     /// The identity SCRAM established, which stands in for the user name.
     scram_user: Option<Box<MqttStr>>,
-    /// A session acquired for a connection that closed before CONNACK.
-    unaccepted: Option<Box<Session>>,
     /// The client's will, kept with its session record in storage.
     will: Option<Box<StoredWill>>,
     /// The latest storage change that output on every stream must wait for.
@@ -222,17 +268,17 @@ pub(crate) struct ConnectionCore {
     /// packet from that stream, which its answer goes back on. Output on the control stream
     /// never waits for these, so a data stream's held acknowledgement does not hold PINGRESP,
     /// DISCONNECT or AUTH.
-    stream_needs: Vec<(StreamId, Ticket)>,
+    stream_needs: SparseVec<(StreamId, Ticket)>,
     /// The latest watermark the driver passed in.
     watermark: Watermark,
     awaiting: Option<Box<Awaiting>>,
     /// Publications waiting for room in subscriber queues or output before they are
     /// acknowledged and their stream is read from again; at most one per stream.
-    blocked: Vec<BlockedPublish>,
+    blocked: SparseVec<BlockedPublish>,
     /// Retained messages for new subscriptions still to send, at the pace the client reads.
     retained: Option<Box<RetainedFeed>>,
     /// Subscriptions made on data streams, whose messages go on those streams.
-    hints: Vec<(TopicFilter, StreamId)>,
+    hints: SparseVec<(TopicFilter, StreamId)>,
     /// Whether the client ended the connection (DISCONNECT, or its transport closed).
     closed_by_client: bool,
     /// Why the connection closed, once it has.
@@ -251,27 +297,22 @@ impl ConnectionCore {
         let reader = PacketReader::new(conn.max_packet_size());
         Self {
             inner,
-            peer: Box::new(peer),
+            who: Who::Peer(Box::new(peer)),
             conn,
             reader,
             outputs: Outputs::default(),
             mailbox: Arc::default(),
             handle: None,
-            client: None,
-            takeover_reply: None,
-            request: None,
-            waiting: None,
-            scram: None,
+            rare: None,
             scram_user: None,
-            unaccepted: None,
             will: None,
             needs: Ticket::NONE,
-            stream_needs: Vec::new(),
+            stream_needs: SparseVec::new(),
             watermark,
             awaiting: None,
-            blocked: Vec::new(),
+            blocked: SparseVec::new(),
             retained: None,
-            hints: Vec::new(),
+            hints: SparseVec::new(),
             closed_by_client: false,
             close_reason: None,
             resets: None,
@@ -294,7 +335,7 @@ impl ConnectionCore {
 
     /// The next request for the driver.
     pub(crate) fn poll_request(&mut self) -> Option<Request> {
-        self.request.take()
+        self.rare.as_mut().and_then(|r| r.request.take())
     }
 
     // Used by the multi-stream QUIC driver and the tests; a byte-stream connection has no
@@ -325,7 +366,7 @@ impl ConnectionCore {
     #[cfg_attr(not(test), allow(dead_code))]
     /// Whether the core waits for the answer to a request.
     pub(crate) fn is_waiting(&self) -> bool {
-        self.waiting.is_some()
+        self.rare.as_ref().is_some_and(|r| r.waiting.is_some())
     }
 
     /// The output of `stream`: what may be written is [`Output::writable`]; report what was
@@ -349,7 +390,7 @@ impl ConnectionCore {
     /// before CONNACK (what a client sends on one meanwhile waits in its transport).
     pub(crate) fn wants_read(&self, stream: StreamId) -> bool {
         !self.conn.is_closed()
-            && self.waiting.is_none()
+            && !self.is_waiting()
             && (stream.is_control() || self.conn.is_connected())
             && self
                 .outputs
@@ -391,12 +432,36 @@ impl ConnectionCore {
     /// Call it after [`Self::process`].
     pub(crate) fn is_idle(&self) -> bool {
         self.conn.is_connected()
-            && self.request.is_none()
+            && self.rare.as_ref().is_none_or(|r| r.request.is_none())
             && self.wants_read(StreamId::CONTROL)
             && self.blocked.is_empty()
             && self.awaiting.is_none()
             && self.retained.is_none()
             && self.outputs.iter().all(|(_, o)| o.buf.is_empty())
+    }
+
+    /// Gives back the memory of empty buffers, queues and tables, for an idle connection
+    /// about to wait a while (a parked one): it then holds its state and nothing more.
+    /// Changes nothing else.
+    pub(crate) fn compact(&mut self) {
+        if self.rare.as_ref().is_some_and(|r| r.is_empty()) {
+            self.rare = None;
+        }
+        self.conn.compact();
+        self.outputs.compact();
+        self.stream_needs.release_if_empty();
+        self.blocked.release_if_empty();
+        self.hints.release_if_empty();
+    }
+
+    /// The rarely used state, made if there is none.
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_default()
+    }
+
+    /// What the core waits for, taken.
+    fn take_waiting(&mut self) -> Option<Waiting> {
+        self.rare.as_mut()?.waiting.take()
     }
 
     // ---- Inputs ------------------------------------------------------------------------------
@@ -513,12 +578,13 @@ impl ConnectionCore {
         // What was owed on it now goes on the control stream, and still waits for the changes
         // it acknowledges; the entry goes, so that streams that come and go leave nothing.
         if let Some(at) = self.stream_needs.iter().position(|(s, _)| *s == stream) {
-            let (_, ticket) = self.stream_needs.swap_remove(at);
-            self.needs.merge(ticket);
+            if let Some((_, ticket)) = self.stream_needs.swap_remove(at) {
+                self.needs.merge(ticket);
+            }
         }
         // Its waiting publications were read: they are still routed, and their
         // acknowledgements go on the control stream.
-        for b in &mut self.blocked {
+        for b in self.blocked.iter_mut() {
             if b.stream == stream {
                 b.stream = StreamId::CONTROL;
             }
@@ -554,7 +620,7 @@ impl ConnectionCore {
             }
         }
         if let Some(reply) = inbox.takeover {
-            self.takeover_reply = Some(reply);
+            self.rare().takeover_reply = Some(reply);
             self.conn.disconnect(now, ReasonCode::SessionTakenOver);
         }
         if inbox.kick {
@@ -644,7 +710,7 @@ impl ConnectionCore {
 
     /// The answer to [`Request::CheckPassword`].
     pub(crate) fn authenticated(&mut self, now: Instant, verdict: Result<(), ReasonCode>) {
-        let Some(Waiting::Password(request)) = self.waiting.take() else {
+        let Some(Waiting::Password(request)) = self.take_waiting() else {
             return;
         };
         match verdict {
@@ -659,20 +725,20 @@ impl ConnectionCore {
     /// No answer can be had to the outstanding request (no turn before the CONNECT deadline,
     /// shutdown): the CONNECT is refused with `reason`.
     pub(crate) fn abandon(&mut self, now: Instant, reason: ReasonCode) {
-        if self.waiting.take().is_some() {
+        if self.take_waiting().is_some() {
             let _ = self.conn.reject(now, reason);
         }
     }
 
     /// The answer to [`Request::AcquireSession`]: CONNACK follows.
     pub(crate) fn session_acquired(&mut self, now: Instant, acquired: Acquired) {
-        let Some(Waiting::Session(connecting)) = self.waiting.take() else {
+        let Some(Waiting::Session(connecting)) = self.take_waiting() else {
             // Not asked for: hand it straight back to the broker.
             if acquired.session.expiry_interval() > 0 {
                 self.inner.persistent_sessions.count(&acquired.handle, None);
             }
             self.handle = Some(acquired.handle);
-            self.unaccepted = Some(Box::new(acquired.session));
+            self.rare().unaccepted = Some(Box::new(acquired.session));
             return;
         };
         let Connecting {
@@ -692,7 +758,7 @@ impl ConnectionCore {
         if self.conn.is_closed() {
             // The client left while the session was being acquired: keep the session.
             debug!("connection closed during CONNECT");
-            self.unaccepted = Some(Box::new(acquired.session));
+            self.rare().unaccepted = Some(Box::new(acquired.session));
             return;
         }
         let mut accept = Accept::new(acquired.session, acquired.present);
@@ -716,6 +782,7 @@ impl ConnectionCore {
             Box::new(StoredWill { will, delay })
         });
         self.save_session(StreamId::CONTROL);
+        let client = Arc::new(client);
         let _ = self.mailbox.conn.set(Box::new(ConnInfo {
             client: client.clone(),
             keep_alive: request.keep_alive,
@@ -723,7 +790,7 @@ impl ConnectionCore {
             session_expiry: request.session_expiry_interval,
             connected_at: now,
         }));
-        self.client = Some(Box::new(client));
+        self.who = Who::Client(client);
     }
 
     /// Tries again to hand over what waits for room; acknowledges each publication once
@@ -758,7 +825,7 @@ impl ConnectionCore {
                 }
             }
             if b.held.is_empty() {
-                done.push(self.blocked.remove(i));
+                done.extend(self.blocked.remove(i));
             } else {
                 i += 1;
             }
@@ -1029,7 +1096,7 @@ impl ConnectionCore {
         }
         // Asked of the hooks for every message, and of the ACL as loaded now (it may have
         // been reloaded since the client connected).
-        if let Some(client) = &self.client {
+        if let Who::Client(client) = &self.who {
             if !self
                 .inner
                 .authorize(client, Action::Receive, &delivery.message.topic)
@@ -1060,7 +1127,7 @@ impl ConnectionCore {
 
     /// Handles the protocol core's events until one needs a request.
     fn process_events(&mut self, now: Instant) {
-        while self.waiting.is_none() {
+        while !self.is_waiting() {
             let Some((stream, event)) = self.conn.poll_event_tagged() else {
                 return;
             };
@@ -1092,7 +1159,7 @@ impl ConnectionCore {
                 Event::Closed { reason, by_client } => {
                     self.closed_by_client = by_client;
                     self.close_reason = Some(reason);
-                    if let Some(client) = &self.client {
+                    if let Who::Client(client) = &self.who {
                         self.inner.metrics.clients_connected.dec();
                         self.inner.metrics.clients_over(client.peer.transport).dec();
                         info!(%reason, by_client, "client disconnected");
@@ -1116,7 +1183,7 @@ impl ConnectionCore {
             .client_id
             .as_str()
             .starts_with(LOCAL_CLIENT_PREFIX);
-        if self.peer.transport == Transport::Bridge {
+        if self.who.peer().transport == Transport::Bridge {
             // A bridge's own session: trusted, configured with the broker.
             return self.finish_connect(now, request, None);
         }
@@ -1137,7 +1204,7 @@ impl ConnectionCore {
                 .unwrap_or_default();
             match self.start_scram(method, &data) {
                 Ok((state, server_first)) => {
-                    self.scram = Some(Box::new(PendingScram {
+                    self.rare().scram = Some(Box::new(PendingScram {
                         state,
                         connect: Some(request),
                     }));
@@ -1148,14 +1215,14 @@ impl ConnectionCore {
             return;
         }
         if connect.username.is_some() && self.inner.auth.load().passwords.is_some() {
-            self.request = Some(Request::CheckPassword(Box::new(PasswordCheck {
+            self.rare().request = Some(Request::CheckPassword(Box::new(PasswordCheck {
                 client_id: connect.client_id.clone(),
                 username: connect.username.clone(),
                 password: connect.password.clone(),
                 version: connect.protocol,
-                peer: (*self.peer).clone(),
+                peer: self.who.peer().clone(),
             })));
-            self.waiting = Some(Waiting::Password(request));
+            self.rare().waiting = Some(Waiting::Password(request));
             return;
         }
         let verdict = self.inner.authenticate(&ConnectAttempt {
@@ -1163,7 +1230,7 @@ impl ConnectionCore {
             username: connect.username.as_ref(),
             password: connect.password.as_ref(),
             version: connect.protocol,
-            peer: &self.peer,
+            peer: self.who.peer(),
         });
         match verdict {
             Ok(()) => self.finish_connect(now, request, None),
@@ -1179,14 +1246,14 @@ impl ConnectionCore {
     /// peer's node id on `p2p://` with `p2p.use_node_id_as_username`. `None` otherwise.
     fn certificate_username(&self) -> Option<CertificateUser> {
         let config = &self.inner.config;
-        let enabled = match self.peer.transport {
+        let enabled = match self.who.peer().transport {
             Transport::P2p => self.inner.node_id_as_username.load(Ordering::Relaxed),
             transport => config.tls.use_identity_as_username && transport.is_secure(),
         };
         if !enabled {
             return None;
         }
-        Some(match &self.peer.tls_identity {
+        Some(match &self.who.peer().tls_identity {
             Some(identity) => match MqttStr::try_from(&**identity) {
                 Ok(user) => CertificateUser::Named(user),
                 Err(_) => CertificateUser::Invalid,
@@ -1208,7 +1275,7 @@ impl ConnectionCore {
         let connect = &request.connect;
         let verdict = match (&identity, &connect.properties.authentication_method) {
             (CertificateUser::Invalid, _) => {
-                info!(identity = ?self.peer.tls_identity, "certificate identity is not a valid user name");
+                info!(identity = ?self.who.peer().tls_identity, "certificate identity is not a valid user name");
                 Err(ReasonCode::NotAuthorized)
             }
             // The certificate is the credential; no second method on top of it.
@@ -1219,7 +1286,7 @@ impl ConnectionCore {
                     username: Some(user),
                     password: None,
                     version: connect.protocol,
-                    peer: &self.peer,
+                    peer: self.who.peer(),
                 };
                 match self.inner.hooks.authenticate(&attempt) {
                     Verdict::Allow | Verdict::Defer => Ok(()),
@@ -1231,13 +1298,13 @@ impl ConnectionCore {
                 username: None,
                 password: None,
                 version: connect.protocol,
-                peer: &self.peer,
+                peer: self.who.peer(),
             }),
         };
         match verdict {
             Ok(()) => self.finish_connect(now, request, None),
             Err(reason) => {
-                info!(%reason, identity = ?self.peer.tls_identity, "authentication by certificate failed");
+                info!(%reason, identity = ?self.who.peer().tls_identity, "authentication by certificate failed");
                 self.refuse(now, reason);
             }
         }
@@ -1272,7 +1339,7 @@ impl ConnectionCore {
     }
 
     fn on_auth_continue(&mut self, now: Instant, data: Option<Bytes>) {
-        let Some(pending) = self.scram.take() else {
+        let Some(pending) = self.rare.as_mut().and_then(|r| r.scram.take()) else {
             return self.refuse(now, ReasonCode::ProtocolError);
         };
         let user = MqttStr::try_from(pending.state.username()).ok();
@@ -1283,8 +1350,9 @@ impl ConnectionCore {
                 match pending.connect {
                     Some(request) => self.finish_connect(now, request, Some(server_final.into())),
                     None => {
-                        if let (Some(client), Some(user)) = (&mut self.client, &self.scram_user) {
-                            client.username = Some(MqttStr::clone(user));
+                        if let (Who::Client(client), Some(user)) = (&mut self.who, &self.scram_user)
+                        {
+                            Arc::make_mut(client).username = Some(MqttStr::clone(user));
                         }
                         let _ = self.conn.reauth_success(Some(server_final.into()));
                     }
@@ -1314,7 +1382,7 @@ impl ConnectionCore {
         let method = MqttStr::from_static(MECHANISM).unwrap_or_default();
         match self.start_scram(&method, data.as_deref().unwrap_or_default()) {
             Ok((state, server_first)) => {
-                self.scram = Some(Box::new(PendingScram {
+                self.rare().scram = Some(Box::new(PendingScram {
                     state,
                     connect: None,
                 }));
@@ -1348,7 +1416,7 @@ impl ConnectionCore {
             client_id,
             username,
             version: connect.protocol,
-            peer: (*self.peer).clone(),
+            peer: self.who.peer().clone(),
         };
         // The will is published on the client's behalf: refuse the CONNECT (as Mosquitto does)
         // rather than let it reach a topic the client may not publish to. Checked before the
@@ -1370,7 +1438,7 @@ impl ConnectionCore {
         // first. Resuming or replacing one counted already adds none; a bridge's own session is
         // configured with the broker and always gets one.
         let adds_session = request.session_expiry_interval > 0
-            && self.peer.transport != Transport::Bridge
+            && self.who.peer().transport != Transport::Bridge
             && !self
                 .inner
                 .sessions
@@ -1392,12 +1460,12 @@ impl ConnectionCore {
         } else {
             None
         };
-        self.request = Some(Request::AcquireSession(Box::new(SessionRequest {
+        self.rare().request = Some(Request::AcquireSession(Box::new(SessionRequest {
             client_id: client.client_id.clone(),
             clean_start: connect.clean_start,
             expiry: request.session_expiry_interval,
         })));
-        self.waiting = Some(Waiting::Session(Box::new(Connecting {
+        self.rare().waiting = Some(Waiting::Session(Box::new(Connecting {
             request,
             client,
             assigned,
@@ -1560,7 +1628,7 @@ impl ConnectionCore {
         if !self.topic_within_limits(topic) {
             return Err(ReasonCode::TopicNameInvalid);
         }
-        let Some(client) = &self.client else {
+        let Who::Client(client) = &self.who else {
             return Err(ReasonCode::NotAuthorized);
         };
         if !self.inner.authorize(client, Action::Publish, topic) {
@@ -1582,7 +1650,7 @@ impl ConnectionCore {
     }
 
     fn on_subscribe(&mut self, now: Instant, stream: StreamId, subscribe: Subscribe) {
-        let (Some(handle), Some(client)) = (self.handle.clone(), self.client.as_ref()) else {
+        let (Some(handle), Some(client)) = (self.handle.clone(), self.who.client()) else {
             return;
         };
         let config = &self.inner.config;
@@ -1715,7 +1783,7 @@ impl ConnectionCore {
         let mut session = self
             .conn
             .take_session()
-            .or_else(|| self.unaccepted.take().map(|s| *s));
+            .or_else(|| self.rare.as_mut()?.unaccepted.take().map(|s| *s));
         // Stored messages that waited for their changes to be durable go first, in order;
         // they enter the session's queue once it is known where the session goes next.
         let mut waiting: Vec<Delivery> = self
@@ -1741,12 +1809,16 @@ impl ConnectionCore {
             waiting.extend(inbox.deliveries);
         };
         let id = handle.client_id.clone();
-        if self.takeover_reply.is_none() {
+        if self
+            .rare
+            .as_ref()
+            .is_none_or(|r| r.takeover_reply.is_none())
+        {
             let mut slot = handle.slot.lock();
             let ours =
                 matches!(&*slot, Slot::Online { mailbox } if Arc::ptr_eq(mailbox, &self.mailbox));
             if ours {
-                drain(&mut waiting, &mut self.takeover_reply);
+                drain(&mut waiting, &mut self.rare().takeover_reply);
                 *slot = Slot::Transferring { buffer: Vec::new() };
                 drop(slot);
                 match session {
@@ -1779,10 +1851,10 @@ impl ConnectionCore {
             }
             // Another connection is taking the session over; its request is in the mailbox.
         }
-        drain(&mut waiting, &mut self.takeover_reply);
+        drain(&mut waiting, &mut self.rare().takeover_reply);
         self.inner
             .enqueue_all(now, &id, session.as_mut(), waiting, Headed::Online);
-        if let Some(reply) = self.takeover_reply.take() {
+        if let Some(reply) = self.rare.as_mut().and_then(|r| r.takeover_reply.take()) {
             reply.send(session);
         }
     }

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use bytes::BytesMut;
 use mqttd_proto::StreamId;
 
+use super::sparse::SparseVec;
 use crate::storage::{Ticket, Watermark};
 
 /// One stream's output: encoded packets, and the changes parts of them wait for.
@@ -124,10 +125,24 @@ impl Output {
 #[derive(Debug, Default)]
 pub(crate) struct Outputs {
     control: Output,
-    data: Vec<(StreamId, Output)>,
+    /// Data streams' (multi-stream QUIC only).
+    data: SparseVec<(StreamId, Output)>,
 }
 
 impl Outputs {
+    /// Frees the buffers of outputs with nothing to send (see [`ConnectionCore::compact`]).
+    ///
+    /// [`ConnectionCore::compact`]: super::ConnectionCore::compact
+    pub(crate) fn compact(&mut self) {
+        for output in std::iter::once(&mut self.control).chain(self.data.iter_mut().map(|(_, o)| o))
+        {
+            if output.buf.is_empty() && output.buf.capacity() > 0 {
+                output.buf = BytesMut::new();
+            }
+        }
+        self.data.release_if_empty();
+    }
+
     /// The output of `stream`, created if new.
     pub(crate) fn get_mut(&mut self, stream: StreamId) -> &mut Output {
         if stream.is_control() {

@@ -71,8 +71,11 @@ fn an_idle_connection_holds_no_more_than_before() {
         size_of::<F>()
     }
     let core = size_of::<ConnectionCore>();
-    // 512 until the watermark learnt which changes a storage failure lost (16 bytes more).
-    assert!(core <= 528, "ConnectionCore is {core} bytes");
+    // 512 until the watermark learnt which changes a storage failure lost (16 bytes more),
+    // 528 until the client's details were kept once, the protocol machine's configuration
+    // shared, the rarely used lists made one pointer each and what only setting up or
+    // taking over a connection needs boxed together.
+    assert!(core <= 336, "ConnectionCore is {core} bytes");
     let (stream, _client) = tokio::io::duplex(16);
     let serve = crate::drivers::stream::serve(inner_with(Config::default()), stream, peer());
     let size = future_size(&serve) + core;
@@ -314,7 +317,8 @@ fn username_after_connect(config: Config, peer: Peer, connect: Packet) -> Option
         matches!(core.poll_request(), Some(Request::AcquireSession(_))),
         "CONNECT goes on to ask for its session, without a password check"
     );
-    let Some(Waiting::Session(connecting)) = &core.waiting else {
+    let Some(Waiting::Session(connecting)) = core.rare.as_ref().and_then(|r| r.waiting.as_ref())
+    else {
         panic!("not waiting for the session");
     };
     connecting.client.username.clone()

@@ -192,6 +192,7 @@ async fn drive_tcp(inner: Arc<Inner>, lot: Arc<ParkingLot>, parked: Parked) {
         {
             Ended::Closed(rest) => break rest,
             Ended::Idle(idle) => {
+                core.compact();
                 let parked = Parked {
                     core,
                     stream: idle,
