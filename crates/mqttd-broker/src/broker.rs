@@ -586,8 +586,8 @@ impl Drop for TimerGauge {
 #[derive(Debug)]
 pub(crate) struct SessionCount {
     held: AtomicUsize,
-    /// 0 for no limit.
-    max: usize,
+    /// 0 for no limit; a reload may change it (sessions held beyond a lowered limit stay).
+    max: AtomicUsize,
 }
 
 /// One place under `max_sessions`, taken for a CONNECT that will create a persistent session.
@@ -607,8 +607,18 @@ impl SessionCount {
     pub(crate) fn new(max: usize) -> Self {
         Self {
             held: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         }
+    }
+
+    /// The limit for places taken from now on.
+    pub(crate) fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// The limit (0: none).
+    pub(crate) fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
     }
 
     /// Persistent sessions held now (places taken by permits included).
@@ -618,9 +628,10 @@ impl SessionCount {
 
     /// A place for one more persistent session, unless that would pass the limit.
     pub(crate) fn permit(self: &Arc<Self>) -> Option<SessionPermit> {
+        let max = self.max();
         self.held
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (self.max == 0 || n < self.max).then_some(n + 1)
+                (max == 0 || n < max).then_some(n + 1)
             })
             .ok()?;
         Some(SessionPermit(Some(self.clone())))
@@ -915,6 +926,10 @@ pub(crate) struct LiveLimits {
     pub(crate) max_subscriptions: usize,
     /// `max_connection_rate` (new connections per second and source; 0: none).
     pub(crate) max_connection_rate: u32,
+    /// `max_topic_length` (bytes of a topic name or filter).
+    pub(crate) max_topic_length: usize,
+    /// `max_topic_levels` (levels of a topic name or filter).
+    pub(crate) max_topic_levels: usize,
 }
 
 impl LiveLimits {
@@ -924,6 +939,8 @@ impl LiveLimits {
             max_retained_bytes: config.max_retained_bytes,
             max_subscriptions: config.max_subscriptions,
             max_connection_rate: config.max_connection_rate,
+            max_topic_length: config.max_topic_length,
+            max_topic_levels: config.max_topic_levels,
         }
     }
 }
@@ -1960,6 +1977,25 @@ mod tests {
     fn delivery(qos: QoS) -> Delivery {
         let topic = TopicName::try_from("t").unwrap();
         Delivery::new(Arc::new(Message::new(topic, b"x".to_vec(), qos, false)))
+    }
+
+    #[test]
+    fn a_changed_max_sessions_applies_to_the_next_permits() {
+        let count = Arc::new(SessionCount::new(1));
+        let first = count.permit().expect("one place");
+        assert!(count.permit().is_none(), "the limit is 1");
+        count.set_max(2);
+        let second = count
+            .permit()
+            .expect("a second place after raising the limit");
+        count.set_max(1);
+        assert!(count.permit().is_none(), "lowered: nothing new");
+        assert_eq!(count.held(), 2, "places taken stay taken");
+        drop((first, second));
+        assert_eq!(count.held(), 0);
+        count.set_max(0);
+        let unlimited: Vec<_> = (0..5).filter_map(|_| count.permit()).collect();
+        assert_eq!(unlimited.len(), 5, "0: no limit");
     }
 
     fn inner(config: Config) -> Arc<Inner> {

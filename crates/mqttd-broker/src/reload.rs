@@ -34,8 +34,9 @@ pub struct ReloadReport {
     pub ok: bool,
     /// What was read again and is in force now: `config`, `access` (password and ACL files,
     /// `allow_anonymous`), `limits` (`max_retained_messages`, `max_retained_bytes`,
-    /// `max_subscriptions`, `max_connection_rate`), `tls` (certificates, keys, CA), `bridges`, `p2p` (`allow`,
-    /// `use_node_id_as_username`), and what the program applies itself (`mqttd`: `log_level`).
+    /// `max_subscriptions`, `max_sessions`, `max_connection_rate`, `max_topic_length`,
+    /// `max_topic_levels`: they apply to what comes next; nothing held already is dropped),
+    /// `tls` (certificates, keys, CA), `bridges`, `p2p` (`allow`, `use_node_id_as_username`), and what the program applies itself (`mqttd`: `log_level`).
     /// The API keys are not listed: they are read again whenever
     /// their file changes.
     pub reloaded: Vec<String>,
@@ -221,6 +222,7 @@ impl Reloader {
         inner
             .limits
             .store(Arc::new(crate::broker::LiveLimits::of(&config)));
+        inner.persistent_sessions.set_max(config.max_sessions);
         let mut reloaded = vec!["config", "access", "limits"];
         if let Some((tls, prepared)) = tls {
             tls.install(prepared);
@@ -274,12 +276,12 @@ pub(crate) fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
         max_connections,
         max_connection_rate: _,
         connect_timeout,
-        max_topic_length,
-        max_topic_levels,
+        max_topic_length: _,
+        max_topic_levels: _,
         max_subscriptions: _,
         max_retained_messages: _,
         max_retained_bytes: _,
-        max_sessions,
+        max_sessions: _,
         persistent_client_expiration,
         max_session_expiry,
         offline_qos0,
@@ -341,17 +343,6 @@ pub(crate) fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
     );
     check("max_connections", &running.max_connections, max_connections);
     check("connect_timeout", &running.connect_timeout, connect_timeout);
-    check(
-        "max_topic_length",
-        &running.max_topic_length,
-        max_topic_length,
-    );
-    check(
-        "max_topic_levels",
-        &running.max_topic_levels,
-        max_topic_levels,
-    );
-    check("max_sessions", &running.max_sessions, max_sessions);
     check(
         "persistent_client_expiration",
         &running.persistent_client_expiration,

@@ -476,7 +476,7 @@ async fn reload_through_the_api_applies_a_new_password_file_and_a_broken_one_cha
     // and the answer and the log line say what waits for the restart.
     write(
         &broker.root().join("mqttd.toml"),
-        &format!("{config}max_queued_messages = 7\nmax_subscriptions = 1\n"),
+        &format!("{config}max_queued_messages = 7\nmax_subscriptions = 1\nmax_topic_levels = 2\n"),
     );
     let reloaded = ok(ctl(&broker, &key, &["reload"]));
     assert!(reloaded.contains("limits"), "{reloaded}");
@@ -487,6 +487,15 @@ async fn reload_through_the_api_applies_a_new_password_file_and_a_broken_one_cha
     assert_eq!(
         suback(&mut subscriber, 2, "two/#").await,
         ReasonCode::QuotaExceeded
+    );
+    // The topic limit too: three levels are now too many, two are not.
+    assert_eq!(
+        suback(&mut subscriber, 3, "one/two/three").await,
+        ReasonCode::TopicFilterInvalid
+    );
+    assert_eq!(
+        suback(&mut subscriber, 4, "one/#").await,
+        ReasonCode::GrantedQoS1
     );
     assert_eq!(
         connack(&broker, "c7", "newer", "newer-secret").await,

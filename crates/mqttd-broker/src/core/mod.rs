@@ -1448,7 +1448,7 @@ impl ConnectionCore {
             let Some(permit) = self.inner.persistent_sessions.permit() else {
                 // debug: a client creating sessions without end would fill the log.
                 debug!(
-                    max_sessions = self.inner.config.max_sessions,
+                    max_sessions = self.inner.persistent_sessions.max(),
                     "persistent session refused: max_sessions reached"
                 );
                 self.inner.metrics.limit_refused("sessions", 1);
@@ -1617,9 +1617,9 @@ impl ConnectionCore {
 
     /// Whether a topic name is within `max_topic_length` and `max_topic_levels`.
     fn topic_within_limits(&self, topic: &str) -> bool {
-        let config = &self.inner.config;
-        topic.len() <= config.max_topic_length
-            && topic.split('/').count() <= config.max_topic_levels
+        let limits = self.inner.limits.load();
+        topic.len() <= limits.max_topic_length
+            && topic.split('/').count() <= limits.max_topic_levels
     }
 
     /// Checks a published message against limits, ACL and hooks.
@@ -1653,17 +1653,17 @@ impl ConnectionCore {
         let (Some(handle), Some(client)) = (self.handle.clone(), self.who.client()) else {
             return;
         };
-        let config = &self.inner.config;
         let max_qos = self.inner.server_config.maximum_qos;
         let id = subscribe.properties.subscription_identifier;
         let mut reasons = Vec::with_capacity(subscribe.filters.len());
         let mut adds = Vec::new();
-        let max_subscriptions = self.inner.limits.load().max_subscriptions;
+        let limits = self.inner.limits.load();
+        let max_subscriptions = limits.max_subscriptions;
         for sub in &subscribe.filters {
             let filter = &sub.filter;
             let text = filter.as_str();
-            let reason = if text.len() > config.max_topic_length
-                || filter.pattern().split('/').count() > config.max_topic_levels
+            let reason = if text.len() > limits.max_topic_length
+                || filter.pattern().split('/').count() > limits.max_topic_levels
             {
                 ReasonCode::TopicFilterInvalid
             } else if max_subscriptions > 0
