@@ -24,8 +24,9 @@ const CONNECTIONS: usize = 2_000;
 const WARM_UP: usize = 200;
 /// Connections being set up at once.
 const AT_ONCE: usize = 50;
-/// Most bytes of resident memory per idle TCP connection, debug build. Measured: 2,680 - 2,860
-/// once a parked connection's state was compacted (its empty maps one pointer each, the
+/// Most bytes of resident memory per idle TCP connection, debug build. Measured: 2,950 - 3,060
+/// with the admin API's per-connection details and everything else on main (2,680 - 2,860 on
+/// its own branch) once a parked connection's state was compacted (its empty maps one pointer each, the
 /// client's details kept once, the protocol configuration shared); 3,100 - 3,340 before, with
 /// the connections parked without a task (4,150 on the same machine before that; 5,500 before
 /// the spawned future stopped holding the driver's future twice, the stream was no longer
@@ -33,7 +34,7 @@ const AT_ONCE: usize = 50;
 /// connection's state). Part of it is the tasks the connections had while they connected,
 /// freed but kept by the allocator, so it grows when connections open faster; the margin is
 /// for that and for the allocator's and the kernel's rounding on another machine.
-const MAX_BYTES: u64 = 3_300;
+const MAX_BYTES: u64 = 3_600;
 const WAIT: Duration = Duration::from_secs(60);
 const VERSION: ProtocolVersion = ProtocolVersion::V3_1_1;
 
