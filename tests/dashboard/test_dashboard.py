@@ -246,6 +246,10 @@ def test_listeners_and_the_network_page(browser, broker, screenshot):
     wait(browser, lambda d: {"tcp", "http"} <= set(rows(d, "listener-row", "data-kind")),
          "the tcp and http listeners")
     wait(browser, lambda d: shown(d, "transport-tcp"), "the clients by transport")
+    # The TCP listener's counters: the clients the steps before connected through it.
+    connections = css("listener-row", '[data-kind="tcp"]') + " " + css("listener-connections")
+    wait(browser, lambda d: re.match(r"[1-9]", d.find_element(By.CSS_SELECTOR, connections).text),
+         "the tcp listener's connection count")
     screenshot("08-listeners")
 
     go(browser, "network")

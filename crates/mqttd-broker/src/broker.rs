@@ -746,6 +746,27 @@ pub(crate) enum Kick {
 
 impl Inner {
     /// Every registered session, in no particular order.
+    /// Counts a client accepted on `listener`.
+    pub(crate) fn count_connection(&self, listener: &Arc<str>) {
+        let mut totals = self.listener_totals.lock();
+        totals.entry(listener.clone()).or_default().connections += 1;
+    }
+
+    /// Adds an ended connection's counters to its listener's totals.
+    pub(crate) fn fold_connection(&self, listener: &Arc<str>, stats: &ConnStats) {
+        let mut totals = self.listener_totals.lock();
+        totals.entry(listener.clone()).or_default().add(stats);
+    }
+
+    /// What the ended connections of `listener` did, and the count of all it accepted.
+    pub(crate) fn listener_totals(&self, listener: &str) -> ListenerTotals {
+        self.listener_totals
+            .lock()
+            .get(listener)
+            .copied()
+            .unwrap_or_default()
+    }
+
     pub(crate) fn session_views(&self) -> Vec<SessionView> {
         // The handles first: no session's lock is taken under the registry's.
         let handles: Vec<Arc<SessionHandle>> =
@@ -912,6 +933,31 @@ pub(crate) struct Inner {
     /// The configuration as last loaded: at start, then by each successful reload (`config`
     /// stays the one the broker started with, which settings that need a restart follow).
     pub(crate) loaded_config: ArcSwap<Config>,
+    /// What each listener's ended connections did, by listener URL (see [`ListenerTotals`]).
+    listener_totals: Mutex<HashMap<Arc<str>, ListenerTotals>>,
+}
+
+/// What a listener's clients did over the broker's life, for the admin API. A connection
+/// adds its counters once, when it ends (live connections are added when asked), so the
+/// busy path pays nothing for it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ListenerTotals {
+    /// Clients whose CONNECT it accepted.
+    pub(crate) connections: u64,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+    pub(crate) messages_in: u64,
+    pub(crate) messages_out: u64,
+}
+
+impl ListenerTotals {
+    /// Adds a connection's counters.
+    pub(crate) fn add(&mut self, stats: &ConnStats) {
+        self.bytes_in += stats.bytes_in.load(Ordering::Relaxed);
+        self.bytes_out += stats.bytes_out.load(Ordering::Relaxed);
+        self.messages_in += stats.messages_in.load(Ordering::Relaxed);
+        self.messages_out += stats.messages_out.load(Ordering::Relaxed);
+    }
 }
 
 /// The limits a reload applies at once (the other settings wait for a restart): each is read
@@ -963,6 +1009,7 @@ impl Inner {
             reloader: std::sync::OnceLock::new(),
             limits: ArcSwap::from_pointee(LiveLimits::of(&config)),
             loaded_config: ArcSwap::from_pointee(config.clone()),
+            listener_totals: Mutex::new(HashMap::new()),
             bridges: crate::bridge::Bridges::default(),
             #[cfg(feature = "p2p")]
             peers: Arc::default(),

@@ -17,7 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
 use mqttd_proto::{Packet, ProtocolVersion, QoS, ReasonCode};
-use support::{encode, session_connect_packet, subscribe_packet, Broker, RawConn, Received};
+use support::{
+    encode, publish_packet, session_connect_packet, subscribe_packet, Broker, RawConn, Received,
+};
 
 /// A hang bound for one step.
 const STEP: Duration = Duration::from_secs(30);
@@ -545,6 +547,39 @@ async fn retained_messages_publishing_listeners_stats_and_the_openapi_document()
 
     // A client over TCP, counted by transport (it has its CONNACK: it is counted).
     let _tcp = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "stats-tcp").await;
+
+    // The listener's counters: a client that publishes twice and leaves still counts, after
+    // it is gone, in its listener's totals, and in no other listener's.
+    let mut leaving = RawConn::connected(broker.mqtt, ProtocolVersion::V5, "totals-tcp").await;
+    for id in 1..=2 {
+        let publish = publish_packet("totals/x", b"12345".to_vec(), QoS::AtLeastOnce, false, id);
+        leaving
+            .send(&encode(ProtocolVersion::V5, &publish))
+            .await
+            .unwrap();
+        match leaving.recv(Duration::from_secs(10)).await {
+            Received::Packet(p) => assert!(matches!(*p, Packet::PubAck(_)), "{p:?}"),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    drop(leaving);
+    let listeners = broker
+        .eventually(Duration::from_secs(10), "the leaving client gone", || async {
+            let listeners = get(&broker, "/api/v1/listeners", &key).await.json();
+            (listeners[0]["clients"] == 1).then_some(listeners)
+        })
+        .await;
+    let (tcp, ws) = (&listeners[0], &listeners[1]);
+    assert!(tcp["connections_total"].as_u64().unwrap() >= 2, "{tcp}");
+    assert!(tcp["messages_in"].as_u64().unwrap() >= 2, "{tcp}");
+    // Two PUBLISH packets of at least 5 + 8 bytes, besides CONNECT.
+    assert!(tcp["bytes_in"].as_u64().unwrap() > 26, "{tcp}");
+    assert!(tcp["bytes_out"].as_u64().unwrap() > 0, "{tcp}");
+    assert_eq!(
+        (ws["connections_total"].as_u64(), ws["messages_in"].as_u64()),
+        (Some(0), Some(0)),
+        "{ws}"
+    );
     let stats = get(&broker, "/api/v1/stats", &key).await.json();
     // site/2/raw, and the $SYS topics.
     assert!(stats["retained_messages"].as_u64().unwrap() >= 1);

@@ -982,9 +982,19 @@ pub struct ListenerInfo {
     pub addr: String,
     /// Clients connected through it now.
     pub clients: usize,
+    /// Clients whose CONNECT it accepted since the broker started.
+    pub connections_total: u64,
+    /// Bytes its clients sent, since the broker started.
+    pub bytes_in: u64,
+    /// Bytes sent to its clients, since the broker started.
+    pub bytes_out: u64,
+    /// PUBLISH packets its clients sent, since the broker started.
+    pub messages_in: u64,
+    /// PUBLISH packets sent to its clients, since the broker started.
+    pub messages_out: u64,
 }
 
-/// Lists the listeners with their bound addresses.
+/// Lists the listeners with their bound addresses and their clients' counters.
 #[utoipa::path(
     get, path = "/api/v1/listeners", tag = "broker",
     responses((status = 200, description = "The listeners, as configured", body = Vec<ListenerInfo>))
@@ -995,14 +1005,32 @@ async fn list_listeners(State(inner): State<Arc<Inner>>) -> Json<Vec<ListenerInf
     Json(
         listeners
             .iter()
-            .map(|(l, addr)| ListenerInfo {
-                url: l.url.clone(),
-                kind: l.url.split("://").next().unwrap_or_default().to_owned(),
-                addr: addr.to_string(),
-                clients: views
-                    .iter()
-                    .filter(|v| v.conn().is_some_and(|c| *c.client.peer.listener == *l.url))
-                    .count(),
+            .map(|(l, addr)| {
+                // The ended connections' totals, and the live ones' counters so far.
+                let mut totals = inner.listener_totals(&l.url);
+                let mut clients = 0;
+                for view in &views {
+                    if view
+                        .conn()
+                        .is_some_and(|c| *c.client.peer.listener == *l.url)
+                    {
+                        clients += 1;
+                        if let Some(stats) = view.stats() {
+                            totals.add(stats);
+                        }
+                    }
+                }
+                ListenerInfo {
+                    url: l.url.clone(),
+                    kind: l.url.split("://").next().unwrap_or_default().to_owned(),
+                    addr: addr.to_string(),
+                    clients,
+                    connections_total: totals.connections,
+                    bytes_in: totals.bytes_in,
+                    bytes_out: totals.bytes_out,
+                    messages_in: totals.messages_in,
+                    messages_out: totals.messages_out,
+                }
             })
             .collect(),
     )

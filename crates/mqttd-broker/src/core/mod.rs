@@ -783,13 +783,16 @@ impl ConnectionCore {
         });
         self.save_session(StreamId::CONTROL);
         let client = Arc::new(client);
-        let _ = self.mailbox.conn.set(Box::new(ConnInfo {
+        let info = Box::new(ConnInfo {
             client: client.clone(),
             keep_alive: request.keep_alive,
             clean_start: request.connect.clean_start,
             session_expiry: request.session_expiry_interval,
             connected_at: now,
-        }));
+        });
+        if self.mailbox.conn.set(info).is_ok() {
+            self.inner.count_connection(&client.peer.listener);
+        }
         self.who = Who::Client(client);
     }
 
@@ -870,6 +873,11 @@ impl ConnectionCore {
     /// the client ended the connection (then there is nothing to linger for).
     pub(crate) fn finish(&mut self, now: Instant, wall: SystemTime) -> bool {
         self.hand_off_session(now, wall);
+        // After the hand-off, which takes the connection out of the admin API's live view.
+        if let Some(conn) = self.mailbox.conn.get() {
+            self.inner
+                .fold_connection(&conn.client.peer.listener, &self.mailbox.stats);
+        }
         self.closed_by_client
     }
 

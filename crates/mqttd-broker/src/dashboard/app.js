@@ -764,6 +764,13 @@ async function loadListeners() {
         h("td", {}, h("span", { class: "badge" }, l.kind)),
         h("td", { class: "mono" }, l.addr),
         h("td", { class: "num" }, ["http", "relay"].includes(l.kind) ? "–" : fmtNum(l.clients)),
+        ...(["http", "relay"].includes(l.kind)
+          ? ["–", "–", "–"].map((t) => h("td", { class: "num hide-s" }, t))
+          : [
+              h("td", { class: "num hide-s", testid: "listener-connections" }, fmtNum(l.connections_total)),
+              h("td", { class: "num hide-s" }, `${fmtNum(l.messages_in)} / ${fmtNum(l.messages_out)}`),
+              h("td", { class: "num hide-s" }, `${fmtBytes(l.bytes_in)} / ${fmtBytes(l.bytes_out)}`),
+            ]),
       ),
     ),
   );
