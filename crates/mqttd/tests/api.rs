@@ -564,10 +564,14 @@ async fn retained_messages_publishing_listeners_stats_and_the_openapi_document()
     }
     drop(leaving);
     let listeners = broker
-        .eventually(Duration::from_secs(10), "the leaving client gone", || async {
-            let listeners = get(&broker, "/api/v1/listeners", &key).await.json();
-            (listeners[0]["clients"] == 1).then_some(listeners)
-        })
+        .eventually(
+            Duration::from_secs(10),
+            "the leaving client gone",
+            || async {
+                let listeners = get(&broker, "/api/v1/listeners", &key).await.json();
+                (listeners[0]["clients"] == 1).then_some(listeners)
+            },
+        )
         .await;
     let (tcp, ws) = (&listeners[0], &listeners[1]);
     assert!(tcp["connections_total"].as_u64().unwrap() >= 2, "{tcp}");
