@@ -97,7 +97,10 @@ impl<K: Clone + Hash + Eq, V: Clone> SmallMap<K, V> {
             Self::Few(entries) => {
                 let i = entries.iter().position(|(k, _)| k.borrow() == key)?;
                 let (_, value) = entries.swap_remove(i);
-                entries.shrink_to_fit();
+                // Not on every removal: a node's map is copied with its path anyway.
+                if entries.len() <= entries.capacity() / 2 {
+                    entries.shrink_to_fit();
+                }
                 Some(value)
             }
             Self::Many(map) => {
