@@ -145,6 +145,19 @@ section "interoperability with real clients (paho-mqtt, mosquitto-clients)"
 # runs the suite against a fresh broker per test.
 bash tests/interop/run.sh
 
+clusterlab_budget=120
+section "cluster lab: histories and the checker (budget ${clusterlab_budget}s)"
+# Publishers and persistent subscribers that log their histories, and a checker (lost,
+# duplicate, order, session, late, phantom) that reads them afterwards: the checker against
+# histories written by hand, then one real broker killed with SIGKILL mid-run
+# (tests/clusterlab/README.md). Uses the debug broker built above.
+MQTTD_BIN="$PWD/target/debug/mqttd" bash tests/clusterlab/run.sh
+clusterlab_took=$((SECONDS - section_started))
+echo "cluster lab: ${clusterlab_took}s (budget ${clusterlab_budget}s)"
+if ((clusterlab_took > clusterlab_budget)); then
+    echo "warning: the cluster lab took ${clusterlab_took}s, over its ${clusterlab_budget}s budget"
+fi
+
 dashboard_budget=180
 section "the dashboard in headless Chromium (budget ${dashboard_budget}s)"
 # Against the debug broker built above: signs in (a wrong key refused), sees a client connected

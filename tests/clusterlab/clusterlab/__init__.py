@@ -1,0 +1,8 @@
+"""The cluster lab: clients that log their history, and a checker that reads the histories
+afterwards (see ../README.md)."""
+
+from .checker import Report, check
+from .history import History
+from .workload import Publisher, Subscriber, quiesce
+
+__all__ = ["History", "Publisher", "Report", "Subscriber", "check", "quiesce"]
