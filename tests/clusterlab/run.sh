@@ -4,6 +4,7 @@
 #   tests/clusterlab/run.sh                # everything
 #   tests/clusterlab/run.sh -k checker -x  # arguments go to pytest
 #   MQTTD_BIN=/path/to/mqttd tests/clusterlab/run.sh   # that binary, not target/debug/mqttd
+#   CLUSTERLAB_REQUIRED=1 tests/clusterlab/run.sh       # fail instead of skipping without root
 #
 # Installs what is missing (paho-mqtt, pytest and pytest-timeout) in the virtualenv the
 # interoperability suite uses, target/interop-venv (these are a subset of its packages).
@@ -18,6 +19,12 @@ log() { echo "clusterlab: $*" >&2; }
 
 # shellcheck source=../../scripts/lib/pyenv.sh
 source "$root/scripts/lib/pyenv.sh"
+
+# The network tests (namespaces, partitions) need root, iproute2 and nftables.
+if [ "$(id -u)" -eq 0 ]; then
+    command -v ip >/dev/null || { log "installing iproute2"; apt_install iproute2; }
+    command -v nft >/dev/null || { log "installing nftables"; apt_install nftables; }
+fi
 
 find_python "$venv" '
 import paho.mqtt, pytest, pytest_timeout

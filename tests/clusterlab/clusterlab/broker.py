@@ -1,6 +1,6 @@
-"""A real mqttd for the lab: started on port 0 with a data directory of its own, killed with
-SIGKILL, started again on the same data directory (on a new port: `nodes()` callables give the
-workload the current addresses)."""
+"""A real mqttd for the lab: started on port 0 with a data directory of its own (in a lab
+namespace when given one), paused with SIGSTOP, killed with SIGKILL, started again on the same
+data directory (on a new port: `nodes()` callables give the workload the current addresses)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def binary() -> str:
 class Broker:
     """One mqttd process at a time on `data_dir`."""
 
-    def __init__(self, data_dir: Path, config: str = "", host: str = "127.0.0.1"):
+    def __init__(self, data_dir: Path, config: str = "", host: str = "127.0.0.1", ns=None):
         self.data_dir = data_dir
+        self.ns = ns
         self.config = config
         self.host = host
         self.proc: subprocess.Popen | None = None
@@ -44,8 +45,9 @@ class Broker:
             path.write_text(self.config)
             cmd += ["--config", str(path)]
         log = open(self.data_dir / "mqttd.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, bufsize=0,
-                                     env={**os.environ, "RUST_LOG": "warn"})
+        popen = subprocess.Popen if self.ns is None else self.ns.popen
+        self.proc = popen(cmd, stdout=subprocess.PIPE, stderr=log, bufsize=0,
+                          env={**os.environ, "RUST_LOG": "warn"})
         log.close()
         self.starts += 1
         deadline = time.monotonic() + START_TIMEOUT
@@ -63,6 +65,13 @@ class Broker:
 
     def addr(self) -> tuple[str, int]:
         return self.host, self.port
+
+    def pause(self) -> None:
+        """SIGSTOP: the process stays, and answers nothing."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """kill -9, and wait for it to be gone."""

@@ -15,6 +15,8 @@ for s in subs: s.stop()
 report = check(history)
 ```
 
+Given `net` (a `ClusterNet`), clients open their sockets in its clients' namespace.
+
 Each connection is a fresh paho-mqtt client driven by a thread of its own that calls `loop()`:
 paho's own reconnection is never used, so that a connection the broker closed (a takeover, a
 node killed) stays closed, and every new connection is one the history records.
@@ -42,14 +44,21 @@ KEEPALIVE = 10
 ACK_TIMEOUT = 5.0
 
 
+def dial(net, connect):
+    """Runs `connect()` (which opens a socket) inside the lab network's clients' namespace when
+    there is one (`ClusterNet.call`): the socket lives there for its whole life."""
+    return connect() if net is None else net.call(connect)
+
+
 class Connection:
     """One MQTT 5 connection of a publisher: a paho client and the thread that runs its network
     loop."""
 
-    def __init__(self, client_id: str, node: tuple[str, int], clean_start: bool):
+    def __init__(self, client_id: str, node: tuple[str, int], clean_start: bool, net=None):
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5)
         self.node = node
+        self.net = net
         self.connack = threading.Event()
         self.session_present = None
         self.rc = None
@@ -66,8 +75,9 @@ class Connection:
     def open(self) -> bool:
         """Connects and waits for CONNACK; False if refused or nothing came in time."""
         try:
-            self.client.connect(self.node[0], self.node[1], keepalive=10,
-                                clean_start=self._clean_start, properties=self._props)
+            dial(self.net, lambda: self.client.connect(
+                self.node[0], self.node[1], keepalive=10, clean_start=self._clean_start,
+                properties=self._props))
         except OSError:
             self.alive = False
             return False
@@ -117,8 +127,10 @@ class Publisher:
     publication is acknowledged (ok), or given up after ACK_TIMEOUT (fail: indeterminate) and
     the publisher moves on to a new connection and the next sequence number."""
 
-    def __init__(self, history: History, name: str, nodes, qos: int, pause: float = 0.0):
+    def __init__(self, history: History, name: str, nodes, qos: int, pause: float = 0.0,
+                 net=None):
         self.history = history
+        self.net = net
         self.name = name
         self.nodes = nodes
         self.qos = qos
@@ -146,7 +158,7 @@ class Publisher:
                     conn.close()
                 conn_no += 1
                 conn = Connection(f"{self.name}-{conn_no}", random.choice(self.nodes()),
-                                  clean_start=True)
+                                  clean_start=True, net=self.net)
                 acks = threading.Event()
                 number = conn_no
 
@@ -191,8 +203,9 @@ class Subscriber:
     a PUBLISH the broker sends again (DUP) on a later connection is recognised, as a client
     keeping its session state does (MQTT 5.0 section 4.3.3)."""
 
-    def __init__(self, history: History, name: str, nodes, hop_every=None):
+    def __init__(self, history: History, name: str, nodes, hop_every=None, net=None):
         self.history = history
+        self.net = net
         self.name = name
         self.nodes = nodes
         self.hop_every = hop_every
@@ -232,7 +245,7 @@ class Subscriber:
         host, port = nodes[index]
         self.history.record(self.name, "connect", conn=number, node=index)
         try:
-            client = raw.RawClient(port, host=host)
+            client = dial(self.net, lambda: raw.RawClient(port, host=host))
             client.send(raw.connect(self.name, clean=False, keepalive=KEEPALIVE,
                                     props={"SessionExpiryInterval": SESSION_EXPIRY}))
             ack = client.expect(raw.CONNACK, CONNECT_TIMEOUT)
