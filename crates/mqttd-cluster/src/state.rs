@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::session::{EnqueueResult, SessionData, Step, StoredMessage};
+
 /// A Raft node id.
 pub type NodeId = u64;
 
@@ -72,6 +74,9 @@ pub enum Command {
         node: NodeId,
         /// When the session expires if nobody renews it (ms since the Unix epoch).
         expires_at_ms: Option<u64>,
+        /// A clean start: the session's contents are discarded.
+        #[serde(default)]
+        clean: bool,
     },
     /// The owner changes the session's expiry (its client disconnected or reconnected).
     SetSessionExpiry {
@@ -98,6 +103,29 @@ pub enum Command {
     ExpireSessions {
         /// The time the leader proposed it at (ms since the Unix epoch).
         now_ms: u64,
+    },
+    /// A message for persistent sessions (from the node its publisher is connected to, which
+    /// acknowledges the publication once this is committed). No epoch: a publisher does not
+    /// own the sessions it publishes to.
+    Enqueue {
+        /// The message.
+        message: StoredMessage,
+        /// The sessions it is for, each with the QoS to deliver it at.
+        targets: Vec<(String, u8)>,
+        /// The most messages a session's queue holds (the proposer's setting, in the command so
+        /// that every node decides alike).
+        max_queued: u32,
+    },
+    /// The owner's changes to its session, applied in order (see [`Step`]).
+    SessionProgress {
+        /// The client id.
+        client_id: String,
+        /// The owner node sending it.
+        node: NodeId,
+        /// The epoch the owner holds.
+        epoch: u64,
+        /// The changes.
+        steps: Vec<Step>,
     },
     /// Sets the retained message of a topic.
     SetRetained {
@@ -161,6 +189,20 @@ pub enum Outcome {
         epoch: u64,
         /// The owner before the claim, and its epoch, if there was one.
         previous: Option<(NodeId, u64)>,
+        /// Whether the session's contents were kept (CONNACK's session present): it existed
+        /// and the claim was not a clean start.
+        present: bool,
+    },
+    /// What [`Command::Enqueue`] did for each target, in order.
+    Enqueued {
+        /// One result per target.
+        results: Vec<EnqueueResult>,
+    },
+    /// The owner's steps were applied; `ignored` of them found nothing to do (idempotent
+    /// repeats).
+    Progressed {
+        /// How many steps changed nothing.
+        ignored: usize,
     },
     /// `count` sessions expired.
     Expired {
@@ -176,6 +218,9 @@ pub enum Outcome {
 pub struct ClusterState {
     nodes: BTreeMap<NodeId, NodeRecord>,
     sessions: BTreeMap<String, SessionOwner>,
+    /// The contents of each session in `sessions` (same keys).
+    #[serde(default)]
+    contents: BTreeMap<String, SessionData>,
     retained: BTreeMap<String, Retained>,
     /// The latest epoch handed out by a claim.
     last_epoch: u64,
@@ -209,8 +254,14 @@ impl ClusterState {
                 client_id,
                 node,
                 expires_at_ms,
+                clean,
             } => {
                 let previous = self.sessions.get(&client_id).map(|s| (s.owner, s.epoch));
+                let present = previous.is_some() && !clean;
+                if !present {
+                    self.contents
+                        .insert(client_id.clone(), SessionData::default());
+                }
                 // One counter for all sessions: an epoch is never reused, not even by a session
                 // dropped and created again, so a command from its earlier life stays stale.
                 self.last_epoch = self.last_epoch.saturating_add(1);
@@ -223,7 +274,11 @@ impl ClusterState {
                         expires_at_ms,
                     },
                 );
-                Outcome::Claimed { epoch, previous }
+                Outcome::Claimed {
+                    epoch,
+                    previous,
+                    present,
+                }
             }
             Command::SetSessionExpiry {
                 client_id,
@@ -246,6 +301,7 @@ impl ClusterState {
             } => match self.fenced(&client_id, node, epoch) {
                 Ok(()) => {
                     self.sessions.remove(&client_id);
+                    self.contents.remove(&client_id);
                     Outcome::Done
                 }
                 Err(r) => Outcome::Rejected(r),
@@ -254,10 +310,39 @@ impl ClusterState {
                 let before = self.sessions.len();
                 self.sessions
                     .retain(|_, s| s.expires_at_ms.is_none_or(|at| at > now_ms));
+                let sessions = &self.sessions;
+                self.contents.retain(|id, _| sessions.contains_key(id));
                 Outcome::Expired {
                     count: before - self.sessions.len(),
                 }
             }
+            Command::Enqueue {
+                message,
+                targets,
+                max_queued,
+            } => {
+                let results = targets
+                    .into_iter()
+                    .map(|(client_id, qos)| match self.contents.get_mut(&client_id) {
+                        Some(data) => data.enqueue(message.clone(), qos, max_queued),
+                        None => EnqueueResult::NoSession,
+                    })
+                    .collect();
+                Outcome::Enqueued { results }
+            }
+            Command::SessionProgress {
+                client_id,
+                node,
+                epoch,
+                steps,
+            } => match self.fenced(&client_id, node, epoch) {
+                Ok(()) => {
+                    let data = self.contents.entry(client_id).or_default();
+                    let ignored = steps.into_iter().filter(|s| !data.step(s.clone())).count();
+                    Outcome::Progressed { ignored }
+                }
+                Err(r) => Outcome::Rejected(r),
+            },
             Command::SetRetained { topic, message } => {
                 self.retained.insert(topic, message);
                 Outcome::Done
@@ -298,6 +383,11 @@ impl ClusterState {
         self.sessions.get(client_id)
     }
 
+    /// The contents of a session (subscriptions, queue, in flight, will).
+    pub fn session_data(&self, client_id: &str) -> Option<&SessionData> {
+        self.contents.get(client_id)
+    }
+
     /// The number of sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
@@ -333,6 +423,7 @@ mod tests {
             client_id: id.into(),
             node,
             expires_at_ms: None,
+            clean: false,
         }) {
             Outcome::Claimed { epoch, .. } => epoch,
             other => panic!("claim: {other:?}"),
@@ -348,12 +439,14 @@ mod tests {
             client_id: "c".into(),
             node: 2,
             expires_at_ms: Some(10),
+            clean: false,
         });
         assert_eq!(
             out,
             Outcome::Claimed {
                 epoch: 3,
-                previous: Some((1, 1))
+                previous: Some((1, 1)),
+                present: true,
             }
         );
         // The old owner, still believing in epoch 1, can change nothing.
@@ -411,6 +504,112 @@ mod tests {
         );
     }
 
+    fn message(topic: &str) -> StoredMessage {
+        StoredMessage {
+            topic: topic.into(),
+            payload: b"m".to_vec(),
+            qos: 1,
+            retain: false,
+            properties: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_session_s_contents_survive_a_takeover_and_the_old_owner_is_fenced_off() {
+        let mut s = ClusterState::default();
+        let first = claim(&mut s, "c", 1);
+        let progress = |node, epoch, steps| Command::SessionProgress {
+            client_id: "c".into(),
+            node,
+            epoch,
+            steps,
+        };
+        let sub = Step::Subscribe {
+            filter: "t/#".into(),
+            options: crate::session::SubscriptionOptions {
+                qos: 1,
+                no_local: false,
+                retain_as_published: false,
+                identifier: None,
+            },
+        };
+        assert_eq!(
+            s.apply(progress(1, first, vec![sub])),
+            Outcome::Progressed { ignored: 0 }
+        );
+        let enqueue = |topic: &str| Command::Enqueue {
+            message: message(topic),
+            targets: vec![("c".into(), 1), ("nobody".into(), 1)],
+            max_queued: 10,
+        };
+        assert_eq!(
+            s.apply(enqueue("t/1")),
+            Outcome::Enqueued {
+                results: vec![EnqueueResult::Queued(0), EnqueueResult::NoSession]
+            }
+        );
+        s.apply(enqueue("t/2"));
+        let sent = Step::Sent {
+            seq: 0,
+            packet_id: Some(1),
+        };
+        assert_eq!(
+            s.apply(progress(1, first, vec![sent.clone(), sent])),
+            Outcome::Progressed { ignored: 1 },
+            "the repeat finds nothing to do"
+        );
+
+        // Node 2 takes the session over: everything is there.
+        let Outcome::Claimed {
+            epoch: second,
+            present: true,
+            ..
+        } = s.apply(Command::ClaimSession {
+            client_id: "c".into(),
+            node: 2,
+            expires_at_ms: None,
+            clean: false,
+        })
+        else {
+            panic!("a takeover keeps the session");
+        };
+        let data = s.session_data("c").unwrap();
+        assert_eq!(data.subscriptions.len(), 1);
+        assert_eq!(data.in_flight.get(&1).map(|f| f.seq), Some(0));
+        assert_eq!(data.queue.front().map(|q| q.seq), Some(1));
+        // The old owner's acknowledgement comes too late: rejected, nothing changes.
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(progress(1, first, vec![Step::Acked { packet_id: 1 }])),
+            Outcome::Rejected(Rejection::StaleEpoch { .. })
+        ));
+        assert_eq!(s, before);
+        assert_eq!(
+            s.apply(progress(2, second, vec![Step::Acked { packet_id: 1 }])),
+            Outcome::Progressed { ignored: 0 }
+        );
+
+        // A clean start discards the contents; expiry and drop remove them.
+        assert!(matches!(
+            s.apply(Command::ClaimSession {
+                client_id: "c".into(),
+                node: 3,
+                expires_at_ms: Some(5),
+                clean: true,
+            }),
+            Outcome::Claimed { present: false, .. }
+        ));
+        assert_eq!(s.session_data("c"), Some(&SessionData::default()));
+        s.apply(Command::ExpireSessions { now_ms: 10 });
+        assert_eq!(s.session_data("c"), None);
+        assert_eq!(
+            s.apply(enqueue("t/3")),
+            Outcome::Enqueued {
+                results: vec![EnqueueResult::NoSession, EnqueueResult::NoSession]
+            }
+        );
+    }
+
     #[test]
     fn sessions_expire_at_the_time_in_the_command() {
         let mut s = ClusterState::default();
@@ -419,6 +618,7 @@ mod tests {
                 client_id: id.into(),
                 node: 1,
                 expires_at_ms: at,
+                clean: false,
             });
         }
         assert_eq!(
@@ -505,19 +705,34 @@ mod props {
 
     use super::*;
 
+    fn step() -> impl Strategy<Value = Step> {
+        let pid = 1u16..4;
+        prop_oneof![
+            (0u64..6, prop::option::of(pid.clone()))
+                .prop_map(|(seq, packet_id)| Step::Sent { seq, packet_id }),
+            pid.clone().prop_map(|packet_id| Step::Acked { packet_id }),
+            pid.clone()
+                .prop_map(|packet_id| Step::Received { packet_id }),
+            pid.clone()
+                .prop_map(|packet_id| Step::InboundReceived { packet_id }),
+            pid.prop_map(|packet_id| Step::InboundReleased { packet_id }),
+        ]
+    }
+
     fn command() -> impl Strategy<Value = Command> {
         let id = prop::sample::select(vec!["a", "b", "c"]).prop_map(String::from);
         let node = 1u64..4;
         let epoch = 0u64..12;
         let at = prop::option::of(0u64..100);
         prop_oneof![
-            (id.clone(), node.clone(), at.clone()).prop_map(|(client_id, node, expires_at_ms)| {
-                Command::ClaimSession {
+            (id.clone(), node.clone(), at.clone(), any::<bool>()).prop_map(
+                |(client_id, node, expires_at_ms, clean)| Command::ClaimSession {
                     client_id,
                     node,
                     expires_at_ms,
+                    clean,
                 }
-            }),
+            ),
             (id.clone(), node.clone(), epoch.clone(), at).prop_map(
                 |(client_id, node, epoch, expires_at_ms)| Command::SetSessionExpiry {
                     client_id,
@@ -526,7 +741,7 @@ mod props {
                     expires_at_ms,
                 }
             ),
-            (id, node.clone(), epoch).prop_map(|(client_id, node, epoch)| {
+            (id.clone(), node.clone(), epoch.clone()).prop_map(|(client_id, node, epoch)| {
                 Command::DropSession {
                     client_id,
                     node,
@@ -534,6 +749,31 @@ mod props {
                 }
             }),
             (0u64..100).prop_map(|now_ms| Command::ExpireSessions { now_ms }),
+            (prop::collection::vec((id.clone(), 0u8..3), 0..3), 1u32..4).prop_map(
+                |(targets, max_queued)| Command::Enqueue {
+                    message: StoredMessage {
+                        topic: "t".into(),
+                        payload: vec![1],
+                        qos: 2,
+                        retain: false,
+                        properties: Default::default(),
+                    },
+                    targets,
+                    max_queued,
+                }
+            ),
+            (
+                id.clone(),
+                node.clone(),
+                epoch.clone(),
+                prop::collection::vec(step(), 0..4)
+            )
+                .prop_map(|(client_id, node, epoch, steps)| Command::SessionProgress {
+                    client_id,
+                    node,
+                    epoch,
+                    steps,
+                }),
             (node, 0u64..5).prop_map(|(node, incarnation)| Command::NodeUp {
                 node,
                 name: format!("n{node}"),
@@ -554,7 +794,8 @@ mod props {
                 let before = s.clone();
                 let owner = match &c {
                     Command::SetSessionExpiry { client_id, .. }
-                    | Command::DropSession { client_id, .. } => {
+                    | Command::DropSession { client_id, .. }
+                    | Command::SessionProgress { client_id, .. } => {
                         before.session(client_id).map(|o| (o.owner, o.epoch))
                     }
                     _ => None,
@@ -563,7 +804,8 @@ mod props {
                 match (&c, &outcome) {
                     (_, Outcome::Rejected(_)) => prop_assert_eq!(&s, &before),
                     (Command::SetSessionExpiry { node, epoch, .. }, Outcome::Done)
-                    | (Command::DropSession { node, epoch, .. }, Outcome::Done) => {
+                    | (Command::DropSession { node, epoch, .. }, Outcome::Done)
+                    | (Command::SessionProgress { node, epoch, .. }, Outcome::Progressed { .. }) => {
                         prop_assert_eq!(owner, Some((*node, *epoch)));
                     }
                     (Command::ClaimSession { .. }, Outcome::Claimed { epoch, .. }) => {
@@ -571,6 +813,14 @@ mod props {
                         highest = *epoch;
                     }
                     _ => {}
+                }
+            }
+            // Contents exist exactly for the sessions there are, and a message is never both
+            // queued and in flight.
+            prop_assert!(s.contents.keys().eq(s.sessions.keys()));
+            for data in s.contents.values() {
+                for f in data.in_flight.values() {
+                    prop_assert!(data.queue.iter().all(|q| q.seq != f.seq));
                 }
             }
             prop_assert_eq!(ClusterState::from_bytes(&s.to_bytes().unwrap()).unwrap(), s);

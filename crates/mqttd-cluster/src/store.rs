@@ -517,6 +517,7 @@ mod tests {
             client_id: id.into(),
             node: 1,
             expires_at_ms: None,
+            clean: false,
         }
     }
 

@@ -132,6 +132,7 @@ fn claim(client_id: &str, node: NodeId) -> Command {
         client_id: client_id.into(),
         node,
         expires_at_ms: None,
+        clean: false,
     }
 }
 
@@ -180,6 +181,7 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
     let Outcome::Claimed {
         epoch: first,
         previous: None,
+        ..
     } = propose(&nodes, claim("c1", 1)).await
     else {
         panic!("the first claim creates the session");
@@ -225,6 +227,7 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
     let Outcome::Claimed {
         epoch: second,
         previous,
+        ..
     } = propose(&nodes, claim("c1", 2)).await
     else {
         panic!("a claim of an existing session");
