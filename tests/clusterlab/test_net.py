@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from clusterlab import Publisher, Subscriber, check, quiesce
+from clusterlab import Publisher, Subscriber, check, healthy, quiesce
 from clusterlab.broker import Broker
 
 if os.geteuid() != 0:
@@ -88,6 +88,7 @@ def test_workload_from_the_clients_namespace_across_a_pause_and_a_kill(net, tmp_
         for s in subs:
             s.stop()
         broker.stop()
+    healthy(*pubs, *subs)
     report = check(history)
     print(report.summary())
     assert report.ok, report.summary() + "\n" + broker.log()[-3000:]

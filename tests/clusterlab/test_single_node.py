@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from clusterlab import Publisher, Subscriber, check, quiesce
+from clusterlab import Publisher, Subscriber, check, healthy, quiesce
 from clusterlab.broker import Broker
 
 
@@ -39,6 +39,7 @@ def test_kill_minus_9_loses_nothing_acknowledged(tmp_path, history):
         for s in subs:
             s.stop()
         broker.stop()
+    healthy(*pubs, *subs)
     report = check(history)
     print(report.summary())
     print(f"drained in {waited:.1f}s")

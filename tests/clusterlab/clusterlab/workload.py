@@ -28,6 +28,7 @@ import json
 import random
 import threading
 import time
+import traceback
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -42,6 +43,22 @@ SESSION_EXPIRY = 3600
 CONNECT_TIMEOUT = 5.0
 KEEPALIVE = 10
 ACK_TIMEOUT = 5.0
+
+
+def guarded(worker, fn, *args) -> None:
+    """Runs a worker's thread; an exception is kept in `worker.crashed` (see `healthy`), so that
+    a bug in the lab is never mistaken for a message the broker lost."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - reported by healthy()
+        worker.crashed = traceback.format_exc()
+
+
+def healthy(*workers) -> None:
+    """Raises if a publisher's or subscriber's thread died of an exception."""
+    for worker in workers:
+        if worker.crashed:
+            raise RuntimeError(f"the lab's {worker.name} crashed:\n{worker.crashed}")
 
 
 def dial(net, connect):
@@ -139,7 +156,9 @@ class Publisher:
         self.acked = 0
         self.failed = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+        self.crashed: str | None = None
+        self._thread = threading.Thread(target=guarded, args=(self, self._run), daemon=True,
+                                        name=name)
 
     def start(self) -> None:
         self._thread.start()
@@ -220,7 +239,9 @@ class Subscriber:
         self._current = -1
         self._threads: list[threading.Thread] = []
         self._conn_no = -1
-        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+        self.crashed: str | None = None
+        self._thread = threading.Thread(target=guarded, args=(self, self._run), daemon=True,
+                                        name=name)
 
     def start(self) -> None:
         self._thread.start()
@@ -340,7 +361,8 @@ class Subscriber:
                 time.sleep(0.3)
                 continue
             self._lost.clear()
-            thread = threading.Thread(target=self._serve, args=(client, self._current),
+            thread = threading.Thread(target=guarded, args=(self, self._serve, client,
+                                                            self._current),
                                       daemon=True, name=f"{self.name}-{self._current}")
             self._threads.append(thread)
             thread.start()
