@@ -96,11 +96,26 @@ pub struct StoredWill {
     pub delay_secs: u32,
 }
 
+/// A message's identity in the cluster, chosen by the node that proposes it: the node, its
+/// incarnation and a counter of that life. A session holds a message once, however often its
+/// `Enqueue` was proposed (a proposal retried after an ambiguous failure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MessageId {
+    /// The proposing node.
+    pub node: u64,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// Counted by the node in that incarnation.
+    pub counter: u64,
+}
+
 /// A message waiting to be sent to the session's client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Queued {
     /// Its place in the session's queue: numbers grow, and are never reused by the session.
     pub seq: u64,
+    /// Its identity.
+    pub id: MessageId,
     /// The QoS it is to be delivered at (the lower of the publication's and the
     /// subscription's).
     pub qos: u8,
@@ -113,6 +128,8 @@ pub struct Queued {
 pub struct InFlight {
     /// The queue number it had.
     pub seq: u64,
+    /// Its identity.
+    pub id: MessageId,
     /// QoS 1 or 2.
     pub qos: u8,
     /// The message.
@@ -135,6 +152,9 @@ pub struct SessionData {
     pub inbound_qos2: BTreeSet<u16>,
     /// The will, if the client set one.
     pub will: Option<StoredWill>,
+    /// The identities of the messages queued or in flight, with their queue numbers.
+    #[serde(with = "pairs")]
+    pub held: BTreeMap<MessageId, u64>,
     /// The next queue number.
     pub next_seq: u64,
     /// Messages this session lost to a full queue (the policy: the newest is refused).
@@ -194,6 +214,8 @@ pub enum Step {
 pub enum EnqueueResult {
     /// Queued under this number.
     Queued(u64),
+    /// Held already (queued or in flight) under this number: a repeated proposal.
+    Held(u64),
     /// The session's queue was full: refused (and counted in [`SessionData::dropped`]).
     Full,
     /// There is no such session (it expired, or was dropped).
@@ -201,20 +223,30 @@ pub enum EnqueueResult {
 }
 
 impl SessionData {
-    /// Queues `message` at `qos`, unless `max_queued` messages wait already.
+    /// Queues `message` at `qos`, unless it is held already or `max_queued` messages wait.
     pub(crate) fn enqueue(
         &mut self,
+        id: MessageId,
         message: StoredMessage,
         qos: u8,
         max_queued: u32,
     ) -> EnqueueResult {
+        if let Some(seq) = self.held.get(&id) {
+            return EnqueueResult::Held(*seq);
+        }
         if self.queue.len() >= max_queued as usize {
             self.dropped = self.dropped.saturating_add(1);
             return EnqueueResult::Full;
         }
         let seq = self.next_seq;
         self.next_seq = self.next_seq.saturating_add(1);
-        self.queue.push_back(Queued { seq, qos, message });
+        self.held.insert(id, seq);
+        self.queue.push_back(Queued {
+            seq,
+            id,
+            qos,
+            message,
+        });
         EnqueueResult::Queued(seq)
     }
 
@@ -237,6 +269,7 @@ impl SessionData {
                             id,
                             InFlight {
                                 seq: q.seq,
+                                id: q.id,
                                 qos: q.qos,
                                 message: q.message,
                                 released: false,
@@ -244,10 +277,22 @@ impl SessionData {
                         );
                         true
                     }
-                    None => self.queue.remove(at).is_some(),
+                    None => match self.queue.remove(at) {
+                        Some(q) => {
+                            self.held.remove(&q.id);
+                            true
+                        }
+                        None => false,
+                    },
                 }
             }
-            Step::Acked { packet_id } => self.in_flight.remove(&packet_id).is_some(),
+            Step::Acked { packet_id } => match self.in_flight.remove(&packet_id) {
+                Some(f) => {
+                    self.held.remove(&f.id);
+                    true
+                }
+                None => false,
+            },
             Step::Received { packet_id } => match self.in_flight.get_mut(&packet_id) {
                 Some(f) if f.qos == 2 && !f.released => {
                     f.released = true;
@@ -270,9 +315,42 @@ impl SessionData {
     }
 }
 
+/// A map whose keys are not strings, as a list of pairs (JSON objects take string keys only).
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<K, V, S>(map: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error>
+    where
+        K: Serialize,
+        V: Serialize,
+        S: Serializer,
+    {
+        s.collect_seq(map.iter())
+    }
+
+    pub(super) fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(counter: u64) -> MessageId {
+        MessageId {
+            node: 1,
+            incarnation: 1,
+            counter,
+        }
+    }
 
     fn msg(topic: &str) -> StoredMessage {
         StoredMessage {
@@ -287,8 +365,9 @@ mod tests {
     #[test]
     fn a_message_goes_from_the_queue_to_flight_to_gone() {
         let mut s = SessionData::default();
-        assert_eq!(s.enqueue(msg("a"), 1, 10), EnqueueResult::Queued(0));
-        assert_eq!(s.enqueue(msg("b"), 2, 10), EnqueueResult::Queued(1));
+        assert_eq!(s.enqueue(id(1), msg("a"), 1, 10), EnqueueResult::Queued(0));
+        assert_eq!(s.enqueue(id(2), msg("b"), 2, 10), EnqueueResult::Queued(1));
+        assert_eq!(s.enqueue(id(1), msg("a"), 1, 10), EnqueueResult::Held(0));
         assert!(s.step(Step::Sent {
             seq: 0,
             packet_id: Some(7)
@@ -309,6 +388,11 @@ mod tests {
             packet_id: Some(8)
         }));
         assert!(s.queue.is_empty());
+        assert_eq!(
+            s.enqueue(id(1), msg("a"), 1, 10),
+            EnqueueResult::Held(0),
+            "in flight, still held"
+        );
         assert!(s.step(Step::Acked { packet_id: 7 }));
         assert!(!s.step(Step::Acked { packet_id: 7 }), "idempotent");
         assert!(!s.step(Step::Received { packet_id: 7 }));
@@ -317,19 +401,20 @@ mod tests {
         assert!(s.in_flight.get(&8).is_some_and(|f| f.released));
         assert!(s.step(Step::Acked { packet_id: 8 }));
         assert!(s.in_flight.is_empty());
+        assert!(s.held.is_empty());
     }
 
     #[test]
     fn a_full_queue_refuses_the_newest_and_counts_it() {
         let mut s = SessionData::default();
-        assert_eq!(s.enqueue(msg("a"), 1, 1), EnqueueResult::Queued(0));
-        assert_eq!(s.enqueue(msg("b"), 1, 1), EnqueueResult::Full);
+        assert_eq!(s.enqueue(id(1), msg("a"), 1, 1), EnqueueResult::Queued(0));
+        assert_eq!(s.enqueue(id(2), msg("b"), 1, 1), EnqueueResult::Full);
         assert_eq!(s.dropped, 1);
         assert!(s.step(Step::Sent {
             seq: 0,
             packet_id: None
         }));
-        assert_eq!(s.enqueue(msg("c"), 1, 1), EnqueueResult::Queued(1));
+        assert_eq!(s.enqueue(id(3), msg("c"), 1, 1), EnqueueResult::Queued(1));
     }
 
     #[test]

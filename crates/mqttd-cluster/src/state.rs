@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::session::{EnqueueResult, SessionData, Step, StoredMessage};
+use crate::session::{EnqueueResult, MessageId, SessionData, Step, StoredMessage};
 
 /// A Raft node id.
 pub type NodeId = u64;
@@ -108,6 +108,8 @@ pub enum Command {
     /// acknowledges the publication once this is committed). No epoch: a publisher does not
     /// own the sessions it publishes to.
     Enqueue {
+        /// The message's identity: a session holds it once however often this is proposed.
+        id: MessageId,
         /// The message.
         message: StoredMessage,
         /// The sessions it is for, each with the QoS to deliver it at.
@@ -317,6 +319,7 @@ impl ClusterState {
                 }
             }
             Command::Enqueue {
+                id,
                 message,
                 targets,
                 max_queued,
@@ -324,7 +327,7 @@ impl ClusterState {
                 let results = targets
                     .into_iter()
                     .map(|(client_id, qos)| match self.contents.get_mut(&client_id) {
-                        Some(data) => data.enqueue(message.clone(), qos, max_queued),
+                        Some(data) => data.enqueue(id, message.clone(), qos, max_queued),
                         None => EnqueueResult::NoSession,
                     })
                     .collect();
@@ -538,6 +541,11 @@ mod tests {
             Outcome::Progressed { ignored: 0 }
         );
         let enqueue = |topic: &str| Command::Enqueue {
+            id: MessageId {
+                node: 3,
+                incarnation: 1,
+                counter: topic.bytes().map(u64::from).sum::<u64>(),
+            },
             message: message(topic),
             targets: vec![("c".into(), 1), ("nobody".into(), 1)],
             max_queued: 10,
@@ -749,8 +757,17 @@ mod props {
                 }
             }),
             (0u64..100).prop_map(|now_ms| Command::ExpireSessions { now_ms }),
-            (prop::collection::vec((id.clone(), 0u8..3), 0..3), 1u32..4).prop_map(
-                |(targets, max_queued)| Command::Enqueue {
+            (
+                prop::collection::vec((id.clone(), 0u8..3), 0..3),
+                1u32..4,
+                0u64..4
+            )
+                .prop_map(|(targets, max_queued, counter)| Command::Enqueue {
+                    id: MessageId {
+                        node: 1,
+                        incarnation: 1,
+                        counter,
+                    },
                     message: StoredMessage {
                         topic: "t".into(),
                         payload: vec![1],
@@ -760,8 +777,7 @@ mod props {
                     },
                     targets,
                     max_queued,
-                }
-            ),
+                }),
             (
                 id.clone(),
                 node.clone(),
@@ -822,6 +838,11 @@ mod props {
                 for f in data.in_flight.values() {
                     prop_assert!(data.queue.iter().all(|q| q.seq != f.seq));
                 }
+                // `held` indexes exactly what is queued or in flight.
+                let mut held: Vec<_> = data.queue.iter().map(|q| (q.id, q.seq))
+                    .chain(data.in_flight.values().map(|f| (f.id, f.seq))).collect();
+                held.sort();
+                prop_assert!(held.into_iter().eq(data.held.iter().map(|(i, s)| (*i, *s))));
             }
             prop_assert_eq!(ClusterState::from_bytes(&s.to_bytes().unwrap()).unwrap(), s);
         }
