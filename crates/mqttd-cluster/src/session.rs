@@ -36,13 +36,13 @@ pub struct StoredMessage {
     /// The RETAIN flag as published.
     pub retain: bool,
     /// MQTT 5 properties that travel with the message, as published.
-    #[serde(default, skip_serializing_if = "MessageProperties::is_empty")]
-    pub properties: MessageProperties,
+    #[serde(default, skip_serializing_if = "StoredProperties::is_empty")]
+    pub properties: StoredProperties,
 }
 
 /// The MQTT 5 properties a message carries to its subscribers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MessageProperties {
+pub struct StoredProperties {
     /// Payload format indicator (1: UTF-8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_format: Option<u8>,
@@ -64,7 +64,7 @@ pub struct MessageProperties {
     pub user_properties: Vec<(String, String)>,
 }
 
-impl MessageProperties {
+impl StoredProperties {
     /// Whether there is none.
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
@@ -358,7 +358,7 @@ mod tests {
             payload: b"x".to_vec(),
             qos: 2,
             retain: false,
-            properties: MessageProperties::default(),
+            properties: StoredProperties::default(),
         }
     }
 
