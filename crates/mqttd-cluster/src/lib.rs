@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 pub mod config;
 pub mod network;
 mod node;
+pub mod routes;
 pub mod state;
 pub mod store;
 
