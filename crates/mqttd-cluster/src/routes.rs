@@ -177,7 +177,7 @@ struct RemoteNode {
 /// One level of the trie: children by level, and at a filter's last level, who holds it.
 #[derive(Debug, Default)]
 struct TrieNode {
-    children: HashMap<Box<str>, TrieNode>,
+    children: HashMap<Box<str>, Self>,
     /// Share group (`None`: plain) -> nodes holding the filter ending here.
     holders: BTreeMap<Option<Box<str>>, BTreeSet<NodeId>>,
 }
