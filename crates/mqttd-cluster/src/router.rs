@@ -265,27 +265,48 @@ impl Router {
         if message.origin != self.shared.id {
             return 0;
         }
+        let targets = self.targets(&message.topic);
+        self.send(message, targets)
+    }
+
+    /// As [`Router::forward`], building the message (whose `origin` is set to this node)
+    /// only if some peer has a matching route: a publication nobody elsewhere wants costs a
+    /// trie walk, no copy.
+    pub fn forward_with(&self, topic: &str, make: impl FnOnce() -> ForwardedMessage) -> usize {
+        let targets = self.targets(topic);
+        if targets.is_empty() {
+            return 0;
+        }
+        let mut message = make();
+        message.origin = self.shared.id;
+        self.send(&message, targets)
+    }
+
+    /// The peers a message on `topic` goes to, each with the share groups it serves.
+    fn targets(&self, topic: &str) -> BTreeMap<NodeId, Vec<String>> {
         let mut targets: BTreeMap<NodeId, Vec<String>> = BTreeMap::new();
-        {
-            let table = lock(&self.shared.table);
-            for node in table.nodes_for(&message.topic) {
-                targets.entry(node).or_default();
-            }
-            let shared = table.shared_for(&message.topic);
-            if !shared.is_empty() {
-                let hash = bucket_hash(&message.topic);
-                for (group, nodes) in shared {
-                    // A member here is served here: no copy leaves for this group.
-                    if nodes.contains(&self.shared.id) || nodes.is_empty() {
-                        continue;
-                    }
-                    let pick = usize::try_from(hash % nodes.len() as u64).unwrap_or(0);
-                    if let Some(node) = nodes.iter().nth(pick) {
-                        targets.entry(*node).or_default().push(group);
-                    }
+        let table = lock(&self.shared.table);
+        for node in table.nodes_for(topic) {
+            targets.entry(node).or_default();
+        }
+        let shared = table.shared_for(topic);
+        if !shared.is_empty() {
+            let hash = bucket_hash(topic);
+            for (group, nodes) in shared {
+                // A member here is served here: no copy leaves for this group.
+                if nodes.contains(&self.shared.id) || nodes.is_empty() {
+                    continue;
+                }
+                let pick = usize::try_from(hash % nodes.len() as u64).unwrap_or(0);
+                if let Some(node) = nodes.iter().nth(pick) {
+                    targets.entry(*node).or_default().push(group);
                 }
             }
         }
+        targets
+    }
+
+    fn send(&self, message: &ForwardedMessage, targets: BTreeMap<NodeId, Vec<String>>) -> usize {
         if targets.is_empty() {
             return 0;
         }
