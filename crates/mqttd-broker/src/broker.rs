@@ -1743,7 +1743,12 @@ impl Inner {
     }
 
     /// Forwards a publication made here to the cluster's nodes with matching subscribers.
+    /// `$SYS` topics describe this node under the same names as every other node's: they
+    /// stay here.
     fn forward(&self, now: Instant, message: &Message) {
+        if message.topic.as_str().starts_with("$SYS/") {
+            return;
+        }
         if let Some(router) = self.cluster.get() {
             router.forward_with(message.topic.as_str(), || {
                 crate::forwarding::to_forwarded(message, now, router.id())

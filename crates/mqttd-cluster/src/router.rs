@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -133,7 +133,8 @@ pub struct Router {
 
 struct Shared {
     id: NodeId,
-    table: Mutex<RouteTable>,
+    /// Read by every publication, written by route changes.
+    table: RwLock<RouteTable>,
     /// This node's route changes, for the links (sent under the table's lock, so in order).
     deltas: broadcast::Sender<RouteDelta>,
     links: Mutex<BTreeMap<NodeId, Arc<Link>>>,
@@ -167,9 +168,17 @@ impl Link {
     }
 }
 
+// No code panics while holding these locks; a poisoned one still holds consistent data.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // No code panics while holding these locks; a poisoned one still holds consistent data.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Router {
@@ -211,7 +220,7 @@ impl Router {
         let (incoming, incoming_rx) = mpsc::channel(limits.incoming_messages.max(1));
         let shared = Arc::new(Shared {
             id,
-            table: Mutex::new(RouteTable::new(id, incarnation)),
+            table: RwLock::new(RouteTable::new(id, incarnation)),
             deltas: broadcast::channel(DELTA_BACKLOG).0,
             links: Mutex::new(BTreeMap::new()),
             incoming,
@@ -240,7 +249,7 @@ impl Router {
     /// is a route of `filter` for `group`). The first subscriber of a filter announces it to
     /// the peers.
     pub fn subscribe(&self, filter: &str) {
-        let mut table = lock(&self.shared.table);
+        let mut table = write(&self.shared.table);
         if let Some(delta) = table.subscribe(filter) {
             // No link listening is fine: each sends a snapshot when it comes up.
             let _ = self.shared.deltas.send(delta);
@@ -249,7 +258,7 @@ impl Router {
 
     /// A local subscriber dropped `filter`; the last one withdraws it from the peers.
     pub fn unsubscribe(&self, filter: &str) {
-        let mut table = lock(&self.shared.table);
+        let mut table = write(&self.shared.table);
         if let Some(delta) = table.unsubscribe(filter) {
             let _ = self.shared.deltas.send(delta);
         }
@@ -285,7 +294,7 @@ impl Router {
     /// The peers a message on `topic` goes to, each with the share groups it serves.
     fn targets(&self, topic: &str) -> BTreeMap<NodeId, Vec<String>> {
         let mut targets: BTreeMap<NodeId, Vec<String>> = BTreeMap::new();
-        let table = lock(&self.shared.table);
+        let table = read(&self.shared.table);
         for node in table.nodes_for(topic) {
             targets.entry(node).or_default();
         }
@@ -354,12 +363,12 @@ impl Router {
 
     /// The peers with a plain subscription matching `topic`.
     pub fn nodes_for(&self, topic: &str) -> BTreeSet<NodeId> {
-        lock(&self.shared.table).nodes_for(topic)
+        read(&self.shared.table).nodes_for(topic)
     }
 
     /// The digest of every node's routes as this node holds them.
     pub fn digests(&self) -> BTreeMap<NodeId, RouteDigest> {
-        lock(&self.shared.table).digests()
+        read(&self.shared.table).digests()
     }
 
     /// The counters.
@@ -370,7 +379,7 @@ impl Router {
             ..RouterStats::default()
         };
         {
-            let table = lock(&self.shared.table);
+            let table = read(&self.shared.table);
             for (node, digest) in table.digests() {
                 stats.nodes.insert(
                     node,
@@ -474,7 +483,7 @@ async fn read_routes(
             }
             speaker = Some(node);
             let applied = {
-                let mut table = lock(&shared.table);
+                let mut table = write(&shared.table);
                 match &frame {
                     Some(Frame::Snapshot(s)) => table.apply_snapshot(s),
                     Some(Frame::Delta(d)) => table.apply_delta(d),
@@ -570,7 +579,7 @@ fn reconcile(shared: &Arc<Shared>, members: &BTreeMap<NodeId, Member>) {
             link.stop.cancel();
         }
         if !members.contains_key(&id) {
-            lock(&shared.table).forget(id);
+            write(&shared.table).forget(id);
         }
     }
     for (id, member) in members {
@@ -733,7 +742,7 @@ fn frame_len_ok(frame: &Frame) -> bool {
 
 /// Sends this node's routes as they are now; returns the last change they include.
 async fn send_snapshot(shared: &Shared, routes: &mut noq::SendStream) -> Result<u64, LinkError> {
-    let snapshot = lock(&shared.table).snapshot();
+    let snapshot = read(&shared.table).snapshot();
     let seq = snapshot.seq;
     write_frame(routes, &Frame::Snapshot(snapshot)).await?;
     Ok(seq)
