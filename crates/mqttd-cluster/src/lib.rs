@@ -44,7 +44,7 @@ pub mod wire;
 pub use openraft;
 
 pub use node::{ClusterNode, NodeError, NodeOptions};
-pub use router::{ForwardLimits, Router, RouterStats};
+pub use router::{ForwardLimits, Incoming, Router, RouterStats};
 pub use state::{ClusterState, Command, NodeId, Outcome, Rejection};
 pub use wire::{ForwardedMessage, MessageProperties};
 

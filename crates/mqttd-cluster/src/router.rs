@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
@@ -49,6 +49,23 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// behind sends a snapshot instead.
 const DELTA_BACKLOG: usize = 4096;
 
+/// The messages peers forward to this node (see [`Router::incoming`]).
+pub struct Incoming {
+    rx: mpsc::Receiver<(ForwardedMessage, OwnedSemaphorePermit)>,
+}
+
+impl Incoming {
+    /// The next message; `None` once the node stopped.
+    pub async fn recv(&mut self) -> Option<ForwardedMessage> {
+        self.rx.recv().await.map(|(m, _room)| m)
+    }
+
+    /// The next message if one is waiting.
+    pub fn try_recv(&mut self) -> Option<ForwardedMessage> {
+        self.rx.try_recv().ok().map(|(m, _room)| m)
+    }
+}
+
 /// Bounds of the forwarding queues.
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
@@ -60,6 +77,9 @@ pub struct ForwardLimits {
     /// Messages arrived from peers and not yet taken by the broker; when full, the links
     /// stop reading (QUIC flow control then holds the senders, whose queues drop).
     pub incoming_messages: usize,
+    /// Bytes of those messages at most (see [`ForwardedMessage::size`]); a message bigger
+    /// than this waits until the inbox is empty.
+    pub incoming_bytes: usize,
 }
 
 impl Default for ForwardLimits {
@@ -68,6 +88,7 @@ impl Default for ForwardLimits {
             queue_messages: 4096,
             queue_bytes: 16 * 1024 * 1024,
             incoming_messages: 4096,
+            incoming_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -138,8 +159,10 @@ struct Shared {
     /// This node's route changes, for the links (sent under the table's lock, so in order).
     deltas: broadcast::Sender<RouteDelta>,
     links: Mutex<BTreeMap<NodeId, Arc<Link>>>,
-    incoming: mpsc::Sender<ForwardedMessage>,
-    incoming_rx: Mutex<Option<mpsc::Receiver<ForwardedMessage>>>,
+    incoming: mpsc::Sender<(ForwardedMessage, OwnedSemaphorePermit)>,
+    incoming_rx: Mutex<Option<Incoming>>,
+    /// The inbox's byte budget: a message holds its size in permits until it is taken.
+    incoming_bytes: Arc<Semaphore>,
     forwarded_in: AtomicU64,
     /// Drops for nodes with no link (not in the membership).
     dropped_unlinked: AtomicU64,
@@ -224,7 +247,10 @@ impl Router {
             deltas: broadcast::channel(DELTA_BACKLOG).0,
             links: Mutex::new(BTreeMap::new()),
             incoming,
-            incoming_rx: Mutex::new(Some(incoming_rx)),
+            incoming_rx: Mutex::new(Some(Incoming { rx: incoming_rx })),
+            incoming_bytes: Arc::new(Semaphore::new(
+                limits.incoming_bytes.clamp(1, Semaphore::MAX_PERMITS),
+            )),
             forwarded_in: AtomicU64::new(0),
             dropped_unlinked: AtomicU64::new(0),
             limits,
@@ -357,7 +383,7 @@ impl Router {
 
     /// The messages peers forward to this node, to be delivered to local subscribers only.
     /// There is one receiver: the first call takes it, later ones get `None`.
-    pub fn incoming(&self) -> Option<mpsc::Receiver<ForwardedMessage>> {
+    pub fn incoming(&self) -> Option<Incoming> {
         lock(&self.shared.incoming_rx).take()
     }
 
@@ -523,10 +549,19 @@ async fn read_messages(shared: Arc<Shared>, mut recv: noq::RecvStream) {
         };
         shared.forwarded_in.fetch_add(1, Ordering::Relaxed);
         // Waiting here holds the stream: QUIC flow control pushes back to the sender.
+        let budget = shared.incoming_bytes.clone();
+        let want = u32::try_from(message.size())
+            .unwrap_or(u32::MAX)
+            .min(u32::try_from(shared.limits.incoming_bytes.max(1)).unwrap_or(u32::MAX));
         let sent = tokio::select! {
             biased;
             () = shared.stop.cancelled() => return,
-            sent = shared.incoming.send(message) => sent,
+            sent = async {
+                let Ok(permit) = budget.acquire_many_owned(want).await else {
+                    return Ok(());
+                };
+                shared.incoming.send((message, permit)).await.map_err(|_| ())
+            } => sent,
         };
         if sent.is_err() {
             // Nobody takes forwarded messages (the receiver was dropped): keep draining.

@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mqttd_cluster::network::Tls;
 use mqttd_cluster::{
-    ClusterNode, ForwardedMessage, Member, MessageProperties, NodeId, NodeOptions,
+    ClusterNode, ForwardedMessage, Incoming, Member, MessageProperties, NodeId, NodeOptions,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-use tokio::sync::mpsc::Receiver;
 
 /// Generous: the CI machine has 2 busy cores and elections take 1.5-3 s of silence.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -105,7 +104,7 @@ async fn retry<T, E: std::fmt::Debug, F: Future<Output = Result<T, E>>>(
 }
 
 /// Waits for the next forwarded message, with [`PATIENCE`].
-async fn next(rx: &mut Receiver<ForwardedMessage>) -> ForwardedMessage {
+async fn next(rx: &mut Incoming) -> ForwardedMessage {
     tokio::time::timeout(PATIENCE, rx.recv())
         .await
         .expect("a forwarded message in time")
@@ -156,7 +155,7 @@ async fn routes_converge_and_messages_go_where_subscribers_are() {
         .map(|(id, n)| (*id, n.member().clone()))
         .collect();
     nodes[&1].initialize(members).await.unwrap();
-    let mut incoming: BTreeMap<NodeId, Receiver<ForwardedMessage>> = nodes
+    let mut incoming: BTreeMap<NodeId, Incoming> = nodes
         .iter()
         .map(|(id, n)| (*id, n.router().incoming().unwrap()))
         .collect();
@@ -245,7 +244,7 @@ async fn routes_converge_and_messages_go_where_subscribers_are() {
         (0..1000).filter(|i| i % 2 == 1).collect::<Vec<_>>()
     );
     assert!(
-        incoming.get_mut(&b).unwrap().try_recv().is_err(),
+        incoming.get_mut(&b).unwrap().try_recv().is_none(),
         "B got nothing"
     );
     let stats = nodes[&a].router().stats();
@@ -269,7 +268,7 @@ async fn routes_converge_and_messages_go_where_subscribers_are() {
         );
         for id in [b, c] {
             let rx = incoming.get_mut(&id).unwrap();
-            while let Ok(m) = rx.try_recv() {
+            while let Some(m) = rx.try_recv() {
                 assert!(m.topic.starts_with("jobs/"));
                 assert_eq!(m.share_groups, vec!["g".to_owned()]);
                 jobs += 1;
@@ -350,4 +349,74 @@ async fn routes_converge_and_messages_go_where_subscribers_are() {
     for (_, node) in nodes {
         node.shutdown().await;
     }
+}
+
+/// A node whose broker takes nothing holds at most its inbox's byte budget (64 MiB) of
+/// forwarded messages: beyond it, it stops reading, and the sender drops what does not fit
+/// its own bounded queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_does_not_keep_up_holds_a_bounded_inbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let a = ClusterNode::start(options(&ca, dir.path(), 1, any))
+        .await
+        .unwrap();
+    let b = ClusterNode::start(options(&ca, dir.path(), 2, any))
+        .await
+        .unwrap();
+    let members = BTreeMap::from([(1, a.member().clone()), (2, b.member().clone())]);
+    a.initialize(members).await.unwrap();
+    // B's broker never reads its inbox.
+    let _inbox = b.router().incoming().unwrap();
+    b.router().subscribe("big/#");
+    eventually("A learns B's route", || {
+        a.router().nodes_for("big/0") == [2].into_iter().collect() && link_up(&a, 2)
+    })
+    .await;
+
+    // 400 messages of 1 MiB over 16 topics (all buckets): 400 MiB offered, in bursts that
+    // A's link has time to write while B reads.
+    let payload = Bytes::from(vec![7u8; 1024 * 1024]);
+    for i in 0..400 {
+        a.router()
+            .forward(&message(1, &format!("big/{}", i % 16), payload.clone()));
+        if i % 8 == 7 {
+            let until = Instant::now() + Duration::from_millis(100);
+            while a.router().stats().nodes[&2].queued > 0 && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    // B stops reading once its inbox is full; wait until what it read stays put.
+    let mut taken = b.router().stats().forwarded_in;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = b.router().stats().forwarded_in;
+        if now == taken {
+            break;
+        }
+        taken = now;
+    }
+    let out = a.router().stats().nodes[&2].clone();
+    eprintln!(
+        "forwarded {}, dropped {}, queued {}, read by B {taken}",
+        out.forwarded, out.dropped, out.queued
+    );
+    // One message may be in the middle of its write (out of the queue, not yet counted).
+    let accounted = out.forwarded + out.dropped + out.queued as u64;
+    assert!(
+        (399..=400).contains(&accounted),
+        "{accounted} of 400 accounted for"
+    );
+    // 63 fit the 64 MiB budget, one per bucket waits for room: about 80 at most read.
+    assert!(taken <= 100, "B read {taken} MiB it cannot hold");
+    assert!(
+        taken >= 50,
+        "B read only {taken}: the budget was not reached"
+    );
+    assert!(out.dropped >= 200, "A dropped only {}", out.dropped);
+
+    a.shutdown().await;
+    b.shutdown().await;
 }
