@@ -721,49 +721,62 @@ async fn drive(
         }
     }));
 
-    let mut buckets: Vec<Option<noq::SendStream>> = (0..BUCKETS).map(|_| None).collect();
-    loop {
-        tokio::select! {
-            biased;
-            () = link.stop.cancelled() => return Ok(()),
-            e = conn.closed() => return Err(failed(e)),
-            request = resync.recv() => match request {
-                Some(()) => sent = send_snapshot(shared, &mut routes).await?,
-                None => return Err(failed("the peer closed the routes stream")),
-            },
-            delta = deltas.recv() => match delta {
-                Ok(delta) if delta.seq > sent => {
-                    write_frame(&mut routes, &Frame::Delta(delta.clone())).await?;
-                    sent = delta.seq;
-                }
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    sent = send_snapshot(shared, &mut routes).await?;
-                }
-                Err(broadcast::error::RecvError::Closed) => return Ok(()),
-            },
-            message = queue.recv() => {
-                let Some(message) = message else { return Ok(()) };
-                link.queued_bytes.fetch_sub(message.size(), Ordering::Relaxed);
-                let bucket = usize::try_from(bucket_hash(&message.topic) % BUCKETS as u64)
-                    .unwrap_or(0);
-                let Some(slot) = buckets.get_mut(bucket) else { continue };
-                let stream = match slot {
-                    Some(s) => s,
-                    None => slot.insert(conn.open_uni().await.map_err(failed)?),
-                };
-                let frame = Frame::Message(message);
-                if frame_len_ok(&frame) {
-                    if let Err(e) = write_frame(stream, &frame).await {
-                        link.drop_one();
-                        return Err(e);
+    // Routes and messages go on side by side: a message stream stalled by a peer that does
+    // not keep up holds up neither the routes nor, on that peer, their application.
+    let send_routes = async {
+        loop {
+            tokio::select! {
+                biased;
+                request = resync.recv() => match request {
+                    Some(()) => sent = send_snapshot(shared, &mut routes).await?,
+                    None => return Err(failed("the peer closed the routes stream")),
+                },
+                delta = deltas.recv() => match delta {
+                    Ok(delta) if delta.seq > sent => {
+                        sent = delta.seq;
+                        write_frame(&mut routes, &Frame::Delta(delta)).await?;
                     }
-                    link.forwarded.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    link.drop_one();
-                }
-            },
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        sent = send_snapshot(shared, &mut routes).await?;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+            }
         }
+    };
+    let send_messages = async {
+        let mut buckets: Vec<Option<noq::SendStream>> = (0..BUCKETS).map(|_| None).collect();
+        while let Some(message) = queue.recv().await {
+            link.queued_bytes
+                .fetch_sub(message.size(), Ordering::Relaxed);
+            let bucket = usize::try_from(bucket_hash(&message.topic) % BUCKETS as u64).unwrap_or(0);
+            let Some(slot) = buckets.get_mut(bucket) else {
+                continue;
+            };
+            let stream = match slot {
+                Some(s) => s,
+                None => slot.insert(conn.open_uni().await.map_err(failed)?),
+            };
+            let frame = Frame::Message(message);
+            if !frame_len_ok(&frame) {
+                link.drop_one();
+                continue;
+            }
+            if let Err(e) = write_frame(stream, &frame).await {
+                link.drop_one();
+                return Err(e);
+            }
+            link.forwarded.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    };
+    tokio::select! {
+        biased;
+        () = link.stop.cancelled() => Ok(()),
+        e = conn.closed() => Err(failed(e)),
+        done = send_routes => done,
+        done = send_messages => done,
     }
 }
 
