@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ClusterConfig;
 use crate::network::{self, Forwarded, Network, Peer, Tls, TlsError};
-use crate::router::Router;
+use crate::router::{ForwardLimits, Router};
 use crate::state::{Command, NodeId, Outcome};
 use crate::store::{self, OpenError, StateReader};
 use crate::{Member, Raft};
@@ -44,6 +44,8 @@ pub struct NodeOptions {
     pub tls: Tls,
     /// Raft's timing and snapshot policy.
     pub raft: openraft::Config,
+    /// The bounds of message forwarding to and from peers.
+    pub forward: ForwardLimits,
 }
 
 impl NodeOptions {
@@ -67,6 +69,7 @@ impl NodeOptions {
             data_dir,
             tls,
             raft,
+            forward: ForwardLimits::default(),
         }
     }
 
@@ -191,6 +194,7 @@ impl ClusterNode {
             raft.clone(),
             stop.clone(),
             tasks.clone(),
+            options.forward,
         );
         tasks.spawn(network::serve(
             endpoint.clone(),

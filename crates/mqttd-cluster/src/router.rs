@@ -208,29 +208,8 @@ impl Router {
     /// A router for node `id` in life `incarnation`, dialling with `client` (whose ALPN is
     /// [`FORWARD_ALPN`]); it follows `raft`'s membership for its peers. Its tasks are in
     /// `tasks` and end with `stop`.
-    pub(crate) fn new(
-        id: NodeId,
-        incarnation: u64,
-        endpoint: noq::Endpoint,
-        client: noq::ClientConfig,
-        raft: Raft,
-        stop: CancellationToken,
-        tasks: TaskTracker,
-    ) -> Self {
-        Self::with_limits(
-            id,
-            incarnation,
-            endpoint,
-            client,
-            raft,
-            stop,
-            tasks,
-            ForwardLimits::default(),
-        )
-    }
-
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn with_limits(
+    pub(crate) fn new(
         id: NodeId,
         incarnation: u64,
         endpoint: noq::Endpoint,
