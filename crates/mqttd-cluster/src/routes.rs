@@ -672,6 +672,45 @@ mod tests {
         "+",
     ];
 
+    fn filter() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop::sample::select(vec!["a", "b", "$s", "", "+"]).prop_map(String::from),
+            1..4,
+        )
+        .prop_flat_map(|levels| {
+            prop_oneof![Just(false), Just(true)].prop_map(move |hash| {
+                let mut levels = levels.clone();
+                if hash {
+                    levels.push("#".to_owned());
+                }
+                levels.join("/")
+            })
+        })
+    }
+
+    fn topic() -> impl Strategy<Value = String> {
+        proptest::collection::vec(prop::sample::select(vec!["a", "b", "$s", ""]), 1..5)
+            .prop_map(|l| l.join("/"))
+    }
+
+    /// MQTT matching, level by level (MQTT 5 section 4.7).
+    fn naive_match(filter: &str, topic: &str) -> bool {
+        let f: Vec<&str> = filter.split('/').collect();
+        let t: Vec<&str> = topic.split('/').collect();
+        if topic.starts_with('$') && (f[0] == "+" || f[0] == "#") {
+            return false;
+        }
+        for (i, level) in f.iter().enumerate() {
+            match *level {
+                "#" => return true,
+                "+" if i < t.len() => {}
+                l if i < t.len() && t[i] == l => {}
+                _ => return false,
+            }
+        }
+        f.len() == t.len()
+    }
+
     proptest! {
         /// Deltas delivered with losses, duplicates and reorders: whenever the receiver asks,
         /// the sender's snapshot heals it, and at the end (a final resync if asked) the
@@ -730,6 +769,46 @@ mod tests {
                         !t.nodes_for(topic).is_empty()
                     }).then_some(2).into_iter().collect();
                 prop_assert_eq!(receiver.nodes_for(topic), expect);
+            }
+        }
+
+        /// The trie matches as a plain MQTT matcher does, filter by filter, across nodes.
+        #[test]
+        fn the_trie_matches_like_a_linear_scan(
+            routes in proptest::collection::vec((1u64..4, filter()), 0..30),
+            removed in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
+            topics in proptest::collection::vec(topic(), 1..20),
+        ) {
+            let mut senders: BTreeMap<NodeId, RouteTable> = BTreeMap::new();
+            let mut table = RouteTable::new(9, 1);
+            for node in 1..4 {
+                let sender = RouteTable::new(node, 1);
+                let _ = table.apply_snapshot(&sender.snapshot());
+                senders.insert(node, sender);
+            }
+            let mut held: Vec<(NodeId, String)> = Vec::new();
+            for (node, f) in &routes {
+                if let Some(d) = senders.get_mut(node).unwrap().subscribe(f) {
+                    prop_assert_eq!(table.apply_delta(&d), Applied::Applied);
+                }
+                held.push((*node, f.clone()));
+            }
+            for i in removed {
+                if held.is_empty() {
+                    break;
+                }
+                let (node, f) = held.remove(i.index(held.len()));
+                if let Some(d) = senders.get_mut(&node).unwrap().unsubscribe(&f) {
+                    prop_assert_eq!(table.apply_delta(&d), Applied::Applied);
+                }
+            }
+            for t in &topics {
+                let expect: BTreeSet<NodeId> = held
+                    .iter()
+                    .filter(|(_, f)| naive_match(f, t))
+                    .map(|(n, _)| *n)
+                    .collect();
+                prop_assert_eq!(table.nodes_for(t), expect, "topic {}", t);
             }
         }
 
