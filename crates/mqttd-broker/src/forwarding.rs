@@ -297,4 +297,51 @@ mod tests {
         node_a.shutdown().await;
         node_b.shutdown().await;
     }
+
+    /// A forwarded message reaches every plain subscriber here, and of the shared groups
+    /// only those the origin named.
+    #[tokio::test]
+    async fn forwarded_messages_serve_only_the_named_share_groups() {
+        let b = inner();
+        let now = Instant::now();
+        let mailbox = Arc::new(Mailbox::default());
+        let mut handles = Vec::new();
+        for (client, filter) in [
+            ("plain", "t/#"),
+            ("g1", "$share/g/t/#"),
+            ("h1", "$share/h/t/#"),
+        ] {
+            let id = ClientId::try_from(client).unwrap();
+            let acquired = b.acquire_session(now, &id, true, 3600, &mailbox).await;
+            let handle = acquired.handle;
+            b.park_session(now, &handle, acquired.session, SystemTime::now());
+            let filter = TopicFilter::try_from(filter).unwrap();
+            let shared = filter.share().is_some().then(|| filter.clone());
+            let sub = Subscriber {
+                handle: handle.clone(),
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..SubscriptionOptions::default()
+                },
+                id: None,
+                shared,
+            };
+            b.subscribe(&[(filter, sub)]);
+            handles.push(handle);
+        }
+        let queued = |handle: &crate::broker::SessionHandle| match &*handle.slot.lock() {
+            Slot::Offline { session, .. } => session.queued().count(),
+            _ => 0,
+        };
+        let topic = TopicName::try_from("t/1").unwrap();
+        let message = Arc::new(Message::new(topic, b"x".to_vec(), QoS::AtLeastOnce, false));
+        assert_eq!(b.route_forwarded(now, &message, &[]), 1);
+        assert_eq!(b.route_forwarded(now, &message, &["g".to_owned()]), 2);
+        assert_eq!(
+            b.route_forwarded(now, &message, &["g".to_owned(), "h".to_owned()]),
+            3
+        );
+        let counts: Vec<usize> = handles.iter().map(|h| queued(h)).collect();
+        assert_eq!(counts, vec![3, 2, 1], "plain, group g, group h");
+    }
 }
