@@ -177,8 +177,8 @@ impl Tls {
     }
 }
 
-/// Binds the cluster endpoint: it accepts peers and dials them.
-/// Also returns the client configuration of forwarding links.
+/// Binds the cluster endpoint: it accepts peers and dials them. Also returns the client
+/// configuration of forwarding links (their ALPN, the endpoint's transport settings).
 pub(crate) fn bind(
     tls: &Tls,
     listen: SocketAddr,
@@ -206,9 +206,8 @@ pub(crate) fn bind(
     Ok((endpoint, forward_client))
 }
 
-/// Accepts peers until `stop`, answering their RPCs with `raft`. The tasks it spawns are in
-/// `tasks`.
-/// A forwarding link (by its ALPN) goes to `router`.
+/// Accepts peers until `stop`, answering their RPCs with `raft`; a forwarding link (told by
+/// its ALPN) goes to `router`. The tasks it spawns are in `tasks`.
 pub(crate) async fn serve(
     endpoint: noq::Endpoint,
     raft: Raft,
