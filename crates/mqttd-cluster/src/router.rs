@@ -5,7 +5,7 @@
 //! whose routes match. It has one outbound *forwarding link* per peer: a QUIC connection on the
 //! cluster endpoint with its own ALPN ([`FORWARD_ALPN`]), dialled by the sender, carrying
 //!
-//! - one bidirectional *routes stream*: a [`RouteSnapshot`] first, then [`RouteDelta`]s; the
+//! - one bidirectional *routes stream*: a [`RouteSnapshot`](crate::routes::RouteSnapshot) first, then [`RouteDelta`]s; the
 //!   receiver answers [`Frame::Resync`] when it sees a gap and gets a snapshot back;
 //! - up to [`BUCKETS`] unidirectional *message streams*, one per hash bucket of the topic, so
 //!   that messages of one topic keep their order while a slow topic only holds up its bucket.
