@@ -1746,10 +1746,10 @@ impl Inner {
     /// `$SYS` topics describe this node under the same names as every other node's: they
     /// stay here.
     fn forward(&self, now: Instant, message: &Message) {
-        if message.topic.as_str().starts_with("$SYS/") {
+        let Some(router) = self.cluster.get() else {
             return;
-        }
-        if let Some(router) = self.cluster.get() {
+        };
+        if !message.topic.as_str().starts_with("$SYS/") {
             router.forward_with(message.topic.as_str(), || {
                 crate::forwarding::to_forwarded(message, now, router.id())
             });
