@@ -935,6 +935,8 @@ pub(crate) struct Inner {
     pub(crate) loaded_config: ArcSwap<Config>,
     /// What each listener's ended connections did, by listener URL (see [`ListenerTotals`]).
     listener_totals: Mutex<HashMap<Arc<str>, ListenerTotals>>,
+    /// The cluster's routes and forwarding, once attached (see `forwarding.rs`).
+    cluster: std::sync::OnceLock<mqttd_cluster::Router>,
 }
 
 /// What a listener's clients did over the broker's life, for the admin API. A connection
@@ -1010,6 +1012,7 @@ impl Inner {
             limits: ArcSwap::from_pointee(LiveLimits::of(&config)),
             loaded_config: ArcSwap::from_pointee(config.clone()),
             listener_totals: Mutex::new(HashMap::new()),
+            cluster: std::sync::OnceLock::new(),
             bridges: crate::bridge::Bridges::default(),
             #[cfg(feature = "p2p")]
             peers: Arc::default(),
@@ -1682,11 +1685,19 @@ impl Inner {
         }
         let _writer = self.subscription_writer.lock();
         let mut tree = Tree::clone(&self.subscriptions.load());
-        let existed = subs
+        let existed: Vec<bool> = subs
             .iter()
             .map(|(filter, sub)| tree.insert(filter, sub.handle.key, sub.clone()).is_some())
             .collect();
         self.subscriptions.store(Arc::new(tree));
+        if let Some(router) = self.cluster.get() {
+            // One count per (session, filter), like the trie's entries.
+            for ((filter, _), existed) in subs.iter().zip(&existed) {
+                if !existed {
+                    router.subscribe(filter.as_str());
+                }
+            }
+        }
         existed
     }
 
@@ -1697,12 +1708,83 @@ impl Inner {
         }
         let _writer = self.subscription_writer.lock();
         let mut tree = Tree::clone(&self.subscriptions.load());
-        let existed = filters
+        let existed: Vec<bool> = filters
             .iter()
             .map(|f| tree.remove(f, &key).is_some())
             .collect();
         self.subscriptions.store(Arc::new(tree));
+        if let Some(router) = self.cluster.get() {
+            for (filter, existed) in filters.iter().zip(&existed) {
+                if *existed {
+                    router.unsubscribe(filter.as_str());
+                }
+            }
+        }
         existed
+    }
+
+    /// Attaches the cluster's router (see `forwarding::attach`): the subscriptions held now
+    /// are announced, later ones as they come. Returns false if one was attached already.
+    pub(crate) fn attach_router(&self, router: mqttd_cluster::Router) -> bool {
+        // Under the writer's lock, no subscription changes between the replay and the hook.
+        let _writer = self.subscription_writer.lock();
+        if self.cluster.set(router).is_err() {
+            return false;
+        }
+        let Some(router) = self.cluster.get() else {
+            return false;
+        };
+        for session in &self.sessions {
+            for filter in session.value().subscriptions.lock().keys() {
+                router.subscribe(filter.as_str());
+            }
+        }
+        true
+    }
+
+    /// Forwards a publication made here to the cluster's nodes with matching subscribers.
+    /// `$SYS` topics describe this node under the same names as every other node's: they
+    /// stay here.
+    fn forward(&self, now: Instant, message: &Message) {
+        let Some(router) = self.cluster.get() else {
+            return;
+        };
+        if !message.topic.as_str().starts_with("$SYS/") {
+            router.forward_with(message.topic.as_str(), || {
+                crate::forwarding::to_forwarded(message, now, router.id())
+            });
+        }
+    }
+
+    /// Routes a message another node forwarded to local subscribers only: every direct
+    /// subscription, and of the shared groups only those the origin picked this node for
+    /// (`share_groups`). It is never forwarded again. A copy that finds its session's queue
+    /// full is dropped (forwarded messages have no publisher here to hold back).
+    pub(crate) fn route_forwarded(
+        &self,
+        now: Instant,
+        message: &Arc<Message>,
+        share_groups: &[String],
+    ) -> usize {
+        let tree = self.subscriptions.load();
+        let mut direct: SmallVec<[(u64, &Subscriber); 16]> = SmallVec::new();
+        let mut groups = SmallVec::new();
+        tree.for_each_match(&message.topic, |m| match m {
+            Match::Direct(key, sub) => direct.push((*key, sub)),
+            Match::Shared { group, members } => {
+                if share_groups.iter().any(|g| g == group) {
+                    groups.push(members);
+                }
+            }
+        });
+        direct.sort_unstable_by_key(|(k, _)| *k);
+        let matches = Matches { direct, groups };
+        let mut batch = Batch::direct(&*self.storage);
+        let mut blocked = Blocked::new();
+        let count = self.route_matches(now, message, &matches, &mut blocked, &mut batch, false);
+        self.metrics.messages_dropped.inc_by(blocked.len() as u64);
+        let _ = batch.commit();
+        count
     }
 
     /// Routes a message to every matching subscription. Returns how many sessions it was
@@ -1741,6 +1823,7 @@ impl Inner {
         blocked: &mut Blocked,
         batch: &mut Batch<'_>,
     ) -> usize {
+        self.forward(now, message);
         self.route_with(now, message, from, blocked, batch, false)
     }
 
@@ -1761,6 +1844,7 @@ impl Inner {
         matches: Option<&Matches<'_>>,
         batch: &mut Batch<'_>,
     ) -> usize {
+        self.forward(now, message);
         let mut blocked = Blocked::new();
         let count = match matches {
             Some(matches) => self.route_matches(now, message, matches, &mut blocked, batch, true),

@@ -52,6 +52,7 @@ pub(crate) mod clock {
 }
 mod core;
 mod drivers;
+mod forwarding;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;

@@ -13,6 +13,11 @@
 //! - [`network`]: Raft's RPCs between nodes over QUIC (noq) with mutual TLS: every node has a
 //!   certificate from the cluster's CA and accepts only peers with one; ALPN `mqttd-cluster/1`.
 //!
+//! - [`routes`] and [`router`]: the routes of clean sessions, *not* in Raft: each node streams
+//!   its own to its peers (deltas tagged with node, incarnation and sequence; a snapshot on a
+//!   gap), and messages for subscribers on other nodes are forwarded over a second QUIC link
+//!   per peer, one stream per topic bucket ([`wire`] has the frames).
+//!
 //! [`ClusterNode`] puts them together: a node that listens, runs Raft and proposes commands
 //! (on any node: a follower forwards them to the leader), and on the leader adds and removes
 //! members.
@@ -29,15 +34,20 @@ use serde::{Deserialize, Serialize};
 pub mod config;
 pub mod network;
 mod node;
+pub mod router;
+pub mod routes;
 pub mod session;
 pub mod state;
 pub mod store;
+pub mod wire;
 
 /// The Raft engine, for its request, metrics and membership types.
 pub use openraft;
 
 pub use node::{ClusterNode, NodeError, NodeOptions};
+pub use router::{ForwardLimits, Incoming, Router, RouterStats};
 pub use state::{ClusterState, Command, NodeId, Outcome, Rejection};
+pub use wire::{ForwardedMessage, MessageProperties};
 
 /// A cluster member as Raft's membership records it: where to reach it and the name its
 /// certificate must carry.

@@ -95,6 +95,8 @@ pub enum TlsError {
 pub struct Tls {
     server: noq::ServerConfig,
     client: noq::ClientConfig,
+    /// As a client of a forwarding link (ALPN [`crate::router::FORWARD_ALPN`]).
+    forward_client: noq::ClientConfig,
 }
 
 impl Tls {
@@ -147,11 +149,14 @@ impl Tls {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
-        server.alpn_protocols = vec![ALPN.to_vec()];
+        // Raft's link and the forwarding link (see `router.rs`) share the endpoint.
+        server.alpn_protocols = vec![ALPN.to_vec(), crate::wire::FORWARD_ALPN.to_vec()];
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?;
+        let mut forward_client = client.clone();
+        forward_client.alpn_protocols = vec![crate::wire::FORWARD_ALPN.to_vec()];
         client.alpn_protocols = vec![ALPN.to_vec()];
 
         let quic = |e: noq::crypto::rustls::NoInitialCipherSuite| TlsError::Quic(e.to_string());
@@ -161,36 +166,52 @@ impl Tls {
         let client = noq::ClientConfig::new(Arc::new(
             noq::crypto::rustls::QuicClientConfig::try_from(client).map_err(quic)?,
         ));
-        Ok(Self { server, client })
+        let forward_client = noq::ClientConfig::new(Arc::new(
+            noq::crypto::rustls::QuicClientConfig::try_from(forward_client).map_err(quic)?,
+        ));
+        Ok(Self {
+            server,
+            client,
+            forward_client,
+        })
     }
 }
 
-/// Binds the cluster endpoint: it accepts peers and dials them.
-pub(crate) fn bind(tls: &Tls, listen: SocketAddr) -> io::Result<noq::Endpoint> {
+/// Binds the cluster endpoint: it accepts peers and dials them. Also returns the client
+/// configuration of forwarding links (their ALPN, the endpoint's transport settings).
+pub(crate) fn bind(
+    tls: &Tls,
+    listen: SocketAddr,
+) -> io::Result<(noq::Endpoint, noq::ClientConfig)> {
     let mut transport = noq::TransportConfig::default();
     // Peers keep their links alive between heartbeats; an idle link means a dead peer.
     transport
         .keep_alive_interval(Some(Duration::from_secs(2)))
         .max_idle_timeout(noq::IdleTimeout::try_from(Duration::from_secs(10)).ok())
         // Openraft keeps one request in flight per peer and kind; the cap bounds what a peer
-        // can make a node hold (streams x MAX_MESSAGE). No unidirectional streams are used.
+        // can make a node hold (streams x MAX_MESSAGE). Unidirectional streams are the
+        // forwarding link's message buckets (Raft's link never accepts one, so there a peer
+        // can fill at most their flow-control windows).
         .max_concurrent_bidi_streams(noq::VarInt::from_u32(MAX_STREAMS))
-        .max_concurrent_uni_streams(noq::VarInt::from_u32(0));
+        .max_concurrent_uni_streams(noq::VarInt::from_u32(crate::router::BUCKETS as u32));
     let transport = Arc::new(transport);
+    let mut forward_client = tls.forward_client.clone();
+    forward_client.transport_config(transport.clone());
     let mut server = tls.server.clone();
     server.transport_config(transport.clone());
     let endpoint = noq::Endpoint::server(server, listen)?;
     let mut client = tls.client.clone();
     client.transport_config(transport);
     endpoint.set_default_client_config(client);
-    Ok(endpoint)
+    Ok((endpoint, forward_client))
 }
 
-/// Accepts peers until `stop`, answering their RPCs with `raft`. The tasks it spawns are in
-/// `tasks`.
+/// Accepts peers until `stop`, answering their RPCs with `raft`; a forwarding link (told by
+/// its ALPN) goes to `router`. The tasks it spawns are in `tasks`.
 pub(crate) async fn serve(
     endpoint: noq::Endpoint,
     raft: Raft,
+    router: crate::router::Router,
     stop: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -202,6 +223,7 @@ pub(crate) async fn serve(
         };
         let Some(incoming) = incoming else { break };
         let raft = raft.clone();
+        let router = router.clone();
         let stop = stop.clone();
         let inner = tasks.clone();
         tasks.spawn(async move {
@@ -218,6 +240,10 @@ pub(crate) async fn serve(
                 }
             };
             let names: Arc<[String]> = peer_names(&conn).into();
+            if is_forwarding_link(&conn) {
+                router.serve_link(conn, names).await;
+                return;
+            }
             loop {
                 let (send, recv) = tokio::select! {
                     biased;
@@ -231,6 +257,14 @@ pub(crate) async fn serve(
             }
         });
     }
+}
+
+/// Whether a peer dialled this node for a forwarding link rather than for Raft.
+fn is_forwarding_link(conn: &noq::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|h| h.downcast::<noq::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        .is_some_and(|p| p == crate::wire::FORWARD_ALPN)
 }
 
 /// The DNS names in the certificate a peer presented (verified by rustls against the CA).
@@ -263,7 +297,7 @@ fn peer_names(conn: &noq::Connection) -> Vec<String> {
 /// Whether a peer whose certificate carries `names` may speak for node `claimed`: a node in
 /// this node's membership must present a certificate with its member name. A node not (yet)
 /// in it may speak: a new node learns the membership from the leader's first request.
-fn may_speak_for(raft: &Raft, names: &[String], claimed: Option<NodeId>) -> bool {
+pub(crate) fn may_speak_for(raft: &Raft, names: &[String], claimed: Option<NodeId>) -> bool {
     let Some(id) = claimed else { return true };
     let metrics = raft.metrics();
     let metrics = metrics.borrow();

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ClusterConfig;
 use crate::network::{self, Forwarded, Network, Peer, Tls, TlsError};
+use crate::router::{ForwardLimits, Router};
 use crate::state::{Command, NodeId, Outcome};
 use crate::store::{self, OpenError, StateReader};
 use crate::{Member, Raft};
@@ -43,6 +44,8 @@ pub struct NodeOptions {
     pub tls: Tls,
     /// Raft's timing and snapshot policy.
     pub raft: openraft::Config,
+    /// The bounds of message forwarding to and from peers.
+    pub forward: ForwardLimits,
 }
 
 impl NodeOptions {
@@ -66,6 +69,7 @@ impl NodeOptions {
             data_dir,
             tls,
             raft,
+            forward: ForwardLimits::default(),
         }
     }
 
@@ -146,6 +150,8 @@ pub struct ClusterNode {
     network: Network,
     /// The link to the leader that proposals are forwarded on.
     leader_link: tokio::sync::Mutex<Option<(NodeId, Peer)>>,
+    /// Routes and forwarding to peers.
+    router: Router,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -156,7 +162,7 @@ impl ClusterNode {
         let (log, sm) = store::open(&options.data_dir)?;
         let incarnation = log.incarnation();
         let state = sm.reader();
-        let endpoint =
+        let (endpoint, forward_client) =
             network::bind(&options.tls, options.listen).map_err(|source| NodeError::Bind {
                 addr: options.listen,
                 source,
@@ -180,9 +186,20 @@ impl ClusterNode {
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let router = Router::new(
+            options.id,
+            incarnation,
+            endpoint.clone(),
+            forward_client,
+            raft.clone(),
+            stop.clone(),
+            tasks.clone(),
+            options.forward,
+        );
         tasks.spawn(network::serve(
             endpoint.clone(),
             raft.clone(),
+            router.clone(),
             stop.clone(),
             tasks.clone(),
         ));
@@ -195,6 +212,7 @@ impl ClusterNode {
             endpoint,
             network,
             leader_link: tokio::sync::Mutex::new(None),
+            router,
             stop,
             tasks,
         })
@@ -224,6 +242,12 @@ impl ClusterNode {
     /// The Raft handle (metrics, membership changes).
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+
+    /// Routes and message forwarding: the broker announces its local subscriptions here,
+    /// forwards messages for subscribers on other nodes and takes those forwarded to it.
+    pub fn router(&self) -> &Router {
+        &self.router
     }
 
     /// The state as applied on this node.
