@@ -1,18 +1,19 @@
 //! Clustering for mqttd: several nodes as one broker.
 //!
 //! The cluster's shared state (its nodes and their incarnations, who owns each persistent
-//! session and under which epoch, the retained messages) is replicated with Raft, by
-//! [openraft](https://docs.rs/openraft) 0.9: no home-made consensus. The crate has three rooms:
+//! session and under which epoch, what each session holds, the retained messages) is
+//! replicated with Raft, by [openraft](https://docs.rs/openraft) 0.9: no home-made consensus.
+//! The crate's rooms:
 //!
 //! - [`state`]: the state machine proper, sans-IO: [`Command`]s in, [`Outcome`]s out, and the
 //!   session fencing (a claim bumps the session's epoch; a command with another epoch is
-//!   rejected). Deterministic, so that every node computes the same state.
+//!   rejected). Deterministic, so that every node computes the same state. [`session`] holds
+//!   what a persistent session keeps (subscriptions, queue, in flight, will).
 //! - [`store`]: openraft's log store and state machine on fjall, in a directory of its own
 //!   beside the broker's store: the log, the vote, the committed index and the latest snapshot
 //!   survive a restart.
 //! - [`network`]: Raft's RPCs between nodes over QUIC (noq) with mutual TLS: every node has a
 //!   certificate from the cluster's CA and accepts only peers with one; ALPN `mqttd-cluster/1`.
-//!
 //! - [`routes`] and [`router`]: the routes of clean sessions, *not* in Raft: each node streams
 //!   its own to its peers (deltas tagged with node, incarnation and sequence; a snapshot on a
 //!   gap), and messages for subscribers on other nodes are forwarded over a second QUIC link
