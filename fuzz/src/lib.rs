@@ -1,7 +1,8 @@
 //! The fuzz targets' code, and helpers they share.
 //!
 //! Each target in `fuzz_targets/` only hands its input to a function here
-//! ([`decode_packet`], [`store_record`], [`session::run`], [`broker::run`]), so that the corpus replay test
+//! ([`decode_packet`], [`store_record`], [`cluster_frame`], [`session::run`], [`broker::run`]),
+//! so that the corpus replay test
 //! (`tests/corpus.rs`) runs every committed input through exactly what the fuzzer runs.
 //!
 //! A packet target treats its input as the bytes a peer sent on one connection and cuts them
@@ -10,7 +11,8 @@
 pub mod broker;
 pub mod session;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use mqttd_cluster::wire::{frame_len, Frame};
 use mqttd_broker::storage::fuzzing::decode_stored_records;
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::{Packet, ProtocolVersion};
@@ -21,6 +23,26 @@ pub fn decode_packet(data: &[u8]) {
     for version in READER_VERSIONS {
         for_each_packet(data, version, assert_roundtrip);
     }
+}
+
+/// The `cluster_frame` target: `data` as the body of a frame a cluster peer sent on its
+/// forwarding link (routes and forwarded messages). The decoder must not panic, and a frame it
+/// accepts must encode, with a length prefix that says its length, to a body that decodes to
+/// the same frame. Returns the kind of frame `data` is, if it is one.
+pub fn cluster_frame(data: &[u8]) -> Option<&'static str> {
+    let frame = Frame::decode(Bytes::copy_from_slice(data)).ok()?;
+    let encoded = frame.encode();
+    let prefix = <[u8; 4]>::try_from(&encoded[..4]).expect("a length prefix");
+    assert_eq!(frame_len(prefix, usize::MAX), Ok(encoded.len() - 4));
+    let again = Frame::decode(Bytes::copy_from_slice(&encoded[4..])).expect("decodes again");
+    assert_eq!(again, frame, "a frame's encoding decodes to the same frame");
+    Some(match frame {
+        Frame::Snapshot(_) => "snapshot",
+        Frame::Delta(_) => "delta",
+        Frame::Resync => "resync",
+        Frame::Message(_) => "message",
+        _ => "other",
+    })
 }
 
 /// The `store_record` target: `data` as a value read from the durable store, as it is and

@@ -15,6 +15,9 @@ fn runner(target: &str) -> Option<fn(&[u8])> {
             mqttd_fuzz::broker::run(data);
         },
         "quic_guard" => mqttd_broker::fuzzing::quic_guard,
+        "cluster_frame" => |data| {
+            mqttd_fuzz::cluster_frame(data);
+        },
         "store_record" => |data| {
             mqttd_fuzz::store_record(data);
         },
