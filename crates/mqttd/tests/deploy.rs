@@ -461,6 +461,8 @@ const SHOWN_ONCE_USED: &[&str] = &[
     "store_errors",
     // The first traversal attempt that ends creates its (nat, outcome) label.
     "p2p_traversals",
+    // Labelled by cluster node, on a cluster's leader only.
+    "cluster_replication_lag",
 ];
 
 /// What `/metrics` exports: family name to its type, from the `# TYPE` lines.
