@@ -281,15 +281,16 @@ impl BrokerCluster {
 
     /// This node's view of the cluster, for the admin API.
     pub fn status(&self) -> ClusterStatus {
-        let metrics = self.node.raft().metrics();
-        let m = metrics.borrow();
-        let membership = m.membership_config.membership();
+        // The state first: no other lock is taken while the metrics are borrowed.
         let incarnations = self.node.state().read(|s| {
             s.nodes()
                 .iter()
                 .map(|(id, r)| (*id, r.incarnation))
                 .collect::<BTreeMap<_, _>>()
         });
+        let metrics = self.node.raft().metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
         let members = membership
             .nodes()
             .map(|(id, member)| MemberStatus {
