@@ -5,7 +5,7 @@
 //! shutdown, that does in the background what a node does for itself, so that nothing here
 //! holds up the serving of clients:
 //!
-//! - **bootstrap**, until the node is a member: it asks every seed to add it (a join request
+//! - **bootstrap**, until the node is a voter: it asks every seed to add it (a join request
 //!   over the cluster link; a follower names the leader, which is asked in turn). The node
 //!   with the lowest id among the configured members (itself and its seeds) initializes a new
 //!   cluster of all of them, but only once every seed has answered that it belongs to no
@@ -126,7 +126,9 @@ impl BrokerCluster {
         let seeds = self.seeds();
         let me = self.node.id();
         loop {
-            if self.node.is_member() {
+            // A voter, not merely a learner: a join whose promotion failed (membership changes
+            // asked at once through several seeds) is asked again, and the leader promotes.
+            if self.node.voters().contains(&me) {
                 return;
             }
             // Every seed at once: one that is not up yet costs a handshake timeout.
@@ -452,6 +454,101 @@ mod tests {
         assert!(!may_initialize(1, [2, 3], true, 2));
         // Alone: a cluster of one.
         assert!(may_initialize(5, [], false, 0));
+    }
+
+    /// A CA and a certificate for `name`, written into `dir`; the `[cluster]` section of a
+    /// node alone (no seeds) on a port the system picks.
+    fn section_alone(dir: &Path, name: &str) -> ClusterConfig {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.join("node.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("node.key"), key.serialize_pem()).unwrap();
+        let text = format!(
+            "[cluster]\nnode_id = 7\nname = {name:?}\nlisten = \"127.0.0.1:0\"\n\
+             ca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            dir.join("ca.pem"),
+            dir.join("node.pem"),
+            dir.join("node.key")
+        );
+        ClusterConfig::parse(&text).unwrap()
+    }
+
+    /// Polls `check` every 50 ms, for at most 60 s.
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !check() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_alone_forms_a_cluster_announces_itself_and_expires_sessions_as_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = section_alone(dir.path(), "solo");
+        let metrics = crate::Metrics::default();
+        let shutdown = CancellationToken::new();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let cluster = start(
+            &config,
+            dir.path(),
+            metrics.cluster(),
+            shutdown.clone(),
+            &tasks,
+        )
+        .await
+        .unwrap();
+        let node = cluster.node();
+        eventually("a cluster of one, leading", || node.leader() == Some(7)).await;
+        eventually("its NodeUp applied", || {
+            node.state()
+                .read(|s| s.nodes().get(&7).map(|r| r.incarnation))
+                == Some(node.incarnation())
+        })
+        .await;
+        let status = cluster.status();
+        assert_eq!(status.state, "leader");
+        assert_eq!(status.members.len(), 1);
+        assert_eq!(status.members[0].incarnation, Some(node.incarnation()));
+        eventually("the gauges", || {
+            metrics.render().contains("mqttd_cluster_is_leader 1")
+        })
+        .await;
+
+        // A session already expired, and one that never expires: only the first goes.
+        let past = unix_ms(SystemTime::now()) - 1;
+        for (client_id, expires_at_ms) in [("gone", Some(past)), ("kept", None)] {
+            let claimed = node
+                .propose(Command::ClaimSession {
+                    client_id: client_id.into(),
+                    node: 7,
+                    expires_at_ms,
+                })
+                .await
+                .unwrap();
+            assert!(matches!(claimed, Outcome::Claimed { .. }), "{claimed:?}");
+        }
+        eventually("the leader expiring the due session", || {
+            node.state()
+                .read(|s| s.session("gone").is_none() && s.session("kept").is_some())
+        })
+        .await;
+
+        shutdown.cancel();
+        tasks.close();
+        tokio::time::timeout(Duration::from_secs(30), tasks.wait())
+            .await
+            .expect("the node stops with the broker");
     }
 
     #[test]
