@@ -464,9 +464,12 @@ impl ClusterNode {
             tracing::warn!(error = %e, "Raft did not stop cleanly");
         }
         self.stop.cancel();
+        // Closing the endpoint ends the streams still being answered.
         self.endpoint.close(noq::VarInt::from_u32(0), b"shutdown");
         self.tasks.close();
         self.tasks.wait().await;
+        // Lets live peers learn of the close; links to dead peers would wait out their idle
+        // timeout, so the wait is bounded.
         let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
     }
 
@@ -475,16 +478,6 @@ impl ClusterNode {
     /// answering can take up to the idle timeout (10 s): a node started again in the same
     /// process on the same address may have to retry its bind.
     pub async fn shutdown(self) {
-        if let Err(e) = self.raft.shutdown().await {
-            tracing::warn!(error = %e, "Raft did not stop cleanly");
-        }
-        self.stop.cancel();
-        // Closing the endpoint ends the streams still being answered.
-        self.endpoint.close(noq::VarInt::from_u32(0), b"shutdown");
-        self.tasks.close();
-        self.tasks.wait().await;
-        // Lets live peers learn of the close; links to dead peers would wait out their idle
-        // timeout, so the wait is bounded.
-        let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
+        self.stop().await;
     }
 }
