@@ -9,11 +9,11 @@
 //!   over the cluster link; a follower names the leader, which is asked in turn). The node
 //!   with the lowest id among the configured members (itself and its seeds) initializes a new
 //!   cluster of all of them, but only once every seed has answered that it belongs to no
-//!   cluster yet, and only if its own store holds no membership: see [`may_initialize`].
+//!   cluster yet, and only if its own store holds no membership: see `may_initialize`.
 //! - **announce**: proposes `NodeUp` with the node's new incarnation (bumped in its store at
 //!   every start), again until it is committed.
 //! - **expiry**: while this node leads, proposes `ExpireSessions` with its clock once a
-//!   session's expiry has passed (checked every second; see [`expiry_due`]).
+//!   session's expiry has passed (checked every second; see `expiry_due`).
 //! - **metrics**: follows Raft's metrics into the `mqttd_cluster_*` gauges.
 //!
 //! Message routing between nodes will hang off the same handle ([`BrokerCluster::node`]).
