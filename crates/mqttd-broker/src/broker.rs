@@ -928,6 +928,8 @@ pub(crate) struct Inner {
     pub(crate) listeners: std::sync::OnceLock<Vec<(crate::config::Listener, std::net::SocketAddr)>>,
     /// What a reload replaces, once the broker has started.
     pub(crate) reloader: std::sync::OnceLock<crate::reload::Reloader>,
+    /// This broker's cluster node, set at start when `[cluster]` is configured.
+    pub(crate) cluster: std::sync::OnceLock<Arc<crate::cluster::BrokerCluster>>,
     /// The limits a reload may change; read here, not in `config`.
     pub(crate) limits: ArcSwap<LiveLimits>,
     /// The configuration as last loaded: at start, then by each successful reload (`config`
@@ -1009,6 +1011,7 @@ impl Inner {
             api: crate::api::ApiState::new(&config.data_dir),
             listeners: std::sync::OnceLock::new(),
             reloader: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
             limits: ArcSwap::from_pointee(LiveLimits::of(&config)),
             loaded_config: ArcSwap::from_pointee(config.clone()),
             listener_totals: Mutex::new(HashMap::new()),

@@ -23,8 +23,8 @@ impl std::fmt::Display for Problem {
 }
 
 /// Every problem of `config` and of the files it names: the listeners, the password and ACL
-/// files, the certificates, keys and CA files (of the listeners and of the bridges) and the
-/// `[p2p]` settings. Empty: the broker would start with it (unless a port is taken, or the
+/// files, the certificates, keys and CA files (of the listeners, of the bridges and of
+/// `[cluster]`), and the `[p2p]` and `[cluster]` settings. Empty: the broker would start with it (unless a port is taken, or the
 /// data directory is not writable).
 pub fn check(config: &Config) -> Vec<Problem> {
     let mut problems = Vec::new();
@@ -80,6 +80,11 @@ pub fn check(config: &Config) -> Vec<Problem> {
         }
         if let Err(error) = crate::bridge::check(bridge) {
             problem(&setting, error);
+        }
+    }
+    if let Some(cluster) = &config.cluster {
+        if let Err(error) = crate::cluster::check(cluster, &config.data_dir) {
+            problem("cluster", error);
         }
     }
     #[cfg(feature = "p2p")]

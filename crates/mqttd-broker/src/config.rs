@@ -503,6 +503,9 @@ pub struct Config {
         serialize_with = "crate::bridge::config::serialize_redacted"
     )]
     pub bridge: Vec<Bridge>,
+    /// The `[cluster]` section: this node's Raft id, name, cluster listener, seeds and
+    /// certificates (see `docs/cluster.md`). Unset: the broker runs alone.
+    pub cluster: Option<mqttd_cluster::config::ClusterConfig>,
 }
 
 impl Default for Config {
@@ -544,6 +547,7 @@ impl Default for Config {
             sync_interval_ms: 100,
             log_level: None,
             bridge: Vec::new(),
+            cluster: None,
         }
     }
 }

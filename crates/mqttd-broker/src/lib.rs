@@ -38,6 +38,7 @@ pub mod bridge;
 pub mod check;
 
 mod broker;
+pub mod cluster;
 pub mod config;
 mod dashboard;
 /// The broker's clock.
@@ -139,6 +140,10 @@ pub enum StartError {
         /// Why, naming the URL.
         reason: String,
     },
+    /// The cluster node could not start (`[cluster]`: its certificates, its listener, its
+    /// store).
+    #[error("[cluster]: {0}")]
+    Cluster(mqttd_cluster::NodeError),
 }
 
 /// Configures a broker before it starts.
@@ -294,6 +299,23 @@ impl BrokerBuilder {
             {
                 tracing::warn!("a bridge's local session is not subscribed yet; serving anyway");
             }
+        }
+        // The cluster node before the listeners: a node that cannot start (its certificates,
+        // its port, its store) stops the broker. Joining and announcing run in the background.
+        if let Some(config) = &inner.config.cluster {
+            let cluster = cluster::start(
+                config,
+                &inner.config.data_dir,
+                inner.metrics.cluster(),
+                inner.shutdown.clone(),
+                &inner.tasks,
+            )
+            .await
+            .map_err(|e| {
+                inner.shutdown.cancel();
+                StartError::Cluster(e)
+            })?;
+            let _ = inner.cluster.set(cluster);
         }
         let admission = Arc::new(Admission::new(max_connections));
         // Peer-to-peer listeners last, so that they can use the broker's own relay.
@@ -463,6 +485,11 @@ impl Broker {
     #[cfg(feature = "p2p")]
     pub fn node(&self) -> Option<&mqttd_p2p::Node> {
         self.node.as_ref()
+    }
+
+    /// The cluster node, when `[cluster]` is configured.
+    pub fn cluster(&self) -> Option<&Arc<cluster::BrokerCluster>> {
+        self.inner.cluster.get()
     }
 
     /// The broker's metrics.

@@ -169,7 +169,48 @@ pub struct Metrics {
     /// Per bridge: messages its session holds for the remote broker (queued, and taken but
     /// not yet acknowledged by the remote broker), as of the last scrape.
     bridge_queued: BridgeGauges,
+    /// Members of the cluster's Raft membership as this node knows it, voters and learners
+    /// (0 without `[cluster]`).
+    cluster_members: Gauge,
+    /// Voters of the cluster's membership.
+    cluster_voters: Gauge,
+    /// 1 while this node is the cluster's leader.
+    cluster_is_leader: Gauge,
+    /// 1 while this node knows a leader (0: an election is under way, or no quorum).
+    cluster_has_leader: Gauge,
+    /// The Raft term this node is in.
+    cluster_term: Gauge,
+    /// The index of the last entry in this node's Raft log.
+    cluster_last_log_index: Gauge,
+    /// The index of the last entry this node applied to its cluster state.
+    cluster_last_applied: Gauge,
+    /// Entries in this node's log not yet applied (last log index - last applied).
+    cluster_apply_lag: Gauge,
+    /// Times the leader this node knows changed (to another node, or to none).
+    cluster_leader_changes: Counter,
+    /// On the leader, per member (label `node`): entries of the leader's log it has not
+    /// acknowledged yet.
+    cluster_replication_lag: ClusterLag,
 }
+
+/// What `cluster.rs` sets: clones of the cluster's gauges (each shares its value with the
+/// registered one).
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterMetrics {
+    pub(crate) members: Gauge,
+    pub(crate) voters: Gauge,
+    pub(crate) is_leader: Gauge,
+    pub(crate) has_leader: Gauge,
+    pub(crate) term: Gauge,
+    pub(crate) last_log_index: Gauge,
+    pub(crate) last_applied: Gauge,
+    pub(crate) apply_lag: Gauge,
+    pub(crate) leader_changes: Counter,
+    pub(crate) replication_lag: ClusterLag,
+}
+
+/// Gauges labelled by `node` (a cluster node id).
+pub(crate) type ClusterLag = Family<[(&'static str, String); 1], Gauge>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -260,6 +301,17 @@ impl Default for Metrics {
                 "Whether each relay is the peer-to-peer node's home relay and connected",
             p2p_relay_latency_seconds: P2pRelayLatency =
                 "Round-trip time to each relay in the node's last net report",
+            cluster_members: Gauge = "Members of the cluster (voters and learners) as this node knows them",
+            cluster_voters: Gauge = "Voters of the cluster as this node knows them",
+            cluster_is_leader: Gauge = "1 while this node is the cluster's leader",
+            cluster_has_leader: Gauge = "1 while this node knows a cluster leader",
+            cluster_term: Gauge = "The Raft term of this node",
+            cluster_last_log_index: Gauge = "The index of the last entry of this node's Raft log",
+            cluster_last_applied: Gauge = "The index of the last Raft entry this node applied",
+            cluster_apply_lag: Gauge = "Entries of this node's Raft log not yet applied",
+            cluster_leader_changes: Counter = "Changes of the cluster leader this node knows",
+            cluster_replication_lag: ClusterLag =
+                "On the leader: entries each member has not acknowledged yet, by node",
         };
         // Shown as 0 before anyone connects.
         for transport in TRANSPORTS {
@@ -386,6 +438,22 @@ impl Metrics {
             messages_dropped: self.bridge_messages_dropped.get_or_create_owned(&label),
             reconnects: self.bridge_reconnects.get_or_create_owned(&label),
             queued: self.bridge_queued.get_or_create_owned(&label),
+        }
+    }
+
+    /// The cluster's gauges, for the task that follows Raft's metrics.
+    pub(crate) fn cluster(&self) -> ClusterMetrics {
+        ClusterMetrics {
+            members: self.cluster_members.clone(),
+            voters: self.cluster_voters.clone(),
+            is_leader: self.cluster_is_leader.clone(),
+            has_leader: self.cluster_has_leader.clone(),
+            term: self.cluster_term.clone(),
+            last_log_index: self.cluster_last_log_index.clone(),
+            last_applied: self.cluster_last_applied.clone(),
+            apply_lag: self.cluster_apply_lag.clone(),
+            leader_changes: self.cluster_leader_changes.clone(),
+            replication_lag: self.cluster_replication_lag.clone(),
         }
     }
 

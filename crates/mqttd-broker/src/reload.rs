@@ -291,6 +291,7 @@ pub(crate) fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
         sync_interval_ms,
         log_level: _,
         bridge: _,
+        cluster,
     } = new;
     let mut changed = Vec::new();
     // Debug output compares the settings whose types have no PartialEq.
@@ -312,6 +313,8 @@ pub(crate) fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
     );
     check("p2p.bind", &running.p2p.bind, &p2p.bind);
     check("data_dir", &running.data_dir, data_dir);
+    // The node's identity, listener, certificates and store are fixed for its life.
+    check("cluster", &running.cluster, cluster);
     check("max_keepalive", &running.max_keepalive, max_keepalive);
     check(
         "max_queued_messages",
@@ -383,6 +386,18 @@ mod tests {
             ["listen", "max_queued_messages"]
         );
         assert!(restart_needed(&running, &running.clone()).is_empty());
+    }
+
+    #[test]
+    fn a_cluster_section_added_or_changed_needs_a_restart() {
+        let section = "[cluster]\nnode_id = 1\nname = 'a'\nlisten = '127.0.0.1:1884'\n\
+                       ca = 'ca.pem'\ncert = 'a.pem'\nkey = 'a.key'\n";
+        let alone = Config::parse("").unwrap();
+        let clustered = Config::parse(section).unwrap();
+        let moved = Config::parse(&section.replace("1884", "1885")).unwrap();
+        assert_eq!(restart_needed(&alone, &clustered), ["cluster"]);
+        assert_eq!(restart_needed(&clustered, &moved), ["cluster"]);
+        assert!(restart_needed(&clustered, &clustered.clone()).is_empty());
     }
 
     #[test]

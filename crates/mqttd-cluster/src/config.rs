@@ -16,19 +16,19 @@
 //! # data_dir = "/var/lib/mqttd/cluster"   # default: "cluster" beside the broker's store
 //! ```
 //!
-//! The broker's `Config` does not read it yet; [`ClusterConfig::parse`] reads the section on
+//! The broker's `Config` holds it as `cluster`; [`ClusterConfig::parse`] reads the section on
 //! its own (a whole file whose `[cluster]` table it takes).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::state::NodeId;
 use crate::Member;
 
 /// A peer to contact when the node starts.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Seed {
     /// Its Raft node id.
@@ -50,7 +50,7 @@ impl Seed {
 }
 
 /// The `[cluster]` section.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ClusterConfig {

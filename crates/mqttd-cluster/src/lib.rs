@@ -22,8 +22,8 @@
 //! [`ClusterNode`] puts them together: a node that listens, runs Raft and proposes commands
 //! (on any node: a follower forwards them to the leader), and on the leader adds and removes
 //! members.
-//! [`config`] holds the `[cluster]` section. The broker does not use the crate yet (see
-//! `docs/cluster.md` for what comes next).
+//! [`config`] holds the `[cluster]` section. The broker starts a node when its configuration
+//! has one (`mqttd-broker`'s `cluster.rs`; see `docs/cluster.md`).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 

@@ -10,7 +10,7 @@
 //! and the JSON of openraft's request), the sender's FIN, then the answer (the JSON of
 //! openraft's result) and the receiver's FIN. Streams are independent, so a slow snapshot chunk
 //! never holds up a heartbeat. The same links carry proposals that a follower forwards to the
-//! leader.
+//! leader, and membership changes (a node joining or leaving) asked of the leader.
 
 use std::io;
 use std::net::SocketAddr;
@@ -53,6 +53,13 @@ const TAG_APPEND: u8 = 1;
 const TAG_VOTE: u8 = 2;
 const TAG_SNAPSHOT: u8 = 3;
 const TAG_PROPOSE: u8 = 4;
+/// A membership change (a node joining or leaving); far from the others so that request types
+/// added meanwhile do not take its number.
+const TAG_MEMBERSHIP: u8 = 32;
+
+/// How long a membership change may take on the leader: a joining node is first caught up
+/// with the log as a learner.
+pub(crate) const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a proposal forwarded to the leader was not applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -62,6 +69,41 @@ pub enum Forwarded {
     #[error("the peer is not the leader (leader: {0:?})")]
     NotLeader(Option<(NodeId, Member)>),
     /// The link or Raft failed; the proposal may or may not have been committed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A change of Raft's membership asked of the leader over the cluster link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum MembershipRequest {
+    /// Add the node: a learner first, caught up with the log, then a voter. Nothing happens
+    /// if it is a voter already.
+    Join {
+        /// Its Raft id.
+        id: NodeId,
+        /// Its name and address.
+        member: Member,
+    },
+    /// Remove the node from the membership (voter or learner). Nothing happens if it is not a
+    /// member.
+    Leave {
+        /// Its Raft id.
+        id: NodeId,
+    },
+}
+
+/// Why a membership change was not made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum MembershipRefused {
+    /// The peer belongs to no cluster yet (it was never initialized nor added).
+    #[error("the peer belongs to no cluster yet")]
+    NoCluster,
+    /// The peer is not the leader; it names the leader it knows, if any.
+    #[error("the peer is not the leader (leader: {0:?})")]
+    NotLeader(Option<(NodeId, Member)>),
+    /// The link or Raft failed, or the change was refused; it may have been made.
     #[error("{0}")]
     Failed(String),
 }
@@ -307,6 +349,21 @@ pub(crate) fn may_speak_for(raft: &Raft, names: &[String], claimed: Option<NodeI
     }
 }
 
+/// Whether a peer whose certificate carries `names` may ask for `req`: a member may ask for
+/// any change; a node not in the membership only to join itself, under its certificate's name.
+fn may_change_membership(raft: &Raft, names: &[String], req: &MembershipRequest) -> bool {
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow();
+    let is_member = metrics
+        .membership_config
+        .membership()
+        .nodes()
+        .any(|(_, m)| names.iter().any(|n| n.eq_ignore_ascii_case(&m.name)));
+    is_member
+        || matches!(req, MembershipRequest::Join { member, .. }
+            if names.iter().any(|n| n.eq_ignore_ascii_case(&member.name)))
+}
+
 /// Answers one RPC from a peer whose certificate carries `names`.
 async fn answer(
     raft: Raft,
@@ -346,6 +403,17 @@ async fn answer(
         // Any node of the cluster may propose.
         TAG_PROPOSE => match serde_json::from_slice::<Command>(body) {
             Ok(command) => serde_json::to_vec(&propose_here(&raft, command).await).map_err(Some),
+            Err(e) => Err(Some(e)),
+        },
+        TAG_MEMBERSHIP => match serde_json::from_slice::<MembershipRequest>(body) {
+            Ok(req) if !may_change_membership(&raft, &names, &req) => {
+                tracing::warn!(?req, names = ?names, "a membership change from a peer that may not ask it");
+                Err(None)
+            }
+            Ok(req) => {
+                let answer = crate::node::change_membership_here(&raft, req).await;
+                serde_json::to_vec(&answer).map_err(Some)
+            }
             Err(e) => Err(Some(e)),
         },
         _ => {
@@ -502,6 +570,23 @@ impl Peer {
             .map_err(|e| Forwarded::Failed(e.to_string()))?;
         serde_json::from_slice::<Result<Outcome, Forwarded>>(&answer)
             .map_err(|e| Forwarded::Failed(e.to_string()))?
+    }
+
+    /// Asks this peer, the leader as far as the caller knows, for a membership change.
+    pub(crate) async fn membership(
+        &mut self,
+        req: &MembershipRequest,
+        ttl: Duration,
+    ) -> Result<(), MembershipRefused> {
+        let mut body = vec![TAG_MEMBERSHIP];
+        serde_json::to_writer(&mut body, req)
+            .map_err(|e| MembershipRefused::Failed(e.to_string()))?;
+        let answer = self
+            .exchange(&body, ttl)
+            .await
+            .map_err(|e| MembershipRefused::Failed(e.to_string()))?;
+        serde_json::from_slice::<Result<(), MembershipRefused>>(&answer)
+            .map_err(|e| MembershipRefused::Failed(e.to_string()))?
     }
 
     /// One RPC: the request out, the answer back.

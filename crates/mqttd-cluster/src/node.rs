@@ -16,7 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ClusterConfig;
-use crate::network::{self, Forwarded, Network, Peer, Tls, TlsError};
+use crate::network::{
+    self, Forwarded, MembershipRefused, MembershipRequest, Network, Peer, Tls, TlsError,
+    MEMBERSHIP_TIMEOUT,
+};
 use crate::router::{ForwardLimits, Router};
 use crate::state::{Command, NodeId, Outcome};
 use crate::store::{self, OpenError, StateReader};
@@ -124,6 +127,93 @@ pub enum NodeError {
     /// Raft failed (it stopped, or a membership change was refused).
     #[error("Raft: {0}")]
     Raft(String),
+    /// The peer asked belongs to no cluster yet.
+    #[error("the peer belongs to no cluster yet")]
+    NoCluster,
+}
+
+impl From<MembershipRefused> for NodeError {
+    fn from(refused: MembershipRefused) -> Self {
+        match refused {
+            MembershipRefused::NoCluster => Self::NoCluster,
+            MembershipRefused::NotLeader(leader) => Self::NotLeader { leader },
+            MembershipRefused::Failed(e) => Self::Forward(e),
+        }
+    }
+}
+
+/// Makes a membership change on this node, which must lead: what a peer's
+/// [`MembershipRequest`] asks. Joining a voter and removing a non-member change nothing.
+pub(crate) async fn change_membership_here(
+    raft: &Raft,
+    req: MembershipRequest,
+) -> Result<(), MembershipRefused> {
+    let refused = |e: NodeError| match e {
+        NodeError::NotLeader { leader } => MembershipRefused::NotLeader(leader),
+        e => MembershipRefused::Failed(e.to_string()),
+    };
+    let (initialized, leading, voter, learner, leader) = {
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let id = match &req {
+            MembershipRequest::Join { id, .. } | MembershipRequest::Leave { id } => *id,
+        };
+        let leader = metrics.current_leader.and_then(|l| {
+            membership
+                .get_node(&l)
+                .map(|m| (l, m.clone()))
+                .filter(|_| l != metrics.id)
+        });
+        let facts = (
+            membership.nodes().next().is_some(),
+            metrics.current_leader == Some(metrics.id),
+            membership.voter_ids().any(|v| v == id),
+            membership.learner_ids().any(|v| v == id),
+            leader,
+        );
+        facts
+    };
+    if !initialized {
+        return Err(MembershipRefused::NoCluster);
+    }
+    // A follower names the leader; the asker goes there (as a forwarded proposal does).
+    if !leading {
+        return Err(MembershipRefused::NotLeader(leader));
+    }
+    match req {
+        MembershipRequest::Join { .. } if voter => Ok(()),
+        MembershipRequest::Join { id, .. } if learner => raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map(drop)
+            .map_err(|e| refused(membership_error(e))),
+        MembershipRequest::Join { id, member } => {
+            add_member(raft, id, member).await.map_err(refused)
+        }
+        MembershipRequest::Leave { id } if voter => raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map(drop)
+            .map_err(|e| refused(membership_error(e))),
+        MembershipRequest::Leave { id } if learner => raft
+            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+            .await
+            .map(drop)
+            .map_err(|e| refused(membership_error(e))),
+        MembershipRequest::Leave { .. } => Ok(()),
+    }
+}
+
+/// Adds `id` as a learner, caught up, then as a voter.
+async fn add_member(raft: &Raft, id: NodeId, member: Member) -> Result<(), NodeError> {
+    raft.add_learner(id, member, true)
+        .await
+        .map_err(membership_error)?;
+    raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+        .await
+        .map_err(membership_error)?;
+    Ok(())
 }
 
 fn membership_error(
@@ -271,15 +361,7 @@ impl ClusterNode {
     /// Adds `id` as a voter: first as a learner, caught up with the log (blocking until it
     /// is), then promoted. Only on the leader.
     pub async fn add_member(&self, id: NodeId, member: Member) -> Result<(), NodeError> {
-        self.raft
-            .add_learner(id, member, true)
-            .await
-            .map_err(membership_error)?;
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-            .map_err(membership_error)?;
-        Ok(())
+        add_member(&self.raft, id, member).await
     }
 
     /// Removes `id` from the cluster: it no longer votes nor receives the log. Only on the
@@ -331,11 +413,77 @@ impl ClusterNode {
         }
     }
 
-    /// Stops Raft, the listener and its streams, and closes the endpoint. The UDP socket is
-    /// released once every connection has drained, which for a link to a peer that stopped
-    /// answering can take up to the idle timeout (10 s): a node started again in the same
-    /// process on the same address may have to retry its bind.
-    pub async fn shutdown(self) {
+    /// Whether this node belongs to a cluster: it was initialized, or a leader added it.
+    pub fn is_initialized(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let initialized = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .next()
+            .is_some();
+        initialized
+    }
+
+    /// Whether this node is in the membership it knows (as a voter or a learner).
+    pub fn is_member(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let member = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&self.id)
+            .is_some();
+        member
+    }
+
+    /// Asks `seed` (any node of a cluster) to make this node a member: a follower names the
+    /// leader, which is asked in turn; the leader adds this node as a learner, catches it up,
+    /// then makes it a voter, and answers once it has. `NoCluster` if the seed belongs to no
+    /// cluster yet.
+    pub async fn join(&self, seed: (NodeId, Member)) -> Result<(), NodeError> {
+        let req = MembershipRequest::Join {
+            id: self.id,
+            member: self.member.clone(),
+        };
+        self.ask_membership(seed, &req).await
+    }
+
+    /// Removes `id` (this node or another) from the membership, through the leader: here if
+    /// this node leads, else on the leader it knows.
+    pub async fn leave(&self, id: NodeId) -> Result<(), NodeError> {
+        let req = MembershipRequest::Leave { id };
+        match change_membership_here(&self.raft, req.clone()).await {
+            Ok(()) => Ok(()),
+            Err(MembershipRefused::NotLeader(Some(leader))) => {
+                self.ask_membership(leader, &req).await
+            }
+            Err(refused) => Err(refused.into()),
+        }
+    }
+
+    /// Sends `req` to `to`, then to the leader it names (a few hops at most, as leadership
+    /// may move meanwhile).
+    async fn ask_membership(
+        &self,
+        mut to: (NodeId, Member),
+        req: &MembershipRequest,
+    ) -> Result<(), NodeError> {
+        for _ in 0..3 {
+            let mut peer = self.network.peer(to.0, to.1.clone());
+            match peer.membership(req, MEMBERSHIP_TIMEOUT).await {
+                Err(MembershipRefused::NotLeader(Some(leader))) if leader != to => to = leader,
+                answer => return answer.map_err(NodeError::from),
+            }
+        }
+        Err(NodeError::NotLeader { leader: Some(to) })
+    }
+
+    /// What [`ClusterNode::shutdown`] does, for a node shared behind a reference: stops
+    /// Raft, the listener and its streams, and closes the endpoint. The node answers nothing
+    /// afterwards.
+    pub async fn stop(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "Raft did not stop cleanly");
         }
@@ -347,5 +495,13 @@ impl ClusterNode {
         // Lets live peers learn of the close; links to dead peers would wait out their idle
         // timeout, so the wait is bounded.
         let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
+    }
+
+    /// Stops Raft, the listener and its streams, and closes the endpoint. The UDP socket is
+    /// released once every connection has drained, which for a link to a peer that stopped
+    /// answering can take up to the idle timeout (10 s): a node started again in the same
+    /// process on the same address may have to retry its bind.
+    pub async fn shutdown(self) {
+        self.stop().await;
     }
 }

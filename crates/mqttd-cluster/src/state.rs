@@ -391,6 +391,12 @@ impl ClusterState {
         self.contents.get(client_id)
     }
 
+    /// The earliest session expiry (ms since the Unix epoch), if a session has one: the
+    /// leader proposes `ExpireSessions` only once it has passed.
+    pub fn earliest_expiry(&self) -> Option<u64> {
+        self.sessions.values().filter_map(|s| s.expires_at_ms).min()
+    }
+
     /// The number of sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.len()

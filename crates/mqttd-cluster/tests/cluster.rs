@@ -657,3 +657,64 @@ async fn members_join_and_leave() {
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_and_leave_requests_over_the_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let node = ClusterNode::start(options(&ca, dir.path(), id, any))
+            .await
+            .unwrap();
+        nodes.insert(id, node);
+    }
+    let seed = |id: NodeId| (id, nodes[&id].member().clone());
+
+    // Nobody has a cluster yet: a seed says so.
+    let answer = nodes[&3].join(seed(2)).await;
+    assert!(matches!(answer, Err(NodeError::NoCluster)), "{answer:?}");
+
+    let first = &nodes[&1];
+    first
+        .initialize(BTreeMap::from([(1, first.member().clone())]))
+        .await
+        .unwrap();
+    eventually("node 1 leading alone", || first.leader() == Some(1)).await;
+    assert!(first.is_member() && !nodes[&2].is_initialized());
+
+    // Through the leader, then through a follower (which names the leader).
+    retry("node 2 joining through the leader", || {
+        nodes[&2].join(seed(1))
+    })
+    .await;
+    eventually("node 2 knowing it is a member", || nodes[&2].is_member()).await;
+    retry("node 3 joining through a follower", || {
+        nodes[&3].join(seed(2))
+    })
+    .await;
+    assert_eq!(first.voters(), BTreeSet::from([1, 2, 3]));
+    // Asking again changes nothing.
+    retry("node 2 joining again", || nodes[&2].join(seed(3))).await;
+    assert_eq!(first.voters(), BTreeSet::from([1, 2, 3]));
+
+    // A node whose certificate does not carry the name it asks to join under is refused.
+    let mut impostor = options(&ca, dir.path(), 5, any);
+    impostor.member.name = name(6);
+    let impostor = ClusterNode::start(impostor).await.unwrap();
+    let answer = impostor.join(seed(1)).await;
+    assert!(answer.is_err(), "{answer:?}");
+    assert_eq!(first.voters(), BTreeSet::from([1, 2, 3]));
+    impostor.shutdown().await;
+
+    // A follower asks for another's removal: the leader makes it.
+    retry("node 3 removing node 2", || nodes[&3].leave(2)).await;
+    eventually("node 2 gone from the leader's membership", || {
+        first.voters() == BTreeSet::from([1, 3])
+    })
+    .await;
+    for (_, node) in nodes {
+        node.shutdown().await;
+    }
+}

@@ -29,9 +29,9 @@ Exit status: 0 done; 1 the API answered with an error (its code and message are 
 standard error, and with --json its JSON on standard output; 401 means no or a wrong API
 key); 2 the API could not be asked.";
 
-/// `mqttd ctl`'s options and command.
+/// Where the admin API is and how to print its answers: `mqttd ctl`'s and `mqttd cluster`'s.
 #[derive(Debug, Args)]
-pub(crate) struct CtlArgs {
+struct ApiFlags {
     /// The admin API's URL (the broker's http:// listener).
     #[arg(long, global = true, value_name = "URL")]
     url: Option<String>,
@@ -45,8 +45,54 @@ pub(crate) struct CtlArgs {
     /// Print the API's JSON answer as it is instead of a table.
     #[arg(long, global = true)]
     json: bool,
+}
+
+/// `mqttd ctl`'s options and command.
+#[derive(Debug, Args)]
+pub(crate) struct CtlArgs {
+    #[command(flatten)]
+    api: ApiFlags,
     #[command(subcommand)]
     command: CtlCommand,
+}
+
+/// `mqttd cluster`'s options and command: `mqttd ctl cluster` by a shorter name.
+#[derive(Debug, Args)]
+pub(crate) struct ClusterArgs {
+    #[command(flatten)]
+    api: ApiFlags,
+    #[command(subcommand)]
+    command: ClusterCommand,
+}
+
+impl From<ClusterArgs> for CtlArgs {
+    fn from(args: ClusterArgs) -> Self {
+        Self {
+            api: args.api,
+            command: CtlCommand::Cluster(args.command),
+        }
+    }
+}
+
+/// The cluster commands (`GET /api/v1/cluster`, `POST .../join`, `POST .../leave`).
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// This node's view of the cluster: its id, name and state, the leader, the term, the
+    /// last log index and the last applied, and the members (voter or learner, address,
+    /// incarnation).
+    Status,
+    /// Make this node a member: ask SEED (NAME@HOST:PORT, a node of the cluster), else the
+    /// configured seeds in turn; done once the leader made it a voter.
+    Join {
+        /// A node of the cluster: its certificate's name and its cluster address.
+        #[arg(value_name = "NAME@HOST:PORT")]
+        seed: Option<String>,
+    },
+    /// Remove this node (or NODE_ID) from the cluster's membership, through the leader.
+    Leave {
+        /// The node to remove (default: this node).
+        node_id: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +138,9 @@ enum CtlCommand {
     /// Reload what can change at runtime, as SIGHUP does; prints what was reloaded and what
     /// needs a restart.
     Reload,
+    /// The cluster: status, join, leave (also `mqttd cluster`).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
 }
 
 /// Page options of the lists.
@@ -223,8 +272,8 @@ impl Failure {
 
 /// Runs a `mqttd ctl` command: what it prints goes to standard output.
 pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
-    let api = Api::new(&args).map_err(Failure::no_answer)?;
-    let json = args.json;
+    let api = Api::new(&args.api).map_err(Failure::no_answer)?;
+    let json = args.api.json;
     let (method, path, body) = request_of(&args.command);
     let answer = api.send(method, &path, body).await.inspect_err(|failure| {
         // Scripts get the error's JSON too, on standard output.
@@ -355,6 +404,23 @@ fn request_of(command: &CtlCommand) -> (reqwest::Method, String, Option<Value>) 
             })),
         ),
         CtlCommand::Reload => (Method::POST, "reload".into(), None),
+        CtlCommand::Cluster(ClusterCommand::Status) => get("cluster".into()),
+        CtlCommand::Cluster(ClusterCommand::Join { seed }) => (
+            Method::POST,
+            "cluster/join".into(),
+            Some(match seed {
+                Some(seed) => json!({ "seed": seed }),
+                None => json!({}),
+            }),
+        ),
+        CtlCommand::Cluster(ClusterCommand::Leave { node_id }) => (
+            Method::POST,
+            "cluster/leave".into(),
+            Some(match node_id {
+                Some(id) => json!({ "node_id": id }),
+                None => json!({}),
+            }),
+        ),
     }
 }
 
@@ -394,7 +460,7 @@ struct Api {
 }
 
 impl Api {
-    fn new(args: &CtlArgs) -> anyhow::Result<Self> {
+    fn new(args: &ApiFlags) -> anyhow::Result<Self> {
         let url = args
             .url
             .clone()
@@ -478,7 +544,7 @@ impl Api {
 }
 
 /// The API key, from the first source that has one (see [`AFTER_HELP`]).
-fn key(args: &CtlArgs) -> anyhow::Result<String> {
+fn key(args: &ApiFlags) -> anyhow::Result<String> {
     let from_file = |path: &std::path::Path| -> anyhow::Result<String> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the API key file {}", path.display()))?;
@@ -656,7 +722,66 @@ fn render(command: &CtlCommand, v: &Value) -> String {
             }
             out
         }
+        CtlCommand::Cluster(ClusterCommand::Status) => cluster_status(v),
+        CtlCommand::Cluster(ClusterCommand::Join { .. }) => {
+            format!("joined; {}", cluster_status(v))
+        }
+        CtlCommand::Cluster(ClusterCommand::Leave { node_id }) => {
+            let who = node_id.map_or_else(|| "this node".to_owned(), |id| format!("node {id}"));
+            format!("{who} left the cluster\n{}", cluster_status(v))
+        }
     }
+}
+
+/// `GET /api/v1/cluster` for people: this node, then a table of the members.
+fn cluster_status(v: &Value) -> String {
+    let leader = match v["leader"].as_u64() {
+        Some(id) => {
+            let name = v["members"]
+                .as_array()
+                .and_then(|m| m.iter().find(|m| m["node_id"].as_u64() == Some(id)))
+                .map(|m| cell(&m["name"]));
+            match name {
+                Some(name) => format!("{id} ({name})"),
+                None => id.to_string(),
+            }
+        }
+        None => "none known".to_owned(),
+    };
+    let lines = vec![
+        vec![
+            "node".to_owned(),
+            format!(
+                "{} ({}, {})",
+                cell(&v["node_id"]),
+                cell(&v["name"]),
+                cell(&v["addr"])
+            ),
+        ],
+        vec!["state".to_owned(), cell(&v["state"])],
+        vec!["leader".to_owned(), leader],
+        vec!["term".to_owned(), cell(&v["term"])],
+        vec!["incarnation".to_owned(), cell(&v["incarnation"])],
+        vec!["last log index".to_owned(), cell(&v["last_log_index"])],
+        vec!["last applied".to_owned(), cell(&v["last_applied"])],
+    ];
+    let mut out = aligned(&lines);
+    out.push('\n');
+    out.push_str(&table(
+        v["members"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default(),
+        &[
+            ("NODE", "node_id"),
+            ("NAME", "name"),
+            ("ADDRESS", "addr"),
+            ("ROLE", "role"),
+            ("INCARNATION", "incarnation"),
+            ("MATCHED", "matched"),
+        ],
+    ));
+    out
 }
 
 /// A list answer (`data` and `meta`): its table, and a line on the pages if there are more.

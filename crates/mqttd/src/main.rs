@@ -51,6 +51,9 @@ enum Command {
     /// messages, listeners, stats, publish, reload).
     #[command(after_help = ctl::AFTER_HELP)]
     Ctl(ctl::CtlArgs),
+    /// The cluster through this node's admin API: status, join, leave (`[cluster]`).
+    #[command(after_help = ctl::AFTER_HELP)]
+    Cluster(ctl::ClusterArgs),
     /// Validate a configuration and the files it names, without starting: prints "ok" or
     /// each error; exit status 0 or 1.
     CheckConfig(CheckConfigArgs),
@@ -191,6 +194,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Id(args)) => id(args),
         Some(Command::ApiKey(command)) => api_key(command),
         Some(Command::Ctl(args)) => ctl(args),
+        Some(Command::Cluster(args)) => ctl(args.into()),
         Some(Command::CheckConfig(args)) => check_config(args),
         Some(Command::P2p(P2pCommand::Ping(args))) => p2p_ping(args),
         Some(Command::P2p(P2pCommand::Swarm(command))) => {

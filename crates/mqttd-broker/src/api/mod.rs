@@ -77,6 +77,9 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/v1/config", get(get_config))
         .route("/v1/publish", axum::routing::post(publish))
         .route("/v1/reload", axum::routing::post(reload))
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/join", axum::routing::post(cluster_join))
+        .route("/v1/cluster/leave", axum::routing::post(cluster_leave))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             inner.clone(),
@@ -92,7 +95,8 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
 #[non_exhaustive]
 pub struct ErrorBody {
     /// Stable and machine-readable: `unauthorized`, `rate_limited`, `not_found`,
-    /// `not_connected`, `connected`, `bad_request`, `refused`, `reload_failed`, `internal`.
+    /// `not_connected`, `connected`, `bad_request`, `refused`, `reload_failed`, `internal`;
+    /// for the cluster: `not_configured`, `no_cluster`, `no_leader`, `cluster_failed`.
     pub code: String,
     /// For people; may change.
     pub message: String,
@@ -1619,6 +1623,147 @@ async fn reload(State(inner): State<Arc<Inner>>) -> Response {
     }
 }
 
+// ---- Cluster --------------------------------------------------------------------------------
+
+/// The cluster node, or 404 `not_configured`.
+fn cluster_of(inner: &Inner) -> Result<Arc<crate::cluster::BrokerCluster>, ApiError> {
+    inner.cluster.get().cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_configured",
+            "clustering is not configured (no [cluster] section)",
+        )
+    })
+}
+
+/// A membership change that failed, as an API error.
+fn cluster_error(error: mqttd_cluster::NodeError) -> ApiError {
+    use mqttd_cluster::NodeError;
+    match error {
+        NodeError::NoCluster => ApiError::new(
+            StatusCode::CONFLICT,
+            "no_cluster",
+            "the node asked belongs to no cluster yet",
+        ),
+        NodeError::NotLeader { leader: None } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "no cluster leader is known now (an election may be under way); try again",
+        ),
+        e => ApiError::new(StatusCode::BAD_GATEWAY, "cluster_failed", e.to_string()),
+    }
+}
+
+/// This node's view of the cluster: its id, name and state, the leader, the term, the last
+/// log index and the last applied, and the members (voter or learner, address, incarnation).
+#[utoipa::path(
+    get, path = "/api/v1/cluster", tag = "cluster",
+    responses(
+        (status = 200, description = "The cluster as this node knows it", body = crate::cluster::ClusterStatus),
+        (status = 404, description = "Clustering is not configured (`not_configured`)", body = ErrorBody),
+    )
+)]
+async fn cluster_status(
+    State(inner): State<Arc<Inner>>,
+) -> Result<Json<crate::cluster::ClusterStatus>, ApiError> {
+    Ok(Json(cluster_of(&inner)?.status()))
+}
+
+/// What `POST /api/v1/cluster/join` takes (all optional).
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct JoinRequest {
+    /// A node of the cluster to ask, `NAME@HOST:PORT` (its certificate's name and its cluster
+    /// address); default: the configured seeds, in turn.
+    pub seed: Option<String>,
+}
+
+/// What `POST /api/v1/cluster/leave` takes (all optional).
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LeaveRequest {
+    /// The node to remove; default: this node.
+    pub node_id: Option<u64>,
+}
+
+/// An optional JSON body: empty is the default.
+fn optional_body<T: Default + serde::de::DeserializeOwned>(
+    body: &axum::body::Bytes,
+) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("body: {e}")))
+}
+
+/// Makes this node a member of the cluster: asks the seed given (or the configured seeds)
+/// to add it; the leader adds it as a learner, catches it up, then makes it a voter. Answers
+/// once it is a voter, with the cluster's status.
+#[utoipa::path(
+    post, path = "/api/v1/cluster/join", tag = "cluster",
+    request_body(content = JoinRequest, description = "Optional"),
+    responses(
+        (status = 200, description = "This node is a voter", body = crate::cluster::ClusterStatus),
+        (status = 400, description = "A seed that does not parse", body = ErrorBody),
+        (status = 404, description = "Clustering is not configured (`not_configured`)", body = ErrorBody),
+        (status = 409, description = "The seed belongs to no cluster yet (`no_cluster`)", body = ErrorBody),
+        (status = 502, description = "The seed or the leader failed (`cluster_failed`)", body = ErrorBody),
+        (status = 503, description = "No leader known now (`no_leader`)", body = ErrorBody),
+    )
+)]
+async fn cluster_join(
+    State(inner): State<Arc<Inner>>,
+    body: axum::body::Bytes,
+) -> Result<Json<crate::cluster::ClusterStatus>, ApiError> {
+    let cluster = cluster_of(&inner)?;
+    let request: JoinRequest = optional_body(&body)?;
+    let seed = match request.seed {
+        Some(seed) => {
+            let (name, addr) = seed
+                .split_once('@')
+                .filter(|(n, a)| !n.is_empty() && !a.is_empty())
+                .ok_or_else(|| ApiError::bad_request("seed: expected NAME@HOST:PORT"))?;
+            let member = mqttd_cluster::Member {
+                name: name.to_owned(),
+                addr: addr.to_owned(),
+            };
+            // Its id is not needed to ask it: 0 stands for unknown.
+            Some((0, member))
+        }
+        None => None,
+    };
+    cluster.join(seed).await.map_err(cluster_error)?;
+    Ok(Json(cluster.status()))
+}
+
+/// Removes this node (or the one named) from the cluster's membership, through the leader.
+/// A removed node no longer votes nor receives the log; it asks to join again when it
+/// restarts with seeds, or on `POST /api/v1/cluster/join`.
+#[utoipa::path(
+    post, path = "/api/v1/cluster/leave", tag = "cluster",
+    request_body(content = LeaveRequest, description = "Optional"),
+    responses(
+        (status = 200, description = "Removed (or not a member); the cluster's status as this node knows it", body = crate::cluster::ClusterStatus),
+        (status = 404, description = "Clustering is not configured (`not_configured`)", body = ErrorBody),
+        (status = 502, description = "The leader failed (`cluster_failed`)", body = ErrorBody),
+        (status = 503, description = "No leader known now (`no_leader`)", body = ErrorBody),
+    )
+)]
+async fn cluster_leave(
+    State(inner): State<Arc<Inner>>,
+    body: axum::body::Bytes,
+) -> Result<Json<crate::cluster::ClusterStatus>, ApiError> {
+    let cluster = cluster_of(&inner)?;
+    let request: LeaveRequest = optional_body(&body)?;
+    cluster
+        .leave(request.node_id)
+        .await
+        .map_err(cluster_error)?;
+    Ok(Json(cluster.status()))
+}
+
 // ---- OpenAPI --------------------------------------------------------------------------------
 
 /// The API's OpenAPI document, from the handlers' annotations.
@@ -1632,7 +1777,7 @@ async fn reload(State(inner): State<Arc<Inner>>) -> Response {
     paths(
         list_clients, get_client, kick_client, client_subscriptions, list_subscriptions, list_sessions, get_session,
         discard_session, list_retained, get_retained, delete_retained, list_listeners, stats, list_bridges, list_peers, get_config, publish,
-        reload
+        reload, cluster_status, cluster_join, cluster_leave
     ),
     components(schemas(ErrorBody, PageMeta)),
     modifiers(&BearerAuth),

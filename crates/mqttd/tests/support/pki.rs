@@ -71,13 +71,37 @@ impl TestCa {
         usage: ExtendedKeyUsagePurpose,
         validity: Option<(i32, i32)>,
     ) -> Leaf {
+        self.leaf_for(cn, names, vec![usage], validity)
+    }
+
+    /// A cluster node's certificate: its name as common name and DNS name, for both ends of
+    /// mutual TLS (the node serves its peers and dials them with the same certificate).
+    pub(crate) fn cluster_node(&self, name: &str) -> Leaf {
+        self.leaf_for(
+            name,
+            &[name],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            None,
+        )
+    }
+
+    fn leaf_for(
+        &self,
+        cn: &str,
+        names: &[&str],
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        validity: Option<(i32, i32)>,
+    ) -> Leaf {
         let key = KeyPair::generate().expect("leaf key");
         let mut params =
             CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
                 .expect("leaf parameters");
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages;
         if let Some((from, to)) = validity {
             params.not_before = rcgen::date_time_ymd(from, 1, 1);
             params.not_after = rcgen::date_time_ymd(to, 1, 1);

@@ -1,0 +1,301 @@
+//! Clustering with the real binary: three `mqttd` processes on loopback with `[cluster]`
+//! sections naming each other as seeds form a cluster (the lowest id initializes it) and agree
+//! on a leader; the leader killed with SIGKILL, the two others elect another; the old leader
+//! restarted announces a higher incarnation; a fourth node joins through its seeds, leaves
+//! (`mqttd cluster leave`) and joins again (`mqttd cluster join`). Everything is read through
+//! `mqttd cluster status --json` (the admin API's `GET /api/v1/cluster`) and `/metrics`; every
+//! verdict is a polled condition with a generous bound.
+//!
+//! Ports: a seed must know its peers' cluster ports before they start, so the test reserves
+//! free UDP ports on 127.0.0.1 by binding sockets on port 0, reads them, and releases them
+//! just before starting the nodes (another process could take one in between; the node would
+//! then fail to start, loudly, not pass wrongly).
+
+mod support;
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use support::pki::{write, TestCa};
+use support::Broker;
+
+/// The bound on each awaited condition: an election takes 1.5-3 s plus a round trip, a start
+/// up to a handshake timeout (5 s) per round of asking the seeds; far more on a loaded host.
+const BOUND: Duration = Duration::from_secs(60);
+
+/// One node of the test cluster.
+struct Node {
+    id: u64,
+    name: String,
+    port: u16,
+    broker: Broker,
+    key: String,
+}
+
+/// Free UDP ports on 127.0.0.1, all held at once (so distinct), then released.
+fn free_udp_ports(n: usize) -> Vec<u16> {
+    let sockets: Vec<UdpSocket> = (0..n)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket"))
+        .collect();
+    sockets
+        .iter()
+        .map(|s| s.local_addr().expect("its address").port())
+        .collect()
+}
+
+/// The `[cluster]` section of node `id` (certificates in `dir`), with `seeds` as
+/// `(id, name, port)`.
+fn cluster_section(
+    id: u64,
+    name: &str,
+    port: u16,
+    seeds: &[(u64, String, u16)],
+    dir: &Path,
+) -> String {
+    let seeds: Vec<String> = seeds
+        .iter()
+        .map(|(id, name, port)| {
+            format!("{{ id = {id}, name = {name:?}, addr = \"127.0.0.1:{port}\" }}")
+        })
+        .collect();
+    format!(
+        "[cluster]\nnode_id = {id}\nname = {name:?}\nlisten = \"127.0.0.1:{port}\"\n\
+         seeds = [{}]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        seeds.join(", "),
+        dir.join("ca.pem"),
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    )
+}
+
+/// A node configured (certificates written) but not started.
+fn node(ca: &TestCa, id: u64, port: u16, seeds: &[(u64, String, u16)]) -> Node {
+    let name = format!("node-{id}");
+    let mut broker = Broker::configured("", &[]);
+    let root = broker.root().to_owned();
+    write(&root.join("ca.pem"), &ca.pem);
+    ca.cluster_node(&name).write_to(&root, &name);
+    write(
+        &root.join("mqttd.toml"),
+        &cluster_section(id, &name, port, seeds, &root),
+    );
+    broker.restart();
+    let key = broker.api_key.clone().expect("the first API key");
+    Node {
+        id,
+        name,
+        port,
+        broker,
+        key,
+    }
+}
+
+/// `mqttd ARGS` with no API settings from the environment.
+fn mqttd(args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mqttd"));
+    command.args(args);
+    for name in [
+        "MQTTD_API_URL",
+        "MQTTD_API_KEY",
+        "MQTTD_API_KEY_FILE",
+        "HTTP_PROXY",
+        "http_proxy",
+    ] {
+        command.env_remove(name);
+    }
+    command.output().expect("run mqttd")
+}
+
+/// `mqttd cluster ARGS` against `node`'s admin API.
+fn cluster(node: &Node, args: &[&str]) -> Output {
+    let url = format!("http://{}", node.broker.http);
+    let mut all = vec!["cluster", "--url", &url, "--key", &node.key];
+    all.extend_from_slice(args);
+    mqttd(&all)
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `GET /api/v1/cluster` on `node`, through `mqttd cluster status --json`.
+fn status(node: &Node) -> Value {
+    let out = cluster(node, &["status", "--json"]);
+    assert!(out.status.success(), "cluster status: {}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("JSON status")
+}
+
+/// Polls `check` until it gives a value, within [`BOUND`].
+fn wait<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + BOUND;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "not within {BOUND:?}: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The leader all of `nodes` agree on, with each listing `members` voters, if they do.
+fn agreed_leader(nodes: &[&Node], members: usize) -> Option<u64> {
+    let statuses: Vec<Value> = nodes.iter().map(|n| status(n)).collect();
+    let leader = statuses.first()?["leader"].as_u64()?;
+    let agreed = statuses.iter().all(|s| {
+        s["leader"].as_u64() == Some(leader)
+            && s["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == members && m.iter().all(|m| m["role"] == "voter"))
+    });
+    agreed.then_some(leader)
+}
+
+/// The incarnation `view` records for node `id`.
+fn incarnation(view: &Value, id: u64) -> Option<u64> {
+    view["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["node_id"].as_u64() == Some(id))?["incarnation"]
+        .as_u64()
+}
+
+#[test]
+fn three_nodes_form_a_cluster_survive_the_leader_and_grow_and_shrink() {
+    let ca = TestCa::new("cluster CA");
+    let ports = free_udp_ports(4);
+    let names: Vec<(u64, String, u16)> = (1..=4u64)
+        .map(|id| (id, format!("node-{id}"), ports[id as usize - 1]))
+        .collect();
+    let others = |id: u64| -> Vec<(u64, String, u16)> {
+        names[..3].iter().filter(|n| n.0 != id).cloned().collect()
+    };
+    let mut nodes: Vec<Node> = (1..=3u64)
+        .map(|id| node(&ca, id, ports[id as usize - 1], &others(id)))
+        .collect();
+
+    // A fresh cluster of three: one leader that all agree on, three voters.
+    let first = wait("three nodes agree on a leader", || {
+        agreed_leader(&nodes.iter().collect::<Vec<_>>(), 3)
+    });
+    // Every node announced its incarnation.
+    let leader_view = wait("every node's NodeUp is committed", || {
+        let view = status(&nodes[first as usize - 1]);
+        (1..=3)
+            .all(|id| incarnation(&view, id).is_some())
+            .then_some(view)
+    });
+    let old_incarnation = incarnation(&leader_view, first).expect("the leader's incarnation");
+
+    // What people see.
+    let out = cluster(&nodes[0], &["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    eprintln!("mqttd cluster status:\n{shown}");
+    assert!(shown.contains(&format!("node-{first}")), "{shown}");
+    for n in &nodes {
+        assert!(shown.contains(&n.name), "{shown}");
+        assert!(shown.contains(&format!("127.0.0.1:{}", n.port)), "{shown}");
+    }
+    assert_eq!(shown.matches("voter").count(), 3, "{shown}");
+    // The gauges: one leader, three members everywhere.
+    let leaders: f64 = nodes
+        .iter()
+        .map(|n| n.broker.metrics().get("mqttd_cluster_is_leader"))
+        .sum();
+    assert_eq!(leaders, 1.0);
+    for n in &nodes {
+        assert_eq!(n.broker.metrics().get("mqttd_cluster_members"), 3.0);
+        assert_eq!(n.broker.metrics().get("mqttd_cluster_has_leader"), 1.0);
+    }
+
+    // The leader dies: the two others elect another.
+    nodes[first as usize - 1].broker.kill();
+    let rest: Vec<&Node> = nodes.iter().filter(|n| n.id != first).collect();
+    let second = wait("the two others elect a new leader", || {
+        agreed_leader(&rest, 3).filter(|&l| l != first)
+    });
+
+    // It comes back with a higher incarnation, and follows the new leader.
+    nodes[first as usize - 1].broker.restart();
+    wait("the old leader announces a new incarnation", || {
+        let view = status(&nodes[second as usize - 1]);
+        incarnation(&view, first).filter(|&i| i > old_incarnation)
+    });
+    wait("all three agree on a leader again", || {
+        agreed_leader(&nodes.iter().collect::<Vec<_>>(), 3)
+    });
+
+    // A fourth node, seeded with the three, joins on its own.
+    let seeds: Vec<(u64, String, u16)> = names[..3].to_vec();
+    nodes.push(node(&ca, 4, ports[3], &seeds));
+    wait("the fourth node joins as a voter", || {
+        agreed_leader(&nodes.iter().collect::<Vec<_>>(), 4)
+    });
+
+    // It leaves: three members again.
+    let out = cluster(&nodes[3], &["leave"]);
+    assert!(out.status.success(), "leave: {}", text(&out));
+    let three: Vec<&Node> = nodes[..3].iter().collect();
+    wait("the three see the fourth gone", || agreed_leader(&three, 3));
+
+    // And joins again on request, through its seeds.
+    let out = cluster(&nodes[3], &["join"]);
+    assert!(out.status.success(), "join: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("joined"),
+        "{}",
+        text(&out)
+    );
+    wait("four members again", || {
+        agreed_leader(&nodes.iter().collect::<Vec<_>>(), 4)
+    });
+
+    for n in &mut nodes {
+        n.broker.shutdown();
+    }
+}
+
+#[test]
+fn without_a_cluster_section_the_cluster_commands_say_so() {
+    let mut broker = Broker::start("");
+    let key = broker.api_key.clone().expect("the first API key");
+    let url = format!("http://{}", broker.http);
+    let out = mqttd(&["cluster", "--url", &url, "--key", &key, "status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not_configured"), "{stderr}");
+    broker.shutdown();
+}
+
+#[test]
+fn check_config_names_a_missing_cluster_key_file() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let ca = TestCa::new("cluster CA");
+    write(&dir.path().join("ca.pem"), &ca.pem);
+    let leaf = ca.cluster_node("node-1");
+    write(&dir.path().join("node-1.pem"), &leaf.cert);
+    // No key file.
+    let config = write(
+        &dir.path().join("mqttd.toml"),
+        &cluster_section(1, "node-1", 1884, &[], dir.path()),
+    );
+    let out = mqttd(&["check-config", config.to_str().expect("a UTF-8 path")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cluster"), "{stderr}");
+    assert!(stderr.contains("node-1-key.pem"), "{stderr}");
+
+    // With the key, it passes.
+    write(&dir.path().join("node-1-key.pem"), &leaf.key);
+    let out = mqttd(&["check-config", config.to_str().expect("a UTF-8 path")]);
+    assert!(out.status.success(), "{}", text(&out));
+}
