@@ -938,7 +938,7 @@ pub(crate) struct Inner {
     /// What each listener's ended connections did, by listener URL (see [`ListenerTotals`]).
     listener_totals: Mutex<HashMap<Arc<str>, ListenerTotals>>,
     /// The cluster's routes and forwarding, once attached (see `forwarding.rs`).
-    cluster: std::sync::OnceLock<mqttd_cluster::Router>,
+    router: std::sync::OnceLock<mqttd_cluster::Router>,
 }
 
 /// What a listener's clients did over the broker's life, for the admin API. A connection
@@ -1015,7 +1015,7 @@ impl Inner {
             limits: ArcSwap::from_pointee(LiveLimits::of(&config)),
             loaded_config: ArcSwap::from_pointee(config.clone()),
             listener_totals: Mutex::new(HashMap::new()),
-            cluster: std::sync::OnceLock::new(),
+            router: std::sync::OnceLock::new(),
             bridges: crate::bridge::Bridges::default(),
             #[cfg(feature = "p2p")]
             peers: Arc::default(),
@@ -1693,7 +1693,7 @@ impl Inner {
             .map(|(filter, sub)| tree.insert(filter, sub.handle.key, sub.clone()).is_some())
             .collect();
         self.subscriptions.store(Arc::new(tree));
-        if let Some(router) = self.cluster.get() {
+        if let Some(router) = self.router.get() {
             // One count per (session, filter), like the trie's entries.
             for ((filter, _), existed) in subs.iter().zip(&existed) {
                 if !existed {
@@ -1716,7 +1716,7 @@ impl Inner {
             .map(|f| tree.remove(f, &key).is_some())
             .collect();
         self.subscriptions.store(Arc::new(tree));
-        if let Some(router) = self.cluster.get() {
+        if let Some(router) = self.router.get() {
             for (filter, existed) in filters.iter().zip(&existed) {
                 if *existed {
                     router.unsubscribe(filter.as_str());
@@ -1731,10 +1731,10 @@ impl Inner {
     pub(crate) fn attach_router(&self, router: mqttd_cluster::Router) -> bool {
         // Under the writer's lock, no subscription changes between the replay and the hook.
         let _writer = self.subscription_writer.lock();
-        if self.cluster.set(router).is_err() {
+        if self.router.set(router).is_err() {
             return false;
         }
-        let Some(router) = self.cluster.get() else {
+        let Some(router) = self.router.get() else {
             return false;
         };
         for session in &self.sessions {
@@ -1749,7 +1749,7 @@ impl Inner {
     /// `$SYS` topics describe this node under the same names as every other node's: they
     /// stay here.
     fn forward(&self, now: Instant, message: &Message) {
-        let Some(router) = self.cluster.get() else {
+        let Some(router) = self.router.get() else {
             return;
         };
         if !message.topic.as_str().starts_with("$SYS/") {

@@ -533,6 +533,7 @@ mod tests {
                     client_id: client_id.into(),
                     node: 7,
                     expires_at_ms,
+                    clean: false,
                 })
                 .await
                 .unwrap();

@@ -25,8 +25,6 @@ use crate::broker::Inner;
 /// starts the task that delivers forwarded messages (it ends with the broker). Call it once,
 /// after the sessions are restored and before the listeners accept clients; a second call
 /// changes nothing.
-// Called by the cluster's startup code, which is wired in separately.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn attach(inner: &Arc<Inner>, router: &Router) {
     if !inner.attach_router(router.clone()) {
         return;
@@ -93,7 +91,6 @@ pub(crate) fn to_forwarded(
     }
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// The local message for one forwarded by a peer, or `None` if it is not valid MQTT (a peer
 /// runs the same code, so this is a bug or a corrupt link, never a client's doing).
 pub(crate) fn to_message(m: &ForwardedMessage, now: std::time::Instant) -> Option<Message> {

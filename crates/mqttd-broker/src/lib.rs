@@ -315,6 +315,9 @@ impl BrokerBuilder {
                 inner.shutdown.cancel();
                 StartError::Cluster(e)
             })?;
+            // Routes and forwarding: the subscriptions restored above are announced now, and
+            // messages other nodes forward are delivered from here on.
+            forwarding::attach(&inner, cluster.node().router());
             let _ = inner.cluster.set(cluster);
         }
         let admission = Arc::new(Admission::new(max_connections));
