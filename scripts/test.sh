@@ -93,6 +93,8 @@ export MQTTD_REQUIRE_SYSTEMD_ANALYZE=1
 if ((EUID == 0)); then
     need_apt iproute2 nftables
 fi
+# The cluster lab makes its cluster's certificates with the openssl command.
+need_apt openssl
 cargo --version
 cargo nextest --version | sed -n 1p
 
@@ -145,13 +147,15 @@ section "interoperability with real clients (paho-mqtt, mosquitto-clients)"
 # runs the suite against a fresh broker per test.
 bash tests/interop/run.sh
 
-clusterlab_budget=120
+clusterlab_budget=180
 section "cluster lab: histories and the checker (budget ${clusterlab_budget}s)"
 # Publishers and persistent subscribers that log their histories, and a checker (lost,
 # duplicate, order, session, late, phantom) that reads them afterwards: the checker against
 # histories written by hand, then one real broker killed with SIGKILL mid-run, then (as root)
 # the lab's network namespaces: partitions, and the workload from the clients' namespace across
-# a SIGSTOP pause and a SIGKILL (tests/clusterlab/README.md). Uses the debug broker built above.
+# a SIGSTOP pause and a SIGKILL, and three real nodes as one cluster there (a leader killed, a
+# partition, messages across nodes) (tests/clusterlab/README.md). Uses the debug broker built
+# above; openssl makes the cluster's certificates.
 if ((EUID == 0)); then
     export CLUSTERLAB_REQUIRED=1
 fi

@@ -1,0 +1,95 @@
+"""A cluster of real mqttd nodes in the lab's network: node `i` runs in namespace `n<i>` at
+10.88.0.<i>, with a `[cluster]` section naming the others as seeds (cluster port 1884 in each
+node's own namespace, so no port is shared with anything else), certificates from the lab's CA,
+and `tcp://` and `http://` listeners on port 0.
+
+```python
+with ClusterNet(3) as net:
+    cluster = LabCluster(net, tmp_path)
+    cluster.start_all()
+    leader = cluster.wait_leader(60)          # agreed on by every node running
+    cluster.brokers[leader].kill()            # kill -9
+    cluster.wait_leader(60, among=others)
+    nodes = cluster.nodes                      # [(ip, tcp port)] of the nodes running
+```
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .broker import Broker
+from .certs import make_ca, make_node
+from .net import ClusterNet, node_ip
+
+CLUSTER_PORT = 1884
+
+
+def node_name(i: int) -> str:
+    return f"node-{i}"
+
+
+class LabCluster:
+    """`net.n` mqttd nodes configured as one cluster (started by `start_all`)."""
+
+    def __init__(self, net: ClusterNet, base: Path, extra_config: str = ""):
+        self.net = net
+        self.base = base
+        certs = base / "certs"
+        make_ca(certs)
+        self.brokers: dict[int, Broker] = {}
+        for i in net.nodes:
+            cert, key = make_node(certs, node_name(i))
+            seeds = ", ".join(
+                f'{{ id = {j}, name = "{node_name(j)}", addr = "{node_ip(j)}:{CLUSTER_PORT}" }}'
+                for j in net.nodes if j != i)
+            config = f"""{extra_config}
+[cluster]
+node_id = {i}
+name = "{node_name(i)}"
+listen = "{node_ip(i)}:{CLUSTER_PORT}"
+seeds = [{seeds}]
+ca = "{certs / 'ca.pem'}"
+cert = "{cert}"
+key = "{key}"
+"""
+            ip = node_ip(i)
+            self.brokers[i] = Broker(base / f"n{i}", config=config, host=ip, ns=net.nodes[i],
+                                     listen=[f"tcp://{ip}:0", f"http://{ip}:0"])
+
+    def start_all(self) -> None:
+        for broker in self.brokers.values():
+            broker.start()
+
+    def running(self) -> list[int]:
+        return [i for i, b in self.brokers.items() if b.proc is not None and b.proc.poll() is None]
+
+    def nodes(self) -> list[tuple[str, int]]:
+        """(address, MQTT port) of every node running: the workload's `nodes` callable."""
+        return [self.brokers[i].addr() for i in self.running()]
+
+    def status(self, i: int) -> dict | None:
+        """Node `i`'s `GET /api/v1/cluster`, or None if it does not answer."""
+        try:
+            return self.brokers[i].api("/api/v1/cluster", timeout=3.0)
+        except OSError:
+            return None
+
+    def wait_leader(self, timeout: float, among: list[int] | None = None,
+                    not_: set[int] = frozenset()) -> int:
+        """The leader every node of `among` (default: those running) agrees on, with every
+        configured node a member, and not one of `not_` (a node just killed or cut off, which
+        the others name until they elect another); waits for it."""
+        among = among if among is not None else self.running()
+        deadline = time.monotonic() + timeout
+        seen = None
+        while time.monotonic() < deadline:
+            seen = {i: self.status(i) for i in among}
+            leaders = {s.get("leader") if s else None for s in seen.values()}
+            if len(leaders) == 1 and None not in leaders:
+                leader = leaders.pop()
+                if leader not in not_ and all(len(s["members"]) == len(self.brokers) for s in seen.values()):
+                    return leader
+            time.sleep(0.3)
+        raise TimeoutError(f"no agreed leader among {among} within {timeout}s: {seen}")
