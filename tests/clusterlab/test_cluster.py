@@ -94,6 +94,13 @@ def test_a_message_published_on_one_node_reaches_subscribers_on_the_others(clust
             s.wait_for("lab/seq", 200, timeout=ELECT)
             assert s.payloads("lab/seq") == [str(n).encode() for n in range(200)], f"node {i}"
         pub.close()
+        # Every node holds the same routes for every member (digests), and node 1 counted
+        # what it forwarded: at least the 200 messages to each of the two other nodes.
+        agreed = cluster.wait_digests_agree(ELECT)
+        assert all(agreed[i] for i in (2, 3)), agreed
+        status = cluster.status(1)
+        assert status["forwarded_out"] >= 400, status
+        assert status["forward_dropped"] == 0, status
     finally:
         for s in subs.values():
             s.close()

@@ -1085,6 +1085,10 @@ impl Inner {
             .set(i64::try_from(self.retained.bytes()).unwrap_or(i64::MAX));
         m.persistent_sessions
             .set(i64::try_from(self.persistent_sessions.held()).unwrap_or(i64::MAX));
+        if let Some(cluster) = self.cluster.get() {
+            let node = cluster.node();
+            m.set_forwarding(&node.router().stats(), node.id());
+        }
         for name in self.bridges.names() {
             let held = self.held_by(&crate::bridge::config::local_client_id(&name));
             m.bridge(&name)

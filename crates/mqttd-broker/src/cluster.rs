@@ -290,6 +290,7 @@ impl BrokerCluster {
                 .map(|(id, r)| (*id, r.incarnation))
                 .collect::<BTreeMap<_, _>>()
         });
+        let routes = self.node.router().stats();
         let metrics = self.node.raft().metrics();
         let m = metrics.borrow();
         let membership = m.membership_config.membership();
@@ -309,6 +310,14 @@ impl BrokerCluster {
                     .as_ref()
                     .and_then(|r| r.get(id))
                     .and_then(|l| l.map(|l| l.index)),
+                routes: routes.nodes.get(id).map(|n| RoutesStatus {
+                    count: n.routes,
+                    digest: format!("{:x}:{:016x}", n.digest.count, n.digest.sum),
+                    link_up: (*id != self.node.id()).then_some(n.link_up),
+                    forwarded: n.forwarded,
+                    dropped: n.dropped,
+                    queued: n.queued,
+                }),
             })
             .collect();
         let state = match m.state {
@@ -329,6 +338,9 @@ impl BrokerCluster {
             last_log_index: m.last_log_index,
             last_applied: m.last_applied.map(|l| l.index),
             members,
+            forwarded_out: routes.forwarded_out,
+            forwarded_in: routes.forwarded_in,
+            forward_dropped: routes.dropped,
         }
     }
 
@@ -417,6 +429,12 @@ pub struct ClusterStatus {
     pub last_applied: Option<u64>,
     /// The members of the cluster as it knows them.
     pub members: Vec<MemberStatus>,
+    /// Messages this node forwarded to other nodes, since it started.
+    pub forwarded_out: u64,
+    /// Messages other nodes forwarded here, since it started.
+    pub forwarded_in: u64,
+    /// Messages for other nodes this node dropped (a full queue, a link down).
+    pub forward_dropped: u64,
 }
 
 /// One member of the cluster.
@@ -435,6 +453,26 @@ pub struct MemberStatus {
     pub incarnation: Option<u64>,
     /// On the leader: the index of the last entry it acknowledged.
     pub matched: Option<u64>,
+    /// Its routes as this node holds them (clean sessions' subscriptions), if known.
+    pub routes: Option<RoutesStatus>,
+}
+
+/// A member's routes as one node holds them, and that node's forwarding to it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct RoutesStatus {
+    /// How many routes.
+    pub count: usize,
+    /// Their digest (`count:sum`, hex): equal on every node that agrees on the member's routes.
+    pub digest: String,
+    /// Whether this node's forwarding link to the member is up (absent for this node itself).
+    pub link_up: Option<bool>,
+    /// Messages this node forwarded to it.
+    pub forwarded: u64,
+    /// Messages for it this node dropped.
+    pub dropped: u64,
+    /// Messages queued for it now.
+    pub queued: usize,
 }
 
 #[cfg(test)]

@@ -191,6 +191,19 @@ pub struct Metrics {
     /// On the leader, per member (label `node`): entries of the leader's log it has not
     /// acknowledged yet.
     cluster_replication_lag: ClusterLag,
+    /// Messages forwarded to other cluster nodes (for their clean sessions' subscribers).
+    cluster_forwarded_out: Counter,
+    /// Messages other cluster nodes forwarded here.
+    cluster_forwarded_in: Counter,
+    /// Messages for other cluster nodes dropped: a full queue, or a link down.
+    cluster_forward_dropped: Counter,
+    /// Per cluster node (label `node`, this one included): its routes as this node holds
+    /// them, as of the last scrape.
+    cluster_routes: ClusterLag,
+    /// Per other cluster node (label `node`): 1 while this node's forwarding link to it is up.
+    cluster_forward_link_up: ClusterLag,
+    /// Per other cluster node (label `node`): messages queued for it now.
+    cluster_forward_queued: ClusterLag,
 }
 
 /// What `cluster.rs` sets: clones of the cluster's gauges (each shares its value with the
@@ -310,6 +323,14 @@ impl Default for Metrics {
             cluster_last_applied: Gauge = "The index of the last Raft entry this node applied",
             cluster_apply_lag: Gauge = "Entries of this node's Raft log not yet applied",
             cluster_leader_changes: Counter = "Changes of the cluster leader this node knows",
+            cluster_forwarded_out: Counter = "Messages forwarded to other cluster nodes",
+            cluster_forwarded_in: Counter = "Messages other cluster nodes forwarded here",
+            cluster_forward_dropped: Counter =
+                "Messages for other cluster nodes dropped (a full queue, a link down)",
+            cluster_routes: ClusterLag = "Routes of each cluster node as this node holds them",
+            cluster_forward_link_up: ClusterLag =
+                "Whether this node's forwarding link to each other cluster node is up",
+            cluster_forward_queued: ClusterLag = "Messages queued now for each other cluster node",
             cluster_replication_lag: ClusterLag =
                 "On the leader: entries each member has not acknowledged yet, by node",
         };
@@ -438,6 +459,30 @@ impl Metrics {
             messages_dropped: self.bridge_messages_dropped.get_or_create_owned(&label),
             reconnects: self.bridge_reconnects.get_or_create_owned(&label),
             queued: self.bridge_queued.get_or_create_owned(&label),
+        }
+    }
+
+    /// Sets the forwarding metrics from the router's counters (at a scrape): the counters
+    /// follow the router's own, which only grow.
+    pub(crate) fn set_forwarding(&self, stats: &mqttd_cluster::router::RouterStats, own: u64) {
+        let follow = |c: &Counter, v: u64| c.inc_by(v.saturating_sub(c.get()));
+        follow(&self.cluster_forwarded_out, stats.forwarded_out);
+        follow(&self.cluster_forwarded_in, stats.forwarded_in);
+        follow(&self.cluster_forward_dropped, stats.dropped);
+        let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        for (node, n) in &stats.nodes {
+            let label = [("node", node.to_string())];
+            self.cluster_routes
+                .get_or_create(&label)
+                .set(gauge(n.routes));
+            if *node != own {
+                self.cluster_forward_link_up
+                    .get_or_create(&label)
+                    .set(i64::from(n.link_up));
+                self.cluster_forward_queued
+                    .get_or_create(&label)
+                    .set(gauge(n.queued));
+            }
         }
     }
 

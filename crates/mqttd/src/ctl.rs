@@ -765,13 +765,44 @@ fn cluster_status(v: &Value) -> String {
         vec!["last log index".to_owned(), cell(&v["last_log_index"])],
         vec!["last applied".to_owned(), cell(&v["last_applied"])],
     ];
+    let mut lines = lines;
+    lines.push(vec![
+        "forwarded".to_owned(),
+        format!(
+            "{} out, {} in, {} dropped",
+            cell(&v["forwarded_out"]),
+            cell(&v["forwarded_in"]),
+            cell(&v["forward_dropped"])
+        ),
+    ]);
     let mut out = aligned(&lines);
     out.push('\n');
+    // Each member's routes (as this node holds them) as columns of its own row.
+    let members: Vec<Value> = v["members"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            let routes = m["routes"].clone();
+            if let Some(row) = m.as_object_mut() {
+                row.insert("route_count".into(), routes["count"].clone());
+                row.insert("route_digest".into(), routes["digest"].clone());
+                row.insert(
+                    "link".into(),
+                    match routes["link_up"].as_bool() {
+                        Some(true) => "up".into(),
+                        Some(false) => "down".into(),
+                        None => Value::Null,
+                    },
+                );
+            }
+            m
+        })
+        .collect();
     out.push_str(&table(
-        v["members"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default(),
+        &members,
         &[
             ("NODE", "node_id"),
             ("NAME", "name"),
@@ -779,6 +810,9 @@ fn cluster_status(v: &Value) -> String {
             ("ROLE", "role"),
             ("INCARNATION", "incarnation"),
             ("MATCHED", "matched"),
+            ("ROUTES", "route_count"),
+            ("DIGEST", "route_digest"),
+            ("LINK", "link"),
         ],
     ));
     out

@@ -463,6 +463,10 @@ const SHOWN_ONCE_USED: &[&str] = &[
     "p2p_traversals",
     // Labelled by cluster node, on a cluster's leader only.
     "cluster_replication_lag",
+    // Labelled by cluster node, with a cluster only.
+    "cluster_routes",
+    "cluster_forward_link_up",
+    "cluster_forward_queued",
 ];
 
 /// What `/metrics` exports: family name to its type, from the `# TYPE` lines.
@@ -611,7 +615,7 @@ async fn the_dashboard_and_the_metric_list_use_only_exported_metrics() {
             "{stem} is not registered in metrics.rs"
         );
         // A counter (it may show already, when something used it early), or a labelled
-        // gauge (`cluster_replication_lag`).
+        // gauge (`cluster_replication_lag`, `cluster_routes`, ...).
         let name = format!("mqttd_{stem}");
         known.insert(format!("{name}_total"), name.clone());
         known.entry(name.clone()).or_insert(name);

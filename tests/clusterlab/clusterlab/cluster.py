@@ -93,3 +93,22 @@ key = "{key}"
                     return leader
             time.sleep(0.3)
         raise TimeoutError(f"no agreed leader among {among} within {timeout}s: {seen}")
+
+    def digests(self, i: int) -> dict[int, str | None] | None:
+        """Node `i`'s view of every member's route digest (`GET /api/v1/cluster`)."""
+        status = self.status(i)
+        if status is None:
+            return None
+        return {m["node_id"]: (m.get("routes") or {}).get("digest") for m in status["members"]}
+
+    def wait_digests_agree(self, timeout: float) -> dict[int, str | None]:
+        """Waits until every running node holds the same routes (digests) for every member."""
+        deadline = time.monotonic() + timeout
+        views = None
+        while time.monotonic() < deadline:
+            views = {i: self.digests(i) for i in self.running()}
+            distinct = {tuple(sorted(v.items())) if v else None for v in views.values()}
+            if len(distinct) == 1 and None not in distinct:
+                return next(iter(views.values()))
+            time.sleep(0.3)
+        raise TimeoutError(f"the nodes' route digests did not agree within {timeout}s: {views}")
