@@ -311,6 +311,12 @@ impl ClientId {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The same identifier in bytes of its own: a decoded one is a slice of its packet, which
+    /// it keeps alive as long as it lives.
+    pub fn detached(&self) -> Self {
+        Self(MqttStr(Bytes::copy_from_slice(self.0.as_bytes())))
+    }
 }
 string_newtype_common!(ClientId);
 
