@@ -1612,7 +1612,9 @@ impl ConnectionCore {
                 .scram_user
                 .as_deref()
                 .cloned()
-                .or_else(|| connect.username.clone()),
+                // Its own copy: kept as long as the connection, it would keep the CONNECT
+                // packet it is a slice of.
+                .or_else(|| connect.username.as_ref().map(MqttStr::detached)),
         };
         let client = ClientInfo {
             client_id,
