@@ -286,6 +286,53 @@ pub(crate) enum Slot {
     Ended,
 }
 
+/// What a session subscribed with to one filter.
+pub(crate) type Subscribed = (SubscriptionOptions, Option<NonZeroU32>);
+
+/// A session's subscriptions, by filter. One pointer while there are none, as for most idle
+/// clients: every session handle pays its size, and a `HashMap` is 48 bytes.
+// Boxed on purpose: one word while empty instead of the map's six.
+#[allow(clippy::box_collection)]
+#[derive(Debug, Default)]
+pub(crate) struct Subscriptions(Option<Box<HashMap<TopicFilter, Subscribed>>>);
+
+impl Subscriptions {
+    pub(crate) fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    pub(crate) fn contains_key(&self, filter: &TopicFilter) -> bool {
+        self.0.as_ref().is_some_and(|m| m.contains_key(filter))
+    }
+
+    pub(crate) fn insert(&mut self, filter: TopicFilter, subscribed: Subscribed) {
+        self.0.get_or_insert_default().insert(filter, subscribed);
+    }
+
+    /// Removes `filter`'s subscription, and the table with the last one.
+    pub(crate) fn remove(&mut self, filter: &TopicFilter) {
+        if let Some(m) = &mut self.0 {
+            m.remove(filter);
+            if m.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&TopicFilter, &Subscribed)> {
+        self.0.iter().flat_map(|m| m.iter())
+    }
+
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &TopicFilter> {
+        self.iter().map(|(f, _)| f)
+    }
+
+    /// Takes every subscription, leaving none.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = (TopicFilter, Subscribed)> {
+        self.0.take().into_iter().flat_map(|m| m.into_iter())
+    }
+}
+
 /// One session in the registry.
 #[derive(Debug)]
 pub(crate) struct SessionHandle {
@@ -293,8 +340,7 @@ pub(crate) struct SessionHandle {
     pub(crate) client_id: ClientId,
     pub(crate) slot: Mutex<Slot>,
     /// The session's subscriptions, so they can be removed from the trie when it ends.
-    pub(crate) subscriptions:
-        Mutex<HashMap<TopicFilter, (SubscriptionOptions, Option<NonZeroU32>)>>,
+    pub(crate) subscriptions: Mutex<Subscriptions>,
     /// Set while the connection's output is backed up: publishers of QoS 0 messages for it
     /// wait (as for a full queue) until it drains, or drop them once it is stalled, so that a
     /// client that reads slowly sets the pace and one that does not read costs the others
@@ -1116,7 +1162,7 @@ impl Inner {
             key: self.next_key.fetch_add(1, Ordering::Relaxed),
             client_id: client_id.clone(),
             slot: Mutex::new(slot),
-            subscriptions: Mutex::new(HashMap::new()),
+            subscriptions: Mutex::new(Subscriptions::default()),
             congested: AtomicBool::new(false),
             saturated: AtomicBool::new(false),
             stalled: AtomicBool::new(false),

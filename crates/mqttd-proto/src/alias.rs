@@ -75,6 +75,15 @@ impl<T> PerStream<T> {
         self.data.release_if_empty();
     }
 
+    /// Whether no stream has a table with an alias in it: the tables are then what
+    /// [`Self::new`] makes, and may be made again.
+    pub(crate) fn is_unused(&self) -> bool
+    where
+        T: Release,
+    {
+        self.control.is_unused() && self.data.is_empty()
+    }
+
     /// Forgets the table of a lost data stream.
     pub(crate) fn remove(&mut self, stream: StreamId) {
         if !stream.is_control() {
@@ -87,11 +96,17 @@ impl<T> PerStream<T> {
 pub(crate) trait Release {
     /// Frees what the table holds if it holds no alias.
     fn release_if_empty(&mut self);
+    /// Whether the table holds no alias.
+    fn is_unused(&self) -> bool;
 }
 
 impl Release for InboundAliases {
     fn release_if_empty(&mut self) {
         self.topics.release_if_empty();
+    }
+
+    fn is_unused(&self) -> bool {
+        self.topics.is_empty()
     }
 }
 
@@ -101,6 +116,10 @@ impl Release for OutboundAliases {
         if self.by_alias.is_empty() {
             self.by_alias = Vec::new();
         }
+    }
+
+    fn is_unused(&self) -> bool {
+        self.by_topic.is_empty() && self.by_alias.is_empty()
     }
 }
 

@@ -18,7 +18,7 @@ use crate::alias::{AliasError, AliasUse, InboundAliases, OutboundAliases, PerStr
 use crate::message::{Delivery, Message};
 use crate::packet::{AckProperties, Packet, PubResponse, Publish, MAX_REMAINING_LENGTH};
 use crate::reason::ReasonCode;
-use crate::session::{Enqueued, FlowError, OutboundState, Received, Session};
+use crate::session::{Enqueued, FlowError, IdleSession, OutboundState, Received, Session};
 use crate::types::{PacketId, ProtocolVersion, QoS, StreamId, TopicName};
 
 /// A message received from the peer.
@@ -113,6 +113,27 @@ pub(crate) enum FlowEvent {
 }
 
 /// The message flows of one established connection, with the session they belong to.
+/// [`Flows`] with nothing going on, in their smallest form (see [`Flows::into_idle`]).
+#[derive(Debug)]
+pub(crate) struct IdleFlows {
+    pub(crate) version: ProtocolVersion,
+    session: IdleSession,
+    local: LocalLimits,
+    peer: PeerLimits,
+}
+
+impl IdleFlows {
+    /// The flows again, as they were.
+    pub(crate) fn into_flows(self) -> Flows {
+        Flows::new(
+            self.version,
+            self.session.into_session(),
+            self.local,
+            self.peer,
+        )
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Flows {
     pub(crate) version: ProtocolVersion,
@@ -157,6 +178,45 @@ impl Flows {
             flow_streams: SparseMap::new(),
             unsent: VecDeque::new(),
             events: VecDeque::new(),
+        }
+    }
+
+    /// Whether nothing is going on: no message in flight either way, none queued or waiting
+    /// for the window, no topic alias set, no data stream known.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.inbound_aliases.is_unused()
+            && self.outbound_aliases.is_unused()
+            && self.awaiting_local_ack.is_empty()
+            && self.streams.is_empty()
+            && self.flow_streams.is_empty()
+            && self.unsent.is_empty()
+            && self.events.is_empty()
+            && self.session.is_idle()
+    }
+
+    /// The flows in their smallest form. Only for idle flows ([`Self::is_idle`]): the tables
+    /// and queues are dropped, and with them whatever they held.
+    pub(crate) fn into_idle(self) -> IdleFlows {
+        debug_assert!(self.is_idle());
+        // Named one by one, so that a field added later is not forgotten here.
+        let Self {
+            version,
+            session,
+            local,
+            peer,
+            inbound_aliases: _,
+            outbound_aliases: _,
+            awaiting_local_ack: _,
+            streams: _,
+            flow_streams: _,
+            unsent: _,
+            events: _,
+        } = self;
+        IdleFlows {
+            version,
+            session: session.into_idle(),
+            local,
+            peer,
         }
     }
 

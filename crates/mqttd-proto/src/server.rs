@@ -43,8 +43,8 @@ use bytes::Bytes;
 
 use crate::codec::DecodeError;
 use crate::flow::{
-    ack_after_close, FlowEvent, Flows, InboundPublish, LocalLimits, PeerLimits, Transmits,
-    Violation,
+    ack_after_close, FlowEvent, Flows, IdleFlows, InboundPublish, LocalLimits, PeerLimits,
+    Transmits, Violation,
 };
 use crate::message::Delivery;
 use crate::packet::*;
@@ -274,6 +274,63 @@ struct Established {
     bridge: bool,
 }
 
+/// A connected [`ServerConnection`] with nothing going on, in its smallest form: what an idle
+/// connection keeps while it waits for its client (see [`ServerConnection::park`]). It holds
+/// the client's identity, keep alive, session expiry, will, limits and counters, and nothing
+/// sized for a busy connection; [`Self::unpark`] gives the same connection back.
+#[derive(Debug)]
+pub struct ParkedConnection {
+    config: Arc<ServerConfig>,
+    flows: IdleFlows,
+    keep_alive: Option<Duration>,
+    last_received: Instant,
+    will: Option<Box<Will>>,
+    /// Boxed: most clients use none.
+    auth_method: Option<Box<MqttStr>>,
+    connect_session_expiry: u32,
+    bridge: bool,
+}
+
+impl ParkedConnection {
+    /// When [`ServerConnection::handle_timeout`] must next be called, as
+    /// [`ServerConnection::poll_timeout`] says for the connection.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.keep_alive.map(|ka| self.last_received + ka * 3 / 2)
+    }
+
+    /// The connection again, as it was when it parked.
+    pub fn unpark(self) -> ServerConnection {
+        let Self {
+            config,
+            flows,
+            keep_alive,
+            last_received,
+            will,
+            auth_method,
+            connect_session_expiry,
+            bridge,
+        } = self;
+        ServerConnection {
+            config,
+            version: Some(flows.version),
+            state: State::Connected(Box::new(Established {
+                flows: flows.into_flows(),
+                keep_alive,
+                last_received,
+                will,
+                auth_method: auth_method.map(|m| *m),
+                reauthenticating: false,
+                connect_session_expiry,
+                pending_acks: SparseMap::new(),
+                bridge,
+            })),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            unacked_at_close: SparseMap::new(),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum State {
     AwaitingConnect { deadline: Instant },
@@ -340,6 +397,52 @@ impl ServerConnection {
             e.pending_acks.release_if_empty();
             e.flows.compact();
         }
+    }
+
+    /// The connection in its smallest form ([`ParkedConnection`]), if it is connected and
+    /// nothing is going on: nothing to send or to hand to the broker, no message in flight
+    /// either way or queued, no SUBSCRIBE or UNSUBSCRIBE unanswered, no re-authentication, no
+    /// topic alias set and no data stream known. Otherwise the connection itself, unchanged.
+    /// Once it is parked, call nothing but [`ParkedConnection::poll_timeout`] until
+    /// [`ParkedConnection::unpark`].
+    pub fn park(mut self) -> Result<ParkedConnection, Self> {
+        let idle = self.transmits.is_empty()
+            && self.events.is_empty()
+            && self.unacked_at_close.is_empty()
+            && matches!(&self.state, State::Connected(e)
+                if !e.reauthenticating && e.pending_acks.is_empty() && e.flows.is_idle());
+        if !idle {
+            return Err(self);
+        }
+        let e = match std::mem::replace(&mut self.state, State::Closed { session: None }) {
+            State::Connected(e) => e,
+            other => {
+                self.state = other;
+                return Err(self);
+            }
+        };
+        // Named one by one, so that a field added later is not forgotten here.
+        let Established {
+            flows,
+            keep_alive,
+            last_received,
+            will,
+            auth_method,
+            reauthenticating: _,
+            connect_session_expiry,
+            pending_acks: _,
+            bridge,
+        } = *e;
+        Ok(ParkedConnection {
+            config: self.config,
+            flows: flows.into_idle(),
+            keep_alive,
+            last_received,
+            will,
+            auth_method: auth_method.map(Box::new),
+            connect_session_expiry,
+            bridge,
+        })
     }
 
     /// Whether CONNACK has been sent with success and the connection is not yet closed.
@@ -521,7 +624,10 @@ impl ServerConnection {
         }
     }
 
-    fn on_connect(&mut self, now: Instant, connect: Box<Connect>) {
+    fn on_connect(&mut self, now: Instant, mut connect: Box<Connect>) {
+        // The identifier lives as long as the session; as a slice of the packet it would keep
+        // the whole CONNECT alive with it.
+        connect.client_id = connect.client_id.detached();
         let version = connect.protocol;
         self.version = Some(version);
         let config = &self.config;
@@ -1182,5 +1288,13 @@ mod size {
     fn an_established_connection_stays_small() {
         let size = size_of::<Established>();
         assert!(size <= 560, "Established is {size} bytes");
+    }
+
+    /// What a parked idle connection keeps instead of the whole machine and its `Established`
+    /// (200 bytes on this toolchain: the session's identity, limits and counters are most).
+    #[test]
+    fn a_parked_connection_is_smaller_still() {
+        let size = size_of::<ParkedConnection>();
+        assert!(size <= 208, "ParkedConnection is {size} bytes");
     }
 }

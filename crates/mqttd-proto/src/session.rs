@@ -254,6 +254,52 @@ impl Outbound {
     }
 }
 
+/// A [`Session`] with nothing in flight, nothing queued and no QoS 2 message awaiting PUBREL,
+/// in its smallest form: what an idle connection keeps while it waits (see
+/// [`ParkedConnection`](crate::server::ParkedConnection)). [`Self::into_session`] gives the
+/// same session back.
+#[derive(Debug)]
+pub(crate) struct IdleSession {
+    client_id: ClientId,
+    expiry_interval: u32,
+    next_id: Option<PacketId>,
+    next_seq: u64,
+    limits: QueueLimits,
+    will: Option<Box<PendingWill>>,
+    expires_at: Option<Instant>,
+    drops: DropCounters,
+}
+
+impl IdleSession {
+    /// The session again, as it was.
+    pub(crate) fn into_session(self) -> Session {
+        let Self {
+            client_id,
+            expiry_interval,
+            next_id,
+            next_seq,
+            limits,
+            will,
+            expires_at,
+            drops,
+        } = self;
+        Session {
+            client_id,
+            expiry_interval,
+            limits,
+            outbound: Outbound {
+                next_id,
+                next_seq,
+                ..Outbound::default()
+            },
+            inbound_qos2: BTreeSet::new(),
+            will,
+            expires_at,
+            drops,
+        }
+    }
+}
+
 /// A will waiting for its delay to pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PendingWill {
@@ -313,6 +359,51 @@ impl Session {
             will: None,
             expires_at: None,
             drops: DropCounters::default(),
+        }
+    }
+
+    /// Whether the session holds nothing but its identity, settings and counters: no message
+    /// in flight or queued, no identifier reserved, no QoS 2 message awaiting PUBREL.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.outbound.in_flight.is_empty()
+            && self.outbound.queue.is_empty()
+            && self.outbound.queued_bytes == 0
+            && self.outbound.reserved.is_empty()
+            && self.inbound_qos2.is_empty()
+    }
+
+    /// The session in its smallest form. Only for an idle session ([`Self::is_idle`]): the
+    /// in-flight map and the queue are dropped, and with them whatever they held.
+    pub(crate) fn into_idle(self) -> IdleSession {
+        debug_assert!(self.is_idle());
+        // Named one by one, so that a field added later is not forgotten here.
+        let Self {
+            client_id,
+            expiry_interval,
+            limits,
+            outbound:
+                Outbound {
+                    next_id,
+                    next_seq,
+                    in_flight: _,
+                    queue: _,
+                    queued_bytes: _,
+                    reserved: _,
+                },
+            inbound_qos2: _,
+            will,
+            expires_at,
+            drops,
+        } = self;
+        IdleSession {
+            client_id,
+            expiry_interval,
+            next_id,
+            next_seq,
+            limits,
+            will,
+            expires_at,
+            drops,
         }
     }
 

@@ -128,6 +128,10 @@ impl<T: Eq + Hash> SparseSet<T> {
         self.0.as_mut().is_some_and(|s| s.remove(value))
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|s| s.is_empty())
+    }
+
     /// Gives the table back if the set is empty.
     pub(crate) fn release_if_empty(&mut self) {
         if self.0.as_ref().is_some_and(|s| s.is_empty()) {

@@ -213,6 +213,12 @@ impl MqttStr {
     pub fn as_bytes(&self) -> &Bytes {
         &self.0
     }
+
+    /// The same string in bytes of its own: a decoded one is a slice of its packet, which it
+    /// keeps alive as long as it lives.
+    pub fn detached(&self) -> Self {
+        Self(Bytes::copy_from_slice(&self.0))
+    }
 }
 
 impl TryFrom<&str> for MqttStr {
@@ -310,6 +316,12 @@ impl ClientId {
     /// Whether the client left the choice to the server.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The same identifier in bytes of its own: a decoded one is a slice of its packet, which
+    /// it keeps alive as long as it lives.
+    pub fn detached(&self) -> Self {
+        Self(self.0.detached())
     }
 }
 string_newtype_common!(ClientId);
@@ -435,6 +447,15 @@ string_newtype_common!(TopicFilter);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_detached_string_holds_its_own_bytes() {
+        let packet = Bytes::from_static(b"..client-1..");
+        let id = ClientId::new(MqttStr::from_bytes(packet.slice(2..10)).unwrap()).unwrap();
+        let own = id.detached();
+        assert_eq!(own, id);
+        assert_ne!(own.as_str().as_ptr(), id.as_str().as_ptr());
+    }
 
     fn filter(s: &str) -> Result<TopicFilter, StringError> {
         TopicFilter::try_from(s)

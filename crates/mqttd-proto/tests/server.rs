@@ -2619,3 +2619,106 @@ fn stored_qos2_flows_report_their_identifiers_and_resume_after_a_restore() {
         out.events
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Parking
+// ---------------------------------------------------------------------------------------------
+
+impl Conn {
+    /// Parks the connection and makes it again; whether it parked (its smallest form) or was
+    /// given back as it was.
+    fn park_and_unpark(&mut self) -> bool {
+        let placeholder = ServerConnection::new(config(), self.clock.t0());
+        let server = std::mem::replace(&mut self.server, placeholder);
+        match server.park() {
+            Ok(parked) => {
+                let due = parked.poll_timeout();
+                self.server = parked.unpark();
+                assert_eq!(self.server.poll_timeout(), due, "the same keep alive");
+                true
+            }
+            Err(server) => {
+                self.server = server;
+                false
+            }
+        }
+    }
+}
+
+#[test]
+fn an_idle_connection_parks_and_comes_back_the_same() {
+    let mut conn = Conn::open(
+        config(),
+        ConnectBuilder::v5("c")
+            .keep_alive(10)
+            .session_expiry(60)
+            .will(will("status/c", "lost", Q1)),
+    );
+    let clock = conn.clock;
+    // A message goes and is acknowledged: nothing is left in flight.
+    conn.deliver_all(clock.at(1), vec![(delivery("t", Q1, "m0"), Enqueued::Sent)]);
+    let out = conn.out(clock.at(1));
+    assert_eq!(out.publishes()[0].packet_id, Some(pid(1)));
+    conn.send(clock.at(2), puback(1));
+    conn.out(clock.at(2));
+
+    assert!(conn.park_and_unpark());
+    assert_eq!(conn.server.version(), Some(V5));
+    assert_eq!(conn.server.poll_timeout(), Some(clock.at(17)));
+    // Packet identifiers go on where they were.
+    conn.deliver_all(clock.at(3), vec![(delivery("t", Q1, "m1"), Enqueued::Sent)]);
+    let out = conn.out(clock.at(3));
+    assert_eq!(out.publishes()[0].packet_id, Some(pid(2)));
+    conn.send(clock.at(4), puback(2));
+    conn.out(clock.at(4));
+
+    // The keep alive, the will and the session expiry are as they were.
+    assert!(conn.park_and_unpark());
+    assert_eq!(advance(&mut conn.server, clock.at(100)), vec![clock.at(19)]);
+    let out = conn.out(clock.at(19));
+    assert_eq!(out.raw(), vec![vec![0xE0, 1, 0x8D]]);
+    let mut session = conn.take_session();
+    assert_eq!(session.expiry_interval(), 60);
+    let will = will_due(&mut session, clock.at(19)).expect("will published");
+    assert_eq!(will.topic, topic("status/c"));
+}
+
+#[test]
+fn a_connection_with_something_going_on_does_not_park() {
+    let mut conn = Conn::open(config(), ConnectBuilder::v5("c").keep_alive(10));
+    let clock = conn.clock;
+    // A QoS 2 message awaiting PUBREL.
+    conn.send(clock.at(1), Packet::Publish(publish("a", Q2, 9, "x")));
+    conn.out(clock.at(1));
+    assert!(!conn.park_and_unpark(), "unacknowledged by the broker");
+    conn.server.publish_ack(pid(9), R::Success).unwrap();
+    conn.out(clock.at(1));
+    assert!(!conn.park_and_unpark(), "awaiting PUBREL");
+    conn.send(clock.at(2), pubrel(9));
+    conn.out(clock.at(2));
+    assert!(conn.park_and_unpark());
+
+    // A message in flight to the client.
+    conn.deliver_all(clock.at(3), vec![(delivery("t", Q1, "m"), Enqueued::Sent)]);
+    assert!(!conn.park_and_unpark(), "output not taken");
+    conn.out(clock.at(3));
+    assert!(!conn.park_and_unpark(), "in flight");
+    conn.send(clock.at(4), puback(1));
+    conn.out(clock.at(4));
+    assert!(conn.park_and_unpark());
+
+    // A topic alias the client set.
+    conn.send(
+        clock.at(5),
+        Packet::Publish(publish_aliased("a/b", 1, Q0, 0, "x")),
+    );
+    conn.out(clock.at(5));
+    assert!(!conn.park_and_unpark(), "a topic alias is set");
+    // Still the same connection: the alias resolves.
+    conn.send(
+        clock.at(6),
+        Packet::Publish(publish_aliased("", 1, Q0, 0, "y")),
+    );
+    let out = conn.out(clock.at(6));
+    assert!(matches!(only_event(&out), Event::Publish(p) if p.message.topic == topic("a/b")));
+}

@@ -60,7 +60,7 @@ use bytes::{Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
 use mqttd_proto::codec::PacketReader;
-use mqttd_proto::server::{Accept, ConnectRequest, Event, ServerConnection};
+use mqttd_proto::server::{Accept, ConnectRequest, Event, ParkedConnection, ServerConnection};
 use mqttd_proto::session::{Enqueued, OutboundState, Session};
 use mqttd_proto::{
     ClientId, Delivery, InboundPublish, Message, MqttStr, Packet, PacketId, ProtocolVersion, QoS,
@@ -242,6 +242,94 @@ struct Awaiting {
     batches: VecDeque<(Ticket, VecDeque<Delivery>)>,
     /// Messages in `batches`.
     len: usize,
+}
+
+/// A core set aside while its connection is idle ([`ConnectionCore::park`]).
+pub(crate) enum ParkedCore {
+    /// The core as it was: something is going on that only the whole core holds.
+    Whole(Box<ConnectionCore>),
+    /// Nothing is going on: the core in its smallest form.
+    Idle(Box<IdleCore>),
+}
+
+/// What an idle connection's core needs to be made again: the connection's protocol state in
+/// its smallest form ([`ParkedConnection`]), who the client is, where its messages arrive,
+/// its session and will, and where storage stood. Everything else the core holds is empty
+/// while it is idle, and made again when it is needed.
+pub(crate) struct IdleCore {
+    conn: ParkedConnection,
+    client: Arc<ClientInfo>,
+    mailbox: Arc<Mailbox>,
+    handle: Option<Arc<SessionHandle>>,
+    scram_user: Option<Box<MqttStr>>,
+    will: Option<Box<StoredWill>>,
+    needs: Ticket,
+    watermark: Watermark,
+    max_packet_size: u32,
+    closed_by_client: bool,
+    close_reason: Option<ReasonCode>,
+}
+
+impl ParkedCore {
+    /// The connection's mailbox (see [`ConnectionCore::mailbox`]).
+    pub(crate) fn mailbox(&self) -> &Arc<Mailbox> {
+        match self {
+            Self::Whole(core) => &core.mailbox,
+            Self::Idle(idle) => &idle.mailbox,
+        }
+    }
+
+    /// When the core's timer is due (see [`ConnectionCore::poll_timeout`]).
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            Self::Whole(core) => core.poll_timeout(),
+            // Nothing is blocked: the keep alive is the only timer.
+            Self::Idle(idle) => idle.conn.poll_timeout(),
+        }
+    }
+
+    /// The core again, as it was when it parked.
+    pub(crate) fn unpark(self, inner: &Arc<Inner>) -> Box<ConnectionCore> {
+        let idle = match self {
+            Self::Whole(core) => return core,
+            Self::Idle(idle) => idle,
+        };
+        let IdleCore {
+            conn,
+            client,
+            mailbox,
+            handle,
+            scram_user,
+            will,
+            needs,
+            watermark,
+            max_packet_size,
+            closed_by_client,
+            close_reason,
+        } = *idle;
+        Box::new(ConnectionCore {
+            inner: inner.clone(),
+            who: Who::Client(client),
+            conn: conn.unpark(),
+            reader: PacketReader::new(max_packet_size),
+            outputs: Outputs::default(),
+            mailbox,
+            handle,
+            rare: None,
+            scram_user,
+            will,
+            needs,
+            stream_needs: SparseVec::new(),
+            watermark,
+            awaiting: None,
+            blocked: SparseVec::new(),
+            retained: None,
+            hints: SparseVec::new(),
+            closed_by_client,
+            close_reason,
+            resets: None,
+        })
+    }
 }
 
 /// One client connection's broker-side logic. See the module documentation.
@@ -452,6 +540,112 @@ impl ConnectionCore {
         self.stream_needs.release_if_empty();
         self.blocked.release_if_empty();
         self.hints.release_if_empty();
+    }
+
+    /// The core set aside for a while (see `drivers::park`): compacted, and in its smallest
+    /// form ([`IdleCore`]) if it is idle ([`Self::is_idle`]) with nothing else going on (no
+    /// message in flight either way or queued, no topic alias, no data stream, no
+    /// subscription hint, no re-authentication); otherwise whole.
+    pub(crate) fn park(mut self: Box<Self>) -> ParkedCore {
+        self.compact();
+        let idle = self.is_idle()
+            && self.rare.is_none()
+            && self.outputs.is_unused()
+            && self.stream_needs.is_empty()
+            && self.hints.is_empty()
+            && self.resets.is_none()
+            && matches!(self.who, Who::Client(_));
+        if !idle {
+            return ParkedCore::Whole(self);
+        }
+        // Named one by one, so that a field added later is not forgotten here.
+        let Self {
+            inner,
+            who,
+            conn,
+            reader,
+            outputs,
+            mailbox,
+            handle,
+            rare,
+            scram_user,
+            will,
+            needs,
+            stream_needs,
+            watermark,
+            awaiting,
+            blocked,
+            retained,
+            hints,
+            closed_by_client,
+            close_reason,
+            resets,
+        } = *self;
+        let client = match who {
+            Who::Client(client) => client,
+            who @ Who::Peer(_) => {
+                // Not reached: checked above.
+                return ParkedCore::Whole(Box::new(Self {
+                    inner,
+                    who,
+                    conn,
+                    reader,
+                    outputs,
+                    mailbox,
+                    handle,
+                    rare,
+                    scram_user,
+                    will,
+                    needs,
+                    stream_needs,
+                    watermark,
+                    awaiting,
+                    blocked,
+                    retained,
+                    hints,
+                    closed_by_client,
+                    close_reason,
+                    resets,
+                }));
+            }
+        };
+        match conn.park() {
+            Ok(conn) => ParkedCore::Idle(Box::new(IdleCore {
+                conn,
+                client,
+                mailbox,
+                handle,
+                scram_user,
+                will,
+                needs,
+                watermark,
+                max_packet_size: reader.max_packet_size(),
+                closed_by_client,
+                close_reason,
+            })),
+            Err(conn) => ParkedCore::Whole(Box::new(Self {
+                inner,
+                who: Who::Client(client),
+                conn,
+                reader,
+                outputs,
+                mailbox,
+                handle,
+                rare,
+                scram_user,
+                will,
+                needs,
+                stream_needs,
+                watermark,
+                awaiting,
+                blocked,
+                retained,
+                hints,
+                closed_by_client,
+                close_reason,
+                resets,
+            })),
+        }
     }
 
     /// The rarely used state, made if there is none.
@@ -1418,7 +1612,9 @@ impl ConnectionCore {
                 .scram_user
                 .as_deref()
                 .cloned()
-                .or_else(|| connect.username.clone()),
+                // Its own copy: kept as long as the connection, it would keep the CONNECT
+                // packet it is a slice of.
+                .or_else(|| connect.username.as_ref().map(MqttStr::detached)),
         };
         let client = ClientInfo {
             client_id,

@@ -65,6 +65,16 @@ impl Output {
         }
     }
 
+    /// Whether the output holds nothing that [`Output::default`] would not: no bytes, and no
+    /// hold or CONNACK still ahead in the stream.
+    pub(crate) fn is_unused(&self) -> bool {
+        self.buf.is_empty()
+            && self
+                .gate
+                .as_ref()
+                .is_none_or(|g| g.holds.is_empty() && g.connack_end.is_none_or(|end| end <= g.base))
+    }
+
     /// Whether some output waits for storage.
     pub(crate) fn holding(&self) -> bool {
         self.gate.as_ref().is_some_and(|g| !g.holds.is_empty())
@@ -144,6 +154,12 @@ impl Outputs {
     }
 
     /// The output of `stream`, created if new.
+    /// Whether there is no data stream's output and the control stream's is unused
+    /// ([`Output::is_unused`]): [`Outputs::default`] would do as well.
+    pub(crate) fn is_unused(&self) -> bool {
+        self.data.is_empty() && self.control.is_unused()
+    }
+
     pub(crate) fn get_mut(&mut self, stream: StreamId) -> &mut Output {
         if stream.is_control() {
             return &mut self.control;

@@ -21,6 +21,13 @@
 //! only changes who waits. A wake-up comes straight from the socket's or the mailbox's
 //! signal, so deliveries to a parked subscriber are not delayed by any polling interval.
 //!
+//! The core is kept in its smallest form while nothing is going on
+//! ([`ConnectionCore::park`]), and made again when the connection gets its task back.
+//!
+//! [`ConnectionCore`]: crate::core::ConnectionCore
+//! [`ConnectionCore::is_idle`]: crate::core::ConnectionCore::is_idle
+//! [`ConnectionCore::poll_timeout`]: crate::core::ConnectionCore::poll_timeout
+//! [`ConnectionCore::park`]: crate::core::ConnectionCore::park
 //! [`Mailbox`]: crate::broker::Mailbox
 //! [`Mailbox::wake_on_arrival`]: crate::broker::Mailbox::wake_on_arrival
 
@@ -36,7 +43,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use super::stream::resume;
 use crate::broker::Inner;
-use crate::core::ConnectionCore;
+use crate::core::ParkedCore;
 
 /// How long a connection stays idle before its driver parks it. Parking and waking again
 /// cost a task spawn and a few locks (microseconds), so a connection that exchanges packets
@@ -47,7 +54,8 @@ pub(crate) const PARK_AFTER: Duration = Duration::from_millis(100);
 
 /// A connection without a task: all it needs to be driven again.
 pub(crate) struct Parked {
-    pub(crate) core: Box<ConnectionCore>,
+    /// In its smallest form if nothing is going on ([`ConnectionCore::park`]).
+    pub(crate) core: ParkedCore,
     pub(crate) stream: TcpStream,
     pub(crate) span: tracing::Span,
     pub(crate) permit: Option<OwnedSemaphorePermit>,

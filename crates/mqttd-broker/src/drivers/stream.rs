@@ -52,7 +52,7 @@ use mqttd_proto::StreamId;
 use super::park::{Parked, ParkingLot, PARK_AFTER};
 use super::{answer, durable, now, sleep_until, wait_for_room};
 use crate::broker::Inner;
-use crate::core::ConnectionCore;
+use crate::core::{ConnectionCore, ParkedCore};
 use crate::hooks::Peer;
 use crate::storage::Watermark;
 
@@ -161,7 +161,7 @@ pub(crate) fn serve_tcp(
         inner,
         lot,
         Parked {
-            core,
+            core: ParkedCore::Whole(core),
             stream,
             span,
             permit,
@@ -180,11 +180,12 @@ pub(crate) fn resume(inner: &Arc<Inner>, lot: &Arc<ParkingLot>, parked: Parked) 
 /// Drives a TCP connection until it closes or parks.
 async fn drive_tcp(inner: Arc<Inner>, lot: Arc<ParkingLot>, parked: Parked) {
     let Parked {
-        mut core,
+        core,
         mut stream,
         mut span,
         mut permit,
     } = parked;
+    let mut core = core.unpark(&inner);
     let rest = loop {
         match run(&inner, &mut core, stream, true)
             .instrument(span.clone())
@@ -192,9 +193,8 @@ async fn drive_tcp(inner: Arc<Inner>, lot: Arc<ParkingLot>, parked: Parked) {
         {
             Ended::Closed(rest) => break rest,
             Ended::Idle(idle) => {
-                core.compact();
                 let parked = Parked {
-                    core,
+                    core: core.park(),
                     stream: idle,
                     span,
                     permit,
@@ -203,7 +203,7 @@ async fn drive_tcp(inner: Arc<Inner>, lot: Arc<ParkingLot>, parked: Parked) {
                     Ok(()) => return,
                     // It has something to do already, or the broker is shutting down.
                     Err(back) => {
-                        core = back.core;
+                        core = back.core.unpark(&inner);
                         stream = back.stream;
                         span = back.span;
                         permit = back.permit;
