@@ -12,8 +12,8 @@ pub mod broker;
 pub mod session;
 
 use bytes::{Bytes, BytesMut};
-use mqttd_cluster::wire::{frame_len, Frame};
 use mqttd_broker::storage::fuzzing::decode_stored_records;
+use mqttd_cluster::wire::{frame_len, Frame};
 use mqttd_proto::codec::PacketReader;
 use mqttd_proto::{Packet, ProtocolVersion};
 
