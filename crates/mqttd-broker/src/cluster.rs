@@ -16,7 +16,8 @@
 //!   session's expiry has passed (checked every second; see `expiry_due`).
 //! - **metrics**: follows Raft's metrics into the `mqttd_cluster_*` gauges.
 //!
-//! Message routing between nodes will hang off the same handle ([`BrokerCluster::node`]).
+//! Routes and forwarding between nodes hang off the same handle: the broker attaches
+//! `forwarding.rs` to the node's router at start.
 
 use std::collections::BTreeMap;
 use std::path::Path;
