@@ -558,94 +558,59 @@ impl ConnectionCore {
         if !idle {
             return ParkedCore::Whole(self);
         }
-        // Named one by one, so that a field added later is not forgotten here.
+        let this = *self;
+        let client = match this.who {
+            Who::Client(client) => client,
+            // Not reached: checked above.
+            who @ Who::Peer(_) => return ParkedCore::Whole(Box::new(Self { who, ..this })),
+        };
+        let conn = match this.conn.park() {
+            Ok(conn) => conn,
+            Err(conn) => {
+                return ParkedCore::Whole(Box::new(Self {
+                    who: Who::Client(client),
+                    conn,
+                    ..this
+                }))
+            }
+        };
+        // Named one by one, so that a field added later is not forgotten here: what an idle
+        // connection keeps, and (`_`) what it gives up, empty.
         let Self {
-            inner,
-            who,
-            conn,
+            inner: _,
+            who: _,
+            conn: _,
             reader,
-            outputs,
+            outputs: _,
             mailbox,
             handle,
-            rare,
+            rare: _,
             scram_user,
             will,
             needs,
-            stream_needs,
+            stream_needs: _,
             watermark,
-            awaiting,
-            blocked,
-            retained,
-            hints,
+            awaiting: _,
+            blocked: _,
+            retained: _,
+            hints: _,
             closed_by_client,
             close_reason,
-            resets,
-        } = *self;
-        let client = match who {
-            Who::Client(client) => client,
-            who @ Who::Peer(_) => {
-                // Not reached: checked above.
-                return ParkedCore::Whole(Box::new(Self {
-                    inner,
-                    who,
-                    conn,
-                    reader,
-                    outputs,
-                    mailbox,
-                    handle,
-                    rare,
-                    scram_user,
-                    will,
-                    needs,
-                    stream_needs,
-                    watermark,
-                    awaiting,
-                    blocked,
-                    retained,
-                    hints,
-                    closed_by_client,
-                    close_reason,
-                    resets,
-                }));
-            }
-        };
-        match conn.park() {
-            Ok(conn) => ParkedCore::Idle(Box::new(IdleCore {
-                conn,
-                client,
-                mailbox,
-                handle,
-                scram_user,
-                will,
-                needs,
-                watermark,
-                max_packet_size: reader.max_packet_size(),
-                closed_by_client,
-                close_reason,
-            })),
-            Err(conn) => ParkedCore::Whole(Box::new(Self {
-                inner,
-                who: Who::Client(client),
-                conn,
-                reader,
-                outputs,
-                mailbox,
-                handle,
-                rare,
-                scram_user,
-                will,
-                needs,
-                stream_needs,
-                watermark,
-                awaiting,
-                blocked,
-                retained,
-                hints,
-                closed_by_client,
-                close_reason,
-                resets,
-            })),
-        }
+            resets: _,
+        } = this;
+        ParkedCore::Idle(Box::new(IdleCore {
+            conn,
+            client,
+            mailbox,
+            handle,
+            scram_user,
+            will,
+            needs,
+            watermark,
+            max_packet_size: reader.max_packet_size(),
+            closed_by_client,
+            close_reason,
+        }))
     }
 
     /// The rarely used state, made if there is none.
