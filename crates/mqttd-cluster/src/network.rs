@@ -498,6 +498,37 @@ enum LinkError {
     Failed(String, String),
 }
 
+/// Dials `member` from `endpoint` (with `client`, else the endpoint's default client
+/// configuration), within [`CONNECT_TIMEOUT`]; the error says why it could not be reached.
+/// Raft's links and the forwarding links both dial this way.
+pub(crate) async fn dial(
+    endpoint: &noq::Endpoint,
+    client: Option<noq::ClientConfig>,
+    member: &Member,
+) -> Result<noq::Connection, String> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&member.addr)
+        .await
+        .map_err(|e| e.to_string())?
+        .collect();
+    // A name may resolve to both families: take one the endpoint's socket can reach.
+    let v4 = endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
+    let addr = addrs
+        .iter()
+        .find(|a| a.is_ipv4() == v4)
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| "no address".to_owned())?;
+    let connecting = match client {
+        Some(client) => endpoint.connect_with(client, addr, &member.name),
+        None => endpoint.connect(addr, &member.name),
+    }
+    .map_err(|e| e.to_string())?;
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| "handshake timed out".to_owned())?
+        .map_err(|e| e.to_string())
+}
+
 impl Peer {
     async fn connection(&mut self) -> Result<noq::Connection, LinkError> {
         if let Some(conn) = &self.conn {
@@ -505,27 +536,9 @@ impl Peer {
                 return Ok(conn.clone());
             }
         }
-        let unreachable = |why: String| LinkError::Unreachable(format!("{}: {why}", self.member));
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.member.addr)
+        let conn = dial(&self.endpoint, None, &self.member)
             .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .collect();
-        // A name may resolve to both families: take one the endpoint's socket can reach.
-        let v4 = self.endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
-        let addr = addrs
-            .iter()
-            .find(|a| a.is_ipv4() == v4)
-            .or(addrs.first())
-            .copied()
-            .ok_or_else(|| unreachable("no address".into()))?;
-        let connecting = self
-            .endpoint
-            .connect(addr, &self.member.name)
-            .map_err(|e| unreachable(e.to_string()))?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| unreachable("handshake timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|why| LinkError::Unreachable(format!("{}: {why}", self.member)))?;
         self.conn = Some(conn.clone());
         Ok(conn)
     }

@@ -17,7 +17,6 @@
 //! peer's view of this node's routes is whole again after every reconnect.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -38,9 +37,6 @@ pub use crate::wire::FORWARD_ALPN;
 
 /// Message streams per link: messages of one topic share a bucket, hence their order.
 pub const BUCKETS: usize = 16;
-
-/// How long dialling a peer's forwarding link may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The longest wait between two dials of a peer that is down.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -656,26 +652,9 @@ async fn run_link(
 }
 
 async fn dial(shared: &Shared, member: &Member) -> Result<noq::Connection, LinkError> {
-    let unreachable = |why: String| LinkError::Unreachable(format!("{member}: {why}"));
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&member.addr)
+    crate::network::dial(&shared.endpoint, Some(shared.client.clone()), member)
         .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .collect();
-    let v4 = shared.endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
-    let addr = addrs
-        .iter()
-        .find(|a| a.is_ipv4() == v4)
-        .or(addrs.first())
-        .copied()
-        .ok_or_else(|| unreachable("no address".into()))?;
-    let connecting = shared
-        .endpoint
-        .connect_with(shared.client.clone(), addr, &member.name)
-        .map_err(|e| unreachable(e.to_string()))?;
-    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-        .await
-        .map_err(|_| unreachable("handshake timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))
+        .map_err(|why| LinkError::Unreachable(format!("{member}: {why}")))
 }
 
 /// Sends this node's routes (a snapshot, then deltas) and the queued messages on one
