@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from clusterlab import Publisher, Subscriber, check, healthy, quiesce
+from clusterlab import run
 from clusterlab.broker import Broker
 
 if os.geteuid() != 0:
@@ -61,16 +61,8 @@ def test_partitions_cut_nodes_off_and_heal(net):
 def test_workload_from_the_clients_namespace_across_a_pause_and_a_kill(net, tmp_path, history):
     broker = Broker(tmp_path / "n2", host=node_ip(2), ns=net.nodes[2]).start()
     nodes = lambda: [broker.addr()]  # noqa: E731 - the port changes at the restart
-    subs = [Subscriber(history, f"sub-{i}", nodes, hop_every=(1.0, 3.0), net=net)
-            for i in range(2)]
-    pubs = [Publisher(history, f"pub-{i}", nodes, qos=1 + i % 2, net=net) for i in range(2)]
-    try:
-        for s in subs:
-            s.start()
-        for s in subs:
-            s.wait_subscribed(30)
-        for p in pubs:
-            p.start()
+
+    def pause_then_kill(pubs):
         time.sleep(2)
         broker.pause()
         time.sleep(2)
@@ -79,17 +71,11 @@ def test_workload_from_the_clients_namespace_across_a_pause_and_a_kill(net, tmp_
         broker.kill()
         broker.start()
         time.sleep(3)
-        for p in pubs:
-            p.stop()
-        quiesce(subs, quiet=3.0, limit=90.0)
+
+    try:
+        report = run(history, nodes, pause_then_kill, publishers=2, subscribers=2, net=net)
     finally:
-        for p in pubs:
-            p.stop()
-        for s in subs:
-            s.stop()
         broker.stop()
-    healthy(*pubs, *subs)
-    report = check(history)
     print(report.summary())
     assert report.ok, report.summary() + "\n" + broker.log()[-3000:]
     assert report.published_ok >= 40, report.summary()

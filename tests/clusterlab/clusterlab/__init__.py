@@ -3,6 +3,6 @@ afterwards (see ../README.md)."""
 
 from .checker import Report, check
 from .history import History
-from .workload import Publisher, Subscriber, healthy, quiesce
+from .workload import Publisher, Subscriber, healthy, quiesce, run
 
-__all__ = ["History", "Publisher", "Report", "Subscriber", "check", "healthy", "quiesce"]
+__all__ = ["History", "Publisher", "Report", "Subscriber", "check", "healthy", "quiesce", "run"]

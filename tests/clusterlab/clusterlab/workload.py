@@ -35,6 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from . import raw
+from .checker import check
 from .history import History
 
 TOPIC_PREFIX = "lab"
@@ -368,6 +369,37 @@ class Subscriber:
             thread.start()
             wait = None if self.hop_every is None else random.uniform(*self.hop_every)
             self._lost.wait(wait)
+
+
+def run(history: History, nodes, scenario, *, publishers: int, subscribers: int,
+        net=None):
+    """Runs the lab's workload around `scenario(pubs)`: `subscribers` persistent subscribers
+    taking their sessions over every 1-3 s, subscribed before `publishers` publishers start
+    (QoS 1 and 2 alternately); when `scenario` returns (its faults done), the publishers stop
+    and the subscribers drain (`quiesce`). Returns the checker's report; a lab thread that
+    crashed raises instead (`healthy`)."""
+    subs = [Subscriber(history, f"sub-{i}", nodes, hop_every=(1.0, 3.0), net=net)
+            for i in range(subscribers)]
+    pubs = [Publisher(history, f"pub-{i}", nodes, qos=1 + i % 2, net=net)
+            for i in range(publishers)]
+    try:
+        for sub in subs:
+            sub.start()
+        for sub in subs:
+            sub.wait_subscribed(30)
+        for pub in pubs:
+            pub.start()
+        scenario(pubs)
+        for pub in pubs:
+            pub.stop()
+        quiesce(subs, quiet=3.0, limit=90.0)
+    finally:
+        for pub in pubs:
+            pub.stop()
+        for sub in subs:
+            sub.stop()
+    healthy(*pubs, *subs)
+    return check(history)
 
 
 def quiesce(subscribers, quiet: float, limit: float) -> float:
