@@ -433,10 +433,10 @@ async fn slow_upgrades_are_closed_at_the_connect_deadline() {
     broker.stop();
 }
 
-/// Idle connections over WebSocket cost at most twice what idle TCP connections do: the
+/// An idle connection over WebSocket costs at most a few KiB more than an idle TCP one: the
 /// WebSocket layer keeps no buffers of its own between packets.
 #[tokio::test]
-async fn an_idle_websocket_connection_costs_at_most_twice_a_tcp_one() {
+async fn an_idle_websocket_connection_costs_a_few_kib_more_than_a_tcp_one() {
     const N: usize = 400;
     let broker = Broker::start("");
     let v4 = ProtocolVersion::V3_1_1;
@@ -482,11 +482,13 @@ async fn an_idle_websocket_connection_costs_at_most_twice_a_tcp_one() {
     let per_tcp = with_tcp.saturating_sub(base) / N as u64;
     let per_ws = with_ws.saturating_sub(with_tcp) / N as u64;
     eprintln!("idle connection: tcp {per_tcp} B, ws {per_ws} B");
-    // Measured: about 4.5 KiB over TCP, 6 KiB over WebSocket (the connection's task, its
-    // session, and for WebSocket the boxed frame state).
+    // Measured (debug build): about 2.6 KiB over TCP, which parks in a compact form, and
+    // 5.4 KiB over WebSocket, which keeps its task and boxed frame state. The bound is on the
+    // difference, not a ratio: the smaller TCP gets, the tighter a ratio would be.
+    const WS_EXTRA: u64 = 6 * 1024;
     assert!(per_tcp > 0, "{N} TCP connections cost nothing?");
     assert!(
-        per_ws <= 2 * per_tcp,
+        per_ws <= per_tcp + WS_EXTRA,
         "an idle WebSocket connection holds {per_ws} B, a TCP one {per_tcp} B"
     );
     drop((warm_tcp, warm_ws, tcp, ws_conns));
