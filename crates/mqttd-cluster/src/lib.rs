@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 pub mod config;
 pub mod network;
 mod node;
+pub mod proposer;
 pub mod router;
 pub mod routes;
 pub mod session;
@@ -46,8 +47,10 @@ pub mod wire;
 pub use openraft;
 
 pub use node::{ClusterNode, NodeError, NodeOptions};
+pub use proposer::{Proposer, Settled};
 pub use router::{ForwardLimits, Incoming, Router, RouterStats};
-pub use state::{ClusterState, Command, NodeId, Outcome, Rejection};
+pub use state::{ClusterState, Command, Effect, NodeId, Outcome, PersistentMatch, Rejection};
+pub use store::ApplyHook;
 pub use wire::{ForwardedMessage, MessageProperties};
 
 /// A cluster member as Raft's membership records it: where to reach it and the name its

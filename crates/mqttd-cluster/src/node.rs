@@ -308,6 +308,11 @@ impl ClusterNode {
         })
     }
 
+    /// Sets the hook told what each entry this node applies changes for the sessions.
+    pub fn on_apply(&self, hook: Arc<dyn store::ApplyHook>) {
+        self.state.set_hook(hook);
+    }
+
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.id

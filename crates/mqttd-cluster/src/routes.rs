@@ -174,20 +174,31 @@ struct RemoteNode {
     awaiting_snapshot: bool,
 }
 
-/// One level of the trie: children by level, and at a filter's last level, who holds it.
-#[derive(Debug, Default)]
-struct TrieNode {
+/// A trie of topic filters, one level per node: at a filter's last level, who holds it, by
+/// share group. Holders are nodes for the route table and sessions for the index of
+/// persistent subscriptions ([`crate::state`]).
+#[derive(Debug, Clone)]
+pub(crate) struct TrieNode<H> {
     children: HashMap<Box<str>, Self>,
-    /// Share group (`None`: plain) -> nodes holding the filter ending here.
-    holders: BTreeMap<Option<Box<str>>, BTreeSet<NodeId>>,
+    /// Share group (`None`: plain) -> who holds the filter ending here.
+    holders: BTreeMap<Option<Box<str>>, BTreeSet<H>>,
 }
 
-impl TrieNode {
-    fn is_empty(&self) -> bool {
+impl<H> Default for TrieNode<H> {
+    fn default() -> Self {
+        Self {
+            children: HashMap::new(),
+            holders: BTreeMap::new(),
+        }
+    }
+}
+
+impl<H: Ord + Clone> TrieNode<H> {
+    pub(crate) fn is_empty(&self) -> bool {
         self.children.is_empty() && self.holders.is_empty()
     }
 
-    fn insert(&mut self, route: &Route, node: NodeId) {
+    pub(crate) fn insert(&mut self, route: &Route, holder: H) {
         let mut at = self;
         for level in route.filter.split('/') {
             at = at.children.entry(level.into()).or_default();
@@ -195,29 +206,29 @@ impl TrieNode {
         at.holders
             .entry(route.group.as_deref().map(Into::into))
             .or_default()
-            .insert(node);
+            .insert(holder);
     }
 
-    fn remove(&mut self, route: &Route, node: NodeId) {
+    pub(crate) fn remove(&mut self, route: &Route, holder: &H) {
         let levels: Vec<&str> = route.filter.split('/').collect();
-        self.remove_at(&levels, route.group.as_deref(), node);
+        self.remove_at(&levels, route.group.as_deref(), holder);
     }
 
     /// Removes along the path, pruning levels left empty.
-    fn remove_at(&mut self, levels: &[&str], group: Option<&str>, node: NodeId) {
+    fn remove_at(&mut self, levels: &[&str], group: Option<&str>, holder: &H) {
         match levels.split_first() {
             None => {
                 let key: Option<Box<str>> = group.map(Into::into);
-                if let Some(nodes) = self.holders.get_mut(&key) {
-                    nodes.remove(&node);
-                    if nodes.is_empty() {
+                if let Some(holders) = self.holders.get_mut(&key) {
+                    holders.remove(holder);
+                    if holders.is_empty() {
                         self.holders.remove(&key);
                     }
                 }
             }
             Some((first, rest)) => {
                 if let Some(child) = self.children.get_mut(*first) {
-                    child.remove_at(rest, group, node);
+                    child.remove_at(rest, group, holder);
                     if child.is_empty() {
                         self.children.remove(*first);
                     }
@@ -226,13 +237,37 @@ impl TrieNode {
         }
     }
 
+    /// Every holder of every filter, in no particular order.
+    #[cfg(test)]
+    pub(crate) fn all(&self) -> Vec<H> {
+        let mut out: Vec<H> = self.holders.values().flatten().cloned().collect();
+        for child in self.children.values() {
+            out.extend(child.all());
+        }
+        out
+    }
+
+    /// Calls `f` with the holders of every filter matching `topic`, by share group.
+    pub(crate) fn each_match<'a>(
+        &'a self,
+        topic: &str,
+        mut f: impl FnMut(Option<&'a str>, &'a BTreeSet<H>),
+    ) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        self.matches(&levels, true, &mut |holders| {
+            for (group, held) in holders {
+                f(group.as_deref(), held);
+            }
+        });
+    }
+
     /// Calls `f` with the holders of every filter matching `levels`. `root` is true at the
     /// first level, where a `$` topic is not matched by `+` or `#`.
     fn matches<'a>(
         &'a self,
         levels: &[&str],
         root: bool,
-        f: &mut impl FnMut(&'a BTreeMap<Option<Box<str>>, BTreeSet<NodeId>>),
+        f: &mut impl FnMut(&'a BTreeMap<Option<Box<str>>, BTreeSet<H>>),
     ) {
         let dollar = root && levels.first().is_some_and(|l| l.starts_with('$'));
         if !dollar {
@@ -267,7 +302,7 @@ pub struct RouteTable {
     local: HashMap<Route, usize>,
     local_digest: RouteDigest,
     remotes: BTreeMap<NodeId, RemoteNode>,
-    trie: TrieNode,
+    trie: TrieNode<NodeId>,
 }
 
 impl RouteTable {
@@ -313,7 +348,7 @@ impl RouteTable {
             return None;
         }
         self.local.remove(&route);
-        self.trie.remove(&route, self.id);
+        self.trie.remove(&route, &self.id);
         self.local_digest.remove(&route);
         Some(self.delta(RouteOp::Remove, route))
     }
@@ -354,7 +389,7 @@ impl RouteTable {
         if delta.incarnation > remote.incarnation {
             let old = std::mem::take(remote);
             for route in &old.routes {
-                self.trie.remove(route, delta.node);
+                self.trie.remove(route, &delta.node);
             }
             let remote = self.remotes.entry(delta.node).or_default();
             remote.incarnation = delta.incarnation;
@@ -382,7 +417,7 @@ impl RouteTable {
             RouteOp::Remove => {
                 if remote.routes.remove(&delta.route) {
                     remote.digest.remove(&delta.route);
-                    self.trie.remove(&delta.route, delta.node);
+                    self.trie.remove(&delta.route, &delta.node);
                 }
             }
         }
@@ -406,7 +441,7 @@ impl RouteTable {
         }
         let old = std::mem::take(remote);
         for route in &old.routes {
-            self.trie.remove(route, snapshot.node);
+            self.trie.remove(route, &snapshot.node);
         }
         let mut fresh = RemoteNode {
             incarnation: snapshot.incarnation,
@@ -427,7 +462,7 @@ impl RouteTable {
     pub fn forget(&mut self, node: NodeId) {
         if let Some(old) = self.remotes.remove(&node) {
             for route in &old.routes {
-                self.trie.remove(route, node);
+                self.trie.remove(route, &node);
             }
         }
     }
@@ -458,13 +493,8 @@ impl RouteTable {
         groups
     }
 
-    fn each_match(&self, topic: &str, mut f: impl FnMut(Option<&str>, &BTreeSet<NodeId>)) {
-        let levels: Vec<&str> = topic.split('/').collect();
-        self.trie.matches(&levels, true, &mut |holders| {
-            for (group, nodes) in holders {
-                f(group.as_deref(), nodes);
-            }
-        });
+    fn each_match(&self, topic: &str, f: impl FnMut(Option<&str>, &BTreeSet<NodeId>)) {
+        self.trie.each_match(topic, f);
     }
 
     /// The digest of `node`'s routes as this node holds them (its own for `self.id()`).
@@ -515,7 +545,7 @@ impl RouteTable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -694,7 +724,9 @@ mod tests {
     }
 
     /// MQTT matching, level by level (MQTT 5 section 4.7).
-    fn naive_match(filter: &str, topic: &str) -> bool {
+    /// Whether `filter` matches `topic`, level by level: the reference the tries are checked
+    /// against.
+    pub(crate) fn naive_match(filter: &str, topic: &str) -> bool {
         let f: Vec<&str> = filter.split('/').collect();
         let t: Vec<&str> = topic.split('/').collect();
         if topic.starts_with('$') && (f[0] == "+" || f[0] == "#") {

@@ -13,7 +13,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::session::{EnqueueResult, MessageId, SessionData, Step, StoredMessage};
+use crate::routes::{Route, TrieNode};
+use crate::session::{
+    EnqueueResult, MessageId, SessionData, Step, StoredMessage, SubscriptionOptions,
+};
 
 /// A Raft node id.
 pub type NodeId = u64;
@@ -141,6 +144,9 @@ pub enum Command {
         /// The topic name.
         topic: String,
     },
+    /// Several commands in one Raft entry, applied in order (group commit: what a node
+    /// recorded while its previous proposal was under way). Each has its own outcome.
+    Batch(Vec<Self>),
 }
 
 /// Why a command changed nothing.
@@ -213,6 +219,104 @@ pub enum Outcome {
     },
     /// Nothing changed.
     Rejected(Rejection),
+    /// The outcomes of a [`Command::Batch`], in order.
+    Batch(Vec<Self>),
+}
+
+/// What a node acts on once a command is applied: the owner of a session hands what was
+/// queued for it to its client, and a node that lost a session disconnects its client.
+/// Every node sees every effect; each acts on those of the sessions it owns or owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Effect {
+    /// A message was queued for a session.
+    Queued {
+        /// The session.
+        client_id: String,
+        /// Its owner.
+        owner: NodeId,
+        /// The owner's epoch.
+        epoch: u64,
+        /// The message's place in the session's queue.
+        seq: u64,
+        /// Its identity.
+        id: MessageId,
+        /// The QoS it is to be delivered at.
+        qos: u8,
+        /// The message.
+        message: StoredMessage,
+    },
+    /// A session was claimed (taken over, or created).
+    Claimed {
+        /// The session.
+        client_id: String,
+        /// The new owner.
+        owner: NodeId,
+        /// Its epoch.
+        epoch: u64,
+        /// The owner before, and its epoch.
+        previous: Option<(NodeId, u64)>,
+    },
+    /// A session ended (dropped by its owner, or expired).
+    Ended {
+        /// The session.
+        client_id: String,
+        /// Its last owner.
+        owner: NodeId,
+    },
+}
+
+/// The persistent sessions' subscriptions as a trie of filters, derived from the sessions'
+/// contents (never serialized; rebuilt from a snapshot), so that the node a message is
+/// published on finds every persistent session it is for, wherever that is owned.
+/// Shared subscriptions are not in it: their messages go to one member, through the routes.
+#[derive(Debug, Clone, Default)]
+struct SubscriptionIndex {
+    trie: TrieNode<(Box<str>, Box<str>)>,
+}
+
+impl SubscriptionIndex {
+    fn insert(&mut self, client_id: &str, filter: &str) {
+        let route = Route::parse(filter);
+        if route.group.is_none() {
+            self.trie.insert(&route, (client_id.into(), filter.into()));
+        }
+    }
+
+    fn remove(&mut self, client_id: &str, filter: &str) {
+        let route = Route::parse(filter);
+        if route.group.is_none() {
+            self.trie.remove(&route, &(client_id.into(), filter.into()));
+        }
+    }
+
+    fn remove_all(&mut self, client_id: &str, data: &SessionData) {
+        for filter in data.subscriptions.keys() {
+            self.remove(client_id, filter);
+        }
+    }
+}
+
+/// Derived data compares equal: two states are the same when what they are derived from is.
+impl PartialEq for SubscriptionIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for SubscriptionIndex {}
+
+/// One persistent session's subscription that a topic matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PersistentMatch<'a> {
+    /// The session.
+    pub client_id: &'a str,
+    /// The node that owns it.
+    pub owner: NodeId,
+    /// The matching filter.
+    pub filter: &'a str,
+    /// The subscription's options.
+    pub options: SubscriptionOptions,
 }
 
 /// The replicated state.
@@ -226,11 +330,18 @@ pub struct ClusterState {
     retained: BTreeMap<String, Retained>,
     /// The latest epoch handed out by a claim.
     last_epoch: u64,
+    #[serde(skip)]
+    index: SubscriptionIndex,
 }
 
 impl ClusterState {
     /// Applies one committed command.
     pub fn apply(&mut self, command: Command) -> Outcome {
+        self.apply_with(command, &mut Vec::new())
+    }
+
+    /// Applies one committed command, adding what nodes must act on to `effects`.
+    pub fn apply_with(&mut self, command: Command, effects: &mut Vec<Effect>) -> Outcome {
         match command {
             Command::NodeUp {
                 node,
@@ -261,21 +372,31 @@ impl ClusterState {
                 let previous = self.sessions.get(&client_id).map(|s| (s.owner, s.epoch));
                 let present = previous.is_some() && !clean;
                 if !present {
-                    self.contents
-                        .insert(client_id.clone(), SessionData::default());
+                    if let Some(old) = self
+                        .contents
+                        .insert(client_id.clone(), SessionData::default())
+                    {
+                        self.index.remove_all(&client_id, &old);
+                    }
                 }
                 // One counter for all sessions: an epoch is never reused, not even by a session
                 // dropped and created again, so a command from its earlier life stays stale.
                 self.last_epoch = self.last_epoch.saturating_add(1);
                 let epoch = self.last_epoch;
                 self.sessions.insert(
-                    client_id,
+                    client_id.clone(),
                     SessionOwner {
                         owner: node,
                         epoch,
                         expires_at_ms,
                     },
                 );
+                effects.push(Effect::Claimed {
+                    client_id,
+                    owner: node,
+                    epoch,
+                    previous,
+                });
                 Outcome::Claimed {
                     epoch,
                     previous,
@@ -302,21 +423,23 @@ impl ClusterState {
                 epoch,
             } => match self.fenced(&client_id, node, epoch) {
                 Ok(()) => {
-                    self.sessions.remove(&client_id);
-                    self.contents.remove(&client_id);
+                    self.end(client_id, effects);
                     Outcome::Done
                 }
                 Err(r) => Outcome::Rejected(r),
             },
             Command::ExpireSessions { now_ms } => {
-                let before = self.sessions.len();
-                self.sessions
-                    .retain(|_, s| s.expires_at_ms.is_none_or(|at| at > now_ms));
-                let sessions = &self.sessions;
-                self.contents.retain(|id, _| sessions.contains_key(id));
-                Outcome::Expired {
-                    count: before - self.sessions.len(),
+                let expired: Vec<String> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.expires_at_ms.is_some_and(|at| at <= now_ms))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let count = expired.len();
+                for client_id in expired {
+                    self.end(client_id, effects);
                 }
+                Outcome::Expired { count }
             }
             Command::Enqueue {
                 id,
@@ -326,9 +449,26 @@ impl ClusterState {
             } => {
                 let results = targets
                     .into_iter()
-                    .map(|(client_id, qos)| match self.contents.get_mut(&client_id) {
-                        Some(data) => data.enqueue(id, message.clone(), qos, max_queued),
-                        None => EnqueueResult::NoSession,
+                    .map(|(client_id, qos)| {
+                        let (Some(data), Some(owner)) = (
+                            self.contents.get_mut(&client_id),
+                            self.sessions.get(&client_id),
+                        ) else {
+                            return EnqueueResult::NoSession;
+                        };
+                        let result = data.enqueue(id, message.clone(), qos, max_queued);
+                        if let EnqueueResult::Queued(seq) = result {
+                            effects.push(Effect::Queued {
+                                owner: owner.owner,
+                                epoch: owner.epoch,
+                                client_id,
+                                seq,
+                                id,
+                                qos,
+                                message: message.clone(),
+                            });
+                        }
+                        result
                     })
                     .collect();
                 Outcome::Enqueued { results }
@@ -340,8 +480,24 @@ impl ClusterState {
                 steps,
             } => match self.fenced(&client_id, node, epoch) {
                 Ok(()) => {
-                    let data = self.contents.entry(client_id).or_default();
-                    let ignored = steps.into_iter().filter(|s| !data.step(s.clone())).count();
+                    let data = self.contents.entry(client_id.clone()).or_default();
+                    let mut ignored = 0;
+                    for step in steps {
+                        let index = match &step {
+                            Step::Subscribe { filter, .. } => Some((filter.clone(), true)),
+                            Step::Unsubscribe { filter } => Some((filter.clone(), false)),
+                            _ => None,
+                        };
+                        if !data.step(step) {
+                            ignored += 1;
+                            continue;
+                        }
+                        match index {
+                            Some((filter, true)) => self.index.insert(&client_id, &filter),
+                            Some((filter, false)) => self.index.remove(&client_id, &filter),
+                            None => {}
+                        }
+                    }
                     Outcome::Progressed { ignored }
                 }
                 Err(r) => Outcome::Rejected(r),
@@ -354,7 +510,54 @@ impl ClusterState {
                 self.retained.remove(&topic);
                 Outcome::Done
             }
+            Command::Batch(commands) => Outcome::Batch(
+                commands
+                    .into_iter()
+                    .map(|c| self.apply_with(c, effects))
+                    .collect(),
+            ),
         }
+    }
+
+    /// Ends a session: forgets its owner, its contents and its subscriptions.
+    fn end(&mut self, client_id: String, effects: &mut Vec<Effect>) {
+        if let Some(data) = self.contents.remove(&client_id) {
+            self.index.remove_all(&client_id, &data);
+        }
+        if let Some(owner) = self.sessions.remove(&client_id) {
+            effects.push(Effect::Ended {
+                client_id,
+                owner: owner.owner,
+            });
+        }
+    }
+
+    /// Every persistent session's subscription that `topic` matches (shared subscriptions
+    /// aside), with the session's owner.
+    pub fn persistent_matches(&self, topic: &str) -> Vec<PersistentMatch<'_>> {
+        let mut found = Vec::new();
+        self.index.trie.each_match(topic, |group, holders| {
+            if group.is_some() {
+                return;
+            }
+            for (client_id, filter) in holders {
+                let (Some(owner), Some(options)) = (
+                    self.sessions.get(&**client_id),
+                    self.contents
+                        .get(&**client_id)
+                        .and_then(|d| d.subscriptions.get(&**filter)),
+                ) else {
+                    continue;
+                };
+                found.push(PersistentMatch {
+                    client_id,
+                    owner: owner.owner,
+                    filter,
+                    options: *options,
+                });
+            }
+        });
+        found
     }
 
     /// Checks that `node` holding `epoch` may change the session.
@@ -419,7 +622,15 @@ impl ClusterState {
 
     /// The state from a snapshot's bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
+        let mut state: Self = serde_json::from_slice(bytes)?;
+        let mut index = SubscriptionIndex::default();
+        for (client_id, data) in &state.contents {
+            for filter in data.subscriptions.keys() {
+                index.insert(client_id, filter);
+            }
+        }
+        state.index = index;
+        Ok(state)
     }
 }
 
@@ -535,7 +746,7 @@ mod tests {
         };
         let sub = Step::Subscribe {
             filter: "t/#".into(),
-            options: crate::session::SubscriptionOptions {
+            options: SubscriptionOptions {
                 qos: 1,
                 no_local: false,
                 retain_as_published: false,
@@ -671,6 +882,117 @@ mod tests {
         assert!(s.nodes().is_empty());
     }
 
+    fn subscribe(s: &mut ClusterState, id: &str, node: NodeId, epoch: u64, filter: &str) {
+        let out = s.apply(Command::SessionProgress {
+            client_id: id.into(),
+            node,
+            epoch,
+            steps: vec![Step::Subscribe {
+                filter: filter.into(),
+                options: SubscriptionOptions {
+                    qos: 1,
+                    no_local: false,
+                    retain_as_published: false,
+                    identifier: None,
+                },
+            }],
+        });
+        assert_eq!(out, Outcome::Progressed { ignored: 0 });
+    }
+
+    fn who(s: &ClusterState, topic: &str) -> Vec<(String, NodeId)> {
+        let mut v: Vec<_> = s
+            .persistent_matches(topic)
+            .iter()
+            .map(|m| (m.client_id.to_owned(), m.owner))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The index of persistent subscriptions follows subscribes, takeovers, clean starts,
+    /// drops and expiry, and an enqueue tells the owner what to deliver.
+    #[test]
+    fn persistent_subscriptions_are_indexed_and_enqueues_become_effects() {
+        let mut s = ClusterState::default();
+        let a = claim(&mut s, "a", 1);
+        let b = claim(&mut s, "b", 2);
+        subscribe(&mut s, "a", 1, a, "t/+");
+        subscribe(&mut s, "b", 2, b, "t/x");
+        subscribe(&mut s, "b", 2, b, "$share/g/t/x");
+        assert_eq!(who(&s, "t/x"), [("a".into(), 1), ("b".into(), 2)]);
+        assert_eq!(who(&s, "t/y"), [("a".into(), 1)]);
+        // Taken over, the session keeps its subscriptions under its new owner.
+        let mut effects = Vec::new();
+        let _ = s.apply_with(
+            Command::ClaimSession {
+                client_id: "a".into(),
+                node: 3,
+                expires_at_ms: Some(50),
+                clean: false,
+            },
+            &mut effects,
+        );
+        assert!(matches!(
+            &effects[..],
+            [Effect::Claimed {
+                owner: 3,
+                previous: Some((1, _)),
+                ..
+            }]
+        ));
+        assert_eq!(who(&s, "t/y"), [("a".into(), 3)]);
+        // An enqueue is an effect for each session it queued for.
+        effects.clear();
+        let _ = s.apply_with(
+            Command::Enqueue {
+                id: MessageId {
+                    node: 2,
+                    incarnation: 1,
+                    counter: 1,
+                },
+                message: message("t/x"),
+                targets: vec![("a".into(), 1), ("b".into(), 1), ("gone".into(), 1)],
+                max_queued: 10,
+            },
+            &mut effects,
+        );
+        let owners: Vec<_> = effects
+            .iter()
+            .map(|e| match e {
+                Effect::Queued {
+                    client_id,
+                    owner,
+                    seq,
+                    ..
+                } => (client_id.as_str(), *owner, *seq),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(owners, [("a", 3, 0), ("b", 2, 0)]);
+        // A clean start forgets the subscriptions; so do a drop and expiry.
+        let _ = s.apply(Command::ClaimSession {
+            client_id: "b".into(),
+            node: 2,
+            expires_at_ms: None,
+            clean: true,
+        });
+        assert_eq!(who(&s, "t/x"), [("a".into(), 3)]);
+        effects.clear();
+        let _ = s.apply_with(Command::ExpireSessions { now_ms: 60 }, &mut effects);
+        assert!(matches!(&effects[..], [Effect::Ended { owner: 3, .. }]));
+        assert_eq!(who(&s, "t/x"), []);
+        assert!(s.index.trie.is_empty(), "nothing left behind");
+        let c = claim(&mut s, "c", 1);
+        subscribe(&mut s, "c", 1, c, "#");
+        let _ = s.apply(Command::DropSession {
+            client_id: "c".into(),
+            node: 1,
+            epoch: c,
+        });
+        assert!(s.index.trie.all().iter().all(|(id, _)| &**id != "c"));
+    }
+
     #[test]
     fn retained_set_and_delete() {
         let mut s = ClusterState::default();
@@ -730,7 +1052,52 @@ mod props {
             pid.clone()
                 .prop_map(|packet_id| Step::InboundReceived { packet_id }),
             pid.prop_map(|packet_id| Step::InboundReleased { packet_id }),
+            (prop::sample::select(FILTERS.to_vec()), 0u8..3).prop_map(|(filter, qos)| {
+                Step::Subscribe {
+                    filter: filter.into(),
+                    options: SubscriptionOptions {
+                        qos,
+                        no_local: false,
+                        retain_as_published: false,
+                        identifier: None,
+                    },
+                }
+            }),
+            prop::sample::select(FILTERS.to_vec()).prop_map(|filter| Step::Unsubscribe {
+                filter: filter.into()
+            }),
         ]
+    }
+
+    const FILTERS: [&str; 6] = ["a/b", "a/+", "a/#", "#", "$SYS/#", "$share/g/a/b"];
+    const TOPICS: [&str; 5] = ["a/b", "a/c", "a", "x", "$SYS/x"];
+
+    /// What `persistent_matches` must find, by scanning every session's subscriptions.
+    fn scanned(s: &ClusterState, topic: &str) -> Vec<(String, String, u8)> {
+        let mut found: Vec<_> = s
+            .contents
+            .iter()
+            .flat_map(|(id, d)| {
+                d.subscriptions
+                    .iter()
+                    .filter(|(f, _)| {
+                        !f.starts_with("$share/") && crate::routes::tests::naive_match(f, topic)
+                    })
+                    .map(move |(f, o)| (id.clone(), f.clone(), o.qos))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    fn matched(s: &ClusterState, topic: &str) -> Vec<(String, String, u8)> {
+        let mut found: Vec<_> = s
+            .persistent_matches(topic)
+            .into_iter()
+            .map(|m| (m.client_id.to_owned(), m.filter.to_owned(), m.options.qos))
+            .collect();
+        found.sort();
+        found
     }
 
     fn command() -> impl Strategy<Value = Command> {
@@ -850,7 +1217,23 @@ mod props {
                 held.sort();
                 prop_assert!(held.into_iter().eq(data.held.iter().map(|(i, s)| (*i, *s))));
             }
-            prop_assert_eq!(ClusterState::from_bytes(&s.to_bytes().unwrap()).unwrap(), s);
+            // The index of persistent subscriptions finds what a scan finds, before and after a
+            // snapshot round trip (which rebuilds it).
+            let mut indexed: Vec<(String, String)> = s.index.trie.all().into_iter()
+                .map(|(c, f)| (c.into(), f.into())).collect();
+            indexed.sort();
+            let mut subscribed: Vec<(String, String)> = s.contents.iter()
+                .flat_map(|(c, d)| d.subscriptions.keys().map(move |f| (c.clone(), f.clone())))
+                .filter(|(_, f)| !f.starts_with("$share/"))
+                .collect();
+            subscribed.sort();
+            prop_assert_eq!(indexed, subscribed, "the index holds what the sessions hold, no more");
+            let copy = ClusterState::from_bytes(&s.to_bytes().unwrap()).unwrap();
+            for topic in TOPICS {
+                prop_assert_eq!(matched(&s, topic), scanned(&s, topic), "topic {}", topic);
+                prop_assert_eq!(matched(&copy, topic), scanned(&s, topic), "topic {}", topic);
+            }
+            prop_assert_eq!(copy, s);
         }
     }
 }

@@ -30,7 +30,7 @@ use openraft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::state::{ClusterState, NodeId, Outcome};
+use crate::state::{ClusterState, Effect, NodeId, Outcome};
 use crate::{Member, TypeConfig};
 
 const VOTE: &str = "vote";
@@ -162,6 +162,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
     let sm = StateMachine {
         disk,
         applied: Arc::new(RwLock::new(applied)),
+        hook: HookSlot::default(),
     };
     Ok((log_store, sm))
 }
@@ -313,10 +314,34 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// Told, on each node, what the entries it applies change for the sessions (see
+/// [`Effect`]): the owner of a session delivers what was queued for it, a node that lost a
+/// session disconnects its client. Raft's apply task calls it after the state is updated and
+/// its lock released, in log order; it must not block. Entries applied again at a restart
+/// (those after the latest snapshot) are told again.
+pub trait ApplyHook: Send + Sync + 'static {
+    /// What one or more applied entries changed, in order.
+    fn applied(&self, effects: Vec<Effect>);
+
+    /// A snapshot from the leader replaced the state: the changes it covers were not told
+    /// one by one.
+    fn replaced(&self) {}
+}
+
+/// Where the hook is, once the broker has set it.
+type HookSlot = Arc<RwLock<Option<Arc<dyn ApplyHook>>>>;
+
 /// A read handle on the applied cluster state.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StateReader {
     applied: Arc<RwLock<Applied>>,
+    hook: HookSlot,
+}
+
+impl std::fmt::Debug for StateReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateReader").finish_non_exhaustive()
+    }
 }
 
 impl StateReader {
@@ -330,6 +355,11 @@ impl StateReader {
         self.lock().last_applied.map(|l| l.index)
     }
 
+    /// Sets the hook told what applied entries change, replacing any before it.
+    pub(crate) fn set_hook(&self, hook: Arc<dyn ApplyHook>) {
+        *self.hook.write().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
     fn lock(&self) -> RwLockReadGuard<'_, Applied> {
         // A panic while applying would have stopped Raft already; the data is still whole.
         self.applied.read().unwrap_or_else(|e| e.into_inner())
@@ -340,6 +370,7 @@ impl StateReader {
 pub struct StateMachine {
     disk: Arc<Disk>,
     applied: Arc<RwLock<Applied>>,
+    hook: HookSlot,
 }
 
 impl StateMachine {
@@ -347,7 +378,12 @@ impl StateMachine {
     pub fn reader(&self) -> StateReader {
         StateReader {
             applied: self.applied.clone(),
+            hook: self.hook.clone(),
         }
+    }
+
+    fn hook(&self) -> Option<Arc<dyn ApplyHook>> {
+        self.hook.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
@@ -424,19 +460,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut applied = self.write();
+        let mut effects = Vec::new();
         let mut outcomes = Vec::new();
-        for entry in entries {
-            applied.last_applied = Some(entry.log_id);
-            let outcome = match entry.payload {
-                EntryPayload::Blank => Outcome::Done,
-                EntryPayload::Normal(command) => applied.state.apply(command),
-                EntryPayload::Membership(m) => {
-                    applied.membership = StoredMembership::new(Some(entry.log_id), m);
-                    Outcome::Done
-                }
-            };
-            outcomes.push(outcome);
+        {
+            let mut applied = self.write();
+            for entry in entries {
+                applied.last_applied = Some(entry.log_id);
+                let outcome = match entry.payload {
+                    EntryPayload::Blank => Outcome::Done,
+                    EntryPayload::Normal(command) => {
+                        applied.state.apply_with(command, &mut effects)
+                    }
+                    EntryPayload::Membership(m) => {
+                        applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                        Outcome::Done
+                    }
+                };
+                outcomes.push(outcome);
+            }
+        }
+        if !effects.is_empty() {
+            if let Some(hook) = self.hook() {
+                hook.applied(effects);
+            }
         }
         Ok(outcomes)
     }
@@ -446,6 +492,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             sm: Self {
                 disk: self.disk.clone(),
                 applied: self.applied.clone(),
+                hook: self.hook.clone(),
             },
         }
     }
@@ -467,10 +514,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data,
         })?;
-        let mut applied = self.write();
-        applied.state = state;
-        applied.last_applied = meta.last_log_id;
-        applied.membership = meta.last_membership.clone();
+        {
+            let mut applied = self.write();
+            applied.state = state;
+            applied.last_applied = meta.last_log_id;
+            applied.membership = meta.last_membership.clone();
+        }
+        if let Some(hook) = self.hook() {
+            hook.replaced();
+        }
         Ok(())
     }
 
