@@ -125,8 +125,13 @@ impl Proposer {
         settled: impl Fn(Settled),
     ) {
         loop {
+            if stop.is_cancelled() {
+                self.lose_the_rest(&settled);
+                return;
+            }
             let Some((first, batch)) = self.take() else {
                 tokio::select! {
+                    biased;
                     () = stop.cancelled() => {}
                     () = self.wake.notified() => continue,
                 }

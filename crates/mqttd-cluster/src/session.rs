@@ -121,6 +121,28 @@ pub struct Queued {
     pub qos: u8,
     /// The message.
     pub message: StoredMessage,
+    /// The RETAIN flag to deliver it with, and the matching subscriptions' identifiers.
+    #[serde(default, skip_serializing_if = "Delivered::is_plain")]
+    pub delivered: Delivered,
+}
+
+/// How a queued message is to be delivered, beyond its QoS: what the matching subscriptions'
+/// options made of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    /// The RETAIN flag (set only through a subscription with retain as published).
+    #[serde(default)]
+    pub retain: bool,
+    /// The identifiers of the matching subscriptions (MQTT 5).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscription_ids: Vec<u32>,
+}
+
+impl Delivered {
+    /// Neither flag nor identifiers.
+    pub fn is_plain(&self) -> bool {
+        !self.retain && self.subscription_ids.is_empty()
+    }
 }
 
 /// A message sent to the client and not yet acknowledged.
@@ -136,6 +158,9 @@ pub struct InFlight {
     pub message: StoredMessage,
     /// QoS 2: PUBREC came and PUBREL was sent; what is sent again is PUBREL, not the message.
     pub released: bool,
+    /// The RETAIN flag and subscription identifiers it was sent with.
+    #[serde(default, skip_serializing_if = "Delivered::is_plain")]
+    pub delivered: Delivered,
 }
 
 /// The contents of a persistent session.
@@ -231,6 +256,18 @@ impl SessionData {
         qos: u8,
         max_queued: u32,
     ) -> EnqueueResult {
+        self.enqueue_as(id, message, qos, Delivered::default(), max_queued)
+    }
+
+    /// As [`SessionData::enqueue`], to be delivered as `delivered` says.
+    pub(crate) fn enqueue_as(
+        &mut self,
+        id: MessageId,
+        message: StoredMessage,
+        qos: u8,
+        delivered: Delivered,
+        max_queued: u32,
+    ) -> EnqueueResult {
         if let Some(seq) = self.held.get(&id) {
             return EnqueueResult::Held(*seq);
         }
@@ -246,6 +283,7 @@ impl SessionData {
             id,
             qos,
             message,
+            delivered,
         });
         EnqueueResult::Queued(seq)
     }
@@ -273,6 +311,7 @@ impl SessionData {
                                 qos: q.qos,
                                 message: q.message,
                                 released: false,
+                                delivered: q.delivered,
                             },
                         );
                         true

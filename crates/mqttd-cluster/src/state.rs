@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::routes::{Route, TrieNode};
 use crate::session::{
-    EnqueueResult, MessageId, SessionData, Step, StoredMessage, SubscriptionOptions,
+    Delivered, EnqueueResult, MessageId, SessionData, Step, StoredMessage, SubscriptionOptions,
 };
 
 /// A Raft node id.
@@ -121,6 +121,22 @@ pub enum Command {
         /// that every node decides alike).
         max_queued: u32,
     },
+    /// A QoS 1 or 2 message published on a node, for every persistent session with a
+    /// matching subscription, wherever it is owned. The sessions are found when the command
+    /// is applied, in the index of persistent subscriptions, so that a subscription
+    /// committed before the publication gets it whichever node either came through. The
+    /// node acknowledges the publication once this is committed.
+    Publish {
+        /// The message's identity: a session holds it once however often this is proposed.
+        id: MessageId,
+        /// The message.
+        message: StoredMessage,
+        /// The publishing client, for its No Local subscriptions.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+        /// The most messages a session's queue holds.
+        max_queued: u32,
+    },
     /// The owner's changes to its session, applied in order (see [`Step`]).
     SessionProgress {
         /// The client id.
@@ -201,6 +217,14 @@ pub enum Outcome {
         /// and the claim was not a clean start.
         present: bool,
     },
+    /// What [`Command::Publish`] did: how many sessions it was queued for, and how many
+    /// refused it with a full queue.
+    Published {
+        /// Sessions that queued it (or held it already).
+        queued: usize,
+        /// Sessions whose queue was full.
+        full: usize,
+    },
     /// What [`Command::Enqueue`] did for each target, in order.
     Enqueued {
         /// One result per target.
@@ -243,8 +267,10 @@ pub enum Effect {
         id: MessageId,
         /// The QoS it is to be delivered at.
         qos: u8,
+        /// The RETAIN flag and subscription identifiers to deliver it with.
+        delivered: Delivered,
         /// The message.
-        message: StoredMessage,
+        message: Box<StoredMessage>,
     },
     /// A session was claimed (taken over, or created).
     Claimed {
@@ -465,7 +491,8 @@ impl ClusterState {
                                 seq,
                                 id,
                                 qos,
-                                message: message.clone(),
+                                delivered: Delivered::default(),
+                                message: Box::new(message.clone()),
                             });
                         }
                         result
@@ -473,6 +500,12 @@ impl ClusterState {
                     .collect();
                 Outcome::Enqueued { results }
             }
+            Command::Publish {
+                id,
+                message,
+                from,
+                max_queued,
+            } => self.publish(id, &message, from.as_deref(), max_queued, effects),
             Command::SessionProgress {
                 client_id,
                 node,
@@ -517,6 +550,62 @@ impl ClusterState {
                     .collect(),
             ),
         }
+    }
+
+    /// Queues `message` for every persistent session it matches: one copy per session, at
+    /// the highest QoS of its matching subscriptions (capped by the message's), with their
+    /// identifiers, skipping the publisher's No Local subscriptions and copies that would go
+    /// at QoS 0 (those travel as clean sessions' messages do).
+    fn publish(
+        &mut self,
+        id: MessageId,
+        message: &StoredMessage,
+        from: Option<&str>,
+        max_queued: u32,
+        effects: &mut Vec<Effect>,
+    ) -> Outcome {
+        let mut per_session: BTreeMap<String, (u8, Delivered)> = BTreeMap::new();
+        for m in self.persistent_matches(&message.topic) {
+            if m.options.no_local && Some(m.client_id) == from {
+                continue;
+            }
+            let (qos, delivered) = per_session.entry(m.client_id.to_owned()).or_default();
+            *qos = (*qos).max(m.options.qos.min(message.qos));
+            delivered.retain |= m.options.retain_as_published && message.retain;
+            delivered.subscription_ids.extend(m.options.identifier);
+        }
+        let (mut queued, mut full) = (0, 0);
+        for (client_id, (qos, mut delivered)) in per_session {
+            if qos == 0 {
+                continue;
+            }
+            let (Some(data), Some(owner)) = (
+                self.contents.get_mut(&client_id),
+                self.sessions.get(&client_id),
+            ) else {
+                continue;
+            };
+            delivered.subscription_ids.sort_unstable();
+            match data.enqueue_as(id, message.clone(), qos, delivered.clone(), max_queued) {
+                EnqueueResult::Queued(seq) => {
+                    queued += 1;
+                    effects.push(Effect::Queued {
+                        owner: owner.owner,
+                        epoch: owner.epoch,
+                        client_id,
+                        seq,
+                        id,
+                        qos,
+                        delivered,
+                        message: Box::new(message.clone()),
+                    });
+                }
+                EnqueueResult::Held(_) => queued += 1,
+                EnqueueResult::Full => full += 1,
+                EnqueueResult::NoSession => {}
+            }
+        }
+        Outcome::Published { queued, full }
     }
 
     /// Ends a session: forgets its owner, its contents and its subscriptions.
@@ -993,6 +1082,87 @@ mod tests {
         assert!(s.index.trie.all().iter().all(|(id, _)| &**id != "c"));
     }
 
+    /// A publication finds its persistent sessions when applied: one copy each at the
+    /// highest QoS of the matching subscriptions, none for the publisher's No Local ones or
+    /// at QoS 0, once however often it is proposed.
+    #[test]
+    fn a_publication_is_queued_for_every_matching_persistent_session() {
+        let mut s = ClusterState::default();
+        let options = |qos, no_local, retain_as_published, identifier| SubscriptionOptions {
+            qos,
+            no_local,
+            retain_as_published,
+            identifier,
+        };
+        for (id, filters) in [
+            (
+                "a",
+                vec![
+                    ("t/+", options(1, false, false, Some(5))),
+                    ("t/x", options(2, false, true, None)),
+                ],
+            ),
+            ("b", vec![("t/#", options(0, false, false, None))]),
+            ("c", vec![("t/x", options(1, true, false, None))]),
+        ] {
+            let epoch = claim(&mut s, id, 1);
+            let steps = filters
+                .into_iter()
+                .map(|(f, options)| Step::Subscribe {
+                    filter: f.into(),
+                    options,
+                })
+                .collect();
+            let _ = s.apply(Command::SessionProgress {
+                client_id: id.into(),
+                node: 1,
+                epoch,
+                steps,
+            });
+        }
+        let publish = Command::Publish {
+            id: MessageId {
+                node: 2,
+                incarnation: 1,
+                counter: 9,
+            },
+            message: StoredMessage {
+                retain: true,
+                qos: 2,
+                ..message("t/x")
+            },
+            from: Some("c".into()),
+            max_queued: 10,
+        };
+        let mut effects = Vec::new();
+        let out = s.apply_with(publish.clone(), &mut effects);
+        assert_eq!(out, Outcome::Published { queued: 1, full: 0 });
+        let [Effect::Queued {
+            client_id,
+            qos,
+            delivered,
+            ..
+        }] = &effects[..]
+        else {
+            panic!("{effects:?}");
+        };
+        assert_eq!((client_id.as_str(), *qos), ("a", 2));
+        assert_eq!(
+            *delivered,
+            Delivered {
+                retain: true,
+                subscription_ids: vec![5]
+            }
+        );
+        effects.clear();
+        assert_eq!(
+            s.apply_with(publish, &mut effects),
+            Outcome::Published { queued: 1, full: 0 }
+        );
+        assert!(effects.is_empty(), "held already: {effects:?}");
+        assert_eq!(s.session_data("a").map(|d| d.queue.len()), Some(1));
+    }
+
     #[test]
     fn retained_set_and_delete() {
         let mut s = ClusterState::default();
@@ -1163,6 +1333,24 @@ mod props {
                     epoch,
                     steps,
                 }),
+            (prop::sample::select(TOPICS.to_vec()), 1u32..4, 0u64..4).prop_map(
+                |(topic, max_queued, counter)| Command::Publish {
+                    id: MessageId {
+                        node: 2,
+                        incarnation: 1,
+                        counter,
+                    },
+                    message: StoredMessage {
+                        topic: topic.into(),
+                        payload: vec![2],
+                        qos: 1,
+                        retain: false,
+                        properties: Default::default(),
+                    },
+                    from: None,
+                    max_queued,
+                }
+            ),
             (node, 0u64..5).prop_map(|(node, incarnation)| Command::NodeUp {
                 node,
                 name: format!("n{node}"),
