@@ -232,6 +232,22 @@ pub enum Step {
     },
     /// The will set (at CONNECT) or cleared (published, or a normal DISCONNECT).
     Will(Option<StoredWill>),
+    /// The session's subscriptions are now these (all of them).
+    Subscriptions(BTreeMap<String, SubscriptionOptions>),
+    /// The message with this identity was sent under `packet_id` (it is in flight now).
+    SentId {
+        /// The message.
+        id: MessageId,
+        /// Its packet id.
+        packet_id: u16,
+    },
+    /// The message with this identity is done with: delivered, or dropped (expired).
+    Forget {
+        /// The message.
+        id: MessageId,
+    },
+    /// Every message and QoS 2 state of the session is gone (it starts afresh).
+    Clear,
 }
 
 /// What enqueueing a message for one session did.
@@ -348,6 +364,36 @@ impl SessionData {
             Step::Will(will) => {
                 let changed = self.will != will;
                 self.will = will;
+                changed
+            }
+            Step::Subscriptions(subscriptions) => {
+                let changed = self.subscriptions != subscriptions;
+                self.subscriptions = subscriptions;
+                changed
+            }
+            Step::SentId { id, packet_id } => match self.held.get(&id) {
+                Some(&seq) => self.step(Step::Sent {
+                    seq,
+                    packet_id: Some(packet_id),
+                }),
+                None => false,
+            },
+            Step::Forget { id } => {
+                let Some(seq) = self.held.remove(&id) else {
+                    return false;
+                };
+                self.queue.retain(|q| q.seq != seq);
+                self.in_flight.retain(|_, f| f.seq != seq);
+                true
+            }
+            Step::Clear => {
+                let changed = !(self.queue.is_empty()
+                    && self.in_flight.is_empty()
+                    && self.inbound_qos2.is_empty());
+                self.queue.clear();
+                self.in_flight.clear();
+                self.inbound_qos2.clear();
+                self.held.clear();
                 changed
             }
         }

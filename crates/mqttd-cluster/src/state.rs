@@ -521,11 +521,18 @@ impl ClusterState {
                             Step::Unsubscribe { filter } => Some((filter.clone(), false)),
                             _ => None,
                         };
-                        if !data.step(step) {
-                            ignored += 1;
-                            continue;
+                        let replaced = matches!(step, Step::Subscriptions(_));
+                        if replaced {
+                            self.index.remove_all(&client_id, data);
+                        }
+                        let changed = data.step(step);
+                        if replaced {
+                            for filter in data.subscriptions.keys() {
+                                self.index.insert(&client_id, filter);
+                            }
                         }
                         match index {
+                            _ if !changed => ignored += 1,
                             Some((filter, true)) => self.index.insert(&client_id, &filter),
                             Some((filter, false)) => self.index.remove(&client_id, &filter),
                             None => {}
