@@ -175,7 +175,7 @@ impl Mailbox {
     /// Queues a delivery unless `limit` are already waiting; returns whether it was queued.
     /// `admit` runs first, under the mailbox's lock, so that what it records happens before
     /// the connection can see the delivery.
-    fn push(
+    pub(crate) fn push(
         &self,
         mut delivery: Delivery,
         limit: usize,
@@ -208,7 +208,7 @@ impl Mailbox {
         self.arrived(waker);
     }
 
-    fn take_over(&self, reply: SessionReply) {
+    pub(crate) fn take_over(&self, reply: SessionReply) {
         let mut slots = self.slots.lock();
         slots.inbox.takeover = Some(reply);
         let waker = slots.waker.take();
@@ -256,7 +256,7 @@ impl Mailbox {
 /// Where a connection that is taken over hands its session: to the connection taking it over,
 /// which waits for it (`None` if the session ended with the old connection).
 #[derive(Debug)]
-pub(crate) struct SessionReply(oneshot::Sender<Option<Session>>);
+pub(crate) struct SessionReply(pub(crate) oneshot::Sender<Option<Session>>);
 
 impl SessionReply {
     /// Hands the session over; if the new connection stopped waiting, it is dropped.
@@ -410,6 +410,11 @@ impl SessionHandle {
     ) -> Handed {
         let limit = Self::limit(inner);
         let persist = delivery.qos != QoS::AtMostOnce && self.persistent.load(Ordering::Relaxed);
+        if persist && delivery.shared.is_none() && inner.owned_by_cluster(self) {
+            // The cluster queues this copy for the session (the publication's `Publish`)
+            // and its owner delivers it from there.
+            return Handed::Taken;
+        }
         let mut store = |d: &mut Delivery| {
             if persist {
                 d.store_seq = Some(inner.next_seq.fetch_add(1, Ordering::Relaxed));
@@ -701,7 +706,7 @@ impl SessionCount {
     }
 
     /// `handle`'s session ended: its place is free.
-    fn uncount(&self, handle: &SessionHandle) {
+    pub(crate) fn uncount(&self, handle: &SessionHandle) {
         if handle.counted.swap(false, Ordering::Relaxed) {
             self.held.fetch_sub(1, Ordering::Relaxed);
         }
@@ -719,6 +724,9 @@ pub(crate) struct Acquired {
     pub(crate) handle: Arc<SessionHandle>,
     pub(crate) session: Session,
     pub(crate) present: bool,
+    /// The CONNECT is refused with this reason instead (in a cluster: no quorum to claim
+    /// the session).
+    pub(crate) refused: Option<ReasonCode>,
 }
 
 /// Where a session is, as [`Inner::session_view`] saw it.
@@ -985,6 +993,11 @@ pub(crate) struct Inner {
     listener_totals: Mutex<HashMap<Arc<str>, ListenerTotals>>,
     /// The cluster's routes and forwarding, once attached (see `forwarding.rs`).
     router: std::sync::OnceLock<mqttd_cluster::Router>,
+    /// In a cluster: the storage that sends persistent sessions to Raft (see
+    /// `cluster_sessions.rs`), and the lock under which effects of applied entries and a
+    /// claim's reading of the replicated session take turns.
+    pub(crate) cluster_storage: std::sync::OnceLock<Arc<crate::cluster_storage::ClusterStorage>>,
+    pub(crate) cluster_apply: Mutex<()>,
 }
 
 /// What a listener's clients did over the broker's life, for the admin API. A connection
@@ -1062,6 +1075,8 @@ impl Inner {
             loaded_config: ArcSwap::from_pointee(config.clone()),
             listener_totals: Mutex::new(HashMap::new()),
             router: std::sync::OnceLock::new(),
+            cluster_storage: std::sync::OnceLock::new(),
+            cluster_apply: Mutex::new(()),
             bridges: crate::bridge::Bridges::default(),
             #[cfg(feature = "p2p")]
             peers: Arc::default(),
@@ -1157,7 +1172,7 @@ impl Inner {
         }
     }
 
-    fn new_handle(&self, client_id: &ClientId, slot: Slot) -> Arc<SessionHandle> {
+    pub(crate) fn new_handle(&self, client_id: &ClientId, slot: Slot) -> Arc<SessionHandle> {
         Arc::new(SessionHandle {
             key: self.next_key.fetch_add(1, Ordering::Relaxed),
             client_id: client_id.clone(),
@@ -1248,6 +1263,13 @@ impl Inner {
         request: &crate::core::SessionRequest,
         mailbox: &Arc<Mailbox>,
     ) -> Acquired {
+        if request.expiry > 0 {
+            if let Some(storage) = self.cluster_storage.get() {
+                return self
+                    .acquire_in_cluster(now, request, mailbox, storage)
+                    .await;
+            }
+        }
         self.acquire_session(
             now,
             &request.client_id,
@@ -1298,6 +1320,7 @@ impl Inner {
                         handle,
                         session: fresh(),
                         present: false,
+                        refused: None,
                     };
                 }
                 dashmap::mapref::entry::Entry::Occupied(o) => o.get().clone(),
@@ -1386,6 +1409,7 @@ impl Inner {
                 handle: existing,
                 session: old,
                 present: true,
+                refused: None,
             };
         }
         // Persistent contention for one client id: give this client a session of its own that
@@ -1394,6 +1418,7 @@ impl Inner {
             handle: self.new_handle(client_id, online()),
             session: fresh(),
             present: false,
+            refused: None,
         }
     }
 
@@ -1862,7 +1887,22 @@ impl Inner {
         let mut blocked = Blocked::new();
         let count = self.route_or_block(now, message, from, &mut blocked, batch);
         self.metrics.messages_dropped.inc_by(blocked.len() as u64);
+        self.publish_to_cluster(message, None, batch);
         count
+    }
+
+    /// In a cluster, records a QoS 1 or 2 publication for the persistent sessions of every
+    /// node (see `cluster_sessions.rs`); `from` is the publishing client, for No Local.
+    pub(crate) fn publish_to_cluster(
+        &self,
+        message: &Message,
+        from: Option<&ClientId>,
+        batch: &mut Batch<'_>,
+    ) {
+        if message.qos != QoS::AtMostOnce && self.cluster_storage.get().is_some() {
+            let counter = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            let _ = batch.publish(message, from, counter);
+        }
     }
 
     /// Routes like [`Inner::route`], except that a QoS 1 or 2 delivery to an online session

@@ -39,6 +39,8 @@ pub mod check;
 
 mod broker;
 pub mod cluster;
+mod cluster_sessions;
+mod cluster_storage;
 pub mod config;
 mod dashboard;
 /// The broker's clock.
@@ -233,7 +235,18 @@ impl BrokerBuilder {
             None => Arc::new(MemoryStorage::default()),
         };
         let mut recovered = storage.recover()?;
+        // In a cluster, persistent sessions go to Raft once the node has started.
+        let cluster_storage = self.config.cluster.as_ref().map(|_| {
+            cluster_storage::ClusterStorage::new(storage.clone(), self.config.max_queued_messages)
+        });
+        let storage: Arc<dyn Storage> = match &cluster_storage {
+            Some(c) => c.clone(),
+            None => storage,
+        };
         let inner = Arc::new(Inner::new(self.config, self.hooks, access, scram, storage));
+        if let Some(c) = cluster_storage {
+            let _ = inner.cluster_storage.set(c);
+        }
         if let Some(disk) = disk {
             disk.count_errors(inner.metrics.store_errors.clone());
         }
@@ -318,6 +331,7 @@ impl BrokerBuilder {
             // Routes and forwarding: the subscriptions restored above are announced now, and
             // messages other nodes forward are delivered from here on.
             forwarding::attach(&inner, cluster.node().router());
+            cluster_sessions::attach(&inner, &cluster);
             let _ = inner.cluster.set(cluster);
         }
         let admission = Arc::new(Admission::new(max_connections));

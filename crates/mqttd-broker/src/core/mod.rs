@@ -891,6 +891,10 @@ impl ConnectionCore {
 
     /// The answer to [`Request::AcquireSession`]: CONNACK follows.
     pub(crate) fn session_acquired(&mut self, now: Instant, acquired: Acquired) {
+        if let Some(reason) = acquired.refused {
+            self.abandon(now, reason);
+            return;
+        }
         let Some(Waiting::Session(connecting)) = self.take_waiting() else {
             // Not asked for: hand it straight back to the broker.
             if acquired.session.expiry_interval() > 0 {
@@ -1752,6 +1756,11 @@ impl ConnectionCore {
         } else {
             inner.route_or_block(now, message, key, blocked, &mut batch)
         };
+        inner.publish_to_cluster(
+            message,
+            self.handle.as_ref().map(|h| &h.client_id),
+            &mut batch,
+        );
         if message.qos == QoS::ExactlyOnce && self.persistent() {
             if let (Some(handle), Some(packet_id)) = (&self.handle, packet_id) {
                 // The batch's ticket covers it.
@@ -1760,8 +1769,9 @@ impl ConnectionCore {
             }
         }
         let ticket = batch.commit();
+        let routed = routed > 0 || inner.cluster_subscribed(message);
         self.depends_on_for(stream, ticket);
-        if routed == 0 {
+        if !routed {
             ReasonCode::NoMatchingSubscribers
         } else {
             ReasonCode::Success

@@ -355,6 +355,14 @@ pub trait Storage: Send + Sync + 'static {
     /// An incoming QoS 2 identifier now awaits PUBREL (`pending`), or was released.
     fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) -> Ticket;
 
+    /// A QoS 1 or 2 publication, for stored sessions that the broker does not hold itself
+    /// (in a cluster: the persistent sessions of every node, found when it is applied);
+    /// `counter` makes its identity unique. Nothing by default: the broker's own routing
+    /// stores its copies through [`Storage::store_delivery`].
+    fn publish(&self, _message: &Message, _from: Option<&ClientId>, _counter: u64) -> Ticket {
+        Ticket::NONE
+    }
+
     /// Opens an atomic batch, if this storage has them: see [`Batch`], which the broker
     /// uses instead. Without them (the default), a [`Batch`] records each change on its own.
     fn open_batch(&self) -> Option<Box<dyn StorageBatch + '_>> {
@@ -411,6 +419,8 @@ pub trait StorageBatch {
     fn delivery_done(&mut self, client_id: &ClientId, delivery: &Delivery);
     /// As [`Storage::pending_release`].
     fn pending_release(&mut self, client_id: &ClientId, packet_id: PacketId, pending: bool);
+    /// As [`Storage::publish`] (nothing by default).
+    fn publish(&mut self, _message: &Message, _from: Option<&ClientId>, _counter: u64) {}
     /// The ticket that covers everything recorded in the batch, taken when it was opened.
     fn ticket(&self) -> Ticket;
     /// Writes everything recorded in one atomic write: after a crash, all of it is there or
@@ -575,6 +585,14 @@ impl<'a> Batch<'a> {
         self.record(
             |s| s.pending_release(client_id, packet_id, pending),
             |b| b.pending_release(client_id, packet_id, pending),
+        )
+    }
+
+    /// See [`Storage::publish`].
+    pub fn publish(&mut self, message: &Message, from: Option<&ClientId>, counter: u64) -> Ticket {
+        self.record(
+            |s| s.publish(message, from, counter),
+            |b| b.publish(message, from, counter),
         )
     }
 

@@ -1,0 +1,405 @@
+//! Persistent sessions in a cluster: a client may connect to any node and resume its session
+//! there, and a node may die without losing what the cluster acknowledged.
+//!
+//! - **Claim.** A CONNECT for a persistent session proposes `ClaimSession` to the cluster
+//!   ([`Inner::acquire_in_cluster`]). Without a quorum the claim cannot commit and the
+//!   CONNECT is refused with 0x88 (return code 3 for MQTT 3.1.1). Once it is applied here,
+//!   the session is this node's under the new epoch ([`ClusterStorage::own`]); if it was
+//!   another node's, it is built from the replicated contents: subscriptions, the messages
+//!   in flight (sent again with their packet ids) and queued, and the client's QoS 2 state.
+//! - **Publications** to persistent sessions go through Raft: the publishing node records
+//!   `Publish` in the same batch as the publication's other changes, so PUBACK and PUBREC
+//!   wait for its commit, and the sessions are found when the entry is applied. The broker's
+//!   own routing skips the sessions the cluster owns for these copies ([`Inner::owned_by_cluster`]).
+//! - **Effects** of applied entries ([`Effects`]): the owner hands a message queued for a
+//!   session to its connection (or its offline queue); a node whose session another node
+//!   claimed disconnects its client with 0x8E and forgets the session without ending it.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use mqttd_cluster::session::SessionData;
+use mqttd_cluster::{ApplyHook, Command, Effect, NodeError, Outcome, Proposer};
+use mqttd_proto::session::{OutboundState, Session};
+use mqttd_proto::{ClientId, Delivery, PacketId, QoS, ReasonCode, TopicFilter};
+
+use crate::broker::{Acquired, Headed, Inner, Mailbox, SessionHandle, Slot, Subscriber};
+use crate::cluster::BrokerCluster;
+use crate::cluster_storage::{to_message, ClusterStorage};
+use crate::core::SessionRequest;
+
+/// How long a claim may take before the CONNECT is refused (no quorum: a minority side).
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects the broker's storage and sessions to the cluster node, once it has started:
+/// session commands go through a proposer (group commit), and applied entries' effects come
+/// back to [`Effects`].
+pub(crate) fn attach(inner: &Arc<Inner>, cluster: &Arc<BrokerCluster>) {
+    let Some(storage) = inner.cluster_storage.get() else {
+        return;
+    };
+    let node = cluster.node();
+    let proposing = cluster.clone();
+    let settling = Arc::downgrade(storage);
+    let proposer = Proposer::start(
+        &inner.tasks,
+        inner.shutdown.clone(),
+        move |command| {
+            let cluster = proposing.clone();
+            Box::pin(async move {
+                cluster
+                    .node()
+                    .propose(command)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        },
+        move |settled| {
+            if let Some(storage) = settling.upgrade() {
+                storage.settled(settled);
+            }
+        },
+    );
+    storage.attach(node.id(), node.incarnation(), proposer);
+    node.on_apply(Arc::new(Effects(Arc::downgrade(inner))));
+}
+
+/// What applied entries tell this node to do (see the module's documentation).
+struct Effects(Weak<Inner>);
+
+impl ApplyHook for Effects {
+    fn applied(&self, effects: Vec<Effect>) {
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
+        let Some(storage) = inner.cluster_storage.get() else {
+            return;
+        };
+        let Some(me) = storage.node_id() else {
+            return;
+        };
+        let _turn = inner.cluster_apply.lock();
+        let now = crate::clock::now();
+        for effect in effects {
+            match effect {
+                Effect::Queued {
+                    client_id,
+                    owner,
+                    epoch,
+                    id,
+                    qos,
+                    delivered,
+                    message,
+                    ..
+                } if owner == me => {
+                    let Ok(client_id) = ClientId::try_from(client_id.as_str()) else {
+                        continue;
+                    };
+                    if storage.owned(&client_id) != Some(epoch) || storage.knows(&client_id, id) {
+                        continue;
+                    }
+                    let Some(handle) = inner.sessions.get(&client_id).map(|h| h.clone()) else {
+                        continue;
+                    };
+                    let (Some(message), Some(qos)) = (to_message(&message), QoS::from_bits(qos))
+                    else {
+                        continue;
+                    };
+                    let seq = inner
+                        .next_seq
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    storage.known(&client_id, seq, id);
+                    let delivery = Delivery {
+                        message: Arc::new(message),
+                        qos,
+                        retain: delivered.retain,
+                        subscription_ids: delivered
+                            .subscription_ids
+                            .iter()
+                            .filter_map(|i| std::num::NonZeroU32::new(*i))
+                            .collect(),
+                        shared: None,
+                        store_seq: Some(seq),
+                    };
+                    if !inner.deliver_stored(now, &handle, delivery) {
+                        inner.metrics.messages_dropped.inc();
+                    }
+                }
+                Effect::Claimed {
+                    client_id,
+                    owner,
+                    previous: Some((previous, epoch)),
+                    ..
+                } if previous == me && owner != me => {
+                    let Ok(client_id) = ClientId::try_from(client_id.as_str()) else {
+                        continue;
+                    };
+                    if storage.disown(&client_id, epoch) {
+                        inner.surrender(&client_id);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Whether a persistent session anywhere in the cluster has a subscription matching a
+    /// QoS 1 or 2 message, as this node's copy of the state says (for PUBACK's reason: the
+    /// cluster queues the message for it, although no local subscriber got it).
+    pub(crate) fn cluster_subscribed(&self, message: &mqttd_proto::Message) -> bool {
+        message.qos != QoS::AtMostOnce
+            && self.cluster.get().is_some_and(|c| {
+                c.node()
+                    .state()
+                    .read(|s| !s.persistent_matches(message.topic.as_str()).is_empty())
+            })
+    }
+
+    /// Whether the cluster owns the session of `handle`: its QoS 1 and 2 copies come from
+    /// the cluster's `Publish`, not from this node's routing.
+    pub(crate) fn owned_by_cluster(&self, handle: &SessionHandle) -> bool {
+        self.cluster_storage
+            .get()
+            .is_some_and(|s| s.owned(&handle.client_id).is_some())
+    }
+
+    /// Answers a CONNECT for a persistent session in a cluster (see the module's
+    /// documentation).
+    pub(crate) async fn acquire_in_cluster(
+        &self,
+        now: Instant,
+        request: &SessionRequest,
+        mailbox: &Arc<Mailbox>,
+        storage: &Arc<ClusterStorage>,
+    ) -> Acquired {
+        let client_id = &request.client_id;
+        let refuse = |reason| Acquired {
+            handle: self.new_handle(client_id, Slot::Ended),
+            session: Session::new(
+                client_id.clone(),
+                request.expiry,
+                self.config.queue_limits(),
+            ),
+            present: false,
+            refused: Some(reason),
+        };
+        let (Some(cluster), Some(me)) = (self.cluster.get(), storage.node_id()) else {
+            return refuse(ReasonCode::ServerUnavailable);
+        };
+        let claim = Command::ClaimSession {
+            client_id: client_id.as_str().to_owned(),
+            node: me,
+            expires_at_ms: None,
+            clean: request.clean_start,
+        };
+        let outcome = match tokio::time::timeout(CLAIM_TIMEOUT, cluster.node().propose(claim)).await
+        {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(NodeError::NotLeader { .. })) | Ok(Err(_)) | Err(_) => {
+                tracing::info!(client_id = %client_id, "no quorum to claim the session: CONNECT refused");
+                return refuse(ReasonCode::ServerUnavailable);
+            }
+        };
+        let Outcome::Claimed {
+            epoch,
+            previous,
+            present,
+        } = outcome
+        else {
+            return refuse(ReasonCode::ServerUnavailable);
+        };
+        // Held here before: the session (if any) is in this node's memory, as without a
+        // cluster; only the epoch moves on.
+        if let Some((owner, old)) = previous {
+            if owner == me && storage.owned(client_id) == Some(old) {
+                storage.renew(client_id, epoch);
+                return self
+                    .acquire_session(now, client_id, request.clean_start, request.expiry, mailbox)
+                    .await;
+            }
+        }
+        // Another node's, or new: wait until this node has applied the claim, then build the
+        // session from the replicated contents.
+        let deadline = tokio::time::Instant::now() + CLAIM_TIMEOUT;
+        loop {
+            let applied = cluster.node().state().read(|s| {
+                s.session(client_id.as_str())
+                    .is_some_and(|o| o.epoch >= epoch)
+            });
+            if applied {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return refuse(ReasonCode::ServerUnavailable);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A session this node held under an older claim is not resumed from memory.
+        if let Some((_, stale)) = self.sessions.remove(client_id) {
+            self.drop_local(&stale);
+        }
+        let _turn = self.cluster_apply.lock();
+        let data: Option<SessionData> = cluster
+            .node()
+            .state()
+            .read(|s| s.session_data(client_id.as_str()).cloned());
+        storage.own(client_id, epoch);
+        let handle = self.new_handle(
+            client_id,
+            Slot::Online {
+                mailbox: mailbox.clone(),
+            },
+        );
+        let mut session = Session::new(
+            client_id.clone(),
+            request.expiry,
+            self.config.queue_limits(),
+        );
+        if let Some(data) = data.filter(|_| present) {
+            self.rebuild(now, storage, &handle, &mut session, data);
+        }
+        self.sessions.insert(client_id.clone(), handle.clone());
+        Acquired {
+            handle,
+            session,
+            present,
+            refused: None,
+        }
+    }
+
+    /// Puts what the cluster holds of a session into `session` and `handle`.
+    fn rebuild(
+        &self,
+        now: Instant,
+        storage: &ClusterStorage,
+        handle: &Arc<SessionHandle>,
+        session: &mut Session,
+        data: SessionData,
+    ) {
+        let client_id = &handle.client_id;
+        let delivery = |id,
+                        qos: u8,
+                        message: &mqttd_cluster::session::StoredMessage,
+                        d: &mqttd_cluster::session::Delivered| {
+            let message = to_message(message)?;
+            let qos = QoS::from_bits(qos)?;
+            let seq = self
+                .next_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            storage.known(client_id, seq, id);
+            Some(Delivery {
+                message: Arc::new(message),
+                qos,
+                retain: d.retain,
+                subscription_ids: d
+                    .subscription_ids
+                    .iter()
+                    .filter_map(|i| std::num::NonZeroU32::new(*i))
+                    .collect(),
+                shared: None,
+                store_seq: Some(seq),
+            })
+        };
+        for (packet_id, f) in &data.in_flight {
+            let (Some(d), Some(packet_id)) = (
+                delivery(f.id, f.qos, &f.message, &f.delivered),
+                PacketId::new(*packet_id),
+            ) else {
+                continue;
+            };
+            let state = if f.released {
+                OutboundState::ReleaseSent
+            } else {
+                OutboundState::PublishSent
+            };
+            session.restore_in_flight(packet_id, d, state);
+        }
+        let queued: Vec<Delivery> = data
+            .queue
+            .iter()
+            .filter_map(|q| delivery(q.id, q.qos, &q.message, &q.delivered))
+            .collect();
+        self.enqueue_all(now, client_id, Some(session), queued, Headed::Online);
+        for packet_id in data.inbound_qos2.iter().filter_map(|p| PacketId::new(*p)) {
+            session.restore_pending_release(packet_id);
+        }
+        handle
+            .persistent
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let subs: Vec<(TopicFilter, Subscriber)> = data
+            .subscriptions
+            .iter()
+            .filter_map(|(filter, o)| {
+                let filter = TopicFilter::try_from(filter.as_str()).ok()?;
+                let options = mqttd_proto::SubscriptionOptions {
+                    qos: QoS::from_bits(o.qos)?,
+                    no_local: o.no_local,
+                    retain_as_published: o.retain_as_published,
+                    ..Default::default()
+                };
+                let shared = filter.share().is_some().then(|| filter.clone());
+                Some((
+                    filter,
+                    Subscriber {
+                        handle: handle.clone(),
+                        options,
+                        id: o.identifier.and_then(std::num::NonZeroU32::new),
+                        shared,
+                    },
+                ))
+            })
+            .collect();
+        self.subscribe(&subs);
+        let mut own = handle.subscriptions.lock();
+        for (filter, sub) in subs {
+            own.insert(filter, (sub.options, sub.id));
+        }
+    }
+
+    /// Hands a message the cluster queued for a session to wherever the session is here,
+    /// without storing it again. Returns false if it was dropped.
+    fn deliver_stored(&self, now: Instant, handle: &SessionHandle, delivery: Delivery) -> bool {
+        let mut slot = handle.slot.lock();
+        match &mut *slot {
+            Slot::Online { mailbox } => mailbox
+                .push(delivery, usize::MAX, |_| crate::storage::Ticket::NONE)
+                .is_ok(),
+            Slot::Transferring { buffer } => {
+                buffer.push(delivery);
+                true
+            }
+            Slot::Offline { session, .. } => self.enqueue(now, session, &delivery, Headed::Offline),
+            Slot::Ended => false,
+        }
+    }
+
+    /// Another node claimed the session: its client here is disconnected (0x8E, session
+    /// taken over) and the session forgotten without ending it (no will, nothing stored:
+    /// it goes on elsewhere).
+    fn surrender(&self, client_id: &ClientId) {
+        let Some((_, handle)) = self.sessions.remove(client_id) else {
+            return;
+        };
+        self.drop_local(&handle);
+    }
+
+    /// Forgets a session here: its slot (a connection is told it was taken over), its
+    /// subscriptions, its count.
+    fn drop_local(&self, handle: &Arc<SessionHandle>) {
+        let old = std::mem::replace(&mut *handle.slot.lock(), Slot::Ended);
+        if let Slot::Online { mailbox } = old {
+            let (tx, _rx) = tokio::sync::oneshot::channel();
+            mailbox.take_over(crate::broker::SessionReply(tx));
+        }
+        self.persistent_sessions.uncount(handle);
+        let filters: Vec<TopicFilter> = handle
+            .subscriptions
+            .lock()
+            .drain()
+            .map(|(f, _)| f)
+            .collect();
+        self.unsubscribe_all(handle.key, &filters);
+    }
+}
