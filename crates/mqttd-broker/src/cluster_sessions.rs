@@ -31,6 +31,15 @@ use crate::core::SessionRequest;
 /// How long a claim may take before the CONNECT is refused (no quorum: a minority side).
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the new owner of a session taken from another node waits for that node to let
+/// it go before answering CONNACK: the lease of the old owner. A node cut off from the
+/// cluster cannot release; it only holds what it had queued, which the new owner sends
+/// again.
+const LEASE: Duration = Duration::from_secs(3);
+
+/// How long the old owner waits for its connection to close before releasing anyway.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// Connects the broker's storage and sessions to the cluster node, once it has started:
 /// session commands go through a proposer (group commit), and applied entries' effects come
 /// back to [`Effects`].
@@ -61,6 +70,23 @@ pub(crate) fn attach(inner: &Arc<Inner>, cluster: &Arc<BrokerCluster>) {
         },
     );
     storage.attach(node.id(), node.incarnation(), proposer);
+    // A refused session command: another node has the session. Let it go here, and once
+    // its connection has closed, let what waited for the command go on (to nowhere).
+    let refusing = Arc::downgrade(inner);
+    let unholding = Arc::downgrade(storage);
+    storage.on_refused(move |client_id| {
+        let (Some(inner), Some(storage)) = (refusing.upgrade(), unholding.upgrade()) else {
+            return;
+        };
+        storage.disown_any(&client_id);
+        let closed = inner.surrender(&client_id);
+        inner.tasks.spawn(async move {
+            if let Some(closed) = closed {
+                let _ = tokio::time::timeout(RELEASE_WAIT, closed).await;
+            }
+            storage.unhold(&client_id);
+        });
+    });
     node.on_apply(Arc::new(Effects(Arc::downgrade(inner))));
 }
 
@@ -95,7 +121,10 @@ impl ApplyHook for Effects {
                     let Ok(client_id) = ClientId::try_from(client_id.as_str()) else {
                         continue;
                     };
-                    if storage.owned(&client_id) != Some(epoch) || storage.knows(&client_id, id) {
+                    // Owned here under this epoch, or a later claim of this node's own (a
+                    // takeover between connections here).
+                    let ours = storage.owned(&client_id).is_some_and(|e| e >= epoch);
+                    if !ours || storage.knows(&client_id, id) {
                         continue;
                     }
                     let Some(handle) = inner.sessions.get(&client_id).map(|h| h.clone()) else {
@@ -135,13 +164,46 @@ impl ApplyHook for Effects {
                         continue;
                     };
                     if storage.disown(&client_id, epoch) {
-                        inner.surrender(&client_id);
+                        let closed = inner.surrender(&client_id);
+                        release(&inner, client_id, me, epoch, closed);
                     }
                 }
                 _ => {}
             }
         }
     }
+}
+
+/// Tells the cluster that this node let the session go (its connection here closed, or
+/// [`RELEASE_WAIT`] passed), so that its new owner answers CONNACK without waiting for the
+/// lease.
+fn release(
+    inner: &Arc<Inner>,
+    client_id: ClientId,
+    me: u64,
+    epoch: u64,
+    closed: Option<tokio::sync::oneshot::Receiver<Option<Session>>>,
+) {
+    let cluster = inner.cluster.get().cloned();
+    let storage = inner.cluster_storage.get().cloned();
+    inner.tasks.spawn(async move {
+        if let Some(closed) = closed {
+            let _ = tokio::time::timeout(RELEASE_WAIT, closed).await;
+        }
+        // The connection has closed: what it recorded since the takeover goes nowhere.
+        if let Some(storage) = &storage {
+            storage.unhold(&client_id);
+        }
+        let Some(cluster) = cluster else { return };
+        let released = Command::Released {
+            client_id: client_id.as_str().to_owned(),
+            node: me,
+            epoch,
+        };
+        if let Err(e) = cluster.node().propose(released).await {
+            tracing::debug!(client_id = %client_id, error = %e, "release not proposed; the new owner waits for the lease");
+        }
+    });
 }
 
 impl Inner {
@@ -236,9 +298,25 @@ impl Inner {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // Nothing may go out on the old owner's connection after this CONNACK: wait until it
+        // has let the session go, or for its lease.
+        if let Some((owner, old)) = previous.filter(|(owner, _)| *owner != me) {
+            let deadline = tokio::time::Instant::now() + LEASE;
+            while tokio::time::Instant::now() < deadline {
+                let released = cluster.node().state().read(|s| {
+                    s.session(client_id.as_str())
+                        .is_some_and(|o| o.released >= old)
+                });
+                if released {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tracing::debug!(client_id = %client_id, from = owner, "session taken from another node");
+        }
         // A session this node held under an older claim is not resumed from memory.
         if let Some((_, stale)) = self.sessions.remove(client_id) {
-            self.drop_local(&stale);
+            let _closed = self.drop_local(&stale);
         }
         let _turn = self.cluster_apply.lock();
         let data: Option<SessionData> = cluster
@@ -378,21 +456,30 @@ impl Inner {
     /// Another node claimed the session: its client here is disconnected (0x8E, session
     /// taken over) and the session forgotten without ending it (no will, nothing stored:
     /// it goes on elsewhere).
-    fn surrender(&self, client_id: &ClientId) {
-        let Some((_, handle)) = self.sessions.remove(client_id) else {
-            return;
-        };
-        self.drop_local(&handle);
+    /// Returns what resolves once its connection here has closed, if it had one.
+    fn surrender(
+        &self,
+        client_id: &ClientId,
+    ) -> Option<tokio::sync::oneshot::Receiver<Option<Session>>> {
+        let (_, handle) = self.sessions.remove(client_id)?;
+        self.drop_local(&handle)
     }
 
     /// Forgets a session here: its slot (a connection is told it was taken over), its
     /// subscriptions, its count.
-    fn drop_local(&self, handle: &Arc<SessionHandle>) {
+    fn drop_local(
+        &self,
+        handle: &Arc<SessionHandle>,
+    ) -> Option<tokio::sync::oneshot::Receiver<Option<Session>>> {
         let old = std::mem::replace(&mut *handle.slot.lock(), Slot::Ended);
-        if let Slot::Online { mailbox } = old {
-            let (tx, _rx) = tokio::sync::oneshot::channel();
-            mailbox.take_over(crate::broker::SessionReply(tx));
-        }
+        let closed = match old {
+            Slot::Online { mailbox } => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                mailbox.take_over(crate::broker::SessionReply(tx));
+                Some(rx)
+            }
+            _ => None,
+        };
         self.persistent_sessions.uncount(handle);
         let filters: Vec<TopicFilter> = handle
             .subscriptions
@@ -401,5 +488,6 @@ impl Inner {
             .map(|(f, _)| f)
             .collect();
         self.unsubscribe_all(handle.key, &filters);
+        closed
     }
 }

@@ -9,7 +9,7 @@
 //! the local store's watermark covers its local change, and the Raft entry holding its
 //! commands is committed. Whatever a failure loses on either side is lost for the whole.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -45,10 +45,15 @@ struct Node {
 struct Pending {
     ticket: u64,
     local: Ticket,
-    /// The proposer's ticket; 0: none.
+    /// The proposer's tickets of its commands, from the first to the last; 0: none.
+    raft_first: u64,
     raft: u64,
     /// A batch not yet committed: nothing after it is durable.
     open: bool,
+    /// One of its commands was refused (its session was claimed by another node): held
+    /// until the session's connection here has closed, so that nothing that depended on it
+    /// goes out.
+    held: bool,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +76,17 @@ pub(crate) struct ClusterStorage {
     watermark: watch::Sender<Watermark>,
     /// The most messages a session's queue holds, as the cluster is told.
     max_queued: u32,
+    /// The session each proposed session command is for, by proposer ticket, until settled.
+    session_tickets: Mutex<HashMap<u64, ClientId>>,
+    /// The tickets held for each session whose command was refused.
+    holds: Mutex<HashMap<ClientId, Vec<u64>>>,
+    /// Sessions another node took while a connection here may still be serving them: what
+    /// that connection records is held until it has closed ([`ClusterStorage::unhold`]), so
+    /// that nothing it sends after the takeover depends on a change the cluster never took.
+    surrendered: Mutex<HashSet<ClientId>>,
+    /// Told of a session whose command the cluster refused: it must let the session go, then
+    /// call [`ClusterStorage::unhold`].
+    on_refused: OnceLock<Box<dyn Fn(ClientId) + Send + Sync>>,
 }
 
 impl std::fmt::Debug for ClusterStorage {
@@ -94,6 +110,10 @@ impl ClusterStorage {
             tickets: Mutex::default(),
             watermark: watch::Sender::new(Watermark::default()),
             max_queued: u32::try_from(max_queued).unwrap_or(u32::MAX),
+            session_tickets: Mutex::default(),
+            holds: Mutex::default(),
+            surrendered: Mutex::default(),
+            on_refused: OnceLock::new(),
         });
         let mut local = storage.local.watermark();
         let weak = Arc::downgrade(&storage);
@@ -122,16 +142,60 @@ impl ClusterStorage {
         self.node.get().map(|n| n.id)
     }
 
+    /// Sets what is told of a session whose command the cluster refused.
+    pub(crate) fn on_refused(&self, f: impl Fn(ClientId) + Send + Sync + 'static) {
+        let _ = self.on_refused.set(Box::new(f));
+    }
+
+    /// The session's connection here has closed: what its refused commands held goes on.
+    pub(crate) fn unhold(&self, client_id: &ClientId) {
+        lock(&self.surrendered).remove(client_id);
+        let mut tickets = lock(&self.tickets);
+        let mut holds = lock(&self.holds);
+        if let Some(held) = holds.remove(client_id) {
+            for p in tickets
+                .pending
+                .iter_mut()
+                .filter(|p| held.contains(&p.ticket))
+            {
+                p.held = false;
+            }
+        }
+        drop(holds);
+        self.advance(&mut tickets);
+    }
+
     /// How a batch of proposals ended: called by the proposer, in order.
     pub(crate) fn settled(&self, settled: Settled) {
+        let mut refused: Vec<ClientId> = Vec::new();
         let mut tickets = lock(&self.tickets);
+        let by_ticket: Vec<(u64, Option<ClientId>)> = {
+            let mut sessions = lock(&self.session_tickets);
+            (settled.first..=settled.last)
+                .map(|t| (t, sessions.remove(&t)))
+                .collect()
+        };
         match settled.result {
             Ok(outcomes) => {
-                for outcome in outcomes {
-                    if let Outcome::Rejected(r) = outcome {
-                        // A session moved on: its new owner has it, this node's changes
-                        // were fenced off (and its client is told by the claim).
-                        tracing::debug!(reason = %r, "a session command was refused");
+                let mut holds = lock(&self.holds);
+                for ((raft, client), outcome) in by_ticket.into_iter().zip(outcomes) {
+                    let (Outcome::Rejected(r), Some(client)) = (outcome, client) else {
+                        continue;
+                    };
+                    // The session moved on: its new owner has it, and this node's change was
+                    // fenced off. What depended on the change waits until this node has let
+                    // the session go (its connection closed), then goes nowhere.
+                    tracing::debug!(client_id = %client, reason = %r, "a session command was refused");
+                    for p in tickets
+                        .pending
+                        .iter_mut()
+                        .filter(|p| p.raft_first <= raft && raft <= p.raft)
+                    {
+                        p.held = true;
+                        holds.entry(client.clone()).or_default().push(p.ticket);
+                    }
+                    if !refused.contains(&client) {
+                        refused.push(client);
                     }
                 }
                 tickets.raft_committed = tickets.raft_committed.max(settled.last);
@@ -143,6 +207,12 @@ impl ClusterStorage {
             }
         }
         self.advance(&mut tickets);
+        drop(tickets);
+        if let Some(tell) = self.on_refused.get() {
+            for client in refused {
+                tell(client);
+            }
+        }
     }
 
     /// The session is this node's, under `epoch`, from now on.
@@ -157,13 +227,40 @@ impl ClusterStorage {
     }
 
     /// The session is no longer this node's (another node claimed it).
+    /// Until [`ClusterStorage::unhold`], what is recorded for it is held.
     pub(crate) fn disown(&self, client_id: &ClientId, epoch: u64) -> bool {
         let mut owned = lock(&self.owned);
         if owned.get(client_id).is_some_and(|o| o.epoch == epoch) {
             owned.remove(client_id);
+            lock(&self.surrendered).insert(client_id.clone());
             return true;
         }
         false
+    }
+
+    /// Whether what is recorded for the session is held (see [`ClusterStorage::disown`]).
+    fn surrendered(&self, client_id: &ClientId) -> bool {
+        lock(&self.surrendered).contains(client_id)
+    }
+
+    /// A ticket held until [`ClusterStorage::unhold`] for the session.
+    fn held_ticket(&self, client_id: &ClientId) -> Ticket {
+        let mut tickets = lock(&self.tickets);
+        tickets.last += 1;
+        let ticket = tickets.last;
+        tickets.pending.push_back(Pending {
+            ticket,
+            local: Ticket::NONE,
+            raft_first: 0,
+            raft: 0,
+            open: false,
+            held: true,
+        });
+        lock(&self.holds)
+            .entry(client_id.clone())
+            .or_default()
+            .push(ticket);
+        Ticket::new(ticket)
     }
 
     /// The session stays this node's under a new claim of its own.
@@ -188,6 +285,13 @@ impl ClusterStorage {
         lock(&self.owned)
             .get(client_id)
             .is_some_and(|o| o.messages.values().any(|m| *m == id))
+    }
+
+    /// The session is no longer this node's, whatever the epoch it held.
+    pub(crate) fn disown_any(&self, client_id: &ClientId) {
+        if lock(&self.owned).remove(client_id).is_some() {
+            lock(&self.surrendered).insert(client_id.clone());
+        }
     }
 
     /// The epoch under which this node owns the session, if it does.
@@ -310,7 +414,7 @@ impl ClusterStorage {
     /// returns the ticket that covers both.
     fn record(&self, local: Ticket, commands: Vec<Command>) -> Ticket {
         let mut tickets = lock(&self.tickets);
-        let raft = self.propose(commands);
+        let (raft_first, raft) = self.propose(commands);
         if local.is_none() && raft == 0 {
             return Ticket::NONE;
         }
@@ -319,23 +423,40 @@ impl ClusterStorage {
         tickets.pending.push_back(Pending {
             ticket,
             local,
+            raft_first,
             raft,
             open: false,
+            held: false,
         });
         self.advance(&mut tickets);
         Ticket::new(ticket)
     }
 
-    /// Hands `commands` to the proposer; returns the proposer's ticket of the last one.
-    fn propose(&self, commands: Vec<Command>) -> u64 {
+    /// Hands `commands` to the proposer; returns the proposer's tickets of the first and the
+    /// last (0 and 0: none).
+    fn propose(&self, commands: Vec<Command>) -> (u64, u64) {
         let Some(node) = self.node.get() else {
-            return 0;
+            return (0, 0);
         };
-        commands
-            .into_iter()
-            .map(|c| node.proposer.record(c))
-            .max()
-            .unwrap_or(0)
+        let (mut first, mut last) = (0, 0);
+        for command in commands {
+            let session = match &command {
+                Command::SessionProgress { client_id, .. }
+                | Command::SetSessionExpiry { client_id, .. } => {
+                    ClientId::try_from(client_id.as_str()).ok()
+                }
+                _ => None,
+            };
+            let ticket = node.proposer.record(command);
+            if let Some(client) = session {
+                lock(&self.session_tickets).insert(ticket, client);
+            }
+            if first == 0 {
+                first = ticket;
+            }
+            last = ticket;
+        }
+        (first, last)
     }
 
     /// Moves the watermark past every change both of whose parts are durable.
@@ -344,7 +465,7 @@ impl ClusterStorage {
         let mut durable = None;
         let mut lost = tickets.raft_lost;
         while let Some(front) = tickets.pending.front() {
-            if front.open {
+            if front.open || front.held {
                 break;
             }
             if !front.local.is_none() && local.lost(front.local) {
@@ -490,6 +611,9 @@ impl Storage for ClusterStorage {
     }
 
     fn save_session(&self, record: &SessionRecord) -> Ticket {
+        if self.surrendered(&record.client_id) {
+            return self.held_ticket(&record.client_id);
+        }
         match self.commands(&record.client_id, Change::Record(record)) {
             Some(commands) => self.record(Ticket::NONE, commands),
             None => {
@@ -500,6 +624,9 @@ impl Storage for ClusterStorage {
     }
 
     fn remove_session(&self, client_id: &ClientId) -> Ticket {
+        if self.surrendered(client_id) {
+            return self.held_ticket(client_id);
+        }
         match self.commands(client_id, Change::Remove) {
             Some(commands) => self.record(Ticket::NONE, commands),
             None => {
@@ -510,6 +637,9 @@ impl Storage for ClusterStorage {
     }
 
     fn remove_messages(&self, client_id: &ClientId) -> Ticket {
+        if self.surrendered(client_id) {
+            return self.held_ticket(client_id);
+        }
         match self.commands(client_id, Change::Clear) {
             Some(commands) => self.record(Ticket::NONE, commands),
             None => {
@@ -520,6 +650,9 @@ impl Storage for ClusterStorage {
     }
 
     fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
+        if self.surrendered(client_id) {
+            return self.held_ticket(client_id);
+        }
         match self.commands(client_id, Change::Routed(delivery)) {
             Some(commands) => self.record(Ticket::NONE, commands),
             None => {
@@ -536,6 +669,9 @@ impl Storage for ClusterStorage {
         packet_id: PacketId,
         state: OutboundState,
     ) -> Ticket {
+        if self.surrendered(client_id) {
+            return self.held_ticket(client_id);
+        }
         match self.commands(client_id, Change::Flow(store_seq, packet_id, state)) {
             Some(commands) => self.record(Ticket::NONE, commands),
             None if self.owned(client_id).is_some() => Ticket::NONE,
@@ -549,6 +685,9 @@ impl Storage for ClusterStorage {
     }
 
     fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
+        if self.surrendered(client_id) {
+            return self.held_ticket(client_id);
+        }
         match self.commands(client_id, Change::Done(delivery)) {
             Some(commands) => self.record(Ticket::NONE, commands),
             None if self.owned(client_id).is_some() => Ticket::NONE,
@@ -560,6 +699,9 @@ impl Storage for ClusterStorage {
     }
 
     fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) -> Ticket {
+        if self.surrendered(client_id) {
+            return self.held_ticket(client_id);
+        }
         match self.commands(client_id, Change::PendingRelease(packet_id, pending)) {
             Some(commands) => self.record(Ticket::NONE, commands),
             None => {
@@ -594,11 +736,14 @@ impl Storage for ClusterStorage {
         tickets.pending.push_back(Pending {
             ticket,
             local: Ticket::NONE,
+            raft_first: 0,
             raft: 0,
             open: true,
+            held: false,
         });
         Some(Box::new(ClusterBatch {
             storage: self,
+            held: Vec::new(),
             local,
             direct: Ticket::NONE,
             commands: Vec::new(),
@@ -625,6 +770,8 @@ impl Storage for ClusterStorage {
 /// under the ticket taken when it was opened.
 struct ClusterBatch<'a> {
     storage: &'a ClusterStorage,
+    /// Surrendered sessions it recorded for: its ticket is held for each.
+    held: Vec<ClientId>,
     local: Option<Box<dyn StorageBatch + 'a>>,
     /// Without a local batch, the ticket covering the local changes made one by one.
     direct: Ticket,
@@ -635,20 +782,42 @@ struct ClusterBatch<'a> {
 
 impl ClusterBatch<'_> {
     fn session(&mut self, client_id: &ClientId, change: Change<'_>, local: impl FnOnce(&mut Self)) {
+        if self.hold_for(client_id) {
+            return;
+        }
         match self.storage.commands(client_id, change) {
             Some(commands) => self.commands.extend(commands),
             None => local(self),
         }
     }
 
+    /// Whether the session is surrendered: then the batch's ticket is held for it.
+    fn hold_for(&mut self, client_id: &ClientId) -> bool {
+        if !self.storage.surrendered(client_id) {
+            return false;
+        }
+        if !self.held.contains(client_id) {
+            self.held.push(client_id.clone());
+        }
+        true
+    }
+
     /// Fills in the batch's entry: its parts are known now.
-    fn close(&mut self, local: Ticket, raft: u64) {
+    fn close(&mut self, local: Ticket, (raft_first, raft): (u64, u64)) {
         self.done = true;
         let mut tickets = lock(&self.storage.tickets);
         if let Some(p) = tickets.pending.iter_mut().find(|p| p.ticket == self.ticket) {
             p.local = local;
+            p.raft_first = raft_first;
             p.raft = raft;
             p.open = false;
+            if !self.held.is_empty() {
+                p.held = true;
+                let mut holds = lock(&self.storage.holds);
+                for client in self.held.drain(..) {
+                    holds.entry(client).or_default().push(self.ticket);
+                }
+            }
         }
         self.storage.advance(&mut tickets);
     }
@@ -705,6 +874,9 @@ impl StorageBatch for ClusterBatch<'_> {
         packet_id: PacketId,
         state: OutboundState,
     ) {
+        if self.hold_for(client_id) {
+            return;
+        }
         if self.storage.owned(client_id).is_some() {
             if let Some(c) = self
                 .storage
@@ -725,6 +897,9 @@ impl StorageBatch for ClusterBatch<'_> {
     }
 
     fn delivery_done(&mut self, client_id: &ClientId, delivery: &Delivery) {
+        if self.hold_for(client_id) {
+            return;
+        }
         if self.storage.owned(client_id).is_some() {
             if let Some(c) = self.storage.commands(client_id, Change::Done(delivery)) {
                 self.commands.extend(c);
@@ -781,7 +956,7 @@ impl StorageBatch for ClusterBatch<'_> {
         }
         let commands = std::mem::take(&mut self.commands);
         let raft = self.storage.propose(commands);
-        let empty = local.is_none() && raft == 0;
+        let empty = local.is_none() && raft.1 == 0 && self.held.is_empty();
         self.close(local, raft);
         if empty {
             Ticket::NONE
@@ -795,7 +970,8 @@ impl Drop for ClusterBatch<'_> {
     fn drop(&mut self) {
         if !self.done {
             // Dropped without a commit: nothing of it is recorded, its ticket holds nothing up.
-            self.close(Ticket::NONE, 0);
+            self.held.clear();
+            self.close(Ticket::NONE, (0, 0));
         }
     }
 }

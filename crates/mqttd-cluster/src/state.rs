@@ -40,6 +40,11 @@ pub struct SessionOwner {
     pub epoch: u64,
     /// When the session expires, in milliseconds since the Unix epoch; `None`: never.
     pub expires_at_ms: Option<u64>,
+    /// The highest epoch whose owner has let the session go (its client disconnected, so
+    /// nothing more goes out under that epoch): the new owner answers CONNACK once this
+    /// reaches the previous epoch, or a lease's time has passed.
+    #[serde(default)]
+    pub released: u64,
 }
 
 /// A retained message.
@@ -99,6 +104,17 @@ pub enum Command {
         /// The owner node sending it.
         node: NodeId,
         /// The epoch the owner holds.
+        epoch: u64,
+    },
+    /// The node that owned the session under `epoch` has let it go: its client is
+    /// disconnected and nothing more goes out under that epoch. Not fenced (the sender lost
+    /// the session); it only ever raises [`SessionOwner::released`].
+    Released {
+        /// The client id.
+        client_id: String,
+        /// The old owner.
+        node: NodeId,
+        /// The epoch it held.
         epoch: u64,
     },
     /// Removes every session expired at `now_ms` (proposed by the leader; the time is in the
@@ -409,12 +425,14 @@ impl ClusterState {
                 // dropped and created again, so a command from its earlier life stays stale.
                 self.last_epoch = self.last_epoch.saturating_add(1);
                 let epoch = self.last_epoch;
+                let released = self.sessions.get(&client_id).map_or(0, |s| s.released);
                 self.sessions.insert(
                     client_id.clone(),
                     SessionOwner {
                         owner: node,
                         epoch,
                         expires_at_ms,
+                        released,
                     },
                 );
                 effects.push(Effect::Claimed {
@@ -454,6 +472,14 @@ impl ClusterState {
                 }
                 Err(r) => Outcome::Rejected(r),
             },
+            Command::Released {
+                client_id, epoch, ..
+            } => {
+                if let Some(s) = self.sessions.get_mut(&client_id) {
+                    s.released = s.released.max(epoch.min(s.epoch));
+                }
+                Outcome::Done
+            }
             Command::ExpireSessions { now_ms } => {
                 let expired: Vec<String> = self
                     .sessions
@@ -1168,6 +1194,32 @@ mod tests {
         );
         assert!(effects.is_empty(), "held already: {effects:?}");
         assert_eq!(s.session_data("a").map(|d| d.queue.len()), Some(1));
+    }
+
+    /// The old owner's release is recorded for the new owner to see, and never claims more
+    /// than the session's epoch.
+    #[test]
+    fn the_old_owner_releases_its_epoch() {
+        let mut s = ClusterState::default();
+        let first = claim(&mut s, "c", 1);
+        let second = claim(&mut s, "c", 2);
+        assert_eq!(s.session("c").map(|o| o.released), Some(0));
+        let released = |node, epoch| Command::Released {
+            client_id: "c".into(),
+            node,
+            epoch,
+        };
+        assert_eq!(s.apply(released(1, first)), Outcome::Done);
+        assert_eq!(s.session("c").map(|o| o.released), Some(first));
+        let _ = s.apply(released(1, 99));
+        assert_eq!(s.session("c").map(|o| o.released), Some(second));
+        assert_eq!(claim(&mut s, "c", 3), second + 1);
+        assert_eq!(s.session("c").map(|o| o.released), Some(second));
+        assert_eq!(
+            s.apply(released(1, 1)),
+            Outcome::Done,
+            "unknown sessions: nothing"
+        );
     }
 
     #[test]

@@ -315,10 +315,11 @@ class Subscriber:
             if again:
                 # Sent again before PUBREL: not a new delivery (the session remembers it).
                 self.history.record(self.name, "resent", conn=number, topic=packet.topic,
-                                    qos=2, dup=packet.dup, p=p, seq=seq)
+                                    qos=2, dup=packet.dup, p=p, seq=seq, pid=packet.packet_id)
             else:
                 self.history.record(self.name, "deliver", conn=number, topic=packet.topic,
-                                    qos=packet.qos, dup=packet.dup, p=p, seq=seq)
+                                    qos=packet.qos, dup=packet.dup, p=p, seq=seq,
+                                    pid=packet.packet_id)
                 self.delivered += 1
             if packet.qos == 1:
                 client.send(raw.puback(packet.packet_id))
