@@ -80,6 +80,10 @@ CONF
 CA=$RUN/data/tls/ca.pem
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+# The anonymous part of the RSS: without the pages of the binary itself, which the kernel maps
+# in as they are first touched (and more of them at once when the file is in the page cache,
+# as a freshly built one is), so that they can move the RSS by megabytes between builds.
+anon_kb() { awk '/^RssAnon:/ {print $2}' "/proc/$1/status"; }
 metric() {
     curl -sf "http://127.0.0.1:$P_HTTP/metrics" | awk -v m="$1" '$1 == m {v = $2} END {print v + 0}'
 }
@@ -105,12 +109,14 @@ port_of() {
 }
 
 # hold TRANSPORT N SUBS: opens N connections with SUBS subscriptions each and waits until the
-# broker holds them all; prints "held subscriptions rss_before_kb rss_held_kb".
+# broker holds them all; prints "held subscriptions rss_before_kb rss_held_kb anon_before_kb
+# anon_held_kb".
 hold() {
-    local transport=$1 n=$2 subs=$3 before after held=0 subscribed=0 deadline
+    local transport=$1 n=$2 subs=$3 before after anon0 anon held=0 subscribed=0 deadline
     local hold_s=$((n / RATE + 20 + n * subs / 100000))
     start_broker
     before=$(rss_kb "$BROKER_PID")
+    anon0=$(anon_kb "$BROKER_PID")
     "$MQTTD" bench conn --count "$n" --connect-rate "$RATE" --duration "$hold_s" --drain 0 \
         -V 311 --subs-per-client "$subs" --transport "$transport" --port "$(port_of "$transport")" \
         --cafile "$CA" --json --quiet >"$RUN/bench.json" 2>"$RUN/bench.err" &
@@ -127,26 +133,31 @@ hold() {
     held=$(metric mqttd_clients_connected)
     subscribed=$(metric mqttd_subscriptions)
     after=$(rss_kb "$BROKER_PID")
+    anon=$(anon_kb "$BROKER_PID")
     kill "$BENCH_PID" 2>/dev/null || true
     wait "$BENCH_PID" 2>/dev/null || true
     BENCH_PID=
     stop_broker
-    echo "$held $subscribed $before $after"
+    echo "$held $subscribed $before $after $anon0 $anon"
 }
 
 for round in $(seq "$ROUNDS"); do
     for transport in ${TRANSPORTS//,/ }; do
-        read -r held _ before after < <(hold "$transport" "$COUNT" 0)
+        read -r held _ before after anon0 anon < <(hold "$transport" "$COUNT" 0)
         per=$(((after - before) * 1024 / (held > 0 ? held : 1)))
-        log "idle $transport, round $round: $held held, RSS $before -> $after kB, $per B per connection"
+        anon_per=$(((anon - anon0) * 1024 / (held > 0 ? held : 1)))
+        log "idle $transport, round $round: $held held, RSS $before -> $after kB, $per B per connection" \
+            "(anonymous $anon0 -> $anon kB, $anon_per B)"
         jq -nc --arg t "$transport" --argjson r "$round" --argjson held "$held" \
             --argjson before "$before" --argjson after "$after" --argjson per "$per" \
+            --argjson anon0 "$anon0" --argjson anon "$anon" --argjson anon_per "$anon_per" \
             '{scenario:"idle", transport:$t, round:$r, held:$held, rss_before_kb:$before,
-              rss_held_kb:$after, bytes_per_connection:$per}'
+              rss_held_kb:$after, bytes_per_connection:$per, anon_before_kb:$anon0,
+              anon_held_kb:$anon, anon_bytes_per_connection:$anon_per}'
     done
     if ((SUB_CLIENTS > 0 && SUBS > 0)); then
-        read -r held0 _ before0 after0 < <(hold tcp "$SUB_CLIENTS" 0)
-        read -r held subs before after < <(hold tcp "$SUB_CLIENTS" "$SUBS")
+        read -r held0 _ before0 after0 _ < <(hold tcp "$SUB_CLIENTS" 0)
+        read -r held subs before after _ < <(hold tcp "$SUB_CLIENTS" "$SUBS")
         # The idle connections' share, scaled to the clients held in the second run.
         conns_kb=$(((after0 - before0) * held / (held0 > 0 ? held0 : 1)))
         per=$((((after - before) - conns_kb) * 1024 / (subs > 0 ? subs : 1)))

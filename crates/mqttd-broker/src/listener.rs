@@ -227,11 +227,17 @@ async fn run_tcp(
     let proxied = listener.proxy_protocol || listener.trust_proxy;
     // Where this listener's plain TCP connections wait while idle, without a task.
     let plain = listener.kind == ListenerKind::Tcp && !listener.proxy_protocol;
-    let lot = plain.then(|| {
-        let lot = ParkingLot::new(inner.metrics.connections_parked.clone());
-        inner.tasks.spawn(lot.clone().run(inner.clone()));
-        lot
-    });
+    let lot = match plain.then(|| ParkingLot::new(inner.metrics.connections_parked.clone())) {
+        Some(Ok(lot)) => {
+            inner.tasks.spawn(lot.clone().run(inner.clone()));
+            Some(lot)
+        }
+        Some(Err(error)) => {
+            warn!(%error, "no parking lot: idle connections keep their tasks");
+            None
+        }
+        None => None,
+    };
     loop {
         let accepted = tokio::select! {
             _ = inner.shutdown.cancelled() => return,

@@ -1,7 +1,8 @@
 //! Idle TCP connections are parked without a task of their own (`drivers::park`) and must
 //! behave exactly as active ones: deliveries reach a parked subscriber, a parked client that
 //! goes silent is timed out by keep alive, one that closes its socket publishes its will, a
-//! parked session can be taken over, and shutdown sends DISCONNECT to parked clients.
+//! parked session can be taken over, shutdown sends DISCONNECT to parked clients, and many
+//! parked clients woken at once all get their task back.
 //!
 //! Each test first waits until the broker counts the connections as parked
 //! (`connections_parked`), so that what follows happens to parked connections.
@@ -242,4 +243,31 @@ async fn shutdown_sends_server_shutting_down_to_parked_clients() {
         assert_eq!(closed(events).await, (ReasonCode::ServerShuttingDown, true));
     }
     timeout(WAIT, shutdown).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn more_parked_clients_than_one_batch_of_events_all_get_their_answer() {
+    // More than the lot takes from its epoll set at a time (256), all ready at once.
+    const CLIENTS: usize = 300;
+    let (broker, addr, _dir) = start().await;
+    let mut streams = Vec::with_capacity(CLIENTS);
+    for i in 0..CLIENTS {
+        streams.push(raw_with_will(addr, &format!("many{i}"), 300).await);
+    }
+    parked(&broker, CLIENTS as i64).await;
+    // PINGREQ on every socket, then a PINGRESP from each.
+    for stream in &mut streams {
+        stream.write_all(&[0xC0, 0x00]).await.unwrap();
+    }
+    for stream in &mut streams {
+        let mut resp = [0u8; 2];
+        timeout(WAIT, stream.read_exact(&mut resp))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp, [0xD0, 0x00], "PINGRESP");
+    }
+    // And they park again.
+    parked(&broker, CLIENTS as i64).await;
+    broker.shutdown().await;
 }

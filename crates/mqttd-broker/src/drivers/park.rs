@@ -8,9 +8,14 @@
 //! connection permit in one slab entry, and one task watches all of them with shared
 //! machinery:
 //!
-//! - each entry has a small [`Waker`] (its slab key and generation) registered with the
-//!   socket's read readiness (`TcpStream::poll_read_ready`) and with its [`Mailbox`]
-//!   ([`Mailbox::wake_on_arrival`]); waking it queues the key and wakes the lot's task;
+//! - the sockets are in the lot's own epoll set (level-triggered, read readiness and the
+//!   peer's end of stream or an error), whose one descriptor is registered with tokio's
+//!   reactor: a parked socket is a plain `std` socket, without tokio's per-socket
+//!   registration (`ScheduledIo`, 256 bytes with its allocation), which it gets again when
+//!   its task does ([`TcpStream::from_std`]);
+//! - each entry has a small [`Waker`] (its slab key and generation) registered with its
+//!   [`Mailbox`] ([`Mailbox::wake_on_arrival`]); waking it queues the key and wakes the lot's
+//!   task;
 //! - the entries' deadlines (the core's [`ConnectionCore::poll_timeout`]: keep alive) are in
 //!   one ordered set, behind one `Sleep`;
 //! - the lot watches the broker's shutdown once.
@@ -32,12 +37,17 @@
 //! [`Mailbox::wake_on_arrival`]: crate::broker::Mailbox::wake_on_arrival
 
 use std::collections::BTreeSet;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Weak};
-use std::task::{Context, Wake, Waker};
+use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
+use rustix::event::epoll::{self, CreateFlags, Event, EventData, EventFlags};
+use rustix::event::Timespec;
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
@@ -52,11 +62,15 @@ use crate::core::ParkedCore;
 /// about R x `PARK_AFTER` tasks, and the allocator keeps that peak for reuse.
 pub(crate) const PARK_AFTER: Duration = Duration::from_millis(100);
 
+/// Events taken from the lot's epoll set at a time.
+const EVENTS: usize = 256;
+
 /// A connection without a task: all it needs to be driven again.
 pub(crate) struct Parked {
     /// In its smallest form if nothing is going on ([`ConnectionCore::park`]).
     pub(crate) core: ParkedCore,
-    pub(crate) stream: TcpStream,
+    /// Out of tokio's reactor while parked (see [`detach`]).
+    pub(crate) stream: std::net::TcpStream,
     pub(crate) span: tracing::Span,
     pub(crate) permit: Option<OwnedSemaphorePermit>,
 }
@@ -65,6 +79,8 @@ pub(crate) struct Parked {
 /// documentation.
 pub(crate) struct ParkingLot {
     state: Mutex<State>,
+    /// The parked sockets' epoll set, each with its key and generation as its data.
+    epoll: AsyncFd<OwnedFd>,
     /// Keys (and generations) whose waker was woken, for the lot's task to take.
     ready: Mutex<Vec<(u32, u32)>>,
     /// Wakes the lot's task: keys are ready, or an earlier deadline came.
@@ -97,7 +113,7 @@ struct Entry {
 }
 
 /// A parked connection's waker: rings its slot, if the lot and the same occupant are still
-/// there. Holds the lot weakly: the lot holds the socket and the mailbox that hold this.
+/// there. Holds the lot weakly: the lot holds the mailbox that holds this.
 struct Doorbell {
     lot: Weak<ParkingLot>,
     key: u32,
@@ -118,14 +134,21 @@ impl Wake for Doorbell {
 }
 
 impl ParkingLot {
-    /// An empty lot, counting its connections in `parked`; [`Self::run`] watches it.
-    pub(crate) fn new(parked: Gauge) -> Arc<Self> {
-        Arc::new(Self {
+    /// An empty lot, counting its connections in `parked`; [`Self::run`] watches it. Fails
+    /// if its epoll set cannot be made or registered with tokio's reactor (must be called
+    /// within the runtime).
+    pub(crate) fn new(parked: Gauge) -> std::io::Result<Arc<Self>> {
+        // `new` is deprecated for descriptors the value does not own (tokio's `register` is
+        // its unsafe replacement); this one owns its descriptor, as `OwnedFd` does.
+        #[allow(deprecated)]
+        let epoll = AsyncFd::new(epoll::create(CreateFlags::CLOEXEC)?)?;
+        Ok(Arc::new(Self {
             state: Mutex::new(State::default()),
+            epoll,
             ready: Mutex::new(Vec::new()),
             notify: Notify::new(),
             parked,
-        })
+        }))
     }
 
     /// Parks `parked`, whose core is idle, until something wakes it. Gives it back instead if
@@ -156,14 +179,21 @@ impl ParkingLot {
             key,
             generation: slot.generation,
         }));
-        // Registered before the checks: what comes after them rings.
-        let readable = parked
-            .stream
-            .poll_read_ready(&mut Context::from_waker(&waker))
-            .is_ready();
-        if readable || !parked.core.mailbox().wake_on_arrival(&waker) {
+        // Registered before the checks: what comes after them rings. Adding the socket to the
+        // epoll set reports input (or an end) already there as an event, which the lot's task
+        // takes once this returns and releases the lock.
+        let data = EventData::new_u64(u64::from(key) << 32 | u64::from(slot.generation));
+        if !parked.core.mailbox().wake_on_arrival(&waker)
+            || epoll::add(
+                self.epoll.get_ref(),
+                &parked.stream,
+                data,
+                EventFlags::IN | EventFlags::RDHUP,
+            )
+            .is_err()
+        {
             parked.core.mailbox().forget_waker();
-            // The socket may keep this waker until the driver reads: it must wake nobody.
+            // The mailbox may keep this waker until the driver looks: it must wake nobody.
             slot.generation = slot.generation.wrapping_add(1);
             state.free.push(key);
             return Err(parked);
@@ -189,6 +219,9 @@ impl ParkingLot {
         }
         let entry = slot.entry.take()?;
         slot.generation = slot.generation.wrapping_add(1);
+        // Out of the set before tokio's reactor gets the socket; if this failed (it cannot
+        // for a socket in the set), a stale event would find another generation.
+        let _ = epoll::delete(self.epoll.get_ref(), &entry.parked.stream);
         state.free.push(key);
         if let Some(at) = entry.deadline {
             state.deadlines.remove(&(at, key));
@@ -204,9 +237,11 @@ impl ParkingLot {
         let sleep = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(sleep);
         let mut woken = Vec::new();
+        let mut polled = Vec::new();
         let mut resumed = Vec::new();
         loop {
             std::mem::swap(&mut woken, &mut *self.ready.lock());
+            woken.append(&mut polled);
             let now = crate::clock::now();
             let next = {
                 let mut state = self.state.lock();
@@ -232,6 +267,17 @@ impl ParkingLot {
                 biased;
                 _ = inner.shutdown.cancelled() => break,
                 _ = self.notify.notified() => {}
+                ready = self.epoll.readable() => match ready {
+                    Ok(mut guard) => {
+                        // The set is level-triggered: what is left of a full batch is
+                        // still there once these are taken out, and readiness stays set.
+                        if !self.take_events(&mut polled) {
+                            guard.clear_ready();
+                        }
+                    }
+                    // Not for a registered descriptor: the reactor is gone.
+                    Err(_) => break,
+                },
                 _ = &mut sleep, if next.is_some() => {}
             }
         }
@@ -245,5 +291,42 @@ impl ParkingLot {
         for parked in all {
             resume(&inner, &self, parked);
         }
+    }
+
+    /// Takes up to [`EVENTS`] events the epoll set holds now, without waiting, as (key,
+    /// generation); returns whether there may be more.
+    fn take_events(&self, into: &mut Vec<(u32, u32)>) -> bool {
+        let mut events = [MaybeUninit::<Event>::uninit(); EVENTS];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let got = match epoll::wait(self.epoll.get_ref(), &mut events[..], Some(&zero)) {
+            Ok((got, _)) => got,
+            // Look again on the next turn.
+            Err(rustix::io::Errno::INTR) => return true,
+            // Not for a set that exists: nothing to take.
+            Err(_) => return false,
+        };
+        for event in got.iter() {
+            let data = { event.data }.u64();
+            into.push(((data >> 32) as u32, data as u32));
+        }
+        got.len() == EVENTS
+    }
+}
+
+/// The socket out of tokio's reactor, for the lot: a duplicate of its descriptor, and the
+/// stream (with its registration) dropped; the duplicate keeps the connection open. Gives the
+/// stream back if the descriptor cannot be duplicated (at the open-file limit): the
+/// connection then keeps its task.
+pub(crate) fn detach(stream: TcpStream) -> Result<std::net::TcpStream, TcpStream> {
+    use std::os::fd::AsFd;
+    match stream.as_fd().try_clone_to_owned() {
+        Ok(fd) => {
+            drop(stream);
+            Ok(std::net::TcpStream::from(fd))
+        }
+        Err(_) => Err(stream),
     }
 }

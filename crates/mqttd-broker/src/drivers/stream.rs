@@ -28,9 +28,9 @@
 //! only when bytes came ([`transfer`]). No split of the stream (an `Arc` and a lock each).
 //!
 //! A plain TCP connection ([`serve_tcp`]) holds no task either once it has been idle for
-//! [`PARK_AFTER`]: [`run`] returns its stream, and the driver parks the core, the socket, the
-//! span and the permit in its listener's [`ParkingLot`] and ends; the lot spawns it again
-//! ([`resume`]) when something comes for it (see [`park`](super::park)).
+//! [`PARK_AFTER`]: [`run`] returns its stream, and the driver parks the core, the socket (out
+//! of tokio's reactor), the span and the permit in its listener's [`ParkingLot`] and ends; the
+//! lot spawns it again ([`resume`]) when something comes for it (see [`park`](super::park)).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -45,11 +45,11 @@ use tokio::sync::watch;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
 
 use mqttd_proto::StreamId;
 
-use super::park::{Parked, ParkingLot, PARK_AFTER};
+use super::park::{detach, Parked, ParkingLot, PARK_AFTER};
 use super::{answer, durable, now, sleep_until, wait_for_room};
 use crate::broker::Inner;
 use crate::core::{ConnectionCore, ParkedCore};
@@ -160,42 +160,74 @@ pub(crate) fn serve_tcp(
     drive_tcp(
         inner,
         lot,
-        Parked {
-            core: ParkedCore::Whole(core),
-            stream,
-            span,
-            permit,
-        },
+        ParkedCore::Whole(core),
+        Ok(stream),
+        span,
+        permit,
     )
 }
 
 /// Gives a parked connection its task back: its driver goes on where it parked.
 pub(crate) fn resume(inner: &Arc<Inner>, lot: &Arc<ParkingLot>, parked: Parked) {
-    parked.core.mailbox().forget_waker();
-    inner
-        .tasks
-        .spawn(drive_tcp(inner.clone(), lot.clone(), parked));
-}
-
-/// Drives a TCP connection until it closes or parks.
-async fn drive_tcp(inner: Arc<Inner>, lot: Arc<ParkingLot>, parked: Parked) {
     let Parked {
         core,
-        mut stream,
-        mut span,
-        mut permit,
+        stream,
+        span,
+        permit,
     } = parked;
+    core.mailbox().forget_waker();
+    inner.tasks.spawn(drive_tcp(
+        inner.clone(),
+        lot.clone(),
+        core,
+        Err(stream),
+        span,
+        permit,
+    ));
+}
+
+/// Drives a TCP connection until it closes or parks. Its socket is in tokio's reactor (`Ok`),
+/// or out of it (`Err`), as the lot keeps it.
+async fn drive_tcp(
+    inner: Arc<Inner>,
+    lot: Arc<ParkingLot>,
+    core: ParkedCore,
+    stream: Result<TcpStream, std::net::TcpStream>,
+    mut span: tracing::Span,
+    mut permit: Option<OwnedSemaphorePermit>,
+) {
     let mut core = core.unpark(&inner);
+    let mut stream = match stream {
+        Ok(stream) => Some(stream),
+        Err(socket) => attach(socket, &span),
+    };
     let rest = loop {
-        match run(&inner, &mut core, stream, true)
+        let Some(tcp) = stream.take() else {
+            // The socket could not go back into the reactor: the connection is lost, and
+            // closes as one whose socket failed (the will, the session).
+            let closed = tokio::io::join(tokio::io::empty(), tokio::io::sink());
+            let _ = run(&inner, &mut core, closed, false)
+                .instrument(span.clone())
+                .await;
+            break None;
+        };
+        match run(&inner, &mut core, tcp, true)
             .instrument(span.clone())
             .await
         {
             Ended::Closed(rest) => break rest,
             Ended::Idle(idle) => {
+                let socket = match detach(idle) {
+                    Ok(socket) => socket,
+                    // No descriptor to spare: it keeps its task.
+                    Err(idle) => {
+                        stream = Some(idle);
+                        continue;
+                    }
+                };
                 let parked = Parked {
                     core: core.park(),
-                    stream: idle,
+                    stream: socket,
                     span,
                     permit,
                 };
@@ -204,9 +236,9 @@ async fn drive_tcp(inner: Arc<Inner>, lot: Arc<ParkingLot>, parked: Parked) {
                     // It has something to do already, or the broker is shutting down.
                     Err(back) => {
                         core = back.core.unpark(&inner);
-                        stream = back.stream;
                         span = back.span;
                         permit = back.permit;
+                        stream = attach(back.stream, &span);
                     }
                 }
             }
@@ -215,6 +247,18 @@ async fn drive_tcp(inner: Arc<Inner>, lot: Arc<ParkingLot>, parked: Parked) {
     drop(core);
     end(&inner, rest).await;
     drop(permit);
+}
+
+/// A parked socket back in tokio's reactor; `None` if it cannot be registered (no memory, or
+/// the runtime is going away).
+fn attach(socket: std::net::TcpStream, span: &tracing::Span) -> Option<TcpStream> {
+    match TcpStream::from_std(socket) {
+        Ok(stream) => Some(stream),
+        Err(error) => {
+            warn!(parent: span, %error, "the socket of a parked connection could not be watched again");
+            None
+        }
+    }
 }
 
 /// The end of every connection: lingers on `rest`, the stream of a connection the broker
