@@ -169,6 +169,10 @@ pub(crate) struct Inbox {
     /// An administrator asked the connection to close: DISCONNECT 0x98 (MQTT 5), a plain
     /// close otherwise.
     pub(crate) kick: bool,
+    /// With `takeover`: another node took the session (in a cluster). What the connection
+    /// holds back for storage is dropped, not sent (the cluster refused those changes), and
+    /// this is told once the connection has stopped serving the session.
+    pub(crate) abandon: Option<oneshot::Sender<()>>,
 }
 
 impl Mailbox {
@@ -209,8 +213,18 @@ impl Mailbox {
     }
 
     pub(crate) fn take_over(&self, reply: SessionReply) {
+        self.take_over_as(reply, None);
+    }
+
+    /// As [`Mailbox::take_over`]; with `abandon`, another node took the session: what the
+    /// connection holds back for storage is never sent, and `abandon` is told once the
+    /// connection has stopped serving the session.
+    pub(crate) fn take_over_as(&self, reply: SessionReply, abandon: Option<oneshot::Sender<()>>) {
         let mut slots = self.slots.lock();
         slots.inbox.takeover = Some(reply);
+        if abandon.is_some() {
+            slots.inbox.abandon = abandon;
+        }
         let waker = slots.waker.take();
         drop(slots);
         self.arrived(waker);

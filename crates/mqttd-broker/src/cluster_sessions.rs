@@ -182,7 +182,7 @@ fn release(
     client_id: ClientId,
     me: u64,
     epoch: u64,
-    closed: Option<tokio::sync::oneshot::Receiver<Option<Session>>>,
+    closed: Option<tokio::sync::oneshot::Receiver<()>>,
 ) {
     let cluster = inner.cluster.get().cloned();
     let storage = inner.cluster_storage.get().cloned();
@@ -250,6 +250,17 @@ impl Inner {
         let (Some(cluster), Some(me)) = (self.cluster.get(), storage.node_id()) else {
             return refuse(ReasonCode::ServerUnavailable);
         };
+        // Held here, resumed here: a takeover between connections of this node, under the
+        // same claim, as without a cluster (a new epoch would fence off what the old
+        // connection's session recorded and is still proposing). A clean start claims anew.
+        if !request.clean_start
+            && storage.owned(client_id).is_some()
+            && self.sessions.contains_key(client_id)
+        {
+            return self
+                .acquire_session(now, client_id, false, request.expiry, mailbox)
+                .await;
+        }
         let claim = Command::ClaimSession {
             client_id: client_id.as_str().to_owned(),
             node: me,
@@ -457,10 +468,7 @@ impl Inner {
     /// taken over) and the session forgotten without ending it (no will, nothing stored:
     /// it goes on elsewhere).
     /// Returns what resolves once its connection here has closed, if it had one.
-    fn surrender(
-        &self,
-        client_id: &ClientId,
-    ) -> Option<tokio::sync::oneshot::Receiver<Option<Session>>> {
+    fn surrender(&self, client_id: &ClientId) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let (_, handle) = self.sessions.remove(client_id)?;
         self.drop_local(&handle)
     }
@@ -470,12 +478,13 @@ impl Inner {
     fn drop_local(
         &self,
         handle: &Arc<SessionHandle>,
-    ) -> Option<tokio::sync::oneshot::Receiver<Option<Session>>> {
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let old = std::mem::replace(&mut *handle.slot.lock(), Slot::Ended);
         let closed = match old {
             Slot::Online { mailbox } => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                mailbox.take_over(crate::broker::SessionReply(tx));
+                let (tx, _session) = tokio::sync::oneshot::channel();
+                let (stopped, rx) = tokio::sync::oneshot::channel();
+                mailbox.take_over_as(crate::broker::SessionReply(tx), Some(stopped));
                 Some(rx)
             }
             _ => None,

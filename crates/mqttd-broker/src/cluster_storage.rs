@@ -77,7 +77,7 @@ pub(crate) struct ClusterStorage {
     /// The most messages a session's queue holds, as the cluster is told.
     max_queued: u32,
     /// The session each proposed session command is for, by proposer ticket, until settled.
-    session_tickets: Mutex<HashMap<u64, ClientId>>,
+    session_tickets: Mutex<HashMap<u64, (ClientId, u64)>>,
     /// The tickets held for each session whose command was refused.
     holds: Mutex<HashMap<ClientId, Vec<u64>>>,
     /// Sessions another node took while a connection here may still be serving them: what
@@ -149,10 +149,12 @@ impl ClusterStorage {
 
     /// The session's connection here has closed: what its refused commands held goes on.
     pub(crate) fn unhold(&self, client_id: &ClientId) {
-        lock(&self.surrendered).remove(client_id);
+        // Under the same lock as every hold for a surrendered session (`hold`), so that no
+        // hold is added after this and left behind.
+        let mut surrendered = lock(&self.surrendered);
+        surrendered.remove(client_id);
         let mut tickets = lock(&self.tickets);
-        let mut holds = lock(&self.holds);
-        if let Some(held) = holds.remove(client_id) {
+        if let Some(held) = lock(&self.holds).remove(client_id) {
             for p in tickets
                 .pending
                 .iter_mut()
@@ -161,7 +163,7 @@ impl ClusterStorage {
                 p.held = false;
             }
         }
-        drop(holds);
+        drop(surrendered);
         self.advance(&mut tickets);
     }
 
@@ -169,7 +171,7 @@ impl ClusterStorage {
     pub(crate) fn settled(&self, settled: Settled) {
         let mut refused: Vec<ClientId> = Vec::new();
         let mut tickets = lock(&self.tickets);
-        let by_ticket: Vec<(u64, Option<ClientId>)> = {
+        let by_ticket: Vec<(u64, Option<(ClientId, u64)>)> = {
             let mut sessions = lock(&self.session_tickets);
             (settled.first..=settled.last)
                 .map(|t| (t, sessions.remove(&t)))
@@ -179,9 +181,14 @@ impl ClusterStorage {
             Ok(outcomes) => {
                 let mut holds = lock(&self.holds);
                 for ((raft, client), outcome) in by_ticket.into_iter().zip(outcomes) {
-                    let (Outcome::Rejected(r), Some(client)) = (outcome, client) else {
+                    let (Outcome::Rejected(r), Some((client, epoch))) = (outcome, client) else {
                         continue;
                     };
+                    if self.owned(&client).is_some_and(|now| now > epoch) {
+                        // Sent under an epoch this node itself moved past (a clean start
+                        // claimed here): the session here is another one already.
+                        continue;
+                    }
                     // The session moved on: its new owner has it, and this node's change was
                     // fenced off. What depended on the change waits until this node has let
                     // the session go (its connection closed), then goes nowhere.
@@ -243,8 +250,12 @@ impl ClusterStorage {
         lock(&self.surrendered).contains(client_id)
     }
 
-    /// A ticket held until [`ClusterStorage::unhold`] for the session.
-    fn held_ticket(&self, client_id: &ClientId) -> Ticket {
+    /// If the session is surrendered, a ticket held until [`ClusterStorage::unhold`] for it.
+    fn hold(&self, client_id: &ClientId) -> Option<Ticket> {
+        let surrendered = lock(&self.surrendered);
+        if !surrendered.contains(client_id) {
+            return None;
+        }
         let mut tickets = lock(&self.tickets);
         tickets.last += 1;
         let ticket = tickets.last;
@@ -260,7 +271,7 @@ impl ClusterStorage {
             .entry(client_id.clone())
             .or_default()
             .push(ticket);
-        Ticket::new(ticket)
+        Some(Ticket::new(ticket))
     }
 
     /// The session stays this node's under a new claim of its own.
@@ -438,18 +449,25 @@ impl ClusterStorage {
         let Some(node) = self.node.get() else {
             return (0, 0);
         };
+        // Held across the recording, so that the proposer cannot settle a session command
+        // before it is known here as one.
+        let mut sessions = lock(&self.session_tickets);
         let (mut first, mut last) = (0, 0);
         for command in commands {
             let session = match &command {
-                Command::SessionProgress { client_id, .. }
-                | Command::SetSessionExpiry { client_id, .. } => {
-                    ClientId::try_from(client_id.as_str()).ok()
+                Command::SessionProgress {
+                    client_id, epoch, ..
                 }
+                | Command::SetSessionExpiry {
+                    client_id, epoch, ..
+                } => ClientId::try_from(client_id.as_str())
+                    .ok()
+                    .map(|c| (c, *epoch)),
                 _ => None,
             };
             let ticket = node.proposer.record(command);
             if let Some(client) = session {
-                lock(&self.session_tickets).insert(ticket, client);
+                sessions.insert(ticket, client);
             }
             if first == 0 {
                 first = ticket;
@@ -611,8 +629,8 @@ impl Storage for ClusterStorage {
     }
 
     fn save_session(&self, record: &SessionRecord) -> Ticket {
-        if self.surrendered(&record.client_id) {
-            return self.held_ticket(&record.client_id);
+        if let Some(held) = self.hold(&record.client_id) {
+            return held;
         }
         match self.commands(&record.client_id, Change::Record(record)) {
             Some(commands) => self.record(Ticket::NONE, commands),
@@ -624,8 +642,8 @@ impl Storage for ClusterStorage {
     }
 
     fn remove_session(&self, client_id: &ClientId) -> Ticket {
-        if self.surrendered(client_id) {
-            return self.held_ticket(client_id);
+        if let Some(held) = self.hold(client_id) {
+            return held;
         }
         match self.commands(client_id, Change::Remove) {
             Some(commands) => self.record(Ticket::NONE, commands),
@@ -637,8 +655,8 @@ impl Storage for ClusterStorage {
     }
 
     fn remove_messages(&self, client_id: &ClientId) -> Ticket {
-        if self.surrendered(client_id) {
-            return self.held_ticket(client_id);
+        if let Some(held) = self.hold(client_id) {
+            return held;
         }
         match self.commands(client_id, Change::Clear) {
             Some(commands) => self.record(Ticket::NONE, commands),
@@ -650,8 +668,8 @@ impl Storage for ClusterStorage {
     }
 
     fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
-        if self.surrendered(client_id) {
-            return self.held_ticket(client_id);
+        if let Some(held) = self.hold(client_id) {
+            return held;
         }
         match self.commands(client_id, Change::Routed(delivery)) {
             Some(commands) => self.record(Ticket::NONE, commands),
@@ -669,8 +687,8 @@ impl Storage for ClusterStorage {
         packet_id: PacketId,
         state: OutboundState,
     ) -> Ticket {
-        if self.surrendered(client_id) {
-            return self.held_ticket(client_id);
+        if let Some(held) = self.hold(client_id) {
+            return held;
         }
         match self.commands(client_id, Change::Flow(store_seq, packet_id, state)) {
             Some(commands) => self.record(Ticket::NONE, commands),
@@ -685,8 +703,8 @@ impl Storage for ClusterStorage {
     }
 
     fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
-        if self.surrendered(client_id) {
-            return self.held_ticket(client_id);
+        if let Some(held) = self.hold(client_id) {
+            return held;
         }
         match self.commands(client_id, Change::Done(delivery)) {
             Some(commands) => self.record(Ticket::NONE, commands),
@@ -699,8 +717,8 @@ impl Storage for ClusterStorage {
     }
 
     fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) -> Ticket {
-        if self.surrendered(client_id) {
-            return self.held_ticket(client_id);
+        if let Some(held) = self.hold(client_id) {
+            return held;
         }
         match self.commands(client_id, Change::PendingRelease(packet_id, pending)) {
             Some(commands) => self.record(Ticket::NONE, commands),
@@ -805,6 +823,9 @@ impl ClusterBatch<'_> {
     /// Fills in the batch's entry: its parts are known now.
     fn close(&mut self, local: Ticket, (raft_first, raft): (u64, u64)) {
         self.done = true;
+        // Lock order as in `ClusterStorage::hold`: a session released meanwhile holds nothing.
+        let surrendered = lock(&self.storage.surrendered);
+        self.held.retain(|c| surrendered.contains(c));
         let mut tickets = lock(&self.storage.tickets);
         if let Some(p) = tickets.pending.iter_mut().find(|p| p.ticket == self.ticket) {
             p.local = local;
@@ -819,6 +840,7 @@ impl ClusterBatch<'_> {
                 }
             }
         }
+        drop(surrendered);
         self.storage.advance(&mut tickets);
     }
 }

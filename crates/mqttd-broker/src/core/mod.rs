@@ -780,7 +780,16 @@ impl ConnectionCore {
         }
         if let Some(reply) = inbox.takeover {
             self.rare().takeover_reply = Some(reply);
-            self.conn.disconnect(now, ReasonCode::SessionTakenOver);
+            let abandoned = inbox.abandon.is_some();
+            if abandoned && self.cut_held_output() {
+                // Nothing may precede CONNACK, not even DISCONNECT.
+                self.conn.connection_lost(now);
+            } else {
+                self.conn.disconnect(now, ReasonCode::SessionTakenOver);
+            }
+            if let Some(stopped) = inbox.abandon {
+                let _ = stopped.send(());
+            }
         }
         if inbox.kick {
             info!("disconnected by an administrator");
@@ -832,13 +841,7 @@ impl ConnectionCore {
         let lost_awaiting = front.is_some_and(|t| lost(&t));
         if (watermark.failed && (holding || stuck)) || lost_held || lost_awaiting {
             warn!("storage failed; closing the connection");
-            let mut connack_cut = false;
-            for output in self.outputs.iter_mut() {
-                connack_cut |= output.cut_held();
-            }
-            self.needs = Ticket::NONE;
-            self.stream_needs.clear();
-            if connack_cut {
+            if self.cut_held_output() {
                 // Nothing may precede CONNACK, not even DISCONNECT.
                 self.conn.connection_lost(now);
             } else {
@@ -847,6 +850,18 @@ impl ConnectionCore {
             return;
         }
         self.deliver_durable(now);
+    }
+
+    /// Drops the output held back for storage, which will never go out; returns whether a
+    /// CONNACK was among it.
+    fn cut_held_output(&mut self) -> bool {
+        let mut connack_cut = false;
+        for output in self.outputs.iter_mut() {
+            connack_cut |= output.cut_held();
+        }
+        self.needs = Ticket::NONE;
+        self.stream_needs.clear();
+        connack_cut
     }
 
     /// Before something starts waiting for storage: the connection takes the storage's
