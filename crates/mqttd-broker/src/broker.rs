@@ -1730,29 +1730,7 @@ impl Inner {
                 clock.to_instant(record::millis(since)),
                 record.will.map(|w| (w.will, w.delay)),
             );
-            let subs: Vec<(TopicFilter, Subscriber)> = record
-                .subscriptions
-                .into_iter()
-                .map(|(filter, options, id)| {
-                    let shared = filter.share().is_some().then(|| filter.clone());
-                    (
-                        filter,
-                        Subscriber {
-                            handle: handle.clone(),
-                            options,
-                            id,
-                            shared,
-                        },
-                    )
-                })
-                .collect();
-            self.subscribe(&subs);
-            {
-                let mut own = handle.subscriptions.lock();
-                for (filter, sub) in subs {
-                    own.insert(filter, (sub.options, sub.id));
-                }
-            }
+            self.restore_subscriptions(&handle, record.subscriptions);
             self.sessions.insert(record.client_id, handle.clone());
             held.push((handle, session, since));
         }
@@ -1765,6 +1743,35 @@ impl Inner {
             .collect();
         for (handle, parked) in held {
             self.start_session_timers(now, &handle, parked);
+        }
+    }
+
+    /// Puts back the subscriptions of a session restored from storage (the local store's,
+    /// or the cluster's): into the trie, and into the session's own list.
+    pub(crate) fn restore_subscriptions(
+        &self,
+        handle: &Arc<SessionHandle>,
+        subscriptions: impl IntoIterator<Item = (TopicFilter, SubscriptionOptions, Option<NonZeroU32>)>,
+    ) {
+        let subs: Vec<(TopicFilter, Subscriber)> = subscriptions
+            .into_iter()
+            .map(|(filter, options, id)| {
+                let shared = filter.share().is_some().then(|| filter.clone());
+                (
+                    filter,
+                    Subscriber {
+                        handle: handle.clone(),
+                        options,
+                        id,
+                        shared,
+                    },
+                )
+            })
+            .collect();
+        self.subscribe(&subs);
+        let mut own = handle.subscriptions.lock();
+        for (filter, sub) in subs {
+            own.insert(filter, (sub.options, sub.id));
         }
     }
 

@@ -15,15 +15,16 @@
 //!   session to its connection (or its offline queue); a node whose session another node
 //!   claimed disconnects its client with 0x8E and forgets the session without ending it.
 
+use std::num::NonZeroU32;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use mqttd_cluster::session::SessionData;
+use mqttd_cluster::session::{Delivered, MessageId, SessionData, StoredMessage};
 use mqttd_cluster::{ApplyHook, Command, Effect, NodeError, Outcome, Proposer};
 use mqttd_proto::session::{OutboundState, Session};
 use mqttd_proto::{ClientId, Delivery, PacketId, QoS, ReasonCode, TopicFilter};
 
-use crate::broker::{Acquired, Headed, Inner, Mailbox, SessionHandle, Slot, Subscriber};
+use crate::broker::{Acquired, Headed, Inner, Mailbox, SessionHandle, Slot};
 use crate::cluster::BrokerCluster;
 use crate::cluster_storage::{to_message, ClusterStorage};
 use crate::core::SessionRequest;
@@ -78,7 +79,7 @@ pub(crate) fn attach(inner: &Arc<Inner>, cluster: &Arc<BrokerCluster>) {
         let (Some(inner), Some(storage)) = (refusing.upgrade(), unholding.upgrade()) else {
             return;
         };
-        storage.disown_any(&client_id);
+        let _ = storage.disown(&client_id, None);
         let closed = inner.surrender(&client_id);
         inner.tasks.spawn(async move {
             if let Some(closed) = closed {
@@ -112,43 +113,25 @@ impl ApplyHook for Effects {
                     client_id,
                     owner,
                     epoch,
+                    seq,
                     id,
                     qos,
                     delivered,
                     message,
-                    ..
                 } if owner == me => {
                     let Ok(client_id) = ClientId::try_from(client_id.as_str()) else {
                         continue;
                     };
-                    // Owned here under this epoch, or a later claim of this node's own (a
-                    // takeover between connections here).
-                    let ours = storage.owned(&client_id).is_some_and(|e| e >= epoch);
-                    if !ours || storage.knows(&client_id, id) {
+                    if !storage.delivers(&client_id, epoch, seq) {
                         continue;
                     }
                     let Some(handle) = inner.sessions.get(&client_id).map(|h| h.clone()) else {
                         continue;
                     };
-                    let (Some(message), Some(qos)) = (to_message(&message), QoS::from_bits(qos))
+                    let Some(delivery) =
+                        inner.delivery_of(storage, &client_id, id, qos, &message, &delivered)
                     else {
                         continue;
-                    };
-                    let seq = inner
-                        .next_seq
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    storage.known(&client_id, seq, id);
-                    let delivery = Delivery {
-                        message: Arc::new(message),
-                        qos,
-                        retain: delivered.retain,
-                        subscription_ids: delivered
-                            .subscription_ids
-                            .iter()
-                            .filter_map(|i| std::num::NonZeroU32::new(*i))
-                            .collect(),
-                        shared: None,
-                        store_seq: Some(seq),
                     };
                     if !inner.deliver_stored(now, &handle, delivery) {
                         inner.metrics.messages_dropped.inc();
@@ -163,7 +146,7 @@ impl ApplyHook for Effects {
                     let Ok(client_id) = ClientId::try_from(client_id.as_str()) else {
                         continue;
                     };
-                    if storage.disown(&client_id, epoch) {
+                    if storage.disown(&client_id, Some(epoch)) {
                         let closed = inner.surrender(&client_id);
                         release(&inner, client_id, me, epoch, closed);
                     }
@@ -334,7 +317,7 @@ impl Inner {
             .node()
             .state()
             .read(|s| s.session_data(client_id.as_str()).cloned());
-        storage.own(client_id, epoch);
+        storage.own(client_id, epoch, data.as_ref().map_or(0, |d| d.next_seq));
         let handle = self.new_handle(
             client_id,
             Slot::Online {
@@ -358,6 +341,38 @@ impl Inner {
         }
     }
 
+    /// The delivery of a message the cluster queued for a session, under a new local
+    /// sequence number that the storage maps to its identity; `None` if it is not valid MQTT
+    /// (the cluster only holds what nodes running this code stored).
+    fn delivery_of(
+        &self,
+        storage: &ClusterStorage,
+        client_id: &ClientId,
+        id: MessageId,
+        qos: u8,
+        message: &StoredMessage,
+        delivered: &Delivered,
+    ) -> Option<Delivery> {
+        let message = to_message(message)?;
+        let qos = QoS::from_bits(qos)?;
+        let seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        storage.known(client_id, seq, id);
+        Some(Delivery {
+            message: Arc::new(message),
+            qos,
+            retain: delivered.retain,
+            subscription_ids: delivered
+                .subscription_ids
+                .iter()
+                .filter_map(|i| NonZeroU32::new(*i))
+                .collect(),
+            shared: None,
+            store_seq: Some(seq),
+        })
+    }
+
     /// Puts what the cluster holds of a session into `session` and `handle`.
     fn rebuild(
         &self,
@@ -368,28 +383,8 @@ impl Inner {
         data: SessionData,
     ) {
         let client_id = &handle.client_id;
-        let delivery = |id,
-                        qos: u8,
-                        message: &mqttd_cluster::session::StoredMessage,
-                        d: &mqttd_cluster::session::Delivered| {
-            let message = to_message(message)?;
-            let qos = QoS::from_bits(qos)?;
-            let seq = self
-                .next_seq
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            storage.known(client_id, seq, id);
-            Some(Delivery {
-                message: Arc::new(message),
-                qos,
-                retain: d.retain,
-                subscription_ids: d
-                    .subscription_ids
-                    .iter()
-                    .filter_map(|i| std::num::NonZeroU32::new(*i))
-                    .collect(),
-                shared: None,
-                store_seq: Some(seq),
-            })
+        let delivery = |id, qos, message, delivered| {
+            self.delivery_of(storage, client_id, id, qos, message, delivered)
         };
         for (packet_id, f) in &data.in_flight {
             let (Some(d), Some(packet_id)) = (
@@ -417,34 +412,17 @@ impl Inner {
         handle
             .persistent
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let subs: Vec<(TopicFilter, Subscriber)> = data
-            .subscriptions
-            .iter()
-            .filter_map(|(filter, o)| {
-                let filter = TopicFilter::try_from(filter.as_str()).ok()?;
-                let options = mqttd_proto::SubscriptionOptions {
-                    qos: QoS::from_bits(o.qos)?,
-                    no_local: o.no_local,
-                    retain_as_published: o.retain_as_published,
-                    ..Default::default()
-                };
-                let shared = filter.share().is_some().then(|| filter.clone());
-                Some((
-                    filter,
-                    Subscriber {
-                        handle: handle.clone(),
-                        options,
-                        id: o.identifier.and_then(std::num::NonZeroU32::new),
-                        shared,
-                    },
-                ))
-            })
-            .collect();
-        self.subscribe(&subs);
-        let mut own = handle.subscriptions.lock();
-        for (filter, sub) in subs {
-            own.insert(filter, (sub.options, sub.id));
-        }
+        let subscriptions = data.subscriptions.iter().filter_map(|(filter, o)| {
+            let filter = TopicFilter::try_from(filter.as_str()).ok()?;
+            let options = mqttd_proto::SubscriptionOptions {
+                qos: QoS::from_bits(o.qos)?,
+                no_local: o.no_local,
+                retain_as_published: o.retain_as_published,
+                ..Default::default()
+            };
+            Some((filter, options, o.identifier.and_then(NonZeroU32::new)))
+        });
+        self.restore_subscriptions(handle, subscriptions);
     }
 
     /// Hands a message the cluster queued for a session to wherever the session is here,

@@ -20,7 +20,7 @@ use mqttd_proto::{ClientId, Delivery, Message, PacketId};
 use tokio::sync::watch;
 
 use crate::storage::{
-    Recovered, SessionRecord, Storage, StorageBatch, StorageError, Ticket, Watermark,
+    Batch, Recovered, SessionRecord, Storage, StorageBatch, StorageError, Ticket, Watermark,
 };
 
 /// What a session the cluster owns needs here.
@@ -31,6 +31,9 @@ struct Owned {
     /// The identity in the cluster of each message routed to the session, by its local
     /// [`Delivery::store_seq`].
     messages: HashMap<u64, MessageId>,
+    /// Queue numbers below this were in the replicated session when this node built it
+    /// from there: their `Queued` effects are not delivered again.
+    from_seq: u64,
 }
 
 /// This node in the cluster, once it has started.
@@ -50,6 +53,9 @@ struct Pending {
     raft: u64,
     /// A batch not yet committed: nothing after it is durable.
     open: bool,
+    /// The proposal holding its commands failed: it is lost, and so is everything recorded
+    /// after it that is not durable yet.
+    lost: bool,
     /// One of its commands was refused (its session was claimed by another node): held
     /// until the session's connection here has closed, so that nothing that depended on it
     /// goes out.
@@ -63,8 +69,6 @@ struct Tickets {
     pending: VecDeque<Pending>,
     /// Every proposer ticket up to this is committed, unless lost.
     raft_committed: u64,
-    /// A proposal failed: the changes it held are lost.
-    raft_lost: bool,
 }
 
 /// The broker's storage in a cluster (see the module's documentation).
@@ -210,7 +214,14 @@ impl ClusterStorage {
             Err(reason) => {
                 tracing::warn!(%reason, first = settled.first, last = settled.last, "cluster proposal lost");
                 tickets.raft_committed = tickets.raft_committed.max(settled.last);
-                tickets.raft_lost = true;
+                let (first, last) = (settled.first, settled.last);
+                for p in tickets
+                    .pending
+                    .iter_mut()
+                    .filter(|p| p.raft != 0 && p.raft_first <= last && first <= p.raft)
+                {
+                    p.lost = true;
+                }
             }
         }
         self.advance(&mut tickets);
@@ -222,22 +233,45 @@ impl ClusterStorage {
         }
     }
 
-    /// The session is this node's, under `epoch`, from now on.
-    pub(crate) fn own(&self, client_id: &ClientId, epoch: u64) {
+    /// The session is this node's, under `epoch`, from now on; built from a replicated
+    /// session whose next queue number was `from_seq`.
+    pub(crate) fn own(&self, client_id: &ClientId, epoch: u64, from_seq: u64) {
         lock(&self.owned).insert(
             client_id.clone(),
             Owned {
                 epoch,
                 messages: HashMap::new(),
+                from_seq,
             },
         );
     }
 
-    /// The session is no longer this node's (another node claimed it).
-    /// Until [`ClusterStorage::unhold`], what is recorded for it is held.
-    pub(crate) fn disown(&self, client_id: &ClientId, epoch: u64) -> bool {
+    /// The session stays this node's under a new claim of its own: what it knows of the
+    /// session's messages stays.
+    pub(crate) fn renew(&self, client_id: &ClientId, epoch: u64) {
         let mut owned = lock(&self.owned);
-        if owned.get(client_id).is_some_and(|o| o.epoch == epoch) {
+        match owned.get_mut(client_id) {
+            Some(o) => o.epoch = epoch,
+            None => drop(owned.insert(
+                client_id.clone(),
+                Owned {
+                    epoch,
+                    messages: HashMap::new(),
+                    from_seq: 0,
+                },
+            )),
+        }
+    }
+
+    /// The session is no longer this node's (another node claimed it): the claim under
+    /// `epoch`, or whichever it held (`None`). Until [`ClusterStorage::unhold`], what is
+    /// recorded for it is held. Returns whether the node held it.
+    pub(crate) fn disown(&self, client_id: &ClientId, epoch: Option<u64>) -> bool {
+        let mut owned = lock(&self.owned);
+        if owned
+            .get(client_id)
+            .is_some_and(|o| epoch.is_none_or(|e| o.epoch == e))
+        {
             owned.remove(client_id);
             lock(&self.surrendered).insert(client_id.clone());
             return true;
@@ -266,6 +300,7 @@ impl ClusterStorage {
             raft: 0,
             open: false,
             held: true,
+            lost: false,
         });
         lock(&self.holds)
             .entry(client_id.clone())
@@ -274,35 +309,13 @@ impl ClusterStorage {
         Some(Ticket::new(ticket))
     }
 
-    /// The session stays this node's under a new claim of its own.
-    pub(crate) fn renew(&self, client_id: &ClientId, epoch: u64) {
-        let mut owned = lock(&self.owned);
-        match owned.get_mut(client_id) {
-            Some(o) => o.epoch = epoch,
-            None => {
-                owned.insert(
-                    client_id.clone(),
-                    Owned {
-                        epoch,
-                        messages: HashMap::new(),
-                    },
-                );
-            }
-        }
-    }
-
-    /// Whether the message `id` was routed to the session here already.
-    pub(crate) fn knows(&self, client_id: &ClientId, id: MessageId) -> bool {
+    /// Whether a message queued for the session under `epoch` with queue number `seq`
+    /// is to be delivered here: the node owns the session under that claim or a later one
+    /// of its own, and did not read the message when it built the session.
+    pub(crate) fn delivers(&self, client_id: &ClientId, epoch: u64, seq: u64) -> bool {
         lock(&self.owned)
             .get(client_id)
-            .is_some_and(|o| o.messages.values().any(|m| *m == id))
-    }
-
-    /// The session is no longer this node's, whatever the epoch it held.
-    pub(crate) fn disown_any(&self, client_id: &ClientId) {
-        if lock(&self.owned).remove(client_id).is_some() {
-            lock(&self.surrendered).insert(client_id.clone());
-        }
+            .is_some_and(|o| o.epoch >= epoch && seq >= o.from_seq)
     }
 
     /// The epoch under which this node owns the session, if it does.
@@ -316,6 +329,48 @@ impl ClusterStorage {
         if let Some(o) = lock(&self.owned).get_mut(client_id) {
             o.messages.insert(store_seq, id);
         }
+    }
+
+    /// Records a change to a session: held while the session is surrendered, as session
+    /// commands while the cluster owns it (nothing, when the cluster has no record of it),
+    /// else in the local store through `local`.
+    fn session(
+        &self,
+        client_id: &ClientId,
+        change: Change<'_>,
+        local: impl FnOnce(&dyn Storage) -> Ticket,
+    ) -> Ticket {
+        if let Some(held) = self.hold(client_id) {
+            return held;
+        }
+        match self.commands(client_id, change) {
+            Some(commands) => self.record(Ticket::NONE, commands),
+            None if self.owned(client_id).is_some() => Ticket::NONE,
+            None => {
+                let ticket = local(&*self.local);
+                self.record(ticket, Vec::new())
+            }
+        }
+    }
+
+    /// The `Publish` of a QoS 1 or 2 publication, once the node has started.
+    fn publish_command(
+        &self,
+        message: &Message,
+        from: Option<&ClientId>,
+        counter: u64,
+    ) -> Option<Command> {
+        let node = self.node.get()?;
+        Some(Command::Publish {
+            id: MessageId {
+                node: node.id,
+                incarnation: node.incarnation,
+                counter,
+            },
+            message: stored_message(message),
+            from: from.map(|c| c.as_str().to_owned()),
+            max_queued: self.max_queued,
+        })
     }
 
     /// The session commands for a change to `client_id`, if the cluster owns it.
@@ -438,6 +493,7 @@ impl ClusterStorage {
             raft,
             open: false,
             held: false,
+            lost: false,
         });
         self.advance(&mut tickets);
         Ticket::new(ticket)
@@ -481,8 +537,12 @@ impl ClusterStorage {
     fn advance(&self, tickets: &mut Tickets) {
         let local = *self.local.watermark().borrow();
         let mut durable = None;
-        let mut lost = tickets.raft_lost;
+        let mut lost = false;
         while let Some(front) = tickets.pending.front() {
+            if front.lost {
+                lost = true;
+                break;
+            }
             if front.open || front.held {
                 break;
             }
@@ -500,7 +560,6 @@ impl ClusterStorage {
         }
         if lost {
             // Conservative: whatever waits now is lost; what is recorded next is not.
-            tickets.raft_lost = false;
             let last = tickets.last;
             tickets.pending.clear();
             self.watermark.send_modify(|w| {
@@ -565,52 +624,31 @@ pub(crate) fn stored_message(message: &Message) -> StoredMessage {
     }
 }
 
-/// A will as the cluster stores it.
+/// A will as the cluster stores it: its expiry interval starts when it is published, so
+/// none is kept (as before the cluster published wills itself).
 fn stored_will(will: &mqttd_proto::Will) -> StoredMessage {
-    let p = &will.properties;
-    StoredMessage {
-        topic: will.topic.as_str().to_owned(),
-        payload: will.payload.to_vec(),
-        qos: will.qos as u8,
-        retain: will.retain,
-        properties: StoredProperties {
-            payload_format: p.payload_format_indicator.map(u8::from),
-            expires_at_ms: None,
-            content_type: p.content_type.as_ref().map(|s| s.as_str().to_owned()),
-            response_topic: p.response_topic.as_ref().map(|s| s.as_str().to_owned()),
-            correlation_data: p.correlation_data.as_ref().map(|b| b.to_vec()),
-            user_properties: p
-                .user_properties
-                .iter()
-                .map(|(k, v)| (k.as_str().to_owned(), v.as_str().to_owned()))
-                .collect(),
-        },
-    }
+    let mut stored = stored_message(&Message::from_will(will.clone(), crate::clock::now()));
+    stored.properties.expires_at_ms = None;
+    stored
 }
 
 /// The local message for one the cluster stored, or `None` if it is not valid MQTT (the
 /// cluster only holds what nodes running this code stored).
 pub(crate) fn to_message(m: &StoredMessage) -> Option<Message> {
-    let s = |v: &str| mqttd_proto::MqttStr::try_from(v).ok();
-    let topic = mqttd_proto::TopicName::new(s(&m.topic)?).ok()?;
-    let qos = mqttd_proto::QoS::from_bits(m.qos)?;
     let p = &m.properties;
-    let mut message = Message::new(topic, m.payload.clone(), qos, m.retain);
+    let mut message = crate::forwarding::message_from(
+        &m.topic,
+        m.payload.clone().into(),
+        m.qos,
+        m.retain,
+        crate::forwarding::Strings {
+            content_type: p.content_type.as_deref(),
+            response_topic: p.response_topic.as_deref(),
+            user_properties: &p.user_properties,
+        },
+    )?;
     message.properties.payload_format_indicator = p.payload_format.map(|f| f != 0);
-    message.properties.content_type = match &p.content_type {
-        Some(v) => Some(s(v)?),
-        None => None,
-    };
-    message.properties.response_topic = match &p.response_topic {
-        Some(v) => Some(mqttd_proto::TopicName::new(s(v)?).ok()?),
-        None => None,
-    };
     message.properties.correlation_data = p.correlation_data.clone().map(Into::into);
-    message.properties.user_properties = p
-        .user_properties
-        .iter()
-        .map(|(k, v)| Some((s(k)?, s(v)?)))
-        .collect::<Option<_>>()?;
     if let Some(at) = p.expires_at_ms {
         let left = at.saturating_sub(millis(SystemTime::now()));
         message.expires_at = Some(crate::clock::now() + Duration::from_millis(left));
@@ -629,55 +667,23 @@ impl Storage for ClusterStorage {
     }
 
     fn save_session(&self, record: &SessionRecord) -> Ticket {
-        if let Some(held) = self.hold(&record.client_id) {
-            return held;
-        }
-        match self.commands(&record.client_id, Change::Record(record)) {
-            Some(commands) => self.record(Ticket::NONE, commands),
-            None => {
-                let local = self.local.save_session(record);
-                self.record(local, Vec::new())
-            }
-        }
+        self.session(&record.client_id, Change::Record(record), |l| {
+            l.save_session(record)
+        })
     }
 
     fn remove_session(&self, client_id: &ClientId) -> Ticket {
-        if let Some(held) = self.hold(client_id) {
-            return held;
-        }
-        match self.commands(client_id, Change::Remove) {
-            Some(commands) => self.record(Ticket::NONE, commands),
-            None => {
-                let local = self.local.remove_session(client_id);
-                self.record(local, Vec::new())
-            }
-        }
+        self.session(client_id, Change::Remove, |l| l.remove_session(client_id))
     }
 
     fn remove_messages(&self, client_id: &ClientId) -> Ticket {
-        if let Some(held) = self.hold(client_id) {
-            return held;
-        }
-        match self.commands(client_id, Change::Clear) {
-            Some(commands) => self.record(Ticket::NONE, commands),
-            None => {
-                let local = self.local.remove_messages(client_id);
-                self.record(local, Vec::new())
-            }
-        }
+        self.session(client_id, Change::Clear, |l| l.remove_messages(client_id))
     }
 
     fn store_delivery(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
-        if let Some(held) = self.hold(client_id) {
-            return held;
-        }
-        match self.commands(client_id, Change::Routed(delivery)) {
-            Some(commands) => self.record(Ticket::NONE, commands),
-            None => {
-                let local = self.local.store_delivery(client_id, delivery);
-                self.record(local, Vec::new())
-            }
-        }
+        self.session(client_id, Change::Routed(delivery), |l| {
+            l.store_delivery(client_id, delivery)
+        })
     }
 
     fn delivery_flow(
@@ -687,67 +693,31 @@ impl Storage for ClusterStorage {
         packet_id: PacketId,
         state: OutboundState,
     ) -> Ticket {
-        if let Some(held) = self.hold(client_id) {
-            return held;
-        }
-        match self.commands(client_id, Change::Flow(store_seq, packet_id, state)) {
-            Some(commands) => self.record(Ticket::NONE, commands),
-            None if self.owned(client_id).is_some() => Ticket::NONE,
-            None => {
-                let local = self
-                    .local
-                    .delivery_flow(client_id, store_seq, packet_id, state);
-                self.record(local, Vec::new())
-            }
-        }
+        self.session(client_id, Change::Flow(store_seq, packet_id, state), |l| {
+            l.delivery_flow(client_id, store_seq, packet_id, state)
+        })
     }
 
     fn delivery_done(&self, client_id: &ClientId, delivery: &Delivery) -> Ticket {
-        if let Some(held) = self.hold(client_id) {
-            return held;
-        }
-        match self.commands(client_id, Change::Done(delivery)) {
-            Some(commands) => self.record(Ticket::NONE, commands),
-            None if self.owned(client_id).is_some() => Ticket::NONE,
-            None => {
-                let local = self.local.delivery_done(client_id, delivery);
-                self.record(local, Vec::new())
-            }
-        }
+        self.session(client_id, Change::Done(delivery), |l| {
+            l.delivery_done(client_id, delivery)
+        })
     }
 
     fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) -> Ticket {
-        if let Some(held) = self.hold(client_id) {
-            return held;
-        }
-        match self.commands(client_id, Change::PendingRelease(packet_id, pending)) {
-            Some(commands) => self.record(Ticket::NONE, commands),
-            None => {
-                let local = self.local.pending_release(client_id, packet_id, pending);
-                self.record(local, Vec::new())
-            }
-        }
+        self.session(client_id, Change::PendingRelease(packet_id, pending), |l| {
+            l.pending_release(client_id, packet_id, pending)
+        })
     }
 
     fn publish(&self, message: &Message, from: Option<&ClientId>, counter: u64) -> Ticket {
-        let Some(node) = self.node.get() else {
-            return Ticket::NONE;
-        };
-        let command = Command::Publish {
-            id: MessageId {
-                node: node.id,
-                incarnation: node.incarnation,
-                counter,
-            },
-            message: stored_message(message),
-            from: from.map(|c| c.as_str().to_owned()),
-            max_queued: self.max_queued,
-        };
-        self.record(Ticket::NONE, vec![command])
+        match self.publish_command(message, from, counter) {
+            Some(command) => self.record(Ticket::NONE, vec![command]),
+            None => Ticket::NONE,
+        }
     }
 
     fn open_batch(&self) -> Option<Box<dyn StorageBatch + '_>> {
-        let local = self.local.open_batch();
         let mut tickets = lock(&self.tickets);
         tickets.last += 1;
         let ticket = tickets.last;
@@ -758,12 +728,12 @@ impl Storage for ClusterStorage {
             raft: 0,
             open: true,
             held: false,
+            lost: false,
         });
         Some(Box::new(ClusterBatch {
             storage: self,
             held: Vec::new(),
-            local,
-            direct: Ticket::NONE,
+            local: Some(self.local.batch()),
             commands: Vec::new(),
             ticket,
             done: false,
@@ -784,49 +754,53 @@ impl Storage for ClusterStorage {
     }
 }
 
-/// A batch: the local store's own (or its changes one by one) and the session commands,
-/// under the ticket taken when it was opened.
+/// A batch: the local store's (atomic if it has them) and the session commands, under the
+/// ticket taken when it was opened.
 struct ClusterBatch<'a> {
     storage: &'a ClusterStorage,
     /// Surrendered sessions it recorded for: its ticket is held for each.
     held: Vec<ClientId>,
-    local: Option<Box<dyn StorageBatch + 'a>>,
-    /// Without a local batch, the ticket covering the local changes made one by one.
-    direct: Ticket,
+    /// Until the commit: the local store's batch.
+    local: Option<Batch<'a>>,
     commands: Vec<Command>,
     ticket: u64,
     done: bool,
 }
 
 impl ClusterBatch<'_> {
-    fn session(&mut self, client_id: &ClientId, change: Change<'_>, local: impl FnOnce(&mut Self)) {
-        if self.hold_for(client_id) {
+    /// Records a change to a session, as [`ClusterStorage::session`] does.
+    fn session(
+        &mut self,
+        client_id: &ClientId,
+        change: Change<'_>,
+        local: impl FnOnce(&mut Batch<'_>),
+    ) {
+        if self.storage.surrendered(client_id) {
+            if !self.held.contains(client_id) {
+                self.held.push(client_id.clone());
+            }
             return;
         }
         match self.storage.commands(client_id, change) {
             Some(commands) => self.commands.extend(commands),
-            None => local(self),
+            None if self.storage.owned(client_id).is_some() => {}
+            None => {
+                if let Some(l) = &mut self.local {
+                    local(l);
+                }
+            }
         }
     }
 
-    /// Whether the session is surrendered: then the batch's ticket is held for it.
-    fn hold_for(&mut self, client_id: &ClientId) -> bool {
-        if !self.storage.surrendered(client_id) {
-            return false;
-        }
-        if !self.held.contains(client_id) {
-            self.held.push(client_id.clone());
-        }
-        true
-    }
-
-    /// Fills in the batch's entry: its parts are known now.
-    fn close(&mut self, local: Ticket, (raft_first, raft): (u64, u64)) {
+    /// Proposes the batch's commands and fills in its entry, under the ticket lock, so that
+    /// no settlement comes before the entry knows its proposer tickets. Returns the last.
+    fn close(&mut self, local: Ticket, commands: Vec<Command>) -> u64 {
         self.done = true;
         // Lock order as in `ClusterStorage::hold`: a session released meanwhile holds nothing.
         let surrendered = lock(&self.storage.surrendered);
         self.held.retain(|c| surrendered.contains(c));
         let mut tickets = lock(&self.storage.tickets);
+        let (raft_first, raft) = self.storage.propose(commands);
         if let Some(p) = tickets.pending.iter_mut().find(|p| p.ticket == self.ticket) {
             p.local = local;
             p.raft_first = raft_first;
@@ -842,50 +816,38 @@ impl ClusterBatch<'_> {
         }
         drop(surrendered);
         self.storage.advance(&mut tickets);
+        raft
     }
 }
 
 impl StorageBatch for ClusterBatch<'_> {
     fn retain(&mut self, message: &Arc<Message>) {
-        match &mut self.local {
-            Some(b) => b.retain(message),
-            None => self.direct.merge(self.storage.local.retain(message)),
+        if let Some(l) = &mut self.local {
+            let _ = l.retain(message);
         }
     }
 
     fn save_session(&mut self, record: &SessionRecord) {
-        self.session(
-            &record.client_id,
-            Change::Record(record),
-            |b| match &mut b.local {
-                Some(l) => l.save_session(record),
-                None => b.direct.merge(b.storage.local.save_session(record)),
-            },
-        );
+        self.session(&record.client_id, Change::Record(record), |l| {
+            let _ = l.save_session(record);
+        });
     }
 
     fn remove_session(&mut self, client_id: &ClientId) {
-        self.session(client_id, Change::Remove, |b| match &mut b.local {
-            Some(l) => l.remove_session(client_id),
-            None => b.direct.merge(b.storage.local.remove_session(client_id)),
+        self.session(client_id, Change::Remove, |l| {
+            let _ = l.remove_session(client_id);
         });
     }
 
     fn remove_messages(&mut self, client_id: &ClientId) {
-        self.session(client_id, Change::Clear, |b| match &mut b.local {
-            Some(l) => l.remove_messages(client_id),
-            None => b.direct.merge(b.storage.local.remove_messages(client_id)),
+        self.session(client_id, Change::Clear, |l| {
+            let _ = l.remove_messages(client_id);
         });
     }
 
     fn store_delivery(&mut self, client_id: &ClientId, delivery: &Delivery) {
-        self.session(client_id, Change::Routed(delivery), |b| {
-            match &mut b.local {
-                Some(l) => l.store_delivery(client_id, delivery),
-                None => b
-                    .direct
-                    .merge(b.storage.local.store_delivery(client_id, delivery)),
-            }
+        self.session(client_id, Change::Routed(delivery), |l| {
+            let _ = l.store_delivery(client_id, delivery);
         });
     }
 
@@ -896,75 +858,26 @@ impl StorageBatch for ClusterBatch<'_> {
         packet_id: PacketId,
         state: OutboundState,
     ) {
-        if self.hold_for(client_id) {
-            return;
-        }
-        if self.storage.owned(client_id).is_some() {
-            if let Some(c) = self
-                .storage
-                .commands(client_id, Change::Flow(store_seq, packet_id, state))
-            {
-                self.commands.extend(c);
-            }
-            return;
-        }
-        match &mut self.local {
-            Some(l) => l.delivery_flow(client_id, store_seq, packet_id, state),
-            None => self.direct.merge(
-                self.storage
-                    .local
-                    .delivery_flow(client_id, store_seq, packet_id, state),
-            ),
-        }
+        self.session(client_id, Change::Flow(store_seq, packet_id, state), |l| {
+            let _ = l.delivery_flow(client_id, store_seq, packet_id, state);
+        });
     }
 
     fn delivery_done(&mut self, client_id: &ClientId, delivery: &Delivery) {
-        if self.hold_for(client_id) {
-            return;
-        }
-        if self.storage.owned(client_id).is_some() {
-            if let Some(c) = self.storage.commands(client_id, Change::Done(delivery)) {
-                self.commands.extend(c);
-            }
-            return;
-        }
-        match &mut self.local {
-            Some(l) => l.delivery_done(client_id, delivery),
-            None => self
-                .direct
-                .merge(self.storage.local.delivery_done(client_id, delivery)),
-        }
+        self.session(client_id, Change::Done(delivery), |l| {
+            let _ = l.delivery_done(client_id, delivery);
+        });
     }
 
     fn pending_release(&mut self, client_id: &ClientId, packet_id: PacketId, pending: bool) {
-        self.session(
-            client_id,
-            Change::PendingRelease(packet_id, pending),
-            |b| match &mut b.local {
-                Some(l) => l.pending_release(client_id, packet_id, pending),
-                None => b.direct.merge(
-                    b.storage
-                        .local
-                        .pending_release(client_id, packet_id, pending),
-                ),
-            },
-        );
+        self.session(client_id, Change::PendingRelease(packet_id, pending), |l| {
+            let _ = l.pending_release(client_id, packet_id, pending);
+        });
     }
 
     fn publish(&mut self, message: &Message, from: Option<&ClientId>, counter: u64) {
-        let Some(node) = self.storage.node.get() else {
-            return;
-        };
-        self.commands.push(Command::Publish {
-            id: MessageId {
-                node: node.id,
-                incarnation: node.incarnation,
-                counter,
-            },
-            message: stored_message(message),
-            from: from.map(|c| c.as_str().to_owned()),
-            max_queued: self.storage.max_queued,
-        });
+        self.commands
+            .extend(self.storage.publish_command(message, from, counter));
     }
 
     fn ticket(&self) -> Ticket {
@@ -972,15 +885,11 @@ impl StorageBatch for ClusterBatch<'_> {
     }
 
     fn commit(mut self: Box<Self>) -> Ticket {
-        let mut local = self.direct;
-        if let Some(l) = self.local.take() {
-            local.merge(l.commit());
-        }
+        let local = self.local.take().map_or(Ticket::NONE, Batch::commit);
         let commands = std::mem::take(&mut self.commands);
-        let raft = self.storage.propose(commands);
-        let empty = local.is_none() && raft.1 == 0 && self.held.is_empty();
-        self.close(local, raft);
-        if empty {
+        let held = !self.held.is_empty();
+        let raft = self.close(local, commands);
+        if local.is_none() && raft == 0 && !held {
             Ticket::NONE
         } else {
             Ticket::new(self.ticket)
@@ -991,9 +900,187 @@ impl StorageBatch for ClusterBatch<'_> {
 impl Drop for ClusterBatch<'_> {
     fn drop(&mut self) {
         if !self.done {
-            // Dropped without a commit: nothing of it is recorded, its ticket holds nothing up.
+            // Dropped without a commit: nothing of it is recorded (the local batch is
+            // discarded with it), its ticket holds nothing up.
             self.held.clear();
-            self.close(Ticket::NONE, (0, 0));
+            let _ = self.close(Ticket::NONE, Vec::new());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use mqttd_cluster::Rejection;
+    use tokio::sync::Semaphore;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::storage::MemoryStorage;
+
+    fn client(id: &str) -> ClientId {
+        ClientId::try_from(id).expect("client id")
+    }
+
+    fn record(id: &str) -> SessionRecord {
+        SessionRecord {
+            client_id: client(id),
+            expiry_interval: 60,
+            subscriptions: Vec::new(),
+            will: None,
+            disconnected_at: None,
+        }
+    }
+
+    fn watermark(storage: &ClusterStorage) -> Watermark {
+        *storage.watermark().borrow()
+    }
+
+    async fn until(storage: &ClusterStorage, what: &str, done: impl Fn(Watermark) -> bool) {
+        for _ in 0..100_000 {
+            if done(watermark(storage)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("{what}: {:?}", watermark(storage));
+    }
+
+    /// A ticket is durable once Raft committed its commands, in order; a command the cluster
+    /// refused holds what depended on it (and everything after) until its session's
+    /// connection here has stopped; a proposal that keeps failing loses its tickets.
+    #[tokio::test(start_paused = true)]
+    async fn tickets_follow_raft_commits_refusals_and_losses() {
+        let storage = ClusterStorage::new(Arc::new(MemoryStorage::default()), 100);
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let gate = Arc::new(Semaphore::new(0));
+        let failing = Arc::new(AtomicBool::new(false));
+        let proposer = {
+            let (gate, failing) = (gate.clone(), failing.clone());
+            let settling = Arc::downgrade(&storage);
+            Proposer::start(
+                &tasks,
+                stop.clone(),
+                move |command| {
+                    let (gate, failing) = (gate.clone(), failing.clone());
+                    Box::pin(async move {
+                        if failing.load(Ordering::SeqCst) {
+                            return Err("no leader".to_owned());
+                        }
+                        gate.acquire().await.map_err(|e| e.to_string())?.forget();
+                        let Command::Batch(batch) = command else {
+                            return Err("not a batch".to_owned());
+                        };
+                        // Epoch 1 is stale: another node claimed the session since.
+                        let outcomes = batch
+                            .iter()
+                            .map(|c| match c {
+                                Command::SessionProgress { epoch: 1, .. }
+                                | Command::SetSessionExpiry { epoch: 1, .. } => {
+                                    Outcome::Rejected(Rejection::NoSession)
+                                }
+                                _ => Outcome::Done,
+                            })
+                            .collect();
+                        Ok(Outcome::Batch(outcomes))
+                    })
+                },
+                move |settled| {
+                    if let Some(s) = settling.upgrade() {
+                        s.settled(settled);
+                    }
+                },
+            )
+        };
+        storage.attach(1, 1, proposer);
+        let refused = Arc::new(Mutex::new(Vec::new()));
+        {
+            let refused = refused.clone();
+            storage.on_refused(move |c| lock(&refused).push(c));
+        }
+
+        // Not durable before the commit, durable after it.
+        storage.own(&client("c"), 2, 0);
+        let first = storage.save_session(&record("c"));
+        assert!(!first.is_none());
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!watermark(&storage).covers(first), "before the commit");
+        gate.add_permits(100);
+        until(&storage, "the commit", |w| w.covers(first)).await;
+        // A session the cluster does not own goes to the local store (here: nothing to
+        // wait for).
+        assert!(storage.save_session(&record("local")).is_none());
+
+        // Refused: held, and what comes after with it, until the session is let go here.
+        storage.own(&client("old"), 1, 0);
+        let refused_ticket = storage.save_session(&record("old"));
+        let later = storage.save_session(&record("c"));
+        until(&storage, "the refusal told", |_| !lock(&refused).is_empty()).await;
+        assert_eq!(*lock(&refused), [client("old")]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let w = watermark(&storage);
+        assert!(!w.covers(refused_ticket) && !w.covers(later), "{w:?}");
+        // Let go (as the broker does once the connection stopped): what was held goes on,
+        // and while surrendered, what the session records waits too.
+        assert!(storage.disown(&client("old"), Some(1)));
+        let while_surrendered = storage.save_session(&record("old"));
+        storage.unhold(&client("old"));
+        until(&storage, "released", |w| w.covers(later)).await;
+        assert!(watermark(&storage).covers(while_surrendered));
+
+        // A proposal that keeps failing loses its tickets; the next ones are durable again.
+        failing.store(true, Ordering::SeqCst);
+        let lost = storage.save_session(&record("c"));
+        until(&storage, "the loss", |w| w.lost(lost)).await;
+        assert!(!watermark(&storage).covers(lost));
+        failing.store(false, Ordering::SeqCst);
+        let after = storage.save_session(&record("c"));
+        until(&storage, "durable again", |w| w.covers(after)).await;
+
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    /// A message survives the trip into the cluster's form and back, properties included.
+    #[test]
+    fn a_message_comes_back_from_the_cluster_as_it_went() {
+        let mut message = Message::new(
+            mqttd_proto::TopicName::try_from("a/b").expect("topic"),
+            b"payload".to_vec(),
+            mqttd_proto::QoS::ExactlyOnce,
+            true,
+        );
+        let s = |v: &str| mqttd_proto::MqttStr::try_from(v).expect("string");
+        message.properties.payload_format_indicator = Some(true);
+        message.properties.content_type = Some(s("text/plain"));
+        message.properties.response_topic =
+            Some(mqttd_proto::TopicName::try_from("re/ply").expect("topic"));
+        message.properties.correlation_data = Some(b"corr".to_vec().into());
+        message.properties.user_properties = vec![(s("k"), s("v"))];
+        let back = to_message(&stored_message(&message)).expect("valid");
+        assert_eq!(back.properties, message.properties);
+        assert_eq!(
+            (
+                back.topic,
+                back.payload,
+                back.qos,
+                back.retain,
+                back.expires_at
+            ),
+            (
+                message.topic,
+                message.payload,
+                message.qos,
+                message.retain,
+                None
+            )
+        );
     }
 }

@@ -94,29 +94,60 @@ pub(crate) fn to_forwarded(
 /// The local message for one forwarded by a peer, or `None` if it is not valid MQTT (a peer
 /// runs the same code, so this is a bug or a corrupt link, never a client's doing).
 pub(crate) fn to_message(m: &ForwardedMessage, now: std::time::Instant) -> Option<Message> {
-    let s = |v: &str| MqttStr::try_from(v).ok();
-    let topic = TopicName::new(s(&m.topic)?).ok()?;
-    let qos = QoS::from_bits(m.qos)?;
     let p = &m.properties;
-    let mut message = Message::new(topic, m.payload.clone(), qos, m.retain);
+    let mut message = message_from(
+        &m.topic,
+        m.payload.clone(),
+        m.qos,
+        m.retain,
+        Strings {
+            content_type: p.content_type.as_deref(),
+            response_topic: p.response_topic.as_deref(),
+            user_properties: &p.user_properties,
+        },
+    )?;
     message.properties.payload_format_indicator = p.payload_format_indicator;
-    message.properties.content_type = match &p.content_type {
+    message.properties.correlation_data = p.correlation_data.clone();
+    message.expires_at = p
+        .message_expiry_interval
+        .map(|secs| now + std::time::Duration::from_secs(u64::from(secs)));
+    Some(message)
+}
+
+/// The string properties of a message another node sent or the cluster stored.
+pub(crate) struct Strings<'a> {
+    pub(crate) content_type: Option<&'a str>,
+    pub(crate) response_topic: Option<&'a str>,
+    pub(crate) user_properties: &'a [(String, String)],
+}
+
+/// A local message from what another node sent or the cluster stored, or `None` if any part
+/// is not valid MQTT (nodes run the same code, so that is a bug or corruption, never a
+/// client's doing). The other properties are the caller's to set.
+pub(crate) fn message_from(
+    topic: &str,
+    payload: bytes::Bytes,
+    qos: u8,
+    retain: bool,
+    strings: Strings<'_>,
+) -> Option<Message> {
+    let s = |v: &str| MqttStr::try_from(v).ok();
+    let topic = TopicName::new(s(topic)?).ok()?;
+    let qos = QoS::from_bits(qos)?;
+    let mut message = Message::new(topic, payload, qos, retain);
+    message.properties.content_type = match strings.content_type {
         Some(v) => Some(s(v)?),
         None => None,
     };
-    message.properties.response_topic = match &p.response_topic {
+    message.properties.response_topic = match strings.response_topic {
         Some(v) => Some(TopicName::new(s(v)?).ok()?),
         None => None,
     };
-    message.properties.correlation_data = p.correlation_data.clone();
-    message.properties.user_properties = p
+    message.properties.user_properties = strings
         .user_properties
         .iter()
         .map(|(k, v)| Some((s(k)?, s(v)?)))
         .collect::<Option<_>>()?;
-    message.expires_at = p
-        .message_expiry_interval
-        .map(|secs| now + std::time::Duration::from_secs(u64::from(secs)));
     Some(message)
 }
 

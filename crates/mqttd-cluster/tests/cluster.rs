@@ -20,7 +20,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 mod support;
 
-use support::{eventually, name, options, retry, Ca, PATIENCE};
+use support::{claim, eventually, name, options, retry, Ca, PATIENCE};
 
 /// The leader all running nodes agree on.
 fn agreed_leader(nodes: &BTreeMap<NodeId, ClusterNode>) -> Option<NodeId> {
@@ -39,15 +39,6 @@ async fn propose(nodes: &BTreeMap<NodeId, ClusterNode>, command: Command) -> Out
         }
     })
     .await
-}
-
-fn claim(client_id: &str, node: NodeId) -> Command {
-    Command::ClaimSession {
-        client_id: client_id.into(),
-        node,
-        expires_at_ms: None,
-        clean: false,
-    }
 }
 
 fn epoch_of(node: &ClusterNode, client_id: &str) -> Option<(NodeId, u64)> {

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 mod support;
 
-use support::{eventually, options, retry, Ca};
+use support::{claim, eventually, options, retry, Ca};
 
 /// Collects what a node is told to act on.
 #[derive(Default)]
@@ -200,14 +200,5 @@ async fn a_message_published_on_one_node_is_queued_for_a_session_owned_by_anothe
         if let Ok(node) = Arc::try_unwrap(node) {
             node.shutdown().await;
         }
-    }
-}
-
-fn claim(client_id: &str, node: NodeId) -> Command {
-    Command::ClaimSession {
-        client_id: client_id.into(),
-        node,
-        expires_at_ms: None,
-        clean: false,
     }
 }

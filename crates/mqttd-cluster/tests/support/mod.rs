@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mqttd_cluster::network::Tls;
-use mqttd_cluster::{NodeId, NodeOptions};
+use mqttd_cluster::{Command, NodeId, NodeOptions};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
 
 /// Generous: the CI machine has 2 busy cores and elections take 1.5-3 s of silence.
@@ -96,5 +96,15 @@ pub(crate) async fn retry<T, E: std::fmt::Debug, F: Future<Output = Result<T, E>
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// `node` claims the session of `client_id` (not a clean start, no expiry).
+pub(crate) fn claim(client_id: &str, node: NodeId) -> Command {
+    Command::ClaimSession {
+        client_id: client_id.into(),
+        node,
+        expires_at_ms: None,
+        clean: false,
     }
 }
