@@ -1444,16 +1444,9 @@ impl Inner {
         session: Option<Session>,
     ) {
         *handle.slot.lock() = Slot::Ended;
-        self.persistent_sessions.uncount(handle);
         self.sessions
             .remove_if(&handle.client_id, |_, h| Arc::ptr_eq(h, handle));
-        let filters: Vec<TopicFilter> = handle
-            .subscriptions
-            .lock()
-            .drain()
-            .map(|(f, _)| f)
-            .collect();
-        self.unsubscribe_all(handle.key, &filters);
+        self.release_session(handle);
         // Nothing this session's client is sent depends on it any more; a client that
         // starts afresh under its identifier waits for its own, later changes.
         let _ = self.forget_stored(handle);
@@ -1473,6 +1466,18 @@ impl Inner {
         if let Some(will) = session.end(now) {
             self.publish_will(now, will);
         }
+    }
+
+    /// What a session that is over here gives back: its count and its subscriptions.
+    pub(crate) fn release_session(&self, handle: &SessionHandle) {
+        self.persistent_sessions.uncount(handle);
+        let filters: Vec<TopicFilter> = handle
+            .subscriptions
+            .lock()
+            .drain()
+            .map(|(f, _)| f)
+            .collect();
+        self.unsubscribe_all(handle.key, &filters);
     }
 
     /// Hands a shared-subscription message to another member of its group, if one is left.

@@ -467,14 +467,7 @@ impl Inner {
             }
             _ => None,
         };
-        self.persistent_sessions.uncount(handle);
-        let filters: Vec<TopicFilter> = handle
-            .subscriptions
-            .lock()
-            .drain()
-            .map(|(f, _)| f)
-            .collect();
-        self.unsubscribe_all(handle.key, &filters);
+        self.release_session(handle);
         closed
     }
 }

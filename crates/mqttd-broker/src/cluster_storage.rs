@@ -71,6 +71,29 @@ struct Tickets {
     raft_committed: u64,
 }
 
+impl Tickets {
+    /// Hands out the next ticket, pending until its parts are durable.
+    fn push(
+        &mut self,
+        local: Ticket,
+        (raft_first, raft): (u64, u64),
+        open: bool,
+        held: bool,
+    ) -> u64 {
+        self.last += 1;
+        self.pending.push_back(Pending {
+            ticket: self.last,
+            local,
+            raft_first,
+            raft,
+            open,
+            held,
+            lost: false,
+        });
+        self.last
+    }
+}
+
 /// The broker's storage in a cluster (see the module's documentation).
 pub(crate) struct ClusterStorage {
     local: Arc<dyn Storage>,
@@ -291,17 +314,7 @@ impl ClusterStorage {
             return None;
         }
         let mut tickets = lock(&self.tickets);
-        tickets.last += 1;
-        let ticket = tickets.last;
-        tickets.pending.push_back(Pending {
-            ticket,
-            local: Ticket::NONE,
-            raft_first: 0,
-            raft: 0,
-            open: false,
-            held: true,
-            lost: false,
-        });
+        let ticket = tickets.push(Ticket::NONE, (0, 0), false, true);
         lock(&self.holds)
             .entry(client_id.clone())
             .or_default()
@@ -484,17 +497,7 @@ impl ClusterStorage {
         if local.is_none() && raft == 0 {
             return Ticket::NONE;
         }
-        tickets.last += 1;
-        let ticket = tickets.last;
-        tickets.pending.push_back(Pending {
-            ticket,
-            local,
-            raft_first,
-            raft,
-            open: false,
-            held: false,
-            lost: false,
-        });
+        let ticket = tickets.push(local, (raft_first, raft), false, false);
         self.advance(&mut tickets);
         Ticket::new(ticket)
     }
@@ -719,17 +722,7 @@ impl Storage for ClusterStorage {
 
     fn open_batch(&self) -> Option<Box<dyn StorageBatch + '_>> {
         let mut tickets = lock(&self.tickets);
-        tickets.last += 1;
-        let ticket = tickets.last;
-        tickets.pending.push_back(Pending {
-            ticket,
-            local: Ticket::NONE,
-            raft_first: 0,
-            raft: 0,
-            open: true,
-            held: false,
-            lost: false,
-        });
+        let ticket = tickets.push(Ticket::NONE, (0, 0), true, false);
         Some(Box::new(ClusterBatch {
             storage: self,
             held: Vec::new(),
