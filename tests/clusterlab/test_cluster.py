@@ -174,9 +174,12 @@ def test_persistent_sessions_move_between_nodes_and_survive_a_node_killed(cluste
     def kill_one(pubs):
         time.sleep(4)
         victim = 1 + int(time.monotonic()) % 3
+        history.record("nemesis", "kill", node=victim)
         cluster.brokers[victim].kill()
         time.sleep(5)
+        history.record("nemesis", "start", node=victim)
         cluster.brokers[victim].start()
+        history.record("nemesis", "started", node=victim)
         cluster.wait_leader(ELECT)
         time.sleep(4)
 

@@ -54,6 +54,7 @@ pub(crate) fn attach(inner: &Arc<Inner>, cluster: &Arc<BrokerCluster>) {
     let proposer = Proposer::start(
         &inner.tasks,
         inner.shutdown.clone(),
+        (node.id(), node.incarnation()),
         move |command| {
             let cluster = proposing.clone();
             Box::pin(async move {
@@ -79,14 +80,16 @@ pub(crate) fn attach(inner: &Arc<Inner>, cluster: &Arc<BrokerCluster>) {
         let (Some(inner), Some(storage)) = (refusing.upgrade(), unholding.upgrade()) else {
             return;
         };
-        let _ = storage.disown(&client_id, None);
-        let closed = inner.surrender(&client_id);
-        inner.tasks.spawn(async move {
-            if let Some(closed) = closed {
-                let _ = tokio::time::timeout(RELEASE_WAIT, closed).await;
-            }
+        if let (Some(epoch), Some(me)) = (storage.disown(&client_id, None), storage.node_id()) {
+            // Told before this node applied the claim: let the session go as that would.
+            let closed = inner.surrender(&client_id);
+            release(&inner, client_id, me, epoch, closed);
+        } else if !storage.is_surrendered(&client_id) {
+            // Let go before, and its connection here closed since: nothing is left to cut.
             storage.unhold(&client_id);
-        });
+        }
+        // Else it is being let go ([`release`]): what is held goes on once its connection
+        // has closed, and not before, lest a refused change's answer reach the client.
     });
     node.on_apply(Arc::new(Effects(Arc::downgrade(inner))));
 }
@@ -123,9 +126,11 @@ impl ApplyHook for Effects {
                         continue;
                     };
                     if !storage.delivers(&client_id, epoch, seq) {
+                        tracing::trace!(client_id = %client_id, epoch, seq, "queued in the cluster, not delivered here");
                         continue;
                     }
                     let Some(handle) = inner.sessions.get(&client_id).map(|h| h.clone()) else {
+                        tracing::debug!(client_id = %client_id, epoch, seq, "queued in the cluster for a session not held here");
                         continue;
                     };
                     let Some(delivery) =
@@ -134,6 +139,7 @@ impl ApplyHook for Effects {
                         continue;
                     };
                     if !inner.deliver_stored(now, &handle, delivery) {
+                        tracing::debug!(client_id = %client_id, epoch, seq, "queued in the cluster, dropped here");
                         inner.metrics.messages_dropped.inc();
                     }
                 }
@@ -146,9 +152,22 @@ impl ApplyHook for Effects {
                     let Ok(client_id) = ClientId::try_from(client_id.as_str()) else {
                         continue;
                     };
-                    if storage.disown(&client_id, Some(epoch)) {
+                    tracing::debug!(client_id = %client_id, owner, epoch, "session claimed by another node");
+                    if storage.disown(&client_id, Some(epoch)).is_some() {
                         let closed = inner.surrender(&client_id);
                         release(&inner, client_id, me, epoch, closed);
+                    }
+                }
+                Effect::Claimed {
+                    client_id,
+                    owner,
+                    epoch,
+                    previous: Some((previous, old)),
+                } if previous == me && owner == me => {
+                    // Claimed again here: what is queued under the new claim from now on is
+                    // delivered here, even before the claim's proposer has seen its outcome.
+                    if let Ok(client_id) = ClientId::try_from(client_id.as_str()) {
+                        storage.renew_from(&client_id, old, epoch);
                     }
                 }
                 _ => {}
@@ -240,6 +259,7 @@ impl Inner {
             && storage.owned(client_id).is_some()
             && self.sessions.contains_key(client_id)
         {
+            tracing::debug!(client_id = %client_id, "session resumed here under its claim");
             return self
                 .acquire_session(now, client_id, false, request.expiry, mailbox)
                 .await;
@@ -269,7 +289,12 @@ impl Inner {
         // Held here before: the session (if any) is in this node's memory, as without a
         // cluster; only the epoch moves on.
         if let Some((owner, old)) = previous {
-            if owner == me && storage.owned(client_id) == Some(old) {
+            if owner == me
+                && storage
+                    .owned(client_id)
+                    .is_some_and(|e| e == old || e == epoch)
+            {
+                tracing::debug!(client_id = %client_id, old, epoch, "session claimed again here");
                 storage.renew(client_id, epoch);
                 return self
                     .acquire_session(now, client_id, request.clean_start, request.expiry, mailbox)
@@ -317,6 +342,16 @@ impl Inner {
             .node()
             .state()
             .read(|s| s.session_data(client_id.as_str()).cloned());
+        tracing::debug!(
+            client_id = %client_id,
+            epoch,
+            ?previous,
+            present,
+            from_seq = data.as_ref().map_or(0, |d| d.next_seq),
+            queued = data.as_ref().map_or(0, |d| d.queue.len()),
+            in_flight = data.as_ref().map_or(0, |d| d.in_flight.len()),
+            "session built from the cluster"
+        );
         storage.own(client_id, epoch, data.as_ref().map_or(0, |d| d.next_seq));
         let handle = self.new_handle(
             client_id,

@@ -208,6 +208,9 @@ impl ClusterStorage {
             Ok(outcomes) => {
                 let mut holds = lock(&self.holds);
                 for ((raft, client), outcome) in by_ticket.into_iter().zip(outcomes) {
+                    if let Some((client, epoch)) = &client {
+                        tracing::trace!(client_id = %client, epoch, raft, ?outcome, "session command settled");
+                    }
                     let (Outcome::Rejected(r), Some((client, epoch))) = (outcome, client) else {
                         continue;
                     };
@@ -286,24 +289,32 @@ impl ClusterStorage {
         }
     }
 
+    /// The session, held here under `old`, is this node's under `epoch` now (a claim of its
+    /// own, applied); held under another claim, it is left alone.
+    pub(crate) fn renew_from(&self, client_id: &ClientId, old: u64, epoch: u64) {
+        if let Some(o) = lock(&self.owned).get_mut(client_id) {
+            if o.epoch == old {
+                o.epoch = epoch;
+            }
+        }
+    }
+
     /// The session is no longer this node's (another node claimed it): the claim under
     /// `epoch`, or whichever it held (`None`). Until [`ClusterStorage::unhold`], what is
-    /// recorded for it is held. Returns whether the node held it.
-    pub(crate) fn disown(&self, client_id: &ClientId, epoch: Option<u64>) -> bool {
+    /// recorded for it is held. Returns the epoch of the claim it let go, if it held one.
+    pub(crate) fn disown(&self, client_id: &ClientId, epoch: Option<u64>) -> Option<u64> {
         let mut owned = lock(&self.owned);
-        if owned
-            .get(client_id)
-            .is_some_and(|o| epoch.is_none_or(|e| o.epoch == e))
-        {
-            owned.remove(client_id);
-            lock(&self.surrendered).insert(client_id.clone());
-            return true;
+        let held = owned.get(client_id).map(|o| o.epoch)?;
+        if epoch.is_some_and(|e| e != held) {
+            return None;
         }
-        false
+        owned.remove(client_id);
+        lock(&self.surrendered).insert(client_id.clone());
+        Some(held)
     }
 
     /// Whether what is recorded for the session is held (see [`ClusterStorage::disown`]).
-    fn surrendered(&self, client_id: &ClientId) -> bool {
+    pub(crate) fn is_surrendered(&self, client_id: &ClientId) -> bool {
         lock(&self.surrendered).contains(client_id)
     }
 
@@ -360,6 +371,13 @@ impl ClusterStorage {
             Some(commands) => self.record(Ticket::NONE, commands),
             None if self.owned(client_id).is_some() => Ticket::NONE,
             None => {
+                // Let go since the first look (`disown` marks it surrendered before it lets
+                // go of `owned`): held, not written here as a session of this node's.
+                if let Some(held) = self.hold(client_id) {
+                    tracing::debug!(client_id = %client_id, "let go while recording: held");
+                    return held;
+                }
+                tracing::trace!(client_id = %client_id, "recorded in the local store");
                 let ticket = local(&*self.local);
                 self.record(ticket, Vec::new())
             }
@@ -466,7 +484,10 @@ impl ClusterStorage {
                 }]
             }
             Change::Flow(seq, packet_id, state) => {
-                let id = *o.messages.get(&seq)?;
+                let Some(id) = o.messages.get(&seq).copied() else {
+                    tracing::debug!(client_id = %client_id, seq, %packet_id, ?state, "flow of a message the cluster does not know");
+                    return None;
+                };
                 let packet_id = packet_id.get();
                 vec![progress(vec![match state {
                     OutboundState::PublishSent => Step::SentId { id, packet_id },
@@ -524,6 +545,15 @@ impl ClusterStorage {
                     .map(|c| (c, *epoch)),
                 _ => None,
             };
+            if let Command::SessionProgress {
+                client_id,
+                epoch,
+                steps,
+                ..
+            } = &command
+            {
+                tracing::trace!(client_id, epoch, ?steps, "session steps recorded");
+            }
             let ticket = node.proposer.record(command);
             if let Some(client) = session {
                 sessions.insert(ticket, client);
@@ -768,15 +798,19 @@ impl ClusterBatch<'_> {
         change: Change<'_>,
         local: impl FnOnce(&mut Batch<'_>),
     ) {
-        if self.storage.surrendered(client_id) {
-            if !self.held.contains(client_id) {
-                self.held.push(client_id.clone());
+        let hold = |batch: &mut Self| {
+            if !batch.held.contains(client_id) {
+                batch.held.push(client_id.clone());
             }
-            return;
+        };
+        if self.storage.is_surrendered(client_id) {
+            return hold(self);
         }
         match self.storage.commands(client_id, change) {
             Some(commands) => self.commands.extend(commands),
             None if self.storage.owned(client_id).is_some() => {}
+            // Let go since the first look (see `ClusterStorage::session`).
+            None if self.storage.is_surrendered(client_id) => hold(self),
             None => {
                 if let Some(l) = &mut self.local {
                     local(l);
@@ -958,6 +992,7 @@ mod tests {
             Proposer::start(
                 &tasks,
                 stop.clone(),
+                (1, 1),
                 move |command| {
                     let (gate, failing) = (gate.clone(), failing.clone());
                     Box::pin(async move {
@@ -965,7 +1000,10 @@ mod tests {
                             return Err("no leader".to_owned());
                         }
                         gate.acquire().await.map_err(|e| e.to_string())?.forget();
-                        let Command::Batch(batch) = command else {
+                        let Command::Sequenced {
+                            commands: batch, ..
+                        } = command
+                        else {
                             return Err("not a batch".to_owned());
                         };
                         // Epoch 1 is stale: another node claimed the session since.
@@ -1021,7 +1059,7 @@ mod tests {
         assert!(!w.covers(refused_ticket) && !w.covers(later), "{w:?}");
         // Let go (as the broker does once the connection stopped): what was held goes on,
         // and while surrendered, what the session records waits too.
-        assert!(storage.disown(&client("old"), Some(1)));
+        assert_eq!(storage.disown(&client("old"), Some(1)), Some(1));
         let while_surrendered = storage.save_session(&record("old"));
         storage.unhold(&client("old"));
         until(&storage, "released", |w| w.covers(later)).await;

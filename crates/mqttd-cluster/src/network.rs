@@ -545,18 +545,9 @@ impl Peer {
 
     /// One stream: `body` out, the answer back, within `ttl`.
     async fn exchange(&mut self, body: &[u8], ttl: Duration) -> Result<Vec<u8>, LinkError> {
-        let peer = self.member.to_string();
-        let failed = |why: String| LinkError::Failed(peer.clone(), why);
         let exchange = async {
             let conn = self.connection().await?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(e.to_string()))?;
-            send.write_all(body)
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-            send.finish().map_err(|e| failed(e.to_string()))?;
-            recv.read_to_end(MAX_MESSAGE)
-                .await
-                .map_err(|e| failed(e.to_string()))
+            exchange_on(&conn, &self.member, body).await
         };
         match tokio::time::timeout(ttl, exchange).await {
             Ok(Ok(answer)) => Ok(answer),
@@ -565,26 +556,75 @@ impl Peer {
                 self.conn = None;
                 Err(e)
             }
-            Err(_) => Err(failed("timed out".into())),
+            Err(_) => Err(LinkError::Failed(
+                self.member.to_string(),
+                "timed out".into(),
+            )),
         }
     }
 
-    /// Forwards a proposal to this peer, the leader as far as the caller knows.
+    /// The link to this peer for a proposal forwarded to it (the leader, as far as the caller
+    /// knows): dialled now if there is none, then used without this `Peer`, so that
+    /// proposals forwarded meanwhile do not wait for one another.
+    pub(crate) async fn proposal_link(&mut self) -> Result<ProposalLink, Forwarded> {
+        let conn = self
+            .connection()
+            .await
+            .map_err(|e| Forwarded::Failed(e.to_string()))?;
+        Ok(ProposalLink {
+            conn,
+            member: self.member.clone(),
+        })
+    }
+}
+
+/// A link to the leader that proposals are forwarded on (see [`Peer::proposal_link`]).
+pub(crate) struct ProposalLink {
+    conn: noq::Connection,
+    member: Member,
+}
+
+impl ProposalLink {
+    /// Forwards a proposal, within `ttl`.
     pub(crate) async fn propose(
-        &mut self,
+        &self,
         command: &Command,
         ttl: Duration,
     ) -> Result<Outcome, Forwarded> {
         let mut body = vec![TAG_PROPOSE];
         serde_json::to_writer(&mut body, command).map_err(|e| Forwarded::Failed(e.to_string()))?;
-        let answer = self
-            .exchange(&body, ttl)
-            .await
-            .map_err(|e| Forwarded::Failed(e.to_string()))?;
+        let answer =
+            match tokio::time::timeout(ttl, exchange_on(&self.conn, &self.member, &body)).await {
+                Ok(answer) => answer.map_err(|e| Forwarded::Failed(e.to_string()))?,
+                Err(_) => {
+                    return Err(Forwarded::Failed(
+                        LinkError::Failed(self.member.to_string(), "timed out".into()).to_string(),
+                    ))
+                }
+            };
         serde_json::from_slice::<Result<Outcome, Forwarded>>(&answer)
             .map_err(|e| Forwarded::Failed(e.to_string()))?
     }
+}
 
+/// One stream on `conn`: `body` out, the answer back.
+async fn exchange_on(
+    conn: &noq::Connection,
+    member: &Member,
+    body: &[u8],
+) -> Result<Vec<u8>, LinkError> {
+    let failed = |why: String| LinkError::Failed(member.to_string(), why);
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(e.to_string()))?;
+    send.write_all(body)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    send.finish().map_err(|e| failed(e.to_string()))?;
+    recv.read_to_end(MAX_MESSAGE)
+        .await
+        .map_err(|e| failed(e.to_string()))
+}
+
+impl Peer {
     /// Asks this peer, the leader as far as the caller knows, for a membership change.
     pub(crate) async fn membership(
         &mut self,

@@ -402,19 +402,37 @@ impl ClusterNode {
             Err(Forwarded::NotLeader(leader)) => return Err(NodeError::NotLeader { leader }),
             Err(Forwarded::Failed(e)) => return Err(NodeError::Raft(e)),
         };
-        let mut link = self.leader_link.lock().await;
-        let peer = match &mut *link {
-            Some((id, peer)) if *id == leader.0 => peer,
-            slot => {
-                &mut slot
-                    .insert((leader.0, self.network.peer(leader.0, leader.1)))
-                    .1
+        let link = {
+            let mut link = self.leader_link.lock().await;
+            let peer = match &mut *link {
+                Some((id, peer)) if *id == leader.0 => peer,
+                slot => {
+                    &mut slot
+                        .insert((leader.0, self.network.peer(leader.0, leader.1)))
+                        .1
+                }
+            };
+            peer.proposal_link().await
+        };
+        let forwarded = async {
+            match link {
+                Ok(link) => link.propose(&command, FORWARD_TIMEOUT).await,
+                Err(e) => Err(e),
             }
         };
-        match peer.propose(&command, FORWARD_TIMEOUT).await {
-            Ok(outcome) => Ok(outcome),
-            Err(Forwarded::NotLeader(leader)) => Err(NodeError::NotLeader { leader }),
-            Err(Forwarded::Failed(e)) => Err(NodeError::Forward(e)),
+        // A leader that stopped answering (paused, cut off, killed) is not waited for once
+        // another one is known: the caller may propose again there.
+        let moved = leader_moved(&self.raft, leader.0);
+        tokio::select! {
+            forwarded = forwarded => match forwarded {
+                Ok(outcome) => Ok(outcome),
+                Err(Forwarded::NotLeader(leader)) => Err(NodeError::NotLeader { leader }),
+                Err(Forwarded::Failed(e)) => Err(NodeError::Forward(e)),
+            },
+            () = moved => Err(NodeError::Forward(format!(
+                "node {} stopped leading while the proposal was on its way",
+                leader.0
+            ))),
         }
     }
 
@@ -508,5 +526,22 @@ impl ClusterNode {
     /// process on the same address may have to retry its bind.
     pub async fn shutdown(self) {
         self.stop().await;
+    }
+}
+
+/// Resolves once this node knows of a leader other than `from`.
+async fn leader_moved(raft: &Raft, from: NodeId) {
+    let mut metrics = raft.metrics();
+    loop {
+        if metrics
+            .borrow_and_update()
+            .current_leader
+            .is_some_and(|l| l != from)
+        {
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }

@@ -1,16 +1,15 @@
 //! Group commit for Raft: what a node records while its previous proposal is under way goes
-//! to the cluster as one entry ([`Command::Batch`]), as the broker's disk store groups its
+//! to the cluster as one entry, as the broker's disk store groups its
 //! fsyncs. Each recorded command gets a ticket, numbered from 1 in recording order; when a
 //! proposal ends, the tickets it carried are settled together, committed (on a majority of
 //! nodes: durable) with the outcome of each command, or lost.
 //!
 //! One proposal is under way at a time, so commands are committed in the order they were
 //! recorded. A proposal that fails (no leader, a forward that timed out) is tried again until
-//! [`RETRY_FOR`] has passed, so a leader election costs a pause rather than the batch: every
-//! command that goes through here must be harmless when applied twice (an ambiguous failure
-//! may have committed it already): an `Enqueue` carries its message's identity, session steps
-//! are idempotent, retained messages are set or deleted whole. A claim is not, and is
-//! proposed on its own.
+//! [`RETRY_FOR`] has passed, so a leader election costs a pause rather than the batch. An
+//! ambiguous failure may have committed the batch already, so each batch is numbered
+//! ([`Command::Sequenced`]): the state machine applies it once however often it is in the
+//! log, and never after a later batch of the same node.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,7 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::state::{Command, Outcome};
+use crate::state::{Command, NodeId, Outcome};
 
 /// How long a batch is tried again before its tickets are lost.
 pub const RETRY_FOR: Duration = Duration::from_secs(10);
@@ -66,13 +65,14 @@ impl std::fmt::Debug for Proposer {
 }
 
 impl Proposer {
-    /// Starts the proposing task on `tasks`: `propose` submits one command to Raft (it is
-    /// called with a [`Command::Batch`]), and `settled` is told how each batch ended, in
-    /// ticket order. The task ends when `stop` is cancelled; what it had not proposed by
-    /// then is settled as lost.
+    /// Starts the proposing task on `tasks` for the node `origin` (its id and incarnation):
+    /// `propose` submits one command to Raft (it is called with a [`Command::Sequenced`]),
+    /// and `settled` is told how each batch ended, in ticket order. The task ends when
+    /// `stop` is cancelled; what it had not proposed by then is settled as lost.
     pub fn start(
         tasks: &TaskTracker,
         stop: CancellationToken,
+        origin: (NodeId, u64),
         propose: impl Fn(Command) -> Proposal + Send + Sync + 'static,
         settled: impl Fn(Settled) + Send + Sync + 'static,
     ) -> Self {
@@ -81,7 +81,7 @@ impl Proposer {
             wake: Arc::new(Notify::new()),
         };
         let run = proposer.clone();
-        tasks.spawn(async move { run.run(stop, propose, settled).await });
+        tasks.spawn(async move { run.run(stop, origin, propose, settled).await });
         proposer
     }
 
@@ -121,9 +121,11 @@ impl Proposer {
     async fn run(
         &self,
         stop: CancellationToken,
+        (node, incarnation): (NodeId, u64),
         propose: impl Fn(Command) -> Proposal,
         settled: impl Fn(Settled),
     ) {
+        let mut seq = 0;
         loop {
             if stop.is_cancelled() {
                 self.lose_the_rest(&settled);
@@ -138,10 +140,11 @@ impl Proposer {
                 self.lose_the_rest(&settled);
                 return;
             };
+            seq += 1;
             let last = first + batch.len() as u64 - 1;
             let count = batch.len();
             let result = tokio::select! {
-                r = propose_with_retries(&propose, Command::Batch(batch)) => r,
+                r = propose_with_retries(&propose, Command::Sequenced { node, incarnation, seq, commands: batch }) => r,
                 () = stop.cancelled() => Err("the node is stopping".to_owned()),
             };
             let result = result.and_then(|outcome| match outcome {
@@ -221,11 +224,15 @@ mod tests {
             Proposer::start(
                 &tasks,
                 stop.clone(),
+                (1, 1),
                 move |command| {
                     let gate = gate.clone();
                     let seen = seen.clone();
                     Box::pin(async move {
-                        let Command::Batch(batch) = command else {
+                        let Command::Sequenced {
+                            commands: batch, ..
+                        } = command
+                        else {
                             return Err("not a batch".to_owned());
                         };
                         seen.lock().unwrap().push(batch.len());
@@ -271,11 +278,15 @@ mod tests {
             Proposer::start(
                 &tasks,
                 stop.clone(),
+                (1, 1),
                 move |command| {
                     let n = calls.fetch_add(1, Ordering::SeqCst);
                     let failing = failing.load(Ordering::SeqCst);
                     Box::pin(async move {
-                        let Command::Batch(batch) = command else {
+                        let Command::Sequenced {
+                            commands: batch, ..
+                        } = command
+                        else {
                             return Err("not a batch".to_owned());
                         };
                         // The first try fails once (a leader election), then it works.

@@ -179,6 +179,20 @@ pub enum Command {
     /// Several commands in one Raft entry, applied in order (group commit: what a node
     /// recorded while its previous proposal was under way). Each has its own outcome.
     Batch(Vec<Self>),
+    /// A node's proposer's batch, numbered: applied once, however often it is proposed. A
+    /// proposal whose answer was lost (a leader killed or paused while it was on its way) is
+    /// proposed again, and may then be in the log twice; the repeat answers the first's
+    /// outcomes, and a batch older than the node's latest changes nothing.
+    Sequenced {
+        /// The proposing node.
+        node: NodeId,
+        /// Its incarnation: numbering starts again with each.
+        incarnation: u64,
+        /// The batch's number, from 1, one after another.
+        seq: u64,
+        /// The commands, applied as [`Command::Batch`]'s.
+        commands: Vec<Self>,
+    },
 }
 
 /// Why a command changed nothing.
@@ -206,6 +220,17 @@ pub enum Rejection {
     /// There is no such session.
     #[error("no such session")]
     NoSession,
+    /// A node's numbered batch came after a later one of the same node (its proposer had
+    /// given it up): it changes nothing.
+    #[error("batch {seq} of node {node} came after batch {latest}")]
+    StaleBatch {
+        /// The node.
+        node: NodeId,
+        /// The batch's number.
+        seq: u64,
+        /// The latest applied of the node.
+        latest: u64,
+    },
     /// A node announced an incarnation not above the one recorded.
     #[error("stale incarnation {given} (recorded {current})")]
     StaleIncarnation {
@@ -372,8 +397,20 @@ pub struct ClusterState {
     retained: BTreeMap<String, Retained>,
     /// The latest epoch handed out by a claim.
     last_epoch: u64,
+    /// Each node's latest numbered batch ([`Command::Sequenced`]).
+    #[serde(default)]
+    batches: BTreeMap<NodeId, LastBatch>,
     #[serde(skip)]
     index: SubscriptionIndex,
+}
+
+/// A node's latest applied [`Command::Sequenced`]: its number and outcomes, which a repeat
+/// of it answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct LastBatch {
+    incarnation: u64,
+    seq: u64,
+    outcomes: Vec<Outcome>,
 }
 
 impl ClusterState {
@@ -403,6 +440,7 @@ impl ClusterState {
             }
             Command::NodeRemoved { node } => {
                 self.nodes.remove(&node);
+                self.batches.remove(&node);
                 Outcome::Done
             }
             Command::ClaimSession {
@@ -582,6 +620,39 @@ impl ClusterState {
                     .map(|c| self.apply_with(c, effects))
                     .collect(),
             ),
+            Command::Sequenced {
+                node,
+                incarnation,
+                seq,
+                commands,
+            } => {
+                if let Some(last) = self.batches.get(&node) {
+                    let order = (incarnation, seq).cmp(&(last.incarnation, last.seq));
+                    if order == std::cmp::Ordering::Equal {
+                        return Outcome::Batch(last.outcomes.clone());
+                    }
+                    if order == std::cmp::Ordering::Less {
+                        return Outcome::Rejected(Rejection::StaleBatch {
+                            node,
+                            seq,
+                            latest: last.seq,
+                        });
+                    }
+                }
+                let outcomes: Vec<Outcome> = commands
+                    .into_iter()
+                    .map(|c| self.apply_with(c, effects))
+                    .collect();
+                self.batches.insert(
+                    node,
+                    LastBatch {
+                        incarnation,
+                        seq,
+                        outcomes: outcomes.clone(),
+                    },
+                );
+                Outcome::Batch(outcomes)
+            }
         }
     }
 
@@ -1198,6 +1269,86 @@ mod tests {
 
     /// The old owner's release is recorded for the new owner to see, and never claims more
     /// than the session's epoch.
+    /// A numbered batch proposed again after its answer was lost is applied once: a
+    /// publication forgotten in between is not queued a second time, and a batch older than
+    /// the node's latest changes nothing.
+    #[test]
+    fn a_numbered_batch_is_applied_once() {
+        let mut s = ClusterState::default();
+        let epoch = claim(&mut s, "a", 1);
+        subscribe(&mut s, "a", 1, epoch, "t/#");
+        let id = MessageId {
+            node: 2,
+            incarnation: 1,
+            counter: 1,
+        };
+        let batch = |seq, commands| Command::Sequenced {
+            node: 2,
+            incarnation: 1,
+            seq,
+            commands,
+        };
+        let publish = Command::Publish {
+            id,
+            message: message("t/x"),
+            from: None,
+            max_queued: 10,
+        };
+        let first = s.apply(batch(1, vec![publish.clone()]));
+        assert_eq!(
+            first,
+            Outcome::Batch(vec![Outcome::Published { queued: 1, full: 0 }])
+        );
+        // Delivered and acknowledged: forgotten.
+        let forget = Command::SessionProgress {
+            client_id: "a".into(),
+            node: 1,
+            epoch,
+            steps: vec![Step::Forget { id }],
+        };
+        assert_eq!(s.apply(forget), Outcome::Progressed { ignored: 0 });
+        // The repeat answers as the first did and queues nothing.
+        let mut effects = Vec::new();
+        assert_eq!(
+            s.apply_with(batch(1, vec![publish.clone()]), &mut effects),
+            first
+        );
+        assert!(effects.is_empty());
+        assert!(s.session_data("a").is_some_and(|d| d.queue.is_empty()));
+        // A later batch applies; an earlier one after it does not.
+        let later = Command::Publish {
+            id: MessageId { counter: 2, ..id },
+            message: message("t/y"),
+            from: None,
+            max_queued: 10,
+        };
+        assert!(matches!(s.apply(batch(3, vec![later])), Outcome::Batch(_)));
+        assert!(matches!(
+            s.apply(batch(2, vec![publish.clone()])),
+            Outcome::Rejected(Rejection::StaleBatch {
+                seq: 2,
+                latest: 3,
+                ..
+            })
+        ));
+        assert_eq!(s.session_data("a").map(|d| d.queue.len()), Some(1));
+        // A new incarnation numbers from 1 again; the old one's stragglers are stale.
+        let restarted = Command::Sequenced {
+            node: 2,
+            incarnation: 2,
+            seq: 1,
+            commands: vec![],
+        };
+        assert_eq!(s.apply(restarted), Outcome::Batch(vec![]));
+        assert!(matches!(
+            s.apply(batch(4, vec![publish])),
+            Outcome::Rejected(Rejection::StaleBatch { .. })
+        ));
+        // The numbering survives a snapshot.
+        let copy = ClusterState::from_bytes(&s.to_bytes().unwrap()).unwrap();
+        assert_eq!(copy.batches, s.batches);
+    }
+
     #[test]
     fn the_old_owner_releases_its_epoch() {
         let mut s = ClusterState::default();

@@ -103,6 +103,7 @@ async fn a_message_published_on_one_node_is_queued_for_a_session_owned_by_anothe
         Proposer::start(
             &tasks,
             stop.clone(),
+            (1, nodes[&1].incarnation()),
             move |command| {
                 let node = node.clone();
                 Box::pin(async move { node.propose(command).await.map_err(|e| e.to_string()) })

@@ -41,7 +41,9 @@ from .history import History
 TOPIC_PREFIX = "lab"
 # Long enough never to expire during a run: an expired session is not what the lab tests.
 SESSION_EXPIRY = 3600
-CONNECT_TIMEOUT = 5.0
+# A CONNECT may wait for the cluster: a claim needs a quorum (up to 5 s; an election takes up
+# to 3 s), and a session taken from a node that does not answer waits for its lease (3 s).
+CONNECT_TIMEOUT = 10.0
 KEEPALIVE = 10
 ACK_TIMEOUT = 5.0
 
@@ -247,6 +249,11 @@ class Subscriber:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def connected(self) -> bool:
+        """Whether a connection of this subscriber is open (it had its CONNACK)."""
+        return self._current >= 0 and not self._lost.is_set()
+
     def wait_subscribed(self, timeout: float) -> None:
         if not self.subscribed.wait(timeout):
             raise TimeoutError(f"{self.name} not subscribed within {timeout}s")
@@ -265,7 +272,7 @@ class Subscriber:
         nodes = self.nodes()
         index = random.randrange(len(nodes))
         host, port = nodes[index]
-        self.history.record(self.name, "connect", conn=number, node=index)
+        self.history.record(self.name, "connect", conn=number, node=index, host=host)
         try:
             client = dial(self.net, lambda: raw.RawClient(port, host=host))
             client.send(raw.connect(self.name, clean=False, keepalive=KEEPALIVE,
@@ -326,6 +333,7 @@ class Subscriber:
             elif packet.qos == 2:
                 client.send(raw.pubrec(packet.packet_id))
         elif packet.type == raw.PUBREL:
+            self.history.record(self.name, "pubrel", conn=number, pid=packet.packet_id)
             with self._state:
                 self._awaiting_rel.discard(packet.packet_id)
             client.send(raw.pubcomp(packet.packet_id))
@@ -404,15 +412,15 @@ def run(history: History, nodes, scenario, *, publishers: int, subscribers: int,
 
 
 def quiesce(subscribers, quiet: float, limit: float) -> float:
-    """Waits until no subscriber received anything for `quiet` seconds (at most `limit`);
-    returns how long it waited."""
+    """Waits until every subscriber has been connected, and none received anything, for
+    `quiet` seconds (at most `limit`); returns how long it waited."""
     start = time.monotonic()
     last = [s.delivered for s in subscribers]
     calm_since = time.monotonic()
     while time.monotonic() - start < limit:
         time.sleep(0.2)
         now = [s.delivered for s in subscribers]
-        if now != last:
+        if now != last or not all(s.connected for s in subscribers):
             last = now
             calm_since = time.monotonic()
         elif time.monotonic() - calm_since >= quiet:

@@ -168,6 +168,10 @@ struct Rare {
     unaccepted: Option<Box<Session>>,
     /// Where to hand the session when another connection takes it over.
     takeover_reply: Option<SessionReply>,
+    /// Another node of the cluster took the session: nothing but the DISCONNECT goes out
+    /// from now on, not even answers to what the client sent before (their changes went
+    /// nowhere).
+    abandoned: bool,
 }
 
 impl Rare {
@@ -177,6 +181,7 @@ impl Rare {
             && self.scram.is_none()
             && self.unaccepted.is_none()
             && self.takeover_reply.is_none()
+            && !self.abandoned
     }
 }
 
@@ -781,6 +786,7 @@ impl ConnectionCore {
         if let Some(reply) = inbox.takeover {
             self.rare().takeover_reply = Some(reply);
             let abandoned = inbox.abandon.is_some();
+            self.rare().abandoned = abandoned;
             if abandoned && self.cut_held_output() {
                 // Nothing may precede CONNACK, not even DISCONNECT.
                 self.conn.connection_lost(now);
@@ -1154,7 +1160,13 @@ impl ConnectionCore {
         };
         // Per stream written to: where this round's output starts, and where a CONNACK ends.
         let mut touched: Vec<(StreamId, usize, Option<usize>)> = Vec::new();
+        let abandoned = self.rare.as_ref().is_some_and(|r| r.abandoned);
         while let Some((stream, packet)) = self.conn.poll_transmit_tagged() {
+            // Answers the protocol core queued before it saw the takeover (a PUBREL for a
+            // PUBREC it had read) are cut with what was held back.
+            if abandoned && !matches!(packet, Packet::Disconnect(_)) {
+                continue;
+            }
             let output = self.outputs.get_mut(stream);
             let at = match touched.iter().position(|(s, ..)| *s == stream) {
                 Some(at) => at,

@@ -980,3 +980,48 @@ fn an_idle_core_is_small() {
     let size = size_of::<IdleCore>();
     assert!(size <= 304, "IdleCore is {size} bytes");
 }
+
+/// Another node of the cluster took the session while a PUBREC from the client was read but
+/// not yet answered: the PUBREL the protocol core queued for it is not sent, only the
+/// DISCONNECT (0x8E), and the node is told the connection stopped serving the session.
+#[tokio::test]
+async fn a_session_taken_by_another_node_answers_nothing_read_before() {
+    let inner = inner_with(Config::default());
+    let now = Instant::now();
+    let mut core = connected(&inner, now, "moving").await;
+    core.handle_inbox(
+        now,
+        Inbox {
+            deliveries: VecDeque::from([delivery(QoS::ExactlyOnce)]),
+            ..Inbox::default()
+        },
+    );
+    core.process(now);
+    let [Packet::Publish(p)] = &written(&mut core, StreamId::CONTROL)[..] else {
+        panic!("the message goes out");
+    };
+    let rec = mqttd_proto::PubResponse::success(p.packet_id.unwrap());
+    core.handle_packet(now, StreamId::CONTROL, Packet::PubRec(rec));
+    // The takeover arrives before the PUBREC's answer is encoded.
+    let (tx, _session) = tokio::sync::oneshot::channel();
+    let (stopped, mut told) = tokio::sync::oneshot::channel();
+    core.mailbox().take_over_as(SessionReply(tx), Some(stopped));
+    core.handle_inbox(now, core.mailbox().take());
+    core.process(now);
+    let out = written(&mut core, StreamId::CONTROL);
+    assert!(
+        matches!(&out[..], [Packet::Disconnect(d)] if d.reason == ReasonCode::SessionTakenOver),
+        "{out:?}"
+    );
+    assert!(told.try_recv().is_ok(), "the node is told");
+    // Nothing follows, whatever comes next.
+    core.handle_inbox(
+        now,
+        Inbox {
+            deliveries: VecDeque::from([delivery(QoS::AtLeastOnce)]),
+            ..Inbox::default()
+        },
+    );
+    core.process(now);
+    assert!(written(&mut core, StreamId::CONTROL).is_empty());
+}
