@@ -15,18 +15,20 @@
 //!   session to its connection (or its offline queue); a node whose session another node
 //!   claimed disconnects its client with 0x8E and forgets the session without ending it.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use mqttd_cluster::session::{Delivered, MessageId, SessionData, StoredMessage};
+use mqttd_cluster::state::Retained;
 use mqttd_cluster::{ApplyHook, Command, Effect, NodeError, Outcome, Proposer};
 use mqttd_proto::session::{OutboundState, Session};
-use mqttd_proto::{ClientId, Delivery, PacketId, QoS, ReasonCode, TopicFilter};
+use mqttd_proto::{ClientId, Delivery, PacketId, QoS, ReasonCode, TopicFilter, TopicName};
 
 use crate::broker::{Acquired, Headed, Inner, Mailbox, SessionHandle, Slot};
 use crate::cluster::BrokerCluster;
-use crate::cluster_storage::{to_message, ClusterStorage};
+use crate::cluster_storage::{retained_message, to_message, ClusterStorage};
 use crate::core::SessionRequest;
 
 /// How long a claim may take before the CONNECT is refused (no quorum: a minority side).
@@ -92,6 +94,8 @@ pub(crate) fn attach(inner: &Arc<Inner>, cluster: &Arc<BrokerCluster>) {
         // has closed, and not before, lest a refused change's answer reach the client.
     });
     node.on_apply(Arc::new(Effects(Arc::downgrade(inner))));
+    // After the hook, so that no change applied meanwhile is missed.
+    inner.take_cluster_retained(cluster);
 }
 
 /// What applied entries tell this node to do (see the module's documentation).
@@ -170,8 +174,20 @@ impl ApplyHook for Effects {
                         storage.renew_from(&client_id, old, epoch);
                     }
                 }
+                Effect::Retained { topic, message } => {
+                    inner.serve_retained(&topic, message.as_ref());
+                }
                 _ => {}
             }
+        }
+    }
+
+    fn replaced(&self) {
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
+        if let Some(cluster) = inner.cluster.get().cloned() {
+            inner.take_cluster_retained(&cluster);
         }
     }
 }
@@ -209,6 +225,40 @@ fn release(
 }
 
 impl Inner {
+    /// Serves what the cluster holds as `topic`'s retained message here (`None`: deleted).
+    /// The cluster decides: its limits were checked where the message was published.
+    fn serve_retained(&self, topic: &str, message: Option<&Retained>) {
+        let message = match message {
+            Some(r) => retained_message(topic, r),
+            None => TopicName::try_from(topic)
+                .ok()
+                .map(|t| mqttd_proto::Message::new(t, Vec::new(), QoS::AtMostOnce, true)),
+        };
+        if let Some(message) = message {
+            self.retained.set(Arc::new(message));
+        }
+    }
+
+    /// Makes this node's retained messages the cluster's: at start (what changed while it
+    /// was down, or all of it if it just joined: a node's own earlier ones not in the
+    /// cluster are dropped) and when a snapshot from the leader replaced its state.
+    pub(crate) fn take_cluster_retained(&self, cluster: &BrokerCluster) {
+        let _turn = self.cluster_apply.lock();
+        let held: HashMap<String, Retained> = cluster.node().state().read(|s| {
+            s.retained_messages()
+                .map(|(t, r)| (t.to_owned(), r.clone()))
+                .collect()
+        });
+        for message in self.retained.all() {
+            if !held.contains_key(message.topic.as_str()) {
+                self.serve_retained(message.topic.as_str(), None);
+            }
+        }
+        for (topic, r) in &held {
+            self.serve_retained(topic, Some(r));
+        }
+    }
+
     /// Whether a persistent session anywhere in the cluster has a subscription matching a
     /// QoS 1 or 2 message, as this node's copy of the state says (for PUBACK's reason: the
     /// cluster queues the message for it, although no local subscriber got it).

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mqttd_cluster::session::{MessageId, Step, StoredMessage, StoredProperties, StoredWill};
+use mqttd_cluster::state::Retained;
 use mqttd_cluster::{Command, NodeId, Outcome, Proposer, Settled};
 use mqttd_proto::session::OutboundState;
 use mqttd_proto::{ClientId, Delivery, Message, PacketId};
@@ -404,6 +405,25 @@ impl ClusterStorage {
         })
     }
 
+    /// The command that sets (or, for an empty payload, deletes) a retained message in the
+    /// cluster, once the node has started: every node serves it from there.
+    fn retain_command(&self, message: &Message) -> Option<Command> {
+        self.node.get()?;
+        let topic = message.topic.as_str().to_owned();
+        if message.payload.is_empty() {
+            return Some(Command::DeleteRetained { topic });
+        }
+        let stored = stored_message(message);
+        Some(Command::SetRetained {
+            topic,
+            message: Retained {
+                payload: stored.payload,
+                qos: stored.qos,
+                properties: stored.properties,
+            },
+        })
+    }
+
     /// The session commands for a change to `client_id`, if the cluster owns it.
     fn commands(&self, client_id: &ClientId, change: Change<'_>) -> Option<Vec<Command>> {
         let node = self.node.get()?;
@@ -665,6 +685,17 @@ fn stored_will(will: &mqttd_proto::Will) -> StoredMessage {
     stored
 }
 
+/// The local retained message for one the cluster holds under `topic` (see [`to_message`]).
+pub(crate) fn retained_message(topic: &str, r: &Retained) -> Option<Message> {
+    to_message(&StoredMessage {
+        topic: topic.to_owned(),
+        payload: r.payload.clone(),
+        qos: r.qos,
+        retain: true,
+        properties: r.properties.clone(),
+    })
+}
+
 /// The local message for one the cluster stored, or `None` if it is not valid MQTT (the
 /// cluster only holds what nodes running this code stored).
 pub(crate) fn to_message(m: &StoredMessage) -> Option<Message> {
@@ -696,7 +727,7 @@ impl Storage for ClusterStorage {
 
     fn retain(&self, message: &Arc<Message>) -> Ticket {
         let local = self.local.retain(message);
-        self.record(local, Vec::new())
+        self.record(local, self.retain_command(message).into_iter().collect())
     }
 
     fn save_session(&self, record: &SessionRecord) -> Ticket {
@@ -852,6 +883,7 @@ impl StorageBatch for ClusterBatch<'_> {
         if let Some(l) = &mut self.local {
             let _ = l.retain(message);
         }
+        self.commands.extend(self.storage.retain_command(message));
     }
 
     fn save_session(&mut self, record: &SessionRecord) {

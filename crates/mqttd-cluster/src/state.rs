@@ -47,13 +47,16 @@ pub struct SessionOwner {
     pub released: u64,
 }
 
-/// A retained message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A retained message (its topic is the key it is held under).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retained {
     /// The message's payload.
     pub payload: Vec<u8>,
     /// Its QoS (0, 1 or 2).
     pub qos: u8,
+    /// Its MQTT 5 properties (and expiry).
+    #[serde(default)]
+    pub properties: crate::session::StoredProperties,
 }
 
 /// A change to the cluster state, proposed to the leader and applied once committed.
@@ -331,6 +334,13 @@ pub enum Effect {
         /// Its last owner.
         owner: NodeId,
     },
+    /// A topic's retained message was set (`Some`) or deleted: every node serves it.
+    Retained {
+        /// The topic.
+        topic: String,
+        /// The message, or `None` once deleted.
+        message: Option<Retained>,
+    },
 }
 
 /// The persistent sessions' subscriptions as a trie of filters, derived from the sessions'
@@ -607,11 +617,19 @@ impl ClusterState {
                 Err(r) => Outcome::Rejected(r),
             },
             Command::SetRetained { topic, message } => {
-                self.retained.insert(topic, message);
+                self.retained.insert(topic.clone(), message.clone());
+                effects.push(Effect::Retained {
+                    topic,
+                    message: Some(message),
+                });
                 Outcome::Done
             }
             Command::DeleteRetained { topic } => {
                 self.retained.remove(&topic);
+                effects.push(Effect::Retained {
+                    topic,
+                    message: None,
+                });
                 Outcome::Done
             }
             Command::Batch(commands) => Outcome::Batch(
@@ -806,6 +824,11 @@ impl ClusterState {
     /// The number of retained messages.
     pub fn retained_count(&self) -> usize {
         self.retained.len()
+    }
+
+    /// Every retained message, by topic.
+    pub fn retained_messages(&self) -> impl Iterator<Item = (&str, &Retained)> {
+        self.retained.iter().map(|(t, m)| (t.as_str(), m))
     }
 
     /// The state as bytes (a snapshot).
@@ -1379,6 +1402,7 @@ mod tests {
         let m = Retained {
             payload: b"21.5".to_vec(),
             qos: 1,
+            ..Retained::default()
         };
         s.apply(Command::SetRetained {
             topic: "t/1".into(),
@@ -1406,6 +1430,7 @@ mod tests {
             message: Retained {
                 payload: vec![0, 255],
                 qos: 2,
+                ..Retained::default()
             },
         });
         let bytes = s.to_bytes().unwrap();

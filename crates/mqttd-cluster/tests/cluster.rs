@@ -94,6 +94,7 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
     let retained = Retained {
         payload: b"on".to_vec(),
         qos: 1,
+        ..Retained::default()
     };
     let set = Command::SetRetained {
         topic: "lights/1".into(),
@@ -411,6 +412,7 @@ async fn a_follower_behind_the_purged_log_gets_a_snapshot() {
             message: Retained {
                 payload: vec![1; 100],
                 qos: 0,
+                ..Retained::default()
             },
         };
         assert_eq!(propose(&nodes, set).await, Outcome::Done);

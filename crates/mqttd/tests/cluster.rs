@@ -264,6 +264,127 @@ fn three_nodes_form_a_cluster_survive_the_leader_and_grow_and_shrink() {
     }
 }
 
+/// Three nodes seeded with each other, once they agree on a leader and every node's
+/// `NodeUp` is committed.
+fn three_nodes(ca: &TestCa) -> Vec<Node> {
+    let ports = free_udp_ports(3);
+    let names: Vec<(u64, String, u16)> = (1..=3u64)
+        .map(|id| (id, format!("node-{id}"), ports[id as usize - 1]))
+        .collect();
+    let others = |id: u64| -> Vec<(u64, String, u16)> {
+        names.iter().filter(|n| n.0 != id).cloned().collect()
+    };
+    let nodes: Vec<Node> = (1..=3u64)
+        .map(|id| node(ca, id, ports[id as usize - 1], &others(id)))
+        .collect();
+    let first = wait("three nodes agree on a leader", || {
+        agreed_leader(&nodes.iter().collect::<Vec<_>>(), 3)
+    });
+    wait("every node's NodeUp is committed", || {
+        let view = status(&nodes[first as usize - 1]);
+        (1..=3)
+            .all(|id| incarnation(&view, id).is_some())
+            .then_some(())
+    });
+    nodes
+}
+
+/// The retained messages `node` serves, as (topic, payload size), through `mqttd ctl
+/// retained list --json` (the admin API's `GET /api/v1/retained`).
+fn retained_list(node: &Node) -> Vec<(String, u64)> {
+    let url = format!("http://{}", node.broker.http);
+    let out = mqttd(&[
+        "ctl", "--url", &url, "--key", &node.key, "--json", "retained", "list",
+    ]);
+    assert!(out.status.success(), "retained list: {}", text(&out));
+    let page: Value = serde_json::from_slice(&out.stdout).expect("JSON list");
+    page["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| {
+            (
+                m["topic"].as_str().expect("topic").to_owned(),
+                m["payload_bytes"].as_u64().expect("size"),
+            )
+        })
+        .collect()
+}
+
+/// Polls until `node` serves exactly `expected` (topic, payload) as retained messages.
+fn retained_become(node: &Node, expected: &[(&str, &str)]) {
+    let expected: Vec<(String, u64)> = expected
+        .iter()
+        .map(|(t, p)| ((*t).to_owned(), p.len() as u64))
+        .collect();
+    wait(&format!("{} serves {expected:?}", node.name), || {
+        (retained_list(node) == expected).then_some(())
+    });
+}
+
+/// The retained message a new subscriber to `topic` on `node` gets first.
+async fn retained_payload(node: &Node, topic: &str) -> String {
+    let (client, mut events, _) = support::within(
+        BOUND,
+        "CONNECT",
+        mqttd_client::connect_tcp(
+            node.broker.mqtt,
+            support::client::mqtt_config("reader", None),
+            None,
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("reader on {}: {e}", node.name));
+    client
+        .subscribe_one(
+            support::client::filter(topic),
+            mqttd_proto::QoS::AtLeastOnce,
+        )
+        .await
+        .expect("SUBACK");
+    let m = support::within(BOUND, "the retained message", events.next_message())
+        .await
+        .expect("a message before the connection closed");
+    assert!(m.message.retain, "a retained message");
+    String::from_utf8_lossy(&m.message.payload).into_owned()
+}
+
+/// Retained messages are the cluster's: set or deleted on any node, every node serves them,
+/// and a node that was down while they changed serves the cluster's once it is back.
+#[test]
+fn retained_messages_are_served_on_every_node() {
+    let ca = TestCa::new("cluster CA");
+    let mut nodes = three_nodes(&ca);
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        use support::client::retain_acked;
+        let (p1, mut e1, _) = persistent(&nodes[0], "p1", true).await;
+        assert!(!retain_acked(&p1, &mut e1, "r/1", "on").await.is_error());
+        assert!(!retain_acked(&p1, &mut e1, "r/2", "x").await.is_error());
+        // Acknowledged once committed on a majority: every node serves them.
+        for n in &nodes {
+            retained_become(n, &[("r/1", "on"), ("r/2", "x")]);
+        }
+        assert_eq!(retained_payload(&nodes[1], "r/1").await, "on");
+        // Replaced and deleted on another node.
+        let (p3, mut e3, _) = persistent(&nodes[2], "p3", true).await;
+        assert!(!retain_acked(&p3, &mut e3, "r/1", "off").await.is_error());
+        assert!(!retain_acked(&p3, &mut e3, "r/2", "").await.is_error());
+        retained_become(&nodes[0], &[("r/1", "off")]);
+        assert_eq!(retained_payload(&nodes[0], "r/1").await, "off");
+        // Node 2 down while they change: back, it serves the cluster's.
+        nodes[1].broker.kill();
+        assert!(!retain_acked(&p1, &mut e1, "r/3", "new").await.is_error());
+        assert!(!retain_acked(&p1, &mut e1, "r/1", "").await.is_error());
+        nodes[1].broker.restart();
+        retained_become(&nodes[1], &[("r/3", "new")]);
+        assert_eq!(retained_payload(&nodes[1], "r/3").await, "new");
+    });
+    for n in &mut nodes {
+        n.broker.shutdown();
+    }
+}
+
 /// A client of a persistent session (MQTT 5, expiry 300 s) on `node`.
 async fn persistent(
     node: &Node,
@@ -305,25 +426,7 @@ async fn payloads(events: &mut mqttd_client::Events, n: usize) -> Vec<String> {
 #[test]
 fn a_persistent_session_moves_between_nodes_with_what_was_queued_for_it() {
     let ca = TestCa::new("cluster CA");
-    let ports = free_udp_ports(3);
-    let names: Vec<(u64, String, u16)> = (1..=3u64)
-        .map(|id| (id, format!("node-{id}"), ports[id as usize - 1]))
-        .collect();
-    let others = |id: u64| -> Vec<(u64, String, u16)> {
-        names.iter().filter(|n| n.0 != id).cloned().collect()
-    };
-    let mut nodes: Vec<Node> = (1..=3u64)
-        .map(|id| node(&ca, id, ports[id as usize - 1], &others(id)))
-        .collect();
-    let first = wait("three nodes agree on a leader", || {
-        agreed_leader(&nodes.iter().collect::<Vec<_>>(), 3)
-    });
-    wait("every node's NodeUp is committed", || {
-        let view = status(&nodes[first as usize - 1]);
-        (1..=3)
-            .all(|id| incarnation(&view, id).is_some())
-            .then_some(())
-    });
+    let mut nodes = three_nodes(&ca);
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async {
         use mqttd_proto::{QoS, ReasonCode};

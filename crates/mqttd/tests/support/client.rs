@@ -33,12 +33,33 @@ pub(crate) async fn publish_acked(
     to: &str,
     payload: &str,
 ) -> ReasonCode {
+    message_acked(client, events, to, payload, false).await
+}
+
+/// As [`publish_acked`], with the RETAIN flag (an empty payload deletes the topic's retained
+/// message).
+pub(crate) async fn retain_acked(
+    client: &Client,
+    events: &mut Events,
+    to: &str,
+    payload: &str,
+) -> ReasonCode {
+    message_acked(client, events, to, payload, true).await
+}
+
+async fn message_acked(
+    client: &Client,
+    events: &mut Events,
+    to: &str,
+    payload: &str,
+    retain: bool,
+) -> ReasonCode {
     let _sent_or_queued = client
         .publish(Message::new(
             topic(to),
             payload.as_bytes().to_vec(),
             QoS::AtLeastOnce,
-            false,
+            retain,
         ))
         .await
         .expect("publish");
