@@ -305,14 +305,34 @@ impl Inner {
         // Held here, resumed here: a takeover between connections of this node, under the
         // same claim, as without a cluster (a new epoch would fence off what the old
         // connection's session recorded and is still proposing). A clean start claims anew.
-        if !request.clean_start
-            && storage.owned(client_id).is_some()
-            && self.sessions.contains_key(client_id)
+        // The claim is confirmed first: a node cut off from the cluster, or behind it, may
+        // not have learned yet that another node took the session.
+        if let Some(epoch) = storage
+            .owned(client_id)
+            .filter(|_| !request.clean_start && self.sessions.contains_key(client_id))
         {
-            tracing::debug!(client_id = %client_id, "session resumed here under its claim");
-            return self
-                .acquire_session(now, client_id, false, request.expiry, mailbox)
-                .await;
+            let confirm = Command::SessionProgress {
+                client_id: client_id.as_str().to_owned(),
+                node: me,
+                epoch,
+                steps: Vec::new(),
+            };
+            match tokio::time::timeout(CLAIM_TIMEOUT, cluster.node().propose(confirm)).await {
+                Ok(Ok(Outcome::Progressed { .. })) => {
+                    tracing::debug!(client_id = %client_id, "session resumed here under its claim");
+                    return self
+                        .acquire_session(now, client_id, false, request.expiry, mailbox)
+                        .await;
+                }
+                // Another node took it: claimed anew below, and built from the cluster.
+                Ok(Ok(_)) => {
+                    tracing::debug!(client_id = %client_id, "the claim held here is stale");
+                }
+                Ok(Err(_)) | Err(_) => {
+                    tracing::info!(client_id = %client_id, "no quorum to confirm the session: CONNECT refused");
+                    return refuse(ReasonCode::ServerUnavailable);
+                }
+            }
         }
         let claim = Command::ClaimSession {
             client_id: client_id.as_str().to_owned(),

@@ -255,9 +255,19 @@ fn three_nodes_form_a_cluster_survive_the_leader_and_grow_and_shrink() {
         "{}",
         text(&out)
     );
-    wait("four members again", || {
+    let leader = wait("four members again", || {
         agreed_leader(&nodes.iter().collect::<Vec<_>>(), 4)
     });
+
+    // The leader itself leaves: it steps down once the change is committed, and the three
+    // others elect one among them.
+    let out = cluster(&nodes[leader as usize - 1], &["leave"]);
+    assert!(out.status.success(), "the leader leaves: {}", text(&out));
+    let rest: Vec<&Node> = nodes.iter().filter(|n| n.id != leader).collect();
+    let next = wait("the three others agree on a leader among them", || {
+        agreed_leader(&rest, 3).filter(|&l| l != leader)
+    });
+    assert_ne!(next, leader);
 
     for n in &mut nodes {
         n.broker.shutdown();
