@@ -318,7 +318,11 @@ impl Inner {
                 steps: Vec::new(),
             };
             match tokio::time::timeout(CLAIM_TIMEOUT, cluster.node().propose(confirm)).await {
-                Ok(Ok(Outcome::Progressed { .. })) => {
+                // Still this node's, unless it let the session go meanwhile (a refusal).
+                Ok(Ok(Outcome::Progressed { .. }))
+                    if storage.owned(client_id) == Some(epoch)
+                        && self.sessions.contains_key(client_id) =>
+                {
                     tracing::debug!(client_id = %client_id, "session resumed here under its claim");
                     return self
                         .acquire_session(now, client_id, false, request.expiry, mailbox)

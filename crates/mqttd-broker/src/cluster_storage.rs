@@ -24,6 +24,11 @@ use crate::storage::{
     Batch, Recovered, SessionRecord, Storage, StorageBatch, StorageError, Ticket, Watermark,
 };
 
+/// How long after its batch was first proposed a session command's commit may be learned
+/// and still be answered for: less than the lease a new owner waits for (3 s,
+/// `cluster_sessions::LEASE`), with room for the answer to go out.
+const LATE_COMMIT: Duration = Duration::from_secs(2);
+
 /// What a session the cluster owns needs here.
 #[derive(Debug)]
 struct Owned {
@@ -205,25 +210,32 @@ impl ClusterStorage {
                 .map(|t| (t, sessions.remove(&t)))
                 .collect()
         };
+        // Learned this late, a commit may have come before another node's claim of the
+        // session, which that node could have answered since (it waits `LEASE` from the
+        // claim, which came after this batch was proposed): what waits for it is not sent.
+        let late = settled.proposed.elapsed() > LATE_COMMIT;
         match settled.result {
             Ok(outcomes) => {
                 let mut holds = lock(&self.holds);
                 for ((raft, client), outcome) in by_ticket.into_iter().zip(outcomes) {
-                    if let Some((client, epoch)) = &client {
-                        tracing::trace!(client_id = %client, epoch, raft, ?outcome, "session command settled");
-                    }
-                    let (Outcome::Rejected(r), Some((client, epoch))) = (outcome, client) else {
+                    let Some((client, epoch)) = client else {
                         continue;
+                    };
+                    tracing::trace!(client_id = %client, epoch, raft, ?outcome, "session command settled");
+                    let why = match outcome {
+                        Outcome::Rejected(r) => r.to_string(),
+                        _ if late => "committed too late to answer for".to_owned(),
+                        _ => continue,
                     };
                     if self.owned(&client).is_some_and(|now| now > epoch) {
                         // Sent under an epoch this node itself moved past (a clean start
                         // claimed here): the session here is another one already.
                         continue;
                     }
-                    // The session moved on: its new owner has it, and this node's change was
-                    // fenced off. What depended on the change waits until this node has let
-                    // the session go (its connection closed), then goes nowhere.
-                    tracing::debug!(client_id = %client, reason = %r, "a session command was refused");
+                    // The session moved on (its new owner has it, and this node's change was
+                    // fenced off), or may have. What depended on the change waits until this
+                    // node has let the session go (its connection closed), then goes nowhere.
+                    tracing::debug!(client_id = %client, reason = %why, "a session command was refused");
                     for p in tickets
                         .pending
                         .iter_mut()
