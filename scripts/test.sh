@@ -154,7 +154,8 @@ section "cluster lab: histories and the checker (budget ${clusterlab_budget}s)"
 # histories written by hand, then one real broker killed with SIGKILL mid-run, then (as root)
 # the lab's network namespaces: partitions, and the workload from the clients' namespace across
 # a SIGSTOP pause and a SIGKILL, and three real nodes as one cluster there (a leader killed, a
-# partition, messages across nodes) (tests/clusterlab/README.md). Uses the debug broker built
+# partition, messages across nodes, persistent subscribers moving between nodes across a node
+# killed and across a partition) (tests/clusterlab/README.md). Uses the debug broker built
 # above; openssl makes the cluster's certificates.
 if ((EUID == 0)); then
     export CLUSTERLAB_REQUIRED=1

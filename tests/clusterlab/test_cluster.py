@@ -197,10 +197,6 @@ def test_persistent_sessions_move_between_nodes_and_survive_a_node_killed(cluste
     persistent_run(cluster, history, kill_one)
 
 
-@pytest.mark.skipif(os.environ.get("CLUSTERLAB_PARTITIONS") != "1",
-                    reason="a QoS 2 duplicate around the election after the heal, about one "
-                           "run in four (docs/cluster.md, 'What is next'); "
-                           "CLUSTERLAB_PARTITIONS=1 runs it")
 def test_persistent_sessions_survive_a_partition_of_one_node(cluster, history):
     """The persistent workload with one node cut off from the two others (clients still reach
     all three) for 6 s, then healed: the minority side refuses claims (0x88) and withholds

@@ -1414,8 +1414,15 @@ impl Inner {
                 None => {}
             }
             let mut slot = existing.slot.lock();
-            if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, online()) {
-                self.enqueue_all(now, client_id, Some(&mut old), buffer, Headed::Online);
+            match std::mem::replace(&mut *slot, online()) {
+                Slot::Transferring { buffer } => {
+                    self.enqueue_all(now, client_id, Some(&mut old), buffer, Headed::Online);
+                }
+                // Ended while it moved (another node of the cluster took it): not resumed.
+                other => {
+                    *slot = other;
+                    continue;
+                }
             }
             drop(slot);
             old.set_expiry_interval(expiry);

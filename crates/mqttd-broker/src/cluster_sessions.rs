@@ -324,9 +324,19 @@ impl Inner {
                         && self.sessions.contains_key(client_id) =>
                 {
                     tracing::debug!(client_id = %client_id, "session resumed here under its claim");
-                    return self
+                    let acquired = self
                         .acquire_session(now, client_id, false, request.expiry, mailbox)
                         .await;
+                    if storage.owned(client_id) == Some(epoch) {
+                        return acquired;
+                    }
+                    // Let go while it moved here: its client connects again and claims it.
+                    tracing::debug!(client_id = %client_id, "the session was let go while it moved here");
+                    self.sessions
+                        .remove_if(client_id, |_, h| Arc::ptr_eq(h, &acquired.handle));
+                    *acquired.handle.slot.lock() = Slot::Ended;
+                    self.release_session(&acquired.handle);
+                    return refuse(ReasonCode::ServerUnavailable);
                 }
                 // Another node took it: claimed anew below, and built from the cluster.
                 Ok(Ok(_)) => {
