@@ -171,7 +171,7 @@ impl ApplyHook for Effects {
                     // Claimed again here: what is queued under the new claim from now on is
                     // delivered here, even before the claim's proposer has seen its outcome.
                     if let Ok(client_id) = ClientId::try_from(client_id.as_str()) {
-                        storage.renew_from(&client_id, old, epoch);
+                        storage.renew(&client_id, old, epoch);
                     }
                 }
                 Effect::Retained { topic, message } => {
@@ -379,7 +379,7 @@ impl Inner {
                     .is_some_and(|e| e == old || e == epoch)
             {
                 tracing::debug!(client_id = %client_id, old, epoch, "session claimed again here");
-                storage.renew(client_id, epoch);
+                storage.renew(client_id, old, epoch);
                 return self
                     .acquire_session(now, client_id, request.clean_start, request.expiry, mailbox)
                     .await;

@@ -285,26 +285,10 @@ impl ClusterStorage {
         );
     }
 
-    /// The session stays this node's under a new claim of its own: what it knows of the
-    /// session's messages stays.
-    pub(crate) fn renew(&self, client_id: &ClientId, epoch: u64) {
-        let mut owned = lock(&self.owned);
-        match owned.get_mut(client_id) {
-            Some(o) => o.epoch = epoch,
-            None => drop(owned.insert(
-                client_id.clone(),
-                Owned {
-                    epoch,
-                    messages: HashMap::new(),
-                    from_seq: 0,
-                },
-            )),
-        }
-    }
-
     /// The session, held here under `old`, is this node's under `epoch` now (a claim of its
-    /// own, applied); held under another claim, it is left alone.
-    pub(crate) fn renew_from(&self, client_id: &ClientId, old: u64, epoch: u64) {
+    /// own): what it knows of the session's messages stays. Held under another claim, or let
+    /// go meanwhile, it is left alone.
+    pub(crate) fn renew(&self, client_id: &ClientId, old: u64, epoch: u64) {
         if let Some(o) = lock(&self.owned).get_mut(client_id) {
             if o.epoch == old {
                 o.epoch = epoch;
@@ -1022,7 +1006,8 @@ mod tests {
 
     /// A ticket is durable once Raft committed its commands, in order; a command the cluster
     /// refused holds what depended on it (and everything after) until its session's
-    /// connection here has stopped; a proposal that keeps failing loses its tickets.
+    /// connection here has stopped; a proposal that keeps failing loses its tickets; a
+    /// commit learned too late is held as a refusal is.
     #[tokio::test(start_paused = true)]
     async fn tickets_follow_raft_commits_refusals_and_losses() {
         let storage = ClusterStorage::new(Arc::new(MemoryStorage::default()), 100);
@@ -1117,6 +1102,24 @@ mod tests {
         failing.store(false, Ordering::SeqCst);
         let after = storage.save_session(&record("c"));
         until(&storage, "durable again", |w| w.covers(after)).await;
+
+        // Committed, but learned later than `LATE_COMMIT` after it was proposed: another
+        // node may have claimed the session and answered its client since, so what waits is
+        // held as if refused, and the session is let go.
+        let open = u32::try_from(gate.available_permits()).expect("permits");
+        gate.acquire_many(open).await.expect("the gate").forget();
+        let late = storage.save_session(&record("c"));
+        tokio::time::sleep(LATE_COMMIT + Duration::from_secs(1)).await;
+        gate.add_permits(1);
+        until(&storage, "the late commit told", |_| {
+            lock(&refused).len() == 2
+        })
+        .await;
+        assert_eq!(lock(&refused)[1], client("c"));
+        assert!(!watermark(&storage).covers(late), "not answered for");
+        assert_eq!(storage.disown(&client("c"), None), Some(2));
+        storage.unhold(&client("c"));
+        until(&storage, "released", |w| w.covers(late)).await;
 
         stop.cancel();
         tasks.close();

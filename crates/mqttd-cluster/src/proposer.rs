@@ -42,7 +42,7 @@ pub struct Settled {
     pub result: Result<Vec<Outcome>, String>,
     /// When the batch was first proposed: it was not in the log before. A node that learns
     /// of a commit long after this may have been cut off meanwhile.
-    pub proposed: std::time::Instant,
+    pub proposed: tokio::time::Instant,
 }
 
 #[derive(Default)]
@@ -146,7 +146,7 @@ impl Proposer {
             seq += 1;
             let last = first + batch.len() as u64 - 1;
             let count = batch.len();
-            let proposed = std::time::Instant::now();
+            let proposed = tokio::time::Instant::now();
             let result = tokio::select! {
                 r = propose_with_retries(&propose, Command::Sequenced { node, incarnation, seq, commands: batch }) => r,
                 () = stop.cancelled() => Err("the node is stopping".to_owned()),
@@ -176,7 +176,7 @@ impl Proposer {
                 first,
                 last: first + batch.len() as u64 - 1,
                 result: Err("the node is stopping".to_owned()),
-                proposed: std::time::Instant::now(),
+                proposed: tokio::time::Instant::now(),
             });
         }
     }

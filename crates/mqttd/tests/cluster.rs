@@ -334,17 +334,7 @@ fn retained_become(node: &Node, expected: &[(&str, &str)]) {
 
 /// The retained message a new subscriber to `topic` on `node` gets first.
 async fn retained_payload(node: &Node, topic: &str) -> String {
-    let (client, mut events, _) = support::within(
-        BOUND,
-        "CONNECT",
-        mqttd_client::connect_tcp(
-            node.broker.mqtt,
-            support::client::mqtt_config("reader", None),
-            None,
-        ),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("reader on {}: {e}", node.name));
+    let (client, mut events, _) = connect(node, support::client::mqtt_config("reader", None)).await;
     client
         .subscribe_one(
             support::client::filter(topic),
@@ -401,19 +391,30 @@ async fn persistent(
     id: &str,
     clean_start: bool,
 ) -> (mqttd_client::Client, mqttd_client::Events, bool) {
-    let mut config = mqttd_proto::client::ClientConfig::new(
-        mqttd_proto::ClientId::try_from(id).expect("client id"),
-    );
+    let mut config = support::client::mqtt_config(id, None);
     config.clean_start = clean_start;
     config.session_expiry_interval = 300;
-    let (client, events, ack) = support::within(
+    let (client, events, ack) = connect(node, config).await;
+    (client, events, ack.session_present)
+}
+
+/// A client connected to `node` with `config`.
+async fn connect(
+    node: &Node,
+    config: mqttd_proto::client::ClientConfig,
+) -> (
+    mqttd_client::Client,
+    mqttd_client::Events,
+    mqttd_proto::ConnAck,
+) {
+    let id = config.client_id.clone();
+    support::within(
         BOUND,
         "CONNECT",
         mqttd_client::connect_tcp(node.broker.mqtt, config, None),
     )
     .await
-    .unwrap_or_else(|e| panic!("{id} on {}: {e}\n{}", node.name, node.broker.log_tail()));
-    (client, events, ack.session_present)
+    .unwrap_or_else(|e| panic!("{id} on {}: {e}\n{}", node.name, node.broker.log_tail()))
 }
 
 /// The payloads of the next `n` messages on `events`.

@@ -116,6 +116,18 @@ fn connect_packet(client_id: &str) -> Packet {
     }))
 }
 
+/// `delivery` arrives in the connection's mailbox, and the core handles it.
+fn hand(core: &mut ConnectionCore, now: Instant, delivery: Delivery) {
+    core.handle_inbox(
+        now,
+        Inbox {
+            deliveries: VecDeque::from([delivery]),
+            ..Inbox::default()
+        },
+    );
+    core.process(now);
+}
+
 /// The packets in `stream`'s writable output, taken as the transport would.
 fn written(core: &mut ConnectionCore, stream: StreamId) -> Vec<Packet> {
     let Some(output) = core.output(stream) else {
@@ -260,14 +272,7 @@ async fn a_malformed_packet_on_a_data_stream_resets_that_stream_only() {
         &written(&mut core, StreamId::CONTROL)[..],
         [Packet::PingResp]
     ));
-    core.handle_inbox(
-        now,
-        Inbox {
-            deliveries: VecDeque::from([delivery(QoS::AtMostOnce)]),
-            ..Inbox::default()
-        },
-    );
-    core.process(now);
+    hand(&mut core, now, delivery(QoS::AtMostOnce));
     assert!(matches!(
         &written(&mut core, good)[..],
         [Packet::Publish(_)]
@@ -801,14 +806,11 @@ async fn a_live_data_stream_does_not_make_a_stalled_one_look_busy() {
     subscribe_on(&mut core, now, live, "live");
     // The stalled stream's output backs up: nothing of it is written.
     for _ in 0..3 {
-        core.handle_inbox(
+        hand(
+            &mut core,
             now,
-            Inbox {
-                deliveries: VecDeque::from([delivery_to("stalled", 128 * 1024, QoS::AtMostOnce)]),
-                ..Inbox::default()
-            },
+            delivery_to("stalled", 128 * 1024, QoS::AtMostOnce),
         );
-        core.process(now);
     }
     assert!(!core.wants_read(stalled), "backed up");
     let handle = core.handle.clone().unwrap();
@@ -817,14 +819,7 @@ async fn a_live_data_stream_does_not_make_a_stalled_one_look_busy() {
     update_flag(&handle.stalled, true);
     let progress = handle.progress.load(Ordering::Relaxed);
     // The live stream gets a delivery, which the client reads and acknowledges.
-    core.handle_inbox(
-        now,
-        Inbox {
-            deliveries: VecDeque::from([delivery_to("live", 10, QoS::AtLeastOnce)]),
-            ..Inbox::default()
-        },
-    );
-    core.process(now);
+    hand(&mut core, now, delivery_to("live", 10, QoS::AtLeastOnce));
     let [Packet::Publish(p)] = &written(&mut core, live)[..] else {
         panic!("the live stream gets its message");
     };
@@ -899,14 +894,7 @@ async fn idle_means_nothing_to_do_but_wait() {
     assert!(core.is_idle(), "connected, nothing left");
 
     // A delivery: idle again once it is written, even with its PUBACK still to come.
-    core.handle_inbox(
-        now,
-        Inbox {
-            deliveries: [delivery(QoS::AtLeastOnce)].into(),
-            ..Inbox::default()
-        },
-    );
-    core.process(now);
+    hand(&mut core, now, delivery(QoS::AtLeastOnce));
     assert!(!core.is_idle(), "a delivery to write");
     let out = written(&mut core, StreamId::CONTROL);
     assert!(matches!(&out[..], [Packet::Publish(_)]), "{out:?}");
@@ -936,14 +924,7 @@ async fn an_idle_core_parks_small_and_comes_back_the_same() {
     assert!(due.is_some());
 
     // In flight to the client: parked whole.
-    core.handle_inbox(
-        now,
-        Inbox {
-            deliveries: [delivery(QoS::AtLeastOnce)].into(),
-            ..Inbox::default()
-        },
-    );
-    core.process(now);
+    hand(&mut core, now, delivery(QoS::AtLeastOnce));
     let _ = written(&mut core, StreamId::CONTROL);
     let parked = core.park();
     assert!(matches!(parked, ParkedCore::Whole(_)));
@@ -989,14 +970,7 @@ async fn a_session_taken_by_another_node_answers_nothing_read_before() {
     let inner = inner_with(Config::default());
     let now = Instant::now();
     let mut core = connected(&inner, now, "moving").await;
-    core.handle_inbox(
-        now,
-        Inbox {
-            deliveries: VecDeque::from([delivery(QoS::ExactlyOnce)]),
-            ..Inbox::default()
-        },
-    );
-    core.process(now);
+    hand(&mut core, now, delivery(QoS::ExactlyOnce));
     let [Packet::Publish(p)] = &written(&mut core, StreamId::CONTROL)[..] else {
         panic!("the message goes out");
     };
@@ -1015,13 +989,6 @@ async fn a_session_taken_by_another_node_answers_nothing_read_before() {
     );
     assert!(told.try_recv().is_ok(), "the node is told");
     // Nothing follows, whatever comes next.
-    core.handle_inbox(
-        now,
-        Inbox {
-            deliveries: VecDeque::from([delivery(QoS::AtLeastOnce)]),
-            ..Inbox::default()
-        },
-    );
-    core.process(now);
+    hand(&mut core, now, delivery(QoS::AtLeastOnce));
     assert!(written(&mut core, StreamId::CONTROL).is_empty());
 }
