@@ -2296,6 +2296,36 @@ mod tests {
         assert_eq!(inner.metrics.session_timers.get(), 0);
     }
 
+    /// A session ended while a takeover waits for it (another node of the cluster took it)
+    /// is not installed on the connection that asked: that one gets a session of its own.
+    #[tokio::test]
+    async fn a_session_ended_while_it_moves_is_not_resumed() {
+        let inner = inner(Config::default());
+        let id = ClientId::try_from("moving").unwrap();
+        let (old, new) = (Arc::new(Mailbox::default()), Arc::new(Mailbox::default()));
+        let now = Instant::now();
+        let first = inner.acquire_session(now, &id, false, 3600, &old).await;
+        let taking = {
+            let (inner, id, new) = (inner.clone(), id.clone(), new.clone());
+            tokio::spawn(async move { inner.acquire_session(now, &id, false, 3600, &new).await })
+        };
+        // The old connection is asked for the session...
+        let reply = loop {
+            if let Some(reply) = old.take().takeover {
+                break reply;
+            }
+            tokio::task::yield_now().await;
+        };
+        // ...which ends meanwhile, as a node does with a session another node claimed.
+        let (_, handle) = inner.sessions.remove(&id).expect("registered");
+        *handle.slot.lock() = Slot::Ended;
+        let _ = reply.0.send(Some(first.session));
+        let acquired = taking.await.expect("the takeover");
+        assert!(!acquired.present, "an ended session was resumed");
+        assert!(!Arc::ptr_eq(&acquired.handle, &first.handle));
+        assert!(matches!(*first.handle.slot.lock(), Slot::Ended));
+    }
+
     /// A client that comes back after its session expired, before the expiry timer ran,
     /// gets a new session: nothing of the old one is resumed.
     #[tokio::test]
