@@ -1625,7 +1625,8 @@ impl Inner {
         }
     }
 
-    fn publish_will(&self, now: Instant, will: Message) {
+    /// Publishes a will (the session's client is gone): retained if it says so, and routed.
+    pub(crate) fn publish_will(&self, now: Instant, will: Message) {
         self.metrics.wills.inc();
         let will = Arc::new(will);
         let mut batch = Batch::direct(&*self.storage);

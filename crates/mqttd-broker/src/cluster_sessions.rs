@@ -366,6 +366,7 @@ impl Inner {
             epoch,
             previous,
             present,
+            will,
         } = outcome
         else {
             return refuse(ReasonCode::ServerUnavailable);
@@ -379,6 +380,9 @@ impl Inner {
                     .is_some_and(|e| e == old || e == epoch)
             {
                 tracing::debug!(client_id = %client_id, old, epoch, "session claimed again here");
+                // The old connection's will is in this node's memory, and the takeover
+                // below publishes it or not, as without a cluster.
+                drop(will);
                 storage.renew(client_id, old, epoch);
                 return self
                     .acquire_session(now, client_id, request.clean_start, request.expiry, mailbox)
@@ -452,6 +456,20 @@ impl Inner {
             self.rebuild(now, storage, &handle, &mut session, data);
         }
         self.sessions.insert(client_id.clone(), handle.clone());
+        drop(_turn);
+        // The connection this claim ended (on a node that let it go, or died) left its will
+        // here: due now, unless it has a delay and the session carries on (MQTT 5.0 3.1.3.2.2).
+        if let Some(will) = will.filter(|w| !present || w.delay_secs == 0) {
+            match to_message(&will.message) {
+                Some(message) => {
+                    tracing::debug!(client_id = %client_id, topic = %will.message.topic, "will of the connection the claim ended");
+                    self.publish_will(now, message);
+                }
+                None => {
+                    tracing::warn!(client_id = %client_id, "a will in the cluster is not valid MQTT")
+                }
+            }
+        }
         Acquired {
             handle,
             session,

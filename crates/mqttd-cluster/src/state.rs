@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::routes::{Route, TrieNode};
 use crate::session::{
-    Delivered, EnqueueResult, MessageId, SessionData, Step, StoredMessage, SubscriptionOptions,
+    Delivered, EnqueueResult, MessageId, SessionData, Step, StoredMessage, StoredWill,
+    SubscriptionOptions,
 };
 
 /// A Raft node id.
@@ -260,6 +261,10 @@ pub enum Outcome {
         /// Whether the session's contents were kept (CONNACK's session present): it existed
         /// and the claim was not a clean start.
         present: bool,
+        /// The will of the connection the claim ends, taken out of the session: the claimant
+        /// publishes it if it is due (no delay, or the session did not carry on).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        will: Option<StoredWill>,
     },
     /// What [`Command::Publish`] did: how many sessions it was queued for, and how many
     /// refused it with a full queue.
@@ -461,6 +466,13 @@ impl ClusterState {
             } => {
                 let previous = self.sessions.get(&client_id).map(|s| (s.owner, s.epoch));
                 let present = previous.is_some() && !clean;
+                // The will of the connection the claim ends goes to the claimant, which
+                // publishes it or not (MQTT's rules: its delay, a clean start), and is never
+                // handed to a later claim again.
+                let will = self
+                    .contents
+                    .get_mut(&client_id)
+                    .and_then(|d| d.will.take());
                 if !present {
                     if let Some(old) = self
                         .contents
@@ -493,6 +505,7 @@ impl ClusterState {
                     epoch,
                     previous,
                     present,
+                    will,
                 }
             }
             Command::SetSessionExpiry {
@@ -883,6 +896,7 @@ mod tests {
                 epoch: 3,
                 previous: Some((1, 1)),
                 present: true,
+                will: None,
             }
         );
         // The old owner, still believing in epoch 1, can change nothing.
@@ -1049,6 +1063,57 @@ mod tests {
                 results: vec![EnqueueResult::NoSession, EnqueueResult::NoSession]
             }
         );
+    }
+
+    #[test]
+    fn a_claim_hands_the_ended_connection_s_will_to_the_claimant_once() {
+        let mut s = ClusterState::default();
+        let first = claim(&mut s, "c", 1);
+        let will = StoredWill {
+            message: message("will/c"),
+            delay_secs: 0,
+        };
+        s.apply(Command::SessionProgress {
+            client_id: "c".into(),
+            node: 1,
+            epoch: first,
+            steps: vec![Step::Will(Some(will.clone()))],
+        });
+        let claim_by = |s: &mut ClusterState, node, clean| {
+            s.apply(Command::ClaimSession {
+                client_id: "c".into(),
+                node,
+                expires_at_ms: None,
+                clean,
+            })
+        };
+        let Outcome::Claimed {
+            will: taken,
+            present: true,
+            ..
+        } = claim_by(&mut s, 2, false)
+        else {
+            panic!("a takeover keeps the session");
+        };
+        assert_eq!(taken, Some(will.clone()));
+        assert_eq!(s.session_data("c").and_then(|d| d.will.clone()), None);
+        // Claimed again before the new connection set a will: nothing to publish twice.
+        assert!(matches!(
+            claim_by(&mut s, 3, false),
+            Outcome::Claimed { will: None, .. }
+        ));
+        // A clean start ends the session: its will comes out with it.
+        let third = s.session("c").unwrap().epoch;
+        s.apply(Command::SessionProgress {
+            client_id: "c".into(),
+            node: 3,
+            epoch: third,
+            steps: vec![Step::Will(Some(will.clone()))],
+        });
+        assert!(matches!(
+            claim_by(&mut s, 1, true),
+            Outcome::Claimed { will: Some(w), present: false, .. } if w == will
+        ));
     }
 
     #[test]

@@ -524,6 +524,84 @@ fn a_persistent_session_moves_between_nodes_with_what_was_queued_for_it() {
     }
 }
 
+/// A persistent client with a will on `node` (QoS 1, `delay` seconds).
+async fn with_will(
+    node: &Node,
+    id: &str,
+    clean_start: bool,
+    payload: &str,
+    delay: u32,
+) -> (mqttd_client::Client, mqttd_client::Events, bool) {
+    use mqttd_proto::{QoS, Will, WillProperties};
+    let mut config = support::client::mqtt_config(id, None);
+    config.clean_start = clean_start;
+    config.session_expiry_interval = 300;
+    config.will = Some(Will {
+        topic: support::client::topic(&format!("will/{id}")),
+        payload: payload.to_owned().into_bytes().into(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: WillProperties {
+            will_delay_interval: Some(delay),
+            ..WillProperties::default()
+        },
+    });
+    let (client, events, ack) = connect(node, config).await;
+    (client, events, ack.session_present)
+}
+
+/// The will of a connection ended by a takeover on another node is published there as
+/// without a cluster: at once if it has no delay, not at all if it has one and the session
+/// carries on, at once if a clean start ends the session; and the will of a client whose
+/// node was killed is published when the client comes back on a survivor.
+#[test]
+fn a_will_is_published_by_the_node_that_takes_its_session() {
+    let ca = TestCa::new("cluster CA");
+    let mut nodes = three_nodes(&ca);
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let (watcher, mut seen, _) = persistent(&nodes[1], "watcher", true).await;
+        watcher
+            .subscribe_one(
+                support::client::filter("will/#"),
+                mqttd_proto::QoS::AtLeastOnce,
+            )
+            .await
+            .expect("SUBACK");
+        // No delay: taken over on node 3, the connection on node 1 leaves its will.
+        let (_w1, _e1, _) = with_will(&nodes[0], "w", true, "w-1", 0).await;
+        let (_w3, _e3, present) = with_will(&nodes[2], "w", false, "w-3", 0).await;
+        assert!(present);
+        assert_eq!(payloads(&mut seen, 1).await, ["w-1"]);
+        // A delay and the session carries on: no will; a clean start ends it: its will.
+        let (_d1, _f1, _) = with_will(&nodes[0], "d", true, "d-1", 60).await;
+        let (_d3, _f3, present) = with_will(&nodes[2], "d", false, "d-3", 60).await;
+        assert!(present);
+        let (_d2, _f2, present) = persistent(&nodes[1], "d", true).await;
+        assert!(!present);
+        assert_eq!(
+            payloads(&mut seen, 1).await,
+            ["d-3"],
+            "d-1 is never published"
+        );
+        // w's node dies with w connected: back on a survivor, w's will comes out, once.
+        nodes[2].broker.kill();
+        wait("nodes 1 and 2 agree on a leader", || {
+            agreed_leader(&[&nodes[0], &nodes[1]], 3)
+        });
+        let (_w1, _e1, present) = with_will(&nodes[0], "w", false, "w-1b", 0).await;
+        assert!(present);
+        assert_eq!(payloads(&mut seen, 1).await, ["w-3"]);
+        // Nothing else: a marker published now is the next message.
+        let (p, mut pe, _) = persistent(&nodes[1], "p", true).await;
+        let _ = support::client::publish_acked(&p, &mut pe, "will/marker", "marker").await;
+        assert_eq!(payloads(&mut seen, 1).await, ["marker"]);
+    });
+    for n in nodes.iter_mut().take(2) {
+        n.broker.shutdown();
+    }
+}
+
 #[test]
 fn without_a_cluster_section_the_cluster_commands_say_so() {
     let mut broker = Broker::start("");
