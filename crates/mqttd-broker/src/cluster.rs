@@ -40,6 +40,11 @@ const RETRY: Duration = Duration::from_secs(1);
 /// How often the leader looks for sessions to expire.
 const EXPIRY_CHECK: Duration = Duration::from_secs(1);
 
+/// How long the leader goes without an answer from a node (heartbeats come every few hundred
+/// milliseconds) before it takes that node's connections as lost and orphans its sessions:
+/// longer than an election, so that a node briefly slow or cut off keeps its clients.
+const NODE_DOWN_AFTER: Duration = Duration::from_secs(10);
+
 /// The broker's cluster node, shared by whatever broker code needs the cluster.
 pub struct BrokerCluster {
     node: ClusterNode,
@@ -111,6 +116,7 @@ impl BrokerCluster {
                 self.bootstrap(),
                 self.announce(),
                 self.expire(),
+                self.watch_nodes(),
                 self.follow_metrics(&metrics),
             );
         };
@@ -187,6 +193,7 @@ impl BrokerCluster {
     async fn announce(&self) {
         let incarnation = self.node.incarnation();
         let command = Command::NodeUp {
+            now_ms: unix_ms(SystemTime::now()),
             node: self.node.id(),
             name: self.node.member().name.clone(),
             incarnation,
@@ -230,6 +237,71 @@ impl BrokerCluster {
                 Ok(Outcome::Expired { count }) => tracing::debug!(count, "sessions expired"),
                 Ok(other) => tracing::debug!(?other, "ExpireSessions"),
                 Err(e) => tracing::debug!(error = %e, "ExpireSessions not committed"),
+            }
+        }
+    }
+
+    /// While this node leads: orphans the sessions of a node it has not heard from for
+    /// [`NODE_DOWN_AFTER`] (`NodeDown`: their expiry starts, their wills become due), and
+    /// has this node publish the wills that are due (`PublishWills`).
+    async fn watch_nodes(&self) {
+        let mut tick = tokio::time::interval(EXPIRY_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let me = self.node.id();
+        let mut leading_since = None;
+        loop {
+            tick.tick().await;
+            if self.node.leader() != Some(me) {
+                leading_since = None;
+                continue;
+            }
+            let now = tokio::time::Instant::now();
+            // A new leader has heard nobody yet: it gives everyone the same time.
+            let since = *leading_since.get_or_insert(now);
+            let silent: Vec<(NodeId, u64)> = self.node.state().read(|s| {
+                s.nodes()
+                    .iter()
+                    .filter(|(id, _)| **id != me)
+                    .map(|(id, r)| (*id, r.incarnation))
+                    .collect()
+            });
+            for (node, incarnation) in silent {
+                let heard = self.node.last_heard(node).map_or(since, |h| h.max(since));
+                if !node_down(now.saturating_duration_since(heard))
+                    || !self
+                        .node
+                        .state()
+                        .read(|s| s.serves_sessions(node, incarnation))
+                {
+                    continue;
+                }
+                tracing::warn!(
+                    node,
+                    incarnation,
+                    "no answer from the node: its sessions are orphaned"
+                );
+                let down = Command::NodeDown {
+                    node,
+                    incarnation,
+                    now_ms: unix_ms(SystemTime::now()),
+                };
+                match self.node.propose(down).await {
+                    Ok(outcome) => tracing::debug!(node, ?outcome, "NodeDown"),
+                    Err(e) => tracing::debug!(node, error = %e, "NodeDown not committed"),
+                }
+            }
+            let now_ms = unix_ms(SystemTime::now());
+            if self
+                .node
+                .state()
+                .read(|s| s.earliest_will())
+                .is_some_and(|due| due <= now_ms)
+            {
+                let publish = Command::PublishWills { by: me, now_ms };
+                match self.node.propose(publish).await {
+                    Ok(outcome) => tracing::debug!(?outcome, "PublishWills"),
+                    Err(e) => tracing::debug!(error = %e, "PublishWills not committed"),
+                }
             }
         }
     }
@@ -285,11 +357,13 @@ impl BrokerCluster {
     /// This node's view of the cluster, for the admin API.
     pub fn status(&self) -> ClusterStatus {
         // The state first: no other lock is taken while the metrics are borrowed.
-        let incarnations = self.node.state().read(|s| {
-            s.nodes()
+        let (incarnations, sessions, wills_due) = self.node.state().read(|s| {
+            let incarnations = s
+                .nodes()
                 .iter()
                 .map(|(id, r)| (*id, r.incarnation))
-                .collect::<BTreeMap<_, _>>()
+                .collect::<BTreeMap<_, _>>();
+            (incarnations, s.session_count(), s.due_wills().len())
         });
         let routes = self.node.router().stats();
         let metrics = self.node.raft().metrics();
@@ -342,6 +416,8 @@ impl BrokerCluster {
             forwarded_out: routes.forwarded_out,
             forwarded_in: routes.forwarded_in,
             forward_dropped: routes.dropped,
+            sessions,
+            wills_due,
         }
     }
 
@@ -367,7 +443,14 @@ impl BrokerCluster {
     pub async fn leave(&self, id: Option<NodeId>) -> Result<(), NodeError> {
         let id = id.unwrap_or(self.node.id());
         self.node.leave(id).await?;
-        if let Err(e) = self.node.propose(Command::NodeRemoved { node: id }).await {
+        if let Err(e) = self
+            .node
+            .propose(Command::NodeRemoved {
+                node: id,
+                now_ms: unix_ms(SystemTime::now()),
+            })
+            .await
+        {
             tracing::debug!(error = %e, node = id, "NodeRemoved not committed");
         }
         Ok(())
@@ -396,6 +479,11 @@ pub(crate) fn may_initialize(
 
 /// Whether the leader should propose `ExpireSessions` now: it leads, and the earliest expiry
 /// has passed (a log entry only when a session is due, not every tick).
+/// Whether a node silent for `silent` is taken as down.
+pub(crate) fn node_down(silent: Duration) -> bool {
+    silent >= NODE_DOWN_AFTER
+}
+
 pub(crate) fn expiry_due(leading: bool, earliest_ms: Option<u64>, now_ms: u64) -> bool {
     leading && earliest_ms.is_some_and(|at| at <= now_ms)
 }
@@ -436,6 +524,10 @@ pub struct ClusterStatus {
     pub forwarded_in: u64,
     /// Messages for other nodes this node dropped (a full queue, a link down).
     pub forward_dropped: u64,
+    /// Persistent sessions in the cluster, as this node's copy of the state holds them.
+    pub sessions: usize,
+    /// Wills of connections gone with their node, waiting for their delay.
+    pub wills_due: usize,
 }
 
 /// One member of the cluster.
@@ -569,6 +661,7 @@ mod tests {
         for (client_id, expires_at_ms) in [("gone", Some(past)), ("kept", None)] {
             let claimed = node
                 .propose(Command::ClaimSession {
+                    incarnation: 0,
                     client_id: client_id.into(),
                     node: 7,
                     expires_at_ms,

@@ -174,6 +174,33 @@ impl ApplyHook for Effects {
                         storage.renew(&client_id, old, epoch);
                     }
                 }
+                Effect::Orphaned {
+                    client_id,
+                    owner,
+                    epoch,
+                } if owner == me => {
+                    // The leader took this node for gone (it was cut off, or paused): its
+                    // clients go, as if another node had claimed their sessions.
+                    let Ok(client_id) = ClientId::try_from(client_id.as_str()) else {
+                        continue;
+                    };
+                    tracing::debug!(client_id = %client_id, epoch, "session orphaned: this node was taken for gone");
+                    if storage.disown(&client_id, Some(epoch)).is_some() {
+                        let closed = inner.surrender(&client_id);
+                        release(&inner, client_id, me, epoch, closed);
+                    }
+                }
+                Effect::Will {
+                    by,
+                    client_id,
+                    will,
+                } if by == me => match to_message(&will.message) {
+                    Some(message) => {
+                        tracing::debug!(client_id, topic = %will.message.topic, "will of a connection gone with its node");
+                        inner.publish_will(now, message);
+                    }
+                    None => tracing::warn!(client_id, "a will in the cluster is not valid MQTT"),
+                },
                 Effect::Retained { topic, message } => {
                     inner.serve_retained(&topic, message.as_ref());
                 }
@@ -349,6 +376,7 @@ impl Inner {
             }
         }
         let claim = Command::ClaimSession {
+            incarnation: cluster.node().incarnation(),
             client_id: client_id.as_str().to_owned(),
             node: me,
             expires_at_ms: None,

@@ -457,6 +457,7 @@ impl ClusterStorage {
                     .disconnected_at
                     .map(|at| millis(at).saturating_add(u64::from(record.expiry_interval) * 1000));
                 let expiry = Command::SetSessionExpiry {
+                    interval_secs: Some(record.expiry_interval),
                     client_id: client_id.as_str().to_owned(),
                     node: node.id,
                     epoch,

@@ -451,15 +451,24 @@ pub(crate) async fn propose_here(raft: &Raft, command: Command) -> Result<Outcom
     }
 }
 
+/// When each peer last answered this node's `AppendEntries` (heartbeats included): a
+/// leader's view of which followers are alive.
+pub(crate) type Heard =
+    Arc<std::sync::Mutex<std::collections::HashMap<NodeId, tokio::time::Instant>>>;
+
 /// openraft's factory of peer clients.
 #[derive(Clone)]
 pub struct Network {
     endpoint: noq::Endpoint,
+    heard: Heard,
 }
 
 impl Network {
     pub(crate) fn new(endpoint: noq::Endpoint) -> Self {
-        Self { endpoint }
+        Self {
+            endpoint,
+            heard: Heard::default(),
+        }
     }
 
     /// A link to `target`, dialled at its first use.
@@ -469,7 +478,17 @@ impl Network {
             target,
             member,
             conn: None,
+            heard: self.heard.clone(),
         }
+    }
+
+    /// When `node` last answered an `AppendEntries` of this node.
+    pub(crate) fn last_heard(&self, node: NodeId) -> Option<tokio::time::Instant> {
+        self.heard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&node)
+            .copied()
     }
 }
 
@@ -487,6 +506,7 @@ pub struct Peer {
     target: NodeId,
     member: Member,
     conn: Option<noq::Connection>,
+    heard: Heard,
 }
 
 /// A failure below Raft: the peer could not be reached, or the link failed mid-call.
@@ -682,7 +702,14 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        self.call(TAG_APPEND, &rpc, &option).await
+        let answer = self.call(TAG_APPEND, &rpc, &option).await;
+        if answer.is_ok() {
+            self.heard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(self.target, tokio::time::Instant::now());
+        }
+        answer
     }
 
     async fn install_snapshot(

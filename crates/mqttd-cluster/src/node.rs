@@ -334,6 +334,12 @@ impl ClusterNode {
         self.endpoint.local_addr()
     }
 
+    /// When `node` last answered this node's `AppendEntries` (heartbeats included): while
+    /// this node leads, how recently each follower was alive.
+    pub fn last_heard(&self, node: NodeId) -> Option<tokio::time::Instant> {
+        self.network.last_heard(node)
+    }
+
     /// The Raft handle (metrics, membership changes).
     pub fn raft(&self) -> &Raft {
         &self.raft

@@ -46,6 +46,30 @@ pub struct SessionOwner {
     /// reaches the previous epoch, or a lease's time has passed.
     #[serde(default)]
     pub released: u64,
+    /// The owner's incarnation when it claimed the session: a later life of the node does
+    /// not hold the session in memory.
+    #[serde(default)]
+    pub incarnation: u64,
+    /// The session's expiry interval in seconds (`u32::MAX`: never), as its owner last said:
+    /// the expiry that starts when its node is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_secs: Option<u32>,
+    /// Its owner is gone (down, removed, or started again): nobody serves the session until
+    /// a client claims it. Set once, by the first of these.
+    #[serde(default)]
+    pub orphaned: bool,
+}
+
+/// A will whose connection is gone with its node, published by the leader once due.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DueWill {
+    /// The session it belongs to.
+    pub client_id: String,
+    /// When it is due (ms since the Unix epoch): its delay after the node was found gone,
+    /// or the session's expiry if that comes first.
+    pub due_ms: u64,
+    /// The will.
+    pub will: StoredWill,
 }
 
 /// A retained message (its topic is the key it is held under).
@@ -72,11 +96,39 @@ pub enum Command {
         name: String,
         /// Its incarnation: must be above the one recorded.
         incarnation: u64,
+        /// When it announced itself (ms since the Unix epoch): the sessions of its earlier
+        /// lives are orphaned then (see [`Command::NodeDown`]).
+        #[serde(default)]
+        now_ms: u64,
     },
-    /// A node left the cluster for good.
+    /// A node left the cluster for good: its sessions are orphaned (see
+    /// [`Command::NodeDown`]).
     NodeRemoved {
         /// The node.
         node: NodeId,
+        /// When it was removed (ms since the Unix epoch): expiries and wills run from then.
+        #[serde(default)]
+        now_ms: u64,
+    },
+    /// The leader has not heard from `node` for longer than an election takes: its
+    /// connections are taken as lost. Each session it owns under `incarnation` or earlier is
+    /// orphaned: fenced off (a new epoch, so that the node, were it only cut off, changes
+    /// nothing and lets its client go), its expiry started, its will due after its delay.
+    NodeDown {
+        /// The node.
+        node: NodeId,
+        /// The incarnation found gone: a later life is not touched.
+        incarnation: u64,
+        /// The leader's time (ms since the Unix epoch).
+        now_ms: u64,
+    },
+    /// The wills due at `now_ms` are published by node `by` (the leader proposing it), and
+    /// forgotten by the cluster: at most once each.
+    PublishWills {
+        /// The publishing node.
+        by: NodeId,
+        /// The leader's time (ms since the Unix epoch).
+        now_ms: u64,
     },
     /// `node` takes the session of `client_id` over (or creates it): epoch + 1.
     ClaimSession {
@@ -89,6 +141,9 @@ pub enum Command {
         /// A clean start: the session's contents are discarded.
         #[serde(default)]
         clean: bool,
+        /// The claimant's incarnation.
+        #[serde(default)]
+        incarnation: u64,
     },
     /// The owner changes the session's expiry (its client disconnected or reconnected).
     SetSessionExpiry {
@@ -100,6 +155,9 @@ pub enum Command {
         epoch: u64,
         /// The new expiry (ms since the Unix epoch).
         expires_at_ms: Option<u64>,
+        /// The session's expiry interval in seconds (`u32::MAX`: never), if the sender says.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        interval_secs: Option<u32>,
     },
     /// The owner ends the session (a clean start, or a DISCONNECT with expiry 0).
     DropSession {
@@ -290,6 +348,16 @@ pub enum Outcome {
         /// How many.
         count: usize,
     },
+    /// `count` sessions of a node found gone were orphaned.
+    Orphaned {
+        /// How many.
+        count: usize,
+    },
+    /// `count` due wills were handed to the publishing node.
+    Wills {
+        /// How many.
+        count: usize,
+    },
     /// Nothing changed.
     Rejected(Rejection),
     /// The outcomes of a [`Command::Batch`], in order.
@@ -338,6 +406,25 @@ pub enum Effect {
         client_id: String,
         /// Its last owner.
         owner: NodeId,
+    },
+    /// The session's owner was found gone ([`Command::NodeDown`]): the owner, if it is
+    /// only cut off, lets the session go as if another node had claimed it.
+    Orphaned {
+        /// The session.
+        client_id: String,
+        /// The owner found gone.
+        owner: NodeId,
+        /// The epoch it held.
+        epoch: u64,
+    },
+    /// A will is due: node `by` publishes it.
+    Will {
+        /// The publishing node.
+        by: NodeId,
+        /// The session it belonged to.
+        client_id: String,
+        /// The will.
+        will: StoredWill,
     },
     /// A topic's retained message was set (`Some`) or deleted: every node serves it.
     Retained {
@@ -415,6 +502,9 @@ pub struct ClusterState {
     /// Each node's latest numbered batch ([`Command::Sequenced`]).
     #[serde(default)]
     batches: BTreeMap<NodeId, LastBatch>,
+    /// Wills of connections gone with their node, until published.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    due_wills: Vec<DueWill>,
     #[serde(skip)]
     index: SubscriptionIndex,
 }
@@ -441,6 +531,7 @@ impl ClusterState {
                 node,
                 name,
                 incarnation,
+                now_ms,
             } => {
                 if let Some(known) = self.nodes.get(&node) {
                     if incarnation <= known.incarnation {
@@ -450,29 +541,59 @@ impl ClusterState {
                         });
                     }
                 }
+                let restarted = self.nodes.contains_key(&node);
                 self.nodes.insert(node, NodeRecord { name, incarnation });
+                if restarted {
+                    // Started again: its earlier lives' connections are gone.
+                    self.orphan(node, incarnation.saturating_sub(1), now_ms, effects);
+                }
                 Outcome::Done
             }
-            Command::NodeRemoved { node } => {
+            Command::NodeRemoved { node, now_ms } => {
                 self.nodes.remove(&node);
                 self.batches.remove(&node);
+                self.orphan(node, u64::MAX, now_ms, effects);
                 Outcome::Done
+            }
+            Command::NodeDown {
+                node,
+                incarnation,
+                now_ms,
+            } => Outcome::Orphaned {
+                count: self.orphan(node, incarnation, now_ms, effects),
+            },
+            Command::PublishWills { by, now_ms } => {
+                let (due, later): (Vec<DueWill>, Vec<DueWill>) =
+                    std::mem::take(&mut self.due_wills)
+                        .into_iter()
+                        .partition(|w| w.due_ms <= now_ms);
+                self.due_wills = later;
+                let count = due.len();
+                effects.extend(due.into_iter().map(|w| Effect::Will {
+                    by,
+                    client_id: w.client_id,
+                    will: w.will,
+                }));
+                Outcome::Wills { count }
             }
             Command::ClaimSession {
                 client_id,
                 node,
                 expires_at_ms,
                 clean,
+                incarnation,
             } => {
                 let previous = self.sessions.get(&client_id).map(|s| (s.owner, s.epoch));
                 let present = previous.is_some() && !clean;
                 // The will of the connection the claim ends goes to the claimant, which
                 // publishes it or not (MQTT's rules: its delay, a clean start), and is never
                 // handed to a later claim again.
+                let due = self.take_due_will(&client_id);
                 let will = self
                     .contents
                     .get_mut(&client_id)
-                    .and_then(|d| d.will.take());
+                    .and_then(|d| d.will.take())
+                    .or(due);
                 if !present {
                     if let Some(old) = self
                         .contents
@@ -485,7 +606,10 @@ impl ClusterState {
                 // dropped and created again, so a command from its earlier life stays stale.
                 self.last_epoch = self.last_epoch.saturating_add(1);
                 let epoch = self.last_epoch;
-                let released = self.sessions.get(&client_id).map_or(0, |s| s.released);
+                let (released, expiry_secs) = self
+                    .sessions
+                    .get(&client_id)
+                    .map_or((0, None), |s| (s.released, s.expiry_secs));
                 self.sessions.insert(
                     client_id.clone(),
                     SessionOwner {
@@ -493,6 +617,9 @@ impl ClusterState {
                         epoch,
                         expires_at_ms,
                         released,
+                        incarnation,
+                        expiry_secs,
+                        orphaned: false,
                     },
                 );
                 effects.push(Effect::Claimed {
@@ -513,10 +640,12 @@ impl ClusterState {
                 node,
                 epoch,
                 expires_at_ms,
+                interval_secs,
             } => match self.fenced(&client_id, node, epoch) {
                 Ok(()) => {
                     if let Some(s) = self.sessions.get_mut(&client_id) {
                         s.expires_at_ms = expires_at_ms;
+                        s.expiry_secs = interval_secs.or(s.expiry_secs);
                     }
                     Outcome::Done
                 }
@@ -743,6 +872,62 @@ impl ClusterState {
         Outcome::Published { queued, full }
     }
 
+    /// Orphans the sessions `node` owns under `incarnation` or earlier (see
+    /// [`Command::NodeDown`]); returns how many.
+    fn orphan(
+        &mut self,
+        node: NodeId,
+        incarnation: u64,
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) -> usize {
+        let mut count = 0;
+        for (client_id, s) in &mut self.sessions {
+            if s.owner != node || s.orphaned || s.incarnation > incarnation {
+                continue;
+            }
+            count += 1;
+            let held = s.epoch;
+            self.last_epoch = self.last_epoch.saturating_add(1);
+            s.epoch = self.last_epoch;
+            // Nobody holds the new epoch: a claimant need not wait for it to be let go.
+            s.released = s.epoch;
+            s.orphaned = true;
+            if s.expires_at_ms.is_none() {
+                // Its connection is lost now, as a disconnection would start it.
+                s.expires_at_ms = s
+                    .expiry_secs
+                    .filter(|secs| *secs != u32::MAX)
+                    .map(|secs| now_ms.saturating_add(u64::from(secs) * 1000));
+            }
+            if let Some(will) = self.contents.get_mut(client_id).and_then(|d| d.will.take()) {
+                let delayed = now_ms.saturating_add(u64::from(will.delay_secs) * 1000);
+                self.due_wills.push(DueWill {
+                    client_id: client_id.clone(),
+                    // Published when its delay has passed or its session ends, whichever
+                    // comes first.
+                    due_ms: s.expires_at_ms.map_or(delayed, |at| at.min(delayed)),
+                    will,
+                });
+            }
+            effects.push(Effect::Orphaned {
+                client_id: client_id.clone(),
+                owner: node,
+                epoch: held,
+            });
+        }
+        count
+    }
+
+    /// Takes the due will of a session out of the list, if it has one.
+    fn take_due_will(&mut self, client_id: &str) -> Option<StoredWill> {
+        let at = self
+            .due_wills
+            .iter()
+            .position(|w| w.client_id == client_id)?;
+        Some(self.due_wills.remove(at).will)
+    }
+
     /// Ends a session: forgets its owner, its contents and its subscriptions.
     fn end(&mut self, client_id: String, effects: &mut Vec<Effect>) {
         if let Some(data) = self.contents.remove(&client_id) {
@@ -824,6 +1009,25 @@ impl ClusterState {
         self.sessions.values().filter_map(|s| s.expires_at_ms).min()
     }
 
+    /// When the earliest will of a gone connection is due (ms since the Unix epoch): the
+    /// leader proposes `PublishWills` once it has passed.
+    pub fn earliest_will(&self) -> Option<u64> {
+        self.due_wills.iter().map(|w| w.due_ms).min()
+    }
+
+    /// Whether `node` serves a session it claimed under `incarnation` or earlier that is not
+    /// orphaned yet: what a [`Command::NodeDown`] would change.
+    pub fn serves_sessions(&self, node: NodeId, incarnation: u64) -> bool {
+        self.sessions
+            .values()
+            .any(|s| s.owner == node && !s.orphaned && s.incarnation <= incarnation)
+    }
+
+    /// The wills of gone connections waiting for their time.
+    pub fn due_wills(&self) -> &[DueWill] {
+        &self.due_wills
+    }
+
     /// The number of sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
@@ -869,6 +1073,7 @@ mod tests {
 
     fn claim(s: &mut ClusterState, id: &str, node: NodeId) -> u64 {
         match s.apply(Command::ClaimSession {
+            incarnation: 0,
             client_id: id.into(),
             node,
             expires_at_ms: None,
@@ -885,6 +1090,7 @@ mod tests {
         assert_eq!(claim(&mut s, "c", 1), 1);
         assert_eq!(claim(&mut s, "other", 1), 2);
         let out = s.apply(Command::ClaimSession {
+            incarnation: 0,
             client_id: "c".into(),
             node: 2,
             expires_at_ms: Some(10),
@@ -915,6 +1121,7 @@ mod tests {
         );
         // The right epoch from the wrong node is refused too.
         let wrong = s.apply(Command::SetSessionExpiry {
+            interval_secs: None,
             client_id: "c".into(),
             node: 1,
             epoch: 3,
@@ -927,6 +1134,7 @@ mod tests {
         assert_eq!(s.session("c").map(|o| o.expires_at_ms), Some(Some(10)));
         // The owner can.
         let ok = s.apply(Command::SetSessionExpiry {
+            interval_secs: None,
             client_id: "c".into(),
             node: 2,
             epoch: 3,
@@ -1020,6 +1228,7 @@ mod tests {
             present: true,
             ..
         } = s.apply(Command::ClaimSession {
+            incarnation: 0,
             client_id: "c".into(),
             node: 2,
             expires_at_ms: None,
@@ -1047,6 +1256,7 @@ mod tests {
         // A clean start discards the contents; expiry and drop remove them.
         assert!(matches!(
             s.apply(Command::ClaimSession {
+                incarnation: 0,
                 client_id: "c".into(),
                 node: 3,
                 expires_at_ms: Some(5),
@@ -1081,6 +1291,7 @@ mod tests {
         });
         let claim_by = |s: &mut ClusterState, node, clean| {
             s.apply(Command::ClaimSession {
+                incarnation: 0,
                 client_id: "c".into(),
                 node,
                 expires_at_ms: None,
@@ -1117,10 +1328,169 @@ mod tests {
     }
 
     #[test]
+    fn a_gone_node_s_sessions_are_orphaned_with_their_expiry_started_and_their_wills_due() {
+        let mut s = ClusterState::default();
+        let up = |node: NodeId, incarnation| Command::NodeUp {
+            node,
+            name: format!("n{node}"),
+            incarnation,
+            now_ms: 1_000,
+        };
+        s.apply(up(1, 1));
+        s.apply(up(2, 1));
+        let will = |delay_secs| StoredWill {
+            message: message("will"),
+            delay_secs,
+        };
+        // Sessions of node 1 (incarnation 1): connected, with an expiry interval and a will;
+        // one without a will that never expires; one already disconnected.
+        let mut setup = |id: &str, interval: u32, at: Option<u64>, w: Option<StoredWill>| {
+            let Outcome::Claimed { epoch, .. } = s.apply(Command::ClaimSession {
+                client_id: id.into(),
+                node: 1,
+                expires_at_ms: None,
+                clean: false,
+                incarnation: 1,
+            }) else {
+                panic!("claimed");
+            };
+            s.apply(Command::SetSessionExpiry {
+                client_id: id.into(),
+                node: 1,
+                epoch,
+                expires_at_ms: at,
+                interval_secs: Some(interval),
+            });
+            s.apply(Command::SessionProgress {
+                client_id: id.into(),
+                node: 1,
+                epoch,
+                steps: vec![Step::Will(w)],
+            });
+            epoch
+        };
+        let a = setup("a", 60, None, Some(will(5)));
+        setup("b", u32::MAX, None, None);
+        setup("c", 60, Some(9_000), Some(will(100)));
+        let d = claim(&mut s, "d", 2);
+
+        let mut effects = Vec::new();
+        let down = Command::NodeDown {
+            node: 1,
+            incarnation: 1,
+            now_ms: 2_000,
+        };
+        assert_eq!(
+            s.apply_with(down.clone(), &mut effects),
+            Outcome::Orphaned { count: 3 }
+        );
+        assert!(effects.contains(&Effect::Orphaned {
+            client_id: "a".into(),
+            owner: 1,
+            epoch: a,
+        }));
+        // Fenced: node 1's commands under its epoch are refused.
+        assert!(matches!(
+            s.apply(Command::DropSession {
+                client_id: "a".into(),
+                node: 1,
+                epoch: a
+            }),
+            Outcome::Rejected(Rejection::StaleEpoch { .. })
+        ));
+        let owner = |s: &ClusterState, id: &str| s.session(id).cloned().unwrap();
+        assert_eq!(owner(&s, "a").expires_at_ms, Some(62_000));
+        assert_eq!(owner(&s, "a").released, owner(&s, "a").epoch);
+        assert_eq!(owner(&s, "b").expires_at_ms, None, "never expires");
+        assert_eq!(owner(&s, "c").expires_at_ms, Some(9_000), "already running");
+        assert_eq!(owner(&s, "d").epoch, d, "another node's session");
+        // Wills: a's after its delay; c's when its session ends, before its delay.
+        let due: Vec<(&str, u64)> = s
+            .due_wills()
+            .iter()
+            .map(|w| (w.client_id.as_str(), w.due_ms))
+            .collect();
+        assert_eq!(due, [("a", 7_000), ("c", 9_000)]);
+        assert_eq!(s.earliest_will(), Some(7_000));
+        // Once: a second NodeDown finds nothing left to orphan.
+        assert_eq!(s.apply(down), Outcome::Orphaned { count: 0 });
+        assert!(!s.serves_sessions(1, 1));
+
+        // c's client comes back on node 2 before its will is due: no will (a delay, and the
+        // session carries on).
+        assert!(matches!(
+            s.apply(Command::ClaimSession {
+                client_id: "c".into(),
+                node: 2,
+                expires_at_ms: None,
+                clean: false,
+                incarnation: 1,
+            }),
+            Outcome::Claimed { will: Some(w), previous: Some((1, _)), .. } if w.delay_secs == 100
+        ));
+        assert_eq!(s.due_wills().len(), 1);
+        // a's is due at 7 s: published once, by the node named.
+        let mut effects = Vec::new();
+        assert_eq!(
+            s.apply_with(
+                Command::PublishWills {
+                    by: 2,
+                    now_ms: 6_999
+                },
+                &mut effects
+            ),
+            Outcome::Wills { count: 0 }
+        );
+        assert_eq!(
+            s.apply_with(
+                Command::PublishWills {
+                    by: 2,
+                    now_ms: 7_000
+                },
+                &mut effects
+            ),
+            Outcome::Wills { count: 1 }
+        );
+        assert_eq!(
+            effects,
+            [Effect::Will {
+                by: 2,
+                client_id: "a".into(),
+                will: will(5)
+            }]
+        );
+        assert_eq!(s.earliest_will(), None);
+
+        // Node 2 starts again: its earlier life's sessions are orphaned when it says so, but
+        // not one its new life claimed before.
+        let e = s.apply(Command::ClaimSession {
+            client_id: "e".into(),
+            node: 2,
+            expires_at_ms: None,
+            clean: false,
+            incarnation: 2,
+        });
+        assert!(matches!(e, Outcome::Claimed { .. }));
+        s.apply(up(2, 2));
+        assert!(owner(&s, "d").orphaned);
+        assert!(owner(&s, "c").orphaned);
+        assert!(!owner(&s, "e").orphaned);
+        // Removed for good: every session it has left.
+        s.apply(Command::NodeRemoved {
+            node: 2,
+            now_ms: 3_000,
+        });
+        assert!(owner(&s, "e").orphaned);
+        // Claiming an orphaned session works as ever; a snapshot keeps what is due.
+        assert_eq!(ClusterState::from_bytes(&s.to_bytes().unwrap()).unwrap(), s);
+    }
+
+    #[test]
     fn sessions_expire_at_the_time_in_the_command() {
         let mut s = ClusterState::default();
         for (id, at) in [("a", Some(100)), ("b", Some(200)), ("c", None)] {
             s.apply(Command::ClaimSession {
+                incarnation: 0,
                 client_id: id.into(),
                 node: 1,
                 expires_at_ms: at,
@@ -1145,6 +1515,7 @@ mod tests {
     fn incarnations_only_grow() {
         let mut s = ClusterState::default();
         let up = |inc| Command::NodeUp {
+            now_ms: 0,
             node: 3,
             name: "n3".into(),
             incarnation: inc,
@@ -1159,7 +1530,7 @@ mod tests {
         );
         assert_eq!(s.apply(up(6)), Outcome::Done);
         assert_eq!(s.nodes().get(&3).map(|n| n.incarnation), Some(6));
-        s.apply(Command::NodeRemoved { node: 3 });
+        s.apply(Command::NodeRemoved { node: 3, now_ms: 0 });
         assert!(s.nodes().is_empty());
     }
 
@@ -1207,6 +1578,7 @@ mod tests {
         let mut effects = Vec::new();
         let _ = s.apply_with(
             Command::ClaimSession {
+                incarnation: 0,
                 client_id: "a".into(),
                 node: 3,
                 expires_at_ms: Some(50),
@@ -1253,6 +1625,7 @@ mod tests {
         assert_eq!(owners, [("a", 3, 0), ("b", 2, 0)]);
         // A clean start forgets the subscriptions; so do a drop and expiry.
         let _ = s.apply(Command::ClaimSession {
+            incarnation: 0,
             client_id: "b".into(),
             node: 2,
             expires_at_ms: None,
@@ -1484,6 +1857,7 @@ mod tests {
     fn snapshot_round_trip() {
         let mut s = ClusterState::default();
         s.apply(Command::NodeUp {
+            now_ms: 0,
             node: 1,
             name: "a".into(),
             incarnation: 1,
@@ -1576,22 +1950,31 @@ mod props {
         let epoch = 0u64..12;
         let at = prop::option::of(0u64..100);
         prop_oneof![
-            (id.clone(), node.clone(), at.clone(), any::<bool>()).prop_map(
-                |(client_id, node, expires_at_ms, clean)| Command::ClaimSession {
+            (id.clone(), node.clone(), at.clone(), any::<bool>(), 0u64..3).prop_map(
+                |(client_id, node, expires_at_ms, clean, incarnation)| Command::ClaimSession {
+                    incarnation,
                     client_id,
                     node,
                     expires_at_ms,
                     clean,
                 }
             ),
-            (id.clone(), node.clone(), epoch.clone(), at).prop_map(
-                |(client_id, node, epoch, expires_at_ms)| Command::SetSessionExpiry {
-                    client_id,
-                    node,
-                    epoch,
-                    expires_at_ms,
-                }
-            ),
+            (
+                id.clone(),
+                node.clone(),
+                epoch.clone(),
+                at,
+                prop::option::of(0u32..100)
+            )
+                .prop_map(|(client_id, node, epoch, expires_at_ms, interval_secs)| {
+                    Command::SetSessionExpiry {
+                        interval_secs,
+                        client_id,
+                        node,
+                        epoch,
+                        expires_at_ms,
+                    }
+                }),
             (id.clone(), node.clone(), epoch.clone()).prop_map(|(client_id, node, epoch)| {
                 Command::DropSession {
                     client_id,
@@ -1651,11 +2034,20 @@ mod props {
                     max_queued,
                 }
             ),
-            (node, 0u64..5).prop_map(|(node, incarnation)| Command::NodeUp {
+            (node.clone(), 0u64..5).prop_map(|(node, incarnation)| Command::NodeUp {
+                now_ms: 0,
                 node,
                 name: format!("n{node}"),
                 incarnation,
             }),
+            (node.clone(), 0u64..3, 0u64..100).prop_map(|(node, incarnation, now_ms)| {
+                Command::NodeDown {
+                    node,
+                    incarnation,
+                    now_ms,
+                }
+            }),
+            (node, 0u64..200).prop_map(|(by, now_ms)| Command::PublishWills { by, now_ms }),
         ]
     }
 
@@ -1688,6 +2080,19 @@ mod props {
                     (Command::ClaimSession { .. }, Outcome::Claimed { epoch, .. }) => {
                         prop_assert!(*epoch > highest);
                         highest = *epoch;
+                    }
+                    // Nothing the gone node owned under that life is served any more, and
+                    // the epochs it held are all stale.
+                    (Command::NodeDown { node, incarnation, .. }, _) => {
+                        prop_assert!(!s.serves_sessions(*node, *incarnation));
+                        for (id, o) in &s.sessions {
+                            if let Some(was) = before.session(id) {
+                                if was.owner == *node && was.incarnation <= *incarnation {
+                                    prop_assert!(o.orphaned && o.epoch >= was.epoch);
+                                }
+                            }
+                        }
+                        highest = highest.max(s.last_epoch);
                     }
                     _ => {}
                 }

@@ -566,6 +566,7 @@ mod tests {
 
     fn claim(id: &str) -> Command {
         Command::ClaimSession {
+            incarnation: 0,
             client_id: id.into(),
             node: 1,
             expires_at_ms: None,

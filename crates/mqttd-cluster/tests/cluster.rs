@@ -77,6 +77,7 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
     // Commands replicate to all.
     for id in 1..=3 {
         let up = Command::NodeUp {
+            now_ms: 0,
             node: id,
             name: name(id),
             incarnation: nodes[&id].incarnation(),
@@ -205,6 +206,7 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
     );
     assert_eq!(restarted.incarnation(), 2, "a new life");
     let up = Command::NodeUp {
+        now_ms: 0,
         node: old,
         name: name(old),
         incarnation: restarted.incarnation(),
@@ -490,6 +492,7 @@ async fn a_node_starts_from_its_cluster_section() {
         .unwrap();
     eventually("the single node leading", || node.leader() == Some(5)).await;
     let up = Command::NodeUp {
+        now_ms: 0,
         node: 5,
         name: "solo".into(),
         incarnation: 1,

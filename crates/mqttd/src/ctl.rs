@@ -775,6 +775,14 @@ fn cluster_status(v: &Value) -> String {
             cell(&v["forward_dropped"])
         ),
     ]);
+    lines.push(vec![
+        "sessions".to_owned(),
+        format!(
+            "{} persistent, {} wills due",
+            cell(&v["sessions"]),
+            cell(&v["wills_due"])
+        ),
+    ]);
     let mut out = aligned(&lines);
     out.push('\n');
     // Each member's routes (as this node holds them) as columns of its own row.

@@ -524,6 +524,20 @@ fn a_persistent_session_moves_between_nodes_with_what_was_queued_for_it() {
     }
 }
 
+/// A will to `will/<client id>` with no delay.
+fn with_will_config(
+    config: &mqttd_proto::client::ClientConfig,
+    payload: &str,
+) -> Option<mqttd_proto::Will> {
+    Some(mqttd_proto::Will {
+        topic: support::client::topic(&format!("will/{}", config.client_id.as_str())),
+        payload: payload.to_owned().into_bytes().into(),
+        qos: mqttd_proto::QoS::AtLeastOnce,
+        retain: false,
+        properties: mqttd_proto::WillProperties::default(),
+    })
+}
+
 /// A persistent client with a will on `node` (QoS 1, `delay` seconds).
 async fn with_will(
     node: &Node,
@@ -532,19 +546,12 @@ async fn with_will(
     payload: &str,
     delay: u32,
 ) -> (mqttd_client::Client, mqttd_client::Events, bool) {
-    use mqttd_proto::{QoS, Will, WillProperties};
     let mut config = support::client::mqtt_config(id, None);
     config.clean_start = clean_start;
     config.session_expiry_interval = 300;
-    config.will = Some(Will {
-        topic: support::client::topic(&format!("will/{id}")),
-        payload: payload.to_owned().into_bytes().into(),
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        properties: WillProperties {
-            will_delay_interval: Some(delay),
-            ..WillProperties::default()
-        },
+    config.will = with_will_config(&config, payload).map(|mut will| {
+        will.properties.will_delay_interval = Some(delay);
+        will
     });
     let (client, events, ack) = connect(node, config).await;
     (client, events, ack.session_present)
@@ -584,6 +591,17 @@ fn a_will_is_published_by_the_node_that_takes_its_session() {
             ["d-3"],
             "d-1 is never published"
         );
+        // x on node 3 too, with a short expiry: it will never come back.
+        let (_x, _g, _) = {
+            let mut config = support::client::mqtt_config("x", None);
+            config.session_expiry_interval = 2;
+            config.will = with_will_config(&config, "x-3");
+            connect(&nodes[2], config).await
+        };
+        let sessions = |node: &Node| status(node)["sessions"].as_u64();
+        wait("x's session is in the cluster", || {
+            (sessions(&nodes[0]) == Some(4)).then_some(())
+        });
         // w's node dies with w connected: back on a survivor, w's will comes out, once.
         nodes[2].broker.kill();
         wait("nodes 1 and 2 agree on a leader", || {
@@ -592,6 +610,12 @@ fn a_will_is_published_by_the_node_that_takes_its_session() {
         let (_w1, _e1, present) = with_will(&nodes[0], "w", false, "w-1b", 0).await;
         assert!(present);
         assert_eq!(payloads(&mut seen, 1).await, ["w-3"]);
+        // x's will comes out once the leader takes node 3 for gone (10 s without an answer),
+        // and its session expires 2 s later.
+        assert_eq!(payloads(&mut seen, 1).await, ["x-3"]);
+        wait("x's session expired", || {
+            (sessions(&nodes[0]) == Some(3)).then_some(())
+        });
         // Nothing else: a marker published now is the next message.
         let (p, mut pe, _) = persistent(&nodes[1], "p", true).await;
         let _ = support::client::publish_acked(&p, &mut pe, "will/marker", "marker").await;
