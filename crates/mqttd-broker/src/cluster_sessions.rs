@@ -133,6 +133,7 @@ impl ApplyHook for Effects {
                         tracing::trace!(client_id = %client_id, epoch, seq, "queued in the cluster, not delivered here");
                         continue;
                     }
+                    storage.handed(&client_id, seq);
                     let Some(handle) = inner.sessions.get(&client_id).map(|h| h.clone()) else {
                         tracing::debug!(client_id = %client_id, epoch, seq, "queued in the cluster for a session not held here");
                         continue;
@@ -215,6 +216,75 @@ impl ApplyHook for Effects {
         };
         if let Some(cluster) = inner.cluster.get().cloned() {
             inner.take_cluster_retained(&cluster);
+            take_cluster_sessions(&inner, &cluster);
+        }
+    }
+}
+
+/// After a snapshot from the leader replaced the state, does for each session this node
+/// serves what the entries the snapshot covers would have told it one by one: a session
+/// another node claimed (or that was orphaned, or ended) is let go; one still this node's
+/// gets the messages queued for it that it was not handed.
+fn take_cluster_sessions(inner: &Arc<Inner>, cluster: &BrokerCluster) {
+    let (Some(storage), Some(me)) = (
+        inner.cluster_storage.get(),
+        inner.cluster_storage.get().and_then(|s| s.node_id()),
+    ) else {
+        return;
+    };
+    let _turn = inner.cluster_apply.lock();
+    let now = crate::clock::now();
+    for (client_id, epoch, from_seq) in storage.owned_sessions() {
+        let (current, missed) = cluster.node().state().read(|s| {
+            let current = s.session(client_id.as_str()).map(|o| (o.owner, o.epoch));
+            let missed: Vec<_> = s
+                .session_data(client_id.as_str())
+                .map(|d| {
+                    d.queue
+                        .iter()
+                        .filter(|q| q.seq >= from_seq)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            (current, missed)
+        });
+        match current {
+            Some((owner, now_epoch)) if owner == me && now_epoch >= epoch => {
+                // Claimed again here meanwhile: as `Effect::Claimed` would.
+                storage.renew(&client_id, epoch, now_epoch);
+                let handle = inner.sessions.get(&client_id).map(|h| h.clone());
+                for q in missed {
+                    if !storage.delivers(&client_id, now_epoch, q.seq) {
+                        continue;
+                    }
+                    storage.handed(&client_id, q.seq);
+                    let (Some(handle), Some(delivery)) = (
+                        handle.as_ref(),
+                        inner.delivery_of(
+                            storage,
+                            &client_id,
+                            q.id,
+                            q.qos,
+                            &q.message,
+                            &q.delivered,
+                        ),
+                    ) else {
+                        continue;
+                    };
+                    tracing::debug!(client_id = %client_id, seq = q.seq, "queued in the cluster, learned from a snapshot");
+                    if !inner.deliver_stored(now, handle, delivery) {
+                        inner.metrics.messages_dropped.inc();
+                    }
+                }
+            }
+            _ => {
+                tracing::debug!(client_id = %client_id, epoch, "session no longer this node's, learned from a snapshot");
+                if storage.disown(&client_id, Some(epoch)).is_some() {
+                    let closed = inner.surrender(&client_id);
+                    release(inner, client_id, me, epoch, closed);
+                }
+            }
         }
     }
 }

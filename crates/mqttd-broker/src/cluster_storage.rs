@@ -38,7 +38,8 @@ struct Owned {
     /// [`Delivery::store_seq`].
     messages: HashMap<u64, MessageId>,
     /// Queue numbers below this were in the replicated session when this node built it
-    /// from there: their `Queued` effects are not delivered again.
+    /// from there, or were handed to it since: their `Queued` effects are not delivered
+    /// again (queue numbers grow in log order).
     from_seq: u64,
 }
 
@@ -337,6 +338,23 @@ impl ClusterStorage {
         lock(&self.owned)
             .get(client_id)
             .is_some_and(|o| o.epoch >= epoch && seq >= o.from_seq)
+    }
+
+    /// The message queued under `seq` was handed to the session here: it and everything
+    /// queued before it are not handed again ([`ClusterStorage::owned_sessions`]).
+    pub(crate) fn handed(&self, client_id: &ClientId, seq: u64) {
+        if let Some(o) = lock(&self.owned).get_mut(client_id) {
+            o.from_seq = o.from_seq.max(seq.saturating_add(1));
+        }
+    }
+
+    /// Every session this node owns: its client id, the epoch of its claim, and the first
+    /// queue number not handed to it yet.
+    pub(crate) fn owned_sessions(&self) -> Vec<(ClientId, u64, u64)> {
+        lock(&self.owned)
+            .iter()
+            .map(|(id, o)| (id.clone(), o.epoch, o.from_seq))
+            .collect()
     }
 
     /// The epoch under which this node owns the session, if it does.

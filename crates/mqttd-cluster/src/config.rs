@@ -75,6 +75,13 @@ pub struct ClusterConfig {
     /// Where the Raft log and snapshots live; default: `cluster` beside the broker's store.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// Raft entries between two snapshots of the state; default 5,000.
+    #[serde(default)]
+    pub snapshot_every: Option<u64>,
+    /// Entries kept in the log before the latest snapshot, for followers a little behind;
+    /// one further behind gets the snapshot. Default 1,000.
+    #[serde(default)]
+    pub log_kept: Option<u64>,
 }
 
 /// Why a `[cluster]` section is refused.
@@ -111,6 +118,11 @@ impl ClusterConfig {
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.name.is_empty() {
             return Err(ConfigError::Invalid("name is empty".into()));
+        }
+        if self.snapshot_every == Some(0) {
+            return Err(ConfigError::Invalid(
+                "snapshot_every must be above 0".into(),
+            ));
         }
         let mut ids = vec![self.node_id];
         for seed in &self.seeds {
@@ -202,6 +214,7 @@ mod tests {
         )
         .unwrap();
         assert!(c.seeds.is_empty());
+        assert_eq!((c.snapshot_every, c.log_kept), (None, None));
         assert_eq!(c.member().addr, "127.0.0.1:0");
         assert_eq!(
             c.data_dir(std::path::Path::new("/ignored")),
@@ -230,6 +243,11 @@ mod tests {
         assert!(matches!(
             ClusterConfig::parse(&twice),
             Err(ConfigError::Invalid(m)) if m.contains("twice")
+        ));
+        let never = FULL.replace("node_id = 1", "node_id = 1\nsnapshot_every = 0");
+        assert!(matches!(
+            ClusterConfig::parse(&never),
+            Err(ConfigError::Invalid(m)) if m.contains("snapshot_every")
         ));
     }
 }

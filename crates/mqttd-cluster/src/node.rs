@@ -90,6 +90,12 @@ impl NodeOptions {
             tls,
         );
         options.member = config.member();
+        if let Some(every) = config.snapshot_every {
+            options.raft.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(every);
+        }
+        if let Some(kept) = config.log_kept {
+            options.raft.max_in_snapshot_log_to_keep = kept;
+        }
         Ok(options)
     }
 }
