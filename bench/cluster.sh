@@ -39,6 +39,7 @@
 # Other options: --rounds N, --duration S, --parts throughput,failover,memory,
 # --scenarios a,b,..., --lat-rate N, --failovers N, --failover-sessions N, --mem-sessions N,
 # --mem-queued N, --broker-cpus LIST, --client-cpus LIST, --out FILE, --no-build.
+# NODE_LOG sets the nodes' RUST_LOG (default warn; their logs are in the results' logs/).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -62,7 +63,7 @@ REPORT_ONLY=
 OUT=$ROOT/bench/out/cluster.md
 HOST=127.0.0.1
 
-usage() { sed -n '2,41p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,42p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
     case $1 in
@@ -205,7 +206,7 @@ EOF
 # start_node I: starts node I (on its data directory as it is) and waits for its listeners.
 start_node() {
     local i=$1 out=$RUN/logs/node-$1.$EPOCHREALTIME.stdout line
-    RUST_LOG=warn taskset -c "$BROKER_CPUS" "$MQTTD" --config "$RUN/conf/node-$i.toml" \
+    RUST_LOG=${NODE_LOG:-warn} taskset -c "$BROKER_CPUS" "$MQTTD" --config "$RUN/conf/node-$i.toml" \
         >"$out" 2>>"$RUN/logs/node-$i.log" &
     PID[$i]=$!
     PORT[$i]='' HTTP[$i]=''
