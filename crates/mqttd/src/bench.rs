@@ -20,6 +20,10 @@
 //!     --duration 600 --expect 100000
 //! ```
 //!
+//! `--sub-port` connects the subscribers to another port of `--host` (another node of a
+//! cluster) and the publishers to `--port`, so that one run measures the latency of messages
+//! forwarded between nodes.
+//!
 //! Clients connect over TCP by default, or over TLS, WebSocket, WebSocket over TLS or QUIC
 //! with `--transport` or `-L URL` (`raw` and `--bind` are TCP only). QUIC clients share one
 //! UDP socket and one session-ticket cache, so every connection after the first sends CONNECT
@@ -125,6 +129,11 @@ pub(crate) struct BenchArgs {
     /// Broker port [default: 1883; 8883 for tls, 8083 for ws, 8084 for wss, 14567 for quic].
     #[arg(short, long)]
     port: Option<u16>,
+    /// Plain TCP: the subscribers connect to this port of `--host` instead, the publishers
+    /// still to `--port`: another node of a cluster, so that one run measures the latency of
+    /// messages forwarded between nodes.
+    #[arg(long, value_name = "PORT", conflicts_with = "url")]
+    sub_port: Option<u16>,
     /// Transport: tcp, tls, ws, wss or quic (WebSocket path /mqtt; -L for another).
     #[arg(long, default_value = "tcp")]
     transport: String,
@@ -375,6 +384,8 @@ fn sent_at(payload: &[u8]) -> Option<Duration> {
 struct Bench {
     args: BenchArgs,
     addr: SocketAddr,
+    /// Where subscribers connect (`--sub-port`; else `addr`).
+    sub_addr: SocketAddr,
     /// TLS and WebSocket transports; `None` for plain TCP (to `addr`).
     connector: Option<Connector>,
     version: ProtocolVersion,
@@ -395,6 +406,15 @@ struct Bench {
 }
 
 impl Bench {
+    /// The plain TCP address a client playing `role` connects to.
+    fn addr_of(&self, role: Role) -> SocketAddr {
+        if role == Role::Sub {
+            self.sub_addr
+        } else {
+            self.addr
+        }
+    }
+
     fn topic(&self, index: usize) -> String {
         self.args.topic.replace("%i", &index.to_string())
     }
@@ -453,11 +473,11 @@ impl Bench {
                     std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
                 };
                 socket.bind(SocketAddr::new(*ip, 0))?;
-                let stream = socket.connect(self.addr).await?;
+                let stream = socket.connect(self.addr_of(role)).await?;
                 stream.set_nodelay(true)?;
                 mqttd_client::connect(stream, config, None).await?
             }
-            (None, None) => connect_tcp(self.addr, config, None).await?,
+            (None, None) => connect_tcp(self.addr_of(role), config, None).await?,
         };
         self.counters.connack_received();
         drop(handshake);
@@ -697,6 +717,11 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .next()
             .with_context(|| format!("cannot resolve {}", endpoint.host))?,
     };
+    let sub_addr = match args.sub_port {
+        Some(_) if connector.is_some() => bail!("--sub-port works with plain TCP only"),
+        Some(port) => SocketAddr::new(addr.ip(), port),
+        None => addr,
+    };
     let version = match args.protocol.as_str() {
         "5" => ProtocolVersion::V5,
         "311" => ProtocolVersion::V3_1_1,
@@ -745,6 +770,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = epoch();
     let bench = Arc::new(Bench {
         addr,
+        sub_addr,
         connector,
         version,
         qos,
@@ -1273,9 +1299,9 @@ impl Bench {
                     std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
                 };
                 socket.bind(SocketAddr::new(*ip, 0))?;
-                socket.connect(self.addr).await?
+                socket.connect(self.addr_of(role)).await?
             }
-            None => TcpStream::connect(self.addr).await?,
+            None => TcpStream::connect(self.addr_of(role)).await?,
         };
         stream.set_nodelay(true)?;
         let (clean_start, expiry) = self.session_options(role);

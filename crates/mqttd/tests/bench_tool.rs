@@ -299,3 +299,59 @@ fn raw_mode_counts_are_consistent() {
     assert!(s["broker_cpu_secs"].is_null(), "no --broker-pid: {s}");
     broker.stop();
 }
+
+#[test]
+fn sub_port_connects_the_subscribers_to_another_broker() {
+    let a = Broker::start("");
+    let b = Broker::start("");
+    let b_port = b.mqtt.port().to_string();
+    // Publishers on A, persistent subscribers on B: A has no subscriber, B no publisher.
+    let s = bench_raw(
+        &a,
+        &[
+            "pairs",
+            "--count",
+            "2",
+            "--qos",
+            "1",
+            "--rate",
+            "200",
+            "--messages",
+            "20",
+            "--client-id-prefix",
+            "elsewhere",
+            "--session-clients",
+            "sub",
+            "--session-expiry",
+            "60",
+            "--sub-port",
+            &b_port,
+            "--duration",
+            "30",
+            "--drain",
+            "0.5",
+        ],
+    );
+    assert_eq!(num(&s, "connected"), 4.0, "{s}");
+    assert_eq!(num(&s, "acked"), 40.0, "A acknowledges every message: {s}");
+    assert_eq!(num(&s, "received"), 0.0, "no subscriber is on A: {s}");
+    // The subscribers' sessions are on B.
+    let s = bench_raw(
+        &b,
+        &[
+            "sub",
+            "--count",
+            "2",
+            "--client-id-prefix",
+            "elsewhere",
+            "--session-expiry",
+            "60",
+            "--require-session",
+            "--duration",
+            "0",
+        ],
+    );
+    assert_eq!(num(&s, "session_present"), 2.0, "{s}");
+    a.stop();
+    b.stop();
+}
