@@ -158,10 +158,7 @@ impl ApplyHook for Effects {
                         continue;
                     };
                     tracing::debug!(client_id = %client_id, owner, epoch, "session claimed by another node");
-                    if storage.disown(&client_id, Some(epoch)).is_some() {
-                        let closed = inner.surrender(&client_id);
-                        release(&inner, client_id, me, epoch, closed);
-                    }
+                    let_go(&inner, storage, client_id, me, epoch);
                 }
                 Effect::Claimed {
                     client_id,
@@ -186,10 +183,7 @@ impl ApplyHook for Effects {
                         continue;
                     };
                     tracing::debug!(client_id = %client_id, epoch, "session orphaned: this node was taken for gone");
-                    if storage.disown(&client_id, Some(epoch)).is_some() {
-                        let closed = inner.surrender(&client_id);
-                        release(&inner, client_id, me, epoch, closed);
-                    }
+                    let_go(&inner, storage, client_id, me, epoch);
                 }
                 Effect::Will {
                     by,
@@ -280,12 +274,18 @@ fn take_cluster_sessions(inner: &Arc<Inner>, cluster: &BrokerCluster) {
             }
             _ => {
                 tracing::debug!(client_id = %client_id, epoch, "session no longer this node's, learned from a snapshot");
-                if storage.disown(&client_id, Some(epoch)).is_some() {
-                    let closed = inner.surrender(&client_id);
-                    release(inner, client_id, me, epoch, closed);
-                }
+                let_go(inner, storage, client_id, me, epoch);
             }
         }
+    }
+}
+
+/// Lets go of a session this node held under `epoch` and no longer owns: its client is
+/// disconnected (0x8E) and forgotten without ending the session, then [`release`]d.
+fn let_go(inner: &Arc<Inner>, storage: &ClusterStorage, client_id: ClientId, me: u64, epoch: u64) {
+    if storage.disown(&client_id, Some(epoch)).is_some() {
+        let closed = inner.surrender(&client_id);
+        release(inner, client_id, me, epoch, closed);
     }
 }
 

@@ -483,14 +483,7 @@ fn a_persistent_session_moves_between_nodes_with_what_was_queued_for_it() {
         // Taken over on node 1: node 3's connection is told.
         let (_again, mut again_events, present) = persistent(&nodes[0], "s", false).await;
         assert!(present);
-        let closed = loop {
-            match support::within(BOUND, "the old connection closed", sub_events.recv()).await {
-                Some(mqttd_proto::client::Event::Closed { reason, .. }) => break reason,
-                Some(_) => {}
-                None => panic!("the old connection's task ended without a reason"),
-            }
-        };
-        assert_eq!(closed, ReasonCode::SessionTakenOver);
+        assert_eq!(closed(&mut sub_events).await, ReasonCode::SessionTakenOver);
         drop(sub);
         let _ = support::client::publish_acked(&publisher, &mut pub_events, "t/1", "m8").await;
         // m7 comes again if its acknowledgement was not committed before the takeover (QoS 1:
@@ -658,13 +651,7 @@ fn a_node_brought_up_to_date_by_a_snapshot_delivers_what_its_sessions_missed() {
         // Acknowledged by the two others; well within the 10 s after which the leader would
         // take node 3 for gone.
         for n in 1..=30 {
-            let reason = support::client::publish_acked(
-                &publisher,
-                &mut pub_events,
-                "t/1",
-                &format!("m{n}"),
-            )
-            .await;
+            let reason = publish_numbered(&publisher, &mut pub_events, n).await;
             assert_eq!(reason, ReasonCode::Success);
         }
         signal(&nodes[2], "CONT");
@@ -679,23 +666,10 @@ fn a_node_brought_up_to_date_by_a_snapshot_delivers_what_its_sessions_missed() {
         assert!(present);
         // Enough for a snapshot well past the claim.
         for n in 31..=60 {
-            let _ = support::client::publish_acked(
-                &publisher,
-                &mut pub_events,
-                "t/1",
-                &format!("m{n}"),
-            )
-            .await;
+            let _ = publish_numbered(&publisher, &mut pub_events, n).await;
         }
         signal(&nodes[2], "CONT");
-        let closed = loop {
-            match support::within(BOUND, "the old connection closed", sub_events.recv()).await {
-                Some(mqttd_proto::client::Event::Closed { reason, .. }) => break reason,
-                Some(_) => {}
-                None => panic!("the old connection's task ended without a reason"),
-            }
-        };
-        assert_eq!(closed, ReasonCode::SessionTakenOver);
+        assert_eq!(closed(&mut sub_events).await, ReasonCode::SessionTakenOver);
         // The last of m1..m30 come again first if their PUBACKs had not been committed
         // before the pause (QoS 1: at least once); then the thirty, in order.
         let mut got = Vec::new();
@@ -712,6 +686,26 @@ fn a_node_brought_up_to_date_by_a_snapshot_delivers_what_its_sessions_missed() {
     });
     for n in &mut nodes {
         n.broker.shutdown();
+    }
+}
+
+/// Publishes `m<n>` to `t/1` at QoS 1; the PUBACK's reason.
+async fn publish_numbered(
+    publisher: &mqttd_client::Client,
+    events: &mut mqttd_client::Events,
+    n: u32,
+) -> mqttd_proto::ReasonCode {
+    support::client::publish_acked(publisher, events, "t/1", &format!("m{n}")).await
+}
+
+/// The reason the broker gave when it closed the connection of `events`.
+async fn closed(events: &mut mqttd_client::Events) -> mqttd_proto::ReasonCode {
+    loop {
+        match support::within(BOUND, "the connection closed", events.recv()).await {
+            Some(mqttd_proto::client::Event::Closed { reason, .. }) => return reason,
+            Some(_) => {}
+            None => panic!("the connection's task ended without a reason"),
+        }
     }
 }
 
