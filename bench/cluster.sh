@@ -89,21 +89,15 @@ while (($#)); do
 done
 has_part() { [[ ",$PARTS," == *",$1,"* ]]; }
 
-report() {
-    mkdir -p "$(dirname "$OUT")"
-    python3 "$ROOT/bench/cluster_report.py" "$1" >"$OUT.tmp"
-    mv "$OUT.tmp" "$OUT"
-    cat "$OUT"
-    echo "written to $OUT" >&2
-}
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+
+report() { write_report "$ROOT/bench/cluster_report.py" "$1"; }
 
 if [[ -n $REPORT_ONLY ]]; then
     report "$REPORT_ONLY"
     exit 0
 fi
-
-# shellcheck source=bench/lib.sh
-source "$ROOT/bench/lib.sh"
 # Wait at most this long for a quiet machine before each part (other work may share it: the
 # summary gives the machine's load during every run).
 QUIET_WAIT=${QUIET_WAIT:-10}
@@ -227,13 +221,7 @@ start_node() {
 stop_node() {
     local i=$1
     [[ -n ${PID[$i]:-} ]] || return 0
-    kill -TERM "${PID[$i]}" 2>/dev/null || true
-    for _ in $(seq 100); do
-        kill -0 "${PID[$i]}" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "${PID[$i]}" 2>/dev/null || true
-    wait "${PID[$i]}" 2>/dev/null || true
+    stop_pid "${PID[$i]}"
     unset "PID[$i]"
 }
 

@@ -85,13 +85,10 @@ case $PROTOCOL in
 esac
 has_part() { [[ ",$PARTS," == *",$1,"* ]]; }
 
-report() {
-    mkdir -p "$(dirname "$OUT")"
-    python3 "$ROOT/bench/durable_report.py" "$1" >"$OUT.tmp"
-    mv "$OUT.tmp" "$OUT"
-    cat "$OUT"
-    echo "written to $OUT" >&2
-}
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+
+report() { write_report "$ROOT/bench/durable_report.py" "$1"; }
 
 if [[ -n $REPORT_ONLY ]]; then
     report "$REPORT_ONLY"
@@ -100,8 +97,6 @@ fi
 
 # --- what is shared with bench/compare.sh ---------------------------------------------------
 
-# shellcheck source=bench/lib.sh
-source "$ROOT/bench/lib.sh"
 # What those functions read that this script does not otherwise set.
 # shellcheck disable=SC2034
 LATENCY_DURATION=0

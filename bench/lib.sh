@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Helpers shared by bench/compare.sh and bench/durable.sh: starting, stopping and measuring
+# Helpers shared by bench/compare.sh, bench/durable.sh and bench/cluster.sh: starting, stopping and measuring
 # brokers the same way. Sourced, not run. The including script defines `port_of`,
 # `start_broker` (usually a call of `launch_broker`), `bench_args` and the settings these read
 # (RUN, MQTTD, BENCH_BIN, ports, DURATION, ...).
@@ -58,15 +58,29 @@ launch_broker() {
     sleep 1
 }
 
-stop_broker() {
-    [[ -n $BROKER_PID ]] || return 0
-    kill -TERM "$BROKER_PID" 2>/dev/null || true
+# stop_pid PID: SIGTERM, up to 10 s to exit, then SIGKILL.
+stop_pid() {
+    kill -TERM "$1" 2>/dev/null || true
     for _ in $(seq 100); do
-        kill -0 "$BROKER_PID" 2>/dev/null || break
+        kill -0 "$1" 2>/dev/null || break
         sleep 0.1
     done
-    kill -KILL "$BROKER_PID" 2>/dev/null || true
-    wait "$BROKER_PID" 2>/dev/null || true
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+# write_report SCRIPT RESULTS: SCRIPT's summary of RESULTS into $OUT, and on stdout.
+write_report() {
+    mkdir -p "$(dirname "$OUT")"
+    python3 "$1" "$2" >"$OUT.tmp"
+    mv "$OUT.tmp" "$OUT"
+    cat "$OUT"
+    echo "written to $OUT" >&2
+}
+
+stop_broker() {
+    [[ -n $BROKER_PID ]] || return 0
+    stop_pid "$BROKER_PID"
     BROKER_PID=
     # Let sockets in TIME_WAIT and the kernel's memory settle between runs.
     sleep 1

@@ -711,7 +711,7 @@ async fn closed(events: &mut mqttd_client::Events) -> mqttd_proto::ReasonCode {
 
 /// Sends `SIG<name>` to a node's process.
 fn signal(node: &Node, name: &str) {
-    let status = std::process::Command::new("kill")
+    let status = Command::new("kill")
         .args([format!("-{name}"), node.broker.pid().to_string()])
         .status()
         .expect("kill");
