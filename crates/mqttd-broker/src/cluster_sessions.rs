@@ -280,6 +280,24 @@ fn take_cluster_sessions(inner: &Arc<Inner>, cluster: &BrokerCluster) {
     }
 }
 
+/// Proposes `command`, again whenever it did not reach a leader (none known yet, or the one it
+/// was forwarded to stopped leading): a CONNECT made during an election commits its claim
+/// once a leader is elected, not after the caller's timeout. A claim proposed twice (the
+/// first committed, its answer lost) only takes one more epoch.
+async fn propose_until_led(
+    cluster: &BrokerCluster,
+    command: Command,
+) -> Result<Outcome, NodeError> {
+    loop {
+        match cluster.node().propose(command.clone()).await {
+            Err(NodeError::NotLeader { .. } | NodeError::Forward(_)) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// Lets go of a session this node held under `epoch` and no longer owns: its client is
 /// disconnected (0x8E) and forgotten without ending the session, then [`release`]d.
 fn let_go(inner: &Arc<Inner>, storage: &ClusterStorage, client_id: ClientId, me: u64, epoch: u64) {
@@ -414,7 +432,7 @@ impl Inner {
                 epoch,
                 steps: Vec::new(),
             };
-            match tokio::time::timeout(CLAIM_TIMEOUT, cluster.node().propose(confirm)).await {
+            match tokio::time::timeout(CLAIM_TIMEOUT, propose_until_led(cluster, confirm)).await {
                 // Still this node's, unless it let the session go meanwhile (a refusal).
                 Ok(Ok(Outcome::Progressed { .. }))
                     if storage.owned(client_id) == Some(epoch)
@@ -452,7 +470,8 @@ impl Inner {
             expires_at_ms: None,
             clean: request.clean_start,
         };
-        let outcome = match tokio::time::timeout(CLAIM_TIMEOUT, cluster.node().propose(claim)).await
+        let outcome = match tokio::time::timeout(CLAIM_TIMEOUT, propose_until_led(cluster, claim))
+            .await
         {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(NodeError::NotLeader { .. })) | Ok(Err(_)) | Err(_) => {
