@@ -1,6 +1,9 @@
 """Three real mqttd nodes as one cluster in the lab's network (root): they form a cluster from
 their seeds, agree on a leader, survive a kill -9 of the leader and a partition of one node,
-and take the killed node back with a new incarnation."""
+and take the killed node back with a new incarnation; messages cross nodes; the lab's
+persistent workload holds the checker's rules across a node killed, paused, cut off (2/1), all
+cut off from each other (1/1/1), the whole cluster killed, and a randomised schedule of these;
+and with one node down, connects and publications answer within a second (p99)."""
 
 from __future__ import annotations
 
@@ -316,7 +319,7 @@ def test_persistent_sessions_survive_a_partition_into_three(cluster, history):
 RANDOM_DURATION = float(os.environ.get("LAB_DURATION", "40"))
 
 
-@pytest.mark.timeout(RANDOM_DURATION + 240)
+@pytest.mark.timeout(RANDOM_DURATION * 1.5 + 240)
 def test_persistent_sessions_survive_a_randomised_nemesis(cluster, history, tmp_path):
     """LAB_DURATION (40) seconds of faults drawn from a seed (printed, recorded in the history;
     LAB_SEED=<seed> replays the schedule): kill -9 and restart of a node, 2/1 and 1/1/1
