@@ -155,8 +155,10 @@ section "cluster lab: histories and the checker (budget ${clusterlab_budget}s)"
 # the lab's network namespaces: partitions, and the workload from the clients' namespace across
 # a SIGSTOP pause and a SIGKILL, and three real nodes as one cluster there (a leader killed, a
 # partition, messages across nodes, persistent subscribers moving between nodes across a node
-# killed and across a partition) (tests/clusterlab/README.md). Uses the debug broker built
-# above; openssl makes the cluster's certificates.
+# killed, a 2/1 and a 1/1/1 partition, a node paused, the whole cluster killed, and 40 s of
+# randomised faults from a printed seed; connects and publications with one node down)
+# (tests/clusterlab/README.md). Uses the debug broker built above; openssl makes the
+# cluster's certificates.
 if ((EUID == 0)); then
     export CLUSTERLAB_REQUIRED=1
 fi

@@ -43,6 +43,8 @@ if [ -z "${MQTTD_BIN:-}" ]; then
     export MQTTD_BIN="$root/target/debug/mqttd"
 fi
 export CLUSTERLAB_REQUIRED="${CLUSTERLAB_REQUIRED:-1}"
+# The nodes' session moves in their logs, to diagnose a failed run.
+export LAB_LOG="${LAB_LOG:-warn,mqttd_broker::cluster_sessions=debug}"
 
 echo "series: $runs runs of ${duration}s of faults; results in $results; runs in $dir"
 first_line=$(($(wc -l <"$results") + 1))

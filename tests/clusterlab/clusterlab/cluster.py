@@ -24,6 +24,12 @@ from .certs import make_ca, make_node
 from .net import ClusterNet, node_ip
 
 CLUSTER_PORT = 1884
+# A lab session may be unreachable for much of a run (its claims refused while faults come one
+# after another): its queue holds everything published meanwhile, so that a message dropped
+# for a full queue (the default holds 1,000) is never mistaken for one the cluster lost.
+QUEUE_CONFIG = """max_queued_messages = 1000000
+max_queued_bytes = 0
+"""
 
 
 def node_name(i: int) -> str:
@@ -44,7 +50,7 @@ class LabCluster:
             seeds = ", ".join(
                 f'{{ id = {j}, name = "{node_name(j)}", addr = "{node_ip(j)}:{CLUSTER_PORT}" }}'
                 for j in net.nodes if j != i)
-            config = f"""{extra_config}
+            config = f"""{QUEUE_CONFIG}{extra_config}
 [cluster]
 node_id = {i}
 name = "{node_name(i)}"

@@ -47,7 +47,9 @@ class Nemesis:
         self.counts: dict[str, int] = {}
 
     def _record(self, type_: str, **fields) -> None:
-        self.history.record("nemesis", type_, **fields)
+        # The wall clock too, to find the moment in the nodes' logs.
+        self.history.record("nemesis", type_, wall=time.strftime(
+            "%H:%M:%S", time.gmtime()) + f"{time.time() % 1:.3f}"[1:], **fields)
 
     def _count(self, kind: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1

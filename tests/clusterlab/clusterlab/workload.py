@@ -183,8 +183,10 @@ class Publisher:
                     time.sleep(0.2)
                     continue
                 conn_no += 1
-                conn = Connection(f"{self.name}-{conn_no}", random.choice(nodes),
-                                  clean_start=True, net=self.net)
+                node = random.choice(nodes)
+                self.history.record(self.name, "dial", conn=conn_no, host=node[0])
+                conn = Connection(f"{self.name}-{conn_no}", node, clean_start=True,
+                                  net=self.net)
                 acks = threading.Event()
                 number = conn_no
 
