@@ -330,7 +330,6 @@ def test_persistent_sessions_survive_a_randomised_nemesis(cluster, history, tmp_
     schedule = Schedule(seed, RANDOM_DURATION)
     print(f"schedule: {schedule.describe()}")
     nemesis = Nemesis(cluster, history)
-    nemesis.report = None
     verdict = "error"
     try:
         persistent_run(cluster, history, lambda pubs: schedule.play(nemesis), nemesis)

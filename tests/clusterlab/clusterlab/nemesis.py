@@ -45,6 +45,8 @@ class Nemesis:
         self.paused: set[int] = set()
         self.killed: set[int] = set()
         self.counts: dict[str, int] = {}
+        # The checker's report of the run the faults were part of, once there is one.
+        self.report = None
 
     def _record(self, type_: str, **fields) -> None:
         # The wall clock too, to find the moment in the nodes' logs.
