@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import threading
 import time
 
 import pytest
@@ -466,3 +467,76 @@ def test_with_one_node_down_connects_and_publications_answer_within_a_second(clu
     assert len(got) == SAMPLES, f"the subscriber got {len(got)} of {SAMPLES}"
     for name, (_, p99, _) in figures.items():
         assert p99 < P99_BOUND, f"{name} p99 {p99:.3f}s: {figures}"
+
+
+def test_publications_through_a_follower_go_on_when_the_leader_comes_back_at_once(cluster):
+    """The leader killed with SIGKILL and started again at once leads again under the same
+    term, without an election. A follower's proposals forwarded to its previous life must not
+    wait for that connection's idle timeout (10 s): QoS 1 publications on a follower (each a
+    `Publish` forwarded to the leader) are acknowledged again within a few seconds of the
+    restart."""
+    from clusterlab import raw
+
+    cluster.start_all()
+    leader = cluster.wait_leader(FORM)
+    follower, other = [i for i in cluster.brokers if i != leader]
+
+    def connect(i: int, client_id: str, **kwargs):
+        host, port = cluster.brokers[i].addr()
+
+        def dial():
+            client = raw.RawClient(port, host=host)
+            client.sock.settimeout(15)
+            ack = client.connect(client_id, **kwargs)
+            assert ack.reason == 0, ack
+            return client
+        return cluster.net.call(dial)
+
+    # A persistent session on the other follower: every publication is a commit.
+    sub = connect(other, "quick-sub", clean=True, props={"SessionExpiryInterval": 300})
+    sub.subscribe([("quick/#", 1)])
+    sub.close()
+
+    acks: list[float] = []
+    stop = threading.Event()
+
+    def publish():
+        pub = None
+        n = 0
+        while not stop.is_set():
+            try:
+                if pub is None:
+                    pub = connect(follower, "quick-pub", clean=True)
+                n += 1
+                pub.publish("quick/seq", str(n).encode(), qos=1)
+                acks.append(time.monotonic())
+            except (OSError, raw.Closed, TimeoutError, AssertionError):
+                if pub is not None:
+                    pub.close()
+                pub = None
+                time.sleep(0.1)
+        if pub is not None:
+            pub.close()
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    try:
+        time.sleep(2)
+        assert acks, "nothing acknowledged before the kill"
+        cluster.brokers[leader].kill()
+        killed = time.monotonic()
+        time.sleep(0.3)
+        cluster.brokers[leader].start()
+        started = time.monotonic()
+        time.sleep(12)
+    finally:
+        stop.set()
+        thread.join(20)
+    after = [t for t in acks if t > started]
+    assert after, "nothing acknowledged after the restart"
+    resumed = after[0] - started
+    status = cluster.status(follower) or {}
+    print(f"leader {leader} killed, started again {started - killed:.1f}s later; leader now "
+          f"{status.get('leader')} (term {status.get('term')}); publications on node "
+          f"{follower} acknowledged again {resumed:.1f}s after the restart")
+    assert resumed < 6.0, f"acknowledgements resumed {resumed:.1f}s after the restart"
