@@ -548,7 +548,6 @@ impl ClusterNode {
     }
 }
 
-/// Resolves once this node knows of a leader other than `from`.
 /// Resolves once `incarnation()` names a life of the leader other than `from` (a first one
 /// learned is not a restart), looking every `every`.
 async fn leader_restarted(
@@ -564,6 +563,7 @@ async fn leader_restarted(
     }
 }
 
+/// Resolves once this node knows of a leader other than `from`.
 async fn leader_moved(raft: &Raft, from: NodeId) {
     let mut metrics = raft.metrics();
     loop {
