@@ -31,6 +31,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// How long a proposal forwarded to the leader may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often a forwarded proposal looks for a new life of the leader it went to.
+const RESTART_POLL: Duration = Duration::from_millis(100);
+
 /// What a node needs to start.
 #[non_exhaustive]
 pub struct NodeOptions {
@@ -244,8 +247,9 @@ pub struct ClusterNode {
     state: StateReader,
     endpoint: noq::Endpoint,
     network: Network,
-    /// The link to the leader that proposals are forwarded on.
-    leader_link: tokio::sync::Mutex<Option<(NodeId, Peer)>>,
+    /// The link to the leader that proposals are forwarded on, with the leader's
+    /// incarnation when it was dialled.
+    leader_link: tokio::sync::Mutex<Option<(NodeId, Option<u64>, Peer)>>,
     /// Routes and forwarding to peers.
     router: Router,
     stop: CancellationToken,
@@ -416,14 +420,22 @@ impl ClusterNode {
             Err(Forwarded::NotLeader(leader)) => return Err(NodeError::NotLeader { leader }),
             Err(Forwarded::Failed(e)) => return Err(NodeError::Raft(e)),
         };
+        let incarnation_of = {
+            let state = self.state.clone();
+            let id = leader.0;
+            move || state.read(|s| s.nodes().get(&id).map(|n| n.incarnation))
+        };
+        let incarnation = incarnation_of();
         let link = {
             let mut link = self.leader_link.lock().await;
             let peer = match &mut *link {
-                Some((id, peer)) if *id == leader.0 => peer,
+                // A leader killed and started again may lead again, under the same term: a
+                // connection to its previous life would wait for its idle timeout (10 s).
+                Some((id, life, peer)) if *id == leader.0 && *life == incarnation => peer,
                 slot => {
                     &mut slot
-                        .insert((leader.0, self.network.peer(leader.0, leader.1)))
-                        .1
+                        .insert((leader.0, incarnation, self.network.peer(leader.0, leader.1)))
+                        .2
                 }
             };
             peer.proposal_link().await
@@ -437,6 +449,9 @@ impl ClusterNode {
         // A leader that stopped answering (paused, cut off, killed) is not waited for once
         // another one is known: the caller may propose again there.
         let moved = leader_moved(&self.raft, leader.0);
+        // Nor is a leader that was started again (a new incarnation applied here), which
+        // leads on without an election when it comes back quickly enough.
+        let restarted = leader_restarted(RESTART_POLL, incarnation, incarnation_of);
         tokio::select! {
             forwarded = forwarded => match forwarded {
                 Ok(outcome) => Ok(outcome),
@@ -445,6 +460,10 @@ impl ClusterNode {
             },
             () = moved => Err(NodeError::Forward(format!(
                 "node {} stopped leading while the proposal was on its way",
+                leader.0
+            ))),
+            () = restarted => Err(NodeError::Forward(format!(
+                "node {} started again while the proposal was on its way",
                 leader.0
             ))),
         }
@@ -543,6 +562,21 @@ impl ClusterNode {
     }
 }
 
+/// Resolves once `incarnation()` names a life of the leader other than `from` (a first one
+/// learned is not a restart), looking every `every`.
+async fn leader_restarted(
+    every: Duration,
+    from: Option<u64>,
+    mut incarnation: impl FnMut() -> Option<u64>,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        if from.is_some() && incarnation().is_some_and(|now| Some(now) != from) {
+            return;
+        }
+    }
+}
+
 /// Resolves once this node knows of a leader other than `from`.
 async fn leader_moved(raft: &Raft, from: NodeId) {
     let mut metrics = raft.metrics();
@@ -557,5 +591,42 @@ async fn leader_moved(raft: &Raft, from: NodeId) {
         if metrics.changed().await.is_err() {
             return std::future::pending().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_forward_gives_up_on_a_new_life_of_its_leader_only() {
+        let every = Duration::from_millis(5);
+        let life = Arc::new(AtomicU64::new(1));
+        let read = {
+            let life = life.clone();
+            move || Some(life.load(Ordering::SeqCst))
+        };
+        let watch = tokio::spawn(leader_restarted(every, Some(1), read));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!watch.is_finished(), "the same life is no restart");
+        life.store(2, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), watch)
+            .await
+            .expect("a new incarnation is a restart")
+            .expect("the watch ran");
+
+        // Not knowing the leader's life at first, learning it is no restart either.
+        let unknown = tokio::spawn(leader_restarted(every, None, || Some(1)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!unknown.is_finished());
+        unknown.abort();
+        // Nor is a life the state does not name (a member forgotten meanwhile).
+        let forgotten = tokio::spawn(leader_restarted(every, Some(1), || None));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!forgotten.is_finished());
+        forgotten.abort();
     }
 }

@@ -24,6 +24,12 @@ from .certs import make_ca, make_node
 from .net import ClusterNet, node_ip
 
 CLUSTER_PORT = 1884
+# A lab session may be unreachable for much of a run (its claims refused while faults come one
+# after another): its queue holds everything published meanwhile, so that a message dropped
+# for a full queue (the default holds 1,000) is never mistaken for one the cluster lost.
+QUEUE_CONFIG = """max_queued_messages = 1000000
+max_queued_bytes = 0
+"""
 
 
 def node_name(i: int) -> str:
@@ -44,7 +50,7 @@ class LabCluster:
             seeds = ", ".join(
                 f'{{ id = {j}, name = "{node_name(j)}", addr = "{node_ip(j)}:{CLUSTER_PORT}" }}'
                 for j in net.nodes if j != i)
-            config = f"""{extra_config}
+            config = f"""{QUEUE_CONFIG}{extra_config}
 [cluster]
 node_id = {i}
 name = "{node_name(i)}"
@@ -93,6 +99,44 @@ key = "{key}"
                     return leader
             time.sleep(0.3)
         raise TimeoutError(f"no agreed leader among {among} within {timeout}s: {seen}")
+
+    def membership(self, i: int) -> tuple | None:
+        """Node `i`'s view of the membership: (id, name, role, incarnation) of every member,
+        sorted, or None if it does not answer."""
+        status = self.status(i)
+        if status is None:
+            return None
+        return tuple(sorted((m["node_id"], m["name"], m["role"], m.get("incarnation"))
+                            for m in status["members"]))
+
+    def wait_converged(self, timeout: float) -> dict:
+        """Waits until every running node agrees on the leader, the membership (every
+        configured node a member, same roles and incarnations) and every member's route digest,
+        with nothing known of a node that is not a member (criterion 7). Returns the agreed
+        view; raises TimeoutError with the last views."""
+        deadline = time.monotonic() + timeout
+        views = None
+        while True:
+            views = {}
+            for i in self.running():
+                status = self.status(i)
+                if status is None:
+                    views[i] = None
+                    continue
+                members = self.membership(i)
+                digests = {m["node_id"]: (m.get("routes") or {}).get("digest")
+                           for m in status["members"]}
+                views[i] = (status.get("leader"), members, tuple(sorted(digests.items())))
+            distinct = set(views.values())
+            if len(distinct) == 1 and None not in distinct:
+                leader, members, digests = distinct.pop()
+                ids = {m[0] for m in members}
+                if (leader is not None and ids == set(self.brokers)
+                        and {d[0] for d in digests} == ids and all(d[1] for d in digests)):
+                    return {"leader": leader, "members": members, "digests": dict(digests)}
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the nodes did not agree within {timeout:.1f}s: {views}")
+            time.sleep(0.3)
 
     def digests(self, i: int) -> dict[int, str | None] | None:
         """Node `i`'s view of every member's route digest (`GET /api/v1/cluster`)."""

@@ -4,6 +4,7 @@ Each event is a dict with at least `t` (`time.monotonic_ns()`: one clock for eve
 the machine, network namespaces included), `client` and `type`. The types:
 
 publishers (`client` is the publisher's name, which payloads carry as `p`):
+  dial     {conn, host}                   a new connection to the node at `host`
   invoke   {conn, seq, topic, qos, mid}   a PUBLISH is about to be sent (before the send)
   ok       {conn, mid}                    PUBACK (QoS 1) or PUBCOMP (QoS 2) for `mid` on `conn`
   fail     {conn, seq, why}               no acknowledgement: the publication is indeterminate

@@ -178,9 +178,15 @@ class Publisher:
             if conn is None or not conn.alive:
                 if conn is not None:
                     conn.close()
+                nodes = self.nodes()
+                if not nodes:  # every node down (a whole-cluster kill): wait for one
+                    time.sleep(0.2)
+                    continue
                 conn_no += 1
-                conn = Connection(f"{self.name}-{conn_no}", random.choice(self.nodes()),
-                                  clean_start=True, net=self.net)
+                node = random.choice(nodes)
+                self.history.record(self.name, "dial", conn=conn_no, host=node[0])
+                conn = Connection(f"{self.name}-{conn_no}", node, clean_start=True,
+                                  net=self.net)
                 acks = threading.Event()
                 number = conn_no
 
@@ -267,9 +273,11 @@ class Subscriber:
 
     def _connect(self) -> raw.RawClient | None:
         """Opens a connection, CONNECT, CONNACK, and SUBSCRIBE when the session is new."""
+        nodes = self.nodes()
+        if not nodes:  # every node down (a whole-cluster kill): try again shortly
+            return None
         self._conn_no += 1
         number = self._conn_no
-        nodes = self.nodes()
         index = random.randrange(len(nodes))
         host, port = nodes[index]
         self.history.record(self.name, "connect", conn=number, node=index, host=host)
