@@ -661,7 +661,6 @@ mod tests {
         for (client_id, expires_at_ms) in [("gone", Some(past)), ("kept", None)] {
             let claimed = node
                 .propose(Command::ClaimSession {
-                    owner_silent_ms: 0,
                     incarnation: 0,
                     client_id: client_id.into(),
                     node: 7,

@@ -464,7 +464,6 @@ impl Inner {
             }
         }
         let claim = Command::ClaimSession {
-            owner_silent_ms: 0,
             incarnation: cluster.node().incarnation(),
             client_id: client_id.as_str().to_owned(),
             node: me,
@@ -485,7 +484,6 @@ impl Inner {
             previous,
             present,
             will,
-            owner_silent_ms,
         } = outcome
         else {
             return refuse(ReasonCode::ServerUnavailable);
@@ -527,9 +525,7 @@ impl Inner {
         // Nothing may go out on the old owner's connection after this CONNACK: wait until it
         // has let the session go, or for its lease.
         if let Some((owner, old)) = previous.filter(|(owner, _)| *owner != me) {
-            // The lease counts from when the leader last heard from the old owner.
-            let lease = LEASE.saturating_sub(Duration::from_millis(owner_silent_ms));
-            let deadline = tokio::time::Instant::now() + lease;
+            let deadline = tokio::time::Instant::now() + LEASE;
             while tokio::time::Instant::now() < deadline {
                 let released = cluster.node().state().read(|s| {
                     s.session(client_id.as_str())

@@ -35,7 +35,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::state::{Command, NodeId, Outcome};
-use crate::store::StateReader;
 use crate::{Member, Raft, TypeConfig};
 
 /// The ALPN of the cluster protocol.
@@ -254,7 +253,6 @@ pub(crate) fn bind(
 pub(crate) async fn serve(
     endpoint: noq::Endpoint,
     raft: Raft,
-    stamp: Stamp,
     router: crate::router::Router,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -267,7 +265,6 @@ pub(crate) async fn serve(
         };
         let Some(incoming) = incoming else { break };
         let raft = raft.clone();
-        let stamp = stamp.clone();
         let router = router.clone();
         let stop = stop.clone();
         let inner = tasks.clone();
@@ -298,13 +295,7 @@ pub(crate) async fn serve(
                         Err(_) => break,
                     },
                 };
-                inner.spawn(answer(
-                    raft.clone(),
-                    stamp.clone(),
-                    names.clone(),
-                    send,
-                    recv,
-                ));
+                inner.spawn(answer(raft.clone(), names.clone(), send, recv));
             }
         });
     }
@@ -376,7 +367,6 @@ fn may_change_membership(raft: &Raft, names: &[String], req: &MembershipRequest)
 /// Answers one RPC from a peer whose certificate carries `names`.
 async fn answer(
     raft: Raft,
-    stamp: Stamp,
     names: Arc<[String]>,
     mut send: noq::SendStream,
     mut recv: noq::RecvStream,
@@ -397,12 +387,7 @@ async fn answer(
     let reply = match tag {
         TAG_APPEND => match serde_json::from_slice::<AppendEntriesRequest<TypeConfig>>(body) {
             Ok(req) if impostor(req.vote.leader_id().voted_for()) => Err(None),
-            Ok(req) => {
-                if let Some(leader) = req.vote.leader_id().voted_for() {
-                    stamp.heard_from(leader);
-                }
-                serde_json::to_vec(&raft.append_entries(req).await).map_err(Some)
-            }
+            Ok(req) => serde_json::to_vec(&raft.append_entries(req).await).map_err(Some),
             Err(e) => Err(Some(e)),
         },
         TAG_VOTE => match serde_json::from_slice::<VoteRequest<NodeId>>(body) {
@@ -417,9 +402,7 @@ async fn answer(
         },
         // Any node of the cluster may propose.
         TAG_PROPOSE => match serde_json::from_slice::<Command>(body) {
-            Ok(command) => {
-                serde_json::to_vec(&propose_here(&raft, &stamp, command).await).map_err(Some)
-            }
+            Ok(command) => serde_json::to_vec(&propose_here(&raft, command).await).map_err(Some),
             Err(e) => Err(Some(e)),
         },
         TAG_MEMBERSHIP => match serde_json::from_slice::<MembershipRequest>(body) {
@@ -457,14 +440,8 @@ async fn answer(
     }
 }
 
-/// Proposes `command` on this node's Raft (it must lead); a claim gets the leader's word
-/// on its session's owner first ([`Stamp::claim`]).
-pub(crate) async fn propose_here(
-    raft: &Raft,
-    stamp: &Stamp,
-    mut command: Command,
-) -> Result<Outcome, Forwarded> {
-    stamp.claim(raft, &mut command);
+/// Proposes `command` on this node's Raft (it must lead).
+pub(crate) async fn propose_here(raft: &Raft, command: Command) -> Result<Outcome, Forwarded> {
     match raft.client_write(command).await {
         Ok(response) => Ok(response.data),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -474,55 +451,10 @@ pub(crate) async fn propose_here(
     }
 }
 
-/// When this node last heard from each peer over Raft: an answer to its `AppendEntries`
-/// (heartbeats included) while it leads, or one from the peer while that led.
+/// When each peer last answered this node's `AppendEntries` (heartbeats included): a
+/// leader's view of which followers are alive.
 pub(crate) type Heard =
     Arc<std::sync::Mutex<std::collections::HashMap<NodeId, tokio::time::Instant>>>;
-
-/// What a leader adds to a claim before proposing it.
-#[derive(Clone)]
-pub(crate) struct Stamp {
-    heard: Heard,
-    state: StateReader,
-}
-
-impl Stamp {
-    /// Notes that `node` was heard from now.
-    fn heard_from(&self, node: NodeId) {
-        self.heard
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(node, tokio::time::Instant::now());
-    }
-
-    /// Sets a claim's `owner_silent_ms`: how long this node (the leader) has not heard from
-    /// the session's owner. The owner learns of commits only from the leader, so whatever
-    /// it sends to its client after that long depends on nothing committed since: the
-    /// claimant counts its lease from then. The leader's own sessions, and owners it never
-    /// heard from, count as heard now.
-    fn claim(&self, raft: &Raft, command: &mut Command) {
-        let Command::ClaimSession {
-            client_id,
-            owner_silent_ms,
-            ..
-        } = command
-        else {
-            return;
-        };
-        let me = raft.metrics().borrow().id;
-        let owner = self.state.read(|s| s.session(client_id).map(|o| o.owner));
-        let heard = owner.filter(|o| *o != me).and_then(|o| {
-            self.heard
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get(&o)
-                .copied()
-        });
-        *owner_silent_ms = heard.map_or(0, |at| {
-            u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX)
-        });
-    }
-}
 
 /// openraft's factory of peer clients.
 #[derive(Clone)]
@@ -547,14 +479,6 @@ impl Network {
             member,
             conn: None,
             heard: self.heard.clone(),
-        }
-    }
-
-    /// What this node adds to a claim it proposes as leader.
-    pub(crate) fn stamp(&self, state: StateReader) -> Stamp {
-        Stamp {
-            heard: self.heard.clone(),
-            state,
         }
     }
 

@@ -299,7 +299,6 @@ impl ClusterNode {
         tasks.spawn(network::serve(
             endpoint.clone(),
             raft.clone(),
-            network.stamp(state.clone()),
             router.clone(),
             stop.clone(),
             tasks.clone(),
@@ -413,8 +412,7 @@ impl ClusterNode {
     /// meanwhile, `NotLeader` names the new leader and the caller may try again). The
     /// outcome is the leader's; this node applies the entry when it learns of the commit.
     pub async fn propose(&self, command: Command) -> Result<Outcome, NodeError> {
-        let stamp = self.network.stamp(self.state.clone());
-        let leader = match network::propose_here(&self.raft, &stamp, command.clone()).await {
+        let leader = match network::propose_here(&self.raft, command.clone()).await {
             Ok(outcome) => return Ok(outcome),
             Err(Forwarded::NotLeader(Some(leader))) if leader.0 != self.id => leader,
             Err(Forwarded::NotLeader(leader)) => return Err(NodeError::NotLeader { leader }),

@@ -144,10 +144,6 @@ pub enum Command {
         /// The claimant's incarnation.
         #[serde(default)]
         incarnation: u64,
-        /// How long the leader had not heard from the session's owner when it proposed the
-        /// claim (ms; set by the leader): handed back in [`Outcome::Claimed`].
-        #[serde(default)]
-        owner_silent_ms: u64,
     },
     /// The owner changes the session's expiry (its client disconnected or reconnected).
     SetSessionExpiry {
@@ -327,9 +323,6 @@ pub enum Outcome {
         /// publishes it if it is due (no delay, or the session did not carry on).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         will: Option<StoredWill>,
-        /// The claim's `owner_silent_ms`: the previous owner's lease has run that long.
-        #[serde(default)]
-        owner_silent_ms: u64,
     },
     /// What [`Command::Publish`] did: how many sessions it was queued for, and how many
     /// refused it with a full queue.
@@ -589,7 +582,6 @@ impl ClusterState {
                 expires_at_ms,
                 clean,
                 incarnation,
-                owner_silent_ms,
             } => {
                 let previous = self.sessions.get(&client_id).map(|s| (s.owner, s.epoch));
                 let present = previous.is_some() && !clean;
@@ -641,7 +633,6 @@ impl ClusterState {
                     previous,
                     present,
                     will,
-                    owner_silent_ms,
                 }
             }
             Command::SetSessionExpiry {
@@ -1082,7 +1073,6 @@ mod tests {
 
     fn claim(s: &mut ClusterState, id: &str, node: NodeId) -> u64 {
         match s.apply(Command::ClaimSession {
-            owner_silent_ms: 0,
             incarnation: 0,
             client_id: id.into(),
             node,
@@ -1100,7 +1090,6 @@ mod tests {
         assert_eq!(claim(&mut s, "c", 1), 1);
         assert_eq!(claim(&mut s, "other", 1), 2);
         let out = s.apply(Command::ClaimSession {
-            owner_silent_ms: 0,
             incarnation: 0,
             client_id: "c".into(),
             node: 2,
@@ -1114,7 +1103,6 @@ mod tests {
                 previous: Some((1, 1)),
                 present: true,
                 will: None,
-                owner_silent_ms: 0,
             }
         );
         // The old owner, still believing in epoch 1, can change nothing.
@@ -1240,7 +1228,6 @@ mod tests {
             present: true,
             ..
         } = s.apply(Command::ClaimSession {
-            owner_silent_ms: 0,
             incarnation: 0,
             client_id: "c".into(),
             node: 2,
@@ -1269,7 +1256,6 @@ mod tests {
         // A clean start discards the contents; expiry and drop remove them.
         assert!(matches!(
             s.apply(Command::ClaimSession {
-                owner_silent_ms: 0,
                 incarnation: 0,
                 client_id: "c".into(),
                 node: 3,
@@ -1305,7 +1291,6 @@ mod tests {
         });
         let claim_by = |s: &mut ClusterState, node, clean| {
             s.apply(Command::ClaimSession {
-                owner_silent_ms: 0,
                 incarnation: 0,
                 client_id: "c".into(),
                 node,
@@ -1361,7 +1346,6 @@ mod tests {
         // one without a will that never expires; one already disconnected.
         let mut setup = |id: &str, interval: u32, at: Option<u64>, w: Option<StoredWill>| {
             let Outcome::Claimed { epoch, .. } = s.apply(Command::ClaimSession {
-                owner_silent_ms: 0,
                 client_id: id.into(),
                 node: 1,
                 expires_at_ms: None,
@@ -1436,7 +1420,6 @@ mod tests {
         // session carries on).
         assert!(matches!(
             s.apply(Command::ClaimSession {
-                owner_silent_ms: 0,
                 client_id: "c".into(),
                 node: 2,
                 expires_at_ms: None,
@@ -1481,7 +1464,6 @@ mod tests {
         // Node 2 starts again: its earlier life's sessions are orphaned when it says so, but
         // not one its new life claimed before.
         let e = s.apply(Command::ClaimSession {
-            owner_silent_ms: 0,
             client_id: "e".into(),
             node: 2,
             expires_at_ms: None,
@@ -1508,7 +1490,6 @@ mod tests {
         let mut s = ClusterState::default();
         for (id, at) in [("a", Some(100)), ("b", Some(200)), ("c", None)] {
             s.apply(Command::ClaimSession {
-                owner_silent_ms: 0,
                 incarnation: 0,
                 client_id: id.into(),
                 node: 1,
@@ -1597,7 +1578,6 @@ mod tests {
         let mut effects = Vec::new();
         let _ = s.apply_with(
             Command::ClaimSession {
-                owner_silent_ms: 0,
                 incarnation: 0,
                 client_id: "a".into(),
                 node: 3,
@@ -1645,7 +1625,6 @@ mod tests {
         assert_eq!(owners, [("a", 3, 0), ("b", 2, 0)]);
         // A clean start forgets the subscriptions; so do a drop and expiry.
         let _ = s.apply(Command::ClaimSession {
-            owner_silent_ms: 0,
             incarnation: 0,
             client_id: "b".into(),
             node: 2,
@@ -1973,7 +1952,6 @@ mod props {
         prop_oneof![
             (id.clone(), node.clone(), at.clone(), any::<bool>(), 0u64..3).prop_map(
                 |(client_id, node, expires_at_ms, clean, incarnation)| Command::ClaimSession {
-                    owner_silent_ms: 0,
                     incarnation,
                     client_id,
                     node,

@@ -566,7 +566,6 @@ mod tests {
 
     fn claim(id: &str) -> Command {
         Command::ClaimSession {
-            owner_silent_ms: 0,
             incarnation: 0,
             client_id: id.into(),
             node: 1,

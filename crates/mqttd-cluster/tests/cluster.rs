@@ -163,10 +163,6 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
 
     // The leader goes; the two others elect a new one and keep the state.
     let old = agreed_leader(&nodes).unwrap();
-    assert!(matches!(
-        propose(&nodes, claim("held-by-old", old)).await,
-        Outcome::Claimed { .. }
-    ));
     let start = Instant::now();
     nodes.remove(&old).unwrap().shutdown().await;
     eprintln!("shutdown: {:.2} s", start.elapsed().as_secs_f64());
@@ -176,18 +172,6 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
     .await;
     let new = agreed_leader(&nodes).unwrap();
     assert_eq!(epoch_of(&nodes[&new], "c1"), Some((2, second)));
-    // A session of the old leader claimed now: the new leader has not heard from its owner
-    // since before the election (which takes at least its 1.5 s timeout), and says so.
-    let Outcome::Claimed {
-        previous,
-        owner_silent_ms,
-        ..
-    } = propose(&nodes, claim("held-by-old", new)).await
-    else {
-        panic!("a claim of the old leader's session");
-    };
-    assert_eq!(previous.map(|p| p.0), Some(old));
-    assert!(owner_silent_ms >= 1000, "{owner_silent_ms} ms");
     assert_eq!(
         nodes[&new]
             .state()
