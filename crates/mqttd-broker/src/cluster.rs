@@ -19,7 +19,7 @@
 //! Routes and forwarding between nodes hang off the same handle: the broker attaches
 //! `forwarding.rs` to the node's router at start.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -41,8 +41,9 @@ const RETRY: Duration = Duration::from_secs(1);
 const EXPIRY_CHECK: Duration = Duration::from_secs(1);
 
 /// How long the leader goes without an answer from a node (heartbeats come every few hundred
-/// milliseconds) before it takes that node's connections as lost and orphans its sessions:
-/// longer than an election, so that a node briefly slow or cut off keeps its clients.
+/// milliseconds) before it takes that node's connections as lost and orphans its sessions,
+/// unless `[cluster] node_down_after` says: longer than an election, so that a node briefly
+/// slow or cut off keeps its clients.
 const NODE_DOWN_AFTER: Duration = Duration::from_secs(10);
 
 /// The broker's cluster node, shared by whatever broker code needs the cluster.
@@ -242,37 +243,52 @@ impl BrokerCluster {
     }
 
     /// While this node leads: orphans the sessions of a node it has not heard from for
-    /// [`NODE_DOWN_AFTER`] (`NodeDown`: their expiry starts, their wills become due), and
+    /// [`NODE_DOWN_AFTER`] or as configured (`NodeDown`: their expiry starts, their wills become due), and
     /// has this node publish the wills that are due (`PublishWills`).
     async fn watch_nodes(&self) {
         let mut tick = tokio::time::interval(EXPIRY_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let me = self.node.id();
+        let down_after = self
+            .config
+            .node_down_after
+            .map_or(NODE_DOWN_AFTER, Duration::from_secs);
         let mut leading_since = None;
+        // Silent nodes already dealt with (orphaned, or found serving nothing), with their
+        // incarnation and when they were last heard: not looked at again (a scan of every
+        // session) until they are heard from or start again.
+        let mut settled: HashMap<NodeId, (u64, Option<tokio::time::Instant>)> = HashMap::new();
         loop {
             tick.tick().await;
             if self.node.leader() != Some(me) {
                 leading_since = None;
+                settled.clear();
                 continue;
             }
             let now = tokio::time::Instant::now();
             // A new leader has heard nobody yet: it gives everyone the same time.
             let since = *leading_since.get_or_insert(now);
-            let silent: Vec<(NodeId, u64)> = self.node.state().read(|s| {
+            let others: Vec<(NodeId, u64)> = self.node.state().read(|s| {
                 s.nodes()
                     .iter()
                     .filter(|(id, _)| **id != me)
                     .map(|(id, r)| (*id, r.incarnation))
                     .collect()
             });
-            for (node, incarnation) in silent {
-                let heard = self.node.last_heard(node).map_or(since, |h| h.max(since));
-                if !node_down(now.saturating_duration_since(heard))
-                    || !self
-                        .node
-                        .state()
-                        .read(|s| s.serves_sessions(node, incarnation))
+            for (node, incarnation) in others {
+                let last = self.node.last_heard(node);
+                let heard = last.map_or(since, |h| h.max(since));
+                if now.saturating_duration_since(heard) < down_after
+                    || settled.get(&node) == Some(&(incarnation, last))
                 {
+                    continue;
+                }
+                if !self
+                    .node
+                    .state()
+                    .read(|s| s.serves_sessions(node, incarnation))
+                {
+                    settled.insert(node, (incarnation, last));
                     continue;
                 }
                 tracing::warn!(
@@ -286,7 +302,10 @@ impl BrokerCluster {
                     now_ms: unix_ms(SystemTime::now()),
                 };
                 match self.node.propose(down).await {
-                    Ok(outcome) => tracing::debug!(node, ?outcome, "NodeDown"),
+                    Ok(outcome) => {
+                        tracing::debug!(node, ?outcome, "NodeDown");
+                        settled.insert(node, (incarnation, last));
+                    }
                     Err(e) => tracing::debug!(node, error = %e, "NodeDown not committed"),
                 }
             }
@@ -479,11 +498,6 @@ pub(crate) fn may_initialize(
 
 /// Whether the leader should propose `ExpireSessions` now: it leads, and the earliest expiry
 /// has passed (a log entry only when a session is due, not every tick).
-/// Whether a node silent for `silent` is taken as down.
-pub(crate) fn node_down(silent: Duration) -> bool {
-    silent >= NODE_DOWN_AFTER
-}
-
 pub(crate) fn expiry_due(leading: bool, earliest_ms: Option<u64>, now_ms: u64) -> bool {
     leading && earliest_ms.is_some_and(|at| at <= now_ms)
 }

@@ -20,7 +20,9 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use mqttd_cluster::session::{Delivered, MessageId, SessionData, StoredMessage};
+use mqttd_cluster::session::{
+    Delivered, MessageId, Queued, SessionData, StoredMessage, StoredWill,
+};
 use mqttd_cluster::state::Retained;
 use mqttd_cluster::{ApplyHook, Command, Effect, NodeError, Outcome, Proposer};
 use mqttd_proto::session::{OutboundState, Session};
@@ -126,26 +128,15 @@ impl ApplyHook for Effects {
                     delivered,
                     message,
                 } if owner == me => {
-                    let Ok(client_id) = ClientId::try_from(client_id.as_str()) else {
-                        continue;
-                    };
-                    if !storage.delivers(&client_id, epoch, seq) {
-                        tracing::trace!(client_id = %client_id, epoch, seq, "queued in the cluster, not delivered here");
-                        continue;
-                    }
-                    storage.handed(&client_id, seq);
-                    let Some(handle) = inner.sessions.get(&client_id).map(|h| h.clone()) else {
-                        tracing::debug!(client_id = %client_id, epoch, seq, "queued in the cluster for a session not held here");
-                        continue;
-                    };
-                    let Some(delivery) =
-                        inner.delivery_of(storage, &client_id, id, qos, &message, &delivered)
-                    else {
-                        continue;
-                    };
-                    if !inner.deliver_stored(now, &handle, delivery) {
-                        tracing::debug!(client_id = %client_id, epoch, seq, "queued in the cluster, dropped here");
-                        inner.metrics.messages_dropped.inc();
+                    if let Ok(client_id) = ClientId::try_from(client_id.as_str()) {
+                        let queued = Queued {
+                            seq,
+                            id,
+                            qos,
+                            message: *message,
+                            delivered,
+                        };
+                        inner.hand_queued(now, storage, &client_id, epoch, &queued);
                     }
                 }
                 Effect::Claimed {
@@ -189,13 +180,7 @@ impl ApplyHook for Effects {
                     by,
                     client_id,
                     will,
-                } if by == me => match to_message(&will.message) {
-                    Some(message) => {
-                        tracing::debug!(client_id, topic = %will.message.topic, "will of a connection gone with its node");
-                        inner.publish_will(now, message);
-                    }
-                    None => tracing::warn!(client_id, "a will in the cluster is not valid MQTT"),
-                },
+                } if by == me => inner.publish_cluster_will(now, &client_id, &will),
                 Effect::Retained { topic, message } => {
                     inner.serve_retained(&topic, message.as_ref());
                 }
@@ -220,56 +205,35 @@ impl ApplyHook for Effects {
 /// another node claimed (or that was orphaned, or ended) is let go; one still this node's
 /// gets the messages queued for it that it was not handed.
 fn take_cluster_sessions(inner: &Arc<Inner>, cluster: &BrokerCluster) {
-    let (Some(storage), Some(me)) = (
-        inner.cluster_storage.get(),
-        inner.cluster_storage.get().and_then(|s| s.node_id()),
-    ) else {
+    let Some(storage) = inner.cluster_storage.get() else {
+        return;
+    };
+    let Some(me) = storage.node_id() else {
         return;
     };
     let _turn = inner.cluster_apply.lock();
     let now = crate::clock::now();
     for (client_id, epoch, from_seq) in storage.owned_sessions() {
-        let (current, missed) = cluster.node().state().read(|s| {
-            let current = s.session(client_id.as_str()).map(|o| (o.owner, o.epoch));
-            let missed: Vec<_> = s
-                .session_data(client_id.as_str())
-                .map(|d| {
-                    d.queue
-                        .iter()
-                        .filter(|q| q.seq >= from_seq)
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            (current, missed)
-        });
+        let current = cluster
+            .node()
+            .state()
+            .read(|s| s.session(client_id.as_str()).map(|o| (o.owner, o.epoch)));
         match current {
             Some((owner, now_epoch)) if owner == me && now_epoch >= epoch => {
                 // Claimed again here meanwhile: as `Effect::Claimed` would.
                 storage.renew(&client_id, epoch, now_epoch);
-                let handle = inner.sessions.get(&client_id).map(|h| h.clone());
-                for q in missed {
-                    if !storage.delivers(&client_id, now_epoch, q.seq) {
-                        continue;
-                    }
-                    storage.handed(&client_id, q.seq);
-                    let (Some(handle), Some(delivery)) = (
-                        handle.as_ref(),
-                        inner.delivery_of(
-                            storage,
-                            &client_id,
-                            q.id,
-                            q.qos,
-                            &q.message,
-                            &q.delivered,
-                        ),
-                    ) else {
-                        continue;
-                    };
-                    tracing::debug!(client_id = %client_id, seq = q.seq, "queued in the cluster, learned from a snapshot");
-                    if !inner.deliver_stored(now, handle, delivery) {
-                        inner.metrics.messages_dropped.inc();
-                    }
+                let missed: Vec<Queued> = cluster.node().state().read(|s| {
+                    s.session_data(client_id.as_str())
+                        .map_or_else(Vec::new, |d| {
+                            d.queue
+                                .iter()
+                                .filter(|q| q.seq >= from_seq)
+                                .cloned()
+                                .collect()
+                        })
+                });
+                for q in &missed {
+                    inner.hand_queued(now, storage, &client_id, now_epoch, q);
                 }
             }
             _ => {
@@ -577,21 +541,57 @@ impl Inner {
         // The connection this claim ended (on a node that let it go, or died) left its will
         // here: due now, unless it has a delay and the session carries on (MQTT 5.0 3.1.3.2.2).
         if let Some(will) = will.filter(|w| !present || w.delay_secs == 0) {
-            match to_message(&will.message) {
-                Some(message) => {
-                    tracing::debug!(client_id = %client_id, topic = %will.message.topic, "will of the connection the claim ended");
-                    self.publish_will(now, message);
-                }
-                None => {
-                    tracing::warn!(client_id = %client_id, "a will in the cluster is not valid MQTT")
-                }
-            }
+            self.publish_cluster_will(now, client_id.as_str(), &will);
         }
         Acquired {
             handle,
             session,
             present,
             refused: None,
+        }
+    }
+
+    /// Hands a message the cluster queued for a session (under `epoch`) to the session here,
+    /// unless this node does not deliver it (not its claim, or read when the session was
+    /// built); everything queued up to it counts as handed.
+    fn hand_queued(
+        &self,
+        now: Instant,
+        storage: &ClusterStorage,
+        client_id: &ClientId,
+        epoch: u64,
+        q: &Queued,
+    ) {
+        let seq = q.seq;
+        if !storage.delivers(client_id, epoch, seq) {
+            tracing::trace!(client_id = %client_id, epoch, seq, "queued in the cluster, not delivered here");
+            return;
+        }
+        storage.handed(client_id, seq);
+        let Some(handle) = self.sessions.get(client_id).map(|h| h.clone()) else {
+            tracing::debug!(client_id = %client_id, epoch, seq, "queued in the cluster for a session not held here");
+            return;
+        };
+        let Some(delivery) =
+            self.delivery_of(storage, client_id, q.id, q.qos, &q.message, &q.delivered)
+        else {
+            return;
+        };
+        if !self.deliver_stored(now, &handle, delivery) {
+            tracing::debug!(client_id = %client_id, epoch, seq, "queued in the cluster, dropped here");
+            self.metrics.messages_dropped.inc();
+        }
+    }
+
+    /// Publishes a will the cluster held for a connection that is gone (its session was
+    /// claimed, or its node was found gone).
+    fn publish_cluster_will(&self, now: Instant, client_id: &str, will: &StoredWill) {
+        match to_message(&will.message) {
+            Some(message) => {
+                tracing::debug!(client_id, topic = %will.message.topic, "will of a connection that is gone");
+                self.publish_will(now, message);
+            }
+            None => tracing::warn!(client_id, "a will in the cluster is not valid MQTT"),
         }
     }
 

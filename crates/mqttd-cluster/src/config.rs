@@ -82,6 +82,10 @@ pub struct ClusterConfig {
     /// one further behind gets the snapshot. Default 1,000.
     #[serde(default)]
     pub log_kept: Option<u64>,
+    /// Seconds the leader goes without an answer from a node before it takes the node's
+    /// connections as lost and orphans its sessions; default 10 (longer than an election).
+    #[serde(default)]
+    pub node_down_after: Option<u64>,
 }
 
 /// Why a `[cluster]` section is refused.
@@ -122,6 +126,11 @@ impl ClusterConfig {
         if self.snapshot_every == Some(0) {
             return Err(ConfigError::Invalid(
                 "snapshot_every must be above 0".into(),
+            ));
+        }
+        if self.node_down_after == Some(0) {
+            return Err(ConfigError::Invalid(
+                "node_down_after must be above 0".into(),
             ));
         }
         let mut ids = vec![self.node_id];
@@ -215,6 +224,7 @@ mod tests {
         .unwrap();
         assert!(c.seeds.is_empty());
         assert_eq!((c.snapshot_every, c.log_kept), (None, None));
+        assert_eq!(c.node_down_after, None);
         assert_eq!(c.member().addr, "127.0.0.1:0");
         assert_eq!(
             c.data_dir(std::path::Path::new("/ignored")),
@@ -248,6 +258,11 @@ mod tests {
         assert!(matches!(
             ClusterConfig::parse(&never),
             Err(ConfigError::Invalid(m)) if m.contains("snapshot_every")
+        ));
+        let at_once = FULL.replace("node_id = 1", "node_id = 1\nnode_down_after = 0");
+        assert!(matches!(
+            ClusterConfig::parse(&at_once),
+            Err(ConfigError::Invalid(m)) if m.contains("node_down_after")
         ));
     }
 }

@@ -63,8 +63,6 @@ pub struct SessionOwner {
 /// A will whose connection is gone with its node, published by the leader once due.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DueWill {
-    /// The session it belongs to.
-    pub client_id: String,
     /// When it is due (ms since the Unix epoch): its delay after the node was found gone,
     /// or the session's expiry if that comes first.
     pub due_ms: u64,
@@ -503,8 +501,8 @@ pub struct ClusterState {
     #[serde(default)]
     batches: BTreeMap<NodeId, LastBatch>,
     /// Wills of connections gone with their node, until published.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    due_wills: Vec<DueWill>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    due_wills: BTreeMap<String, DueWill>,
     #[serde(skip)]
     index: SubscriptionIndex,
 }
@@ -563,15 +561,15 @@ impl ClusterState {
                 count: self.orphan(node, incarnation, now_ms, effects),
             },
             Command::PublishWills { by, now_ms } => {
-                let (due, later): (Vec<DueWill>, Vec<DueWill>) =
+                let (due, later): (BTreeMap<_, _>, BTreeMap<_, _>) =
                     std::mem::take(&mut self.due_wills)
                         .into_iter()
-                        .partition(|w| w.due_ms <= now_ms);
+                        .partition(|(_, w)| w.due_ms <= now_ms);
                 self.due_wills = later;
                 let count = due.len();
-                effects.extend(due.into_iter().map(|w| Effect::Will {
+                effects.extend(due.into_iter().map(|(client_id, w)| Effect::Will {
                     by,
-                    client_id: w.client_id,
+                    client_id,
                     will: w.will,
                 }));
                 Outcome::Wills { count }
@@ -588,7 +586,7 @@ impl ClusterState {
                 // The will of the connection the claim ends goes to the claimant, which
                 // publishes it or not (MQTT's rules: its delay, a clean start), and is never
                 // handed to a later claim again.
-                let due = self.take_due_will(&client_id);
+                let due = self.due_wills.remove(&client_id).map(|w| w.will);
                 let will = self
                     .contents
                     .get_mut(&client_id)
@@ -902,13 +900,15 @@ impl ClusterState {
             }
             if let Some(will) = self.contents.get_mut(client_id).and_then(|d| d.will.take()) {
                 let delayed = now_ms.saturating_add(u64::from(will.delay_secs) * 1000);
-                self.due_wills.push(DueWill {
-                    client_id: client_id.clone(),
-                    // Published when its delay has passed or its session ends, whichever
-                    // comes first.
-                    due_ms: s.expires_at_ms.map_or(delayed, |at| at.min(delayed)),
-                    will,
-                });
+                self.due_wills.insert(
+                    client_id.clone(),
+                    DueWill {
+                        // Published when its delay has passed or its session ends,
+                        // whichever comes first.
+                        due_ms: s.expires_at_ms.map_or(delayed, |at| at.min(delayed)),
+                        will,
+                    },
+                );
             }
             effects.push(Effect::Orphaned {
                 client_id: client_id.clone(),
@@ -917,15 +917,6 @@ impl ClusterState {
             });
         }
         count
-    }
-
-    /// Takes the due will of a session out of the list, if it has one.
-    fn take_due_will(&mut self, client_id: &str) -> Option<StoredWill> {
-        let at = self
-            .due_wills
-            .iter()
-            .position(|w| w.client_id == client_id)?;
-        Some(self.due_wills.remove(at).will)
     }
 
     /// Ends a session: forgets its owner, its contents and its subscriptions.
@@ -1012,7 +1003,7 @@ impl ClusterState {
     /// When the earliest will of a gone connection is due (ms since the Unix epoch): the
     /// leader proposes `PublishWills` once it has passed.
     pub fn earliest_will(&self) -> Option<u64> {
-        self.due_wills.iter().map(|w| w.due_ms).min()
+        self.due_wills.values().map(|w| w.due_ms).min()
     }
 
     /// Whether `node` serves a session it claimed under `incarnation` or earlier that is not
@@ -1023,9 +1014,10 @@ impl ClusterState {
             .any(|s| s.owner == node && !s.orphaned && s.incarnation <= incarnation)
     }
 
-    /// The wills of gone connections waiting for their time.
-    pub fn due_wills(&self) -> &[DueWill] {
-        &self.due_wills
+    /// The wills of gone connections waiting for their time, by client id (one per session:
+    /// a session is orphaned once until claimed again, and a claim takes its will).
+    pub fn due_wills(&self) -> impl ExactSizeIterator<Item = (&str, &DueWill)> {
+        self.due_wills.iter().map(|(c, w)| (c.as_str(), w))
     }
 
     /// The number of sessions.
@@ -1405,11 +1397,7 @@ mod tests {
         assert_eq!(owner(&s, "c").expires_at_ms, Some(9_000), "already running");
         assert_eq!(owner(&s, "d").epoch, d, "another node's session");
         // Wills: a's after its delay; c's when its session ends, before its delay.
-        let due: Vec<(&str, u64)> = s
-            .due_wills()
-            .iter()
-            .map(|w| (w.client_id.as_str(), w.due_ms))
-            .collect();
+        let due: Vec<(&str, u64)> = s.due_wills().map(|(c, w)| (c, w.due_ms)).collect();
         assert_eq!(due, [("a", 7_000), ("c", 9_000)]);
         assert_eq!(s.earliest_will(), Some(7_000));
         // Once: a second NodeDown finds nothing left to orphan.
