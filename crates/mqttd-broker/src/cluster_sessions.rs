@@ -577,7 +577,9 @@ impl Inner {
         else {
             return;
         };
-        if !self.deliver_stored(now, &handle, delivery) {
+        if self.deliver_stored(now, &handle, delivery) {
+            tracing::trace!(client_id = %client_id, epoch, seq, "queued in the cluster, handed to the session");
+        } else {
             tracing::debug!(client_id = %client_id, epoch, seq, "queued in the cluster, dropped here");
             self.metrics.messages_dropped.inc();
         }

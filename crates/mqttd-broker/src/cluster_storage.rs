@@ -29,6 +29,11 @@ use crate::storage::{
 /// `cluster_sessions::LEASE`), with room for the answer to go out.
 const LATE_COMMIT: Duration = Duration::from_secs(2);
 
+/// How long a confirmation that this node still owns a session lets PUBLISHes to it go out
+/// without another ([`ClusterStorage::delivery_fence`]): with [`LATE_COMMIT`], less than the
+/// lease a new owner waits for (3 s, `cluster_sessions::LEASE`).
+const FENCE_FRESH: Duration = Duration::from_secs(1);
+
 /// What a session the cluster owns needs here.
 #[derive(Debug)]
 struct Owned {
@@ -41,6 +46,9 @@ struct Owned {
     /// from there, or were handed to it since: their `Queued` effects are not delivered
     /// again (queue numbers grow in log order).
     from_seq: u64,
+    /// The latest confirmation that the session is still this node's: when it was recorded,
+    /// and its ticket ([`ClusterStorage::delivery_fence`]).
+    fence: Option<(tokio::time::Instant, u64)>,
 }
 
 /// This node in the cluster, once it has started.
@@ -282,6 +290,7 @@ impl ClusterStorage {
                 epoch,
                 messages: HashMap::new(),
                 from_seq,
+                fence: None,
             },
         );
     }
@@ -293,6 +302,7 @@ impl ClusterStorage {
         if let Some(o) = lock(&self.owned).get_mut(client_id) {
             if o.epoch == old {
                 o.epoch = epoch;
+                o.fence = None;
             }
         }
     }
@@ -397,6 +407,54 @@ impl ClusterStorage {
                 self.record(ticket, Vec::new())
             }
         }
+    }
+
+    /// What a PUBLISH to a session the cluster owns waits for before it leaves: a
+    /// confirmation, recorded less than [`FENCE_FRESH`] ago, that the session is still this
+    /// node's (an empty `SessionProgress` under its epoch, refused once another node has
+    /// claimed it). A node that was paused or cut off may apply a message queued under its
+    /// claim after another node took the session over, and its client got CONNACK there;
+    /// without the fence it would deliver that message on the old connection. With it, the
+    /// PUBLISH waits for a confirmation the cluster refuses (or learned too late to answer
+    /// for: [`LATE_COMMIT`]), and the session is let go instead. A confirmation committed
+    /// before the claim was recorded before it, so what goes out under it leaves within
+    /// [`FENCE_FRESH`] or [`LATE_COMMIT`] of the claim, before the new owner's lease ends.
+    fn fence(&self, client_id: &ClientId) -> Ticket {
+        if let Some(held) = self.hold(client_id) {
+            return held;
+        }
+        let Some(node) = self.node.get() else {
+            return Ticket::NONE;
+        };
+        // Tokio's clock, as the proposer's (`Settled::proposed`).
+        let now = tokio::time::Instant::now();
+        let epoch = {
+            let owned = lock(&self.owned);
+            let Some(o) = owned.get(client_id) else {
+                return Ticket::NONE;
+            };
+            if let Some((at, ticket)) = o.fence {
+                if now.duration_since(at) < FENCE_FRESH {
+                    return Ticket::new(ticket);
+                }
+            }
+            o.epoch
+        };
+        let ticket = self.record(
+            Ticket::NONE,
+            vec![Command::SessionProgress {
+                client_id: client_id.as_str().to_owned(),
+                node: node.id,
+                epoch,
+                steps: Vec::new(),
+            }],
+        );
+        if let Some(o) = lock(&self.owned).get_mut(client_id) {
+            if o.epoch == epoch {
+                o.fence = Some((now, ticket.get()));
+            }
+        }
+        ticket
     }
 
     /// The `Publish` of a QoS 1 or 2 publication, once the node has started.
@@ -789,6 +847,10 @@ impl Storage for ClusterStorage {
         })
     }
 
+    fn delivery_fence(&self, client_id: &ClientId) -> Ticket {
+        self.fence(client_id)
+    }
+
     fn publish(&self, message: &Message, from: Option<&ClientId>, counter: u64) -> Ticket {
         match self.publish_command(message, from, counter) {
             Some(command) => self.record(Ticket::NONE, vec![command]),
@@ -1023,64 +1085,74 @@ mod tests {
         panic!("{what}: {:?}", watermark(storage));
     }
 
-    /// A ticket is durable once Raft committed its commands, in order; a command the cluster
-    /// refused holds what depended on it (and everything after) until its session's
-    /// connection here has stopped; a proposal that keeps failing loses its tickets; a
-    /// commit learned too late is held as a refusal is.
-    #[tokio::test(start_paused = true)]
-    async fn tickets_follow_raft_commits_refusals_and_losses() {
+    /// A cluster storage whose proposer commits a batch per permit of `gate` (and fails while
+    /// `failing`), refusing session commands under epoch 1 (stale: another node claimed the
+    /// session since). What the storage was told of refusals, in order.
+    fn gated(
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+        gate: &Arc<Semaphore>,
+        failing: &Arc<AtomicBool>,
+    ) -> (Arc<ClusterStorage>, Arc<Mutex<Vec<ClientId>>>) {
         let storage = ClusterStorage::new(Arc::new(MemoryStorage::default()), 100);
-        let tasks = TaskTracker::new();
-        let stop = CancellationToken::new();
-        let gate = Arc::new(Semaphore::new(0));
-        let failing = Arc::new(AtomicBool::new(false));
-        let proposer = {
-            let (gate, failing) = (gate.clone(), failing.clone());
-            let settling = Arc::downgrade(&storage);
-            Proposer::start(
-                &tasks,
-                stop.clone(),
-                (1, 1),
-                move |command| {
-                    let (gate, failing) = (gate.clone(), failing.clone());
-                    Box::pin(async move {
-                        if failing.load(Ordering::SeqCst) {
-                            return Err("no leader".to_owned());
-                        }
-                        gate.acquire().await.map_err(|e| e.to_string())?.forget();
-                        let Command::Sequenced {
-                            commands: batch, ..
-                        } = command
-                        else {
-                            return Err("not a batch".to_owned());
-                        };
-                        // Epoch 1 is stale: another node claimed the session since.
-                        let outcomes = batch
-                            .iter()
-                            .map(|c| match c {
-                                Command::SessionProgress { epoch: 1, .. }
-                                | Command::SetSessionExpiry { epoch: 1, .. } => {
-                                    Outcome::Rejected(Rejection::NoSession)
-                                }
-                                _ => Outcome::Done,
-                            })
-                            .collect();
-                        Ok(Outcome::Batch(outcomes))
-                    })
-                },
-                move |settled| {
-                    if let Some(s) = settling.upgrade() {
-                        s.settled(settled);
+        let (gate, failing) = (gate.clone(), failing.clone());
+        let settling = Arc::downgrade(&storage);
+        let proposer = Proposer::start(
+            tasks,
+            stop.clone(),
+            (1, 1),
+            move |command| {
+                let (gate, failing) = (gate.clone(), failing.clone());
+                Box::pin(async move {
+                    if failing.load(Ordering::SeqCst) {
+                        return Err("no leader".to_owned());
                     }
-                },
-            )
-        };
+                    gate.acquire().await.map_err(|e| e.to_string())?.forget();
+                    let Command::Sequenced {
+                        commands: batch, ..
+                    } = command
+                    else {
+                        return Err("not a batch".to_owned());
+                    };
+                    let outcomes = batch
+                        .iter()
+                        .map(|c| match c {
+                            Command::SessionProgress { epoch: 1, .. }
+                            | Command::SetSessionExpiry { epoch: 1, .. } => {
+                                Outcome::Rejected(Rejection::NoSession)
+                            }
+                            _ => Outcome::Done,
+                        })
+                        .collect();
+                    Ok(Outcome::Batch(outcomes))
+                })
+            },
+            move |settled| {
+                if let Some(s) = settling.upgrade() {
+                    s.settled(settled);
+                }
+            },
+        );
         storage.attach(1, 1, proposer);
         let refused = Arc::new(Mutex::new(Vec::new()));
         {
             let refused = refused.clone();
             storage.on_refused(move |c| lock(&refused).push(c));
         }
+        (storage, refused)
+    }
+
+    /// A ticket is durable once Raft committed its commands, in order; a command the cluster
+    /// refused holds what depended on it (and everything after) until its session's
+    /// connection here has stopped; a proposal that keeps failing loses its tickets; a
+    /// commit learned too late is held as a refusal is.
+    #[tokio::test(start_paused = true)]
+    async fn tickets_follow_raft_commits_refusals_and_losses() {
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let gate = Arc::new(Semaphore::new(0));
+        let failing = Arc::new(AtomicBool::new(false));
+        let (storage, refused) = gated(&tasks, &stop, &gate, &failing);
 
         // Not durable before the commit, durable after it.
         storage.own(&client("c"), 2, 0);
@@ -1146,6 +1218,55 @@ mod tests {
     }
 
     /// A message survives the trip into the cluster's form and back, properties included.
+    /// A PUBLISH to a session the cluster owns waits for a confirmation that the session is
+    /// still this node's, one per `FENCE_FRESH` at most; refused (another node claimed the
+    /// session), it is held and the session let go; a session the cluster does not own has
+    /// nothing to wait for.
+    #[tokio::test(start_paused = true)]
+    async fn a_publish_waits_for_a_fresh_confirmation_that_the_session_is_owned() {
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let gate = Arc::new(Semaphore::new(0));
+        let failing = Arc::new(AtomicBool::new(false));
+        let (storage, refused) = gated(&tasks, &stop, &gate, &failing);
+        assert!(storage.delivery_fence(&client("local")).is_none());
+
+        storage.own(&client("c"), 2, 0);
+        let first = storage.delivery_fence(&client("c"));
+        assert!(!first.is_none());
+        // Within `FENCE_FRESH`, the same confirmation covers the next PUBLISH.
+        assert_eq!(storage.delivery_fence(&client("c")), first);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!watermark(&storage).covers(first), "before the commit");
+        gate.add_permits(1);
+        until(&storage, "the confirmation", |w| w.covers(first)).await;
+        assert_eq!(storage.delivery_fence(&client("c")), first);
+        // Later, another.
+        tokio::time::sleep(FENCE_FRESH).await;
+        let second = storage.delivery_fence(&client("c"));
+        assert!(second.get() > first.get());
+        gate.add_permits(1);
+        until(&storage, "the second confirmation", |w| w.covers(second)).await;
+
+        // Claimed by another node (this node's epoch 1 is stale): held, and let go.
+        storage.own(&client("old"), 1, 0);
+        let stale = storage.delivery_fence(&client("old"));
+        gate.add_permits(1);
+        until(&storage, "the refusal told", |_| !lock(&refused).is_empty()).await;
+        assert_eq!(*lock(&refused), [client("old")]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!watermark(&storage).covers(stale), "held");
+        // While it is being let go, a PUBLISH waits until its connection has closed.
+        assert_eq!(storage.disown(&client("old"), Some(1)), Some(1));
+        let surrendered = storage.delivery_fence(&client("old"));
+        assert!(!surrendered.is_none());
+        storage.unhold(&client("old"));
+        until(&storage, "released", |w| w.covers(surrendered)).await;
+        stop.cancel();
+    }
+
     #[test]
     fn a_message_comes_back_from_the_cluster_as_it_went() {
         let mut message = Message::new(

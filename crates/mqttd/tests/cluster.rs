@@ -692,6 +692,72 @@ fn a_node_brought_up_to_date_by_a_snapshot_delivers_what_its_sessions_missed() {
     }
 }
 
+/// A node paused (SIGSTOP) before a publication for its live subscriber, whose session the
+/// client takes over on another node meanwhile, sends nothing on the old connection once
+/// resumed but DISCONNECT 0x8E: it may apply the publication (queued for the session under
+/// its claim) before it learns of the claim, and must not deliver it to a client that got
+/// the session back elsewhere (nothing on the old connection after the new CONNACK). Which
+/// it learns first depends on how the resumed node reads what piled up for it; the PUBLISH
+/// waits for a confirmation that the session is still the node's in either case
+/// (`Storage::delivery_fence`, unit-tested in the connection core and the cluster storage).
+#[test]
+fn a_paused_node_sends_nothing_on_its_old_connection_after_the_session_moved() {
+    let ca = TestCa::new("cluster CA");
+    let mut nodes = three_nodes_with(&ca, "node_down_after = 600\n");
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        use mqttd_proto::client::Event;
+        use mqttd_proto::{QoS, ReasonCode};
+        let (sub, mut sub_events, _) = persistent(&nodes[2], "s", true).await;
+        sub.subscribe_one(support::client::filter("t/#"), QoS::AtLeastOnce)
+            .await
+            .expect("SUBACK");
+        let (publisher, mut pub_events, _) = persistent(&nodes[0], "p", true).await;
+        let _ = publish_numbered(&publisher, &mut pub_events, 0).await;
+        assert_eq!(payloads(&mut sub_events, 1).await, ["m0"]);
+        signal(&nodes[2], "STOP");
+        // Acknowledged by the two others, queued for the session under node 3's claim.
+        let reason = publish_numbered(&publisher, &mut pub_events, 1).await;
+        assert_eq!(reason, ReasonCode::Success);
+        // The leader's heartbeats, which carry the commit of m1 but not the claim yet, pile
+        // up for node 3 meanwhile.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (_again, mut again_events, present) = persistent(&nodes[0], "s", false).await;
+        assert!(present);
+        // m0 comes again first if its PUBACK was not committed before the pause (QoS 1: at
+        // least once).
+        let mut got = payloads(&mut again_events, 1).await;
+        if got == ["m0"] {
+            got = payloads(&mut again_events, 1).await;
+        }
+        assert_eq!(got, ["m1"]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        signal(&nodes[2], "CONT");
+        // The old connection gets its DISCONNECT and nothing before it.
+        let mut late = Vec::new();
+        let reason = loop {
+            match support::within(BOUND, "the old connection closed", sub_events.recv()).await {
+                Some(Event::Publish(p)) => {
+                    late.push(String::from_utf8_lossy(&p.message.payload).into_owned());
+                }
+                Some(Event::Closed { reason, .. }) => break reason,
+                Some(_) => {}
+                None => panic!("the connection's task ended without a reason"),
+            }
+        };
+        assert!(
+            late.is_empty(),
+            "delivered on the old connection after the new CONNACK: {late:?}\n{}",
+            nodes[2].broker.log_tail()
+        );
+        assert_eq!(reason, ReasonCode::SessionTakenOver);
+        drop(sub);
+    });
+    for n in &mut nodes {
+        n.broker.shutdown();
+    }
+}
+
 /// Publishes `m<n>` to `t/1` at QoS 1; the PUBACK's reason.
 async fn publish_numbered(
     publisher: &mqttd_client::Client,

@@ -1167,6 +1167,14 @@ impl ConnectionCore {
             if abandoned && !matches!(packet, Packet::Disconnect(_)) {
                 continue;
             }
+            if matches!(packet, Packet::Publish(_)) && self.persistent() {
+                // In a cluster, a PUBLISH leaves only while this node is known to own the
+                // session (`Storage::delivery_fence`).
+                if let Some(id) = self.client_id() {
+                    let fence = self.inner.storage.delivery_fence(id);
+                    self.depends_on_for(stream, fence);
+                }
+            }
             let output = self.outputs.get_mut(stream);
             let at = match touched.iter().position(|(s, ..)| *s == stream) {
                 Some(at) => at,

@@ -992,3 +992,91 @@ async fn a_session_taken_by_another_node_answers_nothing_read_before() {
     hand(&mut core, now, delivery(QoS::AtLeastOnce));
     assert!(written(&mut core, StreamId::CONTROL).is_empty());
 }
+
+/// A storage that keeps nothing, but has every PUBLISH to a persistent session wait for
+/// change 1 (as a cluster has it wait for a confirmation that the session is still the
+/// node's), which is durable once the watermark says so.
+#[derive(Default)]
+struct Fenced {
+    watermark: tokio::sync::watch::Sender<Watermark>,
+}
+
+impl crate::storage::Storage for Fenced {
+    fn recover(&self) -> Result<crate::storage::Recovered, crate::storage::StorageError> {
+        Ok(crate::storage::Recovered::default())
+    }
+    fn retain(&self, _: &Arc<Message>) -> Ticket {
+        Ticket::NONE
+    }
+    fn save_session(&self, _: &crate::storage::SessionRecord) -> Ticket {
+        Ticket::NONE
+    }
+    fn remove_session(&self, _: &ClientId) -> Ticket {
+        Ticket::NONE
+    }
+    fn remove_messages(&self, _: &ClientId) -> Ticket {
+        Ticket::NONE
+    }
+    fn store_delivery(&self, _: &ClientId, _: &Delivery) -> Ticket {
+        Ticket::NONE
+    }
+    fn delivery_flow(&self, _: &ClientId, _: u64, _: PacketId, _: OutboundState) -> Ticket {
+        Ticket::NONE
+    }
+    fn delivery_done(&self, _: &ClientId, _: &Delivery) -> Ticket {
+        Ticket::NONE
+    }
+    fn pending_release(&self, _: &ClientId, _: PacketId, _: bool) -> Ticket {
+        Ticket::NONE
+    }
+    fn delivery_fence(&self, _: &ClientId) -> Ticket {
+        Ticket::new(1)
+    }
+    fn watermark(&self) -> tokio::sync::watch::Receiver<Watermark> {
+        self.watermark.subscribe()
+    }
+}
+
+/// A PUBLISH to a persistent session leaves only once what the storage fences it with is
+/// durable (in a cluster: a confirmation that the session is still this node's); a clean
+/// session's does not wait.
+#[tokio::test]
+async fn a_publish_to_a_persistent_session_waits_for_its_fence() {
+    let storage = Arc::new(Fenced::default());
+    let inner = Inner::for_tests(Config::default(), storage.clone());
+    let now = Instant::now();
+    let mut clean = connected(&inner, now, "clean").await;
+    hand(&mut clean, now, delivery(QoS::AtLeastOnce));
+    let out = written(&mut clean, StreamId::CONTROL);
+    assert!(matches!(&out[..], [Packet::Publish(_)]), "{out:?}");
+
+    let mut core = ConnectionCore::new(inner.clone(), peer(), now, Watermark::default());
+    let mut connect = connect_packet("kept");
+    if let Packet::Connect(c) = &mut connect {
+        c.properties.session_expiry_interval = Some(60);
+    }
+    core.handle_packet(now, StreamId::CONTROL, connect);
+    core.process(now);
+    let Some(Request::AcquireSession(request)) = core.poll_request() else {
+        panic!("CONNECT asks for the session");
+    };
+    let acquired = inner.acquire(now, &request, core.mailbox()).await;
+    core.session_acquired(now, acquired);
+    core.process(now);
+    let out = written(&mut core, StreamId::CONTROL);
+    assert!(matches!(&out[..], [Packet::ConnAck(_)]), "{out:?}");
+    hand(&mut core, now, delivery(QoS::AtLeastOnce));
+    hand(&mut core, now, delivery(QoS::AtMostOnce));
+    assert!(
+        written(&mut core, StreamId::CONTROL).is_empty(),
+        "held until the fence is durable"
+    );
+    let durable = Watermark::new(1, false);
+    storage.watermark.send_replace(durable);
+    core.handle_watermark(now, durable);
+    let out = written(&mut core, StreamId::CONTROL);
+    assert!(
+        matches!(&out[..], [Packet::Publish(_), Packet::Publish(_)]),
+        "{out:?}"
+    );
+}

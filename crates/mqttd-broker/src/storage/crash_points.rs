@@ -71,6 +71,9 @@ impl Storage for Shared {
     fn pending_release(&self, c: &ClientId, p: PacketId, pending: bool) -> Ticket {
         self.0.pending_release(c, p, pending)
     }
+    fn delivery_fence(&self, client_id: &ClientId) -> Ticket {
+        self.0.delivery_fence(client_id)
+    }
     fn open_batch(&self) -> Option<Box<dyn StorageBatch + '_>> {
         self.0.open_batch()
     }

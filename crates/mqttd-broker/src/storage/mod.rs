@@ -355,6 +355,14 @@ pub trait Storage: Send + Sync + 'static {
     /// An incoming QoS 2 identifier now awaits PUBREL (`pending`), or was released.
     fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) -> Ticket;
 
+    /// A PUBLISH to the session is about to be sent: the change it must wait for. In a
+    /// cluster, a recent confirmation that this node still owns the session, so that a node
+    /// that was paused or cut off while another node took the session over sends nothing
+    /// more on the old connection. Nothing by default.
+    fn delivery_fence(&self, _client_id: &ClientId) -> Ticket {
+        Ticket::NONE
+    }
+
     /// A QoS 1 or 2 publication, for stored sessions that the broker does not hold itself
     /// (in a cluster: the persistent sessions of every node, found when it is applied);
     /// `counter` makes its identity unique. Nothing by default: the broker's own routing
