@@ -675,6 +675,7 @@ mod tests {
         for (client_id, expires_at_ms) in [("gone", Some(past)), ("kept", None)] {
             let claimed = node
                 .propose(Command::ClaimSession {
+                    owner_quiet_ms: 0,
                     incarnation: 0,
                     client_id: client_id.into(),
                     node: 7,

@@ -37,9 +37,12 @@ use crate::core::SessionRequest;
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the new owner of a session taken from another node waits for that node to let
-/// it go before answering CONNACK: the lease of the old owner. A node cut off from the
-/// cluster cannot release; it only holds what it had queued, which the new owner sends
-/// again.
+/// it go before answering CONNACK: the lease of the old owner, counted from when the old
+/// owner last proposed anything the claim comes after (the claim's `owner_quiet_ms`, which
+/// the leader sets). What the old owner sends waits for such a proposal's commit, learned
+/// within `LATE_COMMIT` (2 s, `cluster_storage.rs`) of it; the lease is 1 s longer. A node
+/// cut off from the cluster cannot release; it only holds what it had queued, which the new
+/// owner sends again.
 const LEASE: Duration = Duration::from_secs(3);
 
 /// How long the old owner waits for its connection to close before releasing anyway.
@@ -428,6 +431,8 @@ impl Inner {
             }
         }
         let claim = Command::ClaimSession {
+            // The leader's to set.
+            owner_quiet_ms: 0,
             incarnation: cluster.node().incarnation(),
             client_id: client_id.as_str().to_owned(),
             node: me,
@@ -448,6 +453,7 @@ impl Inner {
             previous,
             present,
             will,
+            owner_quiet_ms,
         } = outcome
         else {
             return refuse(ReasonCode::ServerUnavailable);
@@ -487,9 +493,11 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // Nothing may go out on the old owner's connection after this CONNACK: wait until it
-        // has let the session go, or for its lease.
+        // has let the session go, or for what is left of its lease (the leader's word on how
+        // long the old owner has been quiet).
         if let Some((owner, old)) = previous.filter(|(owner, _)| *owner != me) {
-            let deadline = tokio::time::Instant::now() + LEASE;
+            let left = LEASE.saturating_sub(Duration::from_millis(owner_quiet_ms));
+            let deadline = tokio::time::Instant::now() + left;
             while tokio::time::Instant::now() < deadline {
                 let released = cluster.node().state().read(|s| {
                     s.session(client_id.as_str())

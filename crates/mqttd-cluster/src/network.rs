@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::state::{Command, NodeId, Outcome};
+use crate::store::StateReader;
 use crate::{Member, Raft, TypeConfig};
 
 /// The ALPN of the cluster protocol.
@@ -253,6 +254,7 @@ pub(crate) fn bind(
 pub(crate) async fn serve(
     endpoint: noq::Endpoint,
     raft: Raft,
+    stamp: Stamp,
     router: crate::router::Router,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -265,6 +267,7 @@ pub(crate) async fn serve(
         };
         let Some(incoming) = incoming else { break };
         let raft = raft.clone();
+        let stamp = stamp.clone();
         let router = router.clone();
         let stop = stop.clone();
         let inner = tasks.clone();
@@ -295,7 +298,13 @@ pub(crate) async fn serve(
                         Err(_) => break,
                     },
                 };
-                inner.spawn(answer(raft.clone(), names.clone(), send, recv));
+                inner.spawn(answer(
+                    raft.clone(),
+                    stamp.clone(),
+                    names.clone(),
+                    send,
+                    recv,
+                ));
             }
         });
     }
@@ -367,6 +376,7 @@ fn may_change_membership(raft: &Raft, names: &[String], req: &MembershipRequest)
 /// Answers one RPC from a peer whose certificate carries `names`.
 async fn answer(
     raft: Raft,
+    stamp: Stamp,
     names: Arc<[String]>,
     mut send: noq::SendStream,
     mut recv: noq::RecvStream,
@@ -402,7 +412,12 @@ async fn answer(
         },
         // Any node of the cluster may propose.
         TAG_PROPOSE => match serde_json::from_slice::<Command>(body) {
-            Ok(command) => serde_json::to_vec(&propose_here(&raft, command).await).map_err(Some),
+            Ok(command) => {
+                if let Command::Sequenced { node, .. } = &command {
+                    stamp.proposed_by(*node);
+                }
+                serde_json::to_vec(&propose_here(&raft, &stamp, command).await).map_err(Some)
+            }
             Err(e) => Err(Some(e)),
         },
         TAG_MEMBERSHIP => match serde_json::from_slice::<MembershipRequest>(body) {
@@ -440,8 +455,14 @@ async fn answer(
     }
 }
 
-/// Proposes `command` on this node's Raft (it must lead).
-pub(crate) async fn propose_here(raft: &Raft, command: Command) -> Result<Outcome, Forwarded> {
+/// Proposes `command` on this node's Raft (it must lead); a claim gets the leader's word on
+/// its session's owner first ([`Stamp::claim`]).
+pub(crate) async fn propose_here(
+    raft: &Raft,
+    stamp: &Stamp,
+    mut command: Command,
+) -> Result<Outcome, Forwarded> {
+    stamp.claim(raft, &mut command);
     match raft.client_write(command).await {
         Ok(response) => Ok(response.data),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -451,16 +472,100 @@ pub(crate) async fn propose_here(raft: &Raft, command: Command) -> Result<Outcom
     }
 }
 
-/// When each peer last answered this node's `AppendEntries` (heartbeats included): a
-/// leader's view of which followers are alive.
+/// When each peer last answered this node's `AppendEntries` (heartbeats included), or
+/// forwarded it a proposal: a leader's view of which nodes are alive.
 pub(crate) type Heard =
     Arc<std::sync::Mutex<std::collections::HashMap<NodeId, tokio::time::Instant>>>;
+
+/// What a leader adds to a claim before proposing it: for how long, at least, the session's
+/// owner has proposed nothing that the claim comes after (`owner_quiet_ms`), from which the
+/// claimant's lease counts. Whatever the old owner sends its client waits for the commit of
+/// a command it proposed (a confirmation that it still owns the session, or the step
+/// itself), and goes out within the broker's late-commit bound (2 s) of that proposal, or
+/// not at all. A command ahead of the claim in the log was
+/// - appended in this leader's term: forwarded to it by the owner's node, which it then
+///   recorded as heard (a proposal is recorded before it is appended);
+/// - or appended earlier: then this leader held the entry before it stood for election,
+///   which it did at least `election_timeout_min` after it last heard from a leader
+///   (Raft's election timer), so the command was proposed that long before this term began.
+///
+/// So the owner has been quiet for the shorter of the two; a leader that owns the session
+/// itself counts as heard now (it lets the session go when it applies the claim). Stamped as
+/// it is proposed: a forward that arrives between the stamp and the claim's append is not
+/// counted, a window of microseconds.
+#[derive(Clone)]
+pub(crate) struct Stamp {
+    heard: Heard,
+    /// The term this node leads and since when, once it does.
+    led: Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>,
+    state: StateReader,
+    election_timeout_min: Duration,
+}
+
+impl Stamp {
+    /// Notes that `node` forwarded a proposal just now.
+    fn proposed_by(&self, node: NodeId) {
+        lock(&self.heard).insert(node, tokio::time::Instant::now());
+    }
+
+    /// Notes that this node leads `term` from now on, unless it knew already.
+    pub(crate) fn leads(&self, term: u64) {
+        let mut led = lock(&self.led);
+        if led.is_none_or(|(t, _)| t != term) {
+            *led = Some((term, tokio::time::Instant::now()));
+        }
+    }
+
+    /// Sets a claim's `owner_quiet_ms` (see [`Stamp`]); 0 when this node is not known to
+    /// lead its current term, or owns the session itself.
+    fn claim(&self, raft: &Raft, command: &mut Command) {
+        let Command::ClaimSession {
+            client_id,
+            owner_quiet_ms,
+            ..
+        } = command
+        else {
+            return;
+        };
+        let (me, term) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            (m.id, m.current_term)
+        };
+        let Some(since) = lock(&self.led)
+            .filter(|(t, _)| *t == term)
+            .map(|(_, at)| at)
+        else {
+            *owner_quiet_ms = 0;
+            return;
+        };
+        let owner = self.state.read(|s| s.session(client_id).map(|o| o.owner));
+        let quiet = match owner {
+            Some(owner) if owner != me => {
+                let now = tokio::time::Instant::now();
+                let before_term = now.duration_since(since) + self.election_timeout_min;
+                match lock(&self.heard).get(&owner) {
+                    Some(at) => now.duration_since(*at).min(before_term),
+                    None => before_term,
+                }
+            }
+            _ => Duration::ZERO,
+        };
+        *owner_quiet_ms = u64::try_from(quiet.as_millis()).unwrap_or(u64::MAX);
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// openraft's factory of peer clients.
 #[derive(Clone)]
 pub struct Network {
     endpoint: noq::Endpoint,
     heard: Heard,
+    /// See [`Stamp`].
+    led: Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>,
 }
 
 impl Network {
@@ -468,6 +573,18 @@ impl Network {
         Self {
             endpoint,
             heard: Heard::default(),
+            led: Arc::default(),
+        }
+    }
+
+    /// What this node adds to the claims it proposes as leader; `state` to find a session's
+    /// owner.
+    pub(crate) fn stamp(&self, state: StateReader, election_timeout_min: u64) -> Stamp {
+        Stamp {
+            heard: self.heard.clone(),
+            led: self.led.clone(),
+            state,
+            election_timeout_min: Duration::from_millis(election_timeout_min),
         }
     }
 

@@ -247,6 +247,8 @@ pub struct ClusterNode {
     state: StateReader,
     endpoint: noq::Endpoint,
     network: Network,
+    /// What this node adds to the claims it proposes as leader.
+    stamp: network::Stamp,
     /// The link to the leader that proposals are forwarded on, with the leader's
     /// incarnation when it was dialled.
     leader_link: tokio::sync::Mutex<Option<(NodeId, Option<u64>, Peer)>>,
@@ -281,6 +283,7 @@ impl ClusterNode {
                 .map_err(|e| NodeError::Config(Box::new(e)))?,
         );
         let network = Network::new(endpoint.clone());
+        let stamp = network.stamp(state.clone(), config.election_timeout_min);
         let raft = Raft::new(options.id, config, network.clone(), log, sm)
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -296,9 +299,11 @@ impl ClusterNode {
             tasks.clone(),
             options.forward,
         );
+        tasks.spawn(follow_leadership(raft.clone(), stamp.clone(), stop.clone()));
         tasks.spawn(network::serve(
             endpoint.clone(),
             raft.clone(),
+            stamp.clone(),
             router.clone(),
             stop.clone(),
             tasks.clone(),
@@ -311,6 +316,7 @@ impl ClusterNode {
             state,
             endpoint,
             network,
+            stamp,
             leader_link: tokio::sync::Mutex::new(None),
             router,
             stop,
@@ -412,7 +418,7 @@ impl ClusterNode {
     /// meanwhile, `NotLeader` names the new leader and the caller may try again). The
     /// outcome is the leader's; this node applies the entry when it learns of the commit.
     pub async fn propose(&self, command: Command) -> Result<Outcome, NodeError> {
-        let leader = match network::propose_here(&self.raft, command.clone()).await {
+        let leader = match network::propose_here(&self.raft, &self.stamp, command.clone()).await {
             Ok(outcome) => return Ok(outcome),
             Err(Forwarded::NotLeader(Some(leader))) if leader.0 != self.id => leader,
             Err(Forwarded::NotLeader(leader)) => return Err(NodeError::NotLeader { leader }),
@@ -571,6 +577,23 @@ async fn leader_restarted(
         tokio::time::sleep(every).await;
         if from.is_some() && incarnation().is_some_and(|now| Some(now) != from) {
             return;
+        }
+    }
+}
+
+/// Tells `stamp` when this node comes to lead a term, until `stop`.
+async fn follow_leadership(raft: Raft, stamp: network::Stamp, stop: CancellationToken) {
+    let mut metrics = raft.metrics();
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            if m.current_leader == Some(m.id) {
+                stamp.leads(m.current_term);
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = metrics.changed() => if changed.is_err() { return },
         }
     }
 }

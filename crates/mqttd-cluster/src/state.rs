@@ -142,6 +142,11 @@ pub enum Command {
         /// The claimant's incarnation.
         #[serde(default)]
         incarnation: u64,
+        /// How long, at least, nothing the session's owner proposed has been committed under
+        /// its claim (ms; set by the leader that proposes the claim, `network::Stamp`):
+        /// handed back in [`Outcome::Claimed`], it shortens the new owner's lease.
+        #[serde(default)]
+        owner_quiet_ms: u64,
     },
     /// The owner changes the session's expiry (its client disconnected or reconnected).
     SetSessionExpiry {
@@ -321,6 +326,9 @@ pub enum Outcome {
         /// publishes it if it is due (no delay, or the session did not carry on).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         will: Option<StoredWill>,
+        /// The claim's `owner_quiet_ms`: how much of the previous owner's lease has run.
+        #[serde(default)]
+        owner_quiet_ms: u64,
     },
     /// What [`Command::Publish`] did: how many sessions it was queued for, and how many
     /// refused it with a full queue.
@@ -580,6 +588,7 @@ impl ClusterState {
                 expires_at_ms,
                 clean,
                 incarnation,
+                owner_quiet_ms,
             } => {
                 let previous = self.sessions.get(&client_id).map(|s| (s.owner, s.epoch));
                 let present = previous.is_some() && !clean;
@@ -631,6 +640,7 @@ impl ClusterState {
                     previous,
                     present,
                     will,
+                    owner_quiet_ms,
                 }
             }
             Command::SetSessionExpiry {
@@ -1065,6 +1075,7 @@ mod tests {
 
     fn claim(s: &mut ClusterState, id: &str, node: NodeId) -> u64 {
         match s.apply(Command::ClaimSession {
+            owner_quiet_ms: 0,
             incarnation: 0,
             client_id: id.into(),
             node,
@@ -1082,6 +1093,7 @@ mod tests {
         assert_eq!(claim(&mut s, "c", 1), 1);
         assert_eq!(claim(&mut s, "other", 1), 2);
         let out = s.apply(Command::ClaimSession {
+            owner_quiet_ms: 0,
             incarnation: 0,
             client_id: "c".into(),
             node: 2,
@@ -1095,6 +1107,7 @@ mod tests {
                 previous: Some((1, 1)),
                 present: true,
                 will: None,
+                owner_quiet_ms: 0,
             }
         );
         // The old owner, still believing in epoch 1, can change nothing.
@@ -1220,6 +1233,7 @@ mod tests {
             present: true,
             ..
         } = s.apply(Command::ClaimSession {
+            owner_quiet_ms: 0,
             incarnation: 0,
             client_id: "c".into(),
             node: 2,
@@ -1248,6 +1262,7 @@ mod tests {
         // A clean start discards the contents; expiry and drop remove them.
         assert!(matches!(
             s.apply(Command::ClaimSession {
+                owner_quiet_ms: 0,
                 incarnation: 0,
                 client_id: "c".into(),
                 node: 3,
@@ -1283,6 +1298,7 @@ mod tests {
         });
         let claim_by = |s: &mut ClusterState, node, clean| {
             s.apply(Command::ClaimSession {
+                owner_quiet_ms: 0,
                 incarnation: 0,
                 client_id: "c".into(),
                 node,
@@ -1338,6 +1354,7 @@ mod tests {
         // one without a will that never expires; one already disconnected.
         let mut setup = |id: &str, interval: u32, at: Option<u64>, w: Option<StoredWill>| {
             let Outcome::Claimed { epoch, .. } = s.apply(Command::ClaimSession {
+                owner_quiet_ms: 0,
                 client_id: id.into(),
                 node: 1,
                 expires_at_ms: None,
@@ -1408,6 +1425,7 @@ mod tests {
         // session carries on).
         assert!(matches!(
             s.apply(Command::ClaimSession {
+                owner_quiet_ms: 0,
                 client_id: "c".into(),
                 node: 2,
                 expires_at_ms: None,
@@ -1452,6 +1470,7 @@ mod tests {
         // Node 2 starts again: its earlier life's sessions are orphaned when it says so, but
         // not one its new life claimed before.
         let e = s.apply(Command::ClaimSession {
+            owner_quiet_ms: 0,
             client_id: "e".into(),
             node: 2,
             expires_at_ms: None,
@@ -1478,6 +1497,7 @@ mod tests {
         let mut s = ClusterState::default();
         for (id, at) in [("a", Some(100)), ("b", Some(200)), ("c", None)] {
             s.apply(Command::ClaimSession {
+                owner_quiet_ms: 0,
                 incarnation: 0,
                 client_id: id.into(),
                 node: 1,
@@ -1566,6 +1586,7 @@ mod tests {
         let mut effects = Vec::new();
         let _ = s.apply_with(
             Command::ClaimSession {
+                owner_quiet_ms: 0,
                 incarnation: 0,
                 client_id: "a".into(),
                 node: 3,
@@ -1613,6 +1634,7 @@ mod tests {
         assert_eq!(owners, [("a", 3, 0), ("b", 2, 0)]);
         // A clean start forgets the subscriptions; so do a drop and expiry.
         let _ = s.apply(Command::ClaimSession {
+            owner_quiet_ms: 0,
             incarnation: 0,
             client_id: "b".into(),
             node: 2,
@@ -1940,6 +1962,7 @@ mod props {
         prop_oneof![
             (id.clone(), node.clone(), at.clone(), any::<bool>(), 0u64..3).prop_map(
                 |(client_id, node, expires_at_ms, clean, incarnation)| Command::ClaimSession {
+                    owner_quiet_ms: 0,
                     incarnation,
                     client_id,
                     node,

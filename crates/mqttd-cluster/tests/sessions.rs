@@ -194,6 +194,49 @@ async fn a_message_published_on_one_node_is_queued_for_a_session_owned_by_anothe
     })
     .await;
 
+    // The leader tells a claimant how long the session's owner has been quiet: no longer
+    // than since the owner's last proposal reached it ...
+    let since = std::time::Instant::now();
+    let confirm = Command::Sequenced {
+        node: 3,
+        incarnation: nodes[&3].incarnation(),
+        seq: 1,
+        commands: vec![Command::SessionProgress {
+            client_id: "s".into(),
+            node: 3,
+            epoch: epoch + 1,
+            steps: vec![],
+        }],
+    };
+    let _ = retry("node 3 proposes", || nodes[&3].propose(confirm.clone())).await;
+    let Outcome::Claimed { owner_quiet_ms, .. } =
+        retry("a takeover", || nodes[&2].propose(claim("s", 2))).await
+    else {
+        panic!("not claimed");
+    };
+    let bound = since.elapsed().as_millis();
+    assert!(
+        u128::from(owner_quiet_ms) <= bound,
+        "quiet for {owner_quiet_ms} ms, though it proposed {bound} ms ago"
+    );
+    // ... and at least as long as it has been gone, even when it led (then no leader heard
+    // from it since the election, and the election came at least 1.5 s after it last led).
+    let gone = nodes.remove(&2).unwrap();
+    Arc::try_unwrap(gone).ok().unwrap().shutdown().await;
+    let since = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let Outcome::Claimed { owner_quiet_ms, .. } = retry("a takeover from a node gone", || {
+        nodes[&3].propose(claim("s", 3))
+    })
+    .await
+    else {
+        panic!("not claimed");
+    };
+    assert!(
+        u128::from(owner_quiet_ms) >= since.elapsed().as_millis().min(1000),
+        "quiet for only {owner_quiet_ms} ms"
+    );
+
     stop.cancel();
     tasks.close();
     tasks.wait().await;

@@ -102,6 +102,7 @@ pub(crate) async fn retry<T, E: std::fmt::Debug, F: Future<Output = Result<T, E>
 /// `node` claims the session of `client_id` (not a clean start, no expiry).
 pub(crate) fn claim(client_id: &str, node: NodeId) -> Command {
     Command::ClaimSession {
+        owner_quiet_ms: 0,
         incarnation: 0,
         client_id: client_id.into(),
         node,
