@@ -650,10 +650,10 @@ impl Inner {
         let delivery = |id, qos, message, delivered| {
             self.delivery_of(storage, client_id, id, qos, message, delivered)
         };
-        for (packet_id, f) in &data.in_flight {
+        for (packet_id, f) in data.in_flight_in_order() {
             let (Some(d), Some(packet_id)) = (
                 delivery(f.id, f.qos, &f.message, &f.delivered),
-                PacketId::new(*packet_id),
+                PacketId::new(packet_id),
             ) else {
                 continue;
             };

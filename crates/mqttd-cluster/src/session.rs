@@ -264,6 +264,17 @@ pub enum EnqueueResult {
 }
 
 impl SessionData {
+    /// The messages in flight, by packet id, in the order they were queued (and so first
+    /// sent): the order a new connection sends them again in (MQTT keeps a topic's order).
+    /// Packet ids are not in that order: they wrap around, and each connection the session
+    /// moves to numbers what it sends from its own next free id.
+    pub fn in_flight_in_order(&self) -> Vec<(u16, &InFlight)> {
+        let mut in_flight: Vec<(u16, &InFlight)> =
+            self.in_flight.iter().map(|(id, f)| (*id, f)).collect();
+        in_flight.sort_by_key(|(_, f)| f.seq);
+        in_flight
+    }
+
     /// Queues `message` at `qos`, unless it is held already or `max_queued` messages wait.
     pub(crate) fn enqueue(
         &mut self,
@@ -487,6 +498,31 @@ mod tests {
         assert!(s.step(Step::Acked { packet_id: 8 }));
         assert!(s.in_flight.is_empty());
         assert!(s.held.is_empty());
+    }
+
+    /// Sent under packet id 134, then (on the connection the session moved to) under 2: sent
+    /// again in that order, not by packet id.
+    #[test]
+    fn in_flight_messages_come_back_in_the_order_they_were_sent() {
+        let mut s = SessionData::default();
+        for (n, payload) in ["a", "b", "c"].into_iter().enumerate() {
+            assert_eq!(
+                s.enqueue(id(n as u64), msg(payload), 2, 10),
+                EnqueueResult::Queued(n as u64)
+            );
+        }
+        for (seq, packet_id) in [(0, 134), (1, 2), (2, 60)] {
+            assert!(s.step(Step::Sent {
+                seq,
+                packet_id: Some(packet_id)
+            }));
+        }
+        let order: Vec<(u16, u64)> = s
+            .in_flight_in_order()
+            .into_iter()
+            .map(|(packet_id, f)| (packet_id, f.seq))
+            .collect();
+        assert_eq!(order, [(134, 0), (2, 1), (60, 2)]);
     }
 
     #[test]
