@@ -643,14 +643,8 @@ fn a_node_brought_up_to_date_by_a_snapshot_delivers_what_its_sessions_missed() {
     );
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async {
-        use mqttd_proto::{QoS, ReasonCode};
-        let (sub, mut sub_events, _) = persistent(&nodes[2], "s", true).await;
-        sub.subscribe_one(support::client::filter("t/#"), QoS::AtLeastOnce)
-            .await
-            .expect("SUBACK");
-        let (publisher, mut pub_events, _) = persistent(&nodes[0], "p", true).await;
-        let _ = support::client::publish_acked(&publisher, &mut pub_events, "t/1", "m0").await;
-        assert_eq!(payloads(&mut sub_events, 1).await, ["m0"]);
+        use mqttd_proto::ReasonCode;
+        let (_sub, mut sub_events, publisher, mut pub_events) = subscribed_on_node_3(&nodes).await;
         signal(&nodes[2], "STOP");
         // Acknowledged by the two others (node 3 is not taken for gone: `node_down_after`).
         for n in 1..=30 {
@@ -707,14 +701,8 @@ fn a_paused_node_sends_nothing_on_its_old_connection_after_the_session_moved() {
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async {
         use mqttd_proto::client::Event;
-        use mqttd_proto::{QoS, ReasonCode};
-        let (sub, mut sub_events, _) = persistent(&nodes[2], "s", true).await;
-        sub.subscribe_one(support::client::filter("t/#"), QoS::AtLeastOnce)
-            .await
-            .expect("SUBACK");
-        let (publisher, mut pub_events, _) = persistent(&nodes[0], "p", true).await;
-        let _ = publish_numbered(&publisher, &mut pub_events, 0).await;
-        assert_eq!(payloads(&mut sub_events, 1).await, ["m0"]);
+        use mqttd_proto::ReasonCode;
+        let (sub, mut sub_events, publisher, mut pub_events) = subscribed_on_node_3(&nodes).await;
         signal(&nodes[2], "STOP");
         // Acknowledged by the two others, queued for the session under node 3's claim.
         let reason = publish_numbered(&publisher, &mut pub_events, 1).await;
@@ -756,6 +744,29 @@ fn a_paused_node_sends_nothing_on_its_old_connection_after_the_session_moved() {
     for n in &mut nodes {
         n.broker.shutdown();
     }
+}
+
+/// A persistent subscriber `s` to `t/#` (QoS 1) on node 3 and a persistent publisher `p` on
+/// node 1, once `m0` went from one to the other.
+async fn subscribed_on_node_3(
+    nodes: &[Node],
+) -> (
+    mqttd_client::Client,
+    mqttd_client::Events,
+    mqttd_client::Client,
+    mqttd_client::Events,
+) {
+    let (sub, mut sub_events, _) = persistent(&nodes[2], "s", true).await;
+    sub.subscribe_one(
+        support::client::filter("t/#"),
+        mqttd_proto::QoS::AtLeastOnce,
+    )
+    .await
+    .expect("SUBACK");
+    let (publisher, mut pub_events, _) = persistent(&nodes[0], "p", true).await;
+    let _ = publish_numbered(&publisher, &mut pub_events, 0).await;
+    assert_eq!(payloads(&mut sub_events, 1).await, ["m0"]);
+    (sub, sub_events, publisher, pub_events)
 }
 
 /// Publishes `m<n>` to `t/1` at QoS 1; the PUBACK's reason.

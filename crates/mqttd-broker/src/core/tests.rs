@@ -150,8 +150,17 @@ fn connecting(
     now: Instant,
     client_id: &str,
 ) -> (ConnectionCore, SessionRequest) {
+    connecting_with(inner, now, connect_packet(client_id))
+}
+
+/// A core that received `connect` and asks for its session.
+fn connecting_with(
+    inner: &Arc<Inner>,
+    now: Instant,
+    connect: Packet,
+) -> (ConnectionCore, SessionRequest) {
     let mut core = ConnectionCore::new(inner.clone(), peer(), now, Watermark::default());
-    core.handle_packet(now, StreamId::CONTROL, connect_packet(client_id));
+    core.handle_packet(now, StreamId::CONTROL, connect);
     core.process(now);
     let Some(Request::AcquireSession(request)) = core.poll_request() else {
         panic!("CONNECT asks for the session");
@@ -1050,16 +1059,11 @@ async fn a_publish_to_a_persistent_session_waits_for_its_fence() {
     let out = written(&mut clean, StreamId::CONTROL);
     assert!(matches!(&out[..], [Packet::Publish(_)]), "{out:?}");
 
-    let mut core = ConnectionCore::new(inner.clone(), peer(), now, Watermark::default());
     let mut connect = connect_packet("kept");
     if let Packet::Connect(c) = &mut connect {
         c.properties.session_expiry_interval = Some(60);
     }
-    core.handle_packet(now, StreamId::CONTROL, connect);
-    core.process(now);
-    let Some(Request::AcquireSession(request)) = core.poll_request() else {
-        panic!("CONNECT asks for the session");
-    };
+    let (mut core, request) = connecting_with(&inner, now, connect);
     let acquired = inner.acquire(now, &request, core.mailbox()).await;
     core.session_acquired(now, acquired);
     core.process(now);
