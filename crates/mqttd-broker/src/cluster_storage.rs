@@ -21,7 +21,7 @@ use mqttd_proto::{ClientId, Delivery, Message, PacketId};
 use tokio::sync::watch;
 
 use crate::storage::{
-    Batch, Recovered, SessionRecord, Storage, StorageBatch, StorageError, Ticket, Watermark,
+    Batch, Fence, Recovered, SessionRecord, Storage, StorageBatch, StorageError, Ticket, Watermark,
 };
 
 /// How long after its batch was first proposed a session command's commit may be learned
@@ -419,23 +419,33 @@ impl ClusterStorage {
     /// for: [`LATE_COMMIT`]), and the session is let go instead. A confirmation committed
     /// before the claim was recorded before it, so what goes out under it leaves within
     /// [`FENCE_FRESH`] or [`LATE_COMMIT`] of the claim, before the new owner's lease ends.
-    fn fence(&self, client_id: &ClientId) -> Ticket {
-        if let Some(held) = self.hold(client_id) {
-            return held;
+    fn fence(&self, client_id: &ClientId) -> Fence {
+        let held = |ticket| Fence {
+            ticket,
+            until: None,
+        };
+        if let Some(ticket) = self.hold(client_id) {
+            return held(ticket);
         }
         let Some(node) = self.node.get() else {
-            return Ticket::NONE;
+            return Fence::default();
         };
         // Tokio's clock, as the proposer's (`Settled::proposed`).
         let now = tokio::time::Instant::now();
+        let fence = |at: tokio::time::Instant, ticket| Fence {
+            ticket,
+            // What is written later than `LATE_COMMIT` after the confirmation may come after
+            // a claim whose new owner no longer waits for this node.
+            until: Some((at + LATE_COMMIT).into_std()),
+        };
         let epoch = {
             let owned = lock(&self.owned);
             let Some(o) = owned.get(client_id) else {
-                return Ticket::NONE;
+                return Fence::default();
             };
             if let Some((at, ticket)) = o.fence {
                 if now.duration_since(at) < FENCE_FRESH {
-                    return Ticket::new(ticket);
+                    return fence(at, Ticket::new(ticket));
                 }
             }
             o.epoch
@@ -454,7 +464,7 @@ impl ClusterStorage {
                 o.fence = Some((now, ticket.get()));
             }
         }
-        ticket
+        fence(now, ticket)
     }
 
     /// The `Publish` of a QoS 1 or 2 publication, once the node has started.
@@ -847,7 +857,7 @@ impl Storage for ClusterStorage {
         })
     }
 
-    fn delivery_fence(&self, client_id: &ClientId) -> Ticket {
+    fn delivery_fence(&self, client_id: &ClientId) -> Fence {
         self.fence(client_id)
     }
 
@@ -1229,30 +1239,30 @@ mod tests {
         let gate = Arc::new(Semaphore::new(0));
         let failing = Arc::new(AtomicBool::new(false));
         let (storage, refused) = gated(&tasks, &stop, &gate, &failing);
-        assert!(storage.delivery_fence(&client("local")).is_none());
+        assert!(storage.delivery_fence(&client("local")).ticket.is_none());
 
         storage.own(&client("c"), 2, 0);
-        let first = storage.delivery_fence(&client("c"));
+        let first = storage.delivery_fence(&client("c")).ticket;
         assert!(!first.is_none());
         // Within `FENCE_FRESH`, the same confirmation covers the next PUBLISH.
-        assert_eq!(storage.delivery_fence(&client("c")), first);
+        assert_eq!(storage.delivery_fence(&client("c")).ticket, first);
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
         assert!(!watermark(&storage).covers(first), "before the commit");
         gate.add_permits(1);
         until(&storage, "the confirmation", |w| w.covers(first)).await;
-        assert_eq!(storage.delivery_fence(&client("c")), first);
+        assert_eq!(storage.delivery_fence(&client("c")).ticket, first);
         // Later, another.
         tokio::time::sleep(FENCE_FRESH).await;
-        let second = storage.delivery_fence(&client("c"));
+        let second = storage.delivery_fence(&client("c")).ticket;
         assert!(second.get() > first.get());
         gate.add_permits(1);
         until(&storage, "the second confirmation", |w| w.covers(second)).await;
 
         // Claimed by another node (this node's epoch 1 is stale): held, and let go.
         storage.own(&client("old"), 1, 0);
-        let stale = storage.delivery_fence(&client("old"));
+        let stale = storage.delivery_fence(&client("old")).ticket;
         gate.add_permits(1);
         until(&storage, "the refusal told", |_| !lock(&refused).is_empty()).await;
         assert_eq!(*lock(&refused), [client("old")]);
@@ -1260,7 +1270,7 @@ mod tests {
         assert!(!watermark(&storage).covers(stale), "held");
         // While it is being let go, a PUBLISH waits until its connection has closed.
         assert_eq!(storage.disown(&client("old"), Some(1)), Some(1));
-        let surrendered = storage.delivery_fence(&client("old"));
+        let surrendered = storage.delivery_fence(&client("old")).ticket;
         assert!(!surrendered.is_none());
         storage.unhold(&client("old"));
         until(&storage, "released", |w| w.covers(surrendered)).await;

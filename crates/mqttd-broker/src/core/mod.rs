@@ -495,10 +495,16 @@ impl ConnectionCore {
     /// When [`Self::handle_timeout`] must next be called.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let retry = self.blocked.iter().map(|b| b.tried + RETRY_INTERVAL).min();
-        match (self.conn.poll_timeout(), retry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let fenced = self
+            .outputs
+            .iter()
+            .filter(|(_, o)| !o.buf.is_empty())
+            .filter_map(|(_, o)| o.fenced_until())
+            .min();
+        [self.conn.poll_timeout(), retry, fenced]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// A session whose room the first waiting publication waits for: the driver waits for
@@ -1048,7 +1054,37 @@ impl ConnectionCore {
         self.process_events(now);
         self.feed_retained(now);
         self.flush_transmits();
+        self.refence_late(now);
         self.update_pressure();
+    }
+
+    /// Fenced PUBLISHes not written by their fence's deadline (this process was paused
+    /// between their release and the write, or the client reads slowly) wait for a new
+    /// fence: nothing leaves on the strength of a confirmation that a new owner of the
+    /// session may no longer wait for. The driver writes only after a turn's `process`, and
+    /// wakes for the deadline ([`Self::poll_timeout`]).
+    fn refence_late(&mut self, now: Instant) {
+        let late: smallvec::SmallVec<[StreamId; 2]> = self
+            .outputs
+            .iter()
+            .filter(|(_, o)| !o.buf.is_empty() && o.fenced_until().is_some_and(|u| u <= now))
+            .map(|(s, _)| s)
+            .collect();
+        if late.is_empty() {
+            return;
+        }
+        let Some(id) = self.client_id().cloned() else {
+            return;
+        };
+        let fence = self.inner.storage.delivery_fence(&id);
+        self.refresh_watermark();
+        let covered = self.watermark.covers(fence.ticket);
+        for stream in late {
+            self.depends_on_for(stream, fence.ticket);
+            self.outputs
+                .get_mut(stream)
+                .refence(fence.ticket, fence.until, covered);
+        }
     }
 
     /// Moves the session to where it lives next, once the connection is over: the
@@ -1167,12 +1203,14 @@ impl ConnectionCore {
             if abandoned && !matches!(packet, Packet::Disconnect(_)) {
                 continue;
             }
+            let mut fenced = None;
             if matches!(packet, Packet::Publish(_)) && self.persistent() {
                 // In a cluster, a PUBLISH leaves only while this node is known to own the
                 // session (`Storage::delivery_fence`).
                 if let Some(id) = self.client_id() {
                     let fence = self.inner.storage.delivery_fence(id);
-                    self.depends_on_for(stream, fence);
+                    self.depends_on_for(stream, fence.ticket);
+                    fenced = fence.until;
                 }
             }
             let output = self.outputs.get_mut(stream);
@@ -1189,6 +1227,9 @@ impl ConnectionCore {
             }
             if let Err(e) = packet.encode(version, &mut output.buf) {
                 warn!(error = %e, "dropping a packet that cannot be encoded");
+            }
+            if let Some(until) = fenced {
+                output.fenced(output.buf.len(), until);
             }
             if matches!(packet, Packet::ConnAck(_)) {
                 if let Some(t) = touched.get_mut(at) {

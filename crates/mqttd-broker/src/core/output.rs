@@ -6,6 +6,7 @@
 //! never waits for a change that only another stream's packets depend on.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use bytes::BytesMut;
 use mqttd_proto::StreamId;
@@ -34,6 +35,10 @@ struct Gate {
     /// Stream offset just past a CONNACK that was held: until output passes it, the client
     /// has not been told it is connected.
     connack_end: Option<u64>,
+    /// Stream offset just past the last PUBLISH that waited for a fence
+    /// (`Storage::delivery_fence`), and the earliest time by which the fenced PUBLISHes not
+    /// yet written must be: later, they need another fence.
+    fenced: Option<(u64, Instant)>,
 }
 
 impl Output {
@@ -58,6 +63,9 @@ impl Output {
         bytes::Buf::advance(&mut self.buf, n);
         if let Some(gate) = &mut self.gate {
             gate.base += n as u64;
+            if gate.fenced.is_some_and(|(end, _)| end <= gate.base) {
+                gate.fenced = None;
+            }
         }
         if self.buf.is_empty() {
             // Hold no buffer while there is nothing to send.
@@ -90,6 +98,38 @@ impl Output {
         if let Some(end) = connack_end {
             gate.connack_end = Some(gate.base + end as u64);
         }
+    }
+
+    /// The output up to buffer offset `end` holds PUBLISHes that must be written by
+    /// `until`.
+    pub(crate) fn fenced(&mut self, end: usize, until: Instant) {
+        let gate = self.gate.get_or_insert_with(Box::default);
+        let end = gate.base + end as u64;
+        gate.fenced = Some(match gate.fenced {
+            Some((e, u)) => (e.max(end), u.min(until)),
+            None => (end, until),
+        });
+    }
+
+    /// When fenced PUBLISHes not yet written must be written by, if there are any.
+    pub(crate) fn fenced_until(&self) -> Option<Instant> {
+        self.gate.as_ref()?.fenced.map(|(_, until)| until)
+    }
+
+    /// Fenced PUBLISHes were not written in time: everything not yet written waits for
+    /// `needs` (a new fence) too, and must be written by `until` (`None`: no deadline);
+    /// `covered`, if `needs` is durable already.
+    pub(crate) fn refence(&mut self, needs: Ticket, until: Option<Instant>, covered: bool) {
+        let gate = self.gate.get_or_insert_with(Box::default);
+        gate.fenced = gate.fenced.zip(until).map(|((end, _), until)| (end, until));
+        if covered {
+            return;
+        }
+        // A later ticket is covered only once every earlier one is: one hold for the
+        // latest of them from the first byte not written stands for them all.
+        let last = gate.holds.back().map_or(needs, |&(_, t)| t.max(needs));
+        gate.holds.clear();
+        gate.holds.push_back((gate.base, last));
     }
 
     /// Releases what `watermark` covers.

@@ -1003,11 +1003,23 @@ async fn a_session_taken_by_another_node_answers_nothing_read_before() {
 }
 
 /// A storage that keeps nothing, but has every PUBLISH to a persistent session wait for
-/// change 1 (as a cluster has it wait for a confirmation that the session is still the
-/// node's), which is durable once the watermark says so.
-#[derive(Default)]
+/// `fence` (change 1 at first, as a cluster has it wait for a confirmation that the session
+/// is still the node's), which is durable once the watermark says so.
 struct Fenced {
     watermark: tokio::sync::watch::Sender<Watermark>,
+    fence: std::sync::Mutex<crate::storage::Fence>,
+}
+
+impl Default for Fenced {
+    fn default() -> Self {
+        Self {
+            watermark: tokio::sync::watch::Sender::default(),
+            fence: std::sync::Mutex::new(crate::storage::Fence {
+                ticket: Ticket::new(1),
+                until: None,
+            }),
+        }
+    }
 }
 
 impl crate::storage::Storage for Fenced {
@@ -1038,8 +1050,8 @@ impl crate::storage::Storage for Fenced {
     fn pending_release(&self, _: &ClientId, _: PacketId, _: bool) -> Ticket {
         Ticket::NONE
     }
-    fn delivery_fence(&self, _: &ClientId) -> Ticket {
-        Ticket::new(1)
+    fn delivery_fence(&self, _: &ClientId) -> crate::storage::Fence {
+        *self.fence.lock().unwrap()
     }
     fn watermark(&self) -> tokio::sync::watch::Receiver<Watermark> {
         self.watermark.subscribe()
@@ -1083,4 +1095,56 @@ async fn a_publish_to_a_persistent_session_waits_for_its_fence() {
         matches!(&out[..], [Packet::Publish(_), Packet::Publish(_)]),
         "{out:?}"
     );
+}
+
+/// A fenced PUBLISH released but not written by its fence's deadline (the process was
+/// paused in between, or the client read slowly) waits for a new fence; the driver is woken
+/// for the deadline.
+#[tokio::test]
+async fn a_publish_not_written_by_its_fences_deadline_waits_for_another() {
+    let storage = Arc::new(Fenced::default());
+    let inner = Inner::for_tests(Config::default(), storage.clone());
+    let now = Instant::now();
+    let until = now + Duration::from_secs(2);
+    *storage.fence.lock().unwrap() = crate::storage::Fence {
+        ticket: Ticket::new(1),
+        until: Some(until),
+    };
+    let mut connect = connect_packet("kept");
+    if let Packet::Connect(c) = &mut connect {
+        c.properties.session_expiry_interval = Some(60);
+    }
+    let (mut core, request) = connecting_with(&inner, now, connect);
+    let acquired = inner.acquire(now, &request, core.mailbox()).await;
+    core.session_acquired(now, acquired);
+    core.process(now);
+    let _connack = written(&mut core, StreamId::CONTROL);
+    hand(&mut core, now, delivery(QoS::AtLeastOnce));
+    assert!(core.poll_timeout().is_some_and(|t| t <= until));
+    let durable = Watermark::new(1, false);
+    storage.watermark.send_replace(durable);
+    core.handle_watermark(now, durable);
+    let released = core
+        .output(StreamId::CONTROL)
+        .map_or(0, |o| o.writable().len());
+    assert!(released > 0, "released by the first fence");
+    // Not written by the deadline: held again, for a new fence.
+    let later = until + Duration::from_millis(1);
+    *storage.fence.lock().unwrap() = crate::storage::Fence {
+        ticket: Ticket::new(2),
+        until: Some(later + Duration::from_secs(2)),
+    };
+    core.process(later);
+    assert!(
+        written(&mut core, StreamId::CONTROL).is_empty(),
+        "held for the new fence"
+    );
+    let durable = Watermark::new(2, false);
+    storage.watermark.send_replace(durable);
+    core.handle_watermark(later, durable);
+    let out = written(&mut core, StreamId::CONTROL);
+    assert!(matches!(&out[..], [Packet::Publish(_)]), "{out:?}");
+    assert!(core
+        .poll_timeout()
+        .is_none_or(|t| t > later + Duration::from_secs(1)));
 }

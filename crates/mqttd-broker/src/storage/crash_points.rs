@@ -71,7 +71,7 @@ impl Storage for Shared {
     fn pending_release(&self, c: &ClientId, p: PacketId, pending: bool) -> Ticket {
         self.0.pending_release(c, p, pending)
     }
-    fn delivery_fence(&self, client_id: &ClientId) -> Ticket {
+    fn delivery_fence(&self, client_id: &ClientId) -> super::Fence {
         self.0.delivery_fence(client_id)
     }
     fn open_batch(&self) -> Option<Box<dyn StorageBatch + '_>> {

@@ -200,6 +200,16 @@ pub struct Recovered {
     pub next_seq: u64,
 }
 
+/// What a PUBLISH waits for before it leaves ([`Storage::delivery_fence`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fence {
+    /// The change it waits for.
+    pub ticket: Ticket,
+    /// Not written by then (its process was paused, or the client reads slowly), it needs
+    /// another fence; `None`: it may wait as long as it must.
+    pub until: Option<std::time::Instant>,
+}
+
 /// The number of a recorded change: output that depends on the change waits until the
 /// [`Watermark`] covers it. Numbers grow in the order changes are recorded, across threads,
 /// so the later of two tickets covers both; [`Ticket::NONE`] is covered from the start.
@@ -355,12 +365,13 @@ pub trait Storage: Send + Sync + 'static {
     /// An incoming QoS 2 identifier now awaits PUBREL (`pending`), or was released.
     fn pending_release(&self, client_id: &ClientId, packet_id: PacketId, pending: bool) -> Ticket;
 
-    /// A PUBLISH to the session is about to be sent: the change it must wait for. In a
-    /// cluster, a recent confirmation that this node still owns the session, so that a node
-    /// that was paused or cut off while another node took the session over sends nothing
-    /// more on the old connection. Nothing by default.
-    fn delivery_fence(&self, _client_id: &ClientId) -> Ticket {
-        Ticket::NONE
+    /// A PUBLISH to the session is about to be sent: the change it must wait for, and until
+    /// when it may be written on its strength. In a cluster, a recent confirmation that this
+    /// node still owns the session, so that a node that was paused or cut off while another
+    /// node took the session over sends nothing more on the old connection. Nothing by
+    /// default.
+    fn delivery_fence(&self, _client_id: &ClientId) -> Fence {
+        Fence::default()
     }
 
     /// A QoS 1 or 2 publication, for stored sessions that the broker does not hold itself
