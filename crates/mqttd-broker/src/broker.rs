@@ -69,6 +69,9 @@ pub(crate) struct Mailbox {
     pub(crate) stats: ConnStats,
     /// Reads a QUIC connection's path figures when asked (for the admin API).
     pub(crate) path: std::sync::OnceLock<PathProbe>,
+    /// Another node took the session while this connection was handing it over: whatever
+    /// its output holds back for storage never goes out ([`Mailbox::abandon_output`]).
+    output_abandoned: AtomicBool,
 }
 
 /// The path of a QUIC connection (or a node's) as the admin API shows it.
@@ -230,6 +233,19 @@ impl Mailbox {
         self.arrived(waker);
     }
 
+    /// The session this connection is handing over went to another node of the cluster
+    /// meanwhile: what its output holds back for storage (changes the cluster refuses) is
+    /// dropped, not sent once the holds are let go, and nothing but DISCONNECT follows.
+    pub(crate) fn abandon_output(&self) {
+        self.output_abandoned.store(true, Ordering::Release);
+        self.arrived(self.slots.lock().waker.take());
+    }
+
+    /// Whether [`Mailbox::abandon_output`] was called.
+    pub(crate) fn output_abandoned(&self) -> bool {
+        self.output_abandoned.load(Ordering::Acquire)
+    }
+
     /// Wakes the connection's task, or the parked connection's `waker`.
     fn arrived(&self, waker: Option<Waker>) {
         self.notify.notify_one();
@@ -284,8 +300,12 @@ impl SessionReply {
 pub(crate) enum Slot {
     /// Its client is connected.
     Online { mailbox: Arc<Mailbox> },
-    /// Moving between connections; deliveries wait here.
-    Transferring { buffer: Vec<Delivery> },
+    /// Moving between connections; deliveries wait here. `from`: the mailbox of the
+    /// connection it is being taken from, while that one may still be sending.
+    Transferring {
+        buffer: Vec<Delivery>,
+        from: Option<Arc<Mailbox>>,
+    },
     /// No client is connected; the broker holds the session and runs its timers.
     Offline {
         session: Box<Session>,
@@ -453,7 +473,7 @@ impl SessionHandle {
                     Err(d) => Handed::Full(d),
                 }
             }
-            Slot::Transferring { buffer } if buffer.len() < limit => {
+            Slot::Transferring { buffer, .. } if buffer.len() < limit => {
                 // The batch's ticket covers the copy.
                 let _ = store(&mut delivery);
                 buffer.push(delivery);
@@ -871,7 +891,9 @@ impl Inner {
                     stats.in_flight.load(Ordering::Relaxed) as usize,
                 )
             }
-            Slot::Transferring { buffer } => (SessionState::Transferring, None, buffer.len(), 0),
+            Slot::Transferring { buffer, .. } => {
+                (SessionState::Transferring, None, buffer.len(), 0)
+            }
             Slot::Offline { session, since, .. } => (
                 SessionState::Offline { since: *since },
                 Some(session.expiry_interval()),
@@ -1181,7 +1203,7 @@ impl Inner {
         match &*slot {
             Slot::Online { .. } => handle.backlog.load(Ordering::Relaxed),
             Slot::Offline { session, .. } => session.queued().len() + session.in_flight_len(),
-            Slot::Transferring { buffer } => buffer.len(),
+            Slot::Transferring { buffer, .. } => buffer.len(),
             Slot::Ended => 0,
         }
     }
@@ -1347,10 +1369,18 @@ impl Inner {
             }
             let taken = {
                 let mut slot = existing.slot.lock();
-                match std::mem::replace(&mut *slot, Slot::Transferring { buffer: Vec::new() }) {
+                let moving = Slot::Transferring {
+                    buffer: Vec::new(),
+                    from: None,
+                };
+                match std::mem::replace(&mut *slot, moving) {
                     Slot::Online { mailbox } => {
                         let (tx, rx) = oneshot::channel();
                         mailbox.take_over(SessionReply(tx));
+                        *slot = Slot::Transferring {
+                            buffer: Vec::new(),
+                            from: Some(mailbox),
+                        };
                         Taken::Later(rx)
                     }
                     Slot::Offline { session, .. } => Taken::Now(session),
@@ -1415,7 +1445,7 @@ impl Inner {
             }
             let mut slot = existing.slot.lock();
             match std::mem::replace(&mut *slot, online()) {
-                Slot::Transferring { buffer } => {
+                Slot::Transferring { buffer, .. } => {
                     self.enqueue_all(now, client_id, Some(&mut old), buffer, Headed::Online);
                 }
                 // Ended while it moved (another node of the cluster took it): not resumed.
@@ -1531,7 +1561,7 @@ impl Inner {
         let cancel = CancellationToken::new();
         let mut slot = handle.slot.lock();
         // Messages routed while the connection was closing waited in the slot.
-        if let Slot::Transferring { buffer } = std::mem::replace(&mut *slot, Slot::Ended) {
+        if let Slot::Transferring { buffer, .. } = std::mem::replace(&mut *slot, Slot::Ended) {
             self.enqueue_all(
                 now,
                 &handle.client_id,
@@ -2377,7 +2407,10 @@ mod tests {
         let acquired = inner.acquire_session(now, &id, true, 3600, &mailbox).await;
         let handle = acquired.handle;
         // Closing: deliveries wait in the slot until the session is parked.
-        *handle.slot.lock() = Slot::Transferring { buffer: Vec::new() };
+        *handle.slot.lock() = Slot::Transferring {
+            buffer: Vec::new(),
+            from: None,
+        };
         assert!(handle.deliver(now, delivery(QoS::AtMostOnce), &inner));
         assert!(handle.deliver(now, delivery(QoS::AtLeastOnce), &inner));
         inner.park_session(now, &handle, acquired.session, SystemTime::now());
@@ -2439,7 +2472,10 @@ mod tests {
             "room again once taken"
         );
 
-        *handle.slot.lock() = Slot::Transferring { buffer: Vec::new() };
+        *handle.slot.lock() = Slot::Transferring {
+            buffer: Vec::new(),
+            from: None,
+        };
         let accepted = (0..10)
             .filter(|_| handle.deliver(now, delivery(QoS::AtMostOnce), &inner))
             .count();

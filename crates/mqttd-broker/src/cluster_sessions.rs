@@ -697,7 +697,7 @@ impl Inner {
             Slot::Online { mailbox } => mailbox
                 .push(delivery, usize::MAX, |_| crate::storage::Ticket::NONE)
                 .is_ok(),
-            Slot::Transferring { buffer } => {
+            Slot::Transferring { buffer, .. } => {
                 buffer.push(delivery);
                 true
             }
@@ -728,6 +728,16 @@ impl Inner {
                 let (stopped, rx) = tokio::sync::oneshot::channel();
                 mailbox.take_over_as(crate::broker::SessionReply(tx), Some(stopped));
                 Some(rx)
+            }
+            Slot::Transferring {
+                from: Some(mailbox),
+                ..
+            } => {
+                // Moving between two connections here: the one it was taken from may still
+                // be sending its last words, and must not send what waited for the changes
+                // the cluster refused once their holds are let go.
+                mailbox.abandon_output();
+                None
             }
             _ => None,
         };

@@ -830,6 +830,9 @@ impl ConnectionCore {
     /// the last watermark this connection saw (it may have recovered already, and what waits
     /// may be lost), or if the latest failure lost what the oldest held output waits for.
     pub(crate) fn handle_watermark(&mut self, now: Instant, watermark: Watermark) {
+        if self.abandon_output_if_told() {
+            return;
+        }
         let missed_failure = watermark.failures != self.watermark.failures;
         self.watermark = watermark;
         let lost = |t: &Ticket| watermark.lost(*t) || (missed_failure && !t.is_none());
@@ -864,6 +867,20 @@ impl ConnectionCore {
         self.deliver_durable(now);
     }
 
+    /// If another node took the session while this connection handed it over
+    /// ([`Mailbox::abandon_output`]): drops what the output holds back, and from now on sends
+    /// nothing but DISCONNECT. Returns whether it was told.
+    fn abandon_output_if_told(&mut self) -> bool {
+        if !self.mailbox.output_abandoned() {
+            return false;
+        }
+        if !self.rare.as_ref().is_some_and(|r| r.abandoned) {
+            self.rare().abandoned = true;
+            let _ = self.cut_held_output();
+        }
+        true
+    }
+
     /// Drops the output held back for storage, which will never go out; returns whether a
     /// CONNACK was among it.
     fn cut_held_output(&mut self) -> bool {
@@ -888,6 +905,9 @@ impl ConnectionCore {
     /// Releases held output the watermark covers, and nothing else: for the last output of a
     /// connection that closed.
     pub(crate) fn release_output(&mut self, watermark: Watermark) {
+        if self.abandon_output_if_told() {
+            return;
+        }
         self.watermark = watermark;
         for output in self.outputs.iter_mut() {
             output.release(watermark);
@@ -2074,7 +2094,10 @@ impl ConnectionCore {
                 matches!(&*slot, Slot::Online { mailbox } if Arc::ptr_eq(mailbox, &self.mailbox));
             if ours {
                 drain(&mut waiting, &mut self.rare().takeover_reply);
-                *slot = Slot::Transferring { buffer: Vec::new() };
+                *slot = Slot::Transferring {
+                    buffer: Vec::new(),
+                    from: None,
+                };
                 drop(slot);
                 match session {
                     Some(mut s) if s.expiry_interval() > 0 => {

@@ -1148,3 +1148,34 @@ async fn a_publish_not_written_by_its_fences_deadline_waits_for_another() {
         .poll_timeout()
         .is_none_or(|t| t > later + Duration::from_secs(1)));
 }
+
+/// A connection handing its session over when another node takes the session (its mailbox
+/// told `abandon_output`) drops what it holds back for storage: once the holds are let go,
+/// its last words send none of it.
+#[tokio::test]
+async fn a_connection_whose_session_left_while_it_moved_sends_nothing_held() {
+    let storage = Arc::new(Fenced::default());
+    let inner = Inner::for_tests(Config::default(), storage.clone());
+    let now = Instant::now();
+    let mut connect = connect_packet("kept");
+    if let Packet::Connect(c) = &mut connect {
+        c.properties.session_expiry_interval = Some(60);
+    }
+    let (mut core, request) = connecting_with(&inner, now, connect);
+    let acquired = inner.acquire(now, &request, core.mailbox()).await;
+    core.session_acquired(now, acquired);
+    core.process(now);
+    let _connack = written(&mut core, StreamId::CONTROL);
+    hand(&mut core, now, delivery(QoS::ExactlyOnce));
+    assert!(written(&mut core, StreamId::CONTROL).is_empty(), "held");
+    core.mailbox().abandon_output();
+    let durable = Watermark::new(1, false);
+    core.release_output(durable);
+    assert!(
+        written(&mut core, StreamId::CONTROL).is_empty(),
+        "cut, not released"
+    );
+    core.handle_watermark(now, durable);
+    hand(&mut core, now, delivery(QoS::AtLeastOnce));
+    assert!(written(&mut core, StreamId::CONTROL).is_empty());
+}
