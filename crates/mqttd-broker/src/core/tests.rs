@@ -1002,6 +1002,22 @@ async fn a_session_taken_by_another_node_answers_nothing_read_before() {
     assert!(written(&mut core, StreamId::CONTROL).is_empty());
 }
 
+/// A core that accepted a CONNECT from `kept` for a session that outlives it (expiry 60 s)
+/// and sent its CONNACK.
+async fn connected_persistent(inner: &Arc<Inner>, now: Instant) -> ConnectionCore {
+    let mut connect = connect_packet("kept");
+    if let Packet::Connect(c) = &mut connect {
+        c.properties.session_expiry_interval = Some(60);
+    }
+    let (mut core, request) = connecting_with(inner, now, connect);
+    let acquired = inner.acquire(now, &request, core.mailbox()).await;
+    core.session_acquired(now, acquired);
+    core.process(now);
+    let out = written(&mut core, StreamId::CONTROL);
+    assert!(matches!(&out[..], [Packet::ConnAck(_)]), "{out:?}");
+    core
+}
+
 /// A storage that keeps nothing, but has every PUBLISH to a persistent session wait for
 /// `fence` (change 1 at first, as a cluster has it wait for a confirmation that the session
 /// is still the node's), which is durable once the watermark says so.
@@ -1071,16 +1087,7 @@ async fn a_publish_to_a_persistent_session_waits_for_its_fence() {
     let out = written(&mut clean, StreamId::CONTROL);
     assert!(matches!(&out[..], [Packet::Publish(_)]), "{out:?}");
 
-    let mut connect = connect_packet("kept");
-    if let Packet::Connect(c) = &mut connect {
-        c.properties.session_expiry_interval = Some(60);
-    }
-    let (mut core, request) = connecting_with(&inner, now, connect);
-    let acquired = inner.acquire(now, &request, core.mailbox()).await;
-    core.session_acquired(now, acquired);
-    core.process(now);
-    let out = written(&mut core, StreamId::CONTROL);
-    assert!(matches!(&out[..], [Packet::ConnAck(_)]), "{out:?}");
+    let mut core = connected_persistent(&inner, now).await;
     hand(&mut core, now, delivery(QoS::AtLeastOnce));
     hand(&mut core, now, delivery(QoS::AtMostOnce));
     assert!(
@@ -1110,15 +1117,7 @@ async fn a_publish_not_written_by_its_fences_deadline_waits_for_another() {
         ticket: Ticket::new(1),
         until: Some(until),
     };
-    let mut connect = connect_packet("kept");
-    if let Packet::Connect(c) = &mut connect {
-        c.properties.session_expiry_interval = Some(60);
-    }
-    let (mut core, request) = connecting_with(&inner, now, connect);
-    let acquired = inner.acquire(now, &request, core.mailbox()).await;
-    core.session_acquired(now, acquired);
-    core.process(now);
-    let _connack = written(&mut core, StreamId::CONTROL);
+    let mut core = connected_persistent(&inner, now).await;
     hand(&mut core, now, delivery(QoS::AtLeastOnce));
     assert!(core.poll_timeout().is_some_and(|t| t <= until));
     let durable = Watermark::new(1, false);
@@ -1157,15 +1156,7 @@ async fn a_connection_whose_session_left_while_it_moved_sends_nothing_held() {
     let storage = Arc::new(Fenced::default());
     let inner = Inner::for_tests(Config::default(), storage.clone());
     let now = Instant::now();
-    let mut connect = connect_packet("kept");
-    if let Packet::Connect(c) = &mut connect {
-        c.properties.session_expiry_interval = Some(60);
-    }
-    let (mut core, request) = connecting_with(&inner, now, connect);
-    let acquired = inner.acquire(now, &request, core.mailbox()).await;
-    core.session_acquired(now, acquired);
-    core.process(now);
-    let _connack = written(&mut core, StreamId::CONTROL);
+    let mut core = connected_persistent(&inner, now).await;
     hand(&mut core, now, delivery(QoS::ExactlyOnce));
     assert!(written(&mut core, StreamId::CONTROL).is_empty(), "held");
     core.mailbox().abandon_output();
