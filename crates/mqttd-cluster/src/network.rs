@@ -413,8 +413,19 @@ async fn answer(
         // Any node of the cluster may propose.
         TAG_PROPOSE => match serde_json::from_slice::<Command>(body) {
             Ok(command) => {
+                // Only a member whose certificate names it: the map of who was heard from
+                // stays as small as the membership, and no peer speaks for another.
                 if let Command::Sequenced { node, .. } = &command {
-                    stamp.proposed_by(*node);
+                    let member = raft
+                        .metrics()
+                        .borrow()
+                        .membership_config
+                        .membership()
+                        .get_node(node)
+                        .is_some();
+                    if member && may_speak_for(&raft, &names, Some(*node)) {
+                        stamp.proposed_by(*node);
+                    }
                 }
                 serde_json::to_vec(&propose_here(&raft, &stamp, command).await).map_err(Some)
             }

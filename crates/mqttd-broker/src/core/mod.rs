@@ -1217,6 +1217,8 @@ impl ConnectionCore {
         // Per stream written to: where this round's output starts, and where a CONNACK ends.
         let mut touched: Vec<(StreamId, usize, Option<usize>)> = Vec::new();
         let abandoned = self.rare.as_ref().is_some_and(|r| r.abandoned);
+        // The session's fence, asked once a round: every PUBLISH of the round waits for it.
+        let mut round_fence: Option<crate::storage::Fence> = None;
         while let Some((stream, packet)) = self.conn.poll_transmit_tagged() {
             // Answers the protocol core queued before it saw the takeover (a PUBREL for a
             // PUBREC it had read) are cut with what was held back.
@@ -1228,7 +1230,8 @@ impl ConnectionCore {
                 // In a cluster, a PUBLISH leaves only while this node is known to own the
                 // session (`Storage::delivery_fence`).
                 if let Some(id) = self.client_id() {
-                    let fence = self.inner.storage.delivery_fence(id);
+                    let fence =
+                        *round_fence.get_or_insert_with(|| self.inner.storage.delivery_fence(id));
                     self.depends_on_for(stream, fence.ticket);
                     fenced = fence.until;
                 }
