@@ -289,9 +289,9 @@ impl Mailbox {
 pub(crate) struct SessionReply(pub(crate) oneshot::Sender<Option<Session>>);
 
 impl SessionReply {
-    /// Hands the session over; if the new connection stopped waiting, it is dropped.
-    pub(crate) fn send(self, session: Option<Session>) {
-        let _ = self.0.send(session);
+    /// Hands the session over; if the new connection stopped waiting, the session comes back.
+    pub(crate) fn send(self, session: Option<Session>) -> Result<(), Option<Session>> {
+        self.0.send(session)
     }
 }
 
@@ -1396,13 +1396,23 @@ impl Inner {
             };
             let old = match taken {
                 Taken::Now(session) => Some(*session),
-                Taken::Later(rx) => {
+                Taken::Later(mut rx) => {
                     self.metrics.takeovers.inc();
-                    tokio::time::timeout(TAKEOVER_TIMEOUT, rx)
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .flatten()
+                    match tokio::time::timeout(TAKEOVER_TIMEOUT, &mut rx).await {
+                        Ok(answer) => answer.ok().flatten(),
+                        Err(_) => {
+                            // No answer yet (the old connection's process was paused, or it
+                            // is stuck writing to its client): the session is still the old
+                            // connection's, which keeps it once it sees nobody waits (what
+                            // it sent before the close below is taken). This client is
+                            // refused and connects again; nothing of the session is lost.
+                            rx.close();
+                            match rx.try_recv() {
+                                Ok(answer) => answer,
+                                Err(_) => return self.busy(client_id, expiry),
+                            }
+                        }
+                    }
                 }
                 Taken::Busy => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1463,13 +1473,20 @@ impl Inner {
                 refused: None,
             };
         }
-        // Persistent contention for one client id: give this client a session of its own that
-        // is not registered, rather than block it forever.
+        // Persistent contention for one client id (or a session that stays in transfer): this
+        // client is refused, rather than blocked forever or given a session that is not the
+        // one it asked for.
+        self.busy(client_id, expiry)
+    }
+
+    /// A CONNECT refused with 0x89, server busy (3, server unavailable, for MQTT 3.1.1): its
+    /// session could not be had from the connection that holds it.
+    fn busy(&self, client_id: &ClientId, expiry: u32) -> Acquired {
         Acquired {
-            handle: self.new_handle(client_id, online()),
-            session: fresh(),
+            handle: self.new_handle(client_id, Slot::Ended),
+            session: Session::new(client_id.clone(), expiry, self.config.queue_limits()),
             present: false,
-            refused: None,
+            refused: Some(ReasonCode::ServerBusy),
         }
     }
 
@@ -1533,6 +1550,38 @@ impl Inner {
             delivery.store_seq = None;
             if !sub.handle.deliver(now, delivery, self) {
                 self.metrics.messages_dropped.inc();
+            }
+        }
+    }
+
+    /// What a connection that closed leaves of its session, which no other connection is
+    /// taking over: a session with an expiry interval is stored and held offline, with the
+    /// stored messages that were `waiting` for it; any other ends (its will published).
+    pub(crate) fn keep_or_end(
+        self: &Arc<Self>,
+        now: Instant,
+        since: SystemTime,
+        handle: &Arc<SessionHandle>,
+        session: Option<Session>,
+        waiting: Vec<Delivery>,
+    ) {
+        let id = &handle.client_id;
+        match session {
+            Some(mut s) if s.expiry_interval() > 0 => {
+                self.enqueue_all(now, id, Some(&mut s), waiting, Headed::Offline);
+                // DISCONNECT may have changed the expiry; the will, if any, now waits for its
+                // delay.
+                let will = s.pending_will().map(|(will, due)| StoredWill {
+                    will: will.clone(),
+                    delay: due.saturating_duration_since(now).as_secs_f64().ceil() as u32,
+                });
+                // The connection is gone: nothing it sends waits for the record.
+                let _ = self.save_session(handle, s.expiry_interval(), will, Some(since));
+                self.park_session(now, handle, s, since);
+            }
+            mut s => {
+                self.enqueue_all(now, id, s.as_mut(), waiting, Headed::Online);
+                self.end_session(now, handle, s)
             }
         }
     }

@@ -2102,32 +2102,7 @@ impl ConnectionCore {
                     from: None,
                 };
                 drop(slot);
-                match session {
-                    Some(mut s) if s.expiry_interval() > 0 => {
-                        self.inner
-                            .enqueue_all(now, &id, Some(&mut s), waiting, Headed::Offline);
-                        // DISCONNECT may have changed the expiry; the will, if any, now waits
-                        // for its delay.
-                        let since = wall;
-                        let will = s.pending_will().map(|(will, due)| StoredWill {
-                            will: will.clone(),
-                            delay: due.saturating_duration_since(now).as_secs_f64().ceil() as u32,
-                        });
-                        // The connection is gone: nothing it sends waits for the record.
-                        let _ = self.inner.save_session(
-                            &handle,
-                            s.expiry_interval(),
-                            will,
-                            Some(since),
-                        );
-                        self.inner.park_session(now, &handle, s, since);
-                    }
-                    mut s => {
-                        self.inner
-                            .enqueue_all(now, &id, s.as_mut(), waiting, Headed::Online);
-                        self.inner.end_session(now, &handle, s)
-                    }
-                }
+                self.inner.keep_or_end(now, wall, &handle, session, waiting);
                 return;
             }
             // Another connection is taking the session over; its request is in the mailbox.
@@ -2136,7 +2111,22 @@ impl ConnectionCore {
         self.inner
             .enqueue_all(now, &id, session.as_mut(), waiting, Headed::Online);
         if let Some(reply) = self.rare.as_mut().and_then(|r| r.takeover_reply.take()) {
-            reply.send(session);
+            if let Err(session) = reply.send(session) {
+                // The connection that asked gave up waiting (this one answered late: its
+                // process was paused, or it was stuck writing): the session stays, kept as
+                // if nobody had asked, unless it ended meanwhile.
+                let moving = matches!(*handle.slot.lock(), Slot::Transferring { .. })
+                    && self
+                        .inner
+                        .sessions
+                        .get(&id)
+                        .is_some_and(|h| Arc::ptr_eq(&h, &handle));
+                if moving {
+                    debug!("session kept: the connection taking it over stopped waiting");
+                    self.inner
+                        .keep_or_end(now, wall, &handle, session, Vec::new());
+                }
+            }
         }
     }
 }

@@ -1170,3 +1170,44 @@ async fn a_connection_whose_session_left_while_it_moved_sends_nothing_held() {
     hand(&mut core, now, delivery(QoS::AtLeastOnce));
     assert!(written(&mut core, StreamId::CONTROL).is_empty());
 }
+
+/// A CONNECT that resumes the session of `kept` (expiry 60 s), asking for it.
+fn resuming(inner: &Arc<Inner>, now: Instant) -> (ConnectionCore, SessionRequest) {
+    let mut connect = connect_packet("kept");
+    if let Packet::Connect(c) = &mut connect {
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(60);
+    }
+    connecting_with(inner, now, connect)
+}
+
+/// The connection holding a session answers a takeover only after the connection that asked
+/// gave up waiting (its process was paused past the wait; in a cluster lab run a session was
+/// lost so): that one is refused with 0x89, and the session, with its message in flight,
+/// stays for the client's next CONNECT.
+#[tokio::test(start_paused = true)]
+async fn a_takeover_answered_too_late_loses_nothing() {
+    let inner = inner_with(Config::default());
+    let now = Instant::now();
+    let mut old = connected_persistent(&inner, now).await;
+    hand(&mut old, now, delivery(QoS::AtLeastOnce));
+    assert!(matches!(
+        &written(&mut old, StreamId::CONTROL)[..],
+        [Packet::Publish(_)]
+    ));
+    // Nothing answers while the new connection waits (the clock moves on by itself).
+    let (_new, request) = resuming(&inner, now);
+    let refused = inner.acquire(now, &request, _new.mailbox()).await;
+    assert_eq!(refused.refused, Some(ReasonCode::ServerBusy));
+    assert!(!refused.present);
+    // The old connection answers late, and closes.
+    old.handle_inbox(now, old.mailbox().take());
+    old.process(now);
+    old.finish(now, SystemTime::UNIX_EPOCH);
+    // The client connects again and gets its session, with the message to send again.
+    let (_again, request) = resuming(&inner, now);
+    let acquired = inner.acquire(now, &request, _again.mailbox()).await;
+    assert_eq!(acquired.refused, None);
+    assert!(acquired.present, "the session was lost");
+    assert_eq!(acquired.session.in_flight().count(), 1);
+}
