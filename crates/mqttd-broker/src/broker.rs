@@ -290,8 +290,8 @@ pub(crate) struct SessionReply(pub(crate) oneshot::Sender<Option<Session>>);
 
 impl SessionReply {
     /// Hands the session over; if the new connection stopped waiting, the session comes back.
-    pub(crate) fn send(self, session: Option<Session>) -> Result<(), Option<Session>> {
-        self.0.send(session)
+    pub(crate) fn send(self, session: Option<Session>) -> Result<(), Box<Option<Session>>> {
+        self.0.send(session).map_err(Box::new)
     }
 }
 

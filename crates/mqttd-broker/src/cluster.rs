@@ -502,7 +502,7 @@ pub(crate) fn expiry_due(leading: bool, earliest_ms: Option<u64>, now_ms: u64) -
     leading && earliest_ms.is_some_and(|at| at <= now_ms)
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
@@ -676,6 +676,7 @@ mod tests {
             let claimed = node
                 .propose(Command::ClaimSession {
                     owner_quiet_ms: 0,
+                    not_after_ms: 0,
                     incarnation: 0,
                     client_id: client_id.into(),
                     node: 7,

@@ -36,6 +36,10 @@ use crate::core::SessionRequest;
 /// How long a claim may take before the CONNECT is refused (no quorum: a minority side).
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How much earlier than [`CLAIM_TIMEOUT`] a claim's deadline falls (`not_after_ms`): the
+/// leader checks it by its own clock, which may run ahead of this node's by as much.
+const CLAIM_SKEW: Duration = Duration::from_secs(1);
+
 /// How long the new owner of a session taken from another node waits for that node to let
 /// it go before answering CONNACK: the lease of the old owner, counted from when the old
 /// owner last proposed anything the claim comes after (the claim's `owner_quiet_ms`, which
@@ -433,6 +437,10 @@ impl Inner {
         let claim = Command::ClaimSession {
             // The leader's to set.
             owner_quiet_ms: 0,
+            // Not appended once this CONNECT has been refused for want of it.
+            not_after_ms: crate::cluster::unix_ms(
+                std::time::SystemTime::now() + CLAIM_TIMEOUT - CLAIM_SKEW,
+            ),
             incarnation: cluster.node().incarnation(),
             client_id: client_id.as_str().to_owned(),
             node: me,
@@ -456,6 +464,7 @@ impl Inner {
             owner_quiet_ms,
         } = outcome
         else {
+            tracing::info!(client_id = %client_id, ?outcome, "claim refused: CONNECT refused");
             return refuse(ReasonCode::ServerUnavailable);
         };
         // Held here before: the session (if any) is in this node's memory, as without a

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::state::{Command, NodeId, Outcome};
+use crate::state::{Command, NodeId, Outcome, Rejection};
 use crate::store::StateReader;
 use crate::{Member, Raft, TypeConfig};
 
@@ -467,13 +467,16 @@ async fn answer(
 }
 
 /// Proposes `command` on this node's Raft (it must lead); a claim gets the leader's word on
-/// its session's owner first ([`Stamp::claim`]).
+/// its session's owner first ([`Stamp::claim`]), and one past its deadline is refused.
 pub(crate) async fn propose_here(
     raft: &Raft,
     stamp: &Stamp,
     mut command: Command,
 ) -> Result<Outcome, Forwarded> {
-    stamp.claim(raft, &mut command);
+    if let Err(late) = stamp.claim(raft, &mut command) {
+        // Refused wherever it is found late: never appended is always safe.
+        return Ok(Outcome::Rejected(late));
+    }
     match raft.client_write(command).await {
         Ok(response) => Ok(response.data),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -528,16 +531,26 @@ impl Stamp {
     }
 
     /// Sets a claim's `owner_quiet_ms` (see [`Stamp`]); 0 when this node is not known to
-    /// lead its current term, or owns the session itself.
-    fn claim(&self, raft: &Raft, command: &mut Command) {
+    /// lead its current term, or owns the session itself. A claim past its deadline
+    /// (`not_after_ms`, by this node's clock) is refused instead.
+    fn claim(&self, raft: &Raft, command: &mut Command) -> Result<(), Rejection> {
         let Command::ClaimSession {
             client_id,
             owner_quiet_ms,
+            not_after_ms,
             ..
         } = command
         else {
-            return;
+            return Ok(());
         };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if *not_after_ms != 0 && now_ms > *not_after_ms {
+            return Err(Rejection::ClaimTooLate {
+                late_ms: now_ms - *not_after_ms,
+            });
+        }
         let (me, term) = {
             let metrics = raft.metrics();
             let m = metrics.borrow();
@@ -548,7 +561,7 @@ impl Stamp {
             .map(|(_, at)| at)
         else {
             *owner_quiet_ms = 0;
-            return;
+            return Ok(());
         };
         let owner = self.state.read(|s| s.session(client_id).map(|o| o.owner));
         let quiet = match owner {
@@ -563,6 +576,7 @@ impl Stamp {
             _ => Duration::ZERO,
         };
         *owner_quiet_ms = u64::try_from(quiet.as_millis()).unwrap_or(u64::MAX);
+        Ok(())
     }
 }
 

@@ -147,6 +147,12 @@ pub enum Command {
         /// handed back in [`Outcome::Claimed`], it shortens the new owner's lease.
         #[serde(default)]
         owner_quiet_ms: u64,
+        /// The claimant's deadline (ms since the Unix epoch; 0: none): a leader that would
+        /// append the claim after it refuses it ([`Rejection::ClaimTooLate`]). The claimant
+        /// has given its CONNECT up by then, and its client may have connected elsewhere
+        /// since; a claim committed later would take the session from that connection.
+        #[serde(default)]
+        not_after_ms: u64,
     },
     /// The owner changes the session's expiry (its client disconnected or reconnected).
     SetSessionExpiry {
@@ -303,6 +309,12 @@ pub enum Rejection {
         given: u64,
         /// The one recorded.
         current: u64,
+    },
+    /// A claim reached the leader after its deadline (`not_after_ms`): not appended.
+    #[error("the claim came {late_ms} ms after its deadline")]
+    ClaimTooLate {
+        /// How late, by the leader's clock.
+        late_ms: u64,
     },
 }
 
@@ -589,6 +601,8 @@ impl ClusterState {
                 clean,
                 incarnation,
                 owner_quiet_ms,
+                // The leader's to check, before the claim is appended.
+                not_after_ms: _,
             } => {
                 let previous = self.sessions.get(&client_id).map(|s| (s.owner, s.epoch));
                 let present = previous.is_some() && !clean;
@@ -1076,6 +1090,7 @@ mod tests {
     fn claim(s: &mut ClusterState, id: &str, node: NodeId) -> u64 {
         match s.apply(Command::ClaimSession {
             owner_quiet_ms: 0,
+            not_after_ms: 0,
             incarnation: 0,
             client_id: id.into(),
             node,
@@ -1094,6 +1109,7 @@ mod tests {
         assert_eq!(claim(&mut s, "other", 1), 2);
         let out = s.apply(Command::ClaimSession {
             owner_quiet_ms: 0,
+            not_after_ms: 0,
             incarnation: 0,
             client_id: "c".into(),
             node: 2,
@@ -1234,6 +1250,7 @@ mod tests {
             ..
         } = s.apply(Command::ClaimSession {
             owner_quiet_ms: 0,
+            not_after_ms: 0,
             incarnation: 0,
             client_id: "c".into(),
             node: 2,
@@ -1263,6 +1280,7 @@ mod tests {
         assert!(matches!(
             s.apply(Command::ClaimSession {
                 owner_quiet_ms: 0,
+                not_after_ms: 0,
                 incarnation: 0,
                 client_id: "c".into(),
                 node: 3,
@@ -1299,6 +1317,7 @@ mod tests {
         let claim_by = |s: &mut ClusterState, node, clean| {
             s.apply(Command::ClaimSession {
                 owner_quiet_ms: 0,
+                not_after_ms: 0,
                 incarnation: 0,
                 client_id: "c".into(),
                 node,
@@ -1355,6 +1374,7 @@ mod tests {
         let mut setup = |id: &str, interval: u32, at: Option<u64>, w: Option<StoredWill>| {
             let Outcome::Claimed { epoch, .. } = s.apply(Command::ClaimSession {
                 owner_quiet_ms: 0,
+                not_after_ms: 0,
                 client_id: id.into(),
                 node: 1,
                 expires_at_ms: None,
@@ -1426,6 +1446,7 @@ mod tests {
         assert!(matches!(
             s.apply(Command::ClaimSession {
                 owner_quiet_ms: 0,
+                not_after_ms: 0,
                 client_id: "c".into(),
                 node: 2,
                 expires_at_ms: None,
@@ -1471,6 +1492,7 @@ mod tests {
         // not one its new life claimed before.
         let e = s.apply(Command::ClaimSession {
             owner_quiet_ms: 0,
+            not_after_ms: 0,
             client_id: "e".into(),
             node: 2,
             expires_at_ms: None,
@@ -1498,6 +1520,7 @@ mod tests {
         for (id, at) in [("a", Some(100)), ("b", Some(200)), ("c", None)] {
             s.apply(Command::ClaimSession {
                 owner_quiet_ms: 0,
+                not_after_ms: 0,
                 incarnation: 0,
                 client_id: id.into(),
                 node: 1,
@@ -1587,6 +1610,7 @@ mod tests {
         let _ = s.apply_with(
             Command::ClaimSession {
                 owner_quiet_ms: 0,
+                not_after_ms: 0,
                 incarnation: 0,
                 client_id: "a".into(),
                 node: 3,
@@ -1635,6 +1659,7 @@ mod tests {
         // A clean start forgets the subscriptions; so do a drop and expiry.
         let _ = s.apply(Command::ClaimSession {
             owner_quiet_ms: 0,
+            not_after_ms: 0,
             incarnation: 0,
             client_id: "b".into(),
             node: 2,
@@ -1963,6 +1988,7 @@ mod props {
             (id.clone(), node.clone(), at.clone(), any::<bool>(), 0u64..3).prop_map(
                 |(client_id, node, expires_at_ms, clean, incarnation)| Command::ClaimSession {
                     owner_quiet_ms: 0,
+                    not_after_ms: 0,
                     incarnation,
                     client_id,
                     node,

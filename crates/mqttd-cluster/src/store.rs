@@ -567,6 +567,7 @@ mod tests {
     fn claim(id: &str) -> Command {
         Command::ClaimSession {
             owner_quiet_ms: 0,
+            not_after_ms: 0,
             incarnation: 0,
             client_id: id.into(),
             node: 1,

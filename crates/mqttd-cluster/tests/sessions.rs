@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use mqttd_cluster::session::{EnqueueResult, MessageId, Step, StoredMessage, SubscriptionOptions};
 use mqttd_cluster::{
-    ApplyHook, ClusterNode, Command, Effect, Member, NodeId, Outcome, Proposer, Settled,
+    ApplyHook, ClusterNode, Command, Effect, Member, NodeId, Outcome, Proposer, Rejection, Settled,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -194,6 +194,28 @@ async fn a_message_published_on_one_node_is_queued_for_a_session_owned_by_anothe
     })
     .await;
 
+    // A claim past its deadline (its claimant gave the CONNECT up) is refused wherever it is
+    // proposed, the leader included: nothing is appended, the session stays node 3's.
+    let with_deadline = |node, not_after: u64| {
+        let mut c = claim("s", node);
+        if let Command::ClaimSession { not_after_ms, .. } = &mut c {
+            *not_after_ms = not_after;
+        }
+        c
+    };
+    for node in [1, 2, 3] {
+        let late = with_deadline(node, 1);
+        let outcome = retry("a late claim", || nodes[&node].propose(late.clone())).await;
+        assert!(
+            matches!(outcome, Outcome::Rejected(Rejection::ClaimTooLate { .. })),
+            "node {node}: {outcome:?}"
+        );
+    }
+    let owner = nodes[&3]
+        .state()
+        .read(|s| s.session("s").map(|o| (o.owner, o.epoch)));
+    assert_eq!(owner, Some((3, epoch + 1)), "a late claim was applied");
+
     // The leader tells a claimant how long the session's owner has been quiet: no longer
     // than since the owner's last proposal reached it ...
     let since = std::time::Instant::now();
@@ -209,8 +231,10 @@ async fn a_message_published_on_one_node_is_queued_for_a_session_owned_by_anothe
         }],
     };
     let _ = retry("node 3 proposes", || nodes[&3].propose(confirm.clone())).await;
+    // (A claim within its deadline goes through.)
+    let in_time = with_deadline(2, unix_ms_now() + 60_000);
     let Outcome::Claimed { owner_quiet_ms, .. } =
-        retry("a takeover", || nodes[&2].propose(claim("s", 2))).await
+        retry("a takeover", || nodes[&2].propose(in_time.clone())).await
     else {
         panic!("not claimed");
     };
@@ -245,4 +269,9 @@ async fn a_message_published_on_one_node_is_queued_for_a_session_owned_by_anothe
             node.shutdown().await;
         }
     }
+}
+
+fn unix_ms_now() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    u64::try_from(since.unwrap().as_millis()).unwrap()
 }

@@ -2124,7 +2124,7 @@ impl ConnectionCore {
                 if moving {
                     debug!("session kept: the connection taking it over stopped waiting");
                     self.inner
-                        .keep_or_end(now, wall, &handle, session, Vec::new());
+                        .keep_or_end(now, wall, &handle, *session, Vec::new());
                 }
             }
         }

@@ -103,6 +103,7 @@ pub(crate) async fn retry<T, E: std::fmt::Debug, F: Future<Output = Result<T, E>
 pub(crate) fn claim(client_id: &str, node: NodeId) -> Command {
     Command::ClaimSession {
         owner_quiet_ms: 0,
+        not_after_ms: 0,
         incarnation: 0,
         client_id: client_id.into(),
         node,
