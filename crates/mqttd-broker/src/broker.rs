@@ -169,9 +169,9 @@ pub(crate) struct Inbox {
     /// The storage change the stored deliveries here depend on: they are sent only once it
     /// is durable.
     pub(crate) ticket: Ticket,
-    /// An administrator asked the connection to close: DISCONNECT 0x98 (MQTT 5), a plain
-    /// close otherwise.
-    pub(crate) kick: bool,
+    /// The connection is asked to close with this reason (MQTT 5; a plain close otherwise):
+    /// 0x98 an administrator's action, 0x9C a cluster node cut off from its quorum.
+    pub(crate) kick: Option<ReasonCode>,
     /// With `takeover`: another node took the session (in a cluster). What the connection
     /// holds back for storage is dropped, not sent (the cluster refused those changes), and
     /// this is told once the connection has stopped serving the session.
@@ -206,10 +206,10 @@ impl Mailbox {
         self.slots.lock().inbox.deliveries.len()
     }
 
-    /// Asks the connection to close, as an administrative action.
-    fn kick(&self) {
+    /// Asks the connection to close with `reason`.
+    pub(crate) fn kick(&self, reason: ReasonCode) {
         let mut slots = self.slots.lock();
-        slots.inbox.kick = true;
+        slots.inbox.kick = Some(reason);
         let waker = slots.waker.take();
         drop(slots);
         self.arrived(waker);
@@ -268,7 +268,9 @@ impl Mailbox {
     /// Returns `false`, registering nothing, if something waits already.
     pub(crate) fn wake_on_arrival(&self, waker: &Waker) -> bool {
         let mut slots = self.slots.lock();
-        if !slots.inbox.deliveries.is_empty() || slots.inbox.takeover.is_some() || slots.inbox.kick
+        if !slots.inbox.deliveries.is_empty()
+            || slots.inbox.takeover.is_some()
+            || slots.inbox.kick.is_some()
         {
             return false;
         }
@@ -936,7 +938,7 @@ impl Inner {
         let slot = handle.slot.lock();
         match &*slot {
             Slot::Online { mailbox } if mailbox.conn.get().is_some() => {
-                mailbox.kick();
+                mailbox.kick(ReasonCode::AdministrativeAction);
                 Kick::Asked
             }
             Slot::Ended => Kick::Unknown,
@@ -1299,6 +1301,16 @@ impl Inner {
         request: &crate::core::SessionRequest,
         mailbox: &Arc<Mailbox>,
     ) -> Acquired {
+        if let Some(cluster) = self.cluster.get() {
+            if cluster.refuses_clients() {
+                tracing::info!(client_id = %request.client_id, "cut off from the cluster's quorum: CONNECT refused");
+                return self.refused(
+                    &request.client_id,
+                    request.expiry,
+                    ReasonCode::ServerUnavailable,
+                );
+            }
+        }
         if request.expiry > 0 {
             if let Some(storage) = self.cluster_storage.get() {
                 return self
@@ -1409,7 +1421,9 @@ impl Inner {
                             rx.close();
                             match rx.try_recv() {
                                 Ok(answer) => answer,
-                                Err(_) => return self.busy(client_id, expiry),
+                                Err(_) => {
+                                    return self.refused(client_id, expiry, ReasonCode::ServerBusy)
+                                }
                             }
                         }
                     }
@@ -1476,18 +1490,38 @@ impl Inner {
         // Persistent contention for one client id (or a session that stays in transfer): this
         // client is refused, rather than blocked forever or given a session that is not the
         // one it asked for.
-        self.busy(client_id, expiry)
+        self.refused(client_id, expiry, ReasonCode::ServerBusy)
     }
 
-    /// A CONNECT refused with 0x89, server busy (3, server unavailable, for MQTT 3.1.1): its
-    /// session could not be had from the connection that holds it.
-    fn busy(&self, client_id: &ClientId, expiry: u32) -> Acquired {
+    /// A CONNECT refused with `reason` (return code 3, server unavailable, for MQTT 3.1.1):
+    /// 0x89 server busy when its session could not be had from the connection that holds
+    /// it, 0x88 server unavailable when the cluster cannot serve it.
+    pub(crate) fn refused(
+        &self,
+        client_id: &ClientId,
+        expiry: u32,
+        reason: ReasonCode,
+    ) -> Acquired {
         Acquired {
             handle: self.new_handle(client_id, Slot::Ended),
             session: Session::new(client_id.clone(), expiry, self.config.queue_limits()),
             present: false,
-            refused: Some(ReasonCode::ServerBusy),
+            refused: Some(reason),
         }
+    }
+
+    /// Asks every connected client's connection to close with `reason`; returns how many.
+    pub(crate) fn disconnect_all(&self, reason: ReasonCode) -> usize {
+        let mut count = 0;
+        for handle in self.sessions.iter() {
+            if let Slot::Online { mailbox } = &*handle.slot.lock() {
+                if mailbox.conn.get().is_some() {
+                    mailbox.kick(reason);
+                    count += 1;
+                }
+            }
+        }
+        count
     }
 
     /// Ends a session: publishes its pending will, removes its subscriptions and forgets it.

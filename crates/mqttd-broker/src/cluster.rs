@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mqttd_cluster::config::ClusterConfig;
+use mqttd_cluster::config::{ClusterConfig, Minority};
 use mqttd_cluster::openraft::ServerState;
 use mqttd_cluster::{ClusterNode, Command, Member, NodeError, NodeId, NodeOptions, Outcome};
 use serde::{Deserialize, Serialize};
@@ -32,7 +32,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
+use crate::broker::Inner;
 use crate::metrics::ClusterMetrics;
+use mqttd_proto::ReasonCode;
 
 /// How long bootstrap and announce wait between attempts.
 const RETRY: Duration = Duration::from_secs(1);
@@ -59,6 +61,49 @@ pub(crate) fn check(config: &ClusterConfig, broker_data_dir: &Path) -> Result<()
     NodeOptions::from_config(config, broker_data_dir)
         .map(drop)
         .map_err(|e| e.to_string())
+}
+
+/// How often a node cut off from a quorum, with `minority = "refuse"`, disconnects the
+/// clients it has (one that connected as the quorum was lost included).
+const REFUSE_EVERY: Duration = Duration::from_secs(1);
+
+/// With `minority = "refuse"`: while this node is cut off from a quorum, its clients are
+/// disconnected with 0x9C (use another server), so that they go to the majority side; a
+/// CONNECT is refused meanwhile ([`BrokerCluster::refuses_clients`]).
+pub(crate) fn refuse_in_minority(inner: &Arc<Inner>, cluster: &BrokerCluster) {
+    if cluster.config.minority != Minority::Refuse {
+        return;
+    }
+    let mut quorum = cluster.node.quorum();
+    let inner_ref = Arc::downgrade(inner);
+    let shutdown = inner.shutdown.clone();
+    inner.tasks.spawn(async move {
+        // Not in a quorum at start either: nobody is connected, CONNECTs are refused.
+        let mut had = false;
+        loop {
+            let now = *quorum.borrow_and_update();
+            if !now {
+                let Some(inner) = inner_ref.upgrade() else {
+                    return;
+                };
+                let count = inner.disconnect_all(ReasonCode::UseAnotherServer);
+                if had || count > 0 {
+                    tracing::warn!(
+                        count,
+                        "cut off from the cluster's quorum: clients disconnected, CONNECTs refused"
+                    );
+                }
+            } else if !had {
+                tracing::info!("on a quorum's side: serving clients");
+            }
+            had = now;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = quorum.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(REFUSE_EVERY), if !now => {}
+            }
+        }
+    });
 }
 
 /// Starts the node (its store opened, its listener bound) and its background task, which
@@ -99,6 +144,12 @@ impl BrokerCluster {
     /// The `[cluster]` section the node runs with.
     pub fn config(&self) -> &ClusterConfig {
         &self.config
+    }
+
+    /// Whether this node serves no client now: `minority = "refuse"` and it is cut off from
+    /// a quorum.
+    pub(crate) fn refuses_clients(&self) -> bool {
+        self.config.minority == Minority::Refuse && !self.node.in_quorum()
     }
 
     /// The configured seeds as Raft members.

@@ -332,6 +332,7 @@ impl BrokerBuilder {
             // messages other nodes forward are delivered from here on.
             forwarding::attach(&inner, cluster.node().router());
             cluster_sessions::attach(&inner, &cluster);
+            cluster::refuse_in_minority(&inner, &cluster);
             let _ = inner.cluster.set(cluster);
         }
         let admission = Arc::new(Admission::new(max_connections));

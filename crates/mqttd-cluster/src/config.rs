@@ -86,6 +86,24 @@ pub struct ClusterConfig {
     /// connections as lost and orphans its sessions; default 10 (longer than an election).
     #[serde(default)]
     pub node_down_after: Option<u64>,
+    /// What a node does while it is cut off from a quorum (a minority side, or no leader):
+    /// persistent sessions are refused either way, since nothing can be committed.
+    #[serde(default)]
+    pub minority: Minority,
+}
+
+/// What a node cut off from a quorum does with clients that need no commit (clean sessions,
+/// QoS 0, QoS 1 and 2 between clean sessions).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Minority {
+    /// Serves them, as a broker alone would (the default): they go on through a partition.
+    #[default]
+    Serve,
+    /// Serves nobody: a CONNECT is refused with 0x88 (server unavailable; return code 3 for
+    /// MQTT 3.1.1) and connected clients are disconnected (0x9C, use another server, for
+    /// MQTT 5), so that they go to the majority side.
+    Refuse,
 }
 
 /// Why a `[cluster]` section is refused.
@@ -191,6 +209,7 @@ mod tests {
         ca = "/etc/mqttd/ca.pem"
         cert = "/etc/mqttd/a.pem"
         key = "/etc/mqttd/a.key"
+        minority = "refuse"
     "#;
 
     #[test]
@@ -203,6 +222,7 @@ mod tests {
         assert_eq!(c.seeds[1].member().addr, "node-c.example:1884");
         assert_eq!(c.member().addr, "10.0.0.1:1884");
         assert_eq!(c.ca, PathBuf::from("/etc/mqttd/ca.pem"));
+        assert_eq!(c.minority, Minority::Refuse);
         assert_eq!(
             c.data_dir(std::path::Path::new("/var/lib/mqttd")),
             PathBuf::from("/var/lib/mqttd/cluster")
@@ -225,6 +245,7 @@ mod tests {
         assert!(c.seeds.is_empty());
         assert_eq!((c.snapshot_every, c.log_kept), (None, None));
         assert_eq!(c.node_down_after, None);
+        assert_eq!(c.minority, Minority::Serve);
         assert_eq!(c.member().addr, "127.0.0.1:0");
         assert_eq!(
             c.data_dir(std::path::Path::new("/ignored")),
@@ -243,6 +264,7 @@ mod tests {
             FULL.replace("name = \"node-a\"", ""),
             FULL.replace("node_id = 1", "node_id = 1\nfoo = 2"),
             FULL.replace("0.0.0.0:1884", "nowhere"),
+            FULL.replace("\"refuse\"", "\"sometimes\""),
         ] {
             assert!(
                 matches!(ClusterConfig::parse(&bad), Err(ConfigError::Toml(_))),

@@ -54,6 +54,8 @@ const TAG_APPEND: u8 = 1;
 const TAG_VOTE: u8 = 2;
 const TAG_SNAPSHOT: u8 = 3;
 const TAG_PROPOSE: u8 = 4;
+/// Whether the leader has a quorum ([`leads_a_quorum`]).
+const TAG_QUORUM: u8 = 5;
 /// A membership change (a node joining or leaving); far from the others so that request types
 /// added meanwhile do not take its number.
 const TAG_MEMBERSHIP: u8 = 32;
@@ -431,6 +433,8 @@ async fn answer(
             }
             Err(e) => Err(Some(e)),
         },
+        // Read-only, and every peer here has the cluster CA's certificate.
+        TAG_QUORUM => serde_json::to_vec(&leads_a_quorum(&raft, QUORUM_TTL).await).map_err(Some),
         TAG_MEMBERSHIP => match serde_json::from_slice::<MembershipRequest>(body) {
             Ok(req) if !may_change_membership(&raft, &names, &req) => {
                 tracing::warn!(?req, names = ?names, "a membership change from a peer that may not ask it");
@@ -464,6 +468,23 @@ async fn answer(
             let _ = send.reset(noq::VarInt::from_u32(3));
         }
     }
+}
+
+/// How long a leader takes at most to confirm that it has a quorum.
+pub(crate) const QUORUM_TTL: Duration = Duration::from_millis(500);
+
+/// Whether this node leads and a majority of the voters acknowledged it just now (a round of
+/// heartbeats, openraft's `ensure_linearizable`), within `ttl`.
+pub(crate) async fn leads_a_quorum(raft: &Raft, ttl: Duration) -> bool {
+    let leads = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        m.current_leader == Some(m.id)
+    };
+    leads
+        && tokio::time::timeout(ttl, raft.ensure_linearizable())
+            .await
+            .is_ok_and(|r| r.is_ok())
 }
 
 /// Proposes `command` on this node's Raft (it must lead); a claim gets the leader's word on
@@ -723,6 +744,13 @@ impl Peer {
                 "timed out".into(),
             )),
         }
+    }
+
+    /// Whether this peer leads a quorum, as it says ([`leads_a_quorum`]); `None` if it
+    /// cannot be asked within `ttl`.
+    pub(crate) async fn leads_a_quorum(&mut self, ttl: Duration) -> Option<bool> {
+        let answer = self.exchange(&[TAG_QUORUM], ttl).await.ok()?;
+        serde_json::from_slice(&answer).ok()
     }
 
     /// The link to this peer for a proposal forwarded to it (the leader, as far as the caller

@@ -254,6 +254,8 @@ pub struct ClusterNode {
     leader_link: tokio::sync::Mutex<Option<(NodeId, Option<u64>, Peer)>>,
     /// Routes and forwarding to peers.
     router: Router,
+    /// Whether this node is on a quorum's side ([`ClusterNode::in_quorum`]).
+    quorum: tokio::sync::watch::Receiver<bool>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -284,6 +286,7 @@ impl ClusterNode {
         );
         let network = Network::new(endpoint.clone());
         let stamp = network.stamp(state.clone(), config.election_timeout_min);
+        let quorum_stale = Duration::from_millis(config.election_timeout_max);
         let raft = Raft::new(options.id, config, network.clone(), log, sm)
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -300,6 +303,14 @@ impl ClusterNode {
             options.forward,
         );
         tasks.spawn(follow_leadership(raft.clone(), stamp.clone(), stop.clone()));
+        let (in_quorum, quorum) = tokio::sync::watch::channel(false);
+        tasks.spawn(watch_quorum(
+            raft.clone(),
+            network.clone(),
+            in_quorum,
+            quorum_stale,
+            stop.clone(),
+        ));
         tasks.spawn(network::serve(
             endpoint.clone(),
             raft.clone(),
@@ -319,6 +330,7 @@ impl ClusterNode {
             stamp,
             leader_link: tokio::sync::Mutex::new(None),
             router,
+            quorum,
             stop,
             tasks,
         })
@@ -370,6 +382,18 @@ impl ClusterNode {
     /// The state as applied on this node.
     pub fn state(&self) -> &StateReader {
         &self.state
+    }
+
+    /// Whether this node is on a quorum's side: its leader (itself, or the one it knows) had
+    /// a majority of the voters acknowledge it within the last `election_timeout_max`, as
+    /// this node saw at most `QUORUM_EVERY` (0.5 s) ago. False at start until that is seen.
+    pub fn in_quorum(&self) -> bool {
+        *self.quorum.borrow()
+    }
+
+    /// [`ClusterNode::in_quorum`], watched.
+    pub fn quorum(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.quorum.clone()
     }
 
     /// The leader this node knows of.
@@ -594,6 +618,63 @@ async fn follow_leadership(raft: Raft, stamp: network::Stamp, stop: Cancellation
         tokio::select! {
             () = stop.cancelled() => return,
             changed = metrics.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// How often a node looks whether it is on a quorum's side.
+const QUORUM_EVERY: Duration = Duration::from_millis(500);
+
+/// Keeps `in_quorum` true while this node has seen, no longer than `stale` ago, its leader
+/// confirm a quorum ([`network::leads_a_quorum`]): itself, or the leader it knows, asked over
+/// the cluster link. A minority side sees no such confirmation: a leader cut off gets no
+/// majority's heartbeat answers, and a follower cut off cannot ask, or asks a leader that
+/// gets none.
+async fn watch_quorum(
+    raft: Raft,
+    network: Network,
+    in_quorum: tokio::sync::watch::Sender<bool>,
+    stale: Duration,
+    stop: CancellationToken,
+) {
+    let mut asked: Option<(NodeId, Peer)> = None;
+    let mut confirmed: Option<tokio::time::Instant> = None;
+    loop {
+        let (me, leader) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            let leader = m.current_leader.and_then(|l| {
+                let member = m.membership_config.membership().get_node(&l).cloned();
+                Some(l).zip(member)
+            });
+            (m.id, leader)
+        };
+        let started = tokio::time::Instant::now();
+        let leads = match leader {
+            Some((l, _)) if l == me => network::leads_a_quorum(&raft, QUORUM_EVERY).await,
+            Some((l, member)) => {
+                let peer = match &mut asked {
+                    Some((id, peer)) if *id == l => peer,
+                    slot => &mut slot.insert((l, network.peer(l, member))).1,
+                };
+                // Its own confirmation may take `QUORUM_TTL`; then the way back.
+                let answer = peer.leads_a_quorum(2 * network::QUORUM_TTL).await;
+                if answer.is_none() {
+                    // Dial again next time: the link may be dead (the leader restarted).
+                    asked = None;
+                }
+                answer.unwrap_or(false)
+            }
+            None => false,
+        };
+        if leads {
+            confirmed = Some(started);
+        }
+        let now = confirmed.is_some_and(|at| at.elapsed() <= stale);
+        in_quorum.send_if_modified(|held| std::mem::replace(held, now) != now);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep_until(started + QUORUM_EVERY) => {}
         }
     }
 }

@@ -746,6 +746,54 @@ fn a_paused_node_sends_nothing_on_its_old_connection_after_the_session_moved() {
     }
 }
 
+/// With `minority = "refuse"`, a node cut off from the quorum (the two others paused) serves
+/// nobody: its clean client is disconnected with 0x9C (use another server) and a CONNECT is
+/// refused with 0x88 (server unavailable); once the others are back it serves again. With
+/// the default, clean sessions go on through a partition (the cluster lab's partition test).
+#[test]
+fn a_node_cut_off_from_the_quorum_refuses_clients_when_configured_to() {
+    let ca = TestCa::new("cluster CA");
+    let mut nodes = three_nodes_with(&ca, "minority = \"refuse\"\n");
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        use mqttd_proto::ReasonCode;
+        let (_client, mut events) = accepted(&nodes[2], "c").await;
+        signal(&nodes[0], "STOP");
+        signal(&nodes[1], "STOP");
+        assert_eq!(closed(&mut events).await, ReasonCode::UseAnotherServer);
+        let config = support::client::mqtt_config("d", None);
+        match mqttd_client::connect_tcp(nodes[2].broker.mqtt, config, None).await {
+            Err(mqttd_client::ConnectError::Refused(ack)) => {
+                assert_eq!(ack.reason, ReasonCode::ServerUnavailable);
+            }
+            Ok(_) => panic!("a node cut off from the quorum accepted a CONNECT"),
+            Err(e) => panic!("{e}"),
+        }
+        signal(&nodes[0], "CONT");
+        signal(&nodes[1], "CONT");
+        let _again = accepted(&nodes[2], "d").await;
+    });
+    for n in &mut nodes {
+        n.broker.shutdown();
+    }
+}
+
+/// A clean client (MQTT 5) connected to `node`, asking again while it is refused (a node with
+/// `minority = "refuse"` that has not seen its quorum yet).
+async fn accepted(node: &Node, id: &str) -> (mqttd_client::Client, mqttd_client::Events) {
+    let start = Instant::now();
+    loop {
+        let config = support::client::mqtt_config(id, None);
+        match mqttd_client::connect_tcp(node.broker.mqtt, config, None).await {
+            Ok((client, events, _)) => return (client, events),
+            Err(mqttd_client::ConnectError::Refused(_)) if start.elapsed() < BOUND => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{id} on {}: {e}\n{}", node.name, node.broker.log_tail()),
+        }
+    }
+}
+
 /// A persistent subscriber `s` to `t/#` (QoS 1) on node 3 and a persistent publisher `p` on
 /// node 1, once `m0` went from one to the other.
 async fn subscribed_on_node_3(

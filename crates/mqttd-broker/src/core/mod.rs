@@ -803,9 +803,9 @@ impl ConnectionCore {
                 let _ = stopped.send(());
             }
         }
-        if inbox.kick {
-            info!("disconnected by an administrator");
-            self.conn.disconnect(now, ReasonCode::AdministrativeAction);
+        if let Some(reason) = inbox.kick {
+            info!(%reason, "disconnected by the broker");
+            self.conn.disconnect(now, reason);
         }
         // Stored messages enter the session once they are durable, so that what the session
         // sends later never waits for newer changes.
