@@ -254,8 +254,11 @@ pub struct ClusterNode {
     leader_link: tokio::sync::Mutex<Option<(NodeId, Option<u64>, Peer)>>,
     /// Routes and forwarding to peers.
     router: Router,
-    /// Whether this node is on a quorum's side ([`ClusterNode::in_quorum`]).
-    quorum: tokio::sync::watch::Receiver<bool>,
+    /// Whether this node is on a quorum's side ([`ClusterNode::in_quorum`]), watched from
+    /// the first time it is asked.
+    quorum: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
+    /// How long a quorum's last confirmation counts: `election_timeout_max`.
+    quorum_stale: Duration,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -303,14 +306,6 @@ impl ClusterNode {
             options.forward,
         );
         tasks.spawn(follow_leadership(raft.clone(), stamp.clone(), stop.clone()));
-        let (in_quorum, quorum) = tokio::sync::watch::channel(false);
-        tasks.spawn(watch_quorum(
-            raft.clone(),
-            network.clone(),
-            in_quorum,
-            quorum_stale,
-            stop.clone(),
-        ));
         tasks.spawn(network::serve(
             endpoint.clone(),
             raft.clone(),
@@ -330,7 +325,8 @@ impl ClusterNode {
             stamp,
             leader_link: tokio::sync::Mutex::new(None),
             router,
-            quorum,
+            quorum: std::sync::OnceLock::new(),
+            quorum_stale,
             stop,
             tasks,
         })
@@ -386,14 +382,28 @@ impl ClusterNode {
 
     /// Whether this node is on a quorum's side: its leader (itself, or the one it knows) had
     /// a majority of the voters acknowledge it within the last `election_timeout_max`, as
-    /// this node saw at most `QUORUM_EVERY` (0.5 s) ago. False at start until that is seen.
+    /// this node saw at most `QUORUM_EVERY` (0.5 s) ago. False until that is seen: the
+    /// watch starts the first time this or [`ClusterNode::quorum`] is called, so that a node
+    /// that never asks costs its leader nothing.
     pub fn in_quorum(&self) -> bool {
-        *self.quorum.borrow()
+        *self.quorum().borrow()
     }
 
     /// [`ClusterNode::in_quorum`], watched.
     pub fn quorum(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.quorum.clone()
+        self.quorum
+            .get_or_init(|| {
+                let (in_quorum, quorum) = tokio::sync::watch::channel(false);
+                self.tasks.spawn(watch_quorum(
+                    self.raft.clone(),
+                    self.network.clone(),
+                    in_quorum,
+                    self.quorum_stale,
+                    self.stop.clone(),
+                ));
+                quorum
+            })
+            .clone()
     }
 
     /// The leader this node knows of.
