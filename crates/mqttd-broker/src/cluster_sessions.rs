@@ -375,16 +375,7 @@ impl Inner {
         storage: &Arc<ClusterStorage>,
     ) -> Acquired {
         let client_id = &request.client_id;
-        let refuse = |reason| Acquired {
-            handle: self.new_handle(client_id, Slot::Ended),
-            session: Session::new(
-                client_id.clone(),
-                request.expiry,
-                self.config.queue_limits(),
-            ),
-            present: false,
-            refused: Some(reason),
-        };
+        let refuse = |reason| self.refused(client_id, request.expiry, reason);
         let (Some(cluster), Some(me)) = (self.cluster.get(), storage.node_id()) else {
             return refuse(ReasonCode::ServerUnavailable);
         };
