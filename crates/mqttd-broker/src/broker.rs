@@ -2440,6 +2440,27 @@ mod tests {
         assert!(matches!(*first.handle.slot.lock(), Slot::Ended));
     }
 
+    /// A session that stays in transfer (its old connection never answers) does not hold a
+    /// new client forever, nor hand it a session that is not the one it asked for: after the
+    /// retries the CONNECT is refused with 0x89, and the session stays registered.
+    #[tokio::test(start_paused = true)]
+    async fn a_session_stuck_in_transfer_refuses_the_connect_as_busy() {
+        let inner = inner(Config::default());
+        let id = ClientId::try_from("stuck").unwrap();
+        let mailbox = Arc::new(Mailbox::default());
+        let now = Instant::now();
+        let first = inner.acquire_session(now, &id, false, 3600, &mailbox).await;
+        *first.handle.slot.lock() = Slot::Transferring {
+            buffer: Vec::new(),
+            from: None,
+        };
+        let again = inner.acquire_session(now, &id, false, 3600, &mailbox).await;
+        assert_eq!(again.refused, Some(ReasonCode::ServerBusy));
+        assert!(!again.present);
+        let registered = inner.sessions.get(&id).map(|h| h.clone());
+        assert!(registered.is_some_and(|h| Arc::ptr_eq(&h, &first.handle)));
+    }
+
     /// A client that comes back after its session expired, before the expiry timer ran,
     /// gets a new session: nothing of the old one is resumed.
     #[tokio::test]

@@ -661,7 +661,7 @@ async fn watch_quorum(
         };
         let started = tokio::time::Instant::now();
         let leads = match leader {
-            Some((l, _)) if l == me => network::leads_a_quorum(&raft, QUORUM_EVERY).await,
+            Some((l, _)) if l == me => network::leads_a_quorum(&raft, network::QUORUM_TTL).await,
             Some((l, member)) => {
                 let peer = match &mut asked {
                     Some((id, peer)) if *id == l => peer,
