@@ -158,6 +158,20 @@ def test_a_delivery_on_the_old_connection_after_the_new_connack_is_late():
     assert rules(within) == set()
 
 
+def test_a_publish_read_on_a_left_connection_is_not_a_delivery_but_can_be_late():
+    s = Script()
+    s.subscribe()
+    s.publish(1)
+    s.subscribe(conn=1, present=True)
+    s.ev("s", "stale", conn=0, packet=3, pid=7, topic="lab/p", qos=1, dup=False, p="p", seq=1)
+    assert rules(s) == {"lost"}, "the broker must send it again on the new connection"
+    s.deliver(1, conn=1, dup=True)
+    assert rules(s) == set()
+    s.t += 1000 * MS  # a second after the new CONNACK: the broker sent it on the old one late
+    s.ev("s", "stale", conn=0, packet=3, pid=8, topic="lab/p", qos=1, dup=False, p="p", seq=1)
+    assert rules(s) == {"late"}
+
+
 def test_a_message_nobody_sent_is_a_phantom():
     s = Script()
     s.subscribe()

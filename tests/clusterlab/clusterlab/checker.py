@@ -14,7 +14,8 @@ in. The rules (the pass criteria of docs/cluster.md):
 4. session: a connection to a session that has not expired comes back with session present
    = 1 (the lab's sessions never expire during a run).
 5. late: nothing is delivered on a connection after the CONNACK of the same client's next
-   connection (allowing `grace` seconds for the reader threads' scheduling).
+   connection (allowing `grace` seconds for the reader threads' scheduling). A PUBLISH the
+   client read on a connection it had left (`stale`, not a delivery) counts here too.
 6. phantom: nothing is delivered that no publisher ever sent.
 
 Publications that got no acknowledgement (fail) are indeterminate: they may or may not arrive.
@@ -28,6 +29,7 @@ from collections import defaultdict
 from .history import History
 
 NS = 1_000_000_000
+PUBLISH = 3  # the MQTT packet type a `stale` event names
 
 
 @dataclasses.dataclass
@@ -101,7 +103,7 @@ def check(history: History, grace: float = 0.25) -> Report:
     # --- subscribers --------------------------------------------------------------------
     per_sub: dict[str, list[dict]] = defaultdict(list)
     for e in events:
-        if e["type"] in ("connect", "connack", "suback", "deliver", "resent", "lost",
+        if e["type"] in ("connect", "connack", "suback", "deliver", "resent", "stale", "lost",
                          "disconnected"):
             per_sub[e["client"]].append(e)
     report.subscribers = len(per_sub)
@@ -121,8 +123,11 @@ def check(history: History, grace: float = 0.25) -> Report:
                                        f"{ack['t'] / NS:.3f}s")
 
         # 5. nothing on a connection after the next connection's CONNACK.
+        # A PUBLISH the client read on a connection it had already left (`stale`: not a
+        # delivery, the broker sends it again) still says when the broker sent it.
         acked_at = {ack["conn"]: ack["t"] for ack in connacks}
-        for d in deliveries:
+        stale = [e for e in evs if e["type"] == "stale" and e.get("packet") == PUBLISH]
+        for d in sorted(deliveries + stale, key=lambda e: e["t"]):
             later = [t for conn, t in acked_at.items() if conn > d["conn"]]
             if later and d["t"] > min(later) + grace * NS:
                 report.flag("late", f"{sub} conn {d['conn']}: {d['p']}/{d['seq']} delivered "

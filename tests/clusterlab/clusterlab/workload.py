@@ -219,6 +219,15 @@ class Publisher:
             conn.close()
 
 
+def _origin(packet: raw.Packet) -> tuple[str | None, int | None]:
+    """The (publisher, sequence) a lab payload names, or (None, None) for anything else."""
+    try:
+        body = json.loads(packet.payload)
+        return body["p"], body["s"]
+    except (ValueError, KeyError, TypeError):
+        return None, None
+
+
 class Subscriber:
     """A persistent session subscribed to `lab/#` at QoS 2, which moves to a random node every
     `hop_every` seconds (a range; None: never) by connecting there while its old connection is
@@ -229,7 +238,9 @@ class Subscriber:
     paho, because its QoS 2 state must outlive a connection: a message is delivered when its
     PUBLISH first arrives, and its packet id is kept until PUBREL, across connections, so that
     a PUBLISH the broker sends again (DUP) on a later connection is recognised, as a client
-    keeping its session state does (MQTT 5.0 section 4.3.3)."""
+    keeping its session state does (MQTT 5.0 section 4.3.3). Once a later connection has its
+    CONNACK, what an older one still reads is recorded as `stale` and otherwise ignored: the
+    session has moved, and the broker sends what was in flight again on the new connection."""
 
     def __init__(self, history: History, name: str, nodes, hop_every=None, net=None):
         self.history = history
@@ -295,7 +306,8 @@ class Subscriber:
         if ack.reason:
             client.close()
             return None
-        self._current = number
+        with self._state:
+            self._current = number
         if not ack.session_present:
             pid = client.packet_id()
             client.send(raw.subscribe(pid, [(self.filter, 2)]))
@@ -316,17 +328,34 @@ class Subscriber:
         return client
 
     def _handle(self, client: raw.RawClient, number: int, packet: raw.Packet) -> None:
+        with self._state:
+            if number < self._current and packet.type != raw.DISCONNECT:
+                # A later connection has its CONNACK: the session lives there now. What this
+                # one still had unread is stale, and the client neither acknowledges it nor
+                # lets it touch the session's state: a PUBLISH read here after the later
+                # connection had it again and saw its PUBREL would otherwise hold its packet
+                # id forever, and the next message the broker sends with that id would pass
+                # for a repeat. The broker sends whatever was in flight here again there.
+                self._record_stale(number, packet)
+                return
+            reply = self._receive(number, packet)
+        if reply is not None:
+            client.send(reply)
+
+    def _record_stale(self, number: int, packet: raw.Packet) -> None:
+        fields = {"conn": number, "packet": packet.type, "pid": packet.packet_id}
         if packet.type == raw.PUBLISH:
-            try:
-                body = json.loads(packet.payload)
-                p, seq = body["p"], body["s"]
-            except (ValueError, KeyError, TypeError):
-                p, seq = None, None
-            again = False
+            p, seq = _origin(packet)
+            fields.update(topic=packet.topic, qos=packet.qos, dup=packet.dup, p=p, seq=seq)
+        self.history.record(self.name, "stale", **fields)
+
+    def _receive(self, number: int, packet: raw.Packet) -> bytes | None:
+        """What `packet` does to the session (called with `_state` held); returns the reply."""
+        if packet.type == raw.PUBLISH:
+            p, seq = _origin(packet)
+            again = packet.qos == 2 and packet.packet_id in self._awaiting_rel
             if packet.qos == 2:
-                with self._state:
-                    again = packet.packet_id in self._awaiting_rel
-                    self._awaiting_rel.add(packet.packet_id)
+                self._awaiting_rel.add(packet.packet_id)
             if again:
                 # Sent again before PUBREL: not a new delivery (the session remembers it).
                 self.history.record(self.name, "resent", conn=number, topic=packet.topic,
@@ -337,16 +366,16 @@ class Subscriber:
                                     pid=packet.packet_id)
                 self.delivered += 1
             if packet.qos == 1:
-                client.send(raw.puback(packet.packet_id))
-            elif packet.qos == 2:
-                client.send(raw.pubrec(packet.packet_id))
+                return raw.puback(packet.packet_id)
+            if packet.qos == 2:
+                return raw.pubrec(packet.packet_id)
         elif packet.type == raw.PUBREL:
             self.history.record(self.name, "pubrel", conn=number, pid=packet.packet_id)
-            with self._state:
-                self._awaiting_rel.discard(packet.packet_id)
-            client.send(raw.pubcomp(packet.packet_id))
+            self._awaiting_rel.discard(packet.packet_id)
+            return raw.pubcomp(packet.packet_id)
         elif packet.type == raw.DISCONNECT:
             self.history.record(self.name, "disconnected", conn=number, rc=packet.reason)
+        return None
 
     def _serve(self, client: raw.RawClient, number: int) -> None:
         """The connection's reader until it closes or the subscriber stops."""
