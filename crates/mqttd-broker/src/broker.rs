@@ -134,6 +134,10 @@ pub(crate) struct ConnStats {
     pub(crate) queued: AtomicU32,
     /// Messages sent and not yet acknowledged, as of the core's last look.
     pub(crate) in_flight: AtomicU32,
+    /// Whether the listener's totals hold these counters (the connection ended): the admin
+    /// API then counts them there, not again as a live connection's. Written under the
+    /// totals' lock.
+    pub(crate) folded: AtomicBool,
 }
 
 impl ConnStats {
@@ -842,19 +846,39 @@ impl Inner {
         totals.entry(listener.clone()).or_default().connections += 1;
     }
 
-    /// Adds an ended connection's counters to its listener's totals.
+    /// Adds an ended connection's counters to its listener's totals. Called before the
+    /// connection leaves the live view, so that a listing sees it in one place or the other.
     pub(crate) fn fold_connection(&self, listener: &Arc<str>, stats: &ConnStats) {
         let mut totals = self.listener_totals.lock();
         totals.entry(listener.clone()).or_default().add(stats);
+        stats.folded.store(true, Ordering::Relaxed);
     }
 
-    /// What the ended connections of `listener` did, and the count of all it accepted.
-    pub(crate) fn listener_totals(&self, listener: &str) -> ListenerTotals {
-        self.listener_totals
-            .lock()
-            .get(listener)
-            .copied()
-            .unwrap_or_default()
+    /// What `listener`'s clients did: the ended connections' totals (and the count of all it
+    /// accepted) plus the counters so far of its live connections among `views`, each
+    /// connection counted once; and how many of those are live. `views` must be taken before
+    /// the call: a connection that ended since is then in the totals and marked folded (it
+    /// folds before it leaves the live view), one that ended before is in the totals only.
+    pub(crate) fn listener_figures(
+        &self,
+        listener: &str,
+        views: &[SessionView],
+    ) -> (ListenerTotals, usize) {
+        let totals = self.listener_totals.lock();
+        let mut figures = totals.get(listener).copied().unwrap_or_default();
+        let mut clients = 0;
+        for view in views {
+            let Some(stats) = view.stats() else { continue };
+            let here = view
+                .conn()
+                .is_some_and(|c| *c.client.peer.listener == *listener);
+            if here && !stats.folded.load(Ordering::Relaxed) {
+                clients += 1;
+                figures.add(stats);
+            }
+        }
+        drop(totals);
+        (figures, clients)
     }
 
     pub(crate) fn session_views(&self) -> Vec<SessionView> {

@@ -1011,19 +1011,7 @@ async fn list_listeners(State(inner): State<Arc<Inner>>) -> Json<Vec<ListenerInf
             .iter()
             .map(|(l, addr)| {
                 // The ended connections' totals, and the live ones' counters so far.
-                let mut totals = inner.listener_totals(&l.url);
-                let mut clients = 0;
-                for view in &views {
-                    if view
-                        .conn()
-                        .is_some_and(|c| *c.client.peer.listener == *l.url)
-                    {
-                        clients += 1;
-                        if let Some(stats) = view.stats() {
-                            totals.add(stats);
-                        }
-                    }
-                }
+                let (totals, clients) = inner.listener_figures(&l.url, &views);
                 ListenerInfo {
                     url: l.url.clone(),
                     kind: l.url.split("://").next().unwrap_or_default().to_owned(),

@@ -1112,12 +1112,13 @@ impl ConnectionCore {
     /// ended. `wall` is the wall-clock time, recorded with a parked session. Returns whether
     /// the client ended the connection (then there is nothing to linger for).
     pub(crate) fn finish(&mut self, now: Instant, wall: SystemTime) -> bool {
-        self.hand_off_session(now, wall);
-        // After the hand-off, which takes the connection out of the admin API's live view.
+        // Before the hand-off, which takes the connection out of the admin API's live view:
+        // a listing then finds its counters in the listener's totals or in that view.
         if let Some(conn) = self.mailbox.conn.get() {
             self.inner
                 .fold_connection(&conn.client.peer.listener, &self.mailbox.stats);
         }
+        self.hand_off_session(now, wall);
         self.closed_by_client
     }
 

@@ -886,6 +886,32 @@ async fn the_admin_view_shows_a_connection_and_a_kick_disconnects_it_with_0x98()
     assert_eq!(inner.kick(&id), Kick::Unknown);
 }
 
+/// The admin API's listener figures count a connection that ends once: live, then in the
+/// listener's totals; never in both (a listing whose views predate the end) nor in neither
+/// (its counters fold before it leaves the live view).
+#[tokio::test]
+async fn a_listener_counts_a_connection_that_ends_once() {
+    let inner = inner_with(Config::default());
+    let now = Instant::now();
+    let mut core = connected(&inner, now, "leaving").await;
+    let before_end = inner.session_views();
+    let (live, clients) = inner.listener_figures("test", &before_end);
+    assert_eq!(clients, 1);
+    assert!(live.bytes_out > 0, "the CONNACK");
+
+    core.connection_lost(now);
+    core.process(now);
+    core.finish(now, SystemTime::UNIX_EPOCH);
+    assert!(inner.session_views().is_empty());
+    let (ended, clients) = inner.listener_figures("test", &inner.session_views());
+    assert_eq!((ended, clients), (live, 0));
+    // Views taken before the end, totals read after it: the connection folded, so its
+    // counters are in the totals only.
+    assert_eq!(inner.listener_figures("test", &before_end), (live, 0));
+    // Another listener's figures have none of it.
+    assert_eq!(inner.listener_figures("other", &before_end).0.bytes_out, 0);
+}
+
 /// A connection is idle (and may park without a task) only with nothing to do but wait for
 /// input, mail or its timer: not before CONNACK, not with output left, not while a request
 /// is outstanding, and no longer once closed.
