@@ -170,6 +170,7 @@ impl BrokerCluster {
                 self.expire(),
                 self.watch_nodes(),
                 self.follow_metrics(&metrics),
+                self.follow_quorum(&metrics),
             );
         };
         tokio::select! {
@@ -424,6 +425,17 @@ impl BrokerCluster {
         }
     }
 
+    /// Sets `mqttd_cluster_in_quorum` at each change of [`ClusterNode::in_quorum`].
+    async fn follow_quorum(&self, gauges: &ClusterMetrics) {
+        let mut quorum = self.node.quorum();
+        loop {
+            gauges.in_quorum.set(i64::from(*quorum.borrow_and_update()));
+            if quorum.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// This node's view of the cluster, for the admin API.
     pub fn status(&self) -> ClusterStatus {
         // The state first: no other lock is taken while the metrics are borrowed.
@@ -479,6 +491,7 @@ impl BrokerCluster {
             incarnation: self.node.incarnation(),
             state: state.into(),
             leader: m.current_leader,
+            in_quorum: self.node.in_quorum(),
             term: m.current_term,
             last_log_index: m.last_log_index,
             last_applied: m.last_applied.map(|l| l.index),
@@ -575,6 +588,10 @@ pub struct ClusterStatus {
     pub state: String,
     /// The leader it knows, if any.
     pub leader: Option<u64>,
+    /// Whether its leader (itself, or the one it knows) confirmed within the election timeout
+    /// that a majority of the voters follows it: false on a minority's side of a partition,
+    /// where persistent sessions are refused.
+    pub in_quorum: bool,
     /// Its Raft term.
     pub term: u64,
     /// The index of the last entry of its log.
@@ -718,6 +735,12 @@ mod tests {
         assert_eq!(status.members[0].incarnation, Some(node.incarnation()));
         eventually("the gauges", || {
             metrics.render().contains("mqttd_cluster_is_leader 1")
+        })
+        .await;
+        // A leader of one is its own majority; the quorum watch runs with the default
+        // `minority = "serve"` too.
+        eventually("the quorum confirmed", || {
+            cluster.status().in_quorum && metrics.render().contains("mqttd_cluster_in_quorum 1")
         })
         .await;
 

@@ -178,6 +178,8 @@ pub struct Metrics {
     cluster_is_leader: Gauge,
     /// 1 while this node knows a leader (0: an election is under way, or no quorum).
     cluster_has_leader: Gauge,
+    /// 1 while this node's leader confirms a quorum.
+    cluster_in_quorum: Gauge,
     /// The Raft term this node is in.
     cluster_term: Gauge,
     /// The index of the last entry in this node's Raft log.
@@ -214,6 +216,7 @@ pub(crate) struct ClusterMetrics {
     pub(crate) voters: Gauge,
     pub(crate) is_leader: Gauge,
     pub(crate) has_leader: Gauge,
+    pub(crate) in_quorum: Gauge,
     pub(crate) term: Gauge,
     pub(crate) last_log_index: Gauge,
     pub(crate) last_applied: Gauge,
@@ -318,6 +321,8 @@ impl Default for Metrics {
             cluster_voters: Gauge = "Voters of the cluster as this node knows them",
             cluster_is_leader: Gauge = "1 while this node is the cluster's leader",
             cluster_has_leader: Gauge = "1 while this node knows a cluster leader",
+            cluster_in_quorum: Gauge =
+                "1 while this node's leader confirms that a majority of the voters follows it",
             cluster_term: Gauge = "The Raft term of this node",
             cluster_last_log_index: Gauge = "The index of the last entry of this node's Raft log",
             cluster_last_applied: Gauge = "The index of the last Raft entry this node applied",
@@ -493,6 +498,7 @@ impl Metrics {
             voters: self.cluster_voters.clone(),
             is_leader: self.cluster_is_leader.clone(),
             has_leader: self.cluster_has_leader.clone(),
+            in_quorum: self.cluster_in_quorum.clone(),
             term: self.cluster_term.clone(),
             last_log_index: self.cluster_last_log_index.clone(),
             last_applied: self.cluster_last_applied.clone(),

@@ -54,7 +54,7 @@ const TAG_APPEND: u8 = 1;
 const TAG_VOTE: u8 = 2;
 const TAG_SNAPSHOT: u8 = 3;
 const TAG_PROPOSE: u8 = 4;
-/// Whether the leader has a quorum ([`leads_a_quorum`]).
+/// Whether the leader has a quorum ([`Confirmations::leads_a_quorum`]).
 const TAG_QUORUM: u8 = 5;
 /// A membership change (a node joining or leaving); far from the others so that request types
 /// added meanwhile do not take its number.
@@ -257,6 +257,7 @@ pub(crate) async fn serve(
     endpoint: noq::Endpoint,
     raft: Raft,
     stamp: Stamp,
+    confirmations: Confirmations,
     router: crate::router::Router,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -270,6 +271,7 @@ pub(crate) async fn serve(
         let Some(incoming) = incoming else { break };
         let raft = raft.clone();
         let stamp = stamp.clone();
+        let confirmations = confirmations.clone();
         let router = router.clone();
         let stop = stop.clone();
         let inner = tasks.clone();
@@ -303,6 +305,7 @@ pub(crate) async fn serve(
                 inner.spawn(answer(
                     raft.clone(),
                     stamp.clone(),
+                    confirmations.clone(),
                     names.clone(),
                     send,
                     recv,
@@ -379,6 +382,7 @@ fn may_change_membership(raft: &Raft, names: &[String], req: &MembershipRequest)
 async fn answer(
     raft: Raft,
     stamp: Stamp,
+    confirmations: Confirmations,
     names: Arc<[String]>,
     mut send: noq::SendStream,
     mut recv: noq::RecvStream,
@@ -434,7 +438,10 @@ async fn answer(
             Err(e) => Err(Some(e)),
         },
         // Read-only, and every peer here has the cluster CA's certificate.
-        TAG_QUORUM => serde_json::to_vec(&leads_a_quorum(&raft, QUORUM_TTL).await).map_err(Some),
+        TAG_QUORUM => {
+            let leads = confirmations.leads_a_quorum(&raft, QUORUM_TTL).await;
+            serde_json::to_vec(&leads).map_err(Some)
+        }
         TAG_MEMBERSHIP => match serde_json::from_slice::<MembershipRequest>(body) {
             Ok(req) if !may_change_membership(&raft, &names, &req) => {
                 tracing::warn!(?req, names = ?names, "a membership change from a peer that may not ask it");
@@ -473,18 +480,51 @@ async fn answer(
 /// How long a leader takes at most to confirm that it has a quorum.
 pub(crate) const QUORUM_TTL: Duration = Duration::from_millis(500);
 
-/// Whether this node leads and a majority of the voters acknowledged it just now (a round of
-/// heartbeats, openraft's `ensure_linearizable`), within `ttl`.
-pub(crate) async fn leads_a_quorum(raft: &Raft, ttl: Duration) -> bool {
-    let leads = {
-        let metrics = raft.metrics();
-        let m = metrics.borrow();
-        m.current_leader == Some(m.id)
-    };
-    leads
-        && tokio::time::timeout(ttl, raft.ensure_linearizable())
+/// How old a confirmation may be and still answer a question ([`Confirmations`]): the period
+/// of the leader's own watch, so that its rounds answer its followers' questions.
+const CONFIRMATION_REUSE: Duration = crate::node::QUORUM_EVERY;
+
+/// The latest confirmation that this node leads a quorum, shared by its own quorum watch and
+/// its followers' questions ([`TAG_QUORUM`]): questions that come together cost one round of
+/// heartbeats, not one each.
+#[derive(Clone, Default)]
+pub(crate) struct Confirmations {
+    /// When the last successful round started, and in which term. Held across a round, so
+    /// that a question asked meanwhile waits for its answer rather than starting another.
+    last: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, u64)>>>,
+}
+
+impl Confirmations {
+    /// Whether this node leads and a majority of the voters acknowledged it (a round of
+    /// heartbeats, openraft's `get_read_log_id`) within `ttl` of now, or in a round of the
+    /// same term started at most [`CONFIRMATION_REUSE`] ago.
+    pub(crate) async fn leads_a_quorum(&self, raft: &Raft, ttl: Duration) -> bool {
+        let (leads, term) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            (m.current_leader == Some(m.id), m.current_term)
+        };
+        if !leads {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + ttl;
+        let Ok(mut last) = tokio::time::timeout_at(deadline, self.last.lock()).await else {
+            return false;
+        };
+        if last.is_some_and(|(at, t)| t == term && at.elapsed() <= CONFIRMATION_REUSE) {
+            return true;
+        }
+        let started = tokio::time::Instant::now();
+        // The heartbeat round alone (not `ensure_linearizable`, which also waits for this
+        // node to apply that far): a leader busy applying a backlog still leads a quorum.
+        let confirmed = tokio::time::timeout_at(deadline, raft.get_read_log_id())
             .await
-            .is_ok_and(|r| r.is_ok())
+            .is_ok_and(|r| r.is_ok());
+        if confirmed {
+            *last = Some((started, term));
+        }
+        confirmed
+    }
 }
 
 /// Proposes `command` on this node's Raft (it must lead); a claim gets the leader's word on
@@ -746,7 +786,7 @@ impl Peer {
         }
     }
 
-    /// Whether this peer leads a quorum, as it says ([`leads_a_quorum`]); `None` if it
+    /// Whether this peer leads a quorum, as it says ([`Confirmations::leads_a_quorum`]); `None` if it
     /// cannot be asked within `ttl`.
     pub(crate) async fn leads_a_quorum(&mut self, ttl: Duration) -> Option<bool> {
         let answer = self.exchange(&[TAG_QUORUM], ttl).await.ok()?;

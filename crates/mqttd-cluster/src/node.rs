@@ -254,11 +254,8 @@ pub struct ClusterNode {
     leader_link: tokio::sync::Mutex<Option<(NodeId, Option<u64>, Peer)>>,
     /// Routes and forwarding to peers.
     router: Router,
-    /// Whether this node is on a quorum's side ([`ClusterNode::in_quorum`]), watched from
-    /// the first time it is asked.
-    quorum: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
-    /// How long a quorum's last confirmation counts: `election_timeout_max`.
-    quorum_stale: Duration,
+    /// Whether this node is on a quorum's side ([`ClusterNode::in_quorum`]).
+    quorum: tokio::sync::watch::Receiver<bool>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -306,10 +303,21 @@ impl ClusterNode {
             options.forward,
         );
         tasks.spawn(follow_leadership(raft.clone(), stamp.clone(), stop.clone()));
+        let confirmations = network::Confirmations::default();
+        let (in_quorum, quorum) = tokio::sync::watch::channel(false);
+        tasks.spawn(watch_quorum(
+            raft.clone(),
+            network.clone(),
+            confirmations.clone(),
+            in_quorum,
+            quorum_stale,
+            stop.clone(),
+        ));
         tasks.spawn(network::serve(
             endpoint.clone(),
             raft.clone(),
             stamp.clone(),
+            confirmations,
             router.clone(),
             stop.clone(),
             tasks.clone(),
@@ -325,8 +333,7 @@ impl ClusterNode {
             stamp,
             leader_link: tokio::sync::Mutex::new(None),
             router,
-            quorum: std::sync::OnceLock::new(),
-            quorum_stale,
+            quorum,
             stop,
             tasks,
         })
@@ -382,28 +389,14 @@ impl ClusterNode {
 
     /// Whether this node is on a quorum's side: its leader (itself, or the one it knows) had
     /// a majority of the voters acknowledge it within the last `election_timeout_max`, as
-    /// this node saw at most `QUORUM_EVERY` (0.5 s) ago. False until that is seen: the
-    /// watch starts the first time this or [`ClusterNode::quorum`] is called, so that a node
-    /// that never asks costs its leader nothing.
+    /// this node saw at most `QUORUM_EVERY` (0.5 s) ago. False until that is first seen.
     pub fn in_quorum(&self) -> bool {
-        *self.quorum().borrow()
+        *self.quorum.borrow()
     }
 
     /// [`ClusterNode::in_quorum`], watched.
     pub fn quorum(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.quorum
-            .get_or_init(|| {
-                let (in_quorum, quorum) = tokio::sync::watch::channel(false);
-                self.tasks.spawn(watch_quorum(
-                    self.raft.clone(),
-                    self.network.clone(),
-                    in_quorum,
-                    self.quorum_stale,
-                    self.stop.clone(),
-                ));
-                quorum
-            })
-            .clone()
+        self.quorum.clone()
     }
 
     /// The leader this node knows of.
@@ -633,16 +626,17 @@ async fn follow_leadership(raft: Raft, stamp: network::Stamp, stop: Cancellation
 }
 
 /// How often a node looks whether it is on a quorum's side.
-const QUORUM_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const QUORUM_EVERY: Duration = Duration::from_millis(500);
 
 /// Keeps `in_quorum` true while this node has seen, no longer than `stale` ago, its leader
-/// confirm a quorum ([`network::leads_a_quorum`]): itself, or the leader it knows, asked over
+/// confirm a quorum ([`network::Confirmations::leads_a_quorum`]): itself, or the leader it knows, asked over
 /// the cluster link. A minority side sees no such confirmation: a leader cut off gets no
 /// majority's heartbeat answers, and a follower cut off cannot ask, or asks a leader that
 /// gets none.
 async fn watch_quorum(
     raft: Raft,
     network: Network,
+    confirmations: network::Confirmations,
     in_quorum: tokio::sync::watch::Sender<bool>,
     stale: Duration,
     stop: CancellationToken,
@@ -661,7 +655,11 @@ async fn watch_quorum(
         };
         let started = tokio::time::Instant::now();
         let leads = match leader {
-            Some((l, _)) if l == me => network::leads_a_quorum(&raft, network::QUORUM_TTL).await,
+            Some((l, _)) if l == me => {
+                confirmations
+                    .leads_a_quorum(&raft, network::QUORUM_TTL)
+                    .await
+            }
             Some((l, member)) => {
                 let peer = match &mut asked {
                     Some((id, peer)) if *id == l => peer,

@@ -73,6 +73,11 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
         agreed_leader(&nodes).is_some()
     })
     .await;
+    // Every node watches its leader confirm a quorum, whether or not anything asks.
+    eventually("every node on the quorum's side", || {
+        nodes.values().all(ClusterNode::in_quorum)
+    })
+    .await;
 
     // Commands replicate to all.
     for id in 1..=3 {
@@ -241,6 +246,10 @@ async fn three_nodes_elect_replicate_fence_fail_over_and_catch_up() {
     .await;
     eventually("all three agreeing on the leader", || {
         agreed_leader(&nodes).is_some()
+    })
+    .await;
+    eventually("all three on the quorum's side again", || {
+        nodes.values().all(ClusterNode::in_quorum)
     })
     .await;
     // A follower learns of the last commit at the next heartbeat: poll.
@@ -540,6 +549,10 @@ async fn members_join_and_leave() {
     .await;
     eventually("all three agreeing on the leader", || {
         agreed_leader(&nodes).is_some()
+    })
+    .await;
+    eventually("all three on the quorum's side again", || {
+        nodes.values().all(ClusterNode::in_quorum)
     })
     .await;
 

@@ -760,6 +760,14 @@ fn cluster_status(v: &Value) -> String {
         ],
         vec!["state".to_owned(), cell(&v["state"])],
         vec!["leader".to_owned(), leader],
+        vec![
+            "quorum".to_owned(),
+            match v["in_quorum"].as_bool() {
+                Some(true) => "confirmed".to_owned(),
+                Some(false) => "not confirmed (cut off from a majority, or no leader)".to_owned(),
+                None => cell(&v["in_quorum"]),
+            },
+        ],
         vec!["term".to_owned(), cell(&v["term"])],
         vec!["incarnation".to_owned(), cell(&v["incarnation"])],
         vec!["last log index".to_owned(), cell(&v["last_log_index"])],

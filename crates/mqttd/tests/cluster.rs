@@ -220,7 +220,14 @@ fn three_nodes_form_a_cluster_survive_the_leader_and_grow_and_shrink() {
     for n in &nodes {
         assert_eq!(n.broker.metrics().get("mqttd_cluster_members"), 3.0);
         assert_eq!(n.broker.metrics().get("mqttd_cluster_has_leader"), 1.0);
+        // Every node sees its leader confirm a majority (within half a second of asking).
+        wait("the quorum confirmed", || {
+            (status(n)["in_quorum"] == true
+                && n.broker.metrics().get("mqttd_cluster_in_quorum") == 1.0)
+                .then_some(())
+        });
     }
+    assert!(shown.contains("quorum"), "{shown}");
 
     // The leader dies: the two others elect another.
     nodes[first as usize - 1].broker.kill();
@@ -769,9 +776,16 @@ fn a_node_cut_off_from_the_quorum_refuses_clients_when_configured_to() {
             Ok(_) => panic!("a node cut off from the quorum accepted a CONNECT"),
             Err(e) => panic!("{e}"),
         }
+        // What operators see meanwhile.
+        assert_eq!(status(&nodes[2])["in_quorum"], false);
+        assert_eq!(
+            nodes[2].broker.metrics().get("mqttd_cluster_in_quorum"),
+            0.0
+        );
         signal(&nodes[0], "CONT");
         signal(&nodes[1], "CONT");
         let _again = accepted(&nodes[2], "d").await;
+        assert_eq!(status(&nodes[2])["in_quorum"], true);
     });
     for n in &mut nodes {
         n.broker.shutdown();
