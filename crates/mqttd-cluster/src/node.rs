@@ -388,8 +388,9 @@ impl ClusterNode {
     }
 
     /// Whether this node is on a quorum's side: its leader (itself, or the one it knows) had
-    /// a majority of the voters acknowledge it within the last `election_timeout_max`, as
-    /// this node saw at most `QUORUM_EVERY` (0.5 s) ago. False until that is first seen.
+    /// a majority of the voters acknowledge it within the last `election_timeout_max`, give
+    /// or take 1 s (this node looks every `QUORUM_EVERY`, 0.5 s, and the leader answers from
+    /// a round up to as old). False until that is first seen.
     pub fn in_quorum(&self) -> bool {
         *self.quorum.borrow()
     }
