@@ -854,31 +854,35 @@ impl Inner {
         stats.folded.store(true, Ordering::Relaxed);
     }
 
-    /// What `listener`'s clients did: the ended connections' totals (and the count of all it
-    /// accepted) plus the counters so far of its live connections among `views`, each
-    /// connection counted once; and how many of those are live. `views` must be taken before
-    /// the call: a connection that ended since is then in the totals and marked folded (it
-    /// folds before it leaves the live view), one that ended before is in the totals only.
+    /// What each listener's clients did, by listener URL: the ended connections' totals
+    /// (and the count of all it accepted) plus the counters so far of its live connections
+    /// among `views`, each connection counted once; and how many of those are live. One pass
+    /// over `views`, which must be taken before the call: a connection that ended since is
+    /// then in the totals and marked folded (it folds before it leaves the live view), one
+    /// that ended before is in the totals only.
     pub(crate) fn listener_figures(
         &self,
-        listener: &str,
         views: &[SessionView],
-    ) -> (ListenerTotals, usize) {
+    ) -> HashMap<Arc<str>, (ListenerTotals, usize)> {
         let totals = self.listener_totals.lock();
-        let mut figures = totals.get(listener).copied().unwrap_or_default();
-        let mut clients = 0;
+        let mut figures: HashMap<Arc<str>, (ListenerTotals, usize)> = totals
+            .iter()
+            .map(|(listener, t)| (listener.clone(), (*t, 0)))
+            .collect();
         for view in views {
-            let Some(stats) = view.stats() else { continue };
-            let here = view
-                .conn()
-                .is_some_and(|c| *c.client.peer.listener == *listener);
-            if here && !stats.folded.load(Ordering::Relaxed) {
-                clients += 1;
-                figures.add(stats);
+            let (Some(conn), Some(stats)) = (view.conn(), view.stats()) else {
+                continue;
+            };
+            if !stats.folded.load(Ordering::Relaxed) {
+                let (live, clients) = figures
+                    .entry(conn.client.peer.listener.clone())
+                    .or_default();
+                live.add(stats);
+                *clients += 1;
             }
         }
         drop(totals);
-        (figures, clients)
+        figures
     }
 
     pub(crate) fn session_views(&self) -> Vec<SessionView> {

@@ -785,7 +785,11 @@ fn a_node_cut_off_from_the_quorum_refuses_clients_when_configured_to() {
         signal(&nodes[0], "CONT");
         signal(&nodes[1], "CONT");
         let _again = accepted(&nodes[2], "d").await;
-        assert_eq!(status(&nodes[2])["in_quorum"], true);
+        // Accepted means confirmed; an election as the others resume may briefly take that
+        // back, so the status is waited for rather than read once.
+        wait("the quorum shown again", || {
+            (status(&nodes[2])["in_quorum"] == true).then_some(())
+        });
     });
     for n in &mut nodes {
         n.broker.shutdown();

@@ -1004,14 +1004,14 @@ pub struct ListenerInfo {
     responses((status = 200, description = "The listeners, as configured", body = Vec<ListenerInfo>))
 )]
 async fn list_listeners(State(inner): State<Arc<Inner>>) -> Json<Vec<ListenerInfo>> {
-    let views = inner.session_views();
+    let figures = inner.listener_figures(&inner.session_views());
     let listeners = inner.listeners.get().map(Vec::as_slice).unwrap_or_default();
     Json(
         listeners
             .iter()
             .map(|(l, addr)| {
                 // The ended connections' totals, and the live ones' counters so far.
-                let (totals, clients) = inner.listener_figures(&l.url, &views);
+                let (totals, clients) = figures.get(l.url.as_str()).copied().unwrap_or_default();
                 ListenerInfo {
                     url: l.url.clone(),
                     kind: l.url.split("://").next().unwrap_or_default().to_owned(),
